@@ -1,0 +1,3 @@
+//! mig-migrate: checkpoint and restore with CRIU ([`criu`]), image sets with a verified manifest
+//! ([`imageset`]), the migration wire protocol ([`wire`], [`protocol`]) and the QUIC transport
+//! ([`transport`]).

@@ -1,0 +1,13 @@
+//! mig-runtime: one host, one container.
+//!
+//! Everything here is synchronous and free of networking: images and the layer store ([`image`]),
+//! the container's description ([`spec`]), its cgroup ([`cgroup`]), the code that builds its
+//! namespaces, root filesystem and confinement and starts its init ([`container`]), and small
+//! helpers for state on disk ([`fsutil`]) and the PID map ([`pidmap`]).
+
+pub mod cgroup;
+pub mod container;
+pub mod fsutil;
+pub mod image;
+pub mod pidmap;
+pub mod spec;
