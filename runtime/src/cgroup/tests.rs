@@ -1,0 +1,125 @@
+//! Unit tests of the pure parts: name validation and which hierarchies a cgroup lives in.
+
+use super::*;
+use crate::cgroup::mount::parse_mountinfo;
+
+const HYBRID: &str = "\
+32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+33 31 0:30 / /sys/fs/cgroup/cpuacct rw,relatime - cgroup cgroup rw,cpuacct
+34 31 0:31 / /sys/fs/cgroup/cpuset rw,relatime - cgroup cgroup rw,cpuset
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+37 31 0:34 / /sys/fs/cgroup/freezer rw,relatime - cgroup cgroup rw,freezer
+39 31 0:36 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+
+const PURE_V2: &str = "\
+29 25 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 rw,nsdelegate
+";
+
+const PURE_V1: &str = "\
+35 30 0:30 / /sys/fs/cgroup/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct
+37 30 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+38 30 0:33 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+39 30 0:34 / /sys/fs/cgroup/freezer rw,relatime - cgroup cgroup rw,freezer
+";
+
+fn owned(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| (*s).to_owned()).collect()
+}
+
+fn labels_and_dirs(layout: &str, v2: &[&str], v2_freeze: bool) -> Vec<(String, String)> {
+    let roots = plan(&parse_mountinfo(layout), &owned(v2), v2_freeze);
+    in_roots(roots, "mig-host-a/0123")
+        .into_iter()
+        .map(|(l, d)| (l, d.display().to_string()))
+        .collect()
+}
+
+fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
+    v.iter()
+        .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+        .collect()
+}
+
+#[test]
+fn hybrid_uses_v1_controllers_and_v2_freezer() {
+    let got = labels_and_dirs(HYBRID, &["hugetlb"], true);
+    assert_eq!(
+        got,
+        pairs(&[
+            ("", "/sys/fs/cgroup/unified/mig-host-a/0123"),
+            ("memory", "/sys/fs/cgroup/memory/mig-host-a/0123"),
+            ("cpu", "/sys/fs/cgroup/cpu/mig-host-a/0123"),
+            ("cpuacct", "/sys/fs/cgroup/cpuacct/mig-host-a/0123"),
+            ("pids", "/sys/fs/cgroup/pids/mig-host-a/0123"),
+        ])
+    );
+}
+
+#[test]
+fn hybrid_on_an_old_kernel_adds_the_v1_freezer() {
+    let got = labels_and_dirs(HYBRID, &[], false);
+    assert_eq!(got.len(), 6);
+    assert_eq!(
+        got.last().unwrap(),
+        &pairs(&[("freezer", "/sys/fs/cgroup/freezer/mig-host-a/0123")])[0]
+    );
+}
+
+#[test]
+fn pure_v2_is_one_directory() {
+    let got = labels_and_dirs(PURE_V2, &["cpuset", "cpu", "io", "memory", "pids"], true);
+    assert_eq!(got, pairs(&[("", "/sys/fs/cgroup/mig-host-a/0123")]));
+}
+
+#[test]
+fn pure_v1_joined_cpu_cpuacct_once() {
+    let got = labels_and_dirs(PURE_V1, &[], false);
+    assert_eq!(
+        got,
+        pairs(&[
+            ("memory", "/sys/fs/cgroup/memory/mig-host-a/0123"),
+            ("cpu,cpuacct", "/sys/fs/cgroup/cpu,cpuacct/mig-host-a/0123"),
+            ("pids", "/sys/fs/cgroup/pids/mig-host-a/0123"),
+            ("freezer", "/sys/fs/cgroup/freezer/mig-host-a/0123"),
+        ])
+    );
+}
+
+#[test]
+fn dir_lookup_by_controller() {
+    let cg = Cgroup {
+        name: "x".into(),
+        dirs: vec![
+            ("".into(), "/u/x".into()),
+            ("cpu,cpuacct".into(), "/c/x".into()),
+        ],
+    };
+    assert_eq!(cg.unified_dir(), Some(Path::new("/u/x")));
+    assert_eq!(cg.v1_dir("cpuacct"), Some(Path::new("/c/x")));
+    assert_eq!(cg.v1_dir("memory"), None);
+    assert_eq!(
+        cg.procs_files(),
+        vec![
+            PathBuf::from("/u/x/cgroup.procs"),
+            PathBuf::from("/c/x/cgroup.procs")
+        ]
+    );
+}
+
+#[test]
+fn names() {
+    for good in ["mig", "mig-host-a/0123abcd", "a/b/c", "x.y", "..a"] {
+        assert!(validate_name(good).is_ok(), "{good}");
+    }
+    for bad in [
+        "", "/abs", "a/../b", "..", ".", "a//b", "a/", "a\nb", "a/./b",
+    ] {
+        assert!(
+            matches!(validate_name(bad), Err(CgroupError::InvalidName { .. })),
+            "{bad:?}"
+        );
+    }
+}
