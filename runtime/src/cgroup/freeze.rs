@@ -157,6 +157,7 @@ pub(super) fn kill(cg: &Cgroup) -> Result<(), CgroupError> {
     let v1_freezer = cg.v1_dir("freezer").map(Path::to_path_buf);
     let start = Instant::now();
     let mut pause = POLL_MIN;
+    let mut round = 0u32;
     loop {
         let pids = cg.procs()?;
         if pids.is_empty() {
@@ -169,30 +170,32 @@ pub(super) fn kill(cg: &Cgroup) -> Result<(), CgroupError> {
                 timeout: KILL_TIMEOUT,
             });
         }
-        match &kill_file {
-            // cgroup.kill kills the whole subtree at once, new forks included, frozen or not.
-            Some(path) => match fsio::write(path, "1") {
+        // cgroup.kill kills the whole cgroup2 subtree at once, new forks included, frozen or not.
+        if let Some(path) = &kill_file {
+            match fsio::write(path, "1") {
                 Ok(()) => {}
-                // The cgroup vanished meanwhile: nothing left to kill.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                // The cgroup2 directory vanished meanwhile; the signals below still apply.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(source) => {
                     return Err(CgroupError::Kill {
                         path: path.clone(),
                         source,
                     })
                 }
-            },
-            // The PIDs were read from the cgroup an instant ago; a PID reused in between is the
-            // accepted race of every pre-5.14 runtime, and the loop rereads before each round.
-            None => {
-                for pid in &pids {
-                    match send_signal(Pid::from_raw(*pid), Signal::SIGKILL) {
-                        Ok(()) | Err(Errno::ESRCH) => {}
-                        Err(source) => return Err(CgroupError::Signal { pid: *pid, source }),
-                    }
+            }
+        }
+        // Without cgroup.kill, and for anything cgroup.kill left (a process that joined only v1
+        // hierarchies), signal each PID. The PIDs were read from the cgroup an instant ago; a PID
+        // reused in between is the accepted race of every pre-5.14 runtime.
+        if kill_file.is_none() || round > 0 {
+            for pid in &pids {
+                match send_signal(Pid::from_raw(*pid), Signal::SIGKILL) {
+                    Ok(()) | Err(Errno::ESRCH) => {}
+                    Err(source) => return Err(CgroupError::Signal { pid: *pid, source }),
                 }
             }
         }
+        round += 1;
         // A task frozen by the v1 freezer does not act on SIGKILL until thawed.
         if let Some(dir) = &v1_freezer {
             let path = dir.join("freezer.state");

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::cgroup::mount::parse_mountinfo;
+use crate::spec::Limits;
 
 const HYBRID: &str = "\
 32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
@@ -122,4 +123,86 @@ fn names() {
             "{bad:?}"
         );
     }
+}
+
+/// A directory tree standing in for a pure cgroup2 mount: the control files the kernel would
+/// show, created empty or with their initial content, so the writes can be read back.
+fn fake_v2_tree(root: &Path, name: &str) {
+    let write = |p: PathBuf, s: &str| std::fs::write(p, s).unwrap();
+    write(
+        root.join("cgroup.controllers"),
+        "cpuset cpu io memory pids\n",
+    );
+    write(root.join("cgroup.subtree_control"), "");
+    let parent = root.join(name.rsplit_once('/').unwrap().0);
+    std::fs::create_dir_all(&parent).unwrap();
+    write(parent.join("cgroup.controllers"), "cpu memory pids\n");
+    write(parent.join("cgroup.subtree_control"), "memory\n");
+    let leaf = root.join(name);
+    std::fs::create_dir_all(&leaf).unwrap();
+    for f in ["memory.max", "memory.swap.max", "cpu.max", "pids.max"] {
+        write(leaf.join(f), "");
+    }
+    write(leaf.join("cgroup.freeze"), "1\n");
+    write(leaf.join("cgroup.events"), "populated 0\nfrozen 1\n");
+}
+
+#[test]
+fn pure_v2_create_enables_controllers_thaws_and_writes_limits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let name = "mig-host-a/0123";
+    fake_v2_tree(root, name);
+    let layout = Layout {
+        unified: Some(root.to_path_buf()),
+        v1: Vec::new(),
+    };
+    let limits = Limits {
+        memory: Some(256 << 20),
+        cpu_millis: Some(1500),
+        pids: Some(64),
+    };
+    let mut created = Vec::new();
+    // The fake cgroup.events keeps saying frozen (no kernel behind it): what matters is that
+    // create wrote 0 to cgroup.freeze, checked below.
+    let cg = create_in(&layout, name, &limits, &mut created).unwrap();
+    assert!(created.is_empty(), "both directories already existed");
+    assert_eq!(cg.dirs, vec![(UNIFIED.to_owned(), root.join(name))]);
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
+    assert_eq!(read("cgroup.subtree_control"), "+cpu +memory +pids");
+    // The parent already had memory; the rest is added (written over the fake file's start).
+    assert!(read("mig-host-a/cgroup.subtree_control").starts_with("+cpu +pids"));
+    let leaf = |f: &str| read(&format!("{name}/{f}"));
+    assert!(leaf("cgroup.freeze").starts_with('0'), "create thaws");
+    assert_eq!(leaf("memory.max"), (256u64 << 20).to_string());
+    assert_eq!(leaf("memory.swap.max"), "0");
+    assert_eq!(leaf("cpu.max"), "150000 100000");
+    assert_eq!(leaf("pids.max"), "64");
+    assert_eq!(cg.freezer_dir(), Some(root.join(name)));
+    assert_eq!(cg.v1_dir("memory"), None);
+}
+
+#[test]
+fn pure_v2_create_records_new_dirs_and_missing_controller_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    std::fs::write(root.join("cgroup.controllers"), "").unwrap();
+    let layout = Layout {
+        unified: Some(root.to_path_buf()),
+        v1: Vec::new(),
+    };
+    let mut created = Vec::new();
+    let limits = Limits {
+        memory: Some(1 << 20),
+        ..Limits::default()
+    };
+    let err = create_in(&layout, "a/b", &limits, &mut created).unwrap_err();
+    assert!(matches!(
+        err,
+        CgroupError::NoController {
+            controller: "memory",
+            ..
+        }
+    ));
+    assert_eq!(created, vec![root.join("a"), root.join("a/b")]);
 }
