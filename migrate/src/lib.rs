@@ -1,3 +1,6 @@
 //! mig-migrate: checkpoint and restore with CRIU ([`criu`]), image sets with a verified manifest
 //! ([`imageset`]), the migration wire protocol ([`wire`], [`protocol`]) and the QUIC transport
 //! ([`transport`]).
+
+pub mod criu;
+pub mod imageset;

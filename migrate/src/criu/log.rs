@@ -1,0 +1,83 @@
+//! Reading the reason of a failure out of a CRIU log (`-v4 -o FILE`).
+//!
+//! CRIU logs a line per step; a failure ends with a few lines containing `Error (file:line):`
+//! followed by `Dumping FAILED.` or `Restoring FAILED.`. Only the tail of the log is read.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+
+/// How much of the end of a log is searched.
+const TAIL_BYTES: u64 = 256 << 10;
+/// How many lines an error carries.
+pub const MAX_ERROR_LINES: usize = 5;
+/// Error lines CRIU prints on every run on hosts where root cannot raise RLIMIT_NOFILE; they say
+/// nothing about the failure.
+const HARMLESS: &[&str] = &["Can't setup RLIMIT_NOFILE"];
+
+/// The last (at most [`MAX_ERROR_LINES`]) error lines of the log at `path`; when the log has none,
+/// its last non-empty lines. Empty when the log cannot be read.
+pub fn error_lines(path: &Path) -> Vec<String> {
+    match read_tail(path) {
+        Ok(text) => pick_error_lines(&text),
+        Err(_) => Vec::new(),
+    }
+}
+
+fn read_tail(path: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES)))?;
+    let mut buf = Vec::new();
+    f.take(TAIL_BYTES).read_to_end(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// Picks the lines that explain a failure from the text of a log.
+pub fn pick_error_lines(text: &str) -> Vec<String> {
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let mut errors: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| l.contains("Error") || l.contains("error") || l.contains("FAILED"))
+        .filter(|l| !HARMLESS.iter().any(|h| l.contains(h)))
+        .collect();
+    if errors.is_empty() {
+        errors = lines;
+    }
+    let start = errors.len().saturating_sub(MAX_ERROR_LINES);
+    errors[start..]
+        .iter()
+        .map(|l| l.chars().take(400).collect())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picks_last_errors_without_the_rlimit_noise() {
+        let log = "(00.01) Error (criu/util.c:1533): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted\n\
+                   (00.02) info\n\
+                   (00.03) Error (criu/namespaces.c:460): Can't dump nested pid namespace for 12178\n\
+                   (00.04) Error (criu/cr-dump.c:2111): Dumping FAILED.\n";
+        let got = pick_error_lines(log);
+        assert_eq!(got.len(), 2);
+        assert!(got[0].contains("nested pid namespace"));
+    }
+
+    #[test]
+    fn falls_back_to_last_lines_and_bounds_count() {
+        let log: String = (0..20).map(|i| format!("line {i}\n")).collect();
+        let got = pick_error_lines(&log);
+        assert_eq!(
+            got,
+            vec!["line 15", "line 16", "line 17", "line 18", "line 19"]
+        );
+        assert!(error_lines(Path::new("/nonexistent/log")).is_empty());
+    }
+}

@@ -1,0 +1,349 @@
+//! The CRIU driver: runs the `criu` command for dump and restore, with its logs in files.
+//!
+//! mig drives the `criu` binary rather than its RPC (`criu swrk`, rust-criu): the command has every
+//! option mig needs (feature checks, page server, lazy pages, pidfile), its log is a file the user
+//! can read, and a failure is explained by the log's last error lines, which [`CriuError`] carries.
+//! docs/criu.md lists the options and why each is used.
+
+mod log;
+mod opts;
+pub mod stats;
+mod sys;
+
+pub use log::{error_lines, pick_error_lines, MAX_ERROR_LINES};
+pub use opts::{resolve, DumpOpts, RestoreOpts};
+pub use stats::{DumpStats, RestoreStats, StatsError};
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::Instant;
+
+/// Where [`Criu::locate`] looks after `$MIG_CRIU`, before `PATH`.
+pub const DEFAULT_CRIU: &str = "/usr/local/sbin/criu";
+/// The oldest CRIU major version mig works with.
+pub const MIN_MAJOR: u32 = 4;
+/// File name of the dump statistics CRIU writes into the images directory.
+pub const STATS_DUMP: &str = "stats-dump";
+/// File name of the restore statistics CRIU writes into the images directory.
+pub const STATS_RESTORE: &str = "stats-restore";
+
+/// Why a CRIU operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CriuError {
+    #[error("criu not found (looked at {tried:?}); run scripts/setup.sh or set MIG_CRIU")]
+    NotFound { tried: Vec<PathBuf> },
+    #[error("cannot run {path}")]
+    Spawn {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read the version of {path} from {output:?}")]
+    VersionParse { path: PathBuf, output: String },
+    #[error("{path} is criu {version}; mig needs criu {MIN_MAJOR} or newer")]
+    TooOld { path: PathBuf, version: String },
+    #[error("criu check failed ({status}): {}", lines.join("; "))]
+    Check {
+        status: ExitStatus,
+        lines: Vec<String>,
+    },
+    #[error("cannot create images directory {path}")]
+    ImagesDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("descriptor {fd} to inherit is not open, or is 0-2 (criu's own stdio)")]
+    InheritFd { fd: i32 },
+    #[error("path contains a NUL byte: {path}")]
+    Nul { path: PathBuf },
+    #[error("criu {op} failed ({status}), log {log}: {}", errors.join(" | "))]
+    Failed {
+        op: &'static str,
+        status: ExitStatus,
+        log: PathBuf,
+        /// The last error lines of the log (at most [`MAX_ERROR_LINES`]).
+        errors: Vec<String>,
+    },
+    #[error("cannot read the restored pid from {path}: {content:?}")]
+    Pidfile { path: PathBuf, content: String },
+    #[error("cannot read criu statistics")]
+    Stats(#[source] StatsError),
+}
+
+/// What a restore produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreOutcome {
+    /// Host PID of the restored root task (the container's init).
+    pub pid: i32,
+    pub stats: RestoreStats,
+}
+
+/// A CRIU binary mig has checked the version of.
+#[derive(Debug, Clone)]
+pub struct Criu {
+    path: PathBuf,
+    version: String,
+}
+
+impl Criu {
+    /// Finds CRIU: `$MIG_CRIU` when set (then only there), else [`DEFAULT_CRIU`], else `criu` in
+    /// `PATH`. Refuses versions older than [`MIN_MAJOR`].
+    pub fn locate() -> Result<Criu, CriuError> {
+        let mut tried = Vec::new();
+        let candidates: Vec<PathBuf> = match std::env::var_os("MIG_CRIU") {
+            Some(p) if !p.is_empty() => vec![PathBuf::from(p)],
+            _ => {
+                let mut c = vec![PathBuf::from(DEFAULT_CRIU)];
+                if let Some(path) = std::env::var_os("PATH") {
+                    c.extend(std::env::split_paths(&path).map(|d| d.join("criu")));
+                }
+                c
+            }
+        };
+        for c in candidates {
+            if is_executable(&c) {
+                return Criu::at(&c);
+            }
+            tried.push(c);
+        }
+        Err(CriuError::NotFound { tried })
+    }
+
+    /// Uses the CRIU binary at `path`, checking its version.
+    pub fn at(path: &Path) -> Result<Criu, CriuError> {
+        let spawn = |source| CriuError::Spawn {
+            path: path.to_owned(),
+            source,
+        };
+        let out = Command::new(path)
+            .arg("--version")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(spawn)?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let version = parse_version(&text).ok_or_else(|| CriuError::VersionParse {
+            path: path.to_owned(),
+            output: text.chars().take(200).collect(),
+        })?;
+        let major: u32 = version
+            .split('.')
+            .next()
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(0);
+        if major < MIN_MAJOR {
+            return Err(CriuError::TooOld {
+                path: path.to_owned(),
+                version,
+            });
+        }
+        Ok(Criu {
+            path: path.to_owned(),
+            version,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The version, e.g. `4.1.1`.
+    pub fn version(&self) -> Result<String, CriuError> {
+        Ok(self.version.clone())
+    }
+
+    /// Runs `criu check` (kernel support for everything a dump and restore need).
+    pub fn check(&self) -> Result<(), CriuError> {
+        let out = Command::new(&self.path)
+            .arg("check")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|source| CriuError::Spawn {
+                path: self.path.clone(),
+                source,
+            })?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let mut text = String::from_utf8_lossy(&out.stderr).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stdout));
+        Err(CriuError::Check {
+            status: out.status,
+            lines: pick_error_lines(&text),
+        })
+    }
+
+    /// Dumps the tree rooted at `opts.pid` into `opts.images_dir`. Unless `leave_running`, the tree
+    /// is gone afterwards.
+    pub fn dump(&self, opts: &DumpOpts) -> Result<DumpStats, CriuError> {
+        std::fs::create_dir_all(&opts.images_dir).map_err(|source| CriuError::ImagesDir {
+            path: opts.images_dir.clone(),
+            source,
+        })?;
+        let log = resolve(&opts.images_dir, &opts.log_file);
+        let mut cmd = Command::new(&self.path);
+        cmd.args(opts.args());
+        let start = Instant::now();
+        self.run(&mut cmd, "dump", &log)?;
+        let wall = start.elapsed();
+        let entry =
+            stats::read_stats(&opts.images_dir.join(STATS_DUMP)).map_err(CriuError::Stats)?;
+        let mut s = entry.dump.unwrap_or_default();
+        s.wall_time_us = wall.as_micros() as u64;
+        Ok(s)
+    }
+
+    /// Restores the image set in `opts.images_dir` detached: when this returns, the restored tree
+    /// runs and its root has been re-parented to the caller's nearest subreaper (the shim, when
+    /// it set `PR_SET_CHILD_SUBREAPER`).
+    pub fn restore(&self, opts: &RestoreOpts) -> Result<RestoreOutcome, CriuError> {
+        let log = resolve(&opts.images_dir, &opts.log_file);
+        let pidfile = resolve(&opts.images_dir, &opts.pidfile);
+        let mut fds = Vec::new();
+        for (fd, _) in &opts.inherit_fds {
+            if *fd < 3 || !sys::fd_is_open(*fd) {
+                return Err(CriuError::InheritFd { fd: *fd });
+            }
+            fds.push(*fd);
+        }
+        let mut procs = Vec::new();
+        for p in &opts.cgroup_procs {
+            procs.push(
+                CString::new(p.as_os_str().as_bytes())
+                    .map_err(|_| CriuError::Nul { path: p.clone() })?,
+            );
+        }
+        let _ = std::fs::remove_file(&pidfile);
+        let mut cmd = Command::new(&self.path);
+        cmd.args(opts.args());
+        sys::prepare_restore_child(&mut cmd, procs, fds);
+        let start = Instant::now();
+        self.run(&mut cmd, "restore", &log)?;
+        let wall = start.elapsed();
+        let content = std::fs::read_to_string(&pidfile).unwrap_or_default();
+        let pid = content
+            .trim()
+            .parse::<i32>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| CriuError::Pidfile {
+                path: pidfile.clone(),
+                content: content.chars().take(64).collect(),
+            })?;
+        // A restore is done by now; missing statistics are not worth failing it for.
+        let mut stats = stats::read_stats(&opts.images_dir.join(STATS_RESTORE))
+            .ok()
+            .and_then(|e| e.restore)
+            .unwrap_or_default();
+        stats.wall_time_us = wall.as_micros() as u64;
+        Ok(RestoreOutcome { pid, stats })
+    }
+
+    fn run(&self, cmd: &mut Command, op: &'static str, log: &Path) -> Result<(), CriuError> {
+        let out = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+            .map_err(|source| CriuError::Spawn {
+                path: self.path.clone(),
+                source,
+            })?;
+        tracing::debug!(op, status = %out.status, log = %log.display(), "criu finished");
+        if out.status.success() {
+            return Ok(());
+        }
+        let mut errors = error_lines(log);
+        if errors.is_empty() {
+            errors = pick_error_lines(&String::from_utf8_lossy(&out.stderr));
+        }
+        Err(CriuError::Failed {
+            op,
+            status: out.status,
+            log: log.to_owned(),
+            errors,
+        })
+    }
+}
+
+fn parse_version(text: &str) -> Option<String> {
+    let v = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Version:"))?
+        .trim();
+    let ok = !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+    ok.then(|| v.to_owned())
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// The kernel release (`uname -r`), recorded in image sets.
+pub fn kernel_release() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions() {
+        assert_eq!(parse_version("Version: 4.1.1\n").as_deref(), Some("4.1.1"));
+        assert_eq!(
+            parse_version("Version: 3.17\nGitID: v3.17\n").as_deref(),
+            Some("3.17")
+        );
+        assert_eq!(parse_version("nonsense"), None);
+        assert_eq!(parse_version("Version: 4; rm -rf"), None);
+    }
+
+    #[test]
+    fn locate_finds_a_recent_criu_and_check_passes() {
+        let Ok(criu) = Criu::locate() else {
+            eprintln!("criu not installed; skipping");
+            return;
+        };
+        assert!(criu.version().unwrap().starts_with('4'));
+        if nix::unistd::geteuid().is_root() {
+            criu.check().unwrap();
+        }
+    }
+
+    #[test]
+    fn failed_run_carries_log_lines() {
+        let Ok(criu) = Criu::locate() else { return };
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let e = criu
+            .dump(&DumpOpts {
+                pid: i32::MAX - 1,
+                images_dir: dir.path().join("img"),
+                log_file: "dump.log".into(),
+                ..Default::default()
+            })
+            .unwrap_err();
+        match &e {
+            CriuError::Failed {
+                op, log, errors, ..
+            } => {
+                assert_eq!(*op, "dump");
+                assert_eq!(log, &dir.path().join("img/dump.log"));
+                assert!(
+                    !errors.is_empty() && errors.len() <= MAX_ERROR_LINES,
+                    "{errors:?}"
+                );
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        eprintln!("{e}");
+    }
+}

@@ -1,0 +1,181 @@
+//! The options of a dump and a restore, and the `criu` command lines they become.
+
+use std::ffi::OsString;
+use std::os::fd::RawFd;
+use std::path::{Path, PathBuf};
+
+/// What [`super::Criu::dump`] dumps and how.
+#[derive(Debug, Clone, Default)]
+pub struct DumpOpts {
+    /// Host PID of the tree's root (the container's init).
+    pub pid: i32,
+    /// Where the images go (created if missing).
+    pub images_dir: PathBuf,
+    /// The container's root filesystem as the host sees it (`--root`); `None` for a tree that
+    /// shares the host's mount namespace.
+    pub root: Option<PathBuf>,
+    /// The cgroup the caller froze first (`--freeze-cgroup`): CRIU then skips its own slow
+    /// freeze and leaves the cgroup in the state it found it.
+    pub freeze_cgroup: Option<PathBuf>,
+    /// Keep the tree running after the dump (a checkpoint) instead of killing it.
+    pub leave_running: bool,
+    /// `--external` resources (`mnt[PATH]:KEY`, `file[MNT_ID:INODE]`, ...).
+    pub external: Vec<String>,
+    /// CRIU's log; relative paths are relative to `images_dir` (kept next to the image set).
+    pub log_file: PathBuf,
+    /// Anything else, passed as given after mig's options (`--tcp-established`, ...).
+    pub extra: Vec<String>,
+}
+
+/// What [`super::Criu::restore`] restores and how.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOpts {
+    pub images_dir: PathBuf,
+    /// The new root filesystem (`--root`); `None` for a tree that shares the host's mounts.
+    pub root: Option<PathBuf>,
+    /// Descriptors the `criu` child inherits and hands to the restored tree in place of the
+    /// dumped resource: `(fd, "pipe:[INO]")` becomes `--inherit-fd fd[FD]:pipe:[INO]`. The fd
+    /// must be open in the caller and at least 3.
+    pub inherit_fds: Vec<(RawFd, String)>,
+    /// `cgroup.procs` files the `criu` child writes `0` to before exec, so the restored tasks
+    /// are born in the container's cgroup (CRIU itself runs with `--manage-cgroups=ignore`).
+    pub cgroup_procs: Vec<PathBuf>,
+    /// CRIU's log; relative paths are relative to `images_dir`.
+    pub log_file: PathBuf,
+    /// Where CRIU writes the host PID of the restored root (`--pidfile`); relative paths are
+    /// relative to `images_dir`.
+    pub pidfile: PathBuf,
+    pub external: Vec<String>,
+    /// Anything else, passed as given after mig's options.
+    pub extra: Vec<String>,
+}
+
+/// `path` if absolute, else `dir/path` (CRIU resolves `-o` and `--pidfile` against its work
+/// directory, which is the images directory).
+pub fn resolve(dir: &Path, path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_owned()
+    } else {
+        dir.join(path)
+    }
+}
+
+fn push(args: &mut Vec<OsString>, flag: &str, value: impl Into<OsString>) {
+    args.push(flag.into());
+    args.push(value.into());
+}
+
+impl DumpOpts {
+    /// The argument list of `criu` (without the program name).
+    pub fn args(&self) -> Vec<OsString> {
+        let mut a: Vec<OsString> = vec!["dump".into()];
+        push(&mut a, "--tree", self.pid.to_string());
+        push(&mut a, "--images-dir", &self.images_dir);
+        push(
+            &mut a,
+            "--log-file",
+            resolve(&self.images_dir, &self.log_file),
+        );
+        a.push("-v4".into());
+        a.push("--manage-cgroups=ignore".into());
+        a.push("--file-locks".into());
+        if let Some(root) = &self.root {
+            push(&mut a, "--root", root);
+        }
+        if let Some(cg) = &self.freeze_cgroup {
+            push(&mut a, "--freeze-cgroup", cg);
+        }
+        if self.leave_running {
+            a.push("--leave-running".into());
+        }
+        for e in &self.external {
+            push(&mut a, "--external", e);
+        }
+        a.extend(self.extra.iter().map(OsString::from));
+        a
+    }
+}
+
+impl RestoreOpts {
+    /// The argument list of `criu` (without the program name).
+    pub fn args(&self) -> Vec<OsString> {
+        let mut a: Vec<OsString> = vec!["restore".into()];
+        push(&mut a, "--images-dir", &self.images_dir);
+        push(
+            &mut a,
+            "--log-file",
+            resolve(&self.images_dir, &self.log_file),
+        );
+        a.push("-v4".into());
+        a.push("--manage-cgroups=ignore".into());
+        a.push("--file-locks".into());
+        a.push("--restore-detached".into());
+        push(
+            &mut a,
+            "--pidfile",
+            resolve(&self.images_dir, &self.pidfile),
+        );
+        if let Some(root) = &self.root {
+            push(&mut a, "--root", root);
+        }
+        for (fd, what) in &self.inherit_fds {
+            push(&mut a, "--inherit-fd", format!("fd[{fd}]:{what}"));
+        }
+        for e in &self.external {
+            push(&mut a, "--external", e);
+        }
+        a.extend(self.extra.iter().map(OsString::from));
+        a
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strs(a: Vec<OsString>) -> Vec<String> {
+        a.into_iter().map(|s| s.into_string().unwrap()).collect()
+    }
+
+    #[test]
+    fn dump_args() {
+        let o = DumpOpts {
+            pid: 42,
+            images_dir: "/var/img".into(),
+            root: Some("/rootfs".into()),
+            freeze_cgroup: Some("/sys/fs/cgroup/unified/mig/x".into()),
+            leave_running: true,
+            external: vec!["mnt[/x]:x".into()],
+            log_file: "dump.log".into(),
+            extra: vec!["--tcp-established".into()],
+        };
+        let a = strs(o.args()).join(" ");
+        assert_eq!(
+            a,
+            "dump --tree 42 --images-dir /var/img --log-file /var/img/dump.log -v4 \
+             --manage-cgroups=ignore --file-locks --root /rootfs --freeze-cgroup \
+             /sys/fs/cgroup/unified/mig/x --leave-running --external mnt[/x]:x --tcp-established"
+        );
+    }
+
+    #[test]
+    fn restore_args() {
+        let o = RestoreOpts {
+            images_dir: "/var/img".into(),
+            root: None,
+            inherit_fds: vec![(5, "pipe:[123]".into())],
+            cgroup_procs: vec![],
+            log_file: "/logs/restore.log".into(),
+            pidfile: "restore.pid".into(),
+            external: vec![],
+            extra: vec![],
+        };
+        let a = strs(o.args()).join(" ");
+        assert_eq!(
+            a,
+            "restore --images-dir /var/img --log-file /logs/restore.log -v4 \
+             --manage-cgroups=ignore --file-locks --restore-detached --pidfile \
+             /var/img/restore.pid --inherit-fd fd[5]:pipe:[123]"
+        );
+    }
+}
