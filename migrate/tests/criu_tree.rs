@@ -1,0 +1,288 @@
+//! Root integration tests of the CRIU driver against the real CRIU and kernel: a process tree in
+//! its own PID, UTS and IPC namespaces (sharing the host's mounts), writing a counter to a pipe,
+//! is dumped, restored with the pipe handed over through `--inherit-fd`, and continues counting
+//! with the same in-namespace PID. Skipped (with a note) when not root or CRIU is missing.
+//!
+//! Every process started here is killed and reaped by a guard, even when an assertion fails.
+
+use mig_migrate::criu::{Criu, CriuError, DumpOpts, RestoreOpts};
+use mig_migrate::imageset::{self, SealInfo};
+use mig_runtime::pidmap::pid_map;
+use mig_runtime::spec::{ContainerSpec, ImageRef, Limits, ProcessSpec};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag};
+use nix::unistd::Pid;
+use std::io::{BufRead, BufReader};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const COUNTER: &str = "i=0; while :; do i=$((i+1)); echo $i; sleep 0.05; done";
+
+fn criu_or_skip() -> Option<Criu> {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("not root: skipping");
+        return None;
+    }
+    match Criu::locate() {
+        Ok(c) => Some(c),
+        Err(e) => {
+            eprintln!("{e}: skipping");
+            None
+        }
+    }
+}
+
+/// Kills (SIGKILL) and reaps every PID it holds when dropped.
+#[derive(Default)]
+struct Reaper(Vec<i32>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for &p in &self.0 {
+            let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+        }
+        for &p in &self.0 {
+            // Only our children (or re-parented to us as subreaper) can be reaped; others are
+            // gone with their parent.
+            let _ = waitpid(Pid::from_raw(p), None);
+        }
+    }
+}
+
+/// A counter tree: `unshare` (our child) and its child, the namespace's init (`sh`, PID 1 in
+/// its PID namespace, leader of its own session), with stdout on the write end of a pipe.
+struct Tree {
+    unshare: i32,
+    init: i32,
+    lines: BufReader<std::fs::File>,
+    stdout_pipe: String,
+    /// The last number read from the pipe.
+    last: u64,
+}
+
+impl Tree {
+    fn next(&mut self) -> u64 {
+        self.last = read_number(&mut self.lines);
+        self.last
+    }
+}
+
+fn start_tree(reaper: &mut Reaper) -> Tree {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+    let child = Command::new("unshare")
+        .args([
+            "--pid",
+            "--fork",
+            "--uts",
+            "--ipc",
+            "/bin/busybox",
+            "setsid",
+        ])
+        .args(["/bin/busybox", "sh", "-c", COUNTER])
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(w))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let unshare = child.id() as i32;
+    reaper.0.push(unshare);
+    let children = format!("/proc/{unshare}/task/{unshare}/children");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let init = loop {
+        let c = std::fs::read_to_string(&children).unwrap_or_default();
+        if let Some(p) = c.split_whitespace().next().and_then(|p| p.parse().ok()) {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "the tree's init did not start");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    reaper.0.push(init);
+    let mut lines = BufReader::new(std::fs::File::from(r));
+    // Wait until the init has exec'd the shell and counts.
+    let last = read_number(&mut lines);
+    assert!(last >= 1);
+    let stdout_pipe = std::fs::read_link(format!("/proc/{init}/fd/1"))
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    assert!(stdout_pipe.starts_with("pipe:["), "{stdout_pipe}");
+    Tree {
+        unshare,
+        init,
+        lines,
+        stdout_pipe,
+        last,
+    }
+}
+
+fn read_number(lines: &mut impl BufRead) -> u64 {
+    let mut l = String::new();
+    assert!(
+        lines.read_line(&mut l).unwrap() > 0,
+        "the counter's pipe closed"
+    );
+    l.trim().parse().unwrap()
+}
+
+fn ns_pid(host_pid: i32) -> i32 {
+    pid_map(&[host_pid])[0].ns_pid
+}
+
+fn spec() -> ContainerSpec {
+    ContainerSpec {
+        id: format!("{:032x}", std::process::id()),
+        name: "criu-tree".into(),
+        image: ImageRef {
+            name: "busybox".into(),
+            id: format!("sha256:{}", "a".repeat(64)),
+            layers: vec![],
+        },
+        process: ProcessSpec {
+            args: vec!["sh".into()],
+            env: vec![],
+            cwd: "/".into(),
+            uid: 0,
+            gid: 0,
+        },
+        hostname: "criu-tree".into(),
+        limits: Limits::default(),
+        userns: None,
+    }
+}
+
+#[test]
+fn dump_kill_restore_continues_counting_with_the_same_pids() {
+    let Some(criu) = criu_or_skip() else { return };
+    // Restored trees are re-parented to the nearest subreaper when `criu restore -d` exits:
+    // make that this test process (as the shim does) so they can be reaped.
+    nix::sys::prctl::set_child_subreaper(true).unwrap();
+    let mut reaper = Reaper::default();
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    let mut tree = start_tree(&mut reaper);
+    assert_eq!(ns_pid(tree.init), 1);
+    let map_before = pid_map(&[tree.init]);
+
+    let stats = criu
+        .dump(&DumpOpts {
+            pid: tree.init,
+            images_dir: images.clone(),
+            log_file: "dump.log".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    eprintln!("dump stats: {stats:?}");
+    assert!(stats.pages_written > 0 && stats.frozen_time_us > 0);
+    assert!(stats.wall_time_us >= stats.frozen_time_us);
+    assert!(images.join("dump.log").exists());
+    // The tree is gone: `unshare` exits with its child, the pipe reaches end of file.
+    let _ = waitpid(Pid::from_raw(tree.unshare), None);
+    let mut last = tree.last;
+    let mut l = String::new();
+    while tree.lines.read_line(&mut l).unwrap() > 0 {
+        last = l.trim().parse().unwrap();
+        l.clear();
+    }
+    assert!(last > 0);
+
+    let manifest = imageset::seal(
+        &images,
+        SealInfo {
+            spec: spec(),
+            criu_version: criu.version().unwrap(),
+            pid_map: map_before.clone(),
+            stdio_pipe: Some(tree.stdout_pipe.clone()),
+            stats: Some(stats),
+        },
+    )
+    .unwrap();
+    assert!(manifest.files.iter().any(|f| f.path == "pstree.img"));
+    assert_eq!(imageset::verify(&images).unwrap(), manifest);
+
+    // A new pipe stands in for the old one, as on a destination host.
+    let (r, w): (OwnedFd, OwnedFd) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+    let outcome = criu
+        .restore(&RestoreOpts {
+            images_dir: images.clone(),
+            inherit_fds: vec![(w.as_raw_fd(), tree.stdout_pipe.clone())],
+            log_file: "restore.log".into(),
+            pidfile: "restore.pid".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    reaper.0.push(outcome.pid);
+    drop(w);
+    eprintln!("restore: {outcome:?}");
+    assert!(outcome.stats.restore_time_us > 0);
+    assert_eq!(ns_pid(outcome.pid), 1, "the restored init is PID 1 again");
+    let mut lines = BufReader::new(std::fs::File::from(r));
+    assert_eq!(read_number(&mut lines), last + 1, "the counter continues");
+    assert_eq!(read_number(&mut lines), last + 2);
+    let map_after = pid_map(&[outcome.pid]);
+    assert_eq!(map_after[0].ns_pid, map_before[0].ns_pid);
+    assert_eq!(map_after[0].cmd, map_before[0].cmd);
+    // Restoring also leaves its log and the set still verifies (logs are not part of it).
+    assert!(images.join("restore.log").exists());
+    drop(reaper);
+    nix::sys::prctl::set_child_subreaper(false).unwrap();
+}
+
+#[test]
+fn checkpoint_leave_running_keeps_the_tree_alive() {
+    let Some(criu) = criu_or_skip() else { return };
+    let mut reaper = Reaper::default();
+    let dir = tempfile::tempdir().unwrap();
+    let mut tree = start_tree(&mut reaper);
+    let before = tree.next();
+    criu.dump(&DumpOpts {
+        pid: tree.init,
+        images_dir: dir.path().join("images"),
+        leave_running: true,
+        log_file: "dump.log".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    let after = tree.next();
+    assert!(after > before);
+    assert!(
+        waitpid(Pid::from_raw(tree.unshare), Some(WaitPidFlag::WNOHANG))
+            .is_ok_and(|s| s == nix::sys::wait::WaitStatus::StillAlive)
+    );
+}
+
+#[test]
+fn failures_carry_the_log_reason() {
+    let Some(criu) = criu_or_skip() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("empty")).unwrap();
+    let err = criu
+        .restore(&RestoreOpts {
+            images_dir: dir.path().join("empty"),
+            log_file: "restore.log".into(),
+            pidfile: "restore.pid".into(),
+            ..Default::default()
+        })
+        .unwrap_err();
+    let msg = err.to_string();
+    eprintln!("{msg}");
+    match err {
+        CriuError::Failed {
+            op, errors, log, ..
+        } => {
+            assert_eq!(op, "restore");
+            assert_eq!(log, dir.path().join("empty/restore.log"));
+            assert!(!errors.is_empty());
+            assert!(!errors.iter().any(|e| e.contains("RLIMIT_NOFILE")));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let err = criu
+        .restore(&RestoreOpts {
+            images_dir: dir.path().join("empty"),
+            inherit_fds: vec![(1, "pipe:[1]".into())],
+            ..Default::default()
+        })
+        .unwrap_err();
+    assert!(matches!(err, CriuError::InheritFd { fd: 1 }));
+}
