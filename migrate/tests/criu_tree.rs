@@ -68,6 +68,8 @@ impl Tree {
     }
 }
 
+// The `unshare` child is reaped by the Reaper guard with waitpid, not through `Child`.
+#[allow(clippy::zombie_processes)]
 fn start_tree(reaper: &mut Reaper) -> Tree {
     let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
     let child = Command::new("unshare")
