@@ -1,1 +1,12 @@
-//! mig-agent: `migd`, its API and client library, the `mig` CLI and the per-container shim.
+//! mig-agent: `migd` (the per-host agent, [`daemon`]), its API ([`api`]) and async client library
+//! ([`client`]), the `mig` CLI ([`cli`]) and the per-container shim ([`shim`]).
+//!
+//! The state directory layout shared by the agent and the shim is in [`layout`].
+
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod daemon;
+pub mod lab;
+pub mod layout;
+pub mod shim;

@@ -1,1 +1,5 @@
-fn main() {}
+//! `mig`: the command line client of the mig agent.
+
+fn main() -> std::process::ExitCode {
+    mig_agent::cli::main()
+}

@@ -1,0 +1,345 @@
+//! The agent API: one versioned request/response protocol over the agent's unix socket.
+//!
+//! Every message is a frame ([`frame`]): a `u32` big-endian length followed by that many bytes of
+//! JSON. A connection starts with a [`Hello`] in each direction (client first); then the client sends
+//! [`Request`]s and reads one [`Response`] per request, except for `logs` with `follow`, which is
+//! answered by any number of [`Response::LogData`] frames and a final [`Response::LogEnd`].
+//! Requests are parsed strictly (`deny_unknown_fields`): an agent refuses what it does not know
+//! instead of guessing. docs/api.md describes the protocol for other implementations.
+
+pub mod frame;
+
+use mig_runtime::cgroup::Usage;
+use mig_runtime::pidmap::PidEntry;
+use mig_runtime::spec::Limits;
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this build speaks. Bumped on every incompatible change.
+pub const API_VERSION: u32 = 1;
+
+/// The first frame in each direction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hello {
+    pub api_version: u32,
+    /// Free-form software name and version of the sender, e.g. `mig 0.1.0`.
+    pub software: String,
+}
+
+impl Hello {
+    pub fn new(software: &str) -> Hello {
+        Hello {
+            api_version: API_VERSION,
+            software: format!("{software} {}", env!("CARGO_PKG_VERSION")),
+        }
+    }
+}
+
+/// What a client asks the agent to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Imports the image at `path` (a path on the agent's host) under `name`.
+    ImageImport {
+        path: String,
+        name: String,
+    },
+    ImageList,
+    /// Removes an image by name, id or unique id prefix.
+    ImageRemove {
+        image: String,
+    },
+    /// Creates and starts a container.
+    Run(RunRequest),
+    /// Lists containers; only running ones unless `all`.
+    List {
+        all: bool,
+    },
+    Inspect {
+        container: String,
+    },
+    /// The container's output; with `follow`, streamed until the container has exited.
+    Logs {
+        container: String,
+        follow: bool,
+    },
+    /// Runs a command inside a running container and returns its exit code and output.
+    Exec {
+        container: String,
+        args: Vec<String>,
+        env: Vec<String>,
+    },
+    /// Sends SIGTERM to the container's init, then kills the container after `timeout_secs`.
+    Stop {
+        container: String,
+        timeout_secs: u64,
+    },
+    /// Sends `signal` (a number) to the container's init.
+    Kill {
+        container: String,
+        signal: i32,
+    },
+    /// Removes a container that is not running (or, with `force`, kills it first).
+    Remove {
+        container: String,
+        force: bool,
+    },
+    /// Host information.
+    Info,
+}
+
+/// The container to create, as `mig run` describes it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunRequest {
+    /// Image name, id or unique id prefix.
+    pub image: String,
+    /// Container name; generated when absent.
+    pub name: Option<String>,
+    /// Hostname inside the container; the name (or short id) when absent.
+    pub hostname: Option<String>,
+    /// The command; the image's entrypoint and cmd when empty.
+    pub args: Vec<String>,
+    /// `KEY=VALUE` pairs added to the image's environment.
+    pub env: Vec<String>,
+    pub limits: Limits,
+    /// Run in a user namespace (container root maps to an unprivileged host range).
+    pub userns: bool,
+}
+
+/// What the agent answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "body", rename_all = "snake_case")]
+pub enum Response {
+    Image(ImageInfo),
+    Images(Vec<ImageInfo>),
+    Created {
+        id: String,
+        name: String,
+    },
+    Containers(Vec<ContainerSummary>),
+    Container(Box<ContainerDetails>),
+    /// A piece of the container's log (bytes decoded as UTF-8, invalid sequences replaced).
+    LogData {
+        data: String,
+    },
+    LogEnd,
+    Exec(ExecResult),
+    Ok,
+    Info(HostInfo),
+    Error(ApiError),
+}
+
+/// Why a request failed: a kind a program can act on and a message for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+#[serde(deny_unknown_fields)]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+/// The class of an [`ApiError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request is malformed or a value is invalid.
+    InvalidArgument,
+    /// No such container or image.
+    NotFound,
+    /// A prefix or name matches more than one container.
+    Ambiguous,
+    /// The name is already used.
+    AlreadyExists,
+    /// The object is in the wrong state (e.g. removing a running container without force).
+    Conflict,
+    /// The peer speaks another API version.
+    UnsupportedVersion,
+    /// The feature is not available in this build or on this host.
+    Unavailable,
+    /// Anything else that went wrong on the agent.
+    Internal,
+}
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> ApiError {
+        ApiError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// An image as the agent lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageInfo {
+    pub name: String,
+    pub id: String,
+    pub layers: Vec<String>,
+    pub created: u64,
+    pub size: u64,
+}
+
+/// The lifecycle state of a container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContainerState {
+    /// Its directory exists; the shim has not reported yet.
+    Created,
+    Running,
+    /// Ended after `mig stop` or `mig kill`.
+    Stopped,
+    /// Its init exited on its own.
+    Exited,
+    /// Dumped by CRIU and not running here.
+    Checkpointed,
+    /// Being restored from a checkpoint.
+    Restoring,
+    /// Could not be started (see `reason`).
+    Failed,
+}
+
+impl ContainerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ContainerState::Created => "created",
+            ContainerState::Running => "running",
+            ContainerState::Stopped => "stopped",
+            ContainerState::Exited => "exited",
+            ContainerState::Checkpointed => "checkpointed",
+            ContainerState::Restoring => "restoring",
+            ContainerState::Failed => "failed",
+        }
+    }
+
+    /// Whether processes of the container may exist on this host.
+    pub fn is_live(self) -> bool {
+        matches!(
+            self,
+            ContainerState::Created | ContainerState::Running | ContainerState::Restoring
+        )
+    }
+}
+
+/// One line of `mig ps`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerSummary {
+    pub id: String,
+    pub name: String,
+    pub state: ContainerState,
+    pub image: String,
+    pub host: String,
+    /// Seconds since the epoch.
+    pub created: u64,
+    pub exit_code: Option<i32>,
+    pub command: Vec<String>,
+}
+
+/// Everything `mig inspect` shows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContainerDetails {
+    pub id: String,
+    pub name: String,
+    pub state: ContainerState,
+    /// The agent's name.
+    pub host: String,
+    pub image: ImageSummary,
+    pub hostname: String,
+    pub command: Vec<String>,
+    pub env: Vec<String>,
+    pub userns: bool,
+    pub limits: Limits,
+    /// Seconds since the epoch.
+    pub created: u64,
+    pub started: Option<u64>,
+    pub finished: Option<u64>,
+    pub exit_code: Option<i32>,
+    /// The signal that ended the init, when it was killed.
+    pub signal: Option<i32>,
+    pub oom_killed: bool,
+    /// Why the container failed or ended, when known.
+    pub reason: Option<String>,
+    pub init_pid: Option<i32>,
+    pub shim_pid: Option<i32>,
+    /// Live usage from the cgroup (running containers only).
+    pub usage: Option<Usage>,
+    /// Every process of the container: PID inside, PID on the host, command line.
+    pub pid_map: Vec<PidEntry>,
+    /// The cgroup name under each hierarchy root.
+    pub cgroup: String,
+}
+
+/// The image of a container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageSummary {
+    pub name: String,
+    pub id: String,
+}
+
+/// The result of `exec`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecResult {
+    /// The command's exit code (128+signal when killed).
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// The host an agent runs on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostInfo {
+    /// The agent's name (`--name`, the hostname by default).
+    pub name: String,
+    /// The agent's version.
+    pub version: String,
+    pub api_version: u32,
+    /// `criu --version`, or `None` when CRIU is missing.
+    pub criu_version: Option<String>,
+    pub kernel: String,
+    pub cpus: u32,
+    /// Total memory in bytes.
+    pub memory_bytes: u64,
+    pub state_dir: String,
+    pub cgroup_parent: String,
+    pub containers_running: u32,
+    pub containers_total: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_refuse_unknown_fields() {
+        let r = Request::Stop {
+            container: "web".into(),
+            timeout_secs: 3,
+        };
+        let j = serde_json::to_string(&r).unwrap();
+        assert_eq!(j, r#"{"op":"stop","container":"web","timeout_secs":3}"#);
+        assert_eq!(serde_json::from_str::<Request>(&j).unwrap(), r);
+        assert!(serde_json::from_str::<Request>(
+            r#"{"op":"stop","container":"web","timeout_secs":3,"x":1}"#
+        )
+        .is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"op":"nope"}"#).is_err());
+        let run = Request::Run(RunRequest {
+            image: "busybox".into(),
+            args: vec!["sh".into()],
+            ..RunRequest::default()
+        });
+        let j = serde_json::to_string(&run).unwrap();
+        assert_eq!(serde_json::from_str::<Request>(&j).unwrap(), run);
+        let info = serde_json::to_string(&Request::Info).unwrap();
+        assert_eq!(info, r#"{"op":"info"}"#);
+    }
+
+    #[test]
+    fn responses_round_trip() {
+        let e = Response::Error(ApiError::new(ErrorKind::NotFound, "no such container: x"));
+        let j = serde_json::to_string(&e).unwrap();
+        assert_eq!(serde_json::from_str::<Response>(&j).unwrap(), e);
+        let ok = serde_json::to_string(&Response::Ok).unwrap();
+        assert_eq!(serde_json::from_str::<Response>(&ok).unwrap(), Response::Ok);
+    }
+}

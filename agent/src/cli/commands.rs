@@ -1,0 +1,446 @@
+//! Executing `mig` commands against the agent.
+
+use super::output;
+use super::{Cli, Command, ImageCommand, RunArgs, DEFAULT_SOCKET, EXIT_MIG_ERROR, LAB_FILE};
+use crate::api::RunRequest;
+use crate::client::{Client, ClientError};
+use clap::{CommandFactory, Parser};
+use mig_runtime::spec::Limits;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// A failure of `mig` itself (exit code 125).
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("no lab host named {name} in {LAB_FILE}")]
+    UnknownHost { name: String },
+    #[error("cannot read the lab file {LAB_FILE}")]
+    LabFile(#[source] std::io::Error),
+    #[error("the lab file {LAB_FILE} is not valid")]
+    LabFormat(#[source] serde_json::Error),
+    #[error("cannot resolve the path {path}")]
+    Path {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid signal {0:?}")]
+    Signal(String),
+    #[error("writing output failed")]
+    Output(#[source] std::io::Error),
+    #[error("cannot start the async runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error("{failed} of {total} operations failed")]
+    Partial { failed: usize, total: usize },
+}
+
+/// `mig`'s entry point.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => return usage_error(e),
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&CliError::Runtime(e)),
+    };
+    match rt.block_on(dispatch(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => fail(&e),
+    }
+}
+
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = e.print();
+            ExitCode::SUCCESS
+        }
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            eprintln!("mig: a subcommand is required (see mig --help)");
+            ExitCode::from(EXIT_MIG_ERROR)
+        }
+        _ => {
+            let text = strip_ansi(&e.to_string());
+            let line = text
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("invalid usage");
+            let line = line.strip_prefix("error: ").unwrap_or(line);
+            eprintln!("mig: {line}");
+            ExitCode::from(EXIT_MIG_ERROR)
+        }
+    }
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars().peekable();
+    while let Some(c) = it.next() {
+        if c == '\x1b' {
+            for d in it.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn fail(e: &CliError) -> ExitCode {
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(e);
+    // `Client(Api)` is transparent: its message is the agent's already.
+    while let Some(s) = src {
+        let t = s.to_string();
+        if !msg.ends_with(&t) {
+            msg.push_str(": ");
+            msg.push_str(&t);
+        }
+        src = s.source();
+    }
+    if matches!(e, CliError::Client(ClientError::Connect { .. })) {
+        msg.push_str(" (is migd running?)");
+    }
+    eprintln!("mig: {}", msg.replace('\n', " "));
+    ExitCode::from(EXIT_MIG_ERROR)
+}
+
+/// Which socket to talk to: `--socket`/`MIG_SOCKET`, else the lab host `--host`/`MIG_HOST`, else
+/// the default socket.
+pub fn socket_path(socket: Option<&Path>, host: Option<&str>) -> Result<PathBuf, CliError> {
+    if let Some(s) = socket {
+        return Ok(s.to_owned());
+    }
+    let Some(name) = host else {
+        return Ok(PathBuf::from(DEFAULT_SOCKET));
+    };
+    let text = std::fs::read_to_string(LAB_FILE).map_err(CliError::LabFile)?;
+    lab_socket(&text, name)
+}
+
+/// Finds `name`'s socket in the lab file's `{"hosts": [{"name", "socket", ...}]}`.
+fn lab_socket(text: &str, name: &str) -> Result<PathBuf, CliError> {
+    #[derive(serde::Deserialize)]
+    struct Lab {
+        hosts: Vec<LabHost>,
+    }
+    #[derive(serde::Deserialize)]
+    struct LabHost {
+        name: String,
+        socket: PathBuf,
+    }
+    let lab: Lab = serde_json::from_str(text).map_err(CliError::LabFormat)?;
+    lab.hosts
+        .into_iter()
+        .find(|h| h.name == name)
+        .map(|h| h.socket)
+        .ok_or_else(|| CliError::UnknownHost {
+            name: name.to_owned(),
+        })
+}
+
+async fn connect(cli: &Cli) -> Result<Client, CliError> {
+    let path = socket_path(cli.socket.as_deref(), cli.host.as_deref())?;
+    Ok(Client::connect(&path).await?)
+}
+
+fn out(text: &str) -> Result<(), CliError> {
+    let mut o = std::io::stdout().lock();
+    o.write_all(text.as_bytes()).map_err(CliError::Output)?;
+    o.flush().map_err(CliError::Output)
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Result<(), CliError> {
+    let mut s = serde_json::to_string_pretty(v).unwrap_or_else(|_| "null".into());
+    s.push('\n');
+    out(&s)
+}
+
+async fn dispatch(cli: Cli) -> Result<u8, CliError> {
+    match &cli.command {
+        Command::Completions { shell } => {
+            let mut cmd = Cli::command();
+            clap_complete::generate(*shell, &mut cmd, "mig", &mut std::io::stdout());
+            return Ok(0);
+        }
+        Command::Man => {
+            let mut buf = Vec::new();
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut buf)
+                .map_err(CliError::Output)?;
+            out(&String::from_utf8_lossy(&buf))?;
+            return Ok(0);
+        }
+        _ => {}
+    }
+    let mut c = connect(&cli).await?;
+    match cli.command {
+        Command::Image(ic) => image(&mut c, ic).await.map(|_| 0),
+        Command::Run(r) => run(&mut c, r).await,
+        Command::Ps { all, json: j } => {
+            let list = c.list(all).await?;
+            if j {
+                json(&list)?;
+            } else {
+                out(&output::ps_table(&list))?;
+            }
+            Ok(0)
+        }
+        Command::Inspect { container, json: j } => {
+            let d = c.inspect(&container).await?;
+            if j {
+                json(&d)?;
+            } else {
+                out(&output::inspect_text(&d))?;
+            }
+            Ok(0)
+        }
+        Command::Logs { follow, container } => {
+            let mut err = None;
+            c.logs(&container, follow, |data| {
+                if err.is_none() {
+                    err = out(data).err();
+                }
+            })
+            .await?;
+            err.map_or(Ok(0), Err)
+        }
+        Command::Exec {
+            env,
+            container,
+            command,
+        } => {
+            let r = c.exec(&container, command, env).await?;
+            out(&r.stdout)?;
+            let mut e = std::io::stderr().lock();
+            let _ = e.write_all(r.stderr.as_bytes());
+            Ok(u8::try_from(r.code).unwrap_or(EXIT_MIG_ERROR))
+        }
+        Command::Stop { time, containers } => {
+            let mut results = Vec::new();
+            for n in containers {
+                let r = c.stop(&n, time).await;
+                results.push((n, r));
+            }
+            finish(results)
+        }
+        Command::Kill { signal, containers } => {
+            let sig = parse_signal(&signal)?;
+            let mut results = Vec::new();
+            for n in containers {
+                let r = c.kill(&n, sig).await;
+                results.push((n, r));
+            }
+            finish(results)
+        }
+        Command::Rm { force, containers } => {
+            let mut results = Vec::new();
+            for n in containers {
+                let r = c.remove(&n, force).await;
+                results.push((n, r));
+            }
+            finish(results)
+        }
+        Command::Info { json: j } => {
+            let i = c.info().await?;
+            if j {
+                json(&i)?;
+            } else {
+                out(&output::info_text(&i))?;
+            }
+            Ok(0)
+        }
+        Command::Completions { .. } | Command::Man => Ok(0),
+    }
+}
+
+/// Prints each name that succeeded; one failure is mig's error, several are reported one per line.
+fn finish(results: Vec<(String, Result<(), ClientError>)>) -> Result<u8, CliError> {
+    let total = results.len();
+    let mut failed = Vec::new();
+    for (name, r) in results {
+        match r {
+            Ok(()) => out(&format!("{name}\n"))?,
+            Err(e) => failed.push((name, e)),
+        }
+    }
+    match failed.len() {
+        0 => Ok(0),
+        1 if total == 1 => Err(CliError::Client(failed.remove(0).1)),
+        n => {
+            for (name, e) in &failed {
+                eprintln!("mig: {name}: {e}");
+            }
+            Err(CliError::Partial { failed: n, total })
+        }
+    }
+}
+
+fn parse_signal(s: &str) -> Result<i32, CliError> {
+    if let Ok(n) = s.parse::<i32>() {
+        return Ok(n);
+    }
+    let up = s.to_ascii_uppercase();
+    let name = if up.starts_with("SIG") {
+        up
+    } else {
+        format!("SIG{up}")
+    };
+    name.parse::<nix::sys::signal::Signal>()
+        .map(|s| s as i32)
+        .map_err(|_| CliError::Signal(s.to_owned()))
+}
+
+async fn image(c: &mut Client, cmd: ImageCommand) -> Result<(), CliError> {
+    match cmd {
+        ImageCommand::Import {
+            path,
+            name,
+            json: j,
+        } => {
+            let abs = std::fs::canonicalize(&path).map_err(|source| CliError::Path {
+                path: path.clone(),
+                source,
+            })?;
+            let name = name.unwrap_or_else(|| default_image_name(&abs));
+            let img = c.image_import(&abs.to_string_lossy(), &name).await?;
+            if j {
+                json(&img)
+            } else {
+                out(&format!("{}\n", img.id))
+            }
+        }
+        ImageCommand::Ls { json: j } => {
+            let list = c.image_list().await?;
+            if j {
+                json(&list)
+            } else {
+                out(&output::images_table(&list))
+            }
+        }
+        ImageCommand::Rm { images } => {
+            for i in images {
+                let img = c.image_remove(&i).await?;
+                out(&format!("{}\n", img.id))?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `busybox-rootfs.tar.gz` -> `busybox-rootfs`.
+fn default_image_name(path: &Path) -> String {
+    let file = path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut name = file.as_str();
+    for ext in [".gz", ".zst", ".zstd", ".tgz", ".tar", ".oci"] {
+        name = name.strip_suffix(ext).unwrap_or(name);
+    }
+    let cleaned: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "_.-".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    if cleaned.is_empty() {
+        "image".into()
+    } else {
+        cleaned
+    }
+}
+
+async fn run(c: &mut Client, r: RunArgs) -> Result<u8, CliError> {
+    let req = RunRequest {
+        image: r.image,
+        name: r.name,
+        hostname: r.hostname,
+        args: r.command,
+        env: r.env,
+        limits: Limits {
+            memory: r.memory,
+            cpu_millis: r.cpus,
+            pids: r.pids,
+        },
+        userns: r.userns,
+    };
+    let (id, name) = c.run(req).await?;
+    if r.detach {
+        if r.json {
+            json(&serde_json::json!({ "id": id, "name": name }))?;
+        } else {
+            out(&format!("{id}\n"))?;
+        }
+        return Ok(0);
+    }
+    let mut err = None;
+    c.logs(&id, true, |data| {
+        if err.is_none() {
+            err = out(data).err();
+        }
+    })
+    .await?;
+    if let Some(e) = err {
+        return Err(e);
+    }
+    let d = c.inspect(&id).await?;
+    Ok(d.exit_code
+        .and_then(|c| u8::try_from(c).ok())
+        .unwrap_or(EXIT_MIG_ERROR))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lab_lookup() {
+        let lab =
+            r#"{"hosts":[{"name":"host-a","socket":"/run/mig/a.sock","address":"10.0.0.1"}]}"#;
+        assert_eq!(
+            lab_socket(lab, "host-a").unwrap(),
+            PathBuf::from("/run/mig/a.sock")
+        );
+        assert!(matches!(
+            lab_socket(lab, "host-b"),
+            Err(CliError::UnknownHost { .. })
+        ));
+        assert_eq!(
+            socket_path(Some(Path::new("/x")), Some("h")).unwrap(),
+            PathBuf::from("/x")
+        );
+        assert_eq!(
+            socket_path(None, None).unwrap(),
+            PathBuf::from(DEFAULT_SOCKET)
+        );
+    }
+
+    #[test]
+    fn names_and_signals() {
+        assert_eq!(
+            default_image_name(Path::new("/tmp/busybox-rootfs.tar.gz")),
+            "busybox-rootfs"
+        );
+        assert_eq!(parse_signal("TERM").unwrap(), 15);
+        assert_eq!(parse_signal("sigkill").unwrap(), 9);
+        assert_eq!(parse_signal("10").unwrap(), 10);
+        assert!(parse_signal("NOPE").is_err());
+        assert_eq!(strip_ansi("\x1b[1merror:\x1b[0m x"), "error: x");
+    }
+}

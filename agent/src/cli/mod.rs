@@ -1,0 +1,208 @@
+//! The `mig` command line: argument definitions ([`Cli`]), their execution ([`main`]) and output
+//! formatting. `mig` is a thin client of the agent API ([`crate::client`]).
+//!
+//! Exit codes: 0 on success, 125 for mig's own errors (one line `mig: <reason>` on stderr, usage
+//! errors included), and the container's code for `exec` and for an attached `run`.
+
+mod commands;
+mod output;
+
+pub use commands::main;
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+/// The default agent socket.
+pub const DEFAULT_SOCKET: &str = "/run/mig/migd.sock";
+/// The lab file that maps host names to agent sockets (written by `mig lab up`).
+pub const LAB_FILE: &str = "/run/mig/lab.json";
+/// The exit code of mig's own failures.
+pub const EXIT_MIG_ERROR: u8 = 125;
+
+/// Run and move Linux containers.
+#[derive(Debug, Parser)]
+#[command(name = "mig", version, about, propagate_version = true)]
+pub struct Cli {
+    /// The agent's API socket.
+    #[arg(long, env = "MIG_SOCKET", global = true, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Talk to the agent of this lab host (looked up in /run/mig/lab.json).
+    #[arg(long, env = "MIG_HOST", global = true, value_name = "NAME")]
+    pub host: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Manage images.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Create and start a container.
+    Run(RunArgs),
+    /// List containers.
+    Ps {
+        /// Show all containers, not only running ones.
+        #[arg(short, long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a container's details, usage and PID map.
+    Inspect {
+        container: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a container's output.
+    Logs {
+        /// Keep printing until the container ends.
+        #[arg(short, long)]
+        follow: bool,
+        container: String,
+    },
+    /// Run a command in a running container; exits with the command's code.
+    Exec {
+        /// Extra environment (KEY=VALUE), repeatable.
+        #[arg(short, long = "env", value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        container: String,
+        /// The command and its arguments.
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+    /// Stop containers: SIGTERM to the init, SIGKILL after the timeout.
+    Stop {
+        /// Seconds to wait before killing.
+        #[arg(short, long, default_value_t = 10, value_name = "SECS")]
+        time: u64,
+        #[arg(required = true)]
+        containers: Vec<String>,
+    },
+    /// Send a signal to a container's init.
+    Kill {
+        /// Signal name or number.
+        #[arg(short, long, default_value = "KILL", value_name = "SIG")]
+        signal: String,
+        #[arg(required = true)]
+        containers: Vec<String>,
+    },
+    /// Remove containers.
+    Rm {
+        /// Kill running containers first.
+        #[arg(short, long)]
+        force: bool,
+        #[arg(required = true)]
+        containers: Vec<String>,
+    },
+    /// Show the agent's host.
+    Info {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a shell completion script.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff).
+    Man,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Import a rootfs directory or tar (plain, gzip, zstd), an OCI layout directory or OCI archive.
+    Import {
+        path: PathBuf,
+        /// The image name (default: the file name without extensions).
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List images.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove images.
+    Rm {
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Run in the background and print the container id.
+    #[arg(short, long)]
+    pub detach: bool,
+    /// Container name (unique on the host).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Hostname inside the container.
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// Memory limit, e.g. 256M or 1G.
+    #[arg(long, value_parser = parse_memory, value_name = "SIZE")]
+    pub memory: Option<u64>,
+    /// CPU limit in CPUs, e.g. 1.5.
+    #[arg(long, value_parser = parse_cpus, value_name = "CPUS")]
+    pub cpus: Option<u64>,
+    /// Maximum number of processes.
+    #[arg(long, value_name = "N")]
+    pub pids: Option<u64>,
+    /// Environment variable (KEY=VALUE), repeatable.
+    #[arg(short, long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Run in a user namespace (root inside maps to an unprivileged host uid).
+    #[arg(long)]
+    pub userns: bool,
+    #[arg(long)]
+    pub json: bool,
+    /// Image name or id.
+    pub image: String,
+    /// The command (default: the image's).
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+fn parse_memory(s: &str) -> Result<u64, String> {
+    mig_runtime::spec::parse_size(s)
+        .ok_or_else(|| format!("invalid size {s:?} (use e.g. 256M, 1G)"))
+}
+
+fn parse_cpus(s: &str) -> Result<u64, String> {
+    match s.parse::<f64>() {
+        Ok(c) if c.is_finite() && c > 0.0 && c <= 1000.0 => {
+            Ok((c * 1000.0).round().max(1.0) as u64)
+        }
+        _ => Err(format!("invalid CPU count {s:?} (use e.g. 0.5, 2)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent_and_parses_run() {
+        Cli::command().debug_assert();
+        let c = Cli::try_parse_from([
+            "mig", "run", "-d", "--name", "web", "--memory", "256M", "--cpus", "1.5", "--env",
+            "A=B", "busybox", "--", "sleep", "100",
+        ])
+        .unwrap();
+        match c.command {
+            Command::Run(r) => {
+                assert!(r.detach);
+                assert_eq!(r.memory, Some(256 << 20));
+                assert_eq!(r.cpus, Some(1500));
+                assert_eq!(r.command, ["sleep", "100"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(Cli::try_parse_from(["mig", "run", "--memory", "lots", "busybox"]).is_err());
+    }
+}

@@ -1,0 +1,181 @@
+//! Human-readable output of `mig` (JSON output is the API types serialized as they are).
+
+use crate::api::{ContainerDetails, ContainerSummary, HostInfo, ImageInfo};
+use std::fmt::Write;
+
+/// "3 minutes ago" style age of a timestamp (seconds since the epoch).
+fn age(t: u64) -> String {
+    let d = crate::layout::now().saturating_sub(t);
+    match d {
+        0..=59 => format!("{d} seconds ago"),
+        60..=3599 => format!("{} minutes ago", d / 60),
+        3600..=86399 => format!("{} hours ago", d / 3600),
+        _ => format!("{} days ago", d / 86400),
+    }
+}
+
+fn human_size(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Left-aligned columns separated by three spaces.
+fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: Vec<&str>, out: &mut String| {
+        let n = cells.len();
+        for (i, c) in cells.into_iter().enumerate() {
+            if i + 1 == n {
+                out.push_str(c);
+            } else {
+                let _ = write!(out, "{c:<width$}   ", width = w[i]);
+            }
+        }
+        out.push('\n');
+    };
+    line(header.to_vec(), &mut out);
+    for r in &rows {
+        line(r.iter().map(String::as_str).collect(), &mut out);
+    }
+    out
+}
+
+pub fn ps_table(list: &[ContainerSummary]) -> String {
+    let rows = list
+        .iter()
+        .map(|c| {
+            let state = match c.exit_code {
+                Some(code) if !c.state.is_live() => format!("{} ({code})", c.state.as_str()),
+                _ => c.state.as_str().to_owned(),
+            };
+            vec![
+                c.id[..12.min(c.id.len())].to_owned(),
+                c.name.clone(),
+                state,
+                c.image.clone(),
+                c.host.clone(),
+                age(c.created),
+                c.command.join(" "),
+            ]
+        })
+        .collect();
+    table(
+        &["ID", "NAME", "STATE", "IMAGE", "HOST", "CREATED", "COMMAND"],
+        rows,
+    )
+}
+
+pub fn images_table(list: &[ImageInfo]) -> String {
+    let rows = list
+        .iter()
+        .map(|i| {
+            let short = i.id.strip_prefix("sha256:").unwrap_or(&i.id);
+            vec![
+                i.name.clone(),
+                short[..12.min(short.len())].to_owned(),
+                i.layers.len().to_string(),
+                human_size(i.size),
+                age(i.created),
+            ]
+        })
+        .collect();
+    table(&["NAME", "ID", "LAYERS", "SIZE", "CREATED"], rows)
+}
+
+pub fn inspect_text(d: &ContainerDetails) -> String {
+    let mut s = String::new();
+    let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    let _ = writeln!(s, "id:        {}", d.id);
+    let _ = writeln!(s, "name:      {}", d.name);
+    let _ = writeln!(s, "state:     {}", d.state.as_str());
+    let _ = writeln!(s, "host:      {}", d.host);
+    let _ = writeln!(s, "image:     {} ({})", d.image.name, d.image.id);
+    let _ = writeln!(s, "hostname:  {}", d.hostname);
+    let _ = writeln!(s, "command:   {}", d.command.join(" "));
+    let _ = writeln!(s, "created:   {}", age(d.created));
+    let _ = writeln!(s, "started:   {}", opt(d.started.map(age)));
+    let _ = writeln!(s, "finished:  {}", opt(d.finished.map(age)));
+    let _ = writeln!(s, "exit code: {}", opt(d.exit_code.map(|c| c.to_string())));
+    if d.oom_killed {
+        let _ = writeln!(s, "oom:       killed (memory limit exceeded)");
+    }
+    if let Some(r) = &d.reason {
+        let _ = writeln!(s, "reason:    {r}");
+    }
+    let l = &d.limits;
+    let _ = writeln!(
+        s,
+        "limits:    memory {}, cpus {}, pids {}",
+        opt(l.memory.map(human_size)),
+        opt(l.cpu_millis.map(|m| format!("{}", m as f64 / 1000.0))),
+        opt(l.pids.map(|p| p.to_string()))
+    );
+    if let Some(u) = &d.usage {
+        let _ = writeln!(
+            s,
+            "usage:     memory {}, cpu {:.2} s, pids {}, oom kills {}",
+            human_size(u.memory_bytes),
+            u.cpu_usec as f64 / 1e6,
+            u.pids,
+            u.oom_kills
+        );
+    }
+    if !d.pid_map.is_empty() {
+        let _ = writeln!(s, "processes:");
+        let rows = d
+            .pid_map
+            .iter()
+            .map(|p| vec![p.ns_pid.to_string(), p.host_pid.to_string(), p.cmd.clone()])
+            .collect();
+        for l in table(&["NS_PID", "HOST_PID", "CMD"], rows).lines() {
+            let _ = writeln!(s, "  {l}");
+        }
+    }
+    s
+}
+
+pub fn info_text(i: &HostInfo) -> String {
+    format!(
+        "name:        {}\nversion:     {} (API {})\ncriu:        {}\nkernel:      {}\ncpus:        {}\nmemory:      {}\nstate dir:   {}\ncgroup:      {}\ncontainers:  {} running, {} total\n",
+        i.name,
+        i.version,
+        i.api_version,
+        i.criu_version.as_deref().unwrap_or("not found"),
+        i.kernel,
+        i.cpus,
+        human_size(i.memory_bytes),
+        i.state_dir,
+        i.cgroup_parent,
+        i.containers_running,
+        i.containers_total
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_tables() {
+        assert_eq!(human_size(512), "512 B");
+        assert_eq!(human_size(256 << 20), "256.0 MiB");
+        let t = table(&["A", "B"], vec![vec!["xyz".into(), "1".into()]]);
+        assert_eq!(t, "A     B\nxyz   1\n");
+    }
+}

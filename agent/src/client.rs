@@ -1,0 +1,226 @@
+//! An async client of the agent API, for the `mig` CLI and for other Rust programs (a rebalancer,
+//! tests). One [`Client`] is one connection; requests on it are sequential.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), mig_agent::client::ClientError> {
+//! let mut c = mig_agent::client::Client::connect("/run/mig/migd.sock".as_ref()).await?;
+//! for ct in c.list(true).await? {
+//!     println!("{} {}", ct.name, ct.state.as_str());
+//! }
+//! # Ok(()) }
+//! ```
+
+use crate::api::frame::{read_frame, write_frame, FrameError};
+use crate::api::{
+    ApiError, ContainerDetails, ContainerSummary, ErrorKind, ExecResult, Hello, HostInfo,
+    ImageInfo, Request, Response, RunRequest, API_VERSION,
+};
+use std::path::{Path, PathBuf};
+use tokio::net::UnixStream;
+
+/// A client-side failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to the agent at {path}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("talking to the agent failed")]
+    Frame(#[from] FrameError),
+    #[error("the agent speaks API version {agent}, this client speaks {API_VERSION}")]
+    Version { agent: u32 },
+    #[error("{0}")]
+    Api(#[from] ApiError),
+    #[error("unexpected answer from the agent to {request}: {got}")]
+    Unexpected { request: &'static str, got: String },
+}
+
+impl ClientError {
+    /// The API error kind, when the agent refused the request.
+    pub fn api_kind(&self) -> Option<ErrorKind> {
+        match self {
+            ClientError::Api(e) => Some(e.kind),
+            _ => None,
+        }
+    }
+}
+
+/// One connection to an agent.
+#[derive(Debug)]
+pub struct Client {
+    stream: UnixStream,
+    /// The agent's hello.
+    pub agent: Hello,
+}
+
+fn unexpected(request: &'static str, got: Response) -> ClientError {
+    match got {
+        Response::Error(e) => ClientError::Api(e),
+        other => ClientError::Unexpected {
+            request,
+            got: format!("{other:?}").chars().take(200).collect(),
+        },
+    }
+}
+
+impl Client {
+    /// Connects to the agent's unix socket and exchanges hellos.
+    pub async fn connect(path: &Path) -> Result<Client, ClientError> {
+        let mut stream =
+            UnixStream::connect(path)
+                .await
+                .map_err(|source| ClientError::Connect {
+                    path: path.to_owned(),
+                    source,
+                })?;
+        write_frame(&mut stream, &Hello::new("mig-client")).await?;
+        let agent: Hello = read_frame(&mut stream).await?;
+        if agent.api_version != API_VERSION {
+            return Err(ClientError::Version {
+                agent: agent.api_version,
+            });
+        }
+        Ok(Client { stream, agent })
+    }
+
+    /// Sends one request and reads one response (errors are returned as [`ClientError::Api`]).
+    pub async fn call(&mut self, req: &Request) -> Result<Response, ClientError> {
+        write_frame(&mut self.stream, req).await?;
+        match read_frame(&mut self.stream).await? {
+            Response::Error(e) => Err(ClientError::Api(e)),
+            r => Ok(r),
+        }
+    }
+
+    pub async fn image_import(&mut self, path: &str, name: &str) -> Result<ImageInfo, ClientError> {
+        let req = Request::ImageImport {
+            path: path.into(),
+            name: name.into(),
+        };
+        match self.call(&req).await? {
+            Response::Image(i) => Ok(i),
+            r => Err(unexpected("image_import", r)),
+        }
+    }
+
+    pub async fn image_list(&mut self) -> Result<Vec<ImageInfo>, ClientError> {
+        match self.call(&Request::ImageList).await? {
+            Response::Images(i) => Ok(i),
+            r => Err(unexpected("image_list", r)),
+        }
+    }
+
+    pub async fn image_remove(&mut self, image: &str) -> Result<ImageInfo, ClientError> {
+        let req = Request::ImageRemove {
+            image: image.into(),
+        };
+        match self.call(&req).await? {
+            Response::Image(i) => Ok(i),
+            r => Err(unexpected("image_remove", r)),
+        }
+    }
+
+    /// Creates and starts a container; returns its id and name.
+    pub async fn run(&mut self, req: RunRequest) -> Result<(String, String), ClientError> {
+        match self.call(&Request::Run(req)).await? {
+            Response::Created { id, name } => Ok((id, name)),
+            r => Err(unexpected("run", r)),
+        }
+    }
+
+    pub async fn list(&mut self, all: bool) -> Result<Vec<ContainerSummary>, ClientError> {
+        match self.call(&Request::List { all }).await? {
+            Response::Containers(c) => Ok(c),
+            r => Err(unexpected("list", r)),
+        }
+    }
+
+    pub async fn inspect(&mut self, container: &str) -> Result<ContainerDetails, ClientError> {
+        let req = Request::Inspect {
+            container: container.into(),
+        };
+        match self.call(&req).await? {
+            Response::Container(c) => Ok(*c),
+            r => Err(unexpected("inspect", r)),
+        }
+    }
+
+    /// Streams the container's log to `sink` (each piece as it arrives); with `follow`, until the
+    /// container has exited and its log is drained.
+    pub async fn logs(
+        &mut self,
+        container: &str,
+        follow: bool,
+        mut sink: impl FnMut(&str),
+    ) -> Result<(), ClientError> {
+        let req = Request::Logs {
+            container: container.into(),
+            follow,
+        };
+        write_frame(&mut self.stream, &req).await?;
+        loop {
+            match read_frame(&mut self.stream).await? {
+                Response::LogData { data } => sink(&data),
+                Response::LogEnd => return Ok(()),
+                r => return Err(unexpected("logs", r)),
+            }
+        }
+    }
+
+    pub async fn exec(
+        &mut self,
+        container: &str,
+        args: Vec<String>,
+        env: Vec<String>,
+    ) -> Result<ExecResult, ClientError> {
+        let req = Request::Exec {
+            container: container.into(),
+            args,
+            env,
+        };
+        match self.call(&req).await? {
+            Response::Exec(e) => Ok(e),
+            r => Err(unexpected("exec", r)),
+        }
+    }
+
+    pub async fn stop(&mut self, container: &str, timeout_secs: u64) -> Result<(), ClientError> {
+        let req = Request::Stop {
+            container: container.into(),
+            timeout_secs,
+        };
+        self.expect_ok("stop", &req).await
+    }
+
+    pub async fn kill(&mut self, container: &str, signal: i32) -> Result<(), ClientError> {
+        let req = Request::Kill {
+            container: container.into(),
+            signal,
+        };
+        self.expect_ok("kill", &req).await
+    }
+
+    pub async fn remove(&mut self, container: &str, force: bool) -> Result<(), ClientError> {
+        let req = Request::Remove {
+            container: container.into(),
+            force,
+        };
+        self.expect_ok("remove", &req).await
+    }
+
+    pub async fn info(&mut self) -> Result<HostInfo, ClientError> {
+        match self.call(&Request::Info).await? {
+            Response::Info(i) => Ok(i),
+            r => Err(unexpected("info", r)),
+        }
+    }
+
+    async fn expect_ok(&mut self, what: &'static str, req: &Request) -> Result<(), ClientError> {
+        match self.call(req).await? {
+            Response::Ok => Ok(()),
+            r => Err(unexpected(what, r)),
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! One client connection: hellos, then requests until the client hangs up or the agent shuts down.
+
+use super::Agent;
+use crate::api::frame::{read_frame, write_frame, FrameError};
+use crate::api::{ApiError, ErrorKind, Hello, Request, Response, API_VERSION};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::UnixStream;
+use tokio::sync::broadcast;
+use tracing::Instrument;
+
+/// How long a client may take to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub(super) async fn serve(
+    agent: Arc<Agent>,
+    mut stream: UnixStream,
+    mut shutdown: broadcast::Receiver<()>,
+) {
+    // The socket is root-only (mode 0600); refuse anyone else who got hold of it anyway.
+    match stream.peer_cred() {
+        Ok(c) if c.uid() == 0 => {}
+        Ok(c) => {
+            tracing::warn!(uid = c.uid(), "refusing a connection from a non-root peer");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read peer credentials");
+            return;
+        }
+    }
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, read_frame::<Hello, _>(&mut stream)).await;
+    let hello = match hello {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "bad hello");
+            return;
+        }
+        Err(_) => return,
+    };
+    if write_frame(&mut stream, &Hello::new("migd")).await.is_err() {
+        return;
+    }
+    if hello.api_version != API_VERSION {
+        let e = ApiError::new(
+            ErrorKind::UnsupportedVersion,
+            format!(
+                "this agent speaks API version {API_VERSION}, the client {}",
+                hello.api_version
+            ),
+        );
+        let _ = write_frame(&mut stream, &Response::Error(e)).await;
+        return;
+    }
+    loop {
+        let req = tokio::select! {
+            r = read_frame::<Request, _>(&mut stream) => r,
+            _ = shutdown.recv() => return,
+        };
+        let req = match req {
+            Ok(r) => r,
+            Err(FrameError::Closed) => return,
+            Err(e @ FrameError::Decode { .. }) => {
+                let msg = format!(
+                    "{e}: {}",
+                    std::error::Error::source(&e)
+                        .map(|s| s.to_string())
+                        .unwrap_or_default()
+                );
+                let _ = write_frame(
+                    &mut stream,
+                    &Response::Error(ApiError::new(ErrorKind::InvalidArgument, msg)),
+                )
+                .await;
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "connection ended");
+                return;
+            }
+        };
+        let span = tracing::info_span!("request", op = op_name(&req));
+        let done = async {
+            if let Request::Logs { container, follow } = &req {
+                super::logs::stream(&agent, &mut stream, container, *follow, &mut shutdown).await
+            } else {
+                let resp = handle(&agent, req).await.unwrap_or_else(Response::Error);
+                write_frame(&mut stream, &resp).await
+            }
+        }
+        .instrument(span)
+        .await;
+        if done.is_err() {
+            return;
+        }
+    }
+}
+
+fn op_name(r: &Request) -> &'static str {
+    match r {
+        Request::ImageImport { .. } => "image_import",
+        Request::ImageList => "image_list",
+        Request::ImageRemove { .. } => "image_remove",
+        Request::Run(_) => "run",
+        Request::List { .. } => "list",
+        Request::Inspect { .. } => "inspect",
+        Request::Logs { .. } => "logs",
+        Request::Exec { .. } => "exec",
+        Request::Stop { .. } => "stop",
+        Request::Kill { .. } => "kill",
+        Request::Remove { .. } => "remove",
+        Request::Info => "info",
+    }
+}
+
+async fn handle(agent: &Arc<Agent>, req: Request) -> Result<Response, ApiError> {
+    match req {
+        Request::ImageImport { path, name } => agent.image_import(path, name).await,
+        Request::ImageList => agent.image_list().await,
+        Request::ImageRemove { image } => agent.image_remove(image).await,
+        Request::Run(r) => agent.run_container(r).await,
+        Request::List { all } => Ok(Response::Containers(agent.list(all))),
+        Request::Inspect { container } => {
+            let id = agent.resolve(&container)?;
+            Ok(Response::Container(Box::new(agent.inspect(&id)?)))
+        }
+        Request::Exec {
+            container,
+            args,
+            env,
+        } => agent.exec(&container, args, env).await,
+        Request::Stop {
+            container,
+            timeout_secs,
+        } => {
+            let id = agent.resolve(&container)?;
+            agent
+                .stop(&id, Duration::from_secs(timeout_secs.min(3600)))
+                .await?;
+            Ok(Response::Ok)
+        }
+        Request::Kill { container, signal } => {
+            let id = agent.resolve(&container)?;
+            agent.kill(&id, signal)?;
+            Ok(Response::Ok)
+        }
+        Request::Remove { container, force } => {
+            let id = agent.resolve(&container)?;
+            agent.remove(&id, force).await?;
+            Ok(Response::Ok)
+        }
+        Request::Info => Ok(Response::Info(agent.info().await)),
+        Request::Logs { .. } => Err(ApiError::new(ErrorKind::Internal, "logs are streamed")),
+    }
+}

@@ -1,0 +1,622 @@
+//! Container lifecycle on the agent side: create and start (through the shim), track, stop, kill,
+//! remove, and re-adopt after a restart.
+
+use super::{Agent, DaemonError, Entry};
+use crate::api::{
+    ApiError, ContainerDetails, ContainerState, ContainerSummary, ErrorKind, ImageSummary,
+    Response, RunRequest,
+};
+use crate::layout::{
+    is_our_shim, now, proc_start_ticks, ExitRecord, ShimRecord, StateRecord, MAX_RECORD,
+};
+use crate::shim::StartReport;
+use mig_runtime::cgroup::Cgroup;
+use mig_runtime::fsutil;
+use mig_runtime::spec::{ContainerSpec, IdMap, ImageRef, ProcessSpec};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncBufReadExt;
+use tokio::process::{Child, Command};
+
+/// How long the shim may take to report that the init runs.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long to wait for a killed container's shim to clean up and exit.
+const KILL_GRACE: Duration = Duration::from_secs(15);
+/// The host id range of containers run with `--userns`.
+const USERNS_MAP: IdMap = IdMap {
+    host_id: 100_000,
+    size: 65_536,
+};
+const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+fn internal(msg: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorKind::Internal, msg)
+}
+
+fn invalid(msg: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorKind::InvalidArgument, msg)
+}
+
+impl Agent {
+    /// Reads every container directory; returns the ids of live containers.
+    pub(super) fn load_all(self: &Arc<Self>) -> Result<Vec<String>, DaemonError> {
+        let dir = self.dirs.containers();
+        let rd = std::fs::read_dir(&dir).map_err(|source| DaemonError::ReadContainers {
+            path: dir.clone(),
+            source,
+        })?;
+        let mut live = Vec::new();
+        for ent in rd.flatten() {
+            let id = ent.file_name().to_string_lossy().into_owned();
+            if mig_runtime::spec::validate_id(&id).is_err() {
+                continue;
+            }
+            let cd = self.dirs.container(&id);
+            let spec: ContainerSpec = match fsutil::read_json(&cd.spec(), MAX_RECORD) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(%id, error = %e, "skipping a container without a readable spec");
+                    continue;
+                }
+            };
+            if spec.id != id || spec.validate().is_err() {
+                tracing::warn!(%id, "skipping a container whose spec is invalid");
+                continue;
+            }
+            let state: StateRecord = match fsutil::read_json(&cd.state(), MAX_RECORD) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(%id, error = %e, "container without state.json: marking it failed");
+                    StateRecord {
+                        state: ContainerState::Failed,
+                        created: now(),
+                        started: None,
+                        finished: None,
+                        exit_code: None,
+                        signal: None,
+                        oom_killed: false,
+                        reason: Some("state.json was missing or unreadable".into()),
+                        stop_requested: false,
+                        cgroup: format!("{}/{}", self.cfg.cgroup_parent, id),
+                    }
+                }
+            };
+            self.lock().insert(
+                id.clone(),
+                Entry {
+                    spec,
+                    state,
+                    starting: false,
+                },
+            );
+            self.refresh(&id);
+            if self.is_live(&id) {
+                tracing::info!(%id, "re-adopted a running container");
+                live.push(id);
+            }
+        }
+        Ok(live)
+    }
+
+    pub(crate) fn is_live(&self, id: &str) -> bool {
+        self.lock()
+            .get(id)
+            .is_some_and(|e| e.starting || e.state.state.is_live())
+    }
+
+    fn persist(&self, id: &str, st: &StateRecord) {
+        if let Err(e) = fsutil::write_json(&self.dirs.container(id).state(), st) {
+            tracing::error!(%id, error = %e, "cannot write state.json");
+        }
+    }
+
+    /// Applies `f` to the container's record and writes it.
+    fn update(&self, id: &str, f: impl FnOnce(&mut Entry)) {
+        let st = {
+            let mut map = self.lock();
+            let Some(e) = map.get_mut(id) else { return };
+            f(e);
+            e.state.clone()
+        };
+        self.persist(id, &st);
+    }
+
+    /// The shim's record, when its shim is alive.
+    fn live_shim(&self, id: &str) -> Option<ShimRecord> {
+        let shim: ShimRecord =
+            fsutil::read_json(&self.dirs.container(id).shim(), MAX_RECORD).ok()?;
+        is_our_shim(shim.shim_pid, id).then_some(shim)
+    }
+
+    /// Brings the record of a live container up to date with its shim: still running, or ended
+    /// (with the shim's exit record, or without one when the shim died).
+    pub(crate) fn refresh(&self, id: &str) {
+        let Some(e) = self.lock().get(id).cloned() else {
+            return;
+        };
+        if e.starting || !e.state.state.is_live() {
+            return;
+        }
+        if self.live_shim(id).is_some() {
+            if e.state.state != ContainerState::Running {
+                self.update(id, |e| e.state.state = ContainerState::Running);
+            }
+            return;
+        }
+        let exit: Option<ExitRecord> =
+            fsutil::read_json(&self.dirs.container(id).exit(), MAX_RECORD).ok();
+        if exit.is_none() {
+            // The shim died without cleaning up: do it here.
+            self.cleanup_resources(id, &e.state.cgroup);
+        }
+        self.update(id, |e| {
+            let st = &mut e.state;
+            match &exit {
+                Some(x) => {
+                    st.exit_code = Some(x.code);
+                    st.signal = x.signal;
+                    st.oom_killed = x.oom_killed;
+                    st.finished = Some(x.finished);
+                    if x.oom_killed {
+                        st.reason =
+                            Some("oom-killed: the container exceeded its memory limit".into());
+                    }
+                }
+                None => {
+                    st.finished = Some(now());
+                    st.reason = Some("the shim exited without recording an exit status".into());
+                }
+            }
+            st.state = if st.stop_requested {
+                ContainerState::Stopped
+            } else {
+                ContainerState::Exited
+            };
+        });
+        tracing::info!(%id, "container ended");
+    }
+
+    /// Unmounts the rootfs and removes the cgroup, best effort (used when the shim could not).
+    fn cleanup_resources(&self, id: &str, cgroup: &str) {
+        let rootfs = self.dirs.container(id).rootfs();
+        if super::is_mounted(&rootfs) {
+            if let Err(e) = mig_runtime::container::unmount_rootfs(&rootfs) {
+                tracing::warn!(%id, error = %e, "unmount_rootfs failed, detaching");
+                let _ = nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+        if let Ok(cg) = Cgroup::open(cgroup) {
+            let _ = cg.kill();
+            for _ in 0..50 {
+                if cg.procs().map(|p| p.is_empty()).unwrap_or(true) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if let Err(e) = cg.destroy() {
+                tracing::warn!(%id, error = %e, "cannot remove the cgroup");
+            }
+        }
+    }
+
+    /// `run`: creates the container's directory and spec, starts its shim, waits for the init.
+    pub(crate) async fn run_container(
+        self: &Arc<Self>,
+        req: RunRequest,
+    ) -> Result<Response, ApiError> {
+        let images = self.images.clone();
+        let image_key = req.image.clone();
+        let image = tokio::task::spawn_blocking(move || images.get(&image_key))
+            .await
+            .map_err(|e| internal(format!("image lookup task failed: {e}")))?
+            .map_err(|e| ApiError::new(ErrorKind::NotFound, e.to_string()))?;
+        let id = new_id();
+        let name = req
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("c-{}", &id[..8]));
+        let hostname = match &req.hostname {
+            Some(h) => h.clone(),
+            None if name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') => name.clone(),
+            None => id[..12].to_owned(),
+        };
+        let cfg = &image.config;
+        let args = if !req.args.is_empty() {
+            let mut a = cfg.entrypoint.clone();
+            a.extend(req.args.iter().cloned());
+            a
+        } else {
+            cfg.entrypoint.iter().chain(&cfg.cmd).cloned().collect()
+        };
+        if args.is_empty() {
+            return Err(invalid("no command given and the image defines none"));
+        }
+        let mut env = cfg.env.clone();
+        if !env.iter().any(|e| e.starts_with("PATH=")) {
+            env.insert(0, DEFAULT_PATH.into());
+        }
+        for kv in &req.env {
+            let key = kv.split('=').next().unwrap_or_default();
+            env.retain(|e| e.split('=').next() != Some(key));
+            env.push(kv.clone());
+        }
+        let (uid, gid) = parse_user(&cfg.user);
+        let spec = ContainerSpec {
+            id: id.clone(),
+            name: name.clone(),
+            image: ImageRef {
+                name: image.name.clone(),
+                id: image.id.clone(),
+                layers: image.layers.clone(),
+            },
+            process: ProcessSpec {
+                args,
+                env,
+                cwd: if cfg.workdir.is_empty() {
+                    "/".into()
+                } else {
+                    cfg.workdir.clone()
+                },
+                uid,
+                gid,
+            },
+            hostname,
+            limits: req.limits.clone(),
+            userns: req.userns.then_some(USERNS_MAP),
+        };
+        spec.validate().map_err(|e| invalid(e.to_string()))?;
+        let state = StateRecord {
+            state: ContainerState::Created,
+            created: now(),
+            started: None,
+            finished: None,
+            exit_code: None,
+            signal: None,
+            oom_killed: false,
+            reason: None,
+            stop_requested: false,
+            cgroup: format!("{}/{}", self.cfg.cgroup_parent, id),
+        };
+        {
+            let mut map = self.lock();
+            if map.values().any(|e| e.spec.name == name) {
+                return Err(ApiError::new(
+                    ErrorKind::AlreadyExists,
+                    format!("the name {name} is already in use"),
+                ));
+            }
+            map.insert(
+                id.clone(),
+                Entry {
+                    spec: spec.clone(),
+                    state: state.clone(),
+                    starting: true,
+                },
+            );
+        }
+        match self.start_shim(&spec, &state).await {
+            Ok((child, init_pid)) => {
+                tracing::info!(%id, init_pid, "container started");
+                self.update(&id, |e| {
+                    e.starting = false;
+                    e.state.state = ContainerState::Running;
+                    e.state.started = Some(now());
+                });
+                spawn_watch(self.clone(), id.clone(), Some(child));
+                Ok(Response::Created { id, name })
+            }
+            Err(err) => {
+                tracing::warn!(%id, error = %err.message, "container failed to start");
+                self.update(&id, |e| {
+                    e.starting = false;
+                    e.state.state = ContainerState::Failed;
+                    e.state.finished = Some(now());
+                    e.state.reason = Some(err.message.clone());
+                });
+                Err(ApiError::new(
+                    err.kind,
+                    format!("starting container {name} failed: {}", err.message),
+                ))
+            }
+        }
+    }
+
+    /// Writes the container's files, starts `mig-shim start` and reads its one-line report.
+    async fn start_shim(
+        &self,
+        spec: &ContainerSpec,
+        state: &StateRecord,
+    ) -> Result<(Child, i32), ApiError> {
+        let cd = self.dirs.container(&spec.id);
+        let io = |what: &str, e: std::io::Error| internal(format!("{what}: {e}"));
+        for d in [cd.dir.clone(), cd.upper(), cd.work(), cd.rootfs()] {
+            std::fs::create_dir_all(&d).map_err(|e| io(&format!("creating {}", d.display()), e))?;
+        }
+        fsutil::write_json(&cd.spec(), spec).map_err(|e| io("writing spec.json", e))?;
+        fsutil::write_json(&cd.state(), state).map_err(|e| io("writing state.json", e))?;
+        let shim_log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(cd.shim_log())
+            .map_err(|e| io("opening shim.log", e))?;
+        let mut child = Command::new(&self.cfg.shim)
+            .arg("start")
+            .arg("--state-dir")
+            .arg(&self.cfg.state_dir)
+            .arg("--id")
+            .arg(&spec.id)
+            .arg("--cgroup-parent")
+            .arg(&self.cfg.cgroup_parent)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(shim_log))
+            .spawn()
+            .map_err(|e| io(&format!("starting {}", self.cfg.shim.display()), e))?;
+        let Some(stdout) = child.stdout.take() else {
+            return Err(internal("the shim has no stdout pipe"));
+        };
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(START_TIMEOUT, lines.next_line()).await;
+        let line = match line {
+            Ok(Ok(Some(l))) => l,
+            Ok(Ok(None)) => {
+                let _ = child.wait().await;
+                return Err(internal(format!(
+                    "the shim exited without a report (see {})",
+                    cd.shim_log().display()
+                )));
+            }
+            Ok(Err(e)) => return Err(io("reading the shim's report", e)),
+            Err(_) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Err(internal("the shim did not report within 60 s"));
+            }
+        };
+        match serde_json::from_str::<StartReport>(&line) {
+            Ok(StartReport::Started { init_pid }) => Ok((child, init_pid)),
+            Ok(StartReport::Failed { stage, message }) => {
+                let _ = child.wait().await;
+                let kind = if stage.is_unavailable(&message) {
+                    ErrorKind::Unavailable
+                } else {
+                    ErrorKind::Internal
+                };
+                Err(ApiError::new(
+                    kind,
+                    format!("{}: {message}", stage.as_str()),
+                ))
+            }
+            Err(e) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                Err(internal(format!("unreadable report from the shim: {e}")))
+            }
+        }
+    }
+
+    pub(crate) fn list(&self, all: bool) -> Vec<ContainerSummary> {
+        let ids: Vec<String> = self.lock().keys().cloned().collect();
+        for id in &ids {
+            self.refresh(id);
+        }
+        let map = self.lock();
+        let mut out: Vec<ContainerSummary> = map
+            .iter()
+            .filter(|(_, e)| all || e.state.state == ContainerState::Running || e.starting)
+            .map(|(id, e)| ContainerSummary {
+                id: id.clone(),
+                name: e.spec.name.clone(),
+                state: e.state.state,
+                image: e.spec.image.name.clone(),
+                host: self.cfg.name.clone(),
+                created: e.state.created,
+                exit_code: e.state.exit_code,
+                command: e.spec.process.args.clone(),
+            })
+            .collect();
+        out.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
+        out
+    }
+
+    pub(crate) fn inspect(&self, id: &str) -> Result<ContainerDetails, ApiError> {
+        self.refresh(id);
+        let e = self.entry(id)?;
+        let shim = if e.state.state.is_live() {
+            self.live_shim(id)
+        } else {
+            None
+        };
+        let (mut usage, mut pid_map) = (None, Vec::new());
+        if let Some(s) = &shim {
+            match Cgroup::open(&e.state.cgroup) {
+                Ok(cg) => {
+                    usage = cg.usage().ok();
+                    let procs = cg.procs().unwrap_or_else(|_| vec![s.init_pid]);
+                    pid_map = mig_runtime::pidmap::pid_map(&procs);
+                }
+                Err(_) => pid_map = mig_runtime::pidmap::pid_map(&[s.init_pid]),
+            }
+        }
+        let st = &e.state;
+        Ok(ContainerDetails {
+            id: id.to_owned(),
+            name: e.spec.name.clone(),
+            state: st.state,
+            host: self.cfg.name.clone(),
+            image: ImageSummary {
+                name: e.spec.image.name.clone(),
+                id: e.spec.image.id.clone(),
+            },
+            hostname: e.spec.hostname.clone(),
+            command: e.spec.process.args.clone(),
+            env: e.spec.process.env.clone(),
+            userns: e.spec.userns.is_some(),
+            limits: e.spec.limits.clone(),
+            created: st.created,
+            started: st.started,
+            finished: st.finished,
+            exit_code: st.exit_code,
+            signal: st.signal,
+            oom_killed: st.oom_killed,
+            reason: st.reason.clone(),
+            init_pid: shim.as_ref().map(|s| s.init_pid),
+            shim_pid: shim.as_ref().map(|s| s.shim_pid),
+            usage,
+            pid_map,
+            cgroup: st.cgroup.clone(),
+        })
+    }
+
+    /// The init's PID when the container runs and the PID still belongs to it.
+    fn init_pid(&self, id: &str) -> Option<i32> {
+        let s = self.live_shim(id)?;
+        (proc_start_ticks(s.init_pid) == Some(s.init_start_ticks)).then_some(s.init_pid)
+    }
+
+    /// Waits until the container is no longer live; false on timeout.
+    async fn wait_ended(&self, id: &str, timeout: Duration) -> bool {
+        let start = Instant::now();
+        loop {
+            self.refresh(id);
+            if !self.is_live(id) {
+                return true;
+            }
+            if start.elapsed() >= timeout {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGTERM to the init, SIGKILL to the whole container after `timeout`.
+    pub(crate) async fn stop(&self, id: &str, timeout: Duration) -> Result<(), ApiError> {
+        self.refresh(id);
+        let e = self.entry(id)?;
+        if e.starting {
+            return Err(ApiError::new(
+                ErrorKind::Conflict,
+                "the container is still starting",
+            ));
+        }
+        if !e.state.state.is_live() {
+            return Ok(());
+        }
+        self.update(id, |e| e.state.stop_requested = true);
+        if let Some(pid) = self.init_pid(id) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+        if !timeout.is_zero() && self.wait_ended(id, timeout).await {
+            return Ok(());
+        }
+        if let Some(pid) = self.init_pid(id) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        if let Ok(cg) = Cgroup::open(&e.state.cgroup) {
+            let _ = cg.kill();
+        }
+        if self.wait_ended(id, KILL_GRACE).await {
+            Ok(())
+        } else {
+            Err(internal(format!(
+                "container {} did not end within {} s of SIGKILL",
+                e.spec.name,
+                KILL_GRACE.as_secs()
+            )))
+        }
+    }
+
+    pub(crate) fn kill(&self, id: &str, signal: i32) -> Result<(), ApiError> {
+        let sig =
+            Signal::try_from(signal).map_err(|_| invalid(format!("invalid signal {signal}")))?;
+        self.refresh(id);
+        let e = self.entry(id)?;
+        let pid = match (e.state.state, self.init_pid(id)) {
+            (ContainerState::Running, Some(p)) => p,
+            _ => {
+                return Err(ApiError::new(
+                    ErrorKind::Conflict,
+                    format!("container {} is not running", e.spec.name),
+                ))
+            }
+        };
+        self.update(id, |e| e.state.stop_requested = true);
+        kill(Pid::from_raw(pid), sig).map_err(|e| internal(format!("kill {pid}: {e}")))
+    }
+
+    pub(crate) async fn remove(&self, id: &str, force: bool) -> Result<(), ApiError> {
+        self.refresh(id);
+        let e = self.entry(id)?;
+        if e.starting || e.state.state.is_live() {
+            if !force {
+                return Err(ApiError::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "container {} is running: stop it first or use -f",
+                        e.spec.name
+                    ),
+                ));
+            }
+            self.stop(id, Duration::ZERO).await?;
+        }
+        self.cleanup_resources(id, &e.state.cgroup);
+        let cd = self.dirs.container(id);
+        if super::is_mounted(&cd.rootfs()) {
+            return Err(internal(format!(
+                "{} is still mounted",
+                cd.rootfs().display()
+            )));
+        }
+        std::fs::remove_dir_all(&cd.dir)
+            .map_err(|err| internal(format!("removing {}: {err}", cd.dir.display())))?;
+        self.lock().remove(id);
+        tracing::info!(%id, "container removed");
+        Ok(())
+    }
+}
+
+/// Watches a live container until it ends: waits for (and reaps) the shim when it is our child,
+/// then polls its records (adopted shims are not our children).
+pub(crate) fn spawn_watch(agent: Arc<Agent>, id: String, child: Option<Child>) {
+    tokio::spawn(async move {
+        if let Some(mut child) = child {
+            let _ = child.wait().await;
+            agent.refresh(&id);
+        }
+        while agent.is_live(&id) {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            agent.refresh(&id);
+        }
+    });
+}
+
+/// A new random container id (32 lowercase hex characters).
+fn new_id() -> String {
+    let bytes: [u8; 16] = rand::random();
+    hex::encode(bytes)
+}
+
+/// `uid[:gid]` (numeric) from the image config; root otherwise.
+fn parse_user(user: &str) -> (u32, u32) {
+    let mut it = user.split(':');
+    let uid = it.next().and_then(|u| u.parse().ok()).unwrap_or(0);
+    let gid = it.next().and_then(|g| g.parse().ok()).unwrap_or(uid);
+    (uid, gid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_and_users() {
+        let id = new_id();
+        mig_runtime::spec::validate_id(&id).unwrap();
+        assert_eq!(parse_user(""), (0, 0));
+        assert_eq!(parse_user("1000"), (1000, 1000));
+        assert_eq!(parse_user("1000:50"), (1000, 50));
+    }
+}

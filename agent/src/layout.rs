@@ -1,0 +1,198 @@
+//! The agent's state directory and the records kept in it (docs/architecture.md, "On-disk layout").
+//!
+//! ```text
+//! <state-dir>/images/                     ImageStore (mig-runtime)
+//! <state-dir>/containers/<id>/spec.json   ContainerSpec
+//!                            state.json   StateRecord (written by migd)
+//!                            shim.json    ShimRecord  (written by the shim once the init runs)
+//!                            exit.json    ExitRecord  (written by the shim when the init has exited)
+//!                            container.log   the init's stdout and stderr, appended by the shim
+//!                            shim.log     the shim's own diagnostics
+//!                            upper/ work/ the overlay's writable layer and work dir
+//!                            rootfs/      the overlay mount point
+//!                            checkpoint/  CRIU images (issue 3)
+//! ```
+//!
+//! Every JSON file is written atomically with [`mig_runtime::fsutil`].
+
+use crate::api::ContainerState;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The largest state file read back (they are a few hundred bytes).
+pub const MAX_RECORD: u64 = 1 << 20;
+
+/// Paths inside the state directory.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    root: PathBuf,
+}
+
+impl StateDir {
+    pub fn new(root: &Path) -> StateDir {
+        StateDir {
+            root: root.to_owned(),
+        }
+    }
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    pub fn images(&self) -> PathBuf {
+        self.root.join("images")
+    }
+    pub fn containers(&self) -> PathBuf {
+        self.root.join("containers")
+    }
+    /// The directory of one container; `id` must have been validated.
+    pub fn container(&self, id: &str) -> ContainerDir {
+        ContainerDir {
+            dir: self.containers().join(id),
+        }
+    }
+}
+
+/// Paths of one container.
+#[derive(Debug, Clone)]
+pub struct ContainerDir {
+    pub dir: PathBuf,
+}
+
+impl ContainerDir {
+    pub fn spec(&self) -> PathBuf {
+        self.dir.join("spec.json")
+    }
+    pub fn state(&self) -> PathBuf {
+        self.dir.join("state.json")
+    }
+    pub fn shim(&self) -> PathBuf {
+        self.dir.join("shim.json")
+    }
+    pub fn exit(&self) -> PathBuf {
+        self.dir.join("exit.json")
+    }
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("container.log")
+    }
+    pub fn shim_log(&self) -> PathBuf {
+        self.dir.join("shim.log")
+    }
+    pub fn upper(&self) -> PathBuf {
+        self.dir.join("upper")
+    }
+    pub fn work(&self) -> PathBuf {
+        self.dir.join("work")
+    }
+    pub fn rootfs(&self) -> PathBuf {
+        self.dir.join("rootfs")
+    }
+    pub fn checkpoint(&self) -> PathBuf {
+        self.dir.join("checkpoint")
+    }
+}
+
+/// `state.json`: the agent's record of a container's lifecycle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateRecord {
+    pub state: ContainerState,
+    /// Seconds since the epoch.
+    pub created: u64,
+    pub started: Option<u64>,
+    pub finished: Option<u64>,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub oom_killed: bool,
+    pub reason: Option<String>,
+    /// Set by `stop`/`kill`/`rm -f`: the end is reported as `stopped`, not `exited`.
+    pub stop_requested: bool,
+    /// The cgroup name (`<cgroup-parent>/<id>`).
+    pub cgroup: String,
+}
+
+/// `shim.json`: written by the shim once the container's init runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShimRecord {
+    pub shim_pid: i32,
+    pub init_pid: i32,
+    /// Seconds since the epoch.
+    pub started: u64,
+    /// Field 22 of `/proc/<init_pid>/stat` (start time in clock ticks), to tell PID reuse apart.
+    pub init_start_ticks: u64,
+}
+
+/// `exit.json`: written by the shim after the init has exited and the container is cleaned up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExitRecord {
+    /// The exit code, or 128+signal when killed by a signal.
+    pub code: i32,
+    pub signal: Option<i32>,
+    pub oom_killed: bool,
+    /// Seconds since the epoch.
+    pub finished: u64,
+}
+
+/// Seconds since the epoch.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Field 22 (starttime) of `/proc/<pid>/stat`, or `None` when the process is gone.
+pub fn proc_start_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command (field 2) may contain spaces and parentheses: fields resume after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether `pid` is a live (not zombie) `mig-shim` for container `id`.
+pub fn is_our_shim(pid: i32, id: &str) -> bool {
+    let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = raw.split(|&b| b == 0).collect();
+    let Some(argv0) = args.first() else {
+        return false;
+    };
+    let is_shim = Path::new(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(argv0))
+        .file_name()
+        .is_some_and(|n| n == "mig-shim");
+    let has_id = args
+        .windows(2)
+        .any(|w| w[0] == b"--id" && w[1] == id.as_bytes());
+    let mode = args
+        .get(1)
+        .is_some_and(|m| *m == b"start" || *m == b"restore");
+    is_shim && has_id && mode
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_ticks_of_self() {
+        let me = std::process::id() as i32;
+        assert!(proc_start_ticks(me).is_some());
+        assert!(proc_start_ticks(i32::MAX).is_none());
+        assert!(!is_our_shim(me, "x"));
+    }
+
+    #[test]
+    fn records_refuse_unknown_fields() {
+        let e = ExitRecord {
+            code: 137,
+            signal: Some(9),
+            oom_killed: true,
+            finished: 1,
+        };
+        let mut v = serde_json::to_value(&e).unwrap();
+        assert_eq!(serde_json::from_value::<ExitRecord>(v.clone()).unwrap(), e);
+        v["x"] = 1.into();
+        assert!(serde_json::from_value::<ExitRecord>(v).is_err());
+    }
+}

@@ -1,0 +1,146 @@
+//! `mig-shim`: the small synchronous supervisor of one container (no tokio).
+//!
+//! `mig-shim start` builds the container (cgroup, overlay rootfs, log pipe), starts its init through
+//! [`mig_runtime::container::spawn`], reports one JSON line ([`StartReport`]) on stdout to `migd`,
+//! then copies the init's output to `container.log`, reaps children, and when the init exits
+//! records `exit.json` and tears the container down ([`start`]).
+//!
+//! `mig-shim exec` runs a command inside a running container ([`exec`]).
+
+mod start;
+
+pub use start::start;
+
+use crate::layout::{proc_start_ticks, ShimRecord, StateDir, StateRecord, MAX_RECORD};
+use mig_runtime::cgroup::Cgroup;
+use mig_runtime::fsutil;
+use mig_runtime::spec::ContainerSpec;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// `mig-shim exec` prints this before a one-line reason on stderr when it could not run the command
+/// (and exits 125), so that `migd` can tell its failures from the command's own output.
+pub const EXEC_ERROR_MARKER: &str = "mig-shim-error: ";
+
+/// The shim's one-line report to `migd` after `start`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case", deny_unknown_fields)]
+pub enum StartReport {
+    Started { init_pid: i32 },
+    Failed { stage: Stage, message: String },
+}
+
+/// Which step of starting a container failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    Spec,
+    Cgroup,
+    Log,
+    Rootfs,
+    Spawn,
+    Record,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Spec => "reading the spec",
+            Stage::Cgroup => "creating the cgroup",
+            Stage::Log => "opening the log",
+            Stage::Rootfs => "mounting the root filesystem",
+            Stage::Spawn => "starting the init",
+            Stage::Record => "writing shim.json",
+        }
+    }
+
+    /// Whether the failure means a runtime feature is missing from this build.
+    pub fn is_unavailable(self, message: &str) -> bool {
+        message.contains("not implemented")
+    }
+}
+
+/// Failures of the shim's subcommands.
+#[derive(Debug, thiserror::Error)]
+pub enum ShimError {
+    #[error("cannot read {path}")]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the spec is invalid")]
+    Spec(#[source] mig_runtime::spec::SpecError),
+    #[error("the spec is for container {found}, not {expected}")]
+    SpecId { expected: String, found: String },
+    #[error("the container is not running")]
+    NotRunning,
+    #[error("cannot open the cgroup {name}")]
+    Cgroup {
+        name: String,
+        #[source]
+        source: mig_runtime::cgroup::CgroupError,
+    },
+    #[error("exec in the container failed")]
+    Exec(#[source] mig_runtime::container::ContainerError),
+}
+
+/// The error and its sources on one line.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
+}
+
+/// Reads and checks `spec.json` of container `id`.
+pub(crate) fn read_spec(state_dir: &Path, id: &str) -> Result<ContainerSpec, ShimError> {
+    mig_runtime::spec::validate_id(id).map_err(ShimError::Spec)?;
+    let path = StateDir::new(state_dir).container(id).spec();
+    let spec: ContainerSpec =
+        fsutil::read_json(&path, MAX_RECORD).map_err(|source| ShimError::Read { path, source })?;
+    spec.validate().map_err(ShimError::Spec)?;
+    if spec.id != id {
+        return Err(ShimError::SpecId {
+            expected: id.to_owned(),
+            found: spec.id,
+        });
+    }
+    Ok(spec)
+}
+
+/// `mig-shim exec`: runs `args` inside the running container `id` with its environment plus
+/// `env`; returns the command's exit code.
+pub fn exec(state_dir: &Path, id: &str, env: &[String], args: &[String]) -> Result<i32, ShimError> {
+    let spec = read_spec(state_dir, id)?;
+    let cd = StateDir::new(state_dir).container(id);
+    let shim: ShimRecord =
+        fsutil::read_json(&cd.shim(), MAX_RECORD).map_err(|source| ShimError::Read {
+            path: cd.shim(),
+            source,
+        })?;
+    if proc_start_ticks(shim.init_pid) != Some(shim.init_start_ticks) {
+        return Err(ShimError::NotRunning);
+    }
+    let state: StateRecord =
+        fsutil::read_json(&cd.state(), MAX_RECORD).map_err(|source| ShimError::Read {
+            path: cd.state(),
+            source,
+        })?;
+    let cg = Cgroup::open(&state.cgroup).map_err(|source| ShimError::Cgroup {
+        name: state.cgroup.clone(),
+        source,
+    })?;
+    let mut full_env = spec.process.env.clone();
+    for kv in env {
+        let key = kv.split('=').next().unwrap_or_default();
+        full_env.retain(|e| e.split('=').next() != Some(key));
+        full_env.push(kv.clone());
+    }
+    mig_runtime::container::exec(shim.init_pid, &spec, &cg, args, &full_env)
+        .map_err(ShimError::Exec)
+}

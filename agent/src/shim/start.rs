@@ -1,0 +1,284 @@
+//! `mig-shim start`: build the container, report, then supervise it until its init exits.
+
+use super::{chain, read_spec, Stage, StartReport};
+use crate::layout::{now, proc_start_ticks, ContainerDir, ExitRecord, ShimRecord, StateDir};
+use mig_runtime::cgroup::Cgroup;
+use mig_runtime::container::{self, LaunchConfig};
+use mig_runtime::fsutil;
+use mig_runtime::image::ImageStore;
+use mig_runtime::spec::ContainerSpec;
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::Signal;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// How long the log is drained after the init has exited (a process that escaped the PID
+/// namespace's teardown could hold the pipe open forever).
+const DRAIN_LIMIT: Duration = Duration::from_secs(5);
+
+/// What exists once the init runs.
+struct Running {
+    cd: ContainerDir,
+    cgroup: Cgroup,
+    log_read: OwnedFd,
+    log: File,
+    init_pid: i32,
+}
+
+/// What has been created so far, undone when a later step fails.
+#[derive(Default)]
+struct Undo {
+    cgroup: Option<Cgroup>,
+    rootfs: Option<std::path::PathBuf>,
+}
+
+impl Undo {
+    fn run(self) {
+        if let Some(r) = &self.rootfs {
+            if let Err(e) = container::unmount_rootfs(r) {
+                eprintln!("mig-shim: undo: unmounting {}: {}", r.display(), chain(&e));
+            }
+        }
+        if let Some(cg) = &self.cgroup {
+            let _ = cg.kill();
+            if let Err(e) = destroy_cgroup(cg) {
+                eprintln!("mig-shim: undo: removing the cgroup: {}", chain(&e));
+            }
+        }
+    }
+}
+
+/// Runs `mig-shim start`; returns the process exit code.
+pub fn start(state_dir: &Path, id: &str, cgroup_parent: &str) -> i32 {
+    // Own session: the container outlives migd and its terminal.
+    if let Err(e) = nix::unistd::setsid() {
+        eprintln!("mig-shim: setsid: {e}");
+    }
+    // Orphans of the container (re-parented past the init) are reaped here.
+    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+        eprintln!("mig-shim: PR_SET_CHILD_SUBREAPER: {e}");
+    }
+    let mut undo = Undo::default();
+    let running = match prepare(state_dir, id, cgroup_parent, &mut undo) {
+        Ok(r) => r,
+        Err((stage, message)) => {
+            undo.run();
+            eprintln!("mig-shim: {}: {message}", stage.as_str());
+            report(&StartReport::Failed { stage, message });
+            return 1;
+        }
+    };
+    report(&StartReport::Started {
+        init_pid: running.init_pid,
+    });
+    detach_stdio();
+    supervise(running);
+    0
+}
+
+fn report(r: &StartReport) {
+    let mut line = serde_json::to_string(r).unwrap_or_else(|_| {
+        r#"{"status":"failed","stage":"record","message":"cannot encode the report"}"#.into()
+    });
+    line.push('\n');
+    let mut out = std::io::stdout().lock();
+    // migd may be gone; the container runs on regardless.
+    let _ = out.write_all(line.as_bytes());
+    let _ = out.flush();
+}
+
+/// Points stdin and stdout at /dev/null (closing the report pipe); stderr stays on shim.log.
+fn detach_stdio() {
+    match File::options().read(true).write(true).open("/dev/null") {
+        Ok(null) => {
+            for fd in [0, 1] {
+                if let Err(e) = nix::unistd::dup2(null.as_raw_fd(), fd) {
+                    eprintln!("mig-shim: dup2 /dev/null onto {fd}: {e}");
+                }
+            }
+        }
+        Err(e) => eprintln!("mig-shim: opening /dev/null: {e}"),
+    }
+}
+
+fn prepare(
+    state_dir: &Path,
+    id: &str,
+    cgroup_parent: &str,
+    undo: &mut Undo,
+) -> Result<Running, (Stage, String)> {
+    let spec: ContainerSpec = read_spec(state_dir, id).map_err(|e| (Stage::Spec, chain(&e)))?;
+    let dirs = StateDir::new(state_dir);
+    let cd = dirs.container(id);
+    let cgroup = Cgroup::create(&format!("{cgroup_parent}/{id}"), &spec.limits)
+        .map_err(|e| (Stage::Cgroup, chain(&e)))?;
+    undo.cgroup = Some(cgroup.clone());
+    let log = File::options()
+        .create(true)
+        .append(true)
+        .open(cd.log())
+        .map_err(|e| (Stage::Log, format!("{}: {e}", cd.log().display())))?;
+    let images = ImageStore::open(&dirs.images()).map_err(|e| (Stage::Rootfs, chain(&e)))?;
+    let mut lower = Vec::new();
+    for l in &spec.image.layers {
+        let d = images.layer_dir(l);
+        if !d.is_dir() {
+            return Err((
+                Stage::Rootfs,
+                format!("layer {l} is missing at {}", d.display()),
+            ));
+        }
+        lower.push(d);
+    }
+    let rootfs = cd.rootfs();
+    container::mount_rootfs(&lower, &cd.upper(), &cd.work(), &rootfs)
+        .map_err(|e| (Stage::Rootfs, chain(&e)))?;
+    undo.rootfs = Some(rootfs.clone());
+    // The read end stays here (close-on-exec); the write end becomes the init's stdout and stderr.
+    let (log_read, log_write) =
+        nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| (Stage::Log, format!("pipe2: {e}")))?;
+    let init_pid = container::spawn(&LaunchConfig {
+        spec: &spec,
+        rootfs: &rootfs,
+        cgroup: &cgroup,
+        output: log_write.as_raw_fd(),
+    })
+    .map_err(|e| (Stage::Spawn, chain(&e)))?;
+    drop(log_write);
+    let record = ShimRecord {
+        shim_pid: std::process::id() as i32,
+        init_pid,
+        started: now(),
+        init_start_ticks: proc_start_ticks(init_pid).unwrap_or(0),
+    };
+    if let Err(e) = fsutil::write_json(&cd.shim(), &record) {
+        let _ = nix::sys::signal::kill(Pid::from_raw(init_pid), Signal::SIGKILL);
+        let _ = waitpid(Pid::from_raw(init_pid), None);
+        return Err((Stage::Record, e.to_string()));
+    }
+    Ok(Running {
+        cd,
+        cgroup,
+        log_read,
+        log,
+        init_pid,
+    })
+}
+
+/// Copies the log and reaps children until the init has exited, then tears down and records.
+fn supervise(mut r: Running) {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut log_open = true;
+    let mut status: Option<(i32, Option<i32>)> = None;
+    let mut ended_at: Option<Instant> = None;
+    loop {
+        if log_open {
+            let mut fds = [PollFd::new(r.log_read.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::from(200u16)) {
+                Ok(n) if n > 0 => match nix::unistd::read(r.log_read.as_raw_fd(), &mut buf) {
+                    Ok(0) => log_open = false,
+                    Ok(n) => {
+                        if let Err(e) = r.log.write_all(&buf[..n]) {
+                            eprintln!("mig-shim: writing container.log: {e}");
+                        }
+                    }
+                    Err(Errno::EINTR | Errno::EAGAIN) => {}
+                    Err(e) => {
+                        eprintln!("mig-shim: reading the log pipe: {e}");
+                        log_open = false;
+                    }
+                },
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(e) => {
+                    eprintln!("mig-shim: poll: {e}");
+                    log_open = false;
+                }
+            }
+        } else {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        reap(r.init_pid, &mut status);
+        if status.is_some() && ended_at.is_none() {
+            ended_at = Some(Instant::now());
+            // The PID namespace ends with its init; make sure nothing else of the container stays.
+            let _ = r.cgroup.kill();
+        }
+        if let Some(t) = ended_at {
+            if !log_open || t.elapsed() > DRAIN_LIMIT {
+                break;
+            }
+        }
+    }
+    let (code, signal) = status.unwrap_or((255, None));
+    let oom_killed = r.cgroup.usage().map(|u| u.oom_kills > 0).unwrap_or(false);
+    teardown(&r);
+    let exit = ExitRecord {
+        code,
+        signal,
+        oom_killed,
+        finished: now(),
+    };
+    if let Err(e) = fsutil::write_json(&r.cd.exit(), &exit) {
+        eprintln!("mig-shim: writing exit.json: {e}");
+    }
+}
+
+/// Reaps every exited child; records the init's status.
+fn reap(init_pid: i32, status: &mut Option<(i32, Option<i32>)>) {
+    loop {
+        match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) if pid.as_raw() == init_pid => {
+                *status = Some((code, None))
+            }
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid.as_raw() == init_pid => {
+                *status = Some((128 + sig as i32, Some(sig as i32)))
+            }
+            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => {
+                eprintln!("mig-shim: waitpid: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// Kills what is left, unmounts the rootfs and removes the cgroup.
+fn teardown(r: &Running) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let _ = r.cgroup.kill();
+    while Instant::now() < deadline {
+        let mut none = None;
+        reap(-1, &mut none);
+        if r.cgroup.procs().map(|p| p.is_empty()).unwrap_or(true) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if let Err(e) = container::unmount_rootfs(&r.cd.rootfs()) {
+        eprintln!("mig-shim: unmounting the rootfs: {}", chain(&e));
+    }
+    if let Err(e) = destroy_cgroup(&r.cgroup) {
+        eprintln!("mig-shim: removing the cgroup: {}", chain(&e));
+    }
+}
+
+/// Removes the cgroup, retrying briefly while the kernel finishes releasing its last tasks.
+fn destroy_cgroup(cg: &Cgroup) -> Result<(), mig_runtime::cgroup::CgroupError> {
+    let mut last = Ok(());
+    for _ in 0..50 {
+        last = cg.destroy();
+        if last.is_ok() {
+            return last;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    last
+}
