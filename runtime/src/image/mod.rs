@@ -2,11 +2,65 @@
 //! image layout directory or an OCI archive; layers stored content-addressed by sha256 and unpacked
 //! once; OCI whiteouts turned into overlayfs whiteouts; hostile archives refused leaving nothing.
 //!
-//! OWNER: image helper. The signatures below are the contract other modules code against.
+//! Layout under the store root:
+//!
+//! ```text
+//! blobs/sha256/<hex>     the uncompressed layer tar; <hex> is its sha256, the layer digest
+//! layers/sha256/<hex>/   the unpacked layer, an overlay lower dir
+//! images/<name>.json     an [`Image`] record
+//! tmp/<pid>.<n>/         work area of one operation, removed when it ends (or at the next open
+//!                        after a crash)
+//! .lock                  flock held while layers are committed, records written or removed
+//! ```
+//!
+//! Every import stages its blobs and unpacked layers under `tmp/` and only renames them into place
+//! once all of them are verified, blob first, layer directory second; removal goes the other way.
+//! So a layer directory that exists is complete and its blob exists too, and a refused or failed
+//! import leaves nothing behind. What the unpacker refuses is described in [`paths`] and
+//! [`unpack`].
+
+mod import;
+mod oci;
+pub mod paths;
+mod store;
+mod sys;
+pub mod unpack;
 
 use serde::{Deserialize, Serialize};
-use std::io::Read;
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
+
+pub use oci::OciError;
+pub use paths::PathError;
+
+/// Why an archive was refused as hostile.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HostileReason {
+    #[error("{0}")]
+    Path(#[from] PathError),
+    #[error("a parent directory is a symlink")]
+    ThroughSymlink,
+    #[error("a parent is not a directory")]
+    ThroughNonDirectory,
+    #[error("hardlink target is not an earlier file of the archive")]
+    HardlinkMissing,
+    #[error("device nodes are not allowed in images")]
+    Device,
+    #[error("unsupported entry type {0:#04x}")]
+    UnsupportedType(u8),
+    #[error("invalid whiteout name")]
+    BadWhiteout,
+    #[error("entry of {size} bytes exceeds the limit of {limit}")]
+    EntryTooLarge { size: u64, limit: u64 },
+    #[error("entries exceed the total size limit of {limit} bytes")]
+    TotalTooLarge { limit: u64 },
+    #[error("more than {limit} entries")]
+    TooManyEntries { limit: u64 },
+    #[error("tar extension header of {size} bytes exceeds the limit of {limit}")]
+    ExtensionTooLarge { size: u64, limit: u64 },
+    #[error("the archive replaces the layer root with a non-directory")]
+    ReplacesRoot,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -14,6 +68,99 @@ pub enum ImageError {
     Unimplemented,
     #[error("no such image: {0}")]
     NotFound(String),
+    #[error("{query:?} matches several images: {}", matches.join(", "))]
+    Ambiguous { query: String, matches: Vec<String> },
+    #[error("invalid image name")]
+    InvalidName(#[source] crate::spec::SpecError),
+    #[error("invalid layer digest")]
+    InvalidDigest(#[source] crate::spec::SpecError),
+    #[error("{op} {}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("reading tar {}", path.display())]
+    Tar {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("digest mismatch for {what}: expected {expected}, got {actual}")]
+    DigestMismatch {
+        what: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("size mismatch for {what}: expected {expected} bytes, got {actual}")]
+    SizeMismatch {
+        what: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("{what} exceeds the limit of {limit} bytes")]
+    TooLarge { what: String, limit: u64 },
+    #[error("refusing hostile archive entry {entry:?}: {reason}")]
+    Hostile {
+        entry: String,
+        reason: HostileReason,
+    },
+    #[error("unknown image format at {}: expected a rootfs directory, an OCI layout, or a tar (plain, gzip, zstd)", path.display())]
+    UnknownFormat { path: PathBuf },
+    #[error("oci image")]
+    Oci(#[from] OciError),
+    #[error("corrupt image record {}", path.display())]
+    Record {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("layer {0} of the image is not in the store")]
+    MissingLayer(String),
+}
+
+impl ImageError {
+    pub(crate) fn io<'a>(
+        op: &'static str,
+        path: &'a Path,
+    ) -> impl FnOnce(io::Error) -> ImageError + 'a {
+        move |source| ImageError::Io {
+            op,
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+/// Bounds applied to every archive, so a hostile one cannot fill the disk or the memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest file in a layer.
+    pub max_entry_size: u64,
+    /// Largest sum of file sizes in one layer.
+    pub max_total_size: u64,
+    /// Most entries in one layer.
+    pub max_entries: u64,
+    /// Largest tar stream (uncompressed) of one layer or OCI archive.
+    pub max_tar_size: u64,
+    /// Largest tar extension header (GNU long name, PAX), held in memory while reading.
+    pub max_extension_size: u64,
+    /// Largest OCI JSON document (index, manifest, config).
+    pub max_json_size: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_entry_size: 8 << 30,
+            max_total_size: 64 << 30,
+            max_entries: 1_000_000,
+            max_tar_size: 72 << 30,
+            max_extension_size: 1 << 20,
+            max_json_size: 4 << 20,
+        }
+    }
 }
 
 /// Defaults for containers made from the image (from the OCI config when there is one).
@@ -46,50 +193,82 @@ pub struct Image {
 #[derive(Debug, Clone)]
 pub struct ImageStore {
     root: PathBuf,
+    limits: Limits,
 }
 
 impl ImageStore {
+    /// Opens (creating as needed) the store at `root`, and removes work areas left by processes
+    /// that no longer exist.
     pub fn open(root: &Path) -> Result<ImageStore, ImageError> {
-        Ok(ImageStore {
+        let store = ImageStore {
             root: root.to_owned(),
-        })
+            limits: Limits::default(),
+        };
+        store.init()?;
+        Ok(store)
     }
-    /// Imports the image at `path` (any supported kind, detected) under `name`.
+    /// The same store with other archive limits.
+    pub fn with_limits(mut self, limits: Limits) -> ImageStore {
+        self.limits = limits;
+        self
+    }
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    /// Imports the image at `path` (any supported kind, detected) under `name`. Importing under
+    /// an existing name replaces that record.
     pub fn import(&self, path: &Path, name: &str) -> Result<Image, ImageError> {
-        let _ = (path, name);
-        Err(ImageError::Unimplemented)
+        crate::spec::validate_name(name).map_err(ImageError::InvalidName)?;
+        import::import(self, path, name)
     }
+    /// Every image, sorted by name.
     pub fn list(&self) -> Result<Vec<Image>, ImageError> {
-        Err(ImageError::Unimplemented)
+        self.read_records()
     }
-    /// Finds an image by name, full id or unambiguous id prefix.
+    /// Finds an image by name, full id or unambiguous id prefix (at least 4 hex characters, with
+    /// or without `sha256:`).
     pub fn get(&self, name_or_id: &str) -> Result<Image, ImageError> {
-        Err(ImageError::NotFound(name_or_id.to_owned()))
+        self.find(name_or_id)
     }
-    /// Removes the image record and every layer no other image uses.
+    /// Removes the image record and every layer no other image uses. The caller checks that no
+    /// container uses the image.
     pub fn remove(&self, name_or_id: &str) -> Result<Image, ImageError> {
-        Err(ImageError::NotFound(name_or_id.to_owned()))
+        self.remove_image(name_or_id)
     }
     /// The unpacked directory of a layer (an overlay lower dir).
     pub fn layer_dir(&self, digest: &str) -> PathBuf {
         self.root.join("layers").join(digest.replace(':', "/"))
     }
+    /// True when the layer is stored and unpacked.
     pub fn has_layer(&self, digest: &str) -> bool {
-        let _ = digest;
-        false
+        crate::spec::validate_digest(digest).is_ok() && self.layer_dir(digest).is_dir()
     }
     /// The stored uncompressed tar of a layer (what a peer is sent).
     pub fn layer_blob(&self, digest: &str) -> Result<PathBuf, ImageError> {
-        Err(ImageError::NotFound(digest.to_owned()))
+        crate::spec::validate_digest(digest).map_err(ImageError::InvalidDigest)?;
+        let p = self.blob_path(digest);
+        if p.is_file() {
+            Ok(p)
+        } else {
+            Err(ImageError::NotFound(digest.to_owned()))
+        }
     }
-    /// Stores a layer received from elsewhere: verifies that the bytes hash to `digest`, unpacks it.
+    /// Stores a layer received from elsewhere: verifies that the bytes hash to `digest`, unpacks
+    /// it. Does nothing (and reads nothing) when the layer is already stored.
     pub fn import_layer(&self, digest: &str, tar: &mut dyn Read) -> Result<(), ImageError> {
-        let _ = (digest, tar);
-        Err(ImageError::Unimplemented)
+        crate::spec::validate_digest(digest).map_err(ImageError::InvalidDigest)?;
+        if self.has_layer(digest) {
+            return Ok(());
+        }
+        import::import_layer(self, digest, tar)
     }
     /// Records an image whose layers are all present (after receiving them from a peer).
     pub fn add_image(&self, image: &Image) -> Result<(), ImageError> {
-        let _ = image;
-        Err(ImageError::Unimplemented)
+        crate::spec::validate_name(&image.name).map_err(ImageError::InvalidName)?;
+        crate::spec::validate_digest(&image.id).map_err(ImageError::InvalidDigest)?;
+        for l in &image.layers {
+            crate::spec::validate_digest(l).map_err(ImageError::InvalidDigest)?;
+        }
+        self.commit_image(&[], image)
     }
 }

@@ -1,0 +1,435 @@
+//! Import: detect what a path holds, turn it into verified layer blobs, unpack them under `tmp/`
+//! and commit them with the image record.
+
+use super::store::{StagedLayer, WorkDir};
+use super::unpack::{scan_headers, unpack};
+use super::{Image, ImageConfig, ImageError, ImageStore};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// How a tar stream is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+impl Compression {
+    /// Detects the compression from the first bytes of a stream.
+    pub fn sniff(head: &[u8]) -> Compression {
+        if head.starts_with(&[0x1f, 0x8b]) {
+            Compression::Gzip
+        } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+            Compression::Zstd
+        } else {
+            Compression::None
+        }
+    }
+
+    pub fn decoder<'a>(self, r: impl Read + 'a) -> io::Result<Box<dyn Read + 'a>> {
+        Ok(match self {
+            Compression::None => Box::new(r),
+            Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(r)),
+            Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(r)?),
+        })
+    }
+}
+
+/// Writes to a file while hashing, refusing to go past a size limit.
+struct HashWriter {
+    file: io::BufWriter<File>,
+    hasher: Sha256,
+    len: u64,
+    cap: u64,
+    exceeded: bool,
+    failed: bool,
+}
+
+impl Write for HashWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.len.saturating_add(buf.len() as u64) > self.cap {
+            self.exceeded = true;
+            return Err(io::Error::other("size limit exceeded"));
+        }
+        let n = self.file.write(buf).inspect_err(|_| self.failed = true)?;
+        self.hasher.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush().inspect_err(|_| self.failed = true)
+    }
+}
+
+/// The sha256 of bytes, as `sha256:<hex>`.
+pub(crate) fn digest_of(hasher: Sha256) -> String {
+    format!("sha256:{}", hex::encode(hasher.finalize()))
+}
+
+/// Copies `reader` (named `src` in errors) into the new file `dest`, hashing it, at most
+/// `cap` bytes; syncs the file. Returns the digest and the length.
+pub(crate) fn copy_hashed(
+    reader: &mut dyn Read,
+    src: &Path,
+    dest: &Path,
+    cap: u64,
+) -> Result<(String, u64), ImageError> {
+    write_hashed(src, dest, cap, |w| io::copy(reader, w).map(drop))
+}
+
+/// Creates `dest` and lets `produce` write into it through a hashing, size-capped writer; syncs
+/// the file. Errors name `src` unless writing `dest` failed. Returns the digest and the length.
+pub(crate) fn write_hashed(
+    src: &Path,
+    dest: &Path,
+    cap: u64,
+    produce: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+) -> Result<(String, u64), ImageError> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(dest)
+        .map_err(ImageError::io("creating", dest))?;
+    let mut w = HashWriter {
+        file: io::BufWriter::with_capacity(1 << 20, file),
+        hasher: Sha256::new(),
+        len: 0,
+        cap,
+        exceeded: false,
+        failed: false,
+    };
+    let res = produce(&mut w).and_then(|()| w.flush());
+    if let Err(e) = res {
+        return Err(if w.exceeded {
+            ImageError::TooLarge {
+                what: format!("tar stream of {}", src.display()),
+                limit: cap,
+            }
+        } else if w.failed {
+            ImageError::io("writing", dest)(e)
+        } else {
+            ImageError::io("reading", src)(e)
+        });
+    }
+    let file = w
+        .file
+        .into_inner()
+        .map_err(|e| ImageError::io("writing", dest)(e.into_error()))?;
+    file.sync_all().map_err(ImageError::io("syncing", dest))?;
+    Ok((digest_of(w.hasher), w.len))
+}
+
+/// Sum of the regular file sizes under `dir` (not following symlinks).
+pub(crate) fn dir_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for ent in rd.flatten() {
+            let Ok(m) = ent.metadata() else { continue };
+            if m.is_dir() {
+                stack.push(ent.path());
+            } else if m.is_file() {
+                total += m.len();
+            }
+        }
+    }
+    total
+}
+
+/// Turns a verified blob in `work` into a staged layer (scan, unpack), unless the store has the
+/// layer already. Returns the staged layer, if any, and the layer's unpacked size.
+pub(crate) fn stage_blob(
+    store: &ImageStore,
+    work: &WorkDir,
+    blob: PathBuf,
+    digest: &str,
+) -> Result<(Option<StagedLayer>, u64), ImageError> {
+    if store.has_layer(digest) {
+        return Ok((None, dir_size(&store.layer_dir(digest))));
+    }
+    let hex = digest.trim_start_matches("sha256:");
+    let dir = work.path().join(format!("layer-{hex}"));
+    fs::create_dir(&dir).map_err(ImageError::io("creating", &dir))?;
+    let mut f = File::open(&blob).map_err(ImageError::io("opening", &blob))?;
+    scan_headers(&mut f, &blob, &store.limits)?;
+    let stats = unpack(BufReader::new(f), &blob, &dir, &store.limits, true)?;
+    let staged = StagedLayer {
+        digest: digest.to_owned(),
+        blob,
+        dir,
+    };
+    Ok((Some(staged), stats.size))
+}
+
+pub(crate) fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The id of an image without an OCI config: the sha256 of `{"layers":[...]}` (compact JSON).
+pub(crate) fn rootfs_id(layers: &[String]) -> String {
+    #[derive(serde::Serialize)]
+    struct Canonical<'a> {
+        layers: &'a [String],
+    }
+    let json = serde_json::to_vec(&Canonical { layers }).unwrap_or_default();
+    digest_of(Sha256::new_with_prefix(&json))
+}
+
+pub(crate) fn import(store: &ImageStore, path: &Path, name: &str) -> Result<Image, ImageError> {
+    let meta = fs::metadata(path).map_err(ImageError::io("inspecting", path))?;
+    if meta.is_dir() {
+        if path.join("oci-layout").exists() {
+            let work = store.work_dir()?;
+            return super::oci::import_layout(store, &work, path, name);
+        }
+        return import_rootfs_dir(store, path, name);
+    }
+    if meta.is_file() {
+        return import_tar_file(store, path, name);
+    }
+    Err(ImageError::UnknownFormat {
+        path: path.to_owned(),
+    })
+}
+
+fn single_layer_image(
+    store: &ImageStore,
+    work: &WorkDir,
+    blob: PathBuf,
+    digest: String,
+    name: &str,
+) -> Result<Image, ImageError> {
+    let (staged, size) = stage_blob(store, work, blob, &digest)?;
+    let layers = vec![digest];
+    let image = Image {
+        name: name.to_owned(),
+        id: rootfs_id(&layers),
+        layers,
+        config: ImageConfig::default(),
+        created: now_secs(),
+        size,
+    };
+    store.commit_image(staged.as_slice(), &image)?;
+    Ok(image)
+}
+
+fn import_rootfs_dir(store: &ImageStore, dir: &Path, name: &str) -> Result<Image, ImageError> {
+    let work = store.work_dir()?;
+    let blob = work.path().join("layer.tar");
+    let max_entry = store.limits.max_entry_size;
+    let (digest, _) = write_hashed(dir, &blob, store.limits.max_tar_size, |w| {
+        write_rootfs_tar(dir, w, max_entry)
+    })?;
+    single_layer_image(store, &work, blob, digest, name)
+}
+
+/// True when the first block of a stream is a tar header with a valid checksum (or the zero
+/// block of an empty archive).
+fn looks_like_tar(block: &[u8]) -> bool {
+    if block.len() < 512 {
+        return false;
+    }
+    if block[..512].iter().all(|&b| b == 0) {
+        return true;
+    }
+    let stored: Vec<u8> = block[148..156]
+        .iter()
+        .copied()
+        .filter(|b| *b != 0 && *b != b' ')
+        .collect();
+    let Some(stored) = std::str::from_utf8(&stored)
+        .ok()
+        .and_then(|s| u32::from_str_radix(s, 8).ok())
+    else {
+        return false;
+    };
+    let sum: u32 = block[..512]
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| {
+            if (148..156).contains(&i) {
+                32
+            } else {
+                u32::from(b)
+            }
+        })
+        .sum();
+    sum == stored
+}
+
+fn read_head(path: &Path, n: usize) -> Result<Vec<u8>, ImageError> {
+    let f = File::open(path).map_err(ImageError::io("opening", path))?;
+    let mut head = Vec::with_capacity(n);
+    f.take(n as u64)
+        .read_to_end(&mut head)
+        .map_err(ImageError::io("reading", path))?;
+    Ok(head)
+}
+
+/// True when the tar has `oci-layout` and `index.json` at its top.
+fn is_oci_archive(blob: &Path) -> Result<bool, ImageError> {
+    let f = File::open(blob).map_err(ImageError::io("opening", blob))?;
+    let mut archive = tar::Archive::new(BufReader::new(f));
+    let tar_err = |source| ImageError::Tar {
+        path: blob.to_owned(),
+        source,
+    };
+    let (mut layout, mut index) = (false, false);
+    for entry in archive.entries().map_err(tar_err)? {
+        let entry = entry.map_err(tar_err)?;
+        if let Ok(p) = super::paths::entry_path(&entry.path_bytes()) {
+            match p.components() {
+                [c] if c == b"oci-layout" => layout = true,
+                [c] if c == b"index.json" => index = true,
+                _ => {}
+            }
+        }
+    }
+    Ok(layout && index)
+}
+
+fn import_tar_file(store: &ImageStore, path: &Path, name: &str) -> Result<Image, ImageError> {
+    let compression = Compression::sniff(&read_head(path, 4)?);
+    let work = store.work_dir()?;
+    let blob = work.path().join("layer.tar");
+    let (digest, _) = {
+        let f = File::open(path).map_err(ImageError::io("opening", path))?;
+        let mut r = compression
+            .decoder(BufReader::new(f))
+            .map_err(ImageError::io("reading", path))?;
+        copy_hashed(&mut r, path, &blob, store.limits.max_tar_size)?
+    };
+    if !looks_like_tar(&read_head(&blob, 512)?) {
+        return Err(ImageError::UnknownFormat {
+            path: path.to_owned(),
+        });
+    }
+    {
+        let mut f = File::open(&blob).map_err(ImageError::io("opening", &blob))?;
+        scan_headers(&mut f, &blob, &store.limits)?;
+    }
+    if is_oci_archive(&blob)? {
+        let layout = work.path().join("layout");
+        fs::create_dir(&layout).map_err(ImageError::io("creating", &layout))?;
+        let f = File::open(&blob).map_err(ImageError::io("opening", &blob))?;
+        unpack(BufReader::new(f), path, &layout, &store.limits, false)?;
+        fs::remove_file(&blob).map_err(ImageError::io("removing", &blob))?;
+        return super::oci::import_layout(store, &work, &layout, name);
+    }
+    single_layer_image(store, &work, blob, digest, name)
+}
+
+pub(crate) fn import_layer(
+    store: &ImageStore,
+    digest: &str,
+    tar: &mut dyn Read,
+) -> Result<(), ImageError> {
+    let work = store.work_dir()?;
+    let blob = work.path().join("layer.tar");
+    let src = Path::new("(received layer)");
+    let (actual, _) = copy_hashed(tar, src, &blob, store.limits.max_tar_size)?;
+    if actual != digest {
+        return Err(ImageError::DigestMismatch {
+            what: "received layer".to_owned(),
+            expected: digest.to_owned(),
+            actual,
+        });
+    }
+    let (staged, _) = stage_blob(store, &work, blob, digest)?;
+    let _lock = store.lock()?;
+    store.commit_layers(staged.as_slice())?;
+    Ok(())
+}
+
+/// Writes a deterministic tar of a rootfs directory into `out`: entries sorted by name,
+/// ownership, mode and mtime kept, no user or group names, hardlinks within the tree kept. Device
+/// nodes and sockets are skipped (the container gets its own /dev); directories on other
+/// filesystems are kept but not entered.
+fn write_rootfs_tar(root: &Path, out: &mut dyn Write, max_entry: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let root_meta = fs::symlink_metadata(root)?;
+    let dev = root_meta.dev();
+    let mut b = tar::Builder::new(out);
+    let mut inodes: HashMap<(u64, u64), PathBuf> = HashMap::new();
+    let header = |m: &fs::Metadata, kind: tar::EntryType| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(m.mode() & 0o7777);
+        h.set_uid(u64::from(m.uid()));
+        h.set_gid(u64::from(m.gid()));
+        h.set_mtime(u64::try_from(m.mtime()).unwrap_or(0));
+        h.set_size(0);
+        h
+    };
+    b.append_data(
+        &mut header(&root_meta, tar::EntryType::Directory),
+        "./",
+        io::empty(),
+    )?;
+    // Depth-first, each directory's entries sorted by name.
+    let mut stack: Vec<PathBuf> = Vec::new();
+    let push_children = |stack: &mut Vec<PathBuf>, rel: &Path| -> io::Result<()> {
+        let mut names: Vec<_> = fs::read_dir(root.join(rel))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<io::Result<_>>()?;
+        names.sort();
+        stack.extend(names.iter().rev().map(|n| rel.join(n)));
+        Ok(())
+    };
+    push_children(&mut stack, Path::new(""))?;
+    while let Some(rel) = stack.pop() {
+        let abs = root.join(&rel);
+        let m = fs::symlink_metadata(&abs)?;
+        let ft = m.file_type();
+        if ft.is_dir() {
+            b.append_data(
+                &mut header(&m, tar::EntryType::Directory),
+                &rel,
+                io::empty(),
+            )?;
+            // Another filesystem mounted here: keep the directory, do not enter it.
+            if m.dev() == dev {
+                push_children(&mut stack, &rel)?;
+            }
+        } else if ft.is_symlink() {
+            let target = fs::read_link(&abs)?;
+            b.append_link(&mut header(&m, tar::EntryType::Symlink), &rel, target)?;
+        } else if ft.is_file() {
+            if m.nlink() > 1 {
+                if let Some(first) = inodes.get(&(m.dev(), m.ino())) {
+                    b.append_link(&mut header(&m, tar::EntryType::Link), &rel, first)?;
+                    continue;
+                }
+                inodes.insert((m.dev(), m.ino()), rel.clone());
+            }
+            if m.len() > max_entry {
+                return Err(io::Error::other(format!(
+                    "{} is larger than {max_entry} bytes",
+                    abs.display()
+                )));
+            }
+            let f = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&abs)?;
+            let mut h = header(&m, tar::EntryType::Regular);
+            h.set_size(m.len());
+            b.append_data(&mut h, &rel, f.take(m.len()))?;
+        } else if ft.is_fifo() {
+            b.append_data(&mut header(&m, tar::EntryType::Fifo), &rel, io::empty())?;
+        } else {
+            tracing::warn!(path = %abs.display(), "skipping device node or socket in rootfs");
+        }
+    }
+    b.finish()
+}

@@ -1,0 +1,304 @@
+//! The store on disk: directories, work areas, the lock, image records, commit and garbage
+//! collection of layers.
+
+use super::{Image, ImageError, ImageStore};
+use nix::fcntl::{Flock, FlockArg};
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Largest accepted image record.
+const MAX_RECORD: u64 = 1 << 20;
+
+static WORK_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A private directory under `tmp/` for one operation, removed with everything in it on drop.
+#[derive(Debug)]
+pub(crate) struct WorkDir {
+    path: PathBuf,
+}
+
+impl WorkDir {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if let Err(e) = fs::remove_dir_all(&self.path) {
+            if e.kind() != io::ErrorKind::NotFound {
+                tracing::warn!(path = %self.path.display(), error = %e, "removing image work dir");
+            }
+        }
+    }
+}
+
+/// A verified layer waiting under `tmp/` to be moved into the store.
+#[derive(Debug)]
+pub(crate) struct StagedLayer {
+    /// `sha256:<hex>`.
+    pub digest: String,
+    /// The uncompressed tar, already synced.
+    pub blob: PathBuf,
+    /// The unpacked tree.
+    pub dir: PathBuf,
+}
+
+fn pid_alive(pid: i32) -> bool {
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+        Ok(()) => true,
+        Err(e) => e != nix::errno::Errno::ESRCH,
+    }
+}
+
+impl ImageStore {
+    pub(crate) fn init(&self) -> Result<(), ImageError> {
+        for sub in ["blobs/sha256", "layers/sha256", "images", "tmp"] {
+            let p = self.root.join(sub);
+            fs::create_dir_all(&p).map_err(ImageError::io("creating", &p))?;
+        }
+        let tmp = self.root.join("tmp");
+        let me = std::process::id();
+        for ent in fs::read_dir(&tmp).map_err(ImageError::io("reading", &tmp))? {
+            let ent = ent.map_err(ImageError::io("reading", &tmp))?;
+            let name = ent.file_name();
+            let pid = name
+                .to_str()
+                .and_then(|n| n.split('.').next())
+                .and_then(|p| p.parse::<i32>().ok());
+            let stale = match pid {
+                Some(p) => u32::try_from(p).ok() != Some(me) && p > 0 && !pid_alive(p),
+                None => false,
+            };
+            if stale {
+                let p = ent.path();
+                tracing::info!(path = %p.display(), "removing stale image work dir");
+                fs::remove_dir_all(&p).map_err(ImageError::io("removing", &p))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn work_dir(&self) -> Result<WorkDir, ImageError> {
+        let n = WORK_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = self
+            .root
+            .join("tmp")
+            .join(format!("{}.{n}", std::process::id()));
+        fs::create_dir(&path).map_err(ImageError::io("creating", &path))?;
+        Ok(WorkDir { path })
+    }
+
+    pub(crate) fn lock(&self) -> Result<Flock<File>, ImageError> {
+        let p = self.root.join(".lock");
+        let f = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .map_err(ImageError::io("opening", &p))?;
+        Flock::lock(f, FlockArg::LockExclusive)
+            .map_err(|(_, e)| ImageError::io("locking", &p)(e.into()))
+    }
+
+    pub(crate) fn blob_path(&self, digest: &str) -> PathBuf {
+        self.root.join("blobs").join(digest.replace(':', "/"))
+    }
+
+    fn record_path(&self, name: &str) -> PathBuf {
+        self.root.join("images").join(format!("{name}.json"))
+    }
+
+    pub(crate) fn read_records(&self) -> Result<Vec<Image>, ImageError> {
+        let dir = self.root.join("images");
+        let mut out = Vec::new();
+        for ent in fs::read_dir(&dir).map_err(ImageError::io("reading", &dir))? {
+            let ent = ent.map_err(ImageError::io("reading", &dir))?;
+            let name = ent.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name.starts_with('.') || !name.ends_with(".json") {
+                continue;
+            }
+            let p = ent.path();
+            match crate::fsutil::read_json::<Image>(&p, MAX_RECORD) {
+                Ok(img) => out.push(img),
+                // Removed by someone else since the directory was read.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => return Err(ImageError::Record { path: p, source }),
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    fn read_record(&self, name: &str) -> Result<Option<Image>, ImageError> {
+        if crate::spec::validate_name(name).is_err() {
+            return Ok(None);
+        }
+        let p = self.record_path(name);
+        match crate::fsutil::read_json::<Image>(&p, MAX_RECORD) {
+            Ok(img) => Ok(Some(img)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(ImageError::Record { path: p, source }),
+        }
+    }
+
+    pub(crate) fn find(&self, query: &str) -> Result<Image, ImageError> {
+        if let Some(img) = self.read_record(query)? {
+            return Ok(img);
+        }
+        let hex = query.strip_prefix("sha256:").unwrap_or(query);
+        let is_hex =
+            hex.len() >= 4 && hex.len() <= 64 && hex.bytes().all(|b| b.is_ascii_hexdigit());
+        if !is_hex {
+            return Err(ImageError::NotFound(query.to_owned()));
+        }
+        let hex = hex.to_ascii_lowercase();
+        let mut found: Vec<Image> = self
+            .read_records()?
+            .into_iter()
+            .filter(|i| {
+                i.id.strip_prefix("sha256:")
+                    .is_some_and(|h| h.starts_with(&hex))
+            })
+            .collect();
+        match found.len() {
+            0 => Err(ImageError::NotFound(query.to_owned())),
+            1 => Ok(found.remove(0)),
+            _ => Err(ImageError::Ambiguous {
+                query: query.to_owned(),
+                matches: found
+                    .into_iter()
+                    .map(|i| format!("{} ({})", i.name, i.id))
+                    .collect(),
+            }),
+        }
+    }
+
+    pub(crate) fn remove_image(&self, query: &str) -> Result<Image, ImageError> {
+        let _lock = self.lock()?;
+        let img = self.find(query)?;
+        let p = self.record_path(&img.name);
+        fs::remove_file(&p).map_err(ImageError::io("removing", &p))?;
+        sync_dir(&self.root.join("images"))?;
+        self.gc(&img.layers)?;
+        Ok(img)
+    }
+
+    /// Under the lock: moves the staged layers into place (those not there yet), checks that
+    /// every layer of `image` is present, writes its record (replacing one of the same name) and
+    /// collects the layers that nothing references any more.
+    pub(crate) fn commit_image(
+        &self,
+        staged: &[StagedLayer],
+        image: &Image,
+    ) -> Result<(), ImageError> {
+        let _lock = self.lock()?;
+        let committed = self.commit_layers(staged)?;
+        let result = (|| {
+            if let Some(missing) = image.layers.iter().find(|l| !self.has_layer(l)) {
+                return Err(ImageError::MissingLayer(missing.clone()));
+            }
+            let old = self.read_record(&image.name)?;
+            let p = self.record_path(&image.name);
+            crate::fsutil::write_json(&p, image).map_err(ImageError::io("writing", &p))?;
+            Ok(old)
+        })();
+        match result {
+            Ok(old) => {
+                if let Some(old) = old {
+                    self.gc(&old.layers)?;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                if let Err(gc) = self.gc(&committed) {
+                    tracing::warn!(error = %gc, "removing layers of a failed import");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Under the lock: moves staged layers into place; returns the digests it moved.
+    pub(crate) fn commit_layers(&self, staged: &[StagedLayer]) -> Result<Vec<String>, ImageError> {
+        let mut moved = Vec::new();
+        let todo: Vec<_> = staged
+            .iter()
+            .filter(|s| !self.has_layer(&s.digest))
+            .collect();
+        if todo.is_empty() {
+            return Ok(moved);
+        }
+        // One syncfs makes every staged tree durable before it becomes visible.
+        let tmp = self.root.join("tmp");
+        let f = File::open(&tmp).map_err(ImageError::io("opening", &tmp))?;
+        nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&f))
+            .map_err(|e| ImageError::io("syncing", &tmp)(e.into()))?;
+        let result = (|| {
+            for s in todo {
+                let blob = self.blob_path(&s.digest);
+                if !blob.is_file() {
+                    fs::rename(&s.blob, &blob).map_err(ImageError::io("storing", &blob))?;
+                }
+                let dir = self.layer_dir(&s.digest);
+                fs::rename(&s.dir, &dir).map_err(ImageError::io("storing", &dir))?;
+                moved.push(s.digest.clone());
+            }
+            sync_dir(&self.root.join("blobs/sha256"))?;
+            sync_dir(&self.root.join("layers/sha256"))
+        })();
+        match result {
+            Ok(()) => Ok(moved),
+            Err(e) => {
+                if let Err(gc) = self.gc(&moved) {
+                    tracing::warn!(error = %gc, "removing layers of a failed commit");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Under the lock: removes the layers among `candidates` that no image record references.
+    /// The layer directory goes first (moved to `tmp/`, then deleted), the blob second.
+    pub(crate) fn gc(&self, candidates: &[String]) -> Result<(), ImageError> {
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        let used: HashSet<String> = self
+            .read_records()?
+            .into_iter()
+            .flat_map(|i| i.layers)
+            .collect();
+        let work = self.work_dir()?;
+        for (n, d) in candidates.iter().enumerate() {
+            if used.contains(d) || crate::spec::validate_digest(d).is_err() {
+                continue;
+            }
+            let dir = self.layer_dir(d);
+            let trash = work.path().join(n.to_string());
+            match fs::rename(&dir, &trash) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(ImageError::io("removing", &dir)(e)),
+            }
+            let blob = self.blob_path(d);
+            match fs::remove_file(&blob) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(ImageError::io("removing", &blob)(e)),
+            }
+        }
+        drop(work);
+        Ok(())
+    }
+}
+
+fn sync_dir(p: &Path) -> Result<(), ImageError> {
+    File::open(p)
+        .and_then(|f| f.sync_all())
+        .map_err(ImageError::io("syncing", p))
+}

@@ -1,0 +1,548 @@
+//! The safe tar unpacker: our own loop over `tar::Archive::entries()`, never `unpack()`.
+//!
+//! Guarantees, for any input bytes:
+//!
+//! - nothing is created, changed or removed outside the destination directory: every entry name is
+//!   normalized and refused when absolute or holding `..` ([`super::paths`]); before anything is
+//!   created in a directory, each component of that directory's path is checked with `lstat` to be
+//!   a real directory (not a symlink) — the destination is private to this process, so nothing can
+//!   change between the check and the use; files are created with `O_CREAT|O_EXCL|O_NOFOLLOW`;
+//!   ownership, mode and times are set on the open file or with the no-follow variants;
+//! - hardlinks only point at files this archive already created (and that are still there);
+//! - device nodes are refused, except overlay whiteouts (char 0/0) in layers; fifos are fine;
+//! - sizes are bounded by [`Limits`]: per entry, in total, entry count, and the tar extension
+//!   headers (GNU long names, PAX) that the tar crate reads into memory, checked by a raw header
+//!   scan ([`scan_headers`]) before the tar crate sees the stream.
+//!
+//! In a layer (`whiteouts = true`), `.wh.NAME` becomes an overlayfs whiteout (a char device 0/0
+//! named NAME) and `.wh..wh..opq` marks its directory opaque (`trusted.overlay.opaque=y`); other
+//! `.wh..wh.*` names (AUFS bookkeeping) are skipped.
+
+use super::paths::{self, RelPath};
+use super::{HostileReason, ImageError, Limits};
+use nix::sys::stat::{Mode, SFlag};
+use nix::sys::time::TimeSpec;
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, UNIX_EPOCH};
+
+/// What an unpack produced.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UnpackStats {
+    pub entries: u64,
+    /// Sum of regular file sizes.
+    pub size: u64,
+}
+
+struct Meta {
+    uid: u32,
+    gid: u32,
+    mode: u32,
+    mtime: i64,
+}
+
+struct Unpacker<'a> {
+    root: &'a Path,
+    limits: &'a Limits,
+    whiteouts: bool,
+    dirs_ok: HashSet<RelPath>,
+    files: HashSet<RelPath>,
+    dir_meta: Vec<(RelPath, Meta)>,
+    stats: UnpackStats,
+}
+
+fn hostile(entry: &RelPath, reason: HostileReason) -> ImageError {
+    ImageError::Hostile {
+        entry: entry.to_string(),
+        reason,
+    }
+}
+
+fn hostile_raw(raw: &[u8], reason: HostileReason) -> ImageError {
+    let shown = &raw[..raw.len().min(256)];
+    ImageError::Hostile {
+        entry: String::from_utf8_lossy(shown).into_owned(),
+        reason,
+    }
+}
+
+fn tar_err(src: &Path) -> impl FnOnce(io::Error) -> ImageError + '_ {
+    move |source| ImageError::Tar {
+        path: src.to_owned(),
+        source,
+    }
+}
+
+/// Unpacks the tar in `reader` (read from `src`, named in errors) into the existing empty
+/// directory `dest`. On error `dest` holds a partial tree: the caller removes it.
+pub fn unpack(
+    reader: impl Read,
+    src: &Path,
+    dest: &Path,
+    limits: &Limits,
+    whiteouts: bool,
+) -> Result<UnpackStats, ImageError> {
+    let mut u = Unpacker {
+        root: dest,
+        limits,
+        whiteouts,
+        dirs_ok: HashSet::new(),
+        files: HashSet::new(),
+        dir_meta: Vec::new(),
+        stats: UnpackStats::default(),
+    };
+    let mut archive = tar::Archive::new(reader);
+    for entry in archive.entries().map_err(tar_err(src))? {
+        let mut entry = entry.map_err(tar_err(src))?;
+        u.stats.entries += 1;
+        if u.stats.entries > limits.max_entries {
+            let raw = entry.path_bytes().into_owned();
+            return Err(hostile_raw(
+                &raw,
+                HostileReason::TooManyEntries {
+                    limit: limits.max_entries,
+                },
+            ));
+        }
+        u.entry(&mut entry, src)?;
+    }
+    u.finish_dirs()?;
+    Ok(u.stats)
+}
+
+impl Unpacker<'_> {
+    fn abs(&self, rel: &RelPath) -> PathBuf {
+        self.root.join(rel.to_path())
+    }
+
+    fn entry<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        src: &Path,
+    ) -> Result<(), ImageError> {
+        let raw = entry.path_bytes().into_owned();
+        let rel = paths::entry_path(&raw).map_err(|e| hostile_raw(&raw, e.into()))?;
+        let header = entry.header();
+        let kind = header.entry_type();
+        let meta = Meta {
+            uid: u32::try_from(header.uid().map_err(tar_err(src))?).unwrap_or(u32::MAX),
+            gid: u32::try_from(header.gid().map_err(tar_err(src))?).unwrap_or(u32::MAX),
+            mode: header.mode().map_err(tar_err(src))? & 0o7777,
+            mtime: i64::try_from(header.mtime().map_err(tar_err(src))?).unwrap_or(i64::MAX),
+        };
+        if self.whiteouts {
+            if let Some(name) = rel.file_name().and_then(|n| n.strip_prefix(b".wh.")) {
+                return self.whiteout(&rel, name);
+            }
+        }
+        use tar::EntryType as T;
+        match kind {
+            T::Directory => self.directory(&rel, meta),
+            T::Regular | T::Continuous | T::GNUSparse => self.regular(entry, &rel, meta, src),
+            T::Symlink => {
+                let target = entry.link_name_bytes().unwrap_or_default().into_owned();
+                self.symlink(&rel, &target, meta)
+            }
+            T::Link => {
+                let target = entry.link_name_bytes().unwrap_or_default().into_owned();
+                self.hardlink(&rel, &target)
+            }
+            T::Fifo => self.fifo(&rel, meta),
+            T::Char
+                if self.whiteouts
+                    && header.device_major().ok().flatten() == Some(0)
+                    && header.device_minor().ok().flatten() == Some(0) =>
+            {
+                self.make_whiteout(&rel)
+            }
+            T::Char | T::Block => Err(hostile(&rel, HostileReason::Device)),
+            T::XGlobalHeader => Ok(()),
+            other => Err(hostile(
+                &rel,
+                HostileReason::UnsupportedType(other.as_byte()),
+            )),
+        }
+    }
+
+    /// Checks (or creates) every directory above `rel`, refusing to go through anything that is
+    /// not a real directory.
+    fn ensure_parent(&mut self, rel: &RelPath) -> Result<(), ImageError> {
+        let parent = rel.parent();
+        let comps = parent.components();
+        let mut cur = RelPath::default();
+        for c in comps {
+            cur = cur.join(c);
+            if self.dirs_ok.contains(&cur) {
+                continue;
+            }
+            let p = self.abs(&cur);
+            match fs::symlink_metadata(&p) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(hostile(rel, HostileReason::ThroughSymlink))
+                }
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => return Err(hostile(rel, HostileReason::ThroughNonDirectory)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    fs::create_dir(&p).map_err(ImageError::io("creating directory", &p))?;
+                }
+                Err(e) => return Err(ImageError::io("inspecting", &p)(e)),
+            }
+            self.dirs_ok.insert(cur.clone());
+        }
+        Ok(())
+    }
+
+    /// Makes room for a new entry at `rel`: removes what is there unless both are directories.
+    /// Returns true when a directory is already there and `keep_dir` was asked.
+    fn prepare_slot(&mut self, rel: &RelPath, keep_dir: bool) -> Result<bool, ImageError> {
+        if rel.is_root() {
+            return if keep_dir {
+                Ok(true)
+            } else {
+                Err(hostile(rel, HostileReason::ReplacesRoot))
+            };
+        }
+        self.ensure_parent(rel)?;
+        let p = self.abs(rel);
+        let m = match fs::symlink_metadata(&p) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(ImageError::io("inspecting", &p)(e)),
+        };
+        if m.is_dir() {
+            if keep_dir {
+                return Ok(true);
+            }
+            fs::remove_dir_all(&p).map_err(ImageError::io("removing", &p))?;
+        } else {
+            fs::remove_file(&p).map_err(ImageError::io("removing", &p))?;
+        }
+        self.files.retain(|f| !f.starts_with(rel));
+        self.dirs_ok.retain(|d| !d.starts_with(rel));
+        self.dir_meta.retain(|(d, _)| !d.starts_with(rel));
+        Ok(false)
+    }
+
+    fn directory(&mut self, rel: &RelPath, meta: Meta) -> Result<(), ImageError> {
+        if !self.prepare_slot(rel, true)? {
+            let p = self.abs(rel);
+            fs::create_dir(&p).map_err(ImageError::io("creating directory", &p))?;
+        }
+        self.dirs_ok.insert(rel.clone());
+        self.dir_meta.retain(|(d, _)| d != rel);
+        self.dir_meta.push((rel.clone(), meta));
+        Ok(())
+    }
+
+    fn regular<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        rel: &RelPath,
+        meta: Meta,
+        src: &Path,
+    ) -> Result<(), ImageError> {
+        let limits = self.limits;
+        let size = entry.size();
+        if size > limits.max_entry_size {
+            let reason = HostileReason::EntryTooLarge {
+                size,
+                limit: limits.max_entry_size,
+            };
+            return Err(hostile(rel, reason));
+        }
+        let total = self.stats.size.saturating_add(size);
+        if total > limits.max_total_size {
+            let reason = HostileReason::TotalTooLarge {
+                limit: limits.max_total_size,
+            };
+            return Err(hostile(rel, reason));
+        }
+        self.prepare_slot(rel, false)?;
+        let p = self.abs(rel);
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&p)
+            .map_err(ImageError::io("creating", &p))?;
+        let copied =
+            io::copy(&mut entry.take(limits.max_entry_size + 1), &mut f).map_err(tar_err(src))?;
+        if copied > limits.max_entry_size {
+            let reason = HostileReason::EntryTooLarge {
+                size: copied,
+                limit: limits.max_entry_size,
+            };
+            return Err(hostile(rel, reason));
+        }
+        self.stats.size = self.stats.size.saturating_add(copied);
+        // chown first: it clears setuid/setgid bits, which the chmod then sets.
+        std::os::unix::fs::fchown(&f, Some(meta.uid), Some(meta.gid))
+            .map_err(ImageError::io("changing owner of", &p))?;
+        f.set_permissions(fs::Permissions::from_mode(meta.mode))
+            .map_err(ImageError::io("changing mode of", &p))?;
+        f.set_modified(system_time(meta.mtime))
+            .map_err(ImageError::io("setting mtime of", &p))?;
+        self.files.insert(rel.clone());
+        Ok(())
+    }
+
+    fn symlink(&mut self, rel: &RelPath, target: &[u8], meta: Meta) -> Result<(), ImageError> {
+        paths::symlink_target(rel, target).map_err(|e| hostile(rel, e.into()))?;
+        self.prepare_slot(rel, false)?;
+        let p = self.abs(rel);
+        use std::os::unix::ffi::OsStrExt;
+        std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(target), &p)
+            .map_err(ImageError::io("creating symlink", &p))?;
+        std::os::unix::fs::lchown(&p, Some(meta.uid), Some(meta.gid))
+            .map_err(ImageError::io("changing owner of", &p))?;
+        set_mtime_nofollow(&p, meta.mtime)?;
+        self.files.insert(rel.clone());
+        Ok(())
+    }
+
+    fn hardlink(&mut self, rel: &RelPath, target: &[u8]) -> Result<(), ImageError> {
+        let to = paths::entry_path(target).map_err(|e| hostile(rel, e.into()))?;
+        if !self.files.contains(&to) {
+            return Err(hostile(rel, HostileReason::HardlinkMissing));
+        }
+        if &to == rel {
+            return Ok(());
+        }
+        // The target's parents were checked when it was created and nothing replaced them since
+        // (replacing a directory forgets every file under it); check again all the same.
+        self.ensure_parent(&to)?;
+        self.prepare_slot(rel, false)?;
+        let (from, p) = (self.abs(&to), self.abs(rel));
+        // linkat without AT_SYMLINK_FOLLOW: a link to a symlink links the symlink itself.
+        fs::hard_link(&from, &p).map_err(ImageError::io("creating hardlink", &p))?;
+        self.files.insert(rel.clone());
+        Ok(())
+    }
+
+    fn fifo(&mut self, rel: &RelPath, meta: Meta) -> Result<(), ImageError> {
+        self.prepare_slot(rel, false)?;
+        let p = self.abs(rel);
+        nix::unistd::mkfifo(&p, Mode::from_bits_truncate(0o600))
+            .map_err(|e| ImageError::io("creating fifo", &p)(e.into()))?;
+        std::os::unix::fs::lchown(&p, Some(meta.uid), Some(meta.gid))
+            .map_err(ImageError::io("changing owner of", &p))?;
+        fs::set_permissions(&p, fs::Permissions::from_mode(meta.mode))
+            .map_err(ImageError::io("changing mode of", &p))?;
+        set_mtime_nofollow(&p, meta.mtime)?;
+        self.files.insert(rel.clone());
+        Ok(())
+    }
+
+    fn whiteout(&mut self, rel: &RelPath, name: &[u8]) -> Result<(), ImageError> {
+        let dir = rel.parent();
+        if name == b".wh..opq" {
+            if !dir.is_root() {
+                self.ensure_parent(&dir)?;
+                if !self.prepare_slot(&dir, true)? {
+                    let p = self.abs(&dir);
+                    fs::create_dir(&p).map_err(ImageError::io("creating directory", &p))?;
+                }
+                self.dirs_ok.insert(dir.clone());
+            }
+            let p = self.abs(&dir);
+            return super::sys::lsetxattr(&p, "trusted.overlay.opaque", b"y")
+                .map_err(ImageError::io("marking opaque", &p));
+        }
+        if name.starts_with(b".wh.") {
+            return Ok(());
+        }
+        if name.is_empty() || name == b"." || name == b".." {
+            return Err(hostile(rel, HostileReason::BadWhiteout));
+        }
+        self.make_whiteout(&dir.join(name))
+    }
+
+    fn make_whiteout(&mut self, rel: &RelPath) -> Result<(), ImageError> {
+        self.prepare_slot(rel, false)?;
+        let p = self.abs(rel);
+        nix::sys::stat::mknod(&p, SFlag::S_IFCHR, Mode::empty(), 0)
+            .map_err(|e| ImageError::io("creating whiteout", &p)(e.into()))?;
+        Ok(())
+    }
+
+    /// Applies directory ownership, modes and times last (deepest first), so a read-only
+    /// directory does not stop its own entries from being created.
+    fn finish_dirs(&mut self) -> Result<(), ImageError> {
+        self.dir_meta.sort_by(|a, b| b.0.cmp(&a.0));
+        for (rel, meta) in &self.dir_meta {
+            let p = self.abs(rel);
+            match fs::symlink_metadata(&p) {
+                Ok(m) if m.is_dir() => {}
+                _ => continue,
+            }
+            std::os::unix::fs::lchown(&p, Some(meta.uid), Some(meta.gid))
+                .map_err(ImageError::io("changing owner of", &p))?;
+            fs::set_permissions(&p, fs::Permissions::from_mode(meta.mode))
+                .map_err(ImageError::io("changing mode of", &p))?;
+            set_mtime_nofollow(&p, meta.mtime)?;
+        }
+        Ok(())
+    }
+}
+
+fn system_time(secs: i64) -> std::time::SystemTime {
+    let secs = u64::try_from(secs).unwrap_or(0);
+    UNIX_EPOCH
+        .checked_add(Duration::from_secs(secs))
+        .unwrap_or(UNIX_EPOCH)
+}
+
+fn set_mtime_nofollow(p: &Path, mtime: i64) -> Result<(), ImageError> {
+    let t = TimeSpec::new(mtime, 0);
+    nix::sys::stat::utimensat(
+        None,
+        p,
+        &t,
+        &t,
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .map_err(|e| ImageError::io("setting mtime of", p)(e.into()))
+}
+
+/// Walks the raw 512-byte headers of the tar in `file` and refuses extension headers (GNU long
+/// names and link names, PAX) larger than the limit, before the tar crate reads them into memory.
+/// Leaves `file` at its start.
+pub fn scan_headers(file: &mut File, src: &Path, limits: &Limits) -> Result<(), ImageError> {
+    let res = scan_inner(file, limits);
+    file.seek(SeekFrom::Start(0)).map_err(tar_err(src))?;
+    match res {
+        Ok(()) => Ok(()),
+        Err(ScanError::Io(e)) => Err(tar_err(src)(e)),
+        Err(ScanError::Hostile(reason)) => Err(hostile_raw(b"(tar extension header)", reason)),
+    }
+}
+
+enum ScanError {
+    Io(io::Error),
+    Hostile(HostileReason),
+}
+
+impl From<io::Error> for ScanError {
+    fn from(e: io::Error) -> ScanError {
+        ScanError::Io(e)
+    }
+}
+
+/// Reads a full block, or returns false at a clean end of file.
+fn read_block(r: &mut impl Read, buf: &mut [u8; 512]) -> io::Result<bool> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) if got == 0 => return Ok(false),
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// Parses a tar numeric field: octal text, or GNU base-256 when the high bit is set.
+fn parse_num(field: &[u8]) -> io::Result<u64> {
+    let bad = || {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "invalid numeric field in tar header",
+        )
+    };
+    if field.first().is_some_and(|b| b & 0x80 != 0) {
+        let mut v: u64 = u64::from(field[0] & 0x7f);
+        for &b in &field[1..] {
+            v = v
+                .checked_mul(256)
+                .and_then(|v| v.checked_add(u64::from(b)))
+                .ok_or_else(bad)?;
+        }
+        return Ok(v);
+    }
+    let s: Vec<u8> = field
+        .iter()
+        .copied()
+        .filter(|b| *b != 0 && *b != b' ')
+        .collect();
+    if s.is_empty() {
+        return Ok(0);
+    }
+    let s = std::str::from_utf8(&s).map_err(|_| bad())?;
+    u64::from_str_radix(s, 8).map_err(|_| bad())
+}
+
+/// Finds the `size` record of a PAX extended header.
+fn pax_size(data: &[u8]) -> Option<u64> {
+    let mut rest = data;
+    while !rest.is_empty() {
+        let sp = rest.iter().position(|&b| b == b' ')?;
+        let len: usize = std::str::from_utf8(&rest[..sp]).ok()?.parse().ok()?;
+        if len <= sp || len > rest.len() {
+            return None;
+        }
+        let rec = &rest[sp + 1..len];
+        let rec = rec.strip_suffix(b"\n").unwrap_or(rec);
+        if let Some(v) = rec.strip_prefix(b"size=") {
+            return std::str::from_utf8(v).ok()?.parse().ok();
+        }
+        rest = &rest[len..];
+    }
+    None
+}
+
+fn scan_inner(file: &mut File, limits: &Limits) -> Result<(), ScanError> {
+    let mut block = [0u8; 512];
+    let mut next_size: Option<u64> = None;
+    loop {
+        if !read_block(file, &mut block)? {
+            return Ok(());
+        }
+        if block.iter().all(|&b| b == 0) {
+            return Ok(());
+        }
+        let kind = block[156];
+        let mut size = parse_num(&block[124..136])?;
+        let extension = matches!(kind, b'L' | b'K' | b'x' | b'g');
+        if !extension {
+            if let Some(s) = next_size.take() {
+                size = s;
+            }
+        }
+        if extension && size > limits.max_extension_size {
+            return Err(ScanError::Hostile(HostileReason::ExtensionTooLarge {
+                size,
+                limit: limits.max_extension_size,
+            }));
+        }
+        if kind == b'S' && block[482] != 0 {
+            // Old GNU sparse: more sparse-map blocks follow the header.
+            loop {
+                if !read_block(file, &mut block)? {
+                    return Ok(());
+                }
+                if block[504] == 0 {
+                    break;
+                }
+            }
+        }
+        let padded = size.div_ceil(512).saturating_mul(512);
+        if kind == b'x' {
+            let mut data = vec![0u8; usize::try_from(padded).unwrap_or(usize::MAX)];
+            file.read_exact(&mut data)?;
+            if let Some(s) = pax_size(&data[..size as usize]) {
+                next_size = Some(s);
+            }
+        } else {
+            let skip = i64::try_from(padded).map_err(|_| {
+                io::Error::new(io::ErrorKind::InvalidData, "tar entry size out of range")
+            })?;
+            file.seek(SeekFrom::Current(skip))?;
+        }
+    }
+}

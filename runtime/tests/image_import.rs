@@ -1,0 +1,355 @@
+//! Imports of every supported kind, lookup, removal and layer transfer. Needs root (ownership,
+//! whiteout device nodes, trusted xattrs, overlay mounts).
+
+mod image_common;
+
+use image_common::*;
+use mig_runtime::image::{ImageError, ImageStore};
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+fn store() -> (tempfile::TempDir, ImageStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ImageStore::open(&dir.path().join("images")).unwrap();
+    (dir, store)
+}
+
+fn check_busybox_layer(store: &ImageStore, digest: &str, hardlinks: bool) {
+    let l = store.layer_dir(digest);
+    let m = fs::metadata(l.join("bin/busybox")).unwrap();
+    assert!(m.permissions().mode() & 0o111 != 0);
+    assert_eq!(m.len(), fs::metadata("/bin/busybox").unwrap().len());
+    assert_eq!(
+        fs::read_link(l.join("bin/sh")).unwrap(),
+        PathBuf::from("/bin/busybox")
+    );
+    assert_eq!(
+        fs::read_link(l.join("bin/ls")).unwrap(),
+        PathBuf::from("busybox")
+    );
+    let a = fs::metadata(l.join("etc/hostname")).unwrap();
+    let b = fs::metadata(l.join("etc/hostname.bak")).unwrap();
+    if hardlinks {
+        assert_eq!(a.ino(), b.ino(), "hardlink kept");
+    }
+    // The blob is the layer tar and hashes to the digest.
+    let blob = store.layer_blob(digest).unwrap();
+    assert_eq!(sha256(&fs::read(blob).unwrap()), digest);
+    // The layer runs: busybox inside a chroot of it.
+    let out = std::process::Command::new("chroot")
+        .arg(&l)
+        .args(["/bin/sh", "-c", "/bin/busybox cat /etc/hostname"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.stdout, b"box\n");
+}
+
+#[test]
+fn image_rootfs_dir() {
+    let (tmp, store) = store();
+    let src = tmp.path().join("rootfs");
+    busybox_rootfs(&src);
+    fs::set_permissions(src.join("etc"), fs::Permissions::from_mode(0o750)).unwrap();
+    std::os::unix::fs::lchown(src.join("etc/hostname"), Some(1234), Some(4321)).unwrap();
+    let img = store.import(&src, "busybox").unwrap();
+    assert_eq!(img.name, "busybox");
+    assert_eq!(img.layers.len(), 1);
+    assert!(img.id.starts_with("sha256:"));
+    assert!(img.size >= fs::metadata("/bin/busybox").unwrap().len());
+    check_busybox_layer(&store, &img.layers[0], true);
+    let l = store.layer_dir(&img.layers[0]);
+    assert_eq!(fs::metadata(l.join("etc")).unwrap().mode() & 0o7777, 0o750);
+    let m = fs::metadata(l.join("etc/hostname")).unwrap();
+    assert_eq!((m.uid(), m.gid()), (1234, 4321));
+
+    // Deterministic: the same tree gives the same layer and id; a re-import replaces the record.
+    let again = store.import(&src, "busybox").unwrap();
+    assert_eq!(again.id, img.id);
+    assert_eq!(again.layers, img.layers);
+    assert_eq!(store.list().unwrap().len(), 1);
+
+    // Lookup by name, full id, prefixes with and without "sha256:".
+    let hex = img.id.trim_start_matches("sha256:");
+    assert_eq!(store.get("busybox").unwrap(), again);
+    assert_eq!(store.get(&img.id).unwrap().name, "busybox");
+    assert_eq!(store.get(&hex[..4]).unwrap().name, "busybox");
+    assert_eq!(
+        store.get(&format!("sha256:{}", &hex[..8])).unwrap().name,
+        "busybox"
+    );
+    assert!(matches!(store.get(&hex[..3]), Err(ImageError::NotFound(_))));
+    assert!(matches!(store.get("nope"), Err(ImageError::NotFound(_))));
+
+    // The same image under a second name: the id prefix is ambiguous, the layer is shared.
+    store.import(&src, "busybox2").unwrap();
+    assert!(matches!(
+        store.get(&hex[..6]),
+        Err(ImageError::Ambiguous { .. })
+    ));
+    assert!(!tree(&store.root().join("layers/sha256")).is_empty());
+    let removed = store.remove("busybox").unwrap();
+    assert_eq!(removed.name, "busybox");
+    assert!(store.has_layer(&img.layers[0]), "still used by busybox2");
+    store.remove("busybox2").unwrap();
+    assert!(!store.has_layer(&img.layers[0]));
+    assert_store_empty(&store);
+    assert!(matches!(
+        store.remove("busybox"),
+        Err(ImageError::NotFound(_))
+    ));
+}
+
+#[test]
+fn image_rootfs_tar_plain_gzip_zstd() {
+    let (tmp, store) = store();
+    let src = tmp.path().join("rootfs");
+    busybox_rootfs(&src);
+    let plain = tar_dir(&src);
+    let p1 = write_file(tmp.path(), "r.tar", &plain);
+    let p2 = write_file(tmp.path(), "r.tar.gz", &gzip(&plain));
+    let p3 = write_file(tmp.path(), "r.tar.zst", &zstd(&plain));
+    let a = store.import(&p1, "plain").unwrap();
+    assert_eq!(a.layers, vec![sha256(&plain)]);
+    check_busybox_layer(&store, &a.layers[0], false);
+    let b = store.import(&p2, "gz").unwrap();
+    let c = store.import(&p3, "zst").unwrap();
+    assert_eq!(a.layers, b.layers);
+    assert_eq!(a.layers, c.layers);
+    assert_eq!(a.id, c.id);
+    assert_eq!(store.list().unwrap().len(), 3);
+    assert_eq!(
+        fs::read_dir(store.root().join("layers/sha256"))
+            .unwrap()
+            .count(),
+        1
+    );
+
+    // Not a tar at all.
+    let junk = write_file(tmp.path(), "junk", b"hello, this is not an archive");
+    assert!(matches!(
+        store.import(&junk, "junk"),
+        Err(ImageError::UnknownFormat { .. })
+    ));
+    // Invalid names are refused before anything is read.
+    assert!(matches!(
+        store.import(&p1, "../x"),
+        Err(ImageError::InvalidName(_))
+    ));
+    for n in ["plain", "gz", "zst"] {
+        store.remove(n).unwrap();
+    }
+    assert_store_empty(&store);
+}
+
+#[test]
+fn image_import_layer_and_add_image() {
+    let (tmp, store) = store();
+    let src = tmp.path().join("rootfs");
+    busybox_rootfs(&src);
+    let img = store.import(&src, "busybox").unwrap();
+    let blob = fs::read(store.layer_blob(&img.layers[0]).unwrap()).unwrap();
+
+    // A second store (another host) receives the layer, then the record.
+    let (_t2, peer) = store_pair_peer();
+    let bad = "sha256:".to_owned() + &"0".repeat(64);
+    let err = peer.import_layer(&bad, &mut &blob[..]).unwrap_err();
+    assert!(matches!(err, ImageError::DigestMismatch { .. }), "{err}");
+    assert_store_empty(&peer);
+    assert!(peer.add_image(&img).is_err(), "layers missing");
+    assert_store_empty(&peer);
+
+    peer.import_layer(&img.layers[0], &mut &blob[..]).unwrap();
+    assert!(peer.has_layer(&img.layers[0]));
+    // A second copy is not read again.
+    peer.import_layer(&img.layers[0], &mut std::io::empty())
+        .unwrap();
+    peer.add_image(&img).unwrap();
+    assert_eq!(peer.get("busybox").unwrap(), img);
+    check_busybox_layer(&peer, &img.layers[0], true);
+    assert!(matches!(
+        peer.import_layer("sha256:xyz", &mut std::io::empty()),
+        Err(ImageError::InvalidDigest(_))
+    ));
+}
+
+fn store_pair_peer() -> (tempfile::TempDir, ImageStore) {
+    store()
+}
+
+// ---------------------------------------------------------------- OCI
+
+struct Blob {
+    digest: String,
+    size: usize,
+    media_type: &'static str,
+}
+
+fn put_blob(layout: &Path, data: &[u8], media_type: &'static str) -> Blob {
+    let digest = sha256(data);
+    let p = layout
+        .join("blobs/sha256")
+        .join(digest.trim_start_matches("sha256:"));
+    fs::write(p, data).unwrap();
+    Blob {
+        digest,
+        size: data.len(),
+        media_type,
+    }
+}
+
+fn desc(b: &Blob) -> serde_json::Value {
+    serde_json::json!({"mediaType": b.media_type, "digest": b.digest, "size": b.size})
+}
+
+/// Builds an OCI layout with two layers: the busybox rootfs plus etc/a, etc/b and data/x/keep;
+/// then (gzip) a whiteout of etc/a, an opaque data/ holding data/new. Returns the layout, the
+/// config digest, and the two uncompressed layer digests.
+fn build_layout(dir: &Path) -> (PathBuf, String, Vec<String>) {
+    let layout = dir.join("layout");
+    fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
+    fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+
+    let base = dir.join("base");
+    busybox_rootfs(&base);
+    fs::write(base.join("etc/a"), "a").unwrap();
+    fs::write(base.join("etc/b"), "b").unwrap();
+    fs::create_dir_all(base.join("data/x")).unwrap();
+    fs::write(base.join("data/x/keep"), "k").unwrap();
+    let l1 = tar_dir(&base);
+    let l2 = RawTar::default()
+        .file(b"etc/.wh.a", b"")
+        .dir(b"data/")
+        .file(b"data/.wh..wh..opq", b"")
+        .file(b"data/new", b"new")
+        .finish();
+    let b1 = put_blob(&layout, &l1, "application/vnd.oci.image.layer.v1.tar");
+    let b2 = put_blob(
+        &layout,
+        &gzip(&l2),
+        "application/vnd.oci.image.layer.v1.tar+gzip",
+    );
+    let diff_ids = vec![sha256(&l1), sha256(&l2)];
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Env": ["PATH=/bin", "A=1"], "Cmd": ["/bin/sh"], "Entrypoint": ["/bin/busybox"],
+                   "WorkingDir": "/data", "User": "0:0"},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    });
+    let cb = put_blob(
+        &layout,
+        config.to_string().as_bytes(),
+        "application/vnd.oci.image.config.v1+json",
+    );
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": desc(&cb),
+        "layers": [desc(&b1), desc(&b2)],
+    });
+    let mb = put_blob(
+        &layout,
+        manifest.to_string().as_bytes(),
+        "application/vnd.oci.image.manifest.v1+json",
+    );
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [desc(&mb)]});
+    fs::write(layout.join("index.json"), index.to_string()).unwrap();
+    (layout, cb.digest, diff_ids)
+}
+
+fn check_layout_image(store: &ImageStore, tmp: &Path, img: &mig_runtime::image::Image) {
+    let l2 = store.layer_dir(&img.layers[1]);
+    let wh = fs::symlink_metadata(l2.join("etc/a")).unwrap();
+    assert!(wh.file_type().is_char_device());
+    assert_eq!(wh.rdev(), 0);
+    assert!(!l2.join("etc/.wh.a").exists());
+    assert!(!l2.join("data/.wh..wh..opq").exists());
+    let mut buf = [0u8; 8];
+    let path = std::ffi::CString::new(l2.join("data").to_str().unwrap()).unwrap();
+    // SAFETY: valid C strings and a buffer of the given length.
+    let n = unsafe {
+        libc::lgetxattr(
+            path.as_ptr(),
+            c"trusted.overlay.opaque".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    assert_eq!(n, 1);
+    assert_eq!(buf[0], b'y');
+
+    // Through overlayfs: the whiteout hides etc/a, the opaque dir hides data/x.
+    let target = tmp.join("merged");
+    fs::create_dir_all(&target).unwrap();
+    let lowers: Vec<_> = img.layers.iter().map(|d| store.layer_dir(d)).collect();
+    let ov = Overlay::mount(&lowers, &target);
+    assert!(!ov.target.join("etc/a").exists());
+    assert_eq!(fs::read(ov.target.join("etc/b")).unwrap(), b"b");
+    assert!(!ov.target.join("data/x").exists());
+    assert_eq!(fs::read(ov.target.join("data/new")).unwrap(), b"new");
+    assert!(ov.target.join("bin/busybox").is_file());
+}
+
+#[test]
+fn image_oci_layout() {
+    let (tmp, store) = store();
+    let (layout, config_digest, diff_ids) = build_layout(tmp.path());
+    let img = store.import(&layout, "oci").unwrap();
+    assert_eq!(img.id, config_digest);
+    assert_eq!(img.layers, diff_ids);
+    assert_eq!(img.config.env, vec!["PATH=/bin", "A=1"]);
+    assert_eq!(img.config.cmd, vec!["/bin/sh"]);
+    assert_eq!(img.config.entrypoint, vec!["/bin/busybox"]);
+    assert_eq!(img.config.workdir, "/data");
+    assert_eq!(img.config.user, "0:0");
+    check_layout_image(&store, tmp.path(), &img);
+    store.remove("oci").unwrap();
+    assert_store_empty(&store);
+}
+
+#[test]
+fn image_oci_archive() {
+    let (tmp, store) = store();
+    let (layout, config_digest, _) = build_layout(tmp.path());
+    let archive = write_file(tmp.path(), "oci.tar.gz", &gzip(&tar_dir(&layout)));
+    let img = store.import(&archive, "ociarch").unwrap();
+    assert_eq!(img.id, config_digest);
+    check_layout_image(&store, tmp.path(), &img);
+    let plain = write_file(tmp.path(), "oci.tar", &tar_dir(&layout));
+    assert_eq!(store.import(&plain, "ociarch2").unwrap().id, config_digest);
+}
+
+#[test]
+fn image_oci_digest_mismatch() {
+    let (tmp, store) = store();
+    let (layout, _, _) = build_layout(tmp.path());
+    // Corrupt the second layer blob in place (same size, other bytes).
+    let blobs = layout.join("blobs/sha256");
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let mdigest = index["manifests"][0]["digest"].as_str().unwrap().to_owned();
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &fs::read(blobs.join(mdigest.trim_start_matches("sha256:"))).unwrap(),
+    )
+    .unwrap();
+    let l2 = manifest["layers"][1]["digest"].as_str().unwrap().to_owned();
+    let p = blobs.join(l2.trim_start_matches("sha256:"));
+    let mut data = fs::read(&p).unwrap();
+    let last = data.len() - 1;
+    data[last] ^= 0xff;
+    fs::write(&p, &data).unwrap();
+    let err = store.import(&layout, "bad").unwrap_err();
+    assert!(matches!(err, ImageError::DigestMismatch { .. }), "{err}");
+    assert_store_empty(&store);
+
+    // A truncated blob: size mismatch.
+    fs::write(&p, &data[..10]).unwrap();
+    let err = store.import(&layout, "bad").unwrap_err();
+    assert!(matches!(err, ImageError::SizeMismatch { .. }), "{err}");
+    assert_store_empty(&store);
+}
