@@ -1,0 +1,140 @@
+//! The lab's network: named network namespaces, a bridge in the switch namespace and a veth pair per
+//! host, all made with `ip` from iproute2. Both ends of each veth are created directly inside their
+//! namespaces, so no lab interface ever appears in the machine's own namespace.
+
+use super::{LabError, LabHost};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Where `ip netns add` pins named namespaces.
+pub(crate) const NETNS_DIR: &str = "/run/netns";
+/// MTU of the bridge and the veths.
+const MTU: &str = "9000";
+
+/// Runs `ip ARGS`, turning a failure into [`LabError::CommandFailed`] with its stderr.
+pub(crate) fn ip(args: &[&str]) -> Result<(), LabError> {
+    run("ip", args)
+}
+
+pub(crate) fn run(program: &str, args: &[&str]) -> Result<(), LabError> {
+    let command = format!("{program} {}", args.join(" "));
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|source| LabError::SpawnCommand {
+            command: command.clone(),
+            source,
+        })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(LabError::CommandFailed {
+            command,
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
+/// Path of named namespace `ns`.
+pub(crate) fn netns_path(ns: &str) -> PathBuf {
+    Path::new(NETNS_DIR).join(ns)
+}
+
+/// Inode of named namespace `ns` (compare with /proc/PID/ns/net), if it exists.
+pub(crate) fn netns_inode(ns: &str) -> Option<(u64, u64)> {
+    std::fs::metadata(netns_path(ns))
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// Named namespaces that belong to lab `lab` (`<lab>-host-*` and `<lab>-sw`).
+pub(crate) fn lab_namespaces(lab: &str) -> Result<Vec<String>, LabError> {
+    let rd = match std::fs::read_dir(NETNS_DIR) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(LabError::ReadFile {
+                path: PathBuf::from(NETNS_DIR),
+                source,
+            })
+        }
+    };
+    let host_prefix = format!("{lab}-host-");
+    let switch = format!("{lab}-sw");
+    let mut names: Vec<String> = rd
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n == &switch || is_host_suffix(n.strip_prefix(&host_prefix)))
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// `a`..`z`: the part after `host-` of a lab host's name (so lab `t1` never claims `t1-host-x-y`).
+fn is_host_suffix(rest: Option<&str>) -> bool {
+    matches!(rest, Some(r) if r.len() == 1 && r.bytes().all(|b| b.is_ascii_lowercase()))
+}
+
+/// Creates the switch namespace with lo up and a bridge.
+pub(crate) fn create_switch(ns: &str, bridge: &str) -> Result<(), LabError> {
+    ip(&["netns", "add", ns])?;
+    ip(&["-n", ns, "link", "set", "lo", "up"])?;
+    ip(&[
+        "-n",
+        ns,
+        "link",
+        "add",
+        bridge,
+        "mtu",
+        MTU,
+        "type",
+        "bridge",
+        "stp_state",
+        "0",
+        "forward_delay",
+        "0",
+    ])?;
+    ip(&["-n", ns, "link", "set", bridge, "up"])
+}
+
+/// Creates the host's namespace and its veth link to the switch: `eth0` with the host's address on
+/// the host side, a port of the bridge named after the host on the switch side.
+pub(crate) fn create_host(host: &LabHost, switch: &str, bridge: &str) -> Result<(), LabError> {
+    let ns = host.netns.as_str();
+    ip(&["netns", "add", ns])?;
+    ip(&["-n", ns, "link", "set", "lo", "up"])?;
+    ip(&[
+        "link", "add", "eth0", "netns", ns, "mtu", MTU, "type", "veth", "peer", "name", &host.name,
+        "netns", switch, "mtu", MTU,
+    ])?;
+    ip(&["-n", switch, "link", "set", &host.name, "master", bridge])?;
+    ip(&["-n", switch, "link", "set", &host.name, "up"])?;
+    let cidr = format!("{}/24", host.address);
+    ip(&["-n", ns, "addr", "add", &cidr, "dev", "eth0"])?;
+    ip(&["-n", ns, "link", "set", "eth0", "up"])
+}
+
+/// Deletes named namespace `ns` (its veth ends go with it). Not an error when it is already gone.
+pub(crate) fn delete_netns(ns: &str) -> Result<bool, LabError> {
+    if !netns_path(ns).exists() {
+        return Ok(false);
+    }
+    ip(&["netns", "delete", ns])?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_suffixes() {
+        assert!(is_host_suffix(Some("a")));
+        assert!(is_host_suffix(Some("z")));
+        assert!(!is_host_suffix(Some("x-y")));
+        assert!(!is_host_suffix(Some("")));
+        assert!(!is_host_suffix(None));
+    }
+}

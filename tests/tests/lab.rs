@@ -1,0 +1,382 @@
+//! The local multi-host lab (`mig_agent::lab`) against the real kernel with the real `migd`:
+//! namespaces, links, agents, the lab file, restart, and a `down` that leaves nothing behind — also
+//! after a failed `up` and with containers' leftovers (processes, cgroups, mounts) in a host.
+//!
+//! Needs root and a built migd (`cargo build -p mig-agent --bins`); `MIG_LAB_TEST_MIGD` names
+//! another binary.
+
+use mig_agent::lab::{self, LabConfig, LabError};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn is_root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    eprintln!("skipping: the lab needs root");
+    false
+}
+
+/// The migd next to this test's target directory: target/<profile>/migd (newest of debug and
+/// release), or `MIG_LAB_TEST_MIGD`.
+fn migd() -> PathBuf {
+    if let Some(p) = std::env::var_os("MIG_LAB_TEST_MIGD") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/lab-HASH
+    let target = exe.ancestors().nth(3).expect("target dir").to_path_buf();
+    let candidates = [target.join("debug/migd"), target.join("release/migd")];
+    candidates
+        .iter()
+        .filter_map(|p| Some((std::fs::metadata(p).ok()?.modified().ok()?, p.clone())))
+        .max()
+        .map(|(_, p)| p)
+        .unwrap_or_else(|| {
+            panic!(
+                "no migd in {} or {}: run `cargo build -p mig-agent --bins` first",
+                candidates[0].display(),
+                candidates[1].display()
+            )
+        })
+}
+
+/// A lab name unique to this test process and `tag`, and a subnet of its own.
+fn config(tag: char, third: u8, hosts: usize) -> LabConfig {
+    let name = format!("t{}{tag}", std::process::id());
+    let mut cfg = LabConfig::new(&name, hosts, migd());
+    cfg.subnet_base = [10, 213, third];
+    cfg
+}
+
+/// Removes the lab whatever happens to the test.
+struct LabGuard(String);
+
+impl Drop for LabGuard {
+    fn drop(&mut self) {
+        match lab::down(&self.0) {
+            Ok(r) if !r.is_clean() => {
+                eprintln!("lab {} cleanup problems: {:?}", self.0, r.problems)
+            }
+            Ok(_) => {}
+            Err(e) => eprintln!("lab {} cleanup failed: {e}", self.0),
+        }
+    }
+}
+
+fn inode(path: impl AsRef<Path>) -> (u64, u64) {
+    let m = std::fs::metadata(path.as_ref()).expect("stat");
+    (m.dev(), m.ino())
+}
+
+fn netns_of_lab(name: &str) -> Vec<String> {
+    std::fs::read_dir("/run/netns")
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&format!("{name}-")))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn mounts_under(prefix: &Path) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+        .filter(|mp| Path::new(mp).starts_with(prefix))
+        .collect()
+}
+
+fn pid_running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+fn ping(from_ns: &str, addr: &str) -> bool {
+    Command::new("ip")
+        .args([
+            "netns", "exec", from_ns, "busybox", "ping", "-c1", "-W2", addr,
+        ])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+fn assert_gone(cfg: &LabConfig, agent_pids: &[i32]) {
+    assert!(
+        netns_of_lab(&cfg.name).is_empty(),
+        "namespaces left: {:?}",
+        netns_of_lab(&cfg.name)
+    );
+    for &pid in agent_pids {
+        assert!(!pid_running(pid), "agent {pid} still runs");
+    }
+    assert!(mounts_under(&cfg.state_root).is_empty());
+    assert!(mounts_under(&cfg.root_dir).is_empty());
+    assert!(!lab::lab_file_path(&cfg.name).exists(), "lab file left");
+    assert!(!cfg.root_dir.exists(), "run dir left");
+    assert!(!cfg.state_root.exists(), "state dir left");
+    // No veth end of the lab in the machine's own namespace.
+    let links = Command::new("ip").args(["-o", "link"]).output().unwrap();
+    let links = String::from_utf8_lossy(&links.stdout);
+    for ns in ["host-a", "host-b"].map(|h| format!("{}-{h}", cfg.name)) {
+        assert!(!links.contains(&ns), "link of {ns} in the root namespace");
+    }
+}
+
+#[test]
+fn lab_up_status_restart_down() {
+    if !is_root() {
+        return;
+    }
+    let cfg = config('a', 1, 2);
+    let _guard = LabGuard(cfg.name.clone());
+    let hosts = lab::up(&cfg).expect("lab up");
+
+    assert_eq!(hosts.len(), 2);
+    assert_eq!(hosts[0].name, "host-a");
+    assert_eq!(hosts[1].name, "host-b");
+    assert_eq!(hosts[0].address.to_string(), "10.213.1.10");
+    assert_eq!(hosts[1].address.to_string(), "10.213.1.11");
+    let mut ns = netns_of_lab(&cfg.name);
+    ns.sort();
+    assert_eq!(
+        ns,
+        ["host-a", "host-b", "sw"].map(|s| format!("{}-{s}", cfg.name))
+    );
+
+    // The hosts reach each other over the bridge, in both directions.
+    assert!(
+        ping(&hosts[0].netns, &hosts[1].address.to_string()),
+        "host-a cannot reach host-b"
+    );
+    assert!(
+        ping(&hosts[1].netns, &hosts[0].address.to_string()),
+        "host-b cannot reach host-a"
+    );
+
+    // Agents: alive, in their host's network namespace, in the machine's mount namespace.
+    let status = lab::status(&cfg.name).expect("status");
+    let mut pids = Vec::new();
+    for h in &status {
+        let pid = h
+            .agent_pid
+            .unwrap_or_else(|| panic!("agent of {} not alive", h.name));
+        pids.push(pid);
+        assert!(h.socket.exists());
+        assert_eq!(
+            inode(format!("/proc/{pid}/ns/net")),
+            inode(format!("/run/netns/{}", h.netns))
+        );
+        assert_eq!(
+            inode(format!("/proc/{pid}/ns/mnt")),
+            inode("/proc/self/ns/mnt")
+        );
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        assert!(String::from_utf8_lossy(&cmdline).contains(&h.name));
+    }
+
+    // The lab file.
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(lab::lab_file_path(&cfg.name)).unwrap()).unwrap();
+    assert_eq!(json["name"], cfg.name.as_str());
+    assert_eq!(json["hosts"].as_array().unwrap().len(), 2);
+    for (i, h) in status.iter().enumerate() {
+        let j = &json["hosts"][i];
+        assert_eq!(j["name"], h.name.as_str());
+        assert_eq!(j["address"], h.address.to_string());
+        assert_eq!(j["netns"], h.netns.as_str());
+        assert_eq!(j["socket"], h.socket.display().to_string());
+        assert_eq!(j["state_dir"], h.state_dir.display().to_string());
+        assert_eq!(j["agent_pid"], pids[i]);
+        assert_eq!(j["quic_port"], lab::DEFAULT_QUIC_PORT);
+    }
+    assert_eq!(
+        lab::find_host(&cfg.name, "host-b").unwrap().socket,
+        status[1].socket
+    );
+
+    // A second up is refused and leaves the lab alone.
+    assert!(matches!(lab::up(&cfg), Err(LabError::AlreadyUp { .. })));
+    assert!(pid_running(pids[0]));
+
+    // Restarting one agent.
+    let restarted = lab::restart_agent(&cfg.name, "host-b").expect("restart");
+    let new_pid = restarted.agent_pid.expect("new pid");
+    assert_ne!(new_pid, pids[1]);
+    assert!(!pid_running(pids[1]), "old agent still runs");
+    assert_eq!(lab::status(&cfg.name).unwrap()[1].agent_pid, Some(new_pid));
+    pids.push(new_pid);
+
+    let report = lab::down(&cfg.name).expect("down");
+    assert!(report.is_clean(), "{:?}", report.problems);
+    assert_eq!(report.namespaces_removed.len(), 3);
+    assert_eq!(report.agents_stopped.len(), 2);
+    assert_gone(&cfg, &pids);
+
+    // Idempotent.
+    let again = lab::down(&cfg.name).expect("second down");
+    assert!(again.is_clean());
+    assert!(again.namespaces_removed.is_empty() && again.agents_stopped.is_empty());
+    assert!(matches!(
+        lab::status(&cfg.name),
+        Err(LabError::NotUp { .. })
+    ));
+}
+
+#[test]
+fn failed_up_rolls_back() {
+    if !is_root() {
+        return;
+    }
+    let mut cfg = config('b', 2, 2);
+    let _guard = LabGuard(cfg.name.clone());
+    // An "agent" that writes a line and exits at once.
+    cfg.migd = PathBuf::from("/bin/sh");
+    cfg.extra_agent_args = Vec::new();
+    let err = lab::up(&cfg).expect_err("up with a failing agent");
+    let LabError::UpRolledBack { source, rollback } = err else {
+        panic!("unexpected error {err}");
+    };
+    assert!(rollback.is_empty(), "{rollback:?}");
+    match *source {
+        LabError::AgentExited {
+            ref host,
+            ref log_tail,
+            ..
+        } => {
+            assert_eq!(host, "host-a");
+            // /bin/sh refuses the agent's options; its complaint is quoted from the log.
+            assert!(!log_tail.is_empty(), "no log quoted");
+        }
+        ref other => panic!("unexpected cause {other}"),
+    }
+    assert_gone(&cfg, &[]);
+}
+
+/// Hierarchies to plant a host cgroup in: the cgroup2 mount and the v1 pids controller if present.
+fn cgroup_roots() -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mut roots = Vec::new();
+    for line in info.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let mp = left.split(' ').nth(4).unwrap_or("");
+        let mut r = right.split(' ');
+        let fstype = r.next().unwrap_or("");
+        let opts = r.nth(1).unwrap_or("");
+        if fstype == "cgroup2" || (fstype == "cgroup" && opts.split(',').any(|o| o == "pids")) {
+            roots.push(PathBuf::from(mp));
+        }
+    }
+    roots
+}
+
+#[test]
+fn down_removes_container_leftovers() {
+    if !is_root() {
+        return;
+    }
+    let cfg = config('c', 3, 1);
+    let _guard = LabGuard(cfg.name.clone());
+    let hosts = lab::up(&cfg).expect("lab up");
+    let host = &hosts[0];
+
+    // What a container leaves when its agent and shim vanish: a process in the host's namespace
+    // recorded in shim.json and placed in the host's cgroups, and mounts in its state directory.
+    let mut child = ChildGuard(
+        Command::new("ip")
+            .args(["netns", "exec", &host.netns, "busybox", "sleep", "600"])
+            .spawn()
+            .expect("start a stand-in container"),
+        true,
+    );
+    let pid = child.0.id() as i32;
+    // Wait until `ip netns exec` has exec'd busybox (in the host's namespace).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while inode(format!("/proc/{pid}/ns/net")) != inode(format!("/run/netns/{}", host.netns)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stand-in never entered the namespace"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let mut cgroups = Vec::new();
+    for root in cgroup_roots() {
+        let dir = root
+            .join(format!("mig-{}-{}", cfg.name, host.name))
+            .join("c1");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("cgroup.procs"), pid.to_string()).unwrap();
+        cgroups.push(dir);
+    }
+    assert!(!cgroups.is_empty());
+    let cdir = host.state_dir.join("containers").join("c1");
+    let rootfs = cdir.join("rootfs");
+    std::fs::create_dir_all(rootfs.join("proc")).unwrap();
+    std::fs::write(
+        cdir.join("shim.json"),
+        serde_json::json!({"shim_pid": pid, "init_pid": pid}).to_string(),
+    )
+    .unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &rootfs,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .unwrap();
+    std::fs::create_dir_all(rootfs.join("proc")).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &rootfs.join("proc"),
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .unwrap();
+    assert_eq!(mounts_under(&cfg.state_root).len(), 2);
+
+    let report = lab::down(&cfg.name).expect("down");
+    assert!(report.is_clean(), "{:?}", report.problems);
+    assert!(report.processes_killed.contains(&pid), "{report:?}");
+    assert_eq!(report.unmounted.len(), 2, "{report:?}");
+    // `down` reaps it too (it is our child here): it is simply gone.
+    match child.0.try_wait() {
+        Ok(Some(status)) => assert!(!status.success()),
+        Ok(None) => panic!("stand-in container {pid} survived down"),
+        Err(_) => assert!(!pid_running(pid)),
+    }
+    child.1 = false;
+    for cg in &cgroups {
+        assert!(!cg.exists(), "{} left", cg.display());
+        assert!(
+            !cg.parent().unwrap().exists(),
+            "{} left",
+            cg.parent().unwrap().display()
+        );
+    }
+    assert_gone(&cfg, &[host.agent_pid.unwrap()]);
+}
+
+/// Kills and reaps a process this test started while armed (disarmed once it is known to be gone,
+/// so that a reused PID is never signalled).
+struct ChildGuard(std::process::Child, bool);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if self.1 {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
