@@ -97,7 +97,11 @@ pub enum SpecError {
 
 /// Checks a container id: 32 lowercase hex characters.
 pub fn validate_id(id: &str) -> Result<(), SpecError> {
-    if id.len() == 32 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if id.len() == 32
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         Ok(())
     } else {
         Err(SpecError::Id(id.to_owned()))
@@ -124,7 +128,9 @@ pub fn validate_digest(digest: &str) -> Result<(), SpecError> {
     match digest.strip_prefix("sha256:") {
         Some(hex)
             if hex.len() == 64
-                && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) =>
+                && hex
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) =>
         {
             Ok(())
         }
@@ -135,7 +141,8 @@ pub fn validate_digest(digest: &str) -> Result<(), SpecError> {
 fn validate_hostname(h: &str) -> Result<(), SpecError> {
     let ok = !h.is_empty()
         && h.len() <= 64
-        && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
         && !h.starts_with('-');
     if ok {
         Ok(())
@@ -167,7 +174,11 @@ impl ContainerSpec {
                 _ => return Err(SpecError::Env(e.clone())),
             }
         }
-        let strings = p.args.iter().chain(&p.env).chain([&p.cwd, &self.image.name]);
+        let strings = p
+            .args
+            .iter()
+            .chain(&p.env)
+            .chain([&p.cwd, &self.image.name]);
         if strings.into_iter().any(|s| s.contains('\0')) {
             return Err(SpecError::Nul);
         }
@@ -183,7 +194,9 @@ impl ContainerSpec {
         }
         if let Some(m) = self.userns {
             if m.size < 65536 || m.host_id == 0 || m.host_id.checked_add(m.size).is_none() {
-                return Err(SpecError::IdMap("needs a non-root host range of at least 65536 ids"));
+                return Err(SpecError::IdMap(
+                    "needs a non-root host range of at least 65536 ids",
+                ));
             }
         }
         Ok(())
