@@ -2,5 +2,6 @@
 //! ([`imageset`]), the migration wire protocol ([`wire`], [`protocol`]) and the QUIC transport
 //! ([`transport`]).
 
+pub mod archive;
 pub mod criu;
 pub mod imageset;

@@ -420,4 +420,4 @@ fn hash_all(dir: &Path, files: &[String]) -> Result<Vec<FileEntry>, ImageSetErro
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -1,0 +1,151 @@
+//! The container's writable layer (an overlayfs upper directory) as a tar, with overlay whiteouts
+//! turned into OCI whiteout entries and back:
+//!
+//! - a whiteout (character device 0:0) `dir/name` is stored as an empty file `dir/.wh.name`;
+//! - an opaque directory (xattr `trusted.overlay.opaque=y`) gets an empty `dir/.wh..wh..opq`.
+//!
+//! Minimal stand-ins until mig_runtime::image exposes its own layer writer and unpacker. Hard
+//! links are stored as separate copies; sockets are skipped (they cannot be archived).
+
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Component, Path, PathBuf};
+
+const WHITEOUT_PREFIX: &str = ".wh.";
+const OPAQUE: &str = ".wh..wh..opq";
+const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+
+/// Why a layer could not be written or unpacked.
+#[derive(Debug, thiserror::Error)]
+pub enum LayerError {
+    #[error("cannot read {path} for the layer tar")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot write the layer tar")]
+    Write(#[source] io::Error),
+    #[error("cannot read the layer tar")]
+    Tar(#[source] io::Error),
+    #[error("layer entry {path:?} has an unsafe path")]
+    UnsafePath { path: String },
+    #[error("cannot unpack layer entry {path}")]
+    Unpack {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Writes the upper directory `dir` as a tar stream into `w` (whiteouts as `.wh.` entries).
+pub fn write_layer_tar(dir: &Path, w: &mut dyn Write) -> Result<(), LayerError> {
+    let mut b = tar::Builder::new(w);
+    b.follow_symlinks(false);
+    add_dir(&mut b, dir, Path::new(""))?;
+    b.into_inner().map_err(LayerError::Write)?;
+    Ok(())
+}
+
+fn add_dir(b: &mut tar::Builder<&mut dyn Write>, dir: &Path, rel: &Path) -> Result<(), LayerError> {
+    let read_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| LayerError::Read { path, source }
+    };
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .map_err(read_err(dir))?
+        .collect::<Result<_, _>>()
+        .map_err(read_err(dir))?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let path = e.path();
+        let name = rel.join(e.file_name());
+        let meta = std::fs::symlink_metadata(&path).map_err(read_err(&path))?;
+        let ft = meta.file_type();
+        if ft.is_char_device() && meta.rdev() == 0 {
+            let mut wh = std::ffi::OsString::from(WHITEOUT_PREFIX);
+            wh.push(e.file_name());
+            empty_file(b, &rel.join(wh), &meta)?;
+        } else if ft.is_dir() {
+            b.append_dir(&name, &path).map_err(LayerError::Write)?;
+            if super::sys::lgetxattr(&path, OPAQUE_XATTR).as_deref() == Some(b"y") {
+                empty_file(b, &name.join(OPAQUE), &meta)?;
+            }
+            add_dir(b, &path, &name)?;
+        } else if ft.is_socket() {
+            continue;
+        } else {
+            b.append_path_with_name(&path, &name)
+                .map_err(LayerError::Write)?;
+        }
+    }
+    Ok(())
+}
+
+fn empty_file(
+    b: &mut tar::Builder<&mut dyn Write>,
+    name: &Path,
+    meta: &std::fs::Metadata,
+) -> Result<(), LayerError> {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_size(0);
+    h.set_mode(0o644);
+    h.set_uid(u64::from(meta.uid()));
+    h.set_gid(u64::from(meta.gid()));
+    h.set_mtime(meta.mtime().max(0) as u64);
+    b.append_data(&mut h, name, io::empty())
+        .map_err(LayerError::Write)
+}
+
+/// Unpacks a layer tar into the (new, empty) upper directory `dest`: `.wh.` entries become
+/// overlay whiteouts, everything else keeps its mode and owner; entries that would land outside
+/// `dest` are refused.
+pub fn unpack_layer_tar(r: &mut dyn Read, dest: &Path) -> Result<(), LayerError> {
+    let mut a = tar::Archive::new(r);
+    a.set_preserve_permissions(true);
+    a.set_preserve_ownerships(true);
+    a.set_unpack_xattrs(false);
+    for entry in a.entries().map_err(LayerError::Tar)? {
+        let mut entry = entry.map_err(LayerError::Tar)?;
+        let raw = entry.path().map_err(LayerError::Tar)?.into_owned();
+        let unsafe_path = || LayerError::UnsafePath {
+            path: raw.to_string_lossy().chars().take(256).collect(),
+        };
+        if raw
+            .components()
+            .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+        {
+            return Err(unsafe_path());
+        }
+        let name = raw.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let parent = dest.join(raw.parent().unwrap_or(Path::new("")));
+        let unpack_err = |path: PathBuf| move |source| LayerError::Unpack { path, source };
+        if name == OPAQUE {
+            std::fs::create_dir_all(&parent).map_err(unpack_err(parent.clone()))?;
+            super::sys::lsetxattr(&parent, OPAQUE_XATTR, b"y").map_err(unpack_err(parent))?;
+        } else if let Some(target) = name.strip_prefix(WHITEOUT_PREFIX) {
+            if target.is_empty() || target == "." || target == ".." {
+                return Err(unsafe_path());
+            }
+            std::fs::create_dir_all(&parent).map_err(unpack_err(parent.clone()))?;
+            let path = parent.join(target);
+            nix::sys::stat::mknod(
+                &path,
+                nix::sys::stat::SFlag::S_IFCHR,
+                nix::sys::stat::Mode::empty(),
+                nix::sys::stat::makedev(0, 0),
+            )
+            .map_err(|e| LayerError::Unpack {
+                path,
+                source: e.into(),
+            })?;
+        } else {
+            let done = entry.unpack_in(dest).map_err(unpack_err(dest.join(&raw)))?;
+            if !done {
+                return Err(unsafe_path());
+            }
+        }
+    }
+    Ok(())
+}

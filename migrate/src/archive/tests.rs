@@ -1,0 +1,214 @@
+use super::*;
+use crate::imageset::{seal, tests::sample_info};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// A sealed image set and an upper directory with a file, a directory, a symlink and, as root,
+/// a whiteout and an opaque directory.
+fn fixture() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let t = tempfile::tempdir().unwrap();
+    let set = t.path().join("set");
+    std::fs::create_dir(&set).unwrap();
+    let pages: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(set.join("pages-1.img"), pages).unwrap();
+    std::fs::write(set.join("core-1.img"), b"core").unwrap();
+    std::fs::write(set.join("dump.log"), b"not exported").unwrap();
+    seal(&set, sample_info()).unwrap();
+    let upper = t.path().join("upper");
+    std::fs::create_dir_all(upper.join("etc/app")).unwrap();
+    std::fs::write(upper.join("etc/app/conf"), b"x=1\n").unwrap();
+    std::os::unix::fs::symlink("app/conf", upper.join("etc/link")).unwrap();
+    if is_root() {
+        nix::sys::stat::mknod(
+            &upper.join("etc/gone"),
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::empty(),
+            nix::sys::stat::makedev(0, 0),
+        )
+        .unwrap();
+        std::fs::create_dir(upper.join("opaque")).unwrap();
+        sys::lsetxattr(&upper.join("opaque"), "trusted.overlay.opaque", b"y").unwrap();
+    }
+    (t, set, upper)
+}
+
+#[test]
+fn round_trip_plain_and_zstd() {
+    for zstd in [false, true] {
+        let (t, set, upper) = fixture();
+        let out = t.path().join("c.tar");
+        let exported = export(&set, Some(&upper), &out, zstd).unwrap();
+        assert!(exported.files.iter().any(|f| f.path == UPPER_TAR));
+        let head = std::fs::read(&out).unwrap();
+        assert_eq!(head[..4] == ZSTD_MAGIC, zstd);
+        let leftovers: Vec<_> = std::fs::read_dir(t.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n.to_string_lossy().starts_with('.'))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+
+        let dest = t.path().join("imported");
+        let imported = import(&out, &dest).unwrap();
+        assert_eq!(imported, exported);
+        assert_eq!(
+            std::fs::read(dest.join("pages-1.img")).unwrap(),
+            std::fs::read(set.join("pages-1.img")).unwrap()
+        );
+        assert!(!dest.join("dump.log").exists());
+
+        let new_upper = t.path().join("upper2");
+        assert!(unpack_upper(&dest, &new_upper).unwrap());
+        assert_eq!(
+            std::fs::read(new_upper.join("etc/app/conf")).unwrap(),
+            b"x=1\n"
+        );
+        assert_eq!(
+            std::fs::read_link(new_upper.join("etc/link")).unwrap(),
+            Path::new("app/conf")
+        );
+        if is_root() {
+            let m = std::fs::symlink_metadata(new_upper.join("etc/gone")).unwrap();
+            assert!(m.file_type().is_char_device() && m.rdev() == 0);
+            assert_eq!(
+                sys::lgetxattr(&new_upper.join("opaque"), "trusted.overlay.opaque").as_deref(),
+                Some(&b"y"[..])
+            );
+        }
+    }
+}
+
+#[test]
+fn export_without_upper_and_refuses_an_invalid_set() {
+    let (t, set, _) = fixture();
+    let out = t.path().join("c.tar");
+    let m = export(&set, None, &out, false).unwrap();
+    assert!(!m.files.iter().any(|f| f.path == UPPER_TAR));
+    let dest = t.path().join("d");
+    import(&out, &dest).unwrap();
+    assert!(!unpack_upper(&dest, &t.path().join("u")).unwrap());
+    std::fs::write(set.join("core-1.img"), b"CORE").unwrap();
+    assert!(matches!(
+        export(&set, None, &t.path().join("bad.tar"), false),
+        Err(ArchiveError::ImageSet { .. })
+    ));
+    assert!(!t.path().join("bad.tar").exists());
+}
+
+#[test]
+fn corrupted_archives_are_refused_and_leave_nothing() {
+    let (t, set, upper) = fixture();
+    let out = t.path().join("c.tar");
+    export(&set, Some(&upper), &out, false).unwrap();
+    let good = std::fs::read(&out).unwrap();
+    let dest = t.path().join("dest");
+    // A flipped byte inside a file's data: the hash check names the file.
+    let pos = good
+        .windows(4)
+        .position(|w| w == [7, 14, 21, 28])
+        .expect("pages data in the tar");
+    let mut bad = good.clone();
+    bad[pos + 1000] ^= 0xff;
+    std::fs::write(&out, &bad).unwrap();
+    match import(&out, &dest) {
+        Err(ArchiveError::Verify(ImageSetError::HashMismatch { path, .. })) => {
+            assert_eq!(path, "pages-1.img")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!dest.exists());
+    // Flipped header bytes and truncations at many points.
+    for i in (0..good.len()).step_by(good.len() / 97 + 1) {
+        let mut bad = good.clone();
+        bad[i] ^= 0x55;
+        std::fs::write(&out, &bad).unwrap();
+        if import(&out, &dest).is_ok() {
+            // A flip in padding or an unused header byte changes nothing that matters.
+            std::fs::remove_dir_all(&dest).unwrap();
+        }
+        assert!(!dest.exists());
+        std::fs::write(&out, &good[..i]).unwrap();
+        assert!(import(&out, &dest).is_err(), "truncated at {i} accepted");
+        assert!(!dest.exists());
+    }
+}
+
+#[test]
+fn truncated_zstd_archive_is_refused() {
+    let (t, set, upper) = fixture();
+    let out = t.path().join("c.tar.zst");
+    export(&set, Some(&upper), &out, true).unwrap();
+    let good = std::fs::read(&out).unwrap();
+    let dest = t.path().join("dest");
+    for cut in [4, good.len() / 3, good.len() / 2, good.len() - 1] {
+        std::fs::write(&out, &good[..cut]).unwrap();
+        assert!(import(&out, &dest).is_err(), "cut at {cut} accepted");
+        assert!(!dest.exists());
+    }
+}
+
+/// A tar whose single entry has raw name `name`, type `kind` and content `data`.
+fn raw_tar(name: &[u8], kind: tar::EntryType, data: &[u8]) -> Vec<u8> {
+    let mut h = tar::Header::new_old();
+    h.as_old_mut().name[..name.len()].copy_from_slice(name);
+    h.set_entry_type(kind);
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    if kind == tar::EntryType::Symlink || kind == tar::EntryType::Link {
+        h.set_link_name("/etc/passwd").unwrap();
+    }
+    h.set_cksum();
+    let mut b = tar::Builder::new(Vec::new());
+    b.append(&h, data).unwrap();
+    b.into_inner().unwrap()
+}
+
+#[test]
+fn hostile_entries_are_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("evil.tar");
+    let dest = t.path().join("dest");
+    let cases: &[(&[u8], tar::EntryType)] = &[
+        (b"../evil", tar::EntryType::Regular),
+        (b"/etc/evil", tar::EntryType::Regular),
+        (b"a/../../evil", tar::EntryType::Regular),
+        (b"link", tar::EntryType::Symlink),
+        (b"hard", tar::EntryType::Link),
+        (b"fifo", tar::EntryType::Fifo),
+        (b"dev", tar::EntryType::Char),
+        (b"x.log", tar::EntryType::Regular),
+    ];
+    for (name, kind) in cases {
+        std::fs::write(&out, raw_tar(name, *kind, b"boom")).unwrap();
+        assert!(
+            matches!(import(&out, &dest), Err(ArchiveError::Entry { .. })),
+            "{:?} accepted",
+            String::from_utf8_lossy(name)
+        );
+        assert!(!dest.exists());
+    }
+    assert!(!t.path().parent().unwrap().join("evil").exists());
+    // An archive without a manifest is refused by verification.
+    std::fs::write(&out, raw_tar(b"core-1.img", tar::EntryType::Regular, b"x")).unwrap();
+    assert!(matches!(import(&out, &dest), Err(ArchiveError::Verify(_))));
+    assert!(!dest.exists());
+}
+
+#[test]
+fn layer_unpack_refuses_escapes() {
+    let t = tempfile::tempdir().unwrap();
+    for name in [&b"../x"[..], b"/abs", b"a/.wh..."] {
+        let tar = raw_tar(name, tar::EntryType::Regular, b"");
+        let dest = t.path().join("u");
+        std::fs::create_dir_all(&dest).unwrap();
+        assert!(
+            unpack_layer_tar(&mut &tar[..], &dest).is_err(),
+            "{:?}",
+            String::from_utf8_lossy(name)
+        );
+    }
+    assert!(!t.path().join("x").exists());
+}
