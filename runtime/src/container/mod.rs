@@ -2,17 +2,109 @@
 //! runs between clone and exec (mounts, pivot_root, /proc, /dev, /sys, masked paths, hostname,
 //! capabilities, no_new_privs, seccomp, closing fds), and joining a running container for `exec`.
 //!
-//! OWNER: container helper. The signatures below are the contract other modules code against.
+//! - [`rootfs`]: the overlay on the host ([`mount_rootfs`], [`unmount_rootfs`]);
+//! - [`spawn`]: clone of the init in new namespaces; the child side is in `init`;
+//! - [`exec`]: a command inside a running container;
+//! - `security`: ids, capabilities, no_new_privs, the seccomp filter;
+//! - `channel`: typed parent/child messages; `sys`: the raw system calls (all `unsafe` is there).
+//!
+//! The container is built so that CRIU can dump it with a plain `criu dump -t PID --root ROOTFS`
+//! and restore it onto another overlay mount; see the notes at the top of `init`.
+
+mod channel;
+mod exec;
+mod init;
+mod rootfs;
+mod security;
+mod spawn;
+mod sys;
+
+pub use channel::Step;
+pub use exec::exec;
+pub use init::DEFAULT_PATH;
+pub use rootfs::{mount_rootfs, unmount_rootfs};
+pub use security::{default_caps_mask, DEFAULT_CAPS};
+pub use spawn::spawn;
 
 use crate::cgroup::Cgroup;
 use crate::spec::ContainerSpec;
+use nix::errno::Errno;
 use std::os::fd::RawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContainerError {
-    #[error("container support is not implemented yet")]
-    Unimplemented,
+    #[error("no image layers given for the rootfs at {target}")]
+    NoLayers { target: PathBuf },
+    #[error("creating directory {path}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("path {path} contains a NUL byte")]
+    PathNul { path: PathBuf },
+    #[error("overlay path {path} contains ',', ':' or '\\' and this kernel lacks lowerdir+")]
+    OverlayPathUnsupported { path: PathBuf },
+    #[error("overlay options for {target} are {len} bytes, more than a page")]
+    OverlayOptionsTooLong { target: PathBuf, len: usize },
+    #[error("mounting the overlay rootfs on {target}")]
+    MountRootfs {
+        target: PathBuf,
+        #[source]
+        errno: Errno,
+    },
+    #[error("unmounting the rootfs at {target}")]
+    UnmountRootfs {
+        target: PathBuf,
+        #[source]
+        errno: Errno,
+    },
+    #[error("invalid container spec")]
+    Spec(#[source] crate::spec::SpecError),
+    #[error("invalid command: empty, or a string contains a NUL byte")]
+    Command,
+    #[error("reading the kernel's capability list")]
+    CapLastCap(#[source] std::io::Error),
+    #[error("creating the parent/child socketpair")]
+    Socketpair(#[source] Errno),
+    #[error("cloning the container init")]
+    Clone(#[source] Errno),
+    #[error("forking into the container")]
+    Fork(#[source] Errno),
+    #[error("writing {path}")]
+    WriteIdMap {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("opening namespace {path}")]
+    OpenNamespace {
+        path: PathBuf,
+        #[source]
+        errno: Errno,
+    },
+    #[error("talking to the container child (pid {pid})")]
+    Channel {
+        pid: i32,
+        #[source]
+        errno: Errno,
+    },
+    #[error("container setup failed at step {step} (pid {pid})")]
+    Step {
+        step: Step,
+        pid: i32,
+        #[source]
+        errno: Errno,
+    },
+    #[error("container child {pid} ended before exec without a report (exit code {code})")]
+    ChildDied { pid: i32, code: i32 },
+    #[error("waiting for child {pid}")]
+    Wait {
+        pid: i32,
+        #[source]
+        errno: Errno,
+    },
 }
 
 /// What [`spawn`] needs to start a container's init.
@@ -20,46 +112,41 @@ pub enum ContainerError {
 pub struct LaunchConfig<'a> {
     pub spec: &'a ContainerSpec,
     /// The merged overlay mount made by [`mount_rootfs`] (on the host's mount namespace).
-    pub rootfs: &'a Path,
+    pub rootfs: &'a std::path::Path,
     pub cgroup: &'a Cgroup,
     /// Becomes the init's stdout and stderr (the write end of the shim's log pipe).
     pub output: RawFd,
 }
 
-/// Mounts an overlay of `lower` (bottom layer first) with `upper`/`work` on `target`.
-pub fn mount_rootfs(
-    lower: &[PathBuf],
-    upper: &Path,
-    work: &Path,
-    target: &Path,
-) -> Result<(), ContainerError> {
-    let _ = (lower, upper, work, target);
-    Err(ContainerError::Unimplemented)
-}
-
-/// Unmounts the container's root filesystem (lazily if busy). Not an error when not mounted.
-pub fn unmount_rootfs(target: &Path) -> Result<(), ContainerError> {
-    let _ = target;
-    Err(ContainerError::Unimplemented)
-}
-
-/// Starts the container's init in new namespaces inside `cgroup`; returns its host PID once it has
-/// been set up and is about to exec (setup errors come back typed, not as a dead child).
-pub fn spawn(cfg: &LaunchConfig<'_>) -> Result<i32, ContainerError> {
-    let _ = cfg;
-    Err(ContainerError::Unimplemented)
-}
-
-/// Runs `args` inside the running container whose init has host PID `init_pid`: joins its
-/// namespaces and cgroup, applies the same confinement, inherits the caller's stdio, waits and
-/// returns the exit code (128+signal when killed).
-pub fn exec(
-    init_pid: i32,
-    spec: &ContainerSpec,
-    cgroup: &Cgroup,
-    args: &[String],
-    env: &[String],
-) -> Result<i32, ContainerError> {
-    let _ = (init_pid, spec, cgroup, args, env);
-    Err(ContainerError::Unimplemented)
+/// Waits for a child's report on `sock`: `Ok` once it said "about to exec" and its end closed (the
+/// exec happened), the typed failure otherwise. On failure the child is reaped.
+fn await_exec(sock: RawFd, pid: i32) -> Result<(), ContainerError> {
+    let mut about_to_exec = false;
+    loop {
+        match channel::recv(sock) {
+            Ok(Some(channel::Message::AboutToExec)) => about_to_exec = true,
+            Ok(None) if about_to_exec => return Ok(()),
+            Ok(Some(channel::Message::Failed(f))) => {
+                let _ = sys::waitpid(pid);
+                return Err(ContainerError::Step {
+                    step: f.step,
+                    pid,
+                    errno: f.errno,
+                });
+            }
+            Ok(None | Some(channel::Message::Go)) => {
+                let status =
+                    sys::waitpid(pid).map_err(|errno| ContainerError::Wait { pid, errno })?;
+                return Err(ContainerError::ChildDied {
+                    pid,
+                    code: sys::exit_code(status),
+                });
+            }
+            Err(errno) => {
+                sys::kill(pid, libc::SIGKILL);
+                let _ = sys::waitpid(pid);
+                return Err(ContainerError::Channel { pid, errno });
+            }
+        }
+    }
 }

@@ -1,0 +1,143 @@
+//! The container's root filesystem on the host: an overlay of the image layers with a writable
+//! upper directory.
+//!
+//! The overlay is built with the new mount API (`fsopen`/`fsconfig`/`fsmount`/`move_mount`),
+//! passing one `lowerdir+` per layer, so there is no limit on the number of layers or the length
+//! of their paths and no escaping of `:` or `,`. When the kernel lacks that API (ENOSYS, or EINVAL
+//! for `lowerdir+` before 6.8) the classic `mount(2)` option string is used if it fits in a page.
+//!
+//! `index=off`: the same upper directory is mounted again at another place after a checkpoint
+//! (CRIU restores onto a different mount point), and with the index on, overlay records the
+//! lower layers' identities and may refuse such remounts.
+
+use super::{sys, ContainerError};
+use nix::errno::Errno;
+use std::ffi::CString;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+fn cstring(p: &Path) -> Result<CString, ContainerError> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| ContainerError::PathNul {
+        path: p.to_path_buf(),
+    })
+}
+
+/// Mounts an overlay of `lower` (bottom layer first) with `upper`/`work` on `target`, creating
+/// `upper`, `work` and `target` when missing.
+pub fn mount_rootfs(
+    lower: &[PathBuf],
+    upper: &Path,
+    work: &Path,
+    target: &Path,
+) -> Result<(), ContainerError> {
+    if lower.is_empty() {
+        return Err(ContainerError::NoLayers {
+            target: target.to_path_buf(),
+        });
+    }
+    for dir in [upper, work, target] {
+        std::fs::create_dir_all(dir).map_err(|source| ContainerError::CreateDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    match mount_new_api(lower, upper, work, target) {
+        Err(ContainerError::MountRootfs {
+            errno: Errno::ENOSYS | Errno::EINVAL,
+            ..
+        }) => mount_classic(lower, upper, work, target),
+        other => other,
+    }
+}
+
+fn mount_new_api(
+    lower: &[PathBuf],
+    upper: &Path,
+    work: &Path,
+    target: &Path,
+) -> Result<(), ContainerError> {
+    let fail = |errno| ContainerError::MountRootfs {
+        target: target.to_path_buf(),
+        errno,
+    };
+    let fs = sys::fsopen(c"overlay").map_err(fail)?;
+    let fd = fs.as_raw_fd();
+    sys::fsconfig_string(fd, c"source", c"overlay").map_err(fail)?;
+    // Overlay wants the topmost layer first; the contract passes the bottom layer first.
+    for layer in lower.iter().rev() {
+        sys::fsconfig_string(fd, c"lowerdir+", &cstring(layer)?).map_err(fail)?;
+    }
+    sys::fsconfig_string(fd, c"upperdir", &cstring(upper)?).map_err(fail)?;
+    sys::fsconfig_string(fd, c"workdir", &cstring(work)?).map_err(fail)?;
+    sys::fsconfig_string(fd, c"index", c"off").map_err(fail)?;
+    sys::fsconfig_create(fd).map_err(fail)?;
+    let mnt = sys::fsmount(fd).map_err(fail)?;
+    sys::move_mount(mnt.as_raw_fd(), &cstring(target)?).map_err(fail)
+}
+
+fn mount_classic(
+    lower: &[PathBuf],
+    upper: &Path,
+    work: &Path,
+    target: &Path,
+) -> Result<(), ContainerError> {
+    let mut opts = b"lowerdir=".to_vec();
+    for (i, layer) in lower.iter().rev().enumerate() {
+        if i > 0 {
+            opts.push(b':');
+        }
+        opts.extend_from_slice(option_path(layer)?);
+    }
+    for (key, dir) in [(&b",upperdir="[..], upper), (b",workdir=", work)] {
+        opts.extend_from_slice(key);
+        opts.extend_from_slice(option_path(dir)?);
+    }
+    opts.extend_from_slice(b",index=off");
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .unwrap_or(4096) as usize;
+    if opts.len() >= page {
+        return Err(ContainerError::OverlayOptionsTooLong {
+            target: target.to_path_buf(),
+            len: opts.len(),
+        });
+    }
+    let data = CString::new(opts).map_err(|_| ContainerError::PathNul {
+        path: target.to_path_buf(),
+    })?;
+    sys::mount(
+        Some(c"overlay"),
+        &cstring(target)?,
+        Some(c"overlay"),
+        0,
+        Some(&data),
+    )
+    .map_err(|errno| ContainerError::MountRootfs {
+        target: target.to_path_buf(),
+        errno,
+    })
+}
+
+/// A path as it may appear in the classic option string (no separators to escape).
+fn option_path(p: &Path) -> Result<&[u8], ContainerError> {
+    let b = p.as_os_str().as_bytes();
+    if b.iter().any(|c| matches!(c, b',' | b':' | b'\\' | b'\0')) {
+        return Err(ContainerError::OverlayPathUnsupported {
+            path: p.to_path_buf(),
+        });
+    }
+    Ok(b)
+}
+
+/// Unmounts the container's root filesystem (lazily if busy). Not an error when not mounted.
+pub fn unmount_rootfs(target: &Path) -> Result<(), ContainerError> {
+    match sys::umount2(&cstring(target)?, libc::MNT_DETACH) {
+        Ok(()) | Err(Errno::EINVAL | Errno::ENOENT) => Ok(()),
+        Err(errno) => Err(ContainerError::UnmountRootfs {
+            target: target.to_path_buf(),
+            errno,
+        }),
+    }
+}

@@ -1,0 +1,359 @@
+//! Confinement applied to every process started in a container (the init and `exec`ed commands):
+//! user and group ids, Docker's default capability set, no_new_privs, and a deny-list seccomp
+//! filter. [`Confinement::new`] builds everything (the BPF program included) before the fork;
+//! [`Confinement::apply`] only makes system calls.
+
+use super::channel::{At, Fail, Step};
+use super::sys;
+use std::io;
+
+/// Docker's default capabilities: the bounding, permitted, effective and inheritable sets of a
+/// container's root.
+pub const DEFAULT_CAPS: &[u32] = &[
+    0,  // CAP_CHOWN
+    1,  // CAP_DAC_OVERRIDE
+    3,  // CAP_FOWNER
+    4,  // CAP_FSETID
+    5,  // CAP_KILL
+    6,  // CAP_SETGID
+    7,  // CAP_SETUID
+    8,  // CAP_SETPCAP
+    10, // CAP_NET_BIND_SERVICE
+    13, // CAP_NET_RAW
+    18, // CAP_SYS_CHROOT
+    27, // CAP_MKNOD
+    29, // CAP_AUDIT_WRITE
+    31, // CAP_SETFCAP
+];
+
+/// [`DEFAULT_CAPS`] as a bit mask (the `CapEff` a root process shows: `00000000a80425fb`).
+pub fn default_caps_mask() -> u64 {
+    DEFAULT_CAPS.iter().fold(0, |m, c| m | 1 << c)
+}
+
+/// Reads the highest capability number the kernel knows.
+pub(crate) fn cap_last_cap() -> io::Result<u32> {
+    let s = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")?;
+    s.trim()
+        .parse()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// Everything needed to confine a process, prepared before clone/fork.
+#[derive(Debug)]
+pub(crate) struct Confinement {
+    pub uid: u32,
+    pub gid: u32,
+    pub cap_last: u32,
+    pub seccomp: Vec<libc::sock_filter>,
+}
+
+impl Confinement {
+    pub(crate) fn new(uid: u32, gid: u32) -> io::Result<Confinement> {
+        Ok(Confinement {
+            uid,
+            gid,
+            cap_last: cap_last_cap()?,
+            seccomp: seccomp_program(),
+        })
+    }
+
+    /// Applies ids, capabilities, no_new_privs and, last, seccomp. Allocation-free.
+    pub(crate) fn apply(&self) -> Result<(), Fail> {
+        let keep = default_caps_mask();
+        // Bounding set first: dropping needs CAP_SETPCAP, which we still have as root.
+        for cap in 0..=self.cap_last.min(63) {
+            if keep & (1 << cap) == 0 {
+                sys::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong).at(Step::CapBounding)?;
+            }
+        }
+        // Keep the permitted set across setuid to a non-root uid so that capset below decides.
+        sys::prctl(libc::PR_SET_KEEPCAPS, 1).at(Step::KeepCaps)?;
+        sys::clear_groups().at(Step::SetGroups)?;
+        sys::setresgid(self.gid).at(Step::SetGid)?;
+        sys::setresuid(self.uid).at(Step::SetUid)?;
+        // Root gets the default set in every set; execve then gives it back as effective. A
+        // non-root uid keeps it only in inheritable, so after execve it has none (as in Docker).
+        let (eff, perm) = if self.uid == 0 {
+            (keep, keep)
+        } else {
+            (0, keep)
+        };
+        sys::capset(eff, perm, keep).at(Step::CapSet)?;
+        sys::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+        )
+        .at(Step::AmbientCaps)?;
+        sys::prctl(libc::PR_SET_NO_NEW_PRIVS, 1).at(Step::NoNewPrivs)?;
+        // Seccomp last: everything above may need a syscall the filter denies.
+        sys::seccomp_install(&self.seccomp).at(Step::Seccomp)
+    }
+}
+
+/// System calls a container may never make (they fail with EPERM), on every architecture.
+fn denied_syscalls() -> Vec<libc::c_long> {
+    use libc::*;
+    #[allow(unused_mut)]
+    let mut v = vec![
+        SYS_mount,
+        SYS_umount2,
+        SYS_pivot_root,
+        SYS_fsopen,
+        SYS_fsconfig,
+        SYS_fsmount,
+        SYS_fspick,
+        SYS_move_mount,
+        SYS_open_tree,
+        SYS_mount_setattr,
+        SYS_kexec_load,
+        SYS_kexec_file_load,
+        SYS_init_module,
+        SYS_finit_module,
+        SYS_delete_module,
+        SYS_bpf,
+        SYS_ptrace,
+        SYS_keyctl,
+        SYS_add_key,
+        SYS_request_key,
+        SYS_unshare,
+        SYS_setns,
+        SYS_swapon,
+        SYS_swapoff,
+        SYS_reboot,
+        SYS_acct,
+        SYS_open_by_handle_at,
+        SYS_name_to_handle_at,
+        SYS_perf_event_open,
+        SYS_userfaultfd,
+        SYS_io_uring_setup,
+        SYS_io_uring_enter,
+        SYS_io_uring_register,
+        SYS_lookup_dcookie,
+        SYS_quotactl,
+        SYS_quotactl_fd,
+        SYS_settimeofday,
+        SYS_clock_settime,
+        SYS_clock_adjtime,
+        SYS_adjtimex,
+        SYS_syslog,
+        SYS_vhangup,
+        SYS_process_vm_readv,
+        SYS_process_vm_writev,
+        SYS_kcmp,
+        SYS_pidfd_getfd,
+    ];
+    #[cfg(target_arch = "x86_64")]
+    v.extend([SYS_iopl, SYS_ioperm, SYS_uselib, SYS_ustat, SYS_sysfs]);
+    v
+}
+
+#[cfg(target_arch = "x86_64")]
+const AUDIT_ARCH: u32 = 0xC000_003E; // AUDIT_ARCH_X86_64
+#[cfg(target_arch = "aarch64")]
+const AUDIT_ARCH: u32 = 0xC000_00B7; // AUDIT_ARCH_AARCH64
+
+/// x32 system calls carry this bit on x86_64 under the same audit architecture; they would bypass
+/// a filter on x86_64 numbers, so all of them are refused.
+const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+
+/// `clone` flags that create namespaces: refused like `unshare`.
+const CLONE_NS_FLAGS: u32 = 0x7E02_0000;
+
+/// personality(2) values Docker allows: PER_LINUX, UNAME26, PER_LINUX32, PER_LINUX32|UNAME26, query.
+const PERSONALITY_OK: [u32; 5] = [0x0, 0x0008, 0x0002_0000, 0x0002_0008, 0xffff_ffff];
+
+// seccomp_data offsets
+const OFF_NR: u32 = 0;
+const OFF_ARCH: u32 = 4;
+const OFF_ARG0_LO: u32 = 16; // little-endian low half of args[0]
+
+/// Jump target of a conditional in the small assembler below.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Next,
+    Kill,
+    Allow,
+    Deny,
+    Enosys,
+    Personality,
+}
+
+const LABELS: [Target; 5] = [
+    Target::Kill,
+    Target::Allow,
+    Target::Deny,
+    Target::Enosys,
+    Target::Personality,
+];
+
+enum Insn {
+    Ld(u32),
+    Jmp {
+        op: u16,
+        k: u32,
+        jt: Target,
+        jf: Target,
+    },
+    Ret(u32),
+    Label(Target),
+}
+
+/// Builds the deny-list filter: a foreign architecture kills the process, denied calls get
+/// EPERM, `clone3` gets ENOSYS (so libc falls back to `clone`, whose flags can be checked), the
+/// rest runs.
+pub(crate) fn seccomp_program() -> Vec<libc::sock_filter> {
+    const JEQ: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+    const JGE: u16 = (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16;
+    const JSET: u16 = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;
+    use Target::*;
+    let mut p = vec![
+        Insn::Ld(OFF_ARCH),
+        Insn::Jmp {
+            op: JEQ,
+            k: AUDIT_ARCH,
+            jt: Next,
+            jf: Kill,
+        },
+    ];
+    p.push(Insn::Ld(OFF_NR));
+    if cfg!(target_arch = "x86_64") {
+        p.push(Insn::Jmp {
+            op: JGE,
+            k: X32_SYSCALL_BIT,
+            jt: Deny,
+            jf: Next,
+        });
+    }
+    for nr in denied_syscalls() {
+        p.push(Insn::Jmp {
+            op: JEQ,
+            k: nr as u32,
+            jt: Deny,
+            jf: Next,
+        });
+    }
+    p.push(Insn::Jmp {
+        op: JEQ,
+        k: libc::SYS_clone3 as u32,
+        jt: Enosys,
+        jf: Next,
+    });
+    // clone: refuse namespace flags (args[0] is the flags word on x86_64 and aarch64).
+    p.push(Insn::Jmp {
+        op: JEQ,
+        k: libc::SYS_clone as u32,
+        jt: Next,
+        jf: Personality,
+    });
+    p.push(Insn::Ld(OFF_ARG0_LO));
+    p.push(Insn::Jmp {
+        op: JSET,
+        k: CLONE_NS_FLAGS,
+        jt: Deny,
+        jf: Allow,
+    });
+    // personality: only the harmless values.
+    p.push(Insn::Label(Personality));
+    p.push(Insn::Jmp {
+        op: JEQ,
+        k: libc::SYS_personality as u32,
+        jt: Next,
+        jf: Allow,
+    });
+    p.push(Insn::Ld(OFF_ARG0_LO));
+    for ok in PERSONALITY_OK {
+        p.push(Insn::Jmp {
+            op: JEQ,
+            k: ok,
+            jt: Allow,
+            jf: Next,
+        });
+    }
+    p.push(Insn::Ret(libc::SECCOMP_RET_ERRNO | libc::EPERM as u32));
+    p.push(Insn::Label(Allow));
+    p.push(Insn::Ret(libc::SECCOMP_RET_ALLOW));
+    p.push(Insn::Label(Deny));
+    p.push(Insn::Ret(libc::SECCOMP_RET_ERRNO | libc::EPERM as u32));
+    p.push(Insn::Label(Enosys));
+    p.push(Insn::Ret(libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32));
+    p.push(Insn::Label(Kill));
+    p.push(Insn::Ret(libc::SECCOMP_RET_KILL_PROCESS));
+    assemble(&p)
+}
+
+/// Resolves labels into relative jumps. Every jump goes forward; the program is short enough for
+/// 8-bit offsets (checked by a unit test).
+fn assemble(p: &[Insn]) -> Vec<libc::sock_filter> {
+    let mut labels = [0u32; LABELS.len()];
+    let mut n = 0u32;
+    for insn in p {
+        match insn {
+            Insn::Label(t) => {
+                if let Some(i) = LABELS.iter().position(|l| l == t) {
+                    labels[i] = n;
+                }
+            }
+            _ => n += 1,
+        }
+    }
+    let ld = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+    let ret = (libc::BPF_RET | libc::BPF_K) as u16;
+    let mut out = Vec::with_capacity(n as usize);
+    for insn in p {
+        let at = out.len() as u32;
+        let rel = |t: Target| -> u8 {
+            let dest = match LABELS.iter().position(|l| *l == t) {
+                Some(i) => labels[i],
+                None => at + 1,
+            };
+            u8::try_from(dest - at - 1).unwrap_or(u8::MAX)
+        };
+        match *insn {
+            Insn::Ld(off) => out.push(libc::sock_filter {
+                code: ld,
+                jt: 0,
+                jf: 0,
+                k: off,
+            }),
+            Insn::Ret(k) => out.push(libc::sock_filter {
+                code: ret,
+                jt: 0,
+                jf: 0,
+                k,
+            }),
+            Insn::Label(_) => {}
+            Insn::Jmp { op, k, jt, jf } => out.push(libc::sock_filter {
+                code: op,
+                jt: rel(jt),
+                jf: rel(jf),
+                k,
+            }),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_default_mask() {
+        assert_eq!(default_caps_mask(), 0xa80425fb);
+    }
+
+    #[test]
+    fn program_fits_and_jumps_stay_inside() {
+        let p = seccomp_program();
+        assert!(p.len() < 255, "jump offsets are 8-bit");
+        for (i, ins) in p.iter().enumerate() {
+            if ins.code & 0x07 == libc::BPF_JMP as u16 {
+                assert!(i + 1 + (ins.jt as usize) < p.len());
+                assert!(i + 1 + (ins.jf as usize) < p.len());
+            }
+        }
+        let last = p.last().unwrap();
+        assert_eq!(last.code, (libc::BPF_RET | libc::BPF_K) as u16);
+    }
+}

@@ -1,0 +1,268 @@
+//! Root tests of `spawn` and `exec` against the real kernel: a busybox container observed from
+//! the inside with a probe script.
+
+mod container_support;
+
+use container_support::{kv, no_cgroup, pipe, raw, read_to_end, spec, userns_map, Fixture, Proc};
+use mig_runtime::container::{default_caps_mask, exec, spawn, ContainerError, LaunchConfig, Step};
+use nix::errno::Errno;
+use std::collections::BTreeSet;
+
+const PROBE: &str = r#"
+echo "pid=$$"
+echo "host=$(hostname)"
+while read k v rest; do
+  case "$k" in Seccomp:|CapEff:|CapBnd:|CapPrm:|NoNewPrivs:) echo "${k%:}=$v";; esac
+done < /proc/self/status
+if mount -t tmpfs x /mnt 2>/dev/null; then echo mount=allowed; else echo mount=denied; fi
+echo "kcore=$(cat /proc/kcore | wc -c)"
+echo "keys=$(cat /proc/keys | wc -c)"
+echo "procsys=$(grep ' /proc/sys ' /proc/self/mountinfo | cut -d' ' -f6)"
+echo "sysfs=$(grep ' /sys ' /proc/self/mountinfo | cut -d' ' -f6)"
+if echo x > /proc/sysrq-trigger 2>/dev/null; then echo sysrq=writable; else echo sysrq=ro; fi
+echo "net=$(ls /sys/class/net | tr '\n' ' ')"
+echo "loflags=$(cat /sys/class/net/lo/flags)"
+echo "ps=$(ps -o pid | tail -n +2 | tr '\n' ' ')"
+echo "dev=$(ls -A /dev | tr '\n' ' ')"
+echo "stdin=$(readlink /proc/$$/fd/0)"
+echo "fds=$(ls /proc/$$/fd | tr '\n' ' ')"
+echo "cwd=$(pwd)"
+echo "uid=$(id -u)"
+echo "sid=$(cut -d' ' -f6 /proc/$$/stat)"
+echo "uidmap=$(cat /proc/self/uid_map | tr -s ' ' | tr '\n' ';')"
+echo end=1
+"#;
+
+fn run_probe(test: &str, userns: bool) -> std::collections::HashMap<String, String> {
+    let mut fx = Fixture::new(test);
+    let root = fx.mount("merged");
+    let mut s = spec(test, &["sh", "-c", PROBE]);
+    if userns {
+        s.userns = Some(userns_map());
+    }
+    let cg = no_cgroup();
+    let (r, w) = pipe();
+    let pid = spawn(&LaunchConfig {
+        spec: &s,
+        rootfs: &root,
+        cgroup: &cg,
+        output: raw(&w),
+    })
+    .expect("spawn");
+    let mut init = Proc(pid);
+    drop(w);
+    let out = read_to_end(r);
+    let status = init.wait();
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "status {status:#x}, output:\n{out}"
+    );
+    let map = kv(&out);
+    assert_eq!(
+        map.get("end").map(String::as_str),
+        Some("1"),
+        "output:\n{out}"
+    );
+    assert_eq!(map["host"], s.hostname, "{out}");
+    map
+}
+
+#[test]
+fn container_isolation_seen_from_inside() {
+    let m = run_probe("isolation", false);
+    let caps = format!("{:016x}", default_caps_mask());
+    assert_eq!(m["pid"], "1");
+    assert_eq!(m["Seccomp"], "2");
+    assert_eq!(m["NoNewPrivs"], "1");
+    assert_eq!(m["CapEff"], caps);
+    assert_eq!(m["CapPrm"], caps);
+    assert_eq!(m["CapBnd"], caps);
+    assert_eq!(m["mount"], "denied");
+    assert_eq!(m["kcore"], "0");
+    assert_eq!(m["keys"], "0");
+    assert!(m["procsys"].starts_with("ro"), "{m:?}");
+    assert!(m["sysfs"].starts_with("ro"), "{m:?}");
+    assert_eq!(m["sysrq"], "ro");
+    assert_eq!(m["net"], "lo");
+    let flags = u32::from_str_radix(m["loflags"].trim_start_matches("0x"), 16).unwrap();
+    assert_eq!(
+        flags & libc::IFF_UP as u32,
+        libc::IFF_UP as u32,
+        "loopback is up"
+    );
+    let pids: Vec<u32> = m["ps"]
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    // The init, the probe's pipeline, and nothing from the host.
+    assert!(
+        pids.contains(&1) && pids.len() <= 6 && pids.iter().all(|p| *p < 100),
+        "ps: {pids:?}"
+    );
+    let dev: BTreeSet<&str> = m["dev"].split_whitespace().collect();
+    let want: BTreeSet<&str> = [
+        "fd", "full", "mqueue", "null", "ptmx", "pts", "random", "shm", "stderr", "stdin",
+        "stdout", "tty", "urandom", "zero",
+    ]
+    .into();
+    assert_eq!(dev, want);
+    assert_eq!(m["stdin"], "/dev/null");
+    // 0, 1, 2 and the read end of the shell's own `$(...)` pipe (3); the host's view of an idle
+    // init is checked in the exec test.
+    let fds: BTreeSet<&str> = m["fds"].split_whitespace().collect();
+    assert!(fds.is_subset(&["0", "1", "2", "3"].into()), "{m:?}");
+    assert_eq!(m["cwd"], "/");
+    assert_eq!(m["uid"], "0");
+    assert_eq!(m["sid"], "1", "the init leads its own session");
+}
+
+#[test]
+fn container_spawn_reports_typed_errors() {
+    let mut fx = Fixture::new("typed_errors");
+    let root = fx.mount("merged");
+    let cg = no_cgroup();
+    let (_r, w) = pipe();
+
+    let s = spec("typed_errors", &["no-such-command"]);
+    let err = spawn(&LaunchConfig {
+        spec: &s,
+        rootfs: &root,
+        cgroup: &cg,
+        output: raw(&w),
+    })
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ContainerError::Step {
+                step: Step::Exec,
+                errno: Errno::ENOENT,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+
+    let mut s = spec("typed_errors", &["sh"]);
+    s.process.cwd = "/does/not/exist".into();
+    let err = spawn(&LaunchConfig {
+        spec: &s,
+        rootfs: &root,
+        cgroup: &cg,
+        output: raw(&w),
+    })
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ContainerError::Step {
+                step: Step::Chdir,
+                errno: Errno::ENOENT,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+
+    let s = spec("typed_errors", &["sh"]);
+    let missing = fx.dir.path().join("not-a-rootfs");
+    let err = spawn(&LaunchConfig {
+        spec: &s,
+        rootfs: &missing,
+        cgroup: &cg,
+        output: raw(&w),
+    })
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ContainerError::Step {
+                step: Step::BindRootfs,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn container_exec_joins_running_container() {
+    let mut fx = Fixture::new("exec");
+    let root = fx.mount("merged");
+    let s = spec("exec", &["sleep", "1000"]);
+    let cg = no_cgroup();
+    let (_r, w) = pipe();
+    let pid = spawn(&LaunchConfig {
+        spec: &s,
+        rootfs: &root,
+        cgroup: &cg,
+        output: raw(&w),
+    })
+    .expect("spawn");
+    let _init = Proc(pid);
+    // Seen from the host, the init holds exactly stdin (its own /dev/null) and the output pipe.
+    let fds: BTreeSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(fds, ["0", "1", "2"].map(String::from).into());
+    let out = std::fs::read_link(format!("/proc/{pid}/fd/1")).unwrap();
+    assert!(out.to_string_lossy().starts_with("pipe:["), "{out:?}");
+
+    let script = r#"echo "init=$(tr '\0' ' ' < /proc/1/cmdline)" > /tmp/exec.out
+echo "host=$(hostname)" >> /tmp/exec.out
+echo "mypid=$$" >> /tmp/exec.out
+echo "extra=$EXTRA" >> /tmp/exec.out
+while read k v rest; do case "$k" in Seccomp:|CapEff:|NoNewPrivs:) echo "${k%:}=$v";; esac; done < /proc/self/status >> /tmp/exec.out
+exit 7"#;
+    let args: Vec<String> = ["sh", "-c", script].iter().map(|s| s.to_string()).collect();
+    let code = exec(pid, &s, &cg, &args, &["EXTRA=yes".into()]).expect("exec");
+    assert_eq!(code, 7);
+    let out = std::fs::read_to_string(root.join("tmp/exec.out")).unwrap();
+    let m = kv(&out);
+    assert_eq!(m["init"], "sleep 1000", "{out}");
+    assert_eq!(m["host"], s.hostname);
+    assert_ne!(m["mypid"], "1");
+    assert!(m["mypid"].parse::<u32>().unwrap() < 20, "{out}");
+    assert_eq!(m["extra"], "yes");
+    assert_eq!(m["Seccomp"], "2");
+    assert_eq!(m["NoNewPrivs"], "1");
+    assert_eq!(m["CapEff"], format!("{:016x}", default_caps_mask()));
+
+    let args: Vec<String> = ["sh", "-c", "kill -9 $$"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(exec(pid, &s, &cg, &args, &[]).expect("exec"), 128 + 9);
+
+    let args = vec!["no-such-command".to_string()];
+    let err = exec(pid, &s, &cg, &args, &[]).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ContainerError::Step {
+                step: Step::Exec,
+                errno: Errno::ENOENT,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn container_userns_maps_root() {
+    let m = run_probe("userns", true);
+    assert_eq!(m["pid"], "1");
+    assert_eq!(m["uid"], "0");
+    let map = userns_map();
+    assert_eq!(
+        m["uidmap"],
+        format!("0 {} {};", map.host_id, map.size)
+            .trim_start()
+            .to_string()
+    );
+    assert_eq!(m["Seccomp"], "2");
+    assert_eq!(m["net"], "lo");
+    assert_eq!(m["kcore"], "0");
+}
