@@ -13,7 +13,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag};
 use nix::unistd::Pid;
 use std::io::{BufRead, BufReader};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -227,7 +228,6 @@ fn dump_kill_restore_continues_counting_with_the_same_pids() {
     // Restoring also leaves its log and the set still verifies (logs are not part of it).
     assert!(images.join("restore.log").exists());
     drop(reaper);
-    nix::sys::prctl::set_child_subreaper(false).unwrap();
 }
 
 #[test]
@@ -287,4 +287,139 @@ fn failures_carry_the_log_reason() {
         })
         .unwrap_err();
     assert!(matches!(err, CriuError::InheritFd { fd: 1 }));
+}
+
+/// The cgroup2 mount point, from /proc/self/mountinfo.
+fn cgroup2_mount() -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        (post.split_whitespace().next() == Some("cgroup2"))
+            .then(|| PathBuf::from(pre.split_whitespace().nth(4).unwrap_or("")))
+    })
+}
+
+/// A cgroup2 directory of this test, killed and removed on drop.
+struct TestCgroup(PathBuf);
+
+impl TestCgroup {
+    fn new(mount: &Path, name: &str) -> TestCgroup {
+        let dir = mount.join(format!("mig-test-{name}-{}", std::process::id()));
+        std::fs::create_dir(&dir).unwrap();
+        TestCgroup(dir)
+    }
+    fn write(&self, file: &str, value: &str) {
+        std::fs::write(self.0.join(file), value).unwrap();
+    }
+    fn frozen(&self) -> bool {
+        std::fs::read_to_string(self.0.join("cgroup.events"))
+            .unwrap()
+            .lines()
+            .any(|l| l == "frozen 1")
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.0.join("cgroup.kill"), "1");
+        let _ = std::fs::write(self.0.join("cgroup.freeze"), "0");
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.0).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Reads every line available now from a non-blocking pipe; returns the last number, if any.
+fn drain(lines: &mut BufReader<std::fs::File>) -> Option<u64> {
+    let mut last = None;
+    let mut l = String::new();
+    loop {
+        match lines.read_line(&mut l) {
+            Ok(0) => return last,
+            Ok(_) => {
+                if let Ok(n) = l.trim().parse() {
+                    last = Some(n);
+                }
+                l.clear();
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return last,
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+/// The migration path: freeze the cgroup first, dump leaving the tree running (so it stays
+/// frozen, as CRIU restores the freezer state it found), kill the frozen source, restore with
+/// the restored tasks placed into another cgroup by the criu child.
+#[test]
+fn prefrozen_dump_stays_frozen_and_restore_lands_in_the_cgroup() {
+    let Some(criu) = criu_or_skip() else { return };
+    let Some(mount) = cgroup2_mount() else {
+        eprintln!("no cgroup2 mount: skipping");
+        return;
+    };
+    nix::sys::prctl::set_child_subreaper(true).unwrap();
+    let mut reaper = Reaper::default();
+    let src = TestCgroup::new(&mount, "criu-src");
+    let dst = TestCgroup::new(&mount, "criu-dst");
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    let mut tree = start_tree(&mut reaper);
+    src.write("cgroup.procs", &tree.init.to_string());
+    src.write("cgroup.freeze", "1");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !src.frozen() {
+        assert!(Instant::now() < deadline, "cgroup did not freeze");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let fd = tree.lines.get_ref().as_fd();
+    let flags = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL).unwrap();
+    let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags)).unwrap();
+    let mut last = drain(&mut tree.lines).unwrap_or(tree.last);
+
+    let stats = criu
+        .dump(&DumpOpts {
+            pid: tree.init,
+            images_dir: images.clone(),
+            freeze_cgroup: Some(src.0.clone()),
+            leave_running: true,
+            log_file: "dump.log".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    eprintln!("pre-frozen dump: {stats:?}");
+    assert!(src.frozen(), "the source stays frozen after the dump");
+    std::thread::sleep(Duration::from_millis(200));
+    last = drain(&mut tree.lines).unwrap_or(last);
+    assert!(drain(&mut tree.lines).is_none(), "a frozen tree printed");
+
+    // Commit: the frozen source is destroyed.
+    src.write("cgroup.kill", "1");
+    let _ = waitpid(Pid::from_raw(tree.unshare), None);
+
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+    let outcome = criu
+        .restore(&RestoreOpts {
+            images_dir: images.clone(),
+            inherit_fds: vec![(w.as_raw_fd(), tree.stdout_pipe.clone())],
+            cgroup_procs: vec![dst.0.join("cgroup.procs")],
+            log_file: "restore.log".into(),
+            pidfile: "restore.pid".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    reaper.0.push(outcome.pid);
+    drop(w);
+    let cg = std::fs::read_to_string(format!("/proc/{}/cgroup", outcome.pid)).unwrap();
+    let want = format!("0::/{}", dst.0.file_name().unwrap().to_string_lossy());
+    assert!(cg.lines().any(|l| l == want), "{cg}");
+    let mut lines = BufReader::new(std::fs::File::from(r));
+    assert_eq!(read_number(&mut lines), last + 1, "the counter continues");
+    drop(reaper);
+    drop(src);
+    drop(dst);
 }
