@@ -21,6 +21,11 @@ pub struct DumpOpts {
     pub leave_running: bool,
     /// `--external` resources (`mnt[PATH]:KEY`, `file[MNT_ID:INODE]`, ...).
     pub external: Vec<String>,
+    /// Dump established TCP connections (`--tcp-established`, with CRIU's iptables network
+    /// lock). When false the network lock is skipped (`--network-lock skip`), which saves about
+    /// 80 ms of dump and restore time here: without dumped connections there is nothing to
+    /// protect from the peer.
+    pub tcp_established: bool,
     /// CRIU's log; relative paths are relative to `images_dir` (kept next to the image set).
     pub log_file: PathBuf,
     /// Anything else, passed as given after mig's options (`--tcp-established`, ...).
@@ -46,6 +51,8 @@ pub struct RestoreOpts {
     /// relative to `images_dir`.
     pub pidfile: PathBuf,
     pub external: Vec<String>,
+    /// Must match the dump's [`DumpOpts::tcp_established`].
+    pub tcp_established: bool,
     /// Anything else, passed as given after mig's options.
     pub extra: Vec<String>,
 }
@@ -57,6 +64,14 @@ pub fn resolve(dir: &Path, path: &Path) -> PathBuf {
         path.to_owned()
     } else {
         dir.join(path)
+    }
+}
+
+fn network(args: &mut Vec<OsString>, tcp_established: bool) {
+    if tcp_established {
+        args.push("--tcp-established".into());
+    } else {
+        push(args, "--network-lock", "skip");
     }
 }
 
@@ -88,6 +103,7 @@ impl DumpOpts {
         if self.leave_running {
             a.push("--leave-running".into());
         }
+        network(&mut a, self.tcp_established);
         for e in &self.external {
             push(&mut a, "--external", e);
         }
@@ -118,6 +134,7 @@ impl RestoreOpts {
         if let Some(root) = &self.root {
             push(&mut a, "--root", root);
         }
+        network(&mut a, self.tcp_established);
         for (fd, what) in &self.inherit_fds {
             push(&mut a, "--inherit-fd", format!("fd[{fd}]:{what}"));
         }
@@ -146,15 +163,17 @@ mod tests {
             freeze_cgroup: Some("/sys/fs/cgroup/unified/mig/x".into()),
             leave_running: true,
             external: vec!["mnt[/x]:x".into()],
+            tcp_established: true,
             log_file: "dump.log".into(),
-            extra: vec!["--tcp-established".into()],
+            extra: vec!["--ext-unix-sk".into()],
         };
         let a = strs(o.args()).join(" ");
         assert_eq!(
             a,
             "dump --tree 42 --images-dir /var/img --log-file /var/img/dump.log -v4 \
              --manage-cgroups=ignore --file-locks --root /rootfs --freeze-cgroup \
-             /sys/fs/cgroup/unified/mig/x --leave-running --external mnt[/x]:x --tcp-established"
+             /sys/fs/cgroup/unified/mig/x --leave-running --tcp-established --external mnt[/x]:x \
+             --ext-unix-sk"
         );
     }
 
@@ -168,6 +187,7 @@ mod tests {
             log_file: "/logs/restore.log".into(),
             pidfile: "restore.pid".into(),
             external: vec![],
+            tcp_established: false,
             extra: vec![],
         };
         let a = strs(o.args()).join(" ");
@@ -175,7 +195,7 @@ mod tests {
             a,
             "restore --images-dir /var/img --log-file /logs/restore.log -v4 \
              --manage-cgroups=ignore --file-locks --restore-detached --pidfile \
-             /var/img/restore.pid --inherit-fd fd[5]:pipe:[123]"
+             /var/img/restore.pid --network-lock skip --inherit-fd fd[5]:pipe:[123]"
         );
     }
 }
