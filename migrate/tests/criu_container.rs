@@ -159,10 +159,7 @@ fn container_checkpoint_export_import_restore() {
     drop(w);
     let mut lines = BufReader::new(std::fs::File::from(r));
     let mut last = read_number(&mut lines);
-    let stdio_pipe = std::fs::read_link(format!("/proc/{init}/fd/1"))
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
+    let stdio_pipe = mig_migrate::criu::stdout_pipe(init).unwrap();
     let map_before = pid_map(&[init]);
     assert_eq!(map_before[0].ns_pid, 1);
 

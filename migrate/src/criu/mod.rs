@@ -282,6 +282,14 @@ fn is_executable(p: &Path) -> bool {
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
+/// `pipe:[INO]` when descriptor 1 of `pid` is a pipe: what the image set records as
+/// `stdio_pipe` and what [`RestoreOpts::inherit_fds`] names on restore.
+pub fn stdout_pipe(pid: i32) -> Option<String> {
+    let target = std::fs::read_link(format!("/proc/{pid}/fd/1")).ok()?;
+    let target = target.to_str()?;
+    (target.starts_with("pipe:[") && target.ends_with(']')).then(|| target.to_owned())
+}
+
 /// The kernel release (`uname -r`), recorded in image sets.
 pub fn kernel_release() -> String {
     nix::sys::utsname::uname()
@@ -302,6 +310,21 @@ mod tests {
         );
         assert_eq!(parse_version("nonsense"), None);
         assert_eq!(parse_version("Version: 4; rm -rf"), None);
+    }
+
+    #[test]
+    fn stdout_pipe_names_a_pipe_only() {
+        let mut child = Command::new("/bin/sh")
+            .args(["-c", "read x"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let name = stdout_pipe(child.id() as i32).unwrap();
+        assert!(name.starts_with("pipe:[") && name.ends_with(']'), "{name}");
+        drop(child.stdin.take());
+        child.wait().unwrap();
+        assert_eq!(stdout_pipe(i32::MAX), None);
     }
 
     #[test]
