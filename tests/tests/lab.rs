@@ -380,3 +380,25 @@ impl Drop for ChildGuard {
         }
     }
 }
+
+#[test]
+fn lab_timings() {
+    if !is_root() {
+        return;
+    }
+    let cfg = config('d', 4, 4);
+    let _guard = LabGuard(cfg.name.clone());
+    let start = std::time::Instant::now();
+    let hosts = lab::up(&cfg).expect("lab up");
+    let up = start.elapsed();
+    assert_eq!(hosts.len(), 4);
+    assert!(
+        ping(&hosts[3].netns, &hosts[0].address.to_string()),
+        "host-d cannot reach host-a"
+    );
+    let start = std::time::Instant::now();
+    let report = lab::down(&cfg.name).expect("down");
+    let down = start.elapsed();
+    assert!(report.is_clean(), "{:?}", report.problems);
+    println!("lab of 4 hosts: up {up:?}, down {down:?}");
+}
