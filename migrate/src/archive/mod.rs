@@ -3,10 +3,10 @@
 //!
 //! The archive is a tar (optionally zstd-compressed; detected on import by its magic) of
 //! `manifest.json`, every file the manifest lists, and `upper.tar` (the writable layer, see
-//! [`layer`]), which is added to the manifest's files before writing so that [`import`] verifies
-//! it like the images. [`import`] accepts only regular files and directories with plain relative
-//! paths, bounded in count and size, then runs [`imageset::verify`]; on any failure the
-//! destination directory is removed.
+//! [`write_layer_tar`]), which is added to the manifest's files before writing so that
+//! [`import`] verifies it like the images. [`import`] accepts only regular files and directories
+//! with plain relative paths, bounded in count and size, then runs [`imageset::verify`]; on any
+//! failure the destination directory is removed.
 
 mod layer;
 mod sys;

@@ -61,10 +61,15 @@ mod tests {
 
     #[test]
     fn picks_last_errors_without_the_rlimit_noise() {
-        let log = "(00.01) Error (criu/util.c:1533): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted\n\
-                   (00.02) info\n\
-                   (00.03) Error (criu/namespaces.c:460): Can't dump nested pid namespace for 12178\n\
-                   (00.04) Error (criu/cr-dump.c:2111): Dumping FAILED.\n";
+        let log = [
+            "(00.01) Error (criu/util.c:1533): rlimit: Can't setup RLIMIT_NOFILE for self: \
+             Operation not permitted",
+            "(00.02) info",
+            "(00.03) Error (criu/namespaces.c:460): Can't dump nested pid namespace for 12178",
+            "(00.04) Error (criu/cr-dump.c:2111): Dumping FAILED.",
+        ]
+        .join("\n");
+        let log = log.as_str();
         let got = pick_error_lines(log);
         assert_eq!(got.len(), 2);
         assert!(got[0].contains("nested pid namespace"));

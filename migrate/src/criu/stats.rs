@@ -1,11 +1,12 @@
 //! CRIU's statistics images, `stats-dump` and `stats-restore`, written into the images directory
 //! at the end of a dump or restore.
 //!
-//! Layout (criu/image.c, criu/include/magic.h, images/stats.proto): a little-endian `u32` head magic
-//! (`IMG_SERVICE_MAGIC`, or `IMG_COMMON_MAGIC` for older writers), the `u32` `STATS_MAGIC`, then one
-//! entry: a `u32` length and that many bytes of a protobuf `stats_entry { dump_stats_entry dump = 1;
-//! restore_stats_entry restore = 2; }`. The decoder below is a minimal protobuf reader: bounded
-//! (the file and every length are checked before use), never panicking, skipping unknown fields.
+//! Layout (criu/image.c, criu/include/magic.h, images/stats.proto): a little-endian `u32` head
+//! magic (`IMG_SERVICE_MAGIC`, or `IMG_COMMON_MAGIC` for older writers), the `u32`
+//! `STATS_MAGIC`, then one entry: a `u32` length and that many bytes of a protobuf `stats_entry
+//! { dump_stats_entry dump = 1; restore_stats_entry restore = 2; }`. The decoder below is a
+//! minimal protobuf reader: bounded (the file and every length are checked before use), never
+//! panicking, skipping unknown fields.
 
 use serde::{Deserialize, Serialize};
 use std::path::Path;
