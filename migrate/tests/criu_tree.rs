@@ -5,7 +5,7 @@
 //!
 //! Every process started here is killed and reaped by a guard, even when an assertion fails.
 
-use mig_migrate::criu::{Criu, CriuError, DumpOpts, RestoreOpts};
+use mig_migrate::criu::{Criu, CriuError, DumpOpts, PageServerOpts, PageTarget, RestoreOpts};
 use mig_migrate::imageset::{self, SealInfo};
 use mig_runtime::pidmap::pid_map;
 use mig_runtime::spec::{ContainerSpec, ImageRef, Limits, ProcessSpec};
@@ -422,4 +422,101 @@ fn prefrozen_dump_stays_frozen_and_restore_lands_in_the_cgroup() {
     drop(reaper);
     drop(src);
     drop(dst);
+}
+
+/// Pages go to a page server (over a socketpair, as the agent bridges it to QUIC, and over TCP
+/// on loopback) instead of the source's images directory; the restore reads them from the
+/// destination's directory.
+#[test]
+fn dump_through_a_page_server_then_restore() {
+    let Some(criu) = criu_or_skip() else { return };
+    nix::sys::prctl::set_child_subreaper(true).unwrap();
+    for socketpair in [true, false] {
+        let mut reaper = Reaper::default();
+        let dir = tempfile::tempdir().unwrap();
+        let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+        let mut tree = start_tree(&mut reaper);
+        let (dump_side, server_side);
+        let (dump_target, listen) = if socketpair {
+            let (a, b) = nix::sys::socket::socketpair(
+                nix::sys::socket::AddressFamily::Unix,
+                nix::sys::socket::SockType::Stream,
+                None,
+                nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+            )
+            .unwrap();
+            (dump_side, server_side) = (Some(a), Some(b));
+            (
+                PageTarget::Socket(dump_side.as_ref().unwrap().as_raw_fd()),
+                PageTarget::Socket(server_side.as_ref().unwrap().as_raw_fd()),
+            )
+        } else {
+            (dump_side, server_side) = (None, None);
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let t = PageTarget::Tcp {
+                address: "127.0.0.1".into(),
+                port,
+            };
+            (t.clone(), t)
+        };
+        let server = criu
+            .page_server(&PageServerOpts {
+                images_dir: dst.clone(),
+                listen,
+                log_file: "page-server.log".into(),
+                ready_timeout: Duration::from_secs(10),
+            })
+            .unwrap();
+        drop(server_side);
+        let stats = criu
+            .dump(&DumpOpts {
+                pid: tree.init,
+                images_dir: src.clone(),
+                page_server: Some(dump_target),
+                log_file: "dump.log".into(),
+                ..Default::default()
+            })
+            .unwrap();
+        drop(dump_side);
+        server.wait().unwrap();
+        eprintln!("socketpair={socketpair}: {stats:?}");
+        let _ = waitpid(Pid::from_raw(tree.unshare), None);
+        let mut last = tree.last;
+        let mut l = String::new();
+        while tree.lines.read_line(&mut l).unwrap() > 0 {
+            last = l.trim().parse().unwrap();
+            l.clear();
+        }
+        let names = |d: &Path| -> Vec<String> {
+            std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        };
+        assert!(!names(&src).iter().any(|n| n.starts_with("pages-")));
+        assert!(names(&dst).iter().any(|n| n.starts_with("pages-")));
+        for n in names(&src) {
+            if !n.ends_with(".log") {
+                std::fs::copy(src.join(&n), dst.join(&n)).unwrap();
+            }
+        }
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let outcome = criu
+            .restore(&RestoreOpts {
+                images_dir: dst.clone(),
+                inherit_fds: vec![(w.as_raw_fd(), tree.stdout_pipe.clone())],
+                log_file: "restore.log".into(),
+                pidfile: "restore.pid".into(),
+                ..Default::default()
+            })
+            .unwrap();
+        reaper.0.push(outcome.pid);
+        drop(w);
+        let mut lines = BufReader::new(std::fs::File::from(r));
+        assert_eq!(read_number(&mut lines), last + 1, "the counter continues");
+    }
 }

@@ -7,11 +7,13 @@
 
 mod log;
 mod opts;
+mod page_server;
 pub mod stats;
 mod sys;
 
 pub use log::{error_lines, pick_error_lines, MAX_ERROR_LINES};
-pub use opts::{resolve, DumpOpts, RestoreOpts};
+pub use opts::{resolve, DumpOpts, PageTarget, RestoreOpts};
+pub use page_server::{PageServer, PageServerOpts};
 pub use stats::{DumpStats, RestoreStats, StatsError};
 
 use std::ffi::CString;
@@ -71,6 +73,14 @@ pub enum CriuError {
     Pidfile { path: PathBuf, content: String },
     #[error("cannot read criu statistics")]
     Stats(#[source] StatsError),
+    #[error("cannot create the page server's status pipe")]
+    StatusPipe(#[source] nix::errno::Errno),
+    #[error("criu page-server did not become ready within {waited_ms} ms, log {log}: {}", errors.join(" | "))]
+    PageServerStart {
+        waited_ms: u64,
+        log: PathBuf,
+        errors: Vec<String>,
+    },
 }
 
 /// What a restore produced.
@@ -185,6 +195,10 @@ impl Criu {
         let log = resolve(&opts.images_dir, &opts.log_file);
         let mut cmd = Command::new(&self.path);
         cmd.args(opts.args());
+        if let Some(PageTarget::Socket(fd)) = opts.page_server {
+            check_fd(fd)?;
+            sys::prepare_child(&mut cmd, Vec::new(), vec![fd]);
+        }
         let start = Instant::now();
         self.run(&mut cmd, "dump", &log)?;
         let wall = start.elapsed();
@@ -203,9 +217,7 @@ impl Criu {
         let pidfile = resolve(&opts.images_dir, &opts.pidfile);
         let mut fds = Vec::new();
         for (fd, _) in &opts.inherit_fds {
-            if *fd < 3 || !sys::fd_is_open(*fd) {
-                return Err(CriuError::InheritFd { fd: *fd });
-            }
+            check_fd(*fd)?;
             fds.push(*fd);
         }
         let mut procs = Vec::new();
@@ -218,7 +230,7 @@ impl Criu {
         let _ = std::fs::remove_file(&pidfile);
         let mut cmd = Command::new(&self.path);
         cmd.args(opts.args());
-        sys::prepare_restore_child(&mut cmd, procs, fds);
+        sys::prepare_child(&mut cmd, procs, fds);
         let start = Instant::now();
         self.run(&mut cmd, "restore", &log)?;
         let wall = start.elapsed();
@@ -266,6 +278,14 @@ impl Criu {
             errors,
         })
     }
+}
+
+/// A descriptor handed to the `criu` child must be open and not one of its stdio.
+fn check_fd(fd: i32) -> Result<(), CriuError> {
+    if fd < 3 || !sys::fd_is_open(fd) {
+        return Err(CriuError::InheritFd { fd });
+    }
+    Ok(())
 }
 
 fn parse_version(text: &str) -> Option<String> {

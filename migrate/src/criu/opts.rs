@@ -4,6 +4,28 @@ use std::ffi::OsString;
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 
+/// Where memory pages go (dump) or come from (page server) instead of image files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PageTarget {
+    /// A TCP page server: the dump connects to `address:port`, the page server listens there.
+    Tcp { address: String, port: u16 },
+    /// A connected stream socket (for example one end of a socketpair the agent bridges to its
+    /// QUIC connection); the `criu` child inherits it. Must be open and at least 3.
+    Socket(RawFd),
+}
+
+impl PageTarget {
+    fn push_args(&self, a: &mut Vec<OsString>) {
+        match self {
+            PageTarget::Tcp { address, port } => {
+                push(a, "--address", address);
+                push(a, "--port", port.to_string());
+            }
+            PageTarget::Socket(fd) => push(a, "--ps-socket", fd.to_string()),
+        }
+    }
+}
+
 /// What [`super::Criu::dump`] dumps and how.
 #[derive(Debug, Clone, Default)]
 pub struct DumpOpts {
@@ -26,6 +48,10 @@ pub struct DumpOpts {
     /// 80 ms of dump and restore time here: without dumped connections there is nothing to
     /// protect from the peer.
     pub tcp_established: bool,
+    /// Send memory pages to a page server (`--page-server`) instead of writing `pages-*.img`
+    /// into `images_dir`: the destination's `criu page-server` writes them into its own images
+    /// directory while the dump runs.
+    pub page_server: Option<PageTarget>,
     /// CRIU's log; relative paths are relative to `images_dir` (kept next to the image set).
     pub log_file: PathBuf,
     /// Anything else, passed as given after mig's options (`--tcp-established`, ...).
@@ -75,7 +101,7 @@ fn network(args: &mut Vec<OsString>, tcp_established: bool) {
     }
 }
 
-fn push(args: &mut Vec<OsString>, flag: &str, value: impl Into<OsString>) {
+pub(super) fn push(args: &mut Vec<OsString>, flag: &str, value: impl Into<OsString>) {
     args.push(flag.into());
     args.push(value.into());
 }
@@ -104,6 +130,10 @@ impl DumpOpts {
             a.push("--leave-running".into());
         }
         network(&mut a, self.tcp_established);
+        if let Some(ps) = &self.page_server {
+            a.push("--page-server".into());
+            ps.push_args(&mut a);
+        }
         for e in &self.external {
             push(&mut a, "--external", e);
         }
@@ -164,6 +194,10 @@ mod tests {
             leave_running: true,
             external: vec!["mnt[/x]:x".into()],
             tcp_established: true,
+            page_server: Some(PageTarget::Tcp {
+                address: "10.0.0.2".into(),
+                port: 27000,
+            }),
             log_file: "dump.log".into(),
             extra: vec!["--ext-unix-sk".into()],
         };
@@ -172,7 +206,8 @@ mod tests {
             a,
             "dump --tree 42 --images-dir /var/img --log-file /var/img/dump.log -v4 \
              --manage-cgroups=ignore --file-locks --root /rootfs --freeze-cgroup \
-             /sys/fs/cgroup/unified/mig/x --leave-running --tcp-established --external mnt[/x]:x \
+             /sys/fs/cgroup/unified/mig/x --leave-running --tcp-established --page-server \
+             --address 10.0.0.2 --port 27000 --external mnt[/x]:x \
              --ext-unix-sk"
         );
     }

@@ -10,7 +10,7 @@ use std::process::Command;
 
 /// Arranges for the child of `cmd` to join every cgroup whose `cgroup.procs` path is in `procs`
 /// (by writing `0`, "this process") and to keep `fds` open across exec.
-pub fn prepare_restore_child(cmd: &mut Command, procs: Vec<CString>, fds: Vec<RawFd>) {
+pub fn prepare_child(cmd: &mut Command, procs: Vec<CString>, fds: Vec<RawFd>) {
     let hook = move || -> io::Result<()> {
         for path in &procs {
             // SAFETY: `path` is a valid NUL-terminated string owned by the closure; open(2) is
