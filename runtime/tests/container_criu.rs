@@ -68,10 +68,8 @@ fn read_ticks_after(r: &mut std::fs::File, after: u64) -> Option<u64> {
 fn container_criu_dump_and_restore_on_another_mount() {
     // The restored tree is reparented to us when `criu restore -d` exits, so we can reap it.
     // SAFETY: prctl with integer arguments.
-    assert_eq!(
-        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) },
-        0
-    );
+    let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    assert_eq!(r, 0);
     let mut fx = Fixture::new("criu");
     let root_a = fx.mount("merged-a");
     let script =
