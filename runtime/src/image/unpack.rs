@@ -409,7 +409,8 @@ fn set_mtime_nofollow(p: &Path, mtime: i64) -> Result<(), ImageError> {
 }
 
 /// Walks the raw 512-byte headers of the tar in `file` and refuses extension headers (GNU long
-/// names and link names, PAX) larger than the limit, before the tar crate reads them into memory.
+/// names and link names, PAX) larger than the limit, before the tar crate reads them into memory,
+/// and entries larger than the per-entry limit, before anything else looks at the archive.
 /// Leaves `file` at its start.
 pub fn scan_headers(file: &mut File, src: &Path, limits: &Limits) -> Result<(), ImageError> {
     let res = scan_inner(file, limits);
@@ -417,13 +418,13 @@ pub fn scan_headers(file: &mut File, src: &Path, limits: &Limits) -> Result<(), 
     match res {
         Ok(()) => Ok(()),
         Err(ScanError::Io(e)) => Err(tar_err(src)(e)),
-        Err(ScanError::Hostile(reason)) => Err(hostile_raw(b"(tar extension header)", reason)),
+        Err(ScanError::Hostile(name, reason)) => Err(hostile_raw(&name, reason)),
     }
 }
 
 enum ScanError {
     Io(io::Error),
-    Hostile(HostileReason),
+    Hostile(Vec<u8>, HostileReason),
 }
 
 impl From<io::Error> for ScanError {
@@ -514,11 +515,26 @@ fn scan_inner(file: &mut File, limits: &Limits) -> Result<(), ScanError> {
                 size = s;
             }
         }
+        let name = || {
+            let n = block[..100].iter().position(|&b| b == 0).unwrap_or(100);
+            block[..n].to_vec()
+        };
         if extension && size > limits.max_extension_size {
-            return Err(ScanError::Hostile(HostileReason::ExtensionTooLarge {
+            let reason = HostileReason::ExtensionTooLarge {
                 size,
                 limit: limits.max_extension_size,
-            }));
+            };
+            return Err(ScanError::Hostile(
+                b"(tar extension header)".to_vec(),
+                reason,
+            ));
+        }
+        if !extension && size > limits.max_entry_size {
+            let reason = HostileReason::EntryTooLarge {
+                size,
+                limit: limits.max_entry_size,
+            };
+            return Err(ScanError::Hostile(name(), reason));
         }
         if kind == b'S' && block[482] != 0 {
             // Old GNU sparse: more sparse-map blocks follow the header.

@@ -1,0 +1,278 @@
+//! Hostile archives: each is refused with a clear error and leaves the store empty, and nothing
+//! is written outside the store.
+
+mod image_common;
+
+use image_common::*;
+use mig_runtime::image::{HostileReason, ImageError, ImageStore, Limits, PathError};
+use std::fs;
+use std::path::Path;
+
+fn store() -> (tempfile::TempDir, ImageStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ImageStore::open(&dir.path().join("images")).unwrap();
+    (dir, store)
+}
+
+/// Imports `tar` as a plain rootfs tar, as gzip, and as a received layer; expects every one to be
+/// refused as hostile for `want` and the store to stay empty.
+fn refused(store: &ImageStore, dir: &Path, tar: &[u8], want: fn(&HostileReason) -> bool) {
+    let plain = write_file(dir, "hostile.tar", tar);
+    let gz = write_file(dir, "hostile.tar.gz", &gzip(tar));
+    for p in [&plain, &gz] {
+        match store.import(p, "hostile") {
+            Err(ImageError::Hostile { reason, entry }) => {
+                assert!(want(&reason), "unexpected reason {reason} for {entry}");
+                // The message names the entry and the reason.
+                let msg = ImageError::Hostile {
+                    entry: entry.clone(),
+                    reason,
+                }
+                .to_string();
+                assert!(msg.contains("hostile"), "{msg}");
+            }
+            other => panic!("expected a hostile refusal, got {other:?}"),
+        }
+        assert_store_empty(store);
+    }
+    let err = store.import_layer(&sha256(tar), &mut &tar[..]).unwrap_err();
+    assert!(
+        matches!(&err, ImageError::Hostile { reason, .. } if want(reason)),
+        "{err}"
+    );
+    assert_store_empty(store);
+}
+
+#[test]
+fn image_hostile_paths() {
+    let (tmp, store) = store();
+    let d = tmp.path();
+    let t = RawTar::default()
+        .file(b"ok", b"x")
+        .file(b"/etc/evil", b"x")
+        .finish();
+    refused(&store, d, &t, |r| {
+        *r == HostileReason::Path(PathError::Absolute)
+    });
+    let t = RawTar::default().file(b"../evil", b"x").finish();
+    refused(&store, d, &t, |r| {
+        *r == HostileReason::Path(PathError::DotDot)
+    });
+    let t = RawTar::default()
+        .dir(b"a/")
+        .file(b"a/../../evil", b"x")
+        .finish();
+    refused(&store, d, &t, |r| {
+        *r == HostileReason::Path(PathError::DotDot)
+    });
+    let long = vec![b'a'; 5000];
+    let t = RawTar::default().file(&long, b"x").finish();
+    refused(&store, d, &t, |r| {
+        *r == HostileReason::Path(PathError::TooLong)
+    });
+    assert!(!d.join("evil").exists() && !tmp.path().join("images/evil").exists());
+}
+
+#[test]
+fn image_hostile_symlinks() {
+    let (tmp, store) = store();
+    let d = tmp.path();
+    let outside = d.join("outside");
+    fs::create_dir(&outside).unwrap();
+    // A relative target climbing out of the layer.
+    let t = RawTar::default()
+        .dir(b"etc/")
+        .symlink(b"etc/x", b"../../outside")
+        .finish();
+    refused(&store, d, &t, |r| {
+        *r == HostileReason::Path(PathError::EscapingTarget)
+    });
+    // An absolute symlink is fine by itself, but writing through it is refused.
+    let abs = outside.display().to_string();
+    let t = RawTar::default()
+        .symlink(b"link", abs.as_bytes())
+        .file(b"link/evil", b"pwned")
+        .finish();
+    refused(&store, d, &t, |r| *r == HostileReason::ThroughSymlink);
+    // The same through a symlinked directory further up, and a hardlink placed through it.
+    let t = RawTar::default()
+        .dir(b"a/")
+        .symlink(b"a/b", abs.as_bytes())
+        .dir(b"a/b/c/")
+        .finish();
+    refused(&store, d, &t, |r| *r == HostileReason::ThroughSymlink);
+    let t = RawTar::default()
+        .file(b"f", b"x")
+        .symlink(b"l", abs.as_bytes())
+        .hardlink(b"l/evil", b"f")
+        .finish();
+    refused(&store, d, &t, |r| *r == HostileReason::ThroughSymlink);
+    // A directory replaced by a symlink forgets what was under it.
+    let t = RawTar::default()
+        .dir(b"d/")
+        .file(b"d/f", b"x")
+        .symlink(b"d", abs.as_bytes())
+        .hardlink(b"h", b"d/f")
+        .finish();
+    refused(&store, d, &t, |r| *r == HostileReason::HardlinkMissing);
+    assert!(
+        fs::read_dir(&outside).unwrap().next().is_none(),
+        "wrote outside"
+    );
+}
+
+#[test]
+fn image_hostile_hardlinks() {
+    let (tmp, store) = store();
+    let d = tmp.path();
+    let t = RawTar::default().hardlink(b"h", b"/etc/passwd").finish();
+    refused(&store, d, &t, |r| {
+        *r == HostileReason::Path(PathError::Absolute)
+    });
+    let t = RawTar::default()
+        .dir(b"a/")
+        .hardlink(b"a/h", b"../../etc/passwd")
+        .finish();
+    refused(&store, d, &t, |r| {
+        *r == HostileReason::Path(PathError::DotDot)
+    });
+    let t = RawTar::default().hardlink(b"h", b"missing").finish();
+    refused(&store, d, &t, |r| *r == HostileReason::HardlinkMissing);
+    // A link to a directory of the archive is not a link to a file.
+    let t = RawTar::default()
+        .dir(b"dir/")
+        .hardlink(b"h", b"dir")
+        .finish();
+    refused(&store, d, &t, |r| *r == HostileReason::HardlinkMissing);
+}
+
+#[test]
+fn image_hostile_devices_and_types() {
+    let (tmp, store) = store();
+    let d = tmp.path();
+    let t = RawTar::default().chardev(b"dev/mem", 1, 1).finish();
+    refused(&store, d, &t, |r| *r == HostileReason::Device);
+    let t = RawTar::default().blockdev(b"sda", 8, 0).finish();
+    refused(&store, d, &t, |r| *r == HostileReason::Device);
+    // Root replaced by a file.
+    let t = RawTar::default().file(b"./", b"x").finish();
+    refused(&store, d, &t, |r| *r == HostileReason::ReplacesRoot);
+    // Whiteout naming the parent.
+    let t = RawTar::default().file(b"a/.wh...", b"").finish();
+    refused(&store, d, &t, |r| *r == HostileReason::BadWhiteout);
+
+    // Fifos and char 0/0 whiteouts are fine.
+    let t = RawTar::default()
+        .fifo(b"run/fifo")
+        .chardev(b"gone", 0, 0)
+        .finish();
+    let p = write_file(d, "ok.tar", &t);
+    let img = store.import(&p, "ok").unwrap();
+    let l = store.layer_dir(&img.layers[0]);
+    use std::os::unix::fs::FileTypeExt;
+    assert!(fs::symlink_metadata(l.join("run/fifo"))
+        .unwrap()
+        .file_type()
+        .is_fifo());
+    assert!(fs::symlink_metadata(l.join("gone"))
+        .unwrap()
+        .file_type()
+        .is_char_device());
+}
+
+#[test]
+fn image_hostile_sizes() {
+    let (tmp, store) = store();
+    let d = tmp.path();
+    // A header claiming 9 GiB is refused before any data is read.
+    let t = RawTar::default().file_header_only(b"big", 9 << 30).finish();
+    let p = write_file(d, "big.tar", &t);
+    let err = store.import(&p, "big").unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            ImageError::Hostile {
+                reason: HostileReason::EntryTooLarge { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_store_empty(&store);
+    // A GNU long name of 2 MiB (held in memory by tar readers).
+    let t = RawTar::default().longname_header(2 << 20).finish();
+    refused(&store, d, &t, |r| {
+        matches!(r, HostileReason::ExtensionTooLarge { .. })
+    });
+
+    // Small limits: per entry, total, entry count.
+    let small = store.clone().with_limits(Limits {
+        max_entry_size: 1024,
+        max_total_size: 3000,
+        max_entries: 10,
+        ..Limits::default()
+    });
+    let t = RawTar::default().file(b"f", &[7u8; 2000]).finish();
+    refused(&small, d, &t, |r| {
+        matches!(r, HostileReason::EntryTooLarge { .. })
+    });
+    let t = RawTar::default()
+        .file(b"a", &[1u8; 1000])
+        .file(b"b", &[1u8; 1000])
+        .file(b"c", &[1u8; 1000])
+        .file(b"d", &[1u8; 1000])
+        .finish();
+    refused(&small, d, &t, |r| {
+        matches!(r, HostileReason::TotalTooLarge { .. })
+    });
+    let mut many = RawTar::default();
+    for i in 0..11 {
+        many = many.file(format!("f{i}").as_bytes(), b"");
+    }
+    refused(&small, d, &many.finish(), |r| {
+        matches!(r, HostileReason::TooManyEntries { .. })
+    });
+    // The decompressed stream is bounded too.
+    let tiny = store.clone().with_limits(Limits {
+        max_tar_size: 4096,
+        ..Limits::default()
+    });
+    let t = RawTar::default().file(b"f", &[0u8; 8192]).finish();
+    let p = write_file(d, "bomb.tar.gz", &gzip(&t));
+    let err = tiny.import(&p, "bomb").unwrap_err();
+    assert!(matches!(err, ImageError::TooLarge { .. }), "{err}");
+    assert_store_empty(&store);
+}
+
+#[test]
+fn image_hostile_oci_archive() {
+    // An OCI archive whose layout itself is hostile: nothing of it lands anywhere.
+    let (tmp, store) = store();
+    let d = tmp.path();
+    let t = RawTar::default()
+        .file(b"oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)
+        .file(b"index.json", br#"{"manifests":[]}"#)
+        .file(b"../../escape", b"x")
+        .finish();
+    refused(&store, d, &t, |r| {
+        *r == HostileReason::Path(PathError::DotDot)
+    });
+    // A blob that is a symlink to a host file is not read.
+    let t = RawTar::default()
+        .file(b"oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)
+        .dir(b"blobs/")
+        .dir(b"blobs/sha256/")
+        .symlink(
+            b"blobs/sha256/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+            b"/etc/passwd",
+        )
+        .file(
+            b"index.json",
+            br#"{"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","size":10}]}"#,
+        )
+        .finish();
+    let p = write_file(d, "o.tar", &t);
+    let err = store.import(&p, "o").unwrap_err();
+    assert!(matches!(err, ImageError::Oci(_)), "{err}");
+    assert_store_empty(&store);
+}
