@@ -13,7 +13,9 @@ mod sys;
 
 pub use log::{error_lines, pick_error_lines, MAX_ERROR_LINES};
 pub use opts::{resolve, DumpOpts, PageTarget, RestoreOpts};
-pub use page_server::{PageServer, PageServerOpts};
+pub use page_server::{
+    check_pipe_max_size, Background, LazyDump, LazyPagesOpts, PageServerOpts, LAZY_PIPE_MAX_SIZE,
+};
 pub use stats::{DumpStats, RestoreStats, StatsError};
 
 use std::ffi::CString;
@@ -75,12 +77,15 @@ pub enum CriuError {
     Stats(#[source] StatsError),
     #[error("cannot create the page server's status pipe")]
     StatusPipe(#[source] nix::errno::Errno),
-    #[error("criu page-server did not become ready within {waited_ms} ms, log {log}: {}", errors.join(" | "))]
-    PageServerStart {
+    #[error("criu {op} did not become ready ({waited_ms} ms), log {log}: {}", errors.join(" | "))]
+    NotReady {
+        op: &'static str,
         waited_ms: u64,
         log: PathBuf,
         errors: Vec<String>,
     },
+    #[error("/proc/sys/fs/pipe-max-size is {current}; post-copy needs at least {needed} (run scripts/setup.sh)")]
+    PipeMaxSize { current: u64, needed: u64 },
 }
 
 /// What a restore produced.

@@ -79,6 +79,9 @@ pub struct RestoreOpts {
     pub external: Vec<String>,
     /// Must match the dump's [`DumpOpts::tcp_established`].
     pub tcp_established: bool,
+    /// Post-copy: memory comes from a `criu lazy-pages` daemon started on `images_dir` first
+    /// (`--lazy-pages`).
+    pub lazy_pages: bool,
     /// Anything else, passed as given after mig's options.
     pub extra: Vec<String>,
 }
@@ -165,6 +168,9 @@ impl RestoreOpts {
             push(&mut a, "--root", root);
         }
         network(&mut a, self.tcp_established);
+        if self.lazy_pages {
+            a.push("--lazy-pages".into());
+        }
         for (fd, what) in &self.inherit_fds {
             push(&mut a, "--inherit-fd", format!("fd[{fd}]:{what}"));
         }
@@ -223,6 +229,7 @@ mod tests {
             pidfile: "restore.pid".into(),
             external: vec![],
             tcp_established: false,
+            lazy_pages: false,
             extra: vec![],
         };
         let a = strs(o.args()).join(" ");

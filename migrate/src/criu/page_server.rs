@@ -1,15 +1,27 @@
-//! `criu page-server`: the destination side of a dump that sends its memory pages over a socket
-//! (`DumpOpts::page_server`) instead of writing them into the source's images directory. The page
-//! server writes `pagemap-*.img` and `pages-*.img` into its own images directory; the other images
-//! follow by other means (the image set transfer).
+//! CRIU processes that run alongside a migration instead of to completion:
+//!
+//! - `criu page-server`: the destination side of a dump that sends its memory pages over a
+//!   socket (`DumpOpts::page_server`) instead of writing them into the source's images directory;
+//!   it writes `pagemap-*.img` and `pages-*.img` into its own images directory;
+//! - a post-copy dump (`criu dump --lazy-pages`): writes every image but memory, then serves the
+//!   pages on demand until the destination has them all ([`Criu::dump_lazy`]);
+//! - `criu lazy-pages`: the destination's daemon that fetches those pages for a restore started
+//!   with `RestoreOpts::lazy_pages` ([`Criu::lazy_pages`]).
+//!
+//! Each is started with `--status-fd` and returned once CRIU reports it ready.
 
 use super::opts::{push, resolve};
-use super::{error_lines, sys, Criu, CriuError, PageTarget};
+use super::{error_lines, stats, sys, Criu, CriuError, DumpOpts, DumpStats, PageTarget};
 use std::ffi::OsString;
-use std::os::fd::AsFd;
-use std::path::PathBuf;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// CRIU's lazy page server sizes its pipes to a few MiB; with a smaller
+/// `/proc/sys/fs/pipe-max-size` it fails (`page-pipe: splice: -1: Bad file descriptor`).
+pub const LAZY_PIPE_MAX_SIZE: u64 = 16 << 20;
+const PIPE_MAX_SIZE: &str = "/proc/sys/fs/pipe-max-size";
 
 /// How to run a page server.
 #[derive(Debug, Clone)]
@@ -20,62 +32,96 @@ pub struct PageServerOpts {
     pub listen: PageTarget,
     /// Relative paths are relative to `images_dir`.
     pub log_file: PathBuf,
-    /// How long [`Criu::page_server`] waits for the server to be ready.
+    /// How long to wait for the server to be ready.
     pub ready_timeout: Duration,
 }
 
+/// How to run the destination's lazy-pages daemon.
+#[derive(Debug, Clone)]
+pub struct LazyPagesOpts {
+    /// The images directory the lazy restore uses (its socket is created there).
+    pub images_dir: PathBuf,
+    /// Where the source's post-copy dump serves pages.
+    pub source: PageTarget,
+    pub log_file: PathBuf,
+    pub ready_timeout: Duration,
+}
+
+fn target_args(a: &mut Vec<OsString>, t: &PageTarget) {
+    match t {
+        PageTarget::Tcp { address, port } => {
+            push(a, "--address", address);
+            push(a, "--port", port.to_string());
+        }
+        PageTarget::Socket(fd) => push(a, "--ps-socket", fd.to_string()),
+    }
+}
+
+fn target_fd(t: &PageTarget) -> Option<RawFd> {
+    match t {
+        PageTarget::Socket(fd) => Some(*fd),
+        PageTarget::Tcp { .. } => None,
+    }
+}
+
 impl PageServerOpts {
-    /// The argument list of `criu` (without the program name), reporting readiness on
-    /// `status_fd`.
-    pub fn args(&self, status_fd: i32) -> Vec<OsString> {
+    /// The argument list of `criu` (without the program name).
+    pub fn args(&self, status_fd: RawFd) -> Vec<OsString> {
         let mut a: Vec<OsString> = vec!["page-server".into()];
         push(&mut a, "--images-dir", &self.images_dir);
-        push(
-            &mut a,
-            "--log-file",
-            resolve(&self.images_dir, &self.log_file),
-        );
+        let log = resolve(&self.images_dir, &self.log_file);
+        push(&mut a, "--log-file", log);
         a.push("-v4".into());
         push(&mut a, "--status-fd", status_fd.to_string());
-        match &self.listen {
-            PageTarget::Tcp { address, port } => {
-                push(&mut a, "--address", address);
-                push(&mut a, "--port", port.to_string());
-            }
-            PageTarget::Socket(fd) => push(&mut a, "--ps-socket", fd.to_string()),
-        }
+        target_args(&mut a, &self.listen);
         a
     }
 }
 
-/// A running `criu page-server`; it exits by itself when the dump disconnects. Killed and reaped
-/// on drop unless [`PageServer::wait`] was called.
+impl LazyPagesOpts {
+    /// The argument list of `criu` (without the program name).
+    pub fn args(&self, status_fd: RawFd) -> Vec<OsString> {
+        let mut a: Vec<OsString> = vec!["lazy-pages".into()];
+        push(&mut a, "--images-dir", &self.images_dir);
+        let log = resolve(&self.images_dir, &self.log_file);
+        push(&mut a, "--log-file", log);
+        a.push("-v4".into());
+        push(&mut a, "--status-fd", status_fd.to_string());
+        a.push("--page-server".into());
+        target_args(&mut a, &self.source);
+        a
+    }
+}
+
+/// A CRIU process running in the background (page server, lazy-pages daemon, post-copy dump).
+/// Killed and reaped on drop unless [`Background::wait`] was called.
 #[derive(Debug)]
-pub struct PageServer {
+pub struct Background {
     child: Option<Child>,
+    op: &'static str,
     log: PathBuf,
 }
 
-impl PageServer {
-    /// PID of the `criu page-server` process.
+impl Background {
+    /// PID of the `criu` process.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
 
-    /// Waits until the page server exits (after the dump finished sending) and reports how.
+    /// Waits until the process exits and reports how.
     pub fn wait(mut self) -> Result<(), CriuError> {
         let Some(mut child) = self.child.take() else {
             return Ok(());
         };
         let status = child.wait().map_err(|source| CriuError::Spawn {
-            path: PathBuf::from("criu page-server"),
+            path: PathBuf::from("criu"),
             source,
         })?;
         if status.success() {
             return Ok(());
         }
         Err(CriuError::Failed {
-            op: "page-server",
+            op: self.op,
             status,
             log: self.log.clone(),
             errors: error_lines(&self.log),
@@ -83,7 +129,7 @@ impl PageServer {
     }
 }
 
-impl Drop for PageServer {
+impl Drop for Background {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -92,24 +138,114 @@ impl Drop for PageServer {
     }
 }
 
+/// A post-copy dump serving memory pages; see [`Criu::dump_lazy`].
+#[derive(Debug)]
+pub struct LazyDump {
+    process: Background,
+    images_dir: PathBuf,
+    started: Instant,
+}
+
+impl LazyDump {
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
+    /// Waits until the destination has fetched every page and the dump ended. CRIU 4.1.1 leaves
+    /// the counters and timings of a post-copy dump's `stats-dump` empty or meaningless; only
+    /// `wall_time_us` (from the start of the dump to the last page) is reliable.
+    pub fn wait(self) -> Result<DumpStats, CriuError> {
+        self.process.wait()?;
+        let wall = self.started.elapsed();
+        let entry = stats::read_stats(&self.images_dir.join(super::STATS_DUMP))
+            .map_err(CriuError::Stats)?;
+        let mut s = entry.dump.unwrap_or_default();
+        s.wall_time_us = wall.as_micros() as u64;
+        Ok(s)
+    }
+}
+
 impl Criu {
     /// Starts `criu page-server` and returns once it listens (or holds its socket).
-    pub fn page_server(&self, opts: &PageServerOpts) -> Result<PageServer, CriuError> {
-        std::fs::create_dir_all(&opts.images_dir).map_err(|source| CriuError::ImagesDir {
-            path: opts.images_dir.clone(),
-            source,
-        })?;
+    pub fn page_server(&self, opts: &PageServerOpts) -> Result<Background, CriuError> {
+        create_dir(&opts.images_dir)?;
         let log = resolve(&opts.images_dir, &opts.log_file);
+        self.spawn_ready(
+            "page-server",
+            |fd| opts.args(fd),
+            target_fd(&opts.listen),
+            &log,
+            opts.ready_timeout,
+        )
+    }
+
+    /// Starts the destination's `criu lazy-pages` daemon; returns once its socket for the lazy
+    /// restore exists.
+    pub fn lazy_pages(&self, opts: &LazyPagesOpts) -> Result<Background, CriuError> {
+        check_pipe_max_size()?;
+        let log = resolve(&opts.images_dir, &opts.log_file);
+        self.spawn_ready(
+            "lazy-pages",
+            |fd| opts.args(fd),
+            target_fd(&opts.source),
+            &log,
+            opts.ready_timeout,
+        )
+    }
+
+    /// Starts a post-copy dump of `opts` that serves memory pages at `serve` (`--lazy-pages`);
+    /// returns once every other image is written to `opts.images_dir` and CRIU serves pages.
+    /// The tree stays frozen until [`LazyDump::wait`] reports that every page was fetched (then
+    /// it is killed, or left running with `leave_running`).
+    pub fn dump_lazy(
+        &self,
+        opts: &DumpOpts,
+        serve: &PageTarget,
+        ready_timeout: Duration,
+    ) -> Result<LazyDump, CriuError> {
+        check_pipe_max_size()?;
+        create_dir(&opts.images_dir)?;
+        let log = resolve(&opts.images_dir, &opts.log_file);
+        let started = Instant::now();
+        let process = self.spawn_ready(
+            "dump",
+            |fd| {
+                let mut a = opts.args();
+                push(&mut a, "--status-fd", fd.to_string());
+                a.push("--lazy-pages".into());
+                target_args(&mut a, serve);
+                a
+            },
+            target_fd(serve),
+            &log,
+            ready_timeout,
+        )?;
+        Ok(LazyDump {
+            process,
+            images_dir: opts.images_dir.clone(),
+            started,
+        })
+    }
+
+    /// Spawns `criu` with a status pipe and waits for its ready byte.
+    fn spawn_ready(
+        &self,
+        op: &'static str,
+        args: impl FnOnce(RawFd) -> Vec<OsString>,
+        extra_fd: Option<RawFd>,
+        log: &Path,
+        timeout: Duration,
+    ) -> Result<Background, CriuError> {
         let (status_r, status_w) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(CriuError::StatusPipe)?;
-        let status_fd = std::os::fd::AsRawFd::as_raw_fd(&status_w);
+        let status_fd = status_w.as_raw_fd();
         let mut fds = vec![status_fd];
-        if let PageTarget::Socket(fd) = opts.listen {
+        if let Some(fd) = extra_fd {
             super::check_fd(fd)?;
             fds.push(fd);
         }
         let mut cmd = Command::new(self.path());
-        cmd.args(opts.args(status_fd))
+        cmd.args(args(status_fd))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -119,31 +255,48 @@ impl Criu {
             source,
         })?;
         drop(status_w);
-        let mut server = PageServer {
+        let process = Background {
             child: Some(child),
-            log: log.clone(),
+            op,
+            log: log.to_owned(),
         };
-        // CRIU writes one byte to the status fd once it listens; EOF means it died first.
+        // CRIU writes one byte to the status fd once ready; EOF means it failed first.
         let start = Instant::now();
-        let ready = wait_readable(&status_r, opts.ready_timeout)
-            && nix::unistd::read(std::os::fd::AsRawFd::as_raw_fd(&status_r), &mut [0u8; 1])
-                .is_ok_and(|n| n == 1);
+        let ready = wait_readable(&status_r, timeout)
+            && nix::unistd::read(status_r.as_raw_fd(), &mut [0u8; 1]).is_ok_and(|n| n == 1);
         if !ready {
-            drop(server.child.take().map(|mut c| {
-                let _ = c.kill();
-                c.wait()
-            }));
-            return Err(CriuError::PageServerStart {
+            drop(process);
+            return Err(CriuError::NotReady {
+                op,
                 waited_ms: start.elapsed().as_millis() as u64,
-                log: log.clone(),
-                errors: error_lines(&log),
+                log: log.to_owned(),
+                errors: error_lines(log),
             });
         }
-        Ok(std::mem::replace(
-            &mut server,
-            PageServer { child: None, log },
-        ))
+        Ok(process)
     }
+}
+
+fn create_dir(dir: &Path) -> Result<(), CriuError> {
+    std::fs::create_dir_all(dir).map_err(|source| CriuError::ImagesDir {
+        path: dir.to_owned(),
+        source,
+    })
+}
+
+/// Refuses post-copy when `/proc/sys/fs/pipe-max-size` is below [`LAZY_PIPE_MAX_SIZE`].
+pub fn check_pipe_max_size() -> Result<(), CriuError> {
+    let current = std::fs::read_to_string(PIPE_MAX_SIZE)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    if current < LAZY_PIPE_MAX_SIZE {
+        return Err(CriuError::PipeMaxSize {
+            current,
+            needed: LAZY_PIPE_MAX_SIZE,
+        });
+    }
+    Ok(())
 }
 
 fn wait_readable(fd: &impl AsFd, timeout: Duration) -> bool {
