@@ -5,3 +5,6 @@
 pub mod archive;
 pub mod criu;
 pub mod imageset;
+pub mod protocol;
+pub mod transport;
+pub mod wire;

@@ -1,0 +1,1 @@
+//! QUIC transport with mutual TLS and pinned peers (work in progress).
