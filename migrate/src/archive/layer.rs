@@ -5,8 +5,10 @@
 //! - an opaque directory (xattr `trusted.overlay.opaque=y`) gets an empty `dir/.wh..wh..opq`.
 //!
 //! Minimal stand-ins until mig_runtime::image exposes its own layer writer and unpacker. Hard
-//! links are stored as separate copies; sockets are skipped (they cannot be archived).
+//! links inside the layer stay hard links (a tar link entry to the first name); sockets are
+//! skipped (they cannot be archived).
 
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
@@ -42,12 +44,20 @@ pub enum LayerError {
 pub fn write_layer_tar(dir: &Path, w: &mut dyn Write) -> Result<(), LayerError> {
     let mut b = tar::Builder::new(w);
     b.follow_symlinks(false);
-    add_dir(&mut b, dir, Path::new(""))?;
+    add_dir(&mut b, dir, Path::new(""), &mut HashMap::new())?;
     b.into_inner().map_err(LayerError::Write)?;
     Ok(())
 }
 
-fn add_dir(b: &mut tar::Builder<&mut dyn Write>, dir: &Path, rel: &Path) -> Result<(), LayerError> {
+/// First archived name of every multiply-linked file, by (device, inode).
+type Links = HashMap<(u64, u64), PathBuf>;
+
+fn add_dir(
+    b: &mut tar::Builder<&mut dyn Write>,
+    dir: &Path,
+    rel: &Path,
+    links: &mut Links,
+) -> Result<(), LayerError> {
     let read_err = |path: &Path| {
         let path = path.to_owned();
         move |source| LayerError::Read { path, source }
@@ -71,9 +81,25 @@ fn add_dir(b: &mut tar::Builder<&mut dyn Write>, dir: &Path, rel: &Path) -> Resu
             if super::sys::lgetxattr(&path, OPAQUE_XATTR).as_deref() == Some(b"y") {
                 empty_file(b, &name.join(OPAQUE), &meta)?;
             }
-            add_dir(b, &path, &name)?;
+            add_dir(b, &path, &name, links)?;
         } else if ft.is_socket() {
             continue;
+        } else if ft.is_file() && meta.nlink() > 1 {
+            match links.entry((meta.dev(), meta.ino())) {
+                std::collections::hash_map::Entry::Occupied(first) => {
+                    let mut h = tar::Header::new_gnu();
+                    h.set_entry_type(tar::EntryType::Link);
+                    h.set_size(0);
+                    h.set_mode(meta.mode() & 0o7777);
+                    b.append_link(&mut h, &name, first.get())
+                        .map_err(LayerError::Write)?;
+                }
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(name.clone());
+                    b.append_path_with_name(&path, &name)
+                        .map_err(LayerError::Write)?;
+                }
+            }
         } else {
             b.append_path_with_name(&path, &name)
                 .map_err(LayerError::Write)?;

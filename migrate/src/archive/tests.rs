@@ -21,6 +21,7 @@ fn fixture() -> (tempfile::TempDir, PathBuf, PathBuf) {
     std::fs::create_dir_all(upper.join("etc/app")).unwrap();
     std::fs::write(upper.join("etc/app/conf"), b"x=1\n").unwrap();
     std::os::unix::fs::symlink("app/conf", upper.join("etc/link")).unwrap();
+    std::fs::hard_link(upper.join("etc/app/conf"), upper.join("etc/hard")).unwrap();
     if is_root() {
         nix::sys::stat::mknod(
             &upper.join("etc/gone"),
@@ -70,6 +71,9 @@ fn round_trip_plain_and_zstd() {
             std::fs::read_link(new_upper.join("etc/link")).unwrap(),
             Path::new("app/conf")
         );
+        let a = std::fs::metadata(new_upper.join("etc/app/conf")).unwrap();
+        let h = std::fs::metadata(new_upper.join("etc/hard")).unwrap();
+        assert_eq!((a.ino(), a.nlink()), (h.ino(), 2), "hard link kept");
         if is_root() {
             let m = std::fs::symlink_metadata(new_upper.join("etc/gone")).unwrap();
             assert!(m.file_type().is_char_device() && m.rdev() == 0);
@@ -211,4 +215,10 @@ fn layer_unpack_refuses_escapes() {
         );
     }
     assert!(!t.path().join("x").exists());
+    // A hard link to a host file (here /etc/passwd) must not be created.
+    let tar = raw_tar(b"hard", tar::EntryType::Link, b"");
+    let dest = t.path().join("u2");
+    std::fs::create_dir_all(&dest).unwrap();
+    assert!(unpack_layer_tar(&mut &tar[..], &dest).is_err());
+    assert!(!dest.join("hard").exists());
 }
