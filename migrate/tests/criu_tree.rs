@@ -249,6 +249,18 @@ fn checkpoint_leave_running_keeps_the_tree_alive() {
     .unwrap();
     let after = tree.next();
     assert!(after > before);
+    // A second dump into the same directory is refused: old images would mix with new ones.
+    let again = criu.dump(&DumpOpts {
+        pid: tree.init,
+        images_dir: dir.path().join("images"),
+        leave_running: true,
+        log_file: "dump.log".into(),
+        ..Default::default()
+    });
+    assert!(
+        matches!(again, Err(CriuError::ImagesDirNotEmpty { .. })),
+        "{again:?}"
+    );
     assert!(
         waitpid(Pid::from_raw(tree.unshare), Some(WaitPidFlag::WNOHANG))
             .is_ok_and(|s| s == nix::sys::wait::WaitStatus::StillAlive)

@@ -59,6 +59,8 @@ pub enum CriuError {
         #[source]
         source: std::io::Error,
     },
+    #[error("images directory {path} is not empty")]
+    ImagesDirNotEmpty { path: PathBuf },
     #[error("descriptor {fd} to inherit is not open, or is 0-2 (criu's own stdio)")]
     InheritFd { fd: i32 },
     #[error("path contains a NUL byte: {path}")]
@@ -193,10 +195,7 @@ impl Criu {
     /// Dumps the tree rooted at `opts.pid` into `opts.images_dir`. Unless `leave_running`, the tree
     /// is gone afterwards.
     pub fn dump(&self, opts: &DumpOpts) -> Result<DumpStats, CriuError> {
-        std::fs::create_dir_all(&opts.images_dir).map_err(|source| CriuError::ImagesDir {
-            path: opts.images_dir.clone(),
-            source,
-        })?;
+        fresh_images_dir(&opts.images_dir)?;
         let log = resolve(&opts.images_dir, &opts.log_file);
         let mut cmd = Command::new(&self.path);
         cmd.args(opts.args());
@@ -283,6 +282,22 @@ impl Criu {
             errors,
         })
     }
+}
+
+/// Creates the images directory of a dump, refusing one with files in it: images left by an
+/// earlier dump would be mixed into the new set.
+fn fresh_images_dir(dir: &Path) -> Result<(), CriuError> {
+    let err = |source| CriuError::ImagesDir {
+        path: dir.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(err)?;
+    if std::fs::read_dir(dir).map_err(err)?.next().is_some() {
+        return Err(CriuError::ImagesDirNotEmpty {
+            path: dir.to_owned(),
+        });
+    }
+    Ok(())
 }
 
 /// A descriptor handed to the `criu` child must be open and not one of its stdio.

@@ -204,7 +204,7 @@ impl Criu {
         ready_timeout: Duration,
     ) -> Result<LazyDump, CriuError> {
         check_pipe_max_size()?;
-        create_dir(&opts.images_dir)?;
+        super::fresh_images_dir(&opts.images_dir)?;
         let log = resolve(&opts.images_dir, &opts.log_file);
         let started = Instant::now();
         let process = self.spawn_ready(
