@@ -266,3 +266,50 @@ fn container_userns_maps_root() {
     assert_eq!(m["net"], "lo");
     assert_eq!(m["kcore"], "0");
 }
+
+/// Kills whatever is left in the cgroup and removes it.
+struct CgroupGuard(mig_runtime::cgroup::Cgroup);
+
+impl Drop for CgroupGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        for _ in 0..50 {
+            if self.0.destroy().is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+#[test]
+fn container_init_and_exec_join_the_cgroup() {
+    let name = format!("mig-test/container-cgroup-{}", std::process::id());
+    let limits = mig_runtime::spec::Limits {
+        pids: Some(64),
+        ..Default::default()
+    };
+    let cg = CgroupGuard(mig_runtime::cgroup::Cgroup::create(&name, &limits).expect("cgroup"));
+    assert!(!cg.0.procs_files().is_empty());
+    let mut fx = Fixture::new("cgroup");
+    let root = fx.mount("merged");
+    let s = spec("cgroup", &["sleep", "1000"]);
+    let (_r, w) = pipe();
+    let pid = spawn(&LaunchConfig {
+        spec: &s,
+        rootfs: &root,
+        cgroup: &cg.0,
+        output: raw(&w),
+    })
+    .expect("spawn");
+    let _init = Proc(pid);
+    assert_eq!(cg.0.procs().unwrap(), vec![pid]);
+    let args: Vec<String> = ["sh", "-c", "cat /proc/self/cgroup > /tmp/cg.txt"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(exec(pid, &s, &cg.0, &args, &[]).expect("exec"), 0);
+    let seen = std::fs::read_to_string(root.join("tmp/cg.txt")).unwrap();
+    let inside = seen.lines().filter(|l| l.ends_with(&name)).count();
+    assert_eq!(inside, cg.0.dirs.len(), "every hierarchy: {seen}");
+}
