@@ -1,0 +1,358 @@
+//! End-to-end tests of single-host containers through the real `migd`, `mig` and `mig-shim`
+//! binaries, real namespaces, overlay mounts and cgroups. Run as root.
+
+use anyhow::{ensure, Context, Result};
+use mig_tests::{mounts_under, pid_alive, tar_of, wait_until, Agent};
+use std::time::Duration;
+
+fn run_detached(agent: &Agent, args: &[&str]) -> Result<String> {
+    let mut full = vec!["run", "-d"];
+    full.extend_from_slice(args);
+    Ok(agent.mig_ok(&full)?.trim().to_owned())
+}
+
+fn inspect(agent: &Agent, id: &str) -> Result<serde_json::Value> {
+    agent.mig_json(&["inspect", id, "--json"])
+}
+
+#[test]
+fn image_import_from_rootfs_dir_and_tar() -> Result<()> {
+    let agent = Agent::start("image_import")?;
+    agent.import_busybox()?;
+    let rootfs = agent.dir.path().join("rootfs");
+    let tar = tar_of(&rootfs, agent.dir.path(), "bb.tar")?;
+    let tgz = tar_of(&rootfs, agent.dir.path(), "bb.tar.gz")?;
+    agent.mig_ok(&["image", "import", tar.to_str().unwrap(), "--name", "bbtar"])?;
+    agent.mig_ok(&["image", "import", tgz.to_str().unwrap(), "--name", "bbtgz"])?;
+    let images = agent.mig_json(&["image", "ls", "--json"])?;
+    let names: Vec<&str> = images
+        .as_array()
+        .context("image list")?
+        .iter()
+        .filter_map(|i| i["name"].as_str())
+        .collect();
+    for n in ["busybox", "bbtar", "bbtgz"] {
+        ensure!(names.contains(&n), "{n} missing from {names:?}");
+    }
+    // A container from the tar image runs attached and returns its output and exit code.
+    let o = agent.mig(&[
+        "run",
+        "--name",
+        "fromtar",
+        "bbtar",
+        "--",
+        "sh",
+        "-c",
+        "echo hi-from-tar; exit 4",
+    ]);
+    ensure!(o.code == 4, "attached run exited {}: {}", o.code, o.stderr);
+    ensure!(o.stdout.contains("hi-from-tar"), "stdout: {}", o.stdout);
+    agent.mig_ok(&["rm", "fromtar"])?;
+    agent.mig_ok(&["image", "rm", "bbtgz"])?;
+    let missing = agent.mig(&["image", "import", "/nonexistent/x.tar", "--name", "x"]);
+    ensure!(
+        missing.code == 125 && missing.stderr.lines().count() == 1,
+        "{missing:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn run_ps_inspect_logs_exec() -> Result<()> {
+    let agent = Agent::start("run_ps_inspect")?;
+    agent.import_busybox()?;
+    let id = run_detached(
+        &agent,
+        &[
+            "--name",
+            "web",
+            "--memory",
+            "64M",
+            "--pids",
+            "50",
+            "busybox",
+            "--",
+            "sh",
+            "-c",
+            "echo hello-log; exec sleep 1000",
+        ],
+    )?;
+    ensure!(id.len() == 32, "run printed {id:?}");
+    let ps = agent.mig_json(&["ps", "--json"])?;
+    let row = ps
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["id"] == id.as_str()))
+        .context("container missing from ps")?;
+    ensure!(row["state"] == "running" && row["name"] == "web", "{row}");
+    // Named by name, by unique id prefix and by full id.
+    let d = inspect(&agent, &id[..6])?;
+    ensure!(d["state"] == "running", "{d}");
+    ensure!(d["host"] == agent.name.as_str(), "{d}");
+    ensure!(d["image"]["name"] == "busybox", "{d}");
+    ensure!(d["limits"]["memory"] == 64u64 << 20, "{d}");
+    let map = d["pid_map"].as_array().context("pid_map")?;
+    let init = map
+        .iter()
+        .find(|p| p["ns_pid"] == 1)
+        .context("no ns_pid 1 in pid_map")?;
+    let host_pid = init["host_pid"].as_i64().context("host_pid")? as i32;
+    ensure!(host_pid > 1 && pid_alive(host_pid), "{init}");
+    ensure!(
+        init["cmd"].as_str().unwrap_or_default().contains("sleep"),
+        "{init}"
+    );
+    ensure!(d["usage"]["pids"].as_u64().unwrap_or(0) >= 1, "{d}");
+    ensure!(
+        wait_until(Duration::from_secs(5), || agent
+            .mig_ok(&["logs", "web"])
+            .is_ok_and(|l| l.contains("hello-log"))),
+        "log never showed the output"
+    );
+    // exec: output, exit codes, the container's hostname, extra env.
+    let o = agent.mig(&[
+        "exec",
+        "web",
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 3",
+    ]);
+    ensure!(
+        o.code == 3 && o.stdout == "out\n" && o.stderr == "err\n",
+        "{o:?}"
+    );
+    ensure!(agent.mig_ok(&["exec", "web", "--", "hostname"])? == "web\n");
+    let o = agent.mig(&[
+        "exec",
+        "-e",
+        "GREETING=hey",
+        "web",
+        "--",
+        "sh",
+        "-c",
+        "echo $GREETING",
+    ]);
+    ensure!(o.code == 0 && o.stdout == "hey\n", "{o:?}");
+    ensure!(agent.mig(&["exec", "web", "--", "false"]).code == 1);
+    // Removing a running container needs -f; names stay unique.
+    let o = agent.mig(&["rm", "web"]);
+    ensure!(o.code == 125 && o.stderr.starts_with("mig: "), "{o:?}");
+    let o = agent.mig(&["run", "-d", "--name", "web", "busybox", "--", "true"]);
+    ensure!(o.code == 125, "{o:?}");
+    agent.mig_ok(&["rm", "-f", "web"])?;
+    ensure!(
+        wait_until(Duration::from_secs(5), || !pid_alive(host_pid)),
+        "init survived rm -f"
+    );
+    Ok(())
+}
+
+#[test]
+fn stop_and_rm_leave_no_mount_cgroup_or_process() -> Result<()> {
+    let agent = Agent::start("stop_rm")?;
+    agent.import_busybox()?;
+    let id = run_detached(&agent, &["--name", "s", "busybox", "--", "sleep", "1000"])?;
+    let d = inspect(&agent, &id)?;
+    let host_pid = d["pid_map"][0]["host_pid"].as_i64().context("host_pid")? as i32;
+    let shim_pid = d["shim_pid"].as_i64().context("shim_pid")? as i32;
+    let cgroup = d["cgroup"].as_str().context("cgroup")?.to_owned();
+    ensure!(
+        !Agent::cgroup_dirs(&cgroup).is_empty(),
+        "no cgroup dir for {cgroup}"
+    );
+    let rootfs = agent.state_dir.join("containers").join(&id).join("rootfs");
+    ensure!(!mounts_under(&rootfs).is_empty(), "rootfs not mounted");
+    // sleep as PID 1 ignores SIGTERM: stop kills it after the timeout.
+    let t = std::time::Instant::now();
+    agent.mig_ok(&["stop", "-t", "1", "s"])?;
+    ensure!(
+        t.elapsed() < Duration::from_secs(10),
+        "stop took {:?}",
+        t.elapsed()
+    );
+    let d = inspect(&agent, &id)?;
+    ensure!(d["state"] == "stopped", "{d}");
+    ensure!(d["exit_code"] == 137, "{d}");
+    ensure!(!pid_alive(host_pid), "init {host_pid} still exists");
+    ensure!(
+        wait_until(Duration::from_secs(5), || !pid_alive(shim_pid)),
+        "shim still exists"
+    );
+    ensure!(mounts_under(&rootfs).is_empty(), "rootfs still mounted");
+    ensure!(
+        Agent::cgroup_dirs(&cgroup).is_empty(),
+        "cgroup left: {:?}",
+        Agent::cgroup_dirs(&cgroup)
+    );
+    agent.mig_ok(&["rm", "s"])?;
+    ensure!(
+        !agent.state_dir.join("containers").join(&id).exists(),
+        "container dir left"
+    );
+    let ps = agent.mig_json(&["ps", "-a", "--json"])?;
+    ensure!(ps.as_array().is_some_and(|a| a.is_empty()), "{ps}");
+    Ok(())
+}
+
+#[test]
+fn kill_and_logs_follow_end_with_the_container() -> Result<()> {
+    let agent = Agent::start("kill_follow")?;
+    agent.import_busybox()?;
+    let id = run_detached(
+        &agent,
+        &[
+            "busybox",
+            "--",
+            "sh",
+            "-c",
+            "trap 'echo got-term; exit 5' TERM; echo ready; while true; do sleep 0.1; done",
+        ],
+    )?;
+    ensure!(
+        wait_until(Duration::from_secs(5), || agent
+            .mig_ok(&["logs", &id])
+            .is_ok_and(|l| l.contains("ready"))),
+        "not ready"
+    );
+    let follower = std::thread::spawn({
+        let socket = agent.socket.clone();
+        let id = id.clone();
+        move || {
+            std::process::Command::new(mig_tests::bin("mig"))
+                .args(["logs", "-f", &id])
+                .env("MIG_SOCKET", socket)
+                .output()
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    agent.mig_ok(&["kill", "-s", "TERM", &id])?;
+    let out = follower
+        .join()
+        .map_err(|_| anyhow::anyhow!("follower panicked"))??;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && text.contains("ready") && text.contains("got-term"),
+        "{out:?}"
+    );
+    let d = inspect(&agent, &id)?;
+    ensure!(d["exit_code"] == 5 && d["state"] == "stopped", "{d}");
+    let o = agent.mig(&["kill", &id]);
+    ensure!(o.code == 125, "killing a stopped container: {o:?}");
+    Ok(())
+}
+
+#[test]
+fn migd_restart_keeps_containers_running_and_readopts_them() -> Result<()> {
+    let mut agent = Agent::start("restart")?;
+    agent.import_busybox()?;
+    let id = run_detached(
+        &agent,
+        &[
+            "--name",
+            "ticker",
+            "busybox",
+            "--",
+            "sh",
+            "-c",
+            "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.1; done",
+        ],
+    )?;
+    let d = inspect(&agent, &id)?;
+    let host_pid = d["pid_map"][0]["host_pid"].as_i64().context("host_pid")? as i32;
+    agent.kill9();
+    let before = std::fs::read_to_string(
+        agent
+            .state_dir
+            .join("containers")
+            .join(&id)
+            .join("container.log"),
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
+    ensure!(pid_alive(host_pid), "the container died with migd");
+    agent.spawn()?;
+    let ps = agent.mig_json(&["ps", "--json"])?;
+    ensure!(
+        ps[0]["id"] == id.as_str() && ps[0]["state"] == "running",
+        "{ps}"
+    );
+    let d = inspect(&agent, "ticker")?;
+    ensure!(d["pid_map"][0]["host_pid"] == host_pid, "{d}");
+    // The log kept growing while migd was away and keeps growing after.
+    let logs = agent.mig_ok(&["logs", "ticker"])?;
+    ensure!(logs.len() > before.len(), "log did not grow");
+    ensure!(
+        wait_until(Duration::from_secs(5), || agent
+            .mig_ok(&["logs", "ticker"])
+            .is_ok_and(|l| l.len() > logs.len())),
+        "log stopped growing after re-adoption"
+    );
+    // A re-adopted container can be exec'd into and stopped.
+    ensure!(agent.mig_ok(&["exec", "ticker", "--", "echo", "in"])? == "in\n");
+    agent.mig_ok(&["stop", "-t", "0", "ticker"])?;
+    ensure!(inspect(&agent, "ticker")?["state"] == "stopped");
+    ensure!(!pid_alive(host_pid));
+    Ok(())
+}
+
+#[test]
+fn oom_kill_is_reported() -> Result<()> {
+    let agent = Agent::start("oom")?;
+    agent.import_busybox()?;
+    // tail buffers an endless line of zeros until the memory limit stops it.
+    let o = agent.mig(&[
+        "run",
+        "--name",
+        "hog",
+        "--memory",
+        "16M",
+        "busybox",
+        "--",
+        "tail",
+        "/dev/zero",
+    ]);
+    ensure!(o.code == 137, "{o:?}");
+    let d = inspect(&agent, "hog")?;
+    ensure!(d["oom_killed"] == true && d["state"] == "exited", "{d}");
+    ensure!(d["signal"] == 9, "{d}");
+    Ok(())
+}
+
+#[test]
+fn usage_and_agent_errors_exit_125_with_one_line() -> Result<()> {
+    let agent = Agent::start("usage")?;
+    let cases: &[&[&str]] = &[
+        &["bogus"],
+        &["run"],
+        &["run", "--memory", "lots", "busybox"],
+        &["run", "--cpus", "0", "busybox"],
+        &["inspect", "nope"],
+        &["logs", "nope"],
+        &["kill", "-s", "NOSUCH", "x"],
+        &["run", "-d", "no-such-image"],
+        &[],
+    ];
+    for args in cases {
+        let o = agent.mig(args);
+        ensure!(o.code == 125, "mig {args:?} exited {}", o.code);
+        ensure!(
+            o.stderr.lines().count() == 1 && o.stderr.starts_with("mig: "),
+            "mig {args:?}: {:?}",
+            o.stderr
+        );
+    }
+    let o = mig_tests::MigOutput::from(
+        std::process::Command::new(mig_tests::bin("mig"))
+            .args(["--socket", "/nonexistent/migd.sock", "ps"])
+            .output()?,
+    );
+    ensure!(o.code == 125 && o.stderr.lines().count() == 1, "{o:?}");
+    ensure!(agent.mig(&["--help"]).code == 0);
+    ensure!(agent.mig(&["completions", "bash"]).stdout.contains("mig"));
+    ensure!(agent.mig(&["man"]).stdout.contains(".TH"));
+    let info = agent.mig_json(&["info", "--json"])?;
+    ensure!(
+        info["name"] == agent.name.as_str() && info["cpus"].as_u64() > Some(0),
+        "{info}"
+    );
+    Ok(())
+}
