@@ -219,6 +219,11 @@ fn build_layout(dir: &Path) -> (PathBuf, String, Vec<String>) {
     busybox_rootfs(&base);
     fs::write(base.join("etc/a"), "a").unwrap();
     fs::write(base.join("etc/b"), "b").unwrap();
+    fs::write(
+        base.join("etc/passwd"),
+        "root:x:0:0::/root:/bin/sh\napp:x:1000:1002::/data:/bin/sh\n",
+    )
+    .unwrap();
     fs::create_dir_all(base.join("data/x")).unwrap();
     fs::write(base.join("data/x/keep"), "k").unwrap();
     let l1 = tar_dir(&base);
@@ -238,7 +243,7 @@ fn build_layout(dir: &Path) -> (PathBuf, String, Vec<String>) {
     let config = serde_json::json!({
         "architecture": "amd64", "os": "linux",
         "config": {"Env": ["PATH=/bin", "A=1"], "Cmd": ["/bin/sh"], "Entrypoint": ["/bin/busybox"],
-                   "WorkingDir": "/data", "User": "0:0"},
+                   "WorkingDir": "/data", "User": "app"},
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
     });
     let cb = put_blob(
@@ -306,7 +311,7 @@ fn image_oci_layout() {
     assert_eq!(img.config.cmd, vec!["/bin/sh"]);
     assert_eq!(img.config.entrypoint, vec!["/bin/busybox"]);
     assert_eq!(img.config.workdir, "/data");
-    assert_eq!(img.config.user, "0:0");
+    assert_eq!(img.config.user, "1000:1002");
     check_layout_image(&store, tmp.path(), &img);
     store.remove("oci").unwrap();
     assert_store_empty(&store);
@@ -352,4 +357,56 @@ fn image_oci_digest_mismatch() {
     let err = store.import(&layout, "bad").unwrap_err();
     assert!(matches!(err, ImageError::SizeMismatch { .. }), "{err}");
     assert_store_empty(&store);
+}
+
+#[test]
+fn image_concurrent_imports_share_one_layer() {
+    let (tmp, store) = store();
+    let src = tmp.path().join("rootfs");
+    busybox_rootfs(&src);
+    let p = write_file(tmp.path(), "r.tar", &tar_dir(&src));
+    let images: Vec<_> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..4)
+            .map(|i| {
+                let (store, p) = (store.clone(), p.clone());
+                s.spawn(move || store.import(&p, &format!("c{i}")).unwrap())
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(images.windows(2).all(|w| w[0].layers == w[1].layers));
+    assert_eq!(
+        fs::read_dir(store.root().join("layers/sha256"))
+            .unwrap()
+            .count(),
+        1
+    );
+    assert_eq!(
+        fs::read_dir(store.root().join("blobs/sha256"))
+            .unwrap()
+            .count(),
+        1
+    );
+    assert!(tree(&store.root().join("tmp")).is_empty());
+    for i in 0..4 {
+        store.remove(&format!("c{i}")).unwrap();
+    }
+    assert_store_empty(&store);
+}
+
+#[test]
+fn image_open_removes_stale_work_dirs() {
+    let (_tmp, store) = store();
+    // A work dir of a process that cannot exist (above pid_max) and one of this process.
+    let stale = store.root().join("tmp/2147483646.0");
+    fs::create_dir_all(stale.join("layer-x/bin")).unwrap();
+    let mine = store
+        .root()
+        .join(format!("tmp/{}.999999", std::process::id()));
+    fs::create_dir_all(&mine).unwrap();
+    let again = ImageStore::open(store.root()).unwrap();
+    assert!(!stale.exists());
+    assert!(mine.exists(), "a live process's work dir stays");
+    fs::remove_dir(&mine).unwrap();
+    assert_store_empty(&again);
 }

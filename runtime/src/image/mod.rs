@@ -25,6 +25,7 @@ pub mod paths;
 mod store;
 mod sys;
 pub mod unpack;
+mod user;
 
 use serde::{Deserialize, Serialize};
 use std::io::{self, Read};
@@ -118,6 +119,8 @@ pub enum ImageError {
     },
     #[error("layer {0} of the image is not in the store")]
     MissingLayer(String),
+    #[error("user {0:?} of the image config is not in the image's /etc/passwd or /etc/group")]
+    UnknownUser(String),
 }
 
 impl ImageError {

@@ -341,6 +341,14 @@ pub(crate) fn import_layout(
         staged.extend(s);
     }
     let c = config.config.unwrap_or_default();
+    let dirs: Vec<PathBuf> = diff_ids
+        .iter()
+        .map(|d| match staged.iter().find(|s| &s.digest == d) {
+            Some(s) => s.dir.clone(),
+            None => store.layer_dir(d),
+        })
+        .collect();
+    let user = super::user::resolve(c.user.as_deref().unwrap_or(""), &dirs)?;
     let image = Image {
         name: name.to_owned(),
         id: manifest.config.digest.clone(),
@@ -350,7 +358,7 @@ pub(crate) fn import_layout(
             entrypoint: c.entrypoint.unwrap_or_default(),
             cmd: c.cmd.unwrap_or_default(),
             workdir: c.working_dir.unwrap_or_default(),
-            user: c.user.unwrap_or_default(),
+            user,
         },
         created: now_secs(),
         size,

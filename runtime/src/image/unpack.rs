@@ -562,3 +562,31 @@ fn scan_inner(file: &mut File, limits: &Limits) -> Result<(), ScanError> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_numeric_fields() {
+        assert_eq!(parse_num(b"0000644\0").unwrap(), 0o644);
+        assert_eq!(parse_num(b"   17 \0").unwrap(), 0o17);
+        assert_eq!(parse_num(b"\0\0\0").unwrap(), 0);
+        assert_eq!(
+            parse_num(&[0x80, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0]).unwrap(),
+            2 << 32
+        );
+        assert!(parse_num(b"0009").is_err());
+        assert!(parse_num(&[0xff; 12]).is_err(), "base-256 overflow");
+    }
+
+    #[test]
+    fn finds_pax_size() {
+        assert_eq!(pax_size(b"16 size=1234567\n"), Some(1_234_567));
+        assert_eq!(pax_size(b"12 path=abc\n16 size=1234567\n"), Some(1_234_567));
+        assert_eq!(pax_size(b"12 path=abc\n"), None);
+        assert_eq!(pax_size(b"99 size=1\n"), None);
+        assert_eq!(pax_size(b"0 x"), None);
+        assert_eq!(pax_size(b"garbage"), None);
+    }
+}
