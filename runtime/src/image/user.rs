@@ -7,7 +7,7 @@ use super::ImageError;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Largest passwd or group file read.
 const MAX_DB: u64 = 1 << 20;
