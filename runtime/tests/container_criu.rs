@@ -4,7 +4,7 @@
 mod container_support;
 
 use container_support::{no_cgroup, pipe, raw, spec, Fixture, Proc};
-use mig_runtime::container::{spawn, LaunchConfig};
+use mig_runtime::container::{external_mounts, spawn, LaunchConfig};
 use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -16,7 +16,7 @@ const CRIU: &str = "/usr/local/sbin/criu";
 const INHERIT_FD: i32 = 10;
 
 fn counter(root: &Path) -> u64 {
-    std::fs::read_to_string(root.join("counter"))
+    std::fs::read_to_string(root.join("tmp/counter"))
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0)
@@ -66,15 +66,41 @@ fn read_ticks_after(r: &mut std::fs::File, after: u64) -> Option<u64> {
 
 #[test]
 fn container_criu_dump_and_restore_on_another_mount() {
+    criu_round_trip("criu", false, &[], &[]);
+}
+
+#[test]
+fn container_criu_userns() {
+    // Device nodes and masked files are host binds in a user namespace: declared external.
+    let mut probe = spec("criu_userns", &["true"]);
+    probe.userns = Some(container_support::userns_map());
+    let ext = external_mounts(&probe);
+    let dump: Vec<String> = ext
+        .iter()
+        .flat_map(|m| ["--external".into(), m.dump_arg()])
+        .collect();
+    let restore: Vec<String> = ext
+        .iter()
+        .flat_map(|m| ["--external".into(), m.restore_arg()])
+        .collect();
+    let d: Vec<&str> = dump.iter().map(String::as_str).collect();
+    let r: Vec<&str> = restore.iter().map(String::as_str).collect();
+    criu_round_trip("criu_userns", true, &d, &r);
+}
+
+fn criu_round_trip(test: &str, userns: bool, dump_args: &[&str], restore_args: &[&str]) {
     // The restored tree is reparented to us when `criu restore -d` exits, so we can reap it.
     // SAFETY: prctl with integer arguments.
     let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     assert_eq!(r, 0);
-    let mut fx = Fixture::new("criu");
+    let mut fx = Fixture::new(test);
     let root_a = fx.mount("merged-a");
     let script =
-        "i=0; while :; do i=$((i+1)); echo $i > /counter; echo \"tick $i\"; sleep 0.05; done";
-    let s = spec("criu", &["sh", "-c", script]);
+        "i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; echo \"tick $i\"; sleep 0.05; done";
+    let mut s = spec(test, &["sh", "-c", script]);
+    if userns {
+        s.userns = Some(container_support::userns_map());
+    }
     let cg = no_cgroup();
     let (r, w) = pipe();
     let t = Instant::now();
@@ -103,6 +129,7 @@ fn container_criu_dump_and_restore_on_another_mount() {
         .arg("-D")
         .arg(&images)
         .args(["-o", "dump.log", "-v4", "--manage-cgroups=ignore"])
+        .args(dump_args)
         .status()
         .expect("run criu dump");
     let dump_time = t.elapsed();
@@ -136,7 +163,8 @@ fn container_criu_dump_and_restore_on_another_mount() {
         ])
         .arg(&pidfile)
         .arg("--inherit-fd")
-        .arg(format!("fd[{INHERIT_FD}]:{pipe_id}"));
+        .arg(format!("fd[{INHERIT_FD}]:{pipe_id}"))
+        .args(restore_args);
     // SAFETY: dup2 is async-signal-safe; it gives criu the pipe's write end at INHERIT_FD
     // (without close-on-exec).
     unsafe {

@@ -114,7 +114,7 @@ pub(crate) struct InitPlan {
 }
 
 /// Device nodes of the container's `/dev`: path, major, minor.
-const DEVICES: [(&CStr, u32, u32); 6] = [
+pub(crate) const DEVICES: [(&CStr, u32, u32); 6] = [
     (c"/dev/null", 1, 3),
     (c"/dev/zero", 1, 5),
     (c"/dev/full", 1, 7),
@@ -132,16 +132,18 @@ const DEV_LINKS: [(&CStr, &CStr); 5] = [
 ];
 
 /// runc's default masked paths: files get the container's /dev/null, directories an empty
-/// read-only tmpfs.
-const MASKED: [&CStr; 11] = [
-    c"/proc/acpi",
-    c"/proc/asound",
+/// read-only tmpfs (decided at run time by what the path is; these lists say what to expect).
+pub(crate) const MASKED_FILES: [&CStr; 6] = [
     c"/proc/kcore",
     c"/proc/keys",
     c"/proc/latency_stats",
     c"/proc/timer_list",
     c"/proc/timer_stats",
     c"/proc/sched_debug",
+];
+const MASKED_DIRS: [&CStr; 5] = [
+    c"/proc/acpi",
+    c"/proc/asound",
     c"/proc/scsi",
     c"/sys/firmware",
     c"/sys/devices/virtual/powercap",
@@ -379,7 +381,7 @@ fn mount_sys(host: Option<&HostMounts>) -> Result<(), Fail> {
 }
 
 fn mask_paths() -> Result<(), Fail> {
-    for path in MASKED {
+    for path in MASKED_FILES.into_iter().chain(MASKED_DIRS) {
         match sys::is_dir(path) {
             Err(Errno::ENOENT | Errno::ENOTDIR) => continue,
             Err(e) => {

@@ -5,6 +5,7 @@
 //! - [`rootfs`]: the overlay on the host ([`mount_rootfs`], [`unmount_rootfs`]);
 //! - [`spawn`]: clone of the init in new namespaces; the child side is in `init`;
 //! - [`exec`]: a command inside a running container;
+//! - [`external_mounts`]: what a CRIU driver must declare for a user-namespace container;
 //! - `security`: ids, capabilities, no_new_privs, the seccomp filter;
 //! - `channel`: typed parent/child messages; `sys`: the raw system calls (all `unsafe` is there).
 //!
@@ -12,6 +13,7 @@
 //! and restore it onto another overlay mount; see the notes at the top of `init`.
 
 mod channel;
+mod criu;
 mod exec;
 mod init;
 mod rootfs;
@@ -20,6 +22,7 @@ mod spawn;
 mod sys;
 
 pub use channel::Step;
+pub use criu::{external_mounts, ExternalMount};
 pub use exec::exec;
 pub use init::DEFAULT_PATH;
 pub use rootfs::{mount_rootfs, unmount_rootfs};

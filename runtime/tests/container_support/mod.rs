@@ -8,7 +8,7 @@ use mig_runtime::spec::{ContainerSpec, IdMap, ImageRef, Limits, ProcessSpec};
 use std::fs;
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::symlink;
+use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 const APPLETS: &[&str] = &[
@@ -40,6 +40,8 @@ impl Fixture {
             symlink("busybox", lower.join("bin").join(a)).unwrap();
         }
         fs::write(lower.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+        // Writable by the container's root even when it is an unprivileged host uid (userns).
+        fs::set_permissions(lower.join("tmp"), fs::Permissions::from_mode(0o1777)).unwrap();
         Fixture {
             dir,
             mounted: Vec::new(),
