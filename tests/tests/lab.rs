@@ -402,3 +402,107 @@ fn lab_timings() {
     assert!(report.is_clean(), "{:?}", report.problems);
     println!("lab of 4 hosts: up {up:?}, down {down:?}");
 }
+
+/// Runs the `mig` CLI next to migd against `socket`; returns its stdout.
+fn mig(socket: &Path, args: &[&str]) -> String {
+    let out = Command::new(migd().with_file_name("mig"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("run mig");
+    assert!(
+        out.status.success(),
+        "mig {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Every cgroup directory named `name` at the top of any hierarchy.
+fn cgroups_named(name: &str) -> Vec<PathBuf> {
+    cgroup_roots_all()
+        .into_iter()
+        .map(|r| r.join(name))
+        .filter(|p| p.exists())
+        .collect()
+}
+
+fn cgroup_roots_all() -> Vec<PathBuf> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let fstype = right.split(' ').next()?;
+            let mp = left.split(' ').nth(4)?;
+            (fstype == "cgroup" || fstype == "cgroup2").then(|| PathBuf::from(mp))
+        })
+        .collect()
+}
+
+#[test]
+fn down_removes_a_real_container() {
+    if !is_root() {
+        return;
+    }
+    let cfg = config('e', 5, 1);
+    let _guard = LabGuard(cfg.name.clone());
+    let hosts = lab::up(&cfg).expect("lab up");
+    let host = &hosts[0];
+
+    let image = tempfile::tempdir().unwrap();
+    let rootfs = image.path();
+    for d in ["bin", "etc", "tmp", "proc", "sys", "dev"] {
+        std::fs::create_dir_all(rootfs.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
+    for app in ["sh", "sleep"] {
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(app)).unwrap();
+    }
+    mig(
+        &host.socket,
+        &[
+            "image",
+            "import",
+            rootfs.to_str().unwrap(),
+            "--name",
+            "busybox",
+        ],
+    );
+    let id = mig(
+        &host.socket,
+        &["run", "-d", "--name", "c1", "busybox", "--", "sleep", "600"],
+    );
+    let shim: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            host.state_dir
+                .join("containers")
+                .join(&id)
+                .join("shim.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let shim_pid = shim["shim_pid"].as_i64().unwrap() as i32;
+    let init_pid = shim["init_pid"].as_i64().unwrap() as i32;
+    assert!(pid_running(shim_pid) && pid_running(init_pid));
+    let cgroup_parent = format!("mig-{}-{}", cfg.name, host.name);
+    assert!(
+        !cgroups_named(&cgroup_parent).is_empty(),
+        "no cgroup {cgroup_parent}"
+    );
+    assert!(!mounts_under(&cfg.state_root).is_empty(), "no rootfs mount");
+
+    let report = lab::down(&cfg.name).expect("down");
+    assert!(report.is_clean(), "{:?}", report.problems);
+    assert!(report.processes_killed.contains(&init_pid), "{report:?}");
+    assert!(!pid_running(shim_pid), "shim {shim_pid} survived");
+    assert!(!pid_running(init_pid), "container init {init_pid} survived");
+    assert!(
+        cgroups_named(&cgroup_parent).is_empty(),
+        "{:?} left",
+        cgroups_named(&cgroup_parent)
+    );
+    assert_gone(&cfg, &[host.agent_pid.unwrap()]);
+}

@@ -38,16 +38,32 @@ impl DownReport {
     }
 }
 
-/// Tells a lab host's processes from everything else on the machine: they live in the host's network
-/// namespace (agent, shims, CRIU), or have their root or command line under its state directory
-/// (containers, which have network namespaces of their own).
+/// Tells a lab host's processes from everything else on the machine: they are in a cgroup below the
+/// host's cgroup parent (containers), live in the host's network namespace (agent, shims, CRIU), have
+/// their root or command line under its state directory, or are children of such a process.
 struct HostScope {
+    cgroup_parent: String,
     netns: Option<(u64, u64)>,
     state_dir: PathBuf,
 }
 
 impl HostScope {
     fn contains(&self, pid: i32) -> bool {
+        self.contains_self(pid) || parent(pid).is_some_and(|pp| pp > 1 && self.contains_self(pp))
+    }
+
+    fn contains_self(&self, pid: i32) -> bool {
+        if let Ok(cgroups) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) {
+            // Lines are `id:controllers:/path`.
+            let inside = cgroups.lines().any(|l| {
+                l.splitn(3, ':')
+                    .nth(2)
+                    .is_some_and(|path| path.split('/').any(|c| c == self.cgroup_parent))
+            });
+            if inside {
+                return true;
+            }
+        }
         if let (Some(ns), Ok(m)) = (self.netns, std::fs::metadata(format!("/proc/{pid}/ns/net"))) {
             if (m.dev(), m.ino()) == ns {
                 return true;
@@ -61,6 +77,13 @@ impl HostScope {
         let dir = self.state_dir.display().to_string();
         process::cmdline(pid).iter().any(|a| a.contains(&dir))
     }
+}
+
+/// Parent PID of `pid`, from /proc/PID/stat.
+fn parent(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(") ")?;
+    rest.split(' ').nth(1)?.parse().ok()
 }
 
 pub(crate) fn teardown(file: &LabFile, lab_file: &Path) -> DownReport {
@@ -87,13 +110,11 @@ pub(crate) fn teardown(file: &LabFile, lab_file: &Path) -> DownReport {
     let hierarchies = cgroup_hierarchies();
     for h in &file.hosts {
         let scope = HostScope {
+            cgroup_parent: process::cgroup_parent(&file.name, &h.name),
             netns: net::netns_inode(&h.netns),
             state_dir: h.state_dir.clone(),
         };
-        let names = [
-            format!("mig-{}", h.name),
-            format!("mig-{}-{}", file.name, h.name),
-        ];
+        let names = [scope.cgroup_parent.clone(), format!("mig-{}", h.name)];
         let mut cgroups = Vec::new();
         for root in &hierarchies {
             find_dirs(root, &names, CGROUP_SEARCH_DEPTH, &mut cgroups);
@@ -411,9 +432,18 @@ mod tests {
     #[test]
     fn this_process_is_not_in_a_lab_scope() {
         let scope = HostScope {
+            cgroup_parent: "mig-nonexistent-scope-host-a".into(),
             netns: None,
             state_dir: PathBuf::from("/var/lib/mig-lab/nonexistent-scope/host-a"),
         };
         assert!(!scope.contains(std::process::id() as i32));
+    }
+
+    #[test]
+    fn parent_of_self() {
+        assert_eq!(
+            parent(std::process::id() as i32),
+            Some(nix::unistd::getppid().as_raw())
+        );
     }
 }
