@@ -83,14 +83,10 @@ pub(crate) fn start_agent(
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err);
-    // SAFETY: the closure runs in the forked child before exec and only makes two syscalls through
-    // nix (setns on an fd opened by the parent, setsid); it neither allocates nor takes locks.
+    // SAFETY: the closure runs in the forked child before exec and only makes syscalls (see
+    // `enter_host`); it neither allocates nor takes locks.
     unsafe {
-        cmd.pre_exec(move || {
-            nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)?;
-            nix::unistd::setsid()?;
-            Ok(())
-        });
+        cmd.pre_exec(move || enter_host(&netns));
     }
     let child = cmd.spawn().map_err(|source| LabError::SpawnAgent {
         host: host.name.clone(),
@@ -100,6 +96,24 @@ pub(crate) fn start_agent(
     // The Child handle is dropped without waiting: the agent outlives this process. If it is our
     // child when it exits, `reap` collects it.
     Ok(child.id() as i32)
+}
+
+/// In the agent's child, between fork and exec: joins the host's network namespace (and no other),
+/// starts a session, and marks every descriptor above stdio close-on-exec (one the caller inherited
+/// without O_CLOEXEC, a test harness's pipe say, must not live on in a daemon).
+fn enter_host(netns: &File) -> std::io::Result<()> {
+    nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+    nix::unistd::setsid()?;
+    // SAFETY: close_range only sets a flag on this process's descriptors. Failure (a kernel before
+    // 5.11) is harmless: it is ignored.
+    let _ = unsafe {
+        libc::close_range(
+            3,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC as libc::c_int,
+        )
+    };
+    Ok(())
 }
 
 /// Waits until `host`'s socket exists, failing early (quoting the log) if the agent exits.
