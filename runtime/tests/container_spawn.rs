@@ -15,6 +15,7 @@ while read k v rest; do
   case "$k" in Seccomp:|CapEff:|CapBnd:|CapPrm:|NoNewPrivs:) echo "${k%:}=$v";; esac
 done < /proc/self/status
 if mount -t tmpfs x /mnt 2>/dev/null; then echo mount=allowed; else echo mount=denied; fi
+if unshare -n true 2>/dev/null; then echo unshare=allowed; else echo unshare=denied; fi
 echo "kcore=$(cat /proc/kcore | wc -c)"
 echo "keys=$(cat /proc/keys | wc -c)"
 echo "procsys=$(grep ' /proc/sys ' /proc/self/mountinfo | cut -d' ' -f6)"
@@ -78,6 +79,7 @@ fn container_isolation_seen_from_inside() {
     assert_eq!(m["CapPrm"], caps);
     assert_eq!(m["CapBnd"], caps);
     assert_eq!(m["mount"], "denied");
+    assert_eq!(m["unshare"], "denied");
     assert_eq!(m["kcore"], "0");
     assert_eq!(m["keys"], "0");
     assert!(m["procsys"].starts_with("ro"), "{m:?}");
@@ -312,4 +314,39 @@ fn container_init_and_exec_join_the_cgroup() {
     let seen = std::fs::read_to_string(root.join("tmp/cg.txt")).unwrap();
     let inside = seen.lines().filter(|l| l.ends_with(&name)).count();
     assert_eq!(inside, cg.0.dirs.len(), "every hierarchy: {seen}");
+}
+
+#[test]
+fn container_exec_into_userns_container() {
+    let mut fx = Fixture::new("exec_userns");
+    let root = fx.mount("merged");
+    let mut s = spec("exec_userns", &["sleep", "1000"]);
+    s.userns = Some(userns_map());
+    let cg = no_cgroup();
+    let (_r, w) = pipe();
+    let pid = spawn(&LaunchConfig {
+        spec: &s,
+        rootfs: &root,
+        cgroup: &cg,
+        output: raw(&w),
+    })
+    .expect("spawn");
+    let _init = Proc(pid);
+    let script = r#"echo "uid=$(id -u)" > /tmp/exec.out
+echo "uidmap=$(cat /proc/self/uid_map | tr -s ' ' | tr '\n' ';')" >> /tmp/exec.out
+echo "init=$(tr '\0' ' ' < /proc/1/cmdline)" >> /tmp/exec.out"#;
+    let args: Vec<String> = ["sh", "-c", script].iter().map(|s| s.to_string()).collect();
+    assert_eq!(exec(pid, &s, &cg, &args, &[]).expect("exec"), 0);
+    let out = std::fs::read_to_string(root.join("tmp/exec.out")).unwrap();
+    let m = kv(&out);
+    assert_eq!(m["uid"], "0", "{out}");
+    assert_eq!(
+        m["uidmap"],
+        format!("0 {} {};", userns_map().host_id, userns_map().size)
+    );
+    assert_eq!(m["init"], "sleep 1000");
+    // The file the container's root wrote belongs to the mapped host uid.
+    let owner =
+        std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(root.join("tmp/exec.out")).unwrap());
+    assert_eq!(owner, userns_map().host_id);
 }

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 const APPLETS: &[&str] = &[
     "sh", "cat", "ls", "ps", "hostname", "mount", "umount", "sleep", "ip", "echo", "grep", "wc",
     "head", "tail", "tr", "cut", "id", "kill", "readlink", "touch", "mkdir", "pwd", "sed", "true",
-    "false", "printf", "test", "stat", "seq",
+    "false", "printf", "test", "stat", "seq", "unshare",
 ];
 
 /// A temp dir holding a busybox image layer, an upper/work pair and one or more merged mounts.
