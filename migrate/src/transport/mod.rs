@@ -1,1 +1,32 @@
-//! QUIC transport with mutual TLS and pinned peers (work in progress).
+//! Agent-to-agent transport: the TLS identity ([`Identity`]), the pinned peer store
+//! ([`PeerStore`]), QUIC endpoints with mutual TLS that accept only pinned certificates
+//! ([`endpoint`], [`connect`]), verified file transfer over QUIC streams ([`send_files`],
+//! [`receive_file`]) and the drivers that run the [`crate::protocol`] machines over a connection
+//! ([`run_source`], [`run_dest`]).
+
+mod identity;
+mod peers;
+mod tls;
+
+pub use identity::{fingerprint, is_fingerprint, Identity, IdentityError};
+pub use peers::{Peer, PeerError, PeerStore};
+pub use tls::{
+    accept, client_config, connect, endpoint, peer_fingerprint, server_config, transport_config,
+    AllowedPeers, TlsError, ALPN,
+};
+
+mod driver;
+mod files;
+
+pub use driver::{
+    run_dest, run_source, DestHost, DestReport, DriverError, Refusal, SourceHost, SourceReport,
+    Timings, FILE_STREAMS,
+};
+pub use files::{
+    hash_file, receive_file, send_file, send_files, FileError, OutgoingFile, ReceivedFile,
+    TransferStats, REFUSED,
+};
+
+/// Errors of host actions (the agent's freeze, dump, restore...): any error, reported to the
+/// peer and in the outcome as its message chain.
+pub type HostError = Box<dyn std::error::Error + Send + Sync>;

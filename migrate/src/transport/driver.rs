@@ -1,0 +1,597 @@
+//! Drivers: run a [`SourceMachine`] or a [`DestMachine`] over a QUIC connection, performing the
+//! machine's actions through a host the agent implements ([`SourceHost`], [`DestHost`]).
+//!
+//! Connection layout: the source opens one bidirectional control stream and both sides send a
+//! [`Hello`] first; then control [`Message`] frames. Files travel on unidirectional streams the
+//! source opens ([`super::send_files`]); the destination accepts them in a background task and
+//! verifies each one ([`super::receive_file`]).
+
+use super::files::{receive_file, send_files, OutgoingFile};
+use super::HostError;
+use crate::protocol::{
+    DestAction, DestInput, DestMachine, JournalRecord, JournalState, Outcome, Output, SourceAction,
+    SourceInput, SourceMachine, SourceState, Timeouts,
+};
+use crate::wire::{
+    read_frame, write_frame, FileHeader, Hello, Message, Phase, Prepare, RefuseReason, WireError,
+    MAX_CONTROL_FRAME,
+};
+use mig_runtime::pidmap::PidEntry;
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Streams in flight when sending files.
+pub const FILE_STREAMS: usize = 8;
+
+/// How long to wait at the end for the last message to be acknowledged.
+const LINGER: Duration = Duration::from_secs(5);
+
+/// The source agent's side of a migration. One value per migration; every method is called from
+/// the driver's task, one at a time, in the order the machine asks.
+pub trait SourceHost: Send + Sync {
+    /// Files for the presync phase: the blobs of `missing_layers` (kind `Layer`, remote path =
+    /// digest) and a first copy of the writable layer (kind `Presync`).
+    fn presync_files(
+        &self,
+        missing_layers: &[String],
+    ) -> impl Future<Output = Result<Vec<OutgoingFile>, HostError>> + Send;
+    /// Freezes the container (downtime starts).
+    fn freeze(&self) -> impl Future<Output = Result<(), HostError>> + Send;
+    /// Dumps the frozen container, leaving it frozen; returns the files of the final phase (the
+    /// image set, kind `Image`, and the writable-layer delta, kind `Delta`).
+    fn dump(&self) -> impl Future<Output = Result<Vec<OutgoingFile>, HostError>> + Send;
+    /// Thaws the container (must succeed as a no-op when it is not frozen).
+    fn thaw(&self) -> impl Future<Output = Result<(), HostError>> + Send;
+    /// Destroys the frozen source copy after Commit (idempotent).
+    fn destroy(&self) -> impl Future<Output = Result<(), HostError>> + Send;
+    /// Writes the journal record durably.
+    fn journal(&self, record: &JournalRecord)
+        -> impl Future<Output = Result<(), HostError>> + Send;
+}
+
+/// Why the destination refuses a Prepare.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: RefuseReason,
+    pub detail: String,
+}
+
+/// The destination agent's side. Shared with the file-receiving tasks, hence `&self` and `Sync`.
+pub trait DestHost: Send + Sync + 'static {
+    /// Checks that this host can take the container; returns the layer digests it lacks.
+    fn check(&self, prepare: &Prepare)
+        -> impl Future<Output = Result<Vec<String>, Refusal>> + Send;
+    /// Where to write an incoming file (its header is validated: relative, no `..`). Called
+    /// from file tasks, possibly concurrently.
+    fn place_file(&self, migration_id: &str, header: &FileHeader) -> Result<PathBuf, HostError>;
+    /// Restores the container stopped (not running); returns its PID map.
+    fn restore(
+        &self,
+        migration_id: &str,
+    ) -> impl Future<Output = Result<Vec<PidEntry>, HostError>> + Send;
+    /// Lets the restored container run (after Commit).
+    fn resume(&self, migration_id: &str) -> impl Future<Output = Result<(), HostError>> + Send;
+    /// Kills any restored copy and removes everything of this migration (idempotent).
+    fn cleanup(&self, migration_id: &str) -> impl Future<Output = Result<(), HostError>> + Send;
+    /// Writes the journal record durably.
+    fn journal(&self, record: &JournalRecord)
+        -> impl Future<Output = Result<(), HostError>> + Send;
+    /// The last journal state of a migration (for a Resolve on a new connection).
+    fn load_journal(&self, migration_id: &str)
+        -> impl Future<Output = Option<JournalState>> + Send;
+}
+
+/// Why a driver could not run a migration at all (failures inside the migration end up in the
+/// report's outcome instead).
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("cannot open the control stream")]
+    OpenControl {
+        #[source]
+        source: quinn::ConnectionError,
+    },
+    #[error("cannot accept the control stream")]
+    AcceptControl {
+        #[source]
+        source: quinn::ConnectionError,
+    },
+    #[error("cannot send hello")]
+    SendHello {
+        #[source]
+        source: WireError,
+    },
+    #[error("peer hello refused")]
+    Hello {
+        #[source]
+        source: WireError,
+    },
+    #[error("cannot read the first message")]
+    FirstMessage {
+        #[source]
+        source: WireError,
+    },
+    #[error("the peer closed the control stream before its first message")]
+    NoMessage,
+    #[error("timed out waiting for the first message")]
+    FirstMessageTimeout,
+}
+
+/// Phase timings measured by the source driver.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timings {
+    pub presync: Duration,
+    pub freeze: Duration,
+    pub dump: Duration,
+    /// Sending the final files.
+    pub transfer: Duration,
+    /// From the final TransferDone to Restored (receiving the tail, verifying, restoring).
+    pub restore: Duration,
+    /// From the start of the freeze to Committed.
+    pub downtime: Duration,
+    pub total: Duration,
+}
+
+/// What the source driver reports.
+#[derive(Debug, Clone)]
+pub struct SourceReport {
+    pub migration_id: String,
+    /// `None` when the migration is in doubt (see [`SourceReport::in_doubt`]).
+    pub outcome: Option<Outcome>,
+    pub in_doubt: bool,
+    pub dest_pid_map: Vec<PidEntry>,
+    pub files_sent: u32,
+    pub bytes_sent: u64,
+    pub timings: Timings,
+    /// The destination agent's hello.
+    pub peer: Hello,
+}
+
+/// What the destination driver reports.
+#[derive(Debug, Clone)]
+pub struct DestReport {
+    pub migration_id: String,
+    pub outcome: Option<Outcome>,
+    pub in_doubt: bool,
+    pub peer: Hello,
+}
+
+/// A host error and its sources as one line.
+pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Reads control messages into a channel (cancel-safe for `select!`); `None` = link lost.
+fn spawn_control_reader(mut recv: quinn::RecvStream) -> mpsc::Receiver<Option<Message>> {
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            match read_frame::<Message, _>(&mut recv, MAX_CONTROL_FRAME).await {
+                Ok(Some(m)) => {
+                    if tx.send(Some(m)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %chain(&e), "control stream failed");
+                    break;
+                }
+            }
+        }
+        let _ = tx.send(None).await;
+    });
+    rx
+}
+
+/// Runs the source side over `conn` (a connection to the destination). A fresh machine is
+/// started; a machine recovered in doubt (or rolled back) runs the Resolve exchange.
+pub async fn run_source<H: SourceHost>(
+    conn: &quinn::Connection,
+    mut machine: SourceMachine,
+    host: &H,
+    hello: &Hello,
+) -> Result<SourceReport, DriverError> {
+    let t0 = Instant::now();
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|source| DriverError::OpenControl { source })?;
+    write_frame(&mut send, hello, MAX_CONTROL_FRAME)
+        .await
+        .map_err(|source| DriverError::SendHello { source })?;
+    let peer = Hello::read(&mut recv)
+        .await
+        .map_err(|source| DriverError::Hello { source })?;
+    let mut ctrl = spawn_control_reader(recv);
+    if *machine.state() == SourceState::Idle {
+        machine.start();
+    } else {
+        machine.handle(SourceInput::Reconnected);
+    }
+    let mut link_up = true;
+    let mut final_files = Vec::new();
+    let mut t = Timings::default();
+    let (mut files_sent, mut bytes_sent) = (0u32, 0u64);
+    let mut freeze_start = None;
+    let mut final_done_at = None;
+    loop {
+        while let Some(out) = machine.poll_output() {
+            match out {
+                Output::Send(m) => {
+                    if !link_up {
+                        continue;
+                    }
+                    if let Message::TransferDone {
+                        phase: Phase::Final,
+                        ..
+                    } = m
+                    {
+                        final_done_at = Some(Instant::now());
+                    }
+                    if let Err(e) = write_frame(&mut send, &m, MAX_CONTROL_FRAME).await {
+                        tracing::warn!(message = m.name(), error = %chain(&e), "send failed");
+                        link_up = false;
+                        machine.handle(SourceInput::LinkLost);
+                    }
+                }
+                Output::Journal(r) => {
+                    if let Err(e) = host.journal(&r).await {
+                        machine.handle(SourceInput::JournalFailed {
+                            detail: chain(e.as_ref()),
+                        });
+                    }
+                }
+                Output::Do(action) => {
+                    let start = Instant::now();
+                    let input = match action {
+                        SourceAction::SendFiles {
+                            phase,
+                            missing_layers,
+                        } => {
+                            let files = match phase {
+                                Phase::Presync => host.presync_files(&missing_layers).await,
+                                Phase::Final => Ok(std::mem::take(&mut final_files)),
+                            };
+                            let sent = match files {
+                                Ok(files) => send_files(conn, files, FILE_STREAMS)
+                                    .await
+                                    .map_err(|e| chain(&e)),
+                                Err(e) => Err(chain(e.as_ref())),
+                            };
+                            match phase {
+                                Phase::Presync => t.presync = start.elapsed(),
+                                Phase::Final => t.transfer = start.elapsed(),
+                            }
+                            match sent {
+                                Ok(s) => {
+                                    files_sent += s.files;
+                                    bytes_sent += s.bytes;
+                                    SourceInput::FilesSent {
+                                        phase,
+                                        files: s.files,
+                                        bytes: s.bytes,
+                                    }
+                                }
+                                Err(detail) => SourceInput::ActionFailed { detail },
+                            }
+                        }
+                        SourceAction::Freeze => {
+                            freeze_start = Some(start);
+                            let r = host.freeze().await;
+                            t.freeze = start.elapsed();
+                            done(r, SourceInput::Frozen)
+                        }
+                        SourceAction::Dump => {
+                            let r = host.dump().await;
+                            t.dump = start.elapsed();
+                            match r {
+                                Ok(files) => {
+                                    final_files = files;
+                                    SourceInput::Dumped
+                                }
+                                Err(e) => SourceInput::ActionFailed {
+                                    detail: chain(e.as_ref()),
+                                },
+                            }
+                        }
+                        SourceAction::Thaw => done(host.thaw().await, SourceInput::Thawed),
+                        SourceAction::DestroySource => {
+                            done(host.destroy().await, SourceInput::Destroyed)
+                        }
+                    };
+                    machine.handle(input);
+                }
+            }
+        }
+        if machine.is_finished() {
+            break;
+        }
+        let wait = machine.timeout().unwrap_or(Duration::from_secs(3600));
+        let input = tokio::select! {
+            m = ctrl.recv(), if link_up => match m {
+                Some(Some(m)) => SourceInput::Received(m),
+                _ => {
+                    link_up = false;
+                    SourceInput::LinkLost
+                }
+            },
+            _ = tokio::time::sleep(wait) => SourceInput::TimedOut,
+        };
+        if let SourceInput::Received(m) = &input {
+            match m {
+                Message::Restored { .. } => {
+                    if let Some(at) = final_done_at {
+                        t.restore = at.elapsed();
+                    }
+                }
+                Message::Committed => {
+                    if let Some(at) = freeze_start {
+                        t.downtime = at.elapsed();
+                    }
+                }
+                _ => {}
+            }
+        }
+        machine.handle(input);
+    }
+    linger(&mut send, link_up).await;
+    t.total = t0.elapsed();
+    Ok(SourceReport {
+        migration_id: machine.id().to_string(),
+        outcome: machine.outcome().cloned(),
+        in_doubt: *machine.state() == SourceState::InDoubt,
+        dest_pid_map: machine.dest_pid_map().to_vec(),
+        files_sent,
+        bytes_sent,
+        timings: t,
+        peer,
+    })
+}
+
+fn done<I>(r: Result<(), HostError>, ok: I) -> I
+where
+    I: From<FailedAction>,
+{
+    match r {
+        Ok(()) => ok,
+        Err(e) => I::from(FailedAction(chain(e.as_ref()))),
+    }
+}
+
+/// A failed host action, converted into the machine's input.
+struct FailedAction(String);
+
+impl From<FailedAction> for SourceInput {
+    fn from(f: FailedAction) -> SourceInput {
+        SourceInput::ActionFailed { detail: f.0 }
+    }
+}
+
+impl From<FailedAction> for DestInput {
+    fn from(f: FailedAction) -> DestInput {
+        DestInput::ActionFailed { detail: f.0 }
+    }
+}
+
+/// Finishes our side of the control stream and waits (bounded) until the peer acknowledged it,
+/// so the last message is not lost when the connection closes.
+async fn linger(send: &mut quinn::SendStream, link_up: bool) {
+    if !link_up {
+        return;
+    }
+    let _ = send.finish();
+    let _ = tokio::time::timeout(LINGER, send.stopped()).await;
+}
+
+enum FileEvent {
+    Ok { phase: Phase, bytes: u64 },
+    Failed { detail: String },
+}
+
+/// Accepts file streams until aborted; aborting it aborts the receiving tasks too.
+fn spawn_file_acceptor<H: DestHost>(
+    conn: quinn::Connection,
+    host: Arc<H>,
+    id: String,
+    events: mpsc::Sender<FileEvent>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tasks = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                r = conn.accept_uni() => {
+                    let Ok(recv) = r else { break };
+                    let (host, id, events) = (host.clone(), id.clone(), events.clone());
+                    tasks.spawn(async move {
+                        let ev = match receive_file(recv, |h| host.place_file(&id, h)).await {
+                            Ok(f) => FileEvent::Ok { phase: f.header.kind.phase(), bytes: f.header.size },
+                            Err(e) => FileEvent::Failed { detail: chain(&e) },
+                        };
+                        let _ = events.send(ev).await;
+                    });
+                }
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            }
+        }
+        while tasks.join_next().await.is_some() {}
+    })
+}
+
+/// Runs the destination side on an accepted connection: a Prepare starts a new migration, a
+/// Resolve is answered from the journal.
+pub async fn run_dest<H: DestHost>(
+    conn: quinn::Connection,
+    host: Arc<H>,
+    hello: &Hello,
+    timeouts: Timeouts,
+) -> Result<DestReport, DriverError> {
+    let (mut send, mut recv) = conn
+        .accept_bi()
+        .await
+        .map_err(|source| DriverError::AcceptControl { source })?;
+    let peer = Hello::read(&mut recv).await;
+    // Answer even a refused hello so the peer can report both versions.
+    write_frame(&mut send, hello, MAX_CONTROL_FRAME)
+        .await
+        .map_err(|source| DriverError::SendHello { source })?;
+    let peer = peer.map_err(|source| DriverError::Hello { source })?;
+    let first = tokio::time::timeout(
+        timeouts.control,
+        read_frame::<Message, _>(&mut recv, MAX_CONTROL_FRAME),
+    )
+    .await
+    .map_err(|_| DriverError::FirstMessageTimeout)?
+    .map_err(|source| DriverError::FirstMessage { source })?
+    .ok_or(DriverError::NoMessage)?;
+    let mut machine = match &first {
+        Message::Resolve { migration_id, .. } => {
+            let last = host.load_journal(migration_id).await;
+            DestMachine::recover(migration_id, last.as_ref(), timeouts)
+        }
+        _ => DestMachine::new(timeouts),
+    };
+    let mut ctrl = spawn_control_reader(recv);
+    machine.handle(DestInput::Received(first));
+    let (file_tx, mut file_rx) = mpsc::channel(64);
+    let mut acceptor: Option<tokio::task::JoinHandle<()>> = None;
+    let mut counts: HashMap<Phase, (u32, u64)> = HashMap::new();
+    let mut awaiting: Option<(Phase, u32, u64)> = None;
+    let mut link_up = true;
+    loop {
+        while let Some(out) = machine.poll_output() {
+            let id = machine.id().to_string();
+            match out {
+                Output::Send(m) => {
+                    if !link_up {
+                        continue;
+                    }
+                    if let Err(e) = write_frame(&mut send, &m, MAX_CONTROL_FRAME).await {
+                        tracing::warn!(message = m.name(), error = %chain(&e), "send failed");
+                        link_up = false;
+                        machine.handle(DestInput::LinkLost);
+                    }
+                }
+                Output::Journal(r) => {
+                    if let Err(e) = host.journal(&r).await {
+                        machine.handle(DestInput::JournalFailed {
+                            detail: chain(e.as_ref()),
+                        });
+                    }
+                }
+                Output::Do(DestAction::CheckPrepare(p)) => {
+                    let r = host.check(&p).await;
+                    if r.is_ok() && acceptor.is_none() {
+                        acceptor = Some(spawn_file_acceptor(
+                            conn.clone(),
+                            host.clone(),
+                            id,
+                            file_tx.clone(),
+                        ));
+                    }
+                    machine.handle(DestInput::PrepareChecked(
+                        r.map_err(|r| (r.reason, r.detail)),
+                    ));
+                }
+                Output::Do(DestAction::AwaitFiles {
+                    phase,
+                    files,
+                    bytes,
+                }) => {
+                    awaiting = Some((phase, files, bytes));
+                    if let Some(i) = files_ready(&mut awaiting, &counts) {
+                        machine.handle(i);
+                    }
+                }
+                Output::Do(DestAction::Restore) => {
+                    let input = match host.restore(&id).await {
+                        Ok(pid_map) => DestInput::Restored { pid_map },
+                        Err(e) => DestInput::ActionFailed {
+                            detail: chain(e.as_ref()),
+                        },
+                    };
+                    machine.handle(input);
+                }
+                Output::Do(DestAction::Resume) => {
+                    machine.handle(done(host.resume(&id).await, DestInput::Resumed))
+                }
+                Output::Do(DestAction::Cleanup) => {
+                    if let Some(a) = acceptor.take() {
+                        a.abort();
+                        let _ = a.await;
+                    }
+                    machine.handle(done(host.cleanup(&id).await, DestInput::CleanedUp))
+                }
+            }
+        }
+        if machine.is_finished() {
+            break;
+        }
+        let wait = machine.timeout().unwrap_or(Duration::from_secs(3600));
+        let input = tokio::select! {
+            m = ctrl.recv(), if link_up => match m {
+                Some(Some(m)) => DestInput::Received(m),
+                _ => {
+                    link_up = false;
+                    DestInput::LinkLost
+                }
+            },
+            ev = file_rx.recv() => match ev {
+                Some(FileEvent::Ok { phase, bytes }) => {
+                    let c = counts.entry(phase).or_default();
+                    c.0 += 1;
+                    c.1 += bytes;
+                    match files_ready(&mut awaiting, &counts) {
+                        Some(i) => i,
+                        None => continue,
+                    }
+                }
+                Some(FileEvent::Failed { detail }) => DestInput::FileFailed { detail },
+                None => continue,
+            },
+            _ = tokio::time::sleep(wait) => DestInput::TimedOut,
+        };
+        machine.handle(input);
+    }
+    if let Some(a) = acceptor.take() {
+        a.abort();
+    }
+    linger(&mut send, link_up).await;
+    Ok(DestReport {
+        migration_id: machine.id().to_string(),
+        outcome: machine.outcome().cloned(),
+        in_doubt: *machine.state() == crate::protocol::DestState::InDoubt,
+        peer,
+    })
+}
+
+/// The input that ends an [`DestAction::AwaitFiles`] once enough files of its phase arrived.
+fn files_ready(
+    awaiting: &mut Option<(Phase, u32, u64)>,
+    counts: &HashMap<Phase, (u32, u64)>,
+) -> Option<DestInput> {
+    let (phase, files, bytes) = (*awaiting)?;
+    let (got_files, got_bytes) = counts.get(&phase).copied().unwrap_or_default();
+    if got_files < files {
+        return None;
+    }
+    *awaiting = None;
+    if got_files != files || got_bytes != bytes {
+        return Some(DestInput::ActionFailed {
+            detail: format!(
+                "received {got_files} files, {got_bytes} bytes; sender announced {files} files, {bytes} bytes"
+            ),
+        });
+    }
+    Some(DestInput::FilesReceived { phase })
+}

@@ -1,0 +1,320 @@
+//! QUIC endpoints with mutual TLS 1.3 and pinned certificates.
+//!
+//! There is no certificate authority: each agent has a self-signed certificate
+//! ([`super::Identity`]) and trusts exactly the fingerprints in its peer store. The server side
+//! accepts a client only if the client certificate's fingerprint is in the [`AllowedPeers`] set;
+//! the client side accepts the server only if its fingerprint is the one expected for that peer.
+//! Both refuse at the handshake, and both verify the handshake signatures with the ring
+//! provider's algorithms (proof that the peer holds the pinned certificate's key).
+
+use super::identity::{fingerprint, Identity};
+use super::peers::Peer;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+/// The ALPN protocol of agent-to-agent connections.
+pub const ALPN: &[u8] = b"mig/1";
+
+/// The TLS server name used when connecting (pinning ignores names; SNI must be a DNS name).
+const SERVER_NAME: &str = "mig-peer";
+
+/// Why an endpoint or a connection could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot build tls configuration")]
+    Config {
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("tls configuration unusable for quic")]
+    Quic {
+        #[source]
+        source: quinn::crypto::rustls::NoInitialCipherSuite,
+    },
+    #[error("cannot bind quic endpoint on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start connecting to {peer} at {addr}")]
+    Connect {
+        peer: String,
+        addr: SocketAddr,
+        #[source]
+        source: quinn::ConnectError,
+    },
+    #[error("connection to {peer} at {addr} failed")]
+    Handshake {
+        peer: String,
+        addr: SocketAddr,
+        #[source]
+        source: quinn::ConnectionError,
+    },
+    #[error("incoming connection failed")]
+    Accept {
+        #[source]
+        source: quinn::ConnectionError,
+    },
+}
+
+/// The set of client fingerprints a server accepts; shared with the verifier, so updates apply
+/// to the next handshake.
+#[derive(Debug, Clone, Default)]
+pub struct AllowedPeers(Arc<RwLock<HashSet<String>>>);
+
+impl AllowedPeers {
+    pub fn new(fingerprints: HashSet<String>) -> AllowedPeers {
+        AllowedPeers(Arc::new(RwLock::new(fingerprints)))
+    }
+
+    /// Replaces the whole set (for example from [`super::PeerStore::fingerprints`]).
+    pub fn replace(&self, fingerprints: HashSet<String>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = fingerprints;
+    }
+
+    pub fn insert(&self, fingerprint: &str) {
+        self.0
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(fingerprint.to_string());
+    }
+
+    pub fn remove(&self, fingerprint: &str) {
+        self.0
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(fingerprint);
+    }
+
+    pub fn contains(&self, fingerprint: &str) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(fingerprint)
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn not_pinned() -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
+}
+
+/// Server side: accepts client certificates whose fingerprint is allowed.
+#[derive(Debug)]
+struct PinnedClientVerifier {
+    allowed: AllowedPeers,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ClientCertVerifier for PinnedClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let fp = fingerprint(end_entity);
+        if self.allowed.contains(&fp) {
+            Ok(ClientCertVerified::assertion())
+        } else {
+            tracing::warn!(fingerprint = %fp, "refused client with an unpinned certificate");
+            Err(not_pinned())
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// Client side: accepts exactly one server fingerprint.
+#[derive(Debug)]
+struct PinnedServerVerifier {
+    expected: String,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for PinnedServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let fp = fingerprint(end_entity);
+        if fp == self.expected {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            tracing::warn!(fingerprint = %fp, expected = %self.expected, "refused server with an unexpected certificate");
+            Err(not_pinned())
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// Transport parameters for bulk transfer: large stream and connection windows so a single
+/// stream is not flow-control bound on a fast link, up to 16 concurrent file streams, keep-alive
+/// well under the idle timeout. UDP GSO is on by default in quinn.
+pub fn transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.stream_receive_window(quinn::VarInt::from_u32(16 << 20));
+    t.receive_window(quinn::VarInt::from_u32(64 << 20));
+    t.send_window(64 << 20);
+    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(16));
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(8));
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
+        30_000,
+    ))));
+    t
+}
+
+/// A server configuration requiring a client certificate pinned in `allowed`.
+pub fn server_config(
+    identity: &Identity,
+    allowed: AllowedPeers,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let provider = provider();
+    let verifier = PinnedClientVerifier {
+        allowed,
+        algs: provider.signature_verification_algorithms,
+    };
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|source| TlsError::Config { source })?
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_single_cert(vec![identity.cert().clone()], identity.key())
+        .map_err(|source| TlsError::Config { source })?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|source| TlsError::Quic { source })?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    config.transport_config(Arc::new(transport_config()));
+    Ok(config)
+}
+
+/// A client configuration presenting `identity` and accepting only `expected_fingerprint`.
+pub fn client_config(
+    identity: &Identity,
+    expected_fingerprint: &str,
+) -> Result<quinn::ClientConfig, TlsError> {
+    let provider = provider();
+    let verifier = PinnedServerVerifier {
+        expected: expected_fingerprint.to_string(),
+        algs: provider.signature_verification_algorithms,
+    };
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|source| TlsError::Config { source })?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_auth_cert(vec![identity.cert().clone()], identity.key())
+        .map_err(|source| TlsError::Config { source })?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|source| TlsError::Quic { source })?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    config.transport_config(Arc::new(transport_config()));
+    Ok(config)
+}
+
+/// Binds a QUIC endpoint on `addr` that accepts pinned clients and can connect to peers.
+/// Must be called inside a tokio runtime.
+pub fn endpoint(
+    addr: SocketAddr,
+    identity: &Identity,
+    allowed: AllowedPeers,
+) -> Result<quinn::Endpoint, TlsError> {
+    let config = server_config(identity, allowed)?;
+    quinn::Endpoint::server(config, addr).map_err(|source| TlsError::Bind { addr, source })
+}
+
+/// Connects to `peer`, accepting only its pinned fingerprint.
+pub async fn connect(
+    endpoint: &quinn::Endpoint,
+    identity: &Identity,
+    peer: &Peer,
+) -> Result<quinn::Connection, TlsError> {
+    let config = client_config(identity, &peer.fingerprint)?;
+    let connecting = endpoint
+        .connect_with(config, peer.address, SERVER_NAME)
+        .map_err(|source| TlsError::Connect {
+            peer: peer.name.clone(),
+            addr: peer.address,
+            source,
+        })?;
+    connecting.await.map_err(|source| TlsError::Handshake {
+        peer: peer.name.clone(),
+        addr: peer.address,
+        source,
+    })
+}
+
+/// Waits for the next incoming connection's handshake (`None` when the endpoint is closed).
+pub async fn accept(endpoint: &quinn::Endpoint) -> Option<Result<quinn::Connection, TlsError>> {
+    let incoming = endpoint.accept().await?;
+    Some(incoming.await.map_err(|source| TlsError::Accept { source }))
+}
+
+/// The fingerprint of the certificate the peer presented on `conn`.
+pub fn peer_fingerprint(conn: &quinn::Connection) -> Option<String> {
+    let identity = conn.peer_identity()?;
+    let certs = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    certs.first().map(|c| fingerprint(c))
+}
