@@ -12,7 +12,7 @@ const PROBE: &str = r#"
 echo "pid=$$"
 echo "host=$(hostname)"
 while read k v rest; do
-  case "$k" in Seccomp:|CapEff:|CapBnd:|CapPrm:|NoNewPrivs:) echo "${k%:}=$v";; esac
+  case "$k" in Seccomp:|CapEff:|CapBnd:|CapPrm:|NoNewPrivs:|SigIgn:|SigBlk:) echo "${k%:}=$v";; esac
 done < /proc/self/status
 if mount -t tmpfs x /mnt 2>/dev/null; then echo mount=allowed; else echo mount=denied; fi
 if unshare -n true 2>/dev/null; then echo unshare=allowed; else echo unshare=denied; fi
@@ -80,6 +80,10 @@ fn container_isolation_seen_from_inside() {
     assert_eq!(m["CapBnd"], caps);
     assert_eq!(m["mount"], "denied");
     assert_eq!(m["unshare"], "denied");
+    // Nothing ignored or blocked leaks from the caller (Rust ignores SIGPIPE, for one); busybox
+    // sh ignores SIGQUIT by itself.
+    assert_eq!(m["SigIgn"], "0000000000000004");
+    assert_eq!(m["SigBlk"], "0000000000000000");
     assert_eq!(m["kcore"], "0");
     assert_eq!(m["keys"], "0");
     assert!(m["procsys"].starts_with("ro"), "{m:?}");

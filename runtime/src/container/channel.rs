@@ -53,10 +53,11 @@ pub enum Step {
     Setns,
     Fork,
     Wait,
+    Signals,
 }
 
 impl Step {
-    const ALL: [Step; 37] = [
+    const ALL: [Step; 38] = [
         Step::WaitParent,
         Step::JoinCgroup,
         Step::BecomeRoot,
@@ -94,6 +95,7 @@ impl Step {
         Step::Setns,
         Step::Fork,
         Step::Wait,
+        Step::Signals,
     ];
 
     fn from_u8(b: u8) -> Option<Step> {
@@ -140,6 +142,7 @@ impl Step {
             Step::Setns => "joining the container's namespaces",
             Step::Fork => "forking into the pid namespace",
             Step::Wait => "waiting for the command",
+            Step::Signals => "resetting signal handling",
         }
     }
 }

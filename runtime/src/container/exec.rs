@@ -127,6 +127,7 @@ fn enter_and_fork(plan: &ExecPlan, sock: RawFd) -> Result<i32, Fail> {
 /// The command's process, inside the pid namespace: working directory, confinement, exec.
 fn command_child(plan: &ExecPlan, sock: RawFd) -> Fail {
     let run = || -> Result<std::convert::Infallible, Fail> {
+        sys::reset_signals().at(Step::Signals)?;
         // setns(mnt) put us at the container's root; the cwd is relative to it.
         sys::chdir(c"/").at(Step::Chdir)?;
         sys::chdir(&plan.cwd).at(Step::Chdir)?;

@@ -203,6 +203,8 @@ fn setup_and_exec(plan: &InitPlan, sock: RawFd) -> Result<std::convert::Infallib
             })
         }
     }
+    // Signals: default actions, nothing blocked (the caller's state would survive exec).
+    sys::reset_signals().at(Step::Signals)?;
     // Join the cgroup first, while our credentials are still the host's root.
     join_cgroup(&plan.cgroup_procs)?;
     if plan.userns {
@@ -264,8 +266,10 @@ fn setup_and_exec(plan: &InitPlan, sock: RawFd) -> Result<std::convert::Infallib
     sys::dup2(plan.output, 1).at(Step::Stdio)?;
     sys::dup2(plan.output, 2).at(Step::Stdio)?;
     let null = sys::open(c"/dev/null", libc::O_RDWR, 0).at(Step::Stdio)?;
-    sys::dup2(null, 0).at(Step::Stdio)?;
-    sys::close(null);
+    if null != 0 {
+        sys::dup2(null, 0).at(Step::Stdio)?;
+        sys::close(null);
+    }
     sys::chdir(&plan.cwd).at(Step::Chdir)?;
     sys::umask(0o022);
     // Ids, capabilities, no_new_privs, and seccomp last.

@@ -2,7 +2,7 @@
 //! runs between clone and exec (mounts, pivot_root, /proc, /dev, /sys, masked paths, hostname,
 //! capabilities, no_new_privs, seccomp, closing fds), and joining a running container for `exec`.
 //!
-//! - [`rootfs`]: the overlay on the host ([`mount_rootfs`], [`unmount_rootfs`]);
+//! - `rootfs`: the overlay on the host ([`mount_rootfs`], [`unmount_rootfs`]);
 //! - [`spawn`]: clone of the init in new namespaces; the child side is in `init`;
 //! - [`exec`]: a command inside a running container;
 //! - [`external_mounts`]: what a CRIU driver must declare for a user-namespace container;

@@ -499,3 +499,51 @@ pub(crate) fn new_detached_mount(fstype: &CStr, attrs: u64) -> SysResult<RawFd> 
     close(fs);
     res.map(|fd| fd as RawFd)
 }
+
+/// Restores every signal to its default action and unblocks all of them: ignored signals and the
+/// signal mask survive `execve`, and the caller's (Rust ignores SIGPIPE; a runtime may block
+/// some) must not leak into the container.
+pub(crate) fn reset_signals() -> SysResult<()> {
+    /// The kernel's `struct sigaction` (x86_64 and aarch64 both have `sa_restorer`).
+    #[repr(C)]
+    struct KernelSigaction {
+        handler: usize,
+        flags: libc::c_ulong,
+        restorer: usize,
+        mask: u64,
+    }
+    let dfl = KernelSigaction {
+        handler: libc::SIG_DFL,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    for sig in 1..=64 {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: dfl is a valid kernel sigaction of the size passed (8-byte mask). The raw call
+        // also resets signals glibc reserves for itself (32, 33), which `signal()` refuses.
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                &dfl,
+                ptr::null_mut::<KernelSigaction>(),
+                8usize,
+            )
+        };
+    }
+    let empty: u64 = 0;
+    // SAFETY: an 8-byte empty mask, as the kernel expects for rt_sigprocmask.
+    check_long(unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &empty,
+            ptr::null_mut::<u64>(),
+            8usize,
+        )
+    })
+    .map(drop)
+}
