@@ -52,6 +52,7 @@ fn image_rootfs_dir() {
     let src = tmp.path().join("rootfs");
     busybox_rootfs(&src);
     fs::set_permissions(src.join("etc"), fs::Permissions::from_mode(0o750)).unwrap();
+    fs::set_permissions(&src, fs::Permissions::from_mode(0o700)).unwrap();
     std::os::unix::fs::lchown(src.join("etc/hostname"), Some(1234), Some(4321)).unwrap();
     let img = store.import(&src, "busybox").unwrap();
     assert_eq!(img.name, "busybox");
@@ -61,6 +62,7 @@ fn image_rootfs_dir() {
     check_busybox_layer(&store, &img.layers[0], true);
     let l = store.layer_dir(&img.layers[0]);
     assert_eq!(fs::metadata(l.join("etc")).unwrap().mode() & 0o7777, 0o750);
+    assert_eq!(fs::metadata(&l).unwrap().mode() & 0o7777, 0o755);
     let m = fs::metadata(l.join("etc/hostname")).unwrap();
     assert_eq!((m.uid(), m.gid()), (1234, 4321));
 

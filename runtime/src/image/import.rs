@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// How a tar stream is compressed.
@@ -157,6 +157,9 @@ pub(crate) fn stage_blob(
     let hex = digest.trim_start_matches("sha256:");
     let dir = work.path().join(format!("layer-{hex}"));
     fs::create_dir(&dir).map_err(ImageError::io("creating", &dir))?;
+    // Not left to the umask: a layer root is 0755 unless the archive says otherwise.
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))
+        .map_err(ImageError::io("changing mode of", &dir))?;
     let mut f = File::open(&blob).map_err(ImageError::io("opening", &blob))?;
     scan_headers(&mut f, &blob, &store.limits)?;
     let stats = unpack(BufReader::new(f), &blob, &dir, &store.limits, true)?;
@@ -371,11 +374,6 @@ fn write_rootfs_tar(root: &Path, out: &mut dyn Write, max_entry: u64) -> io::Res
         h.set_size(0);
         h
     };
-    b.append_data(
-        &mut header(&root_meta, tar::EntryType::Directory),
-        "./",
-        io::empty(),
-    )?;
     // Depth-first, each directory's entries sorted by name.
     let mut stack: Vec<PathBuf> = Vec::new();
     let push_children = |stack: &mut Vec<PathBuf>, rel: &Path| -> io::Result<()> {
