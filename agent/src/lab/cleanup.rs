@@ -38,6 +38,27 @@ impl DownReport {
     }
 }
 
+/// One line for the CLI: what was removed, then the problems, one per line.
+impl std::fmt::Display for DownReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "stopped {} agent(s), killed {} process(es), removed {} cgroup(s), {} mount(s), \
+             {} namespace(s), {} path(s)",
+            self.agents_stopped.len(),
+            self.processes_killed.len(),
+            self.cgroups_removed.len(),
+            self.unmounted.len(),
+            self.namespaces_removed.len(),
+            self.paths_removed.len()
+        )?;
+        for p in &self.problems {
+            write!(f, "\nnot removed: {p}")?;
+        }
+        Ok(())
+    }
+}
+
 /// Tells a lab host's processes from everything else on the machine: they are in a cgroup below the
 /// host's cgroup parent (containers), live in the host's network namespace (agent, shims, CRIU), have
 /// their root or command line under its state directory, or are children of such a process.
@@ -437,6 +458,22 @@ mod tests {
             state_dir: PathBuf::from("/var/lib/mig-lab/nonexistent-scope/host-a"),
         };
         assert!(!scope.contains(std::process::id() as i32));
+    }
+
+    #[test]
+    fn report_display() {
+        let mut r = DownReport::default();
+        r.agents_stopped.push(10);
+        r.namespaces_removed.push("x-sw".into());
+        assert_eq!(
+            r.to_string(),
+            "stopped 1 agent(s), killed 0 process(es), removed 0 cgroup(s), 0 mount(s), \
+             1 namespace(s), 0 path(s)"
+        );
+        r.problems.push(LabError::Survivors { pids: vec![7] });
+        assert!(r
+            .to_string()
+            .ends_with("\nnot removed: processes [7] survived SIGKILL"));
     }
 
     #[test]

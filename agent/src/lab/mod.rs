@@ -336,6 +336,13 @@ fn plan(cfg: &LabConfig) -> LabFile {
     }
 }
 
+/// The `migd` installed next to the running executable (`mig` and `migd` are built and installed
+/// together), if there is one.
+pub fn migd_next_to_current_exe() -> Option<PathBuf> {
+    let migd = std::env::current_exe().ok()?.with_file_name("migd");
+    migd.is_file().then_some(migd)
+}
+
 /// Reads the lab file of lab `name`.
 pub fn read_lab_file(name: &str) -> Result<LabFile, LabError> {
     let path = lab_file_path(name);
