@@ -12,8 +12,8 @@
 
 use crate::api::frame::{read_frame, write_frame, FrameError};
 use crate::api::{
-    ApiError, ContainerDetails, ContainerSummary, ErrorKind, ExecResult, Hello, HostInfo,
-    ImageInfo, Request, Response, RunRequest, API_VERSION,
+    ApiError, CheckpointResult, ContainerDetails, ContainerSummary, ErrorKind, ExecResult, Hello,
+    HostInfo, ImageInfo, Request, Response, RestoreResult, RunRequest, API_VERSION,
 };
 use std::path::{Path, PathBuf};
 use tokio::net::UnixStream;
@@ -214,6 +214,33 @@ impl Client {
         match self.call(&Request::Info).await? {
             Response::Info(i) => Ok(i),
             r => Err(unexpected("info", r)),
+        }
+    }
+
+    /// Checkpoints a running container (it ends unless `leave_running`).
+    pub async fn checkpoint(
+        &mut self,
+        container: &str,
+        leave_running: bool,
+    ) -> Result<CheckpointResult, ClientError> {
+        let req = Request::Checkpoint {
+            container: container.into(),
+            leave_running,
+        };
+        match self.call(&req).await? {
+            Response::Checkpointed(r) => Ok(*r),
+            r => Err(unexpected("checkpoint", r)),
+        }
+    }
+
+    /// Restores a checkpointed container.
+    pub async fn restore(&mut self, container: &str) -> Result<RestoreResult, ClientError> {
+        let req = Request::Restore {
+            container: container.into(),
+        };
+        match self.call(&req).await? {
+            Response::Restored(r) => Ok(*r),
+            r => Err(unexpected("restore", r)),
         }
     }
 

@@ -86,6 +86,16 @@ pub enum Request {
     },
     /// Host information.
     Info,
+    /// Dumps the running container with CRIU into its checkpoint directory; it ends unless
+    /// `leave_running`.
+    Checkpoint {
+        container: String,
+        leave_running: bool,
+    },
+    /// Restores a checkpointed container from its checkpoint directory.
+    Restore {
+        container: String,
+    },
 }
 
 /// The container to create, as `mig run` describes it.
@@ -127,7 +137,41 @@ pub enum Response {
     Exec(ExecResult),
     Ok,
     Info(HostInfo),
+    Checkpointed(Box<CheckpointResult>),
+    Restored(Box<RestoreResult>),
     Error(ApiError),
+}
+
+/// What a checkpoint did and how long it took.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointResult {
+    pub id: String,
+    pub leave_running: bool,
+    /// Freezing the cgroup (mig's own measure).
+    pub freeze_ms: u64,
+    /// `criu dump` wall time.
+    pub dump_ms: u64,
+    /// The whole checkpoint, including sealing the image set.
+    pub total_ms: u64,
+    /// Bytes in the image set (without logs).
+    pub image_bytes: u64,
+    /// The checkpoint directory on the agent's host.
+    pub images_dir: String,
+    /// PIDs at the dump.
+    pub pid_map: Vec<PidEntry>,
+    /// CRIU's own figures.
+    pub criu: mig_migrate::criu::DumpStats,
+}
+
+/// What a restore did and how long it took.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreResult {
+    pub id: String,
+    /// From the request to the restored init running (rootfs, cgroup, CRIU, shim).
+    pub total_ms: u64,
+    pub init_pid: i32,
+    /// PIDs after the restore (the in-namespace PIDs are the dumped ones).
+    pub pid_map: Vec<PidEntry>,
 }
 
 /// Why a request failed: a kind a program can act on and a message for people.

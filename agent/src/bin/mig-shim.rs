@@ -24,6 +24,15 @@ enum Cmd {
         #[arg(long)]
         cgroup_parent: String,
     },
+    /// Restore checkpointed container ID, report on stdout, supervise it until it exits.
+    Restore {
+        #[arg(long)]
+        state_dir: PathBuf,
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        cgroup_parent: String,
+    },
     /// Run a command inside running container ID; exits with its code.
     Exec {
         #[arg(long)]
@@ -47,7 +56,16 @@ fn main() -> ExitCode {
             state_dir,
             id,
             cgroup_parent,
-        } => ExitCode::from(shim::start(&state_dir, &id, &cgroup_parent).clamp(0, 255) as u8),
+        } => ExitCode::from(
+            shim::start(&state_dir, &id, &cgroup_parent, shim::Mode::Start).clamp(0, 255) as u8,
+        ),
+        Cmd::Restore {
+            state_dir,
+            id,
+            cgroup_parent,
+        } => ExitCode::from(
+            shim::start(&state_dir, &id, &cgroup_parent, shim::Mode::Restore).clamp(0, 255) as u8,
+        ),
         Cmd::Exec {
             state_dir,
             id,

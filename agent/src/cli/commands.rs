@@ -252,6 +252,44 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
             }
             finish(results)
         }
+        Command::Checkpoint {
+            leave_running,
+            json: j,
+            container,
+        } => {
+            let r = c.checkpoint(&container, leave_running).await?;
+            if j {
+                json(&r)?;
+            } else {
+                out(&format!(
+                    "{}: checkpointed in {} ms (freeze {} ms, dump {} ms), {} in {}{}\n",
+                    container,
+                    r.total_ms,
+                    r.freeze_ms,
+                    r.dump_ms,
+                    output::human_size(r.image_bytes),
+                    r.images_dir,
+                    if r.leave_running {
+                        ", still running"
+                    } else {
+                        ""
+                    }
+                ))?;
+            }
+            Ok(0)
+        }
+        Command::Restore { json: j, container } => {
+            let r = c.restore(&container).await?;
+            if j {
+                json(&r)?;
+            } else {
+                out(&format!(
+                    "{}: restored in {} ms, init host pid {}\n",
+                    container, r.total_ms, r.init_pid
+                ))?;
+            }
+            Ok(0)
+        }
         Command::Info { json: j } => {
             let i = c.info().await?;
             if j {

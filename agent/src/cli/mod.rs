@@ -95,6 +95,21 @@ pub enum Command {
         #[arg(required = true)]
         containers: Vec<String>,
     },
+    /// Checkpoint a running container with CRIU; it stops unless --leave-running.
+    Checkpoint {
+        /// Keep the container running after the dump.
+        #[arg(long)]
+        leave_running: bool,
+        #[arg(long)]
+        json: bool,
+        container: String,
+    },
+    /// Restore a checkpointed container (same PIDs inside, same log).
+    Restore {
+        #[arg(long)]
+        json: bool,
+        container: String,
+    },
     /// Show the agent's host.
     Info {
         #[arg(long)]

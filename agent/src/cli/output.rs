@@ -14,7 +14,7 @@ fn age(t: u64) -> String {
     }
 }
 
-fn human_size(b: u64) -> String {
+pub fn human_size(b: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = b as f64;
     let mut u = 0;

@@ -110,6 +110,8 @@ fn op_name(r: &Request) -> &'static str {
         Request::Kill { .. } => "kill",
         Request::Remove { .. } => "remove",
         Request::Info => "info",
+        Request::Checkpoint { .. } => "checkpoint",
+        Request::Restore { .. } => "restore",
     }
 }
 
@@ -150,6 +152,11 @@ async fn handle(agent: &Arc<Agent>, req: Request) -> Result<Response, ApiError> 
             Ok(Response::Ok)
         }
         Request::Info => Ok(Response::Info(agent.info().await)),
+        Request::Checkpoint {
+            container,
+            leave_running,
+        } => agent.checkpoint(&container, leave_running).await,
+        Request::Restore { container } => agent.restore(&container).await,
         Request::Logs { .. } => Err(ApiError::new(ErrorKind::Internal, "logs are streamed")),
     }
 }

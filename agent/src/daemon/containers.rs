@@ -89,7 +89,7 @@ impl Agent {
                 Entry {
                     spec,
                     state,
-                    starting: false,
+                    busy: false,
                 },
             );
             self.refresh(&id);
@@ -104,17 +104,17 @@ impl Agent {
     pub(crate) fn is_live(&self, id: &str) -> bool {
         self.lock()
             .get(id)
-            .is_some_and(|e| e.starting || e.state.state.is_live())
+            .is_some_and(|e| e.busy || e.state.state.is_live())
     }
 
-    fn persist(&self, id: &str, st: &StateRecord) {
+    pub(super) fn persist(&self, id: &str, st: &StateRecord) {
         if let Err(e) = fsutil::write_json(&self.dirs.container(id).state(), st) {
             tracing::error!(%id, error = %e, "cannot write state.json");
         }
     }
 
     /// Applies `f` to the container's record and writes it.
-    fn update(&self, id: &str, f: impl FnOnce(&mut Entry)) {
+    pub(super) fn update(&self, id: &str, f: impl FnOnce(&mut Entry)) {
         let st = {
             let mut map = self.lock();
             let Some(e) = map.get_mut(id) else { return };
@@ -125,7 +125,7 @@ impl Agent {
     }
 
     /// The shim's record, when its shim is alive.
-    fn live_shim(&self, id: &str) -> Option<ShimRecord> {
+    pub(super) fn live_shim(&self, id: &str) -> Option<ShimRecord> {
         let shim: ShimRecord =
             fsutil::read_json(&self.dirs.container(id).shim(), MAX_RECORD).ok()?;
         is_our_shim(shim.shim_pid, id).then_some(shim)
@@ -137,7 +137,7 @@ impl Agent {
         let Some(e) = self.lock().get(id).cloned() else {
             return;
         };
-        if e.starting || !e.state.state.is_live() {
+        if e.busy || !e.state.state.is_live() {
             return;
         }
         if self.live_shim(id).is_some() {
@@ -293,15 +293,15 @@ impl Agent {
                 Entry {
                     spec: spec.clone(),
                     state: state.clone(),
-                    starting: true,
+                    busy: true,
                 },
             );
         }
-        match self.start_shim(&spec, &state).await {
+        match self.start_shim(&spec, &state, "start").await {
             Ok((child, init_pid)) => {
                 tracing::info!(%id, init_pid, "container started");
                 self.update(&id, |e| {
-                    e.starting = false;
+                    e.busy = false;
                     e.state.state = ContainerState::Running;
                     e.state.started = Some(now());
                 });
@@ -311,7 +311,7 @@ impl Agent {
             Err(err) => {
                 tracing::warn!(%id, error = %err.message, "container failed to start");
                 self.update(&id, |e| {
-                    e.starting = false;
+                    e.busy = false;
                     e.state.state = ContainerState::Failed;
                     e.state.finished = Some(now());
                     e.state.reason = Some(err.message.clone());
@@ -324,11 +324,13 @@ impl Agent {
         }
     }
 
-    /// Writes the container's files, starts `mig-shim start` and reads its one-line report.
-    async fn start_shim(
+    /// Writes the container's files, starts `mig-shim <mode>` (`start` or `restore`) and reads
+    /// its one-line report.
+    pub(super) async fn start_shim(
         &self,
         spec: &ContainerSpec,
         state: &StateRecord,
+        mode: &str,
     ) -> Result<(Child, i32), ApiError> {
         let cd = self.dirs.container(&spec.id);
         let io = |what: &str, e: std::io::Error| internal(format!("{what}: {e}"));
@@ -337,13 +339,22 @@ impl Agent {
         }
         fsutil::write_json(&cd.spec(), spec).map_err(|e| io("writing spec.json", e))?;
         fsutil::write_json(&cd.state(), state).map_err(|e| io("writing state.json", e))?;
+        // Records of a previous run must not be mistaken for this one's.
+        for old in [cd.shim(), cd.exit()] {
+            match std::fs::remove_file(&old) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(io(&format!("removing {}", old.display()), e))
+                }
+                _ => {}
+            }
+        }
         let shim_log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(cd.shim_log())
             .map_err(|e| io("opening shim.log", e))?;
         let mut child = Command::new(&self.cfg.shim)
-            .arg("start")
+            .arg(mode)
             .arg("--state-dir")
             .arg(&self.cfg.state_dir)
             .arg("--id")
@@ -406,7 +417,7 @@ impl Agent {
         let map = self.lock();
         let mut out: Vec<ContainerSummary> = map
             .iter()
-            .filter(|(_, e)| all || e.state.state == ContainerState::Running || e.starting)
+            .filter(|(_, e)| all || e.state.state == ContainerState::Running || e.busy)
             .map(|(id, e)| ContainerSummary {
                 id: id.clone(),
                 name: e.spec.name.clone(),
@@ -472,7 +483,7 @@ impl Agent {
     }
 
     /// The init's PID when the container runs and the PID still belongs to it.
-    fn init_pid(&self, id: &str) -> Option<i32> {
+    pub(super) fn init_pid(&self, id: &str) -> Option<i32> {
         let s = self.live_shim(id)?;
         (proc_start_ticks(s.init_pid) == Some(s.init_start_ticks)).then_some(s.init_pid)
     }
@@ -496,10 +507,10 @@ impl Agent {
     pub(crate) async fn stop(&self, id: &str, timeout: Duration) -> Result<(), ApiError> {
         self.refresh(id);
         let e = self.entry(id)?;
-        if e.starting {
+        if e.busy {
             return Err(ApiError::new(
                 ErrorKind::Conflict,
-                "the container is still starting",
+                "another operation on the container is in progress",
             ));
         }
         if !e.state.state.is_live() {
@@ -550,7 +561,7 @@ impl Agent {
     pub(crate) async fn remove(&self, id: &str, force: bool) -> Result<(), ApiError> {
         self.refresh(id);
         let e = self.entry(id)?;
-        if e.starting || e.state.state.is_live() {
+        if e.busy || e.state.state.is_live() {
             if !force {
                 return Err(ApiError::new(
                     ErrorKind::Conflict,

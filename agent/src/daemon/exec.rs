@@ -20,7 +20,7 @@ impl Agent {
         let id = self.resolve(container)?;
         self.refresh(&id);
         let e = self.entry(&id)?;
-        if e.state.state != ContainerState::Running || e.starting {
+        if e.state.state != ContainerState::Running || e.busy {
             return Err(ApiError::new(
                 ErrorKind::Conflict,
                 format!("container {} is not running", e.spec.name),

@@ -6,6 +6,7 @@
 //! fork+exec ([`tokio::process::Command`]), and reads back the shim's records from disk, which is
 //! also how it re-adopts containers after a restart ([`Agent::open`]).
 
+mod checkpoint;
 mod connection;
 mod containers;
 mod exec;
@@ -66,8 +67,8 @@ pub enum DaemonError {
 pub(crate) struct Entry {
     pub spec: ContainerSpec,
     pub state: StateRecord,
-    /// A `run` is between creating the directory and the shim's report: do not judge liveness.
-    pub starting: bool,
+    /// An operation (run, checkpoint, restore) is changing the container: refresh leaves it alone.
+    pub busy: bool,
 }
 
 /// The agent's shared state.

@@ -9,7 +9,7 @@
 
 mod start;
 
-pub use start::start;
+pub use start::{start, Mode};
 
 use crate::layout::{proc_start_ticks, ShimRecord, StateDir, StateRecord, MAX_RECORD};
 use mig_runtime::cgroup::Cgroup;
@@ -40,6 +40,8 @@ pub enum Stage {
     Rootfs,
     Spawn,
     Record,
+    Checkpoint,
+    Restore,
 }
 
 impl Stage {
@@ -51,6 +53,8 @@ impl Stage {
             Stage::Rootfs => "mounting the root filesystem",
             Stage::Spawn => "starting the init",
             Stage::Record => "writing shim.json",
+            Stage::Checkpoint => "verifying the checkpoint",
+            Stage::Restore => "restoring with criu",
         }
     }
 

@@ -2,6 +2,7 @@
 
 use super::{chain, read_spec, Stage, StartReport};
 use crate::layout::{now, proc_start_ticks, ContainerDir, ExitRecord, ShimRecord, StateDir};
+use mig_migrate::criu::{Criu, RestoreOpts};
 use mig_runtime::cgroup::Cgroup;
 use mig_runtime::container::{self, LaunchConfig};
 use mig_runtime::fsutil;
@@ -55,8 +56,17 @@ impl Undo {
     }
 }
 
-/// Runs `mig-shim start`; returns the process exit code.
-pub fn start(state_dir: &Path, id: &str, cgroup_parent: &str) -> i32 {
+/// What the shim builds the container from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// A new container: spawn its init.
+    Start,
+    /// A checkpointed container: verify its image set and restore it with CRIU.
+    Restore,
+}
+
+/// Runs `mig-shim start` or `mig-shim restore`; returns the process exit code.
+pub fn start(state_dir: &Path, id: &str, cgroup_parent: &str, mode: Mode) -> i32 {
     // Own session: the container outlives migd and its terminal.
     if let Err(e) = nix::unistd::setsid() {
         eprintln!("mig-shim: setsid: {e}");
@@ -66,7 +76,7 @@ pub fn start(state_dir: &Path, id: &str, cgroup_parent: &str) -> i32 {
         eprintln!("mig-shim: PR_SET_CHILD_SUBREAPER: {e}");
     }
     let mut undo = Undo::default();
-    let running = match prepare(state_dir, id, cgroup_parent, &mut undo) {
+    let running = match prepare(state_dir, id, cgroup_parent, mode, &mut undo) {
         Ok(r) => r,
         Err((stage, message)) => {
             undo.run();
@@ -112,11 +122,30 @@ fn prepare(
     state_dir: &Path,
     id: &str,
     cgroup_parent: &str,
+    mode: Mode,
     undo: &mut Undo,
 ) -> Result<Running, (Stage, String)> {
     let spec: ContainerSpec = read_spec(state_dir, id).map_err(|e| (Stage::Spec, chain(&e)))?;
     let dirs = StateDir::new(state_dir);
     let cd = dirs.container(id);
+    // A checkpoint is verified (every file against the manifest) before anything is built.
+    let manifest = match mode {
+        Mode::Start => None,
+        Mode::Restore => {
+            let m = mig_migrate::imageset::verify(&cd.checkpoint())
+                .map_err(|e| (Stage::Checkpoint, chain(&e)))?;
+            if m.spec.id != spec.id {
+                return Err((
+                    Stage::Checkpoint,
+                    format!(
+                        "the checkpoint is of container {}, not {}",
+                        m.spec.id, spec.id
+                    ),
+                ));
+            }
+            Some(m)
+        }
+    };
     let cgroup = Cgroup::create(&format!("{cgroup_parent}/{id}"), &spec.limits)
         .map_err(|e| (Stage::Cgroup, chain(&e)))?;
     undo.cgroup = Some(cgroup.clone());
@@ -144,13 +173,22 @@ fn prepare(
     // The read end stays here (close-on-exec); the write end becomes the init's stdout and stderr.
     let (log_read, log_write) =
         nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| (Stage::Log, format!("pipe2: {e}")))?;
-    let init_pid = container::spawn(&LaunchConfig {
-        spec: &spec,
-        rootfs: &rootfs,
-        cgroup: &cgroup,
-        output: log_write.as_raw_fd(),
-    })
-    .map_err(|e| (Stage::Spawn, chain(&e)))?;
+    let init_pid = match &manifest {
+        None => container::spawn(&LaunchConfig {
+            spec: &spec,
+            rootfs: &rootfs,
+            cgroup: &cgroup,
+            output: log_write.as_raw_fd(),
+        })
+        .map_err(|e| (Stage::Spawn, chain(&e)))?,
+        Some(m) => restore(
+            &cd,
+            &rootfs,
+            &cgroup,
+            log_write.as_raw_fd(),
+            m.stdio_pipe.as_deref(),
+        )?,
+    };
     drop(log_write);
     let record = ShimRecord {
         shim_pid: std::process::id() as i32,
@@ -170,6 +208,36 @@ fn prepare(
         log,
         init_pid,
     })
+}
+
+/// Restores the checkpoint with `criu restore -d`: the restored tasks are born in the cgroup, the
+/// init's output pipe is replaced by our log pipe (inherit-fd), and the restored init is
+/// re-parented to this shim (a child subreaper) when CRIU exits.
+fn restore(
+    cd: &ContainerDir,
+    rootfs: &Path,
+    cgroup: &Cgroup,
+    log_write: std::os::fd::RawFd,
+    stdio_pipe: Option<&str>,
+) -> Result<i32, (Stage, String)> {
+    let criu = Criu::locate().map_err(|e| (Stage::Restore, chain(&e)))?;
+    let pidfile = cd.dir.join("restore.pid");
+    let _ = std::fs::remove_file(&pidfile);
+    let outcome = criu
+        .restore(&RestoreOpts {
+            images_dir: cd.checkpoint(),
+            root: Some(rootfs.to_owned()),
+            inherit_fds: stdio_pipe
+                .map(|p| vec![(log_write, p.to_owned())])
+                .unwrap_or_default(),
+            cgroup_procs: cgroup.procs_files(),
+            log_file: "restore.log".into(),
+            // Outside the image set, which must verify again for the next restore.
+            pidfile,
+            ..Default::default()
+        })
+        .map_err(|e| (Stage::Restore, chain(&e)))?;
+    Ok(outcome.pid)
 }
 
 /// Copies the log and reaps children until the init has exited, then tears down and records.

@@ -1,0 +1,234 @@
+//! `checkpoint` and `restore` on one host: CRIU dumps the running container into
+//! `containers/<id>/checkpoint/` (a sealed image set, mig_migrate::imageset) and a new shim
+//! (`mig-shim restore`) rebuilds the rootfs and cgroup and restores it from there.
+
+use super::Agent;
+use crate::api::{ApiError, CheckpointResult, ContainerState, ErrorKind, Response, RestoreResult};
+use crate::layout::now;
+use mig_migrate::criu::{Criu, DumpOpts};
+use mig_migrate::imageset::{self, SealInfo};
+use mig_runtime::cgroup::Cgroup;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long freezing the cgroup may take.
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the shim gets to tear down after CRIU killed the dumped tree.
+const SHIM_EXIT_TIMEOUT: Duration = Duration::from_secs(15);
+
+fn chain(e: &dyn std::error::Error) -> String {
+    crate::shim::chain(e)
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+impl Agent {
+    /// Marks the container busy if it is in state `want` and idle.
+    fn claim(&self, id: &str, want: ContainerState) -> Result<(), ApiError> {
+        let mut map = self.lock();
+        let e = map.get_mut(id).ok_or_else(|| {
+            ApiError::new(ErrorKind::NotFound, format!("no such container: {id}"))
+        })?;
+        if e.busy {
+            return Err(ApiError::new(
+                ErrorKind::Conflict,
+                "another operation on the container is in progress",
+            ));
+        }
+        if e.state.state != want {
+            return Err(ApiError::new(
+                ErrorKind::Conflict,
+                format!(
+                    "container {} is {}, not {}",
+                    e.spec.name,
+                    e.state.state.as_str(),
+                    want.as_str()
+                ),
+            ));
+        }
+        e.busy = true;
+        Ok(())
+    }
+
+    pub(crate) async fn checkpoint(
+        self: &Arc<Self>,
+        container: &str,
+        leave_running: bool,
+    ) -> Result<Response, ApiError> {
+        let id = self.resolve(container)?;
+        self.refresh(&id);
+        self.claim(&id, ContainerState::Running)?;
+        let agent = self.clone();
+        let id2 = id.clone();
+        let res = tokio::task::spawn_blocking(move || agent.dump_blocking(&id2, leave_running))
+            .await
+            .unwrap_or_else(|e| {
+                Err(ApiError::new(
+                    ErrorKind::Internal,
+                    format!("dump task failed: {e}"),
+                ))
+            });
+        let result = match res {
+            Ok(r) => r,
+            Err(e) => {
+                self.update(&id, |e| e.busy = false);
+                return Err(e);
+            }
+        };
+        if !leave_running {
+            // CRIU killed the tree: wait for the shim to tear the container down.
+            let start = Instant::now();
+            while self.live_shim(&id).is_some() && start.elapsed() < SHIM_EXIT_TIMEOUT {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            self.update(&id, |e| {
+                e.busy = false;
+                e.state.state = ContainerState::Checkpointed;
+                e.state.finished = Some(now());
+                e.state.exit_code = None;
+                e.state.signal = None;
+                e.state.reason = None;
+            });
+        } else {
+            self.update(&id, |e| e.busy = false);
+        }
+        tracing::info!(%id, dump_ms = result.dump_ms, total_ms = result.total_ms, "checkpointed");
+        Ok(Response::Checkpointed(Box::new(result)))
+    }
+
+    /// Freezes, dumps, thaws (or kills) and seals; on any failure the container is thawed and
+    /// keeps running.
+    fn dump_blocking(&self, id: &str, leave_running: bool) -> Result<CheckpointResult, ApiError> {
+        let t0 = Instant::now();
+        let internal = |m: String| ApiError::new(ErrorKind::Internal, m);
+        let e = self.entry(id)?;
+        let init_pid = self
+            .init_pid(id)
+            .ok_or_else(|| ApiError::new(ErrorKind::Conflict, "the container's init is gone"))?;
+        let criu = Criu::locate().map_err(|e| ApiError::new(ErrorKind::Unavailable, chain(&e)))?;
+        let criu_version = criu.version().map_err(|e| internal(chain(&e)))?;
+        let cg = Cgroup::open(&e.state.cgroup).map_err(|e| internal(chain(&e)))?;
+        let cd = self.dirs.container(id);
+        let images = cd.checkpoint();
+        if images.exists() {
+            std::fs::remove_dir_all(&images)
+                .map_err(|e| internal(format!("removing the old checkpoint: {e}")))?;
+        }
+        std::fs::create_dir_all(&images)
+            .map_err(|e| internal(format!("creating {}: {e}", images.display())))?;
+        let pid_map = mig_runtime::pidmap::pid_map(&cg.procs().unwrap_or_else(|_| vec![init_pid]));
+        let stdio_pipe = mig_migrate::criu::stdout_pipe(init_pid);
+        let tf = Instant::now();
+        cg.freeze(FREEZE_TIMEOUT).map_err(|e| {
+            let _ = cg.thaw();
+            internal(format!("freezing the container: {}", chain(&e)))
+        })?;
+        let freeze_ms = ms(tf.elapsed());
+        let td = Instant::now();
+        let dumped = criu.dump(&DumpOpts {
+            pid: init_pid,
+            images_dir: images.clone(),
+            root: Some(cd.rootfs()),
+            freeze_cgroup: cg.freezer_dir(),
+            leave_running,
+            log_file: "dump.log".into(),
+            ..Default::default()
+        });
+        let dump_ms = ms(td.elapsed());
+        let stats = match dumped {
+            Ok(s) => s,
+            Err(err) => {
+                let thawed = cg.thaw();
+                let mut msg = format!(
+                    "checkpoint failed, the container keeps running: {}",
+                    chain(&err)
+                );
+                if let Err(t) = thawed {
+                    msg.push_str(&format!("; and thawing it failed too: {}", chain(&t)));
+                }
+                return Err(internal(msg));
+            }
+        };
+        if leave_running {
+            cg.thaw()
+                .map_err(|e| internal(format!("thawing after the dump: {}", chain(&e))))?;
+        } else {
+            // CRIU killed the dumped tasks; make sure nothing is left frozen in the cgroup.
+            let _ = cg.kill();
+            let _ = cg.thaw();
+        }
+        let manifest = imageset::seal(
+            &images,
+            SealInfo {
+                spec: e.spec.clone(),
+                criu_version,
+                pid_map: pid_map.clone(),
+                stdio_pipe,
+                stats: Some(stats.clone()),
+            },
+        )
+        .map_err(|e| internal(format!("sealing the image set: {}", chain(&e))))?;
+        Ok(CheckpointResult {
+            id: id.to_owned(),
+            leave_running,
+            freeze_ms,
+            dump_ms,
+            total_ms: ms(t0.elapsed()),
+            image_bytes: manifest.files.iter().map(|f| f.size).sum(),
+            images_dir: images.display().to_string(),
+            pid_map,
+            criu: stats,
+        })
+    }
+
+    pub(crate) async fn restore(self: &Arc<Self>, container: &str) -> Result<Response, ApiError> {
+        let t0 = Instant::now();
+        let id = self.resolve(container)?;
+        self.refresh(&id);
+        self.claim(&id, ContainerState::Checkpointed)?;
+        self.update(&id, |e| e.state.state = ContainerState::Restoring);
+        let e = self.entry(&id)?;
+        match self.start_shim(&e.spec, &e.state, "restore").await {
+            Ok((child, init_pid)) => {
+                self.update(&id, |e| {
+                    let st = &mut e.state;
+                    e.busy = false;
+                    st.state = ContainerState::Running;
+                    st.started = Some(now());
+                    st.finished = None;
+                    st.exit_code = None;
+                    st.signal = None;
+                    st.oom_killed = false;
+                    st.reason = None;
+                    st.stop_requested = false;
+                });
+                super::containers::spawn_watch(self.clone(), id.clone(), Some(child));
+                let cg = Cgroup::open(&e.state.cgroup).ok();
+                let procs = cg
+                    .and_then(|c| c.procs().ok())
+                    .unwrap_or_else(|| vec![init_pid]);
+                let result = RestoreResult {
+                    id: id.clone(),
+                    total_ms: ms(t0.elapsed()),
+                    init_pid,
+                    pid_map: mig_runtime::pidmap::pid_map(&procs),
+                };
+                tracing::info!(%id, total_ms = result.total_ms, "restored");
+                Ok(Response::Restored(Box::new(result)))
+            }
+            Err(err) => {
+                self.update(&id, |e| {
+                    e.busy = false;
+                    e.state.state = ContainerState::Checkpointed;
+                    e.state.reason = Some(format!("restore failed: {}", err.message));
+                });
+                Err(ApiError::new(
+                    err.kind,
+                    format!("restore failed: {}", err.message),
+                ))
+            }
+        }
+    }
+}
