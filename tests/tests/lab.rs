@@ -198,6 +198,28 @@ fn lab_up_status_restart_down() {
         assert_eq!(j["agent_pid"], pids[i]);
         assert_eq!(j["quic_port"], lab::DEFAULT_QUIC_PORT);
     }
+    // Peering: each host has an identity, and the other host pinned in its peer store.
+    for (i, h) in status.iter().enumerate() {
+        let fp = h.fingerprint.clone().expect("fingerprint");
+        assert_eq!(json["hosts"][i]["fingerprint"], fp.as_str());
+        assert!(h.state_dir.join("identity/key.der").exists());
+        let peers: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(h.state_dir.join("peers.json")).unwrap())
+                .unwrap();
+        let other = &status[1 - i];
+        assert_eq!(peers["peers"].as_array().unwrap().len(), 1, "{peers}");
+        let p = &peers["peers"][0];
+        assert_eq!(p["name"], other.name.as_str());
+        assert_eq!(
+            p["address"],
+            format!("{}:{}", other.address, other.quic_port)
+        );
+        assert_eq!(
+            p["fingerprint"],
+            other.fingerprint.clone().unwrap().as_str()
+        );
+    }
+    assert_ne!(status[0].fingerprint, status[1].fingerprint);
     assert_eq!(
         lab::find_host(&cfg.name, "host-b").unwrap().socket,
         status[1].socket

@@ -245,11 +245,17 @@ pub enum LabError {
     },
     #[error("processes {pids:?} survived SIGKILL")]
     Survivors { pids: Vec<i32> },
-    #[error("cannot set up peering of {host}")]
-    Peering {
+    #[error("cannot create the identity of {host}")]
+    Identity {
         host: String,
         #[source]
-        source: io::Error,
+        source: mig_migrate::transport::IdentityError,
+    },
+    #[error("cannot write the peer store of {host}")]
+    PeerStore {
+        host: String,
+        #[source]
+        source: mig_migrate::transport::PeerError,
     },
     #[error("lab up failed and was rolled back{}", rollback_summary(rollback))]
     UpRolledBack {

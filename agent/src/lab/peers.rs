@@ -1,25 +1,50 @@
-//! Identities and peering of lab hosts: every host gets a TLS identity in its state directory before
-//! its agent starts, and every other host in its peer store (`peers.json`), pinned by fingerprint.
+//! Identities and peering of lab hosts: every host gets its TLS identity in its state directory
+//! before its agent starts (the agent loads it), and every other host in its peer store
+//! (`peers.json`: name, `address:quic_port`, fingerprint), so the agents trust exactly each other.
 
 use super::{LabError, LabHost};
-use sha2::{Digest, Sha256};
+use mig_migrate::transport::{Identity, Peer, PeerStore};
+use std::net::SocketAddr;
 use std::path::Path;
 
 /// Hex sha256 of `<state_dir>/identity/cert.der`, if the identity exists.
 pub(crate) fn fingerprint(state_dir: &Path) -> Option<String> {
     let der = std::fs::read(state_dir.join("identity").join("cert.der")).ok()?;
-    Some(hex::encode(Sha256::digest(der)))
+    Some(mig_migrate::transport::fingerprint(&der))
 }
 
-/// Creates each host's identity and writes every other host into its peer store; records the
-/// fingerprints in `hosts`.
+/// Creates (or loads) each host's identity, records its fingerprint in `hosts`, and writes every
+/// other host into each host's peer store. A peer already there under the same name is replaced.
 pub(crate) fn prepare(hosts: &mut [LabHost]) -> Result<(), LabError> {
-    // TODO(lab peering): once mig_migrate::transport offers identity creation and the peer store,
-    // create `<state_dir>/identity` here and write every other host (name, address:quic_port,
-    // fingerprint) into `<state_dir>/peers.json`. Until then the agents make their own identity (if
-    // they do) and the fingerprint is read back after they start.
     for host in hosts.iter_mut() {
-        host.fingerprint = fingerprint(&host.state_dir);
+        let id = Identity::load_or_create(&host.state_dir, &host.name).map_err(|source| {
+            LabError::Identity {
+                host: host.name.clone(),
+                source,
+            }
+        })?;
+        host.fingerprint = Some(id.fingerprint().to_string());
+    }
+    for host in hosts.iter() {
+        let store_err = |source| LabError::PeerStore {
+            host: host.name.clone(),
+            source,
+        };
+        let mut store = PeerStore::open(&host.state_dir).map_err(store_err)?;
+        for other in hosts.iter().filter(|o| o.name != host.name) {
+            let Some(fingerprint) = other.fingerprint.clone() else {
+                continue;
+            };
+            if store.get(&other.name).is_some() {
+                store.remove(&other.name).map_err(store_err)?;
+            }
+            let peer = Peer {
+                name: other.name.clone(),
+                address: SocketAddr::new(other.address.into(), other.quic_port),
+                fingerprint,
+            };
+            store.add(peer).map_err(store_err)?;
+        }
     }
     Ok(())
 }
