@@ -343,6 +343,73 @@ mod tests {
         assert_eq!(default_caps_mask(), 0xa80425fb);
     }
 
+    /// A minimal classic-BPF interpreter for the instructions the program uses.
+    fn run(prog: &[libc::sock_filter], arch: u32, nr: u32, arg0: u64) -> u32 {
+        let mut data = [0u8; 64];
+        data[0..4].copy_from_slice(&nr.to_le_bytes());
+        data[4..8].copy_from_slice(&arch.to_le_bytes());
+        data[16..24].copy_from_slice(&arg0.to_le_bytes());
+        let (mut pc, mut a) = (0usize, 0u32);
+        loop {
+            let i = prog[pc];
+            let k = i.k;
+            pc += 1;
+            match i.code as u32 {
+                c if c == libc::BPF_LD | libc::BPF_W | libc::BPF_ABS => {
+                    let o = k as usize;
+                    a = u32::from_le_bytes(data[o..o + 4].try_into().unwrap());
+                }
+                c if c == libc::BPF_RET | libc::BPF_K => return k,
+                c => {
+                    let taken = match c & 0xf0 {
+                        x if x == libc::BPF_JEQ => a == k,
+                        x if x == libc::BPF_JGE => a >= k,
+                        x if x == libc::BPF_JSET => a & k != 0,
+                        _ => panic!("unexpected opcode {c:#x}"),
+                    };
+                    pc += if taken { i.jt } else { i.jf } as usize;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn filter_decisions() {
+        let p = seccomp_program();
+        let allow = libc::SECCOMP_RET_ALLOW;
+        let eperm = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+        let enosys = libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
+        let nr = |n: libc::c_long| n as u32;
+        assert_eq!(run(&p, AUDIT_ARCH, nr(libc::SYS_read), 0), allow);
+        assert_eq!(run(&p, AUDIT_ARCH, nr(libc::SYS_mount), 0), eperm);
+        assert_eq!(run(&p, AUDIT_ARCH, nr(libc::SYS_unshare), 0), eperm);
+        assert_eq!(run(&p, AUDIT_ARCH, nr(libc::SYS_io_uring_setup), 0), eperm);
+        assert_eq!(run(&p, AUDIT_ARCH, nr(libc::SYS_clone3), 0), enosys);
+        let fork_flags = libc::SIGCHLD as u64 | libc::CLONE_CHILD_SETTID as u64;
+        assert_eq!(run(&p, AUDIT_ARCH, nr(libc::SYS_clone), fork_flags), allow);
+        let ns = fork_flags | libc::CLONE_NEWNET as u64;
+        assert_eq!(run(&p, AUDIT_ARCH, nr(libc::SYS_clone), ns), eperm);
+        assert_eq!(run(&p, AUDIT_ARCH, nr(libc::SYS_personality), 0), allow);
+        assert_eq!(
+            run(&p, AUDIT_ARCH, nr(libc::SYS_personality), 0xffff_ffff),
+            allow
+        );
+        assert_eq!(
+            run(&p, AUDIT_ARCH, nr(libc::SYS_personality), 0x0040_0000),
+            eperm
+        );
+        assert_eq!(
+            run(&p, 0x4000_0003, nr(libc::SYS_read), 0),
+            libc::SECCOMP_RET_KILL_PROCESS
+        );
+        if cfg!(target_arch = "x86_64") {
+            assert_eq!(
+                run(&p, AUDIT_ARCH, X32_SYSCALL_BIT | nr(libc::SYS_read), 0),
+                eperm
+            );
+        }
+    }
+
     #[test]
     fn program_fits_and_jumps_stay_inside() {
         let p = seccomp_program();
