@@ -1,0 +1,376 @@
+//! The drivers and state machines over a real loopback QUIC connection, with in-test hosts whose
+//! "containers" are files in temporary directories.
+
+use mig_migrate::protocol::{Cause, JournalRecord, JournalState, Outcome, SourceMachine, Timeouts};
+use mig_migrate::transport::{
+    accept, connect, endpoint, run_dest, run_source, AllowedPeers, DestHost, HostError, Identity,
+    OutgoingFile, Peer, Refusal, SourceHost,
+};
+use mig_migrate::wire::{AbortReason, FileHeader, FileKind, Hello, MigrationMode, Prepare};
+use mig_runtime::image::{Image, ImageConfig};
+use mig_runtime::pidmap::PidEntry;
+use mig_runtime::spec::{ContainerSpec, ImageRef, Limits, ProcessSpec};
+use rand::{RngCore, SeedableRng};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+const LAYER: &str = "sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+
+fn prepare(id: &str) -> Prepare {
+    let image = Image {
+        name: "busybox".into(),
+        id: format!("sha256:{}", "a".repeat(64)),
+        layers: vec![LAYER.into()],
+        config: ImageConfig::default(),
+        created: 1,
+        size: 10,
+    };
+    Prepare {
+        migration_id: id.into(),
+        spec: ContainerSpec {
+            id: "f".repeat(32),
+            name: "web".into(),
+            image: ImageRef {
+                name: image.name.clone(),
+                id: image.id.clone(),
+                layers: image.layers.clone(),
+            },
+            process: ProcessSpec {
+                args: vec!["sleep".into(), "1000".into()],
+                env: vec![],
+                cwd: "/".into(),
+                uid: 0,
+                gid: 0,
+            },
+            hostname: "web".into(),
+            limits: Limits::default(),
+            userns: None,
+        },
+        image,
+        criu_version: "4.1.1".into(),
+        kernel: "6.18".into(),
+        bytes_estimate: 8 << 20,
+        mode: MigrationMode::PreCopy,
+    }
+}
+
+fn write_random(path: &Path, len: usize, seed: u64) {
+    let mut data = vec![0u8; len];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut data);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, data).unwrap();
+}
+
+fn err(s: &str) -> HostError {
+    s.to_string().into()
+}
+
+/// The source's world: a "container" that is running, frozen or gone.
+struct FakeSource {
+    dir: PathBuf,
+    calls: Mutex<Vec<&'static str>>,
+    journal: Mutex<Vec<JournalState>>,
+    state: Mutex<&'static str>,
+}
+
+impl FakeSource {
+    fn new(dir: &Path) -> FakeSource {
+        write_random(&dir.join("layer.tar"), 1 << 20, 1);
+        write_random(&dir.join("upper.tar"), 2 << 20, 2);
+        FakeSource {
+            dir: dir.to_path_buf(),
+            calls: Mutex::new(vec![]),
+            journal: Mutex::new(vec![]),
+            state: Mutex::new("running"),
+        }
+    }
+    fn call(&self, c: &'static str) {
+        self.calls.lock().unwrap().push(c);
+    }
+}
+
+impl SourceHost for FakeSource {
+    async fn presync_files(&self, missing: &[String]) -> Result<Vec<OutgoingFile>, HostError> {
+        self.call("presync");
+        assert_eq!(missing, [LAYER]);
+        Ok(vec![
+            OutgoingFile {
+                kind: FileKind::Layer,
+                local: self.dir.join("layer.tar"),
+                remote: LAYER.replace(':', "-"),
+                sha256: None,
+            },
+            OutgoingFile {
+                kind: FileKind::Presync,
+                local: self.dir.join("upper.tar"),
+                remote: "upper.tar".into(),
+                sha256: None,
+            },
+        ])
+    }
+    async fn freeze(&self) -> Result<(), HostError> {
+        self.call("freeze");
+        *self.state.lock().unwrap() = "frozen";
+        Ok(())
+    }
+    async fn dump(&self) -> Result<Vec<OutgoingFile>, HostError> {
+        self.call("dump");
+        let mut files = Vec::new();
+        for i in 0..6u64 {
+            let p = self.dir.join(format!("dump/pages-{i}.img"));
+            write_random(&p, (i as usize + 1) << 20, 10 + i);
+            files.push(OutgoingFile {
+                kind: FileKind::Image,
+                local: p,
+                remote: format!("images/pages-{i}.img"),
+                sha256: None,
+            });
+        }
+        write_random(&self.dir.join("delta.tar"), 4096, 3);
+        files.push(OutgoingFile {
+            kind: FileKind::Delta,
+            local: self.dir.join("delta.tar"),
+            remote: "delta.tar".into(),
+            sha256: None,
+        });
+        Ok(files)
+    }
+    async fn thaw(&self) -> Result<(), HostError> {
+        self.call("thaw");
+        *self.state.lock().unwrap() = "running";
+        Ok(())
+    }
+    async fn destroy(&self) -> Result<(), HostError> {
+        self.call("destroy");
+        *self.state.lock().unwrap() = "gone";
+        Ok(())
+    }
+    async fn journal(&self, r: &JournalRecord) -> Result<(), HostError> {
+        self.journal.lock().unwrap().push(r.state.clone());
+        Ok(())
+    }
+}
+
+struct FakeDest {
+    dir: PathBuf,
+    restore_fails: bool,
+    calls: Mutex<Vec<&'static str>>,
+    journal: Mutex<Vec<JournalState>>,
+    state: Mutex<&'static str>,
+}
+
+impl FakeDest {
+    fn new(dir: &Path, restore_fails: bool) -> FakeDest {
+        FakeDest {
+            dir: dir.to_path_buf(),
+            restore_fails,
+            calls: Mutex::new(vec![]),
+            journal: Mutex::new(vec![]),
+            state: Mutex::new("none"),
+        }
+    }
+    fn call(&self, c: &'static str) {
+        self.calls.lock().unwrap().push(c);
+    }
+    fn mdir(&self, id: &str) -> PathBuf {
+        self.dir.join(id)
+    }
+}
+
+impl DestHost for FakeDest {
+    async fn check(&self, p: &Prepare) -> Result<Vec<String>, Refusal> {
+        self.call("check");
+        p.spec.validate().map_err(|e| Refusal {
+            reason: mig_migrate::wire::RefuseReason::InvalidSpec,
+            detail: e.to_string(),
+        })?;
+        Ok(p.image.layers.clone())
+    }
+    fn place_file(&self, id: &str, h: &FileHeader) -> Result<PathBuf, HostError> {
+        let kind = match h.kind {
+            FileKind::Layer => "layers",
+            FileKind::Presync => "presync",
+            FileKind::Image => "image",
+            FileKind::Delta => "delta",
+        };
+        Ok(self.mdir(id).join(kind).join(&h.path))
+    }
+    async fn restore(&self, id: &str) -> Result<Vec<PidEntry>, HostError> {
+        self.call("restore");
+        if self.restore_fails {
+            return Err(err("criu restore exited 1"));
+        }
+        let n = std::fs::read_dir(self.mdir(id).join("image/images"))?.count();
+        assert_eq!(n, 6);
+        *self.state.lock().unwrap() = "stopped";
+        Ok(vec![PidEntry {
+            ns_pid: 1,
+            host_pid: 777,
+            cmd: "sleep 1000".into(),
+        }])
+    }
+    async fn resume(&self, _id: &str) -> Result<(), HostError> {
+        self.call("resume");
+        *self.state.lock().unwrap() = "running";
+        Ok(())
+    }
+    async fn cleanup(&self, id: &str) -> Result<(), HostError> {
+        self.call("cleanup");
+        *self.state.lock().unwrap() = "none";
+        match std::fs::remove_dir_all(self.mdir(id)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+    async fn journal(&self, r: &JournalRecord) -> Result<(), HostError> {
+        self.journal.lock().unwrap().push(r.state.clone());
+        Ok(())
+    }
+    async fn load_journal(&self, _id: &str) -> Option<JournalState> {
+        self.journal.lock().unwrap().last().cloned()
+    }
+}
+
+struct Run {
+    src: Arc<FakeSource>,
+    dst: Arc<FakeDest>,
+    report: mig_migrate::transport::SourceReport,
+    dest_report: mig_migrate::transport::DestReport,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+async fn migrate(id: &str, restore_fails: bool) -> Run {
+    let (sdir, ddir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = (
+        Identity::generate("host-a").unwrap(),
+        Identity::generate("host-b").unwrap(),
+    );
+    let any = "127.0.0.1:0".parse().unwrap();
+    let server = endpoint(
+        any,
+        &b,
+        AllowedPeers::new([a.fingerprint().to_string()].into()),
+    )
+    .unwrap();
+    let client = endpoint(any, &a, AllowedPeers::default()).unwrap();
+    let src = Arc::new(FakeSource::new(sdir.path()));
+    let dst = Arc::new(FakeDest::new(ddir.path(), restore_fails));
+    let dest_task = tokio::spawn({
+        let (server, dst) = (server.clone(), dst.clone());
+        async move {
+            let conn = accept(&server).await.unwrap().unwrap();
+            run_dest(
+                conn,
+                dst,
+                &Hello::new("0.1.0", "host-b"),
+                Timeouts::default(),
+            )
+            .await
+        }
+    });
+    let peer = Peer {
+        name: "host-b".into(),
+        address: server.local_addr().unwrap(),
+        fingerprint: b.fingerprint().into(),
+    };
+    let conn = connect(&client, &a, &peer).await.unwrap();
+    let machine = SourceMachine::new(prepare(id), Timeouts::default());
+    let report = run_source(&conn, machine, src.as_ref(), &Hello::new("0.1.0", "host-a"))
+        .await
+        .unwrap();
+    let dest_report = dest_task.await.unwrap().unwrap();
+    conn.close(0u32.into(), b"done");
+    Run {
+        src,
+        dst,
+        report,
+        dest_report,
+        _dirs: (sdir, ddir),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migration_over_quic_commits() {
+    let id = "0123456789abcdef0123456789abcdef";
+    let r = migrate(id, false).await;
+    assert!(
+        matches!(
+            r.report.outcome,
+            Some(Outcome::Committed {
+                cleanup_error: None
+            })
+        ),
+        "{:?}",
+        r.report
+    );
+    assert!(matches!(
+        r.dest_report.outcome,
+        Some(Outcome::Committed { .. })
+    ));
+    assert_eq!(r.report.peer.agent_name, "host-b");
+    assert_eq!(r.dest_report.peer.agent_name, "host-a");
+    assert_eq!(*r.src.state.lock().unwrap(), "gone");
+    assert_eq!(*r.dst.state.lock().unwrap(), "running");
+    assert_eq!(
+        *r.src.calls.lock().unwrap(),
+        ["presync", "freeze", "dump", "destroy"]
+    );
+    assert_eq!(*r.dst.calls.lock().unwrap(), ["check", "restore", "resume"]);
+    use JournalState as J;
+    assert_eq!(
+        *r.src.journal.lock().unwrap(),
+        [J::Preparing, J::Frozen, J::CommitSent, J::Committed]
+    );
+    assert_eq!(
+        *r.dst.journal.lock().unwrap(),
+        [J::Preparing, J::Restored, J::Committed]
+    );
+    assert_eq!(r.report.dest_pid_map[0].host_pid, 777);
+    assert_eq!(r.report.files_sent, 9);
+    assert_eq!(r.report.bytes_sent, (1 + 2 + 21) * (1 << 20) + 4096);
+    // Every file arrived where the destination host placed it, intact.
+    let got = std::fs::read(r.dst.mdir(id).join("image/images/pages-5.img")).unwrap();
+    let want = std::fs::read(r._dirs.0.path().join("dump/pages-5.img")).unwrap();
+    assert!(got == want);
+    let t = r.report.timings;
+    println!(
+        "loopback migration: freeze {:?} dump {:?} transfer {:?} restore {:?} downtime {:?} total {:?}",
+        t.freeze, t.dump, t.transfer, t.restore, t.downtime, t.total
+    );
+    assert!(t.downtime >= t.transfer);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_failure_thaws_source_and_cleans_dest() {
+    let id = "fedcba9876543210fedcba9876543210";
+    let r = migrate(id, true).await;
+    match &r.report.outcome {
+        Some(Outcome::RolledBack {
+            cause,
+            detail,
+            rollback_error: None,
+        }) => {
+            assert_eq!(*cause, Cause::Peer(AbortReason::RestoreFailed));
+            assert!(detail.contains("criu restore exited 1"), "{detail}");
+        }
+        o => panic!("unexpected outcome {o:?}"),
+    }
+    assert_eq!(*r.src.state.lock().unwrap(), "running");
+    assert_eq!(
+        *r.src.calls.lock().unwrap(),
+        ["presync", "freeze", "dump", "thaw"]
+    );
+    assert_eq!(
+        *r.dst.calls.lock().unwrap(),
+        ["check", "restore", "cleanup"]
+    );
+    assert!(!r.dst.mdir(id).exists());
+    assert_eq!(
+        r.src.journal.lock().unwrap().last(),
+        Some(&JournalState::RolledBack)
+    );
+    assert_eq!(
+        r.dst.journal.lock().unwrap().last(),
+        Some(&JournalState::RolledBack)
+    );
+}
