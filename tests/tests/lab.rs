@@ -516,6 +516,16 @@ fn down_removes_a_real_container() {
     );
     assert!(!mounts_under(&cfg.state_root).is_empty(), "no rootfs mount");
 
+    // Restarting the host's agent leaves the container running, and the new agent adopts it.
+    let restarted = lab::restart_agent(&cfg.name, &host.name).expect("restart");
+    assert_ne!(restarted.agent_pid, host.agent_pid);
+    assert!(
+        pid_running(shim_pid) && pid_running(init_pid),
+        "container died with its agent"
+    );
+    let ps = mig(&host.socket, &["ps", "--json"]);
+    assert!(ps.contains(&id) && ps.contains("running"), "{ps}");
+
     let report = lab::down(&cfg.name).expect("down");
     assert!(report.is_clean(), "{:?}", report.problems);
     assert!(report.processes_killed.contains(&init_pid), "{report:?}");
@@ -526,5 +536,8 @@ fn down_removes_a_real_container() {
         "{:?} left",
         cgroups_named(&cgroup_parent)
     );
-    assert_gone(&cfg, &[host.agent_pid.unwrap()]);
+    assert_gone(
+        &cfg,
+        &[host.agent_pid.unwrap(), restarted.agent_pid.unwrap()],
+    );
 }

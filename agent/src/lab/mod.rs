@@ -34,6 +34,8 @@ pub const RUN_DIR: &str = "/run/mig";
 pub const DEFAULT_NAME: &str = "mig";
 /// Default QUIC port of every lab agent (each host has its own network namespace, so one port fits all).
 pub const DEFAULT_QUIC_PORT: u16 = 7878;
+/// Environment variable naming the lab `mig --host` and `mig lab` use (default [`DEFAULT_NAME`]).
+pub const LAB_ENV: &str = "MIG_LAB";
 /// Most hosts a lab can have (`host-a` .. `host-z`).
 pub const MAX_HOSTS: usize = 26;
 /// How long [`up`] and [`restart_agent`] wait for an agent's socket to appear.
@@ -286,6 +288,14 @@ pub fn lab_file_path(name: &str) -> PathBuf {
     } else {
         Path::new(RUN_DIR).join(format!("lab-{name}.json"))
     }
+}
+
+/// The lab named by `MIG_LAB`, else the default lab.
+pub fn lab_name_from_env() -> String {
+    std::env::var(LAB_ENV)
+        .ok()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| DEFAULT_NAME.to_string())
 }
 
 /// Name of the `i`-th host (0-based): `host-a`, `host-b`, ...
