@@ -114,11 +114,17 @@ pub struct Agent {
     pub socket: PathBuf,
     pub state_dir: PathBuf,
     child: Option<Child>,
+    env: Vec<(String, String)>,
 }
 
 impl Agent {
     /// Starts an agent named after the test (unique with the process id).
     pub fn start(test: &str) -> Result<Agent> {
+        Agent::start_with_env(test, &[])
+    }
+
+    /// Like [`Agent::start`], with extra environment variables for migd (e.g. `MIG_CRIU`).
+    pub fn start_with_env(test: &str, env: &[(&str, &str)]) -> Result<Agent> {
         let tag: String = test
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
@@ -137,6 +143,10 @@ impl Agent {
             socket,
             state_dir,
             child: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         agent.spawn()?;
         Ok(agent)
@@ -157,6 +167,7 @@ impl Agent {
             .arg(&self.name)
             .arg("--cgroup-parent")
             .arg(&self.cgroup_parent)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -356,3 +356,179 @@ fn usage_and_agent_errors_exit_125_with_one_line() -> Result<()> {
     );
     Ok(())
 }
+
+/// The `got N` counter values in a log, in order.
+fn counter(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter_map(|l| l.strip_prefix("got ")?.trim().parse().ok())
+        .collect()
+}
+
+fn ns_pids(v: &serde_json::Value) -> Vec<(i64, String)> {
+    let mut out: Vec<(i64, String)> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| !p["cmd"].as_str().unwrap_or_default().starts_with("sleep"))
+        .map(|p| {
+            (
+                p["ns_pid"].as_i64().unwrap_or(-1),
+                p["cmd"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// A producer with 200 kB of random data in a shell variable (checked on every line) and 32 MiB in
+/// /dev/shm, piping a counter to a consumer that logs it.
+const WORKLOAD: &str = r#"head -c 33554432 /dev/urandom > /dev/shm/blob; md5sum /dev/shm/blob > /tmp/blob.md5
+d=$(head -c 200000 /dev/urandom | od -An -tx1 | tr -d ' \n'); s=$(echo "$d" | md5sum)
+i=0; while true; do [ "$(echo "$d" | md5sum)" = "$s" ] || echo CORRUPT; echo $i; i=$((i+1)); sleep 0.1; done | while read n; do echo "got $n"; done"#;
+
+#[test]
+fn checkpoint_and_restore_keep_pids_memory_and_log() -> Result<()> {
+    let agent = Agent::start("checkpoint")?;
+    agent.import_busybox()?;
+    let id = run_detached(
+        &agent,
+        &[
+            "--name", "cr", "--memory", "256M", "busybox", "--", "sh", "-c", WORKLOAD,
+        ],
+    )?;
+    let logs = |a: &Agent| a.mig_ok(&["logs", "cr"]).unwrap_or_default();
+    ensure!(
+        wait_until(Duration::from_secs(20), || counter(&logs(&agent)).len()
+            >= 3),
+        "no output: {}",
+        logs(&agent)
+    );
+    let before = ns_pids(&inspect(&agent, "cr")?["pid_map"]);
+    ensure!(before.len() >= 3 && before[0].0 == 1, "{before:?}");
+    let rootfs = agent.state_dir.join("containers").join(&id).join("rootfs");
+    for cycle in 0..2 {
+        let cp = agent.mig_json(&["checkpoint", "cr", "--json"])?;
+        ensure!(
+            cp["dump_ms"].as_u64().is_some() && cp["image_bytes"].as_u64() > Some(32 << 20),
+            "{cp}"
+        );
+        let d = inspect(&agent, "cr")?;
+        ensure!(
+            d["state"] == "checkpointed" && d["pid_map"].as_array().is_some_and(|a| a.is_empty()),
+            "{d}"
+        );
+        ensure!(
+            mounts_under(&rootfs).is_empty(),
+            "rootfs mounted while checkpointed"
+        );
+        let last = *counter(&logs(&agent)).last().context("counter")?;
+        let r = agent.mig_json(&["restore", "cr", "--json"])?;
+        ensure!(r["init_pid"].as_i64() > Some(1), "{r}");
+        let after = ns_pids(&inspect(&agent, "cr")?["pid_map"]);
+        ensure!(
+            after == before,
+            "cycle {cycle}: PIDs differ: {before:?} vs {after:?}"
+        );
+        ensure!(
+            wait_until(Duration::from_secs(10), || counter(&logs(&agent)).last()
+                >= Some(&(last + 3))),
+            "cycle {cycle}: the counter did not continue"
+        );
+    }
+    let log = logs(&agent);
+    let c = counter(&log);
+    ensure!(
+        c.iter().enumerate().all(|(i, n)| *n == i as u64),
+        "counter not consecutive: {c:?}"
+    );
+    ensure!(!log.contains("CORRUPT"), "memory changed across restore");
+    let o = agent.mig(&["exec", "cr", "--", "md5sum", "-c", "/tmp/blob.md5"]);
+    ensure!(o.code == 0, "/dev/shm data changed: {o:?}");
+    // --leave-running: the container keeps running, and the checkpoint replaces the old one.
+    agent.mig_ok(&["checkpoint", "--leave-running", "cr"])?;
+    ensure!(inspect(&agent, "cr")?["state"] == "running");
+    let n = counter(&logs(&agent)).len();
+    ensure!(
+        wait_until(Duration::from_secs(5), || counter(&logs(&agent)).len()
+            > n + 2),
+        "not running after --leave-running"
+    );
+    // A corrupted image set is refused before CRIU runs, and stays restorable once repaired.
+    agent.mig_ok(&["checkpoint", "cr"])?;
+    let images = agent
+        .state_dir
+        .join("containers")
+        .join(&id)
+        .join("checkpoint");
+    let biggest = std::fs::read_dir(&images)?
+        .flatten()
+        .max_by_key(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+        .context("empty checkpoint")?
+        .path();
+    let original = std::fs::read(&biggest)?;
+    let mut bad = original.clone();
+    bad[original.len() / 2] ^= 0xff;
+    std::fs::write(&biggest, &bad)?;
+    let o = agent.mig(&["restore", "cr"]);
+    ensure!(o.code == 125 && o.stderr.lines().count() == 1, "{o:?}");
+    let d = inspect(&agent, "cr")?;
+    ensure!(
+        d["state"] == "checkpointed"
+            && d["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("restore failed")),
+        "{d}"
+    );
+    ensure!(
+        mounts_under(&rootfs).is_empty(),
+        "a refused restore left the rootfs mounted"
+    );
+    std::fs::write(&biggest, &original)?;
+    agent.mig_ok(&["restore", "cr"])?;
+    ensure!(ns_pids(&inspect(&agent, "cr")?["pid_map"]) == before);
+    agent.mig_ok(&["rm", "-f", "cr"])?;
+    Ok(())
+}
+
+#[test]
+fn failed_dump_leaves_the_container_running() -> Result<()> {
+    // A criu that answers --version but fails every dump.
+    let dir = tempfile::tempdir()?;
+    let fake = dir.path().join("criu");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\nif [ \"$1\" = dump ]; then echo 'Error (fake): dump refused' >&2; exit 1; fi\nexec /usr/local/sbin/criu \"$@\"\n",
+    )?;
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let agent = Agent::start_with_env(
+        "failed_dump",
+        &[("MIG_CRIU", fake.to_str().unwrap_or_default())],
+    )?;
+    agent.import_busybox()?;
+    run_detached(
+        &agent,
+        &[
+            "--name",
+            "keep",
+            "busybox",
+            "--",
+            "sh",
+            "-c",
+            "i=0; while true; do echo \"got $i\"; i=$((i+1)); sleep 0.1; done",
+        ],
+    )?;
+    let o = agent.mig(&["checkpoint", "keep"]);
+    ensure!(o.code == 125 && o.stderr.contains("keeps running"), "{o:?}");
+    ensure!(inspect(&agent, "keep")?["state"] == "running");
+    let n = counter(&agent.mig_ok(&["logs", "keep"])?).len();
+    ensure!(
+        wait_until(Duration::from_secs(5), || counter(
+            &agent.mig_ok(&["logs", "keep"]).unwrap_or_default()
+        )
+        .len()
+            > n + 2),
+        "the container stayed frozen after a failed dump"
+    );
+    Ok(())
+}
