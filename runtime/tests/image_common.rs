@@ -66,6 +66,12 @@ impl RawTar {
         self.push_data(data);
         self
     }
+    /// An entry of any type byte with `data`.
+    pub fn raw(mut self, name: &[u8], kind: u8, data: &[u8]) -> Self {
+        self.push_header(name, kind, data.len() as u64, b"", (0, 0));
+        self.push_data(data);
+        self
+    }
     /// A file header that claims `size` bytes, followed by no data.
     pub fn file_header_only(mut self, name: &[u8], size: u64) -> Self {
         self.push_header(name, b'0', size, b"", (0, 0));

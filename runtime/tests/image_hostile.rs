@@ -205,6 +205,27 @@ fn image_hostile_sizes() {
         matches!(r, HostileReason::ExtensionTooLarge { .. })
     });
 
+    // A PAX header giving the next file 9 GiB.
+    let t = RawTar::default()
+        .raw(b"pax", b'x', b"19 size=9663676416\n")
+        .file(b"f", b"")
+        .finish();
+    refused(&store, d, &t, |r| {
+        matches!(r, HostileReason::EntryTooLarge { .. })
+    });
+    // A PAX size that makes a file's data hide a 2 MiB long name from a scanner reading only
+    // the header's own size (its data starts with a zero block, an end marker to such a scanner).
+    let mut t = RawTar::default()
+        .raw(b"pax", b'x', b"13 size=1536\n")
+        .file(b"f", b"")
+        .finish();
+    t.truncate(t.len() - 1024);
+    t.resize(t.len() + 1536, 0);
+    let t = RawTar { out: t }.longname_header(2 << 20).finish();
+    refused(&store, d, &t, |r| {
+        matches!(r, HostileReason::ExtensionTooLarge { .. })
+    });
+
     // Small limits: per entry, total, entry count.
     let small = store.clone().with_limits(Limits {
         max_entry_size: 1024,

@@ -448,7 +448,9 @@ fn read_block(r: &mut impl Read, buf: &mut [u8; 512]) -> io::Result<bool> {
     Ok(true)
 }
 
-/// Parses a tar numeric field: octal text, or GNU base-256 when the high bit is set.
+/// Parses a tar numeric field exactly as the tar crate does (so both walk the same headers):
+/// GNU base-256 when the high bit is set (the last 8 bytes of a longer field), else octal text
+/// up to the first NUL, surrounding whitespace trimmed.
 fn parse_num(field: &[u8]) -> io::Result<u64> {
     let bad = || {
         io::Error::new(
@@ -457,42 +459,31 @@ fn parse_num(field: &[u8]) -> io::Result<u64> {
         )
     };
     if field.first().is_some_and(|b| b & 0x80 != 0) {
-        let mut v: u64 = u64::from(field[0] & 0x7f);
-        for &b in &field[1..] {
-            v = v
-                .checked_mul(256)
-                .and_then(|v| v.checked_add(u64::from(b)))
-                .ok_or_else(bad)?;
+        let mut v: u64 = 0;
+        let skip = if field.len() == 8 {
+            v = u64::from(field[0] ^ 0x80);
+            1
+        } else {
+            field.len().saturating_sub(8)
+        };
+        for &b in &field[skip..] {
+            v = (v << 8) | u64::from(b);
         }
         return Ok(v);
     }
-    let s: Vec<u8> = field
-        .iter()
-        .copied()
-        .filter(|b| *b != 0 && *b != b' ')
-        .collect();
-    if s.is_empty() {
-        return Ok(0);
-    }
-    let s = std::str::from_utf8(&s).map_err(|_| bad())?;
-    u64::from_str_radix(s, 8).map_err(|_| bad())
+    let end = field.iter().position(|&b| b == 0).unwrap_or(field.len());
+    let s = std::str::from_utf8(&field[..end]).map_err(|_| bad())?;
+    u64::from_str_radix(s.trim(), 8).map_err(|_| bad())
 }
 
-/// Finds the `size` record of a PAX extended header.
+/// The `size` record of a PAX extended header, read as the tar crate reads it.
 fn pax_size(data: &[u8]) -> Option<u64> {
-    let mut rest = data;
-    while !rest.is_empty() {
-        let sp = rest.iter().position(|&b| b == b' ')?;
-        let len: usize = std::str::from_utf8(&rest[..sp]).ok()?.parse().ok()?;
-        if len <= sp || len > rest.len() {
-            return None;
+    for ext in tar::PaxExtensions::new(data) {
+        let ext = ext.ok()?;
+        if ext.key() != Ok("size") {
+            continue;
         }
-        let rec = &rest[sp + 1..len];
-        let rec = rec.strip_suffix(b"\n").unwrap_or(rec);
-        if let Some(v) = rec.strip_prefix(b"size=") {
-            return std::str::from_utf8(v).ok()?.parse().ok();
-        }
-        rest = &rest[len..];
+        return ext.value().ok()?.parse().ok();
     }
     None
 }
@@ -509,7 +500,12 @@ fn scan_inner(file: &mut File, limits: &Limits) -> Result<(), ScanError> {
         }
         let kind = block[156];
         let mut size = parse_num(&block[124..136])?;
+        // The tar crate's view: PAX records apply to the next header that is not itself an
+        // extension header; GNU long names and PAX headers of ustar or GNU headers are read
+        // into memory.
         let extension = matches!(kind, b'L' | b'K' | b'x' | b'g');
+        let recognized = &block[257..265] == b"ustar\000" || &block[257..265] == b"ustar  \0";
+        let in_memory = recognized && matches!(kind, b'L' | b'K' | b'x');
         if !extension {
             if let Some(s) = next_size.take() {
                 size = s;
@@ -519,7 +515,7 @@ fn scan_inner(file: &mut File, limits: &Limits) -> Result<(), ScanError> {
             let n = block[..100].iter().position(|&b| b == 0).unwrap_or(100);
             block[..n].to_vec()
         };
-        if extension && size > limits.max_extension_size {
+        if in_memory && size > limits.max_extension_size {
             let reason = HostileReason::ExtensionTooLarge {
                 size,
                 limit: limits.max_extension_size,
@@ -529,7 +525,7 @@ fn scan_inner(file: &mut File, limits: &Limits) -> Result<(), ScanError> {
                 reason,
             ));
         }
-        if !extension && size > limits.max_entry_size {
+        if !in_memory && size > limits.max_entry_size {
             let reason = HostileReason::EntryTooLarge {
                 size,
                 limit: limits.max_entry_size,
@@ -548,12 +544,10 @@ fn scan_inner(file: &mut File, limits: &Limits) -> Result<(), ScanError> {
             }
         }
         let padded = size.div_ceil(512).saturating_mul(512);
-        if kind == b'x' {
+        if in_memory && kind == b'x' {
             let mut data = vec![0u8; usize::try_from(padded).unwrap_or(usize::MAX)];
             file.read_exact(&mut data)?;
-            if let Some(s) = pax_size(&data[..size as usize]) {
-                next_size = Some(s);
-            }
+            next_size = pax_size(&data[..size as usize]);
         } else {
             let skip = i64::try_from(padded).map_err(|_| {
                 io::Error::new(io::ErrorKind::InvalidData, "tar entry size out of range")
@@ -571,13 +565,21 @@ mod tests {
     fn parses_numeric_fields() {
         assert_eq!(parse_num(b"0000644\0").unwrap(), 0o644);
         assert_eq!(parse_num(b"   17 \0").unwrap(), 0o17);
-        assert_eq!(parse_num(b"\0\0\0").unwrap(), 0);
+        assert!(
+            parse_num(b"\0\0\0").is_err(),
+            "the tar crate refuses an empty field too"
+        );
         assert_eq!(
             parse_num(&[0x80, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0]).unwrap(),
             2 << 32
         );
         assert!(parse_num(b"0009").is_err());
-        assert!(parse_num(&[0xff; 12]).is_err(), "base-256 overflow");
+        assert_eq!(
+            parse_num(&[0x81, 0, 0, 0, 0, 0, 0, 1]).unwrap(),
+            (1 << 56) + 1
+        );
+        assert_eq!(parse_num(&[0xff; 12]).unwrap(), u64::MAX);
+        assert!(parse_num(b"1 2\0").is_err());
     }
 
     #[test]
@@ -585,8 +587,13 @@ mod tests {
         assert_eq!(pax_size(b"16 size=1234567\n"), Some(1_234_567));
         assert_eq!(pax_size(b"12 path=abc\n16 size=1234567\n"), Some(1_234_567));
         assert_eq!(pax_size(b"12 path=abc\n"), None);
+        assert_eq!(pax_size(b"11 size=x\n"), None);
         assert_eq!(pax_size(b"99 size=1\n"), None);
         assert_eq!(pax_size(b"0 x"), None);
         assert_eq!(pax_size(b"garbage"), None);
+        // Agrees with the tar crate on what it applies.
+        let data = b"12 path=abc\n16 size=1234567\n";
+        let exts: Vec<_> = tar::PaxExtensions::new(data).collect();
+        assert_eq!(exts.len(), 2);
     }
 }
