@@ -541,3 +541,30 @@ fn down_removes_a_real_container() {
         &[host.agent_pid.unwrap(), restarted.agent_pid.unwrap()],
     );
 }
+
+#[test]
+fn down_without_a_readable_lab_file() {
+    if !is_root() {
+        return;
+    }
+    let cfg = config('f', 6, 2);
+    let _guard = LabGuard(cfg.name.clone());
+    let hosts = lab::up(&cfg).expect("lab up");
+    let pids: Vec<i32> = hosts.iter().map(|h| h.agent_pid.unwrap()).collect();
+    // A damaged lab file: down falls back to the names (namespaces, default directories, agents
+    // found by their --socket) and reports the file.
+    std::fs::write(lab::lab_file_path(&cfg.name), b"{ not json").unwrap();
+    let report = lab::down(&cfg.name).expect("down");
+    assert!(
+        matches!(report.problems.as_slice(), [LabError::ReadLabFile { .. }]),
+        "{:?}",
+        report.problems
+    );
+    let mut stopped = report.agents_stopped.clone();
+    stopped.sort();
+    let mut want = pids.clone();
+    want.sort();
+    assert_eq!(stopped, want);
+    assert_gone(&cfg, &pids);
+    assert!(lab::down(&cfg.name).unwrap().is_clean());
+}

@@ -207,17 +207,32 @@ pub(crate) fn teardown(file: &LabFile, lab_file: &Path) -> DownReport {
         }
     }
 
-    // 5. Files: never remove a directory that still has a mount below it.
-    let still_mounted = !mounts_under(&prefixes).is_empty();
-    let mut dirs = vec![file.root_dir.clone()];
-    if !still_mounted {
-        dirs.push(file.state_root.clone());
+    // 5. Files. Only what the lab made is removed recursively (the hosts' state directories, never
+    // one with a mount left below it, and the agents' sockets and logs); the run and state roots
+    // themselves only when that leaves them empty, so a mistaken root never loses anything else.
+    let mut host_names: Vec<String> = file.hosts.iter().map(|h| h.name.clone()).collect();
+    host_names.extend(host_entries(&file.state_root));
+    host_names.sort();
+    host_names.dedup();
+    let mounts_left = mounts_under(&prefixes);
+    for host in &host_names {
+        let dir = file.state_root.join(host);
+        if mounts_left.iter().any(|m| m.starts_with(&dir)) {
+            continue;
+        }
+        remove(&dir, true, &mut r);
+        for ext in ["sock", "log"] {
+            remove(&file.root_dir.join(format!("{host}.{ext}")), false, &mut r);
+        }
     }
-    for dir in dirs {
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => r.paths_removed.push(dir),
+    for dir in [&file.root_dir, &file.state_root] {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => r.paths_removed.push(dir.clone()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => r.problems.push(LabError::Remove { path: dir, source }),
+            Err(source) => r.problems.push(LabError::Remove {
+                path: dir.clone(),
+                source,
+            }),
         }
     }
     match std::fs::remove_file(lab_file) {
@@ -236,6 +251,34 @@ pub(crate) fn teardown(file: &LabFile, lab_file: &Path) -> DownReport {
         let _ = std::fs::remove_dir(dir);
     }
     r
+}
+
+/// Removes a file, or a directory tree when `tree`; absence is not an error.
+fn remove(path: &Path, tree: bool, r: &mut DownReport) {
+    let result = if tree {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    };
+    match result {
+        Ok(()) => r.paths_removed.push(path.to_path_buf()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => r.problems.push(LabError::Remove {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Names of the host directories (`host-a` ... `host-z`) in `state_root`.
+pub(crate) fn host_entries(state_root: &Path) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir(state_root) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.len() == 6 && n.starts_with("host-") && n.as_bytes()[5].is_ascii_lowercase())
+        .collect()
 }
 
 /// PIDs recorded in `<state_dir>/containers/*/shim.json`: every integer field whose name ends in
@@ -474,6 +517,18 @@ mod tests {
         assert!(r
             .to_string()
             .ends_with("\nnot removed: processes [7] survived SIGKILL"));
+    }
+
+    #[test]
+    fn host_entries_are_host_dirs_only() {
+        let dir = tempfile::tempdir().unwrap();
+        for n in ["host-a", "host-b", "host-ab", "hostx", "other", "host-Z"] {
+            std::fs::create_dir(dir.path().join(n)).unwrap();
+        }
+        let mut found = host_entries(dir.path());
+        found.sort();
+        assert_eq!(found, ["host-a", "host-b"]);
+        assert!(host_entries(&dir.path().join("missing")).is_empty());
     }
 
     #[test]

@@ -500,10 +500,16 @@ pub fn find_host(name: &str, host: &str) -> Result<LabHost, LabError> {
 /// could not remove is listed in [`DownReport::problems`].
 pub fn down(name: &str) -> Result<DownReport, LabError> {
     validate_name(name)?;
+    // An unreadable lab file (damaged, or from another version) must not keep a lab up: fall back
+    // to what the names tell, and say so in the report.
+    let mut unreadable = None;
     let file = match read_lab_file(name) {
         Ok(file) => Some(file),
         Err(LabError::NotUp { .. }) => None,
-        Err(e) => return Err(e),
+        Err(e) => {
+            unreadable = Some(e);
+            None
+        }
     };
     let file = match file {
         Some(f) => f,
@@ -518,15 +524,9 @@ pub fn down(name: &str) -> Result<DownReport, LabError> {
                 .filter(|h| h.starts_with("host-"))
                 .map(str::to_string)
                 .collect();
-            if let Ok(rd) = std::fs::read_dir(&cfg.state_root) {
-                for e in rd.flatten() {
-                    let h = e.file_name().to_string_lossy().into_owned();
-                    if h.starts_with("host-") && !hosts.contains(&h) {
-                        hosts.push(h);
-                    }
-                }
-            }
+            hosts.extend(cleanup::host_entries(&cfg.state_root));
             hosts.sort();
+            hosts.dedup();
             cfg.hosts = hosts.len();
             f.hosts = hosts
                 .into_iter()
@@ -544,7 +544,9 @@ pub fn down(name: &str) -> Result<DownReport, LabError> {
             f
         }
     };
-    Ok(cleanup::teardown(&file, &lab_file_path(name)))
+    let mut report = cleanup::teardown(&file, &lab_file_path(name));
+    report.problems.extend(unreadable);
+    Ok(report)
 }
 
 /// Stops the agent of `host` (if it runs) and starts it again with the same arguments; returns the
