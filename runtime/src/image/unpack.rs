@@ -504,7 +504,7 @@ fn scan_inner(file: &mut File, limits: &Limits) -> Result<(), ScanError> {
         // extension header; GNU long names and PAX headers of ustar or GNU headers are read
         // into memory.
         let extension = matches!(kind, b'L' | b'K' | b'x' | b'g');
-        let recognized = &block[257..265] == b"ustar\000" || &block[257..265] == b"ustar  \0";
+        let recognized = &block[257..265] == b"ustar\x0000" || &block[257..265] == b"ustar  \0";
         let in_memory = recognized && matches!(kind, b'L' | b'K' | b'x');
         if !extension {
             if let Some(s) = next_size.take() {
