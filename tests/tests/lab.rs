@@ -281,6 +281,18 @@ fn failed_up_rolls_back() {
         ref other => panic!("unexpected cause {other}"),
     }
     assert_gone(&cfg, &[]);
+
+    // State left behind by an earlier lab (a reboot clears /run, not /var/lib) is refused, not reused.
+    let stale = cfg.state_root.join("host-b");
+    std::fs::create_dir_all(&stale).unwrap();
+    assert!(matches!(lab::up(&cfg), Err(LabError::AlreadyUp { .. })));
+    assert!(netns_of_lab(&cfg.name).is_empty());
+    let report = lab::down(&cfg.name).unwrap();
+    assert!(
+        report.is_clean() && report.paths_removed.contains(&stale),
+        "{report:?}"
+    );
+    assert!(!cfg.state_root.exists());
 }
 
 /// Hierarchies to plant a host cgroup in: the cgroup2 mount and the v1 pids controller if present.

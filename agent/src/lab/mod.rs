@@ -416,6 +416,14 @@ pub fn up(cfg: &LabConfig) -> Result<Vec<LabHost>, LabError> {
     }
 
     let mut file = plan(cfg);
+    // A lab starts fresh: state left by an earlier lab (say, before a reboot, which clears /run but
+    // not the state directories) is removed by `down`, not silently reused.
+    if let Some(h) = file.hosts.iter().find(|h| h.state_dir.exists()) {
+        return Err(LabError::AlreadyUp {
+            name: cfg.name.clone(),
+            reason: format!("state directory {} exists", h.state_dir.display()),
+        });
+    }
     // Recorded before anything is made: from here on `down` knows what to remove.
     write_lab_file(&file)?;
     match build(&mut file) {
