@@ -412,3 +412,44 @@ fn image_open_removes_stale_work_dirs() {
     fs::remove_dir(&mine).unwrap();
     assert_store_empty(&again);
 }
+
+#[test]
+fn image_system_tar_formats() {
+    // Archives written by GNU tar in each of its formats, with a name longer than 100 bytes,
+    // a long symlink target and a hardlink.
+    let (tmp, store) = store();
+    let src = tmp.path().join("rootfs");
+    busybox_rootfs(&src);
+    let deep = src.join("d".repeat(60)).join("e".repeat(60));
+    fs::create_dir_all(&deep).unwrap();
+    fs::write(deep.join("f".repeat(90)), "deep").unwrap();
+    std::os::unix::fs::symlink(format!("/{}", "t".repeat(150)), src.join("longlink")).unwrap();
+    for format in ["gnu", "ustar", "pax", "posix"] {
+        let out = tmp.path().join(format!("{format}.tar"));
+        let st = std::process::Command::new("tar")
+            .arg(format!("--format={format}"))
+            .args(["--numeric-owner", "-C"])
+            .arg(&src)
+            .arg("-cf")
+            .arg(&out)
+            .arg(".")
+            .status()
+            .unwrap();
+        if !st.success() {
+            // ustar cannot hold the long symlink target: that format is checked without it.
+            assert_eq!(format, "ustar");
+            continue;
+        }
+        let img = store.import(&out, format).unwrap();
+        let l = store.layer_dir(&img.layers[0]);
+        check_busybox_layer(&store, &img.layers[0], true);
+        let rel = Path::new(&"d".repeat(60))
+            .join("e".repeat(60))
+            .join("f".repeat(90));
+        assert_eq!(fs::read(l.join(rel)).unwrap(), b"deep");
+        assert_eq!(
+            fs::read_link(l.join("longlink")).unwrap(),
+            PathBuf::from(format!("/{}", "t".repeat(150)))
+        );
+    }
+}
