@@ -2,8 +2,8 @@
 //! namespaces, links, agents, the lab file, restart, and a `down` that leaves nothing behind — also
 //! after a failed `up` and with containers' leftovers (processes, cgroups, mounts) in a host.
 //!
-//! Needs root and a built migd (`cargo build -p mig-agent --bins`); `MIG_LAB_TEST_MIGD` names
-//! another binary.
+//! Needs root. The binaries come from `mig_tests::bin` (built on first use); `MIG_LAB_TEST_MIGD`
+//! names another migd.
 
 use mig_agent::lab::{self, LabConfig, LabError};
 use std::os::unix::fs::MetadataExt;
@@ -18,28 +18,12 @@ fn is_root() -> bool {
     false
 }
 
-/// The migd next to this test's target directory: target/<profile>/migd (newest of debug and
-/// release), or `MIG_LAB_TEST_MIGD`.
+/// The workspace's migd (built by `mig_tests::bin`), or `MIG_LAB_TEST_MIGD`.
 fn migd() -> PathBuf {
-    if let Some(p) = std::env::var_os("MIG_LAB_TEST_MIGD") {
-        return PathBuf::from(p);
+    match std::env::var_os("MIG_LAB_TEST_MIGD") {
+        Some(p) => PathBuf::from(p),
+        None => mig_tests::bin("migd"),
     }
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/lab-HASH
-    let target = exe.ancestors().nth(3).expect("target dir").to_path_buf();
-    let candidates = [target.join("debug/migd"), target.join("release/migd")];
-    candidates
-        .iter()
-        .filter_map(|p| Some((std::fs::metadata(p).ok()?.modified().ok()?, p.clone())))
-        .max()
-        .map(|(_, p)| p)
-        .unwrap_or_else(|| {
-            panic!(
-                "no migd in {} or {}: run `cargo build -p mig-agent --bins` first",
-                candidates[0].display(),
-                candidates[1].display()
-            )
-        })
 }
 
 /// A lab name unique to this test process and `tag`, and a subnet of its own.
@@ -439,7 +423,7 @@ fn lab_timings() {
 
 /// Runs the `mig` CLI next to migd against `socket`; returns its stdout.
 fn mig(socket: &Path, args: &[&str]) -> String {
-    let out = Command::new(migd().with_file_name("mig"))
+    let out = Command::new(mig_tests::bin("mig"))
         .arg("--socket")
         .arg(socket)
         .args(args)
@@ -486,14 +470,7 @@ fn down_removes_a_real_container() {
     let host = &hosts[0];
 
     let image = tempfile::tempdir().unwrap();
-    let rootfs = image.path();
-    for d in ["bin", "etc", "tmp", "proc", "sys", "dev"] {
-        std::fs::create_dir_all(rootfs.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
-    for app in ["sh", "sleep"] {
-        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(app)).unwrap();
-    }
+    let rootfs = mig_tests::busybox_rootfs(image.path()).unwrap();
     mig(
         &host.socket,
         &[
