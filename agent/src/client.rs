@@ -222,10 +222,12 @@ impl Client {
         &mut self,
         container: &str,
         leave_running: bool,
+        export: Option<&str>,
     ) -> Result<CheckpointResult, ClientError> {
         let req = Request::Checkpoint {
             container: container.into(),
             leave_running,
+            export: export.map(Into::into),
         };
         match self.call(&req).await? {
             Response::Checkpointed(r) => Ok(*r),
@@ -236,7 +238,26 @@ impl Client {
     /// Restores a checkpointed container.
     pub async fn restore(&mut self, container: &str) -> Result<RestoreResult, ClientError> {
         let req = Request::Restore {
-            container: container.into(),
+            container: Some(container.into()),
+            import: None,
+            name: None,
+        };
+        match self.call(&req).await? {
+            Response::Restored(r) => Ok(*r),
+            r => Err(unexpected("restore", r)),
+        }
+    }
+
+    /// Creates a container from an exported archive (a path on the agent's host) and restores it.
+    pub async fn restore_import(
+        &mut self,
+        file: &str,
+        name: Option<&str>,
+    ) -> Result<RestoreResult, ClientError> {
+        let req = Request::Restore {
+            container: None,
+            import: Some(file.into()),
+            name: name.map(Into::into),
         };
         match self.call(&req).await? {
             Response::Restored(r) => Ok(*r),

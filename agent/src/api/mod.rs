@@ -91,10 +91,17 @@ pub enum Request {
     Checkpoint {
         container: String,
         leave_running: bool,
+        /// Also write a portable archive (image set + writable layer) to this absolute path on
+        /// the agent's host; zstd-compressed when it ends in `.zst`.
+        export: Option<String>,
     },
-    /// Restores a checkpointed container from its checkpoint directory.
+    /// Restores a checkpointed container from its checkpoint directory, or (with `import`) a
+    /// new container from an exported archive (absolute path on the agent's host), named `name`
+    /// or as in the archive.
     Restore {
-        container: String,
+        container: Option<String>,
+        import: Option<String>,
+        name: Option<String>,
     },
 }
 
@@ -161,12 +168,16 @@ pub struct CheckpointResult {
     pub pid_map: Vec<PidEntry>,
     /// CRIU's own figures.
     pub criu: mig_migrate::criu::DumpStats,
+    /// The archive written by `export`, and its size.
+    pub exported: Option<String>,
+    pub archive_bytes: Option<u64>,
 }
 
 /// What a restore did and how long it took.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RestoreResult {
     pub id: String,
+    pub name: String,
     /// From the request to the restored init running (rootfs, cgroup, CRIU, shim).
     pub total_ms: u64,
     pub init_pid: i32,

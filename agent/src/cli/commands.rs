@@ -33,6 +33,8 @@ pub enum CliError {
     Output(#[source] std::io::Error),
     #[error("cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
+    #[error("restore needs a container or --import FILE")]
+    NothingToRestore,
     #[error("{failed} of {total} operations failed")]
     Partial { failed: usize, total: usize },
 }
@@ -254,10 +256,14 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
         }
         Command::Checkpoint {
             leave_running,
+            export,
             json: j,
             container,
         } => {
-            let r = c.checkpoint(&container, leave_running).await?;
+            let export = export.map(|p| absolute(&p)).transpose()?;
+            let r = c
+                .checkpoint(&container, leave_running, export.as_deref())
+                .await?;
             if j {
                 json(&r)?;
             } else {
@@ -278,8 +284,25 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
             }
             Ok(0)
         }
-        Command::Restore { json: j, container } => {
-            let r = c.restore(&container).await?;
+        Command::Restore {
+            import,
+            name,
+            json: j,
+            container,
+        } => {
+            let r = match (import, container) {
+                (Some(file), _) => {
+                    let file = std::fs::canonicalize(&file).map_err(|source| CliError::Path {
+                        path: file.clone(),
+                        source,
+                    })?;
+                    c.restore_import(&file.to_string_lossy(), name.as_deref())
+                        .await?
+                }
+                (None, Some(ct)) => c.restore(&ct).await?,
+                (None, None) => return Err(CliError::NothingToRestore),
+            };
+            let container = r.name.clone();
             if j {
                 json(&r)?;
             } else {
@@ -375,6 +398,21 @@ async fn image(c: &mut Client, cmd: ImageCommand) -> Result<(), CliError> {
             Ok(())
         }
     }
+}
+
+/// An absolute form of `p` (relative to the current directory; the file need not exist).
+fn absolute(p: &Path) -> Result<String, CliError> {
+    let abs = if p.is_absolute() {
+        p.to_owned()
+    } else {
+        std::env::current_dir()
+            .map_err(|source| CliError::Path {
+                path: p.to_owned(),
+                source,
+            })?
+            .join(p)
+    };
+    Ok(abs.to_string_lossy().into_owned())
 }
 
 /// `busybox-rootfs.tar.gz` -> `busybox-rootfs`.

@@ -100,15 +100,26 @@ pub enum Command {
         /// Keep the container running after the dump.
         #[arg(long)]
         leave_running: bool,
+        /// Also write a portable archive (tar; zstd when FILE ends in .zst).
+        #[arg(long, value_name = "FILE")]
+        export: Option<PathBuf>,
         #[arg(long)]
         json: bool,
         container: String,
     },
-    /// Restore a checkpointed container (same PIDs inside, same log).
+    /// Restore a checkpointed container (same PIDs inside, same log), or a new one from an
+    /// exported archive with --import.
     Restore {
+        /// Create the container from this archive (the image must be on the host).
+        #[arg(long, value_name = "FILE", conflicts_with = "container")]
+        import: Option<PathBuf>,
+        /// Name of the imported container (default: the archived name).
+        #[arg(long, requires = "import")]
+        name: Option<String>,
         #[arg(long)]
         json: bool,
-        container: String,
+        #[arg(required_unless_present = "import")]
+        container: Option<String>,
     },
     /// Show the agent's host.
     Info {

@@ -3,11 +3,14 @@
 //! (`mig-shim restore`) rebuilds the rootfs and cgroup and restores it from there.
 
 use super::Agent;
+use super::Entry;
 use crate::api::{ApiError, CheckpointResult, ContainerState, ErrorKind, Response, RestoreResult};
-use crate::layout::now;
+use crate::layout::{now, StateRecord};
+use mig_migrate::archive;
 use mig_migrate::criu::{Criu, DumpOpts};
 use mig_migrate::imageset::{self, SealInfo};
 use mig_runtime::cgroup::Cgroup;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -56,20 +59,29 @@ impl Agent {
         self: &Arc<Self>,
         container: &str,
         leave_running: bool,
+        export: Option<String>,
     ) -> Result<Response, ApiError> {
+        if export.as_deref().is_some_and(|p| !p.starts_with('/')) {
+            return Err(ApiError::new(
+                ErrorKind::InvalidArgument,
+                "the export path must be absolute",
+            ));
+        }
         let id = self.resolve(container)?;
         self.refresh(&id);
         self.claim(&id, ContainerState::Running)?;
         let agent = self.clone();
         let id2 = id.clone();
-        let res = tokio::task::spawn_blocking(move || agent.dump_blocking(&id2, leave_running))
-            .await
-            .unwrap_or_else(|e| {
-                Err(ApiError::new(
-                    ErrorKind::Internal,
-                    format!("dump task failed: {e}"),
-                ))
-            });
+        let res = tokio::task::spawn_blocking(move || {
+            agent.dump_blocking(&id2, leave_running, export.as_deref())
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(ApiError::new(
+                ErrorKind::Internal,
+                format!("dump task failed: {e}"),
+            ))
+        });
         let result = match res {
             Ok(r) => r,
             Err(e) => {
@@ -100,7 +112,12 @@ impl Agent {
 
     /// Freezes, dumps, thaws (or kills) and seals; on any failure the container is thawed and
     /// keeps running.
-    fn dump_blocking(&self, id: &str, leave_running: bool) -> Result<CheckpointResult, ApiError> {
+    fn dump_blocking(
+        &self,
+        id: &str,
+        leave_running: bool,
+        export: Option<&str>,
+    ) -> Result<CheckpointResult, ApiError> {
         let t0 = Instant::now();
         let internal = |m: String| ApiError::new(ErrorKind::Internal, m);
         let e = self.entry(id)?;
@@ -170,7 +187,19 @@ impl Agent {
             },
         )
         .map_err(|e| internal(format!("sealing the image set: {}", chain(&e))))?;
+        let (exported, archive_bytes) = match export {
+            None => (None, None),
+            Some(file) => {
+                let zstd = file.ends_with(".zst") || file.ends_with(".zstd");
+                archive::export(&images, Some(&cd.upper()), Path::new(file), zstd)
+                    .map_err(|e| internal(format!("exporting to {file}: {}", chain(&e))))?;
+                let size = std::fs::metadata(file).map(|m| m.len()).ok();
+                (Some(file.to_owned()), size)
+            }
+        };
         Ok(CheckpointResult {
+            exported,
+            archive_bytes,
             id: id.to_owned(),
             leave_running,
             freeze_ms,
@@ -211,6 +240,7 @@ impl Agent {
                     .unwrap_or_else(|| vec![init_pid]);
                 let result = RestoreResult {
                     id: id.clone(),
+                    name: e.spec.name.clone(),
                     total_ms: ms(t0.elapsed()),
                     init_pid,
                     pid_map: mig_runtime::pidmap::pid_map(&procs),
@@ -230,5 +260,138 @@ impl Agent {
                 ))
             }
         }
+    }
+}
+
+impl Agent {
+    /// `restore --import FILE`: unpacks and verifies the archive into a new container directory
+    /// (the archive's id when free here, else a new one), unpacks its writable layer, records the
+    /// container as checkpointed and restores it.
+    pub(crate) async fn restore_import(
+        self: &Arc<Self>,
+        file: String,
+        name: Option<String>,
+    ) -> Result<Response, ApiError> {
+        if !file.starts_with('/') {
+            return Err(ApiError::new(
+                ErrorKind::InvalidArgument,
+                "the archive path must be absolute",
+            ));
+        }
+        if let Some(n) = &name {
+            mig_runtime::spec::validate_name(n)
+                .map_err(|e| ApiError::new(ErrorKind::InvalidArgument, e.to_string()))?;
+        }
+        // Unpacked under a temporary id, renamed once the final id is known.
+        let tmp_id = super::containers::new_id();
+        let tmp = self.dirs.containers().join(format!(".import-{tmp_id}"));
+        let agent = self.clone();
+        let tmp2 = tmp.clone();
+        let unpacked = tokio::task::spawn_blocking(move || agent.unpack_import(&file, &tmp2))
+            .await
+            .unwrap_or_else(|e| {
+                Err(ApiError::new(
+                    ErrorKind::Internal,
+                    format!("import task failed: {e}"),
+                ))
+            });
+        let mut spec = match unpacked {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(e);
+            }
+        };
+        let id = {
+            let mut map = self.lock();
+            if map.contains_key(&spec.id) {
+                spec.id = tmp_id.clone();
+            }
+            if let Some(n) = name {
+                spec.name = n;
+            }
+            if map.values().any(|e| e.spec.name == spec.name) {
+                drop(map);
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(ApiError::new(
+                    ErrorKind::AlreadyExists,
+                    format!("the name {} is already in use (use --name)", spec.name),
+                ));
+            }
+            let state = StateRecord {
+                state: ContainerState::Checkpointed,
+                created: now(),
+                started: None,
+                finished: None,
+                exit_code: None,
+                signal: None,
+                oom_killed: false,
+                reason: None,
+                stop_requested: false,
+                cgroup: format!("{}/{}", self.cfg.cgroup_parent, spec.id),
+            };
+            let cd = self.dirs.container(&spec.id);
+            let written = std::fs::rename(&tmp, &cd.dir)
+                .and_then(|_| mig_runtime::fsutil::write_json(&cd.spec(), &spec))
+                .and_then(|_| mig_runtime::fsutil::write_json(&cd.state(), &state));
+            if let Err(e) = written {
+                drop(map);
+                let _ = std::fs::remove_dir_all(&tmp);
+                let _ = std::fs::remove_dir_all(&cd.dir);
+                return Err(ApiError::new(
+                    ErrorKind::Internal,
+                    format!("recording the import: {e}"),
+                ));
+            }
+            map.insert(
+                spec.id.clone(),
+                Entry {
+                    spec: spec.clone(),
+                    state,
+                    busy: false,
+                },
+            );
+            spec.id.clone()
+        };
+        tracing::info!(%id, name = %spec.name, "imported a checkpoint");
+        self.restore(&id).await
+    }
+
+    /// Unpacks and verifies the archive into `dir/checkpoint`, checks the image layers are here,
+    /// unpacks the writable layer into `dir/upper`. Returns the archived spec.
+    fn unpack_import(
+        &self,
+        file: &str,
+        dir: &Path,
+    ) -> Result<mig_runtime::spec::ContainerSpec, ApiError> {
+        let bad = |m: String| ApiError::new(ErrorKind::InvalidArgument, m);
+        std::fs::create_dir_all(dir).map_err(|e| {
+            ApiError::new(
+                ErrorKind::Internal,
+                format!("creating {}: {e}", dir.display()),
+            )
+        })?;
+        let images = dir.join("checkpoint");
+        let manifest = archive::import(Path::new(file), &images)
+            .map_err(|e| bad(format!("importing {file}: {}", chain(&e))))?;
+        let spec = manifest.spec;
+        spec.validate()
+            .map_err(|e| bad(format!("the archived spec is invalid: {e}")))?;
+        if let Some(missing) = spec.image.layers.iter().find(|l| !self.images.has_layer(l)) {
+            return Err(ApiError::new(
+                ErrorKind::NotFound,
+                format!(
+                    "image layer {missing} of image {} is missing on this host: import the image first",
+                    spec.image.name
+                ),
+            ));
+        }
+        archive::unpack_upper(&images, &dir.join("upper"))
+            .map_err(|e| bad(format!("unpacking the writable layer: {}", chain(&e))))?;
+        for d in ["work", "rootfs"] {
+            std::fs::create_dir_all(dir.join(d))
+                .map_err(|e| ApiError::new(ErrorKind::Internal, format!("creating {d}: {e}")))?;
+        }
+        Ok(spec)
     }
 }

@@ -155,8 +155,20 @@ async fn handle(agent: &Arc<Agent>, req: Request) -> Result<Response, ApiError> 
         Request::Checkpoint {
             container,
             leave_running,
-        } => agent.checkpoint(&container, leave_running).await,
-        Request::Restore { container } => agent.restore(&container).await,
+            export,
+        } => agent.checkpoint(&container, leave_running, export).await,
+        Request::Restore {
+            container,
+            import,
+            name,
+        } => match (container, import) {
+            (Some(c), None) => agent.restore(&c).await,
+            (None, Some(file)) => agent.restore_import(file, name).await,
+            _ => Err(ApiError::new(
+                ErrorKind::InvalidArgument,
+                "restore takes either a container or an archive to import",
+            )),
+        },
         Request::Logs { .. } => Err(ApiError::new(ErrorKind::Internal, "logs are streamed")),
     }
 }

@@ -605,7 +605,7 @@ pub(crate) fn spawn_watch(agent: Arc<Agent>, id: String, child: Option<Child>) {
 }
 
 /// A new random container id (32 lowercase hex characters).
-fn new_id() -> String {
+pub(super) fn new_id() -> String {
     let bytes: [u8; 16] = rand::random();
     hex::encode(bytes)
 }

@@ -134,12 +134,13 @@ fn prepare(
         Mode::Restore => {
             let m = mig_migrate::imageset::verify(&cd.checkpoint())
                 .map_err(|e| (Stage::Checkpoint, chain(&e)))?;
-            if m.spec.id != spec.id {
+            // An imported checkpoint may run under a new id and name; its image must match.
+            if m.spec.image.layers != spec.image.layers {
                 return Err((
                     Stage::Checkpoint,
                     format!(
-                        "the checkpoint is of container {}, not {}",
-                        m.spec.id, spec.id
+                        "the checkpoint was made from other image layers than container {}",
+                        spec.id
                     ),
                 ));
             }
