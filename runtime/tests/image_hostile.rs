@@ -297,3 +297,61 @@ fn image_hostile_oci_archive() {
     assert!(matches!(err, ImageError::Oci(_)), "{err}");
     assert_store_empty(&store);
 }
+
+fn pax_record(key: &str, value: &[u8]) -> Vec<u8> {
+    let body = [b" ", key.as_bytes(), b"=", value, b"\n"].concat();
+    let mut len = body.len() + 1;
+    if (len.to_string().len() + body.len()) != len {
+        len = len.to_string().len() + body.len();
+    }
+    let rec = [len.to_string().as_bytes(), &body].concat();
+    assert_eq!(rec.len(), len);
+    rec
+}
+
+fn get_xattr(p: &Path, name: &str) -> Option<Vec<u8>> {
+    let path = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+    let name = std::ffi::CString::new(name).unwrap();
+    let mut buf = vec![0u8; 256];
+    // SAFETY: valid C strings and a buffer of the given length.
+    let n = unsafe {
+        libc::lgetxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    (n >= 0).then(|| buf[..n as usize].to_vec())
+}
+
+#[test]
+fn image_xattrs_kept_or_dropped() {
+    let (tmp, store) = store();
+    // vfs_cap_data v2, effective, permitted = CAP_NET_RAW (13).
+    let mut cap = Vec::new();
+    for w in [0x0200_0001u32, 1 << 13, 0, 0, 0] {
+        cap.extend_from_slice(&w.to_le_bytes());
+    }
+    let pax = [
+        pax_record("SCHILY.xattr.security.capability", &cap),
+        pax_record("SCHILY.xattr.user.note", b"hello"),
+        pax_record("SCHILY.xattr.trusted.overlay.redirect", b"/etc"),
+        pax_record(
+            "SCHILY.xattr.security.selinux",
+            b"system_u:object_r:shadow_t:s0",
+        ),
+    ]
+    .concat();
+    let t = RawTar::default()
+        .raw(b"pax", b'x', &pax)
+        .file(b"ping", b"\x7fELF")
+        .finish();
+    let p = write_file(tmp.path(), "x.tar", &t);
+    let img = store.import(&p, "x").unwrap();
+    let f = store.layer_dir(&img.layers[0]).join("ping");
+    assert_eq!(get_xattr(&f, "security.capability"), Some(cap));
+    assert_eq!(get_xattr(&f, "user.note"), Some(b"hello".to_vec()));
+    assert_eq!(get_xattr(&f, "trusted.overlay.redirect"), None);
+    assert_eq!(get_xattr(&f, "security.selinux"), None);
+}

@@ -14,6 +14,9 @@
 //!   headers (GNU long names, PAX) that the tar crate reads into memory, checked by a raw header
 //!   scan ([`scan_headers`]) before the tar crate sees the stream.
 //!
+//! Ownership, mode (setuid included), mtime, symlinks, hardlinks and fifos are preserved; of the
+//! extended attributes only file capabilities and `user.*` are (see `file_xattrs`).
+//!
 //! In a layer (`whiteouts = true`), `.wh.NAME` becomes an overlayfs whiteout (a char device 0/0
 //! named NAME) and `.wh..wh..opq` marks its directory opaque (`trusted.overlay.opaque=y`); other
 //! `.wh..wh.*` names (AUFS bookkeeping) are skipped.
@@ -245,6 +248,7 @@ impl Unpacker<'_> {
         src: &Path,
     ) -> Result<(), ImageError> {
         let limits = self.limits;
+        let xattrs = file_xattrs(entry).map_err(tar_err(src))?;
         let size = entry.size();
         if size > limits.max_entry_size {
             let reason = HostileReason::EntryTooLarge {
@@ -282,6 +286,12 @@ impl Unpacker<'_> {
         // chown first: it clears setuid/setgid bits, which the chmod then sets.
         std::os::unix::fs::fchown(&f, Some(meta.uid), Some(meta.gid))
             .map_err(ImageError::io("changing owner of", &p))?;
+        // File capabilities after the chown (which clears them), before the chmod (which keeps
+        // them).
+        for (name, value) in &xattrs {
+            super::sys::lsetxattr(&p, name, value)
+                .map_err(ImageError::io("setting extended attribute of", &p))?;
+        }
         f.set_permissions(fs::Permissions::from_mode(meta.mode))
             .map_err(ImageError::io("changing mode of", &p))?;
         f.set_modified(system_time(meta.mtime))
@@ -387,6 +397,27 @@ impl Unpacker<'_> {
         }
         Ok(())
     }
+}
+
+/// The extended attributes of an entry (PAX `SCHILY.xattr.*`) that an image may set on its
+/// files: file capabilities and `user.*`. Others are dropped: `trusted.overlay.*` would steer
+/// overlayfs (redirects, metacopy) and `security.*` labels belong to the host's policy.
+fn file_xattrs<R: Read>(entry: &mut tar::Entry<'_, R>) -> io::Result<Vec<(String, Vec<u8>)>> {
+    let mut out = Vec::new();
+    let Some(exts) = entry.pax_extensions()? else {
+        return Ok(out);
+    };
+    for ext in exts {
+        let ext = ext?;
+        let Ok(key) = ext.key() else { continue };
+        let Some(name) = key.strip_prefix("SCHILY.xattr.") else {
+            continue;
+        };
+        if name == "security.capability" || name.starts_with("user.") {
+            out.push((name.to_owned(), ext.value_bytes().to_vec()));
+        }
+    }
+    Ok(out)
 }
 
 fn system_time(secs: i64) -> std::time::SystemTime {
