@@ -15,6 +15,7 @@ use crate::api::{
     ApiError, CheckpointResult, ContainerDetails, ContainerSummary, ErrorKind, ExecResult, Hello,
     HostInfo, ImageInfo, Request, Response, RestoreResult, RunRequest, API_VERSION,
 };
+use crate::migration::{IdentityInfo, MoveResult, PeerInfo};
 use std::path::{Path, PathBuf};
 use tokio::net::UnixStream;
 
@@ -91,6 +92,73 @@ impl Client {
         match read_frame(&mut self.stream).await? {
             Response::Error(e) => Err(ClientError::Api(e)),
             r => Ok(r),
+        }
+    }
+
+    /// Moves a running container to a pinned peer (live migration).
+    pub async fn move_container(
+        &mut self,
+        container: &str,
+        peer: &str,
+    ) -> Result<MoveResult, ClientError> {
+        let req = Request::Move {
+            container: container.into(),
+            peer: peer.into(),
+        };
+        match self.call(&req).await? {
+            Response::Moved(r) => Ok(*r),
+            r => Err(unexpected("move", r)),
+        }
+    }
+
+    /// Settles an in-doubt move (on the source agent).
+    pub async fn move_resolve(&mut self, container: &str) -> Result<MoveResult, ClientError> {
+        let req = Request::MoveResolve {
+            container: container.into(),
+        };
+        match self.call(&req).await? {
+            Response::Moved(r) => Ok(*r),
+            r => Err(unexpected("move_resolve", r)),
+        }
+    }
+
+    pub async fn peer_add(
+        &mut self,
+        name: &str,
+        address: &str,
+        fingerprint: &str,
+    ) -> Result<PeerInfo, ClientError> {
+        let req = Request::PeerAdd {
+            name: name.into(),
+            address: address.into(),
+            fingerprint: fingerprint.into(),
+        };
+        match self.call(&req).await? {
+            Response::Peer(p) => Ok(p),
+            r => Err(unexpected("peer_add", r)),
+        }
+    }
+
+    pub async fn peer_list(&mut self) -> Result<Vec<PeerInfo>, ClientError> {
+        match self.call(&Request::PeerList).await? {
+            Response::Peers(p) => Ok(p),
+            r => Err(unexpected("peer_list", r)),
+        }
+    }
+
+    pub async fn peer_remove(&mut self, name: &str) -> Result<PeerInfo, ClientError> {
+        let req = Request::PeerRemove { name: name.into() };
+        match self.call(&req).await? {
+            Response::Peer(p) => Ok(p),
+            r => Err(unexpected("peer_remove", r)),
+        }
+    }
+
+    /// The agent's migration identity (fingerprint and QUIC address).
+    pub async fn identity(&mut self) -> Result<IdentityInfo, ClientError> {
+        match self.call(&Request::Identity).await? {
+            Response::Identity(i) => Ok(i),
+            r => Err(unexpected("identity", r)),
         }
     }
 

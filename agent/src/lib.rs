@@ -9,4 +9,5 @@ pub mod client;
 pub mod daemon;
 pub mod lab;
 pub mod layout;
+pub mod migration;
 pub mod shim;

@@ -39,6 +39,27 @@ impl Hello {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
+    /// Moves a running container to a pinned peer agent (live migration, docs/migration.md).
+    Move {
+        container: String,
+        peer: String,
+    },
+    /// Settles an in-doubt move of `container` with its destination (on the source agent).
+    MoveResolve {
+        container: String,
+    },
+    /// Pins a peer agent by its certificate fingerprint.
+    PeerAdd {
+        name: String,
+        address: String,
+        fingerprint: String,
+    },
+    PeerList,
+    PeerRemove {
+        name: String,
+    },
+    /// The agent's migration identity (fingerprint, QUIC address).
+    Identity,
     /// Imports the image at `path` (a path on the agent's host) under `name`.
     ImageImport {
         path: String,
@@ -146,6 +167,10 @@ pub enum Response {
     Info(HostInfo),
     Checkpointed(Box<CheckpointResult>),
     Restored(Box<RestoreResult>),
+    Moved(Box<crate::migration::MoveResult>),
+    Peers(Vec<crate::migration::PeerInfo>),
+    Peer(crate::migration::PeerInfo),
+    Identity(crate::migration::IdentityInfo),
     Error(ApiError),
 }
 

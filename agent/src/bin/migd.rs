@@ -24,6 +24,10 @@ struct Args {
     /// The mig-shim binary (default: next to migd).
     #[arg(long, env = "MIG_SHIM", value_name = "PATH")]
     shim: Option<PathBuf>,
+    /// The QUIC endpoint for peer agents (migrations), e.g. 10.78.0.10:7878. Without it the
+    /// agent only makes outgoing moves (from an ephemeral port).
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<std::net::SocketAddr>,
 }
 
 /// The pipe size CRIU's lazy page server needs (DESIGN.md, "Platform facts").
@@ -86,6 +90,8 @@ fn main() -> Result<()> {
     rt.block_on(async {
         let listener = bind(&args.socket).await?;
         daemon::watch_adopted(&agent, live);
+        mig_agent::migration::start(&agent, args.listen)
+            .context("starting the migration endpoint")?;
         daemon::run(listener, agent, shutdown_signal()).await;
         let _ = std::fs::remove_file(&args.socket);
         Ok(())

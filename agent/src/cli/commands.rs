@@ -13,6 +13,12 @@ use std::process::ExitCode;
 /// A failure of `mig` itself (exit code 125).
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
+    #[error("lab")]
+    Lab(#[source] Box<crate::lab::LabError>),
+    #[error("no migd next to mig: install them together")]
+    NoMigd,
+    #[error("background task failed: {0}")]
+    Task(String),
     #[error(transparent)]
     Client(#[from] ClientError),
     #[error("no lab host named {name} in {LAB_FILE}")]
@@ -152,18 +158,18 @@ fn lab_socket(text: &str, name: &str) -> Result<PathBuf, CliError> {
         })
 }
 
-async fn connect(cli: &Cli) -> Result<Client, CliError> {
+pub(super) async fn connect(cli: &Cli) -> Result<Client, CliError> {
     let path = socket_path(cli.socket.as_deref(), cli.host.as_deref())?;
     Ok(Client::connect(&path).await?)
 }
 
-fn out(text: &str) -> Result<(), CliError> {
+pub(super) fn out(text: &str) -> Result<(), CliError> {
     let mut o = std::io::stdout().lock();
     o.write_all(text.as_bytes()).map_err(CliError::Output)?;
     o.flush().map_err(CliError::Output)
 }
 
-fn json<T: serde::Serialize>(v: &T) -> Result<(), CliError> {
+pub(super) fn json<T: serde::Serialize>(v: &T) -> Result<(), CliError> {
     let mut s = serde_json::to_string_pretty(v).unwrap_or_else(|_| "null".into());
     s.push('\n');
     out(&s)
@@ -185,6 +191,9 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
             return Ok(0);
         }
         _ => {}
+    }
+    if let Some(code) = super::moves::dispatch(&cli).await? {
+        return Ok(code);
     }
     let mut c = connect(&cli).await?;
     match cli.command {
@@ -315,14 +324,29 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
         }
         Command::Info { json: j } => {
             let i = c.info().await?;
+            // The migration identity, when the agent runs its endpoint.
+            let id = c.identity().await.ok();
             if j {
-                json(&i)?;
+                let mut v = serde_json::to_value(&i).unwrap_or_default();
+                if let (Some(id), Some(o)) = (&id, v.as_object_mut()) {
+                    o.insert("fingerprint".into(), id.fingerprint.clone().into());
+                    o.insert("listen".into(), id.listen.clone().into());
+                }
+                json(&v)?;
             } else {
                 out(&output::info_text(&i))?;
+                if let Some(id) = id {
+                    out(&format!(
+                        "fingerprint: {}\nlisten: {}\n",
+                        id.fingerprint,
+                        id.listen.as_deref().unwrap_or("-")
+                    ))?;
+                }
             }
             Ok(0)
         }
         Command::Completions { .. } | Command::Man => Ok(0),
+        Command::Move(_) | Command::Peers(_) | Command::Lab(_) => Ok(0),
     }
 }
 

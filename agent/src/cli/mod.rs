@@ -5,6 +5,7 @@
 //! errors included), and the container's code for `exec` and for an attached `run`.
 
 mod commands;
+mod moves;
 mod output;
 
 pub use commands::main;
@@ -35,6 +36,14 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Move a running container to a pinned peer agent (live migration).
+    Move(moves::MoveArgs),
+    /// Manage the pinned peer agents.
+    #[command(subcommand)]
+    Peers(moves::PeersCommand),
+    /// A local multi-host lab: network namespaces with one agent each.
+    #[command(subcommand)]
+    Lab(moves::LabCommand),
     /// Manage images.
     #[command(subcommand)]
     Image(ImageCommand),

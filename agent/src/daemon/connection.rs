@@ -98,6 +98,12 @@ pub(super) async fn serve(
 
 fn op_name(r: &Request) -> &'static str {
     match r {
+        Request::Move { .. } => "move",
+        Request::MoveResolve { .. } => "move_resolve",
+        Request::PeerAdd { .. } => "peer_add",
+        Request::PeerList => "peer_list",
+        Request::PeerRemove { .. } => "peer_remove",
+        Request::Identity => "identity",
         Request::ImageImport { .. } => "image_import",
         Request::ImageList => "image_list",
         Request::ImageRemove { .. } => "image_remove",
@@ -117,6 +123,24 @@ fn op_name(r: &Request) -> &'static str {
 
 async fn handle(agent: &Arc<Agent>, req: Request) -> Result<Response, ApiError> {
     match req {
+        Request::Move { container, peer } => agent
+            .move_container(&container, &peer)
+            .await
+            .map(|r| Response::Moved(Box::new(r))),
+        Request::MoveResolve { container } => agent
+            .resolve_move(&container)
+            .await
+            .map(|r| Response::Moved(Box::new(r))),
+        Request::PeerAdd {
+            name,
+            address,
+            fingerprint,
+        } => agent
+            .peer_add(&name, &address, &fingerprint)
+            .map(Response::Peer),
+        Request::PeerList => agent.peer_list().map(Response::Peers),
+        Request::PeerRemove { name } => agent.peer_remove(&name).map(Response::Peer),
+        Request::Identity => agent.identity_info().map(Response::Identity),
         Request::ImageImport { path, name } => agent.image_import(path, name).await,
         Request::ImageList => agent.image_list().await,
         Request::ImageRemove { image } => agent.image_remove(image).await,

@@ -78,6 +78,8 @@ pub struct Agent {
     pub(crate) dirs: StateDir,
     pub(crate) images: ImageStore,
     pub(crate) containers: Mutex<HashMap<String, Entry>>,
+    /// Live migration: the QUIC endpoint, identity and peers (set by [`crate::migration::start`]).
+    pub(crate) migration: crate::migration::Migrations,
 }
 
 impl Agent {
@@ -97,6 +99,7 @@ impl Agent {
             dirs,
             images,
             containers: Mutex::new(HashMap::new()),
+            migration: Default::default(),
         });
         let live = agent.load_all()?;
         Ok((agent, live))

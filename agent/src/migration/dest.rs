@@ -1,0 +1,573 @@
+//! The destination side: accepts migrations on the QUIC endpoint and implements `DestHost`.
+//! Incoming files are staged under `<state-dir>/migrations/<id>.in/` (`layers/`, `presync/`,
+//! `images/`, `delta/`); the restore imports the layers, places the container directory (spec,
+//! state, writable layer, checkpoint images), runs the agent's restore path (`mig-shim restore`)
+//! and freezes the restored container at once; Commit thaws it.
+
+use super::chain;
+use super::fault::{self, Fault, Point};
+use super::journal::{self, JournalEntry};
+use super::source::UPPER_TAR;
+use crate::api::{ContainerState, Response};
+use crate::daemon::{Agent, Entry};
+use crate::layout::{now, StateRecord};
+use mig_migrate::criu::Criu;
+use mig_migrate::protocol::{JournalRecord, JournalState, Role, Timeouts};
+use mig_migrate::transport::{self, DestHost, HostError, Refusal};
+use mig_migrate::wire::{FileHeader, FileKind, Prepare, RefuseReason};
+use mig_runtime::cgroup::Cgroup;
+use mig_runtime::fsutil;
+use mig_runtime::pidmap::PidEntry;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How long freezing the restored container may take.
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Marker in a container directory made by an incoming migration (its id).
+pub(crate) const MARKER: &str = "migration-id";
+
+/// Failures of the destination's host actions.
+#[derive(Debug, thiserror::Error)]
+pub enum DestError {
+    #[error("unknown migration {id}")]
+    Unknown { id: String },
+    #[error("invalid file name {path:?}")]
+    BadName { path: String },
+    #[error("cannot write {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot import layer {digest}")]
+    Layer {
+        digest: String,
+        #[source]
+        source: mig_runtime::image::ImageError,
+    },
+    #[error("cannot record the image")]
+    Image(#[source] mig_runtime::image::ImageError),
+    #[error("cannot unpack the writable layer")]
+    Upper(#[source] mig_migrate::archive::LayerError),
+    #[error("the writable layer was not received")]
+    NoUpper,
+    #[error("container directory {path} already exists")]
+    Exists { path: PathBuf },
+    #[error("restore failed: {message}")]
+    Restore { message: String },
+    #[error("cannot open the cgroup {name}")]
+    Cgroup {
+        name: String,
+        #[source]
+        source: mig_runtime::cgroup::CgroupError,
+    },
+    #[error("cannot freeze the restored container")]
+    Freeze(#[source] mig_runtime::cgroup::CgroupError),
+    #[error("cannot thaw the restored container")]
+    Thaw(#[source] mig_runtime::cgroup::CgroupError),
+    #[error("cannot remove the restored copy: {message}")]
+    Remove { message: String },
+    #[error("cannot write the journal")]
+    Journal(#[source] journal::JournalError),
+    #[error("background task failed: {0}")]
+    Task(String),
+    #[error("injected fault at {0}")]
+    Injected(&'static str),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DestError + '_ {
+    move |source| DestError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn boxed(e: DestError) -> HostError {
+    Box::new(e)
+}
+
+/// What the destination remembers of a migration (from the Prepare, or from its journal).
+#[derive(Debug, Clone)]
+struct Incoming {
+    container_id: String,
+    container_name: String,
+    prepare: Option<Box<Prepare>>,
+}
+
+/// The destination's host for one connection.
+pub(crate) struct DestSide {
+    agent: Arc<Agent>,
+    /// The source agent's name (its pinned peer name, else its hello name).
+    source: String,
+    migs: Mutex<HashMap<String, Incoming>>,
+}
+
+impl DestSide {
+    pub(crate) fn new(agent: Arc<Agent>, source: String) -> DestSide {
+        DestSide {
+            agent,
+            source,
+            migs: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn incoming(&self, id: &str) -> Result<Incoming, DestError> {
+        if let Some(i) = self.migs.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+            return Ok(i.clone());
+        }
+        let e = journal::read(&self.agent.cfg.state_dir, id)
+            .filter(|e| e.role == Role::Dest)
+            .ok_or_else(|| DestError::Unknown { id: id.to_owned() })?;
+        Ok(Incoming {
+            container_id: e.container_id,
+            container_name: e.container_name,
+            prepare: None,
+        })
+    }
+
+    fn staging(&self, id: &str) -> Result<PathBuf, DestError> {
+        journal::staging(&self.agent.cfg.state_dir, id)
+            .map_err(|_| DestError::Unknown { id: id.to_owned() })
+    }
+
+    fn cgroup_of(&self, container_id: &str) -> String {
+        format!("{}/{}", self.agent.cfg.cgroup_parent, container_id)
+    }
+
+    fn check_blocking(&self, p: &Prepare) -> Result<Vec<String>, Refusal> {
+        let refuse = |reason, detail: String| Refusal { reason, detail };
+        if !journal::valid_id(&p.migration_id) {
+            return Err(refuse(
+                RefuseReason::InvalidSpec,
+                "invalid migration id".into(),
+            ));
+        }
+        p.spec
+            .validate()
+            .map_err(|e| refuse(RefuseReason::InvalidSpec, e.to_string()))?;
+        if p.spec.image.id != p.image.id || p.spec.image.layers != p.image.layers {
+            return Err(refuse(
+                RefuseReason::InvalidSpec,
+                "the image does not match the spec".into(),
+            ));
+        }
+        match Criu::locate().and_then(|c| c.version()) {
+            Ok(v) if version_key(&v) >= version_key(&p.criu_version) => {}
+            Ok(v) => {
+                return Err(refuse(
+                    RefuseReason::CriuVersion,
+                    format!(
+                        "criu {v} here is older than the source's {}",
+                        p.criu_version
+                    ),
+                ))
+            }
+            Err(e) => return Err(refuse(RefuseReason::CriuVersion, chain(&e))),
+        }
+        let kernel = mig_migrate::criu::kernel_release();
+        if version_key(&kernel)[..2] < version_key(&p.kernel)[..2] {
+            return Err(refuse(
+                RefuseReason::Kernel,
+                format!(
+                    "kernel {kernel} here is older than the source's {}",
+                    p.kernel
+                ),
+            ));
+        }
+        {
+            let map = self.agent.lock();
+            if let Some(e) = map
+                .values()
+                .find(|e| e.spec.id == p.spec.id || e.spec.name == p.spec.name)
+            {
+                return Err(refuse(
+                    RefuseReason::NameClash,
+                    format!("a container {} ({}) exists here", e.spec.name, e.spec.id),
+                ));
+            }
+        }
+        if self.agent.dirs.container(&p.spec.id).dir.exists() {
+            return Err(refuse(
+                RefuseReason::NameClash,
+                format!("a directory for container {} exists here", p.spec.id),
+            ));
+        }
+        let busy = self
+            .migs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .any(|i| i.container_id == p.spec.id);
+        if busy {
+            return Err(refuse(
+                RefuseReason::Busy,
+                "this container is already arriving".into(),
+            ));
+        }
+        let free = nix::sys::statvfs::statvfs(&self.agent.cfg.state_dir)
+            .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
+            .unwrap_or(u64::MAX);
+        let need = p.bytes_estimate + p.bytes_estimate / 10;
+        if free < need {
+            return Err(refuse(
+                RefuseReason::DiskFull,
+                format!("{free} bytes free, the migration needs about {need}"),
+            ));
+        }
+        let missing = p
+            .spec
+            .image
+            .layers
+            .iter()
+            .filter(|l| !self.agent.images.has_layer(l))
+            .cloned()
+            .collect();
+        let staging = self
+            .staging(&p.migration_id)
+            .map_err(|e| refuse(RefuseReason::InvalidSpec, e.to_string()))?;
+        let _ = std::fs::remove_dir_all(&staging);
+        std::fs::create_dir_all(&staging).map_err(|e| {
+            refuse(
+                RefuseReason::DiskFull,
+                format!("{}: {e}", staging.display()),
+            )
+        })?;
+        self.migs.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            p.migration_id.clone(),
+            Incoming {
+                container_id: p.spec.id.clone(),
+                container_name: p.spec.name.clone(),
+                prepare: Some(Box::new(p.clone())),
+            },
+        );
+        Ok(missing)
+    }
+
+    fn restore_files(&self, id: &str, inc: &Incoming) -> Result<(), DestError> {
+        let prepare = inc
+            .prepare
+            .as_ref()
+            .ok_or_else(|| DestError::Unknown { id: id.to_owned() })?;
+        let staging = self.staging(id)?;
+        let images = &self.agent.images;
+        let layers = staging.join("layers");
+        if let Ok(rd) = std::fs::read_dir(&layers) {
+            for ent in rd.flatten() {
+                let digest = format!("sha256:{}", ent.file_name().to_string_lossy());
+                let mut f = std::fs::File::open(ent.path()).map_err(io(&ent.path()))?;
+                images
+                    .import_layer(&digest, &mut f)
+                    .map_err(|source| DestError::Layer { digest, source })?;
+            }
+        }
+        if images.get(&prepare.image.id).is_err() {
+            images.add_image(&prepare.image).map_err(DestError::Image)?;
+        }
+        let cd = self.agent.dirs.container(&inc.container_id);
+        if cd.dir.exists() {
+            return Err(DestError::Exists { path: cd.dir });
+        }
+        std::fs::create_dir_all(&cd.dir).map_err(io(&cd.dir))?;
+        let marker = cd.dir.join(MARKER);
+        fsutil::atomic_write(&marker, id.as_bytes()).map_err(io(&marker))?;
+        let upper = cd.upper();
+        std::fs::create_dir_all(&upper).map_err(io(&upper))?;
+        let tar = [staging.join("delta"), staging.join("presync")]
+            .into_iter()
+            .map(|d| d.join(UPPER_TAR))
+            .find(|p| p.is_file())
+            .ok_or(DestError::NoUpper)?;
+        let mut f = std::fs::File::open(&tar).map_err(io(&tar))?;
+        mig_migrate::archive::unpack_layer_tar(&mut std::io::BufReader::new(&mut f), &upper)
+            .map_err(DestError::Upper)?;
+        let checkpoint = cd.checkpoint();
+        let from = staging.join("images");
+        std::fs::rename(&from, &checkpoint).map_err(io(&from))?;
+        Ok(())
+    }
+
+    async fn restore_inner(&self, id: &str) -> Result<Vec<PidEntry>, DestError> {
+        if fault::at(Point::DestRestore) == Some(Fault::Fail) {
+            return Err(DestError::Injected("dest-restore"));
+        }
+        let inc = self.incoming(id)?;
+        let spec = inc
+            .prepare
+            .as_ref()
+            .map(|p| p.spec.clone())
+            .ok_or_else(|| DestError::Unknown { id: id.to_owned() })?;
+        {
+            let inc = inc.clone();
+            let me = DestSide::new(self.agent.clone(), self.source.clone());
+            me.migs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id.to_owned(), inc.clone());
+            let id = id.to_owned();
+            tokio::task::spawn_blocking(move || me.restore_files(&id, &inc))
+                .await
+                .unwrap_or_else(|e| Err(DestError::Task(e.to_string())))?;
+        }
+        let cd = self.agent.dirs.container(&spec.id);
+        let state = StateRecord {
+            state: ContainerState::Checkpointed,
+            created: now(),
+            started: None,
+            finished: None,
+            exit_code: None,
+            signal: None,
+            oom_killed: false,
+            reason: Some(format!("arriving from {}", self.source)),
+            stop_requested: false,
+            cgroup: self.cgroup_of(&spec.id),
+        };
+        fsutil::write_json(&cd.spec(), &spec).map_err(io(&cd.spec()))?;
+        fsutil::write_json(&cd.state(), &state).map_err(io(&cd.state()))?;
+        self.agent.lock().insert(
+            spec.id.clone(),
+            Entry {
+                spec: spec.clone(),
+                state: state.clone(),
+                busy: false,
+            },
+        );
+        let restored = self.agent.restore(&spec.id).await;
+        let result = match restored {
+            Ok(Response::Restored(r)) => r,
+            Ok(_) => {
+                return Err(DestError::Restore {
+                    message: "unexpected answer".into(),
+                })
+            }
+            Err(e) => return Err(DestError::Restore { message: e.message }),
+        };
+        // Stopped until Commit: the source is frozen, so nothing of the container runs twice.
+        let cg = Cgroup::open(&state.cgroup).map_err(|source| DestError::Cgroup {
+            name: state.cgroup.clone(),
+            source,
+        })?;
+        self.agent.set_busy(&spec.id, true);
+        cg.freeze(FREEZE_TIMEOUT).map_err(DestError::Freeze)?;
+        fault::at(Point::DestRestore);
+        Ok(result.pid_map)
+    }
+}
+
+/// Removes what an incoming migration made: kills and removes its container (only one this
+/// migration created, by the marker), removes the staging directory. Idempotent.
+pub(crate) async fn cleanup_incoming(
+    agent: &Arc<Agent>,
+    migration_id: &str,
+    container_id: &str,
+) -> Result<(), DestError> {
+    let cd = agent.dirs.container(container_id);
+    let ours = std::fs::read_to_string(cd.dir.join(MARKER))
+        .map(|m| m.trim() == migration_id)
+        .unwrap_or(false);
+    if ours {
+        let cgroup = format!("{}/{}", agent.cfg.cgroup_parent, container_id);
+        if let Ok(cg) = Cgroup::open(&cgroup) {
+            let _ = cg.kill();
+            let _ = cg.thaw();
+        }
+        if agent.entry(container_id).is_ok() {
+            agent.set_busy(container_id, false);
+            agent
+                .remove(container_id, true)
+                .await
+                .map_err(|e| DestError::Remove { message: e.message })?;
+        } else if cd.dir.exists() {
+            if crate::daemon::is_mounted(&cd.rootfs()) {
+                let _ = mig_runtime::container::unmount_rootfs(&cd.rootfs());
+            }
+            if let Ok(cg) = Cgroup::open(&cgroup) {
+                let _ = cg.destroy();
+            }
+            std::fs::remove_dir_all(&cd.dir).map_err(io(&cd.dir))?;
+        }
+    }
+    if let Ok(staging) = journal::staging(&agent.cfg.state_dir, migration_id) {
+        let _ = std::fs::remove_dir_all(staging);
+    }
+    Ok(())
+}
+
+/// Lets the restored container run; idempotent.
+pub(crate) fn resume_incoming(
+    agent: &Agent,
+    migration_id: &str,
+    container_id: &str,
+) -> Result<(), DestError> {
+    let cgroup = format!("{}/{}", agent.cfg.cgroup_parent, container_id);
+    let cg = Cgroup::open(&cgroup).map_err(|source| DestError::Cgroup {
+        name: cgroup.clone(),
+        source,
+    })?;
+    cg.thaw().map_err(DestError::Thaw)?;
+    agent.set_busy(container_id, false);
+    let cd = agent.dirs.container(container_id);
+    let _ = std::fs::remove_file(cd.dir.join(MARKER));
+    if let Ok(staging) = journal::staging(&agent.cfg.state_dir, migration_id) {
+        let _ = std::fs::remove_dir_all(staging);
+    }
+    Ok(())
+}
+
+/// `4.1.1` or `6.18.0-1-amd64` as numbers for comparison (missing parts are 0).
+fn version_key(v: &str) -> [u64; 3] {
+    let v = v.trim().trim_start_matches("Version:").trim();
+    let mut out = [0; 3];
+    for (i, part) in v.split(['.', '-']).take(3).enumerate() {
+        out[i] = part
+            .chars()
+            .take_while(|c| c.is_ascii_digit())
+            .collect::<String>()
+            .parse()
+            .unwrap_or(0);
+    }
+    out
+}
+
+impl DestHost for DestSide {
+    async fn check(&self, prepare: &Prepare) -> Result<Vec<String>, Refusal> {
+        // Quick checks (a statvfs, a few stats): fine on the runtime thread.
+        self.check_blocking(prepare)
+    }
+
+    fn place_file(&self, migration_id: &str, header: &FileHeader) -> Result<PathBuf, HostError> {
+        let staging = self.staging(migration_id).map_err(boxed)?;
+        let path = match header.kind {
+            FileKind::Layer => {
+                let hex = header
+                    .path
+                    .strip_prefix("sha256:")
+                    .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+                    .ok_or_else(|| {
+                        boxed(DestError::BadName {
+                            path: header.path.clone(),
+                        })
+                    })?;
+                staging.join("layers").join(hex)
+            }
+            FileKind::Presync => staging.join("presync").join(&header.path),
+            FileKind::Image => {
+                fault::at(Point::DestTransfer);
+                staging.join("images").join(&header.path)
+            }
+            FileKind::Delta => staging.join("delta").join(&header.path),
+        };
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| boxed(io(parent)(e)))?;
+        }
+        Ok(path)
+    }
+
+    async fn restore(&self, migration_id: &str) -> Result<Vec<PidEntry>, HostError> {
+        self.restore_inner(migration_id).await.map_err(boxed)
+    }
+
+    async fn resume(&self, migration_id: &str) -> Result<(), HostError> {
+        if fault::at(Point::DestCommit) == Some(Fault::Fail) {
+            return Err(boxed(DestError::Injected("dest-commit")));
+        }
+        let inc = self.incoming(migration_id).map_err(boxed)?;
+        resume_incoming(&self.agent, migration_id, &inc.container_id).map_err(boxed)?;
+        tracing::info!(id = %inc.container_id, migration = %migration_id, "container arrived and runs");
+        Ok(())
+    }
+
+    async fn cleanup(&self, migration_id: &str) -> Result<(), HostError> {
+        let Ok(inc) = self.incoming(migration_id) else {
+            if let Ok(staging) = self.staging(migration_id) {
+                let _ = std::fs::remove_dir_all(staging);
+            }
+            return Ok(());
+        };
+        cleanup_incoming(&self.agent, migration_id, &inc.container_id)
+            .await
+            .map_err(boxed)
+    }
+
+    async fn journal(&self, record: &JournalRecord) -> Result<(), HostError> {
+        let inc = self.incoming(&record.migration_id).map_err(boxed)?;
+        let entry = JournalEntry {
+            migration_id: record.migration_id.clone(),
+            role: Role::Dest,
+            state: record.state.clone(),
+            cgroup: self.cgroup_of(&inc.container_id),
+            container_id: inc.container_id,
+            container_name: inc.container_name,
+            peer: self.source.clone(),
+            updated: now(),
+        };
+        journal::write(&self.agent.cfg.state_dir, &entry).map_err(|e| boxed(DestError::Journal(e)))
+    }
+
+    async fn load_journal(&self, migration_id: &str) -> Option<JournalState> {
+        journal::read(&self.agent.cfg.state_dir, migration_id)
+            .filter(|e| e.role == Role::Dest)
+            .map(|e| e.state)
+    }
+}
+
+/// Accepts migrations until the endpoint closes; one task per connection.
+pub(crate) fn spawn_acceptor(agent: Arc<Agent>, endpoint: quinn::Endpoint) {
+    tokio::spawn(async move {
+        while let Some(conn) = transport::accept(&endpoint).await {
+            let conn = match conn {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %chain(&e), "refused an incoming connection");
+                    continue;
+                }
+            };
+            let agent = agent.clone();
+            tokio::spawn(async move {
+                let fp = transport::peer_fingerprint(&conn).unwrap_or_default();
+                let source = agent
+                    .migration
+                    .net()
+                    .and_then(|n| {
+                        n.peers
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .by_fingerprint(&fp)
+                            .map(|p| p.name.clone())
+                    })
+                    .unwrap_or_else(|| conn.remote_address().to_string());
+                let side = Arc::new(DestSide::new(agent.clone(), source.clone()));
+                let hello = super::hello(&agent);
+                match transport::run_dest(conn.clone(), side, &hello, Timeouts::default()).await {
+                    Ok(r) => tracing::info!(
+                        migration = %r.migration_id,
+                        %source,
+                        outcome = ?r.outcome,
+                        in_doubt = r.in_doubt,
+                        "incoming migration ended"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(%source, error = %chain(&e), "incoming migration failed")
+                    }
+                }
+                // Give the peer a moment to read our last frames before closing.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                conn.close(0u32.into(), b"done");
+            });
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::version_key;
+
+    #[test]
+    fn versions() {
+        assert_eq!(version_key("4.1.1"), [4, 1, 1]);
+        assert_eq!(version_key("Version: 4.2"), [4, 2, 0]);
+        assert_eq!(version_key("6.18.0-1-amd64"), [6, 18, 0]);
+        assert!(version_key("4.1.1") < version_key("4.2.1"));
+    }
+}

@@ -1,0 +1,165 @@
+//! The migration journal: one JSON file per migration, `<state-dir>/migrations/<id>.json`,
+//! rewritten atomically at every state the protocol machines ask to record, with the context a
+//! restarted agent needs to roll back or resume (which container, which peer, which cgroup).
+
+use mig_migrate::protocol::{JournalRecord, JournalState, Role};
+use mig_runtime::fsutil;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Directory of the journal under the state directory.
+pub const JOURNAL_DIR: &str = "migrations";
+const MAX_JOURNAL: u64 = 1 << 20;
+
+/// One migration's journal file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JournalEntry {
+    pub migration_id: String,
+    pub role: Role,
+    pub state: JournalState,
+    pub container_id: String,
+    pub container_name: String,
+    /// Source: the destination's peer name; destination: the source agent's name.
+    pub peer: String,
+    /// The container's cgroup on this host.
+    pub cgroup: String,
+    /// Seconds since the epoch.
+    pub updated: u64,
+}
+
+impl JournalEntry {
+    pub fn record(&self) -> JournalRecord {
+        JournalRecord {
+            migration_id: self.migration_id.clone(),
+            role: self.role,
+            state: self.state.clone(),
+        }
+    }
+}
+
+/// Errors of the journal.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("invalid migration id {id:?}")]
+    BadId { id: String },
+    #[error("cannot write the journal {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read the journal directory {path}")]
+    ReadDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A migration id is 32 lowercase hex characters (it names files).
+pub fn valid_id(id: &str) -> bool {
+    id.len() == 32
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// A new random migration id.
+pub fn new_id() -> String {
+    let bytes: [u8; 16] = rand::random();
+    hex::encode(bytes)
+}
+
+pub fn dir(state_dir: &Path) -> PathBuf {
+    state_dir.join(JOURNAL_DIR)
+}
+
+/// `<state-dir>/migrations/<id>.json`.
+pub fn path(state_dir: &Path, id: &str) -> Result<PathBuf, JournalError> {
+    if !valid_id(id) {
+        return Err(JournalError::BadId { id: id.to_owned() });
+    }
+    Ok(dir(state_dir).join(format!("{id}.json")))
+}
+
+/// Staging directory of an incoming migration: `<state-dir>/migrations/<id>.in`.
+pub fn staging(state_dir: &Path, id: &str) -> Result<PathBuf, JournalError> {
+    if !valid_id(id) {
+        return Err(JournalError::BadId { id: id.to_owned() });
+    }
+    Ok(dir(state_dir).join(format!("{id}.in")))
+}
+
+/// Writes the entry atomically (and durably: fsutil writes a temp file, syncs and renames).
+pub fn write(state_dir: &Path, entry: &JournalEntry) -> Result<(), JournalError> {
+    let p = path(state_dir, &entry.migration_id)?;
+    let d = dir(state_dir);
+    std::fs::create_dir_all(&d).map_err(|source| JournalError::Write {
+        path: d.clone(),
+        source,
+    })?;
+    fsutil::write_json(&p, entry).map_err(|source| JournalError::Write { path: p, source })
+}
+
+pub fn read(state_dir: &Path, id: &str) -> Option<JournalEntry> {
+    fsutil::read_json(&path(state_dir, id).ok()?, MAX_JOURNAL).ok()
+}
+
+/// Every readable journal entry.
+pub fn list(state_dir: &Path) -> Result<Vec<JournalEntry>, JournalError> {
+    let d = dir(state_dir);
+    let rd = match std::fs::read_dir(&d) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(JournalError::ReadDir { path: d, source }),
+    };
+    let mut out = Vec::new();
+    for ent in rd.flatten() {
+        let name = ent.file_name().to_string_lossy().into_owned();
+        let Some(id) = name.strip_suffix(".json") else {
+            continue;
+        };
+        match read(state_dir, id) {
+            Some(e) if e.migration_id == id => out.push(e),
+            _ => tracing::warn!(file = %name, "skipping an unreadable migration journal"),
+        }
+    }
+    Ok(out)
+}
+
+/// Whether a state ends the migration on this side (nothing left to do).
+pub fn is_final(state: &JournalState) -> bool {
+    matches!(
+        state,
+        JournalState::Committed | JournalState::RolledBack | JournalState::RollbackFailed { .. }
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_and_round_trip() {
+        let id = new_id();
+        assert!(valid_id(&id));
+        assert!(!valid_id("../x"));
+        assert!(!valid_id(&id.to_uppercase()));
+        let dir = tempfile::tempdir().unwrap();
+        let e = JournalEntry {
+            migration_id: id.clone(),
+            role: Role::Source,
+            state: JournalState::Frozen,
+            container_id: "c".into(),
+            container_name: "n".into(),
+            peer: "host-b".into(),
+            cgroup: "mig/c".into(),
+            updated: 1,
+        };
+        write(dir.path(), &e).unwrap();
+        assert_eq!(read(dir.path(), &id), Some(e.clone()));
+        assert_eq!(list(dir.path()).unwrap(), vec![e]);
+        assert!(path(dir.path(), "nope").is_err());
+    }
+}

@@ -1,0 +1,186 @@
+//! Live migration in the agent: `mig move ID PEER` (the source side, [`source`]), the QUIC
+//! endpoint that accepts incoming migrations (the destination side, [`dest`]), the journal both
+//! sides keep on disk ([`journal`]), recovery at start, pinned peers and fault hooks for tests
+//! ([`fault`]). The protocol itself (state machines, wire format, file streams) is in
+//! `mig_migrate::{protocol, wire, transport}`; this module implements its `SourceHost` and
+//! `DestHost` with the agent's containers, images, cgroups and shim. docs/migration.md describes
+//! the phases and the guarantees.
+
+mod dest;
+pub mod fault;
+mod journal;
+mod peers;
+mod recover;
+mod source;
+
+pub use journal::{JournalEntry, JOURNAL_DIR};
+
+use crate::daemon::Agent;
+use mig_migrate::transport::{AllowedPeers, Identity, PeerStore};
+use mig_migrate::wire::Hello;
+use mig_runtime::pidmap::PidEntry;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// The default QUIC port (the lab's too).
+pub const DEFAULT_PORT: u16 = crate::lab::DEFAULT_QUIC_PORT;
+
+/// What `mig move` reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveResult {
+    pub id: String,
+    pub name: String,
+    pub migration_id: String,
+    /// The peer the container moved to.
+    pub peer: String,
+    /// `cold`: everything is dumped while frozen, sent, then restored (pre-copy of memory).
+    pub mode: String,
+    /// From the freeze to the destination's Committed.
+    pub downtime_ms: u64,
+    pub total_ms: u64,
+    pub presync_ms: u64,
+    pub freeze_ms: u64,
+    pub dump_ms: u64,
+    pub transfer_ms: u64,
+    /// From the end of the transfer to Restored (verifying, placing, CRIU restore).
+    pub restore_ms: u64,
+    pub bytes_sent: u64,
+    pub files_sent: u32,
+    /// The container's processes on the source before the freeze.
+    pub pid_map_before: Vec<PidEntry>,
+    /// The restored processes on the destination.
+    pub pid_map: Vec<PidEntry>,
+    /// Set when the source could not destroy its frozen copy (it stays frozen).
+    pub cleanup_error: Option<String>,
+}
+
+/// One pinned peer, as `mig peers ls` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    pub name: String,
+    pub address: String,
+    pub fingerprint: String,
+}
+
+/// The agent's migration identity, as `mig info` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityInfo {
+    pub name: String,
+    pub fingerprint: String,
+    /// The QUIC endpoint's local address.
+    pub listen: Option<String>,
+}
+
+/// Why the migration service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error("cannot load or create the identity under {dir}")]
+    Identity {
+        dir: std::path::PathBuf,
+        #[source]
+        source: mig_migrate::transport::IdentityError,
+    },
+    #[error("cannot open the peer store")]
+    Peers(#[source] mig_migrate::transport::PeerError),
+    #[error("cannot open the QUIC endpoint on {addr}")]
+    Endpoint {
+        addr: SocketAddr,
+        #[source]
+        source: Box<mig_migrate::transport::TlsError>,
+    },
+    #[error("the migration service is already started")]
+    AlreadyStarted,
+}
+
+/// The agent's QUIC side, set once by [`start`].
+pub(crate) struct Net {
+    pub endpoint: quinn::Endpoint,
+    pub identity: Identity,
+    pub allowed: AllowedPeers,
+    pub peers: Mutex<PeerStore>,
+    pub listen: Option<SocketAddr>,
+}
+
+impl std::fmt::Debug for Net {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Net")
+            .field("fingerprint", &self.identity.fingerprint())
+            .field("listen", &self.listen)
+            .finish()
+    }
+}
+
+/// Migration state held by the [`Agent`].
+#[derive(Debug, Default)]
+pub struct Migrations {
+    pub(crate) net: OnceLock<Net>,
+}
+
+impl Migrations {
+    pub(crate) fn net(&self) -> Option<&Net> {
+        self.net.get()
+    }
+}
+
+/// Our hello on migration connections.
+pub(crate) fn hello(agent: &Agent) -> Hello {
+    Hello::new(env!("CARGO_PKG_VERSION"), &agent.cfg.name)
+}
+
+/// Starts the migration service: loads (or creates) the identity under `<state-dir>/identity`,
+/// the pinned peers from `<state-dir>/peers.json`, opens the QUIC endpoint on `listen` (an
+/// ephemeral port for outgoing moves only when `None`), accepts incoming migrations, and
+/// recovers journaled migrations (see [`recover`]). Must run inside the tokio runtime.
+pub fn start(agent: &Arc<Agent>, listen: Option<SocketAddr>) -> Result<(), MigrationError> {
+    let dir = agent.cfg.state_dir.clone();
+    let identity = Identity::load_or_create(&dir, &agent.cfg.name).map_err(|source| {
+        MigrationError::Identity {
+            dir: dir.clone(),
+            source,
+        }
+    })?;
+    let store = PeerStore::open(&dir).map_err(MigrationError::Peers)?;
+    let allowed = AllowedPeers::new(store.fingerprints());
+    let addr = listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let endpoint =
+        mig_migrate::transport::endpoint(addr, &identity, allowed.clone()).map_err(|source| {
+            MigrationError::Endpoint {
+                addr,
+                source: Box::new(source),
+            }
+        })?;
+    let bound = endpoint.local_addr().ok();
+    let net = Net {
+        endpoint: endpoint.clone(),
+        identity,
+        allowed,
+        peers: Mutex::new(store),
+        listen: listen.and(bound),
+    };
+    tracing::info!(fingerprint = %net.identity.fingerprint(), listen = ?net.listen, "migration endpoint ready");
+    agent
+        .migration
+        .net
+        .set(net)
+        .map_err(|_| MigrationError::AlreadyStarted)?;
+    dest::spawn_acceptor(agent.clone(), endpoint);
+    recover::recover(agent);
+    Ok(())
+}
+
+/// A one-line message of an error and its sources.
+pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+pub(crate) fn ms(d: std::time::Duration) -> u64 {
+    d.as_millis() as u64
+}

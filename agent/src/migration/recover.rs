@@ -1,0 +1,222 @@
+//! Recovery at start and `mig move --resolve`.
+//!
+//! At start every unfinished journal entry is settled the way the protocol machines' `recover`
+//! would: a source that never froze, or froze but never sent Commit, thaws its container (it
+//! keeps running here); a source that recorded Committed destroys its frozen copy again; a
+//! destination that never recorded Restored removes what it received; a destination that
+//! recorded Committed makes sure its container runs. The in-doubt states (source `CommitSent`
+//! or `InDoubt`, destination `Restored` or `InDoubt`) keep their frozen copy and wait: the source
+//! agent's `mig move --resolve` asks the destination over a new connection and applies its
+//! answer (the destination answers from its own journal).
+
+use super::dest;
+use super::journal::{self, JournalEntry};
+use super::source::{destroy_copy, SourceSide, Src};
+use super::{chain, MoveResult};
+use crate::api::{ApiError, ErrorKind};
+use crate::daemon::Agent;
+use crate::layout::now;
+use mig_migrate::protocol::{JournalState, Outcome, Role, SourceMachine, Timeouts};
+use mig_migrate::transport;
+use mig_runtime::cgroup::Cgroup;
+use std::sync::Arc;
+
+fn settle(agent: &Agent, e: &JournalEntry, state: JournalState) {
+    let mut e = e.clone();
+    e.state = state;
+    e.updated = now();
+    if let Err(err) = journal::write(&agent.cfg.state_dir, &e) {
+        tracing::error!(migration = %e.migration_id, error = %chain(&err), "cannot update the journal");
+    }
+}
+
+/// Settles every unfinished migration found in the journal (see the module documentation).
+pub(crate) fn recover(agent: &Arc<Agent>) {
+    let entries = match journal::list(&agent.cfg.state_dir) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(error = %chain(&e), "cannot read the migration journal");
+            return;
+        }
+    };
+    for e in entries.into_iter().filter(|e| !journal::is_final(&e.state)) {
+        let (id, mig) = (e.container_id.clone(), e.migration_id.clone());
+        tracing::warn!(migration = %mig, container = %id, role = ?e.role, state = ?e.state, "recovering an unfinished migration");
+        match (e.role, &e.state) {
+            (
+                Role::Source,
+                JournalState::Preparing | JournalState::Frozen | JournalState::Restored,
+            ) => {
+                let thawed = Cgroup::open(&e.cgroup).and_then(|cg| cg.thaw());
+                let _ = std::fs::remove_dir_all(agent.dirs.container(&id).dir.join("migration"));
+                agent.set_busy(&id, false);
+                match thawed {
+                    Ok(()) => settle(agent, &e, JournalState::RolledBack),
+                    Err(err) if agent.entry(&id).is_err() => {
+                        tracing::warn!(error = %chain(&err), "the container is gone");
+                        settle(agent, &e, JournalState::RolledBack)
+                    }
+                    Err(err) => settle(
+                        agent,
+                        &e,
+                        JournalState::RollbackFailed {
+                            detail: chain(&err),
+                        },
+                    ),
+                }
+            }
+            (Role::Source, JournalState::Committed) => {
+                let agent = agent.clone();
+                tokio::spawn(async move {
+                    match destroy_copy(&agent, &e.container_id, &e.cgroup).await {
+                        Ok(()) => {
+                            tracing::info!(migration = %e.migration_id, "source copy removed")
+                        }
+                        Err(err) => {
+                            tracing::error!(error = %chain(&err), "cannot remove the source copy")
+                        }
+                    }
+                });
+            }
+            (Role::Dest, JournalState::Committed) => {
+                if let Err(err) = dest::resume_incoming(agent, &mig, &id) {
+                    tracing::error!(error = %chain(&err), "cannot resume the arrived container");
+                }
+            }
+            (Role::Dest, JournalState::Restored | JournalState::InDoubt)
+            | (Role::Source, JournalState::CommitSent | JournalState::InDoubt) => {
+                // In doubt: keep the frozen copy, refuse other operations until resolved.
+                agent.set_busy(&id, true);
+                settle(agent, &e, JournalState::InDoubt);
+                tracing::warn!(migration = %mig, container = %id, "migration in doubt: the container stays frozen until `mig move --resolve` on the source");
+            }
+            (Role::Dest, _) => {
+                let agent = agent.clone();
+                tokio::spawn(async move {
+                    match dest::cleanup_incoming(&agent, &e.migration_id, &e.container_id).await {
+                        Ok(()) => settle(&agent, &e, JournalState::RolledBack),
+                        Err(err) => settle(
+                            &agent,
+                            &e,
+                            JournalState::RollbackFailed {
+                                detail: chain(&err),
+                            },
+                        ),
+                    }
+                });
+            }
+            (Role::Source, _) => {}
+        }
+    }
+}
+
+impl Agent {
+    /// `mig move --resolve ID`: settles an in-doubt move of container `ID` (id, prefix or name)
+    /// with its destination.
+    pub(crate) async fn resolve_move(
+        self: &Arc<Self>,
+        container: &str,
+    ) -> Result<MoveResult, ApiError> {
+        let entries = journal::list(&self.cfg.state_dir)
+            .map_err(|e| ApiError::new(ErrorKind::Internal, chain(&e)))?;
+        let e = entries
+            .into_iter()
+            .filter(|e| !journal::is_final(&e.state))
+            .find(|e| {
+                e.container_id == container
+                    || e.container_name == container
+                    || (!container.is_empty() && e.container_id.starts_with(container))
+            })
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorKind::NotFound,
+                    format!("no unfinished migration of {container} here"),
+                )
+            })?;
+        if e.role == Role::Dest {
+            return Err(ApiError::new(
+                ErrorKind::Conflict,
+                format!(
+                    "migration {} arrived here from {}: resolve it on the source agent",
+                    e.migration_id, e.peer
+                ),
+            ));
+        }
+        let net = self.migration.net().ok_or_else(|| {
+            ApiError::new(
+                ErrorKind::Unavailable,
+                "the migration endpoint is not running",
+            )
+        })?;
+        let peer = net
+            .peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&e.peer)
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorKind::NotFound,
+                    format!("no pinned peer named {}", e.peer),
+                )
+            })?;
+        let conn = transport::connect(&net.endpoint, &net.identity, &peer)
+            .await
+            .map_err(|err| {
+                ApiError::new(
+                    ErrorKind::Unavailable,
+                    format!("cannot reach {}: {}", peer.name, chain(&err)),
+                )
+            })?;
+        let side = Src(Arc::new(SourceSide {
+            agent: self.clone(),
+            id: e.container_id.clone(),
+            name: e.container_name.clone(),
+            cgroup: e.cgroup.clone(),
+            migration_id: e.migration_id.clone(),
+            peer: e.peer.clone(),
+            work: self.dirs.container(&e.container_id).dir.join("migration"),
+        }));
+        let machine = SourceMachine::recover(&e.migration_id, &e.state, Timeouts::default());
+        let report = transport::run_source(&conn, machine, &side, &super::hello(self)).await;
+        conn.close(0u32.into(), b"done");
+        let report = report.map_err(|err| {
+            ApiError::new(
+                ErrorKind::Unavailable,
+                format!("resolve failed: {}", chain(&err)),
+            )
+        })?;
+        match report.outcome {
+            Some(Outcome::Committed { cleanup_error }) => Ok(MoveResult {
+                id: e.container_id.clone(),
+                name: e.container_name.clone(),
+                migration_id: e.migration_id.clone(),
+                peer: e.peer.clone(),
+                mode: "cold".into(),
+                downtime_ms: 0,
+                total_ms: super::ms(report.timings.total),
+                presync_ms: 0,
+                freeze_ms: 0,
+                dump_ms: 0,
+                transfer_ms: 0,
+                restore_ms: 0,
+                bytes_sent: 0,
+                files_sent: 0,
+                pid_map_before: Vec::new(),
+                pid_map: Vec::new(),
+                cleanup_error,
+            }),
+            Some(Outcome::RolledBack { detail, .. }) => Err(ApiError::new(
+                ErrorKind::Conflict,
+                format!("resolved: the move was rolled back, the container runs here ({detail})"),
+            )),
+            None => Err(ApiError::new(
+                ErrorKind::Conflict,
+                format!(
+                    "migration {} is still in doubt: {} could not decide; both copies stay frozen",
+                    e.migration_id, e.peer
+                ),
+            )),
+        }
+    }
+}

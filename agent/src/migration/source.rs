@@ -1,0 +1,588 @@
+//! The source side of `mig move`: claims the container, connects to the pinned peer, and runs
+//! the protocol's source machine with [`SourceSide`] performing its actions: presync files
+//! (missing layers, a first copy of the writable layer), freeze, CRIU dump leaving the container
+//! frozen, the final files (the sealed image set and the writable layer), thaw on rollback,
+//! destroy after Commit.
+
+use super::fault::{self, Fault, Point};
+use super::journal::{self, JournalEntry};
+use super::{chain, ms, MoveResult};
+use crate::api::{ApiError, ContainerState, ErrorKind};
+use crate::daemon::Agent;
+use crate::layout::{is_our_shim, now, proc_start_ticks, ShimRecord, MAX_RECORD};
+use mig_migrate::criu::{Criu, DumpOpts};
+use mig_migrate::imageset::{self, SealInfo, MANIFEST};
+use mig_migrate::protocol::{JournalRecord, JournalState, Outcome, Role, SourceMachine, Timeouts};
+use mig_migrate::transport::{self, HostError, OutgoingFile, SourceHost};
+use mig_migrate::wire::{FileKind, MigrationMode, Prepare};
+use mig_runtime::cgroup::Cgroup;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long freezing the cgroup may take.
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Name of the writable-layer tar on the wire (kinds Presync and Delta).
+pub(crate) const UPPER_TAR: &str = "upper.tar";
+
+/// Failures of the source's host actions (reported to the peer and in the outcome).
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("cannot open the cgroup {name}")]
+    Cgroup {
+        name: String,
+        #[source]
+        source: mig_runtime::cgroup::CgroupError,
+    },
+    #[error("cannot freeze the container")]
+    Freeze(#[source] mig_runtime::cgroup::CgroupError),
+    #[error("cannot thaw the container")]
+    Thaw(#[source] mig_runtime::cgroup::CgroupError),
+    #[error("the container's init is gone")]
+    NoInit,
+    #[error("criu is not usable")]
+    Criu(#[source] mig_migrate::criu::CriuError),
+    #[error("criu dump failed")]
+    Dump(#[source] mig_migrate::criu::CriuError),
+    #[error("cannot seal the image set")]
+    Seal(#[source] mig_migrate::imageset::ImageSetError),
+    #[error("cannot prepare {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot archive the writable layer")]
+    Layer(#[source] mig_migrate::archive::LayerError),
+    #[error("layer {digest} is not in the image store")]
+    LayerBlob {
+        digest: String,
+        #[source]
+        source: mig_runtime::image::ImageError,
+    },
+    #[error("cannot remove the source copy: {message}")]
+    Destroy { message: String },
+    #[error("cannot write the journal")]
+    Journal(#[source] journal::JournalError),
+    #[error("background task failed: {0}")]
+    Task(String),
+    #[error("injected fault at {0}")]
+    Injected(&'static str),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SourceError + '_ {
+    move |source| SourceError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The source's host: one per migration.
+pub(crate) struct SourceSide {
+    pub agent: Arc<Agent>,
+    pub id: String,
+    pub name: String,
+    pub cgroup: String,
+    pub migration_id: String,
+    pub peer: String,
+    /// `<container>/migration`: the presync tar, the image set, the final tar.
+    pub work: PathBuf,
+}
+
+impl SourceSide {
+    fn cg(&self) -> Result<Cgroup, SourceError> {
+        Cgroup::open(&self.cgroup).map_err(|source| SourceError::Cgroup {
+            name: self.cgroup.clone(),
+            source,
+        })
+    }
+
+    fn upper(&self) -> PathBuf {
+        self.agent.dirs.container(&self.id).upper()
+    }
+
+    fn entry(&self, state: JournalState) -> JournalEntry {
+        JournalEntry {
+            migration_id: self.migration_id.clone(),
+            role: Role::Source,
+            state,
+            container_id: self.id.clone(),
+            container_name: self.name.clone(),
+            peer: self.peer.clone(),
+            cgroup: self.cgroup.clone(),
+            updated: now(),
+        }
+    }
+
+    /// Freezes, dumps (leaving the container frozen), seals; returns the final files.
+    fn dump_blocking(&self) -> Result<Vec<OutgoingFile>, SourceError> {
+        let cd = self.agent.dirs.container(&self.id);
+        let init_pid = self
+            .agent
+            .init_pid_of(&self.id)
+            .ok_or(SourceError::NoInit)?;
+        let criu = Criu::locate().map_err(SourceError::Criu)?;
+        let criu_version = criu.version().map_err(SourceError::Criu)?;
+        let cg = self.cg()?;
+        let images = self.work.join("images");
+        if images.exists() {
+            std::fs::remove_dir_all(&images).map_err(io(&images))?;
+        }
+        std::fs::create_dir_all(&images).map_err(io(&images))?;
+        let pid_map = mig_runtime::pidmap::pid_map(&cg.procs().unwrap_or_else(|_| vec![init_pid]));
+        let stdio_pipe = mig_migrate::criu::stdout_pipe(init_pid);
+        let stats = criu
+            .dump(&DumpOpts {
+                pid: init_pid,
+                images_dir: images.clone(),
+                root: Some(cd.rootfs()),
+                freeze_cgroup: cg.freezer_dir(),
+                leave_running: true,
+                log_file: "dump.log".into(),
+                ..Default::default()
+            })
+            .map_err(SourceError::Dump)?;
+        let spec = self
+            .agent
+            .entry(&self.id)
+            .map(|e| e.spec)
+            .map_err(|e| SourceError::Destroy { message: e.message })?;
+        let manifest = imageset::seal(
+            &images,
+            SealInfo {
+                spec,
+                criu_version,
+                pid_map,
+                stdio_pipe,
+                stats: Some(stats),
+            },
+        )
+        .map_err(SourceError::Seal)?;
+        // The writable layer as it is now, frozen (the whole layer: see docs/migration.md).
+        let tar = self.work.join("final-upper.tar");
+        write_tar(&self.upper(), &tar)?;
+        let mut files = Vec::with_capacity(manifest.files.len() + 2);
+        for f in &manifest.files {
+            let mut sha = [0u8; 32];
+            let known = hex::decode_to_slice(&f.sha256, &mut sha).is_ok();
+            files.push(OutgoingFile {
+                kind: FileKind::Image,
+                local: images.join(&f.path),
+                remote: f.path.clone(),
+                sha256: known.then_some(sha),
+            });
+        }
+        files.push(OutgoingFile {
+            kind: FileKind::Image,
+            local: images.join(MANIFEST),
+            remote: MANIFEST.to_owned(),
+            sha256: None,
+        });
+        files.push(OutgoingFile {
+            kind: FileKind::Delta,
+            local: tar,
+            remote: UPPER_TAR.to_owned(),
+            sha256: None,
+        });
+        match fault::at(Point::SourceDump) {
+            Some(Fault::Corrupt) => corrupt_one(&files)?,
+            Some(Fault::Fail) => return Err(SourceError::Injected("source-dump")),
+            _ => {}
+        }
+        Ok(files)
+    }
+}
+
+/// Flips one byte of the largest image file whose digest is already announced.
+fn corrupt_one(files: &[OutgoingFile]) -> Result<(), SourceError> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let Some(f) = files
+        .iter()
+        .filter(|f| f.sha256.is_some())
+        .max_by_key(|f| std::fs::metadata(&f.local).map(|m| m.len()).unwrap_or(0))
+    else {
+        return Ok(());
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&f.local)
+        .map_err(io(&f.local))?;
+    let mut b = [0u8; 1];
+    file.read_exact(&mut b).map_err(io(&f.local))?;
+    file.seek(SeekFrom::Start(0)).map_err(io(&f.local))?;
+    file.write_all(&[b[0] ^ 0xff]).map_err(io(&f.local))?;
+    tracing::warn!(file = %f.local.display(), "corrupted a file for the fault test");
+    Ok(())
+}
+
+fn write_tar(dir: &Path, tar: &Path) -> Result<(), SourceError> {
+    let file = std::fs::File::create(tar).map_err(io(tar))?;
+    let mut w = std::io::BufWriter::new(file);
+    mig_migrate::archive::write_layer_tar(dir, &mut w).map_err(SourceError::Layer)?;
+    let file = w.into_inner().map_err(|e| SourceError::Io {
+        path: tar.to_owned(),
+        source: e.into_error(),
+    })?;
+    file.sync_all().map_err(io(tar))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, SourceError> + Send + 'static,
+) -> Result<T, SourceError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(SourceError::Task(e.to_string())))
+}
+
+fn boxed(e: SourceError) -> HostError {
+    Box::new(e)
+}
+
+/// The [`SourceHost`] handle of a [`SourceSide`] (cloned into blocking tasks).
+#[derive(Clone)]
+pub(crate) struct Src(pub Arc<SourceSide>);
+
+impl std::ops::Deref for Src {
+    type Target = SourceSide;
+    fn deref(&self) -> &SourceSide {
+        &self.0
+    }
+}
+
+impl SourceHost for Src {
+    async fn presync_files(
+        &self,
+        missing_layers: &[String],
+    ) -> Result<Vec<OutgoingFile>, HostError> {
+        let me = self.clone();
+        let missing = missing_layers.to_vec();
+        blocking(move || {
+            let mut files = Vec::new();
+            for d in &missing {
+                let blob =
+                    me.agent
+                        .images
+                        .layer_blob(d)
+                        .map_err(|source| SourceError::LayerBlob {
+                            digest: d.clone(),
+                            source,
+                        })?;
+                let mut sha = [0u8; 32];
+                let known = d
+                    .strip_prefix("sha256:")
+                    .is_some_and(|h| hex::decode_to_slice(h, &mut sha).is_ok());
+                files.push(OutgoingFile {
+                    kind: FileKind::Layer,
+                    local: blob,
+                    remote: d.clone(),
+                    sha256: known.then_some(sha),
+                });
+            }
+            std::fs::create_dir_all(&me.work).map_err(io(&me.work))?;
+            let tar = me.work.join("presync-upper.tar");
+            write_tar(&me.upper(), &tar)?;
+            files.push(OutgoingFile {
+                kind: FileKind::Presync,
+                local: tar,
+                remote: UPPER_TAR.to_owned(),
+                sha256: None,
+            });
+            Ok(files)
+        })
+        .await
+        .map_err(boxed)
+    }
+
+    async fn freeze(&self) -> Result<(), HostError> {
+        let me = self.clone();
+        blocking(move || {
+            let cg = me.cg()?;
+            cg.freeze(FREEZE_TIMEOUT).map_err(|e| {
+                let _ = cg.thaw();
+                SourceError::Freeze(e)
+            })
+        })
+        .await
+        .map_err(boxed)
+    }
+
+    async fn dump(&self) -> Result<Vec<OutgoingFile>, HostError> {
+        let me = self.clone();
+        blocking(move || me.dump_blocking()).await.map_err(boxed)
+    }
+
+    async fn thaw(&self) -> Result<(), HostError> {
+        let me = self.clone();
+        blocking(move || {
+            me.cg()?.thaw().map_err(SourceError::Thaw)?;
+            let _ = std::fs::remove_dir_all(&me.work);
+            Ok(())
+        })
+        .await
+        .map_err(boxed)?;
+        self.agent.set_busy(&self.id, false);
+        Ok(())
+    }
+
+    async fn destroy(&self) -> Result<(), HostError> {
+        destroy_copy(&self.agent, &self.id, &self.cgroup)
+            .await
+            .map_err(boxed)
+    }
+
+    async fn journal(&self, record: &JournalRecord) -> Result<(), HostError> {
+        journal::write(&self.agent.cfg.state_dir, &self.entry(record.state.clone()))
+            .map_err(|e| boxed(SourceError::Journal(e)))
+    }
+}
+
+/// Kills the frozen source copy and removes it (cgroup, mount, directory, record). Idempotent.
+pub(crate) async fn destroy_copy(
+    agent: &Arc<Agent>,
+    id: &str,
+    cgroup: &str,
+) -> Result<(), SourceError> {
+    if let Ok(cg) = Cgroup::open(cgroup) {
+        // cgroup.kill reaches frozen tasks; thaw so that nothing waits on the freezer.
+        let _ = cg.kill();
+        let _ = cg.thaw();
+    }
+    if agent.entry(id).is_err() {
+        return Ok(());
+    }
+    agent.set_busy(id, false);
+    agent
+        .remove(id, true)
+        .await
+        .map_err(|e| SourceError::Destroy { message: e.message })
+}
+
+/// Size in bytes of the files under `dir` (best effort).
+fn du(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else {
+                total += m.len();
+            }
+        }
+    }
+    total
+}
+
+fn api(kind: ErrorKind, msg: impl Into<String>) -> ApiError {
+    ApiError::new(kind, msg)
+}
+
+impl Agent {
+    /// `mig move`: moves a running container to `peer`. Returns when the container runs on the
+    /// peer (Ok) or again here (an error saying why).
+    pub(crate) async fn move_container(
+        self: &Arc<Self>,
+        container: &str,
+        peer: &str,
+    ) -> Result<MoveResult, ApiError> {
+        let t0 = Instant::now();
+        let net = self.migration.net().ok_or_else(|| {
+            api(
+                ErrorKind::Unavailable,
+                "the migration endpoint is not running",
+            )
+        })?;
+        let peer = net
+            .peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(peer)
+            .cloned()
+            .ok_or_else(|| api(ErrorKind::NotFound, format!("no pinned peer named {peer}")))?;
+        let id = self.resolve(container)?;
+        self.refresh(&id);
+        self.claim_running(&id)?;
+        let result = self.move_claimed(t0, &id, &peer).await;
+        if let Err(e) = &result {
+            // Still ours (rolled back or never started): runs here, not busy. In doubt, the
+            // container stays busy and frozen until resolved.
+            if !e.message.contains("in doubt") {
+                self.set_busy(&id, false);
+            }
+        }
+        result
+    }
+
+    async fn move_claimed(
+        self: &Arc<Self>,
+        t0: Instant,
+        id: &str,
+        peer: &mig_migrate::transport::Peer,
+    ) -> Result<MoveResult, ApiError> {
+        let net = self.migration.net().ok_or_else(|| {
+            api(
+                ErrorKind::Unavailable,
+                "the migration endpoint is not running",
+            )
+        })?;
+        let e = self.entry(id)?;
+        let images = self.images.clone();
+        let image_id = e.spec.image.id.clone();
+        let image = tokio::task::spawn_blocking(move || images.get(&image_id))
+            .await
+            .map_err(|e| {
+                api(
+                    ErrorKind::Internal,
+                    format!("image lookup task failed: {e}"),
+                )
+            })?
+            .map_err(|e| api(ErrorKind::NotFound, format!("the container's image: {e}")))?;
+        let criu = Criu::locate().map_err(|e| api(ErrorKind::Unavailable, chain(&e)))?;
+        let criu_version = criu
+            .version()
+            .map_err(|e| api(ErrorKind::Unavailable, chain(&e)))?;
+        let cg = Cgroup::open(&e.state.cgroup).map_err(|e| api(ErrorKind::Internal, chain(&e)))?;
+        let usage = cg.usage().unwrap_or_default();
+        let pid_map_before = mig_runtime::pidmap::pid_map(&cg.procs().unwrap_or_default());
+        let cd = self.dirs.container(id);
+        let upper = cd.upper();
+        let upper_bytes = tokio::task::spawn_blocking(move || du(&upper))
+            .await
+            .unwrap_or(0);
+        let migration_id = journal::new_id();
+        let prepare = Prepare {
+            migration_id: migration_id.clone(),
+            spec: e.spec.clone(),
+            image: image.clone(),
+            criu_version,
+            kernel: mig_migrate::criu::kernel_release(),
+            bytes_estimate: usage.memory_bytes + 2 * upper_bytes + image.size,
+            mode: MigrationMode::PreCopy,
+        };
+        let side = Src(Arc::new(SourceSide {
+            agent: self.clone(),
+            id: id.to_owned(),
+            name: e.spec.name.clone(),
+            cgroup: e.state.cgroup.clone(),
+            migration_id: migration_id.clone(),
+            peer: peer.name.clone(),
+            work: cd.dir.join("migration"),
+        }));
+        tracing::info!(%id, migration = %migration_id, peer = %peer.name, "moving");
+        let conn = transport::connect(&net.endpoint, &net.identity, peer)
+            .await
+            .map_err(|e| {
+                api(
+                    ErrorKind::Unavailable,
+                    format!("cannot reach {}: {}", peer.name, chain(&e)),
+                )
+            })?;
+        let machine = SourceMachine::new(prepare, Timeouts::default());
+        let report = transport::run_source(&conn, machine, &side, &super::hello(self)).await;
+        conn.close(0u32.into(), b"done");
+        let report = report.map_err(|e| {
+            api(
+                ErrorKind::Unavailable,
+                format!("migration to {} failed to start: {}", peer.name, chain(&e)),
+            )
+        })?;
+        let _ = std::fs::remove_dir_all(&side.work);
+        if report.in_doubt {
+            return Err(api(
+                ErrorKind::Conflict,
+                format!(
+                    "migration {migration_id} is in doubt: the link to {} was lost at commit; the container stays frozen here until `mig move --resolve {}`",
+                    peer.name, e.spec.name
+                ),
+            ));
+        }
+        match report.outcome {
+            Some(Outcome::Committed { cleanup_error }) => {
+                let t = report.timings;
+                tracing::info!(%id, downtime_ms = ms(t.downtime), total_ms = ms(t0.elapsed()), "moved");
+                Ok(MoveResult {
+                    id: id.to_owned(),
+                    name: e.spec.name.clone(),
+                    migration_id,
+                    peer: peer.name.clone(),
+                    mode: "cold".into(),
+                    downtime_ms: ms(t.downtime),
+                    total_ms: ms(t0.elapsed()),
+                    presync_ms: ms(t.presync),
+                    freeze_ms: ms(t.freeze),
+                    dump_ms: ms(t.dump),
+                    transfer_ms: ms(t.transfer),
+                    restore_ms: ms(t.restore),
+                    bytes_sent: report.bytes_sent,
+                    files_sent: report.files_sent,
+                    pid_map_before,
+                    pid_map: report.dest_pid_map,
+                    cleanup_error,
+                })
+            }
+            Some(Outcome::RolledBack {
+                cause,
+                detail,
+                rollback_error,
+            }) => {
+                let mut msg = format!(
+                    "migration to {} rolled back ({cause:?}): {detail}; the container keeps running here",
+                    peer.name
+                );
+                if let Some(r) = rollback_error {
+                    msg.push_str(&format!("; and the rollback failed too: {r}"));
+                }
+                Err(api(ErrorKind::Internal, msg))
+            }
+            None => Err(api(
+                ErrorKind::Internal,
+                format!("migration {migration_id} ended without an outcome"),
+            )),
+        }
+    }
+
+    /// Marks a running, idle container busy (moving).
+    fn claim_running(&self, id: &str) -> Result<(), ApiError> {
+        let mut map = self.lock();
+        let e = map
+            .get_mut(id)
+            .ok_or_else(|| api(ErrorKind::NotFound, format!("no such container: {id}")))?;
+        if e.busy {
+            return Err(api(
+                ErrorKind::Conflict,
+                "another operation on the container is in progress",
+            ));
+        }
+        if e.state.state != ContainerState::Running {
+            return Err(api(
+                ErrorKind::Conflict,
+                format!(
+                    "container {} is {}, not running",
+                    e.spec.name,
+                    e.state.state.as_str()
+                ),
+            ));
+        }
+        e.busy = true;
+        Ok(())
+    }
+
+    /// The init's PID when the container runs and the PID still belongs to it.
+    pub(crate) fn init_pid_of(&self, id: &str) -> Option<i32> {
+        let s: ShimRecord =
+            mig_runtime::fsutil::read_json(&self.dirs.container(id).shim(), MAX_RECORD).ok()?;
+        (is_our_shim(s.shim_pid, id) && proc_start_ticks(s.init_pid) == Some(s.init_start_ticks))
+            .then_some(s.init_pid)
+    }
+
+    pub(crate) fn set_busy(&self, id: &str, busy: bool) {
+        if let Some(e) = self.lock().get_mut(id) {
+            e.busy = busy;
+        }
+    }
+}
