@@ -532,3 +532,84 @@ fn failed_dump_leaves_the_container_running() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn export_then_import_under_a_new_name() -> Result<()> {
+    let agent = Agent::start("export_import")?;
+    agent.import_busybox()?;
+    run_detached(&agent, &["--name", "orig", "busybox", "--", "sh", "-c", "echo kept > /tmp/file; i=0; while true; do echo \"got $i\"; i=$((i+1)); sleep 0.1; done"])?;
+    ensure!(wait_until(Duration::from_secs(10), || counter(
+        &agent.mig_ok(&["logs", "orig"]).unwrap_or_default()
+    )
+    .len()
+        > 3));
+    let before = ns_pids(&inspect(&agent, "orig")?["pid_map"]);
+    let archive = agent.dir.path().join("orig.tar.zst");
+    let cp = agent.mig_json(&[
+        "checkpoint",
+        "orig",
+        "--export",
+        archive.to_str().unwrap_or_default(),
+        "--json",
+    ])?;
+    ensure!(
+        cp["archive_bytes"].as_u64() > Some(0) && archive.exists(),
+        "{cp}"
+    );
+    let last = *counter(&agent.mig_ok(&["logs", "orig"])?)
+        .last()
+        .context("counter")?;
+    // A corrupted archive is refused and leaves nothing behind.
+    let bytes = std::fs::read(&archive)?;
+    let mut bad = bytes.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x55;
+    let bad_path = agent.dir.path().join("bad.tar.zst");
+    std::fs::write(&bad_path, &bad)?;
+    let o = agent.mig(&[
+        "restore",
+        "--import",
+        bad_path.to_str().unwrap_or_default(),
+        "--name",
+        "bad",
+    ]);
+    ensure!(o.code == 125 && o.stderr.lines().count() == 1, "{o:?}");
+    let leftovers: Vec<_> = std::fs::read_dir(agent.state_dir.join("containers"))?
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    ensure!(leftovers.len() == 1, "refused import left {leftovers:?}");
+    // The original's name is taken while it exists (checkpointed): the copy gets a new name.
+    let r = agent.mig_json(&[
+        "restore",
+        "--import",
+        archive.to_str().unwrap_or_default(),
+        "--name",
+        "copy",
+        "--json",
+    ])?;
+    ensure!(r["name"] == "copy", "{r}");
+    let d = inspect(&agent, "copy")?;
+    ensure!(
+        d["state"] == "running" && ns_pids(&d["pid_map"]) == before,
+        "{d}"
+    );
+    ensure!(agent.mig_ok(&["exec", "copy", "--", "cat", "/tmp/file"])? == "kept\n");
+    ensure!(
+        wait_until(Duration::from_secs(10), || counter(
+            &agent.mig_ok(&["logs", "copy"]).unwrap_or_default()
+        )
+        .len()
+            > 2),
+        "the copy does not count"
+    );
+    let first = counter(&agent.mig_ok(&["logs", "copy"])?)[0];
+    ensure!(
+        first == last + 1,
+        "the copy restarted its counter: {first} after {last}"
+    );
+    // Both can run side by side: the original restores too.
+    agent.mig_ok(&["restore", "orig"])?;
+    ensure!(inspect(&agent, "orig")?["state"] == "running");
+    Ok(())
+}
