@@ -355,3 +355,23 @@ fn image_xattrs_kept_or_dropped() {
     assert_eq!(get_xattr(&f, "trusted.overlay.redirect"), None);
     assert_eq!(get_xattr(&f, "security.selinux"), None);
 }
+
+#[test]
+fn image_legacy_docker_archive_refused() {
+    let (tmp, store) = store();
+    let t = RawTar::default()
+        .file(b"manifest.json", b"[]")
+        .file(b"repositories", b"{}")
+        .file(b"abc/layer.tar", b"")
+        .finish();
+    let p = write_file(tmp.path(), "docker.tar", &t);
+    let err = store.import(&p, "d").unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ImageError::Oci(mig_runtime::image::OciError::DockerArchive)
+        ),
+        "{err}"
+    );
+    assert_store_empty(&store);
+}

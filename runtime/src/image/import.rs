@@ -279,26 +279,46 @@ fn read_head(path: &Path, n: usize) -> Result<Vec<u8>, ImageError> {
     Ok(head)
 }
 
-/// True when the tar has `oci-layout` and `index.json` at its top.
-fn is_oci_archive(blob: &Path) -> Result<bool, ImageError> {
+/// What a tar holds, from the names at its top.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TarKind {
+    /// `oci-layout` and `index.json`: an OCI archive.
+    Oci,
+    /// `manifest.json` and `repositories` without `oci-layout`: `docker save` before Docker 25.
+    DockerLegacy,
+    /// Anything else: a root filesystem.
+    Rootfs,
+}
+
+fn tar_kind(blob: &Path) -> Result<TarKind, ImageError> {
     let f = File::open(blob).map_err(ImageError::io("opening", blob))?;
     let mut archive = tar::Archive::new(BufReader::new(f));
     let tar_err = |source| ImageError::Tar {
         path: blob.to_owned(),
         source,
     };
-    let (mut layout, mut index) = (false, false);
+    let (mut layout, mut index, mut manifest, mut repositories) = (false, false, false, false);
     for entry in archive.entries().map_err(tar_err)? {
         let entry = entry.map_err(tar_err)?;
         if let Ok(p) = super::paths::entry_path(&entry.path_bytes()) {
-            match p.components() {
-                [c] if c == b"oci-layout" => layout = true,
-                [c] if c == b"index.json" => index = true,
-                _ => {}
+            if let [c] = p.components() {
+                match c.as_slice() {
+                    b"oci-layout" => layout = true,
+                    b"index.json" => index = true,
+                    b"manifest.json" => manifest = true,
+                    b"repositories" => repositories = true,
+                    _ => {}
+                }
             }
         }
     }
-    Ok(layout && index)
+    Ok(if layout && index {
+        TarKind::Oci
+    } else if manifest && repositories {
+        TarKind::DockerLegacy
+    } else {
+        TarKind::Rootfs
+    })
 }
 
 fn import_tar_file(store: &ImageStore, path: &Path, name: &str) -> Result<Image, ImageError> {
@@ -321,7 +341,11 @@ fn import_tar_file(store: &ImageStore, path: &Path, name: &str) -> Result<Image,
         let mut f = File::open(&blob).map_err(ImageError::io("opening", &blob))?;
         scan_headers(&mut f, &blob, &store.limits)?;
     }
-    if is_oci_archive(&blob)? {
+    let kind = tar_kind(&blob)?;
+    if kind == TarKind::DockerLegacy {
+        return Err(super::OciError::DockerArchive.into());
+    }
+    if kind == TarKind::Oci {
         let layout = work.path().join("layout");
         fs::create_dir(&layout).map_err(ImageError::io("creating", &layout))?;
         let f = File::open(&blob).map_err(ImageError::io("opening", &blob))?;

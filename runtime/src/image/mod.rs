@@ -109,7 +109,7 @@ pub enum ImageError {
     },
     #[error("unknown image format at {}: expected a rootfs directory, an OCI layout, or a tar (plain, gzip, zstd)", path.display())]
     UnknownFormat { path: PathBuf },
-    #[error("oci image")]
+    #[error(transparent)]
     Oci(#[from] OciError),
     #[error("corrupt image record {}", path.display())]
     Record {

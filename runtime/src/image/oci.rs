@@ -39,6 +39,8 @@ pub enum OciError {
     TooDeep,
     #[error("{0} is a symlink or not a regular file")]
     NotAFile(String),
+    #[error("this is a `docker save` archive from before Docker 25, not an OCI archive: save it with a newer Docker or convert it (skopeo copy docker-archive:... oci-archive:...)")]
+    DockerArchive,
 }
 
 #[derive(Debug, Deserialize)]
