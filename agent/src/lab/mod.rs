@@ -57,9 +57,9 @@ pub struct LabConfig {
     /// Appended to every agent's arguments; `{addr}` becomes the host's address, `{port}` its QUIC
     /// port and `{host}` its name.
     pub extra_agent_args: Vec<String>,
-    /// Sockets, logs (default /run/mig/lab/<name>).
+    /// Sockets, logs (default `/run/mig/lab/<name>`).
     pub root_dir: PathBuf,
-    /// Parent of the hosts' state directories (default /var/lib/mig-lab/<name>).
+    /// Parent of the hosts' state directories (default `/var/lib/mig-lab/<name>`).
     pub state_root: PathBuf,
     /// QUIC port recorded for every host (and substituted for `{port}`).
     pub quic_port: u16,
@@ -89,7 +89,7 @@ pub struct LabHost {
     pub name: String,
     /// Address of the host's eth0.
     pub address: Ipv4Addr,
-    /// Network namespace (`<lab>-host-a`), at /run/netns/<netns>.
+    /// Network namespace (`<lab>-host-a`), at `/run/netns/<netns>`.
     pub netns: String,
     /// The agent's local API socket.
     pub socket: PathBuf,
