@@ -170,7 +170,11 @@ impl Agent {
                     st.reason = Some("the shim exited without recording an exit status".into());
                 }
             }
-            st.state = if st.stop_requested {
+            st.state = if st.state == ContainerState::Restoring && exit.is_none() {
+                // The agent died while a restore was starting: the image set is still there.
+                st.reason = Some("the restore was interrupted".into());
+                ContainerState::Checkpointed
+            } else if st.stop_requested {
                 ContainerState::Stopped
             } else {
                 ContainerState::Exited
