@@ -234,12 +234,27 @@ impl DestHost for FakeDest {
 struct Run {
     src: Arc<FakeSource>,
     dst: Arc<FakeDest>,
-    report: mig_migrate::transport::SourceReport,
-    dest_report: mig_migrate::transport::DestReport,
+    report: Result<mig_migrate::transport::SourceReport, mig_migrate::transport::DriverError>,
+    dest_report: Result<mig_migrate::transport::DestReport, mig_migrate::transport::DriverError>,
     _dirs: (tempfile::TempDir, tempfile::TempDir),
 }
 
 async fn migrate(id: &str, restore_fails: bool) -> Run {
+    run(
+        SourceMachine::new(prepare(id), Timeouts::default()),
+        Hello::new("0.1.0", "host-a"),
+        restore_fails,
+        None,
+    )
+    .await
+}
+
+async fn run(
+    machine: SourceMachine,
+    src_hello: Hello,
+    restore_fails: bool,
+    dest_journal: Option<JournalState>,
+) -> Run {
     let (sdir, ddir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (a, b) = (
         Identity::generate("host-a").unwrap(),
@@ -255,17 +270,20 @@ async fn migrate(id: &str, restore_fails: bool) -> Run {
     let client = endpoint(any, &a, AllowedPeers::default()).unwrap();
     let src = Arc::new(FakeSource::new(sdir.path()));
     let dst = Arc::new(FakeDest::new(ddir.path(), restore_fails));
+    dst.journal.lock().unwrap().extend(dest_journal);
     let dest_task = tokio::spawn({
         let (server, dst) = (server.clone(), dst.clone());
         async move {
             let conn = accept(&server).await.unwrap().unwrap();
-            run_dest(
-                conn,
+            let r = run_dest(
+                conn.clone(),
                 dst,
                 &Hello::new("0.1.0", "host-b"),
                 Timeouts::default(),
             )
-            .await
+            .await;
+            conn.close(0u32.into(), b"done");
+            r
         }
     });
     let peer = Peer {
@@ -274,11 +292,8 @@ async fn migrate(id: &str, restore_fails: bool) -> Run {
         fingerprint: b.fingerprint().into(),
     };
     let conn = connect(&client, &a, &peer).await.unwrap();
-    let machine = SourceMachine::new(prepare(id), Timeouts::default());
-    let report = run_source(&conn, machine, src.as_ref(), &Hello::new("0.1.0", "host-a"))
-        .await
-        .unwrap();
-    let dest_report = dest_task.await.unwrap().unwrap();
+    let report = run_source(&conn, machine, src.as_ref(), &src_hello).await;
+    let dest_report = dest_task.await.unwrap();
     conn.close(0u32.into(), b"done");
     Run {
         src,
@@ -292,10 +307,12 @@ async fn migrate(id: &str, restore_fails: bool) -> Run {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migration_over_quic_commits() {
     let id = "0123456789abcdef0123456789abcdef";
-    let r = migrate(id, false).await;
+    let mut r = migrate(id, false).await;
+    let report = r.report.take_ok();
+    let dest_report = r.dest_report.take_ok();
     assert!(
         matches!(
-            r.report.outcome,
+            report.outcome,
             Some(Outcome::Committed {
                 cleanup_error: None
             })
@@ -304,11 +321,11 @@ async fn migration_over_quic_commits() {
         r.report
     );
     assert!(matches!(
-        r.dest_report.outcome,
+        dest_report.outcome,
         Some(Outcome::Committed { .. })
     ));
-    assert_eq!(r.report.peer.agent_name, "host-b");
-    assert_eq!(r.dest_report.peer.agent_name, "host-a");
+    assert_eq!(report.peer.agent_name, "host-b");
+    assert_eq!(dest_report.peer.agent_name, "host-a");
     assert_eq!(*r.src.state.lock().unwrap(), "gone");
     assert_eq!(*r.dst.state.lock().unwrap(), "running");
     assert_eq!(
@@ -325,14 +342,14 @@ async fn migration_over_quic_commits() {
         *r.dst.journal.lock().unwrap(),
         [J::Preparing, J::Restored, J::Committed]
     );
-    assert_eq!(r.report.dest_pid_map[0].host_pid, 777);
-    assert_eq!(r.report.files_sent, 9);
-    assert_eq!(r.report.bytes_sent, (1 + 2 + 21) * (1 << 20) + 4096);
+    assert_eq!(report.dest_pid_map[0].host_pid, 777);
+    assert_eq!(report.files_sent, 9);
+    assert_eq!(report.bytes_sent, (1 + 2 + 21) * (1 << 20) + 4096);
     // Every file arrived where the destination host placed it, intact.
     let got = std::fs::read(r.dst.mdir(id).join("image/images/pages-5.img")).unwrap();
     let want = std::fs::read(r._dirs.0.path().join("dump/pages-5.img")).unwrap();
     assert!(got == want);
-    let t = r.report.timings;
+    let t = report.timings;
     println!(
         "loopback migration: freeze {:?} dump {:?} transfer {:?} restore {:?} downtime {:?} total {:?}",
         t.freeze, t.dump, t.transfer, t.restore, t.downtime, t.total
@@ -343,8 +360,9 @@ async fn migration_over_quic_commits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_failure_thaws_source_and_cleans_dest() {
     let id = "fedcba9876543210fedcba9876543210";
-    let r = migrate(id, true).await;
-    match &r.report.outcome {
+    let mut r = migrate(id, true).await;
+    let report = r.report.take_ok();
+    match &report.outcome {
         Some(Outcome::RolledBack {
             cause,
             detail,
@@ -373,4 +391,68 @@ async fn restore_failure_thaws_source_and_cleans_dest() {
         r.dst.journal.lock().unwrap().last(),
         Some(&JournalState::RolledBack)
     );
+}
+
+trait TakeOk<T> {
+    fn take_ok(&mut self) -> T;
+}
+
+impl<T: Clone, E: std::fmt::Debug> TakeOk<T> for Result<T, E> {
+    fn take_ok(&mut self) -> T {
+        self.as_ref().unwrap().clone()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_doubt_resolved_over_a_new_connection() {
+    // The source sent Commit and lost the link; the destination had restored and never got it.
+    let id = "00000000000000000000000000000001";
+    let machine = SourceMachine::recover(id, &JournalState::CommitSent, Timeouts::default());
+    let mut r = run(
+        machine,
+        Hello::new("0.1.0", "host-a"),
+        false,
+        Some(JournalState::Restored),
+    )
+    .await;
+    let report = r.report.take_ok();
+    assert!(
+        matches!(report.outcome, Some(Outcome::Committed { .. })),
+        "{report:?}"
+    );
+    assert_eq!(*r.src.calls.lock().unwrap(), ["destroy"]);
+    assert_eq!(*r.dst.calls.lock().unwrap(), ["resume"]);
+    assert_eq!(*r.dst.state.lock().unwrap(), "running");
+    assert_eq!(
+        r.dst.journal.lock().unwrap().last(),
+        Some(&JournalState::Committed)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_major_version_refused_naming_both() {
+    let id = "00000000000000000000000000000002";
+    let mut hello = Hello::new("9.0.0", "host-a");
+    hello.protocol_version.major += 1;
+    let r = run(
+        SourceMachine::new(prepare(id), Timeouts::default()),
+        hello,
+        false,
+        None,
+    )
+    .await;
+    let err = r.dest_report.unwrap_err();
+    let text = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+    assert!(
+        text.contains("we speak 1.0") && text.contains("speaks 2.0"),
+        "{text}"
+    );
+    // The source never got further than Prepare (or its hello exchange): nothing was frozen.
+    if let Ok(report) = r.report {
+        assert!(
+            matches!(report.outcome, Some(Outcome::RolledBack { .. })),
+            "{report:?}"
+        );
+    }
+    assert!(r.src.calls.lock().unwrap().is_empty());
 }

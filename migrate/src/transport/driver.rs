@@ -445,7 +445,13 @@ pub async fn run_dest<H: DestHost>(
     write_frame(&mut send, hello, MAX_CONTROL_FRAME)
         .await
         .map_err(|source| DriverError::SendHello { source })?;
-    let peer = peer.map_err(|source| DriverError::Hello { source })?;
+    let peer = match peer {
+        Ok(p) => p,
+        Err(source) => {
+            linger(&mut send, true).await;
+            return Err(DriverError::Hello { source });
+        }
+    };
     let first = tokio::time::timeout(
         timeouts.control,
         read_frame::<Message, _>(&mut recv, MAX_CONTROL_FRAME),

@@ -364,6 +364,8 @@ async fn receive_body(
     });
     let mut got = 0u64;
     let mut failed = None;
+    // QUIC hands out packet-sized chunks: coalesce them so the writer does big writes.
+    let mut pending = BytesMut::new();
     loop {
         match recv.read_chunk(CHUNK, true).await {
             Ok(Some(chunk)) => {
@@ -375,11 +377,26 @@ async fn receive_body(
                     });
                     break;
                 }
-                if tx.send(chunk.bytes).await.is_err() {
-                    break; // the writer failed; its error is reported below
+                if pending.is_empty() && chunk.bytes.len() >= CHUNK / 2 {
+                    if tx.send(chunk.bytes).await.is_err() {
+                        break; // the writer failed; its error is reported below
+                    }
+                    continue;
+                }
+                if pending.capacity() == 0 {
+                    pending.reserve(CHUNK);
+                }
+                pending.extend_from_slice(&chunk.bytes);
+                if pending.len() >= CHUNK / 2 && tx.send(pending.split().freeze()).await.is_err() {
+                    break;
                 }
             }
-            Ok(None) => break,
+            Ok(None) => {
+                if !pending.is_empty() {
+                    let _ = tx.send(pending.split().freeze()).await;
+                }
+                break;
+            }
             Err(source) => {
                 failed = Some(FileError::Receive {
                     path: path.to_path_buf(),
