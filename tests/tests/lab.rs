@@ -167,6 +167,22 @@ fn lab_up_status_restart_down() {
         assert!(String::from_utf8_lossy(&cmdline).contains(&h.name));
     }
 
+    // Each agent's QUIC endpoint listens on its host's address (UDP sockets of the agent's network
+    // namespace, /proc/PID/net/udp: little-endian hex address, hex port).
+    for (h, pid) in status.iter().zip(&pids) {
+        let [a, b, c, d] = h.address.octets();
+        let local = format!("{d:02X}{c:02X}{b:02X}{a:02X}:{:04X}", h.quic_port);
+        let udp = std::fs::read_to_string(format!("/proc/{pid}/net/udp")).unwrap();
+        assert!(
+            udp.lines()
+                .any(|l| l.split_whitespace().nth(1) == Some(local.as_str())),
+            "{} does not listen on {}:{}:\n{udp}",
+            h.name,
+            h.address,
+            h.quic_port
+        );
+    }
+
     // The lab file.
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(lab::lab_file_path(&cfg.name)).unwrap()).unwrap();
@@ -556,4 +572,65 @@ fn down_without_a_readable_lab_file() {
     assert_eq!(stopped, want);
     assert_gone(&cfg, &pids);
     assert!(lab::down(&cfg.name).unwrap().is_clean());
+}
+
+#[test]
+fn move_between_lab_hosts() {
+    if !is_root() {
+        return;
+    }
+    let cfg = config('g', 7, 2);
+    let _guard = LabGuard(cfg.name.clone());
+    let hosts = lab::up(&cfg).expect("lab up");
+    let (a, b) = (&hosts[0], &hosts[1]);
+
+    let image = tempfile::tempdir().unwrap();
+    let rootfs = mig_tests::busybox_rootfs(image.path()).unwrap();
+    mig(
+        &a.socket,
+        &[
+            "image",
+            "import",
+            rootfs.to_str().unwrap(),
+            "--name",
+            "busybox",
+        ],
+    );
+    let id = mig(
+        &a.socket,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "mover",
+            "busybox",
+            "--",
+            "sh",
+            "-c",
+            "i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.2; done",
+        ],
+    );
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // The peers written by `up` are what the move uses: no `mig peers add`.
+    let moved: serde_json::Value =
+        serde_json::from_str(&mig(&a.socket, &["move", "mover", "host-b", "--json"])).unwrap();
+    println!("move in the lab: {moved}");
+    for key in ["downtime_ms", "total_ms", "bytes_sent"] {
+        assert!(moved[key].is_u64(), "{key} missing in {moved}");
+    }
+    let on_b = mig(&b.socket, &["inspect", "mover", "--json"]);
+    let on_b: serde_json::Value = serde_json::from_str(&on_b).unwrap();
+    assert_eq!(on_b["state"], "running", "{on_b}");
+    assert_eq!(on_b["host"], "host-b", "{on_b}");
+    let ps_a = mig(&a.socket, &["ps", "-a", "--json"]);
+    assert!(!ps_a.contains(&id) || !ps_a.contains("running"), "{ps_a}");
+
+    let report = lab::down(&cfg.name).expect("down");
+    assert!(report.is_clean(), "{:?}", report.problems);
+    let pids: Vec<i32> = hosts.iter().filter_map(|h| h.agent_pid).collect();
+    assert_gone(&cfg, &pids);
+    for h in &hosts {
+        let cg = format!("mig-{}-{}", cfg.name, h.name);
+        assert!(cgroups_named(&cg).is_empty(), "{cg} left");
+    }
 }

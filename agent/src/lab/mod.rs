@@ -55,7 +55,8 @@ pub struct LabConfig {
     /// Path of the migd binary.
     pub migd: PathBuf,
     /// Appended to every agent's arguments; `{addr}` becomes the host's address, `{port}` its QUIC
-    /// port and `{host}` its name.
+    /// port and `{host}` its name. Default: `--listen {addr}:{port}` (the agent's QUIC endpoint on the
+    /// host's address).
     pub extra_agent_args: Vec<String>,
     /// Sockets, logs (default `/run/mig/lab/<name>`).
     pub root_dir: PathBuf,
@@ -73,7 +74,7 @@ impl LabConfig {
             hosts,
             subnet_base: [10, 78, 0],
             migd,
-            extra_agent_args: Vec::new(),
+            extra_agent_args: vec!["--listen".to_string(), "{addr}:{port}".to_string()],
             root_dir: Path::new(RUN_DIR).join("lab").join(name),
             state_root: Path::new("/var/lib/mig-lab").join(name),
             quic_port: DEFAULT_QUIC_PORT,
