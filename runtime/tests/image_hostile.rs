@@ -350,10 +350,31 @@ fn image_xattrs_kept_or_dropped() {
     let p = write_file(tmp.path(), "x.tar", &t);
     let img = store.import(&p, "x").unwrap();
     let f = store.layer_dir(&img.layers[0]).join("ping");
-    assert_eq!(get_xattr(&f, "security.capability"), Some(cap));
+    assert_eq!(get_xattr(&f, "security.capability"), Some(cap.clone()));
     assert_eq!(get_xattr(&f, "user.note"), Some(b"hello".to_vec()));
     assert_eq!(get_xattr(&f, "trusted.overlay.redirect"), None);
     assert_eq!(get_xattr(&f, "security.selinux"), None);
+
+    // A rootfs directory keeps its file capabilities through the layer tar.
+    let src = tmp.path().join("rootfs");
+    fs::create_dir(&src).unwrap();
+    let long = "p".repeat(150);
+    fs::copy(&f, src.join(&long)).unwrap();
+    let path = std::ffi::CString::new(src.join(&long).to_str().unwrap()).unwrap();
+    // SAFETY: valid C strings and a buffer of the given length.
+    let rc = unsafe {
+        libc::lsetxattr(
+            path.as_ptr(),
+            c"security.capability".as_ptr(),
+            cap.as_ptr().cast(),
+            cap.len(),
+            0,
+        )
+    };
+    assert_eq!(rc, 0);
+    let img = store.import(&src, "dir").unwrap();
+    let f = store.layer_dir(&img.layers[0]).join(&long);
+    assert_eq!(get_xattr(&f, "security.capability"), Some(cap));
 }
 
 #[test]

@@ -378,6 +378,19 @@ pub(crate) fn import_layer(
     Ok(())
 }
 
+/// One PAX record: `<len> <key>=<value>\n`, where `<len>` counts the whole record.
+fn pax_record(key: &str, value: &[u8]) -> Vec<u8> {
+    let body_len = key.len() + value.len() + 3; // ' ', '=', '\n'
+    let mut len = body_len + 1;
+    while len != body_len + len.to_string().len() {
+        len = body_len + len.to_string().len();
+    }
+    let mut rec = format!("{len} {key}=").into_bytes();
+    rec.extend_from_slice(value);
+    rec.push(b'\n');
+    rec
+}
+
 /// Writes a deterministic tar of a rootfs directory into `out`: entries sorted by name,
 /// ownership, mode and mtime kept, no user or group names, hardlinks within the tree kept. Device
 /// nodes and sockets are skipped (the container gets its own /dev); directories on other
@@ -444,6 +457,15 @@ fn write_rootfs_tar(root: &Path, out: &mut dyn Write, max_entry: u64) -> io::Res
                 .read(true)
                 .custom_flags(libc::O_NOFOLLOW)
                 .open(&abs)?;
+            if let Some(cap) = super::sys::lgetxattr(&abs, "security.capability")? {
+                // File capabilities travel as a PAX record, as GNU tar --xattrs writes them.
+                let records = pax_record("SCHILY.xattr.security.capability", &cap);
+                let mut h = header(&m, tar::EntryType::XHeader);
+                h.set_size(records.len() as u64);
+                // A short fixed name: a long one would need a GNU long-name header of its own,
+                // which readers would take for the file's.
+                b.append_data(&mut h, "@PaxHeader", &records[..])?;
+            }
             let mut h = header(&m, tar::EntryType::Regular);
             h.set_size(m.len());
             b.append_data(&mut h, &rel, f.take(m.len()))?;
@@ -454,4 +476,26 @@ fn write_rootfs_tar(root: &Path, out: &mut dyn Write, max_entry: u64) -> io::Res
         }
     }
     b.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pax_records_count_their_own_length() {
+        for n in [0, 1, 5, 80, 89, 90, 95, 96, 100, 990, 995, 1000] {
+            let rec = pax_record("k", &vec![b'v'; n]);
+            let text = String::from_utf8(rec.clone()).unwrap();
+            let (len, _) = text.split_once(' ').unwrap();
+            assert_eq!(
+                len.parse::<usize>().unwrap(),
+                rec.len(),
+                "value of {n} bytes"
+            );
+            let exts: Vec<_> = tar::PaxExtensions::new(&rec).collect();
+            assert_eq!(exts.len(), 1);
+            assert_eq!(exts[0].as_ref().unwrap().value_bytes().len(), n);
+        }
+    }
 }
