@@ -456,3 +456,19 @@ async fn other_major_version_refused_naming_both() {
     }
     assert!(r.src.calls.lock().unwrap().is_empty());
 }
+
+/// The agent spawns the drivers on tokio: their futures must be `Send`.
+#[allow(dead_code)]
+fn drivers_are_send(
+    conn: quinn::Connection,
+    src: FakeSource,
+    dst: Arc<FakeDest>,
+    machine: SourceMachine,
+) {
+    fn is_send<T: Send>(_: &T) {}
+    let hello = Hello::new("0.1.0", "x");
+    let f = run_source(&conn, machine, &src, &hello);
+    is_send(&f);
+    let g = run_dest(conn.clone(), dst, &hello, Timeouts::default());
+    is_send(&g);
+}

@@ -5,7 +5,7 @@
 //! RUSTSEC-2025-0141). The length is checked against a maximum before anything is allocated, and
 //! a payload must be consumed exactly (no trailing bytes). The first frame each way on a control
 //! stream is a [`Hello`]; a peer with another major [`PROTOCOL_VERSION`] is refused by
-//! [`Hello::check`]. See `docs/protocol.md`.
+//! [`Hello::decode`]. See `docs/protocol.md`.
 
 mod frame;
 mod message;
