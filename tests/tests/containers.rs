@@ -613,3 +613,28 @@ fn export_then_import_under_a_new_name() -> Result<()> {
     ensure!(inspect(&agent, "orig")?["state"] == "running");
     Ok(())
 }
+
+#[test]
+fn userns_maps_root_to_an_unprivileged_range() -> Result<()> {
+    let agent = Agent::start("userns")?;
+    agent.import_busybox()?;
+    let o = agent.mig(&[
+        "run",
+        "--userns",
+        "--name",
+        "u",
+        "busybox",
+        "--",
+        "cat",
+        "/proc/self/uid_map",
+    ]);
+    ensure!(o.code == 0, "{o:?}");
+    let fields: Vec<&str> = o.stdout.split_whitespace().collect();
+    ensure!(
+        fields == ["0", "100000", "65536"],
+        "uid_map: {:?}",
+        o.stdout
+    );
+    ensure!(inspect(&agent, "u")?["userns"] == true);
+    Ok(())
+}
