@@ -453,3 +453,27 @@ fn image_system_tar_formats() {
         );
     }
 }
+
+#[test]
+fn image_prune_unreferenced_layers() {
+    let (tmp, store) = store();
+    let a = RawTar::default().file(b"a", b"a").finish();
+    let b = RawTar::default().file(b"b", b"b").finish();
+    let c = RawTar::default().file(b"c", b"c").finish();
+    // Received for migrations that never recorded an image.
+    store.import_layer(&sha256(&a), &mut &a[..]).unwrap();
+    store.import_layer(&sha256(&b), &mut &b[..]).unwrap();
+    // Referenced by an image.
+    let img = store
+        .import(&write_file(tmp.path(), "c.tar", &c), "c")
+        .unwrap();
+    let removed = store.prune(&[sha256(&b)]).unwrap();
+    assert_eq!(removed, vec![sha256(&a)]);
+    assert!(!store.has_layer(&sha256(&a)));
+    assert!(store.layer_blob(&sha256(&a)).is_err());
+    assert!(store.has_layer(&sha256(&b)), "kept on request");
+    assert!(store.has_layer(&img.layers[0]), "referenced");
+    assert_eq!(store.prune(&[]).unwrap(), vec![sha256(&b)]);
+    store.remove("c").unwrap();
+    assert_store_empty(&store);
+}

@@ -262,6 +262,38 @@ impl ImageStore {
         }
     }
 
+    /// Removes every stored layer (and stray blob) that no image record references and that is
+    /// not in `keep`; returns their digests. For the agent: layers received for a migration that
+    /// never committed, or left by a crash between storing a blob and its layer.
+    pub fn prune(&self, keep: &[String]) -> Result<Vec<String>, ImageError> {
+        let _lock = self.lock()?;
+        let mut all: Vec<String> = Vec::new();
+        for sub in ["layers/sha256", "blobs/sha256"] {
+            let dir = self.root.join(sub);
+            for ent in fs::read_dir(&dir).map_err(ImageError::io("reading", &dir))? {
+                let ent = ent.map_err(ImageError::io("reading", &dir))?;
+                let Some(hex) = ent.file_name().to_str().map(str::to_owned) else {
+                    continue;
+                };
+                let d = format!("sha256:{hex}");
+                if crate::spec::validate_digest(&d).is_ok() && !all.contains(&d) {
+                    all.push(d);
+                }
+            }
+        }
+        let used: HashSet<String> = self
+            .read_records()?
+            .into_iter()
+            .flat_map(|i| i.layers)
+            .collect();
+        let candidates: Vec<String> = all
+            .into_iter()
+            .filter(|d| !used.contains(d) && !keep.contains(d))
+            .collect();
+        self.gc(&candidates)?;
+        Ok(candidates)
+    }
+
     /// Under the lock: removes the layers among `candidates` that no image record references.
     /// The layer directory goes first (moved to `tmp/`, then deleted), the blob second.
     pub(crate) fn gc(&self, candidates: &[String]) -> Result<(), ImageError> {
