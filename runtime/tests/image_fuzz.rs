@@ -94,7 +94,12 @@ fn image_fuzz_mutated_tars_never_panic() {
 
     let mut rng = StdRng::seed_from_u64(0x6d69_6721);
     let (mut ok, mut refused) = (0, 0);
-    for i in 0..400 {
+    // MIG_FUZZ_ITERS runs longer by hand; the default keeps the suite quick.
+    let iters: u32 = std::env::var("MIG_FUZZ_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(400);
+    for i in 0..iters {
         let t = mutate(&mut rng, &base);
         let data = match i % 4 {
             1 => gzip(&t),
