@@ -289,7 +289,7 @@ impl DestSide {
     }
 
     async fn restore_inner(&self, id: &str) -> Result<Vec<PidEntry>, DestError> {
-        if fault::at(Point::DestRestore) == Some(Fault::Fail) {
+        if fault::armed(&self.agent.cfg.state_dir, Point::DestRestore) == Some(Fault::Fail) {
             return Err(DestError::Injected("dest-restore"));
         }
         let inc = self.incoming(id)?;
@@ -350,7 +350,9 @@ impl DestSide {
         })?;
         self.agent.set_busy(&spec.id, true);
         cg.freeze(FREEZE_TIMEOUT).map_err(DestError::Freeze)?;
-        fault::at(Point::DestRestore);
+        if fault::armed(&self.agent.cfg.state_dir, Point::DestRestore) == Some(Fault::Kill) {
+            fault::die();
+        }
         Ok(result.pid_map)
     }
 }
@@ -453,7 +455,7 @@ impl DestHost for DestSide {
             }
             FileKind::Presync => staging.join("presync").join(&header.path),
             FileKind::Image => {
-                fault::at(Point::DestTransfer);
+                fault::at(&self.agent.cfg.state_dir, Point::DestTransfer);
                 staging.join("images").join(&header.path)
             }
             FileKind::Delta => staging.join("delta").join(&header.path),
@@ -469,7 +471,7 @@ impl DestHost for DestSide {
     }
 
     async fn resume(&self, migration_id: &str) -> Result<(), HostError> {
-        if fault::at(Point::DestCommit) == Some(Fault::Fail) {
+        if fault::at(&self.agent.cfg.state_dir, Point::DestCommit) == Some(Fault::Fail) {
             return Err(boxed(DestError::Injected("dest-commit")));
         }
         let inc = self.incoming(migration_id).map_err(boxed)?;

@@ -1,6 +1,7 @@
-//! Fault hooks for tests and experiments: `MIG_FAULT=<point>:<fault>` in `migd`'s environment
-//! makes the agent misbehave at one point of a migration. Compiled in and inert unless set;
-//! documented in docs/migration.md ("Fault hooks").
+//! Fault hooks for tests and experiments: `MIG_FAULT=<point>:<fault>` in `migd`'s environment,
+//! or the same text in the file `<state-dir>/mig-fault` (read at every hook, so a test can arm
+//! one agent of a lab without restarting it), makes the agent misbehave at one point of a
+//! migration. Compiled in and inert unless set; documented in docs/migration.md ("Fault hooks").
 //!
 //! | point            | side        | where                                           |
 //! |------------------|-------------|-------------------------------------------------|
@@ -13,10 +14,13 @@
 //! error), `corrupt` (`source-dump` only: one byte of a CRIU image file is flipped after the
 //! image set was sealed, so its digest no longer matches in transit).
 
+use std::path::Path;
 use std::sync::OnceLock;
 
 /// The environment variable.
 pub const ENV: &str = "MIG_FAULT";
+/// The file in the state directory.
+pub const FILE: &str = "mig-fault";
 
 /// Where a fault can be injected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,7 +57,7 @@ fn parse(s: &str) -> Option<(Point, Fault)> {
     Some((point, fault))
 }
 
-fn configured() -> Option<(Point, Fault)> {
+fn from_env() -> Option<(Point, Fault)> {
     static CONF: OnceLock<Option<(Point, Fault)>> = OnceLock::new();
     *CONF.get_or_init(|| {
         let v = std::env::var(ENV).ok()?;
@@ -66,21 +70,35 @@ fn configured() -> Option<(Point, Fault)> {
     })
 }
 
-/// The fault armed at `point`, if any. A `kill` fault never returns: the agent dies here.
-pub fn at(point: Point) -> Option<Fault> {
-    let (p, f) = configured()?;
+/// The fault armed at `point` for the agent with state directory `state_dir`, if any.
+pub fn armed(state_dir: &Path, point: Point) -> Option<Fault> {
+    let from_file = std::fs::read_to_string(state_dir.join(FILE))
+        .ok()
+        .and_then(|s| parse(&s));
+    let (p, f) = from_file.or_else(from_env)?;
     if p != point {
         return None;
     }
-    tracing::warn!(?point, ?f, "injecting a fault");
+    tracing::warn!(?point, fault = ?f, "injecting a fault");
+    Some(f)
+}
+
+/// Like [`armed`], but a `kill` fault is carried out here: the agent SIGKILLs itself.
+pub fn at(state_dir: &Path, point: Point) -> Option<Fault> {
+    let f = armed(state_dir, point)?;
     if f == Fault::Kill {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGKILL);
-        // SIGKILL to ourselves does not return; park in case it is delayed.
-        loop {
-            std::thread::sleep(std::time::Duration::from_secs(1));
-        }
+        die();
     }
     Some(f)
+}
+
+/// An agent crash: SIGKILL to ourselves.
+pub fn die() -> ! {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGKILL);
+    // SIGKILL to ourselves does not return; park in case its delivery is delayed.
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
 }
 
 #[cfg(test)]

@@ -47,7 +47,7 @@ pub struct MoveResult {
     pub restore_ms: u64,
     pub bytes_sent: u64,
     pub files_sent: u32,
-    /// The container's processes on the source before the freeze.
+    /// The container's processes on the source, read while frozen (what was dumped).
     pub pid_map_before: Vec<PidEntry>,
     /// The restored processes on the destination.
     pub pid_map: Vec<PidEntry>,

@@ -176,6 +176,7 @@ impl Agent {
             migration_id: e.migration_id.clone(),
             peer: e.peer.clone(),
             work: self.dirs.container(&e.container_id).dir.join("migration"),
+            frozen_pids: Default::default(),
         }));
         let machine = SourceMachine::recover(&e.migration_id, &e.state, Timeouts::default());
         let report = transport::run_source(&conn, machine, &side, &super::hello(self)).await;

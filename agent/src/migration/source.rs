@@ -87,6 +87,8 @@ pub(crate) struct SourceSide {
     pub peer: String,
     /// `<container>/migration`: the presync tar, the image set, the final tar.
     pub work: PathBuf,
+    /// The container's processes, read while frozen (what the dump holds).
+    pub frozen_pids: std::sync::Mutex<Vec<mig_runtime::pidmap::PidEntry>>,
 }
 
 impl SourceSide {
@@ -184,7 +186,7 @@ impl SourceSide {
             remote: UPPER_TAR.to_owned(),
             sha256: None,
         });
-        match fault::at(Point::SourceDump) {
+        match fault::at(&self.agent.cfg.state_dir, Point::SourceDump) {
             Some(Fault::Corrupt) => corrupt_one(&files)?,
             Some(Fault::Fail) => return Err(SourceError::Injected("source-dump")),
             _ => {}
@@ -301,7 +303,10 @@ impl SourceHost for Src {
             cg.freeze(FREEZE_TIMEOUT).map_err(|e| {
                 let _ = cg.thaw();
                 SourceError::Freeze(e)
-            })
+            })?;
+            let map = mig_runtime::pidmap::pid_map(&cg.procs().unwrap_or_default());
+            *me.frozen_pids.lock().unwrap_or_else(|p| p.into_inner()) = map;
+            Ok(())
         })
         .await
         .map_err(boxed)
@@ -472,6 +477,7 @@ impl Agent {
             migration_id: migration_id.clone(),
             peer: peer.name.clone(),
             work: cd.dir.join("migration"),
+            frozen_pids: Default::default(),
         }));
         tracing::info!(%id, migration = %migration_id, peer = %peer.name, "moving");
         let conn = transport::connect(&net.endpoint, &net.identity, peer)
@@ -520,7 +526,14 @@ impl Agent {
                     restore_ms: ms(t.restore),
                     bytes_sent: report.bytes_sent,
                     files_sent: report.files_sent,
-                    pid_map_before,
+                    pid_map_before: {
+                        let frozen = side.frozen_pids.lock().unwrap_or_else(|p| p.into_inner());
+                        if frozen.is_empty() {
+                            pid_map_before
+                        } else {
+                            frozen.clone()
+                        }
+                    },
                     pid_map: report.dest_pid_map,
                     cleanup_error,
                 })
