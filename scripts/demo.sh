@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The main job, end to end on one machine: sets everything up, builds mig, and runs the demo.
+# The main job, end to end on one machine: sets everything up, builds mig, makes a two-host lab,
+# runs a container whose counter keeps counting on host-a, moves it live to host-b (timings, PID
+# map), shows it counting there, moves it back, and removes the lab (also on failure).
 # shellcheck disable=SC2016  # container commands are quoted for the container's shell
-# With a working `mig lab` and `mig move` (issue 4) it moves a running container between two
-# simulated hosts; until then it shows one host: image import, run, ps, logs, exec, stop, rm.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -12,16 +12,15 @@ echo "== building mig (release)"
 cargo build --release --bins -q
 BIN=$PWD/target/release
 export PATH="$BIN:$PATH"
+unset MIG_SOCKET MIG_HOST MIG_LAB
 
 work=$(mktemp -d /tmp/mig-demo.XXXXXX)
-state=$work/state
-sock=$work/migd.sock
-agent_pid=""
+lab_up=""
 cleanup() {
   set +e
-  if [ -n "$agent_pid" ]; then
-    MIG_SOCKET=$sock mig rm -f demo >/dev/null 2>&1
-    kill "$agent_pid" 2>/dev/null; wait "$agent_pid" 2>/dev/null
+  if [ -n "$lab_up" ]; then
+    echo "== mig lab down"
+    mig lab down
   fi
   rm -rf "$work"
 }
@@ -37,25 +36,30 @@ done
 echo "root:x:0:0:root:/root:/bin/sh" > "$rootfs/etc/passwd"
 tar -C "$rootfs" -cf "$work/busybox.tar" .
 
-echo "== starting migd (state in $state)"
-migd --state-dir "$state" --socket "$sock" --name demo-host >"$work/migd.log" 2>&1 &
-agent_pid=$!
-for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done
-[ -S "$sock" ] || { cat "$work/migd.log"; exit 1; }
-export MIG_SOCKET=$sock
+echo "== mig lab up --hosts 2"
+lab_up=1
+mig lab up --hosts 2
+mig --host host-a peers ls
 
 set -x
-mig image import "$work/busybox.tar" --name busybox
-mig image ls
-mig run -d --name demo --hostname demo --memory 64M busybox -- \
-  sh -c 'i=0; while true; do i=$((i+1)); echo "tick $i"; sleep 1; done'
-mig ps
+mig --host host-a image import "$work/busybox.tar" --name busybox
+mig --host host-a run -d --name counter --memory 128M busybox -- sh -c \
+  'data=$(head -c 8000000 /dev/urandom | base64 -w0); sum=$(echo "$data" | md5sum); i=0
+   while :; do i=$((i+1)); echo "$i" > /tmp/count
+     if [ "$(echo "$data" | md5sum)" = "$sum" ]; then m=intact; else m=CORRUPT; fi
+     echo "count $i on $(hostname) memory $m"; sleep 1; done'
+sleep 4
+mig --host host-a logs counter | tail -n 2
+mig --host host-a move counter host-b
 sleep 3
-mig logs demo
-mig exec demo -- sh -c 'echo "inside: pid $$ of $(ls /proc | grep -c "^[0-9]") processes, host $(hostname)"'
-mig inspect demo --json
-mig stop demo
-mig ps -a
-mig rm demo
+mig --host host-b ps
+mig --host host-b logs counter | tail -n 3
+mig --host host-b exec counter -- cat /tmp/count
+mig --host host-a ps -a
+mig --host host-b move counter host-a --json
+sleep 3
+mig --host host-a logs counter | tail -n 3
+mig --host host-a inspect counter
+mig --host host-a rm -f counter
 set +x
-echo "== demo done"
+echo "== done"
