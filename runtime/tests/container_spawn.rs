@@ -4,7 +4,9 @@
 mod container_support;
 
 use container_support::{kv, no_cgroup, pipe, raw, read_to_end, spec, userns_map, Fixture, Proc};
-use mig_runtime::container::{default_caps_mask, exec, spawn, ContainerError, LaunchConfig, Step};
+use mig_runtime::container::{
+    default_caps_mask, exec, spawn, ContainerError, ExecFailure, LaunchConfig, Step,
+};
 use nix::errno::Errno;
 use std::collections::BTreeSet;
 
@@ -148,6 +150,7 @@ fn container_spawn_reports_typed_errors() {
         ),
         "{err:?}"
     );
+    assert_eq!(err.exec_failure(), Some(ExecFailure::NotFound));
 
     let mut s = spec("typed_errors", &["sh"]);
     s.process.cwd = "/does/not/exist".into();
@@ -169,6 +172,8 @@ fn container_spawn_reports_typed_errors() {
         ),
         "{err:?}"
     );
+    // A setup step failing with ENOENT is not the command missing.
+    assert_eq!(err.exec_failure(), None);
 
     let s = spec("typed_errors", &["sh"]);
     let missing = fx.dir.path().join("not-a-rootfs");
@@ -254,6 +259,21 @@ exit 7"#;
         ),
         "{err:?}"
     );
+    assert_eq!(err.exec_failure(), Some(ExecFailure::NotFound));
+    assert_eq!(ExecFailure::NotFound.exit_code(), 127);
+    // A file that exists but is not executable (mode 0644), and a directory.
+    for path in ["/etc/passwd", "/tmp"] {
+        let err = exec(pid, &s, &cg, &[path.to_string()], &[]).unwrap_err();
+        assert_eq!(
+            err.exec_failure(),
+            Some(ExecFailure::NotExecutable),
+            "{err:?}"
+        );
+        assert_eq!(ExecFailure::NotExecutable.exit_code(), 126);
+    }
+    // A missing directory on the way is "not found" too.
+    let err = exec(pid, &s, &cg, &["/etc/passwd/x".to_string()], &[]).unwrap_err();
+    assert_eq!(err.exec_failure(), Some(ExecFailure::NotFound), "{err:?}");
 }
 
 #[test]
@@ -353,4 +373,61 @@ echo "init=$(tr '\0' ' ' < /proc/1/cmdline)" >> /tmp/exec.out"#;
     let owner =
         std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(root.join("tmp/exec.out")).unwrap());
     assert_eq!(owner, userns_map().host_id);
+}
+
+/// An image without /proc, /dev and /sys (the init mounts there) runs in a user namespace, and the
+/// container's root may write in `/` (the writable layer's root is its own) and in a 1777 /tmp.
+#[test]
+fn container_userns_image_without_mount_points() {
+    let mut fx = Fixture::new("userns_bare");
+    for d in ["proc", "dev", "sys"] {
+        std::fs::remove_dir(fx.lower().join(d)).unwrap();
+    }
+    let root = fx.mount("merged");
+    let script = r#"echo top > /top.txt && cat /top.txt
+mkdir /newdir && echo sub > /newdir/f && cat /newdir/f
+echo tmp > /tmp/t.txt && cat /tmp/t.txt
+echo "rootowner=$(stat -c %u:%g /)"
+echo "procowner=$(stat -c %u /proc/1)"
+echo "devnull=$(echo x > /dev/null && echo ok)"
+echo "sysnet=$(ls /sys/class/net)"
+echo end=1"#;
+    let mut s = spec("userns_bare", &["sh", "-c", script]);
+    s.userns = Some(userns_map());
+    let cg = no_cgroup();
+    let (r, w) = pipe();
+    let pid = spawn(&LaunchConfig {
+        spec: &s,
+        rootfs: &root,
+        cgroup: &cg,
+        output: raw(&w),
+    })
+    .expect("spawn");
+    let mut init = Proc(pid);
+    drop(w);
+    let out = read_to_end(r);
+    let status = init.wait();
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "status {status:#x}, output:\n{out}"
+    );
+    let m = kv(&out);
+    assert_eq!(m.get("end").map(String::as_str), Some("1"), "{out}");
+    assert!(out.starts_with("top\nsub\ntmp\n"), "{out}");
+    assert_eq!(m["rootowner"], "0:0", "{out}");
+    assert_eq!(m["procowner"], "0", "{out}");
+    assert_eq!(m["devnull"], "ok", "{out}");
+    assert_eq!(m["sysnet"], "lo", "{out}");
+    // On the host: the files are in the writable layer, owned by the mapped root.
+    use std::os::unix::fs::MetadataExt;
+    let host_id = userns_map().host_id;
+    for f in ["top.txt", "newdir/f", "tmp/t.txt", "proc", "dev", "sys", ""] {
+        let md = std::fs::symlink_metadata(fx.upper().join(f)).unwrap();
+        assert_eq!((md.uid(), md.gid()), (host_id, host_id), "upper/{f}");
+    }
+    // The image layer itself is untouched.
+    for d in ["proc", "dev", "sys", "top.txt"] {
+        assert!(!fx.lower().join(d).exists(), "lower/{d}");
+    }
+    assert_eq!(std::fs::metadata(fx.lower()).unwrap().uid(), 0);
 }

@@ -2,7 +2,7 @@
 //! binaries, real namespaces, overlay mounts and cgroups. Run as root.
 
 use anyhow::{ensure, Context, Result};
-use mig_tests::{mounts_under, pid_alive, tar_of, wait_until, Agent};
+use mig_tests::{busybox_rootfs, mounts_under, pid_alive, tar_of, wait_until, Agent};
 use std::time::Duration;
 
 fn run_detached(agent: &Agent, args: &[&str]) -> Result<String> {
@@ -134,6 +134,17 @@ fn run_ps_inspect_logs_exec() -> Result<()> {
     ]);
     ensure!(o.code == 0 && o.stdout == "hey\n", "{o:?}");
     ensure!(agent.mig(&["exec", "web", "--", "false"]).code == 1);
+    // A command that cannot run exits like a shell says: 127 not found, 126 not executable.
+    let o = agent.mig(&["exec", "web", "--", "nonexistent"]);
+    ensure!(
+        o.code == 127 && o.stderr.contains("nonexistent") && o.stderr.contains("not found"),
+        "{o:?}"
+    );
+    let o = agent.mig(&["exec", "web", "--", "/etc/passwd"]);
+    ensure!(
+        o.code == 126 && o.stderr.contains("permission denied"),
+        "{o:?}"
+    );
     // Removing a running container needs -f; names stay unique.
     let o = agent.mig(&["rm", "web"]);
     ensure!(o.code == 125 && o.stderr.starts_with("mig: "), "{o:?}");
@@ -636,5 +647,39 @@ fn userns_maps_root_to_an_unprivileged_range() -> Result<()> {
         o.stdout
     );
     ensure!(inspect(&agent, "u")?["userns"] == true);
+    Ok(())
+}
+
+#[test]
+fn userns_runs_an_image_without_mount_points() -> Result<()> {
+    let agent = Agent::start("userns_bare")?;
+    // An image with no /proc, /dev or /sys, and the usual world-writable /tmp.
+    let rootfs = busybox_rootfs(agent.dir.path())?;
+    for d in ["proc", "dev", "sys"] {
+        std::fs::remove_dir(rootfs.join(d))?;
+    }
+    std::fs::set_permissions(
+        rootfs.join("tmp"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+    )?;
+    agent.mig_ok(&[
+        "image",
+        "import",
+        rootfs.to_str().context("rootfs path")?,
+        "--name",
+        "bare",
+    ])?;
+    let o = agent.mig(&[
+        "run",
+        "--userns",
+        "--name",
+        "ub",
+        "bare",
+        "--",
+        "sh",
+        "-c",
+        "echo a > /a && echo b > /tmp/b && cat /a /tmp/b && ls /proc/1/ns >/dev/null && echo ok",
+    ]);
+    ensure!(o.code == 0 && o.stdout == "a\nb\nok\n", "{o:?}");
     Ok(())
 }

@@ -118,7 +118,8 @@ pub(crate) fn read_spec(state_dir: &Path, id: &str) -> Result<ContainerSpec, Shi
 }
 
 /// `mig-shim exec`: runs `args` inside the running container `id` with its environment plus
-/// `env`; returns the command's exit code.
+/// `env`; returns the command's exit code: 127 when it is not found, 126 when it cannot be
+/// executed (the reason then goes to stderr).
 pub fn exec(state_dir: &Path, id: &str, env: &[String], args: &[String]) -> Result<i32, ShimError> {
     let spec = read_spec(state_dir, id)?;
     let cd = StateDir::new(state_dir).container(id);
@@ -145,6 +146,17 @@ pub fn exec(state_dir: &Path, id: &str, env: &[String], args: &[String]) -> Resu
         full_env.retain(|e| e.split('=').next() != Some(key));
         full_env.push(kv.clone());
     }
-    mig_runtime::container::exec(shim.init_pid, &spec, &cg, args, &full_env)
-        .map_err(ShimError::Exec)
+    match mig_runtime::container::exec(shim.init_pid, &spec, &cg, args, &full_env) {
+        Ok(code) => Ok(code),
+        // The command itself could not run: that is the command's result (127 or 126, as a shell
+        // reports it), with the reason on stderr, not a failure of the shim.
+        Err(e) => match e.exec_failure() {
+            Some(f) => {
+                let cmd = args.first().map(String::as_str).unwrap_or_default();
+                eprintln!("mig: exec {cmd:?}: {}", f.reason());
+                Ok(f.exit_code())
+            }
+            None => Err(ShimError::Exec(e)),
+        },
+    }
 }

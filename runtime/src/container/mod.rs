@@ -75,6 +75,12 @@ pub enum ContainerError {
     Clone(#[source] Errno),
     #[error("forking into the container")]
     Fork(#[source] Errno),
+    #[error("preparing {path} for the container's user namespace")]
+    PrepareUserns {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("writing {path}")]
     WriteIdMap {
         path: PathBuf,
@@ -108,6 +114,52 @@ pub enum ContainerError {
         #[source]
         errno: Errno,
     },
+}
+
+/// Why the command itself could not be executed (as opposed to the container's setup failing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecFailure {
+    /// No such file on any `PATH` candidate (`ENOENT`, `ENOTDIR`): exit code 127, like a shell.
+    NotFound,
+    /// Found but not executable (`EACCES`, `ENOEXEC`, `EPERM`): exit code 126, like a shell.
+    NotExecutable,
+}
+
+impl ExecFailure {
+    /// The exit code shells (and Docker) use for this failure.
+    pub fn exit_code(self) -> i32 {
+        match self {
+            ExecFailure::NotFound => 127,
+            ExecFailure::NotExecutable => 126,
+        }
+    }
+
+    /// A short reason, e.g. for `sh: CMD: command not found`-like messages.
+    pub fn reason(self) -> &'static str {
+        match self {
+            ExecFailure::NotFound => "command not found",
+            ExecFailure::NotExecutable => "permission denied",
+        }
+    }
+}
+
+impl ContainerError {
+    /// When the failure is the final `execve` of the command (not found or not executable),
+    /// which kind it is; `None` for every other failure.
+    pub fn exec_failure(&self) -> Option<ExecFailure> {
+        match self {
+            ContainerError::Step {
+                step: Step::Exec,
+                errno,
+                ..
+            } => match errno {
+                Errno::ENOENT | Errno::ENOTDIR => Some(ExecFailure::NotFound),
+                Errno::EACCES | Errno::ENOEXEC | Errno::EPERM => Some(ExecFailure::NotExecutable),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
 }
 
 /// What [`spawn`] needs to start a container's init.

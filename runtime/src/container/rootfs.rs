@@ -15,6 +15,7 @@ use nix::errno::Errno;
 use std::ffi::CString;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 fn cstring(p: &Path) -> Result<CString, ContainerError> {
@@ -140,4 +141,42 @@ pub fn unmount_rootfs(target: &Path) -> Result<(), ContainerError> {
             errno,
         }),
     }
+}
+
+/// Directories the init mounts on, with their modes: it creates them itself when missing, but in
+/// a user namespace it may not be allowed to (the image's directories belong to the host's root).
+const MOUNT_POINTS: [(&str, u32); 3] = [("proc", 0o555), ("dev", 0o755), ("sys", 0o555)];
+
+/// Prepares the merged rootfs at `rootfs` for a container whose root is host id `host_id` (uid
+/// and gid), from the host side and before the init enters its user namespace:
+/// - creates the missing mount points (`/proc`, `/dev`, `/sys`) in the writable layer, owned by
+///   the container's root;
+/// - makes the root directory (the writable layer's root) belong to the container's root, so
+///   that it can create files and directories in `/` as it would without a user namespace.
+///
+/// Files of the image layers keep their owners: those owned by the host's root stay read-only
+/// to the container (only what is mode-writable for others, like a 1777 `/tmp`, is writable).
+pub(crate) fn prepare_userns_root(rootfs: &Path, host_id: u32) -> Result<(), ContainerError> {
+    let fail = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ContainerError::PrepareUserns { path, source }
+    };
+    for (name, mode) in MOUNT_POINTS {
+        let dir = rootfs.join(name);
+        match std::fs::symlink_metadata(&dir) {
+            // Whatever the image has there is what the init will mount on (or fail on, typed).
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(fail(&dir)(e)),
+        }
+        std::fs::DirBuilder::new()
+            .mode(mode)
+            .create(&dir)
+            .map_err(fail(&dir))?;
+        // The mode without our umask.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))
+            .map_err(fail(&dir))?;
+        std::os::unix::fs::lchown(&dir, Some(host_id), Some(host_id)).map_err(fail(&dir))?;
+    }
+    std::os::unix::fs::chown(rootfs, Some(host_id), Some(host_id)).map_err(fail(rootfs))
 }

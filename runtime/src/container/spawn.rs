@@ -3,7 +3,7 @@
 
 use super::init::{self, Command, InitPlan};
 use super::security::Confinement;
-use super::{await_exec, channel, sys, ContainerError, LaunchConfig};
+use super::{await_exec, channel, rootfs, sys, ContainerError, LaunchConfig};
 use std::ffi::CString;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
@@ -34,6 +34,10 @@ pub fn spawn(cfg: &LaunchConfig<'_>) -> Result<i32, ContainerError> {
         confinement: Confinement::new(p.uid, p.gid).map_err(ContainerError::CapLastCap)?,
         command: Command::new(&p.args, &p.env).ok_or(ContainerError::Command)?,
     };
+    if let Some(map) = spec.userns {
+        // As the host's root, before the init loses that power in its user namespace.
+        rootfs::prepare_userns_root(cfg.rootfs, map.host_id)?;
+    }
     let mut flags = libc::CLONE_NEWNS
         | libc::CLONE_NEWPID
         | libc::CLONE_NEWUTS
