@@ -1,0 +1,297 @@
+//! Isolation observed from inside: `mig-probe` (the `probe/` crate, built statically) runs in a
+//! busybox container at start and again through `mig exec`, and every expectation of the runtime's
+//! confinement is checked on its report: capabilities, no_new_privs, seccomp mode, each denied
+//! system call actually denied, masked paths empty, /proc/sys and /sys read-only, a minimal /dev,
+//! only the container's processes, only `lo`, no route out. Then the container is checkpointed
+//! and restored (and moved between two lab hosts) and the probe must report exactly the same.
+//!
+//! Needs root, real CRIU. Resources are named after the test and the process id and removed by
+//! the [`Agent`] and lab guards whatever happens.
+
+use anyhow::{bail, ensure, Context, Result};
+use mig_tests::{busybox_rootfs, wait_until, Agent};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// Docker's default capability mask, which `mig_runtime` gives a container's root
+/// (`mig_runtime::container::security::default_caps_mask`).
+const DEFAULT_CAPS: &str = "00000000a80425fb";
+
+/// Calls that must succeed in a container (controls: the probe reaches the kernel).
+const ALLOWED: [&str; 2] = ["getpid", "chroot"];
+
+/// `clone3` is answered with ENOSYS so that libc falls back to `clone`, whose flags the filter
+/// can inspect (runtime/src/container/security.rs).
+const ENOSYS: [&str; 1] = ["clone3"];
+
+/// What `/dev` may hold: the runtime's nodes, links and mounts.
+const DEV_OK: [&str; 14] = [
+    "null", "zero", "full", "random", "urandom", "tty", "ptmx", "fd", "stdin", "stdout", "stderr",
+    "pts", "shm", "mqueue",
+];
+
+/// The static probe, built once per test binary with
+/// `RUSTFLAGS="-C target-feature=+crt-static" cargo build -p mig-probe --release` into a target
+/// directory of its own (`target/probe`), so the main build cache keeps its flags.
+fn probe_binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("MIG_PROBE") {
+            return PathBuf::from(p);
+        }
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace root");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace.join("target"))
+            .join("probe");
+        let cargo = option_env!("CARGO").unwrap_or("cargo");
+        let status = Command::new(cargo)
+            .current_dir(workspace)
+            .args([
+                "build",
+                "-q",
+                "-p",
+                "mig-probe",
+                "--release",
+                "--target-dir",
+            ])
+            .arg(&target)
+            .env("RUSTFLAGS", "-C target-feature=+crt-static")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .status()
+            .expect("running cargo build for mig-probe");
+        assert!(status.success(), "cargo build -p mig-probe failed");
+        target.join("release/mig-probe")
+    })
+}
+
+fn is_root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    eprintln!("skipping: isolation tests need root");
+    false
+}
+
+/// A busybox rootfs with the probe at /bin/mig-probe, under `dir`.
+fn probe_rootfs(dir: &Path) -> Result<PathBuf> {
+    let rootfs = busybox_rootfs(dir)?;
+    std::fs::copy(probe_binary(), rootfs.join("bin/mig-probe")).context("copying the probe")?;
+    Ok(rootfs)
+}
+
+/// The shell command of the test container: the probe once at start (its report goes to the
+/// log), then a long sleep as PID 1.
+const START: &str = "/bin/mig-probe; exec sleep 100000";
+
+/// The probe's report from the container's log (its first JSON line).
+fn report_from_log(log: &str) -> Result<Value> {
+    let line = log
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .context("no probe report in the log")?;
+    serde_json::from_str(line).with_context(|| format!("probe printed invalid JSON: {line}"))
+}
+
+fn parse_report(out: &str) -> Result<Value> {
+    serde_json::from_str(out.trim()).with_context(|| format!("probe printed invalid JSON: {out}"))
+}
+
+/// Every expectation of the runtime's confinement on one report. `exec` is true for a probe run
+/// through `mig exec` (PID 1 is then the container's `sleep`).
+fn check_report(r: &Value, exec: bool) -> Result<()> {
+    ensure!(r["uid"] == 0, "uid: {}", r["uid"]);
+    let st = &r["status"];
+    for k in ["CapEff", "CapPrm", "CapBnd"] {
+        ensure!(st[k] == DEFAULT_CAPS, "{k} {} (want {DEFAULT_CAPS})", st[k]);
+    }
+    ensure!(
+        st["CapAmb"] == "0000000000000000",
+        "CapAmb {}",
+        st["CapAmb"]
+    );
+    ensure!(st["NoNewPrivs"] == "1", "NoNewPrivs {}", st["NoNewPrivs"]);
+    ensure!(
+        st["Seccomp"] == "2",
+        "Seccomp {} (want 2, filter)",
+        st["Seccomp"]
+    );
+
+    let calls = r["syscalls"].as_object().context("syscalls")?;
+    ensure!(calls.len() >= 30, "only {} calls probed", calls.len());
+    for (name, result) in calls {
+        let want = if ALLOWED.contains(&name.as_str()) {
+            "ok"
+        } else if ENOSYS.contains(&name.as_str()) {
+            "ENOSYS"
+        } else {
+            "EPERM"
+        };
+        ensure!(result == want, "{name}: {result} (want {want})");
+    }
+
+    let masked = r["masked"].as_object().context("masked")?;
+    for (path, m) in masked {
+        let empty = m["bytes"] == 0
+            || m["entries"].as_array().is_some_and(|e| e.is_empty())
+            || m["error"].is_string();
+        ensure!(empty, "masked path {path} shows content: {m}");
+    }
+    // /proc/keys exists on every kernel with keys: it must be the container's /dev/null.
+    if Path::new("/proc/keys").exists() {
+        ensure!(
+            masked["/proc/keys"]["bytes"] == 0,
+            "{}",
+            masked["/proc/keys"]
+        );
+    }
+    if Path::new("/sys/firmware").exists() {
+        ensure!(
+            masked["/sys/firmware"]["entries"] == serde_json::json!([]),
+            "{}",
+            masked["/sys/firmware"]
+        );
+    }
+
+    let w = r["writable"].as_object().context("writable")?;
+    for (path, res) in w {
+        ensure!(res != "ok", "{path} is writable");
+    }
+    ensure!(w["/proc/sys/kernel/hostname"] == "EROFS", "{w:?}");
+    if Path::new("/proc/sysrq-trigger").exists() {
+        ensure!(w["/proc/sysrq-trigger"] == "EROFS", "{w:?}");
+    }
+    for p in ["/sys", "/proc/sys"] {
+        ensure!(
+            r["readonly_mounts"][p] == true,
+            "{p} not read-only: {}",
+            r["readonly_mounts"]
+        );
+    }
+
+    let dev = r["dev"].as_array().context("dev")?;
+    for d in dev {
+        let d = d.as_str().unwrap_or_default();
+        ensure!(DEV_OK.contains(&d), "unexpected /dev/{d}");
+    }
+    ensure!(
+        r["net"] == serde_json::json!(["lo"]),
+        "interfaces: {}",
+        r["net"]
+    );
+    ensure!(
+        r["connect_outside"] == "ENETUNREACH",
+        "outside: {}",
+        r["connect_outside"]
+    );
+
+    // Processes: PID 1 and the probe (with, at start, the shell between them); no host PID.
+    let own = r["pid"].as_i64().context("pid")?;
+    let pids: Vec<i64> = r["pids"]
+        .as_array()
+        .context("pids")?
+        .iter()
+        .filter_map(Value::as_i64)
+        .collect();
+    ensure!(pids.contains(&1) && pids.contains(&own), "pids {pids:?}");
+    ensure!(
+        pids.len() <= 3,
+        "more processes visible than the container's: {pids:?}"
+    );
+    if exec {
+        let init = r["init_cmd"].as_str().unwrap_or_default();
+        ensure!(init.starts_with("sleep"), "PID 1 is {init:?}");
+    } else {
+        ensure!(r["ppid"] == 1, "the start probe's parent: {}", r["ppid"]);
+    }
+    Ok(())
+}
+
+/// The parts of a report that must not change across checkpoint, restore or move (PIDs of the
+/// probe itself aside).
+fn stable(r: &Value) -> Value {
+    let mut v = r.clone();
+    if let Some(o) = v.as_object_mut() {
+        for k in ["pid", "ppid", "pids"] {
+            o.remove(k);
+        }
+    }
+    v
+}
+
+fn exec_probe(agent: &Agent, name: &str) -> Result<Value> {
+    parse_report(&agent.mig_ok(&["exec", name, "--", "/bin/mig-probe"])?)
+}
+
+#[test]
+fn probe_confined_before_and_after_restore() -> Result<()> {
+    if !is_root() {
+        return Ok(());
+    }
+    let agent = Agent::start("isolation_restore")?;
+    let rootfs = probe_rootfs(agent.dir.path())?;
+    agent.mig_ok(&[
+        "image",
+        "import",
+        rootfs.to_str().unwrap_or_default(),
+        "--name",
+        "probe",
+    ])?;
+    agent.mig_ok(&[
+        "run", "-d", "--name", "iso", "probe", "--", "sh", "-c", START,
+    ])?;
+    let mut log = String::new();
+    let seen = wait_until(Duration::from_secs(20), || {
+        log = agent.mig(&["logs", "iso"]).stdout;
+        log.lines().any(|l| l.starts_with('{'))
+    });
+    ensure!(seen, "the start probe never reported: {log}");
+    let at_start = report_from_log(&log)?;
+    check_report(&at_start, false).context("probe at start")?;
+
+    let before = exec_probe(&agent, "iso")?;
+    check_report(&before, true).context("probe through exec")?;
+    ensure!(
+        stable(&at_start)["syscalls"] == stable(&before)["syscalls"],
+        "init and exec'd processes confined differently"
+    );
+
+    agent.mig_ok(&["checkpoint", "iso"])?;
+    agent.mig_ok(&["restore", "iso"])?;
+    let after = exec_probe(&agent, "iso")?;
+    check_report(&after, true).context("probe after restore")?;
+    ensure!(
+        stable(&before) == stable(&after),
+        "confinement changed across checkpoint/restore:\nbefore {before}\nafter  {after}"
+    );
+    agent.mig_ok(&["rm", "-f", "iso"])?;
+    Ok(())
+}
+
+#[test]
+fn probe_is_static() -> Result<()> {
+    // It must run in an image without a libc: no program interpreter (PT_INTERP) in its ELF.
+    let bin = std::fs::read(probe_binary())?;
+    ensure!(
+        bin.starts_with(b"\x7fELF") && bin.len() > 64,
+        "not an ELF file"
+    );
+    let phoff = u64::from_le_bytes(bin[32..40].try_into()?) as usize;
+    let phentsize = u16::from_le_bytes(bin[54..56].try_into()?) as usize;
+    let phnum = u16::from_le_bytes(bin[56..58].try_into()?) as usize;
+    for i in 0..phnum {
+        let at = phoff + i * phentsize;
+        let kind = bin
+            .get(at..at + 4)
+            .context("program header out of the file")?;
+        if kind == 3u32.to_le_bytes() {
+            bail!("mig-probe has a program interpreter: it is not static");
+        }
+    }
+    Ok(())
+}
