@@ -415,8 +415,15 @@ fn checkpoint_and_restore_keep_pids_memory_and_log() -> Result<()> {
         "no output: {}",
         logs(&agent)
     );
-    let before = ns_pids(&inspect(&agent, "cr")?["pid_map"]);
+    // The workload forks short-lived subshells: compare only the processes seen in two samples.
+    let first = ns_pids(&inspect(&agent, "cr")?["pid_map"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let before: Vec<(i64, String)> = ns_pids(&inspect(&agent, "cr")?["pid_map"])
+        .into_iter()
+        .filter(|p| first.contains(p))
+        .collect();
     ensure!(before.len() >= 3 && before[0].0 == 1, "{before:?}");
+    let kept = |after: &[(i64, String)]| before.iter().all(|p| after.contains(p));
     let rootfs = agent.state_dir.join("containers").join(&id).join("rootfs");
     for cycle in 0..2 {
         let cp = agent.mig_json(&["checkpoint", "cr", "--json"])?;
@@ -438,7 +445,7 @@ fn checkpoint_and_restore_keep_pids_memory_and_log() -> Result<()> {
         ensure!(r["init_pid"].as_i64() > Some(1), "{r}");
         let after = ns_pids(&inspect(&agent, "cr")?["pid_map"]);
         ensure!(
-            after == before,
+            kept(&after),
             "cycle {cycle}: PIDs differ: {before:?} vs {after:?}"
         );
         ensure!(
@@ -497,7 +504,7 @@ fn checkpoint_and_restore_keep_pids_memory_and_log() -> Result<()> {
     );
     std::fs::write(&biggest, &original)?;
     agent.mig_ok(&["restore", "cr"])?;
-    ensure!(ns_pids(&inspect(&agent, "cr")?["pid_map"]) == before);
+    ensure!(kept(&ns_pids(&inspect(&agent, "cr")?["pid_map"])));
     agent.mig_ok(&["rm", "-f", "cr"])?;
     Ok(())
 }

@@ -135,7 +135,6 @@ impl Agent {
         }
         std::fs::create_dir_all(&images)
             .map_err(|e| internal(format!("creating {}: {e}", images.display())))?;
-        let pid_map = mig_runtime::pidmap::pid_map(&cg.procs().unwrap_or_else(|_| vec![init_pid]));
         let stdio_pipe = mig_migrate::criu::stdout_pipe(init_pid);
         let tf = Instant::now();
         cg.freeze(FREEZE_TIMEOUT).map_err(|e| {
@@ -143,6 +142,8 @@ impl Agent {
             internal(format!("freezing the container: {}", chain(&e)))
         })?;
         let freeze_ms = ms(tf.elapsed());
+        // Taken while frozen, so it lists exactly the processes CRIU dumps.
+        let pid_map = mig_runtime::pidmap::pid_map(&cg.procs().unwrap_or_else(|_| vec![init_pid]));
         let td = Instant::now();
         let dumped = criu.dump(&DumpOpts {
             pid: init_pid,
