@@ -88,7 +88,10 @@ pub(crate) fn recover(agent: &Arc<Agent>) {
                 // In doubt: keep the frozen copy, refuse other operations until resolved.
                 agent.set_busy(&id, true);
                 settle(agent, &e, JournalState::InDoubt);
-                tracing::warn!(migration = %mig, container = %id, "migration in doubt: the container stays frozen until `mig move --resolve` on the source");
+                tracing::warn!(migration = %mig, container = %id, "migration in doubt: the container stays frozen until resolved");
+                if e.role == Role::Source {
+                    spawn_resolver(agent.clone(), id.clone());
+                }
             }
             (Role::Dest, _) => {
                 let agent = agent.clone();
@@ -108,6 +111,34 @@ pub(crate) fn recover(agent: &Arc<Agent>) {
             (Role::Source, _) => {}
         }
     }
+}
+
+/// How often an in-doubt move is retried with its destination.
+const RESOLVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Resolves an in-doubt move of `container` in the background: retries while the destination is
+/// unreachable or still undecided, stops once it is settled (or an operator settled it).
+pub(crate) fn spawn_resolver(agent: Arc<Agent>, container: String) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(RESOLVE_INTERVAL).await;
+            match agent.resolve_move(&container).await {
+                Ok(r) => {
+                    tracing::info!(container = %container, peer = %r.peer, "in-doubt move resolved: committed");
+                    return;
+                }
+                Err(e)
+                    if e.kind == ErrorKind::Unavailable || e.message.contains("still in doubt") =>
+                {
+                    tracing::debug!(container = %container, error = %e.message, "in-doubt move not resolved yet");
+                }
+                Err(e) => {
+                    tracing::info!(container = %container, outcome = %e.message, "in-doubt move settled");
+                    return;
+                }
+            }
+        }
+    });
 }
 
 impl Agent {

@@ -499,6 +499,7 @@ impl Agent {
         })?;
         let _ = std::fs::remove_dir_all(&side.work);
         if report.in_doubt {
+            super::recover::spawn_resolver(self.clone(), id.to_owned());
             return Err(api(
                 ErrorKind::Conflict,
                 format!(
