@@ -3,7 +3,7 @@
 //! confinement is checked on its report: capabilities, no_new_privs, seccomp mode, each denied
 //! system call actually denied, masked paths empty, /proc/sys and /sys read-only, a minimal /dev,
 //! only the container's processes, only `lo`, no route out. Then the container is checkpointed
-//! and restored (and moved between two lab hosts) and the probe must report exactly the same.
+//! and restored, and separately moved between two lab hosts, and the probe must report exactly the same.
 //!
 //! Needs root, real CRIU. Resources are named after the test and the process id and removed by
 //! the [`Agent`] and lab guards whatever happens.
@@ -293,5 +293,83 @@ fn probe_is_static() -> Result<()> {
             bail!("mig-probe has a program interpreter: it is not static");
         }
     }
+    Ok(())
+}
+
+/// A two-host lab for the move check, removed on drop whatever happens.
+struct Lab {
+    name: String,
+    hosts: Vec<mig_agent::lab::LabHost>,
+    _tmp: tempfile::TempDir,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        match mig_agent::lab::down(&self.name) {
+            Ok(r) if !r.is_clean() => eprintln!("lab {} cleanup problems: {r}", self.name),
+            Ok(_) => {}
+            Err(e) => eprintln!("lab {} cleanup failed: {e}", self.name),
+        }
+    }
+}
+
+impl Lab {
+    fn mig_ok(&self, host: usize, args: &[&str]) -> Result<String> {
+        let o: mig_tests::MigOutput = Command::new(mig_tests::bin("mig"))
+            .arg("--socket")
+            .arg(&self.hosts[host].socket)
+            .args(args)
+            .env_remove("MIG_HOST")
+            .env_remove("MIG_SOCKET")
+            .output()?
+            .into();
+        if o.code != 0 {
+            bail!(
+                "mig {args:?} on host {host} exited {}: {}",
+                o.code,
+                o.stderr
+            );
+        }
+        Ok(o.stdout)
+    }
+}
+
+#[test]
+fn probe_confined_after_move() -> Result<()> {
+    if !is_root() {
+        return Ok(());
+    }
+    let name = format!("iso{}", std::process::id() % 100_000);
+    let mut cfg = mig_agent::lab::LabConfig::new(&name, 2, mig_tests::bin("migd"));
+    cfg.subnet_base = [10, 215, 8];
+    cfg.extra_agent_args = vec!["--listen".into(), "{addr}:{port}".into()];
+    let tmp = tempfile::tempdir()?;
+    let rootfs = probe_rootfs(tmp.path())?;
+    let tar = mig_tests::tar_of(&rootfs, tmp.path(), "probe.tar")?;
+    let hosts = mig_agent::lab::up(&cfg).with_context(|| format!("lab up {name}"))?;
+    let lab = Lab {
+        name,
+        hosts,
+        _tmp: tmp,
+    };
+    let tar = tar.to_str().unwrap_or_default();
+    lab.mig_ok(0, &["image", "import", tar, "--name", "probe"])?;
+    lab.mig_ok(
+        0,
+        &[
+            "run", "-d", "--name", "iso", "probe", "--", "sh", "-c", START,
+        ],
+    )?;
+    let before = parse_report(&lab.mig_ok(0, &["exec", "iso", "--", "/bin/mig-probe"])?)?;
+    check_report(&before, true).context("probe before the move")?;
+    let peer = lab.hosts[1].name.clone();
+    lab.mig_ok(0, &["move", "iso", &peer, "--json"])?;
+    let after = parse_report(&lab.mig_ok(1, &["exec", "iso", "--", "/bin/mig-probe"])?)?;
+    check_report(&after, true).context("probe after the move")?;
+    ensure!(
+        stable(&before) == stable(&after),
+        "confinement changed across the move:\nbefore {before}\nafter  {after}"
+    );
+    lab.mig_ok(1, &["rm", "-f", "iso"])?;
     Ok(())
 }
