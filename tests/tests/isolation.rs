@@ -3,7 +3,8 @@
 //! confinement is checked on its report: capabilities, no_new_privs, seccomp mode, each denied
 //! system call actually denied, masked paths empty, /proc/sys and /sys read-only, a minimal /dev,
 //! only the container's processes, only `lo`, no route out. Then the container is checkpointed
-//! and restored, and separately moved between two lab hosts, and the probe must report exactly the same.
+//! and restored, and (another one) moved between two lab hosts: the probe must report exactly
+//! the same.
 //!
 //! Needs root, real CRIU. Resources are named after the test and the process id and removed by
 //! the [`Agent`] and lab guards whatever happens.
