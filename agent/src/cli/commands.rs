@@ -1,7 +1,7 @@
 //! Executing `mig` commands against the agent.
 
 use super::output;
-use super::{Cli, Command, ImageCommand, RunArgs, DEFAULT_SOCKET, EXIT_MIG_ERROR, LAB_FILE};
+use super::{Cli, Command, ImageCommand, RunArgs, DEFAULT_SOCKET, EXIT_MIG_ERROR};
 use crate::api::RunRequest;
 use crate::client::{Client, ClientError};
 use clap::{CommandFactory, Parser};
@@ -21,12 +21,6 @@ pub enum CliError {
     Task(String),
     #[error(transparent)]
     Client(#[from] ClientError),
-    #[error("no lab host named {name} in {LAB_FILE}")]
-    UnknownHost { name: String },
-    #[error("cannot read the lab file {LAB_FILE}")]
-    LabFile(#[source] std::io::Error),
-    #[error("the lab file {LAB_FILE} is not valid")]
-    LabFormat(#[source] serde_json::Error),
     #[error("cannot resolve the path {path}")]
     Path {
         path: PathBuf,
@@ -133,29 +127,10 @@ pub fn socket_path(socket: Option<&Path>, host: Option<&str>) -> Result<PathBuf,
     let Some(name) = host else {
         return Ok(PathBuf::from(DEFAULT_SOCKET));
     };
-    let text = std::fs::read_to_string(LAB_FILE).map_err(CliError::LabFile)?;
-    lab_socket(&text, name)
-}
-
-/// Finds `name`'s socket in the lab file's `{"hosts": [{"name", "socket", ...}]}`.
-fn lab_socket(text: &str, name: &str) -> Result<PathBuf, CliError> {
-    #[derive(serde::Deserialize)]
-    struct Lab {
-        hosts: Vec<LabHost>,
-    }
-    #[derive(serde::Deserialize)]
-    struct LabHost {
-        name: String,
-        socket: PathBuf,
-    }
-    let lab: Lab = serde_json::from_str(text).map_err(CliError::LabFormat)?;
-    lab.hosts
-        .into_iter()
-        .find(|h| h.name == name)
+    let lab = crate::lab::lab_name_from_env();
+    crate::lab::find_host(&lab, name)
         .map(|h| h.socket)
-        .ok_or_else(|| CliError::UnknownHost {
-            name: name.to_owned(),
-        })
+        .map_err(|e| CliError::Lab(Box::new(e)))
 }
 
 pub(super) async fn connect(cli: &Cli) -> Result<Client, CliError> {
@@ -511,16 +486,6 @@ mod tests {
 
     #[test]
     fn lab_lookup() {
-        let lab =
-            r#"{"hosts":[{"name":"host-a","socket":"/run/mig/a.sock","address":"10.0.0.1"}]}"#;
-        assert_eq!(
-            lab_socket(lab, "host-a").unwrap(),
-            PathBuf::from("/run/mig/a.sock")
-        );
-        assert!(matches!(
-            lab_socket(lab, "host-b"),
-            Err(CliError::UnknownHost { .. })
-        ));
         assert_eq!(
             socket_path(Some(Path::new("/x")), Some("h")).unwrap(),
             PathBuf::from("/x")

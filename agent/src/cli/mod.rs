@@ -16,7 +16,6 @@ use std::path::PathBuf;
 /// The default agent socket.
 pub const DEFAULT_SOCKET: &str = "/run/mig/migd.sock";
 /// The lab file that maps host names to agent sockets (written by `mig lab up`).
-pub const LAB_FILE: &str = "/run/mig/lab.json";
 /// The exit code of mig's own failures.
 pub const EXIT_MIG_ERROR: u8 = 125;
 
@@ -27,7 +26,8 @@ pub struct Cli {
     /// The agent's API socket.
     #[arg(long, env = "MIG_SOCKET", global = true, value_name = "PATH")]
     pub socket: Option<PathBuf>,
-    /// Talk to the agent of this lab host (looked up in /run/mig/lab.json).
+    /// Talk to the agent of this lab host (looked up in /run/mig/lab.json, or the lab file of the
+    /// lab named by MIG_LAB).
     #[arg(long, env = "MIG_HOST", global = true, value_name = "NAME")]
     pub host: Option<String>,
     #[command(subcommand)]
