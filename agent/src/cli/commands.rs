@@ -154,7 +154,10 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
     match &cli.command {
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
-            clap_complete::generate(*shell, &mut cmd, "mig", &mut std::io::stdout());
+            // Into a buffer first: clap_complete panics on a write error (a closed pipe).
+            let mut buf = Vec::new();
+            clap_complete::generate(*shell, &mut cmd, "mig", &mut buf);
+            out(&String::from_utf8_lossy(&buf))?;
             return Ok(0);
         }
         Command::Man => {
