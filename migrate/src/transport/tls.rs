@@ -218,9 +218,11 @@ pub fn transport_config() -> quinn::TransportConfig {
     t.send_window(64 << 20);
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(16));
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(8));
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    // A peer that dies (its agent killed, the link cut) is noticed after the idle timeout: the
+    // source thaws its container then, so keep it short; keep-alives hold a quiet link open.
+    t.keep_alive_interval(Some(Duration::from_secs(2)));
     t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
-        30_000,
+        10_000,
     ))));
     t
 }
