@@ -383,3 +383,21 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// True when running as root; otherwise says which tests are skipped and why (`what` needs root).
+pub fn is_root(what: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    eprintln!("skipping: {what} need root");
+    false
+}
+
+/// Removes lab `name` (for a test's Drop guard): reports what could not be removed, never panics.
+pub fn lab_down_quietly(name: &str) {
+    match mig_agent::lab::down(name) {
+        Ok(r) if !r.is_clean() => eprintln!("lab {name} cleanup problems: {r}"),
+        Ok(_) => {}
+        Err(e) => eprintln!("lab {name} cleanup failed: {e}"),
+    }
+}

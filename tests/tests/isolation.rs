@@ -71,14 +71,6 @@ fn probe_binary() -> &'static Path {
     })
 }
 
-fn is_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    eprintln!("skipping: isolation tests need root");
-    false
-}
-
 /// A busybox rootfs with the probe at /bin/mig-probe, under `dir`.
 fn probe_rootfs(dir: &Path) -> Result<PathBuf> {
     let rootfs = busybox_rootfs(dir)?;
@@ -231,7 +223,7 @@ fn exec_probe(agent: &Agent, name: &str) -> Result<Value> {
 
 #[test]
 fn probe_confined_before_and_after_restore() -> Result<()> {
-    if !is_root() {
+    if !mig_tests::is_root("isolation tests") {
         return Ok(());
     }
     let agent = Agent::start("isolation_restore")?;
@@ -306,11 +298,7 @@ struct Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        match mig_agent::lab::down(&self.name) {
-            Ok(r) if !r.is_clean() => eprintln!("lab {} cleanup problems: {r}", self.name),
-            Ok(_) => {}
-            Err(e) => eprintln!("lab {} cleanup failed: {e}", self.name),
-        }
+        mig_tests::lab_down_quietly(&self.name);
     }
 }
 
@@ -337,7 +325,7 @@ impl Lab {
 
 #[test]
 fn probe_confined_after_move() -> Result<()> {
-    if !is_root() {
+    if !mig_tests::is_root("isolation tests") {
         return Ok(());
     }
     let name = format!("iso{}", std::process::id() % 100_000);

@@ -10,14 +10,6 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn is_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    eprintln!("skipping: the lab needs root");
-    false
-}
-
 /// The workspace's migd (built by `mig_tests::bin`), or `MIG_LAB_TEST_MIGD`.
 fn migd() -> PathBuf {
     match std::env::var_os("MIG_LAB_TEST_MIGD") {
@@ -39,13 +31,7 @@ struct LabGuard(String);
 
 impl Drop for LabGuard {
     fn drop(&mut self) {
-        match lab::down(&self.0) {
-            Ok(r) if !r.is_clean() => {
-                eprintln!("lab {} cleanup problems: {:?}", self.0, r.problems)
-            }
-            Ok(_) => {}
-            Err(e) => eprintln!("lab {} cleanup failed: {e}", self.0),
-        }
+        mig_tests::lab_down_quietly(&self.0);
     }
 }
 
@@ -117,7 +103,7 @@ fn assert_gone(cfg: &LabConfig, agent_pids: &[i32]) {
 
 #[test]
 fn lab_up_status_restart_down() {
-    if !is_root() {
+    if !mig_tests::is_root("lab tests") {
         return;
     }
     let cfg = config('a', 1, 2);
@@ -255,7 +241,7 @@ fn lab_up_status_restart_down() {
 
 #[test]
 fn failed_up_rolls_back() {
-    if !is_root() {
+    if !mig_tests::is_root("lab tests") {
         return;
     }
     let mut cfg = config('b', 2, 2);
@@ -316,7 +302,7 @@ fn cgroup_roots() -> Vec<PathBuf> {
 
 #[test]
 fn down_removes_container_leftovers() {
-    if !is_root() {
+    if !mig_tests::is_root("lab tests") {
         return;
     }
     let cfg = config('c', 3, 1);
@@ -417,7 +403,7 @@ impl Drop for ChildGuard {
 
 #[test]
 fn lab_timings() {
-    if !is_root() {
+    if !mig_tests::is_root("lab tests") {
         return;
     }
     let cfg = config('d', 4, 4);
@@ -477,7 +463,7 @@ fn cgroup_roots_all() -> Vec<PathBuf> {
 
 #[test]
 fn down_removes_a_real_container() {
-    if !is_root() {
+    if !mig_tests::is_root("lab tests") {
         return;
     }
     let cfg = config('e', 5, 1);
@@ -549,7 +535,7 @@ fn down_removes_a_real_container() {
 
 #[test]
 fn down_without_a_readable_lab_file() {
-    if !is_root() {
+    if !mig_tests::is_root("lab tests") {
         return;
     }
     let cfg = config('f', 6, 2);
@@ -576,7 +562,7 @@ fn down_without_a_readable_lab_file() {
 
 #[test]
 fn move_between_lab_hosts() {
-    if !is_root() {
+    if !mig_tests::is_root("lab tests") {
         return;
     }
     let cfg = config('g', 7, 2);

@@ -17,14 +17,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-fn is_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    eprintln!("skipping: migration tests need root");
-    false
-}
-
 /// A lab for one test, removed on drop.
 struct Lab {
     name: String,
@@ -35,11 +27,7 @@ struct Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        match lab::down(&self.name) {
-            Ok(r) if !r.is_clean() => eprintln!("lab {} cleanup problems: {r}", self.name),
-            Ok(_) => {}
-            Err(e) => eprintln!("lab {} cleanup failed: {e}", self.name),
-        }
+        mig_tests::lab_down_quietly(&self.name);
     }
 }
 
@@ -326,7 +314,7 @@ fn move_and_check(lab: &Lab, from: usize, to: usize, name: &str, id: &str) -> Re
 
 #[test]
 fn move_there_and_back() -> Result<()> {
-    if !is_root() {
+    if !mig_tests::is_root("migration tests") {
         return Ok(());
     }
     let lab = Lab::up("h", 1)?;
@@ -358,7 +346,7 @@ fn failed_move(lab: &Lab, name: &str) -> Result<(u64, String)> {
 
 #[test]
 fn dest_killed_during_transfer() -> Result<()> {
-    if !is_root() {
+    if !mig_tests::is_root("migration tests") {
         return Ok(());
     }
     let mut lab = Lab::up("t", 2)?;
@@ -375,7 +363,7 @@ fn dest_killed_during_transfer() -> Result<()> {
 
 #[test]
 fn dest_killed_during_restore() -> Result<()> {
-    if !is_root() {
+    if !mig_tests::is_root("migration tests") {
         return Ok(());
     }
     let mut lab = Lab::up("r", 3)?;
@@ -390,7 +378,7 @@ fn dest_killed_during_restore() -> Result<()> {
 
 #[test]
 fn corrupted_file_in_transit() -> Result<()> {
-    if !is_root() {
+    if !mig_tests::is_root("migration tests") {
         return Ok(());
     }
     let lab = Lab::up("c", 4)?;
@@ -405,7 +393,7 @@ fn corrupted_file_in_transit() -> Result<()> {
 
 #[test]
 fn restore_fails_on_destination() -> Result<()> {
-    if !is_root() {
+    if !mig_tests::is_root("migration tests") {
         return Ok(());
     }
     let lab = Lab::up("f", 5)?;
@@ -420,7 +408,7 @@ fn restore_fails_on_destination() -> Result<()> {
 
 #[test]
 fn unpinned_peer_is_refused() -> Result<()> {
-    if !is_root() {
+    if !mig_tests::is_root("migration tests") {
         return Ok(());
     }
     let lab = Lab::up("u", 6)?;
