@@ -12,8 +12,8 @@
 
 use crate::api::frame::{read_frame, write_frame, FrameError};
 use crate::api::{
-    ApiError, CheckpointResult, ContainerDetails, ContainerSummary, ErrorKind, ExecResult, Hello,
-    HostInfo, ImageInfo, Request, Response, RestoreResult, RunRequest, API_VERSION,
+    ApiError, CheckpointResult, ContainerDetails, ContainerSummary, ErrorKind, Event, ExecResult,
+    Hello, HostInfo, ImageInfo, Request, Response, RestoreResult, RunRequest, API_VERSION,
 };
 use crate::migration::{IdentityInfo, MoveResult, PeerInfo};
 use std::path::{Path, PathBuf};
@@ -234,6 +234,23 @@ impl Client {
                 Response::LogEnd => return Ok(()),
                 r => return Err(unexpected("logs", r)),
             }
+        }
+    }
+
+    /// Subscribes to the agent's events; read them with [`Client::next_event`]. The connection
+    /// serves nothing else afterwards.
+    pub async fn subscribe_events(&mut self) -> Result<(), ClientError> {
+        match self.call(&Request::Events).await? {
+            Response::Ok => Ok(()),
+            r => Err(unexpected("events", r)),
+        }
+    }
+
+    /// The next event after [`Client::subscribe_events`].
+    pub async fn next_event(&mut self) -> Result<Event, ClientError> {
+        match read_frame(&mut self.stream).await? {
+            Response::Event(e) => Ok(*e),
+            r => Err(unexpected("events", r)),
         }
     }
 

@@ -9,6 +9,7 @@
 
 pub mod frame;
 
+pub use crate::daemon::events::{Event, EventKind};
 use mig_runtime::cgroup::Usage;
 use mig_runtime::pidmap::PidEntry;
 use mig_runtime::spec::Limits;
@@ -44,6 +45,9 @@ pub enum Request {
         container: String,
         peer: String,
     },
+    /// Subscribes to the agent's events: an `Ok`, then one `Event` frame per event until the
+    /// client hangs up (docs/api.md).
+    Events,
     /// Settles an in-doubt move of `container` with its destination (on the source agent).
     MoveResolve {
         container: String,
@@ -171,6 +175,7 @@ pub enum Response {
     Peers(Vec<crate::migration::PeerInfo>),
     Peer(crate::migration::PeerInfo),
     Identity(crate::migration::IdentityInfo),
+    Event(Box<Event>),
     Error(ApiError),
 }
 

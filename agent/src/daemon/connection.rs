@@ -83,6 +83,8 @@ pub(super) async fn serve(
         let done = async {
             if let Request::Logs { container, follow } = &req {
                 super::logs::stream(&agent, &mut stream, container, *follow, &mut shutdown).await
+            } else if let Request::Events = &req {
+                super::events::stream(&agent, &mut stream, &mut shutdown).await
             } else {
                 let resp = handle(&agent, req).await.unwrap_or_else(Response::Error);
                 write_frame(&mut stream, &resp).await
@@ -100,6 +102,7 @@ fn op_name(r: &Request) -> &'static str {
     match r {
         Request::Move { .. } => "move",
         Request::MoveResolve { .. } => "move_resolve",
+        Request::Events => "events",
         Request::PeerAdd { .. } => "peer_add",
         Request::PeerList => "peer_list",
         Request::PeerRemove { .. } => "peer_remove",
@@ -193,6 +196,9 @@ async fn handle(agent: &Arc<Agent>, req: Request) -> Result<Response, ApiError> 
                 "restore takes either a container or an archive to import",
             )),
         },
-        Request::Logs { .. } => Err(ApiError::new(ErrorKind::Internal, "logs are streamed")),
+        Request::Logs { .. } | Request::Events => Err(ApiError::new(
+            ErrorKind::Internal,
+            "logs and events are streamed",
+        )),
     }
 }

@@ -181,6 +181,20 @@ impl Agent {
             };
         });
         tracing::info!(%id, "container ended");
+        if let Some(x) = &exit {
+            if x.oom_killed {
+                self.emit(super::events::EventKind::ContainerOom {
+                    id: id.to_owned(),
+                    name: e.spec.name.clone(),
+                    oom_kills: 1,
+                });
+            }
+        }
+        self.emit(super::events::EventKind::ContainerStopped {
+            id: id.to_owned(),
+            name: e.spec.name.clone(),
+            exit_code: exit.as_ref().map(|x| x.code),
+        });
     }
 
     /// Unmounts the rootfs and removes the cgroup, best effort (used when the shim could not).
@@ -310,6 +324,10 @@ impl Agent {
                     e.state.started = Some(now());
                 });
                 spawn_watch(self.clone(), id.clone(), Some(child));
+                self.emit(super::events::EventKind::ContainerStarted {
+                    id: id.clone(),
+                    name: name.clone(),
+                });
                 Ok(Response::Created { id, name })
             }
             Err(err) => {
@@ -589,6 +607,10 @@ impl Agent {
             .map_err(|err| internal(format!("removing {}: {err}", cd.dir.display())))?;
         self.lock().remove(id);
         tracing::info!(%id, "container removed");
+        self.emit(super::events::EventKind::ContainerRemoved {
+            id: id.to_owned(),
+            name: e.spec.name.clone(),
+        });
         Ok(())
     }
 }

@@ -9,6 +9,7 @@
 mod checkpoint;
 mod connection;
 mod containers;
+pub mod events;
 mod exec;
 mod info;
 mod logs;
@@ -80,6 +81,8 @@ pub struct Agent {
     pub(crate) containers: Mutex<HashMap<String, Entry>>,
     /// Live migration: the QUIC endpoint, identity and peers (set by [`crate::migration::start`]).
     pub(crate) migration: crate::migration::Migrations,
+    /// Container and migration events for subscribers ([`events`]).
+    pub(crate) events: events::Events,
 }
 
 impl Agent {
@@ -100,6 +103,7 @@ impl Agent {
             images,
             containers: Mutex::new(HashMap::new()),
             migration: Default::default(),
+            events: Default::default(),
         });
         let live = agent.load_all()?;
         Ok((agent, live))

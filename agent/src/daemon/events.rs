@@ -1,0 +1,175 @@
+//! The agent's event stream: container lifecycle and migration phases, fanned out to every
+//! subscriber (`mig events`, `mig move`'s progress, metrics). Events are not stored: a subscriber
+//! sees what happens after it subscribed. A subscriber that falls more than [`CAPACITY`] events
+//! behind gets one [`EventKind::Lagged`] saying how many it missed.
+
+use super::Agent;
+use crate::api::frame::{write_frame, FrameError};
+use crate::api::Response;
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::net::UnixStream;
+use tokio::sync::broadcast;
+
+/// Events kept for a slow subscriber before it lags.
+pub const CAPACITY: usize = 1024;
+
+/// One event, numbered in the order the agent emitted it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Increases by one per event of this agent run.
+    pub seq: u64,
+    /// Unix time in milliseconds.
+    pub time_ms: u64,
+    /// The agent's (host's) name.
+    pub host: String,
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+/// What happened.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EventKind {
+    ContainerStarted {
+        id: String,
+        name: String,
+    },
+    /// The container's init exited (or it was killed).
+    ContainerStopped {
+        id: String,
+        name: String,
+        exit_code: Option<i32>,
+    },
+    ContainerOom {
+        id: String,
+        name: String,
+        oom_kills: u64,
+    },
+    ContainerCheckpointed {
+        id: String,
+        name: String,
+        leave_running: bool,
+    },
+    ContainerRestored {
+        id: String,
+        name: String,
+    },
+    ContainerRemoved {
+        id: String,
+        name: String,
+    },
+    /// A migration entered `phase` (prepare, presync, freeze, dump, transfer, restore, commit,
+    /// rollback) on this agent; `elapsed_ms` counts from the start of the migration.
+    MigrationPhase {
+        migration_id: String,
+        container_id: String,
+        container_name: String,
+        /// `source` or `destination`.
+        role: String,
+        peer: String,
+        phase: String,
+        elapsed_ms: u64,
+        /// Bytes sent (source) or received (destination) so far.
+        bytes: u64,
+        /// Bytes expected in this phase, when known.
+        total_bytes: Option<u64>,
+    },
+    /// A migration ended on this agent.
+    MigrationDone {
+        migration_id: String,
+        container_id: String,
+        container_name: String,
+        role: String,
+        peer: String,
+        /// `committed`, `rolled_back` or `in_doubt`.
+        outcome: String,
+        total_ms: u64,
+        downtime_ms: Option<u64>,
+        bytes: u64,
+        error: Option<String>,
+    },
+    /// This subscriber fell behind and missed `missed` events.
+    Lagged {
+        missed: u64,
+    },
+}
+
+/// The agent's event fan-out.
+#[derive(Debug)]
+pub struct Events {
+    tx: broadcast::Sender<Event>,
+    seq: AtomicU64,
+}
+
+impl Default for Events {
+    fn default() -> Self {
+        let (tx, _) = broadcast::channel(CAPACITY);
+        Events {
+            tx,
+            seq: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Events {
+    /// A receiver of every event emitted from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.tx.subscribe()
+    }
+}
+
+impl Agent {
+    /// Emits `kind` to every subscriber (nobody listening is fine).
+    pub(crate) fn emit(&self, kind: EventKind) {
+        let seq = self.events.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let time_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let _ = self.events.tx.send(Event {
+            seq,
+            time_ms,
+            host: self.cfg.name.clone(),
+            kind,
+        });
+    }
+}
+
+/// Streams events as `Event` frames until the client hangs up or the agent shuts down.
+pub(super) async fn stream(
+    agent: &Arc<Agent>,
+    out: &mut UnixStream,
+    shutdown: &mut broadcast::Receiver<()>,
+) -> Result<(), FrameError> {
+    let mut rx = agent.events.subscribe();
+    // Tells the client the subscription is in place, so it can start what it wants to watch.
+    write_frame(out, &Response::Ok).await?;
+    let mut probe = [0u8; 1];
+    loop {
+        let event = tokio::select! {
+            e = rx.recv() => e,
+            _ = shutdown.recv() => return Ok(()),
+            // The client only reads; a readable socket means it hung up (or misbehaves).
+            _ = out.readable() => {
+                match out.try_read(&mut probe) {
+                    Ok(_) => return Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(_) => return Ok(()),
+                }
+            }
+        };
+        let event = match event {
+            Ok(e) => e,
+            Err(broadcast::error::RecvError::Lagged(missed)) => Event {
+                seq: 0,
+                time_ms: 0,
+                host: agent.cfg.name.clone(),
+                kind: EventKind::Lagged { missed },
+            },
+            Err(broadcast::error::RecvError::Closed) => return Ok(()),
+        };
+        write_frame(out, &Response::Event(Box::new(event))).await?;
+    }
+}
