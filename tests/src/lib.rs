@@ -2,6 +2,7 @@
 //! and [`Agent`], a `migd` started per test in a temporary state directory that cleans up every
 //! container, mount, cgroup and process it made when dropped, even after a failed assertion.
 
+pub mod lab;
 use anyhow::{bail, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;

@@ -1,0 +1,318 @@
+//! A lab for end-to-end tests: simulated hosts made by `mig_agent::lab`, each with a real `migd`,
+//! the busybox image, and the checks every migration test makes (memory intact, counter
+//! continues, PIDs kept, nothing left behind).
+//!
+//! Every test's lab has its own subnet, 10.214.`third`.0/24. Ranges by test file, so tests of
+//! different files can run at once: moves 1-19, faults 20-49, bench 60-69, api and rebalance
+//! 70-79, networking 80-89, operations 90-99, security 100-109.
+
+use anyhow::{bail, Context, Result};
+use mig_agent::lab::{self, LabConfig, LabHost};
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// A lab for one test, removed on drop.
+pub struct Lab {
+    pub name: String,
+    pub hosts: Vec<LabHost>,
+    _tmp: tempfile::TempDir,
+    pub image_tar: PathBuf,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        crate::lab_down_quietly(&self.name);
+    }
+}
+
+impl Lab {
+    /// A two-host lab (host-a, host-b) named from `tag` and the process id, on the subnet
+    /// 10.214.`third`.0/24 (unique per test: see the table in this module's doc), with the
+    /// busybox image imported on host-a.
+    pub fn up(tag: &str, third: u8) -> Result<Lab> {
+        Lab::up_n(tag, third, 2)
+    }
+
+    /// Like [`Lab::up`] with `hosts` hosts.
+    pub fn up_n(tag: &str, third: u8, hosts: usize) -> Result<Lab> {
+        let name = format!("mv{}{tag}", std::process::id() % 100_000);
+        let mut cfg = LabConfig::new(&name, hosts, crate::bin("migd"));
+        cfg.subnet_base = [10, 214, third];
+        cfg.extra_agent_args = vec!["--listen".into(), "{addr}:{port}".into()];
+        let tmp = tempfile::tempdir()?;
+        let rootfs = crate::busybox_rootfs(tmp.path())?;
+        let image_tar = crate::tar_of(&rootfs, tmp.path(), "busybox.tar")?;
+        let hosts = lab::up(&cfg).with_context(|| format!("lab up {name}"))?;
+        let lab = Lab {
+            name,
+            hosts,
+            _tmp: tmp,
+            image_tar,
+        };
+        lab.mig_ok(
+            0,
+            &[
+                "image",
+                "import",
+                &lab.image_tar.display().to_string(),
+                "--name",
+                "busybox",
+            ],
+        )?;
+        Ok(lab)
+    }
+
+    pub fn mig(&self, host: usize, args: &[&str]) -> crate::MigOutput {
+        Command::new(crate::bin("mig"))
+            .arg("--socket")
+            .arg(&self.hosts[host].socket)
+            .args(args)
+            .env_remove("MIG_HOST")
+            .env_remove("MIG_SOCKET")
+            .output()
+            .expect("running mig")
+            .into()
+    }
+
+    pub fn mig_ok(&self, host: usize, args: &[&str]) -> Result<String> {
+        let o = self.mig(host, args);
+        if o.code != 0 {
+            bail!(
+                "mig {args:?} on host {host} failed ({}): {}",
+                o.code,
+                o.stderr
+            );
+        }
+        Ok(o.stdout)
+    }
+
+    pub fn mig_json(&self, host: usize, args: &[&str]) -> Result<Value> {
+        Ok(serde_json::from_str(&self.mig_ok(host, args)?)?)
+    }
+
+    pub fn state_dir(&self, host: usize) -> &Path {
+        &self.hosts[host].state_dir
+    }
+
+    /// Arms (or with `None` disarms) a fault hook in one agent (docs/migration.md).
+    pub fn fault(&self, host: usize, fault: Option<&str>) -> Result<()> {
+        let f = self.state_dir(host).join("mig-fault");
+        match fault {
+            Some(text) => std::fs::write(&f, text)?,
+            None => {
+                let _ = std::fs::remove_file(&f);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn restart(&mut self, host: usize) -> Result<()> {
+        let h = lab::restart_agent(&self.name, &self.hosts[host].name.clone())?;
+        self.hosts[host] = h;
+        Ok(())
+    }
+
+    pub fn cgroup_parent(&self, host: usize) -> String {
+        format!("mig-{}-{}", self.name, self.hosts[host].name)
+    }
+
+    /// Runs the test container on host `host`: `mb` MiB of random data in each of two processes.
+    pub fn run_container(&self, host: usize, name: &str, mb: u32) -> Result<String> {
+        let bytes = mb as u64 * 1_000_000;
+        let script = format!(
+            r#"d=$(head -c {bytes} /dev/urandom | base64 -w0); s=$(echo "$d" | md5sum)
+i=0
+while :; do
+  i=$((i+1))
+  if [ $((i % 4)) = 0 ]; then
+    if [ "$(echo "$d" | md5sum)" = "$s" ]; then echo "parent $i OK" >&2; else echo "parent $i BAD" >&2; fi
+  fi
+  echo $i
+  sleep 0.5
+done | {{
+  e=$(head -c {bytes} /dev/urandom | base64 -w0); t=$(echo "$e" | md5sum)
+  while read n; do
+    echo "$n" > /tmp/counter
+    if [ $((n % 4)) = 2 ]; then
+      if [ "$(echo "$e" | md5sum)" = "$t" ]; then echo "child $n OK"; else echo "child $n BAD"; fi
+    fi
+  done
+}}"#
+        );
+        let id = self.mig_ok(
+            host,
+            &[
+                "run", "-d", "--name", name, "busybox", "--", "sh", "-c", &script,
+            ],
+        )?;
+        let id = id.trim().to_string();
+        // Both processes hold their data once the first checks passed.
+        let ok = crate::wait_until(Duration::from_secs(60), || {
+            let log = self.mig(host, &["logs", name]).stdout;
+            log.contains(" OK")
+                && log
+                    .lines()
+                    .any(|l| l.starts_with("parent") && l.ends_with("OK"))
+        });
+        if !ok {
+            bail!(
+                "the container never reported OK: {}",
+                self.mig(host, &["logs", name]).stdout
+            );
+        }
+        Ok(id)
+    }
+}
+
+/// The highest counter in the OK lines of the log and whether any line says BAD.
+pub fn log_state(log: &str) -> (u64, bool) {
+    let max = log
+        .lines()
+        .filter(|l| l.ends_with(" OK"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .max()
+        .unwrap_or(0);
+    (max, log.contains("BAD"))
+}
+
+/// The in-namespace PIDs of a PID map.
+pub fn ns_pids(v: &Value) -> BTreeSet<i64> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["ns_pid"].as_i64())
+        .collect()
+}
+
+/// Waits until the container on `host` logs OK lines beyond `after` and none BAD; returns the new
+/// highest counter.
+pub fn continues(lab: &Lab, host: usize, name: &str, after: u64) -> Result<u64> {
+    let mut last = String::new();
+    let ok = crate::wait_until(Duration::from_secs(60), || {
+        last = lab.mig(host, &["logs", name]).stdout;
+        let (max, bad) = log_state(&last);
+        bad || max > after + 2
+    });
+    let (max, bad) = log_state(&last);
+    if !ok || bad {
+        bail!("the container on host {host} did not continue intact after {after}: {last}");
+    }
+    Ok(max)
+}
+
+/// Nothing of container `id` on `host`: not listed, no directory, no mount, no cgroup, no
+/// staging directory.
+pub fn nothing_left(lab: &Lab, host: usize, id: &str) -> Result<()> {
+    let ok = crate::wait_until(Duration::from_secs(20), || {
+        let listed = lab
+            .mig_json(host, &["ps", "-a", "--json"])
+            .map(|v| v.to_string().contains(id))
+            .unwrap_or(true);
+        let dir = lab.state_dir(host).join("containers").join(id).exists();
+        let cg =
+            !crate::Agent::cgroup_dirs(&format!("{}/{id}", lab.cgroup_parent(host))).is_empty();
+        let staging = std::fs::read_dir(lab.state_dir(host).join("migrations"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().ends_with(".in"));
+        let mounts = mount_points(lab.hosts[host].agent_pid)
+            .iter()
+            .any(|m| m.starts_with(&lab.state_dir(host).display().to_string()) && m.contains(id));
+        !(listed || dir || cg || staging || mounts)
+    });
+    if !ok {
+        let staging: Vec<String> = std::fs::read_dir(lab.state_dir(host).join("migrations"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        let mounts: Vec<String> = mount_points(lab.hosts[host].agent_pid)
+            .into_iter()
+            .filter(|m| m.starts_with(&lab.state_dir(host).display().to_string()) && m.contains(id))
+            .collect();
+        bail!(
+            "container {id} left something on host {host}: ps {:?}, dir {}, cgroups {:?}, migrations {staging:?}, mounts {mounts:?}",
+            lab.mig(host, &["ps", "-a"]).stdout,
+            lab.state_dir(host).join("containers").join(id).exists(),
+            crate::Agent::cgroup_dirs(&format!("{}/{id}", lab.cgroup_parent(host)))
+        );
+    }
+    Ok(())
+}
+
+/// Mount points seen by the agent (its mount namespace), or by us.
+pub fn mount_points(agent: Option<i32>) -> Vec<String> {
+    let path = agent
+        .map(|p| format!("/proc/{p}/mountinfo"))
+        .unwrap_or_else(|| "/proc/self/mountinfo".into());
+    std::fs::read_to_string(path)
+        .or_else(|_| std::fs::read_to_string("/proc/self/mountinfo"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+        .collect()
+}
+
+pub fn running_on(lab: &Lab, host: usize, name: &str) -> Result<Value> {
+    let v = lab.mig_json(host, &["inspect", name, "--json"])?;
+    if v["state"] != "running" {
+        bail!("{name} on host {host} is {}", v["state"]);
+    }
+    Ok(v)
+}
+
+/// Moves from `from` to `to` and checks PIDs, memory, counter and the source left clean.
+pub fn move_and_check(lab: &Lab, from: usize, to: usize, name: &str, id: &str) -> Result<Value> {
+    running_on(lab, from, name)?;
+    let (count_before, _) = log_state(&lab.mig(from, &["logs", name]).stdout);
+    let peer = lab.hosts[to].name.clone();
+    let r = lab.mig_json(from, &["move", name, &peer, "--json"])?;
+    for k in [
+        "downtime_ms",
+        "total_ms",
+        "freeze_ms",
+        "dump_ms",
+        "transfer_ms",
+        "restore_ms",
+        "bytes_sent",
+    ] {
+        if !r[k].is_u64() {
+            bail!("move output lacks {k}: {r}");
+        }
+    }
+    assert_eq!(r["mode"], "cold");
+    eprintln!(
+        "moved {} -> {}: downtime {} ms, total {} ms, freeze {} dump {} transfer {} restore {} ms, {} bytes",
+        lab.hosts[from].name, peer, r["downtime_ms"], r["total_ms"], r["freeze_ms"], r["dump_ms"],
+        r["transfer_ms"], r["restore_ms"], r["bytes_sent"]
+    );
+    let after = running_on(lab, to, name)?;
+    assert_eq!(after["host"], peer.as_str());
+    // Every process dumped (read while frozen) came back with its in-namespace PID.
+    let dumped = ns_pids(&r["pid_map_before"]);
+    assert_eq!(
+        dumped,
+        ns_pids(&r["pid_map"]),
+        "in-namespace PIDs changed: {r}"
+    );
+    assert!(dumped.contains(&1));
+    // The shell init and the two sides of the pipe at least.
+    assert!(dumped.len() >= 3, "too few processes: {r}");
+    assert!(ns_pids(&after["pid_map"]).contains(&1), "{after}");
+    continues(lab, to, name, count_before)?;
+    let counter: u64 = lab
+        .mig_ok(to, &["exec", name, "--", "cat", "/tmp/counter"])?
+        .trim()
+        .parse()?;
+    assert!(
+        counter >= count_before,
+        "the counter went back: {counter} < {count_before}"
+    );
+    nothing_left(lab, from, id)?;
+    Ok(r)
+}
