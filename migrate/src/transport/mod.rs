@@ -2,7 +2,8 @@
 //! ([`PeerStore`]), QUIC endpoints with mutual TLS that accept only pinned certificates
 //! ([`endpoint`], [`connect`]), verified file transfer over QUIC streams ([`send_files`],
 //! [`receive_file`]) and the drivers that run the [`crate::protocol`] machines over a connection
-//! ([`run_source`], [`run_dest`]).
+//! ([`run_source`], [`run_dest`]); TCP connections carried over a migration connection
+//! ([`tunnel`]: CRIU's page server between two agents).
 
 mod identity;
 mod peers;
@@ -17,6 +18,7 @@ pub use tls::{
 
 mod driver;
 mod files;
+pub mod tunnel;
 
 pub use driver::{
     run_dest, run_source, DestHost, DestReport, DriverError, Refusal, SourceHost, SourceReport,
