@@ -1,0 +1,171 @@
+//! `mig-memload`: the self-verifying memory workload of `mig bench move`, run the same way in a
+//! mig container and in the runc baseline.
+//!
+//! It allocates `--mib` MiB, fills them with a pseudo-random pattern derived from `--seed` (every
+//! 8-byte word is a pure function of the seed and its index, so any part can be checked alone),
+//! prints `READY <mib>`, then once a second (`--interval-ms`):
+//!
+//! - rewrites `--dirty-mib` MiB (default 1) with the same pattern at a rotating offset, so the pages
+//!   are dirtied but stay verifiable;
+//! - verifies the next `--verify-mib` MiB (default 256) against the pattern, wrapping around;
+//! - prints `COUNT <n>` and then `OK <n> passes <p>` (`p` = complete verification passes over the
+//!   whole buffer so far) or `BAD <n> offset <byte>` at the first wrong word.
+//!
+//! A move keeps the counter going (it lives in the moved memory); a restored process whose memory
+//! is not intact prints `BAD`. Static build: `RUSTFLAGS="-C target-feature=+crt-static" cargo build
+//! -p mig-memload --release`. No dependencies beyond std.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+const MIB_WORDS: usize = (1 << 20) / 8;
+
+struct Options {
+    mib: usize,
+    seed: u64,
+    dirty_mib: usize,
+    verify_mib: usize,
+    interval: Duration,
+}
+
+const USAGE: &str =
+    "usage: mig-memload --mib N [--seed S] [--dirty-mib D] [--verify-mib V] [--interval-ms MS]";
+
+fn parse(args: &[String]) -> Result<Options, String> {
+    let mut o = Options {
+        mib: 0,
+        seed: 1,
+        dirty_mib: 1,
+        verify_mib: 256,
+        interval: Duration::from_millis(1000),
+    };
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let value = it
+            .next()
+            .ok_or_else(|| format!("{flag} needs a value"))?
+            .parse::<u64>()
+            .map_err(|_| format!("{flag} needs a number"))?;
+        match flag.as_str() {
+            "--mib" => o.mib = value as usize,
+            "--seed" => o.seed = value,
+            "--dirty-mib" => o.dirty_mib = value as usize,
+            "--verify-mib" => o.verify_mib = value as usize,
+            "--interval-ms" => o.interval = Duration::from_millis(value.max(10)),
+            _ => return Err(format!("unknown option {flag}")),
+        }
+    }
+    if o.mib == 0 || o.mib > 1 << 20 {
+        return Err("--mib must be 1 to 1048576".into());
+    }
+    o.verify_mib = o.verify_mib.clamp(1, o.mib);
+    o.dirty_mib = o.dirty_mib.min(o.mib);
+    Ok(o)
+}
+
+/// The pattern word at `index` (splitmix64 of the seed and the index).
+fn word(seed: u64, index: usize) -> u64 {
+    let mut z = seed
+        .wrapping_add(0x9e37_79b9_7f4a_7c15)
+        .wrapping_add((index as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn fill(mem: &mut [u64], seed: u64, start: usize) {
+    for (i, w) in mem.iter_mut().enumerate() {
+        *w = word(seed, start + i);
+    }
+}
+
+/// Index of the first word of `mem` (starting at word `start`) that is wrong.
+fn check(mem: &[u64], seed: u64, start: usize) -> Option<usize> {
+    mem.iter()
+        .enumerate()
+        .find(|&(i, &w)| w != word(seed, start + i))
+        .map(|(i, _)| start + i)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let o = match parse(&args) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("mig-memload: {e}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let words = o.mib * MIB_WORDS;
+    let mut mem = vec![0u64; words];
+    fill(&mut mem, o.seed, 0);
+    let mut out = std::io::stdout().lock();
+    // Output errors (a closed log) must not stop the workload: the memory is what is measured.
+    let _ = writeln!(out, "READY {}", o.mib);
+    let _ = out.flush();
+
+    let (dirty_words, verify_words) = (o.dirty_mib * MIB_WORDS, o.verify_mib * MIB_WORDS);
+    let (mut dirty_at, mut verify_at, mut passes) = (0usize, 0usize, 0u64);
+    let mut next = Instant::now() + o.interval;
+    let mut n = 0u64;
+    loop {
+        let now = Instant::now();
+        if next > now {
+            std::thread::sleep(next - now);
+        }
+        // After a long stop (a freeze, a move) start again from now instead of catching up.
+        next = Instant::now().max(next) + o.interval;
+        n += 1;
+
+        if dirty_words > 0 {
+            let end = (dirty_at + dirty_words).min(words);
+            fill(&mut mem[dirty_at..end], o.seed, dirty_at);
+            dirty_at = if end == words { 0 } else { end };
+        }
+        let end = (verify_at + verify_words).min(words);
+        let bad = check(&mem[verify_at..end], o.seed, verify_at);
+        verify_at = if end == words {
+            passes += 1;
+            0
+        } else {
+            end
+        };
+        let _ = writeln!(out, "COUNT {n}");
+        let _ = match bad {
+            None => writeln!(out, "OK {n} passes {passes}"),
+            Some(i) => writeln!(out, "BAD {n} offset {}", i * 8),
+        };
+        let _ = out.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn options_parse_and_clamp() {
+        let o = parse(&args("--mib 16 --verify-mib 64 --seed 7")).unwrap();
+        assert_eq!((o.mib, o.verify_mib, o.seed, o.dirty_mib), (16, 16, 7, 1));
+        assert!(parse(&args("")).is_err());
+        assert!(parse(&args("--mib x")).is_err());
+        assert!(parse(&args("--mib 1 --what 2")).is_err());
+        assert!(parse(&args("--mib")).is_err());
+    }
+
+    #[test]
+    fn pattern_verifies_and_detects_a_flip() {
+        let mut mem = vec![0u64; 4096];
+        fill(&mut mem, 3, 100);
+        assert_eq!(check(&mem, 3, 100), None);
+        assert_eq!(check(&mem, 4, 100), Some(100));
+        mem[1234] ^= 1;
+        assert_eq!(check(&mem, 3, 100), Some(1334));
+        assert_ne!(word(1, 0), word(1, 1));
+    }
+}
