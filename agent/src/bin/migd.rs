@@ -2,19 +2,29 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use mig_agent::config::{self, ConfigFile, LogFormat, Overrides};
 use mig_agent::daemon::{self, Agent, Config};
 use std::path::{Path, PathBuf};
 
 /// The mig agent: owns this host's containers and images and serves the API on a unix socket.
+///
+/// Settings come from the configuration file (/etc/mig/config.toml when it exists, or --config);
+/// each flag given overrides the file.
 #[derive(Debug, Parser)]
 #[command(name = "migd", version, about)]
 struct Args {
-    /// State directory (images, containers).
-    #[arg(long, default_value = "/var/lib/mig", value_name = "DIR")]
-    state_dir: PathBuf,
-    /// The API socket (created mode 0600).
-    #[arg(long, default_value = mig_agent::cli::DEFAULT_SOCKET, value_name = "PATH")]
-    socket: PathBuf,
+    /// The configuration file (default: /etc/mig/config.toml when it exists).
+    #[arg(long, env = "MIG_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Check the configuration, print the effective settings (TOML) and exit.
+    #[arg(long)]
+    check_config: bool,
+    /// State directory (images, containers) [default: /var/lib/mig].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// The API socket (created mode 0600) [default: /run/mig/migd.sock].
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
     /// The agent's name (default: the hostname).
     #[arg(long)]
     name: Option<String>,
@@ -28,41 +38,45 @@ struct Args {
     /// agent only makes outgoing moves (from an ephemeral port).
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Option<std::net::SocketAddr>,
+    /// Log format [default: text].
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
 }
 
 /// The pipe size CRIU's lazy page server needs (DESIGN.md, "Platform facts").
 const PIPE_MAX_SIZE: u64 = 16 << 20;
 
-fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let args = Args::parse();
-    let name = match args.name {
-        Some(n) => n,
-        None => nix::unistd::gethostname()
-            .context("reading the hostname")?
-            .to_string_lossy()
-            .into_owned(),
-    };
-    mig_runtime::spec::validate_name(&name).context("invalid agent name")?;
-    let cgroup_parent = args.cgroup_parent.unwrap_or_else(|| format!("mig-{name}"));
-    let cg_ok = !cgroup_parent.is_empty()
-        && cgroup_parent.split('/').all(|c| {
-            !c.is_empty()
-                && c != "."
-                && c != ".."
-                && c.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
-        });
-    if !cg_ok {
-        bail!("invalid cgroup parent {cgroup_parent:?}");
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("migd: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
+}
+
+fn run() -> Result<()> {
+    let args = Args::parse();
+    let (file, path) = ConfigFile::discover(args.config.as_deref())?;
+    let eff = file.resolve(Overrides {
+        name: args.name,
+        listen: args.listen,
+        state_dir: args.state_dir,
+        socket: args.socket,
+        cgroup_parent: args.cgroup_parent,
+        log_format: args.log_format,
+        ..Overrides::default()
+    })?;
+    if args.check_config {
+        match &path {
+            Some(p) => println!("# {} is valid; effective settings:", p.display()),
+            None => println!("# no configuration file; effective settings:"),
+        }
+        print!("{}", eff.to_toml());
+        return Ok(());
+    }
+    init_logging(eff.log_format);
     let shim = match args.shim {
         Some(s) => s,
         None => std::env::current_exe()
@@ -72,30 +86,71 @@ fn main() -> Result<()> {
     if !shim.is_file() {
         bail!("the shim {} does not exist", shim.display());
     }
-    std::fs::create_dir_all(&args.state_dir)
-        .with_context(|| format!("creating {}", args.state_dir.display()))?;
-    let state_dir = std::fs::canonicalize(&args.state_dir)
-        .with_context(|| format!("resolving {}", args.state_dir.display()))?;
+    std::fs::create_dir_all(&eff.state_dir)
+        .with_context(|| format!("creating {}", eff.state_dir.display()))?;
+    let state_dir = std::fs::canonicalize(&eff.state_dir)
+        .with_context(|| format!("resolving {}", eff.state_dir.display()))?;
+    let eff = config::Effective { state_dir, ..eff };
+    eff.pin_peers()?;
     raise_pipe_max_size();
     let cfg = Config {
-        state_dir,
-        name,
-        cgroup_parent,
+        state_dir: eff.state_dir.clone(),
+        name: eff.name.clone(),
+        cgroup_parent: eff.cgroup_parent.clone(),
         shim,
     };
-    tracing::info!(name = %cfg.name, state_dir = %cfg.state_dir.display(), socket = %args.socket.display(), "starting");
+    let socket = eff.socket.clone();
+    tracing::info!(name = %cfg.name, state_dir = %cfg.state_dir.display(), socket = %socket.display(), config = ?path, "starting");
     let (agent, live) = Agent::open(cfg).context("opening the state directory")?;
     tracing::info!(adopted = live.len(), "containers loaded");
     let rt = tokio::runtime::Runtime::new().context("starting tokio")?;
     rt.block_on(async {
-        let listener = bind(&args.socket).await?;
+        let listener = bind(&socket).await?;
         daemon::watch_adopted(&agent, live);
-        mig_agent::migration::start(&agent, args.listen)
+        mig_agent::migration::start(&agent, eff.listen)
             .context("starting the migration endpoint")?;
+        sd_notify("READY=1\nSTATUS=serving");
         daemon::run(listener, agent, shutdown_signal()).await;
-        let _ = std::fs::remove_file(&args.socket);
+        sd_notify("STOPPING=1");
+        let _ = std::fs::remove_file(&socket);
         Ok(())
     })
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => b.json().init(),
+        LogFormat::Text => b
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
+}
+
+/// Tells systemd (Type=notify) about our state: one datagram to `$NOTIFY_SOCKET` (a path, or an
+/// abstract socket when it starts with `@`). Nothing happens outside systemd.
+fn sd_notify(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(target.as_os_str());
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name),
+        None => SocketAddr::from_pathname(Path::new(&target)),
+    };
+    let sent = addr.and_then(|addr| {
+        let sock = UnixDatagram::unbound()?;
+        sock.send_to_addr(state.as_bytes(), &addr)
+    });
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, socket = ?target, "cannot notify systemd");
+    }
 }
 
 /// Binds the API socket, root-only; replaces a stale socket but not a live agent's.
