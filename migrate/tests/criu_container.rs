@@ -95,6 +95,7 @@ fn spec() -> ContainerSpec {
         hostname: "criu-ct".into(),
         limits: Limits::default(),
         userns: None,
+        net: None,
     }
 }
 

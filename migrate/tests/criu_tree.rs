@@ -153,6 +153,7 @@ fn spec() -> ContainerSpec {
         hostname: "criu-tree".into(),
         limits: Limits::default(),
         userns: None,
+        net: None,
     }
 }
 

@@ -32,6 +32,7 @@ fn seal_and_verify_512_mib() {
         hostname: "speed".into(),
         limits: Limits::default(),
         userns: None,
+        net: None,
     };
     let t = Instant::now();
     seal(

@@ -45,6 +45,7 @@ fn prepare(id: &str) -> Prepare {
             hostname: "web".into(),
             limits: Limits::default(),
             userns: None,
+            net: None,
         },
         image,
         criu_version: "4.1.1".into(),

@@ -52,6 +52,7 @@ fn prepare() -> Prepare {
                 host_id: 100_000,
                 size: 65536,
             }),
+            net: None,
         },
         image,
         criu_version: "4.1.1".into(),

@@ -3,11 +3,13 @@
 //! Everything here is synchronous and free of networking: images and the layer store ([`image`]),
 //! the container's description ([`spec`]), its cgroup ([`cgroup`]), the code that builds its
 //! namespaces, root filesystem and confinement and starts its init ([`container`]), and small
-//! helpers for state on disk ([`fsutil`]) and the PID map ([`pidmap`]).
+//! helpers for state on disk ([`fsutil`]) and the PID map ([`pidmap`]). [`net`] gives a container
+//! a veth into the host's bridge (`mig run --net bridge`).
 
 pub mod cgroup;
 pub mod container;
 pub mod fsutil;
 pub mod image;
+pub mod net;
 pub mod pidmap;
 pub mod spec;

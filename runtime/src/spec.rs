@@ -68,6 +68,11 @@ pub struct ContainerSpec {
     pub limits: Limits,
     /// `Some` when the container runs in its own user namespace.
     pub userns: Option<IdMap>,
+    /// `Some` for a container with a veth into the host's bridge (`mig run --net bridge`); `None`:
+    /// loopback only. (Always serialized: the spec also travels in postcard, which is not
+    /// self-describing.)
+    #[serde(default)]
+    pub net: Option<crate::net::NetSpec>,
 }
 
 /// Why a spec (or one of its parts) was refused.
@@ -93,6 +98,8 @@ pub enum SpecError {
     IdMap(&'static str),
     #[error("a string contains a NUL byte")]
     Nul,
+    #[error("invalid network: {0}")]
+    Net(&'static str),
 }
 
 /// Checks a container id: 32 lowercase hex characters.
@@ -199,6 +206,12 @@ impl ContainerSpec {
                 ));
             }
         }
+        if let Some(net) = &self.net {
+            net.validate().map_err(|e| match e {
+                crate::net::NetError::Invalid(why) => SpecError::Net(why),
+                _ => SpecError::Net("invalid"),
+            })?;
+        }
         Ok(())
     }
 
@@ -251,6 +264,7 @@ mod tests {
             hostname: "web".into(),
             limits: Limits::default(),
             userns: None,
+            net: None,
         }
     }
 

@@ -284,6 +284,7 @@ impl Agent {
             hostname,
             limits: req.limits.clone(),
             userns: req.userns.then_some(USERNS_MAP),
+            net: None,
         };
         spec.validate().map_err(|e| invalid(e.to_string()))?;
         let state = StateRecord {

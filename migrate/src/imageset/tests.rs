@@ -21,6 +21,7 @@ pub(crate) fn sample_spec() -> ContainerSpec {
         hostname: "web".into(),
         limits: Limits::default(),
         userns: None,
+        net: None,
     }
 }
 

@@ -38,6 +38,7 @@ pub(crate) fn prepare() -> Prepare {
             hostname: "web".into(),
             limits: Limits::default(),
             userns: None,
+            net: None,
         },
         image,
         criu_version: "4.1.1".into(),

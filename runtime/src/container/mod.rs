@@ -65,6 +65,8 @@ pub enum ContainerError {
     },
     #[error("invalid container spec")]
     Spec(#[source] crate::spec::SpecError),
+    #[error("setting up the container's network")]
+    Net(#[source] crate::net::NetError),
     #[error("invalid command: empty, or a string contains a NUL byte")]
     Command,
     #[error("reading the kernel's capability list")]

@@ -38,6 +38,9 @@ pub fn spawn(cfg: &LaunchConfig<'_>) -> Result<i32, ContainerError> {
         // As the host's root, before the init loses that power in its user namespace.
         rootfs::prepare_userns_root(cfg.rootfs, map.host_id)?;
     }
+    if let Some(net) = &spec.net {
+        crate::net::write_etc(cfg.rootfs, &spec.hostname, net).map_err(ContainerError::Net)?;
+    }
     let mut flags = libc::CLONE_NEWNS
         | libc::CLONE_NEWPID
         | libc::CLONE_NEWUTS
@@ -58,6 +61,10 @@ pub fn spawn(cfg: &LaunchConfig<'_>) -> Result<i32, ContainerError> {
     let started = (|| {
         if let Some(map) = spec.userns {
             write_id_maps(pid, map.host_id, map.size)?;
+        }
+        if let Some(net) = &spec.net {
+            // Before the init runs its command: the network is there when the program starts.
+            crate::net::attach(pid, net).map_err(ContainerError::Net)?;
         }
         channel::send(sock, channel::Message::Go)
             .map_err(|errno| ContainerError::Channel { pid, errno })

@@ -129,6 +129,7 @@ pub fn spec(test: &str, args: &[&str]) -> ContainerSpec {
         hostname: format!("ct-{}", test.replace('_', "-")),
         limits: Limits::default(),
         userns: None,
+        net: None,
     }
 }
 
