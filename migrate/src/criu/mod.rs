@@ -86,6 +86,13 @@ pub enum CriuError {
         log: PathBuf,
         errors: Vec<String>,
     },
+    #[error("criu {op} did not finish within {waited_ms} ms (killed), log {log}: {}", errors.join(" | "))]
+    Timeout {
+        op: &'static str,
+        waited_ms: u64,
+        log: PathBuf,
+        errors: Vec<String>,
+    },
     #[error("/proc/sys/fs/pipe-max-size is {current}; post-copy needs at least {needed} (run scripts/setup.sh)")]
     PipeMaxSize { current: u64, needed: u64 },
 }

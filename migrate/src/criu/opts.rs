@@ -82,6 +82,9 @@ pub struct RestoreOpts {
     /// Post-copy: memory comes from a `criu lazy-pages` daemon started on `images_dir` first
     /// (`--lazy-pages`).
     pub lazy_pages: bool,
+    /// CRIU's work directory (`--work-dir`); a lazy restore needs the one its `criu lazy-pages`
+    /// daemon uses. `None`: the images directory.
+    pub work_dir: Option<PathBuf>,
     /// Anything else, passed as given after mig's options.
     pub extra: Vec<String>,
 }
@@ -171,6 +174,9 @@ impl RestoreOpts {
         if self.lazy_pages {
             a.push("--lazy-pages".into());
         }
+        if let Some(w) = &self.work_dir {
+            push(&mut a, "--work-dir", w);
+        }
         for (fd, what) in &self.inherit_fds {
             push(&mut a, "--inherit-fd", format!("fd[{fd}]:{what}"));
         }
@@ -230,6 +236,7 @@ mod tests {
             external: vec![],
             tcp_established: false,
             lazy_pages: false,
+            work_dir: None,
             extra: vec![],
         };
         let a = strs(o.args()).join(" ");

@@ -129,6 +129,50 @@ impl Background {
     }
 }
 
+impl Background {
+    /// [`Background::wait`] for at most `timeout`; a process still running then is killed and
+    /// reported as [`CriuError::Timeout`].
+    pub fn wait_timeout(mut self, timeout: Duration) -> Result<(), CriuError> {
+        let start = Instant::now();
+        loop {
+            let Some(child) = self.child.as_mut() else {
+                return Ok(());
+            };
+            match child.try_wait() {
+                Ok(Some(_)) => return self.wait(),
+                Ok(None) if start.elapsed() < timeout => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Ok(None) => {
+                    if let Some(mut c) = self.child.take() {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                    }
+                    return Err(CriuError::Timeout {
+                        op: self.op,
+                        waited_ms: start.elapsed().as_millis() as u64,
+                        log: self.log.clone(),
+                        errors: error_lines(&self.log),
+                    });
+                }
+                Err(source) => {
+                    return Err(CriuError::Spawn {
+                        path: PathBuf::from("criu"),
+                        source,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Whether the process has exited (without reaping it for [`Background::wait`]).
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
 impl Drop for Background {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -182,11 +226,32 @@ impl Criu {
     /// Starts the destination's `criu lazy-pages` daemon; returns once its socket for the lazy
     /// restore exists.
     pub fn lazy_pages(&self, opts: &LazyPagesOpts) -> Result<Background, CriuError> {
+        self.lazy_pages_in(opts, None)
+    }
+
+    /// [`Criu::lazy_pages`] with CRIU's work directory at `work_dir` (`--work-dir`): the daemon
+    /// creates `lazy-pages.socket` there instead of in the images directory, which then holds
+    /// nothing but the image set; the lazy restore must run with the same work directory
+    /// ([`RestoreOpts::work_dir`](super::RestoreOpts::work_dir)).
+    pub fn lazy_pages_in(
+        &self,
+        opts: &LazyPagesOpts,
+        work_dir: Option<&Path>,
+    ) -> Result<Background, CriuError> {
         check_pipe_max_size()?;
+        if let Some(w) = work_dir {
+            create_dir(w)?;
+        }
         let log = resolve(&opts.images_dir, &opts.log_file);
         self.spawn_ready(
             "lazy-pages",
-            |fd| opts.args(fd),
+            |fd| {
+                let mut a = opts.args(fd);
+                if let Some(w) = work_dir {
+                    push(&mut a, "--work-dir", w);
+                }
+                a
+            },
             target_fd(&opts.source),
             &log,
             opts.ready_timeout,

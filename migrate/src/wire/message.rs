@@ -95,6 +95,10 @@ pub enum MigrationMode {
     PreCopy,
     /// Post-copy: memory is served on demand from the source after the restore.
     PostCopy,
+    /// Like `PreCopy`, but the pages go straight from the dump to the destination's
+    /// `criu page-server` through a tunnel on the migration connection (no disk staging on the
+    /// source); only the other images travel as files.
+    Stream,
 }
 
 /// The migration's opening message: everything the destination needs to decide.
