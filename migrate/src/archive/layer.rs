@@ -44,19 +44,66 @@ pub enum LayerError {
 pub fn write_layer_tar(dir: &Path, w: &mut dyn Write) -> Result<(), LayerError> {
     let mut b = tar::Builder::new(w);
     b.follow_symlinks(false);
-    add_dir(&mut b, dir, Path::new(""), &mut HashMap::new())?;
+    let mut links = Links::new();
+    walk(dir, Path::new(""), &mut |path, rel, meta| {
+        add_entry(&mut b, path, rel, meta, &mut links)
+    })?;
     b.into_inner().map_err(LayerError::Write)?;
     Ok(())
 }
 
 /// First archived name of every multiply-linked file, by (device, inode).
-type Links = HashMap<(u64, u64), PathBuf>;
+pub(super) type Links = HashMap<(u64, u64), PathBuf>;
 
-fn add_dir(
+/// Appends one entry of the layer (`path` on disk, `name` in the tar; not its children).
+pub(super) fn add_entry(
     b: &mut tar::Builder<&mut dyn Write>,
+    path: &Path,
+    name: &Path,
+    meta: &std::fs::Metadata,
+    links: &mut Links,
+) -> Result<(), LayerError> {
+    let ft = meta.file_type();
+    if ft.is_char_device() && meta.rdev() == 0 {
+        let mut wh = std::ffi::OsString::from(WHITEOUT_PREFIX);
+        wh.push(name.file_name().unwrap_or_default());
+        empty_file(b, &name.with_file_name(wh), meta)?;
+    } else if ft.is_dir() {
+        b.append_dir(name, path).map_err(LayerError::Write)?;
+        if super::sys::lgetxattr(path, OPAQUE_XATTR).as_deref() == Some(b"y") {
+            empty_file(b, &name.join(OPAQUE), meta)?;
+        }
+    } else if ft.is_socket() {
+        // Sockets cannot be archived.
+    } else if ft.is_file() && meta.nlink() > 1 {
+        match links.entry((meta.dev(), meta.ino())) {
+            std::collections::hash_map::Entry::Occupied(first) => {
+                let mut h = tar::Header::new_gnu();
+                h.set_entry_type(tar::EntryType::Link);
+                h.set_size(0);
+                h.set_mode(meta.mode() & 0o7777);
+                b.append_link(&mut h, name, first.get())
+                    .map_err(LayerError::Write)?;
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(name.to_owned());
+                b.append_path_with_name(path, name)
+                    .map_err(LayerError::Write)?;
+            }
+        }
+    } else {
+        b.append_path_with_name(path, name)
+            .map_err(LayerError::Write)?;
+    }
+    Ok(())
+}
+
+/// Calls `f(path, relative path, metadata)` for every entry under `dir`, parents first, names
+/// sorted; does not follow symlinks.
+pub(super) fn walk(
     dir: &Path,
     rel: &Path,
-    links: &mut Links,
+    f: &mut dyn FnMut(&Path, &Path, &std::fs::Metadata) -> Result<(), LayerError>,
 ) -> Result<(), LayerError> {
     let read_err = |path: &Path| {
         let path = path.to_owned();
@@ -70,39 +117,15 @@ fn add_dir(
     for e in entries {
         let path = e.path();
         let name = rel.join(e.file_name());
-        let meta = std::fs::symlink_metadata(&path).map_err(read_err(&path))?;
-        let ft = meta.file_type();
-        if ft.is_char_device() && meta.rdev() == 0 {
-            let mut wh = std::ffi::OsString::from(WHITEOUT_PREFIX);
-            wh.push(e.file_name());
-            empty_file(b, &rel.join(wh), &meta)?;
-        } else if ft.is_dir() {
-            b.append_dir(&name, &path).map_err(LayerError::Write)?;
-            if super::sys::lgetxattr(&path, OPAQUE_XATTR).as_deref() == Some(b"y") {
-                empty_file(b, &name.join(OPAQUE), &meta)?;
-            }
-            add_dir(b, &path, &name, links)?;
-        } else if ft.is_socket() {
-            continue;
-        } else if ft.is_file() && meta.nlink() > 1 {
-            match links.entry((meta.dev(), meta.ino())) {
-                std::collections::hash_map::Entry::Occupied(first) => {
-                    let mut h = tar::Header::new_gnu();
-                    h.set_entry_type(tar::EntryType::Link);
-                    h.set_size(0);
-                    h.set_mode(meta.mode() & 0o7777);
-                    b.append_link(&mut h, &name, first.get())
-                        .map_err(LayerError::Write)?;
-                }
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    v.insert(name.clone());
-                    b.append_path_with_name(&path, &name)
-                        .map_err(LayerError::Write)?;
-                }
-            }
-        } else {
-            b.append_path_with_name(&path, &name)
-                .map_err(LayerError::Write)?;
+        let meta = match std::fs::symlink_metadata(&path) {
+            Ok(m) => m,
+            // Removed since the listing: the next scan sees it gone.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(read_err(&path)(e)),
+        };
+        f(&path, &name, &meta)?;
+        if meta.is_dir() {
+            walk(&path, &name, f)?;
         }
     }
     Ok(())
@@ -132,7 +155,19 @@ pub fn unpack_layer_tar(r: &mut dyn Read, dest: &Path) -> Result<(), LayerError>
     a.set_preserve_permissions(true);
     a.set_preserve_ownerships(true);
     a.set_unpack_xattrs(false);
-    for entry in a.entries().map_err(LayerError::Tar)? {
+    let entries = a.entries().map_err(LayerError::Tar)?;
+    unpack_entries(entries, dest, &mut |_, _| Ok(()))
+}
+
+/// Unpacks tar entries into `dest` (see [`unpack_layer_tar`]); `before(target, is_dir)` runs
+/// before each entry that creates `target` (relative to `dest`; a whiteout's target is the
+/// whited-out name).
+pub(super) fn unpack_entries<R: Read>(
+    entries: tar::Entries<'_, R>,
+    dest: &Path,
+    before: &mut dyn FnMut(&Path, bool) -> Result<(), LayerError>,
+) -> Result<(), LayerError> {
+    for entry in entries {
         let mut entry = entry.map_err(LayerError::Tar)?;
         let raw = entry.path().map_err(LayerError::Tar)?.into_owned();
         let unsafe_path = || LayerError::UnsafePath {
@@ -145,7 +180,8 @@ pub fn unpack_layer_tar(r: &mut dyn Read, dest: &Path) -> Result<(), LayerError>
             return Err(unsafe_path());
         }
         let name = raw.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        let parent = dest.join(raw.parent().unwrap_or(Path::new("")));
+        let rel_parent = raw.parent().unwrap_or(Path::new(""));
+        let parent = dest.join(rel_parent);
         let unpack_err = |path: PathBuf| move |source| LayerError::Unpack { path, source };
         if name == OPAQUE {
             std::fs::create_dir_all(&parent).map_err(unpack_err(parent.clone()))?;
@@ -154,6 +190,7 @@ pub fn unpack_layer_tar(r: &mut dyn Read, dest: &Path) -> Result<(), LayerError>
             if target.is_empty() || target == "." || target == ".." {
                 return Err(unsafe_path());
             }
+            before(&rel_parent.join(target), false)?;
             std::fs::create_dir_all(&parent).map_err(unpack_err(parent.clone()))?;
             let path = parent.join(target);
             nix::sys::stat::mknod(
@@ -167,6 +204,7 @@ pub fn unpack_layer_tar(r: &mut dyn Read, dest: &Path) -> Result<(), LayerError>
                 source: e.into(),
             })?;
         } else {
+            before(&raw, entry.header().entry_type().is_dir())?;
             let done = entry.unpack_in(dest).map_err(unpack_err(dest.join(&raw)))?;
             if !done {
                 return Err(unsafe_path());

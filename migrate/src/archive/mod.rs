@@ -8,9 +8,14 @@
 //! with plain relative paths, bounded in count and size, then runs [`imageset::verify`]; on any
 //! failure the destination directory is removed.
 
+mod delta;
 mod layer;
 mod sys;
 
+pub use delta::{
+    apply_layer_delta, write_layer_delta, write_layer_tar_scanned, DeltaStats, EntryMeta,
+    LayerScan, DELETED,
+};
 pub use layer::{unpack_layer_tar, write_layer_tar, LayerError};
 
 use crate::imageset::{self, FileEntry, ImageSetError, Manifest, MANIFEST};
@@ -371,3 +376,5 @@ pub fn unpack_upper(dir: &Path, upper_dir: &Path) -> Result<bool, ArchiveError> 
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod delta_tests;

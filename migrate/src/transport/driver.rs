@@ -30,6 +30,21 @@ pub const FILE_STREAMS: usize = 8;
 /// How long to wait at the end for the last message to be acknowledged.
 const LINGER: Duration = Duration::from_secs(5);
 
+/// How often a host hears of the bytes moved during a file phase (at most 5 times a second).
+pub const PROGRESS_EVERY: Duration = Duration::from_millis(200);
+
+/// Where a migration is, for progress displays: the phase that is now under way on this side
+/// (`prepare`, `presync`, `freeze`, `dump`, `transfer`, `restore`, `commit`, `rollback`), the
+/// bytes sent (source) or received (destination) since the start of the migration, and the
+/// bytes expected by the end of this phase when known. Byte counts during a transfer come from
+/// the connection's UDP counters (payload plus QUIC overhead, capped at the expected total).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    pub phase: &'static str,
+    pub bytes: u64,
+    pub total: Option<u64>,
+}
+
 /// The source agent's side of a migration. One value per migration; every method is called from
 /// the driver's task, one at a time, in the order the machine asks.
 pub trait SourceHost: Send + Sync {
@@ -51,6 +66,8 @@ pub trait SourceHost: Send + Sync {
     /// Writes the journal record durably.
     fn journal(&self, record: &JournalRecord)
         -> impl Future<Output = Result<(), HostError>> + Send;
+    /// The migration entered a phase or moved bytes (see [`Progress`]); must not block.
+    fn progress(&self, _progress: Progress) {}
 }
 
 /// Why the destination refuses a Prepare.
@@ -83,6 +100,9 @@ pub trait DestHost: Send + Sync + 'static {
     /// The last journal state of a migration (for a Resolve on a new connection).
     fn load_journal(&self, migration_id: &str)
         -> impl Future<Output = Option<JournalState>> + Send;
+    /// Migration `migration_id` entered a phase or received bytes (see [`Progress`]); must not
+    /// block.
+    fn progress(&self, _migration_id: &str, _progress: Progress) {}
 }
 
 /// Why a driver could not run a migration at all (failures inside the migration end up in the
@@ -216,6 +236,11 @@ pub async fn run_source<H: SourceHost>(
     let mut ctrl = spawn_control_reader(recv);
     if *machine.state() == SourceState::Idle {
         machine.start();
+        host.progress(Progress {
+            phase: "prepare",
+            bytes: 0,
+            total: None,
+        });
     } else {
         machine.handle(SourceInput::Reconnected);
     }
@@ -238,6 +263,18 @@ pub async fn run_source<H: SourceHost>(
                     } = m
                     {
                         final_done_at = Some(Instant::now());
+                        host.progress(Progress {
+                            phase: "restore",
+                            bytes: bytes_sent,
+                            total: Some(bytes_sent),
+                        });
+                    }
+                    if let Message::Commit = m {
+                        host.progress(Progress {
+                            phase: "commit",
+                            bytes: bytes_sent,
+                            total: Some(bytes_sent),
+                        });
                     }
                     if let Err(e) = write_frame(&mut send, &m, MAX_CONTROL_FRAME).await {
                         tracing::warn!(message = m.name(), error = %chain(&e), "send failed");
@@ -264,9 +301,15 @@ pub async fn run_source<H: SourceHost>(
                                 Phase::Final => Ok(std::mem::take(&mut final_files)),
                             };
                             let sent = match files {
-                                Ok(files) => send_files(conn, files, FILE_STREAMS)
-                                    .await
-                                    .map_err(|e| chain(&e)),
+                                Ok(files) => {
+                                    let name = match phase {
+                                        Phase::Presync => "presync",
+                                        Phase::Final => "transfer",
+                                    };
+                                    send_with_progress(conn, files, host, name, bytes_sent)
+                                        .await
+                                        .map_err(|e| chain(&e))
+                                }
                                 Err(e) => Err(chain(e.as_ref())),
                             };
                             match phase {
@@ -287,12 +330,22 @@ pub async fn run_source<H: SourceHost>(
                             }
                         }
                         SourceAction::Freeze => {
+                            host.progress(Progress {
+                                phase: "freeze",
+                                bytes: bytes_sent,
+                                total: None,
+                            });
                             freeze_start = Some(start);
                             let r = host.freeze().await;
                             t.freeze = start.elapsed();
                             done(r, SourceInput::Frozen)
                         }
                         SourceAction::Dump => {
+                            host.progress(Progress {
+                                phase: "dump",
+                                bytes: bytes_sent,
+                                total: None,
+                            });
                             let r = host.dump().await;
                             t.dump = start.elapsed();
                             match r {
@@ -305,7 +358,14 @@ pub async fn run_source<H: SourceHost>(
                                 },
                             }
                         }
-                        SourceAction::Thaw => done(host.thaw().await, SourceInput::Thawed),
+                        SourceAction::Thaw => {
+                            host.progress(Progress {
+                                phase: "rollback",
+                                bytes: bytes_sent,
+                                total: None,
+                            });
+                            done(host.thaw().await, SourceInput::Thawed)
+                        }
                         SourceAction::DestroySource => {
                             done(host.destroy().await, SourceInput::Destroyed)
                         }
@@ -357,6 +417,42 @@ pub async fn run_source<H: SourceHost>(
         timings: t,
         peer,
     })
+}
+
+/// Sends `files` (see [`send_files`]) and tells the host how far it got every
+/// [`PROGRESS_EVERY`]; `before` is what the migration sent before this phase.
+async fn send_with_progress<H: SourceHost>(
+    conn: &quinn::Connection,
+    files: Vec<OutgoingFile>,
+    host: &H,
+    phase: &'static str,
+    before: u64,
+) -> Result<super::TransferStats, super::FileError> {
+    let size: u64 = files
+        .iter()
+        .map(|f| std::fs::metadata(&f.local).map(|m| m.len()).unwrap_or(0))
+        .sum();
+    let total = Some(before + size);
+    host.progress(Progress {
+        phase,
+        bytes: before,
+        total,
+    });
+    let base = conn.stats().udp_tx.bytes;
+    let send = send_files(conn, files, FILE_STREAMS);
+    tokio::pin!(send);
+    let mut tick = tokio::time::interval(PROGRESS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            r = &mut send => return r,
+            _ = tick.tick() => {
+                let moved = conn.stats().udp_tx.bytes.saturating_sub(base).min(size);
+                host.progress(Progress { phase, bytes: before + moved, total });
+            }
+        }
+    }
 }
 
 fn done<I>(r: Result<(), HostError>, ok: I) -> I
@@ -474,6 +570,12 @@ pub async fn run_dest<H: DestHost>(
     let mut counts: HashMap<Phase, (u32, u64)> = HashMap::new();
     let mut awaiting: Option<(Phase, u32, u64)> = None;
     let mut link_up = true;
+    // Progress: the received bytes count from the Prepare; `ticking` is the file phase under way.
+    let rx_base = conn.stats().udp_rx.bytes;
+    let received = || conn.stats().udp_rx.bytes.saturating_sub(rx_base);
+    let mut ticking: Option<&'static str> = None;
+    let mut tick = tokio::time::interval(PROGRESS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         while let Some(out) = machine.poll_output() {
             let id = machine.id().to_string();
@@ -497,6 +599,18 @@ pub async fn run_dest<H: DestHost>(
                 }
                 Output::Do(DestAction::CheckPrepare(p)) => {
                     let r = host.check(&p).await;
+                    if r.is_ok() {
+                        // Accepted (the host knows the migration from now on).
+                        for phase in ["prepare", "presync"] {
+                            let p = Progress {
+                                phase,
+                                bytes: 0,
+                                total: None,
+                            };
+                            host.progress(&id, p);
+                        }
+                        ticking = Some("presync");
+                    }
                     if r.is_ok() && acceptor.is_none() {
                         acceptor = Some(spawn_file_acceptor(
                             conn.clone(),
@@ -520,6 +634,15 @@ pub async fn run_dest<H: DestHost>(
                     }
                 }
                 Output::Do(DestAction::Restore) => {
+                    ticking = None;
+                    host.progress(
+                        &id,
+                        Progress {
+                            phase: "restore",
+                            bytes: received(),
+                            total: None,
+                        },
+                    );
                     let input = match host.restore(&id).await {
                         Ok(pid_map) => DestInput::Restored { pid_map },
                         Err(e) => DestInput::ActionFailed {
@@ -532,6 +655,15 @@ pub async fn run_dest<H: DestHost>(
                     machine.handle(done(host.resume(&id).await, DestInput::Resumed))
                 }
                 Output::Do(DestAction::Cleanup) => {
+                    ticking = None;
+                    host.progress(
+                        &id,
+                        Progress {
+                            phase: "rollback",
+                            bytes: received(),
+                            total: None,
+                        },
+                    );
                     if let Some(a) = acceptor.take() {
                         a.abort();
                         let _ = a.await;
@@ -565,8 +697,33 @@ pub async fn run_dest<H: DestHost>(
                 Some(FileEvent::Failed { detail }) => DestInput::FileFailed { detail },
                 None => continue,
             },
+            _ = tick.tick(), if ticking.is_some() => {
+                if let Some(phase) = ticking {
+                    let p = Progress { phase, bytes: received(), total: None };
+                    host.progress(machine.id(), p);
+                }
+                continue;
+            }
             _ = tokio::time::sleep(wait) => DestInput::TimedOut,
         };
+        if let DestInput::Received(m) = &input {
+            let phase = match m {
+                // The source is frozen and dumping.
+                Message::Frozen => Some("dump"),
+                Message::DumpDone => Some("transfer"),
+                Message::Commit => Some("commit"),
+                _ => None,
+            };
+            if let Some(phase) = phase {
+                ticking = (phase == "transfer").then_some(phase);
+                let p = Progress {
+                    phase,
+                    bytes: received(),
+                    total: None,
+                };
+                host.progress(machine.id(), p);
+            }
+        }
         machine.handle(input);
     }
     if let Some(a) = acceptor.take() {

@@ -12,8 +12,8 @@ mod tls;
 pub use identity::{fingerprint, is_fingerprint, Identity, IdentityError};
 pub use peers::{Peer, PeerError, PeerStore};
 pub use tls::{
-    accept, client_config, connect, endpoint, peer_fingerprint, server_config, transport_config,
-    AllowedPeers, TlsError, ALPN,
+    accept, api_client_config, client_config, connect, endpoint, negotiated_alpn,
+    peer_fingerprint, server_config, transport_config, AllowedPeers, TlsError, API_ALPN, ALPN,
 };
 
 mod driver;
@@ -21,8 +21,8 @@ mod files;
 pub mod tunnel;
 
 pub use driver::{
-    run_dest, run_source, DestHost, DestReport, DriverError, Refusal, SourceHost, SourceReport,
-    Timings, FILE_STREAMS,
+    run_dest, run_source, DestHost, DestReport, DriverError, Progress, Refusal, SourceHost,
+    SourceReport, Timings, FILE_STREAMS, PROGRESS_EVERY,
 };
 pub use files::{
     hash_file, receive_file, send_file, send_files, FileError, OutgoingFile, ReceivedFile,

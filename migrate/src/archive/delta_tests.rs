@@ -1,0 +1,107 @@
+//! The writable-layer delta: what changed since the presync scan, applied on top of the presync
+//! copy, gives the same tree as the layer now.
+
+use super::delta::*;
+use super::unpack_layer_tar;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+
+/// Every entry under `dir`: (relative path, type and mode, content or link target).
+fn tree(dir: &Path) -> Vec<(String, u32, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let data = if m.is_file() {
+                std::fs::read(&p).unwrap()
+            } else if m.file_type().is_symlink() {
+                std::fs::read_link(&p)
+                    .unwrap()
+                    .into_os_string()
+                    .into_encoded_bytes()
+            } else {
+                if m.is_dir() {
+                    stack.push(p.clone());
+                }
+                Vec::new()
+            };
+            let rel = p.strip_prefix(dir).unwrap().display().to_string();
+            out.push((rel, m.mode(), data));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn delta_on_top_of_presync_gives_the_layer() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    std::fs::create_dir_all(src.join("keep/sub")).unwrap();
+    std::fs::create_dir_all(src.join("gone/deep")).unwrap();
+    std::fs::write(src.join("big"), vec![7u8; 1 << 20]).unwrap();
+    std::fs::write(src.join("small"), b"one").unwrap();
+    std::fs::write(src.join("gone/deep/f"), b"x").unwrap();
+    std::fs::write(src.join("keep/sub/f"), b"y").unwrap();
+    std::fs::write(src.join("becomes-dir"), b"z").unwrap();
+    std::os::unix::fs::symlink("small", src.join("link")).unwrap();
+
+    let mut presync = Vec::new();
+    let scan = write_layer_tar_scanned(&src, &mut presync).unwrap();
+    assert!(scan.contains_key(Path::new("keep/sub/f")));
+    std::fs::create_dir_all(&dst).unwrap();
+    unpack_layer_tar(&mut &presync[..], &dst).unwrap();
+
+    // Changes while "running".
+    std::fs::write(src.join("small"), b"two").unwrap();
+    std::fs::remove_dir_all(src.join("gone")).unwrap();
+    std::fs::write(src.join("new"), b"new").unwrap();
+    std::fs::remove_file(src.join("becomes-dir")).unwrap();
+    std::fs::create_dir(src.join("becomes-dir")).unwrap();
+    std::fs::write(src.join("becomes-dir/in"), b"in").unwrap();
+    std::fs::remove_file(src.join("link")).unwrap();
+    std::os::unix::fs::symlink("new", src.join("link")).unwrap();
+    std::fs::set_permissions(
+        src.join("keep/sub/f"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+
+    let mut delta = Vec::new();
+    let stats = write_layer_delta(&src, &scan, &mut delta).unwrap();
+    assert_eq!(stats.deleted, 1, "only the top of a deleted tree is listed");
+    assert!(
+        delta.len() < presync.len() / 10,
+        "the big file was sent again"
+    );
+    let applied = apply_layer_delta(&mut &delta[..], &dst).unwrap();
+    assert_eq!(applied.deleted, 1);
+    assert_eq!(tree(&src), tree(&dst));
+}
+
+#[test]
+fn delta_refuses_escapes() {
+    let t = tempfile::tempdir().unwrap();
+    let dst = t.path().join("dst");
+    std::fs::create_dir_all(&dst).unwrap();
+    std::fs::write(t.path().join("victim"), b"v").unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    let list = b"../victim\0";
+    let mut h = tar::Header::new_gnu();
+    h.set_size(list.len() as u64);
+    h.set_mode(0o600);
+    b.append_data(&mut h, DELETED, &list[..]).unwrap();
+    let tar = b.into_inner().unwrap();
+    assert!(apply_layer_delta(&mut &tar[..], &dst).is_err());
+    assert!(t.path().join("victim").exists());
+    // A tar without the deletion list first is not a delta.
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(1);
+    h.set_mode(0o600);
+    b.append_data(&mut h, "x", &b"x"[..]).unwrap();
+    let tar = b.into_inner().unwrap();
+    assert!(apply_layer_delta(&mut &tar[..], &dst).is_err());
+}
