@@ -316,3 +316,331 @@ pub fn move_and_check(lab: &Lab, from: usize, to: usize, name: &str, id: &str) -
     nothing_left(lab, from, id)?;
     Ok(r)
 }
+
+// ---- Faults and hygiene (tests/tests/faults.rs) ----
+
+impl Lab {
+    /// Takes host `host`'s link to the lab switch down (`up == false`) or up again: the veth end
+    /// named after the host in the switch namespace (`<lab>-sw`), as `mig_agent::lab` makes it.
+    pub fn link(&self, host: usize, up: bool) -> Result<()> {
+        let sw = format!("{}-sw", self.name);
+        let state = if up { "up" } else { "down" };
+        let o = Command::new("ip")
+            .args(["-n", &sw, "link", "set", &self.hosts[host].name, state])
+            .output()?;
+        if !o.status.success() {
+            bail!(
+                "ip link set {} {state}: {}",
+                self.hosts[host].name,
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    /// SIGKILLs host `host`'s agent (the PID the lab started) and waits until it is gone; its
+    /// containers' shims live on. [`Lab::restart`] starts it again.
+    pub fn kill_agent(&self, host: usize) -> Result<()> {
+        let Some(pid) = self.hosts[host].agent_pid else {
+            bail!("host {host} has no agent");
+        };
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        if !crate::wait_until(Duration::from_secs(10), || !agent_alive(pid)) {
+            bail!("agent {pid} survived SIGKILL");
+        }
+        Ok(())
+    }
+
+    /// Waits until host `host`'s agent is gone (say, after a `kill` fault) and starts it again.
+    pub fn restart_after_crash(&mut self, host: usize) -> Result<()> {
+        if let Some(pid) = self.hosts[host].agent_pid {
+            if !crate::wait_until(Duration::from_secs(30), || !agent_alive(pid)) {
+                bail!("agent {pid} of host {host} did not die");
+            }
+        }
+        self.restart(host)
+    }
+}
+
+/// Whether `pid` is a live (not zombie) process.
+fn agent_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => false,
+    }
+}
+
+/// What one agent holds: compared before and after a move to find leaks.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Usage {
+    /// The agent's PID (fds are only comparable for the same process).
+    pub agent_pid: Option<i32>,
+    /// Open descriptors of the agent (`/proc/PID/fd`).
+    pub fds: usize,
+    /// Mounts under the agent's state directory.
+    pub mounts: usize,
+    /// Cgroup directories under the agent's cgroup parent, in every hierarchy.
+    pub cgroups: usize,
+    /// Distinct network namespaces of the processes in the agent's cgroups and tree, besides the
+    /// host's own.
+    pub netns: usize,
+    /// Processes in the agent's tree (children, shims, CRIU) and its cgroups.
+    pub procs: usize,
+    /// Temporary files and work directories under the state directory (`*.tmp*`, staging `*.in`,
+    /// `containers/*/migration`).
+    pub temp_files: usize,
+}
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "fds {} mounts {} cgroups {} netns {} procs {} temp {}",
+            self.fds, self.mounts, self.cgroups, self.netns, self.procs, self.temp_files
+        )
+    }
+}
+
+fn all_pids() -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+fn ppid(pid: i32) -> Option<i32> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn netns_of(pid: i32) -> Option<String> {
+    std::fs::read_link(format!("/proc/{pid}/ns/net"))
+        .ok()
+        .map(|p| p.display().to_string())
+}
+
+fn count_dirs(dir: &Path) -> usize {
+    let mut n = 0;
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                n += 1;
+                stack.push(e.path());
+            }
+        }
+    }
+    n
+}
+
+fn pids_in_cgroups(dirs: &[PathBuf]) -> BTreeSet<i32> {
+    let mut out = BTreeSet::new();
+    let mut stack: Vec<PathBuf> = dirs.to_vec();
+    while let Some(d) = stack.pop() {
+        if let Ok(s) = std::fs::read_to_string(d.join("cgroup.procs")) {
+            out.extend(s.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+        }
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+fn temp_files(state_dir: &Path) -> usize {
+    let mut n = 0;
+    let mut stack = vec![state_dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+            let in_containers = d.parent() == Some(&state_dir.join("containers"));
+            if name.contains(".tmp")
+                || (is_dir && name.ends_with(".in"))
+                || (in_containers && name == "migration")
+            {
+                n += 1;
+            }
+            // Not into container root filesystems (mounted) or image layers (big, never temp).
+            if is_dir && !matches!(name.as_str(), "rootfs" | "layers" | "upper" | "work") {
+                stack.push(e.path());
+            }
+        }
+    }
+    n
+}
+
+/// What host `host`'s agent holds now (see [`Usage`]).
+pub fn usage(lab: &Lab, host: usize) -> Usage {
+    let agent = lab.hosts[host].agent_pid;
+    let state = lab.state_dir(host).display().to_string();
+    let fds = agent
+        .and_then(|p| std::fs::read_dir(format!("/proc/{p}/fd")).ok())
+        .map(|rd| rd.count())
+        .unwrap_or(0);
+    let mounts = mount_points(None)
+        .iter()
+        .filter(|m| m.starts_with(&state))
+        .count();
+    let cg_dirs = crate::Agent::cgroup_dirs(&lab.cgroup_parent(host));
+    let cgroups = cg_dirs.iter().map(|d| count_dirs(d)).sum();
+    let mut procs = pids_in_cgroups(&cg_dirs);
+    if let Some(a) = agent {
+        let pids = all_pids();
+        let parents: Vec<(i32, Option<i32>)> = pids.iter().map(|&p| (p, ppid(p))).collect();
+        let mut tree: BTreeSet<i32> = BTreeSet::from([a]);
+        loop {
+            let before = tree.len();
+            for (p, pp) in &parents {
+                if pp.is_some_and(|pp| tree.contains(&pp)) {
+                    tree.insert(*p);
+                }
+            }
+            if tree.len() == before {
+                break;
+            }
+        }
+        tree.remove(&a);
+        procs.extend(tree);
+    }
+    let host_ns = agent.and_then(netns_of);
+    let netns = procs
+        .iter()
+        .filter_map(|&p| netns_of(p))
+        .filter(|n| Some(n) != host_ns.as_ref())
+        .collect::<BTreeSet<_>>()
+        .len();
+    Usage {
+        agent_pid: agent,
+        fds,
+        mounts,
+        cgroups,
+        netns,
+        procs: procs.len(),
+        temp_files: temp_files(lab.state_dir(host)),
+    }
+}
+
+/// What grew from `before` to `after` (descriptors only when the agent is the same process).
+pub fn leaks(before: &Usage, after: &Usage) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cmp = |what: &str, b: usize, a: usize| {
+        if a > b {
+            out.push(format!("{what} {b} -> {a}"));
+        }
+    };
+    if before.agent_pid == after.agent_pid {
+        cmp("fds", before.fds, after.fds);
+    }
+    cmp("mounts", before.mounts, after.mounts);
+    cmp("cgroups", before.cgroups, after.cgroups);
+    cmp("netns", before.netns, after.netns);
+    cmp("procs", before.procs, after.procs);
+    cmp("temp files", before.temp_files, after.temp_files);
+    out
+}
+
+/// Waits (up to 20 s: the agents finish in the background) until no host holds more than in
+/// `before`; fails with what leaked.
+pub fn no_leaks(lab: &Lab, before: &[Usage]) -> Result<()> {
+    let mut found = Vec::new();
+    let ok = crate::wait_until(Duration::from_secs(20), || {
+        found = before
+            .iter()
+            .enumerate()
+            .flat_map(|(i, b)| {
+                leaks(b, &usage(lab, i))
+                    .into_iter()
+                    .map(move |l| format!("{}: {l}", i))
+            })
+            .collect();
+        found.is_empty()
+    });
+    if !ok {
+        bail!("leaked: {found:?}");
+    }
+    Ok(())
+}
+
+/// A tmpfs mounted over a directory; unmounted (lazily) and removed on drop.
+pub struct Tmpfs {
+    pub path: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `bytes` on `path` (made if missing).
+    pub fn mount(path: &Path, bytes: u64) -> Result<Tmpfs> {
+        std::fs::create_dir_all(path)?;
+        nix::mount::mount(
+            Some("tmpfs"),
+            path,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(format!("size={bytes},mode=0700").as_str()),
+        )
+        .with_context(|| format!("mounting a tmpfs on {}", path.display()))?;
+        Ok(Tmpfs {
+            path: path.to_owned(),
+        })
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A lab one of whose hosts keeps its state on a small tmpfs (a small disk). Field order makes
+/// the lab go down before the tmpfs is unmounted.
+pub struct DiskLab {
+    pub lab: Lab,
+    pub disk: Tmpfs,
+}
+
+impl DiskLab {
+    /// [`Lab::up`], then host `host`'s agent is stopped, its state directory moved onto a tmpfs of
+    /// `bytes`, and the agent started again.
+    pub fn up(tag: &str, third: u8, host: usize, bytes: u64) -> Result<DiskLab> {
+        let lab = Lab::up(tag, third)?;
+        lab.kill_agent(host)?;
+        let state = lab.state_dir(host).to_owned();
+        let keep = state.with_extension("orig");
+        std::fs::rename(&state, &keep)?;
+        let disk = Tmpfs::mount(&state, bytes)?;
+        let st = Command::new("cp")
+            .arg("-a")
+            .arg(format!("{}/.", keep.display()))
+            .arg(&state)
+            .status()?;
+        if !st.success() {
+            bail!("copying the state directory onto the tmpfs failed");
+        }
+        std::fs::remove_dir_all(&keep)?;
+        let mut dl = DiskLab { lab, disk };
+        dl.lab.restart(host)?;
+        Ok(dl)
+    }
+}
+
+impl std::ops::Deref for DiskLab {
+    type Target = Lab;
+    fn deref(&self) -> &Lab {
+        &self.lab
+    }
+}

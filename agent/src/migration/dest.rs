@@ -289,9 +289,7 @@ impl DestSide {
     }
 
     async fn restore_inner(&self, id: &str) -> Result<Vec<PidEntry>, DestError> {
-        if fault::armed(&self.agent.cfg.state_dir, Point::DestRestore) == Some(Fault::Fail) {
-            return Err(DestError::Injected("dest-restore"));
-        }
+        let injected = fault::before_restore(&self.agent.cfg.state_dir).await?;
         let inc = self.incoming(id)?;
         let spec = inc
             .prepare
@@ -311,6 +309,9 @@ impl DestSide {
                 .unwrap_or_else(|e| Err(DestError::Task(e.to_string())))?;
         }
         let cd = self.agent.dirs.container(&spec.id);
+        if injected == Some(Fault::CriuFail) {
+            fault::spoil_restore_log(&cd.checkpoint());
+        }
         let state = StateRecord {
             state: ContainerState::Checkpointed,
             created: now(),
@@ -350,7 +351,7 @@ impl DestSide {
         })?;
         self.agent.set_busy(&spec.id, true);
         cg.freeze(FREEZE_TIMEOUT).map_err(DestError::Freeze)?;
-        if fault::armed(&self.agent.cfg.state_dir, Point::DestRestore) == Some(Fault::Kill) {
+        if injected == Some(Fault::Kill) {
             fault::die();
         }
         Ok(result.pid_map)
@@ -434,12 +435,23 @@ fn version_key(v: &str) -> [u64; 3] {
 
 impl DestHost for DestSide {
     async fn check(&self, prepare: &Prepare) -> Result<Vec<String>, Refusal> {
+        fault::hit_async(&self.agent.cfg.state_dir, Point::DestPrepare)
+            .await
+            .map_err(|e| Refusal {
+                reason: RefuseReason::Policy,
+                detail: e.to_string(),
+            })?;
         // Quick checks (a statvfs, a few stats): fine on the runtime thread.
         self.check_blocking(prepare)
     }
 
     fn place_file(&self, migration_id: &str, header: &FileHeader) -> Result<PathBuf, HostError> {
         let staging = self.staging(migration_id).map_err(boxed)?;
+        fault::hit_once(
+            &self.agent.cfg.state_dir,
+            fault::file_point(header.kind),
+            migration_id,
+        )?;
         let path = match header.kind {
             FileKind::Layer => {
                 let hex = header
@@ -454,10 +466,7 @@ impl DestHost for DestSide {
                 staging.join("layers").join(hex)
             }
             FileKind::Presync => staging.join("presync").join(&header.path),
-            FileKind::Image => {
-                fault::at(&self.agent.cfg.state_dir, Point::DestTransfer);
-                staging.join("images").join(&header.path)
-            }
+            FileKind::Image => staging.join("images").join(&header.path),
             FileKind::Delta => staging.join("delta").join(&header.path),
         };
         if let Some(parent) = path.parent() {
@@ -471,9 +480,7 @@ impl DestHost for DestSide {
     }
 
     async fn resume(&self, migration_id: &str) -> Result<(), HostError> {
-        if fault::at(&self.agent.cfg.state_dir, Point::DestCommit) == Some(Fault::Fail) {
-            return Err(boxed(DestError::Injected("dest-commit")));
-        }
+        fault::hit_async(&self.agent.cfg.state_dir, Point::DestCommit).await?;
         let inc = self.incoming(migration_id).map_err(boxed)?;
         resume_incoming(&self.agent, migration_id, &inc.container_id).map_err(boxed)?;
         tracing::info!(id = %inc.container_id, migration = %migration_id, "container arrived and runs");
@@ -525,6 +532,7 @@ pub(crate) fn spawn_acceptor(agent: Arc<Agent>, endpoint: quinn::Endpoint) {
                     continue;
                 }
             };
+            fault::track(&conn);
             let agent = agent.clone();
             tokio::spawn(async move {
                 let fp = transport::peer_fingerprint(&conn).unwrap_or_default();

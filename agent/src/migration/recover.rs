@@ -50,6 +50,10 @@ pub(crate) fn recover(agent: &Arc<Agent>) {
                 let thawed = Cgroup::open(&e.cgroup).and_then(|cg| cg.thaw());
                 let _ = std::fs::remove_dir_all(agent.dirs.container(&id).dir.join("migration"));
                 agent.set_busy(&id, false);
+                if e.state != JournalState::Preparing {
+                    // The destination may hold a restored copy, in doubt: release it.
+                    spawn_notifier(agent.clone(), e.clone());
+                }
                 match thawed {
                     Ok(()) => settle(agent, &e, JournalState::RolledBack),
                     Err(err) if agent.entry(&id).is_err() => {
@@ -115,6 +119,85 @@ pub(crate) fn recover(agent: &Arc<Agent>) {
 
 /// How often an in-doubt move is retried with its destination.
 const RESOLVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How many times a rolled-back source tries to tell its destination.
+const NOTIFY_ATTEMPTS: u32 = 24;
+
+/// A source host that does nothing: a rolled-back machine only sends Resolve and reads the answer.
+struct Notifier;
+
+impl transport::SourceHost for Notifier {
+    async fn presync_files(
+        &self,
+        _: &[String],
+    ) -> Result<Vec<transport::OutgoingFile>, transport::HostError> {
+        Ok(Vec::new())
+    }
+    async fn freeze(&self) -> Result<(), transport::HostError> {
+        Ok(())
+    }
+    async fn dump(&self) -> Result<Vec<transport::OutgoingFile>, transport::HostError> {
+        Ok(Vec::new())
+    }
+    async fn thaw(&self) -> Result<(), transport::HostError> {
+        Ok(())
+    }
+    async fn destroy(&self) -> Result<(), transport::HostError> {
+        Ok(())
+    }
+    async fn journal(
+        &self,
+        _: &mig_migrate::protocol::JournalRecord,
+    ) -> Result<(), transport::HostError> {
+        Ok(())
+    }
+}
+
+/// After a restarted source rolled a move back (it had frozen, so the destination may hold a
+/// restored copy waiting for Commit, in doubt once the link went), tells the destination with a
+/// Resolve saying "rolled back" so that it removes its copy. Retries while it is unreachable.
+fn spawn_notifier(agent: Arc<Agent>, e: JournalEntry) {
+    tokio::spawn(async move {
+        for _ in 0..NOTIFY_ATTEMPTS {
+            match notify_rolled_back(&agent, &e).await {
+                Ok(()) => {
+                    tracing::info!(migration = %e.migration_id, peer = %e.peer, "told the destination the move was rolled back");
+                    return;
+                }
+                Err(err) => {
+                    tracing::debug!(migration = %e.migration_id, error = %err, "cannot tell the destination yet")
+                }
+            }
+            tokio::time::sleep(RESOLVE_INTERVAL).await;
+        }
+        tracing::warn!(migration = %e.migration_id, peer = %e.peer, "gave up telling the destination the move was rolled back");
+    });
+}
+
+async fn notify_rolled_back(agent: &Arc<Agent>, e: &JournalEntry) -> Result<(), String> {
+    let net = agent
+        .migration
+        .net()
+        .ok_or("the migration endpoint is not running")?;
+    let peer = net
+        .peers
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&e.peer)
+        .cloned()
+        .ok_or_else(|| format!("no pinned peer named {}", e.peer))?;
+    let conn = transport::connect(&net.endpoint, &net.identity, &peer)
+        .await
+        .map_err(|err| chain(&err))?;
+    let machine = SourceMachine::recover(
+        &e.migration_id,
+        &JournalState::RolledBack,
+        Timeouts::default(),
+    );
+    let report = transport::run_source(&conn, machine, &Notifier, &super::hello(agent)).await;
+    conn.close(0u32.into(), b"done");
+    report.map(|_| ()).map_err(|err| chain(&err))
+}
 
 /// Resolves an in-doubt move of `container` in the background: retries while the destination is
 /// unreachable or still undecided, stops once it is settled (or an operator settled it).

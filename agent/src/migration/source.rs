@@ -133,9 +133,10 @@ impl SourceSide {
         std::fs::create_dir_all(&images).map_err(io(&images))?;
         let pid_map = mig_runtime::pidmap::pid_map(&cg.procs().unwrap_or_else(|_| vec![init_pid]));
         let stdio_pipe = mig_migrate::criu::stdout_pipe(init_pid);
+        let injected = fault::hit(&self.agent.cfg.state_dir, Point::SourceDump)?;
         let stats = criu
             .dump(&DumpOpts {
-                pid: init_pid,
+                pid: fault::criu_pid(injected, init_pid),
                 images_dir: images.clone(),
                 root: Some(cd.rootfs()),
                 freeze_cgroup: cg.freezer_dir(),
@@ -186,10 +187,10 @@ impl SourceSide {
             remote: UPPER_TAR.to_owned(),
             sha256: None,
         });
-        match fault::at(&self.agent.cfg.state_dir, Point::SourceDump) {
-            Some(Fault::Corrupt) => corrupt_one(&files)?,
-            Some(Fault::Fail) => return Err(SourceError::Injected("source-dump")),
-            _ => {}
+        if injected == Some(Fault::Corrupt)
+            || fault::hit(&self.agent.cfg.state_dir, Point::SourceTransfer)? == Some(Fault::Corrupt)
+        {
+            corrupt_one(&files)?;
         }
         Ok(files)
     }
@@ -257,6 +258,7 @@ impl SourceHost for Src {
         &self,
         missing_layers: &[String],
     ) -> Result<Vec<OutgoingFile>, HostError> {
+        fault::hit_async(&self.agent.cfg.state_dir, Point::SourcePresync).await?;
         let me = self.clone();
         let missing = missing_layers.to_vec();
         blocking(move || {
@@ -304,6 +306,7 @@ impl SourceHost for Src {
                 let _ = cg.thaw();
                 SourceError::Freeze(e)
             })?;
+            fault::hit(&me.agent.cfg.state_dir, Point::SourceFreeze)?;
             let map = mig_runtime::pidmap::pid_map(&cg.procs().unwrap_or_default());
             *me.frozen_pids.lock().unwrap_or_else(|p| p.into_inner()) = map;
             Ok(())
@@ -337,8 +340,11 @@ impl SourceHost for Src {
     }
 
     async fn journal(&self, record: &JournalRecord) -> Result<(), HostError> {
-        journal::write(&self.agent.cfg.state_dir, &self.entry(record.state.clone()))
-            .map_err(|e| boxed(SourceError::Journal(e)))
+        let dir = &self.agent.cfg.state_dir;
+        fault::journal(dir, Role::Source, &record.state, false).await?;
+        journal::write(dir, &self.entry(record.state.clone()))
+            .map_err(|e| boxed(SourceError::Journal(e)))?;
+        Ok(fault::journal(dir, Role::Source, &record.state, true).await?)
     }
 }
 
@@ -488,6 +494,7 @@ impl Agent {
                     format!("cannot reach {}: {}", peer.name, chain(&e)),
                 )
             })?;
+        fault::track(&conn);
         let machine = SourceMachine::new(prepare, Timeouts::default());
         let report = transport::run_source(&conn, machine, &side, &super::hello(self)).await;
         conn.close(0u32.into(), b"done");

@@ -1,0 +1,536 @@
+//! Faults at every phase of a live move, on both sides, in a real two-host lab (real `migd`s, real
+//! CRIU, QUIC between network namespaces). Each case arms one fault (docs/reliability.md lists
+//! them) through `<state-dir>/mig-fault`, moves the test container from host-a to host-b, lets a
+//! crashed agent restart, and then checks: exactly one running copy, on the expected host, its
+//! memory intact and its counter going on; nothing of it left on the other host; and no leaked
+//! descriptors, mounts, cgroups, network namespaces, processes or temporary files on either host
+//! (compared with what they held before the case). A case that ends on host-b moves the container
+//! back (a checked move) before the leak check, so every case starts from the same place.
+//!
+//! Tables share one lab each to save time; labs use the subnets 10.214.20-29.0/24. Needs root.
+//! The soak (`soak_back_and_forth`, ignored) moves one container back and forth and three at once.
+
+use anyhow::{bail, Context, Result};
+use mig_tests::lab::{
+    continues, leaks, log_state, move_and_check, no_leaks, nothing_left, running_on, usage,
+    DiskLab, Lab, Usage,
+};
+use std::time::{Duration, Instant};
+
+const A: usize = 0;
+const B: usize = 1;
+
+/// Something the test does while the move runs.
+#[derive(Debug, Clone, Copy)]
+enum During {
+    Nothing,
+    /// Takes the host's link down once the destination has the presync files (the source is
+    /// held by an armed delay), and up again after the move returned.
+    LinkDown(usize),
+    /// SIGKILLs the host's agent from outside at the same moment.
+    KillAgent(usize),
+}
+
+struct Case {
+    /// Faults armed, per host.
+    arm: &'static [(usize, &'static str)],
+    during: During,
+    /// Agents to start again after the move (they crashed).
+    restart: &'static [usize],
+    /// Where the container runs afterwards.
+    expect: usize,
+    /// What the docs' table calls it.
+    label: &'static str,
+}
+
+const fn case(
+    label: &'static str,
+    arm: &'static [(usize, &'static str)],
+    restart: &'static [usize],
+    expect: usize,
+) -> Case {
+    Case {
+        arm,
+        during: During::Nothing,
+        restart,
+        expect,
+        label,
+    }
+}
+
+/// One table row of the results.
+struct Row {
+    label: &'static str,
+    exit: i32,
+    ended_on: &'static str,
+    settled_ms: u128,
+    message: String,
+}
+
+fn host_name(h: usize) -> &'static str {
+    ["host-a", "host-b", "host-c"][h]
+}
+
+fn run_case(lab: &mut Lab, c: &Case, name: &str, id: &str, base: &mut [Usage]) -> Result<Row> {
+    eprintln!("--- case {}", c.label);
+    let (count, bad) = log_state(&lab.mig(A, &["logs", name]).stdout);
+    if bad {
+        bail!("the container is already BAD before {}", c.label);
+    }
+    for (h, f) in c.arm {
+        lab.fault(*h, Some(f))?;
+    }
+    let t0 = Instant::now();
+    let out = std::thread::scope(|s| -> Result<mig_tests::MigOutput> {
+        let l: &Lab = lab;
+        let mover = s.spawn(move || l.mig(A, &["move", name, "host-b", "--json"]));
+        match c.during {
+            During::Nothing => {}
+            During::LinkDown(h) | During::KillAgent(h) => {
+                // The destination has the presync files; the source now sits in its delay.
+                let staging = l.state_dir(B).join("migrations");
+                mig_tests::wait_until(Duration::from_secs(20), || {
+                    std::fs::read_dir(&staging)
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                        .any(|e| e.path().join("presync").exists())
+                });
+                std::thread::sleep(Duration::from_millis(300));
+                if let During::LinkDown(_) = c.during {
+                    l.link(h, false)?;
+                } else {
+                    l.kill_agent(h)?;
+                }
+            }
+        }
+        mover
+            .join()
+            .map_err(|_| anyhow::anyhow!("the mover thread panicked"))
+    })?;
+    if let During::LinkDown(h) = c.during {
+        lab.link(h, true)?;
+    }
+    for (h, _) in c.arm {
+        lab.fault(*h, None)?;
+    }
+    let message = if out.code == 0 {
+        "moved".to_string()
+    } else {
+        out.stderr.trim().to_string()
+    };
+    eprintln!("move exit {}: {message}", out.code);
+    let mut restarted = c.restart.to_vec();
+    if let During::KillAgent(h) = c.during {
+        restarted.push(h);
+    }
+    for &h in &restarted {
+        lab.restart_after_crash(h)
+            .with_context(|| format!("restarting host {h}"))?;
+    }
+    let other = 1 - c.expect;
+    let settled = mig_tests::wait_until(Duration::from_secs(90), || {
+        running_on(lab, c.expect, name).is_ok()
+            && lab.mig(other, &["inspect", name, "--json"]).code != 0
+    });
+    if !settled {
+        bail!(
+            "{}: not settled on {}: ps a {:?} ps b {:?}",
+            c.label,
+            host_name(c.expect),
+            lab.mig(A, &["ps", "-a"]).stdout,
+            lab.mig(B, &["ps", "-a"]).stdout
+        );
+    }
+    let settled_ms = t0.elapsed().as_millis();
+    running_on(lab, c.expect, name)?;
+    continues(lab, c.expect, name, count)?;
+    nothing_left(lab, other, id)?;
+    if c.expect == B {
+        move_and_check(lab, B, A, name, id)?;
+    }
+    // A restarted agent is another process: its descriptors count from now on.
+    for &h in &restarted {
+        let now = usage(lab, h);
+        base[h].agent_pid = now.agent_pid;
+        base[h].fds = now.fds;
+    }
+    no_leaks(lab, base).with_context(|| format!("after {}", c.label))?;
+    Ok(Row {
+        label: c.label,
+        exit: out.code,
+        ended_on: host_name(c.expect),
+        settled_ms,
+        message,
+    })
+}
+
+/// A lab, the container on host-a, one move there and back (so lazily made state exists), the
+/// baseline, then every case of `table`.
+fn run_table(tag: &str, third: u8, table: &[Case]) -> Result<()> {
+    let mut lab = Lab::up(tag, third)?;
+    let name = format!("f{tag}");
+    let id = lab.run_container(A, &name, 8)?;
+    move_and_check(&lab, A, B, &name, &id)?;
+    move_and_check(&lab, B, A, &name, &id)?;
+    let mut base: Vec<Usage> = (0..2).map(|h| usage(&lab, h)).collect();
+    eprintln!("baseline: a {} | b {}", base[0], base[1]);
+    let mut rows = Vec::new();
+    for c in table {
+        rows.push(run_case(&mut lab, c, &name, &id, &mut base)?);
+    }
+    eprintln!("| fault | move exit | runs on | settled after | what the move said |");
+    eprintln!("|---|---|---|---|---|");
+    for r in rows {
+        let msg: String = r.message.chars().take(110).collect();
+        eprintln!(
+            "| `{}` | {} | {} | {} ms | {} |",
+            r.label, r.exit, r.ended_on, r.settled_ms, msg
+        );
+    }
+    let end: Vec<Usage> = (0..2).map(|h| usage(&lab, h)).collect();
+    eprintln!("end: a {} | b {}", end[0], end[1]);
+    Ok(())
+}
+
+#[test]
+fn source_faults_before_the_dump() -> Result<()> {
+    if !mig_tests::is_root("fault tests") {
+        return Ok(());
+    }
+    run_table(
+        "sa",
+        20,
+        &[
+            case(
+                "source-prepare:kill",
+                &[(A, "source-prepare:kill")],
+                &[A],
+                A,
+            ),
+            case("source-prepare:fail", &[(A, "source-prepare:fail")], &[], A),
+            case(
+                "source-presync:kill",
+                &[(A, "source-presync:kill")],
+                &[A],
+                A,
+            ),
+            case("source-presync:fail", &[(A, "source-presync:fail")], &[], A),
+            case("source-presync:cut", &[(A, "source-presync:cut")], &[], A),
+            case("source-freeze:kill", &[(A, "source-freeze:kill")], &[A], A),
+            case("source-freeze:fail", &[(A, "source-freeze:fail")], &[], A),
+            case("source-freeze:cut", &[(A, "source-freeze:cut")], &[], A),
+            case("source-dump:kill", &[(A, "source-dump:kill")], &[A], A),
+            case("source-dump:fail", &[(A, "source-dump:fail")], &[], A),
+            case(
+                "source-dump:criu-fail",
+                &[(A, "source-dump:criu-fail")],
+                &[],
+                A,
+            ),
+        ],
+    )
+}
+
+#[test]
+fn source_faults_from_the_transfer() -> Result<()> {
+    if !mig_tests::is_root("fault tests") {
+        return Ok(());
+    }
+    run_table(
+        "sb",
+        21,
+        &[
+            case(
+                "source-transfer:kill",
+                &[(A, "source-transfer:kill")],
+                &[A],
+                A,
+            ),
+            case(
+                "source-transfer:corrupt",
+                &[(A, "source-transfer:corrupt")],
+                &[],
+                A,
+            ),
+            case("source-transfer:cut", &[(A, "source-transfer:cut")], &[], A),
+            case(
+                "source-transfer:delay:1500",
+                &[(A, "source-transfer:delay:1500")],
+                &[],
+                B,
+            ),
+            case(
+                "source-restore:kill",
+                &[(A, "source-restore:kill")],
+                &[A],
+                A,
+            ),
+            case("source-restore:fail", &[(A, "source-restore:fail")], &[], A),
+            case("source-restore:cut", &[(A, "source-restore:cut")], &[], A),
+            case("source-commit:kill", &[(A, "source-commit:kill")], &[A], B),
+            case("source-commit:fail", &[(A, "source-commit:fail")], &[], A),
+            case("source-commit:cut", &[(A, "source-commit:cut")], &[], B),
+        ],
+    )
+}
+
+#[test]
+fn destination_faults() -> Result<()> {
+    if !mig_tests::is_root("fault tests") {
+        return Ok(());
+    }
+    run_table(
+        "da",
+        22,
+        &[
+            case("dest-prepare:kill", &[(B, "dest-prepare:kill")], &[B], A),
+            case("dest-prepare:fail", &[(B, "dest-prepare:fail")], &[], A),
+            case("dest-presync:kill", &[(B, "dest-presync:kill")], &[B], A),
+            case("dest-presync:fail", &[(B, "dest-presync:fail")], &[], A),
+            case("dest-presync:cut", &[(B, "dest-presync:cut")], &[], A),
+            case("dest-transfer:kill", &[(B, "dest-transfer:kill")], &[B], A),
+            case("dest-transfer:fail", &[(B, "dest-transfer:fail")], &[], A),
+            case("dest-transfer:cut", &[(B, "dest-transfer:cut")], &[], A),
+            case(
+                "dest-transfer:delay:1500",
+                &[(B, "dest-transfer:delay:1500")],
+                &[],
+                B,
+            ),
+        ],
+    )
+}
+
+#[test]
+fn destination_faults_at_restore_and_commit() -> Result<()> {
+    if !mig_tests::is_root("fault tests") {
+        return Ok(());
+    }
+    run_table(
+        "db",
+        23,
+        &[
+            case("dest-restore:kill", &[(B, "dest-restore:kill")], &[B], A),
+            case("dest-restore:fail", &[(B, "dest-restore:fail")], &[], A),
+            case(
+                "dest-restore:criu-fail",
+                &[(B, "dest-restore:criu-fail")],
+                &[],
+                A,
+            ),
+            case("dest-restore:cut", &[(B, "dest-restore:cut")], &[], A),
+            case("dest-commit:kill", &[(B, "dest-commit:kill")], &[B], B),
+            case("dest-commit:fail", &[(B, "dest-commit:fail")], &[], A),
+            case("dest-commit:cut", &[(B, "dest-commit:cut")], &[], B),
+            case(
+                "dest-commit:delay:1500",
+                &[(B, "dest-commit:delay:1500")],
+                &[],
+                B,
+            ),
+        ],
+    )
+}
+
+/// The link goes down, and the destination agent is killed from outside, while the source is
+/// frozen (held in a delay at freeze or dump): the destination has no step of its own in those
+/// phases, so this is how it fails there.
+#[test]
+fn link_down_and_destination_crash_while_frozen() -> Result<()> {
+    if !mig_tests::is_root("fault tests") {
+        return Ok(());
+    }
+    run_table(
+        "ln",
+        24,
+        &[
+            Case {
+                arm: &[(A, "source-freeze:delay:3000")],
+                during: During::LinkDown(B),
+                restart: &[],
+                expect: A,
+                label: "link down (veth) while frozen",
+            },
+            Case {
+                arm: &[(A, "source-freeze:delay:3000")],
+                during: During::KillAgent(B),
+                restart: &[],
+                expect: A,
+                label: "destination killed at freeze",
+            },
+            Case {
+                arm: &[(A, "source-dump:delay:3000")],
+                during: During::KillAgent(B),
+                restart: &[],
+                expect: A,
+                label: "destination killed at dump",
+            },
+            Case {
+                arm: &[(A, "source-transfer:delay:3000")],
+                during: During::LinkDown(A),
+                restart: &[],
+                expect: A,
+                label: "source link down at transfer",
+            },
+        ],
+    )
+}
+
+/// host-b's state directory is a 24 MB tmpfs: the 8 MB container (about 50 MB to move) is
+/// refused at Prepare, and keeps running on host-a.
+#[test]
+fn disk_full_is_refused_at_prepare() -> Result<()> {
+    if !mig_tests::is_root("fault tests") {
+        return Ok(());
+    }
+    let lab = DiskLab::up("dfp", 25, B, 24 << 20)?;
+    let id = lab.run_container(A, "dfp", 8)?;
+    let before: Vec<Usage> = (0..2).map(|h| usage(&lab, h)).collect();
+    let (count, _) = log_state(&lab.mig(A, &["logs", "dfp"]).stdout);
+    let o = lab.mig(A, &["move", "dfp", "host-b", "--json"]);
+    eprintln!("move exit {}: {}", o.code, o.stderr.trim());
+    assert_ne!(o.code, 0, "{}", o.stdout);
+    assert!(o.stderr.contains("DiskFull"), "{}", o.stderr);
+    running_on(&lab, A, "dfp")?;
+    continues(&lab, A, "dfp", count)?;
+    nothing_left(&lab, B, &id)?;
+    no_leaks(&lab, &before)
+}
+
+/// host-b's state directory is a 200 MB tmpfs that is filled up after Prepare (while the source
+/// sits frozen in a delay): the transfer fails with ENOSPC, both sides roll back, and the space
+/// the move took on host-b is given back.
+#[test]
+fn disk_full_during_the_transfer_rolls_back() -> Result<()> {
+    if !mig_tests::is_root("fault tests") {
+        return Ok(());
+    }
+    let lab = DiskLab::up("dft", 26, B, 200 << 20)?;
+    let id = lab.run_container(A, "dft", 8)?;
+    let before: Vec<Usage> = (0..2).map(|h| usage(&lab, h)).collect();
+    let free_before = free_bytes(lab.state_dir(B));
+    let (count, _) = log_state(&lab.mig(A, &["logs", "dft"]).stdout);
+    lab.fault(A, Some("source-freeze:delay:3000"))?;
+    let filler = lab.state_dir(B).join("filler");
+    let o = std::thread::scope(|s| {
+        let l: &Lab = &lab;
+        let mover = s.spawn(move || l.mig(A, &["move", "dft", "host-b", "--json"]));
+        let staging = l.state_dir(B).join("migrations");
+        mig_tests::wait_until(Duration::from_secs(20), || {
+            std::fs::read_dir(&staging)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|e| e.path().join("presync").exists())
+        });
+        // Leave about 1 MB: far less than the dump.
+        let fill = free_bytes(l.state_dir(B)).saturating_sub(1 << 20);
+        let _ = std::process::Command::new("fallocate")
+            .args(["-l", &fill.to_string()])
+            .arg(&filler)
+            .status();
+        mover.join()
+    })
+    .map_err(|_| anyhow::anyhow!("the mover thread panicked"))?;
+    lab.fault(A, None)?;
+    eprintln!("move exit {}: {}", o.code, o.stderr.trim());
+    std::fs::remove_file(&filler)?;
+    assert_ne!(o.code, 0, "{}", o.stdout);
+    running_on(&lab, A, "dft")?;
+    continues(&lab, A, "dft", count)?;
+    nothing_left(&lab, B, &id)?;
+    no_leaks(&lab, &before)?;
+    let free_after = free_bytes(lab.state_dir(B));
+    assert!(
+        free_after + (1 << 20) >= free_before,
+        "host-b lost space: {free_before} -> {free_after}"
+    );
+    Ok(())
+}
+
+fn free_bytes(p: &std::path::Path) -> u64 {
+    nix::sys::statvfs::statvfs(p)
+        .map(|s| s.blocks_available() * s.fragment_size())
+        .unwrap_or(0)
+}
+
+/// `SOAK_ITERS` (default 100) moves of one container back and forth, each checked (PIDs, memory,
+/// counter, nothing left on the source), then three containers moved concurrently there and
+/// back; leaks compared before and after. Run: `cargo test -p mig-tests --test faults --
+/// --ignored soak`.
+#[test]
+#[ignore]
+fn soak_back_and_forth() -> Result<()> {
+    if !mig_tests::is_root("soak") {
+        return Ok(());
+    }
+    let iters: usize = std::env::var("SOAK_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let lab = Lab::up("soak", 27)?;
+    let id = lab.run_container(A, "soak", 8)?;
+    move_and_check(&lab, A, B, "soak", &id)?;
+    move_and_check(&lab, B, A, "soak", &id)?;
+    let before: Vec<Usage> = (0..2).map(|h| usage(&lab, h)).collect();
+    let mut downtimes = Vec::new();
+    let t0 = Instant::now();
+    for i in 0..iters {
+        let (from, to) = if i % 2 == 0 { (A, B) } else { (B, A) };
+        let r = move_and_check(&lab, from, to, "soak", &id).with_context(|| format!("move {i}"))?;
+        downtimes.push(r["downtime_ms"].as_u64().unwrap_or(0));
+    }
+    if iters % 2 == 1 {
+        move_and_check(&lab, B, A, "soak", &id)?;
+    }
+    let elapsed = t0.elapsed();
+    // Three more containers, moved at the same time.
+    let ids: Vec<String> = (0..3)
+        .map(|i| lab.run_container(A, &format!("soak{i}"), 4))
+        .collect::<Result<_>>()?;
+    let during: Vec<Usage> = (0..2).map(|h| usage(&lab, h)).collect();
+    for (from, to) in [(A, B), (B, A)] {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = ids
+                .iter()
+                .enumerate()
+                .map(|(i, id)| {
+                    let l = &lab;
+                    s.spawn(move || move_and_check(l, from, to, &format!("soak{i}"), id))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().map_err(|_| anyhow::anyhow!("mover panicked"))?)
+                .collect::<Result<Vec<_>>>()
+        })?;
+    }
+    no_leaks(&lab, &during)?;
+    for i in 0..3 {
+        lab.mig_ok(A, &["rm", "-f", &format!("soak{i}")])?;
+    }
+    no_leaks(&lab, &before)?;
+    let after: Vec<Usage> = (0..2).map(|h| usage(&lab, h)).collect();
+    downtimes.sort_unstable();
+    let pct = |p: usize| {
+        downtimes
+            .get(downtimes.len() * p / 100)
+            .copied()
+            .unwrap_or(0)
+    };
+    eprintln!(
+        "soak: {iters} checked moves in {:.1} s; downtime p50 {} ms, p90 {} ms, max {} ms; then 3 containers moved concurrently there and back",
+        elapsed.as_secs_f64(),
+        pct(50),
+        pct(90),
+        downtimes.last().copied().unwrap_or(0)
+    );
+    eprintln!("before: a {} | b {}", before[0], before[1]);
+    eprintln!("after:  a {} | b {}", after[0], after[1]);
+    for h in 0..2 {
+        let l = leaks(&before[h], &after[h]);
+        assert!(l.is_empty(), "host {h} leaked: {l:?}");
+    }
+    Ok(())
+}
