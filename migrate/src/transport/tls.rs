@@ -22,6 +22,10 @@ use std::time::Duration;
 /// The ALPN protocol of agent-to-agent connections.
 pub const ALPN: &[u8] = b"mig/1";
 
+/// The ALPN protocol of remote API clients (the agent API's frames on a bidi stream); the agent's
+/// endpoint accepts both and dispatches on the negotiated one.
+pub const API_ALPN: &[u8] = b"mig-api/1";
+
 /// The TLS server name used when connecting (pinning ignores names; SNI must be a DNS name).
 const SERVER_NAME: &str = "mig-peer";
 
@@ -243,7 +247,7 @@ pub fn server_config(
         .with_client_cert_verifier(Arc::new(verifier))
         .with_single_cert(vec![identity.cert().clone()], identity.key())
         .map_err(|source| TlsError::Config { source })?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = vec![ALPN.to_vec(), API_ALPN.to_vec()];
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|source| TlsError::Quic { source })?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
@@ -255,6 +259,22 @@ pub fn server_config(
 pub fn client_config(
     identity: &Identity,
     expected_fingerprint: &str,
+) -> Result<quinn::ClientConfig, TlsError> {
+    client_config_for(identity, expected_fingerprint, ALPN)
+}
+
+/// Like [`client_config`], for a remote API client ([`API_ALPN`]).
+pub fn api_client_config(
+    identity: &Identity,
+    expected_fingerprint: &str,
+) -> Result<quinn::ClientConfig, TlsError> {
+    client_config_for(identity, expected_fingerprint, API_ALPN)
+}
+
+fn client_config_for(
+    identity: &Identity,
+    expected_fingerprint: &str,
+    alpn: &[u8],
 ) -> Result<quinn::ClientConfig, TlsError> {
     let provider = provider();
     let verifier = PinnedServerVerifier {
@@ -268,7 +288,7 @@ pub fn client_config(
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_auth_cert(vec![identity.cert().clone()], identity.key())
         .map_err(|source| TlsError::Config { source })?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = vec![alpn.to_vec()];
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|source| TlsError::Quic { source })?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
@@ -319,4 +339,13 @@ pub fn peer_fingerprint(conn: &quinn::Connection) -> Option<String> {
     let identity = conn.peer_identity()?;
     let certs = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
     certs.first().map(|c| fingerprint(c))
+}
+
+/// The ALPN protocol negotiated on `conn` ([`ALPN`] or [`API_ALPN`]).
+pub fn negotiated_alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    let data = conn.handshake_data()?;
+    let data = data
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?;
+    data.protocol
 }
