@@ -13,10 +13,12 @@
 use crate::api::frame::{read_frame, write_frame, FrameError};
 use crate::api::{
     ApiError, CheckpointResult, ContainerDetails, ContainerSummary, ErrorKind, Event, ExecResult,
-    Hello, HostInfo, ImageInfo, Request, Response, RestoreResult, RunRequest, API_VERSION,
+    Hello, HostInfo, ImageInfo, MoveStatus, Request, Response, RestoreResult, RunRequest,
+    API_VERSION, API_VERSION_MIN,
 };
 use crate::migration::{IdentityInfo, MoveResult, PeerInfo};
 use std::path::{Path, PathBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixStream;
 
 /// A client-side failure.
@@ -30,8 +32,8 @@ pub enum ClientError {
     },
     #[error("talking to the agent failed")]
     Frame(#[from] FrameError),
-    #[error("the agent speaks API version {agent}, this client speaks {API_VERSION}")]
-    Version { agent: u32 },
+    #[error("the agent answered API version {agent}, this client speaks versions {CLIENT_API_MIN} to {API_VERSION}{}", detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default())]
+    Version { agent: u32, detail: Option<String> },
     #[error("{0}")]
     Api(#[from] ApiError),
     #[error("unexpected answer from the agent to {request}: {got}")]
@@ -48,12 +50,29 @@ impl ClientError {
     }
 }
 
+/// A byte stream to an agent: the unix socket, or a QUIC stream of the remote API.
+pub trait Duplex: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Duplex for T {}
+
+/// The API versions this client speaks: its hello offers the highest, the agent answers with the
+/// version of the connection.
+pub const CLIENT_API_MIN: u32 = API_VERSION_MIN;
+
 /// One connection to an agent.
-#[derive(Debug)]
 pub struct Client {
-    stream: UnixStream,
-    /// The agent's hello.
+    stream: Box<dyn Duplex>,
+    /// The agent's hello; its `api_version` is the version of this connection.
     pub agent: Hello,
+    /// Keeps what the stream needs alive (the QUIC endpoint and connection of a remote client).
+    _keep: Option<Box<dyn std::any::Any + Send>>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("agent", &self.agent)
+            .finish()
+    }
 }
 
 fn unexpected(request: &'static str, got: Response) -> ClientError {
@@ -66,24 +85,94 @@ fn unexpected(request: &'static str, got: Response) -> ClientError {
     }
 }
 
+/// What the agent answered to our hello.
+enum Handshake {
+    Done(Hello),
+    /// An agent that speaks only an older version than we offered (and refused ours): offer it.
+    Retry(u32),
+}
+
+/// Sends our hello offering `offer` and checks the agent's answer.
+async fn handshake(stream: &mut Box<dyn Duplex>, offer: u32) -> Result<Handshake, ClientError> {
+    let mut hello = Hello::new("mig-client");
+    hello.api_version = offer;
+    write_frame(stream, &hello).await?;
+    let agent: Hello = read_frame(stream).await?;
+    let v = agent.api_version;
+    if (CLIENT_API_MIN..=offer).contains(&v) {
+        // A version-1 agent refuses any other offer with an error frame after its hello.
+        if v < offer && v == 1 {
+            return Ok(Handshake::Retry(v));
+        }
+        return Ok(Handshake::Done(agent));
+    }
+    // Too old or too new for us: the agent's error (if it sent one) names both versions.
+    let detail = match read_frame::<Response, _>(stream).await {
+        Ok(Response::Error(e)) => Some(e.message),
+        _ => None,
+    };
+    Err(ClientError::Version { agent: v, detail })
+}
+
 impl Client {
     /// Connects to the agent's unix socket and exchanges hellos.
     pub async fn connect(path: &Path) -> Result<Client, ClientError> {
-        let mut stream =
+        let open = || async {
             UnixStream::connect(path)
                 .await
+                .map(|s| Box::new(s) as Box<dyn Duplex>)
                 .map_err(|source| ClientError::Connect {
                     path: path.to_owned(),
                     source,
-                })?;
-        write_frame(&mut stream, &Hello::new("mig-client")).await?;
-        let agent: Hello = read_frame(&mut stream).await?;
-        if agent.api_version != API_VERSION {
-            return Err(ClientError::Version {
-                agent: agent.api_version,
-            });
+                })
+        };
+        let mut stream = open().await?;
+        match handshake(&mut stream, API_VERSION).await? {
+            Handshake::Done(agent) => Ok(Client::over(stream, agent, None)),
+            Handshake::Retry(v) => {
+                let mut stream = open().await?;
+                match handshake(&mut stream, v).await? {
+                    Handshake::Done(agent) => Ok(Client::over(stream, agent, None)),
+                    Handshake::Retry(v) => Err(ClientError::Version {
+                        agent: v,
+                        detail: None,
+                    }),
+                }
+            }
         }
-        Ok(Client { stream, agent })
+    }
+
+    /// Exchanges hellos on an already open stream (a remote client's QUIC stream, a test's
+    /// socket). `keep` is held as long as the client lives.
+    pub async fn handshake_on(
+        stream: Box<dyn Duplex>,
+        keep: Option<Box<dyn std::any::Any + Send>>,
+    ) -> Result<Client, ClientError> {
+        let mut stream = stream;
+        match handshake(&mut stream, API_VERSION).await? {
+            Handshake::Done(agent) => Ok(Client::over(stream, agent, keep)),
+            Handshake::Retry(v) => Err(ClientError::Version {
+                agent: v,
+                detail: None,
+            }),
+        }
+    }
+
+    fn over(
+        stream: Box<dyn Duplex>,
+        agent: Hello,
+        keep: Option<Box<dyn std::any::Any + Send>>,
+    ) -> Client {
+        Client {
+            stream,
+            agent,
+            _keep: keep,
+        }
+    }
+
+    /// The API version of this connection.
+    pub fn api_version(&self) -> u32 {
+        self.agent.api_version
     }
 
     /// Sends one request and reads one response (errors are returned as [`ClientError::Api`]).
@@ -101,13 +190,82 @@ impl Client {
         container: &str,
         peer: &str,
     ) -> Result<MoveResult, ClientError> {
+        self.move_container_with(container, peer, false).await
+    }
+
+    /// Moves a running container to a pinned peer, keeping its established TCP connections when
+    /// `tcp_established` (docs/networking.md).
+    pub async fn move_container_with(
+        &mut self,
+        container: &str,
+        peer: &str,
+        tcp_established: bool,
+    ) -> Result<MoveResult, ClientError> {
+        self.move_container_mode(container, peer, tcp_established, None, None)
+            .await
+    }
+
+    /// Moves a running container to a pinned peer in `mode` (the agent's default when `None`),
+    /// refusing it (or, in mode `auto`, going post-copy) when the predicted downtime exceeds
+    /// `max_downtime_ms` (docs/migration.md, "Modes").
+    pub async fn move_container_mode(
+        &mut self,
+        container: &str,
+        peer: &str,
+        tcp_established: bool,
+        mode: Option<crate::migration::MoveMode>,
+        max_downtime_ms: Option<u64>,
+    ) -> Result<MoveResult, ClientError> {
         let req = Request::Move {
             container: container.into(),
             peer: peer.into(),
+            tcp_established,
+            mode,
+            max_downtime_ms,
         };
         match self.call(&req).await? {
             Response::Moved(r) => Ok(*r),
             r => Err(unexpected("move", r)),
+        }
+    }
+
+    /// Starts a move in the background and returns its id (see [`Client::move_status`] and
+    /// the event stream). API version 2.
+    pub async fn move_start(&mut self, container: &str, peer: &str) -> Result<String, ClientError> {
+        let req = Request::MoveStart {
+            container: container.into(),
+            peer: peer.into(),
+            tcp_established: false,
+            mode: None,
+            max_downtime_ms: None,
+        };
+        match self.call(&req).await? {
+            Response::MoveStarted { id } => Ok(id),
+            r => Err(unexpected("move_start", r)),
+        }
+    }
+
+    /// The state of a move started with [`Client::move_start`].
+    pub async fn move_status(&mut self, id: &str) -> Result<MoveStatus, ClientError> {
+        let req = Request::MoveStatus { id: id.into() };
+        match self.call(&req).await? {
+            Response::MoveStatus(s) => Ok(*s),
+            r => Err(unexpected("move_status", r)),
+        }
+    }
+
+    /// Waits for a move started with [`Client::move_start`] to end, polling every `every`.
+    pub async fn move_wait(
+        &mut self,
+        id: &str,
+        every: std::time::Duration,
+    ) -> Result<MoveStatus, ClientError> {
+        loop {
+            let s = self.move_status(id).await?;
+            if s.state != crate::api::MoveState::Running {
+                return Ok(s);
+            }
+            tokio::time::sleep(every).await;
         }
     }
 
@@ -309,10 +467,24 @@ impl Client {
         leave_running: bool,
         export: Option<&str>,
     ) -> Result<CheckpointResult, ClientError> {
+        self.checkpoint_with(container, leave_running, export, false)
+            .await
+    }
+
+    /// Checkpoints a running container, dumping its established TCP connections when
+    /// `tcp_established`.
+    pub async fn checkpoint_with(
+        &mut self,
+        container: &str,
+        leave_running: bool,
+        export: Option<&str>,
+        tcp_established: bool,
+    ) -> Result<CheckpointResult, ClientError> {
         let req = Request::Checkpoint {
             container: container.into(),
             leave_running,
             export: export.map(Into::into),
+            tcp_established,
         };
         match self.call(&req).await? {
             Response::Checkpointed(r) => Ok(*r),

@@ -15,8 +15,29 @@ use mig_runtime::pidmap::PidEntry;
 use mig_runtime::spec::Limits;
 use serde::{Deserialize, Serialize};
 
-/// The protocol version this build speaks. Bumped on every incompatible change.
-pub const API_VERSION: u32 = 1;
+/// The highest protocol version this build speaks. Version 2 added `move_start`, `move_status`,
+/// the host view's capacity fields and the container view's usage and limits.
+pub const API_VERSION: u32 = 2;
+
+/// The oldest protocol version this build still speaks. Version 1 clients are served as they were:
+/// v2 only added requests they do not send and response fields they ignore.
+pub const API_VERSION_MIN: u32 = 1;
+
+/// The agent's side of version negotiation: a client's hello carries the highest version it
+/// speaks, and the connection speaks the highest version both know. `Err` names both sides'
+/// versions when there is none (docs/api.md, "Versions").
+pub fn negotiate(client_max: u32) -> Result<u32, ApiError> {
+    let v = client_max.min(API_VERSION);
+    if v < API_VERSION_MIN {
+        return Err(ApiError::new(
+            ErrorKind::UnsupportedVersion,
+            format!(
+                "this agent speaks API versions {API_VERSION_MIN} to {API_VERSION}, the client at most {client_max}"
+            ),
+        ));
+    }
+    Ok(v)
+}
 
 /// The first frame in each direction.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,6 +65,33 @@ pub enum Request {
     Move {
         container: String,
         peer: String,
+        /// Keep established TCP connections (CRIU TCP repair, docs/networking.md). Without it a
+        /// container with established connections is refused.
+        #[serde(default)]
+        tcp_established: bool,
+        /// How memory moves (docs/migration.md, "Modes"); the agent's default when absent.
+        #[serde(default)]
+        mode: Option<crate::migration::MoveMode>,
+        /// Refuse the move (or, with mode `auto`, go post-copy) when the predicted downtime
+        /// exceeds this many milliseconds.
+        #[serde(default)]
+        max_downtime_ms: Option<u64>,
+    },
+    /// Starts the same move as `Move` in the background and answers `MoveStarted` at once; its
+    /// progress is in the event stream and in `MoveStatus` (API version 2).
+    MoveStart {
+        container: String,
+        peer: String,
+        #[serde(default)]
+        tcp_established: bool,
+        #[serde(default)]
+        mode: Option<crate::migration::MoveMode>,
+        #[serde(default)]
+        max_downtime_ms: Option<u64>,
+    },
+    /// The state of a move started with `MoveStart` (API version 2).
+    MoveStatus {
+        id: String,
     },
     /// Subscribes to the agent's events: an `Ok`, then one `Event` frame per event until the
     /// client hangs up (docs/api.md).
@@ -119,6 +167,10 @@ pub enum Request {
         /// Also write a portable archive (image set + writable layer) to this absolute path on
         /// the agent's host; zstd-compressed when it ends in `.zst`.
         export: Option<String>,
+        /// Dump established TCP connections too (docs/networking.md); refused without it when the
+        /// container has some.
+        #[serde(default)]
+        tcp_established: bool,
     },
     /// Restores a checkpointed container from its checkpoint directory, or (with `import`) a
     /// new container from an exported archive (absolute path on the agent's host), named `name`
@@ -147,6 +199,18 @@ pub struct RunRequest {
     pub limits: Limits,
     /// Run in a user namespace (container root maps to an unprivileged host range).
     pub userns: bool,
+    /// Run the OCI runtime bundle in this directory (absolute, on the agent's host): its rootfs
+    /// becomes the image `bundle-<name>`, its config.json gives the process, hostname and limits
+    /// (fields set here override it). Unsupported bundle fields are refused by name.
+    #[serde(default)]
+    pub bundle: Option<String>,
+    /// `bridge`: a veth into the host's bridge with an address of the host's container subnet
+    /// (docs/networking.md); absent: loopback only.
+    #[serde(default)]
+    pub net: Option<mig_runtime::net::NetMode>,
+    /// The address to take (with `net`); the first free one of the pool when absent.
+    #[serde(default)]
+    pub ip: Option<std::net::Ipv4Addr>,
 }
 
 /// What the agent answers.
@@ -176,7 +240,46 @@ pub enum Response {
     Peer(crate::migration::PeerInfo),
     Identity(crate::migration::IdentityInfo),
     Event(Box<Event>),
+    /// The id of a move started with `MoveStart`.
+    MoveStarted {
+        id: String,
+    },
+    MoveStatus(Box<MoveStatus>),
     Error(ApiError),
+}
+
+/// Where a move started with `MoveStart` is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MoveStatus {
+    /// The id `MoveStart` returned.
+    pub id: String,
+    /// The migration's own id (journal, events), once the move has started.
+    pub migration_id: Option<String>,
+    pub container: String,
+    pub peer: String,
+    pub state: MoveState,
+    /// The last phase the source entered (from the `migration_phase` events).
+    pub phase: Option<String>,
+    /// When `MoveStart` was answered, in milliseconds since the epoch.
+    pub started_ms: u64,
+    /// Milliseconds since `MoveStart`, or the whole move once it ended.
+    pub elapsed_ms: u64,
+    /// The move's report, once committed.
+    pub result: Option<Box<crate::migration::MoveResult>>,
+    /// Why it failed.
+    pub error: Option<ApiError>,
+}
+
+/// The state of a [`MoveStatus`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MoveState {
+    Running,
+    /// The container runs on the peer.
+    Committed,
+    /// The move failed; see `error` (the container runs where it was unless the error says the
+    /// move is in doubt).
+    Failed,
 }
 
 /// What a checkpoint did and how long it took.
@@ -318,6 +421,12 @@ pub struct ContainerSummary {
     pub created: u64,
     pub exit_code: Option<i32>,
     pub command: Vec<String>,
+    /// The limits the container was created with.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Live usage from the cgroup (memory, CPU time, processes); running containers only.
+    #[serde(default)]
+    pub usage: Option<Usage>,
 }
 
 /// Everything `mig inspect` shows.
@@ -371,7 +480,7 @@ pub struct ExecResult {
 }
 
 /// The host an agent runs on.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HostInfo {
     /// The agent's name (`--name`, the hostname by default).
     pub name: String,
@@ -388,6 +497,34 @@ pub struct HostInfo {
     pub cgroup_parent: String,
     pub containers_running: u32,
     pub containers_total: u32,
+    /// The oldest API version this agent still serves (see [`API_VERSION_MIN`]).
+    #[serde(default)]
+    pub api_version_min: u32,
+    /// CRIU features checked with `criu check --feature` (those that pass), e.g. `uffd-noncoop`
+    /// (post-copy) and `mem_dirty_track` (iterative pre-dump).
+    #[serde(default)]
+    pub criu_features: Vec<String>,
+    /// The same as `memory_bytes`, named for rebalancers.
+    #[serde(default)]
+    pub memory_total_bytes: u64,
+    /// MemTotal minus MemAvailable from /proc/meminfo.
+    #[serde(default)]
+    pub memory_used_bytes: u64,
+    /// MemAvailable from /proc/meminfo.
+    #[serde(default)]
+    pub memory_free_bytes: u64,
+    /// The sum of the running containers' cgroup memory usage.
+    #[serde(default)]
+    pub containers_memory_bytes: u64,
+    /// The sum of the running containers' CPU time, in microseconds.
+    #[serde(default)]
+    pub containers_cpu_usec: u64,
+    /// Containers by state (`running`, `exited`, ...).
+    #[serde(default)]
+    pub containers_by_state: std::collections::BTreeMap<String, u32>,
+    /// 1-minute load average.
+    #[serde(default)]
+    pub load_avg_1m: f64,
 }
 
 #[cfg(test)]

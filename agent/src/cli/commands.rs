@@ -15,6 +15,8 @@ use std::process::ExitCode;
 pub enum CliError {
     #[error("lab")]
     Lab(#[source] Box<crate::lab::LabError>),
+    #[error("bench")]
+    Bench(#[source] Box<crate::bench::BenchError>),
     #[error("no migd next to mig: install them together")]
     NoMigd,
     #[error("background task failed: {0}")]
@@ -170,7 +172,19 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
         }
         _ => {}
     }
+    if let Command::Bench(crate::bench::BenchCommand::Move(args)) = cli.command {
+        crate::bench::run(args)
+            .await
+            .map_err(|e| CliError::Bench(Box::new(e)))?;
+        return Ok(0);
+    }
+    if let Command::Drain(a) = &cli.command {
+        return super::drain::drain(&cli, a).await;
+    }
     if let Some(code) = super::moves::dispatch(&cli).await? {
+        return Ok(code);
+    }
+    if let Some(code) = super::events::dispatch(&cli).await? {
         return Ok(code);
     }
     let mut c = connect(&cli).await?;
@@ -244,12 +258,18 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
         Command::Checkpoint {
             leave_running,
             export,
+            tcp_established,
             json: j,
             container,
         } => {
             let export = export.map(|p| absolute(&p)).transpose()?;
             let r = c
-                .checkpoint(&container, leave_running, export.as_deref())
+                .checkpoint_with(
+                    &container,
+                    leave_running,
+                    export.as_deref(),
+                    tcp_established,
+                )
                 .await?;
             if j {
                 json(&r)?;
@@ -324,7 +344,8 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
             Ok(0)
         }
         Command::Completions { .. } | Command::Man => Ok(0),
-        Command::Move(_) | Command::Peers(_) | Command::Lab(_) => Ok(0),
+        Command::Move(_) | Command::Peers(_) | Command::Lab(_) | Command::Bench(_) => Ok(0),
+        Command::Events(_) | Command::Drain(_) => Ok(0),
     }
 }
 
@@ -445,8 +466,21 @@ fn default_image_name(path: &Path) -> String {
 }
 
 async fn run(c: &mut Client, r: RunArgs) -> Result<u8, CliError> {
+    let bundle = match &r.bundle {
+        Some(dir) => Some(
+            std::fs::canonicalize(dir)
+                .map_err(|source| CliError::Path {
+                    path: dir.clone(),
+                    source,
+                })?
+                .to_string_lossy()
+                .into_owned(),
+        ),
+        None => None,
+    };
     let req = RunRequest {
-        image: r.image,
+        image: r.image.unwrap_or_default(),
+        bundle,
         name: r.name,
         hostname: r.hostname,
         args: r.command,
@@ -457,6 +491,8 @@ async fn run(c: &mut Client, r: RunArgs) -> Result<u8, CliError> {
             pids: r.pids,
         },
         userns: r.userns,
+        net: r.net.map(Into::into),
+        ip: r.ip,
     };
     let (id, name) = c.run(req).await?;
     if r.detach {

@@ -5,6 +5,8 @@
 //! errors included), and the container's code for `exec` and for an attached `run`.
 
 mod commands;
+mod drain;
+mod events;
 mod moves;
 mod output;
 
@@ -38,6 +40,9 @@ pub struct Cli {
 pub enum Command {
     /// Move a running container to a pinned peer agent (live migration).
     Move(moves::MoveArgs),
+    /// Move every running container of a host to its pinned peers (round-robin) and report
+    /// each result: the host is empty afterwards unless a move failed.
+    Drain(drain::DrainArgs),
     /// Manage the pinned peer agents.
     #[command(subcommand)]
     Peers(moves::PeersCommand),
@@ -112,6 +117,9 @@ pub enum Command {
         /// Also write a portable archive (tar; zstd when FILE ends in .zst).
         #[arg(long, value_name = "FILE")]
         export: Option<PathBuf>,
+        /// Dump established TCP connections too (the restore finds them in the image set).
+        #[arg(long)]
+        tcp_established: bool,
         #[arg(long)]
         json: bool,
         container: String,
@@ -135,6 +143,11 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Follow the agent's events (container lifecycle, checkpoints, migration phases).
+    Events(events::EventsArgs),
+    /// Experiments: `mig bench move` measures moves against a baseline in its own lab.
+    #[command(subcommand)]
+    Bench(crate::bench::BenchCommand),
     /// Print a shell completion script.
     Completions {
         #[arg(value_enum)]
@@ -193,13 +206,40 @@ pub struct RunArgs {
     /// Run in a user namespace (root inside maps to an unprivileged host uid).
     #[arg(long)]
     pub userns: bool,
+    /// Network: `bridge` gives the container a veth into the host's bridge and an address of
+    /// the host's container subnet (docs/networking.md); default: loopback only.
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub net: Option<NetArg>,
+    /// The container's address with --net bridge (default: the first free one).
+    #[arg(long, value_name = "ADDR", requires = "net")]
+    pub ip: Option<std::net::Ipv4Addr>,
     #[arg(long)]
     pub json: bool,
+    /// Run an OCI runtime bundle (a directory with config.json and the rootfs it names, as runc
+    /// takes it) instead of an image; unsupported config.json fields are refused by name.
+    #[arg(long, value_name = "DIR", conflicts_with = "image")]
+    pub bundle: Option<PathBuf>,
     /// Image name or id.
-    pub image: String,
+    #[arg(required_unless_present = "bundle")]
+    pub image: Option<String>,
     /// The command (default: the image's).
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
+}
+
+/// `mig run --net`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NetArg {
+    /// A veth into the host's bridge.
+    Bridge,
+}
+
+impl From<NetArg> for mig_runtime::net::NetMode {
+    fn from(n: NetArg) -> Self {
+        match n {
+            NetArg::Bridge => mig_runtime::net::NetMode::Bridge,
+        }
+    }
 }
 
 fn parse_memory(s: &str) -> Result<u64, String> {

@@ -23,11 +23,41 @@ fn chain(e: &dyn std::error::Error) -> String {
     crate::shim::chain(e)
 }
 
+/// Refuses to dump a container whose network namespace (that of `pid`) has established TCP
+/// connections unless the caller asked for them (`--tcp-established`), naming the flag.
+fn refuse_established(pid: i32, container: &str, op: &str) -> Result<(), ApiError> {
+    match mig_runtime::net::established_tcp(pid) {
+        Ok(0) => Ok(()),
+        Ok(n) => Err(ApiError::new(
+            ErrorKind::Conflict,
+            format!(
+                "container {container} has {n} established TCP connection(s); use --tcp-established \
+                 to keep them across the {op} (docs/networking.md)"
+            ),
+        )),
+        Err(e) => Err(ApiError::new(
+            ErrorKind::Internal,
+            format!("checking for established TCP connections: {}", chain(&e)),
+        )),
+    }
+}
+
 fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
 }
 
 impl Agent {
+    /// Refuses a dump (`op`: checkpoint, move) of a container with established TCP connections
+    /// when the caller did not ask to keep them; the message names `--tcp-established`.
+    pub(crate) fn refuse_established(
+        &self,
+        pid: i32,
+        container: &str,
+        op: &str,
+    ) -> Result<(), ApiError> {
+        refuse_established(pid, container, op)
+    }
+
     /// Marks the container busy if it is in state `want` and idle.
     fn claim(&self, id: &str, want: ContainerState) -> Result<(), ApiError> {
         let mut map = self.lock();
@@ -60,6 +90,7 @@ impl Agent {
         container: &str,
         leave_running: bool,
         export: Option<String>,
+        tcp_established: bool,
     ) -> Result<Response, ApiError> {
         if export.as_deref().is_some_and(|p| !p.starts_with('/')) {
             return Err(ApiError::new(
@@ -69,11 +100,16 @@ impl Agent {
         }
         let id = self.resolve(container)?;
         self.refresh(&id);
+        if !tcp_established {
+            if let Some(pid) = self.init_pid(&id) {
+                refuse_established(pid, container, "checkpoint")?;
+            }
+        }
         self.claim(&id, ContainerState::Running)?;
         let agent = self.clone();
         let id2 = id.clone();
         let res = tokio::task::spawn_blocking(move || {
-            agent.dump_blocking(&id2, leave_running, export.as_deref())
+            agent.dump_blocking(&id2, leave_running, export.as_deref(), tcp_established)
         })
         .await
         .unwrap_or_else(|e| {
@@ -107,6 +143,12 @@ impl Agent {
             self.update(&id, |e| e.busy = false);
         }
         tracing::info!(%id, dump_ms = result.dump_ms, total_ms = result.total_ms, "checkpointed");
+        let name = self.entry(&id).map(|e| e.spec.name).unwrap_or_default();
+        self.emit(super::events::EventKind::ContainerCheckpointed {
+            id: id.clone(),
+            name,
+            leave_running,
+        });
         Ok(Response::Checkpointed(Box::new(result)))
     }
 
@@ -117,6 +159,7 @@ impl Agent {
         id: &str,
         leave_running: bool,
         export: Option<&str>,
+        tcp_established: bool,
     ) -> Result<CheckpointResult, ApiError> {
         let t0 = Instant::now();
         let internal = |m: String| ApiError::new(ErrorKind::Internal, m);
@@ -151,6 +194,7 @@ impl Agent {
             root: Some(cd.rootfs()),
             freeze_cgroup: cg.freezer_dir(),
             leave_running,
+            tcp_established,
             log_file: "dump.log".into(),
             ..Default::default()
         });
@@ -247,6 +291,10 @@ impl Agent {
                     pid_map: mig_runtime::pidmap::pid_map(&procs),
                 };
                 tracing::info!(%id, total_ms = result.total_ms, "restored");
+                self.emit(super::events::EventKind::ContainerRestored {
+                    id: id.clone(),
+                    name: e.spec.name.clone(),
+                });
                 Ok(Response::Restored(Box::new(result)))
             }
             Err(err) => {

@@ -2,7 +2,7 @@
 
 use super::Agent;
 use crate::api::frame::{read_frame, write_frame, FrameError};
-use crate::api::{ApiError, ErrorKind, Hello, Request, Response, API_VERSION};
+use crate::api::{self, ApiError, ErrorKind, Hello, Request, Response, API_VERSION};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::UnixStream;
@@ -14,8 +14,8 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(super) async fn serve(
     agent: Arc<Agent>,
-    mut stream: UnixStream,
-    mut shutdown: broadcast::Receiver<()>,
+    stream: UnixStream,
+    shutdown: broadcast::Receiver<()>,
 ) {
     // The socket is root-only (mode 0600); refuse anyone else who got hold of it anyway.
     match stream.peer_cred() {
@@ -29,6 +29,16 @@ pub(super) async fn serve(
             return;
         }
     }
+    serve_authenticated(agent, stream, shutdown).await
+}
+
+/// Serves a connection whose client is already authenticated (the local socket's root peer, or a
+/// remote client with a pinned certificate bridged by [`crate::remote`]).
+pub(crate) async fn serve_authenticated(
+    agent: Arc<Agent>,
+    mut stream: UnixStream,
+    mut shutdown: broadcast::Receiver<()>,
+) {
     let hello = tokio::time::timeout(HELLO_TIMEOUT, read_frame::<Hello, _>(&mut stream)).await;
     let hello = match hello {
         Ok(Ok(h)) => h,
@@ -38,17 +48,16 @@ pub(super) async fn serve(
         }
         Err(_) => return,
     };
-    if write_frame(&mut stream, &Hello::new("migd")).await.is_err() {
+    // The connection speaks the highest version both sides know; the agent's hello says which.
+    // A client too old gets the agent's newest version and an error naming both.
+    let version = api::negotiate(hello.api_version);
+    let mut mine = Hello::new("migd");
+    mine.api_version = *version.as_ref().unwrap_or(&API_VERSION);
+    if write_frame(&mut stream, &mine).await.is_err() {
         return;
     }
-    if hello.api_version != API_VERSION {
-        let e = ApiError::new(
-            ErrorKind::UnsupportedVersion,
-            format!(
-                "this agent speaks API version {API_VERSION}, the client {}",
-                hello.api_version
-            ),
-        );
+    if let Err(e) = version {
+        tracing::debug!(client = %hello.software, version = hello.api_version, "refused an unsupported API version");
         let _ = write_frame(&mut stream, &Response::Error(e)).await;
         return;
     }
@@ -103,6 +112,8 @@ fn op_name(r: &Request) -> &'static str {
         Request::Move { .. } => "move",
         Request::MoveResolve { .. } => "move_resolve",
         Request::Events => "events",
+        Request::MoveStart { .. } => "move_start",
+        Request::MoveStatus { .. } => "move_status",
         Request::PeerAdd { .. } => "peer_add",
         Request::PeerList => "peer_list",
         Request::PeerRemove { .. } => "peer_remove",
@@ -126,8 +137,22 @@ fn op_name(r: &Request) -> &'static str {
 
 async fn handle(agent: &Arc<Agent>, req: Request) -> Result<Response, ApiError> {
     match req {
-        Request::Move { container, peer } => agent
-            .move_container(&container, &peer)
+        Request::Move {
+            container,
+            peer,
+            tcp_established,
+            mode,
+            max_downtime_ms,
+        } => agent
+            .move_container(
+                &container,
+                &peer,
+                tcp_established,
+                crate::migration::modes::MoveOptions {
+                    mode,
+                    max_downtime_ms,
+                },
+            )
             .await
             .map(|r| Response::Moved(Box::new(r))),
         Request::MoveResolve { container } => agent
@@ -148,7 +173,27 @@ async fn handle(agent: &Arc<Agent>, req: Request) -> Result<Response, ApiError> 
         Request::ImageList => agent.image_list().await,
         Request::ImageRemove { image } => agent.image_remove(image).await,
         Request::Run(r) => agent.run_container(r).await,
-        Request::List { all } => Ok(Response::Containers(agent.list(all))),
+        Request::List { all } => Ok(Response::Containers(agent.list_with_usage(all))),
+        Request::MoveStart {
+            container,
+            peer,
+            tcp_established,
+            mode,
+            max_downtime_ms,
+        } => agent
+            .move_start(super::events::MoveStartArgs {
+                container,
+                peer,
+                tcp_established,
+                opts: crate::migration::modes::MoveOptions {
+                    mode,
+                    max_downtime_ms,
+                },
+            })
+            .map(|id| Response::MoveStarted { id }),
+        Request::MoveStatus { id } => agent
+            .move_status(&id)
+            .map(|s| Response::MoveStatus(Box::new(s))),
         Request::Inspect { container } => {
             let id = agent.resolve(&container)?;
             Ok(Response::Container(Box::new(agent.inspect(&id)?)))
@@ -175,7 +220,14 @@ async fn handle(agent: &Arc<Agent>, req: Request) -> Result<Response, ApiError> 
         }
         Request::Remove { container, force } => {
             let id = agent.resolve(&container)?;
+            let net = agent.entry(&id).ok().and_then(|e| e.spec.net);
             agent.remove(&id, force).await?;
+            if net.is_some() {
+                // Removed for good (a move's source copy goes through `remove` too, but not here).
+                if let Err(e) = mig_runtime::net::ipam::release(&agent.cfg.state_dir, &id) {
+                    tracing::warn!(%id, error = %e, "cannot release the container's address");
+                }
+            }
             Ok(Response::Ok)
         }
         Request::Info => Ok(Response::Info(agent.info().await)),
@@ -183,7 +235,12 @@ async fn handle(agent: &Arc<Agent>, req: Request) -> Result<Response, ApiError> 
             container,
             leave_running,
             export,
-        } => agent.checkpoint(&container, leave_running, export).await,
+            tcp_established,
+        } => {
+            agent
+                .checkpoint(&container, leave_running, export, tcp_established)
+                .await
+        }
         Request::Restore {
             container,
             import,

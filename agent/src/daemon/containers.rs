@@ -220,11 +220,50 @@ impl Agent {
         }
     }
 
+    /// The network of a new container: an address from this host's container subnet (or the
+    /// requested one) with `--net bridge`, `None` (loopback only) without.
+    fn allocate_net(
+        &self,
+        id: &str,
+        req: &RunRequest,
+    ) -> Result<Option<mig_runtime::net::NetSpec>, ApiError> {
+        use mig_runtime::net::{HostNet, NetError, NetMode};
+        match (req.net, req.ip) {
+            (None, None) => Ok(None),
+            (None, Some(_)) => Err(invalid("--ip needs --net bridge")),
+            (Some(NetMode::Bridge), want) => HostNet::load(&self.cfg.state_dir)
+                .and_then(|n| n.allocate(id, want))
+                .map(Some)
+                .map_err(|e| {
+                    let kind = match e {
+                        NetError::NoHostNet { .. } => ErrorKind::Unavailable,
+                        NetError::AddressTaken { .. } => ErrorKind::AlreadyExists,
+                        NetError::OutOfSubnet { .. } => ErrorKind::InvalidArgument,
+                        _ => ErrorKind::Internal,
+                    };
+                    ApiError::new(kind, e.to_string())
+                }),
+        }
+    }
+
+    /// Gives back the address of a container that was never created.
+    fn release_net(&self, spec: &ContainerSpec) {
+        if spec.net.is_some() {
+            if let Err(e) = mig_runtime::net::ipam::release(&self.cfg.state_dir, &spec.id) {
+                tracing::warn!(id = %spec.id, error = %e, "cannot release the container's address");
+            }
+        }
+    }
+
     /// `run`: creates the container's directory and spec, starts its shim, waits for the init.
     pub(crate) async fn run_container(
         self: &Arc<Self>,
-        req: RunRequest,
+        mut req: RunRequest,
     ) -> Result<Response, ApiError> {
+        let bundle = match req.bundle.take() {
+            Some(dir) => Some(self.bundle_request(&dir, &mut req).await?),
+            None => None,
+        };
         let images = self.images.clone();
         let image_key = req.image.clone();
         let image = tokio::task::spawn_blocking(move || images.get(&image_key))
@@ -261,7 +300,11 @@ impl Agent {
             env.retain(|e| e.split('=').next() != Some(key));
             env.push(kv.clone());
         }
-        let (uid, gid) = parse_user(&cfg.user);
+        let (uid, gid) = match &bundle {
+            Some(b) => (b.uid, b.gid),
+            None => parse_user(&cfg.user),
+        };
+        let net = self.allocate_net(&id, &req)?;
         let spec = ContainerSpec {
             id: id.clone(),
             name: name.clone(),
@@ -273,7 +316,9 @@ impl Agent {
             process: ProcessSpec {
                 args,
                 env,
-                cwd: if cfg.workdir.is_empty() {
+                cwd: if let Some(b) = &bundle {
+                    b.cwd.clone()
+                } else if cfg.workdir.is_empty() {
                     "/".into()
                 } else {
                     cfg.workdir.clone()
@@ -284,9 +329,12 @@ impl Agent {
             hostname,
             limits: req.limits.clone(),
             userns: req.userns.then_some(USERNS_MAP),
-            net: None,
+            net,
         };
-        spec.validate().map_err(|e| invalid(e.to_string()))?;
+        if let Err(e) = spec.validate() {
+            self.release_net(&spec);
+            return Err(invalid(e.to_string()));
+        }
         let state = StateRecord {
             state: ContainerState::Created,
             created: now(),
@@ -302,6 +350,8 @@ impl Agent {
         {
             let mut map = self.lock();
             if map.values().any(|e| e.spec.name == name) {
+                drop(map);
+                self.release_net(&spec);
                 return Err(ApiError::new(
                     ErrorKind::AlreadyExists,
                     format!("the name {name} is already in use"),
@@ -450,6 +500,9 @@ impl Agent {
                 created: e.state.created,
                 exit_code: e.state.exit_code,
                 command: e.spec.process.args.clone(),
+                limits: e.spec.limits.clone(),
+                // Filled in by `list_with_usage` (daemon/info.rs), outside the lock.
+                usage: None,
             })
             .collect();
         out.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));

@@ -5,10 +5,13 @@
 
 use super::Agent;
 use crate::api::frame::{write_frame, FrameError};
-use crate::api::Response;
+use crate::api::{ApiError, ErrorKind, MoveState, MoveStatus, Response};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Instant;
 use tokio::net::UnixStream;
 use tokio::sync::broadcast;
 
@@ -96,11 +99,15 @@ pub enum EventKind {
     },
 }
 
-/// The agent's event fan-out.
+/// Moves started with `MoveStart` kept for `MoveStatus` after they ended.
+const KEEP_ENDED_MOVES: usize = 256;
+
+/// The agent's event fan-out, and the moves started with `MoveStart` that events describe.
 #[derive(Debug)]
 pub struct Events {
     tx: broadcast::Sender<Event>,
     seq: AtomicU64,
+    moves: Mutex<HashMap<String, MoveStatus>>,
 }
 
 impl Default for Events {
@@ -109,6 +116,7 @@ impl Default for Events {
         Events {
             tx,
             seq: AtomicU64::new(0),
+            moves: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -124,10 +132,7 @@ impl Agent {
     /// Emits `kind` to every subscriber (nobody listening is fine).
     pub(crate) fn emit(&self, kind: EventKind) {
         let seq = self.events.seq.fetch_add(1, Ordering::Relaxed) + 1;
-        let time_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let time_ms = unix_ms();
         let _ = self.events.tx.send(Event {
             seq,
             time_ms,
@@ -172,4 +177,125 @@ pub(super) async fn stream(
         };
         write_frame(out, &Response::Event(Box::new(event))).await?;
     }
+}
+
+/// What `MoveStart` asks for.
+#[derive(Debug, Clone)]
+pub(crate) struct MoveStartArgs {
+    pub container: String,
+    pub peer: String,
+    pub tcp_established: bool,
+    pub opts: crate::migration::modes::MoveOptions,
+}
+
+impl Agent {
+    fn moves(&self) -> std::sync::MutexGuard<'_, HashMap<String, MoveStatus>> {
+        self.events.moves.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts a move in the background and returns its id at once. The move runs exactly like
+    /// `Move`; its phases update the status from the event stream.
+    pub(crate) fn move_start(self: &Arc<Self>, args: MoveStartArgs) -> Result<String, ApiError> {
+        // Refuse what can be checked now (unknown container) instead of failing later.
+        let cid = self.resolve(&args.container)?;
+        let id = hex::encode(rand::random::<[u8; 16]>());
+        let status = MoveStatus {
+            id: id.clone(),
+            migration_id: None,
+            container: args.container.clone(),
+            peer: args.peer.clone(),
+            state: MoveState::Running,
+            phase: None,
+            started_ms: unix_ms(),
+            elapsed_ms: 0,
+            result: None,
+            error: None,
+        };
+        {
+            let mut moves = self.moves();
+            if moves.len() >= KEEP_ENDED_MOVES {
+                // Forget the oldest ended moves.
+                let mut ended: Vec<(u64, String)> = moves
+                    .values()
+                    .filter(|m| m.state != MoveState::Running)
+                    .map(|m| (m.started_ms, m.id.clone()))
+                    .collect();
+                ended.sort();
+                for (_, old) in ended.iter().take(moves.len() + 1 - KEEP_ENDED_MOVES) {
+                    moves.remove(old);
+                }
+            }
+            moves.insert(id.clone(), status);
+        }
+        // Subscribed before the move starts, so no phase is missed.
+        let mut rx = self.events.subscribe();
+        let agent = self.clone();
+        let move_id = id.clone();
+        tokio::spawn(async move {
+            let t0 = Instant::now();
+            let a2 = agent.clone();
+            let task = tokio::spawn(async move {
+                a2.move_container(&args.container, &args.peer, args.tcp_established, args.opts)
+                    .await
+            });
+            tokio::pin!(task);
+            let outcome = loop {
+                tokio::select! {
+                    r = &mut task => break r,
+                    e = rx.recv() => {
+                        if let Ok(Event { kind: EventKind::MigrationPhase { migration_id, container_id, role, phase, .. }, .. }) = e {
+                            if container_id == cid && role == "source" {
+                                if let Some(m) = agent.moves().get_mut(&move_id) {
+                                    m.migration_id = Some(migration_id);
+                                    m.phase = Some(phase);
+                                    m.elapsed_ms = t0.elapsed().as_millis() as u64;
+                                }
+                            }
+                        }
+                    }
+                }
+            };
+            let mut moves = agent.moves();
+            let Some(m) = moves.get_mut(&move_id) else {
+                return;
+            };
+            m.elapsed_ms = t0.elapsed().as_millis() as u64;
+            match outcome {
+                Ok(Ok(r)) => {
+                    m.state = MoveState::Committed;
+                    m.migration_id = Some(r.migration_id.clone());
+                    m.phase = Some("commit".into());
+                    m.result = Some(Box::new(r));
+                }
+                Ok(Err(e)) => {
+                    m.state = MoveState::Failed;
+                    m.error = Some(e);
+                }
+                Err(e) => {
+                    m.state = MoveState::Failed;
+                    m.error = Some(ApiError::new(
+                        ErrorKind::Internal,
+                        format!("the move task failed: {e}"),
+                    ));
+                }
+            }
+        });
+        Ok(id)
+    }
+
+    /// The status of a move started with [`Agent::move_start`].
+    pub(crate) fn move_status(&self, id: &str) -> Result<MoveStatus, ApiError> {
+        self.moves()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ApiError::new(ErrorKind::NotFound, format!("no such move: {id}")))
+    }
+}
+
+/// Now, in milliseconds since the epoch.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

@@ -1,8 +1,13 @@
 //! `info` and the image requests.
 
 use super::Agent;
-use crate::api::{ApiError, ErrorKind, HostInfo, ImageInfo, Response, API_VERSION};
+use crate::api::{
+    ApiError, ContainerState, ContainerSummary, ErrorKind, HostInfo, ImageInfo, Response,
+    API_VERSION, API_VERSION_MIN,
+};
+use mig_runtime::cgroup::{Cgroup, Usage};
 use mig_runtime::image::{Image, ImageError};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -100,6 +105,14 @@ impl Agent {
 
     pub(crate) async fn info(self: &Arc<Self>) -> HostInfo {
         let (running, total) = self.running_count();
+        let mem = meminfo();
+        let total_mem = mem.total.unwrap_or(0);
+        let free = mem.available.unwrap_or(0);
+        let mut by_state = BTreeMap::new();
+        for c in self.list_with_usage(true) {
+            *by_state.entry(c.state.as_str().to_owned()).or_insert(0u32) += 1;
+        }
+        let (cmem, ccpu) = self.containers_usage();
         HostInfo {
             name: self.cfg.name.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -111,13 +124,89 @@ impl Agent {
             cpus: std::thread::available_parallelism()
                 .map(|n| n.get() as u32)
                 .unwrap_or(1),
-            memory_bytes: mem_total().unwrap_or(0),
+            memory_bytes: total_mem,
             state_dir: self.cfg.state_dir.display().to_string(),
             cgroup_parent: self.cfg.cgroup_parent.clone(),
             containers_running: running,
             containers_total: total,
+            api_version_min: API_VERSION_MIN,
+            criu_features: criu_features().await.clone(),
+            memory_total_bytes: total_mem,
+            memory_used_bytes: total_mem.saturating_sub(free),
+            memory_free_bytes: free,
+            containers_memory_bytes: cmem,
+            containers_cpu_usec: ccpu,
+            containers_by_state: by_state,
+            load_avg_1m: load_avg(),
         }
     }
+
+    /// `list`, with the live usage of running containers read from their cgroups.
+    pub(crate) fn list_with_usage(&self, all: bool) -> Vec<ContainerSummary> {
+        let mut list = self.list(all);
+        for c in &mut list {
+            if c.state == ContainerState::Running {
+                c.usage = self.cgroup_usage(&c.id);
+            }
+        }
+        list
+    }
+
+    fn cgroup_usage(&self, id: &str) -> Option<Usage> {
+        let cgroup = self.lock().get(id)?.state.cgroup.clone();
+        Cgroup::open(&cgroup).ok()?.usage().ok()
+    }
+
+    /// The running containers' memory (bytes) and CPU time (µs), summed.
+    pub(crate) fn containers_usage(&self) -> (u64, u64) {
+        let running: Vec<String> = self
+            .lock()
+            .iter()
+            .filter(|(_, e)| e.state.state == ContainerState::Running)
+            .map(|(id, _)| id.clone())
+            .collect();
+        running
+            .iter()
+            .filter_map(|id| self.cgroup_usage(id))
+            .fold((0, 0), |(m, c), u| (m + u.memory_bytes, c + u.cpu_usec))
+    }
+}
+
+/// CRIU features worth knowing before a move, checked once per agent run.
+const CRIU_FEATURES: &[&str] = &["uffd-noncoop", "mem_dirty_track", "timens"];
+
+/// The [`CRIU_FEATURES`] that `criu check --feature` accepts here (cached).
+async fn criu_features() -> &'static Vec<String> {
+    static FEATURES: tokio::sync::OnceCell<Vec<String>> = tokio::sync::OnceCell::const_new();
+    FEATURES
+        .get_or_init(|| async {
+            let mut ok = Vec::new();
+            for f in CRIU_FEATURES {
+                let st = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    tokio::process::Command::new("criu")
+                        .args(["check", "--feature", f])
+                        .stdout(std::process::Stdio::null())
+                        .stderr(std::process::Stdio::null())
+                        .kill_on_drop(true)
+                        .status(),
+                )
+                .await;
+                if matches!(st, Ok(Ok(s)) if s.success()) {
+                    ok.push((*f).to_owned());
+                }
+            }
+            ok
+        })
+        .await
+}
+
+/// The 1-minute load average.
+fn load_avg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// `criu --version`'s "Version: X" line.
@@ -138,16 +227,47 @@ async fn criu_version() -> Option<String> {
         .map(|v| v.trim().to_owned())
 }
 
-/// MemTotal from /proc/meminfo, in bytes.
-fn mem_total() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kb: u64 = info
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kb * 1024)
+/// MemTotal and MemAvailable from /proc/meminfo, in bytes.
+#[derive(Debug, Default)]
+struct MemInfo {
+    total: Option<u64>,
+    available: Option<u64>,
+}
+
+fn meminfo() -> MemInfo {
+    let Ok(info) = std::fs::read_to_string("/proc/meminfo") else {
+        return MemInfo::default();
+    };
+    parse_meminfo(&info)
+}
+
+fn parse_meminfo(info: &str) -> MemInfo {
+    let field = |name: &str| -> Option<u64> {
+        let kb: u64 = info
+            .lines()
+            .find_map(|l| l.strip_prefix(name))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kb * 1024)
+    };
+    MemInfo {
+        total: field("MemTotal:"),
+        available: field("MemAvailable:"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn meminfo_fields() {
+        let m = super::parse_meminfo(
+            "MemTotal:       2000 kB\nMemFree: 5 kB\nMemAvailable:   1000 kB\n",
+        );
+        assert_eq!(m.total, Some(2000 * 1024));
+        assert_eq!(m.available, Some(1000 * 1024));
+        assert_eq!(super::parse_meminfo("").total, None);
+    }
 }

@@ -1,0 +1,206 @@
+//! `mig events`: the agent's event stream, as human lines or one JSON object per line.
+
+use super::commands::{connect, out, CliError};
+use super::{Cli, Command};
+use crate::api::{Event, EventKind};
+use clap::Args;
+
+/// Arguments of `mig events`.
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// One JSON object per line.
+    #[arg(long)]
+    pub json: bool,
+    /// Only events about this container (id, id prefix or name).
+    #[arg(long, value_name = "ID")]
+    pub container: Option<String>,
+    /// Stop after this many events (after filtering).
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+}
+
+/// Runs the commands of this module and of [`super::rebalance`] and the client pins; `None` for
+/// other commands.
+pub(super) async fn dispatch(cli: &Cli) -> Result<Option<u8>, CliError> {
+    match &cli.command {
+        Command::Events(a) => run(cli, a).await.map(Some),
+        _ => Ok(None),
+    }
+}
+
+/// Streams events until the agent goes away, the pipe closes or `--count` events were printed.
+pub(super) async fn run(cli: &Cli, args: &EventsArgs) -> Result<u8, CliError> {
+    let mut c = connect(cli).await?;
+    c.subscribe_events().await?;
+    let mut printed = 0u64;
+    loop {
+        if args.count.is_some_and(|n| printed >= n) {
+            return Ok(0);
+        }
+        let e = match c.next_event().await {
+            Ok(e) => e,
+            // The agent shut down: the stream simply ends.
+            Err(crate::client::ClientError::Frame(crate::api::frame::FrameError::Closed)) => {
+                return Ok(0)
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(want) = &args.container {
+            if !matches_container(&e.kind, want) {
+                continue;
+            }
+        }
+        let line = if args.json {
+            serde_json::to_string(&e).unwrap_or_default()
+        } else {
+            event_line(&e)
+        };
+        match out(&format!("{line}\n")) {
+            Ok(()) => {}
+            // A closed pipe (`mig events | head`) ends the command quietly.
+            Err(CliError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(0),
+            Err(e) => return Err(e),
+        }
+        printed += 1;
+    }
+}
+
+/// The container an event is about: (id, name).
+pub fn event_container(k: &EventKind) -> Option<(&str, &str)> {
+    match k {
+        EventKind::ContainerStarted { id, name }
+        | EventKind::ContainerStopped { id, name, .. }
+        | EventKind::ContainerOom { id, name, .. }
+        | EventKind::ContainerCheckpointed { id, name, .. }
+        | EventKind::ContainerRestored { id, name }
+        | EventKind::ContainerRemoved { id, name } => Some((id, name)),
+        EventKind::MigrationPhase {
+            container_id,
+            container_name,
+            ..
+        }
+        | EventKind::MigrationDone {
+            container_id,
+            container_name,
+            ..
+        } => Some((container_id, container_name)),
+        EventKind::Lagged { .. } => None,
+    }
+}
+
+fn matches_container(k: &EventKind, want: &str) -> bool {
+    match event_container(k) {
+        Some((id, name)) => name == want || (!want.is_empty() && id.starts_with(want)),
+        // A lag notice concerns every filter.
+        None => true,
+    }
+}
+
+fn short(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
+}
+
+/// One human line: `time host type details`.
+pub fn event_line(e: &Event) -> String {
+    let secs = e.time_ms / 1000;
+    let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+    let time = format!("{h:02}:{m:02}:{s:02}.{:03}", e.time_ms % 1000);
+    let what = match &e.kind {
+        EventKind::ContainerStarted { id, name } => format!("started {name} ({})", short(id)),
+        EventKind::ContainerStopped {
+            id,
+            name,
+            exit_code,
+        } => match exit_code {
+            Some(c) => format!("stopped {name} ({}) exit code {c}", short(id)),
+            None => format!("stopped {name} ({})", short(id)),
+        },
+        EventKind::ContainerOom {
+            id,
+            name,
+            oom_kills,
+        } => format!("oom {name} ({}) oom kills {oom_kills}", short(id)),
+        EventKind::ContainerCheckpointed {
+            id,
+            name,
+            leave_running,
+        } => format!(
+            "checkpointed {name} ({}){}",
+            short(id),
+            if *leave_running {
+                ", left running"
+            } else {
+                ""
+            }
+        ),
+        EventKind::ContainerRestored { id, name } => format!("restored {name} ({})", short(id)),
+        EventKind::ContainerRemoved { id, name } => format!("removed {name} ({})", short(id)),
+        EventKind::MigrationPhase {
+            migration_id,
+            container_name,
+            role,
+            peer,
+            phase,
+            elapsed_ms,
+            bytes,
+            ..
+        } => format!(
+            "migration {} {container_name} {role} peer {peer}: {phase} at {elapsed_ms} ms, {bytes} bytes",
+            short(migration_id)
+        ),
+        EventKind::MigrationDone {
+            migration_id,
+            container_name,
+            role,
+            peer,
+            outcome,
+            total_ms,
+            downtime_ms,
+            bytes,
+            error,
+            ..
+        } => {
+            let mut s = format!(
+                "migration {} {container_name} {role} peer {peer}: {outcome} in {total_ms} ms",
+                short(migration_id)
+            );
+            if let Some(d) = downtime_ms {
+                s.push_str(&format!(", downtime {d} ms"));
+            }
+            s.push_str(&format!(", {bytes} bytes"));
+            if let Some(e) = error {
+                s.push_str(&format!(": {e}"));
+            }
+            s
+        }
+        EventKind::Lagged { missed } => format!("lagged: {missed} events missed"),
+    };
+    format!("{time} {} {what}", e.host)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_and_filters() {
+        let e = Event {
+            seq: 1,
+            time_ms: 3_723_004,
+            host: "host-a".into(),
+            kind: EventKind::ContainerStopped {
+                id: "0123456789abcdef".into(),
+                name: "web".into(),
+                exit_code: Some(0),
+            },
+        };
+        assert_eq!(
+            event_line(&e),
+            "01:02:03.004 host-a stopped web (0123456789ab) exit code 0"
+        );
+        assert!(matches_container(&e.kind, "web"));
+        assert!(matches_container(&e.kind, "0123"));
+        assert!(!matches_container(&e.kind, "db"));
+        assert!(matches_container(&EventKind::Lagged { missed: 3 }, "db"));
+    }
+}
