@@ -4,6 +4,7 @@
 //! The state directory layout shared by the agent and the shim is in [`layout`].
 
 pub mod api;
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -1,0 +1,261 @@
+//! One mig run: start the workload on host-a, move it to host-b with `mig move --json --mode M`,
+//! verify it there, remove it. `mig` is run as a command (the same binary), so the bench works
+//! with whatever modes this mig and its agents offer.
+
+use super::report::{Row, RowStatus};
+use super::workload::{self, Status};
+use super::{progress, BenchError, Ctx};
+use serde_json::Value;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// The bench image's name on every lab host.
+pub const IMAGE: &str = "mig-memload";
+
+/// Runs `mig --socket <host's socket> ARGS`.
+pub fn mig(ctx: &Ctx, host: usize, args: &[&str]) -> Result<Output, BenchError> {
+    Command::new(&ctx.mig)
+        .arg("--socket")
+        .arg(&ctx.hosts[host].socket)
+        .args(args)
+        .env_remove("MIG_HOST")
+        .output()
+        .map_err(|source| BenchError::Spawn {
+            command: format!("mig {}", args.join(" ")),
+            source,
+        })
+}
+
+/// Like [`mig`], its stdout on success, [`BenchError::CommandFailed`] otherwise.
+pub fn mig_ok(ctx: &Ctx, host: usize, args: &[&str]) -> Result<String, BenchError> {
+    let out = mig(ctx, host, args)?;
+    if !out.status.success() {
+        return Err(BenchError::CommandFailed {
+            command: format!("mig {} (on {})", args.join(" "), ctx.hosts[host].name),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn import_image(ctx: &Ctx, host: usize) -> Result<(), BenchError> {
+    let rootfs = ctx.rootfs.display().to_string();
+    mig_ok(ctx, host, &["image", "import", &rootfs, "--name", IMAGE])?;
+    Ok(())
+}
+
+fn status_on(ctx: &Ctx, host: usize, id: &str) -> Status {
+    match mig(ctx, host, &["logs", id]) {
+        Ok(o) if o.status.success() => Status::parse(&String::from_utf8_lossy(&o.stdout)),
+        _ => Status::default(),
+    }
+}
+
+/// Polls the workload's log on `host` until `done` or `timeout`; the last status either way.
+pub fn wait_status(
+    ctx: &Ctx,
+    timeout: Duration,
+    mut poll: impl FnMut() -> Status,
+    done: impl Fn(&Status) -> bool,
+) -> Result<Status, BenchError> {
+    let start = Instant::now();
+    loop {
+        let s = poll();
+        if done(&s) || s.bad.is_some() || start.elapsed() > timeout {
+            return Ok(s);
+        }
+        ctx.sleep(Duration::from_millis(250))?;
+    }
+}
+
+/// How long a workload of `size_mib` may take to start (fill its memory) or finish a pass.
+pub fn patience(size_mib: u64) -> Duration {
+    Duration::from_secs(30 + size_mib / 32)
+}
+
+/// Removes the container from both hosts on drop (whatever happened to the move).
+struct Remove<'a> {
+    ctx: &'a Ctx,
+    id: String,
+}
+
+impl Drop for Remove<'_> {
+    fn drop(&mut self) {
+        for host in 0..self.ctx.hosts.len() {
+            let _ = mig(self.ctx, host, &["rm", "-f", &self.id]);
+        }
+    }
+}
+
+/// Whether a failed `mig move` was a refusal (of the mode, by this mig or the agent) rather than a
+/// failure of the move itself.
+fn is_refusal(stderr: &str) -> bool {
+    let s = stderr.to_ascii_lowercase();
+    [
+        "refus",
+        "unexpected argument",
+        "invalid value",
+        "not supported",
+        "unsupported",
+    ]
+    .iter()
+    .any(|w| s.contains(w))
+}
+
+fn move_args<'a>(id: &'a str, mode: Option<&'a str>) -> Vec<&'a str> {
+    let mut args = vec!["move", "--json"];
+    if let Some(m) = mode {
+        args.extend(["--mode", m]);
+    }
+    args.extend([id, "host-b"]);
+    args
+}
+
+fn first_line(s: &str) -> String {
+    s.lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim()
+        .to_string()
+}
+
+/// One size/mode/run. Harness failures (cannot run mig) are errors; a refused or failed move, a
+/// workload that does not verify, are recorded in the row.
+pub fn run(ctx: &Ctx, size_mib: u64, mode: &str, run: u32) -> Result<Row, BenchError> {
+    let mut row = Row::new(size_mib, "mig", mode, run);
+    let safe: String = mode
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let name = format!("bench-{size_mib}m-{safe}-{run}");
+    progress(&format!(
+        "{size_mib} MiB, mig {mode}, run {run}: starting {name}"
+    ));
+    let cmd = workload::command(size_mib, ctx.dirty_mib);
+    let mut args = vec!["run", "-d", "--name", &name, IMAGE, "--"];
+    args.extend(cmd.iter().map(String::as_str));
+    let id = match mig_ok(ctx, 0, &args) {
+        Ok(out) => out.trim().to_string(),
+        Err(e) => {
+            let _ = mig(ctx, 0, &["rm", "-f", &name]);
+            row.fail(RowStatus::Failed, &format!("start: {e}"));
+            return Ok(row);
+        }
+    };
+    let _remove = Remove {
+        ctx,
+        id: id.clone(),
+    };
+    let ready = wait_status(
+        ctx,
+        patience(size_mib),
+        || status_on(ctx, 0, &id),
+        |s| s.last_ok.is_some(),
+    )?;
+    let Some(before) = ready.last_ok.filter(|_| ready.bad.is_none()) else {
+        row.fail(
+            RowStatus::Failed,
+            "the workload did not verify its memory before the move",
+        );
+        return Ok(row);
+    };
+
+    let mut out = mig(ctx, 0, &move_args(&id, Some(mode)))?;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    // A mig without `--mode` moves the one way it knows: cold.
+    if !out.status.success() && mode == "cold" && stderr.contains("'--mode'") {
+        out = mig(ctx, 0, &move_args(&id, None))?;
+    }
+    if !out.status.success() {
+        let reason = first_line(&String::from_utf8_lossy(&out.stderr));
+        let status = if is_refusal(&reason) {
+            RowStatus::Refused
+        } else {
+            RowStatus::Failed
+        };
+        row.fail(status, &reason);
+        return Ok(row);
+    }
+    let result: Value = match serde_json::from_slice(&out.stdout) {
+        Ok(v) => v,
+        Err(e) => {
+            row.fail(
+                RowStatus::Failed,
+                &format!("unreadable mig move --json: {e}"),
+            );
+            return Ok(row);
+        }
+    };
+    row.fill_from_move(&result);
+
+    let after = wait_status(
+        ctx,
+        patience(size_mib),
+        || status_on(ctx, 1, &id),
+        |s| s.verified_after(before),
+    )?;
+    row.verified = after.verified_after(before);
+    if !row.verified {
+        row.note = match (after.bad, after.last_ok) {
+            (Some(n), _) => format!("memory BAD at tick {n} after the move"),
+            (None, Some((n, p))) => format!(
+                "no full verification pass after the move (before: tick {} pass {}, last: tick {n} pass {p})",
+                before.0, before.1
+            ),
+            (None, None) => "no OK line on host-b after the move".into(),
+        };
+    }
+    row.pids_kept = pids_kept(&result);
+    Ok(row)
+}
+
+/// Same `ns_pid` and command for every process before and after, when the move reports both.
+fn pids_kept(result: &Value) -> Option<bool> {
+    let list = |key: &str| -> Option<Vec<(u64, String)>> {
+        let mut v: Vec<(u64, String)> = result
+            .get(key)?
+            .as_array()?
+            .iter()
+            .map(|e| {
+                (
+                    e.get("ns_pid").and_then(Value::as_u64).unwrap_or(0),
+                    e.get("cmd")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string(),
+                )
+            })
+            .collect();
+        v.sort();
+        Some(v)
+    };
+    let (before, after) = (list("pid_map_before")?, list("pid_map")?);
+    Some(!before.is_empty() && before == after)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_told_apart() {
+        assert!(is_refusal("mig: error: unexpected argument '--mode' found"));
+        assert!(is_refusal("mig: precopy refused: no dirty memory tracking"));
+        assert!(!is_refusal("mig: move failed: restore failed"));
+    }
+
+    #[test]
+    fn pid_maps_compare() {
+        let v: Value = serde_json::from_str(
+            r#"{"pid_map_before":[{"ns_pid":1,"host_pid":5,"cmd":"m"}],"pid_map":[{"ns_pid":1,"host_pid":9,"cmd":"m"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(pids_kept(&v), Some(true));
+        let v: Value = serde_json::from_str(
+            r#"{"pid_map_before":[{"ns_pid":1,"cmd":"m"}],"pid_map":[{"ns_pid":2,"cmd":"m"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(pids_kept(&v), Some(false));
+        assert_eq!(pids_kept(&serde_json::json!({})), None);
+    }
+}

@@ -1,0 +1,414 @@
+//! Bench results: one [`Row`] per run, the link measurements, CSV, JSON and the summary table.
+
+use super::{BenchError, BenchMoveArgs};
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RowStatus {
+    /// Moved (or checkpointed, copied and restored).
+    Ok,
+    /// The mode was refused (by this mig or the agent); nothing moved.
+    Refused,
+    /// The move or the workload failed.
+    Failed,
+}
+
+impl RowStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            RowStatus::Ok => "ok",
+            RowStatus::Refused => "refused",
+            RowStatus::Failed => "failed",
+        }
+    }
+}
+
+/// One run. For runc, `dump_ms` is `runc checkpoint`, `transfer_ms` the copy over the link and
+/// `restore_ms` `runc restore`; `freeze_ms` is not measured separately (it is inside the checkpoint).
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub size_mib: u64,
+    /// `mig` or `runc`.
+    pub kind: String,
+    /// The `mig move --mode`, or `runc`.
+    pub mode: String,
+    pub run: u32,
+    pub status: RowStatus,
+    pub downtime_ms: Option<u64>,
+    pub total_ms: Option<u64>,
+    pub freeze_ms: Option<u64>,
+    pub dump_ms: Option<u64>,
+    pub transfer_ms: Option<u64>,
+    pub restore_ms: Option<u64>,
+    pub bytes: Option<u64>,
+    /// `bytes` over `transfer_ms`, in MB/s (10^6 bytes per second).
+    pub transfer_mbs: Option<f64>,
+    /// The workload counted on and a whole verification pass after the move was OK.
+    pub verified: bool,
+    /// Same in-namespace PIDs and commands before and after (mig only).
+    pub pids_kept: Option<bool>,
+    /// The refusal or failure, or what did not verify.
+    pub note: String,
+}
+
+/// CSV header; [`Row::csv`] writes the same columns.
+pub const CSV_HEADER: &str = "size_mib,kind,mode,run,status,downtime_ms,total_ms,freeze_ms,dump_ms,transfer_ms,restore_ms,bytes,transfer_mbs,verified,pids_kept,note";
+
+fn opt<T: ToString>(v: Option<T>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_default()
+}
+
+fn csv_quote(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\"").replace('\n', " "))
+    } else {
+        s.to_string()
+    }
+}
+
+pub fn mbs(bytes: u64, ms: u64) -> Option<f64> {
+    (ms > 0).then(|| (bytes as f64 / 1e6) / (ms as f64 / 1e3))
+}
+
+impl Row {
+    pub fn new(size_mib: u64, kind: &str, mode: &str, run: u32) -> Row {
+        Row {
+            size_mib,
+            kind: kind.to_string(),
+            mode: mode.to_string(),
+            run,
+            status: RowStatus::Ok,
+            downtime_ms: None,
+            total_ms: None,
+            freeze_ms: None,
+            dump_ms: None,
+            transfer_ms: None,
+            restore_ms: None,
+            bytes: None,
+            transfer_mbs: None,
+            verified: false,
+            pids_kept: None,
+            note: String::new(),
+        }
+    }
+
+    pub fn fail(&mut self, status: RowStatus, note: &str) {
+        self.status = status;
+        self.verified = false;
+        self.note = note.to_string();
+    }
+
+    /// Takes the timings of `mig move --json`.
+    pub fn fill_from_move(&mut self, v: &Value) {
+        let n = |k: &str| v.get(k).and_then(Value::as_u64);
+        self.downtime_ms = n("downtime_ms");
+        self.total_ms = n("total_ms");
+        self.freeze_ms = n("freeze_ms");
+        self.dump_ms = n("dump_ms");
+        self.transfer_ms = n("transfer_ms");
+        self.restore_ms = n("restore_ms");
+        self.bytes = n("bytes_sent");
+        if let (Some(b), Some(t)) = (self.bytes, self.transfer_ms) {
+            self.transfer_mbs = mbs(b, t);
+        }
+        if let Some(m) = v.get("mode").and_then(Value::as_str) {
+            if m != self.mode {
+                self.note = format!("the agent reported mode {m}");
+            }
+        }
+    }
+
+    pub fn csv(&self) -> String {
+        [
+            self.size_mib.to_string(),
+            csv_quote(&self.kind),
+            csv_quote(&self.mode),
+            self.run.to_string(),
+            self.status.as_str().to_string(),
+            opt(self.downtime_ms),
+            opt(self.total_ms),
+            opt(self.freeze_ms),
+            opt(self.dump_ms),
+            opt(self.transfer_ms),
+            opt(self.restore_ms),
+            opt(self.bytes),
+            opt(self.transfer_mbs.map(|t| format!("{t:.1}"))),
+            self.verified.to_string(),
+            opt(self.pids_kept),
+            csv_quote(&self.note),
+        ]
+        .join(",")
+    }
+
+    pub fn progress_line(&self) -> String {
+        let what = if self.kind == self.mode {
+            self.kind.clone()
+        } else {
+            format!("{} {}", self.kind, self.mode)
+        };
+        let mut s = format!(
+            "{} MiB, {what}, run {}: {}",
+            self.size_mib,
+            self.run,
+            self.status.as_str()
+        );
+        if let (Some(d), Some(t)) = (self.downtime_ms, self.total_ms) {
+            let _ = write!(s, ", downtime {d} ms, total {t} ms");
+        }
+        if self.status == RowStatus::Ok {
+            let _ = write!(s, ", verified {}", self.verified);
+        }
+        if !self.note.is_empty() {
+            let _ = write!(s, " ({})", self.note);
+        }
+        s
+    }
+}
+
+/// A raw throughput measurement between the two lab hosts.
+#[derive(Debug, Clone, Serialize)]
+pub struct LinkRow {
+    /// `tcp` or `quic`.
+    pub proto: String,
+    pub bytes: u64,
+    pub ms: u64,
+    pub mbs: f64,
+}
+
+/// Everything one bench writes.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub command: String,
+    pub machine: BTreeMap<String, String>,
+    pub link: Vec<LinkRow>,
+    pub rows: Vec<Row>,
+}
+
+fn command_output(program: &str, args: &[&str]) -> String {
+    std::process::Command::new(program)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| {
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            text.lines().next().unwrap_or("").trim().to_string()
+        })
+        .unwrap_or_default()
+}
+
+impl BenchReport {
+    pub fn for_this_machine() -> BenchReport {
+        let mut machine = BTreeMap::new();
+        machine.insert("kernel".into(), command_output("uname", &["-r"]));
+        machine.insert("cpus".into(), command_output("nproc", &[]));
+        machine.insert("criu".into(), command_output("criu", &["--version"]));
+        machine.insert("runc".into(), command_output("runc", &["--version"]));
+        let mem = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        machine.insert(
+            "memory".into(),
+            mem.lines().next().unwrap_or("").to_string(),
+        );
+        BenchReport {
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            machine,
+            link: Vec::new(),
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn csv(&self) -> String {
+        let mut s = format!("{CSV_HEADER}\n");
+        for r in &self.rows {
+            s.push_str(&r.csv());
+            s.push('\n');
+        }
+        s
+    }
+
+    pub fn write(&self, args: &BenchMoveArgs) -> Result<(), BenchError> {
+        let write = |path: &Path, text: String| {
+            std::fs::write(path, text).map_err(|source| BenchError::Output {
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        if let Some(p) = &args.csv {
+            write(p, self.csv())?;
+        }
+        if let Some(p) = &args.json {
+            let text = serde_json::to_string_pretty(self).unwrap_or_else(|_| "null".into());
+            write(p, text + "\n")?;
+        }
+        if let Some(p) = &args.plot {
+            super::plot::draw(self, p)?;
+        }
+        Ok(())
+    }
+
+    /// Median of `f` over the verified rows of (`size`, `mode`).
+    pub fn median(&self, size: u64, mode: &str, f: impl Fn(&Row) -> Option<f64>) -> Option<f64> {
+        let mut v: Vec<f64> = self
+            .rows
+            .iter()
+            .filter(|r| r.size_mib == size && r.mode == mode && r.status == RowStatus::Ok)
+            .filter_map(&f)
+            .collect();
+        median(&mut v)
+    }
+
+    /// The modes in the order they were run.
+    pub fn modes(&self) -> Vec<String> {
+        let mut modes: Vec<String> = Vec::new();
+        for r in &self.rows {
+            if !modes.contains(&r.mode) {
+                modes.push(r.mode.clone());
+            }
+        }
+        modes
+    }
+
+    pub fn sizes(&self) -> Vec<u64> {
+        let mut s: Vec<u64> = self.rows.iter().map(|r| r.size_mib).collect();
+        s.sort_unstable();
+        s.dedup();
+        s
+    }
+
+    fn link_mbs(&self, proto: &str) -> Option<f64> {
+        self.link.iter().find(|l| l.proto == proto).map(|l| l.mbs)
+    }
+
+    /// The summary table: medians per size and mode, and the ratios the targets are stated in.
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        for l in &self.link {
+            let _ = writeln!(
+                s,
+                "raw {} between the lab hosts: {:.0} MB/s ({} MiB in {} ms)",
+                l.proto,
+                l.mbs,
+                l.bytes >> 20,
+                l.ms
+            );
+        }
+        let _ = writeln!(
+            s,
+            "{:>8} {:<8} {:>5} {:>11} {:>9} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8}",
+            "SIZE",
+            "MODE",
+            "OK",
+            "DOWNTIME",
+            "TOTAL",
+            "DUMP",
+            "TRANSFER",
+            "MB/S",
+            "/RUNC",
+            "/COLD",
+            "/TCP"
+        );
+        let tcp = self.link_mbs("tcp");
+        let ms = |v: Option<f64>| v.map(|v| format!("{v:.0} ms")).unwrap_or("-".into());
+        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+            _ => "-".into(),
+        };
+        for size in self.sizes() {
+            let runc = self.median(size, "runc", |r| r.downtime_ms.map(|v| v as f64));
+            let cold = self.median(size, "cold", |r| r.downtime_ms.map(|v| v as f64));
+            for mode in self.modes() {
+                let rows: Vec<&Row> = self
+                    .rows
+                    .iter()
+                    .filter(|r| r.size_mib == size && r.mode == mode)
+                    .collect();
+                if rows.is_empty() {
+                    continue;
+                }
+                let ok = rows.iter().filter(|r| r.verified).count();
+                if rows.iter().all(|r| r.status == RowStatus::Refused) {
+                    let _ = writeln!(s, "{:>5} MiB {:<8} refused: {}", size, mode, rows[0].note);
+                    continue;
+                }
+                let down = self.median(size, &mode, |r| r.downtime_ms.map(|v| v as f64));
+                let total = self.median(size, &mode, |r| r.total_ms.map(|v| v as f64));
+                let dump = self.median(size, &mode, |r| r.dump_ms.map(|v| v as f64));
+                let xfer = self.median(size, &mode, |r| r.transfer_ms.map(|v| v as f64));
+                let thr = self.median(size, &mode, |r| r.transfer_mbs);
+                let _ =
+                    writeln!(
+                    s,
+                    "{:>4} MiB {:<8} {:>2}/{:<2} {:>11} {:>9} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8}",
+                    size,
+                    mode,
+                    ok,
+                    rows.len(),
+                    ms(down),
+                    ms(total),
+                    ms(dump),
+                    ms(xfer),
+                    thr.map(|t| format!("{t:.0}")).unwrap_or("-".into()),
+                    if mode == "runc" { "-".into() } else { ratio(down, runc) },
+                    if mode == "runc" || mode == "cold" {
+                        "-".into()
+                    } else {
+                        ratio(down, cold)
+                    },
+                    ratio(thr, tcp),
+                );
+            }
+        }
+        s.push_str(
+            "DOWNTIME, TOTAL, DUMP, TRANSFER: medians of the runs that completed; MB/S: bytes sent over \
+             the transfer time; /RUNC: downtime over runc's for the same size; /COLD: over cold mode's; \
+             /TCP: MB/S over the raw TCP throughput of the same link\n",
+        );
+        s
+    }
+}
+
+pub fn median(v: &mut [f64]) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    Some(if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&mut []), None);
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), Some(2.5));
+    }
+
+    #[test]
+    fn csv_rows_have_every_column() {
+        let mut r = Row::new(16, "mig", "cold", 1);
+        r.fill_from_move(&serde_json::json!({
+            "downtime_ms": 300, "total_ms": 500, "freeze_ms": 5, "dump_ms": 100,
+            "transfer_ms": 50, "restore_ms": 140, "bytes_sent": 50_000_000, "mode": "cold"
+        }));
+        r.verified = true;
+        r.note = "a, \"b\"".into();
+        let line = r.csv();
+        assert_eq!(
+            line,
+            "16,mig,cold,1,ok,300,500,5,100,50,140,50000000,1000.0,true,,\"a, \"\"b\"\"\""
+        );
+        assert_eq!(CSV_HEADER.split(',').count(), 16);
+    }
+}

@@ -1,0 +1,176 @@
+//! `mig bench move` end to end, one tiny run: 16 MiB, cold mode, one run (plus the runc baseline
+//! when runc is installed), small link measurements. Checks the CSV and JSON columns, that every
+//! run verified, and that the plot is a non-empty SVG. No timing is asserted.
+//!
+//! Needs root, real CRIU. The bench removes its own lab (subnet 10.214.60.0/24) and work directory;
+//! the guard here removes them too if the bench itself dies.
+
+use anyhow::{ensure, Context, Result};
+use mig_tests::{bin, is_root, lab_down_quietly};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// `mig-memload` built statically (like the isolation probe) into its own target directory,
+/// `target/probe`, so the main build cache keeps its flags.
+fn memload() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("MIG_MEMLOAD") {
+        return Ok(PathBuf::from(p));
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace root")?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target"))
+        .join("probe");
+    let cargo = option_env!("CARGO").unwrap_or("cargo");
+    let status = Command::new(cargo)
+        .current_dir(workspace)
+        .args([
+            "build",
+            "-q",
+            "-p",
+            "mig-memload",
+            "--release",
+            "--target-dir",
+        ])
+        .arg(&target)
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .status()
+        .context("running cargo build for mig-memload")?;
+    ensure!(status.success(), "cargo build -p mig-memload failed");
+    Ok(target.join("release/mig-memload"))
+}
+
+struct Guard {
+    lab: String,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        lab_down_quietly(&self.lab);
+        let _ = std::fs::remove_dir_all(Path::new("/var/lib/mig-bench").join(&self.lab));
+    }
+}
+
+fn runc_installed() -> bool {
+    Command::new("runc")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn bench_move_tiny_run_writes_csv_json_and_svg() -> Result<()> {
+    if !is_root("bench tests") {
+        return Ok(());
+    }
+    let lab = format!("bn{}", std::process::id() % 100_000);
+    let _guard = Guard { lab: lab.clone() };
+    let tmp = tempfile::tempdir()?;
+    let (csv, json, svg) = (
+        tmp.path().join("b.csv"),
+        tmp.path().join("b.json"),
+        tmp.path().join("b.svg"),
+    );
+    let runc = runc_installed();
+    let mut cmd = Command::new(bin("mig"));
+    cmd.args([
+        "bench", "move", "--sizes", "16M", "--runs", "1", "--modes", "cold",
+    ])
+    .args(["--lab", &lab, "--subnet", "10.214.60", "--link-mib", "64"])
+    .arg("--workload")
+    .arg(memload()?)
+    .arg("--csv")
+    .arg(&csv)
+    .arg("--json")
+    .arg(&json)
+    .arg("--plot")
+    .arg(&svg)
+    .env_remove("MIG_HOST")
+    .env_remove("MIG_SOCKET");
+    if runc {
+        cmd.args(["--baseline", "runc"]);
+    } else {
+        eprintln!("runc is not installed: no baseline in this run");
+    }
+    let out = cmd.output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.success(),
+        "mig bench failed ({}):\n{stderr}\n{stdout}",
+        out.status
+    );
+    eprintln!("{stderr}\n{stdout}");
+
+    let text = std::fs::read_to_string(&csv)?;
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().context("empty csv")?.split(',').collect();
+    for col in [
+        "size_mib",
+        "kind",
+        "mode",
+        "run",
+        "status",
+        "downtime_ms",
+        "total_ms",
+        "freeze_ms",
+        "dump_ms",
+        "transfer_ms",
+        "restore_ms",
+        "bytes",
+        "verified",
+        "pids_kept",
+    ] {
+        ensure!(header.contains(&col), "csv has no column {col}: {header:?}");
+    }
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    ensure!(rows.len() == 1 + runc as usize, "csv rows: {rows:?}");
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap_or(0);
+    for r in &rows {
+        ensure!(r[col("size_mib")] == "16", "{r:?}");
+        ensure!(r[col("status")] == "ok", "{r:?}");
+        ensure!(r[col("verified")] == "true", "{r:?}");
+        ensure!(!r[col("downtime_ms")].is_empty(), "{r:?}");
+    }
+    ensure!(rows[0][col("mode")] == "cold" && rows[0][col("pids_kept")] == "true");
+    if runc {
+        ensure!(rows[1][col("mode")] == "runc", "{:?}", rows[1]);
+    }
+
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json)?)?;
+    let jrows = report["rows"].as_array().context("json rows")?;
+    ensure!(jrows.len() == rows.len());
+    for r in jrows {
+        for key in [
+            "downtime_ms",
+            "total_ms",
+            "dump_ms",
+            "transfer_ms",
+            "restore_ms",
+            "bytes",
+        ] {
+            ensure!(r[key].is_u64(), "json row without {key}: {r}");
+        }
+        ensure!(r["verified"] == true, "{r}");
+    }
+    let protos: Vec<&str> = report["link"]
+        .as_array()
+        .context("json link")?
+        .iter()
+        .filter_map(|l| l["proto"].as_str())
+        .collect();
+    ensure!(protos == ["tcp", "quic"], "{protos:?}");
+
+    let plot = std::fs::read_to_string(&svg)?;
+    ensure!(plot.starts_with("<svg") && plot.contains("cold") && plot.len() > 1000);
+    ensure!(stdout.contains("16 MiB"), "no summary: {stdout}");
+    ensure!(
+        !Path::new("/var/lib/mig-bench").join(&lab).exists(),
+        "work directory left"
+    );
+    Ok(())
+}
