@@ -41,6 +41,9 @@ struct Args {
     /// Log format [default: text].
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+    /// Print the man page (roff) and exit (used to build the package).
+    #[arg(long, hide = true)]
+    man: bool,
 }
 
 /// The pipe size CRIU's lazy page server needs (DESIGN.md, "Platform facts").
@@ -58,6 +61,16 @@ fn main() -> std::process::ExitCode {
 
 fn run() -> Result<()> {
     let args = Args::parse();
+    if args.man {
+        use clap::CommandFactory;
+        let mut out = Vec::new();
+        clap_mangen::Man::new(Args::command())
+            .section("8")
+            .render(&mut out)
+            .context("rendering the man page")?;
+        std::io::Write::write_all(&mut std::io::stdout(), &out).context("writing the man page")?;
+        return Ok(());
+    }
     let (file, path) = ConfigFile::discover(args.config.as_deref())?;
     let eff = file.resolve(Overrides {
         name: args.name,

@@ -6,6 +6,7 @@
 //! fork+exec ([`tokio::process::Command`]), and reads back the shim's records from disk, which is
 //! also how it re-adopts containers after a restart ([`Agent::open`]).
 
+mod bundle;
 mod checkpoint;
 mod connection;
 mod containers;

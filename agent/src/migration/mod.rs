@@ -124,8 +124,30 @@ impl Migrations {
 }
 
 /// Our hello on migration connections.
+///
+/// `MIG_WIRE_VERSION=MAJOR.MINOR` in migd's environment makes it announce another protocol
+/// version: the upgrade tests use it to play an older or newer peer (docs/operations.md).
 pub(crate) fn hello(agent: &Agent) -> Hello {
-    Hello::new(env!("CARGO_PKG_VERSION"), &agent.cfg.name)
+    let mut h = Hello::new(env!("CARGO_PKG_VERSION"), &agent.cfg.name);
+    if let Some(v) = wire_version_override() {
+        h.protocol_version = v;
+    }
+    h
+}
+
+/// The protocol version from `MIG_WIRE_VERSION`, when set and well-formed.
+fn wire_version_override() -> Option<mig_migrate::wire::Version> {
+    let raw = std::env::var("MIG_WIRE_VERSION").ok()?;
+    let parsed = raw.split_once('.').and_then(|(a, b)| {
+        Some(mig_migrate::wire::Version {
+            major: a.trim().parse().ok()?,
+            minor: b.trim().parse().ok()?,
+        })
+    });
+    if parsed.is_none() {
+        tracing::warn!(value = %raw, "ignoring MIG_WIRE_VERSION: want MAJOR.MINOR");
+    }
+    parsed
 }
 
 /// Starts the migration service: loads (or creates) the identity under `<state-dir>/identity`,

@@ -1,0 +1,148 @@
+//! `mig drain [HOST]`: moves every running container of a host to its pinned peers, one at a
+//! time, spreading them round-robin (a container refused by one peer is tried on the next), and
+//! reports each result. The host is empty afterwards unless some move failed: those containers
+//! keep running where they were (a failed move rolls back) and the exit code is 125.
+
+use super::commands::{json, out, socket_path, CliError};
+use super::Cli;
+use crate::client::Client;
+use clap::Args;
+use serde::Serialize;
+
+#[derive(Debug, Args)]
+pub struct DrainArgs {
+    /// Only these peers (repeatable; default: every pinned peer).
+    #[arg(long = "to", value_name = "PEER")]
+    pub to: Vec<String>,
+    #[arg(long)]
+    pub json: bool,
+    /// The host to drain: a lab host name (like --host); default: the agent of --socket/--host.
+    pub host: Option<String>,
+}
+
+/// One container's outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DrainResult {
+    pub id: String,
+    pub name: String,
+    /// Where it runs now (the peer, or this host when every move failed).
+    pub peer: Option<String>,
+    pub ok: bool,
+    pub downtime_ms: Option<u64>,
+    pub total_ms: Option<u64>,
+    /// The failures, one per peer tried.
+    pub errors: Vec<String>,
+}
+
+/// What `mig drain --json` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct DrainReport {
+    pub moved: usize,
+    pub failed: usize,
+    pub results: Vec<DrainResult>,
+    /// Containers still running on the host afterwards (by name).
+    pub left: Vec<String>,
+}
+
+pub(super) async fn drain(cli: &Cli, a: &DrainArgs) -> Result<u8, CliError> {
+    let path = match &a.host {
+        Some(h) => socket_path(None, Some(h))?,
+        None => socket_path(cli.socket.as_deref(), cli.host.as_deref())?,
+    };
+    let mut c = Client::connect(&path).await?;
+    let mut peers: Vec<String> = c.peer_list().await?.into_iter().map(|p| p.name).collect();
+    if !a.to.is_empty() {
+        if let Some(missing) = a.to.iter().find(|t| !peers.contains(t)) {
+            return Err(CliError::Task(format!("{missing} is not a pinned peer")));
+        }
+        peers.retain(|p| a.to.contains(p));
+    }
+    let mut running = c.list(false).await?;
+    running.sort_by(|x, y| x.name.cmp(&y.name));
+    if !running.is_empty() && peers.is_empty() {
+        return Err(CliError::Task(
+            "no pinned peer to drain to (mig peers add)".into(),
+        ));
+    }
+    let mut results = Vec::new();
+    let mut next = 0usize;
+    for ct in &running {
+        let mut r = DrainResult {
+            id: ct.id.clone(),
+            name: ct.name.clone(),
+            peer: None,
+            ok: false,
+            downtime_ms: None,
+            total_ms: None,
+            errors: Vec::new(),
+        };
+        for k in 0..peers.len() {
+            let peer = &peers[(next + k) % peers.len()];
+            match c.move_container(&ct.id, peer).await {
+                Ok(m) => {
+                    r.ok = true;
+                    r.peer = Some(m.peer);
+                    r.downtime_ms = Some(m.downtime_ms);
+                    r.total_ms = Some(m.total_ms);
+                    next = (next + k + 1) % peers.len();
+                    break;
+                }
+                Err(e) => r.errors.push(format!("{peer}: {}", chain(&e))),
+            }
+        }
+        if !a.json {
+            let line = match (&r.peer, r.ok) {
+                (Some(p), true) => format!(
+                    "{} -> {p}: moved in {} ms (downtime {} ms)\n",
+                    r.name,
+                    r.total_ms.unwrap_or(0),
+                    r.downtime_ms.unwrap_or(0)
+                ),
+                _ => format!("{}: not moved: {}\n", r.name, r.errors.join("; ")),
+            };
+            out(&line)?;
+        }
+        results.push(r);
+    }
+    let left: Vec<String> = c.list(false).await?.into_iter().map(|s| s.name).collect();
+    let failed = results.iter().filter(|r| !r.ok).count();
+    let report = DrainReport {
+        moved: results.len() - failed,
+        failed,
+        results,
+        left,
+    };
+    if a.json {
+        json(&report)?;
+    } else if report.left.is_empty() {
+        out(&format!("drained: {} moved, host empty\n", report.moved))?;
+    } else {
+        out(&format!(
+            "{} moved, {} failed; still running here: {}\n",
+            report.moved,
+            report.failed,
+            report.left.join(", ")
+        ))?;
+    }
+    if report.failed > 0 || !report.left.is_empty() {
+        return Err(CliError::Partial {
+            failed: report.failed.max(report.left.len()),
+            total: report.results.len().max(report.left.len()),
+        });
+    }
+    Ok(0)
+}
+
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.ends_with(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}

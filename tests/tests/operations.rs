@@ -1,0 +1,371 @@
+//! Operating mig on real hosts (issue 10), end to end through the real binaries: systemd
+//! readiness and `systemctl restart` (SIGTERM) with running containers, OCI bundles, a state
+//! record of the previous format, an older or newer wire protocol peer, and `mig drain`.
+//! Run as root. Labs use the subnets 10.214.90-99.0/24.
+
+use anyhow::{bail, ensure, Context, Result};
+use mig_tests::lab::{continues, log_state, running_on, Lab};
+use mig_tests::{busybox_rootfs, is_root, pid_alive, wait_until, Agent};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+fn recv(sock: &UnixDatagram) -> Result<String> {
+    let mut buf = [0u8; 512];
+    let n = sock.recv(&mut buf).context("no sd_notify message")?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// migd tells a Type=notify unit it is ready once its socket and QUIC endpoint are up, and that
+/// it stops on SIGTERM (what `systemctl stop/restart` sends with KillMode=process); the container
+/// outlives it and the next migd re-adopts it.
+#[test]
+fn sd_notify_and_sigterm_restart_keep_containers() -> Result<()> {
+    if !is_root("sd_notify_and_sigterm_restart_keep_containers") {
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let notify = tmp.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&notify)?;
+    sock.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let notify_s = notify.to_string_lossy().into_owned();
+    let mut agent = Agent::start_with_env("sdnotify", &[("NOTIFY_SOCKET", &notify_s)])?;
+    let ready = recv(&sock)?;
+    ensure!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
+    // READY comes after the API socket is bound: it answers now.
+    agent.mig_ok(&["ps"])?;
+    agent.import_busybox()?;
+    let id = agent
+        .mig_ok(&[
+            "run",
+            "-d",
+            "--name",
+            "svc",
+            "busybox",
+            "--",
+            "sh",
+            "-c",
+            "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.1; done",
+        ])?
+        .trim()
+        .to_owned();
+    let d = agent.mig_json(&["inspect", &id, "--json"])?;
+    let host_pid = d["pid_map"][0]["host_pid"].as_i64().context("host_pid")? as i32;
+    let pid = agent.pid().context("migd pid")?;
+    kill(Pid::from_raw(pid), Signal::SIGTERM)?;
+    let stopping = recv(&sock)?;
+    ensure!(stopping.contains("STOPPING=1"), "{stopping:?}");
+    ensure!(
+        wait_until(Duration::from_secs(10), || !agent.socket.exists()),
+        "migd did not remove its socket on SIGTERM"
+    );
+    agent.kill9(); // reaps the exited migd
+    std::thread::sleep(Duration::from_millis(300));
+    ensure!(pid_alive(host_pid), "the container died with migd");
+    agent.spawn()?;
+    let ready = recv(&sock)?;
+    ensure!(ready.contains("READY=1"), "{ready:?}");
+    let d = agent.mig_json(&["inspect", "svc", "--json"])?;
+    ensure!(d["state"] == "running", "{d}");
+    ensure!(d["pid_map"][0]["host_pid"] == host_pid, "{d}");
+    agent.mig_ok(&["rm", "-f", "svc"])?;
+    Ok(())
+}
+
+/// `migd --check-config` validates the file, prints the effective settings with flags applied,
+/// and names an unknown key with its line.
+#[test]
+fn check_config_prints_effective_settings_and_names_bad_keys() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let good = tmp.path().join("good.toml");
+    std::fs::write(
+        &good,
+        "name = \"opshost\"\nlog_format = \"json\"\n[limits]\nmax_outgoing_moves = 3\n",
+    )?;
+    let o = Command::new(mig_tests::bin("migd"))
+        .arg("--config")
+        .arg(&good)
+        .args(["--check-config", "--listen", "127.0.0.1:7999"])
+        .output()?;
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    ensure!(o.status.success(), "{o:?}");
+    for want in [
+        "name = \"opshost\"",
+        "listen = \"127.0.0.1:7999\"",
+        "cgroup_parent = \"mig-opshost\"",
+        "max_outgoing_moves = 3",
+        "log_format = \"json\"",
+    ] {
+        ensure!(stdout.contains(want), "{want} missing from {stdout}");
+    }
+    let bad = tmp.path().join("bad.toml");
+    std::fs::write(&bad, "name = \"x\"\n\n[limits]\nmax_moves = 1\n")?;
+    let o = Command::new(mig_tests::bin("migd"))
+        .arg("--config")
+        .arg(&bad)
+        .arg("--check-config")
+        .output()?;
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    ensure!(!o.status.success(), "{o:?}");
+    ensure!(
+        stderr.contains("line 4") && stderr.contains("`max_moves`") && stderr.lines().count() == 1,
+        "{stderr}"
+    );
+    Ok(())
+}
+
+fn write_bundle(dir: &Path, config: &serde_json::Value) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    if !dir.join("rootfs").exists() {
+        busybox_rootfs(dir)?;
+    }
+    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(config)?)?;
+    Ok(())
+}
+
+/// An OCI runtime bundle runs with its args, env, cwd, user, hostname and limits; a bundle
+/// asking for something mig does not do is refused with the field's name.
+#[test]
+fn oci_bundle_runs_and_unsupported_fields_are_refused() -> Result<()> {
+    if !is_root("oci_bundle_runs_and_unsupported_fields_are_refused") {
+        return Ok(());
+    }
+    let agent = Agent::start("bundle")?;
+    let bundle = agent.dir.path().join("web-bundle");
+    let mut config = serde_json::json!({
+        "ociVersion": "1.0.2",
+        "root": {"path": "rootfs", "readonly": false},
+        "process": {
+            "terminal": false,
+            "user": {"uid": 1000, "gid": 1000},
+            "args": ["sh", "-c", "echo cwd=$(pwd) uid=$(id -u) gid=$(id -g) host=$(hostname) greet=$GREETING; exec sleep 1000"],
+            "env": ["PATH=/bin", "GREETING=hello-bundle"],
+            "cwd": "/tmp",
+            "noNewPrivileges": true
+        },
+        "hostname": "bundled",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}
+        ],
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
+            "resources": {
+                "memory": {"limit": 67108864},
+                "pids": {"limit": 32},
+                "devices": [{"allow": false, "access": "rwm"}]
+            }
+        }
+    });
+    write_bundle(&bundle, &config)?;
+    let bundle_s = bundle.to_string_lossy().into_owned();
+    let id = agent
+        .mig_ok(&["run", "-d", "--bundle", &bundle_s, "--name", "web"])?
+        .trim()
+        .to_owned();
+    let want = "cwd=/tmp uid=1000 gid=1000 host=bundled greet=hello-bundle";
+    let mut logs = String::new();
+    let ok = wait_until(Duration::from_secs(10), || {
+        logs = agent.mig(&["logs", "web"]).stdout;
+        logs.contains(want)
+    });
+    ensure!(ok, "bundle output {logs:?}, want {want:?}");
+    let d = agent.mig_json(&["inspect", &id, "--json"])?;
+    ensure!(d["state"] == "running", "{d}");
+    ensure!(
+        d.to_string().contains("67108864"),
+        "memory limit not applied: {d}"
+    );
+    let images = agent.mig_ok(&["image", "ls"])?;
+    ensure!(images.contains("bundle-web"), "{images}");
+    agent.mig_ok(&["rm", "-f", "web"])?;
+    // Refusals name the field and leave nothing behind.
+    config["linux"]["seccomp"] = serde_json::json!({"defaultAction": "SCMP_ACT_ERRNO"});
+    write_bundle(&bundle, &config)?;
+    let o = agent.mig(&["run", "-d", "--bundle", &bundle_s, "--name", "web2"]);
+    ensure!(o.code == 125, "{o:?}");
+    ensure!(
+        o.stderr
+            .contains("linux.seccomp is not supported: mig applies its own filter"),
+        "{}",
+        o.stderr
+    );
+    config["linux"].as_object_mut().unwrap().remove("seccomp");
+    config["mounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"destination": "/data", "type": "bind", "source": "/srv", "options": ["rbind"]}));
+    write_bundle(&bundle, &config)?;
+    let o = agent.mig(&["run", "-d", "--bundle", &bundle_s]);
+    ensure!(
+        o.code == 125 && o.stderr.contains("mounts[2] is not supported"),
+        "{o:?}"
+    );
+    let ps = agent.mig_json(&["ps", "-a", "--json"])?;
+    ensure!(ps.as_array().is_some_and(|a| a.is_empty()), "{ps}");
+    Ok(())
+}
+
+/// A container record written by the previous release (the 0.1 format of spec.json,
+/// state.json and exit.json, frozen here as text) is read by this agent.
+#[test]
+fn state_records_of_the_previous_format_are_read() -> Result<()> {
+    if !is_root("state_records_of_the_previous_format_are_read") {
+        return Ok(());
+    }
+    let mut agent = Agent::start("oldstate")?;
+    agent.kill9();
+    let id = "0123456789abcdef0123456789abcdef";
+    let dir = agent.state_dir.join("containers").join(id);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join("spec.json"),
+        r#"{"id":"0123456789abcdef0123456789abcdef","name":"old-one","image":{"name":"busybox","id":"sha256:1111111111111111111111111111111111111111111111111111111111111111","layers":["sha256:2222222222222222222222222222222222222222222222222222222222222222"]},"process":{"args":["sh","-c","exit 3"],"env":["PATH=/bin"],"cwd":"/","uid":0,"gid":0},"hostname":"old-one","limits":{"memory":null,"cpu_millis":null,"pids":null},"userns":null}"#,
+    )?;
+    std::fs::write(
+        dir.join("state.json"),
+        format!(
+            r#"{{"state":"exited","created":1700000000,"started":1700000001,"finished":1700000002,"exit_code":3,"signal":null,"oom_killed":false,"reason":null,"stop_requested":false,"cgroup":"{}/{id}"}}"#,
+            agent.cgroup_parent
+        ),
+    )?;
+    std::fs::write(
+        dir.join("exit.json"),
+        r#"{"code":3,"signal":null,"oom_killed":false,"finished":1700000002}"#,
+    )?;
+    agent.spawn()?;
+    let ps = agent.mig_json(&["ps", "-a", "--json"])?;
+    let c = ps
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["id"] == id))
+        .with_context(|| format!("old record not listed: {ps}\n{}", agent.log()))?;
+    ensure!(c["name"] == "old-one" && c["state"] == "exited", "{c}");
+    ensure!(c["exit_code"] == 3, "{c}");
+    agent.mig_ok(&["rm", "old-one"])?;
+    Ok(())
+}
+
+/// A migd started by hand in a lab host's network namespace (to give it an environment of its
+/// own); killed and reaped on drop.
+struct HandAgent(Child);
+
+impl Drop for HandAgent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Replaces host `i`'s agent by one announcing wire protocol `version`.
+fn agent_speaking(lab: &Lab, i: usize, version: &str) -> Result<HandAgent> {
+    lab.kill_agent(i)?;
+    let h = &lab.hosts[i];
+    let _ = std::fs::remove_file(&h.socket);
+    let log = std::fs::File::create(h.state_dir.join(format!("wire-{version}.log")))?;
+    let child = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", h.netns))
+        .arg("--")
+        .arg(mig_tests::bin("migd"))
+        .arg("--state-dir")
+        .arg(&h.state_dir)
+        .arg("--socket")
+        .arg(&h.socket)
+        .args(["--name", &h.name, "--cgroup-parent", &lab.cgroup_parent(i)])
+        .arg("--listen")
+        .arg(format!("{}:{}", h.address, h.quic_port))
+        .env("MIG_WIRE_VERSION", version)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let agent = HandAgent(child);
+    if !wait_until(Duration::from_secs(20), || {
+        std::os::unix::net::UnixStream::connect(&h.socket).is_ok()
+    }) {
+        bail!("migd speaking {version} did not start");
+    }
+    Ok(agent)
+}
+
+/// Upgrades: a peer speaking another major protocol version is refused with both versions named
+/// and the container keeps running at home; a peer of a newer minor version is served.
+#[test]
+fn older_major_wire_version_is_refused_newer_minor_served() -> Result<()> {
+    if !is_root("older_major_wire_version_is_refused_newer_minor_served") {
+        return Ok(());
+    }
+    let lab = Lab::up("wire", 90)?;
+    let _id = lab.run_container(0, "wv", 1)?;
+    {
+        let _old = agent_speaking(&lab, 1, "0.9")?;
+        let o = lab.mig(0, &["move", "wv", "host-b"]);
+        ensure!(o.code != 0, "a move to a 0.9 peer succeeded: {o:?}");
+        ensure!(
+            o.stderr.contains("version") && o.stderr.contains("0.9"),
+            "the refusal does not name the versions: {}",
+            o.stderr
+        );
+        running_on(&lab, 0, "wv")?;
+    }
+    let _newer = agent_speaking(&lab, 1, "1.7")?;
+    let (count, _) = log_state(&lab.mig(0, &["logs", "wv"]).stdout);
+    lab.mig_ok(0, &["move", "wv", "host-b"])?;
+    running_on(&lab, 1, "wv")?;
+    continues(&lab, 1, "wv", count)?;
+    lab.mig_ok(1, &["rm", "-f", "wv"])?;
+    Ok(())
+}
+
+/// `mig drain` moves every running container of a host to its peers, spread round-robin, each
+/// still running exactly once, and leaves the host empty.
+#[test]
+fn drain_empties_a_host() -> Result<()> {
+    if !is_root("drain_empties_a_host") {
+        return Ok(());
+    }
+    let lab = Lab::up_n("drain", 91, 3)?;
+    let names = ["d1", "d2", "d3", "d4"];
+    let mut counts = Vec::new();
+    for n in names {
+        lab.run_container(0, n, 1)?;
+        counts.push(log_state(&lab.mig(0, &["logs", n]).stdout).0);
+    }
+    let r = lab.mig_json(0, &["drain", "--json"])?;
+    ensure!(r["moved"] == 4 && r["failed"] == 0, "{r}");
+    ensure!(r["left"].as_array().is_some_and(|l| l.is_empty()), "{r}");
+    let ps = lab.mig_json(0, &["ps", "--json"])?;
+    ensure!(ps.as_array().is_some_and(|a| a.is_empty()), "{ps}");
+    let mut per_host = [0usize; 3];
+    for (n, count) in names.iter().zip(counts) {
+        let mut found = Vec::new();
+        for h in 0..3 {
+            let ps = lab.mig_json(h, &["ps", "--json"])?;
+            let here = ps
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|c| c["name"] == *n && c["state"] == "running")
+                .count();
+            for _ in 0..here {
+                found.push(h);
+            }
+        }
+        ensure!(
+            found.len() == 1 && found[0] != 0,
+            "{n} runs on hosts {found:?}"
+        );
+        per_host[found[0]] += 1;
+        continues(&lab, found[0], n, count)?;
+    }
+    ensure!(
+        per_host == [0, 2, 2],
+        "not spread round-robin: {per_host:?}"
+    );
+    // Draining an empty host is a no-op that succeeds.
+    let r = lab.mig_json(0, &["drain", "--json"])?;
+    ensure!(r["moved"] == 0, "{r}");
+    Ok(())
+}
