@@ -1,0 +1,347 @@
+//! How `mig move` moves memory ([`MoveMode`]), what the kernel must support for each mode, and
+//! the pre-flight: a downtime prediction from the container's memory, the link's measured
+//! throughput and the mode, checked against `--max-downtime` before anything is frozen.
+//! docs/migration.md ("Modes", "Pre-flight") describes them for users.
+
+use mig_migrate::criu::Criu;
+use mig_migrate::wire::MigrationMode;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// How a move transfers the container's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum MoveMode {
+    /// Stop-and-copy through files: CRIU dumps into the source's disk, every image file is
+    /// sent (hashed), then restored.
+    Cold,
+    /// Stop-and-copy with the pages streamed from the dump straight into the destination's
+    /// `criu page-server` (no disk staging of memory on the source).
+    Stream,
+    /// Post-copy: everything but memory moves while frozen, the container resumes on the
+    /// destination and its pages are served on demand from the source until the last one.
+    Lazy,
+    /// Iterative pre-dumps while the container runs (needs soft-dirty memory tracking).
+    Precopy,
+    /// The fastest stop-and-copy mode, or `lazy` when its predicted downtime exceeds
+    /// `--max-downtime`.
+    Auto,
+}
+
+impl MoveMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MoveMode::Cold => "cold",
+            MoveMode::Stream => "stream",
+            MoveMode::Lazy => "lazy",
+            MoveMode::Precopy => "precopy",
+            MoveMode::Auto => "auto",
+        }
+    }
+
+    /// The mode announced in Prepare.
+    pub(crate) fn wire(self) -> MigrationMode {
+        match self {
+            MoveMode::Stream => MigrationMode::Stream,
+            MoveMode::Lazy => MigrationMode::PostCopy,
+            _ => MigrationMode::PreCopy,
+        }
+    }
+}
+
+/// The mode a move uses when none is given.
+pub const DEFAULT_MODE: MoveMode = MoveMode::Cold;
+/// The stop-and-copy mode `auto` picks when the prediction fits.
+const AUTO_STOP_AND_COPY: MoveMode = MoveMode::Stream;
+
+/// Why a mode cannot be used here.
+#[derive(Debug, thiserror::Error)]
+pub enum ModeError {
+    #[error("--mode precopy needs soft-dirty memory tracking, which this kernel lacks (criu check --feature mem_dirty_track: {detail}); use --mode stream or --mode lazy")]
+    NoDirtyTracking { detail: String },
+    #[error("--mode precopy (iterative pre-dumps) is not implemented yet although this kernel tracks dirty memory; use --mode stream or --mode lazy")]
+    PrecopyNotImplemented,
+    #[error("--mode lazy needs userfaultfd for non-cooperative processes (criu check --feature uffd-noncoop: {detail})")]
+    NoUffd { detail: String },
+    #[error("--mode lazy cannot run here")]
+    PipeMaxSize(#[source] mig_migrate::criu::CriuError),
+    #[error("criu is not usable: {0}")]
+    NoCriu(String),
+    #[error("predicted downtime {predicted_ms} ms exceeds --max-downtime {max_ms} ms (mode {mode}, {memory_bytes} bytes of memory at about {throughput_mib_s} MiB/s); the container was not touched")]
+    TooSlow {
+        predicted_ms: u64,
+        max_ms: u64,
+        mode: &'static str,
+        memory_bytes: u64,
+        throughput_mib_s: u64,
+    },
+}
+
+/// `criu check --feature NAME`: `Ok` when supported, else CRIU's reason.
+pub fn check_feature(criu: &Criu, feature: &str) -> Result<(), String> {
+    let out = std::process::Command::new(criu.path())
+        .args(["check", "--feature", feature])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run criu: {e}"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    let line = mig_migrate::criu::pick_error_lines(&text)
+        .pop()
+        .or_else(|| {
+            text.lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| format!("exit status {}", out.status));
+    Err(line.trim().to_owned())
+}
+
+/// Refuses a mode the kernel (or the machine's settings) cannot run. Blocking (runs `criu`).
+pub fn check_mode(criu: &Criu, mode: MoveMode) -> Result<(), ModeError> {
+    match mode {
+        MoveMode::Precopy => match check_feature(criu, "mem_dirty_track") {
+            Err(detail) => Err(ModeError::NoDirtyTracking { detail }),
+            Ok(()) => Err(ModeError::PrecopyNotImplemented),
+        },
+        MoveMode::Lazy => {
+            check_feature(criu, "uffd-noncoop").map_err(|detail| ModeError::NoUffd { detail })?;
+            mig_migrate::criu::check_pipe_max_size().map_err(ModeError::PipeMaxSize)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Throughput assumed for a peer never measured (bytes/s): QUIC between two agents under load
+/// on this class of machine.
+const DEFAULT_THROUGHPUT: u64 = 150 << 20;
+/// Transfers smaller than this say little about the link's throughput.
+const MIN_SAMPLE: u64 = 4 << 20;
+
+/// The last throughput measured to each peer (bytes/s), from presync and final transfers.
+static THROUGHPUT: Mutex<Option<HashMap<String, u64>>> = Mutex::new(None);
+
+/// Records a transfer of `bytes` in `ms` to `peer` (ignored when too small to mean anything).
+pub fn record_throughput(peer: &str, bytes: u64, ms: u64) {
+    if bytes < MIN_SAMPLE || ms == 0 {
+        return;
+    }
+    let rate = bytes.saturating_mul(1000) / ms;
+    let mut g = THROUGHPUT.lock().unwrap_or_else(|p| p.into_inner());
+    g.get_or_insert_with(HashMap::new)
+        .insert(peer.to_owned(), rate);
+}
+
+/// The throughput to expect to `peer` (bytes/s): the last measured, else a default.
+pub fn throughput(peer: &str) -> u64 {
+    THROUGHPUT
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .and_then(|m| m.get(peer).copied())
+        .unwrap_or(DEFAULT_THROUGHPUT)
+}
+
+/// Inputs of a downtime prediction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Preflight {
+    /// The container's memory (cgroup usage).
+    pub memory_bytes: u64,
+    /// The writable layer, sent again while frozen.
+    pub upper_bytes: u64,
+    /// Link throughput, bytes/s.
+    pub throughput: u64,
+}
+
+// Costs measured on the 2-core test machine (docs/migration.md, docs/performance.md).
+/// Freeze, CRIU start, parasite, non-memory images: the part of a dump that does not grow.
+const DUMP_FIXED_MS: u64 = 150;
+/// CRIU writing pages to a local disk, bytes/s.
+const DUMP_RATE: u64 = 1 << 30;
+/// SHA-256 while sealing and again when the destination verifies, bytes/s per pass.
+const HASH_RATE: u64 = 1400 << 20;
+/// Restore without memory: rootfs, cgroup, CRIU fork and namespaces, freeze, commit.
+const RESTORE_FIXED_MS: u64 = 350;
+/// Pages read and mapped back by `criu restore`, bytes/s.
+const RESTORE_RATE: u64 = 500 << 20;
+
+fn ms_for(bytes: u64, rate: u64) -> u64 {
+    bytes.saturating_mul(1000) / rate.max(1)
+}
+
+impl Preflight {
+    /// Predicted downtime (freeze to resumed) of `mode`, in ms. A model, not a promise: fixed
+    /// costs plus memory over the slowest rate each phase moves it at.
+    pub fn predict(&self, mode: MoveMode) -> u64 {
+        let m = self.memory_bytes;
+        let upper = ms_for(self.upper_bytes, self.throughput);
+        match mode {
+            MoveMode::Lazy => DUMP_FIXED_MS + RESTORE_FIXED_MS + upper,
+            MoveMode::Stream => {
+                DUMP_FIXED_MS
+                    + ms_for(m, self.throughput.min(DUMP_RATE))
+                    + 2 * ms_for(m, HASH_RATE)
+                    + RESTORE_FIXED_MS
+                    + ms_for(m, RESTORE_RATE)
+                    + upper
+            }
+            _ => {
+                DUMP_FIXED_MS
+                    + ms_for(m, DUMP_RATE)
+                    + 2 * ms_for(m, HASH_RATE)
+                    + ms_for(m, self.throughput)
+                    + RESTORE_FIXED_MS
+                    + ms_for(m, RESTORE_RATE)
+                    + upper
+            }
+        }
+    }
+
+    /// The mode to use for `asked` and the prediction for it; refuses when the prediction
+    /// exceeds `max_ms` (`auto` falls back to lazy first).
+    pub fn choose(
+        &self,
+        asked: MoveMode,
+        max_ms: Option<u64>,
+    ) -> Result<(MoveMode, u64), ModeError> {
+        let mode = if asked == MoveMode::Auto {
+            AUTO_STOP_AND_COPY
+        } else {
+            asked
+        };
+        let predicted = self.predict(mode);
+        let Some(max) = max_ms else {
+            return Ok((mode, predicted));
+        };
+        if predicted <= max {
+            return Ok((mode, predicted));
+        }
+        if asked == MoveMode::Auto {
+            let lazy = self.predict(MoveMode::Lazy);
+            if lazy <= max {
+                return Ok((MoveMode::Lazy, lazy));
+            }
+            return Err(self.too_slow(MoveMode::Lazy, lazy, max));
+        }
+        Err(self.too_slow(mode, predicted, max))
+    }
+
+    fn too_slow(&self, mode: MoveMode, predicted_ms: u64, max_ms: u64) -> ModeError {
+        ModeError::TooSlow {
+            predicted_ms,
+            max_ms,
+            mode: mode.as_str(),
+            memory_bytes: self.memory_bytes,
+            throughput_mib_s: self.throughput >> 20,
+        }
+    }
+}
+
+/// What `mig move` asks for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MoveOptions {
+    /// `None`: [`DEFAULT_MODE`].
+    pub mode: Option<MoveMode>,
+    pub max_downtime_ms: Option<u64>,
+}
+
+/// The pre-flight's decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    pub mode: MoveMode,
+    pub predicted_ms: u64,
+    /// The throughput the prediction used, bytes/s.
+    pub throughput: u64,
+}
+
+/// Pre-flight of a move to `peer`: picks the mode, predicts its downtime, refuses what exceeds
+/// `max_downtime_ms` or what this kernel cannot run. Nothing is frozen or sent yet.
+pub async fn plan(
+    opts: MoveOptions,
+    memory_bytes: u64,
+    upper_bytes: u64,
+    peer: &str,
+) -> Result<Plan, ModeError> {
+    let pf = Preflight {
+        memory_bytes,
+        upper_bytes,
+        throughput: throughput(peer),
+    };
+    let asked = opts.mode.unwrap_or(DEFAULT_MODE);
+    if asked == MoveMode::Precopy {
+        // Refused before any prediction: the kernel decides, not the numbers.
+        check_blocking(MoveMode::Precopy).await?;
+    }
+    let (mode, predicted_ms) = pf.choose(asked, opts.max_downtime_ms)?;
+    check_blocking(mode).await?;
+    Ok(Plan {
+        mode,
+        predicted_ms,
+        throughput: pf.throughput,
+    })
+}
+
+async fn check_blocking(mode: MoveMode) -> Result<(), ModeError> {
+    if !matches!(mode, MoveMode::Lazy | MoveMode::Precopy) {
+        return Ok(());
+    }
+    tokio::task::spawn_blocking(move || {
+        let criu = Criu::locate().map_err(|e| ModeError::NoCriu(e.to_string()))?;
+        check_mode(&criu, mode)
+    })
+    .await
+    .unwrap_or_else(|e| Err(ModeError::NoCriu(e.to_string())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pf(mem: u64) -> Preflight {
+        Preflight {
+            memory_bytes: mem,
+            upper_bytes: 0,
+            throughput: 150 << 20,
+        }
+    }
+
+    #[test]
+    fn lazy_is_flat_and_stop_and_copy_grows() {
+        assert_eq!(
+            pf(64 << 20).predict(MoveMode::Lazy),
+            pf(1 << 30).predict(MoveMode::Lazy)
+        );
+        assert!(pf(1 << 30).predict(MoveMode::Cold) > pf(64 << 20).predict(MoveMode::Cold));
+        assert!(pf(1 << 30).predict(MoveMode::Stream) <= pf(1 << 30).predict(MoveMode::Cold));
+    }
+
+    #[test]
+    fn max_downtime_refuses_or_picks_lazy() {
+        let p = pf(1 << 30);
+        assert!(matches!(
+            p.choose(MoveMode::Stream, Some(100)),
+            Err(ModeError::TooSlow { max_ms: 100, .. })
+        ));
+        assert_eq!(
+            p.choose(MoveMode::Auto, Some(1000)).unwrap().0,
+            MoveMode::Lazy
+        );
+        assert_eq!(p.choose(MoveMode::Auto, None).unwrap().0, MoveMode::Stream);
+        assert!(p.choose(MoveMode::Auto, Some(1)).is_err());
+        assert_eq!(p.choose(MoveMode::Cold, None).unwrap().0, MoveMode::Cold);
+    }
+
+    #[test]
+    fn throughput_is_remembered_per_peer() {
+        assert_eq!(throughput("never-seen"), DEFAULT_THROUGHPUT);
+        record_throughput("p1", 100 << 20, 500);
+        assert_eq!(throughput("p1"), 200 << 20);
+        record_throughput("p1", 1000, 1);
+        assert_eq!(throughput("p1"), 200 << 20);
+    }
+}

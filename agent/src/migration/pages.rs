@@ -1,0 +1,417 @@
+//! Memory pages that do not travel as files: CRIU's page server protocol carried through a
+//! tunnel on the migration connection (`mig_migrate::transport::tunnel`).
+//!
+//! - `stream`: the destination starts `criu page-server` at Prepare (images dir = its staging
+//!   images dir); the source's dump connects to a loopback tunnel whose streams reach it. After
+//!   the dump the destination waits for the page server to end cleanly, hashes the page images it
+//!   wrote and adds them to the received manifest, so the restore verifies the whole set.
+//! - `lazy` (post-copy): the source's `criu dump --lazy-pages` serves pages on a loopback port;
+//!   the destination's `criu lazy-pages` daemon connects to a loopback tunnel whose streams reach
+//!   it. The source keeps serving until the daemon has every page; the destination keeps the
+//!   connection until then and kills the container if the daemon fails (its missing memory
+//!   would otherwise read as zeros).
+//!
+//! Each agent keeps the CRIU processes and tunnels of its migrations in a registry keyed by
+//! migration id; [`resolve`] answers the tunnel's "where does this service listen".
+
+use super::modes::MoveMode;
+use crate::daemon::events::EventKind;
+use crate::daemon::Agent;
+use mig_migrate::criu::{
+    Background, Criu, DumpOpts, LazyDump, LazyPagesOpts, PageServerOpts, PageTarget,
+};
+use mig_migrate::imageset;
+use mig_migrate::transport::tunnel::{Service, Tunnel, TunnelHeader};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// How long CRIU helpers may take to become ready.
+const READY: Duration = Duration::from_secs(20);
+/// How long the destination waits for its page server to end after the dump.
+const PAGE_SERVER_END: Duration = Duration::from_secs(60);
+/// Work directory of the destination's lazy-pages daemon, in the container directory; the
+/// shim's restore runs lazily when `lazy-pages.socket` exists there.
+pub const LAZY_DIR: &str = "lazy-pages";
+const LOCALHOST: &str = "127.0.0.1";
+
+/// Why moving pages failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PagesError {
+    #[error("no free loopback port")]
+    Port(#[source] std::io::Error),
+    #[error("cannot start criu {what}")]
+    Start {
+        what: &'static str,
+        #[source]
+        source: mig_migrate::criu::CriuError,
+    },
+    #[error("the page server failed")]
+    PageServer(#[source] mig_migrate::criu::CriuError),
+    #[error("cannot open the tunnel")]
+    Tunnel(#[source] mig_migrate::transport::tunnel::TunnelError),
+    #[error("the migration connection is not available for the tunnel")]
+    NoConnection,
+    #[error("cannot add the page images to the manifest")]
+    Manifest(#[source] imageset::ImageSetError),
+    #[error("background task failed: {0}")]
+    Task(String),
+}
+
+/// What one migration runs for its pages on this agent.
+#[derive(Default)]
+struct Job {
+    /// Destination, stream: `criu page-server`.
+    page_server: Option<Background>,
+    /// Where a tunnelled service of this migration listens.
+    serves: HashMap<Service, SocketAddr>,
+    /// Destination, lazy: the daemon and the tunnel to the source.
+    lazy_daemon: Option<Background>,
+    tunnel: Option<Tunnel>,
+}
+
+static JOBS: Mutex<Option<HashMap<String, Job>>> = Mutex::new(None);
+
+fn with_jobs<T>(f: impl FnOnce(&mut HashMap<String, Job>) -> T) -> T {
+    let mut g = JOBS.lock().unwrap_or_else(|p| p.into_inner());
+    f(g.get_or_insert_with(HashMap::new))
+}
+
+/// Where the service a tunnel stream names listens on this agent.
+pub(crate) fn resolve(h: &TunnelHeader) -> Option<SocketAddr> {
+    with_jobs(|j| j.get(&h.migration_id)?.serves.get(&h.service).copied())
+}
+
+/// Stops and forgets everything of a migration (kills its CRIU helpers). Idempotent.
+pub(crate) fn forget(migration_id: &str) {
+    let job = with_jobs(|j| j.remove(migration_id));
+    drop(job);
+}
+
+fn is_known(migration_id: &str) -> bool {
+    with_jobs(|j| j.contains_key(migration_id))
+}
+
+/// A loopback port nobody listens on now (the agent's own network namespace).
+fn free_port() -> Result<u16, PagesError> {
+    let l = std::net::TcpListener::bind((LOCALHOST, 0)).map_err(PagesError::Port)?;
+    Ok(l.local_addr().map_err(PagesError::Port)?.port())
+}
+
+fn criu() -> Result<Criu, PagesError> {
+    Criu::locate().map_err(|source| PagesError::Start {
+        what: "locate",
+        source,
+    })
+}
+
+// ---- destination ----
+
+/// Stream mode, at Prepare: starts `criu page-server` writing into `images_dir`. Blocking.
+pub(crate) fn start_page_server(migration_id: &str, images_dir: &Path) -> Result<(), PagesError> {
+    let port = free_port()?;
+    let ps = criu()?
+        .page_server(&PageServerOpts {
+            images_dir: images_dir.to_owned(),
+            listen: PageTarget::Tcp {
+                address: LOCALHOST.into(),
+                port,
+            },
+            log_file: "page-server.log".into(),
+            ready_timeout: READY,
+        })
+        .map_err(|source| PagesError::Start {
+            what: "page-server",
+            source,
+        })?;
+    with_jobs(|j| {
+        let job = j.entry(migration_id.to_owned()).or_default();
+        job.page_server = Some(ps);
+        job.serves.insert(
+            Service::PageServer,
+            SocketAddr::from(([127, 0, 0, 1], port)),
+        );
+    });
+    Ok(())
+}
+
+/// Stream mode, before the restore: waits for the page server to end (the dump is complete
+/// once it exits cleanly), then adds the page images it wrote to the manifest received with
+/// the other images. Returns the bytes of those images; `None` when no page server ran.
+/// Blocking.
+pub(crate) fn finish_page_server(
+    migration_id: &str,
+    images_dir: &Path,
+) -> Result<Option<u64>, PagesError> {
+    let ps = with_jobs(|j| {
+        j.get_mut(migration_id)
+            .and_then(|job| job.page_server.take())
+    });
+    let Some(ps) = ps else {
+        return Ok(None);
+    };
+    ps.wait_timeout(PAGE_SERVER_END)
+        .map_err(PagesError::PageServer)?;
+    forget(migration_id);
+    let mut manifest = imageset::read_manifest(images_dir).map_err(PagesError::Manifest)?;
+    let listed: std::collections::HashSet<String> =
+        manifest.files.iter().map(|f| f.path.clone()).collect();
+    let mut bytes = 0;
+    for rel in imageset::list_files(images_dir).map_err(PagesError::Manifest)? {
+        let is_page_image = (rel.starts_with("pages-") || rel.starts_with("pagemap-"))
+            && rel.ends_with(".img")
+            && !rel.contains('/');
+        if listed.contains(&rel) || !is_page_image {
+            continue;
+        }
+        let (size, sha256) =
+            imageset::hash_file(&images_dir.join(&rel)).map_err(PagesError::Manifest)?;
+        bytes += size;
+        manifest.files.push(imageset::FileEntry {
+            path: rel,
+            size,
+            sha256,
+        });
+    }
+    manifest.files.sort_by(|a, b| a.path.cmp(&b.path));
+    imageset::write_manifest(images_dir, &manifest).map_err(PagesError::Manifest)?;
+    Ok(Some(bytes))
+}
+
+/// Lazy mode, before the restore: a tunnel to the source's page server and the
+/// `criu lazy-pages` daemon on the placed image set, with its socket in
+/// `<container>/lazy-pages/` (where the shim's restore looks for it).
+pub(crate) async fn start_lazy_daemon(
+    conn: quinn::Connection,
+    migration_id: &str,
+    checkpoint: PathBuf,
+    container_dir: &Path,
+) -> Result<(), PagesError> {
+    let tunnel = Tunnel::listen(
+        conn,
+        TunnelHeader {
+            migration_id: migration_id.to_owned(),
+            service: Service::LazyPages,
+        },
+    )
+    .await
+    .map_err(PagesError::Tunnel)?;
+    let port = tunnel.port();
+    let work = container_dir.join(LAZY_DIR);
+    let daemon = tokio::task::spawn_blocking(move || {
+        let _ = std::fs::remove_dir_all(&work);
+        criu()?
+            .lazy_pages_in(
+                &LazyPagesOpts {
+                    images_dir: checkpoint,
+                    source: PageTarget::Tcp {
+                        address: LOCALHOST.into(),
+                        port,
+                    },
+                    log_file: work.join("lazy-pages.log"),
+                    ready_timeout: READY,
+                },
+                Some(&work),
+            )
+            .map_err(|source| PagesError::Start {
+                what: "lazy-pages",
+                source,
+            })
+    })
+    .await
+    .map_err(|e| PagesError::Task(e.to_string()))??;
+    with_jobs(|j| {
+        let job = j.entry(migration_id.to_owned()).or_default();
+        job.lazy_daemon = Some(daemon);
+        job.tunnel = Some(tunnel);
+    });
+    Ok(())
+}
+
+/// Lazy mode, after the restore: waits (in the background) for the daemon to have every page.
+/// If it fails, the container cannot get its memory: it is killed and the failure is reported
+/// (event `migration_done` with outcome `postcopy_failed`, and the container's reason).
+pub(crate) fn watch_lazy_daemon(
+    agent: Arc<Agent>,
+    migration_id: String,
+    container_id: String,
+    container_name: String,
+    source: String,
+) {
+    let Some(daemon) = with_jobs(|j| {
+        j.get_mut(&migration_id)
+            .and_then(|job| job.lazy_daemon.take())
+    }) else {
+        return;
+    };
+    let started = Instant::now();
+    tokio::spawn(async move {
+        let r = tokio::task::spawn_blocking(move || daemon.wait())
+            .await
+            .unwrap_or_else(|e| {
+                Err(mig_migrate::criu::CriuError::Spawn {
+                    path: "criu".into(),
+                    source: std::io::Error::other(e.to_string()),
+                })
+            });
+        forget(&migration_id);
+        let cd = agent.dirs.container(&container_id);
+        let _ = std::fs::remove_dir_all(cd.dir.join(LAZY_DIR));
+        match r {
+            Ok(()) => {
+                tracing::info!(id = %container_id, migration = %migration_id, postcopy_ms = super::ms(started.elapsed()), "every page arrived")
+            }
+            Err(e) => {
+                let detail = super::chain(&e);
+                tracing::error!(id = %container_id, migration = %migration_id, error = %detail, "post-copy failed: the container lost its source of memory and is killed");
+                let cgroup = format!("{}/{}", agent.cfg.cgroup_parent, container_id);
+                if let Ok(cg) = mig_runtime::cgroup::Cgroup::open(&cgroup) {
+                    let _ = cg.kill();
+                    let _ = cg.thaw();
+                }
+                if let Some(e) = agent.lock().get_mut(&container_id) {
+                    e.state.reason = Some(format!(
+                        "post-copy failed (pages from {source} stopped before the last one): {detail}"
+                    ));
+                }
+                agent.emit(EventKind::MigrationDone {
+                    migration_id: migration_id.clone(),
+                    container_id: container_id.clone(),
+                    container_name,
+                    role: "destination".into(),
+                    peer: source,
+                    outcome: "postcopy_failed".into(),
+                    total_ms: super::ms(started.elapsed()),
+                    downtime_ms: None,
+                    bytes: 0,
+                    error: Some(detail),
+                });
+            }
+        }
+    });
+}
+
+/// Keeps the caller (the connection's task) waiting while a post-copy of `migration_id` still
+/// needs the connection.
+pub(crate) async fn until_done(migration_id: &str) {
+    while is_known(migration_id) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---- source ----
+
+/// The source's page state for one move.
+#[derive(Default)]
+pub(crate) struct SourcePages {
+    pub mode: OnceLock<MoveMode>,
+    pub conn: OnceLock<quinn::Connection>,
+    /// Bytes carried by the tunnel (pages and the page server protocol).
+    pub tunnel_bytes: AtomicU64,
+    lazy: Mutex<Option<LazyDump>>,
+    /// Post-copy: time from Commit to the last page, and the failure if any.
+    pub postcopy: Mutex<Option<(Duration, Option<String>)>>,
+}
+
+impl SourcePages {
+    pub fn mode(&self) -> MoveMode {
+        self.mode
+            .get()
+            .copied()
+            .unwrap_or(super::modes::DEFAULT_MODE)
+    }
+
+    /// Opens what the dump needs before it runs: stream mode's tunnel to the page server.
+    pub async fn before_dump(&self, migration_id: &str) -> Result<Option<Tunnel>, PagesError> {
+        if self.mode() != MoveMode::Stream {
+            return Ok(None);
+        }
+        let conn = self.conn.get().cloned().ok_or(PagesError::NoConnection)?;
+        Tunnel::listen(
+            conn,
+            TunnelHeader {
+                migration_id: migration_id.to_owned(),
+                service: Service::PageServer,
+            },
+        )
+        .await
+        .map(Some)
+        .map_err(PagesError::Tunnel)
+    }
+
+    /// Runs the dump of `opts` for this mode; blocking. Stream: pages go to `tunnel`; lazy:
+    /// returns once every image but memory is written, serving pages on a loopback port the
+    /// tunnel reaches (registered for [`resolve`]).
+    pub fn dump(
+        &self,
+        criu: &Criu,
+        migration_id: &str,
+        mut opts: DumpOpts,
+        tunnel: Option<&Tunnel>,
+    ) -> Result<mig_migrate::criu::DumpStats, mig_migrate::criu::CriuError> {
+        match self.mode() {
+            MoveMode::Stream => {
+                if let Some(t) = tunnel {
+                    opts.page_server = Some(PageTarget::Tcp {
+                        address: LOCALHOST.into(),
+                        port: t.port(),
+                    });
+                }
+                let r = criu.dump(&opts);
+                if let Some(t) = tunnel {
+                    self.tunnel_bytes.store(t.bytes(), Ordering::Relaxed);
+                }
+                r
+            }
+            MoveMode::Lazy => {
+                let port = free_port().map_err(|e| mig_migrate::criu::CriuError::Spawn {
+                    path: "criu".into(),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+                let serve = PageTarget::Tcp {
+                    address: LOCALHOST.into(),
+                    port,
+                };
+                let start = Instant::now();
+                let lazy = criu.dump_lazy(&opts, &serve, READY)?;
+                with_jobs(|j| {
+                    j.entry(migration_id.to_owned())
+                        .or_default()
+                        .serves
+                        .insert(Service::LazyPages, SocketAddr::from(([127, 0, 0, 1], port)));
+                });
+                *self.lazy.lock().unwrap_or_else(|p| p.into_inner()) = Some(lazy);
+                Ok(mig_migrate::criu::DumpStats {
+                    wall_time_us: start.elapsed().as_micros() as u64,
+                    ..Default::default()
+                })
+            }
+            _ => criu.dump(&opts),
+        }
+    }
+
+    /// Post-copy, after Commit: waits until the destination has every page (the dump ends),
+    /// then records how long that took. Blocking.
+    pub fn finish_postcopy(&self, migration_id: &str) {
+        let Some(lazy) = self.lazy.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return;
+        };
+        let start = Instant::now();
+        let r = lazy.wait();
+        forget(migration_id);
+        let err = r.err().map(|e| super::chain(&e));
+        if let Some(e) = &err {
+            tracing::error!(migration = %migration_id, error = %e, "post-copy ended before the destination had every page");
+        }
+        *self.postcopy.lock().unwrap_or_else(|p| p.into_inner()) = Some((start.elapsed(), err));
+    }
+
+    /// A rolled-back move: stops serving pages.
+    pub fn abandon(&self, migration_id: &str) {
+        drop(self.lazy.lock().unwrap_or_else(|p| p.into_inner()).take());
+        forget(migration_id);
+    }
+}
