@@ -312,6 +312,40 @@ impl Client {
         }
     }
 
+    /// Pins a remote API client by its certificate fingerprint.
+    pub async fn client_add(
+        &mut self,
+        name: &str,
+        fingerprint: &str,
+    ) -> Result<crate::remote::ClientInfo, ClientError> {
+        let req = Request::ClientAdd {
+            name: name.into(),
+            fingerprint: fingerprint.into(),
+        };
+        match self.call(&req).await? {
+            Response::Client(c) => Ok(c),
+            r => Err(unexpected("client_add", r)),
+        }
+    }
+
+    pub async fn client_list(&mut self) -> Result<Vec<crate::remote::ClientInfo>, ClientError> {
+        match self.call(&Request::ClientList).await? {
+            Response::Clients(c) => Ok(c),
+            r => Err(unexpected("client_list", r)),
+        }
+    }
+
+    pub async fn client_remove(
+        &mut self,
+        name: &str,
+    ) -> Result<crate::remote::ClientInfo, ClientError> {
+        let req = Request::ClientRemove { name: name.into() };
+        match self.call(&req).await? {
+            Response::Client(c) => Ok(c),
+            r => Err(unexpected("client_remove", r)),
+        }
+    }
+
     /// The agent's migration identity (fingerprint and QUIC address).
     pub async fn identity(&mut self) -> Result<IdentityInfo, ClientError> {
         match self.call(&Request::Identity).await? {

@@ -11,5 +11,7 @@ pub mod config;
 pub mod daemon;
 pub mod lab;
 pub mod layout;
+pub mod metrics;
 pub mod migration;
+pub mod remote;
 pub mod shim;

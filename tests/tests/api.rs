@@ -3,8 +3,10 @@
 //! metrics, version negotiation and `mig rebalance`. Run as root. Labs use subnets 70-79.
 
 use anyhow::{ensure, Context, Result};
+use mig_tests::lab::Lab;
 use mig_tests::{bin, is_root, Agent};
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -98,5 +100,323 @@ fn events_see_started_stopped_checkpointed_restored() -> Result<()> {
     let (_, skipped) = wait_for(&rx, "container_removed")?;
     ensure!(skipped.is_empty(), "unexpected events {skipped:?}");
     agent.mig_ok(&["rm", "other"])?;
+    Ok(())
+}
+
+/// Writes one API frame (u32 big-endian length, JSON).
+fn put(s: &mut std::os::unix::net::UnixStream, body: &[u8]) -> Result<()> {
+    use std::io::Write;
+    s.write_all(&(body.len() as u32).to_be_bytes())?;
+    s.write_all(body)?;
+    Ok(())
+}
+
+/// Reads one API frame as JSON.
+fn get(s: &mut std::os::unix::net::UnixStream) -> Result<serde_json::Value> {
+    use std::io::Read;
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len)?;
+    let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut buf)?;
+    Ok(serde_json::from_slice(&buf)?)
+}
+
+fn raw(
+    agent: &Agent,
+    hello_version: u32,
+) -> Result<(std::os::unix::net::UnixStream, serde_json::Value)> {
+    let mut s = std::os::unix::net::UnixStream::connect(&agent.socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let hello = serde_json::json!({"api_version": hello_version, "software": "old-client 0.0.1"});
+    put(&mut s, hello.to_string().as_bytes())?;
+    let h = get(&mut s)?;
+    Ok((s, h))
+}
+
+#[test]
+fn version_negotiation_and_malformed_requests() -> Result<()> {
+    if !is_root("version_negotiation_and_malformed_requests") {
+        return Ok(());
+    }
+    let agent = Agent::start("api_versions")?;
+    // A version-1 client (the first release) is served in version 1.
+    let (mut s, h) = raw(&agent, 1)?;
+    ensure!(h["api_version"] == 1, "{h}");
+    put(&mut s, br#"{"op":"list","all":true}"#)?;
+    let r = get(&mut s)?;
+    ensure!(r["kind"] == "containers", "{r}");
+    // A malformed request gets a clear error, and the agent lives on.
+    put(&mut s, b"{nope")?;
+    let r = get(&mut s)?;
+    ensure!(
+        r["kind"] == "error" && r["body"]["kind"] == "invalid_argument",
+        "{r}"
+    );
+    let (mut s, _) = raw(&agent, 2)?;
+    put(&mut s, br#"{"op":"launch_missiles"}"#)?;
+    let r = get(&mut s)?;
+    ensure!(r["body"]["kind"] == "invalid_argument", "{r}");
+    // A client newer than the agent gets the agent's newest version.
+    let (mut s, h) = raw(&agent, 99)?;
+    ensure!(h["api_version"] == 2, "{h}");
+    put(&mut s, br#"{"op":"info"}"#)?;
+    let r = get(&mut s)?;
+    ensure!(
+        r["kind"] == "info" && r["body"]["api_version_min"] == 1,
+        "{r}"
+    );
+    // A client too old is refused, naming both versions.
+    let (mut s, h) = raw(&agent, 0)?;
+    ensure!(h["api_version"] == 2, "{h}");
+    let r = get(&mut s)?;
+    let msg = r["body"]["message"].as_str().unwrap_or_default();
+    ensure!(r["body"]["kind"] == "unsupported_version", "{r}");
+    ensure!(msg.contains("1 to 2") && msg.contains("at most 0"), "{msg}");
+    // The host view a rebalancer reads.
+    let i = agent.mig_json(&["info", "--json"])?;
+    for k in [
+        "memory_total_bytes",
+        "memory_used_bytes",
+        "memory_free_bytes",
+        "containers_memory_bytes",
+        "cpus",
+    ] {
+        ensure!(i[k].is_u64(), "info lacks {k}: {i}");
+    }
+    ensure!(i["memory_used_bytes"].as_u64() > Some(0), "{i}");
+    ensure!(i["criu_features"].is_array(), "{i}");
+    Ok(())
+}
+
+#[test]
+fn container_view_has_usage_and_limits_and_metrics_count() -> Result<()> {
+    if !is_root("container_view_has_usage_and_limits_and_metrics_count") {
+        return Ok(());
+    }
+    let agent = Agent::start("api_usage")?;
+    agent.import_busybox()?;
+    agent.mig_ok(&[
+        "run",
+        "-d",
+        "--name",
+        "use",
+        "--memory",
+        "64M",
+        "busybox",
+        "--",
+        "sh",
+        "-c",
+        "d=$(head -c 4000000 /dev/urandom | base64); while :; do sleep 1; done",
+    ])?;
+    let mut last = serde_json::Value::Null;
+    let ok = mig_tests::wait_until(Duration::from_secs(20), || {
+        last = agent.mig_json(&["ps", "--json"]).unwrap_or_default();
+        last[0]["usage"]["memory_bytes"].as_u64().unwrap_or(0) > 4_000_000
+    });
+    ensure!(ok, "no memory usage in ps: {last}");
+    ensure!(last[0]["limits"]["memory"] == 64u64 << 20, "{last}");
+    ensure!(last[0]["usage"]["cpu_usec"].as_u64() > Some(0), "{last}");
+    let i = agent.mig_json(&["info", "--json"])?;
+    ensure!(
+        i["containers_memory_bytes"].as_u64() > Some(4_000_000),
+        "{i}"
+    );
+    ensure!(i["containers_by_state"]["running"] == 1, "{i}");
+    agent.mig_ok(&["rm", "-f", "use"])?;
+    Ok(())
+}
+
+/// An HTTP GET over a plain TCP connection; returns the whole response.
+fn http_get(addr: &str, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+#[test]
+fn metrics_over_plain_http() -> Result<()> {
+    if !is_root("metrics_over_plain_http") {
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let port = 20000 + (std::process::id() % 20000) as u16;
+    let addr = format!("127.0.0.1:{port}");
+    let name = format!("t-metrics-{}", std::process::id());
+    let socket = tmp.path().join("migd.sock");
+    let log = std::fs::File::create(tmp.path().join("migd.log"))?;
+    let child = Command::new(bin("migd"))
+        .arg("--state-dir")
+        .arg(tmp.path().join("state"))
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--name", &name, "--cgroup-parent", &format!("mig-{name}")])
+        .args(["--metrics", &addr])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let _agent = Proc(child);
+    let up = mig_tests::wait_until(Duration::from_secs(20), || {
+        std::net::TcpStream::connect(&addr).is_ok()
+    });
+    let log = || std::fs::read_to_string(tmp.path().join("migd.log")).unwrap_or_default();
+    ensure!(up, "metrics endpoint never came up: {}", log());
+    let r = http_get(&addr, "/metrics")?;
+    ensure!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
+    ensure!(r.contains("Content-Type: text/plain; version=0.0.4"), "{r}");
+    for m in [
+        "mig_containers{host=",
+        "mig_migrations_total",
+        "mig_migration_downtime_seconds_bucket{",
+        "mig_migration_downtime_seconds_count{",
+        "mig_migration_bytes_total{",
+    ] {
+        ensure!(r.contains(m), "{m} missing: {r}");
+    }
+    ensure!(
+        r.contains(&format!(
+            "mig_containers{{host=\"{name}\",state=\"running\"}} 0"
+        )),
+        "{r}"
+    );
+    let r = http_get(&addr, "/nope")?;
+    ensure!(r.starts_with("HTTP/1.1 404"), "{r}");
+    Ok(())
+}
+
+/// `mig` run inside a lab host's network namespace against a remote agent.
+fn remote_mig(
+    lab: &Lab,
+    from: usize,
+    to: usize,
+    fp: &str,
+    identity: &Path,
+    args: &[&str],
+) -> mig_tests::MigOutput {
+    let addr = format!("{}:{}", lab.hosts[to].address, lab.hosts[to].quic_port);
+    Command::new("ip")
+        .args(["netns", "exec", &lab.hosts[from].netns])
+        .arg(bin("mig"))
+        .args(["--remote", &addr, "--fingerprint", fp, "--identity"])
+        .arg(identity)
+        .args(args)
+        .env_remove("MIG_SOCKET")
+        .env_remove("MIG_HOST")
+        .stdin(Stdio::null())
+        .output()
+        .expect("running mig")
+        .into()
+}
+
+#[test]
+fn remote_api_pinned_clients_async_move_and_events() -> Result<()> {
+    if !is_root("remote_api_pinned_clients_async_move_and_events") {
+        return Ok(());
+    }
+    let lab = Lab::up("apirem", 70)?;
+    lab.mig_ok(
+        0,
+        &[
+            "run", "-d", "--name", "rem", "busybox", "--", "sleep", "1000",
+        ],
+    )?;
+    let info = lab.mig_json(0, &["info", "--json"])?;
+    let fp = info["fingerprint"]
+        .as_str()
+        .context("agent fingerprint")?
+        .to_owned();
+    let tmp = tempfile::tempdir()?;
+    let me = tmp.path().join("client");
+    let o = Command::new(bin("mig"))
+        .args(["clients", "identity", "--identity"])
+        .arg(&me)
+        .output()?;
+    let my_fp = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+    ensure!(my_fp.len() == 64, "client identity: {o:?}");
+    // Not pinned as a client: refused.
+    let o = remote_mig(&lab, 1, 0, &fp, &me, &["ps", "--json"]);
+    ensure!(
+        o.code == 125 && !o.stdout.contains("rem"),
+        "unpinned client served: {o:?}"
+    );
+    eprintln!("unpinned client: {}", o.stderr.trim());
+    // Pinned: lists containers, with usage.
+    lab.mig_ok(0, &["clients", "add", "ci", "--fingerprint", &my_fp])?;
+    let ls = lab.mig_json(0, &["clients", "ls", "--json"])?;
+    ensure!(ls[0]["name"] == "ci", "{ls}");
+    let o = remote_mig(&lab, 1, 0, &fp, &me, &["ps", "--json"]);
+    ensure!(o.code == 0, "pinned client refused: {o:?}");
+    let ps: serde_json::Value = serde_json::from_str(&o.stdout)?;
+    ensure!(ps[0]["name"] == "rem" && ps[0]["usage"].is_object(), "{ps}");
+    let o = remote_mig(&lab, 1, 0, &fp, &me, &["exec", "rem", "--", "echo", "hi"]);
+    ensure!(o.code == 0 && o.stdout.trim() == "hi", "{o:?}");
+    // A peer (host-b's agent identity) may migrate but not use the API.
+    let o = remote_mig(
+        &lab,
+        1,
+        0,
+        &fp,
+        lab.state_dir(1),
+        &["exec", "rem", "--", "true"],
+    );
+    ensure!(o.code == 125, "a peer used the API: {o:?}");
+    // Unpinned again: refused again.
+    lab.mig_ok(0, &["clients", "rm", "ci"])?;
+    let o = remote_mig(&lab, 1, 0, &fp, &me, &["ps"]);
+    ensure!(o.code == 125, "removed client served: {o:?}");
+
+    // An asynchronous move through the client library, watched through events.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let socket = lab.hosts[0].socket.clone();
+    let peer = lab.hosts[1].name.clone();
+    let (status, phases) = rt.block_on(async move {
+        use mig_agent::client::Client;
+        let mut ev = Client::connect(&socket).await?;
+        ev.subscribe_events().await?;
+        let mut c = Client::connect(&socket).await?;
+        let t0 = std::time::Instant::now();
+        let id = c.move_start("rem", &peer).await?;
+        let answered = t0.elapsed();
+        let first = c.move_status(&id).await?;
+        anyhow::ensure!(
+            first.state == mig_agent::api::MoveState::Running,
+            "{first:?}"
+        );
+        let mut phases = Vec::new();
+        loop {
+            let e = tokio::time::timeout(Duration::from_secs(60), ev.next_event()).await??;
+            match e.kind {
+                mig_agent::api::EventKind::MigrationPhase { phase, .. } => phases.push(phase),
+                mig_agent::api::EventKind::MigrationDone { outcome, .. } => {
+                    phases.push(format!("done:{outcome}"));
+                    break;
+                }
+                _ => {}
+            }
+        }
+        let status = c.move_wait(&id, Duration::from_millis(100)).await?;
+        eprintln!("move_start answered in {answered:?}; phases {phases:?}");
+        anyhow::Ok((status, phases))
+    })?;
+    ensure!(
+        status.state == mig_agent::api::MoveState::Committed,
+        "{status:?}"
+    );
+    ensure!(
+        status.result.as_ref().is_some_and(|r| r.downtime_ms > 0),
+        "{status:?}"
+    );
+    ensure!(phases.iter().any(|p| p == "freeze"), "{phases:?}");
+    ensure!(
+        phases.last().map(String::as_str) == Some("done:committed"),
+        "{phases:?}"
+    );
+    mig_tests::lab::running_on(&lab, 1, "rem")?;
     Ok(())
 }

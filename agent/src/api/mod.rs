@@ -112,6 +112,15 @@ pub enum Request {
     },
     /// The agent's migration identity (fingerprint, QUIC address).
     Identity,
+    /// Pins a remote API client by its certificate fingerprint (docs/api.md, "Remote API").
+    ClientAdd {
+        name: String,
+        fingerprint: String,
+    },
+    ClientList,
+    ClientRemove {
+        name: String,
+    },
     /// Imports the image at `path` (a path on the agent's host) under `name`.
     ImageImport {
         path: String,
@@ -240,6 +249,8 @@ pub enum Response {
     Peer(crate::migration::PeerInfo),
     Identity(crate::migration::IdentityInfo),
     Event(Box<Event>),
+    Clients(Vec<crate::remote::ClientInfo>),
+    Client(crate::remote::ClientInfo),
     /// The id of a move started with `MoveStart`.
     MoveStarted {
         id: String,

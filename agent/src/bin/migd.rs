@@ -38,12 +38,26 @@ struct Args {
     /// agent only makes outgoing moves (from an ephemeral port).
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Option<std::net::SocketAddr>,
+    /// Serve Prometheus metrics over HTTP on this address, e.g. 127.0.0.1:9478 (config key
+    /// `metrics`).
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<std::net::SocketAddr>,
     /// Log format [default: text].
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+    /// The largest migration accepted from a peer (declared size and bytes sent), e.g. 64G
+    /// [default: 64G] (config key `limits.max_incoming_bytes`).
+    #[arg(long, value_name = "SIZE", value_parser = parse_bytes)]
+    max_incoming_bytes: Option<u64>,
     /// Print the man page (roff) and exit (used to build the package).
     #[arg(long, hide = true)]
     man: bool,
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    mig_runtime::spec::parse_size(s)
+        .filter(|&b| b > 0)
+        .ok_or_else(|| format!("invalid size {s:?} (use e.g. 512M or 64G)"))
 }
 
 /// The pipe size CRIU's lazy page server needs (DESIGN.md, "Platform facts").
@@ -79,7 +93,8 @@ fn run() -> Result<()> {
         socket: args.socket,
         cgroup_parent: args.cgroup_parent,
         log_format: args.log_format,
-        ..Overrides::default()
+        metrics: args.metrics,
+        max_incoming_bytes: args.max_incoming_bytes,
     })?;
     if args.check_config {
         match &path {
@@ -111,6 +126,11 @@ fn run() -> Result<()> {
         name: eff.name.clone(),
         cgroup_parent: eff.cgroup_parent.clone(),
         shim,
+        max_incoming_bytes: eff
+            .limits
+            .max_incoming_bytes
+            .as_ref()
+            .map_or(daemon::DEFAULT_MAX_INCOMING_BYTES, |b| b.0),
     };
     let socket = eff.socket.clone();
     tracing::info!(name = %cfg.name, state_dir = %cfg.state_dir.display(), socket = %socket.display(), config = ?path, "starting");
@@ -122,6 +142,20 @@ fn run() -> Result<()> {
         daemon::watch_adopted(&agent, live);
         mig_agent::migration::start(&agent, eff.listen)
             .context("starting the migration endpoint")?;
+        let clients = eff
+            .clients
+            .iter()
+            .map(|c| mig_agent::remote::ClientInfo {
+                name: c.name.clone(),
+                fingerprint: c.fingerprint.clone(),
+            })
+            .collect();
+        mig_agent::remote::start(&agent, clients).context("pinning the remote API clients")?;
+        if let Some(addr) = eff.metrics {
+            mig_agent::metrics::start(&agent, addr)
+                .await
+                .context("starting the metrics endpoint")?;
+        }
         sd_notify("READY=1\nSTATUS=serving");
         daemon::run(listener, agent, shutdown_signal()).await;
         sd_notify("STOPPING=1");

@@ -37,6 +37,10 @@ pub enum CliError {
     Runtime(#[source] std::io::Error),
     #[error("restore needs a container or --import FILE")]
     NothingToRestore,
+    #[error(transparent)]
+    Remote(#[from] crate::remote::RemoteError),
+    #[error("--remote needs --fingerprint (the agent's certificate fingerprint)")]
+    NoFingerprint,
     #[error("{failed} of {total} operations failed")]
     Partial { failed: usize, total: usize },
 }
@@ -136,6 +140,9 @@ pub fn socket_path(socket: Option<&Path>, host: Option<&str>) -> Result<PathBuf,
 }
 
 pub(super) async fn connect(cli: &Cli) -> Result<Client, CliError> {
+    if let Some(addr) = cli.remote {
+        return super::events::connect_remote(cli, addr).await;
+    }
     let path = socket_path(cli.socket.as_deref(), cli.host.as_deref())?;
     Ok(Client::connect(&path).await?)
 }
@@ -346,6 +353,7 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
         Command::Completions { .. } | Command::Man => Ok(0),
         Command::Move(_) | Command::Peers(_) | Command::Lab(_) | Command::Bench(_) => Ok(0),
         Command::Events(_) | Command::Drain(_) => Ok(0),
+        Command::Clients(_) => Ok(0),
     }
 }
 

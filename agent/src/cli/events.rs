@@ -1,9 +1,13 @@
 //! `mig events`: the agent's event stream, as human lines or one JSON object per line.
 
-use super::commands::{connect, out, CliError};
+use super::commands::{connect, json, out, CliError};
 use super::{Cli, Command};
 use crate::api::{Event, EventKind};
+use crate::client::Client;
 use clap::Args;
+use clap::Subcommand;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 
 /// Arguments of `mig events`.
 #[derive(Debug, Args)]
@@ -19,11 +23,92 @@ pub struct EventsArgs {
     pub count: Option<u64>,
 }
 
+/// `mig clients`: the remote API clients an agent accepts.
+#[derive(Debug, Subcommand)]
+pub enum ClientsCommand {
+    /// Pin a client by its certificate fingerprint (`mig clients identity` on the client).
+    Add {
+        name: String,
+        #[arg(long, value_name = "FP")]
+        fingerprint: String,
+    },
+    /// List the pinned clients.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Unpin a client.
+    Rm { name: String },
+    /// Print this client's certificate fingerprint (creating its identity under --identity or
+    /// ~/.config/mig on first use).
+    Identity {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The identity directory of this client.
+fn identity_dir(cli: &Cli) -> Result<PathBuf, CliError> {
+    match &cli.identity {
+        Some(d) => Ok(d.clone()),
+        None => Ok(crate::remote::default_identity_dir()?),
+    }
+}
+
+/// Connects to `--remote ADDR` with this client's identity.
+pub(super) async fn connect_remote(cli: &Cli, addr: SocketAddr) -> Result<Client, CliError> {
+    let fp = cli.fingerprint.as_deref().ok_or(CliError::NoFingerprint)?;
+    let dir = identity_dir(cli)?;
+    let id = crate::remote::client_identity(&dir)?;
+    Ok(crate::remote::connect(addr, fp, &id).await?)
+}
+
+async fn clients(cli: &Cli, cmd: &ClientsCommand) -> Result<u8, CliError> {
+    if let ClientsCommand::Identity { json: j } = cmd {
+        let dir = identity_dir(cli)?;
+        let id = crate::remote::client_identity(&dir)?;
+        if *j {
+            json(&serde_json::json!({
+                "fingerprint": id.fingerprint(),
+                "dir": dir.display().to_string(),
+            }))?;
+        } else {
+            out(&format!("{}\n", id.fingerprint()))?;
+        }
+        return Ok(0);
+    }
+    let mut c = connect(cli).await?;
+    match cmd {
+        ClientsCommand::Add { name, fingerprint } => {
+            let p = c.client_add(name, fingerprint).await?;
+            out(&format!("{} {}\n", p.name, p.fingerprint))?;
+        }
+        ClientsCommand::Ls { json: j } => {
+            let list = c.client_list().await?;
+            if *j {
+                json(&list)?;
+            } else {
+                let mut s = String::new();
+                for p in &list {
+                    s.push_str(&format!("{} {}\n", p.name, p.fingerprint));
+                }
+                out(&s)?;
+            }
+        }
+        ClientsCommand::Rm { name } => {
+            c.client_remove(name).await?;
+        }
+        ClientsCommand::Identity { .. } => {}
+    }
+    Ok(0)
+}
+
 /// Runs the commands of this module and of [`super::rebalance`] and the client pins; `None` for
 /// other commands.
 pub(super) async fn dispatch(cli: &Cli) -> Result<Option<u8>, CliError> {
     match &cli.command {
         Command::Events(a) => run(cli, a).await.map(Some),
+        Command::Clients(c) => clients(cli, c).await.map(Some),
         _ => Ok(None),
     }
 }

@@ -32,6 +32,16 @@ pub struct Cli {
     /// lab named by MIG_LAB).
     #[arg(long, env = "MIG_HOST", global = true, value_name = "NAME")]
     pub host: Option<String>,
+    /// Talk to a remote agent over QUIC (its `--listen` address) instead of a local socket;
+    /// needs --fingerprint, and this client pinned there with `mig clients add`.
+    #[arg(long, env = "MIG_REMOTE", global = true, value_name = "ADDR:PORT")]
+    pub remote: Option<std::net::SocketAddr>,
+    /// The remote agent's certificate fingerprint (`mig info` there).
+    #[arg(long, env = "MIG_REMOTE_FINGERPRINT", global = true, value_name = "FP", requires = "remote")]
+    pub fingerprint: Option<String>,
+    /// This client's identity directory for --remote (default ~/.config/mig).
+    #[arg(long, env = "MIG_IDENTITY", global = true, value_name = "DIR")]
+    pub identity: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -143,6 +153,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Manage the remote API clients an agent accepts, and this client's identity.
+    #[command(subcommand)]
+    Clients(events::ClientsCommand),
     /// Follow the agent's events (container lifecycle, checkpoints, migration phases).
     Events(events::EventsArgs),
     /// Experiments: `mig bench move` measures moves against a baseline in its own lab.

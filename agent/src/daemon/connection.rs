@@ -113,6 +113,9 @@ fn op_name(r: &Request) -> &'static str {
         Request::MoveResolve { .. } => "move_resolve",
         Request::Events => "events",
         Request::MoveStart { .. } => "move_start",
+        Request::ClientAdd { .. } => "client_add",
+        Request::ClientList => "client_list",
+        Request::ClientRemove { .. } => "client_remove",
         Request::MoveStatus { .. } => "move_status",
         Request::PeerAdd { .. } => "peer_add",
         Request::PeerList => "peer_list",
@@ -191,6 +194,11 @@ async fn handle(agent: &Arc<Agent>, req: Request) -> Result<Response, ApiError> 
                 },
             })
             .map(|id| Response::MoveStarted { id }),
+        Request::ClientAdd { name, fingerprint } => {
+            agent.client_add(&name, &fingerprint).map(Response::Client)
+        }
+        Request::ClientList => agent.client_list().map(Response::Clients),
+        Request::ClientRemove { name } => agent.client_remove(&name).map(Response::Client),
         Request::MoveStatus { id } => agent
             .move_status(&id)
             .map(|s| Response::MoveStatus(Box::new(s))),

@@ -129,6 +129,21 @@ impl Events {
 }
 
 impl Agent {
+    /// A receiver of every event emitted from now on (metrics, in-process subscribers).
+    pub fn subscribe_events(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// The agent's (host's) name.
+    pub fn name(&self) -> String {
+        self.cfg.name.clone()
+    }
+
+    /// Every container with its live usage (the `list` request with `all`).
+    pub fn containers_view(&self) -> Vec<crate::api::ContainerSummary> {
+        self.list_with_usage(true)
+    }
+
     /// Emits `kind` to every subscriber (nobody listening is fine).
     pub(crate) fn emit(&self, kind: EventKind) {
         let seq = self.events.seq.fetch_add(1, Ordering::Relaxed) + 1;

@@ -17,6 +17,8 @@ mod logs;
 mod mounts;
 
 pub use mounts::is_mounted;
+/// Serves an API session on an already authenticated stream (the remote API bridges to it).
+pub(crate) use connection::serve_authenticated as serve_bridged;
 
 use crate::api::{ApiError, ContainerState, ErrorKind};
 use crate::layout::{StateDir, StateRecord};
@@ -43,7 +45,13 @@ pub struct Config {
     pub cgroup_parent: String,
     /// The `mig-shim` binary.
     pub shim: PathBuf,
+    /// The most bytes an incoming migration may declare or send (`migd --max-incoming-bytes`);
+    /// a larger one is refused at Prepare, before anything is written.
+    pub max_incoming_bytes: u64,
 }
+
+/// The default of [`Config::max_incoming_bytes`]: 64 GiB.
+pub const DEFAULT_MAX_INCOMING_BYTES: u64 = 64 << 30;
 
 /// Failures while starting the agent.
 #[derive(Debug, thiserror::Error)]

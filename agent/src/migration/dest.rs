@@ -7,14 +7,16 @@
 use super::chain;
 use super::fault::{self, Fault, Point};
 use super::journal::{self, JournalEntry};
-use super::source::UPPER_TAR;
+use super::source::{LOG_FILE, STATE_FILE, UPPER_DELTA_TAR, UPPER_TAR};
 use crate::api::{ContainerState, Response};
+use crate::daemon::events::EventKind;
 use crate::daemon::{Agent, Entry};
-use crate::layout::{now, StateRecord};
+use crate::layout::{now, StateRecord, MAX_RECORD};
 use mig_migrate::criu::Criu;
+use mig_migrate::protocol::Outcome;
 use mig_migrate::protocol::{JournalRecord, JournalState, Role, Timeouts};
-use mig_migrate::transport::{self, DestHost, HostError, Refusal};
-use mig_migrate::wire::{FileHeader, FileKind, Prepare, RefuseReason};
+use mig_migrate::transport::{self, DestHost, HostError, Progress, Refusal};
+use mig_migrate::wire::{FileHeader, FileKind, MigrationMode, Phase, Prepare, RefuseReason};
 use mig_runtime::cgroup::Cgroup;
 use mig_runtime::fsutil;
 use mig_runtime::pidmap::PidEntry;
@@ -63,6 +65,8 @@ pub enum DestError {
         #[source]
         source: mig_runtime::cgroup::CgroupError,
     },
+    #[error("the migration sends more than this agent's limit of {limit} bytes")]
+    TooLarge { limit: u64 },
     #[error("cannot freeze the restored container")]
     Freeze(#[source] mig_runtime::cgroup::CgroupError),
     #[error("cannot thaw the restored container")]
@@ -75,6 +79,8 @@ pub enum DestError {
     Task(String),
     #[error("injected fault at {0}")]
     Injected(&'static str),
+    #[error("cannot move the memory pages")]
+    Pages(#[source] super::pages::PagesError),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DestError + '_ {
@@ -94,6 +100,8 @@ struct Incoming {
     container_id: String,
     container_name: String,
     prepare: Option<Box<Prepare>>,
+    /// When this agent heard of the migration (phase events count from it).
+    started: std::time::Instant,
 }
 
 /// The destination's host for one connection.
@@ -102,6 +110,12 @@ pub(crate) struct DestSide {
     /// The source agent's name (its pinned peer name, else its hello name).
     source: String,
     migs: Mutex<HashMap<String, Incoming>>,
+    /// Bytes announced in file headers so far, per migration (bounded by the agent's limit).
+    placed: Mutex<HashMap<String, u64>>,
+    /// The connection, for page tunnels (modes `stream` and `lazy`, see [`super::pages`]).
+    conn: std::sync::OnceLock<quinn::Connection>,
+    /// Whether tunnel streams from the source are accepted yet (after the control stream).
+    serving: std::sync::atomic::AtomicBool,
 }
 
 impl DestSide {
@@ -110,7 +124,47 @@ impl DestSide {
             agent,
             source,
             migs: Mutex::new(HashMap::new()),
+            placed: Mutex::new(HashMap::new()),
+            conn: Default::default(),
+            serving: Default::default(),
         }
+    }
+
+    fn mode_of(inc: &Incoming) -> Option<MigrationMode> {
+        inc.prepare.as_ref().map(|p| p.mode)
+    }
+
+    /// Stream mode, at Prepare: accepts the source's tunnel streams and starts the page server.
+    async fn start_stream(&self, p: &Prepare) -> Result<(), Refusal> {
+        if !self.serving.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            if let Some(conn) = self.conn.get().cloned() {
+                tokio::spawn(transport::tunnel::serve(conn, super::pages::resolve));
+            }
+        }
+        let id = p.migration_id.clone();
+        let started = match self.staging(&id) {
+            Ok(staging) => tokio::task::spawn_blocking(move || {
+                super::pages::start_page_server(&id, &staging.join("images"))
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| chain(&e))),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(detail) = started {
+            self.migs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&p.migration_id);
+            if let Ok(staging) = self.staging(&p.migration_id) {
+                let _ = std::fs::remove_dir_all(staging);
+            }
+            return Err(Refusal {
+                reason: RefuseReason::Policy,
+                detail: format!("cannot start the page server: {detail}"),
+            });
+        }
+        Ok(())
     }
 
     fn incoming(&self, id: &str) -> Result<Incoming, DestError> {
@@ -124,7 +178,60 @@ impl DestSide {
             container_id: e.container_id,
             container_name: e.container_name,
             prepare: None,
+            started: std::time::Instant::now(),
         })
+    }
+
+    /// Emits [`EventKind::MigrationPhase`] for a migration this side knows.
+    fn emit_phase(&self, migration_id: &str, p: Progress) {
+        let Some(inc) = self.known(migration_id) else {
+            return;
+        };
+        self.agent.emit(EventKind::MigrationPhase {
+            migration_id: migration_id.to_owned(),
+            container_id: inc.container_id,
+            container_name: inc.container_name,
+            role: "destination".into(),
+            peer: self.source.clone(),
+            phase: p.phase.into(),
+            elapsed_ms: super::ms(inc.started.elapsed()),
+            bytes: p.bytes,
+            total_bytes: p.total,
+        });
+    }
+
+    /// Emits [`EventKind::MigrationDone`] at the end of an incoming migration.
+    fn emit_done(&self, r: &transport::DestReport) {
+        let Some(inc) = self.known(&r.migration_id) else {
+            return;
+        };
+        let (outcome, error) = match (&r.outcome, r.in_doubt) {
+            (_, true) => ("in_doubt", None),
+            (Some(Outcome::Committed { cleanup_error }), _) => ("committed", cleanup_error.clone()),
+            (Some(Outcome::RolledBack { detail, .. }), _) => ("rolled_back", Some(detail.clone())),
+            (None, _) => ("rolled_back", None),
+        };
+        self.agent.emit(EventKind::MigrationDone {
+            migration_id: r.migration_id.clone(),
+            container_id: inc.container_id,
+            container_name: inc.container_name,
+            role: "destination".into(),
+            peer: self.source.clone(),
+            outcome: outcome.into(),
+            total_ms: super::ms(inc.started.elapsed()),
+            downtime_ms: None,
+            bytes: 0,
+            error,
+        });
+    }
+
+    /// The migration as this connection knows it (no journal lookup).
+    fn known(&self, id: &str) -> Option<Incoming> {
+        self.migs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
     }
 
     fn staging(&self, id: &str) -> Result<PathBuf, DestError> {
@@ -178,6 +285,26 @@ impl DestSide {
         }
         {
             let map = self.agent.lock();
+            // CRIU restores the user namespace with the dumped maps: the range must be free here.
+            if let Some(m) = &p.spec.userns {
+                if let Some(e) = map.values().find(|e| {
+                    e.spec
+                        .userns
+                        .as_ref()
+                        .is_some_and(|u| mig_runtime::container::userns::overlaps(m, u))
+                }) {
+                    return Err(refuse(
+                        RefuseReason::NameClash,
+                        format!(
+                            "user-namespace host ids {}-{} overlap those of container {} ({}) here",
+                            m.host_id,
+                            u64::from(m.host_id) + u64::from(m.size) - 1,
+                            e.spec.name,
+                            e.spec.id
+                        ),
+                    ));
+                }
+            }
             if let Some(e) = map
                 .values()
                 .find(|e| e.spec.id == p.spec.id || e.spec.name == p.spec.name)
@@ -206,10 +333,20 @@ impl DestSide {
                 "this container is already arriving".into(),
             ));
         }
+        let limit = self.agent.cfg.max_incoming_bytes;
+        if p.bytes_estimate > limit {
+            return Err(refuse(
+                RefuseReason::Policy,
+                format!(
+                    "the migration declares {} bytes, above this agent's limit of {limit} (migd --max-incoming-bytes)",
+                    p.bytes_estimate
+                ),
+            ));
+        }
         let free = nix::sys::statvfs::statvfs(&self.agent.cfg.state_dir)
             .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
             .unwrap_or(u64::MAX);
-        let need = p.bytes_estimate + p.bytes_estimate / 10;
+        let need = p.bytes_estimate.saturating_add(p.bytes_estimate / 10);
         if free < need {
             return Err(refuse(
                 RefuseReason::DiskFull,
@@ -240,6 +377,7 @@ impl DestSide {
                 container_id: p.spec.id.clone(),
                 container_name: p.spec.name.clone(),
                 prepare: Some(Box::new(p.clone())),
+                started: std::time::Instant::now(),
             },
         );
         Ok(missing)
@@ -272,16 +410,11 @@ impl DestSide {
         std::fs::create_dir_all(&cd.dir).map_err(io(&cd.dir))?;
         let marker = cd.dir.join(MARKER);
         fsutil::atomic_write(&marker, id.as_bytes()).map_err(io(&marker))?;
-        let upper = cd.upper();
-        std::fs::create_dir_all(&upper).map_err(io(&upper))?;
-        let tar = [staging.join("delta"), staging.join("presync")]
-            .into_iter()
-            .map(|d| d.join(UPPER_TAR))
-            .find(|p| p.is_file())
-            .ok_or(DestError::NoUpper)?;
-        let mut f = std::fs::File::open(&tar).map_err(io(&tar))?;
-        mig_migrate::archive::unpack_layer_tar(&mut std::io::BufReader::new(&mut f), &upper)
-            .map_err(DestError::Upper)?;
+        place_upper(&staging, &cd.upper())?;
+        let log = staging.join("delta").join(LOG_FILE);
+        if log.is_file() {
+            std::fs::rename(&log, cd.log()).map_err(io(&log))?;
+        }
         let checkpoint = cd.checkpoint();
         let from = staging.join("images");
         std::fs::rename(&from, &checkpoint).map_err(io(&from))?;
@@ -296,6 +429,16 @@ impl DestSide {
             .as_ref()
             .map(|p| p.spec.clone())
             .ok_or_else(|| DestError::Unknown { id: id.to_owned() })?;
+        if let Ok(staging) = self.staging(id) {
+            // Stream mode: the pages are complete once the page server ended cleanly.
+            let mid = id.to_owned();
+            tokio::task::spawn_blocking(move || {
+                super::pages::finish_page_server(&mid, &staging.join("images"))
+            })
+            .await
+            .unwrap_or_else(|e| Err(super::pages::PagesError::Task(e.to_string())))
+            .map_err(DestError::Pages)?;
+        }
         {
             let inc = inc.clone();
             let me = DestSide::new(self.agent.clone(), self.source.clone());
@@ -309,12 +452,32 @@ impl DestSide {
                 .unwrap_or_else(|e| Err(DestError::Task(e.to_string())))?;
         }
         let cd = self.agent.dirs.container(&spec.id);
+        if Self::mode_of(&inc) == Some(MigrationMode::PostCopy) {
+            let conn = self
+                .conn
+                .get()
+                .cloned()
+                .ok_or(DestError::Pages(super::pages::PagesError::NoConnection))?;
+            super::pages::start_lazy_daemon(conn, id, cd.checkpoint(), &cd.dir)
+                .await
+                .map_err(DestError::Pages)?;
+        }
         if injected == Some(Fault::CriuFail) {
             fault::spoil_restore_log(&cd.checkpoint());
         }
+        // The source's creation time (its state record came with the final files).
+        let created = self
+            .staging(id)
+            .ok()
+            .and_then(|st| {
+                fsutil::read_json::<StateRecord>(&st.join("delta").join(STATE_FILE), MAX_RECORD)
+                    .ok()
+            })
+            .map(|s| s.created)
+            .unwrap_or_else(now);
         let state = StateRecord {
             state: ContainerState::Checkpointed,
-            created: now(),
+            created,
             started: None,
             finished: None,
             exit_code: None,
@@ -356,6 +519,52 @@ impl DestSide {
         }
         Ok(result.pid_map)
     }
+}
+
+/// Unpacks the presync copy of the writable layer into `<staging>/upper` (while the container
+/// still runs on the source) and drops its tar.
+fn unpack_presync(staging: &Path) -> Result<(), DestError> {
+    let tar = staging.join("presync").join(UPPER_TAR);
+    if !tar.is_file() {
+        return Ok(());
+    }
+    let dir = staging.join("upper");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let f = std::fs::File::open(&tar).map_err(io(&tar))?;
+    mig_migrate::archive::unpack_layer_tar(&mut std::io::BufReader::new(f), &dir)
+        .map_err(DestError::Upper)?;
+    std::fs::remove_file(&tar).map_err(io(&tar))
+}
+
+/// Places the writable layer at `upper`: the presync copy (already unpacked) moved in place with
+/// the delta applied on top, or the whole layer when the source sent it whole while frozen.
+fn place_upper(staging: &Path, upper: &Path) -> Result<(), DestError> {
+    let full = staging.join("delta").join(UPPER_TAR);
+    if full.is_file() {
+        std::fs::create_dir_all(upper).map_err(io(upper))?;
+        let f = std::fs::File::open(&full).map_err(io(&full))?;
+        return mig_migrate::archive::unpack_layer_tar(&mut std::io::BufReader::new(f), upper)
+            .map_err(DestError::Upper);
+    }
+    let presync = staging.join("upper");
+    let delta = staging.join("delta").join(UPPER_DELTA_TAR);
+    if !presync.is_dir() || !delta.is_file() {
+        return Err(DestError::NoUpper);
+    }
+    if let Some(parent) = upper.parent() {
+        std::fs::create_dir_all(parent).map_err(io(parent))?;
+    }
+    std::fs::rename(&presync, upper).map_err(io(&presync))?;
+    let f = std::fs::File::open(&delta).map_err(io(&delta))?;
+    let stats = mig_migrate::archive::apply_layer_delta(&mut std::io::BufReader::new(f), upper)
+        .map_err(DestError::Upper)?;
+    tracing::debug!(
+        changed = stats.changed,
+        deleted = stats.deleted,
+        "writable-layer delta applied"
+    );
+    Ok(())
 }
 
 /// Removes what an incoming migration made: kills and removes its container (only one this
@@ -442,11 +651,26 @@ impl DestHost for DestSide {
                 detail: e.to_string(),
             })?;
         // Quick checks (a statvfs, a few stats): fine on the runtime thread.
-        self.check_blocking(prepare)
+        let missing = self.check_blocking(prepare)?;
+        if prepare.mode == MigrationMode::Stream {
+            self.start_stream(prepare).await?;
+        }
+        Ok(missing)
     }
 
     fn place_file(&self, migration_id: &str, header: &FileHeader) -> Result<PathBuf, HostError> {
         let staging = self.staging(migration_id).map_err(boxed)?;
+        {
+            // Whatever the Prepare declared, a peer never writes more than the limit here.
+            let mut placed = self.placed.lock().unwrap_or_else(|p| p.into_inner());
+            let total = placed.entry(migration_id.to_owned()).or_insert(0);
+            *total = total.saturating_add(header.size);
+            if *total > self.agent.cfg.max_incoming_bytes {
+                return Err(boxed(DestError::TooLarge {
+                    limit: self.agent.cfg.max_incoming_bytes,
+                }));
+            }
+        }
         fault::hit_once(
             &self.agent.cfg.state_dir,
             fault::file_point(header.kind),
@@ -483,11 +707,21 @@ impl DestHost for DestSide {
         fault::hit_async(&self.agent.cfg.state_dir, Point::DestCommit).await?;
         let inc = self.incoming(migration_id).map_err(boxed)?;
         resume_incoming(&self.agent, migration_id, &inc.container_id).map_err(boxed)?;
+        if Self::mode_of(&inc) == Some(MigrationMode::PostCopy) {
+            super::pages::watch_lazy_daemon(
+                self.agent.clone(),
+                migration_id.to_owned(),
+                inc.container_id.clone(),
+                inc.container_name.clone(),
+                self.source.clone(),
+            );
+        }
         tracing::info!(id = %inc.container_id, migration = %migration_id, "container arrived and runs");
         Ok(())
     }
 
     async fn cleanup(&self, migration_id: &str) -> Result<(), HostError> {
+        super::pages::forget(migration_id);
         let Ok(inc) = self.incoming(migration_id) else {
             if let Ok(staging) = self.staging(migration_id) {
                 let _ = std::fs::remove_dir_all(staging);
@@ -514,6 +748,21 @@ impl DestHost for DestSide {
         journal::write(&self.agent.cfg.state_dir, &entry).map_err(|e| boxed(DestError::Journal(e)))
     }
 
+    async fn files_received(&self, migration_id: &str, phase: Phase) -> Result<(), HostError> {
+        if phase != Phase::Presync {
+            return Ok(());
+        }
+        let staging = self.staging(migration_id).map_err(boxed)?;
+        tokio::task::spawn_blocking(move || unpack_presync(&staging))
+            .await
+            .unwrap_or_else(|e| Err(DestError::Task(e.to_string())))
+            .map_err(boxed)
+    }
+
+    fn progress(&self, migration_id: &str, p: Progress) {
+        self.emit_phase(migration_id, p);
+    }
+
     async fn load_journal(&self, migration_id: &str) -> Option<JournalState> {
         journal::read(&self.agent.cfg.state_dir, migration_id)
             .filter(|e| e.role == Role::Dest)
@@ -533,6 +782,10 @@ pub(crate) fn spawn_acceptor(agent: Arc<Agent>, endpoint: quinn::Endpoint) {
                 }
             };
             fault::track(&conn);
+            // Remote API clients are served by crate::remote; only pinned peers migrate.
+            let Some(conn) = crate::remote::route(&agent, conn) else {
+                continue;
+            };
             let agent = agent.clone();
             tokio::spawn(async move {
                 let fp = transport::peer_fingerprint(&conn).unwrap_or_default();
@@ -548,15 +801,23 @@ pub(crate) fn spawn_acceptor(agent: Arc<Agent>, endpoint: quinn::Endpoint) {
                     })
                     .unwrap_or_else(|| conn.remote_address().to_string());
                 let side = Arc::new(DestSide::new(agent.clone(), source.clone()));
+                let _ = side.conn.set(conn.clone());
                 let hello = super::hello(&agent);
-                match transport::run_dest(conn.clone(), side, &hello, Timeouts::default()).await {
-                    Ok(r) => tracing::info!(
-                        migration = %r.migration_id,
-                        %source,
-                        outcome = ?r.outcome,
-                        in_doubt = r.in_doubt,
-                        "incoming migration ended"
-                    ),
+                match transport::run_dest(conn.clone(), side.clone(), &hello, Timeouts::default())
+                    .await
+                {
+                    Ok(r) => {
+                        // Post-copy: the lazy-pages daemon needs the connection until the last page.
+                        super::pages::until_done(&r.migration_id).await;
+                        side.emit_done(&r);
+                        tracing::info!(
+                            migration = %r.migration_id,
+                            %source,
+                            outcome = ?r.outcome,
+                            in_doubt = r.in_doubt,
+                            "incoming migration ended"
+                        )
+                    }
                     Err(e) => {
                         tracing::warn!(%source, error = %chain(&e), "incoming migration failed")
                     }
