@@ -120,3 +120,168 @@ fn unpinned_peer_is_refused() -> Result<()> {
     rolled_back(&lab, "victim", &id, count)?;
     Ok(())
 }
+
+/// The phases one agent reported for `container` during a move (consecutive repeats folded)
+/// and the outcome of its MigrationDone.
+async fn watch(
+    mut client: mig_agent::client::Client,
+    container: String,
+) -> Result<(Vec<String>, String)> {
+    use mig_agent::daemon::events::EventKind;
+    let mut phases: Vec<String> = Vec::new();
+    loop {
+        let e = tokio::time::timeout(std::time::Duration::from_secs(180), client.next_event())
+            .await??;
+        match e.kind {
+            EventKind::MigrationPhase {
+                container_id,
+                phase,
+                bytes,
+                total_bytes,
+                ..
+            } if container_id == container => {
+                if let Some(t) = total_bytes {
+                    assert!(bytes <= t, "{phase}: {bytes} bytes of {t}");
+                }
+                if phases.last() != Some(&phase) {
+                    phases.push(phase);
+                }
+            }
+            EventKind::MigrationDone {
+                container_id,
+                outcome,
+                ..
+            } if container_id == container => return Ok((phases, outcome)),
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn move_reports_phases_on_both_agents() -> Result<()> {
+    if !mig_tests::is_root("migration tests") {
+        return Ok(());
+    }
+    let lab = Lab::up("p", 7)?;
+    let id = lab.run_container(0, "watched", 8)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (source, dest) = rt.block_on(async {
+        let mut a = mig_agent::client::Client::connect(&lab.hosts[0].socket).await?;
+        a.subscribe_events().await?;
+        let mut b = mig_agent::client::Client::connect(&lab.hosts[1].socket).await?;
+        b.subscribe_events().await?;
+        anyhow::Ok((
+            tokio::spawn(watch(a, id.clone())),
+            tokio::spawn(watch(b, id.clone())),
+        ))
+    })?;
+    let r = lab.mig_json(0, &["move", "watched", "host-b", "--json"])?;
+    let (source, dest) = rt.block_on(async { anyhow::Ok((source.await??, dest.await??)) })?;
+    eprintln!("source saw {source:?}, destination saw {dest:?}; move: {r}");
+    let expect = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        source.0,
+        expect(&["prepare", "presync", "freeze", "dump", "transfer", "restore", "commit"])
+    );
+    assert_eq!(source.1, "committed");
+    assert_eq!(
+        dest.0,
+        expect(&["prepare", "presync", "dump", "transfer", "restore", "commit"])
+    );
+    assert_eq!(dest.1, "committed");
+    running_on(&lab, 1, "watched")?;
+    nothing_left(&lab, 0, &id)?;
+    Ok(())
+}
+
+#[test]
+fn writable_layer_travels_as_presync_and_delta() -> Result<()> {
+    if !mig_tests::is_root("migration tests") {
+        return Ok(());
+    }
+    let lab = Lab::up("d", 8)?;
+    let id = lab.run_container(0, "writer", 4)?;
+    let sh = |host: usize, cmd: &str| lab.mig_ok(host, &["exec", "writer", "--", "sh", "-c", cmd]);
+    sh(
+        0,
+        "head -c 24000000 /dev/urandom > /big; echo one > /small1; echo two > /small2; mkdir -p /d/e; echo x > /d/e/f",
+    )?;
+    let big = sh(0, "md5sum /big")?;
+    // The presync phase lasts 3 s (the destination sleeps on the first presync file); the
+    // container changes small files meanwhile, while it still runs.
+    lab.fault(1, Some("dest-presync:delay:3000"))?;
+    let r = std::thread::scope(|s| {
+        let mover = s.spawn(|| lab.mig_json(0, &["move", "writer", "host-b", "--json"]));
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        let changed = sh(
+            0,
+            "rm /small1; echo changed > /small2; rm -r /d; echo new > /new",
+        );
+        let r = mover
+            .join()
+            .map_err(|_| anyhow::anyhow!("the mover panicked"))?;
+        changed?;
+        r
+    })?;
+    lab.fault(1, None)?;
+    eprintln!("move: {r}");
+    let (presync, delta) = (
+        r["presync_upper_bytes"].as_u64().unwrap_or(0),
+        r["delta_bytes"].as_u64().unwrap_or(u64::MAX),
+    );
+    assert!(presync > 24_000_000, "{r}");
+    assert!(delta < presync / 10, "the delta resent the big file: {r}");
+    running_on(&lab, 1, "writer")?;
+    assert_eq!(sh(1, "md5sum /big")?, big);
+    assert_eq!(
+        sh(1, "cat /small2 /new; ls /small1 /d 2>&1 || true")?,
+        "changed\nnew\nls: /small1: No such file or directory\nls: /d: No such file or directory\n"
+    );
+    // The old output came along, and the creation time.
+    let log = lab.mig_ok(1, &["logs", "writer"])?;
+    assert!(log.lines().any(|l| l == "child 2 OK"), "{log}");
+    nothing_left(&lab, 0, &id)?;
+    Ok(())
+}
+
+#[test]
+fn link_cut_at_commit_is_resolved_with_one_copy() -> Result<()> {
+    if !mig_tests::is_root("migration tests") {
+        return Ok(());
+    }
+    let lab = Lab::up("i", 9)?;
+    let id = lab.run_container(0, "doubt", 8)?;
+    // The source journals CommitSent, then loses the connection before Commit goes out.
+    lab.fault(0, Some("source-commit:cut"))?;
+    let o = lab.mig(0, &["move", "doubt", "host-b", "--json"]);
+    lab.fault(0, None)?;
+    assert_ne!(o.code, 0, "{}", o.stdout);
+    assert!(o.stderr.contains("in doubt"), "{}", o.stderr);
+    // Neither copy runs meanwhile: no host's log grows.
+    let logs = || {
+        (
+            lab.mig(0, &["logs", "doubt"]).stdout,
+            lab.mig(1, &["logs", "doubt"]).stdout,
+        )
+    };
+    let before = logs();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let still = logs();
+    let settled = lab
+        .mig_json(1, &["inspect", "doubt", "--json"])
+        .map(|v| v["state"] == "running" && !v.to_string().contains("in doubt"))
+        .unwrap_or(false);
+    if !settled {
+        assert_eq!(before, still, "a copy ran while the move was in doubt");
+    }
+    // The operator's resolve (or the automatic one, every 5 s, if it came first).
+    let r = lab.mig(0, &["move", "--resolve", "doubt", "--json"]);
+    eprintln!("resolve: {} {}", r.stdout, r.stderr.trim());
+    running_on(&lab, 1, "doubt")?;
+    let (count, _) = log_state(&lab.mig(1, &["logs", "doubt"]).stdout);
+    continues(&lab, 1, "doubt", count)?;
+    nothing_left(&lab, 0, &id)?;
+    Ok(())
+}

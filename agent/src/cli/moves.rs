@@ -3,6 +3,7 @@
 
 use super::commands::{connect, json, out, CliError};
 use super::{Cli, Command};
+use crate::daemon::events::EventKind;
 use crate::lab::{self, LabConfig};
 use crate::migration::MoveResult;
 use clap::{Args, Subcommand};
@@ -13,6 +14,19 @@ pub struct MoveArgs {
     /// Settle an in-doubt move of CONTAINER with its destination (run on the source agent).
     #[arg(long)]
     pub resolve: bool,
+    /// Keep established TCP connections (CRIU TCP repair; docs/networking.md). Without it a
+    /// container with established connections is refused.
+    #[arg(long)]
+    pub tcp_established: bool,
+    /// How memory moves: cold (files), stream (pages straight to the destination), lazy
+    /// (post-copy: resumes first, pages on demand from this host), precopy (needs dirty-memory
+    /// tracking), auto (stream, or lazy when over --max-downtime). docs/migration.md
+    #[arg(long, value_enum)]
+    pub mode: Option<crate::migration::MoveMode>,
+    /// Refuse the move when its predicted downtime exceeds MS milliseconds (with --mode auto:
+    /// go post-copy instead). The container is not touched.
+    #[arg(long, value_name = "MS")]
+    pub max_downtime: Option<u64>,
     #[arg(long)]
     pub json: bool,
     /// Container id, id prefix or name.
@@ -153,6 +167,22 @@ fn move_text(r: &MoveResult) -> String {
         super::output::human_size(r.bytes_sent),
         r.files_sent
     );
+    if let Some(p) = r.predicted_downtime_ms {
+        s.push_str(&format!(
+            "  mode {}: predicted downtime {p} ms, measured {} ms\n",
+            r.mode, r.downtime_ms
+        ));
+    }
+    if let Some(p) = r.postcopy_ms {
+        s.push_str(&format!(
+            "  post-copy: the container depended on this host for its memory for {p} ms more, until the last page arrived\n"
+        ));
+    }
+    if let Some(e) = &r.postcopy_error {
+        s.push_str(&format!(
+            "error: post-copy ended before the last page ({e}); the destination kills the container rather than run it with missing memory\n"
+        ));
+    }
     for (before, after) in r.pid_map_before.iter().zip(&r.pid_map) {
         s.push_str(&format!(
             "  pid {:>5} (host {:>7} -> {:>7}) {}\n",
@@ -167,6 +197,77 @@ fn move_text(r: &MoveResult) -> String {
     s
 }
 
+/// How often the progress line is redrawn without news (for the elapsed time).
+const REDRAW: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Draws `mig move`'s one-line progress on stderr from the agent's events (a second connection
+/// subscribed before the move starts): phase, MiB sent / expected, elapsed. `None` when the
+/// subscription fails (the move goes on without progress).
+async fn progress_line(
+    cli: &Cli,
+    container: &str,
+    peer: &str,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let mut events = connect(cli).await.ok()?;
+    events.subscribe_events().await.ok()?;
+    let (container, peer) = (container.to_owned(), peer.to_owned());
+    Some(tokio::spawn(async move {
+        let t0 = std::time::Instant::now();
+        let mut line = Progress::default();
+        let mut tick = tokio::time::interval(REDRAW);
+        loop {
+            tokio::select! {
+                e = events.next_event() => {
+                    let Ok(e) = e else { return };
+                    if let EventKind::MigrationPhase { container_id, container_name, role, phase, bytes, total_bytes, .. } = e.kind {
+                        let ours = role == "source"
+                            && (container_name == container || container_id.starts_with(&container));
+                        if ours {
+                            line = Progress { phase, bytes, total: total_bytes };
+                        }
+                    }
+                }
+                _ = tick.tick() => {}
+            }
+            use std::io::Write;
+            let mut err = std::io::stderr().lock();
+            let _ = write!(
+                err,
+                "\r\x1b[2K{}",
+                line.text(&container, &peer, t0.elapsed())
+            );
+            let _ = err.flush();
+        }
+    }))
+}
+
+/// The last phase event seen by [`progress_line`].
+#[derive(Debug, Default)]
+struct Progress {
+    phase: String,
+    bytes: u64,
+    total: Option<u64>,
+}
+
+impl Progress {
+    fn text(&self, container: &str, peer: &str, elapsed: std::time::Duration) -> String {
+        const MIB: f64 = 1024.0 * 1024.0;
+        let phase = if self.phase.is_empty() {
+            "connecting"
+        } else {
+            &self.phase
+        };
+        let sent = match self.total {
+            Some(t) => format!("{:.1}/{:.1} MiB", self.bytes as f64 / MIB, t as f64 / MIB),
+            None => format!("{:.1} MiB", self.bytes as f64 / MIB),
+        };
+        format!(
+            "moving {container} to {peer}: {phase:<9} {sent}  {:.1} s",
+            elapsed.as_secs_f64()
+        )
+    }
+}
+
 /// Handles the commands of this module; `None` for the others.
 pub(super) async fn dispatch(cli: &Cli) -> Result<Option<u8>, CliError> {
     match &cli.command {
@@ -178,13 +279,27 @@ pub(super) async fn dispatch(cli: &Cli) -> Result<Option<u8>, CliError> {
                 c.move_resolve(&m.container).await?
             } else {
                 let peer = m.peer.as_deref().unwrap_or_default();
-                if tty {
-                    eprintln!(
-                        "moving {} to {peer}: prepare, presync, freeze, dump, transfer, restore, commit...",
-                        m.container
-                    );
+                let progress = if tty {
+                    progress_line(cli, &m.container, peer).await
+                } else {
+                    None
+                };
+                let r = c
+                    .move_container_mode(
+                        &m.container,
+                        peer,
+                        m.tcp_established,
+                        m.mode,
+                        m.max_downtime,
+                    )
+                    .await;
+                if let Some(p) = progress {
+                    p.abort();
+                    let _ = p.await;
+                    // The progress line gives way to the summary (or the error).
+                    eprint!("\r\x1b[2K");
                 }
-                c.move_container(&m.container, peer).await?
+                r?
             };
             if m.json {
                 json(&r)?;

@@ -9,11 +9,14 @@
 mod dest;
 pub mod fault;
 mod journal;
+pub mod modes;
+pub(crate) mod pages;
 mod peers;
 mod recover;
 mod source;
 
 pub use journal::{JournalEntry, JOURNAL_DIR};
+pub use modes::MoveMode;
 
 use crate::daemon::Agent;
 use mig_migrate::transport::{AllowedPeers, Identity, PeerStore};
@@ -27,14 +30,16 @@ use std::sync::{Arc, Mutex, OnceLock};
 pub const DEFAULT_PORT: u16 = crate::lab::DEFAULT_QUIC_PORT;
 
 /// What `mig move` reports.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MoveResult {
     pub id: String,
     pub name: String,
     pub migration_id: String,
     /// The peer the container moved to.
     pub peer: String,
-    /// `cold`: everything is dumped while frozen, sent, then restored (pre-copy of memory).
+    /// `cold`: everything is dumped while frozen, sent as files, then restored; `stream`: the
+    /// same with the pages streamed from the dump to the destination's page server; `lazy`:
+    /// post-copy, memory served on demand by the source after the restore (see `postcopy_ms`).
     pub mode: String,
     /// From the freeze to the destination's Committed.
     pub downtime_ms: u64,
@@ -53,6 +58,30 @@ pub struct MoveResult {
     pub pid_map: Vec<PidEntry>,
     /// Set when the source could not destroy its frozen copy (it stays frozen).
     pub cleanup_error: Option<String>,
+    /// Size of the writable layer's tar sent while the container ran (presync).
+    #[serde(default)]
+    pub presync_upper_bytes: u64,
+    /// Size of what changed in the writable layer since the presync, sent while frozen.
+    #[serde(default)]
+    pub delta_bytes: u64,
+    /// The pre-flight's prediction of `downtime_ms` for the mode used.
+    #[serde(default)]
+    pub predicted_downtime_ms: Option<u64>,
+    /// Link throughput the prediction used, bytes/s.
+    #[serde(default)]
+    pub throughput_bytes_s: Option<u64>,
+    /// Bytes of memory pages that went through the page-server tunnel (`stream`, `lazy`);
+    /// included in `bytes_sent`.
+    #[serde(default)]
+    pub page_bytes: u64,
+    /// `lazy`: from Commit until the destination had the last page. Until then the container
+    /// on the destination depended on this source.
+    #[serde(default)]
+    pub postcopy_ms: Option<u64>,
+    /// `lazy`: why serving pages ended before the last one (the destination kills the
+    /// container then, and reports it).
+    #[serde(default)]
+    pub postcopy_error: Option<String>,
 }
 
 /// One pinned peer, as `mig peers ls` shows it.

@@ -291,6 +291,15 @@ impl Agent {
             peer: e.peer.clone(),
             work: self.dirs.container(&e.container_id).dir.join("migration"),
             frozen_pids: Default::default(),
+            tcp_established: false,
+            // A rollback brings the container's link up again before thawing it.
+            net: self
+                .entry(&e.container_id)
+                .ok()
+                .and_then(|entry| entry.spec.net),
+            started: std::time::Instant::now(),
+            upper_sync: Default::default(),
+            pages: Default::default(),
         }));
         let machine = SourceMachine::recover(&e.migration_id, &e.state, Timeouts::default());
         let report = transport::run_source(&conn, machine, &side, &super::hello(self)).await;
@@ -320,6 +329,7 @@ impl Agent {
                 pid_map_before: Vec::new(),
                 pid_map: Vec::new(),
                 cleanup_error,
+                ..Default::default()
             }),
             Some(Outcome::RolledBack { detail, .. }) => Err(ApiError::new(
                 ErrorKind::Conflict,

@@ -8,15 +8,18 @@ use super::fault::{self, Fault, Point};
 use super::journal::{self, JournalEntry};
 use super::{chain, ms, MoveResult};
 use crate::api::{ApiError, ContainerState, ErrorKind};
+use crate::daemon::events::EventKind;
 use crate::daemon::Agent;
 use crate::layout::{is_our_shim, now, proc_start_ticks, ShimRecord, MAX_RECORD};
+use mig_migrate::archive::LayerScan;
 use mig_migrate::criu::{Criu, DumpOpts};
 use mig_migrate::imageset::{self, SealInfo, MANIFEST};
 use mig_migrate::protocol::{JournalRecord, JournalState, Outcome, Role, SourceMachine, Timeouts};
-use mig_migrate::transport::{self, HostError, OutgoingFile, SourceHost};
-use mig_migrate::wire::{FileKind, MigrationMode, Prepare};
+use mig_migrate::transport::{self, HostError, OutgoingFile, Progress, SourceHost, SourceReport};
+use mig_migrate::wire::{FileKind, Prepare};
 use mig_runtime::cgroup::Cgroup;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,6 +27,12 @@ use std::time::{Duration, Instant};
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Name of the writable-layer tar on the wire (kinds Presync and Delta).
 pub(crate) const UPPER_TAR: &str = "upper.tar";
+/// Name of the writable-layer delta since the presync on the wire (kind Delta).
+pub(crate) const UPPER_DELTA_TAR: &str = "upper-delta.tar";
+/// The container's log, sent while frozen (kind Delta).
+pub(crate) const LOG_FILE: &str = "container.log";
+/// The container's state record on the source (kind Delta): the destination keeps `created`.
+pub(crate) const STATE_FILE: &str = "source-state.json";
 
 /// Failures of the source's host actions (reported to the peer and in the outcome).
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +77,10 @@ pub enum SourceError {
     Task(String),
     #[error("injected fault at {0}")]
     Injected(&'static str),
+    #[error("cannot move the memory pages")]
+    Pages(#[source] super::pages::PagesError),
+    #[error("cannot cut the frozen container's network link")]
+    Net(#[source] mig_runtime::net::NetError),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SourceError + '_ {
@@ -89,6 +102,25 @@ pub(crate) struct SourceSide {
     pub work: PathBuf,
     /// The container's processes, read while frozen (what the dump holds).
     pub frozen_pids: std::sync::Mutex<Vec<mig_runtime::pidmap::PidEntry>>,
+    /// Memory pages that do not travel as files (modes `stream` and `lazy`).
+    pub pages: super::pages::SourcePages,
+    /// Dump established TCP connections (`mig move --tcp-established`).
+    pub tcp_established: bool,
+    /// The container's network: its host link is down while the frozen copy waits.
+    pub net: Option<mig_runtime::net::NetSpec>,
+    /// When the move started (phase events count from it).
+    pub started: Instant,
+    /// The writable layer's presync scan and sizes.
+    pub upper_sync: UpperSync,
+}
+
+/// The writable layer in two steps: the presync tar's scan, then the delta while frozen
+/// (`mig_migrate::archive::write_layer_delta`).
+#[derive(Debug, Default)]
+pub(crate) struct UpperSync {
+    scan: std::sync::Mutex<Option<LayerScan>>,
+    pub presync_bytes: AtomicU64,
+    pub delta_bytes: AtomicU64,
 }
 
 impl SourceSide {
@@ -116,8 +148,98 @@ impl SourceSide {
         }
     }
 
+    /// Emits [`EventKind::MigrationDone`] (`outcome`: committed, rolled_back or in_doubt).
+    fn done(&self, outcome: &str, report: Option<&SourceReport>, error: Option<String>) {
+        self.agent.emit(EventKind::MigrationDone {
+            migration_id: self.migration_id.clone(),
+            container_id: self.id.clone(),
+            container_name: self.name.clone(),
+            role: "source".into(),
+            peer: self.peer.clone(),
+            outcome: outcome.into(),
+            total_ms: ms(self.started.elapsed()),
+            downtime_ms: report
+                .filter(|_| outcome == "committed")
+                .map(|r| ms(r.timings.downtime)),
+            bytes: report.map(|r| r.bytes_sent).unwrap_or(0),
+            error,
+        });
+    }
+
+    /// Archives the writable layer while the container runs and keeps the scan of it.
+    fn presync_upper(&self, tar: &Path) -> Result<(), SourceError> {
+        let scan = write_file(tar, |w| {
+            mig_migrate::archive::write_layer_tar_scanned(&self.upper(), w)
+        })?;
+        let size = std::fs::metadata(tar).map(|m| m.len()).unwrap_or(0);
+        self.upper_sync.presync_bytes.store(size, Ordering::Relaxed);
+        *self
+            .upper_sync
+            .scan
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(scan);
+        Ok(())
+    }
+
+    /// The writable layer while frozen: the delta since the presync scan (remote name
+    /// [`UPPER_DELTA_TAR`]), or the whole layer ([`UPPER_TAR`]) when there was no presync.
+    fn final_upper(&self) -> Result<(PathBuf, &'static str), SourceError> {
+        let scan = self
+            .upper_sync
+            .scan
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let (tar, remote) = match scan {
+            Some(scan) => {
+                let tar = self.work.join("final-upper-delta.tar");
+                let stats = write_file(&tar, |w| {
+                    mig_migrate::archive::write_layer_delta(&self.upper(), &scan, w)
+                })?;
+                tracing::debug!(
+                    changed = stats.changed,
+                    deleted = stats.deleted,
+                    "writable-layer delta"
+                );
+                (tar, UPPER_DELTA_TAR)
+            }
+            None => {
+                let tar = self.work.join("final-upper.tar");
+                write_tar(&self.upper(), &tar)?;
+                (tar, UPPER_TAR)
+            }
+        };
+        let size = std::fs::metadata(&tar).map(|m| m.len()).unwrap_or(0);
+        self.upper_sync.delta_bytes.store(size, Ordering::Relaxed);
+        Ok((tar, remote))
+    }
+
+    /// The container's log and state record as they are while frozen, so that the destination
+    /// keeps the old output (`mig logs`) and the creation time.
+    fn record_files(&self) -> Result<Vec<OutgoingFile>, SourceError> {
+        let cd = self.agent.dirs.container(&self.id);
+        let mut files = Vec::new();
+        for (from, remote) in [(cd.log(), LOG_FILE), (cd.state(), STATE_FILE)] {
+            if !from.is_file() {
+                continue;
+            }
+            let copy = self.work.join(remote);
+            std::fs::copy(&from, &copy).map_err(io(&from))?;
+            files.push(OutgoingFile {
+                kind: FileKind::Delta,
+                local: copy,
+                remote: remote.to_owned(),
+                sha256: None,
+            });
+        }
+        Ok(files)
+    }
+
     /// Freezes, dumps (leaving the container frozen), seals; returns the final files.
-    fn dump_blocking(&self) -> Result<Vec<OutgoingFile>, SourceError> {
+    fn dump_blocking(
+        &self,
+        tunnel: Option<&mig_migrate::transport::tunnel::Tunnel>,
+    ) -> Result<Vec<OutgoingFile>, SourceError> {
         let cd = self.agent.dirs.container(&self.id);
         let init_pid = self
             .agent
@@ -134,16 +256,27 @@ impl SourceSide {
         let pid_map = mig_runtime::pidmap::pid_map(&cg.procs().unwrap_or_else(|_| vec![init_pid]));
         let stdio_pipe = mig_migrate::criu::stdout_pipe(init_pid);
         let injected = fault::hit(&self.agent.cfg.state_dir, Point::SourceDump)?;
-        let stats = criu
-            .dump(&DumpOpts {
-                pid: fault::criu_pid(injected, init_pid),
-                images_dir: images.clone(),
-                root: Some(cd.rootfs()),
-                freeze_cgroup: cg.freezer_dir(),
-                leave_running: true,
-                log_file: "dump.log".into(),
-                ..Default::default()
-            })
+        let stats = self
+            .pages
+            .dump(
+                &criu,
+                &self.migration_id,
+                DumpOpts {
+                    pid: fault::criu_pid(injected, init_pid),
+                    images_dir: images.clone(),
+                    root: Some(cd.rootfs()),
+                    freeze_cgroup: cg.freezer_dir(),
+                    leave_running: true,
+                    tcp_established: self.tcp_established,
+                    log_file: "dump.log".into(),
+                    // A user-namespace container's host binds (devices, masked files).
+                    external: (self.agent.entry(&self.id).ok())
+                        .map(|e| mig_runtime::container::dump_externals(&e.spec))
+                        .unwrap_or_default(),
+                    ..Default::default()
+                },
+                tunnel,
+            )
             .map_err(SourceError::Dump)?;
         let spec = self
             .agent
@@ -161,9 +294,8 @@ impl SourceSide {
             },
         )
         .map_err(SourceError::Seal)?;
-        // The writable layer as it is now, frozen (the whole layer: see docs/migration.md).
-        let tar = self.work.join("final-upper.tar");
-        write_tar(&self.upper(), &tar)?;
+        // What changed in the writable layer since the presync (or all of it without one).
+        let (tar, upper_remote) = self.final_upper()?;
         let mut files = Vec::with_capacity(manifest.files.len() + 2);
         for f in &manifest.files {
             let mut sha = [0u8; 32];
@@ -184,9 +316,10 @@ impl SourceSide {
         files.push(OutgoingFile {
             kind: FileKind::Delta,
             local: tar,
-            remote: UPPER_TAR.to_owned(),
+            remote: upper_remote.to_owned(),
             sha256: None,
         });
+        files.extend(self.record_files()?);
         if injected == Some(Fault::Corrupt)
             || fault::hit(&self.agent.cfg.state_dir, Point::SourceTransfer)? == Some(Fault::Corrupt)
         {
@@ -220,14 +353,23 @@ fn corrupt_one(files: &[OutgoingFile]) -> Result<(), SourceError> {
 }
 
 fn write_tar(dir: &Path, tar: &Path) -> Result<(), SourceError> {
-    let file = std::fs::File::create(tar).map_err(io(tar))?;
+    write_file(tar, |w| mig_migrate::archive::write_layer_tar(dir, w))
+}
+
+/// Writes `path` with `f` through a buffer, then syncs it.
+fn write_file<T>(
+    path: &Path,
+    f: impl FnOnce(&mut dyn std::io::Write) -> Result<T, mig_migrate::archive::LayerError>,
+) -> Result<T, SourceError> {
+    let file = std::fs::File::create(path).map_err(io(path))?;
     let mut w = std::io::BufWriter::new(file);
-    mig_migrate::archive::write_layer_tar(dir, &mut w).map_err(SourceError::Layer)?;
+    let out = f(&mut w).map_err(SourceError::Layer)?;
     let file = w.into_inner().map_err(|e| SourceError::Io {
-        path: tar.to_owned(),
+        path: path.to_owned(),
         source: e.into_error(),
     })?;
-    file.sync_all().map_err(io(tar))
+    file.sync_all().map_err(io(path))?;
+    Ok(out)
 }
 
 async fn blocking<T: Send + 'static>(
@@ -285,7 +427,7 @@ impl SourceHost for Src {
             }
             std::fs::create_dir_all(&me.work).map_err(io(&me.work))?;
             let tar = me.work.join("presync-upper.tar");
-            write_tar(&me.upper(), &tar)?;
+            me.presync_upper(&tar)?;
             files.push(OutgoingFile {
                 kind: FileKind::Presync,
                 local: tar,
@@ -309,6 +451,15 @@ impl SourceHost for Src {
             fault::hit(&me.agent.cfg.state_dir, Point::SourceFreeze)?;
             let map = mig_runtime::pidmap::pid_map(&cg.procs().unwrap_or_default());
             *me.frozen_pids.lock().unwrap_or_else(|p| p.into_inner()) = map;
+            if let Some(net) = &me.net {
+                // From here the copy on the destination owns the address: nothing may reach
+                // the frozen sockets here (no ACK, no RST) until the move rolls back.
+                mig_runtime::net::set_host_link(net, false).map_err(|e| {
+                    let _ = mig_runtime::net::set_host_link(net, true);
+                    let _ = cg.thaw();
+                    SourceError::Net(e)
+                })?;
+            }
             Ok(())
         })
         .await
@@ -316,13 +467,26 @@ impl SourceHost for Src {
     }
 
     async fn dump(&self) -> Result<Vec<OutgoingFile>, HostError> {
+        let tunnel = self
+            .pages
+            .before_dump(&self.migration_id)
+            .await
+            .map_err(|e| boxed(SourceError::Pages(e)))?;
         let me = self.clone();
-        blocking(move || me.dump_blocking()).await.map_err(boxed)
+        blocking(move || me.dump_blocking(tunnel.as_ref()))
+            .await
+            .map_err(boxed)
     }
 
     async fn thaw(&self) -> Result<(), HostError> {
+        self.pages.abandon(&self.migration_id);
         let me = self.clone();
         blocking(move || {
+            if let Some(net) = &me.net {
+                if let Err(e) = mig_runtime::net::set_host_link(net, true) {
+                    tracing::warn!(id = %me.id, error = %chain(&e), "cannot bring the container's link up again");
+                }
+            }
             me.cg()?.thaw().map_err(SourceError::Thaw)?;
             let _ = std::fs::remove_dir_all(&me.work);
             Ok(())
@@ -334,9 +498,31 @@ impl SourceHost for Src {
     }
 
     async fn destroy(&self) -> Result<(), HostError> {
+        // Post-copy: the destination needs this copy's pages until it has the last one.
+        let me = self.clone();
+        blocking(move || {
+            me.pages.finish_postcopy(&me.migration_id);
+            Ok(())
+        })
+        .await
+        .map_err(boxed)?;
         destroy_copy(&self.agent, &self.id, &self.cgroup)
             .await
             .map_err(boxed)
+    }
+
+    fn progress(&self, p: Progress) {
+        self.agent.emit(EventKind::MigrationPhase {
+            migration_id: self.migration_id.clone(),
+            container_id: self.id.clone(),
+            container_name: self.name.clone(),
+            role: "source".into(),
+            peer: self.peer.clone(),
+            phase: p.phase.into(),
+            elapsed_ms: ms(self.started.elapsed()),
+            bytes: p.bytes,
+            total_bytes: p.total,
+        });
     }
 
     async fn journal(&self, record: &JournalRecord) -> Result<(), HostError> {
@@ -400,6 +586,8 @@ impl Agent {
         self: &Arc<Self>,
         container: &str,
         peer: &str,
+        tcp_established: bool,
+        opts: super::modes::MoveOptions,
     ) -> Result<MoveResult, ApiError> {
         let t0 = Instant::now();
         let net = self.migration.net().ok_or_else(|| {
@@ -417,8 +605,15 @@ impl Agent {
             .ok_or_else(|| api(ErrorKind::NotFound, format!("no pinned peer named {peer}")))?;
         let id = self.resolve(container)?;
         self.refresh(&id);
+        if !tcp_established {
+            if let Some(pid) = self.init_pid_of(&id) {
+                self.refuse_established(pid, container, "move")?;
+            }
+        }
         self.claim_running(&id)?;
-        let result = self.move_claimed(t0, &id, &peer).await;
+        let result = self
+            .move_claimed(t0, &id, &peer, tcp_established, opts)
+            .await;
         if let Err(e) = &result {
             // Still ours (rolled back or never started): runs here, not busy. In doubt, the
             // container stays busy and frozen until resolved.
@@ -434,6 +629,8 @@ impl Agent {
         t0: Instant,
         id: &str,
         peer: &mig_migrate::transport::Peer,
+        tcp_established: bool,
+        opts: super::modes::MoveOptions,
     ) -> Result<MoveResult, ApiError> {
         let net = self.migration.net().ok_or_else(|| {
             api(
@@ -465,6 +662,10 @@ impl Agent {
         let upper_bytes = tokio::task::spawn_blocking(move || du(&upper))
             .await
             .unwrap_or(0);
+        let plan = super::modes::plan(opts, usage.memory_bytes, upper_bytes, &peer.name)
+            .await
+            .map_err(|e| api(ErrorKind::Unavailable, chain(&e)))?;
+        tracing::info!(%id, mode = plan.mode.as_str(), predicted_downtime_ms = plan.predicted_ms, "pre-flight");
         let migration_id = journal::new_id();
         let prepare = Prepare {
             migration_id: migration_id.clone(),
@@ -473,7 +674,7 @@ impl Agent {
             criu_version,
             kernel: mig_migrate::criu::kernel_release(),
             bytes_estimate: usage.memory_bytes + 2 * upper_bytes + image.size,
-            mode: MigrationMode::PreCopy,
+            mode: plan.mode.wire(),
         };
         let side = Src(Arc::new(SourceSide {
             agent: self.clone(),
@@ -484,26 +685,48 @@ impl Agent {
             peer: peer.name.clone(),
             work: cd.dir.join("migration"),
             frozen_pids: Default::default(),
+            tcp_established,
+            net: e.spec.net.clone(),
+            started: t0,
+            upper_sync: Default::default(),
+            pages: Default::default(),
         }));
+        let _ = side.pages.mode.set(plan.mode);
         tracing::info!(%id, migration = %migration_id, peer = %peer.name, "moving");
         let conn = transport::connect(&net.endpoint, &net.identity, peer)
             .await
             .map_err(|e| {
-                api(
-                    ErrorKind::Unavailable,
-                    format!("cannot reach {}: {}", peer.name, chain(&e)),
-                )
+                let msg = format!("cannot reach {}: {}", peer.name, chain(&e));
+                side.done("rolled_back", None, Some(msg.clone()));
+                api(ErrorKind::Unavailable, msg)
             })?;
         fault::track(&conn);
+        let _ = side.pages.conn.set(conn.clone());
+        if plan.mode == super::modes::MoveMode::Lazy {
+            // The destination's lazy-pages daemon reaches our post-copy dump through here.
+            tokio::spawn(transport::tunnel::serve(
+                conn.clone(),
+                super::pages::resolve,
+            ));
+        }
         let machine = SourceMachine::new(prepare, Timeouts::default());
         let report = transport::run_source(&conn, machine, &side, &super::hello(self)).await;
         conn.close(0u32.into(), b"done");
         let report = report.map_err(|e| {
-            api(
-                ErrorKind::Unavailable,
-                format!("migration to {} failed to start: {}", peer.name, chain(&e)),
-            )
+            let msg = format!("migration to {} failed to start: {}", peer.name, chain(&e));
+            side.done("rolled_back", None, Some(msg.clone()));
+            api(ErrorKind::Unavailable, msg)
         })?;
+        match (&report.outcome, report.in_doubt) {
+            (_, true) => side.done("in_doubt", Some(&report), None),
+            (Some(Outcome::Committed { cleanup_error }), _) => {
+                side.done("committed", Some(&report), cleanup_error.clone())
+            }
+            (Some(Outcome::RolledBack { detail, .. }), _) => {
+                side.done("rolled_back", Some(&report), Some(detail.clone()))
+            }
+            (None, _) => side.done("rolled_back", Some(&report), None),
+        }
         let _ = std::fs::remove_dir_all(&side.work);
         if report.in_doubt {
             super::recover::spawn_resolver(self.clone(), id.to_owned());
@@ -519,12 +742,32 @@ impl Agent {
             Some(Outcome::Committed { cleanup_error }) => {
                 let t = report.timings;
                 tracing::info!(%id, downtime_ms = ms(t.downtime), total_ms = ms(t0.elapsed()), "moved");
+                let page_bytes = side
+                    .pages
+                    .tunnel_bytes
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                let postcopy = side
+                    .pages
+                    .postcopy
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take();
+                match plan.mode {
+                    super::modes::MoveMode::Stream => {
+                        super::modes::record_throughput(&peer.name, page_bytes, ms(t.dump))
+                    }
+                    _ => super::modes::record_throughput(
+                        &peer.name,
+                        report.bytes_sent,
+                        ms(t.transfer),
+                    ),
+                }
                 Ok(MoveResult {
                     id: id.to_owned(),
                     name: e.spec.name.clone(),
                     migration_id,
                     peer: peer.name.clone(),
-                    mode: "cold".into(),
+                    mode: plan.mode.as_str().into(),
                     downtime_ms: ms(t.downtime),
                     total_ms: ms(t0.elapsed()),
                     presync_ms: ms(t.presync),
@@ -532,7 +775,7 @@ impl Agent {
                     dump_ms: ms(t.dump),
                     transfer_ms: ms(t.transfer),
                     restore_ms: ms(t.restore),
-                    bytes_sent: report.bytes_sent,
+                    bytes_sent: report.bytes_sent + page_bytes,
                     files_sent: report.files_sent,
                     pid_map_before: {
                         let frozen = side.frozen_pids.lock().unwrap_or_else(|p| p.into_inner());
@@ -544,6 +787,13 @@ impl Agent {
                     },
                     pid_map: report.dest_pid_map,
                     cleanup_error,
+                    predicted_downtime_ms: Some(plan.predicted_ms),
+                    throughput_bytes_s: Some(plan.throughput),
+                    page_bytes,
+                    presync_upper_bytes: side.upper_sync.presync_bytes.load(Ordering::Relaxed),
+                    delta_bytes: side.upper_sync.delta_bytes.load(Ordering::Relaxed),
+                    postcopy_ms: postcopy.as_ref().map(|p| ms(p.0)),
+                    postcopy_error: postcopy.and_then(|p| p.1),
                 })
             }
             Some(Outcome::RolledBack {

@@ -100,6 +100,16 @@ pub trait DestHost: Send + Sync + 'static {
     /// The last journal state of a migration (for a Resolve on a new connection).
     fn load_journal(&self, migration_id: &str)
         -> impl Future<Output = Option<JournalState>> + Send;
+    /// Every file of `phase` arrived and was verified; the migration goes on when this returns
+    /// (an error aborts it). The presync's writable layer is unpacked here, while the container
+    /// still runs on the source.
+    fn files_received(
+        &self,
+        _migration_id: &str,
+        _phase: Phase,
+    ) -> impl Future<Output = Result<(), HostError>> + Send {
+        async { Ok(()) }
+    }
     /// Migration `migration_id` entered a phase or received bytes (see [`Progress`]); must not
     /// block.
     fn progress(&self, _migration_id: &str, _progress: Progress) {}
@@ -630,6 +640,7 @@ pub async fn run_dest<H: DestHost>(
                 }) => {
                     awaiting = Some((phase, files, bytes));
                     if let Some(i) = files_ready(&mut awaiting, &counts) {
+                        let i = after_files(host.as_ref(), &id, i).await;
                         machine.handle(i);
                     }
                 }
@@ -690,7 +701,7 @@ pub async fn run_dest<H: DestHost>(
                     c.0 += 1;
                     c.1 += bytes;
                     match files_ready(&mut awaiting, &counts) {
-                        Some(i) => i,
+                        Some(i) => after_files(host.as_ref(), machine.id(), i).await,
                         None => continue,
                     }
                 }
@@ -736,6 +747,20 @@ pub async fn run_dest<H: DestHost>(
         in_doubt: *machine.state() == crate::protocol::DestState::InDoubt,
         peer,
     })
+}
+
+/// Lets the host act on a complete phase ([`DestHost::files_received`]) before the machine
+/// hears of it.
+async fn after_files<H: DestHost>(host: &H, id: &str, input: DestInput) -> DestInput {
+    let DestInput::FilesReceived { phase } = input else {
+        return input;
+    };
+    match host.files_received(id, phase).await {
+        Ok(()) => input,
+        Err(e) => DestInput::ActionFailed {
+            detail: chain(e.as_ref()),
+        },
+    }
 }
 
 /// The input that ends an [`DestAction::AwaitFiles`] once enough files of its phase arrived.
