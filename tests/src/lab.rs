@@ -644,3 +644,48 @@ impl std::ops::Deref for DiskLab {
         &self.lab
     }
 }
+
+// ---- Modes (tests/tests/modes.rs) ----
+
+/// Like [`move_and_check`] with `mig move` options (`--mode stream`, `--max-downtime 500`...):
+/// checks PIDs, memory, counter and the source left clean, and that the move used `mode`.
+pub fn move_and_check_with(
+    lab: &Lab,
+    from: usize,
+    to: usize,
+    name: &str,
+    id: &str,
+    options: &[&str],
+    mode: &str,
+) -> Result<Value> {
+    running_on(lab, from, name)?;
+    let (count_before, _) = log_state(&lab.mig(from, &["logs", name]).stdout);
+    let peer = lab.hosts[to].name.clone();
+    let mut args = vec!["move", name, &peer, "--json"];
+    args.extend_from_slice(options);
+    let r = lab.mig_json(from, &args)?;
+    if r["mode"] != mode {
+        bail!("the move used mode {} instead of {mode}: {r}", r["mode"]);
+    }
+    if !r["predicted_downtime_ms"].is_u64() || !r["downtime_ms"].is_u64() {
+        bail!("move output lacks the prediction or the downtime: {r}");
+    }
+    eprintln!(
+        "moved ({mode}) {} -> {}: downtime {} ms (predicted {}), total {} ms, dump {} transfer {} restore {} ms, {} bytes ({} of pages through the tunnel), post-copy {} ms",
+        lab.hosts[from].name, peer, r["downtime_ms"], r["predicted_downtime_ms"], r["total_ms"],
+        r["dump_ms"], r["transfer_ms"], r["restore_ms"], r["bytes_sent"], r["page_bytes"], r["postcopy_ms"]
+    );
+    let after = running_on(lab, to, name)?;
+    assert_eq!(after["host"], peer.as_str());
+    let dumped = ns_pids(&r["pid_map_before"]);
+    assert_eq!(
+        dumped,
+        ns_pids(&r["pid_map"]),
+        "in-namespace PIDs changed: {r}"
+    );
+    assert!(dumped.contains(&1));
+    assert!(dumped.len() >= 3, "too few processes: {r}");
+    continues(lab, to, name, count_before)?;
+    nothing_left(lab, from, id)?;
+    Ok(r)
+}
