@@ -97,6 +97,7 @@ fn is_refusal(stderr: &str) -> bool {
         "invalid value",
         "not supported",
         "unsupported",
+        "lacks",
     ]
     .iter()
     .any(|w| s.contains(w))
@@ -241,6 +242,9 @@ mod tests {
     fn refusals_are_told_apart() {
         assert!(is_refusal("mig: error: unexpected argument '--mode' found"));
         assert!(is_refusal("mig: precopy refused: no dirty memory tracking"));
+        assert!(is_refusal(
+            "mig: --mode precopy needs soft-dirty memory tracking, which this kernel lacks"
+        ));
         assert!(!is_refusal("mig: move failed: restore failed"));
     }
 

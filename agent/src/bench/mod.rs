@@ -86,7 +86,7 @@ pub struct BenchMoveArgs {
     /// MiB the workload rewrites per second (its dirty rate).
     #[arg(long, default_value_t = 1)]
     pub dirty_mib: u64,
-    /// MiB sent by each raw throughput measurement (0: skip them).
+    /// MiB sent by each raw throughput measurement, each repeated 3 times (0: skip them).
     #[arg(long, default_value_t = 1024)]
     pub link_mib: u64,
 }
