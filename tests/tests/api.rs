@@ -420,3 +420,61 @@ fn remote_api_pinned_clients_async_move_and_events() -> Result<()> {
     mig_tests::lab::running_on(&lab, 1, "rem")?;
     Ok(())
 }
+
+#[test]
+fn rebalance_three_hosts_evens_memory() -> Result<()> {
+    if !is_root("rebalance_three_hosts_evens_memory") {
+        return Ok(());
+    }
+    let lab = Lab::up_n("apireb", 71, 3)?;
+    let names = ["rb1", "rb2", "rb3"];
+    for n in names {
+        lab.run_container(0, n, 3)?;
+    }
+    let dry = lab.mig_json(0, &["rebalance", "--lab", &lab.name, "--dry-run", "--json"])?;
+    ensure!(
+        dry["plan"].as_array().is_some_and(|p| !p.is_empty()),
+        "{dry}"
+    );
+    ensure!(dry["plan"][0]["from"] == "host-a", "{dry}");
+    let r = lab.mig_json(
+        0,
+        &[
+            "rebalance",
+            "--lab",
+            &lab.name,
+            "--max-moves",
+            "2",
+            "--max-concurrent",
+            "2",
+            "--json",
+        ],
+    )?;
+    eprintln!("rebalance: {r}");
+    let (before, after) = (
+        r["spread_before"].as_u64().context("spread_before")?,
+        r["spread_after"].as_u64().context("spread_after")?,
+    );
+    ensure!(after < before, "not more even: {r}");
+    ensure!(
+        r["outcomes"]
+            .as_array()
+            .is_some_and(|o| o.iter().all(|x| x == "committed")),
+        "{r}"
+    );
+    // Every container runs exactly once in the lab.
+    for n in names {
+        let mut found = 0;
+        for h in 0..3 {
+            let ps = lab.mig_json(h, &["ps", "--json"])?;
+            found += ps
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|c| c["name"] == n && c["state"] == "running")
+                .count();
+        }
+        ensure!(found == 1, "{n} runs {found} times");
+    }
+    Ok(())
+}

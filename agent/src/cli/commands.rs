@@ -353,7 +353,7 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
         Command::Completions { .. } | Command::Man => Ok(0),
         Command::Move(_) | Command::Peers(_) | Command::Lab(_) | Command::Bench(_) => Ok(0),
         Command::Events(_) | Command::Drain(_) => Ok(0),
-        Command::Clients(_) => Ok(0),
+        Command::Clients(_) | Command::Rebalance(_) => Ok(0),
     }
 }
 

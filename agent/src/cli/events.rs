@@ -109,6 +109,7 @@ pub(super) async fn dispatch(cli: &Cli) -> Result<Option<u8>, CliError> {
     match &cli.command {
         Command::Events(a) => run(cli, a).await.map(Some),
         Command::Clients(c) => clients(cli, c).await.map(Some),
+        Command::Rebalance(a) => super::rebalance::run(cli, a).await.map(Some),
         _ => Ok(None),
     }
 }

@@ -8,6 +8,7 @@ mod commands;
 mod drain;
 mod events;
 mod moves;
+mod rebalance;
 mod output;
 
 pub use commands::main;
@@ -156,6 +157,8 @@ pub enum Command {
     /// Manage the remote API clients an agent accepts, and this client's identity.
     #[command(subcommand)]
     Clients(events::ClientsCommand),
+    /// Even out memory use across hosts by moving containers (a reference rebalancer).
+    Rebalance(rebalance::RebalanceArgs),
     /// Follow the agent's events (container lifecycle, checkpoints, migration phases).
     Events(events::EventsArgs),
     /// Experiments: `mig bench move` measures moves against a baseline in its own lab.

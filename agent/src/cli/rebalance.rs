@@ -1,0 +1,419 @@
+//! `mig rebalance`: a reference rebalancer over the agent API. It reads every host's memory use
+//! (the sum of its running containers' cgroup memory), plans moves that even it out ([`plan`]),
+//! prints the plan (`--dry-run`) or carries it out with `move_start`/`move_status`, at most
+//! `--max-concurrent` moves at a time, and reports the spread before and after.
+
+use super::commands::{json, out, CliError};
+use super::Cli;
+use crate::client::Client;
+use clap::Args;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Arguments of `mig rebalance`.
+#[derive(Debug, Args)]
+pub struct RebalanceArgs {
+    /// The hosts to balance: lab host names or agent socket paths, comma-separated (default:
+    /// every host of the lab named by --lab or MIG_LAB).
+    #[arg(long, value_delimiter = ',', value_name = "HOSTS")]
+    pub hosts: Vec<String>,
+    /// The lab whose hosts to balance.
+    #[arg(long, value_name = "NAME")]
+    pub lab: Option<String>,
+    /// At most this many moves.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    pub max_moves: usize,
+    /// At most this many moves at the same time (never two from or to one host).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub max_concurrent: usize,
+    /// Print the plan and do nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The pure planner: no I/O, unit-tested.
+pub mod plan {
+    use serde::Serialize;
+
+    /// One host's running containers and their memory.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+    pub struct HostLoad {
+        pub host: String,
+        /// (container name, memory bytes)
+        pub containers: Vec<(String, u64)>,
+    }
+
+    impl HostLoad {
+        pub fn total(&self) -> u64 {
+            self.containers.iter().map(|(_, m)| m).sum()
+        }
+    }
+
+    /// One planned move.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+    pub struct Move {
+        pub container: String,
+        pub from: String,
+        pub to: String,
+        pub memory_bytes: u64,
+        /// Moves of the same wave run at the same time.
+        pub wave: usize,
+    }
+
+    /// The largest minus the smallest host load.
+    pub fn spread(hosts: &[HostLoad]) -> u64 {
+        let loads = hosts.iter().map(HostLoad::total);
+        let (min, max) = loads.fold((u64::MAX, 0), |(a, b), l| (a.min(l), b.max(l)));
+        max.saturating_sub(min.min(max))
+    }
+
+    /// Greedy: while moves remain, take the most and the least loaded hosts (largest spread
+    /// first) and move the container of the first that best narrows their gap (one that is
+    /// smaller than the gap, closest to half of it). A container moves at most once. Moves are
+    /// grouped in waves of at most `max_concurrent`, none sharing a host.
+    pub fn plan(hosts: &[HostLoad], max_moves: usize, max_concurrent: usize) -> Vec<Move> {
+        let mut hosts = hosts.to_vec();
+        let mut moves: Vec<Move> = Vec::new();
+        let mut moved: Vec<String> = Vec::new();
+        while moves.len() < max_moves && hosts.len() >= 2 {
+            let (mut hi, mut lo) = (0, 0);
+            for (i, h) in hosts.iter().enumerate() {
+                if h.total() > hosts[hi].total() {
+                    hi = i;
+                }
+                if h.total() < hosts[lo].total() {
+                    lo = i;
+                }
+            }
+            let gap = hosts[hi].total() - hosts[lo].total();
+            let best = hosts[hi]
+                .containers
+                .iter()
+                .enumerate()
+                .filter(|(_, (n, m))| *m > 0 && *m < gap && !moved.contains(n))
+                .min_by_key(|(_, (_, m))| (gap / 2).abs_diff(*m))
+                .map(|(i, _)| i);
+            let Some(ci) = best else { break };
+            let (name, mem) = hosts[hi].containers.remove(ci);
+            hosts[lo].containers.push((name.clone(), mem));
+            moved.push(name.clone());
+            moves.push(Move {
+                container: name,
+                from: hosts[hi].host.clone(),
+                to: hosts[lo].host.clone(),
+                memory_bytes: mem,
+                wave: 0,
+            });
+        }
+        // Waves: in order, each move joins the first wave after its predecessors' that has room
+        // and does not touch its hosts.
+        let max_concurrent = max_concurrent.max(1);
+        let mut waves: Vec<Vec<usize>> = Vec::new();
+        for i in 0..moves.len() {
+            let m = &moves[i];
+            let mut w = 0;
+            loop {
+                if w == waves.len() {
+                    waves.push(Vec::new());
+                }
+                let busy = waves[w].iter().any(|&j| {
+                    let o = &moves[j];
+                    o.from == m.from || o.from == m.to || o.to == m.from || o.to == m.to
+                });
+                // A later move may depend on an earlier one's result on the same hosts: keep
+                // order by never placing it before a wave that uses its hosts.
+                if !busy
+                    && waves[w].len() < max_concurrent
+                    && !waves[w + 1..].iter().flatten().any(|&j| {
+                        let o = &moves[j];
+                        o.from == m.from || o.from == m.to || o.to == m.from || o.to == m.to
+                    })
+                {
+                    break;
+                }
+                w += 1;
+            }
+            waves[w].push(i);
+        }
+        for (w, ids) in waves.iter().enumerate() {
+            for &i in ids {
+                moves[i].wave = w;
+            }
+        }
+        moves.sort_by_key(|m| m.wave);
+        moves
+    }
+
+    /// The loads after `moves`.
+    pub fn apply(hosts: &[HostLoad], moves: &[Move]) -> Vec<HostLoad> {
+        let mut hosts = hosts.to_vec();
+        for m in moves {
+            let Some(fi) = hosts.iter().position(|h| h.host == m.from) else {
+                continue;
+            };
+            let Some(ci) = hosts[fi]
+                .containers
+                .iter()
+                .position(|(n, _)| *n == m.container)
+            else {
+                continue;
+            };
+            let c = hosts[fi].containers.remove(ci);
+            if let Some(t) = hosts.iter_mut().find(|h| h.host == m.to) {
+                t.containers.push(c);
+            }
+        }
+        hosts
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn h(name: &str, cs: &[u64]) -> HostLoad {
+            HostLoad {
+                host: name.into(),
+                containers: cs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, m)| (format!("{name}-{i}"), *m))
+                    .collect(),
+            }
+        }
+
+        #[test]
+        fn evens_out_uneven_load() {
+            let hosts = vec![h("a", &[100, 100, 100, 100]), h("b", &[]), h("c", &[50])];
+            assert_eq!(spread(&hosts), 400);
+            let p = plan(&hosts, 10, 1);
+            let after = apply(&hosts, &p);
+            assert!(spread(&after) <= 100, "{p:?} {after:?}");
+            assert!(p.iter().all(|m| m.from == "a"));
+            // One move per wave when max_concurrent is 1.
+            for (i, m) in p.iter().enumerate() {
+                assert_eq!(m.wave, i);
+            }
+            // Every container still exists exactly once.
+            let n: usize = after.iter().map(|h| h.containers.len()).sum();
+            assert_eq!(n, 5);
+        }
+
+        #[test]
+        fn bounded_and_stable() {
+            let hosts = vec![h("a", &[100, 100, 100, 100]), h("b", &[]), h("c", &[])];
+            assert_eq!(plan(&hosts, 1, 1).len(), 1);
+            assert!(plan(&hosts, 0, 1).is_empty());
+            // Already even: nothing to do; a single big container is never bounced around.
+            assert!(plan(&[h("a", &[100]), h("b", &[100])], 5, 1).is_empty());
+            assert!(plan(&[h("a", &[300]), h("b", &[0])], 5, 1).is_empty());
+            assert!(plan(&[h("a", &[100])], 5, 1).is_empty());
+        }
+
+        #[test]
+        fn waves_do_not_share_hosts() {
+            let hosts = vec![
+                h("a", &[100, 100]),
+                h("b", &[100, 100]),
+                h("c", &[]),
+                h("d", &[]),
+            ];
+            let p = plan(&hosts, 2, 2);
+            assert_eq!(p.len(), 2);
+            assert_eq!(p[0].wave, 0);
+            assert_eq!(p[1].wave, 0, "{p:?}");
+            let p1 = plan(&hosts, 2, 1);
+            assert_eq!(p1[1].wave, 1);
+        }
+    }
+}
+
+/// One host the rebalancer talks to.
+#[derive(Debug, Clone)]
+struct Target {
+    /// The agent's name (from `info`).
+    name: String,
+    socket: PathBuf,
+    fingerprint: Option<String>,
+}
+
+/// What `--json` prints.
+#[derive(Debug, Serialize)]
+struct Report {
+    before: BTreeMap<String, u64>,
+    spread_before: u64,
+    plan: Vec<plan::Move>,
+    dry_run: bool,
+    /// Per move: `committed` or the error.
+    outcomes: Vec<String>,
+    after: BTreeMap<String, u64>,
+    spread_after: u64,
+}
+
+fn resolve_targets(cli: &Cli, a: &RebalanceArgs) -> Result<Vec<PathBuf>, CliError> {
+    let lab = a.lab.clone().unwrap_or_else(crate::lab::lab_name_from_env);
+    let lab_err = |e| CliError::Lab(Box::new(e));
+    if a.hosts.is_empty() {
+        let _ = cli;
+        return Ok(crate::lab::status(&lab)
+            .map_err(lab_err)?
+            .into_iter()
+            .map(|h| h.socket)
+            .collect());
+    }
+    a.hosts
+        .iter()
+        .map(|h| {
+            if h.starts_with('/') {
+                Ok(PathBuf::from(h))
+            } else {
+                crate::lab::find_host(&lab, h)
+                    .map(|h| h.socket)
+                    .map_err(lab_err)
+            }
+        })
+        .collect()
+}
+
+async fn loads(targets: &[Target]) -> Result<Vec<plan::HostLoad>, CliError> {
+    let mut out = Vec::new();
+    for t in targets {
+        let mut c = Client::connect(&t.socket).await?;
+        let containers = c
+            .list(false)
+            .await?
+            .into_iter()
+            .filter(|c| c.state == crate::api::ContainerState::Running)
+            .map(|c| (c.name, c.usage.map(|u| u.memory_bytes).unwrap_or(0)))
+            .collect();
+        out.push(plan::HostLoad {
+            host: t.name.clone(),
+            containers,
+        });
+    }
+    Ok(out)
+}
+
+/// Runs one move: on the source, to the pinned peer whose fingerprint is the destination's.
+async fn run_move(from: &Target, to: &Target, m: &plan::Move) -> Result<(), CliError> {
+    let mut c = Client::connect(&from.socket).await?;
+    let peer = match &to.fingerprint {
+        Some(fp) => c
+            .peer_list()
+            .await?
+            .into_iter()
+            .find(|p| &p.fingerprint == fp)
+            .map(|p| p.name)
+            .unwrap_or_else(|| to.name.clone()),
+        None => to.name.clone(),
+    };
+    let id = c.move_start(&m.container, &peer).await?;
+    let s = c.move_wait(&id, Duration::from_millis(200)).await?;
+    match s.error {
+        None => Ok(()),
+        Some(e) => Err(CliError::Client(crate::client::ClientError::Api(e))),
+    }
+}
+
+/// `mig rebalance`.
+pub(super) async fn run(cli: &Cli, a: &RebalanceArgs) -> Result<u8, CliError> {
+    let mut targets = Vec::new();
+    for socket in resolve_targets(cli, a)? {
+        let mut c = Client::connect(&socket).await?;
+        let name = c.info().await?.name;
+        let fingerprint = c.identity().await.ok().map(|i| i.fingerprint);
+        targets.push(Target {
+            name,
+            socket,
+            fingerprint,
+        });
+    }
+    let before = loads(&targets).await?;
+    let moves = plan::plan(&before, a.max_moves, a.max_concurrent);
+    let by_name = |n: &str| targets.iter().find(|t| t.name == n).cloned();
+    let mut outcomes = Vec::new();
+    if !a.dry_run {
+        let waves = moves.iter().map(|m| m.wave).max().map_or(0, |w| w + 1);
+        for w in 0..waves {
+            let wave: Vec<&plan::Move> = moves.iter().filter(|m| m.wave == w).collect();
+            let runs = wave.iter().map(|m| {
+                let (from, to) = (by_name(&m.from), by_name(&m.to));
+                async move {
+                    match (from, to) {
+                        (Some(f), Some(t)) => run_move(&f, &t, m).await,
+                        _ => Ok(()),
+                    }
+                }
+            });
+            for (m, r) in wave.iter().zip(futures::future::join_all(runs).await) {
+                let o = match r {
+                    Ok(()) => "committed".to_owned(),
+                    Err(e) => format!("failed: {e}"),
+                };
+                if !a.json {
+                    out(&format!(
+                        "moved {} {} -> {}: {o}\n",
+                        m.container, m.from, m.to
+                    ))?;
+                }
+                outcomes.push(o);
+            }
+        }
+    }
+    let after = if a.dry_run {
+        plan::apply(&before, &moves)
+    } else {
+        loads(&targets).await?
+    };
+    let total = |h: &[plan::HostLoad]| -> BTreeMap<String, u64> {
+        h.iter().map(|h| (h.host.clone(), h.total())).collect()
+    };
+    let report = Report {
+        before: total(&before),
+        spread_before: plan::spread(&before),
+        plan: moves,
+        dry_run: a.dry_run,
+        outcomes,
+        after: total(&after),
+        spread_after: plan::spread(&after),
+    };
+    if a.json {
+        json(&report)?;
+    } else {
+        let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1 << 20) as f64);
+        let mut s = String::new();
+        for (h, b) in &report.before {
+            s.push_str(&format!("{h}: {}\n", mib(*b)));
+        }
+        if a.dry_run {
+            for m in &report.plan {
+                s.push_str(&format!(
+                    "plan (wave {}): move {} {} -> {} ({})\n",
+                    m.wave,
+                    m.container,
+                    m.from,
+                    m.to,
+                    mib(m.memory_bytes)
+                ));
+            }
+        }
+        s.push_str(&format!(
+            "spread {} -> {}{}\n",
+            mib(report.spread_before),
+            mib(report.spread_after),
+            if a.dry_run { " (planned)" } else { "" }
+        ));
+        out(&s)?;
+    }
+    let failed = report.outcomes.iter().filter(|o| *o != "committed").count();
+    if failed > 0 {
+        return Err(CliError::Partial {
+            failed,
+            total: report.outcomes.len(),
+        });
+    }
+    Ok(0)
+}
