@@ -21,6 +21,15 @@ fn main() {
     let (ppid, uid) = unsafe { (libc::getppid(), libc::getuid()) };
     out.push(("ppid", Json::Int(ppid as i64)));
     out.push(("uid", Json::Int(uid as i64)));
+    // The user-namespace maps as seen from inside ("0 0 4294967295" without a user namespace).
+    for (key, file) in [
+        ("uid_map", "/proc/self/uid_map"),
+        ("gid_map", "/proc/self/gid_map"),
+    ] {
+        let map = std::fs::read_to_string(file).unwrap_or_default();
+        let words: Vec<&str> = map.split_whitespace().collect();
+        out.push((key, Json::Str(words.join(" "))));
+    }
     out.push(("status", status_fields()));
     out.push(("syscalls", syscalls::probe_all()));
     out.push(("masked", masked()));

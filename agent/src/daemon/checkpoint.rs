@@ -196,6 +196,8 @@ impl Agent {
             leave_running,
             tcp_established,
             log_file: "dump.log".into(),
+            // A user-namespace container's host binds (devices, masked files).
+            external: mig_runtime::container::dump_externals(&e.spec),
             ..Default::default()
         });
         let dump_ms = ms(td.elapsed());
@@ -366,6 +368,24 @@ impl Agent {
                     ErrorKind::AlreadyExists,
                     format!("the name {} is already in use (use --name)", spec.name),
                 ));
+            }
+            // The checkpoint restores with its dumped user-namespace maps: the range must be free.
+            let used = map.values().filter_map(|e| e.spec.userns.as_ref());
+            if let Some(m) = spec.userns {
+                if let Some(u) = mig_runtime::container::userns::clash(&m, used) {
+                    drop(map);
+                    let _ = std::fs::remove_dir_all(&tmp);
+                    return Err(ApiError::new(
+                        ErrorKind::Conflict,
+                        format!(
+                            "the checkpoint's user-namespace host ids {}-{} overlap a container's here ({}-{})",
+                            m.host_id,
+                            u64::from(m.host_id) + u64::from(m.size) - 1,
+                            u.host_id,
+                            u64::from(u.host_id) + u64::from(u.size) - 1
+                        ),
+                    ));
+                }
             }
             let state = StateRecord {
                 state: ContainerState::Checkpointed,

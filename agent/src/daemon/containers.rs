@@ -25,10 +25,11 @@ use tokio::process::{Child, Command};
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long to wait for a killed container's shim to clean up and exit.
 const KILL_GRACE: Duration = Duration::from_secs(15);
-/// The host id range of containers run with `--userns`.
+/// The host id range a `--userns` spec is validated with; the container's own range is allocated
+/// when it is recorded (`mig_runtime::container::userns`).
 const USERNS_MAP: IdMap = IdMap {
-    host_id: 100_000,
-    size: 65_536,
+    host_id: mig_runtime::container::userns::BASE,
+    size: mig_runtime::container::userns::SIZE,
 };
 const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -305,7 +306,7 @@ impl Agent {
             None => parse_user(&cfg.user),
         };
         let net = self.allocate_net(&id, &req)?;
-        let spec = ContainerSpec {
+        let mut spec = ContainerSpec {
             id: id.clone(),
             name: name.clone(),
             image: ImageRef {
@@ -356,6 +357,22 @@ impl Agent {
                     ErrorKind::AlreadyExists,
                     format!("the name {name} is already in use"),
                 ));
+            }
+            if spec.userns.is_some() {
+                // A host id range of its own, free among this host's containers (recorded in
+                // the spec, kept across moves).
+                let used = map.values().filter_map(|e| e.spec.userns.as_ref());
+                match mig_runtime::container::userns::allocate(&id, used) {
+                    Some(m) => spec.userns = Some(m),
+                    None => {
+                        drop(map);
+                        self.release_net(&spec);
+                        return Err(ApiError::new(
+                            ErrorKind::Unavailable,
+                            "no free user-namespace id range",
+                        ));
+                    }
+                }
             }
             map.insert(
                 id.clone(),

@@ -188,6 +188,7 @@ fn prepare(
             &cgroup,
             log_write.as_raw_fd(),
             m.stdio_pipe.as_deref(),
+            &m.spec,
         )?,
     };
     drop(log_write);
@@ -220,6 +221,7 @@ fn restore(
     cgroup: &Cgroup,
     log_write: std::os::fd::RawFd,
     stdio_pipe: Option<&str>,
+    dumped: &ContainerSpec,
 ) -> Result<i32, (Stage, String)> {
     let criu = Criu::locate().map_err(|e| (Stage::Restore, chain(&e)))?;
     let pidfile = cd.dir.join("restore.pid");
@@ -235,6 +237,8 @@ fn restore(
             log_file: "restore.log".into(),
             // Outside the image set, which must verify again for the next restore.
             pidfile,
+            // A user-namespace container's host binds (devices, masked files), as dumped.
+            external: container::restore_externals(dumped),
             ..Default::default()
         })
         .map_err(|e| (Stage::Restore, chain(&e)))?;

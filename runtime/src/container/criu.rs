@@ -61,6 +61,23 @@ pub fn external_mounts(spec: &ContainerSpec) -> Vec<ExternalMount> {
     devices.chain(masked).collect()
 }
 
+/// The `--external` values of `criu dump` for a container made from `spec` (none without a user
+/// namespace).
+pub fn dump_externals(spec: &ContainerSpec) -> Vec<String> {
+    external_mounts(spec)
+        .iter()
+        .map(ExternalMount::dump_arg)
+        .collect()
+}
+
+/// The `--external` values of `criu restore` for a checkpoint dumped from `spec`.
+pub fn restore_externals(spec: &ContainerSpec) -> Vec<String> {
+    external_mounts(spec)
+        .iter()
+        .map(ExternalMount::restore_arg)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

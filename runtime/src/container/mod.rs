@@ -6,6 +6,7 @@
 //! - [`spawn`]: clone of the init in new namespaces; the child side is in `init`;
 //! - [`exec`]: a command inside a running container;
 //! - [`external_mounts`]: what a CRIU driver must declare for a user-namespace container;
+//! - [`userns`]: the host id range of each user-namespace container;
 //! - `security`: ids, capabilities, no_new_privs, the seccomp filter;
 //! - `channel`: typed parent/child messages; `sys`: the raw system calls (all `unsafe` is there).
 //!
@@ -20,9 +21,10 @@ mod rootfs;
 mod security;
 mod spawn;
 mod sys;
+pub mod userns;
 
 pub use channel::Step;
-pub use criu::{external_mounts, ExternalMount};
+pub use criu::{dump_externals, external_mounts, restore_externals, ExternalMount};
 pub use exec::exec;
 pub use init::DEFAULT_PATH;
 pub use rootfs::{mount_rootfs, unmount_rootfs};
