@@ -227,6 +227,9 @@ fn api_frames_and_requests() {
         Request::Move {
             container: "web".into(),
             peer: "host-b".into(),
+            tcp_established: false,
+            mode: None,
+            max_downtime_ms: None,
         },
         Request::PeerAdd {
             name: "host-b".into(),

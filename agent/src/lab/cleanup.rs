@@ -225,6 +225,10 @@ pub(crate) fn teardown(file: &LabFile, lab_file: &Path) -> DownReport {
             remove(&file.root_dir.join(format!("{host}.{ext}")), false, &mut r);
         }
     }
+    // The lab's container address table (see `container_net`).
+    for f in ["addresses.json", "addresses.lock"] {
+        remove(&file.root_dir.join(f), false, &mut r);
+    }
     for dir in [&file.root_dir, &file.state_root] {
         match std::fs::remove_dir(dir) {
             Ok(()) => r.paths_removed.push(dir.clone()),

@@ -4,8 +4,16 @@
 //! ```text
 //!   netns <lab>-host-a          netns <lab>-sw                  netns <lab>-host-b
 //!   eth0 10.78.0.10/24 ==veth== host-a ─┐                ┌─ host-b ==veth== eth0 10.78.0.11/24
-//!   migd --name host-a                  └──── br0 ───────┘                  migd --name host-b
+//!   migd --name host-a                  ├── br0 .1/24 ───┤                  migd --name host-b
+//!   migbr0 ─ migup0 ========veth== c-host-a        c-host-b ==veth== migup0 ─ migbr0
+//!     └─ mv<id> ==veth== eth0 of a `--net bridge` container (10.78.0.100-250/24)
 //! ```
+//!
+//! Container networking: each host has a bridge `migbr0` joined to the switch by its own veth, so
+//! every host's containers share one L2 segment with the hosts; container addresses come from the
+//! lab's /24 (`.100`-`.250`, one address table for the lab, see [`CONTAINER_POOL`]) and their
+//! default route is the switch bridge's `.1`. Each agent finds this in `<state-dir>/net.json`
+//! (docs/networking.md).
 //!
 //! Agents join only the host's *network* namespace: their mounts stay visible on the machine, so
 //! containers and CRIU behave as on a real host. Everything is recorded in the lab file (see
@@ -40,6 +48,9 @@ pub const LAB_ENV: &str = "MIG_LAB";
 pub const MAX_HOSTS: usize = 26;
 /// How long [`up`] and [`restart_agent`] wait for an agent's socket to appear.
 pub const AGENT_START_TIMEOUT: Duration = Duration::from_secs(15);
+/// Last octets of the container address pool in the lab's /24, and of the containers' gateway.
+pub const CONTAINER_POOL: (u8, u8) = (100, 250);
+pub const CONTAINER_GATEWAY: u8 = 1;
 /// Largest lab file read back.
 const LAB_FILE_MAX: u64 = 1 << 20;
 
@@ -260,6 +271,14 @@ pub enum LabError {
         #[source]
         source: mig_migrate::transport::PeerError,
     },
+    #[error("invalid lab subnet {subnet:?}")]
+    InvalidSubnet { subnet: String },
+    #[error("cannot write the container network of {host}")]
+    WriteHostNet {
+        host: String,
+        #[source]
+        source: mig_runtime::net::NetError,
+    },
     #[error("lab up failed and was rolled back{}", rollback_summary(rollback))]
     UpRolledBack {
         #[source]
@@ -447,11 +466,28 @@ fn build(file: &mut LabFile) -> Result<(), LabError> {
     create_dir(&file.root_dir)?;
     create_dir(&file.state_root)?;
     net::create_switch(&file.switch_netns, &file.bridge)?;
+    let host_net = container_net(file)?;
+    net::set_gateway(
+        &file.switch_netns,
+        &file.bridge,
+        &format!(
+            "{}/{}",
+            host_net.gateway.unwrap_or(host_net.subnet),
+            host_net.prefix_len
+        ),
+    )?;
     for host in &file.hosts {
         net::create_host(host, &file.switch_netns, &file.bridge)?;
+        net::create_container_bridge(host, &file.switch_netns, &file.bridge)?;
     }
     for host in &file.hosts {
         create_dir(&host.state_dir)?;
+        host_net
+            .store(&host.state_dir)
+            .map_err(|e| LabError::WriteHostNet {
+                host: host.name.clone(),
+                source: e,
+            })?;
     }
     peers::prepare(&mut file.hosts)?;
     for i in 0..file.hosts.len() {
@@ -471,6 +507,30 @@ fn build(file: &mut LabFile) -> Result<(), LabError> {
     }
     file.phase = LabPhase::Up;
     write_lab_file(file)
+}
+
+/// The container network of the lab's hosts: the lab's /24, the pool [`CONTAINER_POOL`], the
+/// gateway on the switch bridge, one address table in the lab's run directory.
+fn container_net(file: &LabFile) -> Result<mig_runtime::net::HostNet, LabError> {
+    let base: Ipv4Addr = file
+        .subnet
+        .split('/')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(|| LabError::InvalidSubnet {
+            subnet: file.subnet.clone(),
+        })?;
+    let [a, b, c, _] = base.octets();
+    Ok(mig_runtime::net::HostNet {
+        bridge: mig_runtime::net::DEFAULT_BRIDGE.to_string(),
+        subnet: base,
+        prefix_len: 24,
+        gateway: Some(Ipv4Addr::new(a, b, c, CONTAINER_GATEWAY)),
+        first: Ipv4Addr::new(a, b, c, CONTAINER_POOL.0),
+        last: Ipv4Addr::new(a, b, c, CONTAINER_POOL.1),
+        table: file.root_dir.join("addresses.json"),
+        dns: Vec::new(),
+    })
 }
 
 /// The hosts of lab `name` from its lab file, with `agent_pid` cleared for agents no longer running
@@ -606,6 +666,10 @@ mod tests {
         let names: Vec<_> = f.hosts.iter().map(|h| h.name.as_str()).collect();
         assert_eq!(names, ["host-a", "host-b", "host-c"]);
         assert_eq!(f.hosts[1].address, Ipv4Addr::new(10, 78, 0, 11));
+        let n = container_net(&f).unwrap();
+        assert_eq!(n.gateway, Some(Ipv4Addr::new(10, 78, 0, 1)));
+        assert_eq!(n.first, Ipv4Addr::new(10, 78, 0, 100));
+        assert_eq!(n.table, Path::new("/run/mig/lab/t1/addresses.json"));
         assert_eq!(f.hosts[2].netns, "t1-host-c");
         assert_eq!(f.hosts[0].socket, Path::new("/run/mig/lab/t1/host-a.sock"));
         assert_eq!(

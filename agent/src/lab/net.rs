@@ -116,6 +116,50 @@ pub(crate) fn create_host(host: &LabHost, switch: &str, bridge: &str) -> Result<
     ip(&["-n", ns, "link", "set", "eth0", "up"])
 }
 
+/// Name of the host end of a host's container uplink (its bridge's link to the switch).
+const UPLINK: &str = "migup0";
+
+/// Gives the host a container bridge ([`mig_runtime::net::DEFAULT_BRIDGE`]) joined to the switch by
+/// a second veth (`migup0` in the host, `c-<host>` in the switch's bridge): the containers of every
+/// host then share the switch's L2 segment, and a container's address is reachable on whichever
+/// host runs it. The host's own `eth0` and address are untouched.
+pub(crate) fn create_container_bridge(
+    host: &LabHost,
+    switch: &str,
+    switch_bridge: &str,
+) -> Result<(), LabError> {
+    let ns = host.netns.as_str();
+    let bridge = mig_runtime::net::DEFAULT_BRIDGE;
+    ip(&[
+        "-n",
+        ns,
+        "link",
+        "add",
+        bridge,
+        "type",
+        "bridge",
+        "stp_state",
+        "0",
+        "forward_delay",
+        "0",
+    ])?;
+    let port = format!("c-{}", host.name);
+    ip(&[
+        "link", "add", UPLINK, "netns", ns, "type", "veth", "peer", "name", &port, "netns", switch,
+    ])?;
+    ip(&["-n", switch, "link", "set", &port, "master", switch_bridge])?;
+    ip(&["-n", switch, "link", "set", &port, "up"])?;
+    ip(&["-n", ns, "link", "set", UPLINK, "master", bridge])?;
+    ip(&["-n", ns, "link", "set", UPLINK, "up"])?;
+    ip(&["-n", ns, "link", "set", bridge, "up"])
+}
+
+/// Puts the containers' gateway address on the switch's bridge (the one place every host's
+/// containers reach, wherever they run).
+pub(crate) fn set_gateway(switch: &str, bridge: &str, cidr: &str) -> Result<(), LabError> {
+    ip(&["-n", switch, "addr", "add", cidr, "dev", bridge])
+}
+
 /// Deletes named namespace `ns` (its veth ends go with it). Not an error when it is already gone.
 pub(crate) fn delete_netns(ns: &str) -> Result<bool, LabError> {
     if !netns_path(ns).exists() {

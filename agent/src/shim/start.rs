@@ -188,7 +188,7 @@ fn prepare(
             &cgroup,
             log_write.as_raw_fd(),
             m.stdio_pipe.as_deref(),
-            &m.spec,
+            spec.net.as_ref(),
         )?,
     };
     drop(log_write);
@@ -212,6 +212,12 @@ fn prepare(
     })
 }
 
+/// The work directory of a waiting `criu lazy-pages` daemon for this container, if any.
+fn lazy_socket(cd: &ContainerDir) -> Option<std::path::PathBuf> {
+    let dir = cd.dir.join(crate::migration::pages::LAZY_DIR);
+    dir.join("lazy-pages.socket").exists().then_some(dir)
+}
+
 /// Restores the checkpoint with `criu restore -d`: the restored tasks are born in the cgroup, the
 /// init's output pipe is replaced by our log pipe (inherit-fd), and the restored init is
 /// re-parented to this shim (a child subreaper) when CRIU exits.
@@ -221,9 +227,12 @@ fn restore(
     cgroup: &Cgroup,
     log_write: std::os::fd::RawFd,
     stdio_pipe: Option<&str>,
-    dumped: &ContainerSpec,
+    net: Option<&mig_runtime::net::NetSpec>,
 ) -> Result<i32, (Stage, String)> {
     let criu = Criu::locate().map_err(|e| (Stage::Restore, chain(&e)))?;
+    if let Some(n) = net {
+        mig_runtime::net::before_restore(n).map_err(|e| (Stage::Restore, chain(&e)))?;
+    }
     let pidfile = cd.dir.join("restore.pid");
     let _ = std::fs::remove_file(&pidfile);
     let outcome = criu
@@ -237,11 +246,26 @@ fn restore(
             log_file: "restore.log".into(),
             // Outside the image set, which must verify again for the next restore.
             pidfile,
-            // A user-namespace container's host binds (devices, masked files), as dumped.
-            external: container::restore_externals(dumped),
+            // CRIU recreates the veth: eth0 inside, the recorded host end in the bridge.
+            external: net
+                .map(|n| vec![mig_runtime::net::criu_restore_external(n)])
+                .unwrap_or_default(),
+            // Connections dumped with --tcp-established need it again (docs/networking.md).
+            tcp_established: mig_runtime::net::images_have_tcp(&cd.checkpoint()),
+            // Post-copy (`mig move --mode lazy`): the agent started `criu lazy-pages` with its
+            // socket there; memory then comes from it (agent/src/migration/pages.rs).
+            lazy_pages: lazy_socket(cd).is_some(),
+            work_dir: lazy_socket(cd),
             ..Default::default()
         })
         .map_err(|e| (Stage::Restore, chain(&e)))?;
+    if let Some(n) = net {
+        // The host end up in the bridge, and a gratuitous ARP so the segment learns the move.
+        if let Err(e) = mig_runtime::net::after_restore(outcome.pid, n) {
+            let _ = nix::sys::signal::kill(Pid::from_raw(outcome.pid), Signal::SIGKILL);
+            return Err((Stage::Restore, chain(&e)));
+        }
+    }
     Ok(outcome.pid)
 }
 

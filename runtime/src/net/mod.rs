@@ -286,13 +286,22 @@ pub fn attach(pid: i32, net: &NetSpec) -> Result<(), NetError> {
     ip_batch_in(pid, &batch)
 }
 
-/// Brings the host end of the container's veth up or down. Down while a frozen copy waits for a
-/// move's outcome: nothing reaches its sockets (no ACK, no RST) while the copy on the destination
-/// owns the connections; up again when the move rolls back.
-pub fn set_host_link(net: &NetSpec, up: bool) -> Result<(), NetError> {
+/// Connects the host end of the container's veth to the bridge, or takes it out. Out while a
+/// frozen copy waits for a move's outcome: nothing from the segment reaches its sockets (no ACK,
+/// no RST) and nothing of theirs reaches the segment while the copy on the destination owns the
+/// address; back in when the move rolls back. The link itself stays up: CRIU would dump the
+/// container's routes as `linkdown`, which `ip route restore` refuses.
+pub fn set_host_link(net: &NetSpec, connected: bool) -> Result<(), NetError> {
     net.validate()?;
-    let state = if up { "up" } else { "down" };
-    run("ip", &["link", "set", &net.host_ifname, state], None)
+    if connected {
+        run(
+            "ip",
+            &["link", "set", &net.host_ifname, "master", &net.bridge],
+            None,
+        )
+    } else {
+        run("ip", &["link", "set", &net.host_ifname, "nomaster"], None)
+    }
 }
 
 /// The `criu restore --external` value that recreates the pair: `eth0` inside, the host end by
@@ -302,6 +311,20 @@ pub fn criu_restore_external(net: &NetSpec) -> String {
         "veth[{CONTAINER_IFNAME}]:{}@{}",
         net.host_ifname, net.bridge
     )
+}
+
+/// Before CRIU restores the container: removes a host end of the same name left in this
+/// namespace. It belongs to an earlier copy of this container whose network namespace is still
+/// being torn down by the kernel (a move back to a host it just left), and CRIU could not create
+/// the pair while it exists. The name holds the container id, which the restoring agent has
+/// checked is not running here.
+pub fn before_restore(net: &NetSpec) -> Result<(), NetError> {
+    net.validate()?;
+    // `ip`, not /sys/class/net: sysfs shows the namespace it was mounted in, not ours.
+    if run("ip", &["link", "show", &net.host_ifname], None).is_ok() {
+        run("ip", &["link", "del", &net.host_ifname], None)?;
+    }
+    Ok(())
 }
 
 /// After CRIU restored the container (`pid` is its init): the host end joins the bridge and comes
