@@ -18,9 +18,9 @@ fn move_there_and_back() -> Result<()> {
         return Ok(());
     }
     let lab = Lab::up("h", 1)?;
-    // Two processes with 30 MB of random bytes each, held as base64 by busybox sh (with its
-    // copies the dump holds about 170 MB).
-    let id = lab.run_container(0, "mover", 30)?;
+    // Two processes with 55 MB of random bytes each, held as base64 by busybox sh (with its
+    // copies the dump holds about 300 MB).
+    let id = lab.run_container(0, "mover", 55)?;
     move_and_check(&lab, 0, 1, "mover", &id)?;
     move_and_check(&lab, 1, 0, "mover", &id)?;
     Ok(())
