@@ -380,7 +380,7 @@ fn agent_alive(pid: i32) -> bool {
 pub struct Usage {
     /// The agent's PID (fds are only comparable for the same process).
     pub agent_pid: Option<i32>,
-    /// Open descriptors of the agent (`/proc/PID/fd`).
+    /// Open descriptors of the agent (`/proc/PID/fd`), pidfds aside.
     pub fds: usize,
     /// Mounts under the agent's state directory.
     pub mounts: usize,
@@ -394,6 +394,8 @@ pub struct Usage {
     /// Temporary files and work directories under the state directory (`*.tmp*`, staging `*.in`,
     /// `containers/*/migration`).
     pub temp_files: usize,
+    /// For messages: the processes (`pid comm`) and the descriptors' targets.
+    pub detail: Vec<String>,
 }
 
 impl std::fmt::Display for Usage {
@@ -488,9 +490,18 @@ fn temp_files(state_dir: &Path) -> usize {
 pub fn usage(lab: &Lab, host: usize) -> Usage {
     let agent = lab.hosts[host].agent_pid;
     let state = lab.state_dir(host).display().to_string();
+    // pidfds track the agent's own children (shims it started and reaps), counted as processes.
     let fds = agent
         .and_then(|p| std::fs::read_dir(format!("/proc/{p}/fd")).ok())
-        .map(|rd| rd.count())
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| {
+                    std::fs::read_link(e.path())
+                        .map(|t| t.display().to_string() != "anon_inode:[pidfd]")
+                        .unwrap_or(false)
+                })
+                .count()
+        })
         .unwrap_or(0);
     let mounts = mount_points(None)
         .iter()
@@ -524,7 +535,25 @@ pub fn usage(lab: &Lab, host: usize) -> Usage {
         .filter(|n| Some(n) != host_ns.as_ref())
         .collect::<BTreeSet<_>>()
         .len();
+    let mut detail: Vec<String> = procs
+        .iter()
+        .map(|p| {
+            let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
+            format!("{p} {}", comm.trim())
+        })
+        .collect();
+    if let Some(p) = agent {
+        detail.extend(
+            std::fs::read_dir(format!("/proc/{p}/fd"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .map(|t| format!("fd {}", t.display())),
+        );
+    }
     Usage {
+        detail,
         agent_pid: agent,
         fds,
         mounts,
@@ -571,7 +600,9 @@ pub fn no_leaks(lab: &Lab, before: &[Usage]) -> Result<()> {
         found.is_empty()
     });
     if !ok {
-        bail!("leaked: {found:?}");
+        let now: Vec<Vec<String>> = (0..before.len()).map(|i| usage(lab, i).detail).collect();
+        let then: Vec<&Vec<String>> = before.iter().map(|b| &b.detail).collect();
+        bail!("leaked: {found:?}; before {then:?}; now {now:?}");
     }
     Ok(())
 }

@@ -21,7 +21,7 @@
 //!
 //! Faults: `kill` (the agent SIGKILLs itself: a crash), `fail` (the step returns an error),
 //! `delay:MS` (the step sleeps MS milliseconds first), `cut` (the agent closes its migration
-//! connections at once, as a link cut the peer notices), `corrupt` (`source-transfer` and
+//! connections at once, as a link cut the peer notices, and the step fails), `corrupt` (`source-transfer` and
 //! `source-dump`: one byte of the largest CRIU image file is flipped after its digest was
 //! announced, so the destination's check fails in transit), `criu-fail` (`source-dump`: CRIU is
 //! run against a PID that does not exist; `dest-restore`: CRIU cannot open its log file). A fault
@@ -220,14 +220,16 @@ fn cut() {
 }
 
 /// Carries out what can be done here: `kill` does not return, `cut` closes the connections and
-/// `fail` becomes an error. Returns the fault for the caller to act on (`corrupt`, `criu-fail`,
+/// fails the step, `fail` becomes an error. Returns the fault for the caller to act on (`corrupt`, `criu-fail`,
 /// `delay`), `None` when nothing is armed.
 fn common(point: Point, f: Fault) -> Result<Option<Fault>, Injected> {
     match f {
         Fault::Kill => die(),
         Fault::Cut => {
             cut();
-            Ok(None)
+            Err(Injected {
+                point: point.name(),
+            })
         }
         Fault::Fail => Err(Injected {
             point: point.name(),

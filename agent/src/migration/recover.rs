@@ -39,7 +39,12 @@ pub(crate) fn recover(agent: &Arc<Agent>) {
             return;
         }
     };
-    for e in entries.into_iter().filter(|e| !journal::is_final(&e.state)) {
+    let unfinished: Vec<JournalEntry> = entries
+        .iter()
+        .filter(|e| !journal::is_final(&e.state) || commit_unfinished(agent, e, &entries))
+        .cloned()
+        .collect();
+    for e in unfinished {
         let (id, mig) = (e.container_id.clone(), e.migration_id.clone());
         tracing::warn!(migration = %mig, container = %id, role = ?e.role, state = ?e.state, "recovering an unfinished migration");
         match (e.role, &e.state) {
@@ -117,6 +122,27 @@ pub(crate) fn recover(agent: &Arc<Agent>) {
     }
 }
 
+/// Whether a `Committed` entry's last step may not have happened (the agent died between
+/// journaling `Committed` and finishing): a destination whose container still carries this
+/// migration's marker was not resumed yet; a source that still has the move's work directory, with
+/// no later migration of the container journaled, did not destroy its copy yet.
+fn commit_unfinished(agent: &Agent, e: &JournalEntry, all: &[JournalEntry]) -> bool {
+    if e.state != JournalState::Committed {
+        return false;
+    }
+    let cd = agent.dirs.container(&e.container_id);
+    match e.role {
+        Role::Dest => std::fs::read_to_string(cd.dir.join(dest::MARKER))
+            .is_ok_and(|m| m.trim() == e.migration_id),
+        Role::Source => {
+            cd.dir.join("migration").is_dir()
+                && !all
+                    .iter()
+                    .any(|o| o.container_id == e.container_id && o.updated > e.updated)
+        }
+    }
+}
+
 /// How often an in-doubt move is retried with its destination.
 const RESOLVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -153,10 +179,11 @@ impl transport::SourceHost for Notifier {
     }
 }
 
-/// After a restarted source rolled a move back (it had frozen, so the destination may hold a
-/// restored copy waiting for Commit, in doubt once the link went), tells the destination with a
-/// Resolve saying "rolled back" so that it removes its copy. Retries while it is unreachable.
-fn spawn_notifier(agent: Arc<Agent>, e: JournalEntry) {
+/// After a source rolled a move back once it had frozen (at a restart, or when the link went
+/// while the destination may hold a restored copy waiting for Commit, in doubt), tells the
+/// destination with a Resolve saying "rolled back" so that it removes its copy. Retries while it
+/// is unreachable.
+pub(crate) fn spawn_notifier(agent: Arc<Agent>, e: JournalEntry) {
     tokio::spawn(async move {
         for _ in 0..NOTIFY_ATTEMPTS {
             match notify_rolled_back(&agent, &e).await {

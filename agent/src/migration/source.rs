@@ -801,6 +801,7 @@ impl Agent {
                 detail,
                 rollback_error,
             }) => {
+                super::recover::spawn_notifier(self.clone(), side.entry(JournalState::RolledBack));
                 let mut msg = format!(
                     "migration to {} rolled back ({cause:?}): {detail}; the container keeps running here",
                     peer.name
