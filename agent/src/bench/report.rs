@@ -46,7 +46,8 @@ pub struct Row {
     pub transfer_ms: Option<u64>,
     pub restore_ms: Option<u64>,
     pub bytes: Option<u64>,
-    /// `bytes` over `transfer_ms`, in MB/s (10^6 bytes per second).
+    /// `bytes` over the time pages cross the link (`transfer_ms`; `dump_ms + transfer_ms` for
+    /// stream mode; not given for lazy mode), in MB/s (10^6 bytes per second).
     pub transfer_mbs: Option<f64>,
     /// The workload counted on and a whole verification pass after the move was OK.
     pub verified: bool,
@@ -113,7 +114,15 @@ impl Row {
         self.transfer_ms = n("transfer_ms");
         self.restore_ms = n("restore_ms");
         self.bytes = n("bytes_sent");
-        if let (Some(b), Some(t)) = (self.bytes, self.transfer_ms) {
+        // The time pages cross the link: the transfer phase for cold mode, dump and transfer for
+        // stream mode (pages go while CRIU dumps), none for lazy mode (after the resume, and not
+        // in bytes_sent).
+        let page_ms = match self.mode.as_str() {
+            "lazy" => None,
+            "stream" => self.dump_ms.zip(self.transfer_ms).map(|(d, t)| d + t),
+            _ => self.transfer_ms,
+        };
+        if let (Some(b), Some(t)) = (self.bytes, page_ms) {
             self.transfer_mbs = mbs(b, t);
         }
         if let Some(m) = v.get("mode").and_then(Value::as_str) {
