@@ -44,6 +44,10 @@ install -d "$pkg/DEBIAN" "$pkg/usr/bin" "$pkg/lib/systemd/system" "$pkg/etc/mig"
     "$pkg/usr/share/fish/vendor_completions.d"
 for b in mig migd mig-shim; do
     install -m 0755 "$bin_dir/$b" "$pkg/usr/bin/$b"
+    # As dh_strip does: no debug info in the package (it would be most of its size).
+    if command -v strip >/dev/null; then
+        strip --strip-debug "$pkg/usr/bin/$b"
+    fi
 done
 install -m 0644 "$root/agent/dist/migd.service" "$pkg/lib/systemd/system/migd.service"
 install -m 0644 "$root/agent/dist/config.toml" "$pkg/etc/mig/config.toml"
