@@ -189,6 +189,7 @@ fn prepare(
             log_write.as_raw_fd(),
             m.stdio_pipe.as_deref(),
             spec.net.as_ref(),
+            &m.spec,
         )?,
     };
     drop(log_write);
@@ -228,6 +229,7 @@ fn restore(
     log_write: std::os::fd::RawFd,
     stdio_pipe: Option<&str>,
     net: Option<&mig_runtime::net::NetSpec>,
+    dumped: &ContainerSpec,
 ) -> Result<i32, (Stage, String)> {
     let criu = Criu::locate().map_err(|e| (Stage::Restore, chain(&e)))?;
     if let Some(n) = net {
@@ -247,9 +249,13 @@ fn restore(
             // Outside the image set, which must verify again for the next restore.
             pidfile,
             // CRIU recreates the veth: eth0 inside, the recorded host end in the bridge.
+            // A user-namespace container's host binds (devices, masked files), as dumped.
             external: net
                 .map(|n| vec![mig_runtime::net::criu_restore_external(n)])
-                .unwrap_or_default(),
+                .into_iter()
+                .flatten()
+                .chain(container::restore_externals(dumped))
+                .collect(),
             // Connections dumped with --tcp-established need it again (docs/networking.md).
             tcp_established: mig_runtime::net::images_have_tcp(&cd.checkpoint()),
             // Post-copy (`mig move --mode lazy`): the agent started `criu lazy-pages` with its
