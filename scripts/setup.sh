@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Installs everything mig needs on a Debian 12 machine, as root, idempotently:
 # Debian packages (bookworm only), a Rust toolchain check, CRIU >= 4 (the system one when `criu check`
-# passes, else CRIU 4.1.1 built from Debian 13's source into /usr/local), and the kernel settings
+# passes and it is 4.2 or newer, else CRIU 4.2.1 built from Debian's source into /usr/local), and the
+# kernel settings
 # CRIU's lazy pages need. Safe to run again: every step checks before it acts.
 set -euo pipefail
 
-CRIU_VERSION=4.1.1
+# 4.2 at least: CRIU 4.1 cannot dump TCP or UDP sockets on kernels from 6.16 on
+# ("Can't get 1:16 opt", checkpoint-restore/criu#2705), which `mig move --tcp-established` needs.
+CRIU_VERSION=4.2.1
+CRIU_MIN_MINOR=2
 CRIU_TARBALL="criu_${CRIU_VERSION}.orig.tar.xz"
-CRIU_SHA256=f80a66cb3726bb2116266d4759ce3bcbfab7abdb6b6d430bf20dd41911717afe
+CRIU_SHA256=29ec0ee09e296479fe7048c80980e8ef1d0684d0b0204c2b101dfea19f6725b9
 BUILD_DIR=/var/cache/mig-setup
 
 log() { printf 'setup: %s\n' "$*" >&2; }
@@ -37,9 +41,12 @@ fi
 criu_ok() {
   local bin=$1
   [ -x "$bin" ] || return 1
-  local v
-  v=$("$bin" --version 2>/dev/null | sed -n 's/^Version: *\([0-9]*\).*/\1/p')
-  [ -n "$v" ] && [ "$v" -ge 4 ] || return 1
+  local v major minor
+  v=$("$bin" --version 2>/dev/null | sed -n 's/^Version: *\([0-9]*\.[0-9]*\).*/\1/p')
+  major=${v%%.*}
+  minor=${v#*.}
+  [ -n "$v" ] || return 1
+  [ "$major" -gt 4 ] || { [ "$major" -eq 4 ] && [ "$minor" -ge "$CRIU_MIN_MINOR" ]; } || return 1
   "$bin" check >/dev/null 2>&1
 }
 
@@ -49,31 +56,28 @@ for c in /usr/local/sbin/criu "$(command -v criu 2>/dev/null || true)"; do
 done
 
 if [ -z "$have_criu" ]; then
-  log "no working CRIU >= 4: building CRIU $CRIU_VERSION from Debian 13's source"
+  log "no working CRIU >= 4.$CRIU_MIN_MINOR: building CRIU $CRIU_VERSION from Debian's source"
   mkdir -p "$BUILD_DIR"
   cd "$BUILD_DIR"
   if ! echo "$CRIU_SHA256  $CRIU_TARBALL" | sha256sum -c --status 2>/dev/null; then
     rm -f "$CRIU_TARBALL"
-    # A deb-src entry for trixie that reuses the URI of the machine's Debian list.
+    # A private apt state with one deb-src entry for unstable (which carries criu 4.2.1), reusing
+    # the URI of the machine's Debian list: the machine's own apt configuration is not touched.
     uri=$(grep -rhoE '^URIs: *\S+' /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '{print $2}' \
           | grep -v security | head -n1 || true)
     [ -n "$uri" ] || uri=$(grep -hoE '^deb +\S+' /etc/apt/sources.list 2>/dev/null | awk '{print $2}' | head -n1 || true)
     [ -n "$uri" ] || uri=http://deb.debian.org/debian
-    srclist=/etc/apt/sources.list.d/mig-trixie-src.sources
-    cat > "$srclist" <<SRC
-Types: deb-src
-URIs: $uri
-Suites: trixie
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+    apt_dir="$BUILD_DIR/apt"
+    mkdir -p "$apt_dir/lists/partial"
+    cat > "$apt_dir/sources.list" <<SRC
+deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $uri sid main
 SRC
-    apt-get update -qq || true
-    # The .dsc fetch may fail while the orig tarball arrives; the checksum below decides.
-    # (trixie is the only deb-src entry, so `criu` resolves to its source package).
-    apt-get source --download-only criu >/dev/null 2>&1 || true
-    # Never leave trixie sources enabled: the machine stays on bookworm.
-    rm -f "$srclist"
-    apt-get update -qq || true
+    apt_opts=(-o "Dir::Etc::sourcelist=$apt_dir/sources.list" -o "Dir::Etc::sourceparts=/nonexistent"
+              -o "Dir::State::Lists=$apt_dir/lists")
+    apt-get "${apt_opts[@]}" update -qq >/dev/null 2>&1 || true
+    # The .dsc or Debian tarball may fail to fetch while the orig tarball arrives; the checksum
+    # below decides.
+    apt-get "${apt_opts[@]}" source --download-only criu >/dev/null 2>&1 || true
     [ -f "$CRIU_TARBALL" ] || die "could not fetch $CRIU_TARBALL"
     echo "$CRIU_SHA256  $CRIU_TARBALL" | sha256sum -c --status || die "$CRIU_TARBALL: sha256 mismatch"
   fi
