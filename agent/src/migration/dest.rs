@@ -764,9 +764,16 @@ impl DestHost for DestSide {
     }
 
     async fn load_journal(&self, migration_id: &str) -> Option<JournalState> {
-        journal::read(&self.agent.cfg.state_dir, migration_id)
-            .filter(|e| e.role == Role::Dest)
-            .map(|e| e.state)
+        let e = journal::read(&self.agent.cfg.state_dir, migration_id)
+            .filter(|e| e.role == Role::Dest)?;
+        if e.state == JournalState::Committed {
+            // Committed here but the link went before the copy was resumed (in doubt at
+            // Commit): the Resolve answers Committed, so the copy must run now (idempotent).
+            if let Err(err) = resume_incoming(&self.agent, migration_id, &e.container_id) {
+                tracing::error!(migration = %migration_id, error = %chain(&err), "cannot resume the arrived container");
+            }
+        }
+        Some(e.state)
     }
 }
 
