@@ -101,7 +101,7 @@ fn debian_package_builds_and_installs_into_a_root() -> Result<()> {
             .all(|l| l.starts_with("systemctl daemon-reload")),
         "postinst starts something: {postinst}"
     );
-    let v = run(&mut Command::new(root.path().join("usr/bin/mig")).arg("--version"))?;
+    let v = run(Command::new(root.path().join("usr/bin/mig")).arg("--version"))?;
     ensure!(v.contains(env!("CARGO_PKG_VERSION")), "{v}");
     let cfg = root.path().join("etc/mig/config.toml");
     let eff = run(Command::new(root.path().join("usr/bin/migd"))
