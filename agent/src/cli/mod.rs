@@ -8,8 +8,8 @@ mod commands;
 mod drain;
 mod events;
 mod moves;
-mod rebalance;
 mod output;
+mod rebalance;
 
 pub use commands::main;
 
@@ -38,7 +38,13 @@ pub struct Cli {
     #[arg(long, env = "MIG_REMOTE", global = true, value_name = "ADDR:PORT")]
     pub remote: Option<std::net::SocketAddr>,
     /// The remote agent's certificate fingerprint (`mig info` there).
-    #[arg(long, env = "MIG_REMOTE_FINGERPRINT", global = true, value_name = "FP", requires = "remote")]
+    #[arg(
+        long,
+        env = "MIG_REMOTE_FINGERPRINT",
+        global = true,
+        value_name = "FP",
+        requires = "remote"
+    )]
     pub fingerprint: Option<String>,
     /// This client's identity directory for --remote (default ~/.config/mig).
     #[arg(long, env = "MIG_IDENTITY", global = true, value_name = "DIR")]

@@ -16,9 +16,9 @@ mod info;
 mod logs;
 mod mounts;
 
-pub use mounts::is_mounted;
 /// Serves an API session on an already authenticated stream (the remote API bridges to it).
 pub(crate) use connection::serve_authenticated as serve_bridged;
+pub use mounts::is_mounted;
 
 use crate::api::{ApiError, ContainerState, ErrorKind};
 use crate::layout::{StateDir, StateRecord};

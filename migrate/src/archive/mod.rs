@@ -375,6 +375,6 @@ pub fn unpack_upper(dir: &Path, upper_dir: &Path) -> Result<bool, ArchiveError> 
 }
 
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod delta_tests;
+#[cfg(test)]
+mod tests;

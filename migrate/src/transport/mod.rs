@@ -12,8 +12,8 @@ mod tls;
 pub use identity::{fingerprint, is_fingerprint, Identity, IdentityError};
 pub use peers::{Peer, PeerError, PeerStore};
 pub use tls::{
-    accept, api_client_config, client_config, connect, endpoint, negotiated_alpn,
-    peer_fingerprint, server_config, transport_config, AllowedPeers, TlsError, API_ALPN, ALPN,
+    accept, api_client_config, client_config, connect, endpoint, negotiated_alpn, peer_fingerprint,
+    server_config, transport_config, AllowedPeers, TlsError, ALPN, API_ALPN,
 };
 
 mod driver;
