@@ -183,10 +183,19 @@ fn move_text(r: &MoveResult) -> String {
             "error: post-copy ended before the last page ({e}); the destination kills the container rather than run it with missing memory\n"
         ));
     }
-    for (before, after) in r.pid_map_before.iter().zip(&r.pid_map) {
+    for after in &r.pid_map {
+        let before = r
+            .pid_map_before
+            .iter()
+            .find(|b| b.ns_pid == after.ns_pid)
+            .map(|b| b.host_pid.to_string())
+            .unwrap_or_else(|| "-".into());
         s.push_str(&format!(
             "  pid {:>5} (host {:>7} -> {:>7}) {}\n",
-            after.ns_pid, before.host_pid, after.host_pid, after.cmd
+            after.ns_pid,
+            before,
+            after.host_pid,
+            super::output::one_line(&after.cmd, 60)
         ));
     }
     if let Some(e) = &r.cleanup_error {

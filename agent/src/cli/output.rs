@@ -14,6 +14,18 @@ fn age(t: u64) -> String {
     }
 }
 
+/// `text` on one line for a table: whitespace runs (newlines included) become one space, and
+/// more than `max` characters are cut with an ellipsis.
+pub fn one_line(text: &str, max: usize) -> String {
+    let flat = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if flat.chars().count() <= max {
+        return flat;
+    }
+    let mut cut: String = flat.chars().take(max.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
+}
+
 pub fn human_size(b: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = b as f64;
@@ -71,7 +83,7 @@ pub fn ps_table(list: &[ContainerSummary]) -> String {
                 c.image.clone(),
                 c.host.clone(),
                 age(c.created),
-                c.command.join(" "),
+                one_line(&c.command.join(" "), 60),
             ]
         })
         .collect();
@@ -141,7 +153,13 @@ pub fn inspect_text(d: &ContainerDetails) -> String {
         let rows = d
             .pid_map
             .iter()
-            .map(|p| vec![p.ns_pid.to_string(), p.host_pid.to_string(), p.cmd.clone()])
+            .map(|p| {
+                vec![
+                    p.ns_pid.to_string(),
+                    p.host_pid.to_string(),
+                    one_line(&p.cmd, 80),
+                ]
+            })
             .collect();
         for l in table(&["NS_PID", "HOST_PID", "CMD"], rows).lines() {
             let _ = writeln!(s, "  {l}");
@@ -170,6 +188,13 @@ pub fn info_text(i: &HostInfo) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_line_flattens_and_cuts() {
+        assert_eq!(one_line("sh -c 'a\n   b'", 80), "sh -c 'a b'");
+        assert_eq!(one_line("abcdef", 4), "abc…");
+        assert_eq!(one_line("abcd", 4), "abcd");
+    }
 
     #[test]
     fn sizes_and_tables() {
