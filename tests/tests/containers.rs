@@ -647,9 +647,14 @@ fn userns_maps_root_to_an_unprivileged_range() -> Result<()> {
         "/proc/self/uid_map",
     ]);
     ensure!(o.code == 0, "{o:?}");
-    let fields: Vec<&str> = o.stdout.split_whitespace().collect();
+    // Root maps to the start of one of the per-container slots (100000 + k * 65536).
+    let fields: Vec<u64> = o
+        .stdout
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(u64::MAX))
+        .collect();
     ensure!(
-        fields == ["0", "100000", "65536"],
+        matches!(fields.as_slice(), [0, host, 65536] if *host >= 100_000 && (host - 100_000) % 65_536 == 0),
         "uid_map: {:?}",
         o.stdout
     );
@@ -688,5 +693,51 @@ fn userns_runs_an_image_without_mount_points() -> Result<()> {
         "echo a > /a && echo b > /tmp/b && cat /a /tmp/b && ls /proc/1/ns >/dev/null && echo ok",
     ]);
     ensure!(o.code == 0 && o.stdout == "a\nb\nok\n", "{o:?}");
+    Ok(())
+}
+
+/// A `--userns` container exported and imported again (after the original is removed, so its id
+/// range is free) runs under the same uid map: CRIU, running as the container's mapped root,
+/// can read the imported images.
+#[test]
+fn userns_checkpoint_exports_and_imports() -> Result<()> {
+    let agent = Agent::start("userns_import")?;
+    agent.import_busybox()?;
+    run_detached(
+        &agent,
+        &[
+            "--userns",
+            "--name",
+            "ux",
+            "busybox",
+            "--",
+            "sh",
+            "-c",
+            "i=0; while true; do echo \"got $i\"; i=$((i+1)); sleep 0.1; done",
+        ],
+    )?;
+    ensure!(wait_until(Duration::from_secs(10), || counter(
+        &agent.mig_ok(&["logs", "ux"]).unwrap_or_default()
+    )
+    .len()
+        > 3));
+    let map = agent.mig_ok(&["exec", "ux", "--", "cat", "/proc/self/uid_map"])?;
+    let archive = agent.dir.path().join("ux.tar.zst");
+    agent.mig_ok(&[
+        "checkpoint",
+        "ux",
+        "--export",
+        archive.to_str().unwrap_or_default(),
+    ])?;
+    agent.mig_ok(&["rm", "-f", "ux"])?;
+    agent.mig_ok(&[
+        "restore",
+        "--import",
+        archive.to_str().unwrap_or_default(),
+        "--name",
+        "ux2",
+    ])?;
+    ensure!(inspect(&agent, "ux2")?["state"] == "running");
+    ensure!(agent.mig_ok(&["exec", "ux2", "--", "cat", "/proc/self/uid_map"])? == map);
     Ok(())
 }

@@ -261,10 +261,27 @@ impl Drop for HandAgent {
 
 /// Replaces host `i`'s agent by one announcing wire protocol `version`.
 fn agent_speaking(lab: &Lab, i: usize, version: &str) -> Result<HandAgent> {
+    hand_agent(
+        lab,
+        i,
+        &format!("wire-{version}"),
+        &[],
+        &[("MIG_WIRE_VERSION", version)],
+    )
+}
+
+/// Replaces host `i`'s agent by one started with `args` and `env` added (log in the state dir).
+fn hand_agent(
+    lab: &Lab,
+    i: usize,
+    tag: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Result<HandAgent> {
     lab.kill_agent(i)?;
     let h = &lab.hosts[i];
     let _ = std::fs::remove_file(&h.socket);
-    let log = std::fs::File::create(h.state_dir.join(format!("wire-{version}.log")))?;
+    let log = std::fs::File::create(h.state_dir.join(format!("{tag}.log")))?;
     let child = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{}", h.netns))
         .arg("--")
@@ -276,7 +293,8 @@ fn agent_speaking(lab: &Lab, i: usize, version: &str) -> Result<HandAgent> {
         .args(["--name", &h.name, "--cgroup-parent", &lab.cgroup_parent(i)])
         .arg("--listen")
         .arg(format!("{}:{}", h.address, h.quic_port))
-        .env("MIG_WIRE_VERSION", version)
+        .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -285,7 +303,7 @@ fn agent_speaking(lab: &Lab, i: usize, version: &str) -> Result<HandAgent> {
     if !wait_until(Duration::from_secs(20), || {
         std::os::unix::net::UnixStream::connect(&h.socket).is_ok()
     }) {
-        bail!("migd speaking {version} did not start");
+        bail!("migd {tag} did not start");
     }
     Ok(agent)
 }
@@ -367,5 +385,78 @@ fn drain_empties_a_host() -> Result<()> {
     // Draining an empty host is a no-op that succeeds.
     let r = lab.mig_json(0, &["drain", "--json"])?;
     ensure!(r["moved"] == 0, "{r}");
+    Ok(())
+}
+
+/// Starts `mig move NAME host-b` on host-a in the background and waits until it is in its
+/// presync (host-b has its staging directory), where a delay fault holds it.
+fn held_move(lab: &Lab, name: &str) -> Result<Child> {
+    let child = Command::new(mig_tests::bin("mig"))
+        .arg("--socket")
+        .arg(&lab.hosts[0].socket)
+        .args(["move", name, "host-b"])
+        .env_remove("MIG_HOST")
+        .env_remove("MIG_SOCKET")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let staging = lab.state_dir(1).join("migrations");
+    wait_until(Duration::from_secs(30), || {
+        std::fs::read_dir(&staging)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().ends_with(".in"))
+    });
+    Ok(child)
+}
+
+/// A config file with one `[limits]` line, next to the lab's state directories.
+fn limits_file(lab: &Lab, tag: &str, line: &str) -> Result<String> {
+    let f = lab.state_dir(0).with_file_name(format!("{tag}.toml"));
+    std::fs::write(&f, format!("[limits]\n{line}\n"))?;
+    Ok(f.display().to_string())
+}
+
+/// `limits.max_incoming_moves` and `limits.max_outgoing_moves`: while one move is held in its
+/// presync (a delay fault on the source), a second one is refused with a message naming the
+/// limit, before anything is frozen; the held move then completes and every container runs
+/// exactly once.
+#[test]
+fn concurrent_move_limits_are_enforced() -> Result<()> {
+    if !is_root("concurrent_move_limits_are_enforced") {
+        return Ok(());
+    }
+    let mut lab = Lab::up("lim", 92)?;
+    for name in ["l1", "l2", "l3"] {
+        lab.run_container(0, name, 1)?;
+    }
+    lab.fault(0, Some("source-presync:delay:4000"))?;
+
+    // The destination takes one migration at a time.
+    let cfg = limits_file(&lab, "incoming", "max_incoming_moves = 1")?;
+    {
+        let _b = hand_agent(&lab, 1, "incoming", &["--config", &cfg], &[])?;
+        let mut first = held_move(&lab, "l1")?;
+        let o = lab.mig(0, &["move", "l2", "host-b"]);
+        ensure!(o.code != 0, "a second incoming move was accepted: {o:?}");
+        ensure!(o.stderr.contains("max_incoming_moves"), "{}", o.stderr);
+        ensure!(first.wait()?.success(), "the held move failed");
+        running_on(&lab, 1, "l1")?;
+        running_on(&lab, 0, "l2")?;
+    }
+    lab.restart(1)?;
+
+    // The source starts one move at a time.
+    let cfg = limits_file(&lab, "outgoing", "max_outgoing_moves = 1")?;
+    let _a = hand_agent(&lab, 0, "outgoing", &["--config", &cfg], &[])?;
+    let mut first = held_move(&lab, "l2")?;
+    let o = lab.mig(0, &["move", "l3", "host-b"]);
+    ensure!(o.code != 0, "a second outgoing move was started: {o:?}");
+    ensure!(o.stderr.contains("max_outgoing_moves"), "{}", o.stderr);
+    ensure!(first.wait()?.success(), "the held move failed");
+    lab.fault(0, None)?;
+    running_on(&lab, 1, "l2")?;
+    running_on(&lab, 0, "l3")?;
     Ok(())
 }

@@ -131,6 +131,8 @@ fn run() -> Result<()> {
             .max_incoming_bytes
             .as_ref()
             .map_or(daemon::DEFAULT_MAX_INCOMING_BYTES, |b| b.0),
+        max_incoming_moves: eff.limits.max_incoming_moves,
+        max_outgoing_moves: eff.limits.max_outgoing_moves,
     };
     let socket = eff.socket.clone();
     tracing::info!(name = %cfg.name, state_dir = %cfg.state_dir.display(), socket = %socket.display(), config = ?path, "starting");

@@ -48,6 +48,12 @@ pub struct Config {
     /// The most bytes an incoming migration may declare or send (`migd --max-incoming-bytes`);
     /// a larger one is refused at Prepare, before anything is written.
     pub max_incoming_bytes: u64,
+    /// Incoming migrations accepted at once (`limits.max_incoming_moves`); more are refused as
+    /// busy at Prepare. `None`: no limit.
+    pub max_incoming_moves: Option<u32>,
+    /// Moves started from this agent at once (`limits.max_outgoing_moves`); more are refused
+    /// before anything is frozen. `None`: no limit.
+    pub max_outgoing_moves: Option<u32>,
 }
 
 /// The default of [`Config::max_incoming_bytes`]: 64 GiB.

@@ -333,6 +333,23 @@ impl DestSide {
                 "this container is already arriving".into(),
             ));
         }
+        if let Some(max) = self.agent.cfg.max_incoming_moves {
+            // Every incoming migration has a staging directory until it ends.
+            let arriving = std::fs::read_dir(journal::dir(&self.agent.cfg.state_dir))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".in"))
+                .count();
+            if arriving >= max as usize {
+                return Err(refuse(
+                    RefuseReason::Busy,
+                    format!(
+                        "this agent already receives {arriving} migration(s), its limit (limits.max_incoming_moves)"
+                    ),
+                ));
+            }
+        }
         let limit = self.agent.cfg.max_incoming_bytes;
         if p.bytes_estimate > limit {
             return Err(refuse(

@@ -144,11 +144,33 @@ impl std::fmt::Debug for Net {
 #[derive(Debug, Default)]
 pub struct Migrations {
     pub(crate) net: OnceLock<Net>,
+    /// Moves from this agent in progress (bounded by `limits.max_outgoing_moves`).
+    pub(crate) outgoing: std::sync::atomic::AtomicU32,
+}
+
+/// One outgoing move counted in [`Migrations::outgoing`] until dropped.
+pub(crate) struct OutgoingSlot<'a>(&'a std::sync::atomic::AtomicU32);
+
+impl Drop for OutgoingSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl Migrations {
     pub(crate) fn net(&self) -> Option<&Net> {
         self.net.get()
+    }
+
+    /// Counts one more outgoing move, or says how many run when `limit` is reached.
+    pub(crate) fn outgoing_slot(&self, limit: Option<u32>) -> Result<OutgoingSlot<'_>, u32> {
+        use std::sync::atomic::Ordering;
+        let now = self.outgoing.fetch_add(1, Ordering::SeqCst);
+        let slot = OutgoingSlot(&self.outgoing);
+        match limit {
+            Some(max) if now >= max => Err(now),
+            _ => Ok(slot),
+        }
     }
 }
 

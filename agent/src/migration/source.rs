@@ -610,6 +610,17 @@ impl Agent {
                 self.refuse_established(pid, container, "move")?;
             }
         }
+        let _slot = self
+            .migration
+            .outgoing_slot(self.cfg.max_outgoing_moves)
+            .map_err(|running| {
+                api(
+                    ErrorKind::Conflict,
+                    format!(
+                        "this agent already runs {running} outgoing move(s), its limit (limits.max_outgoing_moves): try again later"
+                    ),
+                )
+            })?;
         self.claim_running(&id)?;
         let result = self
             .move_claimed(t0, &id, &peer, tcp_established, opts)

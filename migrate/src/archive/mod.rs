@@ -341,7 +341,9 @@ fn unpack(source: Box<dyn Read>, file: &Path, dest: &Path) -> Result<(), Archive
             std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
-                .mode(0o600)
+                // CRIU reads some images as the container's root, which under --userns is an
+                // unprivileged host id: the images must be world-readable, like CRIU's own.
+                .mode(0o644)
                 .custom_flags(libc::O_NOFOLLOW)
                 .open(&target)
                 .map_err(dest_err)?
