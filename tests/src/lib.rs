@@ -53,6 +53,36 @@ pub fn bin(name: &str) -> PathBuf {
 }
 
 /// Makes a busybox root filesystem under `dir/rootfs` with every applet linked in /bin.
+/// A static (crt-static) release build of the workspace package `package`'s binary `bin`, built
+/// once per test process into `<target>/probe` so the main build cache keeps its flags; the
+/// environment variable `override_var` names a prebuilt one instead. Used for the programs tests
+/// copy into busybox containers (the isolation probe, the bench's memory workload).
+pub fn static_binary(package: &str, bin: &str, override_var: &str) -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os(override_var) {
+        return Ok(PathBuf::from(p));
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace root")?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target"))
+        .join("probe");
+    let cargo = option_env!("CARGO").unwrap_or("cargo");
+    let status = Command::new(cargo)
+        .current_dir(workspace)
+        .args(["build", "-q", "-p", package, "--release", "--target-dir"])
+        .arg(&target)
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .status()
+        .with_context(|| format!("running cargo build for {package}"))?;
+    if !status.success() {
+        bail!("cargo build -p {package} failed");
+    }
+    Ok(target.join("release").join(bin))
+}
+
 pub fn busybox_rootfs(dir: &Path) -> Result<PathBuf> {
     let root = dir.join("rootfs");
     for d in ["bin", "proc", "dev", "sys", "tmp", "etc", "root"] {

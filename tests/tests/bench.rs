@@ -8,41 +8,8 @@
 use anyhow::{ensure, Context, Result};
 use mig_tests::{bin, is_root, lab_down_quietly};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-
-/// `mig-memload` built statically (like the isolation probe) into its own target directory,
-/// `target/probe`, so the main build cache keeps its flags.
-fn memload() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("MIG_MEMLOAD") {
-        return Ok(PathBuf::from(p));
-    }
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("workspace root")?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace.join("target"))
-        .join("probe");
-    let cargo = option_env!("CARGO").unwrap_or("cargo");
-    let status = Command::new(cargo)
-        .current_dir(workspace)
-        .args([
-            "build",
-            "-q",
-            "-p",
-            "mig-memload",
-            "--release",
-            "--target-dir",
-        ])
-        .arg(&target)
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .status()
-        .context("running cargo build for mig-memload")?;
-    ensure!(status.success(), "cargo build -p mig-memload failed");
-    Ok(target.join("release/mig-memload"))
-}
 
 struct Guard {
     lab: String,
@@ -82,7 +49,11 @@ fn bench_move_tiny_run_writes_csv_json_and_svg() -> Result<()> {
     ])
     .args(["--lab", &lab, "--subnet", "10.214.60", "--link-mib", "64"])
     .arg("--workload")
-    .arg(memload()?)
+    .arg(mig_tests::static_binary(
+        "mig-memload",
+        "mig-memload",
+        "MIG_MEMLOAD",
+    )?)
     .arg("--csv")
     .arg(&csv)
     .arg("--json")

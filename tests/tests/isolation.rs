@@ -40,34 +40,7 @@ const DEV_OK: [&str; 14] = [
 fn probe_binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("MIG_PROBE") {
-            return PathBuf::from(p);
-        }
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("workspace root");
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace.join("target"))
-            .join("probe");
-        let cargo = option_env!("CARGO").unwrap_or("cargo");
-        let status = Command::new(cargo)
-            .current_dir(workspace)
-            .args([
-                "build",
-                "-q",
-                "-p",
-                "mig-probe",
-                "--release",
-                "--target-dir",
-            ])
-            .arg(&target)
-            .env("RUSTFLAGS", "-C target-feature=+crt-static")
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .status()
-            .expect("running cargo build for mig-probe");
-        assert!(status.success(), "cargo build -p mig-probe failed");
-        target.join("release/mig-probe")
+        mig_tests::static_binary("mig-probe", "mig-probe", "MIG_PROBE").expect("building mig-probe")
     })
 }
 
