@@ -3,7 +3,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Writes `data` to `path` atomically and durably: a new temporary file next to it
 /// (`.<name>.tmp<pid>-<n>`, unique per call so that concurrent writers of one path never share
@@ -53,6 +53,99 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path, max: u64) -> io::R
     }
     let data = fs::read(path)?;
     serde_json::from_slice(&data).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// How a versioned state file records its format: the key that carries the version (`format`
+/// in container records, journals and image records; `version` in `peers.json`) and the version
+/// this release writes. A file without the key is of [`UNVERSIONED`], the format of mig 0.1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Format {
+    pub key: &'static str,
+    pub current: u32,
+}
+
+/// The format version of a state file written before state files carried one (mig 0.1).
+pub const UNVERSIONED: u32 = 1;
+
+/// Why a versioned state file was not read.
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    #[error(
+        "{path} has format version {found}, newer than version {current} that this mig reads \
+         (written by a newer release?): not read, left as it is"
+    )]
+    Newer {
+        path: PathBuf,
+        found: u64,
+        current: u32,
+    },
+    #[error("{path}: `{key}` is not a format version number")]
+    BadVersion { path: PathBuf, key: &'static str },
+    #[error("{path} is not a JSON object")]
+    NotObject { path: PathBuf },
+}
+
+/// Whether `e` (from [`read_versioned`]) says the file has a newer format than this release's.
+pub fn is_newer_format(e: &io::Error) -> bool {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<FormatError>())
+        .is_some_and(|f| matches!(f, FormatError::Newer { .. }))
+}
+
+/// Writes `value` (a struct or map) with [`write_json`], with `format.key` set to
+/// `format.current`.
+pub fn write_versioned<T: serde::Serialize>(
+    path: &Path,
+    value: &T,
+    format: Format,
+) -> io::Result<()> {
+    let mut v = serde_json::to_value(value).map_err(io::Error::other)?;
+    let obj = v.as_object_mut().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            FormatError::NotObject {
+                path: path.to_owned(),
+            },
+        )
+    })?;
+    obj.insert(format.key.to_owned(), format.current.into());
+    write_json(path, &v)
+}
+
+/// Reads a JSON object of at most `max` bytes written by [`write_versioned`] or by an older
+/// release: its `format.key` (absent: [`UNVERSIONED`]) is taken out and `T` is read from the
+/// rest. A version newer than `format.current` is refused with [`FormatError::Newer`] (as an
+/// `InvalidData` error, see [`is_newer_format`]) and the file is not touched. `T` reads every
+/// older format (fields added since have serde defaults).
+pub fn read_versioned<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    max: u64,
+    format: Format,
+) -> io::Result<T> {
+    let invalid = |e: FormatError| io::Error::new(io::ErrorKind::InvalidData, e);
+    let mut v: serde_json::Value = read_json(path, max)?;
+    let obj = v.as_object_mut().ok_or_else(|| {
+        invalid(FormatError::NotObject {
+            path: path.to_owned(),
+        })
+    })?;
+    let found = match obj.remove(format.key) {
+        None => u64::from(UNVERSIONED),
+        Some(n) => n.as_u64().ok_or_else(|| {
+            invalid(FormatError::BadVersion {
+                path: path.to_owned(),
+                key: format.key,
+            })
+        })?,
+    };
+    if found > u64::from(format.current) {
+        return Err(invalid(FormatError::Newer {
+            path: path.to_owned(),
+            found,
+            current: format.current,
+        }));
+    }
+    serde_json::from_value(v).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 #[cfg(test)]
@@ -138,5 +231,52 @@ mod tests {
         write_json(&p, &vec![1u32; 100]).unwrap();
         assert!(read_json::<Vec<u32>>(&p, 10).is_err());
         assert_eq!(read_json::<Vec<u32>>(&p, 1 << 20).unwrap().len(), 100);
+    }
+
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Rec {
+        a: u32,
+    }
+
+    const REC: Format = Format {
+        key: "format",
+        current: 2,
+    };
+
+    #[test]
+    fn versioned_files_read_old_write_current_refuse_newer() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("rec.json");
+        write_versioned(&p, &Rec { a: 1 }, REC).unwrap();
+        let v: serde_json::Value = read_json(&p, 1 << 10).unwrap();
+        assert_eq!(v, serde_json::json!({"a": 1, "format": 2}));
+        assert_eq!(
+            read_versioned::<Rec>(&p, 1 << 10, REC).unwrap(),
+            Rec { a: 1 }
+        );
+        // The unversioned format of mig 0.1.
+        fs::write(&p, br#"{"a":7}"#).unwrap();
+        assert_eq!(
+            read_versioned::<Rec>(&p, 1 << 10, REC).unwrap(),
+            Rec { a: 7 }
+        );
+        let newer = br#"{"a":7,"format":3,"b":1}"#;
+        fs::write(&p, newer).unwrap();
+        let e = read_versioned::<Rec>(&p, 1 << 10, REC).unwrap_err();
+        assert!(is_newer_format(&e), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("rec.json has format version 3, newer than version 2"),
+            "{msg}"
+        );
+        assert_eq!(fs::read(&p).unwrap(), newer);
+        fs::write(&p, br#"{"a":7,"format":"x"}"#).unwrap();
+        let e = read_versioned::<Rec>(&p, 1 << 10, REC).unwrap_err();
+        assert!(
+            !is_newer_format(&e) && e.to_string().contains("`format`"),
+            "{e}"
+        );
+        assert!(write_versioned(&p, &1u32, REC).is_err());
     }
 }

@@ -12,6 +12,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// Largest accepted image record.
 const MAX_RECORD: u64 = 1 << 20;
 
+/// Format of the image records (`images/<name>.json`): 1 (mig 0.1) had no `format` key; 2 adds
+/// it. A record of a newer format is refused by name and left in place.
+pub const RECORD_FORMAT: crate::fsutil::Format = crate::fsutil::Format {
+    key: "format",
+    current: 2,
+};
+
 static WORK_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// A private directory under `tmp/` for one operation, removed with everything in it on drop.
@@ -123,7 +130,7 @@ impl ImageStore {
                 continue;
             }
             let p = ent.path();
-            match crate::fsutil::read_json::<Image>(&p, MAX_RECORD) {
+            match crate::fsutil::read_versioned::<Image>(&p, MAX_RECORD, RECORD_FORMAT) {
                 Ok(img) => out.push(img),
                 // Removed by someone else since the directory was read.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -139,7 +146,7 @@ impl ImageStore {
             return Ok(None);
         }
         let p = self.record_path(name);
-        match crate::fsutil::read_json::<Image>(&p, MAX_RECORD) {
+        match crate::fsutil::read_versioned::<Image>(&p, MAX_RECORD, RECORD_FORMAT) {
             Ok(img) => Ok(Some(img)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(ImageError::Record { path: p, source }),
@@ -204,7 +211,8 @@ impl ImageStore {
             }
             let old = self.read_record(&image.name)?;
             let p = self.record_path(&image.name);
-            crate::fsutil::write_json(&p, image).map_err(ImageError::io("writing", &p))?;
+            crate::fsutil::write_versioned(&p, image, RECORD_FORMAT)
+                .map_err(ImageError::io("writing", &p))?;
             Ok(old)
         })();
         match result {
@@ -333,4 +341,41 @@ fn sync_dir(p: &Path) -> Result<(), ImageError> {
     File::open(p)
         .and_then(|f| f.sync_all())
         .map_err(ImageError::io("syncing", p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An image record of mig 0.1 (no `format`) is read; one of a newer format is refused by
+    /// name and left as it is.
+    #[test]
+    fn records_of_the_old_format_are_read_newer_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path()).unwrap();
+        let records = dir.path().join("images");
+        let old = format!(
+            r#"{{"name":"old","id":"sha256:{}","layers":[],"config":{{"env":[],"entrypoint":[],"cmd":["sh"],"workdir":"","user":""}},"created":1700000000,"size":5}}"#,
+            "1".repeat(64)
+        );
+        fs::write(records.join("old.json"), &old).unwrap();
+        let img = store.get("old").unwrap();
+        assert_eq!((img.name.as_str(), img.size), ("old", 5));
+        let newer = old.replace(r#""name":"old""#, r#""format":9,"name":"new""#);
+        fs::write(records.join("new.json"), &newer).unwrap();
+        let e = store.list().unwrap_err();
+        let chain = format!("{e}: {}", std::error::Error::source(&e).unwrap());
+        assert!(
+            chain.contains("new.json has format version 9, newer than version 2"),
+            "{chain}"
+        );
+        assert_eq!(fs::read_to_string(records.join("new.json")).unwrap(), newer);
+        fs::remove_file(records.join("new.json")).unwrap();
+        // Rewritten records carry the current format.
+        store.add_image(&img).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&fs::read(records.join("old.json")).unwrap()).unwrap();
+        assert_eq!(v["format"], 2);
+        assert_eq!(store.get("old").unwrap(), img);
+    }
 }
