@@ -434,6 +434,10 @@ impl SourceMachine {
     }
 
     fn rollback(&mut self, cause: Cause, detail: String, frozen: bool) {
+        // Actions queued before the rollback are moot (say a dump or the final file phase queued
+        // behind a message whose send then failed): they must not run, and a failure of theirs
+        // must not be taken for the thaw's. Messages (an Abort) and journal records stay.
+        self.out.retain(|o| !matches!(o, Output::Do(_)));
         if frozen {
             self.pending = Some((cause, detail));
             self.act(SourceAction::Thaw);

@@ -484,3 +484,60 @@ fn protocol_violation_aborts_before_commit() {
     while src.poll_output().is_some() {}
     assert!(src.is_finished());
 }
+
+/// Every output queued so far: the actions, and the journal states.
+fn drain_source(m: &mut SourceMachine) -> (Vec<SourceAction>, Vec<JournalState>) {
+    let (mut actions, mut journal) = (Vec::new(), Vec::new());
+    while let Some(o) = m.poll_output() {
+        match o {
+            Output::Do(a) => actions.push(a),
+            Output::Journal(r) => journal.push(r.state),
+            Output::Send(_) => {}
+        }
+    }
+    (actions, journal)
+}
+
+/// The driver sends the message queued before an action (Frozen before the dump, DumpDone before
+/// the final files); that send fails and the machine hears LinkLost while the action is still
+/// queued. The queued action must not run, and a thaw that worked is a clean rollback, not a
+/// rollback that "failed too" because of the moot action's failure.
+#[test]
+fn rollback_drops_actions_queued_before_it() {
+    for at_dump in [false, true] {
+        let mut m = SourceMachine::new(prepare(), Timeouts::default());
+        m.start();
+        drain_source(&mut m);
+        m.handle(SourceInput::Received(Message::PrepareOk {
+            missing_layers: Vec::new(),
+        }));
+        drain_source(&mut m);
+        m.handle(SourceInput::FilesSent {
+            phase: Phase::Presync,
+            files: 1,
+            bytes: 1,
+        });
+        drain_source(&mut m);
+        m.handle(SourceInput::Received(Message::TransferOk {
+            phase: Phase::Presync,
+        }));
+        assert_eq!(drain_source(&mut m).0, [SourceAction::Freeze]);
+        m.handle(SourceInput::Frozen);
+        if at_dump {
+            assert_eq!(drain_source(&mut m).0, [SourceAction::Dump]);
+            m.handle(SourceInput::Dumped);
+        }
+        assert!(matches!(m.poll_output(), Some(Output::Send(_))));
+        m.handle(SourceInput::LinkLost);
+        let (actions, _) = drain_source(&mut m);
+        assert_eq!(actions, [SourceAction::Thaw], "at_dump {at_dump}");
+        m.handle(SourceInput::Thawed);
+        let (_, journal) = drain_source(&mut m);
+        assert_eq!(journal, [JournalState::RolledBack]);
+        assert_eq!(
+            rolled_back(m.outcome()),
+            Some((Cause::LinkLost, None)),
+            "at_dump {at_dump}"
+        );
+    }
+}

@@ -20,6 +20,7 @@ use mig_runtime::pidmap::PidEntry;
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -505,22 +506,70 @@ enum FileEvent {
     Failed { detail: String },
 }
 
-/// Accepts file streams until aborted; aborting it aborts the receiving tasks too.
+/// Why a file task did not place a file.
+#[derive(Debug, thiserror::Error)]
+enum PlaceError {
+    #[error("migration {id} was cancelled: no more files are placed")]
+    Cancelled { id: String },
+}
+
+/// The task accepting a migration's file streams and running one task per file.
+struct Acceptor {
+    task: tokio::task::JoinHandle<()>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    /// Set once the migration is cancelled: file tasks refuse to place a file from then on.
+    cancelled: Arc<AtomicBool>,
+}
+
+impl Acceptor {
+    /// Stops accepting files and waits until every file task has ended: placing a file is
+    /// refused from now on, the tasks under way are aborted and joined. A cleanup that follows
+    /// cannot race a task that re-creates what it removes.
+    async fn stop(self) {
+        self.cancelled.store(true, Ordering::SeqCst);
+        let _ = self.stop.send(());
+        if let Err(e) = self.task.await {
+            if e.is_panic() {
+                tracing::warn!(error = %e, "the file acceptor panicked");
+            }
+        }
+    }
+}
+
+/// Accepts file streams until stopped (see [`Acceptor::stop`]; dropping the acceptor stops it
+/// too, without waiting).
 fn spawn_file_acceptor<H: DestHost>(
     conn: quinn::Connection,
     host: Arc<H>,
     id: String,
     events: mpsc::Sender<FileEvent>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
+) -> Acceptor {
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let flag = cancelled.clone();
+    let task = tokio::spawn(async move {
         let mut tasks = tokio::task::JoinSet::new();
+        let mut accepting = true;
         loop {
             tokio::select! {
-                r = conn.accept_uni() => {
-                    let Ok(recv) = r else { break };
-                    let (host, id, events) = (host.clone(), id.clone(), events.clone());
+                _ = &mut stopped => break,
+                r = conn.accept_uni(), if accepting => {
+                    let Ok(recv) = r else {
+                        // The connection is gone: the tasks under way end on their own.
+                        accepting = false;
+                        continue;
+                    };
+                    let (host, id, events, flag) =
+                        (host.clone(), id.clone(), events.clone(), flag.clone());
                     tasks.spawn(async move {
-                        let ev = match receive_file(recv, |h| host.place_file(&id, h)).await {
+                        let place = |h: &FileHeader| {
+                            if flag.load(Ordering::SeqCst) {
+                                return Err(Box::new(PlaceError::Cancelled { id: id.clone() })
+                                    as HostError);
+                            }
+                            host.place_file(&id, h)
+                        };
+                        let ev = match receive_file(recv, place).await {
                             Ok(f) => FileEvent::Ok { phase: f.header.kind.phase(), bytes: f.header.size },
                             Err(e) => FileEvent::Failed { detail: chain(&e) },
                         };
@@ -530,8 +579,16 @@ fn spawn_file_acceptor<H: DestHost>(
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             }
         }
+        // Aborted tasks stop at their next await point; join them all so none is still running
+        // (placing a file) when this task ends.
+        tasks.abort_all();
         while tasks.join_next().await.is_some() {}
-    })
+    });
+    Acceptor {
+        task,
+        stop,
+        cancelled,
+    }
 }
 
 /// Runs the destination side on an accepted connection: a Prepare starts a new migration, a
@@ -576,7 +633,7 @@ pub async fn run_dest<H: DestHost>(
     let mut ctrl = spawn_control_reader(recv);
     machine.handle(DestInput::Received(first));
     let (file_tx, mut file_rx) = mpsc::channel(64);
-    let mut acceptor: Option<tokio::task::JoinHandle<()>> = None;
+    let mut acceptor: Option<Acceptor> = None;
     let mut counts: HashMap<Phase, (u32, u64)> = HashMap::new();
     let mut awaiting: Option<(Phase, u32, u64)> = None;
     let mut link_up = true;
@@ -675,9 +732,9 @@ pub async fn run_dest<H: DestHost>(
                             total: None,
                         },
                     );
+                    // Every file task has ended before the cleanup removes what they placed.
                     if let Some(a) = acceptor.take() {
-                        a.abort();
-                        let _ = a.await;
+                        a.stop().await;
                     }
                     machine.handle(done(host.cleanup(&id).await, DestInput::CleanedUp))
                 }
@@ -738,7 +795,7 @@ pub async fn run_dest<H: DestHost>(
         machine.handle(input);
     }
     if let Some(a) = acceptor.take() {
-        a.abort();
+        a.stop().await;
     }
     linger(&mut send, link_up).await;
     Ok(DestReport {

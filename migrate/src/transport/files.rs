@@ -340,9 +340,13 @@ async fn receive_body(
         path: path.to_path_buf(),
         source,
     };
+    // The directory and the file are made here, not on a blocking thread: a receiving task that
+    // is aborted (a cancelled migration) must leave nothing to be created after it was joined,
+    // when the cleanup has removed the staging directory (two quick syscalls).
     if let Some(dir) = path.parent() {
-        tokio::fs::create_dir_all(dir).await.map_err(werr)?;
+        std::fs::create_dir_all(dir).map_err(werr)?;
     }
+    let mut f = std::fs::File::create(path).map_err(werr)?;
     // Writing and hashing happen on one blocking thread fed through a small channel.
     let (tx, mut rx) = mpsc::channel::<Bytes>(8);
     let wpath = path.to_path_buf();
@@ -351,7 +355,6 @@ async fn receive_body(
             path: wpath.clone(),
             source,
         };
-        let mut f = std::fs::File::create(&wpath).map_err(werr)?;
         let mut h = Sha256::new();
         let mut n = 0u64;
         while let Some(chunk) = rx.blocking_recv() {
