@@ -13,14 +13,34 @@
 //!                            checkpoint/  CRIU images (issue 3)
 //! ```
 //!
-//! Every JSON file is written atomically with [`mig_runtime::fsutil`].
+//! Every JSON file is written atomically with [`mig_runtime::fsutil`], and carries its format
+//! version ([`RECORD_FORMAT`]): read and write them with [`read_record`] and [`write_record`].
 
 use crate::api::ContainerState;
+use mig_runtime::fsutil::{self, Format};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 /// The largest state file read back (they are a few hundred bytes).
 pub const MAX_RECORD: u64 = 1 << 20;
+
+/// Format of the container records (`spec.json`, `state.json`, `shim.json`, `exit.json`): 1 is
+/// mig 0.1's (no `format` key), 2 adds the key. Older formats are read; a newer one is refused
+/// with the file and both versions named, and the file is left as it is.
+pub const RECORD_FORMAT: Format = Format {
+    key: "format",
+    current: 2,
+};
+
+/// Reads a container record of this format or an older one ([`fsutil::read_versioned`]).
+pub fn read_record<T: serde::de::DeserializeOwned>(path: &Path) -> std::io::Result<T> {
+    fsutil::read_versioned(path, MAX_RECORD, RECORD_FORMAT)
+}
+
+/// Writes a container record atomically, stamped with [`RECORD_FORMAT`].
+pub fn write_record<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    fsutil::write_versioned(path, value, RECORD_FORMAT)
+}
 
 /// Paths inside the state directory.
 #[derive(Debug, Clone)]
@@ -194,5 +214,21 @@ mod tests {
         assert_eq!(serde_json::from_value::<ExitRecord>(v.clone()).unwrap(), e);
         v["x"] = 1.into();
         assert!(serde_json::from_value::<ExitRecord>(v).is_err());
+    }
+
+    #[test]
+    fn records_carry_their_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("exit.json");
+        let e = ExitRecord {
+            code: 3,
+            signal: None,
+            oom_killed: false,
+            finished: 1,
+        };
+        write_record(&p, &e).unwrap();
+        let v: serde_json::Value = fsutil::read_json(&p, MAX_RECORD).unwrap();
+        assert_eq!(v["format"], 2);
+        assert_eq!(read_record::<ExitRecord>(&p).unwrap(), e);
     }
 }

@@ -210,7 +210,10 @@ fn oci_bundle_runs_and_unsupported_fields_are_refused() -> Result<()> {
 }
 
 /// A container record written by the previous release (the 0.1 format of spec.json,
-/// state.json and exit.json, frozen here as text) is read by this agent.
+/// state.json and exit.json, frozen here as text) is read by this agent, and so is a migration
+/// journal of that format (recovered at start: the interrupted incoming move is rolled back and
+/// its journal rewritten in the current format). Records of a newer format (a downgrade) are
+/// refused with the file and both versions named and left as they are.
 #[test]
 fn state_records_of_the_previous_format_are_read() -> Result<()> {
     if !is_root("state_records_of_the_previous_format_are_read") {
@@ -236,6 +239,33 @@ fn state_records_of_the_previous_format_are_read() -> Result<()> {
         dir.join("exit.json"),
         r#"{"code":3,"signal":null,"oom_killed":false,"finished":1700000002}"#,
     )?;
+    // A journal of 0.1: an incoming move interrupted before its restore, with its staging dir.
+    let journals = agent.state_dir.join("migrations");
+    let mid = "00112233445566778899aabbccddeeff";
+    std::fs::create_dir_all(journals.join(format!("{mid}.in")))?;
+    std::fs::write(journals.join(format!("{mid}.in/pages-1.img")), b"x")?;
+    let journal = journals.join(format!("{mid}.json"));
+    std::fs::write(
+        &journal,
+        format!(
+            r#"{{"migration_id":"{mid}","role":"Dest","state":"Preparing","container_id":"fedcba9876543210fedcba9876543210","container_name":"in-flight","peer":"host-x","cgroup":"{}/fedcba9876543210fedcba9876543210","updated":1700000000}}"#,
+            agent.cgroup_parent
+        ),
+    )?;
+    // Records of a future format: a container and a journal.
+    let future_id = "99999999999999999999999999999999";
+    let future_dir = agent.state_dir.join("containers").join(future_id);
+    std::fs::create_dir_all(&future_dir)?;
+    let future_spec = std::fs::read_to_string(dir.join("spec.json"))?
+        .replace(id, future_id)
+        .replace("old-one", "future-one")
+        .replacen('{', r#"{"format":3,"isolation":"vm","#, 1);
+    std::fs::write(future_dir.join("spec.json"), &future_spec)?;
+    let future_mid = "ffffffffffffffffffffffffffffffff";
+    let future_journal = journals.join(format!("{future_mid}.json"));
+    let future_text = format!(r#"{{"format":3,"migration_id":"{future_mid}","phase":"next"}}"#);
+    std::fs::write(&future_journal, &future_text)?;
+
     agent.spawn()?;
     let ps = agent.mig_json(&["ps", "-a", "--json"])?;
     let c = ps
@@ -244,7 +274,43 @@ fn state_records_of_the_previous_format_are_read() -> Result<()> {
         .with_context(|| format!("old record not listed: {ps}\n{}", agent.log()))?;
     ensure!(c["name"] == "old-one" && c["state"] == "exited", "{c}");
     ensure!(c["exit_code"] == 3, "{c}");
+    ensure!(
+        ps.as_array().is_some_and(|a| a.len() == 1),
+        "the future record is listed: {ps}"
+    );
+    let mut j = serde_json::Value::Null;
+    let settled = wait_until(Duration::from_secs(20), || {
+        j = std::fs::read(&journal)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        j["state"] == "RolledBack"
+    });
+    ensure!(settled, "old journal not recovered: {j}\n{}", agent.log());
+    ensure!(
+        j["format"] == 2 && j["container_name"] == "in-flight",
+        "{j}"
+    );
+    ensure!(
+        !journals.join(format!("{mid}.in")).exists(),
+        "the staging dir of the old journal is left"
+    );
+    // The future records: named in the log with both versions, not read, not changed.
+    let log = agent.log();
+    for file in [future_dir.join("spec.json"), future_journal.clone()] {
+        let want = format!(
+            "{} has format version 3, newer than version 2",
+            file.display()
+        );
+        ensure!(log.contains(&want), "{want:?} not in the log:\n{log}");
+    }
+    ensure!(std::fs::read_to_string(future_dir.join("spec.json"))? == future_spec);
+    ensure!(std::fs::read_to_string(&future_journal)? == future_text);
+    ensure!(!future_dir.join("state.json").exists());
+    // The old record, rewritten by this agent, is of the current format.
     agent.mig_ok(&["rm", "old-one"])?;
+    ensure!(!dir.exists(), "old-one not removed");
+    std::fs::remove_dir_all(&future_dir)?;
     Ok(())
 }
 

@@ -401,8 +401,8 @@ impl Agent {
             };
             let cd = self.dirs.container(&spec.id);
             let written = std::fs::rename(&tmp, &cd.dir)
-                .and_then(|_| mig_runtime::fsutil::write_json(&cd.spec(), &spec))
-                .and_then(|_| mig_runtime::fsutil::write_json(&cd.state(), &state));
+                .and_then(|_| crate::layout::write_record(&cd.spec(), &spec))
+                .and_then(|_| crate::layout::write_record(&cd.state(), &state));
             if let Err(e) = written {
                 drop(map);
                 let _ = std::fs::remove_dir_all(&tmp);

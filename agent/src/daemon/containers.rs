@@ -6,9 +6,7 @@ use crate::api::{
     ApiError, ContainerDetails, ContainerState, ContainerSummary, ErrorKind, ImageSummary,
     Response, RunRequest,
 };
-use crate::layout::{
-    is_our_shim, now, proc_start_ticks, ExitRecord, ShimRecord, StateRecord, MAX_RECORD,
-};
+use crate::layout::{is_our_shim, now, proc_start_ticks, ExitRecord, ShimRecord, StateRecord};
 use crate::shim::StartReport;
 use mig_runtime::cgroup::Cgroup;
 use mig_runtime::fsutil;
@@ -56,7 +54,7 @@ impl Agent {
                 continue;
             }
             let cd = self.dirs.container(&id);
-            let spec: ContainerSpec = match fsutil::read_json(&cd.spec(), MAX_RECORD) {
+            let spec: ContainerSpec = match crate::layout::read_record(&cd.spec()) {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(%id, error = %e, "skipping a container without a readable spec");
@@ -67,8 +65,12 @@ impl Agent {
                 tracing::warn!(%id, "skipping a container whose spec is invalid");
                 continue;
             }
-            let state: StateRecord = match fsutil::read_json(&cd.state(), MAX_RECORD) {
+            let state: StateRecord = match crate::layout::read_record(&cd.state()) {
                 Ok(s) => s,
+                Err(e) if fsutil::is_newer_format(&e) => {
+                    tracing::warn!(%id, error = %e, "skipping a container of a newer format (left as it is)");
+                    continue;
+                }
                 Err(e) => {
                     tracing::warn!(%id, error = %e, "container without state.json: marking it failed");
                     StateRecord {
@@ -109,7 +111,7 @@ impl Agent {
     }
 
     pub(super) fn persist(&self, id: &str, st: &StateRecord) {
-        if let Err(e) = fsutil::write_json(&self.dirs.container(id).state(), st) {
+        if let Err(e) = crate::layout::write_record(&self.dirs.container(id).state(), st) {
             tracing::error!(%id, error = %e, "cannot write state.json");
         }
     }
@@ -127,8 +129,7 @@ impl Agent {
 
     /// The shim's record, when its shim is alive.
     pub(super) fn live_shim(&self, id: &str) -> Option<ShimRecord> {
-        let shim: ShimRecord =
-            fsutil::read_json(&self.dirs.container(id).shim(), MAX_RECORD).ok()?;
+        let shim: ShimRecord = crate::layout::read_record(&self.dirs.container(id).shim()).ok()?;
         is_our_shim(shim.shim_pid, id).then_some(shim)
     }
 
@@ -148,7 +149,7 @@ impl Agent {
             return;
         }
         let exit: Option<ExitRecord> =
-            fsutil::read_json(&self.dirs.container(id).exit(), MAX_RECORD).ok();
+            crate::layout::read_record(&self.dirs.container(id).exit()).ok();
         if exit.is_none() {
             // The shim died without cleaning up: do it here.
             self.cleanup_resources(id, &e.state.cgroup);
@@ -427,8 +428,8 @@ impl Agent {
         for d in [cd.dir.clone(), cd.upper(), cd.work(), cd.rootfs()] {
             std::fs::create_dir_all(&d).map_err(|e| io(&format!("creating {}", d.display()), e))?;
         }
-        fsutil::write_json(&cd.spec(), spec).map_err(|e| io("writing spec.json", e))?;
-        fsutil::write_json(&cd.state(), state).map_err(|e| io("writing state.json", e))?;
+        crate::layout::write_record(&cd.spec(), spec).map_err(|e| io("writing spec.json", e))?;
+        crate::layout::write_record(&cd.state(), state).map_err(|e| io("writing state.json", e))?;
         // Records of a previous run must not be mistaken for this one's.
         for old in [cd.shim(), cd.exit()] {
             match std::fs::remove_file(&old) {

@@ -11,7 +11,7 @@ use super::source::{LOG_FILE, STATE_FILE, UPPER_DELTA_TAR, UPPER_TAR};
 use crate::api::{ContainerState, Response};
 use crate::daemon::events::EventKind;
 use crate::daemon::{Agent, Entry};
-use crate::layout::{now, StateRecord, MAX_RECORD};
+use crate::layout::{now, StateRecord};
 use mig_migrate::criu::Criu;
 use mig_migrate::protocol::Outcome;
 use mig_migrate::protocol::{JournalRecord, JournalState, Role, Timeouts};
@@ -487,8 +487,7 @@ impl DestSide {
             .staging(id)
             .ok()
             .and_then(|st| {
-                fsutil::read_json::<StateRecord>(&st.join("delta").join(STATE_FILE), MAX_RECORD)
-                    .ok()
+                crate::layout::read_record::<StateRecord>(&st.join("delta").join(STATE_FILE)).ok()
             })
             .map(|s| s.created)
             .unwrap_or_else(now);
@@ -504,8 +503,8 @@ impl DestSide {
             stop_requested: false,
             cgroup: self.cgroup_of(&spec.id),
         };
-        fsutil::write_json(&cd.spec(), &spec).map_err(io(&cd.spec()))?;
-        fsutil::write_json(&cd.state(), &state).map_err(io(&cd.state()))?;
+        crate::layout::write_record(&cd.spec(), &spec).map_err(io(&cd.spec()))?;
+        crate::layout::write_record(&cd.state(), &state).map_err(io(&cd.state()))?;
         self.agent.lock().insert(
             spec.id.clone(),
             Entry {

@@ -10,6 +10,12 @@ use std::path::{Path, PathBuf};
 /// Directory of the journal under the state directory.
 pub const JOURNAL_DIR: &str = "migrations";
 const MAX_JOURNAL: u64 = 1 << 20;
+/// Format of the journal files: 1 is mig 0.1's (no `format` key), 2 adds the key. A journal of a
+/// newer format is refused by name (and skipped by [`list`], left on disk).
+pub const JOURNAL_FORMAT: fsutil::Format = fsutil::Format {
+    key: "format",
+    current: 2,
+};
 
 /// One migration's journal file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,6 +51,12 @@ pub enum JournalError {
     BadId { id: String },
     #[error("cannot write the journal {path}")]
     Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read the journal {path}")]
+    Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -99,11 +111,20 @@ pub fn write(state_dir: &Path, entry: &JournalEntry) -> Result<(), JournalError>
         path: d.clone(),
         source,
     })?;
-    fsutil::write_json(&p, entry).map_err(|source| JournalError::Write { path: p, source })
+    fsutil::write_versioned(&p, entry, JOURNAL_FORMAT)
+        .map_err(|source| JournalError::Write { path: p, source })
 }
 
 pub fn read(state_dir: &Path, id: &str) -> Option<JournalEntry> {
-    fsutil::read_json(&path(state_dir, id).ok()?, MAX_JOURNAL).ok()
+    read_checked(state_dir, id).ok()
+}
+
+/// Reads one journal, of this format or an older one; the error names the file (and both
+/// versions when it is of a newer format).
+pub fn read_checked(state_dir: &Path, id: &str) -> Result<JournalEntry, JournalError> {
+    let p = path(state_dir, id)?;
+    fsutil::read_versioned(&p, MAX_JOURNAL, JOURNAL_FORMAT)
+        .map_err(|source| JournalError::Read { path: p, source })
 }
 
 /// Every readable journal entry.
@@ -120,9 +141,14 @@ pub fn list(state_dir: &Path) -> Result<Vec<JournalEntry>, JournalError> {
         let Some(id) = name.strip_suffix(".json") else {
             continue;
         };
-        match read(state_dir, id) {
-            Some(e) if e.migration_id == id => out.push(e),
-            _ => tracing::warn!(file = %name, "skipping an unreadable migration journal"),
+        match read_checked(state_dir, id) {
+            Ok(e) if e.migration_id == id => out.push(e),
+            Ok(_) => tracing::warn!(file = %name, "skipping a migration journal of another id"),
+            Err(e) => tracing::warn!(
+                file = %name,
+                error = %super::chain(&e),
+                "skipping an unreadable migration journal (left in place)"
+            ),
         }
     }
     Ok(out)
@@ -161,5 +187,37 @@ mod tests {
         assert_eq!(read(dir.path(), &id), Some(e.clone()));
         assert_eq!(list(dir.path()).unwrap(), vec![e]);
         assert!(path(dir.path(), "nope").is_err());
+        let on_disk = std::fs::read_to_string(path(dir.path(), &id).unwrap()).unwrap();
+        assert!(on_disk.contains("\"format\": 2"), "{on_disk}");
+    }
+
+    /// A journal of mig 0.1 (no `format`) is read; one of a newer format is skipped and kept.
+    #[test]
+    fn old_journals_are_read_newer_ones_kept_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(super::dir(dir.path())).unwrap();
+        let old = "0123456789abcdef0123456789abcdef";
+        std::fs::write(
+            path(dir.path(), old).unwrap(),
+            format!(
+                r#"{{"migration_id":"{old}","role":"Dest","state":"Restored","container_id":"c","container_name":"n","peer":"host-a","cgroup":"mig/c","updated":1700000000}}"#
+            ),
+        )
+        .unwrap();
+        let e = read_checked(dir.path(), old).unwrap();
+        assert_eq!((e.role, &e.state), (Role::Dest, &JournalState::Restored));
+        let newer = "fedcba9876543210fedcba9876543210";
+        let text = format!(r#"{{"format":3,"migration_id":"{newer}","future":true}}"#);
+        std::fs::write(path(dir.path(), newer).unwrap(), &text).unwrap();
+        let err = super::super::chain(&read_checked(dir.path(), newer).unwrap_err());
+        assert!(
+            err.contains(&format!(
+                "{newer}.json has format version 3, newer than version 2"
+            )),
+            "{err}"
+        );
+        assert_eq!(list(dir.path()).unwrap(), vec![e]);
+        let kept = std::fs::read_to_string(path(dir.path(), newer).unwrap()).unwrap();
+        assert_eq!(kept, text);
     }
 }

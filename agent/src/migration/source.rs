@@ -10,7 +10,7 @@ use super::{chain, ms, MoveResult};
 use crate::api::{ApiError, ContainerState, ErrorKind};
 use crate::daemon::events::EventKind;
 use crate::daemon::Agent;
-use crate::layout::{is_our_shim, now, proc_start_ticks, ShimRecord, MAX_RECORD};
+use crate::layout::{is_our_shim, now, proc_start_ticks, ShimRecord};
 use mig_migrate::archive::LayerScan;
 use mig_migrate::criu::{Criu, DumpOpts};
 use mig_migrate::imageset::{self, SealInfo, MANIFEST};
@@ -857,8 +857,7 @@ impl Agent {
 
     /// The init's PID when the container runs and the PID still belongs to it.
     pub(crate) fn init_pid_of(&self, id: &str) -> Option<i32> {
-        let s: ShimRecord =
-            mig_runtime::fsutil::read_json(&self.dirs.container(id).shim(), MAX_RECORD).ok()?;
+        let s: ShimRecord = crate::layout::read_record(&self.dirs.container(id).shim()).ok()?;
         (is_our_shim(s.shim_pid, id) && proc_start_ticks(s.init_pid) == Some(s.init_start_ticks))
             .then_some(s.init_pid)
     }

@@ -11,9 +11,8 @@ mod start;
 
 pub use start::{start, Mode};
 
-use crate::layout::{proc_start_ticks, ShimRecord, StateDir, StateRecord, MAX_RECORD};
+use crate::layout::{proc_start_ticks, ShimRecord, StateDir, StateRecord};
 use mig_runtime::cgroup::Cgroup;
-use mig_runtime::fsutil;
 use mig_runtime::spec::ContainerSpec;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -106,7 +105,7 @@ pub(crate) fn read_spec(state_dir: &Path, id: &str) -> Result<ContainerSpec, Shi
     mig_runtime::spec::validate_id(id).map_err(ShimError::Spec)?;
     let path = StateDir::new(state_dir).container(id).spec();
     let spec: ContainerSpec =
-        fsutil::read_json(&path, MAX_RECORD).map_err(|source| ShimError::Read { path, source })?;
+        crate::layout::read_record(&path).map_err(|source| ShimError::Read { path, source })?;
     spec.validate().map_err(ShimError::Spec)?;
     if spec.id != id {
         return Err(ShimError::SpecId {
@@ -124,7 +123,7 @@ pub fn exec(state_dir: &Path, id: &str, env: &[String], args: &[String]) -> Resu
     let spec = read_spec(state_dir, id)?;
     let cd = StateDir::new(state_dir).container(id);
     let shim: ShimRecord =
-        fsutil::read_json(&cd.shim(), MAX_RECORD).map_err(|source| ShimError::Read {
+        crate::layout::read_record(&cd.shim()).map_err(|source| ShimError::Read {
             path: cd.shim(),
             source,
         })?;
@@ -132,7 +131,7 @@ pub fn exec(state_dir: &Path, id: &str, env: &[String], args: &[String]) -> Resu
         return Err(ShimError::NotRunning);
     }
     let state: StateRecord =
-        fsutil::read_json(&cd.state(), MAX_RECORD).map_err(|source| ShimError::Read {
+        crate::layout::read_record(&cd.state()).map_err(|source| ShimError::Read {
             path: cd.state(),
             source,
         })?;

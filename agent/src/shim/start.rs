@@ -5,7 +5,6 @@ use crate::layout::{now, proc_start_ticks, ContainerDir, ExitRecord, ShimRecord,
 use mig_migrate::criu::{Criu, RestoreOpts};
 use mig_runtime::cgroup::Cgroup;
 use mig_runtime::container::{self, LaunchConfig};
-use mig_runtime::fsutil;
 use mig_runtime::image::ImageStore;
 use mig_runtime::spec::ContainerSpec;
 use nix::errno::Errno;
@@ -199,7 +198,7 @@ fn prepare(
         started: now(),
         init_start_ticks: proc_start_ticks(init_pid).unwrap_or(0),
     };
-    if let Err(e) = fsutil::write_json(&cd.shim(), &record) {
+    if let Err(e) = crate::layout::write_record(&cd.shim(), &record) {
         let _ = nix::sys::signal::kill(Pid::from_raw(init_pid), Signal::SIGKILL);
         let _ = waitpid(Pid::from_raw(init_pid), None);
         return Err((Stage::Record, e.to_string()));
@@ -328,7 +327,7 @@ fn supervise(mut r: Running) {
         oom_killed,
         finished: now(),
     };
-    if let Err(e) = fsutil::write_json(&r.cd.exit(), &exit) {
+    if let Err(e) = crate::layout::write_record(&r.cd.exit(), &exit) {
         eprintln!("mig-shim: writing exit.json: {e}");
     }
 }
