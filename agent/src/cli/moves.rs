@@ -61,6 +61,10 @@ pub enum LabCommand {
     Up {
         #[arg(long, default_value_t = 2)]
         hosts: usize,
+        /// The lab's /24 by its first three octets (default 10.78.0); host i gets A.B.C.(10+i).
+        /// The lab's name comes from MIG_LAB (default "mig").
+        #[arg(long, value_name = "A.B.C", value_parser = parse_subnet)]
+        subnet: Option<[u8; 3]>,
         #[arg(long)]
         json: bool,
     },
@@ -73,6 +77,16 @@ pub enum LabCommand {
     Down,
     /// Restart one host's agent (its containers keep running).
     Restart { host: String },
+}
+
+/// `A.B.C`: the first three octets of a lab's /24.
+fn parse_subnet(s: &str) -> Result<[u8; 3], String> {
+    let octets: Vec<u8> = s
+        .split('.')
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("{s:?} is not A.B.C (three numbers 0-255)"))?;
+    <[u8; 3]>::try_from(octets).map_err(|_| format!("{s:?} is not A.B.C (three octets)"))
 }
 
 fn lab_error(e: lab::LabError) -> CliError {
@@ -105,9 +119,16 @@ fn hosts_text(hosts: &[lab::LabHost]) -> String {
 async fn lab_command(cmd: &LabCommand) -> Result<u8, CliError> {
     let name = lab::lab_name_from_env();
     match cmd {
-        LabCommand::Up { hosts, json: j } => {
+        LabCommand::Up {
+            hosts,
+            subnet,
+            json: j,
+        } => {
             let migd = lab::migd_next_to_current_exe().ok_or(CliError::NoMigd)?;
             let mut cfg = LabConfig::new(&name, *hosts, migd);
+            if let Some(base) = subnet {
+                cfg.subnet_base = *base;
+            }
             cfg.extra_agent_args = vec!["--listen".into(), "{addr}:{port}".into()];
             let hosts = tokio::task::spawn_blocking(move || lab::up(&cfg))
                 .await
