@@ -39,6 +39,9 @@ struct Case {
     restart: &'static [usize],
     /// Where the container runs afterwards.
     expect: usize,
+    /// A host whose copy is in doubt after the move returned (before any restart): `mig ps`
+    /// there must say so.
+    in_doubt: Option<usize>,
     /// What the docs' table calls it.
     label: &'static str,
 }
@@ -54,8 +57,66 @@ const fn case(
         during: During::Nothing,
         restart,
         expect,
+        in_doubt: None,
         label,
     }
+}
+
+/// A [`case`] after which the copy on `host` is in doubt until the crashed agent is back.
+const fn in_doubt_case(
+    label: &'static str,
+    arm: &'static [(usize, &'static str)],
+    restart: &'static [usize],
+    expect: usize,
+    host: usize,
+) -> Case {
+    Case {
+        in_doubt: Some(host),
+        ..case(label, arm, restart, expect)
+    }
+}
+
+/// While a move is in doubt, `mig ps` on `host` shows the container's copy as frozen and in
+/// doubt (not "running"), with the migration id and this host's role in `--json`. `said` is what
+/// `mig move` printed (it names the id when the source reported the doubt).
+fn check_in_doubt(lab: &Lab, host: usize, name: &str, said: &str) -> Result<()> {
+    let mut last = serde_json::Value::Null;
+    let seen = mig_tests::wait_until(Duration::from_secs(30), || {
+        let Ok(v) = lab.mig_json(host, &["ps", "-a", "--json"]) else {
+            return false;
+        };
+        let c = v
+            .as_array()
+            .and_then(|l| l.iter().find(|c| c["name"] == name))
+            .cloned()
+            .unwrap_or_default();
+        last = c;
+        last["in_doubt"]["migration_id"].is_string()
+    });
+    if !seen {
+        bail!("{name} on {} not shown in doubt: {last}", host_name(host));
+    }
+    let d = &last["in_doubt"];
+    let id = d["migration_id"].as_str().unwrap_or_default();
+    let role = if host == A { "source" } else { "destination" };
+    if id.len() != 32 || d["role"] != role || d["peer"] != host_name(1 - host) {
+        bail!("{name} on {}: in_doubt {d}", host_name(host));
+    }
+    if said.contains("is in doubt") && !said.contains(id) {
+        bail!("`mig move` said {said:?}, ps names migration {id}");
+    }
+    let table = lab.mig_ok(host, &["ps"])?;
+    if !table
+        .lines()
+        .any(|l| l.contains(name) && l.contains("frozen (migration in doubt)"))
+    {
+        bail!(
+            "mig ps on {} does not show the doubt:\n{table}",
+            host_name(host)
+        );
+    }
+    eprintln!("in doubt on {}: migration {id}", host_name(host));
+    Ok(())
 }
 
 /// One table row of the results.
@@ -120,6 +181,9 @@ fn run_case(lab: &mut Lab, c: &Case, name: &str, id: &str, base: &mut [Usage]) -
         out.stderr.trim().to_string()
     };
     eprintln!("move exit {}: {message}", out.code);
+    if let Some(h) = c.in_doubt {
+        check_in_doubt(lab, h, name, &message)?;
+    }
     let mut restarted = c.restart.to_vec();
     if let During::KillAgent(h) = c.during {
         restarted.push(h);
@@ -268,7 +332,13 @@ fn source_faults_from_the_transfer() -> Result<()> {
             ),
             case("source-restore:fail", &[(A, "source-restore:fail")], &[], A),
             case("source-restore:cut", &[(A, "source-restore:cut")], &[], A),
-            case("source-commit:kill", &[(A, "source-commit:kill")], &[A], B),
+            in_doubt_case(
+                "source-commit:kill",
+                &[(A, "source-commit:kill")],
+                &[A],
+                B,
+                B,
+            ),
             case("source-commit:fail", &[(A, "source-commit:fail")], &[], A),
             case("source-commit:cut", &[(A, "source-commit:cut")], &[], A),
         ],
@@ -318,7 +388,7 @@ fn destination_faults_at_restore_and_commit() -> Result<()> {
                 A,
             ),
             case("dest-restore:cut", &[(B, "dest-restore:cut")], &[], A),
-            case("dest-commit:kill", &[(B, "dest-commit:kill")], &[B], B),
+            in_doubt_case("dest-commit:kill", &[(B, "dest-commit:kill")], &[B], B, A),
             case("dest-commit:fail", &[(B, "dest-commit:fail")], &[], A),
             case("dest-commit:cut", &[(B, "dest-commit:cut")], &[], A),
             case(
@@ -367,6 +437,7 @@ fn link_down_and_destination_crash_while_frozen() -> Result<()> {
                 during: During::LinkDown(B),
                 restart: &[],
                 expect: A,
+                in_doubt: None,
                 label: "link down (veth) while frozen",
             },
             Case {
@@ -374,6 +445,7 @@ fn link_down_and_destination_crash_while_frozen() -> Result<()> {
                 during: During::KillAgent(B),
                 restart: &[],
                 expect: A,
+                in_doubt: None,
                 label: "destination killed at freeze",
             },
             Case {
@@ -381,6 +453,7 @@ fn link_down_and_destination_crash_while_frozen() -> Result<()> {
                 during: During::KillAgent(B),
                 restart: &[],
                 expect: A,
+                in_doubt: None,
                 label: "destination killed at dump",
             },
             Case {
@@ -388,6 +461,7 @@ fn link_down_and_destination_crash_while_frozen() -> Result<()> {
                 during: During::LinkDown(A),
                 restart: &[],
                 expect: A,
+                in_doubt: None,
                 label: "source link down at transfer",
             },
         ],

@@ -438,6 +438,21 @@ pub struct ContainerSummary {
     /// Live usage from the cgroup (memory, CPU time, processes); running containers only.
     #[serde(default)]
     pub usage: Option<Usage>,
+    /// Set while a migration of the container is in doubt on this host (the link was lost at
+    /// Commit): this copy is frozen, whatever `state` says, until the move is settled (`mig move
+    /// --resolve`, or the source's resolver). `null` otherwise.
+    #[serde(default)]
+    pub in_doubt: Option<InDoubt>,
+}
+
+/// A migration in doubt on this host (see [`ContainerSummary::in_doubt`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InDoubt {
+    pub migration_id: String,
+    /// This host's side of the move: `source` or `destination`.
+    pub role: String,
+    /// The other host (source: the destination's peer name; destination: the source's name).
+    pub peer: String,
 }
 
 /// Everything `mig inspect` shows.

@@ -72,8 +72,11 @@ pub fn ps_table(list: &[ContainerSummary]) -> String {
     let rows = list
         .iter()
         .map(|c| {
-            let state = match c.exit_code {
-                Some(code) if !c.state.is_live() => format!("{} ({code})", c.state.as_str()),
+            let state = match (c.exit_code, &c.in_doubt) {
+                (_, Some(_)) => "frozen (migration in doubt)".to_owned(),
+                (Some(code), None) if !c.state.is_live() => {
+                    format!("{} ({code})", c.state.as_str())
+                }
                 _ => c.state.as_str().to_owned(),
             };
             vec![

@@ -521,6 +521,7 @@ impl Agent {
                 limits: e.spec.limits.clone(),
                 // Filled in by `list_with_usage` (daemon/info.rs), outside the lock.
                 usage: None,
+                in_doubt: None,
             })
             .collect();
         out.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));

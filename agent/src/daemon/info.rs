@@ -2,9 +2,10 @@
 
 use super::Agent;
 use crate::api::{
-    ApiError, ContainerState, ContainerSummary, ErrorKind, HostInfo, ImageInfo, Response,
+    ApiError, ContainerState, ContainerSummary, ErrorKind, HostInfo, ImageInfo, InDoubt, Response,
     API_VERSION, API_VERSION_MIN,
 };
+use mig_migrate::protocol::{JournalState, Role};
 use mig_runtime::cgroup::{Cgroup, Usage};
 use mig_runtime::image::{Image, ImageError};
 use std::collections::BTreeMap;
@@ -141,15 +142,42 @@ impl Agent {
         }
     }
 
-    /// `list`, with the live usage of running containers read from their cgroups.
+    /// `list`, with the live usage of running containers read from their cgroups and the
+    /// migrations in doubt from the journal.
     pub(crate) fn list_with_usage(&self, all: bool) -> Vec<ContainerSummary> {
         let mut list = self.list(all);
+        let doubt = self.in_doubt();
         for c in &mut list {
-            if c.state == ContainerState::Running {
+            c.in_doubt = doubt.get(&c.id).cloned();
+            if c.state == ContainerState::Running && c.in_doubt.is_none() {
                 c.usage = self.cgroup_usage(&c.id);
             }
         }
         list
+    }
+
+    /// The migrations in doubt on this host (journal state `InDoubt`: the link was lost at
+    /// Commit, or the agent restarted in the commit window), by container id; the latest when a
+    /// container has several.
+    fn in_doubt(&self) -> BTreeMap<String, InDoubt> {
+        let mut entries = crate::migration::journal::list(&self.cfg.state_dir).unwrap_or_default();
+        entries.retain(|e| e.state == JournalState::InDoubt);
+        entries.sort_by_key(|e| e.updated);
+        entries
+            .into_iter()
+            .map(|e| {
+                let role = match e.role {
+                    Role::Source => "source",
+                    Role::Dest => "destination",
+                };
+                let d = InDoubt {
+                    migration_id: e.migration_id,
+                    role: role.into(),
+                    peer: e.peer,
+                };
+                (e.container_id, d)
+            })
+            .collect()
     }
 
     fn cgroup_usage(&self, id: &str) -> Option<Usage> {

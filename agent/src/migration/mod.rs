@@ -8,10 +8,11 @@
 
 mod dest;
 pub mod fault;
-mod journal;
+pub(crate) mod journal;
 pub mod modes;
 pub(crate) mod pages;
 mod peers;
+mod pstree;
 mod recover;
 mod source;
 

@@ -278,6 +278,16 @@ impl SourceSide {
                 tunnel,
             )
             .map_err(SourceError::Dump)?;
+        // The "before" PID map is what CRIU dumped (the cgroup is frozen again): a read of
+        // `cgroup.procs` at the freeze can miss a short-lived process CRIU found.
+        match super::pstree::dumped_pids(&images) {
+            Ok(dumped) => {
+                let live = mig_runtime::pidmap::pid_map(&cg.procs().unwrap_or_default());
+                let map = super::pstree::dumped_map(live, &dumped);
+                *self.frozen_pids.lock().unwrap_or_else(|p| p.into_inner()) = map;
+            }
+            Err(e) => tracing::warn!(id = %self.id, error = %chain(&e), "cannot read the dumped process tree: the PID map read at the freeze stands"),
+        }
         let spec = self
             .agent
             .entry(&self.id)
@@ -813,13 +823,17 @@ impl Agent {
                 rollback_error,
             }) => {
                 super::recover::spawn_notifier(self.clone(), side.entry(JournalState::RolledBack));
-                let mut msg = format!(
-                    "migration to {} rolled back ({cause:?}): {detail}; the container keeps running here",
+                // `rollback_error` is set only when thawing the copy here failed.
+                let here = match rollback_error {
+                    None => "the container keeps running here".to_owned(),
+                    Some(r) => format!(
+                        "the container stays here but the rollback failed ({r}): it may still be frozen"
+                    ),
+                };
+                let msg = format!(
+                    "migration to {} rolled back ({cause:?}): {detail}; {here}",
                     peer.name
                 );
-                if let Some(r) = rollback_error {
-                    msg.push_str(&format!("; and the rollback failed too: {r}"));
-                }
                 Err(api(ErrorKind::Internal, msg))
             }
             None => Err(api(
