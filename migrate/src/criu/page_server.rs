@@ -91,6 +91,18 @@ impl LazyPagesOpts {
         target_args(&mut a, &self.source);
         a
     }
+
+    /// The argument list of a daemon that serves the pages of its own images directory
+    /// (no page server: `source` is not used).
+    pub fn local_args(&self, status_fd: RawFd) -> Vec<OsString> {
+        let mut a: Vec<OsString> = vec!["lazy-pages".into()];
+        push(&mut a, "--images-dir", &self.images_dir);
+        let log = resolve(&self.images_dir, &self.log_file);
+        push(&mut a, "--log-file", log);
+        a.push("-v4".into());
+        push(&mut a, "--status-fd", status_fd.to_string());
+        a
+    }
 }
 
 /// A CRIU process running in the background (page server, lazy-pages daemon, post-copy dump).
@@ -255,6 +267,31 @@ impl Criu {
                 a
             },
             target_fd(&opts.source),
+            &log,
+            opts.ready_timeout,
+        )
+    }
+
+    /// Starts a `criu lazy-pages` daemon that serves the pages already in `opts.images_dir`
+    /// (`opts.source` is ignored): a restore with `--lazy-pages` and the same `work_dir` then
+    /// resumes the tree before its memory is copied, and the daemon copies it in the
+    /// background and on demand. Returns once its socket exists.
+    pub fn lazy_pages_local(
+        &self,
+        opts: &LazyPagesOpts,
+        work_dir: &Path,
+    ) -> Result<Background, CriuError> {
+        check_pipe_max_size()?;
+        create_dir(work_dir)?;
+        let log = resolve(&opts.images_dir, &opts.log_file);
+        self.spawn_ready(
+            "lazy-pages",
+            |fd| {
+                let mut a = opts.local_args(fd);
+                push(&mut a, "--work-dir", work_dir);
+                a
+            },
+            None,
             &log,
             opts.ready_timeout,
         )

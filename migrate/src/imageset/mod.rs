@@ -259,6 +259,78 @@ fn is_log(rel: &str) -> bool {
 
 /// Re-hashes every file of `dir` and checks it against `dir/manifest.json`.
 pub fn verify(dir: &Path) -> Result<Manifest, ImageSetError> {
+    let (manifest, on_disk) = verify_listing(dir)?;
+    check_hashes(dir, &manifest, &on_disk)?;
+    Ok(manifest)
+}
+
+/// A note left next to an image set by the process that checked every file of it as it
+/// arrived (`mig move`'s destination agent): the SHA-256 of the manifest it checked against,
+/// and its PID. [`verify_or_trust`] skips re-hashing the files only when the note's author is
+/// the caller's parent (the agent that started the restore, not a restarted one) and the
+/// manifest is still the one it checked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArrivalNote {
+    pub manifest_sha256: String,
+    pub pid: u32,
+}
+
+/// Where the [`ArrivalNote`] of the image set in `dir` is: beside it, `<dir>.arrival.json`
+/// (never inside the set).
+pub fn arrival_note_path(dir: &Path) -> PathBuf {
+    let mut name = dir.file_name().unwrap_or_default().to_owned();
+    name.push(".arrival.json");
+    dir.with_file_name(name)
+}
+
+/// Writes the [`ArrivalNote`] of the image set in `dir` on behalf of process `pid`. The caller
+/// must have checked every file listed in the manifest against its digest.
+pub fn write_arrival_note(dir: &Path, pid: u32) -> Result<(), ImageSetError> {
+    let (_, manifest_sha256) = hash_file(&dir.join(MANIFEST))?;
+    let note = arrival_note_path(dir);
+    mig_runtime::fsutil::write_json(
+        &note,
+        &ArrivalNote {
+            manifest_sha256,
+            pid,
+        },
+    )
+    .map_err(|source| ImageSetError::WriteManifest { path: note, source })
+}
+
+/// Whether the image set was verified in this restore: `Trusted` when [`verify_or_trust`]
+/// relied on an arrival note (sizes and listing checked, contents not re-hashed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checked {
+    Hashed,
+    Trusted,
+}
+
+/// [`verify`], unless the set's [`ArrivalNote`] (consumed: removed in any case) was written by
+/// this process's parent for exactly this manifest; then only the listing and sizes are
+/// checked, since the parent hashed every file as it arrived.
+pub fn verify_or_trust(dir: &Path) -> Result<(Manifest, Checked), ImageSetError> {
+    let note = arrival_note_path(dir);
+    let arrival: Option<ArrivalNote> = mig_runtime::fsutil::read_json(&note, 4096).ok();
+    let _ = std::fs::remove_file(&note);
+    let parent = std::os::unix::process::parent_id();
+    let (manifest, on_disk) = verify_listing(dir)?;
+    let trusted = match arrival {
+        Some(a) if a.pid == parent && parent > 1 => {
+            hash_file(&dir.join(MANIFEST)).is_ok_and(|(_, h)| h == a.manifest_sha256)
+        }
+        _ => false,
+    };
+    if trusted {
+        return Ok((manifest, Checked::Trusted));
+    }
+    check_hashes(dir, &manifest, &on_disk)?;
+    Ok((manifest, Checked::Hashed))
+}
+
+/// Reads the manifest and checks the listing (no file missing or extra) and every size.
+fn verify_listing(dir: &Path) -> Result<(Manifest, Vec<String>), ImageSetError> {
     let manifest = read_manifest(dir)?;
     let on_disk = list_files(dir)?;
     let listed: BTreeMap<&str, &FileEntry> = manifest
@@ -291,7 +363,12 @@ pub fn verify(dir: &Path) -> Result<Manifest, ImageSetError> {
             });
         }
     }
-    let hashed = hash_all(dir, &on_disk)?;
+    Ok((manifest, on_disk))
+}
+
+/// Hashes every file of `on_disk` (the manifest's files, sorted) against `manifest`.
+fn check_hashes(dir: &Path, manifest: &Manifest, on_disk: &[String]) -> Result<(), ImageSetError> {
+    let hashed = hash_all(dir, on_disk)?;
     for (want, got) in manifest.files.iter().zip(&hashed) {
         if want.size != got.size {
             return Err(ImageSetError::SizeMismatch {
@@ -308,7 +385,7 @@ pub fn verify(dir: &Path) -> Result<Manifest, ImageSetError> {
             });
         }
     }
-    Ok(manifest)
+    Ok(())
 }
 
 /// Relative paths (sorted) of every regular file under `dir`, except the manifest, logs and

@@ -220,3 +220,53 @@ fn mutated_manifest_bytes_never_panic() {
         let _ = parse_manifest(&b);
     }
 }
+
+/// Flips one byte of `pages-1.img` (same size, other content).
+fn alter_pages(d: &Path) {
+    let p = d.join("pages-1.img");
+    let mut data = std::fs::read(&p).unwrap();
+    data[10] ^= 0xff;
+    std::fs::write(&p, data).unwrap();
+}
+
+#[test]
+fn arrival_note_of_the_parent_skips_hashing_once() {
+    let (d, _) = sealed();
+    let note = arrival_note_path(d.path());
+    write_arrival_note(d.path(), std::os::unix::process::parent_id()).unwrap();
+    // Contents are not re-hashed for the parent's note (the parent hashed them as they arrived)…
+    alter_pages(d.path());
+    let (_, how) = verify_or_trust(d.path()).unwrap();
+    assert_eq!(how, Checked::Trusted);
+    // …and the note is used once: the next check hashes and finds the change.
+    assert!(!note.exists());
+    let err = verify_or_trust(d.path()).unwrap_err();
+    assert!(matches!(err, ImageSetError::HashMismatch { .. }), "{err}");
+}
+
+#[test]
+fn arrival_note_of_another_process_or_manifest_is_not_trusted() {
+    let (d, _) = sealed();
+    let note = arrival_note_path(d.path());
+    alter_pages(d.path());
+    // A restarted agent (another PID) cannot know what arrived: everything is hashed.
+    write_arrival_note(d.path(), std::process::id()).unwrap();
+    let err = verify_or_trust(d.path()).unwrap_err();
+    assert!(matches!(err, ImageSetError::HashMismatch { .. }), "{err}");
+    assert!(!note.exists());
+    // A manifest changed since the note: hashed too.
+    write_arrival_note(d.path(), std::os::unix::process::parent_id()).unwrap();
+    let mut m = read_manifest(d.path()).unwrap();
+    m.created += 1;
+    write_manifest(d.path(), &m).unwrap();
+    let err = verify_or_trust(d.path()).unwrap_err();
+    assert!(matches!(err, ImageSetError::HashMismatch { .. }), "{err}");
+    // Sizes and listing are always checked.
+    let (d, _) = sealed();
+    let note = arrival_note_path(d.path());
+    write_arrival_note(d.path(), std::os::unix::process::parent_id()).unwrap();
+    assert!(note.exists());
+    std::fs::write(d.path().join("core-1.img"), b"core!").unwrap();
+    let err = verify_or_trust(d.path()).unwrap_err();
+    assert!(matches!(err, ImageSetError::SizeMismatch { .. }), "{err}");
+}
