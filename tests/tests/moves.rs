@@ -250,7 +250,6 @@ fn writable_layer_travels_as_presync_and_delta() -> Result<()> {
 }
 
 #[test]
-#[ignore = "known bug: resolving a move in doubt at Commit does not always settle (the source copy's removal can race its shim, or the destination copy stays stopped); see docs/migration.md"]
 fn link_cut_at_commit_is_resolved_with_one_copy() -> Result<()> {
     if !mig_tests::is_root("migration tests") {
         return Ok(());
@@ -273,8 +272,25 @@ fn link_cut_at_commit_is_resolved_with_one_copy() -> Result<()> {
         let (a, b) = (running(0), running(1));
         a != b && nothing_left(&lab, if a { 1 } else { 0 }, &id).is_ok()
     });
+    if !settled {
+        agent_logs(&lab);
+    }
     assert!(settled, "not settled: {}", lab.mig(0, &["ps", "-a"]).stdout);
     let host = if running(1) { 1 } else { 0 };
+    eprintln!("settled on {}", lab.hosts[host].name);
     continues(&lab, host, "doubt", count)?;
     Ok(())
+}
+
+/// Prints the end of every agent's log (next to its socket) to the test's output.
+fn agent_logs(lab: &Lab) {
+    for h in &lab.hosts {
+        let log = h.socket.with_file_name(format!("{}.log", h.name));
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        eprintln!("--- {} ({} lines)", log.display(), lines.len());
+        for l in &lines[lines.len().saturating_sub(60)..] {
+            eprintln!("{l}");
+        }
+    }
 }

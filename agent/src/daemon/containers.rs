@@ -668,6 +668,15 @@ impl Agent {
             }
             self.stop(id, Duration::ZERO).await?;
         }
+        // The shim writes its exit record (and removes the rootfs mount and the cgroup) just
+        // before it exits: it must be gone before its directory is removed.
+        if !self.wait_shim_gone(id, KILL_GRACE).await {
+            return Err(internal(format!(
+                "the shim of container {} did not exit within {} s",
+                e.spec.name,
+                KILL_GRACE.as_secs()
+            )));
+        }
         self.cleanup_resources(id, &e.state.cgroup);
         let cd = self.dirs.container(id);
         if super::is_mounted(&cd.rootfs()) {
@@ -676,15 +685,58 @@ impl Agent {
                 cd.rootfs().display()
             )));
         }
-        std::fs::remove_dir_all(&cd.dir)
+        remove_tree(&cd.dir)
+            .await
             .map_err(|err| internal(format!("removing {}: {err}", cd.dir.display())))?;
-        self.lock().remove(id);
+        if self.lock().remove(id).is_none() {
+            // Another removal of the same container finished first.
+            return Ok(());
+        }
         tracing::info!(%id, "container removed");
         self.emit(super::events::EventKind::ContainerRemoved {
             id: id.to_owned(),
             name: e.spec.name.clone(),
         });
         Ok(())
+    }
+}
+
+impl Agent {
+    /// Waits until the container's shim (if any) has exited; false on timeout.
+    async fn wait_shim_gone(&self, id: &str, timeout: Duration) -> bool {
+        let start = Instant::now();
+        while self.live_shim(id).is_some() {
+            if start.elapsed() >= timeout {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+}
+
+/// Removes a container directory; gone already is fine. Retried a few times when an entry
+/// appears or vanishes under it meanwhile (a record written at the last moment, a concurrent
+/// removal), which `remove_dir_all` reports as "Directory not empty" or "No such file".
+async fn remove_tree(dir: &std::path::Path) -> std::io::Result<()> {
+    let mut attempt = 0;
+    loop {
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !dir.exists() => return Ok(()),
+            Err(e)
+                if attempt < 5
+                    && matches!(
+                        e.kind(),
+                        std::io::ErrorKind::DirectoryNotEmpty | std::io::ErrorKind::NotFound
+                    ) =>
+            {
+                attempt += 1;
+                tracing::debug!(dir = %dir.display(), error = %e, "retrying the removal");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 

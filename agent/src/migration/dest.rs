@@ -27,8 +27,9 @@ use std::time::Duration;
 
 /// How long freezing the restored container may take.
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Marker in a container directory made by an incoming migration (its id).
-pub(crate) const MARKER: &str = "migration-id";
+/// Marker in a container directory made by an incoming migration (its id), until Commit. The
+/// shim restores such a container frozen (agent/src/shim/frozen.rs).
+pub(crate) const MARKER: &str = crate::shim::RESTORE_FROZEN_MARKER;
 
 /// Failures of the destination's host actions.
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +117,9 @@ pub(crate) struct DestSide {
     conn: std::sync::OnceLock<quinn::Connection>,
     /// Whether tunnel streams from the source are accepted yet (after the control stream).
     serving: std::sync::atomic::AtomicBool,
+    /// The migrations this connection's machine acts on ([`super::recover::hold`]), released
+    /// when the machine is done ([`DestSide::release`]).
+    held: Mutex<Vec<tokio::sync::OwnedMutexGuard<()>>>,
 }
 
 impl DestSide {
@@ -127,7 +131,25 @@ impl DestSide {
             placed: Mutex::new(HashMap::new()),
             conn: Default::default(),
             serving: Default::default(),
+            held: Default::default(),
         }
+    }
+
+    /// Holds migration `id` for this connection's machine; false when another machine still
+    /// acts on it after [`super::recover::DEST_HOLD_LIMIT`].
+    async fn hold(&self, id: &str) -> bool {
+        match super::recover::hold_within(id, super::recover::DEST_HOLD_LIMIT).await {
+            Some(g) => {
+                self.held.lock().unwrap_or_else(|p| p.into_inner()).push(g);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Lets other machines act on this connection's migrations (its machine is done).
+    pub(crate) fn release(&self) {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     fn mode_of(inc: &Incoming) -> Option<MigrationMode> {
@@ -666,6 +688,12 @@ impl DestHost for DestSide {
                 reason: RefuseReason::Policy,
                 detail: e.to_string(),
             })?;
+        if journal::valid_id(&prepare.migration_id) && !self.hold(&prepare.migration_id).await {
+            return Err(Refusal {
+                reason: RefuseReason::Busy,
+                detail: "this migration is being handled on another connection".into(),
+            });
+        }
         // Quick checks (a statvfs, a few stats): fine on the runtime thread.
         let missing = self.check_blocking(prepare)?;
         if prepare.mode == MigrationMode::Stream {
@@ -780,6 +808,13 @@ impl DestHost for DestSide {
     }
 
     async fn load_journal(&self, migration_id: &str) -> Option<JournalState> {
+        // A machine of this migration may still be at work (a rollback after a failed resume,
+        // a recovery): answer from its final journal entry, not from the one it is replacing.
+        // Still busy after the limit: no answer ("undecided"), the source asks again later.
+        if !journal::valid_id(migration_id) || !self.hold(migration_id).await {
+            tracing::warn!(migration = %migration_id, "a Resolve found the migration busy: answering undecided");
+            return None;
+        }
         let e = journal::read(&self.agent.cfg.state_dir, migration_id)
             .filter(|e| e.role == Role::Dest)?;
         if e.state == JournalState::Committed {
@@ -826,9 +861,11 @@ pub(crate) fn spawn_acceptor(agent: Arc<Agent>, endpoint: quinn::Endpoint) {
                 let side = Arc::new(DestSide::new(agent.clone(), source.clone()));
                 let _ = side.conn.set(conn.clone());
                 let hello = super::hello(&agent);
-                match transport::run_dest(conn.clone(), side.clone(), &hello, Timeouts::default())
-                    .await
-                {
+                let ran =
+                    transport::run_dest(conn.clone(), side.clone(), &hello, Timeouts::default())
+                        .await;
+                side.release();
+                match ran {
                     Ok(r) => {
                         // Post-copy: the lazy-pages daemon needs the connection until the last page.
                         super::pages::until_done(&r.migration_id).await;

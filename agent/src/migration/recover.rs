@@ -19,7 +19,47 @@ use crate::layout::now;
 use mig_migrate::protocol::{JournalState, Outcome, Role, SourceMachine, Timeouts};
 use mig_migrate::transport;
 use mig_runtime::cgroup::Cgroup;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use tokio::sync::OwnedMutexGuard;
+
+/// The per-migration locks of this agent (see [`hold`]).
+type Locks = std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>;
+
+fn locks() -> &'static Locks {
+    static LOCKS: OnceLock<Locks> = OnceLock::new();
+    LOCKS.get_or_init(Default::default)
+}
+
+/// Holds migration `id` on this agent: one protocol machine (a move, a Resolve on another
+/// connection, a recovery at start) acts on a migration's copy and journal at a time. Without
+/// it a Resolve could answer from a journal entry that a rollback still in progress is about to
+/// change (answering `Committed` while that rollback removes the copy), or two resolutions
+/// could destroy the same copy at once. Released when the guard is dropped.
+pub(crate) async fn hold(id: &str) -> OwnedMutexGuard<()> {
+    let lock = {
+        let mut map = locks().lock().unwrap_or_else(|p| p.into_inner());
+        // Forget the locks nobody holds or waits for.
+        map.retain(|_, l| Arc::strong_count(l) > 1);
+        map.entry(id.to_owned()).or_default().clone()
+    };
+    lock.lock_owned().await
+}
+
+/// [`hold`], giving up after `limit` (`None`: another machine still acts on the migration).
+pub(crate) async fn hold_within(id: &str, limit: Duration) -> Option<OwnedMutexGuard<()>> {
+    tokio::time::timeout(limit, hold(id)).await.ok()
+}
+
+/// How long a resolution waits for another resolution of the same migration on this agent.
+pub(crate) const HOLD_LIMIT: Duration = Duration::from_secs(20);
+
+/// How long the destination lets a Resolve wait for the machine still acting on the migration
+/// (a rollback, or a machine waiting for Commit until the link is found lost): longer than the
+/// source waits for the answer (`Timeouts::control`), so the source sees a timeout and asks
+/// again (its notifier stops at the first answer, even "undecided").
+pub(crate) const DEST_HOLD_LIMIT: Duration = Duration::from_secs(45);
 
 fn settle(agent: &Agent, e: &JournalEntry, state: JournalState) {
     let mut e = e.clone();
@@ -77,6 +117,7 @@ pub(crate) fn recover(agent: &Arc<Agent>) {
             (Role::Source, JournalState::Committed) => {
                 let agent = agent.clone();
                 tokio::spawn(async move {
+                    let _held = hold(&e.migration_id).await;
                     match destroy_copy(&agent, &e.container_id, &e.cgroup).await {
                         Ok(()) => {
                             tracing::info!(migration = %e.migration_id, "source copy removed")
@@ -105,6 +146,7 @@ pub(crate) fn recover(agent: &Arc<Agent>) {
             (Role::Dest, _) => {
                 let agent = agent.clone();
                 tokio::spawn(async move {
+                    let _held = hold(&e.migration_id).await;
                     match dest::cleanup_incoming(&agent, &e.migration_id, &e.container_id).await {
                         Ok(()) => settle(&agent, &e, JournalState::RolledBack),
                         Err(err) => settle(
@@ -283,6 +325,21 @@ impl Agent {
                 ),
             ));
         }
+        // One resolution at a time (an operator's `--resolve` and the automatic one): the
+        // second reads what the first decided instead of destroying or thawing again.
+        let _held = hold_within(&e.migration_id, HOLD_LIMIT)
+            .await
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorKind::Unavailable,
+                    format!("migration {} is being resolved already", e.migration_id),
+                )
+            })?;
+        let e = match journal::read(&self.cfg.state_dir, &e.migration_id) {
+            Some(now) if journal::is_final(&now.state) => return decided(&now),
+            Some(now) => now,
+            None => e,
+        };
         let net = self.migration.net().ok_or_else(|| {
             ApiError::new(
                 ErrorKind::Unavailable,
@@ -339,24 +396,9 @@ impl Agent {
         })?;
         match report.outcome {
             Some(Outcome::Committed { cleanup_error }) => Ok(MoveResult {
-                id: e.container_id.clone(),
-                name: e.container_name.clone(),
-                migration_id: e.migration_id.clone(),
-                peer: e.peer.clone(),
-                mode: "cold".into(),
-                downtime_ms: 0,
                 total_ms: super::ms(report.timings.total),
-                presync_ms: 0,
-                freeze_ms: 0,
-                dump_ms: 0,
-                transfer_ms: 0,
-                restore_ms: 0,
-                bytes_sent: 0,
-                files_sent: 0,
-                pid_map_before: Vec::new(),
-                pid_map: Vec::new(),
                 cleanup_error,
-                ..Default::default()
+                ..resolved_result(&e)
             }),
             Some(Outcome::RolledBack { detail, .. }) => Err(ApiError::new(
                 ErrorKind::Conflict,
@@ -370,5 +412,49 @@ impl Agent {
                 ),
             )),
         }
+    }
+}
+
+/// What `mig move --resolve` reports for a committed move.
+fn resolved_result(e: &JournalEntry) -> MoveResult {
+    MoveResult {
+        id: e.container_id.clone(),
+        name: e.container_name.clone(),
+        migration_id: e.migration_id.clone(),
+        peer: e.peer.clone(),
+        mode: "cold".into(),
+        ..Default::default()
+    }
+}
+
+/// The answer of a resolution that found the move already settled (by another resolution).
+fn decided(e: &JournalEntry) -> Result<MoveResult, ApiError> {
+    match &e.state {
+        JournalState::Committed => Ok(resolved_result(e)),
+        JournalState::RollbackFailed { detail } => Err(ApiError::new(
+            ErrorKind::Internal,
+            format!("resolved: the move was rolled back, but the rollback failed: {detail}"),
+        )),
+        _ => Err(ApiError::new(
+            ErrorKind::Conflict,
+            "resolved: the move was rolled back, the container runs here",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn one_holder_per_migration() {
+        let id = journal::new_id();
+        let first = hold(&id).await;
+        let short = Duration::from_millis(50);
+        assert!(hold_within(&id, short).await.is_none());
+        // Another migration is independent.
+        assert!(hold_within(&journal::new_id(), short).await.is_some());
+        drop(first);
+        assert!(hold_within(&id, short).await.is_some());
     }
 }

@@ -559,10 +559,12 @@ pub(crate) async fn destroy_copy(
         return Ok(());
     }
     agent.set_busy(id, false);
-    agent
-        .remove(id, true)
-        .await
-        .map_err(|e| SourceError::Destroy { message: e.message })
+    match agent.remove(id, true).await {
+        Ok(()) => Ok(()),
+        // Removed meanwhile by another caller: what was asked is done.
+        Err(_) if agent.entry(id).is_err() => Ok(()),
+        Err(e) => Err(SourceError::Destroy { message: e.message }),
+    }
 }
 
 /// Size in bytes of the files under `dir` (best effort).
@@ -731,7 +733,10 @@ impl Agent {
             ));
         }
         let machine = SourceMachine::new(prepare, Timeouts::default());
+        // A `mig move --resolve` of this move waits until the move's own machine is done.
+        let held = super::recover::hold(&migration_id).await;
         let report = transport::run_source(&conn, machine, &side, &super::hello(self)).await;
+        drop(held);
         conn.close(0u32.into(), b"done");
         let report = report.map_err(|e| {
             let msg = format!("migration to {} failed to start: {}", peer.name, chain(&e));

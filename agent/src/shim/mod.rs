@@ -7,7 +7,10 @@
 //!
 //! `mig-shim exec` runs a command inside a running container ([`exec`]).
 
+mod frozen;
 mod start;
+
+pub use frozen::RESTORE_FROZEN_MARKER;
 
 pub use start::{start, Mode};
 

@@ -236,34 +236,48 @@ fn restore(
     }
     let pidfile = cd.dir.join("restore.pid");
     let _ = std::fs::remove_file(&pidfile);
-    let outcome = criu
-        .restore(&RestoreOpts {
-            images_dir: cd.checkpoint(),
-            root: Some(rootfs.to_owned()),
-            inherit_fds: stdio_pipe
-                .map(|p| vec![(log_write, p.to_owned())])
-                .unwrap_or_default(),
-            cgroup_procs: cgroup.procs_files(),
-            log_file: "restore.log".into(),
-            // Outside the image set, which must verify again for the next restore.
-            pidfile,
-            // CRIU recreates the veth: eth0 inside, the recorded host end in the bridge.
-            // A user-namespace container's host binds (devices, masked files), as dumped.
-            external: net
-                .map(|n| vec![mig_runtime::net::criu_restore_external(n)])
-                .into_iter()
-                .flatten()
-                .chain(container::restore_externals(dumped))
-                .collect(),
-            // Connections dumped with --tcp-established need it again (docs/networking.md).
-            tcp_established: mig_runtime::net::images_have_tcp(&cd.checkpoint()),
-            // Post-copy (`mig move --mode lazy`): the agent started `criu lazy-pages` with its
-            // socket there; memory then comes from it (agent/src/migration/pages.rs).
-            lazy_pages: lazy_socket(cd).is_some(),
-            work_dir: lazy_socket(cd),
-            ..Default::default()
-        })
-        .map_err(|e| (Stage::Restore, chain(&e)))?;
+    // An arriving container stays frozen until Commit: it is frozen before its tasks resume.
+    let frozen = super::frozen::wanted(cd);
+    let extra = if frozen {
+        super::frozen::prepare(cd, cgroup).map_err(|e| (Stage::Restore, e))?
+    } else {
+        Vec::new()
+    };
+    let mut opts = RestoreOpts {
+        images_dir: cd.checkpoint(),
+        root: Some(rootfs.to_owned()),
+        inherit_fds: stdio_pipe
+            .map(|p| vec![(log_write, p.to_owned())])
+            .unwrap_or_default(),
+        cgroup_procs: cgroup.procs_files(),
+        log_file: "restore.log".into(),
+        // Outside the image set, which must verify again for the next restore.
+        pidfile,
+        // CRIU recreates the veth: eth0 inside, the recorded host end in the bridge.
+        // A user-namespace container's host binds (devices, masked files), as dumped.
+        external: net
+            .map(|n| vec![mig_runtime::net::criu_restore_external(n)])
+            .into_iter()
+            .flatten()
+            .chain(container::restore_externals(dumped))
+            .collect(),
+        // Connections dumped with --tcp-established need it again (docs/networking.md).
+        tcp_established: mig_runtime::net::images_have_tcp(&cd.checkpoint()),
+        // Post-copy (`mig move --mode lazy`): the agent started `criu lazy-pages` with its
+        // socket there; memory then comes from it (agent/src/migration/pages.rs).
+        lazy_pages: lazy_socket(cd).is_some(),
+        work_dir: lazy_socket(cd),
+        ..Default::default()
+    };
+    opts.extra.extend(extra);
+    let outcome = criu.restore(&opts).map_err(|e| (Stage::Restore, chain(&e)));
+    if frozen {
+        super::frozen::finish(cd);
+    }
+    let outcome = outcome?;
+    if frozen {
+        keep_frozen(cgroup, outcome.pid)?;
+    }
     if let Some(n) = net {
         // The host end up in the bridge, and a gratuitous ARP so the segment learns the move.
         if let Err(e) = mig_runtime::net::after_restore(outcome.pid, n) {
@@ -272,6 +286,25 @@ fn restore(
         }
     }
     Ok(outcome.pid)
+}
+
+/// Checks that the restore left the cgroup frozen (CRIU only logs a failed action script: then
+/// the tasks ran for a moment, and are frozen here, late); kills the tree when it cannot be.
+fn keep_frozen(cgroup: &Cgroup, pid: i32) -> Result<(), (Stage, String)> {
+    use mig_runtime::cgroup::FreezeState;
+    if !matches!(
+        cgroup.freeze_state(),
+        Ok(FreezeState::Frozen | FreezeState::Freezing)
+    ) {
+        eprintln!("mig-shim: the restored tasks were not frozen before they resumed; freezing now");
+    }
+    cgroup.freeze(Duration::from_secs(5)).map_err(|e| {
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        (
+            Stage::Restore,
+            format!("keeping the restored container frozen: {}", chain(&e)),
+        )
+    })
 }
 
 /// Copies the log and reaps children until the init has exited, then tears down and records.

@@ -1,0 +1,150 @@
+//! Restoring an arriving container frozen: its tasks never run before the agent thaws them.
+//!
+//! A container directory that carries an incoming migration's marker ([`RESTORE_FROZEN_MARKER`],
+//! written by the destination before the restore and removed at Commit) is restored frozen. CRIU
+//! runs in the container's cgroups (so the tasks it forks are born there), so the cgroup cannot
+//! be frozen before the restore. Instead a CRIU action script runs at `pre-resume`, when every
+//! restored task is held by CRIU (ptrace-stopped at its final `rt_sigreturn`, no instruction of
+//! the workload run yet): it moves every process of the freezer cgroup that is not in the
+//! container's PID namespace (CRIU and the script) back to the shim's own cgroup, then freezes
+//! the container's cgroup. When CRIU detaches, the tasks enter the freezer on their way back to
+//! user space, and stay there until `cgroup.freeze` is cleared (the agent's resume at Commit).
+//! No signal is sent to the workload (unlike `--leave-stopped`, whose SIGSTOP and later SIGCONT
+//! a parent in the container could see through `waitpid`).
+
+use crate::layout::ContainerDir;
+use mig_runtime::cgroup::Cgroup;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+/// Marker in a container directory: an incoming migration's id until Commit. The restore of
+/// such a container leaves it frozen.
+pub const RESTORE_FROZEN_MARKER: &str = "migration-id";
+
+/// The action script, written next to the container's records.
+const SCRIPT: &str = "criu-restore-frozen.sh";
+
+/// Whether the restore of this container must leave it frozen.
+pub(super) fn wanted(cd: &ContainerDir) -> bool {
+    cd.dir.join(RESTORE_FROZEN_MARKER).is_file()
+}
+
+/// Writes the action script for `cgroup` and returns CRIU's extra arguments
+/// (`--action-script PATH`).
+pub(super) fn prepare(cd: &ContainerDir, cgroup: &Cgroup) -> Result<Vec<String>, String> {
+    let (dir, freeze, value, label) = match cgroup.unified_dir() {
+        Some(d) if d.join("cgroup.freeze").exists() => (d.to_owned(), "cgroup.freeze", "1", ""),
+        _ => match cgroup.v1_dir("freezer") {
+            Some(d) => (d.to_owned(), "freezer.state", "FROZEN", "freezer"),
+            None => return Err(format!("cgroup {} has no freezer", cgroup.name)),
+        },
+    };
+    let home = home_dir(&dir, &cgroup.name, label)?;
+    let script = script_text(&dir, freeze, value, &home)?;
+    let path = cd.dir.join(SCRIPT);
+    std::fs::write(&path, script).map_err(|e| format!("{}: {e}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(vec![
+        "--action-script".into(),
+        path.to_string_lossy().into_owned(),
+    ])
+}
+
+/// Removes the script after the restore.
+pub(super) fn finish(cd: &ContainerDir) {
+    let _ = std::fs::remove_file(cd.dir.join(SCRIPT));
+}
+
+/// This process's cgroup directory in the hierarchy whose cgroup `name` is at `dir`
+/// (`label`: the controller in `/proc/self/cgroup`, empty for cgroup2).
+fn home_dir(dir: &Path, name: &str, label: &str) -> Result<PathBuf, String> {
+    let mut root = dir.to_owned();
+    for _ in name.split('/').filter(|c| !c.is_empty()) {
+        root.pop();
+    }
+    let text = std::fs::read_to_string("/proc/self/cgroup")
+        .map_err(|e| format!("/proc/self/cgroup: {e}"))?;
+    let rel = own_cgroup(&text, label)
+        .ok_or_else(|| format!("no {label:?} hierarchy in /proc/self/cgroup"))?;
+    Ok(root.join(rel.trim_start_matches('/')))
+}
+
+/// The path in `/proc/self/cgroup` text of the hierarchy with `label` (`""`: cgroup2).
+fn own_cgroup<'a>(text: &'a str, label: &str) -> Option<&'a str> {
+    text.lines().find_map(|l| {
+        let mut it = l.splitn(3, ':');
+        let (_, ctrls, path) = (it.next()?, it.next()?, it.next()?);
+        let hit = if label.is_empty() {
+            ctrls.is_empty()
+        } else {
+            ctrls.split(',').any(|c| c == label)
+        };
+        hit.then_some(path)
+    })
+}
+
+/// Single-quotes a path for sh (refusing one with a quote or a newline).
+fn quoted(p: &Path) -> Result<String, String> {
+    let s = p.to_string_lossy();
+    if s.contains(['\'', '\n']) {
+        return Err(format!("unusable path {s:?}"));
+    }
+    Ok(format!("'{s}'"))
+}
+
+fn script_text(dir: &Path, freeze: &str, value: &str, home: &Path) -> Result<String, String> {
+    let procs = quoted(&dir.join("cgroup.procs"))?;
+    let home_procs = quoted(&home.join("cgroup.procs"))?;
+    let freeze = quoted(&dir.join(freeze))?;
+    Ok(format!(
+        "#!/bin/sh\n\
+         # Written by mig-shim for one restore (agent/src/shim/frozen.rs): at pre-resume, CRIU and\n\
+         # this script leave the container's freezer cgroup, which is then frozen, so that the\n\
+         # restored tasks freeze as soon as CRIU lets them go.\n\
+         [ \"$CRTOOLS_SCRIPT_ACTION\" = pre-resume ] || exit 0\n\
+         self=$(readlink /proc/self/ns/pid) || exit 1\n\
+         for p in $(cat {procs}); do\n\
+         \tns=$(readlink /proc/$p/ns/pid 2>/dev/null) || continue\n\
+         \tif [ \"$ns\" = \"$self\" ]; then echo $p > {home_procs} 2>/dev/null; fi\n\
+         done\n\
+         echo {value} > {freeze}\n"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_cgroup_lines() {
+        let text = "12:freezer:/mig-a\n4:memory:/x\n0::/system.slice/migd.service\n";
+        assert_eq!(own_cgroup(text, ""), Some("/system.slice/migd.service"));
+        assert_eq!(own_cgroup(text, "freezer"), Some("/mig-a"));
+        assert_eq!(own_cgroup(text, "pids"), None);
+    }
+
+    #[test]
+    fn script_moves_criu_out_then_freezes() {
+        let s = script_text(
+            Path::new("/sys/fs/cgroup/unified/mig/c"),
+            "cgroup.freeze",
+            "1",
+            Path::new("/sys/fs/cgroup/unified/system.slice"),
+        )
+        .unwrap();
+        assert!(
+            s.contains("cat '/sys/fs/cgroup/unified/mig/c/cgroup.procs'"),
+            "{s}"
+        );
+        assert!(
+            s.contains("> '/sys/fs/cgroup/unified/system.slice/cgroup.procs'"),
+            "{s}"
+        );
+        assert!(
+            s.ends_with("echo 1 > '/sys/fs/cgroup/unified/mig/c/cgroup.freeze'\n"),
+            "{s}"
+        );
+        assert!(quoted(Path::new("/a'b")).is_err());
+    }
+}
