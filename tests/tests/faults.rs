@@ -33,10 +33,10 @@ enum During {
 
 struct Case {
     /// Faults armed, per host.
-    arm: &'static [(usize, &'static str)],
+    arm: Vec<(usize, &'static str)>,
     during: During,
     /// Agents to start again after the move (they crashed).
-    restart: &'static [usize],
+    restart: Vec<usize>,
     /// Where the container runs afterwards.
     expect: usize,
     /// A host whose copy is in doubt after the move returned (before any restart): `mig ps`
@@ -46,33 +46,37 @@ struct Case {
     label: &'static str,
 }
 
-const fn case(
-    label: &'static str,
-    arm: &'static [(usize, &'static str)],
-    restart: &'static [usize],
-    expect: usize,
-) -> Case {
+/// A case arming the one fault `point:fault` on `host` (its label too): a `kill` crashes that
+/// agent, which is restarted after the move; the container ends on `expect`.
+fn on(host: usize, fault: &'static str, expect: usize) -> Case {
     Case {
-        arm,
+        arm: vec![(host, fault)],
         during: During::Nothing,
-        restart,
+        restart: if fault.ends_with(":kill") {
+            vec![host]
+        } else {
+            Vec::new()
+        },
         expect,
         in_doubt: None,
-        label,
+        label: fault,
     }
 }
 
-/// A [`case`] after which the copy on `host` is in doubt until the crashed agent is back.
-const fn in_doubt_case(
-    label: &'static str,
-    arm: &'static [(usize, &'static str)],
-    restart: &'static [usize],
-    expect: usize,
-    host: usize,
-) -> Case {
+/// Like [`on`], and the copy on `doubt` is in doubt until the crashed agent is back.
+fn on_in_doubt(host: usize, fault: &'static str, expect: usize, doubt: usize) -> Case {
     Case {
-        in_doubt: Some(host),
-        ..case(label, arm, restart, expect)
+        in_doubt: Some(doubt),
+        ..on(host, fault, expect)
+    }
+}
+
+/// A case that holds the source in an armed delay while the test acts on `during`.
+fn held(label: &'static str, delay: &'static str, during: During) -> Case {
+    Case {
+        during,
+        label,
+        ..on(A, delay, A)
     }
 }
 
@@ -138,7 +142,7 @@ fn run_case(lab: &mut Lab, c: &Case, name: &str, id: &str, base: &mut [Usage]) -
     if bad {
         bail!("the container is already BAD before {}", c.label);
     }
-    for (h, f) in c.arm {
+    for (h, f) in &c.arm {
         lab.fault(*h, Some(f))?;
     }
     let t0 = Instant::now();
@@ -172,7 +176,7 @@ fn run_case(lab: &mut Lab, c: &Case, name: &str, id: &str, base: &mut [Usage]) -
     if let During::LinkDown(h) = c.during {
         lab.link(h, true)?;
     }
-    for (h, _) in c.arm {
+    for (h, _) in &c.arm {
         lab.fault(*h, None)?;
     }
     let message = if out.code == 0 {
@@ -184,7 +188,7 @@ fn run_case(lab: &mut Lab, c: &Case, name: &str, id: &str, base: &mut [Usage]) -
     if let Some(h) = c.in_doubt {
         check_in_doubt(lab, h, name, &message)?;
     }
-    let mut restarted = c.restart.to_vec();
+    let mut restarted = c.restart.clone();
     if let During::KillAgent(h) = c.during {
         restarted.push(h);
     }
@@ -232,6 +236,9 @@ fn run_case(lab: &mut Lab, c: &Case, name: &str, id: &str, base: &mut [Usage]) -
 /// A lab, the container on host-a, one move there and back (so lazily made state exists), the
 /// baseline, then every case of `table`.
 fn run_table(tag: &str, third: u8, table: &[Case]) -> Result<()> {
+    if !mig_tests::is_root("fault tests") {
+        return Ok(());
+    }
     let mut lab = Lab::up(tag, third)?;
     let name = format!("f{tag}");
     let id = lab.run_container(A, &name, 8)?;
@@ -259,144 +266,76 @@ fn run_table(tag: &str, third: u8, table: &[Case]) -> Result<()> {
 
 #[test]
 fn source_faults_before_the_dump() -> Result<()> {
-    if !mig_tests::is_root("fault tests") {
-        return Ok(());
-    }
     run_table(
         "sa",
         20,
         &[
-            case(
-                "source-prepare:kill",
-                &[(A, "source-prepare:kill")],
-                &[A],
-                A,
-            ),
-            case("source-prepare:fail", &[(A, "source-prepare:fail")], &[], A),
-            case(
-                "source-presync:kill",
-                &[(A, "source-presync:kill")],
-                &[A],
-                A,
-            ),
-            case("source-presync:fail", &[(A, "source-presync:fail")], &[], A),
-            case("source-presync:cut", &[(A, "source-presync:cut")], &[], A),
-            case("source-freeze:kill", &[(A, "source-freeze:kill")], &[A], A),
-            case("source-freeze:fail", &[(A, "source-freeze:fail")], &[], A),
-            case("source-freeze:cut", &[(A, "source-freeze:cut")], &[], A),
-            case("source-dump:kill", &[(A, "source-dump:kill")], &[A], A),
-            case("source-dump:fail", &[(A, "source-dump:fail")], &[], A),
-            case(
-                "source-dump:criu-fail",
-                &[(A, "source-dump:criu-fail")],
-                &[],
-                A,
-            ),
+            on(A, "source-prepare:kill", A),
+            on(A, "source-prepare:fail", A),
+            on(A, "source-presync:kill", A),
+            on(A, "source-presync:fail", A),
+            on(A, "source-presync:cut", A),
+            on(A, "source-freeze:kill", A),
+            on(A, "source-freeze:fail", A),
+            on(A, "source-freeze:cut", A),
+            on(A, "source-dump:kill", A),
+            on(A, "source-dump:fail", A),
+            on(A, "source-dump:criu-fail", A),
         ],
     )
 }
 
 #[test]
 fn source_faults_from_the_transfer() -> Result<()> {
-    if !mig_tests::is_root("fault tests") {
-        return Ok(());
-    }
     run_table(
         "sb",
         21,
         &[
-            case(
-                "source-transfer:kill",
-                &[(A, "source-transfer:kill")],
-                &[A],
-                A,
-            ),
-            case(
-                "source-transfer:corrupt",
-                &[(A, "source-transfer:corrupt")],
-                &[],
-                A,
-            ),
-            case("source-transfer:cut", &[(A, "source-transfer:cut")], &[], A),
-            case(
-                "source-transfer:delay:1500",
-                &[(A, "source-transfer:delay:1500")],
-                &[],
-                B,
-            ),
-            case(
-                "source-restore:kill",
-                &[(A, "source-restore:kill")],
-                &[A],
-                A,
-            ),
-            case("source-restore:fail", &[(A, "source-restore:fail")], &[], A),
-            case("source-restore:cut", &[(A, "source-restore:cut")], &[], A),
-            in_doubt_case(
-                "source-commit:kill",
-                &[(A, "source-commit:kill")],
-                &[A],
-                B,
-                B,
-            ),
-            case("source-commit:fail", &[(A, "source-commit:fail")], &[], A),
-            case("source-commit:cut", &[(A, "source-commit:cut")], &[], A),
+            on(A, "source-transfer:kill", A),
+            on(A, "source-transfer:corrupt", A),
+            on(A, "source-transfer:cut", A),
+            on(A, "source-transfer:delay:1500", B),
+            on(A, "source-restore:kill", A),
+            on(A, "source-restore:fail", A),
+            on(A, "source-restore:cut", A),
+            on_in_doubt(A, "source-commit:kill", B, B),
+            on(A, "source-commit:fail", A),
+            on(A, "source-commit:cut", A),
         ],
     )
 }
 
 #[test]
 fn destination_faults() -> Result<()> {
-    if !mig_tests::is_root("fault tests") {
-        return Ok(());
-    }
     run_table(
         "da",
         22,
         &[
-            case("dest-prepare:kill", &[(B, "dest-prepare:kill")], &[B], A),
-            case("dest-prepare:fail", &[(B, "dest-prepare:fail")], &[], A),
-            case("dest-presync:kill", &[(B, "dest-presync:kill")], &[B], A),
-            case("dest-presync:fail", &[(B, "dest-presync:fail")], &[], A),
-            case("dest-transfer:kill", &[(B, "dest-transfer:kill")], &[B], A),
-            case("dest-transfer:fail", &[(B, "dest-transfer:fail")], &[], A),
-            case(
-                "dest-transfer:delay:1500",
-                &[(B, "dest-transfer:delay:1500")],
-                &[],
-                B,
-            ),
+            on(B, "dest-prepare:kill", A),
+            on(B, "dest-prepare:fail", A),
+            on(B, "dest-presync:kill", A),
+            on(B, "dest-presync:fail", A),
+            on(B, "dest-transfer:kill", A),
+            on(B, "dest-transfer:fail", A),
+            on(B, "dest-transfer:delay:1500", B),
         ],
     )
 }
 
 #[test]
 fn destination_faults_at_restore_and_commit() -> Result<()> {
-    if !mig_tests::is_root("fault tests") {
-        return Ok(());
-    }
     run_table(
         "db",
         23,
         &[
-            case("dest-restore:kill", &[(B, "dest-restore:kill")], &[B], A),
-            case("dest-restore:fail", &[(B, "dest-restore:fail")], &[], A),
-            case(
-                "dest-restore:criu-fail",
-                &[(B, "dest-restore:criu-fail")],
-                &[],
-                A,
-            ),
-            case("dest-restore:cut", &[(B, "dest-restore:cut")], &[], A),
-            in_doubt_case("dest-commit:kill", &[(B, "dest-commit:kill")], &[B], B, A),
-            case("dest-commit:fail", &[(B, "dest-commit:fail")], &[], A),
-            case("dest-commit:cut", &[(B, "dest-commit:cut")], &[], A),
-            case(
-                "dest-commit:delay:1500",
-                &[(B, "dest-commit:delay:1500")],
-                &[],
-                B,
-            ),
+            on(B, "dest-restore:kill", A),
+            on(B, "dest-restore:fail", A),
+            on(B, "dest-restore:criu-fail", A),
+            on(B, "dest-restore:cut", A),
+            on_in_doubt(B, "dest-commit:kill", B, A),
+            on(B, "dest-commit:fail", A),
+            on(B, "dest-commit:cut", A),
+            on(B, "dest-commit:delay:1500", B),
         ],
     )
 }
@@ -407,16 +346,10 @@ fn destination_faults_at_restore_and_commit() -> Result<()> {
 /// task before cleaning up.
 #[test]
 fn destination_cut_while_files_arrive() -> Result<()> {
-    if !mig_tests::is_root("fault tests") {
-        return Ok(());
-    }
     run_table(
         "dc",
         28,
-        &[
-            case("dest-presync:cut", &[(B, "dest-presync:cut")], &[], A),
-            case("dest-transfer:cut", &[(B, "dest-transfer:cut")], &[], A),
-        ],
+        &[on(B, "dest-presync:cut", A), on(B, "dest-transfer:cut", A)],
     )
 }
 
@@ -425,45 +358,30 @@ fn destination_cut_while_files_arrive() -> Result<()> {
 /// phases, so this is how it fails there.
 #[test]
 fn link_down_and_destination_crash_while_frozen() -> Result<()> {
-    if !mig_tests::is_root("fault tests") {
-        return Ok(());
-    }
     run_table(
         "ln",
         24,
         &[
-            Case {
-                arm: &[(A, "source-freeze:delay:3000")],
-                during: During::LinkDown(B),
-                restart: &[],
-                expect: A,
-                in_doubt: None,
-                label: "link down (veth) while frozen",
-            },
-            Case {
-                arm: &[(A, "source-freeze:delay:3000")],
-                during: During::KillAgent(B),
-                restart: &[],
-                expect: A,
-                in_doubt: None,
-                label: "destination killed at freeze",
-            },
-            Case {
-                arm: &[(A, "source-dump:delay:3000")],
-                during: During::KillAgent(B),
-                restart: &[],
-                expect: A,
-                in_doubt: None,
-                label: "destination killed at dump",
-            },
-            Case {
-                arm: &[(A, "source-transfer:delay:3000")],
-                during: During::LinkDown(A),
-                restart: &[],
-                expect: A,
-                in_doubt: None,
-                label: "source link down at transfer",
-            },
+            held(
+                "link down (veth) while frozen",
+                "source-freeze:delay:3000",
+                During::LinkDown(B),
+            ),
+            held(
+                "destination killed at freeze",
+                "source-freeze:delay:3000",
+                During::KillAgent(B),
+            ),
+            held(
+                "destination killed at dump",
+                "source-dump:delay:3000",
+                During::KillAgent(B),
+            ),
+            held(
+                "source link down at transfer",
+                "source-transfer:delay:3000",
+                During::LinkDown(A),
+            ),
         ],
     )
 }
@@ -472,13 +390,15 @@ fn link_down_and_destination_crash_while_frozen() -> Result<()> {
 /// refused at Prepare, and keeps running on host-a.
 #[test]
 fn disk_full_is_refused_at_prepare() -> Result<()> {
-    if !mig_tests::is_root("fault tests") {
+    let Some(DiskCase {
+        lab,
+        id,
+        before,
+        count,
+    }) = disk_lab("dfp", 25, 24 << 20)?
+    else {
         return Ok(());
-    }
-    let lab = DiskLab::up("dfp", 25, B, 24 << 20)?;
-    let id = lab.run_container(A, "dfp", 8)?;
-    let before: Vec<Usage> = (0..2).map(|h| usage(&lab, h)).collect();
-    let (count, _) = log_state(&lab.mig(A, &["logs", "dfp"]).stdout);
+    };
     let o = lab.mig(A, &["move", "dfp", "host-b", "--json"]);
     eprintln!("move exit {}: {}", o.code, o.stderr.trim());
     assert_ne!(o.code, 0, "{}", o.stdout);
@@ -494,14 +414,16 @@ fn disk_full_is_refused_at_prepare() -> Result<()> {
 /// the move took on host-b is given back.
 #[test]
 fn disk_full_during_the_transfer_rolls_back() -> Result<()> {
-    if !mig_tests::is_root("fault tests") {
+    let Some(DiskCase {
+        lab,
+        id,
+        before,
+        count,
+    }) = disk_lab("dft", 26, 200 << 20)?
+    else {
         return Ok(());
-    }
-    let lab = DiskLab::up("dft", 26, B, 200 << 20)?;
-    let id = lab.run_container(A, "dft", 8)?;
-    let before: Vec<Usage> = (0..2).map(|h| usage(&lab, h)).collect();
+    };
     let free_before = free_bytes(lab.state_dir(B));
-    let (count, _) = log_state(&lab.mig(A, &["logs", "dft"]).stdout);
     lab.fault(A, Some("source-freeze:delay:3000"))?;
     let filler = lab.state_dir(B).join("filler");
     let o = std::thread::scope(|s| {
@@ -538,6 +460,35 @@ fn disk_full_during_the_transfer_rolls_back() -> Result<()> {
         "host-b lost space: {free_before} -> {free_after}"
     );
     Ok(())
+}
+
+/// A lab whose host-b keeps its state directory on a small tmpfs, with the container running on
+/// host-a.
+struct DiskCase {
+    lab: DiskLab,
+    /// The container's id.
+    id: String,
+    /// Both hosts' usage before the move.
+    before: Vec<Usage>,
+    /// The container's counter before the move.
+    count: u64,
+}
+
+/// A [`DiskCase`] with a tmpfs of `bytes` and the container `name`; `None` when not root.
+fn disk_lab(name: &str, third: u8, bytes: u64) -> Result<Option<DiskCase>> {
+    if !mig_tests::is_root("fault tests") {
+        return Ok(None);
+    }
+    let lab = DiskLab::up(name, third, B, bytes)?;
+    let id = lab.run_container(A, name, 8)?;
+    let before: Vec<Usage> = (0..2).map(|h| usage(&lab, h)).collect();
+    let (count, _) = log_state(&lab.mig(A, &["logs", name]).stdout);
+    Ok(Some(DiskCase {
+        lab,
+        id,
+        before,
+        count,
+    }))
 }
 
 fn free_bytes(p: &std::path::Path) -> u64 {
