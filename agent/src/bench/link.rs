@@ -5,7 +5,11 @@
 
 use super::report::{mbs, LinkRow};
 use super::{progress, BenchError, Ctx};
-use mig_migrate::transport::{client_config, server_config, AllowedPeers, Identity};
+use mig_migrate::transport::tunnel::{self, Service, Tunnel, TunnelHeader};
+use mig_migrate::transport::{
+    client_config, endpoint_config, endpoint_with, server_config, transport_config, udp_socket,
+    AllowedPeers, Identity, GSO_SEGMENTS,
+};
 use std::collections::HashSet;
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
@@ -15,6 +19,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Ports of the bench's own traffic (each lab host has its own namespace, nothing else uses them).
 const TCP_PORT: u16 = 7901;
@@ -121,106 +126,410 @@ fn quic_err(what: &str, e: impl std::fmt::Display) -> BenchError {
     BenchError::Quic(format!("{what}: {e}"))
 }
 
-/// Raw QUIC with mig's TLS and transport settings: `mib` MiB from host-a to host-b on one
-/// connection, over 4 unidirectional streams.
-fn quic(ctx: &Ctx, mib: u64) -> Result<LinkRow, BenchError> {
-    const STREAMS: u64 = 4;
-    let server_addr = addr(ctx, 1, QUIC_PORT);
-    let client_addr = addr(ctx, 0, 0);
-    let server_sock = join(in_netns(&ctx.hosts[1].netns, move || {
-        UdpSocket::bind(server_addr).map_err(link_err("udp bind"))
-    }))?;
-    let client_sock = join(in_netns(&ctx.hosts[0].netns, move || {
-        UdpSocket::bind(client_addr).map_err(link_err("udp bind"))
-    }))?;
+/// A way of carrying bytes over QUIC from host-a to host-b, for comparisons in one run. Written
+/// `[tunnel:]CxS[:tweak+tweak...]`: C connections (each between its own pair of UDP sockets) of
+/// S unidirectional streams each, through the page tunnel or raw, with mig's transport settings
+/// changed by the tweaks ([`TWEAKS`]).
+#[derive(Debug, Clone)]
+pub struct Variant {
+    pub name: String,
+    pub tunnel: bool,
+    pub conns: usize,
+    pub streams: usize,
+    pub tweaks: Vec<String>,
+}
+
+/// Changes to mig's settings a [`Variant`] can make, for experiments.
+pub const TWEAKS: &[&str] = &[
+    "untuned (system socket buffers)",
+    "mtu=N (path MTU discovery upper bound)",
+    "nomtud (no path MTU discovery)",
+    "initmtu=N",
+    "nogso",
+    "bbr",
+    "newreno",
+    "cubic=IW (initial window, bytes)",
+    "ackfreq",
+    "win4x (4x stream, connection and send windows)",
+    "nofair (no send fairness between streams)",
+    "ep1472 (quinn's default endpoint settings: peers announce 1472-byte datagrams at most)",
+    "gso=N (datagrams per GSO send)",
+];
+
+impl Variant {
+    /// mig's own settings: `conns` connections of `streams` streams.
+    pub fn mig(conns: usize, streams: usize) -> Variant {
+        Variant {
+            name: format!("quic {conns}x{streams}"),
+            tunnel: false,
+            conns,
+            streams,
+            tweaks: Vec::new(),
+        }
+    }
+
+    fn tuned_sockets(&self) -> bool {
+        !self.tweaks.iter().any(|t| t == "untuned")
+    }
+
+    fn endpoint(
+        &self,
+        socket: UdpSocket,
+        server: Option<quinn::ServerConfig>,
+    ) -> io::Result<quinn::Endpoint> {
+        let mut config = endpoint_config();
+        let mut segments = GSO_SEGMENTS;
+        for tweak in &self.tweaks {
+            match tweak.split_once('=').unwrap_or((tweak, "")) {
+                ("ep1472", _) => config = quinn::EndpointConfig::default(),
+                ("gso", n) => segments = n.parse().unwrap_or(GSO_SEGMENTS),
+                _ => {}
+            }
+        }
+        endpoint_with(socket, server, config, segments)
+    }
+
+    fn transport(&self) -> quinn::TransportConfig {
+        let mut t = transport_config();
+        for tweak in &self.tweaks {
+            let (name, value) = tweak.split_once('=').unwrap_or((tweak, ""));
+            let n: u64 = value.parse().unwrap_or(0);
+            match name {
+                "mtu" => {
+                    let mut m = quinn::MtuDiscoveryConfig::default();
+                    m.upper_bound(n as u16);
+                    t.mtu_discovery_config(Some(m));
+                }
+                "nomtud" => {
+                    t.mtu_discovery_config(None);
+                }
+                "initmtu" => {
+                    t.initial_mtu(n as u16);
+                }
+                "nogso" => {
+                    t.enable_segmentation_offload(false);
+                }
+                "bbr" => {
+                    t.congestion_controller_factory(Arc::new(
+                        quinn::congestion::BbrConfig::default(),
+                    ));
+                }
+                "newreno" => {
+                    t.congestion_controller_factory(Arc::new(
+                        quinn::congestion::NewRenoConfig::default(),
+                    ));
+                }
+                "cubic" => {
+                    let mut c = quinn::congestion::CubicConfig::default();
+                    c.initial_window(n);
+                    t.congestion_controller_factory(Arc::new(c));
+                }
+                "ackfreq" => {
+                    let mut a = quinn::AckFrequencyConfig::default();
+                    a.ack_eliciting_threshold(quinn::VarInt::from_u32(16));
+                    a.max_ack_delay(Some(Duration::from_millis(2)));
+                    t.ack_frequency_config(Some(a));
+                }
+                "win4x" => {
+                    t.stream_receive_window(quinn::VarInt::from_u32(64 << 20));
+                    t.receive_window(quinn::VarInt::from_u32(256 << 20));
+                    t.send_window(256 << 20);
+                }
+                "nofair" => {
+                    t.send_fairness(false);
+                }
+                _ => {}
+            }
+        }
+        t
+    }
+}
+
+/// Parses a [`Variant`] (`[tunnel:]CxS[:tweak+tweak...]`).
+pub fn parse_variant(s: &str) -> Result<Variant, String> {
+    let bad = || format!("invalid link variant {s:?} ([tunnel:]CxS[:tweak+...])");
+    let (tunnel, rest) = match s.strip_prefix("tunnel:") {
+        Some(r) => (true, r),
+        None => (false, s),
+    };
+    let (shape, tweaks) = rest.split_once(':').unwrap_or((rest, ""));
+    let (c, st) = shape.split_once('x').ok_or_else(bad)?;
+    let conns: usize = c.parse().map_err(|_| bad())?;
+    let streams: usize = st.parse().map_err(|_| bad())?;
+    if !(1..=8).contains(&conns) || !(1..=16).contains(&streams) {
+        return Err(bad());
+    }
+    let tweaks: Vec<String> = tweaks
+        .split('+')
+        .filter(|t| !t.is_empty())
+        .map(str::to_string)
+        .collect();
+    for t in &tweaks {
+        let name = t.split_once('=').map_or(t.as_str(), |(n, _)| n);
+        if !TWEAKS
+            .iter()
+            .any(|k| k.split([' ', '=']).next() == Some(name))
+        {
+            return Err(format!(
+                "unknown link tweak {t:?} (one of: {})",
+                TWEAKS.join(", ")
+            ));
+        }
+    }
+    Ok(Variant {
+        name: format!("{}quic {rest}", if tunnel { "tunnel " } else { "" }),
+        tunnel,
+        conns,
+        streams,
+        tweaks,
+    })
+}
+
+/// QUIC endpoints and configurations for `v` between host-a (clients) and host-b (servers).
+struct QuicSetup {
+    server_socks: Vec<UdpSocket>,
+    client_socks: Vec<UdpSocket>,
+    server_addrs: Vec<SocketAddr>,
+    server_cfg: quinn::ServerConfig,
+    client_cfg: quinn::ClientConfig,
+}
+
+fn quic_setup(ctx: &Ctx, v: &Variant) -> Result<QuicSetup, BenchError> {
+    let mut server_socks = Vec::new();
+    let mut client_socks = Vec::new();
+    let mut server_addrs = Vec::new();
+    for i in 0..v.conns {
+        let server_addr = addr(ctx, 1, QUIC_PORT + 10 + i as u16);
+        let client_addr = addr(ctx, 0, 0);
+        let tuned = v.tuned_sockets();
+        let bind = move |a: SocketAddr| {
+            let s = if tuned {
+                udp_socket(a)
+            } else {
+                UdpSocket::bind(a)
+            };
+            s.map_err(link_err("udp bind"))
+        };
+        server_socks.push(join(in_netns(&ctx.hosts[1].netns, move || {
+            bind(server_addr)
+        }))?);
+        client_socks.push(join(in_netns(&ctx.hosts[0].netns, move || {
+            bind(client_addr)
+        }))?);
+        server_addrs.push(server_addr);
+    }
     let id_a = Identity::generate("bench-a").map_err(|e| quic_err("identity", e))?;
     let id_b = Identity::generate("bench-b").map_err(|e| quic_err("identity", e))?;
     let allowed = AllowedPeers::new(HashSet::from([id_a.fingerprint().to_string()]));
-    let server_cfg = server_config(&id_b, allowed).map_err(|e| quic_err("server config", e))?;
-    let client_cfg =
+    let mut server_cfg = server_config(&id_b, allowed).map_err(|e| quic_err("server config", e))?;
+    let mut client_cfg =
         client_config(&id_a, id_b.fingerprint()).map_err(|e| quic_err("client config", e))?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    let t = Arc::new(v.transport());
+    server_cfg.transport_config(t.clone());
+    client_cfg.transport_config(t);
+    Ok(QuicSetup {
+        server_socks,
+        client_socks,
+        server_addrs,
+        server_cfg,
+        client_cfg,
+    })
+}
+
+/// A progress line with the sending side's path figures (loss, congestion, MTU, datagrams per
+/// system call).
+fn log_stats(c: &quinn::Connection) {
+    let st = c.stats();
+    let p = st.path;
+    progress(&format!(
+        "  quic path: rtt {:?} cwnd {} mtu {} sent {} lost {} congestion events {} black holes {} udp tx {} datagrams in {} calls",
+        p.rtt, p.cwnd, p.current_mtu, p.sent_packets, p.lost_packets, p.congestion_events,
+        p.black_holes_detected, st.udp_tx.datagrams, st.udp_tx.ios
+    ));
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, BenchError> {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(link_err("tokio runtime"))?;
-    let per_stream = (mib << 20) / STREAMS;
-    rt.block_on(async move {
-        let runtime = Arc::new(quinn::TokioRuntime);
-        let server = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
-            Some(server_cfg),
-            server_sock,
-            runtime.clone(),
-        )
-        .map_err(link_err("quic server endpoint"))?;
-        let client =
-            quinn::Endpoint::new(quinn::EndpointConfig::default(), None, client_sock, runtime)
-                .map_err(link_err("quic client endpoint"))?;
-        let receiver = tokio::spawn(async move {
-            let incoming = server
+        .map_err(link_err("tokio runtime"))
+}
+
+/// Connects every client endpoint to its server endpoint: (client side, server side) pairs and
+/// the endpoints, which must live until the end.
+async fn quic_connect(
+    setup: QuicSetup,
+    v: &Variant,
+) -> Result<
+    (
+        Vec<(quinn::Connection, quinn::Connection)>,
+        Vec<quinn::Endpoint>,
+    ),
+    BenchError,
+> {
+    let mut conns = Vec::new();
+    let mut endpoints = Vec::new();
+    let socks = setup.server_socks.into_iter().zip(setup.client_socks);
+    for ((server_sock, client_sock), to) in socks.zip(setup.server_addrs) {
+        let server = v
+            .endpoint(server_sock, Some(setup.server_cfg.clone()))
+            .map_err(link_err("quic server endpoint"))?;
+        let client = v
+            .endpoint(client_sock, None)
+            .map_err(link_err("quic client endpoint"))?;
+        let srv = server.clone();
+        let accepted = tokio::spawn(async move {
+            let incoming = srv
                 .accept()
                 .await
                 .ok_or_else(|| quic_err("accept", "closed"))?;
-            let conn = incoming.await.map_err(|e| quic_err("accept", e))?;
-            let mut tasks = Vec::new();
-            for _ in 0..STREAMS {
-                let mut recv = conn
-                    .accept_uni()
-                    .await
-                    .map_err(|e| quic_err("accept stream", e))?;
-                tasks.push(tokio::spawn(async move {
-                    let mut n = 0u64;
-                    while let Some(c) = recv
-                        .read_chunk(CHUNK, false)
-                        .await
-                        .map_err(|e| quic_err("read", e))?
-                    {
-                        n += c.bytes.len() as u64;
-                    }
-                    Ok::<u64, BenchError>(n)
-                }));
-            }
-            let mut total = 0;
-            for t in tasks {
-                total += t.await.map_err(|e| quic_err("stream task", e))??;
-            }
-            let end = Instant::now();
-            conn.close(0u32.into(), b"done");
-            Ok::<(u64, Instant), BenchError>((total, end))
+            incoming.await.map_err(|e| quic_err("accept", e))
         });
-        let conn = client
-            .connect_with(client_cfg, server_addr, "mig-peer")
+        let c = client
+            .connect_with(setup.client_cfg.clone(), to, "mig-peer")
             .map_err(|e| quic_err("connect", e))?
             .await
             .map_err(|e| quic_err("handshake", e))?;
+        let s = accepted.await.map_err(|e| quic_err("accept task", e))??;
+        conns.push((c, s));
+        endpoints.extend([server, client]);
+    }
+    Ok((conns, endpoints))
+}
+
+/// Raw QUIC with mig's TLS and transport settings changed by `v`: `mib` MiB from host-a to
+/// host-b, spread over `v`'s connections and streams.
+fn quic(ctx: &Ctx, mib: u64, v: &Variant) -> Result<LinkRow, BenchError> {
+    let setup = quic_setup(ctx, v)?;
+    let per_stream = (mib << 20) / (v.conns * v.streams) as u64;
+    let streams = v.streams;
+    let name = v.name.clone();
+    runtime()?.block_on(async move {
+        let (conns, endpoints) = quic_connect(setup, v).await?;
         let start = Instant::now();
         let chunk = bytes::Bytes::from(vec![0x5au8; CHUNK]);
+        let mut receivers = Vec::new();
         let mut senders = Vec::new();
-        for _ in 0..STREAMS {
-            let mut send = conn
-                .open_uni()
-                .await
-                .map_err(|e| quic_err("open stream", e))?;
-            let chunk = chunk.clone();
-            senders.push(tokio::spawn(async move {
-                for _ in 0..(per_stream / CHUNK as u64) {
-                    send.write_chunk(chunk.clone())
+        for (c, s) in &conns {
+            for _ in 0..streams {
+                let mut send = c.open_uni().await.map_err(|e| quic_err("open stream", e))?;
+                let chunk = chunk.clone();
+                senders.push(tokio::spawn(async move {
+                    for _ in 0..(per_stream / CHUNK as u64) {
+                        send.write_chunk(chunk.clone())
+                            .await
+                            .map_err(|e| quic_err("write", e))?;
+                    }
+                    send.finish().map_err(|e| quic_err("finish", e))?;
+                    Ok::<(), BenchError>(())
+                }));
+            }
+            let s = s.clone();
+            receivers.push(tokio::spawn(async move {
+                let mut n = 0u64;
+                for _ in 0..streams {
+                    let mut recv = s
+                        .accept_uni()
                         .await
-                        .map_err(|e| quic_err("write", e))?;
+                        .map_err(|e| quic_err("accept stream", e))?;
+                    let task = tokio::spawn(async move {
+                        let mut n = 0u64;
+                        while let Some(c) = recv
+                            .read_chunk(CHUNK, false)
+                            .await
+                            .map_err(|e| quic_err("read", e))?
+                        {
+                            n += c.bytes.len() as u64;
+                        }
+                        Ok::<u64, BenchError>(n)
+                    });
+                    n += task.await.map_err(|e| quic_err("stream task", e))??;
                 }
-                send.finish().map_err(|e| quic_err("finish", e))?;
-                Ok::<(), BenchError>(())
+                Ok::<u64, BenchError>(n)
             }));
         }
-        for s in senders {
-            s.await.map_err(|e| quic_err("send task", e))??;
+        for t in senders {
+            t.await.map_err(|e| quic_err("send task", e))??;
         }
-        let (bytes, end) = receiver.await.map_err(|e| quic_err("receive task", e))??;
-        client.wait_idle().await;
-        let ms = end.duration_since(start).as_millis().max(1) as u64;
+        let mut bytes = 0;
+        for t in receivers {
+            bytes += t.await.map_err(|e| quic_err("receive task", e))??;
+        }
+        let ms = start.elapsed().as_millis().max(1) as u64;
+        for (c, _) in &conns {
+            log_stats(c);
+            c.close(0u32.into(), b"done");
+        }
+        for e in &endpoints {
+            e.wait_idle().await;
+        }
         Ok(LinkRow {
-            proto: "quic".into(),
+            proto: name,
+            bytes,
+            ms,
+            mbs: mbs(bytes, ms).unwrap_or(0.0),
+        })
+    })
+}
+
+/// The page tunnel as stream mode uses it: a loopback TCP client on host-a writes `mib` MiB into
+/// a [`Tunnel`] on `v`'s connections, the far side's [`tunnel::serve`] carries them into a
+/// loopback TCP server that reads them (host-b). `v.streams` is not used.
+fn tunnel(ctx: &Ctx, mib: u64, v: &Variant) -> Result<LinkRow, BenchError> {
+    let setup = quic_setup(ctx, v)?;
+    let total = mib << 20;
+    let name = v.name.clone();
+    runtime()?.block_on(async move {
+        let (conns, endpoints) = quic_connect(setup, v).await?;
+        let sink = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(link_err("sink bind"))?;
+        let sink_addr = sink.local_addr().map_err(link_err("sink bind"))?;
+        let reader = tokio::spawn(async move {
+            let (mut s, _) = sink.accept().await.map_err(link_err("sink accept"))?;
+            let mut buf = vec![0u8; CHUNK];
+            let mut n = 0u64;
+            loop {
+                match s.read(&mut buf).await.map_err(link_err("sink read"))? {
+                    0 => return Ok::<u64, BenchError>(n),
+                    k => n += k as u64,
+                }
+            }
+        });
+        for (_, s) in &conns {
+            tokio::spawn(tunnel::serve(s.clone(), move |_| Some(sink_addr)));
+        }
+        let header = TunnelHeader {
+            migration_id: "bench".into(),
+            service: Service::PageServer,
+        };
+        let (c, _) = &conns[0];
+        let t = Tunnel::listen(c.clone(), header)
+            .await
+            .map_err(|e| quic_err("tunnel", e))?;
+        let start = Instant::now();
+        let mut s = tokio::net::TcpStream::connect(t.addr())
+            .await
+            .map_err(link_err("tunnel connect"))?;
+        let buf = vec![0x5au8; CHUNK];
+        for _ in 0..(total / CHUNK as u64) {
+            s.write_all(&buf).await.map_err(link_err("tunnel write"))?;
+        }
+        s.shutdown().await.map_err(link_err("tunnel shutdown"))?;
+        let bytes = reader.await.map_err(|e| quic_err("sink task", e))??;
+        let ms = start.elapsed().as_millis().max(1) as u64;
+        drop(s);
+        drop(t);
+        for (c, _) in &conns {
+            log_stats(c);
+            c.close(0u32.into(), b"done");
+        }
+        for e in &endpoints {
+            e.wait_idle().await;
+        }
+        Ok(LinkRow {
+            proto: name,
             bytes,
             ms,
             mbs: mbs(bytes, ms).unwrap_or(0.0),
@@ -252,10 +561,48 @@ fn median_of(
 
 /// Raw TCP and QUIC throughput between host-a and host-b (medians of [`LINK_REPEATS`]).
 pub fn measure(ctx: &Ctx, mib: u64) -> Result<Vec<LinkRow>, BenchError> {
-    Ok(vec![
-        median_of(ctx, || tcp(ctx, mib))?,
-        median_of(ctx, || quic(ctx, mib))?,
-    ])
+    let mut quic_row = median_of(ctx, || quic(ctx, mib, &Variant::mig(1, 4)))?;
+    quic_row.proto = "quic".into();
+    Ok(vec![median_of(ctx, || tcp(ctx, mib))?, quic_row])
+}
+
+/// `--link-only`: raw TCP, QUIC with mig's settings and variants of them, and the page tunnel,
+/// each the median of [`LINK_REPEATS`], printed as a table.
+pub fn measure_all(ctx: &Ctx, mib: u64, variants: &[Variant]) -> Result<Vec<LinkRow>, BenchError> {
+    let mut rows = vec![median_of(ctx, || tcp(ctx, mib))?];
+    let defaults;
+    let variants = match variants.is_empty() {
+        true => {
+            defaults = default_variants();
+            &defaults
+        }
+        false => variants,
+    };
+    for v in variants {
+        rows.push(match v.tunnel {
+            true => median_of(ctx, || tunnel(ctx, mib, v))?,
+            false => median_of(ctx, || quic(ctx, mib, v))?,
+        });
+    }
+    println!("{:<40} {:>8} {:>8} {:>10}", "link", "MiB", "ms", "MB/s");
+    for r in &rows {
+        println!(
+            "{:<40} {:>8} {:>8} {:>10.0}",
+            r.proto,
+            r.bytes >> 20,
+            r.ms,
+            r.mbs
+        );
+    }
+    Ok(rows)
+}
+
+/// What `--link-only` measures when no `--link-variants` are given.
+fn default_variants() -> Vec<Variant> {
+    ["1x1", "1x4", "2x2", "tunnel:1x1"]
+        .iter()
+        .filter_map(|v| parse_variant(v).ok())
+        .collect()
 }
 
 /// Copies the regular files of directory `from` (host-a) into `to` (host-b, created) over one TCP

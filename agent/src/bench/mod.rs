@@ -89,6 +89,16 @@ pub struct BenchMoveArgs {
     /// MiB sent by each raw throughput measurement, each repeated 3 times (0: skip them).
     #[arg(long, default_value_t = 1024)]
     pub link_mib: u64,
+    /// Only measure the link (raw TCP, raw QUIC, the page tunnel) and print it; no workload, no
+    /// moves.
+    #[arg(long)]
+    pub link_only: bool,
+    /// With --link-only: the QUIC variants to compare, comma-separated, each
+    /// `[tunnel:]CxS[:tweak+...]` (C connections of S streams; tweaks of mig's settings:
+    /// untuned, mtu=N, nomtud, initmtu=N, nogso, gso=N, ep1472, bbr, newreno, cubic=IW, ackfreq,
+    /// win4x, nofair). Default: 1x1, 1x4, 2x2, tunnel:1x1.
+    #[arg(long, value_delimiter = ',', value_parser = link::parse_variant)]
+    pub link_variants: Vec<link::Variant>,
 }
 
 /// Errors of `mig bench move`, one variant per failing step.
@@ -271,7 +281,10 @@ fn run_blocking(args: &BenchMoveArgs, stop: Arc<AtomicBool>) -> Result<(), Bench
         return Err(BenchError::NotRoot);
     }
     let migd = resolve(&args.migd, "migd")?;
-    let memload = resolve(&args.workload, "mig-memload")?;
+    let memload = match args.link_only {
+        true => None,
+        false => Some(resolve(&args.workload, "mig-memload")?),
+    };
     let mig = std::env::current_exe().map_err(|source| BenchError::Missing {
         path: PathBuf::from("/proc/self/exe"),
         source,
@@ -291,7 +304,10 @@ fn run_blocking(args: &BenchMoveArgs, stop: Arc<AtomicBool>) -> Result<(), Bench
             source,
         })?;
     }
-    let rootfs = workload::build_rootfs(&work, &memload)?;
+    let rootfs = match &memload {
+        Some(memload) => workload::build_rootfs(&work, memload)?,
+        None => work.clone(),
+    };
 
     progress(&format!(
         "lab {} up on {}.{}.{}.0/24",
@@ -309,11 +325,15 @@ fn run_blocking(args: &BenchMoveArgs, stop: Arc<AtomicBool>) -> Result<(), Bench
         dirty_mib: args.dirty_mib,
         stop,
     };
+    let mut report = BenchReport::for_this_machine();
+    if args.link_only {
+        link::measure_all(&ctx, args.link_mib.max(1), &args.link_variants)?;
+        drop(cleanup);
+        return Ok(());
+    }
     for host in 0..2 {
         migrun::import_image(&ctx, host)?;
     }
-
-    let mut report = BenchReport::for_this_machine();
     if args.link_mib > 0 {
         ctx.check_stop()?;
         report.link = link::measure(&ctx, args.link_mib)?;

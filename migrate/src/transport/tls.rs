@@ -305,6 +305,111 @@ fn client_config_for(
     Ok(config)
 }
 
+/// Kernel buffer of each endpoint's UDP socket, both directions. The default (about 200 KiB)
+/// holds only 23 jumbo datagrams: a receiver that falls behind for a moment drops packets, and
+/// QUIC's congestion control then halves the sending rate.
+pub const UDP_BUFFER: usize = 8 << 20;
+
+/// Binds a UDP socket for a QUIC endpoint on `addr` with [`UDP_BUFFER`] bytes of kernel buffer
+/// each way (beyond `net.core.rmem_max` when the process may, i.e. as root; else as much as the
+/// limits allow).
+pub fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let socket = std::net::UdpSocket::bind(addr)?;
+    if setsockopt(&socket, sockopt::RcvBufForce, &UDP_BUFFER).is_err() {
+        let _ = setsockopt(&socket, sockopt::RcvBuf, &UDP_BUFFER);
+    }
+    if setsockopt(&socket, sockopt::SndBufForce, &UDP_BUFFER).is_err() {
+        let _ = setsockopt(&socket, sockopt::SndBuf, &UDP_BUFFER);
+    }
+    Ok(socket)
+}
+
+/// The endpoint settings: datagrams up to [`MAX_UDP_PAYLOAD`] accepted. quinn's default (1472)
+/// is also announced to the peer as `max_udp_payload_size`, which caps its path MTU discovery:
+/// without this, [`transport_config`]'s jumbo upper bound has no effect.
+pub fn endpoint_config() -> quinn::EndpointConfig {
+    let mut c = quinn::EndpointConfig::default();
+    // MAX_UDP_PAYLOAD is within the valid range (1200..=65527).
+    let _ = c.max_udp_payload_size(MAX_UDP_PAYLOAD);
+    c
+}
+
+/// Datagrams per UDP segmentation offload (GSO) send: as many full-size datagrams as fit in one
+/// 64 KiB UDP send. quinn batches up to 10, and Linux refuses a batch over 65507 bytes with
+/// EMSGSIZE, which quinn takes for a failed MTU probe and drops silently: with 8952-byte
+/// datagrams, every batch of 8 or more would be lost.
+pub const GSO_SEGMENTS: usize = 65507 / MAX_UDP_PAYLOAD as usize;
+
+/// A QUIC endpoint on `socket` (see [`udp_socket`]), with `server` if it accepts connections,
+/// mig's [`endpoint_config`] and at most [`GSO_SEGMENTS`] datagrams per send. Must be called
+/// inside a tokio runtime.
+pub fn endpoint_on(
+    socket: std::net::UdpSocket,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<quinn::Endpoint> {
+    endpoint_with(socket, server, endpoint_config(), GSO_SEGMENTS)
+}
+
+/// Like [`endpoint_on`] with other endpoint settings and GSO batch size (for measurements).
+pub fn endpoint_with(
+    socket: std::net::UdpSocket,
+    server: Option<quinn::ServerConfig>,
+    config: quinn::EndpointConfig,
+    max_segments: usize,
+) -> std::io::Result<quinn::Endpoint> {
+    use quinn::Runtime;
+    let runtime = Arc::new(quinn::TokioRuntime);
+    let inner = runtime.wrap_udp_socket(socket)?;
+    let socket = Arc::new(CappedSegments {
+        inner,
+        max: max_segments.max(1),
+    });
+    quinn::Endpoint::new_with_abstract_socket(config, server, socket, runtime)
+}
+
+/// quinn's UDP socket with fewer datagrams per GSO send (see [`GSO_SEGMENTS`]).
+#[derive(Debug)]
+struct CappedSegments {
+    inner: Arc<dyn quinn::AsyncUdpSocket>,
+    max: usize,
+}
+
+impl quinn::AsyncUdpSocket for CappedSegments {
+    fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
+        self.inner.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &quinn::udp::Transmit) -> std::io::Result<()> {
+        self.inner.try_send(transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut std::task::Context,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        meta: &mut [quinn::udp::RecvMeta],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.inner.poll_recv(cx, bufs, meta)
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.inner.max_transmit_segments().min(self.max)
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
+    }
+}
+
 /// Binds a QUIC endpoint on `addr` that accepts pinned clients and can connect to peers.
 /// Must be called inside a tokio runtime.
 pub fn endpoint(
@@ -313,7 +418,9 @@ pub fn endpoint(
     allowed: AllowedPeers,
 ) -> Result<quinn::Endpoint, TlsError> {
     let config = server_config(identity, allowed)?;
-    quinn::Endpoint::server(config, addr).map_err(|source| TlsError::Bind { addr, source })
+    udp_socket(addr)
+        .and_then(|s| endpoint_on(s, Some(config)))
+        .map_err(|source| TlsError::Bind { addr, source })
 }
 
 /// Connects to `peer`, accepting only its pinned fingerprint.

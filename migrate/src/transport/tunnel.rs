@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Maximum size of a [`TunnelHeader`] frame.
@@ -259,10 +259,9 @@ pub async fn splice<S>(
 where
     S: AsyncRead + AsyncWrite + Send,
 {
-    let (r, mut w) = tokio::io::split(io);
+    let (mut r, mut w) = tokio::io::split(io);
     let up = async {
-        let mut r = BufReader::with_capacity(BUF, r);
-        match copy_counted(&mut r, &mut send, bytes).await {
+        match copy_out(&mut r, &mut send, bytes).await {
             Ok(()) => {
                 let _ = send.finish();
                 Ok(())
@@ -274,9 +273,9 @@ where
         }
     };
     let down = async {
+        // Reads gather several of quinn's packet-sized chunks into one large socket write.
         let mut recv_buf = BufReader::with_capacity(BUF, &mut recv);
-        let r = copy_counted(&mut recv_buf, &mut w, bytes).await;
-        match r {
+        match copy_counted(&mut recv_buf, &mut w, bytes).await {
             Ok(()) => {
                 let _ = w.shutdown().await;
                 Ok(())
@@ -291,6 +290,29 @@ where
     tokio::try_join!(up, down)
         .map(|_| ())
         .map_err(TunnelError::Copy)
+}
+
+/// Socket to stream: each read lands in its own buffer, handed to quinn without a copy.
+async fn copy_out<R>(
+    r: &mut R,
+    send: &mut quinn::SendStream,
+    bytes: &Counter,
+) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+{
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        if buf.capacity() < BUF / 4 {
+            buf.reserve(BUF);
+        }
+        let n = r.read_buf(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        bytes.add(n as u64);
+        send.write_chunk(buf.split().freeze()).await?;
+    }
 }
 
 async fn copy_counted<R, W>(r: &mut R, w: &mut W, bytes: &Counter) -> std::io::Result<()>
