@@ -95,6 +95,10 @@ fn bench_move_tiny_run_writes_csv_json_and_svg() -> Result<()> {
         "bytes",
         "verified",
         "pids_kept",
+        "page_bytes",
+        "postcopy_ms",
+        "criu_dump_ms",
+        "seal_ms",
     ] {
         ensure!(header.contains(&col), "csv has no column {col}: {header:?}");
     }

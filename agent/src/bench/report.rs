@@ -47,7 +47,8 @@ pub struct Row {
     pub restore_ms: Option<u64>,
     pub bytes: Option<u64>,
     /// `bytes` over the time pages cross the link (`transfer_ms`; `dump_ms + transfer_ms` for
-    /// stream mode; not given for lazy mode), in MB/s (10^6 bytes per second).
+    /// stream mode; `page_bytes` over `postcopy_ms` for lazy mode), in MB/s (10^6 bytes per
+    /// second).
     pub transfer_mbs: Option<f64>,
     /// The workload counted on and a whole verification pass after the move was OK.
     pub verified: bool,
@@ -55,10 +56,18 @@ pub struct Row {
     pub pids_kept: Option<bool>,
     /// The refusal or failure, or what did not verify.
     pub note: String,
+    /// Bytes of memory pages through the page tunnel (`stream`; `lazy`: served after the resume).
+    pub page_bytes: Option<u64>,
+    /// `lazy`: from Commit until the destination had the last page.
+    pub postcopy_ms: Option<u64>,
+    /// Inside `dump_ms`: the `criu dump` command alone.
+    pub criu_dump_ms: Option<u64>,
+    /// Inside `dump_ms`: hashing the image set and writing its manifest.
+    pub seal_ms: Option<u64>,
 }
 
 /// CSV header; [`Row::csv`] writes the same columns.
-pub const CSV_HEADER: &str = "size_mib,kind,mode,run,status,downtime_ms,total_ms,freeze_ms,dump_ms,transfer_ms,restore_ms,bytes,transfer_mbs,verified,pids_kept,note";
+pub const CSV_HEADER: &str = "size_mib,kind,mode,run,status,downtime_ms,total_ms,freeze_ms,dump_ms,transfer_ms,restore_ms,bytes,transfer_mbs,verified,pids_kept,note,page_bytes,postcopy_ms,criu_dump_ms,seal_ms";
 
 fn opt<T: ToString>(v: Option<T>) -> String {
     v.map(|v| v.to_string()).unwrap_or_default()
@@ -95,6 +104,10 @@ impl Row {
             verified: false,
             pids_kept: None,
             note: String::new(),
+            page_bytes: None,
+            postcopy_ms: None,
+            criu_dump_ms: None,
+            seal_ms: None,
         }
     }
 
@@ -114,15 +127,22 @@ impl Row {
         self.transfer_ms = n("transfer_ms");
         self.restore_ms = n("restore_ms");
         self.bytes = n("bytes_sent");
+        self.page_bytes = n("page_bytes");
+        self.postcopy_ms = n("postcopy_ms");
+        self.criu_dump_ms = n("criu_dump_ms");
+        self.seal_ms = n("seal_ms");
         // The time pages cross the link: the transfer phase for cold mode, dump and transfer for
-        // stream mode (pages go while CRIU dumps), none for lazy mode (after the resume, and not
-        // in bytes_sent).
-        let page_ms = match self.mode.as_str() {
-            "lazy" => None,
-            "stream" => self.dump_ms.zip(self.transfer_ms).map(|(d, t)| d + t),
-            _ => self.transfer_ms,
+        // stream mode (pages go while CRIU dumps), the post-copy for lazy mode (pages served
+        // after the resume, counted in page_bytes).
+        let (bytes, page_ms) = match self.mode.as_str() {
+            "lazy" => (self.page_bytes, self.postcopy_ms),
+            "stream" => (
+                self.bytes,
+                self.dump_ms.zip(self.transfer_ms).map(|(d, t)| d + t),
+            ),
+            _ => (self.bytes, self.transfer_ms),
         };
-        if let (Some(b), Some(t)) = (self.bytes, page_ms) {
+        if let (Some(b), Some(t)) = (bytes.filter(|b| *b > 0), page_ms) {
             self.transfer_mbs = mbs(b, t);
         }
         if let Some(m) = v.get("mode").and_then(Value::as_str) {
@@ -150,6 +170,10 @@ impl Row {
             self.verified.to_string(),
             opt(self.pids_kept),
             csv_quote(&self.note),
+            opt(self.page_bytes),
+            opt(self.postcopy_ms),
+            opt(self.criu_dump_ms),
+            opt(self.seal_ms),
         ]
         .join(",")
     }
@@ -373,7 +397,7 @@ impl BenchReport {
         }
         s.push_str(
             "DOWNTIME, TOTAL, DUMP, TRANSFER: medians of the runs that completed; MB/S: bytes sent over \
-             the transfer time; /RUNC: downtime over runc's for the same size; /COLD: over cold mode's; \
+             the transfer time (stream: dump + transfer; lazy: page bytes over the post-copy); /RUNC: downtime over runc's for the same size; /COLD: over cold mode's; \
              /TCP: MB/S over the raw TCP throughput of the same link\n",
         );
         s
@@ -416,8 +440,21 @@ mod tests {
         let line = r.csv();
         assert_eq!(
             line,
-            "16,mig,cold,1,ok,300,500,5,100,50,140,50000000,1000.0,true,,\"a, \"\"b\"\"\""
+            "16,mig,cold,1,ok,300,500,5,100,50,140,50000000,1000.0,true,,\"a, \"\"b\"\"\",,,,"
         );
-        assert_eq!(CSV_HEADER.split(',').count(), 16);
+        assert_eq!(CSV_HEADER.split(',').count(), 20);
+    }
+
+    #[test]
+    fn lazy_throughput_is_page_bytes_over_the_post_copy() {
+        let mut r = Row::new(16, "mig", "lazy", 1);
+        r.fill_from_move(&serde_json::json!({
+            "downtime_ms": 300, "dump_ms": 100, "transfer_ms": 50, "bytes_sent": 60_000_000,
+            "page_bytes": 50_000_000, "postcopy_ms": 500, "criu_dump_ms": 90, "seal_ms": 5,
+            "mode": "lazy"
+        }));
+        assert_eq!(r.transfer_mbs, Some(100.0));
+        assert!(r.csv().ends_with(",50000000,500,90,5"), "{}", r.csv());
+        assert_eq!(r.csv().split(',').count(), CSV_HEADER.split(',').count());
     }
 }

@@ -113,6 +113,9 @@ pub(crate) struct DestSide {
     migs: Mutex<HashMap<String, Incoming>>,
     /// Bytes announced in file headers so far, per migration (bounded by the agent's limit).
     placed: Mutex<HashMap<String, u64>>,
+    /// Image files placed, per migration: path -> announced SHA-256 (hex). A file only stays
+    /// on disk once it matched that digest on arrival (`receive_file` deletes it otherwise).
+    arrived: Mutex<HashMap<String, HashMap<String, String>>>,
     /// The connection, for page tunnels (modes `stream` and `lazy`, see [`super::pages`]).
     conn: std::sync::OnceLock<quinn::Connection>,
     /// Whether tunnel streams from the source are accepted yet (after the control stream).
@@ -129,6 +132,7 @@ impl DestSide {
             source,
             migs: Mutex::new(HashMap::new()),
             placed: Mutex::new(HashMap::new()),
+            arrived: Mutex::new(HashMap::new()),
             conn: Default::default(),
             serving: Default::default(),
             held: Default::default(),
@@ -468,16 +472,26 @@ impl DestSide {
             .as_ref()
             .map(|p| p.spec.clone())
             .ok_or_else(|| DestError::Unknown { id: id.to_owned() })?;
+        let t_pages = std::time::Instant::now();
+        let mut hashed_here = Vec::new();
         if let Ok(staging) = self.staging(id) {
             // Stream mode: the pages are complete once the page server ended cleanly.
             let mid = id.to_owned();
-            tokio::task::spawn_blocking(move || {
+            hashed_here = tokio::task::spawn_blocking(move || {
                 super::pages::finish_page_server(&mid, &staging.join("images"))
             })
             .await
             .unwrap_or_else(|e| Err(super::pages::PagesError::Task(e.to_string())))
             .map_err(DestError::Pages)?;
         }
+        let pages_ms = super::ms(t_pages.elapsed());
+        let arrived = self
+            .arrived
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
+            .unwrap_or_default();
+        let t_place = std::time::Instant::now();
         {
             let inc = inc.clone();
             let me = DestSide::new(self.agent.clone(), self.source.clone());
@@ -491,6 +505,12 @@ impl DestSide {
                 .unwrap_or_else(|e| Err(DestError::Task(e.to_string())))?;
         }
         let cd = self.agent.dirs.container(&spec.id);
+        let place_ms = super::ms(t_place.elapsed());
+        let checkpoint = cd.checkpoint();
+        let noted =
+            tokio::task::spawn_blocking(move || note_arrival(&checkpoint, &arrived, &hashed_here))
+                .await
+                .unwrap_or(false);
         if Self::mode_of(&inc) == Some(MigrationMode::PostCopy) {
             let conn = self
                 .conn
@@ -500,6 +520,18 @@ impl DestSide {
             super::pages::start_lazy_daemon(conn, id, cd.checkpoint(), &cd.dir)
                 .await
                 .map_err(DestError::Pages)?;
+        }
+        let mut local_lazy = false;
+        if Self::mode_of(&inc) == Some(MigrationMode::Stream) {
+            // Every page is here: restore without copying memory, served by a local daemon
+            // (a plain restore when it cannot start).
+            match super::pages::start_local_lazy_daemon(id, cd.checkpoint(), &cd.dir).await {
+                Ok(()) => local_lazy = true,
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(cd.dir.join(super::pages::LAZY_DIR));
+                    tracing::warn!(migration = %id, error = %chain(&e), "no local lazy-pages daemon; restoring every page first");
+                }
+            }
         }
         if injected == Some(Fault::CriuFail) {
             fault::spoil_restore_log(&cd.checkpoint());
@@ -535,8 +567,25 @@ impl DestSide {
                 busy: false,
             },
         );
+        let t_restore = std::time::Instant::now();
         let restored = self.agent.restore(&spec.id).await;
-        let result = match restored {
+        // CRIU's own account of the restore (its stats-restore image).
+        let criu_stats =
+            mig_migrate::criu::stats::read_stats(&cd.checkpoint().join("stats-restore"))
+                .ok()
+                .and_then(|s| s.restore);
+        tracing::info!(
+            migration = %id,
+            pages_ms,
+            place_ms,
+            shim_restore_ms = super::ms(t_restore.elapsed()),
+            criu_restore_ms = criu_stats.as_ref().map(|s| s.restore_time_us / 1000),
+            criu_forking_ms = criu_stats.as_ref().map(|s| s.forking_time_us / 1000),
+            verified_on_arrival = noted,
+            local_lazy,
+            "restore phases"
+        );
+        let mut result = match restored {
             Ok(Response::Restored(r)) => r,
             Ok(_) => {
                 return Err(DestError::Restore {
@@ -552,10 +601,48 @@ impl DestSide {
         })?;
         self.agent.set_busy(&spec.id, true);
         cg.freeze(FREEZE_TIMEOUT).map_err(DestError::Freeze)?;
+        if local_lazy || Self::mode_of(&inc) == Some(MigrationMode::PostCopy) {
+            let mut map = std::mem::take(&mut result.pid_map);
+            result.pid_map = tokio::task::spawn_blocking(move || {
+                super::pages::fill_lazy_cmds(&mut map);
+                map
+            })
+            .await
+            .map_err(|e| DestError::Task(e.to_string()))?;
+        }
         if injected == Some(Fault::Kill) {
             fault::die();
         }
         Ok(result.pid_map)
+    }
+}
+
+/// Leaves the image set's arrival note (`mig_migrate::imageset::ArrivalNote`) when every file of
+/// its manifest either arrived with that very digest (checked on arrival) or was hashed here
+/// (`hashed_here`, stream mode's page images): the shim's restore then checks the listing and
+/// sizes without hashing the memory a second time. Returns whether the note was written.
+fn note_arrival(
+    checkpoint: &Path,
+    arrived: &HashMap<String, String>,
+    hashed_here: &[mig_migrate::imageset::FileEntry],
+) -> bool {
+    use mig_migrate::imageset;
+    let Ok(manifest) = imageset::read_manifest(checkpoint) else {
+        return false;
+    };
+    let all_known = manifest
+        .files
+        .iter()
+        .all(|f| arrived.get(&f.path) == Some(&f.sha256) || hashed_here.iter().any(|h| h == f));
+    if !all_known || !arrived.contains_key(imageset::MANIFEST) {
+        return false;
+    }
+    match imageset::write_arrival_note(checkpoint, std::process::id()) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %chain(&e), "cannot write the arrival note; the restore hashes the images again");
+            false
+        }
     }
 }
 
@@ -734,7 +821,15 @@ impl DestHost for DestSide {
                 staging.join("layers").join(hex)
             }
             FileKind::Presync => staging.join("presync").join(&header.path),
-            FileKind::Image => staging.join("images").join(&header.path),
+            FileKind::Image => {
+                self.arrived
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(migration_id.to_owned())
+                    .or_default()
+                    .insert(header.path.clone(), hex::encode(header.sha256));
+                staging.join("images").join(&header.path)
+            }
             FileKind::Delta => staging.join("delta").join(&header.path),
         };
         if let Some(parent) = path.parent() {
@@ -751,13 +846,17 @@ impl DestHost for DestSide {
         fault::hit_async(&self.agent.cfg.state_dir, Point::DestCommit).await?;
         let inc = self.incoming(migration_id).map_err(boxed)?;
         resume_incoming(&self.agent, migration_id, &inc.container_id).map_err(boxed)?;
-        if Self::mode_of(&inc) == Some(MigrationMode::PostCopy) {
+        let mode = Self::mode_of(&inc);
+        if matches!(mode, Some(MigrationMode::PostCopy | MigrationMode::Stream)) {
+            // Post-copy from the source, or stream mode's local daemon (none if it did not
+            // start): the container needs the daemon until the last page.
             super::pages::watch_lazy_daemon(
                 self.agent.clone(),
                 migration_id.to_owned(),
                 inc.container_id.clone(),
                 inc.container_name.clone(),
                 self.source.clone(),
+                mode == Some(MigrationMode::Stream),
             );
         }
         tracing::info!(id = %inc.container_id, migration = %migration_id, "container arrived and runs");

@@ -83,6 +83,12 @@ pub struct MoveResult {
     /// container then, and reports it).
     #[serde(default)]
     pub postcopy_error: Option<String>,
+    /// Inside `dump_ms`: the `criu dump` command alone.
+    #[serde(default)]
+    pub criu_dump_ms: Option<u64>,
+    /// Inside `dump_ms`: hashing the image set and writing its manifest.
+    #[serde(default)]
+    pub seal_ms: Option<u64>,
 }
 
 /// One pinned peer, as `mig peers ls` shows it.

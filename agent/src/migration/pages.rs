@@ -140,18 +140,18 @@ pub(crate) fn start_page_server(migration_id: &str, images_dir: &Path) -> Result
 
 /// Stream mode, before the restore: waits for the page server to end (the dump is complete
 /// once it exits cleanly), then adds the page images it wrote to the manifest received with
-/// the other images. Returns the bytes of those images; `None` when no page server ran.
-/// Blocking.
+/// the other images. Returns the entries it added (hashed here, once); empty when no page
+/// server ran. Blocking.
 pub(crate) fn finish_page_server(
     migration_id: &str,
     images_dir: &Path,
-) -> Result<Option<u64>, PagesError> {
+) -> Result<Vec<imageset::FileEntry>, PagesError> {
     let ps = with_jobs(|j| {
         j.get_mut(migration_id)
             .and_then(|job| job.page_server.take())
     });
     let Some(ps) = ps else {
-        return Ok(None);
+        return Ok(Vec::new());
     };
     ps.wait_timeout(PAGE_SERVER_END)
         .map_err(PagesError::PageServer)?;
@@ -159,7 +159,7 @@ pub(crate) fn finish_page_server(
     let mut manifest = imageset::read_manifest(images_dir).map_err(PagesError::Manifest)?;
     let listed: std::collections::HashSet<String> =
         manifest.files.iter().map(|f| f.path.clone()).collect();
-    let mut bytes = 0;
+    let mut added = Vec::new();
     for rel in imageset::list_files(images_dir).map_err(PagesError::Manifest)? {
         let is_page_image = (rel.starts_with("pages-") || rel.starts_with("pagemap-"))
             && rel.ends_with(".img")
@@ -169,16 +169,16 @@ pub(crate) fn finish_page_server(
         }
         let (size, sha256) =
             imageset::hash_file(&images_dir.join(&rel)).map_err(PagesError::Manifest)?;
-        bytes += size;
-        manifest.files.push(imageset::FileEntry {
+        added.push(imageset::FileEntry {
             path: rel,
             size,
             sha256,
         });
     }
+    manifest.files.extend(added.iter().cloned());
     manifest.files.sort_by(|a, b| a.path.cmp(&b.path));
     imageset::write_manifest(images_dir, &manifest).map_err(PagesError::Manifest)?;
-    Ok(Some(bytes))
+    Ok(added)
 }
 
 /// Lazy mode, before the restore: a tunnel to the source's page server and the
@@ -231,6 +231,44 @@ pub(crate) async fn start_lazy_daemon(
     Ok(())
 }
 
+/// Stream mode, before the restore: every page is on this host already, in the placed image
+/// set. A `criu lazy-pages` daemon serving those local images lets the restore skip copying
+/// memory (the tree resumes as soon as it is rebuilt); the daemon then copies the pages in the
+/// background and on demand. The container depends on that daemon, on this host, until it has
+/// copied the last page ([`watch_lazy_daemon`] kills and reports the container if it fails).
+pub(crate) async fn start_local_lazy_daemon(
+    migration_id: &str,
+    checkpoint: PathBuf,
+    container_dir: &Path,
+) -> Result<(), PagesError> {
+    let work = container_dir.join(LAZY_DIR);
+    let daemon = tokio::task::spawn_blocking(move || {
+        let _ = std::fs::remove_dir_all(&work);
+        criu()?
+            .lazy_pages_local(
+                &LazyPagesOpts {
+                    images_dir: checkpoint,
+                    // Not used: the pages are read from the images directory.
+                    source: PageTarget::Tcp {
+                        address: LOCALHOST.into(),
+                        port: 0,
+                    },
+                    log_file: work.join("lazy-pages.log"),
+                    ready_timeout: READY,
+                },
+                &work,
+            )
+            .map_err(|source| PagesError::Start {
+                what: "lazy-pages",
+                source,
+            })
+    })
+    .await
+    .map_err(|e| PagesError::Task(e.to_string()))??;
+    with_jobs(|j| j.entry(migration_id.to_owned()).or_default().lazy_daemon = Some(daemon));
+    Ok(())
+}
+
 /// Lazy mode, after the restore: waits (in the background) for the daemon to have every page.
 /// If it fails, the container cannot get its memory: it is killed and the failure is reported
 /// (event `migration_done` with outcome `postcopy_failed`, and the container's reason).
@@ -240,6 +278,7 @@ pub(crate) fn watch_lazy_daemon(
     container_id: String,
     container_name: String,
     source: String,
+    local: bool,
 ) {
     let Some(daemon) = with_jobs(|j| {
         j.get_mut(&migration_id)
@@ -273,9 +312,13 @@ pub(crate) fn watch_lazy_daemon(
                     let _ = cg.thaw();
                 }
                 if let Some(e) = agent.lock().get_mut(&container_id) {
-                    e.state.reason = Some(format!(
-                        "post-copy failed (pages from {source} stopped before the last one): {detail}"
-                    ));
+                    e.state.reason = Some(if local {
+                        format!("restore failed after resume (the local lazy-pages daemon stopped before the last page): {detail}")
+                    } else {
+                        format!(
+                            "post-copy failed (pages from {source} stopped before the last one): {detail}"
+                        )
+                    });
                 }
                 agent.emit(EventKind::MigrationDone {
                     migration_id: migration_id.clone(),
@@ -314,6 +357,10 @@ pub(crate) struct SourcePages {
     lazy: Mutex<Option<LazyDump>>,
     /// Post-copy: time from Commit to the last page, and the failure if any.
     pub postcopy: Mutex<Option<(Duration, Option<String>)>>,
+    /// Inside the dump phase: the `criu dump` command alone, in ms.
+    pub criu_dump_ms: AtomicU64,
+    /// Inside the dump phase: hashing the image set and writing its manifest, in ms.
+    pub seal_ms: AtomicU64,
 }
 
 impl SourcePages {
@@ -413,5 +460,65 @@ impl SourcePages {
     pub fn abandon(&self, migration_id: &str) {
         drop(self.lazy.lock().unwrap_or_else(|p| p.into_inner()).take());
         forget(migration_id);
+    }
+}
+
+// ---- destination, after a lazy restore ----
+
+/// Lazy mode: a restored process's command line lives in memory that may not have arrived yet.
+/// Reading `/proc/PID/cmdline` does not wait for userfaultfd (the kernel's remote access gives
+/// up on a missing page and the read comes back empty), so the PID map read right after the
+/// restore can list a process with an empty command. `process_vm_readv` does wait: the fault
+/// is served by the lazy-pages daemon. Fills in the empty commands that way. Blocking.
+pub(crate) fn fill_lazy_cmds(pid_map: &mut [mig_runtime::pidmap::PidEntry]) {
+    for e in pid_map.iter_mut().filter(|e| e.cmd.is_empty()) {
+        if let Some(cmd) = read_cmdline_remote(e.host_pid) {
+            e.cmd = cmd;
+        }
+    }
+}
+
+/// Most bytes of a command line read by [`fill_lazy_cmds`].
+const MAX_CMDLINE: usize = 64 << 10;
+
+fn read_cmdline_remote(pid: i32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces and parentheses): field 3 onwards;
+    // arg_start and arg_end are fields 48 and 49.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let start: usize = fields.get(45)?.parse().ok()?;
+    let end: usize = fields.get(46)?.parse().ok()?;
+    let len = end.checked_sub(start)?.min(MAX_CMDLINE);
+    if len == 0 {
+        return None;
+    }
+    let mut buf = vec![0u8; len];
+    let got = nix::sys::uio::process_vm_readv(
+        nix::unistd::Pid::from_raw(pid),
+        &mut [std::io::IoSliceMut::new(&mut buf)],
+        &[nix::sys::uio::RemoteIoVec { base: start, len }],
+    )
+    .ok()?;
+    buf.truncate(got);
+    let cmd = buf
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect::<Vec<_>>()
+        .join(" ");
+    (!cmd.is_empty()).then_some(cmd)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn own_command_line_is_read_through_process_vm_readv() {
+        let me = std::process::id() as i32;
+        let expected = mig_runtime::pidmap::pid_map(&[me]);
+        let mut map = expected.clone();
+        map[0].cmd.clear();
+        super::fill_lazy_cmds(&mut map);
+        assert_eq!(map, expected);
     }
 }

@@ -256,6 +256,7 @@ impl SourceSide {
         let pid_map = mig_runtime::pidmap::pid_map(&cg.procs().unwrap_or_else(|_| vec![init_pid]));
         let stdio_pipe = mig_migrate::criu::stdout_pipe(init_pid);
         let injected = fault::hit(&self.agent.cfg.state_dir, Point::SourceDump)?;
+        let t_criu = Instant::now();
         let stats = self
             .pages
             .dump(
@@ -286,8 +287,14 @@ impl SourceSide {
                 let map = super::pstree::dumped_map(live, &dumped);
                 *self.frozen_pids.lock().unwrap_or_else(|p| p.into_inner()) = map;
             }
-            Err(e) => tracing::warn!(id = %self.id, error = %chain(&e), "cannot read the dumped process tree: the PID map read at the freeze stands"),
+            Err(e) => {
+                tracing::warn!(id = %self.id, error = %chain(&e), "cannot read the dumped process tree: the PID map read at the freeze stands")
+            }
         }
+        let t_seal = Instant::now();
+        self.pages
+            .criu_dump_ms
+            .store(ms(t_seal - t_criu), Ordering::Relaxed);
         let spec = self
             .agent
             .entry(&self.id)
@@ -304,6 +311,9 @@ impl SourceSide {
             },
         )
         .map_err(SourceError::Seal)?;
+        self.pages
+            .seal_ms
+            .store(ms(t_seal.elapsed()), Ordering::Relaxed);
         // What changed in the writable layer since the presync (or all of it without one).
         let (tar, upper_remote) = self.final_upper()?;
         let mut files = Vec::with_capacity(manifest.files.len() + 2);
@@ -725,19 +735,27 @@ impl Agent {
             })?;
         fault::track(&conn);
         let _ = side.pages.conn.set(conn.clone());
-        if plan.mode == super::modes::MoveMode::Lazy {
-            // The destination's lazy-pages daemon reaches our post-copy dump through here.
+        // The destination's lazy-pages daemon reaches our post-copy dump through here.
+        let lazy_tunnel = (plan.mode == super::modes::MoveMode::Lazy).then(|| {
             tokio::spawn(transport::tunnel::serve(
                 conn.clone(),
                 super::pages::resolve,
-            ));
-        }
+            ))
+        });
         let machine = SourceMachine::new(prepare, Timeouts::default());
         // A `mig move --resolve` of this move waits until the move's own machine is done.
         let held = super::recover::hold(&migration_id).await;
         let report = transport::run_source(&conn, machine, &side, &super::hello(self)).await;
         drop(held);
         conn.close(0u32.into(), b"done");
+        if let Some(task) = lazy_tunnel {
+            // The pages served after the resume (the dump served them all before destroy).
+            if let Ok(Ok(bytes)) = tokio::time::timeout(Duration::from_secs(5), task).await {
+                side.pages
+                    .tunnel_bytes
+                    .store(bytes.get(), Ordering::Relaxed);
+            }
+        }
         let report = report.map_err(|e| {
             let msg = format!("migration to {} failed to start: {}", peer.name, chain(&e));
             side.done("rolled_back", None, Some(msg.clone()));
@@ -820,6 +838,8 @@ impl Agent {
                     delta_bytes: side.upper_sync.delta_bytes.load(Ordering::Relaxed),
                     postcopy_ms: postcopy.as_ref().map(|p| ms(p.0)),
                     postcopy_error: postcopy.and_then(|p| p.1),
+                    criu_dump_ms: Some(side.pages.criu_dump_ms.load(Ordering::Relaxed)),
+                    seal_ms: Some(side.pages.seal_ms.load(Ordering::Relaxed)),
                 })
             }
             Some(Outcome::RolledBack {
