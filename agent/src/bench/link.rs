@@ -358,6 +358,30 @@ fn runtime() -> Result<tokio::runtime::Runtime, BenchError> {
 
 /// Connects every client endpoint to its server endpoint: (client side, server side) pairs and
 /// the endpoints, which must live until the end.
+/// Logs each connection's path figures, closes the connections, waits for the endpoints to
+/// go idle and makes the measurement's row.
+async fn close_and_row(
+    proto: String,
+    bytes: u64,
+    ms: u64,
+    conns: &[(quinn::Connection, quinn::Connection)],
+    endpoints: &[quinn::Endpoint],
+) -> LinkRow {
+    for (c, _) in conns {
+        log_stats(c);
+        c.close(0u32.into(), b"done");
+    }
+    for e in endpoints {
+        e.wait_idle().await;
+    }
+    LinkRow {
+        proto,
+        bytes,
+        ms,
+        mbs: mbs(bytes, ms).unwrap_or(0.0),
+    }
+}
+
 async fn quic_connect(
     setup: QuicSetup,
     v: &Variant,
@@ -457,19 +481,7 @@ fn quic(ctx: &Ctx, mib: u64, v: &Variant) -> Result<LinkRow, BenchError> {
             bytes += t.await.map_err(|e| quic_err("receive task", e))??;
         }
         let ms = start.elapsed().as_millis().max(1) as u64;
-        for (c, _) in &conns {
-            log_stats(c);
-            c.close(0u32.into(), b"done");
-        }
-        for e in &endpoints {
-            e.wait_idle().await;
-        }
-        Ok(LinkRow {
-            proto: name,
-            bytes,
-            ms,
-            mbs: mbs(bytes, ms).unwrap_or(0.0),
-        })
+        Ok(close_and_row(name, bytes, ms, &conns, &endpoints).await)
     })
 }
 
@@ -521,19 +533,7 @@ fn tunnel(ctx: &Ctx, mib: u64, v: &Variant) -> Result<LinkRow, BenchError> {
         let ms = start.elapsed().as_millis().max(1) as u64;
         drop(s);
         drop(t);
-        for (c, _) in &conns {
-            log_stats(c);
-            c.close(0u32.into(), b"done");
-        }
-        for e in &endpoints {
-            e.wait_idle().await;
-        }
-        Ok(LinkRow {
-            proto: name,
-            bytes,
-            ms,
-            mbs: mbs(bytes, ms).unwrap_or(0.0),
-        })
+        Ok(close_and_row(name, bytes, ms, &conns, &endpoints).await)
     })
 }
 

@@ -8,6 +8,8 @@
 mod log;
 mod opts;
 mod page_server;
+mod protobuf;
+pub mod pstree;
 pub mod stats;
 mod sys;
 

@@ -67,12 +67,7 @@ fn target_fd(t: &PageTarget) -> Option<RawFd> {
 impl PageServerOpts {
     /// The argument list of `criu` (without the program name).
     pub fn args(&self, status_fd: RawFd) -> Vec<OsString> {
-        let mut a: Vec<OsString> = vec!["page-server".into()];
-        push(&mut a, "--images-dir", &self.images_dir);
-        let log = resolve(&self.images_dir, &self.log_file);
-        push(&mut a, "--log-file", log);
-        a.push("-v4".into());
-        push(&mut a, "--status-fd", status_fd.to_string());
+        let mut a = daemon_args("page-server", &self.images_dir, &self.log_file, status_fd);
         target_args(&mut a, &self.listen);
         a
     }
@@ -81,12 +76,7 @@ impl PageServerOpts {
 impl LazyPagesOpts {
     /// The argument list of `criu` (without the program name).
     pub fn args(&self, status_fd: RawFd) -> Vec<OsString> {
-        let mut a: Vec<OsString> = vec!["lazy-pages".into()];
-        push(&mut a, "--images-dir", &self.images_dir);
-        let log = resolve(&self.images_dir, &self.log_file);
-        push(&mut a, "--log-file", log);
-        a.push("-v4".into());
-        push(&mut a, "--status-fd", status_fd.to_string());
+        let mut a = daemon_args("lazy-pages", &self.images_dir, &self.log_file, status_fd);
         a.push("--page-server".into());
         target_args(&mut a, &self.source);
         a
@@ -95,14 +85,24 @@ impl LazyPagesOpts {
     /// The argument list of a daemon that serves the pages of its own images directory
     /// (no page server: `source` is not used).
     pub fn local_args(&self, status_fd: RawFd) -> Vec<OsString> {
-        let mut a: Vec<OsString> = vec!["lazy-pages".into()];
-        push(&mut a, "--images-dir", &self.images_dir);
-        let log = resolve(&self.images_dir, &self.log_file);
-        push(&mut a, "--log-file", log);
-        a.push("-v4".into());
-        push(&mut a, "--status-fd", status_fd.to_string());
-        a
+        daemon_args("lazy-pages", &self.images_dir, &self.log_file, status_fd)
     }
+}
+
+/// The arguments every background CRIU command starts with: the command, its images directory,
+/// its log (relative names resolve in the images directory), verbosity and status descriptor.
+fn daemon_args(
+    command: &str,
+    images_dir: &Path,
+    log_file: &Path,
+    status_fd: RawFd,
+) -> Vec<OsString> {
+    let mut a: Vec<OsString> = vec![command.into()];
+    push(&mut a, "--images-dir", images_dir);
+    push(&mut a, "--log-file", resolve(images_dir, log_file));
+    a.push("-v4".into());
+    push(&mut a, "--status-fd", status_fd.to_string());
+    a
 }
 
 /// A CRIU process running in the background (page server, lazy-pages daemon, post-copy dump).

@@ -4,20 +4,16 @@
 //! Layout (criu/image.c, criu/include/magic.h, images/stats.proto): a little-endian `u32` head
 //! magic (`IMG_SERVICE_MAGIC`, or `IMG_COMMON_MAGIC` for older writers), the `u32`
 //! `STATS_MAGIC`, then one entry: a `u32` length and that many bytes of a protobuf `stats_entry
-//! { dump_stats_entry dump = 1; restore_stats_entry restore = 2; }`. The decoder below is a
-//! minimal protobuf reader: bounded (the file and every length are checked before use), never
-//! panicking, skipping unknown fields.
+//! { dump_stats_entry dump = 1; restore_stats_entry restore = 2; }`, decoded with the minimal
+//! reader of [`super::protobuf`].
 
+use super::protobuf::{Fields, Value, IMG_COMMON_MAGIC, IMG_SERVICE_MAGIC};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
-const IMG_SERVICE_MAGIC: u32 = 0x5510_5940;
 const STATS_MAGIC: u32 = 0x5709_3306;
 /// A stats image is a few dozen bytes; anything bigger is not one.
 pub const MAX_STATS_BYTES: u64 = 64 << 10;
-/// Nesting bound of the decoder (stats entries nest one level).
-const MAX_DEPTH: u32 = 4;
 
 /// Why a stats image could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -120,7 +116,7 @@ pub fn parse_stats(data: &[u8]) -> Result<StatsEntry, StatsError> {
         .ok_or(StatsError::Truncated)?;
     let mut entry = StatsEntry::default();
     for field in Fields::new(body, 0) {
-        match field? {
+        match field.map_err(StatsError::Protobuf)? {
             (1, Value::Bytes(b)) => entry.dump = Some(dump_entry(b)?),
             (2, Value::Bytes(b)) => entry.restore = Some(restore_entry(b)?),
             _ => {}
@@ -132,7 +128,7 @@ pub fn parse_stats(data: &[u8]) -> Result<StatsEntry, StatsError> {
 fn dump_entry(b: &[u8]) -> Result<DumpStats, StatsError> {
     let mut s = DumpStats::default();
     for field in Fields::new(b, 1) {
-        let (num, v) = match field? {
+        let (num, v) = match field.map_err(StatsError::Protobuf)? {
             (n, Value::Varint(v)) => (n, v),
             _ => continue,
         };
@@ -156,7 +152,7 @@ fn dump_entry(b: &[u8]) -> Result<DumpStats, StatsError> {
 fn restore_entry(b: &[u8]) -> Result<RestoreStats, StatsError> {
     let mut s = RestoreStats::default();
     for field in Fields::new(b, 1) {
-        let (num, v) = match field? {
+        let (num, v) = match field.map_err(StatsError::Protobuf)? {
             (n, Value::Varint(v)) => (n, v),
             _ => continue,
         };
@@ -180,105 +176,6 @@ fn read_u32(data: &[u8], pos: &mut usize) -> Result<u32, StatsError> {
     let mut a = [0u8; 4];
     a.copy_from_slice(bytes);
     Ok(u32::from_le_bytes(a))
-}
-
-/// One protobuf field value (fixed-width values are reported as varints of their bits).
-enum Value<'a> {
-    Varint(u64),
-    Bytes(&'a [u8]),
-}
-
-/// Iterator over the fields of one protobuf message.
-struct Fields<'a> {
-    data: &'a [u8],
-    pos: usize,
-    failed: bool,
-}
-
-impl<'a> Fields<'a> {
-    fn new(data: &'a [u8], depth: u32) -> Fields<'a> {
-        Fields {
-            data,
-            pos: 0,
-            failed: depth > MAX_DEPTH,
-        }
-    }
-
-    fn varint(&mut self) -> Result<u64, StatsError> {
-        let mut v: u64 = 0;
-        for i in 0..10 {
-            let b = *self
-                .data
-                .get(self.pos)
-                .ok_or(StatsError::Protobuf("truncated varint"))?;
-            self.pos += 1;
-            v |= u64::from(b & 0x7f) << (7 * i);
-            if b & 0x80 == 0 {
-                return Ok(v);
-            }
-        }
-        Err(StatsError::Protobuf("varint longer than 10 bytes"))
-    }
-
-    fn take(&mut self, n: u64) -> Result<&'a [u8], StatsError> {
-        let n = usize::try_from(n).map_err(|_| StatsError::Protobuf("length overflows"))?;
-        let end = self
-            .pos
-            .checked_add(n)
-            .ok_or(StatsError::Protobuf("length overflows"))?;
-        let b = self
-            .data
-            .get(self.pos..end)
-            .ok_or(StatsError::Protobuf("field runs past the end"))?;
-        self.pos = end;
-        Ok(b)
-    }
-
-    fn field(&mut self) -> Result<(u64, Value<'a>), StatsError> {
-        let key = self.varint()?;
-        let num = key >> 3;
-        let value = match key & 7 {
-            0 => Value::Varint(self.varint()?),
-            1 => {
-                let b = self.take(8)?;
-                let mut a = [0u8; 8];
-                a.copy_from_slice(b);
-                Value::Varint(u64::from_le_bytes(a))
-            }
-            2 => {
-                let len = self.varint()?;
-                Value::Bytes(self.take(len)?)
-            }
-            5 => {
-                let b = self.take(4)?;
-                let mut a = [0u8; 4];
-                a.copy_from_slice(b);
-                Value::Varint(u64::from(u32::from_le_bytes(a)))
-            }
-            _ => return Err(StatsError::Protobuf("unsupported wire type")),
-        };
-        Ok((num, value))
-    }
-}
-
-impl<'a> Iterator for Fields<'a> {
-    type Item = Result<(u64, Value<'a>), StatsError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.failed {
-            self.failed = false;
-            self.pos = self.data.len();
-            return Some(Err(StatsError::Protobuf("nested too deeply")));
-        }
-        if self.pos >= self.data.len() {
-            return None;
-        }
-        let r = self.field();
-        if r.is_err() {
-            self.pos = self.data.len();
-        }
-        Some(r)
-    }
 }
 
 #[cfg(test)]
