@@ -58,6 +58,10 @@ fn addr(ctx: &Ctx, host: usize, port: u16) -> SocketAddr {
     SocketAddr::new(ctx.hosts[host].address.into(), port)
 }
 
+/// How long a bench TCP connection may make no progress before it fails (a stalled link must end
+/// the bench with an error, not hang it).
+const TCP_STALL: Duration = Duration::from_secs(60);
+
 /// Accepts one connection on host-b's `port` (in its own thread), hands it to `serve`, and runs
 /// `send` on a connection from host-a. Returns both results.
 fn tcp_pair<S: Send + 'static, R: Send + 'static>(
@@ -72,6 +76,8 @@ fn tcp_pair<S: Send + 'static, R: Send + 'static>(
         let l = TcpListener::bind(to).map_err(link_err("tcp bind"))?;
         let _ = ready_tx.send(());
         let (s, _) = l.accept().map_err(link_err("tcp accept"))?;
+        s.set_read_timeout(Some(TCP_STALL))
+            .map_err(link_err("tcp timeout"))?;
         serve(s)
     });
     if ready_rx.recv_timeout(Duration::from_secs(10)).is_err() {
@@ -80,6 +86,8 @@ fn tcp_pair<S: Send + 'static, R: Send + 'static>(
     let client = in_netns(&ctx.hosts[0].netns, move || {
         let s = TcpStream::connect_timeout(&to, Duration::from_secs(10))
             .map_err(link_err("tcp connect"))?;
+        s.set_write_timeout(Some(TCP_STALL))
+            .map_err(link_err("tcp timeout"))?;
         send(s)
     });
     let sent = join(client);

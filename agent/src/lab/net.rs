@@ -113,6 +113,20 @@ pub(crate) fn create_host(host: &LabHost, switch: &str, bridge: &str) -> Result<
     ip(&["-n", switch, "link", "set", &host.name, "up"])?;
     let cidr = format!("{}/24", host.address);
     ip(&["-n", ns, "addr", "add", &cidr, "dev", "eth0"])?;
+    // The host also reaches the switch through its container uplink (1500-byte MTU, see
+    // `create_container_bridge`). By default Linux answers an ARP request for any of its
+    // addresses on any interface, so a peer could learn the host's address at the uplink's MAC
+    // and send jumbo frames down the 1500-byte path, where they are dropped (TCP stalls). Answer
+    // only on the interface that holds the address, and announce from it.
+    ip(&[
+        "netns",
+        "exec",
+        ns,
+        "sh",
+        "-c",
+        "echo 1 > /proc/sys/net/ipv4/conf/all/arp_ignore && \
+         echo 2 > /proc/sys/net/ipv4/conf/all/arp_announce",
+    ])?;
     ip(&["-n", ns, "link", "set", "eth0", "up"])
 }
 
