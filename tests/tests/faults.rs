@@ -437,12 +437,20 @@ fn disk_full_during_the_transfer_rolls_back() -> Result<()> {
                 .flatten()
                 .any(|e| e.path().join("presync").exists())
         });
-        // Leave about 1 MB: far less than the dump.
-        let fill = free_bytes(l.state_dir(B)).saturating_sub(1 << 20);
-        let _ = std::process::Command::new("fallocate")
-            .args(["-l", &fill.to_string()])
-            .arg(&filler)
-            .status();
+        // Leave about 1 MB: far less than the dump. The presync is still writing, so the free
+        // space can shrink between the measure and the fallocate: measure again and retry.
+        for _ in 0..20 {
+            let fill = free_bytes(l.state_dir(B)).saturating_sub(1 << 20);
+            let filled = std::process::Command::new("fallocate")
+                .args(["-l", &fill.to_string()])
+                .arg(&filler)
+                .status()
+                .is_ok_and(|st| st.success());
+            if filled {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         mover.join()
     })
     .map_err(|_| anyhow::anyhow!("the mover thread panicked"))?;
