@@ -31,17 +31,22 @@ fn entry(host_pid: i32) -> Option<PidEntry> {
         .parse()
         .ok()?;
     let raw = fs::read(format!("/proc/{host_pid}/cmdline")).unwrap_or_default();
-    let cmd = raw
-        .split(|&b| b == 0)
-        .filter(|a| !a.is_empty())
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect::<Vec<_>>()
-        .join(" ");
+    let cmd = command_line(&raw);
     Some(PidEntry {
         ns_pid,
         host_pid,
         cmd,
     })
+}
+
+/// A command line as `/proc/PID/cmdline` holds it (arguments ended by NUL bytes), joined by
+/// spaces; empty arguments are dropped.
+pub fn command_line(raw: &[u8]) -> String {
+    raw.split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[cfg(test)]

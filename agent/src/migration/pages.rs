@@ -501,12 +501,7 @@ fn read_cmdline_remote(pid: i32) -> Option<String> {
     )
     .ok()?;
     buf.truncate(got);
-    let cmd = buf
-        .split(|&b| b == 0)
-        .filter(|a| !a.is_empty())
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect::<Vec<_>>()
-        .join(" ");
+    let cmd = mig_runtime::pidmap::command_line(&buf);
     (!cmd.is_empty()).then_some(cmd)
 }
 
