@@ -383,6 +383,7 @@ impl Agent {
                 .and_then(|entry| entry.spec.net),
             started: std::time::Instant::now(),
             upper_sync: Default::default(),
+            peer_version: Default::default(),
             pages: Default::default(),
         }));
         let machine = SourceMachine::recover(&e.migration_id, &e.state, Timeouts::default());

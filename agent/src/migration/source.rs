@@ -112,6 +112,8 @@ pub(crate) struct SourceSide {
     pub started: Instant,
     /// The writable layer's presync scan and sizes.
     pub upper_sync: UpperSync,
+    /// The destination's protocol version, from its hello.
+    pub peer_version: std::sync::OnceLock<mig_migrate::wire::Version>,
 }
 
 /// The writable layer in two steps: the presync tar's scan, then the delta while frozen
@@ -124,6 +126,13 @@ pub(crate) struct UpperSync {
 }
 
 impl SourceSide {
+    /// Whether the destination announced protocol minor `minor` (of our major) or later; false
+    /// before its hello arrived.
+    #[allow(dead_code)] // the first feature gated on it is landing
+    pub fn peer_speaks(&self, minor: u16) -> bool {
+        self.peer_version.get().is_some_and(|v| v.minor >= minor)
+    }
+
     fn cg(&self) -> Result<Cgroup, SourceError> {
         Cgroup::open(&self.cgroup).map_err(|source| SourceError::Cgroup {
             name: self.cgroup.clone(),
@@ -531,6 +540,10 @@ impl SourceHost for Src {
             .map_err(boxed)
     }
 
+    fn peer_hello(&self, hello: &mig_migrate::wire::Hello) {
+        let _ = self.peer_version.set(hello.protocol_version);
+    }
+
     fn progress(&self, p: Progress) {
         self.agent.emit(EventKind::MigrationPhase {
             migration_id: self.migration_id.clone(),
@@ -722,6 +735,7 @@ impl Agent {
             net: e.spec.net.clone(),
             started: t0,
             upper_sync: Default::default(),
+            peer_version: Default::default(),
             pages: Default::default(),
         }));
         let _ = side.pages.mode.set(plan.mode);

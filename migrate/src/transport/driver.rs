@@ -69,6 +69,9 @@ pub trait SourceHost: Send + Sync {
         -> impl Future<Output = Result<(), HostError>> + Send;
     /// The migration entered a phase or moved bytes (see [`Progress`]); must not block.
     fn progress(&self, _progress: Progress) {}
+    /// The destination's hello, read before anything else is sent: what the peer's protocol
+    /// version allows (a file layout, a record format) is decided from it.
+    fn peer_hello(&self, _hello: &Hello) {}
 }
 
 /// Why the destination refuses a Prepare.
@@ -114,6 +117,8 @@ pub trait DestHost: Send + Sync + 'static {
     /// Migration `migration_id` entered a phase or received bytes (see [`Progress`]); must not
     /// block.
     fn progress(&self, _migration_id: &str, _progress: Progress) {}
+    /// The source's hello on a new connection, read before its first message.
+    fn peer_hello(&self, _hello: &Hello) {}
 }
 
 /// Why a driver could not run a migration at all (failures inside the migration end up in the
@@ -244,6 +249,7 @@ pub async fn run_source<H: SourceHost>(
     let peer = Hello::read(&mut recv)
         .await
         .map_err(|source| DriverError::Hello { source })?;
+    host.peer_hello(&peer);
     let mut ctrl = spawn_control_reader(recv);
     if *machine.state() == SourceState::Idle {
         machine.start();
@@ -615,6 +621,7 @@ pub async fn run_dest<H: DestHost>(
             return Err(DriverError::Hello { source });
         }
     };
+    host.peer_hello(&peer);
     let first = tokio::time::timeout(
         timeouts.control,
         read_frame::<Message, _>(&mut recv, MAX_CONTROL_FRAME),

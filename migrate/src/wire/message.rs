@@ -12,7 +12,11 @@ use tokio::io::AsyncRead;
 pub const MAGIC: [u8; 4] = *b"MIGW";
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: Version = Version { major: 1, minor: 0 };
+///
+/// - 1.0: mig 0.1.0.
+/// - 1.1: container records and journals carry a format version (format 2); newer features
+///   are only used with a peer that announces at least the minor that brought them.
+pub const PROTOCOL_VERSION: Version = Version { major: 1, minor: 1 };
 
 /// The first frame each way on a control stream. Its first three fields (magic, major, minor) are
 /// frozen for all versions so that any two versions can tell each other apart.
