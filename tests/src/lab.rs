@@ -720,3 +720,83 @@ pub fn move_and_check_with(
     nothing_left(lab, from, id)?;
     Ok(r)
 }
+
+// ---- Upgrades: agents of another build (tests/tests/upgrade.rs) ----
+
+impl Lab {
+    /// Like [`Lab::up_n`], with every host's agent started from `migd` (another build's, say
+    /// mig 0.1.0's); the busybox image is imported on host-a with the `mig` next to `migd`.
+    pub fn up_with(tag: &str, third: u8, hosts: usize, migd: &Path) -> Result<Lab> {
+        let name = format!("mv{}{tag}", std::process::id() % 100_000);
+        let mut cfg = LabConfig::new(&name, hosts, migd.to_owned());
+        cfg.subnet_base = [10, 214, third];
+        cfg.extra_agent_args = vec!["--listen".into(), "{addr}:{port}".into()];
+        let tmp = tempfile::tempdir()?;
+        let rootfs = crate::busybox_rootfs(tmp.path())?;
+        let image_tar = crate::tar_of(&rootfs, tmp.path(), "busybox.tar")?;
+        let hosts = lab::up(&cfg).with_context(|| format!("lab up {name}"))?;
+        let lab = Lab {
+            name,
+            hosts,
+            _tmp: tmp,
+            image_tar,
+        };
+        let mig = migd.with_file_name("mig");
+        let tar = lab.image_tar.display().to_string();
+        lab.mig_ok_with(&mig, 0, &["image", "import", &tar, "--name", "busybox"])?;
+        Ok(lab)
+    }
+
+    /// Runs the `mig` binary `mig` (another build's) against host `host`'s agent.
+    pub fn mig_with(&self, mig: &Path, host: usize, args: &[&str]) -> crate::MigOutput {
+        Command::new(mig)
+            .arg("--socket")
+            .arg(&self.hosts[host].socket)
+            .args(args)
+            .env_remove("MIG_HOST")
+            .env_remove("MIG_SOCKET")
+            .output()
+            .expect("running mig")
+            .into()
+    }
+
+    /// [`Lab::mig_with`], failing unless it exits 0; returns its stdout.
+    pub fn mig_ok_with(&self, mig: &Path, host: usize, args: &[&str]) -> Result<String> {
+        let o = self.mig_with(mig, host, args);
+        if o.code != 0 {
+            bail!(
+                "{} {args:?} on host {host} failed ({}): {}",
+                mig.display(),
+                o.code,
+                o.stderr
+            );
+        }
+        Ok(o.stdout)
+    }
+
+    /// Stops host `host`'s agent (its containers live on) and starts `migd` (another build's) on
+    /// the same state directory, socket and address: an in-place upgrade or downgrade. The lab
+    /// keeps starting its own `migd` for the other hosts and later restarts.
+    pub fn restart_with(&mut self, host: usize, migd: &Path) -> Result<()> {
+        let mut file = lab::read_lab_file(&self.name)?;
+        let own = std::mem::replace(&mut file.migd, migd.to_owned());
+        write_lab_file(&file)?;
+        let restarted = lab::restart_agent(&self.name, &self.hosts[host].name.clone());
+        // Re-read: the restart recorded the new agent's PID.
+        let mut file = lab::read_lab_file(&self.name)?;
+        file.migd = own;
+        write_lab_file(&file)?;
+        self.hosts[host] = restarted?;
+        Ok(())
+    }
+}
+
+/// Writes the lab file of `file.name` (as `mig_agent::lab` does: a temporary file renamed over it).
+fn write_lab_file(file: &lab::LabFile) -> Result<()> {
+    let path = lab::lab_file_path(&file.name);
+    let tmp = path.with_extension(format!("json.tmp{}", std::process::id()));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(file)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("renaming {}", tmp.display()))?;
+    Ok(())
+}

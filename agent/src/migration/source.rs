@@ -128,7 +128,6 @@ pub(crate) struct UpperSync {
 impl SourceSide {
     /// Whether the destination announced protocol minor `minor` (of our major) or later; false
     /// before its hello arrived.
-    #[allow(dead_code)] // the first feature gated on it is landing
     pub fn peer_speaks(&self, minor: u16) -> bool {
         self.peer_version.get().is_some_and(|v| v.minor >= minor)
     }
@@ -233,7 +232,15 @@ impl SourceSide {
                 continue;
             }
             let copy = self.work.join(remote);
-            std::fs::copy(&from, &copy).map_err(io(&from))?;
+            if remote == STATE_FILE && !self.peer_speaks(1) {
+                // A protocol 1.0 destination (mig 0.1.0) reads the record strictly and knows no
+                // `format` key: send it in mig 0.1's format (no key), or it loses `created`.
+                let st: crate::layout::StateRecord =
+                    crate::layout::read_record(&from).map_err(io(&from))?;
+                mig_runtime::fsutil::write_json(&copy, &st).map_err(io(&copy))?;
+            } else {
+                std::fs::copy(&from, &copy).map_err(io(&from))?;
+            }
             files.push(OutgoingFile {
                 kind: FileKind::Delta,
                 local: copy,
