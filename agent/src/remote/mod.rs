@@ -54,7 +54,9 @@ fn is_peer(agent: &Agent, fp: &str) -> bool {
 
 /// Serves one API client connection: every bidi stream is bridged to an API session.
 async fn serve(agent: Arc<Agent>, conn: quinn::Connection, fp: String) {
-    let client = match ClientStore::open(&agent.cfg.state_dir).map(|s| s.by_fingerprint(&fp)) {
+    let client = match ClientStore::open(&agent.cfg.state_dir)
+        .map(|s| s.by_fingerprint(&fp).cloned())
+    {
         Ok(Some(c)) => c.name,
         Ok(None) => {
             tracing::warn!(fingerprint = %fp, remote = %conn.remote_address(), "refused an API client that is not pinned");
@@ -107,8 +109,7 @@ async fn serve(agent: Arc<Agent>, conn: quinn::Connection, fp: String) {
 impl Agent {
     pub(crate) fn client_add(&self, name: &str, fingerprint: &str) -> Result<ClientInfo, ApiError> {
         let net = self.migration.net().ok_or_else(unavailable)?;
-        let mut store = ClientStore::open(&self.cfg.state_dir).map_err(store_error)?;
-        let c = store.add(name, fingerprint).map_err(store_error)?;
+        let c = store::add(&self.cfg.state_dir, name, fingerprint).map_err(store_error)?;
         net.allowed.insert(&c.fingerprint);
         tracing::info!(client = %c.name, "API client pinned");
         Ok(c)
@@ -121,8 +122,7 @@ impl Agent {
 
     pub(crate) fn client_remove(&self, name: &str) -> Result<ClientInfo, ApiError> {
         let net = self.migration.net().ok_or_else(unavailable)?;
-        let mut store = ClientStore::open(&self.cfg.state_dir).map_err(store_error)?;
-        let c = store.remove(name).map_err(store_error)?;
+        let c = store::remove(&self.cfg.state_dir, name).map_err(store_error)?;
         if !is_peer(self, &c.fingerprint) {
             net.allowed.remove(&c.fingerprint);
         }
@@ -134,16 +134,17 @@ impl Agent {
 /// Pins the clients of the configuration file (when not pinned yet) and lets the endpoint accept
 /// every pinned client's certificate. Runs at start, after the migration endpoint is up.
 pub fn start(agent: &Arc<Agent>, configured: Vec<ClientInfo>) -> Result<usize, StoreError> {
-    let mut store = ClientStore::open(&agent.cfg.state_dir)?;
+    let dir = &agent.cfg.state_dir;
     for c in configured {
-        let known = store
+        let known = ClientStore::open(dir)?
             .list()
             .iter()
             .any(|k| k.name == c.name || k.fingerprint == c.fingerprint.to_ascii_lowercase());
         if !known {
-            store.add(&c.name, &c.fingerprint)?;
+            store::add(dir, &c.name, &c.fingerprint)?;
         }
     }
+    let store = ClientStore::open(dir)?;
     if let Some(net) = agent.migration.net() {
         for c in store.list() {
             net.allowed.insert(&c.fingerprint);
@@ -164,7 +165,7 @@ fn store_error(e: StoreError) -> ApiError {
         StoreError::BadName { .. } | StoreError::BadFingerprint { .. } => {
             ErrorKind::InvalidArgument
         }
-        StoreError::Exists { .. } => ErrorKind::AlreadyExists,
+        StoreError::Exists { .. } | StoreError::FingerprintInUse { .. } => ErrorKind::AlreadyExists,
         StoreError::NotFound { .. } => ErrorKind::NotFound,
         _ => ErrorKind::Internal,
     };

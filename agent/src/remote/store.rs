@@ -1,46 +1,16 @@
 //! `clients.json`: the API clients an agent accepts over QUIC, pinned by certificate fingerprint.
+//! The store is mig-migrate's [`PinnedStore`], the same as the peers' (`peers.json`).
 
-use mig_migrate::transport::is_fingerprint;
-use mig_runtime::fsutil;
+use mig_migrate::transport::{PinError, Pinned, PinnedStore};
 use serde::{Deserialize, Serialize};
-use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 
-/// Format version of `clients.json`.
-const CLIENTS_VERSION: u32 = 1;
-/// Largest `clients.json` accepted.
-const MAX_CLIENTS_FILE: u64 = 4 << 20;
-
-/// Serializes read-modify-write of the file within the agent.
+/// Serializes read-modify-write of the file within the agent (every request opens the file).
 static LOCK: Mutex<()> = Mutex::new(());
 
 /// Why the client store refused an operation.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("cannot read {path}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("cannot write {path}")]
-    Write {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("{path} has format version {found}, this agent reads {CLIENTS_VERSION}")]
-    Version { path: PathBuf, found: u32 },
-    #[error("invalid client name {name:?}")]
-    BadName { name: String },
-    #[error("invalid fingerprint {fingerprint:?} (want 64 hex characters)")]
-    BadFingerprint { fingerprint: String },
-    #[error("client {name} or its fingerprint is already pinned")]
-    Exists { name: String },
-    #[error("no client named {name}")]
-    NotFound { name: String },
-}
+pub type StoreError = PinError;
 
 /// One pinned API client.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,100 +21,38 @@ pub struct ClientInfo {
     pub fingerprint: String,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ClientsFile {
-    version: u32,
-    clients: Vec<ClientInfo>,
+impl Pinned for ClientInfo {
+    const KIND: &'static str = "client";
+    const FILE: &'static str = "clients.json";
+    const LIST: &'static str = "clients";
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
 }
 
 /// The pinned clients of one agent, read from and saved to `<state-dir>/clients.json`.
-#[derive(Debug)]
-pub struct ClientStore {
-    path: PathBuf,
-    clients: Vec<ClientInfo>,
+pub type ClientStore = PinnedStore<ClientInfo>;
+
+/// Pins a client (its fingerprint lowercased) in `<state_dir>/clients.json`, re-read under the
+/// lock; names and fingerprints are unique.
+pub fn add(state_dir: &Path, name: &str, fingerprint: &str) -> Result<ClientInfo, StoreError> {
+    let _g = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let mut store = ClientStore::open(state_dir)?;
+    let c = ClientInfo {
+        name: name.into(),
+        fingerprint: fingerprint.to_ascii_lowercase(),
+    };
+    store.add(c.clone())?;
+    Ok(c)
 }
 
-impl ClientStore {
-    /// Opens `<state_dir>/clients.json` (an absent file is an empty store).
-    pub fn open(state_dir: &Path) -> Result<ClientStore, StoreError> {
-        let path = state_dir.join("clients.json");
-        let clients = match fsutil::read_json::<ClientsFile>(&path, MAX_CLIENTS_FILE) {
-            Ok(f) if f.version == CLIENTS_VERSION => f.clients,
-            Ok(f) => {
-                return Err(StoreError::Version {
-                    path,
-                    found: f.version,
-                })
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-            Err(source) => return Err(StoreError::Read { path, source }),
-        };
-        Ok(ClientStore { path, clients })
-    }
-
-    pub fn list(&self) -> &[ClientInfo] {
-        &self.clients
-    }
-
-    pub fn by_fingerprint(&self, fingerprint: &str) -> Option<ClientInfo> {
-        self.clients
-            .iter()
-            .find(|c| c.fingerprint == fingerprint)
-            .cloned()
-    }
-
-    /// Pins a client; names and fingerprints are unique.
-    pub fn add(&mut self, name: &str, fingerprint: &str) -> Result<ClientInfo, StoreError> {
-        let _g = LOCK.lock().unwrap_or_else(|p| p.into_inner());
-        *self = ClientStore::open(self.path.parent().unwrap_or(Path::new("/")))?;
-        let fingerprint = fingerprint.to_ascii_lowercase();
-        if mig_runtime::spec::validate_name(name).is_err() {
-            return Err(StoreError::BadName { name: name.into() });
-        }
-        if !is_fingerprint(&fingerprint) {
-            return Err(StoreError::BadFingerprint { fingerprint });
-        }
-        if self
-            .clients
-            .iter()
-            .any(|c| c.name == name || c.fingerprint == fingerprint)
-        {
-            return Err(StoreError::Exists { name: name.into() });
-        }
-        let c = ClientInfo {
-            name: name.into(),
-            fingerprint,
-        };
-        self.clients.push(c.clone());
-        self.save()?;
-        Ok(c)
-    }
-
-    /// Unpins a client by name and returns it.
-    pub fn remove(&mut self, name: &str) -> Result<ClientInfo, StoreError> {
-        let _g = LOCK.lock().unwrap_or_else(|p| p.into_inner());
-        *self = ClientStore::open(self.path.parent().unwrap_or(Path::new("/")))?;
-        let i = self
-            .clients
-            .iter()
-            .position(|c| c.name == name)
-            .ok_or_else(|| StoreError::NotFound { name: name.into() })?;
-        let c = self.clients.remove(i);
-        self.save()?;
-        Ok(c)
-    }
-
-    fn save(&self) -> Result<(), StoreError> {
-        let file = ClientsFile {
-            version: CLIENTS_VERSION,
-            clients: self.clients.clone(),
-        };
-        fsutil::write_json(&self.path, &file).map_err(|source| StoreError::Write {
-            path: self.path.clone(),
-            source,
-        })
-    }
+/// Unpins a client by name and returns it.
+pub fn remove(state_dir: &Path, name: &str) -> Result<ClientInfo, StoreError> {
+    let _g = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    ClientStore::open(state_dir)?.remove(name)
 }
 
 #[cfg(test)]
@@ -154,22 +62,49 @@ mod tests {
     #[test]
     fn add_list_remove_persist() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = ClientStore::open(dir.path()).unwrap();
+        let d = dir.path();
         let fp = "ab".repeat(32);
-        s.add("ci", &fp.to_uppercase()).unwrap();
-        assert!(matches!(s.add("ci2", &fp), Err(StoreError::Exists { .. })));
+        add(d, "ci", &fp.to_uppercase()).unwrap();
         assert!(matches!(
-            s.add("x", "nothex"),
+            add(d, "ci2", &fp),
+            Err(StoreError::FingerprintInUse { .. })
+        ));
+        assert!(matches!(
+            add(d, "ci", &"cd".repeat(32)),
+            Err(StoreError::Exists { .. })
+        ));
+        assert!(matches!(
+            add(d, "x", "nothex"),
             Err(StoreError::BadFingerprint { .. })
         ));
         assert!(matches!(
-            s.add("a/b", &"cd".repeat(32)),
+            add(d, "a/b", &"cd".repeat(32)),
             Err(StoreError::BadName { .. })
         ));
-        let again = ClientStore::open(dir.path()).unwrap();
+        let again = ClientStore::open(d).unwrap();
         assert_eq!(again.by_fingerprint(&fp).unwrap().name, "ci");
-        s.remove("ci").unwrap();
-        assert!(ClientStore::open(dir.path()).unwrap().list().is_empty());
-        assert!(matches!(s.remove("ci"), Err(StoreError::NotFound { .. })));
+        remove(d, "ci").unwrap();
+        assert!(ClientStore::open(d).unwrap().list().is_empty());
+        assert!(matches!(remove(d, "ci"), Err(StoreError::NotFound { .. })));
+    }
+
+    /// A `clients.json` as mig 0.1 wrote it is read, and written back in the same shape.
+    #[test]
+    fn the_file_of_the_previous_release_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("clients.json");
+        let fp = "0f".repeat(32);
+        std::fs::write(
+            &p,
+            format!(
+                "{{\n  \"version\": 1,\n  \"clients\": [\n    {{\n      \"name\": \"ci\",\n      \"fingerprint\": \"{fp}\"\n    }}\n  ]\n}}"
+            ),
+        )
+        .unwrap();
+        let before = std::fs::read_to_string(&p).unwrap();
+        assert_eq!(ClientStore::open(dir.path()).unwrap().list()[0].name, "ci");
+        add(dir.path(), "ops", &"1e".repeat(32)).unwrap();
+        remove(dir.path(), "ops").unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), before);
     }
 }
