@@ -741,3 +741,115 @@ fn userns_checkpoint_exports_and_imports() -> Result<()> {
     ensure!(agent.mig_ok(&["exec", "ux2", "--", "cat", "/proc/self/uid_map"])? == map);
     Ok(())
 }
+
+/// Records of a newer format (written by a newer mig, then downgraded) do not block the agent:
+/// an image record and a container record of a newer format are skipped with a warning naming
+/// the file and both versions, left as they are; migd starts, the other containers and images
+/// work; commands on those two fail saying why; the unreadable image is listed as such; and the
+/// layers the skipped container may use are not removed.
+#[test]
+fn records_of_a_newer_format_are_skipped_others_work() -> Result<()> {
+    let mut agent = Agent::start("newer_records")?;
+    agent.import_busybox()?;
+    let id = run_detached(
+        &agent,
+        &["--name", "keeper", "busybox", "--", "sleep", "1000"],
+    )?;
+    agent.kill9();
+    // A container record and an image record of a newer format, made from the real ones.
+    let containers = agent.state_dir.join("containers");
+    let future_id = format!("{:032x}", u128::from(std::process::id()) << 64 | 0xf0);
+    let future_dir = containers.join(&future_id);
+    std::fs::create_dir_all(&future_dir)?;
+    let spec = std::fs::read_to_string(containers.join(&id).join("spec.json"))?
+        .replace(&id, &future_id)
+        .replace("keeper", "future-one")
+        .replace(r#""format": 2"#, r#""format": 3"#);
+    ensure!(spec.contains(r#""format": 3"#), "{spec}");
+    std::fs::write(future_dir.join("spec.json"), &spec)?;
+    let records = agent.state_dir.join("images").join("images");
+    let image = std::fs::read_to_string(records.join("busybox.json"))?
+        .replace(r#""format": 2"#, r#""format": 9"#)
+        .replace(r#""name": "busybox""#, r#""name": "newer""#);
+    ensure!(image.contains(r#""format": 9"#), "{image}");
+    std::fs::write(records.join("newer.json"), &image)?;
+    agent.spawn()?;
+
+    // The other container is re-adopted and listed; the newer one is not.
+    let ps = agent.mig_json(&["ps", "-a", "--json"])?;
+    ensure!(
+        ps.as_array().map(Vec::len) == Some(1) && ps[0]["id"] == id.as_str(),
+        "{ps}"
+    );
+    ensure!(ps[0]["state"] == "running", "{ps}");
+    let spec_file = future_dir.join("spec.json");
+    let want = format!(
+        "{} has format version 3, newer than version 2",
+        spec_file.display()
+    );
+    ensure!(agent.log().contains(&want), "{want:?} not in the log");
+    // Commands on it say why, by id or prefix.
+    for args in [
+        vec!["inspect", future_id.as_str()],
+        vec!["rm", "-f", &future_id[..20]],
+    ] {
+        let o = agent.mig(&args);
+        ensure!(
+            o.code != 0 && o.stderr.contains("record cannot be read") && o.stderr.contains(&want),
+            "{args:?}: {o:?}"
+        );
+    }
+    // Images: the newer record is listed as unreadable; the others work.
+    let images = agent.mig_json(&["image", "ls", "--json"])?;
+    let list = images.as_array().context("image list")?;
+    let newer = list
+        .iter()
+        .find(|i| i["name"] == "newer")
+        .with_context(|| format!("newer not listed: {images}"))?;
+    ensure!(
+        newer["unreadable"]["format"] == 9 && newer["unreadable"]["supported_format"] == 2,
+        "{newer}"
+    );
+    let image_file = records.join("newer.json");
+    ensure!(
+        newer["unreadable"]["path"] == image_file.to_string_lossy().as_ref(),
+        "{newer}"
+    );
+    let busybox = list
+        .iter()
+        .find(|i| i["name"] == "busybox")
+        .with_context(|| format!("busybox not listed: {images}"))?;
+    ensure!(busybox.get("unreadable").is_none(), "{busybox}");
+    let table = agent.mig_ok(&["image", "ls"])?;
+    ensure!(
+        table.contains("unreadable") && table.contains("format 9, this mig reads up to 2"),
+        "{table}"
+    );
+    let o = agent.mig(&["run", "newer", "--", "true"]);
+    let want_image = format!(
+        "{} has format version 9, newer than version 2",
+        image_file.display()
+    );
+    ensure!(
+        o.code != 0 && o.stderr.contains(&want_image),
+        "run of the newer image: {o:?}"
+    );
+    let o = agent.mig(&["run", "--name", "other", "busybox", "--", "true"]);
+    ensure!(o.code == 0, "run of another image: {o:?}");
+    // The skipped container's image stays: its layers may be under it.
+    agent.mig_ok(&["rm", "-f", "keeper"])?;
+    agent.mig_ok(&["rm", "-f", "other"])?;
+    let o = agent.mig(&["image", "rm", "busybox"]);
+    ensure!(
+        o.code != 0 && o.stderr.contains(&future_id),
+        "image rm with a skipped container: {o:?}"
+    );
+    // Both files are left as they were.
+    ensure!(std::fs::read_to_string(&spec_file)? == spec);
+    ensure!(!future_dir.join("state.json").exists());
+    ensure!(std::fs::read_to_string(&image_file)? == image);
+    std::fs::remove_dir_all(&future_dir)?;
+    std::fs::remove_file(&image_file)?;
+    agent.mig_ok(&["image", "rm", "busybox"])?;
+    Ok(())
+}

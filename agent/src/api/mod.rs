@@ -377,6 +377,25 @@ pub struct ImageInfo {
     pub layers: Vec<String>,
     pub created: u64,
     pub size: u64,
+    /// Set when the image's record cannot be read (written by a newer mig, or damaged): the image
+    /// is listed under the name of its file with its other fields empty, and cannot be used until
+    /// a mig that reads it does. Absent otherwise (and from agents before it was added).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unreadable: Option<UnreadableRecord>,
+}
+
+/// Why a record is not read (see [`ImageInfo::unreadable`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnreadableRecord {
+    /// The file, on the agent's host.
+    pub path: String,
+    /// The record's format version when it is newer than the agent reads; `None` when the record
+    /// is damaged.
+    pub format: Option<u64>,
+    /// The newest format version the agent reads.
+    pub supported_format: u32,
+    /// The error, for people.
+    pub message: String,
 }
 
 /// The lifecycle state of a container.

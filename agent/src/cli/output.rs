@@ -96,10 +96,16 @@ pub fn ps_table(list: &[ContainerSummary]) -> String {
     )
 }
 
+/// The image table; an image whose record cannot be read shows as `unreadable`, with why in a
+/// line below the table.
 pub fn images_table(list: &[ImageInfo]) -> String {
     let rows = list
         .iter()
         .map(|i| {
+            if i.unreadable.is_some() {
+                let dash = || "-".to_owned();
+                return vec![i.name.clone(), "unreadable".into(), dash(), dash(), dash()];
+            }
             let short = i.id.strip_prefix("sha256:").unwrap_or(&i.id);
             vec![
                 i.name.clone(),
@@ -110,7 +116,20 @@ pub fn images_table(list: &[ImageInfo]) -> String {
             ]
         })
         .collect();
-    table(&["NAME", "ID", "LAYERS", "SIZE", "CREATED"], rows)
+    let mut s = table(&["NAME", "ID", "LAYERS", "SIZE", "CREATED"], rows);
+    for i in list {
+        if let Some(u) = &i.unreadable {
+            let why = match u.format {
+                Some(f) => format!(
+                    "its record is of format {f}, this mig reads up to {}",
+                    u.supported_format
+                ),
+                None => "its record is damaged".to_owned(),
+            };
+            let _ = writeln!(s, "image {} not read: {why} ({})", i.name, u.path);
+        }
+    }
+    s
 }
 
 pub fn inspect_text(d: &ContainerDetails) -> String {

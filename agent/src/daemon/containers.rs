@@ -104,6 +104,63 @@ impl Agent {
         Ok(live)
     }
 
+    /// Container directories on disk that [`Agent::load_all`] did not load because a record of
+    /// theirs cannot be read (a newer format, or damaged): `(id, why)`, sorted by id. They are
+    /// left as they are; this agent neither lists nor manages them.
+    pub(crate) fn unread_containers(&self) -> Vec<(String, String)> {
+        let Ok(rd) = std::fs::read_dir(self.dirs.containers()) else {
+            return Vec::new();
+        };
+        let mut ids: Vec<String> = rd
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|id| mig_runtime::spec::validate_id(id).is_ok())
+            .collect();
+        ids.sort();
+        let known: Vec<String> = {
+            let map = self.lock();
+            ids.iter()
+                .filter(|id| map.contains_key(*id))
+                .cloned()
+                .collect()
+        };
+        ids.into_iter()
+            .filter(|id| !known.contains(id))
+            .filter_map(|id| {
+                let cd = self.dirs.container(&id);
+                let why = match crate::layout::read_record::<ContainerSpec>(&cd.spec()) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+                    Err(e) => e.to_string(),
+                    Ok(_) => match crate::layout::read_record::<StateRecord>(&cd.state()) {
+                        Err(e) if fsutil::is_newer_format(&e) => e.to_string(),
+                        // Being created or removed right now.
+                        _ => return None,
+                    },
+                };
+                Some((id, why))
+            })
+            .collect()
+    }
+
+    /// The error for a container key that names nothing loaded: says so plainly when the key is
+    /// the id of a container whose records this agent cannot read.
+    pub(crate) fn not_found(&self, key: &str) -> ApiError {
+        if !key.is_empty() {
+            let unread = self.unread_containers();
+            let hits: Vec<&(String, String)> = unread
+                .iter()
+                .filter(|(id, _)| id.starts_with(key))
+                .collect();
+            if let [(id, why)] = hits.as_slice() {
+                return ApiError::new(
+                    ErrorKind::Unavailable,
+                    format!("container {id} is not managed by this agent, its record cannot be read: {why}"),
+                );
+            }
+        }
+        ApiError::new(ErrorKind::NotFound, format!("no such container: {key}"))
+    }
+
     pub(crate) fn is_live(&self, id: &str) -> bool {
         self.lock()
             .get(id)

@@ -3,11 +3,11 @@
 use super::Agent;
 use crate::api::{
     ApiError, ContainerState, ContainerSummary, ErrorKind, HostInfo, ImageInfo, InDoubt, Response,
-    API_VERSION, API_VERSION_MIN,
+    UnreadableRecord, API_VERSION, API_VERSION_MIN,
 };
 use mig_migrate::protocol::{JournalState, Role};
 use mig_runtime::cgroup::{Cgroup, Usage};
-use mig_runtime::image::{Image, ImageError};
+use mig_runtime::image::{Image, ImageError, UnreadableImage, RECORD_FORMAT};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,13 +19,30 @@ fn image_info(i: Image) -> ImageInfo {
         layers: i.layers,
         created: i.created,
         size: i.size,
+        unreadable: None,
+    }
+}
+
+fn unreadable_info(u: UnreadableImage) -> ImageInfo {
+    ImageInfo {
+        name: u.name.clone(),
+        id: String::new(),
+        layers: Vec::new(),
+        created: 0,
+        size: 0,
+        unreadable: Some(UnreadableRecord {
+            path: u.path.display().to_string(),
+            format: u.newer_format,
+            supported_format: RECORD_FORMAT.current,
+            message: u.message(),
+        }),
     }
 }
 
 fn image_error(e: ImageError) -> ApiError {
     let kind = match &e {
         ImageError::NotFound(_) => ErrorKind::NotFound,
-        ImageError::Unimplemented => ErrorKind::Unavailable,
+        ImageError::Unimplemented | ImageError::NewerRecord { .. } => ErrorKind::Unavailable,
         #[allow(unreachable_patterns)]
         _ => ErrorKind::InvalidArgument,
     };
@@ -73,8 +90,14 @@ impl Agent {
 
     pub(crate) async fn image_list(self: &Arc<Self>) -> Result<Response, ApiError> {
         let images = self.images.clone();
-        let list = self.blocking(move || images.list()).await?;
-        Ok(Response::Images(list.into_iter().map(image_info).collect()))
+        let all = self.blocking(move || images.list_all()).await?;
+        for u in &all.unreadable {
+            tracing::warn!(path = %u.path.display(), error = %u.message(), "image record not read");
+        }
+        let mut list: Vec<ImageInfo> = all.images.into_iter().map(image_info).collect();
+        list.extend(all.unreadable.into_iter().map(unreadable_info));
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Response::Images(list))
     }
 
     pub(crate) async fn image_remove(self: &Arc<Self>, key: String) -> Result<Response, ApiError> {
@@ -89,6 +112,27 @@ impl Agent {
             .filter(|e| e.spec.image.id == img.id)
             .map(|e| e.spec.name.clone())
             .collect();
+        // A container whose records this agent cannot read may use it too: its spec is read as
+        // text (the image id appears in it whatever its format); unreadable, it may use any image.
+        let unread_users: Vec<String> = self
+            .unread_containers()
+            .into_iter()
+            .filter(|(id, _)| {
+                std::fs::read_to_string(self.dirs.container(id).spec())
+                    .map_or(true, |text| text.contains(&img.id))
+            })
+            .map(|(id, _)| id)
+            .collect();
+        if !unread_users.is_empty() {
+            return Err(ApiError::new(
+                ErrorKind::Conflict,
+                format!(
+                    "image {} may be used by containers whose records this agent cannot read: {}",
+                    img.name,
+                    unread_users.join(", ")
+                ),
+            ));
+        }
         if !used_by.is_empty() {
             return Err(ApiError::new(
                 ErrorKind::Conflict,

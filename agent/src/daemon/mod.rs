@@ -147,10 +147,10 @@ impl Agent {
         };
         match matches.as_slice() {
             [one] => Ok((*one).clone()),
-            [] => Err(ApiError::new(
-                ErrorKind::NotFound,
-                format!("no such container: {key}"),
-            )),
+            [] => {
+                drop(map);
+                Err(self.not_found(key))
+            }
             _ => Err(ApiError::new(
                 ErrorKind::Ambiguous,
                 format!(

@@ -33,6 +33,7 @@ use std::path::{Path, PathBuf};
 
 pub use oci::OciError;
 pub use paths::PathError;
+pub use store::{Listing, UnreadableImage, RECORD_FORMAT};
 
 /// Why an archive was refused as hostile.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -111,6 +112,16 @@ pub enum ImageError {
     UnknownFormat { path: PathBuf },
     #[error(transparent)]
     Oci(#[from] OciError),
+    #[error(
+        "image record {} has format version {found}, newer than version {current} that this mig \
+         reads (written by a newer release?): not read, left as it is",
+        path.display()
+    )]
+    NewerRecord {
+        path: PathBuf,
+        found: u64,
+        current: u32,
+    },
     #[error("corrupt image record {}", path.display())]
     Record {
         path: PathBuf,
@@ -224,9 +235,15 @@ impl ImageStore {
         crate::spec::validate_name(name).map_err(ImageError::InvalidName)?;
         import::import(self, path, name)
     }
-    /// Every image, sorted by name.
+    /// Every image that can be read, sorted by name; a record that cannot (a newer format, a
+    /// damaged file) is skipped with a warning and left as it is.
     pub fn list(&self) -> Result<Vec<Image>, ImageError> {
         self.read_records()
+    }
+    /// Every image record: the images, and the records that cannot be read (with why), so a
+    /// listing can show them.
+    pub fn list_all(&self) -> Result<Listing, ImageError> {
+        self.read_listing()
     }
     /// Finds an image by name, full id or unambiguous id prefix (at least 4 hex characters, with
     /// or without `sha256:`).

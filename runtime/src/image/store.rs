@@ -19,6 +19,52 @@ pub const RECORD_FORMAT: crate::fsutil::Format = crate::fsutil::Format {
     current: 2,
 };
 
+/// The image records of the store: those that read, and those that do not.
+#[derive(Debug, Default)]
+pub struct Listing {
+    /// Sorted by name.
+    pub images: Vec<Image>,
+    /// Sorted by name.
+    pub unreadable: Vec<UnreadableImage>,
+}
+
+/// An image record that cannot be read: of a newer format (written by a newer mig), or damaged.
+/// It is left as it is; the other images work without it.
+#[derive(Debug)]
+pub struct UnreadableImage {
+    /// The image name its file carries (`images/<name>.json`).
+    pub name: String,
+    pub path: PathBuf,
+    /// The record's format version, when it is newer than [`RECORD_FORMAT`]`.current`.
+    pub newer_format: Option<u64>,
+    pub error: io::Error,
+}
+
+impl UnreadableImage {
+    /// Why, in one line (the error and its sources).
+    pub fn message(&self) -> String {
+        let mut msg = self.error.to_string();
+        let mut src = std::error::Error::source(&self.error);
+        while let Some(s) = src {
+            let s_msg = s.to_string();
+            if !msg.contains(&s_msg) {
+                msg.push_str(": ");
+                msg.push_str(&s_msg);
+            }
+            src = s.source();
+        }
+        msg
+    }
+}
+
+/// The version found in a record refused as newer ([`crate::fsutil::FormatError::Newer`]).
+fn newer_format(e: &io::Error) -> Option<u64> {
+    match e.get_ref()?.downcast_ref::<crate::fsutil::FormatError>()? {
+        crate::fsutil::FormatError::Newer { found, .. } => Some(*found),
+        _ => None,
+    }
+}
+
 static WORK_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// A private directory under `tmp/` for one operation, removed with everything in it on drop.
@@ -119,9 +165,20 @@ impl ImageStore {
         self.root.join("images").join(format!("{name}.json"))
     }
 
+    /// Every record that reads, sorted by name; a record that does not (of a newer format, or
+    /// damaged) is skipped with a warning naming the file (and both versions), and left as it is.
     pub(crate) fn read_records(&self) -> Result<Vec<Image>, ImageError> {
+        let listing = self.read_listing()?;
+        for u in &listing.unreadable {
+            tracing::warn!(path = %u.path.display(), error = %u.message(), "skipping an image record that cannot be read");
+        }
+        Ok(listing.images)
+    }
+
+    /// Every record, those that read sorted by name and those that do not beside them.
+    pub(crate) fn read_listing(&self) -> Result<Listing, ImageError> {
         let dir = self.root.join("images");
-        let mut out = Vec::new();
+        let mut out = Listing::default();
         for ent in fs::read_dir(&dir).map_err(ImageError::io("reading", &dir))? {
             let ent = ent.map_err(ImageError::io("reading", &dir))?;
             let name = ent.file_name();
@@ -131,14 +188,37 @@ impl ImageStore {
             }
             let p = ent.path();
             match crate::fsutil::read_versioned::<Image>(&p, MAX_RECORD, RECORD_FORMAT) {
-                Ok(img) => out.push(img),
+                Ok(img) => out.images.push(img),
                 // Removed by someone else since the directory was read.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(source) => return Err(ImageError::Record { path: p, source }),
+                Err(error) => out.unreadable.push(UnreadableImage {
+                    name: name.trim_end_matches(".json").to_owned(),
+                    newer_format: newer_format(&error),
+                    path: p,
+                    error,
+                }),
             }
         }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out.images.sort_by(|a, b| a.name.cmp(&b.name));
+        out.unreadable.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
+    }
+
+    /// The layers the image records use, or `None` when a record cannot be read (it may use any
+    /// layer, so nothing may be collected).
+    fn used_layers(&self) -> Result<Option<HashSet<String>>, ImageError> {
+        let listing = self.read_listing()?;
+        if let Some(u) = listing.unreadable.first() {
+            tracing::warn!(
+                path = %u.path.display(),
+                error = %u.message(),
+                "keeping every layer: an image record cannot be read, it may use any of them"
+            );
+            return Ok(None);
+        }
+        Ok(Some(
+            listing.images.into_iter().flat_map(|i| i.layers).collect(),
+        ))
     }
 
     fn read_record(&self, name: &str) -> Result<Option<Image>, ImageError> {
@@ -149,7 +229,14 @@ impl ImageStore {
         match crate::fsutil::read_versioned::<Image>(&p, MAX_RECORD, RECORD_FORMAT) {
             Ok(img) => Ok(Some(img)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(ImageError::Record { path: p, source }),
+            Err(e) => match newer_format(&e) {
+                Some(found) => Err(ImageError::NewerRecord {
+                    path: p,
+                    found,
+                    current: RECORD_FORMAT.current,
+                }),
+                None => Err(ImageError::Record { path: p, source: e }),
+            },
         }
     }
 
@@ -289,11 +376,9 @@ impl ImageStore {
                 }
             }
         }
-        let used: HashSet<String> = self
-            .read_records()?
-            .into_iter()
-            .flat_map(|i| i.layers)
-            .collect();
+        let Some(used) = self.used_layers()? else {
+            return Ok(Vec::new());
+        };
         let candidates: Vec<String> = all
             .into_iter()
             .filter(|d| !used.contains(d) && !keep.contains(d))
@@ -308,11 +393,9 @@ impl ImageStore {
         if candidates.is_empty() {
             return Ok(());
         }
-        let used: HashSet<String> = self
-            .read_records()?
-            .into_iter()
-            .flat_map(|i| i.layers)
-            .collect();
+        let Some(used) = self.used_layers()? else {
+            return Ok(());
+        };
         let work = self.work_dir()?;
         for (n, d) in candidates.iter().enumerate() {
             if used.contains(d) || crate::spec::validate_digest(d).is_err() {
@@ -347,10 +430,11 @@ fn sync_dir(p: &Path) -> Result<(), ImageError> {
 mod tests {
     use super::*;
 
-    /// An image record of mig 0.1 (no `format`) is read; one of a newer format is refused by
-    /// name and left as it is.
+    /// An image record of mig 0.1 (no `format`) is read; one of a newer format is skipped by the
+    /// listing (shown as unreadable), refused by name, keeps every layer from collection and is
+    /// left as it is.
     #[test]
-    fn records_of_the_old_format_are_read_newer_refused() {
+    fn records_of_the_old_format_are_read_newer_skipped_and_refused() {
         let dir = tempfile::tempdir().unwrap();
         let store = ImageStore::open(dir.path()).unwrap();
         let records = dir.path().join("images");
@@ -363,14 +447,55 @@ mod tests {
         assert_eq!((img.name.as_str(), img.size), ("old", 5));
         let newer = old.replace(r#""name":"old""#, r#""format":9,"name":"new""#);
         fs::write(records.join("new.json"), &newer).unwrap();
-        let e = store.list().unwrap_err();
-        let chain = format!("{e}: {}", std::error::Error::source(&e).unwrap());
-        assert!(
-            chain.contains("new.json has format version 9, newer than version 2"),
-            "{chain}"
+        // The other images still work; the newer one is skipped by the listing...
+        assert_eq!(store.list().unwrap(), vec![img.clone()]);
+        assert_eq!(store.get("old").unwrap(), img);
+        assert_eq!(store.get(&img.id[..12]).unwrap(), img);
+        let all = store.list_all().unwrap();
+        assert_eq!(all.images, vec![img.clone()]);
+        let [u] = all.unreadable.as_slice() else {
+            panic!("{all:?}")
+        };
+        assert_eq!((u.name.as_str(), u.newer_format), ("new", Some(9)));
+        let want = format!(
+            "{} has format version 9, newer than version 2",
+            records.join("new.json").display()
         );
+        assert!(u.message().contains(&want), "{}", u.message());
+        // ... and commands on it fail, naming the file and both versions.
+        for e in [
+            store.get("new").unwrap_err(),
+            store.remove("new").unwrap_err(),
+        ] {
+            assert!(
+                matches!(
+                    e,
+                    ImageError::NewerRecord {
+                        found: 9,
+                        current: 2,
+                        ..
+                    }
+                ),
+                "{e:?}"
+            );
+            let want = format!(
+                "image record {} has format version 9, newer than version 2",
+                records.join("new.json").display()
+            );
+            assert!(e.to_string().contains(&want), "{e}");
+        }
+        // No layer is collected while a record cannot be read: it may use any of them.
+        let stray = format!("sha256:{}", "2".repeat(64));
+        fs::create_dir_all(store.layer_dir(&stray)).unwrap();
+        fs::write(store.blob_path(&stray), b"tar").unwrap();
+        assert!(store.prune(&[]).unwrap().is_empty());
+        assert!(store.has_layer(&stray) && store.blob_path(&stray).is_file());
+        store.add_image(&img).unwrap();
+        assert!(store.has_layer(&stray));
         assert_eq!(fs::read_to_string(records.join("new.json")).unwrap(), newer);
         fs::remove_file(records.join("new.json")).unwrap();
+        assert_eq!(store.prune(&[]).unwrap(), vec![stray.clone()]);
+        assert!(!store.has_layer(&stray) && !store.blob_path(&stray).exists());
         // Rewritten records carry the current format.
         store.add_image(&img).unwrap();
         let v: serde_json::Value =
