@@ -5,10 +5,10 @@
 
 use super::report::{mbs, LinkRow};
 use super::{progress, BenchError, Ctx};
-use mig_migrate::transport::tunnel::{self, Service, Tunnel, TunnelHeader};
+use mig_migrate::transport::tunnel::{self, Endpoint, Service, Tunnel, TunnelHeader};
 use mig_migrate::transport::{
-    client_config, endpoint_config, endpoint_with, server_config, transport_config, udp_socket,
-    AllowedPeers, Identity, GSO_SEGMENTS,
+    client_config_ordered, endpoint_config, endpoint_with, server_config, transport_config,
+    udp_socket, AllowedPeers, Identity, GSO_SEGMENTS,
 };
 use std::collections::HashSet;
 use std::fs::File;
@@ -135,13 +135,16 @@ fn quic_err(what: &str, e: impl std::fmt::Display) -> BenchError {
 }
 
 /// A way of carrying bytes over QUIC from host-a to host-b, for comparisons in one run. Written
-/// `[tunnel:]CxS[:tweak+tweak...]`: C connections (each between its own pair of UDP sockets) of
-/// S unidirectional streams each, through the page tunnel or raw, with mig's transport settings
-/// changed by the tweaks ([`TWEAKS`]).
+/// `[tunnel:|utunnel:]CxS[:tweak+tweak...]`: C connections (each between its own pair of UDP
+/// sockets) of S unidirectional streams each, through the page tunnel (`tunnel:` with loopback
+/// TCP on both ends, `utunnel:` with Unix socketpairs as stream mode has it) or raw, with mig's
+/// transport settings changed by the tweaks ([`TWEAKS`]).
 #[derive(Debug, Clone)]
 pub struct Variant {
     pub name: String,
     pub tunnel: bool,
+    /// The tunnel's local ends are Unix socketpairs instead of loopback TCP.
+    pub unix: bool,
     pub conns: usize,
     pub streams: usize,
     pub tweaks: Vec<String>,
@@ -162,6 +165,7 @@ pub const TWEAKS: &[&str] = &[
     "nofair (no send fairness between streams)",
     "ep1472 (quinn's default endpoint settings: peers announce 1472-byte datagrams at most)",
     "gso=N (datagrams per GSO send)",
+    "aes256 (ring's cipher suite order, AES-256-GCM first, instead of mig's AES-128-GCM first)",
 ];
 
 impl Variant {
@@ -170,6 +174,7 @@ impl Variant {
         Variant {
             name: format!("quic {conns}x{streams}"),
             tunnel: false,
+            unix: false,
             conns,
             streams,
             tweaks: Vec::new(),
@@ -253,12 +258,13 @@ impl Variant {
     }
 }
 
-/// Parses a [`Variant`] (`[tunnel:]CxS[:tweak+tweak...]`).
+/// Parses a [`Variant`] (`[tunnel:|utunnel:]CxS[:tweak+tweak...]`).
 pub fn parse_variant(s: &str) -> Result<Variant, String> {
-    let bad = || format!("invalid link variant {s:?} ([tunnel:]CxS[:tweak+...])");
-    let (tunnel, rest) = match s.strip_prefix("tunnel:") {
-        Some(r) => (true, r),
-        None => (false, s),
+    let bad = || format!("invalid link variant {s:?} ([tunnel:|utunnel:]CxS[:tweak+...])");
+    let (tunnel, unix, rest) = match (s.strip_prefix("tunnel:"), s.strip_prefix("utunnel:")) {
+        (Some(r), _) => (true, false, r),
+        (_, Some(r)) => (true, true, r),
+        _ => (false, false, s),
     };
     let (shape, tweaks) = rest.split_once(':').unwrap_or((rest, ""));
     let (c, st) = shape.split_once('x').ok_or_else(bad)?;
@@ -285,8 +291,16 @@ pub fn parse_variant(s: &str) -> Result<Variant, String> {
         }
     }
     Ok(Variant {
-        name: format!("{}quic {rest}", if tunnel { "tunnel " } else { "" }),
+        name: format!(
+            "{}quic {rest}",
+            match (tunnel, unix) {
+                (true, true) => "unix tunnel ",
+                (true, false) => "tunnel ",
+                _ => "",
+            }
+        ),
         tunnel,
+        unix,
         conns,
         streams,
         tweaks,
@@ -330,8 +344,9 @@ fn quic_setup(ctx: &Ctx, v: &Variant) -> Result<QuicSetup, BenchError> {
     let id_b = Identity::generate("bench-b").map_err(|e| quic_err("identity", e))?;
     let allowed = AllowedPeers::new(HashSet::from([id_a.fingerprint().to_string()]));
     let mut server_cfg = server_config(&id_b, allowed).map_err(|e| quic_err("server config", e))?;
-    let mut client_cfg =
-        client_config(&id_a, id_b.fingerprint()).map_err(|e| quic_err("client config", e))?;
+    let aes128_first = !v.tweaks.iter().any(|t| t == "aes256");
+    let mut client_cfg = client_config_ordered(&id_a, id_b.fingerprint(), aes128_first)
+        .map_err(|e| quic_err("client config", e))?;
     let t = Arc::new(v.transport());
     server_cfg.transport_config(t.clone());
     client_cfg.transport_config(t);
@@ -493,45 +508,98 @@ fn quic(ctx: &Ctx, mib: u64, v: &Variant) -> Result<LinkRow, BenchError> {
     })
 }
 
-/// The page tunnel as stream mode uses it: a loopback TCP client on host-a writes `mib` MiB into
-/// a [`Tunnel`] on `v`'s connections, the far side's [`tunnel::serve`] carries them into a
-/// loopback TCP server that reads them (host-b). `v.streams` is not used.
+/// The page tunnel: a local client on host-a writes `mib` MiB into a [`Tunnel`] on `v`'s
+/// connections, the far side's [`tunnel::serve`] carries them to a local server that reads them
+/// (host-b). `tunnel:` uses loopback TCP on both ends (as stream mode did until session 5),
+/// `utunnel:` Unix socketpairs on both ends (as stream mode has it: `criu --ps-socket`).
+/// `v.streams` is not used.
 fn tunnel(ctx: &Ctx, mib: u64, v: &Variant) -> Result<LinkRow, BenchError> {
     let setup = quic_setup(ctx, v)?;
     let total = mib << 20;
     let name = v.name.clone();
+    let unix = v.unix;
     runtime()?.block_on(async move {
         let (conns, endpoints) = quic_connect(setup, v).await?;
-        let sink = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(link_err("sink bind"))?;
-        let sink_addr = sink.local_addr().map_err(link_err("sink bind"))?;
-        let reader = tokio::spawn(async move {
-            let (mut s, _) = sink.accept().await.map_err(link_err("sink accept"))?;
-            let mut buf = vec![0u8; CHUNK];
-            let mut n = 0u64;
-            loop {
-                match s.read(&mut buf).await.map_err(link_err("sink read"))? {
-                    0 => return Ok::<u64, BenchError>(n),
-                    k => n += k as u64,
-                }
-            }
-        });
-        for (_, s) in &conns {
-            tokio::spawn(tunnel::serve(s.clone(), move |_| Some(sink_addr)));
-        }
         let header = TunnelHeader {
             migration_id: "bench".into(),
             service: Service::PageServer,
         };
         let (c, _) = &conns[0];
-        let t = Tunnel::listen(c.clone(), header)
-            .await
-            .map_err(|e| quic_err("tunnel", e))?;
-        let start = Instant::now();
-        let mut s = tokio::net::TcpStream::connect(t.addr())
-            .await
-            .map_err(link_err("tunnel connect"))?;
+        let (t, reader, start, mut s): (
+            Tunnel,
+            _,
+            Instant,
+            Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
+        ) = if unix {
+            let (far, sink) = tunnel::unix_pair().map_err(link_err("sink pair"))?;
+            let far = std::sync::Mutex::new(Some(far));
+            for (_, s) in &conns {
+                let far = far.lock().unwrap_or_else(|p| p.into_inner()).take();
+                tokio::spawn(tunnel::serve(s.clone(), {
+                    let far = std::sync::Mutex::new(far);
+                    move |_| {
+                        far.lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .take()
+                            .map(Endpoint::Unix)
+                    }
+                }));
+            }
+            sink.set_nonblocking(true).map_err(link_err("sink pair"))?;
+            let mut sink = tokio::net::UnixStream::from_std(sink).map_err(link_err("sink pair"))?;
+            let reader = tokio::spawn(async move {
+                let mut buf = vec![0u8; CHUNK];
+                let mut n = 0u64;
+                loop {
+                    match sink.read(&mut buf).await.map_err(link_err("sink read"))? {
+                        0 => return Ok::<u64, BenchError>(n),
+                        k => n += k as u64,
+                    }
+                }
+            });
+            let t = Tunnel::socketpair(c.clone(), header).map_err(|e| quic_err("tunnel", e))?;
+            let start = Instant::now();
+            let client = std::os::unix::net::UnixStream::from(
+                t.take_client()
+                    .ok_or_else(|| quic_err("tunnel", "no client end"))?,
+            );
+            client
+                .set_nonblocking(true)
+                .map_err(link_err("tunnel client"))?;
+            let client =
+                tokio::net::UnixStream::from_std(client).map_err(link_err("tunnel client"))?;
+            (t, reader, start, Box::new(client))
+        } else {
+            let sink = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .map_err(link_err("sink bind"))?;
+            let sink_addr = sink.local_addr().map_err(link_err("sink bind"))?;
+            let reader = tokio::spawn(async move {
+                let (mut s, _) = sink.accept().await.map_err(link_err("sink accept"))?;
+                let mut buf = vec![0u8; CHUNK];
+                let mut n = 0u64;
+                loop {
+                    match s.read(&mut buf).await.map_err(link_err("sink read"))? {
+                        0 => return Ok::<u64, BenchError>(n),
+                        k => n += k as u64,
+                    }
+                }
+            });
+            for (_, s) in &conns {
+                tokio::spawn(tunnel::serve(s.clone(), move |_| Some(sink_addr)));
+            }
+            let t = Tunnel::listen(c.clone(), header)
+                .await
+                .map_err(|e| quic_err("tunnel", e))?;
+            let addr = t
+                .addr()
+                .ok_or_else(|| quic_err("tunnel", "no listening address"))?;
+            let start = Instant::now();
+            let s = tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(link_err("tunnel connect"))?;
+            (t, reader, start, Box::new(s))
+        };
         let buf = vec![0x5au8; CHUNK];
         for _ in 0..(total / CHUNK as u64) {
             s.write_all(&buf).await.map_err(link_err("tunnel write"))?;
@@ -607,7 +675,7 @@ pub fn measure_all(ctx: &Ctx, mib: u64, variants: &[Variant]) -> Result<Vec<Link
 
 /// What `--link-only` measures when no `--link-variants` are given.
 fn default_variants() -> Vec<Variant> {
-    ["1x1", "1x4", "2x2", "tunnel:1x1"]
+    ["1x1", "1x4", "2x2", "tunnel:1x1", "utunnel:1x1"]
         .iter()
         .filter_map(|v| parse_variant(v).ok())
         .collect()

@@ -1,10 +1,13 @@
 //! Memory pages that do not travel as files: CRIU's page server protocol carried through a
 //! tunnel on the migration connection (`mig_migrate::transport::tunnel`).
 //!
-//! - `stream`: the destination starts `criu page-server` at Prepare (images dir = its staging
-//!   images dir); the source's dump connects to a loopback tunnel whose streams reach it. After
-//!   the dump the destination waits for the page server to end cleanly, hashes the page images it
-//!   wrote and adds them to the received manifest, so the restore verifies the whole set.
+//! - `stream`: the destination starts `criu page-server --ps-socket` at Prepare (images dir = its
+//!   staging images dir) on one end of a Unix socketpair; the source's `criu dump --ps-socket`
+//!   holds one end of another socketpair, and the agents carry the other ends over one QUIC
+//!   stream (no loopback TCP on either side). While the page server writes, a thread hashes its
+//!   page images as they grow ([`follow`]); after the dump the destination waits for the page
+//!   server to end cleanly, hashes what is left and adds the page images to the received
+//!   manifest, so the restore verifies the whole set.
 //! - `lazy` (post-copy): the source's `criu dump --lazy-pages` serves pages on a loopback port;
 //!   the destination's `criu lazy-pages` daemon connects to a loopback tunnel whose streams reach
 //!   it. The source keeps serving until the daemon has every page; the destination keeps the
@@ -21,9 +24,10 @@ use mig_migrate::criu::{
     Background, Criu, DumpOpts, LazyDump, LazyPagesOpts, PageServerOpts, PageTarget,
 };
 use mig_migrate::imageset;
-use mig_migrate::transport::tunnel::{Service, Tunnel, TunnelHeader};
+use mig_migrate::transport::tunnel::{self, Endpoint, Service, Tunnel, TunnelHeader};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -43,6 +47,8 @@ const LOCALHOST: &str = "127.0.0.1";
 pub enum PagesError {
     #[error("no free loopback port")]
     Port(#[source] std::io::Error),
+    #[error("cannot make the page server's socket pair")]
+    SocketPair(#[source] std::io::Error),
     #[error("cannot start criu {what}")]
     Start {
         what: &'static str,
@@ -66,8 +72,10 @@ pub enum PagesError {
 struct Job {
     /// Destination, stream: `criu page-server`.
     page_server: Option<Background>,
-    /// Where a tunnelled service of this migration listens.
-    serves: HashMap<Service, SocketAddr>,
+    /// Destination, stream: hashes the page images while the page server writes them.
+    follower: Option<follow::Follower>,
+    /// Where a tunnelled service of this migration listens (a Unix socket is used once).
+    serves: HashMap<Service, Endpoint>,
     /// Destination, lazy: the daemon and the tunnel to the source.
     lazy_daemon: Option<Background>,
     tunnel: Option<Tunnel>,
@@ -81,8 +89,14 @@ fn with_jobs<T>(f: impl FnOnce(&mut HashMap<String, Job>) -> T) -> T {
 }
 
 /// Where the service a tunnel stream names listens on this agent.
-pub(crate) fn resolve(h: &TunnelHeader) -> Option<SocketAddr> {
-    with_jobs(|j| j.get(&h.migration_id)?.serves.get(&h.service).copied())
+pub(crate) fn resolve(h: &TunnelHeader) -> Option<Endpoint> {
+    with_jobs(|j| {
+        let serves = &mut j.get_mut(&h.migration_id)?.serves;
+        match serves.get(&h.service)? {
+            Endpoint::Tcp(a) => Some(Endpoint::Tcp(*a)),
+            Endpoint::Unix(_) => serves.remove(&h.service),
+        }
+    })
 }
 
 /// Stops and forgets everything of a migration (kills its CRIU helpers). Idempotent.
@@ -110,16 +124,23 @@ fn criu() -> Result<Criu, PagesError> {
 
 // ---- destination ----
 
-/// Stream mode, at Prepare: starts `criu page-server` writing into `images_dir`. Blocking.
+/// Whether `name` (in the images directory) is a page image the page server writes.
+fn is_page_image(name: &str) -> bool {
+    (name.starts_with("pages-") || name.starts_with("pagemap-"))
+        && name.ends_with(".img")
+        && !name.contains('/')
+}
+
+/// Stream mode, at Prepare: starts `criu page-server` writing into `images_dir`, serving one
+/// end of a Unix socketpair (`--ps-socket`); the tunnel stream of the source's dump is carried
+/// to the other end ([`resolve`]). A thread hashes the page images as they are written.
+/// Blocking.
 pub(crate) fn start_page_server(migration_id: &str, images_dir: &Path) -> Result<(), PagesError> {
-    let port = free_port()?;
+    let (criu_end, mine) = tunnel::unix_pair().map_err(PagesError::SocketPair)?;
     let ps = criu()?
         .page_server(&PageServerOpts {
             images_dir: images_dir.to_owned(),
-            listen: PageTarget::Tcp {
-                address: LOCALHOST.into(),
-                port,
-            },
+            listen: PageTarget::Socket(criu_end.as_raw_fd()),
             log_file: "page-server.log".into(),
             ready_timeout: READY,
         })
@@ -127,13 +148,15 @@ pub(crate) fn start_page_server(migration_id: &str, images_dir: &Path) -> Result
             what: "page-server",
             source,
         })?;
+    // The page server holds its end now; ours would keep the pair open after it exits.
+    drop(criu_end);
+    let follower = follow::Follower::start(images_dir.to_owned(), is_page_image)
+        .map_err(|e| PagesError::Task(format!("cannot start the page image hasher: {e}")))?;
     with_jobs(|j| {
         let job = j.entry(migration_id.to_owned()).or_default();
         job.page_server = Some(ps);
-        job.serves.insert(
-            Service::PageServer,
-            SocketAddr::from(([127, 0, 0, 1], port)),
-        );
+        job.follower = Some(follower);
+        job.serves.insert(Service::PageServer, Endpoint::Unix(mine));
     });
     Ok(())
 }
@@ -146,35 +169,49 @@ pub(crate) fn finish_page_server(
     migration_id: &str,
     images_dir: &Path,
 ) -> Result<Vec<imageset::FileEntry>, PagesError> {
-    let ps = with_jobs(|j| {
+    let (ps, follower) = with_jobs(|j| {
         j.get_mut(migration_id)
-            .and_then(|job| job.page_server.take())
+            .map(|job| (job.page_server.take(), job.follower.take()))
+            .unwrap_or_default()
     });
     let Some(ps) = ps else {
         return Ok(Vec::new());
     };
+    let t_wait = Instant::now();
     ps.wait_timeout(PAGE_SERVER_END)
         .map_err(PagesError::PageServer)?;
+    let wait_ms = super::ms(t_wait.elapsed());
     forget(migration_id);
+    // The page server has exited: the follower reads what is left of each file.
+    let t_tail = Instant::now();
+    let followed = follower.map(follow::Follower::finish).unwrap_or_default();
+    let tail_ms = super::ms(t_tail.elapsed());
     let mut manifest = imageset::read_manifest(images_dir).map_err(PagesError::Manifest)?;
     let listed: std::collections::HashSet<String> =
         manifest.files.iter().map(|f| f.path.clone()).collect();
     let mut added = Vec::new();
+    let t_rehash = Instant::now();
+    let mut rehashed = 0u64;
     for rel in imageset::list_files(images_dir).map_err(PagesError::Manifest)? {
-        let is_page_image = (rel.starts_with("pages-") || rel.starts_with("pagemap-"))
-            && rel.ends_with(".img")
-            && !rel.contains('/');
-        if listed.contains(&rel) || !is_page_image {
+        if listed.contains(&rel) || !is_page_image(&rel) {
             continue;
         }
-        let (size, sha256) =
-            imageset::hash_file(&images_dir.join(&rel)).map_err(PagesError::Manifest)?;
+        let path = images_dir.join(&rel);
+        let (size, sha256) = match followed.get(&rel) {
+            Some(f) if f.matches(&path) => (f.size, f.sha256.clone()),
+            _ => {
+                let (size, sha256) = imageset::hash_file(&path).map_err(PagesError::Manifest)?;
+                rehashed += size;
+                (size, sha256)
+            }
+        };
         added.push(imageset::FileEntry {
             path: rel,
             size,
             sha256,
         });
     }
+    tracing::info!(migration = %migration_id, page_server_wait_ms = wait_ms, hash_tail_ms = tail_ms, rehash_ms = super::ms(t_rehash.elapsed()), rehashed_bytes = rehashed, files = added.len(), "page images hashed");
     manifest.files.extend(added.iter().cloned());
     manifest.files.sort_by(|a, b| a.path.cmp(&b.path));
     imageset::write_manifest(images_dir, &manifest).map_err(PagesError::Manifest)?;
@@ -199,7 +236,7 @@ pub(crate) async fn start_lazy_daemon(
     )
     .await
     .map_err(PagesError::Tunnel)?;
-    let port = tunnel.port();
+    let port = tunnel.port().ok_or(PagesError::NoConnection)?;
     let work = container_dir.join(LAZY_DIR);
     let daemon = tokio::task::spawn_blocking(move || {
         let _ = std::fs::remove_dir_all(&work);
@@ -371,20 +408,20 @@ impl SourcePages {
             .unwrap_or(super::modes::DEFAULT_MODE)
     }
 
-    /// Opens what the dump needs before it runs: stream mode's tunnel to the page server.
+    /// Opens what the dump needs before it runs: stream mode's tunnel to the page server, a
+    /// socketpair whose one end the dump gets (`--ps-socket`).
     pub async fn before_dump(&self, migration_id: &str) -> Result<Option<Tunnel>, PagesError> {
         if self.mode() != MoveMode::Stream {
             return Ok(None);
         }
         let conn = self.conn.get().cloned().ok_or(PagesError::NoConnection)?;
-        Tunnel::listen(
+        Tunnel::socketpair(
             conn,
             TunnelHeader {
                 migration_id: migration_id.to_owned(),
                 service: Service::PageServer,
             },
         )
-        .await
         .map(Some)
         .map_err(PagesError::Tunnel)
     }
@@ -401,13 +438,13 @@ impl SourcePages {
     ) -> Result<mig_migrate::criu::DumpStats, mig_migrate::criu::CriuError> {
         match self.mode() {
             MoveMode::Stream => {
-                if let Some(t) = tunnel {
-                    opts.page_server = Some(PageTarget::Tcp {
-                        address: LOCALHOST.into(),
-                        port: t.port(),
-                    });
+                let client = tunnel.and_then(Tunnel::take_client);
+                if let Some(fd) = &client {
+                    opts.page_server = Some(PageTarget::Socket(fd.as_raw_fd()));
                 }
                 let r = criu.dump(&opts);
+                // The tunnel's stream ends once the dump's copy and this one are closed.
+                drop(client);
                 if let Some(t) = tunnel {
                     self.tunnel_bytes.store(t.bytes(), Ordering::Relaxed);
                 }
@@ -425,10 +462,10 @@ impl SourcePages {
                 let start = Instant::now();
                 let lazy = criu.dump_lazy(&opts, &serve, READY)?;
                 with_jobs(|j| {
-                    j.entry(migration_id.to_owned())
-                        .or_default()
-                        .serves
-                        .insert(Service::LazyPages, SocketAddr::from(([127, 0, 0, 1], port)));
+                    j.entry(migration_id.to_owned()).or_default().serves.insert(
+                        Service::LazyPages,
+                        Endpoint::Tcp(SocketAddr::from(([127, 0, 0, 1], port))),
+                    );
                 });
                 *self.lazy.lock().unwrap_or_else(|p| p.into_inner()) = Some(lazy);
                 Ok(mig_migrate::criu::DumpStats {
@@ -504,6 +541,8 @@ fn read_cmdline_remote(pid: i32) -> Option<String> {
     let cmd = mig_runtime::pidmap::command_line(&buf);
     (!cmd.is_empty()).then_some(cmd)
 }
+
+mod follow;
 
 #[cfg(test)]
 mod tests {

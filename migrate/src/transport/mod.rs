@@ -10,11 +10,12 @@ mod peers;
 mod tls;
 
 pub use identity::{fingerprint, is_fingerprint, Identity, IdentityError};
-pub use peers::{Peer, PeerError, PeerStore, PinError, Pinned, PinnedStore, PINNED_VERSION};
+pub use peers::{Peer, PeerError, PeerStore};
 pub use tls::{
-    accept, api_client_config, client_config, connect, endpoint, endpoint_config, endpoint_on,
-    endpoint_with, negotiated_alpn, peer_fingerprint, server_config, transport_config, udp_socket,
-    AllowedPeers, TlsError, ALPN, API_ALPN, GSO_SEGMENTS, MAX_UDP_PAYLOAD, UDP_BUFFER,
+    accept, api_client_config, client_config, client_config_ordered, connect, endpoint,
+    endpoint_config, endpoint_on, endpoint_with, negotiated_alpn, peer_fingerprint, server_config,
+    transport_config, udp_socket, AllowedPeers, TlsError, ALPN, API_ALPN, GSO_SEGMENTS,
+    MAX_UDP_PAYLOAD, UDP_BUFFER,
 };
 
 mod driver;

@@ -106,8 +106,21 @@ impl AllowedPeers {
     }
 }
 
+/// ring's TLS 1.3 cipher suites with AES-128-GCM offered first (ring's own order starts with
+/// AES-256-GCM): fewer AES rounds per packet for the same AEAD; the others stay as fallbacks.
+/// A server follows the client's order, so a peer offering AES-256-GCM first still gets it.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    provider_ordered(true)
+}
+
+fn provider_ordered(aes128_first: bool) -> Arc<CryptoProvider> {
+    let mut p = rustls::crypto::ring::default_provider();
+    if aes128_first {
+        // Stable: the other suites keep ring's order.
+        p.cipher_suites
+            .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    }
+    Arc::new(p)
 }
 
 fn not_pinned() -> rustls::Error {
@@ -280,12 +293,35 @@ pub fn api_client_config(
     client_config_for(identity, expected_fingerprint, API_ALPN)
 }
 
+/// [`client_config`] with ring's own cipher suite order (AES-256-GCM first) when
+/// `aes128_first` is false: for comparisons (`mig bench move --link-variants ...:aes256`).
+pub fn client_config_ordered(
+    identity: &Identity,
+    expected_fingerprint: &str,
+    aes128_first: bool,
+) -> Result<quinn::ClientConfig, TlsError> {
+    client_config_with(
+        identity,
+        expected_fingerprint,
+        ALPN,
+        provider_ordered(aes128_first),
+    )
+}
+
 fn client_config_for(
     identity: &Identity,
     expected_fingerprint: &str,
     alpn: &[u8],
 ) -> Result<quinn::ClientConfig, TlsError> {
-    let provider = provider();
+    client_config_with(identity, expected_fingerprint, alpn, provider())
+}
+
+fn client_config_with(
+    identity: &Identity,
+    expected_fingerprint: &str,
+    alpn: &[u8],
+    provider: Arc<CryptoProvider>,
+) -> Result<quinn::ClientConfig, TlsError> {
     let verifier = PinnedServerVerifier {
         expected: expected_fingerprint.to_string(),
         algs: provider.signature_verification_algorithms,

@@ -9,17 +9,23 @@
 //! on one side is passed on (FIN on the stream, `shutdown(SHUT_WR)` on the socket); an error
 //! resets the stream so the far side sees a failure, never a clean end.
 //!
+//! The local end can also be a Unix stream socket instead of loopback TCP: [`Tunnel::socketpair`]
+//! gives the caller one end of a socketpair (for `criu dump --ps-socket FD`) and carries the
+//! other, and a resolver may answer with [`Endpoint::Unix`], an already connected socket whose
+//! other end a `criu page-server --ps-socket FD` holds. That removes both loopback TCP stacks.
+//!
 //! Integrity: QUIC's TLS 1.3 protects every byte of the stream (authenticated encryption); CRIU's
 //! page server protocol has its own framing and reports a connection closed in the middle.
 
 use crate::wire::{read_frame, write_frame, WireError};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
 
 /// Maximum size of a [`TunnelHeader`] frame.
 pub const MAX_TUNNEL_HEADER: u32 = 4096;
@@ -74,6 +80,54 @@ pub enum TunnelError {
     },
     #[error("tunnel copy failed")]
     Copy(#[source] std::io::Error),
+    #[error("cannot make a socket pair for the tunnel")]
+    SocketPair(#[source] std::io::Error),
+    #[error("cannot use the unix socket of {service:?} for migration {migration_id}")]
+    Unix {
+        migration_id: String,
+        service: Service,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where [`serve`] delivers the bytes of a tunnel stream on its side.
+#[derive(Debug)]
+pub enum Endpoint {
+    /// Connect to a TCP listener (for example `criu page-server --port`).
+    Tcp(SocketAddr),
+    /// An already connected Unix stream socket whose other end a local process holds (for
+    /// example `criu page-server --ps-socket FD`); used for one stream only.
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl From<SocketAddr> for Endpoint {
+    fn from(a: SocketAddr) -> Endpoint {
+        Endpoint::Tcp(a)
+    }
+}
+
+/// Socket buffer asked for each end of a tunnel's socketpair (the kernel's default, about
+/// 208 KiB, makes many small reads and wake-ups for a stream of pages).
+const UNIX_BUF: usize = 4 << 20;
+
+/// A connected pair of Unix stream sockets (close-on-exec) with large buffers.
+pub fn unix_pair() -> std::io::Result<(
+    std::os::unix::net::UnixStream,
+    std::os::unix::net::UnixStream,
+)> {
+    let (a, b) = std::os::unix::net::UnixStream::pair()?;
+    use nix::sys::socket::{setsockopt, sockopt};
+    for s in [&a, &b] {
+        // Best effort: a smaller buffer only costs wake-ups.
+        if setsockopt(s, sockopt::SndBufForce, &UNIX_BUF).is_err() {
+            let _ = setsockopt(s, sockopt::SndBuf, &UNIX_BUF);
+        }
+        if setsockopt(s, sockopt::RcvBufForce, &UNIX_BUF).is_err() {
+            let _ = setsockopt(s, sockopt::RcvBuf, &UNIX_BUF);
+        }
+    }
+    Ok((a, b))
 }
 
 /// Bytes carried by a tunnel, both directions.
@@ -90,11 +144,14 @@ impl Counter {
     }
 }
 
-/// A loopback listener whose connections are carried to the peer. Stops (and drops every
-/// connection it carries) when dropped.
+/// A loopback listener whose connections are carried to the peer, or one Unix socket carried
+/// to the peer ([`Tunnel::socketpair`]). Stops (and drops every connection it carries) when
+/// dropped.
 #[derive(Debug)]
 pub struct Tunnel {
-    addr: SocketAddr,
+    addr: Option<SocketAddr>,
+    /// [`Tunnel::socketpair`]: the end for the local client, until taken.
+    client: Mutex<Option<OwnedFd>>,
     bytes: Counter,
     task: tokio::task::JoinHandle<()>,
 }
@@ -115,16 +172,60 @@ impl Tunnel {
             .map_err(|source| TunnelError::Listen { addr, source })?;
         let bytes = Counter::default();
         let task = tokio::spawn(forward(listener, conn, header, bytes.clone()));
-        Ok(Tunnel { addr, bytes, task })
+        Ok(Tunnel {
+            addr: Some(addr),
+            client: Mutex::new(None),
+            bytes,
+            task,
+        })
     }
 
-    /// Where the local client (CRIU) connects.
-    pub fn addr(&self) -> SocketAddr {
+    /// One connection without a listener: a socketpair whose one end is carried to the peer of
+    /// `conn` as a new stream starting with `header`; the other end is for the local client
+    /// ([`Tunnel::take_client`], for example `criu dump --page-server --ps-socket FD`). The
+    /// stream ends when every copy of the client's end is closed.
+    pub fn socketpair(
+        conn: quinn::Connection,
+        header: TunnelHeader,
+    ) -> Result<Tunnel, TunnelError> {
+        let (client, mine) = unix_pair().map_err(TunnelError::SocketPair)?;
+        mine.set_nonblocking(true)
+            .map_err(TunnelError::SocketPair)?;
+        let mine = UnixStream::from_std(mine).map_err(TunnelError::SocketPair)?;
+        let bytes = Counter::default();
+        let counter = bytes.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = carry_out(mine, &conn, &header, &counter).await {
+                tracing::warn!(error = %super::driver::chain(&e), service = ?header.service, "tunnel failed");
+            }
+        });
+        Ok(Tunnel {
+            addr: None,
+            client: Mutex::new(Some(OwnedFd::from(client))),
+            bytes,
+            task,
+        })
+    }
+
+    /// Where the local client (CRIU) connects; `None` for [`Tunnel::socketpair`].
+    pub fn addr(&self) -> Option<SocketAddr> {
         self.addr
     }
 
-    pub fn port(&self) -> u16 {
-        self.addr.port()
+    pub fn port(&self) -> Option<u16> {
+        self.addr.map(|a| a.port())
+    }
+
+    /// [`Tunnel::socketpair`]: the local client's end of the pair (once). The caller passes it
+    /// to the client and closes its own copy once the client holds it.
+    pub fn take_client(&self) -> Option<OwnedFd> {
+        self.client.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// Waits until the carried connection(s) ended (both directions). For a listening tunnel
+    /// that is when the connection closes.
+    pub async fn finished(&mut self) {
+        let _ = (&mut self.task).await;
     }
 
     /// Bytes carried so far (both directions).
@@ -157,6 +258,7 @@ async fn forward(
                         continue;
                     }
                 };
+                let _ = tcp.set_nodelay(true);
                 let (conn, header, bytes) = (conn.clone(), header.clone(), bytes.clone());
                 tasks.spawn(async move {
                     if let Err(e) = carry_out(tcp, &conn, &header, &bytes).await {
@@ -170,25 +272,29 @@ async fn forward(
     }
 }
 
-async fn carry_out(
-    tcp: TcpStream,
+async fn carry_out<S>(
+    io: S,
     conn: &quinn::Connection,
     header: &TunnelHeader,
     bytes: &Counter,
-) -> Result<(), TunnelError> {
-    let _ = tcp.set_nodelay(true);
+) -> Result<(), TunnelError>
+where
+    S: AsyncRead + AsyncWrite + Send,
+{
     let (mut send, recv) = conn.open_bi().await.map_err(TunnelError::Open)?;
     write_frame(&mut send, header, MAX_TUNNEL_HEADER)
         .await
         .map_err(TunnelError::Header)?;
-    splice(tcp, send, recv, bytes).await
+    splice(io, send, recv, bytes).await
 }
 
 /// Accepts tunnel streams on `conn` until it closes; `resolve` says where each header's
-/// service listens (`None` refuses the stream). Returns the bytes carried.
-pub async fn serve<F>(conn: quinn::Connection, resolve: F) -> Counter
+/// service listens (`None` refuses the stream): a TCP address or a connected Unix socket
+/// ([`Endpoint`]). Returns the bytes carried.
+pub async fn serve<F, E>(conn: quinn::Connection, resolve: F) -> Counter
 where
-    F: Fn(&TunnelHeader) -> Option<SocketAddr> + Send + Sync + 'static,
+    F: Fn(&TunnelHeader) -> Option<E> + Send + Sync + 'static,
+    E: Into<Endpoint>,
 {
     let resolve = Arc::new(resolve);
     let bytes = Counter::default();
@@ -211,14 +317,15 @@ where
     bytes
 }
 
-async fn carry_in<F>(
+async fn carry_in<F, E>(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     resolve: &F,
     bytes: &Counter,
 ) -> Result<(), TunnelError>
 where
-    F: Fn(&TunnelHeader) -> Option<SocketAddr>,
+    F: Fn(&TunnelHeader) -> Option<E>,
+    E: Into<Endpoint>,
 {
     let header = tokio::time::timeout(
         HEADER_TIMEOUT,
@@ -228,7 +335,7 @@ where
     .map_err(|_| TunnelError::HeaderTimeout(HEADER_TIMEOUT))?
     .map_err(TunnelError::Header)?
     .ok_or(TunnelError::NoHeader)?;
-    let Some(addr) = resolve(&header) else {
+    let Some(endpoint) = resolve(&header).map(Into::into) else {
         let _ = send.reset(1u32.into());
         let _ = recv.stop(1u32.into());
         return Err(TunnelError::Unknown {
@@ -236,16 +343,38 @@ where
             service: header.service,
         });
     };
-    let tcp = match TcpStream::connect(addr).await {
-        Ok(t) => t,
-        Err(source) => {
-            let _ = send.reset(1u32.into());
-            let _ = recv.stop(1u32.into());
-            return Err(TunnelError::Connect { addr, source });
+    match endpoint {
+        Endpoint::Tcp(addr) => {
+            let tcp = match TcpStream::connect(addr).await {
+                Ok(t) => t,
+                Err(source) => {
+                    let _ = send.reset(1u32.into());
+                    let _ = recv.stop(1u32.into());
+                    return Err(TunnelError::Connect { addr, source });
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            splice(tcp, send, recv, bytes).await
         }
-    };
-    let _ = tcp.set_nodelay(true);
-    splice(tcp, send, recv, bytes).await
+        Endpoint::Unix(s) => {
+            let unix = match s
+                .set_nonblocking(true)
+                .and_then(|()| UnixStream::from_std(s))
+            {
+                Ok(u) => u,
+                Err(source) => {
+                    let _ = send.reset(1u32.into());
+                    let _ = recv.stop(1u32.into());
+                    return Err(TunnelError::Unix {
+                        migration_id: header.migration_id,
+                        service: header.service,
+                        source,
+                    });
+                }
+            };
+            splice(unix, send, recv, bytes).await
+        }
+    }
 }
 
 /// Copies `io` to `send` and `recv` to `io` until both directions ended. EOF is passed on as a

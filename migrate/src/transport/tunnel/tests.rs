@@ -65,7 +65,7 @@ async fn carries_bytes_both_ways_with_half_close() {
         .unwrap();
     let mut tasks = Vec::new();
     for i in 0..3u8 {
-        let addr = t.addr();
+        let addr = t.addr().unwrap();
         tasks.push(tokio::spawn(async move {
             let data: Vec<u8> = (0..(3 << 20) + i as usize)
                 .map(|j| (j as u8).wrapping_mul(31).wrapping_add(i))
@@ -93,11 +93,11 @@ async fn carries_bytes_both_ways_with_half_close() {
 #[tokio::test]
 async fn unknown_service_is_refused() {
     let (client, server, _eps) = pair().await;
-    tokio::spawn(serve(server, |_| None));
+    tokio::spawn(serve(server, |_| None::<Endpoint>));
     let t = Tunnel::listen(client, header(Service::LazyPages))
         .await
         .unwrap();
-    let mut s = TcpStream::connect(t.addr()).await.unwrap();
+    let mut s = TcpStream::connect(t.addr().unwrap()).await.unwrap();
     let _ = s.write_all(b"hello").await;
     let mut buf = Vec::new();
     // The far side resets the stream; the local connection ends without any data.
@@ -105,4 +105,50 @@ async fn unknown_service_is_refused() {
         .await
         .unwrap();
     assert!(r.is_err() || buf.is_empty());
+}
+
+/// Both local ends as Unix sockets: the client's end of [`Tunnel::socketpair`] and a resolver
+/// answering with [`Endpoint::Unix`]; an echo on the far socket, half-close passed on.
+#[tokio::test]
+async fn socketpair_both_ends_carry_bytes_with_half_close() {
+    let (client, server, _eps) = pair().await;
+    let (far, echo) = unix_pair().unwrap();
+    let far = Mutex::new(Some(far));
+    tokio::spawn(serve(server, move |h| {
+        (h.service == Service::PageServer)
+            .then(|| far.lock().unwrap().take().map(Endpoint::Unix))
+            .flatten()
+    }));
+    let echo_task = tokio::task::spawn_blocking(move || {
+        let mut r = &echo;
+        let mut w = &echo;
+        std::io::copy(&mut r, &mut w).unwrap();
+        echo.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let t = Tunnel::socketpair(client, header(Service::PageServer)).unwrap();
+    assert!(t.addr().is_none());
+    let mine = std::os::unix::net::UnixStream::from(t.take_client().unwrap());
+    assert!(t.take_client().is_none());
+    let data: Vec<u8> = (0..(5 << 20) + 7usize)
+        .map(|j| (j as u8).wrapping_mul(13))
+        .collect();
+    let to_send = data.clone();
+    let w = mine.try_clone().unwrap();
+    let writer = tokio::task::spawn_blocking(move || {
+        let mut w = w;
+        std::io::Write::write_all(&mut w, &to_send).unwrap();
+        w.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let back = tokio::task::spawn_blocking(move || {
+        let mut back = Vec::new();
+        std::io::Read::read_to_end(&mut &mine, &mut back).unwrap();
+        back
+    })
+    .await
+    .unwrap();
+    writer.await.unwrap();
+    echo_task.await.unwrap();
+    assert_eq!(back.len(), data.len());
+    assert!(back == data, "echoed bytes differ");
+    assert!(t.bytes() >= 2 * data.len() as u64);
 }
