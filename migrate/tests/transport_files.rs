@@ -1,11 +1,12 @@
-//! Verified file transfer over loopback QUIC: big random files arrive intact, a flipped byte or
-//! a wrong digest is refused and the partial file removed.
+//! Verified file transfer over loopback QUIC: big random files arrive intact (digests in the
+//! headers, 1.0, or after the bytes, 1.1), a flipped byte or a wrong digest is refused and the
+//! partial file removed, a truncated stream is refused.
 
 use mig_migrate::transport::{
-    accept, connect, endpoint, hash_file, receive_file, send_files, AllowedPeers, FileError,
-    Identity, OutgoingFile, Peer,
+    accept, connect, endpoint, hash_file, receive_file, send_files, send_files_as, AllowedPeers,
+    FileError, Identity, OutgoingFile, Peer, ReceivedFile,
 };
-use mig_migrate::wire::{encode_frame, FileHeader, FileKind, MAX_CONTROL_FRAME};
+use mig_migrate::wire::{encode_frame, DigestAt, FileHeader, FileKind, MAX_CONTROL_FRAME};
 use rand::{RngCore, SeedableRng};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -55,15 +56,25 @@ fn spawn_receiver(
     n: usize,
 ) -> tokio::task::JoinHandle<Vec<Result<PathBuf, FileError>>> {
     tokio::spawn(async move {
+        let got = spawn_receiver_full(conn, dir, n).await.unwrap();
+        got.into_iter().map(|r| r.map(|f| f.path)).collect()
+    })
+}
+
+/// Like [`spawn_receiver`], with everything `receive_file` returned.
+fn spawn_receiver_full(
+    conn: quinn::Connection,
+    dir: PathBuf,
+    n: usize,
+) -> tokio::task::JoinHandle<Vec<Result<ReceivedFile, FileError>>> {
+    tokio::spawn(async move {
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..n {
             let recv = conn.accept_uni().await.unwrap();
             let dir = dir.clone();
-            tasks.spawn(async move {
-                receive_file(recv, |h: &FileHeader| Ok(dir.join(&h.path)))
-                    .await
-                    .map(|f| f.path)
-            });
+            tasks.spawn(
+                async move { receive_file(recv, |h: &FileHeader| Ok(dir.join(&h.path))).await },
+            );
         }
         let mut out = Vec::new();
         while let Some(r) = tasks.join_next().await {
@@ -212,4 +223,138 @@ async fn size_lies_and_hostile_paths_refused() {
     assert_eq!(kinds, ["Header", "SizeMismatch", "TooLong"]);
     assert!(!dst.path().join("long").exists() && !dst.path().join("short").exists());
     assert!(!dst.path().parent().unwrap().join("escape").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn digests_after_the_bytes_arrive_verified() {
+    let src = tempfile::tempdir().unwrap();
+    let dst = tempfile::tempdir().unwrap();
+    let mut files = Vec::new();
+    for (i, size) in [(0u64, 5 << 20), (1, 0), (2, 1), (3, (1 << 20) + 31)] {
+        let p = src.path().join(format!("f{i}"));
+        random_file(&p, size, i);
+        files.push(OutgoingFile {
+            kind: FileKind::Image,
+            local: p,
+            remote: format!("images/f{i}"),
+            sha256: None,
+        });
+    }
+    // A known digest travels after the bytes as it is.
+    let (_, known) = hash_file(&files[0].local).await.unwrap();
+    files[0].sha256 = Some(known);
+    let l = link().await;
+    let rx = spawn_receiver_full(l.server_conn.clone(), dst.path().to_path_buf(), files.len());
+    let (stats, sent) = send_files_as(&l.client_conn, files.clone(), 3, DigestAt::Trailer)
+        .await
+        .unwrap();
+    assert_eq!(stats.files, 4);
+    let mut received = rx.await.unwrap();
+    received.sort_by(|a, b| a.as_ref().unwrap().path.cmp(&b.as_ref().unwrap().path));
+    for ((f, s), r) in files.iter().zip(&sent).zip(received) {
+        let r = r.unwrap();
+        let (size, digest) = hash_file(&f.local).await.unwrap();
+        assert_eq!(
+            (s.remote.as_str(), s.size, s.sha256),
+            (f.remote.as_str(), size, digest)
+        );
+        assert_eq!(r.digest_at, DigestAt::Trailer);
+        assert_eq!((r.header.size, r.header.sha256), (size, digest));
+        assert_eq!(
+            std::fs::read(&f.local).unwrap(),
+            std::fs::read(&r.path).unwrap()
+        );
+    }
+}
+
+/// Opens a stream and writes `head`, then `body`, then finishes it.
+async fn raw_stream(conn: &quinn::Connection, head: Vec<u8>, body: Vec<u8>) {
+    let mut s = conn.open_uni().await.unwrap();
+    let _ = s.write_all(&head).await;
+    let _ = s.write_all(&body).await;
+    let _ = s.finish();
+}
+
+#[tokio::test]
+async fn wrong_or_truncated_trailers_refused_and_file_removed() {
+    let dst = tempfile::tempdir().unwrap();
+    let l = link().await;
+    let mut data = vec![0u8; 2 << 20];
+    rand::rngs::StdRng::seed_from_u64(3).fill_bytes(&mut data);
+    use sha2::Digest;
+    let digest: [u8; 32] = sha2::Sha256::digest(&data).into();
+    let h = |path: &str| FileHeader {
+        kind: FileKind::Image,
+        path: path.into(),
+        size: data.len() as u64,
+        sha256: digest,
+    };
+    let head = |path: &str| h(path).encode_frame(DigestAt::Trailer).unwrap();
+    let with = |body: &[u8], tail: &[u8]| [body, tail].concat();
+    let mut wrong = digest;
+    wrong[31] ^= 1;
+    let mut flipped = data.clone();
+    flipped[12345] ^= 1;
+    let cases = [
+        ("wrong", with(&data, &wrong), "DigestMismatch"),
+        ("flipped", with(&flipped, &digest), "DigestMismatch"),
+        ("short-trailer", with(&data, &digest[..10]), "NoTrailer"),
+        ("no-trailer", data.clone(), "NoTrailer"),
+        ("short-body", data[..1000].to_vec(), "SizeMismatch"),
+        ("long", with(&with(&data, &digest), b"x"), "TooLong"),
+    ];
+    let rx = spawn_receiver(
+        l.server_conn.clone(),
+        dst.path().to_path_buf(),
+        cases.len() + 1,
+    );
+    for (path, body, _) in &cases {
+        raw_stream(&l.client_conn, head(path), body.clone()).await;
+    }
+    // The same bytes with the right trailer arrive.
+    raw_stream(&l.client_conn, head("good"), with(&data, &digest)).await;
+    let mut kinds: Vec<String> = rx
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|r| r.err())
+        .map(|e| {
+            format!("{e:?}")
+                .split([' ', '{', '('])
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    kinds.sort();
+    let mut want: Vec<&str> = cases.iter().map(|c| c.2).collect();
+    want.sort();
+    assert_eq!(kinds, want);
+    for (path, _, _) in &cases {
+        assert!(!dst.path().join(path).exists(), "{path} left behind");
+    }
+    assert_eq!(std::fs::read(dst.path().join("good")).unwrap(), data);
+}
+
+#[tokio::test]
+async fn header_digests_of_1_0_still_accepted() {
+    let dst = tempfile::tempdir().unwrap();
+    let l = link().await;
+    let data = b"a file from mig 0.1.0".to_vec();
+    use sha2::Digest;
+    let header = FileHeader {
+        kind: FileKind::Delta,
+        path: "old".into(),
+        size: data.len() as u64,
+        sha256: sha2::Sha256::digest(&data).into(),
+    };
+    // Exactly what a 1.0 sender writes: the header as the whole frame.
+    let head = encode_frame(&header, MAX_CONTROL_FRAME).unwrap();
+    assert_eq!(head, header.encode_frame(DigestAt::Header).unwrap());
+    let rx = spawn_receiver_full(l.server_conn.clone(), dst.path().to_path_buf(), 1);
+    raw_stream(&l.client_conn, head, data.clone()).await;
+    let got = rx.await.unwrap().pop().unwrap().unwrap();
+    assert_eq!(got.digest_at, DigestAt::Header);
+    assert_eq!(got.header, header);
+    assert_eq!(std::fs::read(dst.path().join("old")).unwrap(), data);
 }

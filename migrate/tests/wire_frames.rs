@@ -1,9 +1,9 @@
 //! Frames and messages: async codec over a byte pipe, bounds, hello versions, hostile bytes.
 
 use mig_migrate::wire::{
-    decode_frame, decode_message, encode_frame, read_frame, write_frame, AbortReason, FileHeader,
-    FileKind, Hello, Message, MigrationMode, Phase, Prepare, Version, WireError, MAGIC,
-    MAX_CONTROL_FRAME, PROTOCOL_VERSION,
+    decode_frame, decode_message, encode_frame, read_frame, write_frame, AbortReason, DigestAt,
+    FileHeader, FileKind, Hello, Message, MigrationMode, Phase, Prepare, Version, WireError,
+    DIGEST_FOLLOWS, MAGIC, MAX_CONTROL_FRAME, PROTOCOL_VERSION,
 };
 use mig_runtime::image::{Image, ImageConfig};
 use mig_runtime::pidmap::PidEntry;
@@ -247,7 +247,60 @@ fn hostile_bytes_never_panic() {
         let _ = decode_frame::<Message>(&buf, MAX_CONTROL_FRAME);
         let _ = decode_message(&buf);
         let _ = Hello::decode(&buf);
+        let _ = FileHeader::decode_payload(&buf);
         buf.truncate(buf.len() / 2);
         let _ = decode_frame::<FileHeader>(&buf, MAX_CONTROL_FRAME);
     }
+}
+
+#[tokio::test]
+async fn file_header_digest_forms() {
+    let h = FileHeader {
+        kind: FileKind::Image,
+        path: "pages-1.img".into(),
+        size: 1 << 30,
+        sha256: [7; 32],
+    };
+    // The 1.0 form is the header alone, byte for byte what mig 0.1.0 writes and reads.
+    let old = h.encode_frame(DigestAt::Header).unwrap();
+    assert_eq!(old, encode_frame(&h, MAX_CONTROL_FRAME).unwrap());
+    assert_eq!(
+        FileHeader::read(&mut &old[..]).await.unwrap(),
+        Some((h.clone(), DigestAt::Header))
+    );
+    // The 1.1 form: a zero digest and one byte more, which a 1.0 reader refuses (it is only
+    // sent to a 1.1 peer).
+    let new = h.encode_frame(DigestAt::Trailer).unwrap();
+    assert_eq!(new[new.len() - 1], DIGEST_FOLLOWS);
+    let zero = FileHeader {
+        sha256: [0; 32],
+        ..h.clone()
+    };
+    assert_eq!(
+        FileHeader::read(&mut &new[..]).await.unwrap(),
+        Some((zero, DigestAt::Trailer))
+    );
+    assert!(matches!(
+        read_frame::<FileHeader, _>(&mut &new[..], MAX_CONTROL_FRAME).await,
+        Err(WireError::TrailingBytes { extra: 1, .. })
+    ));
+    // A digest in the header and the flag, another flag, or more bytes: refused.
+    let both = postcard::to_stdvec(&(&h, DIGEST_FOLLOWS)).unwrap();
+    assert!(matches!(
+        FileHeader::decode_payload(&both),
+        Err(WireError::BadTrailerHeader)
+    ));
+    let mut other = new[4..].to_vec();
+    *other.last_mut().unwrap() = 2;
+    assert!(matches!(
+        FileHeader::decode_payload(&other),
+        Err(WireError::TrailingBytes { extra: 1, .. })
+    ));
+    let mut more = new[4..].to_vec();
+    more.push(0);
+    assert!(matches!(
+        FileHeader::decode_payload(&more),
+        Err(WireError::TrailingBytes { extra: 2, .. })
+    ));
+    assert_eq!(FileHeader::read(&mut &[][..]).await.unwrap(), None);
 }

@@ -113,8 +113,9 @@ pub(crate) struct DestSide {
     migs: Mutex<HashMap<String, Incoming>>,
     /// Bytes announced in file headers so far, per migration (bounded by the agent's limit).
     placed: Mutex<HashMap<String, u64>>,
-    /// Image files placed, per migration: path -> announced SHA-256 (hex). A file only stays
-    /// on disk once it matched that digest on arrival (`receive_file` deletes it otherwise).
+    /// Image files arrived, per migration: path -> the SHA-256 (hex) it matched on arrival (in
+    /// its header, or after its bytes from a 1.1 source; `receive_file` deletes a file that
+    /// does not match).
     arrived: Mutex<HashMap<String, HashMap<String, String>>>,
     /// The connection, for page tunnels (modes `stream` and `lazy`, see [`super::pages`]).
     conn: std::sync::OnceLock<quinn::Connection>,
@@ -821,15 +822,7 @@ impl DestHost for DestSide {
                 staging.join("layers").join(hex)
             }
             FileKind::Presync => staging.join("presync").join(&header.path),
-            FileKind::Image => {
-                self.arrived
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .entry(migration_id.to_owned())
-                    .or_default()
-                    .insert(header.path.clone(), hex::encode(header.sha256));
-                staging.join("images").join(&header.path)
-            }
+            FileKind::Image => staging.join("images").join(&header.path),
             FileKind::Delta => staging.join("delta").join(&header.path),
         };
         if let Some(parent) = path.parent() {
@@ -904,6 +897,17 @@ impl DestHost for DestSide {
 
     fn progress(&self, migration_id: &str, p: Progress) {
         self.emit_phase(migration_id, p);
+    }
+
+    fn file_arrived(&self, migration_id: &str, file: &mig_migrate::transport::ReceivedFile) {
+        if file.header.kind == FileKind::Image {
+            self.arrived
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(migration_id.to_owned())
+                .or_default()
+                .insert(file.header.path.clone(), hex::encode(file.header.sha256));
+        }
     }
 
     async fn load_journal(&self, migration_id: &str) -> Option<JournalState> {

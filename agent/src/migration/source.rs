@@ -15,8 +15,10 @@ use mig_migrate::archive::LayerScan;
 use mig_migrate::criu::{Criu, DumpOpts};
 use mig_migrate::imageset::{self, SealInfo, MANIFEST};
 use mig_migrate::protocol::{JournalRecord, JournalState, Outcome, Role, SourceMachine, Timeouts};
-use mig_migrate::transport::{self, HostError, OutgoingFile, Progress, SourceHost, SourceReport};
-use mig_migrate::wire::{FileKind, Prepare};
+use mig_migrate::transport::{
+    self, HostError, OutgoingFile, Progress, SentFile, SourceHost, SourceReport,
+};
+use mig_migrate::wire::{FileKind, Phase, Prepare};
 use mig_runtime::cgroup::Cgroup;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,6 +35,9 @@ pub(crate) const UPPER_DELTA_TAR: &str = "upper-delta.tar";
 pub(crate) const LOG_FILE: &str = "container.log";
 /// The container's state record on the source (kind Delta): the destination keeps `created`.
 pub(crate) const STATE_FILE: &str = "source-state.json";
+/// The image set's manifest without its files, in the work directory, between the dump and
+/// the end of the image files' transfer to a 1.1 destination (see `SourceSide::seal_sent`).
+const MANIFEST_DRAFT: &str = "manifest.draft.json";
 
 /// Failures of the source's host actions (reported to the peer and in the outcome).
 #[derive(Debug, thiserror::Error)]
@@ -316,39 +321,58 @@ impl SourceSide {
             .entry(&self.id)
             .map(|e| e.spec)
             .map_err(|e| SourceError::Destroy { message: e.message })?;
-        let manifest = imageset::seal(
-            &images,
-            SealInfo {
-                spec,
-                criu_version,
-                pid_map,
-                stdio_pipe,
-                stats: Some(stats),
-            },
-        )
-        .map_err(SourceError::Seal)?;
-        self.pages
-            .seal_ms
-            .store(ms(t_seal.elapsed()), Ordering::Relaxed);
-        // What changed in the writable layer since the presync (or all of it without one).
-        let (tar, upper_remote) = self.final_upper()?;
-        let mut files = Vec::with_capacity(manifest.files.len() + 2);
-        for f in &manifest.files {
-            let mut sha = [0u8; 32];
-            let known = hex::decode_to_slice(&f.sha256, &mut sha).is_ok();
+        let info = SealInfo {
+            spec,
+            criu_version,
+            pid_map,
+            stdio_pipe,
+            stats: Some(stats),
+        };
+        let mut files = if self.peer_speaks(1) {
+            // The images are hashed while they are sent (digests after the bytes) and the
+            // manifest is sealed from those digests once all arrived (`closing_files`).
+            let draft = self.work.join(MANIFEST_DRAFT);
+            let json = serde_json::to_vec(&imageset::draft(info)).map_err(std::io::Error::other);
+            json.and_then(|j| std::fs::write(&draft, j))
+                .map_err(io(&draft))?;
+            let listed = imageset::list_files(&images).map_err(SourceError::Seal)?;
+            let mut files = Vec::with_capacity(listed.len() + 3);
+            for rel in listed {
+                files.push(OutgoingFile {
+                    kind: FileKind::Image,
+                    local: images.join(&rel),
+                    remote: rel,
+                    sha256: None,
+                });
+            }
+            files
+        } else {
+            // A 1.0 destination wants every digest up front: seal (hash) first.
+            let manifest = imageset::seal(&images, info).map_err(SourceError::Seal)?;
+            self.pages
+                .seal_ms
+                .store(ms(t_seal.elapsed()), Ordering::Relaxed);
+            let mut files = Vec::with_capacity(manifest.files.len() + 3);
+            for f in &manifest.files {
+                let mut sha = [0u8; 32];
+                let known = hex::decode_to_slice(&f.sha256, &mut sha).is_ok();
+                files.push(OutgoingFile {
+                    kind: FileKind::Image,
+                    local: images.join(&f.path),
+                    remote: f.path.clone(),
+                    sha256: known.then_some(sha),
+                });
+            }
             files.push(OutgoingFile {
                 kind: FileKind::Image,
-                local: images.join(&f.path),
-                remote: f.path.clone(),
-                sha256: known.then_some(sha),
+                local: images.join(MANIFEST),
+                remote: MANIFEST.to_owned(),
+                sha256: None,
             });
-        }
-        files.push(OutgoingFile {
-            kind: FileKind::Image,
-            local: images.join(MANIFEST),
-            remote: MANIFEST.to_owned(),
-            sha256: None,
-        });
+            files
+        };
+        // What changed in the writable layer since the presync (or all of it without one).
+        let (tar, upper_remote) = self.final_upper()?;
         files.push(OutgoingFile {
             kind: FileKind::Delta,
             local: tar,
@@ -359,22 +383,56 @@ impl SourceSide {
         if injected == Some(Fault::Corrupt)
             || fault::hit(&self.agent.cfg.state_dir, Point::SourceTransfer)? == Some(Fault::Corrupt)
         {
-            corrupt_one(&files)?;
+            corrupt_one(&mut files)?;
         }
         Ok(files)
     }
+
+    /// With a 1.1 destination: seals the image set from the digests its files were sent with
+    /// (`sent`) and returns the manifest, sent last. `seal_ms` is this step (no hashing).
+    fn seal_sent(&self, sent: &[SentFile]) -> Result<Vec<OutgoingFile>, SourceError> {
+        let t_seal = Instant::now();
+        let images = self.work.join("images");
+        let draft_path = self.work.join(MANIFEST_DRAFT);
+        let draft: imageset::Manifest =
+            mig_runtime::fsutil::read_json(&draft_path, imageset::MAX_MANIFEST_BYTES)
+                .map_err(io(&draft_path))?;
+        let digests = sent
+            .iter()
+            .filter(|f| f.kind == FileKind::Image)
+            .map(|f| (f.remote.clone(), (f.size, f.sha256)))
+            .collect();
+        imageset::seal_hashed(&images, draft, &digests).map_err(SourceError::Seal)?;
+        self.pages
+            .seal_ms
+            .store(ms(t_seal.elapsed()), Ordering::Relaxed);
+        Ok(vec![OutgoingFile {
+            kind: FileKind::Image,
+            local: images.join(MANIFEST),
+            remote: MANIFEST.to_owned(),
+            sha256: None,
+        }])
+    }
 }
 
-/// Flips one byte of the largest image file whose digest is already announced.
-fn corrupt_one(files: &[OutgoingFile]) -> Result<(), SourceError> {
+/// Flips one byte of the largest image file after its digest is computed: the digest goes out
+/// (in the header, or after the bytes with a 1.1 destination) for the bytes before the flip.
+fn corrupt_one(files: &mut [OutgoingFile]) -> Result<(), SourceError> {
     use std::io::{Read, Seek, SeekFrom, Write};
     let Some(f) = files
-        .iter()
-        .filter(|f| f.sha256.is_some())
+        .iter_mut()
+        .filter(|f| f.kind == FileKind::Image && f.remote != MANIFEST)
         .max_by_key(|f| std::fs::metadata(&f.local).map(|m| m.len()).unwrap_or(0))
     else {
         return Ok(());
     };
+    if f.sha256.is_none() {
+        let (_, hex_sha) = imageset::hash_file(&f.local).map_err(SourceError::Seal)?;
+        let mut sha = [0u8; 32];
+        if hex::decode_to_slice(hex_sha, &mut sha).is_ok() {
+            f.sha256 = Some(sha);
+        }
+    }
     let mut file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -512,6 +570,19 @@ impl SourceHost for Src {
         blocking(move || me.dump_blocking(tunnel.as_ref()))
             .await
             .map_err(boxed)
+    }
+
+    async fn closing_files(
+        &self,
+        phase: Phase,
+        sent: &[SentFile],
+    ) -> Result<Vec<OutgoingFile>, HostError> {
+        if phase != Phase::Final || !self.peer_speaks(1) {
+            return Ok(Vec::new());
+        }
+        let me = self.clone();
+        let sent = sent.to_vec();
+        blocking(move || me.seal_sent(&sent)).await.map_err(boxed)
     }
 
     async fn thaw(&self) -> Result<(), HostError> {

@@ -2,7 +2,9 @@
 //! (the container's spec, CRIU and kernel versions, the PID map, the init's stdout pipe, the dump
 //! statistics) and lists every file with its size and sha256.
 //!
-//! [`seal`] writes the manifest after a dump; [`verify`] checks a directory against its manifest
+//! [`seal`] writes the manifest after a dump, hashing every file; [`seal_hashed`] writes the same
+//! manifest from digests the caller computed (`mig move` hashes the images while sending them to
+//! a 1.1 destination and sends the manifest last); [`verify`] checks a directory against its manifest
 //! before anything trusts it (after a transfer, an import, or before a restore): a missing, extra,
 //! truncated or altered file, or an unknown format version, is refused with an error naming it.
 //! The manifest is bounded (size checked before reading, file count, path shape). CRIU logs
@@ -75,6 +77,8 @@ pub enum ImageSetError {
     BadEntry { path: String, reason: &'static str },
     #[error("file {path} listed in the manifest is missing")]
     Missing { path: String },
+    #[error("file {path} of the image set has no digest")]
+    NoDigest { path: String },
     #[error("file {path} is not listed in the manifest")]
     Extra { path: String },
     #[error("file {path} is {actual} bytes, the manifest says {expected}")]
@@ -137,6 +141,17 @@ pub struct SealInfo {
 /// Hashes every file under `dir` and writes `dir/manifest.json` atomically.
 pub fn seal(dir: &Path, info: SealInfo) -> Result<Manifest, ImageSetError> {
     let manifest = Manifest {
+        files: hash_all(dir, &list_files(dir)?)?,
+        ..draft(info)
+    };
+    write_manifest(dir, &manifest)?;
+    Ok(manifest)
+}
+
+/// The manifest of a dump as `info` says, on this host, now, without its files: what
+/// [`seal_hashed`] completes once the files are hashed.
+pub fn draft(info: SealInfo) -> Manifest {
+    Manifest {
         format: FORMAT.to_owned(),
         version: VERSION,
         spec: info.spec,
@@ -149,8 +164,43 @@ pub fn seal(dir: &Path, info: SealInfo) -> Result<Manifest, ImageSetError> {
         pid_map: info.pid_map,
         stdio_pipe: info.stdio_pipe,
         stats: info.stats,
-        files: hash_all(dir, &list_files(dir)?)?,
-    };
+        files: Vec::new(),
+    }
+}
+
+/// [`seal`] with the digests already known: completes `draft` ([`draft`]) with every file
+/// under `dir` ([`list_files`]) and its size and SHA-256 from `digests` (computed while the
+/// caller read the files), and writes `dir/manifest.json` atomically: the manifest [`seal`]
+/// would have written. A file without a digest, or whose size on disk is not the one hashed,
+/// is refused; entries for other paths are ignored.
+pub fn seal_hashed(
+    dir: &Path,
+    draft: Manifest,
+    digests: &BTreeMap<String, (u64, [u8; 32])>,
+) -> Result<Manifest, ImageSetError> {
+    let mut files = Vec::new();
+    for rel in list_files(dir)? {
+        let Some(&(size, sha)) = digests.get(&rel) else {
+            return Err(ImageSetError::NoDigest { path: rel });
+        };
+        let path = dir.join(&rel);
+        let actual = std::fs::symlink_metadata(&path)
+            .map_err(|source| ImageSetError::Hash { path, source })?
+            .len();
+        if actual != size {
+            return Err(ImageSetError::SizeMismatch {
+                path: rel,
+                expected: size,
+                actual,
+            });
+        }
+        files.push(FileEntry {
+            path: rel,
+            size,
+            sha256: hex::encode(sha),
+        });
+    }
+    let manifest = Manifest { files, ..draft };
     write_manifest(dir, &manifest)?;
     Ok(manifest)
 }

@@ -270,3 +270,61 @@ fn arrival_note_of_another_process_or_manifest_is_not_trusted() {
     let err = verify_or_trust(d.path()).unwrap_err();
     assert!(matches!(err, ImageSetError::SizeMismatch { .. }), "{err}");
 }
+
+/// Size and digest of every file of `d`, as a sender hashing them while sending has them.
+fn digests_of(d: &Path) -> BTreeMap<String, (u64, [u8; 32])> {
+    list_files(d)
+        .unwrap()
+        .into_iter()
+        .map(|rel| {
+            let (size, hex_sha) = hash_file(&d.join(&rel)).unwrap();
+            let mut sha = [0u8; 32];
+            hex::decode_to_slice(hex_sha, &mut sha).unwrap();
+            (rel, (size, sha))
+        })
+        .collect()
+}
+
+#[test]
+fn seal_hashed_writes_what_seal_writes() {
+    let (d, sealed) = sealed();
+    let hashed = seal_hashed(d.path(), draft(sample_info()), &digests_of(d.path())).unwrap();
+    assert_eq!(hashed.files, sealed.files);
+    assert_eq!(
+        Manifest {
+            created: sealed.created,
+            ..hashed.clone()
+        },
+        sealed
+    );
+    assert_eq!(verify(d.path()).unwrap(), hashed);
+}
+
+#[test]
+fn seal_hashed_refuses_a_missing_digest_or_another_size() {
+    let (d, _) = sealed();
+    let mut digests = digests_of(d.path());
+    digests.remove("sub/x.img");
+    assert!(matches!(
+        seal_hashed(d.path(), draft(sample_info()), &digests),
+        Err(ImageSetError::NoDigest { path }) if path == "sub/x.img"
+    ));
+    let mut digests = digests_of(d.path());
+    if let Some(e) = digests.get_mut("core-1.img") {
+        e.0 += 1;
+    }
+    assert!(matches!(
+        seal_hashed(d.path(), draft(sample_info()), &digests),
+        Err(ImageSetError::SizeMismatch { path, .. }) if path == "core-1.img"
+    ));
+    // A wrong digest is not caught here (nothing is hashed): verify finds it.
+    let mut digests = digests_of(d.path());
+    if let Some(e) = digests.get_mut("pages-1.img") {
+        e.1[0] ^= 1;
+    }
+    seal_hashed(d.path(), draft(sample_info()), &digests).unwrap();
+    assert!(matches!(
+        verify(d.path()),
+        Err(ImageSetError::HashMismatch { path, .. }) if path == "pages-1.img"
+    ));
+}

@@ -3,18 +3,19 @@
 //!
 //! Connection layout: the source opens one bidirectional control stream and both sides send a
 //! [`Hello`] first; then control [`Message`] frames. Files travel on unidirectional streams the
-//! source opens ([`super::send_files`]); the destination accepts them in a background task and
+//! source opens ([`super::send_files_as`]: digests after the bytes with a 1.1 destination, in the
+//! headers with a 1.0 one); the destination accepts them in a background task and
 //! verifies each one ([`super::receive_file`]).
 
-use super::files::{receive_file, send_files, OutgoingFile};
+use super::files::{receive_file, send_files_as, OutgoingFile, ReceivedFile, SentFile};
 use super::HostError;
 use crate::protocol::{
     DestAction, DestInput, DestMachine, JournalRecord, JournalState, Outcome, Output, SourceAction,
     SourceInput, SourceMachine, SourceState, Timeouts,
 };
 use crate::wire::{
-    read_frame, write_frame, FileHeader, Hello, Message, Phase, Prepare, RefuseReason, WireError,
-    MAX_CONTROL_FRAME,
+    read_frame, write_frame, DigestAt, FileHeader, Hello, Message, Phase, Prepare, RefuseReason,
+    WireError, MAX_CONTROL_FRAME,
 };
 use mig_runtime::pidmap::PidEntry;
 use std::collections::HashMap;
@@ -60,6 +61,17 @@ pub trait SourceHost: Send + Sync {
     /// Dumps the frozen container, leaving it frozen; returns the files of the final phase (the
     /// image set, kind `Image`, and the writable-layer delta, kind `Delta`).
     fn dump(&self) -> impl Future<Output = Result<Vec<OutgoingFile>, HostError>> + Send;
+    /// Files that close `phase`, made from what was sent in it (`sent`: every file with the
+    /// digest the destination checked it against) and sent after all of it, in the same phase:
+    /// with a 1.1 destination, the image set's manifest built from the digests computed while
+    /// sending. Default: none.
+    fn closing_files(
+        &self,
+        _phase: Phase,
+        _sent: &[SentFile],
+    ) -> impl Future<Output = Result<Vec<OutgoingFile>, HostError>> + Send {
+        async { Ok(Vec::new()) }
+    }
     /// Thaws the container (must succeed as a no-op when it is not frozen).
     fn thaw(&self) -> impl Future<Output = Result<(), HostError>> + Send;
     /// Destroys the frozen source copy after Commit (idempotent).
@@ -117,6 +129,9 @@ pub trait DestHost: Send + Sync + 'static {
     /// Migration `migration_id` entered a phase or received bytes (see [`Progress`]); must not
     /// block.
     fn progress(&self, _migration_id: &str, _progress: Progress) {}
+    /// A file arrived and matched its digest, `file.header.sha256` (also when the digest came
+    /// after the bytes); called from its file task before the driver counts it. Must not block.
+    fn file_arrived(&self, _migration_id: &str, _file: &ReceivedFile) {}
     /// The source's hello on a new connection, read before its first message.
     fn peer_hello(&self, _hello: &Hello) {}
 }
@@ -250,6 +265,12 @@ pub async fn run_source<H: SourceHost>(
         .await
         .map_err(|source| DriverError::Hello { source })?;
     host.peer_hello(&peer);
+    // A 1.1 destination takes file digests after the bytes: computed while sending.
+    let digests = if peer.protocol_version.minor >= 1 {
+        DigestAt::Trailer
+    } else {
+        DigestAt::Header
+    };
     let mut ctrl = spawn_control_reader(recv);
     if *machine.state() == SourceState::Idle {
         machine.start();
@@ -323,9 +344,17 @@ pub async fn run_source<H: SourceHost>(
                                         Phase::Presync => "presync",
                                         Phase::Final => "transfer",
                                     };
-                                    send_with_progress(conn, files, host, name, bytes_sent)
-                                        .await
-                                        .map_err(|e| chain(&e))
+                                    let sent = send_with_progress(
+                                        conn, files, host, name, bytes_sent, digests,
+                                    )
+                                    .await
+                                    .map_err(|e| chain(&e));
+                                    match sent {
+                                        Ok((s, sent)) => {
+                                            close_phase(conn, host, phase, s, &sent, digests).await
+                                        }
+                                        Err(e) => Err(e),
+                                    }
                                 }
                                 Err(e) => Err(chain(e.as_ref())),
                             };
@@ -436,7 +465,32 @@ pub async fn run_source<H: SourceHost>(
     })
 }
 
-/// Sends `files` (see [`send_files`]) and tells the host how far it got every
+/// Sends the files the host makes from what was sent in `phase`
+/// ([`SourceHost::closing_files`]), after all of it; returns the phase's totals.
+async fn close_phase<H: SourceHost>(
+    conn: &quinn::Connection,
+    host: &H,
+    phase: Phase,
+    mut stats: super::TransferStats,
+    sent: &[SentFile],
+    at: DigestAt,
+) -> Result<super::TransferStats, String> {
+    let files = host
+        .closing_files(phase, sent)
+        .await
+        .map_err(|e| chain(e.as_ref()))?;
+    if files.is_empty() {
+        return Ok(stats);
+    }
+    let (more, _) = send_files_as(conn, files, FILE_STREAMS, at)
+        .await
+        .map_err(|e| chain(&e))?;
+    stats.files += more.files;
+    stats.bytes += more.bytes;
+    Ok(stats)
+}
+
+/// Sends `files` (see [`send_files_as`]) and tells the host how far it got every
 /// [`PROGRESS_EVERY`]; `before` is what the migration sent before this phase.
 async fn send_with_progress<H: SourceHost>(
     conn: &quinn::Connection,
@@ -444,7 +498,8 @@ async fn send_with_progress<H: SourceHost>(
     host: &H,
     phase: &'static str,
     before: u64,
-) -> Result<super::TransferStats, super::FileError> {
+    at: DigestAt,
+) -> Result<(super::TransferStats, Vec<SentFile>), super::FileError> {
     let size: u64 = files
         .iter()
         .map(|f| std::fs::metadata(&f.local).map(|m| m.len()).unwrap_or(0))
@@ -456,7 +511,7 @@ async fn send_with_progress<H: SourceHost>(
         total,
     });
     let base = conn.stats().udp_tx.bytes;
-    let send = send_files(conn, files, FILE_STREAMS);
+    let send = send_files_as(conn, files, FILE_STREAMS, at);
     tokio::pin!(send);
     let mut tick = tokio::time::interval(PROGRESS_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -576,7 +631,10 @@ fn spawn_file_acceptor<H: DestHost>(
                             host.place_file(&id, h)
                         };
                         let ev = match receive_file(recv, place).await {
-                            Ok(f) => FileEvent::Ok { phase: f.header.kind.phase(), bytes: f.header.size },
+                            Ok(f) => {
+                                host.file_arrived(&id, &f);
+                                FileEvent::Ok { phase: f.header.kind.phase(), bytes: f.header.size }
+                            }
                             Err(e) => FileEvent::Failed { detail: chain(&e) },
                         };
                         let _ = events.send(ev).await;

@@ -10,7 +10,7 @@ mod peers;
 mod tls;
 
 pub use identity::{fingerprint, is_fingerprint, Identity, IdentityError};
-pub use peers::{Peer, PeerError, PeerStore};
+pub use peers::{Peer, PeerError, PeerStore, PinError, Pinned, PinnedStore, PINNED_VERSION};
 pub use tls::{
     accept, api_client_config, client_config, client_config_ordered, connect, endpoint,
     endpoint_config, endpoint_on, endpoint_with, negotiated_alpn, peer_fingerprint, server_config,
@@ -27,8 +27,8 @@ pub use driver::{
     SourceReport, Timings, FILE_STREAMS, PROGRESS_EVERY,
 };
 pub use files::{
-    hash_file, receive_file, send_file, send_files, FileError, OutgoingFile, ReceivedFile,
-    TransferStats, REFUSED,
+    hash_file, receive_file, send_file, send_file_as, send_files, send_files_as, FileError,
+    OutgoingFile, ReceivedFile, SentFile, TransferStats, REFUSED,
 };
 
 /// Errors of host actions (the agent's freeze, dump, restore...): any error, reported to the

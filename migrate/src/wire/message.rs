@@ -15,7 +15,8 @@ pub const MAGIC: [u8; 4] = *b"MIGW";
 ///
 /// - 1.0: mig 0.1.0.
 /// - 1.1: container records and journals carry a format version (format 2); newer features
-///   are only used with a peer that announces at least the minor that brought them.
+///   are only used with a peer that announces at least the minor that brought them. File
+///   streams may carry their digest after the bytes ([`DigestAt::Trailer`]).
 pub const PROTOCOL_VERSION: Version = Version { major: 1, minor: 1 };
 
 /// The first frame each way on a control stream. Its first three fields (magic, major, minor) are
@@ -206,11 +207,74 @@ pub struct FileHeader {
     /// Relative path (no `..`, not absolute); the destination decides where it goes.
     pub path: String,
     pub size: u64,
-    /// SHA-256 of the bytes that follow.
+    /// SHA-256 of the bytes that follow ([`DigestAt::Header`]); all zero in a header whose
+    /// digest follows the bytes ([`DigestAt::Trailer`]).
     pub sha256: [u8; 32],
 }
 
+/// Where a file stream carries its SHA-256.
+///
+/// - `Header` (1.0): in the [`FileHeader`]; the header frame's payload is exactly the header.
+/// - `Trailer` (1.1): the header's `sha256` is all zero and its frame's payload ends with one
+///   more byte, [`DIGEST_FOLLOWS`]; the digest is the 32 raw bytes right after the file's
+///   `size` bytes, then the stream ends. The sender computes it while reading the file for
+///   sending. Only sent to a peer that announced protocol 1.1 or later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DigestAt {
+    Header,
+    Trailer,
+}
+
+/// The byte after a [`FileHeader`] in its frame that says [`DigestAt::Trailer`].
+pub const DIGEST_FOLLOWS: u8 = 1;
+
+/// Length of the digest trailer of a [`DigestAt::Trailer`] file stream.
+pub const TRAILER_LEN: usize = 32;
+
 impl FileHeader {
+    /// Encodes the header frame (length prefix included) of a file stream whose digest is
+    /// at `at`. With [`DigestAt::Trailer`] the header's `sha256` is sent as zeros.
+    pub fn encode_frame(&self, at: DigestAt) -> Result<Vec<u8>, WireError> {
+        match at {
+            DigestAt::Header => super::encode_frame(self, MAX_CONTROL_FRAME),
+            DigestAt::Trailer => {
+                let head = FileHeader {
+                    sha256: [0; 32],
+                    ..self.clone()
+                };
+                super::encode_frame(&(head, DIGEST_FOLLOWS), MAX_CONTROL_FRAME)
+            }
+        }
+    }
+
+    /// Decodes a header frame's payload of either form (see [`DigestAt`]): the header and
+    /// where its digest is. A trailer-form header must carry a zero `sha256`.
+    pub fn decode_payload(payload: &[u8]) -> Result<(FileHeader, DigestAt), WireError> {
+        let what = std::any::type_name::<FileHeader>();
+        let (header, rest): (FileHeader, &[u8]) = postcard::take_from_bytes(payload)
+            .map_err(|source| WireError::Decode { what, source })?;
+        match rest {
+            [] => Ok((header, DigestAt::Header)),
+            [DIGEST_FOLLOWS] if header.sha256 == [0; 32] => Ok((header, DigestAt::Trailer)),
+            [DIGEST_FOLLOWS] => Err(WireError::BadTrailerHeader),
+            _ => Err(WireError::TrailingBytes {
+                what,
+                extra: rest.len(),
+            }),
+        }
+    }
+
+    /// Reads a header frame of either form from a file stream. `Ok(None)` when the stream
+    /// ended before its first byte.
+    pub async fn read<R: AsyncRead + Unpin>(
+        reader: &mut R,
+    ) -> Result<Option<(FileHeader, DigestAt)>, WireError> {
+        match read_payload(reader, MAX_CONTROL_FRAME).await? {
+            Some(payload) => FileHeader::decode_payload(&payload).map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// Refuses paths that could escape the destination directory.
     pub fn validate(&self) -> Result<(), WireError> {
         let bad = |why| {

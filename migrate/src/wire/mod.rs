@@ -12,8 +12,9 @@ mod message;
 
 pub use frame::{decode_frame, encode_frame, read_frame, write_frame};
 pub use message::{
-    decode_message, AbortReason, DestView, FileHeader, FileKind, Hello, Message, MigrationMode,
-    Phase, Prepare, RefuseReason, Resolution, SourceView, MAGIC, PROTOCOL_VERSION,
+    decode_message, AbortReason, DestView, DigestAt, FileHeader, FileKind, Hello, Message,
+    MigrationMode, Phase, Prepare, RefuseReason, Resolution, SourceView, DIGEST_FOLLOWS, MAGIC,
+    PROTOCOL_VERSION, TRAILER_LEN,
 };
 
 /// Maximum size of a control frame payload (messages on the control stream, file headers).
@@ -84,6 +85,9 @@ pub enum WireError {
         theirs: Version,
         peer: String,
     },
+    /// A file header whose digest follows the bytes (1.1) also carries one in the header.
+    #[error("file header announces a trailing digest but carries one too")]
+    BadTrailerHeader,
     /// A file header carries an unsafe or oversized path.
     #[error("invalid file path {path:?} in header: {why}")]
     BadPath { path: String, why: &'static str },
