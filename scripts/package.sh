@@ -2,11 +2,13 @@
 # Builds the Debian package of mig: mig, migd and mig-shim, the systemd unit, the default
 # configuration, man pages and bash/zsh/fish completions. dpkg-deb only; nothing is installed.
 #
-#   scripts/package.sh [--bin-dir DIR] [--out DIR]
+#   scripts/package.sh [--bin-dir DIR] [--out DIR] [--compress xz|gzip|none]
 #
 # --bin-dir DIR  take mig, migd and mig-shim from DIR (default: `cargo build --release` and
 #                target/release)
 # --out DIR      where the .deb goes (default: target/debian)
+# --compress C   the package's compression (default xz; the tests use none: xz of debug builds
+#                takes minutes)
 #
 # Prints the path of the package it wrote. docs/operations.md describes installing it.
 set -euo pipefail
@@ -14,14 +16,20 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 bin_dir=""
 out_dir="$root/target/debian"
+compress=xz
 while [ $# -gt 0 ]; do
     case "$1" in
         --bin-dir) bin_dir="$2"; shift 2 ;;
         --out) out_dir="$2"; shift 2 ;;
-        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        --compress) compress="$2"; shift 2 ;;
+        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
         *) echo "package.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
+case "$compress" in
+    xz|gzip|none) ;;
+    *) echo "package.sh: --compress takes xz, gzip or none, not $compress" >&2; exit 2 ;;
+esac
 command -v dpkg-deb >/dev/null || { echo "package.sh: dpkg-deb is missing (apt-get install dpkg)" >&2; exit 1; }
 
 if [ -z "$bin_dir" ]; then
@@ -104,7 +112,8 @@ if [ "$1" = "configure" ] && [ -d /run/systemd/system ]; then
 fi
 if [ "$1" = "configure" ] && [ -z "$2" ]; then
     echo "mig installed: edit /etc/mig/config.toml, then: systemctl enable --now migd"
-    if ! command -v criu >/dev/null 2>&1; then
+    # dpkg's PATH may lack /usr/local/sbin, where scripts/setup.sh puts CRIU (systemd's has it).
+    if ! command -v criu >/dev/null 2>&1 && [ ! -x /usr/local/sbin/criu ]; then
         echo "mig: CRIU (>= 4) is not installed: moves and checkpoints need it (see scripts/setup.sh)"
     fi
 fi
@@ -124,5 +133,5 @@ chmod 0755 "$pkg/DEBIAN/postinst" "$pkg/DEBIAN/postrm"
 
 mkdir -p "$out_dir"
 deb="$out_dir/mig_${version}_${arch}.deb"
-dpkg-deb --root-owner-group -Zxz --build "$pkg" "$deb" >/dev/null
+dpkg-deb --root-owner-group "-Z$compress" --build "$pkg" "$deb" >/dev/null
 echo "$deb"

@@ -24,7 +24,7 @@ PACKAGES=(
   ca-certificates dpkg-dev build-essential pkg-config shellcheck jq
   libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler python3-protobuf
   libnl-3-dev libnet1-dev libcap-dev libbsd-dev uuid-dev libnftables-dev libgnutls28-dev libaio-dev
-  libseccomp-dev runc
+  libseccomp-dev runc systemd-container
 )
 
 missing=()
