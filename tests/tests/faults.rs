@@ -80,8 +80,9 @@ fn held(label: &'static str, delay: &'static str, during: During) -> Case {
     }
 }
 
-/// While a move is in doubt, `mig ps` on `host` shows the container's copy as frozen and in
-/// doubt (not "running"), with the migration id and this host's role in `--json`. `said` is what
+/// While a move is in doubt, `mig ps` and `mig inspect` on `host` show the container's copy as
+/// frozen and in doubt (not "running"; `state: "frozen"` in `--json`), with the migration id and
+/// this host's role in `in_doubt`. `said` is what
 /// `mig move` printed (it names the id when the source reported the doubt).
 fn check_in_doubt(lab: &Lab, host: usize, name: &str, said: &str) -> Result<()> {
     let mut last = serde_json::Value::Null;
@@ -108,6 +109,19 @@ fn check_in_doubt(lab: &Lab, host: usize, name: &str, said: &str) -> Result<()> 
     }
     if said.contains("is in doubt") && !said.contains(id) {
         bail!("`mig move` said {said:?}, ps names migration {id}");
+    }
+    if last["state"] != "frozen" {
+        bail!("{name} on {}: ps --json state {last}", host_name(host));
+    }
+    // `mig inspect` tells the same, in JSON and in text.
+    let d = lab.mig_json(host, &["inspect", name, "--json"])?;
+    if d["state"] != "frozen" || d["in_doubt"] != last["in_doubt"] {
+        bail!("{name} on {}: inspect --json {d}", host_name(host));
+    }
+    let text = lab.mig_ok(host, &["inspect", name])?;
+    let want = format!("in doubt:  migration {id}, this host is its {role}");
+    if !text.contains("state:     frozen (migration in doubt)") || !text.contains(&want) {
+        bail!("{name} on {}: inspect says\n{text}", host_name(host));
     }
     let table = lab.mig_ok(host, &["ps"])?;
     if !table

@@ -16,8 +16,13 @@ use mig_runtime::spec::Limits;
 use serde::{Deserialize, Serialize};
 
 /// The highest protocol version this build speaks. Version 2 added `move_start`, `move_status`,
-/// the host view's capacity fields and the container view's usage and limits.
-pub const API_VERSION: u32 = 2;
+/// the host view's capacity fields and the container view's usage and limits. Version 3 added
+/// the container state `frozen` (a copy held frozen while its move is in doubt); older clients
+/// are served `running` there, as before ([`Response::for_version`]).
+pub const API_VERSION: u32 = 3;
+
+/// The first version with [`ContainerState::Frozen`].
+pub const API_VERSION_FROZEN: u32 = 3;
 
 /// The oldest protocol version this build still speaks. Version 1 clients are served as they were:
 /// v2 only added requests they do not send and response fields they ignore.
@@ -259,6 +264,27 @@ pub enum Response {
     Error(ApiError),
 }
 
+impl Response {
+    /// The response as a client of API `version` reads it: before [`API_VERSION_FROZEN`], a
+    /// `frozen` container is reported `running` (what those versions said; `in_doubt`, a field
+    /// they ignore, tells the truth).
+    pub fn for_version(mut self, version: u32) -> Response {
+        if version < API_VERSION_FROZEN {
+            let old = |s: &mut ContainerState| {
+                if *s == ContainerState::Frozen {
+                    *s = ContainerState::Running;
+                }
+            };
+            match &mut self {
+                Response::Containers(list) => list.iter_mut().for_each(|c| old(&mut c.state)),
+                Response::Container(d) => old(&mut d.state),
+                _ => {}
+            }
+        }
+        self
+    }
+}
+
 /// Where a move started with `MoveStart` is.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MoveStatus {
@@ -415,6 +441,10 @@ pub enum ContainerState {
     Restoring,
     /// Could not be started (see `reason`).
     Failed,
+    /// Its processes exist here but are held frozen: the container's migration is in doubt
+    /// (`in_doubt` says which; settled by `mig move --resolve` or the source's resolver). Reported
+    /// only (never recorded on disk), from API version 3; older clients see `running`.
+    Frozen,
 }
 
 impl ContainerState {
@@ -427,6 +457,7 @@ impl ContainerState {
             ContainerState::Checkpointed => "checkpointed",
             ContainerState::Restoring => "restoring",
             ContainerState::Failed => "failed",
+            ContainerState::Frozen => "frozen",
         }
     }
 
@@ -434,7 +465,10 @@ impl ContainerState {
     pub fn is_live(self) -> bool {
         matches!(
             self,
-            ContainerState::Created | ContainerState::Running | ContainerState::Restoring
+            ContainerState::Created
+                | ContainerState::Running
+                | ContainerState::Restoring
+                | ContainerState::Frozen
         )
     }
 }
@@ -458,8 +492,9 @@ pub struct ContainerSummary {
     #[serde(default)]
     pub usage: Option<Usage>,
     /// Set while a migration of the container is in doubt on this host (the link was lost at
-    /// Commit): this copy is frozen, whatever `state` says, until the move is settled (`mig move
-    /// --resolve`, or the source's resolver). `null` otherwise.
+    /// Commit): this copy is frozen (`state` is `frozen`; `running` for clients of API version 1
+    /// and 2) until the move is settled (`mig move --resolve`, or the source's resolver). `null`
+    /// otherwise.
     #[serde(default)]
     pub in_doubt: Option<InDoubt>,
 }
@@ -506,6 +541,10 @@ pub struct ContainerDetails {
     pub pid_map: Vec<PidEntry>,
     /// The cgroup name under each hierarchy root.
     pub cgroup: String,
+    /// Set while a migration of the container is in doubt on this host, as in
+    /// [`ContainerSummary::in_doubt`] (`state` is then `frozen`).
+    #[serde(default)]
+    pub in_doubt: Option<InDoubt>,
 }
 
 /// The image of a container.
@@ -599,6 +638,38 @@ mod tests {
         assert_eq!(serde_json::from_str::<Request>(&j).unwrap(), run);
         let info = serde_json::to_string(&Request::Info).unwrap();
         assert_eq!(info, r#"{"op":"info"}"#);
+    }
+
+    /// `frozen` is what a client of version 3 reads; older ones read `running`, as before.
+    #[test]
+    fn frozen_is_running_for_older_clients() {
+        let c = ContainerSummary {
+            id: "0".repeat(32),
+            name: "web".into(),
+            state: ContainerState::Frozen,
+            image: "busybox".into(),
+            host: "host-a".into(),
+            created: 1,
+            exit_code: None,
+            command: vec!["sh".into()],
+            limits: Limits::default(),
+            usage: None,
+            in_doubt: Some(InDoubt {
+                migration_id: "m".into(),
+                role: "source".into(),
+                peer: "host-b".into(),
+            }),
+        };
+        let r = Response::Containers(vec![c]);
+        let state = |r: Response| match r {
+            Response::Containers(l) => l[0].state,
+            _ => unreachable!(),
+        };
+        assert_eq!(state(r.clone().for_version(3)), ContainerState::Frozen);
+        assert_eq!(state(r.clone().for_version(2)), ContainerState::Running);
+        let j = serde_json::to_value(r.for_version(API_VERSION)).unwrap();
+        assert_eq!(j["body"][0]["state"], "frozen");
+        assert_eq!(j["body"][0]["in_doubt"]["peer"], "host-b");
     }
 
     #[test]

@@ -73,7 +73,7 @@ pub fn ps_table(list: &[ContainerSummary]) -> String {
         .iter()
         .map(|c| {
             let state = match (c.exit_code, &c.in_doubt) {
-                (_, Some(_)) => "frozen (migration in doubt)".to_owned(),
+                (_, Some(_)) => format!("{} (migration in doubt)", c.state.as_str()),
                 (Some(code), None) if !c.state.is_live() => {
                     format!("{} ({code})", c.state.as_str())
                 }
@@ -137,7 +137,19 @@ pub fn inspect_text(d: &ContainerDetails) -> String {
     let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
     let _ = writeln!(s, "id:        {}", d.id);
     let _ = writeln!(s, "name:      {}", d.name);
-    let _ = writeln!(s, "state:     {}", d.state.as_str());
+    match &d.in_doubt {
+        Some(x) => {
+            let _ = writeln!(s, "state:     {} (migration in doubt)", d.state.as_str());
+            let _ = writeln!(
+                s,
+                "in doubt:  migration {}, this host is its {}, peer {}",
+                x.migration_id, x.role, x.peer
+            );
+        }
+        None => {
+            let _ = writeln!(s, "state:     {}", d.state.as_str());
+        }
+    }
     let _ = writeln!(s, "host:      {}", d.host);
     let _ = writeln!(s, "image:     {} ({})", d.image.name, d.image.id);
     let _ = writeln!(s, "hostname:  {}", d.hostname);

@@ -95,7 +95,10 @@ pub(crate) async fn serve_authenticated(
             } else if let Request::Events = &req {
                 super::events::stream(&agent, &mut stream, &mut shutdown).await
             } else {
-                let resp = handle(&agent, req).await.unwrap_or_else(Response::Error);
+                let resp = handle(&agent, req)
+                    .await
+                    .unwrap_or_else(Response::Error)
+                    .for_version(mine.api_version);
                 write_frame(&mut stream, &resp).await
             }
         }

@@ -605,10 +605,16 @@ impl Agent {
             }
         }
         let st = &e.state;
+        // A copy whose move is in doubt is held frozen, whatever its record says.
+        let in_doubt = self.in_doubt().remove(id);
+        let state = match (&in_doubt, st.state) {
+            (Some(_), ContainerState::Running) => ContainerState::Frozen,
+            (_, s) => s,
+        };
         Ok(ContainerDetails {
             id: id.to_owned(),
             name: e.spec.name.clone(),
-            state: st.state,
+            state,
             host: self.cfg.name.clone(),
             image: ImageSummary {
                 name: e.spec.image.name.clone(),
@@ -631,6 +637,7 @@ impl Agent {
             usage,
             pid_map,
             cgroup: st.cgroup.clone(),
+            in_doubt,
         })
     }
 

@@ -193,7 +193,10 @@ impl Agent {
         let doubt = self.in_doubt();
         for c in &mut list {
             c.in_doubt = doubt.get(&c.id).cloned();
-            if c.state == ContainerState::Running && c.in_doubt.is_none() {
+            if c.in_doubt.is_some() && c.state == ContainerState::Running {
+                c.state = ContainerState::Frozen;
+            }
+            if c.state == ContainerState::Running {
                 c.usage = self.cgroup_usage(&c.id);
             }
         }
@@ -203,7 +206,7 @@ impl Agent {
     /// The migrations in doubt on this host (journal state `InDoubt`: the link was lost at
     /// Commit, or the agent restarted in the commit window), by container id; the latest when a
     /// container has several.
-    fn in_doubt(&self) -> BTreeMap<String, InDoubt> {
+    pub(crate) fn in_doubt(&self) -> BTreeMap<String, InDoubt> {
         let mut entries = crate::migration::journal::list(&self.cfg.state_dir).unwrap_or_default();
         entries.retain(|e| e.state == JournalState::InDoubt);
         entries.sort_by_key(|e| e.updated);
