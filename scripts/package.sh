@@ -99,7 +99,7 @@ Description: Linux containers that move between hosts while they run
  .
  Live migration, checkpoint and restore need CRIU 4 or newer. Debian 12's
  criu 3.17 is too old for recent kernels: the project's scripts/setup.sh
- builds CRIU 4.1.1 into /usr/local/sbin when the distribution's is too old.
+ builds CRIU 4.2.1 into /usr/local/sbin when the distribution's is too old.
 CONTROL
 
 cat > "$pkg/DEBIAN/postinst" <<'POSTINST'
