@@ -853,3 +853,58 @@ fn records_of_a_newer_format_are_skipped_others_work() -> Result<()> {
     agent.mig_ok(&["image", "rm", "busybox"])?;
     Ok(())
 }
+
+/// While a container is moved away, the source shows the truth: in its final phase (held here
+/// by a delay at the dump) its copy is `frozen`, with `moving` naming the destination and the
+/// migration, in `mig ps` and `mig inspect` (text and JSON). The move then completes.
+#[test]
+fn a_container_being_moved_shows_frozen_moving_to_the_peer() -> Result<()> {
+    if !mig_tests::is_root("a_container_being_moved_shows_frozen_moving_to_the_peer") {
+        return Ok(());
+    }
+    let lab = mig_tests::lab::Lab::up("movingps", 95)?;
+    let name = "mover";
+    lab.run_container(0, name, 1)?;
+    lab.fault(0, Some("source-dump:delay:4000"))?;
+    let (seen, moved) = std::thread::scope(|s| {
+        let mover = s.spawn(|| lab.mig(0, &["move", name, "host-b", "--json"]));
+        let mut last = serde_json::Value::Null;
+        let seen = wait_until(Duration::from_secs(30), || {
+            last = lab
+                .mig_json(0, &["ps", "--json"])
+                .ok()
+                .and_then(|v| v.as_array().and_then(|a| a.first().cloned()))
+                .unwrap_or_default();
+            last["state"] == "frozen"
+        });
+        let checks = (|| -> Result<()> {
+            ensure!(seen, "never shown frozen while moving: {last}");
+            let m = &last["moving"];
+            ensure!(
+                m["peer"] == "host-b" && m["migration_id"].as_str().map(str::len) == Some(32),
+                "{last}"
+            );
+            let table = lab.mig_ok(0, &["ps"])?;
+            ensure!(table.contains("frozen (moving to host-b)"), "{table}");
+            let d = lab.mig_json(0, &["inspect", name, "--json"])?;
+            ensure!(d["state"] == "frozen" && d["moving"] == *m, "{d}");
+            let text = lab.mig_ok(0, &["inspect", name])?;
+            ensure!(
+                text.contains("state:     frozen (moving to host-b)")
+                    && text.contains(&format!(
+                        "moving:    to host-b, migration {}",
+                        m["migration_id"].as_str().unwrap_or_default()
+                    )),
+                "{text}"
+            );
+            Ok(())
+        })();
+        (checks, mover.join())
+    });
+    lab.fault(0, None)?;
+    let moved = moved.map_err(|_| anyhow::anyhow!("the move thread panicked"))?;
+    seen?;
+    ensure!(moved.code == 0, "the move failed: {moved:?}");
+    mig_tests::lab::running_on(&lab, 1, name)?;
+    Ok(())
+}

@@ -441,7 +441,8 @@ pub enum ContainerState {
     Restoring,
     /// Could not be started (see `reason`).
     Failed,
-    /// Its processes exist here but are held frozen: the container's migration is in doubt
+    /// Its processes exist here but are frozen: its cgroup is frozen (a move away in its final
+    /// phase, `moving` says where to; a checkpoint being dumped), or its migration is in doubt
     /// (`in_doubt` says which; settled by `mig move --resolve` or the source's resolver). Reported
     /// only (never recorded on disk), from API version 3; older clients see `running`.
     Frozen,
@@ -497,6 +498,22 @@ pub struct ContainerSummary {
     /// otherwise.
     #[serde(default)]
     pub in_doubt: Option<InDoubt>,
+    /// Set while this host moves the container away (source side, from Prepare until the move
+    /// ends); `state` is `frozen` while its cgroup is frozen (from Freeze to Commit). `null`
+    /// otherwise.
+    #[serde(default)]
+    pub moving: Option<Moving>,
+}
+
+/// A move of the container away from this host, in progress (see [`ContainerSummary::moving`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Moving {
+    pub migration_id: String,
+    /// The destination's peer name.
+    pub peer: String,
+    /// Where the move is, from its journal: `preparing` (running, before the freeze), `frozen`
+    /// (frozen, dumped and sent) or `commit_sent`.
+    pub stage: String,
 }
 
 /// A migration in doubt on this host (see [`ContainerSummary::in_doubt`]).
@@ -545,6 +562,9 @@ pub struct ContainerDetails {
     /// [`ContainerSummary::in_doubt`] (`state` is then `frozen`).
     #[serde(default)]
     pub in_doubt: Option<InDoubt>,
+    /// Set while this host moves the container away, as in [`ContainerSummary::moving`].
+    #[serde(default)]
+    pub moving: Option<Moving>,
 }
 
 /// The image of a container.
@@ -659,6 +679,7 @@ mod tests {
                 role: "source".into(),
                 peer: "host-b".into(),
             }),
+            moving: None,
         };
         let r = Response::Containers(vec![c]);
         let state = |r: Response| match r {

@@ -1,6 +1,6 @@
 //! Human-readable output of `mig` (JSON output is the API types serialized as they are).
 
-use crate::api::{ContainerDetails, ContainerSummary, HostInfo, ImageInfo};
+use crate::api::{ContainerDetails, ContainerState, ContainerSummary, HostInfo, ImageInfo, Moving};
 use std::fmt::Write;
 
 /// "3 minutes ago" style age of a timestamp (seconds since the epoch).
@@ -68,12 +68,21 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     out
 }
 
+/// `frozen (moving to host-b)`, or the state alone when no move is in progress.
+fn moving_state(state: ContainerState, moving: Option<&Moving>) -> String {
+    match moving {
+        Some(m) => format!("{} (moving to {})", state.as_str(), m.peer),
+        None => state.as_str().to_owned(),
+    }
+}
+
 pub fn ps_table(list: &[ContainerSummary]) -> String {
     let rows = list
         .iter()
         .map(|c| {
             let state = match (c.exit_code, &c.in_doubt) {
                 (_, Some(_)) => format!("{} (migration in doubt)", c.state.as_str()),
+                (_, None) if c.moving.is_some() => moving_state(c.state, c.moving.as_ref()),
                 (Some(code), None) if !c.state.is_live() => {
                     format!("{} ({code})", c.state.as_str())
                 }
@@ -147,7 +156,14 @@ pub fn inspect_text(d: &ContainerDetails) -> String {
             );
         }
         None => {
-            let _ = writeln!(s, "state:     {}", d.state.as_str());
+            let _ = writeln!(s, "state:     {}", moving_state(d.state, d.moving.as_ref()));
+            if let Some(m) = &d.moving {
+                let _ = writeln!(
+                    s,
+                    "moving:    to {}, migration {} ({})",
+                    m.peer, m.migration_id, m.stage
+                );
+            }
         }
     }
     let _ = writeln!(s, "host:      {}", d.host);

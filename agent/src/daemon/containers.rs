@@ -579,6 +579,7 @@ impl Agent {
                 // Filled in by `list_with_usage` (daemon/info.rs), outside the lock.
                 usage: None,
                 in_doubt: None,
+                moving: None,
             })
             .collect();
         out.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
@@ -605,11 +606,15 @@ impl Agent {
             }
         }
         let st = &e.state;
-        // A copy whose move is in doubt is held frozen, whatever its record says.
+        // A copy whose move is in doubt, or whose cgroup is frozen (a move in its final phase), is
+        // frozen, whatever its record says.
         let in_doubt = self.in_doubt().remove(id);
-        let state = match (&in_doubt, st.state) {
-            (Some(_), ContainerState::Running) => ContainerState::Frozen,
-            (_, s) => s,
+        let moving = self.moving(&e, id);
+        let state = match st.state {
+            ContainerState::Running if in_doubt.is_some() || self.cgroup_frozen(&st.cgroup) => {
+                ContainerState::Frozen
+            }
+            s => s,
         };
         Ok(ContainerDetails {
             id: id.to_owned(),
@@ -638,6 +643,7 @@ impl Agent {
             pid_map,
             cgroup: st.cgroup.clone(),
             in_doubt,
+            moving,
         })
     }
 

@@ -2,8 +2,8 @@
 
 use super::Agent;
 use crate::api::{
-    ApiError, ContainerState, ContainerSummary, ErrorKind, HostInfo, ImageInfo, InDoubt, Response,
-    UnreadableRecord, API_VERSION, API_VERSION_MIN,
+    ApiError, ContainerState, ContainerSummary, ErrorKind, HostInfo, ImageInfo, InDoubt, Moving,
+    Response, UnreadableRecord, API_VERSION, API_VERSION_MIN,
 };
 use mig_migrate::protocol::{JournalState, Role};
 use mig_runtime::cgroup::{Cgroup, Usage};
@@ -193,7 +193,12 @@ impl Agent {
         let doubt = self.in_doubt();
         for c in &mut list {
             c.in_doubt = doubt.get(&c.id).cloned();
-            if c.in_doubt.is_some() && c.state == ContainerState::Running {
+            let Some(e) = self.lock().get(&c.id).cloned() else {
+                continue;
+            };
+            c.moving = self.moving(&e, &c.id);
+            let frozen = c.in_doubt.is_some() || self.cgroup_frozen(&e.state.cgroup);
+            if frozen && c.state == ContainerState::Running {
                 c.state = ContainerState::Frozen;
             }
             if c.state == ContainerState::Running {
@@ -225,6 +230,41 @@ impl Agent {
                 (e.container_id, d)
             })
             .collect()
+    }
+
+    /// The move away of a busy container in progress, from its journal (source side, not ended).
+    pub(crate) fn moving(&self, e: &super::Entry, id: &str) -> Option<Moving> {
+        if !e.busy {
+            return None;
+        }
+        let mut entries = crate::migration::journal::list(&self.cfg.state_dir).ok()?;
+        entries.retain(|j| {
+            j.container_id == id
+                && j.role == Role::Source
+                && matches!(
+                    j.state,
+                    JournalState::Preparing | JournalState::Frozen | JournalState::CommitSent
+                )
+        });
+        let j = entries.into_iter().max_by_key(|j| j.updated)?;
+        let stage = match j.state {
+            JournalState::Preparing => "preparing",
+            JournalState::Frozen => "frozen",
+            _ => "commit_sent",
+        };
+        Some(Moving {
+            migration_id: j.migration_id,
+            peer: j.peer,
+            stage: stage.into(),
+        })
+    }
+
+    /// Whether the cgroup is frozen (or freezing): its processes do not run.
+    pub(crate) fn cgroup_frozen(&self, cgroup: &str) -> bool {
+        use mig_runtime::cgroup::FreezeState;
+        Cgroup::open(cgroup)
+            .and_then(|cg| cg.freeze_state())
+            .is_ok_and(|s| matches!(s, FreezeState::Frozen | FreezeState::Freezing))
     }
 
     fn cgroup_usage(&self, id: &str) -> Option<Usage> {
