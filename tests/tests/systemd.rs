@@ -512,6 +512,23 @@ fn unit_keeps_containers(tag: &str, deb: &Path, tar: &Path, cgroup2: bool) -> Re
         format!("name = \"{name}\"\n"),
     )?;
 
+    // The installed unit is clean for systemd (its man pages exist now) and can be enabled.
+    let verify = m
+        .cmd(&[
+            "systemd-analyze",
+            "verify",
+            "/lib/systemd/system/migd.service",
+        ])
+        .output()?;
+    let complaints = String::from_utf8_lossy(&verify.stderr);
+    ensure!(
+        verify.status.success() && !complaints.contains("migd"),
+        "systemd-analyze verify: {complaints}"
+    );
+    m.run(&["systemctl", "enable", "migd"])?;
+    let enabled = m.run(&["systemctl", "is-enabled", "migd"])?;
+    ensure!(enabled.trim() == "enabled", "is-enabled: {enabled}");
+
     // Type=notify: `systemctl start` returns once migd sent READY=1.
     let t = Instant::now();
     m.run(&["systemctl", "start", "migd"])?;
