@@ -4,6 +4,7 @@
 //! Installed for real (root, and only when no mig package is installed already), a two-host lab
 //! moves a container with the installed binaries, and `dpkg --purge mig` leaves nothing behind.
 //! Skipped when dpkg-deb is missing. The lab uses the subnet 10.214.99.0/24 (operations range).
+//! The unit under a real systemd (in a booted nspawn container) is tests/tests/systemd.rs.
 
 use anyhow::{ensure, Context, Result};
 use std::path::Path;
