@@ -4,8 +4,9 @@
 //!
 //! The old build is made once per target directory with `git worktree add` of the commit into
 //! `<target>/compat/0.1.0/src` and `cargo build` into `<target>/compat/0.1.0/target` (a lock file
-//! serializes concurrent test processes; a stamp file marks it complete). A clone without that
-//! commit (shallow) skips these tests and says what is missing.
+//! serializes concurrent test processes; a stamp file marks it complete), or taken from
+//! `MIG_COMPAT_0_1_0_BIN_DIR`. A clone without that commit (shallow) skips these tests and says
+//! what is missing.
 //!
 //! Lab subnets 85-88 (of the 80-89 range of this file and networking.rs).
 //!
@@ -23,8 +24,10 @@ use std::time::Instant;
 /// mig 0.1.0: the last commit before state files carried format versions.
 const OLD_COMMIT: &str = "595f0beb95839c8401de5d2509933c18b76fb689";
 const OLD_VERSION: &str = "0.1.0";
-/// What 0.1.0's `migd` says in `mig info`.
+/// The wire protocol 0.1.0 speaks.
 const OLD_PROTOCOL: &str = "1.0";
+/// Names a directory with 0.1.0's `migd`, `mig` and `mig-shim` already built (no build then).
+const OLD_BIN_DIR_VAR: &str = "MIG_COMPAT_0_1_0_BIN_DIR";
 
 /// The directory holding 0.1.0's `migd`, `mig` and `mig-shim`, built on first use; `None` (with
 /// the reason printed) when this clone lacks the commit.
@@ -46,6 +49,9 @@ fn git(dir: &Path, args: &[&str]) -> Result<std::process::Output> {
 }
 
 fn build_old() -> Result<Option<PathBuf>> {
+    if let Some(dir) = std::env::var_os(OLD_BIN_DIR_VAR) {
+        return Ok(Some(PathBuf::from(dir)));
+    }
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .context("workspace root")?;
@@ -224,18 +230,14 @@ fn in_place_upgrade_readopts_and_moves() -> Result<()> {
         counter >= count,
         "exec read {counter}, the log says {count}"
     );
-    // The records of 0.1.0 that this build rewrote carry its format now.
-    let state: Value = serde_json::from_slice(&std::fs::read(
-        lab.state_dir(0)
-            .join("containers")
-            .join(&id)
-            .join("state.json"),
-    )?)?;
-    eprintln!("state.json after the upgrade: format {}", state["format"]);
 
     move_and_check(&lab, 0, 1, "up1", &id)?;
     let (host, created) = exactly_once(&lab, "up1")?;
-    ensure!(host == 1 && created == before["created"].as_u64().unwrap_or(0));
+    ensure!(
+        host == 1 && created == before["created"].as_u64().unwrap_or(0),
+        "after the move: on host {host}, created {created}, before {}",
+        before["created"]
+    );
     lab.mig_ok(1, &["rm", "-f", "up1"])?;
     nothing_left(&lab, 1, &id)?;
     Ok(())
@@ -265,15 +267,13 @@ fn moves_both_ways_between_0_1_0_and_this_build() -> Result<()> {
     ensure!(ps.contains("mv1") && ps.contains("running"), "{ps}");
     let (_, created) = exactly_once(&lab, "mv1")?;
 
-    let r = move_and_check(&lab, 0, 1, "mv1", &id)?;
-    eprintln!("0.1.0 -> this build: {r}");
+    move_and_check(&lab, 0, 1, "mv1", &id)?;
     ensure!(exactly_once(&lab, "mv1")? == (1, created), "after a -> b");
     // 0.1.0's CLI against this build's agent.
     let ps = lab.mig_ok_with(&old_mig, 1, &["ps"])?;
     ensure!(ps.contains("mv1") && ps.contains("running"), "{ps}");
 
-    let r = move_and_check(&lab, 1, 0, "mv1", &id)?;
-    eprintln!("this build -> 0.1.0: {r}");
+    move_and_check(&lab, 1, 0, "mv1", &id)?;
     ensure!(
         exactly_once(&lab, "mv1")? == (0, created),
         "after b -> a: the 0.1.0 destination lost the creation time or a copy is left"
