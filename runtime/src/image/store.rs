@@ -495,6 +495,16 @@ mod tests {
         assert_eq!(fs::read_to_string(records.join("new.json")).unwrap(), newer);
         fs::remove_file(records.join("new.json")).unwrap();
         assert_eq!(store.prune(&[]).unwrap(), vec![stray.clone()]);
+        // A damaged record is skipped and shown the same way, without a version.
+        fs::write(records.join("torn.json"), b"{\"name\":").unwrap();
+        assert_eq!(store.list().unwrap(), vec![img.clone()]);
+        let all = store.list_all().unwrap();
+        let [u] = all.unreadable.as_slice() else {
+            panic!("{all:?}")
+        };
+        assert_eq!((u.name.as_str(), u.newer_format), ("torn", None));
+        assert!(matches!(store.get("torn"), Err(ImageError::Record { .. })));
+        fs::remove_file(records.join("torn.json")).unwrap();
         assert!(!store.has_layer(&stray) && !store.blob_path(&stray).exists());
         // Rewritten records carry the current format.
         store.add_image(&img).unwrap();
