@@ -24,7 +24,7 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 
 /// Maximum size of a [`TunnelHeader`] frame.
@@ -402,9 +402,7 @@ where
         }
     };
     let down = async {
-        // Reads gather several of quinn's packet-sized chunks into one large socket write.
-        let mut recv_buf = BufReader::with_capacity(BUF, &mut recv);
-        match copy_counted(&mut recv_buf, &mut w, bytes).await {
+        match copy_in(&mut recv, &mut w, bytes).await {
             Ok(()) => {
                 let _ = w.shutdown().await;
                 Ok(())
@@ -444,22 +442,39 @@ where
     }
 }
 
-async fn copy_counted<R, W>(r: &mut R, w: &mut W, bytes: &Counter) -> std::io::Result<()>
+/// Chunks quinn holds for one vectored socket write (each about one packet).
+const CHUNKS: usize = 64;
+
+/// Stream to socket: quinn's received chunks (about one packet each) are gathered into one
+/// vectored socket write, without copying them into a buffer first.
+async fn copy_in<W>(recv: &mut quinn::RecvStream, w: &mut W, bytes: &Counter) -> std::io::Result<()>
 where
-    R: tokio::io::AsyncBufRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    use tokio::io::AsyncBufReadExt;
+    let mut chunks: Vec<bytes::Bytes> = vec![bytes::Bytes::new(); CHUNKS];
     loop {
-        let buf = r.fill_buf().await?;
-        if buf.is_empty() {
+        let Some(n) = recv
+            .read_chunks(&mut chunks)
+            .await
+            .map_err(std::io::Error::from)?
+        else {
             w.flush().await?;
             return Ok(());
+        };
+        let total: usize = chunks[..n].iter().map(bytes::Bytes::len).sum();
+        let mut slices: Vec<std::io::IoSlice<'_>> = chunks[..n]
+            .iter()
+            .map(|c| std::io::IoSlice::new(c))
+            .collect();
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            let k = w.write_vectored(rest).await?;
+            if k == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            std::io::IoSlice::advance_slices(&mut rest, k);
         }
-        let n = buf.len();
-        w.write_all(buf).await?;
-        r.consume(n);
-        bytes.add(n as u64);
+        bytes.add(total as u64);
     }
 }
 
