@@ -14,7 +14,9 @@
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use mig_tests::is_root;
-use mig_tests::lab::{continues, log_state, move_and_check, nothing_left, running_on, Lab};
+use mig_tests::lab::{
+    continues, log_state, move_and_check, move_and_check_with, nothing_left, running_on, Lab,
+};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -279,6 +281,38 @@ fn moves_both_ways_between_0_1_0_and_this_build() -> Result<()> {
         "after b -> a: the 0.1.0 destination lost the creation time or a copy is left"
     );
     lab.mig_ok(0, &["rm", "-f", "mv1"])?;
+    nothing_left(&lab, 0, &id)?;
+    Ok(())
+}
+
+/// The other move modes between the builds: `stream` (pages through the tunnel) and `lazy`
+/// (post-copy) each way, 0.1.0 on host-a and this build on host-b.
+#[test]
+fn stream_and_lazy_moves_both_ways_between_builds() -> Result<()> {
+    let Some((old_migd, _)) = builds("stream_and_lazy_moves_both_ways_between_builds")? else {
+        return Ok(());
+    };
+    let mut lab = Lab::up_with("upmd", 87, 2, &old_migd)?;
+    lab.restart_with(1, &mig_tests::bin("migd"))?;
+    let id = lab.run_container(0, "md1", 4)?;
+    let (_, created) = exactly_once(&lab, "md1")?;
+    for mode in ["stream", "lazy"] {
+        for (from, to) in [(0, 1), (1, 0)] {
+            let r = move_and_check_with(&lab, from, to, "md1", &id, &["--mode", mode], mode)
+                .with_context(|| format!("{mode} move from host {from} to host {to}"))?;
+            if mode == "lazy" {
+                ensure!(
+                    r["postcopy_error"].is_null(),
+                    "post-copy failed from host {from} to host {to}: {r}"
+                );
+            }
+            ensure!(
+                exactly_once(&lab, "md1")? == (to, created),
+                "after the {mode} move from host {from} to host {to}"
+            );
+        }
+    }
+    lab.mig_ok(0, &["rm", "-f", "md1"])?;
     nothing_left(&lab, 0, &id)?;
     Ok(())
 }
