@@ -501,3 +501,24 @@ pub fn negotiated_alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
         .ok()?;
     data.protocol
 }
+
+#[cfg(test)]
+mod tests {
+    use rustls::CipherSuite;
+
+    #[test]
+    fn aes128_gcm_is_offered_first_and_ring_order_stays_available() {
+        let ours: Vec<CipherSuite> = super::provider()
+            .cipher_suites
+            .iter()
+            .map(|s| s.suite())
+            .collect();
+        assert_eq!(ours[0], CipherSuite::TLS13_AES_128_GCM_SHA256);
+        let ring = super::provider_ordered(false);
+        assert_eq!(
+            ring.cipher_suites[0].suite(),
+            CipherSuite::TLS13_AES_256_GCM_SHA384
+        );
+        assert_eq!(ours.len(), ring.cipher_suites.len());
+    }
+}
