@@ -124,6 +124,7 @@ pub fn render(host: &str, g: &Gauges, c: &Counters) -> String {
     let states = [
         ContainerState::Created,
         ContainerState::Running,
+        ContainerState::Frozen,
         ContainerState::Stopped,
         ContainerState::Exited,
         ContainerState::Checkpointed,
