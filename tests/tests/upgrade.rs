@@ -125,7 +125,10 @@ fn build_old() -> Result<Option<PathBuf>> {
             .arg(root.join("target"))
             .env_remove("CARGO_TARGET_DIR")
             .env_remove("CARGO_BUILD_TARGET_DIR")
-            .env_remove("CARGO_ENCODED_RUSTFLAGS");
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            // Built once to be run, never debugged: no debug info, no incremental state.
+            .env("CARGO_PROFILE_DEV_DEBUG", "0")
+            .env("CARGO_INCREMENTAL", "0");
         if offline {
             cmd.arg("--offline");
         }
