@@ -38,8 +38,13 @@ impl Lab {
 
     /// Like [`Lab::up`] with `hosts` hosts.
     pub fn up_n(tag: &str, third: u8, hosts: usize) -> Result<Lab> {
+        Lab::up_from(tag, third, hosts, &crate::bin("migd"), &crate::bin("mig"))
+    }
+
+    /// A lab whose agents run `migd`; the busybox image is imported on host-a with `mig`.
+    fn up_from(tag: &str, third: u8, hosts: usize, migd: &Path, mig: &Path) -> Result<Lab> {
         let name = format!("mv{}{tag}", std::process::id() % 100_000);
-        let mut cfg = LabConfig::new(&name, hosts, crate::bin("migd"));
+        let mut cfg = LabConfig::new(&name, hosts, migd.to_owned());
         cfg.subnet_base = [10, 214, third];
         cfg.extra_agent_args = vec!["--listen".into(), "{addr}:{port}".into()];
         let tmp = tempfile::tempdir()?;
@@ -52,16 +57,8 @@ impl Lab {
             _tmp: tmp,
             image_tar,
         };
-        lab.mig_ok(
-            0,
-            &[
-                "image",
-                "import",
-                &lab.image_tar.display().to_string(),
-                "--name",
-                "busybox",
-            ],
-        )?;
+        let tar = lab.image_tar.display().to_string();
+        lab.mig_ok_with(mig, 0, &["image", "import", &tar, "--name", "busybox"])?;
         Ok(lab)
     }
 
@@ -727,24 +724,7 @@ impl Lab {
     /// Like [`Lab::up_n`], with every host's agent started from `migd` (another build's, say
     /// mig 0.1.0's); the busybox image is imported on host-a with the `mig` next to `migd`.
     pub fn up_with(tag: &str, third: u8, hosts: usize, migd: &Path) -> Result<Lab> {
-        let name = format!("mv{}{tag}", std::process::id() % 100_000);
-        let mut cfg = LabConfig::new(&name, hosts, migd.to_owned());
-        cfg.subnet_base = [10, 214, third];
-        cfg.extra_agent_args = vec!["--listen".into(), "{addr}:{port}".into()];
-        let tmp = tempfile::tempdir()?;
-        let rootfs = crate::busybox_rootfs(tmp.path())?;
-        let image_tar = crate::tar_of(&rootfs, tmp.path(), "busybox.tar")?;
-        let hosts = lab::up(&cfg).with_context(|| format!("lab up {name}"))?;
-        let lab = Lab {
-            name,
-            hosts,
-            _tmp: tmp,
-            image_tar,
-        };
-        let mig = migd.with_file_name("mig");
-        let tar = lab.image_tar.display().to_string();
-        lab.mig_ok_with(&mig, 0, &["image", "import", &tar, "--name", "busybox"])?;
-        Ok(lab)
+        Lab::up_from(tag, third, hosts, migd, &migd.with_file_name("mig"))
     }
 
     /// Runs the `mig` binary `mig` (another build's) against host `host`'s agent.

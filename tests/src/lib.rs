@@ -11,6 +11,37 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+/// Builds the Debian package from the test's binaries into `out` with `scripts/package.sh`
+/// (`compress`: its `--compress` choice, the script's default when `None`); returns its path.
+pub fn build_deb(out: &Path, compress: Option<&str>) -> Result<PathBuf> {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace")?;
+    let mut cmd = Command::new("bash");
+    cmd.arg(workspace.join("scripts/package.sh"))
+        .arg("--bin-dir")
+        .arg(bin_dir())
+        .arg("--out")
+        .arg(out);
+    if let Some(c) = compress {
+        cmd.args(["--compress", c]);
+    }
+    let o = cmd.output().context("running scripts/package.sh")?;
+    if !o.status.success() {
+        bail!(
+            "scripts/package.sh failed ({}): {}{}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let deb = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+    if !(deb.extension().is_some_and(|e| e == "deb") && deb.is_file()) {
+        bail!("scripts/package.sh printed {}", deb.display());
+    }
+    Ok(deb)
+}
+
 /// The directory holding `mig`, `migd` and `mig-shim` (built once per test binary).
 ///
 /// `MIG_BIN_DIR` overrides it; otherwise it is the target profile directory of the running test

@@ -30,18 +30,7 @@ fn run(cmd: &mut Command) -> Result<String> {
 
 /// Builds the package from the test's binaries into `out`; returns its path.
 fn build_deb(out: &Path) -> Result<String> {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("workspace")?;
-    let deb = run(Command::new("bash")
-        .arg(workspace.join("scripts/package.sh"))
-        .arg("--bin-dir")
-        .arg(mig_tests::bin_dir())
-        .arg("--out")
-        .arg(out))?;
-    let deb = deb.trim().to_owned();
-    ensure!(deb.ends_with(".deb") && Path::new(&deb).is_file(), "{deb}");
-    Ok(deb)
+    Ok(mig_tests::build_deb(out, None)?.display().to_string())
 }
 
 #[test]

@@ -20,23 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// v1 controllers as `/proc/self/cgroup` and the mount options name them.
-const V1_CONTROLLERS: &[&str] = &[
-    "blkio",
-    "cpu",
-    "cpuacct",
-    "cpuset",
-    "devices",
-    "freezer",
-    "hugetlb",
-    "memory",
-    "misc",
-    "net_cls",
-    "net_prio",
-    "perf_event",
-    "pids",
-    "rdma",
-];
+use mig_runtime::cgroup::mount::V1_CONTROLLERS;
 
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -59,21 +43,10 @@ fn have(tool: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// Builds the package from the test's binaries into `out`; returns its path.
+/// Builds the package from the test's binaries into `out`, uncompressed (xz on debug binaries
+/// takes minutes); returns its path.
 fn build_deb(out: &Path) -> Result<PathBuf> {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("workspace")?;
-    let deb = run(Command::new("bash")
-        .arg(workspace.join("scripts/package.sh"))
-        .arg("--bin-dir")
-        .arg(mig_tests::bin_dir())
-        .arg("--out")
-        .arg(out)
-        .args(["--compress", "none"]))?;
-    let deb = PathBuf::from(deb.trim());
-    ensure!(deb.is_file(), "package.sh printed {}", deb.display());
-    Ok(deb)
+    mig_tests::build_deb(out, Some("none"))
 }
 
 /// The cgroup directories this process is in, one per mounted hierarchy (cgroup2, named and

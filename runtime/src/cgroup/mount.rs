@@ -10,7 +10,7 @@ use std::path::PathBuf;
 /// v1 controllers we recognise in a `cgroup` mount's super options. Anything else there is a mount
 /// option (`rw`, `noprefix`, `clone_children`, `xattr`, `release_agent=...`) or a named hierarchy
 /// (`name=systemd`), which carries no controller.
-const V1_CONTROLLERS: &[&str] = &[
+pub const V1_CONTROLLERS: &[&str] = &[
     "blkio",
     "cpu",
     "cpuacct",
