@@ -63,15 +63,7 @@ impl Lab {
     }
 
     pub fn mig(&self, host: usize, args: &[&str]) -> crate::MigOutput {
-        Command::new(crate::bin("mig"))
-            .arg("--socket")
-            .arg(&self.hosts[host].socket)
-            .args(args)
-            .env_remove("MIG_HOST")
-            .env_remove("MIG_SOCKET")
-            .output()
-            .expect("running mig")
-            .into()
+        self.mig_with(&crate::bin("mig"), host, args)
     }
 
     pub fn mig_ok(&self, host: usize, args: &[&str]) -> Result<String> {
