@@ -43,6 +43,19 @@ async fn link() -> Link {
     }
 }
 
+/// A random image file `name` of `len` bytes in `dir`, to be sent as `images/<name>` with its
+/// digest computed on the way.
+fn random_image(dir: &Path, name: &str, len: usize, seed: u64) -> OutgoingFile {
+    let local = dir.join(name);
+    random_file(&local, len, seed);
+    OutgoingFile {
+        kind: FileKind::Image,
+        local,
+        remote: format!("images/{name}"),
+        sha256: None,
+    }
+}
+
 fn random_file(path: &Path, len: usize, seed: u64) {
     let mut data = vec![0u8; len];
     rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut data);
@@ -91,14 +104,7 @@ async fn big_random_files_arrive_verified() {
     const SIZE: usize = 64 << 20;
     let mut files = Vec::new();
     for i in 0..2u64 {
-        let p = src.path().join(format!("pages-{i}.img"));
-        random_file(&p, SIZE, i);
-        files.push(OutgoingFile {
-            kind: FileKind::Image,
-            local: p,
-            remote: format!("images/pages-{i}.img"),
-            sha256: None,
-        });
+        files.push(random_image(src.path(), &format!("pages-{i}.img"), SIZE, i));
     }
     // One with a precomputed digest, as for content-addressed layers.
     let small = src.path().join("layer");
@@ -231,14 +237,7 @@ async fn digests_after_the_bytes_arrive_verified() {
     let dst = tempfile::tempdir().unwrap();
     let mut files = Vec::new();
     for (i, size) in [(0u64, 5 << 20), (1, 0), (2, 1), (3, (1 << 20) + 31)] {
-        let p = src.path().join(format!("f{i}"));
-        random_file(&p, size, i);
-        files.push(OutgoingFile {
-            kind: FileKind::Image,
-            local: p,
-            remote: format!("images/f{i}"),
-            sha256: None,
-        });
+        files.push(random_image(src.path(), &format!("f{i}"), size, i));
     }
     // A known digest travels after the bytes as it is.
     let (_, known) = hash_file(&files[0].local).await.unwrap();
