@@ -608,8 +608,9 @@ impl Agent {
         let st = &e.state;
         // A copy whose move is in doubt, or whose cgroup is frozen (a move in its final phase), is
         // frozen, whatever its record says.
-        let in_doubt = self.in_doubt().remove(id);
-        let moving = self.moving(&e, id);
+        let journals = self.journals();
+        let in_doubt = super::info::in_doubt(&journals).remove(id);
+        let moving = super::info::moving(&journals, &e, id);
         let state = match st.state {
             ContainerState::Running if in_doubt.is_some() || self.cgroup_frozen(&st.cgroup) => {
                 ContainerState::Frozen

@@ -190,13 +190,14 @@ impl Agent {
     /// migrations in doubt from the journal.
     pub(crate) fn list_with_usage(&self, all: bool) -> Vec<ContainerSummary> {
         let mut list = self.list(all);
-        let doubt = self.in_doubt();
+        let journals = self.journals();
+        let doubt = in_doubt(&journals);
         for c in &mut list {
             c.in_doubt = doubt.get(&c.id).cloned();
             let Some(e) = self.lock().get(&c.id).cloned() else {
                 continue;
             };
-            c.moving = self.moving(&e, &c.id);
+            c.moving = moving(&journals, &e, &c.id);
             let frozen = c.in_doubt.is_some() || self.cgroup_frozen(&e.state.cgroup);
             if frozen && c.state == ContainerState::Running {
                 c.state = ContainerState::Frozen;
@@ -208,55 +209,9 @@ impl Agent {
         list
     }
 
-    /// The migrations in doubt on this host (journal state `InDoubt`: the link was lost at
-    /// Commit, or the agent restarted in the commit window), by container id; the latest when a
-    /// container has several.
-    pub(crate) fn in_doubt(&self) -> BTreeMap<String, InDoubt> {
-        let mut entries = crate::migration::journal::list(&self.cfg.state_dir).unwrap_or_default();
-        entries.retain(|e| e.state == JournalState::InDoubt);
-        entries.sort_by_key(|e| e.updated);
-        entries
-            .into_iter()
-            .map(|e| {
-                let role = match e.role {
-                    Role::Source => "source",
-                    Role::Dest => "destination",
-                };
-                let d = InDoubt {
-                    migration_id: e.migration_id,
-                    role: role.into(),
-                    peer: e.peer,
-                };
-                (e.container_id, d)
-            })
-            .collect()
-    }
-
-    /// The move away of a busy container in progress, from its journal (source side, not ended).
-    pub(crate) fn moving(&self, e: &super::Entry, id: &str) -> Option<Moving> {
-        if !e.busy {
-            return None;
-        }
-        let mut entries = crate::migration::journal::list(&self.cfg.state_dir).ok()?;
-        entries.retain(|j| {
-            j.container_id == id
-                && j.role == Role::Source
-                && matches!(
-                    j.state,
-                    JournalState::Preparing | JournalState::Frozen | JournalState::CommitSent
-                )
-        });
-        let j = entries.into_iter().max_by_key(|j| j.updated)?;
-        let stage = match j.state {
-            JournalState::Preparing => "preparing",
-            JournalState::Frozen => "frozen",
-            _ => "commit_sent",
-        };
-        Some(Moving {
-            migration_id: j.migration_id,
-            peer: j.peer,
-            stage: stage.into(),
-        })
+    /// The migration journals on this host, read once for [`in_doubt`] and [`moving`].
+    pub(crate) fn journals(&self) -> Vec<crate::migration::journal::JournalEntry> {
+        crate::migration::journal::list(&self.cfg.state_dir).unwrap_or_default()
     }
 
     /// Whether the cgroup is frozen (or freezing): its processes do not run.
@@ -372,6 +327,63 @@ fn parse_meminfo(info: &str) -> MemInfo {
         total: field("MemTotal:"),
         available: field("MemAvailable:"),
     }
+}
+
+/// The migrations in doubt on this host (journal state `InDoubt`: the link was lost at
+/// Commit, or the agent restarted in the commit window), by container id; the latest when a
+/// container has several.
+pub(crate) fn in_doubt(
+    journals: &[crate::migration::journal::JournalEntry],
+) -> BTreeMap<String, InDoubt> {
+    let mut entries = journals.to_vec();
+    entries.retain(|e| e.state == JournalState::InDoubt);
+    entries.sort_by_key(|e| e.updated);
+    entries
+        .into_iter()
+        .map(|e| {
+            let role = match e.role {
+                Role::Source => "source",
+                Role::Dest => "destination",
+            };
+            let d = InDoubt {
+                migration_id: e.migration_id,
+                role: role.into(),
+                peer: e.peer,
+            };
+            (e.container_id, d)
+        })
+        .collect()
+}
+
+/// The move away of a busy container in progress, from its journal (source side, not ended).
+pub(crate) fn moving(
+    journals: &[crate::migration::journal::JournalEntry],
+    e: &super::Entry,
+    id: &str,
+) -> Option<Moving> {
+    if !e.busy {
+        return None;
+    }
+    let mut entries = journals.to_vec();
+    entries.retain(|j| {
+        j.container_id == id
+            && j.role == Role::Source
+            && matches!(
+                j.state,
+                JournalState::Preparing | JournalState::Frozen | JournalState::CommitSent
+            )
+    });
+    let j = entries.into_iter().max_by_key(|j| j.updated)?;
+    let stage = match j.state {
+        JournalState::Preparing => "preparing",
+        JournalState::Frozen => "frozen",
+        _ => "commit_sent",
+    };
+    Some(Moving {
+        migration_id: j.migration_id,
+        peer: j.peer,
+        stage: stage.into(),
+    })
 }
 
 #[cfg(test)]
