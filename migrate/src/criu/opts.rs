@@ -54,6 +54,15 @@ pub struct DumpOpts {
     pub page_server: Option<PageTarget>,
     /// CRIU's log; relative paths are relative to `images_dir` (kept next to the image set).
     pub log_file: PathBuf,
+    /// Soft-dirty memory tracking (`--track-mem`): the dump resets the tree's dirty bits so the
+    /// next iteration writes only pages changed since. Needs the kernel's
+    /// `CONFIG_MEM_SOFT_DIRTY` (`criu check --feature mem_dirty_track`); a pre-dump always
+    /// tracks.
+    pub track_mem: bool,
+    /// The previous iteration's images (`--prev-images-dir`), relative to `images_dir` as CRIU
+    /// wants it (it becomes the `parent` symlink in `images_dir`): pages unchanged since then
+    /// are not written again and the restore reads them through the link.
+    pub prev_images_dir: Option<PathBuf>,
     /// Anything else, passed as given after mig's options (`--tcp-established`, ...).
     pub extra: Vec<String>,
 }
@@ -140,11 +149,53 @@ impl DumpOpts {
             a.push("--page-server".into());
             ps.push_args(&mut a);
         }
+        self.iteration(&mut a);
         for e in &self.external {
             push(&mut a, "--external", e);
         }
         a.extend(self.extra.iter().map(OsString::from));
         a
+    }
+
+    /// The argument list of `criu pre-dump` (without the program name): one iteration of
+    /// pre-copy. The tree is frozen only while its memory is collected, then runs again while
+    /// CRIU writes the pages (`--pre-dump-mode splice`, CRIU's default). Tracking is implied;
+    /// `leave_running`, the network options and the page server do not apply.
+    pub fn pre_dump_args(&self) -> Vec<OsString> {
+        let mut a: Vec<OsString> = vec!["pre-dump".into()];
+        push(&mut a, "--tree", self.pid.to_string());
+        push(&mut a, "--images-dir", &self.images_dir);
+        push(
+            &mut a,
+            "--log-file",
+            resolve(&self.images_dir, &self.log_file),
+        );
+        a.push("-v4".into());
+        a.push("--manage-cgroups=ignore".into());
+        if let Some(root) = &self.root {
+            push(&mut a, "--root", root);
+        }
+        if let Some(cg) = &self.freeze_cgroup {
+            push(&mut a, "--freeze-cgroup", cg);
+        }
+        a.push("--track-mem".into());
+        if let Some(prev) = &self.prev_images_dir {
+            push(&mut a, "--prev-images-dir", prev);
+        }
+        for e in &self.external {
+            push(&mut a, "--external", e);
+        }
+        a.extend(self.extra.iter().map(OsString::from));
+        a
+    }
+
+    fn iteration(&self, a: &mut Vec<OsString>) {
+        if self.track_mem {
+            a.push("--track-mem".into());
+        }
+        if let Some(prev) = &self.prev_images_dir {
+            push(a, "--prev-images-dir", prev);
+        }
     }
 }
 
@@ -211,6 +262,8 @@ mod tests {
                 port: 27000,
             }),
             log_file: "dump.log".into(),
+            track_mem: false,
+            prev_images_dir: None,
             extra: vec!["--ext-unix-sk".into()],
         };
         let a = strs(o.args()).join(" ");
@@ -221,6 +274,62 @@ mod tests {
              /sys/fs/cgroup/unified/mig/x --leave-running --tcp-established --page-server \
              --address 10.0.0.2 --port 27000 --external mnt[/x]:x \
              --ext-unix-sk"
+        );
+    }
+
+    #[test]
+    fn final_dump_after_rounds_tracks_and_names_the_last_round() {
+        let o = DumpOpts {
+            pid: 42,
+            images_dir: "/w/images".into(),
+            leave_running: true,
+            log_file: "dump.log".into(),
+            track_mem: true,
+            prev_images_dir: Some("../rounds/3".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            strs(o.args()).join(" "),
+            "dump --tree 42 --images-dir /w/images --log-file /w/images/dump.log -v4 \
+             --manage-cgroups=ignore --file-locks --leave-running --network-lock skip \
+             --track-mem --prev-images-dir ../rounds/3"
+        );
+    }
+
+    #[test]
+    fn pre_dump_args() {
+        let first = DumpOpts {
+            pid: 7,
+            images_dir: "/w/rounds/1".into(),
+            root: Some("/rootfs".into()),
+            freeze_cgroup: Some("/sys/fs/cgroup/unified/mig/x".into()),
+            // Ignored by a pre-dump: the tree always keeps running, nothing of the network
+            // is dumped, pages go to files.
+            leave_running: true,
+            tcp_established: true,
+            page_server: Some(PageTarget::Socket(5)),
+            external: vec!["mnt[/x]:x".into()],
+            log_file: "pre-dump.log".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            strs(first.pre_dump_args()).join(" "),
+            "pre-dump --tree 7 --images-dir /w/rounds/1 --log-file /w/rounds/1/pre-dump.log \
+             -v4 --manage-cgroups=ignore --root /rootfs --freeze-cgroup \
+             /sys/fs/cgroup/unified/mig/x --track-mem --external mnt[/x]:x"
+        );
+        let second = DumpOpts {
+            images_dir: "/w/rounds/2".into(),
+            prev_images_dir: Some("../1".into()),
+            root: None,
+            freeze_cgroup: None,
+            external: vec![],
+            ..first
+        };
+        assert_eq!(
+            strs(second.pre_dump_args()).join(" "),
+            "pre-dump --tree 7 --images-dir /w/rounds/2 --log-file /w/rounds/2/pre-dump.log \
+             -v4 --manage-cgroups=ignore --track-mem --prev-images-dir ../1"
         );
     }
 
