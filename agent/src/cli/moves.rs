@@ -190,8 +190,10 @@ fn move_text(r: &MoveResult) -> String {
     );
     if let Some(p) = r.predicted_downtime_ms {
         s.push_str(&format!(
-            "  mode {}: predicted downtime {p} ms, measured {} ms\n",
-            r.mode, r.downtime_ms
+            "  mode {}: predicted downtime {p} ms, measured {} ms{}\n",
+            r.mode,
+            r.downtime_ms,
+            link_basis(r)
         ));
     }
     if let Some(p) = r.postcopy_ms {
@@ -225,6 +227,21 @@ fn move_text(r: &MoveResult) -> String {
         ));
     }
     s
+}
+
+/// Where the prediction's throughput came from, for the pre-flight line.
+fn link_basis(r: &MoveResult) -> String {
+    let mib_s = r.throughput_bytes_s.map(|b| b >> 20).unwrap_or(0);
+    match (r.throughput_source.as_deref(), &r.probe) {
+        (Some("probe"), Some(p)) => format!(
+            " (link {mib_s} MiB/s, probed: {} in {} ms)",
+            super::output::human_size(p.bytes),
+            p.ms
+        ),
+        (Some("previous"), _) => format!(" (link {mib_s} MiB/s from an earlier move, no probe)"),
+        (Some("default"), _) => format!(" (link {mib_s} MiB/s assumed, no probe)"),
+        _ => String::new(),
+    }
 }
 
 /// How often the progress line is redrawn without news (for the elapsed time).

@@ -12,6 +12,7 @@ pub(crate) mod journal;
 pub mod modes;
 pub(crate) mod pages;
 mod peers;
+pub mod probe;
 mod pstree;
 mod recover;
 mod source;
@@ -71,6 +72,13 @@ pub struct MoveResult {
     /// Link throughput the prediction used, bytes/s.
     #[serde(default)]
     pub throughput_bytes_s: Option<u64>,
+    /// Where `throughput_bytes_s` came from: `probe` (this move's link probe, see `probe`),
+    /// `previous` (an earlier move to the same peer) or `default` (nothing measured yet).
+    #[serde(default)]
+    pub throughput_source: Option<String>,
+    /// This move's link probe (a destination speaking protocol 1.2), else null.
+    #[serde(default)]
+    pub probe: Option<probe::ProbeInfo>,
     /// Bytes of memory pages that went through the page-server tunnel (`stream`, `lazy`);
     /// included in `bytes_sent`.
     #[serde(default)]

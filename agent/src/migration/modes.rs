@@ -68,13 +68,15 @@ pub enum ModeError {
     PipeMaxSize(#[source] mig_migrate::criu::CriuError),
     #[error("criu is not usable: {0}")]
     NoCriu(String),
-    #[error("predicted downtime {predicted_ms} ms exceeds --max-downtime {max_ms} ms (mode {mode}, {memory_bytes} bytes of memory at about {throughput_mib_s} MiB/s); the container was not touched")]
+    #[error("predicted downtime {predicted_ms} ms exceeds --max-downtime {max_ms} ms (mode {mode}, {memory_bytes} bytes of memory at about {throughput_mib_s} MiB/s, {basis}); the container was not touched")]
     TooSlow {
         predicted_ms: u64,
         max_ms: u64,
         mode: &'static str,
         memory_bytes: u64,
         throughput_mib_s: u64,
+        /// Where the throughput came from ([`Throughput::describe`]).
+        basis: String,
     },
 }
 
@@ -139,12 +141,100 @@ pub fn record_throughput(peer: &str, bytes: u64, ms: u64) {
 
 /// The throughput to expect to `peer` (bytes/s): the last measured, else a default.
 pub fn throughput(peer: &str) -> u64 {
-    THROUGHPUT
+    known_throughput(peer).bytes_s
+}
+
+/// Where a prediction's throughput came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ThroughputSource {
+    /// The link probe of this move, on its own connection (protocol 1.2 destination).
+    Probe,
+    /// The last transfer of an earlier move to the same peer.
+    Previous,
+    /// Nothing measured to this peer yet (first move since the agent started, 1.1 or older
+    /// destination): [`DEFAULT_THROUGHPUT`].
+    Default,
+}
+
+impl ThroughputSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ThroughputSource::Probe => "probe",
+            ThroughputSource::Previous => "previous",
+            ThroughputSource::Default => "default",
+        }
+    }
+}
+
+/// A throughput and where it came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Throughput {
+    /// Bytes/s.
+    pub bytes_s: u64,
+    pub source: ThroughputSource,
+    /// The probe that measured it (source `Probe`).
+    pub probe: Option<super::probe::ProbeInfo>,
+}
+
+impl Throughput {
+    /// From this move's probe.
+    pub fn probed(probe: super::probe::ProbeInfo) -> Throughput {
+        Throughput {
+            bytes_s: probe.bytes_s.max(1),
+            source: ThroughputSource::Probe,
+            probe: Some(probe),
+        }
+    }
+
+    /// Where the figure came from, for messages.
+    pub fn describe(&self) -> String {
+        match (self.source, &self.probe) {
+            (ThroughputSource::Probe, Some(p)) => format!(
+                "measured by this move's link probe: {} bytes in {} ms",
+                p.bytes, p.ms
+            ),
+            (ThroughputSource::Probe, None) => "measured by this move's link probe".into(),
+            (ThroughputSource::Previous, _) => {
+                "measured by an earlier move to this peer (no probe)".into()
+            }
+            (ThroughputSource::Default, _) => {
+                "the default: nothing measured to this peer yet (no probe)".into()
+            }
+        }
+    }
+}
+
+/// What this agent knows of the throughput to `peer` without probing: the last measured,
+/// else the default.
+pub fn known_throughput(peer: &str) -> Throughput {
+    let last = THROUGHPUT
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .as_ref()
-        .and_then(|m| m.get(peer).copied())
-        .unwrap_or(DEFAULT_THROUGHPUT)
+        .and_then(|m| m.get(peer).copied());
+    match last {
+        Some(bytes_s) => Throughput {
+            bytes_s,
+            source: ThroughputSource::Previous,
+            probe: None,
+        },
+        None => Throughput {
+            bytes_s: DEFAULT_THROUGHPUT,
+            source: ThroughputSource::Default,
+            probe: None,
+        },
+    }
+}
+
+/// Records the throughput a probe measured to `peer` (any size: the probe is sized for it).
+pub fn record_probe(peer: &str, bytes_s: u64) {
+    if bytes_s == 0 {
+        return;
+    }
+    let mut g = THROUGHPUT.lock().unwrap_or_else(|p| p.into_inner());
+    g.get_or_insert_with(HashMap::new)
+        .insert(peer.to_owned(), bytes_s);
 }
 
 /// Inputs of a downtime prediction.
@@ -238,6 +328,7 @@ impl Preflight {
             mode: mode.as_str(),
             memory_bytes: self.memory_bytes,
             throughput_mib_s: self.throughput >> 20,
+            basis: "as given".into(),
         }
     }
 }
@@ -257,32 +348,60 @@ pub struct Plan {
     pub predicted_ms: u64,
     /// The throughput the prediction used, bytes/s.
     pub throughput: u64,
+    /// Where it came from, and the probe's figures.
+    pub basis: Throughput,
 }
 
-/// Pre-flight of a move to `peer`: picks the mode, predicts its downtime, refuses what exceeds
-/// `max_downtime_ms` or what this kernel cannot run. Nothing is frozen or sent yet.
+/// Before connecting: refuses a mode asked by name that this kernel cannot run (`precopy`
+/// before any prediction: the kernel decides, not the numbers; `lazy`).
+pub async fn check_asked(opts: MoveOptions) -> Result<(), ModeError> {
+    check_blocking(opts.mode.unwrap_or(DEFAULT_MODE)).await
+}
+
+/// Pre-flight of a move: picks the mode, predicts its downtime from `link` (this move's probe,
+/// else [`known_throughput`]), refuses what exceeds `max_downtime_ms` or what this kernel
+/// cannot run. Nothing is frozen or sent yet. A mode asked by name was checked by
+/// [`check_asked`]; one `auto` picks is checked here.
 pub async fn plan(
     opts: MoveOptions,
     memory_bytes: u64,
     upper_bytes: u64,
-    peer: &str,
+    link: Throughput,
 ) -> Result<Plan, ModeError> {
     let pf = Preflight {
         memory_bytes,
         upper_bytes,
-        throughput: throughput(peer),
+        throughput: link.bytes_s,
     };
     let asked = opts.mode.unwrap_or(DEFAULT_MODE);
-    if asked == MoveMode::Precopy {
-        // Refused before any prediction: the kernel decides, not the numbers.
-        check_blocking(MoveMode::Precopy).await?;
+    let (mode, predicted_ms) = pf
+        .choose(asked, opts.max_downtime_ms)
+        .map_err(|e| match e {
+            ModeError::TooSlow {
+                predicted_ms,
+                max_ms,
+                mode,
+                memory_bytes,
+                throughput_mib_s,
+                ..
+            } => ModeError::TooSlow {
+                predicted_ms,
+                max_ms,
+                mode,
+                memory_bytes,
+                throughput_mib_s,
+                basis: link.describe(),
+            },
+            e => e,
+        })?;
+    if mode != asked {
+        check_blocking(mode).await?;
     }
-    let (mode, predicted_ms) = pf.choose(asked, opts.max_downtime_ms)?;
-    check_blocking(mode).await?;
     Ok(Plan {
         mode,
         predicted_ms,
         throughput: pf.throughput,
+        basis: link,
     })
 }
 
@@ -334,6 +453,66 @@ mod tests {
         assert_eq!(p.choose(MoveMode::Auto, None).unwrap().0, MoveMode::Stream);
         assert!(p.choose(MoveMode::Auto, Some(1)).is_err());
         assert_eq!(p.choose(MoveMode::Cold, None).unwrap().0, MoveMode::Cold);
+    }
+
+    #[tokio::test]
+    async fn plan_names_where_the_throughput_came_from() {
+        let probe = crate::migration::probe::ProbeInfo {
+            bytes: 48 << 20,
+            ms: 210,
+            bytes_s: 300 << 20,
+            mib_s: 300,
+            end_to_end_bytes_s: 228 << 20,
+        };
+        let opts = |max| MoveOptions {
+            mode: Some(MoveMode::Cold),
+            max_downtime_ms: max,
+        };
+        let p = plan(opts(None), 1 << 30, 0, Throughput::probed(probe))
+            .await
+            .unwrap();
+        assert_eq!(p.throughput, 300 << 20);
+        assert_eq!(p.basis.source, ThroughputSource::Probe);
+        // The probed link is faster than the default: a shorter prediction.
+        let d = plan(opts(None), 1 << 30, 0, known_throughput("plan-never-seen"))
+            .await
+            .unwrap();
+        assert_eq!(d.basis.source, ThroughputSource::Default);
+        assert!(p.predicted_ms < d.predicted_ms, "{p:?} {d:?}");
+        let err = plan(opts(Some(1)), 1 << 30, 0, Throughput::probed(probe))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("exceeds --max-downtime 1 ms"), "{err}");
+        assert!(
+            err.contains(
+                "about 300 MiB/s, measured by this move's link probe: 50331648 bytes in 210 ms"
+            ),
+            "{err}"
+        );
+        let err = plan(
+            opts(Some(1)),
+            1 << 30,
+            0,
+            known_throughput("plan-never-seen"),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("the default"), "{err}");
+    }
+
+    #[test]
+    fn probe_figures_are_remembered_as_previous() {
+        record_probe("probed-peer", 0);
+        assert_eq!(
+            known_throughput("probed-peer").source,
+            ThroughputSource::Default
+        );
+        record_probe("probed-peer", 3 << 20);
+        let t = known_throughput("probed-peer");
+        assert_eq!((t.bytes_s, t.source), (3 << 20, ThroughputSource::Previous));
+        assert!(t.describe().contains("earlier move"));
     }
 
     #[test]

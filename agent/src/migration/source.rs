@@ -786,20 +786,11 @@ impl Agent {
         let upper_bytes = tokio::task::spawn_blocking(move || du(&upper))
             .await
             .unwrap_or(0);
-        let plan = super::modes::plan(opts, usage.memory_bytes, upper_bytes, &peer.name)
+        // A mode asked by name that this kernel cannot run is refused before connecting.
+        super::modes::check_asked(opts)
             .await
             .map_err(|e| api(ErrorKind::Unavailable, chain(&e)))?;
-        tracing::info!(%id, mode = plan.mode.as_str(), predicted_downtime_ms = plan.predicted_ms, "pre-flight");
         let migration_id = journal::new_id();
-        let prepare = Prepare {
-            migration_id: migration_id.clone(),
-            spec: e.spec.clone(),
-            image: image.clone(),
-            criu_version,
-            kernel: mig_migrate::criu::kernel_release(),
-            bytes_estimate: usage.memory_bytes + 2 * upper_bytes + image.size,
-            mode: plan.mode.wire(),
-        };
         let side = Src(Arc::new(SourceSide {
             agent: self.clone(),
             id: id.to_owned(),
@@ -816,8 +807,6 @@ impl Agent {
             peer_version: Default::default(),
             pages: Default::default(),
         }));
-        let _ = side.pages.mode.set(plan.mode);
-        tracing::info!(%id, migration = %migration_id, peer = %peer.name, "moving");
         let conn = transport::connect(&net.endpoint, &net.identity, peer)
             .await
             .map_err(|e| {
@@ -826,6 +815,48 @@ impl Agent {
                 api(ErrorKind::Unavailable, msg)
             })?;
         fault::track(&conn);
+        // Hellos, then (a 1.2 destination) the link probe, then the pre-flight: the mode in
+        // Prepare comes from a prediction that used this connection's measured throughput.
+        let link = transport::open_source(&conn, &super::hello(self))
+            .await
+            .map_err(|e| {
+                let msg = format!("migration to {} failed to start: {}", peer.name, chain(&e));
+                side.done("rolled_back", None, Some(msg.clone()));
+                conn.close(0u32.into(), b"done");
+                api(ErrorKind::Unavailable, msg)
+            })?;
+        let _ = side.peer_version.set(link.peer.protocol_version);
+        let basis =
+            super::probe::link_throughput(&conn, &peer.name, link.peer.protocol_version.minor)
+                .await;
+        let plan = match super::modes::plan(opts, usage.memory_bytes, upper_bytes, basis).await {
+            Ok(plan) => plan,
+            Err(e) => {
+                // Nothing was frozen or announced: the destination sees the connection end
+                // before any message.
+                conn.close(0u32.into(), b"pre-flight refused the move");
+                return Err(api(ErrorKind::Unavailable, chain(&e)));
+            }
+        };
+        tracing::info!(
+            %id,
+            mode = plan.mode.as_str(),
+            predicted_downtime_ms = plan.predicted_ms,
+            throughput_mib_s = plan.throughput >> 20,
+            throughput_source = plan.basis.source.as_str(),
+            "pre-flight"
+        );
+        let prepare = Prepare {
+            migration_id: migration_id.clone(),
+            spec: e.spec.clone(),
+            image: image.clone(),
+            criu_version,
+            kernel: mig_migrate::criu::kernel_release(),
+            bytes_estimate: usage.memory_bytes + 2 * upper_bytes + image.size,
+            mode: plan.mode.wire(),
+        };
+        let _ = side.pages.mode.set(plan.mode);
+        tracing::info!(%id, migration = %migration_id, peer = %peer.name, "moving");
         let _ = side.pages.conn.set(conn.clone());
         // The destination's lazy-pages daemon reaches our post-copy dump through here.
         let lazy_tunnel = (plan.mode == super::modes::MoveMode::Lazy).then(|| {
@@ -837,7 +868,7 @@ impl Agent {
         let machine = SourceMachine::new(prepare, Timeouts::default());
         // A `mig move --resolve` of this move waits until the move's own machine is done.
         let held = super::recover::hold(&migration_id).await;
-        let report = transport::run_source(&conn, machine, &side, &super::hello(self)).await;
+        let report = transport::run_source_on(&conn, link, machine, &side).await;
         drop(held);
         conn.close(0u32.into(), b"done");
         if let Some(task) = lazy_tunnel {
@@ -925,6 +956,8 @@ impl Agent {
                     cleanup_error,
                     predicted_downtime_ms: Some(plan.predicted_ms),
                     throughput_bytes_s: Some(plan.throughput),
+                    throughput_source: Some(plan.basis.source.as_str().into()),
+                    probe: plan.basis.probe,
                     page_bytes,
                     presync_upper_bytes: side.upper_sync.presync_bytes.load(Ordering::Relaxed),
                     delta_bytes: side.upper_sync.delta_bytes.load(Ordering::Relaxed),

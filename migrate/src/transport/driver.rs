@@ -249,11 +249,31 @@ fn spawn_control_reader(mut recv: quinn::RecvStream) -> mpsc::Receiver<Option<Me
 /// started; a machine recovered in doubt (or rolled back) runs the Resolve exchange.
 pub async fn run_source<H: SourceHost>(
     conn: &quinn::Connection,
-    mut machine: SourceMachine,
+    machine: SourceMachine,
     host: &H,
     hello: &Hello,
 ) -> Result<SourceReport, DriverError> {
-    let t0 = Instant::now();
+    let link = open_source(conn, hello).await?;
+    run_source_on(conn, link, machine, host).await
+}
+
+/// The control stream of a source's connection after the hello exchange, before its first
+/// message: what the destination speaks is known ([`SourceLink::peer`]) and the link may be
+/// measured ([`super::probe::probe`], with a 1.2 destination) before the machine starts.
+pub struct SourceLink {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    /// The destination's hello.
+    pub peer: Hello,
+    opened: Instant,
+}
+
+/// Opens the control stream and exchanges hellos (the first part of [`run_source`]).
+pub async fn open_source(
+    conn: &quinn::Connection,
+    hello: &Hello,
+) -> Result<SourceLink, DriverError> {
+    let opened = Instant::now();
     let (mut send, mut recv) = conn
         .open_bi()
         .await
@@ -264,6 +284,28 @@ pub async fn run_source<H: SourceHost>(
     let peer = Hello::read(&mut recv)
         .await
         .map_err(|source| DriverError::Hello { source })?;
+    Ok(SourceLink {
+        send,
+        recv,
+        peer,
+        opened,
+    })
+}
+
+/// Runs the source machine on a control stream opened by [`open_source`] (the rest of
+/// [`run_source`]).
+pub async fn run_source_on<H: SourceHost>(
+    conn: &quinn::Connection,
+    link: SourceLink,
+    mut machine: SourceMachine,
+    host: &H,
+) -> Result<SourceReport, DriverError> {
+    let SourceLink {
+        mut send,
+        recv,
+        peer,
+        opened: t0,
+    } = link;
     host.peer_hello(&peer);
     // A 1.1 destination takes file digests after the bytes: computed while sending.
     let digests = if peer.protocol_version.minor >= 1 {
@@ -680,14 +722,15 @@ pub async fn run_dest<H: DestHost>(
         }
     };
     host.peer_hello(&peer);
-    let first = tokio::time::timeout(
-        timeouts.control,
-        read_frame::<Message, _>(&mut recv, MAX_CONTROL_FRAME),
-    )
-    .await
-    .map_err(|_| DriverError::FirstMessageTimeout)?
-    .map_err(|source| DriverError::FirstMessage { source })?
-    .ok_or(DriverError::NoMessage)?;
+    // Protocol 1.2: the source may probe the link before its first message (both must speak it).
+    let probes = if peer.protocol_version.minor >= 2 && hello.protocol_version.minor >= 2 {
+        super::probe::MAX_PROBES
+    } else {
+        0
+    };
+    let first = first_message(&conn, &mut recv, timeouts.control, probes)
+        .await?
+        .ok_or(DriverError::NoMessage)?;
     let mut machine = match &first {
         Message::Resolve { migration_id, .. } => {
             let last = host.load_journal(migration_id).await;
@@ -869,6 +912,35 @@ pub async fn run_dest<H: DestHost>(
         in_doubt: *machine.state() == crate::protocol::DestState::InDoubt,
         peer,
     })
+}
+
+/// The source's first control message, read within `timeout`; meanwhile up to `probes` link
+/// probes the source opens are answered ([`super::probe::answer`]), one at a time. The read is
+/// never cancelled half-way (it stays pinned while a probe is answered).
+async fn first_message(
+    conn: &quinn::Connection,
+    recv: &mut quinn::RecvStream,
+    timeout: Duration,
+    mut probes: u32,
+) -> Result<Option<Message>, DriverError> {
+    let read = read_frame::<Message, _>(recv, MAX_CONTROL_FRAME);
+    tokio::pin!(read);
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            r = &mut read => return r.map_err(|source| DriverError::FirstMessage { source }),
+            s = conn.accept_bi(), if probes > 0 => {
+                probes -= 1;
+                let Ok((send, recv)) = s else { continue };
+                match super::probe::answer(send, recv).await {
+                    Ok(r) => tracing::debug!(bytes = r.bytes, micros = r.micros, "answered a link probe"),
+                    Err(e) => tracing::warn!(error = %chain(&e), "link probe failed"),
+                }
+            }
+            _ = &mut deadline => return Err(DriverError::FirstMessageTimeout),
+        }
+    }
 }
 
 /// Lets the host act on a complete phase ([`DestHost::files_received`]) before the machine

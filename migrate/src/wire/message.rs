@@ -17,7 +17,9 @@ pub const MAGIC: [u8; 4] = *b"MIGW";
 /// - 1.1: container records and journals carry a format version (format 2); newer features
 ///   are only used with a peer that announces at least the minor that brought them. File
 ///   streams may carry their digest after the bytes ([`DigestAt::Trailer`]).
-pub const PROTOCOL_VERSION: Version = Version { major: 1, minor: 1 };
+/// - 1.2: before its first message the source may measure the link with probe streams
+///   (`crate::transport::probe`) that the destination reads, discards and answers.
+pub const PROTOCOL_VERSION: Version = Version { major: 1, minor: 2 };
 
 /// The first frame each way on a control stream. Its first three fields (magic, major, minor) are
 /// frozen for all versions so that any two versions can tell each other apart.

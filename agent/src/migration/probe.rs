@@ -1,0 +1,107 @@
+//! The pre-flight's link probe on the agent's side: with a destination that speaks protocol 1.2,
+//! the source measures the migration connection's throughput before Prepare
+//! (`mig_migrate::transport::probe`), and the pre-flight predicts from it. With an older
+//! destination nothing is probed and the pre-flight uses what it knows
+//! ([`super::modes::known_throughput`]). docs/migration.md ("Pre-flight") describes it.
+
+use super::modes::{self, Throughput};
+use mig_migrate::transport::probe::{self, ProbeResult};
+use serde::{Deserialize, Serialize};
+
+/// The protocol minor that brought the probe.
+pub const PROBE_MINOR: u16 = 2;
+
+/// A probe's figures, as `mig move --json` reports them (`probe`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeInfo {
+    /// Bytes the probe sent (and the destination received).
+    pub bytes: u64,
+    /// From the first byte sent to the destination's report, ms.
+    pub ms: u64,
+    /// The throughput the pre-flight took from it, bytes/s: the destination's rate over the
+    /// second half of the bytes (past QUIC's slow start), never below the end-to-end rate.
+    pub bytes_s: u64,
+    /// The same in MiB/s (rounded down).
+    pub mib_s: u64,
+    /// `bytes` over `ms`: slow start and one round trip included, bytes/s.
+    pub end_to_end_bytes_s: u64,
+}
+
+impl From<&ProbeResult> for ProbeInfo {
+    fn from(r: &ProbeResult) -> ProbeInfo {
+        let bytes_s = r.throughput();
+        ProbeInfo {
+            bytes: r.bytes,
+            ms: u64::try_from(r.elapsed.as_millis()).unwrap_or(u64::MAX),
+            bytes_s,
+            mib_s: bytes_s >> 20,
+            end_to_end_bytes_s: r.end_to_end(),
+        }
+    }
+}
+
+/// The throughput for the pre-flight of a move to `peer`: this move's probe on `conn` when the
+/// destination announced protocol `peer_minor` >= 1.2 (the figure is also remembered for
+/// `peer`), else the last one measured or the default. A probe that fails is logged and the
+/// pre-flight goes on without it (the move itself then finds out whether the link works).
+pub async fn link_throughput(conn: &quinn::Connection, peer: &str, peer_minor: u16) -> Throughput {
+    if peer_minor < PROBE_MINOR {
+        return modes::known_throughput(peer);
+    }
+    match probe::probe(conn).await {
+        Ok(r) => {
+            let info = ProbeInfo::from(&r);
+            tracing::info!(
+                %peer,
+                bytes = info.bytes,
+                ms = info.ms,
+                mib_s = info.mib_s,
+                end_to_end_mib_s = info.end_to_end_bytes_s >> 20,
+                tail_bytes = r.report.tail_bytes,
+                tail_us = r.report.tail_micros,
+                "link probe"
+            );
+            modes::record_probe(peer, info.bytes_s);
+            Throughput::probed(info)
+        }
+        Err(e) => {
+            tracing::warn!(%peer, error = %super::chain(&e), "link probe failed: predicting without it");
+            modes::known_throughput(peer)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mig_migrate::transport::probe::ProbeReport;
+    use std::time::Duration;
+
+    #[test]
+    fn info_from_a_probe() {
+        let r = ProbeResult {
+            bytes: 64 << 20,
+            elapsed: Duration::from_millis(200),
+            report: ProbeReport {
+                bytes: 64 << 20,
+                micros: 190_000,
+                tail_bytes: 32 << 20,
+                tail_micros: 80_000,
+            },
+        };
+        let i = ProbeInfo::from(&r);
+        assert_eq!(i.bytes, 64 << 20);
+        assert_eq!(i.ms, 200);
+        assert_eq!(i.end_to_end_bytes_s, 320 << 20);
+        assert_eq!(i.bytes_s, 400 << 20);
+        assert_eq!(i.mib_s, 400);
+        let t = Throughput::probed(i);
+        assert_eq!(t.bytes_s, 400 << 20);
+        assert_eq!(t.source, modes::ThroughputSource::Probe);
+        assert!(
+            t.describe().contains("67108864 bytes in 200 ms"),
+            "{}",
+            t.describe()
+        );
+    }
+}
