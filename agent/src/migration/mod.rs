@@ -11,6 +11,7 @@ pub mod fault;
 pub(crate) mod journal;
 pub mod modes;
 pub(crate) mod pages;
+pub mod precopy;
 mod peers;
 pub mod probe;
 mod pstree;

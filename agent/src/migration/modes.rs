@@ -60,8 +60,8 @@ const AUTO_STOP_AND_COPY: MoveMode = MoveMode::Stream;
 pub enum ModeError {
     #[error("--mode precopy needs soft-dirty memory tracking, which this kernel lacks (criu check --feature mem_dirty_track: {detail}); use --mode stream or --mode lazy")]
     NoDirtyTracking { detail: String },
-    #[error("--mode precopy (iterative pre-dumps) is not implemented yet although this kernel tracks dirty memory; use --mode stream or --mode lazy")]
-    PrecopyNotImplemented,
+    #[error("--mode precopy needs a destination that speaks protocol 1.2 (it keeps the pre-dump rounds and links them for the restore); {peer} speaks {version}; nothing was frozen; use --mode stream or --mode lazy")]
+    PrecopyPeerTooOld { peer: String, version: String },
     #[error("--mode lazy needs userfaultfd for non-cooperative processes (criu check --feature uffd-noncoop: {detail})")]
     NoUffd { detail: String },
     #[error("--mode lazy cannot run here")]
@@ -107,10 +107,8 @@ pub fn check_feature(criu: &Criu, feature: &str) -> Result<(), String> {
 /// Refuses a mode the kernel (or the machine's settings) cannot run. Blocking (runs `criu`).
 pub fn check_mode(criu: &Criu, mode: MoveMode) -> Result<(), ModeError> {
     match mode {
-        MoveMode::Precopy => match check_feature(criu, "mem_dirty_track") {
-            Err(detail) => Err(ModeError::NoDirtyTracking { detail }),
-            Ok(()) => Err(ModeError::PrecopyNotImplemented),
-        },
+        MoveMode::Precopy => check_feature(criu, "mem_dirty_track")
+            .map_err(|detail| ModeError::NoDirtyTracking { detail }),
         MoveMode::Lazy => {
             check_feature(criu, "uffd-noncoop").map_err(|detail| ModeError::NoUffd { detail })?;
             mig_migrate::criu::check_pipe_max_size().map_err(ModeError::PipeMaxSize)
@@ -272,6 +270,7 @@ impl Preflight {
         let upper = ms_for(self.upper_bytes, self.throughput);
         match mode {
             MoveMode::Lazy => DUMP_FIXED_MS + RESTORE_FIXED_MS + upper,
+            MoveMode::Precopy => super::precopy::predict(self, None).0,
             MoveMode::Stream => {
                 DUMP_FIXED_MS
                     + ms_for(m, self.throughput.min(DUMP_RATE))
@@ -290,6 +289,28 @@ impl Preflight {
                     + upper
             }
         }
+    }
+
+    /// Pre-copy's downtime when the final dump writes `final_bytes` of pages: those are dumped,
+    /// hashed and sent while frozen like cold mode's, but the restore maps all the memory
+    /// (most of it from the rounds, through CRIU's `parent` links).
+    pub fn precopy_final_ms(&self, final_bytes: u64) -> u64 {
+        DUMP_FIXED_MS
+            + ms_for(final_bytes, DUMP_RATE)
+            + 2 * ms_for(final_bytes, HASH_RATE)
+            + ms_for(final_bytes, self.throughput)
+            + RESTORE_FIXED_MS
+            + ms_for(self.memory_bytes, RESTORE_RATE)
+            + ms_for(self.upper_bytes, self.throughput)
+    }
+
+    /// The dump and send times (ms) of a pre-copy round writing `bytes` while the container
+    /// runs (the send hashes as it goes).
+    pub fn round_ms(&self, bytes: u64) -> (u64, u64) {
+        (
+            DUMP_FIXED_MS + ms_for(bytes, DUMP_RATE),
+            ms_for(bytes, self.throughput.min(HASH_RATE)),
+        )
     }
 
     /// The mode to use for `asked` and the prediction for it; refuses when the prediction
