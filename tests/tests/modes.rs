@@ -5,7 +5,10 @@
 //! a kernel without dirty-memory tracking, and `--max-downtime` refuses a move whose predicted
 //! downtime is too long, leaving the container untouched.
 //!
-//! Needs root. Labs on subnets 10.214.10-19.0/24.
+//! The pre-flight's link probe (protocol 1.2) is tested here too: its figures in the move's
+//! output, a refusal naming them, and no probe with a 1.1 peer.
+//!
+//! Needs root. Labs on subnets 10.214.10-19.0/24 and 10.214.65-66.0/24 (the probe tests).
 
 use anyhow::{bail, Result};
 use mig_tests::lab::{continues, log_state, move_and_check_with, nothing_left, running_on, Lab};
@@ -99,6 +102,94 @@ fn precopy_and_max_downtime_refused() -> Result<()> {
             &["--mode", mode, "--max-downtime", "1"],
             "exceeds --max-downtime 1 ms",
         )?;
+    }
+    Ok(())
+}
+
+/// The link probe (protocol 1.2, lab 65): a move reports the probe's real bytes and a positive
+/// throughput, and the prediction says it came from the probe; `--max-downtime` with an
+/// impossible bound is refused before anything is frozen, naming the probed throughput.
+#[test]
+fn the_preflight_probes_the_link() -> Result<()> {
+    if !mig_tests::is_root("migration tests") {
+        return Ok(());
+    }
+    let lab = Lab::up("pb", 65)?;
+    let id = lab.run_container(0, "prober", 4)?;
+    for mode in ["stream", "auto"] {
+        refused(
+            &lab,
+            "prober",
+            &id,
+            &["--mode", mode, "--max-downtime", "1"],
+            "measured by this move's link probe",
+        )?;
+    }
+    let r = move_and_check_with(&lab, 0, 1, "prober", &id, &["--mode", "stream"], "stream")?;
+    let probe = &r["probe"];
+    eprintln!(
+        "probe: {probe}, prediction from {}, pages {} bytes in a dump of {} ms",
+        r["throughput_source"], r["page_bytes"], r["dump_ms"]
+    );
+    if r["throughput_source"] != "probe" {
+        bail!("the prediction did not come from the probe: {r}");
+    }
+    let bytes = probe["bytes"].as_u64().unwrap_or(0);
+    let rate = probe["bytes_s"].as_u64().unwrap_or(0);
+    if bytes == 0 || rate == 0 || probe["end_to_end_bytes_s"].as_u64().unwrap_or(0) == 0 {
+        bail!("the probe measured nothing: {r}");
+    }
+    if r["throughput_bytes_s"].as_u64() != Some(rate) {
+        bail!("the prediction did not use the probe's throughput: {r}");
+    }
+    // The terminal line names it too.
+    let text = lab.mig_ok(1, &["move", "prober", "host-a", "--mode", "stream"])?;
+    if !text.contains("probed:") {
+        bail!("the terminal output does not name the probe: {text}");
+    }
+    running_on(&lab, 0, "prober")?;
+    Ok(())
+}
+
+/// With a destination announcing protocol 1.1 (lab 66) nothing is probed: the move works the
+/// old way and says where its prediction came from (nothing measured yet: the default); a
+/// source announcing 1.1 does not probe a 1.2 destination either.
+#[test]
+fn no_probe_with_a_1_1_peer() -> Result<()> {
+    if !mig_tests::is_root("migration tests") {
+        return Ok(());
+    }
+    let mut lab = Lab::up("pn", 66)?;
+    let id = lab.run_container(0, "oldpeer", 4)?;
+    let dir = tempfile::tempdir()?;
+    let wrapper = dir.path().join("migd-1.1");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nMIG_WIRE_VERSION=1.1 exec {} \"$@\"\n",
+            mig_tests::bin("migd").display()
+        ),
+    )?;
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
+    lab.restart_with(1, &wrapper)?;
+    refused(
+        &lab,
+        "oldpeer",
+        &id,
+        &["--mode", "stream", "--max-downtime", "1"],
+        "nothing measured to this peer yet (no probe)",
+    )?;
+    let r = move_and_check_with(&lab, 0, 1, "oldpeer", &id, &["--mode", "stream"], "stream")?;
+    if !r["probe"].is_null() || r["throughput_source"] != "default" {
+        bail!("a 1.1 destination was probed, or the source is not named: {r}");
+    }
+    // Back: host-b (announcing 1.1) to host-a (1.2) probes nothing either.
+    let r = move_and_check_with(&lab, 1, 0, "oldpeer", &id, &["--mode", "stream"], "stream")?;
+    if !r["probe"].is_null() || r["throughput_source"] == "probe" {
+        bail!("a source announcing 1.1 probed: {r}");
     }
     Ok(())
 }

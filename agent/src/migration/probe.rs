@@ -40,12 +40,12 @@ impl From<&ProbeResult> for ProbeInfo {
     }
 }
 
-/// The throughput for the pre-flight of a move to `peer`: this move's probe on `conn` when the
-/// destination announced protocol `peer_minor` >= 1.2 (the figure is also remembered for
-/// `peer`), else the last one measured or the default. A probe that fails is logged and the
+/// The throughput for the pre-flight of a move to `peer`: this move's probe on `conn` when both
+/// agents announced protocol 1.2 or later (`minor`: the lower of the two hellos' minors, same
+/// major; the figure is also remembered for `peer`), else the last one measured or the default. A probe that fails is logged and the
 /// pre-flight goes on without it (the move itself then finds out whether the link works).
-pub async fn link_throughput(conn: &quinn::Connection, peer: &str, peer_minor: u16) -> Throughput {
-    if peer_minor < PROBE_MINOR {
+pub async fn link_throughput(conn: &quinn::Connection, peer: &str, minor: u16) -> Throughput {
+    if minor < PROBE_MINOR {
         return modes::known_throughput(peer);
     }
     match probe::probe(conn).await {

@@ -817,18 +817,17 @@ impl Agent {
         fault::track(&conn);
         // Hellos, then (a 1.2 destination) the link probe, then the pre-flight: the mode in
         // Prepare comes from a prediction that used this connection's measured throughput.
-        let link = transport::open_source(&conn, &super::hello(self))
-            .await
-            .map_err(|e| {
-                let msg = format!("migration to {} failed to start: {}", peer.name, chain(&e));
-                side.done("rolled_back", None, Some(msg.clone()));
-                conn.close(0u32.into(), b"done");
-                api(ErrorKind::Unavailable, msg)
-            })?;
+        let hello = super::hello(self);
+        let link = transport::open_source(&conn, &hello).await.map_err(|e| {
+            let msg = format!("migration to {} failed to start: {}", peer.name, chain(&e));
+            side.done("rolled_back", None, Some(msg.clone()));
+            conn.close(0u32.into(), b"done");
+            api(ErrorKind::Unavailable, msg)
+        })?;
         let _ = side.peer_version.set(link.peer.protocol_version);
-        let basis =
-            super::probe::link_throughput(&conn, &peer.name, link.peer.protocol_version.minor)
-                .await;
+        // Both must speak 1.2 (`MIG_WIRE_VERSION` may make this agent announce less).
+        let minor = (hello.protocol_version.minor).min(link.peer.protocol_version.minor);
+        let basis = super::probe::link_throughput(&conn, &peer.name, minor).await;
         let plan = match super::modes::plan(opts, usage.memory_bytes, upper_bytes, basis).await {
             Ok(plan) => plan,
             Err(e) => {
