@@ -64,10 +64,16 @@ pub struct Row {
     pub criu_dump_ms: Option<u64>,
     /// Inside `dump_ms`: hashing the image set and writing its manifest.
     pub seal_ms: Option<u64>,
+    /// The pre-flight's prediction of `downtime_ms` (mig only), to judge the model against.
+    pub predicted_downtime_ms: Option<u64>,
+    /// Where the prediction's link throughput came from: `probe`, `previous` or `default`.
+    pub throughput_source: Option<String>,
+    /// The link throughput the prediction used, MiB/s.
+    pub throughput_mib_s: Option<u64>,
 }
 
 /// CSV header; [`Row::csv`] writes the same columns.
-pub const CSV_HEADER: &str = "size_mib,kind,mode,run,status,downtime_ms,total_ms,freeze_ms,dump_ms,transfer_ms,restore_ms,bytes,transfer_mbs,verified,pids_kept,note,page_bytes,postcopy_ms,criu_dump_ms,seal_ms";
+pub const CSV_HEADER: &str = "size_mib,kind,mode,run,status,downtime_ms,total_ms,freeze_ms,dump_ms,transfer_ms,restore_ms,bytes,transfer_mbs,verified,pids_kept,note,page_bytes,postcopy_ms,criu_dump_ms,seal_ms,predicted_downtime_ms,throughput_source,throughput_mib_s";
 
 fn opt<T: ToString>(v: Option<T>) -> String {
     v.map(|v| v.to_string()).unwrap_or_default()
@@ -108,6 +114,9 @@ impl Row {
             postcopy_ms: None,
             criu_dump_ms: None,
             seal_ms: None,
+            predicted_downtime_ms: None,
+            throughput_source: None,
+            throughput_mib_s: None,
         }
     }
 
@@ -131,6 +140,12 @@ impl Row {
         self.postcopy_ms = n("postcopy_ms");
         self.criu_dump_ms = n("criu_dump_ms");
         self.seal_ms = n("seal_ms");
+        self.predicted_downtime_ms = n("predicted_downtime_ms");
+        self.throughput_source = v
+            .get("throughput_source")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        self.throughput_mib_s = n("throughput_bytes_s").map(|b| b >> 20);
         // The time pages cross the link: the transfer phase for cold mode, dump and transfer for
         // stream mode (pages go while CRIU dumps), the post-copy for lazy mode (pages served
         // after the resume, counted in page_bytes).
@@ -174,6 +189,9 @@ impl Row {
             opt(self.postcopy_ms),
             opt(self.criu_dump_ms),
             opt(self.seal_ms),
+            opt(self.predicted_downtime_ms),
+            opt(self.throughput_source.as_deref().map(csv_quote)),
+            opt(self.throughput_mib_s),
         ]
         .join(",")
     }
@@ -192,6 +210,12 @@ impl Row {
         );
         if let (Some(d), Some(t)) = (self.downtime_ms, self.total_ms) {
             let _ = write!(s, ", downtime {d} ms, total {t} ms");
+        }
+        if let Some(p) = self.predicted_downtime_ms {
+            let _ = write!(s, ", predicted {p} ms");
+            if let (Some(src), Some(l)) = (&self.throughput_source, self.throughput_mib_s) {
+                let _ = write!(s, " (link {l} MiB/s, {src})");
+            }
         }
         if self.status == RowStatus::Ok {
             let _ = write!(s, ", verified {}", self.verified);
@@ -440,9 +464,9 @@ mod tests {
         let line = r.csv();
         assert_eq!(
             line,
-            "16,mig,cold,1,ok,300,500,5,100,50,140,50000000,1000.0,true,,\"a, \"\"b\"\"\",,,,"
+            "16,mig,cold,1,ok,300,500,5,100,50,140,50000000,1000.0,true,,\"a, \"\"b\"\"\",,,,,,,"
         );
-        assert_eq!(CSV_HEADER.split(',').count(), 20);
+        assert_eq!(CSV_HEADER.split(',').count(), 23);
     }
 
     #[test]
@@ -454,7 +478,25 @@ mod tests {
             "mode": "lazy"
         }));
         assert_eq!(r.transfer_mbs, Some(100.0));
-        assert!(r.csv().ends_with(",50000000,500,90,5"), "{}", r.csv());
+        assert!(r.csv().ends_with(",50000000,500,90,5,,,"), "{}", r.csv());
         assert_eq!(r.csv().split(',').count(), CSV_HEADER.split(',').count());
+    }
+
+    #[test]
+    fn the_prediction_is_recorded_next_to_the_downtime() {
+        let mut r = Row::new(64, "mig", "stream", 2);
+        r.fill_from_move(&serde_json::json!({
+            "downtime_ms": 900, "predicted_downtime_ms": 612, "throughput_bytes_s": 400u64 << 20,
+            "throughput_source": "probe", "probe": {"bytes": 1, "ms": 2}, "mode": "stream"
+        }));
+        assert_eq!(r.predicted_downtime_ms, Some(612));
+        assert!(r.csv().ends_with(",612,probe,400"), "{}", r.csv());
+        assert_eq!(r.csv().split(',').count(), CSV_HEADER.split(',').count());
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["predicted_downtime_ms"], 612);
+        assert_eq!(json["throughput_source"], "probe");
+        assert!(r
+            .progress_line()
+            .contains("predicted 612 ms (link 400 MiB/s, probe)"));
     }
 }
