@@ -463,6 +463,12 @@ fn walk(dir: &Path, prefix: &str, out: &mut Vec<String>) -> Result<(), ImageSetE
             continue;
         }
         let ft = entry.file_type().map_err(walk_err)?;
+        if prefix.is_empty() && name == "parent" && ft.is_symlink() && is_round_link(&entry.path())
+        {
+            // CRIU's link to the last pre-copy round (`../rounds/<n>`, beside the set): not a
+            // file of the set; the rounds were checked as they arrived.
+            continue;
+        }
         if ft.is_dir() {
             walk(&entry.path(), &format!("{rel}/"), out)?;
         } else if ft.is_file() {
@@ -477,6 +483,17 @@ fn walk(dir: &Path, prefix: &str, out: &mut Vec<String>) -> Result<(), ImageSetE
         }
     }
     Ok(())
+}
+
+/// Whether the symlink at `link` is a pre-copy round's `parent` link: exactly `../rounds/<n>`.
+fn is_round_link(link: &Path) -> bool {
+    let Ok(target) = std::fs::read_link(link) else {
+        return false;
+    };
+    let Some(n) = target.to_str().and_then(|t| t.strip_prefix("../rounds/")) else {
+        return false;
+    };
+    !n.is_empty() && n.len() <= 3 && n.bytes().all(|b| b.is_ascii_digit()) && !n.starts_with('0')
 }
 
 /// Size and lowercase-hex sha256 of a file.

@@ -130,6 +130,37 @@ fn symlinks_are_refused() {
     ));
 }
 
+#[test]
+fn only_a_precopy_parent_link_is_left_out() {
+    let (d, _) = sealed();
+    let link = d.path().join("parent");
+    for bad in [
+        "/etc",
+        "../rounds/x",
+        "../rounds/01",
+        "../rounds/1/..",
+        "rounds/1",
+        "../other/1",
+    ] {
+        std::os::unix::fs::symlink(bad, &link).unwrap();
+        assert!(
+            matches!(verify(d.path()), Err(ImageSetError::NotRegular { .. })),
+            "{bad}"
+        );
+        std::fs::remove_file(&link).unwrap();
+    }
+    std::os::unix::fs::symlink("../rounds/3", &link).unwrap();
+    verify(d.path()).unwrap();
+    // Only at the top: a `parent` link deeper in is refused.
+    std::fs::remove_file(&link).unwrap();
+    std::fs::create_dir(d.path().join("deep")).unwrap();
+    std::os::unix::fs::symlink("../rounds/3", d.path().join("deep/parent")).unwrap();
+    assert!(matches!(
+        verify(d.path()),
+        Err(ImageSetError::NotRegular { .. })
+    ));
+}
+
 fn rewrite(d: &Path, f: impl FnOnce(&mut serde_json::Value)) {
     let p = d.join(MANIFEST);
     let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();

@@ -56,6 +56,16 @@ pub trait SourceHost: Send + Sync {
         &self,
         missing_layers: &[String],
     ) -> impl Future<Output = Result<Vec<OutgoingFile>, HostError>> + Send;
+    /// Another batch of presync files, sent after everything before it in the presync
+    /// (`round` counts the batches from 1), made while the container still runs: pre-copy's
+    /// rounds of pre-dumped memory, each made once the one before is sent. `None` ends the
+    /// presync. Default: none.
+    fn presync_round(
+        &self,
+        _round: u32,
+    ) -> impl Future<Output = Result<Option<Vec<OutgoingFile>>, HostError>> + Send {
+        async { Ok(None) }
+    }
     /// Freezes the container (downtime starts).
     fn freeze(&self) -> impl Future<Output = Result<(), HostError>> + Send;
     /// Dumps the frozen container, leaving it frozen; returns the files of the final phase (the
@@ -393,7 +403,17 @@ pub async fn run_source_on<H: SourceHost>(
                                     .map_err(|e| chain(&e));
                                     match sent {
                                         Ok((s, sent)) => {
-                                            close_phase(conn, host, phase, s, &sent, digests).await
+                                            match close_phase(conn, host, phase, s, &sent, digests)
+                                                .await
+                                            {
+                                                Ok(s) if phase == Phase::Presync => {
+                                                    presync_rounds(
+                                                        conn, host, s, bytes_sent, digests,
+                                                    )
+                                                    .await
+                                                }
+                                                r => r,
+                                            }
                                         }
                                         Err(e) => Err(e),
                                     }
@@ -505,6 +525,31 @@ pub async fn run_source_on<H: SourceHost>(
         timings: t,
         peer,
     })
+}
+
+/// Sends the host's further presync batches ([`SourceHost::presync_round`]) one after the
+/// other until it has none; returns the presync's totals with them.
+async fn presync_rounds<H: SourceHost>(
+    conn: &quinn::Connection,
+    host: &H,
+    mut stats: super::TransferStats,
+    before: u64,
+    at: DigestAt,
+) -> Result<super::TransferStats, String> {
+    let mut round = 1;
+    while let Some(files) = host
+        .presync_round(round)
+        .await
+        .map_err(|e| chain(e.as_ref()))?
+    {
+        let (more, _) = send_with_progress(conn, files, host, "presync", before + stats.bytes, at)
+            .await
+            .map_err(|e| chain(&e))?;
+        stats.files += more.files;
+        stats.bytes += more.bytes;
+        round += 1;
+    }
+    Ok(stats)
 }
 
 /// Sends the files the host makes from what was sent in `phase`
