@@ -196,6 +196,13 @@ fn move_text(r: &MoveResult) -> String {
             link_basis(r)
         ));
     }
+    if let Some(pc) = &r.precopy {
+        s.push_str("  pre-copy rounds while the container ran:\n");
+        for line in pc.lines() {
+            s.push_str(&line);
+            s.push('\n');
+        }
+    }
     if let Some(p) = r.postcopy_ms {
         s.push_str(&format!(
             "  post-copy: the container depended on this host for its memory for {p} ms more, until the last page arrived\n"

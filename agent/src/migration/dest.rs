@@ -38,6 +38,8 @@ pub enum DestError {
     Unknown { id: String },
     #[error("invalid file name {path:?}")]
     BadName { path: String },
+    #[error("cannot link the pre-copy rounds")]
+    Rounds(#[source] super::precopy::RoundsError),
     #[error("cannot write {path}")]
     Io {
         path: PathBuf,
@@ -462,6 +464,14 @@ impl DestSide {
         let checkpoint = cd.checkpoint();
         let from = staging.join("images");
         std::fs::rename(&from, &checkpoint).map_err(io(&from))?;
+        // Pre-copy: the rounds go beside the checkpoint, and CRIU's `parent` links (not sent)
+        // are written again so that the restore reads the pages of the rounds.
+        let rounds = staging.join(super::precopy::ROUNDS_DIR);
+        if rounds.exists() {
+            let to = cd.dir.join(super::precopy::ROUNDS_DIR);
+            std::fs::rename(&rounds, &to).map_err(io(&rounds))?;
+            super::precopy::link_rounds(&cd.dir, &checkpoint).map_err(DestError::Rounds)?;
+        }
         Ok(())
     }
 
@@ -570,6 +580,8 @@ impl DestSide {
         );
         let t_restore = std::time::Instant::now();
         let restored = self.agent.restore(&spec.id).await;
+        // The restore read the rounds' pages (pre-copy); a failure removes everything anyway.
+        super::precopy::remove_rounds(&cd.dir, &cd.checkpoint());
         // CRIU's own account of the restore (its stats-restore image).
         let criu_stats =
             mig_migrate::criu::stats::read_stats(&cd.checkpoint().join("stats-restore"))
@@ -821,7 +833,9 @@ impl DestHost for DestSide {
                     })?;
                 staging.join("layers").join(hex)
             }
-            FileKind::Presync => staging.join("presync").join(&header.path),
+            // Pre-copy's rounds (`rounds/<n>/<file>`, from a 1.2 source) beside the images.
+            FileKind::Presync => super::precopy::round_file(&staging, &header.path)
+                .unwrap_or_else(|| staging.join("presync").join(&header.path)),
             FileKind::Image => staging.join("images").join(&header.path),
             FileKind::Delta => staging.join("delta").join(&header.path),
         };

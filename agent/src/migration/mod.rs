@@ -98,6 +98,9 @@ pub struct MoveResult {
     /// Inside `dump_ms`: hashing the image set and writing its manifest.
     #[serde(default)]
     pub seal_ms: Option<u64>,
+    /// `precopy`: the rounds made while the container ran and why they stopped.
+    #[serde(default)]
+    pub precopy: Option<precopy::PrecopyReport>,
 }
 
 /// One pinned peer, as `mig peers ls` shows it.

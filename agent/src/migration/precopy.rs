@@ -19,6 +19,10 @@
 //! docs/migration.md ("Modes", "Modes: measured and not done") says what ran for real here.
 
 use super::modes::Preflight;
+use mig_migrate::criu::{Criu, DumpOpts};
+use mig_migrate::transport::OutgoingFile;
+use mig_migrate::wire::FileKind;
+use mig_runtime::cgroup::Cgroup;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -343,6 +347,202 @@ pub fn link_rounds(base: &Path, images: &Path) -> Result<u32, RoundsError> {
         link(images, prev)?;
     }
     Ok(n)
+}
+
+/// Removes the rounds under `base` and the `parent` link of `images` once the restore read
+/// them (best effort: the container directory keeps only its checkpoint).
+pub fn remove_rounds(base: &Path, images: &Path) {
+    let link = images.join(PARENT_LINK);
+    if std::fs::symlink_metadata(&link).is_ok_and(|m| m.file_type().is_symlink()) {
+        let _ = std::fs::remove_file(&link);
+    }
+    let _ = std::fs::remove_dir_all(base.join(ROUNDS_DIR));
+}
+
+/// The files of round `n` in `dir` to send: regular files but CRIU's logs (and not its `parent`
+/// link, which the destination writes itself), with their remote names.
+pub fn round_files(dir: &Path, n: u32) -> Result<Vec<(PathBuf, String)>, RoundsError> {
+    let err = |source| RoundsError::Io {
+        path: dir.to_owned(),
+        source,
+    };
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(err)? {
+        let entry = entry.map_err(err)?;
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        if !entry.file_type().map_err(err)?.is_file() || name.ends_with(".log") {
+            continue;
+        }
+        out.push((entry.path(), remote_name(n, &name)));
+    }
+    out.sort_by(|a, b| a.1.cmp(&b.1));
+    Ok(out)
+}
+
+/// The source's pre-copy state of one move: the rule, the rounds made, the report.
+#[derive(Debug, Default)]
+pub(crate) struct SourceRounds {
+    inner: std::sync::Mutex<RoundsState>,
+}
+
+#[derive(Debug, Default)]
+struct RoundsState {
+    rule: Option<StopRule>,
+    rounds: Vec<Round>,
+    /// When the last round's files were handed over for sending.
+    sent_from: Option<std::time::Instant>,
+    report: Option<PrecopyReport>,
+}
+
+impl SourceRounds {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RoundsState> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes this move a pre-copy one, stopping by `rule`.
+    pub fn start(&self, rule: StopRule) {
+        self.lock().rule = Some(rule);
+    }
+
+    pub fn active(&self) -> bool {
+        self.lock().rule.is_some()
+    }
+
+    /// The rounds made so far (0 for a move that is not pre-copy).
+    pub fn made(&self) -> u32 {
+        self.lock().rounds.len() as u32
+    }
+
+    /// `--track-mem` and `--prev-images-dir` of the final dump: tracking and the last round
+    /// when there were rounds.
+    pub fn final_dump(&self) -> (bool, Option<PathBuf>) {
+        let n = self.made();
+        (n > 0, prev_images_dir(n + 1, n, true))
+    }
+
+    /// What the final dump wrote, bytes.
+    pub fn set_final(&self, bytes: u64) {
+        if let Some(r) = self.lock().report.as_mut() {
+            r.final_bytes = Some(bytes);
+        }
+    }
+
+    pub fn report(&self) -> Option<PrecopyReport> {
+        self.lock().report.clone()
+    }
+
+    /// Before round `n` (from 1): closes round `n - 1` (its send ended now) and asks the rule.
+    /// `true`: make round `n`; `false`: the rounds are over (the report is set).
+    pub fn before_round(&self, n: u32) -> bool {
+        let mut st = self.lock();
+        let Some(rule) = st.rule else {
+            return false;
+        };
+        if let (Some(from), Some(last)) = (st.sent_from.take(), st.rounds.last_mut()) {
+            last.send_ms = super::ms(from.elapsed());
+        }
+        if n > 1 && st.rounds.len() as u32 != n - 1 {
+            return false; // a round failed to be recorded: stop here, the final dump is full
+        }
+        match rule.decide(&st.rounds) {
+            Decision::Continue => true,
+            Decision::Stop {
+                reason,
+                final_bytes,
+                ..
+            } => {
+                st.report = Some(PrecopyReport {
+                    rounds: st.rounds.clone(),
+                    stopped: reason,
+                    target_ms: rule.target_ms(),
+                    predicted_final_bytes: final_bytes,
+                    final_bytes: None,
+                });
+                false
+            }
+        }
+    }
+
+    /// Round `round` was pre-dumped; its files are about to be sent.
+    pub fn record(&self, round: Round) {
+        let mut st = self.lock();
+        st.rounds.push(round);
+        st.sent_from = Some(std::time::Instant::now());
+    }
+}
+
+impl super::source::SourceSide {
+    /// Pre-copy round `n` while the container runs (see [`SourceRounds::before_round`]): the
+    /// pre-dump into `<work>/rounds/<n>` and its files (kind `Presync`, remote names
+    /// `rounds/<n>/<file>`); `None` once the rule stops the rounds. Blocking (runs `criu`).
+    /// Nothing is frozen by mig here; CRIU freezes the cgroup for a moment and leaves it as
+    /// it found it, and after a failed pre-dump the cgroup is thawed in case CRIU could not.
+    pub(crate) fn precopy_round(
+        &self,
+        n: u32,
+    ) -> Result<Option<Vec<OutgoingFile>>, super::source::SourceError> {
+        use super::source::SourceError;
+        if !self.precopy.before_round(n) {
+            return Ok(None);
+        }
+        let cd = self.agent.dirs.container(&self.id);
+        let init_pid = self
+            .agent
+            .init_pid_of(&self.id)
+            .ok_or(SourceError::NoInit)?;
+        let criu = Criu::locate().map_err(SourceError::Criu)?;
+        let cg = Cgroup::open(&self.cgroup).map_err(|source| SourceError::Cgroup {
+            name: self.cgroup.clone(),
+            source,
+        })?;
+        let dir = round_dir(&self.work, n);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|source| {
+                SourceError::Rounds(RoundsError::Io {
+                    path: dir.clone(),
+                    source,
+                })
+            })?;
+        }
+        let opts = DumpOpts {
+            pid: init_pid,
+            images_dir: dir.clone(),
+            root: Some(cd.rootfs()),
+            freeze_cgroup: cg.freezer_dir(),
+            log_file: "pre-dump.log".into(),
+            prev_images_dir: prev_images_dir(n, 0, false),
+            external: (self.agent.entry(&self.id).ok())
+                .map(|e| mig_runtime::container::dump_externals(&e.spec))
+                .unwrap_or_default(),
+            ..Default::default()
+        };
+        let t = std::time::Instant::now();
+        let stats = criu.pre_dump(&opts).map_err(|e| {
+            let _ = cg.thaw();
+            SourceError::PreDump(e)
+        })?;
+        let round = Round {
+            round: n,
+            bytes: stats.pages_written.saturating_mul(PAGE_SIZE),
+            dump_ms: super::ms(t.elapsed()),
+            send_ms: 0,
+        };
+        tracing::info!(id = %self.id, round = n, dirty_bytes = round.bytes, dump_ms = round.dump_ms, "pre-copy round");
+        let files = round_files(&dir, n)
+            .map_err(SourceError::Rounds)?
+            .into_iter()
+            .map(|(local, remote)| OutgoingFile {
+                kind: FileKind::Presync,
+                local,
+                remote,
+                sha256: None,
+            })
+            .collect();
+        self.precopy.record(round);
+        Ok(Some(files))
+    }
 }
 
 /// Why the rounds on disk cannot be used.

@@ -385,6 +385,7 @@ impl Agent {
             upper_sync: Default::default(),
             peer_version: Default::default(),
             pages: Default::default(),
+            precopy: Default::default(),
         }));
         let machine = SourceMachine::recover(&e.migration_id, &e.state, Timeouts::default());
         let report = transport::run_source(&conn, machine, &side, &super::hello(self)).await;

@@ -58,6 +58,10 @@ pub enum SourceError {
     Criu(#[source] mig_migrate::criu::CriuError),
     #[error("criu dump failed")]
     Dump(#[source] mig_migrate::criu::CriuError),
+    #[error("criu pre-dump failed (the container kept running)")]
+    PreDump(#[source] mig_migrate::criu::CriuError),
+    #[error("cannot prepare the pre-copy rounds")]
+    Rounds(#[source] super::precopy::RoundsError),
     #[error("cannot seal the image set")]
     Seal(#[source] mig_migrate::imageset::ImageSetError),
     #[error("cannot prepare {path}")]
@@ -119,6 +123,8 @@ pub(crate) struct SourceSide {
     pub upper_sync: UpperSync,
     /// The destination's protocol version, from its hello.
     pub peer_version: std::sync::OnceLock<mig_migrate::wire::Version>,
+    /// Pre-copy's rounds (mode `precopy`; inactive otherwise).
+    pub precopy: super::precopy::SourceRounds,
 }
 
 /// The writable layer in two steps: the presync tar's scan, then the delta while frozen
@@ -277,6 +283,7 @@ impl SourceSide {
         let pid_map = mig_runtime::pidmap::pid_map(&cg.procs().unwrap_or_else(|_| vec![init_pid]));
         let stdio_pipe = mig_migrate::criu::stdout_pipe(init_pid);
         let injected = fault::hit(&self.agent.cfg.state_dir, Point::SourceDump)?;
+        let (track_mem, prev_images_dir) = self.precopy.final_dump();
         let t_criu = Instant::now();
         let stats = self
             .pages
@@ -295,11 +302,16 @@ impl SourceSide {
                     external: (self.agent.entry(&self.id).ok())
                         .map(|e| mig_runtime::container::dump_externals(&e.spec))
                         .unwrap_or_default(),
+                    // Pre-copy: only what changed since the last round.
+                    track_mem,
+                    prev_images_dir,
                     ..Default::default()
                 },
                 tunnel,
             )
             .map_err(SourceError::Dump)?;
+        self.precopy
+            .set_final(stats.pages_written * super::precopy::PAGE_SIZE);
         // The "before" PID map is what CRIU dumped (the cgroup is frozen again): a read of
         // `cgroup.procs` at the freeze can miss a short-lived process CRIU found.
         match super::pstree::dumped_pids(&images) {
@@ -532,6 +544,16 @@ impl SourceHost for Src {
         })
         .await
         .map_err(boxed)
+    }
+
+    async fn presync_round(&self, round: u32) -> Result<Option<Vec<OutgoingFile>>, HostError> {
+        if !self.precopy.active() {
+            return Ok(None);
+        }
+        let me = self.clone();
+        blocking(move || me.precopy_round(round))
+            .await
+            .map_err(boxed)
     }
 
     async fn freeze(&self) -> Result<(), HostError> {
@@ -806,6 +828,7 @@ impl Agent {
             upper_sync: Default::default(),
             peer_version: Default::default(),
             pages: Default::default(),
+            precopy: Default::default(),
         }));
         let conn = transport::connect(&net.endpoint, &net.identity, peer)
             .await
@@ -845,6 +868,29 @@ impl Agent {
             throughput_source = plan.basis.source.as_str(),
             "pre-flight"
         );
+        if plan.mode == super::modes::MoveMode::Precopy {
+            // A 1.2 destination keeps the rounds and links them for the restore; an older one
+            // would not: refused before anything is frozen or announced.
+            if minor < 2 {
+                conn.close(0u32.into(), b"pre-flight refused the move");
+                let e = super::modes::ModeError::PrecopyPeerTooOld {
+                    peer: peer.name.clone(),
+                    version: format!(
+                        "{}.{}",
+                        link.peer.protocol_version.major, link.peer.protocol_version.minor
+                    ),
+                };
+                return Err(api(ErrorKind::Unavailable, chain(&e)));
+            }
+            side.precopy.start(super::precopy::StopRule::new(
+                super::modes::Preflight {
+                    memory_bytes: usage.memory_bytes,
+                    upper_bytes,
+                    throughput: plan.throughput,
+                },
+                opts.max_downtime_ms,
+            ));
+        }
         let prepare = Prepare {
             migration_id: migration_id.clone(),
             spec: e.spec.clone(),
@@ -964,6 +1010,7 @@ impl Agent {
                     postcopy_error: postcopy.and_then(|p| p.1),
                     criu_dump_ms: Some(side.pages.criu_dump_ms.load(Ordering::Relaxed)),
                     seal_ms: Some(side.pages.seal_ms.load(Ordering::Relaxed)),
+                    precopy: side.precopy.report(),
                 })
             }
             Some(Outcome::RolledBack {
