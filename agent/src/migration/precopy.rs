@@ -702,6 +702,79 @@ mod tests {
     }
 
     #[test]
+    fn the_source_records_rounds_and_reports_why_it_stopped() {
+        let rounds = SourceRounds::default();
+        // Not a pre-copy move: no rounds, a plain final dump.
+        assert!(!rounds.before_round(1));
+        assert_eq!(rounds.final_dump(), (false, None));
+        assert_eq!(rounds.report(), None);
+        let mut rule = rule(1024 * MIB, None);
+        rule.max_rounds = 2;
+        rounds.start(rule);
+        assert!(rounds.before_round(1));
+        rounds.record(r(1, 1024 * MIB, 1000, 0));
+        assert!(rounds.before_round(2));
+        rounds.record(r(2, 512 * MIB, 500, 0));
+        assert!(!rounds.before_round(3));
+        assert_eq!(
+            rounds.final_dump(),
+            (true, Some(PathBuf::from("../rounds/2")))
+        );
+        rounds.set_final(3 * MIB);
+        let report = rounds.report().unwrap();
+        assert_eq!(report.stopped, StopReason::MaxRounds);
+        assert_eq!(report.rounds.len(), 2);
+        assert_eq!(report.final_bytes, Some(3 * MIB));
+        // The send time of each round is measured up to the next decision.
+        assert!(report.rounds.iter().all(|r| r.send_ms < 5_000));
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["stopped"], "max_rounds");
+        assert_eq!(json["rounds"][1]["bytes"], 512 * MIB);
+        assert_eq!(report.lines().len(), 3);
+    }
+
+    #[test]
+    fn a_round_lost_on_the_way_ends_the_rounds() {
+        let rounds = SourceRounds::default();
+        rounds.start(rule(1024 * MIB, None));
+        assert!(rounds.before_round(1));
+        // Round 1 failed before it was recorded: asked for round 2, the source stops.
+        assert!(!rounds.before_round(2));
+    }
+
+    #[test]
+    fn round_files_leave_out_logs_and_the_parent_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for f in [
+            "pages-1.img",
+            "pagemap-1.img",
+            "pre-dump.log",
+            "inventory.img",
+        ] {
+            std::fs::write(d.join(f), b"x").unwrap();
+        }
+        std::os::unix::fs::symlink("../1", d.join(PARENT_LINK)).unwrap();
+        let names: Vec<String> = round_files(d, 2)
+            .unwrap()
+            .into_iter()
+            .map(|f| f.1)
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "rounds/2/inventory.img",
+                "rounds/2/pagemap-1.img",
+                "rounds/2/pages-1.img"
+            ]
+        );
+        // Each name comes back to the same place on the destination.
+        for n in &names {
+            assert!(round_file(Path::new("/s"), n).is_some(), "{n}");
+        }
+    }
+
+    #[test]
     fn rounds_chain_to_each_other_and_the_final_dump_to_the_last() {
         assert_eq!(prev_images_dir(1, 0, false), None);
         assert_eq!(prev_images_dir(2, 0, false), Some("../1".into()));

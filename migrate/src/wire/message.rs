@@ -19,6 +19,8 @@ pub const MAGIC: [u8; 4] = *b"MIGW";
 ///   streams may carry their digest after the bytes ([`DigestAt::Trailer`]).
 /// - 1.2: before its first message the source may measure the link with probe streams
 ///   (`crate::transport::probe`) that the destination reads, discards and answers.
+///   A 1.2 destination keeps presync files named `rounds/<n>/<file>` as pre-copy rounds and
+///   links them for the restore (`mig move --mode precopy` is only sent to a 1.2 destination).
 pub const PROTOCOL_VERSION: Version = Version { major: 1, minor: 2 };
 
 /// The first frame each way on a control stream. Its first three fields (magic, major, minor) are
