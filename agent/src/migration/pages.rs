@@ -4,13 +4,15 @@
 //! - `stream`: the destination starts `criu page-server --ps-socket` at Prepare (images dir = its
 //!   staging images dir) on one end of a Unix socketpair; the source's `criu dump --ps-socket`
 //!   holds one end of another socketpair, and the agents carry the other ends over one QUIC
-//!   stream (no loopback TCP on either side). While the page server writes, a thread hashes its
-//!   page images as they grow ([`follow`]); after the dump the destination waits for the page
-//!   server to end cleanly, hashes what is left and adds the page images to the received
-//!   manifest, so the restore verifies the whole set.
-//! - `lazy` (post-copy): the source's `criu dump --lazy-pages` serves pages on a loopback port;
-//!   the destination's `criu lazy-pages` daemon connects to a loopback tunnel whose streams reach
-//!   it. The source keeps serving until the daemon has every page; the destination keeps the
+//!   stream (no loopback TCP on either side). After the dump the destination waits for the page
+//!   server to end cleanly and adds the page images it wrote to the received manifest by size
+//!   (`imageset::add_page_server_images`): they came inside the authenticated QUIC connection,
+//!   and hashing them cost a fifth of both cores during the dump (docs/performance.md).
+//! - `lazy` (post-copy): the source's `criu dump --lazy-pages --ps-socket` serves pages on one
+//!   end of a socketpair, the destination's `criu lazy-pages --page-server --ps-socket` fetches
+//!   them through one end of another, and the agents carry the other ends over one QUIC stream
+//!   (no loopback TCP; a 0.1.0 peer's loopback TCP end still meets ours, as in stream mode).
+//!   The source keeps serving until the daemon has every page; the destination keeps the
 //!   connection until then and kills the container if the daemon fails (its missing memory
 //!   would otherwise read as zeros).
 //!
@@ -26,7 +28,6 @@ use mig_migrate::criu::{
 use mig_migrate::imageset;
 use mig_migrate::transport::tunnel::{self, Endpoint, Service, Tunnel, TunnelHeader};
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,8 +46,6 @@ const LOCALHOST: &str = "127.0.0.1";
 /// Why moving pages failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PagesError {
-    #[error("no free loopback port")]
-    Port(#[source] std::io::Error),
     #[error("cannot make the page server's socket pair")]
     SocketPair(#[source] std::io::Error),
     #[error("cannot start criu {what}")]
@@ -72,8 +71,6 @@ pub enum PagesError {
 struct Job {
     /// Destination, stream: `criu page-server`.
     page_server: Option<Background>,
-    /// Destination, stream: hashes the page images while the page server writes them.
-    follower: Option<follow::Follower>,
     /// Where a tunnelled service of this migration listens (a Unix socket is used once).
     serves: HashMap<Service, Endpoint>,
     /// Destination, lazy: the daemon and the tunnel to the source.
@@ -109,12 +106,6 @@ fn is_known(migration_id: &str) -> bool {
     with_jobs(|j| j.contains_key(migration_id))
 }
 
-/// A loopback port nobody listens on now (the agent's own network namespace).
-fn free_port() -> Result<u16, PagesError> {
-    let l = std::net::TcpListener::bind((LOCALHOST, 0)).map_err(PagesError::Port)?;
-    Ok(l.local_addr().map_err(PagesError::Port)?.port())
-}
-
 fn criu() -> Result<Criu, PagesError> {
     Criu::locate().map_err(|source| PagesError::Start {
         what: "locate",
@@ -133,8 +124,7 @@ fn is_page_image(name: &str) -> bool {
 
 /// Stream mode, at Prepare: starts `criu page-server` writing into `images_dir`, serving one
 /// end of a Unix socketpair (`--ps-socket`); the tunnel stream of the source's dump is carried
-/// to the other end ([`resolve`]). A thread hashes the page images as they are written.
-/// Blocking.
+/// to the other end ([`resolve`]). Blocking.
 pub(crate) fn start_page_server(migration_id: &str, images_dir: &Path) -> Result<(), PagesError> {
     let (criu_end, mine) = tunnel::unix_pair().map_err(PagesError::SocketPair)?;
     let ps = criu()?
@@ -150,31 +140,29 @@ pub(crate) fn start_page_server(migration_id: &str, images_dir: &Path) -> Result
         })?;
     // The page server holds its end now; ours would keep the pair open after it exits.
     drop(criu_end);
-    let follower = follow::Follower::start(images_dir.to_owned(), is_page_image)
-        .map_err(|e| PagesError::Task(format!("cannot start the page image hasher: {e}")))?;
     with_jobs(|j| {
         let job = j.entry(migration_id.to_owned()).or_default();
         job.page_server = Some(ps);
-        job.follower = Some(follower);
         job.serves.insert(Service::PageServer, Endpoint::Unix(mine));
     });
     Ok(())
 }
 
-/// Stream mode, before the restore: waits for the page server to end (the dump is complete
-/// once it exits cleanly), then adds the page images it wrote to the manifest received with
-/// the other images. Returns the entries it added (hashed here, once); empty when no page
-/// server ran. Blocking.
+/// Before the restore: in stream mode, waits for the page server to end (the dump is complete
+/// once it exits cleanly), then lists the page images it wrote in the received manifest, by
+/// size. Without a page server, checks that the received manifest names no page-server images.
+/// Returns what it added. Blocking.
 pub(crate) fn finish_page_server(
     migration_id: &str,
     images_dir: &Path,
-) -> Result<Vec<imageset::FileEntry>, PagesError> {
-    let (ps, follower) = with_jobs(|j| {
+) -> Result<Vec<imageset::PageImage>, PagesError> {
+    let ps = with_jobs(|j| {
         j.get_mut(migration_id)
-            .map(|job| (job.page_server.take(), job.follower.take()))
-            .unwrap_or_default()
+            .and_then(|job| job.page_server.take())
     });
     let Some(ps) = ps else {
+        let manifest = imageset::read_manifest(images_dir).map_err(PagesError::Manifest)?;
+        imageset::refuse_page_server_entries(&manifest).map_err(PagesError::Manifest)?;
         return Ok(Vec::new());
     };
     let t_wait = Instant::now();
@@ -182,72 +170,39 @@ pub(crate) fn finish_page_server(
         .map_err(PagesError::PageServer)?;
     let wait_ms = super::ms(t_wait.elapsed());
     forget(migration_id);
-    // The page server has exited: the follower reads what is left of each file.
-    let t_tail = Instant::now();
-    let followed = follower.map(follow::Follower::finish).unwrap_or_default();
-    let tail_ms = super::ms(t_tail.elapsed());
-    let mut manifest = imageset::read_manifest(images_dir).map_err(PagesError::Manifest)?;
-    let listed: std::collections::HashSet<String> =
-        manifest.files.iter().map(|f| f.path.clone()).collect();
-    let mut added = Vec::new();
-    let t_rehash = Instant::now();
-    let mut rehashed = 0u64;
-    for rel in imageset::list_files(images_dir).map_err(PagesError::Manifest)? {
-        if listed.contains(&rel) || !is_page_image(&rel) {
-            continue;
-        }
-        let path = images_dir.join(&rel);
-        let (size, sha256) = match followed.get(&rel) {
-            Some(f) if f.matches(&path) => (f.size, f.sha256.clone()),
-            _ => {
-                let (size, sha256) = imageset::hash_file(&path).map_err(PagesError::Manifest)?;
-                rehashed += size;
-                (size, sha256)
-            }
-        };
-        added.push(imageset::FileEntry {
-            path: rel,
-            size,
-            sha256,
-        });
-    }
-    tracing::info!(migration = %migration_id, page_server_wait_ms = wait_ms, hash_tail_ms = tail_ms, rehash_ms = super::ms(t_rehash.elapsed()), rehashed_bytes = rehashed, files = added.len(), "page images hashed");
-    manifest.files.extend(added.iter().cloned());
-    manifest.files.sort_by(|a, b| a.path.cmp(&b.path));
-    imageset::write_manifest(images_dir, &manifest).map_err(PagesError::Manifest)?;
+    let added = imageset::add_page_server_images(images_dir, is_page_image)
+        .map_err(PagesError::Manifest)?;
+    tracing::info!(migration = %migration_id, page_server_wait_ms = wait_ms, files = added.len(), bytes = added.iter().map(|p| p.size).sum::<u64>(), "page images listed");
     Ok(added)
 }
 
-/// Lazy mode, before the restore: a tunnel to the source's page server and the
-/// `criu lazy-pages` daemon on the placed image set, with its socket in
-/// `<container>/lazy-pages/` (where the shim's restore looks for it).
+/// Lazy mode, before the restore: the `criu lazy-pages` daemon on the placed image set, with
+/// its socket in `<container>/lazy-pages/` (where the shim's restore looks for it), reaching
+/// the source's page server through one end of a socketpair (`--page-server --ps-socket`)
+/// whose other end is a tunnel stream on the migration connection ([`Tunnel::socketpair`]).
 pub(crate) async fn start_lazy_daemon(
     conn: quinn::Connection,
     migration_id: &str,
     checkpoint: PathBuf,
     container_dir: &Path,
 ) -> Result<(), PagesError> {
-    let tunnel = Tunnel::listen(
+    let tunnel = Tunnel::socketpair(
         conn,
         TunnelHeader {
             migration_id: migration_id.to_owned(),
             service: Service::LazyPages,
         },
     )
-    .await
     .map_err(PagesError::Tunnel)?;
-    let port = tunnel.port().ok_or(PagesError::NoConnection)?;
+    let client = tunnel.take_client().ok_or(PagesError::NoConnection)?;
     let work = container_dir.join(LAZY_DIR);
     let daemon = tokio::task::spawn_blocking(move || {
         let _ = std::fs::remove_dir_all(&work);
-        criu()?
+        let started = criu()?
             .lazy_pages_in(
                 &LazyPagesOpts {
                     images_dir: checkpoint,
-                    source: PageTarget::Tcp {
-                        address: LOCALHOST.into(),
-                        port,
-                    },
+                    source: PageTarget::Socket(client.as_raw_fd()),
                     log_file: work.join("lazy-pages.log"),
                     ready_timeout: READY,
                 },
@@ -256,7 +211,10 @@ pub(crate) async fn start_lazy_daemon(
             .map_err(|source| PagesError::Start {
                 what: "lazy-pages",
                 source,
-            })
+            });
+        // The daemon holds its end now; ours would keep the stream open after it exits.
+        drop(client);
+        started
     })
     .await
     .map_err(|e| PagesError::Task(e.to_string()))??;
@@ -427,8 +385,8 @@ impl SourcePages {
     }
 
     /// Runs the dump of `opts` for this mode; blocking. Stream: pages go to `tunnel`; lazy:
-    /// returns once every image but memory is written, serving pages on a loopback port the
-    /// tunnel reaches (registered for [`resolve`]).
+    /// returns once every image but memory is written, serving pages on a socketpair whose
+    /// other end the tunnel reaches (registered for [`resolve`]).
     pub fn dump(
         &self,
         criu: &Criu,
@@ -451,21 +409,24 @@ impl SourcePages {
                 r
             }
             MoveMode::Lazy => {
-                let port = free_port().map_err(|e| mig_migrate::criu::CriuError::Spawn {
-                    path: "criu".into(),
-                    source: std::io::Error::other(e.to_string()),
-                })?;
-                let serve = PageTarget::Tcp {
-                    address: LOCALHOST.into(),
-                    port,
-                };
+                // The dump's page server holds one end of a socketpair (`--ps-socket`); the
+                // tunnel stream of the destination's lazy-pages daemon is carried to the other
+                // ([`resolve`]), whichever way that daemon reaches its own agent.
+                let (criu_end, mine) =
+                    tunnel::unix_pair().map_err(|source| mig_migrate::criu::CriuError::Spawn {
+                        path: "criu".into(),
+                        source,
+                    })?;
+                let serve = PageTarget::Socket(criu_end.as_raw_fd());
                 let start = Instant::now();
                 let lazy = criu.dump_lazy(&opts, &serve, READY)?;
+                // The dump holds its end now; ours would keep the pair open after it exits.
+                drop(criu_end);
                 with_jobs(|j| {
-                    j.entry(migration_id.to_owned()).or_default().serves.insert(
-                        Service::LazyPages,
-                        Endpoint::Tcp(SocketAddr::from(([127, 0, 0, 1], port))),
-                    );
+                    j.entry(migration_id.to_owned())
+                        .or_default()
+                        .serves
+                        .insert(Service::LazyPages, Endpoint::Unix(mine));
                 });
                 *self.lazy.lock().unwrap_or_else(|p| p.into_inner()) = Some(lazy);
                 Ok(mig_migrate::criu::DumpStats {
@@ -541,8 +502,6 @@ fn read_cmdline_remote(pid: i32) -> Option<String> {
     let cmd = mig_runtime::pidmap::command_line(&buf);
     (!cmd.is_empty()).then_some(cmd)
 }
-
-mod follow;
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,111 @@
+//! Post-copy (`mig move --mode lazy`) that loses its source (docs/migration.md, "Lazy
+//! (post-copy)"): the container already runs on the destination and still fetches pages from the
+//! source when the source's page server (its `criu dump --lazy-pages`) dies. The destination
+//! must not let the container run on with missing memory: it kills it and says why in the
+//! container's reason; the source reports the failed post-copy in the move's output.
+//!
+//! Needs root. Labs on subnets 10.214.70-74.0/24.
+
+use anyhow::{bail, Context, Result};
+use mig_tests::lab::Lab;
+use mig_tests::wait_until;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+use std::time::Duration;
+
+/// The post-copy dump among `agent`'s children: a `criu dump ... --lazy-pages`.
+fn lazy_dump_of(agent: i32) -> Option<i32> {
+    let procs = std::fs::read_dir("/proc").ok()?;
+    procs
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .find(|pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            // Field 4 (the parent) follows the command name in parentheses and the state.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok());
+            if ppid != Some(agent) {
+                return false;
+            }
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            args.contains(&&b"dump"[..]) && args.contains(&&b"--lazy-pages"[..])
+        })
+}
+
+/// `mig inspect NAME --json` on `host` (null when it fails).
+fn inspect(lab: &Lab, host: usize, name: &str) -> Value {
+    lab.mig_json(host, &["inspect", name, "--json"])
+        .unwrap_or(Value::Null)
+}
+
+#[test]
+fn a_source_lost_during_post_copy_is_reported_and_the_container_killed() -> Result<()> {
+    if !mig_tests::is_root("migration tests") {
+        return Ok(());
+    }
+    let lab = Lab::up("pclost", 70)?;
+    // About 200 MB of random data in each of two shells: the post-copy takes seconds.
+    let id = lab.run_container(0, "orphan", 150)?;
+    let agent = lab.hosts[0].agent_pid.context("host-a has no agent")?;
+    let (moved, killed) = std::thread::scope(|s| -> Result<_> {
+        let mover =
+            s.spawn(|| lab.mig(0, &["move", "orphan", "host-b", "--json", "--mode", "lazy"]));
+        let mut dump = None;
+        let found = wait_until(Duration::from_secs(120), || {
+            dump = lazy_dump_of(agent);
+            dump.is_some() || mover.is_finished()
+        });
+        let dump = dump.filter(|_| found);
+        // The container resumes on host-b while its pages still come from host-a.
+        let resumed = dump.is_some()
+            && wait_until(Duration::from_secs(120), || {
+                mover.is_finished() || inspect(&lab, 1, "orphan")["state"] == "running"
+            });
+        let killed = match dump {
+            Some(pid) if resumed && !mover.is_finished() => {
+                kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok()
+            }
+            _ => false,
+        };
+        let moved = mover
+            .join()
+            .map_err(|_| anyhow::anyhow!("the move's thread panicked"))?;
+        Ok((moved, killed))
+    })?;
+    if !killed {
+        bail!(
+            "the post-copy ended before its page server could be killed (no window to test): {} {}",
+            moved.stdout,
+            moved.stderr
+        );
+    }
+    // The source: committed, and the failed post-copy in the output.
+    let r: Value = serde_json::from_str(moved.stdout.trim())
+        .with_context(|| format!("move output: {} {}", moved.stdout, moved.stderr))?;
+    if r["postcopy_error"].is_null() {
+        bail!("the source did not report the lost post-copy: {r}");
+    }
+    // The destination: the container is killed, and its reason says why.
+    let mut last = Value::Null;
+    let reported = wait_until(Duration::from_secs(60), || {
+        last = inspect(&lab, 1, "orphan");
+        last["state"] != "running"
+            && last.to_string().contains("post-copy failed")
+            && last.to_string().contains("host-a")
+    });
+    if !reported {
+        bail!("the destination did not kill and report the container: {last}");
+    }
+    eprintln!(
+        "post-copy lost: the source reported {}; the destination says {} ({})",
+        r["postcopy_error"], last["state"], last["reason"]
+    );
+    for host in 0..2 {
+        let _ = lab.mig(host, &["rm", "-f", &id]);
+    }
+    Ok(())
+}
