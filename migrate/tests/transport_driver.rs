@@ -72,6 +72,8 @@ struct FakeSource {
     calls: Mutex<Vec<&'static str>>,
     journal: Mutex<Vec<JournalState>>,
     state: Mutex<&'static str>,
+    /// Presync rounds to send after the presync files (pre-copy), and the round that fails.
+    rounds: Mutex<(u32, Option<u32>)>,
 }
 
 impl FakeSource {
@@ -83,11 +85,17 @@ impl FakeSource {
             calls: Mutex::new(vec![]),
             journal: Mutex::new(vec![]),
             state: Mutex::new("running"),
+            rounds: Mutex::new((0, None)),
         }
     }
     fn call(&self, c: &'static str) {
         self.calls.lock().unwrap().push(c);
     }
+}
+
+/// Round `n`'s one file: (n × 256 KiB).
+fn round_len(n: u32) -> usize {
+    n as usize * (256 << 10)
 }
 
 impl SourceHost for FakeSource {
@@ -108,6 +116,24 @@ impl SourceHost for FakeSource {
                 sha256: None,
             },
         ])
+    }
+    async fn presync_round(&self, n: u32) -> Result<Option<Vec<OutgoingFile>>, HostError> {
+        let (count, fail_at) = *self.rounds.lock().unwrap();
+        if n > count {
+            return Ok(None);
+        }
+        self.call("round");
+        if fail_at == Some(n) {
+            return Err(err("criu pre-dump exited 1"));
+        }
+        let p = self.dir.join(format!("rounds/{n}/pages-1.img"));
+        write_random(&p, round_len(n), 100 + u64::from(n));
+        Ok(Some(vec![OutgoingFile {
+            kind: FileKind::Presync,
+            local: p,
+            remote: format!("rounds/{n}/pages-1.img"),
+            sha256: None,
+        }]))
     }
     async fn freeze(&self) -> Result<(), HostError> {
         self.call("freeze");
@@ -256,6 +282,17 @@ async fn run(
     restore_fails: bool,
     dest_journal: Option<JournalState>,
 ) -> Run {
+    run_rounds(machine, src_hello, restore_fails, dest_journal, (0, None)).await
+}
+
+/// [`run`] with a source that sends `rounds.0` presync rounds, failing at round `rounds.1`.
+async fn run_rounds(
+    machine: SourceMachine,
+    src_hello: Hello,
+    restore_fails: bool,
+    dest_journal: Option<JournalState>,
+    rounds: (u32, Option<u32>),
+) -> Run {
     let (sdir, ddir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (a, b) = (
         Identity::generate("host-a").unwrap(),
@@ -270,6 +307,7 @@ async fn run(
     .unwrap();
     let client = endpoint(any, &a, AllowedPeers::default()).unwrap();
     let src = Arc::new(FakeSource::new(sdir.path()));
+    *src.rounds.lock().unwrap() = rounds;
     let dst = Arc::new(FakeDest::new(ddir.path(), restore_fails));
     dst.journal.lock().unwrap().extend(dest_journal);
     let dest_task = tokio::spawn({
@@ -392,6 +430,76 @@ async fn restore_failure_thaws_source_and_cleans_dest() {
         r.dst.journal.lock().unwrap().last(),
         Some(&JournalState::RolledBack)
     );
+}
+
+/// Pre-copy's rounds (`SourceHost::presync_round`): sent one after the other in the presync
+/// phase, counted in its TransferDone, each placed and intact on the destination.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presync_rounds_are_sent_and_counted() {
+    let id = "0123456789abcdef0123456789abcde1";
+    let machine = SourceMachine::new(prepare(id), Timeouts::default());
+    let mut r = run_rounds(
+        machine,
+        Hello::new("0.1.0", "host-a"),
+        false,
+        None,
+        (3, None),
+    )
+    .await;
+    let report = r.report.take_ok();
+    assert!(
+        matches!(report.outcome, Some(Outcome::Committed { .. })),
+        "{:?}",
+        report.outcome
+    );
+    assert_eq!(
+        *r.src.calls.lock().unwrap(),
+        ["presync", "round", "round", "round", "freeze", "dump", "destroy"]
+    );
+    assert_eq!(report.files_sent, 9 + 3);
+    let rounds: usize = (1..=3).map(round_len).sum();
+    assert_eq!(
+        report.bytes_sent,
+        (1 + 2 + 21) * (1 << 20) + 4096 + rounds as u64
+    );
+    for n in 1..=3 {
+        let got = std::fs::read(
+            r.dst
+                .mdir(id)
+                .join(format!("presync/rounds/{n}/pages-1.img")),
+        )
+        .unwrap();
+        let want = std::fs::read(r._dirs.0.path().join(format!("rounds/{n}/pages-1.img"))).unwrap();
+        assert!(got == want, "round {n}");
+    }
+}
+
+/// A round that fails rolls the move back before anything was frozen: the source is thawed
+/// (a no-op: it never froze) and the destination removes everything, the rounds it got too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_round_rolls_back_before_the_freeze() {
+    let id = "0123456789abcdef0123456789abcde2";
+    let machine = SourceMachine::new(prepare(id), Timeouts::default());
+    let mut r = run_rounds(
+        machine,
+        Hello::new("0.1.0", "host-a"),
+        false,
+        None,
+        (3, Some(2)),
+    )
+    .await;
+    let report = r.report.take_ok();
+    match &report.outcome {
+        Some(Outcome::RolledBack { detail, .. }) => {
+            assert!(detail.contains("criu pre-dump exited 1"), "{detail}")
+        }
+        o => panic!("unexpected outcome {o:?}"),
+    }
+    let calls = r.src.calls.lock().unwrap().clone();
+    assert!(!calls.contains(&"freeze"), "{calls:?}");
+    assert_eq!(*r.src.state.lock().unwrap(), "running");
+    assert!(r.dst.calls.lock().unwrap().contains(&"cleanup"));
+    assert!(!r.dst.mdir(id).exists());
 }
 
 trait TakeOk<T> {

@@ -897,7 +897,11 @@ impl Agent {
             image: image.clone(),
             criu_version,
             kernel: mig_migrate::criu::kernel_release(),
-            bytes_estimate: usage.memory_bytes + 2 * upper_bytes + image.size,
+            // Pre-copy sends the memory once in round 1 and again what later rounds find dirty:
+            // room for twice the memory.
+            bytes_estimate: usage.memory_bytes * if side.precopy.active() { 2 } else { 1 }
+                + 2 * upper_bytes
+                + image.size,
             mode: plan.mode.wire(),
         };
         let _ = side.pages.mode.set(plan.mode);
