@@ -136,7 +136,7 @@ fn the_preflight_probes_the_link() -> Result<()> {
     }
     let bytes = probe["bytes"].as_u64().unwrap_or(0);
     let rate = probe["bytes_s"].as_u64().unwrap_or(0);
-    if bytes == 0 || rate == 0 || probe["end_to_end_bytes_s"].as_u64().unwrap_or(0) == 0 {
+    if bytes == 0 || rate == 0 || probe["ms"].as_u64().unwrap_or(0) == 0 {
         bail!("the probe measured nothing: {r}");
     }
     if r["throughput_bytes_s"].as_u64() != Some(rate) {

@@ -483,7 +483,7 @@ mod tests {
             ms: 210,
             bytes_s: 300 << 20,
             mib_s: 300,
-            end_to_end_bytes_s: 228 << 20,
+            tail_bytes_s: 400 << 20,
         };
         let opts = |max| MoveOptions {
             mode: Some(MoveMode::Cold),

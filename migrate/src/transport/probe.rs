@@ -10,14 +10,18 @@
 //! exchange from its first byte to the report ([`ProbeResult`]).
 //!
 //! Slow start: QUIC (like TCP) opens its congestion window from about ten packets and doubles it
-//! each round trip, so the first part of any transfer measures the ramp, not the link. The
-//! probe is sized by time, not bytes (a fast link sends up to 64 MiB, a slow one a few MiB
-//! within the same 200 ms), and the throughput the pre-flight uses is the destination's rate over
-//! the second half of the bytes ([`ProbeResult::throughput`]), when the ramp is over; the
-//! end-to-end rate (ramp and one round trip included) is reported next to it. On the lab's veth
-//! links (round trip well under a millisecond) the ramp lasts a few milliseconds and both agree;
-//! on a long link the tail is what a transfer of hundreds of MiB will see, and the connection
-//! that then carries the move starts with the window the probe opened.
+//! each round trip (and path MTU discovery starts from 1200-byte packets), so the first part of
+//! any transfer measures the ramp, not the link. The probe is therefore sized by time, not bytes:
+//! a fast link sends up to 64 MiB, a slow one a few MiB, within the same 200 ms. The throughput
+//! the pre-flight uses ([`ProbeResult::throughput`]) is the end-to-end rate: every byte over the
+//! time from the first byte written to the report, ramp and one round trip included. Measured
+//! against a 256 MiB transfer on the same connection right after the probe (what a move does;
+//! the ignored test `probe_rates_against_a_long_transfer`), it predicted that transfer's rate
+//! best on this machine (median ratio 0.95 over 10 rounds), while the destination's rate over the
+//! second half of the bytes ("tail", past the ramp) overestimated it (median 0.77: the receiver
+//! reads in bursts, so arrival times compress). The tail is still reported; on a link with a
+//! long round trip the ramp outlasts 200 ms and the end-to-end rate underestimates (it errs on
+//! the side of refusing a `--max-downtime`, not of exceeding it).
 //!
 //! The source keeps at most [`PROBE_QUEUE`] bytes written but not yet on the wire (quinn
 //! buffers up to the peer's stream window, 16 MiB), so a slow link does not make the probe
@@ -96,17 +100,20 @@ impl ProbeResult {
         rate(self.bytes, micros)
     }
 
-    /// The link's throughput for a long transfer, bytes/s: the destination's rate over the
-    /// second half of the bytes when that half is large enough to mean something, else the
-    /// end-to-end rate. Never below the end-to-end rate (the tail cannot be slower than the
-    /// whole exchange it is part of, except by noise).
+    /// The link's throughput for a long transfer, bytes/s: the end-to-end rate (see the module
+    /// doc for why not the tail).
     pub fn throughput(&self) -> u64 {
+        self.end_to_end()
+    }
+
+    /// The destination's rate over the second half of the bytes, bytes/s; 0 when that half is
+    /// too small to mean anything (informational: it overestimates a long transfer here).
+    pub fn tail(&self) -> u64 {
         let r = &self.report;
-        let e2e = self.end_to_end();
         if r.tail_bytes >= MIN_TAIL_BYTES && r.tail_micros >= MIN_TAIL_MICROS {
-            rate(r.tail_bytes, r.tail_micros).max(e2e)
+            rate(r.tail_bytes, r.tail_micros)
         } else {
-            e2e
+            0
         }
     }
 }
@@ -341,18 +348,18 @@ mod tests {
     }
 
     #[test]
-    fn throughput_uses_the_tail_past_the_ramp() {
-        // 64 MiB in 200 ms end to end, the second half in 50 ms.
+    fn throughput_is_end_to_end_and_the_tail_is_reported() {
+        // 64 MiB in 200 ms end to end, the second half in 50 ms at the destination.
         let r = result(64 << 20, 200, 32 << 20, 50_000);
         assert_eq!(r.end_to_end(), 320 << 20);
-        assert_eq!(r.throughput(), 640 << 20);
-        // A tail too small to mean anything: the whole exchange.
-        let r = result(1 << 20, 100, 512 << 10, 40_000);
-        assert_eq!(r.throughput(), 10 << 20);
-        let r = result(8 << 20, 100, 4 << 20, 1_000);
-        assert_eq!(r.throughput(), r.end_to_end());
-        // A tail slower than the whole (noise): never below the end-to-end rate.
-        let r = result(64 << 20, 100, 32 << 20, 200_000);
-        assert_eq!(r.throughput(), 640 << 20);
+        assert_eq!(r.throughput(), 320 << 20);
+        assert_eq!(r.tail(), 640 << 20);
+        // A tail too small to mean anything is not reported.
+        assert_eq!(result(1 << 20, 100, 512 << 10, 40_000).tail(), 0);
+        assert_eq!(result(8 << 20, 100, 4 << 20, 1_000).tail(), 0);
+        assert_eq!(
+            result(1 << 20, 100, 512 << 10, 40_000).throughput(),
+            10 << 20
+        );
     }
 }
