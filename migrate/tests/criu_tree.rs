@@ -233,6 +233,83 @@ fn dump_kill_restore_continues_counting_with_the_same_pids() {
     drop(reaper);
 }
 
+/// Pre-copy's destination layout with what this kernel allows (no soft-dirty tracking, so no
+/// real pre-dump and no dump chained to a parent, see docs/criu.md): a full dump that leaves the
+/// tree running stands in for round 1 in `rounds/1/`, the final dump goes to `images/`, and
+/// `images/parent -> ../rounds/1` is written as the destination writes it. The image set seals
+/// and verifies without the link (it is not a file of the set), and CRIU restores through the
+/// layout: the counter continues. It does not show pages read through the link (every page is
+/// in the final images here).
+#[test]
+fn a_final_dump_beside_its_rounds_restores_through_the_parent_link() {
+    let Some(criu) = criu_or_skip() else { return };
+    nix::sys::prctl::set_child_subreaper(true).unwrap();
+    let mut reaper = Reaper::default();
+    let dir = tempfile::tempdir().unwrap();
+    let round = dir.path().join("rounds/1");
+    let images = dir.path().join("images");
+    let mut tree = start_tree(&mut reaper);
+    let map_before = pid_map(&[tree.init]);
+    criu.dump(&DumpOpts {
+        pid: tree.init,
+        images_dir: round.clone(),
+        leave_running: true,
+        log_file: "dump.log".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    tree.next();
+    let stats = criu
+        .dump(&DumpOpts {
+            pid: tree.init,
+            images_dir: images.clone(),
+            log_file: "dump.log".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    let _ = waitpid(Pid::from_raw(tree.unshare), None);
+    let mut last = tree.last;
+    let mut l = String::new();
+    while tree.lines.read_line(&mut l).unwrap() > 0 {
+        last = l.trim().parse().unwrap();
+        l.clear();
+    }
+    std::os::unix::fs::symlink("../rounds/1", images.join("parent")).unwrap();
+    let manifest = imageset::seal(
+        &images,
+        SealInfo {
+            spec: spec(),
+            criu_version: criu.version().unwrap(),
+            pid_map: map_before.clone(),
+            stdio_pipe: Some(tree.stdout_pipe.clone()),
+            stats: Some(stats),
+        },
+    )
+    .unwrap();
+    assert!(manifest.files.iter().all(|f| f.path != "parent"));
+    imageset::verify(&images).unwrap();
+    let (r, w): (OwnedFd, OwnedFd) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+    let outcome = criu
+        .restore(&RestoreOpts {
+            images_dir: images.clone(),
+            inherit_fds: vec![(w.as_raw_fd(), tree.stdout_pipe.clone())],
+            log_file: "restore.log".into(),
+            pidfile: "restore.pid".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    reaper.0.push(outcome.pid);
+    drop(w);
+    let mut lines = BufReader::new(std::fs::File::from(r));
+    assert_eq!(read_number(&mut lines), last + 1, "the counter continues");
+    assert_eq!(ns_pid(outcome.pid), 1);
+    let log = std::fs::read_to_string(images.join("restore.log")).unwrap_or_default();
+    for l in log.lines().filter(|l| l.contains("parent")).take(5) {
+        eprintln!("restore.log: {l}");
+    }
+    drop(reaper);
+}
+
 #[test]
 fn checkpoint_leave_running_keeps_the_tree_alive() {
     let Some(criu) = criu_or_skip() else { return };
