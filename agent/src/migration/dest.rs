@@ -484,11 +484,10 @@ impl DestSide {
             .map(|p| p.spec.clone())
             .ok_or_else(|| DestError::Unknown { id: id.to_owned() })?;
         let t_pages = std::time::Instant::now();
-        let mut hashed_here = Vec::new();
         if let Ok(staging) = self.staging(id) {
             // Stream mode: the pages are complete once the page server ended cleanly.
             let mid = id.to_owned();
-            hashed_here = tokio::task::spawn_blocking(move || {
+            tokio::task::spawn_blocking(move || {
                 super::pages::finish_page_server(&mid, &staging.join("images"))
             })
             .await
@@ -518,10 +517,9 @@ impl DestSide {
         let cd = self.agent.dirs.container(&spec.id);
         let place_ms = super::ms(t_place.elapsed());
         let checkpoint = cd.checkpoint();
-        let noted =
-            tokio::task::spawn_blocking(move || note_arrival(&checkpoint, &arrived, &hashed_here))
-                .await
-                .unwrap_or(false);
+        let noted = tokio::task::spawn_blocking(move || note_arrival(&checkpoint, &arrived))
+            .await
+            .unwrap_or(false);
         if Self::mode_of(&inc) == Some(MigrationMode::PostCopy) {
             let conn = self
                 .conn
@@ -631,14 +629,10 @@ impl DestSide {
 }
 
 /// Leaves the image set's arrival note (`mig_migrate::imageset::ArrivalNote`) when every file of
-/// its manifest either arrived with that very digest (checked on arrival) or was hashed here
-/// (`hashed_here`, stream mode's page images): the shim's restore then checks the listing and
-/// sizes without hashing the memory a second time. Returns whether the note was written.
-fn note_arrival(
-    checkpoint: &Path,
-    arrived: &HashMap<String, String>,
-    hashed_here: &[mig_migrate::imageset::FileEntry],
-) -> bool {
+/// its manifest arrived with that very digest (checked on arrival): the shim's restore then
+/// checks the listing and sizes without hashing the memory a second time (stream mode's page
+/// images are checked by size in any case). Returns whether the note was written.
+fn note_arrival(checkpoint: &Path, arrived: &HashMap<String, String>) -> bool {
     use mig_migrate::imageset;
     let Ok(manifest) = imageset::read_manifest(checkpoint) else {
         return false;
@@ -646,7 +640,7 @@ fn note_arrival(
     let all_known = manifest
         .files
         .iter()
-        .all(|f| arrived.get(&f.path) == Some(&f.sha256) || hashed_here.iter().any(|h| h == f));
+        .all(|f| arrived.get(&f.path) == Some(&f.sha256));
     if !all_known || !arrived.contains_key(imageset::MANIFEST) {
         return false;
     }

@@ -4,10 +4,10 @@
 //! - `stream`: the destination starts `criu page-server --ps-socket` at Prepare (images dir = its
 //!   staging images dir) on one end of a Unix socketpair; the source's `criu dump --ps-socket`
 //!   holds one end of another socketpair, and the agents carry the other ends over one QUIC
-//!   stream (no loopback TCP on either side). While the page server writes, a thread hashes its
-//!   page images as they grow ([`follow`]); after the dump the destination waits for the page
-//!   server to end cleanly, hashes what is left and adds the page images to the received
-//!   manifest, so the restore verifies the whole set.
+//!   stream (no loopback TCP on either side). After the dump the destination waits for the page
+//!   server to end cleanly and adds the page images it wrote to the received manifest by size
+//!   (`imageset::add_page_server_images`): they came inside the authenticated QUIC connection,
+//!   and hashing them cost a fifth of both cores during the dump (docs/performance.md).
 //! - `lazy` (post-copy): the source's `criu dump --lazy-pages --ps-socket` serves pages on one
 //!   end of a socketpair, the destination's `criu lazy-pages --page-server --ps-socket` fetches
 //!   them through one end of another, and the agents carry the other ends over one QUIC stream
@@ -71,8 +71,6 @@ pub enum PagesError {
 struct Job {
     /// Destination, stream: `criu page-server`.
     page_server: Option<Background>,
-    /// Destination, stream: hashes the page images while the page server writes them.
-    follower: Option<follow::Follower>,
     /// Where a tunnelled service of this migration listens (a Unix socket is used once).
     serves: HashMap<Service, Endpoint>,
     /// Destination, lazy: the daemon and the tunnel to the source.
@@ -126,8 +124,7 @@ fn is_page_image(name: &str) -> bool {
 
 /// Stream mode, at Prepare: starts `criu page-server` writing into `images_dir`, serving one
 /// end of a Unix socketpair (`--ps-socket`); the tunnel stream of the source's dump is carried
-/// to the other end ([`resolve`]). A thread hashes the page images as they are written.
-/// Blocking.
+/// to the other end ([`resolve`]). Blocking.
 pub(crate) fn start_page_server(migration_id: &str, images_dir: &Path) -> Result<(), PagesError> {
     let (criu_end, mine) = tunnel::unix_pair().map_err(PagesError::SocketPair)?;
     let ps = criu()?
@@ -143,31 +140,29 @@ pub(crate) fn start_page_server(migration_id: &str, images_dir: &Path) -> Result
         })?;
     // The page server holds its end now; ours would keep the pair open after it exits.
     drop(criu_end);
-    let follower = follow::Follower::start(images_dir.to_owned(), is_page_image)
-        .map_err(|e| PagesError::Task(format!("cannot start the page image hasher: {e}")))?;
     with_jobs(|j| {
         let job = j.entry(migration_id.to_owned()).or_default();
         job.page_server = Some(ps);
-        job.follower = Some(follower);
         job.serves.insert(Service::PageServer, Endpoint::Unix(mine));
     });
     Ok(())
 }
 
-/// Stream mode, before the restore: waits for the page server to end (the dump is complete
-/// once it exits cleanly), then adds the page images it wrote to the manifest received with
-/// the other images. Returns the entries it added (hashed here, once); empty when no page
-/// server ran. Blocking.
+/// Before the restore: in stream mode, waits for the page server to end (the dump is complete
+/// once it exits cleanly), then lists the page images it wrote in the received manifest, by
+/// size. Without a page server, checks that the received manifest names no page-server images.
+/// Returns what it added. Blocking.
 pub(crate) fn finish_page_server(
     migration_id: &str,
     images_dir: &Path,
-) -> Result<Vec<imageset::FileEntry>, PagesError> {
-    let (ps, follower) = with_jobs(|j| {
+) -> Result<Vec<imageset::PageImage>, PagesError> {
+    let ps = with_jobs(|j| {
         j.get_mut(migration_id)
-            .map(|job| (job.page_server.take(), job.follower.take()))
-            .unwrap_or_default()
+            .and_then(|job| job.page_server.take())
     });
     let Some(ps) = ps else {
+        let manifest = imageset::read_manifest(images_dir).map_err(PagesError::Manifest)?;
+        imageset::refuse_page_server_entries(&manifest).map_err(PagesError::Manifest)?;
         return Ok(Vec::new());
     };
     let t_wait = Instant::now();
@@ -175,39 +170,9 @@ pub(crate) fn finish_page_server(
         .map_err(PagesError::PageServer)?;
     let wait_ms = super::ms(t_wait.elapsed());
     forget(migration_id);
-    // The page server has exited: the follower reads what is left of each file.
-    let t_tail = Instant::now();
-    let followed = follower.map(follow::Follower::finish).unwrap_or_default();
-    let tail_ms = super::ms(t_tail.elapsed());
-    let mut manifest = imageset::read_manifest(images_dir).map_err(PagesError::Manifest)?;
-    let listed: std::collections::HashSet<String> =
-        manifest.files.iter().map(|f| f.path.clone()).collect();
-    let mut added = Vec::new();
-    let t_rehash = Instant::now();
-    let mut rehashed = 0u64;
-    for rel in imageset::list_files(images_dir).map_err(PagesError::Manifest)? {
-        if listed.contains(&rel) || !is_page_image(&rel) {
-            continue;
-        }
-        let path = images_dir.join(&rel);
-        let (size, sha256) = match followed.get(&rel) {
-            Some(f) if f.matches(&path) => (f.size, f.sha256.clone()),
-            _ => {
-                let (size, sha256) = imageset::hash_file(&path).map_err(PagesError::Manifest)?;
-                rehashed += size;
-                (size, sha256)
-            }
-        };
-        added.push(imageset::FileEntry {
-            path: rel,
-            size,
-            sha256,
-        });
-    }
-    tracing::info!(migration = %migration_id, page_server_wait_ms = wait_ms, hash_tail_ms = tail_ms, rehash_ms = super::ms(t_rehash.elapsed()), rehashed_bytes = rehashed, files = added.len(), "page images hashed");
-    manifest.files.extend(added.iter().cloned());
-    manifest.files.sort_by(|a, b| a.path.cmp(&b.path));
-    imageset::write_manifest(images_dir, &manifest).map_err(PagesError::Manifest)?;
+    let added = imageset::add_page_server_images(images_dir, is_page_image)
+        .map_err(PagesError::Manifest)?;
+    tracing::info!(migration = %migration_id, page_server_wait_ms = wait_ms, files = added.len(), bytes = added.iter().map(|p| p.size).sum::<u64>(), "page images listed");
     Ok(added)
 }
 
@@ -537,8 +502,6 @@ fn read_cmdline_remote(pid: i32) -> Option<String> {
     let cmd = mig_runtime::pidmap::command_line(&buf);
     (!cmd.is_empty()).then_some(cmd)
 }
-
-mod follow;
 
 #[cfg(test)]
 mod tests {

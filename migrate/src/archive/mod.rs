@@ -93,6 +93,22 @@ pub fn export(
         dir: imageset_dir.to_owned(),
         source,
     })?;
+    // An archive lists every file with its digest: page images a page server wrote here are
+    // hashed now.
+    for p in std::mem::take(&mut manifest.page_server) {
+        let (size, sha256) = imageset::hash_file(&imageset_dir.join(&p.path)).map_err(|source| {
+            ArchiveError::ImageSet {
+                dir: imageset_dir.to_owned(),
+                source,
+            }
+        })?;
+        manifest.files.push(FileEntry {
+            path: p.path,
+            size,
+            sha256,
+        });
+    }
+    manifest.files.sort_by(|a, b| a.path.cmp(&b.path));
     let write_err = |path: &Path| {
         let path = path.to_owned();
         move |source| ArchiveError::Write { path, source }
@@ -258,6 +274,7 @@ pub fn import(file: &Path, dest_dir: &Path) -> Result<Manifest, ArchiveError> {
     let mut guard = DestGuard(Some(dest_dir.to_owned()));
     unpack(source, file, dest_dir)?;
     let manifest = imageset::verify(dest_dir).map_err(ArchiveError::Verify)?;
+    imageset::refuse_page_server_entries(&manifest).map_err(ArchiveError::Verify)?;
     guard.0 = None;
     Ok(manifest)
 }

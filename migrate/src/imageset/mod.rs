@@ -9,6 +9,14 @@
 //! truncated or altered file, or an unknown format version, is refused with an error naming it.
 //! The manifest is bounded (size checked before reading, file count, path shape). CRIU logs
 //! (`*.log`) are not part of the set. The format is documented in docs/criu.md.
+//!
+//! One exception to "every file hashed": the page images that a destination's `criu
+//! page-server` wrote in stream mode ([`Manifest::page_server`], added by the destination with
+//! [`add_page_server_images`]). They came inside the migration's QUIC connection, where every
+//! packet is authenticated (AES-GCM), and the page server's clean exit says the dump's page
+//! stream ended as CRIU meant; they are checked by listing and size. A manifest that arrives
+//! from a peer may not name any ([`add_page_server_images`] and [`refuse_page_server_entries`]
+//! refuse it), so a file that travelled through mig's own file transfer is always hashed.
 
 use crate::criu::DumpStats;
 use mig_runtime::pidmap::PidEntry;
@@ -124,8 +132,23 @@ pub struct Manifest {
     /// `pipe:[INO]` of the init's stdout at dump time (what restore's `--inherit-fd` names).
     pub stdio_pipe: Option<String>,
     pub stats: Option<DumpStats>,
-    /// Every file of the set except the manifest and logs, sorted by path.
+    /// Every file of the set except the manifest, logs and [`Manifest::page_server`], sorted by
+    /// path.
     pub files: Vec<FileEntry>,
+    /// Page images written on this host by the page server of a stream-mode move, sorted by
+    /// path: checked by size, not hashed (see the module documentation). Empty everywhere else,
+    /// and then not written.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub page_server: Vec<PageImage>,
+}
+
+/// A page image that a stream-mode move's page server wrote ([`Manifest::page_server`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageImage {
+    /// Relative path with `/` separators.
+    pub path: String,
+    pub size: u64,
 }
 
 /// What the caller knows about a dump; [`seal`] adds the versions, time and file list.
@@ -165,6 +188,7 @@ pub fn draft(info: SealInfo) -> Manifest {
         stdio_pipe: info.stdio_pipe,
         stats: info.stats,
         files: Vec::new(),
+        page_server: Vec::new(),
     }
 }
 
@@ -276,7 +300,64 @@ pub fn parse_manifest(data: &[u8]) -> Result<Manifest, ImageSetError> {
         }
         prev = Some(&f.path);
     }
+    if m.files.len() + m.page_server.len() > MAX_FILES {
+        return Err(ImageSetError::TooManyFiles);
+    }
+    let mut prev: Option<&str> = None;
+    for p in &m.page_server {
+        check_entry_path(&p.path)?;
+        if prev.is_some_and(|q| q >= p.path.as_str()) {
+            return Err(bad(&p.path, "page images are not sorted or a path repeats"));
+        }
+        if m.files
+            .binary_search_by(|f| f.path.as_str().cmp(&p.path))
+            .is_ok()
+        {
+            return Err(bad(&p.path, "listed both as a file and as a page image"));
+        }
+        prev = Some(&p.path);
+    }
     Ok(m)
+}
+
+/// Refuses a manifest that names page-server images: only a destination adds those, to its own
+/// copy, so a manifest received from a peer must not ([`Manifest::page_server`]).
+pub fn refuse_page_server_entries(m: &Manifest) -> Result<(), ImageSetError> {
+    match m.page_server.first() {
+        Some(p) => Err(bad(&p.path, "a received manifest names page-server images")),
+        None => Ok(()),
+    }
+}
+
+/// Stream mode, on the destination once its page server exited cleanly: adds every file of
+/// `dir` that `is_page_image` selects and the received manifest does not list to
+/// [`Manifest::page_server`], with its size, and rewrites the manifest. Refuses a received
+/// manifest that already names page-server images. Returns what it added.
+pub fn add_page_server_images(
+    dir: &Path,
+    is_page_image: fn(&str) -> bool,
+) -> Result<Vec<PageImage>, ImageSetError> {
+    let mut manifest = read_manifest(dir)?;
+    refuse_page_server_entries(&manifest)?;
+    let mut added = Vec::new();
+    for rel in list_files(dir)? {
+        if !is_page_image(&rel)
+            || manifest
+                .files
+                .binary_search_by(|f| f.path.as_str().cmp(&rel))
+                .is_ok()
+        {
+            continue;
+        }
+        let path = dir.join(&rel);
+        let size = std::fs::symlink_metadata(&path)
+            .map_err(|source| ImageSetError::Hash { path, source })?
+            .len();
+        added.push(PageImage { path: rel, size });
+    }
+    manifest.page_server = added.clone();
+    write_manifest(dir, &manifest)?;
+    Ok(added)
 }
 
 fn bad(path: &str, reason: &'static str) -> ImageSetError {
@@ -307,7 +388,8 @@ fn is_log(rel: &str) -> bool {
     rel.ends_with(".log")
 }
 
-/// Re-hashes every file of `dir` and checks it against `dir/manifest.json`.
+/// Re-hashes every file of `dir` and checks it against `dir/manifest.json` (page-server images:
+/// listing and size).
 pub fn verify(dir: &Path) -> Result<Manifest, ImageSetError> {
     let (manifest, on_disk) = verify_listing(dir)?;
     check_hashes(dir, &manifest, &on_disk)?;
@@ -379,7 +461,9 @@ pub fn verify_or_trust(dir: &Path) -> Result<(Manifest, Checked), ImageSetError>
     Ok((manifest, Checked::Hashed))
 }
 
-/// Reads the manifest and checks the listing (no file missing or extra) and every size.
+/// Reads the manifest and checks the listing (no file missing or extra) and every size;
+/// returns the manifest and the files left to hash (sorted: every file but the page-server
+/// images).
 fn verify_listing(dir: &Path) -> Result<(Manifest, Vec<String>), ImageSetError> {
     let manifest = read_manifest(dir)?;
     let on_disk = list_files(dir)?;
@@ -388,32 +472,47 @@ fn verify_listing(dir: &Path) -> Result<(Manifest, Vec<String>), ImageSetError> 
         .iter()
         .map(|f| (f.path.as_str(), f))
         .collect();
+    let paged: BTreeMap<&str, u64> = manifest
+        .page_server
+        .iter()
+        .map(|p| (p.path.as_str(), p.size))
+        .collect();
     for rel in &on_disk {
-        if !listed.contains_key(rel.as_str()) {
+        if !listed.contains_key(rel.as_str()) && !paged.contains_key(rel.as_str()) {
             return Err(ImageSetError::Extra { path: rel.clone() });
         }
     }
-    for f in &manifest.files {
-        if on_disk.binary_search(&f.path).is_err() {
+    let sizes = manifest
+        .files
+        .iter()
+        .map(|f| (f.path.as_str(), f.size))
+        .chain(paged.iter().map(|(p, s)| (*p, *s)));
+    for (path, size) in sizes {
+        if on_disk.binary_search_by(|d| d.as_str().cmp(path)).is_err() {
             return Err(ImageSetError::Missing {
-                path: f.path.clone(),
+                path: path.to_owned(),
             });
         }
-        let actual = std::fs::symlink_metadata(dir.join(&f.path))
+        let actual = std::fs::symlink_metadata(dir.join(path))
             .map(|m| m.len())
             .map_err(|source| ImageSetError::Hash {
-                path: dir.join(&f.path),
+                path: dir.join(path),
                 source,
             })?;
-        if actual != f.size {
+        if actual != size {
             return Err(ImageSetError::SizeMismatch {
-                path: f.path.clone(),
-                expected: f.size,
+                path: path.to_owned(),
+                expected: size,
                 actual,
             });
         }
     }
-    Ok((manifest, on_disk))
+    // What is left to hash: the files, not the page-server images.
+    let hashed = on_disk
+        .into_iter()
+        .filter(|rel| listed.contains_key(rel.as_str()))
+        .collect();
+    Ok((manifest, hashed))
 }
 
 /// Hashes every file of `on_disk` (the manifest's files, sorted) against `manifest`.
@@ -565,3 +664,5 @@ fn hash_all(dir: &Path, files: &[String]) -> Result<Vec<FileEntry>, ImageSetErro
 
 #[cfg(test)]
 pub(crate) mod tests;
+#[cfg(test)]
+mod tests_pages;
