@@ -60,7 +60,7 @@ const AUTO_STOP_AND_COPY: MoveMode = MoveMode::Stream;
 pub enum ModeError {
     #[error("--mode precopy needs soft-dirty memory tracking, which this kernel lacks (criu check --feature mem_dirty_track: {detail}); use --mode stream or --mode lazy")]
     NoDirtyTracking { detail: String },
-    #[error("--mode precopy needs a destination that speaks protocol 1.2 (it keeps the pre-dump rounds and links them for the restore); {peer} speaks {version}; nothing was frozen; use --mode stream or --mode lazy")]
+    #[error("--mode precopy refused: {peer} speaks protocol {version}, and pre-copy needs a 1.2 destination (it keeps the pre-dump rounds and links them for the restore); nothing was frozen; use --mode stream or --mode lazy")]
     PrecopyPeerTooOld { peer: String, version: String },
     #[error("--mode lazy needs userfaultfd for non-cooperative processes (criu check --feature uffd-noncoop: {detail})")]
     NoUffd { detail: String },
@@ -534,6 +534,25 @@ mod tests {
         let t = known_throughput("probed-peer");
         assert_eq!((t.bytes_s, t.source), (3 << 20, ThroughputSource::Previous));
         assert!(t.describe().contains("earlier move"));
+    }
+
+    #[test]
+    fn precopy_prediction_uses_the_stop_rule_and_an_old_peer_is_refused() {
+        let p = pf(1 << 30);
+        let precopy = p.predict(MoveMode::Precopy);
+        assert_eq!(precopy, super::super::precopy::predict(&p, None).0);
+        assert!(precopy < p.predict(MoveMode::Cold), "{precopy}");
+        // The restore of all the memory stays in it: never below a final dump of nothing.
+        assert!(precopy >= p.precopy_final_ms(0));
+        let e = ModeError::PrecopyPeerTooOld {
+            peer: "host-b".into(),
+            version: "1.1".into(),
+        }
+        .to_string();
+        assert!(
+            e.contains("refused") && e.contains("host-b speaks protocol 1.1"),
+            "{e}"
+        );
     }
 
     #[test]
