@@ -398,3 +398,46 @@ pub(super) async fn dispatch(cli: &Cli) -> Result<Option<u8>, CliError> {
         _ => Ok(None),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migration::probe::ProbeInfo;
+
+    #[test]
+    fn the_preflight_line_names_the_throughput_source() {
+        let mut r = MoveResult {
+            name: "web".into(),
+            peer: "host-b".into(),
+            mode: "stream".into(),
+            downtime_ms: 900,
+            predicted_downtime_ms: Some(612),
+            throughput_bytes_s: Some(382 << 20),
+            throughput_source: Some("probe".into()),
+            probe: Some(ProbeInfo {
+                bytes: 64 << 20,
+                ms: 213,
+                bytes_s: 382 << 20,
+                mib_s: 382,
+                tail_bytes_s: 0,
+            }),
+            ..Default::default()
+        };
+        let text = move_text(&r);
+        assert!(
+            text.contains(
+                "mode stream: predicted downtime 612 ms, measured 900 ms (link 382 MiB/s, probed: 64.0 MiB in 213 ms)"
+            ),
+            "{text}"
+        );
+        r.probe = None;
+        r.throughput_source = Some("previous".into());
+        assert!(move_text(&r).contains("(link 382 MiB/s from an earlier move, no probe)"));
+        r.throughput_source = Some("default".into());
+        r.throughput_bytes_s = Some(150 << 20);
+        assert!(move_text(&r).contains("(link 150 MiB/s assumed, no probe)"));
+        // An older agent's result has no source: the line stays as it was.
+        r.throughput_source = None;
+        assert!(move_text(&r).contains("measured 900 ms\n"));
+    }
+}
