@@ -5,7 +5,7 @@
 //! magic (`IMG_SERVICE_MAGIC`, or `IMG_COMMON_MAGIC` for older writers), the `u32`
 //! `STATS_MAGIC`, then one entry: a `u32` length and that many bytes of a protobuf `stats_entry
 //! { dump_stats_entry dump = 1; restore_stats_entry restore = 2; }`, decoded with the minimal
-//! reader of [`super::protobuf`].
+//! reader of the (private) `criu::protobuf` module.
 
 use super::protobuf::{Fields, Value, IMG_COMMON_MAGIC, IMG_SERVICE_MAGIC};
 use serde::{Deserialize, Serialize};
