@@ -5,7 +5,9 @@
 //! [`Hello`] first; then control [`Message`] frames. Files travel on unidirectional streams the
 //! source opens ([`super::send_files_as`]: digests after the bytes with a 1.1 destination, in the
 //! headers with a 1.0 one); the destination accepts them in a background task and
-//! verifies each one ([`super::receive_file`]).
+//! verifies each one ([`super::receive_file`]). Between the hellos and its first message a 1.2
+//! source may measure the link on probe streams ([`super::probe`]; [`open_source`] then
+//! [`run_source_on`]), which a 1.2 destination answers while it waits for that message.
 
 use super::files::{receive_file, send_files_as, OutgoingFile, ReceivedFile, SentFile};
 use super::HostError;
