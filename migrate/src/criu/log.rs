@@ -12,7 +12,11 @@ const TAIL_BYTES: u64 = 256 << 10;
 pub const MAX_ERROR_LINES: usize = 5;
 /// Error lines CRIU prints on every run on hosts where root cannot raise RLIMIT_NOFILE; they say
 /// nothing about the failure.
-const HARMLESS: &[&str] = &["Can't setup RLIMIT_NOFILE"];
+const HARMLESS: &[&str] = &[
+    "Can't setup RLIMIT_NOFILE",
+    // Every page request over a `--ps-socket` Unix socket (stream and lazy modes) logs it.
+    "Unable to set TCP_NODELAY",
+];
 
 /// The last (at most [`MAX_ERROR_LINES`]) error lines of the log at `path`; when the log has none,
 /// its last non-empty lines. Empty when the log cannot be read.
@@ -38,12 +42,12 @@ pub fn pick_error_lines(text: &str) -> Vec<String> {
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
+        .filter(|l| !HARMLESS.iter().any(|h| l.contains(h)))
         .collect();
     let mut errors: Vec<&str> = lines
         .iter()
         .copied()
         .filter(|l| l.contains("Error") || l.contains("error") || l.contains("FAILED"))
-        .filter(|l| !HARMLESS.iter().any(|h| l.contains(h)))
         .collect();
     if errors.is_empty() {
         errors = lines;
@@ -84,5 +88,22 @@ mod tests {
             vec!["line 15", "line 16", "line 17", "line 18", "line 19"]
         );
         assert!(error_lines(Path::new("/nonexistent/log")).is_empty());
+    }
+
+    #[test]
+    fn the_last_lines_leave_out_the_socketpair_noise() {
+        let log = "(00.1) Restoring pages\n\
+                   (00.2) Warn  (criu/page-xfer.c:97): Unable to set TCP_NODELAY: Operation not supported\n\
+                   (00.3) uffd: 42: Fetching pages\n\
+                   (00.4) Warn  (criu/page-xfer.c:97): Unable to set TCP_NODELAY: Operation not supported\n";
+        let picked = pick_error_lines(log);
+        assert_eq!(
+            picked.last().map(String::as_str),
+            Some("(00.3) uffd: 42: Fetching pages")
+        );
+        assert!(
+            picked.iter().all(|l| !l.contains("TCP_NODELAY")),
+            "{picked:?}"
+        );
     }
 }
