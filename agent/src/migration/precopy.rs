@@ -22,7 +22,6 @@ use super::modes::Preflight;
 use mig_migrate::criu::{Criu, DumpOpts};
 use mig_migrate::transport::OutgoingFile;
 use mig_migrate::wire::FileKind;
-use mig_runtime::cgroup::Cgroup;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -493,10 +492,7 @@ impl super::source::SourceSide {
             .init_pid_of(&self.id)
             .ok_or(SourceError::NoInit)?;
         let criu = Criu::locate().map_err(SourceError::Criu)?;
-        let cg = Cgroup::open(&self.cgroup).map_err(|source| SourceError::Cgroup {
-            name: self.cgroup.clone(),
-            source,
-        })?;
+        let cg = self.cg()?;
         let dir = round_dir(&self.work, n);
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(|source| {

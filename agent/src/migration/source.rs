@@ -143,7 +143,7 @@ impl SourceSide {
         self.peer_version.get().is_some_and(|v| v.minor >= minor)
     }
 
-    fn cg(&self) -> Result<Cgroup, SourceError> {
+    pub(super) fn cg(&self) -> Result<Cgroup, SourceError> {
         Cgroup::open(&self.cgroup).map_err(|source| SourceError::Cgroup {
             name: self.cgroup.clone(),
             source,

@@ -96,12 +96,13 @@ pub fn export(
     // An archive lists every file with its digest: page images a page server wrote here are
     // hashed now.
     for p in std::mem::take(&mut manifest.page_server) {
-        let (size, sha256) = imageset::hash_file(&imageset_dir.join(&p.path)).map_err(|source| {
-            ArchiveError::ImageSet {
-                dir: imageset_dir.to_owned(),
-                source,
-            }
-        })?;
+        let (size, sha256) =
+            imageset::hash_file(&imageset_dir.join(&p.path)).map_err(|source| {
+                ArchiveError::ImageSet {
+                    dir: imageset_dir.to_owned(),
+                    source,
+                }
+            })?;
         manifest.files.push(FileEntry {
             path: p.path,
             size,

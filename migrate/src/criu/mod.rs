@@ -205,21 +205,13 @@ impl Criu {
     /// is gone afterwards.
     pub fn dump(&self, opts: &DumpOpts) -> Result<DumpStats, CriuError> {
         fresh_images_dir(&opts.images_dir)?;
-        let log = resolve(&opts.images_dir, &opts.log_file);
         let mut cmd = Command::new(&self.path);
         cmd.args(opts.args());
         if let Some(PageTarget::Socket(fd)) = opts.page_server {
             check_fd(fd)?;
             sys::prepare_child(&mut cmd, Vec::new(), vec![fd]);
         }
-        let start = Instant::now();
-        self.run(&mut cmd, "dump", &log)?;
-        let wall = start.elapsed();
-        let entry =
-            stats::read_stats(&opts.images_dir.join(STATS_DUMP)).map_err(CriuError::Stats)?;
-        let mut s = entry.dump.unwrap_or_default();
-        s.wall_time_us = wall.as_micros() as u64;
-        Ok(s)
+        self.run_dump(&mut cmd, "dump", opts)
     }
 
     /// One pre-copy iteration, `criu pre-dump` (see [`DumpOpts::pre_dump_args`]): the tree keeps
@@ -230,11 +222,21 @@ impl Criu {
     /// not available"; without the flag it would stop later at `BUG at criu/mem.c:46`).
     pub fn pre_dump(&self, opts: &DumpOpts) -> Result<DumpStats, CriuError> {
         fresh_images_dir(&opts.images_dir)?;
-        let log = resolve(&opts.images_dir, &opts.log_file);
         let mut cmd = Command::new(&self.path);
         cmd.args(opts.pre_dump_args());
+        self.run_dump(&mut cmd, "pre-dump", opts)
+    }
+
+    /// Runs a dump or pre-dump command and reads its statistics, with the wall time around it.
+    fn run_dump(
+        &self,
+        cmd: &mut Command,
+        what: &'static str,
+        opts: &DumpOpts,
+    ) -> Result<DumpStats, CriuError> {
+        let log = resolve(&opts.images_dir, &opts.log_file);
         let start = Instant::now();
-        self.run(&mut cmd, "pre-dump", &log)?;
+        self.run(cmd, what, &log)?;
         let wall = start.elapsed();
         let entry =
             stats::read_stats(&opts.images_dir.join(STATS_DUMP)).map_err(CriuError::Stats)?;

@@ -124,23 +124,7 @@ pub(super) fn push(args: &mut Vec<OsString>, flag: &str, value: impl Into<OsStri
 impl DumpOpts {
     /// The argument list of `criu` (without the program name).
     pub fn args(&self) -> Vec<OsString> {
-        let mut a: Vec<OsString> = vec!["dump".into()];
-        push(&mut a, "--tree", self.pid.to_string());
-        push(&mut a, "--images-dir", &self.images_dir);
-        push(
-            &mut a,
-            "--log-file",
-            resolve(&self.images_dir, &self.log_file),
-        );
-        a.push("-v4".into());
-        a.push("--manage-cgroups=ignore".into());
-        a.push("--file-locks".into());
-        if let Some(root) = &self.root {
-            push(&mut a, "--root", root);
-        }
-        if let Some(cg) = &self.freeze_cgroup {
-            push(&mut a, "--freeze-cgroup", cg);
-        }
+        let mut a = self.head("dump", true);
         if self.leave_running {
             a.push("--leave-running".into());
         }
@@ -150,10 +134,7 @@ impl DumpOpts {
             ps.push_args(&mut a);
         }
         self.iteration(&mut a);
-        for e in &self.external {
-            push(&mut a, "--external", e);
-        }
-        a.extend(self.extra.iter().map(OsString::from));
+        self.tail(&mut a);
         a
     }
 
@@ -162,7 +143,19 @@ impl DumpOpts {
     /// CRIU writes the pages (`--pre-dump-mode splice`, CRIU's default). Tracking is implied;
     /// `leave_running`, the network options and the page server do not apply.
     pub fn pre_dump_args(&self) -> Vec<OsString> {
-        let mut a: Vec<OsString> = vec!["pre-dump".into()];
+        let mut a = self.head("pre-dump", false);
+        a.push("--track-mem".into());
+        if let Some(prev) = &self.prev_images_dir {
+            push(&mut a, "--prev-images-dir", prev);
+        }
+        self.tail(&mut a);
+        a
+    }
+
+    /// The command, the tree, where the images and the log go, the cgroup options, `--root`
+    /// and `--freeze-cgroup`: what a dump and a pre-dump share, in that order.
+    fn head(&self, command: &str, file_locks: bool) -> Vec<OsString> {
+        let mut a: Vec<OsString> = vec![command.into()];
         push(&mut a, "--tree", self.pid.to_string());
         push(&mut a, "--images-dir", &self.images_dir);
         push(
@@ -172,21 +165,24 @@ impl DumpOpts {
         );
         a.push("-v4".into());
         a.push("--manage-cgroups=ignore".into());
+        if file_locks {
+            a.push("--file-locks".into());
+        }
         if let Some(root) = &self.root {
             push(&mut a, "--root", root);
         }
         if let Some(cg) = &self.freeze_cgroup {
             push(&mut a, "--freeze-cgroup", cg);
         }
-        a.push("--track-mem".into());
-        if let Some(prev) = &self.prev_images_dir {
-            push(&mut a, "--prev-images-dir", prev);
-        }
+        a
+    }
+
+    /// `--external` and the caller's extra arguments, last.
+    fn tail(&self, a: &mut Vec<OsString>) {
         for e in &self.external {
-            push(&mut a, "--external", e);
+            push(a, "--external", e);
         }
         a.extend(self.extra.iter().map(OsString::from));
-        a
     }
 
     fn iteration(&self, a: &mut Vec<OsString>) {
