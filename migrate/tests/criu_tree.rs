@@ -7,6 +7,7 @@
 
 use mig_migrate::criu::{
     Criu, CriuError, DumpOpts, LazyPagesOpts, PageServerOpts, PageTarget, RestoreOpts,
+    RestoreOutcome,
 };
 use mig_migrate::imageset::{self, SealInfo};
 use mig_runtime::pidmap::pid_map;
@@ -51,6 +52,29 @@ impl Drop for Reaper {
             let _ = waitpid(Pid::from_raw(p), None);
         }
     }
+}
+
+/// Restores with `opts` (its images dir and any extra option) as on a destination host: a new
+/// pipe stands in for the tree's old stdout (`stdout_pipe`), with CRIU's log and pidfile in the
+/// images dir. The restored init goes to `reaper`; returns the outcome and the pipe's read end.
+fn restore_piped(
+    criu: &Criu,
+    stdout_pipe: &str,
+    reaper: &mut Reaper,
+    opts: RestoreOpts,
+) -> (RestoreOutcome, BufReader<std::fs::File>) {
+    let (r, w): (OwnedFd, OwnedFd) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+    let outcome = criu
+        .restore(&RestoreOpts {
+            inherit_fds: vec![(w.as_raw_fd(), stdout_pipe.to_owned())],
+            log_file: "restore.log".into(),
+            pidfile: "restore.pid".into(),
+            ..opts
+        })
+        .unwrap();
+    reaper.0.push(outcome.pid);
+    drop(w);
+    (outcome, BufReader::new(std::fs::File::from(r)))
 }
 
 /// A counter tree: `unshare` (our child) and its child, the namespace's init (`sh`, PID 1 in
@@ -207,22 +231,18 @@ fn dump_kill_restore_continues_counting_with_the_same_pids() {
     assert_eq!(imageset::verify(&images).unwrap(), manifest);
 
     // A new pipe stands in for the old one, as on a destination host.
-    let (r, w): (OwnedFd, OwnedFd) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
-    let outcome = criu
-        .restore(&RestoreOpts {
+    let (outcome, mut lines) = restore_piped(
+        &criu,
+        &tree.stdout_pipe,
+        &mut reaper,
+        RestoreOpts {
             images_dir: images.clone(),
-            inherit_fds: vec![(w.as_raw_fd(), tree.stdout_pipe.clone())],
-            log_file: "restore.log".into(),
-            pidfile: "restore.pid".into(),
             ..Default::default()
-        })
-        .unwrap();
-    reaper.0.push(outcome.pid);
-    drop(w);
+        },
+    );
     eprintln!("restore: {outcome:?}");
     assert!(outcome.stats.restore_time_us > 0);
     assert_eq!(ns_pid(outcome.pid), 1, "the restored init is PID 1 again");
-    let mut lines = BufReader::new(std::fs::File::from(r));
     assert_eq!(read_number(&mut lines), last + 1, "the counter continues");
     assert_eq!(read_number(&mut lines), last + 2);
     let map_after = pid_map(&[outcome.pid]);
@@ -288,19 +308,15 @@ fn a_final_dump_beside_its_rounds_restores_through_the_parent_link() {
     .unwrap();
     assert!(manifest.files.iter().all(|f| f.path != "parent"));
     imageset::verify(&images).unwrap();
-    let (r, w): (OwnedFd, OwnedFd) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
-    let outcome = criu
-        .restore(&RestoreOpts {
+    let (outcome, mut lines) = restore_piped(
+        &criu,
+        &tree.stdout_pipe,
+        &mut reaper,
+        RestoreOpts {
             images_dir: images.clone(),
-            inherit_fds: vec![(w.as_raw_fd(), tree.stdout_pipe.clone())],
-            log_file: "restore.log".into(),
-            pidfile: "restore.pid".into(),
             ..Default::default()
-        })
-        .unwrap();
-    reaper.0.push(outcome.pid);
-    drop(w);
-    let mut lines = BufReader::new(std::fs::File::from(r));
+        },
+    );
     assert_eq!(read_number(&mut lines), last + 1, "the counter continues");
     assert_eq!(ns_pid(outcome.pid), 1);
     let log = std::fs::read_to_string(images.join("restore.log")).unwrap_or_default();
@@ -493,23 +509,19 @@ fn prefrozen_dump_stays_frozen_and_restore_lands_in_the_cgroup() {
     src.write("cgroup.kill", "1");
     let _ = waitpid(Pid::from_raw(tree.unshare), None);
 
-    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
-    let outcome = criu
-        .restore(&RestoreOpts {
+    let (outcome, mut lines) = restore_piped(
+        &criu,
+        &tree.stdout_pipe,
+        &mut reaper,
+        RestoreOpts {
             images_dir: images.clone(),
-            inherit_fds: vec![(w.as_raw_fd(), tree.stdout_pipe.clone())],
             cgroup_procs: vec![dst.0.join("cgroup.procs")],
-            log_file: "restore.log".into(),
-            pidfile: "restore.pid".into(),
             ..Default::default()
-        })
-        .unwrap();
-    reaper.0.push(outcome.pid);
-    drop(w);
+        },
+    );
     let cg = std::fs::read_to_string(format!("/proc/{}/cgroup", outcome.pid)).unwrap();
     let want = format!("0::/{}", dst.0.file_name().unwrap().to_string_lossy());
     assert!(cg.lines().any(|l| l == want), "{cg}");
-    let mut lines = BufReader::new(std::fs::File::from(r));
     assert_eq!(read_number(&mut lines), last + 1, "the counter continues");
     drop(reaper);
     drop(src);
@@ -596,19 +608,15 @@ fn dump_through_a_page_server_then_restore() {
                 std::fs::copy(src.join(&n), dst.join(&n)).unwrap();
             }
         }
-        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
-        let outcome = criu
-            .restore(&RestoreOpts {
+        let (_, mut lines) = restore_piped(
+            &criu,
+            &tree.stdout_pipe,
+            &mut reaper,
+            RestoreOpts {
                 images_dir: dst.clone(),
-                inherit_fds: vec![(w.as_raw_fd(), tree.stdout_pipe.clone())],
-                log_file: "restore.log".into(),
-                pidfile: "restore.pid".into(),
                 ..Default::default()
-            })
-            .unwrap();
-        reaper.0.push(outcome.pid);
-        drop(w);
-        let mut lines = BufReader::new(std::fs::File::from(r));
+            },
+        );
         assert_eq!(read_number(&mut lines), last + 1, "the counter continues");
     }
 }
@@ -666,21 +674,17 @@ fn post_copy_over_a_socketpair() {
         })
         .unwrap();
     drop(b);
-    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
-    let outcome = criu
-        .restore(&RestoreOpts {
+    let (_, mut lines) = restore_piped(
+        &criu,
+        &tree.stdout_pipe,
+        &mut reaper,
+        RestoreOpts {
             images_dir: dst.clone(),
             lazy_pages: true,
-            inherit_fds: vec![(w.as_raw_fd(), tree.stdout_pipe.clone())],
-            log_file: "restore.log".into(),
-            pidfile: "restore.pid".into(),
             ..Default::default()
-        })
-        .unwrap();
+        },
+    );
     let resumed = t0.elapsed();
-    reaper.0.push(outcome.pid);
-    drop(w);
-    let mut lines = BufReader::new(std::fs::File::from(r));
     let next = read_number(&mut lines);
     assert!(next > tree.last, "{next} after {}", tree.last);
     daemon.wait().unwrap();
