@@ -99,6 +99,9 @@ fn bench_move_tiny_run_writes_csv_json_and_svg() -> Result<()> {
         "postcopy_ms",
         "criu_dump_ms",
         "seal_ms",
+        "predicted_downtime_ms",
+        "throughput_source",
+        "throughput_mib_s",
     ] {
         ensure!(header.contains(&col), "csv has no column {col}: {header:?}");
     }
@@ -112,6 +115,18 @@ fn bench_move_tiny_run_writes_csv_json_and_svg() -> Result<()> {
         ensure!(!r[col("downtime_ms")].is_empty(), "{r:?}");
     }
     ensure!(rows[0][col("mode")] == "cold" && rows[0][col("pids_kept")] == "true");
+    // Both lab agents speak protocol 1.2: the pre-flight predicted from this move's link probe.
+    ensure!(
+        rows[0][col("throughput_source")] == "probe"
+            && rows[0][col("predicted_downtime_ms")]
+                .parse::<u64>()
+                .is_ok_and(|ms| ms > 0)
+            && rows[0][col("throughput_mib_s")]
+                .parse::<u64>()
+                .is_ok_and(|m| m > 0),
+        "{:?}",
+        rows[0]
+    );
     if runc {
         ensure!(rows[1][col("mode")] == "runc", "{:?}", rows[1]);
     }

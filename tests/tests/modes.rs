@@ -248,18 +248,7 @@ fn no_probe_with_a_1_1_peer() -> Result<()> {
     let mut lab = Lab::up("pn", 66)?;
     let id = lab.run_container(0, "oldpeer", 4)?;
     let dir = tempfile::tempdir()?;
-    let wrapper = dir.path().join("migd-1.1");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nMIG_WIRE_VERSION=1.1 exec {} \"$@\"\n",
-            mig_tests::bin("migd").display()
-        ),
-    )?;
-    std::fs::set_permissions(
-        &wrapper,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )?;
+    let wrapper = migd_announcing(dir.path(), "1.1")?;
     lab.restart_with(1, &wrapper)?;
     refused(
         &lab,
