@@ -478,8 +478,10 @@ fn held_move(lab: &Lab, name: &str) -> Result<Child> {
 }
 
 /// A config file with one `[limits]` line, next to the lab's state directories.
-fn limits_file(lab: &Lab, tag: &str, line: &str) -> Result<String> {
-    let f = lab.state_dir(0).with_file_name(format!("{tag}.toml"));
+/// A config file with `line` under `[limits]`, in `dir` (the test's own temporary directory: the
+/// lab's state root is removed by `mig lab down` only when nothing but the hosts is left there).
+fn limits_file(dir: &std::path::Path, tag: &str, line: &str) -> Result<String> {
+    let f = dir.join(format!("{tag}.toml"));
     std::fs::write(&f, format!("[limits]\n{line}\n"))?;
     Ok(f.display().to_string())
 }
@@ -494,13 +496,14 @@ fn concurrent_move_limits_are_enforced() -> Result<()> {
         return Ok(());
     }
     let mut lab = Lab::up("lim", 92)?;
+    let configs = tempfile::tempdir()?;
     for name in ["l1", "l2", "l3"] {
         lab.run_container(0, name, 1)?;
     }
     lab.fault(0, Some("source-presync:delay:4000"))?;
 
     // The destination takes one migration at a time.
-    let cfg = limits_file(&lab, "incoming", "max_incoming_moves = 1")?;
+    let cfg = limits_file(configs.path(), "incoming", "max_incoming_moves = 1")?;
     {
         let _b = hand_agent(&lab, 1, "incoming", &["--config", &cfg], &[])?;
         let mut first = held_move(&lab, "l1")?;
@@ -514,7 +517,7 @@ fn concurrent_move_limits_are_enforced() -> Result<()> {
     lab.restart(1)?;
 
     // The source starts one move at a time.
-    let cfg = limits_file(&lab, "outgoing", "max_outgoing_moves = 1")?;
+    let cfg = limits_file(configs.path(), "outgoing", "max_outgoing_moves = 1")?;
     let _a = hand_agent(&lab, 0, "outgoing", &["--config", &cfg], &[])?;
     let mut first = held_move(&lab, "l2")?;
     let o = lab.mig(0, &["move", "l3", "host-b"]);
