@@ -77,6 +77,28 @@ fn restore_piped(
     (outcome, BufReader::new(std::fs::File::from(r)))
 }
 
+/// Seals the images of a dumped counter tree as `mig` does (spec, CRIU version, PID map, stdout
+/// pipe, statistics).
+fn seal_tree(
+    criu: &Criu,
+    images: &Path,
+    tree: &Tree,
+    pid_map: &[mig_runtime::pidmap::PidEntry],
+    stats: mig_migrate::criu::DumpStats,
+) -> imageset::Manifest {
+    imageset::seal(
+        images,
+        SealInfo {
+            spec: spec(),
+            criu_version: criu.version().unwrap(),
+            pid_map: pid_map.to_vec(),
+            stdio_pipe: Some(tree.stdout_pipe.clone()),
+            stats: Some(stats),
+        },
+    )
+    .unwrap()
+}
+
 /// A counter tree: `unshare` (our child) and its child, the namespace's init (`sh`, PID 1 in
 /// its PID namespace, leader of its own session), with stdout on the write end of a pipe.
 struct Tree {
@@ -89,6 +111,17 @@ struct Tree {
 }
 
 impl Tree {
+    /// Reads the pipe to its end (the tree is gone) and returns the last number printed.
+    fn last_printed(&mut self) -> u64 {
+        let mut last = self.last;
+        let mut l = String::new();
+        while self.lines.read_line(&mut l).unwrap() > 0 {
+            last = l.trim().parse().unwrap();
+            l.clear();
+        }
+        last
+    }
+
     fn next(&mut self) -> u64 {
         self.last = read_number(&mut self.lines);
         self.last
@@ -208,25 +241,10 @@ fn dump_kill_restore_continues_counting_with_the_same_pids() {
     assert!(images.join("dump.log").exists());
     // The tree is gone: `unshare` exits with its child, the pipe reaches end of file.
     let _ = waitpid(Pid::from_raw(tree.unshare), None);
-    let mut last = tree.last;
-    let mut l = String::new();
-    while tree.lines.read_line(&mut l).unwrap() > 0 {
-        last = l.trim().parse().unwrap();
-        l.clear();
-    }
+    let last = tree.last_printed();
     assert!(last > 0);
 
-    let manifest = imageset::seal(
-        &images,
-        SealInfo {
-            spec: spec(),
-            criu_version: criu.version().unwrap(),
-            pid_map: map_before.clone(),
-            stdio_pipe: Some(tree.stdout_pipe.clone()),
-            stats: Some(stats),
-        },
-    )
-    .unwrap();
+    let manifest = seal_tree(&criu, &images, &tree, &map_before, stats);
     assert!(manifest.files.iter().any(|f| f.path == "pstree.img"));
     assert_eq!(imageset::verify(&images).unwrap(), manifest);
 
@@ -288,24 +306,9 @@ fn a_final_dump_beside_its_rounds_restores_through_the_parent_link() {
         })
         .unwrap();
     let _ = waitpid(Pid::from_raw(tree.unshare), None);
-    let mut last = tree.last;
-    let mut l = String::new();
-    while tree.lines.read_line(&mut l).unwrap() > 0 {
-        last = l.trim().parse().unwrap();
-        l.clear();
-    }
+    let last = tree.last_printed();
     std::os::unix::fs::symlink("../rounds/1", images.join("parent")).unwrap();
-    let manifest = imageset::seal(
-        &images,
-        SealInfo {
-            spec: spec(),
-            criu_version: criu.version().unwrap(),
-            pid_map: map_before.clone(),
-            stdio_pipe: Some(tree.stdout_pipe.clone()),
-            stats: Some(stats),
-        },
-    )
-    .unwrap();
+    let manifest = seal_tree(&criu, &images, &tree, &map_before, stats);
     assert!(manifest.files.iter().all(|f| f.path != "parent"));
     imageset::verify(&images).unwrap();
     let (outcome, mut lines) = restore_piped(
@@ -589,12 +592,7 @@ fn dump_through_a_page_server_then_restore() {
         server.wait().unwrap();
         eprintln!("socketpair={socketpair}: {stats:?}");
         let _ = waitpid(Pid::from_raw(tree.unshare), None);
-        let mut last = tree.last;
-        let mut l = String::new();
-        while tree.lines.read_line(&mut l).unwrap() > 0 {
-            last = l.trim().parse().unwrap();
-            l.clear();
-        }
+        let last = tree.last_printed();
         let names = |d: &Path| -> Vec<String> {
             std::fs::read_dir(d)
                 .unwrap()
