@@ -263,19 +263,21 @@ pub fn round_dir(base: &Path, n: u32) -> PathBuf {
     base.join(ROUNDS_DIR).join(n.to_string())
 }
 
-/// What round `n`'s pre-dump (or, with `n` = rounds + 1, the final dump) passes as
-/// `--prev-images-dir`, relative to its own images directory: round 1 has none, round `n`
-/// names round `n - 1`, the final dump in `images/` names the last round. The same relative
-/// targets are valid on both sides because both keep `images/` and `rounds/` side by side.
-pub fn prev_images_dir(n: u32, last_round: u32, final_dump: bool) -> Option<PathBuf> {
-    if final_dump {
-        return (last_round > 0).then(|| {
-            Path::new("..")
-                .join(ROUNDS_DIR)
-                .join(last_round.to_string())
-        });
-    }
+/// What round `n`'s pre-dump passes as `--prev-images-dir`, relative to its own images
+/// directory: round 1 has none, round `n` names round `n - 1`. The same relative targets are
+/// valid on both sides because both keep `images/` and `rounds/` side by side.
+pub fn round_parent(n: u32) -> Option<PathBuf> {
     (n > 1).then(|| Path::new("..").join((n - 1).to_string()))
+}
+
+/// What the final dump in `images/` passes as `--prev-images-dir` after `last_round` rounds:
+/// the last round, none without rounds.
+pub fn final_parent(last_round: u32) -> Option<PathBuf> {
+    (last_round > 0).then(|| {
+        Path::new("..")
+            .join(ROUNDS_DIR)
+            .join(last_round.to_string())
+    })
 }
 
 /// The remote name of a round's file on the wire (kind `Presync`): `rounds/<n>/<file>`.
@@ -338,11 +340,11 @@ pub fn link_rounds(base: &Path, images: &Path) -> Result<u32, RoundsError> {
         })
     };
     for k in 2..=n {
-        if let Some(prev) = prev_images_dir(k, n, false) {
+        if let Some(prev) = round_parent(k) {
             link(&round_dir(base, k), prev)?;
         }
     }
-    if let Some(prev) = prev_images_dir(n + 1, n, true) {
+    if let Some(prev) = final_parent(n) {
         link(images, prev)?;
     }
     Ok(n)
@@ -418,7 +420,7 @@ impl SourceRounds {
     /// when there were rounds.
     pub fn final_dump(&self) -> (bool, Option<PathBuf>) {
         let n = self.made();
-        (n > 0, prev_images_dir(n + 1, n, true))
+        (n > 0, final_parent(n))
     }
 
     /// What the final dump wrote, bytes.
@@ -486,7 +488,6 @@ impl super::source::SourceSide {
         if !self.precopy.before_round(n) {
             return Ok(None);
         }
-        let cd = self.agent.dirs.container(&self.id);
         let init_pid = self
             .agent
             .init_pid_of(&self.id)
@@ -503,16 +504,9 @@ impl super::source::SourceSide {
             })?;
         }
         let opts = DumpOpts {
-            pid: init_pid,
-            images_dir: dir.clone(),
-            root: Some(cd.rootfs()),
-            freeze_cgroup: cg.freezer_dir(),
             log_file: "pre-dump.log".into(),
-            prev_images_dir: prev_images_dir(n, 0, false),
-            external: (self.agent.entry(&self.id).ok())
-                .map(|e| mig_runtime::container::dump_externals(&e.spec))
-                .unwrap_or_default(),
-            ..Default::default()
+            prev_images_dir: round_parent(n),
+            ..self.dump_opts(init_pid, &cg, &dir)
         };
         let t = std::time::Instant::now();
         let stats = criu.pre_dump(&opts).map_err(|e| {
@@ -772,10 +766,10 @@ mod tests {
 
     #[test]
     fn rounds_chain_to_each_other_and_the_final_dump_to_the_last() {
-        assert_eq!(prev_images_dir(1, 0, false), None);
-        assert_eq!(prev_images_dir(2, 0, false), Some("../1".into()));
-        assert_eq!(prev_images_dir(4, 3, true), Some("../rounds/3".into()));
-        assert_eq!(prev_images_dir(1, 0, true), None);
+        assert_eq!(round_parent(1), None);
+        assert_eq!(round_parent(2), Some("../1".into()));
+        assert_eq!(final_parent(3), Some("../rounds/3".into()));
+        assert_eq!(final_parent(0), None);
         assert_eq!(round_dir(Path::new("/w"), 2), Path::new("/w/rounds/2"));
     }
 

@@ -143,6 +143,22 @@ impl SourceSide {
         self.peer_version.get().is_some_and(|v| v.minor >= minor)
     }
 
+    /// What every dump of this container passes CRIU, the final one and pre-copy's rounds:
+    /// the tree, where the images go, the root, the cgroup to freeze and, for a user-namespace
+    /// container, its host binds as externals (devices, masked files).
+    pub(super) fn dump_opts(&self, pid: i32, cg: &Cgroup, images_dir: &Path) -> DumpOpts {
+        DumpOpts {
+            pid,
+            images_dir: images_dir.to_owned(),
+            root: Some(self.agent.dirs.container(&self.id).rootfs()),
+            freeze_cgroup: cg.freezer_dir(),
+            external: (self.agent.entry(&self.id).ok())
+                .map(|e| mig_runtime::container::dump_externals(&e.spec))
+                .unwrap_or_default(),
+            ..Default::default()
+        }
+    }
+
     pub(super) fn cg(&self) -> Result<Cgroup, SourceError> {
         Cgroup::open(&self.cgroup).map_err(|source| SourceError::Cgroup {
             name: self.cgroup.clone(),
@@ -267,7 +283,6 @@ impl SourceSide {
         &self,
         tunnel: Option<&mig_migrate::transport::tunnel::Tunnel>,
     ) -> Result<Vec<OutgoingFile>, SourceError> {
-        let cd = self.agent.dirs.container(&self.id);
         let init_pid = self
             .agent
             .init_pid_of(&self.id)
@@ -291,21 +306,13 @@ impl SourceSide {
                 &criu,
                 &self.migration_id,
                 DumpOpts {
-                    pid: fault::criu_pid(injected, init_pid),
-                    images_dir: images.clone(),
-                    root: Some(cd.rootfs()),
-                    freeze_cgroup: cg.freezer_dir(),
                     leave_running: true,
                     tcp_established: self.tcp_established,
                     log_file: "dump.log".into(),
-                    // A user-namespace container's host binds (devices, masked files).
-                    external: (self.agent.entry(&self.id).ok())
-                        .map(|e| mig_runtime::container::dump_externals(&e.spec))
-                        .unwrap_or_default(),
                     // Pre-copy: only what changed since the last round.
                     track_mem,
                     prev_images_dir,
-                    ..Default::default()
+                    ..self.dump_opts(fault::criu_pid(injected, init_pid), &cg, &images)
                 },
                 tunnel,
             )
