@@ -5,8 +5,8 @@
 //! - an opaque directory (xattr `trusted.overlay.opaque=y`) gets an empty `dir/.wh..wh..opq`.
 //!
 //! Minimal stand-ins until mig_runtime::image exposes its own layer writer and unpacker. Hard
-//! links inside the layer stay hard links (a tar link entry to the first name); sockets are
-//! skipped (they cannot be archived).
+//! links inside the layer stay hard links (a tar link entry to the first name); FIFOs and device
+//! nodes stay FIFOs and device nodes; sockets are skipped (they cannot be archived).
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -75,6 +75,8 @@ pub(super) fn add_entry(
         }
     } else if ft.is_socket() {
         // Sockets cannot be archived.
+    } else if ft.is_fifo() || ft.is_char_device() || ft.is_block_device() {
+        special_entry(b, name, meta)?;
     } else if ft.is_file() && meta.nlink() > 1 {
         match links.entry((meta.dev(), meta.ino())) {
             std::collections::hash_map::Entry::Occupied(first) => {
@@ -129,6 +131,96 @@ pub(super) fn walk(
         }
     }
     Ok(())
+}
+
+/// A FIFO or device node, written by hand: tar's own `append_path_with_name` names such an entry
+/// by its path on disk instead of `name` and fails on the absolute path.
+fn special_entry(
+    b: &mut tar::Builder<&mut dyn Write>,
+    name: &Path,
+    meta: &std::fs::Metadata,
+) -> Result<(), LayerError> {
+    let ft = meta.file_type();
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(if ft.is_fifo() {
+        tar::EntryType::Fifo
+    } else if ft.is_char_device() {
+        tar::EntryType::Char
+    } else {
+        tar::EntryType::Block
+    });
+    h.set_size(0);
+    h.set_mode(meta.mode() & 0o7777);
+    h.set_uid(u64::from(meta.uid()));
+    h.set_gid(u64::from(meta.gid()));
+    h.set_mtime(meta.mtime().max(0) as u64);
+    let rdev = meta.rdev();
+    h.set_device_major(nix::sys::stat::major(rdev) as u32)
+        .map_err(LayerError::Write)?;
+    h.set_device_minor(nix::sys::stat::minor(rdev) as u32)
+        .map_err(LayerError::Write)?;
+    b.append_data(&mut h, name, io::empty())
+        .map_err(LayerError::Write)
+}
+
+/// Creates the FIFO or device node of a tar entry at `dest/raw` (its parent inside `dest`), with
+/// the entry's mode and owner: tar's own unpacking would write a regular file instead.
+fn unpack_special(header: &tar::Header, dest: &Path, raw: &Path) -> Result<(), LayerError> {
+    let path = dest.join(raw);
+    let unpack_err = |source: io::Error| LayerError::Unpack {
+        path: path.clone(),
+        source,
+    };
+    let parent = path.parent().unwrap_or(dest);
+    std::fs::create_dir_all(parent).map_err(unpack_err)?;
+    // A symlink in the layer must not lead the node outside `dest`.
+    let real_parent = parent.canonicalize().map_err(unpack_err)?;
+    let real_dest = dest.canonicalize().map_err(unpack_err)?;
+    if !real_parent.starts_with(&real_dest) {
+        return Err(LayerError::UnsafePath {
+            path: raw.to_string_lossy().chars().take(256).collect(),
+        });
+    }
+    let kind = match header.entry_type() {
+        tar::EntryType::Fifo => nix::sys::stat::SFlag::S_IFIFO,
+        tar::EntryType::Char => nix::sys::stat::SFlag::S_IFCHR,
+        _ => nix::sys::stat::SFlag::S_IFBLK,
+    };
+    let field = |v: io::Result<u64>| v.map_err(LayerError::Tar);
+    let dev = match kind {
+        nix::sys::stat::SFlag::S_IFIFO => 0,
+        _ => nix::sys::stat::makedev(
+            field(header.device_major().map(|m| u64::from(m.unwrap_or(0))))?,
+            field(header.device_minor().map(|m| u64::from(m.unwrap_or(0))))?,
+        ),
+    };
+    let mode = field(header.mode().map(u64::from))? as u32 & 0o7777;
+    let node = real_parent.join(path.file_name().unwrap_or_default());
+    nix::sys::stat::mknod(
+        &node,
+        kind,
+        nix::sys::stat::Mode::from_bits_truncate(mode),
+        dev,
+    )
+    .map_err(|e| unpack_err(e.into()))?;
+    // mknod applies the umask: set the mode exactly, then the owner.
+    nix::sys::stat::fchmodat(
+        None,
+        &node,
+        nix::sys::stat::Mode::from_bits_truncate(mode),
+        nix::sys::stat::FchmodatFlags::FollowSymlink,
+    )
+    .map_err(|e| unpack_err(e.into()))?;
+    let uid = field(header.uid())?;
+    let gid = field(header.gid())?;
+    nix::unistd::fchownat(
+        None,
+        &node,
+        Some(nix::unistd::Uid::from_raw(uid as u32)),
+        Some(nix::unistd::Gid::from_raw(gid as u32)),
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .map_err(|e| unpack_err(e.into()))
 }
 
 fn empty_file(
@@ -203,6 +295,12 @@ pub(super) fn unpack_entries<R: Read>(
                 path,
                 source: e.into(),
             })?;
+        } else if matches!(
+            entry.header().entry_type(),
+            tar::EntryType::Fifo | tar::EntryType::Char | tar::EntryType::Block
+        ) {
+            before(&raw, false)?;
+            unpack_special(entry.header(), dest, &raw)?;
         } else {
             before(&raw, entry.header().entry_type().is_dir())?;
             let done = entry.unpack_in(dest).map_err(unpack_err(dest.join(&raw)))?;

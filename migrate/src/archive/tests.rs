@@ -222,3 +222,68 @@ fn layer_unpack_refuses_escapes() {
     assert!(unpack_layer_tar(&mut &tar[..], &dest).is_err());
     assert!(!dest.join("hard").exists());
 }
+
+/// A FIFO (and, as root, a device node) in the writable layer: archived under its name in the
+/// layer and unpacked as the same kind of node. tar's own `append_path_with_name` named them by
+/// their absolute path on disk and failed ("paths in archives must be relative"), so a container
+/// with a FIFO in its writable layer could not be moved or exported.
+#[test]
+fn fifo_and_device_nodes_round_trip() {
+    let t = tempfile::tempdir().unwrap();
+    let upper = t.path().join("upper");
+    std::fs::create_dir_all(upper.join("data")).unwrap();
+    nix::unistd::mkfifo(
+        &upper.join("data/fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o640),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        upper.join("data/fifo"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o640),
+    )
+    .unwrap();
+    if is_root() {
+        nix::sys::stat::mknod(
+            &upper.join("data/null"),
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o666),
+            nix::sys::stat::makedev(1, 3),
+        )
+        .unwrap();
+    }
+    let mut tar = Vec::new();
+    write_layer_tar(&upper, &mut tar).unwrap();
+    let dest = t.path().join("dest");
+    std::fs::create_dir(&dest).unwrap();
+    unpack_layer_tar(&mut &tar[..], &dest).unwrap();
+    let m = std::fs::symlink_metadata(dest.join("data/fifo")).unwrap();
+    assert!(m.file_type().is_fifo(), "{:?}", m.file_type());
+    assert_eq!(m.mode() & 0o7777, 0o640);
+    if is_root() {
+        let m = std::fs::symlink_metadata(dest.join("data/null")).unwrap();
+        assert!(m.file_type().is_char_device());
+        assert_eq!(m.rdev(), nix::sys::stat::makedev(1, 3));
+    }
+}
+
+#[test]
+fn fifo_entry_behind_a_symlink_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let outside = t.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Symlink);
+    h.set_size(0);
+    b.append_link(&mut h, "esc", &outside).unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Fifo);
+    h.set_size(0);
+    h.set_mode(0o644);
+    b.append_data(&mut h, "esc/fifo", std::io::empty()).unwrap();
+    let tar = b.into_inner().unwrap();
+    let dest = t.path().join("dest");
+    std::fs::create_dir(&dest).unwrap();
+    assert!(unpack_layer_tar(&mut &tar[..], &dest).is_err());
+    assert!(!outside.join("fifo").exists());
+}
