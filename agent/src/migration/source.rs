@@ -144,17 +144,30 @@ impl SourceSide {
     }
 
     /// What every dump of this container passes CRIU, the final one and pre-copy's rounds:
-    /// the tree, where the images go, the root, the cgroup to freeze and, for a user-namespace
-    /// container, its host binds as externals (devices, masked files).
+    /// the tree, where the images go, the root, the cgroup to freeze and as externals, for a
+    /// user-namespace container its host binds (devices, masked files), for a loopback-only
+    /// container going to a 1.3 destination its network namespace (recreated there with `lo`
+    /// up instead of dumped and restored: `mig_runtime::container::LoopbackNetns`).
     pub(super) fn dump_opts(&self, pid: i32, cg: &Cgroup, images_dir: &Path) -> DumpOpts {
+        let mut external = Vec::new();
+        if let Ok(e) = self.agent.entry(&self.id) {
+            external = mig_runtime::container::dump_externals(&e.spec);
+            if self.peer_speaks(3) && mig_runtime::container::netns_recreatable(&e.spec) {
+                // Without the inode the namespace is dumped in full, as for an older peer.
+                match mig_runtime::container::external_netns_arg(pid) {
+                    Ok(arg) => external.push(arg),
+                    Err(err) => {
+                        tracing::warn!(id = %self.id, error = %chain(&err), "dumping the network namespace in full")
+                    }
+                }
+            }
+        }
         DumpOpts {
             pid,
             images_dir: images_dir.to_owned(),
             root: Some(self.agent.dirs.container(&self.id).rootfs()),
             freeze_cgroup: cg.freezer_dir(),
-            external: (self.agent.entry(&self.id).ok())
-                .map(|e| mig_runtime::container::dump_externals(&e.spec))
-                .unwrap_or_default(),
+            external,
             ..Default::default()
         }
     }

@@ -235,6 +235,15 @@ fn restore(
     if let Some(n) = net {
         mig_runtime::net::before_restore(n).map_err(|e| (Stage::Restore, chain(&e)))?;
     }
+    // A loopback-only container's network namespace was left out of the dump (1.3 source):
+    // CRIU joins a fresh one with `lo` up. Closed (dropped) when this returns, on every path.
+    let netns = match container::images_external_netns(&cd.checkpoint()) {
+        Ok(true) => {
+            Some(container::LoopbackNetns::create().map_err(|e| (Stage::Restore, chain(&e)))?)
+        }
+        Ok(false) => None,
+        Err(e) => return Err((Stage::Checkpoint, chain(&e))),
+    };
     let pidfile = cd.dir.join("restore.pid");
     let _ = std::fs::remove_file(&pidfile);
     // An arriving container stays frozen until Commit: it is frozen before its tasks resume.
@@ -248,8 +257,10 @@ fn restore(
         images_dir: cd.checkpoint(),
         root: Some(rootfs.to_owned()),
         inherit_fds: stdio_pipe
-            .map(|p| vec![(log_write, p.to_owned())])
-            .unwrap_or_default(),
+            .map(|p| (log_write, p.to_owned()))
+            .into_iter()
+            .chain(netns.as_ref().map(container::LoopbackNetns::inherit_fd))
+            .collect(),
         cgroup_procs: cgroup.procs_files(),
         log_file: "restore.log".into(),
         // Outside the image set, which must verify again for the next restore.
@@ -272,6 +283,8 @@ fn restore(
     };
     opts.extra.extend(extra);
     let outcome = criu.restore(&opts).map_err(|e| (Stage::Restore, chain(&e)));
+    // The restored tasks hold the namespace now (or the restore failed): ours goes.
+    drop(netns);
     if frozen {
         super::frozen::finish(cd);
     }

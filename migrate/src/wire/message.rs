@@ -21,7 +21,10 @@ pub const MAGIC: [u8; 4] = *b"MIGW";
 ///   (`crate::transport::probe`) that the destination reads, discards and answers.
 ///   A 1.2 destination keeps presync files named `rounds/<n>/<file>` as pre-copy rounds and
 ///   links them for the restore (`mig move --mode precopy` is only sent to a 1.2 destination).
-pub const PROTOCOL_VERSION: Version = Version { major: 1, minor: 2 };
+/// - 1.3: a 1.3 destination restores image sets whose network namespace was left out
+///   (`--external net[..]:mig-netns`, a loopback-only container) into a fresh namespace with
+///   `lo` up; the source dumps that way only for a 1.3 destination. Nothing new on the wire.
+pub const PROTOCOL_VERSION: Version = Version { major: 1, minor: 3 };
 
 /// The first frame each way on a control stream. Its first three fields (magic, major, minor) are
 /// frozen for all versions so that any two versions can tell each other apart.

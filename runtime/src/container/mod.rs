@@ -7,6 +7,7 @@
 //! - [`exec`]: a command inside a running container;
 //! - [`external_mounts`]: what a CRIU driver must declare for a user-namespace container;
 //! - [`userns`]: the host id range of each user-namespace container;
+//! - [`LoopbackNetns`]: the network namespace a loopback-only container's restore joins;
 //! - `security`: ids, capabilities, no_new_privs, the seccomp filter;
 //! - `channel`: typed parent/child messages; `sys`: the raw system calls (all `unsafe` is there).
 //!
@@ -17,6 +18,7 @@ mod channel;
 mod criu;
 mod exec;
 mod init;
+mod netns;
 mod rootfs;
 mod security;
 mod spawn;
@@ -27,6 +29,10 @@ pub use channel::Step;
 pub use criu::{dump_externals, external_mounts, restore_externals, ExternalMount};
 pub use exec::exec;
 pub use init::DEFAULT_PATH;
+pub use netns::{
+    external_netns_arg, images_external_netns, netns_recreatable, LoopbackNetns, NetnsError,
+    MAX_NETNS_IMAGE_BYTES, NETNS_KEY,
+};
 pub use rootfs::{mount_rootfs, unmount_rootfs};
 pub use security::{default_caps_mask, DEFAULT_CAPS};
 pub use spawn::spawn;
