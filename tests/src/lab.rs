@@ -43,9 +43,14 @@ impl Lab {
 
     /// A lab whose agents run `migd`; the busybox image is imported on host-a with `mig`.
     fn up_from(tag: &str, third: u8, hosts: usize, migd: &Path, mig: &Path) -> Result<Lab> {
+        Lab::up_at(tag, [10, 214, third], hosts, migd, mig)
+    }
+
+    /// [`Lab::up_from`] on the subnet `base`.0/24.
+    fn up_at(tag: &str, base: [u8; 3], hosts: usize, migd: &Path, mig: &Path) -> Result<Lab> {
         let name = format!("mv{}{tag}", std::process::id() % 100_000);
         let mut cfg = LabConfig::new(&name, hosts, migd.to_owned());
-        cfg.subnet_base = [10, 214, third];
+        cfg.subnet_base = base;
         cfg.extra_agent_args = vec!["--listen".into(), "{addr}:{port}".into()];
         let tmp = tempfile::tempdir()?;
         let rootfs = crate::busybox_rootfs(tmp.path())?;
@@ -771,4 +776,14 @@ fn write_lab_file(file: &lab::LabFile) -> Result<()> {
         .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, &path).with_context(|| format!("renaming {}", tmp.display()))?;
     Ok(())
+}
+
+// ---- Labs on a subnet outside 10.214 (tests/tests/netns.rs) ----
+
+impl Lab {
+    /// Like [`Lab::up_n`] on the subnet `base`.0/24 (for example `[10, 79, 71]`) instead of
+    /// 10.214.`third`.0/24.
+    pub fn up_on(tag: &str, base: [u8; 3], hosts: usize) -> Result<Lab> {
+        Lab::up_at(tag, base, hosts, &crate::bin("migd"), &crate::bin("mig"))
+    }
 }
