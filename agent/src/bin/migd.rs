@@ -121,6 +121,7 @@ fn run() -> Result<()> {
     let eff = config::Effective { state_dir, ..eff };
     eff.pin_peers()?;
     raise_pipe_max_size();
+    prepare_criu_cache();
     let cfg = Config {
         state_dir: eff.state_dir.clone(),
         name: eff.name.clone(),
@@ -232,6 +233,33 @@ fn raise_pipe_max_size() {
         if let Err(e) = std::fs::write(p, PIPE_MAX_SIZE.to_string()) {
             tracing::warn!(error = %e, "cannot raise fs.pipe-max-size; lazy migration may fail");
         }
+    }
+}
+
+/// Gives CRIU a kerndat cache of this boot where `/run` is not a tmpfs (CRIU keeps none there
+/// and probes the kernel in every run, about 30 ms): see `mig_migrate::criu::kdat`. Runs before
+/// any other thread of the agent starts CRIU.
+fn prepare_criu_cache() {
+    use mig_migrate::criu::kdat::{self, KdatOutcome};
+    let criu = match mig_migrate::criu::Criu::locate() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(error = %mig_agent::shim::chain(&e), "no criu: no kerndat cache to prepare");
+            return;
+        }
+    };
+    match kdat::ensure(&criu) {
+        Ok(KdatOutcome::Written { bytes, check_ms }) => tracing::info!(
+            bytes,
+            check_ms,
+            file = %std::path::Path::new(kdat::KDAT_DIR).join(kdat::KDAT_NAME).display(),
+            "criu's kerndat cache written (/run is not a tmpfs)"
+        ),
+        Ok(outcome) => tracing::debug!(?outcome, "criu's kerndat cache"),
+        Err(e) => tracing::warn!(
+            error = %mig_agent::shim::chain(&e),
+            "cannot prepare criu's kerndat cache; every criu run probes the kernel again"
+        ),
     }
 }
 

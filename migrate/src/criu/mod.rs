@@ -5,6 +5,7 @@
 //! can read, and a failure is explained by the log's last error lines, which [`CriuError`] carries.
 //! docs/criu.md lists the options and why each is used.
 
+pub mod kdat;
 mod log;
 mod opts;
 mod page_server;
@@ -138,8 +139,33 @@ impl Criu {
         Err(CriuError::NotFound { tried })
     }
 
-    /// Uses the CRIU binary at `path`, checking its version.
+    /// Uses the CRIU binary at `path`, checking its version. The version is asked once per
+    /// process and binary (`criu --version` costs a few milliseconds, in every dump otherwise):
+    /// it is asked again when the file at `path` changes (inode, size or modification time).
     pub fn at(path: &Path) -> Result<Criu, CriuError> {
+        use std::os::unix::fs::MetadataExt;
+        type Known = Vec<(PathBuf, (u64, u64, u64, i64, i64), Criu)>;
+        static KNOWN: std::sync::Mutex<Known> = std::sync::Mutex::new(Vec::new());
+        let id = std::fs::metadata(path)
+            .ok()
+            .map(|m| (m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec()));
+        if let Some(id) = id {
+            let known = KNOWN.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((_, _, c)) = known.iter().find(|(p, i, _)| p == path && *i == id) {
+                return Ok(c.clone());
+            }
+        }
+        let criu = Criu::ask_version(path)?;
+        if let Some(id) = id {
+            let mut known = KNOWN.lock().unwrap_or_else(|p| p.into_inner());
+            known.retain(|(p, _, _)| p != path);
+            known.push((path.to_owned(), id, criu.clone()));
+        }
+        Ok(criu)
+    }
+
+    /// Runs `criu --version` and checks the version.
+    fn ask_version(path: &Path) -> Result<Criu, CriuError> {
         let spawn = |source| CriuError::Spawn {
             path: path.to_owned(),
             source,
