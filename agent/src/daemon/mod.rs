@@ -111,7 +111,9 @@ impl Agent {
                 source,
             })?;
         }
-        let images = ImageStore::open(&dirs.images()).map_err(DaemonError::Images)?;
+        let images = ImageStore::open(&dirs.images())
+            .map_err(DaemonError::Images)?
+            .keep_used(image_in_use(dirs.containers()));
         let agent = Arc::new(Agent {
             cfg,
             dirs,
@@ -215,4 +217,19 @@ pub fn watch_adopted(agent: &Arc<Agent>, ids: Vec<String>) {
     for id in ids {
         containers::spawn_watch(agent.clone(), id, None);
     }
+}
+
+/// Whether a container record under `containers` names the image (its spec read as text, so a
+/// record of any format counts): an image import or a received image that takes the name of an
+/// image in use keeps that image under another name instead of collecting its layers.
+fn image_in_use(containers: std::path::PathBuf) -> mig_runtime::image::InUse {
+    Arc::new(move |img: &mig_runtime::image::Image| {
+        let Ok(rd) = std::fs::read_dir(&containers) else {
+            return true;
+        };
+        rd.flatten().any(|e| {
+            std::fs::read_to_string(e.path().join("spec.json"))
+                .is_ok_and(|text| text.contains(&img.id))
+        })
+    })
 }

@@ -203,11 +203,25 @@ pub struct Image {
     pub size: u64,
 }
 
+/// Tells whether containers still use an image (see [`ImageStore::keep_used`]).
+pub type InUse = std::sync::Arc<dyn Fn(&Image) -> bool + Send + Sync>;
+
 /// The image and layer store under `<state-dir>/images`.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ImageStore {
     root: PathBuf,
     limits: Limits,
+    in_use: Option<InUse>,
+}
+
+impl std::fmt::Debug for ImageStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageStore")
+            .field("root", &self.root)
+            .field("limits", &self.limits)
+            .field("in_use", &self.in_use.is_some())
+            .finish()
+    }
 }
 
 impl ImageStore {
@@ -217,6 +231,7 @@ impl ImageStore {
         let store = ImageStore {
             root: root.to_owned(),
             limits: Limits::default(),
+            in_use: None,
         };
         store.init()?;
         Ok(store)
@@ -226,11 +241,20 @@ impl ImageStore {
         self.limits = limits;
         self
     }
+    /// The same store, keeping an image that `in_use` says containers still use when an import
+    /// (or a received image) takes its name: its record is renamed `<name>-<12 hex of its id>`
+    /// instead of being replaced, so its layers stay (they are the lower dirs of those
+    /// containers' root filesystems). Without it the old image is replaced and its layers
+    /// collected.
+    pub fn keep_used(mut self, in_use: InUse) -> ImageStore {
+        self.in_use = Some(in_use);
+        self
+    }
     pub fn root(&self) -> &Path {
         &self.root
     }
     /// Imports the image at `path` (any supported kind, detected) under `name`. Importing under
-    /// an existing name replaces that record.
+    /// an existing name replaces that record (or renames it, see [`ImageStore::keep_used`]).
     pub fn import(&self, path: &Path, name: &str) -> Result<Image, ImageError> {
         crate::spec::validate_name(name).map_err(ImageError::InvalidName)?;
         import::import(self, path, name)

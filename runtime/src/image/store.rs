@@ -296,7 +296,10 @@ impl ImageStore {
             if let Some(missing) = image.layers.iter().find(|l| !self.has_layer(l)) {
                 return Err(ImageError::MissingLayer(missing.clone()));
             }
-            let old = self.read_record(&image.name)?;
+            let mut old = self.read_record(&image.name)?;
+            if let Some(o) = old.take_if(|o| o.id != image.id && self.used(o)) {
+                self.keep_renamed(o)?;
+            }
             let p = self.record_path(&image.name);
             crate::fsutil::write_versioned(&p, image, RECORD_FORMAT)
                 .map_err(ImageError::io("writing", &p))?;
@@ -316,6 +319,24 @@ impl ImageStore {
                 Err(e)
             }
         }
+    }
+
+    /// True when containers use `img` (as the agent tells, see [`ImageStore::keep_used`]).
+    fn used(&self, img: &Image) -> bool {
+        self.in_use.as_ref().is_some_and(|f| f(img))
+    }
+
+    /// Under the lock: writes `img`'s record under `<name>-<12 hex of its id>` (its name cut to
+    /// fit), the name the record of an image still in use keeps when another one takes its name.
+    fn keep_renamed(&self, mut img: Image) -> Result<(), ImageError> {
+        let hex = img.id.strip_prefix("sha256:").unwrap_or(&img.id);
+        let short = &hex[..hex.len().min(12)];
+        let base: String = img.name.chars().take(63 - 1 - short.len()).collect();
+        img.name = format!("{base}-{short}");
+        tracing::info!(name = %img.name, id = %img.id, "an image containers use keeps its layers under another name");
+        let p = self.record_path(&img.name);
+        crate::fsutil::write_versioned(&p, &img, RECORD_FORMAT)
+            .map_err(ImageError::io("writing", &p))
     }
 
     /// Under the lock: moves staged layers into place; returns the digests it moved.
@@ -512,5 +533,46 @@ mod tests {
             serde_json::from_slice(&fs::read(records.join("old.json")).unwrap()).unwrap();
         assert_eq!(v["format"], 2);
         assert_eq!(store.get("old").unwrap(), img);
+    }
+
+    /// Importing under the name of an image containers use (here: the first one) keeps that
+    /// image, renamed `<name>-<12 hex>`, with its layers; an unused one is replaced and its
+    /// layers collected. Before, the used image's layers were collected too: the running
+    /// container's root filesystem emptied under it and it could no longer be moved.
+    #[test]
+    fn an_import_keeps_the_image_it_renames_while_containers_use_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let rootfs = |n: &str, data: &str| {
+            let r = dir.path().join(n);
+            fs::create_dir_all(r.join("etc")).unwrap();
+            fs::write(r.join("etc/version"), data).unwrap();
+            r
+        };
+        let (v1, v2, v3) = (rootfs("v1", "1"), rootfs("v2", "2"), rootfs("v3", "3"));
+        let first = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let f = first.clone();
+        let store = ImageStore::open(&dir.path().join("images"))
+            .unwrap()
+            .keep_used(std::sync::Arc::new(move |img: &Image| {
+                *f.lock().unwrap() == img.id
+            }));
+        let a = store.import(&v1, "app").unwrap();
+        *first.lock().unwrap() = a.id.clone();
+        let b = store.import(&v2, "app").unwrap();
+        assert_eq!(store.get("app").unwrap().id, b.id);
+        let kept = format!("app-{}", &a.id[7..19]);
+        let k = store.get(&kept).unwrap();
+        assert_eq!(
+            (k.id.as_str(), k.layers.clone()),
+            (a.id.as_str(), a.layers.clone())
+        );
+        assert_eq!(store.get(&a.id).unwrap().name, kept);
+        assert!(a.layers.iter().all(|l| store.has_layer(l)));
+        // The same image again, and an unused one replaced: nothing kept, its layers collected.
+        let b2 = store.import(&v2, "app").unwrap();
+        assert_eq!(b2.id, b.id);
+        store.import(&v3, "app").unwrap();
+        assert!(b.layers.iter().all(|l| !store.has_layer(l)));
+        assert_eq!(store.list().unwrap().len(), 2);
     }
 }
