@@ -95,6 +95,13 @@ log "CRIU: $have_criu ($("$have_criu" --version | head -n1))"
 if [ "$(cat /proc/sys/fs/pipe-max-size)" -lt 16777216 ]; then
   echo 16777216 > /proc/sys/fs/pipe-max-size
 fi
+# CRIU keeps its kerndat cache (/run/criu.kdat) only on a tmpfs. Where /run is not one, migd writes
+# the cache when it starts (docs/criu.md, "Kerndat cache"); systemd-tmpfiles removes it at boot, so
+# that a CRIU run by hand before migd starts never believes a cache of the previous boot.
+if [ "$(stat -f -c %T /run)" != tmpfs ] && [ -d /etc/tmpfiles.d ]; then
+  printf '# mig (scripts/setup.sh): /run is not a tmpfs here; no kerndat cache of an earlier boot\nr /run/criu.kdat\n' \
+    > /etc/tmpfiles.d/mig-criu-kdat.conf
+fi
 modprobe overlay 2>/dev/null || true
 modprobe veth 2>/dev/null || true
 

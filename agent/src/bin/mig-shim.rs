@@ -47,6 +47,18 @@ enum Cmd {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// CRIU's pre-resume action when restoring frozen (written into the action script).
+    #[command(hide = true, name = "restore-frozen-hook")]
+    RestoreFrozenHook {
+        #[arg(long)]
+        procs: PathBuf,
+        #[arg(long)]
+        home_procs: PathBuf,
+        #[arg(long)]
+        freeze: PathBuf,
+        #[arg(long)]
+        value: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -66,6 +78,18 @@ fn main() -> ExitCode {
         } => ExitCode::from(
             shim::start(&state_dir, &id, &cgroup_parent, shim::Mode::Restore).clamp(0, 255) as u8,
         ),
+        Cmd::RestoreFrozenHook {
+            procs,
+            home_procs,
+            freeze,
+            value,
+        } => match shim::restore_frozen_hook(&procs, &home_procs, &freeze, &value) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mig-shim: {}", shim::chain(&e));
+                ExitCode::FAILURE
+            }
+        },
         Cmd::Exec {
             state_dir,
             id,

@@ -501,7 +501,15 @@ impl Agent {
             .append(true)
             .open(cd.shim_log())
             .map_err(|e| io("opening shim.log", e))?;
-        let mut child = Command::new(&self.cfg.shim)
+        let mut cmd = Command::new(&self.cfg.shim);
+        // The CRIU this agent checked: the shim's restore need not ask its version again.
+        if let Some(token) = mig_migrate::criu::Criu::locate()
+            .ok()
+            .and_then(|c| c.known_token())
+        {
+            cmd.env(mig_migrate::criu::KNOWN_ENV, token);
+        }
+        let mut child = cmd
             .arg(mode)
             .arg("--state-dir")
             .arg(&self.cfg.state_dir)

@@ -296,6 +296,7 @@ impl SourceSide {
         &self,
         tunnel: Option<&mig_migrate::transport::tunnel::Tunnel>,
     ) -> Result<Vec<OutgoingFile>, SourceError> {
+        let t_prep = Instant::now();
         let init_pid = self
             .agent
             .init_pid_of(&self.id)
@@ -313,6 +314,7 @@ impl SourceSide {
         let injected = fault::hit(&self.agent.cfg.state_dir, Point::SourceDump)?;
         let (track_mem, prev_images_dir) = self.precopy.final_dump();
         let t_criu = Instant::now();
+        let prep_ms = ms(t_criu - t_prep);
         let stats = self
             .pages
             .dump(
@@ -348,6 +350,7 @@ impl SourceSide {
         self.pages
             .criu_dump_ms
             .store(ms(t_seal - t_criu), Ordering::Relaxed);
+        let criu_wall_ms = stats.wall_time_us / 1000;
         let spec = self
             .agent
             .entry(&self.id)
@@ -403,6 +406,7 @@ impl SourceSide {
             });
             files
         };
+        let t_upper = Instant::now();
         // What changed in the writable layer since the presync (or all of it without one).
         let (tar, upper_remote) = self.final_upper()?;
         files.push(OutgoingFile {
@@ -411,7 +415,18 @@ impl SourceSide {
             remote: upper_remote.to_owned(),
             sha256: None,
         });
+        let t_records = Instant::now();
         files.extend(self.record_files()?);
+        tracing::info!(
+            migration = %self.migration_id,
+            prep_ms,
+            criu_ms = ms(t_seal - t_criu),
+            criu_wall_ms,
+            manifest_ms = ms(t_upper - t_seal),
+            upper_ms = ms(t_records - t_upper),
+            records_ms = ms(t_records.elapsed()),
+            "dump phases"
+        );
         if injected == Some(Fault::Corrupt)
             || fault::hit(&self.agent.cfg.state_dir, Point::SourceTransfer)? == Some(Fault::Corrupt)
         {

@@ -11,6 +11,12 @@
 //! user space, and stay there until `cgroup.freeze` is cleared (the agent's resume at Commit).
 //! No signal is sent to the workload (unlike `--leave-stopped`, whose SIGSTOP and later SIGCONT
 //! a parent in the container could see through `waitpid`).
+//!
+//! The script is two lines of `sh`: it returns at once for CRIU's other actions and at
+//! `pre-resume` execs the running shim's own binary (`/proc/<shim pid>/exe`, the very build
+//! that wrote it, even if the file was replaced since) with the hidden subcommand
+//! `restore-frozen-hook`, which does the work in [`hook`] without forking (a shell loop with a
+//! `readlink` per process took about 20 ms of the downtime).
 
 use crate::layout::ContainerDir;
 use mig_runtime::cgroup::Cgroup;
@@ -93,23 +99,88 @@ fn quoted(p: &Path) -> Result<String, String> {
     Ok(format!("'{s}'"))
 }
 
+/// The hidden `mig-shim` subcommand the script runs at `pre-resume`.
+const HOOK_COMMAND: &str = "restore-frozen-hook";
+
 fn script_text(dir: &Path, freeze: &str, value: &str, home: &Path) -> Result<String, String> {
+    let exe = format!("/proc/{}/exe", std::process::id());
     let procs = quoted(&dir.join("cgroup.procs"))?;
     let home_procs = quoted(&home.join("cgroup.procs"))?;
     let freeze = quoted(&dir.join(freeze))?;
+    if !value.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(format!("unusable freezer value {value:?}"));
+    }
     Ok(format!(
         "#!/bin/sh\n\
          # Written by mig-shim for one restore (agent/src/shim/frozen.rs): at pre-resume, CRIU and\n\
          # this script leave the container's freezer cgroup, which is then frozen, so that the\n\
          # restored tasks freeze as soon as CRIU lets them go.\n\
          [ \"$CRTOOLS_SCRIPT_ACTION\" = pre-resume ] || exit 0\n\
-         self=$(readlink /proc/self/ns/pid) || exit 1\n\
-         for p in $(cat {procs}); do\n\
-         \tns=$(readlink /proc/$p/ns/pid 2>/dev/null) || continue\n\
-         \tif [ \"$ns\" = \"$self\" ]; then echo $p > {home_procs} 2>/dev/null; fi\n\
-         done\n\
-         echo {value} > {freeze}\n"
+         exec {exe} {HOOK_COMMAND} --procs {procs} --home-procs {home_procs} --freeze {freeze} --value {value}\n"
     ))
+}
+
+/// Why the `pre-resume` hook failed (CRIU then fails the restore).
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write {value:?} to {path}")]
+    Freeze {
+        path: PathBuf,
+        value: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// `mig-shim restore-frozen-hook`, run by the action script at `pre-resume` (any other
+/// `$CRTOOLS_SCRIPT_ACTION`: nothing): moves every process listed in `procs` (the container's
+/// freezer cgroup) that shares this process's PID namespace (CRIU, this hook: not the
+/// container's tasks) to `home_procs`, then writes `value` to `freeze`. A process that exits
+/// meanwhile is skipped.
+pub fn hook(procs: &Path, home_procs: &Path, freeze: &Path, value: &str) -> Result<(), HookError> {
+    if std::env::var_os("CRTOOLS_SCRIPT_ACTION").is_some_and(|a| a != "pre-resume") {
+        return Ok(());
+    }
+    fn read(path: &Path) -> impl FnOnce(std::io::Error) -> HookError + '_ {
+        move |source| HookError::Read {
+            path: path.to_owned(),
+            source,
+        }
+    }
+    let own = Path::new("/proc/self/ns/pid");
+    let own = std::fs::read_link(own).map_err(read(own))?;
+    let list = std::fs::read_to_string(procs).map_err(read(procs))?;
+    let mut home = std::fs::OpenOptions::new()
+        .write(true)
+        .open(home_procs)
+        .map_err(|source| HookError::Open {
+            path: home_procs.to_owned(),
+            source,
+        })?;
+    for pid in list.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+        let ns = std::fs::read_link(format!("/proc/{pid}/ns/pid"));
+        if ns.is_ok_and(|ns| ns == own) {
+            // One pid per write(2), as cgroup.procs wants; a process gone meanwhile is fine.
+            let _ = std::io::Write::write_all(&mut home, format!("{pid}\n").as_bytes());
+        }
+    }
+    std::fs::write(freeze, value).map_err(|source| HookError::Freeze {
+        path: freeze.to_owned(),
+        value: value.to_owned(),
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -125,7 +196,7 @@ mod tests {
     }
 
     #[test]
-    fn script_moves_criu_out_then_freezes() {
+    fn script_execs_the_shims_hook_at_pre_resume_only() {
         let s = script_text(
             Path::new("/sys/fs/cgroup/unified/mig/c"),
             "cgroup.freeze",
@@ -134,17 +205,39 @@ mod tests {
         )
         .unwrap();
         assert!(
-            s.contains("cat '/sys/fs/cgroup/unified/mig/c/cgroup.procs'"),
+            s.contains("[ \"$CRTOOLS_SCRIPT_ACTION\" = pre-resume ] || exit 0\n"),
             "{s}"
         );
-        assert!(
-            s.contains("> '/sys/fs/cgroup/unified/system.slice/cgroup.procs'"),
-            "{s}"
+        let exec = format!(
+            "exec /proc/{}/exe restore-frozen-hook \
+             --procs '/sys/fs/cgroup/unified/mig/c/cgroup.procs' \
+             --home-procs '/sys/fs/cgroup/unified/system.slice/cgroup.procs' \
+             --freeze '/sys/fs/cgroup/unified/mig/c/cgroup.freeze' --value 1\n",
+            std::process::id()
         );
-        assert!(
-            s.ends_with("echo 1 > '/sys/fs/cgroup/unified/mig/c/cgroup.freeze'\n"),
-            "{s}"
-        );
+        assert!(s.ends_with(&exec), "{s}");
         assert!(quoted(Path::new("/a'b")).is_err());
+        assert!(script_text(Path::new("/a"), "f", "1; rm", Path::new("/b")).is_err());
+    }
+
+    /// The hook on plain files: this process (in the host's PID namespace, like CRIU) moves,
+    /// a pid that does not exist is skipped, and the freezer value is written last.
+    #[test]
+    fn hook_moves_own_namespace_then_freezes() {
+        let dir = tempfile::tempdir().unwrap();
+        let procs = dir.path().join("procs");
+        let home = dir.path().join("home");
+        let freeze = dir.path().join("freeze");
+        let me = std::process::id();
+        std::fs::write(&procs, format!("{me}\n999999999\n")).unwrap();
+        std::fs::write(&home, "").unwrap();
+        hook(&procs, &home, &freeze, "FROZEN").unwrap();
+        assert_eq!(std::fs::read_to_string(&home).unwrap(), format!("{me}\n"));
+        assert_eq!(std::fs::read_to_string(&freeze).unwrap(), "FROZEN");
+        let missing = dir.path().join("missing");
+        assert!(matches!(
+            hook(&missing, &home, &freeze, "1"),
+            Err(HookError::Read { .. })
+        ));
     }
 }

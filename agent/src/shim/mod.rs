@@ -6,11 +6,14 @@
 //! records `exit.json` and tears the container down ([`start`]).
 //!
 //! `mig-shim exec` runs a command inside a running container ([`exec`]).
+//!
+//! `mig-shim restore-frozen-hook` (hidden) is CRIU's `pre-resume` action when an arriving
+//! container is restored frozen ([`restore_frozen_hook`]).
 
 mod frozen;
 mod start;
 
-pub use frozen::RESTORE_FROZEN_MARKER;
+pub use frozen::{hook as restore_frozen_hook, HookError, RESTORE_FROZEN_MARKER};
 
 pub use start::{start, Mode};
 

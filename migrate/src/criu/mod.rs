@@ -141,27 +141,44 @@ impl Criu {
 
     /// Uses the CRIU binary at `path`, checking its version. The version is asked once per
     /// process and binary (`criu --version` costs a few milliseconds, in every dump otherwise):
-    /// it is asked again when the file at `path` changes (inode, size or modification time).
+    /// it is asked again when the file at `path` changes (device, inode, size or modification
+    /// time). A process started by an agent also trusts the agent's answer for the very same
+    /// file, handed down in [`KNOWN_ENV`] (see [`Criu::known_token`]).
     pub fn at(path: &Path) -> Result<Criu, CriuError> {
-        use std::os::unix::fs::MetadataExt;
-        type Known = Vec<(PathBuf, (u64, u64, u64, i64, i64), Criu)>;
-        static KNOWN: std::sync::Mutex<Known> = std::sync::Mutex::new(Vec::new());
-        let id = std::fs::metadata(path)
-            .ok()
-            .map(|m| (m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec()));
+        static KNOWN: std::sync::Mutex<Vec<(PathBuf, FileId, Criu)>> =
+            std::sync::Mutex::new(Vec::new());
+        let id = file_id(path);
         if let Some(id) = id {
             let known = KNOWN.lock().unwrap_or_else(|p| p.into_inner());
             if let Some((_, _, c)) = known.iter().find(|(p, i, _)| p == path && *i == id) {
                 return Ok(c.clone());
             }
         }
-        let criu = Criu::ask_version(path)?;
+        let handed = std::env::var(KNOWN_ENV)
+            .ok()
+            .and_then(|t| parse_known(&t))
+            .filter(|(_, i, p)| p == path && Some(*i) == id);
+        let criu = match handed {
+            Some((version, _, _)) => Criu::with_version(path, version)?,
+            None => Criu::ask_version(path)?,
+        };
         if let Some(id) = id {
             let mut known = KNOWN.lock().unwrap_or_else(|p| p.into_inner());
             known.retain(|(p, _, _)| p != path);
             known.push((path.to_owned(), id, criu.clone()));
         }
         Ok(criu)
+    }
+
+    /// The value of [`KNOWN_ENV`] that hands this checked binary to a child process: its
+    /// version, the file's identity and its path (`None` when the file cannot be read).
+    pub fn known_token(&self) -> Option<String> {
+        let (dev, ino, len, mtime, nsec) = file_id(&self.path)?;
+        let path = self.path.to_str()?;
+        Some(format!(
+            "{} {dev} {ino} {len} {mtime} {nsec} {path}",
+            self.version
+        ))
     }
 
     /// Runs `criu --version` and checks the version.
@@ -180,6 +197,11 @@ impl Criu {
             path: path.to_owned(),
             output: text.chars().take(200).collect(),
         })?;
+        Criu::with_version(path, version)
+    }
+
+    /// The binary at `path` of `version`, refused when older than [`MIN_MAJOR`].
+    fn with_version(path: &Path, version: String) -> Result<Criu, CriuError> {
         let major: u32 = version
             .split('.')
             .next()
@@ -342,6 +364,35 @@ impl Criu {
     }
 }
 
+/// The environment variable through which an agent hands the CRIU binary it checked to the
+/// processes it starts (the shim's restore), so that they need not run `criu --version` again:
+/// [`Criu::known_token`]'s value, trusted only for a file of the same path and identity.
+pub const KNOWN_ENV: &str = "MIG_CRIU_KNOWN";
+
+/// A file's identity: device, inode, size, modification time (seconds, nanoseconds).
+type FileId = (u64, u64, u64, i64, i64);
+
+fn file_id(path: &Path) -> Option<FileId> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec()))
+}
+
+/// Reads a [`KNOWN_ENV`] value: version, file identity, path.
+fn parse_known(token: &str) -> Option<(String, FileId, PathBuf)> {
+    let mut it = token.splitn(7, ' ');
+    let version = it.next()?;
+    if version.is_empty() || !version.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return None;
+    }
+    let mut num = || it.next()?.parse::<u64>().ok();
+    let (dev, ino, len) = (num()?, num()?, num()?);
+    let mtime = it.next()?.parse::<i64>().ok()?;
+    let nsec = it.next()?.parse::<i64>().ok()?;
+    let path = PathBuf::from(it.next().filter(|p| p.starts_with('/'))?);
+    Some((version.to_owned(), (dev, ino, len, mtime, nsec), path))
+}
+
 /// Creates the images directory of a dump, refusing one with files in it: images left by an
 /// earlier dump would be mixed into the new set.
 fn fresh_images_dir(dir: &Path) -> Result<(), CriuError> {
@@ -408,6 +459,28 @@ mod tests {
         );
         assert_eq!(parse_version("nonsense"), None);
         assert_eq!(parse_version("Version: 4; rm -rf"), None);
+    }
+
+    #[test]
+    fn known_tokens() {
+        let t = "4.2.1 2049 1234 5000 1796158793 12 /usr/local/sbin/criu";
+        let (v, id, p) = parse_known(t).unwrap();
+        assert_eq!(v, "4.2.1");
+        assert_eq!(id, (2049, 1234, 5000, 1796158793, 12));
+        assert_eq!(p, Path::new("/usr/local/sbin/criu"));
+        let spaced = parse_known("4.2 1 2 3 4 5 /opt/my criu").unwrap();
+        assert_eq!(spaced.2, Path::new("/opt/my criu"));
+        assert!(parse_known("4.2; x 1 2 3 4 5 /c").is_none());
+        assert!(parse_known("4.2 1 2 3 4 5 relative").is_none());
+        assert!(parse_known("4.2 1 2 3").is_none());
+        if let Ok(criu) = Criu::locate() {
+            let token = criu.known_token().unwrap();
+            let (v, id, p) = parse_known(&token).unwrap();
+            assert_eq!(
+                (v, Some(id), p.as_path()),
+                (criu.version.clone(), file_id(criu.path()), criu.path())
+            );
+        }
     }
 
     #[test]
