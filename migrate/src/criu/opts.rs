@@ -329,6 +329,41 @@ mod tests {
         );
     }
 
+    /// A loopback-only container's move (docs/criu.md "Network namespace"): its network
+    /// namespace is external on dump, and the restore inherits a fresh one under the same key,
+    /// after the log pipe.
+    #[test]
+    fn external_netns_on_dump_and_inherited_on_restore() {
+        let dump = DumpOpts {
+            pid: 42,
+            images_dir: "/w/images".into(),
+            leave_running: true,
+            log_file: "dump.log".into(),
+            external: vec!["net[4026532301]:mig-netns".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            strs(dump.args()).join(" "),
+            "dump --tree 42 --images-dir /w/images --log-file /w/images/dump.log -v4 \
+             --manage-cgroups=ignore --file-locks --leave-running --network-lock skip \
+             --external net[4026532301]:mig-netns"
+        );
+        let restore = RestoreOpts {
+            images_dir: "/c/checkpoint".into(),
+            inherit_fds: vec![(5, "pipe:[123]".into()), (7, "mig-netns".into())],
+            log_file: "restore.log".into(),
+            pidfile: "/c/restore.pid".into(),
+            tcp_established: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            strs(restore.args()).join(" "),
+            "restore --images-dir /c/checkpoint --log-file /c/checkpoint/restore.log -v4 \
+             --manage-cgroups=ignore --file-locks --restore-detached --pidfile /c/restore.pid \
+             --tcp-established --inherit-fd fd[5]:pipe:[123] --inherit-fd fd[7]:mig-netns"
+        );
+    }
+
     #[test]
     fn restore_args() {
         let o = RestoreOpts {
