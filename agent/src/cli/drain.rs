@@ -14,6 +14,14 @@ pub struct DrainArgs {
     /// Only these peers (repeatable; default: every pinned peer).
     #[arg(long = "to", value_name = "PEER")]
     pub to: Vec<String>,
+    /// Keep established TCP connections (as `mig move --tcp-established`). Without it a
+    /// container with established connections is not moved.
+    #[arg(long)]
+    pub tcp_established: bool,
+    /// How memory moves, for every container (as `mig move --mode`; default: the agent's).
+    #[arg(long, value_enum)]
+    pub mode: Option<crate::migration::MoveMode>,
+    /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
     /// The host to drain: a lab host name (like --host); default: the agent of --socket/--host.
@@ -78,7 +86,10 @@ pub(super) async fn drain(cli: &Cli, a: &DrainArgs) -> Result<u8, CliError> {
         };
         for k in 0..peers.len() {
             let peer = &peers[(next + k) % peers.len()];
-            match c.move_container(&ct.id, peer).await {
+            let moved = c
+                .move_container_mode(&ct.id, peer, a.tcp_established, a.mode, None)
+                .await;
+            match moved {
                 Ok(m) => {
                     r.ok = true;
                     r.peer = Some(m.peer);
