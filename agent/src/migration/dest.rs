@@ -611,6 +611,7 @@ impl DestSide {
             source,
         })?;
         self.agent.set_busy(&spec.id, true);
+        let t_after = std::time::Instant::now();
         cg.freeze(FREEZE_TIMEOUT).map_err(DestError::Freeze)?;
         if local_lazy || Self::mode_of(&inc) == Some(MigrationMode::PostCopy) {
             let mut map = std::mem::take(&mut result.pid_map);
@@ -621,6 +622,7 @@ impl DestSide {
             .await
             .map_err(|e| DestError::Task(e.to_string()))?;
         }
+        tracing::debug!(migration = %id, after_ms = super::ms(t_after.elapsed()), "frozen after the restore, commands read");
         if injected == Some(Fault::Kill) {
             fault::die();
         }

@@ -216,7 +216,7 @@ impl SourceSide {
 
     /// Archives the writable layer while the container runs and keeps the scan of it.
     fn presync_upper(&self, tar: &Path) -> Result<(), SourceError> {
-        let scan = write_file(tar, |w| {
+        let scan = write_file(tar, true, |w| {
             mig_migrate::archive::write_layer_tar_scanned(&self.upper(), w)
         })?;
         let size = std::fs::metadata(tar).map(|m| m.len()).unwrap_or(0);
@@ -241,7 +241,9 @@ impl SourceSide {
         let (tar, remote) = match scan {
             Some(scan) => {
                 let tar = self.work.join("final-upper-delta.tar");
-                let stats = write_file(&tar, |w| {
+                // Not synced: the file only feeds the transfer of this move (digests taken
+                // from what is read, checked by the destination); a crash rolls the move back.
+                let stats = write_file(&tar, false, |w| {
                     mig_migrate::archive::write_layer_delta(&self.upper(), &scan, w)
                 })?;
                 tracing::debug!(
@@ -493,13 +495,17 @@ fn corrupt_one(files: &mut [OutgoingFile]) -> Result<(), SourceError> {
     Ok(())
 }
 
+/// The whole writable layer while frozen, not synced (see [`SourceSide::final_upper`]).
 fn write_tar(dir: &Path, tar: &Path) -> Result<(), SourceError> {
-    write_file(tar, |w| mig_migrate::archive::write_layer_tar(dir, w))
+    write_file(tar, false, |w| {
+        mig_migrate::archive::write_layer_tar(dir, w)
+    })
 }
 
-/// Writes `path` with `f` through a buffer, then syncs it.
+/// Writes `path` with `f` through a buffer, then syncs it when `sync`.
 fn write_file<T>(
     path: &Path,
+    sync: bool,
     f: impl FnOnce(&mut dyn std::io::Write) -> Result<T, mig_migrate::archive::LayerError>,
 ) -> Result<T, SourceError> {
     let file = std::fs::File::create(path).map_err(io(path))?;
@@ -509,7 +515,9 @@ fn write_file<T>(
         path: path.to_owned(),
         source: e.into_error(),
     })?;
-    file.sync_all().map_err(io(path))?;
+    if sync {
+        file.sync_all().map_err(io(path))?;
+    }
     Ok(out)
 }
 
