@@ -194,6 +194,13 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
     if let Some(code) = super::events::dispatch(&cli).await? {
         return Ok(code);
     }
+    if let Command::Logs {
+        follow: true,
+        container,
+    } = &cli.command
+    {
+        return super::logs::follow(&cli, container).await;
+    }
     let mut c = connect(&cli).await?;
     match cli.command {
         Command::Image(ic) => image(&mut c, ic).await.map(|_| 0),

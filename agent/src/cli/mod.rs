@@ -7,6 +7,7 @@
 mod commands;
 mod drain;
 mod events;
+mod logs;
 mod moves;
 mod output;
 mod rebalance;

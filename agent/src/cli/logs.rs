@@ -1,0 +1,186 @@
+//! `mig logs -f`: follows a container's log, and follows it across a move.
+//!
+//! The source agent ends a followed log when the container leaves it. Before following, the CLI
+//! subscribes to the agent's events; when the log ends and the container is no longer on that
+//! agent, a committed move of it (`MigrationDone`, role `source`) names the peer. When the peer
+//! is a host of the local lab (its socket is known), following goes on there, without the part
+//! already printed (the log moves with the container); otherwise one line on stderr says where the
+//! container went. A container that exits, or is removed, ends the follow as before.
+
+use super::commands::{connect, out, socket_path, CliError};
+use super::Cli;
+use crate::api::ContainerState;
+use crate::client::Client;
+use crate::daemon::events::EventKind;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long, after its log ended, a container missing from the agent is waited for in the
+/// events (the move's commit event may come just after the log's end).
+const MOVE_EVENT_WAIT: Duration = Duration::from_secs(3);
+
+/// Follows `container`'s log on the agent of `cli`, then on the hosts it moves to.
+pub(super) async fn follow(cli: &Cli, container: &str) -> Result<u8, CliError> {
+    let mut logs = connect(cli).await?;
+    let mut events = connect(cli).await?;
+    let mut check = connect(cli).await?;
+    let mut skip: usize = 0;
+    loop {
+        // Subscribed before the log starts: a move that ends the log cannot be missed.
+        let id = match events.subscribe_events().await {
+            Ok(()) => logs.inspect(container).await.ok().map(|d| d.id),
+            // An agent without events: follow the log only.
+            Err(_) => None,
+        };
+        let moving = Arc::new(AtomicBool::new(false));
+        let watcher = id
+            .clone()
+            .map(|id| tokio::spawn(moved_to(events, id, moving.clone())));
+        let mut printed = 0usize;
+        let mut err = None;
+        logs.logs(container, true, |data| {
+            let new = skip_prefix(data, &mut skip);
+            printed += data.len();
+            if err.is_none() && !new.is_empty() {
+                err = out(new).err();
+            }
+        })
+        .await?;
+        if let Some(e) = err {
+            return Err(e);
+        }
+        let (Some(watcher), Some(id)) = (watcher, id) else {
+            return Ok(0);
+        };
+        let Some(peer) = moved_away(&mut check, &id, watcher, &moving).await else {
+            return Ok(0);
+        };
+        let next = match socket_path(None, Some(&peer)) {
+            Ok(path) => Client::connect(&path).await.ok(),
+            Err(_) => None,
+        };
+        let Some(next) = next else {
+            eprintln!(
+                "mig: {container} moved to {peer}; its log continues there (mig --host {peer} logs -f {container})"
+            );
+            return Ok(0);
+        };
+        eprintln!("mig: {container} moved to {peer}; following it there");
+        let path = socket_path(None, Some(&peer))?;
+        logs = next;
+        events = Client::connect(&path).await?;
+        check = Client::connect(&path).await?;
+        // The log moved with the container: what was printed comes again first.
+        skip += printed;
+    }
+}
+
+/// After the log ended: the peer the container moved to, or `None` when it ended here (exited,
+/// stopped, checkpointed) or left without a committed move. While the container is still being
+/// moved (frozen, `moving`) this waits for the move's end, however long it takes; otherwise (gone)
+/// at most [`MOVE_EVENT_WAIT`] for the event.
+async fn moved_away(
+    check: &mut Client,
+    id: &str,
+    watcher: tokio::task::JoinHandle<Option<String>>,
+    moving: &AtomicBool,
+) -> Option<String> {
+    let mut gone_since: Option<std::time::Instant> = None;
+    loop {
+        if watcher.is_finished() {
+            return watcher.await.ok().flatten();
+        }
+        match check.inspect(id).await {
+            // A move under way: its frozen copy here may show as ended before it is removed.
+            _ if moving.load(Ordering::SeqCst) => gone_since = None,
+            Ok(d) if d.moving.is_some() || d.state == ContainerState::Frozen => gone_since = None,
+            Ok(d) if ended(d.state) => {
+                watcher.abort();
+                return None;
+            }
+            // Gone (or not yet recorded as ended): the move's event comes soon if it moved.
+            _ => {
+                let since = *gone_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() >= MOVE_EVENT_WAIT {
+                    watcher.abort();
+                    return None;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// States of a container that ended here.
+fn ended(s: ContainerState) -> bool {
+    matches!(
+        s,
+        ContainerState::Stopped
+            | ContainerState::Exited
+            | ContainerState::Checkpointed
+            | ContainerState::Failed
+    )
+}
+
+/// Waits for the event of a committed move of container `id` away from the agent of `events`;
+/// returns the peer, or `None` when the event stream ends. `moving` is set while a move of it is
+/// under way (from its first phase to its end).
+async fn moved_to(mut events: Client, id: String, moving: Arc<AtomicBool>) -> Option<String> {
+    loop {
+        let e = events.next_event().await.ok()?;
+        match e.kind {
+            EventKind::MigrationPhase {
+                container_id, role, ..
+            } if container_id == id && role == "source" => moving.store(true, Ordering::SeqCst),
+            EventKind::MigrationDone {
+                container_id,
+                role,
+                peer,
+                outcome,
+                ..
+            } if container_id == id && role == "source" => {
+                if outcome == "committed" {
+                    return Some(peer);
+                }
+                moving.store(false, Ordering::SeqCst);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// `data` without its first `*skip` bytes (cut at a character boundary), counting them off.
+fn skip_prefix<'a>(data: &'a str, skip: &mut usize) -> &'a str {
+    if *skip == 0 {
+        return data;
+    }
+    if *skip >= data.len() {
+        *skip -= data.len();
+        return "";
+    }
+    let mut at = *skip;
+    while !data.is_char_boundary(at) {
+        at += 1;
+    }
+    *skip = 0;
+    &data[at..]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::skip_prefix;
+
+    #[test]
+    fn skip_prefix_counts_off_across_pieces() {
+        let mut skip = 7;
+        assert_eq!(skip_prefix("abc", &mut skip), "");
+        assert_eq!(skip, 4);
+        assert_eq!(skip_prefix("defghij", &mut skip), "hij");
+        assert_eq!(skip, 0);
+        assert_eq!(skip_prefix("k", &mut skip), "k");
+        // Never inside a character.
+        let mut skip = 1;
+        assert_eq!(skip_prefix("éx", &mut skip), "x");
+    }
+}

@@ -1,0 +1,269 @@
+//! What a new user met that the other tests did not (session 7's independent check): each test
+//! is one problem found by hand, reproduced end to end in a real two-host lab.
+//!
+//! Needs root. Subnets 10.79.74.0/24 to 10.79.79.0/24, one per test; each lab is removed by its
+//! guard whatever happens.
+
+use anyhow::{bail, Result};
+use mig_tests::lab::{running_on, Lab};
+use std::time::Duration;
+
+/// A counter in the log, one line per tick: the highest value seen.
+fn last_tick(lab: &Lab, host: usize, name: &str) -> u64 {
+    lab.mig(host, &["logs", name])
+        .stdout
+        .lines()
+        .filter_map(|l| l.trim().parse::<u64>().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+fn ticks_past(lab: &Lab, host: usize, name: &str, after: u64) -> Result<()> {
+    if !mig_tests::wait_until(Duration::from_secs(30), || {
+        last_tick(lab, host, name) > after + 2
+    }) {
+        bail!(
+            "{name} on host {host} stopped counting after {after}: {}",
+            lab.mig(host, &["logs", name]).stdout
+        );
+    }
+    Ok(())
+}
+
+/// A FIFO in the container's writable layer (`mkfifo /tmp/f`). Before the fix every move
+/// was rolled back ("cannot write the layer tar: paths in archives must be relative") and
+/// `checkpoint --export` failed the same way: tar named the FIFO by its path on the host.
+#[test]
+fn a_fifo_in_the_writable_layer_moves_and_exports() -> Result<()> {
+    if !mig_tests::is_root("migration tests") {
+        return Ok(());
+    }
+    let lab = Lab::up_on("qafifo", [10, 79, 74], 2)?;
+    let script = "mkfifo -m 640 /tmp/f; i=0; while :; do i=$((i+1)); echo $i; sleep 0.2; done";
+    lab.mig_ok(
+        0,
+        &[
+            "run", "-d", "--name", "fifo", "busybox", "--", "sh", "-c", script,
+        ],
+    )?;
+    ticks_past(&lab, 0, "fifo", 0)?;
+    let before = last_tick(&lab, 0, "fifo");
+    lab.mig_ok(0, &["move", "fifo", "host-b", "--json"])?;
+    running_on(&lab, 1, "fifo")?;
+    ticks_past(&lab, 1, "fifo", before)?;
+    let kind = lab.mig_ok(1, &["exec", "fifo", "--", "stat", "-c", "%F %a", "/tmp/f"])?;
+    assert_eq!(kind.trim(), "fifo 640");
+    let dir = tempfile::tempdir()?;
+    let export = dir.path().join("fifo.tar");
+    let export = export.display().to_string();
+    lab.mig_ok(
+        1,
+        &["checkpoint", "fifo", "--leave-running", "--export", &export],
+    )?;
+    let list = std::process::Command::new("tar")
+        .args(["-tvf", &export, "upper.tar"])
+        .output()?;
+    assert!(list.status.success(), "{list:?}");
+    let inner = std::process::Command::new("sh")
+        .args(["-c", &format!("tar -xOf {export} upper.tar | tar -tvf -")])
+        .output()?;
+    let inner = String::from_utf8_lossy(&inner.stdout);
+    assert!(
+        inner
+            .lines()
+            .any(|l| l.starts_with('p') && l.ends_with("tmp/f")),
+        "{inner}"
+    );
+    Ok(())
+}
+
+/// `mig image import X --name busybox` while a container runs from the image named busybox.
+/// Before the fix the old image's record was replaced and its layers collected: the running
+/// container's /bin emptied under it and `mig move` failed with "no such image".
+#[test]
+fn an_import_under_a_used_name_keeps_the_image() -> Result<()> {
+    if !mig_tests::is_root("migration tests") {
+        return Ok(());
+    }
+    let lab = Lab::up_on("qaimg", [10, 79, 75], 2)?;
+    let old = lab.mig_json(0, &["image", "ls", "--json"])?;
+    let old_id = old[0]["id"].as_str().unwrap_or_default().to_owned();
+    let script = "i=0; while :; do i=$((i+1)); echo $i; sleep 0.2; done";
+    lab.mig_ok(
+        0,
+        &[
+            "run", "-d", "--name", "user", "busybox", "--", "sh", "-c", script,
+        ],
+    )?;
+    ticks_past(&lab, 0, "user", 0)?;
+    // Another image under the same name.
+    let dir = tempfile::tempdir()?;
+    let rootfs = mig_tests::busybox_rootfs(dir.path())?;
+    std::fs::write(rootfs.join("etc/release"), "2\n")?;
+    let tar = mig_tests::tar_of(&rootfs, dir.path(), "busybox2.tar")?;
+    let new_id = lab.mig_ok(
+        0,
+        &[
+            "image",
+            "import",
+            &tar.display().to_string(),
+            "--name",
+            "busybox",
+        ],
+    )?;
+    assert_ne!(new_id.trim(), old_id);
+    let images = lab.mig_json(0, &["image", "ls", "--json"])?;
+    let kept = format!("busybox-{}", &old_id[7..19]);
+    assert!(
+        images.as_array().is_some_and(|a| a
+            .iter()
+            .any(|i| i["name"] == kept.as_str() && i["id"] == old_id.as_str())),
+        "{images}"
+    );
+    // The container's root filesystem is intact, and it still moves.
+    let out = lab.mig_ok(0, &["exec", "user", "--", "ls", "/bin/busybox"])?;
+    assert_eq!(out.trim(), "/bin/busybox");
+    let before = last_tick(&lab, 0, "user");
+    lab.mig_ok(0, &["move", "user", "host-b", "--json"])?;
+    running_on(&lab, 1, "user")?;
+    ticks_past(&lab, 1, "user", before)?;
+    // Removed, the kept image can go too.
+    lab.mig_ok(1, &["rm", "-f", "user"])?;
+    Ok(())
+}
+
+/// `mig drain` of a host whose container has an established TCP connection (a client and a
+/// server on its loopback). The refusal told the user to "use --tcp-established", which
+/// `mig drain` did not have; it has it now (and `--mode`).
+#[test]
+fn drain_keeps_tcp_connections_when_asked() -> Result<()> {
+    if !mig_tests::is_root("migration tests") {
+        return Ok(());
+    }
+    let lab = Lab::up_on("qadrain", [10, 79, 76], 2)?;
+    let script = "sleep 100000 | nc -l -p 9000 > /tmp/got & sleep 0.5; i=0; \
+                  while :; do i=$((i+1)); echo $i >&2; echo $i; sleep 0.2; done | nc 127.0.0.1 9000";
+    lab.mig_ok(
+        0,
+        &[
+            "run", "-d", "--name", "tcp", "busybox", "--", "sh", "-c", script,
+        ],
+    )?;
+    ticks_past(&lab, 0, "tcp", 0)?;
+    let refused = lab.mig(0, &["drain", "--json"]);
+    assert_eq!(refused.code, 125, "{refused:?}");
+    assert!(refused.stdout.contains("--tcp-established"), "{refused:?}");
+    running_on(&lab, 0, "tcp")?;
+    let before = last_tick(&lab, 0, "tcp");
+    let r = lab.mig_json(
+        0,
+        &["drain", "--tcp-established", "--mode", "stream", "--json"],
+    )?;
+    assert!(r["moved"] == 1 && r["failed"] == 0, "{r}");
+    running_on(&lab, 1, "tcp")?;
+    ticks_past(&lab, 1, "tcp", before)?;
+    // The server still receives what the client sends over the moved connection.
+    let got = |lab: &Lab| -> u64 {
+        lab.mig(1, &["exec", "tcp", "--", "tail", "-n", "1", "/tmp/got"])
+            .stdout
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    };
+    let first = got(&lab);
+    assert!(
+        mig_tests::wait_until(Duration::from_secs(10), || got(&lab) > first.max(before)),
+        "the connection stopped after the move: {first}"
+    );
+    Ok(())
+}
+
+/// `mig logs -f` while the container moves. It used to end silently, exit code 0, when the
+/// container left: the user could not tell a move from an exit. Now it follows the container
+/// to the lab host it moved to (saying so on stderr), without printing anything twice.
+#[test]
+fn logs_follow_goes_with_the_container() -> Result<()> {
+    if !mig_tests::is_root("migration tests") {
+        return Ok(());
+    }
+    let lab = Lab::up_on("qalogs", [10, 79, 77], 2)?;
+    let script = "i=0; while :; do i=$((i+1)); echo $i; sleep 0.1; done";
+    lab.mig_ok(
+        0,
+        &[
+            "run", "-d", "--name", "lf", "busybox", "--", "sh", "-c", script,
+        ],
+    )?;
+    ticks_past(&lab, 0, "lf", 0)?;
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut follow = Kill(
+        std::process::Command::new(mig_tests::bin("mig"))
+            .args(["--host", "host-a", "logs", "-f", "lf"])
+            .env("MIG_LAB", &lab.name)
+            .env_remove("MIG_SOCKET")
+            .env_remove("MIG_HOST")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?,
+    );
+    // Read as it comes: the move starts once the follower is following.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = follow.0.stdout.take().map(|mut o| {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = std::io::Read::read(&mut o, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                if let Ok(mut s) = seen.lock() {
+                    s.push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            }
+        })
+    });
+    let following = mig_tests::wait_until(Duration::from_secs(20), || {
+        seen.lock().is_ok_and(|s| s.lines().count() > 2)
+    });
+    assert!(following, "mig logs -f printed nothing");
+    lab.mig_ok(0, &["move", "lf", "host-b", "--json"])?;
+    let after = last_tick(&lab, 1, "lf");
+    ticks_past(&lab, 1, "lf", after)?;
+    lab.mig_ok(1, &["stop", "-t", "1", "lf"])?;
+    let end = last_tick(&lab, 1, "lf");
+    let exited = mig_tests::wait_until(Duration::from_secs(20), || {
+        matches!(follow.0.try_wait(), Ok(Some(_)))
+    });
+    assert!(exited, "mig logs -f did not end with the container");
+    if let Some(r) = reader {
+        let _ = r.join();
+    }
+    let stdout = seen.lock().map(|s| s.clone()).unwrap_or_default();
+    let mut stderr = String::new();
+    if let Some(mut e) = follow.0.stderr.take() {
+        std::io::Read::read_to_string(&mut e, &mut stderr)?;
+    }
+    assert!(
+        stderr.contains("lf moved to host-b; following it there"),
+        "{stderr}"
+    );
+    let printed: Vec<u64> = stdout
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    let want: Vec<u64> = (1..=end).collect();
+    assert!(
+        printed == want,
+        "printed {} lines ({:?} .. {:?}), want 1..={end}; stderr: {stderr}",
+        printed.len(),
+        printed.first(),
+        printed.last()
+    );
+    Ok(())
+}
