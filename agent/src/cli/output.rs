@@ -5,13 +5,19 @@ use std::fmt::Write;
 
 /// "3 minutes ago" style age of a timestamp (seconds since the epoch).
 fn age(t: u64) -> String {
-    let d = crate::layout::now().saturating_sub(t);
-    match d {
-        0..=59 => format!("{d} seconds ago"),
-        60..=3599 => format!("{} minutes ago", d / 60),
-        3600..=86399 => format!("{} hours ago", d / 3600),
-        _ => format!("{} days ago", d / 86400),
-    }
+    age_of(crate::layout::now().saturating_sub(t))
+}
+
+/// "1 minute ago", "3 minutes ago" for an age of `d` seconds.
+fn age_of(d: u64) -> String {
+    let (n, unit) = match d {
+        0..=59 => (d, "second"),
+        60..=3599 => (d / 60, "minute"),
+        3600..=86399 => (d / 3600, "hour"),
+        _ => (d / 86400, "day"),
+    };
+    let s = if n == 1 { "" } else { "s" };
+    format!("{n} {unit}{s} ago")
 }
 
 /// `text` on one line for a table: whitespace runs (newlines included) become one space, and
@@ -238,6 +244,16 @@ pub fn info_text(i: &HostInfo) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ages_are_singular_for_one() {
+        assert_eq!(age_of(0), "0 seconds ago");
+        assert_eq!(age_of(1), "1 second ago");
+        assert_eq!(age_of(61), "1 minute ago");
+        assert_eq!(age_of(150), "2 minutes ago");
+        assert_eq!(age_of(3600), "1 hour ago");
+        assert_eq!(age_of(86400 * 3), "3 days ago");
+    }
 
     #[test]
     fn one_line_flattens_and_cuts() {
