@@ -76,15 +76,28 @@ fn usage_error(e: clap::Error) -> ExitCode {
             ExitCode::from(EXIT_MIG_ERROR)
         }
         _ => {
-            let text = strip_ansi(&e.to_string());
-            let line = text
-                .lines()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("invalid usage");
-            let line = line.strip_prefix("error: ").unwrap_or(line);
-            eprintln!("mig: {line}");
+            eprintln!("mig: {}", usage_line(&strip_ansi(&e.to_string())));
             ExitCode::from(EXIT_MIG_ERROR)
         }
+    }
+}
+
+/// A clap error's first paragraph on one line: "the following required arguments were not
+/// provided: <PEER>", "invalid value 'x' for '--mode <MODE>' [possible values: ...]" (its first
+/// line alone left out what was missing or allowed).
+fn usage_line(text: &str) -> String {
+    let para: Vec<&str> = text
+        .lines()
+        .skip_while(|l| l.trim().is_empty())
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let line = para.join(" ");
+    let line = line.strip_prefix("error: ").unwrap_or(&line);
+    if line.is_empty() {
+        "invalid usage".into()
+    } else {
+        line.to_owned()
     }
 }
 
@@ -537,6 +550,24 @@ async fn run(c: &mut Client, r: RunArgs) -> Result<u8, CliError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn usage_errors_keep_what_is_missing() {
+        for (args, want) in [
+            (&["mig", "move", "c"][..], "<PEER>"),
+            (
+                &["mig", "move", "c", "p", "--mode", "x"][..],
+                "possible values: cold",
+            ),
+        ] {
+            let Err(e) = Cli::try_parse_from(args) else {
+                panic!("{args:?} parsed")
+            };
+            let line = usage_line(&strip_ansi(&e.to_string()));
+            assert!(line.contains(want) && !line.contains('\n'), "{line}");
+            assert!(!line.starts_with("error:"), "{line}");
+        }
+    }
 
     #[test]
     fn lab_lookup() {
