@@ -551,6 +551,24 @@ async fn run(c: &mut Client, r: RunArgs) -> Result<u8, CliError> {
 mod tests {
     use super::*;
 
+    /// Every option of every command has a help line (`--json` had none anywhere).
+    #[test]
+    fn every_option_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                if a.get_long().is_some() && a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} --{}", a.get_long().unwrap_or_default()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "mig", &mut missing);
+        assert!(missing.is_empty(), "options without help: {missing:?}");
+    }
+
     #[test]
     fn usage_errors_keep_what_is_missing() {
         for (args, want) in [

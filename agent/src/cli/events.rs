@@ -29,11 +29,13 @@ pub enum ClientsCommand {
     /// Pin a client by its certificate fingerprint (`mig clients identity` on the client).
     Add {
         name: String,
+        /// The client's certificate fingerprint (`mig clients identity` on the client).
         #[arg(long, value_name = "FP")]
         fingerprint: String,
     },
     /// List the pinned clients.
     Ls {
+        /// Print JSON (the API's types, docs/api.md) instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -42,6 +44,7 @@ pub enum ClientsCommand {
     /// Print this client's certificate fingerprint (creating its identity under --identity or
     /// ~/.config/mig on first use).
     Identity {
+        /// Print JSON (the API's types, docs/api.md) instead of text.
         #[arg(long)]
         json: bool,
     },

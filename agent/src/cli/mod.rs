@@ -77,12 +77,14 @@ pub enum Command {
         /// Show all containers, not only running ones.
         #[arg(short, long)]
         all: bool,
+        /// Print JSON (the API's types, docs/api.md) instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Show a container's details, usage and PID map.
     Inspect {
         container: String,
+        /// Print JSON (the API's types, docs/api.md) instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -138,6 +140,7 @@ pub enum Command {
         /// Dump established TCP connections too (the restore finds them in the image set).
         #[arg(long)]
         tcp_established: bool,
+        /// Print JSON (the API's types, docs/api.md) instead of text.
         #[arg(long)]
         json: bool,
         container: String,
@@ -151,6 +154,7 @@ pub enum Command {
         /// Name of the imported container (default: the archived name).
         #[arg(long, requires = "import")]
         name: Option<String>,
+        /// Print JSON (the API's types, docs/api.md) instead of text.
         #[arg(long)]
         json: bool,
         #[arg(required_unless_present = "import")]
@@ -158,6 +162,7 @@ pub enum Command {
     },
     /// Show the agent's host.
     Info {
+        /// Print JSON (the API's types, docs/api.md) instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -188,11 +193,13 @@ pub enum ImageCommand {
         /// The image name (default: the file name without extensions).
         #[arg(long)]
         name: Option<String>,
+        /// Print JSON (the API's types, docs/api.md) instead of text.
         #[arg(long)]
         json: bool,
     },
     /// List images.
     Ls {
+        /// Print JSON (the API's types, docs/api.md) instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -236,6 +243,7 @@ pub struct RunArgs {
     /// The container's address with --net bridge (default: the first free one).
     #[arg(long, value_name = "ADDR", requires = "net")]
     pub ip: Option<std::net::Ipv4Addr>,
+    /// Print JSON (the API's types, docs/api.md) instead of text.
     #[arg(long)]
     pub json: bool,
     /// Run an OCI runtime bundle (a directory with config.json and the rootfs it names, as runc

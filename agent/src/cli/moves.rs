@@ -27,6 +27,7 @@ pub struct MoveArgs {
     /// go post-copy instead). The container is not touched.
     #[arg(long, value_name = "MS")]
     pub max_downtime: Option<u64>,
+    /// Print JSON (the API's types, docs/api.md) instead of text.
     #[arg(long)]
     pub json: bool,
     /// Container id, id prefix or name.
@@ -43,11 +44,13 @@ pub enum PeersCommand {
         name: String,
         /// The peer's QUIC address, IP:PORT.
         address: String,
+        /// The peer's certificate fingerprint (hex sha256; `mig info` on the peer).
         #[arg(long)]
         fingerprint: String,
     },
     /// List pinned peers.
     Ls {
+        /// Print JSON (the API's types, docs/api.md) instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -59,17 +62,20 @@ pub enum PeersCommand {
 pub enum LabCommand {
     /// Create N simulated hosts with one agent each, peered with each other.
     Up {
+        /// Number of simulated hosts (host-a, host-b, ...; up to 26).
         #[arg(long, default_value_t = 2)]
         hosts: usize,
         /// The lab's /24 by its first three octets (default 10.78.0); host i gets A.B.C.(10+i).
         /// The lab's name comes from MIG_LAB (default "mig").
         #[arg(long, value_name = "A.B.C", value_parser = parse_subnet)]
         subnet: Option<[u8; 3]>,
+        /// Print JSON (the API's types, docs/api.md) instead of text.
         #[arg(long)]
         json: bool,
     },
     /// List the lab's hosts.
     Status {
+        /// Print JSON (the API's types, docs/api.md) instead of text.
         #[arg(long)]
         json: bool,
     },

@@ -31,6 +31,7 @@ pub struct RebalanceArgs {
     /// Print the plan and do nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Print JSON (the API's types, docs/api.md) instead of text.
     #[arg(long)]
     pub json: bool,
 }
