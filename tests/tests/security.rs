@@ -95,10 +95,12 @@ fn userns_maps_kept_across_moves() -> Result<()> {
             "{p} in the writable layer is not owned by {root}"
         );
     }
-    for (from, to) in [(0, 1), (1, 0)] {
+    // Stream mode restores a user-namespace container without the local lazy-pages daemon
+    // where user namespaces may not open userfaultfd (vm.unprivileged_userfaultfd = 0).
+    for (from, to, mode) in [(0, 1, "cold"), (1, 0, "stream")] {
         let peer = lab.hosts[to].name.clone();
-        let r = lab.mig_json(from, &["move", "u", &peer, "--json"])?;
-        eprintln!("userns move {from} -> {to}: {r}");
+        let r = lab.mig_json(from, &["move", "u", &peer, "--mode", mode, "--json"])?;
+        eprintln!("userns move {from} -> {to} ({mode}): {r}");
         let after = id_maps(&lab, to, "u")?;
         ensure!(
             after == maps,
@@ -120,7 +122,83 @@ fn userns_maps_kept_across_moves() -> Result<()> {
         );
         lab::nothing_left(&lab, from, &id)?;
     }
+    // Lazy mode needs the same; without it the move is refused before anything is frozen.
+    let uffd = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd")?;
+    if uffd.trim() != "1" {
+        let peer = lab.hosts[1].name.clone();
+        let o = lab.mig(0, &["move", "u", &peer, "--mode", "lazy"]);
+        ensure!(
+            o.code != 0
+                && o.stderr.contains("user namespace")
+                && o.stderr.contains("nothing was frozen"),
+            "lazy move of a userns container: {} {}",
+            o.stdout,
+            o.stderr
+        );
+        lab::running_on(&lab, 0, "u")?;
+    }
     lab.mig_ok(0, &["rm", "-f", "u"])?;
+    Ok(())
+}
+
+/// Whether `criu` children of root get CAP_SYS_RESOURCE (its bounding set) on this machine.
+fn root_has_cap_sys_resource() -> Result<bool> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("CapBnd:"))
+        .context("no CapBnd line")?;
+    let bnd = u64::from_str_radix(line["CapBnd:".len()..].trim(), 16)?;
+    Ok(bnd & (1 << 24) != 0)
+}
+
+/// A container whose process runs as another user than root: where root lacks CAP_SYS_RESOURCE
+/// (CRIU then cannot read the process's resource limits), a checkpoint and a move are refused
+/// with the reason before anything is frozen, and the container keeps running; elsewhere both
+/// work.
+#[test]
+fn non_root_processes_and_cap_sys_resource() -> Result<()> {
+    if !mig_tests::is_root("security tests") {
+        return Ok(());
+    }
+    let lab = Lab::up("nonroot", 104)?;
+    // busybox su as root needs no password, only the user in /etc/passwd; it execs the shell.
+    let cmd = [
+        "--",
+        "sh",
+        "-c",
+        r#"echo app:x:1000:1000::/:/bin/sh >> /etc/passwd; echo app:x:1000: >> /etc/group; exec su -s /bin/sh app -c 'i=0; while :; do i=$((i+1)); echo n $i OK; sleep 0.2; done'"#,
+    ];
+    let mut args = vec!["run", "-d", "--name", "nr", "busybox"];
+    args.extend(cmd);
+    lab.mig_ok(0, &args)?;
+    lab::continues(&lab, 0, "nr", 2)?;
+    let peer = lab.hosts[1].name.clone();
+    if root_has_cap_sys_resource()? {
+        lab.mig_ok(0, &["checkpoint", "--leave-running", "nr"])?;
+        lab.mig_ok(0, &["move", "nr", &peer])?;
+        lab::running_on(&lab, 1, "nr")?;
+    } else {
+        for args in [
+            vec!["checkpoint", "--leave-running", "nr"],
+            vec!["move", "nr", peer.as_str()],
+        ] {
+            let o = lab.mig(0, &args);
+            ensure!(
+                o.code != 0
+                    && o.stderr.contains("CAP_SYS_RESOURCE")
+                    && o.stderr.contains("uid 1000"),
+                "{args:?}: {} {}",
+                o.stdout,
+                o.stderr
+            );
+            lab::running_on(&lab, 0, "nr")?;
+        }
+        let after = lab::continues(&lab, 0, "nr", 0)?;
+        lab::continues(&lab, 0, "nr", after)?;
+    }
+    // A `--userns` container is not refused: its processes run as host uids other than 0, and
+    // root owns their user namespace (`userns_maps_kept_across_moves` moves such containers).
     Ok(())
 }
 

@@ -170,6 +170,14 @@ impl Agent {
         let criu = Criu::locate().map_err(|e| ApiError::new(ErrorKind::Unavailable, chain(&e)))?;
         let criu_version = criu.version().map_err(|e| internal(chain(&e)))?;
         let cg = Cgroup::open(&e.state.cgroup).map_err(|e| internal(chain(&e)))?;
+        // Before anything is frozen or the old checkpoint removed.
+        let procs = cg.procs().unwrap_or_else(|_| vec![init_pid]);
+        if let Some(why) = mig_runtime::container::rlimit_blocker(&procs, e.spec.userns.is_some()) {
+            return Err(ApiError::new(
+                ErrorKind::Unavailable,
+                format!("cannot checkpoint {}: {why}", e.spec.name),
+            ));
+        }
         let cd = self.dirs.container(id);
         let images = cd.checkpoint();
         if images.exists() {

@@ -531,7 +531,13 @@ impl DestSide {
                 .map_err(DestError::Pages)?;
         }
         let mut local_lazy = false;
-        if Self::mode_of(&inc) == Some(MigrationMode::Stream) {
+        if Self::mode_of(&inc) == Some(MigrationMode::Stream)
+            && spec.userns.is_some()
+            && !super::modes::userns_may_use_uffd()
+        {
+            // The restored tasks could not open their userfaultfd inside the user namespace.
+            tracing::info!(migration = %id, "user-namespace container: restoring every page before the resume (vm.unprivileged_userfaultfd = 0)");
+        } else if Self::mode_of(&inc) == Some(MigrationMode::Stream) {
             // Every page is here: restore without copying memory, served by a local daemon
             // (a plain restore when it cannot start).
             match super::pages::start_local_lazy_daemon(id, cd.checkpoint(), &cd.dir).await {

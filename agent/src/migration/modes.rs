@@ -64,6 +64,8 @@ pub enum ModeError {
     PrecopyPeerTooOld { peer: String, version: String },
     #[error("--mode lazy needs userfaultfd for non-cooperative processes (criu check --feature uffd-noncoop: {detail})")]
     NoUffd { detail: String },
+    #[error("--mode lazy cannot move a container with a user namespace on this host: its restored tasks open userfaultfd from inside that namespace, which the kernel refuses (vm.unprivileged_userfaultfd = 0); nothing was frozen; use --mode stream or --mode cold")]
+    LazyUserns,
     #[error("--mode lazy cannot run here")]
     PipeMaxSize(#[source] mig_migrate::criu::CriuError),
     #[error("criu is not usable: {0}")]
@@ -115,6 +117,23 @@ pub fn check_mode(criu: &Criu, mode: MoveMode) -> Result<(), ModeError> {
         }
         _ => Ok(()),
     }
+}
+
+/// Whether a task inside a user namespace may open a userfaultfd (`vm.unprivileged_userfaultfd`
+/// = 1). A restore with lazy pages needs it for a `--userns` container: CRIU's restored tasks
+/// open their userfaultfd themselves, without CAP_SYS_PTRACE in the initial user namespace.
+pub(crate) fn userns_may_use_uffd() -> bool {
+    std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").is_ok_and(|s| s.trim() == "1")
+}
+
+/// Refuses the mode the pre-flight picked when this container cannot use it here (lazy for a
+/// `--userns` container where user namespaces may not use userfaultfd). Stream mode's restore
+/// without copying memory needs the same, and falls back to copying on the destination.
+pub fn check_container(mode: MoveMode, userns: bool) -> Result<(), ModeError> {
+    if mode == MoveMode::Lazy && userns && !userns_may_use_uffd() {
+        return Err(ModeError::LazyUserns);
+    }
+    Ok(())
 }
 
 /// Throughput assumed for a peer never measured (bytes/s): QUIC between two agents under load

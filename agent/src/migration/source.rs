@@ -855,6 +855,15 @@ impl Agent {
         super::modes::check_asked(opts)
             .await
             .map_err(|e| api(ErrorKind::Unavailable, chain(&e)))?;
+        let userns = e.spec.userns.is_some();
+        if let Some(why) =
+            mig_runtime::container::rlimit_blocker(&cg.procs().unwrap_or_default(), userns)
+        {
+            return Err(api(
+                ErrorKind::Unavailable,
+                format!("cannot move {}: {why}; nothing was frozen", e.spec.name),
+            ));
+        }
         let migration_id = journal::new_id();
         let side = Src(Arc::new(SourceSide {
             agent: self.clone(),
@@ -903,6 +912,10 @@ impl Agent {
                 return Err(api(ErrorKind::Unavailable, chain(&e)));
             }
         };
+        if let Err(e) = super::modes::check_container(plan.mode, userns) {
+            conn.close(0u32.into(), b"pre-flight refused the move");
+            return Err(api(ErrorKind::Unavailable, chain(&e)));
+        }
         tracing::info!(
             %id,
             mode = plan.mode.as_str(),

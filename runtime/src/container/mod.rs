@@ -26,7 +26,7 @@ mod sys;
 pub mod userns;
 
 pub use channel::Step;
-pub use criu::{dump_externals, external_mounts, restore_externals, ExternalMount};
+pub use criu::{dump_externals, external_mounts, restore_externals, rlimit_blocker, ExternalMount};
 pub use exec::exec;
 pub use init::DEFAULT_PATH;
 pub use netns::{
