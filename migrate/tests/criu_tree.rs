@@ -6,7 +6,7 @@
 //! Every process started here is killed and reaped by a guard, even when an assertion fails.
 
 use mig_migrate::criu::{
-    Criu, CriuError, DumpOpts, LazyPagesOpts, PageServerOpts, PageTarget, RestoreOpts,
+    Criu, CriuError, DumpOpts, DumpStats, LazyPagesOpts, PageServerOpts, PageTarget, RestoreOpts,
     RestoreOutcome,
 };
 use mig_migrate::imageset::{self, SealInfo};
@@ -35,6 +35,31 @@ fn criu_or_skip() -> Option<Criu> {
             None
         }
     }
+}
+
+/// `criu.dump(opts)`, tried again (at most 3 times, the images directory emptied between) when
+/// CRIU fails to seize the tree: "Unseizable non-zombie ... err -1/10" (the pattern of
+/// checkpoint-restore/criu#1034, with the cgroup2 freezer) and "Can't get /proc fd" from the
+/// parasite. Both appeared on the test machine on 2026-12-02 in about one run of this file in
+/// three, also with the code that had passed every earlier run; a failed seize leaves the tree
+/// running, untouched. What these tests check starts after the dump.
+fn dump_retrying(criu: &Criu, opts: &DumpOpts) -> DumpStats {
+    for attempt in 1.. {
+        match criu.dump(opts) {
+            Ok(stats) => return stats,
+            Err(CriuError::Failed { errors, .. })
+                if attempt < 3
+                    && errors.iter().any(|e| {
+                        e.contains("Unseizable non-zombie") || e.contains("Can't get /proc fd")
+                    }) =>
+            {
+                eprintln!("criu could not seize the tree (attempt {attempt}), again: {errors:?}");
+                std::fs::remove_dir_all(&opts.images_dir).unwrap();
+            }
+            Err(e) => panic!("dump: {e:?}"),
+        }
+    }
+    unreachable!()
 }
 
 /// Kills (SIGKILL) and reaps every PID it holds when dropped.
@@ -288,23 +313,26 @@ fn a_final_dump_beside_its_rounds_restores_through_the_parent_link() {
     let images = dir.path().join("images");
     let mut tree = start_tree(&mut reaper);
     let map_before = pid_map(&[tree.init]);
-    criu.dump(&DumpOpts {
-        pid: tree.init,
-        images_dir: round.clone(),
-        leave_running: true,
-        log_file: "dump.log".into(),
-        ..Default::default()
-    })
-    .unwrap();
+    dump_retrying(
+        &criu,
+        &DumpOpts {
+            pid: tree.init,
+            images_dir: round.clone(),
+            leave_running: true,
+            log_file: "dump.log".into(),
+            ..Default::default()
+        },
+    );
     tree.next();
-    let stats = criu
-        .dump(&DumpOpts {
+    let stats = dump_retrying(
+        &criu,
+        &DumpOpts {
             pid: tree.init,
             images_dir: images.clone(),
             log_file: "dump.log".into(),
             ..Default::default()
-        })
-        .unwrap();
+        },
+    );
     let _ = waitpid(Pid::from_raw(tree.unshare), None);
     let last = tree.last_printed();
     std::os::unix::fs::symlink("../rounds/1", images.join("parent")).unwrap();
@@ -492,16 +520,17 @@ fn prefrozen_dump_stays_frozen_and_restore_lands_in_the_cgroup() {
     nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags)).unwrap();
     let mut last = drain(&mut tree.lines).unwrap_or(tree.last);
 
-    let stats = criu
-        .dump(&DumpOpts {
+    let stats = dump_retrying(
+        &criu,
+        &DumpOpts {
             pid: tree.init,
             images_dir: images.clone(),
             freeze_cgroup: Some(src.0.clone()),
             leave_running: true,
             log_file: "dump.log".into(),
             ..Default::default()
-        })
-        .unwrap();
+        },
+    );
     eprintln!("pre-frozen dump: {stats:?}");
     assert!(src.frozen(), "the source stays frozen after the dump");
     std::thread::sleep(Duration::from_millis(200));

@@ -242,9 +242,10 @@ pub fn parse_size(s: &str) -> Option<u64> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
+    /// A valid spec for tests across the crate (no user namespace, no network).
     pub(crate) fn sample() -> ContainerSpec {
         ContainerSpec {
             id: "0123456789abcdef0123456789abcdef".into(),

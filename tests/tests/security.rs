@@ -128,9 +128,7 @@ fn userns_maps_kept_across_moves() -> Result<()> {
         let peer = lab.hosts[1].name.clone();
         let o = lab.mig(0, &["move", "u", &peer, "--mode", "lazy"]);
         ensure!(
-            o.code != 0
-                && o.stderr.contains("user namespace")
-                && o.stderr.contains("nothing was frozen"),
+            failed_saying(&o, &["user namespace", "nothing was frozen"]),
             "lazy move of a userns container: {} {}",
             o.stdout,
             o.stderr
@@ -139,6 +137,11 @@ fn userns_maps_kept_across_moves() -> Result<()> {
     }
     lab.mig_ok(0, &["rm", "-f", "u"])?;
     Ok(())
+}
+
+/// Whether a `mig` command failed with every one of `words` in its error.
+fn failed_saying(o: &mig_tests::MigOutput, words: &[&str]) -> bool {
+    o.code != 0 && words.iter().all(|w| o.stderr.contains(w))
 }
 
 /// Whether `criu` children of root get CAP_SYS_RESOURCE (its bounding set) on this machine.
@@ -185,9 +188,7 @@ fn non_root_processes_and_cap_sys_resource() -> Result<()> {
         ] {
             let o = lab.mig(0, &args);
             ensure!(
-                o.code != 0
-                    && o.stderr.contains("CAP_SYS_RESOURCE")
-                    && o.stderr.contains("uid 1000"),
+                failed_saying(&o, &["CAP_SYS_RESOURCE", "uid 1000"]),
                 "{args:?}: {} {}",
                 o.stdout,
                 o.stderr

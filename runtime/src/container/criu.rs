@@ -154,14 +154,7 @@ mod tests {
 
     #[test]
     fn only_userns_containers_have_external_mounts() {
-        let mut spec: ContainerSpec = serde_json::from_value(serde_json::json!({
-            "id": "0123456789abcdef0123456789abcdef", "name": "x",
-            "image": {"name": "b", "id": format!("sha256:{}", "a".repeat(64)), "layers": []},
-            "process": {"args": ["sh"], "env": [], "cwd": "/", "uid": 0, "gid": 0},
-            "hostname": "x", "limits": {"memory": null, "cpu_millis": null, "pids": null},
-            "userns": null
-        }))
-        .unwrap();
+        let mut spec = crate::spec::tests::sample();
         assert!(external_mounts(&spec).is_empty());
         spec.userns = Some(crate::spec::IdMap {
             host_id: 100_000,
