@@ -10,7 +10,7 @@
 //! `cargo test -p mig-tests --test netns`
 
 use anyhow::{bail, ensure, Context, Result};
-use mig_runtime::container::images_external_netns;
+use mig_migrate::criu::images_external_netns;
 use mig_tests::lab::{move_and_check_with, nothing_left, ns_pids, running_on, Lab};
 use std::path::PathBuf;
 use std::time::Duration;

@@ -845,7 +845,8 @@ impl Agent {
             .map_err(|e| api(ErrorKind::Unavailable, chain(&e)))?;
         let cg = Cgroup::open(&e.state.cgroup).map_err(|e| api(ErrorKind::Internal, chain(&e)))?;
         let usage = cg.usage().unwrap_or_default();
-        let pid_map_before = mig_runtime::pidmap::pid_map(&cg.procs().unwrap_or_default());
+        let procs = cg.procs().unwrap_or_default();
+        let pid_map_before = mig_runtime::pidmap::pid_map(&procs);
         let cd = self.dirs.container(id);
         let upper = cd.upper();
         let upper_bytes = tokio::task::spawn_blocking(move || du(&upper))
@@ -856,9 +857,7 @@ impl Agent {
             .await
             .map_err(|e| api(ErrorKind::Unavailable, chain(&e)))?;
         let userns = e.spec.userns.is_some();
-        if let Some(why) =
-            mig_runtime::container::rlimit_blocker(&cg.procs().unwrap_or_default(), userns)
-        {
+        if let Some(why) = mig_runtime::container::rlimit_blocker(&procs, userns) {
             return Err(api(
                 ErrorKind::Unavailable,
                 format!("cannot move {}: {why}; nothing was frozen", e.spec.name),

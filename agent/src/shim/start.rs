@@ -237,7 +237,7 @@ fn restore(
     }
     // A loopback-only container's network namespace was left out of the dump (1.3 source):
     // CRIU joins a fresh one with `lo` up. Closed (dropped) when this returns, on every path.
-    let netns = match container::images_external_netns(&cd.checkpoint()) {
+    let netns = match mig_migrate::criu::images_external_netns(&cd.checkpoint()) {
         Ok(true) => {
             Some(container::LoopbackNetns::create().map_err(|e| (Stage::Restore, chain(&e)))?)
         }

@@ -7,6 +7,7 @@
 
 pub mod kdat;
 mod log;
+mod netns;
 mod opts;
 mod page_server;
 mod protobuf;
@@ -15,6 +16,7 @@ pub mod stats;
 mod sys;
 
 pub use log::{error_lines, pick_error_lines, MAX_ERROR_LINES};
+pub use netns::{images_external_netns, NetnsImageError, MAX_NETNS_IMAGE_BYTES};
 pub use opts::{resolve, DumpOpts, PageTarget, RestoreOpts};
 pub use page_server::{
     check_pipe_max_size, Background, LazyDump, LazyPagesOpts, PageServerOpts, LAZY_PIPE_MAX_SIZE,

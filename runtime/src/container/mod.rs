@@ -29,10 +29,7 @@ pub use channel::Step;
 pub use criu::{dump_externals, external_mounts, restore_externals, rlimit_blocker, ExternalMount};
 pub use exec::exec;
 pub use init::DEFAULT_PATH;
-pub use netns::{
-    external_netns_arg, images_external_netns, netns_recreatable, LoopbackNetns, NetnsError,
-    MAX_NETNS_IMAGE_BYTES, NETNS_KEY,
-};
+pub use netns::{external_netns_arg, netns_recreatable, LoopbackNetns, NetnsError, NETNS_KEY};
 pub use rootfs::{mount_rootfs, unmount_rootfs};
 pub use security::{default_caps_mask, DEFAULT_CAPS};
 pub use spawn::spawn;

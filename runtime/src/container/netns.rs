@@ -15,8 +15,9 @@
 //! - restore with `--inherit-fd fd[FD]:KEY` where FD is a fresh namespace with `lo` up
 //!   ([`LoopbackNetns`]): CRIU joins it instead of creating and filling one (`net_set_ext`).
 //!
-//! Whether an image set was dumped that way is read from the images ([`images_external_netns`]),
-//! so image sets of an older mig (a full netns dump) restore exactly as before.
+//! Whether an image set was dumped that way is read from the images
+//! (`mig_migrate::criu::images_external_netns`, with CRIU's other image readers), so image sets
+//! of an older mig (a full netns dump) restore exactly as before.
 //!
 //! A user-namespace container keeps the full dump: a namespace created here would be owned by
 //! the initial user namespace, not the container's, and root in the container would lose what
@@ -28,23 +29,12 @@
 use super::sys;
 use crate::spec::ContainerSpec;
 use nix::errno::Errno;
-use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
 
 /// The key that names the container's network namespace in an image set (`--external
 /// net[INODE]:mig-netns` on dump, `--inherit-fd fd[FD]:mig-netns` on restore).
 pub const NETNS_KEY: &str = "mig-netns";
-
-/// The magic of a `netns-ID.img` (criu/include/magic.h `NETNS_MAGIC`).
-const NETNS_MAGIC: u32 = 0x5593_3752;
-/// Head magic of most images (criu/include/magic.h).
-const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
-/// `netns_entry.ext_key` (images/netdev.proto), a string.
-const EXT_KEY_FIELD: u64 = 8;
-/// A full netns entry is a few KiB of sysctls; anything much bigger is not one.
-pub const MAX_NETNS_IMAGE_BYTES: u64 = 1 << 20;
 
 /// Why a network namespace could not be named, created or recognised.
 #[derive(Debug, thiserror::Error)]
@@ -65,22 +55,6 @@ pub enum NetnsError {
     Open(#[source] std::io::Error),
     #[error("bringing up loopback in the new network namespace")]
     Loopback(#[source] Errno),
-    #[error("listing the image set {dir}")]
-    ListImages {
-        dir: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("reading netns image {path}")]
-    ReadImage {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("netns image {path} is more than {MAX_NETNS_IMAGE_BYTES} bytes")]
-    ImageTooBig { path: PathBuf },
-    #[error("netns image {path} is malformed: {reason}")]
-    Malformed { path: PathBuf, reason: &'static str },
 }
 
 /// Whether a container made from `spec` has a network namespace mig can recreate (only `lo`):
@@ -96,114 +70,6 @@ pub fn external_netns_arg(pid: i32) -> Result<String, NetnsError> {
         .map_err(|source| NetnsError::Inode { pid, source })?
         .ino();
     Ok(format!("net[{ino}]:{NETNS_KEY}"))
-}
-
-/// Whether the image set in `images_dir` was dumped with the network namespace external under
-/// [`NETNS_KEY`]: some `netns-ID.img` holds that `ext_key`. An image set without netns images,
-/// or with full ones (an older mig, a `--net` or user-namespace container), gives `false`.
-pub fn images_external_netns(images_dir: &Path) -> Result<bool, NetnsError> {
-    let list = std::fs::read_dir(images_dir).map_err(|source| NetnsError::ListImages {
-        dir: images_dir.to_owned(),
-        source,
-    })?;
-    for entry in list {
-        let entry = entry.map_err(|source| NetnsError::ListImages {
-            dir: images_dir.to_owned(),
-            source,
-        })?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if !(name.starts_with("netns-") && name.ends_with(".img")) {
-            continue;
-        }
-        let path = entry.path();
-        let data = read_bounded(&path)?;
-        let key = ext_key(&data).map_err(|reason| NetnsError::Malformed {
-            path: path.clone(),
-            reason,
-        })?;
-        if key == Some(NETNS_KEY.as_bytes()) {
-            return Ok(true);
-        }
-    }
-    Ok(false)
-}
-
-fn read_bounded(path: &Path) -> Result<Vec<u8>, NetnsError> {
-    let read = |source| NetnsError::ReadImage {
-        path: path.to_owned(),
-        source,
-    };
-    let file = std::fs::File::open(path).map_err(read)?;
-    let mut data = Vec::new();
-    file.take(MAX_NETNS_IMAGE_BYTES + 1)
-        .read_to_end(&mut data)
-        .map_err(read)?;
-    if data.len() as u64 > MAX_NETNS_IMAGE_BYTES {
-        return Err(NetnsError::ImageTooBig {
-            path: path.to_owned(),
-        });
-    }
-    Ok(data)
-}
-
-/// The `ext_key` of the first entry of a netns image: `IMG_COMMON_MAGIC`, `NETNS_MAGIC`, then a
-/// little-endian `u32` length and a protobuf `netns_entry` (criu/image.c, images/netdev.proto).
-fn ext_key(data: &[u8]) -> Result<Option<&[u8]>, &'static str> {
-    let u32_at = |at: usize| -> Option<u32> {
-        let b = data.get(at..at + 4)?;
-        Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    };
-    if u32_at(0) != Some(IMG_COMMON_MAGIC) || u32_at(4) != Some(NETNS_MAGIC) {
-        return Err("bad magic");
-    }
-    let Some(size) = u32_at(8) else {
-        // No entry at all: nothing external.
-        return Ok(None);
-    };
-    let msg = data
-        .get(12..12usize.saturating_add(size as usize))
-        .ok_or("truncated entry")?;
-    string_field(msg, EXT_KEY_FIELD)
-}
-
-/// The last value of string field `field` in the protobuf message `msg` (the top level only;
-/// every other field is skipped by its wire type).
-fn string_field(msg: &[u8], field: u64) -> Result<Option<&[u8]>, &'static str> {
-    let mut pos = 0usize;
-    let mut found = None;
-    let varint = |pos: &mut usize| -> Result<u64, &'static str> {
-        let mut v = 0u64;
-        for i in 0..10 {
-            let b = *msg.get(*pos).ok_or("truncated varint")?;
-            *pos += 1;
-            v |= u64::from(b & 0x7f) << (7 * i);
-            if b & 0x80 == 0 {
-                return Ok(v);
-            }
-        }
-        Err("varint longer than 10 bytes")
-    };
-    while pos < msg.len() {
-        let key = varint(&mut pos)?;
-        let len = match key & 7 {
-            0 => {
-                varint(&mut pos)?;
-                0
-            }
-            1 => 8,
-            2 => usize::try_from(varint(&mut pos)?).map_err(|_| "length overflows")?,
-            5 => 4,
-            _ => return Err("unsupported wire type"),
-        };
-        let end = pos.checked_add(len).ok_or("length overflows")?;
-        let value = msg.get(pos..end).ok_or("field runs past the end")?;
-        if key >> 3 == field && key & 7 == 2 {
-            found = Some(value);
-        }
-        pos = end;
-    }
-    Ok(found)
 }
 
 /// A new network namespace with only `lo`, up: what a loopback-only container's restore joins
@@ -251,88 +117,6 @@ impl AsRawFd for LoopbackNetns {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A netns image as CRIU writes it: the magics, one entry of `len` + protobuf.
-    fn image(msg: &[u8]) -> Vec<u8> {
-        let mut v = Vec::new();
-        v.extend_from_slice(&IMG_COMMON_MAGIC.to_le_bytes());
-        v.extend_from_slice(&NETNS_MAGIC.to_le_bytes());
-        v.extend_from_slice(&(msg.len() as u32).to_le_bytes());
-        v.extend_from_slice(msg);
-        v
-    }
-
-    /// `netns_entry { ext_key = key }`, as criu/net.c `dump_net_ns` writes it.
-    fn external(key: &str) -> Vec<u8> {
-        let mut m = vec![0x42, key.len() as u8];
-        m.extend_from_slice(key.as_bytes());
-        m
-    }
-
-    /// A full entry's start: `def_conf` (packed varints, field 1), a `def_conf4` sysctl entry
-    /// (field 3, a nested message with a string), a fixed32 and a fixed64 field.
-    fn full() -> Vec<u8> {
-        let mut m = vec![0x0a, 3, 1, 0x80, 0x01];
-        let sysctl = [
-            0x0a, 10, b'f', b'o', b'r', b'w', b'a', b'r', b'd', b'i', b'n', b'g',
-        ];
-        m.push(0x1a);
-        m.push(sysctl.len() as u8);
-        m.extend_from_slice(&sysctl);
-        m.extend_from_slice(&[0x5d, 1, 2, 3, 4, 0x61, 1, 2, 3, 4, 5, 6, 7, 8]);
-        m
-    }
-
-    #[test]
-    fn ext_key_of_an_external_netns_image() {
-        assert_eq!(
-            ext_key(&image(&external(NETNS_KEY))).unwrap(),
-            Some(NETNS_KEY.as_bytes())
-        );
-        assert_eq!(ext_key(&image(&full())).unwrap(), None);
-        // Other fields around the key do not hide it.
-        let mut both = full();
-        both.extend(external("other"));
-        assert_eq!(ext_key(&image(&both)).unwrap(), Some(&b"other"[..]));
-        // An image with the magics only has no entry.
-        assert_eq!(ext_key(&image(&[])[..8]).unwrap(), None);
-    }
-
-    #[test]
-    fn malformed_netns_images_are_errors() {
-        assert_eq!(ext_key(b"\0\0\0\0\0\0\0\0"), Err("bad magic"));
-        let mut cut = image(&external(NETNS_KEY));
-        cut.truncate(cut.len() - 1);
-        assert_eq!(ext_key(&cut), Err("truncated entry"));
-        // The entry's own string length runs past the entry.
-        assert_eq!(
-            ext_key(&image(&[0x42, 9, b'm'])),
-            Err("field runs past the end")
-        );
-        assert_eq!(ext_key(&image(&[0x43])), Err("unsupported wire type"));
-        assert_eq!(ext_key(&image(&[0x08, 0xff])), Err("truncated varint"));
-    }
-
-    #[test]
-    fn images_dir_marker() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("core-1.img"), b"x").unwrap();
-        assert!(!images_external_netns(dir.path()).unwrap());
-        std::fs::write(dir.path().join("netns-10.img"), image(&full())).unwrap();
-        assert!(!images_external_netns(dir.path()).unwrap());
-        std::fs::write(dir.path().join("netns-11.img"), image(&external(NETNS_KEY))).unwrap();
-        assert!(images_external_netns(dir.path()).unwrap());
-        let junk = tempfile::tempdir().unwrap();
-        std::fs::write(junk.path().join("netns-12.img"), b"junk").unwrap();
-        assert!(matches!(
-            images_external_netns(junk.path()),
-            Err(NetnsError::Malformed { .. })
-        ));
-        assert!(matches!(
-            images_external_netns(&junk.path().join("missing")),
-            Err(NetnsError::ListImages { .. })
-        ));
-    }
 
     #[test]
     fn recreatable_only_without_net_and_userns() {
