@@ -78,8 +78,9 @@ impl Client {
     }
 
     fn send(&mut self, n: usize) -> Result<()> {
-        writeln!(self.stdin, "msg {n}").context("writing to the connection")?;
-        self.stdin.flush()?;
+        self.stdin
+            .write_all(line(n).as_bytes())
+            .context("writing to the connection")?;
         Ok(())
     }
 
@@ -104,6 +105,15 @@ impl Drop for Client {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Message `n` with its newline, written in one `write` so that the client's `nc` sends it in one
+/// segment. The server's shell reads a byte at a time after a `poll`; CRIU restores a process
+/// that was blocked in `poll` with EINTR (its restart block cannot be restarted), and busybox
+/// `read` then starts the line again: the part of a line read before the checkpoint would be
+/// lost (docs/networking.md "What a process sees"), which `writeln!`'s three writes made likely.
+fn line(n: usize) -> String {
+    format!("msg {n}\n")
 }
 
 /// `eth0`'s address and MAC as the container itself sees them.
@@ -143,8 +153,7 @@ fn exchange_during(
     let sender = std::thread::spawn(move || -> Result<usize> {
         let mut n = first;
         loop {
-            writeln!(writer, "msg {n}")?;
-            writer.flush()?;
+            writer.write_all(line(n).as_bytes())?;
             n += 1;
             if stop_rx.recv_timeout(Duration::from_millis(50)).is_ok() {
                 return Ok(n);

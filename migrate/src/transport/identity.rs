@@ -104,6 +104,11 @@ impl Identity {
 
     /// Loads `<dir>/identity/{key.der,cert.der}`, creating them (key mode 0600) when neither
     /// exists. One without the other is an error, never silently replaced.
+    ///
+    /// A new identity is written into `<dir>/identity.new/` and that directory renamed to
+    /// `identity` once both files are on disk, so an agent killed while creating it leaves either
+    /// no identity (made again at the next start) or a whole one, never a key without its
+    /// certificate.
     pub fn load_or_create(dir: &Path, name: &str) -> Result<Identity, IdentityError> {
         let idir = dir.join("identity");
         let key_path = idir.join("key.der");
@@ -114,17 +119,7 @@ impl Identity {
                 let cert = read_limited(&cert_path)?;
                 Ok(Identity::from_der(cert, key))
             }
-            (false, false) => {
-                fs::create_dir_all(&idir).map_err(|source| IdentityError::CreateDir {
-                    path: idir.clone(),
-                    source,
-                })?;
-                let _ = fs::set_permissions(&idir, fs::Permissions::from_mode(0o700));
-                let id = Identity::generate(name)?;
-                write_private(&key_path, id.key.secret_pkcs8_der(), 0o600)?;
-                write_private(&cert_path, id.cert.as_ref(), 0o644)?;
-                Ok(id)
-            }
+            (false, false) => create(dir, &idir, name),
             (true, false) => Err(IdentityError::Incomplete {
                 path: key_path,
                 missing: cert_path,
@@ -148,6 +143,38 @@ impl Identity {
     pub(crate) fn key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(self.key.clone_key())
     }
+}
+
+/// Writes a new identity into `<dir>/identity.new` (whatever an interrupted creation left there is
+/// removed first) and renames it to `idir`, which may exist only as an empty directory.
+fn create(dir: &Path, idir: &Path, name: &str) -> Result<Identity, IdentityError> {
+    let staging = dir.join("identity.new");
+    let create_dir = |path: &Path| {
+        let made = match fs::remove_dir_all(path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+        .and_then(|()| fs::create_dir_all(path))
+        .and_then(|()| fs::set_permissions(path, fs::Permissions::from_mode(0o700)));
+        made.map_err(|source| IdentityError::CreateDir {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    create_dir(&staging)?;
+    let id = Identity::generate(name)?;
+    write_private(&staging.join("key.der"), id.key.secret_pkcs8_der(), 0o600)?;
+    write_private(&staging.join("cert.der"), id.cert.as_ref(), 0o644)?;
+    let publish = fs::rename(&staging, idir).and_then(|()| fs::File::open(dir)?.sync_all());
+    if let Err(source) = publish {
+        let _ = fs::remove_dir_all(&staging);
+        return Err(IdentityError::Write {
+            path: idir.to_path_buf(),
+            source,
+        });
+    }
+    Ok(id)
 }
 
 fn read_limited(path: &Path) -> Result<Vec<u8>, IdentityError> {
@@ -210,10 +237,25 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+        assert!(!dir.path().join("identity.new").exists());
         fs::remove_file(dir.path().join("identity/cert.der")).unwrap();
         assert!(matches!(
             Identity::load_or_create(dir.path(), "host-a"),
             Err(IdentityError::Incomplete { .. })
         ));
+    }
+
+    #[test]
+    fn an_interrupted_creation_is_made_again() {
+        let dir = tempfile::tempdir().unwrap();
+        // What a kill between the two writes of a creation leaves: a staging directory with the
+        // key only, and an empty identity directory (as an older release made first).
+        fs::create_dir_all(dir.path().join("identity.new")).unwrap();
+        fs::write(dir.path().join("identity.new/key.der"), b"partial").unwrap();
+        fs::create_dir_all(dir.path().join("identity")).unwrap();
+        let a = Identity::load_or_create(dir.path(), "host-a").unwrap();
+        assert!(!dir.path().join("identity.new").exists());
+        let b = Identity::load_or_create(dir.path(), "host-a").unwrap();
+        assert_eq!(a.fingerprint(), b.fingerprint());
     }
 }
