@@ -378,7 +378,7 @@ fn image_xattrs_kept_or_dropped() {
 }
 
 #[test]
-fn image_legacy_docker_archive_refused() {
+fn image_empty_docker_archive_refused() {
     let (tmp, store) = store();
     let t = RawTar::default()
         .file(b"manifest.json", b"[]")
@@ -390,7 +390,7 @@ fn image_legacy_docker_archive_refused() {
     assert!(
         matches!(
             err,
-            ImageError::Oci(mig_runtime::image::OciError::DockerArchive)
+            ImageError::Oci(mig_runtime::image::OciError::DockerArchive(_))
         ),
         "{err}"
     );

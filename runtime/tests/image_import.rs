@@ -477,3 +477,95 @@ fn image_prune_unreferenced_layers() {
     store.remove("c").unwrap();
     assert_store_empty(&store);
 }
+
+/// The layout of `build_layout` rewritten as a `docker save` directory (format before Docker 25):
+/// `manifest.json`, the config as `<hex>.json`, each layer blob as `<hex>/layer.tar` (the second
+/// one gzip-compressed, as `podman save` may write it). Returns the directory and its config
+/// digest.
+fn docker_dir(tmp: &Path, tags: &[&str]) -> (PathBuf, String) {
+    let (layout, config_digest, _) = build_layout(tmp);
+    let blobs = layout.join("blobs/sha256");
+    let blob = |d: &str| fs::read(blobs.join(d.trim_start_matches("sha256:"))).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&blob(index["manifests"][0]["digest"].as_str().unwrap())).unwrap();
+    let dir = tmp.join("docker");
+    fs::create_dir_all(&dir).unwrap();
+    let hex = config_digest.trim_start_matches("sha256:");
+    fs::write(dir.join(format!("{hex}.json")), blob(&config_digest)).unwrap();
+    let mut layers = Vec::new();
+    for (i, l) in manifest["layers"].as_array().unwrap().iter().enumerate() {
+        let d = format!("layer{i}");
+        fs::create_dir_all(dir.join(&d)).unwrap();
+        fs::write(
+            dir.join(&d).join("layer.tar"),
+            blob(l["digest"].as_str().unwrap()),
+        )
+        .unwrap();
+        layers.push(format!("{d}/layer.tar"));
+    }
+    let entries: Vec<_> = tags
+        .iter()
+        .map(|t| serde_json::json!({"Config": format!("{hex}.json"), "RepoTags": [t], "Layers": layers}))
+        .collect();
+    fs::write(
+        dir.join("manifest.json"),
+        serde_json::Value::from(entries).to_string(),
+    )
+    .unwrap();
+    (dir, config_digest)
+}
+
+#[test]
+fn image_docker_archive() {
+    let (tmp, store) = store();
+    let (dir, config_digest) = docker_dir(tmp.path(), &["app:1"]);
+    // As a tar (no `repositories`, as `docker save IMAGE_ID` and podman write it), gzip too.
+    let archive = write_file(tmp.path(), "docker.tar", &tar_dir(&dir));
+    let img = store.import(&archive, "dock").unwrap();
+    assert_eq!(img.id, config_digest);
+    assert_eq!(img.config.entrypoint, vec!["/bin/busybox"]);
+    assert_eq!(img.config.workdir, "/data");
+    assert_eq!(img.config.user, "1000:1002");
+    check_layout_image(&store, tmp.path(), &img);
+    let gz = write_file(tmp.path(), "docker.tar.gz", &gzip(&tar_dir(&dir)));
+    assert_eq!(store.import(&gz, "dock2").unwrap().layers, img.layers);
+    // As the unpacked directory.
+    assert_eq!(store.import(&dir, "dock3").unwrap().id, config_digest);
+    for n in ["dock", "dock2", "dock3"] {
+        store.remove(n).unwrap();
+    }
+    assert_store_empty(&store);
+}
+
+#[test]
+fn image_docker_archive_refusals() {
+    let (tmp, store) = store();
+    let (dir, _) = docker_dir(tmp.path(), &["a:1", "b:2"]);
+    let err = store.import(&dir, "two").unwrap_err();
+    assert!(
+        err.to_string().contains("holds 2 images (a:1, b:2)"),
+        "{err}"
+    );
+
+    // A layer path through a symlink out of the archive.
+    let (dir, _) = docker_dir(&tmp.path().join("x"), &["a:1"]);
+    let outside = tmp.path().join("outside");
+    fs::create_dir_all(&outside).unwrap();
+    fs::rename(dir.join("layer1"), outside.join("layer1")).unwrap();
+    std::os::unix::fs::symlink(outside.join("layer1"), dir.join("layer1")).unwrap();
+    let err = store.import(&dir, "escape").unwrap_err();
+    assert!(
+        err.to_string().contains("not a file in the archive"),
+        "{err}"
+    );
+
+    // A layer that is not the one the config names.
+    fs::remove_file(dir.join("layer1")).unwrap();
+    fs::create_dir_all(dir.join("layer1")).unwrap();
+    fs::copy(dir.join("layer0/layer.tar"), dir.join("layer1/layer.tar")).unwrap();
+    let err = store.import(&dir, "swapped").unwrap_err();
+    assert!(matches!(err, ImageError::DigestMismatch { .. }), "{err}");
+    assert_store_empty(&store);
+}

@@ -195,6 +195,10 @@ pub(crate) fn import(store: &ImageStore, path: &Path, name: &str) -> Result<Imag
             let work = store.work_dir()?;
             return super::oci::import_layout(store, &work, path, name);
         }
+        if is_docker_dir(path) {
+            let work = store.work_dir()?;
+            return super::docker::import_dir(store, &work, path, name);
+        }
         return import_rootfs_dir(store, path, name);
     }
     if meta.is_file() {
@@ -203,6 +207,21 @@ pub(crate) fn import(store: &ImageStore, path: &Path, name: &str) -> Result<Imag
     Err(ImageError::UnknownFormat {
         path: path.to_owned(),
     })
+}
+
+/// A `manifest.json` this large or larger at the top of a tar is not read to tell a
+/// docker-archive from a root filesystem.
+const MAX_MANIFEST_PEEK: u64 = 1 << 20;
+
+/// An unpacked docker-archive: a `manifest.json` of that format at the top of the directory.
+fn is_docker_dir(dir: &Path) -> bool {
+    let p = dir.join("manifest.json");
+    match fs::symlink_metadata(&p) {
+        Ok(m) if m.is_file() && m.len() <= MAX_MANIFEST_PEEK => {
+            fs::read(&p).is_ok_and(|d| super::docker::is_manifest(&d))
+        }
+        _ => false,
+    }
 }
 
 fn single_layer_image(
@@ -284,7 +303,8 @@ fn read_head(path: &Path, n: usize) -> Result<Vec<u8>, ImageError> {
 enum TarKind {
     /// `oci-layout` and `index.json`: an OCI archive.
     Oci,
-    /// `manifest.json` and `repositories` without `oci-layout`: `docker save` before Docker 25.
+    /// A docker-archive `manifest.json` (or any `manifest.json` next to `repositories`) without
+    /// `oci-layout`: `docker save` before Docker 25, `podman save`'s default format.
     DockerLegacy,
     /// Anything else: a root filesystem.
     Rootfs,
@@ -297,24 +317,31 @@ fn tar_kind(blob: &Path) -> Result<TarKind, ImageError> {
         path: blob.to_owned(),
         source,
     };
-    let (mut layout, mut index, mut manifest, mut repositories) = (false, false, false, false);
+    let (mut layout, mut index) = (false, false);
+    let (mut manifest, mut docker_manifest, mut repositories) = (false, false, false);
     for entry in archive.entries().map_err(tar_err)? {
-        let entry = entry.map_err(tar_err)?;
-        if let Ok(p) = super::paths::entry_path(&entry.path_bytes()) {
-            if let [c] = p.components() {
-                match c.as_slice() {
-                    b"oci-layout" => layout = true,
-                    b"index.json" => index = true,
-                    b"manifest.json" => manifest = true,
-                    b"repositories" => repositories = true,
-                    _ => {}
+        let mut entry = entry.map_err(tar_err)?;
+        let Ok(p) = super::paths::entry_path(&entry.path_bytes()) else {
+            continue;
+        };
+        match p.components() {
+            [c] if c == b"oci-layout" => layout = true,
+            [c] if c == b"index.json" => index = true,
+            [c] if c == b"repositories" => repositories = true,
+            [c] if c == b"manifest.json" => {
+                manifest = true;
+                if entry.size() <= MAX_MANIFEST_PEEK {
+                    let mut data = Vec::new();
+                    entry.read_to_end(&mut data).map_err(tar_err)?;
+                    docker_manifest = super::docker::is_manifest(&data);
                 }
             }
+            _ => {}
         }
     }
     Ok(if layout && index {
         TarKind::Oci
-    } else if manifest && repositories {
+    } else if docker_manifest || (manifest && repositories) {
         TarKind::DockerLegacy
     } else {
         TarKind::Rootfs
@@ -342,16 +369,17 @@ fn import_tar_file(store: &ImageStore, path: &Path, name: &str) -> Result<Image,
         scan_headers(&mut f, &blob, &store.limits)?;
     }
     let kind = tar_kind(&blob)?;
-    if kind == TarKind::DockerLegacy {
-        return Err(super::OciError::DockerArchive.into());
-    }
-    if kind == TarKind::Oci {
+    if kind != TarKind::Rootfs {
         let layout = work.path().join("layout");
         fs::create_dir(&layout).map_err(ImageError::io("creating", &layout))?;
         let f = File::open(&blob).map_err(ImageError::io("opening", &blob))?;
         unpack(BufReader::new(f), path, &layout, &store.limits, false)?;
         fs::remove_file(&blob).map_err(ImageError::io("removing", &blob))?;
-        return super::oci::import_layout(store, &work, &layout, name);
+        return if kind == TarKind::Oci {
+            super::oci::import_layout(store, &work, &layout, name)
+        } else {
+            super::docker::import_dir(store, &work, &layout, name)
+        };
     }
     single_layer_image(store, &work, blob, digest, name)
 }

@@ -19,6 +19,7 @@
 //! import leaves nothing behind. What the unpacker refuses is described in [`paths`] and
 //! [`unpack`].
 
+mod docker;
 mod import;
 mod oci;
 pub mod paths;

@@ -39,8 +39,8 @@ pub enum OciError {
     TooDeep,
     #[error("{0} is a symlink or not a regular file")]
     NotAFile(String),
-    #[error("this is a `docker save` archive from before Docker 25, not an OCI archive: save it with a newer Docker or convert it (skopeo copy docker-archive:... oci-archive:...)")]
-    DockerArchive,
+    #[error("{0}")]
+    DockerArchive(String),
 }
 
 #[derive(Debug, Deserialize)]
@@ -96,7 +96,7 @@ struct RootFs {
 }
 
 #[derive(Debug, Deserialize)]
-struct ConfigFile {
+pub(super) struct ConfigFile {
     config: Option<ContainerConfig>,
     rootfs: Option<RootFs>,
 }
@@ -141,7 +141,7 @@ fn layer_compression(media_type: &str) -> Result<Compression, OciError> {
 }
 
 /// Opens a regular file of the layout without following a symlink.
-fn open_nofollow(path: &Path) -> Result<File, ImageError> {
+pub(super) fn open_nofollow(path: &Path) -> Result<File, ImageError> {
     let f = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
@@ -157,9 +157,9 @@ fn open_nofollow(path: &Path) -> Result<File, ImageError> {
     Ok(f)
 }
 
-struct Layout<'a> {
-    dir: &'a Path,
-    max_json: u64,
+pub(super) struct Layout<'a> {
+    pub dir: &'a Path,
+    pub max_json: u64,
 }
 
 impl Layout<'_> {
@@ -178,7 +178,7 @@ impl Layout<'_> {
     }
 
     /// Reads a small JSON file (at most `max_json` bytes).
-    fn read_small(&self, path: &Path) -> Result<Vec<u8>, ImageError> {
+    pub(super) fn read_small(&self, path: &Path) -> Result<Vec<u8>, ImageError> {
         let f = open_nofollow(path)?;
         let mut data = Vec::new();
         f.take(self.max_json + 1)
@@ -193,7 +193,10 @@ impl Layout<'_> {
         Ok(data)
     }
 
-    fn parse<T: serde::de::DeserializeOwned>(file: &str, data: &[u8]) -> Result<T, ImageError> {
+    pub(super) fn parse<T: serde::de::DeserializeOwned>(
+        file: &str,
+        data: &[u8],
+    ) -> Result<T, ImageError> {
         serde_json::from_slice(data).map_err(|source| {
             OciError::Json {
                 file: file.to_owned(),
@@ -309,18 +312,51 @@ pub(crate) fn import_layout(
     let index: Index = Layout::parse("index.json", &layout.read_small(&dir.join("index.json"))?)?;
     let manifest = layout.pick_manifest(&index, 0)?;
     let config: ConfigFile = layout.json_blob(&manifest.config)?;
-    let diff_ids = config.rootfs.map(|r| r.diff_ids).unwrap_or_default();
-    if diff_ids.len() != manifest.layers.len() {
+    let layers = manifest.layers.len();
+    commit_with_layers(
+        store,
+        work,
+        ImageSource {
+            name,
+            id: manifest.config.digest.clone(),
+            config,
+            layers,
+        },
+        |i, dest| fetch_layer(store, &layout, &manifest.layers[i], dest),
+    )
+}
+
+/// An image whose config is read and whose layers are still to be fetched.
+pub(super) struct ImageSource<'a> {
+    pub name: &'a str,
+    /// The image id: the digest of its config.
+    pub id: String,
+    pub config: ConfigFile,
+    /// How many layers the manifest lists.
+    pub layers: usize,
+}
+
+/// Fetches every layer not yet in the store with `fetch(i, dest)` (which writes layer `i`
+/// uncompressed to `dest` and returns its digest), checks each against the config's
+/// `rootfs.diff_ids`, resolves the config's user in the layers and commits the image.
+pub(super) fn commit_with_layers(
+    store: &ImageStore,
+    work: &WorkDir,
+    src: ImageSource<'_>,
+    mut fetch: impl FnMut(usize, &Path) -> Result<String, ImageError>,
+) -> Result<Image, ImageError> {
+    let diff_ids = src.config.rootfs.map(|r| r.diff_ids).unwrap_or_default();
+    if diff_ids.len() != src.layers {
         return Err(OciError::LayerCount {
             diff_ids: diff_ids.len(),
-            layers: manifest.layers.len(),
+            layers: src.layers,
         }
         .into());
     }
     let mut staged: Vec<StagedLayer> = Vec::new();
     let mut seen = HashSet::new();
     let mut size = 0u64;
-    for (i, (d, diff_id)) in manifest.layers.iter().zip(&diff_ids).enumerate() {
+    for (i, diff_id) in diff_ids.iter().enumerate() {
         crate::spec::validate_digest(diff_id).map_err(|_| OciError::Digest(diff_id.clone()))?;
         if !seen.insert(diff_id.clone()) {
             continue;
@@ -330,7 +366,7 @@ pub(crate) fn import_layout(
             continue;
         }
         let blob = work.path().join(format!("{i}.tar"));
-        let actual = fetch_layer(store, &layout, d, &blob)?;
+        let actual = fetch(i, &blob)?;
         if &actual != diff_id {
             return Err(ImageError::DigestMismatch {
                 what: format!("uncompressed layer {i} (rootfs.diff_ids)"),
@@ -342,7 +378,7 @@ pub(crate) fn import_layout(
         size += layer_size;
         staged.extend(s);
     }
-    let c = config.config.unwrap_or_default();
+    let c = src.config.config.unwrap_or_default();
     let dirs: Vec<PathBuf> = diff_ids
         .iter()
         .map(|d| match staged.iter().find(|s| &s.digest == d) {
@@ -352,8 +388,8 @@ pub(crate) fn import_layout(
         .collect();
     let user = super::user::resolve(c.user.as_deref().unwrap_or(""), &dirs)?;
     let image = Image {
-        name: name.to_owned(),
-        id: manifest.config.digest.clone(),
+        name: src.name.to_owned(),
+        id: src.id,
         layers: diff_ids,
         config: ImageConfig {
             env: c.env.unwrap_or_default(),
