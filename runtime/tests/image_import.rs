@@ -167,7 +167,21 @@ fn image_import_layer_and_add_image() {
     // A second copy is not read again.
     peer.import_layer(&img.layers[0], &mut std::io::empty())
         .unwrap();
-    peer.add_image(&img).unwrap();
+    // The peer has an image of its own under that name: it keeps it, and the received one is
+    // recorded under `<name>-<12 hex>`.
+    let own = tmp.path().join("own");
+    fs::create_dir_all(own.join("etc")).unwrap();
+    fs::write(own.join("etc/own"), "own").unwrap();
+    let own = peer.import(&own, "busybox").unwrap();
+    let got = peer.add_image(&img).unwrap();
+    assert_eq!(got.name, format!("busybox-{}", &img.id[7..19]));
+    assert_eq!(peer.get("busybox").unwrap(), own);
+    assert_eq!(peer.get(&got.name).unwrap().id, img.id);
+    peer.remove(&got.name).unwrap();
+    peer.remove("busybox").unwrap();
+    // A free name is taken as it is (the removal collected the layer: received again).
+    peer.import_layer(&img.layers[0], &mut &blob[..]).unwrap();
+    assert_eq!(peer.add_image(&img).unwrap(), img);
     assert_eq!(peer.get("busybox").unwrap(), img);
     check_busybox_layer(&peer, &img.layers[0], true);
     assert!(matches!(

@@ -307,13 +307,15 @@ impl ImageStore {
         }
         import::import_layer(self, digest, tar)
     }
-    /// Records an image whose layers are all present (after receiving them from a peer).
-    pub fn add_image(&self, image: &Image) -> Result<(), ImageError> {
+    /// Records an image whose layers are all present (after receiving them from a peer). When
+    /// its name is taken here by another image, it is recorded as `<name>-<12 hex of its id>`
+    /// instead: a move never replaces or renames an image of this host. Returns the record.
+    pub fn add_image(&self, image: &Image) -> Result<Image, ImageError> {
         crate::spec::validate_name(&image.name).map_err(ImageError::InvalidName)?;
         crate::spec::validate_digest(&image.id).map_err(ImageError::InvalidDigest)?;
         for l in &image.layers {
             crate::spec::validate_digest(l).map_err(ImageError::InvalidDigest)?;
         }
-        self.commit_image(&[], image)
+        self.commit_received(image)
     }
 }

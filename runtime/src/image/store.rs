@@ -328,15 +328,34 @@ impl ImageStore {
 
     /// Under the lock: writes `img`'s record under `<name>-<12 hex of its id>` (its name cut to
     /// fit), the name the record of an image still in use keeps when another one takes its name.
-    fn keep_renamed(&self, mut img: Image) -> Result<(), ImageError> {
-        let hex = img.id.strip_prefix("sha256:").unwrap_or(&img.id);
-        let short = &hex[..hex.len().min(12)];
-        let base: String = img.name.chars().take(63 - 1 - short.len()).collect();
-        img.name = format!("{base}-{short}");
+    fn keep_renamed(&self, img: Image) -> Result<(), ImageError> {
+        let img = renamed(img);
         tracing::info!(name = %img.name, id = %img.id, "an image containers use keeps its layers under another name");
         let p = self.record_path(&img.name);
         crate::fsutil::write_versioned(&p, &img, RECORD_FORMAT)
             .map_err(ImageError::io("writing", &p))
+    }
+
+    /// Records an image whose layers are all here (received from a peer), under its own name when
+    /// that is free or names the same image, else under `<name>-<12 hex of its id>`: what arrives
+    /// with a container never replaces an image of this host. Returns the record written.
+    pub(crate) fn commit_received(&self, image: &Image) -> Result<Image, ImageError> {
+        let _lock = self.lock()?;
+        if let Some(missing) = image.layers.iter().find(|l| !self.has_layer(l)) {
+            return Err(ImageError::MissingLayer(missing.clone()));
+        }
+        let image = match self.read_record(&image.name)? {
+            Some(here) if here.id != image.id => {
+                let r = renamed(image.clone());
+                tracing::info!(name = %r.name, id = %r.id, "a received image's name is taken here: recorded under another name");
+                r
+            }
+            _ => image.clone(),
+        };
+        let p = self.record_path(&image.name);
+        crate::fsutil::write_versioned(&p, &image, RECORD_FORMAT)
+            .map_err(ImageError::io("writing", &p))?;
+        Ok(image)
     }
 
     /// Under the lock: moves staged layers into place; returns the digests it moved.
@@ -445,6 +464,15 @@ fn sync_dir(p: &Path) -> Result<(), ImageError> {
     File::open(p)
         .and_then(|f| f.sync_all())
         .map_err(ImageError::io("syncing", p))
+}
+
+/// `img` named `<name>-<12 hex of its id>`, its name cut to fit the 63 characters of a name.
+fn renamed(mut img: Image) -> Image {
+    let hex = img.id.strip_prefix("sha256:").unwrap_or(&img.id);
+    let short = &hex[..hex.len().min(12)];
+    let base: String = img.name.chars().take(63 - 1 - short.len()).collect();
+    img.name = format!("{base}-{short}");
+    img
 }
 
 #[cfg(test)]
