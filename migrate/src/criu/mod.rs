@@ -10,6 +10,7 @@ mod log;
 mod netns;
 mod opts;
 mod page_server;
+pub mod page_writer;
 mod protobuf;
 pub mod pstree;
 pub mod stats;

@@ -127,3 +127,56 @@ impl<'a> Iterator for Fields<'a> {
         Some(r)
     }
 }
+
+/// Appends `v` as a protobuf varint.
+pub(crate) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8 & 0x7f) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Appends field `num` (wire type 0, varint) with value `v`.
+pub(crate) fn put_varint_field(out: &mut Vec<u8>, num: u32, v: u64) {
+    put_varint(out, u64::from(num) << 3);
+    put_varint(out, v);
+}
+
+/// Appends one image entry: the message's length as a little-endian `u32`, then `message`.
+/// `None` if the message is longer than a `u32` can say.
+pub(crate) fn put_entry(out: &mut Vec<u8>, message: &[u8]) -> Option<()> {
+    let len = u32::try_from(message.len()).ok()?;
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(message);
+    Some(())
+}
+
+#[cfg(test)]
+mod encoder_tests {
+    use super::*;
+
+    #[test]
+    fn varints_and_entries_read_back() {
+        let mut msg = Vec::new();
+        put_varint_field(&mut msg, 1, 0x7fff_f000_1000);
+        put_varint_field(&mut msg, 2, 0);
+        put_varint_field(&mut msg, 5, 300);
+        let mut img = Vec::new();
+        img.extend_from_slice(&IMG_COMMON_MAGIC.to_le_bytes());
+        img.extend_from_slice(&0x5608_4025u32.to_le_bytes());
+        put_entry(&mut img, &msg).unwrap();
+        let entries = entries(&img, 0x5608_4025).unwrap();
+        assert_eq!(entries.len(), 1);
+        let fields: Vec<(u64, u64)> = Fields::new(entries[0], 0)
+            .map(|f| match f.unwrap() {
+                (n, Value::Varint(v)) => (n, v),
+                (n, Value::Bytes(_)) => panic!("field {n} is bytes"),
+            })
+            .collect();
+        assert_eq!(fields, vec![(1, 0x7fff_f000_1000), (2, 0), (5, 300)]);
+        let mut one = Vec::new();
+        put_varint(&mut one, 300);
+        assert_eq!(one, [0xac, 0x02]);
+    }
+}
