@@ -1,13 +1,17 @@
 //! Memory pages that do not travel as files: CRIU's page server protocol carried through a
 //! tunnel on the migration connection (`mig_migrate::transport::tunnel`).
 //!
-//! - `stream`: the destination starts `criu page-server --ps-socket` at Prepare (images dir = its
-//!   staging images dir) on one end of a Unix socketpair; the source's `criu dump --ps-socket`
-//!   holds one end of another socketpair, and the agents carry the other ends over one QUIC
-//!   stream (no loopback TCP on either side). After the dump the destination waits for the page
-//!   server to end cleanly and adds the page images it wrote to the received manifest by size
-//!   (`imageset::add_page_server_images`): they came inside the authenticated QUIC connection,
-//!   and hashing them cost a fifth of both cores during the dump (docs/performance.md).
+//! - `stream`: the source's `criu dump --ps-socket` holds one end of a socketpair and its agent
+//!   carries the other end over one QUIC stream (no loopback TCP). The destination's agent writes
+//!   that stream into its staging images dir itself (`mig_migrate::criu::page_writer`, the same
+//!   files `criu page-server` writes, without that process and its socket hop); with
+//!   `MIG_PAGE_SINK=criu` in migd's environment it starts `criu page-server --ps-socket` at
+//!   Prepare on one end of a socketpair and the tunnel carries the stream to the other, as
+//!   before (a diagnostic switch, docs/criu.md). After the dump the destination waits for the
+//!   writer (or the page server) to end cleanly and adds the page images to the received manifest
+//!   by size (`imageset::add_page_server_images`): they came inside the authenticated QUIC
+//!   connection, and hashing them cost a fifth of both cores during the dump
+//!   (docs/performance.md).
 //! - `lazy` (post-copy): the source's `criu dump --lazy-pages --ps-socket` serves pages on one
 //!   end of a socketpair, the destination's `criu lazy-pages --page-server --ps-socket` fetches
 //!   them through one end of another, and the agents carry the other ends over one QUIC stream
@@ -22,6 +26,7 @@
 use super::modes::MoveMode;
 use crate::daemon::events::EventKind;
 use crate::daemon::Agent;
+use mig_migrate::criu::page_writer::{self, PageSink, PageWait};
 use mig_migrate::criu::{
     Background, Criu, DumpOpts, LazyDump, LazyPagesOpts, PageServerOpts, PageTarget,
 };
@@ -56,6 +61,14 @@ pub enum PagesError {
     },
     #[error("the page server failed")]
     PageServer(#[source] mig_migrate::criu::CriuError),
+    #[error("cannot create the images directory {path}")]
+    ImagesDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the page writer failed")]
+    PageWriter(#[source] page_writer::PageWriterError),
     #[error("cannot open the tunnel")]
     Tunnel(#[source] mig_migrate::transport::tunnel::TunnelError),
     #[error("the migration connection is not available for the tunnel")]
@@ -69,8 +82,10 @@ pub enum PagesError {
 /// What one migration runs for its pages on this agent.
 #[derive(Default)]
 struct Job {
-    /// Destination, stream: `criu page-server`.
+    /// Destination, stream: `criu page-server` (`MIG_PAGE_SINK=criu`).
     page_server: Option<Background>,
+    /// Destination, stream: the outcome of mig's page writer.
+    page_writer: Option<PageWait>,
     /// Where a tunnelled service of this migration listens (a Unix socket is used once).
     serves: HashMap<Service, Endpoint>,
     /// Destination, lazy: the daemon and the tunnel to the source.
@@ -91,7 +106,7 @@ pub(crate) fn resolve(h: &TunnelHeader) -> Option<Endpoint> {
         let serves = &mut j.get_mut(&h.migration_id)?.serves;
         match serves.get(&h.service)? {
             Endpoint::Tcp(a) => Some(Endpoint::Tcp(*a)),
-            Endpoint::Unix(_) => serves.remove(&h.service),
+            Endpoint::Unix(_) | Endpoint::Pages(_) => serves.remove(&h.service),
         }
     })
 }
@@ -122,10 +137,42 @@ fn is_page_image(name: &str) -> bool {
         && !name.contains('/')
 }
 
-/// Stream mode, at Prepare: starts `criu page-server` writing into `images_dir`, serving one
-/// end of a Unix socketpair (`--ps-socket`); the tunnel stream of the source's dump is carried
-/// to the other end ([`resolve`]). Blocking.
+/// The environment variable of migd that chooses what writes a stream-mode dump's pages on the
+/// destination: `criu` for `criu page-server`, anything else (or unset) for mig's page writer.
+pub const PAGE_SINK_ENV: &str = "MIG_PAGE_SINK";
+
+/// Whether this agent writes stream-mode pages with `criu page-server` ([`PAGE_SINK_ENV`]).
+fn criu_page_sink() -> bool {
+    static CRIU: OnceLock<bool> = OnceLock::new();
+    *CRIU.get_or_init(|| {
+        let criu = std::env::var(PAGE_SINK_ENV).is_ok_and(|v| v == "criu");
+        if criu {
+            tracing::info!(
+                "{PAGE_SINK_ENV}=criu: stream-mode pages are written by criu page-server"
+            );
+        }
+        criu
+    })
+}
+
+/// Stream mode, at Prepare: readies what writes the pages into `images_dir`; the tunnel
+/// stream of the source's dump is carried there ([`resolve`]). Mig's page writer by default,
+/// `criu page-server` on a socketpair with `MIG_PAGE_SINK=criu`. Blocking.
 pub(crate) fn start_page_server(migration_id: &str, images_dir: &Path) -> Result<(), PagesError> {
+    if !criu_page_sink() {
+        std::fs::create_dir_all(images_dir).map_err(|source| PagesError::ImagesDir {
+            path: images_dir.to_owned(),
+            source,
+        })?;
+        let (sink, wait) = PageSink::new(images_dir, page_writer::Limits::default());
+        with_jobs(|j| {
+            let job = j.entry(migration_id.to_owned()).or_default();
+            job.page_writer = Some(wait);
+            job.serves
+                .insert(Service::PageServer, Endpoint::Pages(sink));
+        });
+        return Ok(());
+    }
     let (criu_end, mine) = tunnel::unix_pair().map_err(PagesError::SocketPair)?;
     let ps = criu()?
         .page_server(&PageServerOpts {
@@ -148,26 +195,36 @@ pub(crate) fn start_page_server(migration_id: &str, images_dir: &Path) -> Result
     Ok(())
 }
 
-/// Before the restore: in stream mode, waits for the page server to end (the dump is complete
-/// once it exits cleanly), then lists the page images it wrote in the received manifest, by
-/// size. Without a page server, checks that the received manifest names no page-server images.
-/// Returns what it added. Blocking.
+/// Before the restore: in stream mode, waits for the page writer (or page server) to end (the
+/// dump is complete once it ended cleanly), then lists the page images it wrote in the received
+/// manifest, by size. Without either, checks that the received manifest names no page-server
+/// images. Returns what it added. Blocking.
 pub(crate) fn finish_page_server(
     migration_id: &str,
     images_dir: &Path,
 ) -> Result<Vec<imageset::PageImage>, PagesError> {
-    let ps = with_jobs(|j| {
-        j.get_mut(migration_id)
-            .and_then(|job| job.page_server.take())
+    let (ps, writer) = with_jobs(|j| {
+        j.get_mut(migration_id).map_or((None, None), |job| {
+            (job.page_server.take(), job.page_writer.take())
+        })
     });
-    let Some(ps) = ps else {
-        let manifest = imageset::read_manifest(images_dir).map_err(PagesError::Manifest)?;
-        imageset::refuse_page_server_entries(&manifest).map_err(PagesError::Manifest)?;
-        return Ok(Vec::new());
-    };
     let t_wait = Instant::now();
-    ps.wait_timeout(PAGE_SERVER_END)
-        .map_err(PagesError::PageServer)?;
+    match (ps, writer) {
+        (_, Some(writer)) => {
+            let summary = writer
+                .wait_timeout(PAGE_SERVER_END)
+                .map_err(PagesError::PageWriter)?;
+            tracing::debug!(migration = %migration_id, ?summary, "page writer done");
+        }
+        (Some(ps), None) => ps
+            .wait_timeout(PAGE_SERVER_END)
+            .map_err(PagesError::PageServer)?,
+        (None, None) => {
+            let manifest = imageset::read_manifest(images_dir).map_err(PagesError::Manifest)?;
+            imageset::refuse_page_server_entries(&manifest).map_err(PagesError::Manifest)?;
+            return Ok(Vec::new());
+        }
+    }
     let wait_ms = super::ms(t_wait.elapsed());
     forget(migration_id);
     let added = imageset::add_page_server_images(images_dir, is_page_image)

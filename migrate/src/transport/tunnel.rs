@@ -14,9 +14,14 @@
 //! other, and a resolver may answer with [`Endpoint::Unix`], an already connected socket whose
 //! other end a `criu page-server --ps-socket FD` holds. That removes both loopback TCP stacks.
 //!
+//! A resolver may also answer [`Endpoint::Pages`]: the stream's bytes are then CRIU's page server
+//! protocol, written into an images directory by mig's own page writer
+//! ([`crate::criu::page_writer`]) in this process, without a `criu page-server` and its socket.
+//!
 //! Integrity: QUIC's TLS 1.3 protects every byte of the stream (authenticated encryption); CRIU's
 //! page server protocol has its own framing and reports a connection closed in the middle.
 
+use crate::criu::page_writer::{PageSink, PageWriter, PageWriterError, Summary};
 use crate::wire::{read_frame, write_frame, WireError};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -82,6 +87,8 @@ pub enum TunnelError {
     Copy(#[source] std::io::Error),
     #[error("cannot make a socket pair for the tunnel")]
     SocketPair(#[source] std::io::Error),
+    #[error("the page writer of migration {migration_id} failed (its waiter has the reason)")]
+    Pages { migration_id: String },
     #[error("cannot use the unix socket of {service:?} for migration {migration_id}")]
     Unix {
         migration_id: String,
@@ -99,6 +106,9 @@ pub enum Endpoint {
     /// An already connected Unix stream socket whose other end a local process holds (for
     /// example `criu page-server --ps-socket FD`); used for one stream only.
     Unix(std::os::unix::net::UnixStream),
+    /// mig's page writer: the stream is a dump's page server protocol, written into the sink's
+    /// images directory here; used for one stream.
+    Pages(PageSink),
 }
 
 impl From<SocketAddr> for Endpoint {
@@ -373,6 +383,73 @@ where
                 }
             };
             splice(unix, send, recv, bytes).await
+        }
+        Endpoint::Pages(sink) => {
+            write_pages(send, recv, sink, bytes)
+                .await
+                .map_err(|()| TunnelError::Pages {
+                    migration_id: header.migration_id,
+                })
+        }
+    }
+}
+
+/// Runs mig's page writer on a tunnel stream ([`Endpoint::Pages`]): the page data is written into
+/// the sink's directory straight from quinn's received chunks, the replies go back on the
+/// stream. The outcome goes to the sink's waiter as soon as the close command is written and
+/// answered (the dump may keep its end open a little longer); a failure also resets the stream,
+/// so the dump fails too.
+async fn write_pages(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    sink: PageSink,
+    bytes: &Counter,
+) -> Result<(), ()> {
+    let mut w = PageWriter::new(&sink.dir, sink.limits);
+    let mut chunks: Vec<bytes::Bytes> = vec![bytes::Bytes::new(); CHUNKS];
+    let mut reply = Vec::new();
+    let r: Result<Summary, PageWriterError> = loop {
+        let n = match recv.read_chunks(&mut chunks).await {
+            Ok(Some(n)) => n,
+            Ok(None) => break w.finish(),
+            Err(e) => break Err(PageWriterError::Read(e.into())),
+        };
+        bytes.add(chunks[..n].iter().map(|c| c.len() as u64).sum());
+        let closed = match w.feed(&chunks[..n], &mut reply) {
+            Ok(c) => c,
+            Err(e) => break Err(e),
+        };
+        if !reply.is_empty() {
+            if let Err(e) = send.write_all(&reply).await {
+                break Err(PageWriterError::Reply(e.into()));
+            }
+            bytes.add(reply.len() as u64);
+            reply.clear();
+        }
+        if closed {
+            break w.finish();
+        }
+    };
+    match r {
+        Ok(summary) => {
+            sink.report(Ok(summary));
+            let _ = send.finish();
+            // The dump closes its end after the close's answer: wait for that end of stream.
+            let mut extra = 0u64;
+            while let Ok(Some(n)) = recv.read_chunks(&mut chunks).await {
+                extra += chunks[..n].iter().map(|c| c.len() as u64).sum::<u64>();
+            }
+            if extra > 0 {
+                tracing::warn!(bytes = extra, "page stream: bytes after the close ignored");
+            }
+            Ok(())
+        }
+        Err(e) => {
+            tracing::warn!(error = %super::driver::chain(&e), "page writer failed");
+            let _ = send.reset(2u32.into());
+            let _ = recv.stop(2u32.into());
+            sink.report(Err(e));
+            Err(())
         }
     }
 }

@@ -152,3 +152,96 @@ async fn socketpair_both_ends_carry_bytes_with_half_close() {
     assert!(back == data, "echoed bytes differ");
     assert!(t.bytes() >= 2 * data.len() as u64);
 }
+
+/// One command of CRIU's page server protocol (see `criu::page_writer`).
+fn ps_cmd(cmd: u32, nr_pages: u64, vaddr: u64, dst_id: u64) -> Vec<u8> {
+    [
+        &cmd.to_le_bytes()[..],
+        &[0; 4],
+        &nr_pages.to_le_bytes(),
+        &vaddr.to_le_bytes(),
+        &dst_id.to_le_bytes(),
+    ]
+    .concat()
+}
+
+/// A resolver answering one [`Endpoint::Pages`] writing into `dir`, and the wait for it.
+fn pages_endpoint(
+    dir: &std::path::Path,
+) -> (
+    impl Fn(&TunnelHeader) -> Option<Endpoint> + Send + Sync + 'static,
+    crate::criu::page_writer::PageWait,
+) {
+    let (sink, wait) = PageSink::new(dir, Default::default());
+    let sink = Mutex::new(Some(sink));
+    let resolve = move |h: &TunnelHeader| {
+        (h.service == Service::PageServer)
+            .then(|| sink.lock().unwrap().take().map(Endpoint::Pages))
+            .flatten()
+    };
+    (resolve, wait)
+}
+
+/// A dump's page stream through the tunnel into mig's page writer: the answers come back, the
+/// images are written, the waiter learns the outcome; garbage fails both ends.
+#[tokio::test]
+async fn page_streams_go_into_the_page_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (client, server, _eps) = pair().await;
+    let (resolve, wait) = pages_endpoint(dir.path());
+    tokio::spawn(serve(server, resolve));
+    let t = Tunnel::socketpair(client, header(Service::PageServer)).unwrap();
+    let mine = std::os::unix::net::UnixStream::from(t.take_client().unwrap());
+    let pages: Vec<u8> = (0..3 * 4096usize)
+        .map(|j| (j as u8).wrapping_mul(7))
+        .collect();
+    let stream = [
+        ps_cmd(4, 0, 0, 5 << 8 | 1),
+        ps_cmd(4 << 16 | 6, 3, 0x7000, 5 << 8 | 1),
+        pages.clone(),
+        ps_cmd(0x1024, 0, 0, 0),
+    ]
+    .concat();
+    let answers = tokio::task::spawn_blocking(move || {
+        let mut w = &mine;
+        std::io::Write::write_all(&mut w, &stream).unwrap();
+        let mut got = [0u8; 5];
+        std::io::Read::read_exact(&mut &mine, &mut got).unwrap();
+        got
+    })
+    .await
+    .unwrap();
+    assert_eq!(answers, [0; 5]);
+    let summary = tokio::task::spawn_blocking(move || wait.wait_timeout(Duration::from_secs(10)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(summary.page_bytes, pages.len() as u64);
+    assert_eq!(
+        std::fs::read(dir.path().join("pages-65537.img")).unwrap(),
+        pages
+    );
+    assert!(dir.path().join("pagemap-5.img").exists());
+
+    let (client, server, _eps) = pair().await;
+    let (resolve, wait) = pages_endpoint(dir.path());
+    tokio::spawn(serve(server, resolve));
+    let t = Tunnel::socketpair(client, header(Service::PageServer)).unwrap();
+    let mine = std::os::unix::net::UnixStream::from(t.take_client().unwrap());
+    let read = tokio::task::spawn_blocking(move || {
+        let mut w = &mine;
+        std::io::Write::write_all(&mut w, &ps_cmd(0x77, 0, 0, 0)).unwrap();
+        let mut back = Vec::new();
+        std::io::Read::read_to_end(&mut &mine, &mut back).map(|_| back)
+    })
+    .await
+    .unwrap();
+    assert!(read.map(|b| b.is_empty()).unwrap_or(true), "no answer");
+    let r = tokio::task::spawn_blocking(move || wait.wait_timeout(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert!(
+        matches!(r, Err(PageWriterError::UnknownCommand { cmd: 0x77 })),
+        "{r:?}"
+    );
+}
