@@ -12,9 +12,9 @@
 
 use crate::api::frame::{read_frame, write_frame, FrameError};
 use crate::api::{
-    ApiError, CheckpointResult, ContainerDetails, ContainerSummary, ErrorKind, Event, ExecResult,
-    Hello, HostInfo, ImageInfo, MoveStatus, Request, Response, RestoreResult, RunRequest,
-    API_VERSION, API_VERSION_MIN,
+    ApiError, CheckpointResult, ContainerDetails, ContainerSummary, ErrorKind, Event, ExecOptions,
+    ExecResult, Hello, HostInfo, ImageInfo, MoveStatus, Request, Response, RestoreResult,
+    RunRequest, API_VERSION, API_VERSION_MIN,
 };
 use crate::migration::{IdentityInfo, MoveResult, PeerInfo};
 use std::path::{Path, PathBuf};
@@ -452,10 +452,33 @@ impl Client {
         args: Vec<String>,
         env: Vec<String>,
     ) -> Result<ExecResult, ClientError> {
+        self.exec_with(
+            container,
+            args,
+            ExecOptions {
+                env,
+                ..ExecOptions::default()
+            },
+        )
+        .await
+    }
+
+    /// `exec` with a user, a working directory or a standard input (at most
+    /// [`crate::api::MAX_EXEC_STDIN`] bytes, sent whole). Agents before these options refuse a
+    /// request that uses them (`invalid_argument`, naming the field).
+    pub async fn exec_with(
+        &mut self,
+        container: &str,
+        args: Vec<String>,
+        opts: ExecOptions,
+    ) -> Result<ExecResult, ClientError> {
         let req = Request::Exec {
             container: container.into(),
             args,
-            env,
+            env: opts.env,
+            user: opts.user,
+            workdir: opts.workdir,
+            stdin: opts.stdin,
         };
         match self.call(&req).await? {
             Response::Exec(e) => Ok(e),

@@ -908,3 +908,258 @@ fn a_container_being_moved_shows_frozen_moving_to_the_peer() -> Result<()> {
     mig_tests::lab::running_on(&lab, 1, name)?;
     Ok(())
 }
+
+/// Imports a busybox image named `users` whose /etc/passwd and /etc/group have users and groups
+/// besides root (what `--user NAME` resolves against).
+fn import_users_image(agent: &Agent) -> Result<()> {
+    let dir = agent.dir.path().join("users-image");
+    let rootfs = busybox_rootfs(&dir)?;
+    std::fs::write(
+        rootfs.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n\
+         app:x:1000:1001:app:/:/bin/sh\n",
+    )?;
+    std::fs::write(
+        rootfs.join("etc/group"),
+        "root:x:0:\nstaff:x:50:\napp:x:1001:\nnogroup:x:65534:\n",
+    )?;
+    agent.mig_ok(&[
+        "image",
+        "import",
+        rootfs.to_str().unwrap_or_default(),
+        "--name",
+        "users",
+    ])?;
+    Ok(())
+}
+
+/// `mig` against `agent` with `input` on its standard input.
+fn mig_with_stdin(agent: &Agent, args: &[&str], input: &[u8]) -> Result<mig_tests::MigOutput> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(mig_tests::bin("mig"))
+        .args(args)
+        .env("MIG_SOCKET", &agent.socket)
+        .env_remove("MIG_HOST")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut stdin = child.stdin.take().context("stdin pipe")?;
+    let data = input.to_vec();
+    // mig may refuse before reading all of it: a write error is its answer, not ours.
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&data);
+    });
+    let out = child.wait_with_output()?;
+    let _ = writer.join();
+    Ok(out.into())
+}
+
+/// `mig run --user/-u`, `--workdir/-w`, `--entrypoint` (podman's meanings): names resolved
+/// from the image's /etc/passwd and /etc/group, a numeric uid without an entry gets gid 0, an
+/// unknown name is refused naming the image and the name.
+#[test]
+fn run_with_user_workdir_and_entrypoint() -> Result<()> {
+    if !mig_tests::is_root("run_with_user_workdir_and_entrypoint") {
+        return Ok(());
+    }
+    let agent = Agent::start("run_user_workdir")?;
+    import_users_image(&agent)?;
+    let id_of = |args: &[&str]| -> Result<String> {
+        let mut full = vec!["run"];
+        full.extend_from_slice(args);
+        Ok(agent.mig_ok(&full)?.trim().to_owned())
+    };
+    let o = id_of(&["-u", "nobody", "users", "--", "id"])?;
+    ensure!(o.starts_with("uid=65534(nobody) gid=65534(nogroup)"), "{o}");
+    let o = id_of(&["--user", "app:staff", "users", "--", "id"])?;
+    ensure!(o.starts_with("uid=1000(app) gid=50(staff)"), "{o}");
+    let o = id_of(&["-u", "app", "users", "--", "id"])?;
+    ensure!(o.starts_with("uid=1000(app) gid=1001(app)"), "{o}");
+    let o = id_of(&["-u", "4242", "users", "--", "id"])?;
+    ensure!(o.starts_with("uid=4242 gid=0(root)"), "{o}");
+    let o = id_of(&["-u", "7:8", "users", "--", "id"])?;
+    ensure!(o.starts_with("uid=7 gid=8"), "{o}");
+    let o = agent.mig(&["run", "-u", "ghost", "users", "--", "id"]);
+    ensure!(
+        o.code == 125
+            && o.stderr.contains("\"ghost\"")
+            && o.stderr.contains("image users")
+            && o.stderr.lines().count() == 1,
+        "{o:?}"
+    );
+    let o = agent.mig(&["run", "-u", "app:nogrp", "users", "--", "id"]);
+    ensure!(o.code == 125 && o.stderr.contains("app:nogrp"), "{o:?}");
+    // --workdir.
+    ensure!(id_of(&["-w", "/tmp", "users", "--", "pwd"])? == "/tmp");
+    ensure!(id_of(&["--workdir", "/etc", "-u", "nobody", "users", "--", "pwd"])? == "/etc");
+    let o = agent.mig(&["run", "-w", "tmp", "users", "--", "pwd"]);
+    ensure!(o.code == 125 && o.stderr.contains("absolute"), "{o:?}");
+    // --entrypoint replaces the image's: one word, or a JSON array; args follow it.
+    ensure!(id_of(&["--entrypoint", "echo", "users", "--", "a", "b"])? == "a b");
+    ensure!(
+        id_of(&[
+            "--entrypoint",
+            r#"["sh","-c"]"#,
+            "users",
+            "--",
+            "echo $((6*7))"
+        ])? == "42"
+    );
+    ensure!(id_of(&["--entrypoint", "hostname", "--name", "ep", "users"])? == "ep");
+    let o = agent.mig(&["run", "--entrypoint", "", "users"]);
+    ensure!(
+        o.code == 125 && o.stderr.contains("entrypoint is empty"),
+        "{o:?}"
+    );
+    ensure!(id_of(&["--entrypoint", "", "users", "--", "echo", "x"])? == "x");
+    // inspect shows the command that ran.
+    let d = inspect(&agent, "ep")?;
+    ensure!(d["command"] == serde_json::json!(["hostname"]), "{d}");
+    Ok(())
+}
+
+/// `mig exec -u/-w/-i`: the user resolved from the container's own /etc/passwd (its writable
+/// layer included), the working directory, the standard input read whole by the client (binary
+/// safe, size-capped); `-t` refused with what works instead.
+#[test]
+fn exec_with_user_workdir_and_stdin() -> Result<()> {
+    if !mig_tests::is_root("exec_with_user_workdir_and_stdin") {
+        return Ok(());
+    }
+    let agent = Agent::start("exec_user_stdin")?;
+    import_users_image(&agent)?;
+    run_detached(&agent, &["--name", "ex", "users", "--", "sleep", "1000"])?;
+    let o = agent.mig_ok(&["exec", "-u", "nobody", "ex", "--", "id"])?;
+    ensure!(o.starts_with("uid=65534(nobody) gid=65534(nogroup)"), "{o}");
+    let o = agent.mig_ok(&["exec", "ex", "--", "id", "-u"])?;
+    ensure!(o == "0\n", "the container's user stays the default: {o}");
+    let o = agent.mig_ok(&["exec", "--user", "1000:50", "ex", "--", "id"])?;
+    ensure!(o.starts_with("uid=1000(app) gid=50(staff)"), "{o}");
+    let o = agent.mig(&["exec", "-u", "ghost", "ex", "--", "id"]);
+    ensure!(
+        o.code == 125 && o.stderr.contains("\"ghost\"") && o.stderr.contains("container ex"),
+        "{o:?}"
+    );
+    // A user added inside the container is found (its writable layer is looked at).
+    agent.mig_ok(&[
+        "exec",
+        "ex",
+        "--",
+        "sh",
+        "-c",
+        "echo late:x:777:50::/:/bin/sh >> /etc/passwd",
+    ])?;
+    ensure!(agent.mig_ok(&["exec", "-u", "late", "ex", "--", "id", "-u"])? == "777\n");
+    // -w.
+    ensure!(agent.mig_ok(&["exec", "-w", "/tmp", "ex", "--", "pwd"])? == "/tmp\n");
+    let o = agent.mig(&["exec", "-w", "/nonexistent", "ex", "--", "pwd"]);
+    ensure!(
+        o.code != 0 && o.stderr.contains("working directory"),
+        "{o:?}"
+    );
+    // -i: the whole input, binary safe; without -i the command reads /dev/null.
+    let o = mig_with_stdin(&agent, &["exec", "-i", "ex", "--", "cat"], b"hi\n")?;
+    ensure!(o.code == 0 && o.stdout == "hi\n", "{o:?}");
+    let o = mig_with_stdin(&agent, &["exec", "ex", "--", "cat"], b"hi\n")?;
+    ensure!(o.code == 0 && o.stdout.is_empty(), "{o:?}");
+    let blob: Vec<u8> = (0..(1u32 << 20)).map(|i| (i * 7 + i / 256) as u8).collect();
+    let o = mig_with_stdin(&agent, &["exec", "-i", "ex", "--", "wc", "-c"], &blob)?;
+    ensure!(o.code == 0 && o.stdout.trim() == "1048576", "{o:?}");
+    let o = mig_with_stdin(
+        &agent,
+        &[
+            "exec",
+            "-i",
+            "-u",
+            "nobody",
+            "-w",
+            "/tmp",
+            "ex",
+            "--",
+            "sh",
+            "-c",
+            "wc -c; pwd; id -u",
+        ],
+        &blob,
+    )?;
+    ensure!(o.code == 0 && o.stdout == "1048576\n/tmp\n65534\n", "{o:?}");
+    let o = mig_with_stdin(
+        &agent,
+        &["exec", "-i", "ex", "--", "sh", "-c", "cat > /tmp/in"],
+        &blob,
+    )?;
+    ensure!(o.code == 0, "{o:?}");
+    let o = agent.mig(&["exec", "ex", "--", "md5sum", "/tmp/in"]);
+    let want = {
+        let p = agent.dir.path().join("blob");
+        std::fs::write(&p, &blob)?;
+        let m = std::process::Command::new("md5sum").arg(&p).output()?;
+        String::from_utf8_lossy(&m.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    ensure!(
+        o.code == 0 && o.stdout.starts_with(&want),
+        "{o:?} want {want}"
+    );
+    // A command that does not read its input still ends normally.
+    let o = mig_with_stdin(&agent, &["exec", "-i", "ex", "--", "true"], &blob)?;
+    ensure!(o.code == 0, "{o:?}");
+    // Too large: refused by the client before anything runs.
+    let big = vec![b'x'; (8 << 20) + 1];
+    let o = mig_with_stdin(&agent, &["exec", "-i", "ex", "--", "wc", "-c"], &big)?;
+    ensure!(
+        o.code == 125 && o.stderr.contains("8 MiB") && o.stdout.is_empty(),
+        "{o:?}"
+    );
+    // -t: refused, saying what works.
+    for t in [
+        &["exec", "-t", "ex", "--", "sh"][..],
+        &["exec", "-it", "ex", "--", "sh"],
+    ] {
+        let o = agent.mig(t);
+        ensure!(
+            o.code == 125
+                && o.stderr.contains("no terminal")
+                && o.stderr.contains("-i")
+                && o.stderr.lines().count() == 1,
+            "{o:?}"
+        );
+    }
+    agent.mig_ok(&["rm", "-f", "ex"])?;
+    Ok(())
+}
+
+/// `mig move C HOST` naming the host the container is on says so (it said "no pinned peer").
+#[test]
+fn move_to_its_own_host_says_it_is_already_there() -> Result<()> {
+    if !mig_tests::is_root("move_to_its_own_host_says_it_is_already_there") {
+        return Ok(());
+    }
+    let agent = Agent::start("move_to_self")?;
+    agent.import_busybox()?;
+    run_detached(
+        &agent,
+        &["--name", "stay", "busybox", "--", "sleep", "1000"],
+    )?;
+    let o = agent.mig(&["move", "stay", &agent.name]);
+    ensure!(
+        o.code == 125
+            && o.stderr
+                .contains(&format!("container stay is already on {}", agent.name))
+            && !o.stderr.contains("pinned peer named")
+            && o.stderr.lines().count() == 1,
+        "{o:?}"
+    );
+    let d = inspect(&agent, "stay")?;
+    ensure!(d["state"] == "running", "{d}");
+    // An unknown container is still "no such container", not "already here".
+    let o = agent.mig(&["move", "nope", &agent.name]);
+    ensure!(o.code == 125 && !o.stderr.contains("already"), "{o:?}");
+    agent.mig_ok(&["rm", "-f", "stay"])?;
+    Ok(())
+}

@@ -155,6 +155,22 @@ pub enum Request {
         container: String,
         args: Vec<String>,
         env: Vec<String>,
+        /// `USER[:GROUP]` (names from the container's /etc/passwd and /etc/group, or numbers);
+        /// the container's user when absent. Absent fields are not sent, so an older agent
+        /// serves a request that does not use them.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
+        /// Absolute working directory inside the container; the container's when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        workdir: Option<String>,
+        /// The command's whole standard input, base64 on the wire (at most [`MAX_EXEC_STDIN`]
+        /// bytes); `/dev/null` when absent.
+        #[serde(
+            default,
+            skip_serializing_if = "Option::is_none",
+            with = "base64_bytes"
+        )]
+        stdin: Option<Vec<u8>>,
     },
     /// Sends SIGTERM to the container's init, then kills the container after `timeout_secs`.
     Stop {
@@ -225,6 +241,102 @@ pub struct RunRequest {
     /// The address to take (with `net`); the first free one of the pool when absent.
     #[serde(default)]
     pub ip: Option<std::net::Ipv4Addr>,
+    /// `USER[:GROUP]`: names are looked up in the image's /etc/passwd and /etc/group, numbers
+    /// are taken as they are (a uid without a passwd entry gets gid 0); the image's user when
+    /// absent. Absent fields are not sent, so an older agent serves a request without them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Absolute working directory of the command; the image's when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// Replaces the image's entrypoint; the image's cmd is then dropped unless `args` are given
+    /// (podman's `--entrypoint`). Empty clears the entrypoint and keeps the image's cmd when
+    /// `args` is empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+}
+
+/// The largest standard input `exec` takes (the client reads it whole before sending it).
+pub const MAX_EXEC_STDIN: usize = 8 << 20;
+
+/// What `exec` takes besides the container and the command (see [`Request::Exec`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecOptions {
+    /// `KEY=VALUE` pairs added to the container's environment.
+    pub env: Vec<String>,
+    /// `USER[:GROUP]`; the container's user when `None`.
+    pub user: Option<String>,
+    /// Absolute working directory; the container's when `None`.
+    pub workdir: Option<String>,
+    /// The command's whole standard input; `/dev/null` when `None`.
+    pub stdin: Option<Vec<u8>>,
+}
+
+/// `Option<Vec<u8>>` as a standard base64 string (RFC 4648, with padding).
+mod base64_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+    pub fn encode(data: &[u8]) -> String {
+        let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+        for chunk in data.chunks(3) {
+            let b = [
+                chunk[0],
+                chunk.get(1).copied().unwrap_or(0),
+                chunk.get(2).copied().unwrap_or(0),
+            ];
+            let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
+            for i in 0..4 {
+                if i <= chunk.len() {
+                    out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
+
+    pub fn decode(s: &str) -> Option<Vec<u8>> {
+        let s = s.as_bytes();
+        if !s.len().is_multiple_of(4) {
+            return None;
+        }
+        let mut out = Vec::with_capacity(s.len() / 4 * 3);
+        for (i, quad) in s.chunks(4).enumerate() {
+            let last = i + 1 == s.len() / 4;
+            let pad = quad.iter().rev().take_while(|&&c| c == b'=').count();
+            if pad > 2 || (pad > 0 && !last) {
+                return None;
+            }
+            let mut n = 0u32;
+            for &c in &quad[..4 - pad] {
+                let v = ALPHABET.iter().position(|&a| a == c)? as u32;
+                n = n << 6 | v;
+            }
+            n <<= 6 * pad as u32;
+            let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+            out.extend_from_slice(&bytes[..3 - pad]);
+        }
+        Some(out)
+    }
+
+    pub fn serialize<S: Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(b) => s.serialize_str(&encode(b)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        match Option::<String>::deserialize(d)? {
+            None => Ok(None),
+            Some(s) => decode(&s)
+                .map(Some)
+                .ok_or_else(|| serde::de::Error::custom("stdin is not valid base64")),
+        }
+    }
 }
 
 /// What the agent answers.
@@ -691,6 +803,54 @@ mod tests {
         let j = serde_json::to_value(r.for_version(API_VERSION)).unwrap();
         assert_eq!(j["body"][0]["state"], "frozen");
         assert_eq!(j["body"][0]["in_doubt"]["peer"], "host-b");
+    }
+
+    /// The fields `run` and `exec` gained are optional: absent ones are not sent (an older
+    /// agent refuses fields it does not know) and a request without them parses.
+    #[test]
+    fn new_run_and_exec_fields_are_optional() {
+        let j = serde_json::to_value(Request::Run(RunRequest::default())).unwrap();
+        for k in ["user", "workdir", "entrypoint"] {
+            assert!(j.get(k).is_none(), "{j}");
+        }
+        let old = r#"{"op":"exec","container":"c","args":["id"],"env":[]}"#;
+        let r: Request = serde_json::from_str(old).unwrap();
+        assert_eq!(serde_json::to_string(&r).unwrap(), old);
+        let r = Request::Exec {
+            container: "c".into(),
+            args: vec!["cat".into()],
+            env: vec![],
+            user: Some("nobody".into()),
+            workdir: Some("/tmp".into()),
+            stdin: Some(b"hi\n".to_vec()),
+        };
+        let j = serde_json::to_value(&r).unwrap();
+        assert_eq!(j["stdin"], "aGkK");
+        assert_eq!(serde_json::from_value::<Request>(j).unwrap(), r);
+        let bad = r#"{"op":"exec","container":"c","args":["id"],"env":[],"stdin":"a"}"#;
+        assert!(serde_json::from_str::<Request>(bad).is_err());
+    }
+
+    #[test]
+    fn base64_round_trips() {
+        use base64_bytes::{decode, encode};
+        for (plain, enc) in [
+            (&b""[..], ""),
+            (b"f", "Zg=="),
+            (b"fo", "Zm8="),
+            (b"foo", "Zm9v"),
+            (b"foob", "Zm9vYg=="),
+            (b"fooba", "Zm9vYmE="),
+            (b"foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(encode(plain), enc);
+            assert_eq!(decode(enc).unwrap(), plain);
+        }
+        let all: Vec<u8> = (0..=255).collect();
+        assert_eq!(decode(&encode(&all)).unwrap(), all);
+        for bad in ["Zg=", "Z===", "Zg==Zm9v", "Zm9*", "===="] {
+            assert!(decode(bad).is_none(), "{bad}");
+        }
     }
 
     #[test]

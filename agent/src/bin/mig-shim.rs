@@ -44,6 +44,12 @@ enum Cmd {
         cgroup_parent: Option<String>,
         #[arg(long = "env")]
         env: Vec<String>,
+        /// UID:GID to run as (numbers; the container's user by default).
+        #[arg(long, value_parser = shim::parse_ids)]
+        user: Option<(u32, u32)>,
+        /// Absolute working directory (the container's by default).
+        #[arg(long)]
+        workdir: Option<String>,
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
@@ -95,8 +101,16 @@ fn main() -> ExitCode {
             id,
             env,
             command,
+            user,
+            workdir,
             ..
-        } => match shim::exec(&state_dir, &id, &env, &command) {
+        } => match shim::exec(
+            &state_dir,
+            &id,
+            &shim::ExecAs { user, workdir },
+            &env,
+            &command,
+        ) {
             Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
             Err(e) => {
                 eprintln!("{EXEC_ERROR_MARKER}{}", shim::chain(&e));

@@ -2,7 +2,7 @@
 
 use super::output;
 use super::{Cli, Command, ImageCommand, RunArgs, DEFAULT_SOCKET, EXIT_MIG_ERROR};
-use crate::api::RunRequest;
+use crate::api::{ExecOptions, RunRequest, MAX_EXEC_STDIN};
 use crate::client::{Client, ClientError};
 use clap::{CommandFactory, Parser};
 use mig_runtime::spec::Limits;
@@ -43,6 +43,12 @@ pub enum CliError {
     NoFingerprint,
     #[error("{failed} of {total} operations failed")]
     Partial { failed: usize, total: usize },
+    #[error("mig exec has no terminal (-t): the command's output is returned when it ends; pipe input with -i instead, e.g. echo 'ls /' | mig exec -i CONTAINER sh")]
+    NoTty,
+    #[error("cannot read the standard input for exec -i")]
+    Stdin(#[source] std::io::Error),
+    #[error("the standard input is larger than the {} MiB exec -i takes (it is sent whole, before the command starts)", MAX_EXEC_STDIN >> 20)]
+    StdinTooLarge,
 }
 
 /// `mig`'s entry point.
@@ -214,6 +220,9 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
     {
         return super::logs::follow(&cli, container).await;
     }
+    if let Command::Exec { tty: true, .. } = &cli.command {
+        return Err(CliError::NoTty);
+    }
     let mut c = connect(&cli).await?;
     match cli.command {
         Command::Image(ic) => image(&mut c, ic).await.map(|_| 0),
@@ -248,10 +257,25 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
         }
         Command::Exec {
             env,
+            user,
+            workdir,
+            interactive,
+            tty: _,
             container,
             command,
         } => {
-            let r = c.exec(&container, command, env).await?;
+            let stdin = if interactive {
+                Some(read_stdin()?)
+            } else {
+                None
+            };
+            let opts = ExecOptions {
+                env,
+                user,
+                workdir,
+                stdin,
+            };
+            let r = c.exec_with(&container, command, opts).await?;
             out(&r.stdout)?;
             let mut e = std::io::stderr().lock();
             let _ = e.write_all(r.stderr.as_bytes());
@@ -375,6 +399,25 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
         Command::Events(_) | Command::Drain(_) => Ok(0),
         Command::Clients(_) | Command::Rebalance(_) => Ok(0),
     }
+}
+
+/// `exec -i`: this command's standard input, whole (at most [`MAX_EXEC_STDIN`] bytes).
+fn read_stdin() -> Result<Vec<u8>, CliError> {
+    use std::io::{IsTerminal, Read};
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        eprintln!("mig: reading the standard input to its end (Ctrl-D), then running the command");
+    }
+    let mut data = Vec::new();
+    stdin
+        .lock()
+        .take(MAX_EXEC_STDIN as u64 + 1)
+        .read_to_end(&mut data)
+        .map_err(CliError::Stdin)?;
+    if data.len() > MAX_EXEC_STDIN {
+        return Err(CliError::StdinTooLarge);
+    }
+    Ok(data)
 }
 
 /// Prints each name that succeeded; one failure is mig's error, several are reported one per line.
@@ -521,6 +564,9 @@ async fn run(c: &mut Client, r: RunArgs) -> Result<u8, CliError> {
         userns: r.userns,
         net: r.net.map(Into::into),
         ip: r.ip,
+        user: r.user,
+        workdir: r.workdir,
+        entrypoint: r.entrypoint.map(|e| e.0),
     };
     let (id, name) = c.run(req).await?;
     if r.detach {

@@ -95,11 +95,27 @@ pub enum Command {
         follow: bool,
         container: String,
     },
-    /// Run a command in a running container; exits with the command's code.
+    /// Run a command in a running container; exits with the command's code. Its output is
+    /// printed when it ends.
     Exec {
         /// Extra environment (KEY=VALUE), repeatable.
         #[arg(short, long = "env", value_name = "KEY=VALUE")]
         env: Vec<String>,
+        /// Run as USER[:GROUP] (names from the container's /etc/passwd and /etc/group, or
+        /// numbers); default: the container's user.
+        #[arg(short, long, value_name = "USER[:GROUP]")]
+        user: Option<String>,
+        /// Working directory inside the container (absolute); default: the container's.
+        #[arg(short, long, value_name = "DIR")]
+        workdir: Option<String>,
+        /// Give the command this command's standard input, read to its end (at most 8 MiB)
+        /// before the command starts; without it the command's is /dev/null.
+        #[arg(short, long)]
+        interactive: bool,
+        /// Refused: mig exec has no terminal (the output is returned when the command ends);
+        /// pipe input with -i instead.
+        #[arg(short, long)]
+        tty: bool,
         container: String,
         /// The command and its arguments.
         #[arg(last = true, required = true, value_name = "CMD")]
@@ -243,6 +259,18 @@ pub struct RunArgs {
     /// The container's address with --net bridge (default: the first free one).
     #[arg(long, value_name = "ADDR", requires = "net")]
     pub ip: Option<std::net::Ipv4Addr>,
+    /// Run as USER[:GROUP]: names are looked up in the image's /etc/passwd and /etc/group,
+    /// numbers are taken as they are (a uid without a passwd entry gets gid 0); default: the
+    /// image's user.
+    #[arg(short, long, value_name = "USER[:GROUP]")]
+    pub user: Option<String>,
+    /// Working directory of the command inside the container (absolute); default: the image's.
+    #[arg(short, long, value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// Replace the image's entrypoint: a command name, or a JSON array ('["sh","-c"]'); the
+    /// image's command is then dropped unless one is given after --. '' clears the entrypoint.
+    #[arg(long, value_name = "CMD", value_parser = parse_entrypoint)]
+    pub entrypoint: Option<Entrypoint>,
     /// Print JSON (the API's types, docs/api.md) instead of text.
     #[arg(long)]
     pub json: bool,
@@ -271,6 +299,24 @@ impl From<NetArg> for mig_runtime::net::NetMode {
             NetArg::Bridge => mig_runtime::net::NetMode::Bridge,
         }
     }
+}
+
+/// `mig run --entrypoint`: the words that replace the image's entrypoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entrypoint(pub Vec<String>);
+
+/// As podman: a JSON array of strings is the whole entrypoint, anything else one word (not
+/// split on spaces); '' is an empty entrypoint.
+fn parse_entrypoint(s: &str) -> Result<Entrypoint, String> {
+    if s.is_empty() {
+        return Ok(Entrypoint(Vec::new()));
+    }
+    if s.trim_start().starts_with('[') {
+        return serde_json::from_str::<Vec<String>>(s)
+            .map(Entrypoint)
+            .map_err(|e| format!("invalid entrypoint {s:?}: not a JSON array of strings ({e})"));
+    }
+    Ok(Entrypoint(vec![s.to_owned()]))
 }
 
 fn parse_memory(s: &str) -> Result<u64, String> {
@@ -310,5 +356,98 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(Cli::try_parse_from(["mig", "run", "--memory", "lots", "busybox"]).is_err());
+    }
+
+    #[test]
+    fn run_user_workdir_entrypoint() {
+        let run = |args: &[&str]| match Cli::try_parse_from(args).unwrap().command {
+            Command::Run(r) => r,
+            other => panic!("{other:?}"),
+        };
+        let r = run(&[
+            "mig",
+            "run",
+            "-u",
+            "nobody:nogroup",
+            "-w",
+            "/tmp",
+            "--entrypoint",
+            "id",
+            "busybox",
+        ]);
+        assert_eq!(r.user.as_deref(), Some("nobody:nogroup"));
+        assert_eq!(r.workdir.as_deref(), Some("/tmp"));
+        assert_eq!(r.entrypoint, Some(Entrypoint(vec!["id".into()])));
+        let r = run(&["mig", "run", "--user", "1000", "--workdir", "/", "busybox"]);
+        assert_eq!(r.user.as_deref(), Some("1000"));
+        assert_eq!(r.entrypoint, None);
+        let r = run(&["mig", "run", "--entrypoint", "", "busybox"]);
+        assert_eq!(r.entrypoint, Some(Entrypoint(vec![])));
+        let r = run(&[
+            "mig",
+            "run",
+            "--entrypoint",
+            r#"["sh", "-c"]"#,
+            "busybox",
+            "--",
+            "id",
+        ]);
+        assert_eq!(
+            r.entrypoint,
+            Some(Entrypoint(vec!["sh".into(), "-c".into()]))
+        );
+        assert_eq!(r.command, ["id"]);
+        // Not split on spaces (podman neither).
+        let r = run(&["mig", "run", "--entrypoint", "sleep 1", "busybox"]);
+        assert_eq!(r.entrypoint, Some(Entrypoint(vec!["sleep 1".into()])));
+        assert!(Cli::try_parse_from(["mig", "run", "--entrypoint", "[1]", "busybox"]).is_err());
+    }
+
+    #[test]
+    fn exec_options() {
+        let c = Cli::try_parse_from([
+            "mig",
+            "exec",
+            "-i",
+            "-u",
+            "app:staff",
+            "-w",
+            "/srv",
+            "-e",
+            "A=B",
+            "web",
+            "--",
+            "cat",
+        ])
+        .unwrap();
+        match c.command {
+            Command::Exec {
+                user,
+                workdir,
+                interactive,
+                tty,
+                env,
+                container,
+                command,
+            } => {
+                assert_eq!(user.as_deref(), Some("app:staff"));
+                assert_eq!(workdir.as_deref(), Some("/srv"));
+                assert!(interactive && !tty);
+                assert_eq!(env, ["A=B"]);
+                assert_eq!(container, "web");
+                assert_eq!(command, ["cat"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        // -t parses (and is refused with a reason when run); -it too.
+        let c = Cli::try_parse_from(["mig", "exec", "-it", "web", "--", "sh"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Command::Exec {
+                tty: true,
+                interactive: true,
+                ..
+            }
+        ));
     }
 }

@@ -213,7 +213,18 @@ async fn handle(agent: &Arc<Agent>, req: Request) -> Result<Response, ApiError> 
             container,
             args,
             env,
-        } => agent.exec(&container, args, env).await,
+            user,
+            workdir,
+            stdin,
+        } => {
+            let opts = crate::api::ExecOptions {
+                env,
+                user,
+                workdir,
+                stdin,
+            };
+            agent.exec(&container, args, opts).await
+        }
         Request::Stop {
             container,
             timeout_secs,

@@ -340,16 +340,26 @@ impl Agent {
             None => id[..12].to_owned(),
         };
         let cfg = &image.config;
-        let args = if !req.args.is_empty() {
-            let mut a = cfg.entrypoint.clone();
-            a.extend(req.args.iter().cloned());
-            a
-        } else {
-            cfg.entrypoint.iter().chain(&cfg.cmd).cloned().collect()
-        };
+        let args = command_of(
+            &cfg.entrypoint,
+            &cfg.cmd,
+            req.entrypoint.as_deref(),
+            &req.args,
+        );
         if args.is_empty() {
-            return Err(invalid("no command given and the image defines none"));
+            return Err(invalid(if req.entrypoint.is_some() {
+                "no command given and the entrypoint is empty"
+            } else {
+                "no command given and the image defines none"
+            }));
         }
+        if let Some(w) = &req.workdir {
+            super::exec::check_workdir(w)?;
+        }
+        let user_ids = match &req.user {
+            None => None,
+            Some(u) => Some(self.image_user(&image, u).await?),
+        };
         let mut env = cfg.env.clone();
         if !env.iter().any(|e| e.starts_with("PATH=")) {
             env.insert(0, DEFAULT_PATH.into());
@@ -359,9 +369,10 @@ impl Agent {
             env.retain(|e| e.split('=').next() != Some(key));
             env.push(kv.clone());
         }
-        let (uid, gid) = match &bundle {
-            Some(b) => (b.uid, b.gid),
-            None => parse_user(&cfg.user),
+        let (uid, gid) = match (user_ids, &bundle) {
+            (Some(ids), _) => ids,
+            (None, Some(b)) => (b.uid, b.gid),
+            (None, None) => parse_user(&cfg.user),
         };
         let net = self.allocate_net(&id, &req)?;
         let mut spec = ContainerSpec {
@@ -375,7 +386,9 @@ impl Agent {
             process: ProcessSpec {
                 args,
                 env,
-                cwd: if let Some(b) = &bundle {
+                cwd: if let Some(w) = &req.workdir {
+                    w.clone()
+                } else if let Some(b) = &bundle {
                     b.cwd.clone()
                 } else if cfg.workdir.is_empty() {
                     "/".into()
@@ -870,6 +883,54 @@ fn write_record_once<T: serde::Serialize>(
     }
 }
 
+impl Agent {
+    /// `run --user`: numeric ids of `user` from the image's /etc/passwd and /etc/group.
+    async fn image_user(
+        &self,
+        image: &mig_runtime::image::Image,
+        user: &str,
+    ) -> Result<(u32, u32), ApiError> {
+        super::exec::check_user(user)?;
+        let images = self.images.clone();
+        let layers = image.layers.clone();
+        let u = user.to_owned();
+        tokio::task::spawn_blocking(move || images.resolve_user(&layers, &u, None))
+            .await
+            .map_err(|e| internal(format!("user lookup task failed: {e}")))?
+            .map_err(|e| match e {
+                mig_runtime::image::ImageError::UnknownUser(_) => invalid(format!(
+                    "unknown user {user:?} for image {}: not in the image's /etc/passwd or /etc/group",
+                    image.name
+                )),
+                other => internal(format!(
+                    "cannot look up user {user:?} in image {}: {}",
+                    image.name,
+                    crate::shim::chain(&other)
+                )),
+            })
+    }
+}
+
+/// The container's argv: podman's rules. `entrypoint` (`--entrypoint`) replaces the image's;
+/// the image's cmd is used only when no `args` are given and the entrypoint was not replaced
+/// by a non-empty one (`--entrypoint ''` clears the entrypoint and keeps the cmd).
+fn command_of(
+    image_entrypoint: &[String],
+    image_cmd: &[String],
+    entrypoint: Option<&[String]>,
+    args: &[String],
+) -> Vec<String> {
+    let ep = entrypoint.unwrap_or(image_entrypoint);
+    let cmd = if !args.is_empty() {
+        args
+    } else if entrypoint.is_none_or(<[String]>::is_empty) {
+        image_cmd
+    } else {
+        &[]
+    };
+    ep.iter().chain(cmd).cloned().collect()
+}
+
 /// A new random container id (32 lowercase hex characters).
 pub(super) fn new_id() -> String {
     let bytes: [u8; 16] = rand::random();
@@ -895,6 +956,28 @@ mod tests {
         assert_eq!(parse_user(""), (0, 0));
         assert_eq!(parse_user("1000"), (1000, 1000));
         assert_eq!(parse_user("1000:50"), (1000, 50));
+    }
+
+    #[test]
+    fn entrypoint_and_cmd() {
+        let v = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let (ep, cmd) = (v(&["/entry"]), v(&["serve", "-v"]));
+        // Image only; args replace the cmd.
+        assert_eq!(
+            command_of(&ep, &cmd, None, &[]),
+            v(&["/entry", "serve", "-v"])
+        );
+        assert_eq!(command_of(&ep, &cmd, None, &v(&["x"])), v(&["/entry", "x"]));
+        // --entrypoint drops the image's cmd unless args are given.
+        assert_eq!(command_of(&ep, &cmd, Some(&v(&["id"])), &[]), v(&["id"]));
+        assert_eq!(
+            command_of(&ep, &cmd, Some(&v(&["sh", "-c"])), &v(&["echo 1"])),
+            v(&["sh", "-c", "echo 1"])
+        );
+        // --entrypoint '' clears it; the cmd (or args) is the command.
+        assert_eq!(command_of(&ep, &cmd, Some(&[]), &[]), v(&["serve", "-v"]));
+        assert_eq!(command_of(&ep, &cmd, Some(&[]), &v(&["ls"])), v(&["ls"]));
+        assert!(command_of(&ep, &[], Some(&[]), &[]).is_empty());
     }
 }
 

@@ -768,6 +768,33 @@ impl Agent {
         opts: super::modes::MoveOptions,
     ) -> Result<MoveResult, ApiError> {
         let t0 = Instant::now();
+        if peer == self.cfg.name {
+            // Not a pinned peer, and the user means this host: say so, and where it can go.
+            let id = self.resolve(container)?;
+            let name = self.entry(&id).map(|e| e.spec.name).unwrap_or(id);
+            let peers: Vec<String> = self
+                .migration
+                .net()
+                .map(|n| {
+                    n.peers
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .list()
+                        .iter()
+                        .map(|p| p.name.clone())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let hint = if peers.is_empty() {
+                "no peer is pinned here (mig peers add)".to_owned()
+            } else {
+                format!("pinned peers: {}", peers.join(", "))
+            };
+            return Err(api(
+                ErrorKind::InvalidArgument,
+                format!("container {name} is already on {peer} (this host); {hint}"),
+            ));
+        }
         let net = self.migration.net().ok_or_else(|| {
             api(
                 ErrorKind::Unavailable,
@@ -1086,8 +1113,9 @@ impl Agent {
                     ),
                 };
                 let msg = format!(
-                    "migration to {} rolled back ({cause:?}): {detail}; {here}",
-                    peer.name
+                    "migration to {} rolled back ({}): {detail}; {here}",
+                    peer.name,
+                    cause_words(&cause)
                 );
                 Err(api(ErrorKind::Internal, msg))
             }
@@ -1135,5 +1163,68 @@ impl Agent {
         if let Some(e) = self.lock().get_mut(id) {
             e.busy = busy;
         }
+    }
+}
+
+/// Why a move rolled back, in words (the error message used to show the Rust names,
+/// `Refused(NameClash)`).
+fn cause_words(cause: &mig_migrate::protocol::Cause) -> String {
+    use mig_migrate::protocol::Cause;
+    use mig_migrate::wire::{AbortReason as A, RefuseReason as R};
+    let abort = |a: &A| match a {
+        A::FreezeFailed => "freezing the container failed",
+        A::DumpFailed => "the checkpoint (criu dump) failed",
+        A::SendFailed => "sending the files failed",
+        A::BadFile => "a file arrived damaged or could not be written",
+        A::TransferIncomplete => "files were missing at the end of the transfer",
+        A::RestoreFailed => "the restore (criu restore) failed",
+        A::ResumeFailed => "resuming the restored container failed",
+        A::Timeout => "a phase timed out",
+        A::ProtocolViolation => "a peer sent an unexpected message",
+        A::JournalFailed => "writing the migration journal failed",
+        A::Cancelled => "it was cancelled",
+    };
+    match cause {
+        Cause::Refused(r) => format!(
+            "the destination refused it: {}",
+            match r {
+                R::NameClash => "a container with that id or name is already there",
+                R::DiskFull => "not enough disk space",
+                R::CriuVersion => "its CRIU is missing or older than this host's",
+                R::Kernel => "its kernel lacks something the container needs",
+                R::InvalidSpec => "the container's spec or image is invalid there",
+                R::Busy => "another migration of the container is in progress",
+                R::Policy => "its policy refuses it",
+            }
+        ),
+        Cause::Local(a) => format!("on this host: {}", abort(a)),
+        Cause::Peer(a) => format!("on the destination: {}", abort(a)),
+        Cause::LinkLost => "the link to the destination was lost".into(),
+        Cause::Resolution => "settled with the destination after the link was lost".into(),
+        Cause::Operator => "an operator decided".into(),
+    }
+}
+
+#[cfg(test)]
+mod cause_tests {
+    use super::cause_words;
+    use mig_migrate::protocol::Cause;
+    use mig_migrate::wire::{AbortReason, RefuseReason};
+
+    #[test]
+    fn causes_are_words() {
+        for c in [
+            Cause::Refused(RefuseReason::NameClash),
+            Cause::Local(AbortReason::DumpFailed),
+            Cause::Peer(AbortReason::RestoreFailed),
+            Cause::LinkLost,
+        ] {
+            let w = cause_words(&c);
+            assert!(!w.contains("NameClash") && !w.contains("Failed"), "{w}");
+        }
+        assert_eq!(
+            cause_words(&Cause::Refused(RefuseReason::NameClash)),
+            "the destination refused it: a container with that id or name is already there"
+        );
     }
 }

@@ -122,11 +122,40 @@ pub(crate) fn read_spec(state_dir: &Path, id: &str) -> Result<ContainerSpec, Shi
     Ok(spec)
 }
 
+/// What `mig-shim exec` changes from the container's process (`--user`, `--workdir`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecAs {
+    /// Numeric uid and gid (`migd` resolves names); the container's when `None`.
+    pub user: Option<(u32, u32)>,
+    /// Absolute working directory; the container's when `None`.
+    pub workdir: Option<String>,
+}
+
+/// Parses `UID:GID` (numbers), as `migd` passes `--user` to `mig-shim exec`.
+pub fn parse_ids(s: &str) -> Result<(u32, u32), String> {
+    s.split_once(':')
+        .and_then(|(u, g)| Some((u.parse().ok()?, g.parse().ok()?)))
+        .ok_or_else(|| format!("invalid user {s:?}: expected UID:GID"))
+}
+
 /// `mig-shim exec`: runs `args` inside the running container `id` with its environment plus
-/// `env`; returns the command's exit code: 127 when it is not found, 126 when it cannot be
-/// executed (the reason then goes to stderr).
-pub fn exec(state_dir: &Path, id: &str, env: &[String], args: &[String]) -> Result<i32, ShimError> {
-    let spec = read_spec(state_dir, id)?;
+/// `env`, as `how` says; returns the command's exit code: 127 when it is not found, 126 when it
+/// cannot be executed (the reason then goes to stderr). Its stdio is the shim's.
+pub fn exec(
+    state_dir: &Path,
+    id: &str,
+    how: &ExecAs,
+    env: &[String],
+    args: &[String],
+) -> Result<i32, ShimError> {
+    let mut spec = read_spec(state_dir, id)?;
+    if let Some((uid, gid)) = how.user {
+        spec.process.uid = uid;
+        spec.process.gid = gid;
+    }
+    if let Some(w) = &how.workdir {
+        spec.process.cwd = w.clone();
+    }
     let cd = StateDir::new(state_dir).container(id);
     let shim: ShimRecord =
         crate::layout::read_record(&cd.shim()).map_err(|source| ShimError::Read {

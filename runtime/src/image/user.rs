@@ -7,7 +7,7 @@ use super::ImageError;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Largest passwd or group file read.
 const MAX_DB: u64 = 1 << 20;
@@ -51,6 +51,39 @@ fn lookup<'a>(db: &'a str, key: &str, by_id: bool) -> Option<Vec<&'a str>> {
     db.lines()
         .map(|l| l.split(':').collect::<Vec<_>>())
         .find(|f| f.len() >= 3 && if by_id { f[2] == key } else { f[0] == key })
+}
+
+impl super::ImageStore {
+    /// Resolves `user` (`name`, `uid`, `name:group`, `uid:gid`, as `mig run --user` takes it)
+    /// to numeric ids from an image's own /etc/passwd and /etc/group, looked up in its `layers`
+    /// (digests, bottom first; the topmost file counts) and, when given, in `top` above them (a container's writable layer, whose
+    /// whiteouts hide the image's files). A numeric uid without a passwd entry gets gid 0, as in
+    /// Docker. An unknown name is [`ImageError::UnknownUser`].
+    pub fn resolve_user(
+        &self,
+        layers: &[String],
+        user: &str,
+        top: Option<&Path>,
+    ) -> Result<(u32, u32), ImageError> {
+        let mut dirs = Vec::with_capacity(layers.len() + 1);
+        for d in layers {
+            crate::spec::validate_digest(d).map_err(ImageError::InvalidDigest)?;
+            dirs.push(self.layer_dir(d));
+        }
+        dirs.extend(top.map(Path::to_owned));
+        resolve_ids(user, &dirs)
+    }
+}
+
+/// [`resolve`] as numbers; an empty `user` is root.
+pub(crate) fn resolve_ids(user: &str, layers: &[PathBuf]) -> Result<(u32, u32), ImageError> {
+    let s = resolve(user, layers)?;
+    let bad = || ImageError::UnknownUser(user.to_owned());
+    match s.split_once(':') {
+        None if s.is_empty() => Ok((0, 0)),
+        Some((u, g)) => Ok((u.parse().map_err(|_| bad())?, g.parse().map_err(|_| bad())?)),
+        None => Err(bad()),
+    }
 }
 
 /// Resolves `user` against the layers (bottom first). Empty stays empty.
@@ -143,6 +176,10 @@ mod tests {
         assert!(resolve("app:nogroup", &layers).is_err());
         assert!(resolve("nobody", &[]).is_err());
         assert_eq!(resolve("5", &[]).unwrap(), "5:0");
+        assert_eq!(resolve_ids("app:staff", &layers).unwrap(), (1000, 50));
+        assert_eq!(resolve_ids("", &layers).unwrap(), (0, 0));
+        assert!(resolve_ids("4294967296", &layers).is_err());
+        assert!(resolve_ids("-1", &layers).is_err());
     }
 
     #[test]
