@@ -1,8 +1,8 @@
-//! What a new user met that the other tests did not (session 7's independent check): each test
-//! is one problem found by hand, reproduced end to end in a real two-host lab.
+//! What a new user met that the other tests did not (sessions 7 and 8's independent checks): each
+//! test is one problem found by hand, reproduced end to end in a real two-host lab.
 //!
-//! Needs root. Subnets 10.79.74.0/24 to 10.79.79.0/24, one per test; each lab is removed by its
-//! guard whatever happens.
+//! Needs root. Subnets 10.79.74.0/24 to 10.79.79.0/24 and 10.79.81.0/24 to 10.79.86.0/24, one
+//! per test; each lab is removed by its guard whatever happens.
 
 use anyhow::{bail, Result};
 use mig_tests::lab::{running_on, Lab};
@@ -265,5 +265,52 @@ fn logs_follow_goes_with_the_container() -> Result<()> {
         printed.first(),
         printed.last()
     );
+    Ok(())
+}
+
+/// The pids limit in force on the destination cgroup: v1 `pids` hierarchy or cgroup2.
+fn pids_max(cgroup: &str) -> Option<String> {
+    ["/sys/fs/cgroup/pids", "/sys/fs/cgroup"]
+        .iter()
+        .map(|root| std::path::Path::new(root).join(cgroup).join("pids.max"))
+        .find_map(|p| std::fs::read_to_string(p).ok())
+        .map(|s| s.trim().to_owned())
+}
+
+/// A container near its `--pids` limit (7 tasks under 8) could not be moved or restored:
+/// CRIU runs in the container's cgroup and forks its tasks there, and the restore failed with
+/// "Can't fork for 3: Resource temporarily unavailable" (session 8's check). The limit is set
+/// once CRIU is done, and holds on the destination.
+#[test]
+fn a_container_near_its_pids_limit_moves() -> Result<()> {
+    if !mig_tests::is_root("migration tests") {
+        return Ok(());
+    }
+    let lab = Lab::up_on("qapids", [10, 79, 81], 2)?;
+    let script = "for i in 1 2 3 4 5; do sleep 100000 & done; \
+                  i=0; while :; do i=$((i+1)); echo $i; sleep 0.2; done";
+    lab.mig_ok(
+        0,
+        &[
+            "run", "-d", "--name", "pl", "--pids", "8", "busybox", "--", "sh", "-c", script,
+        ],
+    )?;
+    ticks_past(&lab, 0, "pl", 0)?;
+    for (from, to, mode) in [(0, 1, "cold"), (1, 0, "lazy"), (0, 1, "stream")] {
+        let before = last_tick(&lab, from, "pl");
+        let peer = if to == 1 { "host-b" } else { "host-a" };
+        lab.mig_ok(from, &["move", "pl", peer, "--mode", mode, "--json"])?;
+        let v = running_on(&lab, to, "pl")?;
+        ticks_past(&lab, to, "pl", before)?;
+        assert_eq!(v["limits"]["pids"], 8, "{v}");
+        let cgroup = v["cgroup"].as_str().unwrap_or_default().to_owned();
+        assert_eq!(pids_max(&cgroup).as_deref(), Some("8"), "{cgroup}");
+        // The PID map, not `mig exec`: an exec joins the cgroup and would meet the limit.
+        let sleepers = v["pid_map"].as_array().map_or(0, |m| {
+            m.iter().filter(|p| p["cmd"] == "sleep 100000").count()
+        });
+        assert_eq!(sleepers, 5, "{v}");
+    }
+    lab.mig_ok(1, &["rm", "-f", "pl"])?;
     Ok(())
 }

@@ -6,7 +6,7 @@ use mig_migrate::criu::{Criu, RestoreOpts};
 use mig_runtime::cgroup::Cgroup;
 use mig_runtime::container::{self, LaunchConfig};
 use mig_runtime::image::ImageStore;
-use mig_runtime::spec::ContainerSpec;
+use mig_runtime::spec::{ContainerSpec, Limits};
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -147,7 +147,17 @@ fn prepare(
             Some(m)
         }
     };
-    let cgroup = Cgroup::create(&format!("{cgroup_parent}/{id}"), &spec.limits)
+    // CRIU and its helper tasks run in the container's cgroup before the restored tasks do: a
+    // container near its pids limit could not be restored under it ("Can't fork for N:
+    // Resource temporarily unavailable"). The limit is set once CRIU is done (below).
+    let initial = match mode {
+        Mode::Start => spec.limits.clone(),
+        Mode::Restore => Limits {
+            pids: None,
+            ..spec.limits.clone()
+        },
+    };
+    let cgroup = Cgroup::create(&format!("{cgroup_parent}/{id}"), &initial)
         .map_err(|e| (Stage::Cgroup, chain(&e)))?;
     undo.cgroup = Some(cgroup.clone());
     let log = File::options()
@@ -193,6 +203,17 @@ fn prepare(
         )?,
     };
     drop(log_write);
+    if manifest.is_some() {
+        // The restored tasks are no more than were dumped under the limit: it holds again.
+        if let Err(e) = cgroup.set_limits(&spec.limits) {
+            let _ = nix::sys::signal::kill(Pid::from_raw(init_pid), Signal::SIGKILL);
+            let _ = waitpid(Pid::from_raw(init_pid), None);
+            return Err((
+                Stage::Restore,
+                format!("setting the limits after the restore: {}", chain(&e)),
+            ));
+        }
+    }
     let record = ShimRecord {
         shim_pid: std::process::id() as i32,
         init_pid,
