@@ -314,3 +314,54 @@ fn a_container_near_its_pids_limit_moves() -> Result<()> {
     lab.mig_ok(1, &["rm", "-f", "pl"])?;
     Ok(())
 }
+
+/// The same image imported under two names (an OCI layout and its archive, or one tar twice):
+/// both records have one id. A container made from either could not move or be checkpointed
+/// ("the container's image: \"sha256:...\" matches several images"), and `image rm` of the
+/// spare name was refused because of that container.
+#[test]
+fn an_image_under_two_names_moves_and_its_spare_name_goes() -> Result<()> {
+    if !mig_tests::is_root("migration tests") {
+        return Ok(());
+    }
+    let lab = Lab::up_on("qa2names", [10, 79, 82], 2)?;
+    let dir = tempfile::tempdir()?;
+    let rootfs = mig_tests::busybox_rootfs(dir.path())?;
+    let tar = mig_tests::tar_of(&rootfs, dir.path(), "bb.tar")?;
+    let tar = tar.display().to_string();
+    let one = lab.mig_ok(0, &["image", "import", &tar, "--name", "bb-one"])?;
+    let two = lab.mig_ok(0, &["image", "import", &tar, "--name", "bb-two"])?;
+    assert_eq!(one.trim(), two.trim());
+    let script = "i=0; while :; do i=$((i+1)); echo $i; sleep 0.2; done";
+    lab.mig_ok(
+        0,
+        &[
+            "run", "-d", "--name", "two", "bb-one", "--", "sh", "-c", script,
+        ],
+    )?;
+    ticks_past(&lab, 0, "two", 0)?;
+    let before = last_tick(&lab, 0, "two");
+    lab.mig_ok(0, &["move", "two", "host-b", "--json"])?;
+    running_on(&lab, 1, "two")?;
+    ticks_past(&lab, 1, "two", before)?;
+    let before = last_tick(&lab, 1, "two");
+    lab.mig_ok(1, &["move", "two", "host-a", "--json"])?;
+    running_on(&lab, 0, "two")?;
+    ticks_past(&lab, 0, "two", before)?;
+    lab.mig_ok(0, &["checkpoint", "two", "--leave-running", "--json"])?;
+    // By id the image is still two names: which one to remove is not guessed.
+    let by_id = lab.mig(0, &["image", "rm", one.trim()]);
+    assert!(by_id.code != 0, "{by_id:?}");
+    assert!(by_id.stderr.contains("matches several images"), "{by_id:?}");
+    // The spare name goes; the one left still serves the container and is refused.
+    lab.mig_ok(0, &["image", "rm", "bb-two"])?;
+    let used = lab.mig(0, &["image", "rm", "bb-one"]);
+    assert!(
+        used.stderr.contains("is used by containers: two"),
+        "{used:?}"
+    );
+    let out = lab.mig_ok(0, &["exec", "two", "--", "ls", "/bin/busybox"])?;
+    assert_eq!(out.trim(), "/bin/busybox");
+    lab.mig_ok(0, &["rm", "-f", "two"])?;
+    Ok(())
+}

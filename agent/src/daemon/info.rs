@@ -106,10 +106,19 @@ impl Agent {
             let k = key.clone();
             self.blocking(move || images.get(&k)).await?
         };
+        // Another name of the same image (the same layout imported twice) keeps it for the
+        // containers that use it: this name can go.
+        let images = self.images.clone();
+        let (id, name) = (img.id.clone(), img.name.clone());
+        let other_name = self
+            .blocking(move || images.list())
+            .await?
+            .iter()
+            .any(|i| i.id == id && i.name != name);
         let used_by: Vec<String> = self
             .lock()
             .values()
-            .filter(|e| e.spec.image.id == img.id)
+            .filter(|e| e.spec.image.id == img.id && !other_name)
             .map(|e| e.spec.name.clone())
             .collect();
         // A container whose records this agent cannot read may use it too: its spec is read as

@@ -259,9 +259,14 @@ impl ImageStore {
                     .is_some_and(|h| h.starts_with(&hex))
             })
             .collect();
+        // The same image imported under several names (an OCI layout and its archive): its
+        // full id names one image, whichever record answers (the containers made from any of
+        // them record the id, and moved or checkpointed they look it up by it).
+        let one_image = found.windows(2).all(|w| w[0].id == w[1].id);
         match found.len() {
             0 => Err(ImageError::NotFound(query.to_owned())),
             1 => Ok(found.remove(0)),
+            _ if one_image && hex.len() == 64 => Ok(found.remove(0)),
             _ => Err(ImageError::Ambiguous {
                 query: query.to_owned(),
                 matches: found
@@ -275,6 +280,21 @@ impl ImageStore {
     pub(crate) fn remove_image(&self, query: &str) -> Result<Image, ImageError> {
         let _lock = self.lock()?;
         let img = self.find(query)?;
+        // An id shared by several names removes none of them: the name says which.
+        if img.name != query {
+            let names: Vec<String> = self
+                .read_records()?
+                .into_iter()
+                .filter(|i| i.id == img.id)
+                .map(|i| format!("{} ({})", i.name, i.id))
+                .collect();
+            if names.len() > 1 {
+                return Err(ImageError::Ambiguous {
+                    query: query.to_owned(),
+                    matches: names,
+                });
+            }
+        }
         let p = self.record_path(&img.name);
         fs::remove_file(&p).map_err(ImageError::io("removing", &p))?;
         sync_dir(&self.root.join("images"))?;
@@ -478,6 +498,35 @@ fn renamed(mut img: Image) -> Image {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One image recorded under two names (the same OCI layout imported twice): its full id
+    /// finds it, as a container made from either name looks it up when it moves; a prefix and
+    /// `remove` by id stay ambiguous, removal by name works.
+    #[test]
+    fn an_image_under_two_names_is_found_by_its_full_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path()).unwrap();
+        let records = dir.path().join("images");
+        let id = format!("sha256:{}", "2".repeat(64));
+        for name in ["one", "two"] {
+            let text = format!(
+                r#"{{"name":"{name}","id":"{id}","layers":[],"config":{{"env":[],"entrypoint":[],"cmd":["sh"],"workdir":"","user":""}},"created":1700000000,"size":5}}"#
+            );
+            fs::write(records.join(format!("{name}.json")), text).unwrap();
+        }
+        assert_eq!(store.get(&id).unwrap().id, id);
+        assert_eq!(store.get(&id[7..]).unwrap().id, id);
+        assert!(matches!(
+            store.get(&id[..19]),
+            Err(ImageError::Ambiguous { .. })
+        ));
+        assert!(matches!(
+            store.remove(&id),
+            Err(ImageError::Ambiguous { .. })
+        ));
+        assert_eq!(store.remove("one").unwrap().name, "one");
+        assert_eq!(store.get(&id).unwrap().name, "two");
+    }
 
     /// An image record of mig 0.1 (no `format`) is read; one of a newer format is skipped by the
     /// listing (shown as unreadable), refused by name, keeps every layer from collection and is
