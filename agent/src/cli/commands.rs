@@ -43,6 +43,12 @@ pub enum CliError {
     NoFingerprint,
     #[error("{failed} of {total} operations failed")]
     Partial { failed: usize, total: usize },
+    #[error("the agent is older than this mig and does not know {option}")]
+    OlderAgent {
+        option: &'static str,
+        #[source]
+        source: ClientError,
+    },
     #[error("mig exec has no terminal (-t): the command's output is returned when it ends; pipe input with -i instead, e.g. echo 'ls /' | mig exec -i CONTAINER sh")]
     NoTty,
     #[error("cannot read the standard input for exec -i")]
@@ -275,7 +281,10 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
                 workdir,
                 stdin,
             };
-            let r = c.exec_with(&container, command, opts).await?;
+            let r = c
+                .exec_with(&container, command, opts)
+                .await
+                .map_err(older_agent)?;
             out(&r.stdout)?;
             let mut e = std::io::stderr().lock();
             let _ = e.write_all(r.stderr.as_bytes());
@@ -399,6 +408,26 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
         Command::Events(_) | Command::Drain(_) => Ok(0),
         Command::Clients(_) | Command::Rebalance(_) => Ok(0),
     }
+}
+
+/// An agent older than `run`/`exec`'s newer options refuses a request that uses one, naming
+/// the field it does not know (serde's "unknown field" message): say which option that is.
+fn older_agent(e: ClientError) -> CliError {
+    if let ClientError::Api(a) = &e {
+        if a.kind == crate::api::ErrorKind::InvalidArgument {
+            for (field, option) in [
+                ("user", "--user"),
+                ("workdir", "--workdir"),
+                ("entrypoint", "--entrypoint"),
+                ("stdin", "exec -i"),
+            ] {
+                if a.message.contains(&format!("unknown field `{field}`")) {
+                    return CliError::OlderAgent { option, source: e };
+                }
+            }
+        }
+    }
+    CliError::Client(e)
 }
 
 /// `exec -i`: this command's standard input, whole (at most [`MAX_EXEC_STDIN`] bytes).
@@ -568,7 +597,7 @@ async fn run(c: &mut Client, r: RunArgs) -> Result<u8, CliError> {
         workdir: r.workdir,
         entrypoint: r.entrypoint.map(|e| e.0),
     };
-    let (id, name) = c.run(req).await?;
+    let (id, name) = c.run(req).await.map_err(older_agent)?;
     if r.detach {
         if r.json {
             json(&serde_json::json!({ "id": id, "name": name }))?;
@@ -631,6 +660,38 @@ mod tests {
             assert!(line.contains(want) && !line.contains('\n'), "{line}");
             assert!(!line.starts_with("error:"), "{line}");
         }
+    }
+
+    #[test]
+    fn an_older_agent_refusing_a_new_field_names_the_option() {
+        use crate::api::{ApiError, ErrorKind};
+        let refused = |m: &str| ClientError::Api(ApiError::new(ErrorKind::InvalidArgument, m));
+        let e = older_agent(refused(
+            "cannot decode the frame: unknown field `stdin`, expected one of `container`, `args`, `env`",
+        ));
+        assert!(
+            matches!(
+                e,
+                CliError::OlderAgent {
+                    option: "exec -i",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("older"), "{e}");
+        let e = older_agent(refused("unknown field `workdir`, expected ..."));
+        assert!(matches!(
+            e,
+            CliError::OlderAgent {
+                option: "--workdir",
+                ..
+            }
+        ));
+        assert!(matches!(
+            older_agent(refused("invalid user \"\"")),
+            CliError::Client(_)
+        ));
     }
 
     #[test]
