@@ -365,3 +365,37 @@ fn an_image_under_two_names_moves_and_its_spare_name_goes() -> Result<()> {
     lab.mig_ok(0, &["rm", "-f", "two"])?;
     Ok(())
 }
+
+/// A process running a binary deleted since it started (an upgrade inside the container): CRIU
+/// copies such a file into the images only up to `--ghost-limit`, 1 MiB by default, and every
+/// move and checkpoint failed ("Can't dump ghost file /tmp/sh of 1982256 size, increase
+/// limit"). mig passes a limit of 1 GiB.
+#[test]
+fn a_process_running_a_deleted_binary_moves() -> Result<()> {
+    if !mig_tests::is_root("migration tests") {
+        return Ok(());
+    }
+    let lab = Lab::up_on("qaghost", [10, 79, 83], 2)?;
+    // The shell runs from a copy of busybox (about 2 MB) that it deletes.
+    let script = "cp /bin/busybox /tmp/sh && exec /tmp/sh -c \
+                  'rm /tmp/sh; i=0; while :; do i=$((i+1)); echo $i; sleep 0.2; done'";
+    lab.mig_ok(
+        0,
+        &[
+            "run", "-d", "--name", "ghost", "busybox", "--", "sh", "-c", script,
+        ],
+    )?;
+    ticks_past(&lab, 0, "ghost", 0)?;
+    let exe = lab.mig_ok(0, &["exec", "ghost", "--", "readlink", "/proc/1/exe"])?;
+    assert_eq!(exe.trim(), "/tmp/sh (deleted)");
+    lab.mig_ok(0, &["checkpoint", "ghost", "--leave-running"])?;
+    for (from, to, mode) in [(0, 1, "cold"), (1, 0, "stream")] {
+        let before = last_tick(&lab, from, "ghost");
+        let peer = if to == 1 { "host-b" } else { "host-a" };
+        lab.mig_ok(from, &["move", "ghost", peer, "--mode", mode, "--json"])?;
+        running_on(&lab, to, "ghost")?;
+        ticks_past(&lab, to, "ghost", before)?;
+    }
+    lab.mig_ok(0, &["rm", "-f", "ghost"])?;
+    Ok(())
+}

@@ -206,6 +206,7 @@ impl Agent {
             log_file: "dump.log".into(),
             // A user-namespace container's host binds (devices, masked files).
             external: mig_runtime::container::dump_externals(&e.spec),
+            extra: crate::migration::dump_extra_args(),
             ..Default::default()
         });
         let dump_ms = ms(td.elapsed());

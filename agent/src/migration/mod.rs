@@ -19,6 +19,18 @@ mod recover;
 mod source;
 
 pub use journal::{JournalEntry, JOURNAL_DIR};
+
+/// CRIU's `--ghost-limit` for every dump (`mig checkpoint`, a move, a pre-copy round): the
+/// largest deleted file still open or mapped that a dump copies into the images. CRIU's default,
+/// 1 MiB, failed the dump of a process running a binary or library deleted since it started (an
+/// upgrade inside the container: "Can't dump ghost file /tmp/py of 6832128 size, increase
+/// limit"). Such files travel with the images (and count against the destination's disk).
+pub(crate) const GHOST_LIMIT: &str = "1G";
+
+/// The CRIU arguments every dump of mig adds to its options ([`GHOST_LIMIT`]).
+pub(crate) fn dump_extra_args() -> Vec<String> {
+    vec!["--ghost-limit".into(), GHOST_LIMIT.into()]
+}
 pub use modes::MoveMode;
 
 use crate::daemon::Agent;

@@ -168,6 +168,7 @@ impl SourceSide {
             root: Some(self.agent.dirs.container(&self.id).rootfs()),
             freeze_cgroup: cg.freezer_dir(),
             external,
+            extra: super::dump_extra_args(),
             ..Default::default()
         }
     }
