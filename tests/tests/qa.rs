@@ -399,3 +399,45 @@ fn a_process_running_a_deleted_binary_moves() -> Result<()> {
     lab.mig_ok(0, &["rm", "-f", "ghost"])?;
     Ok(())
 }
+
+/// A move whose dump fails names CRIU's log in its error; the log used to be removed with the
+/// move's work directory before the user could read it. It is kept as
+/// `containers/<id>/move-dump.log`, and the error names that file.
+#[test]
+fn a_failed_dump_keeps_the_log_the_error_names() -> Result<()> {
+    if !mig_tests::is_root("migration tests") {
+        return Ok(());
+    }
+    let lab = Lab::up_on("qadumplog", [10, 79, 84], 2)?;
+    let script = "i=0; while :; do i=$((i+1)); echo $i; sleep 0.2; done";
+    let id = lab.mig_ok(
+        0,
+        &[
+            "run", "-d", "--name", "dl", "busybox", "--", "sh", "-c", script,
+        ],
+    )?;
+    ticks_past(&lab, 0, "dl", 0)?;
+    lab.fault(0, Some("source-dump:criu-fail"))?;
+    let out = lab.mig(0, &["move", "dl", "host-b"]);
+    lab.fault(0, None)?;
+    assert!(out.code != 0, "{out:?}");
+    let kept = lab
+        .state_dir(0)
+        .join("containers")
+        .join(id.trim())
+        .join("move-dump.log");
+    assert!(
+        out.stderr.contains(&format!("log {}", kept.display())),
+        "{}",
+        out.stderr
+    );
+    let log = std::fs::read_to_string(&kept)?;
+    assert!(log.contains("Error"), "{log}");
+    // The container runs on here, and moves once the fault is gone.
+    let before = last_tick(&lab, 0, "dl");
+    ticks_past(&lab, 0, "dl", before)?;
+    lab.mig_ok(0, &["move", "dl", "host-b", "--json"])?;
+    running_on(&lab, 1, "dl")?;
+    lab.mig_ok(1, &["rm", "-f", "dl"])?;
+    Ok(())
+}

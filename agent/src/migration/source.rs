@@ -661,6 +661,7 @@ impl SourceHost for Src {
                 }
             }
             me.cg()?.thaw().map_err(SourceError::Thaw)?;
+            keep_dump_log(&me.work);
             let _ = std::fs::remove_dir_all(&me.work);
             Ok(())
         })
@@ -1113,6 +1114,7 @@ impl Agent {
                         "the container stays here but the rollback failed ({r}): it may still be frozen"
                     ),
                 };
+                let detail = kept_log_named(&side.work, detail);
                 let msg = format!(
                     "migration to {} rolled back ({}): {detail}; {here}",
                     peer.name,
@@ -1203,6 +1205,85 @@ fn cause_words(cause: &mig_migrate::protocol::Cause) -> String {
         Cause::LinkLost => "the link to the destination was lost".into(),
         Cause::Resolution => "settled with the destination after the link was lost".into(),
         Cause::Operator => "an operator decided".into(),
+    }
+}
+
+/// Where a rolled-back move keeps CRIU's dump log: beside the container's records, as the
+/// move's work directory (`<container>/migration`) goes.
+fn kept_dump_log(work: &Path) -> Option<PathBuf> {
+    work.parent().map(|dir| dir.join("move-dump.log"))
+}
+
+/// Keeps the dump log of a move that is being rolled back (the error names it).
+fn keep_dump_log(work: &Path) {
+    let from = work.join("images").join("dump.log");
+    if let Some(to) = kept_dump_log(work).filter(|_| from.is_file()) {
+        if let Err(e) = std::fs::rename(&from, &to) {
+            tracing::warn!(from = %from.display(), error = %e, "cannot keep the dump log");
+        }
+    }
+}
+
+/// `detail` naming the dump log where it was kept instead of the removed work directory, and
+/// the cause of a CRIU failure users meet that its own words do not make plain.
+fn kept_log_named(work: &Path, detail: String) -> String {
+    let from = work.join("images").join("dump.log");
+    let detail = match kept_dump_log(work) {
+        Some(to) if to.is_file() => {
+            detail.replace(&from.display().to_string(), &to.display().to_string())
+        }
+        _ => detail,
+    };
+    if detail.contains("fsnotify") && detail.contains("Can't dump that handle") {
+        return format!(
+            "{detail} (a process watches a path of the container's overlay root filesystem with \
+             inotify or fanotify: CRIU cannot dump such a watch, the overlay gives no file handle \
+             it can open; watch a path on a tmpfs such as /dev/shm, docs/migration.md \
+             \"Limitations\")"
+        );
+    }
+    detail
+}
+
+#[cfg(test)]
+mod kept_log_tests {
+    use super::{keep_dump_log, kept_log_named};
+
+    /// A rolled-back move's error names a log that exists: the dump log moves beside the
+    /// container's records before the work directory goes (it named a removed file before).
+    #[test]
+    fn the_dump_log_of_a_rolled_back_move_is_kept_and_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let work = dir.path().join("migration");
+        std::fs::create_dir_all(work.join("images")).unwrap();
+        std::fs::write(
+            work.join("images/dump.log"),
+            "Error (criu/fsnotify.c:284)\n",
+        )
+        .unwrap();
+        let detail = format!(
+            "criu dump failed (exit status: 1), log {}: Error",
+            work.join("images/dump.log").display()
+        );
+        keep_dump_log(&work);
+        std::fs::remove_dir_all(&work).unwrap();
+        let kept = dir.path().join("move-dump.log");
+        assert_eq!(
+            kept_log_named(&work, detail),
+            format!(
+                "criu dump failed (exit status: 1), log {}: Error",
+                kept.display()
+            )
+        );
+        assert!(std::fs::read_to_string(&kept).unwrap().contains("fsnotify"));
+        let overlay_watch = kept_log_named(
+            &work,
+            "Error (criu/fsnotify.c:284): fsnotify: \tCan't dump that handle".into(),
+        );
+        assert!(
+            overlay_watch.contains("inotify or fanotify"),
+            "{overlay_watch}"
+        );
     }
 }
 
