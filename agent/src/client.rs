@@ -80,7 +80,12 @@ fn unexpected(request: &'static str, got: Response) -> ClientError {
         Response::Error(e) => ClientError::Api(e),
         other => ClientError::Unexpected {
             request,
-            got: format!("{other:?}").chars().take(200).collect(),
+            // As the agent sent it (JSON), not Rust's debug form.
+            got: serde_json::to_string(&other)
+                .unwrap_or_default()
+                .chars()
+                .take(200)
+                .collect(),
         },
     }
 }

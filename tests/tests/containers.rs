@@ -1163,3 +1163,44 @@ fn move_to_its_own_host_says_it_is_already_there() -> Result<()> {
     agent.mig_ok(&["rm", "-f", "stay"])?;
     Ok(())
 }
+
+/// In a lab: `mig move C host-a` on host-a says the container is already there and names the
+/// peers; a move the destination refuses (a container of the same name there) says why in
+/// words, not as `Refused(NameClash)`, and the container keeps running.
+#[test]
+fn move_errors_are_words_in_a_lab() -> Result<()> {
+    if !mig_tests::is_root("move_errors_are_words_in_a_lab") {
+        return Ok(());
+    }
+    let lab = mig_tests::lab::Lab::up_on("cliwords", [10, 79, 87], 2)?;
+    let tar = lab.image_tar.display().to_string();
+    lab.mig_ok(1, &["image", "import", &tar, "--name", "busybox"])?;
+    for host in [0, 1] {
+        lab.mig_ok(
+            host,
+            &[
+                "run", "-d", "--name", "twin", "busybox", "--", "sleep", "1000",
+            ],
+        )?;
+    }
+    let o = lab.mig(0, &["move", "twin", "host-a"]);
+    ensure!(
+        o.code == 125
+            && o.stderr.contains("container twin is already on host-a")
+            && o.stderr.contains("pinned peers: host-b"),
+        "{o:?}"
+    );
+    let o = lab.mig(0, &["move", "twin", "host-b"]);
+    ensure!(
+        o.code == 125
+            && o.stderr.contains("the destination refused it")
+            && o.stderr.contains("already there")
+            && o.stderr.contains("keeps running here")
+            && !o.stderr.contains("NameClash")
+            && !o.stderr.contains("Refused("),
+        "{o:?}"
+    );
+    let d = lab.mig_json(0, &["inspect", "twin", "--json"])?;
+    ensure!(d["state"] == "running", "{d}");
+    Ok(())
+}
