@@ -101,7 +101,7 @@ pub enum Command {
         /// Extra environment (KEY=VALUE), repeatable.
         #[arg(short, long = "env", value_name = "KEY=VALUE")]
         env: Vec<String>,
-        /// Run as USER[:GROUP] (names from the container's /etc/passwd and /etc/group, or
+        /// Run as USER or USER:GROUP (names from the container's /etc/passwd and /etc/group, or
         /// numbers); default: the container's user.
         #[arg(short, long, value_name = "USER[:GROUP]")]
         user: Option<String>,
@@ -259,7 +259,7 @@ pub struct RunArgs {
     /// The container's address with --net bridge (default: the first free one).
     #[arg(long, value_name = "ADDR", requires = "net")]
     pub ip: Option<std::net::Ipv4Addr>,
-    /// Run as USER[:GROUP]: names are looked up in the image's /etc/passwd and /etc/group,
+    /// Run as USER or USER:GROUP: names are looked up in the image's /etc/passwd and /etc/group,
     /// numbers are taken as they are (a uid without a passwd entry gets gid 0); default: the
     /// image's user.
     #[arg(short, long, value_name = "USER[:GROUP]")]
