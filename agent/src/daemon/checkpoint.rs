@@ -218,6 +218,9 @@ impl Agent {
                     "checkpoint failed, the container keeps running: {}",
                     chain(&err)
                 );
+                if let Some(hint) = crate::migration::criu_failure_hint(&msg) {
+                    msg.push_str(&format!(" ({hint})"));
+                }
                 if let Err(t) = thawed {
                     msg.push_str(&format!("; and thawing it failed too: {}", chain(&t)));
                 }

@@ -27,6 +27,19 @@ pub use journal::{JournalEntry, JOURNAL_DIR};
 /// limit"). Such files travel with the images (and count against the destination's disk).
 pub(crate) const GHOST_LIMIT: &str = "1G";
 
+/// What a CRIU failure users meet means, when CRIU's own words do not make it plain (`text`:
+/// the error with CRIU's error lines).
+pub(crate) fn criu_failure_hint(text: &str) -> Option<&'static str> {
+    if text.contains("fsnotify") && text.contains("Can't dump that handle") {
+        return Some(
+            "a process watches a path of the container's overlay root filesystem with inotify or \
+             fanotify: CRIU cannot dump such a watch, the overlay gives no file handle it can \
+             open; watch a path on a tmpfs such as /dev/shm, docs/migration.md \"Limitations\"",
+        );
+    }
+    None
+}
+
 /// The CRIU arguments every dump of mig adds to its options ([`GHOST_LIMIT`]).
 pub(crate) fn dump_extra_args() -> Vec<String> {
     vec!["--ghost-limit".into(), GHOST_LIMIT.into()]

@@ -1234,15 +1234,10 @@ fn kept_log_named(work: &Path, detail: String) -> String {
         }
         _ => detail,
     };
-    if detail.contains("fsnotify") && detail.contains("Can't dump that handle") {
-        return format!(
-            "{detail} (a process watches a path of the container's overlay root filesystem with \
-             inotify or fanotify: CRIU cannot dump such a watch, the overlay gives no file handle \
-             it can open; watch a path on a tmpfs such as /dev/shm, docs/migration.md \
-             \"Limitations\")"
-        );
+    match super::criu_failure_hint(&detail) {
+        Some(hint) => format!("{detail} ({hint})"),
+        None => detail,
     }
-    detail
 }
 
 #[cfg(test)]
