@@ -1056,7 +1056,10 @@ fn exec_with_user_workdir_and_stdin() -> Result<()> {
     ensure!(agent.mig_ok(&["exec", "-w", "/tmp", "ex", "--", "pwd"])? == "/tmp\n");
     let o = agent.mig(&["exec", "-w", "/nonexistent", "ex", "--", "pwd"]);
     ensure!(
-        o.code != 0 && o.stderr.contains("working directory"),
+        o.code == 125
+            && o.stderr
+                .contains("cannot use /nonexistent as the working directory in container ex")
+            && o.stderr.lines().count() == 1,
         "{o:?}"
     );
     // -i: the whole input, binary safe; without -i the command reads /dev/null.

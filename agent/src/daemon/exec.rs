@@ -12,6 +12,10 @@ use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
+/// How the runtime names the step that fails when `--workdir` does not exist
+/// (`mig_runtime::container` channel steps).
+const CHDIR_STEP: &str = "changing to the working directory";
+
 /// At most this much of each output stream is returned.
 const MAX_OUTPUT: usize = 4 << 20;
 
@@ -138,6 +142,16 @@ impl Agent {
             .rev()
             .find_map(|l| l.strip_prefix(EXEC_ERROR_MARKER))
         {
+            if let Some(w) = workdir.as_deref().filter(|_| msg.contains(CHDIR_STEP)) {
+                let why = msg.rsplit(": ").next().unwrap_or_default();
+                return Err(ApiError::new(
+                    ErrorKind::InvalidArgument,
+                    format!(
+                        "cannot use {w} as the working directory in container {}: {why}",
+                        e.spec.name
+                    ),
+                ));
+            }
             let kind = if msg.contains("not implemented") {
                 ErrorKind::Unavailable
             } else {
