@@ -89,15 +89,47 @@ pub(super) fn add_entry(
             }
             std::collections::hash_map::Entry::Vacant(v) => {
                 v.insert(name.to_owned());
-                b.append_path_with_name(path, name)
-                    .map_err(LayerError::Write)?;
+                regular_file(b, path, name, meta)?;
             }
         }
+    } else if ft.is_file() {
+        regular_file(b, path, name, meta)?;
     } else {
         b.append_path_with_name(path, name)
             .map_err(LayerError::Write)?;
     }
     Ok(())
+}
+
+/// A regular file of `meta.len()` bytes, its size as the walk saw it: tar's own
+/// `append_path_with_name` copied the file to its end after writing the size in the header, so
+/// a file the container was appending to (the presync runs while it runs) put more bytes in the
+/// stream than its header said, and the destination failed to read the rest ("numeric field was
+/// not a number"). Bytes written since are the delta's (the scan recorded this size); a file
+/// that shrank is padded with zeros, and its new size travels in the delta too.
+fn regular_file(
+    b: &mut tar::Builder<&mut dyn Write>,
+    path: &Path,
+    name: &Path,
+    meta: &std::fs::Metadata,
+) -> Result<(), LayerError> {
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        // Removed since the walk: the next scan sees it gone.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(LayerError::Read {
+                path: path.to_owned(),
+                source,
+            })
+        }
+    };
+    let size = meta.len();
+    let mut h = tar::Header::new_gnu();
+    h.set_metadata_in_mode(meta, tar::HeaderMode::Complete);
+    h.set_size(size);
+    let data = file.take(size).chain(io::repeat(0)).take(size);
+    b.append_data(&mut h, name, data).map_err(LayerError::Write)
 }
 
 /// Calls `f(path, relative path, metadata)` for every entry under `dir`, parents first, names

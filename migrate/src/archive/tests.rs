@@ -287,3 +287,46 @@ fn fifo_entry_behind_a_symlink_is_refused() {
     assert!(unpack_layer_tar(&mut &tar[..], &dest).is_err());
     assert!(!outside.join("fifo").exists());
 }
+
+/// A file that grows while the layer is archived (the presync runs while the container runs):
+/// its entry holds the size the walk saw, and the archive stays readable. tar's own
+/// `append_path_with_name` copied it to its end under the old size, and the next header was
+/// read from file data ("numeric field was not a number").
+#[test]
+fn a_file_growing_while_archived_keeps_the_archive_readable() {
+    let t = tempfile::tempdir().unwrap();
+    let upper = t.path().join("upper");
+    std::fs::create_dir_all(&upper).unwrap();
+    let log = upper.join("data.log");
+    std::fs::write(&log, "1 aaaa\n").unwrap();
+    std::fs::write(upper.join("next"), "after\n").unwrap();
+    let seen = std::fs::symlink_metadata(&log).unwrap();
+    // Written after the walk's stat, before the entry is archived.
+    std::fs::write(&log, "1 aaaa\n".repeat(1000)).unwrap();
+    let mut out = Vec::new();
+    {
+        let w: &mut dyn std::io::Write = &mut out;
+        let mut b = tar::Builder::new(w);
+        let mut links = layer::Links::new();
+        layer::add_entry(&mut b, &log, Path::new("data.log"), &seen, &mut links).unwrap();
+        let next = upper.join("next");
+        let next_meta = std::fs::symlink_metadata(&next).unwrap();
+        layer::add_entry(&mut b, &next, Path::new("next"), &next_meta, &mut links).unwrap();
+        b.into_inner().unwrap();
+    }
+    let mut a = tar::Archive::new(&out[..]);
+    let mut got = Vec::new();
+    for e in a.entries().unwrap() {
+        let mut e = e.unwrap();
+        let mut body = String::new();
+        std::io::Read::read_to_string(&mut e, &mut body).unwrap();
+        got.push((e.path().unwrap().display().to_string(), body));
+    }
+    assert_eq!(
+        got,
+        vec![
+            ("data.log".to_owned(), "1 aaaa\n".to_owned()),
+            ("next".to_owned(), "after\n".to_owned()),
+        ]
+    );
+}
