@@ -441,3 +441,50 @@ fn a_failed_dump_keeps_the_log_the_error_names() -> Result<()> {
     lab.mig_ok(1, &["rm", "-f", "dl"])?;
     Ok(())
 }
+
+/// A container appending to a file as fast as it can while it moves: the presync archives the
+/// file as it grows. The layer tar had more bytes than its header said and every move rolled
+/// back ("cannot unpack the writable layer: cannot read the layer tar: numeric field was not a
+/// number"). After the moves every line is there, in order.
+#[test]
+fn a_file_appended_during_the_presync_moves() -> Result<()> {
+    if !mig_tests::is_root("migration tests") {
+        return Ok(());
+    }
+    let lab = Lab::up_on("qaappend", [10, 79, 85], 2)?;
+    let pad = "x".repeat(56);
+    let script = format!("i=0; while :; do i=$((i+1)); echo \"$i {pad}\"; done >> /data.log");
+    let id = lab.mig_ok(
+        0,
+        &[
+            "run", "-d", "--name", "app", "busybox", "--", "sh", "-c", &script,
+        ],
+    )?;
+    let grown = mig_tests::wait_until(Duration::from_secs(20), || {
+        lab.mig_ok(0, &["exec", "app", "--", "stat", "-c", "%s", "/data.log"])
+            .is_ok_and(|s| s.trim().parse::<u64>().unwrap_or(0) > 2 << 20)
+    });
+    assert!(grown, "/data.log did not grow");
+    for (from, to, mode) in [(0, 1, "cold"), (1, 0, "stream")] {
+        let peer = if to == 1 { "host-b" } else { "host-a" };
+        lab.mig_ok(from, &["move", "app", peer, "--mode", mode, "--json"])?;
+        running_on(&lab, to, "app")?;
+    }
+    lab.mig_ok(0, &["stop", "-t", "1", "app"])?;
+    // Stopped, the file no longer changes: every line numbered in order, none cut.
+    let upper = lab
+        .state_dir(0)
+        .join("containers")
+        .join(id.trim())
+        .join("upper/data.log");
+    let text = std::fs::read_to_string(&upper)?;
+    let mut n = 0u64;
+    for (k, line) in text.lines().enumerate() {
+        let want = format!("{} {pad}", k + 1);
+        assert_eq!(line, want, "line {} of {}", k + 1, upper.display());
+        n += 1;
+    }
+    assert!(n > 10_000, "{n} lines");
+    lab.mig_ok(0, &["rm", "app"])?;
+    Ok(())
+}
