@@ -113,6 +113,13 @@ fn regular_file(
     name: &Path,
     meta: &std::fs::Metadata,
 ) -> Result<(), LayerError> {
+    // A sparse file (fewer blocks than its size) keeps tar's sparse entry, its holes not
+    // written out; tar reads its data regions as they are then.
+    if meta.blocks().saturating_mul(512) < meta.len() {
+        return b
+            .append_path_with_name(path, name)
+            .map_err(LayerError::Write);
+    }
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
         // Removed since the walk: the next scan sees it gone.

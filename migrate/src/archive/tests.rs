@@ -330,3 +330,17 @@ fn a_file_growing_while_archived_keeps_the_archive_readable() {
         ]
     );
 }
+
+/// A sparse file keeps tar's sparse entry: its holes are not written out into the layer tar.
+#[test]
+fn a_sparse_file_stays_sparse_in_the_layer_tar() {
+    let t = tempfile::tempdir().unwrap();
+    let upper = t.path().join("upper");
+    std::fs::create_dir_all(&upper).unwrap();
+    let f = std::fs::File::create(upper.join("disk.img")).unwrap();
+    f.set_len(256 << 20).unwrap();
+    drop(f);
+    let mut out = Vec::new();
+    write_layer_tar(&upper, &mut out).unwrap();
+    assert!(out.len() < 1 << 20, "{} bytes", out.len());
+}
