@@ -203,7 +203,8 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
-    /// Import a rootfs directory or tar (plain, gzip, zstd), an OCI layout directory or OCI archive.
+    /// Import a rootfs directory or tar (plain, gzip, zstd), an OCI layout directory or OCI archive,
+    /// or a docker-archive (`docker save` before Docker 25, `podman save`).
     Import {
         path: PathBuf,
         /// The image name (default: the file name without extensions).
