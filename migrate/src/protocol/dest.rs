@@ -82,6 +82,26 @@ pub enum DestState {
     Done(Outcome),
 }
 
+impl DestState {
+    /// What the destination is doing in this state, in words for messages.
+    pub fn doing(&self) -> &'static str {
+        match self {
+            DestState::Idle => "starting",
+            DestState::Checking => "checking the move request",
+            DestState::AwaitPresync => "waiting for the writable layer",
+            DestState::ReceivingPresync => "receiving the writable layer",
+            DestState::AwaitFinal => "waiting for the checkpoint",
+            DestState::ReceivingFinal => "receiving the checkpoint",
+            DestState::Restoring => "restoring",
+            DestState::AwaitCommit => "waiting for the source's commit",
+            DestState::Resuming => "resuming the container",
+            DestState::InDoubt => "in doubt about the commit",
+            DestState::CleaningUp => "cleaning up",
+            DestState::Done(_) => "done",
+        }
+    }
+}
+
 /// What to tell the source once a cleanup finished.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum After {
@@ -394,16 +414,17 @@ impl DestMachine {
             }
             (s, I::Received(m)) if s.before_restored() || s == S::AwaitCommit => self.abort_local(
                 AbortReason::ProtocolViolation,
-                format!("unexpected {} in state {s:?}", m.name()),
+                format!("unexpected {} while {}", m.name(), s.doing()),
             ),
             (s, I::LinkLost) if s.before_restored() => self.cleanup(
                 Cause::LinkLost,
                 "link lost before commit".into(),
                 After::Nothing,
             ),
-            (s, I::TimedOut) if s.before_restored() => {
-                self.abort_local(AbortReason::Timeout, format!("timed out in state {s:?}"))
-            }
+            (s, I::TimedOut) if s.before_restored() => self.abort_local(
+                AbortReason::Timeout,
+                format!("timed out while {}", s.doing()),
+            ),
             (s, input) => {
                 tracing::warn!(migration = %self.id, state = ?s, ?input, "input ignored in this state")
             }

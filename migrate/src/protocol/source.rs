@@ -84,6 +84,30 @@ pub enum SourceState {
     Done(Outcome),
 }
 
+impl SourceState {
+    /// What the source is doing in this state, in words for messages.
+    pub fn doing(&self) -> &'static str {
+        match self {
+            SourceState::Idle => "starting",
+            SourceState::AwaitPrepareOk => "waiting for the destination to accept the move",
+            SourceState::Presyncing => "sending the writable layer",
+            SourceState::AwaitPresyncOk => {
+                "waiting for the destination to store the writable layer"
+            }
+            SourceState::Freezing => "freezing the container",
+            SourceState::Dumping => "dumping the container",
+            SourceState::Transferring => "sending the checkpoint",
+            SourceState::AwaitRestored => "waiting for the destination to restore",
+            SourceState::AwaitCommitted => "waiting for the destination to confirm the commit",
+            SourceState::InDoubt => "in doubt about the commit",
+            SourceState::Resolving => "asking the destination how the move ended",
+            SourceState::RollingBack => "rolling back",
+            SourceState::Destroying => "removing the source's copy",
+            SourceState::Done(_) => "done",
+        }
+    }
+}
+
 /// The source's state machine. Create it with [`SourceMachine::new`] and call
 /// [`SourceMachine::start`], or rebuild it from a journal with [`SourceMachine::recover`].
 #[derive(Debug)]
@@ -366,7 +390,7 @@ impl SourceMachine {
             }
             (s, I::Received(m)) if s.before_commit() => self.abort_local(
                 AbortReason::ProtocolViolation,
-                format!("unexpected {} in state {s:?}", m.name()),
+                format!("unexpected {} while {}", m.name(), s.doing()),
                 s.maybe_frozen(),
             ),
             (s, I::LinkLost) if s.before_commit() => self.rollback(
@@ -376,7 +400,7 @@ impl SourceMachine {
             ),
             (s, I::TimedOut) if s.before_commit() => self.abort_local(
                 AbortReason::Timeout,
-                format!("timed out in state {s:?}"),
+                format!("timed out while {}", s.doing()),
                 s.maybe_frozen(),
             ),
             (s, I::Cancel) if s.before_commit() => self.abort_local(
