@@ -2,13 +2,13 @@
 //! tunnel on the migration connection (`mig_migrate::transport::tunnel`).
 //!
 //! - `stream`: the source's `criu dump --ps-socket` holds one end of a socketpair and its agent
-//!   carries the other end over one QUIC stream (no loopback TCP). The destination's agent writes
-//!   that stream into its staging images dir itself (`mig_migrate::criu::page_writer`, the same
-//!   files `criu page-server` writes, without that process and its socket hop); with
-//!   `MIG_PAGE_SINK=criu` in migd's environment it starts `criu page-server --ps-socket` at
-//!   Prepare on one end of a socketpair and the tunnel carries the stream to the other, as
-//!   before (a diagnostic switch, docs/criu.md). After the dump the destination waits for the
-//!   writer (or the page server) to end cleanly and adds the page images to the received manifest
+//!   carries the other end over one QUIC stream (no loopback TCP). The destination starts
+//!   `criu page-server --ps-socket` at Prepare on one end of a socketpair and the tunnel carries
+//!   the stream to the other; with `MIG_PAGE_SINK=mig` in migd's environment its agent writes the
+//!   stream into its staging images dir itself instead (`mig_migrate::criu::page_writer`, the
+//!   same files, without that process and its socket hop; not faster on the test machine,
+//!   docs/performance.md "Session 8"). After the dump the destination waits for the page server
+//!   (or the writer) to end cleanly and adds the page images to the received manifest
 //!   by size (`imageset::add_page_server_images`): they came inside the authenticated QUIC
 //!   connection, and hashing them cost a fifth of both cores during the dump
 //!   (docs/performance.md).
@@ -138,28 +138,45 @@ fn is_page_image(name: &str) -> bool {
 }
 
 /// The environment variable of migd that chooses what writes a stream-mode dump's pages on the
-/// destination: `criu` for `criu page-server`, anything else (or unset) for mig's page writer.
+/// destination: `mig` for mig's page writer, `criu` for `criu page-server`; unset (or anything
+/// else): [`DEFAULT_PAGE_SINK`].
 pub const PAGE_SINK_ENV: &str = "MIG_PAGE_SINK";
 
-/// Whether this agent writes stream-mode pages with `criu page-server` ([`PAGE_SINK_ENV`]).
-fn criu_page_sink() -> bool {
-    static CRIU: OnceLock<bool> = OnceLock::new();
-    *CRIU.get_or_init(|| {
-        let criu = std::env::var(PAGE_SINK_ENV).is_ok_and(|v| v == "criu");
-        if criu {
-            tracing::info!(
-                "{PAGE_SINK_ENV}=criu: stream-mode pages are written by criu page-server"
-            );
-        }
-        criu
+/// What writes a stream-mode dump's pages on the destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageSinkKind {
+    /// `criu page-server --ps-socket` on a socketpair the tunnel stream is carried to.
+    Criu,
+    /// mig's page writer on the tunnel stream itself (`criu::page_writer`).
+    Mig,
+}
+
+/// The page sink without [`PAGE_SINK_ENV`]: `criu page-server`. The page writer was not faster
+/// in the session-8 A/B runs on the 2-core test machine (docs/performance.md "Session 8").
+pub const DEFAULT_PAGE_SINK: PageSinkKind = PageSinkKind::Criu;
+
+/// This agent's page sink ([`PAGE_SINK_ENV`], read once).
+fn page_sink() -> PageSinkKind {
+    static SINK: OnceLock<PageSinkKind> = OnceLock::new();
+    *SINK.get_or_init(|| {
+        let sink = match std::env::var(PAGE_SINK_ENV).as_deref() {
+            Ok("mig") => PageSinkKind::Mig,
+            Ok("criu") => PageSinkKind::Criu,
+            _ => DEFAULT_PAGE_SINK,
+        };
+        tracing::info!(
+            ?sink,
+            "stream-mode pages are written by this sink ({PAGE_SINK_ENV})"
+        );
+        sink
     })
 }
 
 /// Stream mode, at Prepare: readies what writes the pages into `images_dir`; the tunnel
-/// stream of the source's dump is carried there ([`resolve`]). Mig's page writer by default,
-/// `criu page-server` on a socketpair with `MIG_PAGE_SINK=criu`. Blocking.
+/// stream of the source's dump is carried there ([`resolve`]): `criu page-server` on a
+/// socketpair, or mig's page writer ([`page_sink`]). Blocking.
 pub(crate) fn start_page_server(migration_id: &str, images_dir: &Path) -> Result<(), PagesError> {
-    if !criu_page_sink() {
+    if page_sink() == PageSinkKind::Mig {
         std::fs::create_dir_all(images_dir).map_err(|source| PagesError::ImagesDir {
             path: images_dir.to_owned(),
             source,

@@ -158,6 +158,8 @@ pub enum PageWriterError {
     Timeout(Duration),
     #[error("the page writer never ran (no page stream arrived)")]
     NeverRan,
+    #[error("the page writer's thread failed")]
+    Thread,
 }
 
 /// The images of the pagemap being written.

@@ -394,41 +394,87 @@ where
     }
 }
 
-/// Runs mig's page writer on a tunnel stream ([`Endpoint::Pages`]): the page data is written into
-/// the sink's directory straight from quinn's received chunks, the replies go back on the
-/// stream. The outcome goes to the sink's waiter as soon as the close command is written and
-/// answered (the dump may keep its end open a little longer); a failure also resets the stream,
-/// so the dump fails too.
+/// Batches of received chunks queued for the page writer's thread (each up to [`CHUNKS`]
+/// chunks of about one packet: about 5 MB in all, as much as the socket buffers of a
+/// `criu page-server` hold).
+const WRITER_QUEUE: usize = 64;
+
+/// Runs mig's page writer on a tunnel stream ([`Endpoint::Pages`]): this task reads quinn's
+/// received chunks and hands them (without copying their bytes) to a blocking thread that
+/// writes the page data into the sink's directory, so that receiving and writing overlap as they
+/// did with a `criu page-server` process; the writer's replies go back on the stream. The
+/// outcome goes to the sink's waiter as soon as the close command is written and answered (the
+/// dump may keep its end open a little longer); a failure also resets the stream, so the dump
+/// fails too.
 async fn write_pages(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     sink: PageSink,
     bytes: &Counter,
 ) -> Result<(), ()> {
-    let mut w = PageWriter::new(&sink.dir, sink.limits);
-    let mut chunks: Vec<bytes::Bytes> = vec![bytes::Bytes::new(); CHUNKS];
-    let mut reply = Vec::new();
-    let r: Result<Summary, PageWriterError> = loop {
-        let n = match recv.read_chunks(&mut chunks).await {
-            Ok(Some(n)) => n,
-            Ok(None) => break w.finish(),
-            Err(e) => break Err(PageWriterError::Read(e.into())),
-        };
-        bytes.add(chunks[..n].iter().map(|c| c.len() as u64).sum());
-        let closed = match w.feed(&chunks[..n], &mut reply) {
-            Ok(c) => c,
-            Err(e) => break Err(e),
-        };
-        if !reply.is_empty() {
-            if let Err(e) = send.write_all(&reply).await {
-                break Err(PageWriterError::Reply(e.into()));
+    let (batch_tx, mut batch_rx) = tokio::sync::mpsc::channel::<Vec<bytes::Bytes>>(WRITER_QUEUE);
+    let (reply_tx, mut reply_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let (dir, limits) = (sink.dir.clone(), sink.limits);
+    let writer = tokio::task::spawn_blocking(move || {
+        let mut w = PageWriter::new(&dir, limits);
+        let mut reply = Vec::new();
+        while let Some(batch) = batch_rx.blocking_recv() {
+            let closed = w.feed(&batch, &mut reply)?;
+            if !reply.is_empty() {
+                let _ = reply_tx.send(std::mem::take(&mut reply));
             }
-            bytes.add(reply.len() as u64);
-            reply.clear();
+            if closed {
+                break;
+            }
         }
-        if closed {
-            break w.finish();
+        w.finish()
+    });
+    tokio::pin!(writer);
+    let mut batch_tx = Some(batch_tx);
+    let mut chunks: Vec<bytes::Bytes> = vec![bytes::Bytes::new(); CHUNKS];
+    let r: Result<Summary, PageWriterError> = loop {
+        tokio::select! {
+            r = &mut writer => break r.unwrap_or(Err(PageWriterError::Thread)),
+            Some(reply) = reply_rx.recv() => {
+                if let Err(e) = send.write_all(&reply).await {
+                    break Err(PageWriterError::Reply(e.into()));
+                }
+                bytes.add(reply.len() as u64);
+            }
+            r = recv.read_chunks(&mut chunks), if batch_tx.is_some() => match r {
+                Ok(Some(n)) => {
+                    bytes.add(chunks[..n].iter().map(|c| c.len() as u64).sum());
+                    let queued = match &batch_tx {
+                        Some(tx) => tx.send(chunks[..n].to_vec()).await.is_ok(),
+                        None => false,
+                    };
+                    if !queued {
+                        // The writer ended (its outcome is in `writer`).
+                        batch_tx = None;
+                    }
+                }
+                // End of stream: the writer finishes what it has, then says whether it was whole.
+                Ok(None) => batch_tx = None,
+                Err(e) => break Err(PageWriterError::Read(e.into())),
+            },
         }
+    };
+    // Stops the writer's thread (if it still runs) once it took what is queued.
+    drop(batch_tx);
+    let r = match r {
+        Ok(summary) => {
+            // The close's answer is queued before the writer ends.
+            let mut sent = Ok(summary);
+            while let Ok(reply) = reply_rx.try_recv() {
+                if let Err(e) = send.write_all(&reply).await {
+                    sent = Err(PageWriterError::Reply(e.into()));
+                    break;
+                }
+                bytes.add(reply.len() as u64);
+            }
+            sent
+        }
+        Err(e) => Err(e),
     };
     match r {
         Ok(summary) => {
