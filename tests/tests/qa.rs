@@ -327,6 +327,8 @@ fn an_image_under_two_names_moves_and_its_spare_name_goes() -> Result<()> {
     let lab = Lab::up_on("qa2names", [10, 79, 82], 2)?;
     let dir = tempfile::tempdir()?;
     let rootfs = mig_tests::busybox_rootfs(dir.path())?;
+    // Not the lab's busybox image: built in the same second, it would have the same id.
+    std::fs::write(rootfs.join("etc/qa-two-names"), "1\n")?;
     let tar = mig_tests::tar_of(&rootfs, dir.path(), "bb.tar")?;
     let tar = tar.display().to_string();
     let one = lab.mig_ok(0, &["image", "import", &tar, "--name", "bb-one"])?;
