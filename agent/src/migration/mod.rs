@@ -37,7 +37,30 @@ pub(crate) fn criu_failure_hint(text: &str) -> Option<&'static str> {
              open; watch a path on a tmpfs such as /dev/shm, docs/migration.md \"Limitations\"",
         );
     }
+    if text.contains("Can't lookup mount=") {
+        return Some(
+            "a process holds a file of a mount the container does not show, such as a POSIX \
+             message queue (mq_open): CRIU cannot dump POSIX message queues, docs/migration.md \
+             \"Limitations\"",
+        );
+    }
     None
+}
+
+#[cfg(test)]
+mod hint_tests {
+    /// CRIU's words for two failures users meet get a sentence saying what they mean.
+    #[test]
+    fn criu_failures_users_meet_are_explained() {
+        let mq = "Error (criu/files-reg.c:1790): Can't lookup mount=80 for fd=3 path=/qa";
+        assert!(super::criu_failure_hint(mq).is_some_and(|h| h.contains("POSIX message queue")));
+        let watch = "Error (criu/fsnotify.c:284): fsnotify: \tCan't dump that handle";
+        assert!(super::criu_failure_hint(watch).is_some_and(|h| h.contains("inotify")));
+        assert_eq!(
+            super::criu_failure_hint("Error (criu/cr-dump.c:1975): Dumping FAILED."),
+            None
+        );
+    }
 }
 
 /// The CRIU arguments every dump of mig adds to its options ([`GHOST_LIMIT`]).
