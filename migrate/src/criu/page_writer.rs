@@ -472,12 +472,15 @@ fn image_name(dst_id: u64) -> Result<String, PageWriterError> {
     }
 }
 
+/// Creates an image file with CRIU's own mode for images (0644, `CR_FD_PERM`): the tasks of a
+/// container restored in a user namespace open their page map themselves, as an unprivileged
+/// uid of the host (with 0600 the restore failed: "Unable to open pagemap-1.img").
 fn create(path: &Path) -> Result<File, PageWriterError> {
     std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
-        .mode(0o600)
+        .mode(0o644)
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .map_err(|source| PageWriterError::Create {
