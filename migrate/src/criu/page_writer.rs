@@ -28,7 +28,8 @@
 //! Images written, byte for byte what `criu page-server` writes: `pagemap-*.img` = the common
 //! image magic, the pagemap magic, a `PagemapHead { pages_id }` entry, then one
 //! `PagemapEntry { vaddr, compat_nr_pages: 0, flags, nr_pages }` per add; `pages-N.img` = the
-//! raw pages in order. Files are created 0600, truncating (as CRIU's `O_DUMP`).
+//! raw pages in order. Files are created 0644 (CRIU's `CR_FD_PERM`), truncating (as CRIU's
+//! `O_DUMP`).
 //!
 //! [`PageWriter`] has no I/O of its own but the image files: it takes the stream's bytes in
 //! chunks ([`PageWriter::feed`]), writes page data from the chunks with vectored writes (no
