@@ -15,6 +15,7 @@ mod protobuf;
 pub mod pstree;
 pub mod stats;
 mod sys;
+pub mod timerfd;
 
 pub use log::{error_lines, pick_error_lines, MAX_ERROR_LINES};
 pub use netns::{images_external_netns, NetnsImageError, MAX_NETNS_IMAGE_BYTES};
@@ -262,7 +263,9 @@ impl Criu {
             check_fd(fd)?;
             sys::prepare_child(&mut cmd, Vec::new(), vec![fd]);
         }
-        self.run_dump(&mut cmd, "dump", opts)
+        let stats = self.run_dump(&mut cmd, "dump", opts)?;
+        timerfd::rearm_after_dump(&opts.images_dir);
+        Ok(stats)
     }
 
     /// One pre-copy iteration, `criu pre-dump` (see [`DumpOpts::pre_dump_args`]): the tree keeps

@@ -324,6 +324,7 @@ impl Criu {
             &log,
             ready_timeout,
         )?;
+        super::timerfd::rearm_after_dump(&opts.images_dir);
         Ok(LazyDump {
             process,
             images_dir: opts.images_dir.clone(),

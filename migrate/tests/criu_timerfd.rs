@@ -1,0 +1,189 @@
+//! A periodic timerfd keeps firing across a dump and restore even when it expired, unread, while
+//! the task was stopped for the dump: CRIU dumps such a timer with `it_value` 0 and would restore
+//! it disarmed; mig re-arms it in `files.img` after the dump (`criu::timerfd`). The task is this
+//! test binary itself, run again as `timerfd_child` in its own PID namespace: it reads its 50 ms
+//! timer, stores the count of expirations in a file, then sleeps 300 ms, so that the timer
+//! expires unread while it sleeps. Root only (skipped otherwise, or without CRIU).
+
+use mig_migrate::criu::{Criu, CriuError, DumpOpts, RestoreOpts};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag};
+use nix::unistd::Pid;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const CHILD_ENV: &str = "MIG_TIMERFD_TEST_FILE";
+
+/// Kills (SIGKILL) and reaps every PID it holds when dropped.
+#[derive(Default)]
+struct Reaper(Vec<i32>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for &p in &self.0 {
+            let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+        }
+        for &p in &self.0 {
+            let _ = waitpid(Pid::from_raw(p), Some(WaitPidFlag::__WALL));
+        }
+    }
+}
+
+/// The child's loop (does nothing unless run by the test below with the file in its env).
+#[test]
+fn timerfd_child() {
+    let Some(path) = std::env::var_os(CHILD_ENV) else {
+        return;
+    };
+    // SAFETY: plain syscalls on descriptors this process owns.
+    unsafe {
+        let tfd = libc::timerfd_create(libc::CLOCK_MONOTONIC, 0);
+        assert!(tfd >= 0);
+        let period = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 50_000_000,
+        };
+        let spec = libc::itimerspec {
+            it_interval: period,
+            it_value: period,
+        };
+        assert_eq!(libc::timerfd_settime(tfd, 0, &spec, std::ptr::null_mut()), 0);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+        let mut count: u64 = 0;
+        loop {
+            let mut ticks: u64 = 0;
+            let n = libc::read(tfd, (&mut ticks as *mut u64).cast(), 8);
+            if n == 8 {
+                count += ticks;
+                let line = format!("{count:020}\n");
+                libc::pwrite(fd, line.as_ptr().cast(), line.len(), 0);
+            }
+            // Long enough for the timer to expire unread; EINTR after a restore is fine.
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+}
+
+fn count(path: &Path) -> u64 {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+/// Waits up to `timeout` for the count in `path` to pass `after`.
+fn grows(path: &Path, after: u64, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if count(path) > after {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+// The `unshare` child is reaped by the Reaper guard with waitpid, not through `Child`.
+#[allow(clippy::zombie_processes)]
+#[test]
+fn an_expired_periodic_timerfd_keeps_firing_after_a_restore() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("not root: skipping");
+        return;
+    }
+    let criu = match Criu::locate() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}: skipping");
+            return;
+        }
+    };
+    let mut reaper = Reaper::default();
+    let dir = tempfile::tempdir().unwrap();
+    let counter = dir.path().join("count");
+    std::fs::write(&counter, "").unwrap();
+    let child = Command::new("unshare")
+        .args(["--pid", "--fork", "--uts", "--ipc", "/bin/busybox", "setsid"])
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", "timerfd_child", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, &counter)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let unshare = child.id() as i32;
+    reaper.0.push(unshare);
+    let children = format!("/proc/{unshare}/task/{unshare}/children");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let init: i32 = loop {
+        let c = std::fs::read_to_string(&children).unwrap_or_default();
+        if let Some(p) = c.split_whitespace().next().and_then(|p| p.parse().ok()) {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "the child did not start");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    reaper.0.push(init);
+    assert!(grows(&counter, 0, Duration::from_secs(10)), "no count");
+    // Right after a read the child sleeps 300 ms: 150 ms in, its timer has expired unread.
+    let seen = count(&counter);
+    assert!(grows(&counter, seen, Duration::from_secs(2)));
+    std::thread::sleep(Duration::from_millis(150));
+    let images = dir.path().join("images");
+    let opts = DumpOpts {
+        pid: init,
+        images_dir: images.clone(),
+        log_file: "dump.log".into(),
+        ..Default::default()
+    };
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match criu.dump(&opts) {
+            Ok(_) => break,
+            Err(CriuError::Failed { errors, .. })
+                if attempt < 3
+                    && errors.iter().any(|e| {
+                        e.contains("Unseizable non-zombie") || e.contains("Can't get /proc fd")
+                    }) =>
+            {
+                std::fs::remove_dir_all(&images).unwrap();
+            }
+            Err(e) => panic!("dump: {e:?}"),
+        }
+    }
+    let log = std::fs::read_to_string(images.join("dump.log")).unwrap_or_default();
+    let dumped = log
+        .lines()
+        .find(|l| l.contains("Dumping id") && l.contains("it_value"))
+        .unwrap_or_default()
+        .to_owned();
+    eprintln!("{dumped}");
+    let before = count(&counter);
+    let outcome = criu
+        .restore(&RestoreOpts {
+            images_dir: images.clone(),
+            log_file: "restore.log".into(),
+            pidfile: "restore.pid".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    reaper.0.push(outcome.pid);
+    // Without the re-arm the child reads its pending expirations once, then blocks forever.
+    let mut last = before;
+    for round in 0..3 {
+        assert!(
+            grows(&counter, last, Duration::from_secs(3)),
+            "the timer stopped after the restore (round {round}, count {last}; dumped as: {dumped})"
+        );
+        last = count(&counter);
+    }
+    drop(reaper);
+}
