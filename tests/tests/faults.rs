@@ -416,7 +416,7 @@ fn disk_full_is_refused_at_prepare() -> Result<()> {
     let o = lab.mig(A, &["move", "dfp", "host-b", "--json"]);
     eprintln!("move exit {}: {}", o.code, o.stderr.trim());
     assert_ne!(o.code, 0, "{}", o.stdout);
-    assert!(o.stderr.contains("DiskFull"), "{}", o.stderr);
+    assert!(o.stderr.contains("not enough disk space"), "{}", o.stderr);
     running_on(&lab, A, "dfp")?;
     continues(&lab, A, "dfp", count)?;
     nothing_left(&lab, B, &id)?;
