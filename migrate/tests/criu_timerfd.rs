@@ -5,30 +5,16 @@
 //! timer, stores the count of expirations in a file, then sleeps 300 ms, so that the timer
 //! expires unread while it sleeps. Root only (skipped otherwise, or without CRIU).
 
-use mig_migrate::criu::{Criu, CriuError, DumpOpts, RestoreOpts};
-use nix::sys::signal::{kill, Signal};
-use nix::sys::wait::{waitpid, WaitPidFlag};
-use nix::unistd::Pid;
+use mig_migrate::criu::{DumpOpts, RestoreOpts};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod support;
+
+use support::{criu_or_skip, dump_retrying, Reaper};
+
 const CHILD_ENV: &str = "MIG_TIMERFD_TEST_FILE";
-
-/// Kills (SIGKILL) and reaps every PID it holds when dropped.
-#[derive(Default)]
-struct Reaper(Vec<i32>);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        for &p in &self.0 {
-            let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
-        }
-        for &p in &self.0 {
-            let _ = waitpid(Pid::from_raw(p), Some(WaitPidFlag::__WALL));
-        }
-    }
-}
 
 /// The child's loop (does nothing unless run by the test below with the file in its env).
 #[test]
@@ -48,11 +34,11 @@ fn timerfd_child() {
             it_interval: period,
             it_value: period,
         };
-        assert_eq!(libc::timerfd_settime(tfd, 0, &spec, std::ptr::null_mut()), 0);
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .unwrap();
+        assert_eq!(
+            libc::timerfd_settime(tfd, 0, &spec, std::ptr::null_mut()),
+            0
+        );
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
         let mut count: u64 = 0;
         loop {
@@ -93,25 +79,27 @@ fn grows(path: &Path, after: u64, timeout: Duration) -> bool {
 #[allow(clippy::zombie_processes)]
 #[test]
 fn an_expired_periodic_timerfd_keeps_firing_after_a_restore() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("not root: skipping");
-        return;
-    }
-    let criu = match Criu::locate() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}: skipping");
-            return;
-        }
-    };
+    let Some(criu) = criu_or_skip() else { return };
     let mut reaper = Reaper::default();
     let dir = tempfile::tempdir().unwrap();
     let counter = dir.path().join("count");
     std::fs::write(&counter, "").unwrap();
     let child = Command::new("unshare")
-        .args(["--pid", "--fork", "--uts", "--ipc", "/bin/busybox", "setsid"])
+        .args([
+            "--pid",
+            "--fork",
+            "--uts",
+            "--ipc",
+            "/bin/busybox",
+            "setsid",
+        ])
         .arg(std::env::current_exe().unwrap())
-        .args(["--exact", "timerfd_child", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "timerfd_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_ENV, &counter)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -143,22 +131,7 @@ fn an_expired_periodic_timerfd_keeps_firing_after_a_restore() {
         log_file: "dump.log".into(),
         ..Default::default()
     };
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match criu.dump(&opts) {
-            Ok(_) => break,
-            Err(CriuError::Failed { errors, .. })
-                if attempt < 3
-                    && errors.iter().any(|e| {
-                        e.contains("Unseizable non-zombie") || e.contains("Can't get /proc fd")
-                    }) =>
-            {
-                std::fs::remove_dir_all(&images).unwrap();
-            }
-            Err(e) => panic!("dump: {e:?}"),
-        }
-    }
+    dump_retrying(&criu, &opts);
     let log = std::fs::read_to_string(images.join("dump.log")).unwrap_or_default();
     let dumped = log
         .lines()

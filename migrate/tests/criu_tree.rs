@@ -6,13 +6,12 @@
 //! Every process started here is killed and reaped by a guard, even when an assertion fails.
 
 use mig_migrate::criu::{
-    Criu, CriuError, DumpOpts, DumpStats, LazyPagesOpts, PageServerOpts, PageTarget, RestoreOpts,
+    Criu, CriuError, DumpOpts, LazyPagesOpts, PageServerOpts, PageTarget, RestoreOpts,
     RestoreOutcome,
 };
 use mig_migrate::imageset::{self, SealInfo};
 use mig_runtime::pidmap::pid_map;
 use mig_runtime::spec::{ContainerSpec, ImageRef, Limits, ProcessSpec};
-use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag};
 use nix::unistd::Pid;
 use std::io::{BufRead, BufReader};
@@ -21,63 +20,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod support;
+
+use support::{criu_or_skip, dump_retrying, Reaper};
+
 const COUNTER: &str = "i=0; while :; do i=$((i+1)); echo $i; sleep 0.05; done";
-
-fn criu_or_skip() -> Option<Criu> {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("not root: skipping");
-        return None;
-    }
-    match Criu::locate() {
-        Ok(c) => Some(c),
-        Err(e) => {
-            eprintln!("{e}: skipping");
-            None
-        }
-    }
-}
-
-/// `criu.dump(opts)`, tried again (at most 3 times, the images directory emptied between) when
-/// CRIU fails to seize the tree: "Unseizable non-zombie ... err -1/10" (the pattern of
-/// checkpoint-restore/criu#1034, with the cgroup2 freezer) and "Can't get /proc fd" from the
-/// parasite. Both appeared on the test machine on 2026-12-02 in about one run of this file in
-/// three, also with the code that had passed every earlier run; a failed seize leaves the tree
-/// running, untouched. What these tests check starts after the dump.
-fn dump_retrying(criu: &Criu, opts: &DumpOpts) -> DumpStats {
-    for attempt in 1.. {
-        match criu.dump(opts) {
-            Ok(stats) => return stats,
-            Err(CriuError::Failed { errors, .. })
-                if attempt < 3
-                    && errors.iter().any(|e| {
-                        e.contains("Unseizable non-zombie") || e.contains("Can't get /proc fd")
-                    }) =>
-            {
-                eprintln!("criu could not seize the tree (attempt {attempt}), again: {errors:?}");
-                std::fs::remove_dir_all(&opts.images_dir).unwrap();
-            }
-            Err(e) => panic!("dump: {e:?}"),
-        }
-    }
-    unreachable!()
-}
-
-/// Kills (SIGKILL) and reaps every PID it holds when dropped.
-#[derive(Default)]
-struct Reaper(Vec<i32>);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        for &p in &self.0 {
-            let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
-        }
-        for &p in &self.0 {
-            // Only our children (or re-parented to us as subreaper) can be reaped; others are
-            // gone with their parent.
-            let _ = waitpid(Pid::from_raw(p), None);
-        }
-    }
-}
 
 /// Restores with `opts` (its images dir and any extra option) as on a destination host: a new
 /// pipe stands in for the tree's old stdout (`stdout_pipe`), with CRIU's log and pidfile in the
@@ -450,6 +397,29 @@ impl TestCgroup {
     fn write(&self, file: &str, value: &str) {
         std::fs::write(self.0.join(file), value).unwrap();
     }
+    /// Waits until every child of `pid` is in this cgroup too: a child forked before `pid` moved
+    /// in (the counter's `sleep 0.05`) stays where it was, unfrozen, and CRIU cannot seize it
+    /// from the frozen cgroup ("Unseizable non-zombie ... state S, err -1/10").
+    fn holds_children_of(&self, pid: i32) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let procs = std::fs::read_to_string(self.0.join("cgroup.procs")).unwrap();
+            let children =
+                std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+            if children
+                .split_whitespace()
+                .all(|c| procs.lines().any(|p| p == c))
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "children of {pid} outside the cgroup"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     fn frozen(&self) -> bool {
         std::fs::read_to_string(self.0.join("cgroup.events"))
             .unwrap()
@@ -508,6 +478,7 @@ fn prefrozen_dump_stays_frozen_and_restore_lands_in_the_cgroup() {
     let images = dir.path().join("images");
     let mut tree = start_tree(&mut reaper);
     src.write("cgroup.procs", &tree.init.to_string());
+    src.holds_children_of(tree.init);
     src.write("cgroup.freeze", "1");
     let deadline = Instant::now() + Duration::from_secs(5);
     while !src.frozen() {
