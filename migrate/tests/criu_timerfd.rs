@@ -7,12 +7,12 @@
 
 use mig_migrate::criu::{DumpOpts, RestoreOpts};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 mod support;
 
-use support::{criu_or_skip, dump_retrying, Reaper};
+use support::{criu_or_skip, dump_retrying, in_pid_namespace, Reaper};
 
 const CHILD_ENV: &str = "MIG_TIMERFD_TEST_FILE";
 
@@ -84,15 +84,7 @@ fn an_expired_periodic_timerfd_keeps_firing_after_a_restore() {
     let dir = tempfile::tempdir().unwrap();
     let counter = dir.path().join("count");
     std::fs::write(&counter, "").unwrap();
-    let child = Command::new("unshare")
-        .args([
-            "--pid",
-            "--fork",
-            "--uts",
-            "--ipc",
-            "/bin/busybox",
-            "setsid",
-        ])
+    let child = in_pid_namespace()
         .arg(std::env::current_exe().unwrap())
         .args([
             "--exact",

@@ -17,12 +17,12 @@ use nix::unistd::Pid;
 use std::io::{BufRead, BufReader};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 mod support;
 
-use support::{criu_or_skip, dump_retrying, Reaper};
+use support::{criu_or_skip, dump_retrying, in_pid_namespace, Reaper};
 
 const COUNTER: &str = "i=0; while :; do i=$((i+1)); echo $i; sleep 0.05; done";
 
@@ -104,15 +104,7 @@ impl Tree {
 #[allow(clippy::zombie_processes)]
 fn start_tree(reaper: &mut Reaper) -> Tree {
     let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
-    let child = Command::new("unshare")
-        .args([
-            "--pid",
-            "--fork",
-            "--uts",
-            "--ipc",
-            "/bin/busybox",
-            "setsid",
-        ])
+    let child = in_pid_namespace()
         .args(["/bin/busybox", "sh", "-c", COUNTER])
         .stdin(Stdio::null())
         .stdout(Stdio::from(w))

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 mod support;
 
-use support::{criu_or_skip, seize_race, Reaper};
+use support::{criu_or_skip, in_pid_namespace, seize_race, Reaper};
 
 /// A variable of about 100 KiB in the init's heap, a child blocked reading stdin, the init
 /// waiting for it; then the init prints a checksum of the variable. (A background command's
@@ -141,15 +141,7 @@ fn the_writer_writes_what_criu_page_server_writes_and_restores() {
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
     let (out_r, out_w): (OwnedFd, OwnedFd) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
-    let child = Command::new("unshare")
-        .args([
-            "--pid",
-            "--fork",
-            "--uts",
-            "--ipc",
-            "/bin/busybox",
-            "setsid",
-        ])
+    let child = in_pid_namespace()
         .args(["/bin/busybox", "sh", "-c", TREE])
         .stdin(Stdio::from(in_r))
         .stdout(Stdio::from(out_w))

@@ -6,6 +6,7 @@ use mig_migrate::criu::{Criu, CriuError, DumpOpts, DumpStats};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
+use std::process::Command;
 
 /// The CRIU to test with, or `None` (with a note) when not root or CRIU is missing.
 pub fn criu_or_skip() -> Option<Criu> {
@@ -64,4 +65,19 @@ pub fn dump_retrying(criu: &Criu, opts: &DumpOpts) -> DumpStats {
         }
     }
     unreachable!()
+}
+
+/// `unshare` ready to run a program (the arguments that follow) as the init of new PID, UTS and
+/// IPC namespaces, leader of its own session: the shape of a container's process tree.
+pub fn in_pid_namespace() -> Command {
+    let mut c = Command::new("unshare");
+    c.args([
+        "--pid",
+        "--fork",
+        "--uts",
+        "--ipc",
+        "/bin/busybox",
+        "setsid",
+    ]);
+    c
 }
