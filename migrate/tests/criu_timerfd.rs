@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 mod support;
 
-use support::{criu_or_skip, dump_retrying, in_pid_namespace, Reaper};
+use support::{criu_or_skip, dump_retrying, first_child, in_pid_namespace, Reaper};
 
 const CHILD_ENV: &str = "MIG_TIMERFD_TEST_FILE";
 
@@ -100,16 +100,7 @@ fn an_expired_periodic_timerfd_keeps_firing_after_a_restore() {
         .unwrap();
     let unshare = child.id() as i32;
     reaper.0.push(unshare);
-    let children = format!("/proc/{unshare}/task/{unshare}/children");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let init: i32 = loop {
-        let c = std::fs::read_to_string(&children).unwrap_or_default();
-        if let Some(p) = c.split_whitespace().next().and_then(|p| p.parse().ok()) {
-            break p;
-        }
-        assert!(Instant::now() < deadline, "the child did not start");
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let init = first_child(unshare);
     reaper.0.push(init);
     assert!(grows(&counter, 0, Duration::from_secs(10)), "no count");
     // Right after a read the child sleeps 300 ms: 150 ms in, its timer has expired unread.

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 mod support;
 
-use support::{criu_or_skip, dump_retrying, in_pid_namespace, Reaper};
+use support::{children_of, criu_or_skip, dump_retrying, first_child, in_pid_namespace, Reaper};
 
 const COUNTER: &str = "i=0; while :; do i=$((i+1)); echo $i; sleep 0.05; done";
 
@@ -113,16 +113,7 @@ fn start_tree(reaper: &mut Reaper) -> Tree {
         .unwrap();
     let unshare = child.id() as i32;
     reaper.0.push(unshare);
-    let children = format!("/proc/{unshare}/task/{unshare}/children");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let init = loop {
-        let c = std::fs::read_to_string(&children).unwrap_or_default();
-        if let Some(p) = c.split_whitespace().next().and_then(|p| p.parse().ok()) {
-            break p;
-        }
-        assert!(Instant::now() < deadline, "the tree's init did not start");
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let init = first_child(unshare);
     reaper.0.push(init);
     let mut lines = BufReader::new(std::fs::File::from(r));
     // Wait until the init has exec'd the shell and counts.
@@ -396,11 +387,9 @@ impl TestCgroup {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let procs = std::fs::read_to_string(self.0.join("cgroup.procs")).unwrap();
-            let children =
-                std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
-            if children
-                .split_whitespace()
-                .all(|c| procs.lines().any(|p| p == c))
+            if children_of(pid)
+                .iter()
+                .all(|c| procs.lines().any(|p| p == c.to_string()))
             {
                 return;
             }

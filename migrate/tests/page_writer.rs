@@ -17,11 +17,11 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 mod support;
 
-use support::{criu_or_skip, in_pid_namespace, seize_race, Reaper};
+use support::{children_of, criu_or_skip, first_child, in_pid_namespace, seize_race, Reaper};
 
 /// A variable of about 100 KiB in the init's heap, a child blocked reading stdin, the init
 /// waiting for it; then the init prints a checksum of the variable. (A background command's
@@ -114,14 +114,6 @@ fn read_line(r: &mut impl BufRead) -> String {
     l.trim().to_owned()
 }
 
-fn children_of(pid: i32) -> Vec<i32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect()
-}
-
 fn pipe_name(pid: i32, fd: i32) -> String {
     std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
         .unwrap()
@@ -155,11 +147,7 @@ fn the_writer_writes_what_criu_page_server_writes_and_restores() {
     let init = children_of(unshare)[0];
     reaper.0.push(init);
     // The child shell starts and blocks in read; the init blocks in wait.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while children_of(init).is_empty() {
-        assert!(Instant::now() < deadline, "the child shell did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    first_child(init);
     std::thread::sleep(Duration::from_millis(300));
     let (stdin_pipe, stdout_pipe) = (pipe_name(init, 0), pipe_name(init, 1));
     // Stopped, the tree runs no code between the dumps (a dump that leaves a process running

@@ -122,48 +122,38 @@ fn rewrite(data: &[u8]) -> Result<Option<(Vec<u8>, usize)>, &'static str> {
 /// A `file_entry` holding an expired periodic timerfd, re-encoded with `vnsec` 1; `None` for
 /// any other entry (left byte for byte as it is).
 fn rewrite_file_entry(entry: &[u8]) -> Result<Option<Vec<u8>>, &'static str> {
-    let mut tfd = None;
-    for f in Fields::new(entry, 0) {
-        if let (FILE_ENTRY_TFD, Value::Bytes(b)) = f? {
-            tfd = Some(b);
-        }
-    }
-    let Some(tfd) = tfd else {
+    let mut fields = decode(entry, 0)?;
+    let Some(tfd) = fields.iter_mut().find_map(|(num, v)| match v {
+        Value::Bytes(b) if *num == FILE_ENTRY_TFD => Some(b),
+        _ => None,
+    }) else {
         return Ok(None);
     };
     let Some(new_tfd) = rearmed(tfd)? else {
         return Ok(None);
     };
-    let mut out = Vec::with_capacity(entry.len() + 2);
-    for f in Fields::new(entry, 0) {
-        match f? {
-            (FILE_ENTRY_TFD, _) => put_bytes_field(&mut out, FILE_ENTRY_TFD, &new_tfd),
-            (num, Value::Varint(v)) => put_varint_field(&mut out, field_num(num)?, v),
-            (num, Value::Bytes(b)) => put_bytes_field(&mut out, num, b),
-        }
-    }
-    Ok(Some(out))
+    *tfd = &new_tfd;
+    encode(&fields).map(Some)
 }
 
 /// A `timerfd_entry` re-encoded with `vnsec` 1 when its `it_value` is 0 and its interval is not;
 /// `None` otherwise (or when it has fields this code does not know).
 fn rearmed(tfd: &[u8]) -> Result<Option<Vec<u8>>, &'static str> {
-    let mut fields = Vec::new();
-    for f in Fields::new(tfd, 1) {
-        let (num, v) = f?;
-        match (num, v) {
-            (TFD_FOWN, Value::Bytes(b)) => fields.push((num, None, Some(b))),
-            (1..=TFD_LAST, Value::Varint(v)) if num != TFD_FOWN => {
-                fields.push((num, Some(v), None))
-            }
-            _ => return Ok(None),
-        }
+    let mut fields = decode(tfd, 1)?;
+    let known = fields.iter().all(|(num, v)| match v {
+        Value::Bytes(_) => *num == TFD_FOWN,
+        Value::Varint(_) => (1..=TFD_LAST).contains(num) && *num != TFD_FOWN,
+    });
+    if !known {
+        return Ok(None);
     }
     let get = |n| {
         fields
             .iter()
-            .find(|f| f.0 == n)
-            .and_then(|f| f.1)
+            .find_map(|(num, v)| match v {
+                Value::Varint(v) if *num == n => Some(*v),
+                _ => None,
+            })
             .unwrap_or(0)
     };
     let expired = get(TFD_VSEC) == 0 && get(TFD_VNSEC) == 0;
@@ -171,23 +161,28 @@ fn rearmed(tfd: &[u8]) -> Result<Option<Vec<u8>>, &'static str> {
     if !(expired && periodic) {
         return Ok(None);
     }
-    let mut out = Vec::with_capacity(tfd.len() + 2);
-    let mut wrote_vnsec = false;
-    for (num, v, b) in &fields {
-        match (v, b) {
-            (_, Some(b)) => put_bytes_field(&mut out, *num, b),
-            (Some(_), _) if *num == TFD_VNSEC => {
-                put_varint_field(&mut out, field_num(*num)?, 1);
-                wrote_vnsec = true;
-            }
-            (Some(v), _) => put_varint_field(&mut out, field_num(*num)?, *v),
-            (None, None) => {}
+    match fields.iter_mut().find(|(num, _)| *num == TFD_VNSEC) {
+        Some((_, v)) => *v = Value::Varint(1),
+        None => fields.push((TFD_VNSEC, Value::Varint(1))),
+    }
+    encode(&fields).map(Some)
+}
+
+/// The fields of one message, in their order.
+fn decode(message: &[u8], depth: u32) -> Result<Vec<(u64, Value<'_>)>, &'static str> {
+    Fields::new(message, depth).collect()
+}
+
+/// The message of `fields` (varints as wire type 0, bytes as wire type 2).
+fn encode(fields: &[(u64, Value<'_>)]) -> Result<Vec<u8>, &'static str> {
+    let mut out = Vec::new();
+    for (num, v) in fields {
+        match v {
+            Value::Varint(v) => put_varint_field(&mut out, field_num(*num)?, *v),
+            Value::Bytes(b) => put_bytes_field(&mut out, *num, b),
         }
     }
-    if !wrote_vnsec {
-        put_varint_field(&mut out, field_num(TFD_VNSEC)?, 1);
-    }
-    Ok(Some(out))
+    Ok(out)
 }
 
 fn field_num(num: u64) -> Result<u32, &'static str> {

@@ -7,6 +7,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 /// The CRIU to test with, or `None` (with a note) when not root or CRIU is missing.
 pub fn criu_or_skip() -> Option<Criu> {
@@ -80,4 +81,25 @@ pub fn in_pid_namespace() -> Command {
         "setsid",
     ]);
     c
+}
+
+/// The children of `pid` (its main thread's), as the kernel lists them.
+pub fn children_of(pid: i32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// The first child of `pid`, waited for up to 5 s (the init `unshare` forks).
+pub fn first_child(pid: i32) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(&c) = children_of(pid).first() {
+            return c;
+        }
+        assert!(Instant::now() < deadline, "{pid} has no child after 5 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }

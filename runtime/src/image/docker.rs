@@ -35,14 +35,8 @@ pub(crate) fn import_dir(
     dir: &Path,
     name: &str,
 ) -> Result<Image, ImageError> {
-    let layout = Layout {
-        dir,
-        max_json: store.limits.max_json_size,
-    };
-    let entries: Vec<Entry> = Layout::parse(
-        "manifest.json",
-        &layout.read_small(&dir.join("manifest.json"))?,
-    )?;
+    let layout = Layout::new(store, dir);
+    let entries: Vec<Entry> = layout.top_json("manifest.json")?;
     let entry = match entries.as_slice() {
         [e] => e,
         [] => {

@@ -162,7 +162,23 @@ pub(super) struct Layout<'a> {
     pub max_json: u64,
 }
 
-impl Layout<'_> {
+impl<'a> Layout<'a> {
+    /// The archive or layout unpacked in `dir`, its JSON files bounded by the store's limit.
+    pub(super) fn new(store: &ImageStore, dir: &'a Path) -> Layout<'a> {
+        Layout {
+            dir,
+            max_json: store.limits.max_json_size,
+        }
+    }
+
+    /// Reads and parses the JSON file `name` at the top of the directory.
+    pub(super) fn top_json<T: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+    ) -> Result<T, ImageError> {
+        Self::parse(name, &self.read_small(&self.dir.join(name))?)
+    }
+
     fn blob_path(&self, digest: &str) -> Result<PathBuf, ImageError> {
         if crate::spec::validate_digest(digest).is_err() {
             return Err(OciError::Digest(digest.to_owned()).into());
@@ -301,15 +317,12 @@ pub(crate) fn import_layout(
     dir: &Path,
     name: &str,
 ) -> Result<Image, ImageError> {
-    let layout = Layout {
-        dir,
-        max_json: store.limits.max_json_size,
-    };
-    let lf: LayoutFile = Layout::parse("oci-layout", &layout.read_small(&dir.join("oci-layout"))?)?;
+    let layout = Layout::new(store, dir);
+    let lf: LayoutFile = layout.top_json("oci-layout")?;
     if !lf.version.starts_with("1.") {
         return Err(OciError::LayoutVersion(lf.version).into());
     }
-    let index: Index = Layout::parse("index.json", &layout.read_small(&dir.join("index.json"))?)?;
+    let index: Index = layout.top_json("index.json")?;
     let manifest = layout.pick_manifest(&index, 0)?;
     let config: ConfigFile = layout.json_blob(&manifest.config)?;
     let layers = manifest.layers.len();

@@ -313,9 +313,7 @@ impl ImageStore {
         let _lock = self.lock()?;
         let committed = self.commit_layers(staged)?;
         let result = (|| {
-            if let Some(missing) = image.layers.iter().find(|l| !self.has_layer(l)) {
-                return Err(ImageError::MissingLayer(missing.clone()));
-            }
+            self.check_layers(image)?;
             let mut old = self.read_record(&image.name)?;
             if let Some(o) = old.take_if(|o| o.id != image.id && self.used(o)) {
                 self.keep_renamed(o)?;
@@ -341,6 +339,14 @@ impl ImageStore {
         }
     }
 
+    /// Every layer of `image` is stored.
+    fn check_layers(&self, image: &Image) -> Result<(), ImageError> {
+        match image.layers.iter().find(|l| !self.has_layer(l)) {
+            Some(missing) => Err(ImageError::MissingLayer(missing.clone())),
+            None => Ok(()),
+        }
+    }
+
     /// True when containers use `img` (as the agent tells, see [`ImageStore::keep_used`]).
     fn used(&self, img: &Image) -> bool {
         self.in_use.as_ref().is_some_and(|f| f(img))
@@ -361,9 +367,7 @@ impl ImageStore {
     /// with a container never replaces an image of this host. Returns the record written.
     pub(crate) fn commit_received(&self, image: &Image) -> Result<Image, ImageError> {
         let _lock = self.lock()?;
-        if let Some(missing) = image.layers.iter().find(|l| !self.has_layer(l)) {
-            return Err(ImageError::MissingLayer(missing.clone()));
-        }
+        self.check_layers(image)?;
         let image = match self.read_record(&image.name)? {
             Some(here) if here.id != image.id => {
                 let r = renamed(image.clone());
