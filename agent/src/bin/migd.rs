@@ -74,6 +74,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run() -> Result<()> {
+    mig_agent::daemon::heap::tune();
     let args = Args::parse();
     if args.man {
         use clap::CommandFactory;

@@ -12,6 +12,7 @@ mod connection;
 mod containers;
 pub mod events;
 mod exec;
+pub mod heap;
 mod info;
 mod logs;
 mod mounts;

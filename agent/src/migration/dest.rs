@@ -965,6 +965,7 @@ pub(crate) fn spawn_acceptor(agent: Arc<Agent>, endpoint: quinn::Endpoint) {
             };
             let agent = agent.clone();
             tokio::spawn(async move {
+                let _running = crate::daemon::heap::Running::start();
                 let fp = transport::peer_fingerprint(&conn).unwrap_or_default();
                 let source = agent
                     .migration

@@ -770,6 +770,7 @@ impl Agent {
         opts: super::modes::MoveOptions,
     ) -> Result<MoveResult, ApiError> {
         let t0 = Instant::now();
+        let _running = crate::daemon::heap::Running::start();
         if peer == self.cfg.name {
             // Not a pinned peer, and the user means this host: say so, and where it can go.
             let id = self.resolve(container)?;
