@@ -144,6 +144,7 @@ fn run() -> Result<()> {
     rt.block_on(async {
         let listener = bind(&socket).await?;
         daemon::watch_adopted(&agent, live);
+        daemon::heap::release_when_idle();
         mig_agent::migration::start(&agent, eff.listen)
             .context("starting the migration endpoint")?;
         let clients = eff

@@ -10,7 +10,8 @@
 //! "Session 9").
 //!
 //! [`tune`] keeps freed memory in the heap while a move runs; [`release`] hands what is free back
-//! to the kernel when no move is running, so an idle agent does not keep a move's buffers.
+//! to the kernel when the last running move ends, and [`release_when_idle`] once a minute while
+//! no move runs (after an image import, say), so an idle agent does not keep large buffers.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -64,4 +65,22 @@ pub fn release() {
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// How often [`release_when_idle`] looks.
+const IDLE_RELEASE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Gives free heap memory back to the kernel once a minute while no move runs. Needs a tokio
+/// runtime; runs until it is dropped with the runtime.
+pub fn release_when_idle() {
+    tokio::spawn(async {
+        let mut tick = tokio::time::interval(IDLE_RELEASE);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if MOVES.load(Ordering::SeqCst) == 0 {
+                release();
+            }
+        }
+    });
 }
