@@ -154,8 +154,10 @@ fn container_spawn_reports_typed_errors() {
     );
     assert_eq!(err.exec_failure(), Some(ExecFailure::NotFound));
 
+    // A missing working directory is created (see container_creates_a_missing_workdir); one
+    // under a regular file cannot be.
     let mut s = spec("typed_errors", &["sh"]);
-    s.process.cwd = "/does/not/exist".into();
+    s.process.cwd = "/bin/busybox/sub".into();
     let err = spawn(&LaunchConfig {
         spec: &s,
         rootfs: &root,
@@ -168,13 +170,13 @@ fn container_spawn_reports_typed_errors() {
             err,
             ContainerError::Step {
                 step: Step::Chdir,
-                errno: Errno::ENOENT,
+                errno: Errno::ENOTDIR,
                 ..
             }
         ),
         "{err:?}"
     );
-    // A setup step failing with ENOENT is not the command missing.
+    // A setup step failing is not the command missing.
     assert_eq!(err.exec_failure(), None);
 
     let s = spec("typed_errors", &["sh"]);
@@ -432,4 +434,61 @@ echo end=1"#;
         assert!(!fx.lower().join(d).exists(), "lower/{d}");
     }
     assert_eq!(std::fs::metadata(fx.lower()).unwrap().uid(), 0);
+}
+
+/// A working directory missing from the image is created with its missing parents, owned by
+/// the command's user and group (podman's and runc's behaviour; the start used to fail at
+/// "changing to the working directory" with ENOENT). Directories that exist keep their owner.
+/// With a user namespace the owner is the container's uid, mapped on the host.
+#[test]
+fn container_creates_a_missing_workdir() {
+    for userns in [false, true] {
+        let test = if userns { "workdir_userns" } else { "workdir" };
+        let mut fx = Fixture::new(test);
+        let root = fx.mount("merged");
+        let script = "echo cwd=$(pwd); echo app=$(stat -c %u:%g:%a /srv/app); \
+                      echo srv=$(stat -c %u:%g /srv); echo tmp=$(stat -c %u:%g /tmp); \
+                      touch f && echo write=ok";
+        let mut s = spec(test, &["sh", "-c", script]);
+        s.process.cwd = "/srv/./app/".into();
+        s.process.uid = 1000;
+        s.process.gid = 1001;
+        if userns {
+            s.userns = Some(userns_map());
+        }
+        let cg = no_cgroup();
+        let (r, w) = pipe();
+        let pid = spawn(&LaunchConfig {
+            spec: &s,
+            rootfs: &root,
+            cgroup: &cg,
+            output: raw(&w),
+        })
+        .expect("spawn with a missing working directory");
+        let mut init = Proc(pid);
+        drop(w);
+        let out = read_to_end(r);
+        let status = init.wait();
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "status {status:#x}, output:\n{out}"
+        );
+        let m = kv(&out);
+        assert_eq!(m.get("cwd").map(String::as_str), Some("/srv/app"), "{out}");
+        assert_eq!(m["app"], "1000:1001:755", "{out}");
+        assert_eq!(m["srv"], "1000:1001", "{out}");
+        if !userns {
+            // (The image's root-owned files show as the overflow id in a user namespace.)
+            assert_eq!(
+                m["tmp"], "0:0",
+                "an existing directory keeps its owner: {out}"
+            );
+        }
+        assert_eq!(m.get("write").map(String::as_str), Some("ok"), "{out}");
+        // In the writable layer, owned by the (mapped) user on the host.
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(fx.upper().join("srv/app")).expect("srv/app in upper");
+        let base = if userns { userns_map().host_id } else { 0 };
+        assert_eq!((meta.uid(), meta.gid()), (base + 1000, base + 1001));
+    }
 }

@@ -1,10 +1,11 @@
 //! What a new user met that the other tests did not (sessions 7 and 8's independent checks): each
 //! test is one problem found by hand, reproduced end to end in a real two-host lab.
 //!
-//! Needs root. Subnets 10.79.74.0/24 to 10.79.79.0/24 and 10.79.81.0/24 to 10.79.86.0/24, one
-//! per test; each lab is removed by its guard whatever happens.
+//! Needs root. Subnets 10.79.74.0/24 to 10.79.79.0/24 and 10.79.81.0/24 to 10.79.88.0/24, one
+//! per test; each lab is removed by its guard whatever happens. Session 9's checks (a new user's
+//! commands and the docs' promises) are at the end.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Result};
 use mig_tests::lab::{running_on, Lab};
 use std::time::Duration;
 
@@ -488,5 +489,60 @@ fn a_file_appended_during_the_presync_moves() -> Result<()> {
     }
     assert!(n > 10_000, "{n} lines");
     lab.mig_ok(0, &["rm", "app"])?;
+    Ok(())
+}
+
+/// `mig run -w DIR` with DIR missing from the image: podman and runc create it (and its missing
+/// parents), owned by the container's user; mig failed the start ("container setup failed at
+/// step changing to the working directory: ENOENT"). The directory is in the writable layer:
+/// it moves with the container, and `exec` starts in it on the new host.
+#[test]
+fn run_creates_a_missing_workdir() -> Result<()> {
+    if !mig_tests::is_root("migration tests") {
+        return Ok(());
+    }
+    let lab = Lab::up_on("qaworkdir", [10, 79, 86], 2)?;
+    let script = "pwd; stat -c %u:%g:%a . /srv; stat -c %u:%g /tmp; touch f && echo written";
+    let o = lab.mig(
+        0,
+        &[
+            "run",
+            "-w",
+            "/srv/app",
+            "-u",
+            "1000:1000",
+            "busybox",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+    );
+    ensure!(o.code == 0, "{o:?}");
+    ensure!(
+        o.stdout == "/srv/app\n1000:1000:755\n1000:1000:755\n0:0\nwritten\n",
+        "{o:?}"
+    );
+    lab.mig_ok(
+        0,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "wd",
+            "-w",
+            "/work/dir",
+            "busybox",
+            "--",
+            "sh",
+            "-c",
+            "while :; do sleep 1; done",
+        ],
+    )?;
+    lab.mig_ok(0, &["move", "wd", "host-b", "--json"])?;
+    running_on(&lab, 1, "wd")?;
+    let pwd = lab.mig_ok(1, &["exec", "wd", "--", "pwd"])?;
+    ensure!(pwd == "/work/dir\n", "{pwd:?}");
+    lab.mig_ok(1, &["rm", "-f", "wd"])?;
     Ok(())
 }

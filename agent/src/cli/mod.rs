@@ -265,7 +265,8 @@ pub struct RunArgs {
     /// image's user.
     #[arg(short, long, value_name = "USER[:GROUP]")]
     pub user: Option<String>,
-    /// Working directory of the command inside the container (absolute); default: the image's.
+    /// Working directory of the command inside the container (absolute), created owned by the
+    /// user when the image lacks it; default: the image's.
     #[arg(short, long, value_name = "DIR")]
     pub workdir: Option<String>,
     /// Replace the image's entrypoint: a command name, or a JSON array ('["sh","-c"]'); the

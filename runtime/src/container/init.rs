@@ -108,9 +108,37 @@ pub(crate) struct InitPlan {
     pub rootfs: CString,
     pub hostname: Vec<u8>,
     pub cwd: CString,
+    /// The working directory and its parents below `/`, outermost first ([`cwd_dirs`]): those
+    /// missing from the image are created for the command's user before the chdir.
+    pub cwd_dirs: Vec<CString>,
     pub output: RawFd,
     pub confinement: Confinement,
     pub command: Command,
+}
+
+/// The directories of the absolute working directory `cwd`, outermost first, as a lexically
+/// cleaned path (`.` and empty names skipped, `..` drops the name before it): `/srv/./app/` gives
+/// `/srv`, `/srv/app`; `/` gives none. `None` when a name holds a NUL byte.
+pub(crate) fn cwd_dirs(cwd: &str) -> Option<Vec<CString>> {
+    let mut names = Vec::new();
+    for name in cwd.split('/') {
+        match name {
+            "" | "." => {}
+            ".." => {
+                names.pop();
+            }
+            n => names.push(n),
+        }
+    }
+    let mut path = String::new();
+    names
+        .iter()
+        .map(|n| {
+            path.push('/');
+            path.push_str(n);
+            CString::new(path.as_str()).ok()
+        })
+        .collect()
 }
 
 /// Device nodes of the container's `/dev`: path, major, minor.
@@ -270,6 +298,7 @@ fn setup_and_exec(plan: &InitPlan, sock: RawFd) -> Result<std::convert::Infallib
         sys::dup2(null, 0).at(Step::Stdio)?;
         sys::close(null);
     }
+    make_cwd(plan)?;
     sys::chdir(&plan.cwd).at(Step::Chdir)?;
     sys::umask(0o022);
     // Ids, capabilities, no_new_privs, and seccomp last.
@@ -282,6 +311,19 @@ fn setup_and_exec(plan: &InitPlan, sock: RawFd) -> Result<std::convert::Infallib
         step: Step::Exec,
         errno: plan.command.exec(),
     })
+}
+
+/// Creates the working directories the image lacks, mode 0755, owned by the command's user and
+/// group, as podman and runc do (`-w /srv/app` on an image without it); directories that exist
+/// stay as they are. Paths resolve inside the container (after pivot_root), so an image's
+/// symlink cannot lead outside it. A failure (a name that is a file) is reported as the chdir's.
+fn make_cwd(plan: &InitPlan) -> Result<(), Fail> {
+    for dir in &plan.cwd_dirs {
+        if sys::mkdir_new(dir, 0o755).at(Step::Chdir)? {
+            sys::lchown(dir, plan.confinement.uid, plan.confinement.gid).at(Step::Chdir)?;
+        }
+    }
+    Ok(())
 }
 
 /// Writes "0" to every `cgroup.procs` file.
@@ -420,4 +462,26 @@ fn readonly_paths() -> Result<(), Fail> {
         sys::mount(Some(path), path, None, flags, None).at(Step::ReadonlyPaths)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cwd_dirs;
+
+    #[test]
+    fn the_working_directory_and_its_parents() {
+        let dirs = |cwd: &str| -> Vec<String> {
+            cwd_dirs(cwd)
+                .unwrap()
+                .into_iter()
+                .map(|c| c.into_string().unwrap())
+                .collect()
+        };
+        assert_eq!(dirs("/srv/app"), ["/srv", "/srv/app"]);
+        assert!(dirs("/").is_empty());
+        assert_eq!(dirs("//srv/./app/"), ["/srv", "/srv/app"]);
+        assert_eq!(dirs("/a/../b"), ["/b"]);
+        assert_eq!(dirs("/../.."), Vec::<String>::new());
+        assert!(cwd_dirs("/a\0b").is_none());
+    }
 }

@@ -30,6 +30,7 @@ pub fn spawn(cfg: &LaunchConfig<'_>) -> Result<i32, ContainerError> {
         rootfs: CString::new(cfg.rootfs.as_os_str().as_bytes()).map_err(|_| nul(cfg.rootfs))?,
         hostname: spec.hostname.as_bytes().to_vec(),
         cwd: CString::new(p.cwd.as_str()).map_err(|_| ContainerError::Command)?,
+        cwd_dirs: init::cwd_dirs(&p.cwd).ok_or(ContainerError::Command)?,
         output: cfg.output,
         confinement: Confinement::new(p.uid, p.gid).map_err(ContainerError::CapLastCap)?,
         command: Command::new(&p.args, &p.env).ok_or(ContainerError::Command)?,

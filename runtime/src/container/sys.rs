@@ -100,6 +100,21 @@ pub(crate) fn mkdir_exist_ok(path: &CStr, mode: libc::mode_t) -> SysResult<()> {
     }
 }
 
+/// `mkdir`: `Ok(true)` when it made the directory, `Ok(false)` when the entry was there.
+pub(crate) fn mkdir_new(path: &CStr, mode: libc::mode_t) -> SysResult<bool> {
+    // SAFETY: path is a valid NUL-terminated string.
+    match check(unsafe { libc::mkdir(path.as_ptr(), mode) }) {
+        Ok(_) => Ok(true),
+        Err(Errno::EEXIST) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+pub(crate) fn lchown(path: &CStr, uid: u32, gid: u32) -> SysResult<()> {
+    // SAFETY: path is a valid NUL-terminated string.
+    check(unsafe { libc::lchown(path.as_ptr(), uid, gid) }).map(drop)
+}
+
 pub(crate) fn mknod(path: &CStr, mode: libc::mode_t, major: u32, minor: u32) -> SysResult<()> {
     let dev = libc::makedev(major, minor);
     // SAFETY: path is a valid NUL-terminated string.
