@@ -546,3 +546,59 @@ fn run_creates_a_missing_workdir() -> Result<()> {
     lab.mig_ok(1, &["rm", "-f", "wd"])?;
     Ok(())
 }
+
+/// Ctrl-C (SIGINT) to `mig move` in the middle of the move: the command died of the signal
+/// with nothing said (on a terminal its progress line was left half drawn), and the user could
+/// not tell that the agent carries the move on. mig now says so in one line (exit 125); the
+/// container ends up running on exactly one host, nothing of it left on the other.
+#[test]
+fn ctrl_c_of_a_move_says_the_move_goes_on() -> Result<()> {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    if !mig_tests::is_root("migration tests") {
+        return Ok(());
+    }
+    let lab = Lab::up_on("qaintr", [10, 79, 88], 2)?;
+    let script = "i=0; while :; do i=$((i+1)); echo $i; sleep 0.2; done";
+    let id = lab.mig_ok(
+        0,
+        &[
+            "run", "-d", "--name", "intr", "busybox", "--", "sh", "-c", script,
+        ],
+    )?;
+    let id = id.trim().to_owned();
+    ticks_past(&lab, 0, "intr", 0)?;
+    let before = last_tick(&lab, 0, "intr");
+    // A presync that takes 3 s: the move is surely under way when Ctrl-C comes.
+    lab.fault(0, Some("source-presync:delay:3000"))?;
+    let child = std::process::Command::new(mig_tests::bin("mig"))
+        .arg("--socket")
+        .arg(&lab.hosts[0].socket)
+        .args(["move", "intr", "host-b"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let moving = mig_tests::wait_until(Duration::from_secs(20), || {
+        lab.mig_json(0, &["inspect", "intr", "--json"])
+            .is_ok_and(|v| !v["moving"].is_null())
+    });
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGINT)?;
+    let o = child.wait_with_output()?;
+    ensure!(moving, "the move never showed in inspect");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    ensure!(
+        o.status.code() == Some(125)
+            && stderr.lines().count() == 1
+            && stderr.contains("goes on in the agent"),
+        "{o:?}"
+    );
+    lab.fault(0, None)?;
+    let landed = mig_tests::wait_until(Duration::from_secs(60), || {
+        running_on(&lab, 1, "intr").is_ok()
+    });
+    ensure!(landed, "{:?}", lab.mig(1, &["ps", "-a"]));
+    ticks_past(&lab, 1, "intr", before)?;
+    mig_tests::lab::nothing_left(&lab, 0, &id)?;
+    lab.mig_ok(1, &["rm", "-f", "intr"])?;
+    Ok(())
+}

@@ -49,6 +49,8 @@ pub enum CliError {
         #[source]
         source: ClientError,
     },
+    #[error("interrupted: the move of {container} to {peer} goes on in the agent (Ctrl-C does not cancel a move); `mig ps -a`, `mig inspect {container}` or `mig events` show where it ends")]
+    MoveInterrupted { container: String, peer: String },
     #[error("mig exec has no terminal (-t): the command's output is returned when it ends; pipe input with -i instead, e.g. echo 'ls /' | mig exec -i CONTAINER sh")]
     NoTty,
     #[error("cannot read the standard input for exec -i")]

@@ -344,22 +344,29 @@ pub(super) async fn dispatch(cli: &Cli) -> Result<Option<u8>, CliError> {
                 } else {
                     None
                 };
-                let r = c
-                    .move_container_mode(
-                        &m.container,
-                        peer,
-                        m.tcp_established,
-                        m.mode,
-                        m.max_downtime,
-                    )
-                    .await;
+                let call = c.move_container_mode(
+                    &m.container,
+                    peer,
+                    m.tcp_established,
+                    m.mode,
+                    m.max_downtime,
+                );
+                // Ctrl-C ends this command, not the move: the agent carries it to its end (a
+                // commit or a rollback) whether or not anyone waits for the answer. Say so.
+                let r = tokio::select! {
+                    r = call => Some(r),
+                    Ok(()) = tokio::signal::ctrl_c() => None,
+                };
                 if let Some(p) = progress {
                     p.abort();
                     let _ = p.await;
                     // The progress line gives way to the summary (or the error).
                     eprint!("\r\x1b[2K");
                 }
-                r?
+                r.ok_or_else(|| CliError::MoveInterrupted {
+                    container: m.container.clone(),
+                    peer: peer.to_owned(),
+                })??
             };
             if m.json {
                 json(&r)?;
