@@ -599,6 +599,12 @@ fn ctrl_c_of_a_move_says_the_move_goes_on() -> Result<()> {
     ensure!(landed, "{:?}", lab.mig(1, &["ps", "-a"]));
     ticks_past(&lab, 1, "intr", before)?;
     mig_tests::lab::nothing_left(&lab, 0, &id)?;
+    // The old host says where it went (it said only "no such container: intr").
+    let o = lab.mig(0, &["stop", "intr"]);
+    ensure!(
+        o.code == 125 && o.stderr.contains("intr moved from here to host-b"),
+        "{o:?}"
+    );
     lab.mig_ok(1, &["rm", "-f", "intr"])?;
     Ok(())
 }

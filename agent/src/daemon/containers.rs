@@ -158,6 +158,15 @@ impl Agent {
                 );
             }
         }
+        if let Some(j) = super::info::moved_away(&self.journals(), key) {
+            return ApiError::new(
+                ErrorKind::NotFound,
+                format!(
+                    "no such container: {key} (container {} moved from here to {} in migration {})",
+                    j.container_name, j.peer, j.migration_id
+                ),
+            );
+        }
         ApiError::new(ErrorKind::NotFound, format!("no such container: {key}"))
     }
 

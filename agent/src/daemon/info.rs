@@ -364,6 +364,20 @@ pub(crate) fn in_doubt(
         .collect()
 }
 
+/// The move that took the container named or identified by `key` (a name, an id or an id
+/// prefix of at least 4 characters) away from this host, when that was the last migration of it
+/// here (source side, committed): for "no such container" to say where it went.
+pub(crate) fn moved_away<'a>(
+    journals: &'a [crate::migration::journal::JournalEntry],
+    key: &str,
+) -> Option<&'a crate::migration::journal::JournalEntry> {
+    let last = journals
+        .iter()
+        .filter(|j| j.container_name == key || (key.len() >= 4 && j.container_id.starts_with(key)))
+        .max_by_key(|j| j.updated)?;
+    (last.role == Role::Source && last.state == JournalState::Committed).then_some(last)
+}
+
 /// The move away of a busy container in progress, from its journal (source side, not ended).
 pub(crate) fn moving(
     journals: &[crate::migration::journal::JournalEntry],
@@ -397,6 +411,56 @@ pub(crate) fn moving(
 
 #[cfg(test)]
 mod tests {
+    use crate::migration::journal::JournalEntry;
+    use mig_migrate::protocol::{JournalState, Role};
+
+    fn journal(
+        id: &str,
+        name: &str,
+        role: Role,
+        state: JournalState,
+        updated: u64,
+    ) -> JournalEntry {
+        JournalEntry {
+            migration_id: format!("{updated:032x}"),
+            role,
+            state,
+            container_id: id.into(),
+            container_name: name.into(),
+            peer: "host-b".into(),
+            cgroup: String::new(),
+            updated,
+        }
+    }
+
+    #[test]
+    fn where_a_container_went() {
+        let id = "0123456789abcdef0123456789abcdef";
+        let away = journal(id, "web", Role::Source, JournalState::Committed, 10);
+        let js = vec![away.clone()];
+        assert_eq!(super::moved_away(&js, "web"), Some(&away));
+        assert_eq!(super::moved_away(&js, id), Some(&away));
+        assert_eq!(super::moved_away(&js, "0123"), Some(&away));
+        assert_eq!(super::moved_away(&js, "012"), None, "too short a prefix");
+        assert_eq!(super::moved_away(&js, "db"), None);
+        assert_eq!(super::moved_away(&js, ""), None);
+        // Rolled back: it stayed (and was removed here later).
+        let stayed = vec![journal(
+            id,
+            "web",
+            Role::Source,
+            JournalState::RolledBack,
+            10,
+        )];
+        assert_eq!(super::moved_away(&stayed, "web"), None);
+        // Moved away, then back: the last migration here is the arrival.
+        let back = vec![
+            away.clone(),
+            journal(id, "web", Role::Dest, JournalState::Committed, 20),
+        ];
+        assert_eq!(super::moved_away(&back, "web"), None);
+    }
+
     #[test]
     fn meminfo_fields() {
         let m = super::parse_meminfo(
