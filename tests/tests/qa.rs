@@ -582,9 +582,16 @@ fn ctrl_c_of_a_move_says_the_move_goes_on() -> Result<()> {
         lab.mig_json(0, &["inspect", "intr", "--json"])
             .is_ok_and(|v| !v["moving"].is_null())
     });
+    // A second move meanwhile is refused, naming the move under way (it said "another
+    // operation on the container is in progress").
+    let second = lab.mig(0, &["move", "intr", "host-b"]);
     kill(Pid::from_raw(child.id() as i32), Signal::SIGINT)?;
     let o = child.wait_with_output()?;
     ensure!(moving, "the move never showed in inspect");
+    ensure!(
+        second.code == 125 && second.stderr.contains("intr is being moved to host-b"),
+        "{second:?}"
+    );
     let stderr = String::from_utf8_lossy(&o.stderr);
     ensure!(
         o.status.code() == Some(125)

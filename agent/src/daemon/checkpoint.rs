@@ -65,10 +65,9 @@ impl Agent {
             ApiError::new(ErrorKind::NotFound, format!("no such container: {id}"))
         })?;
         if e.busy {
-            return Err(ApiError::new(
-                ErrorKind::Conflict,
-                "another operation on the container is in progress",
-            ));
+            let e = e.clone();
+            drop(map);
+            return Err(self.busy_error(id, &e));
         }
         if e.state.state != want {
             return Err(ApiError::new(

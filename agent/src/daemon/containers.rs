@@ -170,6 +170,22 @@ impl Agent {
         ApiError::new(ErrorKind::NotFound, format!("no such container: {key}"))
     }
 
+    /// The refusal of an operation on a container that another operation is changing: names
+    /// the move when it is one (journaled), so the user knows what to wait for.
+    pub(crate) fn busy_error(&self, id: &str, e: &Entry) -> ApiError {
+        let message = match super::info::moving(&self.journals(), e, id) {
+            Some(m) => format!(
+                "container {} is being moved to {} (migration {}): try again once the move ended",
+                e.spec.name, m.peer, m.migration_id
+            ),
+            None => format!(
+                "container {} is busy with another operation (a move, a checkpoint or a restore): try again once it ended",
+                e.spec.name
+            ),
+        };
+        ApiError::new(ErrorKind::Conflict, message)
+    }
+
     pub(crate) fn is_live(&self, id: &str) -> bool {
         self.lock()
             .get(id)
@@ -715,10 +731,7 @@ impl Agent {
         self.refresh(id);
         let e = self.entry(id)?;
         if e.busy {
-            return Err(ApiError::new(
-                ErrorKind::Conflict,
-                "another operation on the container is in progress",
-            ));
+            return Err(self.busy_error(id, &e));
         }
         if !e.state.state.is_live() {
             return Ok(());

@@ -1137,10 +1137,9 @@ impl Agent {
             .get_mut(id)
             .ok_or_else(|| api(ErrorKind::NotFound, format!("no such container: {id}")))?;
         if e.busy {
-            return Err(api(
-                ErrorKind::Conflict,
-                "another operation on the container is in progress",
-            ));
+            let e = e.clone();
+            drop(map);
+            return Err(self.busy_error(id, &e));
         }
         if e.state.state != ContainerState::Running {
             return Err(api(
