@@ -96,9 +96,15 @@ fn usage_error(e: clap::Error) -> ExitCode {
     }
 }
 
+/// What `mig start` and `mig restart` (podman's) get instead of clap's tip, which named
+/// `restore`.
+const NO_RESTART: &str = "start and restart are not mig commands: a container that ended stays as it is (logs, inspect, rm); rm it and run a new one, or pause a running one with mig checkpoint and resume it with mig restore";
+
 /// A clap error's first paragraph on one line: "the following required arguments were not
 /// provided: <PEER>", "invalid value 'x' for '--mode <MODE>' [possible values: ...]" (its first
-/// line alone left out what was missing or allowed).
+/// line alone left out what was missing or allowed), with clap's tips after it in parentheses
+/// (`mig images`: "a similar subcommand exists: 'image'"). A command given to `mig run` without
+/// `--` (podman's way) says where it goes.
 fn usage_line(text: &str) -> String {
     let para: Vec<&str> = text
         .lines()
@@ -109,9 +115,32 @@ fn usage_line(text: &str) -> String {
     let line = para.join(" ");
     let line = line.strip_prefix("error: ").unwrap_or(&line);
     if line.is_empty() {
-        "invalid usage".into()
-    } else {
+        return "invalid usage".into();
+    }
+    if ["start", "restart"]
+        .iter()
+        .any(|s| line == format!("unrecognized subcommand '{s}'"))
+    {
+        return NO_RESTART.into();
+    }
+    let mut tips: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("tip: "))
+        .map(str::to_owned)
+        .collect();
+    if let Some(arg) = line.strip_prefix("unexpected argument '") {
+        let arg = arg.split('\'').next().unwrap_or_default();
+        if tips.is_empty() && text.contains("[-- <CMD>...]") && !arg.starts_with('-') {
+            tips.push(format!(
+                "tip: the command goes after '--': mig run IMAGE -- {arg} ..."
+            ));
+        }
+    }
+    if tips.is_empty() {
         line.to_owned()
+    } else {
+        format!("{line} ({})", tips.join("; "))
     }
 }
 
@@ -654,6 +683,17 @@ mod tests {
                 &["mig", "move", "c", "p", "--mode", "x"][..],
                 "possible values: cold",
             ),
+            // podman's habits: the command without `--`, `images` for `image ls`, restart.
+            (
+                &["mig", "run", "busybox", "echo", "hi"][..],
+                "unexpected argument 'echo' found (tip: the command goes after '--': mig run IMAGE -- echo ...)",
+            ),
+            (
+                &["mig", "images"][..],
+                "unrecognized subcommand 'images' (tip: a similar subcommand exists: 'image')",
+            ),
+            (&["mig", "restart", "web"][..], "start and restart are not mig commands"),
+            (&["mig", "start", "web"][..], "rm it and run a new one"),
         ] {
             let Err(e) = Cli::try_parse_from(args) else {
                 panic!("{args:?} parsed")
