@@ -51,6 +51,10 @@ pub enum CliError {
     },
     #[error("interrupted: the move of {container} to {peer} goes on in the agent (Ctrl-C does not cancel a move); `mig ps -a`, `mig inspect {container}` or `mig events` show where it ends")]
     MoveInterrupted { container: String, peer: String },
+    #[error("a lab named {lab} exists: mig bench move makes and removes a lab of its own; choose another --lab, or remove that one first (MIG_LAB={lab} mig lab down)")]
+    BenchLabExists { lab: String },
+    #[error("cannot write {path}: its directory does not exist (the bench writes its results at the end: checked before it runs)")]
+    BenchOutput { path: PathBuf },
     #[error("mig exec has no terminal (-t): the command's output is returned when it ends; pipe input with -i instead, e.g. echo 'ls /' | mig exec -i CONTAINER sh")]
     NoTty,
     #[error("cannot read the standard input for exec -i")]
@@ -236,6 +240,8 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
         _ => {}
     }
     if let Command::Bench(crate::bench::BenchCommand::Move(args)) = cli.command {
+        bench_lab_check(&args.lab)?;
+        bench_outputs_check(&args)?;
         crate::bench::run(args)
             .await
             .map_err(|e| CliError::Bench(Box::new(e)))?;
@@ -439,6 +445,35 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
         Command::Events(_) | Command::Drain(_) => Ok(0),
         Command::Clients(_) | Command::Rebalance(_) => Ok(0),
     }
+}
+
+/// `mig bench move --lab NAME` removes `/var/lib/mig-bench/NAME` before anything checks the
+/// name, and its cleanup takes down the lab NAME even when that lab was not its own: a path
+/// (`--lab ..`, `--lab /`) would remove a directory of the machine, and an existing lab (the
+/// user's `mig` lab) would be torn down with its containers. Both are refused here, first.
+fn bench_lab_check(lab: &str) -> Result<(), CliError> {
+    crate::lab::validate_name(lab).map_err(|e| CliError::Lab(Box::new(e)))?;
+    if crate::lab::lab_file_path(lab).exists() {
+        return Err(CliError::BenchLabExists {
+            lab: lab.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// The bench writes `--csv`, `--json` and `--plot` only at its end: a directory that does not
+/// exist lost the whole run (and its summary table). Checked before it starts.
+fn bench_outputs_check(args: &crate::bench::BenchMoveArgs) -> Result<(), CliError> {
+    for path in [&args.csv, &args.json, &args.plot].into_iter().flatten() {
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if !dir.is_dir() {
+            return Err(CliError::BenchOutput { path: path.clone() });
+        }
+    }
+    Ok(())
 }
 
 /// An agent older than `run`/`exec`'s newer options refuses a request that uses one, naming
@@ -734,6 +769,53 @@ mod tests {
             older_agent(refused("invalid user \"\"")),
             CliError::Client(_)
         ));
+    }
+
+    #[test]
+    fn bench_outputs_must_be_writable_before_it_runs() {
+        let parse = |args: &[&str]| match Cli::try_parse_from(args).unwrap().command {
+            Command::Bench(crate::bench::BenchCommand::Move(a)) => a,
+            other => panic!("{other:?}"),
+        };
+        let a = parse(&["mig", "bench", "move", "--csv", "/nonexistent-mig/b.csv"]);
+        assert!(
+            matches!(bench_outputs_check(&a), Err(CliError::BenchOutput { .. })),
+            "csv"
+        );
+        let a = parse(&[
+            "mig",
+            "bench",
+            "move",
+            "--plot",
+            "/tmp/b.svg",
+            "--json",
+            "b.json",
+        ]);
+        assert!(bench_outputs_check(&a).is_ok());
+    }
+
+    #[test]
+    fn bench_refuses_a_lab_name_that_is_a_path_or_taken() {
+        for bad in ["..", "/", "../../etc", "a/b", "", "Mig"] {
+            assert!(
+                matches!(bench_lab_check(bad), Err(CliError::Lab(_))),
+                "{bad:?}"
+            );
+        }
+        let free = format!("t{}", std::process::id());
+        assert!(bench_lab_check(&free).is_ok());
+        // A lab whose file exists is someone's: refused by name.
+        let file = crate::lab::lab_file_path(&free);
+        if std::fs::create_dir_all(file.parent().unwrap()).is_ok()
+            && std::fs::write(&file, "{}").is_ok()
+        {
+            let r = bench_lab_check(&free);
+            let _ = std::fs::remove_file(&file);
+            assert!(
+                matches!(&r, Err(CliError::BenchLabExists { lab }) if *lab == free),
+                "{r:?}"
+            );
+        }
     }
 
     #[test]

@@ -324,7 +324,9 @@ pub fn host_name(i: usize) -> String {
     format!("host-{letter}")
 }
 
-fn validate_name(name: &str) -> Result<(), LabError> {
+/// Checks a lab name: 1 to 16 characters of a-z, 0-9 and '-', not starting with '-' (it names
+/// namespaces, cgroups and directories).
+pub fn validate_name(name: &str) -> Result<(), LabError> {
     let ok = !name.is_empty()
         && name.len() <= 16
         && !name.starts_with('-')
