@@ -613,5 +613,40 @@ fn ctrl_c_of_a_move_says_the_move_goes_on() -> Result<()> {
         "{o:?}"
     );
     lab.mig_ok(1, &["rm", "-f", "intr"])?;
+    // Ctrl-C of an attached `mig run`: it died of the signal with nothing said; the container
+    // runs on, and mig now says so.
+    let child = std::process::Command::new(mig_tests::bin("mig"))
+        .arg("--socket")
+        .arg(&lab.hosts[0].socket)
+        .args([
+            "run",
+            "--name",
+            "att",
+            "busybox",
+            "--",
+            "sh",
+            "-c",
+            "echo up; sleep 1000",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let up = mig_tests::wait_until(Duration::from_secs(20), || {
+        lab.mig(0, &["logs", "att"]).stdout.contains("up")
+    });
+    // The client follows the log once `run` answered; give it a moment to be there.
+    std::thread::sleep(Duration::from_millis(500));
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGINT)?;
+    let o = child.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    ensure!(
+        up && o.status.code() == Some(125)
+            && String::from_utf8_lossy(&o.stdout) == "up\n"
+            && stderr.lines().count() == 1
+            && stderr.contains("container att keeps running"),
+        "{o:?}"
+    );
+    running_on(&lab, 0, "att")?;
+    lab.mig_ok(0, &["rm", "-f", "att"])?;
     Ok(())
 }

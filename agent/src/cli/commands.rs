@@ -55,6 +55,8 @@ pub enum CliError {
     BenchLabExists { lab: String },
     #[error("cannot write {path}: its directory does not exist (the bench writes its results at the end: checked before it runs)")]
     BenchOutput { path: PathBuf },
+    #[error("interrupted: container {name} keeps running (Ctrl-C detaches mig run, it does not stop the container); `mig logs -f {name}` follows it again, `mig stop {name}` ends it")]
+    RunDetached { name: String },
     #[error("mig exec has no terminal (-t): the command's output is returned when it ends; pipe input with -i instead, e.g. echo 'ls /' | mig exec -i CONTAINER sh")]
     NoTty,
     #[error("cannot read the standard input for exec -i")]
@@ -673,12 +675,17 @@ async fn run(c: &mut Client, r: RunArgs) -> Result<u8, CliError> {
         return Ok(0);
     }
     let mut err = None;
-    c.logs(&id, true, |data| {
+    let follow = c.logs(&id, true, |data| {
         if err.is_none() {
             err = out(data).err();
         }
-    })
-    .await?;
+    });
+    // Ctrl-C detaches this command; the container runs on (podman would pass the signal to
+    // it): say so rather than die of the signal with nothing said.
+    tokio::select! {
+        r = follow => r?,
+        Ok(()) = tokio::signal::ctrl_c() => return Err(CliError::RunDetached { name }),
+    }
     if let Some(e) = err {
         return Err(e);
     }
