@@ -650,3 +650,20 @@ fn ctrl_c_of_a_move_says_the_move_goes_on() -> Result<()> {
     lab.mig_ok(0, &["rm", "-f", "att"])?;
     Ok(())
 }
+
+/// A new user's mistakes each get one line saying what is wrong (exit 125): `mig drain --to` a
+/// peer that is not pinned said "background task failed: host-z is not a pinned peer".
+#[test]
+fn operator_mistakes_say_what_is_wrong() -> Result<()> {
+    if !mig_tests::is_root("migration tests") {
+        return Ok(());
+    }
+    let lab = Lab::up_on("qamistake", [10, 79, 87], 2)?;
+    let o = lab.mig(0, &["drain", "--to", "host-z"]);
+    ensure!(
+        o.code == 125
+            && o.stderr == "mig: host-z is not a pinned peer of this host (pinned: host-b)\n",
+        "{o:?}"
+    );
+    Ok(())
+}

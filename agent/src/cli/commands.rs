@@ -57,6 +57,10 @@ pub enum CliError {
     BenchOutput { path: PathBuf },
     #[error("interrupted: container {name} keeps running (Ctrl-C detaches mig run, it does not stop the container); `mig logs -f {name}` follows it again, `mig stop {name}` ends it")]
     RunDetached { name: String },
+    #[error("{peer} is not a pinned peer of this host (pinned: {pinned})")]
+    NotAPeer { peer: String, pinned: String },
+    #[error("no pinned peer to drain to (mig peers add)")]
+    NoPeerToDrainTo,
     #[error("mig exec has no terminal (-t): the command's output is returned when it ends; pipe input with -i instead, e.g. echo 'ls /' | mig exec -i CONTAINER sh")]
     NoTty,
     #[error("cannot read the standard input for exec -i")]

@@ -61,16 +61,21 @@ pub(super) async fn drain(cli: &Cli, a: &DrainArgs) -> Result<u8, CliError> {
     let mut peers: Vec<String> = c.peer_list().await?.into_iter().map(|p| p.name).collect();
     if !a.to.is_empty() {
         if let Some(missing) = a.to.iter().find(|t| !peers.contains(t)) {
-            return Err(CliError::Task(format!("{missing} is not a pinned peer")));
+            return Err(CliError::NotAPeer {
+                peer: missing.clone(),
+                pinned: if peers.is_empty() {
+                    "none".into()
+                } else {
+                    peers.join(", ")
+                },
+            });
         }
         peers.retain(|p| a.to.contains(p));
     }
     let mut running = c.list(false).await?;
     running.sort_by(|x, y| x.name.cmp(&y.name));
     if !running.is_empty() && peers.is_empty() {
-        return Err(CliError::Task(
-            "no pinned peer to drain to (mig peers add)".into(),
-        ));
+        return Err(CliError::NoPeerToDrainTo);
     }
     let mut results = Vec::new();
     let mut next = 0usize;
