@@ -117,8 +117,14 @@ pub enum Command {
         #[arg(short, long)]
         tty: bool,
         container: String,
-        /// The command and its arguments.
-        #[arg(last = true, required = true, value_name = "CMD")]
+        /// The command and its arguments, after `--` or (as podman takes it) right after the
+        /// container: `mig exec web ls -l`.
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            required = true,
+            value_name = "CMD"
+        )]
         command: Vec<String>,
     },
     /// Stop containers: SIGTERM to the init, SIGKILL after the timeout.
@@ -441,6 +447,34 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        // The command without `--`, as podman takes it (and as docs/cli.md's `echo hi | mig exec
+        // -i web cat` is written: it failed with "unexpected argument 'cat' found").
+        for (args, want) in [
+            (&["mig", "exec", "-i", "web", "cat"][..], &["cat"][..]),
+            (
+                &["mig", "exec", "web", "ls", "-l", "/"][..],
+                &["ls", "-l", "/"][..],
+            ),
+            (
+                &["mig", "exec", "web", "--", "sh", "-c", "x"][..],
+                &["sh", "-c", "x"][..],
+            ),
+            (
+                &["mig", "exec", "-e", "A=B", "web", "env"][..],
+                &["env"][..],
+            ),
+        ] {
+            match Cli::try_parse_from(args).unwrap().command {
+                Command::Exec {
+                    command, container, ..
+                } => {
+                    assert_eq!(container, "web", "{args:?}");
+                    assert_eq!(command, want, "{args:?}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(Cli::try_parse_from(["mig", "exec", "web"]).is_err());
         // -t parses (and is refused with a reason when run); -it too.
         let c = Cli::try_parse_from(["mig", "exec", "-it", "web", "--", "sh"]).unwrap();
         assert!(matches!(
