@@ -171,7 +171,19 @@ fn strip_ansi(s: &str) -> String {
     out
 }
 
+/// The exit code of a command whose reader went away (`mig man | head`, `mig ps | head -1`):
+/// 128 + SIGPIPE, as a C tool killed by the signal, and nothing on stderr (it said "mig: writing
+/// output failed: Broken pipe (os error 32)").
+const EXIT_BROKEN_PIPE: u8 = 141;
+
+fn broken_pipe(e: &CliError) -> bool {
+    matches!(e, CliError::Output(io) if io.kind() == std::io::ErrorKind::BrokenPipe)
+}
+
 fn fail(e: &CliError) -> ExitCode {
+    if broken_pipe(e) {
+        return ExitCode::from(EXIT_BROKEN_PIPE);
+    }
     let mut msg = e.to_string();
     let mut src = std::error::Error::source(e);
     // `Client(Api)` is transparent: its message is the agent's already.
@@ -827,6 +839,15 @@ mod tests {
                 "{r:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_closed_reader_is_not_an_error_to_report() {
+        let pipe = CliError::Output(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
+        assert!(broken_pipe(&pipe));
+        let full = CliError::Output(std::io::Error::from(std::io::ErrorKind::PermissionDenied));
+        assert!(!broken_pipe(&full));
+        assert!(!broken_pipe(&CliError::NoMigd));
     }
 
     #[test]
