@@ -715,13 +715,20 @@ async fn run(c: &mut Client, r: RunArgs) -> Result<u8, CliError> {
 mod tests {
     use super::*;
 
-    /// Every option of every command has a help line (`--json` had none anywhere).
+    /// Every option and argument of every command has a help line (`--json` had none anywhere,
+    /// `<CONTAINER>` none in `logs`, `stop`, `rm`...).
     #[test]
     fn every_option_has_help() {
         fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
             for a in cmd.get_arguments() {
-                if a.get_long().is_some() && a.get_help().is_none() && a.get_long_help().is_none() {
-                    missing.push(format!("{path} --{}", a.get_long().unwrap_or_default()));
+                if a.get_help().is_some() || a.get_long_help().is_some() {
+                    continue;
+                }
+                if let Some(long) = a.get_long() {
+                    missing.push(format!("{path} --{long}"));
+                } else if a.is_positional() {
+                    // `mig logs --help` listed `<CONTAINER>` with nothing after it.
+                    missing.push(format!("{path} <{}>", a.get_id()));
                 }
             }
             for sub in cmd.get_subcommands() {

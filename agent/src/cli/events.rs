@@ -28,6 +28,7 @@ pub struct EventsArgs {
 pub enum ClientsCommand {
     /// Pin a client by its certificate fingerprint (`mig clients identity` on the client).
     Add {
+        /// A name for the client (shown by `mig clients ls`).
         name: String,
         /// The client's certificate fingerprint (`mig clients identity` on the client).
         #[arg(long, value_name = "FP")]
@@ -40,7 +41,10 @@ pub enum ClientsCommand {
         json: bool,
     },
     /// Unpin a client.
-    Rm { name: String },
+    Rm {
+        /// The client's name.
+        name: String,
+    },
     /// Print this client's certificate fingerprint (creating its identity under --identity or
     /// ~/.config/mig on first use).
     Identity {

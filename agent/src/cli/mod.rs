@@ -83,6 +83,7 @@ pub enum Command {
     },
     /// Show a container's details, usage and PID map.
     Inspect {
+        /// Container id, id prefix or name.
         container: String,
         /// Print JSON (the API's types, docs/api.md) instead of text.
         #[arg(long)]
@@ -93,6 +94,7 @@ pub enum Command {
         /// Keep printing until the container ends.
         #[arg(short, long)]
         follow: bool,
+        /// Container id, id prefix or name.
         container: String,
     },
     /// Run a command in a running container; exits with the command's code. Its output is
@@ -116,6 +118,7 @@ pub enum Command {
         /// pipe input with -i instead.
         #[arg(short, long)]
         tty: bool,
+        /// Container id, id prefix or name.
         container: String,
         /// The command and its arguments, after `--` or (as podman takes it) right after the
         /// container: `mig exec web ls -l`.
@@ -132,6 +135,7 @@ pub enum Command {
         /// Seconds to wait before killing.
         #[arg(short, long, default_value_t = 10, value_name = "SECS")]
         time: u64,
+        /// Container ids, id prefixes or names.
         #[arg(required = true)]
         containers: Vec<String>,
     },
@@ -140,6 +144,7 @@ pub enum Command {
         /// Signal name or number.
         #[arg(short, long, default_value = "KILL", value_name = "SIG")]
         signal: String,
+        /// Container ids, id prefixes or names.
         #[arg(required = true)]
         containers: Vec<String>,
     },
@@ -148,6 +153,7 @@ pub enum Command {
         /// Kill running containers first.
         #[arg(short, long)]
         force: bool,
+        /// Container ids, id prefixes or names.
         #[arg(required = true)]
         containers: Vec<String>,
     },
@@ -165,6 +171,7 @@ pub enum Command {
         /// Print JSON (the API's types, docs/api.md) instead of text.
         #[arg(long)]
         json: bool,
+        /// Container id, id prefix or name.
         container: String,
     },
     /// Restore a checkpointed container (same PIDs inside, same log), or a new one from an
@@ -179,6 +186,7 @@ pub enum Command {
         /// Print JSON (the API's types, docs/api.md) instead of text.
         #[arg(long)]
         json: bool,
+        /// Container id, id prefix or name.
         #[arg(required_unless_present = "import")]
         container: Option<String>,
     },
@@ -200,6 +208,7 @@ pub enum Command {
     Bench(crate::bench::BenchCommand),
     /// Print a shell completion script.
     Completions {
+        /// The shell to write the script for.
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
@@ -212,6 +221,7 @@ pub enum ImageCommand {
     /// Import a rootfs directory or tar (plain, gzip, zstd), an OCI layout directory or OCI archive,
     /// or a docker-archive (`docker save` before Docker 25, `podman save`).
     Import {
+        /// The image to import (on the agent's host).
         path: PathBuf,
         /// The image name (default: the file name without extensions).
         #[arg(long)]
@@ -228,6 +238,7 @@ pub enum ImageCommand {
     },
     /// Remove images.
     Rm {
+        /// Image names, ids or id prefixes.
         #[arg(required = true)]
         images: Vec<String>,
     },

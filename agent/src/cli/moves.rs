@@ -41,6 +41,7 @@ pub struct MoveArgs {
 pub enum PeersCommand {
     /// Pin a peer agent by its certificate fingerprint (see `mig info` on the peer).
     Add {
+        /// The peer's name (its agent's name, as `mig info` there shows it).
         name: String,
         /// The peer's QUIC address, IP:PORT.
         address: String,
@@ -55,7 +56,10 @@ pub enum PeersCommand {
         json: bool,
     },
     /// Unpin a peer.
-    Rm { name: String },
+    Rm {
+        /// The peer's name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -82,7 +86,10 @@ pub enum LabCommand {
     /// Remove every namespace, link, agent, container and mount of the lab.
     Down,
     /// Restart one host's agent (its containers keep running).
-    Restart { host: String },
+    Restart {
+        /// The lab host (host-a, host-b, ...).
+        host: String,
+    },
 }
 
 /// `A.B.C`: the first three octets of a lab's /24.
