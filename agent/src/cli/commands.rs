@@ -494,6 +494,26 @@ fn bench_outputs_check(args: &crate::bench::BenchMoveArgs) -> Result<(), CliErro
     Ok(())
 }
 
+/// Resolves on Ctrl-C (SIGINT), for the commands that then say what goes on without them;
+/// never when SIGINT was ignored as mig started (a background job of a shell script: the
+/// shell's choice is kept, as before) or when no handler can be installed.
+pub(super) async fn interrupted() {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    if !ignores_sigint(&status) && tokio::signal::ctrl_c().await.is_ok() {
+        return;
+    }
+    std::future::pending::<()>().await
+}
+
+/// Whether `/proc/PID/status` text says SIGINT is ignored (bit 2 of the `SigIgn` mask).
+fn ignores_sigint(status: &str) -> bool {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (libc::SIGINT - 1)) != 0)
+}
+
 /// An agent older than `run`/`exec`'s newer options refuses a request that uses one, naming
 /// the field it does not know (serde's "unknown field" message): say which option that is.
 fn older_agent(e: ClientError) -> CliError {
@@ -700,7 +720,7 @@ async fn run(c: &mut Client, r: RunArgs) -> Result<u8, CliError> {
     // it): say so rather than die of the signal with nothing said.
     tokio::select! {
         r = follow => r?,
-        Ok(()) = tokio::signal::ctrl_c() => return Err(CliError::RunDetached { name }),
+        () = interrupted() => return Err(CliError::RunDetached { name }),
     }
     if let Some(e) = err {
         return Err(e);
@@ -855,6 +875,13 @@ mod tests {
         let full = CliError::Output(std::io::Error::from(std::io::ErrorKind::PermissionDenied));
         assert!(!broken_pipe(&full));
         assert!(!broken_pipe(&CliError::NoMigd));
+    }
+
+    #[test]
+    fn an_ignored_sigint_stays_ignored() {
+        assert!(ignores_sigint("Name:\tmig\nSigIgn:\t0000000000000006\n"));
+        assert!(!ignores_sigint("SigIgn:\t0000000000001004\n"));
+        assert!(!ignores_sigint(""));
     }
 
     #[test]

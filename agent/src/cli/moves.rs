@@ -362,7 +362,7 @@ pub(super) async fn dispatch(cli: &Cli) -> Result<Option<u8>, CliError> {
                 // commit or a rollback) whether or not anyone waits for the answer. Say so.
                 let r = tokio::select! {
                     r = call => Some(r),
-                    Ok(()) = tokio::signal::ctrl_c() => None,
+                    () = super::commands::interrupted() => None,
                 };
                 if let Some(p) = progress {
                     p.abort();
