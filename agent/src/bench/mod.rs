@@ -132,6 +132,8 @@ pub enum BenchError {
     CommandFailed { command: String, stderr: String },
     #[error("bench lab")]
     Lab(#[source] Box<lab::LabError>),
+    #[error("a lab named {lab} exists: mig bench move makes and removes a lab of its own; choose another --lab, or remove that one first (MIG_LAB={lab} mig lab down)")]
+    LabExists { lab: String },
     #[error("cannot enter network namespace {netns}")]
     Netns {
         netns: String,
@@ -276,10 +278,24 @@ fn resolve(given: &Option<PathBuf>, name: &'static str) -> Result<PathBuf, Bench
     Ok(path)
 }
 
+/// The bench's lab name must be a plain lab name (it names `/var/lib/mig-bench/<lab>`, which the
+/// bench removes: `--lab ..` would be `/var/lib`) and must not name an existing lab (the bench's
+/// cleanup takes its lab down, containers and all).
+pub fn check_lab(lab: &str) -> Result<(), BenchError> {
+    lab::validate_name(lab).map_err(|e| BenchError::Lab(Box::new(e)))?;
+    if lab::lab_file_path(lab).exists() {
+        return Err(BenchError::LabExists {
+            lab: lab.to_owned(),
+        });
+    }
+    Ok(())
+}
+
 fn run_blocking(args: &BenchMoveArgs, stop: Arc<AtomicBool>) -> Result<(), BenchError> {
     if !nix::unistd::geteuid().is_root() {
         return Err(BenchError::NotRoot);
     }
+    check_lab(&args.lab)?;
     let migd = resolve(&args.migd, "migd")?;
     let memload = match args.link_only {
         true => None,

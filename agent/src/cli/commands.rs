@@ -51,8 +51,6 @@ pub enum CliError {
     },
     #[error("interrupted: the move of {container} to {peer} goes on in the agent (Ctrl-C does not cancel a move); `mig ps -a`, `mig inspect {container}` or `mig events` show where it ends")]
     MoveInterrupted { container: String, peer: String },
-    #[error("a lab named {lab} exists: mig bench move makes and removes a lab of its own; choose another --lab, or remove that one first (MIG_LAB={lab} mig lab down)")]
-    BenchLabExists { lab: String },
     #[error("cannot write {path}: its directory does not exist (the bench writes its results at the end: checked before it runs)")]
     BenchOutput { path: PathBuf },
     #[error("interrupted: container {name} keeps running (Ctrl-C detaches mig run, it does not stop the container); `mig logs -f {name}` follows it again, `mig stop {name}` ends it")]
@@ -258,7 +256,7 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
         _ => {}
     }
     if let Command::Bench(crate::bench::BenchCommand::Move(args)) = cli.command {
-        bench_lab_check(&args.lab)?;
+        crate::bench::check_lab(&args.lab).map_err(|e| CliError::Bench(Box::new(e)))?;
         bench_outputs_check(&args)?;
         crate::bench::run(args)
             .await
@@ -463,20 +461,6 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
         Command::Events(_) | Command::Drain(_) => Ok(0),
         Command::Clients(_) | Command::Rebalance(_) => Ok(0),
     }
-}
-
-/// `mig bench move --lab NAME` removes `/var/lib/mig-bench/NAME` before anything checks the
-/// name, and its cleanup takes down the lab NAME even when that lab was not its own: a path
-/// (`--lab ..`, `--lab /`) would remove a directory of the machine, and an existing lab (the
-/// user's `mig` lab) would be torn down with its containers. Both are refused here, first.
-fn bench_lab_check(lab: &str) -> Result<(), CliError> {
-    crate::lab::validate_name(lab).map_err(|e| CliError::Lab(Box::new(e)))?;
-    if crate::lab::lab_file_path(lab).exists() {
-        return Err(CliError::BenchLabExists {
-            lab: lab.to_owned(),
-        });
-    }
-    Ok(())
 }
 
 /// The bench writes `--csv`, `--json` and `--plot` only at its end: a directory that does not
@@ -846,23 +830,21 @@ mod tests {
 
     #[test]
     fn bench_refuses_a_lab_name_that_is_a_path_or_taken() {
+        use crate::bench::{check_lab, BenchError};
         for bad in ["..", "/", "../../etc", "a/b", "", "Mig"] {
-            assert!(
-                matches!(bench_lab_check(bad), Err(CliError::Lab(_))),
-                "{bad:?}"
-            );
+            assert!(matches!(check_lab(bad), Err(BenchError::Lab(_))), "{bad:?}");
         }
         let free = format!("t{}", std::process::id());
-        assert!(bench_lab_check(&free).is_ok());
+        assert!(check_lab(&free).is_ok());
         // A lab whose file exists is someone's: refused by name.
         let file = crate::lab::lab_file_path(&free);
         if std::fs::create_dir_all(file.parent().unwrap()).is_ok()
             && std::fs::write(&file, "{}").is_ok()
         {
-            let r = bench_lab_check(&free);
+            let r = check_lab(&free);
             let _ = std::fs::remove_file(&file);
             assert!(
-                matches!(&r, Err(CliError::BenchLabExists { lab }) if *lab == free),
+                matches!(&r, Err(BenchError::LabExists { lab }) if *lab == free),
                 "{r:?}"
             );
         }

@@ -56,7 +56,7 @@ pub enum SourceError {
     NoInit,
     #[error("criu is not usable")]
     Criu(#[source] mig_migrate::criu::CriuError),
-    #[error("criu dump failed")]
+    #[error("cannot dump the container")]
     Dump(#[source] mig_migrate::criu::CriuError),
     #[error("criu pre-dump failed (the container kept running)")]
     PreDump(#[source] mig_migrate::criu::CriuError),
