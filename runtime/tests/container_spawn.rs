@@ -36,22 +36,18 @@ echo "uidmap=$(cat /proc/self/uid_map | tr -s ' ' | tr '\n' ';')"
 echo end=1
 "#;
 
-fn run_probe(test: &str, userns: bool) -> std::collections::HashMap<String, String> {
-    let mut fx = Fixture::new(test);
-    let root = fx.mount("merged");
-    let mut s = spec(test, &["sh", "-c", PROBE]);
-    if userns {
-        s.userns = Some(userns_map());
-    }
+/// Spawns `s` on `root` without a cgroup, waits for it, asserts it exited 0 and returns its
+/// output.
+fn run_to_end(s: &mig_runtime::spec::ContainerSpec, root: &std::path::Path, what: &str) -> String {
     let cg = no_cgroup();
     let (r, w) = pipe();
     let pid = spawn(&LaunchConfig {
-        spec: &s,
-        rootfs: &root,
+        spec: s,
+        rootfs: root,
         cgroup: &cg,
         output: raw(&w),
     })
-    .expect("spawn");
+    .expect(what);
     let mut init = Proc(pid);
     drop(w);
     let out = read_to_end(r);
@@ -60,6 +56,17 @@ fn run_probe(test: &str, userns: bool) -> std::collections::HashMap<String, Stri
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
         "status {status:#x}, output:\n{out}"
     );
+    out
+}
+
+fn run_probe(test: &str, userns: bool) -> std::collections::HashMap<String, String> {
+    let mut fx = Fixture::new(test);
+    let root = fx.mount("merged");
+    let mut s = spec(test, &["sh", "-c", PROBE]);
+    if userns {
+        s.userns = Some(userns_map());
+    }
+    let out = run_to_end(&s, &root, "spawn");
     let map = kv(&out);
     assert_eq!(
         map.get("end").map(String::as_str),
@@ -456,23 +463,7 @@ fn container_creates_a_missing_workdir() {
         if userns {
             s.userns = Some(userns_map());
         }
-        let cg = no_cgroup();
-        let (r, w) = pipe();
-        let pid = spawn(&LaunchConfig {
-            spec: &s,
-            rootfs: &root,
-            cgroup: &cg,
-            output: raw(&w),
-        })
-        .expect("spawn with a missing working directory");
-        let mut init = Proc(pid);
-        drop(w);
-        let out = read_to_end(r);
-        let status = init.wait();
-        assert!(
-            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-            "status {status:#x}, output:\n{out}"
-        );
+        let out = run_to_end(&s, &root, "spawn with a missing working directory");
         let m = kv(&out);
         assert_eq!(m.get("cwd").map(String::as_str), Some("/srv/app"), "{out}");
         assert_eq!(m["app"], "1000:1001:755", "{out}");
