@@ -31,6 +31,18 @@ fn ticks_past(lab: &Lab, host: usize, name: &str, after: u64) -> Result<()> {
     Ok(())
 }
 
+/// Runs a busybox counter (one line every 0.2 s) named `name` from `image` on host 0 and waits
+/// until it counts; returns its id.
+fn run_ticker(lab: &Lab, image: &str, name: &str) -> Result<String> {
+    let script = "i=0; while :; do i=$((i+1)); echo $i; sleep 0.2; done";
+    let id = lab.mig_ok(
+        0,
+        &["run", "-d", "--name", name, image, "--", "sh", "-c", script],
+    )?;
+    ticks_past(lab, 0, name, 0)?;
+    Ok(id.trim().to_owned())
+}
+
 /// A FIFO in the container's writable layer (`mkfifo /tmp/f`). Before the fix every move
 /// was rolled back ("cannot write the layer tar: paths in archives must be relative") and
 /// `checkpoint --export` failed the same way: tar named the FIFO by its path on the host.
@@ -89,14 +101,7 @@ fn an_import_under_a_used_name_keeps_the_image() -> Result<()> {
     let lab = Lab::up_on("qaimg", [10, 79, 75], 2)?;
     let old = lab.mig_json(0, &["image", "ls", "--json"])?;
     let old_id = old[0]["id"].as_str().unwrap_or_default().to_owned();
-    let script = "i=0; while :; do i=$((i+1)); echo $i; sleep 0.2; done";
-    lab.mig_ok(
-        0,
-        &[
-            "run", "-d", "--name", "user", "busybox", "--", "sh", "-c", script,
-        ],
-    )?;
-    ticks_past(&lab, 0, "user", 0)?;
+    run_ticker(&lab, "busybox", "user")?;
     // Another image under the same name.
     let dir = tempfile::tempdir()?;
     let rootfs = mig_tests::busybox_rootfs(dir.path())?;
@@ -335,14 +340,7 @@ fn an_image_under_two_names_moves_and_its_spare_name_goes() -> Result<()> {
     let one = lab.mig_ok(0, &["image", "import", &tar, "--name", "bb-one"])?;
     let two = lab.mig_ok(0, &["image", "import", &tar, "--name", "bb-two"])?;
     assert_eq!(one.trim(), two.trim());
-    let script = "i=0; while :; do i=$((i+1)); echo $i; sleep 0.2; done";
-    lab.mig_ok(
-        0,
-        &[
-            "run", "-d", "--name", "two", "bb-one", "--", "sh", "-c", script,
-        ],
-    )?;
-    ticks_past(&lab, 0, "two", 0)?;
+    run_ticker(&lab, "bb-one", "two")?;
     let before = last_tick(&lab, 0, "two");
     lab.mig_ok(0, &["move", "two", "host-b", "--json"])?;
     running_on(&lab, 1, "two")?;
@@ -412,14 +410,7 @@ fn a_failed_dump_keeps_the_log_the_error_names() -> Result<()> {
         return Ok(());
     }
     let lab = Lab::up_on("qadumplog", [10, 79, 84], 2)?;
-    let script = "i=0; while :; do i=$((i+1)); echo $i; sleep 0.2; done";
-    let id = lab.mig_ok(
-        0,
-        &[
-            "run", "-d", "--name", "dl", "busybox", "--", "sh", "-c", script,
-        ],
-    )?;
-    ticks_past(&lab, 0, "dl", 0)?;
+    let id = run_ticker(&lab, "busybox", "dl")?;
     lab.fault(0, Some("source-dump:criu-fail"))?;
     let out = lab.mig(0, &["move", "dl", "host-b"]);
     lab.fault(0, None)?;
@@ -559,15 +550,7 @@ fn ctrl_c_of_a_move_says_the_move_goes_on() -> Result<()> {
         return Ok(());
     }
     let lab = Lab::up_on("qaintr", [10, 79, 88], 2)?;
-    let script = "i=0; while :; do i=$((i+1)); echo $i; sleep 0.2; done";
-    let id = lab.mig_ok(
-        0,
-        &[
-            "run", "-d", "--name", "intr", "busybox", "--", "sh", "-c", script,
-        ],
-    )?;
-    let id = id.trim().to_owned();
-    ticks_past(&lab, 0, "intr", 0)?;
+    let id = run_ticker(&lab, "busybox", "intr")?;
     let before = last_tick(&lab, 0, "intr");
     // A presync that takes 3 s: the move is surely under way when Ctrl-C comes.
     lab.fault(0, Some("source-presync:delay:3000"))?;

@@ -154,6 +154,8 @@ pub enum BenchError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot write {}: its directory does not exist (the bench writes its results at the end: checked before it runs)", path.display())]
+    OutputDir { path: PathBuf },
     #[error("cannot draw the plot {}: {reason}", path.display())]
     Plot { path: PathBuf, reason: String },
     #[error("interrupted")]
@@ -291,11 +293,27 @@ pub fn check_lab(lab: &str) -> Result<(), BenchError> {
     Ok(())
 }
 
+/// The bench writes `--csv`, `--json` and `--plot` only at its end: a directory that does not
+/// exist would lose the whole run (and its summary table), so it is refused first.
+pub fn check_outputs(args: &BenchMoveArgs) -> Result<(), BenchError> {
+    for path in [&args.csv, &args.json, &args.plot].into_iter().flatten() {
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if !dir.is_dir() {
+            return Err(BenchError::OutputDir { path: path.clone() });
+        }
+    }
+    Ok(())
+}
+
 fn run_blocking(args: &BenchMoveArgs, stop: Arc<AtomicBool>) -> Result<(), BenchError> {
     if !nix::unistd::geteuid().is_root() {
         return Err(BenchError::NotRoot);
     }
     check_lab(&args.lab)?;
+    check_outputs(args)?;
     let migd = resolve(&args.migd, "migd")?;
     let memload = match args.link_only {
         true => None,

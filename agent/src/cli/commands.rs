@@ -51,8 +51,6 @@ pub enum CliError {
     },
     #[error("interrupted: the move of {container} to {peer} goes on in the agent (Ctrl-C does not cancel a move); `mig ps -a`, `mig inspect {container}` or `mig events` show where it ends")]
     MoveInterrupted { container: String, peer: String },
-    #[error("cannot write {path}: its directory does not exist (the bench writes its results at the end: checked before it runs)")]
-    BenchOutput { path: PathBuf },
     #[error("interrupted: container {name} keeps running (Ctrl-C detaches mig run, it does not stop the container); `mig logs -f {name}` follows it again, `mig stop {name}` ends it")]
     RunDetached { name: String },
     #[error("{peer} is not a pinned peer of this host (pinned: {pinned})")]
@@ -256,8 +254,6 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
         _ => {}
     }
     if let Command::Bench(crate::bench::BenchCommand::Move(args)) = cli.command {
-        crate::bench::check_lab(&args.lab).map_err(|e| CliError::Bench(Box::new(e)))?;
-        bench_outputs_check(&args)?;
         crate::bench::run(args)
             .await
             .map_err(|e| CliError::Bench(Box::new(e)))?;
@@ -461,21 +457,6 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
         Command::Events(_) | Command::Drain(_) => Ok(0),
         Command::Clients(_) | Command::Rebalance(_) => Ok(0),
     }
-}
-
-/// The bench writes `--csv`, `--json` and `--plot` only at its end: a directory that does not
-/// exist lost the whole run (and its summary table). Checked before it starts.
-fn bench_outputs_check(args: &crate::bench::BenchMoveArgs) -> Result<(), CliError> {
-    for path in [&args.csv, &args.json, &args.plot].into_iter().flatten() {
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        if !dir.is_dir() {
-            return Err(CliError::BenchOutput { path: path.clone() });
-        }
-    }
-    Ok(())
 }
 
 /// Resolves on Ctrl-C (SIGINT), for the commands that then say what goes on without them;
@@ -813,7 +794,10 @@ mod tests {
         };
         let a = parse(&["mig", "bench", "move", "--csv", "/nonexistent-mig/b.csv"]);
         assert!(
-            matches!(bench_outputs_check(&a), Err(CliError::BenchOutput { .. })),
+            matches!(
+                crate::bench::check_outputs(&a),
+                Err(crate::bench::BenchError::OutputDir { .. })
+            ),
             "csv"
         );
         let a = parse(&[
@@ -825,7 +809,7 @@ mod tests {
             "--json",
             "b.json",
         ]);
-        assert!(bench_outputs_check(&a).is_ok());
+        assert!(crate::bench::check_outputs(&a).is_ok());
     }
 
     #[test]

@@ -280,9 +280,9 @@ const RESTORE_FIXED_MS: u64 = 150;
 const RESTORE_RATE: u64 = 1 << 30;
 /// Stream mode's pages cross at this share of the probed QUIC throughput (numerator,
 /// denominator): the probe is QUIC alone, while the pages also pass CRIU's page protocol, a
-/// socketpair on each side and the destination's page cache on the same cores. 0.67 to 0.72 in
-/// the bench of 2026-12-02 21:26 UTC (1 GiB: 668 to 727 MB/s against probes of 954 to 1018
-/// MiB/s).
+/// socketpair on each side and the destination's page cache on the same cores. 0.66 to 0.68 in
+/// the bench of 2026-12-02 21:26 UTC (1 GiB: 637 to 693 MiB/s of pages over the dump phase,
+/// against probes of 954 to 1018 MiB/s).
 const TUNNEL_SHARE: (u64, u64) = (2, 3);
 
 fn ms_for(bytes: u64, rate: u64) -> u64 {
