@@ -163,6 +163,9 @@ pub(crate) fn stage_blob(
     let mut f = File::open(&blob).map_err(ImageError::io("opening", &blob))?;
     scan_headers(&mut f, &blob, &store.limits)?;
     let stats = unpack(BufReader::new(f), &blob, &dir, &store.limits, true)?;
+    if stats.skipped_devices > 0 {
+        tracing::info!(layer = %digest, nodes = stats.skipped_devices, "left out the device nodes of a layer (containers get their own /dev)");
+    }
     let staged = StagedLayer {
         digest: digest.to_owned(),
         blob,
@@ -373,7 +376,10 @@ fn import_tar_file(store: &ImageStore, path: &Path, name: &str) -> Result<Image,
         let layout = work.path().join("layout");
         fs::create_dir(&layout).map_err(ImageError::io("creating", &layout))?;
         let f = File::open(&blob).map_err(ImageError::io("opening", &blob))?;
-        unpack(BufReader::new(f), path, &layout, &store.limits, false)?;
+        let stats = unpack(BufReader::new(f), path, &layout, &store.limits, false)?;
+        if stats.skipped_devices > 0 {
+            tracing::info!(path = %path.display(), nodes = stats.skipped_devices, "left out the device nodes of an image archive");
+        }
         fs::remove_file(&blob).map_err(ImageError::io("removing", &blob))?;
         return if kind == TarKind::Oci {
             super::oci::import_layout(store, &work, &layout, name)

@@ -47,8 +47,6 @@ pub enum HostileReason {
     ThroughNonDirectory,
     #[error("hardlink target is not an earlier file of the archive")]
     HardlinkMissing,
-    #[error("device nodes are not allowed in images")]
-    Device,
     #[error("unsupported entry type {0:#04x}")]
     UnsupportedType(u8),
     #[error("invalid whiteout name")]

@@ -9,7 +9,11 @@
 //!   change between the check and the use; files are created with `O_CREAT|O_EXCL|O_NOFOLLOW`;
 //!   ownership, mode and times are set on the open file or with the no-follow variants;
 //! - hardlinks only point at files this archive already created (and that are still there);
-//! - device nodes are refused, except overlay whiteouts (char 0/0) in layers; fifos are fine;
+//! - device nodes are skipped (counted in [`UnpackStats::skipped_devices`]), except overlay
+//!   whiteouts (char 0/0) in layers, and so are hardlinks to them: a rootfs tar of any
+//!   distribution (`debootstrap`, `tar -C rootfs -c .`) holds `/dev/null`, `/dev/console`...,
+//!   which a container never sees (it gets its own /dev), and a node elsewhere would reach a host
+//!   device; fifos are fine;
 //! - sizes are bounded by [`Limits`]: per entry, in total, entry count, and the tar extension
 //!   headers (GNU long names, PAX) that the tar crate reads into memory, checked by a raw header
 //!   scan ([`scan_headers`]) before the tar crate sees the stream.
@@ -38,6 +42,8 @@ pub struct UnpackStats {
     pub entries: u64,
     /// Sum of regular file sizes.
     pub size: u64,
+    /// Device nodes (and hardlinks to them) left out.
+    pub skipped_devices: u64,
 }
 
 struct Meta {
@@ -53,6 +59,8 @@ struct Unpacker<'a> {
     whiteouts: bool,
     dirs_ok: HashSet<RelPath>,
     files: HashSet<RelPath>,
+    /// Device nodes left out, so that a hardlink to one is left out too.
+    devices: HashSet<RelPath>,
     dir_meta: Vec<(RelPath, Meta)>,
     stats: UnpackStats,
 }
@@ -94,6 +102,7 @@ pub fn unpack(
         whiteouts,
         dirs_ok: HashSet::new(),
         files: HashSet::new(),
+        devices: HashSet::new(),
         dir_meta: Vec::new(),
         stats: UnpackStats::default(),
     };
@@ -161,7 +170,11 @@ impl Unpacker<'_> {
             {
                 self.make_whiteout(&rel)
             }
-            T::Char | T::Block => Err(hostile(&rel, HostileReason::Device)),
+            T::Char | T::Block => {
+                self.stats.skipped_devices += 1;
+                self.devices.insert(rel);
+                Ok(())
+            }
             T::XGlobalHeader => Ok(()),
             other => Err(hostile(
                 &rel,
@@ -316,6 +329,11 @@ impl Unpacker<'_> {
 
     fn hardlink(&mut self, rel: &RelPath, target: &[u8]) -> Result<(), ImageError> {
         let to = paths::entry_path(target).map_err(|e| hostile(rel, e.into()))?;
+        if self.devices.contains(&to) {
+            self.stats.skipped_devices += 1;
+            self.devices.insert(rel.clone());
+            return Ok(());
+        }
         if !self.files.contains(&to) {
             return Err(hostile(rel, HostileReason::HardlinkMissing));
         }
