@@ -583,3 +583,47 @@ fn image_docker_archive_refusals() {
     assert!(matches!(err, ImageError::DigestMismatch { .. }), "{err}");
     assert_store_empty(&store);
 }
+
+/// A tar cut short (a copy that did not finish) is named by the user's file, and the message says
+/// what an early end means. It named the agent's work file (`.../images/tmp/<pid>.<n>/layer.tar:
+/// unexpected EOF during skip`).
+#[test]
+fn image_truncated_tar_names_the_users_file() {
+    let (tmp, store) = store();
+    let d = tmp.path();
+    let big = vec![7u8; 100_000];
+    let t = RawTar::default().file(b"a", &big).file(b"b", &big).finish();
+    let p = write_file(d, "cut.tar", &t[..60_000]);
+    let err = store.import(&p, "cut").unwrap_err();
+    let mut msg = err.to_string();
+    let mut src = std::error::Error::source(&err);
+    while let Some(s) = src {
+        msg = format!("{msg}: {s}");
+        src = s.source();
+    }
+    assert!(msg.contains(&p.display().to_string()), "{msg}");
+    assert!(msg.contains("truncated"), "{msg}");
+    assert!(!msg.contains("layer.tar"), "{msg}");
+    assert_store_empty(&store);
+}
+
+/// One image has one size however it came: the same tar with a hardlinked file, imported under
+/// two names (the second finds its layer in the store), had 2 sizes (the archive's sum counts
+/// the linked file once, the stored layer's walk counted it once per link: a Debian image showed
+/// 173.4 MiB as an OCI layout and 177.1 MiB as its archive, with one id).
+#[test]
+fn image_size_is_the_same_for_every_import_of_one_image() {
+    let (tmp, store) = store();
+    let d = tmp.path();
+    let data = vec![1u8; 50_000];
+    let t = RawTar::default()
+        .dir(b"bin/")
+        .file(b"bin/python3.11", &data)
+        .hardlink(b"bin/python3", b"bin/python3.11")
+        .finish();
+    let first = store.import(&write_file(d, "one.tar", &t), "one").unwrap();
+    let second = store.import(&write_file(d, "two.tar", &t), "two").unwrap();
+    assert_eq!(first.id, second.id);
+    assert_eq!(first.size, 50_000);
+    assert_eq!(second.size, first.size);
+}

@@ -125,8 +125,11 @@ pub(crate) fn write_hashed(
     Ok((digest_of(w.hasher), w.len))
 }
 
-/// Sum of the regular file sizes under `dir` (not following symlinks).
+/// Sum of the regular file sizes under `dir` (not following symlinks), each hardlinked file
+/// once.
 pub(crate) fn dir_size(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut linked = std::collections::HashSet::new();
     let mut total = 0;
     let mut stack = vec![dir.to_owned()];
     while let Some(d) = stack.pop() {
@@ -135,7 +138,7 @@ pub(crate) fn dir_size(dir: &Path) -> u64 {
             let Ok(m) = ent.metadata() else { continue };
             if m.is_dir() {
                 stack.push(ent.path());
-            } else if m.is_file() {
+            } else if m.is_file() && (m.nlink() < 2 || linked.insert(m.ino())) {
                 total += m.len();
             }
         }
@@ -144,12 +147,14 @@ pub(crate) fn dir_size(dir: &Path) -> u64 {
 }
 
 /// Turns a verified blob in `work` into a staged layer (scan, unpack), unless the store has the
-/// layer already. Returns the staged layer, if any, and the layer's unpacked size.
+/// layer already. Returns the staged layer, if any, and the layer's unpacked size. `src` names
+/// the blob in errors: what the user imported, not the blob's place in the work area.
 pub(crate) fn stage_blob(
     store: &ImageStore,
     work: &WorkDir,
     blob: PathBuf,
     digest: &str,
+    src: &Path,
 ) -> Result<(Option<StagedLayer>, u64), ImageError> {
     if store.has_layer(digest) {
         return Ok((None, dir_size(&store.layer_dir(digest))));
@@ -161,17 +166,20 @@ pub(crate) fn stage_blob(
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))
         .map_err(ImageError::io("changing mode of", &dir))?;
     let mut f = File::open(&blob).map_err(ImageError::io("opening", &blob))?;
-    scan_headers(&mut f, &blob, &store.limits)?;
-    let stats = unpack(BufReader::new(f), &blob, &dir, &store.limits, true)?;
+    scan_headers(&mut f, src, &store.limits)?;
+    let stats = unpack(BufReader::new(f), src, &dir, &store.limits, true)?;
     if stats.skipped_devices > 0 {
         tracing::info!(layer = %digest, nodes = stats.skipped_devices, "left out the device nodes of a layer (containers get their own /dev)");
     }
+    // Measured as a layer already in the store is, so that an image has one size however
+    // it came (the archive's sum counted a hardlinked file once, `dir_size` once per link).
+    let size = dir_size(&dir);
     let staged = StagedLayer {
         digest: digest.to_owned(),
         blob,
         dir,
     };
-    Ok((Some(staged), stats.size))
+    Ok((Some(staged), size))
 }
 
 pub(crate) fn now_secs() -> u64 {
@@ -233,8 +241,9 @@ fn single_layer_image(
     blob: PathBuf,
     digest: String,
     name: &str,
+    src: &Path,
 ) -> Result<Image, ImageError> {
-    let (staged, size) = stage_blob(store, work, blob, &digest)?;
+    let (staged, size) = stage_blob(store, work, blob, &digest, src)?;
     let layers = vec![digest];
     let image = Image {
         name: name.to_owned(),
@@ -255,7 +264,7 @@ fn import_rootfs_dir(store: &ImageStore, dir: &Path, name: &str) -> Result<Image
     let (digest, _) = write_hashed(dir, &blob, store.limits.max_tar_size, |w| {
         write_rootfs_tar(dir, w, max_entry)
     })?;
-    single_layer_image(store, &work, blob, digest, name)
+    single_layer_image(store, &work, blob, digest, name, dir)
 }
 
 /// True when the first block of a stream is a tar header with a valid checksum (or the zero
@@ -313,11 +322,11 @@ enum TarKind {
     Rootfs,
 }
 
-fn tar_kind(blob: &Path) -> Result<TarKind, ImageError> {
+fn tar_kind(blob: &Path, src: &Path) -> Result<TarKind, ImageError> {
     let f = File::open(blob).map_err(ImageError::io("opening", blob))?;
     let mut archive = tar::Archive::new(BufReader::new(f));
     let tar_err = |source| ImageError::Tar {
-        path: blob.to_owned(),
+        path: src.to_owned(),
         source,
     };
     let (mut layout, mut index) = (false, false);
@@ -369,9 +378,9 @@ fn import_tar_file(store: &ImageStore, path: &Path, name: &str) -> Result<Image,
     }
     {
         let mut f = File::open(&blob).map_err(ImageError::io("opening", &blob))?;
-        scan_headers(&mut f, &blob, &store.limits)?;
+        scan_headers(&mut f, path, &store.limits)?;
     }
-    let kind = tar_kind(&blob)?;
+    let kind = tar_kind(&blob, path)?;
     if kind != TarKind::Rootfs {
         let layout = work.path().join("layout");
         fs::create_dir(&layout).map_err(ImageError::io("creating", &layout))?;
@@ -387,7 +396,7 @@ fn import_tar_file(store: &ImageStore, path: &Path, name: &str) -> Result<Image,
             super::docker::import_dir(store, &work, &layout, name)
         };
     }
-    single_layer_image(store, &work, blob, digest, name)
+    single_layer_image(store, &work, blob, digest, name, path)
 }
 
 pub(crate) fn import_layer(
@@ -406,7 +415,7 @@ pub(crate) fn import_layer(
             actual,
         });
     }
-    let (staged, _) = stage_blob(store, &work, blob, digest)?;
+    let (staged, _) = stage_blob(store, &work, blob, digest, src)?;
     let _lock = store.lock()?;
     store.commit_layers(staged.as_slice())?;
     Ok(())

@@ -63,6 +63,17 @@ pub enum HostileReason {
     ReplacesRoot,
 }
 
+/// What an early end of an archive most likely means, said next to the tar crate's own words
+/// (`unexpected EOF during skip`).
+fn truncated(e: &io::Error) -> &'static str {
+    // The tar crate reports its early ends as `Other` errors with this text.
+    if e.kind() == io::ErrorKind::UnexpectedEof || e.to_string().contains("unexpected EOF") {
+        " (the archive ends in the middle of an entry: truncated or damaged?)"
+    } else {
+        ""
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     #[error("image support is not implemented yet")]
@@ -82,7 +93,7 @@ pub enum ImageError {
         #[source]
         source: io::Error,
     },
-    #[error("reading tar {}", path.display())]
+    #[error("reading tar {}{}", path.display(), truncated(source))]
     Tar {
         path: PathBuf,
         #[source]

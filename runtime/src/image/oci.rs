@@ -387,7 +387,8 @@ pub(super) fn commit_with_layers(
                 actual,
             });
         }
-        let (s, layer_size) = stage_blob(store, work, blob, diff_id)?;
+        let what = PathBuf::from(format!("layer {i} ({diff_id})"));
+        let (s, layer_size) = stage_blob(store, work, blob, diff_id, &what)?;
         size += layer_size;
         staged.extend(s);
     }
