@@ -191,7 +191,7 @@ fn prepare(
             cgroup: &cgroup,
             output: log_write.as_raw_fd(),
         })
-        .map_err(|e| (Stage::Spawn, chain(&e)))?,
+        .map_err(|e| (Stage::Spawn, spawn_failure(&spec, &e)))?,
         Some(m) => restore(
             &cd,
             &rootfs,
@@ -451,4 +451,94 @@ fn destroy_cgroup(cg: &Cgroup) -> Result<(), mig_runtime::cgroup::CgroupError> {
         std::thread::sleep(Duration::from_millis(20));
     }
     last
+}
+
+/// The reason a start failed, in words a user acts on when the command itself is the problem:
+/// `run debian -- nosuchcmd` said only `container setup failed at step executing the command
+/// (pid N): ENOENT: No such file or directory`.
+fn spawn_failure(spec: &ContainerSpec, e: &container::ContainerError) -> String {
+    let cmd = spec.process.args.first().map(String::as_str).unwrap_or("");
+    match e.exec_failure() {
+        Some(container::ExecFailure::NotFound) if cmd.contains('/') => {
+            format!("the command {cmd:?} is not in the image")
+        }
+        Some(container::ExecFailure::NotFound) => {
+            let path = spec
+                .process
+                .env
+                .iter()
+                .find_map(|kv| kv.strip_prefix("PATH="))
+                .unwrap_or(container::DEFAULT_PATH);
+            format!("the command {cmd:?} is not in the image (searched PATH {path})")
+        }
+        Some(container::ExecFailure::NotExecutable) => {
+            format!("the command {cmd:?} cannot be executed: {}", chain(e))
+        }
+        None => chain(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mig_runtime::container::{ContainerError, Step};
+
+    fn spec_with(args: &[&str], env: &[&str]) -> ContainerSpec {
+        let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+        ContainerSpec {
+            id: "0123456789abcdef0123456789abcdef".into(),
+            name: "c".into(),
+            image: mig_runtime::spec::ImageRef {
+                name: "i".into(),
+                id: format!("sha256:{}", "a".repeat(64)),
+                layers: Vec::new(),
+            },
+            process: mig_runtime::spec::ProcessSpec {
+                args: strings(args),
+                env: strings(env),
+                cwd: "/".into(),
+                uid: 0,
+                gid: 0,
+            },
+            hostname: "c".into(),
+            limits: Limits::default(),
+            userns: None,
+            net: None,
+        }
+    }
+
+    /// `mig run IMAGE -- nosuchcmd` said `container setup failed at step executing the command
+    /// (pid N): ENOENT: No such file or directory`.
+    #[test]
+    fn a_missing_command_is_named_with_the_path_searched() {
+        let exec = |errno| ContainerError::Step {
+            step: Step::Exec,
+            pid: 7,
+            errno,
+        };
+        let spec = spec_with(&["nosuchcmd"], &["PATH=/x:/y"]);
+        assert_eq!(
+            spawn_failure(&spec, &exec(Errno::ENOENT)),
+            "the command \"nosuchcmd\" is not in the image (searched PATH /x:/y)"
+        );
+        let spec = spec_with(&["nosuchcmd"], &[]);
+        assert!(spawn_failure(&spec, &exec(Errno::ENOENT)).contains(container::DEFAULT_PATH));
+        let spec = spec_with(&["/opt/app"], &[]);
+        assert_eq!(
+            spawn_failure(&spec, &exec(Errno::ENOENT)),
+            "the command \"/opt/app\" is not in the image"
+        );
+        let m = spawn_failure(&spec, &exec(Errno::EACCES));
+        assert!(
+            m.starts_with("the command \"/opt/app\" cannot be executed: "),
+            "{m}"
+        );
+        // Other failures keep their own words.
+        let other = ContainerError::Step {
+            step: Step::PivotRoot,
+            pid: 7,
+            errno: Errno::EINVAL,
+        };
+        assert_eq!(spawn_failure(&spec, &other), chain(&other));
+    }
 }
