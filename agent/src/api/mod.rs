@@ -677,6 +677,11 @@ pub struct ContainerDetails {
     /// Set while this host moves the container away, as in [`ContainerSummary::moving`].
     #[serde(default)]
     pub moving: Option<Moving>,
+    /// The container's network (`mig run --net bridge`): address, prefix, gateway, MAC, bridge;
+    /// null for a loopback-only container. (A `--net bridge` user had to read `/etc/hosts`
+    /// inside the container to learn its address.)
+    #[serde(default)]
+    pub net: Option<mig_runtime::net::NetSpec>,
 }
 
 /// The image of a container.

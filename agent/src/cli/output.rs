@@ -175,6 +175,17 @@ pub fn inspect_text(d: &ContainerDetails) -> String {
     let _ = writeln!(s, "host:      {}", d.host);
     let _ = writeln!(s, "image:     {} ({})", d.image.name, d.image.id);
     let _ = writeln!(s, "hostname:  {}", d.hostname);
+    if let Some(n) = &d.net {
+        let gateway = n
+            .gateway
+            .map(|g| format!(", gateway {g}"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            s,
+            "network:   {}/{}{gateway}, mac {}, bridge {}",
+            n.address, n.prefix_len, n.mac, n.bridge
+        );
+    }
     let _ = writeln!(s, "command:   {}", d.command.join(" "));
     let _ = writeln!(s, "created:   {}", age(d.created));
     let _ = writeln!(s, "started:   {}", opt(d.started.map(age)));
@@ -268,5 +279,36 @@ mod tests {
         assert_eq!(human_size(256 << 20), "256.0 MiB");
         let t = table(&["A", "B"], vec![vec!["xyz".into(), "1".into()]]);
         assert_eq!(t, "A     B\nxyz   1\n");
+    }
+
+    /// `mig inspect` of a `--net bridge` container shows its address (it did not: a user had
+    /// to read /etc/hosts inside); a record without `net` (an older agent) shows no line.
+    #[test]
+    fn inspect_shows_the_network() {
+        let mut v = serde_json::json!({
+            "id": "0123456789abcdef0123456789abcdef", "name": "web", "state": "running",
+            "host": "host-a", "image": {"name": "debian", "id": "sha256:ab"},
+            "hostname": "web", "command": ["nginx"], "env": [], "userns": false,
+            "limits": {"memory": null, "cpu_millis": null, "pids": null},
+            "created": 0, "started": null, "finished": null, "exit_code": null,
+            "signal": null, "oom_killed": false, "reason": null, "init_pid": null,
+            "shim_pid": null, "usage": null, "pid_map": [], "cgroup": "mig/x"
+        });
+        let d: ContainerDetails = serde_json::from_value(v.clone()).unwrap();
+        assert!(d.net.is_none());
+        assert!(!inspect_text(&d).contains("network:"));
+        v["net"] = serde_json::json!({
+            "mode": "bridge", "address": "10.79.94.100", "prefix_len": 24,
+            "gateway": "10.79.94.1", "mac": "02:01:23:45:67:89", "bridge": "migbr0",
+            "host_ifname": "mv0123456789ab", "dns": []
+        });
+        let d: ContainerDetails = serde_json::from_value(v).unwrap();
+        let text = inspect_text(&d);
+        assert!(
+            text.contains(
+                "network:   10.79.94.100/24, gateway 10.79.94.1, mac 02:01:23:45:67:89, bridge migbr0\n"
+            ),
+            "{text}"
+        );
     }
 }

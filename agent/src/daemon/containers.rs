@@ -702,6 +702,7 @@ impl Agent {
             cgroup: st.cgroup.clone(),
             in_doubt,
             moving,
+            net: e.spec.net.clone(),
         })
     }
 
