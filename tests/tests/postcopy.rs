@@ -4,10 +4,14 @@
 //! must not let the container run on with missing memory: it kills it and says why in the
 //! container's reason; the source reports the failed post-copy in the move's output.
 //!
+//! A post-copy that completes goes through the destination's prefetching proxy
+//! (`mig_migrate::criu::lazy_proxy`): the container's memory must arrive intact and its PIDs
+//! kept.
+//!
 //! Needs root. Labs on subnets 10.214.70-74.0/24.
 
 use anyhow::{bail, Context, Result};
-use mig_tests::lab::Lab;
+use mig_tests::lab::{move_and_check_with, Lab};
 use mig_tests::wait_until;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -104,6 +108,49 @@ fn a_source_lost_during_post_copy_is_reported_and_the_container_killed() -> Resu
         "post-copy lost: the source reported {}; the destination says {} ({})",
         r["postcopy_error"], last["state"], last["reason"]
     );
+    for host in 0..2 {
+        let _ = lab.mig(host, &["rm", "-f", &id]);
+    }
+    Ok(())
+}
+
+#[test]
+fn a_post_copy_through_the_prefetching_proxy_keeps_memory_and_pids() -> Result<()> {
+    if !mig_tests::is_root("migration tests") {
+        return Ok(());
+    }
+    let lab = Lab::up("pcproxy", 71)?;
+    // About 200 MB of random data in each of two shells, which check it every 2 s (faults in
+    // random places while the proxy prefetches the rest).
+    let id = lab.run_container(0, "fetched", 150)?;
+    let r = move_and_check_with(&lab, 0, 1, "fetched", &id, &["--mode", "lazy"], "lazy")?;
+    if !r["postcopy_ms"].is_u64() || !r["postcopy_error"].is_null() {
+        bail!("post-copy not reported as complete: {r}");
+    }
+    let pages = r["page_bytes"].as_u64().unwrap_or(0);
+    if pages < 300_000_000 {
+        bail!("the pages did not come through the tunnel after the resume: {r}");
+    }
+    // The destination's proxy served the daemon and ended with the session.
+    // The agent's log lies next to its socket (`<lab run dir>/<host>.log`).
+    let log_path = lab.hosts[1]
+        .socket
+        .with_file_name(format!("{}.log", lab.hosts[1].name));
+    let log = std::fs::read_to_string(&log_path)
+        .with_context(|| format!("reading {}", log_path.display()))?;
+    let Some(done) = log
+        .lines()
+        .find(|l| l.contains("post-copy prefetching proxy done"))
+    else {
+        bail!(
+            "the destination's log does not show the proxy's end: {}",
+            log_path.display()
+        );
+    };
+    eprintln!("{done}");
+    // Still intact a while later, every page fetched.
+    let (count, _) = mig_tests::lab::log_state(&lab.mig(1, &["logs", "fetched"]).stdout);
+    mig_tests::lab::continues(&lab, 1, "fetched", count)?;
     for host in 0..2 {
         let _ = lab.mig(host, &["rm", "-f", &id]);
     }

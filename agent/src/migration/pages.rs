@@ -16,6 +16,10 @@
 //!   end of a socketpair, the destination's `criu lazy-pages --page-server --ps-socket` fetches
 //!   them through one end of another, and the agents carry the other ends over one QUIC stream
 //!   (no loopback TCP; a 0.1.0 peer's loopback TCP end still meets ours, as in stream mode).
+//!   On the destination a prefetching proxy (`mig_migrate::criu::lazy_proxy`) sits between the
+//!   daemon and the tunnel: it asks the source for every lazy page in large requests once the
+//!   container runs (after Commit) and answers the daemon from what came
+//!   (`MIG_LAZY_PREFETCH=0` in migd's environment leaves the daemon on the tunnel directly).
 //!   The source keeps serving until the daemon has every page; the destination keeps the
 //!   connection until then and kills the container if the daemon fails (its missing memory
 //!   would otherwise read as zeros).
@@ -26,6 +30,7 @@
 use super::modes::MoveMode;
 use crate::daemon::events::EventKind;
 use crate::daemon::Agent;
+use mig_migrate::criu::lazy_proxy::{self, LazyProxyError};
 use mig_migrate::criu::page_writer::{self, PageSink, PageWait};
 use mig_migrate::criu::{
     Background, Criu, DumpOpts, LazyDump, LazyPagesOpts, PageServerOpts, PageTarget,
@@ -75,6 +80,10 @@ pub enum PagesError {
     NoConnection,
     #[error("cannot add the page images to the manifest")]
     Manifest(#[source] imageset::ImageSetError),
+    #[error("cannot set up the prefetching proxy")]
+    LazyMap(#[source] LazyProxyError),
+    #[error("cannot start the prefetching proxy")]
+    LazyProxy(#[source] std::io::Error),
     #[error("background task failed: {0}")]
     Task(String),
 }
@@ -90,8 +99,15 @@ struct Job {
     serves: HashMap<Service, Endpoint>,
     /// Destination, lazy: the daemon and the tunnel to the source.
     lazy_daemon: Option<Background>,
+    /// Destination, lazy: the prefetching proxy between the daemon and the tunnel, and what
+    /// starts its prefetch once the container runs.
+    lazy_proxy: Option<ProxyThread>,
+    prefetch_gate: Option<lazy_proxy::PrefetchGate>,
     tunnel: Option<Tunnel>,
 }
+
+/// The thread running a prefetching proxy, and its outcome.
+type ProxyThread = std::thread::JoinHandle<Result<lazy_proxy::Summary, LazyProxyError>>;
 
 static JOBS: Mutex<Option<HashMap<String, Job>>> = Mutex::new(None);
 
@@ -250,10 +266,27 @@ pub(crate) fn finish_page_server(
     Ok(added)
 }
 
+/// The environment variable of migd that turns the prefetching proxy of post-copy off: `0`
+/// leaves the lazy-pages daemon on the tunnel directly (as before session 10); unset or
+/// anything else: the proxy runs.
+pub const LAZY_PREFETCH_ENV: &str = "MIG_LAZY_PREFETCH";
+
+/// Whether this agent runs the prefetching proxy ([`LAZY_PREFETCH_ENV`], read once).
+fn lazy_prefetch() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        let on = std::env::var(LAZY_PREFETCH_ENV).as_deref() != Ok("0");
+        tracing::info!(on, "post-copy prefetching proxy ({LAZY_PREFETCH_ENV})");
+        on
+    })
+}
+
 /// Lazy mode, before the restore: the `criu lazy-pages` daemon on the placed image set, with
 /// its socket in `<container>/lazy-pages/` (where the shim's restore looks for it), reaching
 /// the source's page server through one end of a socketpair (`--page-server --ps-socket`)
 /// whose other end is a tunnel stream on the migration connection ([`Tunnel::socketpair`]).
+/// With the prefetching proxy ([`lazy_prefetch`]): daemon <-> socketpair <-> proxy <-> tunnel;
+/// the proxy knows the lazy ranges from the placed pagemap images.
 pub(crate) async fn start_lazy_daemon(
     conn: quinn::Connection,
     migration_id: &str,
@@ -270,13 +303,27 @@ pub(crate) async fn start_lazy_daemon(
     .map_err(PagesError::Tunnel)?;
     let client = tunnel.take_client().ok_or(PagesError::NoConnection)?;
     let work = container_dir.join(LAZY_DIR);
-    let daemon = tokio::task::spawn_blocking(move || {
+    let id = migration_id.to_owned();
+    let (daemon, proxy, gate) = tokio::task::spawn_blocking(move || {
         let _ = std::fs::remove_dir_all(&work);
-        let started = criu()?
+        // With the proxy the daemon gets one end of a local pair, the proxy the other end and
+        // the tunnel's; without it the daemon gets the tunnel's end.
+        let proxied = if lazy_prefetch() {
+            let map = lazy_proxy::read_lazy_map(&checkpoint).map_err(PagesError::LazyMap)?;
+            let (daemon_end, proxy_end) = tunnel::unix_pair().map_err(PagesError::SocketPair)?;
+            Some((map, daemon_end, proxy_end))
+        } else {
+            None
+        };
+        let daemon_fd = match &proxied {
+            Some((_, daemon_end, _)) => daemon_end.as_raw_fd(),
+            None => client.as_raw_fd(),
+        };
+        let daemon = criu()?
             .lazy_pages_in(
                 &LazyPagesOpts {
                     images_dir: checkpoint,
-                    source: PageTarget::Socket(client.as_raw_fd()),
+                    source: PageTarget::Socket(daemon_fd),
                     log_file: work.join("lazy-pages.log"),
                     ready_timeout: READY,
                 },
@@ -285,19 +332,48 @@ pub(crate) async fn start_lazy_daemon(
             .map_err(|source| PagesError::Start {
                 what: "lazy-pages",
                 source,
-            });
+            })?;
         // The daemon holds its end now; ours would keep the stream open after it exits.
-        drop(client);
-        started
+        let Some((map, daemon_end, proxy_end)) = proxied else {
+            drop(client);
+            return Ok((daemon, None, None));
+        };
+        drop(daemon_end);
+        tracing::info!(migration = %id, lazy_bytes = map.bytes(), processes = map.processes(), "post-copy prefetching proxy starts");
+        let source = std::os::unix::net::UnixStream::from(client);
+        let (proxy, gate) =
+            lazy_proxy::Proxy::new(proxy_end, source, map, lazy_proxy::Limits::default())
+                .map_err(PagesError::LazyMap)?;
+        let proxy = std::thread::Builder::new()
+            .name("lazy-proxy".into())
+            .spawn(move || proxy.run())
+            .map_err(PagesError::LazyProxy)?;
+        Ok::<_, PagesError>((daemon, Some(proxy), Some(gate)))
     })
     .await
     .map_err(|e| PagesError::Task(e.to_string()))??;
     with_jobs(|j| {
         let job = j.entry(migration_id.to_owned()).or_default();
         job.lazy_daemon = Some(daemon);
+        job.lazy_proxy = proxy;
+        job.prefetch_gate = gate;
         job.tunnel = Some(tunnel);
     });
     Ok(())
+}
+
+/// Waits for the proxy's thread (it ends once the daemon closed its session, or failed) and
+/// logs what it did. Its error, if any, to add to the daemon's. Blocking.
+fn finish_proxy(migration_id: &str, proxy: Option<ProxyThread>) -> Option<String> {
+    let r = proxy?.join();
+    match r {
+        Ok(Ok(s)) => {
+            tracing::info!(migration = %migration_id, lazy_bytes = s.lazy_bytes, source_bytes = s.source_bytes, prefetched_bytes = s.prefetched_bytes, daemon_bytes = s.daemon_bytes, daemon_requests = s.daemon_requests, forwarded = s.forwarded, "post-copy prefetching proxy done");
+            None
+        }
+        Ok(Err(e)) => Some(format!("prefetching proxy: {}", super::chain(&e))),
+        Err(_) => Some("prefetching proxy: its thread panicked".into()),
+    }
 }
 
 /// Stream mode, before the restore: every page is on this host already, in the placed image
@@ -349,31 +425,50 @@ pub(crate) fn watch_lazy_daemon(
     source: String,
     local: bool,
 ) {
-    let Some(daemon) = with_jobs(|j| {
-        j.get_mut(&migration_id)
-            .and_then(|job| job.lazy_daemon.take())
+    let Some((daemon, proxy)) = with_jobs(|j| {
+        let job = j.get_mut(&migration_id)?;
+        // The container runs now: the proxy may take the link and the CPU for its prefetch.
+        if let Some(gate) = job.prefetch_gate.take() {
+            gate.open();
+        }
+        Some((job.lazy_daemon.take()?, job.lazy_proxy.take()))
     }) else {
         return;
     };
     let started = Instant::now();
     tokio::spawn(async move {
-        let r = tokio::task::spawn_blocking(move || daemon.wait())
-            .await
-            .unwrap_or_else(|e| {
+        let id = migration_id.clone();
+        let (r, proxy_err) = tokio::task::spawn_blocking(move || {
+            let r = daemon.wait();
+            // The daemon ended (closing its end of the pair): so does the proxy.
+            (r, finish_proxy(&id, proxy))
+        })
+        .await
+        .unwrap_or_else(|e| {
+            (
                 Err(mig_migrate::criu::CriuError::Spawn {
                     path: "criu".into(),
                     source: std::io::Error::other(e.to_string()),
-                })
-            });
+                }),
+                None,
+            )
+        });
         forget(&migration_id);
         let cd = agent.dirs.container(&container_id);
         let _ = std::fs::remove_dir_all(cd.dir.join(LAZY_DIR));
         match r {
             Ok(()) => {
+                if let Some(p) = &proxy_err {
+                    tracing::warn!(id = %container_id, migration = %migration_id, error = %p, "the daemon got every page, its proxy failed after that");
+                }
                 tracing::info!(id = %container_id, migration = %migration_id, postcopy_ms = super::ms(started.elapsed()), "every page arrived")
             }
             Err(e) => {
-                let detail = super::chain(&e);
+                // The proxy's error says why the daemon lost its pages, when it was the proxy.
+                let detail = match &proxy_err {
+                    Some(p) => format!("{}; {p}", super::chain(&e)),
+                    None => super::chain(&e),
+                };
                 tracing::error!(id = %container_id, migration = %migration_id, error = %detail, "post-copy failed: the container lost its source of memory and is killed");
                 let cgroup = format!("{}/{}", agent.cfg.cgroup_parent, container_id);
                 if let Ok(cg) = mig_runtime::cgroup::Cgroup::open(&cgroup) {

@@ -6,6 +6,7 @@
 //! docs/criu.md lists the options and why each is used.
 
 pub mod kdat;
+pub mod lazy_proxy;
 mod log;
 mod netns;
 mod opts;

@@ -1,0 +1,141 @@
+//! The lazy ranges the proxy prefetches: read from the placed `pagemap-<pid>.img` images, kept
+//! as sets of disjoint address ranges per process.
+
+use super::{LazyProxyError, MAX_PAGEMAP_BYTES, PAGEMAP_MAGIC, PAGE_SIZE, PE_LAZY};
+use crate::criu::protobuf::{entries, Fields, Value};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// The lazy ranges of every process, by image id (`dst_id`): start address -> end address.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LazyMap(pub(super) BTreeMap<u64, BTreeMap<u64, u64>>);
+
+impl LazyMap {
+    /// Adds `nr_pages` lazy pages at `vaddr` of `dst_id` (merging with adjacent ranges).
+    /// `None` if the range is not page-aligned or runs past the address space.
+    pub fn add(&mut self, dst_id: u64, vaddr: u64, nr_pages: u64) -> Option<()> {
+        if !vaddr.is_multiple_of(PAGE_SIZE) {
+            return None;
+        }
+        if nr_pages == 0 {
+            return Some(());
+        }
+        let end = nr_pages.checked_mul(PAGE_SIZE)?.checked_add(vaddr)?;
+        insert_merged(self.0.entry(dst_id).or_default(), vaddr, end);
+        Some(())
+    }
+
+    /// Lazy bytes over every process.
+    pub fn bytes(&self) -> u64 {
+        self.0
+            .values()
+            .flat_map(|m| m.iter().map(|(s, e)| e - s))
+            .sum()
+    }
+
+    /// Processes with lazy pages.
+    pub fn processes(&self) -> usize {
+        self.0.len()
+    }
+}
+
+/// Inserts `[start, end)` into a set of disjoint ranges, merging with the ranges it touches.
+pub(super) fn insert_merged(m: &mut BTreeMap<u64, u64>, mut start: u64, mut end: u64) {
+    if let Some((&s, &e)) = m.range(..=start).next_back() {
+        if e >= start {
+            start = s;
+            end = end.max(e);
+            m.remove(&s);
+        }
+    }
+    while let Some((&s, &e)) = m.range(start..=end).next() {
+        end = end.max(e);
+        m.remove(&s);
+    }
+    m.insert(start, end);
+}
+
+/// The range of `m` holding `addr`.
+pub(super) fn holding(m: &BTreeMap<u64, u64>, addr: u64) -> Option<(u64, u64)> {
+    let (&s, &e) = m.range(..=addr).next_back()?;
+    (addr < e).then_some((s, e))
+}
+
+/// Removes `[start, end)`, which lies inside one range of `m`.
+pub(super) fn carve(m: &mut BTreeMap<u64, u64>, start: u64, end: u64) {
+    if let Some((s, e)) = holding(m, start) {
+        m.remove(&s);
+        if s < start {
+            m.insert(s, start);
+        }
+        if end < e {
+            m.insert(end, e);
+        }
+    }
+}
+
+/// Reads the lazy ranges of every `pagemap-<id>.img` in `dir` (shared memory's
+/// `pagemap-shmem-*` images are not served lazily by CRIU and are skipped).
+pub fn read_lazy_map(dir: &Path) -> Result<LazyMap, LazyProxyError> {
+    let list = std::fs::read_dir(dir).map_err(|source| LazyProxyError::ListImages {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let mut map = LazyMap::default();
+    for entry in list {
+        let entry = entry.map_err(|source| LazyProxyError::ListImages {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let name = entry.file_name();
+        let Some(id) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("pagemap-")?.strip_suffix(".img"))
+            .filter(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|id| id.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        let path = entry.path();
+        let read = |source| LazyProxyError::ReadImage {
+            path: path.clone(),
+            source,
+        };
+        let len = entry.metadata().map_err(read)?.len();
+        if len > MAX_PAGEMAP_BYTES {
+            return Err(LazyProxyError::ImageTooLarge { path });
+        }
+        let data = std::fs::read(&path).map_err(read)?;
+        add_lazy_entries(&mut map, id, &data)
+            .map_err(|reason| LazyProxyError::BadImage { path, reason })?;
+    }
+    Ok(map)
+}
+
+/// Adds the `PE_LAZY` entries of one pagemap image (`PagemapHead`, then `PagemapEntry {
+/// vaddr = 1, compat_nr_pages = 2, in_parent = 3, flags = 4, nr_pages = 5 }`,
+/// images/pagemap.proto) to `map` under `dst_id`.
+fn add_lazy_entries(map: &mut LazyMap, dst_id: u64, data: &[u8]) -> Result<(), &'static str> {
+    let list = entries(data, PAGEMAP_MAGIC)?;
+    if list.is_empty() {
+        return Err("no pagemap head");
+    }
+    for entry in &list[1..] {
+        let (mut vaddr, mut compat, mut flags, mut nr_pages) = (None, 0, 0, None);
+        for field in Fields::new(entry, 0) {
+            match field? {
+                (1, Value::Varint(v)) => vaddr = Some(v),
+                (2, Value::Varint(v)) => compat = v,
+                (4, Value::Varint(v)) => flags = v,
+                (5, Value::Varint(v)) => nr_pages = Some(v),
+                _ => {}
+            }
+        }
+        let vaddr = vaddr.ok_or("entry without an address")?;
+        if flags & u64::from(PE_LAZY) != 0 {
+            map.add(dst_id, vaddr, nr_pages.unwrap_or(compat))
+                .ok_or("lazy entry not page-aligned or past the address space")?;
+        }
+    }
+    Ok(())
+}
