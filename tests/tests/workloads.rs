@@ -129,3 +129,73 @@ fn a_distribution_tar_imports_and_its_layers_land_before_the_freeze() -> Result<
     lab.mig_ok(0, &["rm", "-f", "d"])?;
     Ok(())
 }
+
+/// A new user's wrong input, each refused in one line that says what to do: a move to a peer
+/// that is not pinned (said only `no pinned peer named host-z`), a command the image lacks
+/// (`container setup failed at step executing the command (pid N): ENOENT: ...`), a tar cut
+/// short (named the agent's work file, `.../images/tmp/<pid>.<n>/layer.tar: unexpected EOF
+/// during skip`); and `mig inspect` of a `--net bridge` container shows its address.
+#[test]
+fn a_new_users_wrong_input_says_what_to_do() -> Result<()> {
+    if !mig_tests::is_root("migration tests") {
+        return Ok(());
+    }
+    let lab = Lab::up_on("wlinput", [10, 79, 97], 2)?;
+    let one_line = |o: &mig_tests::MigOutput, want: &str| -> Result<()> {
+        ensure!(
+            o.code == 125 && o.stderr.lines().count() == 1 && o.stderr.contains(want),
+            "wanted {want:?}: {o:?}"
+        );
+        Ok(())
+    };
+    lab.mig_ok(
+        0,
+        &[
+            "run", "-d", "--name", "t", "busybox", "--", "sh", "-c", TICKER,
+        ],
+    )?;
+    ticks_past(&lab, 0, "t", 0)?;
+    let o = lab.mig(0, &["move", "t", "host-z"]);
+    one_line(&o, "no pinned peer named host-z (pinned peers: host-b)")?;
+    running_on(&lab, 0, "t")?;
+
+    let o = lab.mig(0, &["run", "busybox", "--", "nosuchcmd"]);
+    one_line(
+        &o,
+        "the command \"nosuchcmd\" is not in the image (searched PATH ",
+    )?;
+    let o = lab.mig(0, &["run", "-d", "busybox", "--", "/opt/app"]);
+    one_line(&o, "the command \"/opt/app\" is not in the image")?;
+
+    let tmp = tempfile::tempdir()?;
+    let whole = std::fs::read(&lab.image_tar)?;
+    let cut = tmp.path().join("cut.tar");
+    std::fs::write(&cut, &whole[..whole.len() / 2])?;
+    let o = lab.mig(0, &["image", "import", &cut.display().to_string()]);
+    one_line(
+        &o,
+        &format!("reading tar {} (the archive ends", cut.display()),
+    )?;
+
+    let o = lab.mig_ok(
+        0,
+        &[
+            "run", "-d", "--name", "n", "--net", "bridge", "busybox", "--", "sleep", "1000",
+        ],
+    )?;
+    ensure!(!o.trim().is_empty());
+    let text = lab.mig_ok(0, &["inspect", "n"])?;
+    let v = lab.mig_json(0, &["inspect", "n", "--json"])?;
+    let address = v["net"]["address"].as_str().unwrap_or_default().to_owned();
+    ensure!(
+        address.starts_with("10.79.97.")
+            && text.contains(&format!(
+                "network:   {address}/24, gateway 10.79.97.1, mac 02:"
+            )),
+        "{text} {v}"
+    );
+    let hosts = lab.mig_ok(0, &["exec", "n", "--", "cat", "/etc/hosts"])?;
+    ensure!(hosts.contains(&address), "{hosts}");
+    lab.mig_ok(0, &["rm", "-f", "t", "n"])?;
+    Ok(())
+}

@@ -760,6 +760,29 @@ fn api(kind: ErrorKind, msg: impl Into<String>) -> ApiError {
 }
 
 impl Agent {
+    /// `pinned peers: host-b, host-c`, or how to pin one when there is none: the end of the
+    /// errors of a move to a peer that is not (or cannot be) one.
+    fn pinned_hint(&self) -> String {
+        let peers: Vec<String> = self
+            .migration
+            .net()
+            .map(|n| {
+                n.peers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .list()
+                    .iter()
+                    .map(|p| p.name.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if peers.is_empty() {
+            "no peer is pinned here (mig peers add)".to_owned()
+        } else {
+            format!("pinned peers: {}", peers.join(", "))
+        }
+    }
+
     /// `mig move`: moves a running container to `peer`. Returns when the container runs on the
     /// peer (Ok) or again here (an error saying why).
     pub(crate) async fn move_container(
@@ -775,24 +798,7 @@ impl Agent {
             // Not a pinned peer, and the user means this host: say so, and where it can go.
             let id = self.resolve(container)?;
             let name = self.entry(&id).map(|e| e.spec.name).unwrap_or(id);
-            let peers: Vec<String> = self
-                .migration
-                .net()
-                .map(|n| {
-                    n.peers
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .list()
-                        .iter()
-                        .map(|p| p.name.clone())
-                        .collect()
-                })
-                .unwrap_or_default();
-            let hint = if peers.is_empty() {
-                "no peer is pinned here (mig peers add)".to_owned()
-            } else {
-                format!("pinned peers: {}", peers.join(", "))
-            };
+            let hint = self.pinned_hint();
             return Err(api(
                 ErrorKind::InvalidArgument,
                 format!("container {name} is already on {peer} (this host); {hint}"),
@@ -804,13 +810,21 @@ impl Agent {
                 "the migration endpoint is not running",
             )
         })?;
-        let peer = net
+        // The peers' lock is released at the end of this statement (`pinned_hint` takes it).
+        let found = net
             .peers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(peer)
-            .cloned()
-            .ok_or_else(|| api(ErrorKind::NotFound, format!("no pinned peer named {peer}")))?;
+            .cloned();
+        let peer = found.ok_or_else(|| {
+            // A typo or a host not added yet: say which peers there are.
+            let hint = self.pinned_hint();
+            api(
+                ErrorKind::NotFound,
+                format!("no pinned peer named {peer} ({hint})"),
+            )
+        })?;
         let id = self.resolve(container)?;
         self.refresh(&id);
         if !tcp_established {
