@@ -71,8 +71,9 @@ fn distro_like_tar(dir: &Path) -> Result<std::path::PathBuf> {
 /// destination imported the image's layers in the restore, while the container was frozen: the
 /// first move of a python container of a 170 MiB Debian image to host-b had a downtime of
 /// 2600 ms (restore 2266 ms), the next ones 300 to 500 ms. The layers are now imported at the
-/// end of the presync: with the final transfer failing at the destination (after the freeze),
-/// the image is there already, and the container keeps running where it was.
+/// end of the presync: with the freeze held back, the image is on host-b while the container
+/// still runs on host-a. A move that fails after the freeze keeps the container running where
+/// it was and takes the image it added off host-b again.
 #[test]
 fn a_distribution_tar_imports_and_its_layers_land_before_the_freeze() -> Result<()> {
     if !mig_tests::is_root("migration tests") {
@@ -111,16 +112,30 @@ fn a_distribution_tar_imports_and_its_layers_land_before_the_freeze() -> Result<
     lab.fault(1, None)?;
     ensure!(o.code == 125 && o.stderr.contains("rolled back"), "{o:?}");
     running_on(&lab, 0, "d")?;
-    let images = lab.mig_json(1, &["image", "ls", "--json"])?;
-    ensure!(
-        images
-            .as_array()
-            .is_some_and(|a| a.iter().any(|i| i["name"] == "distro")),
-        "the image did not reach host-b before the freeze: {images}"
-    );
+    // The move that failed gives back what it took on host-b: the image it added too.
+    let has_image = || {
+        lab.mig_json(1, &["image", "ls", "--json"]).is_ok_and(|v| {
+            v.as_array()
+                .is_some_and(|a| a.iter().any(|i| i["name"] == "distro"))
+        })
+    };
+    ensure!(!has_image(), "the failed move left its image on host-b");
     let before = ticks_past(&lab, 0, "d", first)?;
 
-    lab.mig_ok(0, &["move", "d", "host-b"])?;
+    // The freeze held back 3 s: the image is on host-b while the container still runs here.
+    lab.fault(0, Some("source-freeze:delay:3000"))?;
+    let (o, landed) = std::thread::scope(|s| {
+        let l: &Lab = &lab;
+        let mover = s.spawn(move || l.mig(0, &["move", "d", "host-b"]));
+        let landed = mig_tests::wait_until(Duration::from_secs(20), || {
+            has_image() && running_on(l, 0, "d").is_ok()
+        });
+        (mover.join(), landed)
+    });
+    lab.fault(0, None)?;
+    let o = o.map_err(|_| anyhow::anyhow!("the mover thread panicked"))?;
+    ensure!(o.code == 0, "{o:?}");
+    ensure!(landed, "the image did not reach host-b before the freeze");
     running_on(&lab, 1, "d")?;
     let after = ticks_past(&lab, 1, "d", before)?;
     lab.mig_ok(1, &["move", "d", "host-a"])?;

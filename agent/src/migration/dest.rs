@@ -655,8 +655,10 @@ fn note_arrival(checkpoint: &Path, arrived: &HashMap<String, String>) -> bool {
 /// restore only finds them. Called when the presync's files are in, while the container still
 /// runs on the source: done at the restore, a 170 MiB Debian image added 2 s to the downtime of
 /// its first move to a host. Recording the image at once keeps its layers referenced (an
-/// `image rm` meanwhile would otherwise collect them); a move that rolls back leaves the image
-/// here, as an import would. Idempotent: each staged layer is removed once imported.
+/// `image rm` meanwhile would otherwise collect them). An image this migration added is named
+/// in `<staging>/IMAGE_ADDED`: a move that rolls back removes it again when no container uses
+/// it ([`cleanup_incoming`]), so a failed move (a full disk, say) gives back the space it took.
+/// Idempotent: each staged layer is removed once imported.
 fn import_layers(
     images: &mig_runtime::image::ImageStore,
     staging: &Path,
@@ -675,10 +677,15 @@ fn import_layers(
         }
     }
     if images.get(&image.id).is_err() {
+        let added = staging.join(IMAGE_ADDED);
+        std::fs::write(&added, &image.id).map_err(io(&added))?;
         images.add_image(image).map_err(DestError::Image)?;
     }
     Ok(())
 }
+
+/// In an incoming migration's staging directory: the id of the image the migration added.
+const IMAGE_ADDED: &str = "IMAGE_ADDED";
 
 /// Unpacks the presync copy of the writable layer into `<staging>/upper` (while the container
 /// still runs on the source) and drops its tar.
@@ -760,6 +767,17 @@ pub(crate) async fn cleanup_incoming(
         }
     }
     if let Ok(staging) = journal::staging(&agent.cfg.state_dir, migration_id) {
+        if let Ok(image) = std::fs::read_to_string(staging.join(IMAGE_ADDED)) {
+            // Refused while a container uses it (the same checks as `mig image rm`).
+            match agent.image_remove(image.trim().to_owned()).await {
+                Ok(_) => {
+                    tracing::info!(migration = %migration_id, image = %image.trim(), "removed the image this move added")
+                }
+                Err(e) => {
+                    tracing::info!(migration = %migration_id, image = %image.trim(), reason = %e.message, "kept the image this move added")
+                }
+            }
+        }
         let _ = std::fs::remove_dir_all(staging);
     }
     Ok(())
