@@ -119,7 +119,11 @@ fn a_post_copy_through_the_prefetching_proxy_keeps_memory_and_pids() -> Result<(
     if !mig_tests::is_root("migration tests") {
         return Ok(());
     }
-    let lab = Lab::up("pcproxy", 71)?;
+    // The proxy is off by default; this lab's agents start with it on.
+    std::env::set_var("MIG_LAZY_PREFETCH", "1");
+    let lab = Lab::up("pcproxy", 71);
+    std::env::remove_var("MIG_LAZY_PREFETCH");
+    let lab = lab?;
     // About 200 MB of random data in each of two shells, which check it every 2 s (faults in
     // random places while the proxy prefetches the rest).
     let id = lab.run_container(0, "fetched", 150)?;

@@ -16,10 +16,11 @@
 //!   end of a socketpair, the destination's `criu lazy-pages --page-server --ps-socket` fetches
 //!   them through one end of another, and the agents carry the other ends over one QUIC stream
 //!   (no loopback TCP; a 0.1.0 peer's loopback TCP end still meets ours, as in stream mode).
-//!   On the destination a prefetching proxy (`mig_migrate::criu::lazy_proxy`) sits between the
-//!   daemon and the tunnel: it asks the source for every lazy page in large requests once the
-//!   container runs (after Commit) and answers the daemon from what came
-//!   (`MIG_LAZY_PREFETCH=0` in migd's environment leaves the daemon on the tunnel directly).
+//!   With `MIG_LAZY_PREFETCH=1` in migd's environment, a prefetching proxy
+//!   (`mig_migrate::criu::lazy_proxy`) sits between the daemon and the tunnel on the
+//!   destination: it asks the source for every lazy page in large requests once the container
+//!   runs (after Commit) and answers the daemon from what came. Off by default (no gain measured
+//!   in the full bench run).
 //!   The source keeps serving until the daemon has every page; the destination keeps the
 //!   connection until then and kills the container if the daemon fails (its missing memory
 //!   would otherwise read as zeros).
@@ -266,16 +267,19 @@ pub(crate) fn finish_page_server(
     Ok(added)
 }
 
-/// The environment variable of migd that turns the prefetching proxy of post-copy off: `0`
-/// leaves the lazy-pages daemon on the tunnel directly (as before session 10); unset or
-/// anything else: the proxy runs.
+/// The environment variable of migd that turns the prefetching proxy of post-copy on: `1`
+/// puts the proxy between the lazy-pages daemon and the tunnel; unset or anything else leaves
+/// the daemon on the tunnel directly. Off by default: in the full bench run of 2026-12-03
+/// 06:33 UTC and an A/B right after it (1 GiB, 3 runs each), the proxy gave no gain (post-copy
+/// 165 against 209 MB/s, downtime 386 against 342 ms), against the gains of the helper's noisier
+/// A/B runs (docs/migration.md, "The prefetching proxy").
 pub const LAZY_PREFETCH_ENV: &str = "MIG_LAZY_PREFETCH";
 
 /// Whether this agent runs the prefetching proxy ([`LAZY_PREFETCH_ENV`], read once).
 fn lazy_prefetch() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| {
-        let on = std::env::var(LAZY_PREFETCH_ENV).as_deref() != Ok("0");
+        let on = std::env::var(LAZY_PREFETCH_ENV).as_deref() == Ok("1");
         tracing::info!(on, "post-copy prefetching proxy ({LAZY_PREFETCH_ENV})");
         on
     })
