@@ -53,23 +53,15 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use map::{carve, holding, insert_merged};
 pub use map::{read_lazy_map, LazyMap};
 
-/// Size of one command of the protocol.
-pub const PS_IOV_SIZE: usize = 32;
-/// Page size of the images (x86-64).
-pub const PAGE_SIZE: u64 = 4096;
+pub use super::page_writer::{PAGE_SIZE, PS_IOV_SIZE};
+// CRIU's page server protocol and pagemap image constants, shared with the page writer.
+use super::page_writer::{
+    PAGEMAP_MAGIC, PE_LAZY, PE_PRESENT, PS_CMD_BITS, PS_IOV_ADD_F, PS_IOV_CLOSE,
+    PS_IOV_FORCE_CLOSE, PS_IOV_GET,
+};
 
-const PS_IOV_GET: u32 = 7;
-const PS_IOV_ADD_F: u32 = 6;
-const PS_IOV_CLOSE: u32 = 0x1023;
-const PS_IOV_FORCE_CLOSE: u32 = 0x1024;
-const PS_CMD_BITS: u32 = 16;
-/// Pagemap entry flags (criu/include/pagemap.h).
-const PE_LAZY: u32 = 1 << 1;
-const PE_PRESENT: u32 = 1 << 2;
 /// The command of every page answer: `encode_ps_cmd(PS_IOV_ADD_F, PE_PRESENT)`.
 const ANSWER_CMD: u32 = PE_PRESENT << PS_CMD_BITS | PS_IOV_ADD_F;
-/// Own magic of pagemap images (criu/include/magic.h).
-const PAGEMAP_MAGIC: u32 = 0x5608_4025;
 /// A pagemap image of a container's process is small; anything bigger is not one.
 pub const MAX_PAGEMAP_BYTES: u64 = 64 << 20;
 

@@ -55,20 +55,20 @@ const PS_IOV_HOLE: u32 = 2;
 const PS_IOV_OPEN: u32 = 3;
 const PS_IOV_OPEN2: u32 = 4;
 const PS_IOV_PARENT: u32 = 5;
-const PS_IOV_ADD_F: u32 = 6;
-const PS_IOV_GET: u32 = 7;
-const PS_IOV_CLOSE: u32 = 0x1023;
-const PS_IOV_FORCE_CLOSE: u32 = 0x1024;
-const PS_CMD_BITS: u32 = 16;
+pub(super) const PS_IOV_ADD_F: u32 = 6;
+pub(super) const PS_IOV_GET: u32 = 7;
+pub(super) const PS_IOV_CLOSE: u32 = 0x1023;
+pub(super) const PS_IOV_FORCE_CLOSE: u32 = 0x1024;
+pub(super) const PS_CMD_BITS: u32 = 16;
 const PS_TYPE_BITS: u32 = 8;
 
 /// Pagemap entry flags (criu/include/pagemap.h).
 const PE_PARENT: u32 = 1 << 0;
-const PE_LAZY: u32 = 1 << 1;
-const PE_PRESENT: u32 = 1 << 2;
+pub(super) const PE_LAZY: u32 = 1 << 1;
+pub(super) const PE_PRESENT: u32 = 1 << 2;
 
 /// Own magic of pagemap images (criu/include/magic.h).
-const PAGEMAP_MAGIC: u32 = 0x5608_4025;
+pub(super) const PAGEMAP_MAGIC: u32 = 0x5608_4025;
 /// First `pages-N.img` id of a page server (CRIU's `up_page_ids_base`: 1 + 0x10000).
 pub const FIRST_PAGES_ID: u32 = 0x10001;
 /// Most slices handed to one vectored write (the kernel's `IOV_MAX`).
