@@ -252,6 +252,31 @@ pub fn mount_points(agent: Option<i32>) -> Vec<String> {
         .collect()
 }
 
+/// A counter in the log of `name` on `host`, one number per line: the highest value seen.
+pub fn last_tick(lab: &Lab, host: usize, name: &str) -> u64 {
+    lab.mig(host, &["logs", name])
+        .stdout
+        .lines()
+        .filter_map(|l| l.trim().parse::<u64>().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// Waits until the counter `name` on `host` counted a few ticks past `after`; returns the last.
+pub fn ticks_past(lab: &Lab, host: usize, name: &str, after: u64) -> Result<u64> {
+    let mut last = 0;
+    if !crate::wait_until(Duration::from_secs(30), || {
+        last = last_tick(lab, host, name);
+        last > after + 2
+    }) {
+        bail!(
+            "{name} on host {host} stopped counting after {after}: {}",
+            lab.mig(host, &["logs", name]).stdout
+        );
+    }
+    Ok(last)
+}
+
 pub fn running_on(lab: &Lab, host: usize, name: &str) -> Result<Value> {
     let v = lab.mig_json(host, &["inspect", name, "--json"])?;
     if v["state"] != "running" {

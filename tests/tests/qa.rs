@@ -5,31 +5,9 @@
 //! per test; each lab is removed by its guard whatever happens. Session 9's checks (a new user's
 //! commands and the docs' promises) are at the end.
 
-use anyhow::{bail, ensure, Result};
-use mig_tests::lab::{running_on, Lab};
+use anyhow::{ensure, Result};
+use mig_tests::lab::{last_tick, running_on, ticks_past, Lab};
 use std::time::Duration;
-
-/// A counter in the log, one line per tick: the highest value seen.
-fn last_tick(lab: &Lab, host: usize, name: &str) -> u64 {
-    lab.mig(host, &["logs", name])
-        .stdout
-        .lines()
-        .filter_map(|l| l.trim().parse::<u64>().ok())
-        .max()
-        .unwrap_or(0)
-}
-
-fn ticks_past(lab: &Lab, host: usize, name: &str, after: u64) -> Result<()> {
-    if !mig_tests::wait_until(Duration::from_secs(30), || {
-        last_tick(lab, host, name) > after + 2
-    }) {
-        bail!(
-            "{name} on host {host} stopped counting after {after}: {}",
-            lab.mig(host, &["logs", name]).stdout
-        );
-    }
-    Ok(())
-}
 
 /// Runs a busybox counter (one line every 0.2 s) named `name` from `image` on host 0 and waits
 /// until it counts; returns its id.

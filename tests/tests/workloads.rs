@@ -6,35 +6,10 @@
 //! Needs root. Subnets 10.79.96.0/24 to 10.79.99.0/24, one per test; each lab is removed by its
 //! guard whatever happens.
 
-use anyhow::{bail, ensure, Context, Result};
-use mig_tests::lab::{running_on, Lab};
+use anyhow::{ensure, Context, Result};
+use mig_tests::lab::{running_on, ticks_past, Lab};
 use std::path::Path;
 use std::time::Duration;
-
-/// The highest number a counter printed to the log (one per line).
-fn last_tick(lab: &Lab, host: usize, name: &str) -> u64 {
-    lab.mig(host, &["logs", name])
-        .stdout
-        .lines()
-        .filter_map(|l| l.trim().parse::<u64>().ok())
-        .max()
-        .unwrap_or(0)
-}
-
-/// Waits until `name` on `host` counted a few ticks past `after`.
-fn ticks_past(lab: &Lab, host: usize, name: &str, after: u64) -> Result<u64> {
-    let mut last = 0;
-    if !mig_tests::wait_until(Duration::from_secs(30), || {
-        last = last_tick(lab, host, name);
-        last > after + 2
-    }) {
-        bail!(
-            "{name} on host {host} stopped counting after {after}: {}",
-            lab.mig(host, &["logs", name]).stdout
-        );
-    }
-    Ok(last)
-}
 
 const TICKER: &str = "i=0; while :; do i=$((i+1)); echo $i; sleep 0.2; done";
 
