@@ -419,14 +419,15 @@ fn the_daemon_gone_without_close_ends_the_proxy() {
     assert!(matches!(e, LazyProxyError::DaemonEof), "{e}");
 }
 
-#[test]
-fn a_source_that_fails_ends_the_proxy() {
-    // A source that asks back with a wrong header.
-    let map = {
-        let mut m = LazyMap::default();
-        m.add(1, 0x1000, 4).unwrap();
-        m
-    };
+/// A proxy over one lazy range of 4 pages at 0x1000 of process 1, whose daemon asked for all of
+/// them and whose source was asked for them (checked); the test plays the source's answer.
+fn one_get_forwarded() -> (
+    UnixStream,
+    UnixStream,
+    JoinHandle<Result<Summary, LazyProxyError>>,
+) {
+    let mut map = LazyMap::default();
+    map.add(1, 0x1000, 4).unwrap();
     let (mut daemon, proxy_d) = UnixStream::pair().unwrap();
     let (proxy_s, mut source_s) = UnixStream::pair().unwrap();
     let proxy = std::thread::spawn(move || run(proxy_d, proxy_s, map, small_limits()));
@@ -436,6 +437,13 @@ fn a_source_that_fails_ends_the_proxy() {
         (head.cmd, head.vaddr, head.nr_pages),
         (PS_IOV_GET, 0x1000, 4)
     );
+    (daemon, source_s, proxy)
+}
+
+#[test]
+fn a_source_that_fails_ends_the_proxy() {
+    // A source that asks back with a wrong header.
+    let (mut daemon, mut source_s, proxy) = one_get_forwarded();
     source_s.write_all(&iov(ANSWER_CMD, 5, 0x1000, 1)).unwrap();
     let e = proxy.join().unwrap().unwrap_err();
     assert!(
@@ -446,16 +454,7 @@ fn a_source_that_fails_ends_the_proxy() {
     assert_eq!(daemon.read_to_end(&mut rest).unwrap(), 0);
 
     // A source that ends in the middle of its pages.
-    let map = {
-        let mut m = LazyMap::default();
-        m.add(1, 0x1000, 4).unwrap();
-        m
-    };
-    let (mut daemon, proxy_d) = UnixStream::pair().unwrap();
-    let (proxy_s, mut source_s) = UnixStream::pair().unwrap();
-    let proxy = std::thread::spawn(move || run(proxy_d, proxy_s, map, small_limits()));
-    daemon.write_all(&iov(PS_IOV_GET, 4, 0x1000, 1)).unwrap();
-    read_iov(&mut source_s).unwrap().unwrap().unwrap();
+    let (_daemon, mut source_s, proxy) = one_get_forwarded();
     source_s.write_all(&iov(ANSWER_CMD, 4, 0x1000, 1)).unwrap();
     source_s.write_all(&page(1, 0x1000)).unwrap();
     drop(source_s);
