@@ -5,6 +5,7 @@
 pub mod archive;
 pub mod criu;
 pub mod imageset;
+pub mod memsync;
 pub mod protocol;
 pub mod transport;
 pub mod wire;

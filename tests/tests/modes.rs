@@ -17,20 +17,42 @@
 use anyhow::{bail, Result};
 use mig_tests::lab::{continues, log_state, move_and_check_with, nothing_left, running_on, Lab};
 
+/// There with the memory presync (docs/migration.md "Memory presync"): the memory goes while
+/// the container runs and the dump reuses it; back from an agent with the presync turned off:
+/// every page goes through the tunnel while frozen. Memory verified both times.
 #[test]
 fn stream_there_and_back() -> Result<()> {
     if !mig_tests::is_root("migration tests") {
         return Ok(());
     }
-    let lab = Lab::up("st", 10)?;
+    let mut lab = Lab::up("st", 10)?;
     let id = lab.run_container(0, "streamer", 8)?;
     let r = move_and_check_with(&lab, 0, 1, "streamer", &id, &["--mode", "stream"], "stream")?;
+    let presync = &r["memory_presync"];
+    let sent = presync["bytes"].as_u64().unwrap_or(0);
+    assert!(
+        presync["error"].is_null() && sent > 16_000_000,
+        "the memory was not presynced: {r}"
+    );
+    let reused = presync["pages_reused"].as_u64().unwrap_or(0) * 4096;
+    assert!(
+        reused > 16_000_000,
+        "the dump did not reuse the presync: {r}"
+    );
+    let frozen = r["page_bytes"].as_u64().unwrap_or(u64::MAX);
+    assert!(
+        frozen < sent / 2,
+        "the pages went again while frozen: {r}"
+    );
+    let dir = tempfile::tempdir()?;
+    lab.restart_with(1, &migd_with(dir.path(), "MIG_MEMORY_PRESYNC", "0")?)?;
+    let r = move_and_check_with(&lab, 1, 0, "streamer", &id, &["--mode", "stream"], "stream")?;
+    assert!(r["memory_presync"].is_null(), "presync while off: {r}");
     let pages = r["page_bytes"].as_u64().unwrap_or(0);
     assert!(
-        pages > 8_000_000,
+        pages > 16_000_000,
         "the pages did not go through the tunnel: {r}"
     );
-    move_and_check_with(&lab, 1, 0, "streamer", &id, &["--mode", "stream"], "stream")?;
     Ok(())
 }
 
@@ -90,11 +112,16 @@ fn dirty_tracking() -> bool {
 
 /// A wrapper of this build's migd that announces protocol `version`.
 fn migd_announcing(dir: &std::path::Path, version: &str) -> Result<std::path::PathBuf> {
-    let wrapper = dir.join(format!("migd-{version}"));
+    migd_with(dir, "MIG_WIRE_VERSION", version)
+}
+
+/// A wrapper of this build's migd started with `var=value` in its environment.
+fn migd_with(dir: &std::path::Path, var: &str, value: &str) -> Result<std::path::PathBuf> {
+    let wrapper = dir.join(format!("migd-{var}-{value}"));
     std::fs::write(
         &wrapper,
         format!(
-            "#!/bin/sh\nMIG_WIRE_VERSION={version} exec {} \"$@\"\n",
+            "#!/bin/sh\n{var}={value} exec {} \"$@\"\n",
             mig_tests::bin("migd").display()
         ),
     )?;

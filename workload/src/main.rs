@@ -5,8 +5,9 @@
 //! 8-byte word is a pure function of the seed and its index, so any part can be checked alone),
 //! prints `READY <mib>`, then once a second (`--interval-ms`):
 //!
-//! - rewrites `--dirty-mib` MiB (default 1) with the same pattern at a rotating offset, so the pages
-//!   are dirtied but stay verifiable;
+//! - rewrites `--dirty-mib` MiB (default 1) at a rotating offset with the pattern of the next
+//!   generation of each MiB (its seed mixed with a per-MiB counter kept in memory too), so the
+//!   pages change content, as a program's writes do, and stay verifiable;
 //! - verifies the next `--verify-mib` MiB (default 256) against the pattern, wrapping around;
 //! - prints `COUNT <n>` and then `OK <n> passes <p>` (`p` = complete verification passes over the
 //!   whole buffer so far) or `BAD <n> offset <byte>` at the first wrong word.
@@ -74,6 +75,11 @@ fn word(seed: u64, index: usize) -> u64 {
     z ^ (z >> 31)
 }
 
+/// The pattern seed of a MiB in generation `gen` (generation 0: the seed itself).
+fn mib_seed(seed: u64, gen: u64) -> u64 {
+    seed ^ gen.wrapping_mul(0xd6e8_feb8_6659_fd93)
+}
+
 fn fill(mem: &mut [u64], seed: u64, start: usize) {
     for (i, w) in mem.iter_mut().enumerate() {
         *w = word(seed, start + i);
@@ -99,6 +105,8 @@ fn main() -> ExitCode {
     };
     let words = o.mib * MIB_WORDS;
     let mut mem = vec![0u64; words];
+    // Generation of each MiB: its pattern's seed is `mib_seed(seed, gen)`.
+    let mut gens = vec![0u64; o.mib];
     fill(&mut mem, o.seed, 0);
     let mut out = std::io::stdout().lock();
     // Output errors (a closed log) must not stop the workload: the memory is what is measured.
@@ -120,11 +128,19 @@ fn main() -> ExitCode {
 
         if dirty_words > 0 {
             let end = (dirty_at + dirty_words).min(words);
-            fill(&mut mem[dirty_at..end], o.seed, dirty_at);
+            let first = dirty_at / MIB_WORDS;
+            for (m, gen) in gens[first..end / MIB_WORDS].iter_mut().enumerate() {
+                *gen += 1;
+                let at = (first + m) * MIB_WORDS;
+                fill(&mut mem[at..at + MIB_WORDS], mib_seed(o.seed, *gen), at);
+            }
             dirty_at = if end == words { 0 } else { end };
         }
         let end = (verify_at + verify_words).min(words);
-        let bad = check(&mem[verify_at..end], o.seed, verify_at);
+        let bad = (verify_at / MIB_WORDS..end / MIB_WORDS).find_map(|m| {
+            let at = m * MIB_WORDS;
+            check(&mem[at..at + MIB_WORDS], mib_seed(o.seed, gens[m]), at)
+        });
         verify_at = if end == words {
             passes += 1;
             0
@@ -167,5 +183,15 @@ mod tests {
         mem[1234] ^= 1;
         assert_eq!(check(&mem, 3, 100), Some(1334));
         assert_ne!(word(1, 0), word(1, 1));
+    }
+
+    #[test]
+    fn a_new_generation_changes_every_word() {
+        let (mut a, mut b) = (vec![0u64; 512], vec![0u64; 512]);
+        fill(&mut a, mib_seed(5, 0), 0);
+        fill(&mut b, mib_seed(5, 1), 0);
+        assert_eq!(mib_seed(5, 0), 5);
+        assert!(a.iter().zip(&b).all(|(x, y)| x != y));
+        assert_eq!(check(&b, mib_seed(5, 1), 0), None);
     }
 }

@@ -9,6 +9,7 @@
 mod dest;
 pub mod fault;
 pub(crate) mod journal;
+pub mod memsync;
 pub mod modes;
 pub(crate) mod pages;
 mod peers;
@@ -149,6 +150,11 @@ pub struct MoveResult {
     /// `precopy`: the rounds made while the container ran and why they stopped.
     #[serde(default)]
     pub precopy: Option<precopy::PrecopyReport>,
+    /// `stream` to a destination speaking protocol 1.4: the memory sent while the container
+    /// ran, and how much of it the dump found unchanged (those pages did not travel while
+    /// frozen).
+    #[serde(default)]
+    pub memory_presync: Option<memsync::MemoryPresyncReport>,
 }
 
 /// One pinned peer, as `mig peers ls` shows it.

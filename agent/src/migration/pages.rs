@@ -37,6 +37,8 @@ use mig_migrate::criu::{
     Background, Criu, DumpOpts, LazyDump, LazyPagesOpts, PageServerOpts, PageTarget,
 };
 use mig_migrate::imageset;
+use mig_migrate::memsync::stream::PresyncSink;
+use mig_migrate::memsync::PresyncImages;
 use mig_migrate::transport::tunnel::{self, Endpoint, Service, Tunnel, TunnelHeader};
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
@@ -105,6 +107,10 @@ struct Job {
     lazy_proxy: Option<ProxyThread>,
     prefetch_gate: Option<lazy_proxy::PrefetchGate>,
     tunnel: Option<Tunnel>,
+    /// Destination, stream: where the dump's images go, and the memory presync's pages once
+    /// they all arrived (for a deduplicated page stream, `Service::PageServerDedup`).
+    images_dir: Option<PathBuf>,
+    presync: Option<Arc<Mutex<Option<Arc<PresyncImages>>>>>,
 }
 
 /// The thread running a prefetching proxy, and its outcome.
@@ -120,12 +126,45 @@ fn with_jobs<T>(f: impl FnOnce(&mut HashMap<String, Job>) -> T) -> T {
 /// Where the service a tunnel stream names listens on this agent.
 pub(crate) fn resolve(h: &TunnelHeader) -> Option<Endpoint> {
     with_jobs(|j| {
-        let serves = &mut j.get_mut(&h.migration_id)?.serves;
+        let job = j.get_mut(&h.migration_id)?;
+        if h.service == Service::PageServerDedup {
+            return dedup_writer(&h.migration_id, job);
+        }
+        let serves = &mut job.serves;
         match serves.get(&h.service)? {
             Endpoint::Tcp(a) => Some(Endpoint::Tcp(*a)),
-            Endpoint::Unix(_) | Endpoint::Pages(_) => serves.remove(&h.service),
+            Endpoint::Unix(_) | Endpoint::Pages(_) | Endpoint::Presync(_) => {
+                serves.remove(&h.service)
+            }
         }
     })
+}
+
+/// Destination, stream, after a memory presync: mig's page writer, taking the pages the
+/// source marks from the presync's cache, replaces whatever Prepare readied for the plain page
+/// stream (a `criu page-server` is stopped). Refused (`None`) without a whole presync.
+fn dedup_writer(migration_id: &str, job: &mut Job) -> Option<Endpoint> {
+    let presync = job
+        .presync
+        .as_ref()?
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    let Some(presync) = presync else {
+        tracing::warn!(migration = %migration_id, "a deduplicated page stream without a whole memory presync: refused");
+        return None;
+    };
+    let dir = job.images_dir.clone()?;
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        tracing::warn!(migration = %migration_id, error = %e, "cannot create the images directory");
+        return None;
+    }
+    job.serves.remove(&Service::PageServer);
+    job.page_server = None;
+    let (sink, wait) = PageSink::new(&dir, page_writer::Limits::default());
+    job.page_writer = Some(wait);
+    tracing::info!(migration = %migration_id, presync_bytes = presync.bytes(), "deduplicated page stream");
+    Some(Endpoint::Pages(sink.deduplicated(presync)))
 }
 
 /// Stops and forgets everything of a migration (kills its CRIU helpers). Idempotent.
@@ -193,6 +232,25 @@ fn page_sink() -> PageSinkKind {
 /// stream of the source's dump is carried there ([`resolve`]): `criu page-server` on a
 /// socketpair, or mig's page writer ([`page_sink`]). Blocking.
 pub(crate) fn start_page_server(migration_id: &str, images_dir: &Path) -> Result<(), PagesError> {
+    // A 1.4 source may first send the container's memory, then a deduplicated page stream.
+    std::fs::create_dir_all(images_dir).map_err(|source| PagesError::ImagesDir {
+        path: images_dir.to_owned(),
+        source,
+    })?;
+    let slot = Arc::new(Mutex::new(None));
+    with_jobs(|j| {
+        let job = j.entry(migration_id.to_owned()).or_default();
+        job.images_dir = Some(images_dir.to_owned());
+        job.presync = Some(slot.clone());
+        job.serves.insert(
+            Service::MemoryPresync,
+            Endpoint::Presync(PresyncSink {
+                dir: images_dir.to_owned(),
+                max_bytes: super::memsync::presync_bound(images_dir),
+                slot,
+            }),
+        );
+    });
     if page_sink() == PageSinkKind::Mig {
         std::fs::create_dir_all(images_dir).map_err(|source| PagesError::ImagesDir {
             path: images_dir.to_owned(),
@@ -529,6 +587,8 @@ pub(crate) struct SourcePages {
     pub criu_dump_ms: AtomicU64,
     /// Inside the dump phase: hashing the image set and writing its manifest, in ms.
     pub seal_ms: AtomicU64,
+    /// Stream mode: the memory presync (a 1.4 destination).
+    pub presync: super::memsync::SourcePresync,
 }
 
 impl SourcePages {
@@ -546,13 +606,20 @@ impl SourcePages {
             return Ok(None);
         }
         let conn = self.conn.get().cloned().ok_or(PagesError::NoConnection)?;
-        Tunnel::socketpair(
-            conn,
-            TunnelHeader {
-                migration_id: migration_id.to_owned(),
-                service: Service::PageServer,
-            },
-        )
+        let header = |service| TunnelHeader {
+            migration_id: migration_id.to_owned(),
+            service,
+        };
+        match self.presync.index() {
+            // After a memory presync, pages the destination holds travel as markers.
+            Some(index) => Tunnel::socketpair_dedup(
+                conn,
+                header(Service::PageServerDedup),
+                index,
+                self.presync.stats.clone(),
+            ),
+            None => Tunnel::socketpair(conn, header(Service::PageServer)),
+        }
         .map(Some)
         .map_err(PagesError::Tunnel)
     }
@@ -577,7 +644,9 @@ impl SourcePages {
                 // The tunnel's stream ends once the dump's copy and this one are closed.
                 drop(client);
                 if let Some(t) = tunnel {
-                    self.tunnel_bytes.store(t.bytes(), Ordering::Relaxed);
+                    let dedup = self.presync.stats.wire_bytes.load(Ordering::Relaxed);
+                    self.tunnel_bytes
+                        .store(t.bytes() + dedup, Ordering::Relaxed);
                 }
                 r
             }

@@ -6,7 +6,7 @@
 
 use super::fault::{self, Fault, Point};
 use super::journal::{self, JournalEntry};
-use super::{chain, ms, MoveResult};
+use super::{chain, memsync, ms, MoveResult};
 use crate::api::{ApiError, ContainerState, ErrorKind};
 use crate::daemon::events::EventKind;
 use crate::daemon::Agent;
@@ -216,6 +216,37 @@ impl SourceSide {
     }
 
     /// Archives the writable layer while the container runs and keeps the scan of it.
+    /// Stream mode to a 1.4 destination: sends the container's memory while it runs (after
+    /// the files of the presync, right before the freeze), unless [`memsync::enabled`] says no.
+    async fn memory_presync(&self) {
+        if self.pages.mode() != super::modes::MoveMode::Stream
+            || !self.peer_speaks(memsync::MEMORY_PRESYNC_MINOR)
+            || !memsync::enabled()
+        {
+            return;
+        }
+        let Some(conn) = self.pages.conn.get() else {
+            return;
+        };
+        let procs = match self.cg().and_then(|cg| {
+            cg.procs().map_err(|source| SourceError::Cgroup {
+                name: self.cgroup.clone(),
+                source,
+            })
+        }) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(id = %self.id, error = %chain(&e), "no memory presync: cannot list the container's processes");
+                return;
+            }
+        };
+        let procs = mig_runtime::pidmap::pid_map(&procs);
+        self.pages
+            .presync
+            .run(conn, &self.migration_id, &procs)
+            .await;
+    }
+
     fn presync_upper(&self, tar: &Path) -> Result<(), SourceError> {
         let scan = write_file(tar, true, |w| {
             mig_migrate::archive::write_layer_tar_scanned(&self.upper(), w)
@@ -592,6 +623,9 @@ impl SourceHost for Src {
 
     async fn presync_round(&self, round: u32) -> Result<Option<Vec<OutgoingFile>>, HostError> {
         if !self.precopy.active() {
+            if round == 1 {
+                self.memory_presync().await;
+            }
             return Ok(None);
         }
         let me = self.clone();
@@ -1114,6 +1148,7 @@ impl Agent {
                     criu_dump_ms: Some(side.pages.criu_dump_ms.load(Ordering::Relaxed)),
                     seal_ms: Some(side.pages.seal_ms.load(Ordering::Relaxed)),
                     precopy: side.precopy.report(),
+                    memory_presync: side.pages.presync.report(),
                 })
             }
             Some(Outcome::RolledBack {

@@ -39,10 +39,13 @@
 //! blocking socket (tests, tools); the agent runs it on a QUIC stream.
 
 use super::protobuf::{put_entry, put_varint_field, IMG_COMMON_MAGIC};
+use crate::memsync::{PresyncImages, SEG_CACHED};
+use placed::Placed;
 use std::fs::File;
 use std::io::{IoSlice, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Size of one command of the protocol.
@@ -50,22 +53,22 @@ pub const PS_IOV_SIZE: usize = 32;
 /// Page size of the images (x86-64).
 pub const PAGE_SIZE: u64 = 4096;
 
-const PS_IOV_ADD: u32 = 1;
+pub(crate) const PS_IOV_ADD: u32 = 1;
 const PS_IOV_HOLE: u32 = 2;
 const PS_IOV_OPEN: u32 = 3;
 const PS_IOV_OPEN2: u32 = 4;
 const PS_IOV_PARENT: u32 = 5;
-pub(super) const PS_IOV_ADD_F: u32 = 6;
+pub(crate) const PS_IOV_ADD_F: u32 = 6;
 pub(super) const PS_IOV_GET: u32 = 7;
 pub(super) const PS_IOV_CLOSE: u32 = 0x1023;
 pub(super) const PS_IOV_FORCE_CLOSE: u32 = 0x1024;
-pub(super) const PS_CMD_BITS: u32 = 16;
+pub(crate) const PS_CMD_BITS: u32 = 16;
 const PS_TYPE_BITS: u32 = 8;
 
 /// Pagemap entry flags (criu/include/pagemap.h).
 const PE_PARENT: u32 = 1 << 0;
 pub(super) const PE_LAZY: u32 = 1 << 1;
-pub(super) const PE_PRESENT: u32 = 1 << 2;
+pub(crate) const PE_PRESENT: u32 = 1 << 2;
 
 /// Own magic of pagemap images (criu/include/magic.h).
 pub(super) const PAGEMAP_MAGIC: u32 = 0x5608_4025;
@@ -161,6 +164,10 @@ pub enum PageWriterError {
     NeverRan,
     #[error("the page writer's thread failed")]
     Thread,
+    #[error("invalid page segment {word:#x} ({left} pages of the add left)")]
+    Segment { word: u32, left: u64 },
+    #[error("the page at {vaddr:#x} of {dst_id:#x} is not one the presync sent")]
+    NotCached { dst_id: u64, vaddr: u64 },
 }
 
 /// The images of the pagemap being written.
@@ -170,6 +177,8 @@ struct Open {
     pagemap_path: PathBuf,
     pages: File,
     pages_path: PathBuf,
+    /// A deduplicated stream: how the pages image relates to the presync's file.
+    placed: Placed,
 }
 
 /// A receiver of one dump's page stream, writing `pagemap-*.img` and `pages-*.img` into a
@@ -184,6 +193,14 @@ pub struct PageWriter {
     head_len: usize,
     /// Bytes of page data still to come for the last add.
     data_left: u64,
+    /// A deduplicated stream (`crate::memsync`): the presync's files, and the state of the
+    /// present add being read: its pages not yet covered by a segment, the address of the next
+    /// one, the segment word being assembled.
+    presync: Option<Arc<PresyncImages>>,
+    pages_left: u64,
+    at: u64,
+    seg: [u8; 4],
+    seg_len: usize,
     closed: bool,
     summary: Summary,
 }
@@ -199,8 +216,23 @@ impl PageWriter {
             head: [0; PS_IOV_SIZE],
             head_len: 0,
             data_left: 0,
+            presync: None,
+            pages_left: 0,
+            at: 0,
+            seg: [0; 4],
+            seg_len: 0,
             closed: false,
             summary: Summary::default(),
+        }
+    }
+
+    /// A writer of a deduplicated stream (`crate::memsync`): the data of present adds comes as
+    /// segments; the pages a segment says the destination holds are those of `presync`, whose
+    /// files become the pages images.
+    pub fn with_presync(dir: &Path, limits: Limits, presync: Arc<PresyncImages>) -> PageWriter {
+        PageWriter {
+            presync: Some(presync),
+            ..PageWriter::new(dir, limits)
         }
     }
 
@@ -236,6 +268,19 @@ impl PageWriter {
                     }
                     continue;
                 }
+                if self.pages_left > 0 {
+                    let n = (4 - self.seg_len).min(b.len());
+                    self.seg[self.seg_len..self.seg_len + n].copy_from_slice(&b[..n]);
+                    self.seg_len += n;
+                    b = &b[n..];
+                    if self.seg_len == 4 {
+                        self.seg_len = 0;
+                        // Data before the segment lands first.
+                        self.write_pages(&mut pending)?;
+                        self.segment()?;
+                    }
+                    continue;
+                }
                 let n = (PS_IOV_SIZE - self.head_len).min(b.len());
                 self.head[self.head_len..self.head_len + n].copy_from_slice(&b[..n]);
                 self.head_len += n;
@@ -253,6 +298,10 @@ impl PageWriter {
 
     /// The stream ended: what was written, or why the stream was incomplete.
     pub fn finish(self) -> Result<Summary, PageWriterError> {
+        if let Some(p) = &self.presync {
+            // Files of processes the dump did not name (they exited since).
+            p.remove_rest();
+        }
         if self.closed {
             return Ok(self.summary);
         }
@@ -261,12 +310,43 @@ impl PageWriter {
                 have: self.head_len,
             });
         }
-        if self.data_left > 0 {
+        if self.data_left > 0 || self.pages_left > 0 {
             return Err(PageWriterError::TruncatedPages {
-                missing: self.data_left,
+                missing: self.data_left + self.pages_left * PAGE_SIZE,
             });
         }
         Err(PageWriterError::NotFlushed)
+    }
+
+    /// Acts on the segment word in `self.seg` (a deduplicated stream): held pages are placed
+    /// now, data pages are read next.
+    fn segment(&mut self) -> Result<(), PageWriterError> {
+        let word = u32::from_le_bytes(self.seg);
+        let n = u64::from(word & !SEG_CACHED);
+        if n == 0 || n > self.pages_left {
+            return Err(PageWriterError::Segment {
+                word,
+                left: self.pages_left,
+            });
+        }
+        // A present add always opened an image first.
+        let Some(open) = self.open.as_mut() else {
+            return Err(PageWriterError::Segment {
+                word,
+                left: self.pages_left,
+            });
+        };
+        if word & SEG_CACHED == 0 {
+            open.placed
+                .data(&open.pages, &open.pages_path, self.at, n)?;
+            self.data_left = n * PAGE_SIZE;
+        } else {
+            open.placed
+                .held(&mut open.pages, &open.pages_path, open.dst_id, self.at, n)?;
+        }
+        self.pages_left -= n;
+        self.at += n * PAGE_SIZE;
+        Ok(())
     }
 
     /// Writes the gathered page data to the open pages image.
@@ -377,7 +457,10 @@ impl PageWriter {
                 source,
             })?;
         let pages_path = self.dir.join(format!("pages-{pages_id}.img"));
-        let pages = create(&pages_path)?;
+        let (pages, placed) = match &self.presync {
+            Some(p) => Placed::open(p.take(dst_id), &pages_path)?,
+            None => (create(&pages_path)?, Placed::plain()),
+        };
         self.summary.images += 1;
         self.open = Some(Open {
             dst_id,
@@ -385,6 +468,7 @@ impl PageWriter {
             pagemap_path,
             pages,
             pages_path,
+            placed,
         });
         Ok(())
     }
@@ -444,7 +528,13 @@ impl PageWriter {
             })?;
         self.summary.entries += 1;
         self.summary.page_bytes = total;
-        self.data_left = data;
+        if self.presync.is_some() {
+            // The data comes as segments (`segment`).
+            self.pages_left = data / PAGE_SIZE;
+            self.at = vaddr;
+        } else {
+            self.data_left = data;
+        }
         Ok(())
     }
 
@@ -458,7 +548,8 @@ impl PageWriter {
             .map_err(|source| PageWriterError::Write {
                 path: open.pagemap_path.clone(),
                 source,
-            })
+            })?;
+        open.placed.close(&open.pages, &open.pages_path)
     }
 }
 
@@ -529,6 +620,8 @@ pub fn serve<S: Read + Write>(
 pub struct PageSink {
     pub dir: PathBuf,
     pub limits: Limits,
+    /// A deduplicated stream's presync files (`crate::memsync`); `None` for CRIU's protocol.
+    pub presync: Option<Arc<PresyncImages>>,
     done: std::sync::mpsc::SyncSender<Result<Summary, PageWriterError>>,
 }
 
@@ -544,10 +637,27 @@ impl PageSink {
             PageSink {
                 dir: dir.to_owned(),
                 limits,
+                presync: None,
                 done: tx,
             },
             PageWait(rx),
         )
+    }
+
+    /// The same sink for a deduplicated stream whose held pages are in `presync`'s files.
+    pub fn deduplicated(self, presync: Arc<PresyncImages>) -> PageSink {
+        PageSink {
+            presync: Some(presync),
+            ..self
+        }
+    }
+
+    /// A writer for this sink's stream.
+    pub fn writer(&self) -> PageWriter {
+        match &self.presync {
+            Some(p) => PageWriter::with_presync(&self.dir, self.limits, p.clone()),
+            None => PageWriter::new(&self.dir, self.limits),
+        }
     }
 
     /// Reports the stream's outcome (once the close is written and answered, or on failure).
@@ -569,5 +679,6 @@ impl PageWait {
     }
 }
 
+mod placed;
 #[cfg(test)]
 mod tests;

@@ -21,7 +21,7 @@
 //! Integrity: QUIC's TLS 1.3 protects every byte of the stream (authenticated encryption); CRIU's
 //! page server protocol has its own framing and reports a connection closed in the middle.
 
-use crate::criu::page_writer::{PageSink, PageWriter, PageWriterError, Summary};
+use crate::criu::page_writer::{PageSink, PageWriterError, Summary};
 use crate::wire::{read_frame, write_frame, WireError};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -46,6 +46,13 @@ pub enum Service {
     PageServer,
     /// The source's post-copy dump serving pages to `criu lazy-pages`.
     LazyPages,
+    /// A stream-mode source's memory presync to the destination's cache (protocol 1.4,
+    /// `crate::memsync`).
+    MemoryPresync,
+    /// The pages of a streaming dump after a memory presync: CRIU's protocol with the pages the
+    /// destination holds replaced by markers (protocol 1.4, `crate::memsync`), for mig's page
+    /// writer.
+    PageServerDedup,
 }
 
 /// The first frame of a tunnel stream.
@@ -89,6 +96,10 @@ pub enum TunnelError {
     SocketPair(#[source] std::io::Error),
     #[error("the page writer of migration {migration_id} failed (its waiter has the reason)")]
     Pages { migration_id: String },
+    #[error("the memory presync failed")]
+    Presync(#[source] crate::memsync::MemsyncError),
+    #[error("the deduplicated page stream failed")]
+    Dedup(#[source] crate::memsync::MemsyncError),
     #[error("cannot use the unix socket of {service:?} for migration {migration_id}")]
     Unix {
         migration_id: String,
@@ -109,6 +120,9 @@ pub enum Endpoint {
     /// mig's page writer: the stream is a dump's page server protocol, written into the sink's
     /// images directory here; used for one stream.
     Pages(PageSink),
+    /// A memory presync's pages, kept in memory for the page writer of the same migration
+    /// (`crate::memsync`); used for one stream.
+    Presync(crate::memsync::stream::PresyncSink),
 }
 
 impl From<SocketAddr> for Endpoint {
@@ -213,6 +227,39 @@ impl Tunnel {
             addr: None,
             client: Mutex::new(Some(OwnedFd::from(client))),
             bytes,
+            task,
+        })
+    }
+
+    /// [`Tunnel::socketpair`] for a dump's pages after a memory presync: the carried end is
+    /// encoded into the deduplicated page stream (`crate::memsync::dedup`), the pages of `index`
+    /// that did not change since becoming markers; `stats` counts what went.
+    pub fn socketpair_dedup(
+        conn: quinn::Connection,
+        header: TunnelHeader,
+        index: Arc<crate::memsync::SentIndex>,
+        stats: Arc<crate::memsync::dedup::DedupStats>,
+    ) -> Result<Tunnel, TunnelError> {
+        let (client, mine) = unix_pair().map_err(TunnelError::SocketPair)?;
+        let task = tokio::spawn(async move {
+            let r = async {
+                let (mut send, recv) = conn.open_bi().await.map_err(TunnelError::Open)?;
+                write_frame(&mut send, &header, MAX_TUNNEL_HEADER)
+                    .await
+                    .map_err(TunnelError::Header)?;
+                crate::memsync::dedup::carry(mine, send, recv, index, stats)
+                    .await
+                    .map_err(TunnelError::Dedup)
+            }
+            .await;
+            if let Err(e) = r {
+                tracing::warn!(error = %super::driver::chain(&e), "deduplicated page tunnel failed");
+            }
+        });
+        Ok(Tunnel {
+            addr: None,
+            client: Mutex::new(Some(OwnedFd::from(client))),
+            bytes: Counter::default(),
             task,
         })
     }
@@ -384,6 +431,11 @@ where
             };
             splice(unix, send, recv, bytes).await
         }
+        Endpoint::Presync(sink) => {
+            let bytes_held = sink.serve(send, recv).await.map_err(TunnelError::Presync)?;
+            bytes.add(bytes_held);
+            Ok(())
+        }
         Endpoint::Pages(sink) => {
             write_pages(send, recv, sink, bytes)
                 .await
@@ -414,9 +466,8 @@ async fn write_pages(
 ) -> Result<(), ()> {
     let (batch_tx, mut batch_rx) = tokio::sync::mpsc::channel::<Vec<bytes::Bytes>>(WRITER_QUEUE);
     let (reply_tx, mut reply_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
-    let (dir, limits) = (sink.dir.clone(), sink.limits);
+    let mut w = sink.writer();
     let writer = tokio::task::spawn_blocking(move || {
-        let mut w = PageWriter::new(&dir, limits);
         let mut reply = Vec::new();
         while let Some(batch) = batch_rx.blocking_recv() {
             let closed = w.feed(&batch, &mut reply)?;

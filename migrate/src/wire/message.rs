@@ -24,7 +24,11 @@ pub const MAGIC: [u8; 4] = *b"MIGW";
 /// - 1.3: a 1.3 destination restores image sets whose network namespace was left out
 ///   (`--external net[..]:mig-netns`, a loopback-only container) into a fresh namespace with
 ///   `lo` up; the source dumps that way only for a 1.3 destination. Nothing new on the wire.
-pub const PROTOCOL_VERSION: Version = Version { major: 1, minor: 3 };
+/// - 1.4: stream mode's memory presync (`crate::memsync`): tunnel services `MemoryPresync`
+///   (the container's memory sent while it runs, kept by the destination) and
+///   `PageServerDedup` (the dump's pages with those unchanged since replaced by markers,
+///   written by mig's page writer). A source uses them only with a 1.4 destination.
+pub const PROTOCOL_VERSION: Version = Version { major: 1, minor: 4 };
 
 /// The first frame each way on a control stream. Its first three fields (magic, major, minor) are
 /// frozen for all versions so that any two versions can tell each other apart.

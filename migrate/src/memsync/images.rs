@@ -1,0 +1,193 @@
+//! What the destination keeps of a memory presync: each process's pages in a file of the
+//! images directory, `presync-<dst_id>.pages`, in address order, laid out as the dump's
+//! `pages-N.img` of that process will be when the same pages are present at the freeze.
+//!
+//! Writing fresh page cache is the slow part of a page stream on a virtual machine (a page
+//! written for the first time is about 3x slower than one written again), so the presync does
+//! it while the container runs; the page writer then renames the file to the dump's pages image
+//! and writes only the pages that changed, in place (`criu::page_writer`, [`Layout`]).
+
+use super::{MemsyncError, PAGE};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// A run of the presync file: `pages` pages from `vaddr`, the first at page `first` of the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Run {
+    vaddr: u64,
+    pages: u64,
+    first: u64,
+}
+
+/// The presync file of one process and where each page is in it.
+#[derive(Debug)]
+pub struct Layout {
+    pub path: PathBuf,
+    runs: Vec<Run>,
+    pages: u64,
+}
+
+impl Layout {
+    /// The address of the page at `pos` (in pages) of the file.
+    pub fn vaddr_at(&self, pos: u64) -> Option<u64> {
+        let i = self
+            .runs
+            .partition_point(|r| r.first <= pos)
+            .checked_sub(1)?;
+        let r = self.runs[i];
+        (pos < r.first + r.pages).then(|| r.vaddr + (pos - r.first) * PAGE as u64)
+    }
+
+    /// The position (in pages) of the page at `vaddr` in the file.
+    pub fn position_of(&self, vaddr: u64) -> Option<u64> {
+        let i = self
+            .runs
+            .partition_point(|r| r.vaddr <= vaddr)
+            .checked_sub(1)?;
+        let r = self.runs[i];
+        let k = (vaddr - r.vaddr) / PAGE as u64;
+        (vaddr.is_multiple_of(PAGE as u64) && k < r.pages).then_some(r.first + k)
+    }
+
+    /// Pages in the file.
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+}
+
+/// The presync files of a migration, until the page writer takes them.
+#[derive(Debug, Default)]
+pub struct PresyncImages {
+    layouts: Mutex<BTreeMap<u64, Layout>>,
+    bytes: u64,
+}
+
+impl PresyncImages {
+    /// Takes the file of `dst_id` (once).
+    pub fn take(&self, dst_id: u64) -> Option<Layout> {
+        self.layouts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&dst_id)
+    }
+
+    /// Removes the files no one took. Idempotent.
+    pub fn remove_rest(&self) {
+        let rest = std::mem::take(&mut *self.layouts.lock().unwrap_or_else(|p| p.into_inner()));
+        for l in rest.values() {
+            let _ = std::fs::remove_file(&l.path);
+        }
+    }
+
+    /// Bytes of pages held.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Pages held.
+    pub fn pages(&self) -> u64 {
+        self.bytes / PAGE as u64
+    }
+}
+
+/// The file name of the presync file of `dst_id`.
+pub fn file_name(dst_id: u64) -> String {
+    format!("presync-{dst_id:x}.pages")
+}
+
+/// Writes presync runs into files of a directory (a blocking writer, fed in order).
+#[derive(Debug)]
+pub struct ImagesWriter {
+    dir: PathBuf,
+    files: BTreeMap<u64, (File, Layout)>,
+    bytes: u64,
+    max_bytes: u64,
+}
+
+impl ImagesWriter {
+    /// A writer into `dir` (which must exist) of at most `max_bytes` of pages.
+    pub fn new(dir: &Path, max_bytes: u64) -> ImagesWriter {
+        ImagesWriter {
+            dir: dir.to_owned(),
+            files: BTreeMap::new(),
+            bytes: 0,
+            max_bytes,
+        }
+    }
+
+    /// Appends a run of `data` (whole pages) at `vaddr` of `dst_id`; the runs of one `dst_id`
+    /// must come in rising address order without overlap.
+    pub fn add(&mut self, dst_id: u64, vaddr: u64, data: &[u8]) -> Result<(), MemsyncError> {
+        let nr_pages = u32::try_from(data.len() / PAGE).unwrap_or(u32::MAX);
+        let len = super::cache::check_run(vaddr, nr_pages)?;
+        if len != data.len() as u64 {
+            return Err(MemsyncError::BadRun { vaddr, nr_pages });
+        }
+        if self.bytes + len > self.max_bytes {
+            return Err(MemsyncError::TooMuch {
+                max: self.max_bytes,
+            });
+        }
+        if !self.files.contains_key(&dst_id) {
+            let path = self.dir.join(file_name(dst_id));
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o644)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&path)
+                .map_err(|source| MemsyncError::File {
+                    path: path.clone(),
+                    source,
+                })?;
+            let layout = Layout {
+                path,
+                runs: Vec::new(),
+                pages: 0,
+            };
+            self.files.insert(dst_id, (file, layout));
+        }
+        let Some((file, layout)) = self.files.get_mut(&dst_id) else {
+            return Err(MemsyncError::Thread);
+        };
+        if let Some(last) = layout.runs.last() {
+            if vaddr < last.vaddr + last.pages * PAGE as u64 {
+                return Err(MemsyncError::Overlap { dst_id, vaddr });
+            }
+        }
+        file.write_all(data).map_err(|source| MemsyncError::File {
+            path: layout.path.clone(),
+            source,
+        })?;
+        let pages = u64::from(nr_pages);
+        layout.runs.push(Run {
+            vaddr,
+            pages,
+            first: layout.pages,
+        });
+        layout.pages += pages;
+        self.bytes += len;
+        Ok(())
+    }
+
+    /// The files written, for the page writer.
+    pub fn finish(self) -> PresyncImages {
+        PresyncImages {
+            layouts: Mutex::new(self.files.into_iter().map(|(d, (_, l))| (d, l)).collect()),
+            bytes: self.bytes,
+        }
+    }
+
+    /// Removes every file written (a failed presync).
+    pub fn discard(self) {
+        for (_, l) in self.files.values() {
+            let _ = std::fs::remove_file(&l.path);
+        }
+    }
+}

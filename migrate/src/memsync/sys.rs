@@ -1,0 +1,40 @@
+//! The only unsafe code of the memory presync: finding the kernel's zero page.
+
+use std::os::unix::fs::FileExt;
+
+/// Page frame bits of a pagemap entry.
+pub(super) const PM_PFN: u64 = (1 << 55) - 1;
+
+/// The page frame number of the kernel's shared zero page (what a read of never-written
+/// anonymous memory maps), as `/proc/self/pagemap` shows it; `None` without the privilege to
+/// see frame numbers. CRIU skips such pages (`kdat.zero_page_pfn`), so the presync does too.
+pub fn zero_page_pfn() -> Option<u64> {
+    const LEN: usize = 4096;
+    // SAFETY: a new private anonymous read-only mapping of one page; only this function uses it
+    // and it is unmapped below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            LEN,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return None;
+    }
+    // SAFETY: `p` is a readable mapping of LEN bytes (above); the read maps the zero page.
+    let _ = unsafe { std::ptr::read_volatile(p.cast::<u8>()) };
+    let entry = std::fs::File::open("/proc/self/pagemap")
+        .ok()
+        .and_then(|f| {
+            let mut w = [0u8; 8];
+            f.read_exact_at(&mut w, (p as u64 / LEN as u64) * 8).ok()?;
+            Some(u64::from_le_bytes(w))
+        });
+    // SAFETY: unmaps the mapping made above, which nothing refers to any more.
+    unsafe { libc::munmap(p, LEN) };
+    entry.map(|e| e & PM_PFN).filter(|&pfn| pfn != 0)
+}
