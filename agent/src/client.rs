@@ -221,12 +221,31 @@ impl Client {
         mode: Option<crate::migration::MoveMode>,
         max_downtime_ms: Option<u64>,
     ) -> Result<MoveResult, ClientError> {
+        let opts = crate::migration::modes::MoveOptions {
+            mode,
+            max_downtime_ms,
+            no_memory_presync: false,
+        };
+        self.move_container_opts(container, peer, tcp_established, opts)
+            .await
+    }
+
+    /// Moves a running container to a pinned peer with every option of `mig move`
+    /// (`opts.no_memory_presync`: stream mode without the memory presync).
+    pub async fn move_container_opts(
+        &mut self,
+        container: &str,
+        peer: &str,
+        tcp_established: bool,
+        opts: crate::migration::modes::MoveOptions,
+    ) -> Result<MoveResult, ClientError> {
         let req = Request::Move {
             container: container.into(),
             peer: peer.into(),
             tcp_established,
-            mode,
-            max_downtime_ms,
+            mode: opts.mode,
+            max_downtime_ms: opts.max_downtime_ms,
+            no_memory_presync: opts.no_memory_presync,
         };
         match self.call(&req).await? {
             Response::Moved(r) => Ok(*r),
@@ -243,6 +262,7 @@ impl Client {
             tcp_established: false,
             mode: None,
             max_downtime_ms: None,
+            no_memory_presync: false,
         };
         match self.call(&req).await? {
             Response::MoveStarted { id } => Ok(id),

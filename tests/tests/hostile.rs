@@ -230,6 +230,7 @@ fn api_frames_and_requests() {
             tcp_established: false,
             mode: None,
             max_downtime_ms: None,
+            no_memory_presync: false,
         },
         Request::PeerAdd {
             name: "host-b".into(),

@@ -40,10 +40,7 @@ fn stream_there_and_back() -> Result<()> {
         "the dump did not reuse the presync: {r}"
     );
     let frozen = r["page_bytes"].as_u64().unwrap_or(u64::MAX);
-    assert!(
-        frozen < sent / 2,
-        "the pages went again while frozen: {r}"
-    );
+    assert!(frozen < sent / 2, "the pages went again while frozen: {r}");
     let dir = tempfile::tempdir()?;
     lab.restart_with(1, &migd_with(dir.path(), "MIG_MEMORY_PRESYNC", "0")?)?;
     let r = move_and_check_with(&lab, 1, 0, "streamer", &id, &["--mode", "stream"], "stream")?;

@@ -81,6 +81,10 @@ pub enum Request {
         /// exceeds this many milliseconds.
         #[serde(default)]
         max_downtime_ms: Option<u64>,
+        /// Stream mode without the memory presync (docs/migration.md, "Memory presync"):
+        /// every page goes while frozen (plain stop-and-copy). Absent means false.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        no_memory_presync: bool,
     },
     /// Starts the same move as `Move` in the background and answers `MoveStarted` at once; its
     /// progress is in the event stream and in `MoveStatus` (API version 2).
@@ -93,6 +97,8 @@ pub enum Request {
         mode: Option<crate::migration::MoveMode>,
         #[serde(default)]
         max_downtime_ms: Option<u64>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        no_memory_presync: bool,
     },
     /// The state of a move started with `MoveStart` (API version 2).
     MoveStatus {

@@ -103,10 +103,15 @@ fn is_refusal(stderr: &str) -> bool {
     .any(|w| s.contains(w))
 }
 
+/// The bench's mode for stream mode without the memory presync (plain stop-and-copy).
+pub const STREAM_NO_PRESYNC: &str = "stream-nopresync";
+
 fn move_args<'a>(id: &'a str, mode: Option<&'a str>) -> Vec<&'a str> {
     let mut args = vec!["move", "--json"];
-    if let Some(m) = mode {
-        args.extend(["--mode", m]);
+    match mode {
+        Some(STREAM_NO_PRESYNC) => args.extend(["--mode", "stream", "--no-memory-presync"]),
+        Some(m) => args.extend(["--mode", m]),
+        None => {}
     }
     args.extend([id, "host-b"]);
     args

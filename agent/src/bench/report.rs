@@ -70,10 +70,17 @@ pub struct Row {
     pub throughput_source: Option<String>,
     /// The link throughput the prediction used, MiB/s.
     pub throughput_mib_s: Option<u64>,
+    /// `stream`: the memory presync while the container ran (docs/migration.md "Memory
+    /// presync"): its time, its bytes, and the dump's pages it spared (reused) or not (sent
+    /// while frozen).
+    pub presync_ms: Option<u64>,
+    pub presync_bytes: Option<u64>,
+    pub pages_reused: Option<u64>,
+    pub pages_sent_frozen: Option<u64>,
 }
 
 /// CSV header; [`Row::csv`] writes the same columns.
-pub const CSV_HEADER: &str = "size_mib,kind,mode,run,status,downtime_ms,total_ms,freeze_ms,dump_ms,transfer_ms,restore_ms,bytes,transfer_mbs,verified,pids_kept,note,page_bytes,postcopy_ms,criu_dump_ms,seal_ms,predicted_downtime_ms,throughput_source,throughput_mib_s";
+pub const CSV_HEADER: &str = "size_mib,kind,mode,run,status,downtime_ms,total_ms,freeze_ms,dump_ms,transfer_ms,restore_ms,bytes,transfer_mbs,verified,pids_kept,note,page_bytes,postcopy_ms,criu_dump_ms,seal_ms,predicted_downtime_ms,throughput_source,throughput_mib_s,presync_ms,presync_bytes,pages_reused,pages_sent_frozen";
 
 fn opt<T: ToString>(v: Option<T>) -> String {
     v.map(|v| v.to_string()).unwrap_or_default()
@@ -117,6 +124,10 @@ impl Row {
             predicted_downtime_ms: None,
             throughput_source: None,
             throughput_mib_s: None,
+            presync_ms: None,
+            presync_bytes: None,
+            pages_reused: None,
+            pages_sent_frozen: None,
         }
     }
 
@@ -146,11 +157,23 @@ impl Row {
             .and_then(Value::as_str)
             .map(str::to_owned);
         self.throughput_mib_s = n("throughput_bytes_s").map(|b| b >> 20);
-        // The time pages cross the link: the transfer phase for cold mode, dump and transfer for
-        // stream mode (pages go while CRIU dumps), the post-copy for lazy mode (pages served
+        if let Some(p) = v.get("memory_presync").filter(|p| p.is_object()) {
+            let n = |k: &str| p.get(k).and_then(Value::as_u64);
+            self.presync_ms = n("ms");
+            self.presync_bytes = n("bytes");
+            self.pages_reused = n("pages_reused");
+            self.pages_sent_frozen = n("pages_sent_frozen");
+        }
+        let asked = self.mode.strip_suffix("-nopresync").unwrap_or(&self.mode);
+        // The time pages cross the link: the transfer phase for cold mode, the memory presync
+        // for stream mode with one (the pages left for the freeze are few), else dump and
+        // transfer (pages go while CRIU dumps), the post-copy for lazy mode (pages served
         // after the resume, counted in page_bytes).
-        let (bytes, page_ms) = match self.mode.as_str() {
+        let (bytes, page_ms) = match asked {
             "lazy" => (self.page_bytes, self.postcopy_ms),
+            "stream" if self.presync_bytes.is_some_and(|b| b > 0) => {
+                (self.presync_bytes, self.presync_ms)
+            }
             "stream" => (
                 self.bytes,
                 self.dump_ms.zip(self.transfer_ms).map(|(d, t)| d + t),
@@ -161,7 +184,7 @@ impl Row {
             self.transfer_mbs = mbs(b, t);
         }
         if let Some(m) = v.get("mode").and_then(Value::as_str) {
-            if m != self.mode {
+            if m != asked {
                 self.note = format!("the agent reported mode {m}");
             }
         }
@@ -192,6 +215,10 @@ impl Row {
             opt(self.predicted_downtime_ms),
             opt(self.throughput_source.as_deref().map(csv_quote)),
             opt(self.throughput_mib_s),
+            opt(self.presync_ms),
+            opt(self.presync_bytes),
+            opt(self.pages_reused),
+            opt(self.pages_sent_frozen),
         ]
         .join(",")
     }
@@ -355,7 +382,7 @@ impl BenchReport {
         }
         let _ = writeln!(
             s,
-            "{:>8} {:<8} {:>5} {:>11} {:>9} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8}",
+            "{:>8} {:<16} {:>5} {:>11} {:>9} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8}",
             "SIZE",
             "MODE",
             "OK",
@@ -388,7 +415,7 @@ impl BenchReport {
                 }
                 let ok = rows.iter().filter(|r| r.verified).count();
                 if rows.iter().all(|r| r.status == RowStatus::Refused) {
-                    let _ = writeln!(s, "{:>5} MiB {:<8} refused: {}", size, mode, rows[0].note);
+                    let _ = writeln!(s, "{:>5} MiB {:<16} refused: {}", size, mode, rows[0].note);
                     continue;
                 }
                 let down = self.median(size, &mode, |r| r.downtime_ms.map(|v| v as f64));
@@ -399,7 +426,7 @@ impl BenchReport {
                 let _ =
                     writeln!(
                     s,
-                    "{:>4} MiB {:<8} {:>2}/{:<2} {:>11} {:>9} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8}",
+                    "{:>4} MiB {:<16} {:>2}/{:<2} {:>11} {:>9} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8}",
                     size,
                     mode,
                     ok,
@@ -464,9 +491,9 @@ mod tests {
         let line = r.csv();
         assert_eq!(
             line,
-            "16,mig,cold,1,ok,300,500,5,100,50,140,50000000,1000.0,true,,\"a, \"\"b\"\"\",,,,,,,"
+            "16,mig,cold,1,ok,300,500,5,100,50,140,50000000,1000.0,true,,\"a, \"\"b\"\"\",,,,,,,,,,,"
         );
-        assert_eq!(CSV_HEADER.split(',').count(), 23);
+        assert_eq!(CSV_HEADER.split(',').count(), 27);
     }
 
     #[test]
@@ -478,7 +505,11 @@ mod tests {
             "mode": "lazy"
         }));
         assert_eq!(r.transfer_mbs, Some(100.0));
-        assert!(r.csv().ends_with(",50000000,500,90,5,,,"), "{}", r.csv());
+        assert!(
+            r.csv().ends_with(",50000000,500,90,5,,,,,,,"),
+            "{}",
+            r.csv()
+        );
         assert_eq!(r.csv().split(',').count(), CSV_HEADER.split(',').count());
     }
 
@@ -490,7 +521,7 @@ mod tests {
             "throughput_source": "probe", "probe": {"bytes": 1, "ms": 2}, "mode": "stream"
         }));
         assert_eq!(r.predicted_downtime_ms, Some(612));
-        assert!(r.csv().ends_with(",612,probe,400"), "{}", r.csv());
+        assert!(r.csv().ends_with(",612,probe,400,,,,"), "{}", r.csv());
         assert_eq!(r.csv().split(',').count(), CSV_HEADER.split(',').count());
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["predicted_downtime_ms"], 612);
@@ -498,5 +529,27 @@ mod tests {
         assert!(r
             .progress_line()
             .contains("predicted 612 ms (link 400 MiB/s, probe)"));
+    }
+
+    #[test]
+    fn stream_with_a_presync_counts_the_presync_as_the_page_transfer() {
+        let mut r = Row::new(256, "mig", "stream", 1);
+        r.fill_from_move(&serde_json::json!({
+            "downtime_ms": 300, "dump_ms": 180, "transfer_ms": 5, "bytes_sent": 270_000_000,
+            "page_bytes": 20_000, "mode": "stream",
+            "memory_presync": {"ms": 400, "bytes": 268_000_000, "processes": 1, "capped": false,
+                "pages_reused": 65_000, "pages_sent_frozen": 5, "error": null}
+        }));
+        assert_eq!(r.transfer_mbs, Some(670.0));
+        assert!(r.csv().ends_with(",400,268000000,65000,5"), "{}", r.csv());
+        assert_eq!(r.note, "");
+        // Without: the bench's own mode name, the agent's mode, the pages while frozen.
+        let mut r = Row::new(256, "mig", "stream-nopresync", 1);
+        r.fill_from_move(&serde_json::json!({
+            "downtime_ms": 600, "dump_ms": 495, "transfer_ms": 5, "bytes_sent": 270_000_000,
+            "page_bytes": 269_000_000, "mode": "stream", "memory_presync": null
+        }));
+        assert_eq!(r.transfer_mbs, Some(540.0));
+        assert_eq!((r.presync_bytes, r.note.as_str()), (None, ""));
     }
 }

@@ -27,6 +27,10 @@ pub struct MoveArgs {
     /// go post-copy instead). The container is not touched.
     #[arg(long, value_name = "MS")]
     pub max_downtime: Option<u64>,
+    /// Stream mode: do not copy the memory while the container runs; every page then goes
+    /// while it is frozen (plain stop-and-copy; docs/migration.md "Memory presync").
+    #[arg(long)]
+    pub no_memory_presync: bool,
     /// Print JSON (the API's types, docs/api.md) instead of text.
     #[arg(long)]
     pub json: bool,
@@ -351,12 +355,15 @@ pub(super) async fn dispatch(cli: &Cli) -> Result<Option<u8>, CliError> {
                 } else {
                     None
                 };
-                let call = c.move_container_mode(
+                let call = c.move_container_opts(
                     &m.container,
                     peer,
                     m.tcp_established,
-                    m.mode,
-                    m.max_downtime,
+                    crate::migration::modes::MoveOptions {
+                        mode: m.mode,
+                        max_downtime_ms: m.max_downtime,
+                        no_memory_presync: m.no_memory_presync,
+                    },
                 );
                 // Ctrl-C ends this command, not the move: the agent carries it to its end (a
                 // commit or a rollback) whether or not anyone waits for the answer. Say so.

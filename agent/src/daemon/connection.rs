@@ -149,6 +149,7 @@ async fn handle(agent: &Arc<Agent>, req: Request) -> Result<Response, ApiError> 
             tcp_established,
             mode,
             max_downtime_ms,
+            no_memory_presync,
         } => agent
             .move_container(
                 &container,
@@ -157,6 +158,7 @@ async fn handle(agent: &Arc<Agent>, req: Request) -> Result<Response, ApiError> 
                 crate::migration::modes::MoveOptions {
                     mode,
                     max_downtime_ms,
+                    no_memory_presync,
                 },
             )
             .await
@@ -186,6 +188,7 @@ async fn handle(agent: &Arc<Agent>, req: Request) -> Result<Response, ApiError> 
             tcp_established,
             mode,
             max_downtime_ms,
+            no_memory_presync,
         } => agent
             .move_start(super::events::MoveStartArgs {
                 container,
@@ -194,6 +197,7 @@ async fn handle(agent: &Arc<Agent>, req: Request) -> Result<Response, ApiError> 
                 opts: crate::migration::modes::MoveOptions {
                     mode,
                     max_downtime_ms,
+                    no_memory_presync,
                 },
             })
             .map(|id| Response::MoveStarted { id }),

@@ -51,6 +51,8 @@ pub struct MemoryPresyncReport {
 /// The source's presync state for one move.
 #[derive(Debug, Default)]
 pub(crate) struct SourcePresync {
+    /// The move asked for none (`mig move --no-memory-presync`).
+    pub off: std::sync::atomic::AtomicBool,
     index: Mutex<Option<Arc<SentIndex>>>,
     report: Mutex<Option<MemoryPresyncReport>>,
     pub stats: Arc<DedupStats>,

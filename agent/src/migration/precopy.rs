@@ -560,6 +560,7 @@ mod tests {
                 memory_bytes: mem,
                 upper_bytes: 0,
                 throughput: 150 * MIB,
+                memory_presync: false,
             },
             max,
         )

@@ -222,6 +222,7 @@ impl SourceSide {
         if self.pages.mode() != super::modes::MoveMode::Stream
             || !self.peer_speaks(memsync::MEMORY_PRESYNC_MINOR)
             || !memsync::enabled()
+            || self.pages.presync.off.load(Ordering::Relaxed)
         {
             return;
         }
@@ -980,15 +981,19 @@ impl Agent {
         // Both must speak 1.2 (`MIG_WIRE_VERSION` may make this agent announce less).
         let minor = (hello.protocol_version.minor).min(link.peer.protocol_version.minor);
         let basis = super::probe::link_throughput(&conn, &peer.name, minor).await;
-        let plan = match super::modes::plan(opts, usage.memory_bytes, upper_bytes, basis).await {
-            Ok(plan) => plan,
-            Err(e) => {
-                // Nothing was frozen or announced: the destination sees the connection end
-                // before any message.
-                conn.close(0u32.into(), b"pre-flight refused the move");
-                return Err(api(ErrorKind::Unavailable, chain(&e)));
-            }
-        };
+        // A 1.4 destination takes stream mode's memory presync (unless this agent or the move
+        // turned it off).
+        let presync = minor >= memsync::MEMORY_PRESYNC_MINOR && memsync::enabled();
+        let plan =
+            match super::modes::plan(opts, usage.memory_bytes, upper_bytes, basis, presync).await {
+                Ok(plan) => plan,
+                Err(e) => {
+                    // Nothing was frozen or announced: the destination sees the connection end
+                    // before any message.
+                    conn.close(0u32.into(), b"pre-flight refused the move");
+                    return Err(api(ErrorKind::Unavailable, chain(&e)));
+                }
+            };
         if let Err(e) = super::modes::check_container(plan.mode, userns) {
             conn.close(0u32.into(), b"pre-flight refused the move");
             return Err(api(ErrorKind::Unavailable, chain(&e)));
@@ -1020,6 +1025,7 @@ impl Agent {
                     memory_bytes: usage.memory_bytes,
                     upper_bytes,
                     throughput: plan.throughput,
+                    memory_presync: false,
                 },
                 opts.max_downtime_ms,
             ));
@@ -1038,6 +1044,10 @@ impl Agent {
             mode: plan.mode.wire(),
         };
         let _ = side.pages.mode.set(plan.mode);
+        side.pages
+            .presync
+            .off
+            .store(opts.no_memory_presync, Ordering::Relaxed);
         tracing::info!(%id, migration = %migration_id, peer = %peer.name, "moving");
         let _ = side.pages.conn.set(conn.clone());
         // The destination's lazy-pages daemon reaches our post-copy dump through here.
@@ -1124,7 +1134,9 @@ impl Agent {
                     dump_ms: ms(t.dump),
                     transfer_ms: ms(t.transfer),
                     restore_ms: ms(t.restore),
-                    bytes_sent: report.bytes_sent + page_bytes,
+                    bytes_sent: report.bytes_sent
+                        + page_bytes
+                        + side.pages.presync.report().map_or(0, |r| r.bytes),
                     files_sent: report.files_sent,
                     pid_map_before: {
                         let frozen = side.frozen_pids.lock().unwrap_or_else(|p| p.into_inner());
