@@ -19,7 +19,8 @@ use mig_tests::lab::{continues, log_state, move_and_check_with, nothing_left, ru
 
 /// There with the memory presync (docs/migration.md "Memory presync"): the memory goes while
 /// the container runs and the dump reuses it; back from an agent with the presync turned off:
-/// every page goes through the tunnel while frozen. Memory verified both times.
+/// every page goes through the tunnel while frozen; there again to a destination that refuses
+/// the presync: reported, and every page goes while frozen. Memory verified each time.
 #[test]
 fn stream_there_and_back() -> Result<()> {
     if !mig_tests::is_root("migration tests") {
@@ -49,6 +50,18 @@ fn stream_there_and_back() -> Result<()> {
     assert!(
         pages > 16_000_000,
         "the pages did not go through the tunnel: {r}"
+    );
+    // A destination that refuses the presync: the move says why and sends every page frozen.
+    lab.fault(1, Some("dest-memory-presync:fail"))?;
+    let r = move_and_check_with(&lab, 0, 1, "streamer", &id, &["--mode", "stream"], "stream")?;
+    lab.fault(1, None)?;
+    assert!(
+        r["memory_presync"]["error"].is_string(),
+        "the refused presync is not reported: {r}"
+    );
+    assert!(
+        r["page_bytes"].as_u64().unwrap_or(0) > 16_000_000,
+        "the pages did not go while frozen: {r}"
     );
     Ok(())
 }

@@ -171,9 +171,15 @@ impl DestSide {
             }
         }
         let id = p.migration_id.clone();
+        // A test's `dest-memory-presync:fail`: the source's memory presync is refused (it then
+        // sends every page while frozen).
+        let presync = super::fault::armed(
+            &self.agent.cfg.state_dir,
+            super::fault::Point::DestMemoryPresync,
+        ) != Some(super::fault::Fault::Fail);
         let started = match self.staging(&id) {
             Ok(staging) => tokio::task::spawn_blocking(move || {
-                super::pages::start_page_server(&id, &staging.join("images"))
+                super::pages::start_page_server(&id, &staging.join("images"), presync)
             })
             .await
             .map_err(|e| e.to_string())

@@ -15,6 +15,7 @@
 //! | `source-commit`   | after `CommitSent` is journaled, before Commit is sent                |
 //! | `dest-prepare`    | when the Prepare arrives, before the checks                           |
 //! | `dest-presync`    | when the first presync file arrives                                   |
+//! | `dest-memory-presync` | at Prepare (`fail`: the stream-mode memory presync is refused)    |
 //! | `dest-transfer`   | when the first file of the final transfer arrives                     |
 //! | `dest-restore`    | before the restore (`kill`: after it, the copy restored and frozen)   |
 //! | `dest-commit`     | when Commit arrives (journaled `Committed`), before resuming          |
@@ -53,12 +54,13 @@ pub enum Point {
     SourceCommit,
     DestPrepare,
     DestPresync,
+    DestMemoryPresync,
     DestTransfer,
     DestRestore,
     DestCommit,
 }
 
-const POINTS: [(&str, Point); 12] = [
+const POINTS: [(&str, Point); 13] = [
     ("source-prepare", Point::SourcePrepare),
     ("source-presync", Point::SourcePresync),
     ("source-freeze", Point::SourceFreeze),
@@ -68,6 +70,7 @@ const POINTS: [(&str, Point); 12] = [
     ("source-commit", Point::SourceCommit),
     ("dest-prepare", Point::DestPrepare),
     ("dest-presync", Point::DestPresync),
+    ("dest-memory-presync", Point::DestMemoryPresync),
     ("dest-transfer", Point::DestTransfer),
     ("dest-restore", Point::DestRestore),
     ("dest-commit", Point::DestCommit),

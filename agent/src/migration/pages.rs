@@ -231,7 +231,11 @@ fn page_sink() -> PageSinkKind {
 /// Stream mode, at Prepare: readies what writes the pages into `images_dir`; the tunnel
 /// stream of the source's dump is carried there ([`resolve`]): `criu page-server` on a
 /// socketpair, or mig's page writer ([`page_sink`]). Blocking.
-pub(crate) fn start_page_server(migration_id: &str, images_dir: &Path) -> Result<(), PagesError> {
+pub(crate) fn start_page_server(
+    migration_id: &str,
+    images_dir: &Path,
+    accept_presync: bool,
+) -> Result<(), PagesError> {
     // A 1.4 source may first send the container's memory, then a deduplicated page stream.
     std::fs::create_dir_all(images_dir).map_err(|source| PagesError::ImagesDir {
         path: images_dir.to_owned(),
@@ -239,6 +243,9 @@ pub(crate) fn start_page_server(migration_id: &str, images_dir: &Path) -> Result
     })?;
     let slot = Arc::new(Mutex::new(None));
     with_jobs(|j| {
+        if !accept_presync {
+            return;
+        }
         let job = j.entry(migration_id.to_owned()).or_default();
         job.images_dir = Some(images_dir.to_owned());
         job.presync = Some(slot.clone());
