@@ -18,7 +18,8 @@ pub struct MoveArgs {
     /// container with established connections is refused.
     #[arg(long)]
     pub tcp_established: bool,
-    /// How memory moves: cold (files), stream (pages straight to the destination), lazy
+    /// How memory moves: cold (files), stream (the memory copied while the container runs, then
+    /// only the pages that changed, straight to the destination; the fastest stop-and-copy), lazy
     /// (post-copy: resumes first, pages on demand from this host), precopy (needs dirty-memory
     /// tracking), auto (stream, or lazy when over --max-downtime). docs/migration.md
     #[arg(long, value_enum)]

@@ -16,8 +16,9 @@ pub enum MoveMode {
     /// Stop-and-copy through files: CRIU dumps into the source's disk, every image file is
     /// sent (hashed), then restored.
     Cold,
-    /// Stop-and-copy with the pages streamed from the dump straight into the destination's
-    /// `criu page-server` (no disk staging of memory on the source).
+    /// Stop-and-copy with the pages streamed from the dump straight to the destination (no disk
+    /// staging of memory on the source); with a 1.4 destination the memory is first copied
+    /// while the container runs, and only the pages that changed since go while frozen.
     Stream,
     /// Post-copy: everything but memory moves while frozen, the container resumes on the
     /// destination and its pages are served on demand from the source until the last one.

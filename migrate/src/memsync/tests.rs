@@ -25,16 +25,29 @@ fn page(seed: u8) -> Vec<u8> {
         .collect()
 }
 
-/// A dump's page stream: one process (image id 7), `pages` at `vaddr`, then the close.
-fn criu_stream(vaddr: u64, pages: &[Vec<u8>]) -> Vec<u8> {
+/// A dump's page stream: one process (image id 7), one add per run (`pages` at an address),
+/// then the close.
+fn criu_stream_of(runs: &[(u64, &[Vec<u8>])]) -> Vec<u8> {
     let dst = dst_id(7);
     let mut s = cmd(OPEN2, 0, 0, dst);
-    s.extend(cmd(ADD_F | (PRESENT << 16), pages.len() as u64, vaddr, dst));
-    for p in pages {
-        s.extend_from_slice(p);
+    for (vaddr, pages) in runs {
+        s.extend(cmd(
+            ADD_F | (PRESENT << 16),
+            pages.len() as u64,
+            *vaddr,
+            dst,
+        ));
+        for p in *pages {
+            s.extend_from_slice(p);
+        }
     }
     s.extend(cmd(FORCE_CLOSE, 0, 0, 0));
     s
+}
+
+/// [`criu_stream_of`] with one run.
+fn criu_stream(vaddr: u64, pages: &[Vec<u8>]) -> Vec<u8> {
+    criu_stream_of(&[(vaddr, pages)])
 }
 
 fn run_encode(stream: &[u8], index: &SentIndex) -> (Vec<u8>, DedupStats) {
@@ -138,20 +151,13 @@ fn pages_that_went_and_came_shift_the_layout() {
     let dir = tempfile::tempdir().unwrap();
     let runs: [(u64, &[Vec<u8>]); 1] = [(base, &before)];
     let images = presync(dir.path(), &runs);
-    let dst = dst_id(7);
-    let mut stream = cmd(OPEN2, 0, 0, dst);
-    let add = |s: &mut Vec<u8>, vaddr: u64, pages: &[Vec<u8>]| {
-        s.extend(cmd(ADD_F | (PRESENT << 16), pages.len() as u64, vaddr, dst));
-        for p in pages {
-            s.extend_from_slice(p);
-        }
-    };
-    add(&mut stream, at(0), &before[..1]);
     let mut middle = before[2..8].to_vec();
     middle[2] = page(200);
-    add(&mut stream, at(2), &middle);
-    add(&mut stream, at(20), &[page(201)]);
-    stream.extend(cmd(FORCE_CLOSE, 0, 0, 0));
+    let stream = criu_stream_of(&[
+        (at(0), &before[..1]),
+        (at(2), &middle),
+        (at(20), &[page(201)]),
+    ]);
     let (encoded, stats) = run_encode(&stream, &index_of(&runs));
     assert_eq!(stats.pages_reused.load(Ordering::Relaxed), 6);
     assert_eq!(stats.pages_sent.load(Ordering::Relaxed), 2);
@@ -166,22 +172,15 @@ fn a_page_that_appeared_first_shifts_the_others_until_one_went() {
     let dir = tempfile::tempdir().unwrap();
     let runs: [(u64, &[Vec<u8>]); 1] = [(base, &before)];
     let images = presync(dir.path(), &runs);
-    let dst = dst_id(7);
-    let mut stream = cmd(OPEN2, 0, 0, dst);
-    let add = |s: &mut Vec<u8>, vaddr: u64, pages: &[Vec<u8>]| {
-        s.extend(cmd(ADD_F | (PRESENT << 16), pages.len() as u64, vaddr, dst));
-        for p in pages {
-            s.extend_from_slice(p);
-        }
-    };
     // Two new pages below the others, page 3 changed, pages 5 and 6 gone: pages 7-9 are back in
     // their places.
-    add(&mut stream, base - 2 * PAGE as u64, &[page(90), page(91)]);
     let mut first = before[..5].to_vec();
     first[3] = page(92);
-    add(&mut stream, at(0), &first);
-    add(&mut stream, at(7), &before[7..]);
-    stream.extend(cmd(FORCE_CLOSE, 0, 0, 0));
+    let stream = criu_stream_of(&[
+        (base - 2 * PAGE as u64, &[page(90), page(91)]),
+        (at(0), &first),
+        (at(7), &before[7..]),
+    ]);
     let (encoded, stats) = run_encode(&stream, &index_of(&runs));
     assert_eq!(stats.pages_reused.load(Ordering::Relaxed), 7);
     assert_eq!(stats.pages_sent.load(Ordering::Relaxed), 3);
