@@ -324,10 +324,18 @@ pub fn move_and_check(lab: &Lab, from: usize, to: usize, name: &str, id: &str) -
     assert!(dumped.len() >= 3, "too few processes: {r}");
     assert!(ns_pids(&after["pid_map"]).contains(&1), "{after}");
     continues(lab, to, name, count_before)?;
-    let counter: u64 = lab
-        .mig_ok(to, &["exec", name, "--", "cat", "/tmp/counter"])?
-        .trim()
-        .parse()?;
+    // The shell rewrites the file every half second (`>` truncates first): a read can find it
+    // empty.
+    let mut counter = None;
+    for _ in 0..10 {
+        let text = lab.mig_ok(to, &["exec", name, "--", "cat", "/tmp/counter"])?;
+        if let Ok(n) = text.trim().parse::<u64>() {
+            counter = Some(n);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let counter = counter.ok_or_else(|| anyhow::anyhow!("/tmp/counter never held a number"))?;
     assert!(
         counter >= count_before,
         "the counter went back: {counter} < {count_before}"

@@ -38,7 +38,8 @@ pub struct MemoryPresyncReport {
     pub processes: u32,
     /// Bytes of pages sent while the container ran.
     pub bytes: u64,
-    /// Whether the destination's memory bound stopped it before the end.
+    /// Whether it stopped before the end: the destination's bound (half its free disk) or the
+    /// presync's time limit (240 s); the rest of the memory went while frozen.
     pub capped: bool,
     /// Pages of the dump the destination took from the presync (unchanged since).
     pub pages_reused: u64,

@@ -160,7 +160,10 @@ fn dedup_writer(migration_id: &str, job: &mut Job) -> Option<Endpoint> {
         return None;
     }
     job.serves.remove(&Service::PageServer);
-    job.page_server = None;
+    if let Some(ps) = job.page_server.take() {
+        // Killing and reaping it blocks: not under the jobs' lock, not on the runtime.
+        std::thread::spawn(move || drop(ps));
+    }
     let (sink, wait) = PageSink::new(&dir, page_writer::Limits::default());
     job.page_writer = Some(wait);
     tracing::info!(migration = %migration_id, presync_bytes = presync.bytes(), "deduplicated page stream");

@@ -215,9 +215,9 @@ impl SourceSide {
         });
     }
 
-    /// Archives the writable layer while the container runs and keeps the scan of it.
     /// Stream mode to a 1.4 destination: sends the container's memory while it runs (after
-    /// the files of the presync, right before the freeze), unless [`memsync::enabled`] says no.
+    /// the files of the presync, right before the freeze), unless [`memsync::enabled`] or the
+    /// move (`--no-memory-presync`) says no.
     async fn memory_presync(&self) {
         if self.pages.mode() != super::modes::MoveMode::Stream
             || !self.peer_speaks(memsync::MEMORY_PRESYNC_MINOR)
@@ -248,6 +248,7 @@ impl SourceSide {
             .await;
     }
 
+    /// Archives the writable layer while the container runs and keeps the scan of it.
     fn presync_upper(&self, tar: &Path) -> Result<(), SourceError> {
         let scan = write_file(tar, true, |w| {
             mig_migrate::archive::write_layer_tar_scanned(&self.upper(), w)

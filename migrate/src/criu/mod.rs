@@ -589,12 +589,22 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let mut cmd = Command::new("/bin/busybox");
-        cmd.args(["setsid", "/bin/busybox", "sleep", "100"])
+        cmd.args(["sleep", "100"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
+        // CRIU dumps a tree whose root leads its session. `busybox setsid` forks instead when
+        // its caller leads a process group, which depends on how the tests were started.
+        // SAFETY: the closure runs in the forked child before exec and only calls setsid(2),
+        // which is async-signal-safe.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                nix::unistd::setsid()
+                    .map(|_| ())
+                    .map_err(std::io::Error::from)
+            });
+        }
         let child = Sleeper(cmd.spawn().unwrap());
-        // busybox setsid execs in place when the caller is not a group leader.
         let pid = child.0.id() as i32;
         std::thread::sleep(std::time::Duration::from_millis(100));
         let round = |n: u32, prev: Option<&str>| DumpOpts {

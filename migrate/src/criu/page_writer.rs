@@ -88,6 +88,9 @@ pub struct Limits {
     pub max_entries: u64,
     /// Pagemap images opened (each also opens a pages image).
     pub max_opens: u32,
+    /// A deduplicated stream: presync pages kept in memory while an image's pages shift
+    /// (`placed`); past it the image continues in a new file.
+    pub max_saved_pages: usize,
 }
 
 impl Default for Limits {
@@ -98,6 +101,8 @@ impl Default for Limits {
             max_entries: 1 << 24,
             // Two files each, within the image set's 65,536 files.
             max_opens: 16_384,
+            // 64 MiB.
+            max_saved_pages: 16_384,
         }
     }
 }
@@ -338,7 +343,7 @@ impl PageWriter {
         };
         if word & SEG_CACHED == 0 {
             open.placed
-                .data(&open.pages, &open.pages_path, self.at, n)?;
+                .data(&mut open.pages, &open.pages_path, self.at, n)?;
             self.data_left = n * PAGE_SIZE;
         } else {
             open.placed
@@ -458,7 +463,7 @@ impl PageWriter {
             })?;
         let pages_path = self.dir.join(format!("pages-{pages_id}.img"));
         let (pages, placed) = match &self.presync {
-            Some(p) => Placed::open(p.take(dst_id), &pages_path)?,
+            Some(p) => Placed::open(p.take(dst_id), &pages_path, self.limits.max_saved_pages)?,
             None => (create(&pages_path)?, Placed::plain()),
         };
         self.summary.images += 1;

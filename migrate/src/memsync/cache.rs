@@ -39,18 +39,36 @@ pub(super) fn check_run(vaddr: u64, nr_pages: u32) -> Result<u64, MemsyncError> 
     Ok(len)
 }
 
-/// The digests of the pages a source sent in its presync.
-#[derive(Debug, Default)]
+/// The digests of the pages a source sent in its presync, under its own random seed.
+#[derive(Debug)]
 pub struct SentIndex {
     runs: BTreeMap<(u64, u64), Vec<u128>>,
     pages: u64,
+    seed: u64,
+}
+
+impl Default for SentIndex {
+    fn default() -> SentIndex {
+        use std::hash::BuildHasher;
+        SentIndex {
+            runs: BTreeMap::new(),
+            pages: 0,
+            // Random per process and per call (std's hasher keys).
+            seed: std::collections::hash_map::RandomState::new().hash_one(0u64),
+        }
+    }
 }
 
 impl SentIndex {
+    /// The digest of `page` under this index's seed.
+    pub fn hash(&self, page: &[u8]) -> u128 {
+        super::digest(self.seed, page)
+    }
+
     /// Records a sent run: one digest per page, from `vaddr` on.
     pub fn insert(&mut self, dst_id: u64, vaddr: u64, digests: Vec<u128>) {
         let n = digests.len() as u64;
-        if n == 0 {
+        if n == 0 || vaddr.checked_add(n * PAGE as u64).is_none() {
             return;
         }
         // The reader never sends a page twice; a run that would overlap is not recorded (its

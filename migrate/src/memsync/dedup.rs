@@ -2,7 +2,7 @@
 //! dump's `--ps-socket` and the QUIC stream, pages the destination holds from the presync become
 //! segment markers; everything else passes unchanged.
 
-use super::{digest, MemsyncError, SentIndex, PAGE, SEG_CACHED};
+use super::{MemsyncError, SentIndex, PAGE, SEG_CACHED};
 use crate::criu::page_writer::{PE_PRESENT, PS_CMD_BITS, PS_IOV_ADD, PS_IOV_ADD_F, PS_IOV_SIZE};
 use bytes::Bytes;
 use std::io::{Read, Write};
@@ -56,7 +56,7 @@ pub fn encode(
         stats.wire_bytes.fetch_add(n as u64, Ordering::Relaxed);
         // The stream side ended: its own error says why.
         out.blocking_send(batch)
-            .map_err(|_| MemsyncError::DumpReply(std::io::ErrorKind::BrokenPipe.into()))
+            .map_err(|_| MemsyncError::StreamEnded)
     };
     loop {
         let mut cmd = [0u8; PS_IOV_SIZE];
@@ -83,7 +83,7 @@ pub fn encode(
             same.clear();
             for (k, page) in data.chunks_exact(PAGE).enumerate() {
                 let a = at.wrapping_add((k * PAGE) as u64);
-                same.push(index.digest(dst_id, a) == Some(digest(page)));
+                same.push(index.digest(dst_id, a) == Some(index.hash(page)));
             }
             let mut i = 0;
             while i < same.len() {
@@ -118,8 +118,9 @@ pub fn encode(
 
 /// Carries the dump's end of a socketpair (`sock`, blocking) to the destination's page writer:
 /// the dump's stream encoded ([`encode`], on a blocking thread) onto `send`, the writer's
-/// replies from `recv` back to the dump. Returns once both directions ended; the first failure
-/// resets the stream.
+/// replies from `recv` back to the dump. Returns once both directions ended. The first failure
+/// resets the stream and shuts the socket down, so the dump (which may be waiting for an
+/// answer, or writing into a full socket) and the encoding thread (reading from it) both end.
 pub async fn carry(
     sock: std::os::unix::net::UnixStream,
     mut send: quinn::SendStream,
@@ -135,6 +136,8 @@ pub async fn carry(
         while let Some(mut batch) = rx.recv().await {
             if let Err(e) = send.write_all_chunks(&mut batch).await {
                 sent = Err(MemsyncError::Stream(e.into()));
+                // Else the encoder waits for the dump, which waits for an answer.
+                let _ = sock.shutdown(std::net::Shutdown::Both);
                 break;
             }
         }
@@ -177,5 +180,9 @@ pub async fn carry(
             }
         }
     };
-    tokio::try_join!(up, down).map(|_| ())
+    let r = tokio::try_join!(up, down).map(|_| ());
+    if r.is_err() {
+        let _ = sock.shutdown(std::net::Shutdown::Both);
+    }
+    r
 }

@@ -59,7 +59,8 @@ impl Layout {
     }
 }
 
-/// The presync files of a migration, until the page writer takes them.
+/// The presync files of a migration, until the page writer takes them. Files no one took are
+/// removed when the value is dropped.
 #[derive(Debug, Default)]
 pub struct PresyncImages {
     layouts: Mutex<BTreeMap<u64, Layout>>,
@@ -94,16 +95,28 @@ impl PresyncImages {
     }
 }
 
+impl Drop for PresyncImages {
+    fn drop(&mut self) {
+        self.remove_rest();
+    }
+}
+
+/// Most processes one presync may name.
+pub const MAX_IMAGES: usize = 16_384;
+
 /// The file name of the presync file of `dst_id`.
 pub fn file_name(dst_id: u64) -> String {
     format!("presync-{dst_id:x}.pages")
 }
 
-/// Writes presync runs into files of a directory (a blocking writer, fed in order).
+/// Writes presync runs into files of a directory (a blocking writer, fed in order: the runs of
+/// one process together, in rising address order).
 #[derive(Debug)]
 pub struct ImagesWriter {
     dir: PathBuf,
-    files: BTreeMap<u64, (File, Layout)>,
+    /// The process being written, and its file.
+    current: Option<(u64, File)>,
+    layouts: BTreeMap<u64, Layout>,
     bytes: u64,
     max_bytes: u64,
 }
@@ -113,15 +126,19 @@ impl ImagesWriter {
     pub fn new(dir: &Path, max_bytes: u64) -> ImagesWriter {
         ImagesWriter {
             dir: dir.to_owned(),
-            files: BTreeMap::new(),
+            current: None,
+            layouts: BTreeMap::new(),
             bytes: 0,
             max_bytes,
         }
     }
 
-    /// Appends a run of `data` (whole pages) at `vaddr` of `dst_id`; the runs of one `dst_id`
-    /// must come in rising address order without overlap.
+    /// Appends a run of `data` (whole pages) at `vaddr` of `dst_id` (a process's pagemap id);
+    /// the runs of one `dst_id` must come together, in rising address order without overlap.
     pub fn add(&mut self, dst_id: u64, vaddr: u64, data: &[u8]) -> Result<(), MemsyncError> {
+        if dst_id & 0xff != super::PS_TYPE_PAGEMAP {
+            return Err(MemsyncError::BadImage { dst_id });
+        }
         let nr_pages = u32::try_from(data.len() / PAGE).unwrap_or(u32::MAX);
         let len = super::cache::check_run(vaddr, nr_pages)?;
         if len != data.len() as u64 {
@@ -132,7 +149,11 @@ impl ImagesWriter {
                 max: self.max_bytes,
             });
         }
-        if !self.files.contains_key(&dst_id) {
+        if self.current.as_ref().map(|(d, _)| *d) != Some(dst_id) {
+            // A process named before, or one too many.
+            if self.layouts.contains_key(&dst_id) || self.layouts.len() >= MAX_IMAGES {
+                return Err(MemsyncError::BadImage { dst_id });
+            }
             let path = self.dir.join(file_name(dst_id));
             let file = std::fs::OpenOptions::new()
                 .read(true)
@@ -151,10 +172,14 @@ impl ImagesWriter {
                 runs: Vec::new(),
                 pages: 0,
             };
-            self.files.insert(dst_id, (file, layout));
+            self.layouts.insert(dst_id, layout);
+            // The previous process's file is complete: closed.
+            self.current = Some((dst_id, file));
         }
-        let Some((file, layout)) = self.files.get_mut(&dst_id) else {
-            return Err(MemsyncError::Thread);
+        let (Some((_, file)), Some(layout)) =
+            (self.current.as_mut(), self.layouts.get_mut(&dst_id))
+        else {
+            return Err(MemsyncError::BadImage { dst_id });
         };
         if let Some(last) = layout.runs.last() {
             if vaddr < last.vaddr + last.pages * PAGE as u64 {
@@ -179,14 +204,14 @@ impl ImagesWriter {
     /// The files written, for the page writer.
     pub fn finish(self) -> PresyncImages {
         PresyncImages {
-            layouts: Mutex::new(self.files.into_iter().map(|(d, (_, l))| (d, l)).collect()),
+            layouts: Mutex::new(self.layouts),
             bytes: self.bytes,
         }
     }
 
     /// Removes every file written (a failed presync).
     pub fn discard(self) {
-        for (_, l) in self.files.values() {
+        for l in self.layouts.values() {
             let _ = std::fs::remove_file(&l.path);
         }
     }

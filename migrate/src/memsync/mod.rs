@@ -70,9 +70,10 @@ pub fn dst_id(id: u32) -> u64 {
     (u64::from(id) << 8) | PS_TYPE_PAGEMAP
 }
 
-/// The digest of one page's bytes.
-pub fn digest(page: &[u8]) -> u128 {
-    xxhash_rust::xxh3::xxh3_128(page)
+/// The digest of one page's bytes under a move's `seed` (random per move, so a container
+/// cannot prepare pages that collide).
+pub fn digest(seed: u64, page: &[u8]) -> u128 {
+    xxhash_rust::xxh3::xxh3_128_with_seed(page, seed)
 }
 
 /// Why a memory presync (or the deduplicated page stream) failed.
@@ -104,6 +105,8 @@ pub enum MemsyncError {
     Status(u64),
     #[error("presync run of {nr_pages} pages at {vaddr:#x} is invalid")]
     BadRun { vaddr: u64, nr_pages: u32 },
+    #[error("presync runs name {dst_id:#x}, which is not a process's pagemap, comes again, or is one process too many")]
+    BadImage { dst_id: u64 },
     #[error("presync run at {vaddr:#x} of {dst_id:#x} overlaps an earlier one")]
     Overlap { dst_id: u64, vaddr: u64 },
     #[error("the presync passes the {max} bytes the destination holds")]
@@ -116,6 +119,8 @@ pub enum MemsyncError {
     DumpReply(#[source] std::io::Error),
     #[error("the dump's page stream ended inside a command or its pages")]
     DumpTruncated,
+    #[error("the stream to the destination ended before the dump's pages")]
+    StreamEnded,
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 use super::cache::check_run;
 use super::images::{ImagesWriter, PresyncImages};
 use super::reader::{anon_runs, read_run};
-use super::{digest, dst_id, MemsyncError, SentIndex, PAGE, RUN_HEADER};
+use super::{dst_id, MemsyncError, SentIndex, PAGE, RUN_HEADER};
 use crate::transport::tunnel::{TunnelHeader, MAX_TUNNEL_HEADER};
 use crate::wire::write_frame;
 use bytes::Bytes;
@@ -12,6 +12,10 @@ use std::sync::{Arc, Mutex};
 
 /// Runs queued between the reading thread and the stream (16 MiB at most).
 const QUEUE: usize = 16;
+/// The longest a presync reads: the destination waits at most 600 s for the source's next
+/// message (`protocol::Timeouts`), and the presync runs before it. Past this it stops, as at
+/// the destination's bound (`capped`).
+const MAX_TIME: std::time::Duration = std::time::Duration::from_secs(240);
 
 /// A process of the container: its host PID and its image id (the PID in its namespace, which
 /// names its `pagemap-ID.img`).
@@ -28,7 +32,7 @@ pub struct SendStats {
     pub processes: u32,
     /// Pages sent (and held by the destination).
     pub pages: u64,
-    /// Whether the destination's bound stopped the presync before the end.
+    /// Whether the destination's bound or the time limit stopped the presync before the end.
     pub capped: bool,
 }
 
@@ -95,6 +99,7 @@ fn read_all(
     let mut index = SentIndex::default();
     let mut stats = SendStats::default();
     let mut bytes = 0u64;
+    let start = std::time::Instant::now();
     'procs: for p in procs {
         let runs = match anon_runs(p.host_pid) {
             Ok(r) => r,
@@ -108,7 +113,7 @@ fn read_all(
         let id = dst_id(p.image_id);
         for run in runs {
             let len = u64::from(run.pages) * PAGE as u64;
-            if bytes + len > max {
+            if bytes + len > max || start.elapsed() > MAX_TIME {
                 stats.capped = true;
                 break 'procs;
             }
@@ -116,7 +121,7 @@ fn read_all(
             if pages == 0 {
                 continue;
             }
-            let digests = data.chunks_exact(PAGE).map(digest).collect();
+            let digests = data.chunks_exact(PAGE).map(|p| index.hash(p)).collect();
             let mut head = Vec::with_capacity(RUN_HEADER);
             head.extend_from_slice(&id.to_le_bytes());
             head.extend_from_slice(&run.vaddr.to_le_bytes());
@@ -184,6 +189,9 @@ async fn receive(
             let (dst, vaddr) = (word(0), word(8));
             let nr_pages = u32::from_le_bytes(head[16..20].try_into().unwrap_or_default());
             let len = check_run(vaddr, nr_pages)?;
+            if head[20..24] != [0; 4] {
+                return Err(MemsyncError::BadRun { vaddr, nr_pages });
+            }
             total += len;
             if total > max_bytes {
                 return Err(MemsyncError::TooMuch { max: max_bytes });

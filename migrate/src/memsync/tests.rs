@@ -100,7 +100,8 @@ fn presync(dir: &std::path::Path, runs: &[(u64, &[Vec<u8>])]) -> Arc<PresyncImag
 fn index_of(runs: &[(u64, &[Vec<u8>])]) -> SentIndex {
     let mut index = SentIndex::default();
     for (vaddr, pages) in runs {
-        index.insert(dst_id(7), *vaddr, pages.iter().map(|p| digest(p)).collect());
+        let digests = pages.iter().map(|p| index.hash(p)).collect();
+        index.insert(dst_id(7), *vaddr, digests);
     }
     index
 }
@@ -185,6 +186,36 @@ fn a_page_that_appeared_first_shifts_the_others_until_one_went() {
     assert_eq!(stats.pages_reused.load(Ordering::Relaxed), 7);
     assert_eq!(stats.pages_sent.load(Ordering::Relaxed), 3);
     same_images(&stream, &encoded, dir.path(), images);
+}
+
+/// More pages appeared below the others than the writer keeps copies of: the image continues
+/// in a new file, and is still the plain stream's.
+#[test]
+fn a_long_shift_continues_in_a_new_file() {
+    let base = 0x50_0000u64;
+    let at = |i: u64| base + i * PAGE as u64;
+    let before: Vec<Vec<u8>> = (0..12).map(page).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let runs: [(u64, &[Vec<u8>]); 1] = [(base, &before)];
+    let images = presync(dir.path(), &runs);
+    let new: Vec<Vec<u8>> = (0..5).map(|i| page(150 + i)).collect();
+    let mut rest = before.clone();
+    rest[8] = page(170);
+    let stream = criu_stream_of(&[(base - 5 * PAGE as u64, &new), (at(0), &rest)]);
+    let (encoded, stats) = run_encode(&stream, &index_of(&runs));
+    assert_eq!(stats.pages_reused.load(Ordering::Relaxed), 11);
+    let plain = tempfile::tempdir().unwrap();
+    write_all(PageWriter::new(plain.path(), Limits::default()), &stream).unwrap();
+    let small = Limits {
+        max_saved_pages: 2,
+        ..Limits::default()
+    };
+    write_all(
+        PageWriter::with_presync(dir.path(), small, images),
+        &encoded,
+    )
+    .unwrap();
+    assert_eq!(files(plain.path()), files(dir.path()));
 }
 
 #[test]
@@ -296,13 +327,33 @@ fn presync_files_refuse_bad_unordered_and_overlapping_runs_and_their_bound() {
         w.add(d, 0x1000, &[0; PAGE]),
         Err(MemsyncError::Overlap { .. })
     ));
-    // Another process may use the same addresses.
+    w.add(d, 0x9000, &[3; PAGE]).unwrap();
+    // Another process may use the same addresses; the first one cannot come back.
     w.add(dst_id(2), 0x2000, &[2; PAGE]).unwrap();
     assert!(matches!(
-        w.add(d, 0x9000, &[0; 2 * PAGE]),
+        w.add(dst_id(3), 0x9000, &[0; 2 * PAGE]),
         Err(MemsyncError::TooMuch { .. })
     ));
-    w.add(d, 0x9000, &[3; PAGE]).unwrap();
+    assert!(matches!(
+        w.add(d, 0xa000, &[0; 1]),
+        Err(MemsyncError::BadRun { .. })
+    ));
+    assert!(matches!(
+        w.add(d, 0xa000, &[0; PAGE]),
+        Err(MemsyncError::TooMuch { .. })
+    ));
+    let mut w2 = ImagesWriter::new(dir.path(), 1 << 20);
+    assert!(matches!(
+        w2.add(2 << 8 | 2, 0x1000, &[0; PAGE]),
+        Err(MemsyncError::BadImage { .. })
+    ));
+    w2.add(dst_id(5), 0x1000, &[0; PAGE]).unwrap();
+    w2.add(dst_id(6), 0x1000, &[0; PAGE]).unwrap();
+    assert!(matches!(
+        w2.add(dst_id(5), 0x2000, &[0; PAGE]),
+        Err(MemsyncError::BadImage { .. })
+    ));
+    w2.discard();
     let images = w.finish();
     assert_eq!(images.pages(), 4);
     let l = images.take(d).unwrap();

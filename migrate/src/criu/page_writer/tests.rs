@@ -221,6 +221,7 @@ fn oversized_counts_are_refused() {
         max_pages_per_add: 4,
         max_entries: 2,
         max_opens: 2,
+        max_saved_pages: 1,
     };
     let bytes = [open.clone(), add_f(PE_PRESENT, 3, 0, pid(1))].concat();
     let e = fails("bytes", &bytes, small);

@@ -245,3 +245,137 @@ async fn page_streams_go_into_the_page_writer() {
         "{r:?}"
     );
 }
+
+/// A destination whose page writer fails on the dump's first command (its images directory
+/// does not exist): the dump's end of the socketpair sees the socket end instead of waiting for
+/// an answer that never comes.
+#[tokio::test]
+async fn a_failing_dedup_stream_ends_the_dumps_socket() {
+    let (client, server, _eps) = pair().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (sink, _wait) = PageSink::new(&dir.path().join("missing"), Default::default());
+    let sink = Mutex::new(Some(sink.deduplicated(Arc::default())));
+    tokio::spawn(serve(server, move |_| {
+        sink.lock().unwrap().take().map(Endpoint::Pages)
+    }));
+    let t = Tunnel::socketpair_dedup(
+        client,
+        header(Service::PageServerDedup),
+        Arc::default(),
+        Arc::default(),
+    )
+    .unwrap();
+    let dump = std::os::unix::net::UnixStream::from(t.take_client().unwrap());
+    let r = tokio::task::spawn_blocking(move || {
+        dump.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        // OPEN2 of process 5: the dump waits for its one-byte answer.
+        std::io::Write::write_all(&mut &dump, &ps_cmd(4, 0, 0, 5 << 8 | 1)).unwrap();
+        let mut b = [0u8; 1];
+        std::io::Read::read(&mut &dump, &mut b)
+    })
+    .await
+    .unwrap();
+    assert!(
+        matches!(&r, Ok(0))
+            || r.as_ref().is_err_and(|e| !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            )),
+        "{r:?}"
+    );
+}
+
+/// The memory presync and the deduplicated page stream over a real connection: this process's
+/// own memory is presynced, one page changes, and the dump's pages (16 of them, among the MiBs
+/// the presync sent) arrive with that one page's data only; the pages image is the dump's pages.
+#[tokio::test]
+async fn presync_then_dedup_stream_write_the_dumps_pages() {
+    use crate::memsync::dedup::DedupStats;
+    use crate::memsync::stream::{send, PresyncSink, Proc};
+    use std::sync::atomic::Ordering;
+    if !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (client, server, _eps) = pair().await;
+    let slot = Arc::new(Mutex::new(None));
+    let presync = Mutex::new(Some(PresyncSink {
+        dir: dir.path().to_owned(),
+        max_bytes: 1 << 32,
+        slot: slot.clone(),
+    }));
+    let (sink, wait) = PageSink::new(dir.path(), Default::default());
+    let sink = Mutex::new(Some(sink));
+    let held = slot.clone();
+    tokio::spawn(serve(server, move |h| match h.service {
+        Service::MemoryPresync => presync.lock().unwrap().take().map(Endpoint::Presync),
+        Service::PageServerDedup => {
+            let images = held.lock().unwrap().take()?;
+            let sink = sink.lock().unwrap().take()?;
+            Some(Endpoint::Pages(sink.deduplicated(images)))
+        }
+        _ => None,
+    }));
+    // 16 pages of this process, touched so that they are present.
+    let mut mem = vec![0u8; 17 * 4096];
+    for (i, b) in mem.iter_mut().enumerate() {
+        *b = (i % 251) as u8 ^ 0x3c;
+    }
+    let start = (mem.as_ptr() as usize).next_multiple_of(4096);
+    let off = start - mem.as_ptr() as usize;
+    let me = Proc {
+        host_pid: std::process::id() as i32,
+        image_id: 5,
+    };
+    let (index, stats) = send(&client, &header(Service::MemoryPresync), vec![me])
+        .await
+        .unwrap();
+    assert!(stats.pages >= 16, "{stats:?}");
+    assert!(slot.lock().unwrap().is_some());
+    mem[off + 3 * 4096 + 9] ^= 0xff;
+    let pages = mem[off..off + 16 * 4096].to_vec();
+    let dedup = Arc::new(DedupStats::default());
+    let t = Tunnel::socketpair_dedup(
+        client,
+        header(Service::PageServerDedup),
+        Arc::new(index),
+        dedup.clone(),
+    )
+    .unwrap();
+    let dump = std::os::unix::net::UnixStream::from(t.take_client().unwrap());
+    let stream = [
+        ps_cmd(4, 0, 0, 5 << 8 | 1),
+        ps_cmd(4 << 16 | 6, 16, start as u64, 5 << 8 | 1),
+        pages.clone(),
+        ps_cmd(0x1024, 0, 0, 0),
+    ]
+    .concat();
+    let answers = tokio::task::spawn_blocking(move || {
+        std::io::Write::write_all(&mut &dump, &stream).unwrap();
+        let mut a = [0u8; 5];
+        std::io::Read::read_exact(&mut &dump, &mut a).unwrap();
+        a
+    })
+    .await
+    .unwrap();
+    assert_eq!(answers, [0, 0, 0, 0, 0]);
+    let summary = tokio::task::spawn_blocking(move || wait.wait_timeout(Duration::from_secs(30)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(summary.page_bytes, 16 * 4096);
+    assert_eq!(dedup.pages_reused.load(Ordering::Relaxed), 15);
+    assert_eq!(dedup.pages_sent.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        std::fs::read(dir.path().join("pages-65537.img")).unwrap(),
+        pages
+    );
+    // The presync's file became the pages image; nothing else of it is left.
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("presync-") || n.ends_with(".presync"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
