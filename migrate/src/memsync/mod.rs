@@ -25,7 +25,8 @@
 //!    in CRIU's page server protocol: image id << 8 | 1 for `pagemap-ID.img`), `vaddr: u64`
 //!    (page aligned), `nr_pages: u32` (1 to [`MAX_RUN_PAGES`]), `reserved: u32` (0), then
 //!    `nr_pages` × 4096 bytes of page data. The source ends with the stream's FIN.
-//!    The runs of one `dst_id` come in rising address order, without overlap.
+//!    The runs of one `dst_id` come together, in rising address order, without overlap; at
+//!    most 16384 `dst_id`s, each of type 1 (a process's pagemap).
 //! 3. destination → source: `u64` pages held, `u64` status (0). The source uses its digests
 //!    only when the count is the one it sent; anything else leaves the dump as it was.
 //!
