@@ -52,7 +52,8 @@ pub struct BenchMoveArgs {
     #[arg(long, value_delimiter = ',', value_parser = parse_mib, default_value = "64M,256M,1G")]
     pub sizes: Vec<u64>,
     /// `mig move --mode` values, comma-separated. They are passed to the agent as they are: a mode
-    /// the agent (or this mig) refuses is recorded as refused, with the reason.
+    /// the agent (or this mig) refuses is recorded as refused, with the reason. `stream-nopresync`
+    /// is `--mode stream --no-memory-presync` (plain stop-and-copy, to compare with `stream`).
     #[arg(long, value_delimiter = ',', default_value = "cold")]
     pub modes: Vec<String>,
     /// Runs per size and mode.
