@@ -1,6 +1,7 @@
-//! `mig bench move` end to end, one tiny run: 16 MiB, cold mode, one run (plus the runc baseline
-//! when runc is installed), small link measurements. Checks the CSV and JSON columns, that every
-//! run verified, and that the plot is a non-empty SVG. No timing is asserted.
+//! `mig bench move` end to end, one tiny run: 16 MiB, cold and stream mode, one run each (plus the
+//! runc baseline when runc is installed), small link measurements. Checks the CSV and JSON
+//! columns (stream's memory presync among them), that every run verified, and that the plot is a
+//! non-empty SVG. No timing is asserted.
 //!
 //! Needs root, real CRIU. The bench removes its own lab (subnet 10.214.60.0/24) and work directory;
 //! the guard here removes them too if the bench itself dies.
@@ -45,7 +46,14 @@ fn bench_move_tiny_run_writes_csv_json_and_svg() -> Result<()> {
     let runc = runc_installed();
     let mut cmd = Command::new(bin("mig"));
     cmd.args([
-        "bench", "move", "--sizes", "16M", "--runs", "1", "--modes", "cold",
+        "bench",
+        "move",
+        "--sizes",
+        "16M",
+        "--runs",
+        "1",
+        "--modes",
+        "cold,stream",
     ])
     .args(["--lab", &lab, "--subnet", "10.214.60", "--link-mib", "64"])
     .arg("--workload")
@@ -102,11 +110,15 @@ fn bench_move_tiny_run_writes_csv_json_and_svg() -> Result<()> {
         "predicted_downtime_ms",
         "throughput_source",
         "throughput_mib_s",
+        "presync_ms",
+        "presync_bytes",
+        "pages_reused",
+        "pages_sent_frozen",
     ] {
         ensure!(header.contains(&col), "csv has no column {col}: {header:?}");
     }
     let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
-    ensure!(rows.len() == 1 + runc as usize, "csv rows: {rows:?}");
+    ensure!(rows.len() == 2 + runc as usize, "csv rows: {rows:?}");
     let col = |name: &str| header.iter().position(|h| *h == name).unwrap_or(0);
     for r in &rows {
         ensure!(r[col("size_mib")] == "16", "{r:?}");
@@ -127,8 +139,17 @@ fn bench_move_tiny_run_writes_csv_json_and_svg() -> Result<()> {
         "{:?}",
         rows[0]
     );
+    // Stream mode presynced the workload's memory (16 MiB and more) and the dump reused it.
+    let n = |r: &[&str], c: &str| r[col(c)].parse::<u64>().unwrap_or(0);
+    ensure!(
+        rows[1][col("mode")] == "stream"
+            && n(&rows[1], "presync_bytes") > 16 << 20
+            && n(&rows[1], "pages_reused") > 2048,
+        "{:?}",
+        rows[1]
+    );
     if runc {
-        ensure!(rows[1][col("mode")] == "runc", "{:?}", rows[1]);
+        ensure!(rows[2][col("mode")] == "runc", "{:?}", rows[2]);
     }
 
     let report: Value = serde_json::from_str(&std::fs::read_to_string(&json)?)?;
