@@ -146,16 +146,7 @@ pub async fn carry(
             Ok(r) => sent.and(r),
             Err(_) => Err(MemsyncError::Thread),
         };
-        match r {
-            Ok(()) => {
-                let _ = send.finish();
-                Ok(())
-            }
-            Err(e) => {
-                let _ = send.reset(2u32.into());
-                Err(e)
-            }
-        }
+        crate::transport::tunnel::finish_or_reset(&mut send, r)
     };
     let down = async {
         let mut buf = vec![0u8; 4096];

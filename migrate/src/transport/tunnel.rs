@@ -551,6 +551,20 @@ async fn write_pages(
     }
 }
 
+/// Ends `send` after `r`: finished when it is `Ok`, reset (so the far side sees a failure, never
+/// a clean end) when not.
+pub(crate) fn finish_or_reset<T, E>(send: &mut quinn::SendStream, r: Result<T, E>) -> Result<T, E> {
+    match &r {
+        Ok(_) => {
+            let _ = send.finish();
+        }
+        Err(_) => {
+            let _ = send.reset(2u32.into());
+        }
+    }
+    r
+}
+
 /// Copies `io` to `send` and `recv` to `io` until both directions ended. EOF is passed on as a
 /// half-close; an error resets the stream (or stops it) so the far side sees a failure.
 pub async fn splice<S>(
@@ -564,16 +578,8 @@ where
 {
     let (mut r, mut w) = tokio::io::split(io);
     let up = async {
-        match copy_out(&mut r, &mut send, bytes).await {
-            Ok(()) => {
-                let _ = send.finish();
-                Ok(())
-            }
-            Err(e) => {
-                let _ = send.reset(2u32.into());
-                Err(e)
-            }
-        }
+        let r = copy_out(&mut r, &mut send, bytes).await;
+        finish_or_reset(&mut send, r)
     };
     let down = async {
         match copy_in(&mut recv, &mut w, bytes).await {
