@@ -187,6 +187,8 @@ impl DestSide {
             Err(e) => Err(e.to_string()),
         };
         if let Err(detail) = started {
+            // What the page side registered (the presync's service) goes too.
+            super::pages::forget(&p.migration_id);
             self.migs
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
