@@ -61,8 +61,6 @@ pub const RUN_HEADER: usize = 24;
 pub const MAX_RUN_PAGES: u32 = 256;
 /// Segment word: the pages are in the destination's cache.
 pub const SEG_CACHED: u32 = 1 << 31;
-/// Most pages of one segment.
-pub const SEG_MAX: u32 = SEG_CACHED - 1;
 /// CRIU's page server image type of a process's `pagemap-ID.img` (`PS_TYPE_PAGEMAP`).
 pub const PS_TYPE_PAGEMAP: u64 = 1;
 
