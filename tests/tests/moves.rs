@@ -193,6 +193,38 @@ fn move_reports_phases_on_both_agents() -> Result<()> {
     assert_eq!(dest.1, "committed");
     running_on(&lab, 1, "watched")?;
     nothing_left(&lab, 0, &id)?;
+    // Back in stream mode: the memory presync reports progress in the presync phase, and the
+    // phases come in the same order.
+    let (source, dest) = rt.block_on(async {
+        let mut a = mig_agent::client::Client::connect(&lab.hosts[1].socket).await?;
+        a.subscribe_events().await?;
+        let mut b = mig_agent::client::Client::connect(&lab.hosts[0].socket).await?;
+        b.subscribe_events().await?;
+        anyhow::Ok((
+            tokio::spawn(watch(a, id.clone())),
+            tokio::spawn(watch(b, id.clone())),
+        ))
+    })?;
+    let r = lab.mig_json(
+        1,
+        &["move", "watched", "host-a", "--json", "--mode", "stream"],
+    )?;
+    let (source, dest) = rt.block_on(async { anyhow::Ok((source.await??, dest.await??)) })?;
+    eprintln!("stream: source saw {source:?}, destination saw {dest:?}; move: {r}");
+    assert!(
+        r["memory_presync"]["bytes"].as_u64().unwrap_or(0) > 0,
+        "{r}"
+    );
+    assert_eq!(
+        source.0,
+        expect(&["prepare", "presync", "freeze", "dump", "transfer", "restore", "commit"])
+    );
+    assert_eq!(
+        (source.1.as_str(), dest.1.as_str()),
+        ("committed", "committed")
+    );
+    running_on(&lab, 0, "watched")?;
+    nothing_left(&lab, 1, &id)?;
     Ok(())
 }
 

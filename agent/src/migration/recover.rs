@@ -386,6 +386,7 @@ impl Agent {
             peer_version: Default::default(),
             pages: Default::default(),
             precopy: Default::default(),
+            progress_bytes: Default::default(),
         }));
         let machine = SourceMachine::recover(&e.migration_id, &e.state, Timeouts::default());
         let report = transport::run_source(&conn, machine, &side, &super::hello(self)).await;

@@ -125,6 +125,8 @@ pub(crate) struct SourceSide {
     pub peer_version: std::sync::OnceLock<mig_migrate::wire::Version>,
     /// Pre-copy's rounds (mode `precopy`; inactive otherwise).
     pub precopy: super::precopy::SourceRounds,
+    /// The bytes of the last progress event (what the move sent so far).
+    pub progress_bytes: AtomicU64,
 }
 
 /// The writable layer in two steps: the presync tar's scan, then the delta while frozen
@@ -578,6 +580,31 @@ impl std::ops::Deref for Src {
     }
 }
 
+impl Src {
+    /// [`SourceSide::memory_presync`] with progress events while it runs (phase `presync`,
+    /// bytes counted on the connection from what the move had sent before).
+    async fn memory_presync_with_progress(&self) {
+        let conn = self.pages.conn.get().cloned();
+        let before = self.progress_bytes.load(Ordering::Relaxed);
+        let base = conn.as_ref().map_or(0, |c| c.stats().udp_tx.bytes);
+        let presync = self.memory_presync();
+        tokio::pin!(presync);
+        let mut tick = tokio::time::interval(transport::PROGRESS_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                () = &mut presync => return,
+                _ = tick.tick() => {
+                    let Some(c) = &conn else { continue };
+                    let moved = c.stats().udp_tx.bytes.saturating_sub(base);
+                    self.progress(Progress { phase: "presync", bytes: before + moved, total: None });
+                }
+            }
+        }
+    }
+}
+
 impl SourceHost for Src {
     async fn presync_files(
         &self,
@@ -626,7 +653,7 @@ impl SourceHost for Src {
     async fn presync_round(&self, round: u32) -> Result<Option<Vec<OutgoingFile>>, HostError> {
         if !self.precopy.active() {
             if round == 1 {
-                self.memory_presync().await;
+                self.memory_presync_with_progress().await;
             }
             return Ok(None);
         }
@@ -726,6 +753,7 @@ impl SourceHost for Src {
     }
 
     fn progress(&self, p: Progress) {
+        self.progress_bytes.store(p.bytes, Ordering::Relaxed);
         self.agent.emit(EventKind::MigrationPhase {
             migration_id: self.migration_id.clone(),
             container_id: self.id.clone(),
@@ -960,6 +988,7 @@ impl Agent {
             peer_version: Default::default(),
             pages: Default::default(),
             precopy: Default::default(),
+            progress_bytes: AtomicU64::new(0),
         }));
         let conn = transport::connect(&net.endpoint, &net.identity, peer)
             .await
