@@ -157,6 +157,36 @@ async fn watch(
     }
 }
 
+/// What each agent's event stream saw of the move of container `id` (named `watched`) from
+/// host `from` to host `to` with `mig move` options `options`: (phases, outcome) of the source,
+/// of the destination, and the move's JSON.
+type Seen = (Vec<String>, String);
+fn watched_move(
+    rt: &tokio::runtime::Runtime,
+    lab: &Lab,
+    from: usize,
+    to: usize,
+    id: &str,
+    options: &[&str],
+) -> Result<(Seen, Seen, serde_json::Value)> {
+    let (source, dest) = rt.block_on(async {
+        let mut a = mig_agent::client::Client::connect(&lab.hosts[from].socket).await?;
+        a.subscribe_events().await?;
+        let mut b = mig_agent::client::Client::connect(&lab.hosts[to].socket).await?;
+        b.subscribe_events().await?;
+        anyhow::Ok((
+            tokio::spawn(watch(a, id.to_owned())),
+            tokio::spawn(watch(b, id.to_owned())),
+        ))
+    })?;
+    let peer = lab.hosts[to].name.clone();
+    let mut args = vec!["move", "watched", &peer, "--json"];
+    args.extend_from_slice(options);
+    let r = lab.mig_json(from, &args)?;
+    let (source, dest) = rt.block_on(async { anyhow::Ok((source.await??, dest.await??)) })?;
+    Ok((source, dest, r))
+}
+
 #[test]
 fn move_reports_phases_on_both_agents() -> Result<()> {
     if !mig_tests::is_root("migration tests") {
@@ -167,18 +197,7 @@ fn move_reports_phases_on_both_agents() -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (source, dest) = rt.block_on(async {
-        let mut a = mig_agent::client::Client::connect(&lab.hosts[0].socket).await?;
-        a.subscribe_events().await?;
-        let mut b = mig_agent::client::Client::connect(&lab.hosts[1].socket).await?;
-        b.subscribe_events().await?;
-        anyhow::Ok((
-            tokio::spawn(watch(a, id.clone())),
-            tokio::spawn(watch(b, id.clone())),
-        ))
-    })?;
-    let r = lab.mig_json(0, &["move", "watched", "host-b", "--json"])?;
-    let (source, dest) = rt.block_on(async { anyhow::Ok((source.await??, dest.await??)) })?;
+    let (source, dest, r) = watched_move(&rt, &lab, 0, 1, &id, &[])?;
     eprintln!("source saw {source:?}, destination saw {dest:?}; move: {r}");
     let expect = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     assert_eq!(
@@ -195,21 +214,7 @@ fn move_reports_phases_on_both_agents() -> Result<()> {
     nothing_left(&lab, 0, &id)?;
     // Back in stream mode: the memory presync reports progress in the presync phase, and the
     // phases come in the same order.
-    let (source, dest) = rt.block_on(async {
-        let mut a = mig_agent::client::Client::connect(&lab.hosts[1].socket).await?;
-        a.subscribe_events().await?;
-        let mut b = mig_agent::client::Client::connect(&lab.hosts[0].socket).await?;
-        b.subscribe_events().await?;
-        anyhow::Ok((
-            tokio::spawn(watch(a, id.clone())),
-            tokio::spawn(watch(b, id.clone())),
-        ))
-    })?;
-    let r = lab.mig_json(
-        1,
-        &["move", "watched", "host-a", "--json", "--mode", "stream"],
-    )?;
-    let (source, dest) = rt.block_on(async { anyhow::Ok((source.await??, dest.await??)) })?;
+    let (source, dest, r) = watched_move(&rt, &lab, 1, 0, &id, &["--mode", "stream"])?;
     eprintln!("stream: source saw {source:?}, destination saw {dest:?}; move: {r}");
     assert!(
         r["memory_presync"]["bytes"].as_u64().unwrap_or(0) > 0,

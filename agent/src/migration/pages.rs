@@ -154,11 +154,8 @@ fn dedup_writer(migration_id: &str, job: &mut Job) -> Option<Endpoint> {
         tracing::warn!(migration = %migration_id, "a deduplicated page stream without a whole memory presync: refused");
         return None;
     };
+    // Made at Prepare (`start_page_server`).
     let dir = job.images_dir.clone()?;
-    if let Err(e) = std::fs::create_dir_all(&dir) {
-        tracing::warn!(migration = %migration_id, error = %e, "cannot create the images directory");
-        return None;
-    }
     job.serves.remove(&Service::PageServer);
     if let Some(ps) = job.page_server.take() {
         // Killing and reaping it blocks: not under the jobs' lock, not on the runtime.
