@@ -304,7 +304,7 @@ pub fn move_and_check(lab: &Lab, from: usize, to: usize, name: &str, id: &str) -
             bail!("move output lacks {k}: {r}");
         }
     }
-    assert_eq!(r["mode"], "cold");
+    assert_eq!(r["mode"], "stream", "the default mode: {r}");
     eprintln!(
         "moved {} -> {}: downtime {} ms, total {} ms, freeze {} dump {} transfer {} restore {} ms, {} bytes",
         lab.hosts[from].name, peer, r["downtime_ms"], r["total_ms"], r["freeze_ms"], r["dump_ms"],

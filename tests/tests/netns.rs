@@ -104,12 +104,7 @@ fn loopback_only_container_moves_stream_and_lazy_without_its_netns() -> Result<(
     let lab = Lab::up_on("nsmodes", SUBNET, 2)?;
     let id = lab.run_container(0, "lo1", 1)?;
     for (from, to, mode) in [(0, 1, "stream"), (1, 0, "lazy"), (0, 1, "cold")] {
-        let options: &[&str] = if mode == "cold" {
-            &[]
-        } else {
-            &["--mode", mode]
-        };
-        move_and_check_with(&lab, from, to, "lo1", &id, options, mode)?;
+        move_and_check_with(&lab, from, to, "lo1", &id, &["--mode", mode], mode)?;
         netns_recreated(&lab, to, "lo1", &id).with_context(|| format!("after the {mode} move"))?;
     }
     lab.mig_ok(1, &["rm", "-f", "lo1"])?;

@@ -54,7 +54,8 @@ pub struct BenchMoveArgs {
     /// `mig move --mode` values, comma-separated. They are passed to the agent as they are: a mode
     /// the agent (or this mig) refuses is recorded as refused, with the reason. `stream-nopresync`
     /// is `--mode stream --no-memory-presync` (plain stop-and-copy, to compare with `stream`).
-    #[arg(long, value_delimiter = ',', default_value = "cold")]
+    /// Default: `stream`, the default of `mig move`.
+    #[arg(long, value_delimiter = ',', default_value = "stream")]
     pub modes: Vec<String>,
     /// Runs per size and mode.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]

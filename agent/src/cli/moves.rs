@@ -18,8 +18,9 @@ pub struct MoveArgs {
     /// container with established connections is refused.
     #[arg(long)]
     pub tcp_established: bool,
-    /// How memory moves: cold (files), stream (the memory copied while the container runs, then
-    /// only the pages that changed, straight to the destination; the fastest stop-and-copy), lazy
+    /// How memory moves: stream (the default: the memory copied while the container runs, then
+    /// only the pages that changed, straight to the destination; the fastest stop-and-copy), cold
+    /// (every image through files on both disks, each file hashed), lazy
     /// (post-copy: resumes first, pages on demand from this host), precopy (needs dirty-memory
     /// tracking), auto (stream, or lazy when over --max-downtime). docs/migration.md
     #[arg(long, value_enum)]

@@ -51,8 +51,9 @@ impl MoveMode {
     }
 }
 
-/// The mode a move uses when none is given.
-pub const DEFAULT_MODE: MoveMode = MoveMode::Cold;
+/// The mode a move uses when none is given: the fastest stop-and-copy (docs/performance.md).
+/// Post-copy is never the default: it leaves the container depending on the source.
+pub const DEFAULT_MODE: MoveMode = MoveMode::Stream;
 /// The stop-and-copy mode `auto` picks when the prediction fits.
 const AUTO_STOP_AND_COPY: MoveMode = MoveMode::Stream;
 
