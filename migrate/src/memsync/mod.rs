@@ -30,6 +30,10 @@
 //! 3. destination → source: `u64` pages held, `u64` status (0). The source uses its digests
 //!    only when the count is the one it sent; anything else leaves the dump as it was.
 //!
+//! A destination that fails resets the stream (and stops reading it) with a code saying why:
+//! 3 it could not write the pages (a full disk), 4 the stream broke a rule above, 2 anything
+//! else.
+//!
 //! # The deduplicated page stream (tunnel service `PageServerDedup`, protocol 1.4)
 //!
 //! CRIU's page server protocol (`criu::page_writer`) unchanged, except the page data after an
@@ -100,6 +104,8 @@ pub enum MemsyncError {
     Ended,
     #[error("the destination held {held} of the {sent} presync pages sent")]
     Held { held: u64, sent: u64 },
+    #[error("the destination ended the presync: {0}; its log says more")]
+    PeerFailed(&'static str),
     #[error("the destination reports presync status {0}")]
     Status(u64),
     #[error("presync run of {nr_pages} pages at {vaddr:#x} is invalid")]

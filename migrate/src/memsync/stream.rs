@@ -36,9 +36,39 @@ pub struct SendStats {
     pub capped: bool,
 }
 
+/// The codes a destination resets a failed presync stream with, so that the source can say
+/// why rather than only that the stream was reset.
+const RESET_FAILED: u32 = 2;
+const RESET_WRITE: u32 = 3;
+const RESET_INVALID: u32 = 4;
+
+/// The reset code for a destination's failure.
+fn reset_code(e: &MemsyncError) -> u32 {
+    match e {
+        MemsyncError::File { .. } => RESET_WRITE,
+        MemsyncError::BadRun { .. }
+        | MemsyncError::BadImage { .. }
+        | MemsyncError::Overlap { .. }
+        | MemsyncError::TooMuch { .. } => RESET_INVALID,
+        _ => RESET_FAILED,
+    }
+}
+
+/// The source's error for a stream the destination reset with `code`.
+fn peer_failed(code: quinn::VarInt) -> MemsyncError {
+    MemsyncError::PeerFailed(match code.into_inner() {
+        c if c == u64::from(RESET_WRITE) => {
+            "it could not write the pages into its images directory (full disk?)"
+        }
+        c if c == u64::from(RESET_INVALID) => "it found the presync stream invalid",
+        _ => "it failed",
+    })
+}
+
 fn read_err(e: quinn::ReadExactError) -> MemsyncError {
     match e {
         quinn::ReadExactError::FinishedEarly(_) => MemsyncError::Ended,
+        quinn::ReadExactError::ReadError(quinn::ReadError::Reset(code)) => peer_failed(code),
         quinn::ReadExactError::ReadError(e) => MemsyncError::Stream(e.into()),
     }
 }
@@ -63,7 +93,10 @@ pub async fn send(
     let mut sent = Ok(());
     while let Some(mut run) = rx.recv().await {
         if let Err(e) = tx_stream.write_all_chunks(&mut run).await {
-            sent = Err(MemsyncError::Stream(e.into()));
+            sent = Err(match e {
+                quinn::WriteError::Stopped(code) => peer_failed(code),
+                e => MemsyncError::Stream(e.into()),
+            });
             break;
         }
     }
@@ -253,9 +286,10 @@ impl PresyncSink {
             Ok(bytes)
         }
         .await;
-        if r.is_err() {
-            let _ = send.reset(2u32.into());
-            let _ = recv.stop(2u32.into());
+        if let Err(e) = &r {
+            let code = reset_code(e);
+            let _ = send.reset(code.into());
+            let _ = recv.stop(code.into());
         }
         r
     }

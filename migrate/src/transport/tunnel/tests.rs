@@ -379,3 +379,39 @@ async fn presync_then_dedup_stream_write_the_dumps_pages() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// A destination that cannot write the presync's pages (its images directory is a file here)
+/// ends the stream with a code that says so, and the source's error names the reason.
+#[tokio::test]
+async fn a_destination_that_cannot_write_the_presync_says_why() {
+    use crate::memsync::stream::{send, PresyncSink, Proc};
+    use crate::memsync::MemsyncError;
+    if !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let not_a_dir = dir.path().join("file");
+    std::fs::write(&not_a_dir, b"x").unwrap();
+    let (client, server, _eps) = pair().await;
+    let presync = Mutex::new(Some(PresyncSink {
+        dir: not_a_dir,
+        max_bytes: 1 << 32,
+        slot: Arc::new(Mutex::new(None)),
+    }));
+    tokio::spawn(serve(server, move |h| match h.service {
+        Service::MemoryPresync => presync.lock().unwrap().take().map(Endpoint::Presync),
+        _ => None,
+    }));
+    // Present pages of this process, so that there is something to send.
+    let mem = vec![7u8; 64 * 4096];
+    let me = Proc {
+        host_pid: std::process::id() as i32,
+        image_id: 5,
+    };
+    let e = send(&client, &header(Service::MemoryPresync), vec![me])
+        .await
+        .unwrap_err();
+    assert!(matches!(e, MemsyncError::PeerFailed(_)), "{e:?}");
+    assert!(e.to_string().contains("could not write the pages"), "{e}");
+    drop(mem);
+}
