@@ -216,7 +216,7 @@ fn kill_and_logs_follow_end_with_the_container() -> Result<()> {
             "--",
             "sh",
             "-c",
-            "trap 'echo got-term; exit 5' TERM; echo ready; while true; do sleep 0.1; done",
+            "trap 'echo got-term; exit 5' TERM; echo one; echo two; echo ready; while true; do sleep 0.1; done",
         ],
     )?;
     ensure!(
@@ -230,7 +230,7 @@ fn kill_and_logs_follow_end_with_the_container() -> Result<()> {
         let id = id.clone();
         move || {
             std::process::Command::new(mig_tests::bin("mig"))
-                .args(["logs", "-f", &id])
+                .args(["logs", "-f", "--tail", "1", &id])
                 .env("MIG_SOCKET", socket)
                 .output()
         }
@@ -241,10 +241,12 @@ fn kill_and_logs_follow_end_with_the_container() -> Result<()> {
         .join()
         .map_err(|_| anyhow::anyhow!("follower panicked"))??;
     let text = String::from_utf8_lossy(&out.stdout);
+    // Followed from the last line it held: "one" and "two" were left out.
     ensure!(
-        out.status.success() && text.contains("ready") && text.contains("got-term"),
+        out.status.success() && text == "ready\ngot-term\n",
         "{out:?}"
     );
+    ensure!(agent.mig_ok(&["logs", "-n", "2", &id])? == "ready\ngot-term\n");
     let d = inspect(&agent, &id)?;
     ensure!(d["exit_code"] == 5 && d["state"] == "stopped", "{d}");
     let o = agent.mig(&["kill", &id]);

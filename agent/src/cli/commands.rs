@@ -270,10 +270,11 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
     }
     if let Command::Logs {
         follow: true,
+        tail,
         container,
     } = &cli.command
     {
-        return super::logs::follow(&cli, container).await;
+        return super::logs::follow(&cli, container, *tail).await;
     }
     if let Command::Exec { tty: true, .. } = &cli.command {
         return Err(CliError::NoTty);
@@ -300,7 +301,19 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
             }
             Ok(0)
         }
-        Command::Logs { follow, container } => {
+        Command::Logs {
+            follow,
+            tail: Some(n),
+            container,
+        } => {
+            let log = super::logs::read_all(&mut c, &container, follow).await?;
+            out(&log[super::logs::tail_start(&log, n)..]).map(|_| 0)
+        }
+        Command::Logs {
+            follow,
+            tail: None,
+            container,
+        } => {
             let mut err = None;
             c.logs(&container, follow, |data| {
                 if err.is_none() {

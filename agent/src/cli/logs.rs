@@ -20,12 +20,24 @@ use std::time::Duration;
 /// events (the move's commit event may come just after the log's end).
 const MOVE_EVENT_WAIT: Duration = Duration::from_secs(3);
 
-/// Follows `container`'s log on the agent of `cli`, then on the hosts it moves to.
-pub(super) async fn follow(cli: &Cli, container: &str) -> Result<u8, CliError> {
+/// Follows `container`'s log on the agent of `cli`, then on the hosts it moves to; with `tail`,
+/// starting from the last `tail` lines of what it holds now.
+pub(super) async fn follow(
+    cli: &Cli,
+    container: &str,
+    tail: Option<usize>,
+) -> Result<u8, CliError> {
     let mut logs = connect(cli).await?;
     let mut events = connect(cli).await?;
     let mut check = connect(cli).await?;
-    let mut skip: usize = 0;
+    // The follow prints the log from its start: the part before the last lines is skipped.
+    let mut skip: usize = match tail {
+        Some(n) => {
+            let now = read_all(&mut logs, container, false).await?;
+            tail_start(&now, n)
+        }
+        None => 0,
+    };
     loop {
         // Subscribed before the log starts: a move that ends the log cannot be missed.
         let id = match events.subscribe_events().await {
@@ -151,6 +163,28 @@ async fn moved_to(mut events: Client, id: String, moving: Arc<AtomicBool>) -> Op
 }
 
 /// `data` without its first `*skip` bytes (cut at a character boundary), counting them off.
+/// The whole log the agent holds now.
+pub(super) async fn read_all(
+    c: &mut Client,
+    container: &str,
+    follow: bool,
+) -> Result<String, CliError> {
+    let mut log = String::new();
+    c.logs(container, follow, |data| log.push_str(data)).await?;
+    Ok(log)
+}
+
+/// Where the last `n` lines of `log` start (a last line without its newline counts as one).
+pub(super) fn tail_start(log: &str, n: usize) -> usize {
+    if n == 0 {
+        return log.len();
+    }
+    let body = log.strip_suffix('\n').unwrap_or(log);
+    body.rmatch_indices('\n')
+        .nth(n - 1)
+        .map_or(0, |(at, _)| at + 1)
+}
+
 fn skip_prefix<'a>(data: &'a str, skip: &mut usize) -> &'a str {
     if *skip == 0 {
         return data;
@@ -169,7 +203,19 @@ fn skip_prefix<'a>(data: &'a str, skip: &mut usize) -> &'a str {
 
 #[cfg(test)]
 mod tests {
-    use super::skip_prefix;
+    use super::{skip_prefix, tail_start};
+
+    #[test]
+    fn tail_start_finds_the_last_lines() {
+        let log = "a\nb\nc\n";
+        assert_eq!(&log[tail_start(log, 2)..], "b\nc\n");
+        assert_eq!(&log[tail_start(log, 3)..], log);
+        assert_eq!(&log[tail_start(log, 9)..], log);
+        assert_eq!(&log[tail_start(log, 0)..], "");
+        // A last line still being written counts as a line.
+        assert_eq!(&"a\nb\nc"[tail_start("a\nb\nc", 1)..], "c");
+        assert_eq!(tail_start("", 1), 0);
+    }
 
     #[test]
     fn skip_prefix_counts_off_across_pieces() {

@@ -94,6 +94,9 @@ pub enum Command {
         /// Keep printing until the container ends.
         #[arg(short, long)]
         follow: bool,
+        /// Print only the last N lines of the log (with --follow: then go on with what comes).
+        #[arg(long, short = 'n', value_name = "N")]
+        tail: Option<usize>,
         /// Container id, id prefix or name.
         container: String,
     },
