@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything mig needs on a Debian 12 machine, as root, idempotently:
-# Debian packages (bookworm only), a Rust toolchain check, CRIU >= 4 (the system one when `criu check`
-# passes and it is 4.2 or newer, else CRIU 4.2.1 built from Debian's source into /usr/local), and the
-# kernel settings
-# CRIU's lazy pages need. Safe to run again: every step checks before it acts.
+# Debian packages (bookworm only), a Rust toolchain check, CRIU 4.2.1 built from Debian's source with
+# mig's patches (scripts/criu-patches) into /usr/local (kept when the installed one passes `criu check`
+# and has every patch, rebuilt otherwise), and the kernel settings CRIU's lazy pages need. Safe to run
+# again: every step checks before it acts.
 set -euo pipefail
 
 # 4.2 at least: CRIU 4.1 cannot dump TCP or UDP sockets on kernels from 6.16 on
@@ -13,6 +13,14 @@ CRIU_MIN_MINOR=2
 CRIU_TARBALL="criu_${CRIU_VERSION}.orig.tar.xz"
 CRIU_SHA256=29ec0ee09e296479fe7048c80980e8ef1d0684d0b0204c2b101dfea19f6725b9
 BUILD_DIR=/var/cache/mig-setup
+CRIU_BIN=/usr/local/sbin/criu
+# Patches applied to CRIU's source (patch -p1, in name order), and for each a string it puts into the
+# binary (a log message): a CRIU without every marker lacks a patch and is rebuilt (docs/criu.md,
+# "Patches").
+CRIU_PATCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/criu-patches"
+CRIU_PATCH_MARKERS=(
+  criu-rlimits-proc-fallback  # 0001: dump the limits of another user's process without CAP_SYS_RESOURCE
+)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
@@ -24,7 +32,7 @@ PACKAGES=(
   ca-certificates dpkg-dev build-essential pkg-config shellcheck jq
   libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler python3-protobuf
   libnl-3-dev libnet1-dev libcap-dev libbsd-dev uuid-dev libnftables-dev libgnutls28-dev libaio-dev
-  libseccomp-dev runc systemd-container
+  libseccomp-dev patch runc systemd-container
 )
 
 missing=()
@@ -50,13 +58,27 @@ criu_ok() {
   "$bin" check >/dev/null 2>&1
 }
 
+# Whether the CRIU binary $1 holds every patch's marker.
+criu_patched() {
+  local m
+  for m in "${CRIU_PATCH_MARKERS[@]}"; do
+    grep -q -a -F -- "$m" "$1" || return 1
+  done
+}
+
+# mig runs $CRIU_BIN first when it exists (migrate/src/criu, Criu::locate), so that is the binary that
+# must work and carry the patches; the system's CRIU (Debian 12 has 3.17) has none of them.
 have_criu=""
-for c in /usr/local/sbin/criu "$(command -v criu 2>/dev/null || true)"; do
-  if [ -n "$c" ] && criu_ok "$c"; then have_criu=$c; break; fi
-done
+if criu_ok "$CRIU_BIN" && criu_patched "$CRIU_BIN"; then
+  have_criu=$CRIU_BIN
+elif [ -e "$CRIU_BIN" ]; then
+  log "$CRIU_BIN fails 'criu check', is older than 4.$CRIU_MIN_MINOR or lacks a patch of $CRIU_PATCH_DIR: rebuilding"
+fi
 
 if [ -z "$have_criu" ]; then
-  log "no working CRIU >= 4.$CRIU_MIN_MINOR: building CRIU $CRIU_VERSION from Debian's source"
+  log "building CRIU $CRIU_VERSION from Debian's source with the patches of $CRIU_PATCH_DIR"
+  patches=("$CRIU_PATCH_DIR"/*.patch)
+  [ -f "${patches[0]}" ] || die "no CRIU patches in $CRIU_PATCH_DIR"
   mkdir -p "$BUILD_DIR"
   cd "$BUILD_DIR"
   if ! echo "$CRIU_SHA256  $CRIU_TARBALL" | sha256sum -c --status 2>/dev/null; then
@@ -81,13 +103,22 @@ SRC
     [ -f "$CRIU_TARBALL" ] || die "could not fetch $CRIU_TARBALL"
     echo "$CRIU_SHA256  $CRIU_TARBALL" | sha256sum -c --status || die "$CRIU_TARBALL: sha256 mismatch"
   fi
+  # Always a fresh tree: the patches apply to the pristine source only.
   rm -rf "criu-$CRIU_VERSION"
   tar -xf "$CRIU_TARBALL"
   cd "criu-$CRIU_VERSION"
+  for p in "${patches[@]}"; do
+    patch -p1 --forward --quiet <"$p" || die "$p does not apply to CRIU $CRIU_VERSION"
+  done
   make -j"$(nproc)" criu >build.log 2>&1 || { tail -n 30 build.log >&2; die "CRIU build failed"; }
-  install -D -m 0755 criu/criu /usr/local/sbin/criu
-  criu_ok /usr/local/sbin/criu || die "built CRIU fails 'criu check'"
-  have_criu=/usr/local/sbin/criu
+  criu_patched criu/criu || die "the built CRIU lacks a patch marker (${CRIU_PATCH_MARKERS[*]})"
+  # Installed under a temporary name and renamed over the old binary once it passes `criu check`:
+  # a CRIU that runs meanwhile keeps its file, and no run ever sees a half-written one.
+  tmp_bin="$(dirname "$CRIU_BIN")/.criu.setup-$$"
+  install -D -m 0755 criu/criu "$tmp_bin"
+  criu_ok "$tmp_bin" || { rm -f "$tmp_bin"; die "built CRIU fails 'criu check'"; }
+  mv -f "$tmp_bin" "$CRIU_BIN"
+  have_criu=$CRIU_BIN
 fi
 log "CRIU: $have_criu ($("$have_criu" --version | head -n1))"
 

@@ -10,6 +10,9 @@
 
 use super::init::{DEVICES, MASKED_FILES};
 use crate::spec::ContainerSpec;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 /// One bind mount CRIU must treat as external.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,14 +84,26 @@ pub fn restore_externals(spec: &ContainerSpec) -> Vec<String> {
 /// `CAP_SYS_RESOURCE`, bit 24 of the capability sets in `/proc/PID/status`.
 const CAP_SYS_RESOURCE: u32 = 24;
 
+/// Where mig runs CRIU from when `$MIG_CRIU` is not set, before `PATH` (as
+/// `mig_migrate::criu::Criu::locate`, which this crate cannot call).
+const DEFAULT_CRIU: &str = "/usr/local/sbin/criu";
+
+/// A string that scripts/criu-patches/0001-dump-rlimits-from-proc-limits.patch puts into CRIU (in
+/// the log message of its fallback): a CRIU binary holding it reads a process's resource limits
+/// from `/proc/PID/limits` when `prlimit` is refused.
+const RLIMITS_FALLBACK_MARKER: &[u8] = b"criu-rlimits-proc-fallback";
+
 /// Why `criu dump` would fail on these host PIDs of a container, if it would. CRIU reads each
 /// process's resource limits with `prlimit`, which the kernel allows only when the process's
 /// real, effective and saved uid and gid are all the caller's (root's), or the caller has
 /// `CAP_SYS_RESOURCE` in the process's user namespace. Some machines run root without
-/// `CAP_SYS_RESOURCE` in its bounding set (what a `criu` child gets): there, a container
-/// process running as another user fails the dump with "Can't get rlimit 0: Operation not
-/// permitted". Root owns a `--userns` container's user namespace, and so has every capability
-/// in it: such containers are never refused. `None` when the dump can read every limit.
+/// `CAP_SYS_RESOURCE` in its bounding set (what a `criu` child gets): there, a plain CRIU fails
+/// to dump a container process running as another user ("Can't get rlimit 0: Operation not
+/// permitted"). The CRIU that scripts/setup.sh builds reads such a process's limits from the
+/// world-readable `/proc/PID/limits` instead, and then nothing is refused; only a CRIU without
+/// that fallback is. Root owns a `--userns` container's user namespace, and so has every
+/// capability in it: such containers are never refused. `None` when the dump can read every
+/// limit.
 pub fn rlimit_blocker(pids: &[i32], userns: bool) -> Option<String> {
     if userns {
         return None;
@@ -98,17 +113,97 @@ pub fn rlimit_blocker(pids: &[i32], userns: bool) -> Option<String> {
     if bounding & (1 << CAP_SYS_RESOURCE) != 0 {
         return None;
     }
-    pids.iter().find_map(|&pid| {
+    let (pid, uid, gid) = pids.iter().find_map(|&pid| {
         let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
         let uids = status_ids(&text, "Uid:")?;
         let gids = status_ids(&text, "Gid:")?;
-        (uids.iter().chain(&gids).any(|&id| id != 0)).then(|| {
-            format!(
-                "process {pid} runs as uid {} gid {}, and CRIU can read the resource limits of a process that does not run as root only with CAP_SYS_RESOURCE, which root on this host lacks (capability bounding set {bounding:x}); run the container with --userns, or its processes as root",
-                uids[1], gids[1]
+        (uids.iter().chain(&gids).any(|&id| id != 0)).then_some((pid, uids[1], gids[1]))
+    })?;
+    // Only now, when it matters: a process that does not run as root.
+    let criu = criu_in_use()?;
+    if has_rlimits_fallback(&criu) {
+        return None;
+    }
+    Some(format!(
+        "process {pid} runs as uid {uid} gid {gid}, and {} can read the resource limits of a process that does not run as root only with CAP_SYS_RESOURCE, which root on this host lacks (capability bounding set {bounding:x}); install the CRIU that scripts/setup.sh builds (it reads them from /proc/PID/limits), or run the container with --userns, or its processes as root",
+        criu.display()
+    ))
+}
+
+/// The CRIU binary mig runs, by the rules of `mig_migrate::criu::Criu::locate`: `$MIG_CRIU` when
+/// set (then only there), else [`DEFAULT_CRIU`], else `criu` in `PATH`. `None` when there is
+/// none (the dump then fails on that, with its own message).
+fn criu_in_use() -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    match std::env::var_os("MIG_CRIU") {
+        Some(p) if !p.is_empty() => Some(PathBuf::from(p)).filter(|p| executable(p)),
+        _ => std::iter::once(PathBuf::from(DEFAULT_CRIU))
+            .chain(
+                std::env::var_os("PATH")
+                    .map(|path| {
+                        std::env::split_paths(&path)
+                            .map(|d| d.join("criu"))
+                            .collect::<Vec<_>>()
+                    })
+                    .unwrap_or_default(),
             )
-        })
-    })
+            .find(|p| executable(p)),
+    }
+}
+
+/// The identity of a file's content for the cache: device, inode, size, modification time.
+type FileId = (u64, u64, u64, i64, i64);
+
+fn file_id(path: &Path) -> Option<FileId> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
+}
+
+/// Whether the CRIU binary at `path` holds [`RLIMITS_FALLBACK_MARKER`]. Reading the 6 MB binary
+/// takes milliseconds, so the answer is kept per path and asked again only when the file changes
+/// (scripts/setup.sh replaces it with a rename: a new inode). An unreadable file has no fallback.
+fn has_rlimits_fallback(path: &Path) -> bool {
+    static KNOWN: Mutex<Vec<(PathBuf, FileId, bool)>> = Mutex::new(Vec::new());
+    let Some(id) = file_id(path) else {
+        return false;
+    };
+    let mut known = KNOWN.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, _, has)) = known.iter().find(|(p, i, _)| p == path && *i == id) {
+        return *has;
+    }
+    let has = file_contains(path, RLIMITS_FALLBACK_MARKER).unwrap_or(false);
+    known.retain(|(p, _, _)| p != path);
+    known.push((path.to_owned(), id, has));
+    has
+}
+
+/// Whether the file at `path` contains `needle` (not empty), read in chunks.
+fn file_contains(path: &Path, needle: &[u8]) -> std::io::Result<bool> {
+    let mut file = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; 64 << 10];
+    // The last `keep` bytes of a chunk start the next one: a needle across two chunks is found.
+    let keep = needle.len().saturating_sub(1);
+    let mut filled = 0;
+    loop {
+        let n = file.read(&mut buf[filled..])?;
+        if n == 0 {
+            return Ok(false);
+        }
+        filled += n;
+        if buf[..filled]
+            .windows(needle.len())
+            .any(|w| w[0] == needle[0] && w == needle)
+        {
+            return Ok(true);
+        }
+        let tail = filled.saturating_sub(keep);
+        buf.copy_within(tail..filled, 0);
+        filled -= tail;
+    }
 }
 
 /// The hexadecimal value of a `/proc/PID/status` line such as `CapBnd:\t000001fffeffffff`.
@@ -150,6 +245,33 @@ mod tests {
             assert_eq!(rlimit_blocker(&[me], false), None);
         }
         assert_eq!(rlimit_blocker(&[me], true), None);
+    }
+
+    #[test]
+    fn the_fallback_is_found_in_the_binary() {
+        let dir = tempfile::tempdir().unwrap();
+        let without = dir.path().join("criu-plain");
+        std::fs::write(&without, vec![0x7fu8; 200_000]).unwrap();
+        assert!(!file_contains(&without, RLIMITS_FALLBACK_MARKER).unwrap());
+        assert!(!has_rlimits_fallback(&without));
+        // The marker across the first two 64 KiB chunks, and at the very end.
+        for at in [(64 << 10) - 5, 200_000 - RLIMITS_FALLBACK_MARKER.len()] {
+            let path = dir.path().join(format!("criu-{at}"));
+            let mut bytes = vec![0u8; 200_000];
+            bytes[at..at + RLIMITS_FALLBACK_MARKER.len()].copy_from_slice(RLIMITS_FALLBACK_MARKER);
+            std::fs::write(&path, bytes).unwrap();
+            assert!(
+                file_contains(&path, RLIMITS_FALLBACK_MARKER).unwrap(),
+                "{at}"
+            );
+            assert!(has_rlimits_fallback(&path));
+        }
+        // A patched binary renamed over the plain one (as scripts/setup.sh installs it) is read
+        // again, not answered from the cache.
+        std::fs::rename(dir.path().join("criu-65531"), &without).unwrap();
+        assert!(has_rlimits_fallback(&without));
+        assert!(!has_rlimits_fallback(&dir.path().join("missing")));
+        assert!(!file_contains(&dir.path().join("criu-plain"), b"\x7f\x7f\x01").unwrap());
     }
 
     #[test]
