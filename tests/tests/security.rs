@@ -185,7 +185,7 @@ fn non_root_processes_move_with_their_uid_and_limits() -> Result<()> {
         "root has CAP_SYS_RESOURCE here: {} (without it CRIU reads limits from /proc/PID/limits)",
         root_has_cap_sys_resource()?
     );
-    let lab = Lab::up_on("nr", [10, 79, 61], 2)?;
+    let mut lab = Lab::up_on("nr", [10, 79, 61], 2)?;
     // busybox su as root needs no password, only the user in /etc/passwd; it execs the shell,
     // which becomes the init. The pipe makes three processes at least (the init, the loop's
     // subshell, cat).
@@ -260,6 +260,62 @@ fn non_root_processes_move_with_their_uid_and_limits() -> Result<()> {
     );
     kept(0, "checkpoint and restore")?;
     lab::continues(&lab, 0, "nr", count)?;
+
+    // A destination whose migd (and so CRIU) has a lower hard limit of open files than the
+    // process: root without CAP_SYS_RESOURCE cannot raise it, and the patched CRIU then restores
+    // the soft limit under the highest hard limit it may set, with a warning in the restore log
+    // (a plain CRIU silently gave the process its own limits, soft 1000 lost).
+    let hard: u64 = nofile
+        .split_whitespace()
+        .nth(4)
+        .and_then(|h| h.parse().ok())
+        .with_context(|| format!("hard limit of {nofile}"))?;
+    let lower = hard / 2;
+    if lower <= 1000 || root_has_cap_sys_resource()? {
+        eprintln!(
+            "hard limit {hard} or CAP_SYS_RESOURCE: the lower destination limit is not tried"
+        );
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let migd = dir.path().join("migd");
+    std::fs::write(
+        &migd,
+        format!(
+            "#!/bin/sh\nulimit -n {lower} && exec {} \"$@\"\n",
+            mig_tests::bin("migd").display()
+        ),
+    )?;
+    std::fs::set_permissions(&migd, std::fs::Permissions::from_mode(0o755))?;
+    lab.restart_with(1, &migd)?;
+    lab::move_and_check_with(&lab, 0, 1, "nr", &id, &["--mode", "stream"], "stream")?;
+    let (ids, limits) = ids_and_limits(init_host_pid(&lab, 1, "nr")?)?;
+    ensure!(ids == before.0, "the ids changed: {ids}, were {}", before.0);
+    for (now, was) in limits.lines().zip(before.1.lines()) {
+        if was.starts_with("Max open files") {
+            let v: Vec<&str> = now.split_whitespace().collect();
+            ensure!(
+                v.get(3..5) == Some(&["1000", &lower.to_string()][..]),
+                "open files not fitted under {lower}: {now}"
+            );
+        } else {
+            ensure!(now == was, "a limit changed: {now}, was {was}");
+        }
+    }
+    let log = lab
+        .state_dir(1)
+        .join("containers")
+        .join(&id)
+        .join("checkpoint")
+        .join("restore.log");
+    let log = std::fs::read_to_string(&log).with_context(|| format!("{}", log.display()))?;
+    let warned = log
+        .lines()
+        .any(|l| l.contains("criu-rlimits-clamped") && l.contains(&format!("to {hard} ")));
+    ensure!(
+        warned,
+        "host-b's restore log does not warn of the fitted limit"
+    );
     Ok(())
 }
 
