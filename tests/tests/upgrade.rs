@@ -272,13 +272,15 @@ fn moves_both_ways_between_0_1_0_and_this_build() -> Result<()> {
     ensure!(ps.contains("mv1") && ps.contains("running"), "{ps}");
     let (_, created) = exactly_once(&lab, "mv1")?;
 
-    move_and_check(&lab, 0, 1, "mv1", &id)?;
+    // 0.1.0's agent moves in its default (and only) mode, cold.
+    move_and_check_with(&lab, 0, 1, "mv1", &id, &[], "cold")?;
     ensure!(exactly_once(&lab, "mv1")? == (1, created), "after a -> b");
     // 0.1.0's CLI against this build's agent.
     let ps = lab.mig_ok_with(&old_mig, 1, &["ps"])?;
     ensure!(ps.contains("mv1") && ps.contains("running"), "{ps}");
 
-    move_and_check(&lab, 1, 0, "mv1", &id)?;
+    // Cold from this build too (its default, stream, is in the test below).
+    move_and_check_with(&lab, 1, 0, "mv1", &id, &["--mode", "cold"], "cold")?;
     ensure!(
         exactly_once(&lab, "mv1")? == (0, created),
         "after b -> a: the 0.1.0 destination lost the creation time or a copy is left"

@@ -102,6 +102,9 @@ struct Job {
     serves: HashMap<Service, Endpoint>,
     /// Destination, lazy: the daemon and the tunnel to the source.
     lazy_daemon: Option<Background>,
+    /// Destination: the daemon serves the pages of this host's images (stream mode), not the
+    /// source's.
+    lazy_local: bool,
     /// Destination, lazy: the prefetching proxy between the daemon and the tunnel, and what
     /// starts its prefetch once the container runs.
     lazy_proxy: Option<ProxyThread>,
@@ -479,8 +482,22 @@ pub(crate) async fn start_local_lazy_daemon(
     })
     .await
     .map_err(|e| PagesError::Task(e.to_string()))??;
-    with_jobs(|j| j.entry(migration_id.to_owned()).or_default().lazy_daemon = Some(daemon));
+    with_jobs(|j| {
+        let job = j.entry(migration_id.to_owned()).or_default();
+        job.lazy_daemon = Some(daemon);
+        job.lazy_local = true;
+    });
     Ok(())
+}
+
+/// Whether a lazy-pages daemon of `migration_id` is still to be watched, and whether it serves
+/// local images (`Some(true)`, stream mode) or the source's pages (`Some(false)`). A resume
+/// for a Resolve, on another connection than the move's, knows the mode only from this.
+pub(crate) fn pending_lazy_daemon(migration_id: &str) -> Option<bool> {
+    with_jobs(|j| {
+        let job = j.get(migration_id)?;
+        job.lazy_daemon.as_ref().map(|_| job.lazy_local)
+    })
 }
 
 /// Lazy mode, after the restore: waits (in the background) for the daemon to have every page.
