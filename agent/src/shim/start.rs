@@ -178,8 +178,25 @@ fn prepare(
         lower.push(d);
     }
     let rootfs = cd.rootfs();
-    container::mount_rootfs(&lower, &cd.upper(), &cd.work(), &rootfs)
-        .map_err(|e| (Stage::Rootfs, chain(&e)))?;
+    match &spec.userns {
+        None => container::mount_rootfs(&lower, &cd.upper(), &cd.work(), &rootfs),
+        // Idmapped layers: the container's root owns the image's files as root does elsewhere.
+        Some(map) => container::userns::mount_rootfs(
+            &lower,
+            &cd.upper(),
+            &cd.work(),
+            &rootfs,
+            map,
+        )
+        .map(|ids| {
+            if let container::userns::LayerIds::Unmapped(errno) = ids {
+                eprintln!(
+                    "mig-shim: the kernel refused idmapped image layers ({errno}): the image's files keep their host owners, read-only to the container"
+                );
+            }
+        }),
+    }
+    .map_err(|e| (Stage::Rootfs, chain(&e)))?;
     undo.rootfs = Some(rootfs.clone());
     // The read end stays here (close-on-exec); the write end becomes the init's stdout and stderr.
     let (log_read, log_write) =

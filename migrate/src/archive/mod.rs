@@ -366,6 +366,12 @@ fn unpack(source: Box<dyn Read>, file: &Path, dest: &Path) -> Result<(), Archive
                 .open(&target)
                 .map_err(dest_err)?
         };
+        // The mode above went through the umask (an agent started with 077 would make 0600).
+        {
+            use std::os::unix::fs::PermissionsExt;
+            out.set_permissions(std::fs::Permissions::from_mode(0o644))
+                .map_err(dest_err)?;
+        }
         let copied = io::copy(&mut (&mut entry).take(size), &mut out).map_err(read_err)?;
         if copied != size {
             return Err(read_err(io::Error::from(io::ErrorKind::UnexpectedEof)));

@@ -85,6 +85,26 @@ fn round_trip_plain_and_zstd() {
     }
 }
 
+/// CRIU opens some images of a `--userns` container after entering its user namespace, as its
+/// mapped root (an unprivileged host id): imported images must be readable by others, like
+/// those CRIU writes itself, whatever mode the archive's entries claim and whatever the umask;
+/// writable by root only.
+#[test]
+fn imported_images_are_world_readable_not_writable() {
+    let (t, set, upper) = fixture();
+    let out = t.path().join("c.tar");
+    export(&set, Some(&upper), &out, false).unwrap();
+    let dest = t.path().join("imported");
+    let manifest = import(&out, &dest).unwrap();
+    assert!(!manifest.files.is_empty());
+    for f in &manifest.files {
+        let m = std::fs::metadata(dest.join(&f.path)).unwrap();
+        assert_eq!(m.mode() & 0o7777, 0o644, "{}", f.path);
+    }
+    let m = std::fs::metadata(dest.join(MANIFEST)).unwrap();
+    assert_eq!(m.mode() & 0o7777, 0o644);
+}
+
 #[test]
 fn export_without_upper_and_refuses_an_invalid_set() {
     let (t, set, _) = fixture();

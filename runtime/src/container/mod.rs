@@ -88,6 +88,20 @@ pub enum ContainerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("creating the user namespace of the idmapped image layers")]
+    IdmapUserns(#[source] Errno),
+    #[error("making an idmapped mount of the image layer {path}")]
+    IdmapLayer {
+        path: PathBuf,
+        #[source]
+        errno: Errno,
+    },
+    #[error("staging idmapped image layers at {path}")]
+    IdmapStaging {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("writing {path}")]
     WriteIdMap {
         path: PathBuf,

@@ -471,6 +471,65 @@ pub(crate) fn open_tree_clone(path: &CStr) -> SysResult<RawFd> {
         .map(|fd| fd as RawFd)
 }
 
+/// A detached recursive copy of the mount tree at `path`, as an owned close-on-exec descriptor.
+pub(crate) fn clone_tree(path: &CStr) -> SysResult<OwnedFd> {
+    let fd = open_tree_clone(path)?;
+    // SAFETY: a fresh descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Makes the whole (detached) tree `fd` an idmapped mount: ids on disk are read as ids of the
+/// user namespace `userns` and shown (and written) as the host ids they map to.
+pub(crate) fn set_tree_idmap(fd: RawFd, userns: RawFd) -> SysResult<()> {
+    let attr = libc::mount_attr {
+        attr_set: libc::MOUNT_ATTR_IDMAP,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: userns as u64,
+    };
+    // SAFETY: attr is a valid mount_attr of the size passed.
+    check_long(unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            fd,
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_RECURSIVE,
+            &attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    })
+    .map(drop)
+}
+
+/// `fsconfig(FSCONFIG_SET_FD)`: gives the filesystem context `key` as the descriptor `value`.
+pub(crate) fn fsconfig_fd(fd: RawFd, key: &CStr, value: RawFd) -> SysResult<()> {
+    // SAFETY: key is a valid string; the value pointer must be null for FSCONFIG_SET_FD and the
+    // descriptor travels in aux.
+    check_long(unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            fd,
+            libc::FSCONFIG_SET_FD,
+            key.as_ptr(),
+            ptr::null::<u8>(),
+            value,
+        )
+    })
+    .map(drop)
+}
+
+/// Blocks until `fd` reaches end of file (or fails). Allocation-free, for a cloned child.
+pub(crate) fn wait_eof(fd: RawFd) {
+    let mut b = 0u8;
+    loop {
+        // SAFETY: b is a valid one-byte buffer.
+        let n = unsafe { libc::read(fd, (&mut b as *mut u8).cast(), 1) };
+        if n == 0 || (n < 0 && Errno::last() != Errno::EINTR) {
+            return;
+        }
+    }
+}
+
 /// Makes the whole (detached) tree `fd` read-only.
 pub(crate) fn set_tree_readonly(fd: RawFd) -> SysResult<()> {
     let attr = libc::mount_attr {
