@@ -168,6 +168,55 @@ fn ids_and_limits(pid: i64) -> Result<(String, String)> {
     Ok((ids, std::fs::read_to_string(format!("/proc/{pid}/limits"))?))
 }
 
+/// With a CRIU that lacks the /proc/PID/limits fallback (a copy of the installed one with the
+/// patch's marker string overwritten: the detection is what is tested), a checkpoint and a move
+/// of the container `nr` on host-a are refused up front with the reason, and it runs on.
+fn refused_by_criu_without_fallback(lab: &mut Lab) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut bytes = std::fs::read(mig_migrate::criu::DEFAULT_CRIU)?;
+    let marker = b"criu-rlimits-proc-fallback";
+    let at = bytes
+        .windows(marker.len())
+        .position(|w| w == marker)
+        .context("the installed CRIU lacks the fallback: run scripts/setup.sh")?;
+    bytes[at..at + marker.len()].fill(b'x');
+    let criu = dir.path().join("criu");
+    std::fs::write(&criu, bytes)?;
+    std::fs::set_permissions(&criu, std::fs::Permissions::from_mode(0o755))?;
+    let migd = dir.path().join("migd");
+    std::fs::write(
+        &migd,
+        format!(
+            "#!/bin/sh\nMIG_CRIU={} exec {} \"$@\"\n",
+            criu.display(),
+            mig_tests::bin("migd").display()
+        ),
+    )?;
+    std::fs::set_permissions(&migd, std::fs::Permissions::from_mode(0o755))?;
+    lab.restart_with(0, &migd)?;
+    let peer = lab.hosts[1].name.clone();
+    let outcome = (|| -> Result<()> {
+        for args in [
+            vec!["checkpoint", "--leave-running", "nr"],
+            vec!["move", "nr", peer.as_str()],
+        ] {
+            let o = lab.mig(0, &args);
+            ensure!(
+                failed_saying(&o, &["uid 1000", "CAP_SYS_RESOURCE", "scripts/setup.sh"]),
+                "{args:?}: {} {}",
+                o.stdout,
+                o.stderr
+            );
+            lab::running_on(lab, 0, "nr")?;
+        }
+        let after = lab::continues(lab, 0, "nr", 0)?;
+        lab::continues(lab, 0, "nr", after)?;
+        Ok(())
+    })();
+    lab.restart_with(0, &mig_tests::bin("migd"))?;
+    outcome
+}
+
 /// A container whose processes run as another user than root (uid 1000, with a soft limit of
 /// open files of 1000 set as root before dropping privileges, as nginx's workers or an image's
 /// `USER` run) moves there and back in every mode the tests use: cold, stream with and without
@@ -175,7 +224,8 @@ fn ids_and_limits(pid: i64) -> Result<(String, String)> {
 /// gid and every resource limit, the processes keep their in-namespace PIDs, its memory (2 MB
 /// checked every 0.2 s) is intact, and the source keeps nothing. Where root lacks
 /// CAP_SYS_RESOURCE (this machine), only the CRIU that scripts/setup.sh builds can dump such a
-/// process: it reads the limits from /proc/PID/limits (docs/criu.md, "Patches").
+/// process: it reads the limits from /proc/PID/limits (docs/criu.md, "Patches"); with a CRIU
+/// without that fallback the move and the checkpoint are refused up front, as checked first.
 #[test]
 fn non_root_processes_move_with_their_uid_and_limits() -> Result<()> {
     if !mig_tests::is_root("security tests") {
@@ -201,6 +251,9 @@ fn non_root_processes_move_with_their_uid_and_limits() -> Result<()> {
     )?;
     let id = out.trim().to_string();
     lab::continues(&lab, 0, "nr", 0)?;
+    if !root_has_cap_sys_resource()? {
+        refused_by_criu_without_fallback(&mut lab)?;
+    }
     let before = ids_and_limits(init_host_pid(&lab, 0, "nr")?)?;
     ensure!(
         before.0.starts_with("Uid:\t1000\t1000\t1000")
