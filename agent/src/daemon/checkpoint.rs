@@ -171,7 +171,9 @@ impl Agent {
         let cg = Cgroup::open(&e.state.cgroup).map_err(|e| internal(chain(&e)))?;
         // Before anything is frozen or the old checkpoint removed.
         let procs = cg.procs().unwrap_or_else(|_| vec![init_pid]);
-        if let Some(why) = mig_runtime::container::rlimit_blocker(&procs, e.spec.userns.is_some()) {
+        if let Some(why) =
+            mig_runtime::container::rlimit_blocker(&procs, e.spec.userns.is_some(), criu.path())
+        {
             return Err(ApiError::new(
                 ErrorKind::Unavailable,
                 format!("cannot checkpoint {}: {why}", e.spec.name),

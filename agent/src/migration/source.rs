@@ -965,7 +965,7 @@ impl Agent {
             .await
             .map_err(|e| api(ErrorKind::Unavailable, chain(&e)))?;
         let userns = e.spec.userns.is_some();
-        if let Some(why) = mig_runtime::container::rlimit_blocker(&procs, userns) {
+        if let Some(why) = mig_runtime::container::rlimit_blocker(&procs, userns, criu.path()) {
             return Err(api(
                 ErrorKind::Unavailable,
                 format!("cannot move {}: {why}; nothing was frozen", e.spec.name),

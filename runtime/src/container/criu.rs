@@ -84,10 +84,6 @@ pub fn restore_externals(spec: &ContainerSpec) -> Vec<String> {
 /// `CAP_SYS_RESOURCE`, bit 24 of the capability sets in `/proc/PID/status`.
 const CAP_SYS_RESOURCE: u32 = 24;
 
-/// Where mig runs CRIU from when `$MIG_CRIU` is not set, before `PATH` (as
-/// `mig_migrate::criu::Criu::locate`, which this crate cannot call).
-const DEFAULT_CRIU: &str = "/usr/local/sbin/criu";
-
 /// A string that scripts/criu-patches/0001-dump-rlimits-from-proc-limits.patch puts into CRIU (in
 /// the log message of its fallback): a CRIU binary holding it reads a process's resource limits
 /// from `/proc/PID/limits` when `prlimit` is refused.
@@ -102,9 +98,9 @@ const RLIMITS_FALLBACK_MARKER: &[u8] = b"criu-rlimits-proc-fallback";
 /// permitted"). The CRIU that scripts/setup.sh builds reads such a process's limits from the
 /// world-readable `/proc/PID/limits` instead, and then nothing is refused; only a CRIU without
 /// that fallback is. Root owns a `--userns` container's user namespace, and so has every
-/// capability in it: such containers are never refused. `None` when the dump can read every
-/// limit.
-pub fn rlimit_blocker(pids: &[i32], userns: bool) -> Option<String> {
+/// capability in it: such containers are never refused. `criu` is the binary the dump will run
+/// (`mig_migrate::criu::Criu::locate`). `None` when the dump can read every limit.
+pub fn rlimit_blocker(pids: &[i32], userns: bool, criu: &Path) -> Option<String> {
     if userns {
         return None;
     }
@@ -120,38 +116,13 @@ pub fn rlimit_blocker(pids: &[i32], userns: bool) -> Option<String> {
         (uids.iter().chain(&gids).any(|&id| id != 0)).then_some((pid, uids[1], gids[1]))
     })?;
     // Only now, when it matters: a process that does not run as root.
-    let criu = criu_in_use()?;
-    if has_rlimits_fallback(&criu) {
+    if has_rlimits_fallback(criu) {
         return None;
     }
     Some(format!(
         "process {pid} runs as uid {uid} gid {gid}, and {} can read the resource limits of a process that does not run as root only with CAP_SYS_RESOURCE, which root on this host lacks (capability bounding set {bounding:x}); install the CRIU that scripts/setup.sh builds (it reads them from /proc/PID/limits), or run the container with --userns, or its processes as root",
         criu.display()
     ))
-}
-
-/// The CRIU binary mig runs, by the rules of `mig_migrate::criu::Criu::locate`: `$MIG_CRIU` when
-/// set (then only there), else [`DEFAULT_CRIU`], else `criu` in `PATH`. `None` when there is
-/// none (the dump then fails on that, with its own message).
-fn criu_in_use() -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let executable = |p: &Path| {
-        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    };
-    match std::env::var_os("MIG_CRIU") {
-        Some(p) if !p.is_empty() => Some(PathBuf::from(p)).filter(|p| executable(p)),
-        _ => std::iter::once(PathBuf::from(DEFAULT_CRIU))
-            .chain(
-                std::env::var_os("PATH")
-                    .map(|path| {
-                        std::env::split_paths(&path)
-                            .map(|d| d.join("criu"))
-                            .collect::<Vec<_>>()
-                    })
-                    .unwrap_or_default(),
-            )
-            .find(|p| executable(p)),
-    }
 }
 
 /// The identity of a file's content for the cache: device, inode, size, modification time.
@@ -242,9 +213,9 @@ mod tests {
         // This test runs as root (uid and gid 0) or is not refused for its own user namespace.
         let me = std::process::id() as i32;
         if nix::unistd::getuid().is_root() && nix::unistd::getgid().as_raw() == 0 {
-            assert_eq!(rlimit_blocker(&[me], false), None);
+            assert_eq!(rlimit_blocker(&[me], false, Path::new("criu")), None);
         }
-        assert_eq!(rlimit_blocker(&[me], true), None);
+        assert_eq!(rlimit_blocker(&[me], true, Path::new("criu")), None);
     }
 
     #[test]
