@@ -215,6 +215,9 @@ fn move_text(r: &MoveResult) -> String {
             link_basis(r)
         ));
     }
+    if let Some(m) = &r.memory_presync {
+        s.push_str(&presync_line(m));
+    }
     if let Some(pc) = &r.precopy {
         s.push_str("  pre-copy rounds while the container ran:\n");
         for line in pc.lines() {
@@ -253,6 +256,26 @@ fn move_text(r: &MoveResult) -> String {
         ));
     }
     s
+}
+
+/// Stream mode's memory presync, for the result's text: what went while the container ran and
+/// what was left for the freeze.
+fn presync_line(m: &crate::migration::memsync::MemoryPresyncReport) -> String {
+    if let Some(e) = &m.error {
+        return format!("  memory presync failed ({e}): every page went while frozen\n");
+    }
+    let pages = m.pages_reused + m.pages_sent_frozen;
+    format!(
+        "  memory presync: {} copied in {} ms while the container ran{}; {} of {pages} pages went while frozen\n",
+        super::output::human_size(m.bytes),
+        m.ms,
+        if m.capped {
+            " (capped: the destination's disk or the time limit)"
+        } else {
+            ""
+        },
+        m.pages_sent_frozen,
+    )
 }
 
 /// Where the prediction's throughput came from, for the pre-flight line.
@@ -468,5 +491,23 @@ mod tests {
         // An older agent's result has no source: the line stays as it was.
         r.throughput_source = None;
         assert!(move_text(&r).contains("measured 900 ms\n"));
+        r.memory_presync = Some(crate::migration::memsync::MemoryPresyncReport {
+            ms: 45,
+            bytes: 10 << 20,
+            pages_reused: 2648,
+            pages_sent_frozen: 8,
+            ..Default::default()
+        });
+        assert!(
+            move_text(&r).contains(
+                "  memory presync: 10.0 MiB copied in 45 ms while the container ran; 8 of 2656 pages went while frozen\n"
+            ),
+            "{}",
+            move_text(&r)
+        );
+        r.memory_presync.as_mut().unwrap().error = Some("the destination ended the presync".into());
+        assert!(move_text(&r).contains(
+            "memory presync failed (the destination ended the presync): every page went while frozen"
+        ));
     }
 }
