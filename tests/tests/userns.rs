@@ -233,6 +233,9 @@ fn checkpoint_and_import(lab: &Lab, id: &str, root: u32) -> Result<()> {
     let pids = stable_pids(&lab::running_on(lab, 0, "u")?);
     ensure!(pids.contains(&1) && pids.len() >= 3, "{pids:?}");
     lab.mig_ok(0, &["checkpoint", "u"])?;
+    // A shim that died between staging idmapped layers and detaching them (kernels whose
+    // overlay takes only paths) leaves mounts in `rootfs.layers`: the next mount detaches them.
+    let _left = Leftover::make(lab, container_dir(lab, 0, id))?;
     lab.mig_ok(0, &["restore", "u"])?;
     let after = stable_pids(&lab::running_on(lab, 0, "u")?);
     ensure!(after == pids, "PIDs changed: {pids:?} -> {after:?}");
@@ -261,6 +264,45 @@ fn checkpoint_and_import(lab: &Lab, id: &str, root: u32) -> Result<()> {
     writes_into_image_dirs(lab, 0, &id2, "u2", "i2")?;
     only_rootfs_mounts(lab, 0, &[&id2])?;
 
+    // Removing a stopped container (its rootfs not mounted) detaches such leftovers too.
+    lab.mig_ok(0, &["checkpoint", "u2"])?;
+    let _left = Leftover::make(lab, container_dir(lab, 0, &id2))?;
     lab.mig_ok(0, &["rm", "-f", "u2"])?;
     lab::nothing_left(lab, 0, &id2)
+}
+
+/// Two stacked tmpfs mounts at `CONTAINER_DIR/rootfs.layers/0` in the agent's mount namespace,
+/// as a crash would leave idmapped layers; detached on drop if the agent did not.
+struct Leftover {
+    agent: i32,
+    path: PathBuf,
+}
+
+impl Leftover {
+    fn make(lab: &Lab, container_dir: PathBuf) -> Result<Leftover> {
+        let path = container_dir.join("rootfs.layers/0");
+        std::fs::create_dir_all(&path)?;
+        let agent = lab.hosts[0].agent_pid.context("no agent")?;
+        let left = Leftover { agent, path };
+        for _ in 0..2 {
+            left.nsenter(&["mount", "-t", "tmpfs", "leftover"])?;
+        }
+        Ok(left)
+    }
+
+    fn nsenter(&self, cmd: &[&str]) -> Result<()> {
+        let o = std::process::Command::new("nsenter")
+            .arg(format!("--mount=/proc/{}/ns/mnt", self.agent))
+            .args(cmd)
+            .arg(&self.path)
+            .output()?;
+        ensure!(o.status.success(), "{cmd:?}: {o:?}");
+        Ok(())
+    }
+}
+
+impl Drop for Leftover {
+    fn drop(&mut self) {
+        while self.path.exists() && self.nsenter(&["umount", "-l"]).is_ok() {}
+    }
 }

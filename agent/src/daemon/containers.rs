@@ -284,9 +284,11 @@ impl Agent {
     /// Unmounts the rootfs and removes the cgroup, best effort (used when the shim could not).
     fn cleanup_resources(&self, id: &str, cgroup: &str) {
         let rootfs = self.dirs.container(id).rootfs();
-        if super::is_mounted(&rootfs) {
-            if let Err(e) = mig_runtime::container::unmount_rootfs(&rootfs) {
-                tracing::warn!(%id, error = %e, "unmount_rootfs failed, detaching");
+        // Also when the rootfs is not mounted (no error then): it detaches the idmapped layers a
+        // shim that died while mounting may have left staged next to it.
+        if let Err(e) = mig_runtime::container::unmount_rootfs(&rootfs) {
+            tracing::warn!(%id, error = %e, "unmount_rootfs failed, detaching");
+            if super::is_mounted(&rootfs) {
                 let _ = nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH);
             }
         }

@@ -765,9 +765,8 @@ pub(crate) async fn cleanup_incoming(
                 .await
                 .map_err(|e| DestError::Remove { message: e.message })?;
         } else if cd.dir.exists() {
-            if crate::daemon::is_mounted(&cd.rootfs()) {
-                let _ = mig_runtime::container::unmount_rootfs(&cd.rootfs());
-            }
+            // Not mounted is no error; it also detaches idmapped layers left staged by a crash.
+            let _ = mig_runtime::container::unmount_rootfs(&cd.rootfs());
             if let Ok(cg) = Cgroup::open(&cgroup) {
                 let _ = cg.destroy();
             }
