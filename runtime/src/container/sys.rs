@@ -481,11 +481,17 @@ pub(crate) fn clone_tree(path: &CStr) -> SysResult<OwnedFd> {
 /// Makes the whole (detached) tree `fd` an idmapped mount: ids on disk are read as ids of the
 /// user namespace `userns` and shown (and written) as the host ids they map to.
 pub(crate) fn set_tree_idmap(fd: RawFd, userns: RawFd) -> SysResult<()> {
+    set_tree_attr(fd, libc::MOUNT_ATTR_IDMAP, userns as u64)
+}
+
+/// `mount_setattr` on the whole (detached) tree `fd`: sets `attr` (`MOUNT_ATTR_*`), with the
+/// user namespace descriptor `userns_fd` for `MOUNT_ATTR_IDMAP`.
+fn set_tree_attr(fd: RawFd, attr: u64, userns_fd: u64) -> SysResult<()> {
     let attr = libc::mount_attr {
-        attr_set: libc::MOUNT_ATTR_IDMAP,
+        attr_set: attr,
         attr_clr: 0,
         propagation: 0,
-        userns_fd: userns as u64,
+        userns_fd,
     };
     // SAFETY: attr is a valid mount_attr of the size passed.
     check_long(unsafe {
@@ -532,24 +538,7 @@ pub(crate) fn wait_eof(fd: RawFd) {
 
 /// Makes the whole (detached) tree `fd` read-only.
 pub(crate) fn set_tree_readonly(fd: RawFd) -> SysResult<()> {
-    let attr = libc::mount_attr {
-        attr_set: libc::MOUNT_ATTR_RDONLY,
-        attr_clr: 0,
-        propagation: 0,
-        userns_fd: 0,
-    };
-    // SAFETY: attr is a valid mount_attr of the size passed.
-    check_long(unsafe {
-        libc::syscall(
-            libc::SYS_mount_setattr,
-            fd,
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH | libc::AT_RECURSIVE,
-            &attr,
-            std::mem::size_of::<libc::mount_attr>(),
-        )
-    })
-    .map(drop)
+    set_tree_attr(fd, libc::MOUNT_ATTR_RDONLY, 0)
 }
 
 /// A new detached mount of a fresh `fstype` filesystem with mount attributes `attrs`
