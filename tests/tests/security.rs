@@ -63,6 +63,19 @@ fn mapped_root(map: &str) -> Result<u32> {
     Ok(f[1].parse()?)
 }
 
+/// The counter `u` writes into `/data/n` on `host`. The shell's `>` truncates before it writes,
+/// so a read can find the file empty: read again.
+fn data_n(lab: &Lab, host: usize) -> Result<u64> {
+    for _ in 0..20 {
+        let text = lab.mig_ok(host, &["exec", "u", "--", "cat", "/data/n"])?;
+        if let Ok(n) = text.trim().parse() {
+            return Ok(n);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("/data/n never held a number")
+}
+
 #[test]
 fn userns_maps_kept_across_moves() -> Result<()> {
     if !mig_tests::is_root("security tests") {
@@ -114,13 +127,9 @@ fn userns_maps_kept_across_moves() -> Result<()> {
             );
         }
         // It keeps running and writing under its mapped ids.
-        let n0 = lab.mig_ok(to, &["exec", "u", "--", "cat", "/data/n"])?;
+        let n0 = data_n(&lab, to)?;
         std::thread::sleep(Duration::from_millis(600));
-        let n1 = lab.mig_ok(to, &["exec", "u", "--", "cat", "/data/n"])?;
-        ensure!(
-            n1.trim().parse::<u64>()? > n0.trim().parse::<u64>()?,
-            "the counter stopped"
-        );
+        ensure!(data_n(&lab, to)? > n0, "the counter stopped");
         lab::nothing_left(&lab, from, &id)?;
     }
     // Lazy mode needs the same; without it the move is refused before anything is frozen.
