@@ -425,24 +425,42 @@ fn disk_full_is_refused_at_prepare() -> Result<()> {
 
 /// host-b's state directory is a 200 MB tmpfs that is filled up after Prepare (while the source
 /// sits frozen in a delay): the transfer fails with ENOSPC, both sides roll back, and the space
-/// the move took on host-b is given back.
+/// the move took on host-b is given back. Cold mode: every image file crosses while frozen.
 #[test]
 fn disk_full_during_the_transfer_rolls_back() -> Result<()> {
+    disk_full_while_frozen("dft", 26, &["--mode", "cold"])
+}
+
+/// The same in stream mode without the memory presync: the destination's page writer meets the
+/// full disk while the dump streams every page. (With the presync, the memory is on host-b
+/// before the freeze and the few pages that changed may still fit: such a move can succeed.)
+#[test]
+fn disk_full_during_the_page_stream_rolls_back() -> Result<()> {
+    disk_full_while_frozen("dfs", 29, &["--mode", "stream", "--no-memory-presync"])
+}
+
+fn disk_full_while_frozen(name: &str, third: u8, mode: &[&str]) -> Result<()> {
     let Some(DiskCase {
         lab,
         id,
         before,
         count,
-    }) = disk_lab("dft", 26, 200 << 20)?
+    }) = disk_lab(name, third, 200 << 20)?
     else {
         return Ok(());
     };
+    let name = name.to_owned();
     let free_before = free_bytes(lab.state_dir(B));
     lab.fault(A, Some("source-freeze:delay:3000"))?;
     let filler = lab.state_dir(B).join("filler");
     let o = std::thread::scope(|s| {
         let l: &Lab = &lab;
-        let mover = s.spawn(move || l.mig(A, &["move", "dft", "host-b", "--json"]));
+        let name = &name;
+        let mover = s.spawn(move || {
+            let mut args = vec!["move", name.as_str(), "host-b", "--json"];
+            args.extend_from_slice(mode);
+            l.mig(A, &args)
+        });
         let staging = l.state_dir(B).join("migrations");
         mig_tests::wait_until(Duration::from_secs(20), || {
             std::fs::read_dir(&staging)
@@ -472,8 +490,8 @@ fn disk_full_during_the_transfer_rolls_back() -> Result<()> {
     eprintln!("move exit {}: {}", o.code, o.stderr.trim());
     std::fs::remove_file(&filler)?;
     assert_ne!(o.code, 0, "{}", o.stdout);
-    running_on(&lab, A, "dft")?;
-    continues(&lab, A, "dft", count)?;
+    running_on(&lab, A, &name)?;
+    continues(&lab, A, &name, count)?;
     nothing_left(&lab, B, &id)?;
     no_leaks(&lab, &before)?;
     let free_after = free_bytes(lab.state_dir(B));
