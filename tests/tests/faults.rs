@@ -449,15 +449,13 @@ fn disk_full_while_frozen(name: &str, third: u8, mode: &[&str]) -> Result<()> {
     else {
         return Ok(());
     };
-    let name = name.to_owned();
     let free_before = free_bytes(lab.state_dir(B));
     lab.fault(A, Some("source-freeze:delay:3000"))?;
     let filler = lab.state_dir(B).join("filler");
     let o = std::thread::scope(|s| {
         let l: &Lab = &lab;
-        let name = &name;
         let mover = s.spawn(move || {
-            let mut args = vec!["move", name.as_str(), "host-b", "--json"];
+            let mut args = vec!["move", name, "host-b", "--json"];
             args.extend_from_slice(mode);
             l.mig(A, &args)
         });
@@ -490,8 +488,8 @@ fn disk_full_while_frozen(name: &str, third: u8, mode: &[&str]) -> Result<()> {
     eprintln!("move exit {}: {}", o.code, o.stderr.trim());
     std::fs::remove_file(&filler)?;
     assert_ne!(o.code, 0, "{}", o.stdout);
-    running_on(&lab, A, &name)?;
-    continues(&lab, A, &name, count)?;
+    running_on(&lab, A, name)?;
+    continues(&lab, A, name, count)?;
     nothing_left(&lab, B, &id)?;
     no_leaks(&lab, &before)?;
     let free_after = free_bytes(lab.state_dir(B));

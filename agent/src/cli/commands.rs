@@ -301,12 +301,13 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
             }
             Ok(0)
         }
+        // With --follow it went to logs::follow above.
         Command::Logs {
-            follow,
             tail: Some(n),
             container,
+            ..
         } => {
-            let log = super::logs::read_all(&mut c, &container, follow).await?;
+            let log = super::logs::read_all(&mut c, &container).await?;
             out(&log[super::logs::tail_start(&log, n)..]).map(|_| 0)
         }
         Command::Logs {

@@ -33,7 +33,7 @@ pub(super) async fn follow(
     // The follow prints the log from its start: the part before the last lines is skipped.
     let mut skip: usize = match tail {
         Some(n) => {
-            let now = read_all(&mut logs, container, false).await?;
+            let now = read_all(&mut logs, container).await?;
             tail_start(&now, n)
         }
         None => 0,
@@ -164,13 +164,9 @@ async fn moved_to(mut events: Client, id: String, moving: Arc<AtomicBool>) -> Op
 
 /// `data` without its first `*skip` bytes (cut at a character boundary), counting them off.
 /// The whole log the agent holds now.
-pub(super) async fn read_all(
-    c: &mut Client,
-    container: &str,
-    follow: bool,
-) -> Result<String, CliError> {
+pub(super) async fn read_all(c: &mut Client, container: &str) -> Result<String, CliError> {
     let mut log = String::new();
-    c.logs(container, follow, |data| log.push_str(data)).await?;
+    c.logs(container, false, |data| log.push_str(data)).await?;
     Ok(log)
 }
 

@@ -899,25 +899,14 @@ impl DestHost for DestSide {
         fault::hit_async(&self.agent.cfg.state_dir, Point::DestCommit).await?;
         let inc = self.incoming(migration_id).map_err(boxed)?;
         resume_incoming(&self.agent, migration_id, &inc.container_id).map_err(boxed)?;
-        // Post-copy from the source, or stream mode's local daemon (none if it did not start):
-        // the container needs the daemon until the last page. A resume for a Resolve (a move
-        // in doubt, settled on a new connection) does not know the mode; a daemon still
-        // waiting tells, and is watched (and reaped) all the same.
-        let local = match Self::mode_of(&inc) {
-            Some(MigrationMode::PostCopy) => Some(false),
-            Some(MigrationMode::Stream) => Some(true),
-            _ => super::pages::pending_lazy_daemon(migration_id),
-        };
-        if let Some(local) = local {
-            super::pages::watch_lazy_daemon(
-                self.agent.clone(),
-                migration_id.to_owned(),
-                inc.container_id.clone(),
-                inc.container_name.clone(),
-                self.source.clone(),
-                local,
-            );
-        }
+        // The container needs its lazy-pages daemon, if any, until the last page.
+        super::pages::watch_lazy_daemon(
+            self.agent.clone(),
+            migration_id.to_owned(),
+            inc.container_id.clone(),
+            inc.container_name.clone(),
+            self.source.clone(),
+        );
         tracing::info!(id = %inc.container_id, migration = %migration_id, "container arrived and runs");
         Ok(())
     }
@@ -1003,16 +992,13 @@ impl DestHost for DestSide {
             if let Err(err) = resume_incoming(&self.agent, migration_id, &e.container_id) {
                 tracing::error!(migration = %migration_id, error = %chain(&err), "cannot resume the arrived container");
             }
-            if let Some(local) = super::pages::pending_lazy_daemon(migration_id) {
-                super::pages::watch_lazy_daemon(
-                    self.agent.clone(),
-                    migration_id.to_owned(),
-                    e.container_id.clone(),
-                    e.container_name.clone(),
-                    self.source.clone(),
-                    local,
-                );
-            }
+            super::pages::watch_lazy_daemon(
+                self.agent.clone(),
+                migration_id.to_owned(),
+                e.container_id.clone(),
+                e.container_name.clone(),
+                self.source.clone(),
+            );
         }
         Some(e.state)
     }

@@ -490,18 +490,11 @@ pub(crate) async fn start_local_lazy_daemon(
     Ok(())
 }
 
-/// Whether a lazy-pages daemon of `migration_id` is still to be watched, and whether it serves
-/// local images (`Some(true)`, stream mode) or the source's pages (`Some(false)`). A resume
-/// for a Resolve, on another connection than the move's, knows the mode only from this.
-pub(crate) fn pending_lazy_daemon(migration_id: &str) -> Option<bool> {
-    with_jobs(|j| {
-        let job = j.get(migration_id)?;
-        job.lazy_daemon.as_ref().map(|_| job.lazy_local)
-    })
-}
-
-/// Lazy mode, after the restore: waits (in the background) for the daemon to have every page.
-/// If it fails, the container cannot get its memory: it is killed and the failure is reported
+/// After the resume: waits (in the background) for the migration's lazy-pages daemon, if it has
+/// one (post-copy from the source, or stream mode's local daemon), to have every page; nothing
+/// to do otherwise. The job knows which daemon it is, so a resume for a Resolve (on another
+/// connection than the move's, which does not know the mode) watches and reaps it as well. If
+/// it fails, the container cannot get its memory: it is killed and the failure is reported
 /// (event `migration_done` with outcome `postcopy_failed`, and the container's reason).
 pub(crate) fn watch_lazy_daemon(
     agent: Arc<Agent>,
@@ -509,15 +502,18 @@ pub(crate) fn watch_lazy_daemon(
     container_id: String,
     container_name: String,
     source: String,
-    local: bool,
 ) {
-    let Some((daemon, proxy)) = with_jobs(|j| {
+    let Some((daemon, proxy, local)) = with_jobs(|j| {
         let job = j.get_mut(&migration_id)?;
         // The container runs now: the proxy may take the link and the CPU for its prefetch.
         if let Some(gate) = job.prefetch_gate.take() {
             gate.open();
         }
-        Some((job.lazy_daemon.take()?, job.lazy_proxy.take()))
+        Some((
+            job.lazy_daemon.take()?,
+            job.lazy_proxy.take(),
+            job.lazy_local,
+        ))
     }) else {
         return;
     };
