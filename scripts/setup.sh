@@ -21,6 +21,7 @@ CRIU_PATCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/criu-patches"
 CRIU_PATCH_MARKERS=(
   criu-rlimits-proc-fallback  # 0001: dump the limits of another user's process without CAP_SYS_RESOURCE
   criu-rlimits-clamped        # 0002: restore limits above criu's own as close as allowed, with a warning
+  criu-lazy-from-task         # 0003: a lazy dump serves pages from the frozen task instead of pinning them
 )
 
 log() { printf 'setup: %s\n' "$*" >&2; }
