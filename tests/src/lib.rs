@@ -67,6 +67,7 @@ pub fn bin_dir() -> &'static Path {
         let mut cmd = Command::new(cargo);
         cmd.current_dir(workspace)
             .args(["build", "-q", "-p", "mig-agent", "--bins"]);
+        without_test_env(&mut cmd);
         if release {
             cmd.arg("--release");
         }
@@ -76,6 +77,30 @@ pub fn bin_dir() -> &'static Path {
         assert!(status.success(), "cargo build -p mig-agent --bins failed");
         profile_dir
     })
+}
+
+/// Removes from `cmd` the variables cargo sets for a test process (`CARGO_MANIFEST_DIR`,
+/// `CARGO_PKG_*`...). A nested `cargo build` that inherits them sees another environment than
+/// the `cargo test` that built this test: ring's build script tracks `CARGO_MANIFEST_DIR`, so
+/// ring and everything above it were rebuilt by each, in turn, on every test run.
+fn without_test_env(cmd: &mut Command) {
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        let set_for_tests = key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_BIN_EXE_")
+            || matches!(
+                key,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "CARGO_RUSTC_CURRENT_DIR"
+            );
+        if set_for_tests {
+            cmd.env_remove(key);
+        }
+    }
 }
 
 /// A binary of the workspace (`mig`, `migd`, `mig-shim`).
@@ -100,12 +125,14 @@ pub fn static_binary(package: &str, bin: &str, override_var: &str) -> Result<Pat
         .unwrap_or_else(|| workspace.join("target"))
         .join("probe");
     let cargo = option_env!("CARGO").unwrap_or("cargo");
-    let status = Command::new(cargo)
-        .current_dir(workspace)
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(workspace)
         .args(["build", "-q", "-p", package, "--release", "--target-dir"])
         .arg(&target)
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS");
+    without_test_env(&mut cmd);
+    let status = cmd
         .status()
         .with_context(|| format!("running cargo build for {package}"))?;
     if !status.success() {
