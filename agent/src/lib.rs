@@ -13,5 +13,6 @@ pub mod lab;
 pub mod layout;
 pub mod metrics;
 pub mod migration;
+pub mod privacy;
 pub mod remote;
 pub mod shim;

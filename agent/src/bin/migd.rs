@@ -115,8 +115,8 @@ fn run() -> Result<()> {
     if !shim.is_file() {
         bail!("the shim {} does not exist", shim.display());
     }
-    std::fs::create_dir_all(&eff.state_dir)
-        .with_context(|| format!("creating {}", eff.state_dir.display()))?;
+    // Traverse-only from the start (mig_agent::privacy); Agent::open fixes an existing one.
+    mig_agent::privacy::create_dir(&eff.state_dir, mig_agent::privacy::TRAVERSE_ONLY)?;
     let state_dir = std::fs::canonicalize(&eff.state_dir)
         .with_context(|| format!("resolving {}", eff.state_dir.display()))?;
     let eff = config::Effective { state_dir, ..eff };

@@ -447,12 +447,9 @@ impl Agent {
         dir: &Path,
     ) -> Result<mig_runtime::spec::ContainerSpec, ApiError> {
         let bad = |m: String| ApiError::new(ErrorKind::InvalidArgument, m);
-        std::fs::create_dir_all(dir).map_err(|e| {
-            ApiError::new(
-                ErrorKind::Internal,
-                format!("creating {}: {e}", dir.display()),
-            )
-        })?;
+        // Root's alone until the restore gives it its mode (privacy.rs).
+        crate::privacy::create_dir(dir, crate::privacy::PRIVATE_DIR)
+            .map_err(|e| ApiError::new(ErrorKind::Internal, chain(&e)))?;
         let images = dir.join("checkpoint");
         let manifest = archive::import(Path::new(file), &images)
             .map_err(|e| bad(format!("importing {file}: {}", chain(&e))))?;

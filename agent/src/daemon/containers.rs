@@ -523,7 +523,13 @@ impl Agent {
         let cd = self.dirs.container(&spec.id);
         let t_records = Instant::now();
         let io = |what: &str, e: std::io::Error| internal(format!("{what}: {e}"));
-        for d in [cd.dir.clone(), cd.upper(), cd.work(), cd.rootfs()] {
+        // The container's directory is the gate to its rootfs and images (privacy.rs): made
+        // root's alone, then opened to its mapped root's group for a --userns container (a
+        // directory made by an incoming move or an import gets its mode here too).
+        let private = |e: crate::privacy::PrivacyError| internal(crate::shim::chain(&e));
+        crate::privacy::create_dir(&cd.dir, crate::privacy::PRIVATE_DIR).map_err(private)?;
+        crate::privacy::secure_container_dir(&cd.dir, spec.userns.as_ref()).map_err(private)?;
+        for d in [cd.upper(), cd.work(), cd.rootfs()] {
             std::fs::create_dir_all(&d).map_err(|e| io(&format!("creating {}", d.display()), e))?;
         }
         write_record_once(&cd.spec(), spec).map_err(|e| io("writing spec.json", e))?;

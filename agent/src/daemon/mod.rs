@@ -63,12 +63,9 @@ pub const DEFAULT_MAX_INCOMING_BYTES: u64 = 64 << 30;
 /// Failures while starting the agent.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error("cannot create the state directory {path}")]
-    StateDir {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// Creating it, or giving it and what is in it their modes (privacy.rs).
+    #[error("cannot make the state directory private")]
+    StateDir(#[source] crate::privacy::PrivacyError),
     #[error("cannot open the image store")]
     Images(#[source] mig_runtime::image::ImageError),
     #[error("cannot read the container directory {path}")]
@@ -106,11 +103,10 @@ impl Agent {
     /// shim is alive). Returns the agent and the ids of live containers to watch.
     pub fn open(cfg: Config) -> Result<(Arc<Agent>, Vec<String>), DaemonError> {
         let dirs = StateDir::new(&cfg.state_dir);
-        for d in [dirs.root().to_owned(), dirs.containers(), dirs.images()] {
-            std::fs::create_dir_all(&d).map_err(|source| DaemonError::StateDir {
-                path: d.clone(),
-                source,
-            })?;
+        // Before anything is read or written there: an older migd's 0755 directory is closed.
+        let changed = crate::privacy::secure_state_dir(&dirs).map_err(DaemonError::StateDir)?;
+        if !changed.is_empty() {
+            tracing::info!(paths = ?changed, "made private (docs/security.md, \"The state directory\")");
         }
         let images = ImageStore::open(&dirs.images())
             .map_err(DaemonError::Images)?
