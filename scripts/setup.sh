@@ -22,6 +22,7 @@ CRIU_PATCH_MARKERS=(
   criu-rlimits-proc-fallback  # 0001: dump the limits of another user's process without CAP_SYS_RESOURCE
   criu-rlimits-clamped        # 0002: restore limits above criu's own as close as allowed, with a warning
   criu-lazy-from-task         # 0003: a lazy dump serves pages from the frozen task instead of pinning them
+  criu-pagemap-anon-scan      # 0004: anonymous memory is scanned without looking up every page's struct page
 )
 
 log() { printf 'setup: %s\n' "$*" >&2; }
