@@ -1,9 +1,9 @@
 //! The agent's state directory is private (agent/src/privacy.rs, docs/security.md "The state
 //! directory") while a `--userns` container runs, moves (stream, the default) to the other host
-//! and back, and is checkpointed and restored: an unprivileged, unmapped user (`nobody`) can
-//! list or read nothing in it, and the container's mapped root reaches its own directory only.
-//! A state directory left 0755 by an older migd is made private at start. Lab `s13sd`, subnet
-//! 10.79.95.0/24.
+//! and back, is checkpointed and restored, and exported and imported again: an unprivileged,
+//! unmapped user (`nobody`) can list or read nothing in it, and the container's mapped root
+//! reaches its own directory only. A state directory left 0755 by an older migd is made private
+//! at start. Lab `s13sd`, subnet 10.79.95.0/24.
 //!
 //! Needs root, real CRIU and `setpriv`/`nsenter` (util-linux). The lab guard removes every
 //! agent, process, mount, cgroup and netns whatever happens.
@@ -285,8 +285,24 @@ fn state_dir_stays_private_with_userns_moves_and_checkpoints() -> Result<()> {
     ensure!(lab.mig_ok(0, &["exec", "p", "--", "cat", "/etc/mig-test"])? == "made\n");
     private(lab, 0, &[(&id, mapped)])?;
 
+    // Exported, removed and imported again: the imported directory gets the same gate.
+    let tmp = tempfile::tempdir()?;
+    let archive = tmp.path().join("p.tar.zst");
+    let archive_s = archive.to_str().context("path")?;
+    lab.mig_ok(0, &["checkpoint", "p", "--export", archive_s])?;
     lab.mig_ok(0, &["rm", "-f", "p"])?;
     lab::nothing_left(lab, 0, &id)?;
+    lab.mig_ok(0, &["restore", "--import", archive_s, "--name", "p2"])?;
+    let id2 = lab::running_on(lab, 0, "p2")?["id"]
+        .as_str()
+        .context("no id")?
+        .to_owned();
+    ensure!(mapped_root(lab, 0, &id2)? == mapped, "the map changed");
+    ensure!(lab.mig_ok(0, &["exec", "p2", "--", "cat", "/etc/mig-test"])? == "made\n");
+    private(lab, 0, &[(&id2, mapped)])?;
+
+    lab.mig_ok(0, &["rm", "-f", "p2"])?;
+    lab::nothing_left(lab, 0, &id2)?;
     private(lab, 0, &[])?;
     lab::no_leaks(lab, &before)
 }
