@@ -60,6 +60,8 @@ pub enum DestError {
     NoUpper,
     #[error("container directory {path} already exists")]
     Exists { path: PathBuf },
+    #[error("cannot make the container's directory")]
+    ContainerDir(#[source] crate::privacy::PrivacyError),
     #[error("restore failed: {message}")]
     Restore { message: String },
     #[error("cannot open the cgroup {name}")]
@@ -450,7 +452,10 @@ impl DestSide {
         if cd.dir.exists() {
             return Err(DestError::Exists { path: cd.dir });
         }
-        std::fs::create_dir_all(&cd.dir).map_err(io(&cd.dir))?;
+        // Private from the start: the moved images are renamed into it before the restore
+        // gives it the container's own mode (crate::privacy).
+        crate::privacy::create_dir(&cd.dir, crate::privacy::PRIVATE_DIR)
+            .map_err(DestError::ContainerDir)?;
         let marker = cd.dir.join(MARKER);
         fsutil::atomic_write(&marker, id.as_bytes()).map_err(io(&marker))?;
         place_upper(&staging, &cd.upper())?;
