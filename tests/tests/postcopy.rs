@@ -8,6 +8,11 @@
 //! (`mig_migrate::criu::lazy_proxy`): the container's memory must arrive intact and its PIDs
 //! kept.
 //!
+//! Memory a process keeps inaccessible (`PROT_NONE`) moves intact in post-copy and in stream
+//! mode (`mig-memload --guarded-mib`): the patched CRIU's lazy dump serves lazy pages from
+//! `/proc/PID/mem`, and puts the pages of mappings without read permission into the images
+//! instead (docs/criu.md, "Patches", 0003).
+//!
 //! Needs root. Labs on subnets 10.214.70-74.0/24.
 
 use anyhow::{bail, Context, Result};
@@ -158,5 +163,79 @@ fn a_post_copy_through_the_prefetching_proxy_keeps_memory_and_pids() -> Result<(
     for host in 0..2 {
         let _ = lab.mig(host, &["rm", "-f", &id]);
     }
+    Ok(())
+}
+
+/// The highest counter of `mig-memload`'s `OK <n> passes <p>` lines.
+fn memload_count(log: &str) -> u64 {
+    log.lines()
+        .filter_map(|l| {
+            l.strip_prefix("OK ")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// Waits until `mig-memload` on `host` verified a few more ticks past `after`, none `BAD`.
+fn memload_continues(lab: &Lab, host: usize, name: &str, after: u64) -> Result<u64> {
+    let mut last = String::new();
+    let ok = wait_until(Duration::from_secs(60), || {
+        last = lab.mig(host, &["logs", name]).stdout;
+        last.contains("BAD") || memload_count(&last) > after + 3
+    });
+    if !ok || last.contains("BAD") {
+        bail!("mig-memload on host {host} did not go on intact after {after}: {last}");
+    }
+    Ok(memload_count(&last))
+}
+
+#[test]
+fn memory_the_process_cannot_read_moves_intact() -> Result<()> {
+    if !mig_tests::is_root("migration tests") {
+        return Ok(());
+    }
+    let lab = Lab::up("pcguard", 72)?;
+    let memload = mig_tests::static_binary("mig-memload", "mig-memload", "MIG_MEMLOAD")?;
+    let tmp = tempfile::tempdir()?;
+    let rootfs = mig_tests::busybox_rootfs(tmp.path())?;
+    std::fs::copy(&memload, rootfs.join("bin/mig-memload"))?;
+    let image = rootfs.to_str().context("rootfs path")?;
+    for host in 0..2 {
+        lab.mig_ok(host, &["image", "import", "--name", "memload", image])?;
+    }
+    // 8 MiB it reads and writes, 4 MiB it keeps PROT_NONE between its checks (five a second).
+    let id = lab.mig_ok(
+        0,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "guarded",
+            "memload",
+            "--",
+            "/bin/mig-memload",
+            "--mib",
+            "8",
+            "--guarded-mib",
+            "4",
+            "--interval-ms",
+            "200",
+        ],
+    )?;
+    let id = id.trim();
+    let mut count = memload_continues(&lab, 0, "guarded", 0)?;
+    for (from, to, mode) in [(0, 1, "lazy"), (1, 0, "stream")] {
+        let peer = lab.hosts[to].name.clone();
+        let r = lab.mig_json(from, &["move", "guarded", &peer, "--json", "--mode", mode])?;
+        if r["mode"] != mode {
+            bail!("the move used mode {} instead of {mode}: {r}", r["mode"]);
+        }
+        count = memload_continues(&lab, to, "guarded", count)?;
+    }
+    let _ = lab.mig(0, &["rm", "-f", id]);
     Ok(())
 }

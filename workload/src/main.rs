@@ -12,9 +12,14 @@
 //! - prints `COUNT <n>` and then `OK <n> passes <p>` (`p` = complete verification passes over the
 //!   whole buffer so far) or `BAD <n> offset <byte>` at the first wrong word.
 //!
+//! With `--guarded-mib G` it also fills a separate G MiB mapping and keeps it `PROT_NONE`, except
+//! while it verifies the whole of it once a tick (`BAD <n> guarded offset <byte>` when wrong): memory
+//! the process itself cannot read most of the time, which a dump must still carry (CRIU reads it
+//! through its parasite; a lazy dump puts it into the images, docs/criu.md "Patches").
+//!
 //! A move keeps the counter going (it lives in the moved memory); a restored process whose memory
 //! is not intact prints `BAD`. Static build: `RUSTFLAGS="-C target-feature=+crt-static" cargo build
-//! -p mig-memload --release`. No dependencies beyond std.
+//! -p mig-memload --release`. No dependencies beyond std and libc.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -27,11 +32,12 @@ struct Options {
     seed: u64,
     dirty_mib: usize,
     verify_mib: usize,
+    guarded_mib: usize,
     interval: Duration,
 }
 
 const USAGE: &str =
-    "usage: mig-memload --mib N [--seed S] [--dirty-mib D] [--verify-mib V] [--interval-ms MS]";
+    "usage: mig-memload --mib N [--seed S] [--dirty-mib D] [--verify-mib V] [--guarded-mib G] [--interval-ms MS]";
 
 fn parse(args: &[String]) -> Result<Options, String> {
     let mut o = Options {
@@ -39,6 +45,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         seed: 1,
         dirty_mib: 1,
         verify_mib: 256,
+        guarded_mib: 0,
         interval: Duration::from_millis(1000),
     };
     let mut it = args.iter();
@@ -53,12 +60,16 @@ fn parse(args: &[String]) -> Result<Options, String> {
             "--seed" => o.seed = value,
             "--dirty-mib" => o.dirty_mib = value as usize,
             "--verify-mib" => o.verify_mib = value as usize,
+            "--guarded-mib" => o.guarded_mib = value as usize,
             "--interval-ms" => o.interval = Duration::from_millis(value.max(10)),
             _ => return Err(format!("unknown option {flag}")),
         }
     }
     if o.mib == 0 || o.mib > 1 << 20 {
         return Err("--mib must be 1 to 1048576".into());
+    }
+    if o.guarded_mib > 1 << 16 {
+        return Err("--guarded-mib must be at most 65536".into());
     }
     o.verify_mib = o.verify_mib.clamp(1, o.mib);
     o.dirty_mib = o.dirty_mib.min(o.mib);
@@ -94,6 +105,71 @@ fn check(mem: &[u64], seed: u64, start: usize) -> Option<usize> {
         .map(|(i, _)| start + i)
 }
 
+/// The seed of the guarded mapping's pattern.
+fn guarded_seed(seed: u64) -> u64 {
+    seed ^ 0x6a09_e667_f3bc_c908
+}
+
+/// A private anonymous mapping of `mib` MiB filled with the guarded pattern, then made
+/// inaccessible (`PROT_NONE`).
+struct Guarded {
+    ptr: *mut u64,
+    words: usize,
+}
+
+impl Guarded {
+    fn new(mib: usize, seed: u64) -> Result<Guarded, String> {
+        let words = mib * MIB_WORDS;
+        // SAFETY: a fresh anonymous mapping; the kernel picks the address.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                words * 8,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(format!("mmap: {}", std::io::Error::last_os_error()));
+        }
+        let g = Guarded {
+            ptr: ptr.cast(),
+            words,
+        };
+        // SAFETY: the mapping is readable and writable, `words` u64 long, and only ours.
+        fill(
+            unsafe { std::slice::from_raw_parts_mut(g.ptr, words) },
+            guarded_seed(seed),
+            0,
+        );
+        g.protect(libc::PROT_NONE)?;
+        Ok(g)
+    }
+
+    fn protect(&self, prot: libc::c_int) -> Result<(), String> {
+        // SAFETY: the range is exactly our mapping.
+        if unsafe { libc::mprotect(self.ptr.cast(), self.words * 8, prot) } != 0 {
+            return Err(format!("mprotect: {}", std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    /// Makes the mapping readable, checks all of it and makes it inaccessible again.
+    fn check(&self, seed: u64) -> Result<Option<usize>, String> {
+        self.protect(libc::PROT_READ)?;
+        // SAFETY: readable now, `words` u64 long; nothing writes it.
+        let bad = check(
+            unsafe { std::slice::from_raw_parts(self.ptr, self.words) },
+            guarded_seed(seed),
+            0,
+        );
+        self.protect(libc::PROT_NONE)?;
+        Ok(bad)
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let o = match parse(&args) {
@@ -108,6 +184,14 @@ fn main() -> ExitCode {
     // Generation of each MiB: its pattern's seed is `mib_seed(seed, gen)`.
     let mut gens = vec![0u64; o.mib];
     fill(&mut mem, o.seed, 0);
+    let guarded = match (o.guarded_mib > 0).then(|| Guarded::new(o.guarded_mib, o.seed)) {
+        Some(Err(e)) => {
+            eprintln!("mig-memload: {e}");
+            return ExitCode::from(1);
+        }
+        Some(Ok(g)) => Some(g),
+        None => None,
+    };
     let mut out = std::io::stdout().lock();
     // Output errors (a closed log) must not stop the workload: the memory is what is measured.
     let _ = writeln!(out, "READY {}", o.mib);
@@ -147,10 +231,19 @@ fn main() -> ExitCode {
         } else {
             end
         };
+        let guarded_bad = match guarded.as_ref().map(|g| g.check(o.seed)) {
+            Some(Err(e)) => {
+                eprintln!("mig-memload: {e}");
+                return ExitCode::from(1);
+            }
+            Some(Ok(b)) => b,
+            None => None,
+        };
         let _ = writeln!(out, "COUNT {n}");
-        let _ = match bad {
-            None => writeln!(out, "OK {n} passes {passes}"),
-            Some(i) => writeln!(out, "BAD {n} offset {}", i * 8),
+        let _ = match (bad, guarded_bad) {
+            (Some(i), _) => writeln!(out, "BAD {n} offset {}", i * 8),
+            (None, Some(i)) => writeln!(out, "BAD {n} guarded offset {}", i * 8),
+            (None, None) => writeln!(out, "OK {n} passes {passes}"),
         };
         let _ = out.flush();
     }
@@ -172,6 +265,11 @@ mod tests {
         assert!(parse(&args("--mib x")).is_err());
         assert!(parse(&args("--mib 1 --what 2")).is_err());
         assert!(parse(&args("--mib")).is_err());
+        assert_eq!(
+            parse(&args("--mib 4 --guarded-mib 2")).unwrap().guarded_mib,
+            2
+        );
+        assert!(parse(&args("--mib 4 --guarded-mib 70000")).is_err());
     }
 
     #[test]
@@ -193,5 +291,13 @@ mod tests {
         assert_eq!(mib_seed(5, 0), 5);
         assert!(a.iter().zip(&b).all(|(x, y)| x != y));
         assert_eq!(check(&b, mib_seed(5, 1), 0), None);
+    }
+
+    #[test]
+    fn the_guarded_mapping_verifies_while_inaccessible_between_checks() {
+        let g = Guarded::new(1, 9).unwrap();
+        assert_eq!(g.check(9).unwrap(), None);
+        assert_eq!(g.check(8).unwrap(), Some(0));
+        assert_eq!(g.check(9).unwrap(), None);
     }
 }
