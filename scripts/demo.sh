@@ -10,7 +10,8 @@ bash scripts/setup.sh
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 echo "== building mig (release)"
 cargo build --release --bins -q
-BIN=$PWD/target/release
+# Where cargo put them: $CARGO_TARGET_DIR when set (relative to the repository), else ./target.
+BIN=$(realpath -m "${CARGO_TARGET_DIR:-target}")/release
 export PATH="$BIN:$PATH"
 unset MIG_SOCKET MIG_HOST MIG_LAB
 

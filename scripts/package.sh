@@ -34,7 +34,8 @@ command -v dpkg-deb >/dev/null || { echo "package.sh: dpkg-deb is missing (apt-g
 
 if [ -z "$bin_dir" ]; then
     (cd "$root" && cargo build --release -q -p mig-agent --bins)
-    bin_dir="$root/target/release"
+    # $CARGO_TARGET_DIR when set (relative to the repository), else ./target.
+    bin_dir="$(cd "$root" && realpath -m "${CARGO_TARGET_DIR:-target}")/release"
 fi
 for b in mig migd mig-shim; do
     [ -x "$bin_dir/$b" ] || { echo "package.sh: $bin_dir/$b is missing" >&2; exit 1; }
