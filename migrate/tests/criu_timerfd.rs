@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 mod support;
 
-use support::{criu_or_skip, dump_retrying, first_child, in_pid_namespace, Reaper};
+use support::{criu_or_skip, dump_retrying, in_pid_namespace, spawn_init, Reaper};
 
 const CHILD_ENV: &str = "MIG_TIMERFD_TEST_FILE";
 
@@ -84,24 +84,21 @@ fn an_expired_periodic_timerfd_keeps_firing_after_a_restore() {
     let dir = tempfile::tempdir().unwrap();
     let counter = dir.path().join("count");
     std::fs::write(&counter, "").unwrap();
-    let child = in_pid_namespace()
-        .arg(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "timerfd_child",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_ENV, &counter)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let unshare = child.id() as i32;
-    reaper.0.push(unshare);
-    let init = first_child(unshare);
-    reaper.0.push(init);
+    let init = spawn_init(
+        in_pid_namespace()
+            .arg(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "timerfd_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_ENV, &counter)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+        &mut reaper,
+    );
     assert!(grows(&counter, 0, Duration::from_secs(10)), "no count");
     // Right after a read the child sleeps 300 ms: 150 ms in, its timer has expired unread.
     let seen = count(&counter);

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 mod support;
 
-use support::{criu_or_skip, dump_retrying, first_child, in_pid_namespace, Reaper};
+use support::{criu_or_skip, dump_retrying, in_pid_namespace, spawn_init, Reaper};
 
 const PAGE: u64 = 4096;
 const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
@@ -87,17 +87,14 @@ fn presync_pages_are_the_dumps(argv: &[&str], exe: &str) {
     }
     nix::sys::prctl::set_child_subreaper(true).unwrap();
     let mut reaper = Reaper::default();
-    let child = in_pid_namespace()
-        .args(argv)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let unshare = child.id() as i32;
-    reaper.0.push(unshare);
-    let init = first_child(unshare);
-    reaper.0.push(init);
+    let init = spawn_init(
+        in_pid_namespace()
+            .args(argv)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+        &mut reaper,
+    );
     let deadline = Instant::now() + Duration::from_secs(5);
     while !std::fs::read_link(format!("/proc/{init}/exe"))
         .is_ok_and(|p| p.to_string_lossy().ends_with(exe))

@@ -59,23 +59,30 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// `nsenter` into the mount namespace of `host`'s agent (where the containers' rootfs are
+/// mounted), then `setpriv` to host id `id` (uid and gid, no other group); the command follows.
+fn as_id(lab: &Lab, host: usize, id: u32) -> Result<Command> {
+    let agent = lab.hosts[host].agent_pid.context("no agent")?;
+    let ids = id.to_string();
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--mount=/proc/{agent}/ns/mnt")).args([
+        "--",
+        "setpriv",
+        "--reuid",
+        &ids,
+        "--regid",
+        &ids,
+        "--clear-groups",
+        "--",
+    ]);
+    Ok(c)
+}
+
 /// What host id `id` (uid and gid, no other group) may read (`r`) and traverse (`x`) of `paths`,
 /// seen in the mount namespace of `host`'s agent (where the containers' rootfs are mounted).
 fn probe(lab: &Lab, host: usize, id: u32, paths: &[PathBuf]) -> Result<Vec<String>> {
-    let agent = lab.hosts[host].agent_pid.context("no agent")?;
-    let ids = id.to_string();
-    let mut child = Command::new("nsenter")
-        .arg(format!("--mount=/proc/{agent}/ns/mnt"))
-        .args([
-            "--",
-            "setpriv",
-            "--reuid",
-            &ids,
-            "--regid",
-            &ids,
-            "--clear-groups",
-        ])
-        .args(["--", "sh", "-c", PROBE])
+    let mut child = as_id(lab, host, id)?
+        .args(["sh", "-c", PROBE])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -100,20 +107,7 @@ fn probe(lab: &Lab, host: usize, id: u32, paths: &[PathBuf]) -> Result<Vec<Strin
 
 /// `cmd` run as host id `id` in `host`'s agent's mount namespace succeeds.
 fn can(lab: &Lab, host: usize, id: u32, cmd: &[&str]) -> Result<bool> {
-    let agent = lab.hosts[host].agent_pid.context("no agent")?;
-    let ids = id.to_string();
-    let s = Command::new("nsenter")
-        .arg(format!("--mount=/proc/{agent}/ns/mnt"))
-        .args([
-            "--",
-            "setpriv",
-            "--reuid",
-            &ids,
-            "--regid",
-            &ids,
-            "--clear-groups",
-            "--",
-        ])
+    let s = as_id(lab, host, id)?
         .args(cmd)
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -83,6 +83,18 @@ pub fn in_pid_namespace() -> Command {
     c
 }
 
+/// Spawns `cmd` (made by [`in_pid_namespace`]), gives `reaper` the `unshare` and the init it
+/// forks, and returns the init's host PID.
+#[allow(clippy::zombie_processes)] // the reaper waits for both by PID
+pub fn spawn_init(cmd: &mut Command, reaper: &mut Reaper) -> i32 {
+    let child = cmd.spawn().unwrap();
+    let unshare = child.id() as i32;
+    reaper.0.push(unshare);
+    let init = first_child(unshare);
+    reaper.0.push(init);
+    init
+}
+
 /// The children of `pid` (its main thread's), as the kernel lists them.
 pub fn children_of(pid: i32) -> Vec<i32> {
     std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
