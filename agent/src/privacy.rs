@@ -86,14 +86,30 @@ fn set_mode(path: &Path, meta: &std::fs::Metadata, mode: u32) -> Result<bool, Pr
     if meta.permissions().mode() & 0o7777 == mode {
         return Ok(false);
     }
+    chmod(path, mode)?;
+    Ok(true)
+}
+
+fn chmod(path: &Path, mode: u32) -> Result<(), PrivacyError> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|source| {
         PrivacyError::Chmod {
             path: path.to_owned(),
             mode,
             source,
         }
-    })?;
-    Ok(true)
+    })
+}
+
+/// The paths of the entries of directory `dir`.
+fn entries(dir: &Path) -> Result<Vec<PathBuf>, PrivacyError> {
+    let read_err = |source| PrivacyError::Read {
+        path: dir.to_owned(),
+        source,
+    };
+    std::fs::read_dir(dir)
+        .map_err(read_err)?
+        .map(|e| e.map(|e| e.path()).map_err(read_err))
+        .collect()
 }
 
 fn meta(path: &Path) -> Result<std::fs::Metadata, PrivacyError> {
@@ -120,17 +136,7 @@ pub fn secure_state_dir(dirs: &StateDir) -> Result<Vec<PathBuf>, PrivacyError> {
             changed.push(p);
         }
     }
-    let entries = std::fs::read_dir(root).map_err(|source| PrivacyError::Read {
-        path: root.to_owned(),
-        source,
-    })?;
-    for entry in entries {
-        let path = entry
-            .map_err(|source| PrivacyError::Read {
-                path: root.to_owned(),
-                source,
-            })?
-            .path();
+    for path in entries(root)? {
         if path == dirs.containers() {
             continue;
         }
@@ -154,18 +160,8 @@ pub fn secure_state_dir(dirs: &StateDir) -> Result<Vec<PathBuf>, PrivacyError> {
 /// Every container directory (and what else is in `containers/`: an interrupted import's
 /// temporary directory, for one) gets its mode and group.
 fn secure_containers(dirs: &StateDir) -> Result<Vec<PathBuf>, PrivacyError> {
-    let containers = dirs.containers();
-    let entries = std::fs::read_dir(&containers).map_err(|source| PrivacyError::Read {
-        path: containers.clone(),
-        source,
-    })?;
     let mut changed = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(|source| PrivacyError::Read {
-            path: containers.clone(),
-            source,
-        })?;
-        let path = entry.path();
+    for path in entries(&dirs.containers())? {
         let m = meta(&path)?;
         if !m.is_dir() {
             if m.is_file() && set_mode(&path, &m, PRIVATE_FILE)? {
@@ -213,13 +209,7 @@ pub fn secure_container_dir(dir: &Path, userns: Option<&IdMap>) -> Result<bool, 
         gid,
         source,
     })?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(|source| {
-        PrivacyError::Chmod {
-            path: dir.to_owned(),
-            mode,
-            source,
-        }
-    })?;
+    chmod(dir, mode)?;
     Ok(true)
 }
 

@@ -35,29 +35,47 @@ pub struct PageRun {
     pub pages: u32,
 }
 
+/// One line of `/proc/PID/maps`: its range, permissions (`rwxp`) and path (empty if none).
+struct Mapping<'a> {
+    start: u64,
+    end: u64,
+    perms: &'a [u8],
+    path: &'a str,
+}
+
+impl Mapping<'_> {
+    /// Private, readable, and not one the kernel provides: memory the presync reads.
+    fn private_readable(&self) -> bool {
+        self.perms[0] == b'r' && self.perms[3] == b'p' && !SPECIAL.contains(&self.path)
+    }
+}
+
+/// The well-formed, non-empty mappings of `/proc/PID/maps` text, in its order.
+fn mappings(maps: &str) -> impl Iterator<Item = Mapping<'_>> {
+    maps.lines().filter_map(|line| {
+        let mut f = line.split_whitespace();
+        let (range, perms) = (f.next()?, f.next()?.as_bytes());
+        let path = f.nth(3).unwrap_or("");
+        let (a, b) = range.split_once('-')?;
+        let (start, end) = (
+            u64::from_str_radix(a, 16).ok()?,
+            u64::from_str_radix(b, 16).ok()?,
+        );
+        (start < end && perms.len() >= 4).then_some(Mapping {
+            start,
+            end,
+            perms,
+            path,
+        })
+    })
+}
+
 /// The private readable mappings of `/proc/PID/maps` text, as (start, end).
 pub fn private_mappings(maps: &str) -> Vec<(u64, u64)> {
-    let mut out = Vec::new();
-    for line in maps.lines() {
-        let mut f = line.split_whitespace();
-        let (Some(range), Some(perms)) = (f.next(), f.next()) else {
-            continue;
-        };
-        let path = f.nth(3).unwrap_or("");
-        let p = perms.as_bytes();
-        if p.len() < 4 || p[0] != b'r' || p[3] != b'p' || SPECIAL.contains(&path) {
-            continue;
-        }
-        let Some((a, b)) = range.split_once('-') else {
-            continue;
-        };
-        if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
-            if a < b {
-                out.push((a, b));
-            }
-        }
-    }
-    out
+    mappings(maps)
+        .filter(Mapping::private_readable)
+        .map(|m| (m.start, m.end))
+        .collect()
 }
 
 /// Address ranges the dump sends in full although the pagemap does not show them as anonymous
@@ -72,29 +90,14 @@ pub fn private_mappings(maps: &str) -> Vec<(u64, u64)> {
 pub fn dump_adds(maps: &str) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
     let mut exec_seen = false;
-    for line in maps.lines() {
-        let mut f = line.split_whitespace();
-        let (Some(range), Some(perms)) = (f.next(), f.next()) else {
-            continue;
-        };
-        let path = f.nth(3).unwrap_or("");
-        let Some((a, b)) = range.split_once('-') else {
-            continue;
-        };
-        let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else {
-            continue;
-        };
-        let p = perms.as_bytes();
-        if a >= b || p.len() < 4 {
-            continue;
-        }
+    for m in mappings(maps) {
         // The first executable one wins even when it is not one the presync can read.
-        let first_exec = !exec_seen && p[2] == b'x' && a < KERNEL_HALF;
+        let first_exec = !exec_seen && m.perms[2] == b'x' && m.start < KERNEL_HALF;
         exec_seen |= first_exec;
-        if path == "[vdso]" {
-            out.push((a, b));
-        } else if first_exec && p[0] == b'r' && p[3] == b'p' && !SPECIAL.contains(&path) {
-            out.push((a, a + PAGE as u64));
+        if m.path == "[vdso]" {
+            out.push((m.start, m.end));
+        } else if first_exec && m.private_readable() {
+            out.push((m.start, m.start + PAGE as u64));
         }
     }
     out
