@@ -19,9 +19,11 @@
 //! What is inside a container's directory keeps its modes (CRIU's images are 0644, its
 //! `checkpoint/` 0755): the directory is the gate.
 //!
-//! migd applies these modes at start (fixing state directories of older versions, made with the
-//! umask), and again to a container's directory each time it starts or restores the container
-//! (a directory made by an incoming move or an import gets its group then).
+//! State files are written 0600 from the start ([`mig_runtime::fsutil::atomic_write`]). migd
+//! applies these modes at start (fixing state directories of older versions, whose files were
+//! made with the umask, 0644 mostly), and again to a container's directory each time it starts
+//! or restores the container (a directory made by an incoming move or an import gets its group
+//! then).
 
 use mig_runtime::spec::IdMap;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -33,8 +35,9 @@ use crate::layout::StateDir;
 pub const TRAVERSE_ONLY: u32 = 0o711;
 /// Every other directory, and a container's directory without a user namespace.
 pub const PRIVATE_DIR: u32 = 0o700;
-/// Every file directly in the state directory.
-pub const PRIVATE_FILE: u32 = 0o600;
+/// Every file directly in the state directory: the mode every state file is written with
+/// ([`mig_runtime::fsutil::atomic_write`]).
+pub const PRIVATE_FILE: u32 = mig_runtime::fsutil::PRIVATE_FILE;
 /// A `--userns` container's directory, group-owned by the host gid its root maps to.
 pub const USERNS_CONTAINER_DIR: u32 = 0o710;
 

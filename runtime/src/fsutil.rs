@@ -1,15 +1,32 @@
 //! Durable files: every state file is written atomically (write a temporary file, fsync it, rename
 //! it over the old one, fsync the directory), so a crash leaves either the old or the new content.
+//! A file written here is private (0600) unless its writer asks for another mode: state files
+//! hold peers, clients and container records that only root should read.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+/// The mode of a file written by [`atomic_write`]: root's alone.
+pub const PRIVATE_FILE: u32 = 0o600;
+/// The mode for [`atomic_write_mode`] of a file that other users or tools read (the lab file).
+pub const READABLE_FILE: u32 = 0o644;
+
+/// Writes `data` to `path` atomically and durably with mode [`PRIVATE_FILE`] (whatever the old
+/// file's mode was): see [`atomic_write_mode`].
+pub fn atomic_write(path: &Path, data: &[u8]) -> io::Result<()> {
+    atomic_write_mode(path, data, PRIVATE_FILE)
+}
 
 /// Writes `data` to `path` atomically and durably: a new temporary file next to it
 /// (`.<name>.tmp<pid>-<n>`, unique per call so that concurrent writers of one path never share
 /// it), written and fsynced, renamed over `path`, then the directory fsynced. A crash at any step
 /// leaves `path` with its old or its new content, never a mix (at worst a stray temporary file).
-pub fn atomic_write(path: &Path, data: &[u8]) -> io::Result<()> {
+/// The file gets exactly the permission bits `mode`: the temporary file is created with them
+/// (never wider, so no other user can open it meanwhile) and set to them again past the umask,
+/// and the rename keeps them.
+pub fn atomic_write_mode(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     let name = path
@@ -24,7 +41,10 @@ pub fn atomic_write(path: &Path, data: &[u8]) -> io::Result<()> {
         let mut f = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(mode)
             .open(&tmp)?;
+        // The umask may have narrowed `mode` (a 0644 file under umask 077).
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
         f.write_all(data)?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;
@@ -36,7 +56,7 @@ pub fn atomic_write(path: &Path, data: &[u8]) -> io::Result<()> {
     result
 }
 
-/// Serializes `value` as pretty JSON and writes it with [`atomic_write`].
+/// Serializes `value` as pretty JSON and writes it with [`atomic_write`] (mode 0600).
 pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> io::Result<()> {
     let data = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
     atomic_write(path, &data)
@@ -159,6 +179,32 @@ mod tests {
         atomic_write(&p, b"one").unwrap();
         atomic_write(&p, b"two").unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"two");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    fn mode(p: &Path) -> u32 {
+        fs::metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn atomic_writes_are_private_unless_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.json");
+        atomic_write(&p, b"one").unwrap();
+        assert_eq!(mode(&p), 0o600);
+        write_json(&p, &1u32).unwrap();
+        assert_eq!(mode(&p), 0o600);
+        // A file an older release left readable (0644, the umask's) is private once rewritten.
+        fs::write(&p, b"old").unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+        atomic_write(&p, b"two").unwrap();
+        assert_eq!(mode(&p), 0o600);
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        // A file asked readable gets exactly that mode, whatever it had.
+        atomic_write_mode(&p, b"three", READABLE_FILE).unwrap();
+        assert_eq!(mode(&p), 0o644);
+        atomic_write_mode(&p, b"four", 0o640).unwrap();
+        assert_eq!(mode(&p), 0o640);
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 

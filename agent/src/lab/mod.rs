@@ -394,10 +394,16 @@ pub fn read_lab_file(name: &str) -> Result<LabFile, LabError> {
     }
 }
 
+/// Writes the lab file readable by every user (0644, as before writes became private): it
+/// holds names, addresses and paths, no secret, and `mig --host`, `mig lab status` and scripts
+/// read it (docs/lab.md).
 fn write_lab_file(file: &LabFile) -> Result<(), LabError> {
     let path = lab_file_path(&file.name);
     create_dir(Path::new(RUN_DIR))?;
-    fsutil::write_json(&path, file).map_err(|source| LabError::WriteLabFile { path, source })
+    serde_json::to_vec_pretty(file)
+        .map_err(io::Error::other)
+        .and_then(|data| fsutil::atomic_write_mode(&path, &data, fsutil::READABLE_FILE))
+        .map_err(|source| LabError::WriteLabFile { path, source })
 }
 
 fn create_dir(path: &Path) -> Result<(), LabError> {
