@@ -4,7 +4,7 @@ use super::output;
 use super::{Cli, Command, ImageCommand, RunArgs, DEFAULT_SOCKET, EXIT_MIG_ERROR};
 use crate::api::{ExecOptions, RunRequest, MAX_EXEC_STDIN};
 use crate::client::{Client, ClientError};
-use clap::{CommandFactory, Parser};
+use clap::FromArgMatches;
 use mig_runtime::spec::Limits;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -19,6 +19,8 @@ pub enum CliError {
     Bench(#[source] Box<crate::bench::BenchError>),
     #[error("no migd next to mig: install them together")]
     NoMigd,
+    #[error(transparent)]
+    MisplacedOption(#[from] super::MisplacedOption),
     #[error("background task failed: {0}")]
     Task(String),
     #[error(transparent)]
@@ -67,8 +69,14 @@ pub enum CliError {
 
 /// `mig`'s entry point.
 pub fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(c) => c,
+    let cli = match super::command()
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m).map(|cli| (cli, m)))
+    {
+        Ok((cli, m)) => match super::misplaced_client_option(&m) {
+            Some(e) => return fail(&e.into()),
+            None => cli,
+        },
         Err(e) => return usage_error(e),
     };
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -236,7 +244,7 @@ pub(super) fn json<T: serde::Serialize>(v: &T) -> Result<(), CliError> {
 async fn dispatch(cli: Cli) -> Result<u8, CliError> {
     match &cli.command {
         Command::Completions { shell } => {
-            let mut cmd = Cli::command();
+            let mut cmd = super::command();
             // Into a buffer first: clap_complete panics on a write error (a closed pipe).
             let mut buf = Vec::new();
             clap_complete::generate(*shell, &mut cmd, "mig", &mut buf);
@@ -245,7 +253,7 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
         }
         Command::Man => {
             let mut buf = Vec::new();
-            clap_mangen::Man::new(Cli::command())
+            clap_mangen::Man::new(super::command())
                 .render(&mut buf)
                 .map_err(CliError::Output)?;
             out(&String::from_utf8_lossy(&buf))?;
@@ -713,6 +721,7 @@ async fn run(c: &mut Client, r: RunArgs) -> Result<u8, CliError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::{CommandFactory, Parser};
 
     /// Every option and argument of every command has a help line (`--json` had none anywhere,
     /// `<CONTAINER>` none in `logs`, `stop`, `rm`...).

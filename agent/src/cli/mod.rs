@@ -14,7 +14,8 @@ mod rebalance;
 
 pub use commands::main;
 
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, Parser, Subcommand};
 use std::path::PathBuf;
 
 /// The default agent socket.
@@ -52,6 +53,72 @@ pub struct Cli {
     pub identity: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// The global options that choose the agent `mig` talks to: global so that `mig --host host-b
+/// ps` and `mig ps --host host-b` both work, but meaningless to [`NO_AGENT`].
+const CLIENT_OPTIONS: [&str; 5] = ["socket", "host", "remote", "fingerprint", "identity"];
+
+/// The subcommands that talk to no agent chosen by [`CLIENT_OPTIONS`], and why (for the error
+/// when one is given): `lab` works on this machine's lab, `bench` makes a lab of its own.
+const NO_AGENT: [(&str, &str); 2] = [
+    (
+        "lab",
+        "it works on this machine's lab, named by MIG_LAB; a lab host's agent is reached with \
+         mig --host host-a COMMAND",
+    ),
+    ("bench", "it makes a lab of its own (--lab)"),
+];
+
+/// `mig`'s command line: [`Cli`]'s, with [`CLIENT_OPTIONS`] hidden from the help of
+/// [`NO_AGENT`] and their subcommands (clap_complete's scripts still list hidden options). clap copies a global option into every
+/// subcommand when the command is built and cannot leave one out, so the copies are hidden on
+/// the built command; `mut_subcommands` and `mut_args` replace in place, keeping each argument
+/// at the index the built command's lookup table holds (`mut_arg` would move it).
+pub fn command() -> clap::Command {
+    fn hide(cmd: clap::Command) -> clap::Command {
+        cmd.mut_args(|a| {
+            let client = CLIENT_OPTIONS.contains(&a.get_id().as_str());
+            a.hide(client)
+        })
+        .mut_subcommands(hide)
+    }
+    let mut cmd = Cli::command();
+    cmd.build();
+    cmd.mut_subcommands(|sub| {
+        if NO_AGENT.iter().any(|(name, _)| sub.get_name() == *name) {
+            hide(sub)
+        } else {
+            sub
+        }
+    })
+}
+
+/// A client option given on the command line to a subcommand that talks to no chosen agent:
+/// refused rather than ignored (`mig --host host-a lab up` made the default lab, not one on
+/// host-a). The same options from the environment (`MIG_HOST` exported for other commands) are
+/// ignored there.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("--{option} does not apply to mig {command}: {why}")]
+pub struct MisplacedOption {
+    pub option: &'static str,
+    pub command: &'static str,
+    pub why: &'static str,
+}
+
+/// The first of [`CLIENT_OPTIONS`] given on the command line, when the subcommand is one of
+/// [`NO_AGENT`]. `matches` are [`command`]'s.
+pub fn misplaced_client_option(matches: &ArgMatches) -> Option<MisplacedOption> {
+    let sub = matches.subcommand_name()?;
+    let (command, why) = NO_AGENT.iter().find(|(name, _)| *name == sub)?;
+    let option = CLIENT_OPTIONS
+        .into_iter()
+        .find(|id| matches.value_source(id) == Some(ValueSource::CommandLine))?;
+    Some(MisplacedOption {
+        option,
+        command,
+        why,
+    })
 }
 
 #[derive(Debug, Subcommand)]
@@ -358,7 +425,7 @@ fn parse_cpus(s: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
+    use clap::FromArgMatches;
 
     #[test]
     fn cli_is_consistent_and_parses_run() {
@@ -378,6 +445,110 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(Cli::try_parse_from(["mig", "run", "--memory", "lots", "busybox"]).is_err());
+    }
+
+    /// The help `args` (asking for it) print, from [`command`] as `mig` parses.
+    fn help(args: &[&str]) -> String {
+        let e = command().try_get_matches_from(args).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::DisplayHelp, "{args:?}");
+        e.to_string()
+    }
+
+    #[test]
+    fn client_options_are_hidden_and_refused_where_they_mean_nothing() {
+        let shown = [
+            "--socket <PATH>",
+            "--host <NAME>",
+            "--remote <ADDR:PORT>",
+            "--fingerprint <FP>",
+            "--identity <DIR>",
+        ];
+        for args in [
+            &["mig", "lab", "--help"][..],
+            &["mig", "lab", "up", "--help"],
+            &["mig", "lab", "restart", "--help"],
+            &["mig", "bench", "--help"],
+            &["mig", "bench", "move", "--help"],
+            &["mig", "help", "lab", "up"],
+        ] {
+            let h = help(args);
+            for o in shown {
+                assert!(!h.contains(o), "{args:?} shows {o}:\n{h}");
+            }
+        }
+        for args in [
+            &["mig", "--help"][..],
+            &["mig", "run", "--help"],
+            &["mig", "peers", "ls", "--help"],
+        ] {
+            let h = help(args);
+            for o in shown {
+                assert!(h.contains(o), "{args:?} lacks {o}:\n{h}");
+            }
+        }
+
+        let parse = |args: &[&str]| {
+            let m = command().try_get_matches_from(args).unwrap();
+            (
+                Cli::from_arg_matches(&m).unwrap(),
+                misplaced_client_option(&m),
+            )
+        };
+        // Still global, before or after the subcommand.
+        for args in [
+            &["mig", "--host", "host-a", "ps"][..],
+            &["mig", "ps", "--host", "host-a"],
+            &["mig", "run", "--host", "host-a", "-d", "busybox"],
+        ] {
+            let (cli, bad) = parse(args);
+            assert_eq!(cli.host.as_deref(), Some("host-a"), "{args:?}");
+            assert_eq!(bad, None, "{args:?}");
+        }
+        // `lab restart HOST` names a host without being --host.
+        let (cli, bad) = parse(&["mig", "lab", "restart", "host-b"]);
+        assert_eq!(bad, None);
+        assert!(
+            matches!(&cli.command, Command::Lab(moves::LabCommand::Restart { host }) if host == "host-b"),
+            "{cli:?}"
+        );
+        // Given to lab or bench, anywhere on the line: refused, naming the option.
+        for (args, option, command) in [
+            (&["mig", "--host", "host-a", "lab", "up"][..], "host", "lab"),
+            (
+                &["mig", "lab", "down", "--socket", "/x.sock"],
+                "socket",
+                "lab",
+            ),
+            (
+                &[
+                    "mig",
+                    "--remote",
+                    "10.0.0.1:7000",
+                    "--fingerprint",
+                    "ab",
+                    "lab",
+                    "status",
+                ],
+                "remote",
+                "lab",
+            ),
+            (
+                &["mig", "bench", "move", "--identity", "/x"],
+                "identity",
+                "bench",
+            ),
+        ] {
+            let bad = parse(args).1.unwrap_or_else(|| panic!("{args:?} accepted"));
+            assert_eq!((bad.option, bad.command), (option, command), "{args:?}");
+        }
+        let msg = parse(&["mig", "--host", "host-a", "lab", "up"])
+            .1
+            .unwrap()
+            .to_string();
+        assert!(
+            msg.starts_with("--host does not apply to mig lab: it works on this machine's lab"),
+            "{msg}"
+        );
     }
 
     #[test]

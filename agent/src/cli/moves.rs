@@ -94,6 +94,9 @@ pub enum LabCommand {
     /// Restart one host's agent (its containers keep running).
     Restart {
         /// The lab host (host-a, host-b, ...).
+        // Not the id `host`: that is the global --host's, which this positional would take
+        // over (its value then stood for --host too).
+        #[arg(id = "lab_host", value_name = "HOST")]
         host: String,
     },
 }
