@@ -6,7 +6,9 @@
 //! (Type=notify), a busybox container started with `mig run -d` must survive `systemctl restart
 //! migd`, a SIGKILL of migd (Restart=on-failure) and `systemctl stop migd` (KillMode=process) with
 //! the same PID and a counter that keeps counting, and be re-adopted each time (`mig ps`, `mig
-//! exec`); `mig rm -f` removes it. It runs twice: with the host's cgroup layout (hybrid on the
+//! exec`); `mig rm -f` removes it. A `--userns` container runs under the unit-run migd too (its
+//! root maps to an unprivileged host id, writes into the image's `/etc`, `mig exec` works in it)
+//! and `mig rm -f` removes it. It runs twice: with the host's cgroup layout (hybrid on the
 //! test machine: cgroup v1 controllers plus cgroup2) and with a pure cgroup2 container
 //! (`SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1`), the layout of most hosts today.
 //!
@@ -433,6 +435,79 @@ fn readopted(m: &Machine, what: &str, pids: (i64, i64), before: u64) -> Result<(
     Ok(())
 }
 
+/// Writes into the image's `/etc` (owned by root in the image's layer) as the container's root,
+/// then counts.
+const USERNS_SCRIPT: &str = r#"if echo made > /etc/mig-test; then echo "writes OK"; else echo "writes BAD"; fi
+i=0; while :; do i=$((i+1)); echo $i; sleep 0.2; done"#;
+
+/// A `--userns` container under the unit-run migd (its idmapped image layers, its mapped root
+/// walking the private state directory): it runs with its root mapped to an unprivileged host
+/// id, writes into the image's `/etc`, answers `mig exec` as root, and `mig rm -f` removes its
+/// processes and cgroups. Whatever fails, the machine's teardown kills it with the rest.
+fn userns_container_runs(m: &Machine) -> Result<()> {
+    m.run(&[
+        "mig",
+        "run",
+        "-d",
+        "--userns",
+        "--name",
+        "uns",
+        "busybox",
+        "--",
+        "sh",
+        "-c",
+        USERNS_SCRIPT,
+    ])?;
+    let v: serde_json::Value = serde_json::from_str(&m.run(&["mig", "inspect", "uns", "--json"])?)?;
+    ensure!(
+        v["state"] == "running",
+        "the userns container is not running: {v}"
+    );
+    let id = v["id"].as_str().context("id")?.to_owned();
+    let init = v["init_pid"].as_i64().context("init_pid")?.to_string();
+    // `0 HOST SIZE`: root inside is HOST outside, not host root.
+    let map = m.run(&["cat", &format!("/proc/{init}/uid_map")])?;
+    let map: Vec<&str> = map.split_whitespace().collect();
+    ensure!(
+        map.len() == 3 && map[0] == "0" && map[1] != "0",
+        "uid_map of the userns container's init: {map:?}"
+    );
+    let logs = || m.run(&["mig", "logs", "uns"]).unwrap_or_default();
+    let counting = mig_tests::wait_until(Duration::from_secs(10), || {
+        let log = logs();
+        log.contains("BAD") || log.lines().filter(|l| l.parse::<u64>().is_ok()).count() > 2
+    });
+    let log = logs();
+    ensure!(
+        counting && log.contains("writes OK") && !log.contains("BAD"),
+        "the userns container's log: {log}"
+    );
+    let out = m.run(&[
+        "mig",
+        "exec",
+        "uns",
+        "--",
+        "sh",
+        "-c",
+        "id -u; cat /etc/mig-test",
+    ])?;
+    ensure!(
+        out == "0\nmade\n",
+        "mig exec in the userns container printed {out:?}"
+    );
+    m.run(&["mig", "rm", "-f", "uns"])?;
+    ensure!(
+        m.run(&["kill", "-0", &init]).is_err(),
+        "the userns container's init {init} still runs after mig rm -f"
+    );
+    let cgs = m.run(&["find", "/sys/fs/cgroup", "-name", &id])?;
+    ensure!(
+        cgs.trim().is_empty(),
+        "cgroups left by mig rm -f uns: {cgs}"
+    );
+    Ok(())
+}
+
 fn active(m: &Machine) -> String {
     m.cmd(&["systemctl", "is-active", "migd"])
         .output()
@@ -607,6 +682,7 @@ fn unit_keeps_containers(tag: &str, deb: &Path, tar: &Path, cgroup2: bool) -> Re
     }
     m.run(&["systemctl", "start", "migd"])?;
     readopted(&m, "systemctl stop + start migd", pids, before)?;
+    userns_container_runs(&m).context("a --userns container under the unit")?;
 
     m.run(&["mig", "rm", "-f", "counter"])?;
     let left = m.run(&["mig", "ps", "-a", "--json"])?;
