@@ -23,6 +23,8 @@ CRIU_PATCH_MARKERS=(
   criu-rlimits-clamped        # 0002: restore limits above criu's own as close as allowed, with a warning
   criu-lazy-from-task         # 0003: a lazy dump serves pages from the frozen task instead of pinning them
   criu-pagemap-anon-scan      # 0004: anonymous memory is scanned without looking up every page's struct page
+  criu-nf-ct-skip             # 0005: no walk of the conntrack table for a network namespace without entries
+  criu-tmpfs-empty            # 0006: no tar for a tmpfs that is empty as mounted
 )
 
 log() { printf 'setup: %s\n' "$*" >&2; }
