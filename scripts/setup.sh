@@ -25,6 +25,7 @@ CRIU_PATCH_MARKERS=(
   criu-pagemap-anon-scan      # 0004: anonymous memory is scanned without looking up every page's struct page
   criu-nf-ct-skip             # 0005: no walk of the conntrack table for a network namespace without entries
   criu-tmpfs-empty            # 0006: no tar for a tmpfs that is empty as mounted
+  criu-action-script-only     # 0007: action scripts run only for the actions the caller lists
 )
 
 log() { printf 'setup: %s\n' "$*" >&2; }

@@ -16,9 +16,12 @@
 //! `pre-resume` execs the running shim's own binary (`/proc/<shim pid>/exe`, the very build
 //! that wrote it, even if the file was replaced since) with the hidden subcommand
 //! `restore-frozen-hook`, which does the work in [`hook`] without forking (a shell loop with a
-//! `readlink` per process took about 20 ms of the downtime).
+//! `readlink` per process took about 20 ms of the downtime). A CRIU with mig's patch 0007 runs
+//! it at `pre-resume` only (`ActionScript::actions`); any other CRIU runs it for the five other
+//! actions of a restore too, a fork and an exec each inside the downtime.
 
 use crate::layout::ContainerDir;
+use mig_migrate::criu::ActionScript;
 use mig_runtime::cgroup::Cgroup;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -35,9 +38,8 @@ pub(super) fn wanted(cd: &ContainerDir) -> bool {
     cd.dir.join(RESTORE_FROZEN_MARKER).is_file()
 }
 
-/// Writes the action script for `cgroup` and returns CRIU's extra arguments
-/// (`--action-script PATH`).
-pub(super) fn prepare(cd: &ContainerDir, cgroup: &Cgroup) -> Result<Vec<String>, String> {
+/// Writes the action script for `cgroup`; it is needed at `pre-resume` only.
+pub(super) fn prepare(cd: &ContainerDir, cgroup: &Cgroup) -> Result<ActionScript, String> {
     let (dir, freeze, value, label) = match cgroup.unified_dir() {
         Some(d) if d.join("cgroup.freeze").exists() => (d.to_owned(), "cgroup.freeze", "1", ""),
         _ => match cgroup.v1_dir("freezer") {
@@ -51,10 +53,10 @@ pub(super) fn prepare(cd: &ContainerDir, cgroup: &Cgroup) -> Result<Vec<String>,
     std::fs::write(&path, script).map_err(|e| format!("{}: {e}", path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(vec![
-        "--action-script".into(),
-        path.to_string_lossy().into_owned(),
-    ])
+    Ok(ActionScript {
+        path,
+        actions: vec!["pre-resume"],
+    })
 }
 
 /// Removes the script after the restore.

@@ -286,12 +286,12 @@ fn restore(
     let _ = std::fs::remove_file(&pidfile);
     // An arriving container stays frozen until Commit: it is frozen before its tasks resume.
     let frozen = super::frozen::wanted(cd);
-    let extra = if frozen {
-        super::frozen::prepare(cd, cgroup).map_err(|e| (Stage::Restore, e))?
+    let action_script = if frozen {
+        Some(super::frozen::prepare(cd, cgroup).map_err(|e| (Stage::Restore, e))?)
     } else {
-        Vec::new()
+        None
     };
-    let mut opts = RestoreOpts {
+    let opts = RestoreOpts {
         images_dir: cd.checkpoint(),
         root: Some(rootfs.to_owned()),
         inherit_fds: stdio_pipe
@@ -317,9 +317,9 @@ fn restore(
         // socket there; memory then comes from it (agent/src/migration/pages.rs).
         lazy_pages: lazy_socket(cd).is_some(),
         work_dir: lazy_socket(cd),
+        action_script,
         ..Default::default()
     };
-    opts.extra.extend(extra);
     let outcome = criu.restore(&opts).map_err(|e| (Stage::Restore, chain(&e)));
     // The restored tasks hold the namespace now (or the restore failed): ours goes.
     drop(netns);

@@ -20,7 +20,7 @@ pub mod timerfd;
 
 pub use log::{error_lines, pick_error_lines, MAX_ERROR_LINES};
 pub use netns::{images_external_netns, NetnsImageError, MAX_NETNS_IMAGE_BYTES};
-pub use opts::{resolve, DumpOpts, PageTarget, RestoreOpts};
+pub use opts::{resolve, ActionScript, DumpOpts, PageTarget, RestoreOpts, ACTION_SCRIPT_ONLY};
 pub use page_server::{
     check_pipe_max_size, Background, LazyDump, LazyPagesOpts, PageServerOpts, LAZY_PIPE_MAX_SIZE,
 };
@@ -321,6 +321,9 @@ impl Criu {
         let _ = std::fs::remove_file(&pidfile);
         let mut cmd = Command::new(&self.path);
         cmd.args(opts.args());
+        if let Some(s) = &opts.action_script {
+            cmd.env(ACTION_SCRIPT_ONLY, s.actions.join(","));
+        }
         sys::prepare_child(&mut cmd, procs, fds);
         let start = Instant::now();
         self.run(&mut cmd, "restore", &log)?;

@@ -94,9 +94,28 @@ pub struct RestoreOpts {
     /// CRIU's work directory (`--work-dir`); a lazy restore needs the one its `criu lazy-pages`
     /// daemon uses. `None`: the images directory.
     pub work_dir: Option<PathBuf>,
+    /// An action script (`--action-script`) and the actions it is needed for.
+    pub action_script: Option<ActionScript>,
     /// Anything else, passed as given after mig's options.
     pub extra: Vec<String>,
 }
+
+/// A CRIU action script and the actions (CRIU's names, such as `pre-resume`) it is needed for.
+///
+/// CRIU runs a script for every action, a fork and an exec each (1 to 5 ms), while the
+/// container is down; a restore passes through six. A CRIU with mig's patch 0007
+/// (docs/criu.md, "Patches") runs it only for the actions named in [`ACTION_SCRIPT_ONLY`], which
+/// [`super::Criu::restore`] sets. Any other CRIU runs it for all of them, so the script must
+/// still return at once for the others.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ActionScript {
+    pub path: PathBuf,
+    pub actions: Vec<&'static str>,
+}
+
+/// The environment variable of mig's patch 0007: the actions, comma-separated, that action
+/// scripts are run for.
+pub const ACTION_SCRIPT_ONLY: &str = "CRIU_ACTION_SCRIPT_ONLY";
 
 /// `path` if absolute, else `dir/path` (CRIU resolves `-o` and `--pidfile` against its work
 /// directory, which is the images directory).
@@ -229,6 +248,9 @@ impl RestoreOpts {
         }
         for e in &self.external {
             push(&mut a, "--external", e);
+        }
+        if let Some(s) = &self.action_script {
+            push(&mut a, "--action-script", &s.path);
         }
         a.extend(self.extra.iter().map(OsString::from));
         a
@@ -377,6 +399,10 @@ mod tests {
             tcp_established: false,
             lazy_pages: false,
             work_dir: None,
+            action_script: Some(ActionScript {
+                path: "/c/hook.sh".into(),
+                actions: vec!["pre-resume"],
+            }),
             extra: vec![],
         };
         let a = strs(o.args()).join(" ");
@@ -384,7 +410,8 @@ mod tests {
             a,
             "restore --images-dir /var/img --log-file /logs/restore.log -v4 \
              --manage-cgroups=ignore --file-locks --restore-detached --pidfile \
-             /var/img/restore.pid --network-lock skip --inherit-fd fd[5]:pipe:[123]"
+             /var/img/restore.pid --network-lock skip --inherit-fd fd[5]:pipe:[123] \
+             --action-script /c/hook.sh"
         );
     }
 }
