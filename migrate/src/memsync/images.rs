@@ -10,7 +10,7 @@
 use super::{MemsyncError, PAGE};
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Write;
+use std::io::{IoSlice, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -101,6 +101,22 @@ impl Drop for PresyncImages {
     }
 }
 
+/// Writes every byte of `parts`, in order, with as few (vectored) writes as the kernel takes
+/// (std passes at most IOV_MAX slices per call, however many chunks a peer split a run into).
+fn write_all_parts(file: &mut File, parts: &[impl AsRef<[u8]>]) -> std::io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p.as_ref())).collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        match file.write_vectored(rest) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Most processes one presync may name.
 pub const MAX_IMAGES: usize = 16_384;
 
@@ -136,12 +152,24 @@ impl ImagesWriter {
     /// Appends a run of `data` (whole pages) at `vaddr` of `dst_id` (a process's pagemap id);
     /// the runs of one `dst_id` must come together, in rising address order without overlap.
     pub fn add(&mut self, dst_id: u64, vaddr: u64, data: &[u8]) -> Result<(), MemsyncError> {
+        self.add_parts(dst_id, vaddr, &[data])
+    }
+
+    /// [`ImagesWriter::add`] of a run whose data is the concatenation of `parts` (the chunks
+    /// it arrived in), written with vectored writes.
+    pub fn add_parts(
+        &mut self,
+        dst_id: u64,
+        vaddr: u64,
+        parts: &[impl AsRef<[u8]>],
+    ) -> Result<(), MemsyncError> {
         if dst_id & 0xff != super::PS_TYPE_PAGEMAP {
             return Err(MemsyncError::BadImage { dst_id });
         }
-        let nr_pages = u32::try_from(data.len() / PAGE).unwrap_or(u32::MAX);
+        let size: usize = parts.iter().map(|p| p.as_ref().len()).sum();
+        let nr_pages = u32::try_from(size / PAGE).unwrap_or(u32::MAX);
         let len = super::cache::check_run(vaddr, nr_pages)?;
-        if len != data.len() as u64 {
+        if len != size as u64 {
             return Err(MemsyncError::BadRun { vaddr, nr_pages });
         }
         if self.bytes + len > self.max_bytes {
@@ -186,7 +214,7 @@ impl ImagesWriter {
                 return Err(MemsyncError::Overlap { dst_id, vaddr });
             }
         }
-        file.write_all(data).map_err(|source| MemsyncError::File {
+        write_all_parts(file, parts).map_err(|source| MemsyncError::File {
             path: layout.path.clone(),
             source,
         })?;

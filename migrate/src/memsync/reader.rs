@@ -209,19 +209,8 @@ pub fn anon_runs(pid: i32) -> Result<Vec<PageRun>, MemsyncError> {
 /// Reads `run` of process `pid` into a new buffer; returns the pages read from its start
 /// (fewer when the process unmapped or exited meanwhile).
 pub fn read_run(pid: i32, run: PageRun) -> (Vec<u8>, u32) {
-    let len = run.pages as usize * PAGE;
-    let mut data = vec![0u8; len];
-    let remote = [nix::sys::uio::RemoteIoVec {
-        base: run.vaddr as usize,
-        len,
-    }];
-    let got = nix::sys::uio::process_vm_readv(
-        nix::unistd::Pid::from_raw(pid),
-        &mut [std::io::IoSliceMut::new(&mut data)],
-        &remote,
-    )
-    .unwrap_or(0);
-    let pages = (got / PAGE) as u32;
+    let mut data = super::sys::read_remote(pid, run.vaddr, run.pages as usize * PAGE);
+    let pages = (data.len() / PAGE) as u32;
     data.truncate(pages as usize * PAGE);
     (data, pages)
 }

@@ -1,4 +1,5 @@
-//! The only unsafe code of the memory presync: finding the kernel's zero page.
+//! The only unsafe code of the memory presync: finding the kernel's zero page, and reading
+//! another process's memory into a buffer that was not zeroed first.
 
 use std::os::unix::fs::FileExt;
 
@@ -37,4 +38,29 @@ pub fn zero_page_pfn() -> Option<u64> {
     // SAFETY: unmaps the mapping made above, which nothing refers to any more.
     unsafe { libc::munmap(p, LEN) };
     entry.map(|e| e & PM_PFN).filter(|&pfn| pfn != 0)
+}
+
+/// Reads up to `len` bytes at `addr` of process `pid` (`process_vm_readv`) into a new buffer
+/// that is not zeroed first: the presync reads every byte of its memory once, and zeroing a
+/// 1 MiB buffer before the kernel overwrites it costs as much again as a copy. Returns the
+/// bytes read (fewer, or none, when the process unmapped the range or exited meanwhile).
+pub(super) fn read_remote(pid: i32, addr: u64, len: usize) -> Vec<u8> {
+    let mut data = Vec::<u8>::with_capacity(len);
+    let local = libc::iovec {
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: len,
+    };
+    let remote = libc::iovec {
+        iov_base: addr as usize as *mut libc::c_void,
+        iov_len: len,
+    };
+    // SAFETY: `local` is the `len` bytes of capacity `data` owns, which nothing else refers to;
+    // the kernel only writes into it (at most `len` bytes). `remote` names memory of the other
+    // process, which the kernel checks and reads on its side.
+    let got = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+    let got = usize::try_from(got).unwrap_or(0).min(len);
+    // SAFETY: the kernel wrote the first `got` bytes of the capacity (its return value), so
+    // they are initialized; `got <= len <= capacity`.
+    unsafe { data.set_len(got) };
+    data
 }

@@ -421,3 +421,28 @@ fn mangled_streams_never_panic() {
         let _ = encode(&s[..], &index_of(&runs), &tx, &DedupStats::default());
     }
 }
+
+/// A presync file holds exactly its pages, in order, whatever chunks they arrived in.
+#[test]
+fn presync_files_are_exactly_their_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = ImagesWriter::new(dir.path(), 7 * PAGE as u64);
+    let (a, b, c) = (page(1), page(2), page(3));
+    w.add_parts(dst_id(7), 0x1000, &[&a[..100], &a[100..], &b[..]])
+        .unwrap();
+    w.add(dst_id(7), 0x8000, &c).unwrap();
+    w.add_parts(dst_id(9), 0x1000, &[&b[..], &a[..]]).unwrap();
+    w.add(dst_id(11), 0x4000, &[c.clone(), b.clone()].concat())
+        .unwrap();
+    let images = w.finish();
+    for (id, pages) in [
+        (7, [&a[..], &b, &c].concat()),
+        (9, [&b[..], &a].concat()),
+        (11, [&c[..], &b].concat()),
+    ] {
+        let l = images.take(dst_id(id)).unwrap();
+        let file = std::fs::read(&l.path).unwrap();
+        assert_eq!(file, pages, "process {id}");
+        assert_eq!(l.pages() as usize * PAGE, file.len());
+    }
+}
