@@ -26,6 +26,25 @@ async fn pair() -> (quinn::Connection, quinn::Connection, Vec<quinn::Endpoint>) 
     (c, s, vec![server, client])
 }
 
+/// A destination that takes one memory presync into `dir` (nothing else) on `server`; the slot
+/// gets the presync's images once the stream is done.
+fn serve_presync_only(
+    server: quinn::Connection,
+    dir: std::path::PathBuf,
+) -> Arc<Mutex<Option<Arc<crate::memsync::PresyncImages>>>> {
+    let slot = Arc::new(Mutex::new(None));
+    let presync = Mutex::new(Some(crate::memsync::stream::PresyncSink {
+        dir,
+        max_bytes: 1 << 32,
+        slot: slot.clone(),
+    }));
+    tokio::spawn(serve(server, move |h| match h.service {
+        Service::MemoryPresync => presync.lock().unwrap().take().map(Endpoint::Presync),
+        _ => None,
+    }));
+    slot
+}
+
 /// A TCP server that answers every connection with the bytes it read, reversed order of
 /// chunks not needed: it echoes everything, then closes after the client's half-close.
 async fn echo_server() -> SocketAddr {
@@ -384,7 +403,7 @@ async fn presync_then_dedup_stream_write_the_dumps_pages() {
 /// ends the stream with a code that says so, and the source's error names the reason.
 #[tokio::test]
 async fn a_destination_that_cannot_write_the_presync_says_why() {
-    use crate::memsync::stream::{send, PresyncSink, Proc};
+    use crate::memsync::stream::{send, Proc};
     use crate::memsync::MemsyncError;
     if !nix::unistd::geteuid().is_root() {
         return;
@@ -393,15 +412,7 @@ async fn a_destination_that_cannot_write_the_presync_says_why() {
     let not_a_dir = dir.path().join("file");
     std::fs::write(&not_a_dir, b"x").unwrap();
     let (client, server, _eps) = pair().await;
-    let presync = Mutex::new(Some(PresyncSink {
-        dir: not_a_dir,
-        max_bytes: 1 << 32,
-        slot: Arc::new(Mutex::new(None)),
-    }));
-    tokio::spawn(serve(server, move |h| match h.service {
-        Service::MemoryPresync => presync.lock().unwrap().take().map(Endpoint::Presync),
-        _ => None,
-    }));
+    serve_presync_only(server, not_a_dir);
     // Present pages of this process, so that there is something to send.
     let mem = vec![7u8; 64 * 4096];
     let me = Proc {
@@ -422,23 +433,14 @@ async fn a_destination_that_cannot_write_the_presync_says_why() {
 /// presync file.
 #[tokio::test]
 async fn presync_files_hold_the_pages_sent() {
-    use crate::memsync::stream::{send, PresyncSink, Proc};
+    use crate::memsync::stream::{send, Proc};
     use crate::memsync::{dst_id, PAGE};
     if !nix::unistd::geteuid().is_root() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let (client, server, _eps) = pair().await;
-    let slot = Arc::new(Mutex::new(None));
-    let presync = Mutex::new(Some(PresyncSink {
-        dir: dir.path().to_owned(),
-        max_bytes: 1 << 32,
-        slot: slot.clone(),
-    }));
-    tokio::spawn(serve(server, move |h| match h.service {
-        Service::MemoryPresync => presync.lock().unwrap().take().map(Endpoint::Presync),
-        _ => None,
-    }));
+    let slot = serve_presync_only(server, dir.path().to_owned());
     const PAGES: usize = 2048;
     let mut mem = vec![0u8; (PAGES + 1) * PAGE];
     for (i, b) in mem.iter_mut().enumerate() {
