@@ -56,6 +56,23 @@ pub fn atomic_write_mode(path: &Path, data: &[u8], mode: u32) -> io::Result<()> 
     result
 }
 
+/// Writes all of `slices`, in order, at the writer's position with as few vectored writes as
+/// the kernel takes (std passes at most `IOV_MAX` slices per call), retrying on `EINTR`.
+pub fn write_all_vectored(
+    w: &mut impl Write,
+    mut slices: &mut [io::IoSlice<'_>],
+) -> io::Result<()> {
+    while !slices.is_empty() {
+        match w.write_vectored(slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => io::IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Serializes `value` as pretty JSON and writes it with [`atomic_write`] (mode 0600).
 pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> io::Result<()> {
     let data = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;

@@ -8,9 +8,10 @@
 //! and writes only the pages that changed, in place (`criu::page_writer`, [`Layout`]).
 
 use super::{MemsyncError, PAGE};
+use mig_runtime::fsutil::write_all_vectored;
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{IoSlice, Write};
+use std::io::IoSlice;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -99,22 +100,6 @@ impl Drop for PresyncImages {
     fn drop(&mut self) {
         self.remove_rest();
     }
-}
-
-/// Writes every byte of `parts`, in order, with as few (vectored) writes as the kernel takes
-/// (std passes at most IOV_MAX slices per call, however many chunks a peer split a run into).
-fn write_all_parts(file: &mut File, parts: &[impl AsRef<[u8]>]) -> std::io::Result<()> {
-    let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p.as_ref())).collect();
-    let mut rest = &mut slices[..];
-    while !rest.is_empty() {
-        match file.write_vectored(rest) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut rest, n),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// Most processes one presync may name.
@@ -214,7 +199,9 @@ impl ImagesWriter {
                 return Err(MemsyncError::Overlap { dst_id, vaddr });
             }
         }
-        write_all_parts(file, parts).map_err(|source| MemsyncError::File {
+        // However many chunks a peer split the run into: as few writes as the kernel takes.
+        let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p.as_ref())).collect();
+        write_all_vectored(file, &mut slices).map_err(|source| MemsyncError::File {
             path: layout.path.clone(),
             source,
         })?;

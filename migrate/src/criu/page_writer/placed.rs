@@ -24,6 +24,7 @@
 
 use super::{create, PageWriterError, PAGE_SIZE};
 use crate::memsync::images::Layout;
+use mig_runtime::fsutil::write_all_vectored;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{IoSlice, IoSliceMut, Seek, SeekFrom, Write};
@@ -424,19 +425,6 @@ fn read_pages_at(file: &File, pages: &mut [Box<[u8]>], pos: u64) -> std::io::Res
             }
             Err(nix::errno::Errno::EINTR) => {}
             Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
-}
-
-/// Writes all of `slices` at the file's position.
-fn write_all_vectored(file: &mut File, mut slices: &mut [IoSlice<'_>]) -> std::io::Result<()> {
-    while !slices.is_empty() {
-        match file.write_vectored(slices) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut slices, n),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
         }
     }
     Ok(())
