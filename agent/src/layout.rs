@@ -8,6 +8,7 @@
 //!                            exit.json    ExitRecord  (written by the shim when the init has exited)
 //!                            container.log   the init's stdout and stderr, appended by the shim
 //!                            shim.log     the shim's own diagnostics
+//!                            (both 0600: open_log)
 //!                            upper/ work/ the overlay's writable layer and work dir
 //!                            rootfs/      the overlay mount point
 //!                            checkpoint/  CRIU images (issue 3)
@@ -19,6 +20,7 @@
 use crate::api::ContainerState;
 use mig_runtime::fsutil::{self, Format};
 use serde::{Deserialize, Serialize};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// The largest state file read back (they are a few hundred bytes).
@@ -75,6 +77,22 @@ impl StateDir {
 #[derive(Debug, Clone)]
 pub struct ContainerDir {
     pub dir: PathBuf,
+}
+
+/// Opens a container's log (`container.log`, `shim.log`) for appending, creating it mode 0600
+/// ([`fsutil::PRIVATE_FILE`]): it holds the container's output, root's alone like the state files.
+/// A log that exists with another mode gets 0600 too: one made by an older agent (the umask's
+/// 0644), or a `container.log` moved in from the source host (received with the umask's mode).
+pub fn open_log(path: &Path) -> std::io::Result<std::fs::File> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(fsutil::PRIVATE_FILE)
+        .open(path)?;
+    if f.metadata()?.permissions().mode() & 0o7777 != fsutil::PRIVATE_FILE {
+        f.set_permissions(std::fs::Permissions::from_mode(fsutil::PRIVATE_FILE))?;
+    }
+    Ok(f)
 }
 
 impl ContainerDir {
@@ -200,6 +218,24 @@ mod tests {
         assert!(proc_start_ticks(me).is_some());
         assert!(proc_start_ticks(i32::MAX).is_none());
         assert!(!is_our_shim(me, "x"));
+    }
+
+    #[test]
+    fn logs_are_private_new_or_old() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        // New: 0600 whatever the umask would give.
+        let new = dir.path().join("container.log");
+        open_log(&new).unwrap().write_all(b"one\n").unwrap();
+        assert_eq!(mode(&new), 0o600);
+        // Old (0644, as agents before made it): 0600, its content kept and appended to.
+        let old = dir.path().join("shim.log");
+        std::fs::write(&old, "old\n").unwrap();
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o644)).unwrap();
+        open_log(&old).unwrap().write_all(b"new\n").unwrap();
+        assert_eq!(mode(&old), 0o600);
+        assert_eq!(std::fs::read_to_string(&old).unwrap(), "old\nnew\n");
     }
 
     #[test]

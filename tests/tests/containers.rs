@@ -108,6 +108,14 @@ fn run_ps_inspect_logs_exec() -> Result<()> {
             .is_ok_and(|l| l.contains("hello-log"))),
         "log never showed the output"
     );
+    // The container's output and the shim's diagnostics are root's alone.
+    let dir = agent.state_dir.join("containers").join(&id);
+    for log in ["container.log", "shim.log"] {
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(dir.join(log))?.permissions(),
+        );
+        ensure!(mode & 0o7777 == 0o600, "{log} has mode {mode:o}");
+    }
     // exec: output, exit codes, the container's hostname, extra env.
     let o = agent.mig(&[
         "exec",

@@ -543,11 +543,8 @@ impl Agent {
                 _ => {}
             }
         }
-        let shim_log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(cd.shim_log())
-            .map_err(|e| io("opening shim.log", e))?;
+        let shim_log =
+            crate::layout::open_log(&cd.shim_log()).map_err(|e| io("opening shim.log", e))?;
         let t_spawn = Instant::now();
         let mut cmd = Command::new(&self.cfg.shim);
         // The CRIU this agent checked: the shim's restore need not ask its version again.

@@ -160,10 +160,7 @@ fn prepare(
     let cgroup = Cgroup::create(&format!("{cgroup_parent}/{id}"), &initial)
         .map_err(|e| (Stage::Cgroup, chain(&e)))?;
     undo.cgroup = Some(cgroup.clone());
-    let log = File::options()
-        .create(true)
-        .append(true)
-        .open(cd.log())
+    let log = crate::layout::open_log(&cd.log())
         .map_err(|e| (Stage::Log, format!("{}: {e}", cd.log().display())))?;
     let images = ImageStore::open(&dirs.images()).map_err(|e| (Stage::Rootfs, chain(&e)))?;
     let mut lower = Vec::new();
