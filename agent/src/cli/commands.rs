@@ -244,11 +244,7 @@ pub(super) fn json<T: serde::Serialize>(v: &T) -> Result<(), CliError> {
 async fn dispatch(cli: Cli) -> Result<u8, CliError> {
     match &cli.command {
         Command::Completions { shell } => {
-            let mut cmd = super::command();
-            // Into a buffer first: clap_complete panics on a write error (a closed pipe).
-            let mut buf = Vec::new();
-            clap_complete::generate(*shell, &mut cmd, "mig", &mut buf);
-            out(&String::from_utf8_lossy(&buf))?;
+            out(&String::from_utf8_lossy(&super::completion::script(*shell)))?;
             return Ok(0);
         }
         Command::Man => {

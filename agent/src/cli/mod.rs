@@ -5,6 +5,7 @@
 //! errors included), and the container's code for `exec` and for an attached `run`.
 
 mod commands;
+mod completion;
 mod drain;
 mod events;
 mod logs;
@@ -71,7 +72,8 @@ const NO_AGENT: [(&str, &str); 2] = [
 ];
 
 /// `mig`'s command line: [`Cli`]'s, with [`CLIENT_OPTIONS`] hidden from the help of
-/// [`NO_AGENT`] and their subcommands (clap_complete's scripts still list hidden options). clap copies a global option into every
+/// [`NO_AGENT`] and their subcommands (and from the completion scripts, which are made from a
+/// copy without hidden arguments, cli/completion.rs). clap copies a global option into every
 /// subcommand when the command is built and cannot leave one out, so the copies are hidden on
 /// the built command; `mut_subcommands` and `mut_args` replace in place, keeping each argument
 /// at the index the built command's lookup table holds (`mut_arg` would move it).
