@@ -6,7 +6,8 @@
 //! downtime is too long, leaving the container untouched.
 //!
 //! The pre-flight's link probe (protocol 1.2) is tested here too: its figures in the move's
-//! output, a refusal naming them, and no probe with a 1.1 peer.
+//! output, a refusal naming them, and no probe with a 1.1 peer; and its fixed costs, the
+//! defaults until the source has measured a move of the mode to the peer, then learned from it.
 //!
 //! `precopy` moves run only on a kernel with soft-dirty tracking (not this machine's): there and
 //! back with the rounds reported, and refused to a 1.1 destination before anything is frozen.
@@ -73,14 +74,19 @@ fn lazy_there_and_back() -> Result<()> {
     }
     let lab = Lab::up("lz", 11)?;
     let id = lab.run_container(0, "sleeper", 8)?;
-    let r = move_and_check_with(&lab, 0, 1, "sleeper", &id, &["--mode", "lazy"], "lazy")?;
-    if !r["postcopy_ms"].is_u64() || !r["postcopy_error"].is_null() {
-        bail!("post-copy not reported as complete: {r}");
+    let first = move_and_check_with(&lab, 0, 1, "sleeper", &id, &["--mode", "lazy"], "lazy")?;
+    if !first["postcopy_ms"].is_u64() || !first["postcopy_error"].is_null() {
+        bail!("post-copy not reported as complete: {first}");
     }
-    // `auto` with a downtime budget only post-copy meets goes lazy: lazy's prediction is the
-    // fixed costs (250 ms) plus the writable layer (a few bytes here), stream's adds the
-    // container's memory (tens of MiB: the two shells hold 8 MB of base64 each) over the link.
-    move_and_check_with(
+    if first["fixed_cost"]["source"] != "default" {
+        bail!("the first move's fixed costs are not the default: {first}");
+    }
+    // `auto` with a downtime budget only post-copy meets goes lazy. host-b has moved nothing
+    // yet, so its pre-flight uses the default fixed costs (250 ms; what host-a learned from
+    // the move above is host-a's, for host-b): lazy's prediction is those plus the writable
+    // layer (a few bytes here), stream's adds the container's memory (tens of MiB: the two
+    // shells hold 8 MB of base64 each) over the link.
+    let r = move_and_check_with(
         &lab,
         1,
         0,
@@ -89,6 +95,21 @@ fn lazy_there_and_back() -> Result<()> {
         &["--mode", "auto", "--max-downtime", "265"],
         "lazy",
     )?;
+    if r["fixed_cost"] != serde_json::json!({"ms": 250, "source": "default", "moves": 0}) {
+        bail!("host-b's first pre-flight did not use the default fixed costs: {r}");
+    }
+    // host-a measured its lazy move to host-b: its next lazy pre-flight there takes the fixed
+    // costs from that move (its downtime less the model's writable layer) and says so.
+    let r = move_and_check_with(&lab, 0, 1, "sleeper", &id, &["--mode", "lazy"], "lazy")?;
+    let fixed = &r["fixed_cost"];
+    let measured = first["downtime_ms"].as_u64().unwrap_or(0);
+    let ms = fixed["ms"].as_u64().unwrap_or(u64::MAX);
+    if fixed["source"] != "measured" || fixed["moves"] != 1 || ms > measured {
+        bail!("the fixed costs were not learned from the first move ({measured} ms): {r}");
+    }
+    if r["predicted_downtime_ms"].as_u64() != Some(ms) {
+        bail!("lazy's prediction is not the learned fixed costs (the layer is a few bytes): {r}");
+    }
     Ok(())
 }
 

@@ -212,10 +212,11 @@ fn move_text(r: &MoveResult) -> String {
     );
     if let Some(p) = r.predicted_downtime_ms {
         s.push_str(&format!(
-            "  mode {}: predicted downtime {p} ms, measured {} ms{}\n",
+            "  mode {}: predicted downtime {p} ms, measured {} ms{}{}\n",
             r.mode,
             r.downtime_ms,
-            link_basis(r)
+            link_basis(r),
+            fixed_basis(r)
         ));
     }
     if let Some(m) = &r.memory_presync {
@@ -293,6 +294,26 @@ fn link_basis(r: &MoveResult) -> String {
         (Some("previous"), _) => format!(" (link {mib_s} MiB/s from an earlier move, no probe)"),
         (Some("default"), _) => format!(" (link {mib_s} MiB/s assumed, no probe)"),
         _ => String::new(),
+    }
+}
+
+/// Where the prediction's fixed costs came from, for the pre-flight line.
+fn fixed_basis(r: &MoveResult) -> String {
+    use crate::migration::fixedcost::FixedSource;
+    match &r.fixed_cost {
+        Some(f) if f.source == FixedSource::Measured => format!(
+            ", fixed costs {} ms from the last {} {} move{} to {}",
+            f.ms,
+            f.moves,
+            r.mode,
+            if f.moves == 1 { "" } else { "s" },
+            r.peer
+        ),
+        Some(f) => format!(
+            ", fixed costs {} ms assumed (no {} move to {} measured yet)",
+            f.ms, r.mode, r.peer
+        ),
+        None => String::new(),
     }
 }
 
@@ -494,6 +515,24 @@ mod tests {
         // An older agent's result has no source: the line stays as it was.
         r.throughput_source = None;
         assert!(move_text(&r).contains("measured 900 ms\n"));
+        // The fixed costs' source follows.
+        r.fixed_cost = Some(crate::migration::fixedcost::FixedCost::DEFAULT);
+        assert!(
+            move_text(&r).contains(
+                "measured 900 ms, fixed costs 250 ms assumed (no stream move to host-b measured yet)\n"
+            ),
+            "{}",
+            move_text(&r)
+        );
+        r.fixed_cost = Some(crate::migration::fixedcost::FixedCost {
+            ms: 131,
+            source: crate::migration::fixedcost::FixedSource::Measured,
+            moves: 3,
+        });
+        assert!(move_text(&r).contains(
+            "measured 900 ms, fixed costs 131 ms from the last 3 stream moves to host-b\n"
+        ));
+        r.fixed_cost = None;
         r.memory_presync = Some(crate::migration::memsync::MemoryPresyncReport {
             ms: 45,
             bytes: 10 << 20,

@@ -8,6 +8,7 @@
 
 mod dest;
 pub mod fault;
+pub mod fixedcost;
 pub(crate) mod journal;
 pub mod memsync;
 pub mod modes;
@@ -129,6 +130,11 @@ pub struct MoveResult {
     /// This move's link probe (a destination speaking protocol 1.2), else null.
     #[serde(default)]
     pub probe: Option<probe::ProbeInfo>,
+    /// The fixed part of `predicted_downtime_ms` (freeze, CRIU's start, the non-memory images,
+    /// the restore without memory) and where it came from: `measured` (the median of this
+    /// agent's last moves of the mode to the peer, `moves` of them) or `default` (none yet).
+    #[serde(default)]
+    pub fixed_cost: Option<fixedcost::FixedCost>,
     /// Bytes of memory pages that went through the page-server tunnel (`stream`, `lazy`);
     /// included in `bytes_sent`.
     #[serde(default)]

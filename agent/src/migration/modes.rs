@@ -3,6 +3,7 @@
 //! throughput and the mode, checked against `--max-downtime` before anything is frozen.
 //! docs/migration.md ("Modes", "Pre-flight") describes them for users.
 
+use super::fixedcost::{FixedCost, FixedCosts};
 use mig_migrate::criu::Criu;
 use mig_migrate::wire::MigrationMode;
 use serde::{Deserialize, Serialize};
@@ -72,7 +73,7 @@ pub enum ModeError {
     PipeMaxSize(#[source] mig_migrate::criu::CriuError),
     #[error("criu is not usable: {0}")]
     NoCriu(String),
-    #[error("predicted downtime {predicted_ms} ms exceeds --max-downtime {max_ms} ms (mode {mode}, {memory_bytes} bytes of memory at about {throughput_mib_s} MiB/s, {basis}); the container was not touched")]
+    #[error("predicted downtime {predicted_ms} ms exceeds --max-downtime {max_ms} ms (mode {mode}, {memory_bytes} bytes of memory at about {throughput_mib_s} MiB/s, {basis}; {fixed}); the container was not touched")]
     TooSlow {
         predicted_ms: u64,
         max_ms: u64,
@@ -81,6 +82,8 @@ pub enum ModeError {
         throughput_mib_s: u64,
         /// Where the throughput came from ([`Throughput::describe`]).
         basis: String,
+        /// The fixed costs and where they came from ([`FixedCost::describe`]).
+        fixed: String,
     },
 }
 
@@ -268,11 +271,16 @@ pub struct Preflight {
     /// Stream mode sends the memory while the container runs first (a 1.4 destination,
     /// docs/migration.md "Memory presync").
     pub memory_presync: bool,
+    /// The fixed part of each mode's downtime: learned from this agent's moves to the peer,
+    /// else [`DEFAULT_FIXED_MS`] ([`super::fixedcost`]).
+    pub fixed: FixedCosts,
 }
 
 // Costs measured on the 2-core test machine (docs/migration.md, docs/performance.md), rounded
 // towards a longer downtime: the bench of 2026-12-02 21:26 UTC (quiet machine) had lazy mode's
 // whole downtime at 126 to 238 ms and cold mode's dump and restore at about 1.9 GiB/s each.
+// The two fixed costs are the defaults only: once this agent has moved a container to a peer
+// in a mode, the pre-flight uses what those moves measured instead (`super::fixedcost`).
 /// Freeze, CRIU start, parasite, non-memory images: the part of a dump that does not grow.
 const DUMP_FIXED_MS: u64 = 100;
 /// CRIU writing pages to a local disk, bytes/s.
@@ -281,6 +289,8 @@ const DUMP_RATE: u64 = 1 << 30;
 const HASH_RATE: u64 = 1400 << 20;
 /// Restore without memory: rootfs, cgroup, CRIU fork and namespaces, freeze, commit.
 const RESTORE_FIXED_MS: u64 = 150;
+/// The fixed part of a downtime before any move was measured: dump and restore.
+pub const DEFAULT_FIXED_MS: u64 = DUMP_FIXED_MS + RESTORE_FIXED_MS;
 /// Pages read and mapped back by `criu restore`, bytes/s.
 const RESTORE_RATE: u64 = 1 << 30;
 /// Stream mode's pages cross at this share of the probed QUIC throughput (numerator,
@@ -300,13 +310,22 @@ fn ms_for(bytes: u64, rate: u64) -> u64 {
 
 impl Preflight {
     /// Predicted downtime (freeze to resumed) of `mode`, in ms. A model, not a promise: fixed
-    /// costs plus memory over the slowest rate each phase moves it at.
+    /// costs ([`Preflight::fixed`]) plus memory over the slowest rate each phase moves it at.
     pub fn predict(&self, mode: MoveMode) -> u64 {
+        match mode {
+            MoveMode::Precopy => super::precopy::predict(self, None).0,
+            _ => self.fixed.get(mode).ms + self.variable_ms(mode),
+        }
+    }
+
+    /// The part of `mode`'s predicted downtime that grows with the memory and the writable
+    /// layer (pre-copy: its whole prediction less the default fixed costs).
+    pub fn variable_ms(&self, mode: MoveMode) -> u64 {
         let m = self.memory_bytes;
         let upper = ms_for(self.upper_bytes, self.throughput);
         match mode {
-            MoveMode::Lazy => DUMP_FIXED_MS + RESTORE_FIXED_MS + upper,
-            MoveMode::Precopy => super::precopy::predict(self, None).0,
+            MoveMode::Lazy => upper,
+            MoveMode::Precopy => self.predict(mode).saturating_sub(DEFAULT_FIXED_MS),
             // The pages cross while CRIU dumps them; nothing hashes them, and the restore maps
             // them from a local lazy-pages daemon without copying them first.
             MoveMode::Stream if self.memory_presync => {
@@ -316,22 +335,16 @@ impl Preflight {
                 let presync_ms = ms_for(m, pages);
                 let changed =
                     (super::precopy::ASSUMED_DIRTY_RATE.saturating_mul(presync_ms) / 1000).min(m);
-                DUMP_FIXED_MS
-                    + ms_for(m, PRESYNC_SCAN_RATE)
-                    + ms_for(changed, pages)
-                    + RESTORE_FIXED_MS
-                    + upper
+                ms_for(m, PRESYNC_SCAN_RATE) + ms_for(changed, pages) + upper
             }
             MoveMode::Stream => {
                 let pages = self.throughput / TUNNEL_SHARE.1 * TUNNEL_SHARE.0;
-                DUMP_FIXED_MS + ms_for(m, pages) + RESTORE_FIXED_MS + upper
+                ms_for(m, pages) + upper
             }
             _ => {
-                DUMP_FIXED_MS
-                    + ms_for(m, DUMP_RATE)
+                ms_for(m, DUMP_RATE)
                     + 2 * ms_for(m, HASH_RATE)
                     + ms_for(m, self.throughput)
-                    + RESTORE_FIXED_MS
                     + ms_for(m, RESTORE_RATE)
                     + upper
             }
@@ -340,7 +353,8 @@ impl Preflight {
 
     /// Pre-copy's downtime when the final dump writes `final_bytes` of pages: those are dumped,
     /// hashed and sent while frozen like cold mode's, but the restore maps all the memory
-    /// (most of it from the rounds, through CRIU's `parent` links).
+    /// (most of it from the rounds, through CRIU's `parent` links). Its fixed costs are always
+    /// the defaults (`super::fixedcost` says why).
     pub fn precopy_final_ms(&self, final_bytes: u64) -> u64 {
         DUMP_FIXED_MS
             + ms_for(final_bytes, DUMP_RATE)
@@ -397,6 +411,7 @@ impl Preflight {
             memory_bytes: self.memory_bytes,
             throughput_mib_s: self.throughput >> 20,
             basis: "as given".into(),
+            fixed: self.fixed.get(mode).describe(mode),
         }
     }
 }
@@ -420,6 +435,12 @@ pub struct Plan {
     pub throughput: u64,
     /// Where it came from, and the probe's figures.
     pub basis: Throughput,
+    /// The fixed part of `predicted_ms` and where it came from.
+    pub fixed: FixedCost,
+    /// The rest of `predicted_ms`: what the model puts on the memory and the writable layer.
+    /// After the move, its measured downtime less this is what the move teaches
+    /// ([`super::fixedcost::record`]).
+    pub variable_ms: u64,
 }
 
 /// Before connecting: refuses a mode asked by name that this kernel cannot run (`precopy`
@@ -429,8 +450,9 @@ pub async fn check_asked(opts: MoveOptions) -> Result<(), ModeError> {
 }
 
 /// Pre-flight of a move: picks the mode, predicts its downtime from `link` (this move's probe,
-/// else [`known_throughput`]), refuses what exceeds `max_downtime_ms` or what this kernel
-/// cannot run. Nothing is frozen or sent yet. A mode asked by name was checked by
+/// else [`known_throughput`]) and `fixed` (what earlier moves to the peer measured, else the
+/// defaults: [`super::fixedcost::known`]), refuses what exceeds `max_downtime_ms` or what this
+/// kernel cannot run. Nothing is frozen or sent yet. A mode asked by name was checked by
 /// [`check_asked`]; one `auto` picks is checked here.
 pub async fn plan(
     opts: MoveOptions,
@@ -438,12 +460,14 @@ pub async fn plan(
     upper_bytes: u64,
     link: Throughput,
     memory_presync: bool,
+    fixed: FixedCosts,
 ) -> Result<Plan, ModeError> {
     let pf = Preflight {
         memory_bytes,
         upper_bytes,
         throughput: link.bytes_s,
         memory_presync: memory_presync && !opts.no_memory_presync,
+        fixed,
     };
     let asked = opts.mode.unwrap_or(DEFAULT_MODE);
     let (mode, predicted_ms) = pf
@@ -455,6 +479,7 @@ pub async fn plan(
                 mode,
                 memory_bytes,
                 throughput_mib_s,
+                fixed,
                 ..
             } => ModeError::TooSlow {
                 predicted_ms,
@@ -463,6 +488,7 @@ pub async fn plan(
                 memory_bytes,
                 throughput_mib_s,
                 basis: link.describe(),
+                fixed,
             },
             e => e,
         })?;
@@ -474,6 +500,8 @@ pub async fn plan(
         predicted_ms,
         throughput: pf.throughput,
         basis: link,
+        fixed: pf.fixed.get(mode),
+        variable_ms: predicted_ms.saturating_sub(pf.fixed.get(mode).ms),
     })
 }
 
@@ -499,6 +527,7 @@ mod tests {
             upper_bytes: 0,
             throughput: 150 << 20,
             memory_presync: false,
+            fixed: FixedCosts::default(),
         }
     }
 
@@ -562,9 +591,17 @@ mod tests {
             max_downtime_ms: max,
             no_memory_presync: false,
         };
-        let p = plan(opts(None), 1 << 30, 0, Throughput::probed(probe), false)
-            .await
-            .unwrap();
+        let none = FixedCosts::default();
+        let p = plan(
+            opts(None),
+            1 << 30,
+            0,
+            Throughput::probed(probe),
+            false,
+            none,
+        )
+        .await
+        .unwrap();
         assert_eq!(p.throughput, 300 << 20);
         assert_eq!(p.basis.source, ThroughputSource::Probe);
         // The probed link is faster than the default: a shorter prediction.
@@ -574,15 +611,23 @@ mod tests {
             0,
             known_throughput("plan-never-seen"),
             false,
+            none,
         )
         .await
         .unwrap();
         assert_eq!(d.basis.source, ThroughputSource::Default);
         assert!(p.predicted_ms < d.predicted_ms, "{p:?} {d:?}");
-        let err = plan(opts(Some(1)), 1 << 30, 0, Throughput::probed(probe), false)
-            .await
-            .unwrap_err()
-            .to_string();
+        let err = plan(
+            opts(Some(1)),
+            1 << 30,
+            0,
+            Throughput::probed(probe),
+            false,
+            none,
+        )
+        .await
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("exceeds --max-downtime 1 ms"), "{err}");
         assert!(
             err.contains(
@@ -596,11 +641,18 @@ mod tests {
             0,
             known_throughput("plan-never-seen"),
             false,
+            none,
         )
         .await
         .unwrap_err()
         .to_string();
         assert!(err.contains("the default"), "{err}");
+        assert!(
+            err.contains(
+                "; fixed costs 250 ms: the default, no cold move to this peer measured yet)"
+            ),
+            "{err}"
+        );
     }
 
     #[test]
@@ -633,6 +685,113 @@ mod tests {
             e.contains("refused") && e.contains("host-b speaks protocol 1.1"),
             "{e}"
         );
+    }
+
+    /// What the moves of `peer` in `history` taught, as the pre-flight sees it.
+    fn learned(peer: &str, history: &[(MoveMode, u64, u64)]) -> FixedCosts {
+        let mut h = crate::migration::fixedcost::History::default();
+        for (mode, downtime, model) in history {
+            h.record(peer, *mode, *downtime, *model);
+        }
+        h.costs(peer)
+    }
+
+    #[test]
+    fn measured_fixed_costs_replace_the_defaults_per_mode() {
+        let small = pf(40 << 20);
+        let default_lazy = small.predict(MoveMode::Lazy);
+        assert_eq!(default_lazy, DEFAULT_FIXED_MS);
+        // Three lazy moves measured at 110 to 160 ms (the model's part: the writable layer).
+        let taught = Preflight {
+            fixed: learned(
+                "b",
+                &[
+                    (MoveMode::Lazy, 160, 1),
+                    (MoveMode::Lazy, 110, 1),
+                    (MoveMode::Lazy, 131, 1),
+                ],
+            ),
+            ..small
+        };
+        assert_eq!(taught.predict(MoveMode::Lazy), 130);
+        assert_eq!(taught.variable_ms(MoveMode::Lazy), 0);
+        // The other modes keep the defaults: lazy's moves say nothing of them.
+        for mode in [MoveMode::Stream, MoveMode::Cold, MoveMode::Precopy] {
+            assert_eq!(taught.predict(mode), small.predict(mode), "{mode:?}");
+        }
+        // The size-dependent part is the model's, learned or not.
+        let stream = Preflight {
+            fixed: learned("b", &[(MoveMode::Stream, 200, 90)]),
+            ..small
+        };
+        assert_eq!(
+            stream.predict(MoveMode::Stream),
+            110 + small.variable_ms(MoveMode::Stream)
+        );
+    }
+
+    #[test]
+    fn auto_and_max_downtime_use_the_learned_costs() {
+        // 40 MiB at 100 MiB/s of pages: 400 ms of memory in stream mode, 650 ms in all.
+        let small = pf(40 << 20);
+        assert_eq!(small.predict(MoveMode::Stream), 650);
+        // The defaults: a budget of 600 ms only lazy meets (250 ms).
+        assert_eq!(
+            small.choose(MoveMode::Auto, Some(600)).unwrap(),
+            (MoveMode::Lazy, DEFAULT_FIXED_MS)
+        );
+        // A stream move to this peer measured 120 ms of fixed costs: stream now fits.
+        let fast = Preflight {
+            fixed: learned("b", &[(MoveMode::Stream, 240, 120)]),
+            ..small
+        };
+        assert_eq!(
+            fast.choose(MoveMode::Auto, Some(600)).unwrap(),
+            (MoveMode::Stream, 520)
+        );
+        // Lazy moves measured slower than the default: auto refuses a budget the default met,
+        // and the refusal says where the fixed costs came from.
+        let slow = Preflight {
+            fixed: learned("b", &[(MoveMode::Lazy, 300, 0), (MoveMode::Lazy, 320, 0)]),
+            ..small
+        };
+        let err = slow
+            .choose(MoveMode::Auto, Some(265))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("predicted downtime 320 ms"), "{err}");
+        assert!(
+            err.contains("fixed costs 320 ms: the median of the last 2 lazy moves to this peer"),
+            "{err}"
+        );
+        // Nothing learned makes 1 ms reachable.
+        let floor = Preflight {
+            fixed: learned("b", &[(MoveMode::Lazy, 1, 0), (MoveMode::Stream, 1, 0)]),
+            ..small
+        };
+        assert!(floor.choose(MoveMode::Auto, Some(1)).is_err());
+    }
+
+    #[tokio::test]
+    async fn the_plan_says_where_the_fixed_costs_came_from() {
+        let opts = MoveOptions {
+            mode: Some(MoveMode::Lazy),
+            max_downtime_ms: None,
+            no_memory_presync: false,
+        };
+        let link = known_throughput("plan-fixed-peer");
+        let p = plan(opts, 40 << 20, 0, link, false, FixedCosts::default())
+            .await
+            .unwrap();
+        assert_eq!(p.fixed, FixedCost::DEFAULT);
+        assert_eq!((p.predicted_ms, p.variable_ms), (DEFAULT_FIXED_MS, 0));
+        let fixed = learned("b", &[(MoveMode::Lazy, 140, 0)]);
+        let p = plan(opts, 40 << 20, 0, link, false, fixed).await.unwrap();
+        assert_eq!(
+            p.fixed.source,
+            crate::migration::fixedcost::FixedSource::Measured
+        );
+        assert_eq!((p.fixed.ms, p.fixed.moves, p.predicted_ms), (140, 1, 140));
     }
 
     #[test]

@@ -561,6 +561,7 @@ mod tests {
                 upper_bytes: 0,
                 throughput: 150 * MIB,
                 memory_presync: false,
+                fixed: Default::default(),
             },
             max,
         )

@@ -1014,8 +1014,12 @@ impl Agent {
         // A 1.4 destination takes stream mode's memory presync (unless this agent or the move
         // turned it off).
         let presync = minor >= memsync::MEMORY_PRESYNC_MINOR && memsync::enabled();
+        // The fixed costs this agent measured on its earlier moves to the peer, else defaults.
+        let fixed = super::fixedcost::known(&peer.name);
         let plan =
-            match super::modes::plan(opts, usage.memory_bytes, upper_bytes, basis, presync).await {
+            match super::modes::plan(opts, usage.memory_bytes, upper_bytes, basis, presync, fixed)
+                .await
+            {
                 Ok(plan) => plan,
                 Err(e) => {
                     // Nothing was frozen or announced: the destination sees the connection end
@@ -1034,6 +1038,8 @@ impl Agent {
             predicted_downtime_ms = plan.predicted_ms,
             throughput_mib_s = plan.throughput >> 20,
             throughput_source = plan.basis.source.as_str(),
+            fixed_ms = plan.fixed.ms,
+            fixed_source = plan.fixed.source.as_str(),
             "pre-flight"
         );
         if plan.mode == super::modes::MoveMode::Precopy {
@@ -1056,6 +1062,7 @@ impl Agent {
                     upper_bytes,
                     throughput: plan.throughput,
                     memory_presync: false,
+                    fixed: Default::default(),
                 },
                 opts.max_downtime_ms,
             ));
@@ -1151,6 +1158,20 @@ impl Agent {
                         ms(t.transfer),
                     ),
                 }
+                // What this move's fixed costs were, for the next pre-flight to this peer.
+                let learned = super::fixedcost::record(
+                    &peer.name,
+                    plan.mode,
+                    ms(t.downtime),
+                    plan.variable_ms,
+                );
+                tracing::info!(
+                    %id,
+                    downtime_ms = ms(t.downtime),
+                    model_ms = plan.variable_ms,
+                    ?learned,
+                    "fixed costs measured"
+                );
                 Ok(MoveResult {
                     id: id.to_owned(),
                     name: e.spec.name.clone(),
@@ -1182,6 +1203,7 @@ impl Agent {
                     throughput_bytes_s: Some(plan.throughput),
                     throughput_source: Some(plan.basis.source.as_str().into()),
                     probe: plan.basis.probe,
+                    fixed_cost: Some(plan.fixed),
                     page_bytes,
                     presync_upper_bytes: side.upper_sync.presync_bytes.load(Ordering::Relaxed),
                     delta_bytes: side.upper_sync.delta_bytes.load(Ordering::Relaxed),
