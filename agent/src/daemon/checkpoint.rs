@@ -7,6 +7,7 @@ use super::Entry;
 use crate::api::{ApiError, CheckpointResult, ContainerState, ErrorKind, Response, RestoreResult};
 use crate::layout::{now, StateRecord};
 use mig_migrate::archive;
+use mig_migrate::criu::smaps::SmapsCopy;
 use mig_migrate::criu::{Criu, DumpOpts};
 use mig_migrate::imageset::{self, SealInfo};
 use mig_runtime::cgroup::Cgroup;
@@ -197,6 +198,10 @@ impl Agent {
         // Taken while frozen, so it lists exactly the processes CRIU dumps.
         let pid_map = mig_runtime::pidmap::pid_map(&cg.procs().unwrap_or_else(|_| vec![init_pid]));
         let td = Instant::now();
+        // Read on a thread while the dump starts (mig_migrate::criu::smaps).
+        let smaps_dir = images.with_file_name("checkpoint-smaps");
+        let pids: Vec<i32> = pid_map.iter().map(|e| e.host_pid).collect();
+        let smaps = SmapsCopy::start(&smaps_dir, &pids).ok();
         let dumped = criu.dump(&DumpOpts {
             pid: init_pid,
             images_dir: images.clone(),
@@ -208,9 +213,11 @@ impl Agent {
             // A user-namespace container's host binds (devices, masked files).
             external: mig_runtime::container::dump_externals(&e.spec),
             extra: crate::migration::dump_extra_args(),
+            smaps_dir: smaps.as_ref().map(|c| c.dir().to_owned()),
             ..Default::default()
         });
         let dump_ms = ms(td.elapsed());
+        drop(smaps);
         let stats = match dumped {
             Ok(s) => s,
             Err(err) => {

@@ -387,6 +387,7 @@ impl Agent {
             pages: Default::default(),
             precopy: Default::default(),
             progress_bytes: Default::default(),
+            smaps: Default::default(),
         }));
         let machine = SourceMachine::recover(&e.migration_id, &e.state, Timeouts::default());
         let report = transport::run_source(&conn, machine, &side, &super::hello(self)).await;

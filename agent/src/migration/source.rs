@@ -12,6 +12,7 @@ use crate::daemon::events::EventKind;
 use crate::daemon::Agent;
 use crate::layout::{is_our_shim, now, proc_start_ticks, ShimRecord};
 use mig_migrate::archive::LayerScan;
+use mig_migrate::criu::smaps::SmapsCopy;
 use mig_migrate::criu::{Criu, DumpOpts};
 use mig_migrate::imageset::{self, SealInfo, MANIFEST};
 use mig_migrate::protocol::{JournalRecord, JournalState, Outcome, Role, SourceMachine, Timeouts};
@@ -127,6 +128,8 @@ pub(crate) struct SourceSide {
     pub precopy: super::precopy::SourceRounds,
     /// The bytes of the last progress event (what the move sent so far).
     pub progress_bytes: AtomicU64,
+    /// Copies of the frozen processes' `smaps`, made while CRIU starts (`work/smaps`).
+    pub smaps: std::sync::Mutex<Option<mig_migrate::criu::smaps::SmapsCopy>>,
 }
 
 /// The writable layer in two steps: the presync tar's scan, then the delta while frozen
@@ -351,25 +354,26 @@ impl SourceSide {
         let stdio_pipe = mig_migrate::criu::stdout_pipe(init_pid);
         let injected = fault::hit(&self.agent.cfg.state_dir, Point::SourceDump)?;
         let (track_mem, prev_images_dir) = self.precopy.final_dump();
+        let smaps = self.smaps.lock().unwrap_or_else(|p| p.into_inner()).take();
         let t_criu = Instant::now();
         let prep_ms = ms(t_criu - t_prep);
-        let stats = self
-            .pages
-            .dump(
-                &criu,
-                &self.migration_id,
-                DumpOpts {
-                    leave_running: true,
-                    tcp_established: self.tcp_established,
-                    log_file: "dump.log".into(),
-                    // Pre-copy: only what changed since the last round.
-                    track_mem,
-                    prev_images_dir,
-                    ..self.dump_opts(fault::criu_pid(injected, init_pid), &cg, &images)
-                },
-                tunnel,
-            )
-            .map_err(SourceError::Dump)?;
+        let stats = self.pages.dump(
+            &criu,
+            &self.migration_id,
+            DumpOpts {
+                leave_running: true,
+                tcp_established: self.tcp_established,
+                log_file: "dump.log".into(),
+                // Pre-copy: only what changed since the last round.
+                track_mem,
+                prev_images_dir,
+                smaps_dir: smaps.as_ref().map(|c| c.dir().to_owned()),
+                ..self.dump_opts(fault::criu_pid(injected, init_pid), &cg, &images)
+            },
+            tunnel,
+        );
+        drop(smaps);
+        let stats = stats.map_err(SourceError::Dump)?;
         self.precopy
             .set_final(stats.pages_written * super::precopy::PAGE_SIZE);
         // The "before" PID map is what CRIU dumped (the cgroup is frozen again): a read of
@@ -673,6 +677,12 @@ impl SourceHost for Src {
             })?;
             fault::hit(&me.agent.cfg.state_dir, Point::SourceFreeze)?;
             let map = mig_runtime::pidmap::pid_map(&cg.procs().unwrap_or_default());
+            // Read on a thread while the dump starts; the dump reads what is not ready itself.
+            let pids: Vec<i32> = map.iter().map(|e| e.host_pid).collect();
+            match SmapsCopy::start(&me.work.join("smaps"), &pids) {
+                Ok(c) => *me.smaps.lock().unwrap_or_else(|p| p.into_inner()) = Some(c),
+                Err(e) => tracing::debug!(id = %me.id, error = %e, "no copies of smaps: the dump reads them"),
+            }
             *me.frozen_pids.lock().unwrap_or_else(|p| p.into_inner()) = map;
             if let Some(net) = &me.net {
                 // From here the copy on the destination owns the address: nothing may reach
@@ -718,6 +728,7 @@ impl SourceHost for Src {
         self.pages.abandon(&self.migration_id);
         let me = self.clone();
         blocking(move || {
+            drop(me.smaps.lock().unwrap_or_else(|p| p.into_inner()).take());
             if let Some(net) = &me.net {
                 if let Err(e) = mig_runtime::net::set_host_link(net, true) {
                     tracing::warn!(id = %me.id, error = %chain(&e), "cannot bring the container's link up again");
@@ -989,6 +1000,7 @@ impl Agent {
             pages: Default::default(),
             precopy: Default::default(),
             progress_bytes: AtomicU64::new(0),
+            smaps: Default::default(),
         }));
         let conn = transport::connect(&net.endpoint, &net.identity, peer)
             .await

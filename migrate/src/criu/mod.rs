@@ -14,6 +14,7 @@ mod page_server;
 pub mod page_writer;
 mod protobuf;
 pub mod pstree;
+pub mod smaps;
 pub mod stats;
 mod sys;
 pub mod timerfd;
@@ -260,6 +261,9 @@ impl Criu {
         fresh_images_dir(&opts.images_dir)?;
         let mut cmd = Command::new(&self.path);
         cmd.args(opts.args());
+        if let Some(dir) = &opts.smaps_dir {
+            cmd.env(smaps::SMAPS_DIR, dir);
+        }
         if let Some(PageTarget::Socket(fd)) = opts.page_server {
             check_fd(fd)?;
             sys::prepare_child(&mut cmd, Vec::new(), vec![fd]);

@@ -63,6 +63,10 @@ pub struct DumpOpts {
     /// wants it (it becomes the `parent` symlink in `images_dir`): pages unchanged since then
     /// are not written again and the restore reads them through the link.
     pub prev_images_dir: Option<PathBuf>,
+    /// Copies of the frozen tree's `smaps` ([`super::smaps::SmapsCopy`]) that the dump may use
+    /// instead of reading them itself ([`super::smaps::SMAPS_DIR`]); only for a tree the caller
+    /// froze before starting CRIU. Dumps only, never a pre-dump.
+    pub smaps_dir: Option<PathBuf>,
     /// Anything else, passed as given after mig's options (`--tcp-established`, ...).
     pub extra: Vec<String>,
 }
@@ -282,6 +286,7 @@ mod tests {
             log_file: "dump.log".into(),
             track_mem: false,
             prev_images_dir: None,
+            smaps_dir: Some("/var/smaps".into()),
             extra: vec!["--ext-unix-sk".into()],
         };
         let a = strs(o.args()).join(" ");

@@ -232,6 +232,7 @@ impl Criu {
             "page-server",
             |fd| opts.args(fd),
             target_fd(&opts.listen),
+            None,
             &log,
             opts.ready_timeout,
         )
@@ -267,6 +268,7 @@ impl Criu {
                 a
             },
             target_fd(&opts.source),
+            None,
             &log,
             opts.ready_timeout,
         )
@@ -291,6 +293,7 @@ impl Criu {
                 push(&mut a, "--work-dir", work_dir);
                 a
             },
+            None,
             None,
             &log,
             opts.ready_timeout,
@@ -321,6 +324,7 @@ impl Criu {
                 a
             },
             target_fd(serve),
+            opts.smaps_dir.as_deref(),
             &log,
             ready_timeout,
         )?;
@@ -338,6 +342,7 @@ impl Criu {
         op: &'static str,
         args: impl FnOnce(RawFd) -> Vec<OsString>,
         extra_fd: Option<RawFd>,
+        smaps_dir: Option<&Path>,
         log: &Path,
         timeout: Duration,
     ) -> Result<Background, CriuError> {
@@ -354,6 +359,9 @@ impl Criu {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
+        if let Some(dir) = smaps_dir {
+            cmd.env(super::smaps::SMAPS_DIR, dir);
+        }
         sys::prepare_child(&mut cmd, Vec::new(), fds);
         let child = cmd.spawn().map_err(|source| CriuError::Spawn {
             path: self.path().to_owned(),
