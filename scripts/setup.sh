@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs everything mig needs on a Debian 12 machine, as root, idempotently:
 # Debian packages (bookworm only), a Rust toolchain check, CRIU 4.2.1 built from Debian's source with
-# mig's patches (scripts/criu-patches) into /usr/local (kept when the installed one passes `criu check`
-# and has every patch, rebuilt otherwise), and the kernel settings CRIU's lazy pages need. Safe to run
-# again: every step checks before it acts.
+# mig's patches (scripts/criu-patches) into /usr/local (kept when the installed one passes `criu check`,
+# has every patch's marker and its build stamp says it was built from these patches and settings,
+# rebuilt otherwise), and the kernel settings CRIU's lazy pages need. Safe to run again: every step
+# checks before it acts.
 set -euo pipefail
 
 # 4.2 at least: CRIU 4.1 cannot dump TCP or UDP sockets on kernels from 6.16 on
@@ -26,7 +27,14 @@ CRIU_PATCH_MARKERS=(
   criu-nf-ct-skip             # 0005: no walk of the conntrack table for a network namespace without entries
   criu-tmpfs-empty            # 0006: no tar for a tmpfs that is empty as mounted
   criu-action-script-only     # 0007: action scripts run only for the actions the caller lists
+  criu-lazy-no-pipes          # 0008: a lazy dump gives its lazy page buffers no pipes
+  criu-smaps-copy             # 0009: a dump takes smaps from the copy the caller made (CRIU_SMAPS_DIR)
 )
+# Arguments of CRIU's make besides -j (why NO_GNUTLS: at the build below).
+CRIU_MAKE_ARGS=(NO_GNUTLS=1 criu)
+# What $CRIU_BIN was built from (criu_stamp): a marker tells that a patch is in, not which version
+# of it, so a patch changed under the same marker is picked up only through this file.
+CRIU_STAMP=/usr/local/share/mig/criu-build.stamp
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
@@ -72,19 +80,54 @@ criu_patched() {
   done
 }
 
+sha256_of() { sha256sum | cut -d' ' -f1; }
+
+patches=("$CRIU_PATCH_DIR"/*.patch)
+[ -f "${patches[0]}" ] || die "no CRIU patches in $CRIU_PATCH_DIR"
+
+# The build stamp of the CRIU binary $1 built here: the digest of what it is built from (CRIU's
+# version and tarball, the make arguments, each patch's name and content in the order they apply)
+# and the digest of the binary itself, so that a binary replaced by another build (by hand, or by
+# an older setup.sh that wrote no stamp) does not inherit the stamp.
+criu_stamp() {
+  local p inputs
+  inputs=$(
+    printf 'criu %s %s\n' "$CRIU_VERSION" "$CRIU_SHA256"
+    printf 'make %s\n' "${CRIU_MAKE_ARGS[*]}"
+    for p in "${patches[@]}"; do
+      printf 'patch %s %s\n' "$(basename "$p")" "$(sha256_of <"$p")"
+    done
+  )
+  printf 'inputs %s\nbinary %s\n' "$(printf '%s\n' "$inputs" | sha256_of)" "$(sha256_of <"$1")"
+}
+
+# Why $CRIU_BIN must be (re)built; nothing when it can stay.
+criu_stale() {
+  if [ ! -e "$CRIU_BIN" ]; then
+    echo "is missing"
+  elif ! criu_ok "$CRIU_BIN"; then
+    echo "fails 'criu check' or is older than 4.$CRIU_MIN_MINOR"
+  elif ! criu_patched "$CRIU_BIN"; then
+    echo "lacks a patch of $CRIU_PATCH_DIR"
+  elif [ ! -f "$CRIU_STAMP" ]; then
+    echo "has no build stamp ($CRIU_STAMP): what it was built from is unknown"
+  elif [ "$(cat "$CRIU_STAMP")" != "$(criu_stamp "$CRIU_BIN")" ]; then
+    echo "was built from other patches or settings, or replaced since (its stamp $CRIU_STAMP differs)"
+  fi
+}
+
 # mig runs $CRIU_BIN first when it exists (migrate/src/criu, Criu::locate), so that is the binary that
 # must work and carry the patches; the system's CRIU (Debian 12 has 3.17) has none of them.
 have_criu=""
-if criu_ok "$CRIU_BIN" && criu_patched "$CRIU_BIN"; then
+stale=$(criu_stale)
+if [ -z "$stale" ]; then
   have_criu=$CRIU_BIN
-elif [ -e "$CRIU_BIN" ]; then
-  log "$CRIU_BIN fails 'criu check', is older than 4.$CRIU_MIN_MINOR or lacks a patch of $CRIU_PATCH_DIR: rebuilding"
+else
+  log "$CRIU_BIN $stale"
 fi
 
 if [ -z "$have_criu" ]; then
   log "building CRIU $CRIU_VERSION from Debian's source with the patches of $CRIU_PATCH_DIR"
-  patches=("$CRIU_PATCH_DIR"/*.patch)
-  [ -f "${patches[0]}" ] || die "no CRIU patches in $CRIU_PATCH_DIR"
   mkdir -p "$BUILD_DIR"
   cd "$BUILD_DIR"
   if ! echo "$CRIU_SHA256  $CRIU_TARBALL" | sha256sum -c --status 2>/dev/null; then
@@ -118,7 +161,7 @@ SRC
   done
   # Without GnuTLS: it serves only `criu page-server --tls`, which mig never uses (its pages travel
   # over QUIC), and its nine libraries doubled every criu start (4.6 -> 2.5 ms, three starts per move).
-  make -j"$(nproc)" NO_GNUTLS=1 criu >build.log 2>&1 || { tail -n 30 build.log >&2; die "CRIU build failed"; }
+  make -j"$(nproc)" "${CRIU_MAKE_ARGS[@]}" >build.log 2>&1 || { tail -n 30 build.log >&2; die "CRIU build failed"; }
   criu_patched criu/criu || die "the built CRIU lacks a patch marker (${CRIU_PATCH_MARKERS[*]})"
   # Installed under a temporary name and renamed over the old binary once it passes `criu check`:
   # a CRIU that runs meanwhile keeps its file, and no run ever sees a half-written one.
@@ -126,6 +169,11 @@ SRC
   install -D -m 0755 criu/criu "$tmp_bin"
   criu_ok "$tmp_bin" || { rm -f "$tmp_bin"; die "built CRIU fails 'criu check'"; }
   mv -f "$tmp_bin" "$CRIU_BIN"
+  # The stamp last, atomically: a run stopped before it leaves the old stamp or none, and the
+  # binary's digest in it then no longer matches, so the next run builds again.
+  mkdir -p "$(dirname "$CRIU_STAMP")"
+  criu_stamp "$CRIU_BIN" >"$CRIU_STAMP.tmp"
+  mv -f "$CRIU_STAMP.tmp" "$CRIU_STAMP"
   have_criu=$CRIU_BIN
 fi
 log "CRIU: $have_criu ($("$have_criu" --version | head -n1))"
