@@ -245,6 +245,11 @@ fn state_dir_stays_private_with_userns_moves_and_checkpoints() -> Result<()> {
     // Stream (the default) to host-b and back.
     lab::move_and_check(lab, 0, 1, "p", &id)?;
     private(lab, 1, &[(&id, mapped)])?;
+    // The moved output (received with the umask's mode) and the new shim's log are root's alone.
+    let moved = lab.state_dir(1).join("containers").join(&id);
+    for f in ["container.log", "shim.log"] {
+        ensure!(mode(&moved.join(f))?.0 == 0o600, "{f} on host-b");
+    }
     private(lab, 0, &[])?;
     lab::move_and_check(lab, 1, 0, "p", &id)?;
     private(lab, 0, &[(&id, mapped)])?;
