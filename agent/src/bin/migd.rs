@@ -242,7 +242,6 @@ fn raise_pipe_max_size() {
 /// and probes the kernel in every run, about 30 ms): see `mig_migrate::criu::kdat`. Runs before
 /// any other thread of the agent starts CRIU.
 fn prepare_criu_cache() {
-    use mig_migrate::criu::kdat::{self, KdatOutcome};
     let criu = match mig_migrate::criu::Criu::locate() {
         Ok(c) => c,
         Err(e) => {
@@ -250,19 +249,7 @@ fn prepare_criu_cache() {
             return;
         }
     };
-    match kdat::ensure(&criu) {
-        Ok(KdatOutcome::Written { bytes, check_ms }) => tracing::info!(
-            bytes,
-            check_ms,
-            file = %std::path::Path::new(kdat::KDAT_DIR).join(kdat::KDAT_NAME).display(),
-            "criu's kerndat cache written (/run is not a tmpfs)"
-        ),
-        Ok(outcome) => tracing::debug!(?outcome, "criu's kerndat cache"),
-        Err(e) => tracing::warn!(
-            error = %mig_agent::shim::chain(&e),
-            "cannot prepare criu's kerndat cache; every criu run probes the kernel again"
-        ),
-    }
+    mig_agent::migration::criu_kdat(&criu);
 }
 
 async fn shutdown_signal() {

@@ -169,6 +169,7 @@ impl Agent {
             .ok_or_else(|| ApiError::new(ErrorKind::Conflict, "the container's init is gone"))?;
         let criu = Criu::locate().map_err(|e| ApiError::new(ErrorKind::Unavailable, chain(&e)))?;
         let criu_version = criu.version().map_err(|e| internal(chain(&e)))?;
+        crate::migration::criu_kdat(&criu);
         let cg = Cgroup::open(&e.state.cgroup).map_err(|e| internal(chain(&e)))?;
         // Before anything is frozen or the old checkpoint removed.
         let procs = cg.procs().unwrap_or_else(|_| vec![init_pid]);

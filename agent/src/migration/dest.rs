@@ -312,6 +312,9 @@ impl DestSide {
             }
             Err(e) => return Err(refuse(RefuseReason::CriuVersion, chain(&e))),
         }
+        if let Ok(criu) = Criu::locate() {
+            super::criu_kdat(&criu);
+        }
         let kernel = mig_migrate::criu::kernel_release();
         if version_key(&kernel)[..2] < version_key(&p.kernel)[..2] {
             return Err(refuse(

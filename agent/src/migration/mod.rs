@@ -65,6 +65,28 @@ mod hint_tests {
     }
 }
 
+/// Gives `criu` its kerndat cache where `/run` is not a tmpfs, or makes it again when another
+/// CRIU build deleted it or it was made for another binary (`mig_migrate::criu::kdat`);
+/// without it every CRIU run of a move probes the kernel again while the container is down.
+/// Blocking: a few microseconds when the cache is in place, about 100 ms to make it. Called
+/// at the agent's start and before each freeze and restore; failures are logged, never fatal.
+pub fn criu_kdat(criu: &mig_migrate::criu::Criu) {
+    use mig_migrate::criu::kdat::{self, KdatOutcome};
+    match kdat::ensure(criu) {
+        Ok(KdatOutcome::Written { bytes, check_ms }) => tracing::info!(
+            bytes,
+            check_ms,
+            file = %std::path::Path::new(kdat::KDAT_DIR).join(kdat::KDAT_NAME).display(),
+            "criu's kerndat cache written (/run is not a tmpfs)"
+        ),
+        Ok(outcome) => tracing::debug!(?outcome, "criu's kerndat cache"),
+        Err(e) => tracing::warn!(
+            error = %chain(&e),
+            "cannot prepare criu's kerndat cache; every criu run probes the kernel again"
+        ),
+    }
+}
+
 /// The CRIU arguments every dump of mig adds to its options ([`GHOST_LIMIT`]).
 pub(crate) fn dump_extra_args() -> Vec<String> {
     vec!["--ghost-limit".into(), GHOST_LIMIT.into()]

@@ -962,6 +962,10 @@ impl Agent {
         let criu_version = criu
             .version()
             .map_err(|e| api(ErrorKind::Unavailable, chain(&e)))?;
+        {
+            let criu = criu.clone();
+            let _ = tokio::task::spawn_blocking(move || super::criu_kdat(&criu)).await;
+        }
         let cg = Cgroup::open(&e.state.cgroup).map_err(|e| api(ErrorKind::Internal, chain(&e)))?;
         let usage = cg.usage().unwrap_or_default();
         let procs = cg.procs().unwrap_or_default();

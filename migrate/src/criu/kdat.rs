@@ -9,11 +9,18 @@
 //! an earlier boot would be believed.
 //!
 //! [`ensure`] fills the cache on such a host: when `/run` is not a tmpfs and the file is
-//! missing, older than this boot (`btime` in `/proc/stat`) or older than the CRIU binary, it
+//! missing, older than this boot (`btime` in `/proc/stat`), older than the CRIU binary or made
+//! for another binary (the identity next to it, [`KDAT_SOURCE`], differs), it
 //! runs `criu check` in a thread with its own mount namespace that has a tmpfs on `/run` (so
 //! CRIU keeps its cache there), and copies the file into the real `/run` under a temporary
 //! name, renamed over `criu.kdat`. Where `/run` is a tmpfs nothing is done: CRIU manages its
 //! cache itself. docs/criu.md ("Kerndat cache") says what this means for CRIU run by hand.
+//!
+//! A CRIU of another build that finds the file (Debian's `criu` run by podman or by hand, or
+//! `MIG_CRIU` pointing elsewhere) deletes it (criu/kerndat.c, a magic number differs), and every
+//! later run of mig's CRIU probes again, three times per move while the container is down. So
+//! the agent calls [`ensure`] at its start and again before each freeze and each restore, where
+//! it costs two `stat`s and a small read when the cache is in place.
 
 use super::Criu;
 use nix::mount::{mount, MsFlags};
@@ -28,6 +35,9 @@ use std::time::{Duration, Instant, SystemTime};
 pub const KDAT_DIR: &str = "/run";
 /// The cache's file name in [`KDAT_DIR`].
 pub const KDAT_NAME: &str = "criu.kdat";
+/// Next to the cache: which CRIU binary it was made for (device, inode, size, modification
+/// time), written by [`ensure`].
+pub const KDAT_SOURCE: &str = "criu.kdat.mig-source";
 /// The largest cache file accepted from CRIU (4.2's is 912 bytes).
 const MAX_KDAT_BYTES: u64 = 1 << 20;
 
@@ -85,38 +95,69 @@ pub enum KdatError {
 pub enum KdatOutcome {
     /// `/run` is a tmpfs: CRIU keeps its cache itself.
     Tmpfs,
-    /// The cache is from this boot and newer than the CRIU binary.
+    /// The cache is from this boot, newer than the CRIU binary and made for it.
     Fresh,
     /// The cache was (re)written: `bytes` long, `criu check` took `check_ms`.
     Written { bytes: u64, check_ms: u64 },
 }
 
-/// Makes sure `criu` finds a kerndat cache of this boot in [`KDAT_DIR`] (see the module doc).
-/// Blocking (about 100 ms when it runs `criu check`); meant for an agent's start, before
-/// other threads run CRIU.
+/// Makes sure `criu` finds a kerndat cache of this boot, made for this binary, in
+/// [`KDAT_DIR`] (see the module doc). Blocking: a few microseconds when the cache is in place,
+/// about 100 ms when it runs `criu check`, so call it before a container is frozen, not while.
+/// Calls are serialized within the process.
 pub fn ensure(criu: &Criu) -> Result<KdatOutcome, KdatError> {
     ensure_in(criu, Path::new(KDAT_DIR), false)
 }
 
 /// [`ensure`] with the cache directory given, and `force` to rewrite a fresh file.
 pub fn ensure_in(criu: &Criu, dir: &Path, force: bool) -> Result<KdatOutcome, KdatError> {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     if is_tmpfs(dir)? {
         return Ok(KdatOutcome::Tmpfs);
     }
     let file = dir.join(KDAT_NAME);
+    let source = dir.join(KDAT_SOURCE);
     let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    if !force && !needs_refresh(mtime(&file), boot_time()?, mtime(criu.path())) {
+    let identity = binary_identity(criu.path());
+    let made_for = std::fs::read_to_string(&source).ok();
+    if !force
+        && !needs_refresh(mtime(&file), boot_time()?, mtime(criu.path()))
+        && identity.is_some()
+        && made_for == identity
+    {
         return Ok(KdatOutcome::Fresh);
     }
     let start = Instant::now();
     let bytes = probe(criu)?;
     let check_ms = start.elapsed().as_millis() as u64;
     let len = bytes.len() as u64;
-    install(dir, &bytes)?;
+    // The identity goes first: a cache without one is made again, one with a stale one too.
+    let _ = std::fs::remove_file(&source);
+    install(dir, KDAT_NAME, &bytes)?;
+    if let Some(id) = &identity {
+        install(dir, KDAT_SOURCE, id.as_bytes())?;
+    }
     Ok(KdatOutcome::Written {
         bytes: len,
         check_ms,
     })
+}
+
+/// What tells one CRIU binary from another without reading it: device, inode, size and
+/// modification time of the file `path` resolves to.
+fn binary_identity(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(format!(
+        "{} dev {} ino {} size {} mtime {}.{:09}\n",
+        path.display(),
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec()
+    ))
 }
 
 /// Whether `dir` is on a tmpfs.
@@ -219,12 +260,12 @@ fn probe_in_private_run(criu: &Path, dir: &Path) -> Result<Vec<u8>, KdatError> {
     std::fs::read(&file).map_err(|source| KdatError::Read { path: file, source })
 }
 
-/// Writes `bytes` as `dir/criu.kdat`: a temporary file (mode 0600, as CRIU makes it), synced,
+/// Writes `bytes` as `dir/name`: a temporary file (mode 0600, as CRIU makes its cache), synced,
 /// renamed over the old one, so that a CRIU starting meanwhile reads the old file or the new
 /// one, never a part.
-fn install(dir: &Path, bytes: &[u8]) -> Result<(), KdatError> {
-    let tmp = dir.join(format!("{KDAT_NAME}.mig-{}", std::process::id()));
-    let file = dir.join(KDAT_NAME);
+fn install(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), KdatError> {
+    let tmp = dir.join(format!("{name}.mig-{}", std::process::id()));
+    let file = dir.join(name);
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -294,10 +335,27 @@ mod tests {
             KdatOutcome::Fresh
         );
         // Nothing else was left in the directory (no temporary file).
-        let names: Vec<_> = std::fs::read_dir(dir.path())
+        let mut names: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
-            .map(|e| e.unwrap().file_name())
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
-        assert_eq!(names, [KDAT_NAME]);
+        names.sort();
+        assert_eq!(names, [KDAT_NAME, KDAT_SOURCE]);
+        // Made for another binary (another CRIU build, MIG_CRIU elsewhere): made again.
+        std::fs::write(dir.path().join(KDAT_SOURCE), "/usr/sbin/criu dev 1 ino 2\n").unwrap();
+        assert!(matches!(
+            ensure_in(&criu, dir.path(), false).unwrap(),
+            KdatOutcome::Written { .. }
+        ));
+        // Deleted, as another CRIU build does when it finds it: made again.
+        std::fs::remove_file(dir.path().join(KDAT_NAME)).unwrap();
+        assert!(matches!(
+            ensure_in(&criu, dir.path(), false).unwrap(),
+            KdatOutcome::Written { .. }
+        ));
+        assert_eq!(
+            ensure_in(&criu, dir.path(), false).unwrap(),
+            KdatOutcome::Fresh
+        );
     }
 }
