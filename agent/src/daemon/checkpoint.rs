@@ -218,7 +218,6 @@ impl Agent {
             ..Default::default()
         });
         let dump_ms = ms(td.elapsed());
-        drop(smaps);
         let stats = match dumped {
             Ok(s) => s,
             Err(err) => {
@@ -244,6 +243,8 @@ impl Agent {
             let _ = cg.kill();
             let _ = cg.thaw();
         }
+        // After the thaw: a failed dump above returns with it thawed first, too.
+        drop(smaps);
         let manifest = imageset::seal(
             &images,
             SealInfo {

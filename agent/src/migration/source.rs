@@ -728,13 +728,16 @@ impl SourceHost for Src {
         self.pages.abandon(&self.migration_id);
         let me = self.clone();
         blocking(move || {
-            drop(me.smaps.lock().unwrap_or_else(|p| p.into_inner()).take());
+            // Thawed first: the copies of smaps need not be finished to roll back.
+            let smaps = me.smaps.lock().unwrap_or_else(|p| p.into_inner()).take();
             if let Some(net) = &me.net {
                 if let Err(e) = mig_runtime::net::set_host_link(net, true) {
                     tracing::warn!(id = %me.id, error = %chain(&e), "cannot bring the container's link up again");
                 }
             }
-            me.cg()?.thaw().map_err(SourceError::Thaw)?;
+            let thawed = me.cg()?.thaw().map_err(SourceError::Thaw);
+            drop(smaps);
+            thawed?;
             keep_dump_log(&me.work);
             let _ = std::fs::remove_dir_all(&me.work);
             Ok(())
