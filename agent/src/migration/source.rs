@@ -129,7 +129,7 @@ pub(crate) struct SourceSide {
     /// The bytes of the last progress event (what the move sent so far).
     pub progress_bytes: AtomicU64,
     /// Copies of the frozen processes' `smaps`, made while CRIU starts (`work/smaps`).
-    pub smaps: std::sync::Mutex<Option<mig_migrate::criu::smaps::SmapsCopy>>,
+    pub smaps: std::sync::Mutex<Option<SmapsCopy>>,
 }
 
 /// The writable layer in two steps: the presync tar's scan, then the delta while frozen
