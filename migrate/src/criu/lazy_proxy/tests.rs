@@ -464,7 +464,8 @@ fn a_source_that_fails_ends_the_proxy() {
         "{e}"
     );
 
-    // A page the source does not hold (0 pages): CRIU's source stops serving.
+    // A page the source does not hold (0 pages): CRIU's source stops serving. The proxy meets
+    // that on its next read, or on its next request when that write comes first (EPIPE).
     let e = failing(
         |d| d.write_all(&iov(PS_IOV_GET, 1, 0x20_0000, 1)).unwrap(),
         64,
@@ -472,7 +473,9 @@ fn a_source_that_fails_ends_the_proxy() {
     assert!(
         matches!(
             e,
-            LazyProxyError::SourceEof { .. } | LazyProxyError::ReadSource(_)
+            LazyProxyError::SourceEof { .. }
+                | LazyProxyError::ReadSource(_)
+                | LazyProxyError::WriteSource(_)
         ),
         "{e}"
     );
