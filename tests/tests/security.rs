@@ -858,6 +858,23 @@ fn quic_endpoint_refuses_unpinned_and_non_migrations() -> Result<()> {
     );
     untouched(&lab, 1)?;
 
+    // 4b. A source with a newer CRIU than this host's: refused before anything is written,
+    // naming both versions' relation.
+    let mut p = prepare(1 << 20)?;
+    p.criu_version = "99.0.0".into();
+    let mut bytes = hello.clone();
+    bytes.extend(frame(&Message::Prepare(Box::new(p))));
+    let a = run(bytes)?;
+    eprintln!("newer criu: {a:?}");
+    match a.messages.first() {
+        Some(Message::Refused {
+            reason: RefuseReason::CriuVersion,
+            detail,
+        }) if detail.contains("older than the source's 99.0.0") => {}
+        _ => bail!("a source with a newer CRIU was not refused: {a:?}"),
+    }
+    untouched(&lab, 1)?;
+
     // 5. With `--max-incoming-bytes 1M`: a 2 MB Prepare is refused by policy, naming the limit.
     restart_with_limit(&mut lab, 1, "1M")?;
     let mut bytes = hello.clone();

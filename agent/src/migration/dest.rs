@@ -299,22 +299,20 @@ impl DestSide {
                 "the image does not match the spec".into(),
             ));
         }
-        match Criu::locate().and_then(|c| c.version()) {
-            Ok(v) if version_key(&v) >= version_key(&p.criu_version) => {}
-            Ok(v) => {
-                return Err(refuse(
-                    RefuseReason::CriuVersion,
-                    format!(
-                        "criu {v} here is older than the source's {}",
-                        p.criu_version
-                    ),
-                ))
-            }
-            Err(e) => return Err(refuse(RefuseReason::CriuVersion, chain(&e))),
+        let criu = Criu::locate().map_err(|e| refuse(RefuseReason::CriuVersion, chain(&e)))?;
+        let v = criu
+            .version()
+            .map_err(|e| refuse(RefuseReason::CriuVersion, chain(&e)))?;
+        if version_key(&v) < version_key(&p.criu_version) {
+            return Err(refuse(
+                RefuseReason::CriuVersion,
+                format!(
+                    "criu {v} here is older than the source's {}",
+                    p.criu_version
+                ),
+            ));
         }
-        if let Ok(criu) = Criu::locate() {
-            super::criu_kdat(&criu);
-        }
+        super::criu_kdat(&criu);
         let kernel = mig_migrate::criu::kernel_release();
         if version_key(&kernel)[..2] < version_key(&p.kernel)[..2] {
             return Err(refuse(
