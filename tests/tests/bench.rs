@@ -114,6 +114,8 @@ fn bench_move_tiny_run_writes_csv_json_and_svg() -> Result<()> {
         "presync_bytes",
         "pages_reused",
         "pages_sent_frozen",
+        "fixed_cost_ms",
+        "fixed_cost_source",
     ] {
         ensure!(header.contains(&col), "csv has no column {col}: {header:?}");
     }
@@ -139,6 +141,17 @@ fn bench_move_tiny_run_writes_csv_json_and_svg() -> Result<()> {
         "{:?}",
         rows[0]
     );
+    // Each prediction names its fixed cost: the first move of a mode to a peer has none
+    // measured yet.
+    for r in &rows[..2] {
+        ensure!(
+            r[col("fixed_cost_source")] == "default"
+                && r[col("fixed_cost_ms")]
+                    .parse::<u64>()
+                    .is_ok_and(|ms| ms > 0),
+            "{r:?}"
+        );
+    }
     // Stream mode presynced the workload's memory (16 MiB and more) and the dump reused it.
     let n = |r: &[&str], c: &str| r[col(c)].parse::<u64>().unwrap_or(0);
     ensure!(

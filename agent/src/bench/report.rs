@@ -77,10 +77,14 @@ pub struct Row {
     pub presync_bytes: Option<u64>,
     pub pages_reused: Option<u64>,
     pub pages_sent_frozen: Option<u64>,
+    /// The fixed part of the prediction (`fixed_cost` of `mig move --json`): its ms, and
+    /// `measured` (learned from the agent's last moves of the mode to the peer) or `default`.
+    pub fixed_cost_ms: Option<u64>,
+    pub fixed_cost_source: Option<String>,
 }
 
 /// CSV header; [`Row::csv`] writes the same columns.
-pub const CSV_HEADER: &str = "size_mib,kind,mode,run,status,downtime_ms,total_ms,freeze_ms,dump_ms,transfer_ms,restore_ms,bytes,transfer_mbs,verified,pids_kept,note,page_bytes,postcopy_ms,criu_dump_ms,seal_ms,predicted_downtime_ms,throughput_source,throughput_mib_s,presync_ms,presync_bytes,pages_reused,pages_sent_frozen";
+pub const CSV_HEADER: &str = "size_mib,kind,mode,run,status,downtime_ms,total_ms,freeze_ms,dump_ms,transfer_ms,restore_ms,bytes,transfer_mbs,verified,pids_kept,note,page_bytes,postcopy_ms,criu_dump_ms,seal_ms,predicted_downtime_ms,throughput_source,throughput_mib_s,presync_ms,presync_bytes,pages_reused,pages_sent_frozen,fixed_cost_ms,fixed_cost_source";
 
 fn opt<T: ToString>(v: Option<T>) -> String {
     v.map(|v| v.to_string()).unwrap_or_default()
@@ -128,6 +132,8 @@ impl Row {
             presync_bytes: None,
             pages_reused: None,
             pages_sent_frozen: None,
+            fixed_cost_ms: None,
+            fixed_cost_source: None,
         }
     }
 
@@ -163,6 +169,10 @@ impl Row {
             self.presync_bytes = n("bytes");
             self.pages_reused = n("pages_reused");
             self.pages_sent_frozen = n("pages_sent_frozen");
+        }
+        if let Some(f) = v.get("fixed_cost").filter(|f| f.is_object()) {
+            self.fixed_cost_ms = f.get("ms").and_then(Value::as_u64);
+            self.fixed_cost_source = f.get("source").and_then(Value::as_str).map(str::to_owned);
         }
         let asked = self.mode.strip_suffix("-nopresync").unwrap_or(&self.mode);
         // The time pages cross the link: the transfer phase for cold mode, the memory presync
@@ -219,6 +229,8 @@ impl Row {
             opt(self.presync_bytes),
             opt(self.pages_reused),
             opt(self.pages_sent_frozen),
+            opt(self.fixed_cost_ms),
+            opt(self.fixed_cost_source.as_deref().map(csv_quote)),
         ]
         .join(",")
     }
@@ -491,9 +503,9 @@ mod tests {
         let line = r.csv();
         assert_eq!(
             line,
-            "16,mig,cold,1,ok,300,500,5,100,50,140,50000000,1000.0,true,,\"a, \"\"b\"\"\",,,,,,,,,,,"
+            "16,mig,cold,1,ok,300,500,5,100,50,140,50000000,1000.0,true,,\"a, \"\"b\"\"\",,,,,,,,,,,,,"
         );
-        assert_eq!(CSV_HEADER.split(',').count(), 27);
+        assert_eq!(CSV_HEADER.split(',').count(), 29);
     }
 
     #[test]
@@ -506,7 +518,7 @@ mod tests {
         }));
         assert_eq!(r.transfer_mbs, Some(100.0));
         assert!(
-            r.csv().ends_with(",50000000,500,90,5,,,,,,,"),
+            r.csv().ends_with(",50000000,500,90,5,,,,,,,,,"),
             "{}",
             r.csv()
         );
@@ -518,14 +530,20 @@ mod tests {
         let mut r = Row::new(64, "mig", "stream", 2);
         r.fill_from_move(&serde_json::json!({
             "downtime_ms": 900, "predicted_downtime_ms": 612, "throughput_bytes_s": 400u64 << 20,
-            "throughput_source": "probe", "probe": {"bytes": 1, "ms": 2}, "mode": "stream"
+            "throughput_source": "probe", "probe": {"bytes": 1, "ms": 2}, "mode": "stream",
+            "fixed_cost": {"ms": 140, "source": "measured", "moves": 3}
         }));
         assert_eq!(r.predicted_downtime_ms, Some(612));
-        assert!(r.csv().ends_with(",612,probe,400,,,,"), "{}", r.csv());
+        assert!(
+            r.csv().ends_with(",612,probe,400,,,,,140,measured"),
+            "{}",
+            r.csv()
+        );
         assert_eq!(r.csv().split(',').count(), CSV_HEADER.split(',').count());
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["predicted_downtime_ms"], 612);
         assert_eq!(json["throughput_source"], "probe");
+        assert_eq!(json["fixed_cost_source"], "measured");
         assert!(r
             .progress_line()
             .contains("predicted 612 ms (link 400 MiB/s, probe)"));
@@ -541,7 +559,7 @@ mod tests {
                 "pages_reused": 65_000, "pages_sent_frozen": 5, "error": null}
         }));
         assert_eq!(r.transfer_mbs, Some(670.0));
-        assert!(r.csv().ends_with(",400,268000000,65000,5"), "{}", r.csv());
+        assert!(r.csv().ends_with(",400,268000000,65000,5,,"), "{}", r.csv());
         assert_eq!(r.note, "");
         // Without: the bench's own mode name, the agent's mode, the pages while frozen.
         let mut r = Row::new(256, "mig", "stream-nopresync", 1);
