@@ -459,8 +459,9 @@ impl BenchReport {
             }
         }
         s.push_str(
-            "DOWNTIME, TOTAL, DUMP, TRANSFER: medians of the runs that completed; MB/S: bytes sent over \
-             the transfer time (stream: dump + transfer; lazy: page bytes over the post-copy); /RUNC: downtime over runc's for the same size; /COLD: over cold mode's; \
+            "DOWNTIME, TOTAL, DUMP, TRANSFER: medians of the runs that completed; MB/S: the page bytes \
+             over the time they crossed the link (cold: the transfer; stream: the memory presync, \
+             or dump + transfer without one; lazy: the post-copy); /RUNC: downtime over runc's for the same size; /COLD: over cold mode's; \
              /TCP: MB/S over the raw TCP throughput of the same link\n",
         );
         s
