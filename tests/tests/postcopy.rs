@@ -239,3 +239,103 @@ fn memory_the_process_cannot_read_moves_intact() -> Result<()> {
     let _ = lab.mig(0, &["rm", "-f", id]);
     Ok(())
 }
+
+/// The highest `p` of `mig-memload`'s `OK <n> passes <p>` lines (complete verification passes).
+fn memload_passes(log: &str) -> u64 {
+    log.lines()
+        .filter_map(|l| {
+            l.strip_prefix("OK ")?
+                .split_whitespace()
+                .nth(2)?
+                .parse()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// Bytes the kernel says are available (`MemAvailable`), 0 when unknown.
+fn mem_available() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb << 10)
+}
+
+/// A lazy move of a process whose memory is one mapping of more than 2 GiB: CRIU's lazy-pages
+/// daemon sizes its buffer by the longest run of lazy pages, in an `int`, so the patched lazy
+/// dump must hand out runs no longer than a pipe held (docs/criu.md, "Patches", 0008). Every
+/// page must arrive: the workload verifies all of its memory after the move.
+#[test]
+fn a_lazy_move_of_a_mapping_over_2_gib_keeps_every_page() -> Result<()> {
+    if !mig_tests::is_root("migration tests") {
+        return Ok(());
+    }
+    // The workload lives on both hosts for a while, and the destination's images hold it too.
+    let need: u64 = 8 << 30;
+    if mem_available() < need {
+        eprintln!(
+            "skipped: {} MiB of memory available, this test needs {} MiB",
+            mem_available() >> 20,
+            need >> 20
+        );
+        return Ok(());
+    }
+    let lab = Lab::up("pcbig", 73)?;
+    let memload = mig_tests::static_binary("mig-memload", "mig-memload", "MIG_MEMLOAD")?;
+    let tmp = tempfile::tempdir()?;
+    let rootfs = mig_tests::busybox_rootfs(tmp.path())?;
+    std::fs::copy(&memload, rootfs.join("bin/mig-memload"))?;
+    let image = rootfs.to_str().context("rootfs path")?;
+    for host in 0..2 {
+        lab.mig_ok(host, &["image", "import", "--name", "memload", image])?;
+    }
+    // 2304 MiB in one allocation (one anonymous mapping), a third of it verified each second.
+    let id = lab.mig_ok(
+        0,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "big",
+            "memload",
+            "--",
+            "/bin/mig-memload",
+            "--mib",
+            "2304",
+            "--verify-mib",
+            "768",
+        ],
+    )?;
+    let id = id.trim().to_owned();
+    let result = (|| -> Result<()> {
+        memload_continues(&lab, 0, "big", 0)?;
+        let peer = lab.hosts[1].name.clone();
+        let r = lab.mig_json(0, &["move", "big", &peer, "--json", "--mode", "lazy"])?;
+        eprintln!("lazy move of 2304 MiB: {r}");
+        if r["mode"] != "lazy" || !r["postcopy_ms"].is_u64() || !r["postcopy_error"].is_null() {
+            bail!("the post-copy was not reported as complete: {r}");
+        }
+        if r["page_bytes"].as_u64().unwrap_or(0) < 2 << 30 {
+            bail!("fewer than 2 GiB of pages came after the resume: {r}");
+        }
+        // The move returns when the last page arrived: two more complete passes over the whole
+        // buffer from then on (one of them wholly after it), none of them BAD.
+        let mut last = lab.mig(1, &["logs", "big"]).stdout;
+        let at_return = memload_passes(&last);
+        let ok = wait_until(Duration::from_secs(120), || {
+            last = lab.mig(1, &["logs", "big"]).stdout;
+            last.contains("BAD") || memload_passes(&last) >= at_return + 2
+        });
+        if !ok || last.contains("BAD") {
+            bail!("mig-memload on host-b did not verify its memory twice after the move: {last}");
+        }
+        Ok(())
+    })();
+    for host in 0..2 {
+        let _ = lab.mig(host, &["rm", "-f", &id]);
+    }
+    result
+}
