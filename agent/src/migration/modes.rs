@@ -301,8 +301,10 @@ const RESTORE_RATE: u64 = 1 << 30;
 const TUNNEL_SHARE: (u64, u64) = (2, 3);
 /// Stream mode after a memory presync: the dump still streams every page to this agent, which
 /// digests each one to find the few that changed, bytes/s. About 3.3 GiB/s in the runs of
-/// 2026-12-03 08:11 UTC (256 MiB: 79 ms, 1 GiB: 299 ms past the fixed part of the dump).
-const PRESYNC_SCAN_RATE: u64 = 2 << 30;
+/// 2026-12-03 08:11 UTC (256 MiB: 79 ms, 1 GiB: 299 ms past the fixed part of the dump), 3.7
+/// GiB/s in session 15's bench (21:37 UTC: dumps of 58 to 60 ms at 64 MiB, 298 to 324 ms at
+/// 1 GiB). 2 GiB/s made the prediction of a 1 GiB move 1.8x the downtime measured.
+const PRESYNC_SCAN_RATE: u64 = 3 << 30;
 
 fn ms_for(bytes: u64, rate: u64) -> u64 {
     bytes.saturating_mul(1000) / rate.max(1)
@@ -548,11 +550,11 @@ mod tests {
             ..pf(mem)
         };
         let gib = 1 << 30;
-        // 1 GiB: 250 ms fixed, 500 ms to digest it, and the 320 MiB that 32 MiB/s dirtied in
+        // 1 GiB: 250 ms fixed, 333 ms to digest it, and the 320 MiB that 32 MiB/s dirtied in
         // the 10 s the presync takes at 100 MiB/s of pages, sent while frozen.
         let p = with(gib).predict(MoveMode::Stream);
         assert!(p < pf(gib).predict(MoveMode::Stream) / 2, "{p}");
-        assert!((750..=4500).contains(&p), "{p}");
+        assert!((580..=4500).contains(&p), "{p}");
         assert!(with(64 << 20).predict(MoveMode::Stream) < p);
         // Only stream mode has one.
         assert_eq!(
