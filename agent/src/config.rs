@@ -202,10 +202,27 @@ pub struct Effective {
 impl ConfigFile {
     /// Parses `text` (the contents of `path`, named in errors) and checks its values.
     pub fn parse(path: &Path, text: &str) -> Result<ConfigFile, ConfigError> {
-        let file: ConfigFile = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            line: e.span().map_or(1, |s| line_of(text, s.start)),
-            message: e.message().trim_end().to_owned(),
+        let file: ConfigFile = toml::from_str(text).map_err(|e| {
+            let line = e.span().map_or(1, |s| line_of(text, s.start));
+            // The parser's message names neither key nor value for a value it cannot convert
+            // ("invalid socket address syntax"), and may span lines: one line, with the
+            // file's line (key and value) in front when it is an assignment.
+            let message = e
+                .message()
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join("; ");
+            let message = match text.lines().nth(line - 1).map(str::trim) {
+                Some(l) if l.contains('=') && l.len() <= 200 => format!("{l}: {message}"),
+                _ => message,
+            };
+            ConfigError::Parse {
+                path: path.to_owned(),
+                line,
+                message,
+            }
         })?;
         file.validate(path)?;
         Ok(file)
@@ -342,6 +359,9 @@ impl ConfigFile {
         if let Some(b) = flags.max_incoming_bytes {
             self.limits.max_incoming_bytes = Some(ByteSize(b));
         }
+        self.limits
+            .max_incoming_bytes
+            .get_or_insert(ByteSize(crate::daemon::DEFAULT_MAX_INCOMING_BYTES));
         Ok(Effective {
             cgroup_parent: flag_file
                 .cgroup_parent
@@ -368,8 +388,20 @@ impl ConfigFile {
 
 impl Effective {
     /// The configuration as TOML (what `migd --check-config` prints).
+    /// Settings left unset, which TOML cannot show, follow as comments saying what that means.
     pub fn to_toml(&self) -> String {
-        toml::to_string(self).unwrap_or_else(|e| format!("# cannot print the configuration: {e}\n"))
+        let mut s = toml::to_string(self)
+            .unwrap_or_else(|e| format!("# cannot print the configuration: {e}\n"));
+        let unset = [
+            (self.listen.is_none(), "listen: not set (no QUIC endpoint: peers cannot move containers here, remote clients cannot connect; outgoing moves work)"),
+            (self.metrics.is_none(), "metrics: not set (no metrics endpoint)"),
+            (self.limits.max_incoming_moves.is_none(), "limits.max_incoming_moves: not set (no limit)"),
+            (self.limits.max_outgoing_moves.is_none(), "limits.max_outgoing_moves: not set (no limit)"),
+        ];
+        for (_, what) in unset.iter().filter(|(u, _)| *u) {
+            s.push_str(&format!("# {what}\n"));
+        }
+        s
     }
 
     /// Pins the configured peers in `<state-dir>/peers.json`: adds the missing ones and replaces
@@ -493,6 +525,17 @@ fingerprint = "{FP}"
         assert_eq!(e.state_dir, Path::new(DEFAULT_STATE_DIR));
         assert_eq!(e.listen, None);
         assert_eq!(e.log_format, LogFormat::Text);
+        // What --check-config prints: the defaults in force, and what is unset said so.
+        let t = e.to_toml();
+        assert!(t.contains("max_incoming_bytes = 68719476736"), "{t}");
+        assert!(
+            t.contains("# listen: not set") && t.contains("# metrics: not set"),
+            "{t}"
+        );
+        assert!(
+            t.contains("# limits.max_outgoing_moves: not set (no limit)"),
+            "{t}"
+        );
     }
 
     #[test]
@@ -515,6 +558,13 @@ fingerprint = "{FP}"
     fn bad_values_are_refused() {
         let e = parse("listen = \"nowhere\"\n").unwrap_err();
         assert!(matches!(e, ConfigError::Parse { line: 1, .. }), "{e}");
+        // The key and the value are named, on one line.
+        assert!(e.to_string().contains("listen = \"nowhere\": "), "{e}");
+        let e = parse("name = x\n").unwrap_err();
+        assert!(
+            !e.to_string().contains('\n') && e.to_string().contains("name = x"),
+            "{e}"
+        );
         let e = parse("\nlog_format = \"xml\"\n").unwrap_err();
         assert!(e.to_string().contains("line 2"), "{e}");
         let e = parse("[limits]\nmax_incoming_bytes = \"lots\"\n").unwrap_err();
