@@ -73,9 +73,12 @@ pub fn main() -> ExitCode {
         .try_get_matches()
         .and_then(|m| Cli::from_arg_matches(&m).map(|cli| (cli, m)))
     {
-        Ok((cli, m)) => match super::misplaced_client_option(&m) {
+        Ok((mut cli, m)) => match super::misplaced_client_option(&m) {
             Some(e) => return fail(&e.into()),
-            None => cli,
+            None => {
+                super::prefer_command_line(&mut cli, &m);
+                cli
+            }
         },
         Err(e) => return usage_error(e),
     };
@@ -207,7 +210,8 @@ fn fail(e: &CliError) -> ExitCode {
 }
 
 /// Which socket to talk to: `--socket`/`MIG_SOCKET`, else the lab host `--host`/`MIG_HOST`, else
-/// the default socket.
+/// the default socket (the variables of options not given on the command line were dropped by
+/// [`super::prefer_command_line`]).
 pub fn socket_path(socket: Option<&Path>, host: Option<&str>) -> Result<PathBuf, CliError> {
     if let Some(s) = socket {
         return Ok(s.to_owned());

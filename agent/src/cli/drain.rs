@@ -3,7 +3,7 @@
 //! reports each result. The host is empty afterwards unless some move failed: those containers
 //! keep running where they were (a failed move rolls back) and the exit code is 125.
 
-use super::commands::{json, out, socket_path, CliError};
+use super::commands::{connect, json, out, socket_path, CliError};
 use super::Cli;
 use crate::client::Client;
 use clap::Args;
@@ -24,8 +24,11 @@ pub struct DrainArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
-    /// The host to drain: a lab host name (like --host); default: the agent of --socket/--host.
-    pub host: Option<String>,
+    /// The host to drain: a lab host name, looked up as --host is. Given, it wins over
+    /// --socket, --host and --remote (and their variables); without it the host drained is the
+    /// agent those choose, as for every command.
+    #[arg(id = "drain_host", value_name = "HOST")]
+    pub target: Option<String>,
 }
 
 /// One container's outcome.
@@ -53,11 +56,13 @@ pub struct DrainReport {
 }
 
 pub(super) async fn drain(cli: &Cli, a: &DrainArgs) -> Result<u8, CliError> {
-    let path = match &a.host {
-        Some(h) => socket_path(None, Some(h))?,
-        None => socket_path(cli.socket.as_deref(), cli.host.as_deref())?,
+    // The positional HOST has its own clap id: as `host` it shared the global --host's, so
+    // MIG_HOST filled it (drain emptied MIG_HOST's host whatever --socket said) and `mig drain
+    // --host X` was refused.
+    let mut c = match &a.target {
+        Some(h) => Client::connect(&socket_path(None, Some(h))?).await?,
+        None => connect(cli).await?,
     };
-    let mut c = Client::connect(&path).await?;
     let mut peers: Vec<String> = c.peer_list().await?.into_iter().map(|p| p.name).collect();
     if !a.to.is_empty() {
         if let Some(missing) = a.to.iter().find(|t| !peers.contains(t)) {

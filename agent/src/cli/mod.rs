@@ -29,7 +29,9 @@ pub const EXIT_MIG_ERROR: u8 = 125;
 #[derive(Debug, Parser)]
 #[command(name = "mig", version, about, propagate_version = true)]
 pub struct Cli {
-    /// The agent's API socket.
+    /// The agent's API socket. The agent is chosen by --remote, else --socket, else --host,
+    /// else /run/mig/migd.sock; an option on the command line wins over the variables of the
+    /// others (MIG_SOCKET does not override --host).
     #[arg(long, env = "MIG_SOCKET", global = true, value_name = "PATH")]
     pub socket: Option<PathBuf>,
     /// Talk to the agent of this lab host (looked up in /run/mig/lab.json, or the lab file of the
@@ -121,6 +123,30 @@ pub fn misplaced_client_option(matches: &ArgMatches) -> Option<MisplacedOption> 
         command,
         why,
     })
+}
+
+/// The options that choose the agent, in the order they win among themselves when given the
+/// same way (all on the command line, or all from the environment).
+const AGENT_CHOICE: [&str; 3] = ["remote", "socket", "host"];
+
+/// Command line over environment: when one of [`AGENT_CHOICE`] is on the command line, those
+/// that came only from their variables are dropped, so `MIG_SOCKET=a.sock mig --host host-b ps`
+/// talks to host-b (the exported MIG_SOCKET silently won) and `MIG_HOST=host-a mig --socket
+/// b.sock drain` drains b.sock's host. `matches` are [`command`]'s, `cli` was made from them.
+pub fn prefer_command_line(cli: &mut Cli, matches: &ArgMatches) {
+    let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
+    if !AGENT_CHOICE.into_iter().any(given) {
+        return;
+    }
+    if !given("remote") {
+        cli.remote = None;
+    }
+    if !given("socket") {
+        cli.socket = None;
+    }
+    if !given("host") {
+        cli.host = None;
+    }
 }
 
 #[derive(Debug, Subcommand)]
