@@ -30,6 +30,7 @@ CRIU_PATCH_MARKERS=(
   criu-lazy-no-pipes          # 0008: a lazy dump gives its lazy page buffers no pipes
   criu-smaps-copy             # 0009: a dump takes smaps from the copy the caller made (CRIU_SMAPS_DIR)
   criu-syscall-page-copy      # 0010: the page compel writes its syscall stub into is sent as a copy
+  criu-lazy-close-required    # 0011: a lazy page server session that ends without a close fails
 )
 # Arguments of CRIU's make besides -j (why NO_GNUTLS: at the build below).
 CRIU_MAKE_ARGS=(NO_GNUTLS=1 criu)

@@ -180,6 +180,19 @@ fn memload_count(log: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Imports a busybox image holding the static `mig-memload` as `memload` on both lab hosts.
+fn memload_image(lab: &Lab) -> Result<()> {
+    let memload = mig_tests::static_binary("mig-memload", "mig-memload", "MIG_MEMLOAD")?;
+    let tmp = tempfile::tempdir()?;
+    let rootfs = mig_tests::busybox_rootfs(tmp.path())?;
+    std::fs::copy(&memload, rootfs.join("bin/mig-memload"))?;
+    let image = rootfs.to_str().context("rootfs path")?;
+    for host in 0..2 {
+        lab.mig_ok(host, &["image", "import", "--name", "memload", image])?;
+    }
+    Ok(())
+}
+
 /// Waits until `mig-memload` on `host` verified a few more ticks past `after`, none `BAD`.
 fn memload_continues(lab: &Lab, host: usize, name: &str, after: u64) -> Result<u64> {
     let mut last = String::new();
@@ -199,14 +212,7 @@ fn memory_the_process_cannot_read_moves_intact() -> Result<()> {
         return Ok(());
     }
     let lab = Lab::up("pcguard", 72)?;
-    let memload = mig_tests::static_binary("mig-memload", "mig-memload", "MIG_MEMLOAD")?;
-    let tmp = tempfile::tempdir()?;
-    let rootfs = mig_tests::busybox_rootfs(tmp.path())?;
-    std::fs::copy(&memload, rootfs.join("bin/mig-memload"))?;
-    let image = rootfs.to_str().context("rootfs path")?;
-    for host in 0..2 {
-        lab.mig_ok(host, &["image", "import", "--name", "memload", image])?;
-    }
+    memload_image(&lab)?;
     // 8 MiB it reads and writes, 4 MiB it keeps PROT_NONE between its checks (five a second).
     let id = lab.mig_ok(
         0,
@@ -284,14 +290,7 @@ fn a_lazy_move_of_a_mapping_over_2_gib_keeps_every_page() -> Result<()> {
         return Ok(());
     }
     let lab = Lab::up("pcbig", 73)?;
-    let memload = mig_tests::static_binary("mig-memload", "mig-memload", "MIG_MEMLOAD")?;
-    let tmp = tempfile::tempdir()?;
-    let rootfs = mig_tests::busybox_rootfs(tmp.path())?;
-    std::fs::copy(&memload, rootfs.join("bin/mig-memload"))?;
-    let image = rootfs.to_str().context("rootfs path")?;
-    for host in 0..2 {
-        lab.mig_ok(host, &["image", "import", "--name", "memload", image])?;
-    }
+    memload_image(&lab)?;
     // 2304 MiB in one allocation (one anonymous mapping), a third of it verified each second.
     let id = lab.mig_ok(
         0,
@@ -338,4 +337,73 @@ fn a_lazy_move_of_a_mapping_over_2_gib_keeps_every_page() -> Result<()> {
         let _ = lab.mig(host, &["rm", "-f", &id]);
     }
     result
+}
+
+/// The source's agent dies in the middle of a post-copy: the destination's lazy-pages daemon
+/// can no longer fetch the missing pages. When it gives up, the kernel maps zero pages where
+/// they were missing, so the container must be stopped before that and killed, never run on
+/// them (`PostcopyGuard` in agent/src/migration/pages.rs). `mig-memload` checks a part of its
+/// memory 20 times a second and prints `BAD` on the first wrong word.
+#[test]
+fn a_post_copy_that_loses_its_source_never_runs_on_missing_memory() -> Result<()> {
+    if !mig_tests::is_root("migration tests") {
+        return Ok(());
+    }
+    let lab = Lab::up("pcnozero", 74)?;
+    memload_image(&lab)?;
+    let id = lab.mig_ok(
+        0,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "nozero",
+            "memload",
+            "--",
+            "/bin/mig-memload",
+            "--mib",
+            "768",
+            "--verify-mib",
+            "16",
+            "--interval-ms",
+            "50",
+        ],
+    )?;
+    let id = id.trim().to_owned();
+    memload_continues(&lab, 0, "nozero", 0)?;
+    let killed = std::thread::scope(|s| -> Result<bool> {
+        let mover =
+            s.spawn(|| lab.mig(0, &["move", "nozero", "host-b", "--json", "--mode", "lazy"]));
+        // The container resumes on host-b while most of its pages are still on host-a.
+        let resumed = wait_until(Duration::from_secs(120), || {
+            mover.is_finished() || inspect(&lab, 1, "nozero")["state"] == "running"
+        });
+        let killed = resumed && !mover.is_finished() && lab.kill_agent(0).is_ok();
+        let _ = mover.join();
+        Ok(killed)
+    })?;
+    if !killed {
+        bail!("the post-copy ended before the source's agent could be killed (no window to test)");
+    }
+    let mut last = Value::Null;
+    // Frozen first (the guard), then killed once the daemon gave up.
+    let ended = wait_until(Duration::from_secs(120), || {
+        last = inspect(&lab, 1, "nozero");
+        !matches!(last["state"].as_str(), Some("running" | "frozen"))
+    });
+    let log = lab.mig(1, &["logs", "nozero"]).stdout;
+    let _ = lab.mig(1, &["rm", "-f", &id]);
+    if !ended || !last.to_string().contains("post-copy failed") {
+        bail!("the destination did not stop and report the container: {last}");
+    }
+    if let Some(bad) = log.lines().find(|l| l.starts_with("BAD")) {
+        bail!("the container ran on missing memory before it was killed: {bad}");
+    }
+    eprintln!(
+        "source lost: the destination says {} ({}), no wrong memory read after {} ticks",
+        last["state"],
+        last["reason"],
+        memload_count(&log)
+    );
+    Ok(())
 }

@@ -529,7 +529,8 @@ impl DestSide {
                 .get()
                 .cloned()
                 .ok_or(DestError::Pages(super::pages::PagesError::NoConnection))?;
-            super::pages::start_lazy_daemon(conn, id, cd.checkpoint(), &cd.dir)
+            let cgroup = format!("{}/{}", self.agent.cfg.cgroup_parent, spec.id);
+            super::pages::start_lazy_daemon(conn, id, cd.checkpoint(), &cd.dir, cgroup)
                 .await
                 .map_err(DestError::Pages)?;
         }

@@ -109,11 +109,75 @@ struct Job {
     /// starts its prefetch once the container runs.
     lazy_proxy: Option<ProxyThread>,
     prefetch_gate: Option<lazy_proxy::PrefetchGate>,
+    /// Destination, lazy: stops the container when the source's pages end first.
+    guard: Option<Arc<PostcopyGuard>>,
     tunnel: Option<Tunnel>,
     /// Destination, stream: where the dump's images go, and the memory presync's pages once
     /// they all arrived (for a deduplicated page stream, `Service::PageServerDedup`).
     images_dir: Option<PathBuf>,
     presync: Option<Arc<Mutex<Option<Arc<PresyncImages>>>>>,
+}
+
+/// How long the guard waits for a container's cgroup to be frozen before it kills it instead.
+const GUARD_FREEZE: Duration = Duration::from_secs(2);
+
+/// Destination, post-copy: when the source's page stream ends (the source's agent or its
+/// dump died, the link went) before the lazy-pages daemon closed its session, the daemon
+/// cannot fetch the missing pages and exits, closing the restored tasks' userfaultfds, and the
+/// kernel then maps zero pages where their memory was missing: the container would run on
+/// with wrong memory until the daemon's exit is noticed. The guard freezes the container's
+/// cgroup first, from the tunnel ([`Tunnel::socketpair_guarded`]), before the daemon hears of
+/// the end; [`watch_lazy_daemon`] then kills it (the daemon failed) or thaws it (the daemon
+/// had every page: the stream ended in the moment after it closed its session).
+#[derive(Debug)]
+pub(crate) struct PostcopyGuard {
+    cgroup: String,
+    state: Mutex<GuardState>,
+}
+
+#[derive(Debug, Default)]
+struct GuardState {
+    daemon_ended: bool,
+    frozen: bool,
+}
+
+impl PostcopyGuard {
+    pub(crate) fn new(cgroup: String) -> PostcopyGuard {
+        PostcopyGuard {
+            cgroup,
+            state: Mutex::new(GuardState::default()),
+        }
+    }
+
+    /// The source's side ended first: stop the container (blocking, at most [`GUARD_FREEZE`]).
+    fn source_ended(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.daemon_ended || st.frozen {
+            return;
+        }
+        let Ok(cg) = mig_runtime::cgroup::Cgroup::open(&self.cgroup) else {
+            return;
+        };
+        st.frozen = true;
+        match cg.freeze(GUARD_FREEZE) {
+            Ok(()) => {
+                tracing::warn!(cgroup = %self.cgroup, "post-copy: the source's pages ended before the lazy-pages daemon closed its session; the container is frozen until the daemon says whether it has every page")
+            }
+            Err(e) => {
+                // It must not run on zero pages: kill it rather than wait.
+                tracing::error!(cgroup = %self.cgroup, error = %super::chain(&e), "post-copy: the source's pages ended and the container could not be frozen; it is killed");
+                let _ = cg.kill();
+                let _ = cg.thaw();
+            }
+        }
+    }
+
+    /// The daemon ended: whether the guard froze the container.
+    fn daemon_ended(&self) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.daemon_ended = true;
+        st.frozen
+    }
 }
 
 /// The thread running a prefetching proxy, and its outcome.
@@ -359,18 +423,23 @@ fn lazy_prefetch() -> bool {
 /// whose other end is a tunnel stream on the migration connection ([`Tunnel::socketpair`]).
 /// With the prefetching proxy ([`lazy_prefetch`]): daemon <-> socketpair <-> proxy <-> tunnel;
 /// the proxy knows the lazy ranges from the placed pagemap images.
+/// `cgroup` is the container's: [`PostcopyGuard`] stops it if the source's pages end first.
 pub(crate) async fn start_lazy_daemon(
     conn: quinn::Connection,
     migration_id: &str,
     checkpoint: PathBuf,
     container_dir: &Path,
+    cgroup: String,
 ) -> Result<(), PagesError> {
-    let tunnel = Tunnel::socketpair(
+    let guard = Arc::new(PostcopyGuard::new(cgroup));
+    let hook_guard = guard.clone();
+    let tunnel = Tunnel::socketpair_guarded(
         conn,
         TunnelHeader {
             migration_id: migration_id.to_owned(),
             service: Service::LazyPages,
         },
+        Box::new(move || hook_guard.source_ended()),
     )
     .map_err(PagesError::Tunnel)?;
     let client = tunnel.take_client().ok_or(PagesError::NoConnection)?;
@@ -429,6 +498,7 @@ pub(crate) async fn start_lazy_daemon(
         job.lazy_daemon = Some(daemon);
         job.lazy_proxy = proxy;
         job.prefetch_gate = gate;
+        job.guard = Some(guard);
         job.tunnel = Some(tunnel);
     });
     Ok(())
@@ -503,7 +573,7 @@ pub(crate) fn watch_lazy_daemon(
     container_name: String,
     source: String,
 ) {
-    let Some((daemon, proxy, local)) = with_jobs(|j| {
+    let Some((daemon, proxy, local, guard)) = with_jobs(|j| {
         let job = j.get_mut(&migration_id)?;
         // The container runs now: the proxy may take the link and the CPU for its prefetch.
         if let Some(gate) = job.prefetch_gate.take() {
@@ -513,6 +583,7 @@ pub(crate) fn watch_lazy_daemon(
             job.lazy_daemon.take()?,
             job.lazy_proxy.take(),
             job.lazy_local,
+            job.guard.clone(),
         ))
     }) else {
         return;
@@ -520,10 +591,11 @@ pub(crate) fn watch_lazy_daemon(
     let started = Instant::now();
     tokio::spawn(async move {
         let id = migration_id.clone();
-        let (r, proxy_err) = tokio::task::spawn_blocking(move || {
+        let (r, proxy_err, guarded) = tokio::task::spawn_blocking(move || {
             let r = daemon.wait();
+            let guarded = guard.is_some_and(|g| g.daemon_ended());
             // The daemon ended (closing its end of the pair): so does the proxy.
-            (r, finish_proxy(&id, proxy))
+            (r, finish_proxy(&id, proxy), guarded)
         })
         .await
         .unwrap_or_else(|e| {
@@ -533,6 +605,7 @@ pub(crate) fn watch_lazy_daemon(
                     source: std::io::Error::other(e.to_string()),
                 }),
                 None,
+                false,
             )
         });
         forget(&migration_id);
@@ -540,6 +613,13 @@ pub(crate) fn watch_lazy_daemon(
         let _ = std::fs::remove_dir_all(cd.dir.join(LAZY_DIR));
         match r {
             Ok(()) => {
+                if guarded {
+                    // The source's stream ended just after the daemon's last page.
+                    let cgroup = format!("{}/{}", agent.cfg.cgroup_parent, container_id);
+                    if let Ok(cg) = mig_runtime::cgroup::Cgroup::open(&cgroup) {
+                        let _ = cg.thaw();
+                    }
+                }
                 if let Some(p) = &proxy_err {
                     tracing::warn!(id = %container_id, migration = %migration_id, error = %p, "the daemon got every page, its proxy failed after that");
                 }

@@ -168,6 +168,11 @@ impl Counter {
     }
 }
 
+/// Called once when the peer's side of a carried connection ended (its FIN, a reset or a lost
+/// connection) while the local client had not yet closed its own side, before the local
+/// socket learns of it ([`Tunnel::socketpair_guarded`]).
+pub type PeerEndHook = Box<dyn FnOnce() + Send>;
+
 /// A loopback listener whose connections are carried to the peer, or one Unix socket carried
 /// to the peer ([`Tunnel::socketpair`]). Stops (and drops every connection it carries) when
 /// dropped.
@@ -212,6 +217,14 @@ impl Tunnel {
         conn: quinn::Connection,
         header: TunnelHeader,
     ) -> Result<Tunnel, TunnelError> {
+        Tunnel::socketpair_with(conn, header, None)
+    }
+
+    fn socketpair_with(
+        conn: quinn::Connection,
+        header: TunnelHeader,
+        hook: Option<PeerEndHook>,
+    ) -> Result<Tunnel, TunnelError> {
         let (client, mine) = unix_pair().map_err(TunnelError::SocketPair)?;
         mine.set_nonblocking(true)
             .map_err(TunnelError::SocketPair)?;
@@ -219,7 +232,7 @@ impl Tunnel {
         let bytes = Counter::default();
         let counter = bytes.clone();
         let task = tokio::spawn(async move {
-            if let Err(e) = carry_out(mine, &conn, &header, &counter).await {
+            if let Err(e) = carry_out(mine, &conn, &header, &counter, hook).await {
                 tracing::warn!(error = %super::driver::chain(&e), service = ?header.service, "tunnel failed");
             }
         });
@@ -229,6 +242,19 @@ impl Tunnel {
             bytes,
             task,
         })
+    }
+
+    /// [`Tunnel::socketpair`] whose `hook` runs when the peer's side ends first: before the
+    /// local client's socket sees an end of file or an error. A post-copy's destination uses
+    /// it to stop the container before its lazy-pages daemon gives up (the kernel then maps
+    /// zero pages where the missing memory was). Not called when the local client closed its
+    /// side first (the normal end of a session it ends), nor when the tunnel is dropped.
+    pub fn socketpair_guarded(
+        conn: quinn::Connection,
+        header: TunnelHeader,
+        hook: PeerEndHook,
+    ) -> Result<Tunnel, TunnelError> {
+        Tunnel::socketpair_with(conn, header, Some(hook))
     }
 
     /// [`Tunnel::socketpair`] for a dump's pages after a memory presync: the carried end is
@@ -318,7 +344,7 @@ async fn forward(
                 let _ = tcp.set_nodelay(true);
                 let (conn, header, bytes) = (conn.clone(), header.clone(), bytes.clone());
                 tasks.spawn(async move {
-                    if let Err(e) = carry_out(tcp, &conn, &header, &bytes).await {
+                    if let Err(e) = carry_out(tcp, &conn, &header, &bytes, None).await {
                         tracing::warn!(error = %super::driver::chain(&e), service = ?header.service, "tunnel failed");
                     }
                 });
@@ -334,15 +360,29 @@ async fn carry_out<S>(
     conn: &quinn::Connection,
     header: &TunnelHeader,
     bytes: &Counter,
+    hook: Option<PeerEndHook>,
 ) -> Result<(), TunnelError>
 where
     S: AsyncRead + AsyncWrite + Send,
 {
-    let (mut send, recv) = conn.open_bi().await.map_err(TunnelError::Open)?;
-    write_frame(&mut send, header, MAX_TUNNEL_HEADER)
-        .await
-        .map_err(TunnelError::Header)?;
-    splice(io, send, recv, bytes).await
+    let opened = async {
+        let (mut send, recv) = conn.open_bi().await.map_err(TunnelError::Open)?;
+        write_frame(&mut send, header, MAX_TUNNEL_HEADER)
+            .await
+            .map_err(TunnelError::Header)?;
+        Ok((send, recv))
+    }
+    .await;
+    match opened {
+        Ok((send, recv)) => splice_guarded(io, send, recv, bytes, hook).await,
+        Err(e) => {
+            // The peer is gone before the first byte: the client sees it only after this.
+            if let Some(h) = hook {
+                h();
+            }
+            Err(e)
+        }
+    }
 }
 
 /// Accepts tunnel streams on `conn` until it closes; `resolve` says where each header's
@@ -569,20 +609,52 @@ pub(crate) fn finish_or_reset<T, E>(send: &mut quinn::SendStream, r: Result<T, E
 /// half-close; an error resets the stream (or stops it) so the far side sees a failure.
 pub async fn splice<S>(
     io: S,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
     bytes: &Counter,
 ) -> Result<(), TunnelError>
 where
     S: AsyncRead + AsyncWrite + Send,
 {
+    splice_guarded(io, send, recv, bytes, None).await
+}
+
+/// [`splice`] calling `hook` (once) when the peer's side ends or fails, or sending to it
+/// fails, while the local side has not ended: before `io` hears of it.
+async fn splice_guarded<S>(
+    io: S,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    bytes: &Counter,
+    hook: Option<PeerEndHook>,
+) -> Result<(), TunnelError>
+where
+    S: AsyncRead + AsyncWrite + Send,
+{
     let (mut r, mut w) = tokio::io::split(io);
+    let hook = Mutex::new(hook);
+    let local_ended = std::sync::atomic::AtomicBool::new(false);
+    let peer_ended = || {
+        if !local_ended.load(Ordering::Acquire) {
+            if let Some(h) = hook.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                h();
+            }
+        }
+    };
     let up = async {
         let r = copy_out(&mut r, &mut send, bytes).await;
+        match &r {
+            Ok(()) => local_ended.store(true, Ordering::Release),
+            // The client's socket failed, or the stream to the peer did: only the latter is
+            // the peer's end, but either way the client must not go on unguarded.
+            Err(_) => peer_ended(),
+        }
         finish_or_reset(&mut send, r)
     };
     let down = async {
-        match copy_in(&mut recv, &mut w, bytes).await {
+        let r = copy_in(&mut recv, &mut w, bytes).await;
+        peer_ended();
+        match r {
             Ok(()) => {
                 let _ = w.shutdown().await;
                 Ok(())
