@@ -159,3 +159,40 @@ fn command_line_options_beat_the_environment_and_drain_follows_them() -> Result<
     ensure!(drained_a(&o), "drain --socket B host-a: {o:?}");
     Ok(())
 }
+
+/// REPORT #4: `mig run IMAGE -- nosuchcmd` exited 125 while `mig exec` and podman give 127 for
+/// a command that is not there and 126 for one that cannot be executed. Attached or with -d, the
+/// agent's one-line reason stays on stderr.
+#[test]
+fn run_of_a_command_that_cannot_run_exits_127_or_126() -> Result<()> {
+    if !mig_tests::is_root("cli tests") {
+        return Ok(());
+    }
+    let a = Agent::start("cli-run-127")?;
+    a.import_busybox()?;
+    for (detach, cmd, code, words) in [
+        (false, "nosuchcmd", 127, "is not in the image"),
+        (true, "nosuchcmd", 127, "is not in the image"),
+        (false, "/no/such/file", 127, "is not in the image"),
+        (false, "/etc/passwd", 126, "cannot be executed"),
+        (true, "/etc/passwd", 126, "cannot be executed"),
+    ] {
+        let mut args = vec!["run"];
+        if detach {
+            args.push("-d");
+        }
+        args.extend(["busybox", "--", cmd]);
+        let o = a.mig(&args);
+        ensure!(o.code == code, "mig {args:?}: {o:?}");
+        ensure!(o.stdout.is_empty(), "mig {args:?}: {o:?}");
+        let lines: Vec<&str> = o.stderr.lines().collect();
+        ensure!(
+            lines.len() == 1 && lines[0].starts_with("mig: ") && lines[0].contains(words),
+            "mig {args:?}: {o:?}"
+        );
+    }
+    // A command that runs and fails keeps its own code.
+    let o = a.mig(&["run", "busybox", "--", "sh", "-c", "exit 7"]);
+    ensure!(o.code == 7, "{o:?}");
+    Ok(())
+}

@@ -65,6 +65,24 @@ pub enum CliError {
     Stdin(#[source] std::io::Error),
     #[error("the standard input is larger than the {} MiB exec -i takes (it is sent whole, before the command starts)", MAX_EXEC_STDIN >> 20)]
     StdinTooLarge,
+    /// `mig run` of a command the container could not execute: the agent's message, with the
+    /// shell's exit code (127 not found, 126 not executable) as `mig exec` and podman give.
+    #[error("{source}")]
+    CommandNotRun {
+        code: u8,
+        #[source]
+        source: ClientError,
+    },
+}
+
+impl CliError {
+    /// The exit code of this failure: [`EXIT_MIG_ERROR`] but for a command that could not run.
+    fn exit_code(&self) -> u8 {
+        match self {
+            CliError::CommandNotRun { code, .. } => *code,
+            _ => EXIT_MIG_ERROR,
+        }
+    }
 }
 
 /// `mig`'s entry point.
@@ -206,7 +224,7 @@ fn fail(e: &CliError) -> ExitCode {
         msg.push_str(" (is migd running?)");
     }
     eprintln!("mig: {}", msg.replace('\n', " "));
-    ExitCode::from(EXIT_MIG_ERROR)
+    ExitCode::from(e.exit_code())
 }
 
 /// Which socket to talk to: `--socket`/`MIG_SOCKET`, else the lab host `--host`/`MIG_HOST`, else
@@ -521,6 +539,34 @@ fn older_agent(e: ClientError) -> CliError {
     CliError::Client(e)
 }
 
+/// The exit code a shell gives when `run`'s command could not be executed: 127 when it is not
+/// in the image, 126 when it cannot be executed. The agent reports this as a failed start
+/// (kind `internal` up to API 3) whose message ends with the shim's words (agent/src/shim/
+/// start.rs `spawn_failure`): "starting container N failed: starting the init: the command
+/// \"x\" is not in the image (searched PATH ...)" or "... the command \"x\" cannot be executed:
+/// ...". Matched on those words, whatever the kind, until the API carries the failure as data.
+fn command_not_run(e: &ClientError) -> Option<u8> {
+    let ClientError::Api(a) = e else { return None };
+    let (_, tail) = a
+        .message
+        .split_once(": starting the init: the command \"")?;
+    // The command's name is a Rust debug string: skip it to its closing quote.
+    let mut escaped = false;
+    let end = tail.char_indices().find_map(|(i, ch)| {
+        let close = ch == '"' && !escaped;
+        escaped = ch == '\\' && !escaped;
+        close.then_some(i)
+    })?;
+    let rest = &tail[end + 1..];
+    if rest.starts_with(" is not in the image") {
+        Some(127)
+    } else if rest.starts_with(" cannot be executed") {
+        Some(126)
+    } else {
+        None
+    }
+}
+
 /// `exec -i`: this command's standard input, whole (at most [`MAX_EXEC_STDIN`] bytes).
 fn read_stdin() -> Result<Vec<u8>, CliError> {
     use std::io::{IsTerminal, Read};
@@ -688,7 +734,10 @@ async fn run(c: &mut Client, r: RunArgs) -> Result<u8, CliError> {
         workdir: r.workdir,
         entrypoint: r.entrypoint.map(|e| e.0),
     };
-    let (id, name) = c.run(req).await.map_err(older_agent)?;
+    let (id, name) = c.run(req).await.map_err(|e| match command_not_run(&e) {
+        Some(code) => CliError::CommandNotRun { code, source: e },
+        None => older_agent(e),
+    })?;
     if r.detach {
         if r.json {
             json(&serde_json::json!({ "id": id, "name": name }))?;
@@ -855,6 +904,53 @@ mod tests {
                 "{r:?}"
             );
         }
+    }
+
+    /// REPORT #4 of session 16: `mig run IMAGE -- nosuchcmd` exited 125 where `mig exec` and
+    /// podman give 127 (126 for a file that cannot be executed). The messages are the agent's
+    /// as a client receives them.
+    #[test]
+    fn a_run_command_that_cannot_run_exits_as_a_shell_would() {
+        use crate::api::{ApiError, ErrorKind};
+        let api = |kind, m: &str| ClientError::Api(ApiError::new(kind, m));
+        for (kind, message, want) in [
+            (
+                ErrorKind::Internal,
+                "starting container a3 failed: starting the init: the command \"nosuchcmd\" is not in the image (searched PATH /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin)",
+                Some(127),
+            ),
+            (
+                ErrorKind::Internal,
+                "starting container a4 failed: starting the init: the command \"/opt/app\" is not in the image",
+                Some(127),
+            ),
+            (
+                ErrorKind::InvalidArgument,
+                "starting container a5 failed: starting the init: the command \"/etc/passwd\" cannot be executed: container setup failed at step executing the command (pid 7): EACCES: Permission denied",
+                Some(126),
+            ),
+            // A quote in the name does not end it early.
+            (
+                ErrorKind::Internal,
+                r#"starting container q failed: starting the init: the command "a\" is not in the image b" cannot be executed: EACCES"#,
+                Some(126),
+            ),
+            (
+                ErrorKind::Internal,
+                "starting container a6 failed: mounting the root filesystem: the command \"x\" is not in the image",
+                None,
+            ),
+            (ErrorKind::NotFound, "no such image: busybx", None),
+        ] {
+            assert_eq!(command_not_run(&api(kind, message)), want, "{message}");
+        }
+        let e = CliError::CommandNotRun {
+            code: 127,
+            source: api(ErrorKind::Internal, "starting container a3 failed: x"),
+        };
+        assert_eq!(e.exit_code(), 127);
+        assert_eq!(e.to_string(), "starting container a3 failed: x");
+        assert_eq!(CliError::NoMigd.exit_code(), EXIT_MIG_ERROR);
     }
 
     #[test]
