@@ -13,8 +13,8 @@
 use crate::api::frame::{read_frame, write_frame, FrameError};
 use crate::api::{
     ApiError, CheckpointResult, ContainerDetails, ContainerSummary, ErrorKind, Event, ExecOptions,
-    ExecResult, Hello, HostInfo, ImageInfo, MoveStatus, Request, Response, RestoreResult,
-    RunRequest, API_VERSION, API_VERSION_MIN,
+    ExecOutput, ExecResult, ExecStream, Hello, HostInfo, ImageInfo, MoveStatus, Request, Response,
+    RestoreResult, RunRequest, API_VERSION, API_VERSION_EXEC_STREAM, API_VERSION_MIN,
 };
 use crate::migration::{IdentityInfo, MoveResult, PeerInfo};
 use std::path::{Path, PathBuf};
@@ -72,6 +72,17 @@ impl std::fmt::Debug for Client {
         f.debug_struct("Client")
             .field("agent", &self.agent)
             .finish()
+    }
+}
+
+fn exec_request(container: &str, args: Vec<String>, opts: ExecOptions) -> Request {
+    Request::Exec {
+        container: container.into(),
+        args,
+        env: opts.env,
+        user: opts.user,
+        workdir: opts.workdir,
+        stdin: opts.stdin,
     }
 }
 
@@ -490,24 +501,76 @@ impl Client {
 
     /// `exec` with a user, a working directory or a standard input (at most
     /// [`crate::api::MAX_EXEC_STDIN`] bytes, sent whole). Agents before these options refuse a
-    /// request that uses them (`invalid_argument`, naming the field).
+    /// request that uses them (`invalid_argument`, naming the field). The output is decoded as
+    /// UTF-8 (invalid sequences replaced); [`Client::exec_bytes`] and [`Client::exec_stream`]
+    /// keep it byte for byte.
     pub async fn exec_with(
         &mut self,
         container: &str,
         args: Vec<String>,
         opts: ExecOptions,
     ) -> Result<ExecResult, ClientError> {
-        let req = Request::Exec {
-            container: container.into(),
-            args,
-            env: opts.env,
-            user: opts.user,
-            workdir: opts.workdir,
-            stdin: opts.stdin,
-        };
-        match self.call(&req).await? {
+        if self.api_version() >= API_VERSION_EXEC_STREAM {
+            let o = self.exec_bytes(container, args, opts).await?;
+            return Ok(ExecResult {
+                code: o.code,
+                stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+                truncated: false,
+            });
+        }
+        match self.call(&exec_request(container, args, opts)).await? {
             Response::Exec(e) => Ok(e),
             r => Err(unexpected("exec", r)),
+        }
+    }
+
+    /// `exec` with its whole output kept byte for byte (from an agent of API version 4; an older
+    /// agent's output is decoded as UTF-8 and capped, see [`ExecResult::truncated`]).
+    pub async fn exec_bytes(
+        &mut self,
+        container: &str,
+        args: Vec<String>,
+        opts: ExecOptions,
+    ) -> Result<ExecOutput, ClientError> {
+        let mut o = ExecOutput::default();
+        o.code = self
+            .exec_stream(container, args, opts, |stream, data| match stream {
+                ExecStream::Stdout => o.stdout.extend_from_slice(data),
+                ExecStream::Stderr => o.stderr.extend_from_slice(data),
+            })
+            .await?;
+        Ok(o)
+    }
+
+    /// `exec`, handing each piece of output to `sink` as it arrives (byte for byte, without a
+    /// cap, from an agent of API version 4; from an older agent, its one answer's `stdout` then
+    /// `stderr`). Returns the command's exit code.
+    pub async fn exec_stream(
+        &mut self,
+        container: &str,
+        args: Vec<String>,
+        opts: ExecOptions,
+        mut sink: impl FnMut(ExecStream, &[u8]),
+    ) -> Result<i32, ClientError> {
+        let req = exec_request(container, args, opts);
+        if self.api_version() < API_VERSION_EXEC_STREAM {
+            return match self.call(&req).await? {
+                Response::Exec(e) => {
+                    sink(ExecStream::Stdout, e.stdout.as_bytes());
+                    sink(ExecStream::Stderr, e.stderr.as_bytes());
+                    Ok(e.code)
+                }
+                r => Err(unexpected("exec", r)),
+            };
+        }
+        write_frame(&mut self.stream, &req).await?;
+        loop {
+            match read_frame(&mut self.stream).await? {
+                Response::ExecData { stream, data } => sink(stream, &data),
+                Response::ExecEnd { code } => return Ok(code),
+                r => return Err(unexpected("exec", r)),
+            }
         }
     }
 

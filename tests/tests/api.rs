@@ -158,7 +158,7 @@ fn version_negotiation_and_malformed_requests() -> Result<()> {
     ensure!(r["body"]["kind"] == "invalid_argument", "{r}");
     // A client newer than the agent gets the agent's newest version.
     let (mut s, h) = raw(&agent, 99)?;
-    ensure!(h["api_version"] == 3, "{h}");
+    ensure!(h["api_version"] == 4, "{h}");
     put(&mut s, br#"{"op":"info"}"#)?;
     let r = get(&mut s)?;
     ensure!(
@@ -167,11 +167,11 @@ fn version_negotiation_and_malformed_requests() -> Result<()> {
     );
     // A client too old is refused, naming both versions.
     let (mut s, h) = raw(&agent, 0)?;
-    ensure!(h["api_version"] == 3, "{h}");
+    ensure!(h["api_version"] == 4, "{h}");
     let r = get(&mut s)?;
     let msg = r["body"]["message"].as_str().unwrap_or_default();
     ensure!(r["body"]["kind"] == "unsupported_version", "{r}");
-    ensure!(msg.contains("1 to 3") && msg.contains("at most 0"), "{msg}");
+    ensure!(msg.contains("1 to 4") && msg.contains("at most 0"), "{msg}");
     // The host view a rebalancer reads.
     let i = agent.mig_json(&["info", "--json"])?;
     for k in [

@@ -18,8 +18,13 @@ use serde::{Deserialize, Serialize};
 /// The highest protocol version this build speaks. Version 2 added `move_start`, `move_status`,
 /// the host view's capacity fields and the container view's usage and limits. Version 3 added
 /// the container state `frozen` (a copy held frozen while its move is in doubt); older clients
-/// are served `running` there, as before ([`Response::for_version`]).
-pub const API_VERSION: u32 = 3;
+/// are served `running` there, as before ([`Response::for_version`]). Version 4 streams `exec`'s
+/// output byte for byte ([`Response::ExecData`], [`Response::ExecEnd`]); older clients get one
+/// [`Response::Exec`] as before.
+pub const API_VERSION: u32 = 4;
+
+/// The first version whose `exec` is answered with [`Response::ExecData`] frames.
+pub const API_VERSION_EXEC_STREAM: u32 = 4;
 
 /// The first version with [`ContainerState::Frozen`].
 pub const API_VERSION_FROZEN: u32 = 3;
@@ -278,6 +283,39 @@ pub struct ExecOptions {
     pub stdin: Option<Vec<u8>>,
 }
 
+/// Which output stream of an `exec` a [`Response::ExecData`] carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecStream {
+    Stdout,
+    Stderr,
+}
+
+/// The whole output of an `exec`, byte for byte (what [`crate::client::Client::exec_bytes`]
+/// returns).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecOutput {
+    /// The command's exit code (128+signal when killed).
+    pub code: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+/// `Vec<u8>` as a standard base64 string (the output of `exec`, API version 4).
+mod base64_vec {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::base64_bytes::encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        super::base64_bytes::decode(&s)
+            .ok_or_else(|| serde::de::Error::custom("data is not valid base64"))
+    }
+}
+
 /// `Option<Vec<u8>>` as a standard base64 string (RFC 4648, with padding).
 mod base64_bytes {
     use serde::{Deserialize, Deserializer, Serializer};
@@ -362,7 +400,21 @@ pub enum Response {
         data: String,
     },
     LogEnd,
+    /// The whole result of `exec` (API versions 1 to 3): output decoded as UTF-8, at most
+    /// 4 MiB per stream.
     Exec(ExecResult),
+    /// A piece of `exec`'s output, byte for byte (API version 4): any number of these, in the
+    /// order the agent read them, then one [`Response::ExecEnd`] (or an `Error`).
+    ExecData {
+        stream: ExecStream,
+        /// Standard base64 on the wire; at most 64 KiB decoded.
+        #[serde(with = "base64_vec")]
+        data: Vec<u8>,
+    },
+    /// The end of `exec`'s output: the command's exit code (128+signal when killed).
+    ExecEnd {
+        code: i32,
+    },
     Ok,
     Info(HostInfo),
     Checkpointed(Box<CheckpointResult>),
@@ -697,13 +749,18 @@ pub struct ImageSummary {
     pub id: String,
 }
 
-/// The result of `exec`.
+/// The result of `exec` as API versions 1 to 3 get it (and as [`crate::client::Client::exec`]
+/// returns it): each stream decoded as UTF-8 with invalid sequences replaced.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecResult {
     /// The command's exit code (128+signal when killed).
     pub code: i32,
     pub stdout: String,
     pub stderr: String,
+    /// Set when the agent cut the output (API versions before 4: at most 4 MiB per stream, and
+    /// the frame's 16 MiB); `stderr` then ends with a line saying so. Absent when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
 }
 
 /// The host an agent runs on.

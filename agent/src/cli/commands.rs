@@ -370,14 +370,24 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
                 workdir,
                 stdin,
             };
-            let r = c
-                .exec_with(&container, command, opts)
+            // Byte for byte as it comes (API version 4; an older agent's output is one piece).
+            let mut failed = None;
+            let code = c
+                .exec_stream(&container, command, opts, |stream, data| {
+                    if stream == crate::api::ExecStream::Stderr {
+                        let mut e = std::io::stderr().lock();
+                        let _ = e.write_all(data);
+                    } else if failed.is_none() {
+                        let mut o = std::io::stdout().lock();
+                        failed = o.write_all(data).and_then(|()| o.flush()).err();
+                    }
+                })
                 .await
                 .map_err(older_agent)?;
-            out(&r.stdout)?;
-            let mut e = std::io::stderr().lock();
-            let _ = e.write_all(r.stderr.as_bytes());
-            Ok(u8::try_from(r.code).unwrap_or(EXIT_MIG_ERROR))
+            if let Some(e) = failed {
+                return Err(CliError::Output(e));
+            }
+            Ok(u8::try_from(code).unwrap_or(EXIT_MIG_ERROR))
         }
         Command::Stop { time, containers } => {
             let mut results = Vec::new();

@@ -2,7 +2,9 @@
 
 use super::Agent;
 use crate::api::frame::{read_frame, write_frame, FrameError};
-use crate::api::{self, ApiError, ErrorKind, Hello, Request, Response, API_VERSION};
+use crate::api::{
+    self, ApiError, ErrorKind, Hello, Request, Response, API_VERSION, API_VERSION_EXEC_STREAM,
+};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::UnixStream;
@@ -90,16 +92,35 @@ pub(crate) async fn serve_authenticated(
         };
         let span = tracing::info_span!("request", op = op_name(&req));
         let done = async {
-            if let Request::Logs { container, follow } = &req {
-                super::logs::stream(&agent, &mut stream, container, *follow, &mut shutdown).await
-            } else if let Request::Events = &req {
-                super::events::stream(&agent, &mut stream, &mut shutdown).await
-            } else {
-                let resp = handle(&agent, req)
-                    .await
-                    .unwrap_or_else(Response::Error)
-                    .for_version(mine.api_version);
-                write_frame(&mut stream, &resp).await
+            match req {
+                Request::Logs { container, follow } => {
+                    super::logs::stream(&agent, &mut stream, &container, follow, &mut shutdown)
+                        .await
+                }
+                Request::Events => super::events::stream(&agent, &mut stream, &mut shutdown).await,
+                Request::Exec {
+                    container,
+                    args,
+                    env,
+                    user,
+                    workdir,
+                    stdin,
+                } if mine.api_version >= API_VERSION_EXEC_STREAM => {
+                    let opts = crate::api::ExecOptions {
+                        env,
+                        user,
+                        workdir,
+                        stdin,
+                    };
+                    super::exec::stream(&agent, &mut stream, &container, args, opts).await
+                }
+                req => {
+                    let resp = handle(&agent, req)
+                        .await
+                        .unwrap_or_else(Response::Error)
+                        .for_version(mine.api_version);
+                    write_frame(&mut stream, &resp).await
+                }
             }
         }
         .instrument(span)
