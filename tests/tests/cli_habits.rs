@@ -196,3 +196,88 @@ fn run_of_a_command_that_cannot_run_exits_127_or_126() -> Result<()> {
     ensure!(o.code == 7, "{o:?}");
     Ok(())
 }
+
+/// REPORT #15, podman habits: `ps -q` and `image ls -q` print ids only, `-e KEY` takes KEY's
+/// value from mig's environment (left out when unset), `run --rm` removes the container when it
+/// ends (attached only: `-d --rm` is refused saying so, not with a tip naming --remote).
+#[test]
+fn podman_habits_quiet_lists_bare_env_and_run_rm() -> Result<()> {
+    if !mig_tests::is_root("cli tests") {
+        return Ok(());
+    }
+    let a = Agent::start("cli-habits")?;
+    a.import_busybox()?;
+    let id = a.mig_ok(&[
+        "run", "-d", "--name", "q1", "busybox", "--", "sleep", "1000",
+    ])?;
+    let id = id.trim();
+    a.mig_ok(&["run", "--name", "q2", "busybox", "--", "true"])?;
+    ensure!(a.mig_ok(&["ps", "-q"])? == format!("{}\n", &id[..12]));
+    let all = a.mig_ok(&["ps", "-aq"])?;
+    ensure!(all.lines().count() == 2, "{all}");
+    ensure!(
+        all.lines()
+            .all(|l| l.len() == 12 && l.bytes().all(|b| b.is_ascii_hexdigit())),
+        "{all}"
+    );
+    let images = a.mig_ok(&["image", "ls", "-q"])?;
+    let v = a.mig_json(&["image", "ls", "--json"])?;
+    let full = v[0]["id"].as_str().unwrap_or_default();
+    let full = full.strip_prefix("sha256:").unwrap_or(full);
+    ensure!(images == format!("{}\n", &full[..12]), "{images} vs {v}");
+
+    // -e KEY: from mig's environment; unset, left out.
+    let o: MigOutput = Command::new(bin("mig"))
+        .args(["exec", "-e", "HABIT_SET", "-e", "HABIT_UNSET", "q1", "env"])
+        .env("MIG_SOCKET", &a.socket)
+        .env("HABIT_SET", "from mig")
+        .env_remove("HABIT_UNSET")
+        .output()?
+        .into();
+    ensure!(
+        o.code == 0 && o.stdout.contains("HABIT_SET=from mig\n"),
+        "{o:?}"
+    );
+    ensure!(!o.stdout.contains("HABIT_UNSET"), "{o:?}");
+    let o: MigOutput = Command::new(bin("mig"))
+        .args(["run", "--rm", "-e", "HABIT_SET", "busybox", "--", "env"])
+        .env("MIG_SOCKET", &a.socket)
+        .env("HABIT_SET", "run too")
+        .output()?
+        .into();
+    ensure!(
+        o.code == 0 && o.stdout.contains("HABIT_SET=run too\n"),
+        "{o:?}"
+    );
+
+    // --rm: the container is gone when mig returns, with the container's exit code.
+    let o = a.mig(&[
+        "run", "--rm", "--name", "gone", "busybox", "--", "sh", "-c", "exit 3",
+    ]);
+    ensure!(o.code == 3, "{o:?}");
+    let o = a.mig(&[
+        "run",
+        "--rm",
+        "--name",
+        "nocmd",
+        "busybox",
+        "--",
+        "nosuchcmd",
+    ]);
+    ensure!(o.code == 127, "{o:?}");
+    let names = a.mig_ok(&["ps", "-a"])?;
+    ensure!(
+        !names.contains("gone") && !names.contains("nocmd"),
+        "{names}"
+    );
+    ensure!(a.mig_ok(&["ps", "-aq"])?.lines().count() == 2);
+    let o = a.mig(&["run", "-d", "--rm", "busybox", "--", "true"]);
+    ensure!(
+        o.code == 125
+            && o.stderr.starts_with("mig: --rm needs an attached run")
+            && !o.stderr.contains("--remote"),
+        "{o:?}"
+    );
+    ensure!(a.mig_ok(&["ps", "-aq"])?.lines().count() == 2);
+    Ok(())
+}

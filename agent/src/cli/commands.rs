@@ -53,8 +53,10 @@ pub enum CliError {
     },
     #[error("interrupted: the move of {container} to {peer} goes on in the agent (Ctrl-C does not cancel a move); `mig ps -a`, `mig inspect {container}` or `mig events` show where it ends")]
     MoveInterrupted { container: String, peer: String },
-    #[error("interrupted: container {name} keeps running (Ctrl-C detaches mig run, it does not stop the container); `mig logs -f {name}` follows it again, `mig stop {name}` ends it")]
-    RunDetached { name: String },
+    #[error("interrupted: container {name} keeps running (Ctrl-C detaches mig run, it does not stop the container{}); `mig logs -f {name}` follows it again, `mig stop {name}` ends it", if *rm { ", and --rm no longer applies" } else { "" })]
+    RunDetached { name: String, rm: bool },
+    #[error("--rm needs an attached run (without -d): mig removes the container when it ends, and with -d nothing waits for the end; remove it with mig rm")]
+    RmDetached,
     #[error("{peer} is not a pinned peer of this host (pinned: {pinned})")]
     NotAPeer { peer: String, pinned: String },
     #[error("no pinned peer to drain to (mig peers add)")]
@@ -95,6 +97,7 @@ pub fn main() -> ExitCode {
             Some(e) => return fail(&e.into()),
             None => {
                 super::prefer_command_line(&mut cli, &m);
+                super::expand_env_options(&mut cli);
                 cli
             }
         },
@@ -309,10 +312,16 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
     match cli.command {
         Command::Image(ic) => image(&mut c, ic).await.map(|_| 0),
         Command::Run(r) => run(&mut c, r).await,
-        Command::Ps { all, json: j } => {
+        Command::Ps {
+            all,
+            quiet,
+            json: j,
+        } => {
             let list = c.list(all).await?;
             if j {
                 json(&list)?;
+            } else if quiet {
+                out(&output::ps_ids(&list))?;
             } else {
                 out(&output::ps_table(&list))?;
             }
@@ -652,10 +661,12 @@ async fn image(c: &mut Client, cmd: ImageCommand) -> Result<(), CliError> {
                 out(&format!("{}\n", img.id))
             }
         }
-        ImageCommand::Ls { json: j } => {
+        ImageCommand::Ls { quiet, json: j } => {
             let list = c.image_list().await?;
             if j {
                 json(&list)
+            } else if quiet {
+                out(&output::image_ids(&list))
             } else {
                 out(&output::images_table(&list))
             }
@@ -713,6 +724,9 @@ fn default_image_name(path: &Path) -> String {
 }
 
 async fn run(c: &mut Client, r: RunArgs) -> Result<u8, CliError> {
+    if r.rm && r.detach {
+        return Err(CliError::RmDetached);
+    }
     let bundle = match &r.bundle {
         Some(dir) => Some(
             std::fs::canonicalize(dir)
@@ -744,7 +758,15 @@ async fn run(c: &mut Client, r: RunArgs) -> Result<u8, CliError> {
         workdir: r.workdir,
         entrypoint: r.entrypoint.map(|e| e.0),
     };
-    let (id, name) = c.run(req).await.map_err(|e| match command_not_run(&e) {
+    let rm = r.rm;
+    let started = c.run(req).await;
+    if let (true, Err(e)) = (rm, &started) {
+        // The agent keeps a container that failed to start (for inspect); --rm removes it.
+        if let Some(failed) = failed_start(e) {
+            let _ = c.remove(failed, true).await;
+        }
+    }
+    let (id, name) = started.map_err(|e| match command_not_run(&e) {
         Some(code) => CliError::CommandNotRun { code, source: e },
         None => older_agent(e),
     })?;
@@ -766,15 +788,29 @@ async fn run(c: &mut Client, r: RunArgs) -> Result<u8, CliError> {
     // it): say so rather than die of the signal with nothing said.
     tokio::select! {
         r = follow => r?,
-        () = interrupted() => return Err(CliError::RunDetached { name }),
+        () = interrupted() => return Err(CliError::RunDetached { name, rm }),
     }
     if let Some(e) = err {
         return Err(e);
     }
     let d = c.inspect(&id).await?;
+    if rm {
+        if let Err(e) = c.remove(&id, false).await {
+            eprintln!("mig: removing container {name} (--rm) failed: {e}");
+        }
+    }
     Ok(d.exit_code
         .and_then(|c| u8::try_from(c).ok())
         .unwrap_or(EXIT_MIG_ERROR))
+}
+
+/// The name of the container a failed `run` left behind: the agent's "starting container NAME
+/// failed: ..." is said only once the container exists (a taken name or a missing image fail
+/// before, with other words).
+fn failed_start(e: &ClientError) -> Option<&str> {
+    let ClientError::Api(a) = e else { return None };
+    let rest = a.message.strip_prefix("starting container ")?;
+    rest.split_once(" failed: ").map(|(name, _)| name)
 }
 
 #[cfg(test)]
@@ -961,6 +997,14 @@ mod tests {
         assert_eq!(e.exit_code(), 127);
         assert_eq!(e.to_string(), "starting container a3 failed: x");
         assert_eq!(CliError::NoMigd.exit_code(), EXIT_MIG_ERROR);
+        // The container a failed start left, for run --rm.
+        let started = api(
+            ErrorKind::Internal,
+            "starting container c-1f2e failed: starting the init: x",
+        );
+        assert_eq!(failed_start(&started), Some("c-1f2e"));
+        let taken = api(ErrorKind::AlreadyExists, "the name web is already in use");
+        assert_eq!(failed_start(&taken), None);
     }
 
     #[test]

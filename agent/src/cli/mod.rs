@@ -149,6 +149,37 @@ pub fn prefer_command_line(cli: &mut Cli, matches: &ArgMatches) {
     }
 }
 
+/// `-e KEY` without a value, as podman takes it: `KEY=<KEY's value in mig's environment>`, or
+/// nothing when mig's environment has no KEY (podman leaves it out too). `get` reads mig's
+/// environment. An entry with `=` is kept as it is; a value that is not UTF-8 is kept as the
+/// bare KEY, which the agent refuses by name.
+pub fn expand_env(entries: &mut Vec<String>, get: impl Fn(&str) -> Option<std::ffi::OsString>) {
+    entries.retain_mut(|e| {
+        if e.contains('=') || e.is_empty() {
+            return true;
+        }
+        match get(e.as_str()).map(|v| v.into_string()) {
+            Some(Ok(v)) => {
+                e.push('=');
+                e.push_str(&v);
+                true
+            }
+            Some(Err(_)) => true,
+            None => false,
+        }
+    });
+}
+
+/// [`expand_env`] on `run -e` and `exec -e` with mig's environment.
+pub fn expand_env_options(cli: &mut Cli) {
+    let env = match &mut cli.command {
+        Command::Run(r) => &mut r.env,
+        Command::Exec { env, .. } => env,
+        _ => return,
+    };
+    expand_env(env, |k| std::env::var_os(k));
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Move a running container to a pinned peer agent (live migration).
@@ -172,6 +203,9 @@ pub enum Command {
         /// Show all containers, not only running ones.
         #[arg(short, long)]
         all: bool,
+        /// Print only the containers' short ids, one a line (`mig rm $(mig ps -aq)`).
+        #[arg(short, long, conflicts_with = "json")]
+        quiet: bool,
         /// Print JSON (the API's types, docs/api.md) instead of text.
         #[arg(long)]
         json: bool,
@@ -198,8 +232,9 @@ pub enum Command {
     /// Run a command in a running container; exits with the command's code. Its output is
     /// printed when it ends.
     Exec {
-        /// Extra environment (KEY=VALUE), repeatable.
-        #[arg(short, long = "env", value_name = "KEY=VALUE")]
+        /// Extra environment (KEY=VALUE), repeatable; a KEY alone takes the value KEY has in
+        /// mig's environment (and is left out when mig's environment has no KEY).
+        #[arg(short, long = "env", value_name = "KEY[=VALUE]")]
         env: Vec<String>,
         /// Run as USER or USER:GROUP (names from the container's /etc/passwd and /etc/group, or
         /// numbers); default: the container's user.
@@ -330,6 +365,9 @@ pub enum ImageCommand {
     },
     /// List images.
     Ls {
+        /// Print only the images' short ids, one a line (an id held by several names once).
+        #[arg(short, long, conflicts_with = "json")]
+        quiet: bool,
         /// Print JSON (the API's types, docs/api.md) instead of text.
         #[arg(long)]
         json: bool,
@@ -362,9 +400,14 @@ pub struct RunArgs {
     /// Maximum number of processes.
     #[arg(long, value_name = "N")]
     pub pids: Option<u64>,
-    /// Environment variable (KEY=VALUE), repeatable.
-    #[arg(short, long = "env", value_name = "KEY=VALUE")]
+    /// Environment variable (KEY=VALUE), repeatable; a KEY alone takes the value KEY has in
+    /// mig's environment (and is left out when mig's environment has no KEY).
+    #[arg(short, long = "env", value_name = "KEY[=VALUE]")]
     pub env: Vec<String>,
+    /// Remove the container when it ends (an attached run only: with -d nothing waits for the
+    /// end). A container that fails to start is removed too.
+    #[arg(long)]
+    pub rm: bool,
     /// Run in a user namespace (root inside maps to an unprivileged host uid).
     #[arg(long)]
     pub userns: bool,
@@ -622,6 +665,80 @@ mod tests {
         let r = run(&["mig", "run", "--entrypoint", "sleep 1", "busybox"]);
         assert_eq!(r.entrypoint, Some(Entrypoint(vec!["sleep 1".into()])));
         assert!(Cli::try_parse_from(["mig", "run", "--entrypoint", "[1]", "busybox"]).is_err());
+    }
+
+    /// REPORT #15 of session 16: `-e QAVAR` was refused ("expected KEY=VALUE"); podman takes
+    /// the value from its own environment and leaves the variable out when it has none.
+    #[test]
+    fn a_bare_env_key_takes_mig_s_value() {
+        use std::ffi::OsString;
+        use std::os::unix::ffi::OsStringExt;
+        let get = |k: &str| match k {
+            "HOME" => Some(OsString::from("/root")),
+            "EMPTY" => Some(OsString::new()),
+            "BAD" => Some(OsString::from_vec(vec![0xff])),
+            _ => None,
+        };
+        let mut env: Vec<String> = ["A=B", "HOME", "UNSET", "EMPTY", "BAD", "C=", ""]
+            .map(String::from)
+            .to_vec();
+        expand_env(&mut env, get);
+        assert_eq!(env, ["A=B", "HOME=/root", "EMPTY=", "BAD", "C=", ""]);
+
+        for args in [
+            &[
+                "mig",
+                "run",
+                "-e",
+                "MIG_TEST_SURELY_UNSET_1",
+                "-e",
+                "K=V",
+                "busybox",
+            ][..],
+            &[
+                "mig",
+                "exec",
+                "-e",
+                "MIG_TEST_SURELY_UNSET_1",
+                "-e",
+                "K=V",
+                "web",
+                "env",
+            ],
+        ] {
+            let mut cli = Cli::try_parse_from(args).unwrap();
+            expand_env_options(&mut cli);
+            let env = match &cli.command {
+                Command::Run(r) => &r.env,
+                Command::Exec { env, .. } => env,
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(env, &["K=V"], "{args:?}");
+        }
+    }
+
+    #[test]
+    fn quiet_lists_and_run_rm_parse() {
+        let c = Cli::try_parse_from(["mig", "ps", "-aq"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Command::Ps {
+                all: true,
+                quiet: true,
+                json: false
+            }
+        ));
+        let c = Cli::try_parse_from(["mig", "image", "ls", "-q"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Command::Image(ImageCommand::Ls {
+                quiet: true,
+                json: false
+            })
+        ));
+        assert!(Cli::try_parse_from(["mig", "ps", "-q", "--json"]).is_err());
+        let c = Cli::try_parse_from(["mig", "run", "--rm", "busybox", "--", "true"]).unwrap();
+        assert!(matches!(c.command, Command::Run(RunArgs { rm: true, .. })));
     }
 
     #[test]

@@ -82,6 +82,29 @@ fn moving_state(state: ContainerState, moving: Option<&Moving>) -> String {
     }
 }
 
+/// `ps -q`: the short ids (as the table shows them), one a line.
+pub fn ps_ids(list: &[ContainerSummary]) -> String {
+    list.iter()
+        .map(|c| format!("{}\n", &c.id[..12.min(c.id.len())]))
+        .collect()
+}
+
+/// `image ls -q`: the short ids (as the table shows them), one a line, each once (an image held
+/// by several names is one image); an image whose record cannot be read has no id to print.
+pub fn image_ids(list: &[ImageInfo]) -> String {
+    let mut seen = std::collections::HashSet::new();
+    let mut s = String::new();
+    for i in list.iter().filter(|i| i.unreadable.is_none()) {
+        let short = i.id.strip_prefix("sha256:").unwrap_or(&i.id);
+        let short = &short[..12.min(short.len())];
+        if seen.insert(short.to_owned()) {
+            s.push_str(short);
+            s.push('\n');
+        }
+    }
+    s
+}
+
 pub fn ps_table(list: &[ContainerSummary]) -> String {
     let rows = list
         .iter()
