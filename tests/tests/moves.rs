@@ -331,3 +331,60 @@ fn agent_logs(lab: &Lab) {
         }
     }
 }
+
+/// Two hosts move a container of the same name to one destination at the same time: one arrives,
+/// the other is refused before anything is frozen (the destination reserves an arriving
+/// container's id and name for all its connections) and runs on at its source.
+#[test]
+fn two_sources_cannot_bring_the_same_name_at_once() -> Result<()> {
+    if !mig_tests::is_root("migration tests") {
+        return Ok(());
+    }
+    let lab = Lab::up_n("dupname", 176, 3)?;
+    let tar = lab.image_tar.display().to_string();
+    lab.mig_ok(2, &["image", "import", &tar, "--name", "busybox"])?;
+    // Enough memory that both moves are still under way when the other one prepares.
+    let ids = [
+        lab.run_container(0, "dup", 30)?,
+        lab.run_container(2, "dup", 30)?,
+    ];
+    let dest = lab.hosts[1].name.clone();
+    let (a, c) = std::thread::scope(|s| {
+        let a = s.spawn(|| lab.mig(0, &["move", "dup", &dest]));
+        let c = s.spawn(|| lab.mig(2, &["move", "dup", &dest]));
+        (a.join(), c.join())
+    });
+    let (a, c) = (
+        a.map_err(|_| anyhow::anyhow!("a mover panicked"))?,
+        c.map_err(|_| anyhow::anyhow!("a mover panicked"))?,
+    );
+    eprintln!("a: {} {}\nc: {} {}", a.code, a.stderr, c.code, c.stderr);
+    let (moved_from, refused) = match (a.code, c.code) {
+        (0, 0) => bail!("both containers named dup arrived on {dest}"),
+        (0, _) => (0, &c),
+        (_, 0) => (2, &a),
+        _ => bail!("neither move succeeded: {} / {}", a.stderr, c.stderr),
+    };
+    // Refused while the other arrives, or (if that one had already arrived) as a name taken.
+    if !refused.stderr.contains("arriving here from another host")
+        && !refused.stderr.contains("already there")
+    {
+        bail!("unclear refusal: {}", refused.stderr);
+    }
+    let kept = 2 - moved_from;
+    running_on(&lab, 1, "dup")?;
+    running_on(&lab, kept, "dup")?;
+    let ps = lab.mig_ok(1, &["ps", "-a"])?;
+    if ps
+        .lines()
+        .filter(|l| l.split_whitespace().any(|w| w == "dup"))
+        .count()
+        != 1
+    {
+        bail!("{dest} does not hold exactly one dup:\n{ps}");
+    }
+    for (host, id) in [(1, &ids[moved_from / 2]), (kept, &ids[kept / 2])] {
+        let _ = lab.mig(host, &["rm", "-f", id]);
+    }
+    Ok(())
+}

@@ -421,8 +421,32 @@ impl DestSide {
         let staging = self
             .staging(&p.migration_id)
             .map_err(|e| refuse(RefuseReason::InvalidSpec, e.to_string()))?;
+        // Another connection may be receiving a container of the same id or name (two sources
+        // at once): checked and reserved under one lock, in the staging directories every
+        // incoming migration keeps until it ends.
+        let _reserving = ARRIVING.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((id, name)) = arriving_elsewhere(&self.agent.cfg.state_dir, &staging, p) {
+            return Err(if id == p.spec.id {
+                refuse(
+                    RefuseReason::Busy,
+                    format!("container {id} is already arriving here from another host"),
+                )
+            } else {
+                refuse(
+                    RefuseReason::NameClash,
+                    format!("a container named {name} ({id}) is arriving here from another host"),
+                )
+            });
+        }
         let _ = std::fs::remove_dir_all(&staging);
-        std::fs::create_dir_all(&staging).map_err(|e| {
+        let reserve = |staging: &Path| -> std::io::Result<()> {
+            std::fs::create_dir_all(staging)?;
+            std::fs::write(
+                staging.join(ARRIVING_FILE),
+                format!("{}\n{}\n", p.spec.id, p.spec.name),
+            )
+        };
+        reserve(&staging).map_err(|e| {
             refuse(
                 RefuseReason::DiskFull,
                 format!("{}: {e}", staging.display()),
@@ -697,6 +721,29 @@ fn import_layers(
         images.add_image(image).map_err(DestError::Image)?;
     }
     Ok(())
+}
+
+/// Held while an incoming migration checks that no other one brings a container of the same id
+/// or name, and reserves its own ([`ARRIVING_FILE`]).
+static ARRIVING: Mutex<()> = Mutex::new(());
+
+/// In an incoming migration's staging directory: the container's id and name, one per line.
+const ARRIVING_FILE: &str = "ARRIVING";
+
+/// The id and name of a container another incoming migration (another staging directory than
+/// `mine`) brings, when it has `p`'s id or name.
+fn arriving_elsewhere(state_dir: &Path, mine: &Path, p: &Prepare) -> Option<(String, String)> {
+    std::fs::read_dir(journal::dir(state_dir))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".in") && e.path() != mine)
+        .find_map(|e| {
+            let text = std::fs::read_to_string(e.path().join(ARRIVING_FILE)).ok()?;
+            let mut lines = text.lines();
+            let (id, name) = (lines.next()?, lines.next()?);
+            (id == p.spec.id || name == p.spec.name).then(|| (id.to_owned(), name.to_owned()))
+        })
 }
 
 /// In an incoming migration's staging directory: the id of the image the migration added.
