@@ -229,14 +229,14 @@ fn move_text(r: &MoveResult) -> String {
             s.push('\n');
         }
     }
-    if let Some(p) = r.postcopy_ms {
+    if let (Some(p), None) = (r.postcopy_ms, &r.postcopy_error) {
         s.push_str(&format!(
             "  post-copy: the container depended on this host for its memory for {p} ms more, until the last page arrived\n"
         ));
     }
     if let Some(e) = &r.postcopy_error {
         s.push_str(&format!(
-            "error: post-copy ended before the last page ({e}); the destination kills the container rather than run it with missing memory\n"
+            "error: post-copy ended before the last page ({e}); the destination stops and kills the container rather than run it with missing memory: it is lost\n"
         ));
     }
     for after in &r.pid_map {
@@ -435,6 +435,11 @@ pub(super) async fn dispatch(cli: &Cli) -> Result<Option<u8>, CliError> {
                 json(&r)?;
             } else {
                 out(&move_text(&r))?;
+            }
+            // Committed, but the post-copy failed: the container was lost, not moved.
+            if let Some(e) = &r.postcopy_error {
+                eprintln!("mig: the post-copy of {} to {} failed: {e}", r.name, r.peer);
+                return Ok(Some(super::EXIT_MIG_ERROR));
             }
             Ok(Some(0))
         }
