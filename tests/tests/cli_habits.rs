@@ -281,3 +281,31 @@ fn podman_habits_quiet_lists_bare_env_and_run_rm() -> Result<()> {
     ensure!(a.mig_ok(&["ps", "-aq"])?.lines().count() == 2);
     Ok(())
 }
+
+/// REPORT #5: `mig rm a1 nosuch` printed "mig: nosuch: no such container: nosuch" and a
+/// summary "mig: 1 of 2 operations failed". Now: one line per failed target, naming it once,
+/// the others done, exit 125.
+#[test]
+fn several_targets_one_line_per_failure() -> Result<()> {
+    if !mig_tests::is_root("cli tests") {
+        return Ok(());
+    }
+    let a = Agent::start("cli-targets")?;
+    a.import_busybox()?;
+    a.mig_ok(&["run", "--name", "done1", "busybox", "--", "true"])?;
+    let o = a.mig(&["rm", "done1", "nosuch"]);
+    ensure!(o.code == 125 && o.stdout == "done1\n", "{o:?}");
+    ensure!(o.stderr == "mig: no such container: nosuch\n", "{o:?}");
+    let o = a.mig(&["stop", "nosuch1", "nosuch2"]);
+    ensure!(o.code == 125 && o.stdout.is_empty(), "{o:?}");
+    ensure!(
+        o.stderr == "mig: no such container: nosuch1\nmig: no such container: nosuch2\n",
+        "{o:?}"
+    );
+    let o = a.mig(&["kill", "nosuch"]);
+    ensure!(
+        o.code == 125 && o.stderr == "mig: no such container: nosuch\n",
+        "{o:?}"
+    );
+    Ok(())
+}

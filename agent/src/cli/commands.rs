@@ -212,8 +212,18 @@ fn fail(e: &CliError) -> ExitCode {
     if broken_pipe(e) {
         return ExitCode::from(EXIT_BROKEN_PIPE);
     }
+    let mut msg = chained(e);
+    if matches!(e, CliError::Client(ClientError::Connect { .. })) {
+        msg.push_str(" (is migd running?)");
+    }
+    eprintln!("mig: {msg}");
+    ExitCode::from(e.exit_code())
+}
+
+/// `e`'s message and its sources', on one line.
+fn chained(e: &(dyn std::error::Error + 'static)) -> String {
     let mut msg = e.to_string();
-    let mut src = std::error::Error::source(e);
+    let mut src = e.source();
     // `Client(Api)` is transparent: its message is the agent's already.
     while let Some(s) = src {
         let t = s.to_string();
@@ -223,11 +233,7 @@ fn fail(e: &CliError) -> ExitCode {
         }
         src = s.source();
     }
-    if matches!(e, CliError::Client(ClientError::Connect { .. })) {
-        msg.push_str(" (is migd running?)");
-    }
-    eprintln!("mig: {}", msg.replace('\n', " "));
-    ExitCode::from(e.exit_code())
+    msg.replace('\n', " ")
 }
 
 /// Which socket to talk to: `--socket`/`MIG_SOCKET`, else the lab host `--host`/`MIG_HOST`, else
@@ -605,25 +611,31 @@ fn read_stdin() -> Result<Vec<u8>, CliError> {
     Ok(data)
 }
 
-/// Prints each name that succeeded; one failure is mig's error, several are reported one per line.
+/// Prints each name that succeeded on stdout and one `mig:` line per failure on stderr (as
+/// podman does), nothing more: exit 125 when any failed.
 fn finish(results: Vec<(String, Result<(), ClientError>)>) -> Result<u8, CliError> {
-    let total = results.len();
     let mut failed = Vec::new();
     for (name, r) in results {
         match r {
             Ok(()) => out(&format!("{name}\n"))?,
-            Err(e) => failed.push((name, e)),
+            Err(e) => failed.push(failure_line(&name, &e)),
         }
     }
-    match failed.len() {
-        0 => Ok(0),
-        1 if total == 1 => Err(CliError::Client(failed.remove(0).1)),
-        n => {
-            for (name, e) in &failed {
-                eprintln!("mig: {name}: {e}");
-            }
-            Err(CliError::Partial { failed: n, total })
-        }
+    for line in &failed {
+        eprintln!("{line}");
+    }
+    Ok(if failed.is_empty() { 0 } else { EXIT_MIG_ERROR })
+}
+
+/// One target's failure: the agent's message, which names the container ("no such container:
+/// x", "container x is running: ..."), prefixed with the name only when it does not (it said
+/// "mig: x: no such container: x", and a summary line "mig: 1 of 2 operations failed" after).
+fn failure_line(name: &str, e: &ClientError) -> String {
+    let msg = chained(e);
+    if msg.contains(name) {
+        format!("mig: {msg}")
+    } else {
+        format!("mig: {name}: {msg}")
     }
 }
 
@@ -1005,6 +1017,35 @@ mod tests {
         assert_eq!(failed_start(&started), Some("c-1f2e"));
         let taken = api(ErrorKind::AlreadyExists, "the name web is already in use");
         assert_eq!(failed_start(&taken), None);
+    }
+
+    /// REPORT #5 of session 16: `mig rm a1 nosuch` printed "mig: nosuch: no such container:
+    /// nosuch" and then "mig: 1 of 2 operations failed".
+    #[test]
+    fn each_failed_target_is_one_line_naming_it_once() {
+        use crate::api::{ApiError, ErrorKind};
+        let api = |kind, m: &str| ClientError::Api(ApiError::new(kind, m));
+        assert_eq!(
+            failure_line(
+                "nosuch",
+                &api(ErrorKind::NotFound, "no such container: nosuch")
+            ),
+            "mig: no such container: nosuch"
+        );
+        assert_eq!(
+            failure_line(
+                "s1",
+                &api(
+                    ErrorKind::Conflict,
+                    "container s1 is running: stop it first or use -f"
+                )
+            ),
+            "mig: container s1 is running: stop it first or use -f"
+        );
+        assert_eq!(
+            failure_line("web", &api(ErrorKind::Internal, "the agent failed\nbadly")),
+            "mig: web: the agent failed badly"
+        );
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! The `mig` command line: argument definitions ([`Cli`]), their execution ([`main`]) and output
 //! formatting. `mig` is a thin client of the agent API ([`crate::client`]).
 //!
-//! Exit codes: 0 on success, 125 for mig's own errors (one line `mig: <reason>` on stderr, usage
-//! errors included), and the container's code for `exec` and for an attached `run`.
+//! Exit codes: 0 on success, 125 for mig's own errors (one line `mig: <reason>` on stderr per
+//! failure, usage errors included), and the container's code for `exec` and for an attached
+//! `run` (127 or 126 when its command cannot be run).
 
 mod commands;
 mod completion;
