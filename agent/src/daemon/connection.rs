@@ -262,7 +262,7 @@ async fn handle(agent: &Arc<Agent>, req: Request) -> Result<Response, ApiError> 
         }
         Request::Kill { container, signal } => {
             let id = agent.resolve(&container)?;
-            agent.kill(&id, signal)?;
+            agent.kill_and_wait(&id, signal).await?;
             Ok(Response::Ok)
         }
         Request::Remove { container, force } => {

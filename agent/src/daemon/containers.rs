@@ -23,6 +23,8 @@ use tokio::process::{Child, Command};
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long to wait for a killed container's shim to clean up and exit.
 const KILL_GRACE: Duration = Duration::from_secs(15);
+/// How long `kill` with SIGKILL waits for the container to end.
+const KILL_WAIT: Duration = Duration::from_secs(10);
 /// The host id range a `--userns` spec is validated with; the container's own range is allocated
 /// when it is recorded (`mig_runtime::container::userns`).
 const USERNS_MAP: IdMap = IdMap {
@@ -782,6 +784,20 @@ impl Agent {
         };
         self.update(id, |e| e.state.stop_requested = true);
         kill(Pid::from_raw(pid), sig).map_err(|e| internal(format!("kill {pid}: {e}")))
+    }
+
+    /// `kill` with SIGKILL: returns once the container has ended (so a `remove` right after it
+    /// works, as after podman's kill), at most [`KILL_WAIT`]; other signals return at once.
+    pub(crate) async fn kill_and_wait(&self, id: &str, signal: i32) -> Result<(), ApiError> {
+        self.kill(id, signal)?;
+        if signal != Signal::SIGKILL as i32 || self.wait_ended(id, KILL_WAIT).await {
+            return Ok(());
+        }
+        let name = self.entry(id).map(|e| e.spec.name).unwrap_or_default();
+        Err(internal(format!(
+            "container {name} was sent SIGKILL but has not ended within {} s",
+            KILL_WAIT.as_secs()
+        )))
     }
 
     pub(crate) async fn remove(&self, id: &str, force: bool) -> Result<(), ApiError> {

@@ -517,7 +517,11 @@ mod tests {
         let zeros = vec![0u8; MAX_OUTPUT];
         let r = legacy_result(0, &zeros, b"err", [5_000_000, 3]);
         assert!(r.truncated);
-        assert!(r.stderr.starts_with("err\nmig: exec output cut: "), "{}", r.stderr);
+        assert!(
+            r.stderr.starts_with("err\nmig: exec output cut: "),
+            "{}",
+            r.stderr
+        );
         let len = serde_json::to_vec(&Response::Exec(r)).unwrap().len();
         assert!(len < MAX_FRAME as usize, "{len}");
         let r = legacy_result(3, b"hi\n", b"", [3, 0]);
