@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 /// Settings come from the configuration file (/etc/mig/config.toml when it exists, or --config);
 /// each flag given overrides the file.
 #[derive(Debug, Parser)]
-#[command(name = "migd", version, about)]
+#[command(name = "migd", version)]
 struct Args {
     /// The configuration file (default: /etc/mig/config.toml when it exists).
     #[arg(long, env = "MIG_CONFIG", value_name = "FILE")]
@@ -60,6 +60,10 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("invalid size {s:?} (use e.g. 512M or 64G)"))
 }
 
+/// migd's man page NAME line, after `migd - `.
+const MIGD_NAME_LINE: &str =
+    "the mig agent: runs this host's containers, checkpoints them and moves them to peer agents";
+
 /// The pipe size CRIU's lazy page server needs (DESIGN.md, "Platform facts").
 const PIPE_MAX_SIZE: u64 = 16 << 20;
 
@@ -78,10 +82,7 @@ fn run() -> Result<()> {
     let args = Args::parse();
     if args.man {
         use clap::CommandFactory;
-        let mut out = Vec::new();
-        clap_mangen::Man::new(Args::command())
-            .section("8")
-            .render(&mut out)
+        let out = mig_agent::cli::man::render(Args::command(), MIGD_NAME_LINE, None, "8")
             .context("rendering the man page")?;
         std::io::Write::write_all(&mut std::io::stdout(), &out).context("writing the man page")?;
         return Ok(());

@@ -279,10 +279,13 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
             return Ok(0);
         }
         Command::Man => {
-            let mut buf = Vec::new();
-            clap_mangen::Man::new(super::command())
-                .render(&mut buf)
-                .map_err(CliError::Output)?;
+            let buf = super::man::render(
+                super::command(),
+                super::man::MIG_NAME_LINE,
+                Some(super::man::MIG_DESCRIPTION),
+                "1",
+            )
+            .map_err(CliError::Output)?;
             out(&String::from_utf8_lossy(&buf))?;
             return Ok(0);
         }

@@ -10,6 +10,7 @@ mod completion;
 mod drain;
 mod events;
 mod logs;
+pub mod man;
 mod moves;
 mod output;
 mod rebalance;
@@ -28,7 +29,7 @@ pub const EXIT_MIG_ERROR: u8 = 125;
 
 /// Run and move Linux containers.
 #[derive(Debug, Parser)]
-#[command(name = "mig", version, about, propagate_version = true)]
+#[command(name = "mig", version, propagate_version = true)]
 pub struct Cli {
     /// The agent's API socket. The agent is chosen by --remote, else --socket, else --host,
     /// else /run/mig/migd.sock; an option on the command line wins over the variables of the
