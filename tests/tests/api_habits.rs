@@ -51,3 +51,78 @@ fn kill_then_rm_works_and_other_signals_return_at_once() -> Result<()> {
         .context("rm after kill -s KILL")?;
     Ok(())
 }
+
+/// Reads events from `c` until one of type `ty` for container `name` arrives.
+async fn event_of(
+    c: &mut mig_agent::client::Client,
+    ty: &str,
+    name: &str,
+) -> Result<serde_json::Value> {
+    loop {
+        let e = tokio::time::timeout(Duration::from_secs(60), c.next_event())
+            .await
+            .with_context(|| format!("no {ty} event within 60 s"))??;
+        let v = serde_json::to_value(&e)?;
+        if v["type"] == ty && v["name"] == name {
+            return Ok(v);
+        }
+    }
+}
+
+/// `container_stopped` of a kill: `exit_code` 128+signal (as `mig inspect` and `ps` say) and
+/// `signal`; of an exit: the code and no signal. A move away is told from a kill by `moved_to`.
+#[test]
+fn stopped_events_carry_the_signal_and_a_move_says_where_to() -> Result<()> {
+    if !is_root("stopped_events_carry_the_signal_and_a_move_says_where_to") {
+        return Ok(());
+    }
+    let lab = mig_tests::lab::Lab::up("s16e", 75)?;
+    let socket = lab.hosts[0].socket.clone();
+    let peer = lab.hosts[1].name.clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut ev = rt.block_on(async {
+        let mut ev = mig_agent::client::Client::connect(&socket).await?;
+        ev.subscribe_events().await?;
+        anyhow::Ok(ev)
+    })?;
+
+    lab.mig_ok(
+        0,
+        &["run", "-d", "--name", "k", "busybox", "--", "sleep", "100"],
+    )?;
+    lab.mig_ok(0, &["kill", "k"])?;
+    let e = rt.block_on(event_of(&mut ev, "container_stopped", "k"))?;
+    ensure!(
+        e["exit_code"] == 137 && e["signal"] == 9 && e["moved_to"].is_null(),
+        "{e}"
+    );
+    let i = lab.mig_json(0, &["inspect", "--json", "k"])?;
+    ensure!(i["exit_code"] == 137 && i["signal"] == 9, "{i}");
+    let e = {
+        lab.mig_ok(
+            0,
+            &["run", "--name", "x", "busybox", "--", "sh", "-c", "exit 3"],
+        )
+        .ok();
+        rt.block_on(event_of(&mut ev, "container_stopped", "x"))?
+    };
+    ensure!(
+        e["exit_code"] == 3 && e["signal"].is_null() && e["moved_to"].is_null(),
+        "{e}"
+    );
+
+    lab.mig_ok(
+        0,
+        &[
+            "run", "-d", "--name", "mv", "busybox", "--", "sleep", "1000",
+        ],
+    )?;
+    lab.mig_ok(0, &["move", "mv", &peer])?;
+    let stopped = rt.block_on(event_of(&mut ev, "container_stopped", "mv"))?;
+    let removed = rt.block_on(event_of(&mut ev, "container_removed", "mv"))?;
+    ensure!(stopped["moved_to"] == peer.as_str(), "{stopped}");
+    ensure!(removed["moved_to"] == peer.as_str(), "{removed}");
+    Ok(())
+}

@@ -166,7 +166,7 @@ pub fn event_container(k: &EventKind) -> Option<(&str, &str)> {
         | EventKind::ContainerOom { id, name, .. }
         | EventKind::ContainerCheckpointed { id, name, .. }
         | EventKind::ContainerRestored { id, name }
-        | EventKind::ContainerRemoved { id, name } => Some((id, name)),
+        | EventKind::ContainerRemoved { id, name, .. } => Some((id, name)),
         EventKind::MigrationPhase {
             container_id,
             container_name,
@@ -204,9 +204,12 @@ pub fn event_line(e: &Event) -> String {
             id,
             name,
             exit_code,
-        } => match exit_code {
-            Some(c) => format!("stopped {name} ({}) exit code {c}", short(id)),
-            None => format!("stopped {name} ({})", short(id)),
+            moved_to,
+            ..
+        } => match (moved_to, exit_code) {
+            (Some(p), _) => format!("stopped {name} ({}): moved to {p}", short(id)),
+            (None, Some(c)) => format!("stopped {name} ({}) exit code {c}", short(id)),
+            (None, None) => format!("stopped {name} ({})", short(id)),
         },
         EventKind::ContainerOom {
             id,
@@ -227,7 +230,7 @@ pub fn event_line(e: &Event) -> String {
             }
         ),
         EventKind::ContainerRestored { id, name } => format!("restored {name} ({})", short(id)),
-        EventKind::ContainerRemoved { id, name } => format!("removed {name} ({})", short(id)),
+        EventKind::ContainerRemoved { id, name, .. } => format!("removed {name} ({})", short(id)),
         EventKind::MigrationPhase {
             migration_id,
             container_name,
@@ -285,6 +288,8 @@ mod tests {
                 id: "0123456789abcdef".into(),
                 name: "web".into(),
                 exit_code: Some(0),
+                signal: None,
+                moved_to: None,
             },
         };
         assert_eq!(

@@ -280,7 +280,26 @@ impl Agent {
             id: id.to_owned(),
             name: e.spec.name.clone(),
             exit_code: exit.as_ref().map(|x| x.code),
+            signal: exit.as_ref().and_then(|x| x.signal),
+            moved_to: self.moved_to(id),
         });
+    }
+
+    /// The peer container `id` was moved to, when its last migration here moved it away and has
+    /// committed (or sent its commit): its copy here ending is then the end of a move, not a kill.
+    fn moved_to(&self, id: &str) -> Option<String> {
+        use mig_migrate::protocol::{JournalState, Role};
+        let journals = self.journals();
+        let last = journals
+            .iter()
+            .filter(|j| j.container_id == id)
+            .max_by_key(|j| j.updated)?;
+        (last.role == Role::Source
+            && matches!(
+                last.state,
+                JournalState::CommitSent | JournalState::Committed
+            ))
+        .then(|| last.peer.clone())
     }
 
     /// Unmounts the rootfs and removes the cgroup, best effort (used when the shim could not).
@@ -843,6 +862,7 @@ impl Agent {
         self.emit(super::events::EventKind::ContainerRemoved {
             id: id.to_owned(),
             name: e.spec.name.clone(),
+            moved_to: self.moved_to(id),
         });
         Ok(())
     }

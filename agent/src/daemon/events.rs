@@ -43,7 +43,17 @@ pub enum EventKind {
     ContainerStopped {
         id: String,
         name: String,
+        /// As `mig inspect` and `mig ps` give it: the exit code, or 128+signal when the init was
+        /// killed by a signal; null when unknown (the shim recorded nothing).
         exit_code: Option<i32>,
+        /// The signal that killed the init; null when it exited (or unknown). Absent from agents
+        /// before it was added.
+        #[serde(default)]
+        signal: Option<i32>,
+        /// The peer the container was moved to, when this is the source's copy ending after a
+        /// committed move (it runs on there); null otherwise.
+        #[serde(default)]
+        moved_to: Option<String>,
     },
     ContainerOom {
         id: String,
@@ -62,6 +72,9 @@ pub enum EventKind {
     ContainerRemoved {
         id: String,
         name: String,
+        /// As in `ContainerStopped`: set when the source's copy is removed after a committed move.
+        #[serde(default)]
+        moved_to: Option<String>,
     },
     /// A migration entered `phase` (prepare, presync, freeze, dump, transfer, restore, commit,
     /// rollback) on this agent; `elapsed_ms` counts from the start of the migration.
