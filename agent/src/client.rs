@@ -34,6 +34,8 @@ pub enum ClientError {
     Frame(#[from] FrameError),
     #[error("the agent answered API version {agent}, this client speaks versions {CLIENT_API_MIN} to {API_VERSION}{}", detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default())]
     Version { agent: u32, detail: Option<String> },
+    #[error("the agent did not answer the hello within {secs} s")]
+    NoHello { secs: u64 },
     #[error("{0}")]
     Api(#[from] ApiError),
     #[error("unexpected answer from the agent to {request}: {got}")]
@@ -41,10 +43,12 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// The API error kind, when the agent refused the request.
+    /// The API error kind, when the agent refused the request; `UnsupportedVersion` also when
+    /// the client refused the agent's version ([`ClientError::Version`]).
     pub fn api_kind(&self) -> Option<ErrorKind> {
         match self {
             ClientError::Api(e) => Some(e.kind),
+            ClientError::Version { .. } => Some(ErrorKind::UnsupportedVersion),
             _ => None,
         }
     }
@@ -101,6 +105,13 @@ fn unexpected(request: &'static str, got: Response) -> ClientError {
     }
 }
 
+/// How long the agent may take to answer our hello.
+const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How long to wait for the agent's error after a hello with a version we do not speak (an agent
+/// sends it right after its hello; one that does not is not waited for).
+const VERSION_ERROR_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// What the agent answered to our hello.
 enum Handshake {
     Done(Hello),
@@ -113,7 +124,11 @@ async fn handshake(stream: &mut Box<dyn Duplex>, offer: u32) -> Result<Handshake
     let mut hello = Hello::new("mig-client");
     hello.api_version = offer;
     write_frame(stream, &hello).await?;
-    let agent: Hello = read_frame(stream).await?;
+    let agent: Hello = tokio::time::timeout(HELLO_TIMEOUT, read_frame(stream))
+        .await
+        .map_err(|_| ClientError::NoHello {
+            secs: HELLO_TIMEOUT.as_secs(),
+        })??;
     let v = agent.api_version;
     if (CLIENT_API_MIN..=offer).contains(&v) {
         // A version-1 agent refuses any other offer with an error frame after its hello.
@@ -122,11 +137,13 @@ async fn handshake(stream: &mut Box<dyn Duplex>, offer: u32) -> Result<Handshake
         }
         return Ok(Handshake::Done(agent));
     }
-    // Too old or too new for us: the agent's error (if it sent one) names both versions.
-    let detail = match read_frame::<Response, _>(stream).await {
-        Ok(Response::Error(e)) => Some(e.message),
-        _ => None,
-    };
+    // Too old or too new for us: the agent's error (if it sent one) names both versions. An
+    // agent that sends none and keeps the connection open is not waited for long.
+    let detail =
+        match tokio::time::timeout(VERSION_ERROR_WAIT, read_frame::<Response, _>(stream)).await {
+            Ok(Ok(Response::Error(e))) => Some(e.message),
+            _ => None,
+        };
     Err(ClientError::Version { agent: v, detail })
 }
 
@@ -672,5 +689,43 @@ impl Client {
             Response::Ok => Ok(()),
             r => Err(unexpected(what, r)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An agent that answers a version above our offer and then neither sends an error nor
+    /// closes: the client gives up at once with an error naming both versions (it waited forever).
+    #[tokio::test]
+    async fn a_newer_agent_that_keeps_the_connection_open_is_refused_in_time() {
+        let (mine, mut agent) = tokio::io::duplex(1 << 16);
+        let fake = tokio::spawn(async move {
+            let _: Hello = read_frame(&mut agent).await.unwrap();
+            let mut h = Hello::new("fake-migd");
+            h.api_version = 99;
+            write_frame(&mut agent, &h).await.unwrap();
+            // Keeps the connection open.
+            tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+            drop(agent);
+        });
+        let t = std::time::Instant::now();
+        let r = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            Client::handshake_on(Box::new(mine), None),
+        )
+        .await
+        .expect("the handshake hung");
+        let e = r.expect_err("version 99 accepted");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("version 99")
+                && msg.contains(&format!("{CLIENT_API_MIN} to {API_VERSION}")),
+            "{msg}"
+        );
+        assert_eq!(e.api_kind(), Some(ErrorKind::UnsupportedVersion));
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
+        fake.abort();
     }
 }

@@ -126,3 +126,38 @@ fn stopped_events_carry_the_signal_and_a_move_says_where_to() -> Result<()> {
     ensure!(removed["moved_to"] == peer.as_str(), "{removed}");
     Ok(())
 }
+
+/// A hello whose version is not a number gets the agent's hello and an error frame, not a
+/// silent close.
+#[test]
+fn a_hello_with_a_version_that_is_not_a_number_gets_an_error() -> Result<()> {
+    use std::io::{Read, Write};
+    if !is_root("a_hello_with_a_version_that_is_not_a_number_gets_an_error") {
+        return Ok(());
+    }
+    let agent = Agent::start("bad_hello")?;
+    let mut s = std::os::unix::net::UnixStream::connect(&agent.socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let hello = br#"{"api_version":"three","software":"raw 0"}"#;
+    s.write_all(&(hello.len() as u32).to_be_bytes())?;
+    s.write_all(hello)?;
+    let mut get = || -> Result<serde_json::Value> {
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len)
+            .context("the agent closed without a word")?;
+        let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
+        s.read_exact(&mut buf)?;
+        Ok(serde_json::from_slice(&buf)?)
+    };
+    let h = get()?;
+    ensure!(h["api_version"].is_u64(), "{h}");
+    let r = get()?;
+    let msg = r["body"]["message"].as_str().unwrap_or_default();
+    ensure!(
+        r["kind"] == "error"
+            && r["body"]["kind"] == "invalid_argument"
+            && msg.contains("hello is not valid"),
+        "{r}"
+    );
+    Ok(())
+}

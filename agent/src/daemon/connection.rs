@@ -44,6 +44,24 @@ pub(crate) async fn serve_authenticated(
     let hello = tokio::time::timeout(HELLO_TIMEOUT, read_frame::<Hello, _>(&mut stream)).await;
     let hello = match hello {
         Ok(Ok(h)) => h,
+        Ok(Err(e @ FrameError::Decode { .. })) => {
+            // Not a hello we can read (a version that is not a number, a missing field): say so
+            // in the usual place, after our hello, instead of closing without a word.
+            tracing::debug!(error = %e, "bad hello");
+            let why = std::error::Error::source(&e)
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            let err = ApiError::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "the client's hello is not valid ({why}): expected {{\"api_version\": N, \"software\": \"...\"}} with N a whole number"
+                ),
+            );
+            if write_frame(&mut stream, &Hello::new("migd")).await.is_ok() {
+                let _ = write_frame(&mut stream, &Response::Error(err)).await;
+            }
+            return;
+        }
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "bad hello");
             return;
