@@ -161,3 +161,43 @@ fn a_hello_with_a_version_that_is_not_a_number_gets_an_error() -> Result<()> {
     );
     Ok(())
 }
+
+/// A command that is not in the image, or cannot be executed, is the caller's mistake:
+/// `invalid_argument`, with the words the CLI turns into exit 127 and 126.
+#[test]
+fn a_command_that_cannot_run_is_an_invalid_argument() -> Result<()> {
+    if !is_root("a_command_that_cannot_run_is_an_invalid_argument") {
+        return Ok(());
+    }
+    let agent = Agent::start("cmd_not_run")?;
+    agent.import_busybox()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let socket = agent.socket.clone();
+    rt.block_on(async move {
+        use mig_agent::api::{ErrorKind, RunRequest};
+        let mut c = mig_agent::client::Client::connect(&socket).await?;
+        for (cmd, words) in [
+            ("nosuchcmd", "is not in the image"),
+            ("/etc/passwd", "cannot be executed"),
+        ] {
+            let req = RunRequest {
+                image: "busybox".into(),
+                args: vec![cmd.into()],
+                ..RunRequest::default()
+            };
+            let e = c.run(req).await.expect_err(cmd);
+            anyhow::ensure!(
+                e.api_kind() == Some(ErrorKind::InvalidArgument) && e.to_string().contains(words),
+                "{cmd}: {:?} {e}",
+                e.api_kind()
+            );
+        }
+        anyhow::Ok(())
+    })?;
+    // The CLI's exit codes (matched on the words) still hold.
+    ensure!(agent.mig(&["run", "busybox", "--", "nosuchcmd"]).code == 127);
+    ensure!(agent.mig(&["run", "busybox", "--", "/etc/passwd"]).code == 126);
+    Ok(())
+}

@@ -624,6 +624,9 @@ impl Agent {
                 let _ = child.wait().await;
                 let kind = if stage.is_unavailable(&message) {
                     ErrorKind::Unavailable
+                } else if stage == crate::shim::Stage::Spawn && command_not_runnable(&message) {
+                    // The caller's mistake, not the agent's.
+                    ErrorKind::InvalidArgument
                 } else {
                     ErrorKind::Internal
                 };
@@ -1007,6 +1010,26 @@ fn parse_user(user: &str) -> (u32, u32) {
     let uid = it.next().and_then(|u| u.parse().ok()).unwrap_or(0);
     let gid = it.next().and_then(|g| g.parse().ok()).unwrap_or(uid);
     (uid, gid)
+}
+
+/// Whether a failed start's message is the shim's "the command \"x\" is not in the image ..." or
+/// "the command \"x\" cannot be executed: ..." (agent/src/shim/start.rs `spawn_failure`). The
+/// CLI matches these words to exit 127 or 126: keep them.
+fn command_not_runnable(message: &str) -> bool {
+    let Some(tail) = message.strip_prefix("the command \"") else {
+        return false;
+    };
+    // The command's name is a Rust debug string: skip it to its closing quote.
+    let mut escaped = false;
+    let end = tail.char_indices().find_map(|(i, ch)| {
+        let close = ch == '"' && !escaped;
+        escaped = ch == '\\' && !escaped;
+        close.then_some(i)
+    });
+    end.is_some_and(|end| {
+        let rest = &tail[end + 1..];
+        rest.starts_with(" is not in the image") || rest.starts_with(" cannot be executed")
+    })
 }
 
 #[cfg(test)]
