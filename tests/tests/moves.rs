@@ -300,6 +300,15 @@ fn link_cut_at_commit_is_resolved_with_one_copy() -> Result<()> {
     let o = lab.mig(0, &["move", "doubt", "host-b", "--json"]);
     lab.fault(1, None)?;
     eprintln!("move: {} {}", o.code, o.stderr.trim());
+    // In doubt the frozen copy belongs to the move (it may still resume here): not killed by
+    // hand, as stop, rm and checkpoint are refused.
+    let k = lab.mig(0, &["kill", "doubt"]);
+    assert!(
+        k.code != 0 && (k.stderr.contains("being moved") || k.stderr.contains("busy")),
+        "kill of a copy in doubt: {} {}",
+        k.code,
+        k.stderr
+    );
     // Settled: the container runs on exactly one host and nothing of it is left on the other.
     // (While in doubt both copies are frozen; their records still say running.)
     let running = |h: usize| running_on(&lab, h, "doubt").is_ok();
@@ -386,5 +395,59 @@ fn two_sources_cannot_bring_the_same_name_at_once() -> Result<()> {
     for (host, id) in [(1, &ids[moved_from / 2]), (kept, &ids[kept / 2])] {
         let _ = lab.mig(host, &["rm", "-f", id]);
     }
+    Ok(())
+}
+
+/// `mig stop` waits for a container that ignores SIGTERM; a move started meanwhile is refused
+/// (it would carry off a container its user is stopping), and the stop ends it here.
+#[test]
+fn a_move_is_refused_while_the_container_is_being_stopped() -> Result<()> {
+    if !mig_tests::is_root("migration tests") {
+        return Ok(());
+    }
+    let lab = Lab::up("stopmv", 177)?;
+    lab.mig_ok(
+        0,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "stubborn",
+            "busybox",
+            "--",
+            "sh",
+            "-c",
+            "trap '' TERM; while :; do sleep 1; done",
+        ],
+    )?;
+    let (stop, mv) = std::thread::scope(|s| {
+        let stop = s.spawn(|| lab.mig(0, &["stop", "-t", "4", "stubborn"]));
+        std::thread::sleep(std::time::Duration::from_millis(1000));
+        let mv = lab.mig(0, &["move", "stubborn", "host-b"]);
+        (stop.join(), mv)
+    });
+    let stop = stop.map_err(|_| anyhow::anyhow!("the stop's thread panicked"))?;
+    eprintln!(
+        "stop: {} {}\nmove: {} {}",
+        stop.code, stop.stderr, mv.code, mv.stderr
+    );
+    if mv.code == 0 || !mv.stderr.contains("being stopped") {
+        bail!(
+            "a move during mig stop was not refused: {} {}",
+            mv.code,
+            mv.stderr
+        );
+    }
+    if stop.code != 0 {
+        bail!("the stop failed: {}", stop.stderr);
+    }
+    let v = lab.mig_json(0, &["inspect", "stubborn", "--json"])?;
+    if v["state"] == "running" {
+        bail!("stubborn still runs after mig stop: {v}");
+    }
+    if lab.mig(1, &["inspect", "stubborn"]).code == 0 {
+        bail!("stubborn arrived on host-b");
+    }
+    let _ = lab.mig(0, &["rm", "-f", "stubborn"]);
     Ok(())
 }

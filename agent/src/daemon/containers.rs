@@ -766,6 +766,8 @@ impl Agent {
         if !e.state.state.is_live() {
             return Ok(());
         }
+        // A move or checkpoint must not start while the container is being stopped.
+        let _stopping = Stopping::mark(id);
         self.update(id, |e| e.state.stop_requested = true);
         if let Some(pid) = self.init_pid(id) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
@@ -795,6 +797,11 @@ impl Agent {
             Signal::try_from(signal).map_err(|_| invalid(format!("invalid signal {signal}")))?;
         self.refresh(id);
         let e = self.entry(id)?;
+        // A copy frozen by a move (or a checkpoint) is not the container's to signal: a move in
+        // doubt may still resume it here.
+        if e.busy {
+            return Err(self.busy_error(id, &e));
+        }
         let pid = match (e.state.state, self.init_pid(id)) {
             (ContainerState::Running, Some(p)) => p,
             _ => {
@@ -1097,4 +1104,38 @@ mod record_tests {
         write_record_once(&p, &Rec { a: 2 }).unwrap();
         assert_ne!(std::fs::metadata(&p).unwrap().ino(), old);
     }
+}
+
+/// Containers whose `stop` is under way (ids), so that a move or a checkpoint of one is refused.
+static STOPPING: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Marks a container as being stopped until dropped.
+struct Stopping(String);
+
+impl Stopping {
+    fn mark(id: &str) -> Stopping {
+        STOPPING
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(id.to_owned());
+        Stopping(id.to_owned())
+    }
+}
+
+impl Drop for Stopping {
+    fn drop(&mut self) {
+        let mut g = STOPPING.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = g.iter().position(|s| *s == self.0) {
+            g.swap_remove(i);
+        }
+    }
+}
+
+/// Whether `mig stop` of container `id` is under way.
+pub(crate) fn is_stopping(id: &str) -> bool {
+    STOPPING
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .any(|s| s == id)
 }

@@ -10,6 +10,7 @@ mod bundle;
 mod checkpoint;
 mod connection;
 mod containers;
+pub(crate) use containers::is_stopping;
 pub mod events;
 mod exec;
 pub mod heap;

@@ -1283,6 +1283,12 @@ impl Agent {
                 ),
             ));
         }
+        if crate::daemon::is_stopping(id) {
+            return Err(api(
+                ErrorKind::Conflict,
+                format!("container {} is being stopped (mig stop)", e.spec.name),
+            ));
+        }
         e.busy = true;
         Ok(())
     }
