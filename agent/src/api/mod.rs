@@ -784,6 +784,10 @@ pub struct HostInfo {
     /// The oldest API version this agent still serves (see [`API_VERSION_MIN`]).
     #[serde(default)]
     pub api_version_min: u32,
+    /// The migration protocol version this agent speaks with its peers (docs/protocol.md),
+    /// e.g. `1.4`; empty from an agent that does not say.
+    #[serde(default)]
+    pub protocol_version: String,
     /// CRIU features checked with `criu check --feature` (those that pass), e.g. `uffd-noncoop`
     /// (post-copy) and `mem_dirty_track` (iterative pre-dump).
     #[serde(default)]

@@ -260,10 +260,15 @@ pub fn inspect_text(d: &ContainerDetails) -> String {
 
 pub fn info_text(i: &HostInfo) -> String {
     format!(
-        "name:        {}\nversion:     {} (API {})\ncriu:        {}\nkernel:      {}\ncpus:        {}\nmemory:      {}\nstate dir:   {}\ncgroup:      {}\ncontainers:  {} running, {} total\n",
+        "name:        {}\nversion:     {} (API {}, migration protocol {})\ncriu:        {}\nkernel:      {}\ncpus:        {}\nmemory:      {}\nstate dir:   {}\ncgroup:      {}\ncontainers:  {} running, {} total\n",
         i.name,
         i.version,
         i.api_version,
+        if i.protocol_version.is_empty() {
+            "?"
+        } else {
+            &i.protocol_version
+        },
         i.criu_version.as_deref().unwrap_or("not found"),
         i.kernel,
         i.cpus,

@@ -184,6 +184,7 @@ impl Agent {
             containers_running: running,
             containers_total: total,
             api_version_min: API_VERSION_MIN,
+            protocol_version: mig_migrate::wire::PROTOCOL_VERSION.to_string(),
             criu_features: criu_features().await.clone(),
             memory_total_bytes: total_mem,
             memory_used_bytes: total_mem.saturating_sub(free),
