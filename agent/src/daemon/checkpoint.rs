@@ -43,20 +43,103 @@ fn refuse_established(pid: i32, container: &str, op: &str) -> Result<(), ApiErro
     }
 }
 
+/// What can be known of `mig checkpoint --export FILE` before anything is frozen: FILE's
+/// directory exists and takes a new file with data in it (not read-only, not full), and FILE is
+/// not a directory. The dump may still outlive a failed export (a filesystem filling up while
+/// it is written): the checkpoint is then kept (`Agent::checkpoint`).
+fn check_export_target(file: &str) -> Result<(), ApiError> {
+    use std::io::Write;
+    let bad = |why: String| {
+        ApiError::new(
+            ErrorKind::InvalidArgument,
+            format!("cannot export to {file}: {why}; nothing was frozen"),
+        )
+    };
+    let path = Path::new(file);
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(bad("it names no file".into()));
+    };
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(bad(format!("{} is not a directory", dir.display()))),
+        Err(e) => return Err(bad(format!("directory {}: {e}", dir.display()))),
+    }
+    if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
+        return Err(bad("it is a directory".into()));
+    }
+    // Where the archive's temporary files go (archive::export writes siblings of FILE).
+    let probe = dir.join(format!(
+        ".{}.probe{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .and_then(|mut f| {
+            let wrote = f.write_all(&[0u8; 4096]).and_then(|_| f.sync_all());
+            let _ = std::fs::remove_file(&probe);
+            wrote
+        });
+    written.map_err(|e| bad(format!("cannot write a file in {}: {e}", dir.display())))
+}
+
+/// An export that failed after the dump, said of FILE (not of the image file being copied when
+/// FILE's filesystem filled up).
+fn export_error(file: &str, e: &archive::ArchiveError) -> String {
+    match e {
+        archive::ArchiveError::Write { source, .. } => format!("cannot write {file}: {source}"),
+        e => format!("exporting to {file}: {}", chain(e)),
+    }
+}
+
+/// Thaws, trying again a few times: a checkpoint that leaves the container running must not
+/// leave it frozen.
+fn thaw_hard(cg: &Cgroup) -> Result<(), mig_runtime::cgroup::CgroupError> {
+    let mut last = cg.thaw();
+    for _ in 0..5 {
+        if last.is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        last = cg.thaw();
+    }
+    last
+}
+
 fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
 }
 
 impl Agent {
-    /// Refuses a dump (`op`: checkpoint, move) of a container with established TCP connections
-    /// when the caller did not ask to keep them; the message names `--tcp-established`.
+    /// Refuses a dump (`op`: checkpoint, move) no host could restore ([`Self::refuse_unrestorable`]),
+    /// then one of a container with established TCP connections when the caller did not ask to
+    /// keep them; the message names `--tcp-established`. (A move calls this only without
+    /// `--tcp-established`: migration/source.rs should call `refuse_unrestorable` itself.)
     pub(crate) fn refuse_established(
         &self,
         pid: i32,
         container: &str,
         op: &str,
     ) -> Result<(), ApiError> {
+        if let Ok(id) = self.resolve(container) {
+            self.refuse_unrestorable(&id, op)?;
+        }
         refuse_established(pid, container, op)
+    }
+
+    /// Refuses a dump (`op`: checkpoint, move) whose images no host could restore
+    /// (migration::modes::check_restorable), before anything is frozen.
+    pub(crate) fn refuse_unrestorable(&self, id: &str, op: &str) -> Result<(), ApiError> {
+        let e = self.entry(id)?;
+        crate::migration::modes::check_restorable(
+            op,
+            &e.spec.name,
+            e.spec.userns.is_some(),
+            e.spec.net.is_some(),
+        )
+        .map_err(|e| ApiError::new(ErrorKind::Unavailable, e.to_string()))
     }
 
     /// Marks the container busy if it is in state `want` and idle.
@@ -100,10 +183,22 @@ impl Agent {
         }
         let id = self.resolve(container)?;
         self.refresh(&id);
+        self.refuse_unrestorable(&id, "checkpoint")?;
         if !tcp_established {
             if let Some(pid) = self.init_pid(&id) {
                 refuse_established(pid, container, "checkpoint")?;
             }
+        }
+        if let Some(file) = export.as_deref() {
+            let file = file.to_owned();
+            tokio::task::spawn_blocking(move || check_export_target(&file))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(ApiError::new(
+                        ErrorKind::Internal,
+                        format!("export check failed: {e}"),
+                    ))
+                })?;
         }
         self.claim(&id, ContainerState::Running)?;
         let agent = self.clone();
@@ -118,7 +213,7 @@ impl Agent {
                 format!("dump task failed: {e}"),
             ))
         });
-        let result = match res {
+        let (result, export_failed) = match res {
             Ok(r) => r,
             Err(e) => {
                 self.update(&id, |e| e.busy = false);
@@ -146,21 +241,36 @@ impl Agent {
         let name = self.entry(&id).map(|e| e.spec.name).unwrap_or_default();
         self.emit(super::events::EventKind::ContainerCheckpointed {
             id: id.clone(),
-            name,
+            name: name.clone(),
             leave_running,
         });
+        if let Some(why) = export_failed {
+            // The dump is done and sealed: the container is checkpointed here (or still
+            // running), whatever became of the archive.
+            tracing::warn!(%id, error = %why, "the export of a checkpoint failed");
+            let kept = if leave_running {
+                format!(
+                    "the container keeps running, and its checkpoint is kept in {}",
+                    result.images_dir
+                )
+            } else {
+                format!("the checkpoint is kept here: mig restore {name}")
+            };
+            return Err(ApiError::new(ErrorKind::Internal, format!("{why}; {kept}")));
+        }
         Ok(Response::Checkpointed(Box::new(result)))
     }
 
-    /// Freezes, dumps, thaws (or kills) and seals; on any failure the container is thawed and
-    /// keeps running.
+    /// Freezes, dumps, thaws (or kills), seals and exports; on any failure up to the dump the
+    /// container is thawed and keeps running. A failed export comes back as the second value,
+    /// with the checkpoint made: the caller records it.
     fn dump_blocking(
         &self,
         id: &str,
         leave_running: bool,
         export: Option<&str>,
         tcp_established: bool,
-    ) -> Result<CheckpointResult, ApiError> {
+    ) -> Result<(CheckpointResult, Option<String>), ApiError> {
         let t0 = Instant::now();
         let internal = |m: String| ApiError::new(ErrorKind::Internal, m);
         let e = self.entry(id)?;
@@ -221,7 +331,7 @@ impl Agent {
         let stats = match dumped {
             Ok(s) => s,
             Err(err) => {
-                let thawed = cg.thaw();
+                let thawed = thaw_hard(&cg);
                 let mut msg = format!(
                     "checkpoint failed, the container keeps running: {}",
                     chain(&err)
@@ -236,7 +346,7 @@ impl Agent {
             }
         };
         if leave_running {
-            cg.thaw()
+            thaw_hard(&cg)
                 .map_err(|e| internal(format!("thawing after the dump: {}", chain(&e))))?;
         } else {
             // CRIU killed the dumped tasks; make sure nothing is left frozen in the cgroup.
@@ -256,17 +366,24 @@ impl Agent {
             },
         )
         .map_err(|e| internal(format!("sealing the image set: {}", chain(&e))))?;
+        let mut export_failed = None;
         let (exported, archive_bytes) = match export {
             None => (None, None),
             Some(file) => {
                 let zstd = file.ends_with(".zst") || file.ends_with(".zstd");
-                archive::export(&images, Some(&cd.upper()), Path::new(file), zstd)
-                    .map_err(|e| internal(format!("exporting to {file}: {}", chain(&e))))?;
-                let size = std::fs::metadata(file).map(|m| m.len()).ok();
-                (Some(file.to_owned()), size)
+                match archive::export(&images, Some(&cd.upper()), Path::new(file), zstd) {
+                    Ok(_) => {
+                        let size = std::fs::metadata(file).map(|m| m.len()).ok();
+                        (Some(file.to_owned()), size)
+                    }
+                    Err(e) => {
+                        export_failed = Some(export_error(file, &e));
+                        (None, None)
+                    }
+                }
             }
         };
-        Ok(CheckpointResult {
+        let result = CheckpointResult {
             exported,
             archive_bytes,
             id: id.to_owned(),
@@ -278,7 +395,8 @@ impl Agent {
             images_dir: images.display().to_string(),
             pid_map,
             criu: stats,
-        })
+        };
+        Ok((result, export_failed))
     }
 
     pub(crate) async fn restore(self: &Arc<Self>, container: &str) -> Result<Response, ApiError> {
@@ -409,6 +527,50 @@ impl Agent {
                     ));
                 }
             }
+            // The checkpoint's address, MAC and host interface are in its images: refused when
+            // they belong to another container, before anything is touched (QA session 16:
+            // `--name` gave a copy the running original's address, and the restore deleted the
+            // original's host veth).
+            let mut claimed = false;
+            if let Some(net) = &spec.net {
+                if let Err(e) = self.check_import_net(&map, &spec.id, net) {
+                    drop(map);
+                    let _ = std::fs::remove_dir_all(&tmp);
+                    return Err(e);
+                }
+                match mig_runtime::net::HostNet::load(&self.cfg.state_dir)
+                    .and_then(|n| n.claim(&spec.id, net.address))
+                {
+                    Ok(()) => claimed = true,
+                    // No container network here: the restore says so.
+                    Err(mig_runtime::net::NetError::NoHostNet { .. }) => {}
+                    Err(e) => {
+                        let owner = match &e {
+                            mig_runtime::net::NetError::AddressTaken { owner, .. } => {
+                                Some(owner.clone())
+                            }
+                            _ => None,
+                        };
+                        drop(map);
+                        let _ = std::fs::remove_dir_all(&tmp);
+                        return Err(match owner {
+                            Some(owner) => ApiError::new(
+                                ErrorKind::AlreadyExists,
+                                format!(
+                                    "the checkpoint's address {} belongs to container {owner} \
+                                     (the segment's address table gives it to that container, \
+                                     here or on another host); nothing was restored",
+                                    net.address
+                                ),
+                            ),
+                            None => ApiError::new(
+                                ErrorKind::Internal,
+                                format!("recording the checkpoint's address: {}", chain(&e)),
+                            ),
+                        });
+                    }
+                }
+            }
             let state = StateRecord {
                 state: ContainerState::Checkpointed,
                 created: now(),
@@ -427,6 +589,9 @@ impl Agent {
                 .and_then(|_| crate::layout::write_record(&cd.state(), &state));
             if let Err(e) = written {
                 drop(map);
+                if claimed {
+                    let _ = mig_runtime::net::ipam::release(&self.cfg.state_dir, &spec.id);
+                }
                 let _ = std::fs::remove_dir_all(&tmp);
                 let _ = std::fs::remove_dir_all(&cd.dir);
                 return Err(ApiError::new(
@@ -446,6 +611,58 @@ impl Agent {
         };
         tracing::info!(%id, name = %spec.name, "imported a checkpoint");
         self.restore(&id).await
+    }
+
+    /// Refuses an imported checkpoint (to become container `id`) whose network is another
+    /// container's here: the same address, MAC or host interface name as a container of another
+    /// id, or a host interface of the recorded name that is not a leftover of container `id`
+    /// (named after another id). Nothing is touched.
+    fn check_import_net(
+        &self,
+        map: &std::collections::HashMap<String, Entry>,
+        id: &str,
+        net: &mig_runtime::net::NetSpec,
+    ) -> Result<(), ApiError> {
+        let taken = |what: String, owner: &str| {
+            ApiError::new(
+                ErrorKind::AlreadyExists,
+                format!(
+                    "the checkpoint's {what} belongs to container {owner} here (the archive was \
+                     made of it or of a copy of it, and a restored copy keeps its network): \
+                     restore it on another host of the segment, or remove {owner} first; \
+                     nothing was restored"
+                ),
+            )
+        };
+        for e in map.values().filter(|e| e.spec.id != id) {
+            let Some(n) = &e.spec.net else { continue };
+            if n.address == net.address {
+                return Err(taken(format!("address {}", net.address), &e.spec.name));
+            }
+            if n.host_ifname == net.host_ifname {
+                return Err(taken(
+                    format!("host interface {}", net.host_ifname),
+                    &e.spec.name,
+                ));
+            }
+            if n.mac == net.mac {
+                return Err(taken(format!("MAC address {}", net.mac), &e.spec.name));
+            }
+        }
+        if net.host_ifname != mig_runtime::net::host_ifname_for_id(id)
+            && mig_runtime::net::host_link_exists(&net.host_ifname)
+        {
+            return Err(ApiError::new(
+                ErrorKind::AlreadyExists,
+                format!(
+                    "the checkpoint's host interface {} exists here and is not a leftover of \
+                     this container (its id is {id}): it is another container's; nothing was \
+                     restored",
+                    net.host_ifname
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Unpacks and verifies the archive into `dir/checkpoint`, checks the image layers are here,

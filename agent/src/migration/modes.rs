@@ -69,6 +69,8 @@ pub enum ModeError {
     NoUffd { detail: String },
     #[error("--mode lazy cannot move a container with a user namespace on this host: its restored tasks open userfaultfd from inside that namespace, which the kernel refuses (vm.unprivileged_userfaultfd = 0); nothing was frozen; use --mode stream or --mode cold")]
     LazyUserns,
+    #[error("cannot {op} {name}: it has both a user namespace (--userns) and a bridge network (--net bridge), and this CRIU cannot restore that combination (criu restore: couldn't restore veth interface eth0 via usernsd), so no host could restore it; nothing was frozen, it keeps running here (docs/networking.md)")]
+    UsernsBridge { op: String, name: String },
     #[error("--mode lazy cannot run here")]
     PipeMaxSize(#[source] mig_migrate::criu::CriuError),
     #[error("criu is not usable: {0}")]
@@ -137,6 +139,20 @@ pub(crate) fn userns_may_use_uffd() -> bool {
 pub fn check_container(mode: MoveMode, userns: bool) -> Result<(), ModeError> {
     if mode == MoveMode::Lazy && userns && !userns_may_use_uffd() {
         return Err(ModeError::LazyUserns);
+    }
+    Ok(())
+}
+
+/// Refuses to dump (`op`: checkpoint, move) container `name` when its checkpoint could not be
+/// restored by any host: a `--userns` container with a `--net bridge` veth (CRIU creates the veth
+/// through usernsd, which fails with EOPNOTSUPP: QA session 16, workloads #2). Checked before
+/// anything is frozen, as lazy + userns is by [`check_container`].
+pub fn check_restorable(op: &str, name: &str, userns: bool, bridge: bool) -> Result<(), ModeError> {
+    if userns && bridge {
+        return Err(ModeError::UsernsBridge {
+            op: op.to_owned(),
+            name: name.to_owned(),
+        });
     }
     Ok(())
 }
@@ -531,6 +547,18 @@ mod tests {
             memory_presync: false,
             fixed: FixedCosts::default(),
         }
+    }
+
+    #[test]
+    fn userns_with_a_bridge_is_refused() {
+        check_restorable("move", "ub", true, false).unwrap();
+        check_restorable("move", "ub", false, true).unwrap();
+        let e = check_restorable("checkpoint", "ub", true, true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("cannot checkpoint ub: "), "{e}");
+        assert!(e.contains("--userns") && e.contains("--net bridge"), "{e}");
+        assert!(e.contains("nothing was frozen"), "{e}");
     }
 
     #[test]

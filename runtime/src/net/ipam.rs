@@ -126,6 +126,23 @@ impl HostNet {
         })
     }
 
+    /// Records `address` as container `id`'s, as it comes in a checkpoint (`restore --import`):
+    /// refused when the table gives it to another container, whatever the subnet. The address
+    /// cannot change: it is in the checkpoint's images.
+    pub fn claim(&self, id: &str, address: Ipv4Addr) -> Result<(), NetError> {
+        self.with_table(|table| {
+            if let Some(owner) = table.get(&address).filter(|o| *o != id) {
+                return Err(NetError::AddressTaken {
+                    address,
+                    owner: owner.clone(),
+                });
+            }
+            table.retain(|_, owner| owner != id);
+            table.insert(address, id.to_owned());
+            Ok(())
+        })
+    }
+
     /// Gives back the addresses of container `id` (when it is removed for good).
     pub fn release(&self, id: &str) -> Result<(), NetError> {
         self.with_table(|table| {
@@ -245,6 +262,29 @@ mod tests {
         );
         let d = "d".repeat(32);
         assert_eq!(n.allocate(&d, None).unwrap().address, sa.address);
+    }
+
+    #[test]
+    fn a_claim_never_takes_another_containers_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = host_net(dir.path());
+        let a = "a".repeat(32);
+        let b = "b".repeat(32);
+        let sa = n.allocate(&a, None).unwrap();
+        assert!(matches!(
+            n.claim(&b, sa.address),
+            Err(NetError::AddressTaken { owner, .. }) if owner == a
+        ));
+        // Its own address, and one nobody holds (outside the pool too), are recorded.
+        n.claim(&a, sa.address).unwrap();
+        let other = Ipv4Addr::new(10, 214, 80, 7);
+        n.claim(&b, other).unwrap();
+        assert!(matches!(
+            n.allocate(&a, Some(other)),
+            Err(NetError::AddressTaken { .. })
+        ));
+        n.release(&b).unwrap();
+        n.allocate(&a, Some(other)).unwrap();
     }
 
     #[test]

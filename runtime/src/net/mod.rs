@@ -317,7 +317,9 @@ pub fn criu_restore_external(net: &NetSpec) -> String {
 /// namespace. It belongs to an earlier copy of this container whose network namespace is still
 /// being torn down by the kernel (a move back to a host it just left), and CRIU could not create
 /// the pair while it exists. The name holds the container id, which the restoring agent has
-/// checked is not running here.
+/// checked is not running here; an imported checkpoint whose recorded name is another
+/// container's (a copy restored under a new id) is refused before this is reached
+/// (daemon/checkpoint.rs `check_import_net`).
 pub fn before_restore(net: &NetSpec) -> Result<(), NetError> {
     net.validate()?;
     // `ip`, not /sys/class/net: sysfs shows the namespace it was mounted in, not ours.
@@ -325,6 +327,12 @@ pub fn before_restore(net: &NetSpec) -> Result<(), NetError> {
         run("ip", &["link", "del", &net.host_ifname], None)?;
     }
     Ok(())
+}
+
+/// Whether this network namespace has an interface named `name` (a veth's host end).
+pub fn host_link_exists(name: &str) -> bool {
+    // `ip`, not /sys/class/net: sysfs shows the namespace it was mounted in, not ours.
+    valid_ifname(name) && run("ip", &["link", "show", name], None).is_ok()
 }
 
 /// After CRIU restored the container (`pid` is its init): the host end joins the bridge and comes

@@ -1,0 +1,322 @@
+//! A checkpoint never loses a container (QA session 16: workloads #1, #2, #5, faults H3).
+//!
+//! - `mig checkpoint --export FILE` to a directory that does not exist is refused before anything
+//!   is frozen, naming FILE; when FILE's filesystem fills up during the export, the container is
+//!   checkpointed (restorable with `mig restore`) and the error says so, or with
+//!   `--leave-running` it keeps running;
+//! - `mig restore --import FILE --name COPY` of a `--net bridge` container whose original runs
+//!   on this host is refused before the original's network is touched;
+//! - a `--userns --net bridge` container, which this CRIU cannot restore, is refused by
+//!   `mig checkpoint` (with and without `--leave-running`) and `mig move`, and keeps running.
+//!
+//! Run as root. Labs on 10.214.170-171.0/24.
+
+use anyhow::{ensure, Context, Result};
+use mig_tests::lab::{running_on, Lab, Tmpfs};
+use mig_tests::{wait_until, Agent};
+use std::process::Command;
+use std::time::Duration;
+
+/// About 10 MB of base64 in a shell variable (a checkpoint of some 12 MB), and a counter.
+const HOLDER: &str = r#"d=$(head -c 7500000 /dev/urandom | base64); i=0
+while :; do i=$((i+1)); echo "tick $i ${#d}"; sleep 0.2; done"#;
+
+fn last_tick(log: &str) -> u64 {
+    log.lines()
+        .filter_map(|l| {
+            l.strip_prefix("tick ")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+fn state(agent: &Agent, name: &str) -> Result<(String, i64)> {
+    let d = agent.mig_json(&["inspect", name, "--json"])?;
+    let st = d["state"].as_str().unwrap_or_default().to_owned();
+    Ok((st, d["init_pid"].as_i64().unwrap_or(0)))
+}
+
+/// Waits until `name`'s counter passed `after` (it runs).
+fn ticks(agent: &Agent, name: &str, after: u64) -> Result<u64> {
+    let log = || agent.mig(&["logs", name]).stdout;
+    ensure!(
+        wait_until(Duration::from_secs(20), || last_tick(&log()) > after + 2),
+        "{name}'s counter did not pass {after}: {}",
+        log()
+    );
+    Ok(last_tick(&log()))
+}
+
+#[test]
+fn a_failed_export_never_loses_the_container() -> Result<()> {
+    if !mig_tests::is_root("checkpoint_safety") {
+        return Ok(());
+    }
+    let agent = Agent::start("cpsafe-export")?;
+    agent.import_busybox()?;
+    agent.mig_ok(&[
+        "run", "-d", "--name", "xf", "busybox", "--", "sh", "-c", HOLDER,
+    ])?;
+    let t = ticks(&agent, "xf", 0)?;
+    let (_, pid) = state(&agent, "xf")?;
+
+    // A missing directory: refused before the freeze, naming the file; nothing happened.
+    let missing = agent.dir.path().join("nonexistent/dir/x.tar");
+    let missing = missing.to_str().context("path")?;
+    for extra in [&[][..], &["--leave-running"][..]] {
+        let mut args = vec!["checkpoint", "xf", "--export", missing];
+        args.extend_from_slice(extra);
+        let o = agent.mig(&args);
+        ensure!(o.code != 0, "export to a missing directory succeeded");
+        ensure!(
+            o.stderr.contains(&format!("cannot export to {missing}"))
+                && o.stderr.contains("nothing was frozen"),
+            "{}",
+            o.stderr
+        );
+        ensure!(
+            state(&agent, "xf")? == ("running".into(), pid),
+            "{:?}",
+            state(&agent, "xf")?
+        );
+    }
+    // A directory as FILE: the same.
+    let o = agent.mig(&[
+        "checkpoint",
+        "xf",
+        "--export",
+        agent.dir.path().to_str().unwrap(),
+    ]);
+    ensure!(
+        o.code != 0 && o.stderr.contains("is a directory"),
+        "{}",
+        o.stderr
+    );
+    let t = ticks(&agent, "xf", t)?;
+
+    // A filesystem too small for the archive (the probe before the freeze fits).
+    let small = Tmpfs::mount(&agent.dir.path().join("small"), 2 << 20)?;
+    let file = small.path.join("xf.tar");
+    let file = file.to_str().context("path")?;
+    // --leave-running: it keeps running whatever happens.
+    let o = agent.mig(&["checkpoint", "xf", "--leave-running", "--export", file]);
+    ensure!(o.code != 0, "export to a full filesystem succeeded");
+    ensure!(
+        o.stderr.contains(&format!("cannot write {file}"))
+            && o.stderr.contains("No space left on device")
+            && o.stderr.contains("the container keeps running"),
+        "{}",
+        o.stderr
+    );
+    ensure!(
+        !o.stderr.contains(".img"),
+        "the error names an image file: {}",
+        o.stderr
+    );
+    ensure!(
+        state(&agent, "xf")? == ("running".into(), pid),
+        "{:?}",
+        state(&agent, "xf")?
+    );
+    let t = ticks(&agent, "xf", t)?;
+
+    // Without: the dump ended the processes, the checkpoint is kept and restores.
+    let o = agent.mig(&["checkpoint", "xf", "--export", file]);
+    ensure!(o.code != 0, "export to a full filesystem succeeded");
+    ensure!(
+        o.stderr.contains(&format!("cannot write {file}"))
+            && o.stderr
+                .contains("the checkpoint is kept here: mig restore xf"),
+        "{}",
+        o.stderr
+    );
+    ensure!(
+        state(&agent, "xf")?.0 == "checkpointed",
+        "{:?}",
+        state(&agent, "xf")?
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&small.path)?.flatten().collect();
+    ensure!(
+        leftovers.is_empty(),
+        "left in the small filesystem: {leftovers:?}"
+    );
+    agent.mig_ok(&["restore", "xf"])?;
+    let after = ticks(&agent, "xf", t)?;
+    ensure!(after > t, "the counter restarted: {after} after {t}");
+    // Restored, not started again: the counter never began anew.
+    let log = agent.mig(&["logs", "xf"]).stdout;
+    ensure!(
+        log.lines().filter(|l| l.starts_with("tick 1 ")).count() == 1,
+        "the counter started again: {log}"
+    );
+    agent.mig_ok(&["rm", "-f", "xf"])?;
+    Ok(())
+}
+
+/// The interfaces in `name`'s network namespace (from inside).
+fn links(lab: &Lab, host: usize, name: &str) -> String {
+    lab.mig(host, &["exec", name, "--", "cat", "/proc/net/dev"])
+        .stdout
+}
+
+/// Whether host `host`'s namespace has the interface `ifname`.
+fn host_has_link(lab: &Lab, host: usize, ifname: &str) -> bool {
+    Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.hosts[host].netns,
+            "ip",
+            "link",
+            "show",
+            ifname,
+        ])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn an_imported_copy_never_takes_the_originals_network() -> Result<()> {
+    if !mig_tests::is_root("checkpoint_safety") {
+        return Ok(());
+    }
+    let lab = Lab::up("cpimp", 170)?;
+    let tick = "i=0; while :; do i=$((i+1)); echo \"tick $i\"; sleep 0.2; done";
+    let id = lab
+        .mig_ok(
+            0,
+            &[
+                "run", "-d", "--name", "bw", "--net", "bridge", "busybox", "--", "sh", "-c", tick,
+            ],
+        )?
+        .trim()
+        .to_owned();
+    let d = running_on(&lab, 0, "bw")?;
+    let addr = d["net"]["address"].as_str().map(str::to_owned);
+    let ifname = format!("mv{}", &id[..12]);
+    ensure!(host_has_link(&lab, 0, &ifname), "no host veth {ifname}");
+    ensure!(
+        links(&lab, 0, "bw").contains("eth0:"),
+        "{}",
+        links(&lab, 0, "bw")
+    );
+    let dir = tempfile::tempdir()?;
+    let tar = dir.path().join("bw.tar");
+    let tar = tar.to_str().context("path")?;
+    lab.mig_ok(0, &["checkpoint", "bw", "--leave-running", "--export", tar])?;
+
+    let o = lab.mig(0, &["restore", "--import", tar, "--name", "bw3"]);
+    ensure!(o.code != 0, "the copy was restored: {}", o.stdout);
+    ensure!(
+        o.stderr.contains("belongs to container bw here")
+            && o.stderr.contains("nothing was restored"),
+        "{}",
+        o.stderr
+    );
+    if let Some(a) = addr {
+        ensure!(
+            o.stderr.contains(&a),
+            "the error does not name the address {a}: {}",
+            o.stderr
+        );
+    }
+    // The original keeps its interface at both ends, and no copy is left.
+    ensure!(
+        host_has_link(&lab, 0, &ifname),
+        "the original's host veth {ifname} is gone"
+    );
+    ensure!(
+        links(&lab, 0, "bw").contains("eth0:"),
+        "bw lost eth0: {}",
+        links(&lab, 0, "bw")
+    );
+    ensure!(
+        lab.mig(0, &["inspect", "bw3", "--json"]).code != 0,
+        "bw3 exists: {}",
+        lab.mig(0, &["ps", "-a"]).stdout
+    );
+    let imports: Vec<_> = std::fs::read_dir(lab.state_dir(0).join("containers"))?
+        .flatten()
+        .filter(|e| e.file_name() != id.as_str())
+        .map(|e| e.file_name())
+        .collect();
+    ensure!(imports.is_empty(), "left in containers/: {imports:?}");
+    running_on(&lab, 0, "bw")?;
+
+    // Once the original is gone, the archive restores here under its own id and network.
+    lab.mig_ok(0, &["rm", "-f", "bw"])?;
+    ensure!(
+        wait_until(Duration::from_secs(10), || !host_has_link(&lab, 0, &ifname)),
+        "the removed container's veth stayed"
+    );
+    lab.mig_ok(0, &["restore", "--import", tar, "--name", "bw3"])?;
+    running_on(&lab, 0, "bw3")?;
+    ensure!(
+        host_has_link(&lab, 0, &ifname),
+        "the restored copy has no host veth"
+    );
+    ensure!(
+        links(&lab, 0, "bw3").contains("eth0:"),
+        "{}",
+        links(&lab, 0, "bw3")
+    );
+    lab.mig_ok(0, &["rm", "-f", "bw3"])?;
+    Ok(())
+}
+
+#[test]
+fn a_userns_bridge_container_is_never_dumped() -> Result<()> {
+    if !mig_tests::is_root("checkpoint_safety") {
+        return Ok(());
+    }
+    let lab = Lab::up("cpub", 171)?;
+    let tick = "i=0; while :; do i=$((i+1)); echo \"tick $i\"; sleep 0.2; done";
+    lab.mig_ok(
+        0,
+        &[
+            "run", "-d", "--name", "ub", "--userns", "--net", "bridge", "busybox", "--", "sh",
+            "-c", tick,
+        ],
+    )?;
+    let pid = |lab: &Lab| running_on(lab, 0, "ub").map(|d| d["init_pid"].as_i64());
+    let before = pid(&lab)?;
+    let refused = |args: &[&str], op: &str| -> Result<()> {
+        let o = lab.mig(0, args);
+        ensure!(o.code != 0, "{args:?} succeeded");
+        ensure!(
+            o.stderr.contains(&format!("cannot {op} ub"))
+                && o.stderr.contains("--userns")
+                && o.stderr.contains("--net bridge")
+                && o.stderr.contains("nothing was frozen"),
+            "{args:?}: {}",
+            o.stderr
+        );
+        ensure!(
+            pid(&lab)? == before,
+            "{args:?}: the container changed: {:?}",
+            pid(&lab)?
+        );
+        Ok(())
+    };
+    refused(&["checkpoint", "ub"], "checkpoint")?;
+    refused(&["checkpoint", "ub", "--leave-running"], "checkpoint")?;
+    refused(&["move", "ub", "host-b"], "move")?;
+    refused(&["move", "ub", "host-b", "--mode", "cold"], "move")?;
+    let n = last_tick(&lab.mig(0, &["logs", "ub"]).stdout);
+    ensure!(
+        wait_until(Duration::from_secs(10), || last_tick(
+            &lab.mig(0, &["logs", "ub"]).stdout
+        ) > n + 2),
+        "ub stopped counting"
+    );
+    ensure!(
+        lab.mig(1, &["inspect", "ub", "--json"]).code != 0,
+        "ub exists on host-b"
+    );
+    lab.mig_ok(0, &["rm", "-f", "ub"])?;
+    Ok(())
+}
