@@ -130,7 +130,7 @@ impl Step {
             Step::Chdir => "changing to the working directory",
             Step::CapBounding => "dropping bounding capabilities",
             Step::KeepCaps => "keeping capabilities across setuid",
-            Step::SetGroups => "clearing supplementary groups",
+            Step::SetGroups => "setting supplementary groups",
             Step::SetGid => "setting the gid",
             Step::SetUid => "setting the uid",
             Step::CapSet => "setting capabilities",

@@ -5,7 +5,11 @@
 //! "middle" process: it joins the cgroup (host paths, so before entering the mount namespace),
 //! enters the namespaces, and forks again so that the command is inside the pid namespace. The
 //! middle waits for the command and exits with its code; the caller waits for the middle.
+//!
+//! The command leads its own session and gets the supplementary groups and `HOME` of its user
+//! (see `account`), as the init does.
 
+use super::account::{self, Account};
 use super::channel::{self, At, Fail, Message, Step};
 use super::init::{self, Command};
 use super::security::Confinement;
@@ -47,6 +51,10 @@ pub fn exec(
         .cloned()
         .collect();
     full_env.extend(env.iter().cloned());
+    // The container's files as it sees them now (its writable layer included).
+    let root = PathBuf::from(format!("/proc/{init_pid}/root"));
+    let account = Account::lookup(&root, p.uid, p.gid, spec.userns.map(|m| m.size));
+    let full_env = account::with_home(&full_env, &account.home);
     let mut kinds = Vec::new();
     if spec.userns.is_some() {
         kinds.push(("user", libc::CLONE_NEWUSER));
@@ -77,7 +85,8 @@ pub fn exec(
             .collect::<Result<_, _>>()?,
         namespaces,
         cwd: CString::new(p.cwd.as_str()).map_err(|_| ContainerError::Command)?,
-        confinement: Confinement::new(p.uid, p.gid).map_err(ContainerError::CapLastCap)?,
+        confinement: Confinement::new(p.uid, p.gid, account.groups)
+            .map_err(ContainerError::CapLastCap)?,
         command: Command::new(args, &full_env).ok_or(ContainerError::Command)?,
     };
     let (parent_sock, child_sock) = sys::socketpair().map_err(ContainerError::Socketpair)?;
@@ -124,10 +133,17 @@ fn enter_and_fork(plan: &ExecPlan, sock: RawFd) -> Result<i32, Fail> {
     Ok(sys::exit_code(status))
 }
 
-/// The command's process, inside the pid namespace: working directory, confinement, exec.
+/// The command's process, inside the pid namespace: session, working directory, confinement,
+/// exec.
 fn command_child(plan: &ExecPlan, sock: RawFd) -> Fail {
     let run = || -> Result<std::convert::Infallible, Fail> {
         sys::reset_signals().at(Step::Signals)?;
+        // Lead a new session inside the container, as the init does: the caller's session (the
+        // shim's, or migd's) is outside the pid namespace, and CRIU refuses to dump a process
+        // whose session leader it cannot see ("A session leader of N is outside of its pid
+        // namespace"), so a background process left by the command would block every
+        // checkpoint and move. There is no terminal to lose: stdio are the caller's pipes.
+        sys::setsid().at(Step::Setsid)?;
         // setns(mnt) put us at the container's root; the cwd is relative to it.
         sys::chdir(c"/").at(Step::Chdir)?;
         sys::chdir(&plan.cwd).at(Step::Chdir)?;

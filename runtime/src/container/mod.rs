@@ -8,12 +8,14 @@
 //! - [`external_mounts`]: what a CRIU driver must declare for a user-namespace container;
 //! - [`userns`]: the host id range of each user-namespace container;
 //! - [`LoopbackNetns`]: the network namespace a loopback-only container's restore joins;
+//! - `account`: the user's supplementary groups and `HOME` from the container's own files;
 //! - `security`: ids, capabilities, no_new_privs, the seccomp filter;
 //! - `channel`: typed parent/child messages; `sys`: the raw system calls (all `unsafe` is there).
 //!
 //! The container is built so that CRIU can dump it with a plain `criu dump -t PID --root ROOTFS`
 //! and restore it onto another overlay mount; see the notes at the top of `init`.
 
+mod account;
 mod channel;
 mod criu;
 mod exec;

@@ -1,5 +1,6 @@
 //! Confinement applied to every process started in a container (the init and `exec`ed commands):
-//! user and group ids, Docker's default capability set, no_new_privs, and a deny-list seccomp
+//! user and group ids with the supplementary groups the container's /etc/group gives the user,
+//! Docker's default capability set, no_new_privs, and a deny-list seccomp
 //! filter. [`Confinement::new`] builds everything (the BPF program included) before the fork;
 //! [`Confinement::apply`] only makes system calls.
 
@@ -44,15 +45,18 @@ pub(crate) fn cap_last_cap() -> io::Result<u32> {
 pub(crate) struct Confinement {
     pub uid: u32,
     pub gid: u32,
+    /// Supplementary groups, set exactly (from the container's /etc/group: `account`).
+    pub groups: Vec<libc::gid_t>,
     pub cap_last: u32,
     pub seccomp: Vec<libc::sock_filter>,
 }
 
 impl Confinement {
-    pub(crate) fn new(uid: u32, gid: u32) -> io::Result<Confinement> {
+    pub(crate) fn new(uid: u32, gid: u32, groups: Vec<libc::gid_t>) -> io::Result<Confinement> {
         Ok(Confinement {
             uid,
             gid,
+            groups,
             cap_last: cap_last_cap()?,
             seccomp: seccomp_program(),
         })
@@ -69,7 +73,8 @@ impl Confinement {
         }
         // Keep the permitted set across setuid to a non-root uid so that capset below decides.
         sys::prctl(libc::PR_SET_KEEPCAPS, 1).at(Step::KeepCaps)?;
-        sys::clear_groups().at(Step::SetGroups)?;
+        // Exactly the user's groups: none of the caller's survive.
+        sys::set_groups(&self.groups).at(Step::SetGroups)?;
         sys::setresgid(self.gid).at(Step::SetGid)?;
         sys::setresuid(self.uid).at(Step::SetUid)?;
         // Root gets the default set in every set; execve then gives it back as effective. A

@@ -1,6 +1,7 @@
 //! The parent side of starting a container's init: prepare everything, clone into new namespaces,
 //! write the user-namespace maps, let the child go and wait for its report.
 
+use super::account::{self, Account};
 use super::init::{self, Command, InitPlan};
 use super::security::Confinement;
 use super::{await_exec, channel, rootfs, sys, ContainerError, LaunchConfig};
@@ -19,6 +20,8 @@ pub fn spawn(cfg: &LaunchConfig<'_>) -> Result<i32, ContainerError> {
         path: p.to_path_buf(),
     };
     let p = &spec.process;
+    let account = Account::lookup(cfg.rootfs, p.uid, p.gid, spec.userns.map(|m| m.size));
+    let env = account::with_home(&p.env, &account.home);
     let plan = InitPlan {
         userns: spec.userns.is_some(),
         cgroup_procs: cfg
@@ -32,8 +35,9 @@ pub fn spawn(cfg: &LaunchConfig<'_>) -> Result<i32, ContainerError> {
         cwd: CString::new(p.cwd.as_str()).map_err(|_| ContainerError::Command)?,
         cwd_dirs: init::cwd_dirs(&p.cwd).ok_or(ContainerError::Command)?,
         output: cfg.output,
-        confinement: Confinement::new(p.uid, p.gid).map_err(ContainerError::CapLastCap)?,
-        command: Command::new(&p.args, &p.env).ok_or(ContainerError::Command)?,
+        confinement: Confinement::new(p.uid, p.gid, account.groups)
+            .map_err(ContainerError::CapLastCap)?,
+        command: Command::new(&p.args, &env).ok_or(ContainerError::Command)?,
     };
     if let Some(map) = spec.userns {
         // As the host's root, before the init loses that power in its user namespace.

@@ -223,11 +223,32 @@ pub(crate) fn setresgid(gid: u32) -> SysResult<()> {
     check_long(unsafe { libc::syscall(libc::SYS_setresgid, gid, gid, gid) }).map(drop)
 }
 
-/// Drops every supplementary group.
-pub(crate) fn clear_groups() -> SysResult<()> {
-    // SAFETY: a zero-length list with a null pointer is valid for setgroups.
-    check_long(unsafe { libc::syscall(libc::SYS_setgroups, 0usize, ptr::null::<libc::gid_t>()) })
-        .map(drop)
+/// Sets the supplementary groups to exactly `gids` (an empty slice drops them all).
+pub(crate) fn set_groups(gids: &[libc::gid_t]) -> SysResult<()> {
+    // SAFETY: the pointer and length describe a live slice the kernel only reads.
+    check_long(unsafe { libc::syscall(libc::SYS_setgroups, gids.len(), gids.as_ptr()) }).map(drop)
+}
+
+/// Opens `path` (relative) below the directory `root` as if `root` were `/`: `..` and absolute
+/// symlinks cannot leave it, magic links (`/proc/self/...`) are refused (openat2 with
+/// `RESOLVE_IN_ROOT`). The descriptor is close-on-exec.
+pub(crate) fn open_in_root(root: RawFd, path: &CStr, flags: libc::c_int) -> SysResult<OwnedFd> {
+    // SAFETY: open_how is plain integers; all-zero is its documented default.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (flags | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: valid C string and a live open_how of the size passed.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root,
+            path.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    // SAFETY: on success the kernel returned a new descriptor that nothing else owns.
+    check_long(ret).map(|fd| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 pub(crate) fn prctl(option: libc::c_int, arg2: libc::c_ulong) -> SysResult<()> {
