@@ -1,0 +1,198 @@
+//! End-to-end tests of how container processes start, as Docker and podman start them (QA
+//! session 16, workloads report #3, #6, #9): a background process left by `mig exec` can be
+//! checkpointed and restored; `-u USER` gets the user's supplementary groups from the image's
+//! /etc/group; `HOME` comes from the image's /etc/passwd when nothing else set it. Run as root.
+
+use anyhow::{ensure, Context, Result};
+use mig_tests::{bin, busybox_rootfs, wait_until, Agent};
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn inspect(agent: &Agent, name: &str) -> Result<serde_json::Value> {
+    agent.mig_json(&["inspect", name, "--json"])
+}
+
+/// `(ns_pid, entry)` of the container's processes whose command line is `cmd`.
+fn processes(agent: &Agent, name: &str, cmd: &str) -> Result<Vec<(i64, String)>> {
+    let d = inspect(agent, name)?;
+    let map = d["pid_map"].as_array().context("pid_map")?;
+    Ok(map
+        .iter()
+        .filter(|p| p["cmd"] == cmd)
+        .map(|p| (p["ns_pid"].as_i64().unwrap_or(-1), p.to_string()))
+        .collect())
+}
+
+#[test]
+fn a_background_process_left_by_exec_survives_checkpoint_and_restore() -> Result<()> {
+    let agent = Agent::start("proc-bg")?;
+    agent.import_busybox()?;
+    agent.mig_ok(&[
+        "run", "-d", "--name", "bg", "busybox", "--", "sleep", "100000",
+    ])?;
+    agent.mig_ok(&[
+        "exec",
+        "bg",
+        "--",
+        "sh",
+        "-c",
+        "sleep 1000 >/dev/null 2>&1 &",
+    ])?;
+    let before = processes(&agent, "bg", "sleep 1000")?;
+    ensure!(
+        before.len() == 1,
+        "the background sleep: {before:?} in {}",
+        inspect(&agent, "bg")?
+    );
+    // Without its own session the sleep's session leader is outside the pid namespace and the
+    // dump fails ("A session leader of N is outside of its pid namespace").
+    agent.mig_ok(&["checkpoint", "bg"])?;
+    ensure!(inspect(&agent, "bg")?["state"] == "checkpointed");
+    agent.mig_ok(&["restore", "bg"])?;
+    let after = processes(&agent, "bg", "sleep 1000")?;
+    ensure!(
+        after.len() == 1 && after[0].0 == before[0].0,
+        "the sleep after the restore: {after:?}, before: {before:?}"
+    );
+    // It leads no session of the host: its session id inside is a pid of the container.
+    let sid = agent.mig_ok(&[
+        "exec",
+        "bg",
+        "--",
+        "sh",
+        "-c",
+        &format!("cut -d' ' -f6 /proc/{}/stat", after[0].0),
+    ])?;
+    let sid: i64 = sid.trim().parse().context(sid.clone())?;
+    ensure!(sid > 1, "session {sid}");
+
+    // `exec -i` (stdin piped) still reads its input.
+    let mut child = Command::new(bin("mig"))
+        .args([
+            "exec",
+            "-i",
+            "bg",
+            "--",
+            "sh",
+            "-c",
+            "tr a-z A-Z; echo sid=$(cut -d' ' -f6 /proc/$$/stat) pid=$$",
+        ])
+        .env("MIG_SOCKET", &agent.socket)
+        .env_remove("MIG_HOST")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(b"piped input\n")?;
+    let out = child.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(out.status.success(), "{out:?}");
+    let mut lines = stdout.lines();
+    ensure!(lines.next() == Some("PIPED INPUT"), "{stdout}");
+    let ids = lines.next().unwrap_or_default();
+    let (sid, pid) = ids
+        .strip_prefix("sid=")
+        .and_then(|s| s.split_once(" pid="))
+        .context(ids.to_owned())?;
+    ensure!(sid == pid, "exec -i leads its own session: {ids}");
+    agent.mig_ok(&["rm", "-f", "bg"])?;
+    Ok(())
+}
+
+const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\n\
+    app:x:1000:1000:App,,,:/home/app:/bin/sh\n";
+const GROUP: &str = "root:x:0:\n\
+    ssl-cert:x:101:app\n\
+    app:x:1000:\n\
+    audio:x:29:other,app\n";
+
+#[test]
+fn users_get_their_groups_and_home_from_the_image() -> Result<()> {
+    let agent = Agent::start("proc-user")?;
+    let dir = agent.dir.path().join("img");
+    let rootfs = busybox_rootfs(&dir)?;
+    std::fs::write(rootfs.join("etc/passwd"), PASSWD)?;
+    std::fs::write(rootfs.join("etc/group"), GROUP)?;
+    agent.mig_ok(&[
+        "image",
+        "import",
+        rootfs.to_str().context("path")?,
+        "--name",
+        "users",
+    ])?;
+    let groups = |out: &str| -> Vec<u32> {
+        let mut g: Vec<u32> = out
+            .split_whitespace()
+            .filter_map(|g| g.parse().ok())
+            .collect();
+        g.sort_unstable();
+        g
+    };
+    let probe = "echo $(id -G)";
+    // run -u: the primary group plus every group listing the user.
+    let out = agent.mig_ok(&["run", "--rm", "-u", "app", "users", "--", "sh", "-c", probe])?;
+    ensure!(groups(&out) == [29, 101, 1000], "run -u app: id -G = {out}");
+    let out = agent.mig_ok(&[
+        "run",
+        "--rm",
+        "-u",
+        "app",
+        "users",
+        "--",
+        "sh",
+        "-c",
+        "echo [$HOME]",
+    ])?;
+    ensure!(out.trim() == "[/home/app]", "run -u app: {out}");
+    let out = agent.mig_ok(&["run", "--rm", "users", "--", "sh", "-c", "echo [$HOME]"])?;
+    ensure!(out.trim() == "[/root]", "run as root: {out}");
+    let out = agent.mig_ok(&[
+        "run",
+        "--rm",
+        "-u",
+        "4242",
+        "users",
+        "--",
+        "sh",
+        "-c",
+        "echo [$HOME]",
+    ])?;
+    ensure!(out.trim() == "[/]", "run -u 4242: {out}");
+    let out = agent.mig_ok(&[
+        "run",
+        "--rm",
+        "-e",
+        "HOME=/srv",
+        "-u",
+        "app",
+        "users",
+        "--",
+        "sh",
+        "-c",
+        "echo [$HOME]",
+    ])?;
+    ensure!(out.trim() == "[/srv]", "run -e HOME: {out}");
+
+    // exec -u, in a container running as root.
+    agent.mig_ok(&["run", "-d", "--name", "u", "users", "--", "sleep", "100000"])?;
+    ensure!(wait_until(Duration::from_secs(10), || inspect(&agent, "u")
+        .is_ok_and(|d| d["state"] == "running")));
+    let out = agent.mig_ok(&["exec", "-u", "app", "u", "--", "sh", "-c", probe])?;
+    ensure!(
+        groups(&out) == [29, 101, 1000],
+        "exec -u app: id -G = {out}"
+    );
+    let out = agent.mig_ok(&["exec", "-u", "app", "u", "--", "sh", "-c", "echo [$HOME]"])?;
+    ensure!(out.trim() == "[/home/app]", "exec -u app: {out}");
+    let out = agent.mig_ok(&["exec", "u", "--", "sh", "-c", "echo [$HOME]"])?;
+    ensure!(out.trim() == "[/root]", "exec as root: {out}");
+    let out = agent.mig_ok(&["exec", "u", "--", "id", "-G"])?;
+    ensure!(groups(&out) == [0], "exec as root: id -G = {out}");
+    agent.mig_ok(&["rm", "-f", "u"])?;
+    Ok(())
+}
