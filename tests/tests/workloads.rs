@@ -131,13 +131,14 @@ fn a_new_users_wrong_input_says_what_to_do() -> Result<()> {
         return Ok(());
     }
     let lab = Lab::up_on("wlinput", [10, 79, 97], 2)?;
-    let one_line = |o: &mig_tests::MigOutput, want: &str| -> Result<()> {
+    let one_line_code = |o: &mig_tests::MigOutput, code: i32, want: &str| -> Result<()> {
         ensure!(
-            o.code == 125 && o.stderr.lines().count() == 1 && o.stderr.contains(want),
-            "wanted {want:?}: {o:?}"
+            o.code == code && o.stderr.lines().count() == 1 && o.stderr.contains(want),
+            "wanted {want:?} and exit code {code}: {o:?}"
         );
         Ok(())
     };
+    let one_line = |o: &mig_tests::MigOutput, want: &str| one_line_code(o, 125, want);
     lab.mig_ok(
         0,
         &[
@@ -149,13 +150,15 @@ fn a_new_users_wrong_input_says_what_to_do() -> Result<()> {
     one_line(&o, "no pinned peer named host-z (pinned peers: host-b)")?;
     running_on(&lab, 0, "t")?;
 
+    // A command that is not in the image exits 127, as with podman and mig exec.
     let o = lab.mig(0, &["run", "busybox", "--", "nosuchcmd"]);
-    one_line(
+    one_line_code(
         &o,
+        127,
         "the command \"nosuchcmd\" is not in the image (searched PATH ",
     )?;
     let o = lab.mig(0, &["run", "-d", "busybox", "--", "/opt/app"]);
-    one_line(&o, "the command \"/opt/app\" is not in the image")?;
+    one_line_code(&o, 127, "the command \"/opt/app\" is not in the image")?;
 
     let tmp = tempfile::tempdir()?;
     let whole = std::fs::read(&lab.image_tar)?;

@@ -905,6 +905,7 @@ impl Agent {
         })?;
         let id = self.resolve(container)?;
         self.refresh(&id);
+        self.refuse_unrestorable(&id, "move")?;
         if !tcp_established {
             if let Some(pid) = self.init_pid_of(&id) {
                 self.refuse_established(pid, container, "move")?;
