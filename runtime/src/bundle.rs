@@ -231,7 +231,7 @@ fn map_process(p: &Map<String, Value>) -> Result<Process, BundleError> {
             if !array(g, "process.user.additionalGids")?.is_empty() {
                 return Err(unsupported(
                     "process.user.additionalGids",
-                    "mig sets no supplementary groups",
+                    "mig sets only the groups the image's /etc/group gives the user",
                 ));
             }
         }

@@ -46,6 +46,13 @@ pub(crate) fn criu_failure_hint(text: &str) -> Option<&'static str> {
              \"Limitations\"",
         );
     }
+    if text.contains("session leader") && text.contains("outside of its pid namespace") {
+        return Some(
+            "a process in the container belongs to a session that began outside it: one that \
+             `mig exec` left in the background before mig gave each exec a session of its own; \
+             end that process (or restart the container) and try again",
+        );
+    }
     None
 }
 
@@ -56,6 +63,8 @@ mod hint_tests {
     fn criu_failures_users_meet_are_explained() {
         let mq = "Error (criu/files-reg.c:1790): Can't lookup mount=80 for fd=3 path=/qa";
         assert!(super::criu_failure_hint(mq).is_some_and(|h| h.contains("POSIX message queue")));
+        let session = "Error (criu/cr-dump.c:1613): A session leader of 21279(3) is outside of its pid namespace";
+        assert!(super::criu_failure_hint(session).is_some_and(|h| h.contains("mig exec")));
         let watch = "Error (criu/fsnotify.c:284): fsnotify: \tCan't dump that handle";
         assert!(super::criu_failure_hint(watch).is_some_and(|h| h.contains("inotify")));
         assert_eq!(
