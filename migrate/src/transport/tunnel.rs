@@ -248,7 +248,9 @@ impl Tunnel {
     /// local client's socket sees an end of file or an error. A post-copy's destination uses
     /// it to stop the container before its lazy-pages daemon gives up (the kernel then maps
     /// zero pages where the missing memory was). Not called when the local client closed its
-    /// side first (the normal end of a session it ends), nor when the tunnel is dropped.
+    /// side first, or within half a second after the peer's clean end (the normal end of a
+    /// session the client ends: the peer answers its close, then ends), nor when the tunnel is
+    /// dropped.
     pub fn socketpair_guarded(
         conn: quinn::Connection,
         header: TunnelHeader,
@@ -619,6 +621,14 @@ where
     splice_guarded(io, send, recv, bytes, None).await
 }
 
+/// How long [`splice_guarded`] waits, after the peer ended cleanly, for the client to close
+/// its own side before it calls the hook.
+const PEER_END_GRACE: Duration = Duration::from_millis(500);
+
+fn hook_armed(hook: &Mutex<Option<PeerEndHook>>) -> bool {
+    hook.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+}
+
 /// [`splice`] calling `hook` (once) when the peer's side ends or fails, or sending to it
 /// fails, while the local side has not ended: before `io` hears of it.
 async fn splice_guarded<S>(
@@ -653,6 +663,16 @@ where
     };
     let down = async {
         let r = copy_in(&mut recv, &mut w, bytes).await;
+        // A peer that ends cleanly right after answering the client's last request (the close
+        // of a session the client ends) is no failure: the client closes its side a moment
+        // later. Give it that moment before taking the end as the peer's. Meanwhile the client
+        // still sees its socket open.
+        if r.is_ok() && hook_armed(&hook) {
+            let until = tokio::time::Instant::now() + PEER_END_GRACE;
+            while !local_ended.load(Ordering::Acquire) && tokio::time::Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
         peer_ended();
         match r {
             Ok(()) => {
