@@ -168,11 +168,16 @@ fn a_post_copy_through_the_prefetching_proxy_keeps_memory_and_pids() -> Result<(
 
 /// The highest counter of `mig-memload`'s `OK <n> passes <p>` lines.
 fn memload_count(log: &str) -> u64 {
+    memload_ok_field(log, 0)
+}
+
+/// The highest value of word `n` after `OK ` in `mig-memload`'s `OK <n> passes <p>` lines.
+fn memload_ok_field(log: &str, n: usize) -> u64 {
     log.lines()
         .filter_map(|l| {
             l.strip_prefix("OK ")?
                 .split_whitespace()
-                .next()?
+                .nth(n)?
                 .parse()
                 .ok()
         })
@@ -248,16 +253,7 @@ fn memory_the_process_cannot_read_moves_intact() -> Result<()> {
 
 /// The highest `p` of `mig-memload`'s `OK <n> passes <p>` lines (complete verification passes).
 fn memload_passes(log: &str) -> u64 {
-    log.lines()
-        .filter_map(|l| {
-            l.strip_prefix("OK ")?
-                .split_whitespace()
-                .nth(2)?
-                .parse()
-                .ok()
-        })
-        .max()
-        .unwrap_or(0)
+    memload_ok_field(log, 2)
 }
 
 /// Bytes the kernel says are available (`MemAvailable`), 0 when unknown.
