@@ -11,6 +11,14 @@ shellcheck scripts/*.sh .ci/run
 # says why its size matters). The tests build the release binaries they need (the static
 # workload and probe); the demo builds mig itself in release.
 export CARGO_INCREMENTAL=0
+# The build takes about 2 GB and the tests' hosts, images and checkpoints some more: say so at once
+# rather than after ten minutes of building.
+target=$(realpath -m "${CARGO_TARGET_DIR:-target}")
+mkdir -p "$target"
+free_mb=$(df -Pm "$target" | awk 'NR == 2 {print $4}')
+if [ "${free_mb:-0}" -lt 4096 ]; then
+  echo "test.sh: warning: only ${free_mb} MB free for $target; the build and the tests need about 4 GB" >&2
+fi
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 # Root integration tests share cgroups, mounts and network namespaces: run them one binary at a time.

@@ -286,6 +286,73 @@ fn writable_layer_travels_as_presync_and_delta() -> Result<()> {
     Ok(())
 }
 
+/// The container's log goes in two parts (protocol 1.5): as it is at the presync while the
+/// container runs, then only what it gained while frozen; the destination's log is the source's,
+/// every line once, and the container goes on writing to it.
+#[test]
+fn the_log_travels_as_presync_and_tail() -> Result<()> {
+    if !mig_tests::is_root("migration tests") {
+        return Ok(());
+    }
+    let lab = Lab::up("lg", 13)?;
+    let script = "seq 1 400000; i=400000; \
+        while :; do i=$((i+1)); echo $i; usleep 20000; done";
+    let id = lab.mig_ok(
+        0,
+        &[
+            "run", "-d", "--name", "talker", "busybox", "--", "sh", "-c", script,
+        ],
+    )?;
+    let id = id.trim().to_string();
+    let talking = mig_tests::wait_until(std::time::Duration::from_secs(60), || {
+        lab.mig(0, &["logs", "talker"])
+            .stdout
+            .contains("\n400005\n")
+    });
+    assert!(talking, "the container never got past its first lines");
+    // The presync phase lasts 2 s: lines land between the log's presync copy and the freeze.
+    lab.fault(1, Some("dest-presync:delay:2000"))?;
+    let r = lab.mig_json(0, &["move", "talker", "host-b", "--json"]);
+    lab.fault(1, None)?;
+    let r = r?;
+    eprintln!("move: {r}");
+    let head = r["presync_log_bytes"].as_u64().unwrap_or(0);
+    let tail = r["delta_log_bytes"].as_u64().unwrap_or(u64::MAX);
+    assert!(head > 2_000_000, "the log did not go with the presync: {r}");
+    assert!(
+        tail > 0 && tail < 100_000,
+        "the frozen part is not the log's tail: {r}"
+    );
+    running_on(&lab, 1, "talker")?;
+    // Lines written on the destination join the moved ones.
+    let last_line = || {
+        let log = lab.mig(1, &["logs", "talker"]).stdout;
+        // The last line may be cut in the middle by the read: the one before it is whole.
+        log.lines().rev().nth(1).and_then(|l| l.parse::<u64>().ok())
+    };
+    let moved = last_line().unwrap_or(0);
+    assert!(
+        mig_tests::wait_until(std::time::Duration::from_secs(30), || {
+            last_line().is_some_and(|n| n > moved + 5)
+        }),
+        "the container does not write on the destination"
+    );
+    let log = lab.mig_ok(1, &["logs", "talker"])?;
+    let lines: Vec<&str> = log.lines().collect();
+    // The last line may be cut in the middle by the read.
+    let whole = &lines[..lines.len() - 1];
+    for (i, l) in whole.iter().enumerate() {
+        assert_eq!(
+            l.parse::<usize>().ok(),
+            Some(i + 1),
+            "line {} of the moved log is {l:?}",
+            i + 1
+        );
+    }
+    nothing_left(&lab, 0, &id)?;
+    Ok(())
+}
+
 #[test]
 fn link_cut_at_commit_is_resolved_with_one_copy() -> Result<()> {
     if !mig_tests::is_root("migration tests") {
@@ -395,6 +462,58 @@ fn two_sources_cannot_bring_the_same_name_at_once() -> Result<()> {
     for (host, id) in [(1, &ids[moved_from / 2]), (kept, &ids[kept / 2])] {
         let _ = lab.mig(host, &["rm", "-f", id]);
     }
+    Ok(())
+}
+
+/// While a container arrives, its name is taken on the destination: `mig run --name` of it there
+/// is refused (it made a second container of that name), and the move ends with one.
+#[test]
+fn a_run_cannot_take_the_name_of_an_arriving_container() -> Result<()> {
+    if !mig_tests::is_root("migration tests") {
+        return Ok(());
+    }
+    let lab = Lab::up("runarr", 178)?;
+    let tar = lab.image_tar.display().to_string();
+    lab.mig_ok(1, &["image", "import", &tar, "--name", "busybox"])?;
+    let id = lab.run_container(0, "comer", 4)?;
+    // The presync phase lasts 4 s on the destination: the run comes in the middle of it.
+    lab.fault(1, Some("dest-presync:delay:4000"))?;
+    let dest = lab.hosts[1].name.clone();
+    let (mv, run) = std::thread::scope(|s| {
+        let mv = s.spawn(|| lab.mig(0, &["move", "comer", &dest]));
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        let run = lab.mig(
+            1,
+            &[
+                "run", "-d", "--name", "comer", "busybox", "--", "sleep", "600",
+            ],
+        );
+        (mv.join(), run)
+    });
+    lab.fault(1, None)?;
+    let mv = mv.map_err(|_| anyhow::anyhow!("the mover panicked"))?;
+    eprintln!(
+        "move: {} {}\nrun: {} {} {}",
+        mv.code, mv.stderr, run.code, run.stdout, run.stderr
+    );
+    if run.code == 0 {
+        let _ = lab.mig(1, &["rm", "-f", run.stdout.trim()]);
+        bail!("mig run took the name of the arriving container");
+    }
+    assert!(
+        run.stderr.contains("is arriving here from another host"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(mv.code, 0, "{}", mv.stderr);
+    running_on(&lab, 1, "comer")?;
+    let ps = lab.mig_ok(1, &["ps", "-a"])?;
+    let named = ps
+        .lines()
+        .filter(|l| l.split_whitespace().any(|w| w == "comer"))
+        .count();
+    assert_eq!(named, 1, "{ps}");
+    let _ = lab.mig(1, &["rm", "-f", &id]);
     Ok(())
 }
 

@@ -375,7 +375,8 @@ fn hand_agent(
 }
 
 /// Upgrades: a peer speaking another major protocol version is refused with both versions named
-/// and the container keeps running at home; a peer of a newer minor version is served.
+/// and the container keeps running at home; a peer of an older minor version gets what it knows;
+/// a peer of a newer minor version is served.
 #[test]
 fn older_major_wire_version_is_refused_newer_minor_served() -> Result<()> {
     if !is_root("older_major_wire_version_is_refused_newer_minor_served") {
@@ -393,6 +394,23 @@ fn older_major_wire_version_is_refused_newer_minor_served() -> Result<()> {
             o.stderr
         );
         running_on(&lab, 0, "wv")?;
+    }
+    {
+        // A 1.4 peer gets the container's log whole while frozen, and sends it so (protocol
+        // 1.5 sends it in two parts); the output goes on in the same log both ways.
+        let _v14 = agent_speaking(&lab, 1, "1.4")?;
+        let (count, _) = log_state(&lab.mig(0, &["logs", "wv"]).stdout);
+        let r = lab.mig_json(0, &["move", "wv", "host-b", "--json"])?;
+        ensure!(
+            r["presync_log_bytes"] == 0 && r["delta_log_bytes"].as_u64().unwrap_or(0) > 0,
+            "{r}"
+        );
+        running_on(&lab, 1, "wv")?;
+        continues(&lab, 1, "wv", count)?;
+        let (count, _) = log_state(&lab.mig(1, &["logs", "wv"]).stdout);
+        lab.mig_ok(1, &["move", "wv", "host-a"])?;
+        running_on(&lab, 0, "wv")?;
+        continues(&lab, 0, "wv", count)?;
     }
     let _newer = agent_speaking(&lab, 1, "1.7")?;
     let (count, _) = log_state(&lab.mig(0, &["logs", "wv"]).stdout);

@@ -494,6 +494,7 @@ impl Agent {
             }
         };
         let id = {
+            let _reserving = crate::migration::dest::reserving();
             let mut map = self.lock();
             if map.contains_key(&spec.id) {
                 spec.id = tmp_id.clone();
@@ -501,12 +502,16 @@ impl Agent {
             if let Some(n) = name {
                 spec.name = n;
             }
-            if map.values().any(|e| e.spec.name == spec.name) {
+            let arriving = crate::migration::dest::arriving_named(&self.cfg.state_dir, &spec.name);
+            if map.values().any(|e| e.spec.name == spec.name) || arriving.is_some() {
                 drop(map);
                 let _ = std::fs::remove_dir_all(&tmp);
+                let by = arriving.map_or(String::new(), |id| {
+                    format!(" by container {id}, arriving here from another host")
+                });
                 return Err(ApiError::new(
                     ErrorKind::AlreadyExists,
-                    format!("the name {} is already in use (use --name)", spec.name),
+                    format!("the name {} is already in use{by} (use --name)", spec.name),
                 ));
             }
             // The checkpoint restores with its dumped user-namespace maps: the range must be free.

@@ -468,6 +468,7 @@ impl Agent {
             cgroup: format!("{}/{}", self.cfg.cgroup_parent, id),
         };
         {
+            let _reserving = crate::migration::dest::reserving();
             let mut map = self.lock();
             if map.values().any(|e| e.spec.name == name) {
                 drop(map);
@@ -475,6 +476,15 @@ impl Agent {
                 return Err(ApiError::new(
                     ErrorKind::AlreadyExists,
                     format!("the name {name} is already in use"),
+                ));
+            }
+            if let Some(other) = crate::migration::dest::arriving_named(&self.cfg.state_dir, &name)
+            {
+                drop(map);
+                self.release_net(&spec);
+                return Err(ApiError::new(
+                    ErrorKind::AlreadyExists,
+                    format!("the name {name} is already in use: container {other} is arriving here from another host"),
                 ));
             }
             if spec.userns.is_some() {

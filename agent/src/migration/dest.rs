@@ -7,7 +7,7 @@
 use super::chain;
 use super::fault::{self, Fault, Point};
 use super::journal::{self, JournalEntry};
-use super::source::{LOG_FILE, STATE_FILE, UPPER_DELTA_TAR, UPPER_TAR};
+use super::source::{LOG_FILE, LOG_TAIL_FILE, STATE_FILE, UPPER_DELTA_TAR, UPPER_TAR};
 use crate::api::{ContainerState, Response};
 use crate::daemon::events::EventKind;
 use crate::daemon::{Agent, Entry};
@@ -58,6 +58,8 @@ pub enum DestError {
     Upper(#[source] mig_migrate::archive::LayerError),
     #[error("the writable layer was not received")]
     NoUpper,
+    #[error("the end of the container's log arrived without its start")]
+    NoLogHead,
     #[error("container directory {path} already exists")]
     Exists { path: PathBuf },
     #[error("cannot make the container's directory")]
@@ -323,6 +325,9 @@ impl DestSide {
                 ),
             ));
         }
+        // From the check of this host's containers to the reservation of the arriving id and
+        // name: a `mig run` or an import of the same name waits (they take it too).
+        let _reserving = reserving();
         {
             let map = self.agent.lock();
             // CRIU restores the user namespace with the dumped maps: the range must be free here.
@@ -422,9 +427,8 @@ impl DestSide {
             .staging(&p.migration_id)
             .map_err(|e| refuse(RefuseReason::InvalidSpec, e.to_string()))?;
         // Another connection may be receiving a container of the same id or name (two sources
-        // at once): checked and reserved under one lock, in the staging directories every
-        // incoming migration keeps until it ends.
-        let _reserving = ARRIVING.lock().unwrap_or_else(|p| p.into_inner());
+        // at once): checked and reserved in the staging directories every incoming migration
+        // keeps until it ends, under the lock taken above.
         if let Some((id, name)) = arriving_elsewhere(&self.agent.cfg.state_dir, &staging, p) {
             return Err(if id == p.spec.id {
                 refuse(
@@ -484,10 +488,7 @@ impl DestSide {
         let marker = cd.dir.join(MARKER);
         fsutil::atomic_write(&marker, id.as_bytes()).map_err(io(&marker))?;
         place_upper(&staging, &cd.upper())?;
-        let log = staging.join("delta").join(LOG_FILE);
-        if log.is_file() {
-            std::fs::rename(&log, cd.log()).map_err(io(&log))?;
-        }
+        place_log(&staging, &cd.log())?;
         let checkpoint = cd.checkpoint();
         let from = staging.join("images");
         std::fs::rename(&from, &checkpoint).map_err(io(&from))?;
@@ -730,24 +731,67 @@ static ARRIVING: Mutex<()> = Mutex::new(());
 /// In an incoming migration's staging directory: the container's id and name, one per line.
 const ARRIVING_FILE: &str = "ARRIVING";
 
-/// The id and name of a container another incoming migration (another staging directory than
-/// `mine`) brings, when it has `p`'s id or name.
-fn arriving_elsewhere(state_dir: &Path, mine: &Path, p: &Prepare) -> Option<(String, String)> {
+/// Takes [`ARRIVING`]: held by whatever checks a new container's name against this host's
+/// containers and the arriving ones until the container is recorded (`mig run`, an import),
+/// taken before the containers' map.
+pub(crate) fn reserving() -> std::sync::MutexGuard<'static, ()> {
+    ARRIVING.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The id of the container named `name` that an incoming migration brings, if one does.
+pub(crate) fn arriving_named(state_dir: &Path, name: &str) -> Option<String> {
+    arriving(state_dir).find_map(|(_, id, n)| (n == name).then_some(id))
+}
+
+/// The incoming migrations' staging directories with the id and name each reserved.
+fn arriving(state_dir: &Path) -> impl Iterator<Item = (PathBuf, String, String)> {
     std::fs::read_dir(journal::dir(state_dir))
         .into_iter()
         .flatten()
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".in") && e.path() != mine)
-        .find_map(|e| {
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".in"))
+        .filter_map(|e| {
             let text = std::fs::read_to_string(e.path().join(ARRIVING_FILE)).ok()?;
             let mut lines = text.lines();
-            let (id, name) = (lines.next()?, lines.next()?);
-            (id == p.spec.id || name == p.spec.name).then(|| (id.to_owned(), name.to_owned()))
+            let (id, name) = (lines.next()?.to_owned(), lines.next()?.to_owned());
+            Some((e.path(), id, name))
         })
+}
+
+/// The id and name of a container another incoming migration (another staging directory than
+/// `mine`) brings, when it has `p`'s id or name.
+fn arriving_elsewhere(state_dir: &Path, mine: &Path, p: &Prepare) -> Option<(String, String)> {
+    arriving(state_dir)
+        .find(|(dir, id, name)| dir != mine && (*id == p.spec.id || *name == p.spec.name))
+        .map(|(_, id, name)| (id, name))
 }
 
 /// In an incoming migration's staging directory: the id of the image the migration added.
 const IMAGE_ADDED: &str = "IMAGE_ADDED";
+
+/// Places the container's log at `log`: the one sent whole while frozen, else the presync copy
+/// with what the log gained since appended (a 1.5 source), else none (a container without one).
+fn place_log(staging: &Path, log: &Path) -> Result<(), DestError> {
+    let whole = staging.join("delta").join(LOG_FILE);
+    let head = staging.join("presync").join(LOG_FILE);
+    let tail = staging.join("delta").join(LOG_TAIL_FILE);
+    if whole.is_file() {
+        return std::fs::rename(&whole, log).map_err(io(&whole));
+    }
+    if !tail.is_file() {
+        return Ok(());
+    }
+    if !head.is_file() {
+        return Err(DestError::NoLogHead);
+    }
+    let mut from = std::fs::File::open(&tail).map_err(io(&tail))?;
+    let mut to = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&head)
+        .map_err(io(&head))?;
+    std::io::copy(&mut from, &mut to).map_err(io(&head))?;
+    std::fs::rename(&head, log).map_err(io(&head))
+}
 
 /// Unpacks the presync copy of the writable layer into `<staging>/upper` (while the container
 /// still runs on the source) and drops its tar.

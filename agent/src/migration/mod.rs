@@ -6,7 +6,7 @@
 //! `DestHost` with the agent's containers, images, cgroups and shim. docs/migration.md describes
 //! the phases and the guarantees.
 
-mod dest;
+pub(crate) mod dest;
 pub mod fault;
 pub mod fixedcost;
 pub(crate) mod journal;
@@ -148,6 +148,14 @@ pub struct MoveResult {
     /// Size of what changed in the writable layer since the presync, sent while frozen.
     #[serde(default)]
     pub delta_bytes: u64,
+    /// Size of the container's log sent while the container ran (a destination speaking
+    /// protocol 1.5), else 0.
+    #[serde(default)]
+    pub presync_log_bytes: u64,
+    /// Size of the container's log sent while frozen: what it gained since the presync copy,
+    /// or all of it (a destination before 1.5).
+    #[serde(default)]
+    pub delta_log_bytes: u64,
     /// The pre-flight's prediction of `downtime_ms` for the mode used.
     #[serde(default)]
     pub predicted_downtime_ms: Option<u64>,

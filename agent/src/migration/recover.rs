@@ -388,6 +388,7 @@ impl Agent {
             precopy: Default::default(),
             progress_bytes: Default::default(),
             smaps: Default::default(),
+            log_sync: Default::default(),
         }));
         let machine = SourceMachine::recover(&e.migration_id, &e.state, Timeouts::default());
         let report = transport::run_source(&conn, machine, &side, &super::hello(self)).await;

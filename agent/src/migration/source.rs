@@ -32,8 +32,15 @@ const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) const UPPER_TAR: &str = "upper.tar";
 /// Name of the writable-layer delta since the presync on the wire (kind Delta).
 pub(crate) const UPPER_DELTA_TAR: &str = "upper-delta.tar";
-/// The container's log, sent while frozen (kind Delta).
+/// The container's log: what it holds at the presync (kind Presync, to a 1.5 destination), or
+/// all of it while frozen (kind Delta, to an older one).
 pub(crate) const LOG_FILE: &str = "container.log";
+/// What the container's log gained since its presync copy, sent while frozen (kind Delta): the
+/// destination appends it to the presync copy.
+pub(crate) const LOG_TAIL_FILE: &str = "container.log.tail";
+/// The protocol minor from which a destination takes the log in two parts ([`LOG_FILE`] as a
+/// presync file, [`LOG_TAIL_FILE`] while frozen).
+pub const LOG_PRESYNC_MINOR: u16 = 5;
 /// The container's state record on the source (kind Delta): the destination keeps `created`.
 pub(crate) const STATE_FILE: &str = "source-state.json";
 /// The image set's manifest without its files, in the work directory, between the dump and
@@ -93,6 +100,19 @@ pub enum SourceError {
     Net(#[source] mig_runtime::net::NetError),
 }
 
+/// Copies the bytes of the log `from` after its first `skip` into `to` (created anew); returns
+/// the length of `from` it copied up to. Reads one open file, so bytes the shim appends meanwhile
+/// either go or wait for the next part, never half.
+fn copy_log_range(from: &Path, to: &Path, skip: u64) -> Result<u64, SourceError> {
+    use std::io::{Read, Seek};
+    let mut src = std::fs::File::open(from).map_err(io(from))?;
+    let end = src.metadata().map_err(io(from))?.len();
+    src.seek(std::io::SeekFrom::Start(skip)).map_err(io(from))?;
+    let mut dst = std::fs::File::create(to).map_err(io(to))?;
+    std::io::copy(&mut src.take(end.saturating_sub(skip)), &mut dst).map_err(io(to))?;
+    Ok(end)
+}
+
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SourceError + '_ {
     move |source| SourceError::Io {
         path: path.to_owned(),
@@ -130,6 +150,16 @@ pub(crate) struct SourceSide {
     pub progress_bytes: AtomicU64,
     /// Copies of the frozen processes' `smaps`, made while CRIU starts (`work/smaps`).
     pub smaps: std::sync::Mutex<Option<SmapsCopy>>,
+    /// The container's log in two parts ([`LOG_PRESYNC_MINOR`]).
+    pub log_sync: LogSync,
+}
+
+/// The container's log in two parts: its length at the presync, then the size of what went
+/// while frozen (the tail, or the whole log to an older destination).
+#[derive(Debug, Default)]
+pub(crate) struct LogSync {
+    head: std::sync::OnceLock<u64>,
+    pub delta_bytes: AtomicU64,
 }
 
 /// The writable layer in two steps: the presync tar's scan, then the delta while frozen
@@ -303,8 +333,28 @@ impl SourceSide {
         Ok((tar, remote))
     }
 
+    /// The container's log as it is before the freeze (kind Presync, remote [`LOG_FILE`]), for a
+    /// destination that takes it in two parts: the bulk of a long log travels while the
+    /// container runs, and only what it gains after this goes while frozen ([`Self::record_files`]).
+    fn presync_log(&self) -> Result<Option<OutgoingFile>, SourceError> {
+        let from = self.agent.dirs.container(&self.id).log();
+        if !self.peer_speaks(LOG_PRESYNC_MINOR) || !from.is_file() {
+            return Ok(None);
+        }
+        let copy = self.work.join("presync-container.log");
+        let len = copy_log_range(&from, &copy, 0)?;
+        let _ = self.log_sync.head.set(len);
+        Ok(Some(OutgoingFile {
+            kind: FileKind::Presync,
+            local: copy,
+            remote: LOG_FILE.to_owned(),
+            sha256: None,
+        }))
+    }
+
     /// The container's log and state record as they are while frozen, so that the destination
-    /// keeps the old output (`mig logs`) and the creation time.
+    /// keeps the old output (`mig logs`) and the creation time. The log goes whole, or only what
+    /// it gained since [`Self::presync_log`] ([`LOG_TAIL_FILE`]).
     fn record_files(&self) -> Result<Vec<OutgoingFile>, SourceError> {
         let cd = self.agent.dirs.container(&self.id);
         let mut files = Vec::new();
@@ -312,6 +362,7 @@ impl SourceSide {
             if !from.is_file() {
                 continue;
             }
+            let mut remote = remote;
             let copy = self.work.join(remote);
             if remote == STATE_FILE && !self.peer_speaks(1) {
                 // A protocol 1.0 destination (mig 0.1.0) reads the record strictly and knows no
@@ -319,12 +370,26 @@ impl SourceSide {
                 let st: crate::layout::StateRecord =
                     crate::layout::read_record(&from).map_err(io(&from))?;
                 mig_runtime::fsutil::write_json(&copy, &st).map_err(io(&copy))?;
+            } else if let Some(&head) = self.log_sync.head.get().filter(|_| remote == LOG_FILE) {
+                // The shim only appends, so the log still starts with the presync copy; were it
+                // shorter (replaced by hand), it goes whole and the destination drops the copy.
+                let len = std::fs::metadata(&from).map_err(io(&from))?.len();
+                if len >= head {
+                    remote = LOG_TAIL_FILE;
+                    copy_log_range(&from, &self.work.join(remote), head)?;
+                } else {
+                    std::fs::copy(&from, &copy).map_err(io(&from))?;
+                }
             } else {
                 std::fs::copy(&from, &copy).map_err(io(&from))?;
             }
+            if remote != STATE_FILE {
+                let size = std::fs::metadata(self.work.join(remote)).map_or(0, |m| m.len());
+                self.log_sync.delta_bytes.store(size, Ordering::Relaxed);
+            }
             files.push(OutgoingFile {
                 kind: FileKind::Delta,
-                local: copy,
+                local: self.work.join(remote),
                 remote: remote.to_owned(),
                 sha256: None,
             });
@@ -640,6 +705,7 @@ impl SourceHost for Src {
                 });
             }
             std::fs::create_dir_all(&me.work).map_err(io(&me.work))?;
+            files.extend(me.presync_log()?);
             let tar = me.work.join("presync-upper.tar");
             me.presync_upper(&tar)?;
             files.push(OutgoingFile {
@@ -1009,6 +1075,7 @@ impl Agent {
             precopy: Default::default(),
             progress_bytes: AtomicU64::new(0),
             smaps: Default::default(),
+            log_sync: Default::default(),
         }));
         let conn = transport::connect(&net.endpoint, &net.identity, peer)
             .await
@@ -1226,6 +1293,8 @@ impl Agent {
                     fixed_cost: Some(plan.fixed),
                     page_bytes,
                     presync_upper_bytes: side.upper_sync.presync_bytes.load(Ordering::Relaxed),
+                    presync_log_bytes: side.log_sync.head.get().copied().unwrap_or(0),
+                    delta_log_bytes: side.log_sync.delta_bytes.load(Ordering::Relaxed),
                     delta_bytes: side.upper_sync.delta_bytes.load(Ordering::Relaxed),
                     postcopy_ms: postcopy.as_ref().map(|p| ms(p.0)),
                     postcopy_error: postcopy.and_then(|p| p.1),
