@@ -9,7 +9,7 @@
 //! Needs root. Each test has its own lab (name from the test and the process id, own subnet),
 //! removed by a guard with `lab::down` whatever happens.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use mig_tests::lab::{continues, log_state, move_and_check, nothing_left, running_on, Lab};
 
 #[test]
@@ -513,6 +513,49 @@ fn a_run_cannot_take_the_name_of_an_arriving_container() -> Result<()> {
         .filter(|l| l.split_whitespace().any(|w| w == "comer"))
         .count();
     assert_eq!(named, 1, "{ps}");
+    let _ = lab.mig(1, &["rm", "-f", &id]);
+    Ok(())
+}
+
+/// A `mig exec` still running when its container moves is killed with the source's copy (exit
+/// 137, as before), and says why on its last line.
+#[test]
+fn an_exec_the_move_ends_says_so() -> Result<()> {
+    if !mig_tests::is_root("migration tests") {
+        return Ok(());
+    }
+    let lab = Lab::up("execmv", 179)?;
+    let id = lab.run_container(0, "busy", 2)?;
+    let dest = lab.hosts[1].name.clone();
+    let (exec, mv) = std::thread::scope(|s| {
+        let exec = s.spawn(|| lab.mig(0, &["exec", "busy", "--", "sleep", "600"]));
+        let started = mig_tests::wait_until(std::time::Duration::from_secs(20), || {
+            lab.mig(0, &["exec", "busy", "--", "ps"])
+                .stdout
+                .contains("sleep 600")
+        });
+        let mv = started.then(|| lab.mig(0, &["move", "busy", &dest]));
+        (exec.join(), mv)
+    });
+    let exec = exec.map_err(|_| anyhow::anyhow!("the exec thread panicked"))?;
+    let mv = mv.context("the exec never started")?;
+    eprintln!(
+        "move: {} {}\nexec: {} {}",
+        mv.code, mv.stderr, exec.code, exec.stderr
+    );
+    assert_eq!(mv.code, 0, "{}", mv.stderr);
+    assert_eq!(exec.code, 137, "{}", exec.stderr);
+    assert!(
+        exec.stderr
+            .contains(&format!("busy moved to {dest} while the command ran")),
+        "{}",
+        exec.stderr
+    );
+    running_on(&lab, 1, "busy")?;
+    // A command killed inside a container that stays says nothing more.
+    let o = lab.mig(1, &["exec", "busy", "--", "sh", "-c", "kill -9 $$"]);
+    assert_eq!(o.code, 137, "{}", o.stderr);
+    assert!(!o.stderr.contains("while the command ran"), "{}", o.stderr);
     let _ = lab.mig(1, &["rm", "-f", &id]);
     Ok(())
 }

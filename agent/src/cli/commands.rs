@@ -204,6 +204,9 @@ fn strip_ansi(s: &str) -> String {
 /// output failed: Broken pipe (os error 32)").
 const EXIT_BROKEN_PIPE: u8 = 141;
 
+/// The exit code of a command killed by SIGKILL (128 + 9), as a container's leaving ends it.
+const KILLED: i32 = 137;
+
 fn broken_pipe(e: &CliError) -> bool {
     matches!(e, CliError::Output(io) if io.kind() == std::io::ErrorKind::BrokenPipe)
 }
@@ -317,6 +320,12 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
     if let Command::Exec { tty: true, .. } = &cli.command {
         return Err(CliError::NoTty);
     }
+    // A command that the container's leaving kills (a move, a checkpoint, a stop) ends with a
+    // line that says so: watched from before it starts.
+    let exec_watch = match &cli.command {
+        Command::Exec { container, .. } => super::logs::ExecWatch::start(&cli, container).await,
+        _ => None,
+    };
     let mut c = connect(&cli).await?;
     match cli.command {
         Command::Image(ic) => image(&mut c, ic).await.map(|_| 0),
@@ -404,6 +413,16 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
                 .map_err(older_agent)?;
             if let Some(e) = failed {
                 return Err(CliError::Output(e));
+            }
+            if code == KILLED {
+                if let Some(why) = match exec_watch {
+                    Some(w) => w.why_killed().await,
+                    None => None,
+                } {
+                    eprintln!(
+                        "mig: {container} {why} while the command ran; the command was killed with it"
+                    );
+                }
             }
             Ok(u8::try_from(code).unwrap_or(EXIT_MIG_ERROR))
         }

@@ -88,6 +88,62 @@ pub(super) async fn follow(
     }
 }
 
+/// Watches a container while a command runs in it (`mig exec`), to say why the command was killed
+/// when the container left: subscribed to the agent's events before the command starts, so that
+/// the move that ends it cannot be missed.
+pub(super) struct ExecWatch {
+    check: Client,
+    id: String,
+    watcher: tokio::task::JoinHandle<Option<String>>,
+    moving: Arc<AtomicBool>,
+}
+
+impl ExecWatch {
+    /// `None` when the agent has no events or no such container (the exec reports that itself).
+    pub(super) async fn start(cli: &Cli, container: &str) -> Option<ExecWatch> {
+        let mut events = connect(cli).await.ok()?;
+        events.subscribe_events().await.ok()?;
+        let mut check = connect(cli).await.ok()?;
+        let id = check.inspect(container).await.ok()?.id;
+        let moving = Arc::new(AtomicBool::new(false));
+        let watcher = tokio::spawn(moved_to(events, id.clone(), moving.clone()));
+        Some(ExecWatch {
+            check,
+            id,
+            watcher,
+            moving,
+        })
+    }
+
+    /// After the command was killed: what the container did meanwhile (`moved to PEER`,
+    /// `was checkpointed`, `stopped`), or `None` when it still runs here (the command itself was
+    /// killed).
+    pub(super) async fn why_killed(mut self) -> Option<String> {
+        let moving = self.moving.load(Ordering::SeqCst);
+        match self.check.inspect(&self.id).await {
+            Ok(d) if d.state == ContainerState::Running && d.moving.is_none() && !moving => {
+                self.watcher.abort();
+                return None;
+            }
+            Ok(d) if d.state == ContainerState::Checkpointed => {
+                self.watcher.abort();
+                return Some("was checkpointed".into());
+            }
+            _ => {}
+        }
+        if let Some(peer) = moved_away(&mut self.check, &self.id, self.watcher, &self.moving).await
+        {
+            return Some(format!("moved to {peer}"));
+        }
+        match self.check.inspect(&self.id).await {
+            Ok(d) if d.state == ContainerState::Checkpointed => Some("was checkpointed".into()),
+            Ok(d) if ended(d.state) => Some("stopped".into()),
+            Ok(_) => None,
+            Err(_) => Some("was removed".into()),
+        }
+    }
+}
+
 /// After the log ended: the peer the container moved to, or `None` when it ended here (exited,
 /// stopped, checkpointed) or left without a committed move. While the container is still being
 /// moved (frozen, `moving`) this waits for the move's end, however long it takes; otherwise (gone)
