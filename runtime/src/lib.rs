@@ -6,6 +6,7 @@
 //! helpers for state on disk ([`fsutil`]) and the PID map ([`pidmap`]). [`net`] gives a container
 //! a veth into the host's bridge (`mig run --net bridge`).
 
+pub mod affinity;
 pub mod bundle;
 pub mod cgroup;
 pub mod container;

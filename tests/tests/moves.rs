@@ -560,6 +560,78 @@ fn an_exec_the_move_ends_says_so() -> Result<()> {
     Ok(())
 }
 
+/// CPU masks set inside the container (`taskset`) survive a move and a checkpoint and restore
+/// (CRIU keeps none: the narrowed masks travel in the image set); unpinned processes stay so.
+#[test]
+fn pinned_processes_stay_pinned_across_a_move() -> Result<()> {
+    if !mig_tests::is_root("migration tests") {
+        return Ok(());
+    }
+    if mig_runtime::affinity::online_cpus().len() < 2 {
+        eprintln!("skipped: one CPU online, nothing to pin");
+        return Ok(());
+    }
+    let lab = Lab::up("pin", 180)?;
+    let id = lab.mig_ok(
+        0,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "pinned",
+            "busybox",
+            "--",
+            "sh",
+            "-c",
+            "sleep 1000 & echo $! > /bg; taskset -p 1 $$ >/dev/null; echo ready; \
+             while :; do sleep 1; done",
+        ],
+    )?;
+    let id = id.trim().to_string();
+    assert!(
+        mig_tests::wait_until(std::time::Duration::from_secs(30), || {
+            lab.mig(0, &["logs", "pinned"]).stdout.contains("ready")
+        }),
+        "the container never got ready"
+    );
+    // The init (ns pid 1) pinned to CPU 0; the sleep started before keeps every CPU.
+    let masks = |host: usize| -> Result<String> {
+        lab.mig_ok(
+            host,
+            &[
+                "exec",
+                "pinned",
+                "--",
+                "sh",
+                "-c",
+                "taskset -p 1; taskset -p $(cat /bg)",
+            ],
+        )
+    };
+    let before = masks(0)?;
+    assert!(
+        before.contains("pid 1's current affinity mask: 1\n"),
+        "{before}"
+    );
+    assert!(
+        !before.lines().nth(1).unwrap_or(": 1").ends_with(": 1"),
+        "{before}"
+    );
+    lab.mig_ok(0, &["move", "pinned", "host-b"])?;
+    let after = masks(1)?;
+    assert_eq!(after.lines().next(), before.lines().next(), "{after}");
+    assert!(
+        !after.lines().nth(1).unwrap_or("").ends_with(": 1"),
+        "{after}"
+    );
+    lab.mig_ok(1, &["checkpoint", "pinned"])?;
+    lab.mig_ok(1, &["restore", "pinned"])?;
+    let restored = masks(1)?;
+    assert_eq!(restored.lines().next(), before.lines().next(), "{restored}");
+    let _ = lab.mig(1, &["rm", "-f", &id]);
+    Ok(())
+}
+
 /// `mig stop` waits for a container that ignores SIGTERM; a move started meanwhile is refused
 /// (it would carry off a container its user is stopping), and the stop ends it here.
 #[test]

@@ -313,6 +313,8 @@ impl Agent {
         let smaps_dir = images.with_file_name("checkpoint-smaps");
         let pids: Vec<i32> = pid_map.iter().map(|e| e.host_pid).collect();
         let smaps = SmapsCopy::start(&smaps_dir, &pids).ok();
+        // CRIU keeps no CPU masks: the narrowed ones go into the image set after the dump.
+        let masks = mig_runtime::affinity::narrowed(&pids);
         let dumped = criu.dump(&DumpOpts {
             pid: init_pid,
             images_dir: images.clone(),
@@ -329,7 +331,12 @@ impl Agent {
         });
         let dump_ms = ms(td.elapsed());
         let stats = match dumped {
-            Ok(s) => s,
+            Ok(s) => {
+                if let Err(e) = mig_runtime::affinity::save(&images, &masks) {
+                    tracing::warn!(id = %id, error = %e, "cannot save the tasks' CPU masks: they are not restored");
+                }
+                s
+            }
             Err(err) => {
                 let thawed = thaw_hard(&cg);
                 let mut msg = format!(

@@ -416,6 +416,9 @@ impl SourceSide {
         }
         std::fs::create_dir_all(&images).map_err(io(&images))?;
         let pid_map = mig_runtime::pidmap::pid_map(&cg.procs().unwrap_or_else(|_| vec![init_pid]));
+        // CRIU keeps no CPU masks: the narrowed ones go with the image set (after the dump).
+        let pids: Vec<i32> = pid_map.iter().map(|e| e.host_pid).collect();
+        let masks = mig_runtime::affinity::narrowed(&pids);
         let stdio_pipe = mig_migrate::criu::stdout_pipe(init_pid);
         let injected = fault::hit(&self.agent.cfg.state_dir, Point::SourceDump)?;
         let (track_mem, prev_images_dir) = self.precopy.final_dump();
@@ -439,6 +442,9 @@ impl SourceSide {
         );
         drop(smaps);
         let stats = stats.map_err(SourceError::Dump)?;
+        if let Err(e) = mig_runtime::affinity::save(&images, &masks) {
+            tracing::warn!(id = %self.id, error = %e, "cannot save the tasks' CPU masks: they are not restored");
+        }
         self.precopy
             .set_final(stats.pages_written * super::precopy::PAGE_SIZE);
         // The "before" PID map is what CRIU dumped (the cgroup is frozen again): a read of

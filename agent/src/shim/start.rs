@@ -327,6 +327,17 @@ fn restore(
     if frozen {
         keep_frozen(cgroup, outcome.pid)?;
     }
+    // CRIU restores no CPU masks: those the checkpoint narrowed are set again.
+    let pids = cgroup.procs().unwrap_or_else(|_| vec![outcome.pid]);
+    match mig_runtime::affinity::restore(&cd.checkpoint(), &pids) {
+        Ok(r) if r.skipped > 0 => eprintln!(
+            "mig-shim: {} of {} saved CPU masks not set (no such thread, or none of its CPUs online here)",
+            r.skipped,
+            r.set + r.skipped
+        ),
+        Ok(_) => {}
+        Err(e) => eprintln!("mig-shim: cannot set the saved CPU masks: {e}"),
+    }
     if let Some(n) = net {
         // The host end up in the bridge, and a gratuitous ARP so the segment learns the move.
         if let Err(e) = mig_runtime::net::after_restore(outcome.pid, n) {
