@@ -83,11 +83,12 @@ fn lazy_there_and_back() -> Result<()> {
     }
     // `auto` with a downtime budget only post-copy meets goes lazy. host-b has moved nothing
     // yet, so its pre-flight uses the default fixed costs (250 ms; what host-a learned from
-    // the move above is host-a's, for host-b): lazy's prediction is those plus the writable
-    // layer (a few bytes here), stream's adds the container's memory (tens of MiB: the two
-    // shells hold 8 MB of base64 each) over the link. Without the memory presync: with it,
-    // stream's prediction adds only the scan of that memory (about 15 ms), and a fast probe
-    // brought it within the budget (CI of session 17: 265 ms predicted, stream chosen).
+    // the move above is host-a's, for host-b): lazy's prediction is those plus 15 ms for each
+    // process past the first (3 or 4: two shells, maybe a `sleep 0.5`) plus the writable layer
+    // (a few bytes here), 280 to 295 ms; stream's adds the container's memory (tens of MiB:
+    // the two shells hold 8 MB of base64 each) over the link, 30 to 60 ms more. Without the
+    // memory presync: with it, stream's prediction adds only the scan of that memory (about
+    // 15 ms), and a fast probe brought it within the budget (CI of session 17).
     let r = move_and_check_with(
         &lab,
         1,
@@ -98,7 +99,7 @@ fn lazy_there_and_back() -> Result<()> {
             "--mode",
             "auto",
             "--max-downtime",
-            "265",
+            "310",
             "--no-memory-presync",
         ],
         "lazy",
@@ -115,8 +116,13 @@ fn lazy_there_and_back() -> Result<()> {
     if fixed["source"] != "measured" || fixed["moves"] != 1 || ms > measured {
         bail!("the fixed costs were not learned from the first move ({measured} ms): {r}");
     }
-    if r["predicted_downtime_ms"].as_u64() != Some(ms) {
-        bail!("lazy's prediction is not the learned fixed costs (the layer is a few bytes): {r}");
+    // The prediction: the learned fixed costs and 15 ms per process past the first.
+    let per_process = r["predicted_downtime_ms"]
+        .as_u64()
+        .and_then(|p| p.checked_sub(ms))
+        .filter(|d| d % 15 == 0 && (30..=75).contains(d));
+    if per_process.is_none() {
+        bail!("lazy's prediction is not the learned fixed costs and the processes (the layer is a few bytes): {r}");
     }
     Ok(())
 }

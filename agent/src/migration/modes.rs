@@ -75,12 +75,13 @@ pub enum ModeError {
     PipeMaxSize(#[source] mig_migrate::criu::CriuError),
     #[error("criu is not usable: {0}")]
     NoCriu(String),
-    #[error("predicted downtime {predicted_ms} ms exceeds --max-downtime {max_ms} ms (mode {mode}, {memory_bytes} bytes of memory at about {throughput_mib_s} MiB/s, {basis}; {fixed}); the container was not touched")]
+    #[error("predicted downtime {predicted_ms} ms exceeds --max-downtime {max_ms} ms (mode {mode}, {memory_bytes} bytes of memory at about {throughput_mib_s} MiB/s, {basis}; {processes} processes; {fixed}); the container was not touched")]
     TooSlow {
         predicted_ms: u64,
         max_ms: u64,
         mode: &'static str,
         memory_bytes: u64,
+        processes: u64,
         throughput_mib_s: u64,
         /// Where the throughput came from ([`Throughput::describe`]).
         basis: String,
@@ -282,6 +283,8 @@ pub struct Preflight {
     pub memory_bytes: u64,
     /// The writable layer, sent again while frozen.
     pub upper_bytes: u64,
+    /// The container's processes: CRIU seizes, dumps and recreates each one while frozen.
+    pub processes: u64,
     /// Link throughput, bytes/s.
     pub throughput: u64,
     /// Stream mode sends the memory while the container runs first (a 1.4 destination,
@@ -321,6 +324,11 @@ const TUNNEL_SHARE: (u64, u64) = (2, 3);
 /// GiB/s in session 15's bench (21:37 UTC: dumps of 58 to 60 ms at 64 MiB, 298 to 324 ms at
 /// 1 GiB). 2 GiB/s made the prediction of a 1 GiB move 1.8x the downtime measured.
 const PRESYNC_SCAN_RATE: u64 = 3 << 30;
+/// Each process past the first, dumped and restored while frozen. 14.5 ms in the runs of
+/// 2026-12-04 06:55 UTC (stream mode, busybox sleeps: 100 ms of downtime with 1 process, 745
+/// with 50, 2.2 s with 150, 4.4 to 4.6 s with 300; the dump 8.7 ms and the restore 2 ms of it
+/// per process); QA of session 16 saw 5 to 16 s for 301 processes on a loaded machine.
+const PER_PROCESS_MS: u64 = 15;
 
 fn ms_for(bytes: u64, rate: u64) -> u64 {
     bytes.saturating_mul(1000) / rate.max(1)
@@ -336,11 +344,11 @@ impl Preflight {
         }
     }
 
-    /// The part of `mode`'s predicted downtime that grows with the memory and the writable
-    /// layer (pre-copy: its whole prediction less the default fixed costs).
+    /// The part of `mode`'s predicted downtime that grows with the memory, the writable layer
+    /// and the number of processes (pre-copy: its whole prediction less the default fixed costs).
     pub fn variable_ms(&self, mode: MoveMode) -> u64 {
         let m = self.memory_bytes;
-        let upper = ms_for(self.upper_bytes, self.throughput);
+        let upper = ms_for(self.upper_bytes, self.throughput) + self.processes_ms();
         match mode {
             MoveMode::Lazy => upper,
             MoveMode::Precopy => self.predict(mode).saturating_sub(DEFAULT_FIXED_MS),
@@ -374,7 +382,8 @@ impl Preflight {
     /// (most of it from the rounds, through CRIU's `parent` links). Its fixed costs are always
     /// the defaults (`super::fixedcost` says why).
     pub fn precopy_final_ms(&self, final_bytes: u64) -> u64 {
-        DUMP_FIXED_MS
+        self.processes_ms()
+            + DUMP_FIXED_MS
             + ms_for(final_bytes, DUMP_RATE)
             + 2 * ms_for(final_bytes, HASH_RATE)
             + ms_for(final_bytes, self.throughput)
@@ -421,12 +430,18 @@ impl Preflight {
         Err(self.too_slow(mode, predicted, max))
     }
 
+    /// What the processes past the first add to any mode's downtime.
+    fn processes_ms(&self) -> u64 {
+        PER_PROCESS_MS.saturating_mul(self.processes.saturating_sub(1))
+    }
+
     fn too_slow(&self, mode: MoveMode, predicted_ms: u64, max_ms: u64) -> ModeError {
         ModeError::TooSlow {
             predicted_ms,
             max_ms,
             mode: mode.as_str(),
             memory_bytes: self.memory_bytes,
+            processes: self.processes,
             throughput_mib_s: self.throughput >> 20,
             basis: "as given".into(),
             fixed: self.fixed.get(mode).describe(mode),
@@ -476,6 +491,7 @@ pub async fn plan(
     opts: MoveOptions,
     memory_bytes: u64,
     upper_bytes: u64,
+    processes: u64,
     link: Throughput,
     memory_presync: bool,
     fixed: FixedCosts,
@@ -483,6 +499,7 @@ pub async fn plan(
     let pf = Preflight {
         memory_bytes,
         upper_bytes,
+        processes,
         throughput: link.bytes_s,
         memory_presync: memory_presync && !opts.no_memory_presync,
         fixed,
@@ -496,6 +513,7 @@ pub async fn plan(
                 max_ms,
                 mode,
                 memory_bytes,
+                processes,
                 throughput_mib_s,
                 fixed,
                 ..
@@ -504,6 +522,7 @@ pub async fn plan(
                 max_ms,
                 mode,
                 memory_bytes,
+                processes,
                 throughput_mib_s,
                 basis: link.describe(),
                 fixed,
@@ -543,10 +562,38 @@ mod tests {
         Preflight {
             memory_bytes: mem,
             upper_bytes: 0,
+            processes: 1,
             throughput: 150 << 20,
             memory_presync: false,
             fixed: FixedCosts::default(),
         }
+    }
+
+    #[test]
+    fn every_process_past_the_first_adds_to_every_mode() {
+        let one = pf(64 << 20);
+        let many = Preflight {
+            processes: 301,
+            ..one
+        };
+        for mode in [MoveMode::Cold, MoveMode::Stream, MoveMode::Lazy] {
+            assert_eq!(
+                many.predict(mode) - one.predict(mode),
+                300 * PER_PROCESS_MS,
+                "{mode:?}"
+            );
+            // Learned fixed costs are the downtime less this part: the processes of one move
+            // do not become the fixed cost of the next.
+            assert_eq!(
+                many.variable_ms(mode) - one.variable_ms(mode),
+                300 * PER_PROCESS_MS
+            );
+        }
+        let e = many
+            .choose(MoveMode::Lazy, Some(100))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("301 processes"), "{e}");
     }
 
     #[test]
@@ -626,6 +673,7 @@ mod tests {
             opts(None),
             1 << 30,
             0,
+            1,
             Throughput::probed(probe),
             false,
             none,
@@ -639,6 +687,7 @@ mod tests {
             opts(None),
             1 << 30,
             0,
+            1,
             known_throughput("plan-never-seen"),
             false,
             none,
@@ -651,6 +700,7 @@ mod tests {
             opts(Some(1)),
             1 << 30,
             0,
+            1,
             Throughput::probed(probe),
             false,
             none,
@@ -669,6 +719,7 @@ mod tests {
             opts(Some(1)),
             1 << 30,
             0,
+            1,
             known_throughput("plan-never-seen"),
             false,
             none,
@@ -810,13 +861,15 @@ mod tests {
             no_memory_presync: false,
         };
         let link = known_throughput("plan-fixed-peer");
-        let p = plan(opts, 40 << 20, 0, link, false, FixedCosts::default())
+        let p = plan(opts, 40 << 20, 0, 1, link, false, FixedCosts::default())
             .await
             .unwrap();
         assert_eq!(p.fixed, FixedCost::DEFAULT);
         assert_eq!((p.predicted_ms, p.variable_ms), (DEFAULT_FIXED_MS, 0));
         let fixed = learned("b", &[(MoveMode::Lazy, 140, 0)]);
-        let p = plan(opts, 40 << 20, 0, link, false, fixed).await.unwrap();
+        let p = plan(opts, 40 << 20, 0, 1, link, false, fixed)
+            .await
+            .unwrap();
         assert_eq!(
             p.fixed.source,
             crate::migration::fixedcost::FixedSource::Measured

@@ -559,6 +559,7 @@ mod tests {
             Preflight {
                 memory_bytes: mem,
                 upper_bytes: 0,
+                processes: 1,
                 throughput: 150 * MIB,
                 memory_presync: false,
                 fixed: Default::default(),

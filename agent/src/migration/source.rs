@@ -1109,18 +1109,25 @@ impl Agent {
         let presync = minor >= memsync::MEMORY_PRESYNC_MINOR && memsync::enabled();
         // The fixed costs this agent measured on its earlier moves to the peer, else defaults.
         let fixed = super::fixedcost::known(&peer.name);
-        let plan =
-            match super::modes::plan(opts, usage.memory_bytes, upper_bytes, basis, presync, fixed)
-                .await
-            {
-                Ok(plan) => plan,
-                Err(e) => {
-                    // Nothing was frozen or announced: the destination sees the connection end
-                    // before any message.
-                    conn.close(0u32.into(), b"pre-flight refused the move");
-                    return Err(api(ErrorKind::Unavailable, chain(&e)));
-                }
-            };
+        let plan = match super::modes::plan(
+            opts,
+            usage.memory_bytes,
+            upper_bytes,
+            procs.len().max(1) as u64,
+            basis,
+            presync,
+            fixed,
+        )
+        .await
+        {
+            Ok(plan) => plan,
+            Err(e) => {
+                // Nothing was frozen or announced: the destination sees the connection end
+                // before any message.
+                conn.close(0u32.into(), b"pre-flight refused the move");
+                return Err(api(ErrorKind::Unavailable, chain(&e)));
+            }
+        };
         if let Err(e) = super::modes::check_container(plan.mode, userns) {
             conn.close(0u32.into(), b"pre-flight refused the move");
             return Err(api(ErrorKind::Unavailable, chain(&e)));
@@ -1153,6 +1160,7 @@ impl Agent {
                 super::modes::Preflight {
                     memory_bytes: usage.memory_bytes,
                     upper_bytes,
+                    processes: procs.len().max(1) as u64,
                     throughput: plan.throughput,
                     memory_presync: false,
                     fixed: Default::default(),
