@@ -27,14 +27,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-rootfs=$work/rootfs
-mkdir -p "$rootfs"/{bin,etc,tmp,proc,sys,dev}
-cp /bin/busybox "$rootfs/bin/busybox"
-for app in $("$rootfs/bin/busybox" --list); do
-  [ -e "$rootfs/bin/$app" ] || ln -s busybox "$rootfs/bin/$app"
-done
-echo "root:x:0:0:root:/root:/bin/sh" > "$rootfs/etc/passwd"
-tar -C "$rootfs" -cf "$work/busybox.tar" .
+bash scripts/busybox-tar.sh "$work/busybox.tar"
 
 echo "protocol,run,log_mib,downtime_ms,presync_log_bytes,delta_log_bytes,total_ms"
 for proto in 1.4 1.5; do

@@ -28,14 +28,7 @@ cleanup() {
 trap cleanup EXIT
 
 echo "== a busybox image from the host's busybox-static"
-rootfs=$work/rootfs
-mkdir -p "$rootfs"/{bin,etc,tmp,proc,sys,dev}
-cp /bin/busybox "$rootfs/bin/busybox"
-for app in $("$rootfs/bin/busybox" --list); do
-  [ -e "$rootfs/bin/$app" ] || ln -s busybox "$rootfs/bin/$app"
-done
-echo "root:x:0:0:root:/root:/bin/sh" > "$rootfs/etc/passwd"
-tar -C "$rootfs" -cf "$work/busybox.tar" .
+bash scripts/busybox-tar.sh "$work/busybox.tar"
 
 echo "== mig lab up --hosts 2"
 lab_up=1

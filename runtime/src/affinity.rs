@@ -62,14 +62,7 @@ fn tasks(pid: i32) -> Vec<(i32, i32)> {
         .filter_map(|e| {
             let tid: i32 = e.file_name().to_str()?.parse().ok()?;
             let status = std::fs::read_to_string(e.path().join("status")).ok()?;
-            let ns_tid = status
-                .lines()
-                .find_map(|l| l.strip_prefix("NSpid:"))?
-                .split_whitespace()
-                .last()?
-                .parse()
-                .ok()?;
-            Some((tid, ns_tid))
+            Some((tid, crate::pidmap::innermost_ns_pid(&status)?))
         })
         .collect()
 }

@@ -23,13 +23,7 @@ pub fn pid_map(host_pids: &[i32]) -> Vec<PidEntry> {
 
 fn entry(host_pid: i32) -> Option<PidEntry> {
     let status = fs::read_to_string(format!("/proc/{host_pid}/status")).ok()?;
-    let ns_pid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("NSpid:"))?
-        .split_whitespace()
-        .last()?
-        .parse()
-        .ok()?;
+    let ns_pid = innermost_ns_pid(&status)?;
     let raw = fs::read(format!("/proc/{host_pid}/cmdline")).unwrap_or_default();
     let cmd = command_line(&raw);
     Some(PidEntry {
@@ -37,6 +31,18 @@ fn entry(host_pid: i32) -> Option<PidEntry> {
         host_pid,
         cmd,
     })
+}
+
+/// The id in the innermost PID namespace from a `/proc/PID/status` (or `/proc/PID/task/TID/status`)
+/// text: the last field of its `NSpid:` line.
+pub fn innermost_ns_pid(status: &str) -> Option<i32> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))?
+        .split_whitespace()
+        .last()?
+        .parse()
+        .ok()
 }
 
 /// A command line as `/proc/PID/cmdline` holds it (arguments ended by NUL bytes), joined by
