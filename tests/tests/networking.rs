@@ -209,6 +209,21 @@ fn tcp_connection_survives_moves_there_and_back() -> Result<()> {
     eprintln!("srv {id} on host-a: {addr} {mac}");
     let hosts = lab.mig_ok(0, &["exec", "srv", "--", "cat", "/etc/hosts"])?;
     assert!(hosts.contains(&format!("{ip}\tsrv")), "{hosts}");
+    // A lab host's own address is not a container's to take.
+    let host_c = lab.hosts[2].address.to_string();
+    let o = lab.mig(
+        0,
+        &[
+            "run", "-d", "--name", "thief", "--net", "bridge", "--ip", &host_c, "busybox", "--",
+            "sleep", "60",
+        ],
+    );
+    assert_ne!(o.code, 0, "--ip {host_c} was accepted: {}", o.stdout);
+    assert!(
+        o.stderr.contains("is reserved on this segment"),
+        "{}",
+        o.stderr
+    );
 
     // The client runs on host-c, a third host: every path to the container crosses the lab's
     // segment, before and after each move.

@@ -575,6 +575,12 @@ impl Agent {
                                     net.address
                                 ),
                             ),
+                            None if matches!(e, mig_runtime::net::NetError::Reserved { .. }) => {
+                                ApiError::new(
+                                    ErrorKind::AlreadyExists,
+                                    format!("the checkpoint's {e}; nothing was restored"),
+                                )
+                            }
                             None => ApiError::new(
                                 ErrorKind::Internal,
                                 format!("recording the checkpoint's address: {}", chain(&e)),

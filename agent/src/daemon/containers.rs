@@ -344,7 +344,9 @@ impl Agent {
                 .map_err(|e| {
                     let kind = match e {
                         NetError::NoHostNet { .. } => ErrorKind::Unavailable,
-                        NetError::AddressTaken { .. } => ErrorKind::AlreadyExists,
+                        NetError::AddressTaken { .. } | NetError::Reserved { .. } => {
+                            ErrorKind::AlreadyExists
+                        }
                         NetError::OutOfSubnet { .. } => ErrorKind::InvalidArgument,
                         _ => ErrorKind::Internal,
                     };

@@ -538,6 +538,8 @@ fn container_net(file: &LabFile) -> Result<mig_runtime::net::HostNet, LabError> 
         last: Ipv4Addr::new(a, b, c, CONTAINER_POOL.1),
         table: file.root_dir.join("addresses.json"),
         dns: Vec::new(),
+        // The hosts' own addresses are in the same /24: no container may take one.
+        reserved: file.hosts.iter().map(|h| h.address).collect(),
     })
 }
 
@@ -678,6 +680,10 @@ mod tests {
         assert_eq!(n.gateway, Some(Ipv4Addr::new(10, 78, 0, 1)));
         assert_eq!(n.first, Ipv4Addr::new(10, 78, 0, 100));
         assert_eq!(n.table, Path::new("/run/mig/lab/t1/addresses.json"));
+        assert_eq!(
+            n.reserved,
+            [10, 11, 12].map(|h| Ipv4Addr::new(10, 78, 0, h)).to_vec()
+        );
         assert_eq!(f.hosts[2].netns, "t1-host-c");
         assert_eq!(f.hosts[0].socket, Path::new("/run/mig/lab/t1/host-a.sock"));
         assert_eq!(

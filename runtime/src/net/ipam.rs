@@ -35,6 +35,10 @@ pub struct HostNet {
     /// Name servers for the containers' `/etc/resolv.conf`.
     #[serde(default)]
     pub dns: Vec<Ipv4Addr>,
+    /// Addresses of the subnet that are not containers' (hosts, routers): never given out,
+    /// refused to `--ip` and to an imported checkpoint. `mig lab up` lists its hosts here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reserved: Vec<Ipv4Addr>,
 }
 
 type Table = BTreeMap<Ipv4Addr, String>;
@@ -89,6 +93,9 @@ impl HostNet {
                         subnet: self.subnet_cidr(),
                     });
                 }
+                if self.reserved.contains(&a) {
+                    return Err(NetError::Reserved { address: a });
+                }
                 match table.get(&a) {
                     Some(owner) if owner != id => {
                         return Err(NetError::AddressTaken {
@@ -107,7 +114,12 @@ impl HostNet {
             }
             let free = (u32::from(self.first)..=u32::from(self.last))
                 .map(Ipv4Addr::from)
-                .find(|a| self.contains(*a) && Some(*a) != self.gateway && !table.contains_key(a))
+                .find(|a| {
+                    self.contains(*a)
+                        && Some(*a) != self.gateway
+                        && !self.reserved.contains(a)
+                        && !table.contains_key(a)
+                })
                 .ok_or_else(|| NetError::Exhausted {
                     subnet: self.subnet_cidr(),
                 })?;
@@ -130,6 +142,9 @@ impl HostNet {
     /// refused when the table gives it to another container, whatever the subnet. The address
     /// cannot change: it is in the checkpoint's images.
     pub fn claim(&self, id: &str, address: Ipv4Addr) -> Result<(), NetError> {
+        if self.reserved.contains(&address) {
+            return Err(NetError::Reserved { address });
+        }
         self.with_table(|table| {
             if let Some(owner) = table.get(&address).filter(|o| *o != id) {
                 return Err(NetError::AddressTaken {
@@ -217,7 +232,36 @@ mod tests {
             last: Ipv4Addr::new(10, 214, 80, 101),
             table: dir.join("addresses.json"),
             dns: vec![],
+            reserved: vec![],
         }
+    }
+
+    #[test]
+    fn reserved_addresses_are_never_given_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = HostNet {
+            reserved: vec![
+                Ipv4Addr::new(10, 214, 80, 100),
+                Ipv4Addr::new(10, 214, 80, 10),
+            ],
+            ..host_net(dir.path())
+        };
+        let a = "a".repeat(32);
+        assert_eq!(
+            n.allocate(&a, None).unwrap().address,
+            Ipv4Addr::new(10, 214, 80, 101)
+        );
+        let b = "b".repeat(32);
+        for host in [10, 100] {
+            let e = n.allocate(&b, Some(Ipv4Addr::new(10, 214, 80, host)));
+            assert!(matches!(e, Err(NetError::Reserved { .. })), "{e:?}");
+            let e = n.claim(&b, Ipv4Addr::new(10, 214, 80, host));
+            assert!(matches!(e, Err(NetError::Reserved { .. })), "{e:?}");
+        }
+        assert!(matches!(
+            n.allocate(&b, None),
+            Err(NetError::Exhausted { .. })
+        ));
     }
 
     #[test]

@@ -111,6 +111,10 @@ pub enum NetError {
     OutOfSubnet { address: Ipv4Addr, subnet: String },
     #[error("address {address} is already used by container {owner}")]
     AddressTaken { address: Ipv4Addr, owner: String },
+    #[error(
+        "address {address} is reserved on this segment for a host or router (net.json `reserved`)"
+    )]
+    Reserved { address: Ipv4Addr },
     #[error("no free address left in {subnet}")]
     Exhausted { subnet: String },
     #[error("this host has no container network ({} is missing; `mig lab up` writes one)", path.display())]
