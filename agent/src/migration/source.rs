@@ -353,48 +353,63 @@ impl SourceSide {
     }
 
     /// The container's log and state record as they are while frozen, so that the destination
-    /// keeps the old output (`mig logs`) and the creation time. The log goes whole, or only what
-    /// it gained since [`Self::presync_log`] ([`LOG_TAIL_FILE`]).
+    /// keeps the old output (`mig logs`) and the creation time.
     fn record_files(&self) -> Result<Vec<OutgoingFile>, SourceError> {
         let cd = self.agent.dirs.container(&self.id);
-        let mut files = Vec::new();
-        for (from, remote) in [(cd.log(), LOG_FILE), (cd.state(), STATE_FILE)] {
-            if !from.is_file() {
-                continue;
-            }
-            let mut remote = remote;
-            let copy = self.work.join(remote);
-            if remote == STATE_FILE && !self.peer_speaks(1) {
+        let mut files: Vec<OutgoingFile> = self.frozen_log(&cd.log())?.into_iter().collect();
+        let from = cd.state();
+        if from.is_file() {
+            let copy = self.work.join(STATE_FILE);
+            if self.peer_speaks(1) {
+                std::fs::copy(&from, &copy).map_err(io(&from))?;
+            } else {
                 // A protocol 1.0 destination (mig 0.1.0) reads the record strictly and knows no
                 // `format` key: send it in mig 0.1's format (no key), or it loses `created`.
                 let st: crate::layout::StateRecord =
                     crate::layout::read_record(&from).map_err(io(&from))?;
                 mig_runtime::fsutil::write_json(&copy, &st).map_err(io(&copy))?;
-            } else if let Some(&head) = self.log_sync.head.get().filter(|_| remote == LOG_FILE) {
-                // The shim only appends, so the log still starts with the presync copy; were it
-                // shorter (replaced by hand), it goes whole and the destination drops the copy.
-                let len = std::fs::metadata(&from).map_err(io(&from))?.len();
-                if len >= head {
-                    remote = LOG_TAIL_FILE;
-                    copy_log_range(&from, &self.work.join(remote), head)?;
-                } else {
-                    std::fs::copy(&from, &copy).map_err(io(&from))?;
-                }
-            } else {
-                std::fs::copy(&from, &copy).map_err(io(&from))?;
-            }
-            if remote != STATE_FILE {
-                let size = std::fs::metadata(self.work.join(remote)).map_or(0, |m| m.len());
-                self.log_sync.delta_bytes.store(size, Ordering::Relaxed);
             }
             files.push(OutgoingFile {
                 kind: FileKind::Delta,
-                local: self.work.join(remote),
-                remote: remote.to_owned(),
+                local: copy,
+                remote: STATE_FILE.to_owned(),
                 sha256: None,
             });
         }
         Ok(files)
+    }
+
+    /// The container's log while frozen: what it gained since [`Self::presync_log`]
+    /// ([`LOG_TAIL_FILE`]), else all of it ([`LOG_FILE`]); `None` without a log.
+    fn frozen_log(&self, from: &Path) -> Result<Option<OutgoingFile>, SourceError> {
+        let Ok(meta) = std::fs::metadata(from) else {
+            return Ok(None);
+        };
+        // The shim only appends, so the log still starts with the presync copy; were it shorter
+        // (replaced by hand), it goes whole and the destination drops the copy.
+        let head = self
+            .log_sync
+            .head
+            .get()
+            .copied()
+            .filter(|&h| meta.len() >= h);
+        let remote = if head.is_some() {
+            LOG_TAIL_FILE
+        } else {
+            LOG_FILE
+        };
+        let copy = self.work.join(remote);
+        let skip = head.unwrap_or(0);
+        let end = copy_log_range(from, &copy, skip)?;
+        self.log_sync
+            .delta_bytes
+            .store(end.saturating_sub(skip), Ordering::Relaxed);
+        Ok(Some(OutgoingFile {
+            kind: FileKind::Delta,
+            local: copy,
+            remote: remote.to_owned(),
+            sha256: None,
+        }))
     }
 
     /// Freezes, dumps (leaving the container frozen), seals; returns the final files.
