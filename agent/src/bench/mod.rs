@@ -51,11 +51,11 @@ pub struct BenchMoveArgs {
     /// Memory sizes of the workload, comma-separated (whole MiB).
     #[arg(long, value_delimiter = ',', value_parser = parse_mib, default_value = "64M,256M,1G")]
     pub sizes: Vec<u64>,
-    /// `mig move --mode` values, comma-separated. They are passed to the agent as they are: a mode
-    /// the agent (or this mig) refuses is recorded as refused, with the reason. `stream-nopresync`
-    /// is `--mode stream --no-memory-presync` (plain stop-and-copy, to compare with `stream`).
-    /// Default: `stream`, the default of `mig move`.
-    #[arg(long, value_delimiter = ',', default_value = "stream")]
+    /// `mig move --mode` values, comma-separated: cold, stream, stream-nopresync, lazy, precopy,
+    /// auto. `stream-nopresync` is `--mode stream --no-memory-presync` (plain stop-and-copy, to
+    /// compare with `stream`). A mode the agent refuses (precopy without soft-dirty tracking) is
+    /// recorded as refused, with the reason. Default: `stream`, the default of `mig move`.
+    #[arg(long, value_delimiter = ',', value_parser = parse_mode, default_value = "stream")]
     pub modes: Vec<String>,
     /// Runs per size and mode.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
@@ -170,6 +170,21 @@ fn parse_mib(s: &str) -> Result<u64, String> {
     match mig_runtime::spec::parse_size(s) {
         Some(b) if b >= 1 << 20 && b % (1 << 20) == 0 => Ok(b >> 20),
         _ => Err(format!("invalid size {s:?} (whole MiB, e.g. 64M, 1G)")),
+    }
+}
+
+/// A mode of `--modes`: one of `mig move --mode`, or the bench's `stream-nopresync`. Checked
+/// here so that a misspelt one is refused before the lab is built, not after every size's run.
+fn parse_mode(s: &str) -> Result<String, String> {
+    let known = crate::migration::modes::MoveMode::value_variants()
+        .iter()
+        .map(|m| m.as_str())
+        .chain([migrun::STREAM_NO_PRESYNC]);
+    let known: Vec<&str> = known.collect();
+    if known.contains(&s) {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("unknown mode {s:?} (one of {})", known.join(", ")))
     }
 }
 
@@ -408,4 +423,29 @@ fn run_blocking(args: &BenchMoveArgs, stop: Arc<AtomicBool>) -> Result<(), Bench
     print!("{}", report.summary());
     drop(cleanup);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_are_those_of_mig_move_and_stream_nopresync() {
+        for m in [
+            "cold",
+            "stream",
+            "stream-nopresync",
+            "lazy",
+            "precopy",
+            "auto",
+        ] {
+            assert_eq!(parse_mode(m).as_deref(), Ok(m));
+        }
+        let e = parse_mode("strem").unwrap_err();
+        assert!(
+            e.contains("\"strem\"") && e.contains("stream-nopresync"),
+            "{e}"
+        );
+        assert!(parse_mode("").is_err());
+    }
 }
