@@ -54,6 +54,12 @@ pub enum ArchiveError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot read {path}, a file of the image set being exported")]
+    Source {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot read archive {path}")]
     Read {
         path: PathBuf,
@@ -110,9 +116,10 @@ pub fn export(
         });
     }
     manifest.files.sort_by(|a, b| a.path.cmp(&b.path));
-    let write_err = |path: &Path| {
-        let path = path.to_owned();
-        move |source| ArchiveError::Write { path, source }
+    // Errors name the file the user asked for, also while its temporary siblings are written.
+    let write_err = |source| ArchiveError::Write {
+        path: out_file.to_owned(),
+        source,
     };
     let tmp_upper = sibling(out_file, "upper");
     let tmp_out = sibling(out_file, "tmp");
@@ -121,7 +128,7 @@ pub fn export(
         if manifest.files.iter().any(|f| f.path == UPPER_TAR) {
             return Err(ArchiveError::UpperClash);
         }
-        let mut w = BufWriter::new(File::create(&tmp_upper).map_err(write_err(&tmp_upper))?);
+        let mut w = BufWriter::new(File::create(&tmp_upper).map_err(write_err)?);
         write_layer_tar(upper, &mut w).map_err(|source| ArchiveError::Layer {
             dir: upper.to_owned(),
             source,
@@ -129,7 +136,7 @@ pub fn export(
         w.into_inner()
             .map_err(|e| e.into_error())
             .and_then(|f| f.sync_all())
-            .map_err(write_err(&tmp_upper))?;
+            .map_err(write_err)?;
         let (size, sha256) =
             imageset::hash_file(&tmp_upper).map_err(|source| ArchiveError::ImageSet {
                 dir: imageset_dir.to_owned(),
@@ -142,12 +149,12 @@ pub fn export(
         });
         manifest.files.sort_by(|a, b| a.path.cmp(&b.path));
     }
-    let manifest_bytes = serde_json::to_vec_pretty(&manifest)
-        .map_err(|e| write_err(out_file)(io::Error::other(e)))?;
+    let manifest_bytes =
+        serde_json::to_vec_pretty(&manifest).map_err(|e| write_err(io::Error::other(e)))?;
 
-    let file = BufWriter::new(File::create(&tmp_out).map_err(write_err(&tmp_out))?);
+    let file = BufWriter::new(File::create(&tmp_out).map_err(write_err)?);
     let sink = if zstd {
-        Sink::Zstd(zstd::Encoder::new(file, 3).map_err(write_err(&tmp_out))?)
+        Sink::Zstd(zstd::Encoder::new(file, 3).map_err(write_err)?)
     } else {
         Sink::Plain(file)
     };
@@ -158,21 +165,36 @@ pub fn export(
         manifest_bytes.len() as u64,
         &manifest_bytes[..],
     )
-    .map_err(write_err(&tmp_out))?;
+    .map_err(write_err)?;
     for f in &manifest.files {
         let src = if f.path == UPPER_TAR && upper_dir.is_some() {
             tmp_upper.clone()
         } else {
             imageset_dir.join(&f.path)
         };
-        let r = File::open(&src).map_err(write_err(&src))?;
-        append(&mut b, &f.path, f.size, r.take(f.size)).map_err(write_err(&src))?;
+        let read_err = |source| ArchiveError::Source {
+            path: src.clone(),
+            source,
+        };
+        let r = File::open(&src).map_err(read_err)?;
+        let read_failed = std::cell::Cell::new(false);
+        let r = ReadSide {
+            inner: r.take(f.size),
+            failed: &read_failed,
+        };
+        append(&mut b, &f.path, f.size, r).map_err(|e| {
+            if read_failed.get() {
+                read_err(e)
+            } else {
+                write_err(e)
+            }
+        })?;
     }
     b.into_inner()
         .and_then(Sink::finish)
         .and_then(|f| f.sync_all())
-        .map_err(write_err(&tmp_out))?;
-    std::fs::rename(&tmp_out, out_file).map_err(write_err(out_file))?;
+        .map_err(write_err)?;
+    std::fs::rename(&tmp_out, out_file).map_err(write_err)?;
     Ok(manifest)
 }
 
@@ -215,6 +237,18 @@ fn append(b: &mut tar::Builder<Sink>, path: &str, size: u64, data: impl Read) ->
     h.set_mode(0o600);
     h.set_mtime(0);
     b.append_data(&mut h, path, data)
+}
+
+/// A reader that notes its own failures, to tell them from the archive's write errors.
+struct ReadSide<'a, R> {
+    inner: R,
+    failed: &'a std::cell::Cell<bool>,
+}
+
+impl<R: Read> Read for ReadSide<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(buf).inspect_err(|_| self.failed.set(true))
+    }
 }
 
 /// `dir/.NAME.WHAT.PID` next to `path`.

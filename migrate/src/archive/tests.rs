@@ -364,3 +364,44 @@ fn a_sparse_file_stays_sparse_in_the_layer_tar() {
     write_layer_tar(&upper, &mut out).unwrap();
     assert!(out.len() < 1 << 20, "{} bytes", out.len());
 }
+
+/// Unmounts on drop.
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[test]
+fn a_full_disk_names_the_archive_and_leaves_nothing() {
+    if !is_root() {
+        return;
+    }
+    let (t, set, upper) = fixture();
+    let small = t.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &small,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=128k"),
+    )
+    .unwrap();
+    let _m = Mounted(small.clone());
+    let out = small.join("c.tar");
+    match export(&set, Some(&upper), &out, false) {
+        Err(e @ ArchiveError::Write { .. }) => {
+            let ArchiveError::Write { path, source } = &e else {
+                unreachable!()
+            };
+            assert_eq!(path, &out, "{e}");
+            assert_eq!(source.raw_os_error(), Some(libc::ENOSPC), "{source}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let left: Vec<_> = std::fs::read_dir(&small).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+}
