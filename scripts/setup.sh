@@ -31,6 +31,7 @@ CRIU_PATCH_MARKERS=(
   criu-smaps-copy             # 0009: a dump takes smaps from the copy the caller made (CRIU_SMAPS_DIR)
   criu-syscall-page-copy      # 0010: the page compel writes its syscall stub into is sent as a copy
   criu-lazy-close-required    # 0011: a lazy page server session that ends without a close fails
+  criu-pipes-unlimited        # 0012: a dump holds any number of pipes (CRIU stopped at 1024)
 )
 # Arguments of CRIU's make besides -j (why NO_GNUTLS: at the build below).
 CRIU_MAKE_ARGS=(NO_GNUTLS=1 criu)

@@ -21,6 +21,19 @@ pub fn pid_map(host_pids: &[i32]) -> Vec<PidEntry> {
     out
 }
 
+/// The threads of the given host PIDs, all together (`/proc/PID/task`); a process that exits
+/// meanwhile counts as none, one whose threads cannot be listed as one.
+pub fn threads(host_pids: &[i32]) -> u64 {
+    host_pids
+        .iter()
+        .map(|p| match fs::read_dir(format!("/proc/{p}/task")) {
+            Ok(d) => d.count() as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(_) => 1,
+        })
+        .sum()
+}
+
 fn entry(host_pid: i32) -> Option<PidEntry> {
     let status = fs::read_to_string(format!("/proc/{host_pid}/status")).ok()?;
     let ns_pid = innermost_ns_pid(&status)?;
@@ -58,6 +71,25 @@ pub fn command_line(raw: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn threads_of_processes_and_of_a_gone_one() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        assert_eq!(threads(&[pid]), 1);
+        assert_eq!(threads(&[pid, i32::MAX]), 1);
+        // This test process: the test harness's threads, and one more of its own.
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || rx.recv());
+        assert!(threads(&[std::process::id() as i32, pid]) >= 3);
+        drop(tx);
+        let _ = t.join();
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 
     #[test]
     fn own_process_maps_to_itself_outside_a_pid_namespace() {

@@ -17,6 +17,12 @@
 //! the process itself cannot read most of the time, which a dump must still carry (CRIU reads it
 //! through its parasite; a lazy dump puts it into the images, docs/criu.md "Patches").
 //!
+//! With `--pipes P` it also holds P pipes, each with 8 bytes of the pattern in it, and once a
+//! tick reads each one, checks it and writes it back (`BAD <n> pipe <i>` when wrong); with
+//! `--threads T`, T threads each count every 50 ms, and a tick after which one of them has not
+//! counted since the tick before prints `BAD <n> thread <i>`. Both are what a dump must carry
+//! beyond memory: pipe buffers, and a task per thread.
+//!
 //! A move keeps the counter going (it lives in the moved memory); a restored process whose memory
 //! is not intact prints `BAD`. Static build: `RUSTFLAGS="-C target-feature=+crt-static" cargo build
 //! -p mig-memload --release`. No dependencies beyond std and libc.
@@ -33,11 +39,13 @@ struct Options {
     dirty_mib: usize,
     verify_mib: usize,
     guarded_mib: usize,
+    pipes: usize,
+    threads: usize,
     interval: Duration,
 }
 
 const USAGE: &str =
-    "usage: mig-memload --mib N [--seed S] [--dirty-mib D] [--verify-mib V] [--guarded-mib G] [--interval-ms MS]";
+    "usage: mig-memload --mib N [--seed S] [--dirty-mib D] [--verify-mib V] [--guarded-mib G] [--pipes P] [--threads T] [--interval-ms MS]";
 
 fn parse(args: &[String]) -> Result<Options, String> {
     let mut o = Options {
@@ -46,6 +54,8 @@ fn parse(args: &[String]) -> Result<Options, String> {
         dirty_mib: 1,
         verify_mib: 256,
         guarded_mib: 0,
+        pipes: 0,
+        threads: 0,
         interval: Duration::from_millis(1000),
     };
     let mut it = args.iter();
@@ -61,6 +71,8 @@ fn parse(args: &[String]) -> Result<Options, String> {
             "--dirty-mib" => o.dirty_mib = value as usize,
             "--verify-mib" => o.verify_mib = value as usize,
             "--guarded-mib" => o.guarded_mib = value as usize,
+            "--pipes" => o.pipes = value as usize,
+            "--threads" => o.threads = value as usize,
             "--interval-ms" => o.interval = Duration::from_millis(value.max(10)),
             _ => return Err(format!("unknown option {flag}")),
         }
@@ -70,6 +82,9 @@ fn parse(args: &[String]) -> Result<Options, String> {
     }
     if o.guarded_mib > 1 << 16 {
         return Err("--guarded-mib must be at most 65536".into());
+    }
+    if o.pipes > 1 << 16 || o.threads > 1 << 14 {
+        return Err("--pipes must be at most 65536 and --threads at most 16384".into());
     }
     o.verify_mib = o.verify_mib.clamp(1, o.mib);
     o.dirty_mib = o.dirty_mib.min(o.mib);
@@ -170,6 +185,108 @@ impl Guarded {
     }
 }
 
+/// Pipes each holding the 8 bytes of pattern word `i` (read end, write end).
+struct Pipes(Vec<(libc::c_int, libc::c_int)>);
+
+impl Pipes {
+    fn new(n: usize, seed: u64) -> Result<Pipes, String> {
+        // Two descriptors a pipe: the soft limit of open files goes up to the hard one.
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit/setrlimit with a valid struct.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+                lim.rlim_cur = lim.rlim_max;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            }
+        }
+        let mut p = Pipes(Vec::with_capacity(n));
+        for i in 0..n {
+            let mut fds = [0 as libc::c_int; 2];
+            // SAFETY: `fds` has room for the two descriptors pipe(2) returns.
+            if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+                return Err(format!("pipe {i}: {}", std::io::Error::last_os_error()));
+            }
+            p.0.push((fds[0], fds[1]));
+            p.put(i, seed)?;
+        }
+        Ok(p)
+    }
+
+    fn put(&self, i: usize, seed: u64) -> Result<(), String> {
+        let w = word(seed ^ 0xbb67_ae85_84ca_a73b, i).to_le_bytes();
+        // SAFETY: writes 8 bytes from a live buffer to our own pipe.
+        let n = unsafe { libc::write(self.0[i].1, w.as_ptr().cast(), 8) };
+        if n != 8 {
+            return Err(format!(
+                "write pipe {i}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Index of the first pipe whose bytes are wrong; each is refilled.
+    fn check(&self, seed: u64) -> Result<Option<usize>, String> {
+        let mut bad = None;
+        for i in 0..self.0.len() {
+            let mut b = [0u8; 8];
+            // SAFETY: reads at most 8 bytes into a live buffer from our own pipe.
+            let n = unsafe { libc::read(self.0[i].0, b.as_mut_ptr().cast(), 8) };
+            if n != 8 || u64::from_le_bytes(b) != word(seed ^ 0xbb67_ae85_84ca_a73b, i) {
+                bad = bad.or(Some(i));
+            }
+            if n >= 0 {
+                self.put(i, seed)?;
+            }
+        }
+        Ok(bad)
+    }
+}
+
+/// Threads that each count every 50 ms.
+struct Counters {
+    counts: std::sync::Arc<Vec<std::sync::atomic::AtomicU64>>,
+    seen: Vec<u64>,
+}
+
+impl Counters {
+    fn start(n: usize) -> Result<Counters, String> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let counts: std::sync::Arc<Vec<AtomicU64>> =
+            std::sync::Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
+        for i in 0..n {
+            let c = counts.clone();
+            std::thread::Builder::new()
+                .stack_size(64 << 10)
+                .spawn(move || loop {
+                    std::thread::sleep(Duration::from_millis(50));
+                    c[i].fetch_add(1, Ordering::Relaxed);
+                })
+                .map_err(|e| format!("thread {i}: {e}"))?;
+        }
+        Ok(Counters {
+            counts,
+            seen: vec![0; n],
+        })
+    }
+
+    /// Index of a thread that has not counted since the call before.
+    fn check(&mut self) -> Option<usize> {
+        let mut stuck = None;
+        for (i, (c, seen)) in self.counts.iter().zip(&mut self.seen).enumerate() {
+            let now = c.load(std::sync::atomic::Ordering::Relaxed);
+            if now == *seen {
+                stuck = stuck.or(Some(i));
+            }
+            *seen = now;
+        }
+        stuck
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let o = match parse(&args) {
@@ -191,6 +308,21 @@ fn main() -> ExitCode {
         }
         Some(Ok(g)) => Some(g),
         None => None,
+    };
+    let pipes = match (o.pipes > 0).then(|| Pipes::new(o.pipes, o.seed)) {
+        Some(Err(e)) => {
+            eprintln!("mig-memload: {e}");
+            return ExitCode::from(1);
+        }
+        Some(Ok(p)) => Some(p),
+        None => None,
+    };
+    let mut threads = match Counters::start(o.threads) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("mig-memload: {e}");
+            return ExitCode::from(1);
+        }
     };
     let mut out = std::io::stdout().lock();
     // Output errors (a closed log) must not stop the workload: the memory is what is measured.
@@ -239,11 +371,23 @@ fn main() -> ExitCode {
             Some(Ok(b)) => b,
             None => None,
         };
+        let pipe_bad = match pipes.as_ref().map(|p| p.check(o.seed)) {
+            Some(Err(e)) => {
+                eprintln!("mig-memload: {e}");
+                return ExitCode::from(1);
+            }
+            Some(Ok(b)) => b,
+            None => None,
+        };
+        // The first tick only takes the counts (the threads may not have run yet).
+        let stuck = threads.check().filter(|_| n > 1);
         let _ = writeln!(out, "COUNT {n}");
-        let _ = match (bad, guarded_bad) {
-            (Some(i), _) => writeln!(out, "BAD {n} offset {}", i * 8),
-            (None, Some(i)) => writeln!(out, "BAD {n} guarded offset {}", i * 8),
-            (None, None) => writeln!(out, "OK {n} passes {passes}"),
+        let _ = match (bad, guarded_bad, pipe_bad, stuck) {
+            (Some(i), ..) => writeln!(out, "BAD {n} offset {}", i * 8),
+            (None, Some(i), ..) => writeln!(out, "BAD {n} guarded offset {}", i * 8),
+            (None, None, Some(i), _) => writeln!(out, "BAD {n} pipe {i}"),
+            (None, None, None, Some(i)) => writeln!(out, "BAD {n} thread {i}"),
+            (None, None, None, None) => writeln!(out, "OK {n} passes {passes}"),
         };
         let _ = out.flush();
     }
@@ -270,6 +414,41 @@ mod tests {
             2
         );
         assert!(parse(&args("--mib 4 --guarded-mib 70000")).is_err());
+        let o = parse(&args("--mib 4 --pipes 1100 --threads 8")).unwrap();
+        assert_eq!((o.pipes, o.threads), (1100, 8));
+        assert!(parse(&args("--mib 4 --threads 20000")).is_err());
+    }
+
+    #[test]
+    fn pipes_keep_their_bytes_and_a_changed_one_is_found() {
+        let p = Pipes::new(3, 4).unwrap();
+        assert_eq!(p.check(4).unwrap(), None);
+        assert_eq!(p.check(4).unwrap(), None);
+        assert_eq!(p.check(5).unwrap(), Some(0));
+        for (r, w) in &p.0 {
+            // SAFETY: our own descriptors, closed once.
+            unsafe {
+                libc::close(*r);
+                libc::close(*w);
+            }
+        }
+    }
+
+    #[test]
+    fn a_thread_that_does_not_count_is_found() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let mut c = Counters::start(2).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        c.check();
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(c.check(), None);
+        // Counters no thread moves: the second one is found.
+        let mut c = Counters {
+            counts: std::sync::Arc::new(vec![AtomicU64::new(0), AtomicU64::new(0)]),
+            seen: vec![0, 0],
+        };
+        c.counts[0].fetch_add(1, Ordering::Relaxed);
+        assert_eq!(c.check(), Some(1));
     }
 
     #[test]

@@ -75,13 +75,14 @@ pub enum ModeError {
     PipeMaxSize(#[source] mig_migrate::criu::CriuError),
     #[error("criu is not usable: {0}")]
     NoCriu(String),
-    #[error("predicted downtime {predicted_ms} ms exceeds --max-downtime {max_ms} ms (mode {mode}, {memory_bytes} bytes of memory at about {throughput_mib_s} MiB/s, {basis}; {processes} processes; {fixed}); the container was not touched")]
+    #[error("predicted downtime {predicted_ms} ms exceeds --max-downtime {max_ms} ms (mode {mode}, {memory_bytes} bytes of memory at about {throughput_mib_s} MiB/s, {basis}; {processes} processes, {threads} threads; {fixed}); the container was not touched")]
     TooSlow {
         predicted_ms: u64,
         max_ms: u64,
         mode: &'static str,
         memory_bytes: u64,
         processes: u64,
+        threads: u64,
         throughput_mib_s: u64,
         /// Where the throughput came from ([`Throughput::describe`]).
         basis: String,
@@ -285,6 +286,9 @@ pub struct Preflight {
     pub upper_bytes: u64,
     /// The container's processes: CRIU seizes, dumps and recreates each one while frozen.
     pub processes: u64,
+    /// Their threads, all together (at least `processes`): CRIU seizes, dumps and recreates
+    /// each thread too.
+    pub threads: u64,
     /// Link throughput, bytes/s.
     pub throughput: u64,
     /// Stream mode sends the memory while the container runs first (a 1.4 destination,
@@ -329,6 +333,14 @@ const PRESYNC_SCAN_RATE: u64 = 3 << 30;
 /// with 50, 2.2 s with 150, 4.4 to 4.6 s with 300; the dump 8.7 ms and the restore 2 ms of it
 /// per process); QA of session 16 saw 5 to 16 s for 301 processes on a loaded machine.
 const PER_PROCESS_MS: u64 = 15;
+/// Each thread past a process's first, in ms: 1.5 + (those threads) / 400, so that the whole
+/// term grows as the square: a dump and a restore spend more per thread the more threads there
+/// are. Measured 2026-12-04 10:35 UTC (release build, stream mode, `mig-memload --mib 16
+/// --threads N`, medians of 3): 130 ms of downtime with no thread, 376 with 150, 798 with 300,
+/// 1750 with 600; the term gives 281, 675, 1800 over the 130 (QA of session 18: 600 threads
+/// took 1.4 to 1.9 s, predicted 234 ms without it).
+const PER_THREAD_US: u64 = 1500;
+const THREAD_SQUARE_DIV: u64 = 400;
 
 fn ms_for(bytes: u64, rate: u64) -> u64 {
     bytes.saturating_mul(1000) / rate.max(1)
@@ -345,10 +357,11 @@ impl Preflight {
     }
 
     /// The part of `mode`'s predicted downtime that grows with the memory, the writable layer
-    /// and the number of processes (pre-copy: its whole prediction less the default fixed costs).
+    /// and the number of processes and threads (pre-copy: its whole prediction less the default
+    /// fixed costs).
     pub fn variable_ms(&self, mode: MoveMode) -> u64 {
         let m = self.memory_bytes;
-        let upper = ms_for(self.upper_bytes, self.throughput) + self.processes_ms();
+        let upper = ms_for(self.upper_bytes, self.throughput) + self.tasks_ms();
         match mode {
             MoveMode::Lazy => upper,
             MoveMode::Precopy => self.predict(mode).saturating_sub(DEFAULT_FIXED_MS),
@@ -382,7 +395,7 @@ impl Preflight {
     /// (most of it from the rounds, through CRIU's `parent` links). Its fixed costs are always
     /// the defaults (`super::fixedcost` says why).
     pub fn precopy_final_ms(&self, final_bytes: u64) -> u64 {
-        self.processes_ms()
+        self.tasks_ms()
             + DUMP_FIXED_MS
             + ms_for(final_bytes, DUMP_RATE)
             + 2 * ms_for(final_bytes, HASH_RATE)
@@ -430,9 +443,17 @@ impl Preflight {
         Err(self.too_slow(mode, predicted, max))
     }
 
-    /// What the processes past the first add to any mode's downtime.
-    fn processes_ms(&self) -> u64 {
-        PER_PROCESS_MS.saturating_mul(self.processes.saturating_sub(1))
+    /// What the processes past the first, and the threads past each process's first, add to
+    /// any mode's downtime.
+    fn tasks_ms(&self) -> u64 {
+        let extra = self.threads.saturating_sub(self.processes);
+        let threads_ms = extra
+            .saturating_mul(PER_THREAD_US)
+            .saturating_add(extra.saturating_mul(extra).saturating_mul(1000) / THREAD_SQUARE_DIV)
+            / 1000;
+        PER_PROCESS_MS
+            .saturating_mul(self.processes.saturating_sub(1))
+            .saturating_add(threads_ms)
     }
 
     fn too_slow(&self, mode: MoveMode, predicted_ms: u64, max_ms: u64) -> ModeError {
@@ -442,6 +463,7 @@ impl Preflight {
             mode: mode.as_str(),
             memory_bytes: self.memory_bytes,
             processes: self.processes,
+            threads: self.threads,
             throughput_mib_s: self.throughput >> 20,
             basis: "as given".into(),
             fixed: self.fixed.get(mode).describe(mode),
@@ -491,7 +513,7 @@ pub async fn plan(
     opts: MoveOptions,
     memory_bytes: u64,
     upper_bytes: u64,
-    processes: u64,
+    (processes, threads): (u64, u64),
     link: Throughput,
     memory_presync: bool,
     fixed: FixedCosts,
@@ -500,6 +522,7 @@ pub async fn plan(
         memory_bytes,
         upper_bytes,
         processes,
+        threads: threads.max(processes),
         throughput: link.bytes_s,
         memory_presync: memory_presync && !opts.no_memory_presync,
         fixed,
@@ -514,6 +537,7 @@ pub async fn plan(
                 mode,
                 memory_bytes,
                 processes,
+                threads,
                 throughput_mib_s,
                 fixed,
                 ..
@@ -523,6 +547,7 @@ pub async fn plan(
                 mode,
                 memory_bytes,
                 processes,
+                threads,
                 throughput_mib_s,
                 basis: link.describe(),
                 fixed,
@@ -563,6 +588,7 @@ mod tests {
             memory_bytes: mem,
             upper_bytes: 0,
             processes: 1,
+            threads: 1,
             throughput: 150 << 20,
             memory_presync: false,
             fixed: FixedCosts::default(),
@@ -574,6 +600,7 @@ mod tests {
         let one = pf(64 << 20);
         let many = Preflight {
             processes: 301,
+            threads: 301,
             ..one
         };
         for mode in [MoveMode::Cold, MoveMode::Stream, MoveMode::Lazy] {
@@ -593,7 +620,40 @@ mod tests {
             .choose(MoveMode::Lazy, Some(100))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("301 processes"), "{e}");
+        assert!(e.contains("301 processes, 301 threads"), "{e}");
+    }
+
+    #[test]
+    fn threads_add_more_each_the_more_there_are() {
+        let one = pf(16 << 20);
+        let with = |threads| Preflight { threads, ..one };
+        let extra = |t: u64| with(t).predict(MoveMode::Stream) - one.predict(MoveMode::Stream);
+        // The measured points: 246, 668 and 1620 ms over no thread (docs in PER_THREAD_US).
+        assert_eq!(extra(151), 281);
+        assert_eq!(extra(301), 675);
+        assert_eq!(extra(601), 1800);
+        for mode in [MoveMode::Cold, MoveMode::Lazy] {
+            assert_eq!(
+                with(601).variable_ms(mode) - one.variable_ms(mode),
+                1800,
+                "{mode:?}"
+            );
+        }
+        // Threads of several processes: only those past each process's first count.
+        let two = Preflight {
+            processes: 2,
+            threads: 2,
+            ..one
+        };
+        assert_eq!(
+            two.predict(MoveMode::Stream) - one.predict(MoveMode::Stream),
+            PER_PROCESS_MS
+        );
+        let e = with(601)
+            .choose(MoveMode::Stream, Some(800))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("1 processes, 601 threads"), "{e}");
     }
 
     #[test]
@@ -673,7 +733,7 @@ mod tests {
             opts(None),
             1 << 30,
             0,
-            1,
+            (1, 1),
             Throughput::probed(probe),
             false,
             none,
@@ -687,7 +747,7 @@ mod tests {
             opts(None),
             1 << 30,
             0,
-            1,
+            (1, 1),
             known_throughput("plan-never-seen"),
             false,
             none,
@@ -700,7 +760,7 @@ mod tests {
             opts(Some(1)),
             1 << 30,
             0,
-            1,
+            (1, 1),
             Throughput::probed(probe),
             false,
             none,
@@ -719,7 +779,7 @@ mod tests {
             opts(Some(1)),
             1 << 30,
             0,
-            1,
+            (1, 1),
             known_throughput("plan-never-seen"),
             false,
             none,
@@ -861,13 +921,21 @@ mod tests {
             no_memory_presync: false,
         };
         let link = known_throughput("plan-fixed-peer");
-        let p = plan(opts, 40 << 20, 0, 1, link, false, FixedCosts::default())
-            .await
-            .unwrap();
+        let p = plan(
+            opts,
+            40 << 20,
+            0,
+            (1, 1),
+            link,
+            false,
+            FixedCosts::default(),
+        )
+        .await
+        .unwrap();
         assert_eq!(p.fixed, FixedCost::DEFAULT);
         assert_eq!((p.predicted_ms, p.variable_ms), (DEFAULT_FIXED_MS, 0));
         let fixed = learned("b", &[(MoveMode::Lazy, 140, 0)]);
-        let p = plan(opts, 40 << 20, 0, 1, link, false, fixed)
+        let p = plan(opts, 40 << 20, 0, (1, 1), link, false, fixed)
             .await
             .unwrap();
         assert_eq!(

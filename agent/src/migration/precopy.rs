@@ -560,6 +560,7 @@ mod tests {
                 memory_bytes: mem,
                 upper_bytes: 0,
                 processes: 1,
+                threads: 1,
                 throughput: 150 * MIB,
                 memory_presync: false,
                 fixed: Default::default(),

@@ -1060,6 +1060,10 @@ impl Agent {
         let cg = Cgroup::open(&e.state.cgroup).map_err(|e| api(ErrorKind::Internal, chain(&e)))?;
         let usage = cg.usage().unwrap_or_default();
         let procs = cg.procs().unwrap_or_default();
+        let tasks = (
+            procs.len().max(1) as u64,
+            mig_runtime::pidmap::threads(&procs).max(1),
+        );
         let pid_map_before = mig_runtime::pidmap::pid_map(&procs);
         let cd = self.dirs.container(id);
         let upper = cd.upper();
@@ -1128,7 +1132,7 @@ impl Agent {
             opts,
             usage.memory_bytes,
             upper_bytes,
-            procs.len().max(1) as u64,
+            tasks,
             basis,
             presync,
             fixed,
@@ -1175,7 +1179,8 @@ impl Agent {
                 super::modes::Preflight {
                     memory_bytes: usage.memory_bytes,
                     upper_bytes,
-                    processes: procs.len().max(1) as u64,
+                    processes: tasks.0,
+                    threads: tasks.1,
                     throughput: plan.throughput,
                     memory_presync: false,
                     fixed: Default::default(),
