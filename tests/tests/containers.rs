@@ -1129,10 +1129,13 @@ fn exec_with_user_workdir_and_stdin() -> Result<()> {
         o.code == 125 && o.stderr.contains("8 MiB") && o.stdout.is_empty(),
         "{o:?}"
     );
-    // -t: refused, saying what works.
+    // -t: refused, saying what works; `mig run -i/-t` too (QA session 18: `mig run -t` was
+    // clap's "unexpected argument", and `echo .. | mig run` dropped the input silently).
     for t in [
         &["exec", "-t", "ex", "--", "sh"][..],
         &["exec", "-it", "ex", "--", "sh"],
+        &["run", "-it", "users", "--", "sh"],
+        &["run", "-i", "--rm", "users", "--", "sh"],
     ] {
         let o = agent.mig(t);
         ensure!(

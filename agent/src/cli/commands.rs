@@ -63,6 +63,8 @@ pub enum CliError {
     NoPeerToDrainTo,
     #[error("mig exec has no terminal (-t): the command's output is returned when it ends; pipe input with -i instead, e.g. echo 'ls /' | mig exec -i CONTAINER sh")]
     NoTty,
+    #[error("mig run has no terminal or input (-i, -t): a container's standard input is /dev/null and its output goes to its log, which an attached run prints and `mig logs -f NAME` follows; give a command input with mig exec -i, e.g. echo 'ls /' | mig exec -i NAME sh")]
+    RunNoTty,
     #[error("cannot read the standard input for exec -i")]
     Stdin(#[source] std::io::Error),
     #[error("the standard input is larger than the {} MiB exec -i takes (it is sent whole, before the command starts)", MAX_EXEC_STDIN >> 20)]
@@ -319,6 +321,11 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
     }
     if let Command::Exec { tty: true, .. } = &cli.command {
         return Err(CliError::NoTty);
+    }
+    if let Command::Run(r) = &cli.command {
+        if r.interactive || r.tty {
+            return Err(CliError::RunNoTty);
+        }
     }
     // A command that the container's leaving kills (a move, a checkpoint, a stop) ends with a
     // line that says so: watched from before it starts.

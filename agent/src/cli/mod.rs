@@ -436,6 +436,13 @@ pub struct RunArgs {
     /// Print JSON (the API's types, docs/api.md) instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Refused: a container's standard input is /dev/null (give one command input with
+    /// `mig exec -i`).
+    #[arg(short, long)]
+    pub interactive: bool,
+    /// Refused: a container has no terminal; its output goes to its log (`mig logs`).
+    #[arg(short, long)]
+    pub tty: bool,
     /// Run an OCI runtime bundle (a directory with config.json and the rootfs it names, as runc
     /// takes it) instead of an image; unsupported config.json fields are refused by name.
     #[arg(long, value_name = "DIR", conflicts_with = "image")]
