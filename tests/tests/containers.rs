@@ -607,6 +607,17 @@ fn export_then_import_under_a_new_name() -> Result<()> {
         .map(|e| e.file_name())
         .collect();
     ensure!(leftovers.len() == 1, "refused import left {leftovers:?}");
+    // An empty file says so, not which manifest in the agent's work directory it lacked (QA
+    // session 18).
+    let empty = agent.dir.path().join("empty.tar");
+    std::fs::write(&empty, b"")?;
+    let o = agent.mig(&["restore", "--import", empty.to_str().unwrap_or_default()]);
+    ensure!(
+        o.code == 125
+            && o.stderr.contains("not a checkpoint archive (it is empty)")
+            && !o.stderr.contains(".import-"),
+        "{o:?}"
+    );
     // The original's name is taken while it exists (checkpointed): the copy gets a new name.
     let r = agent.mig_json(&[
         "restore",

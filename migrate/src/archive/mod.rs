@@ -76,6 +76,9 @@ pub enum ArchiveError {
     Entry { path: String, reason: &'static str },
     #[error("archive holds more than {MAX_TOTAL_BYTES} bytes or too many files")]
     TooBig,
+    /// (The message leaves `path` out: callers say which file they imported.)
+    #[error("not a checkpoint archive ({why}); `mig checkpoint --export FILE` makes them")]
+    NotCheckpoint { path: PathBuf, why: &'static str },
     #[error("archive contents do not match its manifest")]
     Verify(#[source] ImageSetError),
     #[error("cannot unpack the writable layer into {dir}")]
@@ -297,6 +300,12 @@ pub fn import(file: &Path, dest_dir: &Path) -> Result<Manifest, ArchiveError> {
         magic[..n].copy_from_slice(&buf[..n]);
         n
     };
+    if head == 0 {
+        return Err(ArchiveError::NotCheckpoint {
+            path: file.to_owned(),
+            why: "it is empty",
+        });
+    }
     let source: Box<dyn Read> = if head == 4 && magic == ZSTD_MAGIC {
         Box::new(zstd::Decoder::with_buffer(f).map_err(read_err)?)
     } else {
@@ -308,6 +317,12 @@ pub fn import(file: &Path, dest_dir: &Path) -> Result<Manifest, ArchiveError> {
     })?;
     let mut guard = DestGuard(Some(dest_dir.to_owned()));
     unpack(source, file, dest_dir)?;
+    if !dest_dir.join(MANIFEST).exists() {
+        return Err(ArchiveError::NotCheckpoint {
+            path: file.to_owned(),
+            why: "a tar without the manifest.json of a checkpoint",
+        });
+    }
     let manifest = imageset::verify(dest_dir).map_err(ArchiveError::Verify)?;
     imageset::refuse_page_server_entries(&manifest).map_err(ArchiveError::Verify)?;
     guard.0 = None;

@@ -215,9 +215,12 @@ fn hostile_entries_are_refused() {
         assert!(!dest.exists());
     }
     assert!(!t.path().parent().unwrap().join("evil").exists());
-    // An archive without a manifest is refused by verification.
+    // An archive without a manifest is not a checkpoint.
     std::fs::write(&out, raw_tar(b"core-1.img", tar::EntryType::Regular, b"x")).unwrap();
-    assert!(matches!(import(&out, &dest), Err(ArchiveError::Verify(_))));
+    assert!(matches!(
+        import(&out, &dest),
+        Err(ArchiveError::NotCheckpoint { .. })
+    ));
     assert!(!dest.exists());
 }
 
@@ -404,4 +407,28 @@ fn a_full_disk_names_the_archive_and_leaves_nothing() {
     }
     let left: Vec<_> = std::fs::read_dir(&small).unwrap().collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn an_empty_file_or_a_tar_of_something_else_is_not_a_checkpoint() {
+    let t = tempfile::tempdir().unwrap();
+    let dest = t.path().join("dest");
+    let empty = t.path().join("empty.tar");
+    std::fs::write(&empty, b"").unwrap();
+    let other = t.path().join("other.tar");
+    std::fs::write(
+        &other,
+        raw_tar(b"etc/hostname", tar::EntryType::Regular, b"box\n"),
+    )
+    .unwrap();
+    for (file, why) in [(&empty, "empty"), (&other, "without the manifest.json")] {
+        let e = import(file, &dest).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            matches!(&e, ArchiveError::NotCheckpoint { path, .. } if path == file)
+                && msg.contains(why),
+            "{msg}"
+        );
+        assert!(!dest.exists());
+    }
 }
