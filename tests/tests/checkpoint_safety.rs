@@ -247,6 +247,25 @@ fn an_imported_copy_never_takes_the_originals_network() -> Result<()> {
     ensure!(imports.is_empty(), "left in containers/: {imports:?}");
     running_on(&lab, 0, "bw")?;
 
+    // On another host of the segment the address table cannot tell the copy from the original
+    // (one id owns the address there too): the address answers ARP, so the import is refused
+    // (QA session 17: it was restored with the running original's address).
+    let image = lab.image_tar.display().to_string();
+    lab.mig_ok(1, &["image", "import", &image, "--name", "busybox"])?;
+    let o = lab.mig(1, &["restore", "--import", tar]);
+    ensure!(
+        o.code == 125
+            && o.stderr.contains("answers on the segment")
+            && o.stderr.contains("nothing was restored"),
+        "{o:?}"
+    );
+    let left: Vec<_> = std::fs::read_dir(lab.state_dir(1).join("containers"))?
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    ensure!(left.is_empty(), "left on host-b: {left:?}");
+    running_on(&lab, 0, "bw")?;
+
     // Once the original is gone, the archive restores here under its own id and network.
     lab.mig_ok(0, &["rm", "-f", "bw"])?;
     ensure!(
@@ -264,6 +283,22 @@ fn an_imported_copy_never_takes_the_originals_network() -> Result<()> {
         "{}",
         links(&lab, 0, "bw3")
     );
+
+    // Checkpointed here and exported, restored on host-b: restoring the checkpoint here too
+    // would make two copies with one address. Refused, and the checkpoint stays.
+    let tar2 = dir.path().join("bw3.tar");
+    let tar2 = tar2.to_str().context("path")?;
+    lab.mig_ok(0, &["checkpoint", "bw3", "--export", tar2])?;
+    lab.mig_ok(1, &["restore", "--import", tar2])?;
+    running_on(&lab, 1, "bw3")?;
+    let o = lab.mig(0, &["restore", "bw3"]);
+    ensure!(
+        o.code == 125 && o.stderr.contains("answers on the segment"),
+        "{o:?}"
+    );
+    let d = lab.mig_json(0, &["inspect", "bw3", "--json"])?;
+    ensure!(d["state"] == "checkpointed", "{d}");
+    lab.mig_ok(1, &["rm", "-f", "bw3"])?;
     lab.mig_ok(0, &["rm", "-f", "bw3"])?;
     Ok(())
 }

@@ -311,7 +311,7 @@ async fn handle(agent: &Arc<Agent>, req: Request) -> Result<Response, ApiError> 
             import,
             name,
         } => match (container, import) {
-            (Some(c), None) => agent.restore(&c).await,
+            (Some(c), None) => agent.restore_checkpointed(&c).await,
             (None, Some(file)) => agent.restore_import(file, name).await,
             _ => Err(ApiError::new(
                 ErrorKind::InvalidArgument,

@@ -513,9 +513,21 @@ fn build(file: &mut LabFile) -> Result<(), LabError> {
             file.hosts[i].fingerprint = peers::fingerprint(&file.hosts[i].state_dir);
         }
     }
+    // The agents started meanwhile; a container started right after `lab up` must already
+    // reach the other hosts' containers.
+    if !net::wait_container_segment(&file.hosts, &file.switch_netns, SEGMENT_TIMEOUT) {
+        eprintln!(
+            "mig lab: the containers' segment did not forward within {} s; frames between \
+             hosts' containers may be lost for a moment",
+            SEGMENT_TIMEOUT.as_secs()
+        );
+    }
     file.phase = LabPhase::Up;
     write_lab_file(file)
 }
+
+/// How long `lab up` waits for the containers' segment to forward.
+const SEGMENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The container network of the lab's hosts: the lab's /24, the pool [`CONTAINER_POOL`], the
 /// gateway on the switch bridge, one address table in the lab's run directory.

@@ -168,6 +168,48 @@ pub(crate) fn create_container_bridge(
     ip(&["-n", ns, "link", "set", bridge, "up"])
 }
 
+/// Waits (at most `timeout`) until the bridge ports of the containers' segment forward: each
+/// host's uplink and its switch end. A veth's carrier reaches its bridge port only when the
+/// kernel's link watch runs (up to a second later): until then the port is `disabled`, and a
+/// frame from one host's containers to another's is dropped (an ARP probe right after `lab up`
+/// got no answer). Returns whether they all forward.
+pub(crate) fn wait_container_segment(
+    hosts: &[LabHost],
+    switch: &str,
+    timeout: std::time::Duration,
+) -> bool {
+    let forwarding = |ns: &str, dev: &str| {
+        Command::new("bridge")
+            .args(["-n", ns, "-j", "link", "show", "dev", dev])
+            .output()
+            .is_ok_and(|o| {
+                o.status.success()
+                    && String::from_utf8_lossy(&o.stdout).contains("\"state\":\"forwarding\"")
+            })
+    };
+    let ports: Vec<(String, String)> = hosts
+        .iter()
+        .flat_map(|h| {
+            [
+                (h.netns.clone(), UPLINK.to_owned()),
+                (switch.to_owned(), format!("c-{}", h.name)),
+            ]
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + timeout;
+    let mut waiting = ports;
+    loop {
+        waiting.retain(|(ns, dev)| !forwarding(ns, dev));
+        if waiting.is_empty() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Puts the containers' gateway address on the switch's bridge (the one place every host's
 /// containers reach, wherever they run).
 pub(crate) fn set_gateway(switch: &str, bridge: &str, cidr: &str) -> Result<(), LabError> {

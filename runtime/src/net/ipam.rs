@@ -13,6 +13,9 @@ use std::path::{Path, PathBuf};
 
 /// File name of the host's network configuration in the agent's state directory.
 pub const HOST_NET_FILE: &str = "net.json";
+/// How long [`HostNet::answering`] waits for an answer (on a bridged segment one comes in well
+/// under a millisecond).
+pub const PROBE_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
 /// Largest configuration or table read back.
 const MAX_FILE: u64 = 1 << 20;
 
@@ -155,6 +158,17 @@ impl HostNet {
             table.retain(|_, owner| owner != id);
             table.insert(address, id.to_owned());
             Ok(())
+        })
+    }
+
+    /// The MAC that answers ARP for `address` on the segment now, seen from this host's bridge
+    /// (RFC 5227 probes, [`PROBE_WAIT`]): a container that owns it still running elsewhere, as
+    /// after `checkpoint --leave-running` and a `restore --import` on another host.
+    pub fn answering(&self, address: Ipv4Addr) -> Result<Option<[u8; 6]>, NetError> {
+        super::garp::probe(&self.bridge, address, PROBE_WAIT).map_err(|source| NetError::Probe {
+            address,
+            bridge: self.bridge.clone(),
+            source,
         })
     }
 

@@ -101,6 +101,13 @@ pub enum NetError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot probe the segment for {address} from {bridge}")]
+    Probe {
+        address: Ipv4Addr,
+        bridge: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot lock the address table {}", path.display())]
     Lock {
         path: PathBuf,
