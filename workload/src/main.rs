@@ -296,34 +296,29 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    match run(&o) {
+        Ok(never) => match never {},
+        Err(e) => {
+            eprintln!("mig-memload: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Sets up the memory, the pipes and the threads, then checks them once a tick, forever.
+fn run(o: &Options) -> Result<std::convert::Infallible, String> {
     let words = o.mib * MIB_WORDS;
     let mut mem = vec![0u64; words];
     // Generation of each MiB: its pattern's seed is `mib_seed(seed, gen)`.
     let mut gens = vec![0u64; o.mib];
     fill(&mut mem, o.seed, 0);
-    let guarded = match (o.guarded_mib > 0).then(|| Guarded::new(o.guarded_mib, o.seed)) {
-        Some(Err(e)) => {
-            eprintln!("mig-memload: {e}");
-            return ExitCode::from(1);
-        }
-        Some(Ok(g)) => Some(g),
-        None => None,
-    };
-    let pipes = match (o.pipes > 0).then(|| Pipes::new(o.pipes, o.seed)) {
-        Some(Err(e)) => {
-            eprintln!("mig-memload: {e}");
-            return ExitCode::from(1);
-        }
-        Some(Ok(p)) => Some(p),
-        None => None,
-    };
-    let mut threads = match Counters::start(o.threads) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("mig-memload: {e}");
-            return ExitCode::from(1);
-        }
-    };
+    let guarded = (o.guarded_mib > 0)
+        .then(|| Guarded::new(o.guarded_mib, o.seed))
+        .transpose()?;
+    let pipes = (o.pipes > 0)
+        .then(|| Pipes::new(o.pipes, o.seed))
+        .transpose()?;
+    let mut threads = Counters::start(o.threads)?;
     let mut out = std::io::stdout().lock();
     // Output errors (a closed log) must not stop the workload: the memory is what is measured.
     let _ = writeln!(out, "READY {}", o.mib);
@@ -363,22 +358,16 @@ fn main() -> ExitCode {
         } else {
             end
         };
-        let guarded_bad = match guarded.as_ref().map(|g| g.check(o.seed)) {
-            Some(Err(e)) => {
-                eprintln!("mig-memload: {e}");
-                return ExitCode::from(1);
-            }
-            Some(Ok(b)) => b,
-            None => None,
-        };
-        let pipe_bad = match pipes.as_ref().map(|p| p.check(o.seed)) {
-            Some(Err(e)) => {
-                eprintln!("mig-memload: {e}");
-                return ExitCode::from(1);
-            }
-            Some(Ok(b)) => b,
-            None => None,
-        };
+        let guarded_bad = guarded
+            .as_ref()
+            .map(|g| g.check(o.seed))
+            .transpose()?
+            .flatten();
+        let pipe_bad = pipes
+            .as_ref()
+            .map(|p| p.check(o.seed))
+            .transpose()?
+            .flatten();
         // The first tick only takes the counts (the threads may not have run yet).
         let stuck = threads.check().filter(|_| n > 1);
         let _ = writeln!(out, "COUNT {n}");
