@@ -685,3 +685,55 @@ fn a_move_is_refused_while_the_container_is_being_stopped() -> Result<()> {
     let _ = lab.mig(0, &["rm", "-f", "stubborn"]);
     Ok(())
 }
+
+/// No moment of a move has both hosts list the container `running` (QA session 18: for 80 to
+/// 300 ms after the commit the source listed the copy it was ending as `running`, and during
+/// CRIU's dump it flipped from `frozen` to `running` for about 190 ms). Host-a is sampled before
+/// host-b each time: a sample is a few ms, a move's freeze to commit over 100 ms.
+#[test]
+fn a_container_is_listed_running_on_one_host_at_a_time() -> Result<()> {
+    if !mig_tests::is_root("migration tests") {
+        return Ok(());
+    }
+    let lab = Lab::up("once", 181)?;
+    let id = lab.run_container(0, "once", 8)?;
+    let state = |host: usize| -> Option<String> {
+        let v = lab.mig_json(host, &["ps", "-a", "--json"]).ok()?;
+        v.as_array()?
+            .iter()
+            .find(|c| c["id"] == id.as_str())
+            .and_then(|c| c["state"].as_str().map(str::to_owned))
+    };
+    for (from, to) in [(0, 1), (1, 0)] {
+        let peer = lab.hosts[to].name.clone();
+        let samples = std::thread::scope(|s| -> Result<Vec<(Option<String>, Option<String>)>> {
+            let mover = s.spawn(|| lab.mig(from, &["move", "once", &peer]));
+            let mut samples = Vec::new();
+            while !mover.is_finished() {
+                let a = state(0);
+                let b = state(1);
+                samples.push((a, b));
+            }
+            // A few more after the move returned: the copy is ended after the commit.
+            for _ in 0..20 {
+                samples.push((state(0), state(1)));
+            }
+            let o = mover
+                .join()
+                .map_err(|_| anyhow::anyhow!("mover panicked"))?;
+            anyhow::ensure!(o.code == 0, "{o:?}");
+            Ok(samples)
+        })?;
+        let both = samples
+            .iter()
+            .filter(|(a, b)| a.as_deref() == Some("running") && b.as_deref() == Some("running"))
+            .count();
+        anyhow::ensure!(
+            both == 0,
+            "{both} of {} samples had it running on both hosts: {samples:?}",
+            samples.len()
+        );
+        running_on(&lab, to, "once")?;
+    }
+    Ok(())
+}

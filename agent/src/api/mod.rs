@@ -682,7 +682,8 @@ pub struct Moving {
     /// The destination's peer name.
     pub peer: String,
     /// Where the move is, from its journal: `preparing` (running, before the freeze), `frozen`
-    /// (frozen, dumped and sent) or `commit_sent`.
+    /// (frozen, dumped and sent), `commit_sent`, or `committed` (the destination runs it; this
+    /// copy is being ended). Past `preparing` the container's state is `frozen`.
     pub stage: String,
 }
 

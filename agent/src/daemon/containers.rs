@@ -709,12 +709,9 @@ impl Agent {
         let journals = self.journals();
         let in_doubt = super::info::in_doubt(&journals).remove(id);
         let moving = super::info::moving(&journals, &e, id);
-        let state = match st.state {
-            ContainerState::Running if in_doubt.is_some() || self.cgroup_frozen(&st.cgroup) => {
-                ContainerState::Frozen
-            }
-            s => s,
-        };
+        let state = super::info::shown_state(st.state, in_doubt.is_some(), moving.as_ref(), || {
+            self.cgroup_frozen(&st.cgroup)
+        });
         Ok(ContainerDetails {
             id: id.to_owned(),
             name: e.spec.name.clone(),
@@ -892,7 +889,7 @@ impl Agent {
 
 impl Agent {
     /// Waits until the container's shim (if any) has exited; false on timeout.
-    async fn wait_shim_gone(&self, id: &str, timeout: Duration) -> bool {
+    pub(crate) async fn wait_shim_gone(&self, id: &str, timeout: Duration) -> bool {
         let start = Instant::now();
         while self.live_shim(id).is_some() {
             if start.elapsed() >= timeout {

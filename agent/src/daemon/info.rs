@@ -208,10 +208,9 @@ impl Agent {
                 continue;
             };
             c.moving = moving(&journals, &e, &c.id);
-            let frozen = c.in_doubt.is_some() || self.cgroup_frozen(&e.state.cgroup);
-            if frozen && c.state == ContainerState::Running {
-                c.state = ContainerState::Frozen;
-            }
+            c.state = shown_state(c.state, c.in_doubt.is_some(), c.moving.as_ref(), || {
+                self.cgroup_frozen(&e.state.cgroup)
+            });
             if c.state == ContainerState::Running {
                 c.usage = self.cgroup_usage(&c.id);
             }
@@ -380,6 +379,24 @@ pub(crate) fn moved_away<'a>(
 }
 
 /// The move away of a busy container in progress, from its journal (source side, not ended).
+/// The state a container is reported in: a running one whose move is in doubt, past its
+/// `preparing` stage (CRIU thaws the cgroup while it holds the tasks itself, and the copy is
+/// ended after the commit, both with the processes not running as the container), or whose
+/// cgroup is frozen, is `frozen`.
+pub(crate) fn shown_state(
+    recorded: ContainerState,
+    in_doubt: bool,
+    moving: Option<&Moving>,
+    cgroup_frozen: impl FnOnce() -> bool,
+) -> ContainerState {
+    let past_preparing = moving.is_some_and(|m| m.stage != "preparing");
+    if recorded == ContainerState::Running && (in_doubt || past_preparing || cgroup_frozen()) {
+        ContainerState::Frozen
+    } else {
+        recorded
+    }
+}
+
 pub(crate) fn moving(
     journals: &[crate::migration::journal::JournalEntry],
     e: &super::Entry,
@@ -394,14 +411,19 @@ pub(crate) fn moving(
             && j.role == Role::Source
             && matches!(
                 j.state,
-                JournalState::Preparing | JournalState::Frozen | JournalState::CommitSent
+                JournalState::Preparing
+                    | JournalState::Frozen
+                    | JournalState::CommitSent
+                    | JournalState::Committed
             )
     });
     let j = entries.into_iter().max_by_key(|j| j.updated)?;
     let stage = match j.state {
         JournalState::Preparing => "preparing",
         JournalState::Frozen => "frozen",
-        _ => "commit_sent",
+        JournalState::CommitSent => "commit_sent",
+        // The destination runs it; this copy is being ended (its entry is still busy).
+        _ => "committed",
     };
     Some(Moving {
         migration_id: j.migration_id,

@@ -891,6 +891,10 @@ pub(crate) async fn destroy_copy(
     if agent.entry(id).is_err() {
         return Ok(());
     }
+    // Still busy (listed `frozen`, stage `committed`) until its shim has gone: once not busy, a
+    // killed copy whose shim still runs would be listed `running` on this host while it runs on
+    // the destination (QA session 18: 80 to 300 ms). The removal below waits again if needed.
+    agent.wait_shim_gone(id, DESTROY_GRACE).await;
     agent.set_busy(id, false);
     match agent.remove(id, true).await {
         Ok(()) => Ok(()),
@@ -899,6 +903,9 @@ pub(crate) async fn destroy_copy(
         Err(e) => Err(SourceError::Destroy { message: e.message }),
     }
 }
+
+/// How long [`destroy_copy`] waits for the killed copy's shim before it removes the copy.
+const DESTROY_GRACE: Duration = Duration::from_secs(5);
 
 /// Size in bytes of the files under `dir` (best effort).
 fn du(dir: &Path) -> u64 {
