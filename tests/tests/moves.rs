@@ -121,14 +121,15 @@ fn unpinned_peer_is_refused() -> Result<()> {
     Ok(())
 }
 
-/// The phases one agent reported for `container` during a move (consecutive repeats folded)
-/// and the outcome of its MigrationDone.
-async fn watch(
-    mut client: mig_agent::client::Client,
-    container: String,
-) -> Result<(Vec<String>, String)> {
+/// The phases one agent reported for `container` during a move (consecutive repeats folded),
+/// the outcome of its MigrationDone and the bytes it said. The phases' bytes count from the
+/// start of the move: they never go back (QA session 18: the source's fell from the memory
+/// presync's 533 MB to the files' 8.7 MB at the freeze, and its MigrationDone said 8.7 MB of a
+/// 548 MB move, the destination's 0).
+async fn watch(mut client: mig_agent::client::Client, container: String) -> Result<Seen> {
     use mig_agent::daemon::events::EventKind;
     let mut phases: Vec<String> = Vec::new();
+    let mut last = 0u64;
     loop {
         let e = tokio::time::timeout(std::time::Duration::from_secs(180), client.next_event())
             .await??;
@@ -143,6 +144,8 @@ async fn watch(
                 if let Some(t) = total_bytes {
                     assert!(bytes <= t, "{phase}: {bytes} bytes of {t}");
                 }
+                assert!(bytes >= last, "{phase}: {bytes} bytes after {last}");
+                last = bytes;
                 if phases.last() != Some(&phase) {
                     phases.push(phase);
                 }
@@ -150,17 +153,21 @@ async fn watch(
             EventKind::MigrationDone {
                 container_id,
                 outcome,
+                bytes,
                 ..
-            } if container_id == container => return Ok((phases, outcome)),
+            } if container_id == container => {
+                assert!(bytes >= last, "done: {bytes} bytes after {last}");
+                return Ok((phases, outcome, bytes));
+            }
             _ => {}
         }
     }
 }
 
 /// What each agent's event stream saw of the move of container `id` (named `watched`) from
-/// host `from` to host `to` with `mig move` options `options`: (phases, outcome) of the source,
-/// of the destination, and the move's JSON.
-type Seen = (Vec<String>, String);
+/// host `from` to host `to` with `mig move` options `options`: (phases, outcome, bytes) of the
+/// source, of the destination, and the move's JSON.
+type Seen = (Vec<String>, String, u64);
 fn watched_move(
     rt: &tokio::runtime::Runtime,
     lab: &Lab,
@@ -205,6 +212,15 @@ fn move_reports_phases_on_both_agents() -> Result<()> {
         expect(&["prepare", "presync", "freeze", "dump", "transfer", "restore", "commit"])
     );
     assert_eq!(source.1, "committed");
+    // The source's MigrationDone says what the move's result says; the destination's counts
+    // what it received (on the connection, so at least the payload).
+    assert_eq!(Some(source.2), r["bytes_sent"].as_u64(), "{r}");
+    assert!(
+        dest.2 >= source.2,
+        "destination {} < source {}",
+        dest.2,
+        source.2
+    );
     assert_eq!(
         dest.0,
         expect(&["prepare", "presync", "dump", "transfer", "restore", "commit"])
@@ -220,6 +236,7 @@ fn move_reports_phases_on_both_agents() -> Result<()> {
         r["memory_presync"]["bytes"].as_u64().unwrap_or(0) > 0,
         "{r}"
     );
+    assert_eq!(Some(source.2), r["bytes_sent"].as_u64(), "{r}");
     assert_eq!(
         source.0,
         expect(&["prepare", "presync", "freeze", "dump", "transfer", "restore", "commit"])

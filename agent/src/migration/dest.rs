@@ -109,6 +109,8 @@ struct Incoming {
     prepare: Option<Box<Prepare>>,
     /// When this agent heard of the migration (phase events count from it).
     started: std::time::Instant,
+    /// The most bytes a phase event of it counted (its `migration_done` says them).
+    bytes: u64,
 }
 
 /// The destination's host for one connection.
@@ -220,13 +222,19 @@ impl DestSide {
             container_name: e.container_name,
             prepare: None,
             started: std::time::Instant::now(),
+            bytes: 0,
         })
     }
 
     /// Emits [`EventKind::MigrationPhase`] for a migration this side knows.
     fn emit_phase(&self, migration_id: &str, p: Progress) {
-        let Some(inc) = self.known(migration_id) else {
-            return;
+        let inc = {
+            let mut migs = self.migs.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(inc) = migs.get_mut(migration_id) else {
+                return;
+            };
+            inc.bytes = inc.bytes.max(p.bytes);
+            inc.clone()
         };
         self.agent.emit(EventKind::MigrationPhase {
             migration_id: migration_id.to_owned(),
@@ -261,7 +269,7 @@ impl DestSide {
             outcome: outcome.into(),
             total_ms: super::ms(inc.started.elapsed()),
             downtime_ms: None,
-            bytes: 0,
+            bytes: inc.bytes,
             error,
         });
     }
@@ -463,6 +471,7 @@ impl DestSide {
                 container_name: p.spec.name.clone(),
                 prepare: Some(Box::new(p.clone())),
                 started: std::time::Instant::now(),
+                bytes: 0,
             },
         );
         Ok(missing)

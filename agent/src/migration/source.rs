@@ -245,9 +245,37 @@ impl SourceSide {
             downtime_ms: report
                 .filter(|_| outcome == "committed")
                 .map(|r| ms(r.timings.downtime)),
-            bytes: report.map(|r| r.bytes_sent).unwrap_or(0),
+            bytes: self.bytes_moved(report.map_or(0, |r| r.bytes_sent)),
             error,
         });
+    }
+
+    /// Emits [`EventKind::MigrationPhase`] with `p` as it is (bytes since the move started).
+    fn emit_progress(&self, p: Progress) {
+        self.progress_bytes.store(p.bytes, Ordering::Relaxed);
+        self.agent.emit(EventKind::MigrationPhase {
+            migration_id: self.migration_id.clone(),
+            container_id: self.id.clone(),
+            container_name: self.name.clone(),
+            role: "source".into(),
+            peer: self.peer.clone(),
+            phase: p.phase.into(),
+            elapsed_ms: ms(self.started.elapsed()),
+            bytes: p.bytes,
+            total_bytes: p.total,
+        });
+    }
+
+    /// Everything this move sent: `files` bytes of files, the memory presync's pages and the
+    /// page tunnel's (what `MoveResult.bytes_sent` says).
+    fn bytes_moved(&self, files: u64) -> u64 {
+        files + self.bytes_besides_files()
+    }
+
+    /// Bytes sent outside the files: the memory presync (once done) and the page tunnel.
+    fn bytes_besides_files(&self) -> u64 {
+        self.pages.presync.report().map_or(0, |r| r.bytes)
+            + self.pages.tunnel_bytes.load(Ordering::Relaxed)
     }
 
     /// Stream mode to a 1.4 destination: sends the container's memory while it runs (after
@@ -688,7 +716,7 @@ impl Src {
                 _ = tick.tick() => {
                     let Some(c) = &conn else { continue };
                     let moved = c.stats().udp_tx.bytes.saturating_sub(base);
-                    self.progress(Progress { phase: "presync", bytes: before + moved, total: None });
+                    self.emit_progress(Progress { phase: "presync", bytes: before + moved, total: None });
                 }
             }
         }
@@ -853,18 +881,15 @@ impl SourceHost for Src {
         let _ = self.peer_version.set(hello.protocol_version);
     }
 
+    /// The files' progress (the driver's: bytes of files, capped at their total), counted from
+    /// the start of the move: the memory presync's and the page tunnel's bytes are added, so
+    /// that `bytes` never goes back between phases.
     fn progress(&self, p: Progress) {
-        self.progress_bytes.store(p.bytes, Ordering::Relaxed);
-        self.agent.emit(EventKind::MigrationPhase {
-            migration_id: self.migration_id.clone(),
-            container_id: self.id.clone(),
-            container_name: self.name.clone(),
-            role: "source".into(),
-            peer: self.peer.clone(),
-            phase: p.phase.into(),
-            elapsed_ms: ms(self.started.elapsed()),
-            bytes: p.bytes,
-            total_bytes: p.total,
+        let other = self.bytes_besides_files();
+        self.emit_progress(Progress {
+            bytes: p.bytes + other,
+            total: p.total.map(|t| t + other),
+            ..p
         });
     }
 
@@ -1313,9 +1338,7 @@ impl Agent {
                     dump_ms: ms(t.dump),
                     transfer_ms: ms(t.transfer),
                     restore_ms: ms(t.restore),
-                    bytes_sent: report.bytes_sent
-                        + page_bytes
-                        + side.pages.presync.report().map_or(0, |r| r.bytes),
+                    bytes_sent: side.bytes_moved(report.bytes_sent),
                     files_sent: report.files_sent,
                     pid_map_before: {
                         let frozen = side.frozen_pids.lock().unwrap_or_else(|p| p.into_inner());
