@@ -380,9 +380,23 @@ fn remote_api_pinned_clients_async_move_and_events() -> Result<()> {
         let mut ev = Client::connect(&socket).await?;
         ev.subscribe_events().await?;
         let mut c = Client::connect(&socket).await?;
+        // What a blocking move refuses at once, move_start refuses at once too (QA session
+        // 18: it answered move_started, and only move_status said failed).
+        use mig_agent::api::ErrorKind;
+        let kind = |r: Result<String, mig_agent::client::ClientError>| match r {
+            Err(mig_agent::client::ClientError::Api(e)) => Some(e.kind),
+            _ => None,
+        };
+        anyhow::ensure!(kind(c.move_start("rem", "host-zz").await) == Some(ErrorKind::NotFound));
+        anyhow::ensure!(
+            kind(c.move_start("rem", "host-a").await) == Some(ErrorKind::InvalidArgument)
+        );
+        anyhow::ensure!(kind(c.move_start("nope", &peer).await) == Some(ErrorKind::NotFound));
         let t0 = std::time::Instant::now();
         let id = c.move_start("rem", &peer).await?;
         let answered = t0.elapsed();
+        // Already moving: refused at once (it was accepted, then failed with conflict).
+        anyhow::ensure!(kind(c.move_start("rem", &peer).await) == Some(ErrorKind::Conflict));
         let first = c.move_status(&id).await?;
         anyhow::ensure!(
             first.state == mig_agent::api::MoveState::Running,

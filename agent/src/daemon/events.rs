@@ -224,8 +224,28 @@ impl Agent {
     /// Starts a move in the background and returns its id at once. The move runs exactly like
     /// `Move`; its phases update the status from the event stream.
     pub(crate) fn move_start(self: &Arc<Self>, args: MoveStartArgs) -> Result<String, ApiError> {
-        // Refuse what can be checked now (unknown container) instead of failing later.
-        let cid = self.resolve(&args.container)?;
+        // Refuse what can be checked now (an unknown container or peer, a container already
+        // moving...) instead of failing later: the same checks as a blocking `move`.
+        let (cid, _) = self.check_move(&args.container, &args.peer, args.tcp_established)?;
+        // A move started here a moment ago may not have claimed the container yet.
+        let running: Vec<(String, String)> = self
+            .moves()
+            .values()
+            .filter(|m| m.state == MoveState::Running)
+            .map(|m| (m.id.clone(), m.container.clone()))
+            .collect();
+        if let Some((other, _)) = running
+            .iter()
+            .find(|(_, c)| self.resolve(c).is_ok_and(|id| id == cid))
+        {
+            return Err(ApiError::new(
+                ErrorKind::Conflict,
+                format!(
+                    "container {} is already being moved (move {other})",
+                    args.container
+                ),
+            ));
+        }
         let id = hex::encode(rand::random::<[u8; 16]>());
         let status = MoveStatus {
             id: id.clone(),

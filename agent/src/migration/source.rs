@@ -991,6 +991,43 @@ impl Agent {
     ) -> Result<MoveResult, ApiError> {
         let t0 = Instant::now();
         let _running = crate::daemon::heap::Running::start();
+        let (id, peer) = self.check_move(container, peer, tcp_established)?;
+        let _slot = self
+            .migration
+            .outgoing_slot(self.cfg.max_outgoing_moves)
+            .map_err(|running| {
+                api(
+                    ErrorKind::Conflict,
+                    format!(
+                        "this agent already runs {running} outgoing move(s), its limit (limits.max_outgoing_moves): try again later"
+                    ),
+                )
+            })?;
+        self.claim_running(&id)?;
+        let result = self
+            .move_claimed(t0, &id, &peer, tcp_established, opts)
+            .await;
+        if let Err(e) = &result {
+            // Still ours (rolled back or never started): runs here, not busy. In doubt, the
+            // container stays busy and frozen until resolved.
+            if !e.message.contains("in doubt") {
+                self.set_busy(&id, false);
+            }
+        }
+        result
+    }
+
+    /// What a move of `container` to `peer` can be refused for before anything starts (also
+    /// by `move_start`, which answers at once): this host named as the peer, a peer not
+    /// pinned, an unknown container or one that cannot be restored elsewhere, established TCP
+    /// connections without `tcp_established`, a container not running or busy (already
+    /// moving, being stopped...). Returns its id and the peer.
+    pub(crate) fn check_move(
+        &self,
+        container: &str,
+        peer: &str,
+        tcp_established: bool,
+    ) -> Result<(String, mig_migrate::transport::Peer), ApiError> {
         if peer == self.cfg.name {
             // Not a pinned peer, and the user means this host: say so, and where it can go.
             let id = self.resolve(container)?;
@@ -1030,29 +1067,21 @@ impl Agent {
                 self.refuse_established(pid, container, "move")?;
             }
         }
-        let _slot = self
-            .migration
-            .outgoing_slot(self.cfg.max_outgoing_moves)
-            .map_err(|running| {
-                api(
-                    ErrorKind::Conflict,
-                    format!(
-                        "this agent already runs {running} outgoing move(s), its limit (limits.max_outgoing_moves): try again later"
-                    ),
-                )
-            })?;
-        self.claim_running(&id)?;
-        let result = self
-            .move_claimed(t0, &id, &peer, tcp_established, opts)
-            .await;
-        if let Err(e) = &result {
-            // Still ours (rolled back or never started): runs here, not busy. In doubt, the
-            // container stays busy and frozen until resolved.
-            if !e.message.contains("in doubt") {
-                self.set_busy(&id, false);
-            }
+        let e = self.entry(&id)?;
+        if e.busy {
+            return Err(self.busy_error(&id, &e));
         }
-        result
+        if e.state.state != ContainerState::Running {
+            return Err(api(
+                ErrorKind::Conflict,
+                format!(
+                    "container {} is {}, not running",
+                    e.spec.name,
+                    e.state.state.as_str()
+                ),
+            ));
+        }
+        Ok((id, peer))
     }
 
     async fn move_claimed(
