@@ -74,8 +74,8 @@ async fn main() -> anyhow::Result<()> {
                 r.map_or(0, |r| r.total_ms)
             );
         }
-        _ => println!(
-            "move failed: {}",
+        state => anyhow::bail!(
+            "the move of {container} to {peer} ended {state:?}: {}",
             status.error.map(|e| e.message).unwrap_or_default()
         ),
     }
