@@ -230,6 +230,11 @@ pub fn event_line(e: &Event) -> String {
             }
         ),
         EventKind::ContainerRestored { id, name } => format!("restored {name} ({})", short(id)),
+        EventKind::ContainerRemoved {
+            id,
+            name,
+            moved_to: Some(peer),
+        } => format!("removed {name} ({}): moved to {peer}", short(id)),
         EventKind::ContainerRemoved { id, name, .. } => format!("removed {name} ({})", short(id)),
         EventKind::MigrationPhase {
             migration_id,
@@ -300,5 +305,17 @@ mod tests {
         assert!(matches_container(&e.kind, "0123"));
         assert!(!matches_container(&e.kind, "db"));
         assert!(matches_container(&EventKind::Lagged { missed: 3 }, "db"));
+        let moved = Event {
+            kind: EventKind::ContainerRemoved {
+                id: "0123456789abcdef".into(),
+                name: "web".into(),
+                moved_to: Some("host-b".into()),
+            },
+            ..e
+        };
+        assert_eq!(
+            event_line(&moved),
+            "01:02:03.004 host-a removed web (0123456789ab): moved to host-b"
+        );
     }
 }

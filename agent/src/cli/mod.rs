@@ -825,4 +825,14 @@ mod tests {
             }
         ));
     }
+
+    #[test]
+    fn move_resolve_takes_no_peer() {
+        assert!(Cli::try_parse_from(["mig", "move", "--resolve", "web"]).is_ok());
+        // The journal names the peer: one given with --resolve was ignored silently (QA
+        // session 18).
+        let e = Cli::try_parse_from(["mig", "move", "--resolve", "web", "host-b"]).unwrap_err();
+        assert!(e.to_string().contains("cannot be used with"), "{e}");
+        assert!(Cli::try_parse_from(["mig", "move", "web"]).is_err());
+    }
 }

@@ -11,7 +11,8 @@ use std::io::IsTerminal;
 
 #[derive(Debug, Args)]
 pub struct MoveArgs {
-    /// Settle an in-doubt move of CONTAINER with its destination (run on the source agent).
+    /// Settle an in-doubt move of CONTAINER with its destination (run on the source agent;
+    /// no PEER: the move's journal names it).
     #[arg(long)]
     pub resolve: bool,
     /// Keep established TCP connections (CRIU TCP repair; docs/networking.md). Without it a
@@ -39,7 +40,7 @@ pub struct MoveArgs {
     /// Container id, id prefix or name.
     pub container: String,
     /// The pinned peer to move to (see `mig peers ls`).
-    #[arg(required_unless_present = "resolve")]
+    #[arg(required_unless_present = "resolve", conflicts_with = "resolve")]
     pub peer: Option<String>,
 }
 
