@@ -683,7 +683,7 @@ pub struct Moving {
     pub peer: String,
     /// Where the move is, from its journal: `preparing` (running, before the freeze), `frozen`
     /// (frozen, dumped and sent), `commit_sent`, or `committed` (the destination runs it; this
-    /// copy is being ended). Past `preparing` the container's state is `frozen`.
+    /// copy is being ended). From the freeze on the container's state is `frozen`.
     pub stage: String,
 }
 

@@ -709,9 +709,10 @@ impl Agent {
         let journals = self.journals();
         let in_doubt = super::info::in_doubt(&journals).remove(id);
         let moving = super::info::moving(&journals, &e, id);
-        let state = super::info::shown_state(st.state, in_doubt.is_some(), moving.as_ref(), || {
-            self.cgroup_frozen(&st.cgroup)
-        });
+        let state =
+            super::info::shown_state(id, st.state, in_doubt.is_some(), moving.as_ref(), || {
+                self.cgroup_frozen(&st.cgroup)
+            });
         Ok(ContainerDetails {
             id: id.to_owned(),
             name: e.spec.name.clone(),

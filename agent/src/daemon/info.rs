@@ -208,9 +208,13 @@ impl Agent {
                 continue;
             };
             c.moving = moving(&journals, &e, &c.id);
-            c.state = shown_state(c.state, c.in_doubt.is_some(), c.moving.as_ref(), || {
-                self.cgroup_frozen(&e.state.cgroup)
-            });
+            c.state = shown_state(
+                &c.id,
+                c.state,
+                c.in_doubt.is_some(),
+                c.moving.as_ref(),
+                || self.cgroup_frozen(&e.state.cgroup),
+            );
             if c.state == ContainerState::Running {
                 c.usage = self.cgroup_usage(&c.id);
             }
@@ -378,25 +382,27 @@ pub(crate) fn moved_away<'a>(
     (last.role == Role::Source && last.state == JournalState::Committed).then_some(last)
 }
 
-/// The move away of a busy container in progress, from its journal (source side, not ended).
-/// The state a container is reported in: a running one whose move is in doubt, past its
-/// `preparing` stage (CRIU thaws the cgroup while it holds the tasks itself, and the copy is
-/// ended after the commit, both with the processes not running as the container), or whose
-/// cgroup is frozen, is `frozen`.
+/// The state container `id` is reported in: a running one is `frozen` while its move is in
+/// doubt, while a move away holds it frozen (CRIU thaws the cgroup while it holds the tasks
+/// itself), once that move sent its commit (the copy here is then ended), or while its cgroup
+/// is frozen.
 pub(crate) fn shown_state(
+    id: &str,
     recorded: ContainerState,
     in_doubt: bool,
     moving: Option<&Moving>,
     cgroup_frozen: impl FnOnce() -> bool,
 ) -> ContainerState {
-    let past_preparing = moving.is_some_and(|m| m.stage != "preparing");
-    if recorded == ContainerState::Running && (in_doubt || past_preparing || cgroup_frozen()) {
+    let committing = moving.is_some_and(|m| m.stage == "commit_sent" || m.stage == "committed");
+    let held = crate::migration::frozen_for_move(id);
+    if recorded == ContainerState::Running && (in_doubt || held || committing || cgroup_frozen()) {
         ContainerState::Frozen
     } else {
         recorded
     }
 }
 
+/// The move away of a busy container in progress, from its journal (source side, not ended).
 pub(crate) fn moving(
     journals: &[crate::migration::journal::JournalEntry],
     e: &super::Entry,

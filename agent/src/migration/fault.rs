@@ -8,6 +8,7 @@
 //! |-------------------|-----------------------------------------------------------------------|
 //! | `source-prepare`  | after `Preparing` is journaled, before Prepare is sent                |
 //! | `source-presync`  | before the presync files (missing layers, writable layer) are built   |
+//! | `source-before-freeze` | after the presync (files and memory), before the cgroup freezes  |
 //! | `source-freeze`   | right after the cgroup froze, before the dump                         |
 //! | `source-dump`     | before CRIU dumps (`corrupt`: after the image set is sealed)          |
 //! | `source-transfer` | after the dump, as the final transfer starts                          |
@@ -47,6 +48,7 @@ const MAX_FILE: u64 = 4096;
 pub enum Point {
     SourcePrepare,
     SourcePresync,
+    SourceBeforeFreeze,
     SourceFreeze,
     SourceDump,
     SourceTransfer,
@@ -60,9 +62,10 @@ pub enum Point {
     DestCommit,
 }
 
-const POINTS: [(&str, Point); 13] = [
+const POINTS: [(&str, Point); 14] = [
     ("source-prepare", Point::SourcePrepare),
     ("source-presync", Point::SourcePresync),
+    ("source-before-freeze", Point::SourceBeforeFreeze),
     ("source-freeze", Point::SourceFreeze),
     ("source-dump", Point::SourceDump),
     ("source-transfer", Point::SourceTransfer),

@@ -19,6 +19,7 @@ pub mod probe;
 mod pstree;
 mod recover;
 mod source;
+pub(crate) use source::frozen_for_move;
 
 pub use journal::{JournalEntry, JOURNAL_DIR};
 

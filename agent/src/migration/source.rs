@@ -785,6 +785,7 @@ impl SourceHost for Src {
     async fn freeze(&self) -> Result<(), HostError> {
         let me = self.clone();
         blocking(move || {
+            fault::hit(&me.agent.cfg.state_dir, Point::SourceBeforeFreeze)?;
             let cg = me.cg()?;
             cg.freeze(FREEZE_TIMEOUT).map_err(|e| {
                 let _ = cg.thaw();
@@ -808,6 +809,7 @@ impl SourceHost for Src {
                     SourceError::Net(e)
                 })?;
             }
+            mark_frozen(&me.id, true);
             Ok(())
         })
         .await
@@ -853,6 +855,7 @@ impl SourceHost for Src {
             let thawed = me.cg()?.thaw().map_err(SourceError::Thaw);
             drop(smaps);
             thawed?;
+            mark_frozen(&me.id, false);
             keep_dump_log(&me.work);
             let _ = std::fs::remove_dir_all(&me.work);
             Ok(())
@@ -921,12 +924,37 @@ pub(crate) async fn destroy_copy(
     // the destination (QA session 18: 80 to 300 ms). The removal below waits again if needed.
     agent.wait_shim_gone(id, DESTROY_GRACE).await;
     agent.set_busy(id, false);
-    match agent.remove(id, true).await {
+    let removed = match agent.remove(id, true).await {
         Ok(()) => Ok(()),
         // Removed meanwhile by another caller: what was asked is done.
         Err(_) if agent.entry(id).is_err() => Ok(()),
         Err(e) => Err(SourceError::Destroy { message: e.message }),
+    };
+    if removed.is_ok() {
+        mark_frozen(id, false);
     }
+    removed
+}
+
+/// Containers this agent froze for a move away and has not thawed or removed yet: listed
+/// `frozen` whatever their cgroup says (CRIU thaws the cgroup while it holds the tasks itself).
+static MOVE_FROZEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+fn mark_frozen(id: &str, frozen: bool) {
+    let mut g = MOVE_FROZEN.lock().unwrap_or_else(|p| p.into_inner());
+    g.retain(|x| x != id);
+    if frozen {
+        g.push(id.to_owned());
+    }
+}
+
+/// Whether a move away froze container `id` (and has not thawed or removed it since).
+pub(crate) fn frozen_for_move(id: &str) -> bool {
+    MOVE_FROZEN
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .any(|x| x == id)
 }
 
 /// How long [`destroy_copy`] waits for the killed copy's shim before it removes the copy.
