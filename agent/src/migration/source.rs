@@ -957,6 +957,12 @@ pub(crate) fn frozen_for_move(id: &str) -> bool {
         .any(|x| x == id)
 }
 
+/// Whether container `id` (entry `e`) runs, is not busy and is not being stopped: a move may
+/// claim it.
+fn idle_running(id: &str, e: &crate::daemon::Entry) -> bool {
+    !e.busy && e.state.state == ContainerState::Running && !crate::daemon::is_stopping(id)
+}
+
 /// How long [`destroy_copy`] waits for the killed copy's shim before it removes the copy.
 const DESTROY_GRACE: Duration = Duration::from_secs(5);
 
@@ -1096,18 +1102,8 @@ impl Agent {
             }
         }
         let e = self.entry(&id)?;
-        if e.busy {
-            return Err(self.busy_error(&id, &e));
-        }
-        if e.state.state != ContainerState::Running {
-            return Err(api(
-                ErrorKind::Conflict,
-                format!(
-                    "container {} is {}, not running",
-                    e.spec.name,
-                    e.state.state.as_str()
-                ),
-            ));
+        if !idle_running(&id, &e) {
+            return Err(self.not_idle_running(&id, &e));
         }
         Ok((id, peer))
     }
@@ -1459,29 +1455,34 @@ impl Agent {
         let e = map
             .get_mut(id)
             .ok_or_else(|| api(ErrorKind::NotFound, format!("no such container: {id}")))?;
-        if e.busy {
+        if !idle_running(id, e) {
             let e = e.clone();
             drop(map);
-            return Err(self.busy_error(id, &e));
+            return Err(self.not_idle_running(id, &e));
+        }
+        e.busy = true;
+        Ok(())
+    }
+
+    /// Why container `id` (entry `e`) cannot be moved now: busy, not running, or being stopped.
+    fn not_idle_running(&self, id: &str, e: &crate::daemon::Entry) -> ApiError {
+        if e.busy {
+            return self.busy_error(id, e);
         }
         if e.state.state != ContainerState::Running {
-            return Err(api(
+            return api(
                 ErrorKind::Conflict,
                 format!(
                     "container {} is {}, not running",
                     e.spec.name,
                     e.state.state.as_str()
                 ),
-            ));
+            );
         }
-        if crate::daemon::is_stopping(id) {
-            return Err(api(
-                ErrorKind::Conflict,
-                format!("container {} is being stopped (mig stop)", e.spec.name),
-            ));
-        }
-        e.busy = true;
-        Ok(())
+        api(
+            ErrorKind::Conflict,
+            format!("container {} is being stopped (mig stop)", e.spec.name),
+        )
     }
 
     /// The init's PID when the container runs and the PID still belongs to it.
