@@ -205,8 +205,9 @@ impl Pipes {
         let mut p = Pipes(Vec::with_capacity(n));
         for i in 0..n {
             let mut fds = [0 as libc::c_int; 2];
-            // SAFETY: `fds` has room for the two descriptors pipe(2) returns.
-            if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+            // Non-blocking: a pipe that lost its bytes reads EAGAIN (BAD), not forever.
+            // SAFETY: `fds` has room for the two descriptors pipe2(2) returns.
+            if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
                 return Err(format!("pipe {i}: {}", std::io::Error::last_os_error()));
             }
             p.0.push((fds[0], fds[1]));
@@ -246,10 +247,24 @@ impl Pipes {
     }
 }
 
+impl Drop for Pipes {
+    fn drop(&mut self) {
+        for &(r, w) in &self.0 {
+            // SAFETY: our own descriptors, closed once.
+            unsafe {
+                libc::close(r);
+                libc::close(w);
+            }
+        }
+    }
+}
+
 /// Threads that each count every 50 ms.
 struct Counters {
     counts: std::sync::Arc<Vec<std::sync::atomic::AtomicU64>>,
     seen: Vec<u64>,
+    /// Threads that had not counted at the check before.
+    idle: Vec<bool>,
 }
 
 impl Counters {
@@ -270,18 +285,22 @@ impl Counters {
         Ok(Counters {
             counts,
             seen: vec![0; n],
+            idle: vec![false; n],
         })
     }
 
-    /// Index of a thread that has not counted since the call before.
+    /// Index of a thread that has not counted since the call before the one before (two checks
+    /// in a row: one check may come soon after the last, or right after a thaw).
     fn check(&mut self) -> Option<usize> {
         let mut stuck = None;
-        for (i, (c, seen)) in self.counts.iter().zip(&mut self.seen).enumerate() {
+        for (i, c) in self.counts.iter().enumerate() {
             let now = c.load(std::sync::atomic::Ordering::Relaxed);
-            if now == *seen {
+            let idle = now == self.seen[i];
+            if idle && self.idle[i] {
                 stuck = stuck.or(Some(i));
             }
-            *seen = now;
+            self.idle[i] = idle;
+            self.seen[i] = now;
         }
         stuck
     }
@@ -414,13 +433,11 @@ mod tests {
         assert_eq!(p.check(4).unwrap(), None);
         assert_eq!(p.check(4).unwrap(), None);
         assert_eq!(p.check(5).unwrap(), Some(0));
-        for (r, w) in &p.0 {
-            // SAFETY: our own descriptors, closed once.
-            unsafe {
-                libc::close(*r);
-                libc::close(*w);
-            }
-        }
+        // A pipe that lost its bytes is found, not waited on.
+        let mut b = [0u8; 8];
+        // SAFETY: reads 8 bytes into a live buffer from our own pipe.
+        assert_eq!(unsafe { libc::read(p.0[1].0, b.as_mut_ptr().cast(), 8) }, 8);
+        assert_eq!(p.check(5).unwrap(), Some(1));
     }
 
     #[test]
@@ -435,7 +452,10 @@ mod tests {
         let mut c = Counters {
             counts: std::sync::Arc::new(vec![AtomicU64::new(0), AtomicU64::new(0)]),
             seen: vec![0, 0],
+            idle: vec![false, false],
         };
+        c.counts[0].fetch_add(1, Ordering::Relaxed);
+        assert_eq!(c.check(), None, "one idle check is not enough");
         c.counts[0].fetch_add(1, Ordering::Relaxed);
         assert_eq!(c.check(), Some(1));
     }

@@ -415,6 +415,13 @@ impl Agent {
         let id = self.resolve(container)?;
         let e = self.entry(&id)?;
         if e.state.state == ContainerState::Checkpointed {
+            if let Some(net) = e.spec.net.clone() {
+                // This copy's own host end, left while the kernel tears down the namespace of
+                // the copy just checkpointed: removed first (as the restore would), so that the
+                // dying copy does not answer the probe.
+                let _ = tokio::task::spawn_blocking(move || mig_runtime::net::before_restore(&net))
+                    .await;
+            }
             self.refuse_answered_address(&e.spec).await?;
         }
         self.restore(&id).await

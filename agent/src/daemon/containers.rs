@@ -874,6 +874,8 @@ impl Agent {
         remove_tree(&cd.dir)
             .await
             .map_err(|err| internal(format!("removing {}: {err}", cd.dir.display())))?;
+        // A move's mark dies with the container (an id that comes back later starts clean).
+        crate::migration::mark_frozen(id, false);
         if self.lock().remove(id).is_none() {
             // Another removal of the same container finished first.
             return Ok(());

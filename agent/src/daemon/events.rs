@@ -216,6 +216,34 @@ pub(crate) struct MoveStartArgs {
     pub opts: crate::migration::modes::MoveOptions,
 }
 
+/// Containers a `move_start` of this agent is moving (from its answer to the end of the move):
+/// a second `move_start` of one is refused at once.
+static STARTING: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// One container's entry in [`STARTING`], removed on drop.
+struct Starting(String);
+
+impl Starting {
+    /// Records container `id`, unless a `move_start` of it is already under way.
+    fn take(id: &str) -> Option<Starting> {
+        let mut g = STARTING.lock().unwrap_or_else(|p| p.into_inner());
+        if g.iter().any(|x| x == id) {
+            return None;
+        }
+        g.push(id.to_owned());
+        Some(Starting(id.to_owned()))
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        STARTING
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|x| *x != self.0);
+    }
+}
+
 impl Agent {
     fn moves(&self) -> std::sync::MutexGuard<'_, HashMap<String, MoveStatus>> {
         self.events.moves.lock().unwrap_or_else(|p| p.into_inner())
@@ -227,25 +255,14 @@ impl Agent {
         // Refuse what can be checked now (an unknown container or peer, a container already
         // moving...) instead of failing later: the same checks as a blocking `move`.
         let (cid, _) = self.check_move(&args.container, &args.peer, args.tcp_established)?;
-        // A move started here a moment ago may not have claimed the container yet.
-        let running: Vec<(String, String)> = self
-            .moves()
-            .values()
-            .filter(|m| m.state == MoveState::Running)
-            .map(|m| (m.id.clone(), m.container.clone()))
-            .collect();
-        if let Some((other, _)) = running
-            .iter()
-            .find(|(_, c)| self.resolve(c).is_ok_and(|id| id == cid))
-        {
-            return Err(ApiError::new(
+        // A move started here a moment ago may not have claimed the container yet: one
+        // `move_start` at a time per container, checked and recorded under one lock.
+        let starting = Starting::take(&cid).ok_or_else(|| {
+            ApiError::new(
                 ErrorKind::Conflict,
-                format!(
-                    "container {} is already being moved (move {other})",
-                    args.container
-                ),
-            ));
-        }
+                format!("container {} is already being moved", args.container),
+            )
+        })?;
         let id = hex::encode(rand::random::<[u8; 16]>());
         let status = MoveStatus {
             id: id.clone(),
@@ -287,6 +304,7 @@ impl Agent {
                     .await
             });
             tokio::pin!(task);
+            let _starting = starting;
             let outcome = loop {
                 tokio::select! {
                     r = &mut task => break r,

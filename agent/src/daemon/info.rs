@@ -411,19 +411,24 @@ pub(crate) fn moving(
     if !e.busy {
         return None;
     }
-    let mut entries = journals.to_vec();
-    entries.retain(|j| {
-        j.container_id == id
-            && j.role == Role::Source
-            && matches!(
-                j.state,
-                JournalState::Preparing
-                    | JournalState::Frozen
-                    | JournalState::CommitSent
-                    | JournalState::Committed
-            )
-    });
-    let j = entries.into_iter().max_by_key(|j| j.updated)?;
+    // The container's newest migration, whatever its role: an old move away that committed
+    // (the container came back since) is not this one.
+    let j = journals
+        .iter()
+        .filter(|j| j.container_id == id)
+        .max_by_key(|j| j.updated)?
+        .clone();
+    let in_progress = j.role == Role::Source
+        && matches!(
+            j.state,
+            JournalState::Preparing
+                | JournalState::Frozen
+                | JournalState::CommitSent
+                | JournalState::Committed
+        );
+    if !in_progress {
+        return None;
+    }
     let stage = match j.state {
         JournalState::Preparing => "preparing",
         JournalState::Frozen => "frozen",

@@ -19,7 +19,7 @@ pub mod probe;
 mod pstree;
 mod recover;
 mod source;
-pub(crate) use source::frozen_for_move;
+pub(crate) use source::{frozen_for_move, mark_frozen};
 
 pub use journal::{JournalEntry, JOURNAL_DIR};
 

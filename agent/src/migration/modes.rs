@@ -339,6 +339,9 @@ const PER_PROCESS_MS: u64 = 15;
 /// --threads N`, medians of 3): 130 ms of downtime with no thread, 376 with 150, 798 with 300,
 /// 1750 with 600; the term gives 281, 675, 1800 over the 130 (QA of session 18: 600 threads
 /// took 1.4 to 1.9 s, predicted 234 ms without it).
+/// The square is of all the container's extra threads together, not per process: measured on
+/// one process only, it errs long for many processes with a few threads each, as the model's
+/// constants do.
 const PER_THREAD_US: u64 = 1500;
 const THREAD_SQUARE_DIV: u64 = 400;
 

@@ -116,6 +116,10 @@ pub(crate) fn recover(agent: &Arc<Agent>) {
             }
             (Role::Source, JournalState::Committed) => {
                 let agent = agent.clone();
+                // Busy and marked until removed: listed `frozen` (stage `committed`), never
+                // `running` while the destination runs it.
+                agent.set_busy(&e.container_id, true);
+                super::source::mark_frozen(&e.container_id, true);
                 tokio::spawn(async move {
                     let _held = hold(&e.migration_id).await;
                     match destroy_copy(&agent, &e.container_id, &e.cgroup).await {

@@ -250,9 +250,19 @@ impl SourceSide {
         });
     }
 
-    /// Emits [`EventKind::MigrationPhase`] with `p` as it is (bytes since the move started).
+    /// Emits [`EventKind::MigrationPhase`] with `p`'s bytes since the move started, never fewer
+    /// than an earlier event said (the memory presync counts the connection's UDP bytes, the
+    /// later phases payload).
     fn emit_progress(&self, p: Progress) {
-        self.progress_bytes.store(p.bytes, Ordering::Relaxed);
+        let bytes = self
+            .progress_bytes
+            .fetch_max(p.bytes, Ordering::Relaxed)
+            .max(p.bytes);
+        let p = Progress {
+            bytes,
+            total: p.total.map(|t| t.max(bytes)),
+            ..p
+        };
         self.agent.emit(EventKind::MigrationPhase {
             migration_id: self.migration_id.clone(),
             container_id: self.id.clone(),
@@ -917,6 +927,7 @@ pub(crate) async fn destroy_copy(
         let _ = cg.thaw();
     }
     if agent.entry(id).is_err() {
+        mark_frozen(id, false);
         return Ok(());
     }
     // Still busy (listed `frozen`, stage `committed`) until its shim has gone: once not busy, a
@@ -940,7 +951,7 @@ pub(crate) async fn destroy_copy(
 /// `frozen` whatever their cgroup says (CRIU thaws the cgroup while it holds the tasks itself).
 static MOVE_FROZEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
-fn mark_frozen(id: &str, frozen: bool) {
+pub(crate) fn mark_frozen(id: &str, frozen: bool) {
     let mut g = MOVE_FROZEN.lock().unwrap_or_else(|p| p.into_inner());
     g.retain(|x| x != id);
     if frozen {

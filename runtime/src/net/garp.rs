@@ -59,7 +59,8 @@ pub(super) fn probe(
     wait: std::time::Duration,
 ) -> io::Result<Option<[u8; 6]>> {
     let ifindex = if_index(ifname)?;
-    let fd = packet_socket()?;
+    // No protocol until bound to the interface: nothing from other interfaces is queued.
+    let fd = packet_socket(0)?;
     // SAFETY: sockaddr_ll is plain data; all-zero is a valid value that we then fill in.
     let mut at: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     at.sll_family = libc::AF_PACKET as u16;
@@ -182,7 +183,7 @@ fn if_index(name: &str) -> io::Result<u32> {
 }
 
 fn send(ifindex: u32, mac: [u8; 6], address: Ipv4Addr) -> io::Result<()> {
-    let fd = packet_socket()?;
+    let fd = packet_socket(ETH_P_ARP)?;
     let f = frame(mac, address);
     for i in 0..COUNT {
         if i > 0 {
@@ -193,14 +194,14 @@ fn send(ifindex: u32, mac: [u8; 6], address: Ipv4Addr) -> io::Result<()> {
     Ok(())
 }
 
-/// A raw packet socket for ARP frames.
-fn packet_socket() -> io::Result<OwnedFd> {
-    // SAFETY: socket(2) with constant arguments; the result is checked before use.
+/// A raw packet socket receiving frames of `protocol` (0: none until bound).
+fn packet_socket(protocol: u16) -> io::Result<OwnedFd> {
+    // SAFETY: socket(2) with plain integer arguments; the result is checked before use.
     let fd = unsafe {
         libc::socket(
             libc::AF_PACKET,
             libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            i32::from(ETH_P_ARP.to_be()),
+            i32::from(protocol.to_be()),
         )
     };
     if fd < 0 {
