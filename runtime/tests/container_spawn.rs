@@ -312,9 +312,15 @@ impl Drop for CgroupGuard {
         let _ = self.0.kill();
         for _ in 0..50 {
             if self.0.destroy().is_ok() {
-                return;
+                break;
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // The shared parent (`mig-test`) goes too when no other test uses it.
+        for (_, dir) in &self.0.dirs {
+            if let Some(parent) = dir.parent() {
+                let _ = std::fs::remove_dir(parent);
+            }
         }
     }
 }
