@@ -777,7 +777,7 @@ impl Agent {
             return Ok(());
         }
         // A move or checkpoint must not start while the container is being stopped.
-        let _stopping = Stopping::mark(id);
+        let _stopping = STOPPING.hold(id);
         self.update(id, |e| e.state.stop_requested = true);
         if let Some(pid) = self.init_pid(id) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
@@ -1119,35 +1119,9 @@ mod record_tests {
 }
 
 /// Containers whose `stop` is under way (ids), so that a move or a checkpoint of one is refused.
-static STOPPING: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-
-/// Marks a container as being stopped until dropped.
-struct Stopping(String);
-
-impl Stopping {
-    fn mark(id: &str) -> Stopping {
-        STOPPING
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(id.to_owned());
-        Stopping(id.to_owned())
-    }
-}
-
-impl Drop for Stopping {
-    fn drop(&mut self) {
-        let mut g = STOPPING.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(i) = g.iter().position(|s| *s == self.0) {
-            g.swap_remove(i);
-        }
-    }
-}
+static STOPPING: super::marks::Marks = super::marks::Marks::new();
 
 /// Whether `mig stop` of container `id` is under way.
 pub(crate) fn is_stopping(id: &str) -> bool {
-    STOPPING
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .iter()
-        .any(|s| s == id)
+    STOPPING.contains(id)
 }

@@ -218,31 +218,7 @@ pub(crate) struct MoveStartArgs {
 
 /// Containers a `move_start` of this agent is moving (from its answer to the end of the move):
 /// a second `move_start` of one is refused at once.
-static STARTING: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-
-/// One container's entry in [`STARTING`], removed on drop.
-struct Starting(String);
-
-impl Starting {
-    /// Records container `id`, unless a `move_start` of it is already under way.
-    fn take(id: &str) -> Option<Starting> {
-        let mut g = STARTING.lock().unwrap_or_else(|p| p.into_inner());
-        if g.iter().any(|x| x == id) {
-            return None;
-        }
-        g.push(id.to_owned());
-        Some(Starting(id.to_owned()))
-    }
-}
-
-impl Drop for Starting {
-    fn drop(&mut self) {
-        STARTING
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|x| *x != self.0);
-    }
-}
+static STARTING: super::marks::Marks = super::marks::Marks::new();
 
 impl Agent {
     fn moves(&self) -> std::sync::MutexGuard<'_, HashMap<String, MoveStatus>> {
@@ -257,7 +233,7 @@ impl Agent {
         let (cid, _) = self.check_move(&args.container, &args.peer, args.tcp_established)?;
         // A move started here a moment ago may not have claimed the container yet: one
         // `move_start` at a time per container, checked and recorded under one lock.
-        let starting = Starting::take(&cid).ok_or_else(|| {
+        let starting = STARTING.try_hold(&cid).ok_or_else(|| {
             ApiError::new(
                 ErrorKind::Conflict,
                 format!("container {} is already being moved", args.container),

@@ -16,6 +16,7 @@ mod exec;
 pub mod heap;
 mod info;
 mod logs;
+pub(crate) mod marks;
 mod mounts;
 
 /// Serves an API session on an already authenticated stream (the remote API bridges to it).

@@ -949,23 +949,16 @@ pub(crate) async fn destroy_copy(
 
 /// Containers this agent froze for a move away and has not thawed or removed yet: listed
 /// `frozen` whatever their cgroup says (CRIU thaws the cgroup while it holds the tasks itself).
-static MOVE_FROZEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+static MOVE_FROZEN: crate::daemon::marks::Marks = crate::daemon::marks::Marks::new();
 
+/// Marks container `id` frozen for a move away, or clears the mark.
 pub(crate) fn mark_frozen(id: &str, frozen: bool) {
-    let mut g = MOVE_FROZEN.lock().unwrap_or_else(|p| p.into_inner());
-    g.retain(|x| x != id);
-    if frozen {
-        g.push(id.to_owned());
-    }
+    MOVE_FROZEN.set(id, frozen);
 }
 
 /// Whether a move away froze container `id` (and has not thawed or removed it since).
 pub(crate) fn frozen_for_move(id: &str) -> bool {
-    MOVE_FROZEN
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .iter()
-        .any(|x| x == id)
+    MOVE_FROZEN.contains(id)
 }
 
 /// Whether container `id` (entry `e`) runs, is not busy and is not being stopped: a move may
