@@ -1,5 +1,6 @@
 //! `--plot out.svg`: median downtime (left) and total time (right) against memory size, one line
-//! per mode and baseline (plotters, SVG backend).
+//! per mode and baseline (plotters, SVG backend). Memory size is on a base-2 log scale, so the
+//! usual doubling sizes (64M, 256M, 1G) are evenly spaced and labelled as sizes.
 
 use super::report::{BenchReport, Row};
 use super::BenchError;
@@ -15,7 +16,8 @@ pub fn draw(report: &BenchReport, path: &Path) -> Result<(), BenchError> {
     };
     let sizes = report.sizes();
     let modes = report.modes();
-    let x_max = sizes.iter().copied().max().unwrap_or(1) as f64 * 1.08;
+    let x_min = sizes.iter().copied().min().unwrap_or(1).max(1) as f64 / 1.4;
+    let x_max = sizes.iter().copied().max().unwrap_or(1).max(1) as f64 * 1.4;
     let root = SVGBackend::new(path, (1200, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let panels: [(&str, Metric); 2] = [
@@ -43,12 +45,15 @@ pub fn draw(report: &BenchReport, path: &Path) -> Result<(), BenchError> {
             .margin(15)
             .x_label_area_size(40)
             .y_label_area_size(60)
-            .build_cartesian_2d(0f64..x_max, 0f64..y_max)
+            .build_cartesian_2d((x_min..x_max).log_scale().base(2.0), 0f64..y_max)
             .map_err(|e| err(&e))?;
         chart
             .configure_mesh()
-            .x_desc("memory size (MiB)")
+            .x_desc("memory size (log scale)")
+            .x_labels(12)
+            .x_label_formatter(&|&mib| size_label(mib))
             .y_desc("ms")
+            .y_label_formatter(&|&ms| format!("{ms:.0}"))
             .draw()
             .map_err(|e| err(&e))?;
         for (i, (mode, points)) in series.iter().enumerate() {
@@ -76,6 +81,15 @@ pub fn draw(report: &BenchReport, path: &Path) -> Result<(), BenchError> {
     root.present().map_err(|e| err(&e))
 }
 
+/// `64M`, `1G`, `1.5G`: a size in MiB as the bench's `--sizes` spells it.
+fn size_label(mib: f64) -> String {
+    if mib >= 1024.0 {
+        format!("{}G", (mib / 1024.0 * 10.0).round() / 10.0)
+    } else {
+        format!("{}M", mib.round())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::report::{BenchReport, Row};
@@ -100,5 +114,22 @@ mod tests {
         draw(&report, &path).unwrap();
         let svg = std::fs::read_to_string(&path).unwrap();
         assert!(svg.starts_with("<svg") && svg.contains("cold") && svg.contains("runc"));
+        // The sizes measured are the axis's labels, not fractions of MiB.
+        let labels: Vec<&str> = svg.lines().filter(|l| !l.starts_with('<')).collect();
+        assert!(
+            labels.contains(&"16M") && labels.contains(&"64M"),
+            "{labels:?}"
+        );
+        assert!(
+            !labels.iter().any(|l| l.ends_with(".0")),
+            "decimal tick labels: {labels:?}"
+        );
+    }
+
+    #[test]
+    fn sizes_are_labelled_as_the_bench_spells_them() {
+        assert_eq!(size_label(64.0), "64M");
+        assert_eq!(size_label(1024.0), "1G");
+        assert_eq!(size_label(1536.0), "1.5G");
     }
 }
