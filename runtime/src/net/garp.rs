@@ -7,9 +7,12 @@
 //! sent from a host's bridge, to learn whether something on the segment already answers for an
 //! address before a container that owns it is restored.
 
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{recv, MsgFlags};
 use std::io;
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 
 const ETH_P_ARP: u16 = 0x0806;
 /// How many announcements to send (one can be lost while a bridge port comes up).
@@ -96,37 +99,17 @@ pub(super) fn probe(
         } else {
             left
         };
-        let mut pfd = libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = next.as_millis().clamp(1, 1000) as libc::c_int;
-        // SAFETY: one valid pollfd.
-        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
+        let ms = u16::try_from(next.as_millis().clamp(1, 1000)).unwrap_or(1000);
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(0) | Err(Errno::EINTR) => continue,
+            Ok(_) => {}
+            Err(e) => return Err(e.into()),
         }
-        if n == 0 {
+        let Ok(got) = recv(fd.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) else {
             continue;
-        }
-        // SAFETY: `buf` is writable for its length.
-        let got = unsafe {
-            libc::recv(
-                fd.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT,
-            )
         };
-        if got < 0 {
-            continue;
-        }
-        if let Some(mac) = claims(&buf[..got as usize], address, own) {
+        if let Some(mac) = claims(&buf[..got], address, own) {
             return Ok(Some(mac));
         }
     }
@@ -173,13 +156,7 @@ pub(super) fn announce(pid: i32, ifname: &str, mac: [u8; 6], address: Ipv4Addr) 
 
 /// The index of interface `name` in the calling thread's network namespace.
 fn if_index(name: &str) -> io::Result<u32> {
-    let c = std::ffi::CString::new(name).map_err(io::Error::other)?;
-    // SAFETY: `c` is a NUL-terminated string that outlives the call.
-    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    if index == 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(index)
+    Ok(nix::net::if_::if_nametoindex(name)?)
 }
 
 fn send(ifindex: u32, mac: [u8; 6], address: Ipv4Addr) -> io::Result<()> {
