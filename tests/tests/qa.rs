@@ -137,6 +137,12 @@ fn drain_keeps_tcp_connections_when_asked() -> Result<()> {
     let refused = lab.mig(0, &["drain", "--json"]);
     assert_eq!(refused.code, 125, "{refused:?}");
     assert!(refused.stdout.contains("--tcp-established"), "{refused:?}");
+    // The JSON has the reasons; stderr still names the container that was not moved.
+    assert!(
+        refused.stderr.contains("mig: tcp: not moved: ")
+            && refused.stderr.contains("--tcp-established"),
+        "{refused:?}"
+    );
     running_on(&lab, 0, "tcp")?;
     let before = last_tick(&lab, 0, "tcp");
     let r = lab.mig_json(

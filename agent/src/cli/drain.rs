@@ -111,7 +111,12 @@ pub(super) async fn drain(cli: &Cli, a: &DrainArgs) -> Result<u8, CliError> {
                 Err(e) => r.errors.push(format!("{peer}: {}", chain(&e))),
             }
         }
-        if !a.json {
+        if a.json {
+            // The JSON on stdout has every reason; stderr says which failed, as other commands do.
+            if !r.ok {
+                eprintln!("mig: {}: not moved: {}", r.name, r.errors.join("; "));
+            }
+        } else {
             let line = match (&r.peer, r.ok) {
                 (Some(p), true) => format!(
                     "{} -> {p}: moved in {} ms (downtime {} ms)\n",
