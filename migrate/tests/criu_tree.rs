@@ -650,6 +650,7 @@ fn post_copy_over_a_socketpair() {
             source: PageTarget::Socket(b.as_raw_fd()),
             log_file: "lazy-pages.log".into(),
             ready_timeout: Duration::from_secs(10),
+            hold: None,
         })
         .unwrap();
     drop(b);

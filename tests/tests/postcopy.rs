@@ -13,7 +13,7 @@
 //! `/proc/PID/mem`, and puts the pages of mappings without read permission into the images
 //! instead (docs/criu.md, "Patches", 0003).
 //!
-//! Needs root. Labs on subnets 10.214.70-74.0/24.
+//! Needs root. Labs on subnets 10.214.70-74.0/24 and 10.214.76.0/24.
 
 use anyhow::{bail, Context, Result};
 use mig_tests::lab::{move_and_check_with, Lab};
@@ -397,6 +397,117 @@ fn a_post_copy_that_loses_its_source_never_runs_on_missing_memory() -> Result<()
     }
     eprintln!(
         "source lost: the destination says {} ({}), no wrong memory read after {} ticks",
+        last["state"],
+        last["reason"],
+        memload_count(&log)
+    );
+    Ok(())
+}
+
+/// PIDs of `criu lazy-pages` processes working under `dir` (a lab host's state directory).
+fn lazy_daemons_under(dir: &std::path::Path) -> Vec<i32> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let dir = dir.as_os_str().as_encoded_bytes();
+    procs
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            args.contains(&&b"lazy-pages"[..]) && args.iter().any(|a| a.starts_with(dir))
+        })
+        .collect()
+}
+
+#[test]
+fn a_post_copy_whose_destination_agent_dies_never_runs_on_missing_memory() -> Result<()> {
+    if !mig_tests::is_root("migration tests") {
+        return Ok(());
+    }
+    let mut lab = Lab::up("pcdstkill", 76)?;
+    memload_image(&lab)?;
+    let id = lab.mig_ok(
+        0,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "dstkill",
+            "memload",
+            "--",
+            "/bin/mig-memload",
+            "--mib",
+            "768",
+            "--verify-mib",
+            "16",
+            "--interval-ms",
+            "50",
+        ],
+    )?;
+    let id = id.trim().to_owned();
+    memload_continues(&lab, 0, "dstkill", 0)?;
+    let (killed, moved) = std::thread::scope(|s| -> Result<(bool, _)> {
+        let mover = s.spawn(|| {
+            lab.mig(
+                0,
+                &["move", "dstkill", "host-b", "--json", "--mode", "lazy"],
+            )
+        });
+        let resumed = wait_until(Duration::from_secs(120), || {
+            mover.is_finished() || inspect(&lab, 1, "dstkill")["state"] == "running"
+        });
+        let killed = resumed && !mover.is_finished() && lab.kill_agent(1).is_ok();
+        Ok((killed, mover.join()))
+    })?;
+    if !killed {
+        bail!("the post-copy ended before the destination's agent could be killed (no window to test)");
+    }
+    // The source reports the post-copy it could not finish.
+    let moved = moved.map_err(|_| anyhow::anyhow!("the mover panicked"))?;
+    assert_eq!(moved.code, 125, "{moved:?}");
+    assert!(moved.stdout.contains("postcopy_error"), "{moved:?}");
+    // While host-b's agent is down, its container waits for pages instead of reading zeros.
+    std::thread::sleep(Duration::from_secs(2));
+    let log_file = lab
+        .state_dir(1)
+        .join("containers")
+        .join(&id)
+        .join("container.log");
+    let log = std::fs::read_to_string(&log_file).unwrap_or_default();
+    let bad_while_down = log
+        .lines()
+        .find(|l| l.starts_with("BAD"))
+        .map(str::to_owned);
+    lab.restart_after_crash(1)?;
+    let mut last = Value::Null;
+    let ended = wait_until(Duration::from_secs(60), || {
+        last = inspect(&lab, 1, "dstkill");
+        !matches!(last["state"].as_str(), Some("running" | "frozen"))
+    });
+    let log = lab.mig(1, &["logs", "dstkill"]).stdout;
+    let daemons = lazy_daemons_under(lab.state_dir(1));
+    let _ = lab.mig(1, &["rm", "-f", &id]);
+    if let Some(bad) = bad_while_down {
+        bail!("the container read missing memory while its agent was down: {bad}");
+    }
+    if !ended
+        || !last["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("post-copy failed"))
+    {
+        bail!("the restarted agent did not stop and report the container: {last}");
+    }
+    if let Some(bad) = log.lines().find(|l| l.starts_with("BAD")) {
+        bail!("the container ran on missing memory before it was killed: {bad}");
+    }
+    assert!(daemons.is_empty(), "lazy-pages daemons left: {daemons:?}");
+    // Nothing runs twice: the source's copy is gone too.
+    assert!(
+        inspect(&lab, 0, "dstkill").is_null() || inspect(&lab, 0, "dstkill")["state"] != "running"
+    );
+    eprintln!(
+        "destination agent lost: the container waited, then {} ({}) after {} ticks",
         last["state"],
         last["reason"],
         memload_count(&log)

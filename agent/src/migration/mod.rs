@@ -14,6 +14,7 @@ pub mod memsync;
 pub mod modes;
 pub(crate) mod pages;
 mod peers;
+mod postcopy;
 pub mod precopy;
 pub mod probe;
 mod pstree;
@@ -357,6 +358,8 @@ pub fn start(agent: &Arc<Agent>, listen: Option<SocketAddr>) -> Result<(), Migra
         .set(net)
         .map_err(|_| MigrationError::AlreadyStarted)?;
     dest::spawn_acceptor(agent.clone(), endpoint);
+    // Before the journal's recovery, which may remove an incoming container's directory.
+    postcopy::recover_postcopy(agent);
     recover::recover(agent);
     Ok(())
 }

@@ -29,6 +29,7 @@
 //! migration id; [`resolve`] answers the tunnel's "where does this service listen".
 
 use super::modes::MoveMode;
+use super::postcopy::{PostcopyGuard, PostcopyMarker};
 use crate::daemon::events::EventKind;
 use crate::daemon::Agent;
 use mig_migrate::criu::lazy_proxy::{self, LazyProxyError};
@@ -41,7 +42,7 @@ use mig_migrate::memsync::stream::PresyncSink;
 use mig_migrate::memsync::PresyncImages;
 use mig_migrate::transport::tunnel::{self, Endpoint, Service, Tunnel, TunnelHeader};
 use std::collections::HashMap;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -116,68 +117,6 @@ struct Job {
     /// they all arrived (for a deduplicated page stream, `Service::PageServerDedup`).
     images_dir: Option<PathBuf>,
     presync: Option<Arc<Mutex<Option<Arc<PresyncImages>>>>>,
-}
-
-/// How long the guard waits for a container's cgroup to be frozen before it kills it instead.
-const GUARD_FREEZE: Duration = Duration::from_secs(2);
-
-/// Destination, post-copy: when the source's page stream ends (the source's agent or its
-/// dump died, the link went) before the lazy-pages daemon closed its session, the daemon
-/// cannot fetch the missing pages and exits, closing the restored tasks' userfaultfds, and the
-/// kernel then maps zero pages where their memory was missing: the container would run on
-/// with wrong memory until the daemon's exit is noticed. The guard freezes the container's
-/// cgroup first, from the tunnel ([`Tunnel::socketpair_guarded`]), before the daemon hears of
-/// the end; [`watch_lazy_daemon`] then kills it (the daemon failed) or thaws it (the daemon
-/// had every page: the stream ended in the moment after it closed its session).
-#[derive(Debug)]
-pub(crate) struct PostcopyGuard {
-    cgroup: String,
-    state: Mutex<GuardState>,
-}
-
-#[derive(Debug, Default)]
-struct GuardState {
-    daemon_ended: bool,
-    frozen: bool,
-}
-
-impl PostcopyGuard {
-    pub(crate) fn new(cgroup: String) -> PostcopyGuard {
-        PostcopyGuard {
-            cgroup,
-            state: Mutex::new(GuardState::default()),
-        }
-    }
-
-    /// The source's side ended first: stop the container (blocking, at most [`GUARD_FREEZE`]).
-    fn source_ended(&self) {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if st.daemon_ended || st.frozen {
-            return;
-        }
-        let Ok(cg) = mig_runtime::cgroup::Cgroup::open(&self.cgroup) else {
-            return;
-        };
-        st.frozen = true;
-        match cg.freeze(GUARD_FREEZE) {
-            Ok(()) => {
-                tracing::warn!(cgroup = %self.cgroup, "post-copy: the source's pages ended before the lazy-pages daemon closed its session; the container is frozen until the daemon says whether it has every page")
-            }
-            Err(e) => {
-                // It must not run on zero pages: kill it rather than wait.
-                tracing::error!(cgroup = %self.cgroup, error = %super::chain(&e), "post-copy: the source's pages ended and the container could not be frozen; it is killed");
-                let _ = cg.kill();
-                let _ = cg.thaw();
-            }
-        }
-    }
-
-    /// The daemon ended: whether the guard froze the container.
-    fn daemon_ended(&self) -> bool {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        st.daemon_ended = true;
-        st.frozen
-    }
 }
 
 /// The thread running a prefetching proxy, and its outcome.
@@ -433,7 +372,7 @@ pub(crate) async fn start_lazy_daemon(
 ) -> Result<(), PagesError> {
     let guard = Arc::new(PostcopyGuard::new(cgroup));
     let hook_guard = guard.clone();
-    let tunnel = Tunnel::socketpair_guarded(
+    let (tunnel, carried) = Tunnel::socketpair_guarded(
         conn,
         TunnelHeader {
             migration_id: migration_id.to_owned(),
@@ -445,6 +384,7 @@ pub(crate) async fn start_lazy_daemon(
     let client = tunnel.take_client().ok_or(PagesError::NoConnection)?;
     let work = container_dir.join(LAZY_DIR);
     let id = migration_id.to_owned();
+    let daemon_guard = guard.clone();
     let (daemon, proxy, gate) = tokio::task::spawn_blocking(move || {
         let _ = std::fs::remove_dir_all(&work);
         // With the proxy the daemon gets one end of a local pair, the proxy the other end and
@@ -456,9 +396,16 @@ pub(crate) async fn start_lazy_daemon(
         } else {
             None
         };
-        let daemon_fd = match &proxied {
-            Some((_, daemon_end, _)) => daemon_end.as_raw_fd(),
-            None => client.as_raw_fd(),
+        // The daemon also holds the other end of its socket (never used): when this agent
+        // dies, the daemon waits for pages instead of giving up and leaving zero pages to the
+        // container; a restarted agent kills the container, then the daemon
+        // ([`recover_postcopy`]).
+        let (daemon_fd, other_end) = match &proxied {
+            Some((_, daemon_end, proxy_end)) => (
+                daemon_end.as_raw_fd(),
+                OwnedFd::from(proxy_end.try_clone().map_err(PagesError::SocketPair)?),
+            ),
+            None => (client.as_raw_fd(), carried),
         };
         let daemon = criu()?
             .lazy_pages_in(
@@ -467,6 +414,7 @@ pub(crate) async fn start_lazy_daemon(
                     source: PageTarget::Socket(daemon_fd),
                     log_file: work.join("lazy-pages.log"),
                     ready_timeout: READY,
+                    hold: Some(other_end.as_raw_fd()),
                 },
                 Some(&work),
             )
@@ -474,6 +422,15 @@ pub(crate) async fn start_lazy_daemon(
                 what: "lazy-pages",
                 source,
             })?;
+        drop(other_end);
+        if let Some(pid) = daemon.pid() {
+            daemon_guard.daemon_started(pid);
+            PostcopyMarker {
+                migration_id: id.clone(),
+                daemon_pid: pid,
+            }
+            .write(&work);
+        }
         // The daemon holds its end now; ours would keep the stream open after it exits.
         let Some((map, daemon_end, proxy_end)) = proxied else {
             drop(client);
@@ -542,6 +499,7 @@ pub(crate) async fn start_local_lazy_daemon(
                     },
                     log_file: work.join("lazy-pages.log"),
                     ready_timeout: READY,
+                    hold: None,
                 },
                 &work,
             )

@@ -45,6 +45,12 @@ pub struct LazyPagesOpts {
     pub source: PageTarget,
     pub log_file: PathBuf,
     pub ready_timeout: Duration,
+    /// A descriptor the daemon inherits and never uses: a second descriptor of the other end of
+    /// its page socket (`Tunnel::socketpair_guarded`), so that the daemon does not see that
+    /// socket end when the process carrying it dies. Without it, the daemon would give up and
+    /// the kernel would map zero pages where the restored tasks' memory is still missing; with
+    /// it, their faults wait until someone kills the container (then the daemon).
+    pub hold: Option<RawFd>,
 }
 
 fn target_args(a: &mut Vec<OsString>, t: &PageTarget) {
@@ -231,7 +237,7 @@ impl Criu {
         self.spawn_ready(
             "page-server",
             |fd| opts.args(fd),
-            target_fd(&opts.listen),
+            &Vec::from_iter(target_fd(&opts.listen)),
             None,
             &log,
             opts.ready_timeout,
@@ -267,7 +273,7 @@ impl Criu {
                 }
                 a
             },
-            target_fd(&opts.source),
+            &Vec::from_iter(target_fd(&opts.source).into_iter().chain(opts.hold)),
             None,
             &log,
             opts.ready_timeout,
@@ -293,7 +299,7 @@ impl Criu {
                 push(&mut a, "--work-dir", work_dir);
                 a
             },
-            None,
+            &[],
             None,
             &log,
             opts.ready_timeout,
@@ -323,7 +329,7 @@ impl Criu {
                 target_args(&mut a, serve);
                 a
             },
-            target_fd(serve),
+            &Vec::from_iter(target_fd(serve)),
             opts.smaps_dir.as_deref(),
             &log,
             ready_timeout,
@@ -341,7 +347,7 @@ impl Criu {
         &self,
         op: &'static str,
         args: impl FnOnce(RawFd) -> Vec<OsString>,
-        extra_fd: Option<RawFd>,
+        extra_fds: &[RawFd],
         smaps_dir: Option<&Path>,
         log: &Path,
         timeout: Duration,
@@ -350,7 +356,7 @@ impl Criu {
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(CriuError::StatusPipe)?;
         let status_fd = status_w.as_raw_fd();
         let mut fds = vec![status_fd];
-        if let Some(fd) = extra_fd {
+        for &fd in extra_fds {
             super::check_fd(fd)?;
             fds.push(fd);
         }

@@ -217,15 +217,18 @@ impl Tunnel {
         conn: quinn::Connection,
         header: TunnelHeader,
     ) -> Result<Tunnel, TunnelError> {
-        Tunnel::socketpair_with(conn, header, None)
+        // No one holds the carried end but the tunnel: the client sees the stream's end.
+        Tunnel::socketpair_with(conn, header, None).map(|(tunnel, _carried)| tunnel)
     }
 
+    /// The tunnel, and a second descriptor of the end it carries.
     fn socketpair_with(
         conn: quinn::Connection,
         header: TunnelHeader,
         hook: Option<PeerEndHook>,
-    ) -> Result<Tunnel, TunnelError> {
+    ) -> Result<(Tunnel, OwnedFd), TunnelError> {
         let (client, mine) = unix_pair().map_err(TunnelError::SocketPair)?;
+        let carried = OwnedFd::from(mine.try_clone().map_err(TunnelError::SocketPair)?);
         mine.set_nonblocking(true)
             .map_err(TunnelError::SocketPair)?;
         let mine = UnixStream::from_std(mine).map_err(TunnelError::SocketPair)?;
@@ -236,12 +239,13 @@ impl Tunnel {
                 tracing::warn!(error = %super::driver::chain(&e), service = ?header.service, "tunnel failed");
             }
         });
-        Ok(Tunnel {
+        let tunnel = Tunnel {
             addr: None,
             client: Mutex::new(Some(OwnedFd::from(client))),
             bytes,
             task,
-        })
+        };
+        Ok((tunnel, carried))
     }
 
     /// [`Tunnel::socketpair`] whose `hook` runs when the peer's side ends first: before the
@@ -251,11 +255,16 @@ impl Tunnel {
     /// side first, or within half a second after the peer's clean end (the normal end of a
     /// session the client ends: the peer answers its close, then ends), nor when the tunnel is
     /// dropped.
+    ///
+    /// Also returns a second descriptor of the end the tunnel carries. Given to the client's
+    /// process (kept open, never used), it keeps the client's socket from seeing an end of file
+    /// when the tunnel's end closes, for example because this process died: the client then
+    /// waits instead of failing, and whoever ends the tunnel on purpose must end the client too.
     pub fn socketpair_guarded(
         conn: quinn::Connection,
         header: TunnelHeader,
         hook: PeerEndHook,
-    ) -> Result<Tunnel, TunnelError> {
+    ) -> Result<(Tunnel, OwnedFd), TunnelError> {
         Tunnel::socketpair_with(conn, header, Some(hook))
     }
 

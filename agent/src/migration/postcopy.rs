@@ -1,0 +1,259 @@
+//! Post-copy's safety on the destination: the container must never run on memory that is
+//! missing. [`PostcopyGuard`] stops it when the source's pages end first; the lazy-pages daemon
+//! holds its own socket's other end, so this agent's death leaves the container waiting, not
+//! reading zero pages; [`recover_postcopy`] settles, at startup, a post-copy the agent was
+//! carrying when it stopped.
+
+use crate::daemon::events::EventKind;
+use crate::daemon::Agent;
+use serde::{Deserialize, Serialize};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long the guard waits for a container's cgroup to be frozen before it kills it instead.
+const GUARD_FREEZE: Duration = Duration::from_secs(2);
+
+/// Destination, post-copy: when the source's page stream ends (the source's agent or its
+/// dump died, the link went) before the lazy-pages daemon closed its session, the daemon
+/// cannot fetch the missing pages; if it exited, closing the restored tasks' userfaultfds, the
+/// kernel would map zero pages where their memory was missing and the container would run on
+/// with wrong memory. The guard freezes the container's cgroup, from the tunnel
+/// ([`Tunnel::socketpair_guarded`](mig_migrate::transport::tunnel::Tunnel::socketpair_guarded)),
+/// then ends the daemon (which holds its socket's other end and would otherwise wait);
+/// [`watch_lazy_daemon`](super::pages::watch_lazy_daemon) then kills the container (the daemon
+/// failed) or thaws it (the daemon had every page: the stream ended in the moment after it
+/// closed its session).
+#[derive(Debug)]
+pub(crate) struct PostcopyGuard {
+    cgroup: String,
+    state: Mutex<GuardState>,
+}
+
+#[derive(Debug, Default)]
+struct GuardState {
+    daemon_ended: bool,
+    frozen: bool,
+    /// The daemon, once started: it holds the other end of its page socket itself (see
+    /// [`LazyPagesOpts::hold`]), so it waits rather than fails when the stream ends; the
+    /// guard ends it once the container is stopped.
+    daemon: Option<OwnedFd>,
+}
+
+/// How long the guard leaves the daemon, after stopping the container, to end by itself (it
+/// may have had every page in the moment the stream ended) before it kills it.
+const DAEMON_GRACE: Duration = Duration::from_millis(500);
+
+/// A pidfd of process `pid` (a child not reaped yet, so the number is its own): signalling
+/// it cannot hit another process that got the number later.
+fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    // nix 0.29 has no pidfd_open. SAFETY: the system call takes a number and flags and
+    // returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a descriptor the kernel just gave us, owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `SIGKILL` through a pidfd; a process already gone is not an error.
+fn pidfd_kill(pidfd: &OwnedFd) {
+    // SAFETY: a valid pidfd, a signal number, no siginfo, no flags.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0u32,
+        )
+    };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ESRCH) {
+            tracing::warn!(error = %e, "cannot kill the lazy-pages daemon");
+        }
+    }
+}
+
+impl PostcopyGuard {
+    pub(crate) fn new(cgroup: String) -> PostcopyGuard {
+        PostcopyGuard {
+            cgroup,
+            state: Mutex::new(GuardState::default()),
+        }
+    }
+
+    /// The daemon runs: the guard ends it after stopping the container. A daemon that starts
+    /// after the source's side ended is ended at once (the container is not restored yet).
+    pub(crate) fn daemon_started(&self, pid: u32) {
+        let pidfd = match pidfd_open(pid) {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::warn!(pid, error = %e, "no pidfd for the lazy-pages daemon");
+                return;
+            }
+        };
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.frozen {
+            pidfd_kill(&pidfd);
+        }
+        st.daemon = Some(pidfd);
+    }
+
+    /// The source's side ended first: stop the container (blocking, at most [`GUARD_FREEZE`]),
+    /// then end the daemon (it would wait for pages forever) unless it ends by itself within
+    /// [`DAEMON_GRACE`].
+    pub(crate) fn source_ended(self: &Arc<Self>) {
+        self.stop_container();
+        let guard = self.clone();
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            loop {
+                let st = guard.state.lock().unwrap_or_else(|p| p.into_inner());
+                if st.daemon_ended {
+                    return;
+                }
+                if start.elapsed() >= DAEMON_GRACE {
+                    if let Some(pidfd) = &st.daemon {
+                        tracing::warn!(cgroup = %guard.cgroup, "post-copy: the lazy-pages daemon cannot get the missing pages; it is ended");
+                        pidfd_kill(pidfd);
+                    }
+                    return;
+                }
+                drop(st);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+    }
+
+    fn stop_container(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.daemon_ended || st.frozen {
+            return;
+        }
+        let Ok(cg) = mig_runtime::cgroup::Cgroup::open(&self.cgroup) else {
+            // No container yet (restore not started): nothing runs on missing memory.
+            st.frozen = true;
+            return;
+        };
+        st.frozen = true;
+        match cg.freeze(GUARD_FREEZE) {
+            Ok(()) => {
+                tracing::warn!(cgroup = %self.cgroup, "post-copy: the source's pages ended before the lazy-pages daemon closed its session; the container is frozen until the daemon says whether it has every page")
+            }
+            Err(e) => {
+                // It must not run on zero pages: kill it rather than wait.
+                tracing::error!(cgroup = %self.cgroup, error = %super::chain(&e), "post-copy: the source's pages ended and the container could not be frozen; it is killed");
+                let _ = cg.kill();
+                let _ = cg.thaw();
+            }
+        }
+    }
+
+    /// The daemon ended: whether the guard froze the container.
+    pub(crate) fn daemon_ended(&self) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.daemon_ended = true;
+        st.frozen
+    }
+}
+
+/// `<container>/lazy-pages/postcopy.json`: a post-copy from a source is under way on this host,
+/// and its daemon's PID. Removed with its directory when the daemon ends
+/// ([`watch_lazy_daemon`](super::pages::watch_lazy_daemon)); found at startup, it means this
+/// agent stopped during the post-copy ([`recover_postcopy`]).
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct PostcopyMarker {
+    pub migration_id: String,
+    pub daemon_pid: u32,
+}
+
+const POSTCOPY_MARKER: &str = "postcopy.json";
+
+impl PostcopyMarker {
+    /// Writes the marker into the daemon's work directory `work`.
+    pub(crate) fn write(&self, work: &Path) {
+        if let Err(e) = crate::layout::write_record(&work.join(POSTCOPY_MARKER), self) {
+            tracing::warn!(dir = %work.display(), error = %e, "cannot write the post-copy marker");
+        }
+    }
+}
+
+/// Whether `pid` is the lazy-pages daemon working in `work` (a PID found in a file may have
+/// been reused by another process).
+fn is_daemon(pid: u32, work: &Path) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    args.contains(&&b"lazy-pages"[..]) && args.contains(&work.as_os_str().as_encoded_bytes())
+}
+
+/// At startup, before the journal's recovery: a post-copy this agent carried when it stopped
+/// cannot go on (its pages came over this agent's connection, which died with it). Its daemon,
+/// still waiting for them, shows it: the container is killed first (its missing memory must not
+/// be read as zero pages), then the daemon, and the container's `reason` and a
+/// `migration_done` event (outcome `postcopy_failed`) say why. A marker whose daemon is gone is
+/// a post-copy that ended while the agent stopped: the container is left as it is.
+pub(crate) fn recover_postcopy(agent: &Agent) {
+    let Ok(dirs) = std::fs::read_dir(agent.dirs.containers()) else {
+        return;
+    };
+    for d in dirs.flatten() {
+        let id = d.file_name().to_string_lossy().into_owned();
+        let work = d.path().join(super::pages::LAZY_DIR);
+        let Ok(marker) = crate::layout::read_record::<PostcopyMarker>(&work.join(POSTCOPY_MARKER))
+        else {
+            continue;
+        };
+        if !is_daemon(marker.daemon_pid, &work) {
+            tracing::warn!(id = %id, migration = %marker.migration_id, "a post-copy's daemon ended while this agent was stopped; the container is left as it is");
+            let _ = std::fs::remove_dir_all(&work);
+            continue;
+        }
+        let cgroup = format!("{}/{}", agent.cfg.cgroup_parent, id);
+        if let Ok(cg) = mig_runtime::cgroup::Cgroup::open(&cgroup) {
+            let _ = cg.kill();
+            let _ = cg.thaw();
+        }
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(marker.daemon_pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = std::fs::remove_dir_all(&work);
+        let peer = super::journal::list(&agent.cfg.state_dir)
+            .ok()
+            .and_then(|all| {
+                all.into_iter()
+                    .find(|e| e.migration_id == marker.migration_id)
+            })
+            .map(|e| e.peer)
+            .unwrap_or_default();
+        let detail = format!(
+            "post-copy failed (this host's agent stopped while pages were still coming from {peer}; the rest of the container's memory cannot arrive)"
+        );
+        tracing::error!(id = %id, migration = %marker.migration_id, "{detail}: the container is killed");
+        let name = match agent.lock().get_mut(&id) {
+            Some(e) => {
+                e.state.reason = Some(detail.clone());
+                e.spec.name.clone()
+            }
+            None => continue,
+        };
+        agent.emit(EventKind::MigrationDone {
+            migration_id: marker.migration_id,
+            container_id: id,
+            container_name: name,
+            role: "destination".into(),
+            peer,
+            outcome: "postcopy_failed".into(),
+            total_ms: 0,
+            downtime_ms: None,
+            bytes: 0,
+            error: Some(detail),
+        });
+    }
+}
