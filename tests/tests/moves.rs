@@ -276,11 +276,29 @@ fn writable_layer_travels_as_presync_and_delta() -> Result<()> {
     });
     assert!(ready, "the container never got ready");
     let big = sh(0, "md5sum /big")?;
+    // Extended attributes (user attributes here; file capabilities and ACLs are the same kind)
+    // go with the layer: one in the presync, one set after the scan (in the delta).
+    let upper = |host: usize, path: &str| {
+        lab.state_dir(host)
+            .join("containers")
+            .join(&id)
+            .join("upper")
+            .join(path)
+    };
+    set_xattr(&upper(0, "big"), "user.color", b"blue")?;
     // The presync phase lasts 3 s (the destination sleeps on the first presync file): the
     // changes land between the presync scan and the freeze.
     lab.fault(1, Some("dest-presync:delay:3000"))?;
     sh(0, "touch /arm")?;
+    let mover = std::thread::spawn({
+        let small2 = upper(0, "small2");
+        move || {
+            std::thread::sleep(std::time::Duration::from_millis(2000));
+            set_xattr(&small2, "user.late", b"yes")
+        }
+    });
     let r = lab.mig_json(0, &["move", "writer", "host-b", "--json"]);
+    mover.join().expect("the xattr thread")?;
     lab.fault(1, None)?;
     let r = r?;
     eprintln!("move: {r}");
@@ -295,6 +313,14 @@ fn writable_layer_travels_as_presync_and_delta() -> Result<()> {
     assert_eq!(
         sh(1, "cat /small2 /new; ls /small1 /d 2>&1 || true")?,
         "changed\nnew\nls: /small1: No such file or directory\nls: /d: No such file or directory\n"
+    );
+    assert_eq!(
+        get_xattr(&upper(1, "big"), "user.color").as_deref(),
+        Some(&b"blue"[..])
+    );
+    assert_eq!(
+        get_xattr(&upper(1, "small2"), "user.late").as_deref(),
+        Some(&b"yes"[..])
     );
     // The old output came along.
     let log = lab.mig_ok(1, &["logs", "writer"])?;
@@ -753,4 +779,40 @@ fn a_container_is_listed_running_on_one_host_at_a_time() -> Result<()> {
         running_on(&lab, to, "once")?;
     }
     Ok(())
+}
+
+/// Sets extended attribute `name` of `path` (not following a symlink).
+fn set_xattr(path: &std::path::Path, name: &str, value: &[u8]) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let p = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let n = std::ffi::CString::new(name)?;
+    // SAFETY: NUL-terminated strings and a slice that live across the call.
+    let r = unsafe {
+        libc::lsetxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    anyhow::ensure!(
+        r == 0,
+        "setxattr {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    Ok(())
+}
+
+/// The value of extended attribute `name` of `path`, if it has one (up to 4 KiB).
+fn get_xattr(path: &std::path::Path, name: &str) -> Option<Vec<u8>> {
+    use std::os::unix::ffi::OsStrExt;
+    let p = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let n = std::ffi::CString::new(name).ok()?;
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: NUL-terminated strings; the kernel writes at most `buf.len()` bytes.
+    let r = unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    buf.truncate(usize::try_from(r).ok()?);
+    Some(buf)
 }

@@ -16,6 +16,11 @@ use std::path::{Component, Path, PathBuf};
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE: &str = ".wh..wh..opq";
 const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+const OVERLAY_XATTR_PREFIX: &[u8] = b"trusted.overlay.";
+const XATTR_PAX_PREFIX: &str = "SCHILY.xattr.";
+
+/// Extended attributes of one entry: (name, value).
+type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// Why a layer could not be written or unpacked.
 #[derive(Debug, thiserror::Error)]
@@ -64,7 +69,14 @@ pub(super) fn add_entry(
     links: &mut Links,
 ) -> Result<(), LayerError> {
     let ft = meta.file_type();
-    if ft.is_char_device() && meta.rdev() == 0 {
+    let whiteout = ft.is_char_device() && meta.rdev() == 0;
+    // The first name of a hard link set carries the inode's attributes; a link entry has none.
+    let link_entry =
+        ft.is_file() && meta.nlink() > 1 && links.contains_key(&(meta.dev(), meta.ino()));
+    if !whiteout && !ft.is_socket() && !link_entry {
+        xattr_records(b, path)?;
+    }
+    if whiteout {
         let mut wh = std::ffi::OsString::from(WHITEOUT_PREFIX);
         wh.push(name.file_name().unwrap_or_default());
         empty_file(b, &name.with_file_name(wh), meta)?;
@@ -99,6 +111,77 @@ pub(super) fn add_entry(
             .map_err(LayerError::Write)?;
     }
     Ok(())
+}
+
+/// The extended attributes of `path` (user attributes, file capabilities, ACLs, ...) as a PAX
+/// header for the entry that follows, as GNU tar writes them (`SCHILY.xattr.NAME`). Overlay's
+/// own (`trusted.overlay.*`) are not the container's: opaque directories travel as
+/// [`OPAQUE`] entries. A name that is not UTF-8 cannot be a PAX key and is left out (logged).
+fn xattr_records(b: &mut tar::Builder<&mut dyn Write>, path: &Path) -> Result<(), LayerError> {
+    let names = match super::sys::llistxattr(path) {
+        Ok(n) => n,
+        // Removed since the walk, or a filesystem without xattrs.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTSUP)) => return Ok(()),
+        Err(source) => {
+            return Err(LayerError::Read {
+                path: path.to_owned(),
+                source,
+            })
+        }
+    };
+    let mut records: Vec<(String, Vec<u8>)> = Vec::new();
+    for name in names {
+        if name.starts_with(OVERLAY_XATTR_PREFIX) {
+            continue;
+        }
+        let Ok(key) = std::str::from_utf8(&name) else {
+            tracing::warn!(path = %path.display(), "an extended attribute whose name is not UTF-8 is left out of the layer");
+            continue;
+        };
+        match super::sys::lgetxattr_value(path, &name) {
+            Ok(value) => records.push((format!("{XATTR_PAX_PREFIX}{key}"), value)),
+            // Removed since it was listed.
+            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
+            Err(source) => {
+                return Err(LayerError::Read {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        }
+    }
+    b.append_pax_extensions(records.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+        .map_err(LayerError::Write)
+}
+
+/// Sets the extended attributes an entry's PAX header carries on `path`, after the entry was
+/// unpacked (its owner set: a later `chown` would drop file capabilities).
+fn apply_xattrs(xattrs: &Xattrs, path: &Path) -> Result<(), LayerError> {
+    for (name, value) in xattrs {
+        if name.starts_with(OVERLAY_XATTR_PREFIX) {
+            continue;
+        }
+        super::sys::lsetxattr_bytes(path, name, value).map_err(|source| LayerError::Unpack {
+            path: path.to_owned(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// The extended attributes in `entry`'s PAX header (`SCHILY.xattr.NAME`).
+fn entry_xattrs<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Xattrs, LayerError> {
+    let Some(exts) = entry.pax_extensions().map_err(LayerError::Tar)? else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for ext in exts {
+        let ext = ext.map_err(LayerError::Tar)?;
+        if let Some(name) = ext.key_bytes().strip_prefix(XATTR_PAX_PREFIX.as_bytes()) {
+            out.push((name.to_vec(), ext.value_bytes().to_vec()));
+        }
+    }
+    Ok(out)
 }
 
 /// A regular file of `meta.len()` bytes, its size as the walk saw it: tar's own
@@ -300,6 +383,7 @@ pub(super) fn unpack_entries<R: Read>(
 ) -> Result<(), LayerError> {
     for entry in entries {
         let mut entry = entry.map_err(LayerError::Tar)?;
+        let xattrs = entry_xattrs(&mut entry)?;
         let raw = entry.path().map_err(LayerError::Tar)?.into_owned();
         let unsafe_path = || LayerError::UnsafePath {
             path: raw.to_string_lossy().chars().take(256).collect(),
@@ -340,12 +424,15 @@ pub(super) fn unpack_entries<R: Read>(
         ) {
             before(&raw, false)?;
             unpack_special(entry.header(), dest, &raw)?;
+            apply_xattrs(&xattrs, &dest.join(&raw))?;
         } else {
             before(&raw, entry.header().entry_type().is_dir())?;
             let done = entry.unpack_in(dest).map_err(unpack_err(dest.join(&raw)))?;
             if !done {
                 return Err(unsafe_path());
             }
+            // unpack_in checked the path stays inside `dest` (no symlinked parent).
+            apply_xattrs(&xattrs, &dest.join(&raw))?;
         }
     }
     Ok(())

@@ -432,3 +432,55 @@ fn an_empty_file_or_a_tar_of_something_else_is_not_a_checkpoint() {
         assert!(!dest.exists());
     }
 }
+
+#[test]
+fn extended_attributes_travel_with_the_layer_and_its_delta() {
+    use super::delta::{apply_layer_delta, write_layer_delta, write_layer_tar_scanned};
+    use super::sys::{lgetxattr_value, lsetxattr};
+    let t = tempfile::tempdir_in("/var/tmp").unwrap();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    std::fs::create_dir_all(src.join("d")).unwrap();
+    std::fs::write(src.join("f"), b"data").unwrap();
+    std::fs::write(src.join("later"), b"x").unwrap();
+    if let Err(e) = lsetxattr(&src.join("f"), "user.color", b"blue") {
+        eprintln!("skipped: no user xattrs here ({e})");
+        return;
+    }
+    lsetxattr(&src.join("d"), "user.dir", b"yes").unwrap();
+    // A value longer than 256 bytes, and overlay's own, which is not the container's.
+    lsetxattr(&src.join("f"), "user.long", &[b'v'; 3000]).unwrap();
+    if is_root() {
+        lsetxattr(&src.join("d"), "trusted.overlay.origin", b"x").unwrap();
+    }
+    let mut presync = Vec::new();
+    let scan = write_layer_tar_scanned(&src, &mut presync).unwrap();
+    std::fs::create_dir_all(&dst).unwrap();
+    unpack_layer_tar(&mut &presync[..], &dst).unwrap();
+    assert_eq!(
+        lgetxattr_value(&dst.join("f"), b"user.color").unwrap(),
+        b"blue"
+    );
+    assert_eq!(
+        lgetxattr_value(&dst.join("f"), b"user.long").unwrap(),
+        vec![b'v'; 3000]
+    );
+    assert_eq!(
+        lgetxattr_value(&dst.join("d"), b"user.dir").unwrap(),
+        b"yes"
+    );
+    assert!(lgetxattr_value(&dst.join("d"), b"trusted.overlay.origin").is_err());
+
+    // Set while "running": the delta carries it (the change of ctime puts the file in it).
+    lsetxattr(&src.join("later"), "user.tag", b"late").unwrap();
+    let mut delta = Vec::new();
+    write_layer_delta(&src, &scan, &mut delta).unwrap();
+    apply_layer_delta(&mut &delta[..], &dst).unwrap();
+    assert_eq!(
+        lgetxattr_value(&dst.join("later"), b"user.tag").unwrap(),
+        b"late"
+    );
+    assert_eq!(
+        lgetxattr_value(&dst.join("f"), b"user.color").unwrap(),
+        b"blue"
+    );
+}
