@@ -654,6 +654,25 @@ fn post_copy_over_a_socketpair() {
         })
         .unwrap();
     drop(b);
+    // The container's memory depends on the daemon: the OOM killer must leave it alone.
+    let pid = daemon.pid().unwrap();
+    let adj = std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj")).unwrap();
+    // Lowering it needs CAP_SYS_RESOURCE, which root lacks on some hosts (this test VM).
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    const CAP_SYS_RESOURCE: u32 = 24;
+    if eff & (1 << CAP_SYS_RESOURCE) != 0 {
+        assert_eq!(adj.trim(), "-1000");
+    } else {
+        eprintln!(
+            "no CAP_SYS_RESOURCE: the daemon's oom_score_adj stays {}",
+            adj.trim()
+        );
+    }
     let (_, mut lines) = restore_piped(
         &criu,
         &tree.stdout_pipe,

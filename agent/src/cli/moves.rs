@@ -237,7 +237,7 @@ fn move_text(r: &MoveResult) -> String {
     }
     if let Some(e) = &r.postcopy_error {
         s.push_str(&format!(
-            "error: post-copy ended before the last page ({e}); the destination stops and kills the container rather than run it with missing memory: it is lost\n"
+            "error: post-copy ended before the last page ({e}); the destination stops the container rather than run it with missing memory, and kills it (at once, or when its agent runs again if the agent itself was lost): it is lost\n"
         ));
     }
     for after in &r.pid_map {

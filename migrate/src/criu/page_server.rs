@@ -374,6 +374,12 @@ impl Criu {
             source,
         })?;
         drop(status_w);
+        // A container's memory depends on these while they run (a post-copy, a lazy restore's
+        // daemon): the kernel's OOM killer must take something else first.
+        if let Err(e) = std::fs::write(format!("/proc/{}/oom_score_adj", child.id()), "-1000") {
+            // Lowering it needs CAP_SYS_RESOURCE, which root lacks on some hosts.
+            tracing::info!(op, error = %e, "cannot protect the CRIU helper from the OOM killer");
+        }
         let process = Background {
             child: Some(child),
             op,
