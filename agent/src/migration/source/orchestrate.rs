@@ -1,0 +1,566 @@
+//! `mig move` on the agent: the checks before a move, claiming the container, the pre-flight
+//! over the connection, running the source machine, and the result or the error.
+
+use super::rollback::{cause_words, kept_log_named};
+use super::{SourceSide, Src};
+use crate::api::{ApiError, ContainerState, ErrorKind};
+use crate::daemon::Agent;
+use crate::layout::{is_our_shim, proc_start_ticks, ShimRecord};
+use crate::migration::fault;
+use crate::migration::journal;
+use crate::migration::{chain, memsync, ms, MoveResult};
+use mig_migrate::criu::Criu;
+use mig_migrate::protocol::{JournalState, Outcome, SourceMachine, Timeouts};
+use mig_migrate::transport;
+use mig_migrate::wire::Prepare;
+use mig_runtime::cgroup::Cgroup;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Whether container `id` (entry `e`) runs, is not busy and is not being stopped: a move may
+/// claim it.
+fn idle_running(id: &str, e: &crate::daemon::Entry) -> bool {
+    !e.busy && e.state.state == ContainerState::Running && !crate::daemon::is_stopping(id)
+}
+
+/// Size in bytes of the files under `dir` (best effort).
+fn du(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else {
+                total += m.len();
+            }
+        }
+    }
+    total
+}
+
+fn api(kind: ErrorKind, msg: impl Into<String>) -> ApiError {
+    ApiError::new(kind, msg)
+}
+
+impl Agent {
+    /// `pinned peers: host-b, host-c`, or how to pin one when there is none: the end of the
+    /// errors of a move to a peer that is not (or cannot be) one.
+    fn pinned_hint(&self) -> String {
+        let peers: Vec<String> = self
+            .migration
+            .net()
+            .map(|n| {
+                n.peers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .list()
+                    .iter()
+                    .map(|p| p.name.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if peers.is_empty() {
+            "no peer is pinned here (mig peers add)".to_owned()
+        } else {
+            format!("pinned peers: {}", peers.join(", "))
+        }
+    }
+
+    /// `mig move`: moves a running container to `peer`. Returns when the container runs on the
+    /// peer (Ok) or again here (an error saying why).
+    pub(crate) async fn move_container(
+        self: &Arc<Self>,
+        container: &str,
+        peer: &str,
+        tcp_established: bool,
+        opts: crate::migration::modes::MoveOptions,
+    ) -> Result<MoveResult, ApiError> {
+        let t0 = Instant::now();
+        let _running = crate::daemon::heap::Running::start();
+        let (id, peer) = self.check_move(container, peer, tcp_established)?;
+        let _slot = self
+            .migration
+            .outgoing_slot(self.cfg.max_outgoing_moves)
+            .map_err(|running| {
+                api(
+                    ErrorKind::Conflict,
+                    format!(
+                        "this agent already runs {running} outgoing move(s), its limit (limits.max_outgoing_moves): try again later"
+                    ),
+                )
+            })?;
+        self.claim_running(&id)?;
+        let result = self
+            .move_claimed(t0, &id, &peer, tcp_established, opts)
+            .await;
+        if let Err(e) = &result {
+            // Still ours (rolled back or never started): runs here, not busy. In doubt, the
+            // container stays busy and frozen until resolved.
+            if !e.message.contains("in doubt") {
+                self.set_busy(&id, false);
+            }
+        }
+        result
+    }
+
+    /// What a move of `container` to `peer` can be refused for before anything starts (also
+    /// by `move_start`, which answers at once): this host named as the peer, a peer not
+    /// pinned, an unknown container or one that cannot be restored elsewhere, established TCP
+    /// connections without `tcp_established`, a container not running or busy (already
+    /// moving, being stopped...). Returns its id and the peer.
+    pub(crate) fn check_move(
+        &self,
+        container: &str,
+        peer: &str,
+        tcp_established: bool,
+    ) -> Result<(String, mig_migrate::transport::Peer), ApiError> {
+        if peer == self.cfg.name {
+            // Not a pinned peer, and the user means this host: say so, and where it can go.
+            let id = self.resolve(container)?;
+            let name = self.entry(&id).map(|e| e.spec.name).unwrap_or(id);
+            let hint = self.pinned_hint();
+            return Err(api(
+                ErrorKind::InvalidArgument,
+                format!("container {name} is already on {peer} (this host); {hint}"),
+            ));
+        }
+        let net = self.migration.net().ok_or_else(|| {
+            api(
+                ErrorKind::Unavailable,
+                "the migration endpoint is not running",
+            )
+        })?;
+        // The peers' lock is released at the end of this statement (`pinned_hint` takes it).
+        let found = net
+            .peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(peer)
+            .cloned();
+        let peer = found.ok_or_else(|| {
+            // A typo or a host not added yet: say which peers there are.
+            let hint = self.pinned_hint();
+            api(
+                ErrorKind::NotFound,
+                format!("no pinned peer named {peer} ({hint})"),
+            )
+        })?;
+        let id = self.resolve(container)?;
+        self.refresh(&id);
+        self.refuse_unrestorable(&id, "move")?;
+        if !tcp_established {
+            if let Some(pid) = self.init_pid_of(&id) {
+                self.refuse_established(pid, container, "move")?;
+            }
+        }
+        let e = self.entry(&id)?;
+        if !idle_running(&id, &e) {
+            return Err(self.not_idle_running(&id, &e));
+        }
+        Ok((id, peer))
+    }
+
+    async fn move_claimed(
+        self: &Arc<Self>,
+        t0: Instant,
+        id: &str,
+        peer: &mig_migrate::transport::Peer,
+        tcp_established: bool,
+        opts: crate::migration::modes::MoveOptions,
+    ) -> Result<MoveResult, ApiError> {
+        let net = self.migration.net().ok_or_else(|| {
+            api(
+                ErrorKind::Unavailable,
+                "the migration endpoint is not running",
+            )
+        })?;
+        let e = self.entry(id)?;
+        let images = self.images.clone();
+        let image_id = e.spec.image.id.clone();
+        let image = tokio::task::spawn_blocking(move || images.get(&image_id))
+            .await
+            .map_err(|e| {
+                api(
+                    ErrorKind::Internal,
+                    format!("image lookup task failed: {e}"),
+                )
+            })?
+            .map_err(|e| api(ErrorKind::NotFound, format!("the container's image: {e}")))?;
+        let criu = Criu::locate().map_err(|e| api(ErrorKind::Unavailable, chain(&e)))?;
+        let criu_version = criu
+            .version()
+            .map_err(|e| api(ErrorKind::Unavailable, chain(&e)))?;
+        {
+            let criu = criu.clone();
+            let _ = tokio::task::spawn_blocking(move || crate::migration::criu_kdat(&criu)).await;
+        }
+        let cg = Cgroup::open(&e.state.cgroup).map_err(|e| api(ErrorKind::Internal, chain(&e)))?;
+        let usage = cg.usage().unwrap_or_default();
+        let procs = cg.procs().unwrap_or_default();
+        let tasks = (
+            procs.len().max(1) as u64,
+            mig_runtime::pidmap::threads(&procs).max(1),
+        );
+        let pid_map_before = mig_runtime::pidmap::pid_map(&procs);
+        let cd = self.dirs.container(id);
+        let upper = cd.upper();
+        let upper_bytes = tokio::task::spawn_blocking(move || du(&upper))
+            .await
+            .unwrap_or(0);
+        // A mode asked by name that this kernel cannot run is refused before connecting.
+        crate::migration::modes::check_asked(opts)
+            .await
+            .map_err(|e| api(ErrorKind::Unavailable, chain(&e)))?;
+        let userns = e.spec.userns.is_some();
+        if let Some(why) = mig_runtime::container::rlimit_blocker(&procs, userns, criu.path()) {
+            return Err(api(
+                ErrorKind::Unavailable,
+                format!("cannot move {}: {why}; nothing was frozen", e.spec.name),
+            ));
+        }
+        let migration_id = journal::new_id();
+        let side = Src(Arc::new(SourceSide {
+            agent: self.clone(),
+            id: id.to_owned(),
+            name: e.spec.name.clone(),
+            cgroup: e.state.cgroup.clone(),
+            migration_id: migration_id.clone(),
+            peer: peer.name.clone(),
+            work: cd.dir.join("migration"),
+            frozen_pids: Default::default(),
+            tcp_established,
+            net: e.spec.net.clone(),
+            started: t0,
+            upper_sync: Default::default(),
+            peer_version: Default::default(),
+            pages: Default::default(),
+            precopy: Default::default(),
+            progress_bytes: AtomicU64::new(0),
+            smaps: Default::default(),
+            log_sync: Default::default(),
+        }));
+        let conn = transport::connect(&net.endpoint, &net.identity, peer)
+            .await
+            .map_err(|e| {
+                let msg = format!("cannot reach {}: {}", peer.name, chain(&e));
+                side.done("rolled_back", None, Some(msg.clone()));
+                api(ErrorKind::Unavailable, msg)
+            })?;
+        fault::track(&conn);
+        // Hellos, then (a 1.2 destination) the link probe, then the pre-flight: the mode in
+        // Prepare comes from a prediction that used this connection's measured throughput.
+        let hello = crate::migration::hello(self);
+        let link = transport::open_source(&conn, &hello).await.map_err(|e| {
+            let msg = format!("migration to {} failed to start: {}", peer.name, chain(&e));
+            side.done("rolled_back", None, Some(msg.clone()));
+            conn.close(0u32.into(), b"done");
+            api(ErrorKind::Unavailable, msg)
+        })?;
+        let _ = side.peer_version.set(link.peer.protocol_version);
+        // Both must speak 1.2 (`MIG_WIRE_VERSION` may make this agent announce less).
+        let minor = (hello.protocol_version.minor).min(link.peer.protocol_version.minor);
+        let basis = crate::migration::probe::link_throughput(&conn, &peer.name, minor).await;
+        // A 1.4 destination takes stream mode's memory presync (unless this agent or the move
+        // turned it off).
+        let presync = minor >= memsync::MEMORY_PRESYNC_MINOR && memsync::enabled();
+        // The fixed costs this agent measured on its earlier moves to the peer, else defaults.
+        let fixed = crate::migration::fixedcost::known(&peer.name);
+        let plan = match crate::migration::modes::plan(
+            opts,
+            usage.memory_bytes,
+            upper_bytes,
+            tasks,
+            basis,
+            presync,
+            fixed,
+        )
+        .await
+        {
+            Ok(plan) => plan,
+            Err(e) => {
+                // Nothing was frozen or announced: the destination sees the connection end
+                // before any message.
+                conn.close(0u32.into(), b"pre-flight refused the move");
+                return Err(api(ErrorKind::Unavailable, chain(&e)));
+            }
+        };
+        if let Err(e) = crate::migration::modes::check_container(plan.mode, userns) {
+            conn.close(0u32.into(), b"pre-flight refused the move");
+            return Err(api(ErrorKind::Unavailable, chain(&e)));
+        }
+        tracing::info!(
+            %id,
+            mode = plan.mode.as_str(),
+            predicted_downtime_ms = plan.predicted_ms,
+            throughput_mib_s = plan.throughput >> 20,
+            throughput_source = plan.basis.source.as_str(),
+            fixed_ms = plan.fixed.ms,
+            fixed_source = plan.fixed.source.as_str(),
+            "pre-flight"
+        );
+        if plan.mode == crate::migration::modes::MoveMode::Precopy {
+            // A 1.2 destination keeps the rounds and links them for the restore; an older one
+            // would not: refused before anything is frozen or announced.
+            if minor < 2 {
+                conn.close(0u32.into(), b"pre-flight refused the move");
+                let e = crate::migration::modes::ModeError::PrecopyPeerTooOld {
+                    peer: peer.name.clone(),
+                    version: format!(
+                        "{}.{}",
+                        link.peer.protocol_version.major, link.peer.protocol_version.minor
+                    ),
+                };
+                return Err(api(ErrorKind::Unavailable, chain(&e)));
+            }
+            side.precopy.start(crate::migration::precopy::StopRule::new(
+                crate::migration::modes::Preflight {
+                    memory_bytes: usage.memory_bytes,
+                    upper_bytes,
+                    processes: tasks.0,
+                    threads: tasks.1,
+                    throughput: plan.throughput,
+                    memory_presync: false,
+                    fixed: Default::default(),
+                },
+                opts.max_downtime_ms,
+            ));
+        }
+        let prepare = Prepare {
+            migration_id: migration_id.clone(),
+            spec: e.spec.clone(),
+            image: image.clone(),
+            criu_version,
+            kernel: mig_migrate::criu::kernel_release(),
+            // Pre-copy sends the memory once in round 1 and again what later rounds find dirty:
+            // room for twice the memory.
+            bytes_estimate: usage.memory_bytes * if side.precopy.active() { 2 } else { 1 }
+                + 2 * upper_bytes
+                + image.size,
+            mode: plan.mode.wire(),
+        };
+        let _ = side.pages.mode.set(plan.mode);
+        side.pages
+            .presync
+            .off
+            .store(opts.no_memory_presync, Ordering::Relaxed);
+        tracing::info!(%id, migration = %migration_id, peer = %peer.name, "moving");
+        let _ = side.pages.conn.set(conn.clone());
+        // The destination's lazy-pages daemon reaches our post-copy dump through here.
+        let lazy_tunnel = (plan.mode == crate::migration::modes::MoveMode::Lazy).then(|| {
+            tokio::spawn(transport::tunnel::serve(
+                conn.clone(),
+                crate::migration::pages::resolve,
+            ))
+        });
+        let machine = SourceMachine::new(prepare, Timeouts::default());
+        // A `mig move --resolve` of this move waits until the move's own machine is done.
+        let held = crate::migration::recover::hold(&migration_id).await;
+        let report = transport::run_source_on(&conn, link, machine, &side).await;
+        drop(held);
+        conn.close(0u32.into(), b"done");
+        if let Some(task) = lazy_tunnel {
+            // The pages served after the resume (the dump served them all before destroy).
+            if let Ok(Ok(bytes)) = tokio::time::timeout(Duration::from_secs(5), task).await {
+                side.pages
+                    .tunnel_bytes
+                    .store(bytes.get(), Ordering::Relaxed);
+            }
+        }
+        let report = report.map_err(|e| {
+            let msg = format!("migration to {} failed to start: {}", peer.name, chain(&e));
+            side.done("rolled_back", None, Some(msg.clone()));
+            api(ErrorKind::Unavailable, msg)
+        })?;
+        match (&report.outcome, report.in_doubt) {
+            (_, true) => side.done("in_doubt", Some(&report), None),
+            (Some(Outcome::Committed { cleanup_error }), _) => {
+                side.done("committed", Some(&report), cleanup_error.clone())
+            }
+            (Some(Outcome::RolledBack { detail, .. }), _) => {
+                side.done("rolled_back", Some(&report), Some(detail.clone()))
+            }
+            (None, _) => side.done("rolled_back", Some(&report), None),
+        }
+        let _ = std::fs::remove_dir_all(&side.work);
+        if report.in_doubt {
+            crate::migration::recover::spawn_resolver(self.clone(), id.to_owned());
+            return Err(api(
+                ErrorKind::Conflict,
+                format!(
+                    "migration {migration_id} is in doubt: the link to {} was lost at commit; the container stays frozen here until `mig move --resolve {}`",
+                    peer.name, e.spec.name
+                ),
+            ));
+        }
+        match report.outcome {
+            Some(Outcome::Committed { cleanup_error }) => {
+                let t = report.timings;
+                tracing::info!(%id, downtime_ms = ms(t.downtime), total_ms = ms(t0.elapsed()), "moved");
+                let page_bytes = side
+                    .pages
+                    .tunnel_bytes
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                let postcopy = side
+                    .pages
+                    .postcopy
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take();
+                match plan.mode {
+                    crate::migration::modes::MoveMode::Stream => {
+                        crate::migration::modes::record_throughput(
+                            &peer.name,
+                            page_bytes,
+                            ms(t.dump),
+                        )
+                    }
+                    _ => crate::migration::modes::record_throughput(
+                        &peer.name,
+                        report.bytes_sent,
+                        ms(t.transfer),
+                    ),
+                }
+                // What this move's fixed costs were, for the next pre-flight to this peer.
+                let learned = crate::migration::fixedcost::record(
+                    &peer.name,
+                    plan.mode,
+                    ms(t.downtime),
+                    plan.variable_ms,
+                );
+                tracing::info!(
+                    %id,
+                    downtime_ms = ms(t.downtime),
+                    model_ms = plan.variable_ms,
+                    ?learned,
+                    "fixed costs measured"
+                );
+                Ok(MoveResult {
+                    id: id.to_owned(),
+                    name: e.spec.name.clone(),
+                    migration_id,
+                    peer: peer.name.clone(),
+                    mode: plan.mode.as_str().into(),
+                    downtime_ms: ms(t.downtime),
+                    total_ms: ms(t0.elapsed()),
+                    presync_ms: ms(t.presync),
+                    freeze_ms: ms(t.freeze),
+                    dump_ms: ms(t.dump),
+                    transfer_ms: ms(t.transfer),
+                    restore_ms: ms(t.restore),
+                    bytes_sent: side.bytes_moved(report.bytes_sent),
+                    files_sent: report.files_sent,
+                    pid_map_before: {
+                        let frozen = side.frozen_pids.lock().unwrap_or_else(|p| p.into_inner());
+                        if frozen.is_empty() {
+                            pid_map_before
+                        } else {
+                            frozen.clone()
+                        }
+                    },
+                    pid_map: report.dest_pid_map,
+                    cleanup_error,
+                    predicted_downtime_ms: Some(plan.predicted_ms),
+                    throughput_bytes_s: Some(plan.throughput),
+                    throughput_source: Some(plan.basis.source.as_str().into()),
+                    probe: plan.basis.probe,
+                    fixed_cost: Some(plan.fixed),
+                    page_bytes,
+                    presync_upper_bytes: side.upper_sync.presync_bytes.load(Ordering::Relaxed),
+                    presync_log_bytes: side.log_sync.head.get().copied().unwrap_or(0),
+                    delta_log_bytes: side.log_sync.delta_bytes.load(Ordering::Relaxed),
+                    delta_bytes: side.upper_sync.delta_bytes.load(Ordering::Relaxed),
+                    postcopy_ms: postcopy.as_ref().map(|p| ms(p.0)),
+                    postcopy_error: postcopy.and_then(|p| p.1),
+                    criu_dump_ms: Some(side.pages.criu_dump_ms.load(Ordering::Relaxed)),
+                    seal_ms: Some(side.pages.seal_ms.load(Ordering::Relaxed)),
+                    precopy: side.precopy.report(),
+                    memory_presync: side.pages.presync.report(),
+                })
+            }
+            Some(Outcome::RolledBack {
+                cause,
+                detail,
+                rollback_error,
+            }) => {
+                crate::migration::recover::spawn_notifier(
+                    self.clone(),
+                    side.entry(JournalState::RolledBack),
+                );
+                // `rollback_error` is set only when thawing the copy here failed.
+                let here = match rollback_error {
+                    None => "the container keeps running here".to_owned(),
+                    Some(r) => format!(
+                        "the container stays here but the rollback failed ({r}): it may still be frozen"
+                    ),
+                };
+                let detail = kept_log_named(&side.work, detail);
+                let msg = format!(
+                    "migration to {} rolled back ({}): {detail}; {here}",
+                    peer.name,
+                    cause_words(&cause)
+                );
+                Err(api(ErrorKind::Internal, msg))
+            }
+            None => Err(api(
+                ErrorKind::Internal,
+                format!("migration {migration_id} ended without an outcome"),
+            )),
+        }
+    }
+
+    /// Marks a running, idle container busy (moving).
+    fn claim_running(&self, id: &str) -> Result<(), ApiError> {
+        let mut map = self.lock();
+        let e = map
+            .get_mut(id)
+            .ok_or_else(|| api(ErrorKind::NotFound, format!("no such container: {id}")))?;
+        if !idle_running(id, e) {
+            let e = e.clone();
+            drop(map);
+            return Err(self.not_idle_running(id, &e));
+        }
+        e.busy = true;
+        Ok(())
+    }
+
+    /// Why container `id` (entry `e`) cannot be moved now: busy, not running, or being stopped.
+    fn not_idle_running(&self, id: &str, e: &crate::daemon::Entry) -> ApiError {
+        if e.busy {
+            return self.busy_error(id, e);
+        }
+        if e.state.state != ContainerState::Running {
+            return api(
+                ErrorKind::Conflict,
+                format!(
+                    "container {} is {}, not running",
+                    e.spec.name,
+                    e.state.state.as_str()
+                ),
+            );
+        }
+        api(
+            ErrorKind::Conflict,
+            format!("container {} is being stopped (mig stop)", e.spec.name),
+        )
+    }
+
+    /// The init's PID when the container runs and the PID still belongs to it.
+    pub(crate) fn init_pid_of(&self, id: &str) -> Option<i32> {
+        let s: ShimRecord = crate::layout::read_record(&self.dirs.container(id).shim()).ok()?;
+        (is_our_shim(s.shim_pid, id) && proc_start_ticks(s.init_pid) == Some(s.init_start_ticks))
+            .then_some(s.init_pid)
+    }
+
+    pub(crate) fn set_busy(&self, id: &str, busy: bool) {
+        if let Some(e) = self.lock().get_mut(id) {
+            e.busy = busy;
+        }
+    }
+}
