@@ -1,0 +1,268 @@
+//! The destination's check of a Prepare (spec, CRIU and kernel versions, name clashes, limits,
+//! disk space) and the reservation of an arriving container's id and name.
+
+use super::{DestSide, Incoming};
+use crate::migration::chain;
+use crate::migration::journal;
+use mig_migrate::criu::Criu;
+use mig_migrate::transport::Refusal;
+use mig_migrate::wire::{Prepare, RefuseReason};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+impl DestSide {
+    pub(super) fn check_blocking(&self, p: &Prepare) -> Result<Vec<String>, Refusal> {
+        let refuse = |reason, detail: String| Refusal { reason, detail };
+        if !journal::valid_id(&p.migration_id) {
+            return Err(refuse(
+                RefuseReason::InvalidSpec,
+                "invalid migration id".into(),
+            ));
+        }
+        p.spec
+            .validate()
+            .map_err(|e| refuse(RefuseReason::InvalidSpec, e.to_string()))?;
+        if p.spec.image.id != p.image.id || p.spec.image.layers != p.image.layers {
+            return Err(refuse(
+                RefuseReason::InvalidSpec,
+                "the image does not match the spec".into(),
+            ));
+        }
+        let criu = Criu::locate().map_err(|e| refuse(RefuseReason::CriuVersion, chain(&e)))?;
+        let v = criu
+            .version()
+            .map_err(|e| refuse(RefuseReason::CriuVersion, chain(&e)))?;
+        if version_key(&v) < version_key(&p.criu_version) {
+            return Err(refuse(
+                RefuseReason::CriuVersion,
+                format!(
+                    "criu {v} here is older than the source's {}",
+                    p.criu_version
+                ),
+            ));
+        }
+        crate::migration::criu_kdat(&criu);
+        let kernel = mig_migrate::criu::kernel_release();
+        if version_key(&kernel)[..2] < version_key(&p.kernel)[..2] {
+            return Err(refuse(
+                RefuseReason::Kernel,
+                format!(
+                    "kernel {kernel} here is older than the source's {}",
+                    p.kernel
+                ),
+            ));
+        }
+        // From the check of this host's containers to the reservation of the arriving id and
+        // name: a `mig run` or an import of the same name waits (they take it too).
+        let _reserving = reserving();
+        {
+            let map = self.agent.lock();
+            // CRIU restores the user namespace with the dumped maps: the range must be free here.
+            if let Some(m) = &p.spec.userns {
+                if let Some(e) = map.values().find(|e| {
+                    e.spec
+                        .userns
+                        .as_ref()
+                        .is_some_and(|u| mig_runtime::container::userns::overlaps(m, u))
+                }) {
+                    return Err(refuse(
+                        RefuseReason::NameClash,
+                        format!(
+                            "user-namespace host ids {}-{} overlap those of container {} ({}) here",
+                            m.host_id,
+                            u64::from(m.host_id) + u64::from(m.size) - 1,
+                            e.spec.name,
+                            e.spec.id
+                        ),
+                    ));
+                }
+            }
+            if let Some(e) = map
+                .values()
+                .find(|e| e.spec.id == p.spec.id || e.spec.name == p.spec.name)
+            {
+                return Err(refuse(
+                    RefuseReason::NameClash,
+                    format!("a container {} ({}) exists here", e.spec.name, e.spec.id),
+                ));
+            }
+        }
+        if self.agent.dirs.container(&p.spec.id).dir.exists() {
+            return Err(refuse(
+                RefuseReason::NameClash,
+                format!("a directory for container {} exists here", p.spec.id),
+            ));
+        }
+        let busy = self
+            .migs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .any(|i| i.container_id == p.spec.id);
+        if busy {
+            return Err(refuse(
+                RefuseReason::Busy,
+                "this container is already arriving".into(),
+            ));
+        }
+        if let Some(max) = self.agent.cfg.max_incoming_moves {
+            // Every incoming migration has a staging directory until it ends.
+            let arriving = std::fs::read_dir(journal::dir(&self.agent.cfg.state_dir))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".in"))
+                .count();
+            if arriving >= max as usize {
+                return Err(refuse(
+                    RefuseReason::Busy,
+                    format!(
+                        "this agent already receives {arriving} migration(s), its limit (limits.max_incoming_moves)"
+                    ),
+                ));
+            }
+        }
+        let limit = self.agent.cfg.max_incoming_bytes;
+        if p.bytes_estimate > limit {
+            return Err(refuse(
+                RefuseReason::Policy,
+                format!(
+                    "the migration declares {} bytes, above this agent's limit of {limit} (migd --max-incoming-bytes)",
+                    p.bytes_estimate
+                ),
+            ));
+        }
+        let free = nix::sys::statvfs::statvfs(&self.agent.cfg.state_dir)
+            .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
+            .unwrap_or(u64::MAX);
+        let need = p.bytes_estimate.saturating_add(p.bytes_estimate / 10);
+        if free < need {
+            return Err(refuse(
+                RefuseReason::DiskFull,
+                format!("{free} bytes free, the migration needs about {need}"),
+            ));
+        }
+        let missing = p
+            .spec
+            .image
+            .layers
+            .iter()
+            .filter(|l| !self.agent.images.has_layer(l))
+            .cloned()
+            .collect();
+        let staging = self
+            .staging(&p.migration_id)
+            .map_err(|e| refuse(RefuseReason::InvalidSpec, e.to_string()))?;
+        // Another connection may be receiving a container of the same id or name (two sources
+        // at once): checked and reserved in the staging directories every incoming migration
+        // keeps until it ends, under the lock taken above.
+        if let Some((id, name)) = arriving_elsewhere(&self.agent.cfg.state_dir, &staging, p) {
+            return Err(if id == p.spec.id {
+                refuse(
+                    RefuseReason::Busy,
+                    format!("container {id} is already arriving here from another host"),
+                )
+            } else {
+                refuse(
+                    RefuseReason::NameClash,
+                    format!("a container named {name} ({id}) is arriving here from another host"),
+                )
+            });
+        }
+        let _ = std::fs::remove_dir_all(&staging);
+        let reserve = |staging: &Path| -> std::io::Result<()> {
+            std::fs::create_dir_all(staging)?;
+            std::fs::write(
+                staging.join(ARRIVING_FILE),
+                format!("{}\n{}\n", p.spec.id, p.spec.name),
+            )
+        };
+        reserve(&staging).map_err(|e| {
+            refuse(
+                RefuseReason::DiskFull,
+                format!("{}: {e}", staging.display()),
+            )
+        })?;
+        self.migs.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            p.migration_id.clone(),
+            Incoming {
+                container_id: p.spec.id.clone(),
+                container_name: p.spec.name.clone(),
+                prepare: Some(Box::new(p.clone())),
+                started: std::time::Instant::now(),
+                bytes: 0,
+            },
+        );
+        Ok(missing)
+    }
+}
+
+/// `4.1.1` or `6.18.0-1-amd64` as numbers for comparison (missing parts are 0).
+fn version_key(v: &str) -> [u64; 3] {
+    let v = v.trim().trim_start_matches("Version:").trim();
+    let mut out = [0; 3];
+    for (i, part) in v.split(['.', '-']).take(3).enumerate() {
+        out[i] = part
+            .chars()
+            .take_while(|c| c.is_ascii_digit())
+            .collect::<String>()
+            .parse()
+            .unwrap_or(0);
+    }
+    out
+}
+
+/// Held while an incoming migration checks that no other one brings a container of the same id
+/// or name, and reserves its own ([`ARRIVING_FILE`]).
+static ARRIVING: Mutex<()> = Mutex::new(());
+
+/// In an incoming migration's staging directory: the container's id and name, one per line.
+const ARRIVING_FILE: &str = "ARRIVING";
+
+/// Takes [`ARRIVING`]: held by whatever checks a new container's name against this host's
+/// containers and the arriving ones until the container is recorded (`mig run`, an import),
+/// taken before the containers' map.
+pub(crate) fn reserving() -> std::sync::MutexGuard<'static, ()> {
+    ARRIVING.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The id of the container named `name` that an incoming migration brings, if one does.
+pub(crate) fn arriving_named(state_dir: &Path, name: &str) -> Option<String> {
+    arriving(state_dir).find_map(|(_, id, n)| (n == name).then_some(id))
+}
+
+/// The incoming migrations' staging directories with the id and name each reserved.
+fn arriving(state_dir: &Path) -> impl Iterator<Item = (PathBuf, String, String)> {
+    std::fs::read_dir(journal::dir(state_dir))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".in"))
+        .filter_map(|e| {
+            let text = std::fs::read_to_string(e.path().join(ARRIVING_FILE)).ok()?;
+            let mut lines = text.lines();
+            let (id, name) = (lines.next()?.to_owned(), lines.next()?.to_owned());
+            Some((e.path(), id, name))
+        })
+}
+
+/// The id and name of a container another incoming migration (another staging directory than
+/// `mine`) brings, when it has `p`'s id or name.
+fn arriving_elsewhere(state_dir: &Path, mine: &Path, p: &Prepare) -> Option<(String, String)> {
+    arriving(state_dir)
+        .find(|(dir, id, name)| dir != mine && (*id == p.spec.id || *name == p.spec.name))
+        .map(|(_, id, name)| (id, name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::version_key;
+
+    #[test]
+    fn versions() {
+        assert_eq!(version_key("4.1.1"), [4, 1, 1]);
+        assert_eq!(version_key("Version: 4.2"), [4, 2, 0]);
+        assert_eq!(version_key("6.18.0-1-amd64"), [6, 18, 0]);
+        assert!(version_key("4.1.1") < version_key("4.2.1"));
+    }
+}

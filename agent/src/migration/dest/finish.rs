@@ -1,0 +1,79 @@
+//! The end of an incoming migration: the restored container resumed at Commit, or everything
+//! the migration made removed.
+
+use super::staging::IMAGE_ADDED;
+use super::{io, DestError, MARKER};
+use crate::daemon::Agent;
+use crate::migration::journal;
+use mig_runtime::cgroup::Cgroup;
+use std::sync::Arc;
+
+/// Removes what an incoming migration made: kills and removes its container (only one this
+/// migration created, by the marker), removes the staging directory. Idempotent.
+pub(crate) async fn cleanup_incoming(
+    agent: &Arc<Agent>,
+    migration_id: &str,
+    container_id: &str,
+) -> Result<(), DestError> {
+    let cd = agent.dirs.container(container_id);
+    let ours = std::fs::read_to_string(cd.dir.join(MARKER))
+        .map(|m| m.trim() == migration_id)
+        .unwrap_or(false);
+    if ours {
+        let cgroup = format!("{}/{}", agent.cfg.cgroup_parent, container_id);
+        if let Ok(cg) = Cgroup::open(&cgroup) {
+            let _ = cg.kill();
+            let _ = cg.thaw();
+        }
+        if agent.entry(container_id).is_ok() {
+            agent.set_busy(container_id, false);
+            agent
+                .remove(container_id, true)
+                .await
+                .map_err(|e| DestError::Remove { message: e.message })?;
+        } else if cd.dir.exists() {
+            // Not mounted is no error; it also detaches idmapped layers left staged by a crash.
+            let _ = mig_runtime::container::unmount_rootfs(&cd.rootfs());
+            if let Ok(cg) = Cgroup::open(&cgroup) {
+                let _ = cg.destroy();
+            }
+            std::fs::remove_dir_all(&cd.dir).map_err(io(&cd.dir))?;
+        }
+    }
+    if let Ok(staging) = journal::staging(&agent.cfg.state_dir, migration_id) {
+        if let Ok(image) = std::fs::read_to_string(staging.join(IMAGE_ADDED)) {
+            // Refused while a container uses it (the same checks as `mig image rm`).
+            match agent.image_remove(image.trim().to_owned()).await {
+                Ok(_) => {
+                    tracing::info!(migration = %migration_id, image = %image.trim(), "removed the image this move added")
+                }
+                Err(e) => {
+                    tracing::info!(migration = %migration_id, image = %image.trim(), reason = %e.message, "kept the image this move added")
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(staging);
+    }
+    Ok(())
+}
+
+/// Lets the restored container run; idempotent.
+pub(crate) fn resume_incoming(
+    agent: &Agent,
+    migration_id: &str,
+    container_id: &str,
+) -> Result<(), DestError> {
+    let cgroup = format!("{}/{}", agent.cfg.cgroup_parent, container_id);
+    let cg = Cgroup::open(&cgroup).map_err(|source| DestError::Cgroup {
+        name: cgroup.clone(),
+        source,
+    })?;
+    cg.thaw().map_err(DestError::Thaw)?;
+    agent.set_busy(container_id, false);
+    let cd = agent.dirs.container(container_id);
+    let _ = std::fs::remove_file(cd.dir.join(MARKER));
+    if let Ok(staging) = journal::staging(&agent.cfg.state_dir, migration_id) {
+        let _ = std::fs::remove_dir_all(staging);
+    }
+    Ok(())
+}
