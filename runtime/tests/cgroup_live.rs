@@ -231,7 +231,12 @@ fn usage_counts_memory_cpu_and_pids() {
     let mut last = None;
     wait_until("memory charged", Duration::from_secs(10), || {
         let u = g.cg.usage().unwrap();
-        let ok = u.memory_bytes >= 20_000_000 && u.cpu_usec > 0 && u.pids >= 1;
+        // The shell variable is anonymous memory, not shared.
+        let ok = u.memory_bytes >= 20_000_000
+            && u.anon_bytes >= 20_000_000
+            && u.shmem_bytes < 20_000_000
+            && u.cpu_usec > 0
+            && u.pids >= 1;
         last = Some(u);
         ok
     });

@@ -558,6 +558,7 @@ mod tests {
         StopRule::new(
             Preflight {
                 memory_bytes: mem,
+                shared_bytes: 0,
                 upper_bytes: 0,
                 processes: 1,
                 threads: 1,

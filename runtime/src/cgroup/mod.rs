@@ -169,7 +169,12 @@ fn thaw_note(thaw_error: &Option<Box<CgroupError>>) -> String {
 /// Live usage read from the cgroup.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Usage {
+    /// Everything charged to the cgroup, page cache included.
     pub memory_bytes: u64,
+    /// Anonymous memory (a checkpoint's private pages).
+    pub anon_bytes: u64,
+    /// Shared memory: `MAP_SHARED` anonymous mappings, System V segments, files on tmpfs.
+    pub shmem_bytes: u64,
     pub cpu_usec: u64,
     pub pids: u64,
     pub oom_kills: u64,

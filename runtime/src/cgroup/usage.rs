@@ -13,6 +13,18 @@ pub(super) fn read(cg: &Cgroup) -> Result<Usage, CgroupError> {
         Some(p) => single(&p)?,
         None => opt(v1_file("memory", "memory.usage_in_bytes"), single)?,
     };
+    // memory.stat: cgroup2 says `anon` and `shmem`; v1 says `rss` and `shmem` for the cgroup
+    // alone and `total_*` with its descendants.
+    let (anon_bytes, shmem_bytes) = match v2_file("memory.stat") {
+        Some(p) => (keyed(&p, "anon")?, keyed(&p, "shmem")?),
+        None => match v1_file("memory", "memory.stat") {
+            Some(p) => (
+                keyed(&p, "total_rss")?.max(keyed(&p, "rss")?),
+                keyed(&p, "total_shmem")?.max(keyed(&p, "shmem")?),
+            ),
+            None => (0, 0),
+        },
+    };
     // v1 cpuacct counts nanoseconds; cgroup2's cpu.stat (present even without the cpu controller)
     // counts microseconds.
     let cpu_usec = match v1_file("cpuacct", "cpuacct.usage") {
@@ -31,6 +43,8 @@ pub(super) fn read(cg: &Cgroup) -> Result<Usage, CgroupError> {
     };
     Ok(Usage {
         memory_bytes,
+        anon_bytes,
+        shmem_bytes,
         cpu_usec,
         pids,
         oom_kills,

@@ -38,7 +38,9 @@ fn du(dir: &Path) -> u64 {
             if m.is_dir() {
                 stack.push(e.path());
             } else {
-                total += m.len();
+                // What the file takes on disk: a sparse file's holes are not sent or stored
+                // (QA: a 100 GiB sparse file made the move "too big" for any destination).
+                total += std::os::unix::fs::MetadataExt::blocks(&m) * 512;
             }
         }
     }
@@ -272,9 +274,10 @@ impl Agent {
         let presync = minor >= memsync::MEMORY_PRESYNC_MINOR && memsync::enabled();
         // The fixed costs this agent measured on its earlier moves to the peer, else defaults.
         let fixed = crate::migration::fixedcost::known(&peer.name);
+        let memory = crate::migration::modes::checkpoint_memory(&usage);
         let plan = match crate::migration::modes::plan(
             opts,
-            usage.memory_bytes,
+            memory,
             upper_bytes,
             tasks,
             basis,
@@ -321,7 +324,8 @@ impl Agent {
             }
             side.precopy.start(crate::migration::precopy::StopRule::new(
                 crate::migration::modes::Preflight {
-                    memory_bytes: usage.memory_bytes,
+                    memory_bytes: memory.0,
+                    shared_bytes: memory.1,
                     upper_bytes,
                     processes: tasks.0,
                     threads: tasks.1,
@@ -340,8 +344,12 @@ impl Agent {
             kernel: mig_migrate::criu::kernel_release(),
             // Pre-copy sends the memory once in round 1 and again what later rounds find dirty:
             // room for twice the memory.
-            bytes_estimate: usage.memory_bytes * if side.precopy.active() { 2 } else { 1 }
-                + 2 * upper_bytes
+            // Post-copy's private memory never lands on the destination's disk.
+            bytes_estimate: match plan.mode {
+                crate::migration::modes::MoveMode::Lazy => memory.1,
+                _ if side.precopy.active() => 2 * memory.0,
+                _ => memory.0,
+            } + 2 * upper_bytes
                 + image.size,
             mode: plan.mode.wire(),
         };
