@@ -14,6 +14,8 @@ use std::path::Path;
 /// in `<staging>/IMAGE_ADDED`: a move that rolls back removes it again when no container uses
 /// it ([`cleanup_incoming`]), so a failed move (a full disk, say) gives back the space it took.
 /// Idempotent: each staged layer is removed once imported.
+///
+/// [`cleanup_incoming`]: super::cleanup_incoming
 pub(super) fn import_layers(
     images: &mig_runtime::image::ImageStore,
     staging: &Path,
