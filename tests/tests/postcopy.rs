@@ -13,7 +13,7 @@
 //! `/proc/PID/mem`, and puts the pages of mappings without read permission into the images
 //! instead (docs/criu.md, "Patches", 0003).
 //!
-//! Needs root. Labs on subnets 10.214.70-74.0/24 and 10.214.76.0/24.
+//! Needs root. Labs on subnets 10.214.70-74.0/24 and 10.214.76-77.0/24.
 
 use anyhow::{bail, Context, Result};
 use mig_tests::lab::{move_and_check_with, Lab};
@@ -511,6 +511,98 @@ fn a_post_copy_whose_destination_agent_dies_never_runs_on_missing_memory() -> Re
         last["state"],
         last["reason"],
         memload_count(&log)
+    );
+    Ok(())
+}
+
+/// A container whose memory a lazy-pages daemon still fills in after its move (post-copy, or a
+/// stream move's lazy restore) cannot be moved or checkpointed until every page is there: a dump
+/// would take the missing pages as absent, and the copy would run on zeros.
+#[test]
+fn a_container_still_receiving_its_memory_is_not_moved_on() -> Result<()> {
+    if !mig_tests::is_root("migration tests") {
+        return Ok(());
+    }
+    let lab = Lab::up("pcfill", 77)?;
+    memload_image(&lab)?;
+    let id = lab.mig_ok(
+        0,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "fill",
+            "memload",
+            "--",
+            "/bin/mig-memload",
+            "--mib",
+            "512",
+            "--verify-mib",
+            "64",
+            "--interval-ms",
+            "50",
+        ],
+    )?;
+    let id = id.trim().to_owned();
+    memload_continues(&lab, 0, "fill", 0)?;
+    // Post-copy: the pages come from host-a after the resume, as the workload touches them;
+    // meanwhile, as soon as host-b lists it running, try to move it on and to checkpoint it.
+    let mut refused = Vec::new();
+    let mut checkpoint_refused = false;
+    let (back, first) = std::thread::scope(|s| {
+        let mover = s.spawn(|| lab.mig(0, &["move", "fill", "host-b", "--mode", "lazy"]));
+        let back = wait_until(Duration::from_secs(120), || {
+            if inspect(&lab, 1, "fill")["state"] != "running" {
+                return false;
+            }
+            if !checkpoint_refused {
+                let c = lab.mig(
+                    1,
+                    &[
+                        "checkpoint",
+                        "fill",
+                        "--leave-running",
+                        "--export",
+                        "/dev/null",
+                    ],
+                );
+                checkpoint_refused = c.code != 0 && c.stderr.contains("still arriving");
+            }
+            let m = lab.mig(1, &["move", "fill", "host-a", "--no-memory-presync"]);
+            if m.code == 0 {
+                return true;
+            }
+            refused.push(m.stderr);
+            false
+        });
+        (back, mover.join())
+    });
+    let first = first.map_err(|_| anyhow::anyhow!("the mover panicked"))?;
+    assert_eq!(first.code, 0, "{first:?}");
+    let log_b = lab.mig(1, &["logs", "fill"]).stdout;
+    let after = memload_continues(&lab, 0, "fill", 0);
+    let log_a = lab.mig(0, &["logs", "fill"]).stdout;
+    let _ = lab.mig(0, &["rm", "-f", &id]);
+    let _ = lab.mig(1, &["rm", "-f", &id]);
+    assert!(back, "never moved back: {refused:?}");
+    if let Some(r) = refused.iter().find(|r| !r.contains("still arriving")) {
+        bail!("refused for another reason: {r}");
+    }
+    assert!(
+        !refused.is_empty() && checkpoint_refused,
+        "no move or checkpoint was tried while the memory arrived (the post-copy ended first)"
+    );
+    if let Some(bad) = log_a
+        .lines()
+        .chain(log_b.lines())
+        .find(|l| l.starts_with("BAD"))
+    {
+        bail!("memory lost on the way: {bad}");
+    }
+    after?;
+    eprintln!(
+        "{} moves refused while the memory arrived, then moved back intact",
+        refused.len()
     );
     Ok(())
 }

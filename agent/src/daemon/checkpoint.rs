@@ -148,7 +148,7 @@ impl Agent {
         let e = map.get_mut(id).ok_or_else(|| {
             ApiError::new(ErrorKind::NotFound, format!("no such container: {id}"))
         })?;
-        if e.busy {
+        if e.busy || crate::migration::memory_arriving(id) {
             let e = e.clone();
             drop(map);
             return Err(self.busy_error(id, &e));

@@ -161,6 +161,15 @@ impl Agent {
     /// The refusal of an operation on a container that another operation is changing: names
     /// the move when it is one (journaled), so the user knows what to wait for.
     pub(crate) fn busy_error(&self, id: &str, e: &Entry) -> ApiError {
+        if !e.busy && crate::migration::memory_arriving(id) {
+            return ApiError::new(
+                ErrorKind::Conflict,
+                format!(
+                    "container {} runs but its memory is still arriving (the move that brought it here copies the rest in the background): try again once it has all arrived; a checkpoint or move now would lose what is missing",
+                    e.spec.name
+                ),
+            );
+        }
         let message = match super::info::moving(&self.journals(), e, id) {
             Some(m) => format!(
                 "container {} is being moved to {} (migration {}): try again once the move ended",

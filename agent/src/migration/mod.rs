@@ -14,12 +14,13 @@ pub mod memsync;
 pub mod modes;
 pub(crate) mod pages;
 mod peers;
-mod postcopy;
+pub(crate) mod postcopy;
 pub mod precopy;
 pub mod probe;
 mod pstree;
 mod recover;
 mod source;
+pub(crate) use postcopy::memory_arriving;
 pub(crate) use source::{frozen_for_move, mark_frozen};
 
 pub use journal::{JournalEntry, JOURNAL_DIR};

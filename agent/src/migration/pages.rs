@@ -179,6 +179,15 @@ pub(crate) fn forget(migration_id: &str) {
     drop(job);
 }
 
+/// Whether migration `migration_id` restored its container with a lazy-pages daemon that has
+/// not been watched yet (the container's memory arrives after its resume).
+pub(crate) fn has_lazy_daemon(migration_id: &str) -> bool {
+    with_jobs(|j| {
+        j.get(migration_id)
+            .is_some_and(|job| job.lazy_daemon.is_some())
+    })
+}
+
 fn is_known(migration_id: &str) -> bool {
     with_jobs(|j| j.contains_key(migration_id))
 }
@@ -569,6 +578,8 @@ pub(crate) fn watch_lazy_daemon(
         forget(&migration_id);
         let cd = agent.dirs.container(&container_id);
         let _ = std::fs::remove_dir_all(cd.dir.join(LAZY_DIR));
+        // Every page is there, or the container is killed: either way nothing is arriving.
+        super::postcopy::mark_filling(&container_id, false);
         match r {
             Ok(()) => {
                 if guarded {

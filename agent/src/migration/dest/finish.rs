@@ -69,6 +69,11 @@ pub(crate) fn resume_incoming(
         source,
     })?;
     cg.thaw().map_err(DestError::Thaw)?;
+    // Before it is no longer busy: a move or checkpoint must not start before its memory is
+    // all here ([`crate::migration::memory_arriving`]; the daemon's watch clears it).
+    if crate::migration::pages::has_lazy_daemon(migration_id) {
+        crate::migration::postcopy::mark_filling(container_id, true);
+    }
     agent.set_busy(container_id, false);
     let cd = agent.dirs.container(container_id);
     let _ = std::fs::remove_file(cd.dir.join(MARKER));

@@ -22,7 +22,10 @@ use std::time::{Duration, Instant};
 /// Whether container `id` (entry `e`) runs, is not busy and is not being stopped: a move may
 /// claim it.
 fn idle_running(id: &str, e: &crate::daemon::Entry) -> bool {
-    !e.busy && e.state.state == ContainerState::Running && !crate::daemon::is_stopping(id)
+    !e.busy
+        && e.state.state == ContainerState::Running
+        && !crate::daemon::is_stopping(id)
+        && !crate::migration::memory_arriving(id)
 }
 
 /// Size in bytes of the files under `dir` (best effort).
@@ -540,7 +543,7 @@ impl Agent {
 
     /// Why container `id` (entry `e`) cannot be moved now: busy, not running, or being stopped.
     fn not_idle_running(&self, id: &str, e: &crate::daemon::Entry) -> ApiError {
-        if e.busy {
+        if e.busy || crate::migration::memory_arriving(id) {
             return self.busy_error(id, e);
         }
         if e.state.state != ContainerState::Running {
