@@ -20,6 +20,11 @@ pub const HISTORY: usize = 5;
 /// No learned fixed cost is below this, whatever the samples say: a freeze, a dump and a
 /// restore never took less here (lazy mode's whole downtime was 110 ms at its fastest).
 const MIN_FIXED_MS: u64 = 20;
+/// Nor is a fixed part above this (four times the default) kept as it is: such a move spent its
+/// time on something the model does not count (a deleted file still open, a full tmpfs: QA of
+/// session 19 saw one move teach 1877 ms and the next pre-flight refuse a 235 ms move). The
+/// capped figure still says the peer is slow, without one move deciding every later one.
+const MAX_FIXED_MS: u64 = 4 * super::modes::DEFAULT_FIXED_MS;
 
 /// Where a prediction's fixed cost came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -129,7 +134,7 @@ impl History {
         if !LEARNED.contains(&mode) || variable_ms.saturating_mul(2) > downtime_ms {
             return None;
         }
-        let fixed = (downtime_ms - variable_ms).max(MIN_FIXED_MS);
+        let fixed = (downtime_ms - variable_ms).clamp(MIN_FIXED_MS, MAX_FIXED_MS);
         let moves = self.samples.entry((peer.to_owned(), mode)).or_default();
         if moves.len() == HISTORY {
             moves.pop_front();
@@ -218,13 +223,13 @@ mod tests {
         // Two moves: the higher one.
         h.record("b", MoveMode::Lazy, 112, 2);
         assert_eq!(h.costs("b").get(MoveMode::Lazy).ms, 138);
-        // An outlier moves the median by one place, not by its size.
-        h.record("b", MoveMode::Lazy, 2000, 2);
+        // An outlier moves the median by one place, not by its size, and is kept capped.
+        assert_eq!(h.record("b", MoveMode::Lazy, 2000, 2), Some(MAX_FIXED_MS));
         assert_eq!(h.costs("b").get(MoveMode::Lazy).ms, 138);
         for d in [122, 132, 152] {
             h.record("b", MoveMode::Lazy, d, 2);
         }
-        // The last five: 110, 1998, 120, 130, 150 (the first move's 138 is gone).
+        // The last five: 110, 1000, 120, 130, 150 (the first move's 138 is gone).
         let c = h.costs("b").get(MoveMode::Lazy);
         assert_eq!((c.ms, c.moves), (130, 5));
         h.record("b", MoveMode::Lazy, 50, 0);
@@ -236,6 +241,14 @@ mod tests {
             assert_eq!(h.record("b", MoveMode::Lazy, 3, 0), Some(MIN_FIXED_MS));
         }
         assert_eq!(h.costs("b").get(MoveMode::Lazy).ms, MIN_FIXED_MS);
+    }
+
+    #[test]
+    fn one_slow_move_alone_teaches_at_most_four_times_the_default() {
+        let mut h = History::default();
+        assert_eq!(h.record("b", MoveMode::Lazy, 1879, 2), Some(1000));
+        assert_eq!(h.costs("b").get(MoveMode::Lazy).ms, 1000);
+        assert_eq!(MAX_FIXED_MS, 4 * FixedCost::DEFAULT.ms);
     }
 
     #[test]
