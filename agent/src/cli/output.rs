@@ -105,6 +105,22 @@ pub fn image_ids(list: &[ImageInfo]) -> String {
     s
 }
 
+/// ` (killed by SIGSYS: ...)`: the signal that ended a container's init, by name, and what a
+/// signal mig itself causes means.
+fn killed_by(signal: i32) -> String {
+    let name = nix::sys::signal::Signal::try_from(signal)
+        .map(|s| s.as_str().to_owned())
+        .unwrap_or_else(|_| format!("signal {signal}"));
+    let why = match signal {
+        // The seccomp filter kills a call of another architecture (docs/security.md).
+        libc::SIGSYS => {
+            ": a system call the seccomp filter does not allow, such as one of a 32-bit x86 program"
+        }
+        _ => "",
+    };
+    format!(" (killed by {name}{why})")
+}
+
 pub fn ps_table(list: &[ContainerSummary]) -> String {
     let rows = list
         .iter()
@@ -213,7 +229,12 @@ pub fn inspect_text(d: &ContainerDetails) -> String {
     let _ = writeln!(s, "created:   {}", age(d.created));
     let _ = writeln!(s, "started:   {}", opt(d.started.map(age)));
     let _ = writeln!(s, "finished:  {}", opt(d.finished.map(age)));
-    let _ = writeln!(s, "exit code: {}", opt(d.exit_code.map(|c| c.to_string())));
+    let _ = writeln!(
+        s,
+        "exit code: {}{}",
+        opt(d.exit_code.map(|c| c.to_string())),
+        d.signal.map(killed_by).unwrap_or_default()
+    );
     if d.oom_killed {
         let _ = writeln!(s, "oom:       killed (memory limit exceeded)");
     }
@@ -299,6 +320,18 @@ mod tests {
         assert_eq!(one_line("sh -c 'a\n   b'", 80), "sh -c 'a b'");
         assert_eq!(one_line("abcdef", 4), "abc…");
         assert_eq!(one_line("abcd", 4), "abcd");
+    }
+
+    /// QA of session 19: a 32-bit program's container showed only "exit code: 159".
+    #[test]
+    fn a_signal_is_named_and_seccomp_s_explained() {
+        assert_eq!(killed_by(libc::SIGKILL), " (killed by SIGKILL)");
+        let sys = killed_by(libc::SIGSYS);
+        assert!(
+            sys.starts_with(" (killed by SIGSYS: ") && sys.contains("32-bit"),
+            "{sys}"
+        );
+        assert_eq!(killed_by(99), " (killed by signal 99)");
     }
 
     #[test]
