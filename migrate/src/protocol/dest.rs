@@ -223,7 +223,10 @@ impl DestMachine {
                 // Restored not recorded (and not sent): give up before Commit.
                 S::AwaitCommit => self.abort_local(AbortReason::JournalFailed, detail),
                 // Committed not recorded: do not run the copy; the source will be in doubt.
-                S::Resuming => self.state = S::InDoubt,
+                S::Resuming => {
+                    tracing::error!(migration = %self.id, %detail, "cannot record the commit: the restored copy stays frozen and the migration in doubt until this host can write its journal again (a full disk?); the source's resolver settles it then");
+                    self.state = S::InDoubt
+                }
                 S::Done(_) | S::InDoubt | S::CleaningUp => {
                     tracing::warn!(migration = %self.id, %detail, "journal write failed")
                 }

@@ -405,7 +405,7 @@ impl Agent {
             return Err(api(
                 ErrorKind::Conflict,
                 format!(
-                    "migration {migration_id} is in doubt: the link to {} was lost at commit; the container stays frozen here until `mig move --resolve {}`",
+                    "migration {migration_id} is in doubt: {} did not confirm the commit (the link was lost, or it could not record the commit, say on a full disk); the container stays frozen here until it is settled (this agent asks {0} every 5 s; `mig move --resolve {}` asks now)",
                     peer.name, e.spec.name
                 ),
             ));
