@@ -9,7 +9,7 @@
 //! - a `--userns --net bridge` container, which this CRIU cannot restore, is refused by
 //!   `mig checkpoint` (with and without `--leave-running`) and `mig move`, and keeps running.
 //!
-//! Run as root. Labs on 10.214.170-171.0/24.
+//! Run as root. Labs on 10.214.170-172.0/24.
 
 use anyhow::{ensure, Context, Result};
 use mig_tests::lab::{running_on, Lab, Tmpfs};
@@ -353,5 +353,61 @@ fn a_userns_bridge_container_is_never_dumped() -> Result<()> {
         "ub exists on host-b"
     );
     lab.mig_ok(0, &["rm", "-f", "ub"])?;
+    Ok(())
+}
+
+/// An import whose container id has a directory here that no listed container owns (a
+/// container arriving from another host has one before it is listed) takes another id, and
+/// leaves that directory alone (QA, session 19: an import raced an arriving move, took its id,
+/// and its failure removed the arriving container's directory).
+#[test]
+fn an_import_never_takes_the_directory_of_an_arriving_container() -> Result<()> {
+    if !mig_tests::is_root("checkpoint tests") {
+        return Ok(());
+    }
+    let lab = Lab::up("cpdir", 172)?;
+    lab.mig_ok(
+        0,
+        &[
+            "run", "-d", "--name", "orig", "busybox", "--", "sh", "-c", HOLDER,
+        ],
+    )?;
+    let id = lab.mig_json(0, &["inspect", "orig", "--json"])?["id"]
+        .as_str()
+        .context("id")?
+        .to_owned();
+    let dir = tempfile::tempdir()?;
+    let archive = dir.path().join("orig.tar");
+    let archive_s = archive.to_str().context("path")?;
+    lab.mig_ok(
+        0,
+        &[
+            "checkpoint",
+            "orig",
+            "--leave-running",
+            "--export",
+            archive_s,
+        ],
+    )?;
+    lab.mig_ok(0, &["rm", "-f", "orig"])?;
+    // The id's directory exists and no listed container owns it, as an arriving container's.
+    let arriving = lab.state_dir(0).join("containers").join(&id);
+    std::fs::create_dir_all(&arriving)?;
+    std::fs::write(arriving.join("marker"), b"arriving")?;
+    let out = lab.mig(0, &["restore", "--import", archive_s, "--name", "copy"]);
+    let marker = std::fs::read(arriving.join("marker")).ok();
+    let copy = lab.mig_json(0, &["inspect", "copy", "--json"]);
+    let _ = lab.mig(0, &["rm", "-f", "copy"]);
+    let _ = std::fs::remove_dir_all(&arriving);
+    ensure!(out.code == 0, "the import failed: {out:?}");
+    ensure!(
+        marker.as_deref() == Some(&b"arriving"[..]),
+        "the directory was touched"
+    );
+    let copy = copy?;
+    ensure!(
+        copy["id"] != id.as_str() && copy["state"] == "running",
+        "{copy}"
+    );
     Ok(())
 }

@@ -586,7 +586,10 @@ impl Agent {
         let id = {
             let _reserving = crate::migration::dest::reserving();
             let mut map = self.lock();
-            if map.contains_key(&spec.id) {
+            // An id whose directory exists is taken too: a container arriving from another
+            // host has its directory before it is listed (QA: an import took the id of a
+            // container arriving at that moment, and its failure removed that directory).
+            if map.contains_key(&spec.id) || self.dirs.container(&spec.id).dir.exists() {
                 spec.id = tmp_id.clone();
             }
             if let Some(n) = name {
@@ -685,7 +688,11 @@ impl Agent {
                 cgroup: format!("{}/{}", self.cfg.cgroup_parent, spec.id),
             };
             let cd = self.dirs.container(&spec.id);
+            // The directory is the import's only once the rename made it: a failure before
+            // must not remove what another operation put there.
+            let mut renamed = false;
             let written = std::fs::rename(&tmp, &cd.dir)
+                .inspect(|_| renamed = true)
                 .and_then(|_| crate::layout::write_record(&cd.spec(), &spec))
                 .and_then(|_| crate::layout::write_record(&cd.state(), &state));
             if let Err(e) = written {
@@ -694,7 +701,9 @@ impl Agent {
                     let _ = mig_runtime::net::ipam::release(&self.cfg.state_dir, &spec.id);
                 }
                 let _ = std::fs::remove_dir_all(&tmp);
-                let _ = std::fs::remove_dir_all(&cd.dir);
+                if renamed {
+                    let _ = std::fs::remove_dir_all(&cd.dir);
+                }
                 return Err(ApiError::new(
                     ErrorKind::Internal,
                     format!("recording the import: {e}"),
