@@ -14,6 +14,7 @@
 use anyhow::{ensure, Context, Result};
 use mig_tests::lab::{running_on, Lab, Tmpfs};
 use mig_tests::{wait_until, Agent};
+use std::os::unix::fs::FileTypeExt;
 use std::process::Command;
 use std::time::Duration;
 
@@ -95,6 +96,31 @@ fn a_failed_export_never_loses_the_container() -> Result<()> {
         o.code != 0 && o.stderr.contains("is a directory"),
         "{}",
         o.stderr
+    );
+    // A device, FIFO or symlink as FILE: refused, and left as it was (the archive is renamed
+    // over FILE: `--export /dev/null` replaced the host's /dev/null with a file).
+    let fifo = agent.dir.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))?;
+    let link = agent.dir.path().join("link");
+    std::os::unix::fs::symlink("/dev/null", &link)?;
+    for target in [&fifo, &link] {
+        let target_s = target.to_str().context("path")?;
+        let o = agent.mig(&["checkpoint", "xf", "--leave-running", "--export", target_s]);
+        ensure!(
+            o.code != 0
+                && (o.stderr.contains("not a regular file")
+                    || o.stderr.contains("a symbolic link")),
+            "{}",
+            o.stderr
+        );
+    }
+    ensure!(
+        std::fs::symlink_metadata(&fifo)?.file_type().is_fifo(),
+        "the FIFO was replaced"
+    );
+    ensure!(
+        std::fs::symlink_metadata(&link)?.file_type().is_symlink(),
+        "the link was replaced"
     );
     let t = ticks(&agent, "xf", t)?;
 

@@ -549,6 +549,9 @@ fn a_container_still_receiving_its_memory_is_not_moved_on() -> Result<()> {
     // meanwhile, as soon as host-b lists it running, try to move it on and to checkpoint it.
     let mut refused = Vec::new();
     let mut checkpoint_refused = false;
+    let tmp = tempfile::tempdir()?;
+    let export = tmp.path().join("fill.tar");
+    let export_s = export.to_str().context("path")?;
     let (back, first) = std::thread::scope(|s| {
         let mover = s.spawn(|| lab.mig(0, &["move", "fill", "host-b", "--mode", "lazy"]));
         let back = wait_until(Duration::from_secs(120), || {
@@ -563,7 +566,7 @@ fn a_container_still_receiving_its_memory_is_not_moved_on() -> Result<()> {
                         "fill",
                         "--leave-running",
                         "--export",
-                        "/dev/null",
+                        export_s,
                     ],
                 );
                 checkpoint_refused = c.code != 0 && c.stderr.contains("still arriving");

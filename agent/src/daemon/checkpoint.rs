@@ -64,8 +64,23 @@ fn check_export_target(file: &str) -> Result<(), ApiError> {
         Ok(_) => return Err(bad(format!("{} is not a directory", dir.display()))),
         Err(e) => return Err(bad(format!("directory {}: {e}", dir.display()))),
     }
-    if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
-        return Err(bad("it is a directory".into()));
+    // The archive is written beside FILE and renamed over it: anything but a regular file there
+    // would be replaced, and `--export /dev/null` replaced the host's /dev/null with a file.
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        let ft = m.file_type();
+        if ft.is_dir() {
+            return Err(bad("it is a directory".into()));
+        }
+        if !ft.is_file() {
+            let kind = if ft.is_symlink() {
+                "a symbolic link"
+            } else {
+                "not a regular file (a device, FIFO or socket)"
+            };
+            return Err(bad(format!(
+                "it is {kind}, and the export replaces FILE with the archive file"
+            )));
+        }
     }
     // Where the archive's temporary files go (archive::export writes siblings of FILE).
     let probe = dir.join(format!(

@@ -197,6 +197,12 @@ pub fn export(
         .and_then(Sink::finish)
         .and_then(|f| f.sync_all())
         .map_err(write_err)?;
+    // Renaming over anything but a regular file would replace it (a device: /dev/null).
+    if std::fs::symlink_metadata(out_file).is_ok_and(|m| !m.file_type().is_file()) {
+        return Err(write_err(std::io::Error::other(
+            "it exists and is not a regular file; not replaced",
+        )));
+    }
     std::fs::rename(&tmp_out, out_file).map_err(write_err)?;
     Ok(manifest)
 }
