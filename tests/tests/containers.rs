@@ -262,6 +262,41 @@ fn kill_and_logs_follow_end_with_the_container() -> Result<()> {
     Ok(())
 }
 
+/// `mig kill -s HUP` (a reload) does not make the container's later end a stop: it exited.
+#[test]
+fn a_signal_that_does_not_mean_stop_leaves_an_exit_an_exit() -> Result<()> {
+    let agent = Agent::start("kill_hup")?;
+    agent.import_busybox()?;
+    let id = run_detached(
+        &agent,
+        &[
+            "busybox",
+            "--",
+            "sh",
+            "-c",
+            "trap 'echo got-hup; exit 3' HUP; echo ready; while true; do sleep 0.1; done",
+        ],
+    )?;
+    ensure!(
+        wait_until(Duration::from_secs(5), || agent
+            .mig_ok(&["logs", &id])
+            .is_ok_and(|l| l.contains("ready"))),
+        "not ready"
+    );
+    agent.mig_ok(&["kill", "-s", "HUP", &id])?;
+    let mut d = serde_json::Value::Null;
+    let ended = wait_until(Duration::from_secs(10), || {
+        d = inspect(&agent, &id).unwrap_or_default();
+        d["state"] != "running"
+    });
+    ensure!(
+        ended && d["state"] == "exited" && d["exit_code"] == 3,
+        "{d}"
+    );
+    agent.mig_ok(&["rm", &id])?;
+    Ok(())
+}
+
 #[test]
 fn migd_restart_keeps_containers_running_and_readopts_them() -> Result<()> {
     let mut agent = Agent::start("restart")?;

@@ -85,7 +85,14 @@ impl Agent {
                 ))
             }
         };
-        self.update(id, |e| e.state.stop_requested = true);
+        // A signal meant to end it (as `mig stop` sends) makes its end a stop; another (SIGHUP
+        // to reload, SIGUSR1, ...) does not: if it exits later on its own, it exited.
+        if matches!(
+            sig,
+            Signal::SIGKILL | Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT
+        ) {
+            self.update(id, |e| e.state.stop_requested = true);
+        }
         kill(Pid::from_raw(pid), sig).map_err(|e| internal(format!("kill {pid}: {e}")))
     }
 

@@ -105,14 +105,29 @@ impl Agent {
         let result = self
             .move_claimed(t0, &id, &peer, tcp_established, opts)
             .await;
-        if let Err(e) = &result {
-            // Still ours (rolled back or never started): runs here, not busy. In doubt, the
-            // container stays busy and frozen until resolved.
-            if !e.message.contains("in doubt") {
-                self.set_busy(&id, false);
-            }
+        if result.is_err() && !self.commit_may_have_happened(&id) {
+            // Still ours (rolled back or never started): runs here, not busy.
+            self.set_busy(&id, false);
         }
         result
+    }
+
+    /// Whether the newest move of container `id` from here sent its commit (journaled before it
+    /// is sent): then a failed move is in doubt or committed, and the container stays busy and
+    /// frozen until the resolver or the removal of this copy settles it.
+    fn commit_may_have_happened(&self, id: &str) -> bool {
+        use mig_migrate::protocol::{JournalState, Role};
+        self.journals()
+            .into_iter()
+            .filter(|j| j.container_id == id)
+            .max_by_key(|j| j.updated)
+            .is_some_and(|j| {
+                j.role == Role::Source
+                    && matches!(
+                        j.state,
+                        JournalState::CommitSent | JournalState::InDoubt | JournalState::Committed
+                    )
+            })
     }
 
     /// What a move of `container` to `peer` can be refused for before anything starts (also
