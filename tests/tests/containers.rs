@@ -297,6 +297,52 @@ fn a_signal_that_does_not_mean_stop_leaves_an_exit_an_exit() -> Result<()> {
     Ok(())
 }
 
+/// `mig logs -f` of a container that gets checkpointed ends and says why (it ended silently).
+#[test]
+fn following_logs_says_when_the_container_was_checkpointed() -> Result<()> {
+    let agent = Agent::start("logs_cp")?;
+    agent.import_busybox()?;
+    let id = run_detached(
+        &agent,
+        &[
+            "--name",
+            "cp",
+            "busybox",
+            "--",
+            "sh",
+            "-c",
+            "echo ready; while true; do sleep 0.1; done",
+        ],
+    )?;
+    ensure!(
+        wait_until(Duration::from_secs(5), || agent
+            .mig_ok(&["logs", &id])
+            .is_ok_and(|l| l.contains("ready"))),
+        "not ready"
+    );
+    let follower = std::thread::spawn({
+        let socket = agent.socket.clone();
+        move || {
+            std::process::Command::new(mig_tests::bin("mig"))
+                .args(["logs", "-f", "cp"])
+                .env("MIG_SOCKET", socket)
+                .output()
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    agent.mig_ok(&["checkpoint", "cp"])?;
+    let out = follower
+        .join()
+        .map_err(|_| anyhow::anyhow!("follower panicked"))??;
+    let err = String::from_utf8_lossy(&out.stderr);
+    let _ = agent.mig(&["rm", "-f", &id]);
+    ensure!(
+        out.status.success() && err.contains("cp was checkpointed"),
+        "{out:?}"
+    );
+    Ok(())
+}
+
 #[test]
 fn migd_restart_keeps_containers_running_and_readopts_them() -> Result<()> {
     let mut agent = Agent::start("restart")?;

@@ -66,6 +66,16 @@ pub(super) async fn follow(
             return Ok(0);
         };
         let Some(peer) = moved_away(&mut check, &id, watcher, &moving).await else {
+            // Ended without moving: a checkpoint is the one end that is not the container's own.
+            if check
+                .inspect(&id)
+                .await
+                .is_ok_and(|d| d.state == ContainerState::Checkpointed)
+            {
+                eprintln!(
+                    "mig: {container} was checkpointed; its log goes on once it is restored (mig restore {container})"
+                );
+            }
             return Ok(0);
         };
         let next = match socket_path(None, Some(&peer)) {
