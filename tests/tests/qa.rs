@@ -137,6 +137,11 @@ fn drain_keeps_tcp_connections_when_asked() -> Result<()> {
     let refused = lab.mig(0, &["drain", "--json"]);
     assert_eq!(refused.code, 125, "{refused:?}");
     assert!(refused.stdout.contains("--tcp-established"), "{refused:?}");
+    // Named as `mig move` names it, not by the id drain passes.
+    assert!(
+        refused.stdout.contains("container tcp has 1 established"),
+        "{refused:?}"
+    );
     // The JSON has the reasons; stderr still names the container that was not moved.
     assert!(
         refused.stderr.contains("mig: tcp: not moved: ")

@@ -201,7 +201,8 @@ impl Agent {
         self.refuse_unrestorable(&id, "checkpoint")?;
         if !tcp_established {
             if let Some(pid) = self.init_pid(&id) {
-                refuse_established(pid, container, "checkpoint")?;
+                let name = self.entry(&id).map(|e| e.spec.name)?;
+                refuse_established(pid, &name, "checkpoint")?;
             }
         }
         if let Some(file) = export.as_deref() {

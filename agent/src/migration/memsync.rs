@@ -56,6 +56,8 @@ pub(crate) struct SourcePresync {
     pub off: std::sync::atomic::AtomicBool,
     index: Mutex<Option<Arc<SentIndex>>>,
     report: Mutex<Option<MemoryPresyncReport>>,
+    /// Page bytes handed to the presync stream so far (its progress).
+    pub sent: std::sync::atomic::AtomicU64,
     pub stats: Arc<DedupStats>,
 }
 
@@ -77,7 +79,7 @@ impl SourcePresync {
             service: Service::MemoryPresync,
         };
         let t = Instant::now();
-        let r = stream::send(conn, &header, procs).await;
+        let r = stream::send(conn, &header, procs, &self.sent).await;
         let ms = super::ms(t.elapsed());
         let report = match r {
             Ok((index, stats)) => {
@@ -97,6 +99,8 @@ impl SourcePresync {
                 tracing::warn!(migration = %migration_id, %error, "memory presync failed: every page goes while frozen");
                 MemoryPresyncReport {
                     ms,
+                    // What went before it failed (its progress said so).
+                    bytes: self.sent.load(std::sync::atomic::Ordering::Relaxed),
                     error: Some(error),
                     ..Default::default()
                 }

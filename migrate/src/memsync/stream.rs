@@ -75,11 +75,13 @@ fn read_err(e: quinn::ReadExactError) -> MemsyncError {
 
 /// Source: sends the anonymous memory of `procs` on a new stream of `conn` (after `header`),
 /// within the bound the destination announces; returns the digests of what the destination
-/// now holds.
+/// now holds. `sent` counts the page bytes handed to the stream as it goes (for progress: the
+/// same figure as [`SendStats::pages`] in bytes once every run went).
 pub async fn send(
     conn: &quinn::Connection,
     header: &TunnelHeader,
     procs: Vec<Proc>,
+    sent_bytes: &std::sync::atomic::AtomicU64,
 ) -> Result<(SentIndex, SendStats), MemsyncError> {
     let (mut tx_stream, mut rx_stream) = conn.open_bi().await.map_err(MemsyncError::Open)?;
     write_frame(&mut tx_stream, header, MAX_TUNNEL_HEADER)
@@ -92,6 +94,7 @@ pub async fn send(
     let reader = tokio::task::spawn_blocking(move || read_all(&procs, max, &tx));
     let mut sent = Ok(());
     while let Some(mut run) = rx.recv().await {
+        let data = run[1].len() as u64;
         if let Err(e) = tx_stream.write_all_chunks(&mut run).await {
             sent = Err(match e {
                 quinn::WriteError::Stopped(code) => peer_failed(code),
@@ -99,6 +102,7 @@ pub async fn send(
             });
             break;
         }
+        sent_bytes.fetch_add(data, std::sync::atomic::Ordering::Relaxed);
     }
     // Ends the reader if the stream failed.
     drop(rx);

@@ -39,11 +39,9 @@ impl std::ops::Deref for Src {
 
 impl Src {
     /// [`SourceSide::memory_presync`] with progress events while it runs (phase `presync`,
-    /// bytes counted on the connection from what the move had sent before).
+    /// the page bytes sent so far added to what the move had sent before).
     async fn memory_presync_with_progress(&self) {
-        let conn = self.pages.conn.get().cloned();
         let before = self.progress_bytes.load(Ordering::Relaxed);
-        let base = conn.as_ref().map_or(0, |c| c.stats().udp_tx.bytes);
         let presync = self.memory_presync();
         tokio::pin!(presync);
         let mut tick = tokio::time::interval(transport::PROGRESS_EVERY);
@@ -53,8 +51,9 @@ impl Src {
             tokio::select! {
                 () = &mut presync => return,
                 _ = tick.tick() => {
-                    let Some(c) = &conn else { continue };
-                    let moved = c.stats().udp_tx.bytes.saturating_sub(base);
+                    // Page bytes as they go, the figure the move's result counts (the
+                    // connection's UDP bytes, headers and resends included, overshot it).
+                    let moved = self.pages.presync.sent.load(Ordering::Relaxed);
                     self.emit_progress(Progress { phase: "presync", bytes: before + moved, total: None });
                 }
             }

@@ -175,12 +175,13 @@ impl Agent {
         let id = self.resolve(container)?;
         self.refresh(&id);
         self.refuse_unrestorable(&id, "move")?;
+        let e = self.entry(&id)?;
         if !tcp_established {
             if let Some(pid) = self.init_pid_of(&id) {
-                self.refuse_established(pid, container, "move")?;
+                // By its name, whatever the caller used (`mig drain` passes ids).
+                self.refuse_established(pid, &e.spec.name, "move")?;
             }
         }
-        let e = self.entry(&id)?;
         if !idle_running(&id, &e) {
             return Err(self.not_idle_running(&id, &e));
         }

@@ -347,10 +347,13 @@ async fn presync_then_dedup_stream_write_the_dumps_pages() {
         host_pid: std::process::id() as i32,
         image_id: 5,
     };
-    let (index, stats) = send(&client, &header(Service::MemoryPresync), vec![me])
+    let sent = std::sync::atomic::AtomicU64::new(0);
+    let (index, stats) = send(&client, &header(Service::MemoryPresync), vec![me], &sent)
         .await
         .unwrap();
     assert!(stats.pages >= 16, "{stats:?}");
+    // The progress counter ends at what the stats say went.
+    assert_eq!(sent.into_inner(), stats.pages * 4096);
     assert!(slot.lock().unwrap().is_some());
     mem[off + 3 * 4096 + 9] ^= 0xff;
     let pages = mem[off..off + 16 * 4096].to_vec();
@@ -419,9 +422,14 @@ async fn a_destination_that_cannot_write_the_presync_says_why() {
         host_pid: std::process::id() as i32,
         image_id: 5,
     };
-    let e = send(&client, &header(Service::MemoryPresync), vec![me])
-        .await
-        .unwrap_err();
+    let e = send(
+        &client,
+        &header(Service::MemoryPresync),
+        vec![me],
+        &Default::default(),
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(e, MemsyncError::PeerFailed(_)), "{e:?}");
     assert!(e.to_string().contains("could not write the pages"), "{e}");
     drop(mem);
@@ -452,9 +460,14 @@ async fn presync_files_hold_the_pages_sent() {
         host_pid: std::process::id() as i32,
         image_id: 5,
     };
-    let (_, stats) = send(&client, &header(Service::MemoryPresync), vec![me])
-        .await
-        .unwrap();
+    let (_, stats) = send(
+        &client,
+        &header(Service::MemoryPresync),
+        vec![me],
+        &Default::default(),
+    )
+    .await
+    .unwrap();
     assert!(stats.pages >= PAGES as u64, "{stats:?}");
     let images = slot.lock().unwrap().take().unwrap();
     let layout = images.take(dst_id(5)).unwrap();
