@@ -139,7 +139,7 @@ fn drain_keeps_tcp_connections_when_asked() -> Result<()> {
     assert!(refused.stdout.contains("--tcp-established"), "{refused:?}");
     // Named as `mig move` names it, not by the id drain passes.
     assert!(
-        refused.stdout.contains("container tcp has 1 established"),
+        refused.stdout.contains("container tcp has 2 established"),
         "{refused:?}"
     );
     // The JSON has the reasons; stderr still names the container that was not moved.
