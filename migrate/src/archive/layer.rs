@@ -18,6 +18,8 @@ const OPAQUE: &str = ".wh..wh..opq";
 const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 const OVERLAY_XATTR_PREFIX: &[u8] = b"trusted.overlay.";
 const XATTR_PAX_PREFIX: &str = "SCHILY.xattr.";
+/// An extended attribute a `SCHILY.xattr.` record cannot carry: `HEXNAME=HEXVALUE`.
+const XATTR_HEX_KEY: &str = "MIG.xattr.hex";
 
 /// Extended attributes of one entry: (name, value).
 type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
@@ -114,9 +116,14 @@ pub(super) fn add_entry(
 }
 
 /// The extended attributes of `path` (user attributes, file capabilities, ACLs, ...) as a PAX
-/// header for the entry that follows, as GNU tar writes them (`SCHILY.xattr.NAME`). Overlay's
-/// own (`trusted.overlay.*`) are not the container's: opaque directories travel as
-/// [`OPAQUE`] entries. A name that is not UTF-8 cannot be a PAX key and is left out (logged).
+/// header for the entry that follows, as GNU tar writes them (`SCHILY.xattr.NAME`), except
+/// those such a record cannot carry for the `tar` crate's reader, which splits a PAX header at
+/// every newline before it reads the records' lengths: a value holding a newline byte (a file
+/// capability often does), a name holding `=` or a newline, or one that is not UTF-8 go as
+/// [`XATTR_HEX_KEY`] records instead (QA, session 19: `setcap cap_dac_override,cap_fowner+ep`
+/// made every move fail with "malformed pax extension" and an export no host could import).
+/// Overlay's own (`trusted.overlay.*`) are not the container's: opaque directories travel as
+/// [`OPAQUE`] entries.
 fn xattr_records(b: &mut tar::Builder<&mut dyn Write>, path: &Path) -> Result<(), LayerError> {
     let names = match super::sys::llistxattr(path) {
         Ok(n) => n,
@@ -134,24 +141,47 @@ fn xattr_records(b: &mut tar::Builder<&mut dyn Write>, path: &Path) -> Result<()
         if name.starts_with(OVERLAY_XATTR_PREFIX) {
             continue;
         }
-        let Ok(key) = std::str::from_utf8(&name) else {
-            tracing::warn!(path = %path.display(), "an extended attribute whose name is not UTF-8 is left out of the layer");
-            continue;
-        };
-        match super::sys::lgetxattr_value(path, &name) {
-            Ok(value) => records.push((format!("{XATTR_PAX_PREFIX}{key}"), value)),
+        let value = match super::sys::lgetxattr_value(path, &name) {
+            Ok(v) => v,
             // Removed since it was listed.
-            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => continue,
             Err(source) => {
                 return Err(LayerError::Read {
                     path: path.to_owned(),
                     source,
                 })
             }
-        }
+        };
+        records.push(xattr_record(&name, value));
     }
     b.append_pax_extensions(records.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
         .map_err(LayerError::Write)
+}
+
+/// The PAX record of one extended attribute (see [`xattr_records`]).
+fn xattr_record(name: &[u8], value: Vec<u8>) -> (String, Vec<u8>) {
+    match std::str::from_utf8(name) {
+        Ok(key) if !key.contains(['=', '\n']) && !value.contains(&b'\n') => {
+            (format!("{XATTR_PAX_PREFIX}{key}"), value)
+        }
+        _ => (
+            XATTR_HEX_KEY.to_owned(),
+            format!("{}={}", hex(name), hex(&value)).into_bytes(),
+        ),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &[u8]) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    text.chunks_exact(2)
+        .map(|pair| u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok())
+        .collect()
 }
 
 /// Sets the extended attributes an entry's PAX header carries on `path`, after the entry was
@@ -169,7 +199,8 @@ fn apply_xattrs(xattrs: &Xattrs, path: &Path) -> Result<(), LayerError> {
     Ok(())
 }
 
-/// The extended attributes in `entry`'s PAX header (`SCHILY.xattr.NAME`).
+/// The extended attributes in `entry`'s PAX header (`SCHILY.xattr.NAME` and
+/// [`XATTR_HEX_KEY`] records).
 fn entry_xattrs<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Xattrs, LayerError> {
     let Some(exts) = entry.pax_extensions().map_err(LayerError::Tar)? else {
         return Ok(Vec::new());
@@ -177,8 +208,23 @@ fn entry_xattrs<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Xattrs, LayerE
     let mut out = Vec::new();
     for ext in exts {
         let ext = ext.map_err(LayerError::Tar)?;
-        if let Some(name) = ext.key_bytes().strip_prefix(XATTR_PAX_PREFIX.as_bytes()) {
+        let key = ext.key_bytes();
+        if let Some(name) = key.strip_prefix(XATTR_PAX_PREFIX.as_bytes()) {
             out.push((name.to_vec(), ext.value_bytes().to_vec()));
+        } else if key == XATTR_HEX_KEY.as_bytes() {
+            let pair = ext
+                .value_bytes()
+                .split(|b| *b == b'=')
+                .map(unhex)
+                .collect::<Option<Vec<_>>>()
+                .filter(|p| p.len() == 2)
+                .ok_or_else(|| {
+                    LayerError::Tar(io::Error::other(format!(
+                        "a malformed {XATTR_HEX_KEY} record"
+                    )))
+                })?;
+            let [name, value]: [Vec<u8>; 2] = pair.try_into().unwrap_or_default();
+            out.push((name, value));
         }
     }
     Ok(out)

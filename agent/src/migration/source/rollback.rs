@@ -8,18 +8,20 @@ use std::path::{Path, PathBuf};
 pub(super) fn cause_words(cause: &mig_migrate::protocol::Cause) -> String {
     use mig_migrate::protocol::Cause;
     use mig_migrate::wire::{AbortReason as A, RefuseReason as R};
-    let abort = |a: &A| match a {
+    let abort = |a: &A| {
+        match a {
         A::FreezeFailed => "freezing the container failed",
         A::DumpFailed => "the checkpoint (criu dump) failed",
         A::SendFailed => "sending the files failed",
         A::BadFile => "a file arrived damaged or could not be written",
-        A::TransferIncomplete => "files were missing at the end of the transfer",
+        A::TransferIncomplete => "the destination could not place what it received, or files were missing at the end of the transfer",
         A::RestoreFailed => "the restore (criu restore) failed",
         A::ResumeFailed => "resuming the restored container failed",
         A::Timeout => "a phase timed out",
         A::ProtocolViolation => "a peer sent an unexpected message",
         A::JournalFailed => "writing the migration journal failed",
         A::Cancelled => "it was cancelled",
+    }
     };
     match cause {
         Cause::Refused(r) => format!(
