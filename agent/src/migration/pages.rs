@@ -451,9 +451,19 @@ pub(crate) async fn start_lazy_daemon(
         let (proxy, gate) =
             lazy_proxy::Proxy::new(proxy_end, source, map, lazy_proxy::Limits::default())
                 .map_err(PagesError::LazyMap)?;
+        // The daemon holds the proxy's end too: when the proxy fails, the daemon does not see
+        // it, so the guard stops the container and ends the daemon as when the source's pages
+        // end.
+        let proxy_guard = daemon_guard.clone();
         let proxy = std::thread::Builder::new()
             .name("lazy-proxy".into())
-            .spawn(move || proxy.run())
+            .spawn(move || {
+                let r = proxy.run();
+                if r.is_err() {
+                    proxy_guard.source_ended();
+                }
+                r
+            })
             .map_err(PagesError::LazyProxy)?;
         Ok::<_, PagesError>((daemon, Some(proxy), Some(gate)))
     })

@@ -75,14 +75,20 @@ pub(super) fn add_entry(
     // The first name of a hard link set carries the inode's attributes; a link entry has none.
     let link_entry =
         ft.is_file() && meta.nlink() > 1 && links.contains_key(&(meta.dev(), meta.ino()));
-    if !whiteout && !ft.is_socket() && !link_entry {
-        xattr_records(b, path)?;
-    }
+    let xattrs = if whiteout || ft.is_socket() || link_entry {
+        Vec::new()
+    } else {
+        xattr_records(path)?
+    };
+    // Written right before the entry they describe: a PAX header whose entry is then skipped
+    // would describe the next one.
+    let put = |b: &mut tar::Builder<&mut dyn Write>| put_xattrs(b, &xattrs);
     if whiteout {
         let mut wh = std::ffi::OsString::from(WHITEOUT_PREFIX);
         wh.push(name.file_name().unwrap_or_default());
         empty_file(b, &name.with_file_name(wh), meta)?;
     } else if ft.is_dir() {
+        put(b)?;
         b.append_dir(name, path).map_err(LayerError::Write)?;
         if super::sys::lgetxattr(path, OPAQUE_XATTR).as_deref() == Some(b"y") {
             empty_file(b, &name.join(OPAQUE), meta)?;
@@ -90,6 +96,7 @@ pub(super) fn add_entry(
     } else if ft.is_socket() {
         // Sockets cannot be archived.
     } else if ft.is_fifo() || ft.is_char_device() || ft.is_block_device() {
+        put(b)?;
         special_entry(b, name, meta)?;
     } else if ft.is_file() && meta.nlink() > 1 {
         match links.entry((meta.dev(), meta.ino())) {
@@ -103,20 +110,21 @@ pub(super) fn add_entry(
             }
             std::collections::hash_map::Entry::Vacant(v) => {
                 v.insert(name.to_owned());
-                regular_file(b, path, name, meta)?;
+                regular_file(b, path, name, meta, &xattrs)?;
             }
         }
     } else if ft.is_file() {
-        regular_file(b, path, name, meta)?;
+        regular_file(b, path, name, meta, &xattrs)?;
     } else {
+        put(b)?;
         b.append_path_with_name(path, name)
             .map_err(LayerError::Write)?;
     }
     Ok(())
 }
 
-/// The extended attributes of `path` (user attributes, file capabilities, ACLs, ...) as a PAX
-/// header for the entry that follows, as GNU tar writes them (`SCHILY.xattr.NAME`), except
+/// The extended attributes of `path` (user attributes, file capabilities, ACLs, ...) as the PAX
+/// records of its entry ([`put_xattrs`]), as GNU tar writes them (`SCHILY.xattr.NAME`), except
 /// those such a record cannot carry for the `tar` crate's reader, which splits a PAX header at
 /// every newline before it reads the records' lengths: a value holding a newline byte (a file
 /// capability often does), a name holding `=` or a newline, or one that is not UTF-8 go as
@@ -124,11 +132,13 @@ pub(super) fn add_entry(
 /// made every move fail with "malformed pax extension" and an export no host could import).
 /// Overlay's own (`trusted.overlay.*`) are not the container's: opaque directories travel as
 /// [`OPAQUE`] entries.
-fn xattr_records(b: &mut tar::Builder<&mut dyn Write>, path: &Path) -> Result<(), LayerError> {
+fn xattr_records(path: &Path) -> Result<Vec<(String, Vec<u8>)>, LayerError> {
     let names = match super::sys::llistxattr(path) {
         Ok(n) => n,
         // Removed since the walk, or a filesystem without xattrs.
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTSUP)) => return Ok(()),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTSUP)) => {
+            return Ok(Vec::new())
+        }
         Err(source) => {
             return Err(LayerError::Read {
                 path: path.to_owned(),
@@ -154,6 +164,14 @@ fn xattr_records(b: &mut tar::Builder<&mut dyn Write>, path: &Path) -> Result<()
         };
         records.push(xattr_record(&name, value));
     }
+    Ok(records)
+}
+
+/// Appends the PAX header of `records` (nothing when there are none).
+fn put_xattrs(
+    b: &mut tar::Builder<&mut dyn Write>,
+    records: &[(String, Vec<u8>)],
+) -> Result<(), LayerError> {
     b.append_pax_extensions(records.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
         .map_err(LayerError::Write)
 }
@@ -191,10 +209,21 @@ fn apply_xattrs(xattrs: &Xattrs, path: &Path) -> Result<(), LayerError> {
         if name.starts_with(OVERLAY_XATTR_PREFIX) {
             continue;
         }
-        super::sys::lsetxattr_bytes(path, name, value).map_err(|source| LayerError::Unpack {
-            path: path.to_owned(),
-            source,
-        })?;
+        match super::sys::lsetxattr_bytes(path, name, value) {
+            Ok(()) => continue,
+            // A namespace this filesystem or kernel does not keep (`security.selinux` without
+            // SELinux): the source's other attributes still matter more than this one.
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                tracing::warn!(path = %path.display(), name = %String::from_utf8_lossy(name), "an extended attribute this host cannot keep is left out");
+                continue;
+            }
+            Err(source) => {
+                return Err(LayerError::Unpack {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        }
     }
     Ok(())
 }
@@ -241,10 +270,12 @@ fn regular_file(
     path: &Path,
     name: &Path,
     meta: &std::fs::Metadata,
+    xattrs: &[(String, Vec<u8>)],
 ) -> Result<(), LayerError> {
     // A sparse file (fewer blocks than its size) keeps tar's sparse entry, its holes not
     // written out; tar reads its data regions as they are then.
     if meta.blocks().saturating_mul(512) < meta.len() {
+        put_xattrs(b, xattrs)?;
         return b
             .append_path_with_name(path, name)
             .map_err(LayerError::Write);
@@ -260,6 +291,7 @@ fn regular_file(
             })
         }
     };
+    put_xattrs(b, xattrs)?;
     let size = meta.len();
     let mut h = tar::Header::new_gnu();
     h.set_metadata_in_mode(meta, tar::HeaderMode::Complete);
