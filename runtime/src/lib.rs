@@ -13,5 +13,6 @@ pub mod container;
 pub mod fsutil;
 pub mod image;
 pub mod net;
+pub mod pidfd;
 pub mod pidmap;
 pub mod spec;

@@ -434,11 +434,18 @@ pub(crate) async fn start_lazy_daemon(
         drop(other_end);
         if let Some(pid) = daemon.pid() {
             daemon_guard.daemon_started(pid);
+            // Without it a restarted agent could not tell the daemon waits for pages that
+            // cannot come: no post-copy then (the daemon is killed with `daemon`).
             PostcopyMarker {
                 migration_id: id.clone(),
                 daemon_pid: pid,
+                local: false,
             }
-            .write(&work);
+            .write(&work)
+            .map_err(|source| PagesError::ImagesDir {
+                path: work.clone(),
+                source,
+            })?;
         }
         // The daemon holds its end now; ours would keep the stream open after it exits.
         let Some((map, daemon_end, proxy_end)) = proxied else {
@@ -505,9 +512,10 @@ pub(crate) async fn start_local_lazy_daemon(
     container_dir: &Path,
 ) -> Result<(), PagesError> {
     let work = container_dir.join(LAZY_DIR);
+    let id = migration_id.to_owned();
     let daemon = tokio::task::spawn_blocking(move || {
         let _ = std::fs::remove_dir_all(&work);
-        criu()?
+        let daemon = criu()?
             .lazy_pages_local(
                 &LazyPagesOpts {
                     images_dir: checkpoint,
@@ -525,7 +533,21 @@ pub(crate) async fn start_local_lazy_daemon(
             .map_err(|source| PagesError::Start {
                 what: "lazy-pages",
                 source,
-            })
+            })?;
+        // A restarted agent keeps the container from being dumped while this daemon runs.
+        if let Some(pid) = daemon.pid() {
+            PostcopyMarker {
+                migration_id: id,
+                daemon_pid: pid,
+                local: true,
+            }
+            .write(&work)
+            .map_err(|source| PagesError::ImagesDir {
+                path: work.clone(),
+                source,
+            })?;
+        }
+        Ok::<_, PagesError>(daemon)
     })
     .await
     .map_err(|e| PagesError::Task(e.to_string()))??;

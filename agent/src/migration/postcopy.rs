@@ -6,8 +6,8 @@
 
 use crate::daemon::events::EventKind;
 use crate::daemon::Agent;
+use mig_runtime::pidfd::PidFd;
 use serde::{Deserialize, Serialize};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,43 +38,17 @@ struct GuardState {
     /// The daemon, once started: it holds the other end of its page socket itself (see
     /// [`LazyPagesOpts::hold`]), so it waits rather than fails when the stream ends; the
     /// guard ends it once the container is stopped.
-    daemon: Option<OwnedFd>,
+    daemon: Option<PidFd>,
 }
 
 /// How long the guard leaves the daemon, after stopping the container, to end by itself (it
 /// may have had every page in the moment the stream ended) before it kills it.
 const DAEMON_GRACE: Duration = Duration::from_millis(500);
 
-/// A pidfd of process `pid` (a child not reaped yet, so the number is its own): signalling
-/// it cannot hit another process that got the number later.
-fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
-    // nix 0.29 has no pidfd_open. SAFETY: the system call takes a number and flags and
-    // returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a descriptor the kernel just gave us, owned by nothing else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
-/// `SIGKILL` through a pidfd; a process already gone is not an error.
-fn pidfd_kill(pidfd: &OwnedFd) {
-    // SAFETY: a valid pidfd, a signal number, no siginfo, no flags.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
-            libc::SIGKILL,
-            std::ptr::null::<libc::siginfo_t>(),
-            0u32,
-        )
-    };
-    if r < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::ESRCH) {
-            tracing::warn!(error = %e, "cannot kill the lazy-pages daemon");
-        }
+/// `SIGKILL` through the daemon's pidfd; a process already gone is not an error.
+fn kill_daemon(pidfd: &PidFd) {
+    if let Err(e) = pidfd.kill() {
+        tracing::warn!(error = %e, "cannot kill the lazy-pages daemon");
     }
 }
 
@@ -89,7 +63,8 @@ impl PostcopyGuard {
     /// The daemon runs: the guard ends it after stopping the container. A daemon that starts
     /// after the source's side ended is ended at once (the container is not restored yet).
     pub(crate) fn daemon_started(&self, pid: u32) {
-        let pidfd = match pidfd_open(pid) {
+        // Our child, not reaped yet: the number is its own.
+        let pidfd = match PidFd::open(pid as i32) {
             Ok(fd) => fd,
             Err(e) => {
                 tracing::warn!(pid, error = %e, "no pidfd for the lazy-pages daemon");
@@ -98,7 +73,7 @@ impl PostcopyGuard {
         };
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if st.frozen {
-            pidfd_kill(&pidfd);
+            kill_daemon(&pidfd);
         }
         st.daemon = Some(pidfd);
     }
@@ -119,7 +94,7 @@ impl PostcopyGuard {
                 if start.elapsed() >= DAEMON_GRACE {
                     if let Some(pidfd) = &st.daemon {
                         tracing::warn!(cgroup = %guard.cgroup, "post-copy: the lazy-pages daemon cannot get the missing pages; it is ended");
-                        pidfd_kill(pidfd);
+                        kill_daemon(pidfd);
                     }
                     return;
                 }
@@ -178,44 +153,55 @@ pub(crate) fn memory_arriving(id: &str) -> bool {
     FILLING.contains(id)
 }
 
-/// `<container>/lazy-pages/postcopy.json`: a post-copy from a source is under way on this host,
-/// and its daemon's PID. Removed with its directory when the daemon ends
-/// ([`watch_lazy_daemon`](super::pages::watch_lazy_daemon)); found at startup, it means this
-/// agent stopped during the post-copy ([`recover_postcopy`]).
+/// `<container>/lazy-pages/postcopy.json`: a lazy-pages daemon fills in a container's memory on
+/// this host, and its PID. `local`: a stream move's daemon, serving pages already on this host;
+/// else a post-copy's, fetching them from the source. Removed with its directory when the
+/// daemon ends ([`watch_lazy_daemon`](super::pages::watch_lazy_daemon)); found at startup, it
+/// means this agent stopped while the daemon ran ([`recover_postcopy`]).
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct PostcopyMarker {
     pub migration_id: String,
     pub daemon_pid: u32,
+    #[serde(default)]
+    pub local: bool,
 }
 
 const POSTCOPY_MARKER: &str = "postcopy.json";
 
+/// Where a daemon's directory goes when the daemon was lost: its log stays for whoever
+/// investigates, and nothing takes the directory for a live daemon's any more.
+const LAZY_DIR_FAILED: &str = "lazy-pages.failed";
+
 impl PostcopyMarker {
     /// Writes the marker into the daemon's work directory `work`.
-    pub(crate) fn write(&self, work: &Path) {
-        if let Err(e) = crate::layout::write_record(&work.join(POSTCOPY_MARKER), self) {
-            tracing::warn!(dir = %work.display(), error = %e, "cannot write the post-copy marker");
-        }
+    pub(crate) fn write(&self, work: &Path) -> std::io::Result<()> {
+        crate::layout::write_record(&work.join(POSTCOPY_MARKER), self)
     }
 }
 
-/// Whether `pid` is the lazy-pages daemon working in `work` (a PID found in a file may have
-/// been reused by another process).
-fn is_daemon(pid: u32, work: &Path) -> bool {
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return false;
-    };
+/// A pidfd of the lazy-pages daemon working in `work`, if process `pid` still is that daemon
+/// (a PID found in a file may have been reused by another process). Checked after the pidfd is
+/// open, so the pidfd is the daemon's.
+fn daemon_of(pid: u32, work: &Path) -> Option<PidFd> {
+    let pidfd = PidFd::open(i32::try_from(pid).ok()?).ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-    args.contains(&&b"lazy-pages"[..]) && args.contains(&work.as_os_str().as_encoded_bytes())
+    (args.contains(&&b"lazy-pages"[..]) && args.contains(&work.as_os_str().as_encoded_bytes()))
+        .then_some(pidfd)
 }
 
-/// At startup, before the journal's recovery: a post-copy this agent carried when it stopped
-/// cannot go on (its pages came over this agent's connection, which died with it). Its daemon,
-/// still waiting for them, shows it: the container is killed first (its missing memory must not
-/// be read as zero pages), then the daemon, and the container's `reason` and a
-/// `migration_done` event (outcome `postcopy_failed`) say why. A marker whose daemon is gone is
-/// a post-copy that ended while the agent stopped: the container is left as it is.
-pub(crate) fn recover_postcopy(agent: &Agent) {
+/// At startup, before the journal's recovery, for every daemon this agent started that was
+/// still filling in a container's memory when the agent stopped:
+/// - a post-copy's cannot go on (its pages came over this agent's connection, which died with
+///   it); its daemon, still waiting for them, shows it: the container is killed first (its
+///   missing memory must not be read as zero pages), then the daemon, and the container's
+///   `reason` and a `migration_done` event (outcome `postcopy_failed`) say why;
+/// - a stream move's local daemon needs nothing of this agent and goes on: the container stays
+///   marked as receiving its memory ([`memory_arriving`]: no move or checkpoint) until it ends.
+///
+/// A marker whose daemon is gone is a daemon that ended while the agent was stopped, with
+/// every page or not (nothing tells): the container is left as it is, the daemon's log kept.
+pub(crate) fn recover_postcopy(agent: &Arc<Agent>) {
     let Ok(dirs) = std::fs::read_dir(agent.dirs.containers()) else {
         return;
     };
@@ -226,9 +212,19 @@ pub(crate) fn recover_postcopy(agent: &Agent) {
         else {
             continue;
         };
-        if !is_daemon(marker.daemon_pid, &work) {
-            tracing::warn!(id = %id, migration = %marker.migration_id, "a post-copy's daemon ended while this agent was stopped; the container is left as it is");
-            let _ = std::fs::remove_dir_all(&work);
+        let Some(daemon) = daemon_of(marker.daemon_pid, &work) else {
+            tracing::warn!(id = %id, migration = %marker.migration_id, "a lazy-pages daemon ended while this agent was stopped; the container is left as it is (its log: {LAZY_DIR_FAILED}/)");
+            set_aside(&d.path());
+            continue;
+        };
+        if marker.local {
+            tracing::info!(id = %id, migration = %marker.migration_id, "a stream move's lazy-pages daemon still fills in the container's memory: no move or checkpoint until it ends");
+            mark_filling(&id, true);
+            std::thread::spawn(move || {
+                let _ = daemon.wait_exit(None);
+                let _ = std::fs::remove_dir_all(&work);
+                mark_filling(&id, false);
+            });
             continue;
         }
         let cgroup = format!("{}/{}", agent.cfg.cgroup_parent, id);
@@ -236,41 +232,48 @@ pub(crate) fn recover_postcopy(agent: &Agent) {
             let _ = cg.kill();
             let _ = cg.thaw();
         }
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(marker.daemon_pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-        let _ = std::fs::remove_dir_all(&work);
-        let peer = super::journal::list(&agent.cfg.state_dir)
-            .ok()
-            .and_then(|all| {
-                all.into_iter()
-                    .find(|e| e.migration_id == marker.migration_id)
-            })
-            .map(|e| e.peer)
-            .unwrap_or_default();
-        let detail = format!(
-            "post-copy failed (this host's agent stopped while pages were still coming from {peer}; the rest of the container's memory cannot arrive)"
-        );
-        tracing::error!(id = %id, migration = %marker.migration_id, "{detail}: the container is killed");
-        let name = match agent.lock().get_mut(&id) {
-            Some(e) => {
-                e.state.reason = Some(detail.clone());
-                e.spec.name.clone()
-            }
-            None => continue,
-        };
-        agent.emit(EventKind::MigrationDone {
-            migration_id: marker.migration_id,
-            container_id: id,
-            container_name: name,
-            role: "destination".into(),
-            peer,
-            outcome: "postcopy_failed".into(),
-            total_ms: 0,
-            downtime_ms: None,
-            bytes: 0,
-            error: Some(detail),
-        });
+        kill_daemon(&daemon);
+        set_aside(&d.path());
+        report_lost(agent, &id, &marker.migration_id);
     }
+}
+
+/// Moves a lost daemon's directory aside ([`LAZY_DIR_FAILED`], replacing an older one).
+fn set_aside(container_dir: &Path) {
+    let failed = container_dir.join(LAZY_DIR_FAILED);
+    let _ = std::fs::remove_dir_all(&failed);
+    let _ = std::fs::rename(container_dir.join(super::pages::LAZY_DIR), &failed);
+}
+
+/// Records why container `id` was killed after its post-copy `migration_id` was cut by this
+/// agent's stop: its `reason` and a `migration_done` event.
+fn report_lost(agent: &Agent, id: &str, migration_id: &str) {
+    let peer = super::journal::list(&agent.cfg.state_dir)
+        .ok()
+        .and_then(|all| all.into_iter().find(|e| e.migration_id == migration_id))
+        .map(|e| e.peer)
+        .unwrap_or_default();
+    let detail = format!(
+        "post-copy failed (this host's agent stopped while pages were still coming from {peer}; the rest of the container's memory cannot arrive)"
+    );
+    tracing::error!(id = %id, migration = %migration_id, "{detail}: the container is killed");
+    let name = match agent.lock().get_mut(id) {
+        Some(e) => {
+            e.state.reason = Some(detail.clone());
+            e.spec.name.clone()
+        }
+        None => return,
+    };
+    agent.emit(EventKind::MigrationDone {
+        migration_id: migration_id.to_owned(),
+        container_id: id.to_owned(),
+        container_name: name,
+        role: "destination".into(),
+        peer,
+        outcome: "postcopy_failed".into(),
+        total_ms: 0,
+        downtime_ms: None,
+        bytes: 0,
+        error: Some(detail),
+    });
 }
