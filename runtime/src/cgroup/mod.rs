@@ -171,9 +171,12 @@ fn thaw_note(thaw_error: &Option<Box<CgroupError>>) -> String {
 pub struct Usage {
     /// Everything charged to the cgroup, page cache included.
     pub memory_bytes: u64,
-    /// Anonymous memory (a checkpoint's private pages).
+    /// Anonymous memory (a checkpoint's private pages). Absent from an older agent's answers.
+    #[serde(default)]
     pub anon_bytes: u64,
     /// Shared memory: `MAP_SHARED` anonymous mappings, System V segments, files on tmpfs.
+    /// Absent from an older agent's answers.
+    #[serde(default)]
     pub shmem_bytes: u64,
     pub cpu_usec: u64,
     pub pids: u64,
