@@ -33,6 +33,7 @@ CRIU_PATCH_MARKERS=(
   criu-lazy-close-required    # 0011: a lazy page server session that ends without a close fails
   criu-pipes-unlimited        # 0012: a dump holds any number of pipes (CRIU stopped at 1024)
   criu-tmpfs-plain            # 0013: tmpfs contents as a plain tarball (gzip ran at 30 MB/s while frozen)
+  criu-lazy-idle-wait         # 0014: lazy-pages sleeps when no answer comes for 50 ms instead of polling on
 )
 # Arguments of CRIU's make besides -j (why NO_GNUTLS: at the build below).
 CRIU_MAKE_ARGS=(NO_GNUTLS=1 criu)

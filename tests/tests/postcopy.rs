@@ -404,6 +404,21 @@ fn a_post_copy_that_loses_its_source_never_runs_on_missing_memory() -> Result<()
     Ok(())
 }
 
+/// User and system CPU time of process `pid` so far, in clock ticks (0 when it is gone).
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields 14 and 15 (utime, stime), counted after the command name in parentheses.
+    stat.rsplit_once(')')
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|v| v.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 /// PIDs of `criu lazy-pages` processes working under `dir` (a lab host's state directory).
 fn lazy_daemons_under(dir: &std::path::Path) -> Vec<i32> {
     let Ok(procs) = std::fs::read_dir("/proc") else {
@@ -467,8 +482,13 @@ fn a_post_copy_whose_destination_agent_dies_never_runs_on_missing_memory() -> Re
     let moved = moved.map_err(|_| anyhow::anyhow!("the mover panicked"))?;
     assert_eq!(moved.code, 125, "{moved:?}");
     assert!(moved.stdout.contains("postcopy_error"), "{moved:?}");
-    // While host-b's agent is down, its container waits for pages instead of reading zeros.
+    // While host-b's agent is down, its container waits for pages instead of reading zeros,
+    // and so does its daemon, without keeping a core busy (CRIU patch 0014: it polled without
+    // a timeout, 80 to 100 % of a core).
+    let waiting = lazy_daemons_under(lab.state_dir(1));
+    let cpu_before: u64 = waiting.iter().map(|&p| cpu_ticks(p)).sum();
     std::thread::sleep(Duration::from_secs(2));
+    let cpu_ticks_waiting = waiting.iter().map(|&p| cpu_ticks(p)).sum::<u64>() - cpu_before;
     let log_file = lab
         .state_dir(1)
         .join("containers")
@@ -491,6 +511,11 @@ fn a_post_copy_whose_destination_agent_dies_never_runs_on_missing_memory() -> Re
     if let Some(bad) = bad_while_down {
         bail!("the container read missing memory while its agent was down: {bad}");
     }
+    // Clock ticks (1/100 s) of CPU in 2 s: 200 would be a whole core.
+    assert!(
+        !waiting.is_empty() && cpu_ticks_waiting < 60,
+        "the waiting lazy-pages daemons {waiting:?} used {cpu_ticks_waiting} ticks of CPU in 2 s"
+    );
     if !ended
         || !last["reason"]
             .as_str()
@@ -507,7 +532,7 @@ fn a_post_copy_whose_destination_agent_dies_never_runs_on_missing_memory() -> Re
         inspect(&lab, 0, "dstkill").is_null() || inspect(&lab, 0, "dstkill")["state"] != "running"
     );
     eprintln!(
-        "destination agent lost: the container waited, then {} ({}) after {} ticks",
+        "destination agent lost: the container waited (its daemon used {cpu_ticks_waiting} CPU ticks in 2 s), then {} ({}) after {} ticks",
         last["state"],
         last["reason"],
         memload_count(&log)
