@@ -425,6 +425,21 @@ fn an_import_never_takes_the_directory_of_an_arriving_container() -> Result<()> 
     let copy = lab.mig_json(0, &["inspect", "copy", "--json"]);
     let _ = lab.mig(0, &["rm", "-f", "copy"]);
     let _ = std::fs::remove_dir_all(&arriving);
+    // Earlier still: a move's Prepare reserved the id in its staging directory (`ARRIVING`:
+    // id, name), and the container has no directory yet.
+    let staging = lab.state_dir(0).join("migrations").join("0123abcd.in");
+    std::fs::create_dir_all(&staging)?;
+    std::fs::write(staging.join("ARRIVING"), format!("{id}\nelsewhere\n"))?;
+    let reserved = lab.mig(0, &["restore", "--import", archive_s, "--name", "copy2"]);
+    let copy2 = lab.mig_json(0, &["inspect", "copy2", "--json"]);
+    let _ = lab.mig(0, &["rm", "-f", "copy2"]);
+    let _ = std::fs::remove_dir_all(&staging);
+    ensure!(reserved.code == 0, "the import failed: {reserved:?}");
+    let copy2 = copy2?;
+    ensure!(
+        copy2["id"] != id.as_str(),
+        "the import took a reserved id: {copy2}"
+    );
     ensure!(out.code == 0, "the import failed: {out:?}");
     ensure!(
         marker.as_deref() == Some(&b"arriving"[..]),

@@ -602,10 +602,14 @@ impl Agent {
         let id = {
             let _reserving = crate::migration::dest::reserving();
             let mut map = self.lock();
-            // An id whose directory exists is taken too: a container arriving from another
-            // host has its directory before it is listed (QA: an import took the id of a
-            // container arriving at that moment, and its failure removed that directory).
-            if map.contains_key(&spec.id) || self.dirs.container(&spec.id).dir.exists() {
+            // An id an incoming move reserved (at its Prepare) or whose directory exists is taken
+            // too: a container arriving from another host is not listed before its restore
+            // (QA: an import took the id of a container arriving at that moment, and its
+            // failure removed that directory).
+            if map.contains_key(&spec.id)
+                || self.dirs.container(&spec.id).dir.exists()
+                || crate::migration::dest::arriving_id(&self.cfg.state_dir, &spec.id)
+            {
                 spec.id = tmp_id.clone();
             }
             if let Some(n) = name {

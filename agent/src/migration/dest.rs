@@ -22,7 +22,7 @@ mod host;
 mod restore;
 mod staging;
 
-pub(crate) use check::{arriving_named, reserving};
+pub(crate) use check::{arriving_id, arriving_named, reserving};
 pub(crate) use finish::{cleanup_incoming, resume_incoming};
 pub(crate) use host::spawn_acceptor;
 

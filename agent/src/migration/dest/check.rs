@@ -231,6 +231,12 @@ pub(crate) fn arriving_named(state_dir: &Path, name: &str) -> Option<String> {
     arriving(state_dir).find_map(|(_, id, n)| (n == name).then_some(id))
 }
 
+/// Whether an incoming migration reserved container id `id` (from its Prepare on, before the
+/// container has a directory here).
+pub(crate) fn arriving_id(state_dir: &Path, id: &str) -> bool {
+    arriving(state_dir).any(|(_, i, _)| i == id)
+}
+
 /// The incoming migrations' staging directories with the id and name each reserved.
 fn arriving(state_dir: &Path) -> impl Iterator<Item = (PathBuf, String, String)> {
     std::fs::read_dir(journal::dir(state_dir))
