@@ -359,7 +359,7 @@ pub const UDP_BUFFER: usize = 8 << 20;
 /// limits allow).
 pub fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     use nix::sys::socket::{setsockopt, sockopt};
-    let socket = std::net::UdpSocket::bind(addr)?;
+    let socket = bind_when_free(addr)?;
     if setsockopt(&socket, sockopt::RcvBufForce, &UDP_BUFFER).is_err() {
         let _ = setsockopt(&socket, sockopt::RcvBuf, &UDP_BUFFER);
     }
@@ -367,6 +367,25 @@ pub fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
         let _ = setsockopt(&socket, sockopt::SndBuf, &UDP_BUFFER);
     }
     Ok(socket)
+}
+
+/// How long [`udp_socket`] waits for its address to be free.
+const BIND_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Binds `addr`, waiting up to [`BIND_WAIT`] while it is in use: an agent started right after
+/// the previous one was killed finds the port still held by the dying process for a moment
+/// (QA: `mig lab restart` after a `SIGKILL` left an agent that had died of "Address already in
+/// use"). Blocks; meant for an agent's start.
+fn bind_when_free(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let start = std::time::Instant::now();
+    loop {
+        match std::net::UdpSocket::bind(addr) {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && start.elapsed() < BIND_WAIT => {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            r => return r,
+        }
+    }
 }
 
 /// The endpoint settings: datagrams up to [`MAX_UDP_PAYLOAD`] accepted. quinn's default (1472)
@@ -512,6 +531,19 @@ pub fn negotiated_alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_listening_address_held_for_a_moment_is_waited_for() {
+        let held = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = held.local_addr().unwrap();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(held);
+        });
+        let socket = super::udp_socket(addr).expect("bound once the address was free");
+        assert_eq!(socket.local_addr().unwrap(), addr);
+        release.join().unwrap();
+    }
     use rustls::CipherSuite;
 
     #[test]
