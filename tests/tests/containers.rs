@@ -15,6 +15,21 @@ fn inspect(agent: &Agent, id: &str) -> Result<serde_json::Value> {
     agent.mig_json(&["inspect", id, "--json"])
 }
 
+/// Runs `sh -c script` (which prints `ready` when set) detached in busybox with `extra` run
+/// options, and waits until its log says `ready`; returns the id.
+fn run_until_ready(agent: &Agent, extra: &[&str], script: &str) -> Result<String> {
+    let mut args: Vec<&str> = extra.to_vec();
+    args.extend_from_slice(&["busybox", "--", "sh", "-c", script]);
+    let id = run_detached(agent, &args)?;
+    ensure!(
+        wait_until(Duration::from_secs(5), || agent
+            .mig_ok(&["logs", &id])
+            .is_ok_and(|l| l.contains("ready"))),
+        "not ready"
+    );
+    Ok(id)
+}
+
 #[test]
 fn image_import_from_rootfs_dir_and_tar() -> Result<()> {
     let agent = Agent::start("image_import")?;
@@ -217,22 +232,7 @@ fn stop_and_rm_leave_no_mount_cgroup_or_process() -> Result<()> {
 fn kill_and_logs_follow_end_with_the_container() -> Result<()> {
     let agent = Agent::start("kill_follow")?;
     agent.import_busybox()?;
-    let id = run_detached(
-        &agent,
-        &[
-            "busybox",
-            "--",
-            "sh",
-            "-c",
-            "trap 'echo got-term; exit 5' TERM; echo one; echo two; echo ready; while true; do sleep 0.1; done",
-        ],
-    )?;
-    ensure!(
-        wait_until(Duration::from_secs(5), || agent
-            .mig_ok(&["logs", &id])
-            .is_ok_and(|l| l.contains("ready"))),
-        "not ready"
-    );
+    let id = run_until_ready(&agent, &[], "trap 'echo got-term; exit 5' TERM; echo one; echo two; echo ready; while true; do sleep 0.1; done")?;
     let follower = std::thread::spawn({
         let socket = agent.socket.clone();
         let id = id.clone();
@@ -267,22 +267,11 @@ fn kill_and_logs_follow_end_with_the_container() -> Result<()> {
 fn a_signal_that_does_not_mean_stop_leaves_an_exit_an_exit() -> Result<()> {
     let agent = Agent::start("kill_hup")?;
     agent.import_busybox()?;
-    let id = run_detached(
+    let id = run_until_ready(
         &agent,
-        &[
-            "busybox",
-            "--",
-            "sh",
-            "-c",
-            "trap 'echo got-hup; exit 3' HUP; echo ready; while true; do sleep 0.1; done",
-        ],
+        &[],
+        "trap 'echo got-hup; exit 3' HUP; echo ready; while true; do sleep 0.1; done",
     )?;
-    ensure!(
-        wait_until(Duration::from_secs(5), || agent
-            .mig_ok(&["logs", &id])
-            .is_ok_and(|l| l.contains("ready"))),
-        "not ready"
-    );
     agent.mig_ok(&["kill", "-s", "HUP", &id])?;
     let mut d = serde_json::Value::Null;
     let ended = wait_until(Duration::from_secs(10), || {
@@ -302,24 +291,11 @@ fn a_signal_that_does_not_mean_stop_leaves_an_exit_an_exit() -> Result<()> {
 fn following_logs_says_when_the_container_was_checkpointed() -> Result<()> {
     let agent = Agent::start("logs_cp")?;
     agent.import_busybox()?;
-    let id = run_detached(
+    let id = run_until_ready(
         &agent,
-        &[
-            "--name",
-            "cp",
-            "busybox",
-            "--",
-            "sh",
-            "-c",
-            "echo ready; while true; do sleep 0.1; done",
-        ],
+        &["--name", "cp"],
+        "echo ready; while true; do sleep 0.1; done",
     )?;
-    ensure!(
-        wait_until(Duration::from_secs(5), || agent
-            .mig_ok(&["logs", &id])
-            .is_ok_and(|l| l.contains("ready"))),
-        "not ready"
-    );
     let follower = std::thread::spawn({
         let socket = agent.socket.clone();
         move || {

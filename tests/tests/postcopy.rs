@@ -198,6 +198,21 @@ fn memload_image(lab: &Lab) -> Result<()> {
     Ok(())
 }
 
+/// Runs `mig-memload ARGS` detached on host-a as container `name`; returns its id.
+fn run_memload(lab: &Lab, name: &str, args: &[&str]) -> Result<String> {
+    let mut run = vec![
+        "run",
+        "-d",
+        "--name",
+        name,
+        "memload",
+        "--",
+        "/bin/mig-memload",
+    ];
+    run.extend_from_slice(args);
+    Ok(lab.mig_ok(0, &run)?.trim().to_owned())
+}
+
 /// Waits until `mig-memload` on `host` verified a few more ticks past `after`, none `BAD`.
 fn memload_continues(lab: &Lab, host: usize, name: &str, after: u64) -> Result<u64> {
     let mut last = String::new();
@@ -288,23 +303,7 @@ fn a_lazy_move_of_a_mapping_over_2_gib_keeps_every_page() -> Result<()> {
     let lab = Lab::up("pcbig", 73)?;
     memload_image(&lab)?;
     // 2304 MiB in one allocation (one anonymous mapping), a third of it verified each second.
-    let id = lab.mig_ok(
-        0,
-        &[
-            "run",
-            "-d",
-            "--name",
-            "big",
-            "memload",
-            "--",
-            "/bin/mig-memload",
-            "--mib",
-            "2304",
-            "--verify-mib",
-            "768",
-        ],
-    )?;
-    let id = id.trim().to_owned();
+    let id = run_memload(&lab, "big", &["--mib", "2304", "--verify-mib", "768"])?;
     let result = (|| -> Result<()> {
         memload_continues(&lab, 0, "big", 0)?;
         let peer = lab.hosts[1].name.clone();
@@ -347,25 +346,11 @@ fn a_post_copy_that_loses_its_source_never_runs_on_missing_memory() -> Result<()
     }
     let lab = Lab::up("pcnozero", 74)?;
     memload_image(&lab)?;
-    let id = lab.mig_ok(
-        0,
-        &[
-            "run",
-            "-d",
-            "--name",
-            "nozero",
-            "memload",
-            "--",
-            "/bin/mig-memload",
-            "--mib",
-            "768",
-            "--verify-mib",
-            "16",
-            "--interval-ms",
-            "50",
-        ],
+    let id = run_memload(
+        &lab,
+        "nozero",
+        &["--mib", "768", "--verify-mib", "16", "--interval-ms", "50"],
     )?;
-    let id = id.trim().to_owned();
     memload_continues(&lab, 0, "nozero", 0)?;
     let killed = std::thread::scope(|s| -> Result<bool> {
         let mover =
@@ -442,25 +427,11 @@ fn a_post_copy_whose_destination_agent_dies_never_runs_on_missing_memory() -> Re
     }
     let mut lab = Lab::up("pcdstkill", 76)?;
     memload_image(&lab)?;
-    let id = lab.mig_ok(
-        0,
-        &[
-            "run",
-            "-d",
-            "--name",
-            "dstkill",
-            "memload",
-            "--",
-            "/bin/mig-memload",
-            "--mib",
-            "768",
-            "--verify-mib",
-            "16",
-            "--interval-ms",
-            "50",
-        ],
+    let id = run_memload(
+        &lab,
+        "dstkill",
+        &["--mib", "768", "--verify-mib", "16", "--interval-ms", "50"],
     )?;
-    let id = id.trim().to_owned();
     memload_continues(&lab, 0, "dstkill", 0)?;
     let (killed, moved) = std::thread::scope(|s| -> Result<(bool, _)> {
         let mover = s.spawn(|| {
@@ -550,25 +521,11 @@ fn a_container_still_receiving_its_memory_is_not_moved_on() -> Result<()> {
     }
     let lab = Lab::up("pcfill", 77)?;
     memload_image(&lab)?;
-    let id = lab.mig_ok(
-        0,
-        &[
-            "run",
-            "-d",
-            "--name",
-            "fill",
-            "memload",
-            "--",
-            "/bin/mig-memload",
-            "--mib",
-            "512",
-            "--verify-mib",
-            "64",
-            "--interval-ms",
-            "50",
-        ],
+    let id = run_memload(
+        &lab,
+        "fill",
+        &["--mib", "512", "--verify-mib", "64", "--interval-ms", "50"],
     )?;
-    let id = id.trim().to_owned();
     memload_continues(&lab, 0, "fill", 0)?;
     // Post-copy: the pages come from host-a after the resume, as the workload touches them;
     // meanwhile, as soon as host-b lists it running, try to move it on and to checkpoint it.
