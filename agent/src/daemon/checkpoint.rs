@@ -163,7 +163,7 @@ impl Agent {
         let e = map.get_mut(id).ok_or_else(|| {
             ApiError::new(ErrorKind::NotFound, format!("no such container: {id}"))
         })?;
-        if e.busy || crate::migration::memory_arriving(id) {
+        if Agent::not_dumpable(id, e) {
             let e = e.clone();
             drop(map);
             return Err(self.busy_error(id, &e));
@@ -705,7 +705,7 @@ impl Agent {
                 oom_killed: false,
                 reason: None,
                 stop_requested: false,
-                cgroup: format!("{}/{}", self.cfg.cgroup_parent, spec.id),
+                cgroup: self.cgroup_name(&spec.id),
             };
             let cd = self.dirs.container(&spec.id);
             // The directory is the import's only once the rename made it: a failure before

@@ -71,7 +71,7 @@ impl Agent {
                         oom_killed: false,
                         reason: Some("state.json was missing or unreadable".into()),
                         stop_requested: false,
-                        cgroup: format!("{}/{}", self.cfg.cgroup_parent, id),
+                        cgroup: self.cgroup_name(&id),
                     }
                 }
             };
@@ -156,6 +156,13 @@ impl Agent {
             );
         }
         ApiError::new(ErrorKind::NotFound, format!("no such container: {key}"))
+    }
+
+    /// Whether container `id` (entry `e`) may not be dumped now: another operation has it
+    /// (`busy`), or it runs while its memory still arrives ([`crate::migration::memory_arriving`]).
+    /// [`Self::busy_error`] says which.
+    pub(crate) fn not_dumpable(id: &str, e: &Entry) -> bool {
+        e.busy || crate::migration::memory_arriving(id)
     }
 
     /// The refusal of an operation on a container that another operation is changing: names
@@ -285,10 +292,7 @@ impl Agent {
     fn moved_to(&self, id: &str) -> Option<String> {
         use mig_migrate::protocol::{JournalState, Role};
         let journals = self.journals();
-        let last = journals
-            .iter()
-            .filter(|j| j.container_id == id)
-            .max_by_key(|j| j.updated)?;
+        let last = crate::migration::journal::newest_of(&journals, id)?;
         (last.role == Role::Source
             && matches!(
                 last.state,

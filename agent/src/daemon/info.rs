@@ -413,11 +413,7 @@ pub(crate) fn moving(
     }
     // The container's newest migration, whatever its role: an old move away that committed
     // (the container came back since) is not this one.
-    let j = journals
-        .iter()
-        .filter(|j| j.container_id == id)
-        .max_by_key(|j| j.updated)?
-        .clone();
+    let j = crate::migration::journal::newest_of(journals, id)?.clone();
     let in_progress = j.role == Role::Source
         && matches!(
             j.state,

@@ -101,6 +101,11 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// The cgroup (relative name) of container `id` on this host.
+    pub(crate) fn cgroup_name(&self, id: &str) -> String {
+        format!("{}/{}", self.cfg.cgroup_parent, id)
+    }
+
     /// Opens the state directory, loads every container and re-adopts the running ones (their
     /// shim is alive). Returns the agent and the ids of live containers to watch.
     pub fn open(cfg: Config) -> Result<(Arc<Agent>, Vec<String>), DaemonError> {

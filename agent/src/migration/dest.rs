@@ -290,6 +290,6 @@ impl DestSide {
     }
 
     fn cgroup_of(&self, container_id: &str) -> String {
-        format!("{}/{}", self.agent.cfg.cgroup_parent, container_id)
+        self.agent.cgroup_name(container_id)
     }
 }

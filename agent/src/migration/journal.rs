@@ -155,6 +155,17 @@ pub fn list(state_dir: &Path) -> Result<Vec<JournalEntry>, JournalError> {
 }
 
 /// Whether a state ends the migration on this side (nothing left to do).
+/// Container `container_id`'s newest migration on this host, whatever its role.
+pub(crate) fn newest_of<'a>(
+    entries: &'a [JournalEntry],
+    container_id: &str,
+) -> Option<&'a JournalEntry> {
+    entries
+        .iter()
+        .filter(|j| j.container_id == container_id)
+        .max_by_key(|j| j.updated)
+}
+
 pub fn is_final(state: &JournalState) -> bool {
     matches!(
         state,

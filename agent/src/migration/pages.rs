@@ -365,6 +365,22 @@ fn lazy_prefetch() -> bool {
     })
 }
 
+/// Writes the marker of lazy-pages daemon `pid` (of migration `migration_id`; `local`: serving
+/// this host's images) into its work directory `work`, for a restarted agent
+/// ([`super::postcopy::recover_postcopy`]).
+fn mark_daemon(work: &Path, migration_id: &str, pid: u32, local: bool) -> Result<(), PagesError> {
+    PostcopyMarker {
+        migration_id: migration_id.to_owned(),
+        daemon_pid: pid,
+        local,
+    }
+    .write(work)
+    .map_err(|source| PagesError::ImagesDir {
+        path: work.to_owned(),
+        source,
+    })
+}
+
 /// Lazy mode, before the restore: the `criu lazy-pages` daemon on the placed image set, with
 /// its socket in `<container>/lazy-pages/` (where the shim's restore looks for it), reaching
 /// the source's page server through one end of a socketpair (`--page-server --ps-socket`)
@@ -436,16 +452,7 @@ pub(crate) async fn start_lazy_daemon(
             daemon_guard.daemon_started(pid);
             // Without it a restarted agent could not tell the daemon waits for pages that
             // cannot come: no post-copy then (the daemon is killed with `daemon`).
-            PostcopyMarker {
-                migration_id: id.clone(),
-                daemon_pid: pid,
-                local: false,
-            }
-            .write(&work)
-            .map_err(|source| PagesError::ImagesDir {
-                path: work.clone(),
-                source,
-            })?;
+            mark_daemon(&work, &id, pid, false)?;
         }
         // The daemon holds its end now; ours would keep the stream open after it exits.
         let Some((map, daemon_end, proxy_end)) = proxied else {
@@ -536,16 +543,7 @@ pub(crate) async fn start_local_lazy_daemon(
             })?;
         // A restarted agent keeps the container from being dumped while this daemon runs.
         if let Some(pid) = daemon.pid() {
-            PostcopyMarker {
-                migration_id: id,
-                daemon_pid: pid,
-                local: true,
-            }
-            .write(&work)
-            .map_err(|source| PagesError::ImagesDir {
-                path: work.clone(),
-                source,
-            })?;
+            mark_daemon(&work, &id, pid, true)?;
         }
         Ok::<_, PagesError>(daemon)
     })
@@ -616,7 +614,7 @@ pub(crate) fn watch_lazy_daemon(
             Ok(()) => {
                 if guarded {
                     // The source's stream ended just after the daemon's last page.
-                    let cgroup = format!("{}/{}", agent.cfg.cgroup_parent, container_id);
+                    let cgroup = agent.cgroup_name(&container_id);
                     if let Ok(cg) = mig_runtime::cgroup::Cgroup::open(&cgroup) {
                         let _ = cg.thaw();
                     }
@@ -633,7 +631,7 @@ pub(crate) fn watch_lazy_daemon(
                     None => super::chain(&e),
                 };
                 tracing::error!(id = %container_id, migration = %migration_id, error = %detail, "post-copy failed: the container lost its source of memory and is killed");
-                let cgroup = format!("{}/{}", agent.cfg.cgroup_parent, container_id);
+                let cgroup = agent.cgroup_name(&container_id);
                 if let Ok(cg) = mig_runtime::cgroup::Cgroup::open(&cgroup) {
                     let _ = cg.kill();
                     let _ = cg.thaw();

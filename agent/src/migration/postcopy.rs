@@ -227,7 +227,7 @@ pub(crate) fn recover_postcopy(agent: &Arc<Agent>) {
             });
             continue;
         }
-        let cgroup = format!("{}/{}", agent.cfg.cgroup_parent, id);
+        let cgroup = agent.cgroup_name(&id);
         if let Ok(cg) = mig_runtime::cgroup::Cgroup::open(&cgroup) {
             let _ = cg.kill();
             let _ = cg.thaw();

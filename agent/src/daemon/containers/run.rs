@@ -157,7 +157,7 @@ impl Agent {
             oom_killed: false,
             reason: None,
             stop_requested: false,
-            cgroup: format!("{}/{}", self.cfg.cgroup_parent, id),
+            cgroup: self.cgroup_name(&id),
         };
         {
             let _reserving = crate::migration::dest::reserving();

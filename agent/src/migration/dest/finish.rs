@@ -20,7 +20,7 @@ pub(crate) async fn cleanup_incoming(
         .map(|m| m.trim() == migration_id)
         .unwrap_or(false);
     if ours {
-        let cgroup = format!("{}/{}", agent.cfg.cgroup_parent, container_id);
+        let cgroup = agent.cgroup_name(container_id);
         if let Ok(cg) = Cgroup::open(&cgroup) {
             let _ = cg.kill();
             let _ = cg.thaw();
@@ -63,7 +63,7 @@ pub(crate) fn resume_incoming(
     migration_id: &str,
     container_id: &str,
 ) -> Result<(), DestError> {
-    let cgroup = format!("{}/{}", agent.cfg.cgroup_parent, container_id);
+    let cgroup = agent.cgroup_name(container_id);
     let cg = Cgroup::open(&cgroup).map_err(|source| DestError::Cgroup {
         name: cgroup.clone(),
         source,

@@ -102,7 +102,7 @@ impl DestSide {
             let conn = self.conn.get().cloned().ok_or(DestError::Pages(
                 crate::migration::pages::PagesError::NoConnection,
             ))?;
-            let cgroup = format!("{}/{}", self.agent.cfg.cgroup_parent, spec.id);
+            let cgroup = self.agent.cgroup_name(&spec.id);
             crate::migration::pages::start_lazy_daemon(conn, id, cd.checkpoint(), &cd.dir, cgroup)
                 .await
                 .map_err(DestError::Pages)?;

@@ -22,10 +22,9 @@ use std::time::{Duration, Instant};
 /// Whether container `id` (entry `e`) runs, is not busy and is not being stopped: a move may
 /// claim it.
 fn idle_running(id: &str, e: &crate::daemon::Entry) -> bool {
-    !e.busy
+    !Agent::not_dumpable(id, e)
         && e.state.state == ContainerState::Running
         && !crate::daemon::is_stopping(id)
-        && !crate::migration::memory_arriving(id)
 }
 
 /// Size in bytes of the files under `dir` (best effort).
@@ -117,17 +116,13 @@ impl Agent {
     /// frozen until the resolver or the removal of this copy settles it.
     fn commit_may_have_happened(&self, id: &str) -> bool {
         use mig_migrate::protocol::{JournalState, Role};
-        self.journals()
-            .into_iter()
-            .filter(|j| j.container_id == id)
-            .max_by_key(|j| j.updated)
-            .is_some_and(|j| {
-                j.role == Role::Source
-                    && matches!(
-                        j.state,
-                        JournalState::CommitSent | JournalState::InDoubt | JournalState::Committed
-                    )
-            })
+        crate::migration::journal::newest_of(&self.journals(), id).is_some_and(|j| {
+            j.role == Role::Source
+                && matches!(
+                    j.state,
+                    JournalState::CommitSent | JournalState::InDoubt | JournalState::Committed
+                )
+        })
     }
 
     /// What a move of `container` to `peer` can be refused for before anything starts (also
@@ -559,7 +554,7 @@ impl Agent {
 
     /// Why container `id` (entry `e`) cannot be moved now: busy, not running, or being stopped.
     fn not_idle_running(&self, id: &str, e: &crate::daemon::Entry) -> ApiError {
-        if e.busy || crate::migration::memory_arriving(id) {
+        if Agent::not_dumpable(id, e) {
             return self.busy_error(id, e);
         }
         if e.state.state != ContainerState::Running {
