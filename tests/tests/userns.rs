@@ -5,7 +5,7 @@
 //! Needs root and real CRIU. The lab guard removes every agent, process, mount, cgroup and netns
 //! whatever happens; each test also checks that nothing grew on any host.
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use mig_tests::lab::{self, Lab, Usage};
 use serde_json::Value;
 use std::collections::BTreeSet;
@@ -143,6 +143,22 @@ fn stable_pids(v: &Value) -> BTreeSet<i64> {
         .collect()
 }
 
+/// The lasting in-namespace PIDs of container `name` on `host`: two reads 400 ms apart that
+/// agree. The loop forks a child every 0.3 s; between its fork and its exec of `sleep` it is a
+/// `sh` that no read should count (CI once saw one, PID 21, right after a restore).
+fn settled_pids(lab: &Lab, host: usize, name: &str) -> Result<BTreeSet<i64>> {
+    let mut last = stable_pids(&lab::running_on(lab, host, name)?);
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(400));
+        let now = stable_pids(&lab::running_on(lab, host, name)?);
+        if now == last {
+            return Ok(now);
+        }
+        last = now;
+    }
+    bail!("the PIDs of {name} never settled: last {last:?}")
+}
+
 fn usages(lab: &Lab) -> Vec<Usage> {
     (0..lab.hosts.len()).map(|h| lab::usage(lab, h)).collect()
 }
@@ -230,14 +246,14 @@ fn userns_writes_into_image_dirs_across_moves() -> Result<()> {
 fn checkpoint_and_import(lab: &Lab, id: &str, root: u32) -> Result<()> {
     // In place: checkpoint (the container stops) and restore.
     let (count, _) = lab::log_state(&lab.mig(0, &["logs", "u"]).stdout);
-    let pids = stable_pids(&lab::running_on(lab, 0, "u")?);
+    let pids = settled_pids(lab, 0, "u")?;
     ensure!(pids.contains(&1) && pids.len() >= 3, "{pids:?}");
     lab.mig_ok(0, &["checkpoint", "u"])?;
     // A shim that died between staging idmapped layers and detaching them (kernels whose
     // overlay takes only paths) leaves mounts in `rootfs.layers`: the next mount detaches them.
     let _left = Leftover::make(lab, container_dir(lab, 0, id))?;
     lab.mig_ok(0, &["restore", "u"])?;
-    let after = stable_pids(&lab::running_on(lab, 0, "u")?);
+    let after = settled_pids(lab, 0, "u")?;
     ensure!(after == pids, "PIDs changed: {pids:?} -> {after:?}");
     let count = lab::continues(lab, 0, "u", count)?;
     writes_into_image_dirs(lab, 0, id, "u", "a1")?;
@@ -257,7 +273,8 @@ fn checkpoint_and_import(lab: &Lab, id: &str, root: u32) -> Result<()> {
         .to_string();
     let v = lab::running_on(lab, 0, "u2")?;
     let id2 = v["id"].as_str().map(str::to_owned).unwrap_or(id2);
-    ensure!(stable_pids(&v) == pids, "PIDs changed: {pids:?} -> {v}");
+    let after = settled_pids(lab, 0, "u2")?;
+    ensure!(after == pids, "PIDs changed: {pids:?} -> {after:?}");
     ensure!(mapped_root(lab, 0, "u2")? == root, "the map changed");
     lab::continues(lab, 0, "u2", count)?;
     ensure!(sh(lab, 0, "u2", "cat /etc/mig-a1 /root/x/a1/f")? == "a1\nok\n");
