@@ -60,6 +60,13 @@ fn mapped_root(lab: &Lab, host: usize, name: &str) -> Result<u32> {
     ensure!(uid.len() == 3 && uid[0] == "0", "unexpected map {uid:?}");
     let root: u32 = uid[1].parse()?;
     ensure!(root != 0, "container root is host root");
+    // `mig inspect` gives the same map.
+    let shown = &v["id_map"];
+    let size: u64 = uid[2].parse()?;
+    ensure!(
+        shown["host_id"] == root && shown["size"] == size,
+        "inspect shows the map {shown}, the kernel {uid:?}"
+    );
     Ok(root)
 }
 

@@ -673,6 +673,12 @@ pub struct ContainerSummary {
     /// otherwise.
     #[serde(default)]
     pub moving: Option<Moving>,
+    /// Set while the container runs on this host but its memory is still arriving: a lazy-pages
+    /// daemon copies the rest in after a post-copy move (from the source), or after a stream
+    /// move's restore (from this host's disk). Until it has all arrived the container cannot be
+    /// moved or checkpointed (`mig drain` waits for it). False from older agents.
+    #[serde(default)]
+    pub memory_arriving: bool,
 }
 
 /// A move of the container away from this host, in progress (see [`ContainerSummary::moving`]).
@@ -710,6 +716,14 @@ pub struct ContainerDetails {
     pub command: Vec<String>,
     pub env: Vec<String>,
     pub userns: bool,
+    /// The user namespace's map (container ids `0..size` are host ids `host_id..`), with
+    /// `userns`; absent from older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_map: Option<mig_runtime::spec::IdMap>,
+    /// The command's user and group ids and working directory inside the container; absent
+    /// from older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<ProcessUser>,
     pub limits: Limits,
     /// Seconds since the epoch.
     pub created: u64,
@@ -736,11 +750,23 @@ pub struct ContainerDetails {
     /// Set while this host moves the container away, as in [`ContainerSummary::moving`].
     #[serde(default)]
     pub moving: Option<Moving>,
+    /// As in [`ContainerSummary::memory_arriving`].
+    #[serde(default)]
+    pub memory_arriving: bool,
     /// The container's network (`mig run --net bridge`): address, prefix, gateway, MAC, bridge;
     /// null for a loopback-only container. (A `--net bridge` user had to read `/etc/hosts`
     /// inside the container to learn its address.)
     #[serde(default)]
     pub net: Option<mig_runtime::net::NetSpec>,
+}
+
+/// Whom a container's command runs as, inside the container ([`ContainerDetails::user`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessUser {
+    pub uid: u32,
+    pub gid: u32,
+    /// The working directory (absolute).
+    pub cwd: String,
 }
 
 /// The image of a container.
@@ -859,6 +885,7 @@ mod tests {
             command: vec!["sh".into()],
             limits: Limits::default(),
             usage: None,
+            memory_arriving: false,
             in_doubt: Some(InDoubt {
                 migration_id: "m".into(),
                 role: "source".into(),

@@ -1,13 +1,17 @@
 //! `mig drain [HOST]`: moves every running container of a host to its pinned peers, one at a
 //! time, spreading them round-robin (a container refused by one peer is tried on the next), and
 //! reports each result. The host is empty afterwards unless some move failed: those containers
-//! keep running where they were (a failed move rolls back) and the exit code is 125.
+//! keep running where they were (a failed move rolls back) and the exit code is 125. A container
+//! whose memory is still arriving (it came here by a post-copy or stream move moments ago) is
+//! waited for, up to ten minutes, since it cannot be moved before.
 
 use super::commands::{connect, json, out, socket_path, CliError};
 use super::Cli;
+use crate::api::ContainerSummary;
 use crate::client::Client;
 use clap::Args;
 use serde::Serialize;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Args)]
 pub struct DrainArgs {
@@ -94,6 +98,7 @@ pub(super) async fn drain(cli: &Cli, a: &DrainArgs) -> Result<u8, CliError> {
             total_ms: None,
             errors: Vec::new(),
         };
+        wait_for_memory(&mut c, ct).await?;
         for k in 0..peers.len() {
             let peer = &peers[(next + k) % peers.len()];
             let moved = c
@@ -157,6 +162,41 @@ pub(super) async fn drain(cli: &Cli, a: &DrainArgs) -> Result<u8, CliError> {
         });
     }
     Ok(0)
+}
+
+/// How long `drain` waits for a container's memory to arrive before trying to move it anyway
+/// (the agent then refuses, and the container is reported as not moved).
+const ARRIVING_WAIT: Duration = Duration::from_secs(600);
+
+/// Waits while container `ct` runs here with its memory still arriving (a post-copy or stream
+/// move that brought it is filling it in): such a container cannot be moved yet. Says so on
+/// stderr (also with `--json`, whose report goes to stdout), and when it ends.
+async fn wait_for_memory(c: &mut Client, ct: &ContainerSummary) -> Result<(), CliError> {
+    let started = Instant::now();
+    let mut said = false;
+    let mut arriving = ct.memory_arriving;
+    while arriving && started.elapsed() < ARRIVING_WAIT {
+        if !said {
+            eprintln!("waiting for {}: its memory is still arriving", ct.name);
+            said = true;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = c.list(false).await?;
+        arriving = now.iter().any(|x| x.id == ct.id && x.memory_arriving);
+    }
+    if said {
+        eprintln!(
+            "{}: its memory {} after {:.1} s",
+            ct.name,
+            if arriving {
+                "is still arriving"
+            } else {
+                "arrived"
+            },
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
 }
 
 fn chain(e: &(dyn std::error::Error + 'static)) -> String {

@@ -75,9 +75,10 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
 }
 
 /// `frozen (moving to host-b)`, or the state alone when no move is in progress.
-fn moving_state(state: ContainerState, moving: Option<&Moving>) -> String {
+fn moving_state(state: ContainerState, moving: Option<&Moving>, arriving: bool) -> String {
     match moving {
         Some(m) => format!("{} (moving to {})", state.as_str(), m.peer),
+        None if arriving => format!("{} (memory arriving)", state.as_str()),
         None => state.as_str().to_owned(),
     }
 }
@@ -127,7 +128,9 @@ pub fn ps_table(list: &[ContainerSummary]) -> String {
         .map(|c| {
             let state = match (c.exit_code, &c.in_doubt) {
                 (_, Some(_)) => format!("{} (migration in doubt)", c.state.as_str()),
-                (_, None) if c.moving.is_some() => moving_state(c.state, c.moving.as_ref()),
+                (_, None) if c.moving.is_some() || c.memory_arriving => {
+                    moving_state(c.state, c.moving.as_ref(), c.memory_arriving)
+                }
                 (Some(code), None) if !c.state.is_live() => {
                     format!("{} ({code})", c.state.as_str())
                 }
@@ -201,7 +204,11 @@ pub fn inspect_text(d: &ContainerDetails) -> String {
             );
         }
         None => {
-            let _ = writeln!(s, "state:     {}", moving_state(d.state, d.moving.as_ref()));
+            let _ = writeln!(
+                s,
+                "state:     {}",
+                moving_state(d.state, d.moving.as_ref(), d.memory_arriving)
+            );
             if let Some(m) = &d.moving {
                 let _ = writeln!(
                     s,
@@ -226,6 +233,18 @@ pub fn inspect_text(d: &ContainerDetails) -> String {
         );
     }
     let _ = writeln!(s, "command:   {}", d.command.join(" "));
+    if let Some(u) = &d.user {
+        let _ = writeln!(s, "user:      {}:{}, in {}", u.uid, u.gid, u.cwd);
+    }
+    if let Some(m) = &d.id_map {
+        let _ = writeln!(
+            s,
+            "userns:    ids 0-{} are host ids {}-{}",
+            m.size.saturating_sub(1),
+            m.host_id,
+            m.host_id.saturating_add(m.size.saturating_sub(1))
+        );
+    }
     let _ = writeln!(s, "created:   {}", age(d.created));
     let _ = writeln!(s, "started:   {}", opt(d.started.map(age)));
     let _ = writeln!(s, "finished:  {}", opt(d.finished.map(age)));
@@ -369,6 +388,36 @@ mod tests {
             text.contains(
                 "network:   10.79.94.100/24, gateway 10.79.94.1, mac 02:01:23:45:67:89, bridge migbr0\n"
             ),
+            "{text}"
+        );
+    }
+
+    /// `mig inspect` says whom the command runs as and, with `--userns`, which host ids the
+    /// container's ids are (a user had to read /proc/PID/uid_map on the host).
+    #[test]
+    fn inspect_shows_the_user_and_the_id_map() {
+        let mut v = serde_json::json!({
+            "id": "0123456789abcdef0123456789abcdef", "name": "web", "state": "running",
+            "host": "host-a", "image": {"name": "debian", "id": "sha256:ab"},
+            "hostname": "web", "command": ["nginx"], "env": [], "userns": true,
+            "limits": {"memory": null, "cpu_millis": null, "pids": null},
+            "created": 0, "started": null, "finished": null, "exit_code": null,
+            "signal": null, "oom_killed": false, "reason": null, "init_pid": null,
+            "shim_pid": null, "usage": null, "pid_map": [], "cgroup": "mig/x"
+        });
+        let old: ContainerDetails = serde_json::from_value(v.clone()).unwrap();
+        let text = inspect_text(&old);
+        assert!(
+            !text.contains("user:") && !text.contains("userns:"),
+            "{text}"
+        );
+        v["user"] = serde_json::json!({"uid": 1000, "gid": 100, "cwd": "/srv"});
+        v["id_map"] = serde_json::json!({"host_id": 1_000_000, "size": 65536});
+        let d: ContainerDetails = serde_json::from_value(v).unwrap();
+        let text = inspect_text(&d);
+        assert!(text.contains("user:      1000:100, in /srv\n"), "{text}");
+        assert!(
+            text.contains("userns:    ids 0-65535 are host ids 1000000-1065535\n"),
             "{text}"
         );
     }

@@ -4,6 +4,7 @@
 use super::{Agent, DaemonError, Entry};
 use crate::api::{
     ApiError, ContainerDetails, ContainerState, ContainerSummary, ErrorKind, ImageSummary,
+    ProcessUser,
 };
 use crate::layout::{is_our_shim, now, proc_start_ticks, ExitRecord, ShimRecord, StateRecord};
 use mig_runtime::cgroup::Cgroup;
@@ -349,6 +350,7 @@ impl Agent {
                 usage: None,
                 in_doubt: None,
                 moving: None,
+                memory_arriving: false,
             })
             .collect();
         out.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
@@ -397,6 +399,12 @@ impl Agent {
             command: e.spec.process.args.clone(),
             env: e.spec.process.env.clone(),
             userns: e.spec.userns.is_some(),
+            id_map: e.spec.userns,
+            user: Some(ProcessUser {
+                uid: e.spec.process.uid,
+                gid: e.spec.process.gid,
+                cwd: e.spec.process.cwd.clone(),
+            }),
             limits: e.spec.limits.clone(),
             created: st.created,
             started: st.started,
@@ -412,6 +420,8 @@ impl Agent {
             cgroup: st.cgroup.clone(),
             in_doubt,
             moving,
+            memory_arriving: state == ContainerState::Running
+                && crate::migration::memory_arriving(id),
             net: e.spec.net.clone(),
         })
     }

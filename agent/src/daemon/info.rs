@@ -217,6 +217,7 @@ impl Agent {
             );
             if c.state == ContainerState::Running {
                 c.usage = self.cgroup_usage(&c.id);
+                c.memory_arriving = crate::migration::memory_arriving(&c.id);
             }
         }
         list

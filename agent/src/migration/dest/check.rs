@@ -9,8 +9,39 @@ use mig_migrate::transport::Refusal;
 use mig_migrate::wire::{Prepare, RefuseReason};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// How long an arriving container waits for this host's old copy of it to go: the copy that a
+/// committed move away is ending. After a post-copy that copy served the pages until the last
+/// one arrived and is removed right after, so a move straight back met it for a moment.
+const OLD_COPY_WAIT: Duration = Duration::from_secs(10);
 
 impl DestSide {
+    /// Waits (up to [`OLD_COPY_WAIT`]) while container `id` is here only as a copy being ended
+    /// after its move away committed (its newest journal here says so; the copy is no longer
+    /// busy while its removal runs); any other copy is left to the checks, which refuse it.
+    pub(super) async fn wait_for_old_copy(&self, id: &str) {
+        use mig_migrate::protocol::{JournalState, Role};
+        let started = Instant::now();
+        let deadline = started + OLD_COPY_WAIT;
+        let mut waited = false;
+        loop {
+            let journals = self.agent.journals();
+            let moved_away = journal::newest_of(&journals, id)
+                .is_some_and(|j| j.role == Role::Source && j.state == JournalState::Committed);
+            let ending = moved_away && self.agent.lock().contains_key(id);
+            if !ending || Instant::now() >= deadline {
+                if waited {
+                    let ms = crate::migration::ms(started.elapsed());
+                    tracing::info!(%id, ms, gone = !ending, "waited for the copy of a move away to be removed");
+                }
+                return;
+            }
+            waited = true;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub(super) fn check_blocking(&self, p: &Prepare) -> Result<Vec<String>, Refusal> {
         let refuse = |reason, detail: String| Refusal { reason, detail };
         if !journal::valid_id(&p.migration_id) {

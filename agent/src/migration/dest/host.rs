@@ -31,6 +31,7 @@ impl DestHost for DestSide {
                 detail: "this migration is being handled on another connection".into(),
             });
         }
+        self.wait_for_old_copy(&prepare.spec.id).await;
         // Quick checks (a statvfs, a few stats): fine on the runtime thread.
         let missing = self.check_blocking(prepare)?;
         if prepare.mode == MigrationMode::Stream {
