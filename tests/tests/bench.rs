@@ -198,3 +198,70 @@ fn bench_move_tiny_run_writes_csv_json_and_svg() -> Result<()> {
     );
     Ok(())
 }
+
+/// SIGTERM (what `timeout`, systemd and `kill` send) in the middle of a bench: it stops after the
+/// current step, writes the runs done to its CSV, prints the summary and removes its lab. It
+/// used to die at once, leaving the lab's agents and the workload running and writing nothing.
+#[test]
+fn a_terminated_bench_keeps_its_finished_runs_and_leaves_nothing() -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    if !is_root("bench tests") {
+        return Ok(());
+    }
+    let lab = format!("bt{}", std::process::id() % 100_000);
+    let _guard = Guard { lab: lab.clone() };
+    let tmp = tempfile::tempdir()?;
+    let csv = tmp.path().join("t.csv");
+    let mut child = Command::new(bin("mig"))
+        .args([
+            "bench", "move", "--sizes", "16M", "--runs", "5", "--modes", "cold",
+        ])
+        .args(["--lab", &lab, "--subnet", "10.214.62", "--link-mib", "0"])
+        .arg("--workload")
+        .arg(mig_tests::static_binary(
+            "mig-memload",
+            "mig-memload",
+            "MIG_MEMLOAD",
+        )?)
+        .arg("--csv")
+        .arg(&csv)
+        .env_remove("MIG_HOST")
+        .env_remove("MIG_SOCKET")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let stderr = child.stderr.take().context("stderr")?;
+    let mut seen = Vec::new();
+    for line in BufReader::new(stderr).lines() {
+        let line = line?;
+        let first_done = line.contains("run 1: ok");
+        seen.push(line);
+        if first_done {
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        }
+    }
+    let out = child.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let seen = seen.join("\n");
+    ensure!(
+        !out.status.success(),
+        "a terminated bench says it succeeded:\n{seen}"
+    );
+    ensure!(seen.contains("SIGTERM: stopping"), "{seen}");
+    let text = std::fs::read_to_string(&csv).with_context(|| format!("no csv:\n{seen}"))?;
+    let rows: Vec<&str> = text.lines().skip(1).collect();
+    ensure!(
+        !rows.is_empty() && rows.len() < 5 && rows.iter().all(|r| r.contains(",ok,")),
+        "rows: {rows:?}\n{seen}"
+    );
+    ensure!(stdout.contains("16 MiB cold"), "no summary: {stdout}");
+    ensure!(
+        !Path::new("/run/mig")
+            .join(format!("lab-{lab}.json"))
+            .exists()
+            && !Path::new("/var/lib/mig-bench").join(&lab).exists(),
+        "the lab or its work directory is left:\n{seen}"
+    );
+    Ok(())
+}

@@ -258,6 +258,37 @@ impl Variant {
     }
 }
 
+/// A tweak's value: a number in its range for those that take one (`mtu=N`...), none for the
+/// others (a value that did not parse used to run as 0 or the default under the given name).
+fn check_tweak_value(name: &str, value: Option<&str>, takes: bool) -> Result<(), String> {
+    let Some(value) = value else {
+        return if takes {
+            Err("needs a value".into())
+        } else {
+            Ok(())
+        };
+    };
+    if !takes {
+        return Err("takes no value".into());
+    }
+    let n: u64 = value
+        .parse()
+        .map_err(|_| format!("{value:?} is not a number"))?;
+    let range = match name {
+        "mtu" | "initmtu" => 1200..=65527,
+        "gso" => 1..=64,
+        _ => 1..=u64::from(u32::MAX),
+    };
+    if !range.contains(&n) {
+        return Err(format!(
+            "{n} is out of range ({} to {})",
+            range.start(),
+            range.end()
+        ));
+    }
+    Ok(())
+}
+
 /// Parses a [`Variant`] (`[tunnel:|utunnel:]CxS[:tweak+tweak...]`).
 pub fn parse_variant(s: &str) -> Result<Variant, String> {
     let bad = || format!("invalid link variant {s:?} ([tunnel:|utunnel:]CxS[:tweak+...])");
@@ -279,16 +310,20 @@ pub fn parse_variant(s: &str) -> Result<Variant, String> {
         .map(str::to_string)
         .collect();
     for t in &tweaks {
-        let name = t.split_once('=').map_or(t.as_str(), |(n, _)| n);
-        if !TWEAKS
+        let (name, value) = t
+            .split_once('=')
+            .map_or((t.as_str(), None), |(n, v)| (n, Some(v)));
+        let Some(known) = TWEAKS
             .iter()
-            .any(|k| k.split([' ', '=']).next() == Some(name))
-        {
+            .find(|k| k.split([' ', '=']).next() == Some(name))
+        else {
             return Err(format!(
                 "unknown link tweak {t:?} (one of: {})",
                 TWEAKS.join(", ")
             ));
-        }
+        };
+        check_tweak_value(name, value, known.contains('='))
+            .map_err(|why| format!("link tweak {t:?}: {why}"))?;
     }
     Ok(Variant {
         name: format!(
@@ -625,8 +660,14 @@ fn median_of(
     for _ in 0..LINK_REPEATS {
         ctx.check_stop()?;
         let r = one()?;
+        // Tunnel variants' names say so; the others are raw.
+        let raw = if r.proto.contains("tunnel") {
+            ""
+        } else {
+            "raw "
+        };
         progress(&format!(
-            "raw {} host-a -> host-b: {:.0} MB/s",
+            "{raw}{} host-a -> host-b: {:.0} MB/s",
             r.proto, r.mbs
         ));
         rows.push(r);
@@ -745,6 +786,33 @@ fn receive_dir(s: TcpStream, dir: &Path) -> io::Result<()> {
         let copied = io::copy(&mut (&mut r).take(size), &mut f)?;
         if copied != size {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short file"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tweak value that does not parse, or is out of range, is refused (it used to run as 0
+    /// or the default under the name given).
+    #[test]
+    fn tweak_values_are_checked() {
+        assert!(parse_variant("1x1:mtu=9000+gso=7+cubic=100000").is_ok());
+        for bad in [
+            "1x1:mtu=abc",
+            "1x1:mtu=100",
+            "1x1:gso=abc",
+            "1x1:gso=0",
+            "1x1:mtu",
+            "1x1:nogso=3",
+            "1x1:initmtu=70000",
+        ] {
+            let e = parse_variant(bad).err();
+            assert!(
+                e.as_deref().is_some_and(|e| e.contains("link tweak")),
+                "{bad}: {e:?}"
+            );
         }
     }
 }

@@ -44,11 +44,36 @@ pub fn import_image(ctx: &Ctx, host: usize) -> Result<(), BenchError> {
     Ok(())
 }
 
+/// The workload's status from its log on `host`, and whether it has ended there.
 fn status_on(ctx: &Ctx, host: usize, id: &str) -> Status {
-    match mig(ctx, host, &["logs", id]) {
+    let mut s = match mig(ctx, host, &["logs", id]) {
         Ok(o) if o.status.success() => Status::parse(&String::from_utf8_lossy(&o.stdout)),
         _ => Status::default(),
+    };
+    if let Ok(o) = mig(ctx, host, &["inspect", "--json", id]) {
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+        if matches!(v["state"].as_str(), Some("exited" | "stopped")) {
+            s.exited = Some(v["exit_code"].as_i64().unwrap_or(-1));
+        }
     }
+    s
+}
+
+/// The last line the workload wrote on host-a (stdout and stderr), for a failure's note.
+fn last_line(ctx: &Ctx, id: &str) -> String {
+    let Ok(o) = mig(ctx, 0, &["logs", id]) else {
+        return String::new();
+    };
+    let text = [o.stdout, o.stderr].concat();
+    let text = String::from_utf8_lossy(&text);
+    text.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim()
+        .chars()
+        .take(200)
+        .collect()
 }
 
 /// Polls the workload's log on `host` until `done` or `timeout`; the last status either way.
@@ -61,7 +86,7 @@ pub fn wait_status(
     let start = Instant::now();
     loop {
         let s = poll();
-        if done(&s) || s.bad.is_some() || start.elapsed() > timeout {
+        if done(&s) || s.bad.is_some() || s.exited.is_some() || start.elapsed() > timeout {
             return Ok(s);
         }
         ctx.sleep(Duration::from_millis(250))?;
@@ -159,10 +184,14 @@ pub fn run(ctx: &Ctx, size_mib: u64, mode: &str, run: u32) -> Result<Row, BenchE
         |s| s.last_ok.is_some(),
     )?;
     let Some(before) = ready.last_ok.filter(|_| ready.bad.is_none()) else {
-        row.fail(
-            RowStatus::Failed,
-            "the workload did not verify its memory before the move",
-        );
+        let why = match ready.exited {
+            Some(how) => format!(
+                "the workload ended (exit code {how}) before it verified its memory: {}",
+                last_line(ctx, &id)
+            ),
+            None => "the workload did not verify its memory before the move".into(),
+        };
+        row.fail(RowStatus::Failed, &why);
         return Ok(row);
     };
 
@@ -202,13 +231,16 @@ pub fn run(ctx: &Ctx, size_mib: u64, mode: &str, run: u32) -> Result<Row, BenchE
     )?;
     row.verified = after.verified_after(before);
     if !row.verified {
-        row.note = match (after.bad, after.last_ok) {
-            (Some(n), _) => format!("memory BAD at tick {n} after the move"),
-            (None, Some((n, p))) => format!(
+        // Its times stay in the row, but not in the medians (a failed run).
+        row.status = RowStatus::Failed;
+        row.note = match (after.exited, after.bad, after.last_ok) {
+            (Some(code), _, _) => format!("the workload ended on host-b after the move (exit code {code})"),
+            (None, Some(n), _) => format!("memory BAD at tick {n} after the move"),
+            (None, None, Some((n, p))) => format!(
                 "no full verification pass after the move (before: tick {} pass {}, last: tick {n} pass {p})",
                 before.0, before.1
             ),
-            (None, None) => "no OK line on host-b after the move".into(),
+            (None, None, None) => "no OK line on host-b after the move".into(),
         };
     }
     row.pids_kept = pids_kept(&result);

@@ -48,7 +48,8 @@ pub enum Baseline {
 
 #[derive(Debug, Args)]
 pub struct BenchMoveArgs {
-    /// Memory sizes of the workload, comma-separated (whole MiB).
+    /// Memory sizes of the workload, comma-separated, each with its unit and a whole number of
+    /// MiB (64M, 1G; at most 1T, and at most the machine's memory), each once.
     #[arg(long, value_delimiter = ',', value_parser = parse_mib, default_value = "64M,256M,1G")]
     pub sizes: Vec<u64>,
     /// `mig move --mode` values, comma-separated: cold, stream, stream-nopresync, lazy, precopy,
@@ -63,14 +64,15 @@ pub struct BenchMoveArgs {
     /// Also measure this baseline on the same workload.
     #[arg(long, value_enum)]
     pub baseline: Option<Baseline>,
-    /// Write one row per run as CSV.
-    #[arg(long, value_name = "FILE")]
+    /// Write one row per run as CSV (also when the bench is interrupted or fails: the runs done
+    /// by then).
+    #[arg(long, value_name = "FILE", conflicts_with = "link_only")]
     pub csv: Option<PathBuf>,
-    /// Write the rows, the link measurements and the machine as JSON.
-    #[arg(long, value_name = "FILE")]
+    /// Write the rows, the link measurements and the machine as JSON (as --csv, the runs done).
+    #[arg(long, value_name = "FILE", conflicts_with = "link_only")]
     pub json: Option<PathBuf>,
     /// Plot downtime and total time against memory size (SVG).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "link_only")]
     pub plot: Option<PathBuf>,
     /// Name of the bench's lab (its namespaces, state and run directories).
     #[arg(long, default_value = "mig-bench")]
@@ -88,18 +90,20 @@ pub struct BenchMoveArgs {
     /// MiB the workload rewrites per second (its dirty rate).
     #[arg(long, default_value_t = 1)]
     pub dirty_mib: u64,
-    /// MiB sent by each raw throughput measurement, each repeated 3 times (0: skip them).
-    #[arg(long, default_value_t = 1024)]
+    /// MiB sent by each raw throughput measurement, each repeated 3 times (0: skip them; else
+    /// at least 4, a MiB per QUIC stream).
+    #[arg(long, default_value_t = 1024, value_parser = parse_link_mib)]
     pub link_mib: u64,
     /// Only measure the link (raw TCP, raw QUIC, the page tunnel) and print it; no workload, no
     /// moves.
     #[arg(long)]
     pub link_only: bool,
     /// With --link-only: the QUIC variants to compare, comma-separated, each
-    /// `[tunnel:]CxS[:tweak+...]` (C connections of S streams; tweaks of mig's settings:
-    /// untuned, mtu=N, nomtud, initmtu=N, nogso, gso=N, ep1472, bbr, newreno, cubic=IW, ackfreq,
-    /// win4x, nofair). Default: 1x1, 1x4, 2x2, tunnel:1x1.
-    #[arg(long, value_delimiter = ',', value_parser = link::parse_variant)]
+    /// `[tunnel:|utunnel:]CxS[:tweak+...]` (C connections of S streams, raw or through the page
+    /// tunnel over loopback TCP or a Unix socket; tweaks of mig's settings: untuned, mtu=N,
+    /// nomtud, initmtu=N, nogso, gso=N, ep1472, bbr, newreno, cubic=IW, ackfreq, win4x, nofair,
+    /// aes256). Default: 1x1, 1x4, 2x2, tunnel:1x1, utunnel:1x1.
+    #[arg(long, value_delimiter = ',', value_parser = link::parse_variant, requires = "link_only")]
     pub link_variants: Vec<link::Variant>,
 }
 
@@ -108,8 +112,11 @@ pub struct BenchMoveArgs {
 pub enum BenchError {
     #[error("mig bench needs root")]
     NotRoot,
-    #[error("no {what} next to mig: pass --{what}")]
-    NoBinary { what: &'static str },
+    #[error("no {what} next to mig: pass --{option}")]
+    NoBinary {
+        what: &'static str,
+        option: &'static str,
+    },
     #[error("{} is not there", path.display())]
     Missing {
         path: PathBuf,
@@ -158,6 +165,16 @@ pub enum BenchError {
     },
     #[error("cannot write {}: its directory does not exist (the bench writes its results at the end: checked before it runs)", path.display())]
     OutputDir { path: PathBuf },
+    #[error("cannot write {}: it is a directory (checked before the bench runs)", path.display())]
+    OutputIsDir { path: PathBuf },
+    #[error("--sizes {size_mib}M is more than this machine's memory ({mem_mib} MiB): the workload holds the whole size")]
+    TooBig { size_mib: u64, mem_mib: u64 },
+    #[error("--sizes {size_mib}M is given twice")]
+    SizeTwice { size_mib: u64 },
+    #[error("--link-only with --link-mib 0 would measure nothing")]
+    NothingToMeasure,
+    #[error("{failed} of {total} runs failed (see the status and note columns)")]
+    RunsFailed { failed: usize, total: usize },
     #[error("cannot draw the plot {}: {reason}", path.display())]
     Plot { path: PathBuf, reason: String },
     #[error("interrupted")]
@@ -168,8 +185,21 @@ pub enum BenchError {
 
 fn parse_mib(s: &str) -> Result<u64, String> {
     match mig_runtime::spec::parse_size(s) {
+        Some(b) if b > 1 << 40 => Err(format!("size {s:?} is over 1T, the workload's largest")),
         Some(b) if b >= 1 << 20 && b % (1 << 20) == 0 => Ok(b >> 20),
-        _ => Err(format!("invalid size {s:?} (whole MiB, e.g. 64M, 1G)")),
+        _ => Err(format!(
+            "invalid size {s:?} (a whole number of MiB with its unit, e.g. 64M, 1G)"
+        )),
+    }
+}
+
+/// `--link-mib`: 0 (skip) or at least 4 (the QUIC measurement sends whole MiB per stream, and
+/// uses up to four streams: less sent nothing on some and printed 0 MB/s).
+fn parse_link_mib(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(n) if n == 0 || n >= 4 => Ok(n),
+        Ok(_) => Err("0 (skip the measurement) or at least 4".into()),
+        Err(_) => Err(format!("invalid number {s:?}")),
     }
 }
 
@@ -223,9 +253,10 @@ impl Ctx {
     }
 }
 
-/// Progress line on stderr.
+/// Progress line on stderr (lost, not a panic, when stderr is a closed pipe).
 pub(crate) fn progress(msg: &str) {
-    eprintln!("bench: {msg}");
+    use std::io::Write;
+    let _ = writeln!(io::stderr(), "bench: {msg}");
 }
 
 /// Removes what a bench made, whatever happens: runc containers, the lab, the work directory.
@@ -253,8 +284,20 @@ impl Drop for Cleanup {
     }
 }
 
-/// Runs `mig bench move`; Ctrl-C stops it after the current step and cleans up.
+/// Runs `mig bench move`; Ctrl-C (SIGINT), SIGTERM and SIGHUP stop it after the current step,
+/// write what was measured and clean up.
 pub async fn run(args: BenchMoveArgs) -> Result<(), BenchError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let handler = |kind: SignalKind| {
+        signal(kind).map_err(|source| BenchError::Spawn {
+            command: "signal handler".into(),
+            source,
+        })
+    };
+    let (mut term, mut hup) = (
+        handler(SignalKind::terminate())?,
+        handler(SignalKind::hangup())?,
+    );
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = tokio::sync::oneshot::channel();
     let s = stop.clone();
@@ -273,22 +316,35 @@ pub async fn run(args: BenchMoveArgs) -> Result<(), BenchError> {
             r = &mut rx => return r.map_err(|_| BenchError::Thread)?,
             c = tokio::signal::ctrl_c() => {
                 if c.is_ok() {
-                    progress("interrupted: stopping after the current step and cleaning up");
-                    stop.store(true, Ordering::SeqCst);
+                    interrupted(&stop, "SIGINT");
                 }
             }
+            Some(()) = term.recv() => interrupted(&stop, "SIGTERM"),
+            Some(()) = hup.recv() => interrupted(&stop, "SIGHUP"),
         }
     }
 }
 
-fn resolve(given: &Option<PathBuf>, name: &'static str) -> Result<PathBuf, BenchError> {
+fn interrupted(stop: &AtomicBool, signal: &str) {
+    progress(&format!(
+        "{signal}: stopping after the current step, writing the runs done and cleaning up"
+    ));
+    stop.store(true, Ordering::SeqCst);
+}
+
+/// The binary `name` (`option` given, else next to mig).
+fn resolve(
+    given: &Option<PathBuf>,
+    name: &'static str,
+    option: &'static str,
+) -> Result<PathBuf, BenchError> {
     let path = match given {
         Some(p) => p.clone(),
         None => std::env::current_exe()
             .ok()
             .map(|e| e.with_file_name(name))
             .filter(|p| p.is_file())
-            .ok_or(BenchError::NoBinary { what: name })?,
+            .ok_or(BenchError::NoBinary { what: name, option })?,
     };
     std::fs::metadata(&path).map_err(|source| BenchError::Missing {
         path: path.clone(),
@@ -310,8 +366,9 @@ pub fn check_lab(lab: &str) -> Result<(), BenchError> {
     Ok(())
 }
 
-/// The bench writes `--csv`, `--json` and `--plot` only at its end: a directory that does not
-/// exist would lose the whole run (and its summary table), so it is refused first.
+/// The bench writes `--csv`, `--json` and `--plot` at its end: a path that cannot be written
+/// (no such directory, a directory, a file system that refuses it) would be found only after the
+/// whole run, so each is created (and removed again when it was not there) first.
 pub fn check_outputs(args: &BenchMoveArgs) -> Result<(), BenchError> {
     for path in [&args.csv, &args.json, &args.plot].into_iter().flatten() {
         let dir = match path.parent() {
@@ -320,6 +377,41 @@ pub fn check_outputs(args: &BenchMoveArgs) -> Result<(), BenchError> {
         };
         if !dir.is_dir() {
             return Err(BenchError::OutputDir { path: path.clone() });
+        }
+        if path.is_dir() {
+            return Err(BenchError::OutputIsDir { path: path.clone() });
+        }
+        let existed = path.exists();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)
+            .map_err(|source| BenchError::Output {
+                path: path.clone(),
+                source,
+            })?;
+        if !existed {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    Ok(())
+}
+
+/// Each size once, none larger than this machine's memory (the workload holds all of it).
+fn check_sizes(sizes: &[u64]) -> Result<(), BenchError> {
+    let mem_mib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let kib = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+            kib.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map(|kib| kib >> 10);
+    for (i, &size_mib) in sizes.iter().enumerate() {
+        if sizes[..i].contains(&size_mib) {
+            return Err(BenchError::SizeTwice { size_mib });
+        }
+        if let Some(mem_mib) = mem_mib.filter(|&m| size_mib > m) {
+            return Err(BenchError::TooBig { size_mib, mem_mib });
         }
     }
     Ok(())
@@ -331,10 +423,16 @@ fn run_blocking(args: &BenchMoveArgs, stop: Arc<AtomicBool>) -> Result<(), Bench
     }
     check_lab(&args.lab)?;
     check_outputs(args)?;
-    let migd = resolve(&args.migd, "migd")?;
+    if !args.link_only {
+        check_sizes(&args.sizes)?;
+    }
+    if args.link_only && args.link_mib == 0 {
+        return Err(BenchError::NothingToMeasure);
+    }
+    let migd = resolve(&args.migd, "migd", "migd")?;
     let memload = match args.link_only {
         true => None,
-        false => Some(resolve(&args.workload, "mig-memload")?),
+        false => Some(resolve(&args.workload, "mig-memload", "workload")?),
     };
     let mig = std::env::current_exe().map_err(|source| BenchError::Missing {
         path: PathBuf::from("/proc/self/exe"),
@@ -376,35 +474,84 @@ fn run_blocking(args: &BenchMoveArgs, stop: Arc<AtomicBool>) -> Result<(), Bench
         dirty_mib: args.dirty_mib,
         stop,
     };
-    let mut report = BenchReport::for_this_machine();
     if args.link_only {
-        link::measure_all(&ctx, args.link_mib.max(1), &args.link_variants)?;
+        link::measure_all(&ctx, args.link_mib, &args.link_variants)?;
         drop(cleanup);
         return Ok(());
     }
+    let mut report = BenchReport::for_this_machine();
+    let measured = measure(args, &ctx, &mut cleanup, &mut report);
+    // Whatever stopped the bench, the runs done so far are written and summed up.
+    let written = if report.rows.is_empty() && report.link.is_empty() {
+        Ok(())
+    } else {
+        let w = report.write(args);
+        print!("{}", report.summary());
+        if let Err(e) = &measured {
+            progress(&format!(
+                "stopped early ({e}): the files and the summary have the {} run(s) done before",
+                report.rows.len()
+            ));
+        }
+        w
+    };
+    drop(cleanup);
+    measured?;
+    written?;
+    let failed = report
+        .rows
+        .iter()
+        .filter(|r| r.status == RowStatus::Failed)
+        .count();
+    if failed > 0 {
+        return Err(BenchError::RunsFailed {
+            failed,
+            total: report.rows.len(),
+        });
+    }
+    Ok(())
+}
+
+/// The bench's measurements into `report`: the link, then each size, mode and run, then the
+/// baseline of the size. A run in flight when the bench is interrupted is not recorded.
+fn measure(
+    args: &BenchMoveArgs,
+    ctx: &Ctx,
+    cleanup: &mut Cleanup,
+    report: &mut BenchReport,
+) -> Result<(), BenchError> {
     for host in 0..2 {
-        migrun::import_image(&ctx, host)?;
+        migrun::import_image(ctx, host)?;
     }
     if args.link_mib > 0 {
         ctx.check_stop()?;
-        report.link = link::measure(&ctx, args.link_mib)?;
+        report.link = link::measure(ctx, args.link_mib)?;
     }
     let runc_ctx = match args.baseline {
         Some(Baseline::Runc) => {
-            let r = runc::RuncHosts::prepare(&ctx)?;
+            let r = runc::RuncHosts::prepare(ctx)?;
             cleanup.runc_roots = r.roots();
             Some(r)
         }
         None => None,
     };
+    let record = |report: &mut BenchReport, row: Row| -> Result<(), BenchError> {
+        if row.status == RowStatus::Failed {
+            // A failure because the bench was stopped (its commands were interrupted too) is
+            // not a result.
+            ctx.check_stop()?;
+        }
+        progress(&row.progress_line());
+        report.rows.push(row);
+        Ok(())
+    };
     for &size in &args.sizes {
         for mode in &args.modes {
             for run in 1..=args.runs {
                 ctx.check_stop()?;
-                let row = migrun::run(&ctx, size, mode, run)?;
-                progress(&row.progress_line());
+                let row = migrun::run(ctx, size, mode, run)?;
                 let refused = row.status == RowStatus::Refused;
-                report.rows.push(row);
+                record(report, row)?;
                 if refused {
                     break;
                 }
@@ -413,21 +560,63 @@ fn run_blocking(args: &BenchMoveArgs, stop: Arc<AtomicBool>) -> Result<(), Bench
         if let Some(r) = &runc_ctx {
             for run in 1..=args.runs {
                 ctx.check_stop()?;
-                let row = r.run(&ctx, size, run)?;
-                progress(&row.progress_line());
-                report.rows.push(row);
+                record(report, r.run(ctx, size, run)?)?;
             }
         }
     }
-    report.write(args)?;
-    print!("{}", report.summary());
-    drop(cleanup);
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Sizes the workload cannot take, and link sizes that measure nothing, are refused before
+    /// the lab is built.
+    #[test]
+    fn sizes_are_bounded() {
+        assert_eq!(parse_mib("64M"), Ok(64));
+        assert_eq!(parse_mib("1T"), Ok(1 << 20));
+        assert!(parse_mib("10T").unwrap_err().contains("over 1T"));
+        assert!(parse_mib("16").unwrap_err().contains("with its unit"));
+        assert!(check_sizes(&[64, 64]).is_err());
+        assert!(matches!(
+            check_sizes(&[1 << 20]),
+            Err(BenchError::TooBig { .. })
+        ));
+        assert_eq!(parse_link_mib("0"), Ok(0));
+        assert_eq!(parse_link_mib("4"), Ok(4));
+        assert!(parse_link_mib("2").is_err());
+    }
+
+    /// An output that cannot be written is refused before the bench runs, and the check leaves
+    /// no file behind.
+    #[test]
+    fn outputs_are_checked_first() {
+        let tmp = tempfile::tempdir().unwrap();
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["bench", "move"];
+            argv.extend(extra);
+            use clap::Parser;
+            let cli = crate::cli::Cli::try_parse_from(std::iter::once("mig").chain(argv)).unwrap();
+            match cli.command {
+                crate::cli::Command::Bench(BenchCommand::Move(a)) => a,
+                _ => unreachable!(),
+            }
+        };
+        let dir = tmp.path().to_str().unwrap();
+        let a = parse(&["--csv", dir]);
+        assert!(matches!(
+            check_outputs(&a),
+            Err(BenchError::OutputIsDir { .. })
+        ));
+        let file = tmp.path().join("r.csv");
+        let a = parse(&["--csv", file.to_str().unwrap()]);
+        check_outputs(&a).unwrap();
+        assert!(!file.exists());
+        let a = parse(&["--json", "/proc/mig-bench-test.json"]);
+        assert!(matches!(check_outputs(&a), Err(BenchError::Output { .. })));
+    }
 
     #[test]
     fn modes_are_those_of_mig_move_and_stream_nopresync() {

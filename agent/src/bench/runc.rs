@@ -282,6 +282,8 @@ impl RuncHosts {
         )?;
         row.verified = after.verified_after(before);
         if !row.verified {
+            // Its times stay in the row, but not in the medians (a failed run).
+            row.status = RowStatus::Failed;
             row.note = format!(
                 "no full verification pass after the restore (bad: {:?}, last: {:?})",
                 after.bad, after.last_ok

@@ -79,6 +79,8 @@ pub struct Status {
     pub last_ok: Option<(u64, u64)>,
     /// The first `BAD` line's counter.
     pub bad: Option<u64>,
+    /// The workload's exit code, once it has ended (it never does by itself).
+    pub exited: Option<i64>,
 }
 
 impl Status {
