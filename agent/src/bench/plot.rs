@@ -18,6 +18,9 @@ pub fn draw(report: &BenchReport, path: &Path) -> Result<(), BenchError> {
     let modes = report.modes();
     let x_min = sizes.iter().copied().min().unwrap_or(1).max(1) as f64 / 1.4;
     let x_max = sizes.iter().copied().max().unwrap_or(1).max(1) as f64 * 1.4;
+    // About one label per doubling, so that they fall on the sizes (more made in-between
+    // labels that rounded to the same text: "11M 12M 12M ... 16M" for 16M and 32M).
+    let x_labels = ((x_max / x_min).log2().ceil() as usize + 1).clamp(2, 12);
     let root = SVGBackend::new(path, (1200, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let panels: [(&str, Metric); 2] = [
@@ -50,7 +53,7 @@ pub fn draw(report: &BenchReport, path: &Path) -> Result<(), BenchError> {
         chart
             .configure_mesh()
             .x_desc("memory size (log scale)")
-            .x_labels(12)
+            .x_labels(x_labels)
             .x_label_formatter(&|&mib| size_label(mib))
             .y_desc("ms")
             .y_label_formatter(&|&ms| format!("{ms:.0}"))
@@ -124,6 +127,35 @@ mod tests {
             !labels.iter().any(|l| l.ends_with(".0")),
             "decimal tick labels: {labels:?}"
         );
+    }
+
+    /// Two close sizes (QA: 16M and 32M) get labels that are each a distinct size.
+    #[test]
+    fn close_sizes_get_distinct_labels() {
+        let mut report = BenchReport {
+            command: "test".into(),
+            machine: Default::default(),
+            link: Vec::new(),
+            rows: Vec::new(),
+        };
+        for size in [16, 32] {
+            let mut r = Row::new(size, "mig", "cold", 1);
+            r.downtime_ms = Some(300);
+            r.total_ms = Some(400);
+            report.rows.push(r);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.svg");
+        draw(&report, &path).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        let labels: Vec<&str> = svg
+            .lines()
+            .filter(|l| !l.starts_with('<') && l.ends_with('M'))
+            .collect();
+        // Two panels, each its own axis: each label once (12 labels made "32M 38M 45M" twice,
+        // and in-between sizes nobody measured).
+        let one_axis = &labels[..labels.len() / 2];
+        assert_eq!(one_axis, ["16M", "32M"], "{labels:?}");
     }
 
     #[test]
