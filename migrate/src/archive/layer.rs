@@ -228,6 +228,37 @@ fn apply_xattrs(xattrs: &Xattrs, path: &Path) -> Result<(), LayerError> {
     Ok(())
 }
 
+/// Removes the extended attributes of the existing directory `path` that its entry does not
+/// carry (overlay's own aside): removed from the source's directory between the presync and the
+/// freeze, they stayed on the destination's (other entries replace what they unpack onto).
+fn drop_other_xattrs(xattrs: &Xattrs, path: &Path) -> Result<(), LayerError> {
+    let names = match super::sys::llistxattr(path) {
+        Ok(n) => n,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(()),
+        Err(source) => {
+            return Err(LayerError::Unpack {
+                path: path.to_owned(),
+                source,
+            })
+        }
+    };
+    for name in names {
+        if name.starts_with(OVERLAY_XATTR_PREFIX) || xattrs.iter().any(|(n, _)| *n == name) {
+            continue;
+        }
+        match super::sys::lremovexattr(path, &name) {
+            Err(e) if e.raw_os_error() != Some(libc::ENODATA) => {
+                return Err(LayerError::Unpack {
+                    path: path.to_owned(),
+                    source: e,
+                })
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// The extended attributes in `entry`'s PAX header (`SCHILY.xattr.NAME` and
 /// [`XATTR_HEX_KEY`] records).
 fn entry_xattrs<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Xattrs, LayerError> {
@@ -504,12 +535,17 @@ pub(super) fn unpack_entries<R: Read>(
             unpack_special(entry.header(), dest, &raw)?;
             apply_xattrs(&xattrs, &dest.join(&raw))?;
         } else {
-            before(&raw, entry.header().entry_type().is_dir())?;
+            let is_dir = entry.header().entry_type().is_dir();
+            before(&raw, is_dir)?;
             let done = entry.unpack_in(dest).map_err(unpack_err(dest.join(&raw)))?;
             if !done {
                 return Err(unsafe_path());
             }
             // unpack_in checked the path stays inside `dest` (no symlinked parent).
+            if is_dir {
+                // A delta's directory is the one its presync made, not a new one.
+                drop_other_xattrs(&xattrs, &dest.join(&raw))?;
+            }
             apply_xattrs(&xattrs, &dest.join(&raw))?;
         }
     }

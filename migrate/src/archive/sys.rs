@@ -49,6 +49,18 @@ pub fn lsetxattr_bytes(path: &Path, name: &[u8], value: &[u8]) -> io::Result<()>
     }
 }
 
+/// Removes xattr `name` from `path` (not following a symlink).
+pub fn lremovexattr(path: &Path, name: &[u8]) -> io::Result<()> {
+    let p = cstr(path.as_os_str().as_bytes())?;
+    let n = cstr(name)?;
+    // SAFETY: both strings are NUL-terminated and live across the call.
+    if unsafe { libc::lremovexattr(p.as_ptr(), n.as_ptr()) } < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 /// Names of the extended attributes of `path` (not following a symlink).
 pub fn llistxattr(path: &Path) -> io::Result<Vec<Vec<u8>>> {
     let p = cstr(path.as_os_str().as_bytes())?;

@@ -482,6 +482,8 @@ fn extended_attributes_travel_with_the_layer_and_its_delta() {
 
     // Set while "running": the delta carries it (the change of ctime puts the file in it).
     lsetxattr(&src.join("later"), "user.tag", b"late").unwrap();
+    // Removed while "running" from a directory: gone on the destination too (it stayed).
+    super::sys::lremovexattr(&src.join("d"), b"user.dir").unwrap();
     let mut delta = Vec::new();
     write_layer_delta(&src, &scan, &mut delta).unwrap();
     apply_layer_delta(&mut &delta[..], &dst).unwrap();
@@ -493,4 +495,6 @@ fn extended_attributes_travel_with_the_layer_and_its_delta() {
         lgetxattr_value(&dst.join("f"), b"user.color").unwrap(),
         b"blue"
     );
+    assert!(lgetxattr_value(&dst.join("d"), b"user.dir").is_err());
+    assert_eq!(lgetxattr_value(&dst.join("d"), b"user.a=b").unwrap(), b"v");
 }
