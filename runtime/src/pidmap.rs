@@ -34,6 +34,41 @@ pub fn threads(host_pids: &[i32]) -> u64 {
         .sum()
 }
 
+/// The bytes of the deleted files the given host PIDs still hold open or mapped, each file once:
+/// CRIU copies each into the checkpoint (a "ghost file"), so they cross while frozen in every
+/// mode. Those on a tmpfs (memfd, `/dev/shm`) are left out: their pages are the cgroup's shared
+/// memory, counted there. Counted by blocks (a sparse file costs what it holds).
+pub fn deleted_open_bytes(host_pids: &[i32]) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0u64;
+    for p in host_pids {
+        for dir in ["fd", "map_files"] {
+            let Ok(entries) = fs::read_dir(format!("/proc/{p}/{dir}")) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let path = e.path();
+                let deleted = fs::read_link(&path)
+                    .is_ok_and(|t| t.as_os_str().as_encoded_bytes().ends_with(b" (deleted)"));
+                if !deleted {
+                    continue;
+                }
+                // The magic link leads to the file itself, deleted or not.
+                let Ok(m) = fs::metadata(&path) else {
+                    continue;
+                };
+                let on_tmpfs = nix::sys::statfs::statfs(&path)
+                    .is_ok_and(|f| f.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
+                if m.is_file() && !on_tmpfs && seen.insert((m.dev(), m.ino())) {
+                    total = total.saturating_add(m.blocks().saturating_mul(512));
+                }
+            }
+        }
+    }
+    total
+}
+
 fn entry(host_pid: i32) -> Option<PidEntry> {
     let status = fs::read_to_string(format!("/proc/{host_pid}/status")).ok()?;
     let ns_pid = innermost_ns_pid(&status)?;
@@ -70,6 +105,26 @@ pub fn command_line(raw: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    /// A deleted file this process holds open counts once, by its blocks; a live one does not.
+    #[test]
+    fn deleted_open_files_are_counted_once() {
+        use std::io::Write;
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let path = dir.path().join("ghost");
+        let mut f = std::fs::File::create(&path).unwrap();
+        f.write_all(&vec![7u8; 1 << 20]).unwrap();
+        f.sync_all().unwrap();
+        let _again = std::fs::File::open(&path).unwrap();
+        let me = [std::process::id() as i32];
+        let before = super::deleted_open_bytes(&me);
+        std::fs::remove_file(&path).unwrap();
+        let after = super::deleted_open_bytes(&me);
+        assert!(
+            after >= before + (1 << 20) && after < before + (2 << 20),
+            "{before} -> {after}"
+        );
+    }
+
     use super::*;
 
     #[test]
