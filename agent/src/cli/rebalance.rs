@@ -288,7 +288,15 @@ async fn loads(targets: &[Target]) -> Result<Vec<plan::HostLoad>, CliError> {
             .await?
             .into_iter()
             .filter(|c| c.state == crate::api::ContainerState::Running)
-            .map(|c| (c.name, c.usage.map(|u| u.memory_bytes).unwrap_or(0)))
+            // What a move carries and what the host cannot reclaim: anonymous and shared
+            // memory, not the page cache the cgroup is also charged for.
+            .map(|c| {
+                let memory = c
+                    .usage
+                    .map(|u| crate::migration::modes::checkpoint_memory(&u).0)
+                    .unwrap_or(0);
+                (c.name, memory)
+            })
             .collect();
         out.push(plan::HostLoad {
             host: t.name.clone(),
