@@ -147,6 +147,24 @@ pub struct StateRecord {
     pub cgroup: String,
 }
 
+impl StateRecord {
+    /// A container that has not run here yet: in `state`, created now, in `cgroup`.
+    pub fn new(state: ContainerState, cgroup: String) -> StateRecord {
+        StateRecord {
+            state,
+            created: now(),
+            started: None,
+            finished: None,
+            exit_code: None,
+            signal: None,
+            oom_killed: false,
+            reason: None,
+            stop_requested: false,
+            cgroup,
+        }
+    }
+}
+
 /// `shim.json`: written by the shim once the container's init runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -695,18 +695,7 @@ impl Agent {
                     }
                 }
             }
-            let state = StateRecord {
-                state: ContainerState::Checkpointed,
-                created: now(),
-                started: None,
-                finished: None,
-                exit_code: None,
-                signal: None,
-                oom_killed: false,
-                reason: None,
-                stop_requested: false,
-                cgroup: self.cgroup_name(&spec.id),
-            };
+            let state = StateRecord::new(ContainerState::Checkpointed, self.cgroup_name(&spec.id));
             let cd = self.dirs.container(&spec.id);
             // The directory is the import's only once the rename made it: a failure before
             // must not remove what another operation put there.

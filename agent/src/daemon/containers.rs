@@ -63,16 +63,8 @@ impl Agent {
                 Err(e) => {
                     tracing::warn!(%id, error = %e, "container without state.json: marking it failed");
                     StateRecord {
-                        state: ContainerState::Failed,
-                        created: now(),
-                        started: None,
-                        finished: None,
-                        exit_code: None,
-                        signal: None,
-                        oom_killed: false,
                         reason: Some("state.json was missing or unreadable".into()),
-                        stop_requested: false,
-                        cgroup: self.cgroup_name(&id),
+                        ..StateRecord::new(ContainerState::Failed, self.cgroup_name(&id))
                     }
                 }
             };

@@ -147,18 +147,7 @@ impl Agent {
             self.release_net(&spec);
             return Err(invalid(e.to_string()));
         }
-        let state = StateRecord {
-            state: ContainerState::Created,
-            created: now(),
-            started: None,
-            finished: None,
-            exit_code: None,
-            signal: None,
-            oom_killed: false,
-            reason: None,
-            stop_requested: false,
-            cgroup: self.cgroup_name(&id),
-        };
+        let state = StateRecord::new(ContainerState::Created, self.cgroup_name(&id));
         {
             let _reserving = crate::migration::dest::reserving();
             let mut map = self.lock();

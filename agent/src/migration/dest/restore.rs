@@ -140,16 +140,9 @@ impl DestSide {
             .map(|s| s.created)
             .unwrap_or_else(now);
         let state = StateRecord {
-            state: ContainerState::Checkpointed,
             created,
-            started: None,
-            finished: None,
-            exit_code: None,
-            signal: None,
-            oom_killed: false,
             reason: Some(format!("arriving from {}", self.source)),
-            stop_requested: false,
-            cgroup: self.cgroup_of(&spec.id),
+            ..StateRecord::new(ContainerState::Checkpointed, self.cgroup_of(&spec.id))
         };
         crate::layout::write_record(&cd.spec(), &spec).map_err(io(&cd.spec()))?;
         crate::layout::write_record(&cd.state(), &state).map_err(io(&cd.state()))?;
