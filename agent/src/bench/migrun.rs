@@ -52,7 +52,7 @@ fn status_on(ctx: &Ctx, host: usize, id: &str) -> Status {
     };
     if let Ok(o) = mig(ctx, host, &["inspect", "--json", id]) {
         let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
-        if matches!(v["state"].as_str(), Some("exited" | "stopped")) {
+        if matches!(v["state"].as_str(), Some("exited" | "stopped" | "failed")) {
             s.exited = Some(v["exit_code"].as_i64().unwrap_or(-1));
         }
     }

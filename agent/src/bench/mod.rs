@@ -91,7 +91,7 @@ pub struct BenchMoveArgs {
     #[arg(long, default_value_t = 1)]
     pub dirty_mib: u64,
     /// MiB sent by each raw throughput measurement, each repeated 3 times (0: skip them; else
-    /// at least 4, a MiB per QUIC stream).
+    /// at least 4: less measures start-up, not throughput).
     #[arg(long, default_value_t = 1024, value_parser = parse_link_mib)]
     pub link_mib: u64,
     /// Only measure the link (raw TCP, raw QUIC, the page tunnel) and print it; no workload, no
@@ -167,7 +167,11 @@ pub enum BenchError {
     OutputDir { path: PathBuf },
     #[error("cannot write {}: it is a directory (checked before the bench runs)", path.display())]
     OutputIsDir { path: PathBuf },
-    #[error("--sizes {size_mib}M is more than this machine's memory ({mem_mib} MiB): the workload holds the whole size")]
+    #[error("cannot write {}: it is not a regular file", path.display())]
+    OutputNotFile { path: PathBuf },
+    #[error("{} is given for two outputs", path.display())]
+    OutputTwice { path: PathBuf },
+    #[error("--sizes {size_mib}M does not fit twice in this machine's memory ({mem_mib} MiB): the workload holds the whole size, and both lab hosts hold a copy while it moves")]
     TooBig { size_mib: u64, mem_mib: u64 },
     #[error("--sizes {size_mib}M is given twice")]
     SizeTwice { size_mib: u64 },
@@ -193,8 +197,9 @@ fn parse_mib(s: &str) -> Result<u64, String> {
     }
 }
 
-/// `--link-mib`: 0 (skip) or at least 4 (the QUIC measurement sends whole MiB per stream, and
-/// uses up to four streams: less sent nothing on some and printed 0 MB/s).
+/// `--link-mib`: 0 (skip) or at least 4 (1 MiB over 4 streams printed 0 MB/s for some
+/// variants: their streams sent whole MiB only; less than a few MiB measures the connection's
+/// start, not its throughput).
 fn parse_link_mib(s: &str) -> Result<u64, String> {
     match s.parse::<u64>() {
         Ok(n) if n == 0 || n >= 4 => Ok(n),
@@ -253,6 +258,12 @@ impl Ctx {
     }
 }
 
+/// Results on stdout (lost, not a panic, when stdout is a closed pipe: `| head`).
+pub(crate) fn to_stdout(text: &str) {
+    use std::io::Write;
+    let _ = io::stdout().write_all(text.as_bytes());
+}
+
 /// Progress line on stderr (lost, not a panic, when stderr is a closed pipe).
 pub(crate) fn progress(msg: &str) {
     use std::io::Write;
@@ -285,19 +296,32 @@ impl Drop for Cleanup {
 }
 
 /// Runs `mig bench move`; Ctrl-C (SIGINT), SIGTERM and SIGHUP stop it after the current step,
-/// write what was measured and clean up.
+/// write what was measured and clean up. A signal ignored as mig started stays ignored (`nohup
+/// mig bench ...` goes on after the terminal closes, as it did before SIGHUP was handled).
 pub async fn run(args: BenchMoveArgs) -> Result<(), BenchError> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let handler = |kind: SignalKind| {
-        signal(kind).map_err(|source| BenchError::Spawn {
+    use tokio::signal::unix::{signal, Signal, SignalKind};
+    let handler = |kind: SignalKind| -> Result<Option<Signal>, BenchError> {
+        if crate::cli::ignored_at_start(kind.as_raw_value()) {
+            return Ok(None);
+        }
+        signal(kind).map(Some).map_err(|source| BenchError::Spawn {
             command: "signal handler".into(),
             source,
         })
     };
-    let (mut term, mut hup) = (
+    let (mut int, mut term, mut hup) = (
+        handler(SignalKind::interrupt())?,
         handler(SignalKind::terminate())?,
         handler(SignalKind::hangup())?,
     );
+    async fn next(s: &mut Option<Signal>) {
+        if let Some(s) = s {
+            if s.recv().await.is_some() {
+                return;
+            }
+        }
+        std::future::pending().await
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = tokio::sync::oneshot::channel();
     let s = stop.clone();
@@ -314,13 +338,9 @@ pub async fn run(args: BenchMoveArgs) -> Result<(), BenchError> {
     loop {
         tokio::select! {
             r = &mut rx => return r.map_err(|_| BenchError::Thread)?,
-            c = tokio::signal::ctrl_c() => {
-                if c.is_ok() {
-                    interrupted(&stop, "SIGINT");
-                }
-            }
-            Some(()) = term.recv() => interrupted(&stop, "SIGTERM"),
-            Some(()) = hup.recv() => interrupted(&stop, "SIGHUP"),
+            () = next(&mut int) => interrupted(&stop, "SIGINT"),
+            () = next(&mut term) => interrupted(&stop, "SIGTERM"),
+            () = next(&mut hup) => interrupted(&stop, "SIGHUP"),
         }
     }
 }
@@ -381,7 +401,16 @@ pub fn check_outputs(args: &BenchMoveArgs) -> Result<(), BenchError> {
         if path.is_dir() {
             return Err(BenchError::OutputIsDir { path: path.clone() });
         }
-        let existed = path.exists();
+        // A FIFO would block the check (and a device take the results); a dangling symlink
+        // is kept, not removed after the check made its target.
+        let existed = path.symlink_metadata().is_ok();
+        if path.metadata().is_ok_and(|m| !m.is_file()) {
+            return Err(BenchError::OutputNotFile { path: path.clone() });
+        }
+        let given = [&args.csv, &args.json, &args.plot];
+        if given.into_iter().flatten().filter(|p| *p == path).count() > 1 {
+            return Err(BenchError::OutputTwice { path: path.clone() });
+        }
         std::fs::OpenOptions::new()
             .append(true)
             .create(true)
@@ -397,20 +426,15 @@ pub fn check_outputs(args: &BenchMoveArgs) -> Result<(), BenchError> {
     Ok(())
 }
 
-/// Each size once, none larger than this machine's memory (the workload holds all of it).
+/// Each size once, none whose workload and its copy (both lab hosts are this machine, and hold
+/// one each while a move runs) would not fit in this machine's memory.
 fn check_sizes(sizes: &[u64]) -> Result<(), BenchError> {
-    let mem_mib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            let kib = m.lines().find(|l| l.starts_with("MemTotal:"))?;
-            kib.split_whitespace().nth(1)?.parse::<u64>().ok()
-        })
-        .map(|kib| kib >> 10);
+    let mem_mib = crate::daemon::mem_total_bytes().map(|b| b >> 20);
     for (i, &size_mib) in sizes.iter().enumerate() {
         if sizes[..i].contains(&size_mib) {
             return Err(BenchError::SizeTwice { size_mib });
         }
-        if let Some(mem_mib) = mem_mib.filter(|&m| size_mib > m) {
+        if let Some(mem_mib) = mem_mib.filter(|&m| size_mib.saturating_mul(2) > m) {
             return Err(BenchError::TooBig { size_mib, mem_mib });
         }
     }
@@ -480,18 +504,30 @@ fn run_blocking(args: &BenchMoveArgs, stop: Arc<AtomicBool>) -> Result<(), Bench
         return Ok(());
     }
     let mut report = BenchReport::for_this_machine();
-    let measured = measure(args, &ctx, &mut cleanup, &mut report);
+    let measured = measure(args, &ctx, &mut cleanup, &mut report).map_err(|e| {
+        // A stop interrupts the commands under way too (a terminal's Ctrl-C reaches them):
+        // their failure is the stop's.
+        match ctx.check_stop() {
+            Err(stopped) => stopped,
+            Ok(()) => e,
+        }
+    });
     // Whatever stopped the bench, the runs done so far are written and summed up.
     let written = if report.rows.is_empty() && report.link.is_empty() {
         Ok(())
     } else {
         let w = report.write(args);
-        print!("{}", report.summary());
+        to_stdout(&report.summary());
         if let Err(e) = &measured {
-            progress(&format!(
-                "stopped early ({e}): the files and the summary have the {} run(s) done before",
-                report.rows.len()
-            ));
+            match &w {
+                Ok(()) => progress(&format!(
+                    "stopped early ({e}): the files and the summary have the {} run(s) done before",
+                    report.rows.len()
+                )),
+                Err(we) => progress(&format!(
+                    "stopped early ({e}), and the runs done could not all be written: {we}"
+                )),
+            }
         }
         w
     };
@@ -616,6 +652,25 @@ mod tests {
         assert!(!file.exists());
         let a = parse(&["--json", "/proc/mig-bench-test.json"]);
         assert!(matches!(check_outputs(&a), Err(BenchError::Output { .. })));
+        // A FIFO would have blocked the check; one path for two outputs is refused.
+        let fifo = tmp.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let a = parse(&["--csv", fifo.to_str().unwrap()]);
+        assert!(matches!(
+            check_outputs(&a),
+            Err(BenchError::OutputNotFile { .. })
+        ));
+        let f = file.to_str().unwrap();
+        let a = parse(&["--csv", f, "--json", f]);
+        assert!(matches!(
+            check_outputs(&a),
+            Err(BenchError::OutputTwice { .. })
+        ));
+        // A dangling symlink stays.
+        let link = tmp.path().join("link.csv");
+        std::os::unix::fs::symlink(tmp.path().join("target.csv"), &link).unwrap();
+        check_outputs(&parse(&["--csv", link.to_str().unwrap()])).unwrap();
+        assert!(link.symlink_metadata().is_ok());
     }
 
     #[test]

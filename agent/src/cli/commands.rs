@@ -281,20 +281,27 @@ pub(super) fn json<T: serde::Serialize>(v: &T) -> Result<(), CliError> {
 /// never when SIGINT was ignored as mig started (a background job of a shell script: the
 /// shell's choice is kept, as before) or when no handler can be installed.
 pub(super) async fn interrupted() {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    if !ignores_sigint(&status) && tokio::signal::ctrl_c().await.is_ok() {
+    if !ignored_at_start(libc::SIGINT) && tokio::signal::ctrl_c().await.is_ok() {
         return;
     }
     std::future::pending::<()>().await
 }
 
-/// Whether `/proc/PID/status` text says SIGINT is ignored (bit 2 of the `SigIgn` mask).
-fn ignores_sigint(status: &str) -> bool {
+/// Whether signal `sig` is ignored by this process, as its parent left it (`nohup` ignores
+/// SIGHUP, a shell's background job SIGINT): read before any handler of ours replaces that,
+/// so that a command keeps the choice rather than overriding it.
+pub(crate) fn ignored_at_start(sig: i32) -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    ignores(&status, sig)
+}
+
+/// Whether `/proc/PID/status` text says signal `sig` is ignored (its bit in the `SigIgn` mask).
+fn ignores(status: &str, sig: i32) -> bool {
     status
         .lines()
         .find_map(|l| l.strip_prefix("SigIgn:"))
         .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
-        .is_some_and(|mask| mask & (1 << (libc::SIGINT - 1)) != 0)
+        .is_some_and(|mask| mask & (1 << (sig - 1)) != 0)
 }
 
 #[cfg(test)]
@@ -415,9 +422,13 @@ mod tests {
 
     #[test]
     fn an_ignored_sigint_stays_ignored() {
-        assert!(ignores_sigint("Name:\tmig\nSigIgn:\t0000000000000006\n"));
-        assert!(!ignores_sigint("SigIgn:\t0000000000001004\n"));
-        assert!(!ignores_sigint(""));
+        assert!(ignores(
+            "Name:\tmig\nSigIgn:\t0000000000000006\n",
+            libc::SIGINT
+        ));
+        assert!(!ignores("SigIgn:\t0000000000001004\n", libc::SIGINT));
+        assert!(!ignores("", libc::SIGINT));
+        assert!(ignores("SigIgn:\t0000000000000001\n", libc::SIGHUP));
     }
 
     #[test]

@@ -98,7 +98,7 @@ pub(super) async fn drain(cli: &Cli, a: &DrainArgs) -> Result<u8, CliError> {
             total_ms: None,
             errors: Vec::new(),
         };
-        wait_for_memory(&mut c, ct).await?;
+        wait_for_memory(&mut c, ct).await;
         for k in 0..peers.len() {
             let peer = &peers[(next + k) % peers.len()];
             let moved = c
@@ -171,7 +171,7 @@ const ARRIVING_WAIT: Duration = Duration::from_secs(600);
 /// Waits while container `ct` runs here with its memory still arriving (a post-copy or stream
 /// move that brought it is filling it in): such a container cannot be moved yet. Says so on
 /// stderr (also with `--json`, whose report goes to stdout), and when it ends.
-async fn wait_for_memory(c: &mut Client, ct: &ContainerSummary) -> Result<(), CliError> {
+async fn wait_for_memory(c: &mut Client, ct: &ContainerSummary) {
     let started = Instant::now();
     let mut said = false;
     let mut arriving = ct.memory_arriving;
@@ -181,7 +181,10 @@ async fn wait_for_memory(c: &mut Client, ct: &ContainerSummary) -> Result<(), Cl
             said = true;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
-        let now = c.list(false).await?;
+        // A failed look is no reason to lose the report: the move is tried, and says why.
+        let Ok(now) = c.list(false).await else {
+            break;
+        };
         arriving = now.iter().any(|x| x.id == ct.id && x.memory_arriving);
     }
     if said {
@@ -196,7 +199,6 @@ async fn wait_for_memory(c: &mut Client, ct: &ContainerSummary) -> Result<(), Cl
             started.elapsed().as_secs_f64()
         );
     }
-    Ok(())
 }
 
 fn chain(e: &(dyn std::error::Error + 'static)) -> String {

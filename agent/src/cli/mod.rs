@@ -15,6 +15,7 @@ mod moves;
 mod output;
 mod rebalance;
 
+pub(crate) use commands::ignored_at_start;
 pub use commands::main;
 
 use clap::parser::ValueSource;

@@ -318,6 +318,11 @@ struct MemInfo {
     available: Option<u64>,
 }
 
+/// This machine's memory (MemTotal), bytes.
+pub(crate) fn mem_total_bytes() -> Option<u64> {
+    meminfo().total
+}
+
 fn meminfo() -> MemInfo {
     let Ok(info) = std::fs::read_to_string("/proc/meminfo") else {
         return MemInfo::default();

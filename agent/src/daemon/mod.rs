@@ -15,6 +15,7 @@ pub mod events;
 mod exec;
 pub mod heap;
 mod info;
+pub(crate) use info::mem_total_bytes;
 mod logs;
 pub(crate) mod marks;
 mod mounts;

@@ -120,7 +120,9 @@ pub(crate) fn recover(agent: &Arc<Agent>) {
                 // `running` while the destination runs it.
                 agent.set_busy(&e.container_id, true);
                 super::source::mark_frozen(&e.container_id, true);
+                let ending = super::source::hold_ending(&e.container_id);
                 tokio::spawn(async move {
+                    let _ending = ending;
                     let _held = hold(&e.migration_id).await;
                     match destroy_copy(&agent, &e.container_id, &e.cgroup).await {
                         Ok(()) => {

@@ -18,18 +18,14 @@ const OLD_COPY_WAIT: Duration = Duration::from_secs(10);
 
 impl DestSide {
     /// Waits (up to [`OLD_COPY_WAIT`]) while container `id` is here only as a copy being ended
-    /// after its move away committed (its newest journal here says so; the copy is no longer
-    /// busy while its removal runs); any other copy is left to the checks, which refuse it.
+    /// after its move away committed ([`crate::migration::source::ending`]: from the commit
+    /// until its removal ended); any other copy is left to the checks, which refuse it.
     pub(super) async fn wait_for_old_copy(&self, id: &str) {
-        use mig_migrate::protocol::{JournalState, Role};
         let started = Instant::now();
         let deadline = started + OLD_COPY_WAIT;
         let mut waited = false;
         loop {
-            let journals = self.agent.journals();
-            let moved_away = journal::newest_of(&journals, id)
-                .is_some_and(|j| j.role == Role::Source && j.state == JournalState::Committed);
-            let ending = moved_away && self.agent.lock().contains_key(id);
+            let ending = crate::migration::source::ending(id);
             if !ending || Instant::now() >= deadline {
                 if waited {
                     let ms = crate::migration::ms(started.elapsed());

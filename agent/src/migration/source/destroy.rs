@@ -53,5 +53,20 @@ pub(crate) fn frozen_for_move(id: &str) -> bool {
     MOVE_FROZEN.contains(id)
 }
 
+/// Containers whose move away committed and whose copy here is being ended (the post-copy's
+/// last pages served, then [`destroy_copy`]), success or not: a move of the same container back
+/// to this host waits for that ([`crate::migration::dest`]) instead of being refused.
+static ENDING: crate::daemon::marks::Marks = crate::daemon::marks::Marks::new();
+
+/// Marks container `id` as being ended after its move away committed, until the guard drops.
+pub(crate) fn hold_ending(id: &str) -> crate::daemon::marks::Mark {
+    ENDING.hold(id)
+}
+
+/// Whether container `id`'s copy here is being ended after its move away committed.
+pub(crate) fn ending(id: &str) -> bool {
+    ENDING.contains(id)
+}
+
 /// How long [`destroy_copy`] waits for the killed copy's shim before it removes the copy.
 const DESTROY_GRACE: Duration = Duration::from_secs(5);

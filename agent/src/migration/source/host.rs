@@ -205,6 +205,7 @@ impl SourceHost for Src {
     }
 
     async fn destroy(&self) -> Result<(), HostError> {
+        let _ending = super::destroy::hold_ending(&self.id);
         // Post-copy: the destination needs this copy's pages until it has the last one.
         let me = self.clone();
         blocking(move || {
