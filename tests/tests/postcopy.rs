@@ -594,9 +594,12 @@ fn a_container_still_receiving_its_memory_is_not_moved_on() -> Result<()> {
         bail!("memory lost on the way: {bad}");
     }
     after?;
+    let log_a = std::fs::read_to_string(lab.hosts[0].socket.with_extension("log"))?;
+    let waited = log_a.lines().find(|l| l.contains("waited for the copy"));
     eprintln!(
-        "{} moves refused while the memory arrived, then moved back intact",
-        refused.len()
+        "{} moves refused while the memory arrived, then moved back intact; host-a: {}",
+        refused.len(),
+        waited.unwrap_or("its old copy was gone when the move back arrived")
     );
     Ok(())
 }
