@@ -511,6 +511,26 @@ fn a_post_copy_whose_destination_agent_dies_never_runs_on_missing_memory() -> Re
     Ok(())
 }
 
+/// The 512 MiB memload `fill` on host-a, counting: a lazy move fills its memory in on the
+/// destination for seconds after the resume. Its id.
+fn start_filler(lab: &Lab) -> Result<String> {
+    memload_image(lab)?;
+    let id = run_memload(
+        lab,
+        "fill",
+        &["--mib", "512", "--verify-mib", "64", "--interval-ms", "50"],
+    )?;
+    memload_continues(lab, 0, "fill", 0)?;
+    Ok(id)
+}
+
+/// The first `BAD` line of the workload's logs.
+fn first_bad<'a>(logs: &[&'a str]) -> Option<&'a str> {
+    logs.iter()
+        .flat_map(|l| l.lines())
+        .find(|l| l.starts_with("BAD"))
+}
+
 /// A container whose memory a lazy-pages daemon still fills in after its move (post-copy, or a
 /// stream move's lazy restore) cannot be moved or checkpointed until every page is there: a dump
 /// would take the missing pages as absent, and the copy would run on zeros.
@@ -520,13 +540,7 @@ fn a_container_still_receiving_its_memory_is_not_moved_on() -> Result<()> {
         return Ok(());
     }
     let lab = Lab::up("pcfill", 77)?;
-    memload_image(&lab)?;
-    let id = run_memload(
-        &lab,
-        "fill",
-        &["--mib", "512", "--verify-mib", "64", "--interval-ms", "50"],
-    )?;
-    memload_continues(&lab, 0, "fill", 0)?;
+    let id = start_filler(&lab)?;
     // Post-copy: the pages come from host-a after the resume, as the workload touches them;
     // meanwhile, as soon as host-b lists it running, try to move it on and to checkpoint it.
     let mut refused = Vec::new();
@@ -586,11 +600,7 @@ fn a_container_still_receiving_its_memory_is_not_moved_on() -> Result<()> {
         refused.iter().any(|r| arriving(&r)) && checkpoint_refused,
         "no move or checkpoint was tried while the memory arrived (the post-copy ended first)"
     );
-    if let Some(bad) = log_a
-        .lines()
-        .chain(log_b.lines())
-        .find(|l| l.starts_with("BAD"))
-    {
+    if let Some(bad) = first_bad(&[&log_a, &log_b]) {
         bail!("memory lost on the way: {bad}");
     }
     after?;
@@ -613,13 +623,7 @@ fn drain_waits_for_a_container_whose_memory_is_arriving() -> Result<()> {
         return Ok(());
     }
     let lab = Lab::up("pcdrain", 78)?;
-    memload_image(&lab)?;
-    let id = run_memload(
-        &lab,
-        "fill",
-        &["--mib", "512", "--verify-mib", "64", "--interval-ms", "50"],
-    )?;
-    memload_continues(&lab, 0, "fill", 0)?;
+    let id = start_filler(&lab)?;
     let mut shown = String::new();
     let (drain, first) = std::thread::scope(|s| {
         let mover = s.spawn(|| lab.mig(0, &["move", "fill", "host-b", "--mode", "lazy"]));
@@ -659,11 +663,7 @@ fn drain_waits_for_a_container_whose_memory_is_arriving() -> Result<()> {
             && drain.stderr.contains("fill: its memory arrived after"),
         "the drain did not wait: {drain:?}"
     );
-    if let Some(bad) = log_a
-        .lines()
-        .chain(log_b.lines())
-        .find(|l| l.starts_with("BAD"))
-    {
+    if let Some(bad) = first_bad(&[&log_a, &log_b]) {
         bail!("memory lost on the way: {bad}");
     }
     after?;
