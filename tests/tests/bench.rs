@@ -30,6 +30,24 @@ fn runc_installed() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// `mig bench move ARGS` on lab `lab` and subnet `subnet`, with the static workload, reaching no
+/// agent of the environment's.
+fn bench_move(lab: &str, subnet: &str, args: &[&str]) -> Result<Command> {
+    let mut cmd = Command::new(bin("mig"));
+    cmd.args(["bench", "move"])
+        .args(args)
+        .args(["--lab", lab, "--subnet", subnet])
+        .arg("--workload")
+        .arg(mig_tests::static_binary(
+            "mig-memload",
+            "mig-memload",
+            "MIG_MEMLOAD",
+        )?)
+        .env_remove("MIG_HOST")
+        .env_remove("MIG_SOCKET");
+    Ok(cmd)
+}
+
 #[test]
 fn bench_move_tiny_run_writes_csv_json_and_svg() -> Result<()> {
     if !is_root("bench tests") {
@@ -44,32 +62,26 @@ fn bench_move_tiny_run_writes_csv_json_and_svg() -> Result<()> {
         tmp.path().join("b.svg"),
     );
     let runc = runc_installed();
-    let mut cmd = Command::new(bin("mig"));
-    cmd.args([
-        "bench",
-        "move",
-        "--sizes",
-        "16M",
-        "--runs",
-        "1",
-        "--modes",
-        "cold,stream",
-    ])
-    .args(["--lab", &lab, "--subnet", "10.214.60", "--link-mib", "64"])
-    .arg("--workload")
-    .arg(mig_tests::static_binary(
-        "mig-memload",
-        "mig-memload",
-        "MIG_MEMLOAD",
-    )?)
-    .arg("--csv")
-    .arg(&csv)
-    .arg("--json")
-    .arg(&json)
-    .arg("--plot")
-    .arg(&svg)
-    .env_remove("MIG_HOST")
-    .env_remove("MIG_SOCKET");
+    let mut cmd = bench_move(
+        &lab,
+        "10.214.60",
+        &[
+            "--sizes",
+            "16M",
+            "--runs",
+            "1",
+            "--modes",
+            "cold,stream",
+            "--link-mib",
+            "64",
+        ],
+    )?;
+    cmd.arg("--csv")
+        .arg(&csv)
+        .arg("--json")
+        .arg(&json)
+        .arg("--plot")
+        .arg(&svg);
     if runc {
         cmd.args(["--baseline", "runc"]);
     } else {
@@ -212,24 +224,25 @@ fn a_terminated_bench_keeps_its_finished_runs_and_leaves_nothing() -> Result<()>
     let _guard = Guard { lab: lab.clone() };
     let tmp = tempfile::tempdir()?;
     let csv = tmp.path().join("t.csv");
-    let mut child = Command::new(bin("mig"))
-        .args([
-            "bench", "move", "--sizes", "16M", "--runs", "5", "--modes", "cold",
-        ])
-        .args(["--lab", &lab, "--subnet", "10.214.62", "--link-mib", "0"])
-        .arg("--workload")
-        .arg(mig_tests::static_binary(
-            "mig-memload",
-            "mig-memload",
-            "MIG_MEMLOAD",
-        )?)
-        .arg("--csv")
-        .arg(&csv)
-        .env_remove("MIG_HOST")
-        .env_remove("MIG_SOCKET")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
+    let mut child = bench_move(
+        &lab,
+        "10.214.62",
+        &[
+            "--sizes",
+            "16M",
+            "--runs",
+            "5",
+            "--modes",
+            "cold",
+            "--link-mib",
+            "0",
+        ],
+    )?
+    .arg("--csv")
+    .arg(&csv)
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()?;
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     let stderr = child.stderr.take().context("stderr")?;
     let mut seen = Vec::new();
