@@ -1,5 +1,8 @@
 //! An async client of the agent API, for the `mig` CLI and for other Rust programs (a rebalancer,
-//! tests). One [`Client`] is one connection; requests on it are sequential.
+//! tests). One [`Client`] is one connection; requests on it are sequential. A call dropped before
+//! its answer was read (a `tokio::time::timeout` that fired, a `select!` that took another
+//! branch) leaves that answer on the connection: the client then refuses every further call with
+//! [`ClientError::OutOfStep`] rather than hand the old answer to the next one. Connect again.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), mig_agent::client::ClientError> {
@@ -36,10 +39,14 @@ pub enum ClientError {
     Version { agent: u32, detail: Option<String> },
     #[error("the agent did not answer the hello within {secs} s")]
     NoHello { secs: u64 },
-    #[error("{0}")]
+    /// The agent refused the request (its message once: `transparent` gives no source to print
+    /// again after it).
+    #[error(transparent)]
     Api(#[from] ApiError),
     #[error("unexpected answer from the agent to {request}: {got}")]
     Unexpected { request: &'static str, got: String },
+    #[error("this connection to the agent is out of step: an earlier request on it was dropped before its answer was read (connect again)")]
+    OutOfStep,
 }
 
 impl ClientError {
@@ -69,6 +76,11 @@ pub struct Client {
     pub agent: Hello,
     /// Keeps what the stream needs alive (the QUIC endpoint and connection of a remote client).
     _keep: Option<Box<dyn std::any::Any + Send>>,
+    /// Set while an exchange is under way: still set at the next call when the last one was
+    /// dropped half-way, whose answer may still come ([`ClientError::OutOfStep`]).
+    open: bool,
+    /// Bytes read from the stream that no response used yet ([`Client::read_response`]).
+    read: Vec<u8>,
 }
 
 impl std::fmt::Debug for Client {
@@ -200,7 +212,56 @@ impl Client {
             stream,
             agent,
             _keep: keep,
+            open: false,
+            read: Vec::new(),
         }
+    }
+
+    /// Reads one response frame, cancel-safe: what a dropped read got so far stays in
+    /// `self.read`, and the next read goes on from it (`read_frame` reads straight from the
+    /// stream, and a drop mid-frame lost the bytes it had).
+    async fn read_response(&mut self) -> Result<Response, FrameError> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if let Some(head) = self.read.first_chunk::<4>() {
+                let len = u32::from_be_bytes(*head);
+                if len > crate::api::frame::MAX_FRAME {
+                    return Err(FrameError::TooLarge { len: len.into() });
+                }
+                let end = 4 + len as usize;
+                if self.read.len() >= end {
+                    let frame: Vec<u8> = self.read.drain(..end).collect();
+                    return serde_json::from_slice(&frame[4..]).map_err(|source| {
+                        FrameError::Decode {
+                            what: "Response",
+                            source,
+                        }
+                    });
+                }
+            }
+            let mut chunk = [0u8; 16 << 10];
+            let n = self
+                .stream
+                .read(&mut chunk)
+                .await
+                .map_err(FrameError::Read)?;
+            if n == 0 {
+                return Err(match self.read.is_empty() {
+                    true => FrameError::Closed,
+                    false => FrameError::Read(std::io::ErrorKind::UnexpectedEof.into()),
+                });
+            }
+            self.read.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Starts an exchange, unless the last one was dropped before its end.
+    fn begin(&mut self) -> Result<(), ClientError> {
+        if self.open {
+            return Err(ClientError::OutOfStep);
+        }
+        self.open = true;
+        Ok(())
     }
 
     /// The API version of this connection.
@@ -210,8 +271,11 @@ impl Client {
 
     /// Sends one request and reads one response (errors are returned as [`ClientError::Api`]).
     pub async fn call(&mut self, req: &Request) -> Result<Response, ClientError> {
+        self.begin()?;
         write_frame(&mut self.stream, req).await?;
-        match read_frame(&mut self.stream).await? {
+        let r = self.read_response().await?;
+        self.open = false;
+        match r {
             Response::Error(e) => Err(ClientError::Api(e)),
             r => Ok(r),
         }
@@ -284,13 +348,26 @@ impl Client {
     /// Starts a move in the background and returns its id (see [`Client::move_status`] and
     /// the event stream). API version 2.
     pub async fn move_start(&mut self, container: &str, peer: &str) -> Result<String, ClientError> {
+        self.move_start_opts(container, peer, false, Default::default())
+            .await
+    }
+
+    /// [`Client::move_start`] with every option of `mig move`: established TCP connections
+    /// kept, the mode, the downtime limit, no memory presync.
+    pub async fn move_start_opts(
+        &mut self,
+        container: &str,
+        peer: &str,
+        tcp_established: bool,
+        opts: crate::migration::modes::MoveOptions,
+    ) -> Result<String, ClientError> {
         let req = Request::MoveStart {
             container: container.into(),
             peer: peer.into(),
-            tcp_established: false,
-            mode: None,
-            max_downtime_ms: None,
-            no_memory_presync: false,
+            tcp_established,
+            mode: opts.mode,
+            max_downtime_ms: opts.max_downtime_ms,
+            no_memory_presync: opts.no_memory_presync,
         };
         match self.call(&req).await? {
             Response::MoveStarted { id } => Ok(id),
@@ -472,11 +549,15 @@ impl Client {
             container: container.into(),
             follow,
         };
+        self.begin()?;
         write_frame(&mut self.stream, &req).await?;
         loop {
-            match read_frame(&mut self.stream).await? {
+            match self.read_response().await? {
                 Response::LogData { data } => sink(&data),
-                Response::LogEnd => return Ok(()),
+                Response::LogEnd => {
+                    self.open = false;
+                    return Ok(());
+                }
                 r => return Err(unexpected("logs", r)),
             }
         }
@@ -492,8 +573,14 @@ impl Client {
     }
 
     /// The next event after [`Client::subscribe_events`].
+    ///
+    /// Cancel-safe: dropped before it returned (`select!` with a timer), it loses nothing; the
+    /// next call goes on where it was.
     pub async fn next_event(&mut self) -> Result<Event, ClientError> {
-        match read_frame(&mut self.stream).await? {
+        if self.open {
+            return Err(ClientError::OutOfStep);
+        }
+        match self.read_response().await? {
             Response::Event(e) => Ok(*e),
             r => Err(unexpected("events", r)),
         }
@@ -581,11 +668,15 @@ impl Client {
                 r => Err(unexpected("exec", r)),
             };
         }
+        self.begin()?;
         write_frame(&mut self.stream, &req).await?;
         loop {
-            match read_frame(&mut self.stream).await? {
+            match self.read_response().await? {
                 Response::ExecData { stream, data } => sink(stream, &data),
-                Response::ExecEnd { code } => return Ok(code),
+                Response::ExecEnd { code } => {
+                    self.open = false;
+                    return Ok(code);
+                }
                 r => return Err(unexpected("exec", r)),
             }
         }
@@ -695,6 +786,58 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client over an in-memory stream and the agent's end of it, after the hello.
+    async fn connected() -> (Client, tokio::io::DuplexStream) {
+        let (mine, agent) = tokio::io::duplex(1 << 16);
+        (
+            Client::over(Box::new(mine), Hello::new("fake-migd"), None),
+            agent,
+        )
+    }
+
+    fn frame(r: &Response) -> Vec<u8> {
+        let body = serde_json::to_vec(r).unwrap();
+        [&(body.len() as u32).to_be_bytes()[..], &body].concat()
+    }
+
+    /// `next_event` dropped while half an event had arrived (a `select!` with a timer) loses
+    /// nothing: the next call returns that event whole (QA: the bytes read were lost, and every
+    /// later answer was misread).
+    #[tokio::test]
+    async fn a_dropped_event_read_loses_nothing() {
+        use tokio::io::AsyncWriteExt;
+        let (mut c, mut agent) = connected().await;
+        let ev = Response::Event(Box::new(Event {
+            seq: 7,
+            time_ms: 1,
+            host: "host-a".into(),
+            kind: crate::daemon::events::EventKind::ContainerStarted {
+                id: "0".repeat(32),
+                name: "web".into(),
+            },
+        }));
+        let bytes = frame(&ev);
+        agent.write_all(&bytes[..10]).await.unwrap();
+        let short = std::time::Duration::from_millis(50);
+        assert!(tokio::time::timeout(short, c.next_event()).await.is_err());
+        agent.write_all(&bytes[10..]).await.unwrap();
+        let e = c.next_event().await.unwrap();
+        assert_eq!(e.seq, 7);
+    }
+
+    /// A call dropped after its request went out would hand its answer to the next call: the
+    /// next call is refused instead (QA: `stop` got the answer meant for an earlier `inspect`).
+    #[tokio::test]
+    async fn a_call_dropped_before_its_answer_puts_the_client_out_of_step() {
+        let (mut c, agent) = connected().await;
+        let short = std::time::Duration::from_millis(50);
+        let dropped = tokio::time::timeout(short, c.call(&Request::Info)).await;
+        assert!(dropped.is_err());
+        let e = c.call(&Request::Info).await.unwrap_err();
+        assert!(matches!(e, ClientError::OutOfStep), "{e}");
+        drop(agent);
+    }
 
     /// An agent that answers a version above our offer and then neither sends an error nor
     /// closes: the client gives up at once with an error naming both versions (it waited forever).

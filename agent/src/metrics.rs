@@ -63,7 +63,7 @@ impl Counters {
             EventKind::ContainerCheckpointed { .. } => "checkpointed",
             EventKind::ContainerRestored { .. } => "restored",
             EventKind::ContainerRemoved { .. } => "removed",
-            EventKind::MigrationPhase { .. } => return,
+            EventKind::MigrationPhase { .. } | EventKind::Unknown => return,
             EventKind::MigrationDone {
                 role,
                 outcome,

@@ -364,8 +364,37 @@ fn remote_api_pinned_clients_async_move_and_events() -> Result<()> {
         &["exec", "rem", "--", "true"],
     );
     ensure!(o.code == 125, "a peer used the API: {o:?}");
+    // A client following the events while it is removed is cut off (QA session 20: only new
+    // connections were refused; a connected one went on making requests and getting events).
+    let addr = format!("{}:{}", lab.hosts[0].address, lab.hosts[0].quic_port);
+    let mut follower = Command::new("ip")
+        .args(["netns", "exec", &lab.hosts[1].netns])
+        .arg(bin("mig"))
+        .args(["--remote", &addr, "--fingerprint", &fp, "--identity"])
+        .arg(&me)
+        .arg("events")
+        .env_remove("MIG_SOCKET")
+        .env_remove("MIG_HOST")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(Duration::from_secs(1));
+    let still_following = follower.try_wait()?.is_none();
     // Unpinned again: refused again.
     lab.mig_ok(0, &["clients", "rm", "ci"])?;
+    let ended = mig_tests::wait_until(Duration::from_secs(10), || {
+        follower.try_wait().ok().flatten().is_some()
+    });
+    if !ended {
+        let _ = follower.kill();
+    }
+    let _ = follower.wait();
+    ensure!(
+        still_following,
+        "mig events did not follow before the removal"
+    );
+    ensure!(ended, "a removed client's open connection stayed served");
     let o = remote_mig(&lab, 1, 0, &fp, &me, &["ps"]);
     ensure!(o.code == 125, "removed client served: {o:?}");
 

@@ -10,9 +10,13 @@
 pub mod frame;
 
 pub use crate::daemon::events::{Event, EventKind};
-use mig_runtime::cgroup::Usage;
-use mig_runtime::pidmap::PidEntry;
-use mig_runtime::spec::Limits;
+pub use crate::migration::modes::{MoveMode, MoveOptions};
+// The types the API's own types hold, so that a client names them without depending on
+// mig-runtime itself.
+pub use mig_runtime::cgroup::Usage;
+pub use mig_runtime::net::{NetMode, NetSpec};
+pub use mig_runtime::pidmap::PidEntry;
+pub use mig_runtime::spec::{IdMap, Limits};
 use serde::{Deserialize, Serialize};
 
 /// The highest protocol version this build speaks. Version 2 added `move_start`, `move_status`,
@@ -49,9 +53,9 @@ pub fn negotiate(client_max: u32) -> Result<u32, ApiError> {
     Ok(v)
 }
 
-/// The first frame in each direction.
+/// The first frame in each direction. Fields it may gain are ignored by older readers (it was
+/// strict: a field added by a newer agent would have kept every older client from connecting).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Hello {
     pub api_version: u32,
     /// Free-form software name and version of the sender, e.g. `mig 0.1.0`.
@@ -528,7 +532,6 @@ pub struct RestoreResult {
 /// Why a request failed: a kind a program can act on and a message for people.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("{message}")]
-#[serde(deny_unknown_fields)]
 pub struct ApiError {
     pub kind: ErrorKind,
     pub message: String,
@@ -554,6 +557,10 @@ pub enum ErrorKind {
     Unavailable,
     /// Anything else that went wrong on the agent.
     Internal,
+    /// A kind this client does not know (a newer agent's): act on it as on `internal`; the
+    /// message says what happened.
+    #[serde(other)]
+    Unknown,
 }
 
 impl ApiError {
@@ -869,6 +876,33 @@ mod tests {
         assert_eq!(serde_json::from_str::<Request>(&j).unwrap(), run);
         let info = serde_json::to_string(&Request::Info).unwrap();
         assert_eq!(info, r#"{"op":"info"}"#);
+    }
+
+    /// What a newer agent may add is read, not refused: fields of the hello and of an error,
+    /// an error kind and an event type this client does not know (QA: each failed to decode,
+    /// the hello's would have kept every older client from connecting).
+    #[test]
+    fn what_a_newer_agent_adds_is_read() {
+        let h: Hello =
+            serde_json::from_str(r#"{"api_version":5,"software":"mig 9.0","features":["x"]}"#)
+                .unwrap();
+        assert_eq!(h.api_version, 5);
+        let r: Response = serde_json::from_str(
+            r#"{"kind":"error","body":{"kind":"quota_exceeded","message":"too many","retry_after":3}}"#,
+        )
+        .unwrap();
+        let Response::Error(e) = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(
+            (e.kind, e.message.as_str()),
+            (ErrorKind::Unknown, "too many")
+        );
+        let ev: crate::daemon::events::Event = serde_json::from_str(
+            r#"{"seq":1,"time_ms":2,"host":"h","type":"container_paused","id":"x","why":"y"}"#,
+        )
+        .unwrap();
+        assert_eq!(ev.kind, crate::daemon::events::EventKind::Unknown);
     }
 
     /// `frozen` is what a client of version 3 reads; older ones read `running`, as before.

@@ -177,7 +177,7 @@ pub fn event_container(k: &EventKind) -> Option<(&str, &str)> {
             container_name,
             ..
         } => Some((container_id, container_name)),
-        EventKind::Lagged { .. } => None,
+        EventKind::Lagged { .. } | EventKind::Unknown => None,
     }
 }
 
@@ -275,6 +275,7 @@ pub fn event_line(e: &Event) -> String {
             s
         }
         EventKind::Lagged { missed } => format!("lagged: {missed} events missed"),
+        EventKind::Unknown => "an event of a type this mig does not know (a newer agent's)".into(),
     };
     format!("{time} {} {what}", e.host)
 }

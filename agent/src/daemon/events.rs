@@ -110,6 +110,9 @@ pub enum EventKind {
     Lagged {
         missed: u64,
     },
+    /// An event of a type this client does not know (a newer agent's): skip it.
+    #[serde(other)]
+    Unknown,
 }
 
 /// Moves started with `MoveStart` kept for `MoveStatus` after they ended.

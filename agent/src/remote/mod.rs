@@ -52,6 +52,33 @@ fn is_peer(agent: &Agent, fp: &str) -> bool {
     })
 }
 
+/// The API client connections open now, with their certificates' fingerprints: removing a
+/// client closes its connections (only new ones were refused: one already connected went on
+/// making requests and receiving events).
+static CONNECTED: std::sync::Mutex<Vec<(String, quinn::Connection)>> =
+    std::sync::Mutex::new(Vec::new());
+
+fn connected() -> std::sync::MutexGuard<'static, Vec<(String, quinn::Connection)>> {
+    CONNECTED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Takes connection `conn` (of fingerprint `fp`) off [`CONNECTED`] when dropped.
+struct Connected(quinn::Connection);
+
+impl Connected {
+    fn add(fp: &str, conn: &quinn::Connection) -> Connected {
+        connected().push((fp.to_owned(), conn.clone()));
+        Connected(conn.clone())
+    }
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        let id = self.0.stable_id();
+        connected().retain(|(_, c)| c.stable_id() != id);
+    }
+}
+
 /// Serves one API client connection: every bidi stream is bridged to an API session.
 async fn serve(agent: Arc<Agent>, conn: quinn::Connection, fp: String) {
     let client = match ClientStore::open(&agent.cfg.state_dir)
@@ -75,6 +102,12 @@ async fn serve(agent: Arc<Agent>, conn: quinn::Connection, fp: String) {
             return;
         }
     };
+    let _connected = Connected::add(&fp, &conn);
+    // Removed between the check above and the registration: no later removal would close it.
+    if !ClientStore::open(&agent.cfg.state_dir).is_ok_and(|s| s.by_fingerprint(&fp).is_some()) {
+        conn.close(CLOSE_REFUSED.into(), b"this API client was removed");
+        return;
+    }
     tracing::info!(%client, remote = %conn.remote_address(), "API client connected");
     // Sessions end with their stream or the connection; the agent's shutdown closes the endpoint.
     let (_never, _) = broadcast::channel::<()>(1);
@@ -126,7 +159,12 @@ impl Agent {
         if !is_peer(self, &c.fingerprint) {
             net.allowed.remove(&c.fingerprint);
         }
-        tracing::info!(client = %c.name, "API client removed");
+        let mut closed = 0;
+        for (_, conn) in connected().iter().filter(|(fp, _)| *fp == c.fingerprint) {
+            conn.close(CLOSE_REFUSED.into(), b"this API client was removed");
+            closed += 1;
+        }
+        tracing::info!(client = %c.name, closed, "API client removed");
         Ok(c)
     }
 }
