@@ -11,6 +11,7 @@
 
 use anyhow::{bail, Context, Result};
 use mig_tests::lab::{continues, log_state, move_and_check, nothing_left, running_on, Lab};
+use std::time::Duration;
 
 #[test]
 fn move_there_and_back() -> Result<()> {
@@ -407,9 +408,27 @@ fn link_cut_at_commit_is_resolved_with_one_copy() -> Result<()> {
     // The destination journals Committed when Commit arrives, then drops the connection before
     // resuming and answering: the source cannot know (in doubt).
     lab.fault(1, Some("dest-commit:cut"))?;
-    let o = lab.mig(0, &["move", "doubt", "host-b", "--json"]);
+    // Started as a rebalancer would (`move_start`), watched through the events.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let socket = lab.hosts[0].socket.clone();
+    let (mut client, mut events, move_id, failed) = rt.block_on(async {
+        use mig_agent::client::Client;
+        let mut events = Client::connect(&socket).await?;
+        events.subscribe_events().await?;
+        let mut c = Client::connect(&socket).await?;
+        let id = c.move_start("doubt", "host-b").await?;
+        let failed = c.move_wait(&id, Duration::from_millis(100)).await?;
+        anyhow::Ok((c, events, id, failed))
+    })?;
     lab.fault(1, None)?;
-    eprintln!("move: {} {}", o.code, o.stderr.trim());
+    eprintln!("move: {failed:?}");
+    assert_eq!(
+        failed.state,
+        mig_agent::api::MoveState::Failed,
+        "{failed:?}"
+    );
     // In doubt the frozen copy belongs to the move (it may still resume here): not killed by
     // hand, as stop, rm and checkpoint are refused.
     let k = lab.mig(0, &["kill", "doubt"]);
@@ -435,6 +454,34 @@ fn link_cut_at_commit_is_resolved_with_one_copy() -> Result<()> {
     let host = if running(1) { 1 } else { 0 };
     eprintln!("settled on {}", lab.hosts[host].name);
     continues(&lab, host, "doubt", count)?;
+    // The move_start's status and the events say how it was settled (they said failed, in
+    // doubt, and nothing more: QA of session 20).
+    let (status, done) = rt.block_on(async {
+        let status = client.move_status(&move_id).await?;
+        let done = loop {
+            let e = tokio::time::timeout(Duration::from_secs(10), events.next_event()).await??;
+            if let mig_agent::api::EventKind::MigrationDone { outcome, .. } = e.kind {
+                if outcome != "in_doubt" {
+                    break outcome;
+                }
+            }
+        };
+        anyhow::Ok((status, done))
+    })?;
+    let committed = host == 1;
+    assert_eq!(
+        status.state == mig_agent::api::MoveState::Committed,
+        committed,
+        "{status:?}"
+    );
+    assert_eq!(
+        done,
+        if committed {
+            "committed"
+        } else {
+            "rolled_back"
+        }
+    );
     Ok(())
 }
 

@@ -405,7 +405,7 @@ impl Agent {
                 format!("resolve failed: {}", chain(&err)),
             )
         })?;
-        match report.outcome {
+        let settled = match report.outcome {
             Some(Outcome::Committed { cleanup_error }) => Ok(MoveResult {
                 total_ms: super::ms(report.timings.total),
                 cleanup_error,
@@ -415,14 +415,18 @@ impl Agent {
                 ErrorKind::Conflict,
                 format!("resolved: the move was rolled back, the container runs here ({detail})"),
             )),
-            None => Err(ApiError::new(
-                ErrorKind::Conflict,
-                format!(
+            None => {
+                return Err(ApiError::new(
+                    ErrorKind::Conflict,
+                    format!(
                     "migration {} is still in doubt: {} could not decide; both copies stay frozen",
                     e.migration_id, e.peer
                 ),
-            )),
-        }
+                ))
+            }
+        };
+        self.settled_in_doubt(&e, &settled);
+        settled
     }
 }
 
