@@ -1,7 +1,7 @@
 //! `mig move` on the agent: the checks before a move, claiming the container, the pre-flight
 //! over the connection, running the source machine, and the result or the error.
 
-use super::rollback::{cause_words, kept_log_named};
+use super::rollback::{cause_words, kept_log_named, rolled_back_kind};
 use super::{SourceSide, Src};
 use crate::api::{ApiError, ContainerState, ErrorKind};
 use crate::daemon::Agent;
@@ -538,7 +538,7 @@ impl Agent {
                     peer.name,
                     cause_words(&cause)
                 );
-                Err(api(ErrorKind::Internal, msg))
+                Err(api(rolled_back_kind(&cause), msg))
             }
             None => Err(api(
                 ErrorKind::Internal,

@@ -44,6 +44,25 @@ pub(super) fn cause_words(cause: &mig_migrate::protocol::Cause) -> String {
     }
 }
 
+/// The API error kind of a move rolled back for `cause`, so that a program can act on it
+/// without reading the message (every rollback was `internal`: QA of session 20's rebalancer
+/// could not tell "a container of that name is there" from a failed dump).
+pub(super) fn rolled_back_kind(cause: &mig_migrate::protocol::Cause) -> crate::api::ErrorKind {
+    use crate::api::ErrorKind as K;
+    use mig_migrate::protocol::Cause;
+    use mig_migrate::wire::{AbortReason as A, RefuseReason as R};
+    match cause {
+        Cause::Refused(R::NameClash) => K::AlreadyExists,
+        Cause::Refused(R::Busy) => K::Conflict,
+        Cause::Refused(R::InvalidSpec) => K::InvalidArgument,
+        Cause::Refused(R::DiskFull | R::CriuVersion | R::Kernel | R::Policy) => K::Unavailable,
+        Cause::LinkLost | Cause::Local(A::Timeout) | Cause::Peer(A::Timeout) => K::Unavailable,
+        Cause::Local(A::Cancelled) | Cause::Peer(A::Cancelled) | Cause::Operator => K::Conflict,
+        Cause::Resolution => K::Conflict,
+        Cause::Local(_) | Cause::Peer(_) => K::Internal,
+    }
+}
+
 /// Where a rolled-back move keeps CRIU's dump log: beside the container's records, as the
 /// move's work directory (`<container>/migration`) goes.
 fn kept_dump_log(work: &Path) -> Option<PathBuf> {
@@ -120,7 +139,7 @@ mod kept_log_tests {
 
 #[cfg(test)]
 mod cause_tests {
-    use super::cause_words;
+    use super::{cause_words, rolled_back_kind};
     use mig_migrate::protocol::Cause;
     use mig_migrate::wire::{AbortReason, RefuseReason};
 
@@ -138,6 +157,25 @@ mod cause_tests {
         assert_eq!(
             cause_words(&Cause::Refused(RefuseReason::NameClash)),
             "the destination refused it: a container with that id or name is already there"
+        );
+    }
+
+    /// A rebalancer tells a name clash, a busy peer and a lost link apart by kind.
+    #[test]
+    fn rollbacks_have_kinds_a_program_can_act_on() {
+        use crate::api::ErrorKind;
+        assert_eq!(
+            rolled_back_kind(&Cause::Refused(RefuseReason::NameClash)),
+            ErrorKind::AlreadyExists
+        );
+        assert_eq!(
+            rolled_back_kind(&Cause::Refused(RefuseReason::DiskFull)),
+            ErrorKind::Unavailable
+        );
+        assert_eq!(rolled_back_kind(&Cause::LinkLost), ErrorKind::Unavailable);
+        assert_eq!(
+            rolled_back_kind(&Cause::Peer(AbortReason::RestoreFailed)),
+            ErrorKind::Internal
         );
     }
 }
