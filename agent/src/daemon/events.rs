@@ -198,9 +198,10 @@ pub(super) async fn stream(
         };
         let event = match event {
             Ok(e) => e,
+            // The newest seq emitted, and now: a lag notice keeps `seq` from going back.
             Err(broadcast::error::RecvError::Lagged(missed)) => Event {
-                seq: 0,
-                time_ms: 0,
+                seq: agent.events.seq.load(Ordering::Relaxed),
+                time_ms: unix_ms(),
                 host: agent.cfg.name.clone(),
                 kind: EventKind::Lagged { missed },
             },
