@@ -260,7 +260,7 @@ fn precopy_and_max_downtime_refused() -> Result<()> {
             "stayer",
             &id,
             &["--mode", mode, "--max-downtime", "1"],
-            "exceeds --max-downtime 1 ms",
+            "exceeds the limit of 1 ms",
         )?;
     }
     Ok(())

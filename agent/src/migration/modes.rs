@@ -75,7 +75,7 @@ pub enum ModeError {
     PipeMaxSize(#[source] mig_migrate::criu::CriuError),
     #[error("criu is not usable: {0}")]
     NoCriu(String),
-    #[error("predicted downtime {predicted_ms} ms exceeds --max-downtime {max_ms} ms (mode {mode}, {memory_bytes} bytes of memory at about {throughput_mib_s} MiB/s, {basis}; {processes} processes, {threads} threads; {fixed}); the container was not touched")]
+    #[error("predicted downtime {predicted_ms} ms exceeds the limit of {max_ms} ms (--max-downtime, max_downtime_ms) (mode {mode}, {memory_bytes} bytes of memory at about {throughput_mib_s} MiB/s, {basis}; {processes} processes, {threads} threads; {fixed}); the container was not touched")]
     TooSlow {
         predicted_ms: u64,
         max_ms: u64,

@@ -235,7 +235,7 @@ async fn plan_names_where_the_throughput_came_from() {
     .await
     .unwrap_err()
     .to_string();
-    assert!(err.contains("exceeds --max-downtime 1 ms"), "{err}");
+    assert!(err.contains("exceeds the limit of 1 ms"), "{err}");
     assert!(
         err.contains(
             "about 300 MiB/s, measured by this move's link probe: 50331648 bytes in 210 ms"
