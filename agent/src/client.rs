@@ -224,19 +224,10 @@ impl Client {
         use tokio::io::AsyncReadExt;
         loop {
             if let Some(head) = self.read.first_chunk::<4>() {
-                let len = u32::from_be_bytes(*head);
-                if len > crate::api::frame::MAX_FRAME {
-                    return Err(FrameError::TooLarge { len: len.into() });
-                }
-                let end = 4 + len as usize;
+                let end = 4 + crate::api::frame::body_len(*head)?;
                 if self.read.len() >= end {
                     let frame: Vec<u8> = self.read.drain(..end).collect();
-                    return serde_json::from_slice(&frame[4..]).map_err(|source| {
-                        FrameError::Decode {
-                            what: "Response",
-                            source,
-                        }
-                    });
+                    return crate::api::frame::decode(&frame[4..]);
                 }
             }
             let mut chunk = [0u8; 16 << 10];

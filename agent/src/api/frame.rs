@@ -41,13 +41,23 @@ where
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
         Err(e) => return Err(FrameError::Read(e)),
     }
-    let len = u32::from_be_bytes(len);
+    let mut buf = vec![0u8; body_len(len)?];
+    r.read_exact(&mut buf).await.map_err(FrameError::Read)?;
+    decode(&buf)
+}
+
+/// The body length a frame's 4-byte header gives, checked against [`MAX_FRAME`].
+pub fn body_len(header: [u8; 4]) -> Result<usize, FrameError> {
+    let len = u32::from_be_bytes(header);
     if len > MAX_FRAME {
         return Err(FrameError::TooLarge { len: len.into() });
     }
-    let mut buf = vec![0u8; len as usize];
-    r.read_exact(&mut buf).await.map_err(FrameError::Read)?;
-    serde_json::from_slice(&buf).map_err(|source| FrameError::Decode {
+    Ok(len as usize)
+}
+
+/// Decodes a frame's body as `T`.
+pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+    serde_json::from_slice(body).map_err(|source| FrameError::Decode {
         what: std::any::type_name::<T>(),
         source,
     })

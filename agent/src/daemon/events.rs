@@ -229,35 +229,18 @@ impl Agent {
         self.events.moves.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Migration `e`, in doubt until now, was settled by a resolution (`mig move --resolve`, or
-    /// the automatic one after a restart): says so with a `migration_done` event, and in the
-    /// status of the `move_start` that began it (it said `failed`, in doubt, and never changed).
-    pub(crate) fn settled_in_doubt(
+    /// Migration `migration_id`, in doubt until now, was settled by a resolution (`mig move
+    /// --resolve`, or the automatic one after a restart): the status of the `move_start` that
+    /// began it says how (it said `failed`, in doubt, and never changed).
+    pub(crate) fn settle_started_move(
         &self,
-        e: &crate::migration::journal::JournalEntry,
+        migration_id: &str,
         result: &Result<crate::migration::MoveResult, ApiError>,
     ) {
-        self.emit(EventKind::MigrationDone {
-            migration_id: e.migration_id.clone(),
-            container_id: e.container_id.clone(),
-            container_name: e.container_name.clone(),
-            role: "source".into(),
-            peer: e.peer.clone(),
-            outcome: if result.is_ok() {
-                "committed"
-            } else {
-                "rolled_back"
-            }
-            .into(),
-            total_ms: result.as_ref().map_or(0, |r| r.total_ms),
-            downtime_ms: None,
-            bytes: 0,
-            error: result.as_ref().err().map(|err| err.message.clone()),
-        });
         let mut moves = self.moves();
         for m in moves
             .values_mut()
-            .filter(|m| m.migration_id.as_deref() == Some(e.migration_id.as_str()))
+            .filter(|m| m.migration_id.as_deref() == Some(migration_id))
         {
             match result {
                 Ok(r) => {

@@ -362,6 +362,22 @@ const PER_PROCESS_MS: u64 = 15;
 const PER_THREAD_US: u64 = 1500;
 const THREAD_SQUARE_DIV: u64 = 400;
 
+/// A pre-flight of `mem` bytes of private memory and nothing else, over a 150 MiB/s link, with
+/// the default fixed costs: what the model's tests vary one input of.
+#[cfg(test)]
+pub(crate) fn test_preflight(mem: u64) -> Preflight {
+    Preflight {
+        memory_bytes: mem,
+        shared_bytes: 0,
+        upper_bytes: 0,
+        processes: 1,
+        threads: 1,
+        throughput: 150 << 20,
+        memory_presync: false,
+        fixed: FixedCosts::default(),
+    }
+}
+
 fn ms_for(bytes: u64, rate: u64) -> u64 {
     bytes.saturating_mul(1000) / rate.max(1)
 }

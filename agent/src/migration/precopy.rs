@@ -555,19 +555,7 @@ mod tests {
     const MIB: u64 = 1 << 20;
 
     fn rule(mem: u64, max: Option<u64>) -> StopRule {
-        StopRule::new(
-            Preflight {
-                memory_bytes: mem,
-                shared_bytes: 0,
-                upper_bytes: 0,
-                processes: 1,
-                threads: 1,
-                throughput: 150 * MIB,
-                memory_presync: false,
-                fixed: Default::default(),
-            },
-            max,
-        )
+        StopRule::new(super::super::modes::test_preflight(mem), max)
     }
 
     fn r(round: u32, bytes: u64, dump_ms: u64, send_ms: u64) -> Round {

@@ -405,16 +405,26 @@ impl Agent {
                 format!("resolve failed: {}", chain(&err)),
             )
         })?;
-        let settled = match report.outcome {
-            Some(Outcome::Committed { cleanup_error }) => Ok(MoveResult {
-                total_ms: super::ms(report.timings.total),
-                cleanup_error,
-                ..resolved_result(&e)
-            }),
-            Some(Outcome::RolledBack { detail, .. }) => Err(ApiError::new(
-                ErrorKind::Conflict,
-                format!("resolved: the move was rolled back, the container runs here ({detail})"),
-            )),
+        let settled = match &report.outcome {
+            Some(Outcome::Committed { cleanup_error }) => {
+                side.0
+                    .done("committed", Some(&report), cleanup_error.clone());
+                Ok(MoveResult {
+                    total_ms: super::ms(report.timings.total),
+                    cleanup_error: cleanup_error.clone(),
+                    ..resolved_result(&e)
+                })
+            }
+            Some(Outcome::RolledBack { detail, .. }) => {
+                side.0
+                    .done("rolled_back", Some(&report), Some(detail.clone()));
+                Err(ApiError::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "resolved: the move was rolled back, the container runs here ({detail})"
+                    ),
+                ))
+            }
             None => {
                 return Err(ApiError::new(
                     ErrorKind::Conflict,
@@ -425,7 +435,7 @@ impl Agent {
                 ))
             }
         };
-        self.settled_in_doubt(&e, &settled);
+        self.settle_started_move(&e.migration_id, &settled);
         settled
     }
 }

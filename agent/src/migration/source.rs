@@ -224,7 +224,7 @@ impl SourceSide {
     }
 
     /// Emits [`EventKind::MigrationDone`] (`outcome`: committed, rolled_back or in_doubt).
-    fn done(&self, outcome: &str, report: Option<&SourceReport>, error: Option<String>) {
+    pub(super) fn done(&self, outcome: &str, report: Option<&SourceReport>, error: Option<String>) {
         self.agent.emit(EventKind::MigrationDone {
             migration_id: self.migration_id.clone(),
             container_id: self.id.clone(),

@@ -2,22 +2,9 @@
 
 use super::*;
 
-fn pf(mem: u64) -> Preflight {
-    Preflight {
-        memory_bytes: mem,
-        shared_bytes: 0,
-        upper_bytes: 0,
-        processes: 1,
-        threads: 1,
-        throughput: 150 << 20,
-        memory_presync: false,
-        fixed: FixedCosts::default(),
-    }
-}
-
 #[test]
 fn every_process_past_the_first_adds_to_every_mode() {
-    let one = pf(64 << 20);
+    let one = test_preflight(64 << 20);
     let many = Preflight {
         processes: 301,
         threads: 301,
@@ -45,7 +32,7 @@ fn every_process_past_the_first_adds_to_every_mode() {
 
 #[test]
 fn threads_add_more_each_the_more_there_are() {
-    let one = pf(16 << 20);
+    let one = test_preflight(16 << 20);
     let with = |threads| Preflight { threads, ..one };
     let extra = |t: u64| with(t).predict(MoveMode::Stream) - one.predict(MoveMode::Stream);
     // The measured points: 246, 668 and 1620 ms over no thread (docs in PER_THREAD_US).
@@ -91,30 +78,36 @@ fn userns_with_a_bridge_is_refused() {
 #[test]
 fn lazy_is_flat_and_stop_and_copy_grows() {
     assert_eq!(
-        pf(64 << 20).predict(MoveMode::Lazy),
-        pf(1 << 30).predict(MoveMode::Lazy)
+        test_preflight(64 << 20).predict(MoveMode::Lazy),
+        test_preflight(1 << 30).predict(MoveMode::Lazy)
     );
-    assert!(pf(1 << 30).predict(MoveMode::Cold) > pf(64 << 20).predict(MoveMode::Cold));
-    assert!(pf(1 << 30).predict(MoveMode::Stream) <= pf(1 << 30).predict(MoveMode::Cold));
+    assert!(
+        test_preflight(1 << 30).predict(MoveMode::Cold)
+            > test_preflight(64 << 20).predict(MoveMode::Cold)
+    );
+    assert!(
+        test_preflight(1 << 30).predict(MoveMode::Stream)
+            <= test_preflight(1 << 30).predict(MoveMode::Cold)
+    );
 }
 
 #[test]
 fn a_memory_presync_leaves_the_freeze_a_scan_and_what_changed() {
     let with = |mem| Preflight {
         memory_presync: true,
-        ..pf(mem)
+        ..test_preflight(mem)
     };
     let gib = 1 << 30;
     // 1 GiB: 250 ms fixed, 333 ms to digest it, and the 320 MiB that 32 MiB/s dirtied in
     // the 10 s the presync takes at 100 MiB/s of pages, sent while frozen.
     let p = with(gib).predict(MoveMode::Stream);
-    assert!(p < pf(gib).predict(MoveMode::Stream) / 2, "{p}");
+    assert!(p < test_preflight(gib).predict(MoveMode::Stream) / 2, "{p}");
     assert!((580..=4500).contains(&p), "{p}");
     assert!(with(64 << 20).predict(MoveMode::Stream) < p);
     // Only stream mode has one.
     assert_eq!(
         with(gib).predict(MoveMode::Cold),
-        pf(gib).predict(MoveMode::Cold)
+        test_preflight(gib).predict(MoveMode::Cold)
     );
 }
 
@@ -124,7 +117,7 @@ fn shared_memory_crosses_while_frozen_in_every_mode() {
     let private = Preflight {
         memory_presync: true,
         throughput: 1000 * mib,
-        ..pf(512 * mib)
+        ..test_preflight(512 * mib)
     };
     let shared = Preflight {
         shared_bytes: 512 * mib,
@@ -151,7 +144,7 @@ fn the_writable_layer_counts_only_what_changes_during_its_presync() {
     let mib = 1u64 << 20;
     let none = Preflight {
         throughput: 1000 * mib,
-        ..pf(16 * mib)
+        ..test_preflight(16 * mib)
     };
     let layer = Preflight {
         upper_bytes: 500 * mib,
@@ -167,7 +160,7 @@ fn the_writable_layer_counts_only_what_changes_during_its_presync() {
 
 #[test]
 fn max_downtime_refuses_or_picks_lazy() {
-    let p = pf(1 << 30);
+    let p = test_preflight(1 << 30);
     assert!(matches!(
         p.choose(MoveMode::Stream, Some(100)),
         Err(ModeError::TooSlow { max_ms: 100, .. })
@@ -276,7 +269,7 @@ fn probe_figures_are_remembered_as_previous() {
 
 #[test]
 fn precopy_prediction_uses_the_stop_rule_and_an_old_peer_is_refused() {
-    let p = pf(1 << 30);
+    let p = test_preflight(1 << 30);
     let precopy = p.predict(MoveMode::Precopy);
     assert_eq!(precopy, super::super::precopy::predict(&p, None).0);
     assert!(precopy < p.predict(MoveMode::Cold), "{precopy}");
@@ -304,7 +297,7 @@ fn learned(peer: &str, history: &[(MoveMode, u64, u64)]) -> FixedCosts {
 
 #[test]
 fn measured_fixed_costs_replace_the_defaults_per_mode() {
-    let small = pf(40 << 20);
+    let small = test_preflight(40 << 20);
     let default_lazy = small.predict(MoveMode::Lazy);
     assert_eq!(default_lazy, DEFAULT_FIXED_MS);
     // Three lazy moves measured at 110 to 160 ms (the model's part: the writable layer).
@@ -339,7 +332,7 @@ fn measured_fixed_costs_replace_the_defaults_per_mode() {
 #[test]
 fn auto_and_max_downtime_use_the_learned_costs() {
     // 40 MiB at 100 MiB/s of pages: 400 ms of memory in stream mode, 650 ms in all.
-    let small = pf(40 << 20);
+    let small = test_preflight(40 << 20);
     assert_eq!(small.predict(MoveMode::Stream), 650);
     // The defaults: a budget of 600 ms only lazy meets (250 ms).
     assert_eq!(
