@@ -691,7 +691,6 @@ pub fn measure(ctx: &Ctx, mib: u64) -> Result<Vec<LinkRow>, BenchError> {
 /// `--link-only`: raw TCP, QUIC with mig's settings and variants of them, and the page tunnel,
 /// each the median of [`LINK_REPEATS`], printed as a table.
 pub fn measure_all(ctx: &Ctx, mib: u64, variants: &[Variant]) -> Result<Vec<LinkRow>, BenchError> {
-    let mut rows = vec![median_of(ctx, || tcp(ctx, mib))?];
     let defaults;
     let variants = match variants.is_empty() {
         true => {
@@ -700,14 +699,28 @@ pub fn measure_all(ctx: &Ctx, mib: u64, variants: &[Variant]) -> Result<Vec<Link
         }
         false => variants,
     };
-    for v in variants {
-        rows.push(match v.tunnel {
-            true => median_of(ctx, || tunnel(ctx, mib, v))?,
-            false => median_of(ctx, || quic(ctx, mib, v))?,
-        });
+    let mut rows = Vec::new();
+    // A stop or a failed variant still prints the rows measured before it.
+    let measured = (|| {
+        rows.push(median_of(ctx, || tcp(ctx, mib))?);
+        for v in variants {
+            rows.push(match v.tunnel {
+                true => median_of(ctx, || tunnel(ctx, mib, v))?,
+                false => median_of(ctx, || quic(ctx, mib, v))?,
+            });
+        }
+        Ok(())
+    })();
+    if !rows.is_empty() {
+        super::to_stdout(&link_table(&rows));
     }
+    measured.map(|()| rows)
+}
+
+/// The `--link-only` table: one line per measured link.
+fn link_table(rows: &[LinkRow]) -> String {
     let mut table = format!("{:<40} {:>8} {:>8} {:>10}\n", "link", "MiB", "ms", "MB/s");
-    for r in &rows {
+    for r in rows {
         table.push_str(&format!(
             "{:<40} {:>8} {:>8} {:>10.0}\n",
             r.proto,
@@ -716,8 +729,7 @@ pub fn measure_all(ctx: &Ctx, mib: u64, variants: &[Variant]) -> Result<Vec<Link
             r.mbs
         ));
     }
-    super::to_stdout(&table);
-    Ok(rows)
+    table
 }
 
 /// What `--link-only` measures when no `--link-variants` are given.

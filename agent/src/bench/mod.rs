@@ -498,20 +498,19 @@ fn run_blocking(args: &BenchMoveArgs, stop: Arc<AtomicBool>) -> Result<(), Bench
         dirty_mib: args.dirty_mib,
         stop,
     };
+    // A stop interrupts the commands under way too (a terminal's Ctrl-C reaches them): their
+    // failure is the stop's.
+    let stop_first = |e: BenchError| match ctx.check_stop() {
+        Err(stopped) => stopped,
+        Ok(()) => e,
+    };
     if args.link_only {
-        link::measure_all(&ctx, args.link_mib, &args.link_variants)?;
+        let measured = link::measure_all(&ctx, args.link_mib, &args.link_variants);
         drop(cleanup);
-        return Ok(());
+        return measured.map(drop).map_err(stop_first);
     }
     let mut report = BenchReport::for_this_machine();
-    let measured = measure(args, &ctx, &mut cleanup, &mut report).map_err(|e| {
-        // A stop interrupts the commands under way too (a terminal's Ctrl-C reaches them):
-        // their failure is the stop's.
-        match ctx.check_stop() {
-            Err(stopped) => stopped,
-            Ok(()) => e,
-        }
-    });
+    let measured = measure(args, &ctx, &mut cleanup, &mut report).map_err(stop_first);
     // Whatever stopped the bench, the runs done so far are written and summed up.
     let written = if report.rows.is_empty() && report.link.is_empty() {
         Ok(())
