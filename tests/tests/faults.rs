@@ -7,7 +7,7 @@
 //! (compared with what they held before the case). A case that ends on host-b moves the container
 //! back (a checked move) before the leak check, so every case starts from the same place.
 //!
-//! Tables share one lab each to save time; labs use the subnets 10.214.20-29.0/24. Needs root.
+//! Tables share one lab each to save time; labs use the subnets 10.214.20-30.0/24. Needs root.
 //! The soak (`soak_back_and_forth`, ignored) moves one container back and forth and three at once.
 
 use anyhow::{bail, Context, Result};
@@ -398,6 +398,63 @@ fn link_down_and_destination_crash_while_frozen() -> Result<()> {
             ),
         ],
     )
+}
+
+/// host-b's containers are under a memory limit (on its agent's cgroup parent, as an operator's
+/// slice would set) with less room than the container holds. Stream and lazy mode charge the
+/// restored memory only after the commit, so such a move used to be reported a success and the
+/// copy on host-b was OOM-killed at once (QA of session 21): now host-b refuses to restore, the
+/// move rolls back and the container runs on at host-a. Without the limit the move succeeds.
+#[test]
+fn a_destination_without_room_for_the_memory_rolls_back() -> Result<()> {
+    if !mig_tests::is_root("fault tests") {
+        return Ok(());
+    }
+    let lab = Lab::up("oom", 30)?;
+    let id = lab.run_container(A, "oom", 8)?;
+    let before: Vec<Usage> = (0..2).map(|h| usage(&lab, h)).collect();
+    let parent = lab.cgroup_parent(B);
+    // The memory hierarchy: cgroup v1's memory mount, else cgroup2.
+    let (dir, limit_file, no_limit) = match std::path::Path::new("/sys/fs/cgroup/memory") {
+        v1 if v1.is_dir() => (v1.join(&parent), "memory.limit_in_bytes", "-1"),
+        _ => (
+            std::path::Path::new("/sys/fs/cgroup").join(&parent),
+            "memory.max",
+            "max",
+        ),
+    };
+    // Removed with the lab (`mig lab down` removes the host's cgroup parent).
+    std::fs::create_dir_all(&dir)?;
+    let used: u64 = ["memory.usage_in_bytes", "memory.current"]
+        .iter()
+        .find_map(|f| std::fs::read_to_string(dir.join(f)).ok())
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0);
+    let memory = lab.mig_json(A, &["inspect", "oom", "--json"])?["usage"]["memory_bytes"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(memory > 16 << 20, "the container holds {memory} bytes");
+    // Room for the restore itself (CRIU, the processes' first pages) but not for the memory:
+    // without the check the move committed and host-b's copy was killed right after.
+    std::fs::write(dir.join(limit_file), (used + memory / 2).to_string())?;
+    for mode in ["stream", "lazy"] {
+        let (count, _) = log_state(&lab.mig(A, &["logs", "oom"]).stdout);
+        let o = lab.mig(A, &["move", "oom", "host-b", "--mode", mode]);
+        eprintln!("{mode}: move exit {}: {}", o.code, o.stderr.trim());
+        assert_ne!(o.code, 0, "{mode}: {}", o.stdout);
+        assert!(
+            o.stderr.contains("cannot hold the container's memory") && o.stderr.contains(&parent),
+            "{mode}: {}",
+            o.stderr
+        );
+        running_on(&lab, A, "oom")?;
+        continues(&lab, A, "oom", count)?;
+        nothing_left(&lab, B, &id)?;
+    }
+    no_leaks(&lab, &before)?;
+    std::fs::write(dir.join(limit_file), no_limit)?;
+    move_and_check(&lab, A, B, "oom", &id)?;
+    Ok(())
 }
 
 /// host-b's state directory is a 24 MB tmpfs: the 8 MB container (about 50 MB to move) is

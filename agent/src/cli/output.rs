@@ -255,7 +255,7 @@ pub fn inspect_text(d: &ContainerDetails) -> String {
         d.signal.map(killed_by).unwrap_or_default()
     );
     if d.oom_killed {
-        let _ = writeln!(s, "oom:       killed (memory limit exceeded)");
+        let _ = writeln!(s, "oom:       killed (out of memory)");
     }
     if let Some(r) = &d.reason {
         let _ = writeln!(s, "reason:    {r}");

@@ -242,8 +242,11 @@ impl Agent {
                     st.oom_killed = x.oom_killed;
                     st.finished = Some(x.finished);
                     if x.oom_killed {
-                        st.reason =
-                            Some("oom-killed: the container exceeded its memory limit".into());
+                        st.reason = Some(match e.spec.limits.memory {
+                            Some(_) => "oom-killed: the container exceeded its memory limit".into(),
+                            // QA: "its memory limit" read wrong for a container without one.
+                            None => "oom-killed: the container has no memory limit of its own; a limit above it (agent's cgroup parent) or the host ran out of memory".into(),
+                        });
                     }
                 }
                 None => {

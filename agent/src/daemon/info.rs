@@ -323,6 +323,11 @@ pub(crate) fn mem_total_bytes() -> Option<u64> {
     meminfo().total
 }
 
+/// The memory this machine can still give without swapping (MemAvailable), bytes.
+pub(crate) fn mem_available_bytes() -> Option<u64> {
+    meminfo().available
+}
+
 fn meminfo() -> MemInfo {
     let Ok(info) = std::fs::read_to_string("/proc/meminfo") else {
         return MemInfo::default();

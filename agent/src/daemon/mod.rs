@@ -14,7 +14,7 @@ pub(crate) use containers::is_stopping;
 pub mod events;
 mod exec;
 pub mod heap;
-mod info;
+pub(crate) mod info;
 pub(crate) use info::mem_total_bytes;
 mod logs;
 pub(crate) mod marks;

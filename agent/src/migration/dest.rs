@@ -67,6 +67,16 @@ pub enum DestError {
     ContainerDir(#[source] crate::privacy::PrivacyError),
     #[error("restore failed: {message}")]
     Restore { message: String },
+    #[error(
+        "this host cannot hold the container's memory: its image set holds {} MiB, and {} MiB are left within {within} (the restored copy would be killed for lack of memory after the commit)",
+        need >> 20,
+        room >> 20
+    )]
+    NoMemory {
+        need: u64,
+        room: u64,
+        within: String,
+    },
     #[error("cannot open the cgroup {name}")]
     Cgroup {
         name: String,

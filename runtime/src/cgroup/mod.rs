@@ -526,3 +526,36 @@ fn collect_procs(dir: &Path, pids: &mut Vec<i32>) -> Result<(), CgroupError> {
 
 #[cfg(test)]
 mod tests;
+
+/// How much more memory cgroups below `parent` (a name such as `mig`; it need not exist yet) can
+/// be charged before a memory limit of `parent` or of one of its ancestors is reached, and the
+/// directory of that limit: the smallest room of any of them (page cache counted as room, since
+/// the kernel reclaims it first). `None` when no limit applies, or the host has no memory
+/// controller.
+pub fn memory_room(parent: &str) -> Result<Option<(u64, PathBuf)>, CgroupError> {
+    validate_name(parent)?;
+    let layout = detect()?;
+    let root = match layout.v1_with("memory") {
+        Some(h) => h.mount_point.clone(),
+        None => match &layout.unified {
+            Some(u) if v2_root_controllers(&layout).iter().any(|c| c == "memory") => u.clone(),
+            _ => return Ok(None),
+        },
+    };
+    let mut best: Option<(u64, PathBuf)> = None;
+    let mut dir = root.join(parent);
+    loop {
+        if dir.is_dir() {
+            if let Some(room) = usage::room_in(&dir)? {
+                match &best {
+                    Some((b, _)) if *b <= room => {}
+                    _ => best = Some((room, dir.clone())),
+                }
+            }
+        }
+        if dir == root || !dir.pop() {
+            break;
+        }
+    }
+    Ok(best)
+}

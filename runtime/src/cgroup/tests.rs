@@ -206,3 +206,43 @@ fn pure_v2_create_records_new_dirs_and_missing_controller_is_an_error() {
     ));
     assert_eq!(created, vec![root.join("a"), root.join("a/b")]);
 }
+
+#[test]
+fn memory_room_is_the_limit_less_what_cannot_be_reclaimed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| std::fs::write(tmp.path().join(name), text).unwrap();
+    // cgroup2: 1 GiB limit, 700 MiB charged of which 200 MiB page cache.
+    write("memory.max", "1073741824\n");
+    write("memory.current", &format!("{}\n", 700 << 20));
+    write(
+        "memory.stat",
+        &format!(
+            "anon {}\nfile {}\ninactive_file {}\nactive_file {}\n",
+            500 << 20,
+            200 << 20,
+            150 << 20,
+            50 << 20
+        ),
+    );
+    assert_eq!(usage::room_in(tmp.path()).unwrap(), Some(524 << 20));
+    write("memory.max", "max\n");
+    assert_eq!(usage::room_in(tmp.path()).unwrap(), None);
+    // cgroup v1: `total_*` counts the children too; the larger figure is the subtree's.
+    std::fs::remove_file(tmp.path().join("memory.max")).unwrap();
+    write("memory.limit_in_bytes", &format!("{}\n", 32 << 20));
+    write("memory.usage_in_bytes", &format!("{}\n", 40 << 20));
+    write(
+        "memory.stat",
+        &format!(
+            "inactive_file 0\nactive_file 0\ntotal_inactive_file {}\ntotal_active_file 0\n",
+            4 << 20
+        ),
+    );
+    // Over the limit by more than the page cache: no room at all.
+    assert_eq!(usage::room_in(tmp.path()).unwrap(), Some(0));
+    write("memory.usage_in_bytes", &format!("{}\n", 11 << 20));
+    assert_eq!(usage::room_in(tmp.path()).unwrap(), Some(25 << 20));
+    // v1's "no limit" is PAGE_COUNTER_MAX pages.
+    write("memory.limit_in_bytes", "9223372036854771712\n");
+    assert_eq!(usage::room_in(tmp.path()).unwrap(), None);
+}

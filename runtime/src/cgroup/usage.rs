@@ -88,3 +88,40 @@ fn keyed(path: &Path, key: &str) -> Result<u64, CgroupError> {
         None => Ok(0),
     }
 }
+
+/// Limits at or above this are "no limit" (cgroup v1 writes `PAGE_COUNTER_MAX` pages as bytes).
+const NO_LIMIT: u64 = 1 << 62;
+
+/// The room under one memory cgroup directory: its limit less what is charged there and cannot
+/// be reclaimed (the file LRU lists, page cache, count as room). `None` without a limit.
+pub(super) fn room_in(dir: &Path) -> Result<Option<u64>, CgroupError> {
+    let (limit, usage, stat) = match dir.join("memory.max") {
+        v2 if v2.exists() => {
+            let text = read_text(&v2)?.unwrap_or_default();
+            if text.trim() == "max" {
+                return Ok(None);
+            }
+            (
+                parse(&v2, &text)?,
+                single(&dir.join("memory.current"))?,
+                dir.join("memory.stat"),
+            )
+        }
+        _ => (
+            single(&dir.join("memory.limit_in_bytes"))?,
+            single(&dir.join("memory.usage_in_bytes"))?,
+            dir.join("memory.stat"),
+        ),
+    };
+    if limit == 0 || limit >= NO_LIMIT {
+        return Ok(None);
+    }
+    // cgroup2 names the lists without a prefix; v1 has `total_*` with the descendants.
+    let file = |key: &str| -> Result<u64, CgroupError> {
+        Ok(keyed(&stat, &format!("total_{key}"))?.max(keyed(&stat, key)?))
+    };
+    let reclaimable = file("inactive_file")? + file("active_file")?;
+    Ok(Some(
+        limit.saturating_sub(usage.saturating_sub(reclaimable)),
+    ))
+}

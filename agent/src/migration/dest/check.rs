@@ -1,7 +1,7 @@
 //! The destination's check of a Prepare (spec, CRIU and kernel versions, name clashes, limits,
 //! disk space) and the reservation of an arriving container's id and name.
 
-use super::{DestSide, Incoming};
+use super::{DestError, DestSide, Incoming};
 use crate::migration::chain;
 use crate::migration::journal;
 use mig_migrate::criu::Criu;
@@ -285,6 +285,46 @@ fn arriving_elsewhere(state_dir: &Path, mine: &Path, p: &Prepare) -> Option<(Str
     arriving(state_dir)
         .find(|(dir, id, name)| dir != mine && (*id == p.spec.id || *name == p.spec.name))
         .map(|(_, id, name)| (id, name))
+}
+
+/// Refuses to restore an image set whose memory this host cannot hold. In stream mode (a local
+/// lazy-pages daemon) and in post-copy the restored processes are charged for their memory only
+/// after the resume, when the move has committed and the source's copy is gone: a lack of
+/// memory found then loses the container (QA of session 21: an OOM kill 20 ms after a commit).
+/// What the processes will hold is every page the pagemaps list (at most the container's own
+/// memory limit); what is left is the host's MemAvailable and the room under the limits of the
+/// agent's cgroup parent and its ancestors.
+pub(super) fn memory_fits(
+    checkpoint: &Path,
+    limit: Option<u64>,
+    cgroup_parent: &str,
+) -> Result<(), DestError> {
+    let pages = match mig_migrate::criu::lazy_proxy::pagemap_bytes(checkpoint) {
+        Ok(b) => b,
+        Err(e) => {
+            // The restore reads the same images and reports what is wrong with them.
+            tracing::warn!(error = %chain(&e), "cannot count the image set's pages; no memory check");
+            return Ok(());
+        }
+    };
+    let need = limit.map_or(pages, |l| pages.min(l));
+    let mut left: Vec<(u64, String)> = Vec::new();
+    if let Some(avail) = crate::daemon::info::mem_available_bytes() {
+        left.push((avail, "the host's available memory (MemAvailable)".into()));
+    }
+    match mig_runtime::cgroup::memory_room(cgroup_parent) {
+        Ok(Some((room, dir))) => {
+            left.push((room, format!("the memory limit of {}", dir.display())))
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(error = %chain(&e), "cannot read the memory limits above the containers")
+        }
+    }
+    match left.into_iter().min_by_key(|(room, _)| *room) {
+        Some((room, within)) if need > room => Err(DestError::NoMemory { need, room, within }),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]

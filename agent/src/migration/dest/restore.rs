@@ -93,6 +93,15 @@ impl DestSide {
                 .unwrap_or_else(|e| Err(DestError::Task(e.to_string())))?;
         }
         let cd = self.agent.dirs.container(&spec.id);
+        {
+            let (checkpoint, limit) = (cd.checkpoint(), spec.limits.memory);
+            let parent = self.agent.cfg.cgroup_parent.clone();
+            tokio::task::spawn_blocking(move || {
+                super::check::memory_fits(&checkpoint, limit, &parent)
+            })
+            .await
+            .unwrap_or_else(|e| Err(DestError::Task(e.to_string())))?;
+        }
         let place_ms = crate::migration::ms(t_place.elapsed());
         let checkpoint = cd.checkpoint();
         let noted = tokio::task::spawn_blocking(move || note_arrival(&checkpoint, &arrived))

@@ -15,7 +15,7 @@ pub(super) fn cause_words(cause: &mig_migrate::protocol::Cause) -> String {
         A::SendFailed => "sending the files failed",
         A::BadFile => "a file arrived damaged or could not be written",
         A::TransferIncomplete => "the destination could not place what it received, or files were missing at the end of the transfer",
-        A::RestoreFailed => "the restore (criu restore) failed",
+        A::RestoreFailed => "the restore failed",
         A::ResumeFailed => "resuming the restored container failed",
         A::Timeout => "a phase timed out",
         A::ProtocolViolation => "a peer sent an unexpected message",

@@ -77,11 +77,55 @@ pub(super) fn carve(m: &mut BTreeMap<u64, u64>, start: u64, end: u64) {
 /// Reads the lazy ranges of every `pagemap-<id>.img` in `dir` (shared memory's
 /// `pagemap-shmem-*` images are not served lazily by CRIU and are skipped).
 pub fn read_lazy_map(dir: &Path) -> Result<LazyMap, LazyProxyError> {
+    let mut map = LazyMap::default();
+    each_pagemap(dir, false, |id, path, data| {
+        add_lazy_entries(&mut map, id, data).map_err(|reason| LazyProxyError::BadImage {
+            path: path.to_owned(),
+            reason,
+        })
+    })?;
+    Ok(map)
+}
+
+/// The bytes of memory an image set's processes hold once restored: every page its pagemap
+/// images list, shared memory's included, whether the pages are in the set, in a parent's, or
+/// still on the source (post-copy). Pages that forked processes share copy-on-write are listed
+/// once per process, so this is an upper bound: CRIU restores them shared.
+pub fn pagemap_bytes(dir: &Path) -> Result<u64, LazyProxyError> {
+    let mut pages = 0u64;
+    each_pagemap(dir, true, |_, path, data| {
+        let bad = |reason| LazyProxyError::BadImage {
+            path: path.to_owned(),
+            reason,
+        };
+        let list = entries(data, PAGEMAP_MAGIC).map_err(bad)?;
+        for entry in list.iter().skip(1) {
+            let (mut compat, mut nr_pages) = (0, None);
+            for field in Fields::new(entry, 0) {
+                match field.map_err(bad)? {
+                    (2, Value::Varint(v)) => compat = v,
+                    (5, Value::Varint(v)) => nr_pages = Some(v),
+                    _ => {}
+                }
+            }
+            pages = pages.saturating_add(nr_pages.unwrap_or(compat));
+        }
+        Ok(())
+    })?;
+    Ok(pages.saturating_mul(PAGE_SIZE))
+}
+
+/// Calls `f` with the image id and the contents of each `pagemap-<id>.img` in `dir`, and with
+/// `shmem` also of each `pagemap-shmem-<id>.img`.
+fn each_pagemap(
+    dir: &Path,
+    shmem: bool,
+    mut f: impl FnMut(u64, &Path, &[u8]) -> Result<(), LazyProxyError>,
+) -> Result<(), LazyProxyError> {
     let list = std::fs::read_dir(dir).map_err(|source| LazyProxyError::ListImages {
         path: dir.to_owned(),
         source,
     })?;
-    let mut map = LazyMap::default();
     for entry in list {
         let entry = entry.map_err(|source| LazyProxyError::ListImages {
             path: dir.to_owned(),
@@ -91,6 +135,10 @@ pub fn read_lazy_map(dir: &Path) -> Result<LazyMap, LazyProxyError> {
         let Some(id) = name
             .to_str()
             .and_then(|n| n.strip_prefix("pagemap-")?.strip_suffix(".img"))
+            .map(|id| match id.strip_prefix("shmem-") {
+                Some(shm) if shmem => shm,
+                _ => id,
+            })
             .filter(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
             .and_then(|id| id.parse::<u64>().ok())
         else {
@@ -106,10 +154,9 @@ pub fn read_lazy_map(dir: &Path) -> Result<LazyMap, LazyProxyError> {
             return Err(LazyProxyError::ImageTooLarge { path });
         }
         let data = std::fs::read(&path).map_err(read)?;
-        add_lazy_entries(&mut map, id, &data)
-            .map_err(|reason| LazyProxyError::BadImage { path, reason })?;
+        f(id, &path, &data)?;
     }
-    Ok(map)
+    Ok(())
 }
 
 /// Adds the `PE_LAZY` entries of one pagemap image (`PagemapHead`, then `PagemapEntry {

@@ -546,3 +546,37 @@ fn lazy_ranges_are_read_from_the_pagemap_images() {
         Err(LazyProxyError::BadImage { .. })
     ));
 }
+
+#[test]
+fn an_image_sets_memory_is_every_page_its_pagemaps_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let lazy = PE_LAZY | PE_PRESENT;
+    std::fs::write(
+        dir.path().join("pagemap-1.img"),
+        pagemap_image(&[(0x40_0000, 4, PE_PRESENT), (0x50_0000, 2, lazy)]),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("pagemap-12.img"),
+        pagemap_image(&[(0x1000, 9, lazy)]),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("pagemap-shmem-77.img"),
+        pagemap_image(&[(0, 16, PE_PRESENT)]),
+    )
+    .unwrap();
+    // Not pagemaps: left alone.
+    std::fs::write(dir.path().join("pages-1.img"), b"x").unwrap();
+    std::fs::write(dir.path().join("pagemap-x.img"), b"x").unwrap();
+    assert_eq!(pagemap_bytes(dir.path()).unwrap(), (4 + 2 + 9 + 16) * P);
+    std::fs::write(
+        dir.path().join("pagemap-shmem-78.img"),
+        b"\x19\x43\x56\x54junk",
+    )
+    .unwrap();
+    assert!(matches!(
+        pagemap_bytes(dir.path()),
+        Err(LazyProxyError::BadImage { .. })
+    ));
+}
