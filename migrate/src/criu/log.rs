@@ -53,15 +53,40 @@ pub fn pick_error_lines(text: &str) -> Vec<String> {
         errors = lines;
     }
     let start = errors.len().saturating_sub(MAX_ERROR_LINES);
-    errors[start..]
+    let mut picked: Vec<String> = errors[start..]
         .iter()
         .map(|l| l.chars().take(400).collect())
-        .collect()
+        .collect();
+    // CRIU names its own option; mig's flag of the same name is what a user can pass. mig checks
+    // for connections before it freezes, so this is one made in between.
+    if picked.iter().any(|l| l.contains(ESTABLISHED)) {
+        picked.insert(
+            0,
+            "the container opened a TCP connection after mig checked for them: move or checkpoint it again, with --tcp-established to keep its connections (docs/networking.md)".into(),
+        );
+    }
+    picked
 }
+
+/// What CRIU says of an established TCP connection dumped without `--tcp-established`.
+const ESTABLISHED: &str = "consider using --tcp-established option";
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_made_after_the_check_is_explained_with_migs_flag() {
+        let log = "(00.03) Error (criu/sk-inet.c:200): inet: Connected TCP socket, consider using --tcp-established option.\n(00.04) Error (criu/cr-dump.c:2111): Dumping FAILED.";
+        let got = pick_error_lines(log);
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert!(got[0].contains("mig checked") && got[0].contains("--tcp-established"));
+        assert!(
+            pick_error_lines("(00.04) Error (criu/cr-dump.c:2111): Dumping FAILED.")
+                .iter()
+                .all(|l| !l.contains("mig checked"))
+        );
+    }
 
     #[test]
     fn picks_last_errors_without_the_rlimit_noise() {
