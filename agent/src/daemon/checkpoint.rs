@@ -317,11 +317,14 @@ impl Agent {
             .map_err(|e| internal(format!("creating {}: {e}", images.display())))?;
         let stdio_pipe = mig_migrate::criu::stdout_pipe(init_pid);
         let tf = Instant::now();
-        cg.freeze(FREEZE_TIMEOUT).map_err(|e| {
+        let vforks = cg.freeze_for_dump(FREEZE_TIMEOUT).map_err(|e| {
             let _ = cg.thaw();
             internal(format!("freezing the container: {}", chain(&e)))
         })?;
         let freeze_ms = ms(tf.elapsed());
+        if vforks > 0 {
+            tracing::info!(%id, vforks, freeze_ms, "frozen again: a process was between vfork and exec");
+        }
         // Taken while frozen, so it lists exactly the processes CRIU dumps.
         let pid_map = mig_runtime::pidmap::pid_map(&cg.procs().unwrap_or_else(|_| vec![init_pid]));
         let td = Instant::now();

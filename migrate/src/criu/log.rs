@@ -57,19 +57,31 @@ pub fn pick_error_lines(text: &str) -> Vec<String> {
         .iter()
         .map(|l| l.chars().take(400).collect())
         .collect();
-    // CRIU names its own option; mig's flag of the same name is what a user can pass. mig checks
-    // for connections before it freezes, so this is one made in between.
-    if picked.iter().any(|l| l.contains(ESTABLISHED)) {
-        picked.insert(
-            0,
-            "the container opened a TCP connection after mig checked for them: move or checkpoint it again, with --tcp-established to keep its connections (docs/networking.md)".into(),
-        );
+    // What CRIU's words mean to a mig user, first.
+    if let Some((_, hint)) = HINTS
+        .iter()
+        .find(|(needle, _)| picked.iter().any(|l| l.contains(needle)))
+    {
+        picked.insert(0, (*hint).to_owned());
     }
     picked
 }
 
-/// What CRIU says of an established TCP connection dumped without `--tcp-established`.
-const ESTABLISHED: &str = "consider using --tcp-established option";
+/// CRIU's words for a failure, and what they mean to a mig user.
+const HINTS: &[(&str, &str)] = &[
+    // CRIU names its own option; mig's flag of the same name is what a user can pass. mig
+    // checks for connections before it freezes, so this is one made in between.
+    (
+        "consider using --tcp-established option",
+        "the container opened a TCP connection after mig checked for them: move or checkpoint it again, with --tcp-established to keep its connections (docs/networking.md)",
+    ),
+    // A process CRIU could not stop: asleep in the kernel (state D) for all of CRIU's timeout.
+    // mig's freeze already avoids the common case, a shell between vfork and exec.
+    (
+        "Unseizable non-zombie",
+        "a process of the container stayed asleep in the kernel (state D: waiting for a disk, a network filesystem, or a vfork child) for all of CRIU's 10 s, and could not be stopped; the container runs on: try again",
+    ),
+];
 
 #[cfg(test)]
 mod tests {

@@ -279,6 +279,13 @@ impl Cgroup {
         freeze::freeze(self, timeout)
     }
 
+    /// Freezes the cgroup for a CRIU dump: like [`Cgroup::freeze`], but never with a process
+    /// caught between `vfork` and `exec`, which CRIU cannot seize (the cgroup runs a moment
+    /// longer and is frozen again). Returns how many times it had to.
+    pub fn freeze_for_dump(&self, timeout: Duration) -> Result<u32, CgroupError> {
+        freeze::freeze_for_dump(self, timeout)
+    }
+
     /// Lets the cgroup's processes run again. Thawing a cgroup that is not frozen is fine.
     pub fn thaw(&self) -> Result<(), CgroupError> {
         freeze::thaw(self)

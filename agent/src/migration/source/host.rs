@@ -125,10 +125,13 @@ impl SourceHost for Src {
         blocking(move || {
             fault::hit(&me.agent.cfg.state_dir, Point::SourceBeforeFreeze)?;
             let cg = me.cg()?;
-            cg.freeze(FREEZE_TIMEOUT).map_err(|e| {
+            let vforks = cg.freeze_for_dump(FREEZE_TIMEOUT).map_err(|e| {
                 let _ = cg.thaw();
                 SourceError::Freeze(e)
             })?;
+            if vforks > 0 {
+                tracing::info!(id = %me.id, vforks, "frozen again: a process was between vfork and exec");
+            }
             fault::hit(&me.agent.cfg.state_dir, Point::SourceFreeze)?;
             let map = mig_runtime::pidmap::pid_map(&cg.procs().unwrap_or_default());
             // Read on a thread while the dump starts; the dump reads what is not ready itself.
