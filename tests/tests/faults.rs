@@ -7,7 +7,7 @@
 //! (compared with what they held before the case). A case that ends on host-b moves the container
 //! back (a checked move) before the leak check, so every case starts from the same place.
 //!
-//! Tables share one lab each to save time; labs use the subnets 10.214.20-30.0/24. Needs root.
+//! Tables share one lab each to save time; labs use the subnets 10.214.20-31.0/24. Needs root.
 //! The soak (`soak_back_and_forth`, ignored) moves one container back and forth and three at once.
 
 use anyhow::{bail, Context, Result};
@@ -454,6 +454,38 @@ fn a_destination_without_room_for_the_memory_rolls_back() -> Result<()> {
     no_leaks(&lab, &before)?;
     std::fs::write(dir.join(limit_file), no_limit)?;
     move_and_check(&lab, A, B, "oom", &id)?;
+    Ok(())
+}
+
+/// The agent killed during a local `mig checkpoint`, after CRIU's dump and before the image set
+/// is sealed. Before session 21 a plain checkpoint's container was dead by then (CRIU killed it)
+/// with no checkpoint to restore, and a `--leave-running` one stayed frozen after the restart
+/// (QA). Now the dumped tree waits frozen until the seal, and the restarted agent thaws it: in
+/// both cases the container runs on, intact. A checkpoint after that succeeds and restores.
+#[test]
+fn an_agent_killed_during_a_checkpoint_leaves_the_container_running() -> Result<()> {
+    if !mig_tests::is_root("fault tests") {
+        return Ok(());
+    }
+    let mut lab = Lab::up("ckk", 31)?;
+    lab.run_container(A, "ckk", 8)?;
+    for flags in [&[][..], &["--leave-running"][..]] {
+        let (count, _) = log_state(&lab.mig(A, &["logs", "ckk"]).stdout);
+        lab.fault(A, Some("checkpoint-dump:kill"))?;
+        let o = lab.mig(A, &[&["checkpoint", "ckk"][..], flags].concat());
+        lab.fault(A, None)?;
+        assert_ne!(o.code, 0, "{flags:?}: the agent was to die: {}", o.stdout);
+        lab.restart_after_crash(A)?;
+        running_on(&lab, A, "ckk").with_context(|| format!("after {flags:?}"))?;
+        continues(&lab, A, "ckk", count)?;
+    }
+    let (count, _) = log_state(&lab.mig(A, &["logs", "ckk"]).stdout);
+    lab.mig_ok(A, &["checkpoint", "ckk"])?;
+    let v = lab.mig_json(A, &["inspect", "ckk", "--json"])?;
+    assert_eq!(v["state"], "checkpointed", "{v}");
+    lab.mig_ok(A, &["restore", "ckk"])?;
+    running_on(&lab, A, "ckk")?;
+    continues(&lab, A, "ckk", count)?;
     Ok(())
 }
 

@@ -316,6 +316,9 @@ impl Agent {
         std::fs::create_dir_all(&images)
             .map_err(|e| internal(format!("creating {}: {e}", images.display())))?;
         let stdio_pipe = mig_migrate::criu::stdout_pipe(init_pid);
+        // Until this returns: an agent that dies in between finds it at its start and thaws the
+        // container (settle_interrupted).
+        let _marker = Interrupted::mark(&cd.dir);
         let tf = Instant::now();
         let vforks = cg.freeze_for_dump(FREEZE_TIMEOUT).map_err(|e| {
             let _ = cg.thaw();
@@ -339,7 +342,12 @@ impl Agent {
             images_dir: images.clone(),
             root: Some(cd.rootfs()),
             freeze_cgroup: cg.freezer_dir(),
-            leave_running,
+            // CRIU leaves the dumped tree frozen, and it is killed once the image set is sealed:
+            // an agent that dies before that leaves a frozen container, which its restart thaws,
+            // not a killed container without a checkpoint (QA of session 21). Not with
+            // established connections: CRIU kills them behind its network lock, so their peers
+            // see no reset, and they are restored with the container.
+            leave_running: leave_running || !tcp_established,
             tcp_established,
             log_file: "dump.log".into(),
             // A user-namespace container's host binds (devices, masked files).
@@ -371,10 +379,21 @@ impl Agent {
                 return Err(internal(msg));
             }
         };
+        crate::migration::fault::hit(
+            &self.cfg.state_dir,
+            crate::migration::fault::Point::CheckpointDump,
+        )
+        .map_err(|e| {
+            let _ = thaw_hard(&cg);
+            internal(format!(
+                "checkpoint failed, the container keeps running: {e}"
+            ))
+        })?;
+        let kill_after_seal = !leave_running && !tcp_established;
         if leave_running {
             thaw_hard(&cg)
                 .map_err(|e| internal(format!("thawing after the dump: {}", chain(&e))))?;
-        } else {
+        } else if !kill_after_seal {
             // CRIU killed the dumped tasks; make sure nothing is left frozen in the cgroup.
             let _ = cg.kill();
             let _ = cg.thaw();
@@ -391,7 +410,22 @@ impl Agent {
                 stats: Some(stats.clone()),
             },
         )
-        .map_err(|e| internal(format!("sealing the image set: {}", chain(&e))))?;
+        .map_err(|e| {
+            let mut msg = format!("sealing the image set: {}", chain(&e));
+            if kill_after_seal {
+                msg.push_str(match thaw_hard(&cg) {
+                    Ok(()) => "; the container keeps running",
+                    Err(_) => "; and thawing the container failed",
+                });
+            }
+            internal(msg)
+        })?;
+        if kill_after_seal {
+            // The checkpoint is whole: now the dumped tree ends, as `mig checkpoint` without
+            // --leave-running promises.
+            let _ = cg.kill();
+            let _ = cg.thaw();
+        }
         let mut export_failed = None;
         let (exported, archive_bytes) = match export {
             None => (None, None),
@@ -821,4 +855,50 @@ impl Agent {
         }
         Ok(spec)
     }
+}
+
+/// `<container>/checkpointing`: a local checkpoint froze the container and has not ended.
+const CHECKPOINTING: &str = "checkpointing";
+
+/// The mark of a checkpoint under way, removed when it ends, whichever way.
+struct Interrupted(std::path::PathBuf);
+
+impl Interrupted {
+    fn mark(container_dir: &Path) -> Interrupted {
+        let path = container_dir.join(CHECKPOINTING);
+        if let Err(e) = std::fs::write(&path, b"") {
+            tracing::warn!(path = %path.display(), error = %e, "cannot mark the checkpoint under way");
+        }
+        Interrupted(path)
+    }
+}
+
+impl Drop for Interrupted {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// At the agent's start: a checkpoint of container `id` that the agent did not see to its end
+/// (it was killed, or the host's power went) left the container frozen, and nothing else would
+/// ever thaw it (QA of session 21). Its processes run on; the unsealed image set is not a
+/// checkpoint and the next one replaces it.
+pub(super) fn settle_interrupted(container_dir: &Path, id: &str, cgroup: &str) {
+    let mark = container_dir.join(CHECKPOINTING);
+    if !mark.exists() {
+        return;
+    }
+    if let Ok(cg) = Cgroup::open(cgroup) {
+        if cg.procs().is_ok_and(|p| !p.is_empty()) {
+            match thaw_hard(&cg) {
+                Ok(()) => {
+                    tracing::warn!(%id, "a checkpoint was interrupted (the agent stopped during it): the container was thawed and runs on")
+                }
+                Err(e) => {
+                    tracing::warn!(%id, error = %chain(&e), "a checkpoint was interrupted, and thawing the container failed")
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&mark);
 }

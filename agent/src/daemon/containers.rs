@@ -77,6 +77,7 @@ impl Agent {
                 },
             );
             self.refresh(&id);
+            super::checkpoint::settle_interrupted(&cd.dir, &id, &self.cgroup_name(&id));
             if self.is_live(&id) {
                 tracing::info!(%id, "re-adopted a running container");
                 live.push(id);

@@ -60,9 +60,11 @@ pub enum Point {
     DestTransfer,
     DestRestore,
     DestCommit,
+    /// A local `mig checkpoint`, after CRIU's dump and before the image set is sealed.
+    CheckpointDump,
 }
 
-const POINTS: [(&str, Point); 14] = [
+const POINTS: [(&str, Point); 15] = [
     ("source-prepare", Point::SourcePrepare),
     ("source-presync", Point::SourcePresync),
     ("source-before-freeze", Point::SourceBeforeFreeze),
@@ -77,6 +79,7 @@ const POINTS: [(&str, Point); 14] = [
     ("dest-transfer", Point::DestTransfer),
     ("dest-restore", Point::DestRestore),
     ("dest-commit", Point::DestCommit),
+    ("checkpoint-dump", Point::CheckpointDump),
 ];
 
 impl Point {
