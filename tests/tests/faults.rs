@@ -7,7 +7,7 @@
 //! (compared with what they held before the case). A case that ends on host-b moves the container
 //! back (a checked move) before the leak check, so every case starts from the same place.
 //!
-//! Tables share one lab each to save time; labs use the subnets 10.214.20-31.0/24. Needs root.
+//! Tables share one lab each to save time; labs use the subnets 10.214.20-32.0/24. Needs root.
 //! The soak (`soak_back_and_forth`, ignored) moves one container back and forth and three at once.
 
 use anyhow::{bail, Context, Result};
@@ -486,6 +486,49 @@ fn an_agent_killed_during_a_checkpoint_leaves_the_container_running() -> Result<
     lab.mig_ok(A, &["restore", "ckk"])?;
     running_on(&lab, A, "ckk")?;
     continues(&lab, A, "ckk", count)?;
+    Ok(())
+}
+
+/// The source killed after host-b restored its copy, then restarted twice while host-b is cut
+/// off: the first restart thaws the container on host-a and must tell host-b to drop its frozen
+/// copy, the second stops that agent before it could. Before session 21 the notice lived in
+/// memory only, and host-b's copy stayed frozen "in doubt" for good, refusing rm, stop and
+/// moves (QA); now it is kept on disk and sent once host-b is reachable again.
+#[test]
+fn a_rollback_notice_outlives_a_restart_of_the_source() -> Result<()> {
+    if !mig_tests::is_root("fault tests") {
+        return Ok(());
+    }
+    let mut lab = Lab::up("ntc", 32)?;
+    let id = lab.run_container(A, "ntc", 8)?;
+    lab.fault(A, Some("source-restore:kill"))?;
+    let o = lab.mig(A, &["move", "ntc", "host-b"]);
+    lab.fault(A, None)?;
+    assert_ne!(o.code, 0, "the source was to die: {}", o.stdout);
+    lab.link(B, false)?;
+    let cut = (|| -> Result<()> {
+        lab.restart_after_crash(A)?;
+        running_on(&lab, A, "ntc")?;
+        // Long enough for the restarted agent to roll back and try host-b once.
+        std::thread::sleep(Duration::from_secs(2));
+        lab.kill_agent(A)?;
+        lab.restart(A)?;
+        Ok(())
+    })();
+    lab.link(B, true)?;
+    cut?;
+    let (count, _) = log_state(&lab.mig(A, &["logs", "ntc"]).stdout);
+    running_on(&lab, A, "ntc")?;
+    continues(&lab, A, "ntc", count)?;
+    let gone = mig_tests::wait_until(Duration::from_secs(60), || {
+        !lab.mig(B, &["ps", "-a"]).stdout.contains("ntc")
+    });
+    assert!(
+        gone,
+        "host-b still holds its copy: {}",
+        lab.mig(B, &["ps", "-a"]).stdout
+    );
+    nothing_left(&lab, B, &id)?;
     Ok(())
 }
 

@@ -72,6 +72,8 @@ fn settle(agent: &Agent, e: &JournalEntry, state: JournalState) {
 
 /// Settles every unfinished migration found in the journal (see the module documentation).
 pub(crate) fn recover(agent: &Arc<Agent>) {
+    // Before this run's rollbacks below add notices of their own.
+    renew_notices(agent);
     let entries = match journal::list(&agent.cfg.state_dir) {
         Ok(e) => e,
         Err(e) => {
@@ -194,8 +196,8 @@ fn commit_unfinished(agent: &Agent, e: &JournalEntry, all: &[JournalEntry]) -> b
 /// How often an in-doubt move is retried with its destination.
 const RESOLVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// How many times a rolled-back source tries to tell its destination.
-const NOTIFY_ATTEMPTS: u32 = 24;
+/// The longest pause between two tries of a rolled-back source to tell its destination.
+const NOTIFY_MAX_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A source host that does nothing: a rolled-back machine only sends Resolve and reads the answer.
 struct Notifier;
@@ -227,43 +229,89 @@ impl transport::SourceHost for Notifier {
     }
 }
 
-/// After a source rolled a move back once it had frozen (at a restart, or when the link went
-/// while the destination may hold a restored copy waiting for Commit, in doubt), tells the
-/// destination with a Resolve saying "rolled back" so that it removes its copy. Retries while it
-/// is unreachable.
+/// Tells the destination of the rolled-back move `e` (the source side) that it was rolled back,
+/// so that it removes a restored copy it keeps frozen in doubt. Until it has answered, the notice
+/// is kept on disk (`<journal dir>/<migration>.notify`) and a restarted agent tries again
+/// ([`renew_notices`]): before session 21 it was in memory and ended after 2 minutes, and a
+/// longer partition or a restart of the source left the destination's copy frozen for good (QA).
+/// Retried every 5 s, then less often, up to once a minute, until the destination answers or is
+/// no longer a pinned peer.
 pub(crate) fn spawn_notifier(agent: Arc<Agent>, e: JournalEntry) {
+    let notice = notice_path(&agent.cfg.state_dir, &e.migration_id);
+    if let Err(err) = std::fs::write(&notice, b"") {
+        tracing::warn!(path = %notice.display(), error = %err, "cannot keep the rollback notice on disk: it is sent from memory only");
+    }
     tokio::spawn(async move {
-        for _ in 0..NOTIFY_ATTEMPTS {
+        let mut pause = RESOLVE_INTERVAL;
+        loop {
             match notify_rolled_back(&agent, &e).await {
                 Ok(()) => {
                     tracing::info!(migration = %e.migration_id, peer = %e.peer, "told the destination the move was rolled back");
-                    return;
+                    break;
                 }
-                Err(err) => {
+                Err(Notify::Unpinned) => {
+                    tracing::warn!(migration = %e.migration_id, peer = %e.peer, "the destination of a rolled-back move is no longer a pinned peer: not telling it");
+                    break;
+                }
+                Err(Notify::Failed(err)) => {
                     tracing::debug!(migration = %e.migration_id, error = %err, "cannot tell the destination yet")
                 }
             }
-            tokio::time::sleep(RESOLVE_INTERVAL).await;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(NOTIFY_MAX_INTERVAL);
         }
-        tracing::warn!(migration = %e.migration_id, peer = %e.peer, "gave up telling the destination the move was rolled back");
+        let _ = std::fs::remove_file(&notice);
     });
 }
 
-async fn notify_rolled_back(agent: &Arc<Agent>, e: &JournalEntry) -> Result<(), String> {
+/// At the agent's start: the rollback notices a stopped agent had not delivered.
+fn renew_notices(agent: &Arc<Agent>) {
+    let dir = journal::dir(&agent.cfg.state_dir);
+    for ent in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let name = ent.file_name().to_string_lossy().into_owned();
+        let Some(id) = name.strip_suffix(NOTICE_SUFFIX) else {
+            continue;
+        };
+        match journal::read(&agent.cfg.state_dir, id) {
+            Some(e) if e.role == Role::Source => {
+                tracing::info!(migration = %id, peer = %e.peer, "telling the destination again that the move was rolled back");
+                spawn_notifier(agent.clone(), e);
+            }
+            _ => {
+                let _ = std::fs::remove_file(ent.path());
+            }
+        }
+    }
+}
+
+const NOTICE_SUFFIX: &str = ".notify";
+
+fn notice_path(state_dir: &std::path::Path, migration_id: &str) -> std::path::PathBuf {
+    journal::dir(state_dir).join(format!("{migration_id}{NOTICE_SUFFIX}"))
+}
+
+/// Why a rollback notice did not reach the destination.
+enum Notify {
+    /// The peer is no longer pinned: it will never be reached.
+    Unpinned,
+    Failed(String),
+}
+
+async fn notify_rolled_back(agent: &Arc<Agent>, e: &JournalEntry) -> Result<(), Notify> {
     let net = agent
         .migration
         .net()
-        .ok_or("the migration endpoint is not running")?;
+        .ok_or_else(|| Notify::Failed("the migration endpoint is not running".into()))?;
     let peer = net
         .peers
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .get(&e.peer)
         .cloned()
-        .ok_or_else(|| format!("no pinned peer named {}", e.peer))?;
+        .ok_or(Notify::Unpinned)?;
     let conn = transport::connect(&net.endpoint, &net.identity, &peer)
         .await
-        .map_err(|err| chain(&err))?;
+        .map_err(|err| Notify::Failed(chain(&err)))?;
     let machine = SourceMachine::recover(
         &e.migration_id,
         &JournalState::RolledBack,
@@ -271,7 +319,9 @@ async fn notify_rolled_back(agent: &Arc<Agent>, e: &JournalEntry) -> Result<(), 
     );
     let report = transport::run_source(&conn, machine, &Notifier, &super::hello(agent)).await;
     conn.close(0u32.into(), b"done");
-    report.map(|_| ()).map_err(|err| chain(&err))
+    report
+        .map(|_| ())
+        .map_err(|err| Notify::Failed(chain(&err)))
 }
 
 /// Resolves an in-doubt move of `container` in the background: retries while the destination is
