@@ -7,7 +7,7 @@
 //! (compared with what they held before the case). A case that ends on host-b moves the container
 //! back (a checked move) before the leak check, so every case starts from the same place.
 //!
-//! Tables share one lab each to save time; labs use the subnets 10.214.20-32.0/24. Needs root.
+//! Tables share one lab each to save time; labs use the subnets 10.214.20-33.0/24. Needs root.
 //! The soak (`soak_back_and_forth`, ignored) moves one container back and forth and three at once.
 
 use anyhow::{bail, Context, Result};
@@ -529,6 +529,48 @@ fn a_rollback_notice_outlives_a_restart_of_the_source() -> Result<()> {
         lab.mig(B, &["ps", "-a"]).stdout
     );
     nothing_left(&lab, B, &id)?;
+    Ok(())
+}
+
+/// SIGTERM (`systemctl stop`) to the source agent while a move holds the container frozen: the
+/// agent lets the move end before it exits, so the container runs on host-b. Before session 21
+/// it exited at once and left the container frozen on host-a until it was started again (QA).
+#[test]
+fn a_stopping_agent_lets_its_moves_end() -> Result<()> {
+    if !mig_tests::is_root("fault tests") {
+        return Ok(());
+    }
+    let mut lab = Lab::up("stp", 33)?;
+    let id = lab.run_container(A, "stp", 8)?;
+    let (count, _) = log_state(&lab.mig(A, &["logs", "stp"]).stdout);
+    lab.fault(A, Some("source-dump:delay:3000"))?;
+    let agent = lab.hosts[A].agent_pid.context("host-a's agent")?;
+    let o = std::thread::scope(|s| {
+        let l: &Lab = &lab;
+        let mover = s.spawn(move || l.mig(A, &["move", "stp", "host-b"]));
+        // Frozen and held by the delay: then the stop.
+        mig_tests::wait_until(Duration::from_secs(20), || {
+            l.mig(A, &["ps"]).stdout.contains("frozen")
+        });
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(agent),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        mover.join()
+    })
+    .map_err(|_| anyhow::anyhow!("the mover thread panicked"))?;
+    lab.fault(A, None)?;
+    eprintln!(
+        "move exit {}: {} {}",
+        o.code,
+        o.stdout.trim(),
+        o.stderr.trim()
+    );
+    assert_eq!(o.code, 0, "the move did not end: {}", o.stderr);
+    lab.restart_after_crash(A)?;
+    running_on(&lab, B, "stp")?;
+    continues(&lab, B, "stp", count)?;
+    nothing_left(&lab, A, &id)?;
     Ok(())
 }
 

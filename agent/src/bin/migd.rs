@@ -163,8 +163,17 @@ fn run() -> Result<()> {
                 .context("starting the metrics endpoint")?;
         }
         sd_notify("READY=1\nSTATUS=serving");
-        daemon::run(listener, agent, shutdown_signal()).await;
+        daemon::run(listener, agent.clone(), shutdown_signal()).await;
         sd_notify("STOPPING=1");
+        // Moves under way end first (a second signal does not wait): a source stopped mid-move
+        // left its container frozen until it was started again.
+        tokio::select! {
+            _ = mig_agent::migration::wait_for_moves(&agent, STOP_WAIT, |n| {
+                tracing::info!(moves = n, "waiting for the moves under way to end before stopping");
+                sd_notify(&format!("STATUS=waiting for {n} move(s) to end"));
+            }) => {}
+            _ = shutdown_signal() => tracing::warn!("stopping now, with moves under way"),
+        }
         let _ = std::fs::remove_file(&socket);
         Ok(())
     })
@@ -252,6 +261,9 @@ fn prepare_criu_cache() {
     };
     mig_agent::migration::criu_kdat(&criu);
 }
+
+/// How long a stopping agent waits for its moves under way (systemd's unit allows it).
+const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};

@@ -15,6 +15,14 @@ impl Marks {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// How many ids are marked.
+    pub(crate) fn len(&self) -> usize {
+        let mut ids = self.ids().clone();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.len()
+    }
+
     /// Whether `id` is marked.
     pub(crate) fn contains(&self, id: &str) -> bool {
         self.ids().iter().any(|x| x == id)

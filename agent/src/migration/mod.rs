@@ -366,6 +366,44 @@ pub fn start(agent: &Arc<Agent>, listen: Option<SocketAddr>) -> Result<(), Migra
 }
 
 /// A one-line message of an error and its sources.
+/// Waits, at most `limit`, until no move of this agent is under way: none between its start and
+/// its end on either side (its journal not final and not in doubt, which waits for a peer for
+/// however long), none frozen for a move away, no post-copy still serving its pages. A stopped
+/// agent used to leave such a container frozen until it was started again, or lose a post-copy's
+/// container (QA of session 21). `status` hears how many there are, once a second.
+pub async fn wait_for_moves(
+    agent: &Arc<Agent>,
+    limit: std::time::Duration,
+    status: impl Fn(usize),
+) {
+    let t0 = std::time::Instant::now();
+    let mut told = None;
+    loop {
+        let journals = journal::list(&agent.cfg.state_dir).unwrap_or_default();
+        let under_way = journals
+            .iter()
+            .filter(|e| {
+                !journal::is_final(&e.state)
+                    && !matches!(e.state, mig_migrate::protocol::JournalState::InDoubt)
+            })
+            .count()
+            + source::moving_away();
+        if under_way == 0 {
+            return;
+        }
+        if t0.elapsed() >= limit {
+            tracing::warn!(under_way, "stopping with moves still under way");
+            return;
+        }
+        let second = t0.elapsed().as_secs();
+        if told != Some(second) {
+            told = Some(second);
+            status(under_way);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();

@@ -27,7 +27,9 @@ mod host;
 mod orchestrate;
 mod rollback;
 
-pub(crate) use destroy::{destroy_copy, ending, frozen_for_move, hold_ending, mark_frozen};
+pub(crate) use destroy::{
+    destroy_copy, ending, frozen_for_move, hold_ending, mark_frozen, moving_away,
+};
 pub(crate) use host::Src;
 
 /// How long freezing the cgroup may take.

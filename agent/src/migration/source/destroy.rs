@@ -63,6 +63,12 @@ pub(crate) fn hold_ending(id: &str) -> crate::daemon::marks::Mark {
     ENDING.hold(id)
 }
 
+/// How many containers are frozen for a move away or being ended after one (a post-copy still
+/// serving its pages counts).
+pub(crate) fn moving_away() -> usize {
+    MOVE_FROZEN.len() + ENDING.len()
+}
+
 /// Whether container `id`'s copy here is being ended after its move away committed.
 pub(crate) fn ending(id: &str) -> bool {
     ENDING.contains(id)
