@@ -81,6 +81,18 @@ fn entry(host_pid: i32) -> Option<PidEntry> {
     })
 }
 
+/// The parent process id of host PID `pid`, from `/proc/PID/stat` (the field after the state,
+/// which follows the command's closing parenthesis; a command may hold `) `).
+pub fn parent_pid(pid: i32) -> Option<i32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 /// The id in the innermost PID namespace from a `/proc/PID/status` (or `/proc/PID/task/TID/status`)
 /// text: the last field of its `NSpid:` line.
 pub fn innermost_ns_pid(status: &str) -> Option<i32> {
@@ -126,6 +138,14 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn parent_of_self() {
+        assert_eq!(
+            parent_pid(std::process::id() as i32),
+            Some(nix::unistd::getppid().as_raw())
+        );
+    }
 
     #[test]
     fn threads_of_processes_and_of_a_gone_one() {

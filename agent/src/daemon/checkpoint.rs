@@ -337,6 +337,8 @@ impl Agent {
         let smaps = SmapsCopy::start(&smaps_dir, &pids).ok();
         // CRIU keeps no CPU masks: the narrowed ones go into the image set after the dump.
         let masks = mig_runtime::affinity::narrowed(&pids);
+        // Without --leave-running the dumped tree still ends, but after the seal (below).
+        let kill_after_seal = !leave_running && !tcp_established;
         let dumped = criu.dump(&DumpOpts {
             pid: init_pid,
             images_dir: images.clone(),
@@ -347,7 +349,7 @@ impl Agent {
             // not a killed container without a checkpoint (QA of session 21). Not with
             // established connections: CRIU kills them behind its network lock, so their peers
             // see no reset, and they are restored with the container.
-            leave_running: leave_running || !tcp_established,
+            leave_running: leave_running || kill_after_seal,
             tcp_established,
             log_file: "dump.log".into(),
             // A user-namespace container's host binds (devices, masked files).
@@ -389,7 +391,6 @@ impl Agent {
                 "checkpoint failed, the container keeps running: {e}"
             ))
         })?;
-        let kill_after_seal = !leave_running && !tcp_established;
         if leave_running {
             thaw_hard(&cg)
                 .map_err(|e| internal(format!("thawing after the dump: {}", chain(&e))))?;

@@ -70,7 +70,9 @@ struct HostScope {
 
 impl HostScope {
     fn contains(&self, pid: i32) -> bool {
-        self.contains_self(pid) || parent(pid).is_some_and(|pp| pp > 1 && self.contains_self(pp))
+        self.contains_self(pid)
+            || mig_runtime::pidmap::parent_pid(pid)
+                .is_some_and(|pp| pp > 1 && self.contains_self(pp))
     }
 
     fn contains_self(&self, pid: i32) -> bool {
@@ -98,13 +100,6 @@ impl HostScope {
         let dir = self.state_dir.display().to_string();
         process::cmdline(pid).iter().any(|a| a.contains(&dir))
     }
-}
-
-/// Parent PID of `pid`, from /proc/PID/stat.
-fn parent(pid: i32) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = stat.rsplit_once(") ")?;
-    rest.split(' ').nth(1)?.parse().ok()
 }
 
 pub(crate) fn teardown(file: &LabFile, lab_file: &Path) -> DownReport {
@@ -533,13 +528,5 @@ mod tests {
         found.sort();
         assert_eq!(found, ["host-a", "host-b"]);
         assert!(host_entries(&dir.path().join("missing")).is_empty());
-    }
-
-    #[test]
-    fn parent_of_self() {
-        assert_eq!(
-            parent(std::process::id() as i32),
-            Some(nix::unistd::getppid().as_raw())
-        );
     }
 }

@@ -244,23 +244,11 @@ pub(super) fn vfork_children(cg: &Cgroup) -> Vec<i32> {
     pids.iter()
         .copied()
         .filter(|&pid| {
-            parent_of(pid)
+            crate::pidmap::parent_pid(pid)
                 .filter(|ppid| pids.binary_search(ppid).is_ok())
                 .is_some_and(|ppid| same_memory(ppid, pid))
         })
         .collect()
-}
-
-/// The parent process id of `pid`, from `/proc/PID/stat` (the field after the state, which
-/// follows the command's closing parenthesis).
-fn parent_of(pid: i32) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }
 
 /// Whether two processes use one address space (`kcmp(2)` with `KCMP_VM`).
