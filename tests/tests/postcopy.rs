@@ -45,6 +45,48 @@ fn lazy_dump_of(agent: i32) -> Option<i32> {
         })
 }
 
+/// `mig events --json` on a lab host, into a file, until dropped.
+struct Events {
+    child: std::process::Child,
+    out: tempfile::NamedTempFile,
+}
+
+impl Events {
+    fn follow(lab: &Lab, host: usize) -> Result<Events> {
+        let out = tempfile::NamedTempFile::new()?;
+        let child = std::process::Command::new(mig_tests::bin("mig"))
+            .arg("--socket")
+            .arg(&lab.hosts[host].socket)
+            .args(["events", "--json"])
+            .env_remove("MIG_HOST")
+            .env_remove("MIG_SOCKET")
+            .stdin(std::process::Stdio::null())
+            .stdout(out.reopen()?)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting mig events")?;
+        // The subscription is in place once the client read its answer.
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(Events { child, out })
+    }
+
+    /// The `migration_done` events so far.
+    fn migration_done(&self) -> Vec<Value> {
+        let text = std::fs::read_to_string(self.out.path()).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|e| e["type"] == "migration_done")
+            .collect()
+    }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// `mig inspect NAME --json` on `host` (null when it fails).
 fn inspect(lab: &Lab, host: usize, name: &str) -> Value {
     lab.mig_json(host, &["inspect", name, "--json"])
@@ -59,6 +101,7 @@ fn a_source_lost_during_post_copy_is_reported_and_the_container_killed() -> Resu
     let lab = Lab::up("pclost", 70)?;
     // About 200 MB of random data in each of two shells: the post-copy takes seconds.
     let id = lab.run_container(0, "orphan", 150)?;
+    let events = Events::follow(&lab, 1)?;
     let agent = lab.hosts[0].agent_pid.context("host-a has no agent")?;
     let (moved, killed) = std::thread::scope(|s| -> Result<_> {
         let mover =
@@ -109,6 +152,20 @@ fn a_source_lost_during_post_copy_is_reported_and_the_container_killed() -> Resu
     if !reported {
         bail!("the destination did not kill and report the container: {last}");
     }
+    // The destination's one `migration_done` says the post-copy failed (it also said
+    // `committed` after it, for a container already killed).
+    let mut done = Vec::new();
+    wait_until(Duration::from_secs(30), || {
+        done = events.migration_done();
+        !done.is_empty()
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    done = events.migration_done();
+    let outcomes: Vec<&str> = done.iter().filter_map(|e| e["outcome"].as_str()).collect();
+    ensure!(
+        outcomes == ["postcopy_failed"],
+        "the destination's migration_done events: {outcomes:?}"
+    );
     eprintln!(
         "post-copy lost: the source reported {}; the destination says {} ({})",
         r["postcopy_error"], last["state"], last["reason"]

@@ -261,7 +261,11 @@ impl DestSide {
     }
 
     /// Emits [`EventKind::MigrationDone`] at the end of an incoming migration.
+    /// Not after a failed post-copy, whose `migration_done` (`postcopy_failed`) is already out.
     fn emit_done(&self, r: &transport::DestReport) {
+        if super::pages::take_postcopy_failed(&r.migration_id) {
+            return;
+        }
         let Some(inc) = self.known(&r.migration_id) else {
             return;
         };

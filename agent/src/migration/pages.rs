@@ -124,6 +124,18 @@ type ProxyThread = std::thread::JoinHandle<Result<lazy_proxy::Summary, LazyProxy
 
 static JOBS: Mutex<Option<HashMap<String, Job>>> = Mutex::new(None);
 
+/// Migrations whose post-copy failed here: the watcher emitted their `migration_done`
+/// (`postcopy_failed`), so the connection's end must not emit another (`committed`).
+static POSTCOPY_FAILED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Whether the post-copy of `migration_id` failed (and its `migration_done` is out); asks once.
+pub(crate) fn take_postcopy_failed(migration_id: &str) -> bool {
+    let mut failed = POSTCOPY_FAILED.lock().unwrap_or_else(|p| p.into_inner());
+    let before = failed.len();
+    failed.retain(|id| id != migration_id);
+    failed.len() != before
+}
+
 fn with_jobs<T>(f: impl FnOnce(&mut HashMap<String, Job>) -> T) -> T {
     let mut g = JOBS.lock().unwrap_or_else(|p| p.into_inner());
     f(g.get_or_insert_with(HashMap::new))
@@ -605,6 +617,13 @@ pub(crate) fn watch_lazy_daemon(
                 false,
             )
         });
+        if r.is_err() {
+            // Before `forget`, which lets the connection end and say how the move ended.
+            POSTCOPY_FAILED
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(migration_id.clone());
+        }
         forget(&migration_id);
         let cd = agent.dirs.container(&container_id);
         let _ = std::fs::remove_dir_all(cd.dir.join(LAZY_DIR));
