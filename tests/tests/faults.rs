@@ -7,10 +7,10 @@
 //! (compared with what they held before the case). A case that ends on host-b moves the container
 //! back (a checked move) before the leak check, so every case starts from the same place.
 //!
-//! Tables share one lab each to save time; labs use the subnets 10.214.20-33.0/24. Needs root.
+//! Tables share one lab each to save time; labs use the subnets 10.214.20-34.0/24. Needs root.
 //! The soak (`soak_back_and_forth`, ignored) moves one container back and forth and three at once.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use mig_tests::lab::{
     continues, leaks, log_state, move_and_check, no_leaks, nothing_left, running_on, usage,
     DiskLab, Lab, Usage,
@@ -571,6 +571,50 @@ fn a_stopping_agent_lets_its_moves_end() -> Result<()> {
     running_on(&lab, B, "stp")?;
     continues(&lab, B, "stp", count)?;
     nothing_left(&lab, A, &id)?;
+    Ok(())
+}
+
+/// A container that exits while its move waits to freeze it: the move fails, and its error says
+/// the container ended rather than "keeps running here" (QA: it said so, or that the rollback
+/// failed and the container "may still be frozen").
+#[test]
+fn a_container_that_ends_during_its_move_is_not_said_to_run() -> Result<()> {
+    if !mig_tests::is_root("fault tests") {
+        return Ok(());
+    }
+    let lab = Lab::up("end", 34)?;
+    lab.mig_ok(
+        A,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "brief",
+            "busybox",
+            "--",
+            "sh",
+            "-c",
+            "sleep 3; exit 3",
+        ],
+    )?;
+    lab.fault(A, Some("source-before-freeze:delay:6000"))?;
+    let o = lab.mig(A, &["move", "brief", "host-b"]);
+    lab.fault(A, None)?;
+    eprintln!("move exit {}: {}", o.code, o.stderr.trim());
+    ensure!(
+        o.code != 0,
+        "the move of an ended container succeeded: {}",
+        o.stdout
+    );
+    ensure!(
+        o.stderr.contains("ended during its move") && !o.stderr.contains("keeps running"),
+        "the error does not say the container ended: {}",
+        o.stderr
+    );
+    let ps = lab.mig_json(A, &["inspect", "brief", "--json"])?;
+    ensure!(ps["state"] == "exited", "host-a: {ps}");
+    let b = lab.mig(B, &["ps", "-a"]);
+    ensure!(!b.stdout.contains("brief"), "host-b holds it: {}", b.stdout);
     Ok(())
 }
 

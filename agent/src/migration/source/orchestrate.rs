@@ -525,6 +525,20 @@ impl Agent {
                     self.clone(),
                     side.entry(JournalState::RolledBack),
                 );
+                let detail = kept_log_named(&side.work, detail);
+                if self.init_pid_of(id).is_none() {
+                    // It exited or was killed while it moved: it does not run anywhere, and
+                    // the rollback's thaw may have failed only because its cgroup was gone.
+                    return Err(api(
+                        ErrorKind::Conflict,
+                        format!(
+                            "{} ended during its move to {} (its init is gone), so nothing was moved and it runs nowhere; `mig ps -a` shows how it ended (the move stopped at: {}: {detail})",
+                            e.spec.name,
+                            peer.name,
+                            cause_words(&cause)
+                        ),
+                    ));
+                }
                 // `rollback_error` is set only when thawing the copy here failed.
                 let here = match rollback_error {
                     None => "the container keeps running here".to_owned(),
@@ -532,7 +546,6 @@ impl Agent {
                         "the container stays here but the rollback failed ({r}): it may still be frozen"
                     ),
                 };
-                let detail = kept_log_named(&side.work, detail);
                 let msg = format!(
                     "migration to {} rolled back ({}): {detail}; {here}",
                     peer.name,
