@@ -341,7 +341,30 @@ pub fn move_and_check(lab: &Lab, from: usize, to: usize, name: &str, id: &str) -
         "the counter went back: {counter} < {count_before}"
     );
     nothing_left(lab, from, id)?;
+    pages_spent(lab, to, id)?;
     Ok(r)
+}
+
+/// The page images of container `id`'s restored image set on `host` are gone once its memory
+/// has all arrived (they held it once per process for the container's lifetime).
+pub fn pages_spent(lab: &Lab, host: usize, id: &str) -> Result<()> {
+    let dir = lab
+        .state_dir(host)
+        .join("containers")
+        .join(id)
+        .join("checkpoint");
+    let pages = || -> Vec<String> {
+        std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with("pages-") && n.ends_with(".img"))
+            .collect()
+    };
+    if !crate::wait_until(Duration::from_secs(60), || pages().is_empty()) {
+        bail!("{} still holds page images: {:?}", dir.display(), pages());
+    }
+    Ok(())
 }
 
 // ---- Faults and hygiene (tests/tests/faults.rs) ----

@@ -510,6 +510,20 @@ fn checkpoint_and_restore_keep_pids_memory_and_log() -> Result<()> {
         let last = *counter(&logs(&agent)).last().context("counter")?;
         let r = agent.mig_json(&["restore", "cr", "--json"])?;
         ensure!(r["init_pid"].as_i64() > Some(1), "{r}");
+        // The restored processes hold the memory: the set's page images are removed.
+        let images = agent
+            .state_dir
+            .join("containers")
+            .join(r["id"].as_str().unwrap_or_default())
+            .join("checkpoint");
+        let pages: Vec<String> = std::fs::read_dir(&images)?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with("pages-"))
+            .collect();
+        ensure!(
+            pages.is_empty(),
+            "page images kept after the restore: {pages:?}"
+        );
         let after = ns_pids(&inspect(&agent, "cr")?["pid_map"]);
         ensure!(
             kept(&after),

@@ -11,7 +11,7 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use mig_migrate::criu::images_external_netns;
-use mig_tests::lab::{move_and_check_with, nothing_left, ns_pids, running_on, Lab};
+use mig_tests::lab::{move_and_check_with, nothing_left, ns_pids, pages_spent, running_on, Lab};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -105,6 +105,7 @@ fn loopback_only_container_moves_stream_and_lazy_without_its_netns() -> Result<(
     let id = lab.run_container(0, "lo1", 1)?;
     for (from, to, mode) in [(0, 1, "stream"), (1, 0, "lazy"), (0, 1, "cold")] {
         move_and_check_with(&lab, from, to, "lo1", &id, &["--mode", mode], mode)?;
+        pages_spent(&lab, to, &id).with_context(|| format!("after the {mode} move"))?;
         netns_recreated(&lab, to, "lo1", &id).with_context(|| format!("after the {mode} move"))?;
     }
     lab.mig_ok(1, &["rm", "-f", "lo1"])?;

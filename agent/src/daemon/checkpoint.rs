@@ -478,7 +478,7 @@ impl Agent {
             }
             self.refuse_answered_address(&e.spec).await?;
         }
-        self.restore(&id).await
+        self.restore_spending(&id).await
     }
 
     /// Refuses to restore a `--net bridge` checkpoint whose address something on the segment
@@ -528,6 +528,16 @@ impl Agent {
                 Ok(())
             }
         }
+    }
+
+    /// [`Agent::restore`] of a local checkpoint (`mig restore`, `restore --import`): once the
+    /// container runs, its page images are removed ([`spend_pages`]).
+    async fn restore_spending(self: &Arc<Self>, id: &str) -> Result<Response, ApiError> {
+        let r = self.restore(id).await?;
+        let images = self.dirs.container(id).checkpoint();
+        let id = id.to_owned();
+        let _ = tokio::task::spawn_blocking(move || spend_pages(&images, &id)).await;
+        Ok(r)
     }
 
     pub(crate) async fn restore(self: &Arc<Self>, container: &str) -> Result<Response, ApiError> {
@@ -767,7 +777,7 @@ impl Agent {
             spec.id.clone()
         };
         tracing::info!(%id, name = %spec.name, "imported a checkpoint");
-        self.restore(&id).await
+        self.restore_spending(&id).await
     }
 
     /// Refuses an imported checkpoint (to become container `id`) whose network is another
@@ -902,4 +912,17 @@ pub(super) fn settle_interrupted(container_dir: &Path, id: &str, cgroup: &str) {
         }
     }
     let _ = std::fs::remove_file(&mark);
+}
+
+/// Removes the page images of container `id`'s restored image set at `images`: its processes
+/// hold every page now, and the set held them once per process (QA: a 34 MiB container kept
+/// 131 MiB on disk for its lifetime). Not while a lazy-pages daemon still serves them.
+pub(crate) fn spend_pages(images: &std::path::Path, id: &str) {
+    match mig_migrate::imageset::remove_pages(images) {
+        Ok(0) => {}
+        Ok(freed) => tracing::debug!(%id, freed, "the restored image set's pages removed"),
+        Err(e) => {
+            tracing::warn!(%id, error = %e, dir = %images.display(), "cannot remove the restored image set's pages")
+        }
+    }
 }

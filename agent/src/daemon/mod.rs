@@ -7,7 +7,7 @@
 //! also how it re-adopts containers after a restart ([`Agent::open`]).
 
 mod bundle;
-mod checkpoint;
+pub(crate) mod checkpoint;
 mod connection;
 mod containers;
 pub(crate) use containers::is_stopping;

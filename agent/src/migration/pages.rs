@@ -641,7 +641,12 @@ pub(crate) fn watch_lazy_daemon(
                 if let Some(p) = &proxy_err {
                     tracing::warn!(id = %container_id, migration = %migration_id, error = %p, "the daemon got every page, its proxy failed after that");
                 }
-                tracing::info!(id = %container_id, migration = %migration_id, postcopy_ms = super::ms(started.elapsed()), "every page arrived")
+                tracing::info!(id = %container_id, migration = %migration_id, postcopy_ms = super::ms(started.elapsed()), "every page arrived");
+                let images = cd.checkpoint();
+                let _ = tokio::task::spawn_blocking(move || {
+                    crate::daemon::checkpoint::spend_pages(&images, &container_id)
+                })
+                .await;
             }
             Err(e) => {
                 // The proxy's error says why the daemon lost its pages, when it was the proxy.

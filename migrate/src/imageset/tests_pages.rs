@@ -107,3 +107,17 @@ fn a_page_image_listed_twice_or_as_a_file_is_refused() {
         Err(ImageSetError::BadEntry { .. })
     ));
 }
+
+#[test]
+fn a_restored_sets_pages_are_removed_and_the_rest_kept() {
+    let d = with_pages();
+    std::fs::write(d.path().join("pagemap-1.img"), b"map").unwrap();
+    assert_eq!(remove_pages(d.path()).unwrap(), 8192 + 4096);
+    let mut left: Vec<String> = std::fs::read_dir(d.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["core-1.img", MANIFEST, "pagemap-1.img"]);
+    assert_eq!(remove_pages(d.path()).unwrap(), 0);
+}

@@ -71,11 +71,16 @@ pub(crate) fn resume_incoming(
     cg.thaw().map_err(DestError::Thaw)?;
     // Before it is no longer busy: a move or checkpoint must not start before its memory is
     // all here ([`crate::migration::memory_arriving`]; the daemon's watch clears it).
+    let cd = agent.dirs.container(container_id);
     if crate::migration::pages::has_lazy_daemon(migration_id) {
         crate::migration::postcopy::mark_filling(container_id, true);
+    } else {
+        // Every page is in the restored processes (a lazy-pages daemon's watch removes them
+        // once it has served the last one).
+        let (images, id) = (cd.checkpoint(), container_id.to_owned());
+        std::thread::spawn(move || crate::daemon::checkpoint::spend_pages(&images, &id));
     }
     agent.set_busy(container_id, false);
-    let cd = agent.dirs.container(container_id);
     let _ = std::fs::remove_file(cd.dir.join(MARKER));
     if let Ok(staging) = journal::staging(&agent.cfg.state_dir, migration_id) {
         let _ = std::fs::remove_dir_all(staging);
