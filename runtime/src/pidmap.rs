@@ -69,6 +69,80 @@ pub fn deleted_open_bytes(host_pids: &[i32]) -> u64 {
     total
 }
 
+/// The memory a dump of the given host PIDs holds, as their page tables show it (not the
+/// cgroup's counters): CRIU dumps each process's anonymous pages on their own, so pages a
+/// `fork` shares copy-on-write count once per process; shared memory counts once and only where
+/// it is mapped and resident (a memfd's pages nobody touched, which the cgroup charges, are not
+/// dumped: QA, ZGC's heap). `None` when no process could be read or the kernel has no
+/// `Pss_Shmem` in `smaps_rollup` (before 5.9).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MappedMemory {
+    /// Anonymous pages, resident or swapped, summed over the processes.
+    pub anon_bytes: u64,
+    /// Shared memory (shmem, memfd, System V) mapped and resident, counted once (its PSS).
+    pub shmem_bytes: u64,
+}
+
+/// [`MappedMemory`] of the given host PIDs, from `/proc/PID/smaps_rollup` (the kernel walks each
+/// process's page tables: a few ms per GiB). Processes that exit meanwhile are skipped.
+pub fn mapped_memory(host_pids: &[i32]) -> Option<MappedMemory> {
+    let mut total = MappedMemory::default();
+    let mut read = 0;
+    for p in host_pids {
+        let Ok(text) = fs::read_to_string(format!("/proc/{p}/smaps_rollup")) else {
+            continue;
+        };
+        let m = parse_rollup(&text)?;
+        total.anon_bytes = total.anon_bytes.saturating_add(m.anon_bytes);
+        total.shmem_bytes = total.shmem_bytes.saturating_add(m.shmem_bytes);
+        read += 1;
+    }
+    (read > 0).then_some(total)
+}
+
+/// A `smaps_rollup` text's `Anonymous` and `Swap`, and its `Pss_Shmem` (`None` without it).
+fn parse_rollup(text: &str) -> Option<MappedMemory> {
+    let kib = |field: &str| -> Option<u64> {
+        let v = text.lines().find_map(|l| l.strip_prefix(field))?;
+        v.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()
+    };
+    Some(MappedMemory {
+        anon_bytes: (kib("Anonymous:").unwrap_or(0) + kib("Swap:").unwrap_or(0)) << 10,
+        shmem_bytes: kib("Pss_Shmem:")? << 10,
+    })
+}
+
+/// The bytes held in the tmpfs mounts of the mount namespace process `pid` is in (`/dev`,
+/// `/dev/shm` and any other), each file system once: CRIU copies their files into the
+/// checkpoint. 0 when the process is gone.
+pub fn tmpfs_bytes(pid: i32) -> u64 {
+    let Ok(info) = fs::read_to_string(format!("/proc/{pid}/mountinfo")) else {
+        return 0;
+    };
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0u64;
+    for line in info.lines() {
+        // `id parent major:minor root mount-point options ... - fstype source super-options`
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let fields: Vec<&str> = left.split(' ').collect();
+        if right.split(' ').next() != Some("tmpfs") || fields.len() < 5 {
+            continue;
+        }
+        if !seen.insert(fields[2]) {
+            continue;
+        }
+        // Octal escapes (`\040` for a space) are left: such a mount point is simply not found.
+        let at = format!("/proc/{pid}/root{}", fields[4]);
+        if let Ok(st) = nix::sys::statvfs::statvfs(at.as_str()) {
+            let used = st.blocks().saturating_sub(st.blocks_free());
+            total = total.saturating_add(used.saturating_mul(st.fragment_size()));
+        }
+    }
+    total
+}
+
 fn entry(host_pid: i32) -> Option<PidEntry> {
     let status = fs::read_to_string(format!("/proc/{host_pid}/status")).ok()?;
     let ns_pid = innermost_ns_pid(&status)?;
@@ -138,6 +212,25 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn rollup_fields_and_this_process() {
+        let text = "55e5-7ffc ---p 00000000 00:00 0 [rollup]\nRss: 1760 kB\nPss_Shmem:     8 kB\nAnonymous:   116 kB\nSwap:  4 kB\n";
+        assert_eq!(
+            parse_rollup(text),
+            Some(MappedMemory {
+                anon_bytes: 120 << 10,
+                shmem_bytes: 8 << 10
+            })
+        );
+        assert_eq!(parse_rollup("Anonymous: 4 kB\n"), None);
+        // This process touches a 16 MiB anonymous buffer: counted.
+        let buf = vec![1u8; 16 << 20];
+        let me = mapped_memory(&[std::process::id() as i32, i32::MAX]).unwrap();
+        assert!(me.anon_bytes >= 16 << 20, "{me:?}");
+        assert_eq!(buf.iter().map(|&b| b as usize).sum::<usize>(), 16 << 20);
+        assert_eq!(mapped_memory(&[i32::MAX]), None);
+    }
 
     #[test]
     fn parent_of_self() {

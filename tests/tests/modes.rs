@@ -17,6 +17,7 @@
 
 use anyhow::{bail, Result};
 use mig_tests::lab::{continues, log_state, move_and_check_with, nothing_left, running_on, Lab};
+use std::time::Duration;
 
 /// There with the memory presync (docs/migration.md "Memory presync"): the memory goes while
 /// the container runs and the dump reuses it; back from an agent with the presync turned off:
@@ -263,6 +264,44 @@ fn precopy_and_max_downtime_refused() -> Result<()> {
             "exceeds the limit of 1 ms",
         )?;
     }
+    // A shell holding 27 MB and two forked subshells that share it copy-on-write: the cgroup
+    // charges it once, CRIU dumps it once per process, and the pre-flight counts what the dump
+    // holds (it counted 27 MB; QA saw a 203 MiB shell send 1.3 GiB, predicted as 203 MiB).
+    lab.mig_ok(
+        0,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "forky",
+            "busybox",
+            "--",
+            "sh",
+            "-c",
+            "x=$(head -c 20000000 /dev/urandom | base64); (sleep 1000; echo ${#x}) & (sleep 1000; echo ${#x}) & sleep 1000; echo ${#x}",
+        ],
+    )?;
+    let ready = mig_tests::wait_until(Duration::from_secs(30), || {
+        lab.mig_json(0, &["inspect", "forky", "--json"])
+            .is_ok_and(|v| v["pid_map"].as_array().is_some_and(|p| p.len() >= 6))
+    });
+    if !ready {
+        bail!("forky did not start its subshells");
+    }
+    let o = lab.mig(0, &["move", "forky", "host-b", "--max-downtime", "1"]);
+    let bytes: u64 = o
+        .stderr
+        .split_once(" bytes of memory")
+        .and_then(|(before, _)| before.rsplit(' ').next()?.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no memory figure in the refusal: {}", o.stderr))?;
+    eprintln!("forky: {bytes} bytes of memory predicted");
+    if bytes < 70_000_000 {
+        bail!(
+            "the pre-flight counted the forked memory once: {}",
+            o.stderr
+        );
+    }
+    lab.mig_ok(0, &["rm", "-f", "forky"])?;
     Ok(())
 }
 

@@ -411,3 +411,49 @@ fn throughput_is_remembered_per_peer() {
     record_throughput("p1", 1000, 1);
     assert_eq!(throughput("p1"), 200 << 20);
 }
+
+#[test]
+fn dumped_memory_counts_each_process_and_only_mapped_shared_memory() {
+    use mig_runtime::pidmap::MappedMemory;
+    let mib = |n: u64| n << 20;
+    // A shell and two forked subshells sharing 200 MiB copy-on-write: the cgroup charges it
+    // once, the dump holds it three times.
+    let u = mig_runtime::cgroup::Usage {
+        memory_bytes: mib(210),
+        anon_bytes: mib(200),
+        ..Default::default()
+    };
+    let forked = MappedMemory {
+        anon_bytes: mib(600),
+        shmem_bytes: 0,
+    };
+    assert_eq!(dumped_memory(&u, Some(forked), 0), (mib(600), 0));
+    // A memfd heap committed to 400 MiB, 40 MiB of it touched, and 8 MiB in /dev/shm.
+    let u = mig_runtime::cgroup::Usage {
+        memory_bytes: mib(460),
+        anon_bytes: mib(50),
+        shmem_bytes: mib(408),
+        ..Default::default()
+    };
+    let zgc = MappedMemory {
+        anon_bytes: mib(50),
+        shmem_bytes: mib(40),
+    };
+    assert_eq!(dumped_memory(&u, Some(zgc), mib(8)), (mib(98), mib(48)));
+    // A /dev/shm file that is also mapped counts in both figures: at most the cgroup's shared.
+    let u = mig_runtime::cgroup::Usage {
+        anon_bytes: mib(10),
+        shmem_bytes: mib(64),
+        ..Default::default()
+    };
+    let mapped_file = MappedMemory {
+        anon_bytes: mib(10),
+        shmem_bytes: mib(64),
+    };
+    assert_eq!(
+        dumped_memory(&u, Some(mapped_file), mib(64)),
+        (mib(74), mib(64))
+    );
+    // Unreadable page tables: the cgroup's figures.
+    assert_eq!(dumped_memory(&u, None, 0), checkpoint_memory(&u));
+}

@@ -228,11 +228,17 @@ impl Agent {
         let cd = self.dirs.container(id);
         let upper = cd.upper();
         let pids = procs.clone();
-        let (upper_bytes, ghost_bytes) = tokio::task::spawn_blocking(move || {
-            (du(&upper), mig_runtime::pidmap::deleted_open_bytes(&pids))
+        let init = self.init_pid_of(id);
+        let (upper_bytes, ghost_bytes, mapped, tmpfs) = tokio::task::spawn_blocking(move || {
+            (
+                du(&upper),
+                mig_runtime::pidmap::deleted_open_bytes(&pids),
+                mig_runtime::pidmap::mapped_memory(&pids),
+                init.map_or(0, mig_runtime::pidmap::tmpfs_bytes),
+            )
         })
         .await
-        .unwrap_or((0, 0));
+        .unwrap_or((0, 0, None, 0));
         // A mode asked by name that this kernel cannot run is refused before connecting.
         crate::migration::modes::check_asked(opts)
             .await
@@ -291,7 +297,7 @@ impl Agent {
         let presync = minor >= memsync::MEMORY_PRESYNC_MINOR && memsync::enabled();
         // The fixed costs this agent measured on its earlier moves to the peer, else defaults.
         let fixed = crate::migration::fixedcost::known(&peer.name);
-        let memory = crate::migration::modes::checkpoint_memory(&usage);
+        let memory = crate::migration::modes::dumped_memory(&usage, mapped, tmpfs);
         // Deleted files still open or mapped are copied into the checkpoint and cross while
         // frozen in every mode, as shared memory does (QA of session 19: 300 MiB of them made a
         // lazy move take 2658 ms, predicted 1031).
