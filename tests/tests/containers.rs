@@ -389,6 +389,13 @@ fn oom_kill_is_reported() -> Result<()> {
         "/dev/zero",
     ]);
     ensure!(o.code == 137, "{o:?}");
+    // Said on stderr, not only in the exit status.
+    ensure!(
+        o.stderr
+            .contains("container hog was killed by the kernel's OOM killer")
+            && o.stderr.contains("memory limit"),
+        "{o:?}"
+    );
     let d = inspect(&agent, "hog")?;
     ensure!(d["oom_killed"] == true && d["state"] == "exited", "{d}");
     ensure!(d["signal"] == 9, "{d}");

@@ -126,6 +126,12 @@ pub(super) async fn run(c: &mut Client, r: RunArgs) -> Result<u8, CliError> {
         return Err(e);
     }
     let d = c.inspect(&id).await?;
+    // The command's own output says why it failed; an OOM kill or the agent's reason (post-copy
+    // failed...) would otherwise be only an exit status of 137 (QA: `run --rm --memory 64M`
+    // of a JVM ended with nothing said).
+    if let Some(why) = ended_why(&d) {
+        eprintln!("mig: container {name} {why}");
+    }
     if rm {
         if let Err(e) = c.remove(&id, false).await {
             eprintln!("mig: removing container {name} (--rm) failed: {e}");
@@ -134,6 +140,23 @@ pub(super) async fn run(c: &mut Client, r: RunArgs) -> Result<u8, CliError> {
     Ok(d.exit_code
         .and_then(|c| u8::try_from(c).ok())
         .unwrap_or(EXIT_MIG_ERROR))
+}
+
+/// Why an attached container ended, when it was not the command's own doing: an OOM kill, or a
+/// reason the agent recorded; `None` for an exit or a signal the user sent.
+fn ended_why(d: &crate::api::ContainerDetails) -> Option<String> {
+    if d.oom_killed {
+        let why = match (&d.reason, d.limits.memory) {
+            (Some(r), _) => r.strip_prefix("oom-killed: ").unwrap_or(r).to_owned(),
+            (None, Some(m)) => format!("the container exceeded its memory limit ({m} bytes)"),
+            (None, None) => "out of memory".to_owned(),
+        };
+        return Some(format!("was killed by the kernel's OOM killer: {why}"));
+    }
+    d.reason
+        .as_ref()
+        .filter(|_| d.signal.is_some())
+        .map(|r| format!("was killed: {r}"))
 }
 
 /// The name of the container a failed `run` left behind: the agent's "starting container NAME
