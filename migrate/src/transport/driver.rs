@@ -249,6 +249,12 @@ fn spawn_control_reader(mut recv: quinn::RecvStream) -> mpsc::Receiver<Option<Me
                     }
                 }
                 Ok(None) => break,
+                Err(e) if closed_on_purpose(&e) => {
+                    // This side's own close at the end, or the peer's ("done"): the machine
+                    // has its outcome (QA: a warning after almost every move).
+                    tracing::debug!(error = %chain(&e), "control stream closed");
+                    break;
+                }
                 Err(e) => {
                     tracing::warn!(error = %chain(&e), "control stream failed");
                     break;
@@ -258,6 +264,25 @@ fn spawn_control_reader(mut recv: quinn::RecvStream) -> mpsc::Receiver<Option<Me
         let _ = tx.send(None).await;
     });
     rx
+}
+
+/// Whether a read failed because the connection was closed by this side, or by the peer with
+/// code 0 (an agent closes its connections so when a migration ends), not lost.
+fn closed_on_purpose(e: &WireError) -> bool {
+    let WireError::Read { source } = e else {
+        return false;
+    };
+    let Some(quinn::ReadError::ConnectionLost(lost)) = source
+        .get_ref()
+        .and_then(|r| r.downcast_ref::<quinn::ReadError>())
+    else {
+        return false;
+    };
+    match lost {
+        quinn::ConnectionError::LocallyClosed => true,
+        quinn::ConnectionError::ApplicationClosed(c) => c.error_code == quinn::VarInt::from_u32(0),
+        _ => false,
+    }
 }
 
 fn done<I>(r: Result<(), HostError>, ok: I) -> I
@@ -293,4 +318,28 @@ async fn linger(send: &mut quinn::SendStream, link_up: bool) {
     }
     let _ = send.finish();
     let _ = tokio::time::timeout(LINGER, send.stopped()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read_error(lost: quinn::ConnectionError) -> WireError {
+        WireError::Read {
+            source: std::io::Error::from(quinn::ReadError::ConnectionLost(lost)),
+        }
+    }
+
+    #[test]
+    fn a_close_at_the_end_is_not_a_failure() {
+        assert!(closed_on_purpose(&read_error(
+            quinn::ConnectionError::LocallyClosed
+        )));
+        assert!(!closed_on_purpose(&read_error(
+            quinn::ConnectionError::TimedOut
+        )));
+        assert!(!closed_on_purpose(&WireError::Read {
+            source: std::io::Error::other("boom")
+        }));
+    }
 }
