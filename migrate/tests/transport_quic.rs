@@ -132,5 +132,22 @@ async fn unpinned_server_refused_at_handshake() {
     assert!(matches!(err, TlsError::Handshake { .. }), "{err}");
     let text = format!("{err}: {:?}", std::error::Error::source(&err));
     assert!(text.contains("host-b"), "{text}");
+    // The fingerprint presented and the one pinned are named, with what to do.
+    let chain = {
+        let mut s = err.to_string();
+        let mut cur = std::error::Error::source(&err);
+        while let Some(c) = cur {
+            s = format!("{s}: {c}");
+            cur = c.source();
+        }
+        s
+    };
+    assert!(
+        chain.contains(mallory.fingerprint())
+            && chain.contains(b.fingerprint())
+            && chain.contains("mig peers add"),
+        "{chain}"
+    );
+    eprintln!("{chain}");
     assert!(srv.await.unwrap().is_err());
 }

@@ -566,9 +566,9 @@ pub fn status(name: &str) -> Result<Vec<LabHost>, LabError> {
             h.agent_pid = h
                 .agent_pid
                 .filter(|&pid| process::agent_alive(pid, &h.socket));
-            if h.fingerprint.is_none() {
-                h.fingerprint = peers::fingerprint(&h.state_dir);
-            }
+            // The certificate there now (QA: a host whose identity was made again kept its
+            // old fingerprint here).
+            h.fingerprint = peers::fingerprint(&h.state_dir).or(h.fingerprint);
             h
         })
         .collect())
@@ -668,8 +668,9 @@ pub fn restart_agent(name: &str, host: &str) -> Result<LabHost, LabError> {
     file.hosts[i].agent_pid = Some(pid);
     write_lab_file(&file)?;
     process::wait_for_socket(&file.hosts[i], pid, &file.root_dir, AGENT_START_TIMEOUT)?;
-    if file.hosts[i].fingerprint.is_none() {
-        file.hosts[i].fingerprint = peers::fingerprint(&file.hosts[i].state_dir);
+    let now = peers::fingerprint(&file.hosts[i].state_dir);
+    if now.is_some() && now != file.hosts[i].fingerprint {
+        file.hosts[i].fingerprint = now;
         write_lab_file(&file)?;
     }
     Ok(file.hosts[i].clone())

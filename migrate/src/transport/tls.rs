@@ -198,7 +198,15 @@ impl ServerCertVerifier for PinnedServerVerifier {
             Ok(ServerCertVerified::assertion())
         } else {
             tracing::warn!(fingerprint = %fp, expected = %self.expected, "refused server with an unexpected certificate");
-            Err(not_pinned())
+            // Said in the error too: the client's message is all a user sees (QA: a peer whose
+            // identity was made again gave a bare "ApplicationVerificationFailure").
+            Err(rustls::Error::General(format!(
+                "the peer presented certificate {fp}, but {} is pinned for it: if its identity \
+                 was made again, check the new fingerprint with `mig info` on that host and pin \
+                 it (`mig peers add NAME ADDR --fingerprint FP`); otherwise something else \
+                 answers at its address",
+                self.expected
+            )))
         }
     }
 
