@@ -222,10 +222,18 @@ impl DestMachine {
             match self.state {
                 // Restored not recorded (and not sent): give up before Commit.
                 S::AwaitCommit => self.abort_local(AbortReason::JournalFailed, detail),
-                // Committed not recorded: do not run the copy; the source will be in doubt.
+                // Committed not recorded: the copy never ran, so it is removed and the source
+                // told to thaw its own, as after a failed resume (a restart would roll it back
+                // too: the journal still says Restored). Both copies used to stay frozen for as
+                // long as the disk stayed full (QA).
                 S::Resuming => {
-                    tracing::error!(migration = %self.id, %detail, "cannot record the commit: the restored copy stays frozen and the migration in doubt until this host can write its journal again (a full disk?); the source's resolver settles it then");
-                    self.state = S::InDoubt
+                    tracing::error!(migration = %self.id, %detail, "cannot record the commit (a full disk?): the restored copy is removed and the source keeps the container");
+                    let after = if self.resolving {
+                        After::Resolved(DestView::AwaitingCommit, Resolution::RolledBack)
+                    } else {
+                        After::Abort(AbortReason::JournalFailed, detail.clone())
+                    };
+                    self.cleanup(Cause::Local(AbortReason::JournalFailed), detail, after);
                 }
                 S::Done(_) | S::InDoubt | S::CleaningUp => {
                     tracing::warn!(migration = %self.id, %detail, "journal write failed")

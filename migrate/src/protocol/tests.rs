@@ -365,6 +365,14 @@ fn journal_failure_at_every_write() {
             );
         }
     }
+    // The destination cannot record the commit: its copy, which never ran, is removed and the
+    // source thaws at once, nothing in doubt.
+    let sim = run(Faults {
+        journal_fail: Some((Role::Dest, 2)),
+        ..Default::default()
+    });
+    assert_ne!(*sim.src.state(), SourceState::InDoubt);
+    assert!(sim.w.src_running && !sim.w.dst_exists, "{:?}", sim.w);
     // The commit decision cannot be recorded: Commit is never sent, the source thaws.
     let sim = run(Faults {
         journal_fail: Some((Role::Source, 2)),
