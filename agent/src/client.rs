@@ -392,8 +392,19 @@ impl Client {
 
     /// Settles an in-doubt move (on the source agent).
     pub async fn move_resolve(&mut self, container: &str) -> Result<MoveResult, ClientError> {
+        self.move_resolve_deciding(container, None).await
+    }
+
+    /// [`Client::move_resolve`] with the operator's outcome, applied where the other host
+    /// cannot answer (docs/migration.md, "In doubt and `mig move --resolve`").
+    pub async fn move_resolve_deciding(
+        &mut self,
+        container: &str,
+        decide: Option<crate::api::Decision>,
+    ) -> Result<MoveResult, ClientError> {
         let req = Request::MoveResolve {
             container: container.into(),
+            decide,
         };
         match self.call(&req).await? {
             Response::Moved(r) => Ok(*r),

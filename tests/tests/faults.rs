@@ -7,7 +7,7 @@
 //! (compared with what they held before the case). A case that ends on host-b moves the container
 //! back (a checked move) before the leak check, so every case starts from the same place.
 //!
-//! Tables share one lab each to save time; labs use the subnets 10.214.20-34.0/24. Needs root.
+//! Tables share one lab each to save time; labs use the subnets 10.214.20-37.0/24. Needs root.
 //! The soak (`soak_back_and_forth`, ignored) moves one container back and forth and three at once.
 
 use anyhow::{bail, ensure, Context, Result};
@@ -199,6 +199,15 @@ fn run_case(lab: &mut Lab, c: &Case, name: &str, id: &str, base: &mut [Usage]) -
         out.stderr.trim().to_string()
     };
     eprintln!("move exit {}: {message}", out.code);
+    // A destination that went away while the source was frozen is named as the cause (QA: the
+    // error blamed the dump and quoted CRIU's page server).
+    if matches!(c.during, During::KillAgent(B) | During::LinkDown(_)) {
+        ensure!(
+            message.contains("was lost during it") || message.contains("link lost"),
+            "{}: the error does not say the destination was lost: {message}",
+            c.label
+        );
+    }
     if let Some(h) = c.in_doubt {
         check_in_doubt(lab, h, name, &message)?;
     }
@@ -489,6 +498,89 @@ fn an_agent_killed_during_a_checkpoint_leaves_the_container_running() -> Result<
     Ok(())
 }
 
+/// An operator settles in-doubt moves whose other host cannot answer (`mig move --resolve
+/// --decide`). Each time host-a has sent its Commit and host-b dies before it could record it
+/// (killed while host-a waits in a delay after journaling `CommitSent`). First host-b stays down:
+/// on host-a `--decide rolled-back` thaws the container, and host-b, started again, hears of it
+/// and removes its copy. Then host-a dies too and host-b comes back alone: `--resolve` there says
+/// how to decide, `--decide committed` runs the copy, and host-a, started again, learns it from
+/// host-b and removes its own. Exactly one copy at the end of each. (Before session 22 only the
+/// source could resolve, and only with its destination's answer.)
+#[test]
+fn an_operator_settles_a_move_whose_peer_is_gone() -> Result<()> {
+    if !mig_tests::is_root("fault tests") {
+        return Ok(());
+    }
+    let mut lab = Lab::up("opd", 36)?;
+    let id = lab.run_container(A, "opd", 8)?;
+    let (count, _) = log_state(&lab.mig(A, &["logs", "opd"]).stdout);
+
+    in_doubt_without_b(&lab, "opd")?;
+    let o = lab.mig(A, &["move", "--resolve", "opd", "--decide", "rolled-back"]);
+    eprintln!("decided on host-a: {}", o.stderr.trim());
+    ensure!(
+        o.stderr.contains("decided by the operator") && o.stderr.contains("runs here"),
+        "{o:?}"
+    );
+    running_on(&lab, A, "opd")?;
+    let count = continues(&lab, A, "opd", count)?;
+    lab.restart_after_crash(B)?;
+    let gone = mig_tests::wait_until(Duration::from_secs(60), || {
+        !lab.mig(B, &["ps", "-a"]).stdout.contains("opd")
+    });
+    ensure!(
+        gone,
+        "host-b kept its copy: {}",
+        lab.mig(B, &["ps", "-a"]).stdout
+    );
+    nothing_left(&lab, B, &id)?;
+
+    in_doubt_without_b(&lab, "opd")?;
+    lab.kill_agent(A)?;
+    lab.restart_after_crash(B)?;
+    // Asked without --decide, the destination says how.
+    let o = lab.mig(B, &["move", "--resolve", "opd"]);
+    ensure!(o.stderr.contains("--decide"), "{o:?}");
+    lab.mig_ok(B, &["move", "--resolve", "opd", "--decide", "committed"])?;
+    running_on(&lab, B, "opd")?;
+    continues(&lab, B, "opd", count)?;
+    lab.restart_after_crash(A)?;
+    nothing_left(&lab, A, &id)?;
+    running_on(&lab, B, "opd")?;
+    Ok(())
+}
+
+/// Moves `name` from host-a to host-b and kills host-b's agent after host-a journaled its commit
+/// decision and before host-b could record it: host-a's move ends in doubt, host-b is down.
+fn in_doubt_without_b(lab: &Lab, name: &str) -> Result<()> {
+    lab.fault(A, Some("source-commit:delay:3000"))?;
+    let o = std::thread::scope(|s| -> Result<mig_tests::MigOutput> {
+        let mover = s.spawn(|| lab.mig(A, &["move", name, "host-b"]));
+        // host-a journaled its decision and now waits before it sends the Commit.
+        let journals = lab.state_dir(A).join("migrations");
+        let restored = mig_tests::wait_until(Duration::from_secs(60), || {
+            let sent = std::fs::read_dir(&journals)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|e| {
+                    std::fs::read_to_string(e.path()).is_ok_and(|j| j.contains("\"CommitSent\""))
+                });
+            sent || mover.is_finished()
+        });
+        if restored && !mover.is_finished() {
+            lab.kill_agent(B)?;
+        }
+        mover
+            .join()
+            .map_err(|_| anyhow::anyhow!("the mover thread panicked"))
+    })?;
+    lab.fault(A, None)?;
+    eprintln!("move exit {}: {}", o.code, o.stderr.trim());
+    ensure!(o.stderr.contains("in doubt"), "not in doubt: {o:?}");
+    Ok(())
+}
+
 /// The source killed after host-b restored its copy, then restarted twice while host-b is cut
 /// off: the first restart thaws the container on host-a and must tell host-b to drop its frozen
 /// copy, the second stops that agent before it could. Before session 21 the notice lived in
@@ -549,9 +641,10 @@ fn a_stopping_agent_lets_its_moves_end() -> Result<()> {
         let l: &Lab = &lab;
         let mover = s.spawn(move || l.mig(A, &["move", "stp", "host-b"]));
         // Frozen and held by the delay: then the stop.
-        mig_tests::wait_until(Duration::from_secs(20), || {
+        let frozen = mig_tests::wait_until(Duration::from_secs(60), || {
             l.mig(A, &["ps"]).stdout.contains("frozen")
         });
+        assert!(frozen, "the container was never frozen for its move");
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(agent),
             nix::sys::signal::Signal::SIGTERM,
@@ -615,6 +708,42 @@ fn a_container_that_ends_during_its_move_is_not_said_to_run() -> Result<()> {
     ensure!(ps["state"] == "exited", "host-a: {ps}");
     let b = lab.mig(B, &["ps", "-a"]);
     ensure!(!b.stdout.contains("brief"), "host-b holds it: {}", b.stdout);
+    Ok(())
+}
+
+/// A stop (SIGTERM) while a move is still in its pre-flight, before anything is journaled or
+/// frozen (here: connecting to a destination whose agent is down): the agent waits for the move's
+/// answer before it exits, so `mig move` says why it failed rather than "connection closed" (CI
+/// of session 22 met it under load).
+#[test]
+fn a_stopping_agent_answers_a_move_in_its_preflight() -> Result<()> {
+    if !mig_tests::is_root("fault tests") {
+        return Ok(());
+    }
+    let mut lab = Lab::up("stq", 37)?;
+    lab.run_container(A, "stq", 1)?;
+    lab.kill_agent(B)?;
+    let agent = lab.hosts[A].agent_pid.context("host-a's agent")?;
+    let o = std::thread::scope(|s| {
+        let l: &Lab = &lab;
+        let mover = s.spawn(move || l.mig(A, &["move", "stq", "host-b"]));
+        std::thread::sleep(Duration::from_millis(1500));
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(agent),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        mover.join()
+    })
+    .map_err(|_| anyhow::anyhow!("the mover thread panicked"))?;
+    eprintln!("move exit {}: {}", o.code, o.stderr.trim());
+    ensure!(
+        o.code != 0 && o.stderr.contains("host-b") && !o.stderr.contains("connection closed"),
+        "the move's answer was lost: {}",
+        o.stderr
+    );
+    lab.restart_after_crash(A)?;
+    lab.restart_after_crash(B)?;
+    running_on(&lab, A, "stq")?;
     Ok(())
 }
 
@@ -716,6 +845,68 @@ fn disk_full_while_frozen(name: &str, third: u8, mode: &[&str]) -> Result<()> {
         "host-b lost space: {free_before} -> {free_after}"
     );
     Ok(())
+}
+
+/// host-b's state directory fills up between its restore and the Commit (the source held by a
+/// delay after Restored): host-b cannot record the commit, removes its copy, which never ran,
+/// and the source thaws at once (QA: both copies stayed frozen, in doubt, for as long as the
+/// disk stayed full).
+#[test]
+fn disk_full_at_the_commit_rolls_back() -> Result<()> {
+    let Some(DiskCase {
+        lab,
+        id,
+        before,
+        count,
+    }) = disk_lab("dfc", 35, 200 << 20)?
+    else {
+        return Ok(());
+    };
+    lab.fault(A, Some("source-restore:delay:4000"))?;
+    let filler = lab.state_dir(B).join("filler");
+    let o = std::thread::scope(|s| {
+        let l: &Lab = &lab;
+        let mover = s.spawn(move || l.mig(A, &["move", "dfc", "host-b"]));
+        // Restored and frozen on host-b, waiting for the Commit: then the disk fills.
+        let restored = mig_tests::wait_until(Duration::from_secs(60), || {
+            l.mig(B, &["ps"]).stdout.contains("frozen") || mover.is_finished()
+        });
+        if restored && !mover.is_finished() {
+            for _ in 0..20 {
+                let fill = free_bytes(l.state_dir(B));
+                let filled = std::process::Command::new("fallocate")
+                    .args(["-l", &fill.to_string()])
+                    .arg(&filler)
+                    .status()
+                    .is_ok_and(|st| st.success());
+                if filled {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        mover.join()
+    })
+    .map_err(|_| anyhow::anyhow!("the mover thread panicked"))?;
+    lab.fault(A, None)?;
+    eprintln!("move exit {}: {}", o.code, o.stderr.trim());
+    ensure!(
+        filler.exists(),
+        "the disk was not filled in time: {}",
+        o.stderr
+    );
+    ensure!(o.code != 0, "the move succeeded: {}", o.stdout);
+    ensure!(
+        !o.stderr.contains("in doubt"),
+        "the move was left in doubt: {}",
+        o.stderr
+    );
+    // Running, not frozen, before the disk has room again.
+    running_on(&lab, A, "dfc")?;
+    continues(&lab, A, "dfc", count)?;
+    std::fs::remove_file(&filler)?;
+    nothing_left(&lab, B, &id)?;
+    no_leaks(&lab, &before)
 }
 
 /// A lab whose host-b keeps its state directory on a small tmpfs, with the container running on

@@ -71,6 +71,18 @@ impl Hello {
     }
 }
 
+/// An operator's outcome for an in-doubt move (`mig move --resolve --decide`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    /// The container runs on the destination: the source's copy is removed, the destination's
+    /// resumed.
+    Committed,
+    /// The container runs on the source: the destination's copy is removed, the source's
+    /// thawed.
+    RolledBack,
+}
+
 /// What a client asks the agent to do.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
@@ -117,8 +129,12 @@ pub enum Request {
     /// client hangs up (docs/api.md).
     Events,
     /// Settles an in-doubt move of `container` with its destination (on the source agent).
+    /// With `decide`, the operator's outcome is applied where the other host cannot answer
+    /// (it is gone): on the source after trying the destination, on the destination at once.
     MoveResolve {
         container: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        decide: Option<Decision>,
     },
     /// Pins a peer agent by its certificate fingerprint.
     PeerAdd {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 mod dispatch;
-mod run;
+pub(crate) mod run;
 
 use dispatch::dispatch;
 

@@ -15,6 +15,13 @@ pub struct MoveArgs {
     /// no PEER: the move's journal names it).
     #[arg(long)]
     pub resolve: bool,
+    /// With --resolve, when the other host cannot answer because it is gone for good: settle
+    /// the move as committed (the container runs on the destination) or rolled-back (it runs on
+    /// the source). On the source the destination is asked first and its answer wins; on the
+    /// destination it applies at once. Decide the same on both hosts: a host that later comes
+    /// back is not asked again.
+    #[arg(long, value_enum, requires = "resolve", value_name = "OUTCOME")]
+    pub decide: Option<crate::api::Decision>,
     /// Keep established TCP connections (CRIU TCP repair; docs/networking.md). Without it a
     /// container with established connections is refused.
     #[arg(long)]
@@ -397,7 +404,9 @@ pub(super) async fn dispatch(cli: &Cli) -> Result<Option<u8>, CliError> {
             let mut c = connect(cli).await?;
             let tty = std::io::stderr().is_terminal() && !m.json;
             let r = if m.resolve {
-                c.move_resolve(&m.container).await?
+                c.move_resolve_deciding(&m.container, m.decide)
+                    .await
+                    .map_err(super::commands::run::older_agent)?
             } else {
                 let peer = m.peer.as_deref().unwrap_or_default();
                 let progress = if tty {

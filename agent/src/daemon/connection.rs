@@ -202,8 +202,8 @@ async fn handle(agent: &Arc<Agent>, req: Request) -> Result<Response, ApiError> 
             )
             .await
             .map(|r| Response::Moved(Box::new(r))),
-        Request::MoveResolve { container } => agent
-            .resolve_move(&container)
+        Request::MoveResolve { container, decide } => agent
+            .resolve_move(&container, decide)
             .await
             .map(|r| Response::Moved(Box::new(r))),
         Request::PeerAdd {

@@ -283,6 +283,12 @@ impl Migrations {
         self.net.get()
     }
 
+    /// Outgoing moves under way, from their checks (before anything is journaled or frozen) to
+    /// their answer.
+    pub(crate) fn outgoing(&self) -> usize {
+        self.outgoing.load(std::sync::atomic::Ordering::SeqCst) as usize
+    }
+
     /// Counts one more outgoing move, or says how many run when `limit` is reached.
     pub(crate) fn outgoing_slot(&self, limit: Option<u32>) -> Result<OutgoingSlot<'_>, u32> {
         use std::sync::atomic::Ordering;
@@ -380,14 +386,24 @@ pub async fn wait_for_moves(
     let mut told = None;
     loop {
         let journals = journal::list(&agent.cfg.state_dir).unwrap_or_default();
-        let under_way = journals
-            .iter()
-            .filter(|e| {
-                !journal::is_final(&e.state)
-                    && !matches!(e.state, mig_migrate::protocol::JournalState::InDoubt)
-            })
-            .count()
-            + source::moving_away();
+        let unfinished = |role| {
+            journals
+                .iter()
+                .filter(|e| {
+                    e.role == role
+                        && !journal::is_final(&e.state)
+                        && !matches!(e.state, mig_migrate::protocol::JournalState::InDoubt)
+                })
+                .count()
+        };
+        use mig_migrate::protocol::Role;
+        // Each outgoing move shows in one or more of: its journal entry, its frozen or ending
+        // mark, its slot (a move still in its pre-flight has only the slot: CI saw a SIGTERM end
+        // the agent, and the move's answer with it, then).
+        let under_way = unfinished(Role::Dest)
+            + unfinished(Role::Source)
+                .max(source::moving_away())
+                .max(agent.migration.outgoing());
         if under_way == 0 {
             return;
         }

@@ -13,7 +13,7 @@ use super::dest;
 use super::journal::{self, JournalEntry};
 use super::source::{destroy_copy, SourceSide, Src};
 use super::{chain, MoveResult};
-use crate::api::{ApiError, ErrorKind};
+use crate::api::{ApiError, Decision, ErrorKind};
 use crate::daemon::Agent;
 use crate::layout::now;
 use mig_migrate::protocol::{JournalState, Outcome, Role, SourceMachine, Timeouts};
@@ -330,7 +330,7 @@ pub(crate) fn spawn_resolver(agent: Arc<Agent>, container: String) {
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(RESOLVE_INTERVAL).await;
-            match agent.resolve_move(&container).await {
+            match agent.resolve_move(&container, None).await {
                 Ok(r) => {
                     tracing::info!(container = %container, peer = %r.peer, "in-doubt move resolved: committed");
                     return;
@@ -351,10 +351,12 @@ pub(crate) fn spawn_resolver(agent: Arc<Agent>, container: String) {
 
 impl Agent {
     /// `mig move --resolve ID`: settles an in-doubt move of container `ID` (id, prefix or name)
-    /// with its destination.
+    /// with its destination. With `decide` (`--decide`), the operator's outcome is applied when
+    /// the destination cannot answer, and on a destination at once ([`Agent::decide_here`]).
     pub(crate) async fn resolve_move(
         self: &Arc<Self>,
         container: &str,
+        decide: Option<Decision>,
     ) -> Result<MoveResult, ApiError> {
         let entries = journal::list(&self.cfg.state_dir)
             .map_err(|e| ApiError::new(ErrorKind::Internal, chain(&e)))?;
@@ -373,13 +375,16 @@ impl Agent {
                 )
             })?;
         if e.role == Role::Dest {
-            return Err(ApiError::new(
-                ErrorKind::Conflict,
-                format!(
-                    "migration {} arrived here from {}: resolve it on the source agent",
-                    e.migration_id, e.peer
-                ),
-            ));
+            let Some(d) = decide else {
+                return Err(ApiError::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "migration {} arrived here from {}: resolve it on the source agent; if {} is gone for good, decide here: `mig move --resolve {} --decide rolled-back` removes this copy, `--decide committed` runs it",
+                        e.migration_id, e.peer, e.peer, e.container_name
+                    ),
+                ));
+            };
+            return self.decide_here(e, d, "").await;
         }
         // One resolution at a time (an operator's `--resolve` and the automatic one): the
         // second reads what the first decided instead of destroying or thawing again.
@@ -402,59 +407,64 @@ impl Agent {
                 "the migration endpoint is not running",
             )
         })?;
-        let peer = net
+        let pinned = net
             .peers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&e.peer)
-            .cloned()
-            .ok_or_else(|| {
-                ApiError::new(
+            .cloned();
+        let peer = match (pinned, decide) {
+            (Some(p), _) => p,
+            // Unpinned since (a host gone for good): nobody to ask.
+            (None, Some(d)) => {
+                drop(_held);
+                let why = format!("{} is no longer a pinned peer", e.peer);
+                return self.decide_here(e, d, &why).await;
+            }
+            (None, None) => {
+                return Err(ApiError::new(
                     ErrorKind::NotFound,
                     format!("no pinned peer named {}", e.peer),
-                )
-            })?;
-        let conn = transport::connect(&net.endpoint, &net.identity, &peer)
-            .await
-            .map_err(|err| {
-                ApiError::new(
-                    ErrorKind::Unavailable,
-                    format!("cannot reach {}: {}", peer.name, chain(&err)),
-                )
-            })?;
-        let side = Src(Arc::new(SourceSide {
-            agent: self.clone(),
-            id: e.container_id.clone(),
-            name: e.container_name.clone(),
-            cgroup: e.cgroup.clone(),
-            migration_id: e.migration_id.clone(),
-            peer: e.peer.clone(),
-            work: self.dirs.container(&e.container_id).dir.join("migration"),
-            frozen_pids: Default::default(),
-            tcp_established: false,
-            // A rollback brings the container's link up again before thawing it.
-            net: self
-                .entry(&e.container_id)
-                .ok()
-                .and_then(|entry| entry.spec.net),
-            started: std::time::Instant::now(),
-            upper_sync: Default::default(),
-            peer_version: Default::default(),
-            pages: Default::default(),
-            precopy: Default::default(),
-            progress_bytes: Default::default(),
-            smaps: Default::default(),
-            log_sync: Default::default(),
-        }));
+                ))
+            }
+        };
+        let conn = match transport::connect(&net.endpoint, &net.identity, &peer).await {
+            Ok(c) => c,
+            Err(err) => {
+                let why = format!("cannot reach {}: {}", peer.name, chain(&err));
+                return match decide {
+                    Some(d) => {
+                        drop(_held);
+                        self.decide_here(e, d, &why).await
+                    }
+                    None => Err(ApiError::new(ErrorKind::Unavailable, why)),
+                };
+            }
+        };
+        // A rollback brings the container's link up again before thawing it.
+        let side = self.decided_side(&e);
         let machine = SourceMachine::recover(&e.migration_id, &e.state, Timeouts::default());
         let report = transport::run_source(&conn, machine, &side, &super::hello(self)).await;
         conn.close(0u32.into(), b"done");
-        let report = report.map_err(|err| {
-            ApiError::new(
-                ErrorKind::Unavailable,
-                format!("resolve failed: {}", chain(&err)),
-            )
-        })?;
+        let report = match (report, decide) {
+            (Ok(r), Some(d)) if r.outcome.is_none() => {
+                drop(_held);
+                let why = format!("{} could not decide", e.peer);
+                return self.decide_here(e, d, &why).await;
+            }
+            (Ok(r), _) => r,
+            (Err(err), Some(d)) => {
+                drop(_held);
+                let why = format!("resolve failed: {}", chain(&err));
+                return self.decide_here(e, d, &why).await;
+            }
+            (Err(err), None) => {
+                return Err(ApiError::new(
+                    ErrorKind::Unavailable,
+                    format!("resolve failed: {}", chain(&err)),
+                ))
+            }
+        };
         let settled = match &report.outcome {
             Some(Outcome::Committed { cleanup_error }) => {
                 side.0
@@ -487,6 +497,121 @@ impl Agent {
         };
         self.settle_started_move(&e.migration_id, &settled);
         settled
+    }
+}
+
+impl Agent {
+    /// `mig move --resolve ID --decide OUTCOME` where the other host cannot answer (`why`; empty
+    /// on a destination, which never asks): applies the operator's outcome to this host's copy
+    /// and journal, as the protocol's operator input would. A rolled-back source also keeps
+    /// telling its destination ([`spawn_notifier`]); nothing tells a destination that comes back
+    /// after a committed decision, so the operator decides there too.
+    async fn decide_here(
+        self: &Arc<Self>,
+        e: JournalEntry,
+        decide: Decision,
+        why: &str,
+    ) -> Result<MoveResult, ApiError> {
+        let _held = hold_within(&e.migration_id, HOLD_LIMIT)
+            .await
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorKind::Unavailable,
+                    format!("migration {} is being resolved already", e.migration_id),
+                )
+            })?;
+        let e = match journal::read(&self.cfg.state_dir, &e.migration_id) {
+            Some(now) if journal::is_final(&now.state) => return decided(&now),
+            Some(now) => now,
+            None => e,
+        };
+        let because = if why.is_empty() {
+            String::new()
+        } else {
+            format!(" ({why})")
+        };
+        let internal = |what: &str, err: String| {
+            ApiError::new(
+                ErrorKind::Internal,
+                format!("the operator's decision could not be applied: {what}: {err}; the move stays in doubt"),
+            )
+        };
+        tracing::warn!(migration = %e.migration_id, container = %e.container_id, role = ?e.role, ?decide, why, "in-doubt move settled by the operator");
+        let settled = match (e.role, decide) {
+            (Role::Source, Decision::RolledBack) => {
+                let side = self.decided_side(&e);
+                transport::SourceHost::thaw(&side)
+                    .await
+                    .map_err(|err| internal("thawing the container", chain(err.as_ref())))?;
+                settle(self, &e, JournalState::RolledBack);
+                // The destination removes its copy once it hears of this.
+                spawn_notifier(self.clone(), e.clone());
+                Err(ApiError::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "decided by the operator{because}: the move was rolled back, the container runs here; {} is told to remove its copy once it answers",
+                        e.peer
+                    ),
+                ))
+            }
+            (Role::Source, Decision::Committed) => {
+                let side = self.decided_side(&e);
+                transport::SourceHost::destroy(&side)
+                    .await
+                    .map_err(|err| internal("removing this host's copy", chain(err.as_ref())))?;
+                settle(self, &e, JournalState::Committed);
+                Ok(resolved_result(&e))
+            }
+            (Role::Dest, Decision::Committed) => {
+                settle(self, &e, JournalState::Committed);
+                dest::resume_incoming(self, &e.migration_id, &e.container_id)
+                    .map_err(|err| internal("resuming this host's copy", chain(&err)))?;
+                Ok(resolved_result(&e))
+            }
+            (Role::Dest, Decision::RolledBack) => {
+                dest::cleanup_incoming(self, &e.migration_id, &e.container_id)
+                    .await
+                    .map_err(|err| internal("removing this host's copy", chain(&err)))?;
+                settle(self, &e, JournalState::RolledBack);
+                Err(ApiError::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "decided by the operator: the move was rolled back, this host's copy is removed (the container runs on {} if it is still there)",
+                        e.peer
+                    ),
+                ))
+            }
+        };
+        self.settle_started_move(&e.migration_id, &settled);
+        settled
+    }
+
+    /// The source's side of an in-doubt move, to settle it (with its destination's answer or the
+    /// operator's decision).
+    fn decided_side(self: &Arc<Self>, e: &JournalEntry) -> Src {
+        Src(Arc::new(SourceSide {
+            agent: self.clone(),
+            id: e.container_id.clone(),
+            name: e.container_name.clone(),
+            cgroup: e.cgroup.clone(),
+            migration_id: e.migration_id.clone(),
+            peer: e.peer.clone(),
+            work: self.dirs.container(&e.container_id).dir.join("migration"),
+            frozen_pids: Default::default(),
+            tcp_established: false,
+            net: self
+                .entry(&e.container_id)
+                .ok()
+                .and_then(|entry| entry.spec.net),
+            started: std::time::Instant::now(),
+            upper_sync: Default::default(),
+            peer_version: Default::default(),
+            pages: Default::default(),
+            precopy: Default::default(),
+            progress_bytes: Default::default(),
+            smaps: Default::default(),
+            log_sync: Default::default(),
+        }))
     }
 }
 

@@ -9,7 +9,7 @@ use mig_runtime::spec::Limits;
 
 /// An agent older than `run`/`exec`'s newer options refuses a request that uses one, naming
 /// the field it does not know (serde's "unknown field" message): say which option that is.
-pub(super) fn older_agent(e: ClientError) -> CliError {
+pub(crate) fn older_agent(e: ClientError) -> CliError {
     if let ClientError::Api(a) = &e {
         if a.kind == crate::api::ErrorKind::InvalidArgument {
             for (field, option) in [
@@ -17,6 +17,7 @@ pub(super) fn older_agent(e: ClientError) -> CliError {
                 ("workdir", "--workdir"),
                 ("entrypoint", "--entrypoint"),
                 ("stdin", "exec -i"),
+                ("decide", "move --decide"),
             ] {
                 if a.message.contains(&format!("unknown field `{field}`")) {
                     return CliError::OlderAgent { option, source: e };

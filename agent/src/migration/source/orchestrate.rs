@@ -402,6 +402,8 @@ impl Agent {
         let held = crate::migration::recover::hold(&migration_id).await;
         let report = transport::run_source_on(&conn, link, machine, &side).await;
         drop(held);
+        // Before this side's own close: whether the destination went away during the move.
+        let lost = conn.close_reason();
         conn.close(0u32.into(), b"done");
         if let Some(task) = lazy_tunnel {
             // The pages served after the resume (the dump served them all before destroy).
@@ -432,7 +434,7 @@ impl Agent {
             return Err(api(
                 ErrorKind::Conflict,
                 format!(
-                    "migration {migration_id} is in doubt: {} did not confirm the commit (the link was lost, or it could not record the commit, say on a full disk); the container stays frozen here until it is settled (this agent asks {0} every 5 s; `mig move --resolve {}` asks now)",
+                    "migration {migration_id} is in doubt: {} did not confirm the commit (the link was lost, or its agent stopped); the container stays frozen here until it is settled (this agent asks {0} every 5 s; `mig move --resolve {1}` asks now; if {0} is gone for good, `mig move --resolve {1} --decide rolled-back` runs it here)",
                     peer.name, e.spec.name
                 ),
             ));
@@ -552,8 +554,24 @@ impl Agent {
                         "the container stays here but the rollback failed ({r}): it may still be frozen"
                     ),
                 };
+                // A dump or send that failed because the destination went away (its agent
+                // restarted, the link went down) says so first: CRIU's page-server errors name
+                // only their own side (QA: "the checkpoint (criu dump) failed").
+                let lost = match (&cause, &lost) {
+                    (
+                        mig_migrate::protocol::Cause::Local(
+                            mig_migrate::wire::AbortReason::DumpFailed
+                            | mig_migrate::wire::AbortReason::SendFailed,
+                        ),
+                        Some(why),
+                    ) => format!(
+                        "the connection to {} was lost during it ({why}), and ",
+                        peer.name
+                    ),
+                    _ => String::new(),
+                };
                 let msg = format!(
-                    "migration to {} rolled back ({}): {detail}; {here}",
+                    "migration to {} rolled back ({lost}{}): {detail}; {here}",
                     peer.name,
                     cause_words(&cause)
                 );
