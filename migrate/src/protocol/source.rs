@@ -361,9 +361,22 @@ impl SourceMachine {
                 });
                 self.notifying = true;
             }
-            (S::Done(_), I::Received(Message::Resolved { .. }) | I::LinkLost | I::TimedOut)
-                if self.notifying =>
-            {
+            (
+                S::Done(done),
+                answer @ (I::Received(Message::Resolved { .. }) | I::LinkLost | I::TimedOut),
+            ) if self.notifying => {
+                let committed = matches!(
+                    answer,
+                    I::Received(Message::Resolved {
+                        outcome: Resolution::Committed,
+                        ..
+                    })
+                );
+                if committed && matches!(done, Outcome::RolledBack { .. }) {
+                    // Only an operator's decision here (`--decide rolled-back` while the
+                    // destination was away, having committed) gets this far: said loudly.
+                    tracing::error!(migration = %self.id, "the destination committed this migration, which was rolled back here: the container runs on both hosts; remove one of the copies");
+                }
                 self.notifying = false
             }
             (S::Done(_), I::Reconnected) => {}
