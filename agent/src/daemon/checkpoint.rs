@@ -432,7 +432,31 @@ impl Agent {
             None => (None, None),
             Some(file) => {
                 let zstd = file.ends_with(".zst") || file.ends_with(".zstd");
-                match archive::export(&images, Some(&cd.upper()), Path::new(file), zstd) {
+                // The container's output and creation time go too: an import continues them,
+                // as a move does (QA: `restore --import` started an empty log and a new
+                // `created`).
+                let record = cd.dir.join(".export-state.json");
+                let state = serde_json::to_vec(&ExportedState {
+                    created: e.state.created,
+                })
+                .unwrap_or_default();
+                let mut extras = Vec::new();
+                if std::fs::write(&record, state).is_ok() {
+                    extras.push((archive::CONTAINER_STATE, record.as_path()));
+                }
+                let log = cd.log();
+                if log.is_file() {
+                    extras.push((archive::CONTAINER_LOG, log.as_path()));
+                }
+                let written = archive::export_with(
+                    &images,
+                    Some(&cd.upper()),
+                    &extras,
+                    Path::new(file),
+                    zstd,
+                );
+                let _ = std::fs::remove_file(&record);
+                match written {
                     Ok(_) => {
                         let size = std::fs::metadata(file).map(|m| m.len()).ok();
                         (Some(file.to_owned()), size)
@@ -743,7 +767,11 @@ impl Agent {
                     }
                 }
             }
-            let state = StateRecord::new(ContainerState::Checkpointed, self.cgroup_name(&spec.id));
+            let state = StateRecord {
+                // The container's own, from an archive that has it.
+                created: exported_state(&tmp).map_or_else(now, |s| s.created),
+                ..StateRecord::new(ContainerState::Checkpointed, self.cgroup_name(&spec.id))
+            };
             let cd = self.dirs.container(&spec.id);
             // The directory is the import's only once the rename made it: a failure before
             // must not remove what another operation put there.
@@ -860,6 +888,12 @@ impl Agent {
         }
         archive::unpack_upper(&images, &dir.join("upper"))
             .map_err(|e| bad(format!("unpacking the writable layer: {}", chain(&e))))?;
+        // The container's output so far, from an archive that has it (verified with the set).
+        let log = images.join(archive::CONTAINER_LOG);
+        if log.is_file() {
+            std::fs::copy(&log, dir.join("container.log"))
+                .map_err(|e| ApiError::new(ErrorKind::Internal, format!("placing the log: {e}")))?;
+        }
         for d in ["work", "rootfs"] {
             std::fs::create_dir_all(dir.join(d))
                 .map_err(|e| ApiError::new(ErrorKind::Internal, format!("creating {d}: {e}")))?;
@@ -925,4 +959,22 @@ pub(crate) fn spend_pages(images: &std::path::Path, id: &str) {
             tracing::warn!(%id, error = %e, dir = %images.display(), "cannot remove the restored image set's pages")
         }
     }
+}
+
+/// The container's record in an exported archive (`archive::CONTAINER_STATE`).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ExportedState {
+    /// Seconds since the epoch.
+    created: u64,
+}
+
+/// The record an imported archive (unpacked in `container_dir`) brought, if it has one.
+fn exported_state(container_dir: &Path) -> Option<ExportedState> {
+    let data = std::fs::read(
+        container_dir
+            .join("checkpoint")
+            .join(archive::CONTAINER_STATE),
+    )
+    .ok()?;
+    serde_json::from_slice(&data).ok()
 }

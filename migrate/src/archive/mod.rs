@@ -42,6 +42,8 @@ pub enum ArchiveError {
     },
     #[error("the image set already has a file named {UPPER_TAR}")]
     UpperClash,
+    #[error("the image set already has a file named {name}")]
+    ExtraClash { name: String },
     #[error("cannot archive the writable layer {dir}")]
     Layer {
         dir: PathBuf,
@@ -98,6 +100,26 @@ pub fn export(
     out_file: &Path,
     zstd: bool,
 ) -> Result<Manifest, ArchiveError> {
+    export_with(imageset_dir, upper_dir, &[], out_file, zstd)
+}
+
+/// The container's output so far, in an archive of mig's agent ([`export_with`]): a restore of
+/// the archive starts its log with it, as a move's destination does.
+pub const CONTAINER_LOG: &str = "container-log.out";
+
+/// The container's own record in an archive of mig's agent (JSON, its creation time).
+pub const CONTAINER_STATE: &str = "container-state.json";
+
+/// [`export`], with `extras`: (name in the archive, file) pairs stored beside the image set,
+/// listed and hashed in the manifest like `upper.tar` (say [`CONTAINER_LOG`]). Each file is
+/// copied first, so one that grows meanwhile (a log) is stored as it was then.
+pub fn export_with(
+    imageset_dir: &Path,
+    upper_dir: Option<&Path>,
+    extras: &[(&str, &Path)],
+    out_file: &Path,
+    zstd: bool,
+) -> Result<Manifest, ArchiveError> {
     let mut manifest = imageset::verify(imageset_dir).map_err(|source| ArchiveError::ImageSet {
         dir: imageset_dir.to_owned(),
         source,
@@ -126,7 +148,35 @@ pub fn export(
     };
     let tmp_upper = sibling(out_file, "upper");
     let tmp_out = sibling(out_file, "tmp");
-    let _cleanup = RemoveOnDrop(vec![tmp_upper.clone(), tmp_out.clone()]);
+    let tmp_extras: Vec<(String, PathBuf)> = extras
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| ((*name).to_owned(), sibling(out_file, &format!("extra{i}."))))
+        .collect();
+    let mut cleanup = vec![tmp_upper.clone(), tmp_out.clone()];
+    cleanup.extend(tmp_extras.iter().map(|(_, p)| p.clone()));
+    let _cleanup = RemoveOnDrop(cleanup);
+    for ((name, from), (_, to)) in extras.iter().zip(&tmp_extras) {
+        if *name == UPPER_TAR || manifest.files.iter().any(|f| f.path == *name) {
+            return Err(ArchiveError::ExtraClash {
+                name: (*name).to_owned(),
+            });
+        }
+        std::fs::copy(from, to).map_err(|source| ArchiveError::Source {
+            path: from.to_path_buf(),
+            source,
+        })?;
+        let (size, sha256) = imageset::hash_file(to).map_err(|source| ArchiveError::ImageSet {
+            dir: imageset_dir.to_owned(),
+            source,
+        })?;
+        manifest.files.push(FileEntry {
+            path: (*name).to_owned(),
+            size,
+            sha256,
+        });
+    }
+    manifest.files.sort_by(|a, b| a.path.cmp(&b.path));
     if let Some(upper) = upper_dir {
         if manifest.files.iter().any(|f| f.path == UPPER_TAR) {
             return Err(ArchiveError::UpperClash);
@@ -172,6 +222,8 @@ pub fn export(
     for f in &manifest.files {
         let src = if f.path == UPPER_TAR && upper_dir.is_some() {
             tmp_upper.clone()
+        } else if let Some((_, tmp)) = tmp_extras.iter().find(|(name, _)| *name == f.path) {
+            tmp.clone()
         } else {
             imageset_dir.join(&f.path)
         };

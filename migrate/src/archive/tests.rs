@@ -498,3 +498,33 @@ fn extended_attributes_travel_with_the_layer_and_its_delta() {
     assert!(lgetxattr_value(&dst.join("d"), b"user.dir").is_err());
     assert_eq!(lgetxattr_value(&dst.join("d"), b"user.a=b").unwrap(), b"v");
 }
+
+/// Files beside the image set (the container's log and record) travel listed and hashed, as
+/// they were when the export started, and come out of an import as they went in.
+#[test]
+fn extras_travel_with_the_set() {
+    let (t, set, upper) = fixture();
+    let log = t.path().join("container.log");
+    std::fs::write(&log, b"line 1\nline 2\n").unwrap();
+    let out = t.path().join("c.tar.zst");
+    let exported = export_with(&set, Some(&upper), &[(CONTAINER_LOG, &log)], &out, true).unwrap();
+    assert!(exported.files.iter().any(|f| f.path == CONTAINER_LOG));
+    let dest = t.path().join("imported");
+    import(&out, &dest).unwrap();
+    assert_eq!(
+        std::fs::read(dest.join(CONTAINER_LOG)).unwrap(),
+        b"line 1\nline 2\n"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(t.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    // A name the set already has is refused.
+    let clash = export_with(&set, None, &[("core-1.img", &log)], &out, false);
+    assert!(
+        matches!(clash, Err(ArchiveError::ExtraClash { .. })),
+        "{clash:?}"
+    );
+}
