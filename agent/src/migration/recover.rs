@@ -447,6 +447,17 @@ impl Agent {
         let report = transport::run_source(&conn, machine, &side, &super::hello(self)).await;
         conn.close(0u32.into(), b"done");
         let report = match (report, decide) {
+            // It answered, undecided: it has no copy it could run (no record of the move), so
+            // committing would remove the only one.
+            (Ok(r), Some(Decision::Committed)) if r.outcome.is_none() => {
+                return Err(ApiError::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "{} answered and has no copy of {} it could run: committing would remove the only one; `--decide rolled-back` runs it here",
+                        e.peer, e.container_name
+                    ),
+                ))
+            }
             (Ok(r), Some(d)) if r.outcome.is_none() => {
                 drop(_held);
                 let why = format!("{} could not decide", e.peer);
