@@ -309,3 +309,42 @@ fn several_targets_one_line_per_failure() -> Result<()> {
     );
     Ok(())
 }
+
+/// `--decide` without `--resolve` is a usage error, not a move (QA of session 22: `mig move C
+/// PEER --decide committed` moved the container), and a move's options are refused with
+/// `--resolve`, whose resolution would ignore them.
+#[test]
+fn a_resolution_refuses_a_moves_options() -> Result<()> {
+    if !mig_tests::is_root("cli tests") {
+        return Ok(());
+    }
+    let a = Agent::start("cli-decide")?;
+    a.import_busybox()?;
+    a.mig_ok(&[
+        "run", "-d", "--name", "d1", "busybox", "--", "sleep", "1000",
+    ])?;
+    let o = a.mig(&["move", "d1", "host-b", "--decide", "committed"]);
+    ensure!(
+        o.code == 125 && o.stderr.contains("needs --resolve") && o.stdout.is_empty(),
+        "{o:?}"
+    );
+    for extra in [
+        &["--mode", "lazy"][..],
+        &["--max-downtime", "5"],
+        &["--tcp-established"],
+        &["--no-memory-presync"],
+    ] {
+        let mut args = vec!["move", "--resolve", "d1"];
+        args.extend_from_slice(extra);
+        let o = a.mig(&args);
+        ensure!(
+            o.code == 125 && o.stderr.contains("cannot be used"),
+            "{args:?}: {o:?}"
+        );
+    }
+    ensure!(
+        a.mig_json(&["inspect", "d1", "--json"])?["state"] == "running",
+        "d1 was touched"
+    );
+    Ok(())
+}

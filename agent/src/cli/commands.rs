@@ -42,6 +42,8 @@ pub enum CliError {
     Runtime(#[source] std::io::Error),
     #[error("restore needs a container or --import FILE")]
     NothingToRestore,
+    #[error("--decide settles an in-doubt move and needs --resolve: mig move --resolve CONTAINER --decide OUTCOME (nothing was moved)")]
+    DecideWithoutResolve,
     #[error(transparent)]
     Remote(#[from] crate::remote::RemoteError),
     #[error("--remote needs --fingerprint (the agent's certificate fingerprint)")]

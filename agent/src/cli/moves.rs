@@ -20,26 +20,26 @@ pub struct MoveArgs {
     /// the source). On the source the destination is asked first and its answer wins; on the
     /// destination it applies at once. Decide the same on both hosts: a host that later comes
     /// back is not asked again.
-    #[arg(long, value_enum, requires = "resolve", value_name = "OUTCOME")]
+    #[arg(long, value_enum, value_name = "OUTCOME")]
     pub decide: Option<crate::api::Decision>,
     /// Keep established TCP connections (CRIU TCP repair; docs/networking.md). Without it a
     /// container with established connections is refused.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resolve")]
     pub tcp_established: bool,
     /// How memory moves: stream (the default: the memory copied while the container runs, then
     /// only the pages that changed, straight to the destination; the fastest stop-and-copy), cold
     /// (every image through files on both disks, each file hashed), lazy
     /// (post-copy: resumes first, pages on demand from this host), precopy (needs dirty-memory
     /// tracking), auto (stream, or lazy when over --max-downtime). docs/migration.md
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, conflicts_with = "resolve")]
     pub mode: Option<crate::migration::MoveMode>,
     /// Refuse the move when its predicted downtime exceeds MS milliseconds (with --mode auto:
     /// go post-copy instead). The container is not touched.
-    #[arg(long, value_name = "MS")]
+    #[arg(long, value_name = "MS", conflicts_with = "resolve")]
     pub max_downtime: Option<u64>,
     /// Stream mode: do not copy the memory while the container runs; every page then goes
     /// while it is frozen (plain stop-and-copy; docs/migration.md "Memory presync").
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resolve")]
     pub no_memory_presync: bool,
     /// Print JSON (the API's types, docs/api.md) instead of text.
     #[arg(long)]
@@ -401,6 +401,11 @@ pub(super) async fn dispatch(cli: &Cli) -> Result<Option<u8>, CliError> {
     match &cli.command {
         Command::Lab(cmd) => lab_command(cmd).await.map(Some),
         Command::Move(m) => {
+            // Checked here: clap takes a flag's default for its presence (`requires` never
+            // fails on a bool), and `move C PEER --decide ...` made a real move (QA).
+            if m.decide.is_some() && !m.resolve {
+                return Err(CliError::DecideWithoutResolve);
+            }
             let mut c = connect(cli).await?;
             let tty = std::io::stderr().is_terminal() && !m.json;
             let r = if m.resolve {
