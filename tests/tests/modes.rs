@@ -301,6 +301,27 @@ fn precopy_and_max_downtime_refused() -> Result<()> {
             o.stderr
         );
     }
+    // The memory presync reads every process's memory, and must leave what they share
+    // shared: a move that rolls back after it leaves the container's footprint as it was (QA of
+    // session 22: 33 MiB became 129 MiB, and a container with a memory limit was OOM-killed).
+    let memory = |lab: &Lab| -> Result<u64> {
+        let v = lab.mig_json(0, &["inspect", "forky", "--json"])?;
+        v["usage"]["memory_bytes"]
+            .as_u64()
+            .ok_or_else(|| anyhow::anyhow!("no usage: {v}"))
+    };
+    let before = memory(&lab)?;
+    lab.fault(0, Some("source-before-freeze:fail"))?;
+    let o = lab.mig(0, &["move", "forky", "host-b"]);
+    lab.fault(0, None)?;
+    if o.code == 0 {
+        bail!("the move was to roll back after its presync: {}", o.stdout);
+    }
+    let after = memory(&lab)?;
+    eprintln!("forky: {before} bytes before a rolled-back stream move, {after} after");
+    if after > before + 10_000_000 {
+        bail!("the presync unshared the forked memory: {before} -> {after} bytes");
+    }
     lab.mig_ok(0, &["rm", "-f", "forky"])?;
     Ok(())
 }
