@@ -12,7 +12,7 @@
 //! `precopy` moves run only on a kernel with soft-dirty tracking (not this machine's): there and
 //! back with the rounds reported, and refused to a 1.1 destination before anything is frozen.
 //!
-//! Needs root. Labs on subnets 10.214.10-19.0/24, 10.214.60-61.0/24 (precopy) and
+//! Needs root. Labs on subnets 10.214.10-12.0/24 and 10.214.14.0/24, 10.214.60-61.0/24 (precopy) and
 //! 10.214.65-66.0/24 (the probe tests).
 
 use anyhow::{bail, Result};
@@ -322,7 +322,89 @@ fn precopy_and_max_downtime_refused() -> Result<()> {
     if after > before + 10_000_000 {
         bail!("the presync unshared the forked memory: {before} -> {after} bytes");
     }
+    // The same after CRIU's dump (the destination fails its restore).
+    for mode in ["stream", "cold"] {
+        lab.fault(1, Some("dest-restore:fail"))?;
+        let o = lab.mig(0, &["move", "forky", "host-b", "--mode", mode]);
+        lab.fault(1, None)?;
+        if o.code == 0 {
+            bail!(
+                "the {mode} move was to roll back after its dump: {}",
+                o.stdout
+            );
+        }
+        let after = memory(&lab)?;
+        eprintln!("forky: {after} bytes after a {mode} move rolled back after its dump");
+        if after > before + 10_000_000 {
+            bail!("the {mode} dump unshared the forked memory: {before} -> {after} bytes");
+        }
+    }
     lab.mig_ok(0, &["rm", "-f", "forky"])?;
+    Ok(())
+}
+
+/// A shell holding 27 MB and two forked subshells sharing it copy-on-write keeps it shared on
+/// the destination of a stream move (the restore gives it back shared; the local lazy-pages
+/// daemon would give each process a copy), and a post-copy, which cannot, is refused when the
+/// copies would not fit the container's memory limit (QA of session 22: workers OOM-killed after
+/// the commit, every move said to succeed). Lab 14.
+#[test]
+fn forked_memory_stays_shared_or_the_move_is_refused() -> Result<()> {
+    if !mig_tests::is_root("migration tests") {
+        return Ok(());
+    }
+    let lab = Lab::up("cow", 14)?;
+    lab.mig_ok(
+        0,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "cow",
+            "--memory",
+            "64M",
+            "busybox",
+            "--",
+            "sh",
+            "-c",
+            "x=$(head -c 20000000 /dev/urandom | base64); (sleep 1000; echo ${#x}) & (sleep 1000; echo ${#x}) & sleep 1000; echo ${#x}",
+        ],
+    )?;
+    let ready = mig_tests::wait_until(Duration::from_secs(30), || {
+        lab.mig_json(0, &["inspect", "cow", "--json"])
+            .is_ok_and(|v| v["pid_map"].as_array().is_some_and(|p| p.len() >= 6))
+    });
+    if !ready {
+        bail!("cow did not start its subshells");
+    }
+    let memory = |host: usize| -> Result<u64> {
+        let v = lab.mig_json(host, &["inspect", "cow", "--json"])?;
+        v["usage"]["memory_bytes"]
+            .as_u64()
+            .ok_or_else(|| anyhow::anyhow!("no usage: {v}"))
+    };
+    let before = memory(0)?;
+    // Post-copy: three copies of 27 MB do not fit 64M.
+    let o = lab.mig(0, &["move", "cow", "host-b", "--mode", "lazy"]);
+    eprintln!("lazy: {}", o.stderr.trim());
+    if o.code == 0 || !o.stderr.contains("memory limit") {
+        bail!("the post-copy was not refused: {} {}", o.stdout, o.stderr);
+    }
+    running_on(&lab, 0, "cow")?;
+    let r = lab.mig_json(0, &["move", "cow", "host-b", "--json"])?;
+    running_on(&lab, 1, "cow")?;
+    let after = memory(1)?;
+    eprintln!(
+        "cow: {before} bytes on host-a, {after} on host-b after a stream move ({} sent)",
+        r["bytes_sent"]
+    );
+    let pids = lab.mig_json(1, &["inspect", "cow", "--json"])?["pid_map"]
+        .as_array()
+        .map_or(0, |p| p.len());
+    if after > before + 10_000_000 || pids < 6 {
+        bail!("the forked memory was not kept shared: {before} -> {after} bytes, {pids} processes");
+    }
+    lab.mig_ok(1, &["rm", "-f", "cow"])?;
     Ok(())
 }
 

@@ -51,7 +51,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use map::{carve, holding, insert_merged};
-pub use map::{pagemap_bytes, read_lazy_map, LazyMap};
+pub use map::{forked_overlap_bytes, pagemap_bytes, read_lazy_map, LazyMap};
 
 pub use super::page_writer::{PAGE_SIZE, PS_IOV_SIZE};
 // CRIU's page server protocol and pagemap image constants, shared with the page writer.

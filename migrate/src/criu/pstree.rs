@@ -32,6 +32,30 @@ pub fn parse_pids(data: &[u8]) -> Result<BTreeSet<i32>, &'static str> {
     Ok(pids)
 }
 
+/// (pid, parent pid) of each process of a `pstree.img` (`pstree_entry { pid = 1; ppid = 2 }`;
+/// the root's parent is 0, outside the tree).
+pub fn parse_parents(data: &[u8]) -> Result<Vec<(i32, i32)>, &'static str> {
+    let mut out = Vec::new();
+    for entry in entries(data, PSTREE_MAGIC)? {
+        let (mut pid, mut ppid) = (None, 0u64);
+        for field in Fields::new(entry, 0) {
+            match field? {
+                (1, Value::Varint(v)) => pid = Some(v),
+                (2, Value::Varint(v)) => ppid = v,
+                _ => {}
+            }
+        }
+        let pid = pid.ok_or("entry without a pid")?;
+        let pid = i32::try_from(pid).map_err(|_| "pid out of range")?;
+        let ppid = i32::try_from(ppid).map_err(|_| "pid out of range")?;
+        out.push((pid, ppid));
+    }
+    if out.is_empty() {
+        return Err("no process");
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -51,6 +75,14 @@ mod tests {
     fn reads_the_pids_criu_wrote() {
         let pids: Vec<i32> = parse_pids(REAL).unwrap().into_iter().collect();
         assert_eq!(pids, [23747, 23749, 23750]);
+    }
+
+    #[test]
+    fn reads_the_parents_criu_wrote() {
+        assert_eq!(
+            parse_parents(REAL).unwrap(),
+            [(23747, 0), (23749, 23747), (23750, 23747)]
+        );
     }
 
     #[test]

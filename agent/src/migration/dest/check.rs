@@ -293,11 +293,14 @@ fn arriving_elsewhere(state_dir: &Path, mine: &Path, p: &Prepare) -> Option<(Str
 /// memory found then loses the container (QA of session 21: an OOM kill 20 ms after a commit).
 /// What the processes will hold is every page the pagemaps list (at most the container's own
 /// memory limit); what is left is the host's MemAvailable and the room under the limits of the
-/// agent's cgroup parent and its ancestors.
+/// agent's cgroup parent and its ancestors. With `per_process` (the pages arrive through a
+/// lazy-pages daemon, one copy per process even where forked processes shared them), the
+/// container's own limit is room too, not a cap: above it the copy would be OOM-killed.
 pub(super) fn memory_fits(
     checkpoint: &Path,
     limit: Option<u64>,
     cgroup_parent: &str,
+    per_process: bool,
 ) -> Result<(), DestError> {
     let pages = match mig_migrate::criu::lazy_proxy::pagemap_bytes(checkpoint) {
         Ok(b) => b,
@@ -307,8 +310,17 @@ pub(super) fn memory_fits(
             return Ok(());
         }
     };
-    let need = limit.map_or(pages, |l| pages.min(l));
+    let need = match limit {
+        Some(l) if !per_process => pages.min(l),
+        _ => pages,
+    };
     let mut left: Vec<(u64, String)> = Vec::new();
+    if let (Some(l), true) = (limit, per_process) {
+        left.push((
+            l,
+            "the container's own memory limit (a post-copy restores each process's pages on their own, so memory that forked processes shared counts once per process: a stream or cold move keeps it shared)".into(),
+        ));
+    }
     if let Some(avail) = crate::daemon::info::mem_available_bytes() {
         left.push((avail, "the host's available memory (MemAvailable)".into()));
     }

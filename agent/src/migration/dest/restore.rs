@@ -16,6 +16,12 @@ use mig_runtime::pidmap::PidEntry;
 use std::collections::HashMap;
 use std::path::Path;
 
+/// Memory forked processes share (per [`mig_migrate::criu::lazy_proxy::forked_overlap_bytes`])
+/// from which a stream move restores every page before the resume rather than through its local
+/// lazy-pages daemon: the restore copies memory while frozen (about 1 GiB/s here), the daemon
+/// would multiply the shared part by the number of processes.
+const KEEP_SHARED_MIN: u64 = 4 << 20;
+
 impl DestSide {
     fn restore_files(&self, id: &str, inc: &Incoming) -> Result<(), DestError> {
         let prepare = inc
@@ -93,11 +99,32 @@ impl DestSide {
                 .unwrap_or_else(|e| Err(DestError::Task(e.to_string())))?;
         }
         let cd = self.agent.dirs.container(&spec.id);
+        // Memory that forked processes share copy-on-write: a plain restore gives it back
+        // shared, a lazy-pages daemon one copy per process (QA of session 22: a parent and three
+        // workers sharing 32 MiB held 129 MiB after a stream or lazy move, and a container with
+        // a memory limit lost workers to the OOM killer after the commit).
+        let forked_shared = {
+            let checkpoint = cd.checkpoint();
+            tokio::task::spawn_blocking(move || {
+                mig_migrate::criu::lazy_proxy::forked_overlap_bytes(&checkpoint)
+            })
+            .await
+            .ok()
+            .and_then(|r| {
+                r.inspect_err(|e| tracing::warn!(migration = %id, error = %chain(e), "cannot tell the memory forked processes share"))
+                    .ok()
+            })
+            .unwrap_or(0)
+        };
+        let post_copy = Self::mode_of(&inc) == Some(MigrationMode::PostCopy);
+        if post_copy && forked_shared >= KEEP_SHARED_MIN {
+            tracing::warn!(migration = %id, shared_mib = forked_shared >> 20, "forked processes share memory that a post-copy gives each of them a copy of: the container will hold more memory here than on the source");
+        }
         {
             let (checkpoint, limit) = (cd.checkpoint(), spec.limits.memory);
             let parent = self.agent.cfg.cgroup_parent.clone();
             tokio::task::spawn_blocking(move || {
-                super::check::memory_fits(&checkpoint, limit, &parent)
+                super::check::memory_fits(&checkpoint, limit, &parent, post_copy)
             })
             .await
             .unwrap_or_else(|e| Err(DestError::Task(e.to_string())))?;
@@ -123,6 +150,10 @@ impl DestSide {
         {
             // The restored tasks could not open their userfaultfd inside the user namespace.
             tracing::info!(migration = %id, "user-namespace container: restoring every page before the resume (vm.unprivileged_userfaultfd = 0)");
+        } else if Self::mode_of(&inc) == Some(MigrationMode::Stream)
+            && forked_shared >= KEEP_SHARED_MIN
+        {
+            tracing::info!(migration = %id, shared_mib = forked_shared >> 20, "forked processes share memory: restoring every page before the resume keeps it shared");
         } else if Self::mode_of(&inc) == Some(MigrationMode::Stream) {
             // Every page is here: restore without copying memory, served by a local daemon
             // (a plain restore when it cannot start).

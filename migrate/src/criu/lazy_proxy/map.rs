@@ -79,7 +79,7 @@ pub(super) fn carve(m: &mut BTreeMap<u64, u64>, start: u64, end: u64) {
 pub fn read_lazy_map(dir: &Path) -> Result<LazyMap, LazyProxyError> {
     let mut map = LazyMap::default();
     each_pagemap(dir, false, |id, path, data| {
-        add_lazy_entries(&mut map, id, data).map_err(|reason| LazyProxyError::BadImage {
+        add_entries(&mut map, id, data, true).map_err(|reason| LazyProxyError::BadImage {
             path: path.to_owned(),
             reason,
         })
@@ -113,6 +113,67 @@ pub fn pagemap_bytes(dir: &Path) -> Result<u64, LazyProxyError> {
         Ok(())
     })?;
     Ok(pages.saturating_mul(PAGE_SIZE))
+}
+
+/// The bytes of memory that forked processes of an image set may share copy-on-write: for each
+/// process, the addresses where both it and its parent have pages in their pagemaps (a `fork`
+/// copies the address space; CRIU dumps the shared pages once per process). A plain restore
+/// gives such pages back shared when their contents are equal; pages that arrive through a
+/// lazy-pages daemon come one copy per process, multiplying the container's memory (QA of
+/// session 22). 0 for a set without a `pstree.img` or with one process.
+pub fn forked_overlap_bytes(dir: &Path) -> Result<u64, LazyProxyError> {
+    let pstree = dir.join(crate::criu::pstree::PSTREE_IMG);
+    let data = match std::fs::read(&pstree) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(source) => {
+            return Err(LazyProxyError::ReadImage {
+                path: pstree,
+                source,
+            })
+        }
+    };
+    let parents =
+        crate::criu::pstree::parse_parents(&data).map_err(|reason| LazyProxyError::BadImage {
+            path: pstree.clone(),
+            reason,
+        })?;
+    if parents.len() < 2 {
+        return Ok(0);
+    }
+    let mut map = LazyMap::default();
+    each_pagemap(dir, false, |id, path, data| {
+        add_entries(&mut map, id, data, false).map_err(|reason| LazyProxyError::BadImage {
+            path: path.to_owned(),
+            reason,
+        })
+    })?;
+    let ranges = |pid: i32| u64::try_from(pid).ok().and_then(|id| map.0.get(&id));
+    let mut shared = 0u64;
+    for (pid, ppid) in parents {
+        if let (Some(child), Some(parent)) = (ranges(pid), ranges(ppid)) {
+            shared = shared.saturating_add(overlap(child, parent));
+        }
+    }
+    Ok(shared)
+}
+
+/// The bytes two sets of disjoint ranges have in common.
+fn overlap(a: &BTreeMap<u64, u64>, b: &BTreeMap<u64, u64>) -> u64 {
+    let (mut ia, mut ib) = (a.iter().peekable(), b.iter().peekable());
+    let mut total = 0;
+    while let (Some(&(&sa, &ea)), Some(&(&sb, &eb))) = (ia.peek(), ib.peek()) {
+        let (s, e) = (sa.max(sb), ea.min(eb));
+        if s < e {
+            total += e - s;
+        }
+        if ea <= eb {
+            ia.next();
+        } else {
+            ib.next();
+        }
+    }
+    total
 }
 
 /// Calls `f` with the image id and the contents of each `pagemap-<id>.img` in `dir`, and with
@@ -159,10 +220,15 @@ fn each_pagemap(
     Ok(())
 }
 
-/// Adds the `PE_LAZY` entries of one pagemap image (`PagemapHead`, then `PagemapEntry {
-/// vaddr = 1, compat_nr_pages = 2, in_parent = 3, flags = 4, nr_pages = 5 }`,
-/// images/pagemap.proto) to `map` under `dst_id`.
-fn add_lazy_entries(map: &mut LazyMap, dst_id: u64, data: &[u8]) -> Result<(), &'static str> {
+/// Adds the entries of one pagemap image (`PagemapHead`, then `PagemapEntry { vaddr = 1,
+/// compat_nr_pages = 2, in_parent = 3, flags = 4, nr_pages = 5 }`, images/pagemap.proto) to
+/// `map` under `dst_id`: the `PE_LAZY` ones only when `only_lazy`.
+fn add_entries(
+    map: &mut LazyMap,
+    dst_id: u64,
+    data: &[u8],
+    only_lazy: bool,
+) -> Result<(), &'static str> {
     let list = entries(data, PAGEMAP_MAGIC)?;
     if list.is_empty() {
         return Err("no pagemap head");
@@ -179,9 +245,9 @@ fn add_lazy_entries(map: &mut LazyMap, dst_id: u64, data: &[u8]) -> Result<(), &
             }
         }
         let vaddr = vaddr.ok_or("entry without an address")?;
-        if flags & u64::from(PE_LAZY) != 0 {
+        if !only_lazy || flags & u64::from(PE_LAZY) != 0 {
             map.add(dst_id, vaddr, nr_pages.unwrap_or(compat))
-                .ok_or("lazy entry not page-aligned or past the address space")?;
+                .ok_or("entry not page-aligned or past the address space")?;
         }
     }
     Ok(())

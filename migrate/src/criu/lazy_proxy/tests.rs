@@ -580,3 +580,55 @@ fn an_image_sets_memory_is_every_page_its_pagemaps_list() {
         Err(LazyProxyError::BadImage { .. })
     ));
 }
+
+/// A pstree image: (pid, ppid) entries.
+fn pstree_image(list: &[(u64, u64)]) -> Vec<u8> {
+    let mut img = Vec::new();
+    img.extend_from_slice(&IMG_COMMON_MAGIC.to_le_bytes());
+    img.extend_from_slice(&0x5027_3030u32.to_le_bytes());
+    for &(pid, ppid) in list {
+        let mut m = Vec::new();
+        put_varint_field(&mut m, 1, pid);
+        put_varint_field(&mut m, 2, ppid);
+        put_entry(&mut img, &m).unwrap();
+    }
+    img
+}
+
+#[test]
+fn memory_forked_processes_may_share_is_where_child_and_parent_both_have_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    // No pstree (not a dump): nothing shared.
+    assert_eq!(forked_overlap_bytes(dir.path()).unwrap(), 0);
+    std::fs::write(
+        dir.path().join("pstree.img"),
+        pstree_image(&[(1, 0), (7, 1), (9, 1), (12, 7)]),
+    )
+    .unwrap();
+    let lazy = PE_LAZY | PE_PRESENT;
+    // The parent: 16 pages of heap, 2 of stack.
+    std::fs::write(
+        dir.path().join("pagemap-1.img"),
+        pagemap_image(&[(0x40_0000, 16, PE_PRESENT), (0x7f00_0000, 2, PE_PRESENT)]),
+    )
+    .unwrap();
+    // A forked child with 10 of the heap's pages (lazy or not) and its own stack page.
+    std::fs::write(
+        dir.path().join("pagemap-7.img"),
+        pagemap_image(&[(0x40_6000, 10, lazy), (0x7f00_1000, 1, PE_PRESENT)]),
+    )
+    .unwrap();
+    // A child that exec'd: other addresses.
+    std::fs::write(
+        dir.path().join("pagemap-9.img"),
+        pagemap_image(&[(0x1000, 30, PE_PRESENT)]),
+    )
+    .unwrap();
+    // A grandchild sharing 3 pages with 7.
+    std::fs::write(
+        dir.path().join("pagemap-12.img"),
+        pagemap_image(&[(0x40_0000, 9, PE_PRESENT)]),
+    )
+    .unwrap();
+    assert_eq!(forked_overlap_bytes(dir.path()).unwrap(), (10 + 1 + 3) * P);
+}
