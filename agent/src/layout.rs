@@ -205,6 +205,17 @@ pub fn proc_start_ticks(pid: i32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// Whether `pid` has ended but is not reaped yet (a zombie), or is gone.
+pub fn proc_ended(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    let state = stat
+        .rfind(')')
+        .and_then(|i| stat[i + 1..].split_whitespace().next());
+    matches!(state, Some("Z" | "X" | "x"))
+}
+
 /// Whether `pid` is a live (not zombie) `mig-shim` for container `id`.
 pub fn is_our_shim(pid: i32, id: &str) -> bool {
     let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
@@ -236,6 +247,27 @@ mod tests {
         assert!(proc_start_ticks(me).is_some());
         assert!(proc_start_ticks(i32::MAX).is_none());
         assert!(!is_our_shim(me, "x"));
+    }
+
+    #[test]
+    fn a_zombie_has_ended() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        assert!(
+            wait_for(|| proc_ended(pid)),
+            "an exited child is a zombie until reaped"
+        );
+        assert!(std::fs::metadata(format!("/proc/{pid}")).is_ok());
+        child.wait().unwrap();
+        assert!(proc_ended(pid));
+        assert!(!proc_ended(std::process::id() as i32));
+    }
+
+    fn wait_for(f: impl Fn() -> bool) -> bool {
+        (0..200).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            f()
+        })
     }
 
     #[test]

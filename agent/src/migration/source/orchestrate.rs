@@ -534,7 +534,13 @@ impl Agent {
                     side.entry(JournalState::RolledBack),
                 );
                 let detail = kept_log_named(&side.work, detail);
-                if self.init_pid_of(id).is_none() {
+                // Gone, or killed and not reaped yet (QA: an init the OOM killer ended during
+                // the presync was still a zombie here).
+                let ended = match self.init_pid_of(id) {
+                    None => true,
+                    Some(pid) => crate::layout::proc_ended(pid),
+                };
+                if ended {
                     // It exited or was killed while it moved: it does not run anywhere, and
                     // the rollback's thaw may have failed only because its cgroup was gone.
                     return Err(api(
