@@ -78,20 +78,37 @@ async fn unpinned_client_refused_at_handshake() {
         "client side of the refused handshake: {:?}",
         res.as_ref().map(|_| "connected, then closed")
     );
-    if let Ok(conn) = res {
-        let err = tokio::time::timeout(Duration::from_secs(5), conn.closed())
-            .await
-            .expect("connection not closed");
-        assert!(
-            matches!(
-                err,
-                quinn::ConnectionError::TransportError(_)
-                    | quinn::ConnectionError::ConnectionClosed(_)
-            ),
-            "{err}"
-        );
-        assert!(conn.open_bi().await.is_err() || conn.accept_bi().await.is_err());
-    }
+    let said = match res {
+        Ok(conn) => {
+            let err = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+                .await
+                .expect("connection not closed");
+            assert!(
+                matches!(
+                    err,
+                    quinn::ConnectionError::TransportError(_)
+                        | quinn::ConnectionError::ConnectionClosed(_)
+                ),
+                "{err}"
+            );
+            assert!(conn.open_bi().await.is_err() || conn.accept_bi().await.is_err());
+            err.to_string()
+        }
+        Err(e) => {
+            let mut s = e.to_string();
+            let mut cur = std::error::Error::source(&e);
+            while let Some(c) = cur {
+                s = format!("{s}: {c}");
+                cur = c.source();
+            }
+            s
+        }
+    };
+    // The client learns which of its certificates was refused, and how to pin it.
+    assert!(
+        said.contains(mallory.fingerprint()) && said.contains("mig peers add"),
+        "{said}"
+    );
     let server_side = srv.await.unwrap();
     assert!(
         matches!(server_side, Err(TlsError::Accept { .. })),

@@ -541,9 +541,18 @@ fn an_operator_settles_a_move_whose_peer_is_gone() -> Result<()> {
     // Asked without --decide, the destination says how.
     let o = lab.mig(B, &["move", "--resolve", "opd"]);
     ensure!(o.stderr.contains("--decide"), "{o:?}");
-    lab.mig_ok(B, &["move", "--resolve", "opd", "--decide", "committed"])?;
+    let said = lab.mig_ok(B, &["move", "--resolve", "opd", "--decide", "committed"])?;
+    ensure!(said.contains("runs on host-b"), "{said}");
     running_on(&lab, B, "opd")?;
     continues(&lab, B, "opd", count)?;
+    // A normal container afterwards: its memory all there (no "memory arriving" for good, QA),
+    // its page images removed.
+    let settled = mig_tests::wait_until(Duration::from_secs(30), || {
+        lab.mig_json(B, &["inspect", "opd", "--json"])
+            .is_ok_and(|v| v["memory_arriving"] == false)
+    });
+    ensure!(settled, "{}", lab.mig(B, &["inspect", "opd"]).stdout);
+    mig_tests::lab::pages_spent(&lab, B, &id)?;
     lab.restart_after_crash(A)?;
     nothing_left(&lab, A, &id)?;
     running_on(&lab, B, "opd")?;

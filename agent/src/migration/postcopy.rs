@@ -220,10 +220,12 @@ pub(crate) fn recover_postcopy(agent: &Arc<Agent>) {
         if marker.local {
             tracing::info!(id = %id, migration = %marker.migration_id, "a stream move's lazy-pages daemon still fills in the container's memory: no move or checkpoint until it ends");
             mark_filling(&id, true);
+            let images = d.path().join("checkpoint");
             std::thread::spawn(move || {
                 let _ = daemon.wait_exit(None);
                 let _ = std::fs::remove_dir_all(&work);
                 mark_filling(&id, false);
+                crate::daemon::checkpoint::spend_pages(&images, &id);
             });
             continue;
         }

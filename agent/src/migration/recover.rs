@@ -577,7 +577,20 @@ impl Agent {
                 settle(self, &e, JournalState::Committed);
                 dest::resume_incoming(self, &e.migration_id, &e.container_id)
                     .map_err(|err| internal("resuming this host's copy", chain(&err)))?;
-                Ok(resolved_result(&e))
+                // Its memory still arriving through a local lazy-pages daemon, if it has one:
+                // watched to the last page as after a Commit (QA: the copy stayed "memory
+                // arriving" and its daemon a zombie).
+                super::pages::watch_lazy_daemon(
+                    self.clone(),
+                    e.migration_id.clone(),
+                    e.container_id.clone(),
+                    e.container_name.clone(),
+                    e.peer.clone(),
+                );
+                Ok(MoveResult {
+                    peer: self.cfg.name.clone(),
+                    ..resolved_result(&e)
+                })
             }
             (Role::Dest, Decision::RolledBack) => {
                 dest::cleanup_incoming(self, &e.migration_id, &e.container_id)
@@ -633,7 +646,8 @@ fn resolved_result(e: &JournalEntry) -> MoveResult {
         name: e.container_name.clone(),
         migration_id: e.migration_id.clone(),
         peer: e.peer.clone(),
-        mode: "cold".into(),
+        // Not known here (the journal does not keep it); the figures are the resolution's.
+        mode: String::new(),
         ..Default::default()
     }
 }

@@ -13,7 +13,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -123,10 +123,6 @@ fn provider_ordered(aes128_first: bool) -> Arc<CryptoProvider> {
     Arc::new(p)
 }
 
-fn not_pinned() -> rustls::Error {
-    rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
-}
-
 /// Server side: accepts client certificates whose fingerprint is allowed.
 #[derive(Debug)]
 struct PinnedClientVerifier {
@@ -150,7 +146,14 @@ impl ClientCertVerifier for PinnedClientVerifier {
             Ok(ClientCertVerified::assertion())
         } else {
             tracing::warn!(fingerprint = %fp, "refused client with an unpinned certificate");
-            Err(not_pinned())
+            // The reason reaches the client in the connection's close: what it sees is all its
+            // user learns (QA: a source whose identity was made again read a bare
+            // "ApplicationVerificationFailure").
+            Err(rustls::Error::General(format!(
+                "this host does not trust the certificate {fp}: an agent's is pinned here with \
+                 `mig peers add NAME ADDR --fingerprint FP` (after `mig peers rm NAME` when it \
+                 changed), a remote client's with `mig clients add`"
+            )))
         }
     }
 
@@ -203,8 +206,8 @@ impl ServerCertVerifier for PinnedServerVerifier {
             Err(rustls::Error::General(format!(
                 "the peer presented certificate {fp}, but {} is pinned for it: if its identity \
                  was made again, check the new fingerprint with `mig info` on that host and pin \
-                 it (`mig peers add NAME ADDR --fingerprint FP`); otherwise something else \
-                 answers at its address",
+                 it (`mig peers rm NAME`, then `mig peers add NAME ADDR --fingerprint FP`); \
+                 otherwise something else answers at its address",
                 self.expected
             )))
         }

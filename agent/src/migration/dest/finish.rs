@@ -74,9 +74,9 @@ pub(crate) fn resume_incoming(
     let cd = agent.dirs.container(container_id);
     if crate::migration::pages::has_lazy_daemon(migration_id) {
         crate::migration::postcopy::mark_filling(container_id, true);
-    } else {
+    } else if !crate::migration::postcopy::memory_arriving(container_id) {
         // Every page is in the restored processes (a lazy-pages daemon's watch removes them
-        // once it has served the last one).
+        // once it has served the last one, as does the watch of one a restarted agent found).
         let (images, id) = (cd.checkpoint(), container_id.to_owned());
         std::thread::spawn(move || crate::daemon::checkpoint::spend_pages(&images, &id));
     }
