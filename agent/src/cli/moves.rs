@@ -18,8 +18,10 @@ pub struct MoveArgs {
     /// With --resolve, when the other host cannot answer because it is gone for good: settle
     /// the move as committed (the container runs on the destination) or rolled-back (it runs on
     /// the source). On the source the destination is asked first and its answer wins; on the
-    /// destination it applies at once. Decide the same on both hosts: a host that later comes
-    /// back is not asked again.
+    /// destination it applies at once. A destination that comes back after rolled-back on the
+    /// source removes its copy by itself; one that comes back after committed on the source
+    /// waits for the same decision there. Deciding differently on the two gives two copies or
+    /// none. A rolled-back decision exits 125, as a rolled-back move does.
     #[arg(long, value_enum, value_name = "OUTCOME")]
     pub decide: Option<crate::api::Decision>,
     /// Keep established TCP connections (CRIU TCP repair; docs/networking.md). Without it a
