@@ -823,20 +823,8 @@ fn disk_full_while_frozen(name: &str, third: u8, mode: &[&str]) -> Result<()> {
                 .flatten()
                 .any(|e| e.path().join("presync").exists())
         });
-        // Leave about 1 MB: far less than the dump. The presync is still writing, so the free
-        // space can shrink between the measure and the fallocate: measure again and retry.
-        for _ in 0..20 {
-            let fill = free_bytes(l.state_dir(B)).saturating_sub(1 << 20);
-            let filled = std::process::Command::new("fallocate")
-                .args(["-l", &fill.to_string()])
-                .arg(&filler)
-                .status()
-                .is_ok_and(|st| st.success());
-            if filled {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        // Leave about 1 MB: far less than the dump.
+        fill_disk(l.state_dir(B), &filler, 1 << 20);
         mover.join()
     })
     .map_err(|_| anyhow::anyhow!("the mover thread panicked"))?;
@@ -881,18 +869,7 @@ fn disk_full_at_the_commit_rolls_back() -> Result<()> {
             l.mig(B, &["ps"]).stdout.contains("frozen") || mover.is_finished()
         });
         if restored && !mover.is_finished() {
-            for _ in 0..20 {
-                let fill = free_bytes(l.state_dir(B));
-                let filled = std::process::Command::new("fallocate")
-                    .args(["-l", &fill.to_string()])
-                    .arg(&filler)
-                    .status()
-                    .is_ok_and(|st| st.success());
-                if filled {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            fill_disk(l.state_dir(B), &filler, 0);
         }
         mover.join()
     })
@@ -945,6 +922,24 @@ fn disk_lab(name: &str, third: u8, bytes: u64) -> Result<Option<DiskCase>> {
         before,
         count,
     }))
+}
+
+/// Fills the file system of `dir` with the file `filler` up to `leave` bytes free. A move may
+/// still be writing there, so the free space can shrink between the measure and the
+/// `fallocate`: measured again and retried.
+fn fill_disk(dir: &std::path::Path, filler: &std::path::Path, leave: u64) {
+    for _ in 0..20 {
+        let fill = free_bytes(dir).saturating_sub(leave);
+        let filled = std::process::Command::new("fallocate")
+            .args(["-l", &fill.to_string()])
+            .arg(filler)
+            .status()
+            .is_ok_and(|st| st.success());
+        if filled {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn free_bytes(p: &std::path::Path) -> u64 {

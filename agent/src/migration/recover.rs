@@ -388,18 +388,9 @@ impl Agent {
         }
         // One resolution at a time (an operator's `--resolve` and the automatic one): the
         // second reads what the first decided instead of destroying or thawing again.
-        let _held = hold_within(&e.migration_id, HOLD_LIMIT)
-            .await
-            .ok_or_else(|| {
-                ApiError::new(
-                    ErrorKind::Unavailable,
-                    format!("migration {} is being resolved already", e.migration_id),
-                )
-            })?;
-        let e = match journal::read(&self.cfg.state_dir, &e.migration_id) {
-            Some(now) if journal::is_final(&now.state) => return decided(&now),
-            Some(now) => now,
-            None => e,
+        let (_held, e) = match self.hold_unsettled(e).await? {
+            Held::Open(guard, e) => (guard, e),
+            Held::Settled(r) => return *r,
         };
         let net = self.migration.net().ok_or_else(|| {
             ApiError::new(
@@ -523,18 +514,9 @@ impl Agent {
         decide: Decision,
         why: &str,
     ) -> Result<MoveResult, ApiError> {
-        let _held = hold_within(&e.migration_id, HOLD_LIMIT)
-            .await
-            .ok_or_else(|| {
-                ApiError::new(
-                    ErrorKind::Unavailable,
-                    format!("migration {} is being resolved already", e.migration_id),
-                )
-            })?;
-        let e = match journal::read(&self.cfg.state_dir, &e.migration_id) {
-            Some(now) if journal::is_final(&now.state) => return decided(&now),
-            Some(now) => now,
-            None => e,
+        let (_held, e) = match self.hold_unsettled(e).await? {
+            Held::Open(guard, e) => (guard, e),
+            Held::Settled(r) => return *r,
         };
         let because = if why.is_empty() {
             String::new()
@@ -610,6 +592,24 @@ impl Agent {
         settled
     }
 
+    /// Holds migration `e` ([`hold_within`]) and reads its journal entry again: another
+    /// resolution may have settled it meanwhile, and then says how.
+    async fn hold_unsettled(&self, e: JournalEntry) -> Result<Held, ApiError> {
+        let guard = hold_within(&e.migration_id, HOLD_LIMIT)
+            .await
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorKind::Unavailable,
+                    format!("migration {} is being resolved already", e.migration_id),
+                )
+            })?;
+        Ok(match journal::read(&self.cfg.state_dir, &e.migration_id) {
+            Some(now) if journal::is_final(&now.state) => Held::Settled(Box::new(decided(&now))),
+            Some(now) => Held::Open(guard, now),
+            None => Held::Open(guard, e),
+        })
+    }
+
     /// The source's side of an in-doubt move, to settle it (with its destination's answer or the
     /// operator's decision).
     fn decided_side(self: &Arc<Self>, e: &JournalEntry) -> Src {
@@ -637,6 +637,12 @@ impl Agent {
             log_sync: Default::default(),
         }))
     }
+}
+
+/// A migration held for a resolution: still open (its entry as it is now), or settled already.
+enum Held {
+    Open(OwnedMutexGuard<()>, JournalEntry),
+    Settled(Box<Result<MoveResult, ApiError>>),
 }
 
 /// What `mig move --resolve` reports for a committed move.
