@@ -267,27 +267,7 @@ fn precopy_and_max_downtime_refused() -> Result<()> {
     // A shell holding 27 MB and two forked subshells that share it copy-on-write: the cgroup
     // charges it once, CRIU dumps it once per process, and the pre-flight counts what the dump
     // holds (it counted 27 MB; QA saw a 203 MiB shell send 1.3 GiB, predicted as 203 MiB).
-    lab.mig_ok(
-        0,
-        &[
-            "run",
-            "-d",
-            "--name",
-            "forky",
-            "busybox",
-            "--",
-            "sh",
-            "-c",
-            "x=$(head -c 20000000 /dev/urandom | base64); (sleep 1000; echo ${#x}) & (sleep 1000; echo ${#x}) & sleep 1000; echo ${#x}",
-        ],
-    )?;
-    let ready = mig_tests::wait_until(Duration::from_secs(30), || {
-        lab.mig_json(0, &["inspect", "forky", "--json"])
-            .is_ok_and(|v| v["pid_map"].as_array().is_some_and(|p| p.len() >= 6))
-    });
-    if !ready {
-        bail!("forky did not start its subshells");
-    }
+    forked_shell(&lab, "forky", &[])?;
     let o = lab.mig(0, &["move", "forky", "host-b", "--max-downtime", "1"]);
     let bytes: u64 = o
         .stderr
@@ -304,12 +284,7 @@ fn precopy_and_max_downtime_refused() -> Result<()> {
     // The memory presync reads every process's memory, and must leave what they share
     // shared: a move that rolls back after it leaves the container's footprint as it was (QA of
     // session 22: 33 MiB became 129 MiB, and a container with a memory limit was OOM-killed).
-    let memory = |lab: &Lab| -> Result<u64> {
-        let v = lab.mig_json(0, &["inspect", "forky", "--json"])?;
-        v["usage"]["memory_bytes"]
-            .as_u64()
-            .ok_or_else(|| anyhow::anyhow!("no usage: {v}"))
-    };
+    let memory = |lab: &Lab| memory_bytes(lab, 0, "forky");
     let before = memory(&lab)?;
     lab.fault(0, Some("source-before-freeze:fail"))?;
     let o = lab.mig(0, &["move", "forky", "host-b"]);
@@ -354,35 +329,8 @@ fn forked_memory_stays_shared_or_the_move_is_refused() -> Result<()> {
         return Ok(());
     }
     let lab = Lab::up("cow", 14)?;
-    lab.mig_ok(
-        0,
-        &[
-            "run",
-            "-d",
-            "--name",
-            "cow",
-            "--memory",
-            "64M",
-            "busybox",
-            "--",
-            "sh",
-            "-c",
-            "x=$(head -c 20000000 /dev/urandom | base64); (sleep 1000; echo ${#x}) & (sleep 1000; echo ${#x}) & sleep 1000; echo ${#x}",
-        ],
-    )?;
-    let ready = mig_tests::wait_until(Duration::from_secs(30), || {
-        lab.mig_json(0, &["inspect", "cow", "--json"])
-            .is_ok_and(|v| v["pid_map"].as_array().is_some_and(|p| p.len() >= 6))
-    });
-    if !ready {
-        bail!("cow did not start its subshells");
-    }
-    let memory = |host: usize| -> Result<u64> {
-        let v = lab.mig_json(host, &["inspect", "cow", "--json"])?;
-        v["usage"]["memory_bytes"]
-            .as_u64()
-            .ok_or_else(|| anyhow::anyhow!("no usage: {v}"))
-    };
+    forked_shell(&lab, "cow", &["--memory", "64M"])?;
+    let memory = |host: usize| memory_bytes(&lab, host, "cow");
     let before = memory(0)?;
     // Post-copy: three copies of 27 MB do not fit 64M.
     let o = lab.mig(0, &["move", "cow", "host-b", "--mode", "lazy"]);
@@ -406,6 +354,37 @@ fn forked_memory_stays_shared_or_the_move_is_refused() -> Result<()> {
     }
     lab.mig_ok(1, &["rm", "-f", "cow"])?;
     Ok(())
+}
+
+/// Starts `name` on host-a: a busybox shell holding 27 MB and two forked subshells that share
+/// it copy-on-write (`options` go to `mig run`), and waits for its six processes.
+fn forked_shell(lab: &Lab, name: &str, options: &[&str]) -> Result<()> {
+    let mut args = vec!["run", "-d", "--name", name];
+    args.extend_from_slice(options);
+    args.extend_from_slice(&[
+        "busybox",
+        "--",
+        "sh",
+        "-c",
+        "x=$(head -c 20000000 /dev/urandom | base64); (sleep 1000; echo ${#x}) & (sleep 1000; echo ${#x}) & sleep 1000; echo ${#x}",
+    ]);
+    lab.mig_ok(0, &args)?;
+    let ready = mig_tests::wait_until(Duration::from_secs(30), || {
+        lab.mig_json(0, &["inspect", name, "--json"])
+            .is_ok_and(|v| v["pid_map"].as_array().is_some_and(|p| p.len() >= 6))
+    });
+    if !ready {
+        bail!("{name} did not start its subshells");
+    }
+    Ok(())
+}
+
+/// The memory the cgroup of container `name` on `host` is charged.
+fn memory_bytes(lab: &Lab, host: usize, name: &str) -> Result<u64> {
+    let v = lab.mig_json(host, &["inspect", name, "--json"])?;
+    v["usage"]["memory_bytes"]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("no usage: {v}"))
 }
 
 /// The link probe (protocol 1.2, lab 65): a move reports the probe's real bytes and a positive
