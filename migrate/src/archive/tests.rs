@@ -36,6 +36,16 @@ fn fixture() -> (tempfile::TempDir, PathBuf, PathBuf) {
     (t, set, upper)
 }
 
+/// An export leaves none of its temporary siblings (`.NAME.*`) in `dir`.
+fn no_temporary_files(dir: &Path) {
+    let leftovers: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
 #[test]
 fn round_trip_plain_and_zstd() {
     for zstd in [false, true] {
@@ -45,12 +55,7 @@ fn round_trip_plain_and_zstd() {
         assert!(exported.files.iter().any(|f| f.path == UPPER_TAR));
         let head = std::fs::read(&out).unwrap();
         assert_eq!(head[..4] == ZSTD_MAGIC, zstd);
-        let leftovers: Vec<_> = std::fs::read_dir(t.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .filter(|n| n.to_string_lossy().starts_with('.'))
-            .collect();
-        assert!(leftovers.is_empty(), "{leftovers:?}");
+        no_temporary_files(t.path());
 
         let dest = t.path().join("imported");
         let imported = import(&out, &dest).unwrap();
@@ -515,12 +520,7 @@ fn extras_travel_with_the_set() {
         std::fs::read(dest.join(CONTAINER_LOG)).unwrap(),
         b"line 1\nline 2\n"
     );
-    let leftovers: Vec<_> = std::fs::read_dir(t.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .filter(|n| n.to_string_lossy().starts_with('.'))
-        .collect();
-    assert!(leftovers.is_empty(), "{leftovers:?}");
+    no_temporary_files(t.path());
     // A name the set already has is refused.
     let clash = export_with(&set, None, &[("core-1.img", &log)], &out, false);
     assert!(
