@@ -9,7 +9,7 @@
 //! Every process started here is killed and reaped by a guard, even when an assertion fails.
 
 use mig_migrate::criu::DumpOpts;
-use mig_migrate::memsync::reader::{anon_runs, dump_adds, read_run};
+use mig_migrate::memsync::reader::{anon_runs, dump_adds, ProcMemory};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::Stdio;
@@ -107,8 +107,9 @@ fn presync_pages_are_the_dumps(argv: &[&str], exe: &str) {
 
     // What the presync reads, page by page.
     let mut read: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    let memory = ProcMemory::open(init).unwrap();
     for run in anon_runs(init).unwrap() {
-        let (data, pages) = read_run(init, run);
+        let (data, pages, _) = memory.read_run(run);
         assert_eq!(
             pages, run.pages,
             "{exe}: the run at {:#x} reads whole",

@@ -84,7 +84,7 @@ impl SourcePresync {
         let report = match r {
             Ok((index, stats)) => {
                 let bytes = stats.pages * PAGE as u64;
-                tracing::info!(migration = %migration_id, ms, bytes, processes = stats.processes, capped = stats.capped, "memory presync sent");
+                tracing::info!(migration = %migration_id, ms, bytes, processes = stats.processes, capped = stats.capped, pages_pinned = stats.pages_pinned, "memory presync sent");
                 *self.index.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(index));
                 MemoryPresyncReport {
                     ms,

@@ -4,7 +4,9 @@
 //! It needs no dirty-page tracking from the kernel (this machine has no soft-dirty bits, so
 //! CRIU's pre-dumps are refused here): what changed is decided by content. The source reads
 //! each process's anonymous pages (`/proc/PID/pagemap`: present and not file-backed) through
-//! `/proc/PID/mem` ([`reader`]; not `process_vm_readv`, whose pins unshare copy-on-write pages), sends them ([`stream::send`]) and keeps a 128-bit XXH3
+//! `process_vm_readv` when the process maps them alone, else `/proc/PID/mem` ([`reader`]:
+//! `process_vm_readv`'s pins unshare copy-on-write pages), sends them ([`stream::send`]) and
+//! keeps a 128-bit XXH3
 //! digest of every page it sent ([`SentIndex`]); the destination writes the pages into one file
 //! per process in its images directory ([`images`], at most the bound it announced), laid out
 //! as that process's pages image will be. While frozen, `criu dump` streams every page as

@@ -23,6 +23,8 @@ use std::path::PathBuf;
 const PAGEMAP_BATCH: usize = 8192;
 const PM_PRESENT: u64 = 1 << 63;
 const PM_FILE: u64 = 1 << 61;
+/// "Page exclusively mapped" (mapped by one page table only).
+const PM_EXCLUSIVE: u64 = 1 << 56;
 
 /// Mappings the kernel provides, never dumped as pages.
 const SPECIAL: [&str; 4] = ["[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]"];
@@ -206,13 +208,70 @@ pub fn anon_runs(pid: i32) -> Result<Vec<PageRun>, MemsyncError> {
     Ok(with_adds(runs, &dump_adds(&maps)))
 }
 
-/// Reads `run` of process `pid` into a new buffer; returns the pages read from its start
-/// (fewer when the process unmapped or exited meanwhile).
-pub fn read_run(pid: i32, run: PageRun) -> (Vec<u8>, u32) {
-    let mut data = super::sys::read_remote(pid, run.vaddr, run.pages as usize * PAGE);
-    let pages = (data.len() / PAGE) as u32;
-    data.truncate(pages as usize * PAGE);
-    (data, pages)
+/// A process's memory, open for the presync's reads.
+pub struct ProcMemory {
+    pid: i32,
+    mem: std::fs::File,
+    pagemap: std::fs::File,
+}
+
+impl ProcMemory {
+    /// Opens `/proc/PID/mem` and `/proc/PID/pagemap` of process `pid`.
+    pub fn open(pid: i32) -> Result<ProcMemory, MemsyncError> {
+        let open = |name: &str| {
+            let path = PathBuf::from(format!("/proc/{pid}/{name}"));
+            std::fs::File::open(&path).map_err(|source| MemsyncError::Proc { path, source })
+        };
+        Ok(ProcMemory {
+            pid,
+            mem: open("mem")?,
+            pagemap: open("pagemap")?,
+        })
+    }
+
+    /// Reads `run` into a new buffer; returns the pages read from its start (fewer when the
+    /// process unmapped or exited meanwhile). A run whose pages the process maps alone, as its
+    /// pagemap says right before the read, is read with one copy ([`sys::read_pinned`]); any
+    /// other (pages a `fork` shares, file pages, pages gone since the scan) through
+    /// `/proc/PID/mem`, which never unshares a page ([`sys::read_mem`]). Also returns whether
+    /// the run was read pinned.
+    ///
+    /// [`sys::read_pinned`]: super::sys::read_pinned
+    /// [`sys::read_mem`]: super::sys::read_mem
+    pub fn read_run(&self, run: PageRun) -> (Vec<u8>, u32, bool) {
+        let len = run.pages as usize * PAGE;
+        let pinned = self.mapped_alone(run);
+        let mut data = if pinned {
+            super::sys::read_pinned(self.pid, run.vaddr, len)
+        } else {
+            super::sys::read_mem(&self.mem, run.vaddr, len)
+        };
+        let pages = (data.len() / PAGE) as u32;
+        data.truncate(pages as usize * PAGE);
+        (data, pages, pinned)
+    }
+
+    /// Whether every page of `run` is present, anonymous and mapped by this process only.
+    fn mapped_alone(&self, run: PageRun) -> bool {
+        let n = run.pages as usize;
+        let mut raw = [0u8; MAX_RUN_PAGES as usize * 8];
+        let Some(buf) = raw.get_mut(..n * 8) else {
+            return false;
+        };
+        match self.pagemap.read_at(buf, run.vaddr / PAGE as u64 * 8) {
+            Ok(got) if got == n * 8 => buf.chunks_exact(8).all(|b| {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(b);
+                alone(u64::from_le_bytes(w))
+            }),
+            _ => false,
+        }
+    }
+}
+
+/// Whether a pagemap entry is a present anonymous page that no other process maps.
+fn alone(entry: u64) -> bool {
+    entry & (PM_PRESENT | PM_EXCLUSIVE | PM_FILE) == PM_PRESENT | PM_EXCLUSIVE
 }
 
 #[cfg(test)]
@@ -385,13 +444,58 @@ ffffffffff600000-ffffffffff601000 r-xp 00000000 00:00 0 [vsyscall]
             vaddr: (start + PAGE as u64 - 1) & !(PAGE as u64 - 1),
             pages: 8,
         };
-        let (data, pages) = read_run(pid, run);
+        let (data, pages, pinned) = ProcMemory::open(pid).unwrap().read_run(run);
         assert_eq!(pages, 8);
-        // Root sees frame numbers.
+        // Root sees frame numbers and the exclusive bit: the pages are this process's alone.
         if nix::unistd::geteuid().is_root() {
             assert!(zero_page_pfn().is_some());
+            assert!(pinned);
         }
         let off = (run.vaddr - start) as usize;
+        assert_eq!(&data[..], &v[off..off + 8 * PAGE]);
+    }
+
+    #[test]
+    fn only_present_anonymous_pages_mapped_alone_are_read_pinned() {
+        let ok = PM_PRESENT | PM_EXCLUSIVE | 1234;
+        assert!(alone(ok));
+        assert!(!alone(PM_PRESENT | 1234), "shared with a forked process");
+        assert!(!alone(PM_EXCLUSIVE), "not present");
+        assert!(!alone(ok | PM_FILE), "a file page");
+    }
+
+    /// Pages a `fork` shares are read through `/proc/PID/mem` and stay shared: a pinned read
+    /// would have given this process its own copy of them.
+    #[test]
+    fn pages_shared_with_a_forked_child_are_read_without_unsharing_them() {
+        if !nix::unistd::geteuid().is_root() {
+            return; // the exclusive bit needs CAP_SYS_ADMIN
+        }
+        let mut v = vec![0u8; 16 * PAGE];
+        for (i, b) in v.iter_mut().enumerate() {
+            *b = (i / 7) as u8;
+        }
+        let run = PageRun {
+            vaddr: (v.as_ptr() as u64 + PAGE as u64 - 1) & !(PAGE as u64 - 1),
+            pages: 8,
+        };
+        // SAFETY: the child only calls async-signal-safe functions (pause, _exit) until killed.
+        let child = match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => loop {
+                // SAFETY: async-signal-safe.
+                unsafe { libc::pause() };
+            },
+            nix::unistd::ForkResult::Parent { child } => child,
+        };
+        let me = ProcMemory::open(std::process::id() as i32).unwrap();
+        let (data, pages, pinned) = me.read_run(run);
+        let still_shared = !me.mapped_alone(run);
+        let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(child, None);
+        assert_eq!(pages, 8);
+        assert!(!pinned, "shared pages were read pinned");
+        assert!(still_shared, "the read unshared the pages");
+        let off = (run.vaddr - v.as_ptr() as u64) as usize;
         assert_eq!(&data[..], &v[off..off + 8 * PAGE]);
     }
 }

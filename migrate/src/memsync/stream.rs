@@ -3,7 +3,7 @@
 
 use super::cache::check_run;
 use super::images::{ImagesWriter, PresyncImages};
-use super::reader::{anon_runs, read_run};
+use super::reader::{anon_runs, ProcMemory};
 use super::{dst_id, MemsyncError, SentIndex, PAGE, RUN_HEADER};
 use crate::transport::tunnel::{TunnelHeader, MAX_TUNNEL_HEADER};
 use crate::wire::write_frame;
@@ -34,6 +34,9 @@ pub struct SendStats {
     pub pages: u64,
     /// Whether the destination's bound or the time limit stopped the presync before the end.
     pub capped: bool,
+    /// Pages read with one copy, the process mapping them alone (the rest through
+    /// `/proc/PID/mem`: `reader::ProcMemory::read_run`).
+    pub pages_pinned: u64,
 }
 
 /// The codes a destination resets a failed presync stream with, so that the source can say
@@ -138,7 +141,8 @@ fn read_all(
     let mut bytes = 0u64;
     let start = std::time::Instant::now();
     'procs: for p in procs {
-        let runs = match anon_runs(p.host_pid) {
+        let runs = match anon_runs(p.host_pid).and_then(|r| Ok((r, ProcMemory::open(p.host_pid)?)))
+        {
             Ok(r) => r,
             Err(e) => {
                 // It exited, or its memory cannot be read: its pages travel while frozen.
@@ -146,6 +150,7 @@ fn read_all(
                 continue;
             }
         };
+        let (runs, memory) = runs;
         stats.processes += 1;
         let id = dst_id(p.image_id);
         for run in runs {
@@ -154,7 +159,7 @@ fn read_all(
                 stats.capped = true;
                 break 'procs;
             }
-            let (data, pages) = read_run(p.host_pid, run);
+            let (data, pages, pinned) = memory.read_run(run);
             if pages == 0 {
                 continue;
             }
@@ -173,6 +178,9 @@ fn read_all(
             index.insert(id, run.vaddr, digests);
             bytes += u64::from(pages) * PAGE as u64;
             stats.pages += u64::from(pages);
+            if pinned {
+                stats.pages_pinned += u64::from(pages);
+            }
         }
     }
     (index, stats)
