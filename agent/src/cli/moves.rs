@@ -411,6 +411,14 @@ pub(super) async fn dispatch(cli: &Cli) -> Result<Option<u8>, CliError> {
             let mut c = connect(cli).await?;
             let tty = std::io::stderr().is_terminal() && !m.json;
             let r = if m.resolve {
+                if tty {
+                    // The other host is asked first; when it is gone that takes a connection
+                    // timeout, which looked like a hang (QA, session 22).
+                    eprintln!(
+                        "settling the in-doubt move of {}: asking its other host first (up to about 30 s when that host does not answer)",
+                        m.container
+                    );
+                }
                 c.move_resolve_deciding(&m.container, m.decide)
                     .await
                     .map_err(super::commands::run::older_agent)?
