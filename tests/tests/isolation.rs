@@ -413,3 +413,73 @@ fn probe_confined_in_userns_across_restore_and_move() -> Result<()> {
     lab.mig_ok(1, &["rm", "-f", "isou"])?;
     Ok(())
 }
+
+/// A 32-bit x86 program (an i386 ELF of 112 bytes, made here: no 32-bit toolchain needed): it
+/// calls `unshare(0)` through `int 0x80` (i386's number 310) and exits with the call's negated
+/// result, so 0 where the call runs and 1 (EPERM) where the seccomp filter denies it.
+fn i386_unshare_program() -> Vec<u8> {
+    #[rustfmt::skip]
+    let code: [u8; 28] = [
+        0xb8, 0x36, 0x01, 0x00, 0x00, // mov eax, 310 (unshare)
+        0x31, 0xdb, 0x31, 0xc9, 0x31, 0xd2, 0x31, 0xf6, 0x31, 0xff, // zero ebx ecx edx esi edi
+        0xcd, 0x80, // int 0x80
+        0xf7, 0xd8, // neg eax
+        0x89, 0xc3, // mov ebx, eax
+        0xb8, 0x01, 0x00, 0x00, 0x00, // mov eax, 1 (exit)
+        0xcd, 0x80, // int 0x80
+    ];
+    let base: u32 = 0x0804_8000;
+    let size = (52 + 32 + code.len()) as u32;
+    let mut elf = b"\x7fELF\x01\x01\x01\x00".to_vec();
+    elf.extend([0u8; 8]);
+    for half in [2u16, 3] {
+        elf.extend(half.to_le_bytes()); // ET_EXEC, EM_386
+    }
+    for word in [1u32, base + 84, 52, 0, 0] {
+        elf.extend(word.to_le_bytes()); // version, entry, phoff, shoff, flags
+    }
+    for half in [52u16, 32, 1, 0, 0, 0] {
+        elf.extend(half.to_le_bytes()); // ehsize, phentsize, phnum, no sections
+    }
+    for word in [1u32, 0, base, base, size, size, 5, 0x1000] {
+        elf.extend(word.to_le_bytes()); // PT_LOAD of the whole file, r-x
+    }
+    elf.extend(code);
+    elf
+}
+
+/// 32-bit x86 programs run in a container under the same filter as x86_64 ones: a denied call
+/// fails with EPERM. Before, any of their system calls killed them with SIGSYS (exit 159).
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn i386_programs_run_under_the_same_filter() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if !mig_tests::is_root("isolation tests") {
+        return Ok(());
+    }
+    let agent = Agent::start("isolation_i386")?;
+    let rootfs = busybox_rootfs(agent.dir.path())?;
+    let prog = rootfs.join("bin/unshare32");
+    std::fs::write(&prog, i386_unshare_program())?;
+    std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o755))?;
+    // The program itself, outside any filter: the kernel runs 32-bit programs, and the call
+    // succeeds.
+    let host = Command::new(&prog).status()?;
+    if host.code().is_none() && !host.success() {
+        bail!("the i386 program did not run on the host: {host}");
+    }
+    ensure!(host.code() == Some(0), "unshare(0) on the host: {host}");
+    agent.mig_ok(&[
+        "image",
+        "import",
+        rootfs.to_str().unwrap_or_default(),
+        "--name",
+        "i386",
+    ])?;
+    let o = agent.mig(&["run", "--name", "u32", "i386", "--", "/bin/unshare32"]);
+    ensure!(
+        o.code == 1,
+        "the i386 unshare: want exit 1 (EPERM from the filter), got {o:?}"
+    );
+    Ok(())
+}

@@ -153,6 +153,79 @@ fn denied_syscalls() -> Vec<libc::c_long> {
     v
 }
 
+/// i386 numbers of the system calls [`denied_syscalls`] names, and of the ones only i386 has
+/// (`umount`, `vm86old`, `vm86`, and the 64-bit time versions of `clock_settime` and
+/// `clock_adjtime`): a 32-bit x86 program runs on x86_64 under its own numbers and audit
+/// architecture (`arch/x86/entry/syscalls/syscall_32.tbl`; i386 has no `kexec_file_load`).
+#[cfg(target_arch = "x86_64")]
+const DENIED_I386: [(&str, u32); 55] = [
+    ("mount", 21),
+    ("umount", 22),
+    ("umount2", 52),
+    ("pivot_root", 217),
+    ("fsopen", 430),
+    ("fsconfig", 431),
+    ("fsmount", 432),
+    ("fspick", 433),
+    ("move_mount", 429),
+    ("open_tree", 428),
+    ("mount_setattr", 442),
+    ("kexec_load", 283),
+    ("init_module", 128),
+    ("finit_module", 350),
+    ("delete_module", 129),
+    ("bpf", 357),
+    ("ptrace", 26),
+    ("keyctl", 288),
+    ("add_key", 286),
+    ("request_key", 287),
+    ("unshare", 310),
+    ("setns", 346),
+    ("swapon", 87),
+    ("swapoff", 115),
+    ("reboot", 88),
+    ("acct", 51),
+    ("open_by_handle_at", 342),
+    ("name_to_handle_at", 341),
+    ("perf_event_open", 336),
+    ("userfaultfd", 374),
+    ("io_uring_setup", 425),
+    ("io_uring_enter", 426),
+    ("io_uring_register", 427),
+    ("lookup_dcookie", 253),
+    ("quotactl", 131),
+    ("quotactl_fd", 443),
+    ("settimeofday", 79),
+    ("clock_settime", 264),
+    ("clock_settime64", 404),
+    ("clock_adjtime", 343),
+    ("clock_adjtime64", 405),
+    ("adjtimex", 124),
+    ("syslog", 103),
+    ("vhangup", 111),
+    ("process_vm_readv", 347),
+    ("process_vm_writev", 348),
+    ("kcmp", 349),
+    ("pidfd_getfd", 438),
+    ("iopl", 110),
+    ("ioperm", 101),
+    ("uselib", 86),
+    ("ustat", 62),
+    ("sysfs", 135),
+    ("vm86old", 113),
+    ("vm86", 166),
+];
+/// i386's `clone`, `clone3` and `personality` (checked as on x86_64; `clone`'s flags are its
+/// first argument there too).
+#[cfg(target_arch = "x86_64")]
+const I386_CLONE: u32 = 120;
+#[cfg(target_arch = "x86_64")]
+const I386_CLONE3: u32 = 435;
+#[cfg(target_arch = "x86_64")]
+const I386_PERSONALITY: u32 = 136;
+#[cfg(target_arch = "x86_64")]
+const AUDIT_ARCH_I386: u32 = 0x4000_0003;
+
 #[cfg(target_arch = "x86_64")]
 const AUDIT_ARCH: u32 = 0xC000_003E; // AUDIT_ARCH_X86_64
 #[cfg(target_arch = "aarch64")]
@@ -182,14 +255,19 @@ enum Target {
     Deny,
     Enosys,
     Personality,
+    /// The checks of the second architecture (i386 on x86_64).
+    Compat,
+    CompatPersonality,
 }
 
-const LABELS: [Target; 5] = [
+const LABELS: [Target; 7] = [
     Target::Kill,
     Target::Allow,
     Target::Deny,
     Target::Enosys,
     Target::Personality,
+    Target::Compat,
+    Target::CompatPersonality,
 ];
 
 enum Insn {
@@ -204,52 +282,53 @@ enum Insn {
     Label(Target),
 }
 
-/// Builds the deny-list filter: a foreign architecture kills the process, denied calls get
-/// EPERM, `clone3` gets ENOSYS (so libc falls back to `clone`, whose flags can be checked), the
-/// rest runs.
-pub(crate) fn seccomp_program() -> Vec<libc::sock_filter> {
-    const JEQ: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
-    const JGE: u16 = (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16;
-    const JSET: u16 = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;
-    use Target::*;
-    let mut p = vec![
-        Insn::Ld(OFF_ARCH),
-        Insn::Jmp {
-            op: JEQ,
-            k: AUDIT_ARCH,
-            jt: Next,
-            jf: Kill,
-        },
-    ];
-    p.push(Insn::Ld(OFF_NR));
-    if cfg!(target_arch = "x86_64") {
-        p.push(Insn::Jmp {
-            op: JGE,
-            k: X32_SYSCALL_BIT,
-            jt: Deny,
-            jf: Next,
-        });
+/// One architecture's system call numbers for [`seccomp_program`].
+struct Numbers {
+    denied: Vec<u32>,
+    clone: u32,
+    clone3: u32,
+    personality: u32,
+}
+
+/// The host architecture's numbers.
+fn native_numbers() -> Numbers {
+    Numbers {
+        denied: denied_syscalls().into_iter().map(|n| n as u32).collect(),
+        clone: libc::SYS_clone as u32,
+        clone3: libc::SYS_clone3 as u32,
+        personality: libc::SYS_personality as u32,
     }
-    for nr in denied_syscalls() {
+}
+
+const JEQ: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+const JGE: u16 = (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16;
+const JSET: u16 = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;
+
+/// The checks of one architecture, with the number already loaded: denied calls get EPERM,
+/// `clone3` ENOSYS (so libc falls back to `clone`, whose flags can be checked), `clone` with
+/// namespace flags EPERM, `personality` only the harmless values; the rest runs.
+fn arch_checks(p: &mut Vec<Insn>, n: &Numbers, personality: Target) {
+    use Target::*;
+    for &nr in &n.denied {
         p.push(Insn::Jmp {
             op: JEQ,
-            k: nr as u32,
+            k: nr,
             jt: Deny,
             jf: Next,
         });
     }
     p.push(Insn::Jmp {
         op: JEQ,
-        k: libc::SYS_clone3 as u32,
+        k: n.clone3,
         jt: Enosys,
         jf: Next,
     });
-    // clone: refuse namespace flags (args[0] is the flags word on x86_64 and aarch64).
+    // clone: refuse namespace flags (args[0] is the flags word on x86_64, i386 and aarch64).
     p.push(Insn::Jmp {
         op: JEQ,
-        k: libc::SYS_clone as u32,
+        k: n.clone,
         jt: Next,
-        jf: Personality,
+        jf: personality,
     });
     p.push(Insn::Ld(OFF_ARG0_LO));
     p.push(Insn::Jmp {
@@ -258,11 +337,10 @@ pub(crate) fn seccomp_program() -> Vec<libc::sock_filter> {
         jt: Deny,
         jf: Allow,
     });
-    // personality: only the harmless values.
-    p.push(Insn::Label(Personality));
+    p.push(Insn::Label(personality));
     p.push(Insn::Jmp {
         op: JEQ,
-        k: libc::SYS_personality as u32,
+        k: n.personality,
         jt: Next,
         jf: Allow,
     });
@@ -276,6 +354,50 @@ pub(crate) fn seccomp_program() -> Vec<libc::sock_filter> {
         });
     }
     p.push(Insn::Ret(libc::SECCOMP_RET_ERRNO | libc::EPERM as u32));
+}
+
+/// Builds the deny-list filter ([`arch_checks`]) for the host's architecture and, on x86_64,
+/// for 32-bit x86 programs under their own numbers; any other architecture kills the process.
+pub(crate) fn seccomp_program() -> Vec<libc::sock_filter> {
+    use Target::*;
+    let compat = cfg!(target_arch = "x86_64");
+    let mut p = vec![
+        Insn::Ld(OFF_ARCH),
+        Insn::Jmp {
+            op: JEQ,
+            k: AUDIT_ARCH,
+            jt: Next,
+            jf: if compat { Compat } else { Kill },
+        },
+    ];
+    p.push(Insn::Ld(OFF_NR));
+    if cfg!(target_arch = "x86_64") {
+        p.push(Insn::Jmp {
+            op: JGE,
+            k: X32_SYSCALL_BIT,
+            jt: Deny,
+            jf: Next,
+        });
+    }
+    arch_checks(&mut p, &native_numbers(), Personality);
+    #[cfg(target_arch = "x86_64")]
+    {
+        p.push(Insn::Label(Compat));
+        p.push(Insn::Jmp {
+            op: JEQ,
+            k: AUDIT_ARCH_I386,
+            jt: Next,
+            jf: Kill,
+        });
+        p.push(Insn::Ld(OFF_NR));
+        let i386 = Numbers {
+            denied: DENIED_I386.iter().map(|&(_, nr)| nr).collect(),
+            clone: I386_CLONE,
+            clone3: I386_CLONE3,
+            personality: I386_PERSONALITY,
+        };
+        arch_checks(&mut p, &i386, CompatPersonality);
+    }
     p.push(Insn::Label(Allow));
     p.push(Insn::Ret(libc::SECCOMP_RET_ALLOW));
     p.push(Insn::Label(Deny));
@@ -403,8 +525,9 @@ mod tests {
             run(&p, AUDIT_ARCH, nr(libc::SYS_personality), 0x0040_0000),
             eperm
         );
+        // Neither the host's architecture nor i386.
         assert_eq!(
-            run(&p, 0x4000_0003, nr(libc::SYS_read), 0),
+            run(&p, 0x4000_0028, nr(libc::SYS_read), 0),
             libc::SECCOMP_RET_KILL_PROCESS
         );
         if cfg!(target_arch = "x86_64") {
@@ -412,6 +535,55 @@ mod tests {
                 run(&p, AUDIT_ARCH, X32_SYSCALL_BIT | nr(libc::SYS_read), 0),
                 eperm
             );
+        }
+    }
+
+    /// 32-bit x86 programs: the same decisions under i386's numbers (read is 3, exit 1; mount
+    /// 21, unshare 310, clone 120, clone3 435, personality 136), and x86_64's numbers mean other
+    /// calls there (x86_64's mount, 165, is i386's getresuid).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn i386_programs_get_the_same_decisions() {
+        let p = seccomp_program();
+        let allow = libc::SECCOMP_RET_ALLOW;
+        let eperm = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+        let enosys = libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
+        let a = AUDIT_ARCH_I386;
+        assert_eq!(run(&p, a, 3, 0), allow);
+        assert_eq!(run(&p, a, 1, 0), allow);
+        assert_eq!(run(&p, a, 165, 0), allow);
+        assert_eq!(run(&p, a, 21, 0), eperm);
+        assert_eq!(run(&p, a, 310, 0), eperm);
+        assert_eq!(run(&p, a, 404, 0), eperm, "clock_settime64");
+        assert_eq!(run(&p, a, 435, 0), enosys);
+        let fork_flags = libc::SIGCHLD as u64;
+        assert_eq!(run(&p, a, 120, fork_flags), allow);
+        assert_eq!(
+            run(&p, a, 120, fork_flags | libc::CLONE_NEWPID as u64),
+            eperm
+        );
+        assert_eq!(run(&p, a, 136, 0x0002_0000), allow);
+        assert_eq!(run(&p, a, 136, 0x0040_0000), eperm);
+        // The numbers are i386's for their names (from the kernel's headers when they are
+        // installed).
+        let Ok(h) = std::fs::read_to_string("/usr/include/x86_64-linux-gnu/asm/unistd_32.h") else {
+            return;
+        };
+        let number = |name: &str| {
+            h.lines().find_map(|l| {
+                let mut f = l.split_whitespace();
+                (f.next() == Some("#define") && f.next() == Some(&format!("__NR_{name}")[..]))
+                    .then(|| f.next()?.parse::<u32>().ok())
+                    .flatten()
+            })
+        };
+        let named = [
+            ("clone", I386_CLONE),
+            ("clone3", I386_CLONE3),
+            ("personality", I386_PERSONALITY),
+        ];
+        for (name, nr) in DENIED_I386.iter().chain(&named) {
+            assert_eq!(number(name), Some(*nr), "{name}");
         }
     }
 
