@@ -13,6 +13,8 @@ CRIU_VERSION=4.2.1
 CRIU_MIN_MINOR=2
 CRIU_TARBALL="criu_${CRIU_VERSION}.orig.tar.xz"
 CRIU_SHA256=29ec0ee09e296479fe7048c80980e8ef1d0684d0b0204c2b101dfea19f6725b9
+# A snapshot.debian.org time at which unstable carried CRIU_VERSION (the last place to fetch it).
+CRIU_SNAPSHOT=20261201T000000Z
 BUILD_DIR=/var/cache/mig-setup
 CRIU_BIN=/usr/local/sbin/criu
 # Patches applied to CRIU's source (patch -p1, in name order), and for each a string it puts into the
@@ -48,7 +50,7 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 
 PACKAGES=(
   busybox-static iproute2 iptables kmod procps util-linux e2fsprogs tar gzip zstd xz-utils
-  ca-certificates dpkg-dev build-essential pkg-config shellcheck jq
+  ca-certificates curl dpkg-dev build-essential pkg-config shellcheck jq
   libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler python3-protobuf
   libnl-3-dev libnet1-dev libcap-dev libbsd-dev uuid-dev libnftables-dev libaio-dev
   libseccomp-dev patch runc systemd-container
@@ -154,7 +156,19 @@ SRC
     # The .dsc or Debian tarball may fail to fetch while the orig tarball arrives; the checksum
     # below decides.
     apt-get "${apt_opts[@]}" source --download-only criu >/dev/null 2>&1 || true
-    [ -f "$CRIU_TARBALL" ] || die "could not fetch $CRIU_TARBALL"
+    # Once unstable carries a newer CRIU, apt fetches that one: then the tarball itself, from the
+    # mirror's pool (kept there while any suite has it) or from snapshot.debian.org (kept for good).
+    for url in "$uri/pool/main/c/criu/$CRIU_TARBALL" \
+               "https://snapshot.debian.org/archive/debian/$CRIU_SNAPSHOT/pool/main/c/criu/$CRIU_TARBALL"; do
+      [ -f "$CRIU_TARBALL" ] && break
+      log "fetching $url"
+      if curl -fsSL --retry 2 -o "$CRIU_TARBALL.part" "$url"; then
+        mv "$CRIU_TARBALL.part" "$CRIU_TARBALL"
+      else
+        rm -f "$CRIU_TARBALL.part"
+      fi
+    done
+    [ -f "$CRIU_TARBALL" ] || die "could not fetch $CRIU_TARBALL (from Debian unstable's source, $uri/pool or snapshot.debian.org)"
     echo "$CRIU_SHA256  $CRIU_TARBALL" | sha256sum -c --status || die "$CRIU_TARBALL: sha256 mismatch"
   fi
   # Always a fresh tree: the patches apply to the pristine source only.
@@ -197,5 +211,42 @@ fi
 modprobe overlay 2>/dev/null || true
 modprobe veth 2>/dev/null || true
 
-command -v cargo >/dev/null || die "cargo not found: install a Rust toolchain (rustup) first"
+# Rust: the toolchain of rust-toolchain.toml (pinned, with rustfmt and clippy, so that a newer
+# stable's lints cannot fail the tests' clippy gate), through rustup, which is installed into
+# ~/.cargo when missing (Debian 12's own rustc, 1.63, is older than mig's 1.80). test.sh and
+# demo.sh then use it. A machine with a Rust of 1.80 or later but no rustup keeps its own.
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+RUST_CHANNEL=$(sed -n 's/^channel *= *"\(.*\)"/\1/p' "$REPO/rust-toolchain.toml")
+[ -n "$RUST_CHANNEL" ] || die "no channel in $REPO/rust-toolchain.toml"
+# shellcheck disable=SC1091
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+rust_ok() {
+  (
+    cd "$REPO"
+    command -v cargo >/dev/null && command -v rustc >/dev/null || exit 1
+    minor=$(rustc --version | sed -n 's/^rustc 1\.\([0-9]*\).*/\1/p')
+    [ -n "$minor" ] && [ "$minor" -ge 80 ] && cargo fmt --version >/dev/null 2>&1 \
+      && cargo clippy --version >/dev/null 2>&1
+  )
+}
+if ! command -v rustup >/dev/null && ! rust_ok; then
+  log "installing rustup and Rust $RUST_CHANNEL with rustfmt and clippy into $HOME/.cargo"
+  mkdir -p "$BUILD_DIR"
+  rustup_url="https://static.rust-lang.org/rustup/dist/$(uname -m)-unknown-linux-gnu/rustup-init"
+  curl --proto '=https' --tlsv1.2 -fsSL --retry 2 -o "$BUILD_DIR/rustup-init" "$rustup_url" \
+    || die "could not fetch $rustup_url; install Rust 1.80 or later with rustfmt and clippy"
+  chmod +x "$BUILD_DIR/rustup-init"
+  "$BUILD_DIR/rustup-init" -y --profile minimal --default-toolchain "$RUST_CHANNEL" \
+    --component rustfmt,clippy >/dev/null \
+    || die "rustup failed; install Rust 1.80 or later with rustfmt and clippy"
+  # shellcheck disable=SC1091
+  . "$HOME/.cargo/env"
+fi
+if command -v rustup >/dev/null \
+  && ! rustup run "$RUST_CHANNEL" cargo clippy --version >/dev/null 2>&1; then
+  log "installing Rust $RUST_CHANNEL with rustfmt and clippy (rustup)"
+  rustup toolchain install "$RUST_CHANNEL" --profile minimal --component rustfmt,clippy >/dev/null \
+    || die "rustup could not install Rust $RUST_CHANNEL"
+fi
+rust_ok || die "no Rust of 1.80 or later with rustfmt and clippy"
 log "ready"
