@@ -353,6 +353,50 @@ fn forked_memory_stays_shared_or_the_move_is_refused() -> Result<()> {
         bail!("the forked memory was not kept shared: {before} -> {after} bytes, {pids} processes");
     }
     lab.mig_ok(1, &["rm", "-f", "cow"])?;
+
+    // Three subshells sharing 27 MB that their parent no longer maps: it exited, and they
+    // belong to the container's init now. No restore keeps that shared (CRIU shares only what
+    // a process shares with its parent), and a stream move's local lazy-pages daemon copies it
+    // into each after the commit: 81 MB under a 64M limit, one of them OOM-killed on a
+    // container that "moved" (QA of session 23). Refused before the commit instead.
+    let script = "sh -c 'x=$(head -c 20000000 /dev/urandom | base64); \
+                  for i in 1 2 3; do (sleep 1000; echo ${#x}) & done; exit 0'; sleep 1000";
+    lab.mig_ok(
+        0,
+        &[
+            "run", "-d", "--name", "orph", "--memory", "64M", "busybox", "--", "sh", "-c", script,
+        ],
+    )?;
+    // Settled: the middle shell gone, init now its last command (`sleep`), three subshells
+    // and their sleeps.
+    let pid_map = || {
+        lab.mig_json(0, &["inspect", "orph", "--json"])
+            .map(|v| v["pid_map"].as_array().cloned().unwrap_or_default())
+            .unwrap_or_default()
+    };
+    let settled = |m: &[serde_json::Value]| {
+        m.len() == 7
+            && m.iter().any(|p| {
+                p["ns_pid"] == 1 && p["cmd"].as_str().is_some_and(|c| c.starts_with("sleep"))
+            })
+    };
+    if !mig_tests::wait_until(Duration::from_secs(30), || settled(&pid_map())) {
+        bail!("orph did not settle: {:?}", pid_map());
+    }
+    let o = lab.mig(0, &["move", "orph", "host-b"]);
+    eprintln!("orphaned sharing: {}", o.stderr.trim());
+    if o.code == 0 || !o.stderr.contains("memory limit") {
+        bail!(
+            "the stream move of memory shared by orphans was not refused: {} {}",
+            o.stdout,
+            o.stderr
+        );
+    }
+    running_on(&lab, 0, "orph")?;
+    if !settled(&pid_map()) {
+        bail!("orph lost processes: {:?}", pid_map());
+    }
+    lab.mig_ok(0, &["rm", "-f", "orph"])?;
     Ok(())
 }
 

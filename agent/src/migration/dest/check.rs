@@ -294,8 +294,9 @@ fn arriving_elsewhere(state_dir: &Path, mine: &Path, p: &Prepare) -> Option<(Str
 /// What the processes will hold is every page the pagemaps list (at most the container's own
 /// memory limit); what is left is the host's MemAvailable and the room under the limits of the
 /// agent's cgroup parent and its ancestors. With `per_process` (the pages arrive through a
-/// lazy-pages daemon, one copy per process even where forked processes shared them), the
-/// container's own limit is room too, not a cap: above it the copy would be OOM-killed.
+/// lazy-pages daemon, one copy per process even where forked processes shared them: post-copy,
+/// and stream mode's local daemon), the container's own limit is room too, not a cap: above it
+/// the copy would be OOM-killed after the commit.
 pub(super) fn memory_fits(
     checkpoint: &Path,
     limit: Option<u64>,
@@ -318,7 +319,7 @@ pub(super) fn memory_fits(
     if let (Some(l), true) = (limit, per_process) {
         left.push((
             l,
-            "the container's own memory limit (a post-copy restores each process's pages on their own, so memory that forked processes shared counts once per process: a stream or cold move keeps it shared)".into(),
+            "the container's own memory limit (pages that arrive after the resume come one copy per process, so memory that forked processes share counts once per process; a restore keeps shared only what a process shares with its living parent: raise the limit to hold every process's copy)".into(),
         ));
     }
     if let Some(avail) = crate::daemon::info::mem_available_bytes() {

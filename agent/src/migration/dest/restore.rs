@@ -120,11 +120,25 @@ impl DestSide {
         if post_copy && forked_shared >= KEEP_SHARED_MIN {
             tracing::warn!(migration = %id, shared_mib = forked_shared >> 20, "forked processes share memory that a post-copy gives each of them a copy of: the container will hold more memory here than on the source");
         }
+        let stream = Self::mode_of(&inc) == Some(MigrationMode::Stream);
+        // Stream mode restores every page first (CRIU then gives a parent's and its children's
+        // equal pages back shared) for a user-namespace container that cannot use userfaultfd,
+        // and for forked processes that share memory with their parent; otherwise a local
+        // lazy-pages daemon copies the memory in after the resume.
+        let stream_plain = stream
+            && ((spec.userns.is_some() && !crate::migration::modes::userns_may_use_uffd())
+                || forked_shared >= KEEP_SHARED_MIN);
         {
             let (checkpoint, limit) = (cd.checkpoint(), spec.limits.memory);
             let parent = self.agent.cfg.cgroup_parent.clone();
+            // Pages that arrive through a lazy-pages daemon come one copy per process, and
+            // they arrive after the commit: memory that processes shared and that overflows
+            // the limit then kills one of them on a container that "moved" (QA of session 23:
+            // workers sharing what their exited parent had mapped, 64 MiB each, under a
+            // 160 MiB limit). Counted per process, such a move is refused before the commit.
+            let per_process = post_copy || (stream && !stream_plain);
             tokio::task::spawn_blocking(move || {
-                super::check::memory_fits(&checkpoint, limit, &parent, post_copy)
+                super::check::memory_fits(&checkpoint, limit, &parent, per_process)
             })
             .await
             .unwrap_or_else(|e| Err(DestError::Task(e.to_string())))?;
@@ -144,17 +158,12 @@ impl DestSide {
                 .map_err(DestError::Pages)?;
         }
         let mut local_lazy = false;
-        if Self::mode_of(&inc) == Some(MigrationMode::Stream)
-            && spec.userns.is_some()
-            && !crate::migration::modes::userns_may_use_uffd()
-        {
+        if stream_plain && forked_shared < KEEP_SHARED_MIN {
             // The restored tasks could not open their userfaultfd inside the user namespace.
             tracing::info!(migration = %id, "user-namespace container: restoring every page before the resume (vm.unprivileged_userfaultfd = 0)");
-        } else if Self::mode_of(&inc) == Some(MigrationMode::Stream)
-            && forked_shared >= KEEP_SHARED_MIN
-        {
+        } else if stream_plain {
             tracing::info!(migration = %id, shared_mib = forked_shared >> 20, "forked processes share memory: restoring every page before the resume keeps it shared");
-        } else if Self::mode_of(&inc) == Some(MigrationMode::Stream) {
+        } else if stream {
             // Every page is here: restore without copying memory, served by a local daemon
             // (a plain restore when it cannot start).
             match crate::migration::pages::start_local_lazy_daemon(id, cd.checkpoint(), &cd.dir)
