@@ -215,8 +215,17 @@ fn lab_up_status_restart_down() {
     assert!(matches!(lab::up(&cfg), Err(LabError::AlreadyUp { .. })));
     assert!(pid_running(pids[0]));
 
-    // Restarting one agent.
+    // Restarting one agent, whose identity is replaced meanwhile (removed: it makes a new one
+    // at start). The status shows the fingerprint the agent now has, not the lab file's old one
+    // (QA of session 21: `mig lab status` kept showing the old one).
+    let old_fingerprint = status[1].fingerprint.clone();
+    std::fs::remove_dir_all(status[1].state_dir.join("identity")).expect("remove identity");
     let restarted = lab::restart_agent(&cfg.name, "host-b").expect("restart");
+    let info: serde_json::Value =
+        serde_json::from_str(&mig(&status[1].socket, &["info", "--json"])).expect("info json");
+    let now = lab::status(&cfg.name).unwrap()[1].fingerprint.clone();
+    assert_ne!(now, old_fingerprint, "the identity was replaced");
+    assert_eq!(now.as_deref(), info["fingerprint"].as_str(), "{info}");
     let new_pid = restarted.agent_pid.expect("new pid");
     assert_ne!(new_pid, pids[1]);
     assert!(!pid_running(pids[1]), "old agent still runs");

@@ -729,6 +729,10 @@ fn restart_with_limit(lab: &mut Lab, host: usize, limit: &str) -> Result<()> {
     let args = v["extra_agent_args"]
         .as_array_mut()
         .context("extra_agent_args in the lab file")?;
+    // A later limit replaces an earlier one (migd takes the option once).
+    if let Some(i) = args.iter().position(|a| a == "--max-incoming-bytes") {
+        args.drain(i..(i + 2).min(args.len()));
+    }
     args.push("--max-incoming-bytes".into());
     args.push(limit.into());
     std::fs::write(&file, serde_json::to_vec(&v)?)?;
@@ -899,5 +903,41 @@ fn quic_endpoint_refuses_unpinned_and_non_migrations() -> Result<()> {
     lab::running_on(&lab, 0, "big")?;
     lab::nothing_left(&lab, 1, &id)?;
     lab.mig_ok(0, &["rm", "-f", "big"])?;
+
+    // 6. A container that grows after its Prepare (declared small, within the limit): the
+    // pages it then sends are bounded by the same limit, with the memory presync (mig's page
+    // writer) and without it (`criu page-server` behind the tunnel). The move rolls back; the
+    // container keeps running on host-a with its memory.
+    restart_with_limit(&mut lab, 1, "40M")?;
+    for (name, extra) in [("grow", None), ("grow2", Some("--no-memory-presync"))] {
+        // 4 s after its start (inside the move's 8 s hold before the freeze, after the
+        // presync), it holds 60 MB it did not have at the Prepare.
+        let script = "sleep 4; d=$(head -c 60000000 /dev/zero | tr '\\0' x); touch /tmp/grown; \
+                      while :; do sleep 1; [ ${#d} = 60000000 ] || echo BAD; done";
+        let id = lab.mig_ok(
+            0,
+            &[
+                "run", "-d", "--name", name, "busybox", "--", "sh", "-c", script,
+            ],
+        )?;
+        let id = id.trim().to_owned();
+        lab.fault(0, Some("source-before-freeze:delay:8000"))?;
+        let mut args = vec!["move", name, b.name.as_str()];
+        args.extend(extra);
+        let o = lab.mig(0, &args);
+        lab.fault(0, None)?;
+        eprintln!("{name}: {o:?}");
+        ensure!(
+            o.code != 0,
+            "{name}: a move that grew past --max-incoming-bytes succeeded: {o:?}"
+        );
+        lab::running_on(&lab, 0, name)?;
+        lab::nothing_left(&lab, 1, &id)?;
+        lab.mig_ok(0, &["exec", name, "--", "test", "-e", "/tmp/grown"])
+            .with_context(|| format!("{name} did not grow during the move"))?;
+        let log = lab.mig_ok(0, &["logs", name])?;
+        ensure!(!log.contains("BAD"), "{name}: {log}");
+        lab.mig_ok(0, &["rm", "-f", name])?;
+    }
     Ok(())
 }

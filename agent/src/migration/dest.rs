@@ -194,9 +194,10 @@ impl DestSide {
             &self.agent.cfg.state_dir,
             super::fault::Point::DestMemoryPresync,
         ) != Some(super::fault::Fault::Fail);
+        let max_bytes = self.agent.cfg.max_incoming_bytes;
         let started = match self.staging(&id) {
             Ok(staging) => tokio::task::spawn_blocking(move || {
-                super::pages::start_page_server(&id, &staging.join("images"), presync)
+                super::pages::start_page_server(&id, &staging.join("images"), presync, max_bytes)
             })
             .await
             .map_err(|e| e.to_string())

@@ -117,6 +117,9 @@ struct Job {
     /// they all arrived (for a deduplicated page stream, `Service::PageServerDedup`).
     images_dir: Option<PathBuf>,
     presync: Option<Arc<Mutex<Option<Arc<PresyncImages>>>>>,
+    /// Destination, stream: the most page bytes the source may send on each of the dump's
+    /// page stream and the memory presync (`migd --max-incoming-bytes`).
+    max_bytes: Option<u64>,
 }
 
 /// The thread running a prefetching proxy, and its outcome.
@@ -151,9 +154,10 @@ pub(crate) fn resolve(h: &TunnelHeader) -> Option<Endpoint> {
         let serves = &mut job.serves;
         match serves.get(&h.service)? {
             Endpoint::Tcp(a) => Some(Endpoint::Tcp(*a)),
-            Endpoint::Unix(_) | Endpoint::Pages(_) | Endpoint::Presync(_) => {
-                serves.remove(&h.service)
-            }
+            Endpoint::Unix(_)
+            | Endpoint::UnixBounded { .. }
+            | Endpoint::Pages(_)
+            | Endpoint::Presync(_) => serves.remove(&h.service),
         }
     })
 }
@@ -179,7 +183,7 @@ fn dedup_writer(migration_id: &str, job: &mut Job) -> Option<Endpoint> {
         // Killing and reaping it blocks: not under the jobs' lock, not on the runtime.
         std::thread::spawn(move || drop(ps));
     }
-    let (sink, wait) = PageSink::new(&dir, page_writer::Limits::default());
+    let (sink, wait) = PageSink::new(&dir, bounded_limits(job.max_bytes));
     job.page_writer = Some(wait);
     tracing::info!(migration = %migration_id, presync_bytes = presync.bytes(), "deduplicated page stream");
     Some(Endpoint::Pages(sink.deduplicated(presync)))
@@ -255,13 +259,26 @@ fn page_sink() -> PageSinkKind {
     })
 }
 
+/// The page writer's limits with at most `max_bytes` of page data.
+fn bounded_limits(max_bytes: Option<u64>) -> page_writer::Limits {
+    let limits = page_writer::Limits::default();
+    page_writer::Limits {
+        max_bytes: max_bytes.map_or(limits.max_bytes, |m| m.min(limits.max_bytes)),
+        ..limits
+    }
+}
+
 /// Stream mode, at Prepare: readies what writes the pages into `images_dir`; the tunnel
 /// stream of the source's dump is carried there ([`resolve`]): `criu page-server` on a
-/// socketpair, or mig's page writer ([`page_sink`]). Blocking.
+/// socketpair, or mig's page writer ([`page_sink`]). The memory presync and the dump's page
+/// stream each take at most `max_bytes` from the source (`migd --max-incoming-bytes`: whatever
+/// a Prepare declared, a peer sends no more; past it the stream fails and the move rolls
+/// back). Blocking.
 pub(crate) fn start_page_server(
     migration_id: &str,
     images_dir: &Path,
     accept_presync: bool,
+    max_bytes: u64,
 ) -> Result<(), PagesError> {
     // A 1.4 source may first send the container's memory, then a deduplicated page stream.
     std::fs::create_dir_all(images_dir).map_err(|source| PagesError::ImagesDir {
@@ -276,11 +293,12 @@ pub(crate) fn start_page_server(
         let job = j.entry(migration_id.to_owned()).or_default();
         job.images_dir = Some(images_dir.to_owned());
         job.presync = Some(slot.clone());
+        job.max_bytes = Some(max_bytes);
         job.serves.insert(
             Service::MemoryPresync,
             Endpoint::Presync(PresyncSink {
                 dir: images_dir.to_owned(),
-                max_bytes: super::memsync::presync_bound(images_dir),
+                max_bytes: super::memsync::presync_bound(images_dir).min(max_bytes),
                 slot,
             }),
         );
@@ -290,7 +308,7 @@ pub(crate) fn start_page_server(
             path: images_dir.to_owned(),
             source,
         })?;
-        let (sink, wait) = PageSink::new(images_dir, page_writer::Limits::default());
+        let (sink, wait) = PageSink::new(images_dir, bounded_limits(Some(max_bytes)));
         with_jobs(|j| {
             let job = j.entry(migration_id.to_owned()).or_default();
             job.page_writer = Some(wait);
@@ -316,7 +334,13 @@ pub(crate) fn start_page_server(
     with_jobs(|j| {
         let job = j.entry(migration_id.to_owned()).or_default();
         job.page_server = Some(ps);
-        job.serves.insert(Service::PageServer, Endpoint::Unix(mine));
+        job.serves.insert(
+            Service::PageServer,
+            Endpoint::UnixBounded {
+                socket: mine,
+                max_bytes,
+            },
+        );
     });
     Ok(())
 }

@@ -117,6 +117,13 @@ pub enum Endpoint {
     /// An already connected Unix stream socket whose other end a local process holds (for
     /// example `criu page-server --ps-socket FD`); used for one stream only.
     Unix(std::os::unix::net::UnixStream),
+    /// [`Endpoint::Unix`], taking at most `max_bytes` from the peer: past it the stream is
+    /// stopped and the socket closed (a destination's bound on what a peer may send it,
+    /// `migd --max-incoming-bytes`).
+    UnixBounded {
+        socket: std::os::unix::net::UnixStream,
+        max_bytes: u64,
+    },
     /// mig's page writer: the stream is a dump's page server protocol, written into the sink's
     /// images directory here; used for one stream.
     Pages(PageSink),
@@ -385,7 +392,7 @@ where
     }
     .await;
     match opened {
-        Ok((send, recv)) => splice_guarded(io, send, recv, bytes, hook).await,
+        Ok((send, recv)) => splice_guarded(io, send, recv, bytes, hook, None).await,
         Err(e) => {
             // The peer is gone before the first byte: the client sees it only after this.
             if let Some(h) = hook {
@@ -464,7 +471,12 @@ where
             let _ = tcp.set_nodelay(true);
             splice(tcp, send, recv, bytes).await
         }
-        Endpoint::Unix(s) => {
+        Endpoint::Unix(_) | Endpoint::UnixBounded { .. } => {
+            let (s, max_in) = match endpoint {
+                Endpoint::UnixBounded { socket, max_bytes } => (socket, Some(max_bytes)),
+                Endpoint::Unix(socket) => (socket, None),
+                _ => unreachable!("matched above"),
+            };
             let unix = match s
                 .set_nonblocking(true)
                 .and_then(|()| UnixStream::from_std(s))
@@ -480,7 +492,7 @@ where
                     });
                 }
             };
-            splice(unix, send, recv, bytes).await
+            splice_guarded(unix, send, recv, bytes, None, max_in).await
         }
         Endpoint::Presync(sink) => {
             let bytes_held = sink.serve(send, recv).await.map_err(TunnelError::Presync)?;
@@ -627,7 +639,7 @@ pub async fn splice<S>(
 where
     S: AsyncRead + AsyncWrite + Send,
 {
-    splice_guarded(io, send, recv, bytes, None).await
+    splice_guarded(io, send, recv, bytes, None, None).await
 }
 
 /// How long [`splice_guarded`] waits, after the peer ended cleanly, for the client to close
@@ -639,13 +651,15 @@ fn hook_armed(hook: &Mutex<Option<PeerEndHook>>) -> bool {
 }
 
 /// [`splice`] calling `hook` (once) when the peer's side ends or fails, or sending to it
-/// fails, while the local side has not ended: before `io` hears of it.
+/// fails, while the local side has not ended: before `io` hears of it. With `max_in`, more
+/// bytes from the peer than that fail it ([`copy_in`]).
 async fn splice_guarded<S>(
     io: S,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     bytes: &Counter,
     hook: Option<PeerEndHook>,
+    max_in: Option<u64>,
 ) -> Result<(), TunnelError>
 where
     S: AsyncRead + AsyncWrite + Send,
@@ -671,7 +685,7 @@ where
         finish_or_reset(&mut send, r)
     };
     let down = async {
-        let r = copy_in(&mut recv, &mut w, bytes).await;
+        let r = copy_in(&mut recv, &mut w, bytes, max_in).await;
         // A peer that ends cleanly right after answering the client's last request (the close
         // of a session the client ends) is no failure: the client closes its side a moment
         // later. Give it that moment before taking the end as the peer's. Meanwhile the client
@@ -728,11 +742,17 @@ const CHUNKS: usize = 64;
 
 /// Stream to socket: quinn's received chunks (about one packet each) are gathered into one
 /// vectored socket write, without copying them into a buffer first.
-async fn copy_in<W>(recv: &mut quinn::RecvStream, w: &mut W, bytes: &Counter) -> std::io::Result<()>
+async fn copy_in<W>(
+    recv: &mut quinn::RecvStream,
+    w: &mut W,
+    bytes: &Counter,
+    max: Option<u64>,
+) -> std::io::Result<()>
 where
     W: AsyncWrite + Unpin,
 {
     let mut chunks: Vec<bytes::Bytes> = vec![bytes::Bytes::new(); CHUNKS];
+    let mut carried = 0u64;
     loop {
         let Some(n) = recv
             .read_chunks(&mut chunks)
@@ -743,6 +763,12 @@ where
             return Ok(());
         };
         let total: usize = chunks[..n].iter().map(bytes::Bytes::len).sum();
+        carried = carried.saturating_add(total as u64);
+        if let Some(max) = max.filter(|&m| carried > m) {
+            return Err(std::io::Error::other(format!(
+                "the peer sent more than the {max} bytes this stream takes"
+            )));
+        }
         let mut slices: Vec<std::io::IoSlice<'_>> = chunks[..n]
             .iter()
             .map(|c| std::io::IoSlice::new(c))

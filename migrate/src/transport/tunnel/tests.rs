@@ -172,6 +172,58 @@ async fn socketpair_both_ends_carry_bytes_with_half_close() {
     assert!(t.bytes() >= 2 * data.len() as u64);
 }
 
+/// [`Endpoint::UnixBounded`]: the far socket gets at most the bound from the peer; past it
+/// the stream fails and the far socket is closed, and the client's end sees its stream end.
+#[tokio::test]
+async fn a_bounded_unix_end_takes_no_more_than_its_bound() {
+    let (client, server, _eps) = pair().await;
+    let (far, sink) = unix_pair().unwrap();
+    let far = Mutex::new(Some(far));
+    const MAX: u64 = 1 << 20;
+    tokio::spawn(serve(server, move |h| {
+        (h.service == Service::PageServer)
+            .then(|| {
+                far.lock()
+                    .unwrap()
+                    .take()
+                    .map(|socket| Endpoint::UnixBounded {
+                        socket,
+                        max_bytes: MAX,
+                    })
+            })
+            .flatten()
+    }));
+    let got = tokio::task::spawn_blocking(move || {
+        let mut got = Vec::new();
+        // Ends when the tunnel closes the far socket.
+        let _ = std::io::Read::read_to_end(&mut &sink, &mut got);
+        got.len() as u64
+    });
+    let t = Tunnel::socketpair(client, header(Service::PageServer)).unwrap();
+    let mine = std::os::unix::net::UnixStream::from(t.take_client().unwrap());
+    let writer = tokio::task::spawn_blocking(move || {
+        let block = vec![7u8; 64 << 10];
+        let mut sent = 0u64;
+        // Fails once the tunnel gives up on the stream (or after 8 MiB).
+        while sent < 8 << 20 {
+            if std::io::Write::write_all(&mut &mine, &block).is_err() {
+                break;
+            }
+            sent += block.len() as u64;
+        }
+        let _ = mine.shutdown(std::net::Shutdown::Write);
+        sent
+    });
+    let got = tokio::time::timeout(Duration::from_secs(20), got)
+        .await
+        .expect("the far socket was closed")
+        .unwrap();
+    assert!(got <= MAX, "the far end got {got} bytes, above {MAX}");
+    assert!(got > 0, "nothing arrived");
+    let sent = writer.await.unwrap();
+    assert!(sent > MAX, "only {sent} bytes were sent");
+}
+
 /// One command of CRIU's page server protocol (see `criu::page_writer`).
 fn ps_cmd(cmd: u32, nr_pages: u64, vaddr: u64, dst_id: u64) -> Vec<u8> {
     [
