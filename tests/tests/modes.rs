@@ -318,6 +318,46 @@ fn precopy_and_max_downtime_refused() -> Result<()> {
     Ok(())
 }
 
+/// `--max-downtime` is checked again right before the freeze: a container that allocates
+/// 400 MB after the pre-flight (here during an 8 s hold before the freeze, after the memory
+/// presync) would send them while frozen. The move is refused, the container not frozen and still
+/// running on host-a, nothing of it on host-b (QA of session 23: workers forked after the
+/// presync made a move take 32.6 s of downtime under `--max-downtime 3000`). Lab 15.
+#[test]
+fn max_downtime_is_checked_again_before_the_freeze() -> Result<()> {
+    if !mig_tests::is_root("migration tests") {
+        return Ok(());
+    }
+    let lab = Lab::up("mdg", 15)?;
+    let script = "sleep 4; x=$(head -c 400000000 /dev/zero | tr '\\0' x); touch /tmp/grown; \
+                  while :; do sleep 1; done";
+    let id = lab.mig_ok(
+        0,
+        &[
+            "run", "-d", "--name", "grower", "busybox", "--", "sh", "-c", script,
+        ],
+    )?;
+    let id = id.trim().to_owned();
+    lab.fault(0, Some("source-before-freeze:delay:8000"))?;
+    let o = lab.mig(0, &["move", "grower", "host-b", "--max-downtime", "400"]);
+    lab.fault(0, None)?;
+    eprintln!("grower: {o:?}");
+    if o.code == 0 || !o.stderr.contains("the predicted downtime is now") {
+        bail!("the move of a container that grew was not refused: {o:?}");
+    }
+    if !o.stderr.contains("was not frozen") {
+        bail!("the refusal does not say the container was not frozen: {o:?}");
+    }
+    running_on(&lab, 0, "grower")?;
+    mig_tests::lab::nothing_left(&lab, 1, &id)?;
+    lab.mig_ok(0, &["exec", "grower", "--", "test", "-e", "/tmp/grown"])?;
+    // Without growth the same bound lets the move go.
+    lab.mig_ok(0, &["move", "grower", "host-b", "--max-downtime", "5000"])?;
+    running_on(&lab, 1, "grower")?;
+    lab.mig_ok(1, &["rm", "-f", "grower"])?;
+    Ok(())
+}
+
 /// A shell holding 27 MB and two forked subshells sharing it copy-on-write keeps it shared on
 /// the destination of a stream move (the restore gives it back shared; the local lazy-pages
 /// daemon would give each process a copy), and a post-copy, which cannot, is refused when the

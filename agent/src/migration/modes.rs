@@ -462,6 +462,25 @@ impl Preflight {
         }
     }
 
+    /// What `growth` bytes of private memory more than the pre-flight saw (processes started or
+    /// memory allocated since, which the memory presync did not copy) add to `mode`'s downtime:
+    /// in stream mode they cross while frozen; post-copy serves them after the resume.
+    pub fn growth_ms(&self, mode: MoveMode, growth: u64) -> u64 {
+        match mode {
+            MoveMode::Lazy | MoveMode::Precopy => 0,
+            MoveMode::Stream => ms_for(growth, self.throughput / TUNNEL_SHARE.1 * TUNNEL_SHARE.0),
+            _ => {
+                let grown = Preflight {
+                    memory_bytes: self.memory_bytes.saturating_add(growth),
+                    ..*self
+                };
+                grown
+                    .variable_ms(mode)
+                    .saturating_sub(self.variable_ms(mode))
+            }
+        }
+    }
+
     /// Pre-copy's downtime when the final dump writes `final_bytes` of pages: those are dumped,
     /// hashed and sent while frozen like cold mode's, but the restore maps all the memory
     /// (most of it from the rounds, through CRIU's `parent` links). Its fixed costs are always
@@ -568,6 +587,8 @@ pub struct Plan {
     /// After the move, its measured downtime less this is what the move teaches
     /// ([`super::fixedcost::record`]).
     pub variable_ms: u64,
+    /// What the prediction was made from.
+    pub preflight: Preflight,
 }
 
 /// Before connecting: refuses a mode asked by name that this kernel cannot run (`precopy`
@@ -637,6 +658,7 @@ pub async fn plan(
         basis: link,
         fixed: pf.fixed.get(mode),
         variable_ms: predicted_ms.saturating_sub(pf.fixed.get(mode).ms),
+        preflight: pf,
     })
 }
 

@@ -635,6 +635,7 @@ impl Agent {
             progress_bytes: Default::default(),
             smaps: Default::default(),
             log_sync: Default::default(),
+            downtime_bound: Default::default(),
         }))
     }
 }

@@ -104,6 +104,21 @@ pub enum SourceError {
     Pages(#[source] super::pages::PagesError),
     #[error("cannot cut the frozen container's network link")]
     Net(#[source] mig_runtime::net::NetError),
+    #[error("the container's memory grew by {} MiB since the pre-flight (processes started or memory allocated after it, which the memory presync did not copy): the predicted downtime is now {predicted_ms} ms, above the limit of {max_ms} ms (--max-downtime); the container was not frozen", growth >> 20)]
+    DowntimeGrew {
+        growth: u64,
+        predicted_ms: u64,
+        max_ms: u64,
+    },
+}
+
+/// `mig move --max-downtime`, checked again right before the freeze: the pre-flight's plan and
+/// the container's private memory it saw ([`SourceSide::check_downtime_bound`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DowntimeBound {
+    pub max_ms: u64,
+    pub plan: super::modes::Plan,
+    pub anon_bytes: u64,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SourceError + '_ {
@@ -145,6 +160,8 @@ pub(crate) struct SourceSide {
     pub smaps: std::sync::Mutex<Option<SmapsCopy>>,
     /// The container's log in two parts ([`LOG_PRESYNC_MINOR`]).
     pub log_sync: LogSync,
+    /// `--max-downtime`, when given.
+    pub downtime_bound: std::sync::OnceLock<DowntimeBound>,
 }
 
 /// The container's log in two parts: its length at the presync, then the size of what went
@@ -284,6 +301,32 @@ impl SourceSide {
     /// Stream mode to a 1.4 destination: sends the container's memory while it runs (after
     /// the files of the presync, right before the freeze), unless [`memsync::enabled`] or the
     /// move (`--no-memory-presync`) says no.
+    /// Before the freeze: refuses the move when the container's private memory grew since the
+    /// pre-flight so much that the predicted downtime passes `--max-downtime` (QA of session 23:
+    /// a process forking workers of 256 MiB had its move take 32.6 s of downtime under
+    /// `--max-downtime 3000`, 1.7 s predicted: the workers started after the presync listed
+    /// the processes, so all their memory crossed while frozen).
+    pub(crate) fn check_downtime_bound(&self) -> Result<(), SourceError> {
+        let Some(b) = self.downtime_bound.get() else {
+            return Ok(());
+        };
+        let pids = self.cg()?.procs().unwrap_or_default();
+        let Some(now) = mig_runtime::pidmap::mapped_memory(&pids) else {
+            return Ok(());
+        };
+        let growth = now.anon_bytes.saturating_sub(b.anon_bytes);
+        let predicted_ms = b.plan.predicted_ms + b.plan.preflight.growth_ms(b.plan.mode, growth);
+        tracing::debug!(id = %self.id, growth, predicted_ms, max_ms = b.max_ms, "downtime bound checked before the freeze");
+        if predicted_ms > b.max_ms {
+            return Err(SourceError::DowntimeGrew {
+                growth,
+                predicted_ms,
+                max_ms: b.max_ms,
+            });
+        }
+        Ok(())
+    }
+
     async fn memory_presync(&self) {
         if self.pages.mode() != super::modes::MoveMode::Stream
             || !self.peer_speaks(memsync::MEMORY_PRESYNC_MINOR)

@@ -124,6 +124,7 @@ impl SourceHost for Src {
         let me = self.clone();
         blocking(move || {
             fault::hit(&me.agent.cfg.state_dir, Point::SourceBeforeFreeze)?;
+            me.check_downtime_bound()?;
             let cg = me.cg()?;
             let vforks = cg.freeze_for_dump(FREEZE_TIMEOUT).map_err(|e| {
                 let _ = cg.thaw();

@@ -270,6 +270,7 @@ impl Agent {
             progress_bytes: AtomicU64::new(0),
             smaps: Default::default(),
             log_sync: Default::default(),
+            downtime_bound: Default::default(),
         }));
         let conn = transport::connect(&net.endpoint, &net.identity, peer)
             .await
@@ -324,6 +325,15 @@ impl Agent {
         if let Err(e) = crate::migration::modes::check_container(plan.mode, userns) {
             conn.close(0u32.into(), b"pre-flight refused the move");
             return Err(api(ErrorKind::Unavailable, chain(&e)));
+        }
+        if let (Some(max_ms), Some(m)) = (opts.max_downtime_ms, mapped) {
+            let _ = side
+                .downtime_bound
+                .set(crate::migration::source::DowntimeBound {
+                    max_ms,
+                    plan,
+                    anon_bytes: m.anon_bytes,
+                });
         }
         tracing::info!(
             %id,
