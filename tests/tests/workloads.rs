@@ -102,18 +102,24 @@ fn a_distribution_tar_imports_and_its_layers_land_before_the_freeze() -> Result<
     // move back after the cgroup froze: the window it checks was then only the memory
     // presync's, and the test failed now and then under load.)
     lab.fault(0, Some("source-before-freeze:delay:8000"))?;
-    let (o, landed) = std::thread::scope(|s| {
+    let (o, landed, exec) = std::thread::scope(|s| {
         let l: &Lab = &lab;
         let mover = s.spawn(move || l.mig(0, &["move", "d", "host-b"]));
         let landed = mig_tests::wait_until(Duration::from_secs(20), || {
             has_image() && running_on(l, 0, "d").is_ok()
         });
-        (mover.join(), landed)
+        // An exec meanwhile is refused, naming the move (QA of session 23: "is not running").
+        let exec = l.mig(0, &["exec", "d", "--", "true"]);
+        (mover.join(), landed, exec)
     });
     lab.fault(0, None)?;
     let o = o.map_err(|_| anyhow::anyhow!("the mover thread panicked"))?;
     ensure!(o.code == 0, "{o:?}");
     ensure!(landed, "the image did not reach host-b before the freeze");
+    ensure!(
+        exec.code != 0 && exec.stderr.contains("is being moved to host-b"),
+        "an exec during the move: {exec:?}"
+    );
     running_on(&lab, 1, "d")?;
     let after = ticks_past(&lab, 1, "d", before)?;
     lab.mig_ok(1, &["move", "d", "host-a"])?;

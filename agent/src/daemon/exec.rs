@@ -112,7 +112,12 @@ impl Agent {
         let id = self.resolve(container)?;
         self.refresh(&id);
         let e = self.entry(&id)?;
-        if e.state.state != ContainerState::Running || e.busy {
+        // A move (or checkpoint) in progress: say which, as `stop` does (QA of session 23: "is
+        // not running" while `inspect` showed "running (moving to host-a)").
+        if e.busy {
+            return Err(self.busy_error(&id, &e));
+        }
+        if e.state.state != ContainerState::Running {
             return Err(ApiError::new(
                 ErrorKind::Conflict,
                 format!("container {} is not running", e.spec.name),

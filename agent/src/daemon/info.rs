@@ -422,9 +422,20 @@ pub(crate) fn moving(
     if !e.busy {
         return None;
     }
-    // The container's newest migration, whatever its role: an old move away that committed
-    // (the container came back since) is not this one.
-    let j = crate::migration::journal::newest_of(journals, id)?.clone();
+    // The container's move away that is not over yet, else its newest migration whatever its
+    // role (an old move away that committed, the container come back since, is not this one).
+    // `updated` counts seconds: a move that rolled back in the second this one started can tie
+    // with it (QA of session 23: an exec then said "busy with another operation").
+    let j = journals
+        .iter()
+        .filter(|j| {
+            j.container_id == id
+                && j.role == Role::Source
+                && !crate::migration::journal::is_final(&j.state)
+        })
+        .max_by_key(|j| j.updated)
+        .or_else(|| crate::migration::journal::newest_of(journals, id))?
+        .clone();
     let in_progress = j.role == Role::Source
         && matches!(
             j.state,
