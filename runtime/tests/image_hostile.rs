@@ -321,6 +321,30 @@ fn image_hostile_oci_archive() {
     let err = store.import(&p, "o").unwrap_err();
     assert!(matches!(err, ImageError::Oci(_)), "{err}");
     assert_store_empty(&store);
+    // A malformed digest: the error says where it was found and what a digest is (QA of
+    // session 23: it named neither).
+    let layout = d.join("layout");
+    fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
+    fs::write(
+        layout.join("oci-layout"),
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+    fs::write(
+        layout.join("index.json"),
+        br#"{"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:deadbeef","size":10}]}"#,
+    )
+    .unwrap();
+    let err = store.import(&layout, "bad").unwrap_err();
+    let text = format!(
+        "{err}: {}",
+        std::error::Error::source(&err).map_or(String::new(), |s| s.to_string())
+    );
+    assert!(
+        text.contains("sha256:deadbeef") && text.contains(&layout.display().to_string()),
+        "{text}"
+    );
+    assert_store_empty(&store);
 }
 
 fn pax_record(key: &str, value: &[u8]) -> Vec<u8> {

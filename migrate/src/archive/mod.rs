@@ -387,15 +387,40 @@ pub fn import(file: &Path, dest_dir: &Path) -> Result<Manifest, ArchiveError> {
     Ok(manifest)
 }
 
+/// `e` with its text printable: the tar reader quotes the header bytes it could not parse,
+/// which in a file that is no archive are binary (QA of session 23).
+fn printable(e: io::Error) -> io::Error {
+    let text: String = e
+        .to_string()
+        .chars()
+        .map(|c| {
+            if c.is_control() || c == char::REPLACEMENT_CHARACTER {
+                '?'
+            } else {
+                c
+            }
+        })
+        .take(300)
+        .collect();
+    io::Error::new(e.kind(), text)
+}
+
 fn unpack(source: Box<dyn Read>, file: &Path, dest: &Path) -> Result<(), ArchiveError> {
     let read_err = |source| ArchiveError::Read {
         path: file.to_owned(),
-        source,
+        source: printable(source),
     };
     let mut a = tar::Archive::new(source);
     let mut total: u64 = 0;
     let mut count: usize = 0;
     for entry in a.entries().map_err(read_err)? {
+        // A first header that does not parse: the file is no tar at all.
+        if count == 0 && entry.is_err() {
+            return Err(ArchiveError::NotCheckpoint {
+                path: file.to_owned(),
+                why: "not a tar archive, nor a zstd-compressed one",
+            });
+        }
         let mut entry = entry.map_err(read_err)?;
         count += 1;
         if count > imageset::MAX_FILES + 2 {

@@ -227,6 +227,15 @@ fn hostile_entries_are_refused() {
         Err(ArchiveError::NotCheckpoint { .. })
     ));
     assert!(!dest.exists());
+    // Nor is a file of random bytes, and the error says so in words (it quoted binary).
+    let noise: Vec<u8> = (0..100_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&out, noise).unwrap();
+    let e = import(&out, &dest).unwrap_err();
+    assert!(matches!(e, ArchiveError::NotCheckpoint { .. }), "{e:?}");
+    assert!(e.to_string().contains("not a tar archive"), "{e}");
+    assert!(!dest.exists());
 }
 
 #[test]

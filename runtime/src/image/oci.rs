@@ -31,8 +31,8 @@ pub enum OciError {
     NoManifest(String),
     #[error("unsupported media type {0:?}")]
     MediaType(String),
-    #[error("unsupported or malformed digest {0:?}")]
-    Digest(String),
+    #[error("unsupported or malformed digest {digest:?} in {at} (a digest is sha256: and 64 hex digits)")]
+    Digest { digest: String, at: String },
     #[error("the config lists {diff_ids} layer digests but the manifest has {layers} layers")]
     LayerCount { diff_ids: usize, layers: usize },
     #[error("image indexes nest deeper than {MAX_INDEX_DEPTH}")]
@@ -181,7 +181,11 @@ impl<'a> Layout<'a> {
 
     fn blob_path(&self, digest: &str) -> Result<PathBuf, ImageError> {
         if crate::spec::validate_digest(digest).is_err() {
-            return Err(OciError::Digest(digest.to_owned()).into());
+            return Err(OciError::Digest {
+                digest: digest.to_owned(),
+                at: format!("a descriptor of {}", self.dir.display()),
+            }
+            .into());
         }
         for sub in ["blobs", "blobs/sha256"] {
             let p = self.dir.join(sub);
@@ -370,7 +374,10 @@ pub(super) fn commit_with_layers(
     let mut seen = HashSet::new();
     let mut size = 0u64;
     for (i, diff_id) in diff_ids.iter().enumerate() {
-        crate::spec::validate_digest(diff_id).map_err(|_| OciError::Digest(diff_id.clone()))?;
+        crate::spec::validate_digest(diff_id).map_err(|_| OciError::Digest {
+            digest: diff_id.clone(),
+            at: "the image config's rootfs.diff_ids".into(),
+        })?;
         if !seen.insert(diff_id.clone()) {
             continue;
         }
