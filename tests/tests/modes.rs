@@ -436,6 +436,21 @@ fn forked_memory_stays_shared_or_the_move_is_refused() -> Result<()> {
     if !settled(&pid_map()) {
         bail!("orph lost processes: {:?}", pid_map());
     }
+    // A cold move restores every page before the resume, in the container's cgroup: the
+    // restore is OOM-killed, the move rolls back and says why (it said "killed by signal 9").
+    let o = lab.mig(0, &["move", "orph", "host-b", "--mode", "cold"]);
+    eprintln!("orphaned sharing, cold: {}", o.stderr.trim());
+    if o.code == 0 || !o.stderr.contains("OOM killer") {
+        bail!(
+            "the cold move's failed restore did not name the OOM killer: {} {}",
+            o.stdout,
+            o.stderr
+        );
+    }
+    running_on(&lab, 0, "orph")?;
+    if !settled(&pid_map()) {
+        bail!("orph lost processes after the cold move: {:?}", pid_map());
+    }
     lab.mig_ok(0, &["rm", "-f", "orph"])?;
     Ok(())
 }

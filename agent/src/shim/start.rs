@@ -317,7 +317,25 @@ fn restore(
         action_script,
         ..Default::default()
     };
-    let outcome = criu.restore(&opts).map_err(|e| (Stage::Restore, chain(&e)));
+    let oom_before = cgroup.usage().map_or(0, |u| u.oom_kills);
+    let outcome = criu.restore(&opts).map_err(|e| {
+        // CRIU's restore runs in the container's cgroup: a memory limit the restored memory
+        // does not fit kills it, which CRIU's error only shows as a signal (QA of session 23).
+        let oom = cgroup
+            .usage()
+            .map_or(0, |u| u.oom_kills.saturating_sub(oom_before));
+        let mut msg = chain(&e);
+        if oom > 0 {
+            msg.push_str(&format!(
+                "; the OOM killer ended {oom} process(es) of the restore inside the container's memory limit{}: the restored memory does not fit it",
+                dumped
+                    .limits
+                    .memory
+                    .map_or_else(String::new, |l| format!(" ({} MiB)", l >> 20))
+            ));
+        }
+        (Stage::Restore, msg)
+    });
     // The restored tasks hold the namespace now (or the restore failed): ours goes.
     drop(netns);
     if frozen {

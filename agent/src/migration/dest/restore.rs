@@ -230,7 +230,15 @@ impl DestSide {
                     message: "unexpected answer".into(),
                 })
             }
-            Err(e) => return Err(DestError::Restore { message: e.message }),
+            // The agent's restore says "restore failed: " already, as this error does.
+            Err(e) => {
+                return Err(DestError::Restore {
+                    message: e
+                        .message
+                        .strip_prefix("restore failed: ")
+                        .map_or_else(|| e.message.clone(), str::to_owned),
+                })
+            }
         };
         // Stopped until Commit: the source is frozen, so nothing of the container runs twice.
         let cg = Cgroup::open(&state.cgroup).map_err(|source| DestError::Cgroup {
