@@ -224,6 +224,7 @@ fn a_terminated_bench_keeps_its_finished_runs_and_leaves_nothing() -> Result<()>
     let _guard = Guard { lab: lab.clone() };
     let tmp = tempfile::tempdir()?;
     let csv = tmp.path().join("t.csv");
+    let json = tmp.path().join("t.json");
     let mut child = bench_move(
         &lab,
         "10.214.62",
@@ -240,6 +241,8 @@ fn a_terminated_bench_keeps_its_finished_runs_and_leaves_nothing() -> Result<()>
     )?
     .arg("--csv")
     .arg(&csv)
+    .arg("--json")
+    .arg(&json)
     .stdout(std::process::Stdio::piped())
     .stderr(std::process::Stdio::piped())
     .spawn()?;
@@ -269,12 +272,68 @@ fn a_terminated_bench_keeps_its_finished_runs_and_leaves_nothing() -> Result<()>
         "rows: {rows:?}\n{seen}"
     );
     ensure!(stdout.contains("16 MiB cold"), "no summary: {stdout}");
+    // The JSON says that the bench stopped early, and why.
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json)?)?;
+    ensure!(
+        v["stopped"]
+            .as_str()
+            .is_some_and(|s| s.contains("interrupted"))
+            && v["rows"].as_array().is_some_and(|r| r.len() == rows.len()),
+        "{v}"
+    );
     ensure!(
         !Path::new("/run/mig")
             .join(format!("lab-{lab}.json"))
             .exists()
             && !Path::new("/var/lib/mig-bench").join(&lab).exists(),
         "the lab or its work directory is left:\n{seen}"
+    );
+
+    // Stopped before its first run: the files are written all the same, with no rows (QA of
+    // session 23: there were none at all).
+    std::fs::remove_file(&csv)?;
+    std::fs::remove_file(&json)?;
+    let mut child = bench_move(
+        &lab,
+        "10.214.62",
+        &[
+            "--sizes",
+            "16M",
+            "--runs",
+            "1",
+            "--modes",
+            "cold",
+            "--link-mib",
+            "0",
+        ],
+    )?
+    .arg("--csv")
+    .arg(&csv)
+    .arg("--json")
+    .arg(&json)
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped())
+    .spawn()?;
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let stderr = child.stderr.take().context("stderr")?;
+    let mut seen = Vec::new();
+    for line in BufReader::new(stderr).lines() {
+        let line = line?;
+        let up = line.contains(" up on ");
+        seen.push(line);
+        if up {
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        }
+    }
+    let status = child.wait()?;
+    let seen = seen.join("\n");
+    ensure!(!status.success(), "{seen}");
+    let text = std::fs::read_to_string(&csv).with_context(|| format!("no csv:\n{seen}"))?;
+    ensure!(text.lines().count() == 1, "{text}\n{seen}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json)?)?;
+    ensure!(
+        v["stopped"].is_string() && v["rows"].as_array().is_some_and(Vec::is_empty),
+        "{v}\n{seen}"
     );
     Ok(())
 }

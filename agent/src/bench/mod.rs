@@ -171,6 +171,8 @@ pub enum BenchError {
     OutputNotFile { path: PathBuf },
     #[error("{} is given for two outputs", path.display())]
     OutputTwice { path: PathBuf },
+    #[error("--plot {} would not be what its name says: the plot is SVG (name it .svg)", path.display())]
+    PlotNotSvg { path: PathBuf },
     #[error("--sizes {size_mib}M does not fit twice in this machine's memory ({mem_mib} MiB): the workload holds the whole size, and both lab hosts hold a copy while it moves")]
     TooBig { size_mib: u64, mem_mib: u64 },
     #[error("--sizes {size_mib}M is given twice")]
@@ -390,6 +392,15 @@ pub fn check_lab(lab: &str) -> Result<(), BenchError> {
 /// (no such directory, a directory, a file system that refuses it) would be found only after the
 /// whole run, so each is created (and removed again when it was not there) first.
 pub fn check_outputs(args: &BenchMoveArgs) -> Result<(), BenchError> {
+    // QA of session 23: `--plot x.png` wrote SVG into x.png.
+    if let Some(p) = &args.plot {
+        let ext = p
+            .extension()
+            .map(|e| e.to_string_lossy().to_ascii_lowercase());
+        if ext.is_some_and(|e| e != "svg") {
+            return Err(BenchError::PlotNotSvg { path: p.clone() });
+        }
+    }
     for path in [&args.csv, &args.json, &args.plot].into_iter().flatten() {
         let dir = match path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d,
@@ -511,10 +522,12 @@ fn run_blocking(args: &BenchMoveArgs, stop: Arc<AtomicBool>) -> Result<(), Bench
     }
     let mut report = BenchReport::for_this_machine();
     let measured = measure(args, &ctx, &mut cleanup, &mut report).map_err(stop_first);
-    // Whatever stopped the bench, the runs done so far are written and summed up.
-    let written = if report.rows.is_empty() && report.link.is_empty() {
-        Ok(())
-    } else {
+    if let Err(e) = &measured {
+        report.stopped = Some(e.to_string());
+    }
+    // Whatever stopped the bench, the runs done so far are written and summed up, none too
+    // (QA of session 23: a bench stopped before its first run wrote no file at all).
+    let written = {
         let w = report.write(args);
         to_stdout(&report.summary());
         if let Err(e) = &measured {
@@ -665,6 +678,18 @@ mod tests {
             check_outputs(&a),
             Err(BenchError::OutputTwice { .. })
         ));
+        // The plot is SVG: another extension is refused, none or .SVG taken.
+        let png = tmp.path().join("plot.png");
+        let a = parse(&["--plot", png.to_str().unwrap()]);
+        assert!(matches!(
+            check_outputs(&a),
+            Err(BenchError::PlotNotSvg { .. })
+        ));
+        assert!(!png.exists());
+        for name in ["plot", "plot.SVG"] {
+            let p = tmp.path().join(name);
+            check_outputs(&parse(&["--plot", p.to_str().unwrap()])).unwrap();
+        }
         // A dangling symlink stays.
         let link = tmp.path().join("link.csv");
         std::os::unix::fs::symlink(tmp.path().join("target.csv"), &link).unwrap();

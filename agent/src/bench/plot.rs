@@ -105,6 +105,7 @@ mod tests {
             machine: Default::default(),
             link: Vec::new(),
             rows: Vec::new(),
+            stopped: None,
         };
         for (size, mode, down) in [(16, "cold", 300), (64, "cold", 500), (16, "runc", 900)] {
             let mut r = Row::new(size, "mig", mode, 1);
@@ -137,6 +138,7 @@ mod tests {
             machine: Default::default(),
             link: Vec::new(),
             rows: Vec::new(),
+            stopped: None,
         };
         for size in [16, 32] {
             let mut r = Row::new(size, "mig", "cold", 1);

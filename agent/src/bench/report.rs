@@ -300,6 +300,8 @@ pub struct BenchReport {
     pub machine: BTreeMap<String, String>,
     pub link: Vec<LinkRow>,
     pub rows: Vec<Row>,
+    /// Why the bench stopped before its last run (interrupted, a lab failure), if it did.
+    pub stopped: Option<String>,
 }
 
 fn command_output(program: &str, args: &[&str]) -> String {
@@ -332,6 +334,7 @@ impl BenchReport {
             machine,
             link: Vec::new(),
             rows: Vec::new(),
+            stopped: None,
         }
     }
 
@@ -362,7 +365,11 @@ impl BenchReport {
             results.push(write(p, text + "\n"));
         }
         if let Some(p) = &args.plot {
-            results.push(super::plot::draw(self, p));
+            if self.rows.is_empty() {
+                super::progress(&format!("no run was done: no plot in {}", p.display()));
+            } else {
+                results.push(super::plot::draw(self, p));
+            }
         }
         for e in results.iter().filter_map(|r| r.as_ref().err()).skip(1) {
             super::progress(&e.to_string());
