@@ -211,28 +211,25 @@ fn bench_move_tiny_run_writes_csv_json_and_svg() -> Result<()> {
     Ok(())
 }
 
-/// SIGTERM (what `timeout`, systemd and `kill` send) in the middle of a bench: it stops after the
-/// current step, writes the runs done to its CSV, prints the summary and removes its lab. It
-/// used to die at once, leaving the lab's agents and the workload running and writing nothing.
-#[test]
-fn a_terminated_bench_keeps_its_finished_runs_and_leaves_nothing() -> Result<()> {
+/// Runs a cold bench of 16 MiB (`runs` runs, no link measurement) writing `csv` and `json`,
+/// sends it SIGTERM at its first progress line containing `at`, and returns its exit status,
+/// its stdout and its progress lines once it ended.
+fn terminated_bench(
+    lab: &str,
+    runs: &str,
+    csv: &Path,
+    json: &Path,
+    at: &str,
+) -> Result<(std::process::ExitStatus, String, String)> {
     use std::io::{BufRead, BufReader};
-    if !is_root("bench tests") {
-        return Ok(());
-    }
-    let lab = format!("bt{}", std::process::id() % 100_000);
-    let _guard = Guard { lab: lab.clone() };
-    let tmp = tempfile::tempdir()?;
-    let csv = tmp.path().join("t.csv");
-    let json = tmp.path().join("t.json");
     let mut child = bench_move(
-        &lab,
+        lab,
         "10.214.62",
         &[
             "--sizes",
             "16M",
             "--runs",
-            "5",
+            runs,
             "--modes",
             "cold",
             "--link-mib",
@@ -240,9 +237,9 @@ fn a_terminated_bench_keeps_its_finished_runs_and_leaves_nothing() -> Result<()>
         ],
     )?
     .arg("--csv")
-    .arg(&csv)
+    .arg(csv)
     .arg("--json")
-    .arg(&json)
+    .arg(json)
     .stdout(std::process::Stdio::piped())
     .stderr(std::process::Stdio::piped())
     .spawn()?;
@@ -251,17 +248,36 @@ fn a_terminated_bench_keeps_its_finished_runs_and_leaves_nothing() -> Result<()>
     let mut seen = Vec::new();
     for line in BufReader::new(stderr).lines() {
         let line = line?;
-        let first_done = line.contains("run 1: ok");
+        let now = line.contains(at);
         seen.push(line);
-        if first_done {
+        if now {
             nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
         }
     }
     let out = child.wait_with_output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let seen = seen.join("\n");
+    Ok((
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        seen.join("\n"),
+    ))
+}
+
+/// SIGTERM (what `timeout`, systemd and `kill` send) in the middle of a bench: it stops after the
+/// current step, writes the runs done to its CSV, prints the summary and removes its lab. It
+/// used to die at once, leaving the lab's agents and the workload running and writing nothing.
+#[test]
+fn a_terminated_bench_keeps_its_finished_runs_and_leaves_nothing() -> Result<()> {
+    if !is_root("bench tests") {
+        return Ok(());
+    }
+    let lab = format!("bt{}", std::process::id() % 100_000);
+    let _guard = Guard { lab: lab.clone() };
+    let tmp = tempfile::tempdir()?;
+    let csv = tmp.path().join("t.csv");
+    let json = tmp.path().join("t.json");
+    let (status, stdout, seen) = terminated_bench(&lab, "5", &csv, &json, "run 1: ok")?;
     ensure!(
-        !out.status.success(),
+        !status.success(),
         "a terminated bench says it succeeded:\n{seen}"
     );
     ensure!(seen.contains("SIGTERM: stopping"), "{seen}");
@@ -293,40 +309,7 @@ fn a_terminated_bench_keeps_its_finished_runs_and_leaves_nothing() -> Result<()>
     // session 23: there were none at all).
     std::fs::remove_file(&csv)?;
     std::fs::remove_file(&json)?;
-    let mut child = bench_move(
-        &lab,
-        "10.214.62",
-        &[
-            "--sizes",
-            "16M",
-            "--runs",
-            "1",
-            "--modes",
-            "cold",
-            "--link-mib",
-            "0",
-        ],
-    )?
-    .arg("--csv")
-    .arg(&csv)
-    .arg("--json")
-    .arg(&json)
-    .stdout(std::process::Stdio::null())
-    .stderr(std::process::Stdio::piped())
-    .spawn()?;
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    let stderr = child.stderr.take().context("stderr")?;
-    let mut seen = Vec::new();
-    for line in BufReader::new(stderr).lines() {
-        let line = line?;
-        let up = line.contains(" up on ");
-        seen.push(line);
-        if up {
-            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
-        }
-    }
-    let status = child.wait()?;
-    let seen = seen.join("\n");
+    let (status, _, seen) = terminated_bench(&lab, "1", &csv, &json, " up on ")?;
     ensure!(!status.success(), "{seen}");
     let text = std::fs::read_to_string(&csv).with_context(|| format!("no csv:\n{seen}"))?;
     ensure!(text.lines().count() == 1, "{text}\n{seen}");

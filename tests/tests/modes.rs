@@ -423,34 +423,29 @@ fn forked_memory_stays_shared_or_the_move_is_refused() -> Result<()> {
     if !mig_tests::wait_until(Duration::from_secs(30), || settled(&pid_map())) {
         bail!("orph did not settle: {:?}", pid_map());
     }
-    let o = lab.mig(0, &["move", "orph", "host-b"]);
-    eprintln!("orphaned sharing: {}", o.stderr.trim());
-    if o.code == 0 || !o.stderr.contains("memory limit") {
-        bail!(
-            "the stream move of memory shared by orphans was not refused: {} {}",
-            o.stdout,
-            o.stderr
-        );
-    }
-    running_on(&lab, 0, "orph")?;
-    if !settled(&pid_map()) {
-        bail!("orph lost processes: {:?}", pid_map());
-    }
+    // Each move rolls back saying `want`; orph runs on at host-a with every process.
+    let rolled_back = |args: &[&str], want: &str| -> Result<()> {
+        let mut move_args = vec!["move", "orph", "host-b"];
+        move_args.extend_from_slice(args);
+        let o = lab.mig(0, &move_args);
+        eprintln!("orphaned sharing {args:?}: {}", o.stderr.trim());
+        if o.code == 0 || !o.stderr.contains(want) {
+            bail!(
+                "move {args:?} did not roll back saying {want:?}: {} {}",
+                o.stdout,
+                o.stderr
+            );
+        }
+        running_on(&lab, 0, "orph")?;
+        if !settled(&pid_map()) {
+            bail!("orph lost processes after move {args:?}: {:?}", pid_map());
+        }
+        Ok(())
+    };
+    rolled_back(&[], "memory limit")?;
     // A cold move restores every page before the resume, in the container's cgroup: the
     // restore is OOM-killed, the move rolls back and says why (it said "killed by signal 9").
-    let o = lab.mig(0, &["move", "orph", "host-b", "--mode", "cold"]);
-    eprintln!("orphaned sharing, cold: {}", o.stderr.trim());
-    if o.code == 0 || !o.stderr.contains("OOM killer") {
-        bail!(
-            "the cold move's failed restore did not name the OOM killer: {} {}",
-            o.stdout,
-            o.stderr
-        );
-    }
-    running_on(&lab, 0, "orph")?;
-    if !settled(&pid_map()) {
-        bail!("orph lost processes after the cold move: {:?}", pid_map());
-    }
+    rolled_back(&["--mode", "cold"], "OOM killer")?;
     lab.mig_ok(0, &["rm", "-f", "orph"])?;
     Ok(())
 }
