@@ -345,7 +345,7 @@ fn max_downtime_is_checked_again_before_the_freeze() -> Result<()> {
     if o.code == 0 || !o.stderr.contains("the predicted downtime is now") {
         bail!("the move of a container that grew was not refused: {o:?}");
     }
-    if !o.stderr.contains("was not frozen") {
+    if !o.stderr.contains("stopped before freezing the container") {
         bail!("the refusal does not say the container was not frozen: {o:?}");
     }
     running_on(&lab, 0, "grower")?;

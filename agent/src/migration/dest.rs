@@ -65,7 +65,8 @@ pub enum DestError {
     Exists { path: PathBuf },
     #[error("cannot make the container's directory")]
     ContainerDir(#[source] crate::privacy::PrivacyError),
-    #[error("restore failed: {message}")]
+    /// (The message leaves "restore failed" out: the source says "the restore failed" first.)
+    #[error("{message}")]
     Restore { message: String },
     #[error(
         "this host cannot hold the container's memory: its image set holds {} MiB, and {} MiB are left within {within} (the restored copy would be killed for lack of memory after the commit)",

@@ -104,7 +104,7 @@ pub enum SourceError {
     Pages(#[source] super::pages::PagesError),
     #[error("cannot cut the frozen container's network link")]
     Net(#[source] mig_runtime::net::NetError),
-    #[error("the container's memory grew by {} MiB since the pre-flight (processes started or memory allocated after it, which the memory presync did not copy): the predicted downtime is now {predicted_ms} ms, above the limit of {max_ms} ms (--max-downtime); the container was not frozen", growth >> 20)]
+    #[error("the pages to send grew by {} MiB since the pre-flight (counted per process, as the dump sends them: processes started or memory allocated after it, which the memory presync did not copy): the predicted downtime is now {predicted_ms} ms, above the limit of {max_ms} ms (--max-downtime); the move stopped before freezing the container", growth >> 20)]
     DowntimeGrew {
         growth: u64,
         predicted_ms: u64,

@@ -364,7 +364,8 @@ pub fn import(file: &Path, dest_dir: &Path) -> Result<Manifest, ArchiveError> {
             why: "it is empty",
         });
     }
-    let source: Box<dyn Read> = if head == 4 && magic == ZSTD_MAGIC {
+    let zstd = head == 4 && magic == ZSTD_MAGIC;
+    let source: Box<dyn Read> = if zstd {
         Box::new(zstd::Decoder::with_buffer(f).map_err(read_err)?)
     } else {
         Box::new(f)
@@ -374,7 +375,7 @@ pub fn import(file: &Path, dest_dir: &Path) -> Result<Manifest, ArchiveError> {
         source,
     })?;
     let mut guard = DestGuard(Some(dest_dir.to_owned()));
-    unpack(source, file, dest_dir)?;
+    unpack(source, file, dest_dir, zstd)?;
     if !dest_dir.join(MANIFEST).exists() {
         return Err(ArchiveError::NotCheckpoint {
             path: file.to_owned(),
@@ -405,7 +406,7 @@ fn printable(e: io::Error) -> io::Error {
     io::Error::new(e.kind(), text)
 }
 
-fn unpack(source: Box<dyn Read>, file: &Path, dest: &Path) -> Result<(), ArchiveError> {
+fn unpack(source: Box<dyn Read>, file: &Path, dest: &Path, zstd: bool) -> Result<(), ArchiveError> {
     let read_err = |source| ArchiveError::Read {
         path: file.to_owned(),
         source: printable(source),
@@ -418,7 +419,11 @@ fn unpack(source: Box<dyn Read>, file: &Path, dest: &Path) -> Result<(), Archive
         if count == 0 && entry.is_err() {
             return Err(ArchiveError::NotCheckpoint {
                 path: file.to_owned(),
-                why: "not a tar archive, nor a zstd-compressed one",
+                why: if zstd {
+                    "zstd-compressed, but not a tar archive"
+                } else {
+                    "not a tar archive, nor a zstd-compressed one"
+                },
             });
         }
         let mut entry = entry.map_err(read_err)?;

@@ -236,6 +236,16 @@ fn hostile_entries_are_refused() {
     assert!(matches!(e, ArchiveError::NotCheckpoint { .. }), "{e:?}");
     assert!(e.to_string().contains("not a tar archive"), "{e}");
     assert!(!dest.exists());
+    // The same bytes compressed with zstd: said to be zstd, but no tar inside.
+    let noise = std::fs::read(&out).unwrap();
+    std::fs::write(&out, zstd::encode_all(&noise[..], 1).unwrap()).unwrap();
+    let e = import(&out, &dest).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("zstd-compressed, but not a tar archive"),
+        "{e}"
+    );
+    assert!(!dest.exists());
 }
 
 #[test]

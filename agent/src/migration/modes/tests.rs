@@ -195,7 +195,7 @@ async fn plan_names_where_the_throughput_came_from() {
         0,
         (1, 1),
         Throughput::probed(probe),
-        false,
+        (false, false),
         none,
     )
     .await
@@ -209,7 +209,7 @@ async fn plan_names_where_the_throughput_came_from() {
         0,
         (1, 1),
         known_throughput("plan-never-seen"),
-        false,
+        (false, false),
         none,
     )
     .await
@@ -222,7 +222,7 @@ async fn plan_names_where_the_throughput_came_from() {
         0,
         (1, 1),
         Throughput::probed(probe),
-        false,
+        (false, false),
         none,
     )
     .await
@@ -241,7 +241,7 @@ async fn plan_names_where_the_throughput_came_from() {
         0,
         (1, 1),
         known_throughput("plan-never-seen"),
-        false,
+        (false, false),
         none,
     )
     .await
@@ -385,7 +385,7 @@ async fn the_plan_says_where_the_fixed_costs_came_from() {
         0,
         (1, 1),
         link,
-        false,
+        (false, false),
         FixedCosts::default(),
     )
     .await
@@ -393,7 +393,7 @@ async fn the_plan_says_where_the_fixed_costs_came_from() {
     assert_eq!(p.fixed, FixedCost::DEFAULT);
     assert_eq!((p.predicted_ms, p.variable_ms), (DEFAULT_FIXED_MS, 0));
     let fixed = learned("b", &[(MoveMode::Lazy, 140, 0)]);
-    let p = plan(opts, (40 << 20, 0), 0, (1, 1), link, false, fixed)
+    let p = plan(opts, (40 << 20, 0), 0, (1, 1), link, (false, false), fixed)
         .await
         .unwrap();
     assert_eq!(
@@ -479,4 +479,37 @@ fn growth_since_the_preflight_adds_to_the_downtime() {
     assert!(cold > 2000, "{cold}");
     assert_eq!(pf.growth_ms(MoveMode::Lazy, growth), 0);
     assert_eq!(pf.growth_ms(MoveMode::Stream, 0), 0);
+}
+
+/// A stream move whose destination restores every page first (forked processes sharing
+/// memory) reads all of it while frozen: the prediction counts it at the restore's rate, with
+/// or without the presync; cold mode counted its restore already.
+#[test]
+fn a_plain_stream_restore_adds_every_page_to_the_downtime() {
+    let lazy_local = test_preflight(1 << 30);
+    let plain = Preflight {
+        restored_plain: true,
+        ..lazy_local
+    };
+    for presync in [false, true] {
+        let (a, b) = (
+            Preflight {
+                memory_presync: presync,
+                ..lazy_local
+            },
+            Preflight {
+                memory_presync: presync,
+                ..plain
+            },
+        );
+        assert_eq!(
+            b.predict(MoveMode::Stream) - a.predict(MoveMode::Stream),
+            1000,
+            "presync {presync}: 1 GiB at 1 GiB/s"
+        );
+    }
+    assert_eq!(
+        plain.predict(MoveMode::Cold),
+        lazy_local.predict(MoveMode::Cold)
+    );
 }

@@ -303,13 +303,19 @@ impl Agent {
         // frozen in every mode, as shared memory does (QA of session 19: 300 MiB of them made a
         // lazy move take 2658 ms, predicted 1031).
         let memory = (memory.0 + ghost_bytes, memory.1 + ghost_bytes);
+        // Whether a stream destination will restore every page before the resume: processes
+        // that share memory copy-on-write (each one's memory summed is above what the cgroup
+        // holds; the destination decides on the pagemaps, from 4 MiB of overlap), or a
+        // user-namespace container that cannot use userfaultfd (this host's setting).
+        let restored_plain = mapped.is_some_and(|m| m.anon_bytes > usage.anon_bytes + (4 << 20))
+            || (userns && !crate::migration::modes::userns_may_use_uffd());
         let plan = match crate::migration::modes::plan(
             opts,
             memory,
             upper_bytes,
             tasks,
             basis,
-            presync,
+            (presync, restored_plain),
             fixed,
         )
         .await
@@ -371,6 +377,7 @@ impl Agent {
                     threads: tasks.1,
                     throughput: plan.throughput,
                     memory_presync: false,
+                    restored_plain: false,
                     fixed: Default::default(),
                 },
                 opts.max_downtime_ms,
