@@ -298,9 +298,6 @@ impl SourceSide {
             + self.pages.tunnel_bytes.load(Ordering::Relaxed)
     }
 
-    /// Stream mode to a 1.4 destination: sends the container's memory while it runs (after
-    /// the files of the presync, right before the freeze), unless [`memsync::enabled`] or the
-    /// move (`--no-memory-presync`) says no.
     /// Before the freeze: refuses the move when the container's private memory grew since the
     /// pre-flight so much that the predicted downtime passes `--max-downtime` (QA of session 23:
     /// a process forking workers of 256 MiB had its move take 32.6 s of downtime under
@@ -327,6 +324,9 @@ impl SourceSide {
         Ok(())
     }
 
+    /// Stream mode to a 1.4 destination: sends the container's memory while it runs (after
+    /// the files of the presync, right before the freeze), unless [`memsync::enabled`] or the
+    /// move (`--no-memory-presync`) says no.
     async fn memory_presync(&self) {
         if self.pages.mode() != super::modes::MoveMode::Stream
             || !self.peer_speaks(memsync::MEMORY_PRESYNC_MINOR)
