@@ -414,6 +414,17 @@ pub(crate) fn shown_state(
 }
 
 /// The move away of a busy container in progress, from its journal (source side, not ended).
+/// Whether a journal entry (`role`, `state`) is a move away still in progress here;
+/// `ending_here`: this agent still holds the moved copy frozen or is ending it.
+fn move_in_progress(role: Role, state: &JournalState, ending_here: bool) -> bool {
+    role == Role::Source
+        && match state {
+            JournalState::Preparing | JournalState::Frozen | JournalState::CommitSent => true,
+            JournalState::Committed => ending_here,
+            _ => false,
+        }
+}
+
 pub(crate) fn moving(
     journals: &[crate::migration::journal::JournalEntry],
     e: &super::Entry,
@@ -436,15 +447,12 @@ pub(crate) fn moving(
         .max_by_key(|j| j.updated)
         .or_else(|| crate::migration::journal::newest_of(journals, id))?
         .clone();
-    let in_progress = j.role == Role::Source
-        && matches!(
-            j.state,
-            JournalState::Preparing
-                | JournalState::Frozen
-                | JournalState::CommitSent
-                | JournalState::Committed
-        );
-    if !in_progress {
+    // A committed move away is in progress only while this agent still ends its copy here:
+    // otherwise the container came back since, and an entry of the same second as the move
+    // that brought it back may be the newest (CI of session 23: a container busy with a refused
+    // lazy move was shown `frozen` for the committed move away before the one back).
+    let ending_here = crate::migration::frozen_for_move(id) || crate::migration::ending(id);
+    if !move_in_progress(j.role, &j.state, ending_here) {
         return None;
     }
     let stage = match j.state {
@@ -511,6 +519,24 @@ mod tests {
             journal(id, "web", Role::Dest, JournalState::Committed, 20),
         ];
         assert_eq!(super::moved_away(&back, "web"), None);
+    }
+
+    /// A committed move away is in progress only while its copy is still held or ended here:
+    /// after that the container came back (CI of session 23 showed it `frozen`).
+    #[test]
+    fn a_committed_move_away_is_over_once_its_copy_is_gone() {
+        use super::move_in_progress as p;
+        for state in [
+            JournalState::Preparing,
+            JournalState::Frozen,
+            JournalState::CommitSent,
+        ] {
+            assert!(p(Role::Source, &state, false), "{state:?}");
+        }
+        assert!(p(Role::Source, &JournalState::Committed, true));
+        assert!(!p(Role::Source, &JournalState::Committed, false));
+        assert!(!p(Role::Source, &JournalState::RolledBack, true));
+        assert!(!p(Role::Dest, &JournalState::Frozen, true));
     }
 
     #[test]

@@ -21,7 +21,7 @@ mod pstree;
 mod recover;
 mod source;
 pub(crate) use postcopy::memory_arriving;
-pub(crate) use source::{frozen_for_move, mark_frozen};
+pub(crate) use source::{ending, frozen_for_move, mark_frozen};
 
 pub use journal::{JournalEntry, JOURNAL_DIR};
 

@@ -101,27 +101,30 @@ impl Agent {
                 )
             })?;
         self.claim_running(&id)?;
+        let migration_id = journal::new_id();
         let result = self
-            .move_claimed(t0, &id, &peer, tcp_established, opts)
+            .move_claimed(t0, &id, &migration_id, &peer, tcp_established, opts)
             .await;
-        if result.is_err() && !self.commit_may_have_happened(&id) {
+        if result.is_err() && !self.commit_may_have_happened(&migration_id) {
             // Still ours (rolled back or never started): runs here, not busy.
             self.set_busy(&id, false);
         }
         result
     }
 
-    /// Whether the newest move of container `id` from here sent its commit (journaled before it
-    /// is sent): then a failed move is in doubt or committed, and the container stays busy and
-    /// frozen until the resolver or the removal of this copy settles it.
-    fn commit_may_have_happened(&self, id: &str) -> bool {
-        use mig_migrate::protocol::{JournalState, Role};
-        crate::migration::journal::newest_of(&self.journals(), id).is_some_and(|j| {
-            j.role == Role::Source
-                && matches!(
-                    j.state,
-                    JournalState::CommitSent | JournalState::InDoubt | JournalState::Committed
-                )
+    /// Whether move `migration_id` sent its commit (journaled before it is sent): then a failed
+    /// move is in doubt or committed, and the container stays busy and frozen until the
+    /// resolver or the removal of this copy settles it. By the move's own journal: the
+    /// container's newest one could be an earlier move away of the same second (journals count
+    /// seconds), which left a container that came back since busy for good after a refused
+    /// move (CI of session 23: `rm` said "busy" after a refused lazy move).
+    fn commit_may_have_happened(&self, migration_id: &str) -> bool {
+        use mig_migrate::protocol::JournalState;
+        journal::read_checked(&self.cfg.state_dir, migration_id).is_ok_and(|j| {
+            matches!(
+                j.state,
+                JournalState::CommitSent | JournalState::InDoubt | JournalState::Committed
+            )
         })
     }
 
@@ -187,6 +190,7 @@ impl Agent {
         self: &Arc<Self>,
         t0: Instant,
         id: &str,
+        migration_id: &str,
         peer: &mig_migrate::transport::Peer,
         tcp_established: bool,
         opts: crate::migration::modes::MoveOptions,
@@ -250,7 +254,7 @@ impl Agent {
                 format!("cannot move {}: {why}; nothing was frozen", e.spec.name),
             ));
         }
-        let migration_id = journal::new_id();
+        let migration_id = migration_id.to_owned();
         let side = Src(Arc::new(SourceSide {
             agent: self.clone(),
             id: id.to_owned(),
