@@ -263,7 +263,7 @@ fn state_records_of_the_previous_format_are_read() -> Result<()> {
     std::fs::write(future_dir.join("spec.json"), &future_spec)?;
     let future_mid = "ffffffffffffffffffffffffffffffff";
     let future_journal = journals.join(format!("{future_mid}.json"));
-    let future_text = format!(r#"{{"format":3,"migration_id":"{future_mid}","phase":"next"}}"#);
+    let future_text = format!(r#"{{"format":4,"migration_id":"{future_mid}","phase":"next"}}"#);
     std::fs::write(&future_journal, &future_text)?;
 
     agent.spawn()?;
@@ -288,7 +288,7 @@ fn state_records_of_the_previous_format_are_read() -> Result<()> {
     });
     ensure!(settled, "old journal not recovered: {j}\n{}", agent.log());
     ensure!(
-        j["format"] == 2 && j["container_name"] == "in-flight",
+        j["format"] == 3 && j["container_name"] == "in-flight",
         "{j}"
     );
     ensure!(
@@ -297,11 +297,11 @@ fn state_records_of_the_previous_format_are_read() -> Result<()> {
     );
     // The future records: named in the log with both versions, not read, not changed.
     let log = agent.log();
-    for file in [future_dir.join("spec.json"), future_journal.clone()] {
-        let want = format!(
-            "{} has format version 3, newer than version 2",
-            file.display()
-        );
+    for (file, versions) in [
+        (future_dir.join("spec.json"), "3, newer than version 2"),
+        (future_journal.clone(), "4, newer than version 3"),
+    ] {
+        let want = format!("{} has format version {versions}", file.display());
         ensure!(log.contains(&want), "{want:?} not in the log:\n{log}");
     }
     ensure!(std::fs::read_to_string(future_dir.join("spec.json"))? == future_spec);

@@ -361,7 +361,7 @@ pub(crate) fn in_doubt(
 ) -> BTreeMap<String, InDoubt> {
     let mut entries = journals.to_vec();
     entries.retain(|e| e.state == JournalState::InDoubt);
-    entries.sort_by_key(|e| e.updated);
+    entries.sort_by_key(|e| e.stamp());
     entries
         .into_iter()
         .map(|e| {
@@ -389,7 +389,7 @@ pub(crate) fn moved_away<'a>(
     let last = journals
         .iter()
         .filter(|j| j.container_name == key || (key.len() >= 4 && j.container_id.starts_with(key)))
-        .max_by_key(|j| j.updated)?;
+        .max_by_key(|j| j.stamp())?;
     (last.role == Role::Source && last.state == JournalState::Committed).then_some(last)
 }
 
@@ -435,8 +435,6 @@ pub(crate) fn moving(
     }
     // The container's move away that is not over yet, else its newest migration whatever its
     // role (an old move away that committed, the container come back since, is not this one).
-    // `updated` counts seconds: a move that rolled back in the second this one started can tie
-    // with it (QA of session 23: an exec then said "busy with another operation").
     let j = journals
         .iter()
         .filter(|j| {
@@ -444,7 +442,7 @@ pub(crate) fn moving(
                 && j.role == Role::Source
                 && !crate::migration::journal::is_final(&j.state)
         })
-        .max_by_key(|j| j.updated)
+        .max_by_key(|j| j.stamp())
         .or_else(|| crate::migration::journal::newest_of(journals, id))?
         .clone();
     // A committed move away is in progress only while this agent still ends its copy here:
@@ -490,6 +488,7 @@ mod tests {
             peer: "host-b".into(),
             cgroup: String::new(),
             updated,
+            updated_ns: 0,
         }
     }
 

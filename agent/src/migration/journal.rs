@@ -10,11 +10,12 @@ use std::path::{Path, PathBuf};
 /// Directory of the journal under the state directory.
 pub const JOURNAL_DIR: &str = "migrations";
 const MAX_JOURNAL: u64 = 1 << 20;
-/// Format of the journal files: 1 is mig 0.1's (no `format` key), 2 adds the key. A journal of a
-/// newer format is refused by name (and skipped by [`list`], left on disk).
+/// Format of the journal files: 1 is mig 0.1's (no `format` key), 2 adds the key, 3 adds
+/// `updated_ns`. A journal of a newer format is refused by name (and skipped by [`list`], left on
+/// disk).
 pub const JOURNAL_FORMAT: fsutil::Format = fsutil::Format {
     key: "format",
-    current: 2,
+    current: 3,
 };
 
 /// One migration's journal file.
@@ -32,9 +33,32 @@ pub struct JournalEntry {
     pub cgroup: String,
     /// Seconds since the epoch.
     pub updated: u64,
+    /// Nanoseconds within that second (0 in journals of format 2 and older): a container can
+    /// have two journals of the same second (a move away, and the move back), and which one is
+    /// newer decides whether the container is busy and what a restarted agent recovers.
+    #[serde(default)]
+    pub updated_ns: u32,
+}
+
+/// The time now, as a journal's `updated` and `updated_ns`.
+pub fn now() -> (u64, u32) {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| (d.as_secs(), d.subsec_nanos()))
+        .unwrap_or((0, 0))
 }
 
 impl JournalEntry {
+    /// When it was last written; orders the journals of one host.
+    pub fn stamp(&self) -> (u64, u32) {
+        (self.updated, self.updated_ns)
+    }
+
+    /// Sets the last-written time to now.
+    pub fn touch(&mut self) {
+        (self.updated, self.updated_ns) = now();
+    }
+
     pub fn record(&self) -> JournalRecord {
         JournalRecord {
             migration_id: self.migration_id.clone(),
@@ -154,7 +178,6 @@ pub fn list(state_dir: &Path) -> Result<Vec<JournalEntry>, JournalError> {
     Ok(out)
 }
 
-/// Whether a state ends the migration on this side (nothing left to do).
 /// Container `container_id`'s newest migration on this host, whatever its role.
 pub(crate) fn newest_of<'a>(
     entries: &'a [JournalEntry],
@@ -163,9 +186,10 @@ pub(crate) fn newest_of<'a>(
     entries
         .iter()
         .filter(|j| j.container_id == container_id)
-        .max_by_key(|j| j.updated)
+        .max_by_key(|j| j.stamp())
 }
 
+/// Whether a state ends the migration on this side (nothing left to do).
 pub fn is_final(state: &JournalState) -> bool {
     matches!(
         state,
@@ -193,13 +217,14 @@ mod tests {
             peer: "host-b".into(),
             cgroup: "mig/c".into(),
             updated: 1,
+            updated_ns: 0,
         };
         write(dir.path(), &e).unwrap();
         assert_eq!(read(dir.path(), &id), Some(e.clone()));
         assert_eq!(list(dir.path()).unwrap(), vec![e]);
         assert!(path(dir.path(), "nope").is_err());
         let on_disk = std::fs::read_to_string(path(dir.path(), &id).unwrap()).unwrap();
-        assert!(on_disk.contains("\"format\": 2"), "{on_disk}");
+        assert!(on_disk.contains("\"format\": 3"), "{on_disk}");
     }
 
     /// A journal of mig 0.1 (no `format`) is read; one of a newer format is skipped and kept.
@@ -218,17 +243,52 @@ mod tests {
         let e = read_checked(dir.path(), old).unwrap();
         assert_eq!((e.role, &e.state), (Role::Dest, &JournalState::Restored));
         let newer = "fedcba9876543210fedcba9876543210";
-        let text = format!(r#"{{"format":3,"migration_id":"{newer}","future":true}}"#);
+        let text = format!(r#"{{"format":4,"migration_id":"{newer}","future":true}}"#);
         std::fs::write(path(dir.path(), newer).unwrap(), &text).unwrap();
         let err = super::super::chain(&read_checked(dir.path(), newer).unwrap_err());
         assert!(
             err.contains(&format!(
-                "{newer}.json has format version 3, newer than version 2"
+                "{newer}.json has format version 4, newer than version 3"
             )),
             "{err}"
         );
         assert_eq!(list(dir.path()).unwrap(), vec![e]);
         let kept = std::fs::read_to_string(path(dir.path(), newer).unwrap()).unwrap();
         assert_eq!(kept, text);
+    }
+
+    /// A container's move away and its move back in one second: the newer is the one written
+    /// later within it (CI of session 23 found the move away taken for the newer one).
+    #[test]
+    fn journals_of_one_second_are_ordered_by_their_nanoseconds() {
+        let entry = |mid: &str, role, updated_ns| JournalEntry {
+            migration_id: mid.into(),
+            role,
+            state: JournalState::Committed,
+            container_id: "c".into(),
+            container_name: "n".into(),
+            peer: "host-b".into(),
+            cgroup: "mig/c".into(),
+            updated: 1_700_000_000,
+            updated_ns,
+        };
+        let away = entry(
+            "0123456789abcdef0123456789abcdef",
+            Role::Source,
+            900_000_000,
+        );
+        let back = entry("fedcba9876543210fedcba9876543210", Role::Dest, 100_000);
+        for js in [
+            vec![away.clone(), back.clone()],
+            vec![back.clone(), away.clone()],
+        ] {
+            assert_eq!(newest_of(&js, "c"), Some(&away));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut later = back.clone();
+        later.touch();
+        assert!(later.stamp() > away.stamp());
+        write(dir.path(), &later).unwrap();
+        assert_eq!(read(dir.path(), &later.migration_id), Some(later));
     }
 }

@@ -15,7 +15,6 @@ use super::source::{destroy_copy, SourceSide, Src};
 use super::{chain, MoveResult};
 use crate::api::{ApiError, Decision, ErrorKind};
 use crate::daemon::Agent;
-use crate::layout::now;
 use mig_migrate::protocol::{JournalState, Outcome, Role, SourceMachine, Timeouts};
 use mig_migrate::transport;
 use mig_runtime::cgroup::Cgroup;
@@ -64,7 +63,7 @@ pub(crate) const DEST_HOLD_LIMIT: Duration = Duration::from_secs(45);
 fn settle(agent: &Agent, e: &JournalEntry, state: JournalState) {
     let mut e = e.clone();
     e.state = state;
-    e.updated = now();
+    e.touch();
     if let Err(err) = journal::write(&agent.cfg.state_dir, &e) {
         tracing::error!(migration = %e.migration_id, error = %chain(&err), "cannot update the journal");
     }
@@ -188,7 +187,7 @@ fn commit_unfinished(agent: &Agent, e: &JournalEntry, all: &[JournalEntry]) -> b
             cd.dir.join("migration").is_dir()
                 && !all
                     .iter()
-                    .any(|o| o.container_id == e.container_id && o.updated > e.updated)
+                    .any(|o| o.container_id == e.container_id && o.stamp() > e.stamp())
         }
     }
 }

@@ -8,7 +8,6 @@ use super::journal::{self, JournalEntry};
 use super::{chain, memsync, ms};
 use crate::daemon::events::EventKind;
 use crate::daemon::Agent;
-use crate::layout::now;
 use mig_migrate::archive::LayerScan;
 use mig_migrate::criu::smaps::SmapsCopy;
 use mig_migrate::criu::DumpOpts;
@@ -230,6 +229,7 @@ impl SourceSide {
     }
 
     fn entry(&self, state: JournalState) -> JournalEntry {
+        let (updated, updated_ns) = super::journal::now();
         JournalEntry {
             migration_id: self.migration_id.clone(),
             role: Role::Source,
@@ -238,7 +238,8 @@ impl SourceSide {
             container_name: self.name.clone(),
             peer: self.peer.clone(),
             cgroup: self.cgroup.clone(),
-            updated: now(),
+            updated,
+            updated_ns,
         }
     }
 

@@ -5,7 +5,6 @@ use super::finish::{cleanup_incoming, resume_incoming};
 use super::staging::{import_layers, unpack_presync};
 use super::{boxed, io, DestError, DestSide};
 use crate::daemon::Agent;
-use crate::layout::now;
 use crate::migration::chain;
 use crate::migration::fault::{self, Point};
 use crate::migration::journal::{self, JournalEntry};
@@ -118,6 +117,7 @@ impl DestHost for DestSide {
 
     async fn journal(&self, record: &JournalRecord) -> Result<(), HostError> {
         let inc = self.incoming(&record.migration_id).map_err(boxed)?;
+        let (updated, updated_ns) = journal::now();
         let entry = JournalEntry {
             migration_id: record.migration_id.clone(),
             role: Role::Dest,
@@ -126,7 +126,8 @@ impl DestHost for DestSide {
             container_id: inc.container_id,
             container_name: inc.container_name,
             peer: self.source.clone(),
-            updated: now(),
+            updated,
+            updated_ns,
         };
         journal::write(&self.agent.cfg.state_dir, &entry).map_err(|e| boxed(DestError::Journal(e)))
     }
