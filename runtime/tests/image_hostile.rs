@@ -345,6 +345,20 @@ fn image_hostile_oci_archive() {
         "{text}"
     );
     assert_store_empty(&store);
+    // The same layout as an archive: the error names the archive, not the store's temporary
+    // directory it was unpacked in (QA of session 23, R5).
+    let archive = write_file(d, "bad-oci.tar", &tar_dir(&layout));
+    let err = store.import(&archive, "bad").unwrap_err();
+    let text = format!(
+        "{err}: {}",
+        std::error::Error::source(&err).map_or(String::new(), |s| s.to_string())
+    );
+    assert!(
+        text.contains("sha256:deadbeef")
+            && text.contains(&format!("a descriptor of {}", archive.display())),
+        "{text}"
+    );
+    assert_store_empty(&store);
 }
 
 fn pax_record(key: &str, value: &[u8]) -> Vec<u8> {

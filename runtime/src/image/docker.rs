@@ -28,14 +28,16 @@ pub(crate) fn is_manifest(data: &[u8]) -> bool {
     serde_json::from_slice::<Vec<Entry>>(data).is_ok_and(|e| !e.is_empty())
 }
 
-/// Imports the unpacked docker-archive in `dir` under `name`, staging in `work`.
+/// Imports the unpacked docker-archive in `dir` (`shown` in errors) under `name`, staging in
+/// `work`.
 pub(crate) fn import_dir(
     store: &ImageStore,
     work: &WorkDir,
     dir: &Path,
+    shown: &Path,
     name: &str,
 ) -> Result<Image, ImageError> {
-    let layout = Layout::new(store, dir);
+    let layout = Layout::new(store, dir, shown);
     let entries: Vec<Entry> = layout.top_json("manifest.json")?;
     let entry = match entries.as_slice() {
         [e] => e,

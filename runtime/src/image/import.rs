@@ -204,11 +204,11 @@ pub(crate) fn import(store: &ImageStore, path: &Path, name: &str) -> Result<Imag
     if meta.is_dir() {
         if path.join("oci-layout").exists() {
             let work = store.work_dir()?;
-            return super::oci::import_layout(store, &work, path, name);
+            return super::oci::import_layout(store, &work, path, path, name);
         }
         if is_docker_dir(path) {
             let work = store.work_dir()?;
-            return super::docker::import_dir(store, &work, path, name);
+            return super::docker::import_dir(store, &work, path, path, name);
         }
         return import_rootfs_dir(store, path, name);
     }
@@ -391,9 +391,9 @@ fn import_tar_file(store: &ImageStore, path: &Path, name: &str) -> Result<Image,
         }
         fs::remove_file(&blob).map_err(ImageError::io("removing", &blob))?;
         return if kind == TarKind::Oci {
-            super::oci::import_layout(store, &work, &layout, name)
+            super::oci::import_layout(store, &work, &layout, path, name)
         } else {
-            super::docker::import_dir(store, &work, &layout, name)
+            super::docker::import_dir(store, &work, &layout, path, name)
         };
     }
     single_layer_image(store, &work, blob, digest, name, path)

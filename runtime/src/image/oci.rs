@@ -159,14 +159,19 @@ pub(super) fn open_nofollow(path: &Path) -> Result<File, ImageError> {
 
 pub(super) struct Layout<'a> {
     pub dir: &'a Path,
+    /// What errors name: the user's directory, or the archive it was unpacked from (not the
+    /// store's temporary directory).
+    pub shown: &'a Path,
     pub max_json: u64,
 }
 
 impl<'a> Layout<'a> {
-    /// The archive or layout unpacked in `dir`, its JSON files bounded by the store's limit.
-    pub(super) fn new(store: &ImageStore, dir: &'a Path) -> Layout<'a> {
+    /// The archive or layout unpacked in `dir` (`shown` in errors), its JSON files bounded by
+    /// the store's limit.
+    pub(super) fn new(store: &ImageStore, dir: &'a Path, shown: &'a Path) -> Layout<'a> {
         Layout {
             dir,
+            shown,
             max_json: store.limits.max_json_size,
         }
     }
@@ -183,7 +188,7 @@ impl<'a> Layout<'a> {
         if crate::spec::validate_digest(digest).is_err() {
             return Err(OciError::Digest {
                 digest: digest.to_owned(),
-                at: format!("a descriptor of {}", self.dir.display()),
+                at: format!("a descriptor of {}", self.shown.display()),
             }
             .into());
         }
@@ -314,14 +319,15 @@ fn fetch_layer(
     Ok(digest)
 }
 
-/// Imports the OCI image layout in `dir` under `name`, staging in `work`.
+/// Imports the OCI image layout in `dir` (`shown` in errors) under `name`, staging in `work`.
 pub(crate) fn import_layout(
     store: &ImageStore,
     work: &WorkDir,
     dir: &Path,
+    shown: &Path,
     name: &str,
 ) -> Result<Image, ImageError> {
-    let layout = Layout::new(store, dir);
+    let layout = Layout::new(store, dir, shown);
     let lf: LayoutFile = layout.top_json("oci-layout")?;
     if !lf.version.starts_with("1.") {
         return Err(OciError::LayoutVersion(lf.version).into());

@@ -10,7 +10,7 @@ pub(super) fn cause_words(cause: &mig_migrate::protocol::Cause) -> String {
     use mig_migrate::wire::{AbortReason as A, RefuseReason as R};
     let abort = |a: &A| {
         match a {
-        A::FreezeFailed => "freezing the container failed",
+        A::FreezeFailed => "the freeze failed or was refused",
         A::DumpFailed => "the checkpoint (criu dump) failed",
         A::SendFailed => "sending the files failed",
         A::BadFile => "a file arrived damaged or could not be written",
