@@ -931,6 +931,14 @@ fn quic_endpoint_refuses_unpinned_and_non_migrations() -> Result<()> {
             o.code != 0,
             "{name}: a move that grew past --max-incoming-bytes succeeded: {o:?}"
         );
+        // The error says why, not only CRIU's broken pipe (QA of session 23, R1).
+        ensure!(
+            o.stderr
+                .contains("the destination stopped the dump's page stream: the pages passed")
+                && o.stderr.contains("--max-incoming-bytes"),
+            "{name}: the error does not name the limit: {}",
+            o.stderr
+        );
         lab::running_on(&lab, 0, name)?;
         lab::nothing_left(&lab, 1, &id)?;
         lab.mig_ok(0, &["exec", name, "--", "test", "-e", "/tmp/grown"])

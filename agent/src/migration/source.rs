@@ -71,6 +71,13 @@ pub enum SourceError {
     Criu(#[source] mig_migrate::criu::CriuError),
     #[error("cannot dump the container")]
     Dump(#[source] mig_migrate::criu::CriuError),
+    /// The destination ended the dump's page stream, and said why.
+    #[error("the destination stopped the dump's page stream: {why}; the dump then failed")]
+    DumpStopped {
+        why: &'static str,
+        #[source]
+        source: mig_migrate::criu::CriuError,
+    },
     #[error("criu pre-dump failed (the container kept running)")]
     PreDump(#[source] mig_migrate::criu::CriuError),
     #[error("cannot prepare the pre-copy rounds")]

@@ -127,6 +127,7 @@ pub async fn carry(
     mut recv: quinn::RecvStream,
     index: Arc<SentIndex>,
     stats: Arc<DedupStats>,
+    stop: &crate::transport::tunnel::PeerStop,
 ) -> Result<(), MemsyncError> {
     let reader = sock.try_clone().map_err(MemsyncError::DumpRead)?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Bytes>>(QUEUE);
@@ -135,7 +136,10 @@ pub async fn carry(
         let mut sent = Ok(());
         while let Some(mut batch) = rx.recv().await {
             if let Err(e) = send.write_all_chunks(&mut batch).await {
-                sent = Err(MemsyncError::Stream(e.into()));
+                let e = std::io::Error::from(e);
+                // Before the dump's socket closes: its error is only a broken pipe.
+                stop.note(&e);
+                sent = Err(MemsyncError::Stream(e));
                 // Else the encoder waits for the dump, which waits for an answer.
                 let _ = sock.shutdown(std::net::Shutdown::Both);
                 break;
@@ -165,8 +169,10 @@ pub async fn carry(
                     return Ok(());
                 }
                 Err(e) => {
-                    let _ = recv.stop(2u32.into());
-                    return Err(MemsyncError::Stream(e.into()));
+                    let e = std::io::Error::from(e);
+                    stop.note(&e);
+                    let _ = recv.stop(crate::transport::tunnel::STOP_FAILED.into());
+                    return Err(MemsyncError::Stream(e));
                 }
             }
         }

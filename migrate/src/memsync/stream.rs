@@ -5,7 +5,9 @@ use super::cache::check_run;
 use super::images::{ImagesWriter, PresyncImages};
 use super::reader::{anon_runs, ProcMemory};
 use super::{dst_id, MemsyncError, SentIndex, PAGE, RUN_HEADER};
-use crate::transport::tunnel::{TunnelHeader, MAX_TUNNEL_HEADER};
+use crate::transport::tunnel::{
+    stop_reason, TunnelHeader, MAX_TUNNEL_HEADER, STOP_FAILED, STOP_INVALID, STOP_WRITE,
+};
 use crate::wire::write_frame;
 use bytes::Bytes;
 use std::sync::{Arc, Mutex};
@@ -39,33 +41,22 @@ pub struct SendStats {
     pub pages_pinned: u64,
 }
 
-/// The codes a destination resets a failed presync stream with, so that the source can say
-/// why rather than only that the stream was reset.
-const RESET_FAILED: u32 = 2;
-const RESET_WRITE: u32 = 3;
-const RESET_INVALID: u32 = 4;
-
-/// The reset code for a destination's failure.
+/// The code a destination resets a failed presync stream with, so that the source can say why
+/// rather than only that the stream was reset.
 fn reset_code(e: &MemsyncError) -> u32 {
     match e {
-        MemsyncError::File { .. } => RESET_WRITE,
+        MemsyncError::File { .. } => STOP_WRITE,
         MemsyncError::BadRun { .. }
         | MemsyncError::BadImage { .. }
         | MemsyncError::Overlap { .. }
-        | MemsyncError::TooMuch { .. } => RESET_INVALID,
-        _ => RESET_FAILED,
+        | MemsyncError::TooMuch { .. } => STOP_INVALID,
+        _ => STOP_FAILED,
     }
 }
 
 /// The source's error for a stream the destination reset with `code`.
 fn peer_failed(code: quinn::VarInt) -> MemsyncError {
-    MemsyncError::PeerFailed(match code.into_inner() {
-        c if c == u64::from(RESET_WRITE) => {
-            "it could not write the pages into its images directory (full disk?)"
-        }
-        c if c == u64::from(RESET_INVALID) => "it found the presync stream invalid",
-        _ => "it failed",
-    })
+    MemsyncError::PeerFailed(stop_reason(code.into_inner()))
 }
 
 fn read_err(e: quinn::ReadExactError) -> MemsyncError {

@@ -166,7 +166,7 @@ impl DestMachine {
                 m.view = DestView::RolledBack;
                 m.state = DestState::Done(Outcome::RolledBack {
                     cause: Cause::LinkLost,
-                    detail: restart,
+                    detail: "rolled back before this resolve".into(),
                     rollback_error: None,
                 });
             }

@@ -175,6 +175,63 @@ impl Counter {
     }
 }
 
+/// Codes a receiving agent stops or resets a carried stream with, so that the sender can say
+/// why its client's socket broke (CRIU only sees a broken pipe): the memory presync's stream
+/// (docs/protocol.md) and the dump's page stream.
+pub const STOP_FAILED: u32 = 2;
+/// It could not write what arrived (a full disk?).
+pub const STOP_WRITE: u32 = 3;
+/// The stream broke the rules of its protocol.
+pub const STOP_INVALID: u32 = 4;
+/// The stream passed the most bytes this agent takes from a peer (`migd --max-incoming-bytes`).
+pub const STOP_LIMIT: u32 = 5;
+
+/// What a stop or reset code of a receiving agent means, in words.
+pub fn stop_reason(code: u64) -> &'static str {
+    match code {
+        c if c == u64::from(STOP_WRITE) => {
+            "it could not write the pages into its images directory (full disk?)"
+        }
+        c if c == u64::from(STOP_INVALID) => "it found the stream invalid",
+        c if c == u64::from(STOP_LIMIT) => {
+            "the pages passed the most it takes from a peer (its migd --max-incoming-bytes)"
+        }
+        _ => "it failed",
+    }
+}
+
+/// The code the peer stopped (our sending) or reset (its sending) a stream with, when `e` is
+/// that.
+pub fn peer_code(e: &std::io::Error) -> Option<u64> {
+    let inner = e.get_ref()?;
+    if let Some(quinn::WriteError::Stopped(code)) = inner.downcast_ref::<quinn::WriteError>() {
+        return Some(code.into_inner());
+    }
+    if let Some(quinn::ReadError::Reset(code)) = inner.downcast_ref::<quinn::ReadError>() {
+        return Some(code.into_inner());
+    }
+    None
+}
+
+/// The first code the peer stopped or reset a carried stream with (shared by a tunnel and its
+/// copying tasks).
+#[derive(Debug, Clone, Default)]
+pub struct PeerStop(Arc<std::sync::OnceLock<u64>>);
+
+impl PeerStop {
+    /// Keeps the peer's code when `e` carries one (the first one counts).
+    pub fn note(&self, e: &std::io::Error) {
+        if let Some(code) = peer_code(e) {
+            let _ = self.0.set(code);
+        }
+    }
+
+    /// Why the peer ended the stream, when it did so with a code.
+    pub fn reason(&self) -> Option<&'static str> {
+        self.0.get().map(|&c| stop_reason(c))
+    }
+}
+
 /// Called once when the peer's side of a carried connection ended (its FIN, a reset or a lost
 /// connection) while the local client had not yet closed its own side, before the local
 /// socket learns of it ([`Tunnel::socketpair_guarded`]).
@@ -189,6 +246,7 @@ pub struct Tunnel {
     /// [`Tunnel::socketpair`]: the end for the local client, until taken.
     client: Mutex<Option<OwnedFd>>,
     bytes: Counter,
+    stop: PeerStop,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -207,11 +265,13 @@ impl Tunnel {
             .local_addr()
             .map_err(|source| TunnelError::Listen { addr, source })?;
         let bytes = Counter::default();
-        let task = tokio::spawn(forward(listener, conn, header, bytes.clone()));
+        let stop = PeerStop::default();
+        let task = tokio::spawn(forward(listener, conn, header, bytes.clone(), stop.clone()));
         Ok(Tunnel {
             addr: Some(addr),
             client: Mutex::new(None),
             bytes,
+            stop,
             task,
         })
     }
@@ -241,8 +301,10 @@ impl Tunnel {
         let mine = UnixStream::from_std(mine).map_err(TunnelError::SocketPair)?;
         let bytes = Counter::default();
         let counter = bytes.clone();
+        let stop = PeerStop::default();
+        let noted = stop.clone();
         let task = tokio::spawn(async move {
-            if let Err(e) = carry_out(mine, &conn, &header, &counter, hook).await {
+            if let Err(e) = carry_out(mine, &conn, &header, &counter, hook, &noted).await {
                 tracing::warn!(error = %super::driver::chain(&e), service = ?header.service, "tunnel failed");
             }
         });
@@ -250,6 +312,7 @@ impl Tunnel {
             addr: None,
             client: Mutex::new(Some(OwnedFd::from(client))),
             bytes,
+            stop,
             task,
         };
         Ok((tunnel, carried))
@@ -285,13 +348,15 @@ impl Tunnel {
         stats: Arc<crate::memsync::dedup::DedupStats>,
     ) -> Result<Tunnel, TunnelError> {
         let (client, mine) = unix_pair().map_err(TunnelError::SocketPair)?;
+        let stop = PeerStop::default();
+        let noted = stop.clone();
         let task = tokio::spawn(async move {
             let r = async {
                 let (mut send, recv) = conn.open_bi().await.map_err(TunnelError::Open)?;
                 write_frame(&mut send, &header, MAX_TUNNEL_HEADER)
                     .await
                     .map_err(TunnelError::Header)?;
-                crate::memsync::dedup::carry(mine, send, recv, index, stats)
+                crate::memsync::dedup::carry(mine, send, recv, index, stats, &noted)
                     .await
                     .map_err(TunnelError::Dedup)
             }
@@ -304,6 +369,7 @@ impl Tunnel {
             addr: None,
             client: Mutex::new(Some(OwnedFd::from(client))),
             bytes: Counter::default(),
+            stop,
             task,
         })
     }
@@ -333,6 +399,12 @@ impl Tunnel {
     pub fn bytes(&self) -> u64 {
         self.bytes.get()
     }
+
+    /// Why the peer ended a carried stream, when it said (a code of [`stop_reason`]): the
+    /// client's own error is only a broken pipe.
+    pub fn peer_stopped(&self) -> Option<&'static str> {
+        self.stop.reason()
+    }
 }
 
 impl Drop for Tunnel {
@@ -346,6 +418,7 @@ async fn forward(
     conn: quinn::Connection,
     header: TunnelHeader,
     bytes: Counter,
+    stop: PeerStop,
 ) {
     let mut tasks = tokio::task::JoinSet::new();
     loop {
@@ -360,9 +433,10 @@ async fn forward(
                     }
                 };
                 let _ = tcp.set_nodelay(true);
-                let (conn, header, bytes) = (conn.clone(), header.clone(), bytes.clone());
+                let (conn, header, bytes, stop) =
+                    (conn.clone(), header.clone(), bytes.clone(), stop.clone());
                 tasks.spawn(async move {
-                    if let Err(e) = carry_out(tcp, &conn, &header, &bytes, None).await {
+                    if let Err(e) = carry_out(tcp, &conn, &header, &bytes, None, &stop).await {
                         tracing::warn!(error = %super::driver::chain(&e), service = ?header.service, "tunnel failed");
                     }
                 });
@@ -379,6 +453,7 @@ async fn carry_out<S>(
     header: &TunnelHeader,
     bytes: &Counter,
     hook: Option<PeerEndHook>,
+    stop: &PeerStop,
 ) -> Result<(), TunnelError>
 where
     S: AsyncRead + AsyncWrite + Send,
@@ -392,7 +467,7 @@ where
     }
     .await;
     match opened {
-        Ok((send, recv)) => splice_guarded(io, send, recv, bytes, hook, None).await,
+        Ok((send, recv)) => splice_guarded(io, send, recv, bytes, hook, None, Some(stop)).await,
         Err(e) => {
             // The peer is gone before the first byte: the client sees it only after this.
             if let Some(h) = hook {
@@ -492,7 +567,7 @@ where
                     });
                 }
             };
-            splice_guarded(unix, send, recv, bytes, None, max_in).await
+            splice_guarded(unix, send, recv, bytes, None, max_in, None).await
         }
         Endpoint::Presync(sink) => {
             let bytes_held = sink.serve(send, recv).await.map_err(TunnelError::Presync)?;
@@ -606,11 +681,23 @@ async fn write_pages(
         }
         Err(e) => {
             tracing::warn!(error = %super::driver::chain(&e), "page writer failed");
-            let _ = send.reset(2u32.into());
-            let _ = recv.stop(2u32.into());
+            let code = writer_code(&e);
+            let _ = send.reset(code.into());
+            let _ = recv.stop(code.into());
             sink.report(Err(e));
             Err(())
         }
+    }
+}
+
+/// The code a failed page writer ends its stream with ([`stop_reason`]).
+fn writer_code(e: &PageWriterError) -> u32 {
+    use PageWriterError as E;
+    match e {
+        E::Create { .. } | E::Write { .. } => STOP_WRITE,
+        E::TooManyBytes { .. } => STOP_LIMIT,
+        E::Read(_) | E::Reply(_) | E::Thread | E::Timeout(_) | E::NeverRan => STOP_FAILED,
+        _ => STOP_INVALID,
     }
 }
 
@@ -639,7 +726,7 @@ pub async fn splice<S>(
 where
     S: AsyncRead + AsyncWrite + Send,
 {
-    splice_guarded(io, send, recv, bytes, None, None).await
+    splice_guarded(io, send, recv, bytes, None, None, None).await
 }
 
 /// How long [`splice_guarded`] waits, after the peer ended cleanly, for the client to close
@@ -652,7 +739,9 @@ fn hook_armed(hook: &Mutex<Option<PeerEndHook>>) -> bool {
 
 /// [`splice`] calling `hook` (once) when the peer's side ends or fails, or sending to it
 /// fails, while the local side has not ended: before `io` hears of it. With `max_in`, more
-/// bytes from the peer than that fail it ([`copy_in`]).
+/// bytes from the peer than that fail it ([`copy_in`]), and the peer's stream is stopped with
+/// [`STOP_LIMIT`]. A code the peer stops or resets the stream with goes to `stop` before `io`
+/// closes.
 async fn splice_guarded<S>(
     io: S,
     mut send: quinn::SendStream,
@@ -660,6 +749,7 @@ async fn splice_guarded<S>(
     bytes: &Counter,
     hook: Option<PeerEndHook>,
     max_in: Option<u64>,
+    stop: Option<&PeerStop>,
 ) -> Result<(), TunnelError>
 where
     S: AsyncRead + AsyncWrite + Send,
@@ -674,18 +764,29 @@ where
             }
         }
     };
+    let note = |e: &std::io::Error| {
+        if let Some(s) = stop {
+            s.note(e);
+        }
+    };
     let up = async {
         let r = copy_out(&mut r, &mut send, bytes).await;
         match &r {
             Ok(()) => local_ended.store(true, Ordering::Release),
             // The client's socket failed, or the stream to the peer did: only the latter is
             // the peer's end, but either way the client must not go on unguarded.
-            Err(_) => peer_ended(),
+            Err(e) => {
+                note(e);
+                peer_ended()
+            }
         }
         finish_or_reset(&mut send, r)
     };
     let down = async {
         let r = copy_in(&mut recv, &mut w, bytes, max_in).await;
+        if let Err(e) = &r {
+            note(e);
+        }
         // A peer that ends cleanly right after answering the client's last request (the close
         // of a session the client ends) is no failure: the client closes its side a moment
         // later. Give it that moment before taking the end as the peer's. Meanwhile the client
@@ -703,7 +804,12 @@ where
                 Ok(())
             }
             Err(e) => {
-                let _ = recv.stop(2u32.into());
+                let code = if e.get_ref().is_some_and(|x| x.is::<LimitPassed>()) {
+                    STOP_LIMIT
+                } else {
+                    STOP_FAILED
+                };
+                let _ = recv.stop(code.into());
                 Err(e)
             }
         }
@@ -737,6 +843,13 @@ where
     }
 }
 
+/// [`copy_in`]'s error when the peer sent more than the stream takes.
+#[derive(Debug, thiserror::Error)]
+#[error("the peer sent more than the {max} bytes this stream takes")]
+struct LimitPassed {
+    max: u64,
+}
+
 /// Chunks quinn holds for one vectored socket write (each about one packet).
 const CHUNKS: usize = 64;
 
@@ -765,9 +878,7 @@ where
         let total: usize = chunks[..n].iter().map(bytes::Bytes::len).sum();
         carried = carried.saturating_add(total as u64);
         if let Some(max) = max.filter(|&m| carried > m) {
-            return Err(std::io::Error::other(format!(
-                "the peer sent more than the {max} bytes this stream takes"
-            )));
+            return Err(std::io::Error::other(LimitPassed { max }));
         }
         let mut slices: Vec<std::io::IoSlice<'_>> = chunks[..n]
             .iter()

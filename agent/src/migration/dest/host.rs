@@ -240,12 +240,20 @@ pub(crate) fn spawn_acceptor(agent: Arc<Agent>, endpoint: quinn::Endpoint) {
                         // Post-copy: the lazy-pages daemon needs the connection until the last page.
                         crate::migration::pages::until_done(&r.migration_id).await;
                         side.emit_done(&r);
+                        // A connection that only answered the source's resolve did not run the
+                        // migration (QA of session 23: a rolled-back move was logged as ended
+                        // twice, the second time "agent restarted during the migration").
+                        let what = if side.known(&r.migration_id).is_some() {
+                            "incoming migration ended"
+                        } else {
+                            "answered the source's resolve of a migration"
+                        };
                         tracing::info!(
                             migration = %r.migration_id,
                             %source,
                             outcome = ?r.outcome,
                             in_doubt = r.in_doubt,
-                            "incoming migration ended"
+                            "{what}"
                         )
                     }
                     Err(e) => {

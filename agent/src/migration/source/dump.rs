@@ -56,7 +56,12 @@ impl SourceSide {
             tunnel,
         );
         drop(smaps);
-        let stats = stats.map_err(SourceError::Dump)?;
+        let stats = stats.map_err(|source| {
+            match tunnel.and_then(mig_migrate::transport::tunnel::Tunnel::peer_stopped) {
+                Some(why) => SourceError::DumpStopped { why, source },
+                None => SourceError::Dump(source),
+            }
+        })?;
         if let Err(e) = mig_runtime::affinity::save(&images, &masks) {
             tracing::warn!(id = %self.id, error = %e, "cannot save the tasks' CPU masks: they are not restored");
         }
