@@ -67,6 +67,38 @@ fn a_background_process_left_by_exec_survives_checkpoint_and_restore() -> Result
     let sid: i64 = sid.trim().parse().context(sid.clone())?;
     ensure!(sid > 1, "session {sid}");
 
+    // Restored, the container runs in the time namespace CRIU made for it (its clocks go on
+    // from the dump's): an exec joins it too, else a process it leaves makes the next restore
+    // fail ("Can't restore sub-task in NS") and the container stays checkpointed (QA of
+    // session 24, F5).
+    let ns = agent.mig_ok(&[
+        "exec",
+        "bg",
+        "--",
+        "sh",
+        "-c",
+        "readlink /proc/1/ns/time; readlink /proc/self/ns/time",
+    ])?;
+    let ns: Vec<&str> = ns.lines().collect();
+    ensure!(
+        ns.len() == 2 && ns[0] == ns[1],
+        "exec's time namespace is not the container's: {ns:?}"
+    );
+    agent.mig_ok(&[
+        "exec",
+        "bg",
+        "--",
+        "sh",
+        "-c",
+        "sleep 2000 >/dev/null 2>&1 &",
+    ])?;
+    agent.mig_ok(&["checkpoint", "bg"])?;
+    agent.mig_ok(&["restore", "bg"])?;
+    for cmd in ["sleep 1000", "sleep 2000"] {
+        let p = processes(&agent, "bg", cmd)?;
+        ensure!(p.len() == 1, "{cmd} after the second restore: {p:?}");
+    }
+
     // `exec -i` (stdin piped) still reads its input.
     let mut child = Command::new(bin("mig"))
         .args([

@@ -19,6 +19,7 @@ use crate::spec::ContainerSpec;
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
 struct ExecPlan {
@@ -56,6 +57,12 @@ pub fn exec(
     let account = Account::lookup(&root, p.uid, p.gid, spec.userns.map(|m| m.size));
     let full_env = account::with_home(&full_env, &account.home);
     let mut kinds = Vec::new();
+    // A restored container runs in the time namespace CRIU made for it (its clocks go on from
+    // the dump's). Joined first, while the middle process is still root of the host: a process
+    // left in the host's would make every later restore fail ("Can't restore sub-task in NS").
+    if other_time_ns(init_pid) {
+        kinds.push(("time", libc::CLONE_NEWTIME));
+    }
     if spec.userns.is_some() {
         kinds.push(("user", libc::CLONE_NEWUSER));
     }
@@ -100,6 +107,19 @@ pub fn exec(
     await_exec(parent_sock.as_raw_fd(), pid)?;
     let status = sys::waitpid(pid).map_err(|errno| ContainerError::Wait { pid, errno })?;
     Ok(sys::exit_code(status))
+}
+
+/// Whether the process `pid` is in another time namespace than this one (false when the kernel
+/// has none).
+fn other_time_ns(pid: i32) -> bool {
+    let ns = |p: String| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    match (
+        ns(format!("/proc/{pid}/ns/time")),
+        ns("/proc/self/ns/time".to_owned()),
+    ) {
+        (Some(theirs), Some(ours)) => theirs != ours,
+        _ => false,
+    }
 }
 
 /// The middle process: cgroup, namespaces, fork, wait. Never returns.
