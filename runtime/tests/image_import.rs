@@ -468,6 +468,68 @@ fn image_system_tar_formats() {
     }
 }
 
+/// Sparse files as GNU tar writes them with `-S`, in the old GNU format and in each PAX sparse
+/// format: the file comes back whole, under its own name, its holes still holes (QA of
+/// session 24: a PAX one imported as `GNUSparseFile.PID/NAME` holding the raw map).
+#[test]
+fn image_system_tar_sparse_files() {
+    let (tmp, store) = store();
+    let src = tmp.path().join("rootfs");
+    busybox_rootfs(&src);
+    // 64 MiB with data at 1 MiB, 40 MiB and the last 5 bytes.
+    let size = 64u64 << 20;
+    let mut want = vec![0u8; size as usize];
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = fs::File::create(src.join("sparse")).unwrap();
+        for (off, data) in [
+            (1u64 << 20, &b"first chunk"[..]),
+            (40 << 20, &[7u8; 9000][..]),
+            (size - 5, &b"tail!"[..]),
+        ] {
+            f.seek(SeekFrom::Start(off)).unwrap();
+            f.write_all(data).unwrap();
+            want[off as usize..off as usize + data.len()].copy_from_slice(data);
+        }
+    }
+    for (name, args) in [
+        ("gnu", vec!["--format=gnu"]),
+        ("pax-1.0", vec!["--format=pax", "--sparse-version=1.0"]),
+        ("pax-0.1", vec!["--format=pax", "--sparse-version=0.1"]),
+        ("pax-0.0", vec!["--format=pax", "--sparse-version=0.0"]),
+    ] {
+        let out = tmp.path().join(format!("{name}.tar"));
+        let st = std::process::Command::new("tar")
+            .args(&args)
+            .args(["-S", "--numeric-owner", "-C"])
+            .arg(&src)
+            .arg("-cf")
+            .arg(&out)
+            .arg(".")
+            .status()
+            .unwrap();
+        assert!(st.success(), "tar {args:?}");
+        let img = store.import(&out, name).unwrap();
+        let l = store.layer_dir(&img.layers[0]);
+        let got = fs::read(l.join("sparse")).unwrap();
+        assert!(got == want, "{name}: the sparse file differs");
+        let blocks = fs::metadata(l.join("sparse")).unwrap().blocks();
+        if name != "gnu" {
+            assert!(
+                blocks * 512 < 1 << 20,
+                "{name}: {blocks} blocks for a sparse file"
+            );
+        }
+        let stray: Vec<_> = fs::read_dir(&l)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("GNUSparseFile"))
+            .collect();
+        assert!(stray.is_empty(), "{name}: {stray:?}");
+    }
+}
+
 #[test]
 fn image_prune_unreferenced_layers() {
     let (tmp, store) = store();

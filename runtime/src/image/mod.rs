@@ -61,6 +61,8 @@ pub enum HostileReason {
     ExtensionTooLarge { size: u64, limit: u64 },
     #[error("the archive replaces the layer root with a non-directory")]
     ReplacesRoot,
+    #[error("invalid sparse file (GNU tar's PAX sparse format): {0}")]
+    BadSparse(&'static str),
 }
 
 /// What an early end of an archive most likely means, said next to the tar crate's own words

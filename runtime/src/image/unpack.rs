@@ -135,7 +135,13 @@ impl Unpacker<'_> {
         entry: &mut tar::Entry<'_, R>,
         src: &Path,
     ) -> Result<(), ImageError> {
-        let raw = entry.path_bytes().into_owned();
+        // A sparse file of GNU tar's PAX formats (`tar -S --format=pax`) is stored under a made-up
+        // name (`GNUSparseFile.PID/NAME`), its real name and size in the PAX header.
+        let sparse = pax_sparse(entry).map_err(tar_err(src))?;
+        let raw = match &sparse {
+            Some(s) => s.name.clone(),
+            None => entry.path_bytes().into_owned(),
+        };
         let rel = paths::entry_path(&raw).map_err(|e| hostile_raw(&raw, e.into()))?;
         let header = entry.header();
         let kind = header.entry_type();
@@ -152,6 +158,10 @@ impl Unpacker<'_> {
         }
         use tar::EntryType as T;
         match kind {
+            T::Regular | T::Continuous if sparse.is_some() => {
+                let sparse = sparse.unwrap_or_default();
+                self.regular_with(entry, &rel, meta, src, Some(sparse))
+            }
             T::Directory => self.directory(&rel, meta),
             T::Regular | T::Continuous | T::GNUSparse => self.regular(entry, &rel, meta, src),
             T::Symlink => {
@@ -260,9 +270,22 @@ impl Unpacker<'_> {
         meta: Meta,
         src: &Path,
     ) -> Result<(), ImageError> {
+        self.regular_with(entry, rel, meta, src, None)
+    }
+
+    /// A regular file, or with `sparse` one of GNU tar's PAX sparse files: its data chunks go
+    /// at their offsets, the holes between them stay holes.
+    fn regular_with<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        rel: &RelPath,
+        meta: Meta,
+        src: &Path,
+        sparse: Option<PaxSparse>,
+    ) -> Result<(), ImageError> {
         let limits = self.limits;
         let xattrs = file_xattrs(entry).map_err(tar_err(src))?;
-        let size = entry.size();
+        let size = sparse.as_ref().map_or(entry.size(), |s| s.real_size);
         if size > limits.max_entry_size {
             let reason = HostileReason::EntryTooLarge {
                 size,
@@ -286,8 +309,13 @@ impl Unpacker<'_> {
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&p)
             .map_err(ImageError::io("creating", &p))?;
-        let copied =
-            io::copy(&mut entry.take(limits.max_entry_size + 1), &mut f).map_err(tar_err(src))?;
+        let copied = match sparse {
+            Some(s) => write_sparse(entry, &mut f, s)
+                .map_err(tar_err(src))?
+                .map_err(|why| hostile(rel, HostileReason::BadSparse(why)))?,
+            None => io::copy(&mut entry.take(limits.max_entry_size + 1), &mut f)
+                .map_err(tar_err(src))?,
+        };
         if copied > limits.max_entry_size {
             let reason = HostileReason::EntryTooLarge {
                 size: copied,
@@ -415,6 +443,180 @@ impl Unpacker<'_> {
         }
         Ok(())
     }
+}
+
+/// A sparse file of GNU tar's PAX formats: its real name and size, and where its data chunks
+/// go (`None`: the map is at the start of the data, format 1.0).
+#[derive(Debug, Default)]
+struct PaxSparse {
+    name: Vec<u8>,
+    real_size: u64,
+    map: Option<Vec<(u64, u64)>>,
+}
+
+/// Most chunks a sparse file's map may list.
+const MAX_SPARSE_CHUNKS: usize = 1 << 20;
+
+/// The entry's PAX sparse description, if it has one (`GNU.sparse.*` keys: formats 0.0, 0.1
+/// and 1.0 of GNU tar).
+fn pax_sparse<R: Read>(entry: &mut tar::Entry<'_, R>) -> io::Result<Option<PaxSparse>> {
+    let Some(exts) = entry.pax_extensions()? else {
+        return Ok(None);
+    };
+    let (mut major, mut name, mut real_size, mut map_text) = (None, None, None, None);
+    let mut offsets: Vec<u64> = Vec::new();
+    let mut lengths: Vec<u64> = Vec::new();
+    let mut any = false;
+    let num = |v: &[u8]| {
+        std::str::from_utf8(v)
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+    };
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
+    for ext in exts {
+        let ext = ext?;
+        let Ok(key) = ext.key() else { continue };
+        let Some(k) = key.strip_prefix("GNU.sparse.") else {
+            if key == "path" && name.is_none() {
+                name = Some(ext.value_bytes().to_vec());
+            }
+            continue;
+        };
+        any = true;
+        let v = ext.value_bytes();
+        match k {
+            "major" => major = num(v),
+            "name" => name = Some(v.to_vec()),
+            "realsize" | "size" => real_size = num(v),
+            "map" => map_text = Some(v.to_vec()),
+            "offset" => offsets.push(num(v).ok_or_else(|| bad("bad GNU.sparse.offset"))?),
+            "numbytes" => lengths.push(num(v).ok_or_else(|| bad("bad GNU.sparse.numbytes"))?),
+            _ => {}
+        }
+        if offsets.len() > MAX_SPARSE_CHUNKS {
+            return Err(bad("too many GNU.sparse.offset keys"));
+        }
+    }
+    if !any {
+        return Ok(None);
+    }
+    let real_size = real_size.ok_or_else(|| bad("a PAX sparse file without its real size"))?;
+    let name = match name {
+        Some(n) => n,
+        None => entry.path_bytes().into_owned(),
+    };
+    let map = if major == Some(1) {
+        None
+    } else if let Some(text) = map_text {
+        let nums: Vec<u64> = text
+            .split(|&b| b == b',')
+            .map(|n| num(n).ok_or_else(|| bad("bad GNU.sparse.map")))
+            .collect::<io::Result<_>>()?;
+        if nums.len() % 2 != 0 || nums.len() / 2 > MAX_SPARSE_CHUNKS {
+            return Err(bad("bad GNU.sparse.map"));
+        }
+        Some(nums.chunks(2).map(|c| (c[0], c[1])).collect())
+    } else {
+        if offsets.len() != lengths.len() {
+            return Err(bad("GNU.sparse.offset and numbytes do not pair"));
+        }
+        Some(offsets.into_iter().zip(lengths).collect())
+    };
+    Ok(Some(PaxSparse {
+        name,
+        real_size,
+        map,
+    }))
+}
+
+/// Reads a decimal number ended by a newline from a 1.0 sparse map; counts the bytes read.
+fn map_number(r: &mut impl Read, read: &mut u64) -> io::Result<Result<u64, &'static str>> {
+    let mut n: u64 = 0;
+    let mut digits = 0;
+    loop {
+        let mut b = [0u8; 1];
+        r.read_exact(&mut b)?;
+        *read += 1;
+        match b[0] {
+            b'\n' if digits > 0 => return Ok(Ok(n)),
+            d @ b'0'..=b'9' if digits < 20 => {
+                digits += 1;
+                match n
+                    .checked_mul(10)
+                    .and_then(|n| n.checked_add(u64::from(d - b'0')))
+                {
+                    Some(v) => n = v,
+                    None => return Ok(Err("a number of the map overflows")),
+                }
+            }
+            _ => return Ok(Err("the map at the start of the data is malformed")),
+        }
+    }
+}
+
+/// Writes a PAX sparse file's data chunks from `r` at their offsets in `f` and gives it its real
+/// size; returns the data bytes written. The map must list chunks in order, without overlap,
+/// within the real size.
+fn write_sparse(
+    r: &mut impl Read,
+    f: &mut File,
+    s: PaxSparse,
+) -> io::Result<Result<u64, &'static str>> {
+    let map = match s.map {
+        Some(m) => m,
+        None => {
+            // Format 1.0: the count, then offset and size pairs, each on its own line, padded
+            // to a 512-byte block.
+            let mut read = 0u64;
+            let count = match map_number(r, &mut read)? {
+                Ok(c) if c as usize <= MAX_SPARSE_CHUNKS => c,
+                Ok(_) => return Ok(Err("the map lists too many chunks")),
+                Err(e) => return Ok(Err(e)),
+            };
+            let mut m = Vec::with_capacity(count as usize);
+            for _ in 0..count {
+                let off = match map_number(r, &mut read)? {
+                    Ok(v) => v,
+                    Err(e) => return Ok(Err(e)),
+                };
+                let len = match map_number(r, &mut read)? {
+                    Ok(v) => v,
+                    Err(e) => return Ok(Err(e)),
+                };
+                m.push((off, len));
+            }
+            let pad = (512 - read % 512) % 512;
+            io::copy(&mut r.take(pad), &mut io::sink())?;
+            m
+        }
+    };
+    let mut end = 0u64;
+    let mut written = 0u64;
+    for (off, len) in map {
+        let Some(chunk_end) = off.checked_add(len) else {
+            return Ok(Err("a chunk runs past the largest size"));
+        };
+        if off < end || chunk_end > s.real_size {
+            return Ok(Err(
+                "the map's chunks overlap, are out of order or pass the real size",
+            ));
+        }
+        end = chunk_end;
+        if len == 0 {
+            continue;
+        }
+        f.seek(SeekFrom::Start(off))?;
+        let n = io::copy(&mut r.take(len), f)?;
+        if n != len {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the sparse file's data ends before its map says",
+            ));
+        }
+        written += n;
+    }
+    f.set_len(s.real_size)?;
+    Ok(Ok(written))
 }
 
 /// The extended attributes of an entry (PAX `SCHILY.xattr.*`) that an image may set on its
@@ -609,6 +811,54 @@ fn scan_inner(file: &mut File, limits: &Limits) -> Result<(), ScanError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A 1.0 sparse map that is malformed, overlaps or passes the real size is refused; a good
+    /// one places its chunks.
+    #[test]
+    fn sparse_maps_are_checked() {
+        let run = |data: &[u8], real_size: u64| {
+            let dir = tempfile::tempdir().unwrap();
+            let mut f = File::create(dir.path().join("f")).unwrap();
+            let s = PaxSparse {
+                name: b"f".to_vec(),
+                real_size,
+                map: None,
+            };
+            let r = write_sparse(&mut &data[..], &mut f, s).unwrap();
+            (r, fs::read(dir.path().join("f")).unwrap())
+        };
+        let block = |map: &str, data: &[u8]| {
+            let mut v = map.as_bytes().to_vec();
+            v.resize(512, 0);
+            v.extend_from_slice(data);
+            v
+        };
+        let (r, content) = run(&block("2\n2\n3\n8\n1\n", b"abcz"), 10);
+        assert_eq!(r, Ok(4));
+        assert_eq!(content, b"\0\0abc\0\0\0z\0");
+        assert!(
+            run(&block("2\n4\n3\n5\n1\n", b"abcz"), 10).0.is_err(),
+            "overlap"
+        );
+        assert!(
+            run(&block("1\n8\n3\n", b"abc"), 10).0.is_err(),
+            "past the size"
+        );
+        assert!(
+            run(&block("1\nx\n3\n", b"abc"), 10).0.is_err(),
+            "not a number"
+        );
+        assert!(
+            run(&block("1\n\n3\n", b"abc"), 10).0.is_err(),
+            "empty number"
+        );
+        assert!(
+            run(&block("1\n99999999999999999999\n1\n", b"a"), 10)
+                .0
+                .is_err(),
+            "overflow"
+        );
+    }
 
     #[test]
     fn parses_numeric_fields() {
