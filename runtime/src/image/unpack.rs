@@ -512,7 +512,7 @@ fn pax_sparse<R: Read>(entry: &mut tar::Entry<'_, R>) -> io::Result<Option<PaxSp
             .split(|&b| b == b',')
             .map(|n| num(n).ok_or_else(|| bad("bad GNU.sparse.map")))
             .collect::<io::Result<_>>()?;
-        if nums.len() % 2 != 0 || nums.len() / 2 > MAX_SPARSE_CHUNKS {
+        if nums.len() & 1 != 0 || nums.len() / 2 > MAX_SPARSE_CHUNKS {
             return Err(bad("bad GNU.sparse.map"));
         }
         Some(nums.chunks(2).map(|c| (c[0], c[1])).collect())
