@@ -110,9 +110,10 @@ pub enum SourceError {
     Pages(#[source] super::pages::PagesError),
     #[error("cannot cut the frozen container's network link")]
     Net(#[source] mig_runtime::net::NetError),
-    #[error("the pages to send grew by {} MiB since the pre-flight (counted per process, as the dump sends them: processes started or memory allocated after it, which the memory presync did not copy): the predicted downtime is now {predicted_ms} ms, above the limit of {max_ms} ms (--max-downtime); the move stopped before freezing the container", growth >> 20)]
+    /// What grew is in words: the pages to send, the writable layer's changed files.
+    #[error("{grew}: the predicted downtime is now {predicted_ms} ms, above the limit of {max_ms} ms (--max-downtime); the move stopped before freezing the container")]
     DowntimeGrew {
-        growth: u64,
+        grew: String,
         predicted_ms: u64,
         max_ms: u64,
     },
@@ -320,11 +321,33 @@ impl SourceSide {
             return Ok(());
         };
         let growth = now.anon_bytes.saturating_sub(b.anon_bytes);
-        let predicted_ms = b.plan.predicted_ms + b.plan.preflight.growth_ms(b.plan.mode, growth);
-        tracing::debug!(id = %self.id, growth, predicted_ms, max_ms = b.max_ms, "downtime bound checked before the freeze");
+        let pages_ms = b.plan.preflight.growth_ms(b.plan.mode, growth);
+        // The writable layer's files changed since its presync go whole while frozen.
+        let scan = self
+            .upper_sync
+            .scan
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let changed = match scan.as_ref() {
+            Some(scan) => mig_migrate::archive::delta_file_bytes(&self.upper(), scan)
+                .inspect_err(|e| tracing::warn!(id = %self.id, error = %chain(e), "cannot measure the writable layer's changes"))
+                .unwrap_or(0),
+            None => 0,
+        };
+        drop(scan);
+        let files_ms = b.plan.preflight.upper_growth_ms(changed);
+        let predicted_ms = b.plan.predicted_ms + pages_ms + files_ms;
+        tracing::debug!(id = %self.id, growth, changed, predicted_ms, max_ms = b.max_ms, "downtime bound checked before the freeze");
         if predicted_ms > b.max_ms {
+            let mut grew = Vec::new();
+            if pages_ms > 0 || files_ms == 0 {
+                grew.push(format!("the pages to send grew by {} MiB since the pre-flight (counted per process, as the dump sends them: processes started or memory allocated after it, which the memory presync did not copy)", growth >> 20));
+            }
+            if files_ms > 0 {
+                grew.push(format!("the writable layer's files changed since their copy while the container ran hold {} MiB, sent again whole while frozen (a file changes as a whole: a large log appended to goes again in full)", changed >> 20));
+            }
             return Err(SourceError::DowntimeGrew {
-                growth,
+                grew: grew.join("; "),
                 predicted_ms,
                 max_ms: b.max_ms,
             });

@@ -72,6 +72,19 @@ pub fn write_layer_tar_scanned(dir: &Path, w: &mut dyn Write) -> Result<LayerSca
     Ok(scan)
 }
 
+/// The bytes of the regular files a delta of `dir` since `base` would carry now (new or
+/// changed files, whole): what crosses while frozen, for a check before the freeze.
+pub fn delta_file_bytes(dir: &Path, base: &LayerScan) -> Result<u64, LayerError> {
+    let mut bytes = 0u64;
+    walk(dir, Path::new(""), &mut |_, rel, meta| {
+        if meta.is_file() && base.get(rel) != Some(&EntryMeta::of(meta)) {
+            bytes = bytes.saturating_add(meta.size());
+        }
+        Ok(())
+    })?;
+    Ok(bytes)
+}
+
 /// Writes the delta of `dir` since `base` into `w` (see the module documentation).
 pub fn write_layer_delta(
     dir: &Path,

@@ -13,8 +13,8 @@ mod layer;
 mod sys;
 
 pub use delta::{
-    apply_layer_delta, write_layer_delta, write_layer_tar_scanned, DeltaStats, EntryMeta,
-    LayerScan, DELETED,
+    apply_layer_delta, delta_file_bytes, write_layer_delta, write_layer_tar_scanned, DeltaStats,
+    EntryMeta, LayerScan, DELETED,
 };
 pub use layer::{unpack_layer_tar, write_layer_tar, LayerError};
 
