@@ -260,6 +260,70 @@ fn logs_follow_goes_with_the_container() -> Result<()> {
         printed.first(),
         printed.last()
     );
+
+    // An attached `run --rm` follows its container the same way: it ends with the command's
+    // exit code on the host the container moved to, and removes it there (QA of session 24:
+    // it exited 125 with "no such container", and the container stayed there, exited).
+    let mut run = Kill(
+        std::process::Command::new(mig_tests::bin("mig"))
+            .args([
+                "--host", "host-a", "run", "--rm", "--name", "att", "busybox", "--",
+            ])
+            .args([
+                "sh",
+                "-c",
+                "echo started; while [ ! -e /tmp/go ]; do sleep 0.1; done; echo bye; exit 7",
+            ])
+            .env("MIG_LAB", &lab.name)
+            .env_remove("MIG_SOCKET")
+            .env_remove("MIG_HOST")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?,
+    );
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = run.0.stdout.take().map(|mut o| {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            let _ = std::io::Read::read_to_string(&mut o, &mut *seen.lock().unwrap());
+        })
+    });
+    let started = mig_tests::wait_until(Duration::from_secs(20), || {
+        lab.mig(0, &["logs", "att"]).stdout.contains("started")
+    });
+    assert!(started, "the attached container did not start");
+    lab.mig_ok(0, &["move", "att", "host-b"])?;
+    lab.mig_ok(1, &["exec", "att", "--", "touch", "/tmp/go"])?;
+    let mut status = None;
+    let ended = mig_tests::wait_until(Duration::from_secs(30), || {
+        status = run.0.try_wait().ok().flatten();
+        status.is_some()
+    });
+    assert!(ended, "the attached run did not end with its container");
+    if let Some(r) = reader {
+        let _ = r.join();
+    }
+    let mut stderr = String::new();
+    if let Some(mut e) = run.0.stderr.take() {
+        std::io::Read::read_to_string(&mut e, &mut stderr)?;
+    }
+    let stdout = seen.lock().map(|s| s.clone()).unwrap_or_default();
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(7),
+        "stdout: {stdout}; stderr: {stderr}"
+    );
+    assert!(
+        stdout.contains("started") && stdout.contains("bye"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("att moved to host-b; following it there"),
+        "{stderr}"
+    );
+    let left = lab.mig_ok(1, &["ps", "-a", "-q"])?;
+    let gone = lab.mig(1, &["inspect", "att"]);
+    assert!(gone.code != 0, "--rm left the container on host-b: {left}");
     Ok(())
 }
 

@@ -27,9 +27,43 @@ pub(super) async fn follow(
     container: &str,
     tail: Option<usize>,
 ) -> Result<u8, CliError> {
-    let mut logs = connect(cli).await?;
-    let mut events = connect(cli).await?;
-    let mut check = connect(cli).await?;
+    let agent = Agent {
+        logs: connect(cli).await?,
+        events: connect(cli).await?,
+        check: connect(cli).await?,
+    };
+    follow_on(agent, container, tail).await.map(|_| 0)
+}
+
+/// Three connections to one agent: one streams the log, one the events, one asks questions.
+pub(super) struct Agent {
+    pub logs: Client,
+    pub events: Client,
+    pub check: Client,
+}
+
+/// Where a followed log ended.
+pub(super) enum Followed {
+    /// On the agent it started on (the container ended, or left without a committed move).
+    Here,
+    /// On a lab host it moved to (`check` is connected there).
+    There { check: Client },
+    /// It moved to `peer`, which this machine cannot reach (said on stderr).
+    Away,
+}
+
+/// [`follow`] on connections made already; says where the log ended.
+pub(super) async fn follow_on(
+    agent: Agent,
+    container: &str,
+    tail: Option<usize>,
+) -> Result<Followed, CliError> {
+    let Agent {
+        mut logs,
+        mut events,
+        mut check,
+    } = agent;
+    let mut moved = false;
     // The follow prints the log from its start: the part before the last lines is skipped.
     let mut skip: usize = match tail {
         Some(n) => {
@@ -62,8 +96,15 @@ pub(super) async fn follow(
         if let Some(e) = err {
             return Err(e);
         }
+        let here = |check: Client, moved: bool| {
+            if moved {
+                Followed::There { check }
+            } else {
+                Followed::Here
+            }
+        };
         let (Some(watcher), Some(id)) = (watcher, id) else {
-            return Ok(0);
+            return Ok(here(check, moved));
         };
         let Some(peer) = moved_away(&mut check, &id, watcher, &moving).await else {
             // Ended without moving: a checkpoint is the one end that is not the container's own.
@@ -76,7 +117,7 @@ pub(super) async fn follow(
                     "mig: {container} was checkpointed; its log goes on once it is restored (mig restore {container})"
                 );
             }
-            return Ok(0);
+            return Ok(here(check, moved));
         };
         let next = match socket_path(None, Some(&peer)) {
             Ok(path) => Client::connect(&path).await.ok(),
@@ -86,13 +127,14 @@ pub(super) async fn follow(
             eprintln!(
                 "mig: {container} moved to {peer}; its log continues there (mig --host {peer} logs -f {container})"
             );
-            return Ok(0);
+            return Ok(Followed::Away);
         };
         eprintln!("mig: {container} moved to {peer}; following it there");
         let path = socket_path(None, Some(&peer))?;
         logs = next;
         events = Client::connect(&path).await?;
         check = Client::connect(&path).await?;
+        moved = true;
         // The log moved with the container: what was printed comes again first.
         skip += printed;
     }

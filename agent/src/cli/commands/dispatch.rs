@@ -74,9 +74,18 @@ pub(super) async fn dispatch(cli: Cli) -> Result<u8, CliError> {
         _ => None,
     };
     let mut c = connect(&cli).await?;
+    // An attached run follows its container's log, across moves too.
+    let follow = match &cli.command {
+        Command::Run(r) if !r.detach => Some(crate::cli::logs::Agent {
+            logs: connect(&cli).await?,
+            events: connect(&cli).await?,
+            check: connect(&cli).await?,
+        }),
+        _ => None,
+    };
     match cli.command {
         Command::Image(ic) => image(&mut c, ic).await.map(|_| 0),
-        Command::Run(r) => run(&mut c, r).await,
+        Command::Run(r) => run(&mut c, r, follow).await,
         Command::Ps {
             all,
             quiet,

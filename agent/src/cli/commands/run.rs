@@ -56,7 +56,13 @@ fn command_not_run(e: &ClientError) -> Option<u8> {
     }
 }
 
-pub(super) async fn run(c: &mut Client, r: RunArgs) -> Result<u8, CliError> {
+/// `mig run`; attached (`follow`: the connections to follow its log, also across moves), it
+/// waits for the container's end wherever it moved in the lab, and `--rm` removes it there.
+pub(super) async fn run(
+    c: &mut Client,
+    r: RunArgs,
+    follow: Option<crate::cli::logs::Agent>,
+) -> Result<u8, CliError> {
     if r.rm && r.detach {
         return Err(CliError::RmDetached);
     }
@@ -103,29 +109,32 @@ pub(super) async fn run(c: &mut Client, r: RunArgs) -> Result<u8, CliError> {
         Some(code) => CliError::CommandNotRun { code, source: e },
         None => older_agent(e),
     })?;
-    if r.detach {
+    // (The caller makes the connections for an attached run only.)
+    let Some(agent) = follow.filter(|_| !r.detach) else {
         if r.json {
             json(&serde_json::json!({ "id": id, "name": name }))?;
         } else {
             out(&format!("{id}\n"))?;
         }
         return Ok(0);
-    }
-    let mut err = None;
-    let follow = c.logs(&id, true, |data| {
-        if err.is_none() {
-            err = out(data).err();
-        }
-    });
+    };
     // Ctrl-C detaches this command; the container runs on (podman would pass the signal to
     // it): say so rather than die of the signal with nothing said.
-    tokio::select! {
-        r = follow => r?,
+    let followed = tokio::select! {
+        r = crate::cli::logs::follow_on(agent, &name, None) => r?,
         () = interrupted() => return Err(CliError::RunDetached { name, rm }),
-    }
-    if let Some(e) = err {
-        return Err(e);
-    }
+    };
+    // A container moved while attached ends on the host it moved to (QA of session 24: the
+    // exit code was lost and --rm not applied there).
+    let mut there;
+    let c = match followed {
+        crate::cli::logs::Followed::Here => c,
+        crate::cli::logs::Followed::There { check } => {
+            there = check;
+            &mut there
+        }
+        crate::cli::logs::Followed::Away => return Ok(EXIT_MIG_ERROR),
+    };
     let d = c.inspect(&id).await?;
     // The command's own output says why it failed; an OOM kill or the agent's reason (post-copy
     // failed...) would otherwise be only an exit status of 137 (QA: `run --rm --memory 64M`
