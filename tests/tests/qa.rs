@@ -285,7 +285,7 @@ fn logs_follow_goes_with_the_container() -> Result<()> {
     let reader = run.0.stdout.take().map(|mut o| {
         let seen = seen.clone();
         std::thread::spawn(move || {
-            let _ = std::io::Read::read_to_string(&mut o, &mut *seen.lock().unwrap());
+            let _ = std::io::Read::read_to_string(&mut o, &mut seen.lock().unwrap());
         })
     });
     let started = mig_tests::wait_until(Duration::from_secs(20), || {
