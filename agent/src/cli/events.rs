@@ -124,6 +124,15 @@ pub(super) async fn dispatch(cli: &Cli) -> Result<Option<u8>, CliError> {
 /// Streams events until the agent goes away, the pipe closes or `--count` events were printed.
 pub(super) async fn run(cli: &Cli, args: &EventsArgs) -> Result<u8, CliError> {
     let mut c = connect(cli).await?;
+    // A filter naming no container of this host waits for one that may come (a move here, a
+    // run): said, rather than silence (QA of session 24).
+    if let Some(want) = &args.container {
+        if c.inspect(want).await.is_err() {
+            eprintln!(
+                "mig: no container {want} on this host now; waiting for events of one that comes"
+            );
+        }
+    }
     c.subscribe_events().await?;
     let mut printed = 0u64;
     loop {

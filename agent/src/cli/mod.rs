@@ -233,7 +233,7 @@ pub enum Command {
         container: String,
     },
     /// Run a command in a running container; exits with the command's code. Its output is
-    /// printed when it ends.
+    /// printed as it comes.
     Exec {
         /// Extra environment (KEY=VALUE), repeatable; a KEY alone takes the value KEY has in
         /// mig's environment (and is left out when mig's environment has no KEY).
@@ -250,8 +250,8 @@ pub enum Command {
         /// before the command starts; without it the command's is /dev/null.
         #[arg(short, long)]
         interactive: bool,
-        /// Refused: mig exec has no terminal (the output is returned when the command ends);
-        /// pipe input with -i instead.
+        /// Refused: mig exec has no terminal (the command's output comes through pipes); pipe
+        /// input with -i instead.
         #[arg(short, long)]
         tty: bool,
         /// Container id, id prefix or name.

@@ -206,8 +206,9 @@ impl ServerCertVerifier for PinnedServerVerifier {
             Err(rustls::Error::General(format!(
                 "the peer presented certificate {fp}, but {} is pinned for it: if its identity \
                  was made again, check the new fingerprint with `mig info` on that host and pin \
-                 it (`mig peers rm NAME`, then `mig peers add NAME ADDR --fingerprint FP`); \
-                 otherwise something else answers at its address",
+                 it (`mig peers rm NAME`, then `mig peers add NAME ADDR --fingerprint FP`; for \
+                 `mig --remote`, give that fingerprint to `--fingerprint`); otherwise something \
+                 else answers at its address",
                 self.expected
             )))
         }
