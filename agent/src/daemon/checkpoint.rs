@@ -368,13 +368,14 @@ impl Agent {
             }
             Err(err) => {
                 let thawed = thaw_hard(&cg);
-                let mut msg = format!(
-                    "checkpoint failed, the container keeps running: {}",
-                    chain(&err)
-                );
-                if let Some(hint) = crate::migration::criu_failure_hint(&msg) {
-                    msg.push_str(&format!(" ({hint})"));
-                }
+                let detail = chain(&err);
+                // The hint first: CRIU's log lines after it are long.
+                let mut msg = match crate::migration::criu_failure_hint(&detail) {
+                    Some(hint) => {
+                        format!("checkpoint failed, the container keeps running: {hint}; {detail}")
+                    }
+                    None => format!("checkpoint failed, the container keeps running: {detail}"),
+                };
                 if let Err(t) = thawed {
                     msg.push_str(&format!("; and thawing it failed too: {}", chain(&t)));
                 }

@@ -42,6 +42,13 @@ pub(crate) fn criu_failure_hint(text: &str) -> Option<&'static str> {
              open; watch a path on a tmpfs such as /dev/shm, docs/migration.md \"Limitations\"",
         );
     }
+    if text.contains("Can't lookup mount=") && text.contains("path=/secretmem") {
+        return Some(
+            "a process holds a memfd_secret area: its memory is hidden from the kernel itself, \
+             so CRIU cannot dump it; such a container cannot be checkpointed or moved, \
+             docs/migration.md \"Limitations\"",
+        );
+    }
     if text.contains("Can't lookup mount=") {
         return Some(
             "a process holds a file of a mount the container does not show, such as a POSIX \
@@ -66,6 +73,9 @@ mod hint_tests {
     fn criu_failures_users_meet_are_explained() {
         let mq = "Error (criu/files-reg.c:1790): Can't lookup mount=80 for fd=3 path=/qa";
         assert!(super::criu_failure_hint(mq).is_some_and(|h| h.contains("POSIX message queue")));
+        let secret =
+            "Error (criu/files-reg.c:1790): Can't lookup mount=111 for fd=3 path=/secretmem (deleted)";
+        assert!(super::criu_failure_hint(secret).is_some_and(|h| h.contains("memfd_secret")));
         let session = "Error (criu/cr-dump.c:1613): A session leader of 21279(3) is outside of its pid namespace";
         assert!(super::criu_failure_hint(session).is_some_and(|h| h.contains("mig exec")));
         let watch = "Error (criu/fsnotify.c:284): fsnotify: \tCan't dump that handle";

@@ -89,8 +89,9 @@ pub(super) fn kept_log_named(work: &Path, detail: String) -> String {
         }
         _ => detail,
     };
+    // First: CRIU's log lines after it are long (QA of session 24 read past it).
     match crate::migration::criu_failure_hint(&detail) {
-        Some(hint) => format!("{detail} ({hint})"),
+        Some(hint) => format!("{hint}; {detail}"),
         None => detail,
     }
 }
