@@ -221,7 +221,25 @@ impl Agent {
             let criu = criu.clone();
             let _ = tokio::task::spawn_blocking(move || crate::migration::criu_kdat(&criu)).await;
         }
-        let cg = Cgroup::open(&e.state.cgroup).map_err(|e| api(ErrorKind::Internal, chain(&e)))?;
+        let cg = Cgroup::open(&e.state.cgroup).map_err(|err| {
+            // Its init exited as the move began: the shim removed the cgroup (QA of session
+            // 24: an internal "cgroup ... does not exist" instead of this).
+            let ended = match self.init_pid_of(id) {
+                None => true,
+                Some(pid) => crate::layout::proc_ended(pid),
+            };
+            if ended {
+                api(
+                    ErrorKind::Conflict,
+                    format!(
+                        "{} ended as its move to {} began (its init is gone), so nothing was moved and it runs nowhere; `mig ps -a` shows how it ended",
+                        e.spec.name, peer.name
+                    ),
+                )
+            } else {
+                api(ErrorKind::Internal, chain(&err))
+            }
+        })?;
         let usage = cg.usage().unwrap_or_default();
         let procs = cg.procs().unwrap_or_default();
         let tasks = (
