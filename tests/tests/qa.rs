@@ -371,6 +371,35 @@ fn a_container_near_its_pids_limit_moves() -> Result<()> {
         assert_eq!(sleepers, 5, "{v}");
     }
     lab.mig_ok(1, &["rm", "-f", "pl"])?;
+
+    // At its limit, an exec says so rather than a bare EAGAIN (QA of session 24).
+    lab.mig_ok(
+        1,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "full",
+            "--pids",
+            "3",
+            "busybox",
+            "--",
+            "sh",
+            "-c",
+            "sleep 100000 & sleep 100000 & wait",
+        ],
+    )?;
+    let three = mig_tests::wait_until(Duration::from_secs(20), || {
+        lab.mig_json(1, &["inspect", "full", "--json"])
+            .is_ok_and(|v| v["pid_map"].as_array().is_some_and(|m| m.len() == 3))
+    });
+    assert!(three, "the container did not start its two sleeps");
+    let o = lab.mig(1, &["exec", "full", "--", "true"]);
+    assert!(
+        o.code != 0 && o.stderr.contains("at its process limit (--pids 3)"),
+        "{o:?}"
+    );
+    lab.mig_ok(1, &["rm", "-f", "full"])?;
     Ok(())
 }
 

@@ -92,6 +92,8 @@ pub enum ShimError {
     },
     #[error("exec in the container failed")]
     Exec(#[source] mig_runtime::container::ContainerError),
+    #[error("the container is at its process limit (--pids {limit}): no process can be started in it until one ends")]
+    PidsLimit { limit: u64 },
 }
 
 /// The error and its sources on one line.
@@ -190,7 +192,10 @@ pub fn exec(
                 eprintln!("mig: exec {cmd:?}: {}", f.reason());
                 Ok(f.exit_code())
             }
-            None => Err(ShimError::Exec(e)),
+            None => match spec.limits.pids {
+                Some(limit) if e.at_pids_limit() => Err(ShimError::PidsLimit { limit }),
+                _ => Err(ShimError::Exec(e)),
+            },
         },
     }
 }

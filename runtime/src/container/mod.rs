@@ -169,6 +169,19 @@ impl ExecFailure {
 impl ContainerError {
     /// When the failure is the final `execve` of the command (not found or not executable),
     /// which kind it is; `None` for every other failure.
+    /// Whether the failure is a fork the container's cgroup refused (`EAGAIN`: its pids limit
+    /// is reached).
+    pub fn at_pids_limit(&self) -> bool {
+        matches!(
+            self,
+            ContainerError::Step {
+                step: Step::Fork,
+                errno: Errno::EAGAIN,
+                ..
+            }
+        )
+    }
+
     pub fn exec_failure(&self) -> Option<ExecFailure> {
         match self {
             ContainerError::Step {
