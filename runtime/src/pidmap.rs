@@ -155,6 +155,21 @@ fn entry(host_pid: i32) -> Option<PidEntry> {
     })
 }
 
+/// Whether host PID `pid` is in the PID namespace of host PID `of` (true when either cannot be
+/// read: the caller keeps what it cannot tell apart).
+pub fn same_pid_ns(pid: i32, of: i32) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let ns = |p: i32| {
+        fs::metadata(format!("/proc/{p}/ns/pid"))
+            .ok()
+            .map(|m| (m.dev(), m.ino()))
+    };
+    match (ns(pid), ns(of)) {
+        (Some(a), Some(b)) => a == b,
+        _ => true,
+    }
+}
+
 /// The parent process id of host PID `pid`, from `/proc/PID/stat` (the field after the state,
 /// which follows the command's closing parenthesis; a command may hold `) `).
 pub fn parent_pid(pid: i32) -> Option<i32> {

@@ -132,6 +132,33 @@ fn a_background_process_left_by_exec_survives_checkpoint_and_restore() -> Result
         .and_then(|s| s.split_once(" pid="))
         .context(ids.to_owned())?;
     ensure!(sid == pid, "exec -i leads its own session: {ids}");
+
+    // While an exec runs, the PID map lists its command, not the host-side helper that waits
+    // for it (in the cgroup, outside the container's PID namespace; QA of session 24).
+    let mut running = Command::new(bin("mig"))
+        .args(["exec", "bg", "--", "sleep", "7"])
+        .env("MIG_SOCKET", &agent.socket)
+        .env_remove("MIG_HOST")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let listed = wait_until(Duration::from_secs(20), || {
+        processes(&agent, "bg", "sleep 7").is_ok_and(|p| p.len() == 1)
+    });
+    let map = inspect(&agent, "bg")?["pid_map"].clone();
+    let _ = running.kill();
+    let _ = running.wait();
+    ensure!(listed, "the exec's command is not in the PID map: {map}");
+    let outside: Vec<_> = map
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["ns_pid"] == p["host_pid"])
+        .collect();
+    ensure!(
+        outside.is_empty(),
+        "host processes in the PID map: {outside:?}"
+    );
     agent.mig_ok(&["rm", "-f", "bg"])?;
     Ok(())
 }

@@ -366,7 +366,10 @@ impl Agent {
             match Cgroup::open(&e.state.cgroup) {
                 Ok(cg) => {
                     usage = cg.usage().ok();
-                    let procs = cg.procs().unwrap_or_else(|_| vec![s.init_pid]);
+                    let mut procs = cg.procs().unwrap_or_else(|_| vec![s.init_pid]);
+                    // Not the host-side helper of a running `mig exec`, in the cgroup but
+                    // outside the container's PID namespace (QA of session 24).
+                    procs.retain(|&p| mig_runtime::pidmap::same_pid_ns(p, s.init_pid));
                     pid_map = mig_runtime::pidmap::pid_map(&procs);
                 }
                 Err(_) => pid_map = mig_runtime::pidmap::pid_map(&[s.init_pid]),
