@@ -365,34 +365,70 @@ fn max_downtime_is_checked_again_before_the_freeze() -> Result<()> {
     running_on(&lab, 1, "grower")?;
     lab.mig_ok(1, &["rm", "-f", "grower"])?;
 
-    // A 300 MB file in the writable layer that gets a line every 100 ms changes after its copy
-    // while the container runs, so it goes again whole while frozen: that is counted too (QA of
-    // session 24: 2501 ms of downtime under `--max-downtime 300`).
-    let script = "dd if=/dev/zero of=/big.log bs=1M count=300 2>/dev/null; touch /tmp/written; \
-                  i=0; while :; do i=$((i+1)); echo line $i >> /big.log; sleep 0.1; done";
+    // A 300 MB file (7-byte lines) in the writable layer written before its end every 100 ms changes after its
+    // copy while the container runs, so it goes again whole while frozen: that is counted too
+    // (QA of session 24: 2501 ms of downtime under `--max-downtime 300`).
+    let fill = "yes filler | head -c 299999994 > /big.log; touch /tmp/written; i=0; ";
+    let rewrite = format!(
+        "{fill}while :; do i=$((i+1)); printf x | dd of=/big.log bs=1 seek=$((i % 4096)) \
+         conv=notrunc 2>/dev/null; sleep 0.1; done"
+    );
+    // Appended to instead, it goes by its new lines only (protocol 1.6).
+    let append = format!("{fill}while :; do i=$((i+1)); echo line $i >> /big.log; sleep 0.1; done");
+    let written = |name: &str| {
+        mig_tests::wait_until(Duration::from_secs(120), || {
+            lab.mig(0, &["exec", name, "--", "test", "-e", "/tmp/written"])
+                .code
+                == 0
+        })
+    };
     let id = lab.mig_ok(
         0,
         &[
-            "run", "-d", "--name", "appender", "busybox", "--", "sh", "-c", script,
+            "run", "-d", "--name", "rewriter", "busybox", "--", "sh", "-c", &rewrite,
         ],
     )?;
     let id = id.trim().to_owned();
-    let written = mig_tests::wait_until(Duration::from_secs(120), || {
-        lab.mig(0, &["exec", "appender", "--", "test", "-e", "/tmp/written"])
-            .code
-            == 0
-    });
-    if !written {
+    if !written("rewriter") {
         bail!("the container did not write its file");
     }
-    let o = lab.mig(0, &["move", "appender", "host-b", "--max-downtime", "400"]);
-    eprintln!("appender: {o:?}");
+    let o = lab.mig(0, &["move", "rewriter", "host-b", "--max-downtime", "400"]);
+    eprintln!("rewriter: {o:?}");
     if o.code == 0 || !o.stderr.contains("the writable layer's files changed") {
         bail!("the move of a container whose file changed after its copy was not refused: {o:?}");
     }
-    running_on(&lab, 0, "appender")?;
+    running_on(&lab, 0, "rewriter")?;
     mig_tests::lab::nothing_left(&lab, 1, &id)?;
-    lab.mig_ok(0, &["rm", "-f", "appender"])?;
+    lab.mig_ok(0, &["rm", "-f", "rewriter"])?;
+
+    lab.mig_ok(
+        0,
+        &[
+            "run", "-d", "--name", "appender", "busybox", "--", "sh", "-c", &append,
+        ],
+    )?;
+    if !written("appender") {
+        bail!("the container did not write its file");
+    }
+    let r = lab.mig_json(0, &["move", "appender", "host-b", "--json"])?;
+    eprintln!("appender: {r}");
+    let delta = r["delta_bytes"].as_u64().unwrap_or(u64::MAX);
+    if delta > 10 << 20 {
+        bail!("the appended file went whole while frozen: delta_bytes {delta}: {r}");
+    }
+    running_on(&lab, 1, "appender")?;
+    // Every line once, in order, after the 300 MB it started with.
+    let check = "n=$(grep -c filler /big.log); grep '^line' /big.log | \
+                 awk -v n=$n '$2 != NR { print \"gap at \" NR; exit 1 } END { print n, NR }'";
+    let out = lab.mig_ok(1, &["exec", "appender", "--", "sh", "-c", check])?;
+    let counts: Vec<u64> = out
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    if counts.len() != 2 || counts[0] != 299_999_994 / 7 || counts[1] == 0 {
+        bail!("the appended file on host-b: {out:?}");
+    }
+    lab.mig_ok(1, &["rm", "-f", "appender"])?;
     Ok(())
 }
 

@@ -46,6 +46,9 @@ pub(crate) const LOG_TAIL_FILE: &str = "container.log.tail";
 /// The protocol minor from which a destination takes the log in two parts ([`LOG_FILE`] as a
 /// presync file, [`LOG_TAIL_FILE`] while frozen).
 pub const LOG_PRESYNC_MINOR: u16 = 5;
+/// The protocol minor from which a destination takes writable-layer delta entries that append
+/// to its presync copy of a file (a file that only grew sends its new bytes).
+pub const UPPER_APPEND_MINOR: u16 = 6;
 /// The container's state record on the source (kind Delta): the destination keeps `created`.
 pub(crate) const STATE_FILE: &str = "source-state.json";
 /// The image set's manifest without its files, in the work directory, between the dump and
@@ -329,7 +332,11 @@ impl SourceSide {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let changed = match scan.as_ref() {
-            Some(scan) => mig_migrate::archive::delta_file_bytes(&self.upper(), scan)
+            Some(scan) => mig_migrate::archive::delta_file_bytes(
+                &self.upper(),
+                scan,
+                self.peer_speaks(UPPER_APPEND_MINOR),
+            )
                 .inspect_err(|e| tracing::warn!(id = %self.id, error = %chain(e), "cannot measure the writable layer's changes"))
                 .unwrap_or(0),
             None => 0,
@@ -344,7 +351,7 @@ impl SourceSide {
                 grew.push(format!("the pages to send grew by {} MiB since the pre-flight (counted per process, as the dump sends them: processes started or memory allocated after it, which the memory presync did not copy)", growth >> 20));
             }
             if files_ms > 0 {
-                grew.push(format!("the writable layer's files changed since their copy while the container ran hold {} MiB, sent again whole while frozen (a file changes as a whole: a large log appended to goes again in full)", changed >> 20));
+                grew.push(format!("the writable layer's files changed since their copy while the container ran: {} MiB of them go while frozen (a file that only grew goes by its new bytes; one changed elsewhere goes whole)", changed >> 20));
             }
             return Err(SourceError::DowntimeGrew {
                 grew: grew.join("; "),

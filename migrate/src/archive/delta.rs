@@ -8,12 +8,18 @@
 //! scanned paths that are gone (NUL-separated), followed by the changed entries in the format of
 //! [`super::write_layer_tar`] (whiteouts as `.wh.` files, opaque directories marked). A changed
 //! multiply-linked file travels as a full copy (its other names keep their old content unless
-//! they changed too).
+//! they changed too). With appends (protocol 1.6), a file that only grew travels as its new
+//! bytes ([`LayerScan::append_offset`]): the scan keeps the SHA-256 of what the presync archived
+//! of each regular file with one link, and the delta hashes that many bytes again.
 //!
 //! [`apply_layer_delta`] removes the deleted paths, then each changed path (unless both old and
-//! new are directories), then unpacks the entries.
+//! new are directories), then unpacks the entries; an append entry is appended to the file there,
+//! which must hold exactly the bytes before the entry's offset.
 
-use super::layer::{add_entry, unpack_entries, walk, LayerError, Links};
+use super::layer::{
+    add_entry, add_entry_hashed, append_entry, prefix_digest, unpack_entries, walk, LayerError,
+    Links,
+};
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -47,14 +53,48 @@ impl EntryMeta {
     }
 }
 
-/// The entries of a layer by relative path, as they were when archived.
-pub type LayerScan = BTreeMap<PathBuf, EntryMeta>;
+/// The entries of a layer by relative path, as they were when archived, and the SHA-256 of what
+/// was archived of each regular file with one link and no holes (what a delta may append to).
+#[derive(Debug, Clone, Default)]
+pub struct LayerScan {
+    entries: BTreeMap<PathBuf, EntryMeta>,
+    digests: BTreeMap<PathBuf, [u8; 32]>,
+}
+
+impl LayerScan {
+    /// Whether the scan saw `rel`.
+    pub fn contains(&self, rel: &Path) -> bool {
+        self.entries.contains_key(rel)
+    }
+
+    /// The offset from which a delta may send only the new bytes of regular file `path` (`rel`
+    /// in the layer, metadata `meta` now): the same inode, one link, grown, and its first bytes
+    /// still those the presync archived (hashed again here: a write anywhere before the old end
+    /// sends the whole file, as before). A log appended to crosses by its new lines only.
+    fn append_offset(
+        &self,
+        path: &Path,
+        rel: &Path,
+        meta: &std::fs::Metadata,
+    ) -> Result<Option<u64>, LayerError> {
+        let (Some(old), Some(digest)) = (self.entries.get(rel), self.digests.get(rel)) else {
+            return Ok(None);
+        };
+        if !meta.is_file() || meta.nlink() != 1 || old.ino != meta.ino() || meta.size() <= old.size
+        {
+            return Ok(None);
+        }
+        Ok((prefix_digest(path, old.size)?.as_ref() == Some(digest)).then_some(old.size))
+    }
+}
 
 /// What a delta holds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DeltaStats {
     pub changed: u64,
     pub deleted: u64,
+    /// Of `changed`, the files that travel by their new bytes only.
+    pub appended: u64,
 }
 
 /// Writes the upper directory `dir` as a full layer tar (like [`super::write_layer_tar`]) and
@@ -62,48 +102,59 @@ pub struct DeltaStats {
 pub fn write_layer_tar_scanned(dir: &Path, w: &mut dyn Write) -> Result<LayerScan, LayerError> {
     let mut b = tar::Builder::new(w);
     b.follow_symlinks(false);
-    let mut scan = LayerScan::new();
+    let mut scan = LayerScan::default();
     let mut links = Links::new();
     walk(dir, Path::new(""), &mut |path, rel, meta| {
-        scan.insert(rel.to_owned(), EntryMeta::of(meta));
-        add_entry(&mut b, path, rel, meta, &mut links)
+        scan.entries.insert(rel.to_owned(), EntryMeta::of(meta));
+        if let Some(d) = add_entry_hashed(&mut b, path, rel, meta, &mut links)? {
+            scan.digests.insert(rel.to_owned(), d);
+        }
+        Ok(())
     })?;
     b.into_inner().map_err(LayerError::Write)?;
     Ok(scan)
 }
 
 /// The bytes of the regular files a delta of `dir` since `base` would carry now (new or
-/// changed files, whole): what crosses while frozen, for a check before the freeze.
-pub fn delta_file_bytes(dir: &Path, base: &LayerScan) -> Result<u64, LayerError> {
+/// changed files, whole, or their new bytes with `appends`): what crosses while frozen, for a
+/// check before the freeze.
+pub fn delta_file_bytes(dir: &Path, base: &LayerScan, appends: bool) -> Result<u64, LayerError> {
     let mut bytes = 0u64;
-    walk(dir, Path::new(""), &mut |_, rel, meta| {
-        if meta.is_file() && base.get(rel) != Some(&EntryMeta::of(meta)) {
-            bytes = bytes.saturating_add(meta.size());
+    walk(dir, Path::new(""), &mut |path, rel, meta| {
+        if meta.is_file() && base.entries.get(rel) != Some(&EntryMeta::of(meta)) {
+            let from = match appends {
+                true => base.append_offset(path, rel, meta)?.unwrap_or(0),
+                false => 0,
+            };
+            bytes = bytes.saturating_add(meta.size() - from);
         }
         Ok(())
     })?;
     Ok(bytes)
 }
 
-/// Writes the delta of `dir` since `base` into `w` (see the module documentation).
+/// Writes the delta of `dir` since `base` into `w` (see the module documentation). With
+/// `appends` (a destination of protocol 1.6), a file that only grew since the presync goes as
+/// its new bytes ([`LayerScan::append_offset`]).
 pub fn write_layer_delta(
     dir: &Path,
     base: &LayerScan,
     w: &mut dyn Write,
+    appends: bool,
 ) -> Result<DeltaStats, LayerError> {
-    let mut now = LayerScan::new();
+    let mut now = BTreeMap::new();
     walk(dir, Path::new(""), &mut |_, rel, meta| {
         now.insert(rel.to_owned(), EntryMeta::of(meta));
         Ok(())
     })?;
+    let base_entries = &base.entries;
     let mut deleted = Vec::new();
     let mut stats = DeltaStats::default();
-    for p in base.keys().filter(|p| !now.contains_key(*p)) {
+    for p in base_entries.keys().filter(|p| !now.contains_key(*p)) {
         // A deleted directory takes its contents with it.
-        if p.ancestors()
-            .skip(1)
-            .any(|a| !a.as_os_str().is_empty() && base.contains_key(a) && !now.contains_key(a))
-        {
+        if p.ancestors().skip(1).any(|a| {
+            !a.as_os_str().is_empty() && base_entries.contains_key(a) && !now.contains_key(a)
+        }) {
             continue;
         }
         deleted.extend_from_slice(p.as_os_str().as_bytes());
@@ -120,10 +171,16 @@ pub fn write_layer_delta(
         .map_err(LayerError::Write)?;
     let mut links = Links::new();
     walk(dir, Path::new(""), &mut |path, rel, meta| {
-        if base.get(rel) == Some(&EntryMeta::of(meta)) {
+        if base_entries.get(rel) == Some(&EntryMeta::of(meta)) {
             return Ok(());
         }
         stats.changed += 1;
+        if appends {
+            if let Some(offset) = base.append_offset(path, rel, meta)? {
+                stats.appended += 1;
+                return append_entry(&mut b, path, rel, meta, offset);
+            }
+        }
         // Hard links only among the entries of this delta (the first name of a link set that
         // did not change is not in it, so a changed second name travels as a full copy).
         add_entry(&mut b, path, rel, meta, &mut links)
@@ -158,7 +215,7 @@ pub fn apply_layer_delta(r: &mut dyn Read, dest: &Path) -> Result<DeltaStats, La
         remove_any(&path)?;
         stats.deleted += 1;
     }
-    let removed = unpack_entries(entries, dest, &mut |rel, is_dir| {
+    let removed = unpack_entries(entries, dest, true, &mut |rel, is_dir| {
         stats.changed += 1;
         let path = safe_join(dest, rel)?;
         match std::fs::symlink_metadata(&path) {

@@ -35,6 +35,18 @@ fn tree(dir: &Path) -> Vec<(String, u32, Vec<u8>)> {
     out
 }
 
+/// An error and its sources on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 #[test]
 fn delta_on_top_of_presync_gives_the_layer() {
     let t = tempfile::tempdir().unwrap();
@@ -50,7 +62,7 @@ fn delta_on_top_of_presync_gives_the_layer() {
 
     let mut presync = Vec::new();
     let scan = write_layer_tar_scanned(&src, &mut presync).unwrap();
-    assert!(scan.contains_key(Path::new("keep/sub/f")));
+    assert!(scan.contains(Path::new("keep/sub/f")));
     std::fs::create_dir_all(&dst).unwrap();
     unpack_layer_tar(&mut &presync[..], &dst).unwrap();
 
@@ -70,7 +82,7 @@ fn delta_on_top_of_presync_gives_the_layer() {
     .unwrap();
 
     let mut delta = Vec::new();
-    let stats = write_layer_delta(&src, &scan, &mut delta).unwrap();
+    let stats = write_layer_delta(&src, &scan, &mut delta, true).unwrap();
     assert_eq!(stats.deleted, 1, "only the top of a deleted tree is listed");
     assert!(
         delta.len() < presync.len() / 10,
@@ -104,4 +116,97 @@ fn delta_refuses_escapes() {
     b.append_data(&mut h, "x", &b"x"[..]).unwrap();
     let tar = b.into_inner().unwrap();
     assert!(apply_layer_delta(&mut &tar[..], &dst).is_err());
+}
+
+/// A file that only grew since the presync goes as its new bytes (protocol 1.6); one written
+/// before its old end, truncated and grown again, or with several links goes whole; the
+/// destination appends only to a copy of the size the entry names.
+#[test]
+fn grown_files_go_by_their_new_bytes() {
+    use std::io::Write;
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    std::fs::create_dir_all(src.join("var/log")).unwrap();
+    let block: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    for f in ["var/log/app.log", "rewritten", "regrown", "linked", "empty"] {
+        let data = if f == "empty" { &[][..] } else { &block[..] };
+        std::fs::write(src.join(f), data).unwrap();
+    }
+    std::fs::hard_link(src.join("linked"), src.join("linked2")).unwrap();
+    let mut presync = Vec::new();
+    let scan = write_layer_tar_scanned(&src, &mut presync).unwrap();
+    std::fs::create_dir_all(&dst).unwrap();
+    unpack_layer_tar(&mut &presync[..], &dst).unwrap();
+
+    let append = |f: &str, data: &[u8]| {
+        let mut h = std::fs::OpenOptions::new()
+            .append(true)
+            .open(src.join(f))
+            .unwrap();
+        h.write_all(data).unwrap();
+    };
+    append("var/log/app.log", b"a new line\n");
+    append("empty", b"first line\n");
+    // Written before its old end, then grown.
+    {
+        use std::os::unix::fs::FileExt;
+        let h = std::fs::OpenOptions::new()
+            .write(true)
+            .open(src.join("rewritten"))
+            .unwrap();
+        h.write_all_at(b"XX", 10).unwrap();
+    }
+    append("rewritten", b"more");
+    // Truncated and grown past its old size: same inode, other bytes.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(src.join("regrown"))
+        .unwrap()
+        .set_len(5)
+        .unwrap();
+    append("regrown", &vec![9u8; 300_000]);
+    append("linked", b"tail");
+    std::fs::set_permissions(
+        src.join("var/log/app.log"),
+        std::fs::Permissions::from_mode(0o640),
+    )
+    .unwrap();
+
+    // A 1.5 destination: every changed file whole.
+    let mut whole = Vec::new();
+    let stats = write_layer_delta(&src, &scan, &mut whole, false).unwrap();
+    assert_eq!(stats.appended, 0);
+    let mut delta = Vec::new();
+    let stats = write_layer_delta(&src, &scan, &mut delta, true).unwrap();
+    assert_eq!(stats.appended, 2, "{stats:?}");
+    assert!(
+        whole.len() - delta.len() >= 190_000,
+        "the log went whole: {} against {}",
+        delta.len(),
+        whole.len()
+    );
+    // The destination's copy of the log is not the presync's: refused, nothing appended.
+    let other = t.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    unpack_layer_tar(&mut &presync[..], &other).unwrap();
+    std::fs::write(other.join("var/log/app.log"), b"short").unwrap();
+    let err = apply_layer_delta(&mut &delta[..], &other).unwrap_err();
+    assert!(chain(&err).contains("the presync's copy differs"), "{err}");
+    assert_eq!(
+        std::fs::read(other.join("var/log/app.log")).unwrap(),
+        b"short"
+    );
+    // An append entry is refused outside a delta (an export, a presync).
+    let lone = t.path().join("lone");
+    std::fs::create_dir_all(&lone).unwrap();
+    assert!(unpack_layer_tar(&mut &delta[..], &lone).is_err());
+
+    apply_layer_delta(&mut &delta[..], &dst).unwrap();
+    assert_eq!(tree(&src), tree(&dst));
+    let a = std::fs::metadata(src.join("var/log/app.log")).unwrap();
+    let b = std::fs::metadata(dst.join("var/log/app.log")).unwrap();
+    assert_eq!(
+        (a.mode(), a.uid(), a.mtime()),
+        (b.mode(), b.uid(), b.mtime())
+    );
 }

@@ -20,6 +20,9 @@ const OVERLAY_XATTR_PREFIX: &[u8] = b"trusted.overlay.";
 const XATTR_PAX_PREFIX: &str = "SCHILY.xattr.";
 /// An extended attribute a `SCHILY.xattr.` record cannot carry: `HEXNAME=HEXVALUE`.
 const XATTR_HEX_KEY: &str = "MIG.xattr.hex";
+/// The PAX record of a delta entry that appends to the file the presync left (protocol 1.6):
+/// its value is the offset (decimal) the entry's data goes at; see `super::delta`.
+pub(super) const APPEND_KEY: &str = "MIG.append";
 
 /// Extended attributes of one entry: (name, value).
 type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
@@ -121,6 +124,87 @@ pub(super) fn add_entry(
             .map_err(LayerError::Write)?;
     }
     Ok(())
+}
+
+/// [`add_entry`] that also returns the SHA-256 of the data archived for a regular file with one
+/// link and no holes (what a later delta may append to).
+pub(super) fn add_entry_hashed(
+    b: &mut tar::Builder<&mut dyn Write>,
+    path: &Path,
+    name: &Path,
+    meta: &std::fs::Metadata,
+    links: &mut Links,
+) -> Result<Option<[u8; 32]>, LayerError> {
+    if !(meta.is_file() && meta.nlink() == 1) || is_sparse(meta) {
+        return add_entry(b, path, name, meta, links).map(|()| None);
+    }
+    let xattrs = xattr_records(path)?;
+    regular_file_with(b, path, name, meta, &xattrs, true)
+}
+
+/// Appends a delta entry holding the bytes of regular file `path` from `offset` to its end, with
+/// its attributes, for the destination to append to its copy ([`APPEND_KEY`]).
+pub(super) fn append_entry(
+    b: &mut tar::Builder<&mut dyn Write>,
+    path: &Path,
+    name: &Path,
+    meta: &std::fs::Metadata,
+    offset: u64,
+) -> Result<(), LayerError> {
+    use std::io::Seek;
+    let read_err = |source| LayerError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(read_err)?;
+    file.seek(io::SeekFrom::Start(offset)).map_err(read_err)?;
+    let mut records = xattr_records(path)?;
+    records.push((APPEND_KEY.to_owned(), offset.to_string().into_bytes()));
+    put_xattrs(b, &records)?;
+    let size = meta.len().saturating_sub(offset);
+    let mut h = tar::Header::new_gnu();
+    h.set_metadata_in_mode(meta, tar::HeaderMode::Complete);
+    h.set_size(size);
+    let data = file.take(size).chain(io::repeat(0)).take(size);
+    b.append_data(&mut h, name, data).map_err(LayerError::Write)
+}
+
+/// A file with fewer blocks than its size (holes), which tar keeps sparse.
+fn is_sparse(meta: &std::fs::Metadata) -> bool {
+    meta.blocks().saturating_mul(512) < meta.len()
+}
+
+/// A reader that hashes what it reads (when it has a hasher).
+struct Hashing<R> {
+    inner: R,
+    hash: Option<sha2::Sha256>,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use sha2::Digest;
+        let n = self.inner.read(buf)?;
+        if let Some(h) = &mut self.hash {
+            h.update(&buf[..n]);
+        }
+        Ok(n)
+    }
+}
+
+/// The SHA-256 of the first `len` bytes of `path` (`None` when it holds fewer).
+pub(super) fn prefix_digest(path: &Path, len: u64) -> Result<Option<[u8; 32]>, LayerError> {
+    use sha2::Digest;
+    let read_err = |source| LayerError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    let mut r = Hashing {
+        inner: file.take(len),
+        hash: Some(sha2::Sha256::new()),
+    };
+    let n = io::copy(&mut r, &mut io::sink()).map_err(read_err)?;
+    Ok(r.hash.filter(|_| n == len).map(|h| h.finalize().into()))
 }
 
 /// The extended attributes of `path` (user attributes, file capabilities, ACLs, ...) as the PAX
@@ -303,18 +387,33 @@ fn regular_file(
     meta: &std::fs::Metadata,
     xattrs: &[(String, Vec<u8>)],
 ) -> Result<(), LayerError> {
+    regular_file_with(b, path, name, meta, xattrs, false).map(drop)
+}
+
+/// [`regular_file`]; with `hash`, returns the SHA-256 of the bytes archived (not for a sparse
+/// file, nor one removed since the walk).
+fn regular_file_with(
+    b: &mut tar::Builder<&mut dyn Write>,
+    path: &Path,
+    name: &Path,
+    meta: &std::fs::Metadata,
+    xattrs: &[(String, Vec<u8>)],
+    hash: bool,
+) -> Result<Option<[u8; 32]>, LayerError> {
+    use sha2::Digest;
     // A sparse file (fewer blocks than its size) keeps tar's sparse entry, its holes not
     // written out; tar reads its data regions as they are then.
-    if meta.blocks().saturating_mul(512) < meta.len() {
+    if is_sparse(meta) {
         put_xattrs(b, xattrs)?;
         return b
             .append_path_with_name(path, name)
+            .map(|()| None)
             .map_err(LayerError::Write);
     }
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
         // Removed since the walk: the next scan sees it gone.
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(source) => {
             return Err(LayerError::Read {
                 path: path.to_owned(),
@@ -327,8 +426,13 @@ fn regular_file(
     let mut h = tar::Header::new_gnu();
     h.set_metadata_in_mode(meta, tar::HeaderMode::Complete);
     h.set_size(size);
-    let data = file.take(size).chain(io::repeat(0)).take(size);
-    b.append_data(&mut h, name, data).map_err(LayerError::Write)
+    let mut data = Hashing {
+        inner: file.take(size).chain(io::repeat(0)).take(size),
+        hash: hash.then(sha2::Sha256::new),
+    };
+    b.append_data(&mut h, name, &mut data)
+        .map_err(LayerError::Write)?;
+    Ok(data.hash.map(|h| h.finalize().into()))
 }
 
 /// Calls `f(path, relative path, metadata)` for every entry under `dir`, parents first, names
@@ -470,6 +574,96 @@ fn empty_file(
         .map_err(LayerError::Write)
 }
 
+/// The offset of an append entry ([`APPEND_KEY`]), if it is one.
+fn entry_append<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Option<u64>, LayerError> {
+    let Some(exts) = entry.pax_extensions().map_err(LayerError::Tar)? else {
+        return Ok(None);
+    };
+    for ext in exts {
+        let ext = ext.map_err(LayerError::Tar)?;
+        if ext.key_bytes() == APPEND_KEY.as_bytes() {
+            let offset = std::str::from_utf8(ext.value_bytes())
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or_else(|| {
+                    LayerError::Tar(io::Error::other(format!("a malformed {APPEND_KEY} record")))
+                })?;
+            return Ok(Some(offset));
+        }
+    }
+    Ok(None)
+}
+
+/// Appends an append entry's data to regular file `rel` of `dest` at `offset`, which must be
+/// its size (the presync's copy), then sets the entry's owner, mode and times. The parents
+/// must be real directories (never followed symlinks), the file a regular file.
+fn append_to<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    dest: &Path,
+    rel: &Path,
+    offset: u64,
+) -> Result<(), LayerError> {
+    use std::io::Seek;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dest.join(rel);
+    let fail = |why: String| LayerError::Unpack {
+        path: path.clone(),
+        source: io::Error::other(why),
+    };
+    if entry.header().entry_type() != tar::EntryType::Regular {
+        return Err(fail("an append entry that is not a regular file".into()));
+    }
+    let mut dir = dest.to_owned();
+    for c in rel.parent().unwrap_or(Path::new("")).components() {
+        dir.push(c);
+        match std::fs::symlink_metadata(&dir) {
+            Ok(m) if m.is_dir() => {}
+            _ => return Err(fail(format!("{} is not a directory", dir.display()))),
+        }
+    }
+    let unpack = |source| LayerError::Unpack {
+        path: path.clone(),
+        source,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(unpack)?;
+    let m = f.metadata().map_err(unpack)?;
+    if !m.is_file() || m.len() != offset {
+        return Err(fail(format!(
+            "appending at byte {offset} to a file of {} bytes here: the presync's copy differs",
+            m.len()
+        )));
+    }
+    f.seek(io::SeekFrom::Start(offset)).map_err(unpack)?;
+    let size = entry.size();
+    let copied = io::copy(&mut entry.take(size), &mut f).map_err(unpack)?;
+    if copied != size {
+        return Err(fail(format!(
+            "the append entry ends after {copied} of {size} bytes"
+        )));
+    }
+    let h = entry.header();
+    let (uid, gid, mode, mtime) = (
+        h.uid().map_err(LayerError::Tar)?,
+        h.gid().map_err(LayerError::Tar)?,
+        h.mode().map_err(LayerError::Tar)?,
+        h.mtime().map_err(LayerError::Tar)?,
+    );
+    // The owner first: a chown clears setuid bits and file capabilities the mode and the
+    // attributes then set again.
+    let id = |v: u64| u32::try_from(v).map_err(|_| fail(format!("owner {v} out of range")));
+    std::os::unix::fs::fchown(&f, Some(id(uid)?), Some(id(gid)?)).map_err(unpack)?;
+    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode & 0o7777))
+        .map_err(unpack)?;
+    let secs = i64::try_from(mtime).unwrap_or(i64::MAX);
+    f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64))
+        .map_err(unpack)?;
+    Ok(())
+}
+
 /// Unpacks a layer tar into the (new, empty) upper directory `dest`: `.wh.` entries become
 /// overlay whiteouts, everything else keeps its mode and owner; entries that would land outside
 /// `dest` are refused.
@@ -479,20 +673,24 @@ pub fn unpack_layer_tar(r: &mut dyn Read, dest: &Path) -> Result<(), LayerError>
     a.set_preserve_ownerships(true);
     a.set_unpack_xattrs(false);
     let entries = a.entries().map_err(LayerError::Tar)?;
-    unpack_entries(entries, dest, &mut |_, _| Ok(()))
+    unpack_entries(entries, dest, false, &mut |_, _| Ok(()))
 }
 
 /// Unpacks tar entries into `dest` (see [`unpack_layer_tar`]); `before(target, is_dir)` runs
 /// before each entry that creates `target` (relative to `dest`; a whiteout's target is the
-/// whited-out name).
+/// whited-out name). With `appends` (a delta), an entry with an [`APPEND_KEY`] record appends
+/// its data to the file there instead (not replaced, `before` not called); without, such an
+/// entry is refused.
 pub(super) fn unpack_entries<R: Read>(
     entries: tar::Entries<'_, R>,
     dest: &Path,
+    appends: bool,
     before: &mut dyn FnMut(&Path, bool) -> Result<(), LayerError>,
 ) -> Result<(), LayerError> {
     for entry in entries {
         let mut entry = entry.map_err(LayerError::Tar)?;
         let xattrs = entry_xattrs(&mut entry)?;
+        let append = entry_append(&mut entry)?;
         let raw = entry.path().map_err(LayerError::Tar)?.into_owned();
         let unsafe_path = || LayerError::UnsafePath {
             path: raw.to_string_lossy().chars().take(256).collect(),
@@ -502,6 +700,18 @@ pub(super) fn unpack_entries<R: Read>(
             .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
         {
             return Err(unsafe_path());
+        }
+        if let Some(offset) = append {
+            if !appends {
+                return Err(LayerError::Tar(io::Error::other(format!(
+                    "an append entry ({APPEND_KEY}) outside a delta: {}",
+                    raw.display()
+                ))));
+            }
+            append_to(&mut entry, dest, &raw, offset)?;
+            drop_other_xattrs(&xattrs, &dest.join(&raw))?;
+            apply_xattrs(&xattrs, &dest.join(&raw))?;
+            continue;
         }
         let name = raw.file_name().and_then(|n| n.to_str()).unwrap_or("");
         let rel_parent = raw.parent().unwrap_or(Path::new(""));

@@ -509,7 +509,7 @@ fn extended_attributes_travel_with_the_layer_and_its_delta() {
     // Removed while "running" from a directory: gone on the destination too (it stayed).
     super::sys::lremovexattr(&src.join("d"), b"user.dir").unwrap();
     let mut delta = Vec::new();
-    write_layer_delta(&src, &scan, &mut delta).unwrap();
+    write_layer_delta(&src, &scan, &mut delta, true).unwrap();
     apply_layer_delta(&mut &delta[..], &dst).unwrap();
     assert_eq!(
         lgetxattr_value(&dst.join("later"), b"user.tag").unwrap(),

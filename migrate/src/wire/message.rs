@@ -28,7 +28,7 @@ pub const MAGIC: [u8; 4] = *b"MIGW";
 ///   (the container's memory sent while it runs, kept by the destination) and
 ///   `PageServerDedup` (the dump's pages with those unchanged since replaced by markers,
 ///   written by mig's page writer). A source uses them only with a 1.4 destination.
-pub const PROTOCOL_VERSION: Version = Version { major: 1, minor: 5 };
+pub const PROTOCOL_VERSION: Version = Version { major: 1, minor: 6 };
 
 /// The first frame each way on a control stream. Its first three fields (magic, major, minor) are
 /// frozen for all versions so that any two versions can tell each other apart.

@@ -41,10 +41,16 @@ impl SourceSide {
                 // Not synced: the file only feeds the transfer of this move (digests taken
                 // from what is read, checked by the destination); a crash rolls the move back.
                 let stats = write_file(&tar, false, |w| {
-                    mig_migrate::archive::write_layer_delta(&self.upper(), &scan, w)
+                    mig_migrate::archive::write_layer_delta(
+                        &self.upper(),
+                        &scan,
+                        w,
+                        self.peer_speaks(super::UPPER_APPEND_MINOR),
+                    )
                 })?;
                 tracing::debug!(
                     changed = stats.changed,
+                    appended = stats.appended,
                     deleted = stats.deleted,
                     "writable-layer delta"
                 );
