@@ -287,7 +287,7 @@ pub(super) async fn dispatch(cli: Cli) -> Result<u8, CliError> {
                 out(&output::info_text(&i))?;
                 if let Some(id) = id {
                     out(&format!(
-                        "fingerprint: {}\nlisten: {}\n",
+                        "fingerprint: {}\nlisten:      {}\n",
                         id.fingerprint,
                         id.listen.as_deref().unwrap_or("-")
                     ))?;
