@@ -314,10 +314,33 @@ impl Agent {
         let _ = side.peer_version.set(link.peer.protocol_version);
         // Both must speak 1.2 (`MIG_WIRE_VERSION` may make this agent announce less).
         let minor = (hello.protocol_version.minor).min(link.peer.protocol_version.minor);
-        let basis = crate::migration::probe::link_throughput(&conn, &peer.name, minor).await;
         // A 1.4 destination takes stream mode's memory presync (unless this agent or the move
         // turned it off).
         let presync = minor >= memsync::MEMORY_PRESYNC_MINOR && memsync::enabled();
+        // While the link is probed: how much of its memory the container rewrites, for the
+        // presync's estimate.
+        let sampling = (presync && !opts.no_memory_presync).then(|| {
+            let pids = procs.clone();
+            tokio::task::spawn_blocking(move || {
+                mig_migrate::memsync::reader::sample_rewrites(
+                    &pids,
+                    crate::migration::modes::DIRTY_SAMPLE_PAGES,
+                    Duration::from_millis(crate::migration::modes::DIRTY_WINDOW_MS),
+                )
+            })
+        });
+        let basis = crate::migration::probe::link_throughput(&conn, &peer.name, minor).await;
+        let dirty = match sampling {
+            Some(s) => s.await.ok().flatten().map(|(changed, sampled)| {
+                crate::migration::modes::DirtySample {
+                    changed,
+                    sampled,
+                    window_ms: crate::migration::modes::DIRTY_WINDOW_MS,
+                }
+            }),
+            None => None,
+        };
+        tracing::debug!(id = %id, ?dirty, "the memory's rewrites sampled");
         // The fixed costs this agent measured on its earlier moves to the peer, else defaults.
         let fixed = crate::migration::fixedcost::known(&peer.name);
         let memory = crate::migration::modes::dumped_memory(&usage, mapped, tmpfs);
@@ -337,7 +360,7 @@ impl Agent {
             upper_bytes,
             tasks,
             basis,
-            (presync, restored_plain),
+            (presync, restored_plain, dirty),
             fixed,
         )
         .await
@@ -401,6 +424,7 @@ impl Agent {
                     memory_presync: false,
                     restored_plain: false,
                     fixed: Default::default(),
+                    dirty: None,
                 },
                 opts.max_downtime_ms,
             ));
