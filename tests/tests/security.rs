@@ -947,5 +947,28 @@ fn quic_endpoint_refuses_unpinned_and_non_migrations() -> Result<()> {
         ensure!(!log.contains("BAD"), "{name}: {log}");
         lab.mig_ok(0, &["rm", "-f", name])?;
     }
+    // 7. The same with the writable layer: a 60 MB file written after the Prepare passes the
+    // limit in the files sent while frozen; the error says so, not only that the destination
+    // stopped a file (QA of session 24).
+    let script = "sleep 4; head -c 60000000 /dev/zero > /big; touch /tmp/grown; \
+                  while :; do sleep 1; done";
+    let id = lab.mig_ok(
+        0,
+        &[
+            "run", "-d", "--name", "growfile", "busybox", "--", "sh", "-c", script,
+        ],
+    )?;
+    let id = id.trim().to_owned();
+    lab.fault(0, Some("source-before-freeze:delay:8000"))?;
+    let o = lab.mig(0, &["move", "growfile", b.name.as_str()]);
+    lab.fault(0, None)?;
+    eprintln!("growfile: {o:?}");
+    ensure!(
+        o.code != 0 && o.stderr.contains("--max-incoming-bytes"),
+        "growfile: the error does not name the limit: {o:?}"
+    );
+    lab::running_on(&lab, 0, "growfile")?;
+    lab::nothing_left(&lab, 1, &id)?;
+    lab.mig_ok(0, &["rm", "-f", "growfile"])?;
     Ok(())
 }

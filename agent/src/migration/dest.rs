@@ -84,7 +84,7 @@ pub enum DestError {
         #[source]
         source: mig_runtime::cgroup::CgroupError,
     },
-    #[error("the migration sends more than this agent's limit of {limit} bytes")]
+    #[error("the migration sends more than this agent's limit of {limit} bytes (migd --max-incoming-bytes)")]
     TooLarge { limit: u64 },
     #[error("cannot freeze the restored container")]
     Freeze(#[source] mig_runtime::cgroup::CgroupError),

@@ -515,10 +515,12 @@ impl Preflight {
     /// add to the downtime beyond what the pre-flight assumed: they are read, hashed, sent and
     /// unpacked while frozen (QA of session 24: a 400 MiB log appended to, sent again whole,
     /// made a move predicted at 91 ms take 2501 ms under `--max-downtime 300`).
-    pub fn upper_growth_ms(&self, changed: u64) -> u64 {
+    /// A file that only grew goes as its new bytes after its old ones are digested again
+    /// (`hashed`, at the presync's digest rate).
+    pub fn upper_growth_ms(&self, changed: u64, hashed: u64) -> u64 {
         let cost =
             |b: u64| ms_for(b, self.throughput) + ms_for(b, HASH_RATE) + ms_for(b, RESTORE_RATE);
-        cost(changed).saturating_sub(cost(self.upper_changed()))
+        cost(changed).saturating_sub(cost(self.upper_changed())) + ms_for(hashed, PRESYNC_SCAN_RATE)
     }
 
     /// A stream restore that reads every process's pages while frozen ([`Self::restored_plain`]).

@@ -325,24 +325,25 @@ impl SourceSide {
         };
         let growth = now.anon_bytes.saturating_sub(b.anon_bytes);
         let pages_ms = b.plan.preflight.growth_ms(b.plan.mode, growth);
-        // The writable layer's files changed since its presync go whole while frozen.
+        // The writable layer's files changed since its presync go while frozen (whole, or a
+        // grown one its new bytes after its old ones are digested again).
         let scan = self
             .upper_sync
             .scan
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let changed = match scan.as_ref() {
+        let (changed, hashed) = match scan.as_ref() {
             Some(scan) => mig_migrate::archive::delta_file_bytes(
                 &self.upper(),
                 scan,
                 self.peer_speaks(UPPER_APPEND_MINOR),
             )
                 .inspect_err(|e| tracing::warn!(id = %self.id, error = %chain(e), "cannot measure the writable layer's changes"))
-                .unwrap_or(0),
-            None => 0,
+                .unwrap_or((0, 0)),
+            None => (0, 0),
         };
         drop(scan);
-        let files_ms = b.plan.preflight.upper_growth_ms(changed);
+        let files_ms = b.plan.preflight.upper_growth_ms(changed, hashed);
         let predicted_ms = b.plan.predicted_ms + pages_ms + files_ms;
         tracing::debug!(id = %self.id, growth, changed, predicted_ms, max_ms = b.max_ms, "downtime bound checked before the freeze");
         if predicted_ms > b.max_ms {

@@ -17,8 +17,8 @@
 //! which must hold exactly the bytes before the entry's offset.
 
 use super::layer::{
-    add_entry, add_entry_hashed, append_entry, prefix_digest, unpack_entries, walk, LayerError,
-    Links,
+    add_entry, add_entry_hashed, append_entry, is_sparse, prefix_digest, unpack_entries, walk,
+    LayerError, Links,
 };
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -53,12 +53,14 @@ impl EntryMeta {
     }
 }
 
-/// The entries of a layer by relative path, as they were when archived, and the SHA-256 of what
-/// was archived of each regular file with one link and no holes (what a delta may append to).
+/// The entries of a layer by relative path, as they were when archived, and the digest
+/// (XXH3-128 under the scan's random `seed`) of what was archived of each regular file with one
+/// link and no holes (what a delta may append to).
 #[derive(Debug, Clone, Default)]
 pub struct LayerScan {
     entries: BTreeMap<PathBuf, EntryMeta>,
-    digests: BTreeMap<PathBuf, [u8; 32]>,
+    digests: BTreeMap<PathBuf, u128>,
+    seed: u64,
 }
 
 impl LayerScan {
@@ -80,11 +82,17 @@ impl LayerScan {
         let (Some(old), Some(digest)) = (self.entries.get(rel), self.digests.get(rel)) else {
             return Ok(None);
         };
-        if !meta.is_file() || meta.nlink() != 1 || old.ino != meta.ino() || meta.size() <= old.size
+        // A file with holes now goes whole, as a sparse entry: appended, its new holes would be
+        // written out as zeros (QA of session 24: `truncate -s +3G` then 3 bytes sent 3 GiB).
+        if !meta.is_file()
+            || meta.nlink() != 1
+            || old.ino != meta.ino()
+            || meta.size() <= old.size
+            || is_sparse(meta)
         {
             return Ok(None);
         }
-        Ok((prefix_digest(path, old.size)?.as_ref() == Some(digest)).then_some(old.size))
+        Ok((prefix_digest(path, old.size, self.seed)? == Some(*digest)).then_some(old.size))
     }
 }
 
@@ -102,11 +110,18 @@ pub struct DeltaStats {
 pub fn write_layer_tar_scanned(dir: &Path, w: &mut dyn Write) -> Result<LayerScan, LayerError> {
     let mut b = tar::Builder::new(w);
     b.follow_symlinks(false);
-    let mut scan = LayerScan::default();
+    let mut scan = LayerScan {
+        // Random per process and per state (std draws its keys from the OS).
+        seed: std::hash::BuildHasher::hash_one(
+            &std::collections::hash_map::RandomState::new(),
+            0u64,
+        ),
+        ..LayerScan::default()
+    };
     let mut links = Links::new();
     walk(dir, Path::new(""), &mut |path, rel, meta| {
         scan.entries.insert(rel.to_owned(), EntryMeta::of(meta));
-        if let Some(d) = add_entry_hashed(&mut b, path, rel, meta, &mut links)? {
+        if let Some(d) = add_entry_hashed(&mut b, path, rel, meta, &mut links, scan.seed)? {
             scan.digests.insert(rel.to_owned(), d);
         }
         Ok(())
@@ -116,21 +131,27 @@ pub fn write_layer_tar_scanned(dir: &Path, w: &mut dyn Write) -> Result<LayerSca
 }
 
 /// The bytes of the regular files a delta of `dir` since `base` would carry now (new or
-/// changed files, whole, or their new bytes with `appends`): what crosses while frozen, for a
-/// check before the freeze.
-pub fn delta_file_bytes(dir: &Path, base: &LayerScan, appends: bool) -> Result<u64, LayerError> {
-    let mut bytes = 0u64;
+/// changed files, whole, or their new bytes with `appends`), and the bytes it would read again
+/// to check that a grown file only grew: what the delta costs while frozen, for a check before
+/// the freeze.
+pub fn delta_file_bytes(
+    dir: &Path,
+    base: &LayerScan,
+    appends: bool,
+) -> Result<(u64, u64), LayerError> {
+    let (mut sent, mut hashed) = (0u64, 0u64);
     walk(dir, Path::new(""), &mut |path, rel, meta| {
         if meta.is_file() && base.entries.get(rel) != Some(&EntryMeta::of(meta)) {
             let from = match appends {
                 true => base.append_offset(path, rel, meta)?.unwrap_or(0),
                 false => 0,
             };
-            bytes = bytes.saturating_add(meta.size() - from);
+            sent = sent.saturating_add(meta.size() - from);
+            hashed = hashed.saturating_add(from);
         }
         Ok(())
     })?;
-    Ok(bytes)
+    Ok((sent, hashed))
 }
 
 /// Writes the delta of `dir` since `base` into `w` (see the module documentation). With

@@ -128,7 +128,14 @@ fn grown_files_go_by_their_new_bytes() {
     let (src, dst) = (t.path().join("src"), t.path().join("dst"));
     std::fs::create_dir_all(src.join("var/log")).unwrap();
     let block: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
-    for f in ["var/log/app.log", "rewritten", "regrown", "linked", "empty"] {
+    for f in [
+        "var/log/app.log",
+        "rewritten",
+        "regrown",
+        "linked",
+        "empty",
+        "holey",
+    ] {
         let data = if f == "empty" { &[][..] } else { &block[..] };
         std::fs::write(src.join(f), data).unwrap();
     }
@@ -166,6 +173,16 @@ fn grown_files_go_by_their_new_bytes() {
         .unwrap();
     append("regrown", &vec![9u8; 300_000]);
     append("linked", b"tail");
+    // Grown by a hole and a few bytes: it goes whole, as a sparse entry, its hole kept (QA of
+    // session 24: appended, the hole crossed as 3 GiB of zeros).
+    {
+        let h = std::fs::OpenOptions::new()
+            .write(true)
+            .open(src.join("holey"))
+            .unwrap();
+        h.set_len(200_000 + (64 << 20)).unwrap();
+    }
+    append("holey", b"end");
     std::fs::set_permissions(
         src.join("var/log/app.log"),
         std::fs::Permissions::from_mode(0o640),
@@ -203,6 +220,8 @@ fn grown_files_go_by_their_new_bytes() {
 
     apply_layer_delta(&mut &delta[..], &dst).unwrap();
     assert_eq!(tree(&src), tree(&dst));
+    let holey = std::fs::metadata(dst.join("holey")).unwrap();
+    assert!(holey.blocks() * 512 < 4 << 20, "{} blocks", holey.blocks());
     let a = std::fs::metadata(src.join("var/log/app.log")).unwrap();
     let b = std::fs::metadata(dst.join("var/log/app.log")).unwrap();
     assert_eq!(

@@ -126,20 +126,21 @@ pub(super) fn add_entry(
     Ok(())
 }
 
-/// [`add_entry`] that also returns the SHA-256 of the data archived for a regular file with one
-/// link and no holes (what a later delta may append to).
+/// [`add_entry`] that also returns the digest (XXH3-128 under `seed`) of the data archived for a
+/// regular file with one link and no holes (what a later delta may append to).
 pub(super) fn add_entry_hashed(
     b: &mut tar::Builder<&mut dyn Write>,
     path: &Path,
     name: &Path,
     meta: &std::fs::Metadata,
     links: &mut Links,
-) -> Result<Option<[u8; 32]>, LayerError> {
+    seed: u64,
+) -> Result<Option<u128>, LayerError> {
     if !(meta.is_file() && meta.nlink() == 1) || is_sparse(meta) {
         return add_entry(b, path, name, meta, links).map(|()| None);
     }
     let xattrs = xattr_records(path)?;
-    regular_file_with(b, path, name, meta, &xattrs, true)
+    regular_file_with(b, path, name, meta, &xattrs, Some(seed))
 }
 
 /// Appends a delta entry holding the bytes of regular file `path` from `offset` to its end, with
@@ -170,19 +171,20 @@ pub(super) fn append_entry(
 }
 
 /// A file with fewer blocks than its size (holes), which tar keeps sparse.
-fn is_sparse(meta: &std::fs::Metadata) -> bool {
+pub(super) fn is_sparse(meta: &std::fs::Metadata) -> bool {
     meta.blocks().saturating_mul(512) < meta.len()
 }
 
-/// A reader that hashes what it reads (when it has a hasher).
+/// A reader that hashes what it reads (when it has a hasher): XXH3-128 under a seed drawn at
+/// random for each presync, so that a container cannot write other bytes of the same digest
+/// (as the memory presync's page digests); it runs at memory speed, which matters while frozen.
 struct Hashing<R> {
     inner: R,
-    hash: Option<sha2::Sha256>,
+    hash: Option<Box<xxhash_rust::xxh3::Xxh3>>,
 }
 
 impl<R: Read> Read for Hashing<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        use sha2::Digest;
         let n = self.inner.read(buf)?;
         if let Some(h) = &mut self.hash {
             h.update(&buf[..n]);
@@ -191,9 +193,8 @@ impl<R: Read> Read for Hashing<R> {
     }
 }
 
-/// The SHA-256 of the first `len` bytes of `path` (`None` when it holds fewer).
-pub(super) fn prefix_digest(path: &Path, len: u64) -> Result<Option<[u8; 32]>, LayerError> {
-    use sha2::Digest;
+/// The digest under `seed` of the first `len` bytes of `path` (`None` when it holds fewer).
+pub(super) fn prefix_digest(path: &Path, len: u64, seed: u64) -> Result<Option<u128>, LayerError> {
     let read_err = |source| LayerError::Read {
         path: path.to_owned(),
         source,
@@ -201,10 +202,10 @@ pub(super) fn prefix_digest(path: &Path, len: u64) -> Result<Option<[u8; 32]>, L
     let file = std::fs::File::open(path).map_err(read_err)?;
     let mut r = Hashing {
         inner: file.take(len),
-        hash: Some(sha2::Sha256::new()),
+        hash: Some(Box::new(xxhash_rust::xxh3::Xxh3::with_seed(seed))),
     };
     let n = io::copy(&mut r, &mut io::sink()).map_err(read_err)?;
-    Ok(r.hash.filter(|_| n == len).map(|h| h.finalize().into()))
+    Ok(r.hash.filter(|_| n == len).map(|h| h.digest128()))
 }
 
 /// The extended attributes of `path` (user attributes, file capabilities, ACLs, ...) as the PAX
@@ -387,20 +388,19 @@ fn regular_file(
     meta: &std::fs::Metadata,
     xattrs: &[(String, Vec<u8>)],
 ) -> Result<(), LayerError> {
-    regular_file_with(b, path, name, meta, xattrs, false).map(drop)
+    regular_file_with(b, path, name, meta, xattrs, None).map(drop)
 }
 
-/// [`regular_file`]; with `hash`, returns the SHA-256 of the bytes archived (not for a sparse
-/// file, nor one removed since the walk).
+/// [`regular_file`]; with a seed, returns the digest of the bytes archived ([`Hashing`]; not
+/// for a sparse file, nor one removed since the walk).
 fn regular_file_with(
     b: &mut tar::Builder<&mut dyn Write>,
     path: &Path,
     name: &Path,
     meta: &std::fs::Metadata,
     xattrs: &[(String, Vec<u8>)],
-    hash: bool,
-) -> Result<Option<[u8; 32]>, LayerError> {
-    use sha2::Digest;
+    seed: Option<u64>,
+) -> Result<Option<u128>, LayerError> {
     // A sparse file (fewer blocks than its size) keeps tar's sparse entry, its holes not
     // written out; tar reads its data regions as they are then.
     if is_sparse(meta) {
@@ -428,11 +428,11 @@ fn regular_file_with(
     h.set_size(size);
     let mut data = Hashing {
         inner: file.take(size).chain(io::repeat(0)).take(size),
-        hash: hash.then(sha2::Sha256::new),
+        hash: seed.map(|s| Box::new(xxhash_rust::xxh3::Xxh3::with_seed(s))),
     };
     b.append_data(&mut h, name, &mut data)
         .map_err(LayerError::Write)?;
-    Ok(data.hash.map(|h| h.finalize().into()))
+    Ok(data.hash.map(|h| h.digest128()))
 }
 
 /// Calls `f(path, relative path, metadata)` for every entry under `dir`, parents first, names

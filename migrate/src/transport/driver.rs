@@ -71,6 +71,11 @@ pub trait SourceHost: Send + Sync {
     ) -> impl Future<Output = Result<Option<Vec<OutgoingFile>>, HostError>> + Send {
         async { Ok(None) }
     }
+    /// Right before [`SourceHost::freeze`], while the container still runs: last checks (a
+    /// failure fails the freeze); not counted in the downtime.
+    fn before_freeze(&self) -> impl Future<Output = Result<(), HostError>> + Send {
+        async { Ok(()) }
+    }
     /// Freezes the container (downtime starts).
     fn freeze(&self) -> impl Future<Output = Result<(), HostError>> + Send;
     /// Dumps the frozen container, leaving it frozen; returns the files of the final phase (the

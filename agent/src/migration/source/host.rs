@@ -120,11 +120,19 @@ impl SourceHost for Src {
             .map_err(boxed)
     }
 
-    async fn freeze(&self) -> Result<(), HostError> {
+    async fn before_freeze(&self) -> Result<(), HostError> {
         let me = self.clone();
         blocking(move || {
             fault::hit(&me.agent.cfg.state_dir, Point::SourceBeforeFreeze)?;
-            me.check_downtime_bound()?;
+            me.check_downtime_bound()
+        })
+        .await
+        .map_err(boxed)
+    }
+
+    async fn freeze(&self) -> Result<(), HostError> {
+        let me = self.clone();
+        blocking(move || {
             let cg = me.cg()?;
             let vforks = cg.freeze_for_dump(FREEZE_TIMEOUT).map_err(|e| {
                 let _ = cg.thaw();

@@ -10,6 +10,10 @@ use crate::transport::files::{send_files_as, OutgoingFile, SentFile};
 use crate::wire::{write_frame, DigestAt, Hello, Message, Phase, MAX_CONTROL_FRAME};
 use std::time::{Duration, Instant};
 
+/// How long a source whose file the destination stopped waits for the destination's Abort,
+/// which says why.
+const PEER_REASON_WAIT: Duration = Duration::from_secs(2);
+
 /// Runs the source side over `conn` (a connection to the destination). A fresh machine is
 /// started; a machine recovered in doubt (or rolled back) runs the Resolve exchange.
 pub async fn run_source<H: SourceHost>(
@@ -189,6 +193,27 @@ pub async fn run_source_on<H: SourceHost>(
                                         bytes: s.bytes,
                                     }
                                 }
+                                // The destination stopped a file: its Abort, sent right
+                                // after, says why (a limit, a full disk) where the stop says
+                                // only "stopped by peer" (QA of session 24).
+                                Err(detail) if detail.contains("stopped by peer") && link_up => {
+                                    match tokio::time::timeout(PEER_REASON_WAIT, ctrl.recv()).await
+                                    {
+                                        Ok(Some(Some(m @ Message::Abort { .. }))) => {
+                                            SourceInput::Received(m)
+                                        }
+                                        Ok(Some(Some(m))) => {
+                                            machine.handle(SourceInput::ActionFailed { detail });
+                                            SourceInput::Received(m)
+                                        }
+                                        Ok(Some(None) | None) => {
+                                            link_up = false;
+                                            machine.handle(SourceInput::ActionFailed { detail });
+                                            SourceInput::LinkLost
+                                        }
+                                        Err(_) => SourceInput::ActionFailed { detail },
+                                    }
+                                }
                                 Err(detail) => SourceInput::ActionFailed { detail },
                             }
                         }
@@ -198,9 +223,17 @@ pub async fn run_source_on<H: SourceHost>(
                                 bytes: bytes_sent,
                                 total: None,
                             });
-                            freeze_start = Some(start);
-                            let r = host.freeze().await;
-                            t.freeze = start.elapsed();
+                            // The checks before the freeze run while the container runs.
+                            let r = match host.before_freeze().await {
+                                Ok(()) => {
+                                    let start = Instant::now();
+                                    freeze_start = Some(start);
+                                    let r = host.freeze().await;
+                                    t.freeze = start.elapsed();
+                                    r
+                                }
+                                Err(e) => Err(e),
+                            };
                             done(r, SourceInput::Frozen)
                         }
                         SourceAction::Dump => {
