@@ -38,6 +38,7 @@ impl SourceSide {
         let (tar, remote) = match scan {
             Some(scan) => {
                 let tar = self.work.join("final-upper-delta.tar");
+                let t_delta = std::time::Instant::now();
                 // Not synced: the file only feeds the transfer of this move (digests taken
                 // from what is read, checked by the destination); a crash rolls the move back.
                 let stats = write_file(&tar, false, |w| {
@@ -48,10 +49,13 @@ impl SourceSide {
                         self.peer_speaks(super::UPPER_APPEND_MINOR),
                     )
                 })?;
+                let delta_ms = super::ms(t_delta.elapsed());
+                self.upper_sync.delta_ms.store(delta_ms, Ordering::Relaxed);
                 tracing::debug!(
                     changed = stats.changed,
                     appended = stats.appended,
                     deleted = stats.deleted,
+                    delta_ms,
                     "writable-layer delta"
                 );
                 (tar, UPPER_DELTA_TAR)

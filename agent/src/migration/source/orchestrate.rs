@@ -531,10 +531,13 @@ impl Agent {
                     ),
                 }
                 // What this move's fixed costs were, for the next pre-flight to this peer.
+                // The writable layer's delta grows with what changed (a long log read again):
+                // not a fixed cost (QA of session 24).
+                let delta_ms = side.upper_sync.delta_ms.load(Ordering::Relaxed);
                 let learned = crate::migration::fixedcost::record(
                     &peer.name,
                     plan.mode,
-                    ms(t.downtime),
+                    ms(t.downtime).saturating_sub(delta_ms),
                     plan.variable_ms,
                 );
                 tracing::info!(

@@ -13,7 +13,7 @@ pub(super) fn cause_words(cause: &mig_migrate::protocol::Cause) -> String {
         A::FreezeFailed => "the freeze failed or was refused",
         A::DumpFailed => "the checkpoint (criu dump) failed",
         A::SendFailed => "sending the files failed",
-        A::BadFile => "a file arrived damaged or could not be written",
+        A::BadFile => "a file arrived damaged, or it could not be written or was refused",
         A::TransferIncomplete => "the destination could not place what it received, or files were missing at the end of the transfer",
         A::RestoreFailed => "the restore failed",
         A::ResumeFailed => "resuming the restored container failed",
