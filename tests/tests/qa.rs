@@ -173,6 +173,72 @@ fn drain_keeps_tcp_connections_when_asked() -> Result<()> {
     Ok(())
 }
 
+/// A process, killed and reaped on drop.
+struct Kill(std::process::Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A `mig` command of the lab running in the background, its output read as it comes.
+struct Watched {
+    child: Kill,
+    seen: std::sync::Arc<std::sync::Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watched {
+    /// Its whole standard output and error, once it ended.
+    fn output(&mut self) -> Result<(String, String)> {
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        let mut stderr = String::new();
+        if let Some(mut e) = self.child.0.stderr.take() {
+            std::io::Read::read_to_string(&mut e, &mut stderr)?;
+        }
+        let stdout = self.seen.lock().map(|s| s.clone()).unwrap_or_default();
+        Ok((stdout, stderr))
+    }
+}
+
+/// Starts `mig ARGS` against the lab.
+fn watched(lab: &Lab, args: &[&str]) -> Result<Watched> {
+    let mut child = Kill(
+        std::process::Command::new(mig_tests::bin("mig"))
+            .args(args)
+            .env("MIG_LAB", &lab.name)
+            .env_remove("MIG_SOCKET")
+            .env_remove("MIG_HOST")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?,
+    );
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = child.0.stdout.take().map(|mut o| {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = std::io::Read::read(&mut o, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                if let Ok(mut s) = seen.lock() {
+                    s.push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            }
+        })
+    });
+    Ok(Watched {
+        child,
+        seen,
+        reader,
+    })
+}
+
 /// `mig logs -f` while the container moves. It used to end silently, exit code 0, when the
 /// container left: the user could not tell a move from an exit. Now it follows the container
 /// to the lab host it moved to (saying so on stderr), without printing anything twice.
@@ -190,39 +256,9 @@ fn logs_follow_goes_with_the_container() -> Result<()> {
         ],
     )?;
     ticks_past(&lab, 0, "lf", 0)?;
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut follow = Kill(
-        std::process::Command::new(mig_tests::bin("mig"))
-            .args(["--host", "host-a", "logs", "-f", "lf"])
-            .env("MIG_LAB", &lab.name)
-            .env_remove("MIG_SOCKET")
-            .env_remove("MIG_HOST")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()?,
-    );
+    let mut follow = watched(&lab, &["--host", "host-a", "logs", "-f", "lf"])?;
+    let seen = follow.seen.clone();
     // Read as it comes: the move starts once the follower is following.
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let reader = follow.0.stdout.take().map(|mut o| {
-        let seen = seen.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = std::io::Read::read(&mut o, &mut buf) {
-                if n == 0 {
-                    break;
-                }
-                if let Ok(mut s) = seen.lock() {
-                    s.push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            }
-        })
-    });
     let following = mig_tests::wait_until(Duration::from_secs(20), || {
         seen.lock().is_ok_and(|s| s.lines().count() > 2)
     });
@@ -233,17 +269,10 @@ fn logs_follow_goes_with_the_container() -> Result<()> {
     lab.mig_ok(1, &["stop", "-t", "1", "lf"])?;
     let end = last_tick(&lab, 1, "lf");
     let exited = mig_tests::wait_until(Duration::from_secs(20), || {
-        matches!(follow.0.try_wait(), Ok(Some(_)))
+        matches!(follow.child.0.try_wait(), Ok(Some(_)))
     });
     assert!(exited, "mig logs -f did not end with the container");
-    if let Some(r) = reader {
-        let _ = r.join();
-    }
-    let stdout = seen.lock().map(|s| s.clone()).unwrap_or_default();
-    let mut stderr = String::new();
-    if let Some(mut e) = follow.0.stderr.take() {
-        std::io::Read::read_to_string(&mut e, &mut stderr)?;
-    }
+    let (stdout, stderr) = follow.output()?;
     assert!(
         stderr.contains("lf moved to host-b; following it there"),
         "{stderr}"
@@ -264,30 +293,22 @@ fn logs_follow_goes_with_the_container() -> Result<()> {
     // An attached `run --rm` follows its container the same way: it ends with the command's
     // exit code on the host the container moved to, and removes it there (QA of session 24:
     // it exited 125 with "no such container", and the container stayed there, exited).
-    let mut run = Kill(
-        std::process::Command::new(mig_tests::bin("mig"))
-            .args([
-                "--host", "host-a", "run", "--rm", "--name", "att", "busybox", "--",
-            ])
-            .args([
-                "sh",
-                "-c",
-                "echo started; while [ ! -e /tmp/go ]; do sleep 0.1; done; echo bye; exit 7",
-            ])
-            .env("MIG_LAB", &lab.name)
-            .env_remove("MIG_SOCKET")
-            .env_remove("MIG_HOST")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()?,
-    );
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let reader = run.0.stdout.take().map(|mut o| {
-        let seen = seen.clone();
-        std::thread::spawn(move || {
-            let _ = std::io::Read::read_to_string(&mut o, &mut seen.lock().unwrap());
-        })
-    });
+    let mut run = watched(
+        &lab,
+        &[
+            "--host",
+            "host-a",
+            "run",
+            "--rm",
+            "--name",
+            "att",
+            "busybox",
+            "--",
+            "sh",
+            "-c",
+            "echo started; while [ ! -e /tmp/go ]; do sleep 0.1; done; echo bye; exit 7",
+        ],
+    )?;
     let started = mig_tests::wait_until(Duration::from_secs(20), || {
         lab.mig(0, &["logs", "att"]).stdout.contains("started")
     });
@@ -296,18 +317,11 @@ fn logs_follow_goes_with_the_container() -> Result<()> {
     lab.mig_ok(1, &["exec", "att", "--", "touch", "/tmp/go"])?;
     let mut status = None;
     let ended = mig_tests::wait_until(Duration::from_secs(30), || {
-        status = run.0.try_wait().ok().flatten();
+        status = run.child.0.try_wait().ok().flatten();
         status.is_some()
     });
     assert!(ended, "the attached run did not end with its container");
-    if let Some(r) = reader {
-        let _ = r.join();
-    }
-    let mut stderr = String::new();
-    if let Some(mut e) = run.0.stderr.take() {
-        std::io::Read::read_to_string(&mut e, &mut stderr)?;
-    }
-    let stdout = seen.lock().map(|s| s.clone()).unwrap_or_default();
+    let (stdout, stderr) = run.output()?;
     assert_eq!(
         status.and_then(|s| s.code()),
         Some(7),

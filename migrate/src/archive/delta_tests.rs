@@ -35,18 +35,6 @@ fn tree(dir: &Path) -> Vec<(String, u32, Vec<u8>)> {
     out
 }
 
-/// An error and its sources on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 #[test]
 fn delta_on_top_of_presync_gives_the_layer() {
     let t = tempfile::tempdir().unwrap();
@@ -208,7 +196,10 @@ fn grown_files_go_by_their_new_bytes() {
     unpack_layer_tar(&mut &presync[..], &other).unwrap();
     std::fs::write(other.join("var/log/app.log"), b"short").unwrap();
     let err = apply_layer_delta(&mut &delta[..], &other).unwrap_err();
-    assert!(chain(&err).contains("the presync's copy differs"), "{err}");
+    assert!(
+        crate::transport::chain(&err).contains("the presync's copy differs"),
+        "{err}"
+    );
     assert_eq!(
         std::fs::read(other.join("var/log/app.log")).unwrap(),
         b"short"

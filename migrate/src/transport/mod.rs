@@ -20,6 +20,7 @@ pub use tls::{
 
 mod driver;
 mod files;
+pub(crate) use driver::chain;
 pub mod probe;
 pub mod tunnel;
 

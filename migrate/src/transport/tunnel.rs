@@ -305,7 +305,7 @@ impl Tunnel {
         let noted = stop.clone();
         let task = tokio::spawn(async move {
             if let Err(e) = carry_out(mine, &conn, &header, &counter, hook, &noted).await {
-                tracing::warn!(error = %super::driver::chain(&e), service = ?header.service, "tunnel failed");
+                tracing::warn!(error = %super::chain(&e), service = ?header.service, "tunnel failed");
             }
         });
         let tunnel = Tunnel {
@@ -362,7 +362,7 @@ impl Tunnel {
             }
             .await;
             if let Err(e) = r {
-                tracing::warn!(error = %super::driver::chain(&e), "deduplicated page tunnel failed");
+                tracing::warn!(error = %super::chain(&e), "deduplicated page tunnel failed");
             }
         });
         Ok(Tunnel {
@@ -437,7 +437,7 @@ async fn forward(
                     (conn.clone(), header.clone(), bytes.clone(), stop.clone());
                 tasks.spawn(async move {
                     if let Err(e) = carry_out(tcp, &conn, &header, &bytes, None, &stop).await {
-                        tracing::warn!(error = %super::driver::chain(&e), service = ?header.service, "tunnel failed");
+                        tracing::warn!(error = %super::chain(&e), service = ?header.service, "tunnel failed");
                     }
                 });
             }
@@ -496,7 +496,7 @@ where
                 let (resolve, bytes) = (resolve.clone(), bytes.clone());
                 tasks.spawn(async move {
                     if let Err(e) = carry_in(send, recv, &*resolve, &bytes).await {
-                        tracing::warn!(error = %super::driver::chain(&e), "incoming tunnel failed");
+                        tracing::warn!(error = %super::chain(&e), "incoming tunnel failed");
                     }
                 });
             }
@@ -680,7 +680,7 @@ async fn write_pages(
             Ok(())
         }
         Err(e) => {
-            tracing::warn!(error = %super::driver::chain(&e), "page writer failed");
+            tracing::warn!(error = %super::chain(&e), "page writer failed");
             let code = writer_code(&e);
             let _ = send.reset(code.into());
             let _ = recv.stop(code.into());
