@@ -318,8 +318,14 @@ impl Agent {
         // turned it off).
         let presync = minor >= memsync::MEMORY_PRESYNC_MINOR && memsync::enabled();
         // While the link is probed: how much of its memory the container rewrites, for the
-        // presync's estimate.
-        let sampling = (presync && !opts.no_memory_presync).then(|| {
+        // presync's estimate (a move that may go in stream mode).
+        let may_stream = matches!(
+            opts.mode,
+            None | Some(
+                crate::migration::modes::MoveMode::Stream | crate::migration::modes::MoveMode::Auto
+            )
+        );
+        let sampling = (presync && may_stream && !opts.no_memory_presync).then(|| {
             let pids = procs.clone();
             tokio::task::spawn_blocking(move || {
                 mig_migrate::memsync::reader::sample_rewrites(
