@@ -427,6 +427,20 @@ fn image_open_removes_stale_work_dirs() {
     assert_store_empty(&again);
 }
 
+/// Archives the tree `src` into `out` with the system's GNU tar and `args`; whether it did.
+fn system_tar(src: &Path, out: &Path, args: &[&str]) -> bool {
+    std::process::Command::new("tar")
+        .args(args)
+        .args(["--numeric-owner", "-C"])
+        .arg(src)
+        .arg("-cf")
+        .arg(out)
+        .arg(".")
+        .status()
+        .unwrap()
+        .success()
+}
+
 #[test]
 fn image_system_tar_formats() {
     // Archives written by GNU tar in each of its formats, with a name longer than 100 bytes,
@@ -440,16 +454,7 @@ fn image_system_tar_formats() {
     std::os::unix::fs::symlink(format!("/{}", "t".repeat(150)), src.join("longlink")).unwrap();
     for format in ["gnu", "ustar", "pax", "posix"] {
         let out = tmp.path().join(format!("{format}.tar"));
-        let st = std::process::Command::new("tar")
-            .arg(format!("--format={format}"))
-            .args(["--numeric-owner", "-C"])
-            .arg(&src)
-            .arg("-cf")
-            .arg(&out)
-            .arg(".")
-            .status()
-            .unwrap();
-        if !st.success() {
+        if !system_tar(&src, &out, &[&format!("--format={format}")]) {
             // ustar cannot hold the long symlink target: that format is checked without it.
             assert_eq!(format, "ustar");
             continue;
@@ -500,16 +505,9 @@ fn image_system_tar_sparse_files() {
         ("pax-0.0", vec!["--format=pax", "--sparse-version=0.0"]),
     ] {
         let out = tmp.path().join(format!("{name}.tar"));
-        let st = std::process::Command::new("tar")
-            .args(&args)
-            .args(["-S", "--numeric-owner", "-C"])
-            .arg(&src)
-            .arg("-cf")
-            .arg(&out)
-            .arg(".")
-            .status()
-            .unwrap();
-        assert!(st.success(), "tar {args:?}");
+        let mut args = args.clone();
+        args.push("-S");
+        assert!(system_tar(&src, &out, &args), "tar {args:?}");
         let img = store.import(&out, name).unwrap();
         let l = store.layer_dir(&img.layers[0]);
         let got = fs::read(l.join("sparse")).unwrap();

@@ -157,6 +157,20 @@ pub enum FileError {
     },
 }
 
+impl FileError {
+    /// Whether the receiver stopped the stream (it refused the file): its reason, if any, comes
+    /// on the control stream.
+    pub fn stopped_by_peer(&self) -> bool {
+        matches!(
+            self,
+            FileError::Send {
+                source: quinn::WriteError::Stopped(_),
+                ..
+            } | FileError::Refused { .. }
+        )
+    }
+}
+
 /// Hashes a file on a blocking thread: its size and SHA-256.
 pub async fn hash_file(path: &Path) -> Result<(u64, [u8; 32]), FileError> {
     let p = path.to_path_buf();

@@ -158,15 +158,14 @@ impl Unpacker<'_> {
         }
         use tar::EntryType as T;
         match kind {
-            T::Regular | T::Continuous if sparse.is_some() => {
-                let sparse = sparse.unwrap_or_default();
-                self.regular_with(entry, &rel, meta, src, Some(sparse))
-            }
             T::Directory => self.directory(&rel, meta),
-            T::Regular | T::Continuous => self.regular(entry, &rel, meta, src),
+            T::Regular | T::Continuous => {
+                let data = sparse.map_or(Data::Plain, Data::PaxSparse);
+                self.regular(entry, &rel, meta, src, data)
+            }
             // The old GNU sparse format: the tar crate reads its holes as zeros, which are
             // left as holes again (a 1 GiB sparse file took 1 GiB; QA of session 24).
-            T::GNUSparse => self.regular_with(entry, &rel, meta, src, Some(PaxSparse::holes())),
+            T::GNUSparse => self.regular(entry, &rel, meta, src, Data::ZerosAsHoles),
             T::Symlink => {
                 let target = entry.link_name_bytes().unwrap_or_default().into_owned();
                 self.symlink(&rel, &target, meta)
@@ -266,32 +265,21 @@ impl Unpacker<'_> {
         Ok(())
     }
 
+    /// A regular file, its data laid out as `data` says.
     fn regular<R: Read>(
         &mut self,
         entry: &mut tar::Entry<'_, R>,
         rel: &RelPath,
         meta: Meta,
         src: &Path,
-    ) -> Result<(), ImageError> {
-        self.regular_with(entry, rel, meta, src, None)
-    }
-
-    /// A regular file, or with `sparse` one of GNU tar's PAX sparse files: its data chunks go
-    /// at their offsets, the holes between them stay holes.
-    fn regular_with<R: Read>(
-        &mut self,
-        entry: &mut tar::Entry<'_, R>,
-        rel: &RelPath,
-        meta: Meta,
-        src: &Path,
-        sparse: Option<PaxSparse>,
+        data: Data,
     ) -> Result<(), ImageError> {
         let limits = self.limits;
         let xattrs = file_xattrs(entry).map_err(tar_err(src))?;
-        let size = sparse
-            .as_ref()
-            .filter(|s| !s.zeros_as_holes)
-            .map_or(entry.size(), |s| s.real_size);
+        let size = match &data {
+            Data::PaxSparse(s) => s.real_size,
+            Data::Plain | Data::ZerosAsHoles => entry.size(),
+        };
         if size > limits.max_entry_size {
             let reason = HostileReason::EntryTooLarge {
                 size,
@@ -315,15 +303,15 @@ impl Unpacker<'_> {
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&p)
             .map_err(ImageError::io("creating", &p))?;
-        let copied = match sparse {
-            Some(s) if s.zeros_as_holes => {
-                copy_with_holes(entry, &mut f, limits.max_entry_size).map_err(tar_err(src))?
-            }
-            Some(s) => write_sparse(entry, &mut f, s)
+        let copied = match data {
+            Data::Plain => io::copy(&mut entry.take(limits.max_entry_size + 1), &mut f)
+                .map_err(tar_err(src))?,
+            Data::PaxSparse(s) => write_sparse(entry, &mut f, s)
                 .map_err(tar_err(src))?
                 .map_err(|why| hostile(rel, HostileReason::BadSparse(why)))?,
-            None => io::copy(&mut entry.take(limits.max_entry_size + 1), &mut f)
-                .map_err(tar_err(src))?,
+            Data::ZerosAsHoles => {
+                copy_with_holes(entry, &mut f, limits.max_entry_size).map_err(tar_err(src))?
+            }
         };
         if copied > limits.max_entry_size {
             let reason = HostileReason::EntryTooLarge {
@@ -454,25 +442,24 @@ impl Unpacker<'_> {
     }
 }
 
+/// How a regular file's entry holds its data.
+enum Data {
+    /// As it is.
+    Plain,
+    /// One of GNU tar's PAX sparse files: its chunks go at their offsets.
+    PaxSparse(PaxSparse),
+    /// The old GNU sparse format, whose holes the tar crate reads as zeros: zero blocks are left
+    /// as holes.
+    ZerosAsHoles,
+}
+
 /// A sparse file of GNU tar's PAX formats: its real name and size, and where its data chunks
-/// go (`None`: the map is at the start of the data, format 1.0). With `zeros_as_holes`, an entry
-/// of the old GNU sparse format instead: its data (holes read as zeros) is copied with its zero
-/// blocks left as holes.
+/// go (`None`: the map is at the start of the data, format 1.0).
 #[derive(Debug, Default)]
 struct PaxSparse {
     name: Vec<u8>,
     real_size: u64,
     map: Option<Vec<(u64, u64)>>,
-    zeros_as_holes: bool,
-}
-
-impl PaxSparse {
-    fn holes() -> PaxSparse {
-        PaxSparse {
-            zeros_as_holes: true,
-            ..PaxSparse::default()
-        }
-    }
 }
 
 /// Copies `r` into `f` leaving each 4 KiB block of zeros a hole; returns the bytes copied (at
@@ -577,7 +564,6 @@ fn pax_sparse<R: Read>(entry: &mut tar::Entry<'_, R>) -> io::Result<Option<PaxSp
         name,
         real_size,
         map,
-        zeros_as_holes: false,
     }))
 }
 

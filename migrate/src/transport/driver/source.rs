@@ -145,6 +145,8 @@ pub async fn run_source_on<H: SourceHost>(
                             phase,
                             missing_layers,
                         } => {
+                            // The destination stopped a file's stream (it refused the file).
+                            let mut stopped = false;
                             let files = match phase {
                                 Phase::Presync => host.presync_files(&missing_layers).await,
                                 Phase::Final => Ok(std::mem::take(&mut final_files)),
@@ -159,7 +161,10 @@ pub async fn run_source_on<H: SourceHost>(
                                         conn, files, host, name, bytes_sent, digests,
                                     )
                                     .await
-                                    .map_err(|e| chain(&e));
+                                    .map_err(|e| {
+                                        stopped = e.stopped_by_peer();
+                                        chain(&e)
+                                    });
                                     match sent {
                                         Ok((s, sent)) => {
                                             match close_phase(conn, host, phase, s, &sent, digests)
@@ -196,7 +201,7 @@ pub async fn run_source_on<H: SourceHost>(
                                 // The destination stopped a file: its Abort, sent right
                                 // after, says why (a limit, a full disk) where the stop says
                                 // only "stopped by peer" (QA of session 24).
-                                Err(detail) if detail.contains("stopped by peer") && link_up => {
+                                Err(detail) if stopped && link_up => {
                                     match tokio::time::timeout(PEER_REASON_WAIT, ctrl.recv()).await
                                     {
                                         Ok(Some(Some(m @ Message::Abort { .. }))) => {
