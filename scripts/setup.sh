@@ -20,7 +20,9 @@ CRIU_BIN=/usr/local/sbin/criu
 # Patches applied to CRIU's source (patch -p1, in name order), and for each a string it puts into the
 # binary (a log message): a CRIU without every marker lacks a patch and is rebuilt (docs/criu.md,
 # "Patches").
-CRIU_PATCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/criu-patches"
+# The repository, resolved before any cd: the script may be run by a relative path (scripts/setup.sh).
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CRIU_PATCH_DIR="$REPO/scripts/criu-patches"
 CRIU_PATCH_MARKERS=(
   criu-rlimits-proc-fallback  # 0001: dump the limits of another user's process without CAP_SYS_RESOURCE
   criu-rlimits-clamped        # 0002: restore limits above criu's own as close as allowed, with a warning
@@ -215,7 +217,6 @@ modprobe veth 2>/dev/null || true
 # stable's lints cannot fail the tests' clippy gate), through rustup, which is installed into
 # ~/.cargo when missing (Debian 12's own rustc, 1.63, is older than mig's 1.80). test.sh and
 # demo.sh then use it. A machine with a Rust of 1.80 or later but no rustup keeps its own.
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 RUST_CHANNEL=$(sed -n 's/^channel *= *"\(.*\)"/\1/p' "$REPO/rust-toolchain.toml")
 [ -n "$RUST_CHANNEL" ] || die "no channel in $REPO/rust-toolchain.toml"
 # shellcheck disable=SC1091
