@@ -47,6 +47,8 @@ pub enum ClientError {
     Unexpected { request: &'static str, got: String },
     #[error("this connection to the agent is out of step: an earlier request on it was dropped before its answer was read (connect again)")]
     OutOfStep,
+    #[error("this connection to the agent serves only events since it subscribed to them (connect again for other requests)")]
+    EventsOnly,
 }
 
 impl ClientError {
@@ -81,6 +83,8 @@ pub struct Client {
     open: bool,
     /// Bytes read from the stream that no response used yet ([`Client::read_response`]).
     read: Vec<u8>,
+    /// Subscribed to the events: the agent answers nothing else on this connection.
+    events: bool,
 }
 
 impl std::fmt::Debug for Client {
@@ -214,6 +218,7 @@ impl Client {
             _keep: keep,
             open: false,
             read: Vec::new(),
+            events: false,
         }
     }
 
@@ -248,6 +253,9 @@ impl Client {
 
     /// Starts an exchange, unless the last one was dropped before its end.
     fn begin(&mut self) -> Result<(), ClientError> {
+        if self.events {
+            return Err(ClientError::EventsOnly);
+        }
         if self.open {
             return Err(ClientError::OutOfStep);
         }
@@ -560,6 +568,12 @@ impl Client {
                     self.open = false;
                     return Ok(());
                 }
+                // A refusal ends the exchange as its end would (QA of session 25: the next
+                // call failed with OutOfStep).
+                Response::Error(e) => {
+                    self.open = false;
+                    return Err(ClientError::Api(e));
+                }
                 r => return Err(unexpected("logs", r)),
             }
         }
@@ -569,7 +583,10 @@ impl Client {
     /// serves nothing else afterwards.
     pub async fn subscribe_events(&mut self) -> Result<(), ClientError> {
         match self.call(&Request::Events).await? {
-            Response::Ok => Ok(()),
+            Response::Ok => {
+                self.events = true;
+                Ok(())
+            }
             r => Err(unexpected("events", r)),
         }
     }
@@ -678,6 +695,10 @@ impl Client {
                 Response::ExecEnd { code } => {
                     self.open = false;
                     return Ok(code);
+                }
+                Response::Error(e) => {
+                    self.open = false;
+                    return Err(ClientError::Api(e));
                 }
                 r => return Err(unexpected("exec", r)),
             }
@@ -839,6 +860,45 @@ mod tests {
         let e = c.call(&Request::Info).await.unwrap_err();
         assert!(matches!(e, ClientError::OutOfStep), "{e}");
         drop(agent);
+    }
+
+    /// A refused `logs` or `exec` (no such container, an unknown user) is a whole answer: the
+    /// next call goes on the same connection (QA of session 25: it failed with OutOfStep).
+    #[tokio::test]
+    async fn a_refused_log_or_exec_leaves_the_client_in_step() {
+        use tokio::io::AsyncWriteExt;
+        let (mut c, mut agent) = connected().await;
+        let refusal = Response::Error(ApiError::new(ErrorKind::NotFound, "no such container: x"));
+        let fake = tokio::spawn(async move {
+            for answer in [&refusal, &refusal, &Response::Ok] {
+                let _: Request = read_frame(&mut agent).await.unwrap();
+                agent.write_all(&frame(answer)).await.unwrap();
+            }
+            agent
+        });
+        let e = c.logs("x", false, |_| {}).await.unwrap_err();
+        assert!(matches!(e, ClientError::Api(_)), "{e}");
+        let e = c.exec("x", vec!["true".into()], vec![]).await.unwrap_err();
+        assert!(matches!(e, ClientError::Api(_)), "{e}");
+        c.stop("x", 1).await.unwrap();
+        drop(fake.await.unwrap());
+    }
+
+    /// Subscribed, the connection serves events only: another call fails at once instead of
+    /// waiting for an answer the agent never sends (QA of session 25).
+    #[tokio::test]
+    async fn a_call_after_subscribing_fails_at_once() {
+        use tokio::io::AsyncWriteExt;
+        let (mut c, mut agent) = connected().await;
+        let fake = tokio::spawn(async move {
+            let _: Request = read_frame(&mut agent).await.unwrap();
+            agent.write_all(&frame(&Response::Ok)).await.unwrap();
+            agent
+        });
+        c.subscribe_events().await.unwrap();
+        let e = c.call(&Request::Info).await.unwrap_err();
+        assert!(matches!(e, ClientError::EventsOnly), "{e}");
+        drop(fake.await.unwrap());
     }
 
     /// An agent that answers a version above our offer and then neither sends an error nor

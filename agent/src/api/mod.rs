@@ -10,7 +10,17 @@
 pub mod frame;
 
 pub use crate::daemon::events::{Event, EventKind};
+pub use crate::migration::fixedcost::{FixedCost, FixedSource};
+pub use crate::migration::memsync::MemoryPresyncReport;
 pub use crate::migration::modes::{MoveMode, MoveOptions};
+pub use crate::migration::precopy::PrecopyReport;
+pub use crate::migration::probe::ProbeInfo;
+pub use crate::migration::{IdentityInfo, MoveResult, PeerInfo};
+pub use crate::remote::ClientInfo;
+// What the client's calls take and return from mig-migrate: a remote client's identity, a
+// checkpoint's CRIU figures.
+pub use mig_migrate::criu::DumpStats;
+pub use mig_migrate::transport::Identity;
 // The types the API's own types hold, so that a client names them without depending on
 // mig-runtime itself.
 pub use mig_runtime::cgroup::Usage;
