@@ -272,6 +272,24 @@ pub(crate) fn progress(msg: &str) {
     let _ = writeln!(io::stderr(), "bench: {msg}");
 }
 
+/// Deletes the runc baseline's containers that a bench of lab `lab` killed before its cleanup
+/// left, and that bench's work directory (`mig lab down` and the next bench call it: QA of
+/// session 25 found the baseline container still running, and a rerun removed the directory
+/// runc needed to find it). Returns what it removed, for a report.
+pub fn remove_runc_leftovers(lab: &str) -> Option<PathBuf> {
+    if lab.is_empty() || lab.contains('/') || lab.starts_with('.') {
+        return None;
+    }
+    let work = Path::new(WORK_ROOT).join(lab);
+    if !work.is_dir() {
+        return None;
+    }
+    for host in ["root-a", "root-b"] {
+        runc::delete_all(&work.join("runc").join(host));
+    }
+    Some(work)
+}
+
 /// Removes what a bench made, whatever happens: runc containers, the lab, the work directory.
 struct Cleanup {
     lab: String,
@@ -483,6 +501,8 @@ fn run_blocking(args: &BenchMoveArgs, stop: Arc<AtomicBool>) -> Result<(), Bench
         runc_roots: Vec::new(),
     };
     if work.exists() {
+        // A bench killed before its cleanup (SIGKILL) may have left its runc baseline running.
+        remove_runc_leftovers(&args.lab);
         std::fs::remove_dir_all(&work).map_err(|source| BenchError::Prepare {
             path: work.clone(),
             source,

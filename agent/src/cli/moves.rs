@@ -185,11 +185,23 @@ async fn lab_command(cmd: &LabCommand) -> Result<u8, CliError> {
             }
         }
         LabCommand::Down => {
+            let lab_name = name.clone();
             let report = tokio::task::spawn_blocking(move || lab::down(&name))
                 .await
                 .map_err(|e| CliError::Task(e.to_string()))?
                 .map_err(lab_error)?;
             out(&format!("{report}\n"))?;
+            // What a `mig bench move` of this lab killed before its cleanup left: its runc
+            // baseline container and work directory.
+            if let Some(work) = crate::bench::remove_runc_leftovers(&lab_name) {
+                match std::fs::remove_dir_all(&work) {
+                    Ok(()) => out(&format!(
+                        "removed a killed bench's runc containers and {}\n",
+                        work.display()
+                    ))?,
+                    Err(e) => eprintln!("mig: cannot remove {}: {e}", work.display()),
+                }
+            }
             if !report.is_clean() {
                 return Ok(super::EXIT_MIG_ERROR);
             }
