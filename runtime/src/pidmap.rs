@@ -100,6 +100,43 @@ pub fn mapped_memory(host_pids: &[i32]) -> Option<MappedMemory> {
     (read > 0).then_some(total)
 }
 
+/// The files the given host PIDs map shared and writable (`/proc/PID/maps`: `w` and `s` in the
+/// permissions), by their path in the processes' mount namespace. Stores through such a mapping
+/// change the file without updating its mtime or ctime (the kernel stamps the file only when a
+/// clean page is first written), so a copy of the file chosen by its times can miss them.
+/// Deleted files and anonymous or special mappings are left out.
+pub fn shared_writable_files(host_pids: &[i32]) -> std::collections::BTreeSet<std::path::PathBuf> {
+    host_pids
+        .iter()
+        .filter_map(|p| fs::read_to_string(format!("/proc/{p}/maps")).ok())
+        .flat_map(|maps| {
+            maps.lines()
+                .filter_map(shared_writable_path)
+                .map(std::path::PathBuf::from)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// The path of one `/proc/PID/maps` line when it maps a file shared and writable.
+fn shared_writable_path(line: &str) -> Option<&str> {
+    // address perms offset dev inode [path]: the path is the rest after five fields.
+    let mut rest = line;
+    let mut perms = "";
+    for i in 0..5 {
+        let (field, tail) = rest.trim_start().split_once(' ')?;
+        if i == 1 {
+            perms = field;
+        }
+        rest = tail;
+    }
+    let path = rest.trim_start();
+    let p = perms.as_bytes();
+    (p.len() == 4 && p[1] == b'w' && p[3] == b's' && path.starts_with('/'))
+        .then_some(path)
+        .filter(|p| !p.ends_with(" (deleted)"))
+}
+
 /// A `smaps_rollup` text's `Anonymous` and `Swap`, and its `Pss_Shmem` (`None` without it).
 fn parse_rollup(text: &str) -> Option<MappedMemory> {
     let kib = |field: &str| -> Option<u64> {
@@ -227,6 +264,41 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn shared_writable_maps_lines() {
+        let line = |perms: &str, path: &str| {
+            format!("7fa78f90f000-7fa78fa0f000 {perms} 00000000 00:4e 1376615                    {path}")
+        };
+        assert_eq!(
+            shared_writable_path(&line("rw-s", "/data.mm")),
+            Some("/data.mm")
+        );
+        assert_eq!(
+            shared_writable_path(&line("rw-s", "/a dir/with spaces")),
+            Some("/a dir/with spaces")
+        );
+        for (perms, path) in [
+            ("r--s", "/ro.mm"),
+            ("rw-p", "/private.mm"),
+            ("rw-s", "/gone.mm (deleted)"),
+            ("rw-s", "/dev/zero"),
+            ("rw-s", ""),
+            ("rw-s", "[heap]"),
+        ] {
+            let want = (path == "/dev/zero").then_some(path);
+            assert_eq!(
+                shared_writable_path(&line(perms, path)),
+                want,
+                "{perms} {path}"
+            );
+        }
+        assert_eq!(shared_writable_path("7fa-7fb rw-s"), None);
+        let me = std::process::id() as i32;
+        assert!(shared_writable_files(&[me, i32::MAX])
+            .iter()
+            .all(|p| p.is_absolute()));
+    }
 
     #[test]
     fn rollup_fields_and_this_process() {

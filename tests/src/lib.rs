@@ -214,6 +214,29 @@ impl Agent {
 
     /// Like [`Agent::start`], with extra environment variables for migd (e.g. `MIG_CRIU`).
     pub fn start_with_env(test: &str, env: &[(&str, &str)]) -> Result<Agent> {
+        let mut agent = Agent::new(test, env)?;
+        agent.spawn()?;
+        Ok(agent)
+    }
+
+    /// Like [`Agent::start`], with the state directory on a tmpfs of `mib` MiB (unmounted with
+    /// the rest at the end): a file system the test can fill.
+    pub fn start_on_tmpfs(test: &str, mib: u64) -> Result<Agent> {
+        let mut agent = Agent::new(test, &[])?;
+        std::fs::create_dir_all(&agent.state_dir)?;
+        nix::mount::mount(
+            Some("tmpfs"),
+            &agent.state_dir,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(format!("size={mib}m,mode=0700").as_str()),
+        )
+        .context("mounting the state directory's tmpfs")?;
+        agent.spawn()?;
+        Ok(agent)
+    }
+
+    fn new(test: &str, env: &[(&str, &str)]) -> Result<Agent> {
         let tag: String = test
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
@@ -225,7 +248,7 @@ impl Agent {
             .tempdir()?;
         let socket = dir.path().join("migd.sock");
         let state_dir = dir.path().join("state");
-        let mut agent = Agent {
+        Ok(Agent {
             cgroup_parent: format!("mig-{name}"),
             name,
             dir,
@@ -236,9 +259,7 @@ impl Agent {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-        };
-        agent.spawn()?;
-        Ok(agent)
+        })
     }
 
     /// Starts (or restarts) the migd process and waits for its socket.

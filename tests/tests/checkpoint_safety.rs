@@ -452,3 +452,46 @@ fn an_import_never_takes_the_directory_of_an_arriving_container() -> Result<()> 
     );
     Ok(())
 }
+
+/// An export of a container left running is one moment: its writable layer as it was while the
+/// memory was dumped (QA of session 25: archived after the thaw, the file held lines that the
+/// restored shell, its counter from the dump, then wrote again).
+#[test]
+fn an_export_left_running_is_one_moment() -> Result<()> {
+    let agent = Agent::start("ckpt-moment")?;
+    agent.import_busybox()?;
+    agent.mig_ok(&[
+        "run",
+        "-d",
+        "--name",
+        "ap",
+        "busybox",
+        "--",
+        "sh",
+        "-c",
+        "i=0; while :; do i=$((i+1)); echo $i >> /count; done",
+    ])?;
+    std::thread::sleep(Duration::from_secs(1));
+    let dir = tempfile::tempdir()?;
+    let tar = dir.path().join("ap.tar");
+    let tar = tar.to_str().context("path")?;
+    agent.mig_ok(&["checkpoint", "ap", "--leave-running", "--export", tar])?;
+    agent.mig_ok(&["rm", "-f", "ap"])?;
+    agent.mig_ok(&["restore", "--import", tar])?;
+    std::thread::sleep(Duration::from_secs(1));
+    let dups = agent.mig_ok(&[
+        "exec",
+        "ap",
+        "--",
+        "sh",
+        "-c",
+        "sort -n /count | uniq -d | head -n 3; wc -l < /count",
+    ])?;
+    let lines: Vec<&str> = dups.lines().collect();
+    ensure!(
+        lines.len() == 1,
+        "lines written twice after the restore: {lines:?}"
+    );
+    agent.mig_ok(&["rm", "-f", "ap"])?;
+    Ok(())
+}

@@ -69,6 +69,20 @@ fn image_import_from_rootfs_dir_and_tar() -> Result<()> {
         missing.code == 125 && missing.stderr.lines().count() == 1,
         "{missing:?}"
     );
+    // A tree holding the state directory (`/` too) is refused at once: the import would copy it
+    // into itself without end (QA of session 25: a bundle's root.path of `/`).
+    let holder = agent.state_dir.parent().context("state dir parent")?;
+    let own = agent.mig(&[
+        "image",
+        "import",
+        holder.to_str().unwrap(),
+        "--name",
+        "itself",
+    ]);
+    ensure!(
+        own.code == 125 && own.stderr.contains("holds this agent's state directory"),
+        "{own:?}"
+    );
     Ok(())
 }
 

@@ -29,6 +29,9 @@ enum During {
     LinkDown(usize),
     /// SIGKILLs the host's agent from outside at the same moment.
     KillAgent(usize),
+    /// SIGKILLs the shim of the destination's restored copy while the source is held before
+    /// its Commit.
+    KillDestShim,
 }
 
 struct Case {
@@ -182,6 +185,22 @@ fn run_case(lab: &mut Lab, c: &Case, name: &str, id: &str, base: &mut [Usage]) -
                     l.kill_agent(h)?;
                 }
             }
+            During::KillDestShim => {
+                let record = l.state_dir(B).join("containers").join(id).join("shim.json");
+                let mut shim = None;
+                mig_tests::wait_until(Duration::from_secs(30), || {
+                    shim = std::fs::read_to_string(&record)
+                        .ok()
+                        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                        .and_then(|v| v["shim_pid"].as_i64());
+                    shim.is_some()
+                });
+                let pid = shim.context("the restored copy's shim.json never appeared")?;
+                nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                )?;
+            }
         }
         mover
             .join()
@@ -205,6 +224,15 @@ fn run_case(lab: &mut Lab, c: &Case, name: &str, id: &str, base: &mut [Usage]) -
         ensure!(
             message.contains("was lost during it") || message.contains("link lost"),
             "{}: the error does not say the destination was lost: {message}",
+            c.label
+        );
+    }
+    // A copy lost before the Commit rolls the move back (QA of session 25: it committed, and
+    // the container was gone).
+    if let During::KillDestShim = c.during {
+        ensure!(
+            out.code != 0 && message.contains("rolled back"),
+            "{}: {message}",
             c.label
         );
     }
@@ -359,6 +387,11 @@ fn destination_faults_at_restore_and_commit() -> Result<()> {
             on(B, "dest-commit:fail", A),
             on(B, "dest-commit:cut", A),
             on(B, "dest-commit:delay:1500", B),
+            held(
+                "restored copy's shim killed before the commit",
+                "source-restore:delay:3000",
+                During::KillDestShim,
+            ),
         ],
     )
 }
@@ -490,6 +523,30 @@ fn an_agent_killed_during_a_checkpoint_leaves_the_container_running() -> Result<
     }
     let (count, _) = log_state(&lab.mig(A, &["logs", "ckk"]).stdout);
     lab.mig_ok(A, &["checkpoint", "ckk"])?;
+    let v = lab.mig_json(A, &["inspect", "ckk", "--json"])?;
+    assert_eq!(v["state"], "checkpointed", "{v}");
+    lab.mig_ok(A, &["restore", "ckk"])?;
+    running_on(&lab, A, "ckk")?;
+    continues(&lab, A, "ckk", count)?;
+    // Killed while exporting, after the seal: the container had ended with its checkpoint whole.
+    // The restarted agent records it checkpointed (QA of session 25: `exited (137)`, and
+    // `mig restore` refused), and it restores.
+    let (count, _) = log_state(&lab.mig(A, &["logs", "ckk"]).stdout);
+    let out = tempfile::tempdir()?;
+    let file = out.path().join("ckk.tar");
+    lab.fault(A, Some("checkpoint-export:kill"))?;
+    let o = lab.mig(
+        A,
+        &[
+            "checkpoint",
+            "ckk",
+            "--export",
+            file.to_str().unwrap_or_default(),
+        ],
+    );
+    lab.fault(A, None)?;
+    assert_ne!(o.code, 0, "the agent was to die: {}", o.stdout);
+    lab.restart_after_crash(A)?;
     let v = lab.mig_json(A, &["inspect", "ckk", "--json"])?;
     assert_eq!(v["state"], "checkpointed", "{v}");
     lab.mig_ok(A, &["restore", "ckk"])?;

@@ -290,7 +290,10 @@ fn memory_the_process_cannot_read_moves_intact() -> Result<()> {
     }
     let lab = Lab::up("pcguard", 72)?;
     memload_image(&lab)?;
-    // 8 MiB it reads and writes, 4 MiB it keeps PROT_NONE between its checks (five a second).
+    // 8 MiB it reads and writes, 4 MiB it keeps PROT_NONE between its checks (five a second),
+    // and a file in its writable layer that it maps shared and rewrites every 2 ms: the file must
+    // arrive as the process left it (QA of session 25: the destination kept the presync's copy,
+    // its times unchanged, in every mode).
     let id = lab.mig_ok(
         0,
         &[
@@ -307,11 +310,13 @@ fn memory_the_process_cannot_read_moves_intact() -> Result<()> {
             "4",
             "--interval-ms",
             "200",
+            "--mapped-file",
+            "/data.mm",
         ],
     )?;
     let id = id.trim();
     let mut count = memload_continues(&lab, 0, "guarded", 0)?;
-    for (from, to, mode) in [(0, 1, "lazy"), (1, 0, "stream")] {
+    for (from, to, mode) in [(0, 1, "lazy"), (1, 0, "stream"), (0, 1, "cold")] {
         let peer = lab.hosts[to].name.clone();
         let r = lab.mig_json(from, &["move", "guarded", &peer, "--json", "--mode", mode])?;
         if r["mode"] != mode {
@@ -319,7 +324,7 @@ fn memory_the_process_cannot_read_moves_intact() -> Result<()> {
         }
         count = memload_continues(&lab, to, "guarded", count)?;
     }
-    let _ = lab.mig(0, &["rm", "-f", id]);
+    let _ = lab.mig(1, &["rm", "-f", id]);
     Ok(())
 }
 

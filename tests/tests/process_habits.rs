@@ -163,6 +163,63 @@ fn a_background_process_left_by_exec_survives_checkpoint_and_restore() -> Result
     Ok(())
 }
 
+/// A full file system under the state directory: the container's output is dropped (and
+/// counted) while it cannot be written, the container runs on, and its output comes back once
+/// there is room (QA of session 25: the shim's `eprintln!` panicked on its full `shim.log`, and
+/// the container ended with the shim).
+#[test]
+fn a_full_state_directory_drops_output_but_keeps_the_container() -> Result<()> {
+    let agent = Agent::start_on_tmpfs("proc-full", 64)?;
+    agent.import_busybox()?;
+    let script = "x=$(head -c 3000 /dev/zero | tr '\\0' x); i=0; \
+                  while :; do i=$((i+1)); echo \"line $i $x\"; sleep 0.01; done";
+    let id = agent.mig_ok(&[
+        "run", "-d", "--name", "chatty", "busybox", "--", "sh", "-c", script,
+    ])?;
+    let shim_log = agent
+        .state_dir
+        .join("containers")
+        .join(id.trim())
+        .join("shim.log");
+    let fill = agent.state_dir.join("fill");
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M"])
+        .arg(format!("of={}", fill.display()))
+        .stderr(Stdio::null())
+        .status()?;
+    // About 300 kB of output a second goes nowhere meanwhile.
+    std::thread::sleep(Duration::from_secs(5));
+    let state = inspect(&agent, "chatty")?;
+    ensure!(
+        state["state"] == "running",
+        "the container did not outlive the full disk: {state}; shim.log: {:?}",
+        std::fs::read_to_string(&shim_log)
+    );
+    std::fs::remove_file(&fill)?;
+    let lines = || {
+        agent
+            .mig(&["logs", "chatty"])
+            .stdout
+            .lines()
+            .filter_map(|l| l.split(' ').nth(1)?.parse::<u64>().ok())
+            .max()
+            .unwrap_or(0)
+    };
+    let before = lines();
+    ensure!(
+        wait_until(Duration::from_secs(20), || lines() > before + 10),
+        "no output after the disk had room again"
+    );
+    // (Its first word, that output is dropped, found shim.log full too.)
+    let said = std::fs::read_to_string(&shim_log).unwrap_or_default();
+    ensure!(
+        said.contains("bytes of output were lost"),
+        "shim.log: {said}"
+    );
+    agent.mig_ok(&["rm", "-f", "chatty"])?;
+    Ok(())
+}
+
 const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\n\
     app:x:1000:1000:App,,,:/home/app:/bin/sh\n";
 const GROUP: &str = "root:x:0:\n\

@@ -338,6 +338,26 @@ fn logs_follow_goes_with_the_container() -> Result<()> {
     let left = lab.mig_ok(1, &["ps", "-a", "-q"])?;
     let gone = lab.mig(1, &["inspect", "att"]);
     assert!(gone.code != 0, "--rm left the container on host-b: {left}");
+
+    // A shell running a command with its stdout redirected keeps the log pipe in another
+    // descriptor meanwhile (busybox: the read below holds fd 1 on /dev/null). Dumped then, the
+    // pipe is still the log's: the output goes on after a move and after a checkpoint and
+    // restore (QA of session 25: the restored container wrote into a pipe nobody read).
+    let script = "mkfifo /tmp/f; exec 3<>/tmp/f; i=0; \
+                  while :; do i=$((i+1)); echo $i; read -t 1 x <&3 >/dev/null; done";
+    lab.mig_ok(
+        0,
+        &[
+            "run", "-d", "--name", "redir", "busybox", "--", "sh", "-c", script,
+        ],
+    )?;
+    let before = ticks_past(&lab, 0, "redir", 0)?;
+    lab.mig_ok(0, &["move", "redir", "host-b"])?;
+    let moved = ticks_past(&lab, 1, "redir", before)?;
+    lab.mig_ok(1, &["checkpoint", "redir"])?;
+    lab.mig_ok(1, &["restore", "redir"])?;
+    ticks_past(&lab, 1, "redir", moved)?;
+    lab.mig_ok(1, &["rm", "-f", "redir"])?;
     Ok(())
 }
 

@@ -686,6 +686,22 @@ fn pin_intruder(lab: &Lab, host: usize) -> Result<(Peer, Identity)> {
             &fp,
         ],
     )?;
+    // The host's own fingerprint pins no peer (QA of session 25: a move to it waited 30 s).
+    let own = lab.mig(
+        host,
+        &[
+            "peers",
+            "add",
+            "myself",
+            "192.0.2.2:7878",
+            "--fingerprint",
+            &peer.fingerprint,
+        ],
+    );
+    ensure!(
+        own.code != 0 && own.stderr.contains("is this agent's own"),
+        "{own:?}"
+    );
     Ok((peer, intruder))
 }
 

@@ -23,6 +23,12 @@
 //! counted since the tick before prints `BAD <n> thread <i>`. Both are what a dump must carry
 //! beyond memory: pipe buffers, and a task per thread.
 //!
+//! With `--mapped-file PATH` it also maps the first MiB of file PATH (made anew) shared, and a
+//! thread writes a counter into each of its pages every 2 ms, checking first that every page still
+//! holds the counter it wrote last (`BAD <n> mapped page <i>` when not): the file is the memory
+//! here, which a move must carry as the process left it (stores through such a mapping do not
+//! touch the file's times).
+//!
 //! A move keeps the counter going (it lives in the moved memory); a restored process whose memory
 //! is not intact prints `BAD`. Static build: `RUSTFLAGS="-C target-feature=+crt-static" cargo build
 //! -p mig-memload --release`. No dependencies beyond std and libc.
@@ -42,10 +48,11 @@ struct Options {
     pipes: usize,
     threads: usize,
     interval: Duration,
+    mapped_file: Option<String>,
 }
 
 const USAGE: &str =
-    "usage: mig-memload --mib N [--seed S] [--dirty-mib D] [--verify-mib V] [--guarded-mib G] [--pipes P] [--threads T] [--interval-ms MS]";
+    "usage: mig-memload --mib N [--seed S] [--dirty-mib D] [--verify-mib V] [--guarded-mib G] [--pipes P] [--threads T] [--interval-ms MS] [--mapped-file PATH]";
 
 fn parse(args: &[String]) -> Result<Options, String> {
     let mut o = Options {
@@ -57,12 +64,16 @@ fn parse(args: &[String]) -> Result<Options, String> {
         pipes: 0,
         threads: 0,
         interval: Duration::from_millis(1000),
+        mapped_file: None,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
-        let value = it
-            .next()
-            .ok_or_else(|| format!("{flag} needs a value"))?
+        let raw = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        if flag == "--mapped-file" {
+            o.mapped_file = Some(raw.clone());
+            continue;
+        }
+        let value = raw
             .parse::<u64>()
             .map_err(|_| format!("{flag} needs a number"))?;
         match flag.as_str() {
@@ -186,6 +197,66 @@ impl Guarded {
 }
 
 /// Pipes each holding the 8 bytes of pattern word `i` (read end, write end).
+/// `--mapped-file`: the first bad page a writer thread found (page + 1; 0 while all are good).
+struct Mapped(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Mapped {
+    const PAGES: usize = 256;
+
+    fn start(path: &str) -> Result<Mapped, String> {
+        use std::os::fd::AsRawFd;
+        let len = Mapped::PAGES * 4096;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .and_then(|f| f.set_len(len as u64).map(|()| f))
+            .map_err(|e| format!("{path}: {e}"))?;
+        // SAFETY: a new shared mapping of a file of `len` bytes, kept for the process's life.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(format!("mmap {path}: {}", std::io::Error::last_os_error()));
+        }
+        let bad = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let flag = bad.clone();
+        let base = base as usize;
+        std::thread::spawn(move || {
+            let mut last = 0u64;
+            loop {
+                for page in 0..Mapped::PAGES {
+                    let word = (base + page * 4096) as *mut u64;
+                    // SAFETY: the first word of a page of the mapping above, which lives on.
+                    let seen = unsafe { word.read_volatile() };
+                    if seen != last && flag.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+                        flag.store(page + 1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    // SAFETY: as above.
+                    unsafe { word.write_volatile(last + 1) };
+                }
+                last += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        Ok(Mapped(bad))
+    }
+
+    fn check(&self) -> Option<usize> {
+        let b = self.0.load(std::sync::atomic::Ordering::Relaxed);
+        b.checked_sub(1)
+    }
+}
+
 struct Pipes(Vec<(libc::c_int, libc::c_int)>);
 
 impl Pipes {
@@ -338,6 +409,7 @@ fn run(o: &Options) -> Result<std::convert::Infallible, String> {
         .then(|| Pipes::new(o.pipes, o.seed))
         .transpose()?;
     let mut threads = Counters::start(o.threads)?;
+    let mapped = o.mapped_file.as_deref().map(Mapped::start).transpose()?;
     let mut out = std::io::stdout().lock();
     // Output errors (a closed log) must not stop the workload: the memory is what is measured.
     let _ = writeln!(out, "READY {}", o.mib);
@@ -389,13 +461,15 @@ fn run(o: &Options) -> Result<std::convert::Infallible, String> {
             .flatten();
         // The first tick only takes the counts (the threads may not have run yet).
         let stuck = threads.check().filter(|_| n > 1);
+        let mapped_bad = mapped.as_ref().and_then(Mapped::check);
         let _ = writeln!(out, "COUNT {n}");
-        let _ = match (bad, guarded_bad, pipe_bad, stuck) {
+        let _ = match (bad, guarded_bad, pipe_bad, stuck, mapped_bad) {
             (Some(i), ..) => writeln!(out, "BAD {n} offset {}", i * 8),
             (None, Some(i), ..) => writeln!(out, "BAD {n} guarded offset {}", i * 8),
-            (None, None, Some(i), _) => writeln!(out, "BAD {n} pipe {i}"),
-            (None, None, None, Some(i)) => writeln!(out, "BAD {n} thread {i}"),
-            (None, None, None, None) => writeln!(out, "OK {n} passes {passes}"),
+            (None, None, Some(i), ..) => writeln!(out, "BAD {n} pipe {i}"),
+            (None, None, None, Some(i), _) => writeln!(out, "BAD {n} thread {i}"),
+            (None, None, None, None, Some(i)) => writeln!(out, "BAD {n} mapped page {i}"),
+            (None, None, None, None, None) => writeln!(out, "OK {n} passes {passes}"),
         };
         let _ = out.flush();
     }
@@ -416,6 +490,8 @@ mod tests {
         assert!(parse(&args("")).is_err());
         assert!(parse(&args("--mib x")).is_err());
         assert!(parse(&args("--mib 1 --what 2")).is_err());
+        let o = parse(&args("--mib 1 --mapped-file /data.mm")).unwrap();
+        assert_eq!(o.mapped_file.as_deref(), Some("/data.mm"));
         assert!(parse(&args("--mib")).is_err());
         assert_eq!(
             parse(&args("--mib 4 --guarded-mib 2")).unwrap().guarded_mib,

@@ -301,6 +301,7 @@ impl Agent {
         let procs = cg.procs().unwrap_or_else(|_| vec![init_pid]);
         if let Some(why) =
             mig_runtime::container::rlimit_blocker(&procs, e.spec.userns.is_some(), criu.path())
+                .or_else(|| mig_runtime::container::lock_blocker(&procs))
         {
             return Err(ApiError::new(
                 ErrorKind::Unavailable,
@@ -315,7 +316,8 @@ impl Agent {
         }
         std::fs::create_dir_all(&images)
             .map_err(|e| internal(format!("creating {}: {e}", images.display())))?;
-        let stdio_pipe = mig_migrate::criu::stdout_pipe(init_pid);
+        let shim_pid = self.live_shim(id).map(|s| s.shim_pid);
+        let stdio_pipe = mig_migrate::criu::log_pipe(init_pid, shim_pid, &procs);
         // Until this returns: an agent that dies in between finds it at its start and thaws the
         // container (settle_interrupted).
         let _marker = Interrupted::mark(&cd.dir);
@@ -392,6 +394,30 @@ impl Agent {
                 "checkpoint failed, the container keeps running: {e}"
             ))
         })?;
+        // An export of a container left running takes its writable layer while it is still
+        // frozen, as the memory was dumped (QA of session 25: archived after the thaw, it held
+        // lines the restored process wrote again).
+        let frozen_upper = cd.dir.join(".export-upper.tar");
+        let _ = std::fs::remove_file(&frozen_upper);
+        if leave_running && export.is_some() {
+            let written = std::fs::File::create(&frozen_upper).and_then(|f| {
+                let mut w = std::io::BufWriter::new(f);
+                archive::write_layer_tar(&cd.upper(), &mut w).map_err(std::io::Error::other)?;
+                w.into_inner().map_err(|e| e.into_error())?.sync_all()
+            });
+            if let Err(err) = written {
+                let _ = std::fs::remove_file(&frozen_upper);
+                let thawed = thaw_hard(&cg);
+                return Err(internal(format!(
+                    "archiving the writable layer for the export: {err}{}",
+                    if thawed.is_ok() {
+                        "; the container keeps running"
+                    } else {
+                        "; and thawing it failed"
+                    }
+                )));
+            }
+        }
         if leave_running {
             thaw_hard(&cg)
                 .map_err(|e| internal(format!("thawing after the dump: {}", chain(&e))))?;
@@ -432,6 +458,11 @@ impl Agent {
         let (exported, archive_bytes) = match export {
             None => (None, None),
             Some(file) => {
+                crate::migration::fault::hit(
+                    &self.cfg.state_dir,
+                    crate::migration::fault::Point::CheckpointExport,
+                )
+                .map_err(|e| internal(format!("checkpoint export failed: {e}")))?;
                 let zstd = file.ends_with(".zst") || file.ends_with(".zstd");
                 // The container's output and creation time go too: an import continues them,
                 // as a move does (QA: `restore --import` started an empty log and a new
@@ -449,14 +480,15 @@ impl Agent {
                 if log.is_file() {
                     extras.push((archive::CONTAINER_LOG, log.as_path()));
                 }
-                let written = archive::export_with(
-                    &images,
-                    Some(&cd.upper()),
-                    &extras,
-                    Path::new(file),
-                    zstd,
-                );
+                let upper = if frozen_upper.is_file() {
+                    frozen_upper.clone()
+                } else {
+                    cd.upper()
+                };
+                let written =
+                    archive::export_with(&images, Some(&upper), &extras, Path::new(file), zstd);
                 let _ = std::fs::remove_file(&record);
+                let _ = std::fs::remove_file(&frozen_upper);
                 match written {
                     Ok(_) => {
                         let size = std::fs::metadata(file).map(|m| m.len()).ok();
@@ -928,14 +960,19 @@ impl Drop for Interrupted {
 /// At the agent's start: a checkpoint of container `id` that the agent did not see to its end
 /// (it was killed, or the host's power went) left the container frozen, and nothing else would
 /// ever thaw it (QA of session 21). Its processes run on; the unsealed image set is not a
-/// checkpoint and the next one replaces it.
-pub(super) fn settle_interrupted(container_dir: &Path, id: &str, cgroup: &str) {
+/// checkpoint and the next one replaces it. True when the container's processes are gone and its
+/// image set is sealed: a checkpoint without `--leave-running` had ended them after the seal, and
+/// the agent stopped before it recorded the container as checkpointed (during the export, QA of
+/// session 25): the checkpoint is whole, and the caller records it so.
+pub(super) fn settle_interrupted(container_dir: &Path, id: &str, cgroup: &str) -> bool {
     let mark = container_dir.join(CHECKPOINTING);
     if !mark.exists() {
-        return;
+        return false;
     }
+    let mut alive = false;
     if let Ok(cg) = Cgroup::open(cgroup) {
         if cg.procs().is_ok_and(|p| !p.is_empty()) {
+            alive = true;
             match thaw_hard(&cg) {
                 Ok(()) => {
                     tracing::warn!(%id, "a checkpoint was interrupted (the agent stopped during it): the container was thawed and runs on")
@@ -946,7 +983,9 @@ pub(super) fn settle_interrupted(container_dir: &Path, id: &str, cgroup: &str) {
             }
         }
     }
+    let sealed = !alive && imageset::verify(&container_dir.join("checkpoint")).is_ok();
     let _ = std::fs::remove_file(&mark);
+    sealed
 }
 
 /// Removes the page images of container `id`'s restored image set at `images`: its processes

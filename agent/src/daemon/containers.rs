@@ -77,7 +77,15 @@ impl Agent {
                 },
             );
             self.refresh(&id);
-            super::checkpoint::settle_interrupted(&cd.dir, &id, &self.cgroup_name(&id));
+            if super::checkpoint::settle_interrupted(&cd.dir, &id, &self.cgroup_name(&id)) {
+                tracing::warn!(%id, "a checkpoint was interrupted after its image set was sealed: the container is checkpointed (mig restore)");
+                self.update(&id, |e| {
+                    e.state.state = ContainerState::Checkpointed;
+                    e.state.exit_code = None;
+                    e.state.signal = None;
+                    e.state.reason = None;
+                });
+            }
             if self.is_live(&id) {
                 tracing::info!(%id, "re-adopted a running container");
                 live.push(id);

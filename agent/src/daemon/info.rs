@@ -80,6 +80,21 @@ impl Agent {
                 format!("the image path must be absolute: {path}"),
             ));
         }
+        // A tree holding the state directory would be copied into itself, without end (QA of
+        // session 25: a bundle whose root.path was `/` filled 7 GB in 4 minutes).
+        let state =
+            std::fs::canonicalize(&self.cfg.state_dir).unwrap_or(self.cfg.state_dir.clone());
+        if let Ok(real) = std::fs::canonicalize(&path) {
+            if real.is_dir() && state.starts_with(&real) {
+                return Err(ApiError::new(
+                    ErrorKind::InvalidArgument,
+                    format!(
+                        "refusing to import {path}: it holds this agent's state directory ({}), which the import would copy into itself; import the root filesystem's own directory",
+                        state.display()
+                    ),
+                ));
+            }
+        }
         let images = self.images.clone();
         let img = self
             .blocking(move || images.import(std::path::Path::new(&path), &name))

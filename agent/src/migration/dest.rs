@@ -90,6 +90,8 @@ pub enum DestError {
     Freeze(#[source] mig_runtime::cgroup::CgroupError),
     #[error("cannot thaw the restored container")]
     Thaw(#[source] mig_runtime::cgroup::CgroupError),
+    #[error("the restored container's supervisor (mig-shim) or its init is gone")]
+    CopyGone,
     #[error("cannot remove the restored copy: {message}")]
     Remove { message: String },
     #[error("cannot write the journal")]

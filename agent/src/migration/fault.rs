@@ -62,9 +62,12 @@ pub enum Point {
     DestCommit,
     /// A local `mig checkpoint`, after CRIU's dump and before the image set is sealed.
     CheckpointDump,
+    /// A local `mig checkpoint --export`, after the seal (and the end of the container, without
+    /// `--leave-running`), before the archive is written.
+    CheckpointExport,
 }
 
-const POINTS: [(&str, Point); 15] = [
+const POINTS: [(&str, Point); 16] = [
     ("source-prepare", Point::SourcePrepare),
     ("source-presync", Point::SourcePresync),
     ("source-before-freeze", Point::SourceBeforeFreeze),
@@ -80,6 +83,7 @@ const POINTS: [(&str, Point); 15] = [
     ("dest-restore", Point::DestRestore),
     ("dest-commit", Point::DestCommit),
     ("checkpoint-dump", Point::CheckpointDump),
+    ("checkpoint-export", Point::CheckpointExport),
 ];
 
 impl Point {

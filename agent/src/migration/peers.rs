@@ -57,6 +57,16 @@ impl Agent {
             address,
             fingerprint: fingerprint.to_ascii_lowercase(),
         };
+        // A move to it would wait for itself (QA of session 25: 30 s, then a timeout).
+        if peer.fingerprint == net.identity.fingerprint() {
+            return Err(ApiError::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "fingerprint {} is this agent's own ({}): a peer is another agent (`mig --host HOST info` shows its fingerprint)",
+                    peer.fingerprint, self.cfg.name
+                ),
+            ));
+        }
         let mut store = net.peers.lock().unwrap_or_else(|p| p.into_inner());
         store.add(peer.clone()).map_err(peer_error)?;
         net.allowed.insert(&peer.fingerprint);

@@ -242,6 +242,30 @@ impl SourceSide {
         self.agent.dirs.container(&self.id).upper()
     }
 
+    /// The files the container's processes map shared and writable now, by their path in the
+    /// container ([`mig_runtime::pidmap::shared_writable_files`]).
+    fn mapped_files(&self) -> std::collections::BTreeSet<PathBuf> {
+        let pids = self
+            .cg()
+            .ok()
+            .and_then(|c| c.procs().ok())
+            .unwrap_or_default();
+        mig_runtime::pidmap::shared_writable_files(&pids)
+    }
+
+    /// Takes the writable layer's files in `mapped` as changed since the presync: stores through
+    /// a shared mapping change a file without touching its times, so the delta would keep the
+    /// presync's copy (QA of session 25: a database file lost its last writes in every mode).
+    /// A path of another mount (a tmpfs) that the layer also holds only costs its bytes.
+    fn forget_mapped(&self, scan: &mut LayerScan, mapped: &std::collections::BTreeSet<PathBuf>) {
+        for rel in mapped.iter().filter_map(|p| p.strip_prefix("/").ok()) {
+            scan.forget(rel);
+        }
+        if !mapped.is_empty() {
+            tracing::debug!(id = %self.id, files = mapped.len(), "files mapped shared and writable go with the delta");
+        }
+    }
+
     fn entry(&self, state: JournalState) -> JournalEntry {
         let (updated, updated_ns) = super::journal::now();
         JournalEntry {
@@ -330,19 +354,23 @@ impl SourceSide {
         let pages_ms = b.plan.preflight.growth_ms(b.plan.mode, growth);
         // The writable layer's files changed since its presync go while frozen (whole, or a
         // grown one its new bytes after its old ones are digested again).
-        let scan = self
+        let mapped = self.mapped_files();
+        let mut scan = self
             .upper_sync
             .scan
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let (changed, hashed) = match scan.as_ref() {
-            Some(scan) => mig_migrate::archive::delta_file_bytes(
-                &self.upper(),
-                scan,
-                self.peer_speaks(UPPER_APPEND_MINOR),
-            )
+        let (changed, hashed) = match scan.as_mut() {
+            Some(scan) => {
+                self.forget_mapped(scan, &mapped);
+                mig_migrate::archive::delta_file_bytes(
+                    &self.upper(),
+                    scan,
+                    self.peer_speaks(UPPER_APPEND_MINOR),
+                )
                 .inspect_err(|e| tracing::warn!(id = %self.id, error = %chain(e), "cannot measure the writable layer's changes"))
-                .unwrap_or((0, 0)),
+                .unwrap_or((0, 0))
+            }
             None => (0, 0),
         };
         drop(scan);

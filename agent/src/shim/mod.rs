@@ -10,6 +10,16 @@
 //! `mig-shim restore-frozen-hook` (hidden) is CRIU's `pre-resume` action when an arriving
 //! container is restored frozen ([`restore_frozen_hook`]).
 
+/// `eprintln!` that never panics. The supervising shim's stderr is `shim.log`, on the state
+/// directory's file system: when that is full, `eprintln!` panics, and the container went with
+/// its shim (QA of session 25).
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod frozen;
 mod start;
 

@@ -43,13 +43,13 @@ impl Undo {
     fn run(self) {
         if let Some(r) = &self.rootfs {
             if let Err(e) = container::unmount_rootfs(r) {
-                eprintln!("mig-shim: undo: unmounting {}: {}", r.display(), chain(&e));
+                note!("mig-shim: undo: unmounting {}: {}", r.display(), chain(&e));
             }
         }
         if let Some(cg) = &self.cgroup {
             let _ = cg.kill();
             if let Err(e) = destroy_cgroup(cg) {
-                eprintln!("mig-shim: undo: removing the cgroup: {}", chain(&e));
+                note!("mig-shim: undo: removing the cgroup: {}", chain(&e));
             }
         }
     }
@@ -68,18 +68,18 @@ pub enum Mode {
 pub fn start(state_dir: &Path, id: &str, cgroup_parent: &str, mode: Mode) -> i32 {
     // Own session: the container outlives migd and its terminal.
     if let Err(e) = nix::unistd::setsid() {
-        eprintln!("mig-shim: setsid: {e}");
+        note!("mig-shim: setsid: {e}");
     }
     // Orphans of the container (re-parented past the init) are reaped here.
     if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
-        eprintln!("mig-shim: PR_SET_CHILD_SUBREAPER: {e}");
+        note!("mig-shim: PR_SET_CHILD_SUBREAPER: {e}");
     }
     let mut undo = Undo::default();
     let running = match prepare(state_dir, id, cgroup_parent, mode, &mut undo) {
         Ok(r) => r,
         Err((stage, message)) => {
             undo.run();
-            eprintln!("mig-shim: {}: {message}", stage.as_str());
+            note!("mig-shim: {}: {message}", stage.as_str());
             report(&StartReport::Failed { stage, message });
             return 1;
         }
@@ -109,11 +109,11 @@ fn detach_stdio() {
         Ok(null) => {
             for fd in [0, 1] {
                 if let Err(e) = nix::unistd::dup2(null.as_raw_fd(), fd) {
-                    eprintln!("mig-shim: dup2 /dev/null onto {fd}: {e}");
+                    note!("mig-shim: dup2 /dev/null onto {fd}: {e}");
                 }
             }
         }
-        Err(e) => eprintln!("mig-shim: opening /dev/null: {e}"),
+        Err(e) => note!("mig-shim: opening /dev/null: {e}"),
     }
 }
 
@@ -187,7 +187,7 @@ fn prepare(
         )
         .map(|ids| {
             if let container::userns::LayerIds::Unmapped(errno) = ids {
-                eprintln!(
+                note!(
                     "mig-shim: the kernel refused idmapped image layers ({errno}): the image's files keep their host owners, read-only to the container"
                 );
             }
@@ -348,13 +348,13 @@ fn restore(
     // CRIU restores no CPU masks: those the checkpoint narrowed are set again.
     let pids = cgroup.procs().unwrap_or_else(|_| vec![outcome.pid]);
     match mig_runtime::affinity::restore(&cd.checkpoint(), &pids) {
-        Ok(r) if r.skipped > 0 => eprintln!(
+        Ok(r) if r.skipped > 0 => note!(
             "mig-shim: {} of {} saved CPU masks not set (no such thread, or none of its CPUs online here)",
             r.skipped,
             r.set + r.skipped
         ),
         Ok(_) => {}
-        Err(e) => eprintln!("mig-shim: cannot set the saved CPU masks: {e}"),
+        Err(e) => note!("mig-shim: cannot set the saved CPU masks: {e}"),
     }
     if let Some(n) = net {
         // The host end up in the bridge, and a gratuitous ARP so the segment learns the move.
@@ -374,7 +374,7 @@ fn keep_frozen(cgroup: &Cgroup, pid: i32) -> Result<(), (Stage, String)> {
         cgroup.freeze_state(),
         Ok(FreezeState::Frozen | FreezeState::Freezing)
     ) {
-        eprintln!("mig-shim: the restored tasks were not frozen before they resumed; freezing now");
+        note!("mig-shim: the restored tasks were not frozen before they resumed; freezing now");
     }
     cgroup.freeze(Duration::from_secs(5)).map_err(|e| {
         let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
@@ -389,6 +389,8 @@ fn keep_frozen(cgroup: &Cgroup, pid: i32) -> Result<(), (Stage, String)> {
 fn supervise(mut r: Running) {
     let mut buf = vec![0u8; 64 << 10];
     let mut log_open = true;
+    // Output that could not be written (a full disk): dropped, counted, and said once each way.
+    let mut lost: u64 = 0;
     let mut status: Option<(i32, Option<i32>)> = None;
     let mut ended_at: Option<Instant> = None;
     loop {
@@ -397,20 +399,28 @@ fn supervise(mut r: Running) {
             match poll(&mut fds, PollTimeout::from(200u16)) {
                 Ok(n) if n > 0 => match nix::unistd::read(r.log_read.as_raw_fd(), &mut buf) {
                     Ok(0) => log_open = false,
-                    Ok(n) => {
-                        if let Err(e) = r.log.write_all(&buf[..n]) {
-                            eprintln!("mig-shim: writing container.log: {e}");
+                    Ok(n) => match r.log.write_all(&buf[..n]) {
+                        Ok(()) if lost > 0 => {
+                            note!("mig-shim: container.log is written again; {lost} bytes of output were lost");
+                            lost = 0;
                         }
-                    }
+                        Ok(()) => {}
+                        Err(e) => {
+                            if lost == 0 {
+                                note!("mig-shim: writing container.log: {e}; the output is dropped until it can be written");
+                            }
+                            lost = lost.saturating_add(n as u64);
+                        }
+                    },
                     Err(Errno::EINTR | Errno::EAGAIN) => {}
                     Err(e) => {
-                        eprintln!("mig-shim: reading the log pipe: {e}");
+                        note!("mig-shim: reading the log pipe: {e}");
                         log_open = false;
                     }
                 },
                 Ok(_) | Err(Errno::EINTR) => {}
                 Err(e) => {
-                    eprintln!("mig-shim: poll: {e}");
+                    note!("mig-shim: poll: {e}");
                     log_open = false;
                 }
             }
@@ -439,7 +449,7 @@ fn supervise(mut r: Running) {
         finished: now(),
     };
     if let Err(e) = crate::layout::write_record(&r.cd.exit(), &exit) {
-        eprintln!("mig-shim: writing exit.json: {e}");
+        note!("mig-shim: writing exit.json: {e}");
     }
 }
 
@@ -456,7 +466,7 @@ fn reap(init_pid: i32, status: &mut Option<(i32, Option<i32>)>) {
             Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
             Ok(_) | Err(Errno::EINTR) => {}
             Err(e) => {
-                eprintln!("mig-shim: waitpid: {e}");
+                note!("mig-shim: waitpid: {e}");
                 return;
             }
         }
@@ -476,10 +486,10 @@ fn teardown(r: &Running) {
         std::thread::sleep(Duration::from_millis(20));
     }
     if let Err(e) = container::unmount_rootfs(&r.cd.rootfs()) {
-        eprintln!("mig-shim: unmounting the rootfs: {}", chain(&e));
+        note!("mig-shim: unmounting the rootfs: {}", chain(&e));
     }
     if let Err(e) = destroy_cgroup(&r.cgroup) {
-        eprintln!("mig-shim: removing the cgroup: {}", chain(&e));
+        note!("mig-shim: removing the cgroup: {}", chain(&e));
     }
 }
 

@@ -69,6 +69,17 @@ impl LayerScan {
         self.entries.contains_key(rel)
     }
 
+    /// Takes `rel` as changed whatever its metadata says: a delta sends it whole (or deletes it
+    /// when it is gone). For a file whose times do not tell that it changed: one a process maps
+    /// shared and writable.
+    pub fn forget(&mut self, rel: &Path) {
+        if let Some(e) = self.entries.get_mut(rel) {
+            // No file has this time: the entry never matches again.
+            e.mtime_ns = i128::MIN;
+        }
+        self.digests.remove(rel);
+    }
+
     /// The offset from which a delta may send only the new bytes of regular file `path` (`rel`
     /// in the layer, metadata `meta` now): the same inode, one link, grown, and its first bytes
     /// still those the presync archived (hashed again here: a write anywhere before the old end

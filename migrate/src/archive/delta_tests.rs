@@ -220,3 +220,59 @@ fn grown_files_go_by_their_new_bytes() {
         (b.mode(), b.uid(), b.mtime())
     );
 }
+
+/// A store through a shared mapping to a page already dirty leaves the file's times as they
+/// were (QA of session 25: a moved database file lost its last writes). A file the source
+/// forgets goes whole, or is deleted when it is gone.
+#[test]
+fn forgotten_files_go_whole() {
+    use std::os::fd::AsRawFd;
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("mapped"), vec![1u8; 8192]).unwrap();
+    std::fs::write(src.join("dropped"), b"old").unwrap();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(src.join("mapped"))
+        .unwrap();
+    // SAFETY: a fresh shared mapping of a file of this test, unmapped below.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            8192,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(map, libc::MAP_FAILED);
+    let page = map.cast::<u8>();
+    // SAFETY: within the 8192 bytes mapped.
+    unsafe { page.write_volatile(2) };
+    let mut presync = Vec::new();
+    let mut scan = write_layer_tar_scanned(&src, &mut presync).unwrap();
+    std::fs::create_dir_all(&dst).unwrap();
+    unpack_layer_tar(&mut &presync[..], &dst).unwrap();
+    // SAFETY: as above.
+    unsafe { page.add(1).write_volatile(3) };
+    std::fs::remove_file(src.join("dropped")).unwrap();
+    scan.forget(std::path::Path::new("mapped"));
+    scan.forget(std::path::Path::new("dropped"));
+    scan.forget(std::path::Path::new("never-seen"));
+    let mut delta = Vec::new();
+    let stats = write_layer_delta(&src, &scan, &mut delta, true).unwrap();
+    // SAFETY: mapped above, not used after.
+    assert_eq!(unsafe { libc::munmap(map, 8192) }, 0);
+    assert_eq!(
+        (stats.changed, stats.appended, stats.deleted),
+        (1, 0, 1),
+        "{stats:?}"
+    );
+    assert_eq!(delta_file_bytes(&src, &scan, true).unwrap(), (8192, 0));
+    apply_layer_delta(&mut &delta[..], &dst).unwrap();
+    assert_eq!(tree(&src), tree(&dst));
+    assert_eq!(&std::fs::read(dst.join("mapped")).unwrap()[..3], &[2, 3, 1]);
+}

@@ -111,6 +111,7 @@ pub const CONTAINER_LOG: &str = "container-log.out";
 pub const CONTAINER_STATE: &str = "container-state.json";
 
 /// [`export`], with `extras`: (name in the archive, file) pairs stored beside the image set,
+/// `upper_dir` the writable layer's directory or a layer tar of it ([`write_layer_tar`]),
 /// listed and hashed in the manifest like `upper.tar` (say [`CONTAINER_LOG`]). Each file is
 /// copied first, so one that grows meanwhile (a log) is stored as it was then.
 pub fn export_with(
@@ -177,21 +178,29 @@ pub fn export_with(
         });
     }
     manifest.files.sort_by(|a, b| a.path.cmp(&b.path));
+    // The writable layer: a directory archived now, or a layer tar written earlier (while the
+    // container was frozen, for a checkpoint that leaves it running) taken as it is.
+    let upper_tar = match upper_dir {
+        Some(upper) if upper.is_file() => upper.to_owned(),
+        _ => tmp_upper.clone(),
+    };
     if let Some(upper) = upper_dir {
         if manifest.files.iter().any(|f| f.path == UPPER_TAR) {
             return Err(ArchiveError::UpperClash);
         }
-        let mut w = BufWriter::new(File::create(&tmp_upper).map_err(write_err)?);
-        write_layer_tar(upper, &mut w).map_err(|source| ArchiveError::Layer {
-            dir: upper.to_owned(),
-            source,
-        })?;
-        w.into_inner()
-            .map_err(|e| e.into_error())
-            .and_then(|f| f.sync_all())
-            .map_err(write_err)?;
+        if !upper.is_file() {
+            let mut w = BufWriter::new(File::create(&tmp_upper).map_err(write_err)?);
+            write_layer_tar(upper, &mut w).map_err(|source| ArchiveError::Layer {
+                dir: upper.to_owned(),
+                source,
+            })?;
+            w.into_inner()
+                .map_err(|e| e.into_error())
+                .and_then(|f| f.sync_all())
+                .map_err(write_err)?;
+        }
         let (size, sha256) =
-            imageset::hash_file(&tmp_upper).map_err(|source| ArchiveError::ImageSet {
+            imageset::hash_file(&upper_tar).map_err(|source| ArchiveError::ImageSet {
                 dir: imageset_dir.to_owned(),
                 source,
             })?;
@@ -221,7 +230,7 @@ pub fn export_with(
     .map_err(write_err)?;
     for f in &manifest.files {
         let src = if f.path == UPPER_TAR && upper_dir.is_some() {
-            tmp_upper.clone()
+            upper_tar.clone()
         } else if let Some((_, tmp)) = tmp_extras.iter().find(|(name, _)| *name == f.path) {
             tmp.clone()
         } else {

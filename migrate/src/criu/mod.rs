@@ -448,9 +448,63 @@ fn is_executable(p: &Path) -> bool {
 /// `pipe:[INO]` when descriptor 1 of `pid` is a pipe: what the image set records as
 /// `stdio_pipe` and what [`RestoreOpts::inherit_fds`] names on restore.
 pub fn stdout_pipe(pid: i32) -> Option<String> {
-    let target = std::fs::read_link(format!("/proc/{pid}/fd/1")).ok()?;
+    pipe_name(&std::fs::read_link(format!("/proc/{pid}/fd/1")).ok()?)
+}
+
+/// `pipe:[INODE]` when `target` (a `/proc/PID/fd/N` link) names a pipe.
+fn pipe_name(target: &Path) -> Option<String> {
     let target = target.to_str()?;
     (target.starts_with("pipe:[") && target.ends_with(']')).then(|| target.to_owned())
+}
+
+/// The pipes `pid` holds: (descriptor, `pipe:[INODE]`), by descriptor.
+fn pipes_of(pid: i32) -> Vec<(u32, String)> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    let mut pipes: Vec<(u32, String)> = dir
+        .flatten()
+        .filter_map(|e| {
+            let fd = e.file_name().to_str()?.parse().ok()?;
+            Some((fd, pipe_name(&std::fs::read_link(e.path()).ok()?)?))
+        })
+        .collect();
+    pipes.sort_unstable();
+    pipes
+}
+
+/// The container's log pipe as CRIU names it, for `--inherit-fd` at the restore: the pipe whose
+/// read end the shim `shim_pid` holds (past its own stdio) and whose write end a process of the
+/// container holds: the init's stdout, its stderr, its other descriptors, then those of `procs`.
+/// The init's stdout is not always the pipe: a shell running `cmd >/dev/null` points its fd 1
+/// there and keeps the pipe in fd 10 until `cmd` ends (QA of session 25: dumped then, the
+/// restored container wrote into a pipe nobody read and its children died of SIGPIPE). `None`
+/// when no process of the container holds the pipe any more. Without a shim, the init's stdout
+/// when it is a pipe.
+pub fn log_pipe(init_pid: i32, shim_pid: Option<i32>, procs: &[i32]) -> Option<String> {
+    let Some(shim) = shim_pid else {
+        return stdout_pipe(init_pid);
+    };
+    let shims: std::collections::HashSet<String> = pipes_of(shim)
+        .into_iter()
+        .filter(|(fd, _)| *fd > 2)
+        .map(|(_, p)| p)
+        .collect();
+    if shims.is_empty() {
+        return stdout_pipe(init_pid);
+    }
+    let mut init = pipes_of(init_pid);
+    // Descriptors 1 and 2 first, the rest in order.
+    init.sort_by_key(|(fd, _)| (!matches!(fd, 1 | 2), *fd));
+    init.into_iter()
+        .chain(
+            procs
+                .iter()
+                .filter(|p| **p != init_pid)
+                .flat_map(|p| pipes_of(*p)),
+        )
+        .map(|(_, p)| p)
+        .find(|p| shims.contains(p))
 }
 
 /// The kernel release (`uname -r`), recorded in image sets.
@@ -510,6 +564,42 @@ mod tests {
         drop(child.stdin.take());
         child.wait().unwrap();
         assert_eq!(stdout_pipe(i32::MAX), None);
+    }
+
+    #[test]
+    fn log_pipe_is_the_one_the_shim_reads() {
+        // This test process stands in for the shim: it holds the read end. The child's stdout
+        // is not the pipe, which sits in another descriptor (9: dash takes one digit), as a shell
+        // leaves it while a command runs with `>/dev/null`.
+        let (log_read, log_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let log = format!(
+            "pipe:[{}]",
+            nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&log_read))
+                .unwrap()
+                .st_ino
+        );
+        let mut child = Command::new("/bin/sh")
+            .args(["-c", "exec 9>&2 2>&-; sleep 60"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log_write))
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        // (It may hold other pipes, as this process does: cargo's jobserver.)
+        let moved = (0..500).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            pipes_of(pid).iter().any(|(fd, p)| *fd == 9 && *p == log)
+        });
+        let found = log_pipe(pid, Some(std::process::id() as i32), &[pid]);
+        let alone = log_pipe(pid, None, &[pid]);
+        let held = pipes_of(pid);
+        let _ = child.kill();
+        child.wait().unwrap();
+        assert!(moved, "the pipe {log} never moved to fd 9: {held:?}");
+        assert_eq!(found, Some(log));
+        // Without the shim: the stdout, which is no pipe here.
+        assert_eq!(alone, None);
     }
 
     #[test]

@@ -125,6 +125,68 @@ pub fn rlimit_blocker(pids: &[i32], userns: bool, criu: &Path) -> Option<String>
     ))
 }
 
+/// Why a dump would lose a file lock, or `None`: a process of `pids` holds a POSIX (`fcntl`)
+/// lock on a file it also maps. CRIU 4.2.1 restores the process's locks, then maps its files
+/// through descriptors it opens for the purpose and closes, and closing any descriptor of a file
+/// drops every POSIX lock the process holds on it. The restored process runs on without its lock
+/// and nothing says so (QA of session 25: SQLite in WAL mode holds one on its `-shm` file, which
+/// it maps; after a restore another connection took it for unused, truncated it, and the
+/// container died of SIGBUS). Checked before anything is frozen.
+pub fn lock_blocker(pids: &[i32]) -> Option<String> {
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    let held = posix_locks(&locks);
+    pids.iter().find_map(|&pid| {
+        let files: Vec<&(u32, u32, u64)> =
+            held.iter().filter(|(p, _)| *p == pid).map(|(_, f)| f).collect();
+        if files.is_empty() {
+            return None;
+        }
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+        let path = maps.lines().find_map(|l| {
+            let (file, path) = mapped_file(l)?;
+            files.contains(&&file).then(|| path.to_owned())
+        })?;
+        Some(format!(
+            "process {pid} holds a POSIX (fcntl) lock on {path}, which it also maps: CRIU drops such a lock when it restores the mapping, and the process would run on without it (SQLite in WAL mode then breaks its -shm file); end or restart that program, or move the container while the lock is not held"
+        ))
+    })
+}
+
+/// (host PID, (major, minor, inode)) of every POSIX lock held in a `/proc/locks` text (waiters,
+/// `->` lines, left out).
+fn posix_locks(text: &str) -> Vec<(i32, (u32, u32, u64))> {
+    text.lines()
+        .filter_map(|l| {
+            // "1: POSIX  ADVISORY  READ 8 00:b2:1311212 128 128"
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() < 6 || f[1] != "POSIX" {
+                return None;
+            }
+            let pid = f[4].parse().ok()?;
+            let mut id = f[5].split(':');
+            let major = u32::from_str_radix(id.next()?, 16).ok()?;
+            let minor = u32::from_str_radix(id.next()?, 16).ok()?;
+            let inode = id.next()?.parse().ok()?;
+            Some((pid, (major, minor, inode)))
+        })
+        .collect()
+}
+
+/// The file of one `/proc/PID/maps` line: (major, minor, inode) and its path.
+fn mapped_file(line: &str) -> Option<((u32, u32, u64), &str)> {
+    let mut f = line.split_whitespace();
+    let (_, _, _, dev, inode) = (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
+    let inode: u64 = inode.parse().ok()?;
+    let (major, minor) = dev.split_once(':')?;
+    // The fields before the path hold no '/'.
+    let path = &line[line.find('/')?..];
+    let dev = (
+        u32::from_str_radix(major, 16).ok()?,
+        u32::from_str_radix(minor, 16).ok()?,
+    );
+    (inode != 0).then_some(((dev.0, dev.1, inode), path))
+}
+
 /// The identity of a file's content for the cache: device, inode, size, modification time.
 type FileId = (u64, u64, u64, i64, i64);
 
@@ -206,6 +268,62 @@ mod tests {
             Some(0x1ff_ffff_ffff)
         );
         assert_eq!(status_ids("Uid:\t1\n", "Uid:"), None);
+    }
+
+    #[test]
+    fn locks_on_mapped_files_are_found() {
+        let locks = "1: POSIX  ADVISORY  READ 8 00:b2:1311212 128 128\n\
+                     1: -> POSIX  ADVISORY  WRITE 9 00:b2:1311212 128 128\n\
+                     2: FLOCK  ADVISORY  WRITE 7 fe:00:42 0 EOF\n\
+                     3: OFDLCK ADVISORY  READ -1 00:b2:5 0 EOF\n";
+        assert_eq!(posix_locks(locks), vec![(8, (0, 0xb2, 1_311_212))]);
+        let line = "7fa78f90f000-7fa78fa0f000 rw-s 00000000 00:b2 1311212    /var/tmp/wal.db-shm";
+        assert_eq!(
+            mapped_file(line),
+            Some(((0, 0xb2, 1_311_212), "/var/tmp/wal.db-shm"))
+        );
+        assert_eq!(mapped_file("7f-8f rw-p 00000000 00:00 0 "), None);
+        assert_eq!(mapped_file("7f-8f r--p 00000000 00:05 1 [vvar]"), None);
+
+        // A process holding a lock on a file it maps, and one that only locks: this process.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("locked");
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let lock = nix::libc::flock {
+            l_type: nix::libc::F_RDLCK as i16,
+            l_whence: nix::libc::SEEK_SET as i16,
+            l_start: 128,
+            l_len: 1,
+            l_pid: 0,
+        };
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain fcntl on a descriptor of this test, with a valid struct flock.
+        let set = unsafe { nix::libc::fcntl(file.as_raw_fd(), nix::libc::F_SETLK, &lock) };
+        assert_eq!(set, 0);
+        let me = std::process::id() as i32;
+        assert_eq!(lock_blocker(&[me]), None);
+        // SAFETY: a fresh shared mapping of the file, unmapped below.
+        let map = unsafe {
+            nix::libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                nix::libc::PROT_READ,
+                nix::libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(map, nix::libc::MAP_FAILED);
+        let why = lock_blocker(&[me]);
+        // SAFETY: mapped above.
+        unsafe { nix::libc::munmap(map, 4096) };
+        let why = why.expect("the lock on a mapped file is not found");
+        assert!(why.contains(&path.display().to_string()), "{why}");
     }
 
     #[test]

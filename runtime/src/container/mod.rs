@@ -28,7 +28,9 @@ mod sys;
 pub mod userns;
 
 pub use channel::Step;
-pub use criu::{dump_externals, external_mounts, restore_externals, rlimit_blocker, ExternalMount};
+pub use criu::{
+    dump_externals, external_mounts, lock_blocker, restore_externals, rlimit_blocker, ExternalMount,
+};
 pub use exec::exec;
 pub use init::DEFAULT_PATH;
 pub use netns::{external_netns_arg, netns_recreatable, LoopbackNetns, NetnsError, NETNS_KEY};

@@ -7,6 +7,7 @@ use crate::migration::journal;
 use mig_migrate::criu::Criu;
 use mig_migrate::transport::Refusal;
 use mig_migrate::wire::{Prepare, RefuseReason};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -198,7 +199,12 @@ impl DestSide {
         }
         let _ = std::fs::remove_dir_all(&staging);
         let reserve = |staging: &Path| -> std::io::Result<()> {
-            std::fs::create_dir_all(staging)?;
+            // 0700 from the start, as docs/security.md says (QA of session 25: it was 0755,
+            // reachable only through the 0700 `migrations/`).
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(crate::privacy::PRIVATE_DIR)
+                .create(staging)?;
             std::fs::write(
                 staging.join(ARRIVING_FILE),
                 format!("{}\n{}\n", p.spec.id, p.spec.name),

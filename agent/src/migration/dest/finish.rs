@@ -63,6 +63,12 @@ pub(crate) fn resume_incoming(
     migration_id: &str,
     container_id: &str,
 ) -> Result<(), DestError> {
+    // A copy whose shim died (killed, out of memory) would run unsupervised and be taken for
+    // ended at once: the resume fails instead, so that the source thaws its own copy (QA of
+    // session 25: the move was reported done, and the container was gone).
+    if agent.init_pid_of(container_id).is_none() {
+        return Err(DestError::CopyGone);
+    }
     let cgroup = agent.cgroup_name(container_id);
     let cg = Cgroup::open(&cgroup).map_err(|source| DestError::Cgroup {
         name: cgroup.clone(),

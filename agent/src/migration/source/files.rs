@@ -13,9 +13,12 @@ use std::sync::atomic::Ordering;
 impl SourceSide {
     /// Archives the writable layer while the container runs and keeps the scan of it.
     pub(super) fn presync_upper(&self, tar: &Path) -> Result<(), SourceError> {
-        let scan = write_file(tar, true, |w| {
+        // Mapped before the copy: written through the mapping since, with no trace in the times.
+        let mapped = self.mapped_files();
+        let mut scan = write_file(tar, true, |w| {
             mig_migrate::archive::write_layer_tar_scanned(&self.upper(), w)
         })?;
+        self.forget_mapped(&mut scan, &mapped);
         let size = std::fs::metadata(tar).map(|m| m.len()).unwrap_or(0);
         self.upper_sync.presync_bytes.store(size, Ordering::Relaxed);
         *self
@@ -36,7 +39,8 @@ impl SourceSide {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         let (tar, remote) = match scan {
-            Some(scan) => {
+            Some(mut scan) => {
+                self.forget_mapped(&mut scan, &self.mapped_files());
                 let tar = self.work.join("final-upper-delta.tar");
                 let t_delta = std::time::Instant::now();
                 // Not synced: the file only feeds the transfer of this move (digests taken

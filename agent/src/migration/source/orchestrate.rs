@@ -266,7 +266,9 @@ impl Agent {
             .await
             .map_err(|e| api(ErrorKind::Unavailable, chain(&e)))?;
         let userns = e.spec.userns.is_some();
-        if let Some(why) = mig_runtime::container::rlimit_blocker(&procs, userns, criu.path()) {
+        if let Some(why) = mig_runtime::container::rlimit_blocker(&procs, userns, criu.path())
+            .or_else(|| mig_runtime::container::lock_blocker(&procs))
+        {
             return Err(api(
                 ErrorKind::Unavailable,
                 format!("cannot move {}: {why}; nothing was frozen", e.spec.name),
@@ -696,6 +698,12 @@ impl Agent {
             ErrorKind::Conflict,
             format!("container {} is being stopped (mig stop)", e.spec.name),
         )
+    }
+
+    /// The PID of the container's shim while it runs.
+    pub(crate) fn shim_pid_of(&self, id: &str) -> Option<i32> {
+        let s: ShimRecord = crate::layout::read_record(&self.dirs.container(id).shim()).ok()?;
+        is_our_shim(s.shim_pid, id).then_some(s.shim_pid)
     }
 
     /// The init's PID when the container runs and the PID still belongs to it.
