@@ -38,6 +38,7 @@ CRIU_PATCH_MARKERS=(
   criu-pipes-unlimited        # 0012: a dump holds any number of pipes (CRIU stopped at 1024)
   criu-tmpfs-plain            # 0013: tmpfs contents as a plain tarball (gzip ran at 30 MB/s while frozen)
   criu-lazy-idle-wait         # 0014: lazy-pages sleeps when no answer comes for 50 ms instead of polling on
+  criu-posix-locks-after-vmas # 0015: the restorer takes POSIX locks again after mapping the files
 )
 # Arguments of CRIU's make besides -j (why NO_GNUTLS: at the build below).
 CRIU_MAKE_ARGS=(NO_GNUTLS=1 criu)

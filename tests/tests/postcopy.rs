@@ -293,7 +293,8 @@ fn memory_the_process_cannot_read_moves_intact() -> Result<()> {
     // 8 MiB it reads and writes, 4 MiB it keeps PROT_NONE between its checks (five a second),
     // and a file in its writable layer that it maps shared and rewrites every 2 ms: the file must
     // arrive as the process left it (QA of session 25: the destination kept the presync's copy,
-    // its times unchanged, in every mode).
+    // its times unchanged, in every mode), and the POSIX lock it holds on that file with it (CRIU
+    // patch 0015: the restore dropped it).
     let id = lab.mig_ok(
         0,
         &[
@@ -323,6 +324,17 @@ fn memory_the_process_cannot_read_moves_intact() -> Result<()> {
             bail!("the move used mode {} instead of {mode}: {r}", r["mode"]);
         }
         count = memload_continues(&lab, to, "guarded", count)?;
+        let pid = lab.mig_json(to, &["inspect", "guarded", "--json"])?["init_pid"]
+            .as_i64()
+            .unwrap_or(-1);
+        let locks = std::fs::read_to_string("/proc/locks")?;
+        let held = locks.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 4 && f[1] == "POSIX" && f[4] == pid.to_string()
+        });
+        if !held {
+            bail!("after the {mode} move process {pid} holds no POSIX lock: {locks}");
+        }
     }
     let _ = lab.mig(1, &["rm", "-f", id]);
     Ok(())

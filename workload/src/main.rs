@@ -27,7 +27,8 @@
 //! thread writes a counter into each of its pages every 2 ms, checking first that every page still
 //! holds the counter it wrote last (`BAD <n> mapped page <i>` when not): the file is the memory
 //! here, which a move must carry as the process left it (stores through such a mapping do not
-//! touch the file's times).
+//! touch the file's times). It also holds a POSIX read lock on the file's first byte, as SQLite
+//! holds one on the `-shm` file it maps (a restore must keep it: `/proc/locks` shows it).
 //!
 //! A move keeps the counter going (it lives in the moved memory); a restored process whose memory
 //! is not intact prints `BAD`. Static build: `RUSTFLAGS="-C target-feature=+crt-static" cargo build
@@ -197,8 +198,12 @@ impl Guarded {
 }
 
 /// Pipes each holding the 8 bytes of pattern word `i` (read end, write end).
-/// `--mapped-file`: the first bad page a writer thread found (page + 1; 0 while all are good).
-struct Mapped(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+/// `--mapped-file`: the first bad page a writer thread found (page + 1; 0 while all are good),
+/// and the file, whose descriptor holds the lock.
+struct Mapped {
+    bad: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    _file: std::fs::File,
+}
 
 impl Mapped {
     const PAGES: usize = 256;
@@ -228,6 +233,17 @@ impl Mapped {
         if base == libc::MAP_FAILED {
             return Err(format!("mmap {path}: {}", std::io::Error::last_os_error()));
         }
+        let lock = libc::flock {
+            l_type: libc::F_RDLCK as libc::c_short,
+            l_whence: libc::SEEK_SET as libc::c_short,
+            l_start: 0,
+            l_len: 1,
+            l_pid: 0,
+        };
+        // SAFETY: fcntl on our own descriptor with a valid struct flock.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLK, &lock) } != 0 {
+            return Err(format!("lock {path}: {}", std::io::Error::last_os_error()));
+        }
         let bad = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let flag = bad.clone();
         let base = base as usize;
@@ -248,11 +264,11 @@ impl Mapped {
                 std::thread::sleep(Duration::from_millis(2));
             }
         });
-        Ok(Mapped(bad))
+        Ok(Mapped { bad, _file: file })
     }
 
     fn check(&self) -> Option<usize> {
-        let b = self.0.load(std::sync::atomic::Ordering::Relaxed);
+        let b = self.bad.load(std::sync::atomic::Ordering::Relaxed);
         b.checked_sub(1)
     }
 }

@@ -301,7 +301,7 @@ impl Agent {
         let procs = cg.procs().unwrap_or_else(|_| vec![init_pid]);
         if let Some(why) =
             mig_runtime::container::rlimit_blocker(&procs, e.spec.userns.is_some(), criu.path())
-                .or_else(|| mig_runtime::container::lock_blocker(&procs))
+                .or_else(|| mig_runtime::container::lock_blocker(&procs, criu.path()))
         {
             return Err(ApiError::new(
                 ErrorKind::Unavailable,

@@ -126,18 +126,33 @@ pub fn rlimit_blocker(pids: &[i32], userns: bool, criu: &Path) -> Option<String>
 }
 
 /// Why a dump would lose a file lock, or `None`: a process of `pids` holds a POSIX (`fcntl`)
-/// lock on a file it also maps. CRIU 4.2.1 restores the process's locks, then maps its files
-/// through descriptors it opens for the purpose and closes, and closing any descriptor of a file
-/// drops every POSIX lock the process holds on it. The restored process runs on without its lock
-/// and nothing says so (QA of session 25: SQLite in WAL mode holds one on its `-shm` file, which
-/// it maps; after a restore another connection took it for unused, truncated it, and the
-/// container died of SIGBUS). Checked before anything is frozen.
-pub fn lock_blocker(pids: &[i32]) -> Option<String> {
+/// lock on a file it also maps, and `criu` lacks patch 0015. CRIU 4.2.1 restores the process's
+/// locks, then maps its files through descriptors it opens for the purpose and closes, and
+/// closing any descriptor of a file drops every POSIX lock the process holds on it. The restored
+/// process runs on without its lock and nothing says so (QA of session 25: SQLite in WAL mode
+/// holds one on its `-shm` file, which it maps; after a restore another connection took it for
+/// unused, truncated it, and the container died of SIGBUS). The patch takes the locks again once
+/// the mappings are in place. Checked before anything is frozen.
+pub fn lock_blocker(pids: &[i32], criu: &Path) -> Option<String> {
+    let blocker = posix_lock_on_mapped_file(pids)?;
+    (!has_marker(criu, POSIX_LOCKS_MARKER)).then(|| {
+        format!(
+            "{blocker}; {} drops such a lock when it restores the mapping, and the process would run on without it (SQLite in WAL mode then breaks its -shm file): install the CRIU that scripts/setup.sh builds (its patch 0015 keeps the lock), or end that program first",
+            criu.display()
+        )
+    })
+}
+
+/// "process N holds a POSIX lock on PATH, which it also maps", for the first such process.
+fn posix_lock_on_mapped_file(pids: &[i32]) -> Option<String> {
     let locks = std::fs::read_to_string("/proc/locks").ok()?;
     let held = posix_locks(&locks);
     pids.iter().find_map(|&pid| {
-        let files: Vec<&(u32, u32, u64)> =
-            held.iter().filter(|(p, _)| *p == pid).map(|(_, f)| f).collect();
+        let files: Vec<&(u32, u32, u64)> = held
+            .iter()
+            .filter(|(p, _)| *p == pid)
+            .map(|(_, f)| f)
+            .collect();
         if files.is_empty() {
             return None;
         }
@@ -147,7 +162,7 @@ pub fn lock_blocker(pids: &[i32]) -> Option<String> {
             files.contains(&&file).then(|| path.to_owned())
         })?;
         Some(format!(
-            "process {pid} holds a POSIX (fcntl) lock on {path}, which it also maps: CRIU drops such a lock when it restores the mapping, and the process would run on without it (SQLite in WAL mode then breaks its -shm file); end or restart that program, or move the container while the lock is not held"
+            "process {pid} holds a POSIX (fcntl) lock on {path}, which it also maps"
         ))
     })
 }
@@ -200,19 +215,33 @@ fn file_id(path: &Path) -> Option<FileId> {
 /// takes milliseconds, so the answer is kept per path and asked again only when the file changes
 /// (scripts/setup.sh replaces it with a rename: a new inode). An unreadable file has no fallback.
 fn has_rlimits_fallback(path: &Path) -> bool {
-    static KNOWN: Mutex<Vec<(PathBuf, FileId, bool)>> = Mutex::new(Vec::new());
+    has_marker(path, RLIMITS_FALLBACK_MARKER)
+}
+
+/// Whether the CRIU binary at `path` holds `marker` (a patch's log message), kept per path and
+/// marker until the file changes.
+fn has_marker(path: &Path, marker: &'static [u8]) -> bool {
+    type Known = (PathBuf, &'static [u8], FileId, bool);
+    static KNOWN: Mutex<Vec<Known>> = Mutex::new(Vec::new());
     let Some(id) = file_id(path) else {
         return false;
     };
     let mut known = KNOWN.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((_, _, has)) = known.iter().find(|(p, i, _)| p == path && *i == id) {
+    if let Some((.., has)) = known
+        .iter()
+        .find(|(p, m, i, _)| p == path && *m == marker && *i == id)
+    {
         return *has;
     }
-    let has = file_contains(path, RLIMITS_FALLBACK_MARKER).unwrap_or(false);
-    known.retain(|(p, _, _)| p != path);
-    known.push((path.to_owned(), id, has));
+    let has = file_contains(path, marker).unwrap_or(false);
+    known.retain(|(p, m, ..)| !(p == path && *m == marker));
+    known.push((path.to_owned(), marker, id, has));
     has
 }
+
+/// The log message of CRIU patch 0015 (scripts/criu-patches): the restorer takes a process's
+/// POSIX locks again once its files are mapped.
+const POSIX_LOCKS_MARKER: &[u8] = b"criu-posix-locks-after-vmas";
 
 /// Whether the file at `path` contains `needle` (not empty), read in chunks.
 fn file_contains(path: &Path, needle: &[u8]) -> std::io::Result<bool> {
@@ -306,7 +335,11 @@ mod tests {
         let set = unsafe { nix::libc::fcntl(file.as_raw_fd(), nix::libc::F_SETLK, &lock) };
         assert_eq!(set, 0);
         let me = std::process::id() as i32;
-        assert_eq!(lock_blocker(&[me]), None);
+        let plain = dir.path().join("criu-plain");
+        std::fs::write(&plain, b"no marker here").unwrap();
+        let patched = dir.path().join("criu-patched");
+        std::fs::write(&patched, [b"xx".as_slice(), POSIX_LOCKS_MARKER].concat()).unwrap();
+        assert_eq!(lock_blocker(&[me], &plain), None);
         // SAFETY: a fresh shared mapping of the file, unmapped below.
         let map = unsafe {
             nix::libc::mmap(
@@ -319,11 +352,13 @@ mod tests {
             )
         };
         assert_ne!(map, nix::libc::MAP_FAILED);
-        let why = lock_blocker(&[me]);
+        let why = lock_blocker(&[me], &plain);
+        let with_patch = lock_blocker(&[me], &patched);
         // SAFETY: mapped above.
         unsafe { nix::libc::munmap(map, 4096) };
         let why = why.expect("the lock on a mapped file is not found");
         assert!(why.contains(&path.display().to_string()), "{why}");
+        assert_eq!(with_patch, None);
     }
 
     #[test]

@@ -267,7 +267,7 @@ impl Agent {
             .map_err(|e| api(ErrorKind::Unavailable, chain(&e)))?;
         let userns = e.spec.userns.is_some();
         if let Some(why) = mig_runtime::container::rlimit_blocker(&procs, userns, criu.path())
-            .or_else(|| mig_runtime::container::lock_blocker(&procs))
+            .or_else(|| mig_runtime::container::lock_blocker(&procs, criu.path()))
         {
             return Err(api(
                 ErrorKind::Unavailable,
