@@ -220,6 +220,33 @@ fn a_full_state_directory_drops_output_but_keeps_the_container() -> Result<()> {
     Ok(())
 }
 
+/// A running container whose `state.json` is damaged: the restarted agent rebuilds its record
+/// from the live shim, and the container can be stopped and removed (QA of session 25: it was
+/// listed `failed`, `stop` said it stopped it while it ran on, and `rm` timed out).
+#[test]
+fn a_damaged_state_record_of_a_running_container_is_rebuilt() -> Result<()> {
+    let mut agent = Agent::start("proc-state")?;
+    agent.import_busybox()?;
+    let id = agent.mig_ok(&[
+        "run", "-d", "--name", "st", "busybox", "--", "sleep", "100000",
+    ])?;
+    let record = agent
+        .state_dir
+        .join("containers")
+        .join(id.trim())
+        .join("state.json");
+    agent.kill9();
+    std::fs::write(&record, b"{\"state\": \"runn")?;
+    agent.spawn()?;
+    let v = inspect(&agent, "st")?;
+    ensure!(v["state"] == "running", "{v}");
+    agent.mig_ok(&["stop", "-t", "1", "st"])?;
+    let v = inspect(&agent, "st")?;
+    ensure!(v["state"] != "running" && v["init_pid"].is_null(), "{v}");
+    agent.mig_ok(&["rm", "st"])?;
+    Ok(())
+}
+
 const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\n\
     app:x:1000:1000:App,,,:/home/app:/bin/sh\n";
 const GROUP: &str = "root:x:0:\n\

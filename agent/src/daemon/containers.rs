@@ -28,6 +28,13 @@ fn invalid(msg: impl Into<String>) -> ApiError {
     ApiError::new(ErrorKind::InvalidArgument, msg)
 }
 
+/// The shim record of container `id` when its shim and init still run (PIDs not reused).
+fn live_shim_of(cd: &crate::layout::ContainerDir, id: &str) -> Option<ShimRecord> {
+    let s: ShimRecord = crate::layout::read_record(&cd.shim()).ok()?;
+    (is_our_shim(s.shim_pid, id) && proc_start_ticks(s.init_pid) == Some(s.init_start_ticks))
+        .then_some(s)
+}
+
 impl Agent {
     /// Reads every container directory; returns the ids of live containers.
     pub(super) fn load_all(self: &Arc<Self>) -> Result<Vec<String>, DaemonError> {
@@ -60,13 +67,28 @@ impl Agent {
                     tracing::warn!(%id, error = %e, "skipping a container of a newer format (left as it is)");
                     continue;
                 }
-                Err(e) => {
-                    tracing::warn!(%id, error = %e, "container without state.json: marking it failed");
-                    StateRecord {
-                        reason: Some("state.json was missing or unreadable".into()),
-                        ..StateRecord::new(ContainerState::Failed, self.cgroup_name(&id))
+                Err(e) => match live_shim_of(&cd, &id) {
+                    // Its shim still runs it: the record is rebuilt from the shim's (QA of
+                    // session 25: a damaged state.json made a running container `failed`,
+                    // which mig could then neither stop, move nor remove).
+                    Some(shim) => {
+                        tracing::warn!(%id, error = %e, "state.json unreadable, the container's shim runs: the record is rebuilt as running");
+                        let st = StateRecord {
+                            created: shim.started,
+                            started: Some(shim.started),
+                            ..StateRecord::new(ContainerState::Running, self.cgroup_name(&id))
+                        };
+                        self.persist(&id, &st);
+                        st
                     }
-                }
+                    None => {
+                        tracing::warn!(%id, error = %e, "container without state.json: marking it failed");
+                        StateRecord {
+                            reason: Some("state.json was missing or unreadable".into()),
+                            ..StateRecord::new(ContainerState::Failed, self.cgroup_name(&id))
+                        }
+                    }
+                },
             };
             self.lock().insert(
                 id.clone(),
