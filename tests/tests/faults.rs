@@ -1084,3 +1084,41 @@ fn soak_back_and_forth() -> Result<()> {
     }
     Ok(())
 }
+
+/// An in-doubt move whose peer is unpinned for a while (`mig peers rm`) stays in doubt, and the
+/// automatic resolver settles it once the peer is pinned again and answers. Before session 25 it
+/// stopped asking at the first try, logged the move "settled" with the outcome "no pinned peer
+/// named host-b", and host-a's copy stayed frozen until an operator's `--resolve` (QA B, F5).
+#[test]
+fn an_in_doubt_move_waits_for_its_peer_to_be_pinned_again() -> Result<()> {
+    if !mig_tests::is_root("fault tests") {
+        return Ok(());
+    }
+    let mut lab = Lab::up("unp", 38)?;
+    let id = lab.run_container(A, "unp", 8)?;
+    in_doubt_without_b(&lab, "unp")?;
+    let b = &lab.hosts[B];
+    let addr = format!("{}:{}", b.address, b.quic_port);
+    let fp = b.fingerprint.clone().context("host-b's fingerprint")?;
+    lab.mig_ok(A, &["peers", "rm", "host-b"])?;
+    let o = lab.mig(A, &["move", "--resolve", "unp"]);
+    ensure!(
+        o.code != 0 && o.stderr.contains("still in doubt") && o.stderr.contains("pin it again"),
+        "{o:?}"
+    );
+    // The resolver asks every 5 s: it found no peer at least once meanwhile.
+    std::thread::sleep(Duration::from_secs(7));
+    lab.mig_ok(A, &["peers", "add", "host-b", &addr, "--fingerprint", &fp])?;
+    lab.restart_after_crash(B)?;
+    let settled = mig_tests::wait_until(Duration::from_secs(60), || {
+        running_on(&lab, B, "unp").is_ok() && lab.mig(A, &["inspect", "unp"]).code != 0
+    });
+    ensure!(
+        settled,
+        "not settled: host-a {} host-b {}",
+        lab.mig(A, &["ps", "-a"]).stdout,
+        lab.mig(B, &["ps", "-a"]).stdout
+    );
+    nothing_left(&lab, A, &id)?;
+    Ok(())
+}

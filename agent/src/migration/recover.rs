@@ -411,10 +411,16 @@ impl Agent {
                 let why = format!("{} is no longer a pinned peer", e.peer);
                 return self.decide_here(e, d, &why).await;
             }
+            // Still in doubt: the automatic resolver asks again (Unavailable) and settles it
+            // once the peer is pinned again (QA of session 25: it stopped asking, logged the
+            // move "settled", and the copy stayed frozen until an operator's `--resolve`).
             (None, None) => {
                 return Err(ApiError::new(
-                    ErrorKind::NotFound,
-                    format!("no pinned peer named {}", e.peer),
+                    ErrorKind::Unavailable,
+                    format!(
+                        "migration {} is still in doubt: {} is no longer a pinned peer to ask; pin it again (`mig peers add`) and it is settled, or if it is gone for good decide here: `mig move --resolve {} --decide rolled-back` or `--decide committed`",
+                        e.migration_id, e.peer, e.container_name
+                    ),
                 ))
             }
         };
