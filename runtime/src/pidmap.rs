@@ -100,6 +100,16 @@ pub fn mapped_memory(host_pids: &[i32]) -> Option<MappedMemory> {
     (read > 0).then_some(total)
 }
 
+/// The memory mappings of the given host PIDs, all together (`/proc/PID/maps` lines): a dump
+/// and a restore handle each one. Processes that exit meanwhile count 0.
+pub fn mappings(host_pids: &[i32]) -> u64 {
+    host_pids
+        .iter()
+        .filter_map(|p| fs::read(format!("/proc/{p}/maps")).ok())
+        .map(|m| m.iter().filter(|b| **b == b'\n').count() as u64)
+        .sum()
+}
+
 /// The files the given host PIDs map shared and writable (`/proc/PID/maps`: `w` and `s` in the
 /// permissions), by their path in the processes' mount namespace. Stores through such a mapping
 /// change the file without updating its mtime or ctime (the kernel stamps the file only when a
@@ -298,6 +308,8 @@ mod tests {
         assert!(shared_writable_files(&[me, i32::MAX])
             .iter()
             .all(|p| p.is_absolute()));
+        // This process maps its binary, libraries, stack...: a few at least.
+        assert!(mappings(&[me, i32::MAX]) > 5);
     }
 
     #[test]

@@ -245,6 +245,7 @@ impl Agent {
         let tasks = (
             procs.len().max(1) as u64,
             mig_runtime::pidmap::threads(&procs).max(1),
+            mig_runtime::pidmap::mappings(&procs),
         );
         let pid_map_before = mig_runtime::pidmap::pid_map(&procs);
         let cd = self.dirs.container(id);
@@ -428,6 +429,7 @@ impl Agent {
                     upper_bytes,
                     processes: tasks.0,
                     threads: tasks.1,
+                    mappings: tasks.2,
                     throughput: plan.throughput,
                     memory_presync: false,
                     restored_plain: false,
