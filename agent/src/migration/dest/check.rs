@@ -163,7 +163,19 @@ impl DestSide {
         let free = nix::sys::statvfs::statvfs(&self.agent.cfg.state_dir)
             .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
             .unwrap_or(u64::MAX);
-        let need = p.bytes_estimate.saturating_add(p.bytes_estimate / 10);
+        // An image this host lacks lands twice before the restore: the layers as received, and
+        // unpacked by the import (QA of session 25: a 190 MB image was accepted with 279 MB free
+        // and the import failed for want of space; the estimate counts the image once).
+        let lacks_image = p
+            .spec
+            .image
+            .layers
+            .iter()
+            .any(|l| !self.agent.images.has_layer(l));
+        let need = p
+            .bytes_estimate
+            .saturating_add(p.bytes_estimate / 10)
+            .saturating_add(if lacks_image { p.image.size } else { 0 });
         if free < need {
             return Err(refuse(
                 RefuseReason::DiskFull,
