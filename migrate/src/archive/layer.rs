@@ -23,6 +23,8 @@ const XATTR_HEX_KEY: &str = "MIG.xattr.hex";
 /// The PAX record of a delta entry that appends to the file the presync left (protocol 1.6):
 /// its value is the offset (decimal) the entry's data goes at; see `super::delta`.
 pub(super) const APPEND_KEY: &str = "MIG.append";
+/// The PAX record of an entry's modification time, seconds with a fraction (POSIX).
+const PAX_MTIME: &str = "mtime";
 
 /// Extended attributes of one entry: (name, value).
 type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
@@ -81,7 +83,7 @@ pub(super) fn add_entry(
     let xattrs = if whiteout || ft.is_socket() || link_entry {
         Vec::new()
     } else {
-        xattr_records(path)?
+        with_mtime(xattr_records(path)?, meta)
     };
     // Written right before the entry they describe: a PAX header whose entry is then skipped
     // would describe the next one.
@@ -139,7 +141,7 @@ pub(super) fn add_entry_hashed(
     if !(meta.is_file() && meta.nlink() == 1) || is_sparse(meta) {
         return add_entry(b, path, name, meta, links).map(|()| None);
     }
-    let xattrs = xattr_records(path)?;
+    let xattrs = with_mtime(xattr_records(path)?, meta);
     regular_file_with(b, path, name, meta, &xattrs, Some(seed))
 }
 
@@ -159,7 +161,7 @@ pub(super) fn append_entry(
     };
     let mut file = std::fs::File::open(path).map_err(read_err)?;
     file.seek(io::SeekFrom::Start(offset)).map_err(read_err)?;
-    let mut records = xattr_records(path)?;
+    let mut records = with_mtime(xattr_records(path)?, meta);
     records.push((APPEND_KEY.to_owned(), offset.to_string().into_bytes()));
     put_xattrs(b, &records)?;
     let size = meta.len().saturating_sub(offset);
@@ -250,6 +252,63 @@ fn xattr_records(path: &Path) -> Result<Vec<(String, Vec<u8>)>, LayerError> {
         records.push(xattr_record(&name, value));
     }
     Ok(records)
+}
+
+/// `records` and the PAX `mtime` record of `meta` (seconds and nanoseconds): a tar header keeps
+/// whole seconds only (QA of session 25: every move and export cut the writable layer's times
+/// to the second).
+fn with_mtime(
+    mut records: Vec<(String, Vec<u8>)>,
+    meta: &std::fs::Metadata,
+) -> Vec<(String, Vec<u8>)> {
+    records.push((
+        PAX_MTIME.to_owned(),
+        format!("{}.{:09}", meta.mtime(), meta.mtime_nsec()).into_bytes(),
+    ));
+    records
+}
+
+/// The PAX `mtime` record of an entry ([`with_mtime`]): seconds and nanoseconds.
+fn entry_mtime<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Option<(i64, i64)>, LayerError> {
+    let Some(exts) = entry.pax_extensions().map_err(LayerError::Tar)? else {
+        return Ok(None);
+    };
+    for ext in exts {
+        let ext = ext.map_err(LayerError::Tar)?;
+        if ext.key_bytes() != PAX_MTIME.as_bytes() {
+            continue;
+        }
+        // A record this reader cannot take (an image's tar from another tool, a time before
+        // 1970) leaves the header's whole seconds.
+        let text = std::str::from_utf8(ext.value_bytes()).unwrap_or("");
+        let (secs, frac) = text.split_once('.').unwrap_or((text, "0"));
+        let Some(secs) = secs.parse::<i64>().ok().filter(|s| *s >= 0) else {
+            return Ok(None);
+        };
+        // Nanoseconds from up to 9 digits of the fraction.
+        let digits: String = frac.chars().take(9).filter(char::is_ascii_digit).collect();
+        let nanos = format!("{digits:0<9}").parse().unwrap_or(0);
+        return Ok(Some((secs, nanos)));
+    }
+    Ok(None)
+}
+
+/// Sets `path`'s modification time (not following a symlink), its access time left as it is.
+fn set_mtime(path: &Path, (secs, nanos): (i64, i64)) -> Result<(), LayerError> {
+    use nix::sys::stat::{utimensat, UtimensatFlags};
+    use nix::sys::time::TimeSpec;
+    let mtime = TimeSpec::new(secs, nanos);
+    utimensat(
+        None,
+        path,
+        &TimeSpec::UTIME_OMIT,
+        &mtime,
+        UtimensatFlags::NoFollowSymlink,
+    )
+    .map_err(|e| LayerError::Unpack {
+        path: path.to_owned(),
+        source: e.into(),
+    })
 }
 
 /// Appends the PAX header of `records` (nothing when there are none).
@@ -687,10 +746,13 @@ pub(super) fn unpack_entries<R: Read>(
     appends: bool,
     before: &mut dyn FnMut(&Path, bool) -> Result<(), LayerError>,
 ) -> Result<(), LayerError> {
+    // Directories get their times after everything inside them was unpacked, deepest first.
+    let mut dir_times: Vec<(PathBuf, (i64, i64))> = Vec::new();
     for entry in entries {
         let mut entry = entry.map_err(LayerError::Tar)?;
         let xattrs = entry_xattrs(&mut entry)?;
         let append = entry_append(&mut entry)?;
+        let mtime = entry_mtime(&mut entry)?;
         let raw = entry.path().map_err(LayerError::Tar)?.into_owned();
         let unsafe_path = || LayerError::UnsafePath {
             path: raw.to_string_lossy().chars().take(256).collect(),
@@ -711,6 +773,9 @@ pub(super) fn unpack_entries<R: Read>(
             append_to(&mut entry, dest, &raw, offset)?;
             drop_other_xattrs(&xattrs, &dest.join(&raw))?;
             apply_xattrs(&xattrs, &dest.join(&raw))?;
+            if let Some(t) = mtime {
+                set_mtime(&dest.join(&raw), t)?;
+            }
             continue;
         }
         let name = raw.file_name().and_then(|n| n.to_str()).unwrap_or("");
@@ -744,6 +809,9 @@ pub(super) fn unpack_entries<R: Read>(
             before(&raw, false)?;
             unpack_special(entry.header(), dest, &raw)?;
             apply_xattrs(&xattrs, &dest.join(&raw))?;
+            if let Some(t) = mtime {
+                set_mtime(&dest.join(&raw), t)?;
+            }
         } else {
             let is_dir = entry.header().entry_type().is_dir();
             before(&raw, is_dir)?;
@@ -757,6 +825,19 @@ pub(super) fn unpack_entries<R: Read>(
                 drop_other_xattrs(&xattrs, &dest.join(&raw))?;
             }
             apply_xattrs(&xattrs, &dest.join(&raw))?;
+            match mtime {
+                Some(t) if is_dir => dir_times.push((dest.join(&raw), t)),
+                Some(t) => set_mtime(&dest.join(&raw), t)?,
+                None => {}
+            }
+        }
+    }
+    dir_times.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
+    for (path, t) in dir_times {
+        // Gone since (a later entry of a delta replaced it): nothing to date.
+        match set_mtime(&path, t) {
+            Err(LayerError::Unpack { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
+            other => other?,
         }
     }
     Ok(())
