@@ -222,7 +222,8 @@ fn a_full_state_directory_drops_output_but_keeps_the_container() -> Result<()> {
 
 /// A running container whose `state.json` is damaged: the restarted agent rebuilds its record
 /// from the live shim, and the container can be stopped and removed (QA of session 25: it was
-/// listed `failed`, `stop` said it stopped it while it ran on, and `rm` timed out).
+/// listed `failed`, `stop` said it stopped it while it ran on, and `rm` timed out). An
+/// interrupted import's directory is removed at the start (it stayed for good).
 #[test]
 fn a_damaged_state_record_of_a_running_container_is_rebuilt() -> Result<()> {
     let mut agent = Agent::start("proc-state")?;
@@ -237,9 +238,14 @@ fn a_damaged_state_record_of_a_running_container_is_rebuilt() -> Result<()> {
         .join("state.json");
     agent.kill9();
     std::fs::write(&record, b"{\"state\": \"runn")?;
+    // What an import the agent did not see to its end unpacked goes at its start.
+    let import = agent.state_dir.join("containers/.import-0123abcd");
+    std::fs::create_dir_all(import.join("checkpoint"))?;
+    std::fs::write(import.join("checkpoint/pages-1.img"), vec![0u8; 4096])?;
     agent.spawn()?;
     let v = inspect(&agent, "st")?;
     ensure!(v["state"] == "running", "{v}");
+    ensure!(!import.exists(), "an interrupted import's directory stayed");
     agent.mig_ok(&["stop", "-t", "1", "st"])?;
     let v = inspect(&agent, "st")?;
     ensure!(v["state"] != "running" && v["init_pid"].is_null(), "{v}");
