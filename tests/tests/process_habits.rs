@@ -187,6 +187,19 @@ fn a_full_state_directory_drops_output_but_keeps_the_container() -> Result<()> {
         .arg(format!("of={}", fill.display()))
         .stderr(Stdio::null())
         .status()?;
+    // A container created meanwhile fails, and nothing of it stays (its record could not be
+    // written: before session 25 it stayed listed `failed`, and after a restart of the agent its
+    // directory could be neither loaded nor removed).
+    let late = agent.mig(&["run", "-d", "--name", "late", "busybox", "--", "true"]);
+    ensure!(
+        late.code != 0,
+        "a container started on a full disk: {late:?}"
+    );
+    ensure!(
+        agent.mig(&["inspect", "late"]).code != 0,
+        "the failed container stayed: {}",
+        agent.mig(&["ps", "-a"]).stdout
+    );
     // About 300 kB of output a second goes nowhere meanwhile.
     std::thread::sleep(Duration::from_secs(5));
     let state = inspect(&agent, "chatty")?;

@@ -210,6 +210,20 @@ impl Agent {
             }
             Err(err) => {
                 tracing::warn!(%id, error = %err.message, "container failed to start");
+                // Its record never reached the disk (a full file system): a restarted agent could
+                // not load it, nor `rm` remove it, so nothing of it stays (QA of session 25).
+                let cd = self.dirs.container(&id);
+                if !cd.spec().is_file() {
+                    self.lock().remove(&id);
+                    let _ = std::fs::remove_dir_all(&cd.dir);
+                    return Err(ApiError::new(
+                        err.kind,
+                        format!(
+                            "starting container {name} failed: {}; nothing of it was kept",
+                            err.message
+                        ),
+                    ));
+                }
                 self.update(&id, |e| {
                     e.busy = false;
                     e.state.state = ContainerState::Failed;
