@@ -156,6 +156,22 @@ fn version_negotiation_and_malformed_requests() -> Result<()> {
     put(&mut s, br#"{"op":"launch_missiles"}"#)?;
     let r = get(&mut s)?;
     ensure!(r["body"]["kind"] == "invalid_argument", "{r}");
+    // A request whose refusal would quote most of it (a 15 MB value where a number goes): the
+    // answer stays short (QA of session 25: it came back whole, and near 16 MiB not at all).
+    let (mut s, _) = raw(&agent, 2)?;
+    let huge = format!(
+        r#"{{"op":"stop","container":"x","timeout_secs":"{}"}}"#,
+        "9".repeat(15 << 20)
+    );
+    put(&mut s, huge.as_bytes())?;
+    let r = get(&mut s)?;
+    let msg = r["body"]["message"].as_str().unwrap_or_default();
+    ensure!(
+        r["body"]["kind"] == "invalid_argument" && msg.len() < 1024,
+        "{} bytes: {}",
+        msg.len(),
+        msg.chars().take(200).collect::<String>()
+    );
     // A client newer than the agent gets the agent's newest version.
     let (mut s, h) = raw(&agent, 99)?;
     ensure!(h["api_version"] == 4, "{h}");
