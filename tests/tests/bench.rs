@@ -320,3 +320,47 @@ fn a_terminated_bench_keeps_its_finished_runs_and_leaves_nothing() -> Result<()>
     );
     Ok(())
 }
+
+/// A bench whose every run is refused (pre-copy: this kernel has no soft-dirty tracking, and
+/// where it has, `--runs 1` of a mode asked by name still measures something) measured nothing:
+/// it exits 125 saying so and draws no plot (QA of session 25: exit 0 and an empty plot).
+#[test]
+fn a_bench_that_measured_nothing_says_so() -> Result<()> {
+    if !is_root("bench tests") {
+        return Ok(());
+    }
+    let lab = format!("bz{}", std::process::id() % 100_000);
+    let _guard = Guard { lab: lab.clone() };
+    let tmp = tempfile::tempdir()?;
+    let svg = tmp.path().join("z.svg");
+    let out = bench_move(
+        &lab,
+        "10.214.63",
+        &[
+            "--sizes",
+            "16M",
+            "--runs",
+            "1",
+            "--modes",
+            "precopy",
+            "--link-mib",
+            "0",
+        ],
+    )?
+    .arg("--plot")
+    .arg(&svg)
+    .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if stdout.contains(",ok,") || stdout.contains(" ok ") {
+        // This kernel runs pre-copy: the rule does not apply.
+        return Ok(());
+    }
+    ensure!(
+        out.status.code() == Some(125) && stderr.contains("nothing was measured"),
+        "{:?}: {stderr}",
+        out.status
+    );
+    ensure!(!svg.exists(), "a plot of nothing was drawn");
+    Ok(())
+}

@@ -181,6 +181,8 @@ pub enum BenchError {
     NothingToMeasure,
     #[error("{failed} of {total} runs failed (see the status and note columns)")]
     RunsFailed { failed: usize, total: usize },
+    #[error("all {total} runs were refused: nothing was measured (see the note column)")]
+    NothingMeasured { total: usize },
     #[error("cannot draw the plot {}: {reason}", path.display())]
     Plot { path: PathBuf, reason: String },
     #[error("interrupted")]
@@ -574,6 +576,13 @@ fn run_blocking(args: &BenchMoveArgs, stop: Arc<AtomicBool>) -> Result<(), Bench
     if failed > 0 {
         return Err(BenchError::RunsFailed {
             failed,
+            total: report.rows.len(),
+        });
+    }
+    // Every run refused (a mode this kernel cannot run): nothing was measured, which a script
+    // must not take for success (QA of session 25: exit 0 and an empty plot).
+    if !report.rows.is_empty() && report.rows.iter().all(|r| r.status == RowStatus::Refused) {
+        return Err(BenchError::NothingMeasured {
             total: report.rows.len(),
         });
     }

@@ -367,6 +367,11 @@ impl BenchReport {
         if let Some(p) = &args.plot {
             if self.rows.is_empty() {
                 super::progress(&format!("no run was done: no plot in {}", p.display()));
+            } else if self.rows.iter().all(|r| r.status == RowStatus::Refused) {
+                super::progress(&format!(
+                    "every run was refused: no plot in {}",
+                    p.display()
+                ));
             } else {
                 results.push(super::plot::draw(self, p));
             }

@@ -284,10 +284,14 @@ impl RuncHosts {
         if !row.verified {
             // Its times stay in the row, but not in the medians (a failed run).
             row.status = RowStatus::Failed;
-            row.note = format!(
-                "no full verification pass after the restore (bad: {:?}, last: {:?})",
-                after.bad, after.last_ok
-            );
+            row.note = match (after.bad, after.last_ok) {
+                (Some(tick), _) => format!("memory BAD at tick {tick} after the restore"),
+                (None, Some((n, p))) => format!(
+                    "no full verification pass after the restore (before: tick {} pass {}, last: tick {n} pass {p})",
+                    before.0, before.1
+                ),
+                (None, None) => "no OK line on host-b after the restore".to_owned(),
+            };
         }
         Ok(Ok(()))
     }
