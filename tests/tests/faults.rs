@@ -136,6 +136,13 @@ fn check_in_doubt(lab: &Lab, host: usize, name: &str, said: &str) -> Result<()> 
             host_name(host)
         );
     }
+    // Refused operations say why, and how it ends (QA of session 25: "try again once it ended",
+    // which a move in doubt does not do by itself).
+    let stop = lab.mig(host, &["stop", name]);
+    if stop.code == 0 || !stop.stderr.contains("is in doubt") || !stop.stderr.contains("--resolve")
+    {
+        bail!("mig stop on {}: {stop:?}", host_name(host));
+    }
     eprintln!("in doubt on {}: migration {id}", host_name(host));
     Ok(())
 }

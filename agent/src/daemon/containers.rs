@@ -215,11 +215,36 @@ impl Agent {
                 ),
             );
         }
-        let message = match super::info::moving(&self.journals(), e, id) {
+        let journals = self.journals();
+        // In doubt, it waits for the other host, not for an operation that ends by itself
+        // (QA of session 25: "try again once it ended" while the source was down for good).
+        if let Some(d) = super::info::in_doubt(&journals).remove(id) {
+            return ApiError::new(
+                ErrorKind::Conflict,
+                format!(
+                    "container {}'s move {} with {} is in doubt (this host is its {}): it stays frozen until that is settled; `mig move --resolve {}` settles it, with `--decide` when {} is gone for good",
+                    e.spec.name, d.migration_id, d.peer, d.role, e.spec.name, d.peer
+                ),
+            );
+        }
+        let arriving = journals.iter().find(|j| {
+            j.container_id == id
+                && j.role == mig_migrate::protocol::Role::Dest
+                && !crate::migration::journal::is_final(&j.state)
+        });
+        let message = match super::info::moving(&journals, e, id) {
             Some(m) => format!(
                 "container {} is being moved to {} (migration {}): try again once the move ended",
                 e.spec.name, m.peer, m.migration_id
             ),
+            None if arriving.is_some() => {
+                let j = arriving.map(|j| (j.peer.as_str(), j.migration_id.as_str()));
+                let (peer, mig) = j.unwrap_or_default();
+                format!(
+                    "container {} is arriving from {peer} (migration {mig}): try again once the move ended",
+                    e.spec.name
+                )
+            }
             None => format!(
                 "container {} is busy with another operation (a move, a checkpoint or a restore): try again once it ended",
                 e.spec.name
