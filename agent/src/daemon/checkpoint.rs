@@ -400,10 +400,11 @@ impl Agent {
         let frozen_upper = cd.dir.join(".export-upper.tar");
         let _ = std::fs::remove_file(&frozen_upper);
         if leave_running && export.is_some() {
+            // Not synced: a temporary file, read back into the archive, which is.
             let written = std::fs::File::create(&frozen_upper).and_then(|f| {
                 let mut w = std::io::BufWriter::new(f);
                 archive::write_layer_tar(&cd.upper(), &mut w).map_err(std::io::Error::other)?;
-                w.into_inner().map_err(|e| e.into_error())?.sync_all()
+                w.into_inner().map(drop).map_err(|e| e.into_error())
             });
             if let Err(err) = written {
                 let _ = std::fs::remove_file(&frozen_upper);

@@ -277,7 +277,7 @@ impl Agent {
     }
 
     /// The shim's record, when its shim is alive.
-    pub(super) fn live_shim(&self, id: &str) -> Option<ShimRecord> {
+    pub(crate) fn live_shim(&self, id: &str) -> Option<ShimRecord> {
         let shim: ShimRecord = crate::layout::read_record(&self.dirs.container(id).shim()).ok()?;
         is_our_shim(shim.shim_pid, id).then_some(shim)
     }

@@ -702,12 +702,6 @@ impl Agent {
         )
     }
 
-    /// The PID of the container's shim while it runs.
-    pub(crate) fn shim_pid_of(&self, id: &str) -> Option<i32> {
-        let s: ShimRecord = crate::layout::read_record(&self.dirs.container(id).shim()).ok()?;
-        is_our_shim(s.shim_pid, id).then_some(s.shim_pid)
-    }
-
     /// The init's PID when the container runs and the PID still belongs to it.
     pub(crate) fn init_pid_of(&self, id: &str) -> Option<i32> {
         let s: ShimRecord = crate::layout::read_record(&self.dirs.container(id).shim()).ok()?;
