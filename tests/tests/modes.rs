@@ -117,11 +117,13 @@ fn lazy_there_and_back() -> Result<()> {
     if fixed["source"] != "measured" || fixed["moves"] != 1 || ms > measured {
         bail!("the fixed costs were not learned from the first move ({measured} ms): {r}");
     }
-    // The prediction: the learned fixed costs and 15 ms per process past the first.
+    // The prediction: the learned fixed costs, 15 ms per process past the first (2 to 5 of them,
+    // the loop's `sleep` comes and goes), and 40 µs per memory mapping (a few ms for these
+    // busybox processes).
     let per_process = r["predicted_downtime_ms"]
         .as_u64()
         .and_then(|p| p.checked_sub(ms))
-        .filter(|d| d % 15 == 0 && (30..=75).contains(d));
+        .filter(|d| (30..=75 + 14).contains(d) && d % 15 < 14);
     if per_process.is_none() {
         bail!("lazy's prediction is not the learned fixed costs and the processes (the layer is a few bytes): {r}");
     }
