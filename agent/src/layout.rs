@@ -237,6 +237,14 @@ pub fn is_our_shim(pid: i32, id: &str) -> bool {
     is_shim && has_id && mode
 }
 
+/// The shim record of container `id` in `cd` when its shim and its init both still run (the
+/// init's PID not reused: its start time is the recorded one).
+pub fn live_shim_of(cd: &ContainerDir, id: &str) -> Option<ShimRecord> {
+    let s: ShimRecord = read_record(&cd.shim()).ok()?;
+    (is_our_shim(s.shim_pid, id) && proc_start_ticks(s.init_pid) == Some(s.init_start_ticks))
+        .then_some(s)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -121,30 +121,64 @@ pub fn shared_writable_files(host_pids: &[i32]) -> std::collections::BTreeSet<st
         .filter_map(|p| fs::read_to_string(format!("/proc/{p}/maps")).ok())
         .flat_map(|maps| {
             maps.lines()
-                .filter_map(shared_writable_path)
-                .map(std::path::PathBuf::from)
+                .filter_map(MapsLine::parse)
+                .filter(MapsLine::is_shared_writable_file)
+                .map(|m| std::path::PathBuf::from(m.path))
                 .collect::<Vec<_>>()
         })
         .collect()
 }
 
-/// The path of one `/proc/PID/maps` line when it maps a file shared and writable.
-fn shared_writable_path(line: &str) -> Option<&str> {
-    // address perms offset dev inode [path]: the path is the rest after five fields.
-    let mut rest = line;
-    let mut perms = "";
-    for i in 0..5 {
-        let (field, tail) = rest.trim_start().split_once(' ')?;
-        if i == 1 {
-            perms = field;
+/// One line of `/proc/PID/maps`: `address perms offset dev inode [path]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapsLine<'a> {
+    /// `rw-s`, `r-xp`...
+    pub perms: &'a str,
+    /// The file's device (major, minor); (0, 0) for anonymous memory.
+    pub dev: (u32, u32),
+    /// The file's inode; 0 for anonymous memory.
+    pub inode: u64,
+    /// The rest of the line: a path (which may hold spaces and end in ` (deleted)`), a
+    /// `[name]` or nothing.
+    pub path: &'a str,
+}
+
+impl<'a> MapsLine<'a> {
+    pub fn parse(line: &'a str) -> Option<Self> {
+        let mut rest = line;
+        let mut fields = [""; 5];
+        for field in &mut fields {
+            let (f, tail) = rest.trim_start().split_once(' ')?;
+            *field = f;
+            rest = tail;
         }
-        rest = tail;
+        let (major, minor) = fields[3].split_once(':')?;
+        Some(MapsLine {
+            perms: fields[1],
+            dev: (
+                u32::from_str_radix(major, 16).ok()?,
+                u32::from_str_radix(minor, 16).ok()?,
+            ),
+            inode: fields[4].parse().ok()?,
+            path: rest.trim_start(),
+        })
     }
-    let path = rest.trim_start();
-    let p = perms.as_bytes();
-    (p.len() == 4 && p[1] == b'w' && p[3] == b's' && path.starts_with('/'))
-        .then_some(path)
-        .filter(|p| !p.ends_with(" (deleted)"))
+
+    /// Whether the line maps a file (by a path, not deleted) shared and writable.
+    pub fn is_shared_writable_file(&self) -> bool {
+        let p = self.perms.as_bytes();
+        p.len() == 4
+            && p[1] == b'w'
+            && p[3] == b's'
+            && self.path.starts_with('/')
+            && !self.path.ends_with(" (deleted)")
+    }
+
+    /// The mapped file's (major, minor, inode) and path, for a mapping of a file.
+    pub fn file(&self) -> Option<((u32, u32, u64), &'a str)> {
+        (self.inode != 0 && self.path.starts_with('/'))
+            .then_some(((self.dev.0, self.dev.1, self.inode), self.path))
+    }
 }
 
 /// A `smaps_rollup` text's `Anonymous` and `Swap`, and its `Pss_Shmem` (`None` without it).
@@ -280,12 +314,17 @@ mod tests {
         let line = |perms: &str, path: &str| {
             format!("7fa78f90f000-7fa78fa0f000 {perms} 00000000 00:4e 1376615                    {path}")
         };
+        let shared_writable_path = |l: &str| {
+            MapsLine::parse(l)
+                .filter(MapsLine::is_shared_writable_file)
+                .map(|m| m.path.to_owned())
+        };
         assert_eq!(
-            shared_writable_path(&line("rw-s", "/data.mm")),
+            shared_writable_path(&line("rw-s", "/data.mm")).as_deref(),
             Some("/data.mm")
         );
         assert_eq!(
-            shared_writable_path(&line("rw-s", "/a dir/with spaces")),
+            shared_writable_path(&line("rw-s", "/a dir/with spaces")).as_deref(),
             Some("/a dir/with spaces")
         );
         for (perms, path) in [
@@ -298,7 +337,7 @@ mod tests {
         ] {
             let want = (path == "/dev/zero").then_some(path);
             assert_eq!(
-                shared_writable_path(&line(perms, path)),
+                shared_writable_path(&line(perms, path)).as_deref(),
                 want,
                 "{perms} {path}"
             );

@@ -503,6 +503,16 @@ pub fn is_root(what: &str) -> bool {
     false
 }
 
+/// Whether this kernel tracks dirty memory (`criu check --feature mem_dirty_track`), which
+/// pre-copy needs.
+pub fn dirty_tracking() -> bool {
+    std::process::Command::new(mig_migrate::criu::DEFAULT_CRIU)
+        .args(["check", "--feature", "mem_dirty_track"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
 /// Removes lab `name` (for a test's Drop guard): reports what could not be removed, never panics.
 pub fn lab_down_quietly(name: &str) {
     match mig_agent::lab::down(name) {

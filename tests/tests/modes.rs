@@ -16,6 +16,7 @@
 //! 10.214.65-66.0/24 (the probe tests).
 
 use anyhow::{bail, Result};
+use mig_tests::dirty_tracking;
 use mig_tests::lab::{continues, log_state, move_and_check_with, nothing_left, running_on, Lab};
 use std::time::Duration;
 
@@ -147,15 +148,6 @@ fn refused(lab: &Lab, name: &str, id: &str, args: &[&str], reason: &str) -> Resu
     running_on(lab, 0, name)?;
     continues(lab, 0, name, count)?;
     nothing_left(lab, 1, id)
-}
-
-/// Whether this kernel tracks dirty memory (`criu check --feature mem_dirty_track`).
-fn dirty_tracking() -> bool {
-    std::process::Command::new(mig_migrate::criu::DEFAULT_CRIU)
-        .args(["check", "--feature", "mem_dirty_track"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
 }
 
 /// A wrapper of this build's migd that announces protocol `version`.

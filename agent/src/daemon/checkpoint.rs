@@ -200,7 +200,7 @@ impl Agent {
         self.refresh(&id);
         self.refuse_unrestorable(&id, "checkpoint")?;
         if !tcp_established {
-            if let Some(pid) = self.init_pid(&id) {
+            if let Some(pid) = self.init_pid_of(&id) {
                 let name = self.entry(&id).map(|e| e.spec.name)?;
                 refuse_established(pid, &name, "checkpoint")?;
             }
@@ -291,7 +291,7 @@ impl Agent {
         let internal = |m: String| ApiError::new(ErrorKind::Internal, m);
         let e = self.entry(id)?;
         let init_pid = self
-            .init_pid(id)
+            .init_pid_of(id)
             .ok_or_else(|| ApiError::new(ErrorKind::Conflict, "the container's init is gone"))?;
         let criu = Criu::locate().map_err(|e| ApiError::new(ErrorKind::Unavailable, chain(&e)))?;
         let criu_version = criu.version().map_err(|e| internal(chain(&e)))?;

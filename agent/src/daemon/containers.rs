@@ -6,7 +6,7 @@ use crate::api::{
     ApiError, ContainerDetails, ContainerState, ContainerSummary, ErrorKind, ImageSummary,
     ProcessUser,
 };
-use crate::layout::{is_our_shim, now, proc_start_ticks, ExitRecord, ShimRecord, StateRecord};
+use crate::layout::{is_our_shim, now, ExitRecord, ShimRecord, StateRecord};
 use mig_runtime::cgroup::Cgroup;
 use mig_runtime::fsutil;
 use mig_runtime::spec::ContainerSpec;
@@ -26,13 +26,6 @@ fn internal(msg: impl Into<String>) -> ApiError {
 
 fn invalid(msg: impl Into<String>) -> ApiError {
     ApiError::new(ErrorKind::InvalidArgument, msg)
-}
-
-/// The shim record of container `id` when its shim and init still run (PIDs not reused).
-fn live_shim_of(cd: &crate::layout::ContainerDir, id: &str) -> Option<ShimRecord> {
-    let s: ShimRecord = crate::layout::read_record(&cd.shim()).ok()?;
-    (is_our_shim(s.shim_pid, id) && proc_start_ticks(s.init_pid) == Some(s.init_start_ticks))
-        .then_some(s)
 }
 
 impl Agent {
@@ -81,7 +74,7 @@ impl Agent {
                     tracing::warn!(%id, error = %e, "skipping a container of a newer format (left as it is)");
                     continue;
                 }
-                Err(e) => match live_shim_of(&cd, &id) {
+                Err(e) => match crate::layout::live_shim_of(&cd, &id) {
                     // Its shim still runs it: the record is rebuilt from the shim's (QA of
                     // session 25: a damaged state.json made a running container `failed`,
                     // which mig could then neither stop, move nor remove).
@@ -492,12 +485,6 @@ impl Agent {
                 && crate::migration::memory_arriving(id),
             net: e.spec.net.clone(),
         })
-    }
-
-    /// The init's PID when the container runs and the PID still belongs to it.
-    pub(super) fn init_pid(&self, id: &str) -> Option<i32> {
-        let s = self.live_shim(id)?;
-        (proc_start_ticks(s.init_pid) == Some(s.init_start_ticks)).then_some(s.init_pid)
     }
 }
 

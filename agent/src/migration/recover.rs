@@ -641,6 +641,7 @@ impl Agent {
             smaps: Default::default(),
             log_sync: Default::default(),
             downtime_bound: Default::default(),
+            stdio_pipe: Default::default(),
         }))
     }
 }

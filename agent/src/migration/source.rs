@@ -172,6 +172,44 @@ pub(crate) struct SourceSide {
     pub log_sync: LogSync,
     /// `--max-downtime`, when given.
     pub downtime_bound: std::sync::OnceLock<DowntimeBound>,
+    /// The shim's log pipe as the container's processes hold it, found before the freeze (no
+    /// process can take the pipe up later: only the shim and the container hold it).
+    pub stdio_pipe: std::sync::Mutex<Option<Option<String>>>,
+}
+
+impl SourceSide {
+    /// The log pipe the dump names to CRIU ([`mig_migrate::criu::log_pipe`]).
+    fn find_stdio_pipe(&self, init_pid: i32, pids: &[i32]) -> Option<String> {
+        mig_migrate::criu::log_pipe(
+            init_pid,
+            self.agent.live_shim(&self.id).map(|s| s.shim_pid),
+            pids,
+        )
+    }
+
+    /// Finds the log pipe while the container runs, so the freeze window does not read every
+    /// process's descriptors.
+    pub(super) fn find_stdio_pipe_early(&self) {
+        let Some(init_pid) = self.agent.init_pid_of(&self.id) else {
+            return;
+        };
+        let Ok(cg) = self.cg() else {
+            return;
+        };
+        let pids = cg.procs().unwrap_or_else(|_| vec![init_pid]);
+        let pipe = self.find_stdio_pipe(init_pid, &pids);
+        *self.stdio_pipe.lock().unwrap_or_else(|p| p.into_inner()) = Some(pipe);
+    }
+
+    /// The pipe found before the freeze, or (without one) found now.
+    pub(super) fn stdio_pipe(&self, init_pid: i32, pids: &[i32]) -> Option<String> {
+        let early = self
+            .stdio_pipe
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        early.unwrap_or_else(|| self.find_stdio_pipe(init_pid, pids))
+    }
 }
 
 /// The container's log in two parts: its length at the presync, then the size of what went

@@ -9,6 +9,7 @@
 //! masked paths. The output pipe is handled separately with `--inherit-fd` on restore.
 
 use super::init::{DEVICES, MASKED_FILES};
+use crate::pidmap::MapsLine;
 use crate::spec::ContainerSpec;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -158,7 +159,7 @@ fn posix_lock_on_mapped_file(pids: &[i32]) -> Option<String> {
         }
         let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
         let path = maps.lines().find_map(|l| {
-            let (file, path) = mapped_file(l)?;
+            let (file, path) = MapsLine::parse(l)?.file()?;
             files.contains(&&file).then(|| path.to_owned())
         })?;
         Some(format!(
@@ -185,21 +186,6 @@ fn posix_locks(text: &str) -> Vec<(i32, (u32, u32, u64))> {
             Some((pid, (major, minor, inode)))
         })
         .collect()
-}
-
-/// The file of one `/proc/PID/maps` line: (major, minor, inode) and its path.
-fn mapped_file(line: &str) -> Option<((u32, u32, u64), &str)> {
-    let mut f = line.split_whitespace();
-    let (_, _, _, dev, inode) = (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
-    let inode: u64 = inode.parse().ok()?;
-    let (major, minor) = dev.split_once(':')?;
-    // The fields before the path hold no '/'.
-    let path = &line[line.find('/')?..];
-    let dev = (
-        u32::from_str_radix(major, 16).ok()?,
-        u32::from_str_radix(minor, 16).ok()?,
-    );
-    (inode != 0).then_some(((dev.0, dev.1, inode), path))
 }
 
 /// The identity of a file's content for the cache: device, inode, size, modification time.
@@ -307,12 +293,17 @@ mod tests {
                      3: OFDLCK ADVISORY  READ -1 00:b2:5 0 EOF\n";
         assert_eq!(posix_locks(locks), vec![(8, (0, 0xb2, 1_311_212))]);
         let line = "7fa78f90f000-7fa78fa0f000 rw-s 00000000 00:b2 1311212    /var/tmp/wal.db-shm";
+        let mapped_file = |l| MapsLine::parse(l)?.file();
         assert_eq!(
             mapped_file(line),
             Some(((0, 0xb2, 1_311_212), "/var/tmp/wal.db-shm"))
         );
         assert_eq!(mapped_file("7f-8f rw-p 00000000 00:00 0 "), None);
         assert_eq!(mapped_file("7f-8f r--p 00000000 00:05 1 [vvar]"), None);
+        assert_eq!(
+            mapped_file("7f-8f rw-s 00000000 00:05 17 /a dir/x (deleted)"),
+            Some(((0, 5, 17), "/a dir/x (deleted)"))
+        );
 
         // A process holding a lock on a file it maps, and one that only locks: this process.
         let dir = tempfile::tempdir().unwrap();

@@ -43,13 +43,13 @@ impl Agent {
         // A move or checkpoint must not start while the container is being stopped.
         let _stopping = STOPPING.hold(id);
         self.update(id, |e| e.state.stop_requested = true);
-        if let Some(pid) = self.init_pid(id) {
+        if let Some(pid) = self.init_pid_of(id) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
         }
         if !timeout.is_zero() && self.wait_ended(id, timeout).await {
             return Ok(());
         }
-        if let Some(pid) = self.init_pid(id) {
+        if let Some(pid) = self.init_pid_of(id) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
         if let Ok(cg) = Cgroup::open(&e.state.cgroup) {
@@ -76,7 +76,7 @@ impl Agent {
         if e.busy {
             return Err(self.busy_error(id, &e));
         }
-        let pid = match (e.state.state, self.init_pid(id)) {
+        let pid = match (e.state.state, self.init_pid_of(id)) {
             (ContainerState::Running, Some(p)) => p,
             _ => {
                 return Err(ApiError::new(

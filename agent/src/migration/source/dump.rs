@@ -34,11 +34,7 @@ impl SourceSide {
         // CRIU keeps no CPU masks: the narrowed ones go with the image set (after the dump).
         let pids: Vec<i32> = pid_map.iter().map(|e| e.host_pid).collect();
         let masks = mig_runtime::affinity::narrowed(&pids);
-        let stdio_pipe = mig_migrate::criu::log_pipe(
-            init_pid,
-            self.agent.live_shim(&self.id).map(|s| s.shim_pid),
-            &pids,
-        );
+        let stdio_pipe = self.stdio_pipe(init_pid, &pids);
         let injected = fault::hit(&self.agent.cfg.state_dir, Point::SourceDump)?;
         let (track_mem, prev_images_dir) = self.precopy.final_dump();
         let smaps = self.smaps.lock().unwrap_or_else(|p| p.into_inner()).take();

@@ -124,7 +124,9 @@ impl SourceHost for Src {
         let me = self.clone();
         blocking(move || {
             fault::hit(&me.agent.cfg.state_dir, Point::SourceBeforeFreeze)?;
-            me.check_downtime_bound()
+            me.check_downtime_bound()?;
+            me.find_stdio_pipe_early();
+            Ok(())
         })
         .await
         .map_err(boxed)

@@ -5,7 +5,6 @@ use super::rollback::{cause_words, kept_log_named, rolled_back_kind};
 use super::{SourceSide, Src};
 use crate::api::{ApiError, ContainerState, ErrorKind};
 use crate::daemon::Agent;
-use crate::layout::{is_our_shim, proc_start_ticks, ShimRecord};
 use crate::migration::fault;
 use crate::migration::journal;
 use crate::migration::{chain, memsync, ms, MoveResult};
@@ -296,6 +295,7 @@ impl Agent {
             smaps: Default::default(),
             log_sync: Default::default(),
             downtime_bound: Default::default(),
+            stdio_pipe: Default::default(),
         }));
         let conn = transport::connect(&net.endpoint, &net.identity, peer)
             .await
@@ -704,9 +704,7 @@ impl Agent {
 
     /// The init's PID when the container runs and the PID still belongs to it.
     pub(crate) fn init_pid_of(&self, id: &str) -> Option<i32> {
-        let s: ShimRecord = crate::layout::read_record(&self.dirs.container(id).shim()).ok()?;
-        (is_our_shim(s.shim_pid, id) && proc_start_ticks(s.init_pid) == Some(s.init_start_ticks))
-            .then_some(s.init_pid)
+        crate::layout::live_shim_of(&self.dirs.container(id), id).map(|s| s.init_pid)
     }
 
     pub(crate) fn set_busy(&self, id: &str, busy: bool) {
