@@ -3,8 +3,8 @@
 
 use mig_migrate::protocol::{Cause, JournalRecord, JournalState, Outcome, SourceMachine, Timeouts};
 use mig_migrate::transport::{
-    accept, connect, endpoint, run_dest, run_source, AllowedPeers, DestHost, HostError, Identity,
-    OutgoingFile, Peer, Refusal, SourceHost,
+    accept, connect, endpoint, locate, run_dest, run_source, AllowedPeers, DestHost, HostError,
+    Identity, Located, OutgoingFile, Peer, Refusal, SourceHost,
 };
 use mig_migrate::wire::{AbortReason, FileHeader, FileKind, Hello, MigrationMode, Prepare};
 use mig_runtime::image::{Image, ImageConfig};
@@ -256,7 +256,14 @@ impl DestHost for FakeDest {
     async fn load_journal(&self, _id: &str) -> Option<JournalState> {
         self.journal.lock().unwrap().last().cloned()
     }
+    fn locate(&self, id: &str) -> Option<String> {
+        self.call("locate");
+        (id == HELD).then(|| "frozen".to_owned())
+    }
 }
+
+/// The container [`FakeDest::locate`] holds.
+const HELD: &str = "0000000000000000000000000000000h";
 
 struct Run {
     src: Arc<FakeSource>,
@@ -566,6 +573,60 @@ async fn other_major_version_refused_naming_both() {
         );
     }
     assert!(r.src.calls.lock().unwrap().is_empty());
+}
+
+/// Protocol 1.7: a peer asked whether it holds a container answers from its host and starts no
+/// migration; a peer older than 1.7 is not asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_says_whether_it_holds_a_container() {
+    let (a, b) = (
+        Identity::generate("host-a").unwrap(),
+        Identity::generate("host-b").unwrap(),
+    );
+    let any = "127.0.0.1:0".parse().unwrap();
+    let server = endpoint(
+        any,
+        &b,
+        AllowedPeers::new([a.fingerprint().to_string()].into()),
+    )
+    .unwrap();
+    let client = endpoint(any, &a, AllowedPeers::default()).unwrap();
+    let ddir = tempfile::tempdir().unwrap();
+    let dst = Arc::new(FakeDest::new(ddir.path(), false));
+    let peer = Peer {
+        name: "host-b".into(),
+        address: server.local_addr().unwrap(),
+        fingerprint: b.fingerprint().into(),
+    };
+    let limit = std::time::Duration::from_secs(10);
+    let cases = [
+        (HELD, 7, Located::Held("frozen".into())),
+        ("00000000000000000000000000000003", 7, Located::NotHeld),
+        (HELD, 6, Located::CannotTell),
+    ];
+    for (id, minor, want) in cases {
+        let serving = tokio::spawn({
+            let (server, dst) = (server.clone(), dst.clone());
+            async move {
+                let conn = accept(&server).await.unwrap().unwrap();
+                let mut hello = Hello::new("0.2.0", "host-b");
+                hello.protocol_version.minor = minor;
+                let r = run_dest(conn.clone(), dst, &hello, Timeouts::default()).await;
+                conn.close(0u32.into(), b"done");
+                r
+            }
+        });
+        let conn = connect(&client, &a, &peer).await.unwrap();
+        let got = locate(&conn, &Hello::new("0.2.0", "host-a"), id, limit).await;
+        conn.close(0u32.into(), b"done");
+        assert_eq!(got.unwrap(), want, "{id} from a 1.{minor} peer");
+        let served = serving.await.unwrap();
+        if minor >= 7 {
+            assert_eq!(served.unwrap().migration_id, "", "no migration ran");
+        }
+    }
+    // Asked twice (the 1.6 peer was not asked), and nothing else happened there.
+    assert_eq!(*dst.calls.lock().unwrap(), ["locate", "locate"]);
 }
 
 /// The agent spawns the drivers on tokio: their futures must be `Send`.

@@ -329,6 +329,70 @@ fn an_imported_copy_never_takes_the_originals_network() -> Result<()> {
     Ok(())
 }
 
+/// A copy frozen in a move answers no ARP probe: a `--net bridge` checkpoint restored on a third
+/// host while the original is frozen in its move to host-b is refused because the peers are asked
+/// (protocol 1.7), and the move then leaves exactly one copy (QA of session 25, F17: the import
+/// was restored and the move committed, two copies with one address).
+#[test]
+fn a_bridge_copy_frozen_in_a_move_is_not_restored_twice() -> Result<()> {
+    if !mig_tests::is_root("checkpoint_safety") {
+        return Ok(());
+    }
+    let lab = Lab::up_n("cpfrz", 173, 3)?;
+    let tick = "i=0; while :; do i=$((i+1)); echo \"tick $i\"; sleep 0.2; done";
+    lab.mig_ok(
+        0,
+        &[
+            "run", "-d", "--name", "fz", "--net", "bridge", "busybox", "--", "sh", "-c", tick,
+        ],
+    )?;
+    running_on(&lab, 0, "fz")?;
+    let dir = tempfile::tempdir()?;
+    let tar = dir.path().join("fz.tar");
+    let tar = tar.to_str().context("path")?;
+    lab.mig_ok(0, &["checkpoint", "fz", "--leave-running", "--export", tar])?;
+    let image = lab.image_tar.display().to_string();
+    for host in [1, 2] {
+        lab.mig_ok(host, &["image", "import", &image, "--name", "busybox"])?;
+    }
+    lab.fault(0, Some("source-dump:delay:6000"))?;
+    let (refused, moved) = std::thread::scope(|s| {
+        let mover = s.spawn(|| lab.mig(0, &["move", "fz", "host-b"]));
+        let frozen = wait_until(Duration::from_secs(30), || {
+            lab.mig_json(0, &["inspect", "fz", "--json"])
+                .is_ok_and(|d| d["state"] == "frozen")
+        });
+        let o = lab.mig(2, &["restore", "--import", tar]);
+        (
+            (frozen, o),
+            mover
+                .join()
+                .map_err(|_| anyhow::anyhow!("the move thread panicked")),
+        )
+    });
+    lab.fault(0, None)?;
+    let ((frozen, o), moved) = (refused, moved?);
+    ensure!(frozen, "fz was never seen frozen in its move");
+    ensure!(
+        o.code == 125
+            && o.stderr.contains("host-a holds fz (being moved to host-b")
+            && o.stderr.contains("nothing was restored"),
+        "{o:?}"
+    );
+    ensure!(moved.code == 0, "the move failed: {moved:?}");
+    running_on(&lab, 1, "fz")?;
+    for host in [0, 2] {
+        let all = lab.mig_json(host, &["ps", "-a", "--json"])?;
+        let copies = all.as_array().map_or(0, |a| {
+            a.iter()
+                .filter(|c| c["name"] == "fz" && c["state"] != "exited")
+                .count()
+        });
+        ensure!(copies == 0, "host {host} holds a copy too: {all}");
+    }
+    Ok(())
+}
+
 #[test]
 fn a_userns_bridge_container_is_never_dumped() -> Result<()> {
     if !mig_tests::is_root("checkpoint_safety") {

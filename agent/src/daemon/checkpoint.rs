@@ -542,10 +542,12 @@ impl Agent {
     /// Refuses to restore a `--net bridge` checkpoint whose address something on the segment
     /// answers for: a copy still running on another host (after `checkpoint --leave-running` or
     /// `--export`, and a `restore --import` there), which the address table cannot tell from the
-    /// container itself (both have the id that owns the address). Not used by moves: their
-    /// source has taken the container off the segment before the destination restores.
+    /// container itself (both have the id that owns the address). A copy frozen in a move
+    /// answers nothing, so the pinned peers are asked too ([`Agent::ask_peers_about`]). Not used
+    /// by moves: their source has taken the container off the segment before the destination
+    /// restores.
     async fn refuse_answered_address(
-        &self,
+        self: &Arc<Self>,
         spec: &mig_runtime::spec::ContainerSpec,
     ) -> Result<(), ApiError> {
         let Some(net) = spec.net.clone() else {
@@ -585,6 +587,20 @@ impl Agent {
                 tracing::warn!(name = %spec.name, error = %e, "the address probe failed");
                 Ok(())
             }
+        }?;
+        let answers = self.ask_peers_about(&spec.id).await;
+        for (peer, why) in &answers.unasked {
+            tracing::warn!(name = %spec.name, %peer, %why, "cannot ask a peer whether it holds the container before the restore");
+        }
+        match answers.held.first() {
+            Some((peer, state)) => Err(ApiError::new(
+                ErrorKind::AlreadyExists,
+                format!(
+                    "{} holds {} ({}): restoring this checkpoint here would make a second copy with address {}; stop that copy first, or wait for its move to end; nothing was restored",
+                    peer, spec.name, state, address
+                ),
+            )),
+            None => Ok(()),
         }
     }
 

@@ -10,6 +10,7 @@ pub(crate) mod dest;
 pub mod fault;
 pub mod fixedcost;
 pub(crate) mod journal;
+mod locate;
 pub mod memsync;
 pub mod modes;
 pub(crate) mod pages;

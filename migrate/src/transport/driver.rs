@@ -29,7 +29,7 @@ mod dest;
 mod source;
 
 pub use dest::run_dest;
-pub use source::{open_source, run_source, run_source_on, SourceLink};
+pub use source::{locate, open_source, run_source, run_source_on, SourceLink};
 
 /// Streams in flight when sending files.
 pub const FILE_STREAMS: usize = 8;
@@ -154,6 +154,11 @@ pub trait DestHost: Send + Sync + 'static {
     fn file_arrived(&self, _migration_id: &str, _file: &ReceivedFile) {}
     /// The source's hello on a new connection, read before its first message.
     fn peer_hello(&self, _hello: &Hello) {}
+    /// The answer to a peer's [`Message::Locate`](crate::wire::Message::Locate): container
+    /// `container_id`'s state here in words when this host holds it live, else `None`.
+    fn locate(&self, _container_id: &str) -> Option<String> {
+        None
+    }
 }
 
 /// Why a driver could not run a migration at all (failures inside the migration end up in the
@@ -189,6 +194,31 @@ pub enum DriverError {
     NoMessage,
     #[error("timed out waiting for the first message")]
     FirstMessageTimeout,
+    #[error("cannot send the question")]
+    SendMessage {
+        #[source]
+        source: WireError,
+    },
+    #[error("no answer to the question")]
+    NoAnswer {
+        #[source]
+        source: WireError,
+    },
+    #[error("the peer answered {got} to the question")]
+    WrongAnswer { got: &'static str },
+    #[error("no answer within {0:?}")]
+    AnswerTimeout(Duration),
+}
+
+/// What a peer said to [`locate`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Located {
+    /// It holds the container live; its state there in words.
+    Held(String),
+    /// It holds no live copy.
+    NotHeld,
+    /// Its protocol is older than 1.7: it cannot be asked.
+    CannotTell,
 }
 
 /// Phase timings measured by the source driver.

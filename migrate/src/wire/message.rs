@@ -28,7 +28,11 @@ pub const MAGIC: [u8; 4] = *b"MIGW";
 ///   (the container's memory sent while it runs, kept by the destination) and
 ///   `PageServerDedup` (the dump's pages with those unchanged since replaced by markers,
 ///   written by mig's page writer). A source uses them only with a 1.4 destination.
-pub const PROTOCOL_VERSION: Version = Version { major: 1, minor: 6 };
+/// - 1.5: the container's log in two parts; 1.6: the writable layer's delta may append
+///   (docs/protocol.md).
+/// - 1.7: [`Message::Locate`] as the first message of a connection: an agent about to restore a
+///   `--net bridge` checkpoint asks its peers whether one of them holds the container live.
+pub const PROTOCOL_VERSION: Version = Version { major: 1, minor: 7 };
 
 /// The first frame each way on a control stream. Its first three fields (magic, major, minor) are
 /// frozen for all versions so that any two versions can tell each other apart.
@@ -395,6 +399,15 @@ pub enum Message {
         dest: DestView,
         outcome: Resolution,
     },
+    /// Any agent, as the first message of a connection (1.7): does the peer hold this
+    /// container live (running, frozen, moving, arriving, in doubt)?
+    Locate { container_id: String },
+    /// The answer to [`Message::Locate`]: the container's state there in words, or `None` when
+    /// the peer holds no live copy. The connection ends after it.
+    Located {
+        container_id: String,
+        held: Option<String>,
+    },
 }
 
 impl Message {
@@ -414,6 +427,8 @@ impl Message {
             Message::Abort { .. } => "abort",
             Message::Resolve { .. } => "resolve",
             Message::Resolved { .. } => "resolved",
+            Message::Locate { .. } => "locate",
+            Message::Located { .. } => "located",
         }
     }
 }

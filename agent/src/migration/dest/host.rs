@@ -102,6 +102,10 @@ impl DestHost for DestSide {
         Ok(())
     }
 
+    fn locate(&self, container_id: &str) -> Option<String> {
+        self.agent.held_live(container_id)
+    }
+
     async fn cleanup(&self, migration_id: &str) -> Result<(), HostError> {
         crate::migration::pages::forget(migration_id);
         let Ok(inc) = self.incoming(migration_id) else {
@@ -243,7 +247,9 @@ pub(crate) fn spawn_acceptor(agent: Arc<Agent>, endpoint: quinn::Endpoint) {
                         // A connection that only answered the source's resolve did not run the
                         // migration (QA of session 23: a rolled-back move was logged as ended
                         // twice, the second time "agent restarted during the migration").
-                        let what = if side.known(&r.migration_id).is_some() {
+                        let what = if r.migration_id.is_empty() {
+                            "answered a peer's question about a container"
+                        } else if side.known(&r.migration_id).is_some() {
                             "incoming migration ended"
                         } else {
                             "answered the source's resolve of a migration"

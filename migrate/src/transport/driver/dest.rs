@@ -142,6 +142,20 @@ pub async fn run_dest<H: DestHost>(
     let first = first_message(&conn, &mut recv, timeouts.control, probes)
         .await?
         .ok_or(DriverError::NoMessage)?;
+    if let Message::Locate { container_id } = first {
+        // Protocol 1.7: a question, not a migration (an empty migration id in the report).
+        let held = host.locate(&container_id);
+        let answer = Message::Located { container_id, held };
+        let sent = write_frame(&mut send, &answer, MAX_CONTROL_FRAME).await;
+        linger(&mut send, sent.is_ok()).await;
+        sent.map_err(|source| DriverError::SendHello { source })?;
+        return Ok(DestReport {
+            migration_id: String::new(),
+            outcome: None,
+            in_doubt: false,
+            peer,
+        });
+    }
     let mut machine = match &first {
         Message::Resolve { migration_id, .. } => {
             let last = host.load_journal(migration_id).await;

@@ -2,12 +2,12 @@
 //! source machine run ([`run_source_on`]), with the files of each phase sent and progress told.
 
 use super::{
-    chain, done, linger, spawn_control_reader, DriverError, Progress, SourceHost, SourceReport,
-    Timings, FILE_STREAMS, PROGRESS_EVERY,
+    chain, done, linger, spawn_control_reader, DriverError, Located, Progress, SourceHost,
+    SourceReport, Timings, FILE_STREAMS, PROGRESS_EVERY,
 };
 use crate::protocol::{Output, SourceAction, SourceInput, SourceMachine, SourceState};
 use crate::transport::files::{send_files_as, OutgoingFile, SentFile};
-use crate::wire::{write_frame, DigestAt, Hello, Message, Phase, MAX_CONTROL_FRAME};
+use crate::wire::{read_frame, write_frame, DigestAt, Hello, Message, Phase, MAX_CONTROL_FRAME};
 use std::time::{Duration, Instant};
 
 /// How long a source whose file the destination stopped waits for the destination's Abort,
@@ -59,6 +59,50 @@ pub async fn open_source(
         peer,
         opened,
     })
+}
+
+/// Asks the peer at the other end of `conn` whether it holds container `container_id` live
+/// (protocol 1.7, [`Message::Locate`](crate::wire::Message::Locate)), within `limit`.
+pub async fn locate(
+    conn: &quinn::Connection,
+    hello: &Hello,
+    container_id: &str,
+    limit: Duration,
+) -> Result<Located, DriverError> {
+    let ask = async {
+        let link = open_source(conn, hello).await?;
+        let SourceLink {
+            mut send,
+            mut recv,
+            peer,
+            ..
+        } = link;
+        if peer.protocol_version.minor < 7 {
+            linger(&mut send, true).await;
+            return Ok(Located::CannotTell);
+        }
+        let q = Message::Locate {
+            container_id: container_id.to_owned(),
+        };
+        write_frame(&mut send, &q, MAX_CONTROL_FRAME)
+            .await
+            .map_err(|source| DriverError::SendMessage { source })?;
+        let answer: Option<Message> = read_frame(&mut recv, MAX_CONTROL_FRAME)
+            .await
+            .map_err(|source| DriverError::NoAnswer { source })?;
+        let _ = send.finish();
+        match answer {
+            None => Err(DriverError::WrongAnswer { got: "nothing" }),
+            Some(Message::Located {
+                container_id: id,
+                held,
+            }) if id == container_id => Ok(held.map_or(Located::NotHeld, Located::Held)),
+            Some(other) => Err(DriverError::WrongAnswer { got: other.name() }),
+        }
+    };
+    tokio::time::timeout(limit, ask)
+        .await
+        .map_err(|_| DriverError::AnswerTimeout(limit))?
 }
 
 /// Runs the source machine on a control stream opened by [`open_source`] (the rest of

@@ -1,0 +1,112 @@
+//! Is a container live on a peer? Asked before a `--net bridge` checkpoint is restored
+//! (protocol 1.7, `Message::Locate`): a copy frozen in a move answers no ARP probe, so the
+//! address check alone let a second copy start while the first was frozen, and the move then
+//! committed it too (QA of session 25, F17).
+
+use super::chain;
+use crate::daemon::Agent;
+use mig_migrate::protocol::Role;
+use mig_migrate::transport::{self, Located};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long one peer has to answer (connection included). A peer that cannot answer in time is
+/// not waited for: the address probe still covers a copy that runs.
+const ASK_LIMIT: Duration = Duration::from_secs(3);
+
+/// What the pinned peers said about a container.
+#[derive(Debug, Default)]
+pub(crate) struct PeerAnswers {
+    /// (peer, the container's state there) for each peer that holds it live.
+    pub held: Vec<(String, String)>,
+    /// (peer, why) for each peer that could not be asked.
+    pub unasked: Vec<(String, String)>,
+}
+
+impl Agent {
+    /// Container `id`'s state here in words when this agent holds it live (running, frozen,
+    /// moving away, arriving, in doubt), else `None`.
+    pub(crate) fn held_live(&self, id: &str) -> Option<String> {
+        let journals = self.journals();
+        let open = |role: Role| {
+            journals.iter().find(|j| {
+                j.container_id == id && j.role == role && !super::journal::is_final(&j.state)
+            })
+        };
+        if let Some(d) = crate::daemon::info::in_doubt(&journals).remove(id) {
+            return Some(format!(
+                "frozen, its move {} with {} in doubt",
+                d.migration_id, d.peer
+            ));
+        }
+        if let Some(j) = open(Role::Dest) {
+            return Some(format!(
+                "arriving from {}, migration {}",
+                j.peer, j.migration_id
+            ));
+        }
+        let e = self.lock().get(id).cloned()?;
+        if let Some(m) = crate::daemon::info::moving(&journals, &e, id) {
+            return Some(format!(
+                "being moved to {}, migration {}",
+                m.peer, m.migration_id
+            ));
+        }
+        if open(Role::Source).is_some() || e.state.state.is_live() {
+            return Some(e.state.state.as_str().to_owned());
+        }
+        None
+    }
+
+    /// Asks every pinned peer, at once, whether it holds container `id` live.
+    pub(crate) async fn ask_peers_about(self: &Arc<Self>, id: &str) -> PeerAnswers {
+        let Some(net) = self.migration.net() else {
+            return PeerAnswers::default();
+        };
+        let peers = net
+            .peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .list()
+            .to_vec();
+        let hello = super::hello(self);
+        let mut asks = tokio::task::JoinSet::new();
+        for peer in peers {
+            let (endpoint, identity, hello, id) = (
+                net.endpoint.clone(),
+                net.identity.clone(),
+                hello.clone(),
+                id.to_owned(),
+            );
+            asks.spawn(async move {
+                let ask = async {
+                    let conn = transport::connect(&endpoint, &identity, &peer)
+                        .await
+                        .map_err(|e| chain(&e))?;
+                    let r = transport::locate(&conn, &hello, &id, ASK_LIMIT).await;
+                    conn.close(0u32.into(), b"done");
+                    r.map_err(|e| chain(&e))
+                };
+                let r = tokio::time::timeout(ASK_LIMIT, ask)
+                    .await
+                    .unwrap_or_else(|_| Err(format!("no answer within {ASK_LIMIT:?}")));
+                (peer.name, r)
+            });
+        }
+        let mut answers = PeerAnswers::default();
+        while let Some(done) = asks.join_next().await {
+            let Ok((peer, r)) = done else { continue };
+            match r {
+                Ok(Located::Held(state)) => answers.held.push((peer, state)),
+                Ok(Located::NotHeld) => {}
+                Ok(Located::CannotTell) => answers
+                    .unasked
+                    .push((peer, "its protocol is older than 1.7".into())),
+                Err(why) => answers.unasked.push((peer, why)),
+            }
+        }
+        answers.held.sort();
+        answers.unasked.sort();
+        answers
+    }
+}
