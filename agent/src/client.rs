@@ -52,6 +52,14 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// The error and every cause under it, on one line (`talking to the agent failed: writing a
+    /// frame failed: Broken pipe (os error 32)`). `Display` is this error's own layer only, with
+    /// the cause in [`std::error::Error::source`], as the error types of Rust's libraries are:
+    /// a program that logs one line per failure wants this.
+    pub fn report(&self) -> String {
+        report(self)
+    }
+
     /// The API error kind, when the agent refused the request; `UnsupportedVersion` also when
     /// the client refused the agent's version ([`ClientError::Version`]).
     pub fn api_kind(&self) -> Option<ErrorKind> {
@@ -61,6 +69,22 @@ impl ClientError {
             _ => None,
         }
     }
+}
+
+/// `e` and its sources joined with ": " (a cause repeated word for word in its parent's message
+/// is not repeated).
+pub fn report(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let text = c.to_string();
+        if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cur = c.source();
+    }
+    line
 }
 
 /// A byte stream to an agent: the unix socket, or a QUIC stream of the remote API.
@@ -809,6 +833,20 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_report_holds_the_cause() {
+        let e = ClientError::Frame(FrameError::Write(std::io::Error::from(
+            std::io::ErrorKind::BrokenPipe,
+        )));
+        assert_eq!(e.to_string(), "talking to the agent failed");
+        assert_eq!(
+            e.report(),
+            "talking to the agent failed: writing a frame failed: broken pipe"
+        );
+        let api = ClientError::Api(ApiError::new(ErrorKind::NotFound, "no such container: x"));
+        assert_eq!(api.report(), api.to_string());
+    }
 
     /// A client over an in-memory stream and the agent's end of it, after the hello.
     async fn connected() -> (Client, tokio::io::DuplexStream) {

@@ -194,6 +194,51 @@ fn run_of_a_command_that_cannot_run_exits_127_or_126() -> Result<()> {
     // A command that runs and fails keeps its own code.
     let o = a.mig(&["run", "busybox", "--", "sh", "-c", "exit 7"]);
     ensure!(o.code == 7, "{o:?}");
+
+    // A file that is there but whose interpreter is not: the kernel says ENOENT, and "not in
+    // the image" sent the user looking for a file that exists (QA of session 26).
+    let dir = tempfile::tempdir()?;
+    let script = dir.path().join("bin/s");
+    std::fs::create_dir_all(script.parent().context("parent")?)?;
+    std::fs::write(&script, "#!/usr/bin/python3\nprint(1)\n")?;
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    a.mig_ok(&[
+        "image",
+        "import",
+        &dir.path().display().to_string(),
+        "--name",
+        "scr",
+    ])?;
+    for cmd in ["/bin/s", "s"] {
+        let o = a.mig(&["run", "scr", "--", cmd]);
+        ensure!(
+            o.code == 126
+                && o.stderr.contains("cannot be executed")
+                && o.stderr.contains("it is /bin/s in the image")
+                && o.stderr.contains("/usr/bin/python3"),
+            "{cmd}: {o:?}"
+        );
+    }
+    a.mig_ok(&[
+        "run", "-d", "--name", "ex", "busybox", "--", "sleep", "1000",
+    ])?;
+    a.mig_ok(&[
+        "exec",
+        "ex",
+        "--",
+        "sh",
+        "-c",
+        "printf '#!/no/perl\\n' > /bin/pl && chmod 755 /bin/pl",
+    ])?;
+    let o = a.mig(&["exec", "ex", "--", "pl"]);
+    ensure!(
+        o.code == 126
+            && o.stderr.contains("it is /bin/pl in the container")
+            && o.stderr.contains("/no/perl"),
+        "{o:?}"
+    );
+    let o = a.mig(&["exec", "ex", "--", "nosuchcmd"]);
+    ensure!(o.code == 127, "{o:?}");
     Ok(())
 }
 

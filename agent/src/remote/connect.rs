@@ -39,7 +39,7 @@ pub enum RemoteError {
         #[source]
         source: quinn::ConnectionError,
     },
-    #[error("the agent at {addr} refused an API stream")]
+    #[error("the agent at {addr} refused an API stream (is this client's fingerprint pinned there with `mig clients add`?)")]
     Stream {
         addr: SocketAddr,
         #[source]
@@ -51,6 +51,13 @@ pub enum RemoteError {
         #[source]
         source: ClientError,
     },
+}
+
+impl RemoteError {
+    /// This error and its causes on one line ([`crate::client::report`]).
+    pub fn report(&self) -> String {
+        crate::client::report(self)
+    }
 }
 
 /// `~/.config/mig` (from `$HOME`).

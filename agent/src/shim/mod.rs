@@ -199,8 +199,34 @@ pub fn exec(
         Err(e) => match e.exec_failure() {
             Some(f) => {
                 let cmd = args.first().map(String::as_str).unwrap_or_default();
-                eprintln!("mig: exec {cmd:?}: {}", f.reason());
-                Ok(f.exit_code())
+                let path = full_env
+                    .iter()
+                    .find_map(|kv| kv.strip_prefix("PATH="))
+                    .unwrap_or(mig_runtime::container::DEFAULT_PATH);
+                let root = std::path::PathBuf::from(format!("/proc/{}/root", shim.init_pid));
+                let missing = (f == mig_runtime::container::ExecFailure::NotFound)
+                    .then(|| {
+                        mig_runtime::container::missing_interpreter(
+                            &root,
+                            cmd,
+                            &spec.process.cwd,
+                            path,
+                        )
+                    })
+                    .flatten();
+                match missing {
+                    Some(m) => {
+                        eprintln!(
+                            "mig: exec {cmd:?}: cannot be executed: {}",
+                            start::interpreter_words(&m).replace("the image", "the container")
+                        );
+                        Ok(mig_runtime::container::ExecFailure::NotExecutable.exit_code())
+                    }
+                    None => {
+                        eprintln!("mig: exec {cmd:?}: {}", f.reason());
+                        Ok(f.exit_code())
+                    }
+                }
             }
             None => match spec.limits.pids {
                 Some(limit) if e.at_pids_limit() => Err(ShimError::PidsLimit { limit }),

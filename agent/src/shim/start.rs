@@ -205,7 +205,7 @@ fn prepare(
             cgroup: &cgroup,
             output: log_write.as_raw_fd(),
         })
-        .map_err(|e| (Stage::Spawn, spawn_failure(&spec, &e)))?,
+        .map_err(|e| (Stage::Spawn, spawn_failure(&spec, Some(&rootfs), &e)))?,
         Some(m) => restore(
             &cd,
             &rootfs,
@@ -509,25 +509,56 @@ fn destroy_cgroup(cg: &Cgroup) -> Result<(), mig_runtime::cgroup::CgroupError> {
 /// The reason a start failed, in words a user acts on when the command itself is the problem:
 /// `run debian -- nosuchcmd` said only `container setup failed at step executing the command
 /// (pid N): ENOENT: No such file or directory`.
-fn spawn_failure(spec: &ContainerSpec, e: &container::ContainerError) -> String {
+/// With the container's root (`root`), a command whose file is there but whose interpreter is
+/// not is named as such.
+fn spawn_failure(
+    spec: &ContainerSpec,
+    root: Option<&std::path::Path>,
+    e: &container::ContainerError,
+) -> String {
     let cmd = spec.process.args.first().map(String::as_str).unwrap_or("");
+    let path = spec
+        .process
+        .env
+        .iter()
+        .find_map(|kv| kv.strip_prefix("PATH="))
+        .unwrap_or(container::DEFAULT_PATH);
+    let missing = root
+        .filter(|_| e.exec_failure() == Some(container::ExecFailure::NotFound))
+        .and_then(|r| container::missing_interpreter(r, cmd, &spec.process.cwd, path));
+    if let Some(m) = missing {
+        return format!(
+            "the command {cmd:?} cannot be executed: {}",
+            interpreter_words(&m)
+        );
+    }
     match e.exec_failure() {
         Some(container::ExecFailure::NotFound) if cmd.contains('/') => {
             format!("the command {cmd:?} is not in the image")
         }
         Some(container::ExecFailure::NotFound) => {
-            let path = spec
-                .process
-                .env
-                .iter()
-                .find_map(|kv| kv.strip_prefix("PATH="))
-                .unwrap_or(container::DEFAULT_PATH);
             format!("the command {cmd:?} is not in the image (searched PATH {path})")
         }
         Some(container::ExecFailure::NotExecutable) => {
             format!("the command {cmd:?} cannot be executed: {}", chain(e))
         }
         None => chain(e),
+    }
+}
+
+/// "it is FILE in the image, but its interpreter ... is not" for a user who would look for the
+/// wrong file.
+pub(crate) fn interpreter_words(m: &container::MissingInterpreter) -> String {
+    if m.script {
+        format!(
+            "it is {} in the image, but the interpreter its #! line names, {}, is not",
+            m.file, m.interpreter
+        )
+    } else {
+        format!(
+            "it is {} in the image, but its ELF interpreter (dynamic loader) {} is not: a dynamically linked program needs its loader and libraries in the image",
+            m.file, m.interpreter
+        )
     }
 }
 
@@ -571,17 +602,17 @@ mod tests {
         };
         let spec = spec_with(&["nosuchcmd"], &["PATH=/x:/y"]);
         assert_eq!(
-            spawn_failure(&spec, &exec(Errno::ENOENT)),
+            spawn_failure(&spec, None, &exec(Errno::ENOENT)),
             "the command \"nosuchcmd\" is not in the image (searched PATH /x:/y)"
         );
         let spec = spec_with(&["nosuchcmd"], &[]);
-        assert!(spawn_failure(&spec, &exec(Errno::ENOENT)).contains(container::DEFAULT_PATH));
+        assert!(spawn_failure(&spec, None, &exec(Errno::ENOENT)).contains(container::DEFAULT_PATH));
         let spec = spec_with(&["/opt/app"], &[]);
         assert_eq!(
-            spawn_failure(&spec, &exec(Errno::ENOENT)),
+            spawn_failure(&spec, None, &exec(Errno::ENOENT)),
             "the command \"/opt/app\" is not in the image"
         );
-        let m = spawn_failure(&spec, &exec(Errno::EACCES));
+        let m = spawn_failure(&spec, None, &exec(Errno::EACCES));
         assert!(
             m.starts_with("the command \"/opt/app\" cannot be executed: "),
             "{m}"
@@ -592,6 +623,6 @@ mod tests {
             pid: 7,
             errno: Errno::EINVAL,
         };
-        assert_eq!(spawn_failure(&spec, &other), chain(&other));
+        assert_eq!(spawn_failure(&spec, None, &other), chain(&other));
     }
 }

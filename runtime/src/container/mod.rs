@@ -20,6 +20,7 @@ mod channel;
 mod criu;
 mod exec;
 mod init;
+mod interp;
 mod netns;
 mod rootfs;
 mod security;
@@ -33,6 +34,7 @@ pub use criu::{
 };
 pub use exec::exec;
 pub use init::DEFAULT_PATH;
+pub use interp::{missing_interpreter, MissingInterpreter};
 pub use netns::{external_netns_arg, netns_recreatable, LoopbackNetns, NetnsError, NETNS_KEY};
 pub use rootfs::{mount_rootfs, unmount_rootfs};
 pub use security::{default_caps_mask, DEFAULT_CAPS};
