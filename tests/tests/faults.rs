@@ -506,6 +506,111 @@ fn a_destination_without_room_for_the_memory_rolls_back() -> Result<()> {
     Ok(())
 }
 
+/// Two moves into one host at once, each of which fits alone but not both: the memory the first
+/// was found to need is held for it until its copy is charged, so the second is refused and its
+/// container keeps running at its source (QA of session 26: both "moved", and one was OOM-killed
+/// a second after the commit).
+#[test]
+fn two_moves_that_fit_only_alone_do_not_both_arrive() -> Result<()> {
+    if !mig_tests::is_root("fault tests") {
+        return Ok(());
+    }
+    const C: usize = 2;
+    let lab = Lab::up_n("oom2", 174, 3)?;
+    let image = lab.image_tar.display().to_string();
+    lab.mig_ok(C, &["image", "import", &image, "--name", "busybox"])?;
+    // One process holding the memory (a forked copy would count again, at a moment the dump
+    // cannot choose), counting.
+    let hold = "d=$(head -c 48000000 /dev/urandom | base64 -w0); i=0; while :; do i=$((i+1)); echo \"tick $i OK\"; sleep 0.5; done";
+    let run = |host, name| -> Result<String> {
+        let id = lab.mig_ok(
+            host,
+            &[
+                "run", "-d", "--name", name, "busybox", "--", "sh", "-c", hold,
+            ],
+        )?;
+        Ok(id.trim().to_owned())
+    };
+    let ids = [run(A, "oa")?, run(C, "oc")?];
+    std::thread::sleep(Duration::from_secs(2));
+    let parent = lab.cgroup_parent(B);
+    let (dir, limit_file, no_limit) = match std::path::Path::new("/sys/fs/cgroup/memory") {
+        v1 if v1.is_dir() => (v1.join(&parent), "memory.limit_in_bytes", "-1"),
+        _ => (
+            std::path::Path::new("/sys/fs/cgroup").join(&parent),
+            "memory.max",
+            "max",
+        ),
+    };
+    std::fs::create_dir_all(&dir)?;
+    let used: u64 = ["memory.usage_in_bytes", "memory.current"]
+        .iter()
+        .find_map(|f| std::fs::read_to_string(dir.join(f)).ok())
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0);
+    // What one container needs there, as the destination counts it: from its refusal with no
+    // room at all.
+    std::fs::write(dir.join(limit_file), (used + (1 << 20)).to_string())?;
+    let o = lab.mig(A, &["move", "oa", "host-b", "--mode", "stream"]);
+    let need_mib: u64 = o
+        .stderr
+        .split_once("its image set holds ")
+        .and_then(|(_, rest)| rest.split_once(" MiB"))
+        .and_then(|(n, _)| n.parse().ok())
+        .with_context(|| format!("no memory refusal: {o:?}"))?;
+    running_on(&lab, A, "oa")?;
+    // Room for one container's memory and its forks, not for two containers.
+    let room = (need_mib * 8 / 5) << 20;
+    std::fs::write(dir.join(limit_file), (used + room).to_string())?;
+    // Both restores wait here, so that each memory check runs before either copy is charged.
+    lab.fault(B, Some("dest-restore:delay:4000"))?;
+    let counts = [
+        log_state(&lab.mig(A, &["logs", "oa"]).stdout).0,
+        log_state(&lab.mig(C, &["logs", "oc"]).stdout).0,
+    ];
+    let (oa, oc) = std::thread::scope(|s| {
+        let a = s.spawn(|| lab.mig(A, &["move", "oa", "host-b", "--mode", "stream"]));
+        let c = s.spawn(|| lab.mig(C, &["move", "oc", "host-b", "--mode", "stream"]));
+        (a.join(), c.join())
+    });
+    lab.fault(B, None)?;
+    let outs = [
+        oa.map_err(|_| anyhow::anyhow!("a move thread panicked"))?,
+        oc.map_err(|_| anyhow::anyhow!("a move thread panicked"))?,
+    ];
+    for o in &outs {
+        eprintln!(
+            "move exit {}: {}{}",
+            o.code,
+            o.stdout.trim(),
+            o.stderr.trim()
+        );
+    }
+    let moved: Vec<usize> = (0..2).filter(|i| outs[*i].code == 0).collect();
+    ensure!(moved.len() == 1, "not exactly one move arrived: {outs:?}");
+    let (won, lost) = (moved[0], 1 - moved[0]);
+    ensure!(
+        outs[lost]
+            .stderr
+            .contains("cannot hold the container's memory")
+            && outs[lost].stderr.contains("other moves arriving here hold"),
+        "{:?}",
+        outs[lost]
+    );
+    let names = ["oa", "oc"];
+    let sources = [A, C];
+    // The moved copy keeps running (not killed once its memory arrived), the other at home.
+    std::thread::sleep(Duration::from_secs(3));
+    eprintln!("{}", lab.mig(B, &["inspect", names[won]]).stdout);
+    running_on(&lab, B, names[won])?;
+    continues(&lab, B, names[won], counts[won])?;
+    running_on(&lab, sources[lost], names[lost])?;
+    continues(&lab, sources[lost], names[lost], counts[lost])?;
+    nothing_left(&lab, B, &ids[lost])?;
+    std::fs::write(dir.join(limit_file), no_limit)?;
+    Ok(())
+}
+
 /// The agent killed during a local `mig checkpoint`, after CRIU's dump and before the image set
 /// is sealed. Before session 21 a plain checkpoint's container was dead by then (CRIU killed it)
 /// with no checkpoint to restore, and a `--leave-running` one stayed frozen after the restart

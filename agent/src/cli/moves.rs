@@ -101,7 +101,8 @@ pub enum LabCommand {
     },
     /// Remove every namespace, link, agent, container and mount of the lab.
     Down,
-    /// Restart one host's agent (its containers keep running).
+    /// Restart one host's agent (its containers keep running; the moves under way end first, as
+    /// when migd gets SIGTERM: up to 5 minutes).
     Restart {
         /// The lab host (host-a, host-b, ...).
         // Not the id `host`: that is the global --host's, which this positional would take

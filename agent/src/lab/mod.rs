@@ -640,8 +640,8 @@ pub fn down(name: &str) -> Result<DownReport, LabError> {
     Ok(report)
 }
 
-/// Stops the agent of `host` (if it runs) and starts it again with the same arguments; returns the
-/// host with its new PID.
+/// Stops the agent of `host` (if it runs; it first ends the moves under way, as migd does on
+/// SIGTERM) and starts it again with the same arguments; returns the host with its new PID.
 pub fn restart_agent(name: &str, host: &str) -> Result<LabHost, LabError> {
     let mut file = read_lab_file(name)?;
     let i = file
@@ -653,7 +653,8 @@ pub fn restart_agent(name: &str, host: &str) -> Result<LabHost, LabError> {
             host: host.to_string(),
         })?;
     if let Some(pid) = file.hosts[i].agent_pid {
-        process::stop_agent(&file.hosts[i].name, pid, &file.hosts[i].socket)?;
+        let h = &file.hosts[i];
+        process::stop_agent_within(&h.name, pid, &h.socket, process::RESTART_GRACE)?;
     }
     file.hosts[i].agent_pid = None;
     write_lab_file(&file)?;

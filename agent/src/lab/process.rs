@@ -229,16 +229,41 @@ pub(crate) fn find_agents(socket: &Path) -> Vec<i32> {
         .collect()
 }
 
+/// How long `mig lab restart` lets an agent finish its moves after SIGTERM: migd waits up to 5
+/// minutes for them (a post-copy's last page included), and a SIGKILL before that cut them (QA of
+/// session 26: a lazy move's container lost on its destination).
+pub(crate) const RESTART_GRACE: Duration = Duration::from_secs(310);
+
 /// Stops agent `pid` of `host`: SIGTERM, a grace period, then SIGKILL. Not an error when it is not
 /// running (or the PID now belongs to something else).
 pub(crate) fn stop_agent(host: &str, pid: i32, socket: &Path) -> Result<bool, LabError> {
+    stop_agent_within(host, pid, socket, STOP_GRACE)
+}
+
+/// [`stop_agent`] with `grace` before the SIGKILL; past [`STOP_GRACE`] it says once what it
+/// waits for.
+pub(crate) fn stop_agent_within(
+    host: &str,
+    pid: i32,
+    socket: &Path,
+    grace: Duration,
+) -> Result<bool, LabError> {
     if !agent_alive(pid, socket) {
         reap(pid);
         return Ok(false);
     }
     signal(pid, Signal::SIGTERM)?;
-    if wait_gone(pid, STOP_GRACE) {
+    if wait_gone(pid, STOP_GRACE.min(grace)) {
         return Ok(true);
+    }
+    if grace > STOP_GRACE {
+        eprintln!(
+            "waiting for {host}'s agent (pid {pid}) to end: it finishes the moves under way first (up to {} s; its log says which)",
+            grace.as_secs()
+        );
+        if wait_gone(pid, grace - STOP_GRACE) {
+            return Ok(true);
+        }
     }
     signal(pid, Signal::SIGKILL)?;
     if wait_gone(pid, STOP_GRACE) {

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 mod check;
+pub(crate) use check::release_memory;
 mod finish;
 mod host;
 mod restore;

@@ -382,7 +382,6 @@ pub fn start(agent: &Arc<Agent>, listen: Option<SocketAddr>) -> Result<(), Migra
     Ok(())
 }
 
-/// A one-line message of an error and its sources.
 /// Waits, at most `limit`, until no move of this agent is under way: none between its start and
 /// its end on either side (its journal not final and not in doubt, which waits for a peer for
 /// however long), none frozen for a move away, no post-copy still serving its pages. A stopped

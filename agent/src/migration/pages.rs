@@ -619,6 +619,8 @@ pub(crate) fn watch_lazy_daemon(
             job.guard.clone(),
         ))
     }) else {
+        // Restored with every page: the copy is charged for its memory already.
+        super::dest::release_memory(&migration_id);
         return;
     };
     let started = Instant::now();
@@ -649,6 +651,8 @@ pub(crate) fn watch_lazy_daemon(
                 .push(migration_id.clone());
         }
         forget(&migration_id);
+        // The last page arrived (the copy is charged for them), or the copy is killed.
+        super::dest::release_memory(&migration_id);
         let cd = agent.dirs.container(&container_id);
         let _ = std::fs::remove_dir_all(cd.dir.join(LAZY_DIR));
         // Every page is there, or the container is killed: either way nothing is arriving.

@@ -7,6 +7,7 @@ use crate::migration::journal;
 use mig_migrate::criu::Criu;
 use mig_migrate::transport::Refusal;
 use mig_migrate::wire::{Prepare, RefuseReason};
+use std::collections::BTreeMap;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -219,7 +220,7 @@ impl DestSide {
                 .create(staging)?;
             std::fs::write(
                 staging.join(ARRIVING_FILE),
-                format!("{}\n{}\n", p.spec.id, p.spec.name),
+                format!("{}\n{}\n{}\n", p.spec.id, p.spec.name, p.image.id),
             )
         };
         reserve(&staging).map_err(|e| {
@@ -261,8 +262,24 @@ fn version_key(v: &str) -> [u64; 3] {
 /// or name, and reserves its own ([`ARRIVING_FILE`]).
 static ARRIVING: Mutex<()> = Mutex::new(());
 
-/// In an incoming migration's staging directory: the container's id and name, one per line.
+/// In an incoming migration's staging directory: the container's id, name and image id, one per
+/// line.
 const ARRIVING_FILE: &str = "ARRIVING";
+
+/// Another incoming migration's staging directory (not `mine`) whose container is of image
+/// `image`: a move that rolls back leaves such an image to it (QA of session 26: two moves of
+/// one image into one host, the one that rolled back removed the image the other had found
+/// there, and the other's restore failed).
+pub(super) fn arriving_with_image(state_dir: &Path, mine: &Path, image: &str) -> Option<PathBuf> {
+    let rd = std::fs::read_dir(journal::dir(state_dir)).ok()?;
+    rd.flatten()
+        .map(|e| e.path())
+        .filter(|p| p != mine && p.to_string_lossy().ends_with(".in"))
+        .find(|p| {
+            std::fs::read_to_string(p.join(ARRIVING_FILE))
+                .is_ok_and(|t| t.lines().nth(2) == Some(image))
+        })
+}
 
 /// Takes [`ARRIVING`]: held by whatever checks a new container's name against this host's
 /// containers and the arriving ones until the container is recorded (`mig run`, an import),
@@ -315,7 +332,13 @@ fn arriving_elsewhere(state_dir: &Path, mine: &Path, p: &Prepare) -> Option<(Str
 /// lazy-pages daemon, one copy per process even where forked processes shared them: post-copy,
 /// and stream mode's local daemon), the container's own limit is room too, not a cap: above it
 /// the copy would be OOM-killed after the commit.
+///
+/// Moves arriving at once each fit alone but not together (QA of session 26: two hosts moving
+/// 180 MiB each into 250 MiB, both "moved", one OOM-killed a second later): what a move was
+/// found to need is held for it ([`RESERVED`]) until its copy is charged for it or the move
+/// ends ([`release_memory`]), and the check of another leaves that out of the room.
 pub(super) fn memory_fits(
+    migration_id: &str,
     checkpoint: &Path,
     limit: Option<u64>,
     cgroup_parent: &str,
@@ -352,10 +375,47 @@ pub(super) fn memory_fits(
             tracing::warn!(error = %chain(&e), "cannot read the memory limits above the containers")
         }
     }
+    let mut reserved = RESERVED.lock().unwrap_or_else(|p| p.into_inner());
+    reserved.retain(|_, (_, at)| at.elapsed() < RESERVATION_LIFE);
+    let others: u64 = reserved
+        .iter()
+        .filter(|(id, _)| id.as_str() != migration_id)
+        .map(|(_, (bytes, _))| *bytes)
+        .sum();
     match left.into_iter().min_by_key(|(room, _)| *room) {
-        Some((room, within)) if need > room => Err(DestError::NoMemory { need, room, within }),
-        _ => Ok(()),
+        Some((room, within)) if need > room.saturating_sub(others) => Err(DestError::NoMemory {
+            need,
+            room: room.saturating_sub(others),
+            within: if others > 0 {
+                format!(
+                    "{within}, less the {} MiB that other moves arriving here hold",
+                    others >> 20
+                )
+            } else {
+                within
+            },
+        }),
+        _ => {
+            reserved.insert(migration_id.to_owned(), (need, Instant::now()));
+            Ok(())
+        }
     }
+}
+
+/// Memory found to fit for incoming moves whose copies are not charged for it yet, by
+/// migration id, with when it was found.
+static RESERVED: Mutex<BTreeMap<String, (u64, Instant)>> = Mutex::new(BTreeMap::new());
+
+/// A reservation left by a path that did not release it stops counting after this long.
+const RESERVATION_LIFE: Duration = Duration::from_secs(30 * 60);
+
+/// The copy of `migration_id` is charged for its memory (restored with every page, or the last
+/// page arrived), or the move rolled back: its memory no longer needs holding.
+pub(crate) fn release_memory(migration_id: &str) {
+    RESERVED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(migration_id);
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ pub(crate) async fn cleanup_incoming(
     migration_id: &str,
     container_id: &str,
 ) -> Result<(), DestError> {
+    super::release_memory(migration_id);
     let cd = agent.dirs.container(container_id);
     let ours = std::fs::read_to_string(cd.dir.join(MARKER))
         .map(|m| m.trim() == migration_id)
@@ -41,14 +42,24 @@ pub(crate) async fn cleanup_incoming(
         }
     }
     if let Ok(staging) = journal::staging(&agent.cfg.state_dir, migration_id) {
-        if let Ok(image) = std::fs::read_to_string(staging.join(IMAGE_ADDED)) {
+        let added = std::fs::read_to_string(staging.join(IMAGE_ADDED));
+        let image = added.as_deref().map(str::trim).unwrap_or_default();
+        let heir = (!image.is_empty())
+            .then(|| super::check::arriving_with_image(&agent.cfg.state_dir, &staging, image))
+            .flatten();
+        if let Some(heir) = heir {
+            // Another move brings a container of this image: it keeps the image, and removes it
+            // if it rolls back in turn.
+            let _ = std::fs::write(heir.join(IMAGE_ADDED), image);
+            tracing::info!(migration = %migration_id, %image, "kept the image this move added: another incoming move uses it");
+        } else if !image.is_empty() {
             // Refused while a container uses it (the same checks as `mig image rm`).
-            match agent.image_remove(image.trim().to_owned()).await {
+            match agent.image_remove(image.to_owned()).await {
                 Ok(_) => {
-                    tracing::info!(migration = %migration_id, image = %image.trim(), "removed the image this move added")
+                    tracing::info!(migration = %migration_id, %image, "removed the image this move added")
                 }
                 Err(e) => {
-                    tracing::info!(migration = %migration_id, image = %image.trim(), reason = %e.message, "kept the image this move added")
+                    tracing::info!(migration = %migration_id, %image, reason = %e.message, "kept the image this move added")
                 }
             }
         }

@@ -108,6 +108,7 @@ impl DestHost for DestSide {
 
     async fn cleanup(&self, migration_id: &str) -> Result<(), HostError> {
         crate::migration::pages::forget(migration_id);
+        super::release_memory(migration_id);
         let Ok(inc) = self.incoming(migration_id) else {
             if let Ok(staging) = self.staging(migration_id) {
                 let _ = std::fs::remove_dir_all(staging);

@@ -137,8 +137,9 @@ impl DestSide {
             // workers sharing what their exited parent had mapped, 64 MiB each, under a
             // 160 MiB limit). Counted per process, such a move is refused before the commit.
             let per_process = post_copy || (stream && !stream_plain);
+            let mid = id.to_owned();
             tokio::task::spawn_blocking(move || {
-                super::check::memory_fits(&checkpoint, limit, &parent, per_process)
+                super::check::memory_fits(&mid, &checkpoint, limit, &parent, per_process)
             })
             .await
             .unwrap_or_else(|e| Err(DestError::Task(e.to_string())))?;
