@@ -728,6 +728,53 @@ fn an_operator_settles_a_move_whose_peer_is_gone() -> Result<()> {
     Ok(())
 }
 
+/// The source dies after the destination restored its copy and before any Commit; the
+/// destination's operator, told host-a may be gone for good, decides the move committed there.
+/// When host-a comes back it asks host-b before thawing its own frozen copy, hears that the
+/// container runs there, and removes its copy (QA of session 26: it thawed it, and the container
+/// ran on both hosts).
+#[test]
+fn a_source_back_after_a_committed_decision_removes_its_copy() -> Result<()> {
+    if !mig_tests::is_root("fault tests") {
+        return Ok(());
+    }
+    let mut lab = Lab::up("opdc", 175)?;
+    let id = lab.run_container(A, "opc", 8)?;
+    let (count, _) = log_state(&lab.mig(A, &["logs", "opc"]).stdout);
+    // host-a waits after host-b's Restored, before it decides.
+    lab.fault(A, Some("source-restore:delay:8000"))?;
+    let o = std::thread::scope(|s| -> Result<mig_tests::MigOutput> {
+        let mover = s.spawn(|| lab.mig(A, &["move", "opc", "host-b"]));
+        let journals = lab.state_dir(B).join("migrations");
+        let restored = mig_tests::wait_until(Duration::from_secs(60), || {
+            let there = std::fs::read_dir(&journals)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|e| {
+                    std::fs::read_to_string(e.path()).is_ok_and(|j| j.contains("\"Restored\""))
+                });
+            there || mover.is_finished()
+        });
+        if restored && !mover.is_finished() {
+            lab.kill_agent(A)?;
+        }
+        mover
+            .join()
+            .map_err(|_| anyhow::anyhow!("the mover thread panicked"))
+    })?;
+    lab.fault(A, None)?;
+    ensure!(o.code != 0, "host-a was to die mid-move: {o:?}");
+    let said = lab.mig_ok(B, &["move", "--resolve", "opc", "--decide", "committed"])?;
+    ensure!(said.contains("runs on host-b"), "{said}");
+    running_on(&lab, B, "opc")?;
+    lab.restart_after_crash(A)?;
+    nothing_left(&lab, A, &id)?;
+    running_on(&lab, B, "opc")?;
+    continues(&lab, B, "opc", count)?;
+    Ok(())
+}
+
 /// Moves `name` from host-a to host-b and kills host-b's agent after host-a journaled its commit
 /// decision and before host-b could record it: host-a's move ends in doubt, host-b is down.
 fn in_doubt_without_b(lab: &Lab, name: &str) -> Result<()> {

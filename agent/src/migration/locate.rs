@@ -58,6 +58,27 @@ impl Agent {
         None
     }
 
+    /// Asks pinned peer `peer` whether it holds container `id` live (`Err` says why it could
+    /// not be asked).
+    pub(crate) async fn ask_peer_about(
+        self: &Arc<Self>,
+        peer: &str,
+        id: &str,
+    ) -> Result<Located, String> {
+        let net = self
+            .migration
+            .net()
+            .ok_or("the migration endpoint is not running")?;
+        let peer = net
+            .peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(peer)
+            .cloned()
+            .ok_or_else(|| format!("{peer} is not a pinned peer"))?;
+        ask(net, super::hello(self), peer, id.to_owned()).await.1
+    }
+
     /// Asks every pinned peer, at once, whether it holds container `id` live.
     pub(crate) async fn ask_peers_about(self: &Arc<Self>, id: &str) -> PeerAnswers {
         let Some(net) = self.migration.net() else {
@@ -72,26 +93,7 @@ impl Agent {
         let hello = super::hello(self);
         let mut asks = tokio::task::JoinSet::new();
         for peer in peers {
-            let (endpoint, identity, hello, id) = (
-                net.endpoint.clone(),
-                net.identity.clone(),
-                hello.clone(),
-                id.to_owned(),
-            );
-            asks.spawn(async move {
-                let ask = async {
-                    let conn = transport::connect(&endpoint, &identity, &peer)
-                        .await
-                        .map_err(|e| chain(&e))?;
-                    let r = transport::locate(&conn, &hello, &id, ASK_LIMIT).await;
-                    conn.close(0u32.into(), b"done");
-                    r.map_err(|e| chain(&e))
-                };
-                let r = tokio::time::timeout(ASK_LIMIT, ask)
-                    .await
-                    .unwrap_or_else(|_| Err(format!("no answer within {ASK_LIMIT:?}")));
-                (peer.name, r)
-            });
+            asks.spawn(ask(net, hello.clone(), peer, id.to_owned()));
         }
         let mut answers = PeerAnswers::default();
         while let Some(done) = asks.join_next().await {
@@ -108,5 +110,30 @@ impl Agent {
         answers.held.sort();
         answers.unasked.sort();
         answers
+    }
+}
+
+/// Asks `peer` about container `id` within [`ASK_LIMIT`], the connection included; returns the
+/// peer's name with the answer.
+fn ask(
+    net: &super::Net,
+    hello: mig_migrate::wire::Hello,
+    peer: mig_migrate::transport::Peer,
+    id: String,
+) -> impl std::future::Future<Output = (String, Result<Located, String>)> + Send + 'static {
+    let (endpoint, identity) = (net.endpoint.clone(), net.identity.clone());
+    async move {
+        let asking = async {
+            let conn = transport::connect(&endpoint, &identity, &peer)
+                .await
+                .map_err(|e| chain(&e))?;
+            let r = transport::locate(&conn, &hello, &id, ASK_LIMIT).await;
+            conn.close(0u32.into(), b"done");
+            r.map_err(|e| chain(&e))
+        };
+        let r = tokio::time::timeout(ASK_LIMIT, asking)
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {ASK_LIMIT:?}")));
+        (peer.name, r)
     }
 }

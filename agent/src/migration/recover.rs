@@ -13,7 +13,7 @@ use super::dest;
 use super::journal::{self, JournalEntry};
 use super::source::{destroy_copy, SourceSide, Src};
 use super::{chain, MoveResult};
-use crate::api::{ApiError, Decision, ErrorKind};
+use crate::api::{ApiError, ContainerState, Decision, ErrorKind};
 use crate::daemon::Agent;
 use mig_migrate::protocol::{JournalState, Outcome, Role, SourceMachine, Timeouts};
 use mig_migrate::transport;
@@ -89,32 +89,45 @@ pub(crate) fn recover(agent: &Arc<Agent>) {
         let (id, mig) = (e.container_id.clone(), e.migration_id.clone());
         tracing::warn!(migration = %mig, container = %id, role = ?e.role, state = ?e.state, "recovering an unfinished migration");
         match (e.role, &e.state) {
+            (Role::Source, JournalState::Frozen | JournalState::Restored)
+                if agent.migration.net().is_some() =>
+            {
+                // The destination may have restored a copy, and its operator may have decided
+                // the move committed there while this agent was down (`--decide committed`):
+                // asked first, so that this copy is not thawed beside that one (QA of session 26:
+                // two running copies once the source came back). Still frozen while asking.
+                let agent = agent.clone();
+                tokio::spawn(async move {
+                    let answer = agent.ask_peer_about(&e.peer, &e.container_id).await;
+                    let running = ContainerState::Running.as_str();
+                    match answer {
+                        Ok(mig_migrate::transport::Located::Held(state)) if state == running => {
+                            tracing::warn!(migration = %e.migration_id, peer = %e.peer, "the destination runs the container (its move was decided committed there): removing this copy instead of thawing it");
+                            settle(&agent, &e, JournalState::Committed);
+                            super::source::mark_frozen(&e.container_id, true);
+                            let _ending = super::source::hold_ending(&e.container_id);
+                            match destroy_copy(&agent, &e.container_id, &e.cgroup).await {
+                                Ok(()) => {
+                                    tracing::info!(migration = %e.migration_id, "source copy removed")
+                                }
+                                Err(err) => {
+                                    tracing::error!(error = %chain(&err), "cannot remove the source copy")
+                                }
+                            }
+                        }
+                        answer => {
+                            if let Err(why) = &answer {
+                                tracing::info!(migration = %e.migration_id, peer = %e.peer, %why, "cannot ask the destination about the container: rolling back");
+                            }
+                            roll_back_source(&agent, &e);
+                        }
+                    }
+                });
+            }
             (
                 Role::Source,
                 JournalState::Preparing | JournalState::Frozen | JournalState::Restored,
-            ) => {
-                let thawed = Cgroup::open(&e.cgroup).and_then(|cg| cg.thaw());
-                let _ = std::fs::remove_dir_all(agent.dirs.container(&id).dir.join("migration"));
-                agent.set_busy(&id, false);
-                if e.state != JournalState::Preparing {
-                    // The destination may hold a restored copy, in doubt: release it.
-                    spawn_notifier(agent.clone(), e.clone());
-                }
-                match thawed {
-                    Ok(()) => settle(agent, &e, JournalState::RolledBack),
-                    Err(err) if agent.entry(&id).is_err() => {
-                        tracing::warn!(error = %chain(&err), "the container is gone");
-                        settle(agent, &e, JournalState::RolledBack)
-                    }
-                    Err(err) => settle(
-                        agent,
-                        &e,
-                        JournalState::RollbackFailed {
-                            detail: chain(&err),
-                        },
-                    ),
-                }
-            }
+            ) => roll_back_source(agent, &e),
             (Role::Source, JournalState::Committed) => {
                 let agent = agent.clone();
                 // Busy and marked until removed: listed `frozen` (stage `committed`), never
@@ -225,6 +238,33 @@ impl transport::SourceHost for Notifier {
         _: &mig_migrate::protocol::JournalRecord,
     ) -> Result<(), transport::HostError> {
         Ok(())
+    }
+}
+
+/// A source's move that ended before Commit while this agent was down: its copy runs here again
+/// (thawed) and the destination is told to remove any copy it restored.
+fn roll_back_source(agent: &Arc<Agent>, e: &JournalEntry) {
+    let id = e.container_id.clone();
+    let thawed = Cgroup::open(&e.cgroup).and_then(|cg| cg.thaw());
+    let _ = std::fs::remove_dir_all(agent.dirs.container(&id).dir.join("migration"));
+    agent.set_busy(&id, false);
+    if e.state != JournalState::Preparing {
+        // The destination may hold a restored copy, in doubt: release it.
+        spawn_notifier(agent.clone(), e.clone());
+    }
+    match thawed {
+        Ok(()) => settle(agent, e, JournalState::RolledBack),
+        Err(err) if agent.entry(&id).is_err() => {
+            tracing::warn!(error = %chain(&err), "the container is gone");
+            settle(agent, e, JournalState::RolledBack)
+        }
+        Err(err) => settle(
+            agent,
+            e,
+            JournalState::RollbackFailed {
+                detail: chain(&err),
+            },
+        ),
     }
 }
 
