@@ -547,3 +547,66 @@ fn extras_travel_with_the_set() {
         "{clash:?}"
     );
 }
+
+/// A directory the container replaces while the presync walks (removed and made a file between
+/// the listing and its own listing) is skipped, not a failure of the whole move; the top
+/// directory missing still is one.
+#[test]
+fn a_directory_replaced_during_the_walk_is_skipped() {
+    let t = tempfile::tempdir().unwrap();
+    let upper = t.path().join("upper");
+    std::fs::create_dir_all(upper.join("etc/deep")).unwrap();
+    std::fs::write(upper.join("etc/deep/f"), b"x").unwrap();
+    std::fs::write(upper.join("z"), b"z").unwrap();
+    let mut seen = Vec::new();
+    layer::walk(&upper, Path::new(""), &mut |path, name, meta| {
+        if name == Path::new("etc") && meta.is_dir() {
+            std::fs::remove_dir_all(path).unwrap();
+            std::fs::write(path, b"now a file").unwrap();
+        }
+        seen.push(name.to_owned());
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(seen, [PathBuf::from("etc"), PathBuf::from("z")]);
+    let gone = layer::walk(&t.path().join("nothing"), Path::new(""), &mut |_, _, _| {
+        Ok(())
+    });
+    assert!(gone.is_err());
+}
+
+/// A path the container made (step by step, each relative) that is longer than the host can
+/// open under the state directory: the walk says so in words, not "File name too long".
+#[test]
+fn a_path_too_long_for_the_host_is_named() {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let t = tempfile::tempdir().unwrap();
+    let upper = t.path().join("upper");
+    std::fs::create_dir(&upper).unwrap();
+    let part = "d".repeat(200);
+    let mut dir = std::fs::File::open(&upper).unwrap();
+    for _ in 0..25 {
+        let at = Some(dir.as_raw_fd());
+        nix::sys::stat::mkdirat(at, part.as_str(), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let fd = nix::fcntl::openat(
+            at,
+            part.as_str(),
+            nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_RDONLY,
+            nix::sys::stat::Mode::empty(),
+        )
+        .unwrap();
+        // SAFETY: openat returned a new descriptor nothing else owns.
+        dir = unsafe { std::fs::File::from_raw_fd(fd) };
+    }
+    let e = layer::walk(&upper, Path::new(""), &mut |_, _, _| Ok(())).unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains("too long to archive") && text.contains("shorten that path"),
+        "{text}"
+    );
+    // Removed from the inside out: the temporary directory's own removal cannot open it.
+    let _ = std::process::Command::new("rm")
+        .arg("-rf")
+        .arg(&upper)
+        .status();
+}
