@@ -535,5 +535,32 @@ fn rebalance_three_hosts_evens_memory() -> Result<()> {
         }
         ensure!(found == 1, "{n} runs {found} times");
     }
+    // While a move runs, its container counts on neither host: a rebalance then moves nothing
+    // and says so (QA of session 26: it moved another container the wrong way).
+    let on = (0..3)
+        .find(|h| {
+            lab.mig_json(*h, &["ps", "--json"])
+                .is_ok_and(|v| v.to_string().contains("\"rb1\""))
+        })
+        .context("rb1 runs nowhere")?;
+    let to = format!("host-{}", ["a", "b", "c"][(on + 1) % 3]);
+    lab.fault(on, Some("source-dump:delay:4000"))?;
+    let (o, moved) = std::thread::scope(|s| {
+        let mover = s.spawn(|| lab.mig(on, &["move", "rb1", &to]));
+        let frozen = mig_tests::wait_until(Duration::from_secs(30), || {
+            lab.mig_json(on, &["inspect", "rb1", "--json"])
+                .is_ok_and(|d| d["state"] == "frozen")
+        });
+        let o = frozen.then(|| lab.mig(0, &["rebalance", "--lab", &lab.name]));
+        (o, mover.join())
+    });
+    lab.fault(on, None)?;
+    let o = o.context("rb1 was never seen frozen in its move")?;
+    ensure!(
+        o.code == 125 && o.stderr.contains("the move of rb1") && o.stderr.contains("under way"),
+        "{o:?}"
+    );
+    let moved = moved.map_err(|_| anyhow::anyhow!("the move thread panicked"))?;
+    ensure!(moved.code == 0, "{moved:?}");
     Ok(())
 }

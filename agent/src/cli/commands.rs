@@ -66,6 +66,8 @@ pub enum CliError {
     NotAPeer { peer: String, pinned: String },
     #[error("no pinned peer to drain to (mig peers add)")]
     NoPeerToDrainTo,
+    #[error("{what} is under way: the memory use to balance is not settled (a container being moved counts on neither host); nothing was moved: run mig rebalance again once it ended (--dry-run plans anyway)")]
+    MovesUnderWay { what: String },
     #[error("mig exec has no terminal (-t): the command's output comes through pipes, as it is written; pipe input with -i instead, e.g. echo 'ls /' | mig exec -i CONTAINER sh")]
     NoTty,
     #[error("mig run has no terminal or input (-i, -t): a container's standard input is /dev/null and its output goes to its log, which an attached run prints and `mig logs -f NAME` follows; give a command input with mig exec -i, e.g. echo 'ls /' | mig exec -i NAME sh")]

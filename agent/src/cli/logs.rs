@@ -114,7 +114,7 @@ pub(super) async fn follow_on(
                 .is_ok_and(|d| d.state == ContainerState::Checkpointed)
             {
                 eprintln!(
-                    "mig: {container} was checkpointed; its log goes on once it is restored (mig restore {container})"
+                    "mig: {container} was checkpointed; its log goes on once it is restored (here with mig restore {container}, or where its exported checkpoint is imported: restore it in one place only)"
                 );
             }
             return Ok(here(check, moved));

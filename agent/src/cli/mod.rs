@@ -434,8 +434,9 @@ pub struct RunArgs {
     /// image's command is then dropped unless one is given after --. '' clears the entrypoint.
     #[arg(long, value_name = "CMD", value_parser = parse_entrypoint)]
     pub entrypoint: Option<Entrypoint>,
-    /// Print JSON (the API's types, docs/api.md) instead of text.
-    #[arg(long)]
+    /// With -d: print the id and name as JSON (`{"id", "name"}`); attached, the command's own
+    /// output is printed as it is, so --json needs -d.
+    #[arg(long, requires = "detach")]
     pub json: bool,
     /// Refused: a container's standard input is /dev/null (give one command input with
     /// `mig exec -i`).

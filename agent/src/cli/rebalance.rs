@@ -301,13 +301,32 @@ fn resolve_targets(cli: &Cli, a: &RebalanceArgs) -> Result<Vec<PathBuf>, CliErro
         .collect()
 }
 
-async fn loads(targets: &[Target]) -> Result<Vec<plan::HostLoad>, CliError> {
+/// Each host's running containers and their memory, and the moves under way on the hosts in
+/// words (`the move of m2 from host-b to host-a`): a container being moved is running on
+/// neither host (QA of session 26: a rebalance during another move moved a container the wrong
+/// way and made the spread worse).
+async fn loads(targets: &[Target]) -> Result<(Vec<plan::HostLoad>, Vec<String>), CliError> {
     let mut out = Vec::new();
+    let mut unsettled = Vec::new();
     for t in targets {
         let mut c = Client::connect(&t.socket).await?;
-        let containers = c
-            .list(false)
-            .await?
+        let listed = c.list(false).await?;
+        for s in &listed {
+            if let Some(m) = &s.moving {
+                unsettled.push(format!(
+                    "the move of {} from {} to {}",
+                    s.name, t.name, m.peer
+                ));
+            } else if s.in_doubt.is_some() {
+                unsettled.push(format!("the in-doubt move of {} on {}", s.name, t.name));
+            } else if s.memory_arriving {
+                unsettled.push(format!("the move of {} into {}", s.name, t.name));
+            } else if s.state != crate::api::ContainerState::Running {
+                let state = s.state.as_str();
+                unsettled.push(format!("a change of {} on {} ({state})", s.name, t.name));
+            }
+        }
+        let containers = listed
             .into_iter()
             .filter(|c| c.state == crate::api::ContainerState::Running)
             // What a move carries and what the host cannot reclaim: anonymous and shared
@@ -325,7 +344,7 @@ async fn loads(targets: &[Target]) -> Result<Vec<plan::HostLoad>, CliError> {
             containers,
         });
     }
-    Ok(out)
+    Ok((out, unsettled))
 }
 
 /// Runs one move: on the source, to the pinned peer whose fingerprint is the destination's.
@@ -362,7 +381,17 @@ pub(super) async fn run(cli: &Cli, a: &RebalanceArgs) -> Result<u8, CliError> {
             fingerprint,
         });
     }
-    let before = loads(&targets).await?;
+    let (before, unsettled) = loads(&targets).await?;
+    if let Some(first) = unsettled.first() {
+        let what = match unsettled.len() {
+            1 => first.clone(),
+            n => format!("{first} (and {} more)", n - 1),
+        };
+        if !a.dry_run {
+            return Err(CliError::MovesUnderWay { what });
+        }
+        eprintln!("mig: {what} is under way: this plan leaves it out");
+    }
     let moves = plan::plan(&before, a.max_moves, a.max_concurrent);
     let by_name = |n: &str| targets.iter().find(|t| t.name == n).cloned();
     let mut outcomes = Vec::new();
@@ -397,7 +426,7 @@ pub(super) async fn run(cli: &Cli, a: &RebalanceArgs) -> Result<u8, CliError> {
     let after = if a.dry_run {
         plan::apply(&before, &moves)
     } else {
-        loads(&targets).await?
+        loads(&targets).await?.0
     };
     let total = |h: &[plan::HostLoad]| -> BTreeMap<String, u64> {
         h.iter().map(|h| (h.host.clone(), h.total())).collect()

@@ -394,6 +394,10 @@ impl Agent {
         let mut out: Vec<ContainerSummary> = map
             .iter()
             .filter(|(_, e)| all || e.state.state == ContainerState::Running || e.busy)
+            // A copy whose move away committed, killed and being removed: it runs on the
+            // destination, and its `exited (137)` here for the removal's half second was counted
+            // by rebalancers (QA of session 26).
+            .filter(|(id, e)| e.busy || !crate::migration::ending(id))
             .map(|(id, e)| ContainerSummary {
                 id: id.clone(),
                 name: e.spec.name.clone(),
