@@ -840,7 +840,18 @@ impl SourcePages {
         let start = Instant::now();
         let r = lazy.wait();
         forget(migration_id);
-        let err = r.err().map(|e| super::chain(&e));
+        let err = r.err().map(|e| {
+            // The cause first when it was the link (QA of session 26: "criu dump failed" alone
+            // when the destination's link was down or its agent stopped).
+            let lost = self.conn.get().and_then(quinn::Connection::close_reason);
+            match lost {
+                Some(why) => format!(
+                    "the connection to the destination was lost ({why}) while it still needed pages: {}",
+                    super::chain(&e)
+                ),
+                None => super::chain(&e),
+            }
+        });
         if let Some(e) = &err {
             tracing::error!(migration = %migration_id, error = %e, "post-copy ended before the destination had every page");
         }
