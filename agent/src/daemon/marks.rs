@@ -15,12 +15,9 @@ impl Marks {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// How many ids are marked.
-    pub(crate) fn len(&self) -> usize {
-        let mut ids = self.ids().clone();
-        ids.sort_unstable();
-        ids.dedup();
-        ids.len()
+    /// The marked ids, each once.
+    pub(crate) fn distinct(&self) -> std::collections::BTreeSet<String> {
+        self.ids().iter().cloned().collect()
     }
 
     /// Whether `id` is marked.
