@@ -1027,6 +1027,40 @@ fn a_container_being_moved_shows_frozen_moving_to_the_peer() -> Result<()> {
     seen?;
     ensure!(moved.code == 0, "the move failed: {moved:?}");
     mig_tests::lab::running_on(&lab, 1, name)?;
+
+    // The destination's copy, restored and waiting for the Commit (held by a delay at the
+    // source after the Restored), is `frozen (arriving from host-b)` with `arriving` saying
+    // why (QA of session 26: plain `frozen`, a copy a rebalancer could not explain).
+    lab.fault(1, Some("source-restore:delay:4000"))?;
+    let (seen, moved) = std::thread::scope(|s| {
+        let mover = s.spawn(|| lab.mig(1, &["move", name, "host-a"]));
+        let mut last = serde_json::Value::Null;
+        let seen = wait_until(Duration::from_secs(30), || {
+            last = lab
+                .mig_json(0, &["ps", "-a", "--json"])
+                .ok()
+                .and_then(|v| v.as_array().and_then(|a| a.first().cloned()))
+                .unwrap_or_default();
+            last["state"] == "frozen"
+        });
+        let checks = (|| -> Result<()> {
+            ensure!(seen, "never shown frozen while arriving: {last}");
+            ensure!(
+                last["arriving"]["peer"] == "host-b" && last["moving"].is_null(),
+                "{last}"
+            );
+            let table = lab.mig_ok(0, &["ps", "-a"])?;
+            ensure!(table.contains("frozen (arriving from host-b)"), "{table}");
+            Ok(())
+        })();
+        (checks, mover.join())
+    });
+    lab.fault(1, None)?;
+    let moved = moved.map_err(|_| anyhow::anyhow!("the move thread panicked"))?;
+    seen?;
+    ensure!(moved.code == 0, "the move back failed: {moved:?}");
+    let d = mig_tests::lab::running_on(&lab, 0, name)?;
+    ensure!(d["arriving"].is_null(), "{d}");
     Ok(())
 }
 

@@ -712,6 +712,19 @@ pub struct ContainerSummary {
     /// moved or checkpointed (`mig drain` waits for it). False from older agents.
     #[serde(default)]
     pub memory_arriving: bool,
+    /// Set while a move brings the container to this host (destination side, from its restore
+    /// until the move ends): it is `restoring`, then `frozen` until the Commit. `null` otherwise
+    /// and from older agents.
+    #[serde(default)]
+    pub arriving: Option<Arriving>,
+}
+
+/// A move of the container to this host, in progress (see [`ContainerSummary::arriving`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Arriving {
+    pub migration_id: String,
+    /// The source's peer name.
+    pub peer: String,
 }
 
 /// A move of the container away from this host, in progress (see [`ContainerSummary::moving`]).
@@ -783,6 +796,9 @@ pub struct ContainerDetails {
     /// Set while this host moves the container away, as in [`ContainerSummary::moving`].
     #[serde(default)]
     pub moving: Option<Moving>,
+    /// Set while a move brings the container here, as in [`ContainerSummary::arriving`].
+    #[serde(default)]
+    pub arriving: Option<Arriving>,
     /// As in [`ContainerSummary::memory_arriving`].
     #[serde(default)]
     pub memory_arriving: bool,
@@ -952,6 +968,7 @@ mod tests {
                 peer: "host-b".into(),
             }),
             moving: None,
+            arriving: None,
         };
         let r = Response::Containers(vec![c]);
         let state = |r: Response| match r {

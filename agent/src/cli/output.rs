@@ -74,12 +74,19 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     out
 }
 
-/// `frozen (moving to host-b)`, or the state alone when no move is in progress.
-fn moving_state(state: ContainerState, moving: Option<&Moving>, arriving: bool) -> String {
-    match moving {
-        Some(m) => format!("{} (moving to {})", state.as_str(), m.peer),
-        None if arriving => format!("{} (memory arriving)", state.as_str()),
-        None => state.as_str().to_owned(),
+/// `frozen (moving to host-b)`, `frozen (arriving from host-a)`, or the state alone when no move
+/// is in progress.
+fn moving_state(
+    state: ContainerState,
+    moving: Option<&Moving>,
+    memory_arriving: bool,
+    arriving: Option<&crate::api::Arriving>,
+) -> String {
+    match (moving, arriving) {
+        (Some(m), _) => format!("{} (moving to {})", state.as_str(), m.peer),
+        (None, Some(a)) => format!("{} (arriving from {})", state.as_str(), a.peer),
+        (None, None) if memory_arriving => format!("{} (memory arriving)", state.as_str()),
+        (None, None) => state.as_str().to_owned(),
     }
 }
 
@@ -129,8 +136,13 @@ pub fn ps_table(list: &[ContainerSummary]) -> String {
         .map(|c| {
             let state = match (c.exit_code, &c.in_doubt) {
                 (_, Some(_)) => format!("{} (migration in doubt)", c.state.as_str()),
-                (_, None) if c.moving.is_some() || c.memory_arriving => {
-                    moving_state(c.state, c.moving.as_ref(), c.memory_arriving)
+                (_, None) if c.moving.is_some() || c.memory_arriving || c.arriving.is_some() => {
+                    moving_state(
+                        c.state,
+                        c.moving.as_ref(),
+                        c.memory_arriving,
+                        c.arriving.as_ref(),
+                    )
                 }
                 (Some(code), None) if !c.state.is_live() => {
                     format!("{} ({code})", c.state.as_str())
@@ -208,13 +220,25 @@ pub fn inspect_text(d: &ContainerDetails) -> String {
             let _ = writeln!(
                 s,
                 "state:     {}",
-                moving_state(d.state, d.moving.as_ref(), d.memory_arriving)
+                moving_state(
+                    d.state,
+                    d.moving.as_ref(),
+                    d.memory_arriving,
+                    d.arriving.as_ref()
+                )
             );
             if let Some(m) = &d.moving {
                 let _ = writeln!(
                     s,
                     "moving:    to {}, migration {} ({})",
                     m.peer, m.migration_id, m.stage
+                );
+            }
+            if let Some(a) = &d.arriving {
+                let _ = writeln!(
+                    s,
+                    "arriving:  from {}, migration {}",
+                    a.peer, a.migration_id
                 );
             }
         }

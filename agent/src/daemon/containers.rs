@@ -413,6 +413,7 @@ impl Agent {
                 in_doubt: None,
                 moving: None,
                 memory_arriving: false,
+                arriving: None,
             })
             .collect();
         out.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
@@ -483,6 +484,7 @@ impl Agent {
             usage,
             pid_map,
             cgroup: st.cgroup.clone(),
+            arriving: super::info::arriving(&journals, id),
             in_doubt,
             moving,
             memory_arriving: state == ContainerState::Running

@@ -223,6 +223,7 @@ impl Agent {
                 continue;
             };
             c.moving = moving(&journals, &e, &c.id);
+            c.arriving = arriving(&journals, &c.id);
             c.state = shown_state(
                 &c.id,
                 c.state,
@@ -438,6 +439,27 @@ fn move_in_progress(role: Role, state: &JournalState, ending_here: bool) -> bool
             JournalState::Committed => ending_here,
             _ => false,
         }
+}
+
+/// The move bringing container `id` to this host, while it is under way (its journal not
+/// final and not in doubt: an in-doubt copy says so in `in_doubt`).
+pub(crate) fn arriving(
+    journals: &[crate::migration::journal::JournalEntry],
+    id: &str,
+) -> Option<crate::api::Arriving> {
+    journals
+        .iter()
+        .filter(|j| {
+            j.container_id == id
+                && j.role == Role::Dest
+                && !crate::migration::journal::is_final(&j.state)
+                && j.state != JournalState::InDoubt
+        })
+        .max_by_key(|j| j.stamp())
+        .map(|j| crate::api::Arriving {
+            migration_id: j.migration_id.clone(),
+            peer: j.peer.clone(),
+        })
 }
 
 pub(crate) fn moving(
