@@ -148,6 +148,7 @@ fn run() -> Result<()> {
         daemon::heap::release_when_idle();
         mig_agent::migration::start(&agent, eff.listen)
             .context("starting the migration endpoint")?;
+        mig_agent::migration::settle_sources(&agent).await;
         let clients = eff
             .clients
             .iter()

@@ -20,6 +20,7 @@ pub mod precopy;
 pub mod probe;
 mod pstree;
 mod recover;
+pub use recover::settle_sources;
 mod source;
 pub(crate) use postcopy::memory_arriving;
 pub(crate) use source::{ending, frozen_for_move, mark_frozen};

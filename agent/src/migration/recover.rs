@@ -94,35 +94,10 @@ pub(crate) fn recover(agent: &Arc<Agent>) {
             {
                 // The destination may have restored a copy, and its operator may have decided
                 // the move committed there while this agent was down (`--decide committed`):
-                // asked first, so that this copy is not thawed beside that one (QA of session 26:
-                // two running copies once the source came back). Still frozen while asking.
-                let agent = agent.clone();
-                tokio::spawn(async move {
-                    let answer = agent.ask_peer_about(&e.peer, &e.container_id).await;
-                    let running = ContainerState::Running.as_str();
-                    match answer {
-                        Ok(mig_migrate::transport::Located::Held(state)) if state == running => {
-                            tracing::warn!(migration = %e.migration_id, peer = %e.peer, "the destination runs the container (its move was decided committed there): removing this copy instead of thawing it");
-                            settle(&agent, &e, JournalState::Committed);
-                            super::source::mark_frozen(&e.container_id, true);
-                            let _ending = super::source::hold_ending(&e.container_id);
-                            match destroy_copy(&agent, &e.container_id, &e.cgroup).await {
-                                Ok(()) => {
-                                    tracing::info!(migration = %e.migration_id, "source copy removed")
-                                }
-                                Err(err) => {
-                                    tracing::error!(error = %chain(&err), "cannot remove the source copy")
-                                }
-                            }
-                        }
-                        answer => {
-                            if let Err(why) = &answer {
-                                tracing::info!(migration = %e.migration_id, peer = %e.peer, %why, "cannot ask the destination about the container: rolling back");
-                            }
-                            roll_back_source(&agent, &e);
-                        }
-                    }
-                });
+                // asked first ([`settle_sources`], before the agent serves), so that this copy
+                // is not thawed beside that one (QA of session 26: two running copies once the
+                // source came back). Still frozen until then.
+                ASK_FIRST.lock().unwrap_or_else(|p| p.into_inner()).push(e);
             }
             (
                 Role::Source,
@@ -239,6 +214,60 @@ impl transport::SourceHost for Notifier {
     ) -> Result<(), transport::HostError> {
         Ok(())
     }
+}
+
+/// Sources' moves found at `Frozen` or `Restored` by [`recover`], for [`settle_sources`].
+static ASK_FIRST: std::sync::Mutex<Vec<JournalEntry>> = std::sync::Mutex::new(Vec::new());
+
+/// How long a restarted source asks its destination before it thaws its copy (the agent serves
+/// nothing meanwhile).
+const ASK_FIRST_LIMIT: Duration = Duration::from_secs(2);
+
+/// Settles the moves [`recover`] found stopped before any Commit on this (source) host: each
+/// destination is asked, all at once and for at most [`ASK_FIRST_LIMIT`], whether it runs the
+/// container (decided committed there by its operator); if so this copy is removed, else it is
+/// thawed and the destination told to remove its own ([`roll_back_source`]). Run by migd after
+/// [`crate::migration::start`] and before it serves requests.
+pub async fn settle_sources(agent: &Arc<Agent>) {
+    let entries = std::mem::take(&mut *ASK_FIRST.lock().unwrap_or_else(|p| p.into_inner()));
+    let asks = entries.into_iter().map(|e| {
+        let agent = agent.clone();
+        async move {
+            let answer = tokio::time::timeout(
+                ASK_FIRST_LIMIT,
+                agent.ask_peer_about(&e.peer, &e.container_id),
+            )
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {ASK_FIRST_LIMIT:?}")));
+            let running = ContainerState::Running.as_str();
+            match answer {
+                Ok(mig_migrate::transport::Located::Held(state)) if state == running => {
+                    tracing::warn!(migration = %e.migration_id, peer = %e.peer, "the destination runs the container (its move was decided committed there): removing this copy instead of thawing it");
+                    settle(&agent, &e, JournalState::Committed);
+                    super::source::mark_frozen(&e.container_id, true);
+                    let ending = super::source::hold_ending(&e.container_id);
+                    tokio::spawn(async move {
+                        let _ending = ending;
+                        match destroy_copy(&agent, &e.container_id, &e.cgroup).await {
+                            Ok(()) => {
+                                tracing::info!(migration = %e.migration_id, "source copy removed")
+                            }
+                            Err(err) => {
+                                tracing::error!(error = %chain(&err), "cannot remove the source copy")
+                            }
+                        }
+                    });
+                }
+                answer => {
+                    if let Err(why) = &answer {
+                        tracing::info!(migration = %e.migration_id, peer = %e.peer, %why, "cannot ask the destination about the container: rolling back");
+                    }
+                    roll_back_source(&agent, &e);
+                }
+            }
+        }
+    });
+    futures::future::join_all(asks).await;
 }
 
 /// A source's move that ended before Commit while this agent was down: its copy runs here again
