@@ -3,8 +3,8 @@
 //! columns (stream's memory presync among them), that every run verified, and that the plot is a
 //! non-empty SVG. No timing is asserted.
 //!
-//! Needs root, real CRIU. The bench removes its own lab (subnet 10.214.60.0/24) and work directory;
-//! the guard here removes them too if the bench itself dies.
+//! Needs root, real CRIU. The bench removes its own lab (subnets 10.214.60.0/24, 62-64 and 67) and
+//! work directory; the guard here removes them too if the bench itself dies.
 
 use anyhow::{ensure, Context, Result};
 use mig_tests::{bin, dirty_tracking, is_root, lab_down_quietly};
@@ -192,14 +192,24 @@ fn bench_move_tiny_run_writes_csv_json_and_svg() -> Result<()> {
             ensure!(r[key].is_u64(), "json row without {key}: {r}");
         }
         ensure!(r["verified"] == true, "{r}");
+        // `null` where the CSV is empty, the note too (QA of session 26: `""`).
+        ensure!(r["note"].is_null(), "{r}");
     }
+    // Each raw measurement, 3 per protocol (QA of sessions 25 and 26: the median alone).
     let protos: Vec<&str> = report["link"]
         .as_array()
         .context("json link")?
         .iter()
         .filter_map(|l| l["proto"].as_str())
         .collect();
-    ensure!(protos == ["tcp", "quic"], "{protos:?}");
+    ensure!(
+        protos == ["tcp", "tcp", "tcp", "quic", "quic", "quic"],
+        "{protos:?}"
+    );
+    ensure!(
+        stdout.contains("raw tcp between the lab hosts: ") && stdout.contains("median of 3"),
+        "{stdout}"
+    );
 
     let plot = std::fs::read_to_string(&svg)?;
     ensure!(plot.starts_with("<svg") && plot.contains("cold") && plot.len() > 1000);
@@ -221,10 +231,24 @@ fn terminated_bench(
     json: &Path,
     at: &str,
 ) -> Result<(std::process::ExitStatus, String, String)> {
+    let sigterm = nix::sys::signal::Signal::SIGTERM;
+    signalled_bench(lab, "10.214.62", runs, csv, json, at, sigterm)
+}
+
+/// [`terminated_bench`] on `subnet`, with `signal`.
+fn signalled_bench(
+    lab: &str,
+    subnet: &str,
+    runs: &str,
+    csv: &Path,
+    json: &Path,
+    at: &str,
+    signal: nix::sys::signal::Signal,
+) -> Result<(std::process::ExitStatus, String, String)> {
     use std::io::{BufRead, BufReader};
     let mut child = bench_move(
         lab,
-        "10.214.62",
+        subnet,
         &[
             "--sizes",
             "16M",
@@ -251,7 +275,7 @@ fn terminated_bench(
         let now = line.contains(at);
         seen.push(line);
         if now {
-            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+            nix::sys::signal::kill(pid, signal)?;
         }
     }
     let out = child.wait_with_output()?;
@@ -288,6 +312,14 @@ fn a_terminated_bench_keeps_its_finished_runs_and_leaves_nothing() -> Result<()>
         "rows: {rows:?}\n{seen}"
     );
     ensure!(stdout.contains("16 MiB cold"), "no summary: {stdout}");
+    // The run in flight, if one started, is dropped with a line saying so (QA of session 26:
+    // without a word).
+    let next = format!("run {}: ", rows.len() + 1);
+    ensure!(
+        !seen.contains(&format!("{next}starting"))
+            || seen.contains(&format!("{next}interrupted, not recorded")),
+        "{seen}"
+    );
     // The JSON says that the bench stopped early, and why.
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json)?)?;
     ensure!(
@@ -318,6 +350,80 @@ fn a_terminated_bench_keeps_its_finished_runs_and_leaves_nothing() -> Result<()>
         v["stopped"].is_string() && v["rows"].as_array().is_some_and(Vec::is_empty),
         "{v}\n{seen}"
     );
+    Ok(())
+}
+
+/// A bench killed with SIGKILL (no cleanup, no end-of-bench write) keeps the runs it finished in
+/// its CSV, written as each run ends (QA of session 26: no file at all). The guard takes its lab
+/// down.
+#[test]
+fn a_killed_bench_keeps_its_finished_runs_in_the_csv() -> Result<()> {
+    if !is_root("bench tests") {
+        return Ok(());
+    }
+    let lab = format!("bk{}", std::process::id() % 100_000);
+    let _guard = Guard { lab: lab.clone() };
+    let tmp = tempfile::tempdir()?;
+    let csv = tmp.path().join("k.csv");
+    let json = tmp.path().join("k.json");
+    let (status, _, seen) = signalled_bench(
+        &lab,
+        "10.214.67",
+        "5",
+        &csv,
+        &json,
+        "run 1: ok",
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    ensure!(!status.success(), "{seen}");
+    let text = std::fs::read_to_string(&csv).with_context(|| format!("no csv:\n{seen}"))?;
+    let mut lines = text.lines();
+    ensure!(
+        lines
+            .next()
+            .is_some_and(|h| h.starts_with("size_mib,kind,mode,run,")),
+        "{text}"
+    );
+    let rows: Vec<&str> = lines.collect();
+    ensure!(
+        rows.first()
+            .is_some_and(|r| r.starts_with("16,mig,cold,1,ok,"))
+            && rows.len() < 5,
+        "{text}\n{seen}"
+    );
+    ensure!(!json.exists(), "the JSON is written at the end only");
+    Ok(())
+}
+
+/// A mode given twice is refused before any work, as a size given twice is (QA of session 26:
+/// two rows with the same size, mode and run).
+#[test]
+fn a_mode_given_twice_is_refused_at_once() -> Result<()> {
+    if !is_root("bench tests") {
+        return Ok(());
+    }
+    let lab = format!("bd{}", std::process::id() % 100_000);
+    let _guard = Guard { lab: lab.clone() };
+    let out = bench_move(
+        &lab,
+        "10.214.64",
+        &[
+            "--sizes",
+            "16M",
+            "--modes",
+            "cold,stream,cold",
+            "--runs",
+            "1",
+        ],
+    )?
+    .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.code() == Some(125) && stderr.contains("--modes cold is given twice"),
+        "{:?}: {stderr}",
+        out.status
+    );
+    ensure!(!stderr.contains(" up on "), "the lab was built: {stderr}");
     Ok(())
 }
 

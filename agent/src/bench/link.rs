@@ -653,18 +653,24 @@ fn tunnel(ctx: &Ctx, mib: u64, v: &Variant) -> Result<LinkRow, BenchError> {
     })
 }
 
-/// How many times each raw measurement is repeated; the median is kept (a busy machine makes
-/// single measurements noisy).
+/// How many times each raw measurement is repeated; the summary takes the median (a busy machine
+/// makes single measurements noisy), the JSON keeps each.
 const LINK_REPEATS: usize = 3;
 
-fn median_of(
+/// Runs `one` [`LINK_REPEATS`] times, each measurement named `proto`, into `into` as each ends
+/// (a stop keeps those done before it).
+fn repeat(
     ctx: &Ctx,
+    proto: Option<&str>,
+    into: &mut Vec<LinkRow>,
     mut one: impl FnMut() -> Result<LinkRow, BenchError>,
-) -> Result<LinkRow, BenchError> {
-    let mut rows = Vec::new();
+) -> Result<(), BenchError> {
     for _ in 0..LINK_REPEATS {
         ctx.check_stop()?;
-        let r = one()?;
+        let mut r = one()?;
+        if let Some(proto) = proto {
+            r.proto = proto.into();
+        }
         // Tunnel variants' names say so; the others are raw.
         let raw = if r.proto.contains("tunnel") {
             ""
@@ -675,17 +681,29 @@ fn median_of(
             "{raw}{} host-a -> host-b: {:.0} MB/s",
             r.proto, r.mbs
         ));
-        rows.push(r);
+        into.push(r);
     }
+    Ok(())
+}
+
+fn median_of(
+    ctx: &Ctx,
+    one: impl FnMut() -> Result<LinkRow, BenchError>,
+) -> Result<LinkRow, BenchError> {
+    let mut rows = Vec::new();
+    repeat(ctx, None, &mut rows, one)?;
     rows.sort_by(|a, b| a.mbs.total_cmp(&b.mbs));
     Ok(rows.swap_remove(LINK_REPEATS / 2))
 }
 
-/// Raw TCP and QUIC throughput between host-a and host-b (medians of [`LINK_REPEATS`]).
-pub fn measure(ctx: &Ctx, mib: u64) -> Result<Vec<LinkRow>, BenchError> {
-    let mut quic_row = median_of(ctx, || quic(ctx, mib, &Variant::mig(1, 4)))?;
-    quic_row.proto = "quic".into();
-    Ok(vec![median_of(ctx, || tcp(ctx, mib))?, quic_row])
+/// Raw TCP, then raw QUIC throughput between host-a and host-b, [`LINK_REPEATS`] times each,
+/// into `into` as each measurement ends: an interrupted bench keeps those done (QA of session 26
+/// found the finished samples dropped).
+pub fn measure(ctx: &Ctx, mib: u64, into: &mut Vec<LinkRow>) -> Result<(), BenchError> {
+    repeat(ctx, Some("tcp"), into, || tcp(ctx, mib))?;
+    repeat(ctx, Some("quic"), into, || {
+        quic(ctx, mib, &Variant::mig(1, 4))
+    })
 }
 
 /// `--link-only`: raw TCP, QUIC with mig's settings and variants of them, and the page tunnel,

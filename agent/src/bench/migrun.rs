@@ -150,6 +150,24 @@ fn first_line(s: &str) -> String {
         .to_string()
 }
 
+/// The note of a run whose wait for the workload a stop cut short before the move: the bench
+/// does not record it, and prints the note as it says so.
+pub const INTERRUPTED_BEFORE_THE_MOVE: &str =
+    "stopped while the workload filled and verified its memory; nothing was moved";
+/// The same after the move, while the workload's verification on host-b was awaited.
+pub const INTERRUPTED_AFTER_THE_MOVE: &str =
+    "the move committed; stopped while the workload was verified on host-b";
+
+/// The note of a workload that ended before it verified its memory: its exit code and its last
+/// line, or that it wrote none (QA of session 26: the note ended in ": ").
+fn ended_before_verifying(code: i64, last_line: &str) -> String {
+    let last = match last_line.is_empty() {
+        true => "(no output)",
+        false => last_line,
+    };
+    format!("the workload ended (exit code {code}) before it verified its memory: {last}")
+}
+
 /// One size/mode/run. Harness failures (cannot run mig) are errors; a refused or failed move, a
 /// workload that does not verify, are recorded in the row.
 pub fn run(ctx: &Ctx, size_mib: u64, mode: &str, run: u32) -> Result<Row, BenchError> {
@@ -182,13 +200,17 @@ pub fn run(ctx: &Ctx, size_mib: u64, mode: &str, run: u32) -> Result<Row, BenchE
         patience(size_mib),
         || status_on(ctx, 0, &id),
         |s| s.last_ok.is_some(),
-    )?;
+    );
+    let ready = match ready {
+        Err(BenchError::Interrupted) => {
+            row.fail(RowStatus::Failed, INTERRUPTED_BEFORE_THE_MOVE);
+            return Ok(row);
+        }
+        r => r?,
+    };
     let Some(before) = ready.last_ok.filter(|_| ready.bad.is_none()) else {
         let why = match ready.exited {
-            Some(how) => format!(
-                "the workload ended (exit code {how}) before it verified its memory: {}",
-                last_line(ctx, &id)
-            ),
+            Some(code) => ended_before_verifying(code, &last_line(ctx, &id)),
             None => "the workload did not verify its memory before the move".into(),
         };
         row.fail(RowStatus::Failed, &why);
@@ -228,7 +250,14 @@ pub fn run(ctx: &Ctx, size_mib: u64, mode: &str, run: u32) -> Result<Row, BenchE
         patience(size_mib),
         || status_on(ctx, 1, &id),
         |s| s.verified_after(before),
-    )?;
+    );
+    let after = match after {
+        Err(BenchError::Interrupted) => {
+            row.fail(RowStatus::Failed, INTERRUPTED_AFTER_THE_MOVE);
+            return Ok(row);
+        }
+        r => r?,
+    };
     row.verified = after.verified_after(before);
     if !row.verified {
         // Its times stay in the row, but not in the medians (a failed run).
@@ -283,6 +312,17 @@ mod tests {
             "mig: --mode precopy needs soft-dirty memory tracking, which this kernel lacks"
         ));
         assert!(!is_refusal("mig: move failed: restore failed"));
+    }
+
+    /// A workload that exits at once says so, not ": " and nothing (QA of session 26).
+    #[test]
+    fn a_workload_without_output_says_so() {
+        assert_eq!(
+            ended_before_verifying(0, ""),
+            "the workload ended (exit code 0) before it verified its memory: (no output)"
+        );
+        assert!(ended_before_verifying(1, "mig-memload: cannot map")
+            .ends_with("memory: mig-memload: cannot map"));
     }
 
     #[test]

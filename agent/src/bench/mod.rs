@@ -9,9 +9,10 @@
 //! directory over the same lab link (plain TCP between the two hosts' namespaces) and `runc
 //! restore`. The link's raw TCP and QUIC throughput (mig's own TLS setup) are measured too.
 //!
-//! Results: one row per run ([`report::Row`]) to `--csv` and `--json`, a summary of medians and
-//! ratios on stdout, a plot with `--plot` (SVG). Progress goes to stderr. The lab, containers,
-//! runc containers and the work directory are removed at the end, also after an error or Ctrl-C.
+//! Results: one row per run ([`report::Row`]) to `--csv` (as each run ends) and `--json`, a
+//! summary of medians and ratios on stdout, a plot with `--plot` (SVG). Progress goes to stderr.
+//! The lab, containers, runc containers and the work directory are removed at the end, also after
+//! an error or Ctrl-C.
 
 mod link;
 mod migrun;
@@ -28,6 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use report::CsvLog;
 pub use report::{BenchReport, LinkRow, Row, RowStatus};
 
 /// Where the work directories of bench runs live (one per lab name).
@@ -52,10 +54,11 @@ pub struct BenchMoveArgs {
     /// MiB (64M, 1G; at most 1T, and at most the machine's memory), each once.
     #[arg(long, value_delimiter = ',', value_parser = parse_mib, default_value = "64M,256M,1G")]
     pub sizes: Vec<u64>,
-    /// `mig move --mode` values, comma-separated: cold, stream, stream-nopresync, lazy, precopy,
-    /// auto. `stream-nopresync` is `--mode stream --no-memory-presync` (plain stop-and-copy, to
-    /// compare with `stream`). A mode the agent refuses (precopy without soft-dirty tracking) is
-    /// recorded as refused, with the reason. Default: `stream`, the default of `mig move`.
+    /// `mig move --mode` values, comma-separated, each once: cold, stream, stream-nopresync,
+    /// lazy, precopy, auto. `stream-nopresync` is `--mode stream --no-memory-presync` (plain
+    /// stop-and-copy, to compare with `stream`). A mode the agent refuses (precopy without
+    /// soft-dirty tracking) is recorded as refused, with the reason. Default: `stream`, the
+    /// default of `mig move`.
     #[arg(long, value_delimiter = ',', value_parser = parse_mode, default_value = "stream")]
     pub modes: Vec<String>,
     /// Runs per size and mode.
@@ -64,8 +67,8 @@ pub struct BenchMoveArgs {
     /// Also measure this baseline on the same workload.
     #[arg(long, value_enum)]
     pub baseline: Option<Baseline>,
-    /// Write one row per run as CSV (also when the bench is interrupted or fails: the runs done
-    /// by then).
+    /// Write one row per run as CSV, each as its run ends (a bench interrupted, failed or
+    /// killed leaves the runs done by then).
     #[arg(long, value_name = "FILE", conflicts_with = "link_only")]
     pub csv: Option<PathBuf>,
     /// Write the rows, the link measurements and the machine as JSON (as --csv, the runs done).
@@ -163,7 +166,7 @@ pub enum BenchError {
         #[source]
         source: io::Error,
     },
-    #[error("cannot write {}: its directory does not exist (the bench writes its results at the end: checked before it runs)", path.display())]
+    #[error("cannot write {}: its directory does not exist (checked before the bench runs)", path.display())]
     OutputDir { path: PathBuf },
     #[error("cannot write {}: it is a directory (checked before the bench runs)", path.display())]
     OutputIsDir { path: PathBuf },
@@ -177,6 +180,8 @@ pub enum BenchError {
     TooBig { size_mib: u64, mem_mib: u64 },
     #[error("--sizes {size_mib}M is given twice")]
     SizeTwice { size_mib: u64 },
+    #[error("--modes {mode} is given twice")]
+    ModeTwice { mode: String },
     #[error("--link-only with --link-mib 0 would measure nothing")]
     NothingToMeasure,
     #[error("{failed} of {total} runs failed (see the status and note columns)")]
@@ -408,9 +413,11 @@ pub fn check_lab(lab: &str) -> Result<(), BenchError> {
     Ok(())
 }
 
-/// The bench writes `--csv`, `--json` and `--plot` at its end: a path that cannot be written
-/// (no such directory, a directory, a file system that refuses it) would be found only after the
-/// whole run, so each is created (and removed again when it was not there) first.
+/// The bench writes `--json` and `--plot` at its end, and `--csv` from its first run on: a path
+/// that cannot be written (no such directory, a directory, a file system that refuses it) would
+/// be found only after the lab was built or the whole run, so each is created (and removed again
+/// when it was not there) first. An existing file is replaced, without a word (a rerun into the
+/// same path is the usual case).
 pub fn check_outputs(args: &BenchMoveArgs) -> Result<(), BenchError> {
     // QA of session 23: `--plot x.png` wrote SVG into x.png.
     if let Some(p) = &args.plot {
@@ -472,6 +479,17 @@ fn check_sizes(sizes: &[u64]) -> Result<(), BenchError> {
     Ok(())
 }
 
+/// Each mode once: a mode given twice ran twice under the same run numbers, so two rows had the
+/// same (size, mode, run) and the summary counted "2/2" for `--runs 1` (QA of session 26).
+fn check_modes(modes: &[String]) -> Result<(), BenchError> {
+    for (i, mode) in modes.iter().enumerate() {
+        if modes[..i].contains(mode) {
+            return Err(BenchError::ModeTwice { mode: mode.clone() });
+        }
+    }
+    Ok(())
+}
+
 fn run_blocking(args: &BenchMoveArgs, stop: Arc<AtomicBool>) -> Result<(), BenchError> {
     if !nix::unistd::geteuid().is_root() {
         return Err(BenchError::NotRoot);
@@ -480,6 +498,7 @@ fn run_blocking(args: &BenchMoveArgs, stop: Arc<AtomicBool>) -> Result<(), Bench
     check_outputs(args)?;
     if !args.link_only {
         check_sizes(&args.sizes)?;
+        check_modes(&args.modes)?;
     }
     if args.link_only && args.link_mib == 0 {
         return Err(BenchError::NothingToMeasure);
@@ -543,19 +562,24 @@ fn run_blocking(args: &BenchMoveArgs, stop: Arc<AtomicBool>) -> Result<(), Bench
         return measured.map(drop).map_err(stop_first);
     }
     let mut report = BenchReport::for_this_machine();
-    let measured = measure(args, &ctx, &mut cleanup, &mut report).map_err(stop_first);
+    let mut csv = args.csv.as_deref().map(CsvLog::create);
+    let measured = measure(args, &ctx, &mut cleanup, &mut report, csv.as_mut()).map_err(stop_first);
     if let Err(e) = &measured {
         report.stopped = Some(e.to_string());
     }
     // Whatever stopped the bench, the runs done so far are written and summed up, none too
     // (QA of session 23: a bench stopped before its first run wrote no file at all).
     let written = {
-        let w = report.write(args);
+        let w = report.write(args, csv.as_ref().is_some_and(CsvLog::is_whole));
         to_stdout(&report.summary());
         if let Err(e) = &measured {
+            let link = match report.link.len() {
+                0 => String::new(),
+                n => format!(" and the {n} link measurement(s)"),
+            };
             match &w {
                 Ok(()) => progress(&format!(
-                    "stopped early ({e}): the files and the summary have the {} run(s) done before",
+                    "stopped early ({e}): the files and the summary have the {} run(s){link} done before",
                     report.rows.len()
                 )),
                 Err(we) => progress(&format!(
@@ -589,20 +613,22 @@ fn run_blocking(args: &BenchMoveArgs, stop: Arc<AtomicBool>) -> Result<(), Bench
     Ok(())
 }
 
-/// The bench's measurements into `report`: the link, then each size, mode and run, then the
-/// baseline of the size. A run in flight when the bench is interrupted is not recorded.
+/// The bench's measurements into `report` (and each run's row into `csv` as it ends): the link,
+/// then each size, mode and run, then the baseline of the size. A run in flight when the bench
+/// is interrupted is not recorded; a line says so, and where it was.
 fn measure(
     args: &BenchMoveArgs,
     ctx: &Ctx,
     cleanup: &mut Cleanup,
     report: &mut BenchReport,
+    mut csv: Option<&mut CsvLog>,
 ) -> Result<(), BenchError> {
     for host in 0..2 {
         migrun::import_image(ctx, host)?;
     }
     if args.link_mib > 0 {
         ctx.check_stop()?;
-        report.link = link::measure(ctx, args.link_mib)?;
+        link::measure(ctx, args.link_mib, &mut report.link)?;
     }
     let runc_ctx = match args.baseline {
         Some(Baseline::Runc) => {
@@ -612,24 +638,47 @@ fn measure(
         }
         None => None,
     };
-    let record = |report: &mut BenchReport, row: Row| -> Result<(), BenchError> {
-        if row.status == RowStatus::Failed {
-            // A failure because the bench was stopped (its commands were interrupted too) is
-            // not a result.
-            ctx.check_stop()?;
+    // `run` is the run named `label`; its row's status once recorded.
+    let mut record = |report: &mut BenchReport,
+                      label: String,
+                      run: Result<Row, BenchError>|
+     -> Result<RowStatus, BenchError> {
+        let stopped = ctx.check_stop().is_err();
+        let row = match run {
+            // A failure because the bench was stopped (its wait cut short, or its commands
+            // interrupted too) is not a result.
+            Ok(row) if stopped && row.status == RowStatus::Failed => {
+                progress(&format!(
+                    "{}: interrupted, not recorded ({})",
+                    row.label(),
+                    row.note
+                ));
+                return Err(BenchError::Interrupted);
+            }
+            Ok(row) => row,
+            Err(e) => {
+                if stopped {
+                    progress(&format!("{label}: interrupted, not recorded"));
+                }
+                return Err(e);
+            }
+        };
+        // In the CSV before the line that says it is done.
+        if let Some(csv) = csv.as_deref_mut() {
+            csv.append(&row);
         }
         progress(&row.progress_line());
+        let status = row.status;
         report.rows.push(row);
-        Ok(())
+        Ok(status)
     };
     for &size in &args.sizes {
         for mode in &args.modes {
             for run in 1..=args.runs {
                 ctx.check_stop()?;
-                let row = migrun::run(ctx, size, mode, run)?;
-                let refused = row.status == RowStatus::Refused;
-                record(report, row)?;
-                if refused {
+                let label = Row::new(size, "mig", mode, run).label();
+                let row = migrun::run(ctx, size, mode, run);
+                if record(report, label, row)? == RowStatus::Refused {
                     break;
                 }
             }
@@ -637,7 +686,8 @@ fn measure(
         if let Some(r) = &runc_ctx {
             for run in 1..=args.runs {
                 ctx.check_stop()?;
-                record(report, r.run(ctx, size, run)?)?;
+                let label = Row::new(size, "runc", "runc", run).label();
+                record(report, label, r.run(ctx, size, run))?;
             }
         }
     }
@@ -724,6 +774,18 @@ mod tests {
         std::os::unix::fs::symlink(tmp.path().join("target.csv"), &link).unwrap();
         check_outputs(&parse(&["--csv", link.to_str().unwrap()])).unwrap();
         assert!(link.symlink_metadata().is_ok());
+    }
+
+    /// A mode given twice is refused as a size given twice is, before the lab is built (QA of
+    /// session 26: `--modes cold,stream,cold` ran cold twice under the same run numbers).
+    #[test]
+    fn a_mode_given_twice_is_refused_like_a_size() {
+        let modes = |m: &[&str]| m.iter().map(|m| m.to_string()).collect::<Vec<_>>();
+        check_modes(&modes(&["cold", "stream", "stream-nopresync", "lazy"])).unwrap();
+        let e = check_modes(&modes(&["cold", "stream", "cold"])).unwrap_err();
+        assert_eq!(e.to_string(), "--modes cold is given twice");
+        let e = check_sizes(&[16, 16]).unwrap_err();
+        assert_eq!(e.to_string(), "--sizes 16M is given twice");
     }
 
     #[test]

@@ -5,7 +5,9 @@ use serde::Serialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::Path;
+use std::fs::File;
+use std::io::{self, Write as _};
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -54,7 +56,9 @@ pub struct Row {
     pub verified: bool,
     /// Same in-namespace PIDs and commands before and after (mig only).
     pub pids_kept: Option<bool>,
-    /// The refusal or failure, or what did not verify.
+    /// The refusal or failure, or what did not verify. `null` in the JSON when empty, as the
+    /// other columns the CSV leaves empty.
+    #[serde(serialize_with = "empty_as_null")]
     pub note: String,
     /// Bytes of memory pages through the page tunnel (`stream`; `lazy`: served after the resume).
     pub page_bytes: Option<u64>,
@@ -81,6 +85,14 @@ pub struct Row {
     /// `measured` (learned from the agent's last moves of the mode to the peer) or `default`.
     pub fixed_cost_ms: Option<u64>,
     pub fixed_cost_source: Option<String>,
+}
+
+/// An empty string as `null` (the JSON has `null` where the CSV is empty).
+fn empty_as_null<S: serde::Serializer>(s: &str, ser: S) -> Result<S::Ok, S::Error> {
+    match s.is_empty() {
+        true => ser.serialize_none(),
+        false => ser.serialize_str(s),
+    }
 }
 
 /// CSV header; [`Row::csv`] writes the same columns.
@@ -252,18 +264,18 @@ impl Row {
         .join(",")
     }
 
-    pub fn progress_line(&self) -> String {
+    /// The run's name in progress lines: `64 MiB, mig lazy, run 1`.
+    pub fn label(&self) -> String {
         let what = if self.kind == self.mode {
             self.kind.clone()
         } else {
             format!("{} {}", self.kind, self.mode)
         };
-        let mut s = format!(
-            "{} MiB, {what}, run {}: {}",
-            self.size_mib,
-            self.run,
-            self.status.as_str()
-        );
+        format!("{} MiB, {what}, run {}", self.size_mib, self.run)
+    }
+
+    pub fn progress_line(&self) -> String {
+        let mut s = format!("{}: {}", self.label(), self.status.as_str());
         if let (Some(d), Some(t)) = (self.downtime_ms, self.total_ms) {
             let _ = write!(s, ", downtime {d} ms, total {t} ms");
         }
@@ -280,6 +292,54 @@ impl Row {
             let _ = write!(s, " ({})", self.note);
         }
         s
+    }
+}
+
+/// `--csv` written as the bench goes: the header, then each row as its run ends, so that a bench
+/// killed with SIGKILL (no cleanup, no end-of-bench write) keeps the runs it finished (QA of
+/// session 26 found no file at all). After a failed write the whole file waits for the end.
+pub struct CsvLog {
+    path: PathBuf,
+    file: Option<File>,
+}
+
+impl CsvLog {
+    /// Truncates `path` (a rerun into the same path replaces it) and writes the header.
+    pub fn create(path: &Path) -> CsvLog {
+        let mut log = CsvLog {
+            path: path.to_path_buf(),
+            file: None,
+        };
+        let file = File::create(path);
+        log.file = log.written(file.and_then(|mut f| {
+            f.write_all(format!("{CSV_HEADER}\n").as_bytes())?;
+            Ok(f)
+        }));
+        log
+    }
+
+    /// Appends `row`: one write of the whole line, so a kill leaves whole lines.
+    pub fn append(&mut self, row: &Row) {
+        if let Some(mut f) = self.file.take() {
+            let line = format!("{}\n", row.csv());
+            let w = f.write_all(line.as_bytes()).and_then(|()| f.flush());
+            self.file = self.written(w.map(|()| f));
+        }
+    }
+
+    /// Whether every row so far is in the file (else it is written whole at the end).
+    pub fn is_whole(&self) -> bool {
+        self.file.is_some()
+    }
+
+    fn written(&self, w: io::Result<File>) -> Option<File> {
+        w.map_err(|e| {
+            super::progress(&format!(
+                "cannot write {}: {e} (tried again at the end)",
+                self.path.display()
+            ))
+        })
+        .ok()
     }
 }
 
@@ -347,9 +407,9 @@ impl BenchReport {
         s
     }
 
-    /// Writes `--csv`, `--json` and `--plot`: each that can be, whatever happens to the others;
-    /// the first failure, if any.
-    pub fn write(&self, args: &BenchMoveArgs) -> Result<(), BenchError> {
+    /// Writes `--csv` (unless `csv_whole`: a [`CsvLog`] has every row), `--json` and `--plot`:
+    /// each that can be, whatever happens to the others; the first failure, if any.
+    pub fn write(&self, args: &BenchMoveArgs, csv_whole: bool) -> Result<(), BenchError> {
         let write = |path: &Path, text: String| {
             std::fs::write(path, text).map_err(|source| BenchError::Output {
                 path: path.to_path_buf(),
@@ -357,7 +417,7 @@ impl BenchReport {
             })
         };
         let mut results = Vec::new();
-        if let Some(p) = &args.csv {
+        if let Some(p) = args.csv.as_ref().filter(|_| !csv_whole) {
             results.push(write(p, self.csv()));
         }
         if let Some(p) = &args.json {
@@ -411,22 +471,55 @@ impl BenchReport {
         s
     }
 
+    /// The link's protocols in the order they were measured.
+    fn link_protos(&self) -> Vec<&str> {
+        let mut protos: Vec<&str> = Vec::new();
+        for l in &self.link {
+            if !protos.contains(&l.proto.as_str()) {
+                protos.push(&l.proto);
+            }
+        }
+        protos
+    }
+
+    /// The median throughput of the raw measurements of `proto`.
     fn link_mbs(&self, proto: &str) -> Option<f64> {
-        self.link.iter().find(|l| l.proto == proto).map(|l| l.mbs)
+        let mut v: Vec<f64> = self
+            .link
+            .iter()
+            .filter(|l| l.proto == proto)
+            .map(|l| l.mbs)
+            .collect();
+        median(&mut v)
+    }
+
+    /// The summary's line for the raw measurements of `proto`: their median, and each.
+    fn link_line(&self, proto: &str) -> String {
+        let mut each: Vec<&LinkRow> = self.link.iter().filter(|l| l.proto == proto).collect();
+        each.sort_by(|a, b| a.mbs.total_cmp(&b.mbs));
+        let m = self.link_mbs(proto).unwrap_or(0.0);
+        let mib = each.first().map_or(0, |l| l.bytes >> 20);
+        match each.as_slice() {
+            [one] => format!(
+                "raw {proto} between the lab hosts: {m:.0} MB/s ({mib} MiB in {} ms)",
+                one.ms
+            ),
+            _ => {
+                let list: Vec<String> = each.iter().map(|l| format!("{:.0}", l.mbs)).collect();
+                format!(
+                    "raw {proto} between the lab hosts: {m:.0} MB/s (median of {} transfers of {mib} MiB: {} MB/s)",
+                    each.len(),
+                    list.join(", ")
+                )
+            }
+        }
     }
 
     /// The summary table: medians per size and mode, and the ratios the targets are stated in.
     pub fn summary(&self) -> String {
         let mut s = String::new();
-        for l in &self.link {
-            let _ = writeln!(
-                s,
-                "raw {} between the lab hosts: {:.0} MB/s ({} MiB in {} ms)",
-                l.proto,
-                l.mbs,
-                l.bytes >> 20,
-                l.ms
-            );
+        for proto in self.link_protos() {
+            let _ = writeln!(s, "{}", self.link_line(proto));
         }
         let _ = writeln!(
             s,
@@ -495,10 +588,12 @@ impl BenchReport {
             }
         }
         s.push_str(
-            "DOWNTIME, TOTAL, DUMP, TRANSFER: medians of the runs that completed; MB/S: the page bytes \
-             over the time they crossed the link (cold: the transfer; stream: the memory presync, \
-             or dump + transfer without one; lazy: the restore and the post-copy); /RUNC: downtime over runc's for the same size; /COLD: over cold mode's; \
-             /TCP: MB/S over the raw TCP throughput of the same link\n",
+            "DOWNTIME, TOTAL, DUMP, TRANSFER: medians of the runs that completed; MB/S: the bytes \
+             sent over the time they crossed the link (cold: all bytes over the transfer; stream: \
+             the presync's bytes over the memory presync, or all bytes over dump + transfer without \
+             one; lazy: the page bytes over the restore and the post-copy; runc: the image \
+             directory over the copy); /RUNC: downtime over runc's for the same size; /COLD: over \
+             cold mode's; /TCP: MB/S over the raw TCP throughput of the same link (its median)\n",
         );
         s
     }
@@ -526,6 +621,120 @@ mod tests {
         assert_eq!(median(&mut []), None);
         assert_eq!(median(&mut [3.0, 1.0, 2.0]), Some(2.0));
         assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), Some(2.5));
+    }
+
+    fn report() -> BenchReport {
+        BenchReport {
+            command: "test".into(),
+            machine: Default::default(),
+            link: Vec::new(),
+            rows: Vec::new(),
+            stopped: None,
+        }
+    }
+
+    fn sample(proto: &str, mbs: f64) -> LinkRow {
+        LinkRow {
+            proto: proto.into(),
+            bytes: 64 << 20,
+            ms: (67.108864 / mbs * 1e3) as u64,
+            mbs,
+        }
+    }
+
+    /// The JSON has `null` where the CSV is empty, the note too (QA of session 26: `""`).
+    #[test]
+    fn an_empty_note_is_null_in_the_json() {
+        let mut r = Row::new(16, "mig", "cold", 1);
+        let json = serde_json::to_value(&r).unwrap();
+        assert!(
+            json["note"].is_null() && json["downtime_ms"].is_null(),
+            "{json}"
+        );
+        r.note = "refused".into();
+        assert_eq!(serde_json::to_value(&r).unwrap()["note"], "refused");
+    }
+
+    /// The JSON keeps every raw link measurement (docs: one entry per raw measurement; QA of
+    /// sessions 25 and 26 found the median alone); the summary and /TCP take their median, as
+    /// before.
+    #[test]
+    fn the_json_keeps_each_link_measurement_and_the_summary_their_median() {
+        let mut report = report();
+        for (proto, mbs) in [
+            ("tcp", 404.0),
+            ("tcp", 559.0),
+            ("tcp", 528.0),
+            ("quic", 300.0),
+            ("quic", 350.0),
+            ("quic", 320.0),
+        ] {
+            report.link.push(sample(proto, mbs));
+        }
+        let mut r = Row::new(16, "mig", "stream", 1);
+        r.status = RowStatus::Ok;
+        r.verified = true;
+        r.downtime_ms = Some(100);
+        r.transfer_mbs = Some(264.2);
+        report.rows.push(r);
+        let json = serde_json::to_value(&report).unwrap();
+        let link = json["link"].as_array().unwrap();
+        assert_eq!(link.len(), 6);
+        assert_eq!(link[1]["proto"], "tcp");
+        assert_eq!(link[1]["mbs"], 559.0);
+        assert_eq!(link[1]["bytes"], 64 << 20);
+        let summary = report.summary();
+        assert!(
+            summary.contains(
+                "raw tcp between the lab hosts: 528 MB/s (median of 3 transfers of 64 MiB: 404, 528, 559 MB/s)\n\
+                 raw quic between the lab hosts: 320 MB/s"
+            ),
+            "{summary}"
+        );
+        // /TCP: 264.2 over the median, 528.
+        assert!(summary.contains(" 0.50\n"), "{summary}");
+        // Two measurements (a bench stopped during the third): their mean; one: itself.
+        report.link.truncate(2);
+        assert_eq!(report.link_mbs("tcp"), Some(481.5));
+        report.link.truncate(1);
+        assert!(report
+            .summary()
+            .contains("raw tcp between the lab hosts: 404 MB/s (64 MiB in 166 ms)\n"));
+    }
+
+    /// The footnote says what MB/S divides for each mode: all bytes sent, except lazy's page
+    /// bytes and a stream presync's bytes (QA of session 26: "the page bytes" for every mode).
+    #[test]
+    fn the_summary_says_which_bytes_mb_s_counts() {
+        let s = report().summary();
+        assert!(s.contains("MB/S: the bytes sent over the time they crossed the link (cold: all bytes over the transfer;"), "{s}");
+        assert!(s.contains("lazy: the page bytes over the restore and the post-copy; runc: the image directory over the copy)"), "{s}");
+        assert!(!s.contains("MB/S: the page bytes"), "{s}");
+    }
+
+    /// The CSV as the bench goes holds whole lines, the same as the CSV written at the end.
+    #[test]
+    fn the_csv_log_has_each_row_as_it_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.csv");
+        std::fs::write(&path, "an older bench's rows\n".repeat(100)).unwrap();
+        let mut log = CsvLog::create(&path);
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            format!("{CSV_HEADER}\n")
+        );
+        let mut report = report();
+        for run in 1..=2 {
+            let mut r = Row::new(16, "mig", "cold", run);
+            r.note = "a, \"b\"".into();
+            log.append(&r);
+            report.rows.push(r);
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), report.csv());
+        }
+        assert!(log.is_whole());
+        // A file that cannot be written: nothing is whole, the end writes it all.
+        let log = CsvLog::create(Path::new("/proc/mig-bench-test.csv"));
+        assert!(!log.is_whole());
     }
 
     #[test]

@@ -185,7 +185,8 @@ impl RuncHosts {
         std::fs::write(&path, v.to_string()).map_err(|e| format!("config.json: {e}"))
     }
 
-    /// One run of the baseline for `size_mib`.
+    /// One run of the baseline for `size_mib`. A stop while it waits for the workload ends it as
+    /// failed, with a note saying where (the bench drops it and prints the note).
     pub fn run(&self, ctx: &Ctx, size_mib: u64, run: u32) -> Result<Row, BenchError> {
         let mut row = Row::new(size_mib, "runc", "runc", run);
         let id = format!("mig-bench-{}-{size_mib}m-{run}", std::process::id());
@@ -232,7 +233,13 @@ impl RuncHosts {
             migrun::patience(size_mib),
             || Status::parse(&text(&out_a)),
             |s| s.last_ok.is_some(),
-        )?;
+        );
+        let ready = match ready {
+            Err(BenchError::Interrupted) => {
+                return Ok(Err(migrun::INTERRUPTED_BEFORE_THE_MOVE.into()))
+            }
+            r => r?,
+        };
         let Some(before) = ready.last_ok.filter(|_| ready.bad.is_none()) else {
             return Ok(Err(
                 "the workload did not verify its memory before the move".into(),
@@ -279,7 +286,11 @@ impl RuncHosts {
             migrun::patience(size_mib),
             || Status::parse(&text(&out_b)),
             |s| s.verified_after(before),
-        )?;
+        );
+        let after = match after {
+            Err(BenchError::Interrupted) => return Ok(Err(INTERRUPTED_AFTER_THE_RESTORE.into())),
+            r => r?,
+        };
         row.verified = after.verified_after(before);
         if !row.verified {
             // Its times stay in the row, but not in the medians (a failed run).
@@ -296,6 +307,10 @@ impl RuncHosts {
         Ok(Ok(()))
     }
 }
+
+/// The note of a baseline run whose verification on host-b a stop cut short.
+const INTERRUPTED_AFTER_THE_RESTORE: &str =
+    "restored; stopped while the workload was verified on host-b";
 
 /// Deletes a run's containers and files on drop.
 struct RunGuard<'a> {
