@@ -775,6 +775,44 @@ fn a_source_back_after_a_committed_decision_removes_its_copy() -> Result<()> {
     Ok(())
 }
 
+/// A container frozen with nothing on its agent to say why (the copy of a move left in doubt
+/// whose journal entry could not be read, made here by freezing its cgroup by hand) is not moved
+/// on: that could leave two copies (QA of session 25, F6: it was). `--resolve` says how to let it
+/// run, `--decide rolled-back` thaws it, and it moves again.
+#[test]
+fn a_container_frozen_without_a_journal_is_not_moved_on() -> Result<()> {
+    if !mig_tests::is_root("fault tests") {
+        return Ok(());
+    }
+    let lab = Lab::up("unexp", 176)?;
+    let id = lab.run_container(A, "unx", 8)?;
+    let cgroup = lab.mig_json(A, &["inspect", "unx", "--json"])?["cgroup"]
+        .as_str()
+        .context("no cgroup")?
+        .to_owned();
+    let cg = mig_runtime::cgroup::Cgroup::open(&cgroup)?;
+    cg.freeze(Duration::from_secs(10))?;
+    let o = lab.mig(A, &["move", "unx", "host-b"]);
+    let thawed = cg.thaw();
+    ensure!(
+        o.code == 125 && o.stderr.contains("no operation of this agent froze it"),
+        "{o:?}"
+    );
+    thawed?;
+    cg.freeze(Duration::from_secs(10))?;
+    let o = lab.mig(A, &["move", "--resolve", "unx"]);
+    ensure!(o.stderr.contains("--decide rolled-back"), "{o:?}");
+    let o = lab.mig(A, &["move", "--resolve", "unx", "--decide", "rolled-back"]);
+    ensure!(o.stderr.contains("runs here again"), "{o:?}");
+    ensure!(
+        cg.freeze_state()? == mig_runtime::cgroup::FreezeState::Thawed,
+        "still frozen"
+    );
+    nothing_left(&lab, B, &id)?;
+    move_and_check(&lab, A, B, "unx", &id)?;
+    Ok(())
+}
+
 /// Moves `name` from host-a to host-b and kills host-b's agent after host-a journaled its commit
 /// decision and before host-b could record it: host-a's move ends in doubt, host-b is down.
 fn in_doubt_without_b(lab: &Lab, name: &str) -> Result<()> {

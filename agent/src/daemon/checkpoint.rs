@@ -36,6 +36,14 @@ fn refuse_established(pid: i32, container: &str, op: &str) -> Result<(), ApiErro
                  to keep them across the {op} (docs/networking.md)"
             ),
         )),
+        // Its init gone meanwhile (a `mig rm -f` racing the move): that is what happened, not
+        // a failure to read /proc (QA of session 25, F15).
+        Err(_) if crate::layout::proc_ended(pid) => Err(ApiError::new(
+            ErrorKind::Conflict,
+            format!(
+                "container {container} ended (or was removed) as its {op} began: nothing was done"
+            ),
+        )),
         Err(e) => Err(ApiError::new(
             ErrorKind::Internal,
             format!("checking for established TCP connections: {}", chain(&e)),

@@ -281,10 +281,18 @@ async fn criu_features() -> &'static Vec<String> {
     FEATURES
         .get_or_init(|| async {
             let mut ok = Vec::new();
+            // The agent's CRIU (as criu_version), none when it has none.
+            let Some(criu) = tokio::task::spawn_blocking(mig_migrate::criu::Criu::locate)
+                .await
+                .ok()
+                .and_then(Result::ok)
+            else {
+                return ok;
+            };
             for f in CRIU_FEATURES {
                 let st = tokio::time::timeout(
                     Duration::from_secs(10),
-                    tokio::process::Command::new("criu")
+                    tokio::process::Command::new(criu.path())
                         .args(["check", "--feature", f])
                         .stdout(std::process::Stdio::null())
                         .stderr(std::process::Stdio::null())
@@ -309,22 +317,18 @@ fn load_avg() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// `criu --version`'s "Version: X" line.
+/// The version of the CRIU this agent uses (`MIG_CRIU`, else the default path, else `PATH`:
+/// `Criu::locate`), `None` when it finds none (QA of session 25: `mig info` showed the CRIU on
+/// `PATH` while the agent's own, set by `MIG_CRIU`, was missing and every move was refused).
 async fn criu_version() -> Option<String> {
-    let out = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::process::Command::new("criu")
-            .arg("--version")
-            .kill_on_drop(true)
-            .output(),
-    )
+    tokio::task::spawn_blocking(|| {
+        mig_migrate::criu::Criu::locate()
+            .ok()
+            .and_then(|c| c.version().ok())
+    })
     .await
-    .ok()?
-    .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find_map(|l| l.strip_prefix("Version:"))
-        .map(|v| v.trim().to_owned())
+    .ok()
+    .flatten()
 }
 
 /// MemTotal and MemAvailable from /proc/meminfo, in bytes.

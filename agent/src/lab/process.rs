@@ -125,8 +125,27 @@ pub(crate) fn wait_for_socket(
 ) -> Result<(), LabError> {
     let log = log_path(root_dir, &host.name);
     let start = Instant::now();
+    // The socket is bound before the agent has started (its migration endpoint, its peers):
+    // up means it answers a hello (QA of session 25: an agent that exited on a damaged
+    // peers.json right after binding was reported started).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok();
+    let answers = || {
+        rt.as_ref().is_none_or(|rt| {
+            rt.block_on(async {
+                tokio::time::timeout(
+                    Duration::from_secs(2),
+                    crate::client::Client::connect(&host.socket),
+                )
+                .await
+                .is_ok_and(|c| c.is_ok())
+            })
+        })
+    };
     loop {
-        if host.socket.exists() {
+        if host.socket.exists() && answers() {
             return Ok(());
         }
         if let Some(status) = reap(pid) {

@@ -418,6 +418,52 @@ pub(crate) fn spawn_resolver(agent: Arc<Agent>, container: String) {
 }
 
 impl Agent {
+    /// `mig move --resolve ID --decide rolled-back` of a container frozen here with no journal
+    /// entry to say why (one that could not be read: the copy of a move left in doubt): the
+    /// operator decides it runs here, and it is thawed (QA of session 25, F6). Without that, no
+    /// unfinished migration is the answer.
+    fn thaw_unexplained(
+        &self,
+        container: &str,
+        decide: Option<Decision>,
+    ) -> Result<MoveResult, ApiError> {
+        let none = || {
+            ApiError::new(
+                ErrorKind::NotFound,
+                format!("no unfinished migration of {container} here"),
+            )
+        };
+        let Ok(id) = self.resolve(container) else {
+            return Err(none());
+        };
+        let e = self.entry(&id)?;
+        let unexplained = e.state.state == ContainerState::Running
+            && !e.busy
+            && self.cgroup_frozen(&e.state.cgroup)
+            && !super::source::frozen_for_move(&id);
+        if !unexplained {
+            return Err(none());
+        }
+        if decide != Some(Decision::RolledBack) {
+            return Err(ApiError::new(
+                ErrorKind::Conflict,
+                format!(
+                    "no unfinished migration of {container} here, but it is frozen and nothing here says why (a move's journal entry that could not be read?): once its copy on the other host is settled or gone, `mig move --resolve {container} --decide rolled-back` lets it run here"
+                ),
+            ));
+        }
+        Cgroup::open(&e.state.cgroup)
+            .and_then(|cg| cg.thaw())
+            .map_err(|err| ApiError::new(ErrorKind::Internal, chain(&err)))?;
+        tracing::warn!(container = %id, "a frozen container with no journal entry thawed by the operator");
+        Err(ApiError::new(
+            ErrorKind::Conflict,
+            format!(
+                "decided by the operator: {container} had no readable migration journal here and runs here again (thawed)"
+            ),
+        ))
+    }
+
     /// `mig move --resolve ID`: settles an in-doubt move of container `ID` (id, prefix or name)
     /// with its destination. With `decide` (`--decide`), the operator's outcome is applied when
     /// the destination cannot answer, and on a destination at once ([`Agent::decide_here`]).
@@ -428,20 +474,17 @@ impl Agent {
     ) -> Result<MoveResult, ApiError> {
         let entries = journal::list(&self.cfg.state_dir)
             .map_err(|e| ApiError::new(ErrorKind::Internal, chain(&e)))?;
-        let e = entries
+        let found = entries
             .into_iter()
             .filter(|e| !journal::is_final(&e.state))
             .find(|e| {
                 e.container_id == container
                     || e.container_name == container
                     || (!container.is_empty() && e.container_id.starts_with(container))
-            })
-            .ok_or_else(|| {
-                ApiError::new(
-                    ErrorKind::NotFound,
-                    format!("no unfinished migration of {container} here"),
-                )
-            })?;
+            });
+        let Some(e) = found else {
+            return self.thaw_unexplained(container, decide);
+        };
         if e.role == Role::Dest {
             let Some(d) = decide else {
                 return Err(ApiError::new(

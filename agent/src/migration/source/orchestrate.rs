@@ -182,6 +182,18 @@ impl Agent {
         if !idle_running(&id, &e) {
             return Err(self.not_idle_running(&id, &e));
         }
+        // Frozen with nothing here to say why: the copy of a move left in doubt whose journal
+        // entry could not be read (QA of session 25, F6: moved on, while the other host kept
+        // its copy frozen with advice that then made two copies).
+        if self.cgroup_frozen(&e.state.cgroup) && !crate::migration::frozen_for_move(&id) {
+            return Err(api(
+                ErrorKind::Conflict,
+                format!(
+                    "container {} is frozen and no operation of this agent froze it: it may be the copy of a move left in doubt whose journal entry could not be read (the agent's log at its start says so); moving it could leave two copies. Look for it on the other hosts (mig ps on each) and settle that copy there; once it must run here, `mig move --resolve {} --decide rolled-back` thaws it; nothing was moved",
+                    e.spec.name, e.spec.name
+                ),
+            ));
+        }
         Ok((id, peer))
     }
 
