@@ -209,7 +209,7 @@ pub enum LabError {
         #[source]
         source: io::Error,
     },
-    #[error("agent {host} exited ({status}) before creating {}; last lines of {}:\n{log_tail}", socket.display(), log.display())]
+    #[error("agent {host} exited ({status}) before it served on {}; last lines of {}:\n{log_tail}", socket.display(), log.display())]
     AgentExited {
         host: String,
         status: String,
