@@ -58,6 +58,12 @@ pub enum CliError {
     },
     #[error("interrupted: the move of {container} to {peer} goes on in the agent (Ctrl-C does not cancel a move); `mig ps -a`, `mig inspect {container}` or `mig events` show where it ends")]
     MoveInterrupted { container: String, peer: String },
+    #[error("interrupted: the move of {container} to {peer} goes on in the agent (Ctrl-C does not cancel a move; `mig inspect {container}` or `mig events` show where it ends){}", if untried.is_empty() { String::new() } else { format!("; not tried: {}", untried.join(", ")) })]
+    DrainInterrupted {
+        container: String,
+        peer: String,
+        untried: Vec<String>,
+    },
     #[error("interrupted: container {name} keeps running (Ctrl-C detaches mig run, it does not stop the container{}); `mig logs -f {name}` follows it again, `mig stop {name}` ends it", if *rm { ", and --rm no longer applies" } else { "" })]
     RunDetached { name: String, rm: bool },
     #[error("--rm needs an attached run (without -d): mig removes the container when it ends, and with -d nothing waits for the end; remove it with mig rm")]

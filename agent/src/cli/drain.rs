@@ -104,9 +104,19 @@ pub(super) async fn drain(cli: &Cli, a: &DrainArgs) -> Result<u8, CliError> {
         if running.is_empty() {
             break;
         }
-        for ct in &running {
+        for (i, ct) in running.iter().enumerate() {
             tried.insert(ct.id.clone());
-            let r = drain_one(&mut c, ct, &peers, &mut next, a).await;
+            let r = match drain_one(&mut c, ct, &peers, &mut next, a).await {
+                Ok(r) => r,
+                // Ctrl-C: the move under way goes on in the agent; say so, and what was left.
+                Err(peer) => {
+                    return Err(CliError::DrainInterrupted {
+                        container: ct.name.clone(),
+                        peer,
+                        untried: running[i + 1..].iter().map(|c| c.name.clone()).collect(),
+                    })
+                }
+            };
             if a.json {
                 // The JSON on stdout has every reason; stderr says which failed, as other
                 // commands do.
@@ -183,14 +193,14 @@ const DRAIN_ROUNDS: usize = 3;
 
 /// Moves `ct` to the first of `peers` (from `next`, round-robin) that takes it. A container
 /// gone from this host meanwhile (moved or removed by another command) is not tried on the
-/// other peers and is not a failure.
+/// other peers and is not a failure. `Err(peer)`: interrupted (Ctrl-C) while moving to `peer`.
 async fn drain_one(
     c: &mut Client,
     ct: &ContainerSummary,
     peers: &[String],
     next: &mut usize,
     a: &DrainArgs,
-) -> DrainResult {
+) -> Result<DrainResult, String> {
     let mut r = DrainResult {
         id: ct.id.clone(),
         name: ct.name.clone(),
@@ -204,9 +214,10 @@ async fn drain_one(
     wait_for_memory(c, ct).await;
     for k in 0..peers.len() {
         let peer = &peers[(*next + k) % peers.len()];
-        let moved = c
-            .move_container_mode(&ct.id, peer, a.tcp_established, a.mode, None)
-            .await;
+        let moved = tokio::select! {
+            r = c.move_container_mode(&ct.id, peer, a.tcp_established, a.mode, None) => r,
+            () = super::commands::interrupted() => return Err(peer.clone()),
+        };
         match moved {
             Ok(m) => {
                 r.ok = true;
@@ -231,7 +242,7 @@ async fn drain_one(
             }
         }
     }
-    r
+    Ok(r)
 }
 
 /// How long `drain` waits for a container's memory to arrive before trying to move it anyway
