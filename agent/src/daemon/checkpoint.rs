@@ -932,6 +932,16 @@ impl Agent {
         let images = dir.join("checkpoint");
         let manifest = archive::import(Path::new(file), &images)
             .map_err(|e| bad(format!("importing {file}: {}", chain(&e))))?;
+        if let Some(why) =
+            crate::migration::dest::unrestorable_here(&manifest.criu_version, &manifest.kernel)
+        {
+            return Err(ApiError::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "the checkpoint in {file} cannot be restored here: {why}; nothing was restored"
+                ),
+            ));
+        }
         let spec = manifest.spec;
         spec.validate()
             .map_err(|e| bad(format!("the archived spec is invalid: {e}")))?;

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 mod check;
-pub(crate) use check::release_memory;
+pub(crate) use check::{release_memory, unrestorable_here};
 mod finish;
 mod host;
 mod restore;

@@ -243,6 +243,29 @@ impl DestSide {
     }
 }
 
+/// Why an image set made by CRIU `criu_there` on kernel `kernel_there` cannot be restored here
+/// (this host's CRIU missing or older, or its kernel older), as the Prepare of a move refuses
+/// it; `None` when it can. For `restore --import` (QA of session 25, F3: an archive of a newer
+/// CRIU was restored without a word, and would fail inside CRIU).
+pub(crate) fn unrestorable_here(criu_there: &str, kernel_there: &str) -> Option<String> {
+    let v = match Criu::locate().and_then(|c| c.version()) {
+        Ok(v) => v,
+        Err(e) => return Some(chain(&e)),
+    };
+    if version_key(&v) < version_key(criu_there) {
+        return Some(format!(
+            "it was made by CRIU {criu_there}, and CRIU {v} here is older"
+        ));
+    }
+    let kernel = mig_migrate::criu::kernel_release();
+    if !kernel_there.is_empty() && version_key(&kernel)[..2] < version_key(kernel_there)[..2] {
+        return Some(format!(
+            "it was made on kernel {kernel_there}, and kernel {kernel} here is older"
+        ));
+    }
+    None
+}
+
 /// `4.1.1` or `6.18.0-1-amd64` as numbers for comparison (missing parts are 0).
 fn version_key(v: &str) -> [u64; 3] {
     let v = v.trim().trim_start_matches("Version:").trim();
@@ -420,7 +443,18 @@ pub(crate) fn release_memory(migration_id: &str) {
 
 #[cfg(test)]
 mod tests {
-    use super::version_key;
+    use super::{unrestorable_here, version_key};
+
+    #[test]
+    fn archives_of_a_newer_criu_or_kernel_are_refused() {
+        let newer = unrestorable_here("99.0", "").expect("CRIU 99.0 is newer than any here");
+        assert!(newer.contains("99.0"), "{newer}");
+        if mig_migrate::criu::Criu::locate().is_ok() {
+            assert_eq!(unrestorable_here("1.0", "1.0"), None);
+            let kernel = unrestorable_here("1.0", "999.0.0").expect("a newer kernel");
+            assert!(kernel.contains("kernel 999.0.0"), "{kernel}");
+        }
+    }
 
     #[test]
     fn versions() {
