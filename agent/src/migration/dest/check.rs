@@ -110,9 +110,23 @@ impl DestSide {
                 .values()
                 .find(|e| e.spec.id == p.spec.id || e.spec.name == p.spec.name)
             {
+                // Not running here: a record left by a checkpoint exported and restored
+                // elsewhere, say, which `mig rm` removes (QA of session 26).
+                let hint = if e.state.state.is_live() {
+                    String::new()
+                } else {
+                    format!(
+                        " ({} here; `mig rm {}` on this host removes that record)",
+                        e.state.state.as_str(),
+                        e.spec.name
+                    )
+                };
                 return Err(refuse(
                     RefuseReason::NameClash,
-                    format!("a container {} ({}) exists here", e.spec.name, e.spec.id),
+                    format!(
+                        "a container {} ({}) exists here{hint}",
+                        e.spec.name, e.spec.id
+                    ),
                 ));
             }
         }
