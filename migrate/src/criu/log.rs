@@ -77,6 +77,12 @@ const HINTS: &[(&str, &str)] = &[
     ),
     // A process CRIU could not stop: asleep in the kernel (state D) for all of CRIU's timeout.
     // mig's freeze already avoids the common case, a shell between vfork and exec.
+    // readlink of /proc/PID/cwd or /proc/PID/fd/N on a path over PATH_MAX (QA of session 26:
+    // a process working in a directory 5,000 bytes deep).
+    (
+        "File name too long",
+        "a process of the container has its working directory or an open file at a path longer than the kernel's 4096 bytes, which CRIU cannot read: move that process to a shorter path (or close the file) to checkpoint or move the container",
+    ),
     (
         "Unseizable non-zombie",
         "a process of the container stayed asleep in the kernel (state D: waiting for a disk, a network filesystem, or a vfork child) for all of CRIU's 10 s, and could not be stopped; the container runs on: try again",
@@ -86,6 +92,13 @@ const HINTS: &[(&str, &str)] = &[
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_path_too_long_is_explained() {
+        let log = "(00.02) Error (criu/files.c:1266): Can't read link of fd 18: File name too long\n(00.04) Error (criu/cr-dump.c:2111): Dumping FAILED.";
+        let got = pick_error_lines(log);
+        assert!(got[0].contains("4096 bytes"), "{got:?}");
+    }
 
     #[test]
     fn a_connection_made_after_the_check_is_explained_with_migs_flag() {
