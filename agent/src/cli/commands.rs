@@ -58,10 +58,11 @@ pub enum CliError {
     },
     #[error("interrupted: the move of {container} to {peer} goes on in the agent (Ctrl-C does not cancel a move); `mig ps -a`, `mig inspect {container}` or `mig events` show where it ends")]
     MoveInterrupted { container: String, peer: String },
-    #[error("interrupted: the move of {container} to {peer} goes on in the agent (Ctrl-C does not cancel a move; `mig inspect {container}` or `mig events` show where it ends){}", if untried.is_empty() { String::new() } else { format!("; not tried: {}", untried.join(", ")) })]
+    #[error("interrupted: {}{}", match peer { Some(p) => format!("the move of {container} to {p} goes on in the agent (Ctrl-C does not cancel a move; `mig inspect {container}` or `mig events` show where it ends)"), None => format!("{container} was not moved (drain waited for its memory to arrive)") }, if untried.is_empty() { String::new() } else { format!("; not tried: {}", untried.join(", ")) })]
     DrainInterrupted {
         container: String,
-        peer: String,
+        /// The peer of the move under way, if one was.
+        peer: Option<String>,
         untried: Vec<String>,
     },
     #[error("interrupted: container {name} keeps running (Ctrl-C detaches mig run, it does not stop the container{}); `mig logs -f {name}` follows it again, `mig stop {name}` ends it", if *rm { ", and --rm no longer applies" } else { "" })]

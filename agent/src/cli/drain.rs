@@ -110,11 +110,12 @@ pub(super) async fn drain(cli: &Cli, a: &DrainArgs) -> Result<u8, CliError> {
                 Ok(r) => r,
                 // Ctrl-C: the move under way goes on in the agent; say so, and what was left.
                 Err(peer) => {
+                    let untried = running[i + 1..].iter().map(|c| c.name.clone());
                     return Err(CliError::DrainInterrupted {
                         container: ct.name.clone(),
                         peer,
-                        untried: running[i + 1..].iter().map(|c| c.name.clone()).collect(),
-                    })
+                        untried: untried.collect(),
+                    });
                 }
             };
             if a.json {
@@ -193,14 +194,15 @@ const DRAIN_ROUNDS: usize = 3;
 
 /// Moves `ct` to the first of `peers` (from `next`, round-robin) that takes it. A container
 /// gone from this host meanwhile (moved or removed by another command) is not tried on the
-/// other peers and is not a failure. `Err(peer)`: interrupted (Ctrl-C) while moving to `peer`.
+/// other peers and is not a failure. `Err`: interrupted (Ctrl-C), while moving to the peer or
+/// (`None`) before.
 async fn drain_one(
     c: &mut Client,
     ct: &ContainerSummary,
     peers: &[String],
     next: &mut usize,
     a: &DrainArgs,
-) -> Result<DrainResult, String> {
+) -> Result<DrainResult, Option<String>> {
     let mut r = DrainResult {
         id: ct.id.clone(),
         name: ct.name.clone(),
@@ -211,12 +213,15 @@ async fn drain_one(
         total_ms: None,
         errors: Vec::new(),
     };
-    wait_for_memory(c, ct).await;
+    tokio::select! {
+        () = wait_for_memory(c, ct) => {}
+        () = super::commands::interrupted() => return Err(None),
+    }
     for k in 0..peers.len() {
         let peer = &peers[(*next + k) % peers.len()];
         let moved = tokio::select! {
             r = c.move_container_mode(&ct.id, peer, a.tcp_established, a.mode, None) => r,
-            () = super::commands::interrupted() => return Err(peer.clone()),
+            () = super::commands::interrupted() => return Err(Some(peer.clone())),
         };
         match moved {
             Ok(m) => {

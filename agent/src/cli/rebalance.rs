@@ -318,7 +318,10 @@ async fn loads(targets: &[Target]) -> Result<(Vec<plan::HostLoad>, Vec<String>),
                     s.name, t.name, m.peer
                 ));
             } else if s.in_doubt.is_some() {
-                unsettled.push(format!("the in-doubt move of {} on {}", s.name, t.name));
+                unsettled.push(format!(
+                    "the in-doubt move of {} on {} (`mig move --resolve {}` there settles it)",
+                    s.name, t.name, s.name
+                ));
             } else if s.memory_arriving {
                 unsettled.push(format!("the move of {} into {}", s.name, t.name));
             } else if s.state != crate::api::ContainerState::Running {

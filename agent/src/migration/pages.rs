@@ -655,17 +655,19 @@ pub(crate) fn watch_lazy_daemon(
         super::dest::release_memory(&migration_id);
         let cd = agent.dirs.container(&container_id);
         let _ = std::fs::remove_dir_all(cd.dir.join(LAZY_DIR));
+        if r.is_ok() && guarded {
+            // The source's stream ended just after the daemon's last page: thawed before the
+            // container stops being marked as filling, so that nothing sees it frozen with no
+            // reason (a move then refuses it: see orchestrate's unexplained freeze).
+            let cgroup = agent.cgroup_name(&container_id);
+            if let Ok(cg) = mig_runtime::cgroup::Cgroup::open(&cgroup) {
+                let _ = cg.thaw();
+            }
+        }
         // Every page is there, or the container is killed: either way nothing is arriving.
         super::postcopy::mark_filling(&container_id, false);
         match r {
             Ok(()) => {
-                if guarded {
-                    // The source's stream ended just after the daemon's last page.
-                    let cgroup = agent.cgroup_name(&container_id);
-                    if let Ok(cg) = mig_runtime::cgroup::Cgroup::open(&cgroup) {
-                        let _ = cg.thaw();
-                    }
-                }
                 if let Some(p) = &proxy_err {
                     tracing::warn!(id = %container_id, migration = %migration_id, error = %p, "the daemon got every page, its proxy failed after that");
                 }

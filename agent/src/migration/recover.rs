@@ -239,15 +239,21 @@ pub async fn settle_sources(agent: &Arc<Agent>) {
             )
             .await
             .unwrap_or_else(|_| Err(format!("no answer within {ASK_FIRST_LIMIT:?}")));
-            let running = ContainerState::Running.as_str();
             match answer {
-                Ok(mig_migrate::transport::Located::Held(state)) if state == running => {
-                    tracing::warn!(migration = %e.migration_id, peer = %e.peer, "the destination runs the container (its move was decided committed there): removing this copy instead of thawing it");
+                // Live there beyond this move (it names this migration while it arrives or is
+                // in doubt): run (decided committed), moved on, ... Only this frozen copy goes.
+                Ok(mig_migrate::transport::Located::Held(state))
+                    if !state.contains(&e.migration_id) =>
+                {
+                    tracing::warn!(migration = %e.migration_id, peer = %e.peer, %state, "the destination holds the container beyond this move (decided committed there?): removing this copy instead of thawing it");
                     settle(&agent, &e, JournalState::Committed);
+                    // Busy and marked until removed, as after any committed move.
+                    agent.set_busy(&e.container_id, true);
                     super::source::mark_frozen(&e.container_id, true);
                     let ending = super::source::hold_ending(&e.container_id);
                     tokio::spawn(async move {
                         let _ending = ending;
+                        let _held = hold(&e.migration_id).await;
                         match destroy_copy(&agent, &e.container_id, &e.cgroup).await {
                             Ok(()) => {
                                 tracing::info!(migration = %e.migration_id, "source copy removed")

@@ -498,8 +498,6 @@ fn regular_file_with(
     Ok(data.hash.map(|h| h.digest128()))
 }
 
-/// Calls `f(path, relative path, metadata)` for every entry under `dir`, parents first, names
-/// sorted; does not follow symlinks.
 /// Whether a read failed because the entry was removed or replaced by another kind (a
 /// directory by a file or an overlay whiteout, whose device `open` refuses with ENXIO) since it
 /// was seen.
@@ -508,6 +506,9 @@ fn vanished(e: &io::Error) -> bool {
         || matches!(e.raw_os_error(), Some(libc::ENOTDIR | libc::ENXIO))
 }
 
+/// Calls `f(path, relative path, metadata)` for every entry under `dir`, parents first, names
+/// sorted; does not follow symlinks. A directory below `dir` that vanished since it was listed
+/// is skipped ([`vanished`]).
 pub(super) fn walk(
     dir: &Path,
     rel: &Path,

@@ -393,6 +393,28 @@ pub(super) fn memory_fits(
         Some(l) if !per_process => pages.min(l),
         _ => pages,
     };
+    let mut reserved = RESERVED.lock().unwrap_or_else(|p| p.into_inner());
+    reserved.retain(|_, (_, at)| at.elapsed() < RESERVATION_LIFE);
+    let others: u64 = reserved
+        .iter()
+        .filter(|(id, _)| id.as_str() != migration_id)
+        .map(|(_, (bytes, _))| *bytes)
+        .sum();
+    // What other arriving moves hold comes out of the rooms they share with this one (the
+    // host's, the agent's cgroup parent's), not out of this container's own limit.
+    let shared = |room: u64, within: String| {
+        if others == 0 {
+            (room, within)
+        } else {
+            (
+                room.saturating_sub(others),
+                format!(
+                    "{within}, less the {} MiB that other moves arriving here hold",
+                    others >> 20
+                ),
+            )
+        }
+    };
     let mut left: Vec<(u64, String)> = Vec::new();
     if let (Some(l), true) = (limit, per_process) {
         left.push((
@@ -401,37 +423,23 @@ pub(super) fn memory_fits(
         ));
     }
     if let Some(avail) = crate::daemon::info::mem_available_bytes() {
-        left.push((avail, "the host's available memory (MemAvailable)".into()));
+        left.push(shared(
+            avail,
+            "the host's available memory (MemAvailable)".into(),
+        ));
     }
     match mig_runtime::cgroup::memory_room(cgroup_parent) {
-        Ok(Some((room, dir))) => {
-            left.push((room, format!("the memory limit of {}", dir.display())))
-        }
+        Ok(Some((room, dir))) => left.push(shared(
+            room,
+            format!("the memory limit of {}", dir.display()),
+        )),
         Ok(None) => {}
         Err(e) => {
             tracing::warn!(error = %chain(&e), "cannot read the memory limits above the containers")
         }
     }
-    let mut reserved = RESERVED.lock().unwrap_or_else(|p| p.into_inner());
-    reserved.retain(|_, (_, at)| at.elapsed() < RESERVATION_LIFE);
-    let others: u64 = reserved
-        .iter()
-        .filter(|(id, _)| id.as_str() != migration_id)
-        .map(|(_, (bytes, _))| *bytes)
-        .sum();
     match left.into_iter().min_by_key(|(room, _)| *room) {
-        Some((room, within)) if need > room.saturating_sub(others) => Err(DestError::NoMemory {
-            need,
-            room: room.saturating_sub(others),
-            within: if others > 0 {
-                format!(
-                    "{within}, less the {} MiB that other moves arriving here hold",
-                    others >> 20
-                )
-            } else {
-                within
-            },
-        }),
+        Some((room, within)) if need > room => Err(DestError::NoMemory { need, room, within }),
         _ => {
             reserved.insert(migration_id.to_owned(), (need, Instant::now()));
             Ok(())

@@ -241,6 +241,11 @@ impl DestSide {
                 })
             }
         };
+        if !local_lazy && Self::mode_of(&inc) != Some(MigrationMode::PostCopy) {
+            // Restored with every page: its cgroup is charged for them now, so they are no
+            // longer held for it as well.
+            super::release_memory(id);
+        }
         // Stopped until Commit: the source is frozen, so nothing of the container runs twice.
         let cg = Cgroup::open(&state.cgroup).map_err(|source| DestError::Cgroup {
             name: state.cgroup.clone(),

@@ -148,7 +148,7 @@ pub async fn run_dest<H: DestHost>(
         let answer = Message::Located { container_id, held };
         let sent = write_frame(&mut send, &answer, MAX_CONTROL_FRAME).await;
         linger(&mut send, sent.is_ok()).await;
-        sent.map_err(|source| DriverError::SendHello { source })?;
+        sent.map_err(|source| DriverError::SendMessage { source })?;
         return Ok(DestReport {
             migration_id: String::new(),
             outcome: None,
