@@ -273,6 +273,35 @@ struct Run {
     _dirs: (tempfile::TempDir, tempfile::TempDir),
 }
 
+/// Host-a's client endpoint and host-b's server endpoint (which lets host-a in), on loopback.
+struct Pair {
+    a: Identity,
+    b: Identity,
+    server: quinn::Endpoint,
+    client: quinn::Endpoint,
+}
+
+fn pair() -> Pair {
+    let (a, b) = (
+        Identity::generate("host-a").unwrap(),
+        Identity::generate("host-b").unwrap(),
+    );
+    let any = "127.0.0.1:0".parse().unwrap();
+    let server = endpoint(
+        any,
+        &b,
+        AllowedPeers::new([a.fingerprint().to_string()].into()),
+    )
+    .unwrap();
+    let client = endpoint(any, &a, AllowedPeers::default()).unwrap();
+    Pair {
+        a,
+        b,
+        server,
+        client,
+    }
+}
+
 async fn migrate(id: &str, restore_fails: bool) -> Run {
     run(
         SourceMachine::new(prepare(id), Timeouts::default()),
@@ -301,18 +330,12 @@ async fn run_rounds(
     rounds: (u32, Option<u32>),
 ) -> Run {
     let (sdir, ddir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (a, b) = (
-        Identity::generate("host-a").unwrap(),
-        Identity::generate("host-b").unwrap(),
-    );
-    let any = "127.0.0.1:0".parse().unwrap();
-    let server = endpoint(
-        any,
-        &b,
-        AllowedPeers::new([a.fingerprint().to_string()].into()),
-    )
-    .unwrap();
-    let client = endpoint(any, &a, AllowedPeers::default()).unwrap();
+    let Pair {
+        a,
+        b,
+        server,
+        client,
+    } = pair();
     let src = Arc::new(FakeSource::new(sdir.path()));
     *src.rounds.lock().unwrap() = rounds;
     let dst = Arc::new(FakeDest::new(ddir.path(), restore_fails));
@@ -579,18 +602,12 @@ async fn other_major_version_refused_naming_both() {
 /// migration; a peer older than 1.7 is not asked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_says_whether_it_holds_a_container() {
-    let (a, b) = (
-        Identity::generate("host-a").unwrap(),
-        Identity::generate("host-b").unwrap(),
-    );
-    let any = "127.0.0.1:0".parse().unwrap();
-    let server = endpoint(
-        any,
-        &b,
-        AllowedPeers::new([a.fingerprint().to_string()].into()),
-    )
-    .unwrap();
-    let client = endpoint(any, &a, AllowedPeers::default()).unwrap();
+    let Pair {
+        a,
+        b,
+        server,
+        client,
+    } = pair();
     let ddir = tempfile::tempdir().unwrap();
     let dst = Arc::new(FakeDest::new(ddir.path(), false));
     let peer = Peer {

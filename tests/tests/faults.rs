@@ -743,26 +743,7 @@ fn a_source_back_after_a_committed_decision_removes_its_copy() -> Result<()> {
     let (count, _) = log_state(&lab.mig(A, &["logs", "opc"]).stdout);
     // host-a waits after host-b's Restored, before it decides.
     lab.fault(A, Some("source-restore:delay:8000"))?;
-    let o = std::thread::scope(|s| -> Result<mig_tests::MigOutput> {
-        let mover = s.spawn(|| lab.mig(A, &["move", "opc", "host-b"]));
-        let journals = lab.state_dir(B).join("migrations");
-        let restored = mig_tests::wait_until(Duration::from_secs(60), || {
-            let there = std::fs::read_dir(&journals)
-                .into_iter()
-                .flatten()
-                .flatten()
-                .any(|e| {
-                    std::fs::read_to_string(e.path()).is_ok_and(|j| j.contains("\"Restored\""))
-                });
-            there || mover.is_finished()
-        });
-        if restored && !mover.is_finished() {
-            lab.kill_agent(A)?;
-        }
-        mover
-            .join()
-            .map_err(|_| anyhow::anyhow!("the mover thread panicked"))
-    })?;
+    let o = move_killing_at(&lab, "opc", B, "Restored", A)?;
     lab.fault(A, None)?;
     ensure!(o.code != 0, "host-a was to die mid-move: {o:?}");
     let said = lab.mig_ok(B, &["move", "--resolve", "opc", "--decide", "committed"])?;
@@ -813,31 +794,42 @@ fn a_container_frozen_without_a_journal_is_not_moved_on() -> Result<()> {
     Ok(())
 }
 
-/// Moves `name` from host-a to host-b and kills host-b's agent after host-a journaled its commit
-/// decision and before host-b could record it: host-a's move ends in doubt, host-b is down.
-fn in_doubt_without_b(lab: &Lab, name: &str) -> Result<()> {
-    lab.fault(A, Some("source-commit:delay:3000"))?;
-    let o = std::thread::scope(|s| -> Result<mig_tests::MigOutput> {
+/// Moves `name` from host-a to host-b and kills host `kill`'s agent once host `watch` has
+/// journaled `state` (a fault delay on the source holds the move there); the move's output.
+fn move_killing_at(
+    lab: &Lab,
+    name: &str,
+    watch: usize,
+    state: &str,
+    kill: usize,
+) -> Result<mig_tests::MigOutput> {
+    let quoted = format!("\"{state}\"");
+    std::thread::scope(|s| -> Result<mig_tests::MigOutput> {
         let mover = s.spawn(|| lab.mig(A, &["move", name, "host-b"]));
-        // host-a journaled its decision and now waits before it sends the Commit.
-        let journals = lab.state_dir(A).join("migrations");
-        let restored = mig_tests::wait_until(Duration::from_secs(60), || {
-            let sent = std::fs::read_dir(&journals)
+        let journals = lab.state_dir(watch).join("migrations");
+        let reached = mig_tests::wait_until(Duration::from_secs(60), || {
+            let there = std::fs::read_dir(&journals)
                 .into_iter()
                 .flatten()
                 .flatten()
-                .any(|e| {
-                    std::fs::read_to_string(e.path()).is_ok_and(|j| j.contains("\"CommitSent\""))
-                });
-            sent || mover.is_finished()
+                .any(|e| std::fs::read_to_string(e.path()).is_ok_and(|j| j.contains(&quoted)));
+            there || mover.is_finished()
         });
-        if restored && !mover.is_finished() {
-            lab.kill_agent(B)?;
+        if reached && !mover.is_finished() {
+            lab.kill_agent(kill)?;
         }
         mover
             .join()
             .map_err(|_| anyhow::anyhow!("the mover thread panicked"))
-    })?;
+    })
+}
+
+/// Moves `name` from host-a to host-b and kills host-b's agent after host-a journaled its commit
+/// decision and before host-b could record it: host-a's move ends in doubt, host-b is down.
+fn in_doubt_without_b(lab: &Lab, name: &str) -> Result<()> {
+    lab.fault(A, Some("source-commit:delay:3000"))?;
+    // host-a journaled its decision and now waits before it sends the Commit.
+    let o = move_killing_at(lab, name, A, "CommitSent", B)?;
     lab.fault(A, None)?;
     eprintln!("move exit {}: {}", o.code, o.stderr.trim());
     ensure!(o.stderr.contains("in doubt"), "not in doubt: {o:?}");

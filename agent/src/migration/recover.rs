@@ -103,26 +103,7 @@ pub(crate) fn recover(agent: &Arc<Agent>) {
                 Role::Source,
                 JournalState::Preparing | JournalState::Frozen | JournalState::Restored,
             ) => roll_back_source(agent, &e),
-            (Role::Source, JournalState::Committed) => {
-                let agent = agent.clone();
-                // Busy and marked until removed: listed `frozen` (stage `committed`), never
-                // `running` while the destination runs it.
-                agent.set_busy(&e.container_id, true);
-                super::source::mark_frozen(&e.container_id, true);
-                let ending = super::source::hold_ending(&e.container_id);
-                tokio::spawn(async move {
-                    let _ending = ending;
-                    let _held = hold(&e.migration_id).await;
-                    match destroy_copy(&agent, &e.container_id, &e.cgroup).await {
-                        Ok(()) => {
-                            tracing::info!(migration = %e.migration_id, "source copy removed")
-                        }
-                        Err(err) => {
-                            tracing::error!(error = %chain(&err), "cannot remove the source copy")
-                        }
-                    }
-                });
-            }
+            (Role::Source, JournalState::Committed) => end_committed_copy(agent, e),
             (Role::Dest, JournalState::Committed) => {
                 if let Err(err) = dest::resume_incoming(agent, &mig, &id) {
                     tracing::error!(error = %chain(&err), "cannot resume the arrived container");
@@ -216,6 +197,24 @@ impl transport::SourceHost for Notifier {
     }
 }
 
+/// Ends this (source) host's copy of a move that committed: busy and marked until removed, so
+/// that it is listed `frozen` (stage `committed`), never `running`, while the destination runs
+/// it; removed in the background, the migration held meanwhile.
+fn end_committed_copy(agent: &Arc<Agent>, e: JournalEntry) {
+    let agent = agent.clone();
+    agent.set_busy(&e.container_id, true);
+    super::source::mark_frozen(&e.container_id, true);
+    let ending = super::source::hold_ending(&e.container_id);
+    tokio::spawn(async move {
+        let _ending = ending;
+        let _held = hold(&e.migration_id).await;
+        match destroy_copy(&agent, &e.container_id, &e.cgroup).await {
+            Ok(()) => tracing::info!(migration = %e.migration_id, "source copy removed"),
+            Err(err) => tracing::error!(error = %chain(&err), "cannot remove the source copy"),
+        }
+    });
+}
+
 /// Sources' moves found at `Frozen` or `Restored` by [`recover`], for [`settle_sources`].
 static ASK_FIRST: std::sync::Mutex<Vec<JournalEntry>> = std::sync::Mutex::new(Vec::new());
 
@@ -247,22 +246,7 @@ pub async fn settle_sources(agent: &Arc<Agent>) {
                 {
                     tracing::warn!(migration = %e.migration_id, peer = %e.peer, %state, "the destination holds the container beyond this move (decided committed there?): removing this copy instead of thawing it");
                     settle(&agent, &e, JournalState::Committed);
-                    // Busy and marked until removed, as after any committed move.
-                    agent.set_busy(&e.container_id, true);
-                    super::source::mark_frozen(&e.container_id, true);
-                    let ending = super::source::hold_ending(&e.container_id);
-                    tokio::spawn(async move {
-                        let _ending = ending;
-                        let _held = hold(&e.migration_id).await;
-                        match destroy_copy(&agent, &e.container_id, &e.cgroup).await {
-                            Ok(()) => {
-                                tracing::info!(migration = %e.migration_id, "source copy removed")
-                            }
-                            Err(err) => {
-                                tracing::error!(error = %chain(&err), "cannot remove the source copy")
-                            }
-                        }
-                    });
+                    end_committed_copy(&agent, e);
                 }
                 answer => {
                     if let Err(why) = &answer {
