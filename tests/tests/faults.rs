@@ -463,22 +463,12 @@ fn a_destination_without_room_for_the_memory_rolls_back() -> Result<()> {
     let id = lab.run_container(A, "oom", 8)?;
     let before: Vec<Usage> = (0..2).map(|h| usage(&lab, h)).collect();
     let parent = lab.cgroup_parent(B);
-    // The memory hierarchy: cgroup v1's memory mount, else cgroup2.
-    let (dir, limit_file, no_limit) = match std::path::Path::new("/sys/fs/cgroup/memory") {
-        v1 if v1.is_dir() => (v1.join(&parent), "memory.limit_in_bytes", "-1"),
-        _ => (
-            std::path::Path::new("/sys/fs/cgroup").join(&parent),
-            "memory.max",
-            "max",
-        ),
-    };
-    // Removed with the lab (`mig lab down` removes the host's cgroup parent).
-    std::fs::create_dir_all(&dir)?;
-    let used: u64 = ["memory.usage_in_bytes", "memory.current"]
-        .iter()
-        .find_map(|f| std::fs::read_to_string(dir.join(f)).ok())
-        .and_then(|t| t.trim().parse().ok())
-        .unwrap_or(0);
+    let ParentLimit {
+        dir,
+        limit_file,
+        no_limit,
+        used,
+    } = parent_limit(&parent)?;
     let memory = lab.mig_json(A, &["inspect", "oom", "--json"])?["usage"]["memory_bytes"]
         .as_u64()
         .unwrap_or(0);
@@ -504,6 +494,39 @@ fn a_destination_without_room_for_the_memory_rolls_back() -> Result<()> {
     std::fs::write(dir.join(limit_file), no_limit)?;
     move_and_check(&lab, A, B, "oom", &id)?;
     Ok(())
+}
+
+/// The memory limit file of a host's cgroup parent (cgroup v1's memory mount, else cgroup2),
+/// what writing no limit takes, and what the parent holds now.
+struct ParentLimit {
+    dir: std::path::PathBuf,
+    limit_file: &'static str,
+    no_limit: &'static str,
+    used: u64,
+}
+
+fn parent_limit(parent: &str) -> Result<ParentLimit> {
+    let (dir, limit_file, no_limit) = match std::path::Path::new("/sys/fs/cgroup/memory") {
+        v1 if v1.is_dir() => (v1.join(parent), "memory.limit_in_bytes", "-1"),
+        _ => (
+            std::path::Path::new("/sys/fs/cgroup").join(parent),
+            "memory.max",
+            "max",
+        ),
+    };
+    // Removed with the lab (`mig lab down` removes the host's cgroup parent).
+    std::fs::create_dir_all(&dir)?;
+    let used: u64 = ["memory.usage_in_bytes", "memory.current"]
+        .iter()
+        .find_map(|f| std::fs::read_to_string(dir.join(f)).ok())
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0);
+    Ok(ParentLimit {
+        dir,
+        limit_file,
+        no_limit,
+        used,
+    })
 }
 
 /// Two moves into one host at once, each of which fits alone but not both: the memory the first
@@ -533,21 +556,12 @@ fn two_moves_that_fit_only_alone_do_not_both_arrive() -> Result<()> {
     };
     let ids = [run(A, "oa")?, run(C, "oc")?];
     std::thread::sleep(Duration::from_secs(2));
-    let parent = lab.cgroup_parent(B);
-    let (dir, limit_file, no_limit) = match std::path::Path::new("/sys/fs/cgroup/memory") {
-        v1 if v1.is_dir() => (v1.join(&parent), "memory.limit_in_bytes", "-1"),
-        _ => (
-            std::path::Path::new("/sys/fs/cgroup").join(&parent),
-            "memory.max",
-            "max",
-        ),
-    };
-    std::fs::create_dir_all(&dir)?;
-    let used: u64 = ["memory.usage_in_bytes", "memory.current"]
-        .iter()
-        .find_map(|f| std::fs::read_to_string(dir.join(f)).ok())
-        .and_then(|t| t.trim().parse().ok())
-        .unwrap_or(0);
+    let ParentLimit {
+        dir,
+        limit_file,
+        no_limit,
+        used,
+    } = parent_limit(&lab.cgroup_parent(B))?;
     // What one container needs there, as the destination counts it: from its refusal with no
     // room at all.
     std::fs::write(dir.join(limit_file), (used + (1 << 20)).to_string())?;
