@@ -236,20 +236,9 @@ fn fail(e: &CliError) -> ExitCode {
     ExitCode::from(e.exit_code())
 }
 
-/// `e`'s message and its sources', on one line.
+/// `e`'s message and its sources', on one line ([`crate::client::report`]).
 fn chained(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    // `Client(Api)` is transparent: its message is the agent's already.
-    while let Some(s) = src {
-        let t = s.to_string();
-        if !msg.ends_with(&t) {
-            msg.push_str(": ");
-            msg.push_str(&t);
-        }
-        src = s.source();
-    }
-    msg.replace('\n', " ")
+    crate::client::report(e).replace('\n', " ")
 }
 
 /// Which socket to talk to: `--socket`/`MIG_SOCKET`, else the lab host `--host`/`MIG_HOST`, else

@@ -240,10 +240,11 @@ async fn drain_one(
                         .is_err_and(|i| i.api_kind() == Some(crate::api::ErrorKind::NotFound));
                 if gone {
                     r.gone = true;
-                    r.errors.push(chain(&e));
+                    r.errors.push(crate::client::report(&e));
                     break;
                 }
-                r.errors.push(format!("{peer}: {}", chain(&e)));
+                r.errors
+                    .push(format!("{peer}: {}", crate::client::report(&e)));
             }
         }
     }
@@ -285,18 +286,4 @@ async fn wait_for_memory(c: &mut Client, ct: &ContainerSummary) {
             started.elapsed().as_secs_f64()
         );
     }
-}
-
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.ends_with(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
 }
