@@ -25,8 +25,22 @@ pub(crate) struct PeerAnswers {
 
 impl Agent {
     /// Container `id`'s state here in words when this agent holds it live (running, frozen,
-    /// moving away, arriving, in doubt), else `None`.
+    /// moving away, arriving, in doubt), else `None`: the answer to a peer's `Locate`. It reads
+    /// the journal directory and every container's records, so on a worker of a multi-threaded
+    /// runtime (migd's) it runs as blocking code ([`tokio::task::block_in_place`]: the driver's
+    /// `DestHost::locate` is synchronous), and the other tasks of that worker move elsewhere
+    /// meanwhile (review of session 26, F9: it blocked the worker that drives the connection).
     pub(crate) fn held_live(&self, id: &str) -> Option<String> {
+        let multi_threaded = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if multi_threaded {
+            tokio::task::block_in_place(|| self.held_live_now(id))
+        } else {
+            self.held_live_now(id)
+        }
+    }
+
+    fn held_live_now(&self, id: &str) -> Option<String> {
         let journals = self.journals();
         let open = |role: Role| {
             journals.iter().find(|j| {
