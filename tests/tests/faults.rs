@@ -770,6 +770,63 @@ fn a_source_back_after_a_committed_decision_removes_its_copy() -> Result<()> {
     Ok(())
 }
 
+/// As `a_source_back_after_a_committed_decision_removes_its_copy`, but host-b's agent is down
+/// when host-a comes back (both hosts restarting after a power cut) and back ten seconds later:
+/// host-a keeps its copy frozen while it cannot ask host-b, asks again, hears that the container
+/// runs there, and removes its copy. Before the review of session 26 (F4) host-a thawed its copy
+/// after 2 s without an answer, and the container ran on both hosts.
+#[test]
+fn a_source_back_before_its_destination_waits_for_it() -> Result<()> {
+    if !mig_tests::is_root("fault tests") {
+        return Ok(());
+    }
+    let mut lab = Lab::up("slowd", 39)?;
+    let id = lab.run_container(A, "slw", 8)?;
+    let (count, _) = log_state(&lab.mig(A, &["logs", "slw"]).stdout);
+    lab.fault(A, Some("source-restore:delay:8000"))?;
+    let o = move_killing_at(&lab, "slw", B, "Restored", A)?;
+    lab.fault(A, None)?;
+    ensure!(o.code != 0, "host-a was to die mid-move: {o:?}");
+    let said = lab.mig_ok(B, &["move", "--resolve", "slw", "--decide", "committed"])?;
+    ensure!(said.contains("runs on host-b"), "{said}");
+    running_on(&lab, B, "slw")?;
+    // The container keeps running on host-b while its agent is down.
+    lab.kill_agent(B)?;
+    lab.restart_after_crash(A)?;
+    let kept_frozen = (|| -> Result<()> {
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(10) {
+            let d = lab.mig_json(A, &["inspect", "slw", "--json"])?;
+            ensure!(
+                d["state"] == "frozen",
+                "host-a runs its copy while host-b cannot be asked: {d}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        // Asked now, the operator hears why it stays frozen.
+        let o = lab.mig(A, &["move", "--resolve", "slw"]);
+        ensure!(
+            o.code != 0 && o.stderr.contains("stays frozen while it is asked again"),
+            "{o:?}"
+        );
+        Ok(())
+    })();
+    lab.restart_after_crash(B)?;
+    kept_frozen?;
+    let gone = mig_tests::wait_until(Duration::from_secs(30), || {
+        !lab.mig(A, &["ps", "-a"]).stdout.contains("slw")
+    });
+    ensure!(
+        gone,
+        "host-a kept its copy: {}",
+        lab.mig(A, &["ps", "-a"]).stdout
+    );
+    nothing_left(&lab, A, &id)?;
+    running_on(&lab, B, "slw")?;
+    continues(&lab, B, "slw", count)?;
+    Ok(())
+}
+
 /// A container frozen with nothing on its agent to say why (the copy of a move left in doubt
 /// whose journal entry could not be read, made here by freezing its cgroup by hand) is not moved
 /// on: that could leave two copies (QA of session 25, F6: it was). `--resolve` says how to let it
@@ -851,8 +908,9 @@ fn in_doubt_without_b(lab: &Lab, name: &str) -> Result<()> {
 }
 
 /// The source killed after host-b restored its copy, then restarted twice while host-b is cut
-/// off: the first restart thaws the container on host-a and must tell host-b to drop its frozen
-/// copy, the second stops that agent before it could. Before session 21 the notice lived in
+/// off: the first restart thaws the container on host-a once host-b could not be asked for a
+/// minute (`recover::back::ASK_PATIENCE`) and must tell host-b to drop its frozen copy, the
+/// second stops that agent before it could. Before session 21 the notice lived in
 /// memory only, and host-b's copy stayed frozen "in doubt" for good, refusing rm, stop and
 /// moves (QA); now it is kept on disk and sent once host-b is reachable again.
 #[test]
@@ -869,8 +927,11 @@ fn a_rollback_notice_outlives_a_restart_of_the_source() -> Result<()> {
     lab.link(B, false)?;
     let cut = (|| -> Result<()> {
         lab.restart_after_crash(A)?;
-        running_on(&lab, A, "ntc")?;
-        // Long enough for the restarted agent to roll back and try host-b once.
+        let ran = mig_tests::wait_until(Duration::from_secs(90), || {
+            running_on(&lab, A, "ntc").is_ok()
+        });
+        ensure!(ran, "host-a never ran its copy while host-b was cut off");
+        // Long enough for the restarted agent to try host-b once.
         std::thread::sleep(Duration::from_secs(2));
         lab.kill_agent(A)?;
         lab.restart(A)?;

@@ -411,8 +411,11 @@ pub async fn wait_for_moves(
         // Each outgoing move shows in one or more of: its journal entry, its frozen or ending
         // mark, its slot (a move still in its pre-flight has only the slot: CI saw a SIGTERM end
         // the agent, and the move's answer with it, then).
+        // A restarted source's copy that waits for its destination's answer is no move under
+        // way: left frozen, it is asked about again at the next start.
         let under_way = unfinished(Role::Dest)
             + unfinished(Role::Source)
+                .saturating_sub(recover::waiting_count())
                 .max(source::moving_away())
                 .max(agent.migration.outgoing());
         if under_way == 0 {

@@ -1,10 +1,11 @@
 //! Recovery at start and `mig move --resolve`.
 //!
 //! At start every unfinished journal entry is settled the way the protocol machines' `recover`
-//! would: a source that never froze, or froze but never sent Commit, thaws its container (it
-//! keeps running here); a source that recorded Committed destroys its frozen copy again; a
-//! destination that never recorded Restored removes what it received; a destination that
-//! recorded Committed makes sure its container runs. The in-doubt states (source `CommitSent`
+//! would: a source that never froze thaws its container (it keeps running here), one that froze
+//! but never sent Commit does too once its destination says it does not hold the container
+//! beyond this move ([`back`]); a source that recorded Committed destroys its frozen copy
+//! again; a destination that never recorded Restored removes what it received; a destination
+//! that recorded Committed makes sure its container runs. The in-doubt states (source `CommitSent`
 //! or `InDoubt`, destination `Restored` or `InDoubt`) keep their frozen copy and wait: the source
 //! agent's `mig move --resolve` asks the destination over a new connection and applies its
 //! answer (the destination answers from its own journal).
@@ -22,6 +23,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::OwnedMutexGuard;
+
+mod back;
+pub use back::settle_sources;
+pub(crate) use back::waiting_count;
 
 /// The per-migration locks of this agent (see [`hold`]).
 type Locks = std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>;
@@ -94,10 +99,14 @@ pub(crate) fn recover(agent: &Arc<Agent>) {
             {
                 // The destination may have restored a copy, and its operator may have decided
                 // the move committed there while this agent was down (`--decide committed`):
-                // asked first ([`settle_sources`], before the agent serves), so that this copy
-                // is not thawed beside that one (QA of session 26: two running copies once the
-                // source came back). Still frozen until then.
-                ASK_FIRST.lock().unwrap_or_else(|p| p.into_inner()).push(e);
+                // asked first ([`settle_sources`], before the agent serves, and again while it
+                // cannot be asked), so that this copy is not thawed beside that one (QA of
+                // session 26: two running copies once the source came back). Still frozen
+                // until then.
+                back::ASK_FIRST
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(e);
             }
             (
                 Role::Source,
@@ -213,51 +222,6 @@ fn end_committed_copy(agent: &Arc<Agent>, e: JournalEntry) {
             Err(err) => tracing::error!(error = %chain(&err), "cannot remove the source copy"),
         }
     });
-}
-
-/// Sources' moves found at `Frozen` or `Restored` by [`recover`], for [`settle_sources`].
-static ASK_FIRST: std::sync::Mutex<Vec<JournalEntry>> = std::sync::Mutex::new(Vec::new());
-
-/// How long a restarted source asks its destination before it thaws its copy (the agent serves
-/// nothing meanwhile).
-const ASK_FIRST_LIMIT: Duration = Duration::from_secs(2);
-
-/// Settles the moves [`recover`] found stopped before any Commit on this (source) host: each
-/// destination is asked, all at once and for at most [`ASK_FIRST_LIMIT`], whether it runs the
-/// container (decided committed there by its operator); if so this copy is removed, else it is
-/// thawed and the destination told to remove its own ([`roll_back_source`]). Run by migd after
-/// [`crate::migration::start`] and before it serves requests.
-pub async fn settle_sources(agent: &Arc<Agent>) {
-    let entries = std::mem::take(&mut *ASK_FIRST.lock().unwrap_or_else(|p| p.into_inner()));
-    let asks = entries.into_iter().map(|e| {
-        let agent = agent.clone();
-        async move {
-            let answer = tokio::time::timeout(
-                ASK_FIRST_LIMIT,
-                agent.ask_peer_about(&e.peer, &e.container_id),
-            )
-            .await
-            .unwrap_or_else(|_| Err(format!("no answer within {ASK_FIRST_LIMIT:?}")));
-            match answer {
-                // Live there beyond this move (it names this migration while it arrives or is
-                // in doubt): run (decided committed), moved on, ... Only this frozen copy goes.
-                Ok(mig_migrate::transport::Located::Held(state))
-                    if !state.contains(&e.migration_id) =>
-                {
-                    tracing::warn!(migration = %e.migration_id, peer = %e.peer, %state, "the destination holds the container beyond this move (decided committed there?): removing this copy instead of thawing it");
-                    settle(&agent, &e, JournalState::Committed);
-                    end_committed_copy(&agent, e);
-                }
-                answer => {
-                    if let Err(why) = &answer {
-                        tracing::info!(migration = %e.migration_id, peer = %e.peer, %why, "cannot ask the destination about the container: rolling back");
-                    }
-                    roll_back_source(&agent, &e);
-                }
-            }
-        }
-    });
-    futures::future::join_all(asks).await;
 }
 
 /// A source's move that ended before Commit while this agent was down: its copy runs here again
@@ -486,6 +450,10 @@ impl Agent {
                 ));
             };
             return self.decide_here(e, d, "").await;
+        }
+        // Stopped before its Commit while this agent was down, its destination not asked yet.
+        if back::waiting(&e.migration_id) {
+            return self.resolve_waiting(e, decide).await;
         }
         // One resolution at a time (an operator's `--resolve` and the automatic one): the
         // second reads what the first decided instead of destroying or thawing again.

@@ -1,0 +1,208 @@
+//! A source agent back from a restart that found a move of its own stopped before any Commit
+//! (journal `Frozen` or `Restored`): the destination may hold a restored copy, and its operator
+//! may have decided the move committed there while this agent was down (`--decide committed`).
+//! So the destination is asked first whether it holds the container beyond this move (the
+//! `Locate` question of protocol 1.7) before this frozen copy is thawed.
+//!
+//! The first ask takes at most [`ASK_FIRST_LIMIT`], before the agent serves requests. A
+//! destination that cannot be asked then (its agent restarting too after both hosts lost power,
+//! a slow link) is not taken for gone: the copy stays frozen and busy and is asked about again
+//! every [`ASK_AGAIN`], in the background, while the agent serves; it is thawed (the move
+//! rolled back, the destination told) only when the destination answers that it does not hold
+//! the container beyond this move, or when it could not be asked for [`ASK_PATIENCE`] (review
+//! of session 26, F4: it was thawed after the first 2 s, and a destination decided `committed`
+//! then ran a second copy). `mig move --resolve` asks at once ([`Agent::resolve_waiting`]).
+
+use super::{end_committed_copy, resolved_result, roll_back_source, settle, Held};
+use crate::api::{ApiError, Decision, ErrorKind};
+use crate::daemon::Agent;
+use crate::migration::journal::{self, JournalEntry};
+use crate::migration::MoveResult;
+use mig_migrate::protocol::JournalState;
+use mig_migrate::transport::Located;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Sources' moves found at `Frozen` or `Restored` by [`super::recover`], for [`settle_sources`].
+pub(super) static ASK_FIRST: Mutex<Vec<JournalEntry>> = Mutex::new(Vec::new());
+
+/// How long a restarted source asks its destination before it starts serving (all its moves at
+/// once).
+const ASK_FIRST_LIMIT: Duration = Duration::from_secs(2);
+
+/// How long a restarted source keeps its copy frozen while its destination cannot be asked
+/// (counted from the first ask), before it takes the destination for gone and thaws the copy.
+pub(crate) const ASK_PATIENCE: Duration = Duration::from_secs(60);
+
+/// The pause between two asks while the destination cannot be asked.
+const ASK_AGAIN: Duration = Duration::from_secs(3);
+
+/// How long one later ask may take, the connection included.
+const ASK_LIMIT: Duration = Duration::from_secs(3);
+
+/// The moves whose copy waits for its destination's answer: migration id -> when it is thawed
+/// if the destination still cannot be asked.
+static WAITING: Mutex<BTreeMap<String, Instant>> = Mutex::new(BTreeMap::new());
+
+fn waiting_map() -> std::sync::MutexGuard<'static, BTreeMap<String, Instant>> {
+    WAITING.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Whether migration `id`'s copy here waits for its destination's answer.
+pub(crate) fn waiting(id: &str) -> bool {
+    waiting_map().contains_key(id)
+}
+
+/// How many moves' copies wait for their destination's answer (not moves under way: a stopping
+/// agent leaves them frozen, and asks again at its next start).
+pub(crate) fn waiting_count() -> usize {
+    waiting_map().len()
+}
+
+/// Settles the moves [`super::recover`] found stopped before any Commit on this (source) host:
+/// each destination is asked, all at once and for at most [`ASK_FIRST_LIMIT`], whether it holds
+/// the container beyond this move (decided committed there by its operator, moved on since);
+/// if so this copy is removed, if it answers otherwise the copy is thawed and the destination
+/// told to remove its own ([`roll_back_source`]), and if it cannot be asked the copy stays
+/// frozen while it is asked again in the background (see the module documentation). Run by
+/// migd after [`crate::migration::start`] and before it serves requests.
+pub async fn settle_sources(agent: &Arc<Agent>) {
+    let entries = std::mem::take(&mut *ASK_FIRST.lock().unwrap_or_else(|p| p.into_inner()));
+    let asks = entries.into_iter().map(|e| {
+        let agent = agent.clone();
+        async move {
+            match ask(&agent, &e, ASK_FIRST_LIMIT).await {
+                Ok(answer) => {
+                    settle_with(&agent, e, answer);
+                }
+                Err(why) => wait_for_destination(agent, e, why),
+            }
+        }
+    });
+    futures::future::join_all(asks).await;
+}
+
+/// Asks `e`'s destination whether it holds `e`'s container live, for at most `limit`.
+async fn ask(agent: &Arc<Agent>, e: &JournalEntry, limit: Duration) -> Result<Located, String> {
+    tokio::time::timeout(limit, agent.ask_peer_about(&e.peer, &e.container_id))
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {limit:?}")))
+}
+
+/// Settles move `e` with its destination's `answer`: the copy here is removed when the
+/// destination holds the container beyond this move (true), else thawed (false).
+fn settle_with(agent: &Arc<Agent>, e: JournalEntry, answer: Located) -> bool {
+    match answer {
+        // Live there beyond this move (it names this migration while it arrives or is in
+        // doubt): run (decided committed), moved on, ... Only this frozen copy goes.
+        Located::Held(state) if !state.contains(&e.migration_id) => {
+            tracing::warn!(migration = %e.migration_id, peer = %e.peer, %state, "the destination holds the container beyond this move (decided committed there?): removing this copy instead of thawing it");
+            settle(agent, &e, JournalState::Committed);
+            end_committed_copy(agent, e);
+            true
+        }
+        answer => {
+            tracing::info!(migration = %e.migration_id, peer = %e.peer, ?answer, "the destination does not hold the container beyond this move: rolling back");
+            roll_back_source(agent, &e);
+            false
+        }
+    }
+}
+
+/// Keeps move `e`'s copy frozen (and busy) while its destination, which could not be asked
+/// (`why`), is asked again every [`ASK_AGAIN`] for up to [`ASK_PATIENCE`]; then settles it with
+/// the answer, or rolls it back when there was none. Stops when the move was settled meanwhile
+/// (`mig move --resolve`).
+fn wait_for_destination(agent: Arc<Agent>, e: JournalEntry, why: String) {
+    let until = Instant::now() + ASK_PATIENCE;
+    tracing::warn!(migration = %e.migration_id, peer = %e.peer, %why, "cannot ask the destination whether it runs the container: the copy here stays frozen while it is asked again, for at most {ASK_PATIENCE:?}");
+    agent.set_busy(&e.container_id, true);
+    waiting_map().insert(e.migration_id.clone(), until);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(ASK_AGAIN).await;
+            // One machine acts on the migration at a time: an operator's `--resolve` may have
+            // settled it while this waited.
+            let _held = super::hold(&e.migration_id).await;
+            let open = journal::read(&agent.cfg.state_dir, &e.migration_id).is_some_and(|now| {
+                matches!(now.state, JournalState::Frozen | JournalState::Restored)
+            });
+            if !open || !waiting(&e.migration_id) {
+                waiting_map().remove(&e.migration_id);
+                return;
+            }
+            match ask(&agent, &e, ASK_LIMIT).await {
+                Ok(answer) => {
+                    waiting_map().remove(&e.migration_id);
+                    settle_with(&agent, e, answer);
+                    return;
+                }
+                Err(why) if Instant::now() >= until => {
+                    waiting_map().remove(&e.migration_id);
+                    tracing::warn!(migration = %e.migration_id, peer = %e.peer, %why, "the destination could not be asked for {ASK_PATIENCE:?}: rolling back, the container runs here again");
+                    roll_back_source(&agent, &e);
+                    return;
+                }
+                Err(why) => {
+                    tracing::debug!(migration = %e.migration_id, peer = %e.peer, %why, "cannot ask the destination yet")
+                }
+            }
+        }
+    });
+}
+
+impl Agent {
+    /// `mig move --resolve` of a copy that waits for its destination's answer
+    /// ([`wait_for_destination`]): asks at once, and settles the move with the answer; when the
+    /// destination cannot be asked, applies the operator's `decide`, or without it says that
+    /// the copy stays frozen and until when.
+    pub(super) async fn resolve_waiting(
+        self: &Arc<Self>,
+        e: JournalEntry,
+        decide: Option<Decision>,
+    ) -> Result<MoveResult, ApiError> {
+        let (held, e) = match self.hold_unsettled(e).await? {
+            Held::Open(guard, e) => (guard, e),
+            Held::Settled(r) => return *r,
+        };
+        let settled = match ask(self, &e, ASK_LIMIT).await {
+            Ok(answer) => {
+                waiting_map().remove(&e.migration_id);
+                if settle_with(self, e.clone(), answer) {
+                    Ok(resolved_result(&e))
+                } else {
+                    Err(ApiError::new(
+                        ErrorKind::Conflict,
+                        format!(
+                            "resolved: {} does not hold the container beyond this move, so the move was rolled back and the container runs here",
+                            e.peer
+                        ),
+                    ))
+                }
+            }
+            Err(why) => match decide {
+                Some(d) => {
+                    waiting_map().remove(&e.migration_id);
+                    drop(held);
+                    let why = format!("cannot ask {}: {why}", e.peer);
+                    return self.decide_here(e, d, &why).await;
+                }
+                None => {
+                    let left = waiting_map()
+                        .get(&e.migration_id)
+                        .map_or(0, |t| t.saturating_duration_since(Instant::now()).as_secs());
+                    return Err(ApiError::new(
+                        ErrorKind::Unavailable,
+                        format!(
+                            "migration {} stopped before its Commit while this agent was down, and {} cannot be asked whether it runs {} ({why}): the copy here stays frozen while it is asked again, and is thawed if it still cannot be asked in {left} s; if {} is gone for good, `mig move --resolve {} --decide rolled-back` runs it here now, `--decide committed` removes it here",
+                            e.migration_id, e.peer, e.container_name, e.peer, e.container_name
+                        ),
+                    ));
+                }
+            },
+        };
+        self.settle_started_move(&e.migration_id, &settled);
+        settled
+    }
+}
