@@ -827,6 +827,57 @@ fn a_source_back_before_its_destination_waits_for_it() -> Result<()> {
     Ok(())
 }
 
+/// A move that rolls back removes the image it brought to the destination, unless another
+/// arriving move uses it. Another move's Prepare that comes while the rollback is about to
+/// remove it (held there by `dest-image-remove:delay`) waits for the removal and is sent the
+/// layers, so its restore finds them. Before the review of session 26 (F7) it found the image,
+/// was sent no layers, and its restore failed once the rollback had removed them.
+#[test]
+fn a_rolled_back_move_leaves_alone_an_image_another_move_found() -> Result<()> {
+    if !mig_tests::is_root("fault tests") {
+        return Ok(());
+    }
+    let lab = Lab::up("imgrb", 40)?;
+    lab.run_container(A, "imx", 1)?;
+    let y = lab.run_container(A, "imy", 1)?;
+    // The agent's log, beside its socket.
+    let log = lab.hosts[B]
+        .socket
+        .parent()
+        .context("no lab directory")?
+        .join("host-b.log");
+    let seen = std::fs::read_to_string(&log).map_or(0, |l| l.len());
+    // imx's move brings the image to host-b and rolls back (its restore fails); host-b then
+    // waits before it removes the image.
+    lab.fault(B, Some("dest-restore:fail\ndest-image-remove:delay:8000"))?;
+    let (x, y_moved) = std::thread::scope(|s| -> Result<_> {
+        let mover = s.spawn(|| lab.mig(A, &["move", "imx", "host-b"]));
+        let held = mig_tests::wait_until(Duration::from_secs(60), || {
+            std::fs::read_to_string(&log).is_ok_and(|l| {
+                l.get(seen..)
+                    .is_some_and(|l| l.contains("dest-image-remove"))
+            })
+        });
+        lab.fault(B, None)?;
+        // imy's move is held before its freeze, after its Prepare and presync, for longer than
+        // the removal waits: a restore that lacks the layers fails.
+        lab.fault(A, Some("source-before-freeze:delay:10000"))?;
+        let y_moved = held.then(|| lab.mig(A, &["move", "imy", "host-b"]));
+        lab.fault(A, None)?;
+        let x = mover
+            .join()
+            .map_err(|_| anyhow::anyhow!("the mover thread panicked"))?;
+        Ok((x, y_moved))
+    })?;
+    ensure!(x.code == 125, "imx's move was to roll back: {x:?}");
+    let y_moved = y_moved.context("host-b never held the image's removal")?;
+    ensure!(y_moved.code == 0, "imy's move failed: {y_moved:?}");
+    running_on(&lab, A, "imx")?;
+    running_on(&lab, B, "imy")?;
+    move_and_check(&lab, B, A, "imy", &y)?;
+    Ok(())
+}
+
 /// A container frozen with nothing on its agent to say why (the copy of a move left in doubt
 /// whose journal entry could not be read, made here by freezing its cgroup by hand) is not moved
 /// on: that could leave two copies (QA of session 25, F6: it was). `--resolve` says how to let it

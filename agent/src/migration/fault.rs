@@ -20,6 +20,7 @@
 //! | `dest-transfer`   | when the first file of the final transfer arrives                     |
 //! | `dest-restore`    | before the restore (`kill`: after it, the copy restored and frozen)   |
 //! | `dest-commit`     | when Commit arrives (journaled `Committed`), before resuming          |
+//! | `dest-image-remove` | a rolled-back move, before it removes the image it added (`delay`) |
 //!
 //! Faults: `kill` (the agent SIGKILLs itself: a crash), `fail` (the step returns an error),
 //! `delay:MS` (the step sleeps MS milliseconds first), `cut` (the agent closes its migration
@@ -60,6 +61,9 @@ pub enum Point {
     DestTransfer,
     DestRestore,
     DestCommit,
+    /// A rolled-back incoming move, before it removes the image it added (no other arriving
+    /// move of that image found).
+    DestImageRemove,
     /// A local `mig checkpoint`, after CRIU's dump and before the image set is sealed.
     CheckpointDump,
     /// A local `mig checkpoint --export`, after the seal (and the end of the container, without
@@ -67,7 +71,7 @@ pub enum Point {
     CheckpointExport,
 }
 
-const POINTS: [(&str, Point); 16] = [
+const POINTS: [(&str, Point); 17] = [
     ("source-prepare", Point::SourcePrepare),
     ("source-presync", Point::SourcePresync),
     ("source-before-freeze", Point::SourceBeforeFreeze),
@@ -82,6 +86,7 @@ const POINTS: [(&str, Point); 16] = [
     ("dest-transfer", Point::DestTransfer),
     ("dest-restore", Point::DestRestore),
     ("dest-commit", Point::DestCommit),
+    ("dest-image-remove", Point::DestImageRemove),
     ("checkpoint-dump", Point::CheckpointDump),
     ("checkpoint-export", Point::CheckpointExport),
 ];

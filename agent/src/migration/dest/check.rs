@@ -295,6 +295,21 @@ fn version_key(v: &str) -> [u64; 3] {
     out
 }
 
+/// Held while an incoming migration's Prepare looks at the layers and images this host has
+/// until its staging directory names its image ([`ARRIVING_FILE`]), and while a migration that
+/// rolls back hands the image it added to another arriving move ([`arriving_with_image`]) or
+/// removes it, and removes its staging directory. Without it a Prepare could find the image
+/// between a rollback's look for another move of it and its removal (and lose it underneath),
+/// and a rollback could hand the image to a move whose own cleanup had already read its
+/// `IMAGE_ADDED` (the image then leaked) (review of session 26, F7). An async lock: the
+/// removal awaits.
+static IMAGES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Takes [`IMAGES`].
+pub(super) async fn images_held() -> tokio::sync::MutexGuard<'static, ()> {
+    IMAGES.lock().await
+}
+
 /// Held while an incoming migration checks that no other one brings a container of the same id
 /// or name, and reserves its own ([`ARRIVING_FILE`]).
 static ARRIVING: Mutex<()> = Mutex::new(());

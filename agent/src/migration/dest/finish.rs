@@ -4,7 +4,7 @@
 use super::staging::IMAGE_ADDED;
 use super::{io, DestError, MARKER};
 use crate::daemon::Agent;
-use crate::migration::journal;
+use crate::migration::{fault, journal};
 use mig_runtime::cgroup::Cgroup;
 use std::sync::Arc;
 
@@ -42,17 +42,29 @@ pub(crate) async fn cleanup_incoming(
         }
     }
     if let Ok(staging) = journal::staging(&agent.cfg.state_dir, migration_id) {
+        // From the look for another move of the image to the removal of this staging directory:
+        // another move's Prepare, and another move's cleanup, wait.
+        let _images = super::check::images_held().await;
         let added = std::fs::read_to_string(staging.join(IMAGE_ADDED));
         let image = added.as_deref().map(str::trim).unwrap_or_default();
         let heir = (!image.is_empty())
             .then(|| super::check::arriving_with_image(&agent.cfg.state_dir, &staging, image))
             .flatten();
-        if let Some(heir) = heir {
-            // Another move brings a container of this image: it keeps the image, and removes it
-            // if it rolls back in turn.
-            let _ = std::fs::write(heir.join(IMAGE_ADDED), image);
-            tracing::info!(migration = %migration_id, %image, "kept the image this move added: another incoming move uses it");
-        } else if !image.is_empty() {
+        // Another move brings a container of this image: it keeps the image, and removes it
+        // if it rolls back in turn.
+        let handed = heir.is_some_and(|heir| match std::fs::write(heir.join(IMAGE_ADDED), image) {
+            Ok(()) => {
+                tracing::info!(migration = %migration_id, %image, "kept the image this move added: another incoming move uses it");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(migration = %migration_id, %image, heir = %heir.display(), error = %e, "cannot hand the image this move added to another incoming move: removing it unless a container uses it");
+                false
+            }
+        });
+        if !handed && !image.is_empty() {
+            // Only a delay (a test holds the lock here); nothing else is carried out.
+            let _ = fault::hit_async(&agent.cfg.state_dir, fault::Point::DestImageRemove).await;
             // Refused while a container uses it (the same checks as `mig image rm`).
             match agent.image_remove(image.to_owned()).await {
                 Ok(_) => {

@@ -31,8 +31,12 @@ impl DestHost for DestSide {
             });
         }
         self.wait_for_old_copy(&prepare.spec.id).await;
-        // Quick checks (a statvfs, a few stats): fine on the runtime thread.
-        let missing = self.check_blocking(prepare)?;
+        // Quick checks (a statvfs, a few stats): fine on the runtime thread. The layers and
+        // images found here are not removed by a rolled-back move meanwhile.
+        let missing = {
+            let _images = super::check::images_held().await;
+            self.check_blocking(prepare)?
+        };
         if prepare.mode == MigrationMode::Stream {
             self.start_stream(prepare).await?;
         }
