@@ -60,13 +60,13 @@ pub(crate) fn waiting_count() -> usize {
     waiting_map().len()
 }
 
-/// Settles the moves [`super::recover`] found stopped before any Commit on this (source) host:
-/// each destination is asked, all at once and for at most [`ASK_FIRST_LIMIT`], whether it holds
-/// the container beyond this move (decided committed there by its operator, moved on since);
-/// if so this copy is removed, if it answers otherwise the copy is thawed and the destination
-/// told to remove its own ([`roll_back_source`]), and if it cannot be asked the copy stays
-/// frozen while it is asked again in the background (see the module documentation). Run by
-/// migd after [`crate::migration::start`] and before it serves requests.
+/// Settles the moves the journal's recovery found stopped before any Commit on this (source)
+/// host: each destination is asked, all at once and for at most 2 s, whether it holds the
+/// container beyond this move (decided committed there by its operator, moved on since); if so
+/// this copy is removed, if it answers otherwise the copy is thawed and the destination told to
+/// remove its own, and if it cannot be asked the copy stays frozen while it is asked again in
+/// the background, for at most a minute. Run by migd after [`crate::migration::start`] and
+/// before it serves requests.
 pub async fn settle_sources(agent: &Arc<Agent>) {
     let entries = std::mem::take(&mut *ASK_FIRST.lock().unwrap_or_else(|p| p.into_inner()));
     let asks = entries.into_iter().map(|e| {
