@@ -95,10 +95,56 @@ fn tcp_pair<S: Send + 'static, R: Send + 'static>(
     Ok((sent?, received?))
 }
 
+/// When a transfer started, by the clock and by this process's CPU time. Both ends of a link
+/// measurement run in the bench process, so its CPU time over a transfer is what the transfer
+/// cost the machine: user and system time, the kernel's packet work included where it runs in
+/// these threads (as it mostly does on a veth link: the receive side runs when the sender's
+/// thread hands the packet over).
+struct Span {
+    start: Instant,
+    cpu: Option<Duration>,
+}
+
+impl Span {
+    fn start() -> Span {
+        Span {
+            start: Instant::now(),
+            cpu: cpu_time(),
+        }
+    }
+
+    /// The measurement of `bytes` moved from the start until `end`.
+    fn row(self, proto: String, bytes: u64, end: Instant) -> LinkRow {
+        let ms = end.duration_since(self.start).as_millis().max(1) as u64;
+        let cpu_ms = self
+            .cpu
+            .zip(cpu_time())
+            .map(|(before, now)| now.saturating_sub(before).as_millis() as u64);
+        LinkRow {
+            proto,
+            bytes,
+            ms,
+            mbs: mbs(bytes, ms).unwrap_or(0.0),
+            cpu_ms,
+        }
+    }
+}
+
+/// User and system CPU time of this process so far (every thread, ended ones included).
+fn cpu_time() -> Option<Duration> {
+    use nix::sys::resource::{getrusage, UsageWho};
+    let u = getrusage(UsageWho::RUSAGE_SELF).ok()?;
+    let d = |t: nix::sys::time::TimeVal| {
+        Duration::from_secs(t.tv_sec().max(0) as u64)
+            + Duration::from_micros(t.tv_usec().max(0) as u64)
+    };
+    Some(d(u.user_time()) + d(u.system_time()))
+}
+
 /// Raw TCP: `mib` MiB from host-a to host-b on one connection.
 fn tcp(ctx: &Ctx, mib: u64) -> Result<LinkRow, BenchError> {
     let total = mib << 20;
-    let start = Instant::now();
+    let span = Span::start();
     let (_, (bytes, end)) = tcp_pair(
         ctx,
         TCP_PORT,
@@ -121,14 +167,50 @@ fn tcp(ctx: &Ctx, mib: u64) -> Result<LinkRow, BenchError> {
                 .map_err(link_err("tcp shutdown"))
         },
     )?;
-    let ms = end.duration_since(start).as_millis().max(1) as u64;
-    Ok(LinkRow {
-        proto: "tcp".into(),
-        bytes,
-        ms,
-        mbs: mbs(bytes, ms).unwrap_or(0.0),
-    })
+    Ok(span.row("tcp".into(), bytes, end))
 }
+
+/// Fresh memory on host-b: `mib` MiB written in 1 MiB writes into a new file of its agent's
+/// state directory, as a destination writes the pages a move brings (the memory presync's files;
+/// runc's restore reads its images from new files too). Every page is page cache the kernel
+/// allocates for the write. No move can take pages faster than its destination takes new memory,
+/// and on a virtual machine memory the guest has not touched lately is slow to touch again
+/// (docs/performance.md): the raw links move through buffers they reuse. Each measurement starts
+/// [`MEMORY_PAUSE`] after the one before freed its memory.
+fn fresh_memory(ctx: &Ctx, mib: u64) -> Result<LinkRow, BenchError> {
+    let path = ctx.hosts[1]
+        .state_dir
+        .join(format!(".bench-fresh-memory-{}", std::process::id()));
+    ctx.sleep(MEMORY_PAUSE)?;
+    let span = Span::start();
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        let buf = vec![0x5au8; CHUNK];
+        for _ in 0..((mib << 20) / CHUNK as u64) {
+            f.write_all(&buf)?;
+        }
+        Ok(())
+    })();
+    let row = span.row(MEMORY.into(), mib << 20, Instant::now());
+    // Removing the file gives its memory back.
+    let removed = std::fs::remove_file(&path);
+    written.and(removed).map_err(link_err("fresh memory"))?;
+    Ok(row)
+}
+
+/// The `proto` of [`fresh_memory`]'s measurements.
+pub const MEMORY: &str = "memory";
+
+/// The pause before each [`fresh_memory`] measurement. On a virtual machine whose host takes
+/// back the memory the guest frees (free page reporting, which reports after 2 s), memory freed
+/// moments ago is up to 5 times faster to fill than memory nobody used lately, which is what a
+/// move's destination meets: measured one after the other, the second and third measurements
+/// reused the first's memory (4075 MB/s against 786 MB/s with `dd`, and again 831 MB/s after a
+/// pause of 3 s).
+const MEMORY_PAUSE: Duration = Duration::from_secs(5);
 
 fn quic_err(what: &str, e: impl std::fmt::Display) -> BenchError {
     BenchError::Quic(format!("{what}: {e}"))
@@ -419,9 +501,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, BenchError> {
 /// Logs each connection's path figures, closes the connections, waits for the endpoints to
 /// go idle and makes the measurement's row.
 async fn close_and_row(
-    proto: String,
-    bytes: u64,
-    ms: u64,
+    row: LinkRow,
     conns: &[(quinn::Connection, quinn::Connection)],
     endpoints: &[quinn::Endpoint],
 ) -> LinkRow {
@@ -432,12 +512,7 @@ async fn close_and_row(
     for e in endpoints {
         e.wait_idle().await;
     }
-    LinkRow {
-        proto,
-        bytes,
-        ms,
-        mbs: mbs(bytes, ms).unwrap_or(0.0),
-    }
+    row
 }
 
 async fn quic_connect(
@@ -489,7 +564,7 @@ fn quic(ctx: &Ctx, mib: u64, v: &Variant) -> Result<LinkRow, BenchError> {
     let name = v.name.clone();
     runtime()?.block_on(async move {
         let (conns, endpoints) = quic_connect(setup, v).await?;
-        let start = Instant::now();
+        let span = Span::start();
         let chunk = bytes::Bytes::from(vec![0x5au8; CHUNK]);
         let mut receivers = Vec::new();
         let mut senders = Vec::new();
@@ -543,8 +618,8 @@ fn quic(ctx: &Ctx, mib: u64, v: &Variant) -> Result<LinkRow, BenchError> {
         for t in receivers {
             bytes += t.await.map_err(|e| quic_err("receive task", e))??;
         }
-        let ms = start.elapsed().as_millis().max(1) as u64;
-        Ok(close_and_row(name, bytes, ms, &conns, &endpoints).await)
+        let row = span.row(name, bytes, Instant::now());
+        Ok(close_and_row(row, &conns, &endpoints).await)
     })
 }
 
@@ -565,10 +640,10 @@ fn tunnel(ctx: &Ctx, mib: u64, v: &Variant) -> Result<LinkRow, BenchError> {
             service: Service::PageServer,
         };
         let (c, _) = &conns[0];
-        let (t, reader, start, mut s): (
+        let (t, reader, span, mut s): (
             Tunnel,
             _,
-            Instant,
+            Span,
             Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
         ) = if unix {
             let (far, sink) = tunnel::unix_pair().map_err(link_err("sink pair"))?;
@@ -598,7 +673,7 @@ fn tunnel(ctx: &Ctx, mib: u64, v: &Variant) -> Result<LinkRow, BenchError> {
                 }
             });
             let t = Tunnel::socketpair(c.clone(), header).map_err(|e| quic_err("tunnel", e))?;
-            let start = Instant::now();
+            let span = Span::start();
             let client = std::os::unix::net::UnixStream::from(
                 t.take_client()
                     .ok_or_else(|| quic_err("tunnel", "no client end"))?,
@@ -608,7 +683,7 @@ fn tunnel(ctx: &Ctx, mib: u64, v: &Variant) -> Result<LinkRow, BenchError> {
                 .map_err(link_err("tunnel client"))?;
             let client =
                 tokio::net::UnixStream::from_std(client).map_err(link_err("tunnel client"))?;
-            (t, reader, start, Box::new(client))
+            (t, reader, span, Box::new(client))
         } else {
             let sink = tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await
@@ -634,11 +709,11 @@ fn tunnel(ctx: &Ctx, mib: u64, v: &Variant) -> Result<LinkRow, BenchError> {
             let addr = t
                 .addr()
                 .ok_or_else(|| quic_err("tunnel", "no listening address"))?;
-            let start = Instant::now();
+            let span = Span::start();
             let s = tokio::net::TcpStream::connect(addr)
                 .await
                 .map_err(link_err("tunnel connect"))?;
-            (t, reader, start, Box::new(s))
+            (t, reader, span, Box::new(s))
         };
         let buf = vec![0x5au8; CHUNK];
         for _ in 0..(total / CHUNK as u64) {
@@ -646,10 +721,10 @@ fn tunnel(ctx: &Ctx, mib: u64, v: &Variant) -> Result<LinkRow, BenchError> {
         }
         s.shutdown().await.map_err(link_err("tunnel shutdown"))?;
         let bytes = reader.await.map_err(|e| quic_err("sink task", e))??;
-        let ms = start.elapsed().as_millis().max(1) as u64;
+        let row = span.row(name, bytes, Instant::now());
         drop(s);
         drop(t);
-        Ok(close_and_row(name, bytes, ms, &conns, &endpoints).await)
+        Ok(close_and_row(row, &conns, &endpoints).await)
     })
 }
 
@@ -671,16 +746,7 @@ fn repeat(
         if let Some(proto) = proto {
             r.proto = proto.into();
         }
-        // Tunnel variants' names say so; the others are raw.
-        let raw = if r.proto.contains("tunnel") {
-            ""
-        } else {
-            "raw "
-        };
-        progress(&format!(
-            "{raw}{} host-a -> host-b: {:.0} MB/s",
-            r.proto, r.mbs
-        ));
+        progress(&format!("{}: {:.0} MB/s", r.what(), r.mbs));
         into.push(r);
     }
     Ok(())
@@ -703,7 +769,8 @@ pub fn measure(ctx: &Ctx, mib: u64, into: &mut Vec<LinkRow>) -> Result<(), Bench
     repeat(ctx, Some("tcp"), into, || tcp(ctx, mib))?;
     repeat(ctx, Some("quic"), into, || {
         quic(ctx, mib, &Variant::mig(1, 4))
-    })
+    })?;
+    repeat(ctx, None, into, || fresh_memory(ctx, mib))
 }
 
 /// `--link-only`: raw TCP, QUIC with mig's settings and variants of them, and the page tunnel,
@@ -721,6 +788,7 @@ pub fn measure_all(ctx: &Ctx, mib: u64, variants: &[Variant]) -> Result<Vec<Link
     // A stop or a failed variant still prints the rows measured before it.
     let measured = (|| {
         rows.push(median_of(ctx, || tcp(ctx, mib))?);
+        rows.push(median_of(ctx, || fresh_memory(ctx, mib))?);
         for v in variants {
             rows.push(match v.tunnel {
                 true => median_of(ctx, || tunnel(ctx, mib, v))?,
@@ -735,16 +803,24 @@ pub fn measure_all(ctx: &Ctx, mib: u64, variants: &[Variant]) -> Result<Vec<Link
     measured.map(|()| rows)
 }
 
-/// The `--link-only` table: one line per measured link.
+/// The `--link-only` table: one line per measured link, with the CPU it cost (both ends run in
+/// the bench process): cores busy on average, and CPU seconds per 10^9 bytes.
 fn link_table(rows: &[LinkRow]) -> String {
-    let mut table = format!("{:<40} {:>8} {:>8} {:>10}\n", "link", "MiB", "ms", "MB/s");
+    let mut table = format!(
+        "{:<40} {:>8} {:>8} {:>10} {:>6} {:>9}\n",
+        "link", "MiB", "ms", "MB/s", "CORES", "CPU-S/GB"
+    );
     for r in rows {
+        let cores = r.cpu_ms.map(|c| format!("{:.2}", c as f64 / r.ms as f64));
+        let per_gb = r.cpu_s_per_gb().map(|c| format!("{c:.2}"));
         table.push_str(&format!(
-            "{:<40} {:>8} {:>8} {:>10.0}\n",
+            "{:<40} {:>8} {:>8} {:>10.0} {:>6} {:>9}\n",
             r.proto,
             r.bytes >> 20,
             r.ms,
-            r.mbs
+            r.mbs,
+            cores.as_deref().unwrap_or("-"),
+            per_gb.as_deref().unwrap_or("-"),
         ));
     }
     table

@@ -351,6 +351,28 @@ pub struct LinkRow {
     pub bytes: u64,
     pub ms: u64,
     pub mbs: f64,
+    /// CPU time (user and system) the bench process spent over the transfer, in which both
+    /// ends run; None where it could not be read.
+    pub cpu_ms: Option<u64>,
+}
+
+impl LinkRow {
+    /// What was measured, for people: `raw tcp between the lab hosts`, `new page cache on
+    /// host-b`.
+    pub fn what(&self) -> String {
+        match self.proto.as_str() {
+            super::link::MEMORY => "new page cache on host-b".into(),
+            // Tunnel variants' names say so; the others are raw.
+            p if p.contains("tunnel") => format!("{p} between the lab hosts"),
+            p => format!("raw {p} between the lab hosts"),
+        }
+    }
+
+    /// CPU seconds the transfer spent per 10^9 bytes moved.
+    pub fn cpu_s_per_gb(&self) -> Option<f64> {
+        let cpu = self.cpu_ms? as f64 / 1e3;
+        (self.bytes > 0).then(|| cpu / (self.bytes as f64 / 1e9))
+    }
 }
 
 /// Everything one bench writes.
@@ -493,21 +515,24 @@ impl BenchReport {
         median(&mut v)
     }
 
-    /// The summary's line for the raw measurements of `proto`: their median, and each.
+    /// The summary's line for the raw measurements of `proto`: their median, each, and the
+    /// median CPU cost per GB.
     fn link_line(&self, proto: &str) -> String {
         let mut each: Vec<&LinkRow> = self.link.iter().filter(|l| l.proto == proto).collect();
         each.sort_by(|a, b| a.mbs.total_cmp(&b.mbs));
         let m = self.link_mbs(proto).unwrap_or(0.0);
         let mib = each.first().map_or(0, |l| l.bytes >> 20);
+        let mut cpu: Vec<f64> = each.iter().filter_map(|l| l.cpu_s_per_gb()).collect();
+        let cpu = median(&mut cpu)
+            .map(|c| format!(", {c:.2} CPU-s per GB"))
+            .unwrap_or_default();
+        let what = each.first().map(|l| l.what()).unwrap_or_default();
         match each.as_slice() {
-            [one] => format!(
-                "raw {proto} between the lab hosts: {m:.0} MB/s ({mib} MiB in {} ms)",
-                one.ms
-            ),
+            [one] => format!("{what}: {m:.0} MB/s ({mib} MiB in {} ms){cpu}", one.ms),
             _ => {
                 let list: Vec<String> = each.iter().map(|l| format!("{:.0}", l.mbs)).collect();
                 format!(
-                    "raw {proto} between the lab hosts: {m:.0} MB/s (median of {} transfers of {mib} MiB: {} MB/s)",
+                    "{what}: {m:.0} MB/s (median of {} measurements of {mib} MiB: {} MB/s){cpu}",
                     each.len(),
                     list.join(", ")
                 )
@@ -523,7 +548,7 @@ impl BenchReport {
         }
         let _ = writeln!(
             s,
-            "{:>8} {:<16} {:>5} {:>11} {:>9} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8}",
+            "{:>8} {:<16} {:>5} {:>11} {:>9} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8}",
             "SIZE",
             "MODE",
             "OK",
@@ -534,9 +559,11 @@ impl BenchReport {
             "MB/S",
             "/RUNC",
             "/COLD",
-            "/TCP"
+            "/TCP",
+            "/MEM"
         );
         let tcp = self.link_mbs("tcp");
+        let memory = self.link_mbs(super::link::MEMORY);
         let ms = |v: Option<f64>| v.map(|v| format!("{v:.0} ms")).unwrap_or("-".into());
         let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
             (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
@@ -567,7 +594,7 @@ impl BenchReport {
                 let _ =
                     writeln!(
                     s,
-                    "{:>4} MiB {:<16} {:>2}/{:<2} {:>11} {:>9} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8}",
+                    "{:>4} MiB {:<16} {:>2}/{:<2} {:>11} {:>9} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8}",
                     size,
                     mode,
                     ok,
@@ -584,6 +611,7 @@ impl BenchReport {
                         ratio(down, cold)
                     },
                     ratio(thr, tcp),
+                    ratio(thr, memory),
                 );
             }
         }
@@ -593,7 +621,9 @@ impl BenchReport {
              the presync's bytes over the memory presync, or all bytes over dump + transfer without \
              one; lazy: the page bytes over the restore and the post-copy; runc: the image \
              directory over the copy); /RUNC: downtime over runc's for the same size; /COLD: over \
-             cold mode's; /TCP: MB/S over the raw TCP throughput of the same link (its median)\n",
+             cold mode's; /TCP: MB/S over the raw TCP throughput of the same link (its median); /MEM: \
+             MB/S over the rate host-b takes new page cache (its median), which bounds how fast any \
+             destination takes pages\n",
         );
         s
     }
@@ -639,6 +669,7 @@ mod tests {
             bytes: 64 << 20,
             ms: (67.108864 / mbs * 1e3) as u64,
             mbs,
+            cpu_ms: Some(100),
         }
     }
 
@@ -656,8 +687,7 @@ mod tests {
     }
 
     /// The JSON keeps every raw link measurement (docs: one entry per raw measurement; QA of
-    /// sessions 25 and 26 found the median alone); the summary and /TCP take their median, as
-    /// before.
+    /// sessions 25 and 26 found the median alone); the summary, /TCP and /MEM take their median.
     #[test]
     fn the_json_keeps_each_link_measurement_and_the_summary_their_median() {
         let mut report = report();
@@ -668,6 +698,7 @@ mod tests {
             ("quic", 300.0),
             ("quic", 350.0),
             ("quic", 320.0),
+            ("memory", 1056.8),
         ] {
             report.link.push(sample(proto, mbs));
         }
@@ -679,27 +710,33 @@ mod tests {
         report.rows.push(r);
         let json = serde_json::to_value(&report).unwrap();
         let link = json["link"].as_array().unwrap();
-        assert_eq!(link.len(), 6);
+        assert_eq!(link.len(), 7);
         assert_eq!(link[1]["proto"], "tcp");
         assert_eq!(link[1]["mbs"], 559.0);
         assert_eq!(link[1]["bytes"], 64 << 20);
         let summary = report.summary();
         assert!(
             summary.contains(
-                "raw tcp between the lab hosts: 528 MB/s (median of 3 transfers of 64 MiB: 404, 528, 559 MB/s)\n\
+                "raw tcp between the lab hosts: 528 MB/s (median of 3 measurements of 64 MiB: 404, 528, 559 MB/s), 1.49 CPU-s per GB\n\
                  raw quic between the lab hosts: 320 MB/s"
             ),
             "{summary}"
         );
-        // /TCP: 264.2 over the median, 528.
-        assert!(summary.contains(" 0.50\n"), "{summary}");
+        assert!(
+            summary.contains(
+                "new page cache on host-b: 1057 MB/s (64 MiB in 63 ms), 1.49 CPU-s per GB\n"
+            ),
+            "{summary}"
+        );
+        // /TCP: 264.2 over the median, 528; /MEM: over 1056.8.
+        assert!(summary.contains(" 0.50     0.25\n"), "{summary}");
         // Two measurements (a bench stopped during the third): their mean; one: itself.
         report.link.truncate(2);
         assert_eq!(report.link_mbs("tcp"), Some(481.5));
         report.link.truncate(1);
-        assert!(report
-            .summary()
-            .contains("raw tcp between the lab hosts: 404 MB/s (64 MiB in 166 ms)\n"));
+        assert!(report.summary().contains(
+            "raw tcp between the lab hosts: 404 MB/s (64 MiB in 166 ms), 1.49 CPU-s per GB\n"
+        ));
     }
 
     /// The footnote says what MB/S divides for each mode: all bytes sent, except lazy's page
