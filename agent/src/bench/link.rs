@@ -170,48 +170,6 @@ fn tcp(ctx: &Ctx, mib: u64) -> Result<LinkRow, BenchError> {
     Ok(span.row("tcp".into(), bytes, end))
 }
 
-/// Fresh memory on host-b: `mib` MiB written in 1 MiB writes into a new file of its agent's
-/// state directory, as a destination writes the pages a move brings (the memory presync's files;
-/// runc's restore reads its images from new files too). Every page is page cache the kernel
-/// allocates for the write. No move can take pages faster than its destination takes new memory,
-/// and on a virtual machine memory the guest has not touched lately is slow to touch again
-/// (docs/performance.md): the raw links move through buffers they reuse. Each measurement starts
-/// [`MEMORY_PAUSE`] after the one before freed its memory.
-fn fresh_memory(ctx: &Ctx, mib: u64) -> Result<LinkRow, BenchError> {
-    let path = ctx.hosts[1]
-        .state_dir
-        .join(format!(".bench-fresh-memory-{}", std::process::id()));
-    ctx.sleep(MEMORY_PAUSE)?;
-    let span = Span::start();
-    let written = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)?;
-        let buf = vec![0x5au8; CHUNK];
-        for _ in 0..((mib << 20) / CHUNK as u64) {
-            f.write_all(&buf)?;
-        }
-        Ok(())
-    })();
-    let row = span.row(MEMORY.into(), mib << 20, Instant::now());
-    // Removing the file gives its memory back.
-    let removed = std::fs::remove_file(&path);
-    written.and(removed).map_err(link_err("fresh memory"))?;
-    Ok(row)
-}
-
-/// The `proto` of [`fresh_memory`]'s measurements.
-pub const MEMORY: &str = "memory";
-
-/// The pause before each [`fresh_memory`] measurement. On a virtual machine whose host takes
-/// back the memory the guest frees (free page reporting, which reports after 2 s), memory freed
-/// moments ago is up to 5 times faster to fill than memory nobody used lately, which is what a
-/// move's destination meets: measured one after the other, the second and third measurements
-/// reused the first's memory (4075 MB/s against 786 MB/s with `dd`, and again 831 MB/s after a
-/// pause of 3 s).
-const MEMORY_PAUSE: Duration = Duration::from_secs(5);
-
 fn quic_err(what: &str, e: impl std::fmt::Display) -> BenchError {
     BenchError::Quic(format!("{what}: {e}"))
 }
@@ -769,8 +727,7 @@ pub fn measure(ctx: &Ctx, mib: u64, into: &mut Vec<LinkRow>) -> Result<(), Bench
     repeat(ctx, Some("tcp"), into, || tcp(ctx, mib))?;
     repeat(ctx, Some("quic"), into, || {
         quic(ctx, mib, &Variant::mig(1, 4))
-    })?;
-    repeat(ctx, None, into, || fresh_memory(ctx, mib))
+    })
 }
 
 /// `--link-only`: raw TCP, QUIC with mig's settings and variants of them, and the page tunnel,
@@ -788,7 +745,6 @@ pub fn measure_all(ctx: &Ctx, mib: u64, variants: &[Variant]) -> Result<Vec<Link
     // A stop or a failed variant still prints the rows measured before it.
     let measured = (|| {
         rows.push(median_of(ctx, || tcp(ctx, mib))?);
-        rows.push(median_of(ctx, || fresh_memory(ctx, mib))?);
         for v in variants {
             rows.push(match v.tunnel {
                 true => median_of(ctx, || tunnel(ctx, mib, v))?,

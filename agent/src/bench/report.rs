@@ -357,11 +357,9 @@ pub struct LinkRow {
 }
 
 impl LinkRow {
-    /// What was measured, for people: `raw tcp between the lab hosts`, `new page cache on
-    /// host-b`.
+    /// What was measured, for people: `raw tcp between the lab hosts`.
     pub fn what(&self) -> String {
         match self.proto.as_str() {
-            super::link::MEMORY => "new page cache on host-b".into(),
             // Tunnel variants' names say so; the others are raw.
             p if p.contains("tunnel") => format!("{p} between the lab hosts"),
             p => format!("raw {p} between the lab hosts"),
@@ -548,7 +546,7 @@ impl BenchReport {
         }
         let _ = writeln!(
             s,
-            "{:>8} {:<16} {:>5} {:>11} {:>9} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8}",
+            "{:>8} {:<16} {:>5} {:>11} {:>9} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8}",
             "SIZE",
             "MODE",
             "OK",
@@ -559,11 +557,9 @@ impl BenchReport {
             "MB/S",
             "/RUNC",
             "/COLD",
-            "/TCP",
-            "/MEM"
+            "/TCP"
         );
         let tcp = self.link_mbs("tcp");
-        let memory = self.link_mbs(super::link::MEMORY);
         let ms = |v: Option<f64>| v.map(|v| format!("{v:.0} ms")).unwrap_or("-".into());
         let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
             (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
@@ -594,7 +590,7 @@ impl BenchReport {
                 let _ =
                     writeln!(
                     s,
-                    "{:>4} MiB {:<16} {:>2}/{:<2} {:>11} {:>9} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8}",
+                    "{:>4} MiB {:<16} {:>2}/{:<2} {:>11} {:>9} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8}",
                     size,
                     mode,
                     ok,
@@ -611,7 +607,6 @@ impl BenchReport {
                         ratio(down, cold)
                     },
                     ratio(thr, tcp),
-                    ratio(thr, memory),
                 );
             }
         }
@@ -621,9 +616,7 @@ impl BenchReport {
              the presync's bytes over the memory presync, or all bytes over dump + transfer without \
              one; lazy: the page bytes over the restore and the post-copy; runc: the image \
              directory over the copy); /RUNC: downtime over runc's for the same size; /COLD: over \
-             cold mode's; /TCP: MB/S over the raw TCP throughput of the same link (its median); /MEM: \
-             MB/S over the rate host-b takes new page cache (its median), which bounds how fast any \
-             destination takes pages\n",
+             cold mode's; /TCP: MB/S over the raw TCP throughput of the same link (its median)\n",
         );
         s
     }
@@ -687,7 +680,8 @@ mod tests {
     }
 
     /// The JSON keeps every raw link measurement (docs: one entry per raw measurement; QA of
-    /// sessions 25 and 26 found the median alone); the summary, /TCP and /MEM take their median.
+    /// sessions 25 and 26 found the median alone); the summary and /TCP take their median, and
+    /// the summary gives their median CPU cost.
     #[test]
     fn the_json_keeps_each_link_measurement_and_the_summary_their_median() {
         let mut report = report();
@@ -698,7 +692,6 @@ mod tests {
             ("quic", 300.0),
             ("quic", 350.0),
             ("quic", 320.0),
-            ("memory", 1056.8),
         ] {
             report.link.push(sample(proto, mbs));
         }
@@ -710,7 +703,7 @@ mod tests {
         report.rows.push(r);
         let json = serde_json::to_value(&report).unwrap();
         let link = json["link"].as_array().unwrap();
-        assert_eq!(link.len(), 7);
+        assert_eq!(link.len(), 6);
         assert_eq!(link[1]["proto"], "tcp");
         assert_eq!(link[1]["mbs"], 559.0);
         assert_eq!(link[1]["bytes"], 64 << 20);
@@ -722,14 +715,8 @@ mod tests {
             ),
             "{summary}"
         );
-        assert!(
-            summary.contains(
-                "new page cache on host-b: 1057 MB/s (64 MiB in 63 ms), 1.49 CPU-s per GB\n"
-            ),
-            "{summary}"
-        );
-        // /TCP: 264.2 over the median, 528; /MEM: over 1056.8.
-        assert!(summary.contains(" 0.50     0.25\n"), "{summary}");
+        // /TCP: 264.2 over the median, 528.
+        assert!(summary.contains(" 0.50\n"), "{summary}");
         // Two measurements (a bench stopped during the third): their mean; one: itself.
         report.link.truncate(2);
         assert_eq!(report.link_mbs("tcp"), Some(481.5));
