@@ -801,6 +801,11 @@ fn a_source_back_before_its_destination_waits_for_it() -> Result<()> {
                 d["state"] == "frozen",
                 "host-a runs its copy while host-b cannot be asked: {d}"
             );
+            // Shown in doubt, not as a move under way.
+            ensure!(
+                d["in_doubt"]["role"] == "source" && d["in_doubt"]["peer"] == "host-b",
+                "{d}"
+            );
             std::thread::sleep(Duration::from_millis(500));
         }
         // Asked now, the operator hears why it stays frozen.

@@ -374,13 +374,18 @@ fn parse_meminfo(info: &str) -> MemInfo {
 }
 
 /// The migrations in doubt on this host (journal state `InDoubt`: the link was lost at
-/// Commit, or the agent restarted in the commit window), by container id; the latest when a
-/// container has several.
+/// Commit, or the agent restarted in the commit window; or a move this source agent found
+/// stopped before its Commit when it restarted, whose destination it could not ask yet), by
+/// container id; the latest when a container has several.
 pub(crate) fn in_doubt(
     journals: &[crate::migration::journal::JournalEntry],
 ) -> BTreeMap<String, InDoubt> {
     let mut entries = journals.to_vec();
-    entries.retain(|e| e.state == JournalState::InDoubt);
+    entries.retain(|e| {
+        e.state == JournalState::InDoubt
+            || (e.role == Role::Source
+                && crate::migration::waiting_for_destination(&e.migration_id))
+    });
     entries.sort_by_key(|e| e.stamp());
     entries
         .into_iter()

@@ -21,6 +21,7 @@ pub mod probe;
 mod pstree;
 mod recover;
 pub use recover::settle_sources;
+pub(crate) use recover::waiting as waiting_for_destination;
 mod source;
 pub(crate) use postcopy::memory_arriving;
 pub(crate) use source::{ending, frozen_for_move, mark_frozen};

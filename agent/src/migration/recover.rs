@@ -26,7 +26,7 @@ use tokio::sync::OwnedMutexGuard;
 
 mod back;
 pub use back::settle_sources;
-pub(crate) use back::waiting_count;
+pub(crate) use back::{waiting, waiting_count};
 
 /// The per-migration locks of this agent (see [`hold`]).
 type Locks = std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>;
