@@ -58,29 +58,9 @@ impl DestSide {
             ));
         }
         let criu = Criu::locate().map_err(|e| refuse(RefuseReason::CriuVersion, chain(&e)))?;
-        let v = criu
-            .version()
-            .map_err(|e| refuse(RefuseReason::CriuVersion, chain(&e)))?;
-        if version_key(&v) < version_key(&p.criu_version) {
-            return Err(refuse(
-                RefuseReason::CriuVersion,
-                format!(
-                    "criu {v} here is older than the source's {}",
-                    p.criu_version
-                ),
-            ));
-        }
+        older_here(&criu, &p.criu_version, &p.kernel, "the source's")
+            .map_err(|(reason, why)| refuse(reason, why))?;
         crate::migration::criu_kdat(&criu);
-        let kernel = mig_migrate::criu::kernel_release();
-        if version_key(&kernel)[..2] < version_key(&p.kernel)[..2] {
-            return Err(refuse(
-                RefuseReason::Kernel,
-                format!(
-                    "kernel {kernel} here is older than the source's {}",
-                    p.kernel
-                ),
-            ));
-        }
         // From the check of this host's containers to the reservation of the arriving id and
         // name: a `mig run` or an import of the same name waits (they take it too).
         let _reserving = reserving();
@@ -262,22 +242,40 @@ impl DestSide {
 /// it; `None` when it can. For `restore --import` (QA of session 25, F3: an archive of a newer
 /// CRIU was restored without a word, and would fail inside CRIU).
 pub(crate) fn unrestorable_here(criu_there: &str, kernel_there: &str) -> Option<String> {
-    let v = match Criu::locate().and_then(|c| c.version()) {
-        Ok(v) => v,
-        Err(e) => return Some(chain(&e)),
-    };
+    match Criu::locate() {
+        Ok(criu) => older_here(&criu, criu_there, kernel_there, "the archive's")
+            .err()
+            .map(|(_, why)| why),
+        Err(e) => Some(chain(&e)),
+    }
+}
+
+/// Whether images dumped by CRIU `criu_there` on kernel `kernel_there` (`whose` they are, for the
+/// message: `the source's`) can be restored with `criu` on this kernel: not when either is older
+/// here (CRIU reads no newer images; a dump may use what an older kernel lacks).
+fn older_here(
+    criu: &Criu,
+    criu_there: &str,
+    kernel_there: &str,
+    whose: &str,
+) -> Result<(), (RefuseReason, String)> {
+    let v = criu
+        .version()
+        .map_err(|e| (RefuseReason::CriuVersion, chain(&e)))?;
     if version_key(&v) < version_key(criu_there) {
-        return Some(format!(
-            "it was made by CRIU {criu_there}, and CRIU {v} here is older"
+        return Err((
+            RefuseReason::CriuVersion,
+            format!("CRIU {v} here is older than {whose} {criu_there}"),
         ));
     }
     let kernel = mig_migrate::criu::kernel_release();
-    if !kernel_there.is_empty() && version_key(&kernel)[..2] < version_key(kernel_there)[..2] {
-        return Some(format!(
-            "it was made on kernel {kernel_there}, and kernel {kernel} here is older"
+    if version_key(&kernel)[..2] < version_key(kernel_there)[..2] {
+        return Err((
+            RefuseReason::Kernel,
+            format!("kernel {kernel} here is older than {whose} {kernel_there}"),
         ));
     }
-    None
+    Ok(())
 }
 
 /// `4.1.1` or `6.18.0-1-amd64` as numbers for comparison (missing parts are 0).
@@ -489,7 +487,10 @@ mod tests {
         if mig_migrate::criu::Criu::locate().is_ok() {
             assert_eq!(unrestorable_here("1.0", "1.0"), None);
             let kernel = unrestorable_here("1.0", "999.0.0").expect("a newer kernel");
-            assert!(kernel.contains("kernel 999.0.0"), "{kernel}");
+            assert!(
+                kernel.contains("older than the archive's 999.0.0"),
+                "{kernel}"
+            );
         }
     }
 
