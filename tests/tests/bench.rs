@@ -3,7 +3,7 @@
 //! columns (stream's memory presync among them), that every run verified, and that the plot is a
 //! non-empty SVG. No timing is asserted.
 //!
-//! Needs root, real CRIU. The bench removes its own lab (subnets 10.214.60.0/24, 62-64 and 67) and
+//! Needs root, real CRIU. The bench removes its own lab (subnets 10.214.60.0/24, 62-64, 67 and 68) and
 //! work directory; the guard here removes them too if the bench itself dies.
 
 use anyhow::{ensure, Context, Result};
@@ -236,14 +236,16 @@ fn terminated_bench(
     at: &str,
 ) -> Result<(std::process::ExitStatus, String, String)> {
     let sigterm = nix::sys::signal::Signal::SIGTERM;
-    signalled_bench(lab, "10.214.62", runs, csv, json, at, sigterm)
+    signalled_bench(lab, "10.214.62", runs, "0", csv, json, at, sigterm)
 }
 
-/// [`terminated_bench`] on `subnet`, with `signal`.
+/// [`terminated_bench`] on `subnet`, with `signal`, and link measurements of `link_mib`.
+#[allow(clippy::too_many_arguments)]
 fn signalled_bench(
     lab: &str,
     subnet: &str,
     runs: &str,
+    link_mib: &str,
     csv: &Path,
     json: &Path,
     at: &str,
@@ -261,7 +263,7 @@ fn signalled_bench(
             "--modes",
             "cold",
             "--link-mib",
-            "0",
+            link_mib,
         ],
     )?
     .arg("--csv")
@@ -357,6 +359,54 @@ fn a_terminated_bench_keeps_its_finished_runs_and_leaves_nothing() -> Result<()>
     Ok(())
 }
 
+/// Ctrl-C while the bench measures the link: it stops there, and the JSON keeps the measurements
+/// taken before (each with its CPU time), says why it stopped and has no rows; the lab goes.
+#[test]
+fn an_interrupted_link_measurement_keeps_the_samples_taken() -> Result<()> {
+    if !is_root("bench tests") {
+        return Ok(());
+    }
+    let lab = format!("bi{}", std::process::id() % 100_000);
+    let _guard = Guard { lab: lab.clone() };
+    let tmp = tempfile::tempdir()?;
+    let csv = tmp.path().join("i.csv");
+    let json = tmp.path().join("i.json");
+    let (status, _, seen) = signalled_bench(
+        &lab,
+        "10.214.68",
+        "1",
+        "64",
+        &csv,
+        &json,
+        "raw tcp between the lab hosts: ",
+        nix::sys::signal::Signal::SIGINT,
+    )?;
+    ensure!(!status.success(), "{seen}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json)?)?;
+    let link = v["link"].as_array().context("no link")?;
+    ensure!(
+        !link.is_empty()
+            && link.len() < 6
+            && link[0]["proto"] == "tcp"
+            && link.iter().all(|l| l["cpu_ms"].is_u64()),
+        "{v}\n{seen}"
+    );
+    ensure!(
+        v["stopped"]
+            .as_str()
+            .is_some_and(|s| s.contains("interrupted"))
+            && v["rows"].as_array().is_some_and(Vec::is_empty),
+        "{v}\n{seen}"
+    );
+    ensure!(
+        !Path::new("/run/mig")
+            .join(format!("lab-{lab}.json"))
+            .exists(),
+        "the lab is left:\n{seen}"
+    );
+    Ok(())
+}
+
 /// A bench killed with SIGKILL (no cleanup, no end-of-bench write) keeps the runs it finished in
 /// its CSV, written as each run ends (QA of session 26: no file at all). The guard takes its lab
 /// down.
@@ -374,6 +424,7 @@ fn a_killed_bench_keeps_its_finished_runs_in_the_csv() -> Result<()> {
         &lab,
         "10.214.67",
         "5",
+        "0",
         &csv,
         &json,
         "run 1: ok",
