@@ -97,8 +97,8 @@ pub struct BenchMoveArgs {
     /// at least 4: less measures start-up, not throughput).
     #[arg(long, default_value_t = 1024, value_parser = parse_link_mib)]
     pub link_mib: u64,
-    /// Only measure the link (raw TCP, raw QUIC, the page tunnel) and print it; no workload, no
-    /// moves.
+    /// Only measure the link (raw TCP, raw QUIC, the page tunnel) and print it, with the CPU each
+    /// transfer took (cores busy, CPU seconds per GB); no workload, no moves.
     #[arg(long)]
     pub link_only: bool,
     /// With --link-only: the QUIC variants to compare, comma-separated, each
