@@ -252,7 +252,7 @@ fn signalled_bench(
     signal: nix::sys::signal::Signal,
 ) -> Result<(std::process::ExitStatus, String, String)> {
     use std::io::{BufRead, BufReader};
-    let mut child = bench_move(
+    let mut cmd = bench_move(
         lab,
         subnet,
         &[
@@ -265,14 +265,15 @@ fn signalled_bench(
             "--link-mib",
             link_mib,
         ],
-    )?
-    .arg("--csv")
-    .arg(csv)
-    .arg("--json")
-    .arg(json)
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped())
-    .spawn()?;
+    )?;
+    cmd.arg("--csv")
+        .arg(csv)
+        .arg("--json")
+        .arg(json)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    // In CI the tests may run as a background job, with SIGINT ignored (then kept ignored).
+    let mut child = mig_tests::default_sigint(&mut cmd).spawn()?;
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     let stderr = child.stderr.take().context("stderr")?;
     let mut seen = Vec::new();

@@ -695,20 +695,6 @@ fn run_creates_a_missing_workdir() -> Result<()> {
 /// with nothing said (on a terminal its progress line was left half drawn), and the user could
 /// not tell that the agent carries the move on. mig now says so in one line (exit 125); the
 /// container ends up running on exactly one host, nothing of it left on the other.
-/// `cmd` starts with SIGINT at its default: a test run as a background job of a script
-/// inherits SIGINT ignored, and mig rightly keeps an ignored SIGINT ignored, so the Ctrl-C
-/// these tests send would not arrive.
-fn default_sigint(cmd: &mut std::process::Command) -> &mut std::process::Command {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: between fork and exec the closure calls only signal(2), which is
-    // async-signal-safe, and allocates nothing.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::signal(libc::SIGINT, libc::SIG_DFL);
-            Ok(())
-        })
-    }
-}
 
 #[test]
 fn ctrl_c_of_a_move_says_the_move_goes_on() -> Result<()> {
@@ -722,7 +708,7 @@ fn ctrl_c_of_a_move_says_the_move_goes_on() -> Result<()> {
     let before = last_tick(&lab, 0, "intr");
     // A presync that takes 3 s: the move is surely under way when Ctrl-C comes.
     lab.fault(0, Some("source-presync:delay:3000"))?;
-    let child = default_sigint(&mut std::process::Command::new(mig_tests::bin("mig")))
+    let child = mig_tests::default_sigint(&mut std::process::Command::new(mig_tests::bin("mig")))
         .arg("--socket")
         .arg(&lab.hosts[0].socket)
         .args(["move", "intr", "host-b"])
@@ -766,7 +752,7 @@ fn ctrl_c_of_a_move_says_the_move_goes_on() -> Result<()> {
     lab.mig_ok(1, &["rm", "-f", "intr"])?;
     // Ctrl-C of an attached `mig run`: it died of the signal with nothing said; the container
     // runs on, and mig now says so.
-    let child = default_sigint(&mut std::process::Command::new(mig_tests::bin("mig")))
+    let child = mig_tests::default_sigint(&mut std::process::Command::new(mig_tests::bin("mig")))
         .arg("--socket")
         .arg(&lab.hosts[0].socket)
         .args([
