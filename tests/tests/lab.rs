@@ -232,6 +232,63 @@ fn lab_up_status_restart_down() {
     assert_eq!(lab::status(&cfg.name).unwrap()[1].agent_pid, Some(new_pid));
     pids.push(new_pid);
 
+    // A second agent on a state directory in use refuses to start, before it touches anything:
+    // the running agent keeps its containers and its socket (QA of session 27: a second migd
+    // adopted the first one's containers and took its socket).
+    let other_socket = status[0].socket.with_file_name("second.sock");
+    let mut second = Command::new(migd())
+        .arg("--state-dir")
+        .arg(&status[0].state_dir)
+        .arg("--socket")
+        .arg(&other_socket)
+        .args(["--name", "host-a"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run a second migd");
+    let ended = mig_tests::wait_until(std::time::Duration::from_secs(10), || {
+        second.try_wait().ok().flatten().is_some()
+    });
+    if !ended {
+        let _ = second.kill();
+    }
+    let second = second.wait_with_output().expect("second migd");
+    let said = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        ended && !second.status.success() && said.contains("another migd (PID "),
+        "a second agent ran on host-a's state directory: {:?}: {said}",
+        second.status
+    );
+    assert!(!other_socket.exists());
+    mig(&status[0].socket, &["info"]);
+
+    // Restarts of both hosts at once, and two of one host at once: the lab file keeps each
+    // host's new agent (QA of session 27: one host's new PID was lost, and the next restart of
+    // that host started a second agent beside the live one).
+    for _ in 0..2 {
+        let name = cfg.name.as_str();
+        std::thread::scope(|s| {
+            let restarts: Vec<_> = ["host-a", "host-b", "host-b"]
+                .map(|h| s.spawn(move || lab::restart_agent(name, h).expect("restart")))
+                .into_iter()
+                .collect();
+            for r in restarts {
+                pids.extend(r.join().expect("restart thread").agent_pid);
+            }
+        });
+        for h in lab::status(&cfg.name).unwrap() {
+            let pid = h.agent_pid.expect("the lab file names a live agent");
+            let info: serde_json::Value =
+                serde_json::from_str(&mig(&h.socket, &["info", "--json"])).expect("info json");
+            assert_eq!(info["name"], h.name.as_str(), "{info}");
+            let lock = std::fs::read_to_string(h.state_dir.join("migd.lock")).unwrap();
+            assert_eq!(
+                lock.trim(),
+                pid.to_string(),
+                "the lab file's agent holds the state"
+            );
+        }
+    }
+
     let report = lab::down(&cfg.name).expect("down");
     assert!(report.is_clean(), "{:?}", report.problems);
     assert_eq!(report.namespaces_removed.len(), 3);

@@ -121,6 +121,9 @@ fn run() -> Result<()> {
     let state_dir = std::fs::canonicalize(&eff.state_dir)
         .with_context(|| format!("resolving {}", eff.state_dir.display()))?;
     let eff = config::Effective { state_dir, ..eff };
+    // Before anything in it is read or changed: a second agent would adopt the first one's
+    // containers and take its socket (QA of session 27: two `mig lab restart` of a host at once).
+    let _one_agent = lock_state_dir(&eff.state_dir)?;
     eff.pin_peers()?;
     raise_pipe_max_size();
     prepare_criu_cache();
@@ -217,6 +220,43 @@ fn sd_notify(state: &str) {
 }
 
 /// Binds the API socket, root-only; replaces a stale socket but not a live agent's.
+/// Takes `<state_dir>/migd.lock` (an exclusive `flock`, held for the agent's life, with the
+/// agent's PID in it), or refuses to start when another agent holds it. The descriptor is
+/// close-on-exec, so the shims and CRIU do not keep it after the agent ends.
+fn lock_state_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("migd.lock");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => {
+            lock.set_len(0)
+                .and_then(|()| (&*lock).write_all(format!("{}\n", std::process::id()).as_bytes()))
+                .with_context(|| format!("writing {}", path.display()))?;
+            Ok(lock)
+        }
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            let pid = std::fs::read_to_string(&path).unwrap_or_default();
+            let pid = match pid.trim() {
+                "" => String::new(),
+                p => format!(" (PID {p})"),
+            };
+            bail!(
+                "another migd{pid} runs on the state directory {}: one agent per state directory",
+                dir.display()
+            )
+        }
+        Err((_, e)) => Err(e).with_context(|| format!("locking {}", path.display())),
+    }
+}
+
 async fn bind(path: &Path) -> Result<tokio::net::UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

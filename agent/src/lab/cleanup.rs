@@ -216,12 +216,12 @@ pub(crate) fn teardown(file: &LabFile, lab_file: &Path) -> DownReport {
             continue;
         }
         remove(&dir, true, &mut r);
-        for ext in ["sock", "log"] {
+        for ext in ["sock", "log", "restart.lock"] {
             remove(&file.root_dir.join(format!("{host}.{ext}")), false, &mut r);
         }
     }
-    // The lab's container address table (see `container_net`).
-    for f in ["addresses.json", "addresses.lock"] {
+    // The lab's container address table (see `container_net`), and the lab file's lock.
+    for f in ["addresses.json", "addresses.lock", "lab.lock"] {
         remove(&file.root_dir.join(f), false, &mut r);
     }
     for dir in [&file.root_dir, &file.state_root] {

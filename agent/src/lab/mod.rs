@@ -643,7 +643,7 @@ pub fn down(name: &str) -> Result<DownReport, LabError> {
 /// Stops the agent of `host` (if it runs; it first ends the moves under way, as migd does on
 /// SIGTERM) and starts it again with the same arguments; returns the host with its new PID.
 pub fn restart_agent(name: &str, host: &str) -> Result<LabHost, LabError> {
-    let mut file = read_lab_file(name)?;
+    let file = read_lab_file(name)?;
     let i = file
         .hosts
         .iter()
@@ -652,29 +652,70 @@ pub fn restart_agent(name: &str, host: &str) -> Result<LabHost, LabError> {
             lab: name.to_string(),
             host: host.to_string(),
         })?;
-    if let Some(pid) = file.hosts[i].agent_pid {
-        let h = &file.hosts[i];
+    // One restart of a host at a time: a second one would take the first one's new agent for
+    // the old one and remove its socket (QA of session 27).
+    let _restarting = lock(&file.root_dir.join(format!("{host}.restart.lock")))?;
+    let file = read_lab_file(name)?;
+    let h = file.hosts[i].clone();
+    if let Some(pid) = h.agent_pid {
         process::stop_agent_within(&h.name, pid, &h.socket, process::RESTART_GRACE)?;
     }
-    file.hosts[i].agent_pid = None;
-    write_lab_file(&file)?;
-    let _ = std::fs::remove_file(&file.hosts[i].socket);
+    update_host(&file, i, |h| h.agent_pid = None)?;
+    let _ = std::fs::remove_file(&h.socket);
     let pid = process::start_agent(
         &file.name,
-        &file.hosts[i],
+        &h,
         &file.migd,
         &file.extra_agent_args,
         &file.root_dir,
     )?;
-    file.hosts[i].agent_pid = Some(pid);
-    write_lab_file(&file)?;
-    process::wait_for_socket(&file.hosts[i], pid, &file.root_dir, AGENT_START_TIMEOUT)?;
-    let now = peers::fingerprint(&file.hosts[i].state_dir);
-    if now.is_some() && now != file.hosts[i].fingerprint {
-        file.hosts[i].fingerprint = now;
-        write_lab_file(&file)?;
-    }
+    update_host(&file, i, |h| h.agent_pid = Some(pid))?;
+    process::wait_for_socket(&h, pid, &file.root_dir, AGENT_START_TIMEOUT)?;
+    let now = peers::fingerprint(&h.state_dir);
+    let file = update_host(&file, i, |h| {
+        if now.is_some() {
+            h.fingerprint = now;
+        }
+    })?;
     Ok(file.hosts[i].clone())
+}
+
+/// Changes host `i` of lab `lab`'s file as it is now (read again under the lab file's lock, so
+/// that restarts of other hosts at the same time keep their own changes: QA of session 27 saw
+/// one host's new agent PID lost), and writes it.
+fn update_host(
+    lab: &LabFile,
+    i: usize,
+    change: impl FnOnce(&mut LabHost),
+) -> Result<LabFile, LabError> {
+    let _locked = lock(&lab.root_dir.join("lab.lock"))?;
+    let mut file = read_lab_file(&lab.name)?;
+    let host = file.hosts.get_mut(i).ok_or_else(|| LabError::NoSuchHost {
+        lab: lab.name.clone(),
+        host: lab.hosts[i].name.clone(),
+    })?;
+    change(host);
+    write_lab_file(&file)?;
+    Ok(file)
+}
+
+/// An exclusive `flock` on `path` (created if need be), held until dropped.
+fn lock(path: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, LabError> {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|source| LabError::WriteLabFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| {
+        LabError::WriteLabFile {
+            path: path.to_path_buf(),
+            source: e.into(),
+        }
+    })
 }
 
 #[cfg(test)]
