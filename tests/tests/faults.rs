@@ -787,6 +787,14 @@ fn a_source_back_before_its_destination_waits_for_it() -> Result<()> {
     let o = move_killing_at(&lab, "slw", B, "Restored", A)?;
     lab.fault(A, None)?;
     ensure!(o.code != 0, "host-a was to die mid-move: {o:?}");
+    // Its operator is told what deciding committed risks (QA of session 27, F5).
+    let hint = lab.mig(B, &["move", "--resolve", "slw"]);
+    ensure!(
+        hint.stderr.contains(
+            "only if host-a is gone for good: its agent, back from a restart, runs its own copy again when it cannot reach this host for 60 s"
+        ),
+        "{hint:?}"
+    );
     let said = lab.mig_ok(B, &["move", "--resolve", "slw", "--decide", "committed"])?;
     ensure!(said.contains("runs on host-b"), "{said}");
     running_on(&lab, B, "slw")?;

@@ -444,8 +444,8 @@ impl Agent {
                 return Err(ApiError::new(
                     ErrorKind::Conflict,
                     format!(
-                        "migration {} arrived here from {}: resolve it on the source agent; if {} is gone for good, decide here: `mig move --resolve {} --decide rolled-back` removes this copy, `--decide committed` runs it",
-                        e.migration_id, e.peer, e.peer, e.container_name
+                        "migration {} arrived here from {}: resolve it on the source agent; if {} is gone for good, decide here: `mig move --resolve {} --decide rolled-back` removes this copy, `--decide committed` runs it (only if {} is gone for good: its agent, back from a restart, runs its own copy again when it cannot reach this host for {} s, and both copies would run)",
+                        e.migration_id, e.peer, e.peer, e.container_name, e.peer, back::ASK_PATIENCE.as_secs()
                     ),
                 ));
             };
