@@ -219,7 +219,9 @@ fn sd_notify(state: &str) {
     }
 }
 
-/// Binds the API socket, root-only; replaces a stale socket but not a live agent's.
+/// How long a starting agent waits for the state directory's lock before it refuses to start.
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Takes `<state_dir>/migd.lock` (an exclusive `flock`, held for the agent's life, with the
 /// agent's PID in it), or refuses to start when another agent holds it. The descriptor is
 /// close-on-exec, so the shims and CRIU do not keep it after the agent ends.
@@ -227,7 +229,7 @@ fn lock_state_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join("migd.lock");
-    let file = std::fs::OpenOptions::new()
+    let mut file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
@@ -235,7 +237,19 @@ fn lock_state_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
         .mode(0o600)
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
-    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+    // An agent just killed may hold it a moment longer: its main thread is reaped before its
+    // other threads have ended and closed it.
+    let tried = std::time::Instant::now();
+    let locked = loop {
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Err((f, nix::errno::Errno::EWOULDBLOCK)) if tried.elapsed() < LOCK_PATIENCE => {
+                file = f;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            r => break r,
+        }
+    };
+    match locked {
         Ok(lock) => {
             lock.set_len(0)
                 .and_then(|()| (&*lock).write_all(format!("{}\n", std::process::id()).as_bytes()))
@@ -257,6 +271,7 @@ fn lock_state_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
     }
 }
 
+/// Binds the API socket, root-only; replaces a stale socket but not a live agent's.
 async fn bind(path: &Path) -> Result<tokio::net::UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

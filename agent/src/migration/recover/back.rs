@@ -183,7 +183,9 @@ impl Agent {
             }
             Err(why) => match decide {
                 Some(d) => {
-                    waiting_map().remove(&e.migration_id);
+                    // Still waiting until the decision is in the journal: if it fails, the
+                    // copy is asked about again and thawed after the patience, as before (the
+                    // background ask stops once the journal is settled).
                     drop(held);
                     let why = format!("cannot ask {}: {why}", e.peer);
                     return self.decide_here(e, d, &why).await;
