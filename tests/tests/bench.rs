@@ -384,10 +384,12 @@ fn an_interrupted_link_measurement_keeps_the_samples_taken() -> Result<()> {
     )?;
     ensure!(!status.success(), "{seen}");
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json)?)?;
+    // A loaded machine may finish the other measurements (64 MiB each) before the signal
+    // arrives; the run is stopped then.
     let link = v["link"].as_array().context("no link")?;
     ensure!(
         !link.is_empty()
-            && link.len() < 6
+            && link.len() <= 6
             && link[0]["proto"] == "tcp"
             && link.iter().all(|l| l["cpu_ms"].is_u64()),
         "{v}\n{seen}"
