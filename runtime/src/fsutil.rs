@@ -13,6 +13,19 @@ pub const PRIVATE_FILE: u32 = 0o600;
 /// The mode for [`atomic_write_mode`] of a file that other users or tools read (the lab file).
 pub const READABLE_FILE: u32 = 0o644;
 
+/// An exclusive `flock` on `path` (created if need be, never truncated), held until dropped:
+/// the lock of a read-modify-write of shared state (the image store, the address table, a lab
+/// file).
+pub fn lock_exclusive(path: &Path) -> io::Result<nix::fcntl::Flock<File>> {
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, errno)| io::Error::from(errno))
+}
+
 /// Writes `data` to `path` atomically and durably with mode [`PRIVATE_FILE`] (whatever the old
 /// file's mode was): see [`atomic_write_mode`].
 pub fn atomic_write(path: &Path, data: &[u8]) -> io::Result<()> {

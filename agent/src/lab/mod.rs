@@ -701,20 +701,9 @@ fn update_host(
 
 /// An exclusive `flock` on `path` (created if need be), held until dropped.
 fn lock(path: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, LabError> {
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(|source| LabError::WriteLabFile {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| {
-        LabError::WriteLabFile {
-            path: path.to_path_buf(),
-            source: e.into(),
-        }
+    fsutil::lock_exclusive(path).map_err(|source| LabError::WriteLabFile {
+        path: path.to_path_buf(),
+        source,
     })
 }
 

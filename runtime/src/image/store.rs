@@ -2,7 +2,7 @@
 //! collection of layers.
 
 use super::{Image, ImageError, ImageStore};
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io;
@@ -147,14 +147,7 @@ impl ImageStore {
 
     pub(crate) fn lock(&self) -> Result<Flock<File>, ImageError> {
         let p = self.root.join(".lock");
-        let f = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&p)
-            .map_err(ImageError::io("opening", &p))?;
-        Flock::lock(f, FlockArg::LockExclusive)
-            .map_err(|(_, e)| ImageError::io("locking", &p)(e.into()))
+        crate::fsutil::lock_exclusive(&p).map_err(ImageError::io("locking", &p))
     }
 
     pub(crate) fn blob_path(&self, digest: &str) -> PathBuf {

@@ -5,7 +5,6 @@
 
 use super::{host_ifname_for_id, mac_for_id, NetError, NetMode, NetSpec};
 use crate::fsutil;
-use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -196,14 +195,7 @@ impl HostNet {
             path: lock_path.clone(),
             source,
         };
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(lock_err)?;
-        let _guard = Flock::lock(file, FlockArg::LockExclusive)
-            .map_err(|(_, errno)| lock_err(std::io::Error::from(errno)))?;
+        let _guard = fsutil::lock_exclusive(&lock_path).map_err(lock_err)?;
         let mut table: Table = match fsutil::read_json(&self.table, MAX_FILE) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Table::new(),
