@@ -63,6 +63,7 @@ impl Counters {
             EventKind::ContainerCheckpointed { .. } => "checkpointed",
             EventKind::ContainerRestored { .. } => "restored",
             EventKind::ContainerRemoved { .. } => "removed",
+            EventKind::MigrationConflict { .. } => "migration_conflict",
             EventKind::MigrationPhase { .. } | EventKind::Unknown => return,
             EventKind::MigrationDone {
                 role,

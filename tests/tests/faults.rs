@@ -837,6 +837,18 @@ fn a_source_back_before_its_destination_waits_for_it() -> Result<()> {
     nothing_left(&lab, A, &id)?;
     running_on(&lab, B, "slw")?;
     continues(&lab, B, "slw", count)?;
+    // Settled: each side's `--resolve` says how the move ended and where it runs (QA of
+    // session 27, F2: only "no unfinished migration").
+    for (host, said) in [
+        (A, "committed: it runs on host-b"),
+        (B, "committed: it runs here"),
+    ] {
+        let o = lab.mig(host, &["move", "--resolve", "slw"]);
+        ensure!(
+            o.code != 0 && o.stderr.contains("no unfinished migration") && o.stderr.contains(said),
+            "{o:?}"
+        );
+    }
     Ok(())
 }
 
@@ -968,6 +980,50 @@ fn in_doubt_without_b(lab: &Lab, name: &str) -> Result<()> {
     lab.fault(A, None)?;
     eprintln!("move exit {}: {}", o.code, o.stderr.trim());
     ensure!(o.stderr.contains("in doubt"), "not in doubt: {o:?}");
+    Ok(())
+}
+
+/// Each side of an in-doubt move settled by its own operator, each the other way: host-a decides
+/// `rolled-back` while host-b is down, then host-a's agent is down while host-b, back, decides
+/// `committed`. Both copies run (a documented risk of deciding on a destination). host-a, back,
+/// tells host-b of its rollback, hears that host-b committed, and says so where operators look:
+/// `mig ps` (`running (also on host-b)`, `also_running_on` in JSON) and a `migration_conflict`
+/// event. Before session 28 only host-a's log said it (QA of session 27, F5). Removing one copy
+/// ends it.
+#[test]
+fn two_operators_deciding_each_way_are_told_it_runs_twice() -> Result<()> {
+    if !mig_tests::is_root("fault tests") {
+        return Ok(());
+    }
+    let mut lab = Lab::up("dup", 41)?;
+    let id = lab.run_container(A, "dup", 8)?;
+    in_doubt_without_b(&lab, "dup")?;
+    let o = lab.mig(A, &["move", "--resolve", "dup", "--decide", "rolled-back"]);
+    ensure!(o.stderr.contains("decided by the operator"), "{o:?}");
+    running_on(&lab, A, "dup")?;
+    lab.kill_agent(A)?;
+    lab.restart_after_crash(B)?;
+    let said = lab.mig_ok(B, &["move", "--resolve", "dup", "--decide", "committed"])?;
+    ensure!(said.contains("runs on host-b"), "{said}");
+    running_on(&lab, B, "dup")?;
+    lab.restart_after_crash(A)?;
+    let mut ps = String::new();
+    let told = mig_tests::wait_until(Duration::from_secs(60), || {
+        ps = lab.mig(A, &["ps"]).stdout;
+        ps.contains("running (also on host-b)")
+    });
+    ensure!(
+        told,
+        "host-a does not say the container also runs on host-b: {ps}"
+    );
+    let list = lab.mig_json(A, &["ps", "--json"])?;
+    ensure!(list[0]["also_running_on"] == "host-b", "{list}");
+    // The copy on host-b removed: host-a's runs on.
+    lab.mig_ok(B, &["rm", "-f", "dup"])?;
+    nothing_left(&lab, B, &id)?;
+    running_on(&lab, A, "dup")?;
+    lab.mig_ok(A, &["rm", "-f", "dup"])?;
+    nothing_left(&lab, A, &id)?;
     Ok(())
 }
 

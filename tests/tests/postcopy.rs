@@ -152,6 +152,9 @@ fn a_source_lost_during_post_copy_is_reported_and_the_container_killed() -> Resu
     if !reported {
         bail!("the destination did not kill and report the container: {last}");
     }
+    // `mig ps -a` says why too (QA of session 27, F4: only `exited (137)`).
+    let ps = lab.mig(1, &["ps", "-a"]);
+    ensure!(ps.stdout.contains("post-copy failed)"), "ps -a: {ps:?}");
     // The destination's one `migration_done` says the post-copy failed (it also said
     // `committed` after it, for a container already killed).
     let mut done = Vec::new();

@@ -717,6 +717,16 @@ pub struct ContainerSummary {
     /// and from older agents.
     #[serde(default)]
     pub arriving: Option<Arriving>,
+    /// Why the container ended, when known and it is not live (as `mig inspect` gives it: an
+    /// OOM kill, a post-copy that lost its source, a failed restore); `null` otherwise and from
+    /// older agents.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// The peer this container also runs on: a move rolled back here was committed there (each
+    /// side settled by its own operator); one copy must be removed. `null` otherwise and from
+    /// older agents.
+    #[serde(default)]
+    pub also_running_on: Option<String>,
 }
 
 /// A move of the container to this host, in progress (see [`ContainerSummary::arriving`]).
@@ -969,6 +979,8 @@ mod tests {
             }),
             moving: None,
             arriving: None,
+            reason: None,
+            also_running_on: None,
         };
         let r = Response::Containers(vec![c]);
         let state = |r: Response| match r {

@@ -185,6 +185,11 @@ pub fn event_container(k: &EventKind) -> Option<(&str, &str)> {
             container_id,
             container_name,
             ..
+        }
+        | EventKind::MigrationConflict {
+            container_id,
+            container_name,
+            ..
         } => Some((container_id, container_name)),
         EventKind::Lagged { .. } | EventKind::Unknown => None,
     }
@@ -283,6 +288,15 @@ pub fn event_line(e: &Event) -> String {
             }
             s
         }
+        EventKind::MigrationConflict {
+            migration_id,
+            container_name,
+            peer,
+            ..
+        } => format!(
+            "migration {} {container_name}: rolled back here but committed on {peer}; it runs on both hosts, remove one copy (`mig rm -f {container_name}` on one of them)",
+            short(migration_id)
+        ),
         EventKind::Lagged { missed } => format!("lagged: {missed} events missed"),
         EventKind::Unknown => "an event of a type this mig does not know (a newer agent's)".into(),
     };

@@ -130,6 +130,14 @@ fn killed_by(signal: i32) -> String {
     format!(" (killed by {name}{why})")
 }
 
+/// The head of a container's `reason` for the `ps` table (`post-copy failed`, `oom-killed`):
+/// up to its first colon or parenthesis; `mig inspect` gives all of it (QA of session 27, F4: a
+/// container a post-copy lost showed only `exited (137)`).
+fn short_reason(why: &str) -> &str {
+    let end = why.find([':', '(']).unwrap_or(why.len());
+    why[..end].trim_end()
+}
+
 pub fn ps_table(list: &[ContainerSummary]) -> String {
     let rows = list
         .iter()
@@ -144,10 +152,14 @@ pub fn ps_table(list: &[ContainerSummary]) -> String {
                         c.arriving.as_ref(),
                     )
                 }
-                (Some(code), None) if !c.state.is_live() => {
-                    format!("{} ({code})", c.state.as_str())
-                }
-                _ => c.state.as_str().to_owned(),
+                (Some(code), None) if !c.state.is_live() => match c.reason.as_deref() {
+                    Some(why) => format!("{} ({code}: {})", c.state.as_str(), short_reason(why)),
+                    None => format!("{} ({code})", c.state.as_str()),
+                },
+                _ => match &c.also_running_on {
+                    Some(peer) => format!("{} (also on {peer})", c.state.as_str()),
+                    None => c.state.as_str().to_owned(),
+                },
             };
             vec![
                 c.id[..12.min(c.id.len())].to_owned(),
@@ -376,6 +388,39 @@ mod tests {
             "{sys}"
         );
         assert_eq!(killed_by(99), " (killed by signal 99)");
+    }
+
+    /// QA of session 27, F4: a container its post-copy lost showed only `exited (137)`.
+    #[test]
+    fn ps_says_why_a_container_ended() {
+        let c: ContainerSummary = serde_json::from_value(serde_json::json!({
+            "id": "0123456789abcdef0123456789abcdef", "name": "web", "state": "exited",
+            "image": "busybox", "host": "host-b", "created": 0, "exit_code": 137,
+            "command": ["sh"],
+            "reason": "post-copy failed (pages from host-a stopped before the last one): gone"
+        }))
+        .unwrap();
+        assert!(
+            ps_table(std::slice::from_ref(&c)).contains("exited (137: post-copy failed)"),
+            "{}",
+            ps_table(&[c])
+        );
+        assert_eq!(
+            short_reason("oom-killed: the container exceeded its memory limit"),
+            "oom-killed"
+        );
+        assert_eq!(
+            short_reason("the restore was interrupted"),
+            "the restore was interrupted"
+        );
+        // From an older agent: no reason, the code alone.
+        let old: ContainerSummary = serde_json::from_value(serde_json::json!({
+            "id": "0123456789abcdef0123456789abcdef", "name": "web", "state": "exited",
+            "image": "busybox", "host": "host-b", "created": 0, "exit_code": 0,
+            "command": ["sh"]
+        }))
+        .unwrap();
+        assert!(ps_table(&[old]).contains("exited (0) "));
     }
 
     #[test]

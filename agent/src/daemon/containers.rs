@@ -414,6 +414,10 @@ impl Agent {
                 moving: None,
                 memory_arriving: false,
                 arriving: None,
+                reason: (!e.state.state.is_live())
+                    .then(|| e.state.reason.clone())
+                    .flatten(),
+                also_running_on: None,
             })
             .collect();
         out.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));

@@ -106,6 +106,16 @@ pub enum EventKind {
         bytes: u64,
         error: Option<String>,
     },
+    /// A move this host rolled back was committed on its destination by an operator's decision
+    /// there (or the other way around): the container runs on this host and on `peer`. One of
+    /// the copies must be removed (`mig rm -f`); `mig ps` here shows it `running (also on
+    /// PEER)` until then.
+    MigrationConflict {
+        migration_id: String,
+        container_id: String,
+        container_name: String,
+        peer: String,
+    },
     /// This subscriber fell behind and missed `missed` events.
     Lagged {
         missed: u64,

@@ -234,6 +234,7 @@ impl Agent {
             if c.state == ContainerState::Running {
                 c.usage = self.cgroup_usage(&c.id);
                 c.memory_arriving = crate::migration::memory_arriving(&c.id);
+                c.also_running_on = crate::migration::also_runs_on(&c.id);
             }
         }
         list

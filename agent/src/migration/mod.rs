@@ -22,6 +22,7 @@ mod pstree;
 mod recover;
 pub use recover::settle_sources;
 pub(crate) use recover::waiting as waiting_for_destination;
+pub(crate) use recover::{also_runs_on, also_runs_on_peer};
 mod source;
 pub(crate) use postcopy::memory_arriving;
 pub(crate) use source::{ending, frozen_for_move, mark_frozen};

@@ -341,9 +341,86 @@ async fn notify_rolled_back(agent: &Arc<Agent>, e: &JournalEntry) -> Result<(), 
     );
     let report = transport::run_source(&conn, machine, &Notifier, &super::hello(agent)).await;
     conn.close(0u32.into(), b"done");
-    report
-        .map(|_| ())
-        .map_err(|err| Notify::Failed(chain(&err)))
+    let report = report.map_err(|err| Notify::Failed(chain(&err)))?;
+    if report.both_run {
+        // The machine logged it; made visible where operators and rebalancers look.
+        also_runs_on_peer(&e.container_id, Some(&e.peer));
+        agent.emit(crate::daemon::events::EventKind::MigrationConflict {
+            migration_id: e.migration_id.clone(),
+            container_id: e.container_id.clone(),
+            container_name: e.container_name.clone(),
+            peer: e.peer.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// Containers running here that also run on a peer (container id -> peer): a move rolled back
+/// here and committed there, each side settled by its own operator (QA of session 27, F5: only
+/// the source's log said so). Kept in memory: the event and the log line outlive a restart.
+static BOTH_RUN: std::sync::Mutex<Option<HashMap<String, String>>> = std::sync::Mutex::new(None);
+
+/// Records (`Some(peer)`) or forgets (`None`: the copy here ended or left) that container `id`
+/// also runs on a peer.
+pub(crate) fn also_runs_on_peer(id: &str, peer: Option<&str>) {
+    let mut map = BOTH_RUN.lock().unwrap_or_else(|p| p.into_inner());
+    let map = map.get_or_insert_with(HashMap::new);
+    match peer {
+        Some(p) => {
+            map.insert(id.to_owned(), p.to_owned());
+        }
+        None => {
+            map.remove(id);
+        }
+    }
+}
+
+/// The peer container `id` also runs on, as [`also_runs_on_peer`] recorded it.
+pub(crate) fn also_runs_on(id: &str) -> Option<String> {
+    BOTH_RUN
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()?
+        .get(id)
+        .cloned()
+}
+
+/// Whether journal entry `e` is of container `container` (its id, a prefix of it, or its name).
+fn names(e: &JournalEntry, container: &str) -> bool {
+    e.container_id == container
+        || e.container_name == container
+        || (!container.is_empty() && e.container_id.starts_with(container))
+}
+
+/// How the newest settled move of `container` here ended and where the container runs since,
+/// for a `--resolve` that finds nothing left to settle (QA of session 27, F2: it said only that
+/// there was no unfinished migration, which left the operator to guess the outcome).
+fn last_settled(entries: &[JournalEntry], container: &str) -> Option<String> {
+    let e = entries
+        .iter()
+        .filter(|e| journal::is_final(&e.state) && names(e, container))
+        .max_by_key(|e| e.stamp())?;
+    let (way, ran) = match e.role {
+        Role::Source => ("to", "away"),
+        Role::Dest => ("from", "here"),
+    };
+    let outcome = match (&e.state, e.role) {
+        (JournalState::Committed, Role::Source) => format!("committed: it runs on {}", e.peer),
+        (JournalState::Committed, Role::Dest) => "committed: it runs here".to_owned(),
+        (JournalState::RolledBack, Role::Source) => "rolled back: it runs here".to_owned(),
+        (JournalState::RolledBack, Role::Dest) => {
+            format!("rolled back: it runs on {}", e.peer)
+        }
+        (JournalState::RollbackFailed { detail }, _) => {
+            format!("with a failed rollback ({detail}); `mig ps -a` and the agent's log say more")
+        }
+        _ => return None,
+    };
+    let ago = journal::now().0.saturating_sub(e.updated);
+    Some(format!(
+        "its last move {ran} ({}, {way} {}) was settled {ago} s ago, {outcome}",
+        e.migration_id, e.peer
+    ))
 }
 
 /// Resolves an in-doubt move of `container` in the background: retries while the destination is
@@ -429,15 +506,19 @@ impl Agent {
         let entries = journal::list(&self.cfg.state_dir)
             .map_err(|e| ApiError::new(ErrorKind::Internal, chain(&e)))?;
         let found = entries
-            .into_iter()
+            .iter()
             .filter(|e| !journal::is_final(&e.state))
-            .find(|e| {
-                e.container_id == container
-                    || e.container_name == container
-                    || (!container.is_empty() && e.container_id.starts_with(container))
-            });
+            .find(|e| names(e, container))
+            .cloned();
         let Some(e) = found else {
-            return self.thaw_unexplained(container, decide);
+            return self.thaw_unexplained(container, decide).map_err(|mut err| {
+                if err.kind == ErrorKind::NotFound {
+                    if let Some(last) = last_settled(&entries, container) {
+                        err.message = format!("{}: {last}", err.message);
+                    }
+                }
+                err
+            });
         };
         if e.role == Role::Dest {
             let Some(d) = decide else {

@@ -122,6 +122,8 @@ pub struct SourceMachine {
     dest_pid_map: Vec<PidEntry>,
     /// Rolled back: a Resolve was sent to release a destination that may be in doubt.
     notifying: bool,
+    /// Rolled back here, and the destination answered that it committed: two copies run.
+    both_run: bool,
 }
 
 impl SourceMachine {
@@ -136,6 +138,7 @@ impl SourceMachine {
             pending: None,
             dest_pid_map: Vec::new(),
             notifying: false,
+            both_run: false,
         }
     }
 
@@ -152,6 +155,7 @@ impl SourceMachine {
             pending: None,
             dest_pid_map: Vec::new(),
             notifying: false,
+            both_run: false,
         };
         let restart = "agent restarted during the migration".to_string();
         match last {
@@ -186,6 +190,12 @@ impl SourceMachine {
 
     pub fn state(&self) -> &SourceState {
         &self.state
+    }
+
+    /// Whether the destination answered this rolled-back migration's Resolve with a commit (an
+    /// operator decided each side its own way): the container runs on both hosts.
+    pub fn both_run(&self) -> bool {
+        self.both_run
     }
 
     /// The PID map the destination reported with Restored (empty before).
@@ -376,6 +386,7 @@ impl SourceMachine {
                     // Only an operator's decision here (`--decide rolled-back` while the
                     // destination was away, having committed) gets this far: said loudly.
                     tracing::error!(migration = %self.id, "the destination committed this migration, which was rolled back here: the container runs on both hosts; remove one of the copies");
+                    self.both_run = true;
                 }
                 self.notifying = false
             }

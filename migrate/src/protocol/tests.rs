@@ -2,7 +2,7 @@
 //! injectable faults (`sim`). Every run checks the one-live-copy invariant.
 
 use super::*;
-use crate::wire::{Phase, Resolution, SourceView};
+use crate::wire::{DestView, Phase, Resolution, SourceView};
 use sim::{prepare, Faults, Sim, ID};
 
 #[path = "tests_sim.rs"]
@@ -434,6 +434,33 @@ fn resolution_rules() {
         source: SourceView::RolledBack,
     }));
     assert_eq!(dst.poll_output(), Some(Output::Do(DestAction::Cleanup)));
+}
+
+/// A source that rolled back tells its destination; one that answers it committed (an
+/// operator decided there too, the other way) leaves the container on both hosts, which the
+/// machine says (QA of session 27, F5: only a log line said so).
+#[test]
+fn a_rollback_answered_with_a_commit_is_reported() {
+    for (dest, answer, both) in [
+        (DestView::Committed, Resolution::Committed, true),
+        (DestView::RolledBack, Resolution::RolledBack, false),
+    ] {
+        let mut src = SourceMachine::recover(ID, &JournalState::RolledBack, Timeouts::default());
+        src.handle(SourceInput::Reconnected);
+        assert!(matches!(
+            src.poll_output(),
+            Some(Output::Send(Message::Resolve {
+                source: SourceView::RolledBack,
+                ..
+            }))
+        ));
+        src.handle(SourceInput::Received(Message::Resolved {
+            migration_id: ID.into(),
+            dest,
+            outcome: answer,
+        }));
+        assert_eq!(src.both_run(), both);
+    }
 }
 
 #[test]

@@ -249,6 +249,9 @@ pub struct SourceReport {
     pub timings: Timings,
     /// The destination agent's hello.
     pub peer: Hello,
+    /// A rolled-back migration whose destination answered that it committed: the container
+    /// runs on both hosts ([`SourceMachine::both_run`](crate::protocol::SourceMachine::both_run)).
+    pub both_run: bool,
 }
 
 /// What the destination driver reports.

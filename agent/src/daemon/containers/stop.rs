@@ -147,6 +147,7 @@ impl Agent {
             .map_err(|err| internal(format!("removing {}: {err}", cd.dir.display())))?;
         // A move's mark dies with the container (an id that comes back later starts clean).
         crate::migration::mark_frozen(id, false);
+        crate::migration::also_runs_on_peer(id, None);
         if self.lock().remove(id).is_none() {
             // Another removal of the same container finished first.
             return Ok(());

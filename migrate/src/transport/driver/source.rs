@@ -361,6 +361,7 @@ pub async fn run_source_on<H: SourceHost>(
         bytes_sent,
         timings: t,
         peer,
+        both_run: machine.both_run(),
     })
 }
 
