@@ -811,7 +811,9 @@ fn a_source_back_before_its_destination_waits_for_it() -> Result<()> {
             );
             // Shown in doubt, not as a move under way.
             ensure!(
-                d["in_doubt"]["role"] == "source" && d["in_doubt"]["peer"] == "host-b",
+                d["in_doubt"]["role"] == "source"
+                    && d["in_doubt"]["peer"] == "host-b"
+                    && d["moving"].is_null(),
                 "{d}"
             );
             std::thread::sleep(Duration::from_millis(500));

@@ -50,6 +50,12 @@ pub enum CliError {
     NoFingerprint,
     #[error("{failed} of {total} operations failed")]
     Partial { failed: usize, total: usize },
+    #[error("the host is not empty: {failed} of {total} moves failed, {arriving} still arriving here (drain again once they have arrived)")]
+    NotDrained {
+        failed: usize,
+        total: usize,
+        arriving: usize,
+    },
     #[error("the agent is older than this mig and does not know {option}")]
     OlderAgent {
         option: &'static str,

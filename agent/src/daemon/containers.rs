@@ -451,7 +451,11 @@ impl Agent {
         // frozen, whatever its record says.
         let journals = self.journals();
         let in_doubt = super::info::in_doubt(&journals).remove(id);
-        let moving = super::info::moving(&journals, &e, id);
+        // In doubt, not moving: one of the two says why it is frozen (review of session 27, L2).
+        let moving = match in_doubt {
+            Some(_) => None,
+            None => super::info::moving(&journals, &e, id),
+        };
         let state =
             super::info::shown_state(id, st.state, in_doubt.is_some(), moving.as_ref(), || {
                 self.cgroup_frozen(&st.cgroup)

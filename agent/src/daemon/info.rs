@@ -222,7 +222,11 @@ impl Agent {
             let Some(e) = self.lock().get(&c.id).cloned() else {
                 continue;
             };
-            c.moving = moving(&journals, &e, &c.id);
+            // In doubt, not moving: one of the two says why it is frozen (review of session
+            // 27, L2: a restarted source's waiting copy had both).
+            if c.in_doubt.is_none() {
+                c.moving = moving(&journals, &e, &c.id);
+            }
             c.arriving = arriving(&journals, &c.id);
             c.state = shown_state(
                 &c.id,
