@@ -635,6 +635,15 @@ pub fn down(name: &str) -> Result<DownReport, LabError> {
             f
         }
     };
+    // A restart of a host under way finishes first, and one that comes after finds no lab: a
+    // restart that outlived the teardown would start an agent nobody stops (review of session
+    // 27, L7). Best effort: a half-built lab may have no run directory to lock in.
+    let _restarts: Vec<_> = file
+        .hosts
+        .iter()
+        .filter(|_| file.root_dir.is_dir())
+        .filter_map(|h| lock(&file.root_dir.join(format!("{}.restart.lock", h.name))).ok())
+        .collect();
     let mut report = cleanup::teardown(&file, &lab_file_path(name));
     report.problems.extend(unreadable);
     Ok(report)
