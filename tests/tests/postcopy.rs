@@ -13,7 +13,7 @@
 //! `/proc/PID/mem`, and puts the pages of mappings without read permission into the images
 //! instead (docs/criu.md, "Patches", 0003).
 //!
-//! Needs root. Labs on subnets 10.214.70-74.0/24 and 10.214.76-77.0/24.
+//! Needs root. Labs on subnets 10.214.70-74.0/24, 10.214.76-78.0/24 and 10.214.96.0/24.
 
 use anyhow::{bail, ensure, Context, Result};
 use mig_tests::lab::{move_and_check_with, Lab};
@@ -744,5 +744,49 @@ fn drain_waits_for_a_container_whose_memory_is_arriving() -> Result<()> {
         bail!("memory lost on the way: {bad}");
     }
     after?;
+    Ok(())
+}
+
+/// `mig lab restart` of the source while its post-copy still serves pages (N3 of session 26's
+/// review: no test drove it). The stopping agent lets the move end first, as migd does on
+/// SIGTERM (docs/cli.md, `lab restart`), so the container on host-b gets every page and runs on
+/// intact; the restart takes as long as the post-copy has left.
+#[test]
+fn a_restart_of_the_source_during_a_post_copy_waits_for_its_last_page() -> Result<()> {
+    if !mig_tests::is_root("migration tests") {
+        return Ok(());
+    }
+    let mut lab = Lab::up("pcrst", 96)?;
+    memload_image(&lab)?;
+    run_memload(&lab, "rst", &["--mib", "768"])?;
+    let count = memload_continues(&lab, 0, "rst", 0)?;
+    let (o, restarted) = std::thread::scope(|s| {
+        let l: &Lab = &lab;
+        let mover = s.spawn(move || l.mig(0, &["move", "--mode", "lazy", "rst", "host-b"]));
+        let arriving = wait_until(Duration::from_secs(60), || {
+            l.mig(1, &["ps"]).stdout.contains("memory arriving")
+        });
+        // What `mig lab restart host-a` does (`Lab::restart` needs the lab mutably).
+        let restarted = arriving.then(|| mig_agent::lab::restart_agent(&l.name, "host-a"));
+        (mover.join(), restarted)
+    });
+    let o = o.map_err(|_| anyhow::anyhow!("the mover panicked"))?;
+    match restarted {
+        None => bail!("the post-copy was never seen under way (no window to test): {o:?}"),
+        Some(h) => lab.hosts[0] = h?,
+    }
+    ensure!(o.code == 0, "the lazy move failed: {o:?}");
+    let d = inspect(&lab, 1, "rst");
+    ensure!(d["state"] == "running" && d["reason"].is_null(), "{d}");
+    // Every page there: two whole verification passes after the move, none BAD.
+    let passes = memload_passes(&lab.mig(1, &["logs", "rst"]).stdout);
+    let mut log = String::new();
+    let verified = wait_until(Duration::from_secs(90), || {
+        log = lab.mig(1, &["logs", "rst"]).stdout;
+        log.contains("BAD") || memload_passes(&log) >= passes + 2
+    });
+    ensure!(verified && !log.contains("BAD"), "{log}");
+    ensure!(memload_count(&log) > count, "{log}");
+    let _ = lab.mig(1, &["rm", "-f", "rst"]);
     Ok(())
 }
