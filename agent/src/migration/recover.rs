@@ -416,9 +416,14 @@ fn last_settled(entries: &[JournalEntry], container: &str) -> Option<String> {
         }
         _ => return None,
     };
-    let ago = journal::now().0.saturating_sub(e.updated);
+    let ago = match journal::now().0.saturating_sub(e.updated) {
+        s @ 0..120 => format!("{s} s"),
+        s @ 120..7200 => format!("{} min", s / 60),
+        s @ 7200..172_800 => format!("{} h", s / 3600),
+        s => format!("{} days", s / 86_400),
+    };
     Some(format!(
-        "its last move {ran} ({}, {way} {}) was settled {ago} s ago, {outcome}",
+        "its last move {ran} ({}, {way} {}) was settled {ago} ago, {outcome}",
         e.migration_id, e.peer
     ))
 }
@@ -845,5 +850,47 @@ mod tests {
         assert!(hold_within(&journal::new_id(), short).await.is_some());
         drop(first);
         assert!(hold_within(&id, short).await.is_some());
+    }
+
+    /// `--resolve` with nothing left to settle says how the container's last move here ended
+    /// and where it runs (QA of session 27, F2).
+    #[test]
+    fn the_last_settled_move_is_told() {
+        let (now, _) = journal::now();
+        let entry = |id: &str, role, state, ago: u64| JournalEntry {
+            migration_id: id.into(),
+            role,
+            state,
+            container_id: "0123456789abcdef".into(),
+            container_name: "web".into(),
+            peer: "host-b".into(),
+            cgroup: "mig/0123456789abcdef".into(),
+            updated: now - ago,
+            updated_ns: 0,
+        };
+        let old = entry("m1", Role::Source, JournalState::RolledBack, 9000);
+        let new = entry("m2", Role::Source, JournalState::Committed, 30);
+        let said = last_settled(&[old.clone(), new], "web").unwrap();
+        assert!(
+            said.contains("(m2, to host-b)") && said.contains("committed: it runs on host-b"),
+            "{said}"
+        );
+        assert!(
+            said.contains("30 s ago") || said.contains("31 s ago"),
+            "{said}"
+        );
+        let said = last_settled(std::slice::from_ref(&old), "0123").unwrap();
+        assert!(
+            said.contains("rolled back: it runs here") && said.contains("2 h ago"),
+            "{said}"
+        );
+        let dest = entry("m3", Role::Dest, JournalState::Committed, 0);
+        assert!(last_settled(&[dest], "web")
+            .unwrap()
+            .contains("from host-b) was settled 0 s ago, committed: it runs here"));
+        // Unsettled moves, and other containers, say nothing here.
+        let open = entry("m4", Role::Source, JournalState::InDoubt, 0);
+        assert_eq!(last_settled(&[open], "web"), None);
+        assert_eq!(last_settled(&[old], "db"), None);
     }
 }
