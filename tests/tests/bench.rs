@@ -128,6 +128,7 @@ fn bench_move_tiny_run_writes_csv_json_and_svg() -> Result<()> {
         "pages_sent_frozen",
         "fixed_cost_ms",
         "fixed_cost_source",
+        "agents_cpu_ms",
     ] {
         ensure!(header.contains(&col), "csv has no column {col}: {header:?}");
     }
@@ -173,8 +174,13 @@ fn bench_move_tiny_run_writes_csv_json_and_svg() -> Result<()> {
         "{:?}",
         rows[1]
     );
+    // Each move took the agents some CPU (with CRIU's); runc's row has none.
+    for r in &rows[..2] {
+        ensure!(n(r, "agents_cpu_ms") > 0, "{r:?}");
+    }
     if runc {
         ensure!(rows[2][col("mode")] == "runc", "{:?}", rows[2]);
+        ensure!(rows[2][col("agents_cpu_ms")].is_empty(), "{:?}", rows[2]);
     }
 
     let report: Value = serde_json::from_str(&std::fs::read_to_string(&json)?)?;

@@ -217,7 +217,9 @@ pub fn run(ctx: &Ctx, size_mib: u64, mode: &str, run: u32) -> Result<Row, BenchE
         return Ok(row);
     };
 
+    let cpu_before = agents_cpu_ms(ctx);
     let mut out = mig(ctx, 0, &move_args(&id, Some(mode)))?;
+    let cpu_after = agents_cpu_ms(ctx);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     // A mig without `--mode` moves the one way it knows: cold.
     if !out.status.success() && mode == "cold" && stderr.contains("'--mode'") {
@@ -244,6 +246,7 @@ pub fn run(ctx: &Ctx, size_mib: u64, mode: &str, run: u32) -> Result<Row, BenchE
         }
     };
     row.fill_from_move(&result);
+    row.agents_cpu_ms = cpu_before.zip(cpu_after).map(|(b, a)| a.saturating_sub(b));
 
     let after = wait_status(
         ctx,
@@ -274,6 +277,35 @@ pub fn run(ctx: &Ctx, size_mib: u64, mode: &str, run: u32) -> Result<Row, BenchE
     }
     row.pids_kept = pids_kept(&result);
     Ok(row)
+}
+
+/// The CPU time the lab's agents have taken so far, in ms: user and system time, their own and
+/// that of the children they waited for (CRIU), from `/proc/PID/stat`; `None` when an agent's
+/// cannot be read.
+fn agents_cpu_ms(ctx: &Ctx) -> Option<u64> {
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .and_then(|t| u64::try_from(t).ok())
+        .filter(|&t| t > 0)?;
+    let mut total = 0;
+    for h in &ctx.hosts {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", h.agent_pid?)).ok()?;
+        total += stat_cpu_ticks(&stat)?;
+    }
+    Some(total * 1000 / ticks)
+}
+
+/// utime + stime + cutime + cstime of a `/proc/PID/stat` line (fields 14 to 17; the command,
+/// field 2, is in parentheses and may hold spaces).
+fn stat_cpu_ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // `rest` starts at field 3 (state): fields 14 to 17 are its 12th to 15th words.
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f.get(11..15)?
+        .iter()
+        .map(|w| w.parse::<i64>().ok().map(|v| v.max(0) as u64))
+        .sum()
 }
 
 /// Same `ns_pid` and command for every process before and after, when the move reports both.
@@ -323,6 +355,13 @@ mod tests {
         );
         assert!(ended_before_verifying(1, "mig-memload: cannot map")
             .ends_with("memory: mig-memload: cannot map"));
+    }
+
+    #[test]
+    fn cpu_ticks_from_a_stat_line() {
+        let stat = "4242 (mi g) S 1 4242 4242 0 -1 4194560 100 0 0 0 25 7 3 2 20 0 9 0 100";
+        assert_eq!(stat_cpu_ticks(stat), Some(37));
+        assert_eq!(stat_cpu_ticks("4242 (migd) S 1"), None);
     }
 
     #[test]
