@@ -843,3 +843,46 @@ impl Lab {
         Lab::up_at(tag, base, hosts, &crate::bin("migd"), &crate::bin("mig"))
     }
 }
+
+/// `mig events --json` on a lab host, into a file, until dropped.
+pub struct Events {
+    child: std::process::Child,
+    out: tempfile::NamedTempFile,
+}
+
+impl Events {
+    /// Subscribes to `host`'s events.
+    pub fn follow(lab: &Lab, host: usize) -> Result<Events> {
+        let out = tempfile::NamedTempFile::new()?;
+        let child = Command::new(crate::bin("mig"))
+            .arg("--socket")
+            .arg(&lab.hosts[host].socket)
+            .args(["events", "--json"])
+            .env_remove("MIG_HOST")
+            .env_remove("MIG_SOCKET")
+            .stdin(std::process::Stdio::null())
+            .stdout(out.reopen()?)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting mig events")?;
+        // The subscription is in place once the client read its answer.
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(Events { child, out })
+    }
+
+    /// The events of type `ty` (`migration_done`, ...) so far.
+    pub fn of_type(&self, ty: &str) -> Vec<Value> {
+        let text = std::fs::read_to_string(self.out.path()).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|e| e["type"] == ty)
+            .collect()
+    }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -7,13 +7,14 @@
 //! (compared with what they held before the case). A case that ends on host-b moves the container
 //! back (a checked move) before the leak check, so every case starts from the same place.
 //!
-//! Tables share one lab each to save time; labs use the subnets 10.214.20-37.0/24. Needs root.
+//! Tables share one lab each to save time; labs use the subnets 10.214.20-41.0/24 and
+//! 10.214.175-176.0/24. Needs root.
 //! The soak (`soak_back_and_forth`, ignored) moves one container back and forth and three at once.
 
 use anyhow::{bail, ensure, Context, Result};
 use mig_tests::lab::{
     continues, leaks, log_state, move_and_check, no_leaks, nothing_left, running_on, usage,
-    DiskLab, Lab, Usage,
+    DiskLab, Events, Lab, Usage,
 };
 use std::time::{Duration, Instant};
 
@@ -990,8 +991,8 @@ fn in_doubt_without_b(lab: &Lab, name: &str) -> Result<()> {
 /// `committed`. Both copies run (a documented risk of deciding on a destination). host-a, back,
 /// tells host-b of its rollback, hears that host-b committed, and says so where operators look:
 /// `mig ps` (`running (also on host-b)`, `also_running_on` in JSON) and a `migration_conflict`
-/// event. Before session 28 only host-a's log said it (QA of session 27, F5). Removing one copy
-/// ends it.
+/// event. Before session 28 only host-a's log said it (QA of session 27, F5). Removing host-b's
+/// copy ends it: host-a asks host-b again and clears the mark.
 #[test]
 fn two_operators_deciding_each_way_are_told_it_runs_twice() -> Result<()> {
     if !mig_tests::is_root("fault tests") {
@@ -1008,7 +1009,13 @@ fn two_operators_deciding_each_way_are_told_it_runs_twice() -> Result<()> {
     let said = lab.mig_ok(B, &["move", "--resolve", "dup", "--decide", "committed"])?;
     ensure!(said.contains("runs on host-b"), "{said}");
     running_on(&lab, B, "dup")?;
-    lab.restart_after_crash(A)?;
+    // host-a comes back cut off from host-b, so that its events are followed before its
+    // rollback notice can reach host-b (it retries every 5 s).
+    lab.link(B, false)?;
+    let back = lab.restart_after_crash(A);
+    let events = back.and_then(|()| Events::follow(&lab, A));
+    lab.link(B, true)?;
+    let events = events?;
     let mut ps = String::new();
     let told = mig_tests::wait_until(Duration::from_secs(60), || {
         ps = lab.mig(A, &["ps"]).stdout;
@@ -1020,10 +1027,26 @@ fn two_operators_deciding_each_way_are_told_it_runs_twice() -> Result<()> {
     );
     let list = lab.mig_json(A, &["ps", "--json"])?;
     ensure!(list[0]["also_running_on"] == "host-b", "{list}");
-    // The copy on host-b removed: host-a's runs on.
+    let conflicts = events.of_type("migration_conflict");
+    ensure!(
+        conflicts.len() == 1
+            && conflicts[0]["container_name"] == "dup"
+            && conflicts[0]["peer"] == "host-b",
+        "host-a's migration_conflict events: {conflicts:?}"
+    );
+    // The copy on host-b removed: host-a's runs on, and soon says it runs there alone (it asks
+    // host-b every 5 s).
     lab.mig_ok(B, &["rm", "-f", "dup"])?;
     nothing_left(&lab, B, &id)?;
     running_on(&lab, A, "dup")?;
+    let alone = mig_tests::wait_until(Duration::from_secs(30), || {
+        ps = lab.mig(A, &["ps"]).stdout;
+        ps.contains("dup") && !ps.contains("also on")
+    });
+    ensure!(
+        alone,
+        "host-a still says the container also runs on host-b: {ps}"
+    );
     lab.mig_ok(A, &["rm", "-f", "dup"])?;
     nothing_left(&lab, A, &id)?;
     Ok(())

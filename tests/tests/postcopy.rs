@@ -16,7 +16,7 @@
 //! Needs root. Labs on subnets 10.214.70-74.0/24, 10.214.76-78.0/24 and 10.214.96.0/24.
 
 use anyhow::{bail, ensure, Context, Result};
-use mig_tests::lab::{move_and_check_with, Lab};
+use mig_tests::lab::{move_and_check_with, Events, Lab};
 use mig_tests::wait_until;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -43,48 +43,6 @@ fn lazy_dump_of(agent: i32) -> Option<i32> {
             let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
             args.contains(&&b"dump"[..]) && args.contains(&&b"--lazy-pages"[..])
         })
-}
-
-/// `mig events --json` on a lab host, into a file, until dropped.
-struct Events {
-    child: std::process::Child,
-    out: tempfile::NamedTempFile,
-}
-
-impl Events {
-    fn follow(lab: &Lab, host: usize) -> Result<Events> {
-        let out = tempfile::NamedTempFile::new()?;
-        let child = std::process::Command::new(mig_tests::bin("mig"))
-            .arg("--socket")
-            .arg(&lab.hosts[host].socket)
-            .args(["events", "--json"])
-            .env_remove("MIG_HOST")
-            .env_remove("MIG_SOCKET")
-            .stdin(std::process::Stdio::null())
-            .stdout(out.reopen()?)
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .context("starting mig events")?;
-        // The subscription is in place once the client read its answer.
-        std::thread::sleep(Duration::from_millis(500));
-        Ok(Events { child, out })
-    }
-
-    /// The `migration_done` events so far.
-    fn migration_done(&self) -> Vec<Value> {
-        let text = std::fs::read_to_string(self.out.path()).unwrap_or_default();
-        text.lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|e| e["type"] == "migration_done")
-            .collect()
-    }
-}
-
-impl Drop for Events {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// `mig inspect NAME --json` on `host` (null when it fails).
@@ -159,11 +117,11 @@ fn a_source_lost_during_post_copy_is_reported_and_the_container_killed() -> Resu
     // `committed` after it, for a container already killed).
     let mut done = Vec::new();
     wait_until(Duration::from_secs(30), || {
-        done = events.migration_done();
+        done = events.of_type("migration_done");
         !done.is_empty()
     });
     std::thread::sleep(Duration::from_secs(2));
-    done = events.migration_done();
+    done = events.of_type("migration_done");
     let outcomes: Vec<&str> = done.iter().filter_map(|e| e["outcome"].as_str()).collect();
     ensure!(
         outcomes == ["postcopy_failed"],
@@ -776,6 +734,14 @@ fn a_restart_of_the_source_during_a_post_copy_waits_for_its_last_page() -> Resul
         Some(h) => lab.hosts[0] = h?,
     }
     ensure!(o.code == 0, "the lazy move failed: {o:?}");
+    // The stop came while the post-copy was under way: the agent said it waited for it.
+    let log = lab.hosts[0].socket.with_file_name("host-a.log");
+    let said = std::fs::read_to_string(&log).unwrap_or_default();
+    ensure!(
+        said.contains("waiting for the moves under way to end before stopping"),
+        "the post-copy ended before host-a's agent was stopped (no window to test): {}",
+        log.display()
+    );
     let d = inspect(&lab, 1, "rst");
     ensure!(d["state"] == "running" && d["reason"].is_null(), "{d}");
     // Every page there: two whole verification passes after the move, none BAD.

@@ -722,9 +722,10 @@ pub struct ContainerSummary {
     /// older agents.
     #[serde(default)]
     pub reason: Option<String>,
-    /// The peer this container also runs on: a move rolled back here was committed there (each
-    /// side settled by its own operator); one copy must be removed. `null` otherwise and from
-    /// older agents.
+    /// The peer this container also runs on: a move rolled back here was committed there (an
+    /// operator decided each side its own way, or this source rolled back by itself after its
+    /// destination could not be asked); one copy must be removed. Cleared once the peer no
+    /// longer holds it or the copy here is removed. `null` otherwise and from older agents.
     #[serde(default)]
     pub also_running_on: Option<String>,
 }

@@ -85,8 +85,9 @@ pub struct Row {
     /// `measured` (learned from the agent's last moves of the mode to the peer) or `default`.
     pub fixed_cost_ms: Option<u64>,
     pub fixed_cost_source: Option<String>,
-    /// The CPU time both lab agents took over `mig move` (user and system, with the children
-    /// they waited for: CRIU), in ms (mig only; `null` when it could not be read).
+    /// The CPU time both lab agents' own threads took over `mig move` (user and system: the
+    /// page stream, QUIC and TLS, hashing; not CRIU's), in ms (mig only; `null` when it could
+    /// not be read).
     pub agents_cpu_ms: Option<u64>,
 }
 
@@ -625,7 +626,7 @@ impl BenchReport {
              one; lazy: the page bytes over the restore and the post-copy; runc: the image \
              directory over the copy); /RUNC: downtime over runc's for the same size; /COLD: over \
              cold mode's; /TCP: MB/S over the raw TCP throughput of the same link (its median); \
-             AGENT-CPU: the CPU time both agents took over `mig move` (with CRIU's)\n",
+             AGENT-CPU: the CPU time both agents' own threads took over `mig move` (not CRIU's)\n",
         );
         s
     }

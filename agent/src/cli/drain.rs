@@ -214,13 +214,11 @@ pub(super) async fn drain(cli: &Cli, a: &DrainArgs) -> Result<u8, CliError> {
         ))?;
     }
     if report.failed > 0 || !report.left.is_empty() {
-        // Each container still here is a failure, whether its move failed, it came after the
-        // last round or it was still arriving (the host is not empty); gone ones count as
-        // neither.
+        // A container still here whose move failed, or that came after the last round, is a
+        // failure; one still arriving is counted apart, not tried and so not failed (review of
+        // session 27, L4); gone ones count as neither. The host is not empty either way.
         let names: std::collections::HashSet<&str> =
             report.results.iter().map(|r| r.name.as_str()).collect();
-        // Those still arriving are counted apart: not tried, so not failed (review of session
-        // 27, L4).
         let late = report
             .left
             .iter()

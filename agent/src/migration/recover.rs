@@ -19,7 +19,7 @@ use crate::daemon::Agent;
 use mig_migrate::protocol::{JournalState, Outcome, Role, SourceMachine, Timeouts};
 use mig_migrate::transport;
 use mig_runtime::cgroup::Cgroup;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::OwnedMutexGuard;
@@ -342,8 +342,10 @@ async fn notify_rolled_back(agent: &Arc<Agent>, e: &JournalEntry) -> Result<(), 
     let report = transport::run_source(&conn, machine, &Notifier, &super::hello(agent)).await;
     conn.close(0u32.into(), b"done");
     let report = report.map_err(|err| Notify::Failed(chain(&err)))?;
-    if report.both_run {
-        // The machine logged it; made visible where operators and rebalancers look.
+    // The machine logged it; made visible where operators and rebalancers look, while the copy
+    // here still runs (review of session 28, L2: a mark for a copy gone since would stick to
+    // the container's next arrival).
+    if report.both_run && agent.entry(&e.container_id).is_ok() {
         also_runs_on_peer(&e.container_id, Some(&e.peer));
         agent.emit(crate::daemon::events::EventKind::MigrationConflict {
             migration_id: e.migration_id.clone(),
@@ -351,28 +353,49 @@ async fn notify_rolled_back(agent: &Arc<Agent>, e: &JournalEntry) -> Result<(), 
             container_name: e.container_name.clone(),
             peer: e.peer.clone(),
         });
+        watch_conflict(agent.clone(), e.container_id.clone(), e.peer.clone());
     }
     Ok(())
 }
 
-/// Containers running here that also run on a peer (container id -> peer): a move rolled back
-/// here and committed there, each side settled by its own operator (QA of session 27, F5: only
-/// the source's log said so). Kept in memory: the event and the log line outlive a restart.
-static BOTH_RUN: std::sync::Mutex<Option<HashMap<String, String>>> = std::sync::Mutex::new(None);
+/// How often a container marked as also running on a peer is asked about there.
+const CONFLICT_RECHECK: Duration = Duration::from_secs(5);
 
-/// Records (`Some(peer)`) or forgets (`None`: the copy here ended or left) that container `id`
-/// also runs on a peer.
+/// Asks `peer` every [`CONFLICT_RECHECK`] whether it still holds container `id` live, and
+/// clears the mark once it does not (its copy was removed there: review of session 28, M1) or
+/// once the copy here is gone.
+fn watch_conflict(agent: Arc<Agent>, id: String, peer: String) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(CONFLICT_RECHECK).await;
+            if also_runs_on(&id).as_deref() != Some(peer.as_str()) {
+                return;
+            }
+            // Within a few seconds, the connection included (`locate::ASK_LIMIT`).
+            if let Ok(transport::Located::NotHeld) = agent.ask_peer_about(&peer, &id).await {
+                tracing::info!(container = %id, %peer, "the peer no longer runs the container: it runs here only");
+                also_runs_on_peer(&id, None);
+                return;
+            }
+        }
+    });
+}
+
+/// Containers running here that also run on a peer (container id -> peer): a move rolled back
+/// here and committed there (by an operator's decision on either side, or this source's own
+/// rollback after its destination could not be asked: `back::ASK_PATIENCE`); QA of session 27,
+/// F5: only the source's log said so. Kept in memory: after a restart only the log line says it.
+static BOTH_RUN: std::sync::Mutex<BTreeMap<String, String>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+/// Records (`Some(peer)`) or forgets (`None`: the copy here ended or left, or the peer's did)
+/// that container `id` also runs on a peer.
 pub(crate) fn also_runs_on_peer(id: &str, peer: Option<&str>) {
     let mut map = BOTH_RUN.lock().unwrap_or_else(|p| p.into_inner());
-    let map = map.get_or_insert_with(HashMap::new);
     match peer {
-        Some(p) => {
-            map.insert(id.to_owned(), p.to_owned());
-        }
-        None => {
-            map.remove(id);
-        }
-    }
+        Some(p) => map.insert(id.to_owned(), p.to_owned()),
+        None => map.remove(id),
+    };
 }
 
 /// The peer container `id` also runs on, as [`also_runs_on_peer`] recorded it.
@@ -380,7 +403,6 @@ pub(crate) fn also_runs_on(id: &str) -> Option<String> {
     BOTH_RUN
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .as_ref()?
         .get(id)
         .cloned()
 }
@@ -394,20 +416,38 @@ fn names(e: &JournalEntry, container: &str) -> bool {
 
 /// How the newest settled move of `container` here ended and where the container runs since,
 /// for a `--resolve` that finds nothing left to settle (QA of session 27, F2: it said only that
-/// there was no unfinished migration, which left the operator to guess the outcome).
-fn last_settled(entries: &[JournalEntry], container: &str) -> Option<String> {
+/// there was no unfinished migration, which left the operator to guess the outcome). `here`:
+/// the id of the container of that name or id on this host, when there is one (only its own
+/// moves count then: review of session 28, M3); `now`: seconds since the epoch.
+fn last_settled(
+    entries: &[JournalEntry],
+    container: &str,
+    here: Option<&str>,
+    now: u64,
+) -> Option<String> {
     let e = entries
         .iter()
-        .filter(|e| journal::is_final(&e.state) && names(e, container))
+        .filter(|e| journal::is_final(&e.state))
+        .filter(|e| match here {
+            Some(id) => e.container_id == id,
+            None => {
+                e.container_name == container
+                    || (container.len() >= 4 && e.container_id.starts_with(container))
+            }
+        })
         .max_by_key(|e| e.stamp())?;
     let (way, ran) = match e.role {
         Role::Source => ("to", "away"),
         Role::Dest => ("from", "here"),
     };
+    let runs_here = match here {
+        Some(_) => "it runs here".to_owned(),
+        None => "it ran here after it, and is no longer here".to_owned(),
+    };
     let outcome = match (&e.state, e.role) {
         (JournalState::Committed, Role::Source) => format!("committed: it runs on {}", e.peer),
-        (JournalState::Committed, Role::Dest) => "committed: it runs here".to_owned(),
-        (JournalState::RolledBack, Role::Source) => "rolled back: it runs here".to_owned(),
+        (JournalState::Committed, Role::Dest) => format!("committed: {runs_here}"),
+        (JournalState::RolledBack, Role::Source) => format!("rolled back: {runs_here}"),
         (JournalState::RolledBack, Role::Dest) => {
             format!("rolled back: it runs on {}", e.peer)
         }
@@ -416,7 +456,7 @@ fn last_settled(entries: &[JournalEntry], container: &str) -> Option<String> {
         }
         _ => return None,
     };
-    let ago = match journal::now().0.saturating_sub(e.updated) {
+    let ago = match now.saturating_sub(e.updated) {
         s @ 0..120 => format!("{s} s"),
         s @ 120..7200 => format!("{} min", s / 60),
         s @ 7200..172_800 => format!("{} h", s / 3600),
@@ -518,7 +558,9 @@ impl Agent {
         let Some(e) = found else {
             return self.thaw_unexplained(container, decide).map_err(|mut err| {
                 if err.kind == ErrorKind::NotFound {
-                    if let Some(last) = last_settled(&entries, container) {
+                    let here = self.resolve(container).ok();
+                    let now = journal::now().0;
+                    if let Some(last) = last_settled(&entries, container, here.as_deref(), now) {
                         err.message = format!("{}: {last}", err.message);
                     }
                 }
@@ -856,7 +898,7 @@ mod tests {
     /// and where it runs (QA of session 27, F2).
     #[test]
     fn the_last_settled_move_is_told() {
-        let (now, _) = journal::now();
+        let now = 1_000_000;
         let entry = |id: &str, role, state, ago: u64| JournalEntry {
             migration_id: id.into(),
             role,
@@ -870,27 +912,35 @@ mod tests {
         };
         let old = entry("m1", Role::Source, JournalState::RolledBack, 9000);
         let new = entry("m2", Role::Source, JournalState::Committed, 30);
-        let said = last_settled(&[old.clone(), new], "web").unwrap();
+        let said = last_settled(&[old.clone(), new], "web", None, now).unwrap();
+        assert_eq!(
+            said,
+            "its last move away (m2, to host-b) was settled 30 s ago, committed: it runs on host-b"
+        );
+        let said = last_settled(std::slice::from_ref(&old), "0123", None, now).unwrap();
         assert!(
-            said.contains("(m2, to host-b)") && said.contains("committed: it runs on host-b"),
+            said.contains("2 h ago, rolled back: it ran here after it, and is no longer here"),
             "{said}"
         );
-        assert!(
-            said.contains("30 s ago") || said.contains("31 s ago"),
-            "{said}"
-        );
-        let said = last_settled(std::slice::from_ref(&old), "0123").unwrap();
-        assert!(
-            said.contains("rolled back: it runs here") && said.contains("2 h ago"),
-            "{said}"
-        );
+        let here = Some("0123456789abcdef");
+        let said = last_settled(std::slice::from_ref(&old), "web", here, now).unwrap();
+        assert!(said.ends_with("rolled back: it runs here"), "{said}");
         let dest = entry("m3", Role::Dest, JournalState::Committed, 0);
-        assert!(last_settled(&[dest], "web")
-            .unwrap()
-            .contains("from host-b) was settled 0 s ago, committed: it runs here"));
-        // Unsettled moves, and other containers, say nothing here.
+        assert_eq!(
+            last_settled(&[dest], "web", here, now).unwrap(),
+            "its last move here (m3, from host-b) was settled 0 s ago, committed: it runs here"
+        );
+        // Unsettled moves, other containers, and another container of the same name here
+        // (the one moved away is not it) say nothing.
         let open = entry("m4", Role::Source, JournalState::InDoubt, 0);
-        assert_eq!(last_settled(&[open], "web"), None);
-        assert_eq!(last_settled(&[old], "db"), None);
+        assert_eq!(last_settled(&[open], "web", None, now), None);
+        assert_eq!(
+            last_settled(std::slice::from_ref(&old), "db", None, now),
+            None
+        );
+        assert_eq!(
+            last_settled(&[old], "web", Some("fedcba9876543210"), now),
+            None
+        );
     }
 }
