@@ -1027,6 +1027,8 @@ fn two_operators_deciding_each_way_are_told_it_runs_twice() -> Result<()> {
     );
     let list = lab.mig_json(A, &["ps", "--json"])?;
     ensure!(list[0]["also_running_on"] == "host-b", "{list}");
+    let said = lab.mig_ok(A, &["inspect", "dup"])?;
+    ensure!(said.contains("also on:   host-b"), "{said}");
     let conflicts = events.of_type("migration_conflict");
     ensure!(
         conflicts.len() == 1

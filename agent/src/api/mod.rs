@@ -813,6 +813,9 @@ pub struct ContainerDetails {
     /// As in [`ContainerSummary::memory_arriving`].
     #[serde(default)]
     pub memory_arriving: bool,
+    /// As in [`ContainerSummary::also_running_on`].
+    #[serde(default)]
+    pub also_running_on: Option<String>,
     /// The container's network (`mig run --net bridge`): address, prefix, gateway, MAC, bridge;
     /// null for a loopback-only container. (A `--net bridge` user had to read `/etc/hosts`
     /// inside the container to learn its address.)

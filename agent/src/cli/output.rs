@@ -253,6 +253,12 @@ pub fn inspect_text(d: &ContainerDetails) -> String {
                     a.peer, a.migration_id
                 );
             }
+            if let Some(peer) = &d.also_running_on {
+                let _ = writeln!(
+                    s,
+                    "also on:   {peer} (a move settled each way on the two hosts: remove one copy)"
+                );
+            }
         }
     }
     let _ = writeln!(s, "host:      {}", d.host);

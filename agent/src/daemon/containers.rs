@@ -497,6 +497,9 @@ impl Agent {
             moving,
             memory_arriving: state == ContainerState::Running
                 && crate::migration::memory_arriving(id),
+            also_running_on: (state == ContainerState::Running)
+                .then(|| crate::migration::also_runs_on(id))
+                .flatten(),
             net: e.spec.net.clone(),
         })
     }
