@@ -843,7 +843,7 @@ fn a_source_back_before_its_destination_waits_for_it() -> Result<()> {
     // Settled: each side's `--resolve` says how the move ended and where it runs (QA of
     // session 27, F2: only "no unfinished migration").
     for (host, said) in [
-        (A, "committed: it runs on host-b"),
+        (A, "committed: it went to host-b"),
         (B, "committed: it runs here"),
     ] {
         let o = lab.mig(host, &["move", "--resolve", "slw"]);
@@ -852,6 +852,14 @@ fn a_source_back_before_its_destination_waits_for_it() -> Result<()> {
             "{o:?}"
         );
     }
+    // A name nothing here knows (QA of session 28, F4: the same words as for a settled move).
+    let o = lab.mig(A, &["move", "--resolve", "nosuch"]);
+    ensure!(
+        o.code != 0
+            && o.stderr
+                .contains("no container nosuch here, and no migration of it"),
+        "{o:?}"
+    );
     Ok(())
 }
 

@@ -297,7 +297,14 @@ fn renew_notices(agent: &Arc<Agent>) {
         match journal::read(&agent.cfg.state_dir, id) {
             Some(e) if e.role == Role::Source => {
                 tracing::info!(migration = %id, peer = %e.peer, "telling the destination again that the move was rolled back");
-                spawn_notifier(agent.clone(), e);
+                // After a pause: what the answer may reveal (a `migration_conflict` event) was
+                // sent before any client could subscribe to the agent just started (QA of
+                // session 28, F1).
+                let agent = agent.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(RESOLVE_INTERVAL).await;
+                    spawn_notifier(agent, e);
+                });
             }
             _ => {
                 let _ = std::fs::remove_file(ent.path());
@@ -422,14 +429,14 @@ fn names(e: &JournalEntry, container: &str) -> bool {
 fn last_settled(
     entries: &[JournalEntry],
     container: &str,
-    here: Option<&str>,
+    here: Option<(&str, bool)>,
     now: u64,
 ) -> Option<String> {
     let e = entries
         .iter()
         .filter(|e| journal::is_final(&e.state))
         .filter(|e| match here {
-            Some(id) => e.container_id == id,
+            Some((id, _)) => e.container_id == id,
             None => {
                 e.container_name == container
                     || (container.len() >= 4 && e.container_id.starts_with(container))
@@ -440,16 +447,19 @@ fn last_settled(
         Role::Source => ("to", "away"),
         Role::Dest => ("from", "here"),
     };
+    // Where it is now, as far as this host knows (QA of session 28, F3: a copy killed here
+    // since, its post-copy failed, was said to run).
     let runs_here = match here {
-        Some(_) => "it runs here".to_owned(),
-        None => "it ran here after it, and is no longer here".to_owned(),
+        Some((_, true)) => "it runs here",
+        Some((_, false)) => "it stayed here and has ended since (`mig ps -a`)",
+        None => "it stayed here and is no longer here",
     };
     let outcome = match (&e.state, e.role) {
-        (JournalState::Committed, Role::Source) => format!("committed: it runs on {}", e.peer),
+        (JournalState::Committed, Role::Source) => format!("committed: it went to {}", e.peer),
         (JournalState::Committed, Role::Dest) => format!("committed: {runs_here}"),
         (JournalState::RolledBack, Role::Source) => format!("rolled back: {runs_here}"),
         (JournalState::RolledBack, Role::Dest) => {
-            format!("rolled back: it runs on {}", e.peer)
+            format!("rolled back: it stayed on {}", e.peer)
         }
         (JournalState::RollbackFailed { detail }, _) => {
             format!("with a failed rollback ({detail}); `mig ps -a` and the agent's log say more")
@@ -558,11 +568,23 @@ impl Agent {
         let Some(e) = found else {
             return self.thaw_unexplained(container, decide).map_err(|mut err| {
                 if err.kind == ErrorKind::NotFound {
-                    let here = self.resolve(container).ok();
+                    let id = self.resolve(container).ok();
+                    let live = id
+                        .as_deref()
+                        .and_then(|id| self.entry(id).ok())
+                        .is_some_and(|e| e.state.state.is_live());
+                    let here = id.as_deref().map(|id| (id, live));
                     let now = journal::now().0;
-                    if let Some(last) = last_settled(&entries, container, here.as_deref(), now) {
-                        err.message = format!("{}: {last}", err.message);
-                    }
+                    err.message = match (last_settled(&entries, container, here, now), here) {
+                        (Some(last), _) => format!("{}: {last}", err.message),
+                        // QA of session 28, F4: the same words for a name nothing here knows.
+                        (None, None) => format!(
+                            "no container {container} here, and no migration of it on this host"
+                        ),
+                        (None, Some(_)) => {
+                            format!("{}: it has not moved to or from this host", err.message)
+                        }
+                    };
                 }
                 err
             });
@@ -915,16 +937,22 @@ mod tests {
         let said = last_settled(&[old.clone(), new], "web", None, now).unwrap();
         assert_eq!(
             said,
-            "its last move away (m2, to host-b) was settled 30 s ago, committed: it runs on host-b"
+            "its last move away (m2, to host-b) was settled 30 s ago, committed: it went to host-b"
         );
         let said = last_settled(std::slice::from_ref(&old), "0123", None, now).unwrap();
         assert!(
-            said.contains("2 h ago, rolled back: it ran here after it, and is no longer here"),
+            said.contains("2 h ago, rolled back: it stayed here and is no longer here"),
             "{said}"
         );
-        let here = Some("0123456789abcdef");
+        let here = Some(("0123456789abcdef", true));
         let said = last_settled(std::slice::from_ref(&old), "web", here, now).unwrap();
         assert!(said.ends_with("rolled back: it runs here"), "{said}");
+        let ended = Some(("0123456789abcdef", false));
+        let said = last_settled(std::slice::from_ref(&old), "web", ended, now).unwrap();
+        assert!(
+            said.ends_with("it stayed here and has ended since (`mig ps -a`)"),
+            "{said}"
+        );
         let dest = entry("m3", Role::Dest, JournalState::Committed, 0);
         assert_eq!(
             last_settled(&[dest], "web", here, now).unwrap(),
@@ -939,7 +967,7 @@ mod tests {
             None
         );
         assert_eq!(
-            last_settled(&[old], "web", Some("fedcba9876543210"), now),
+            last_settled(&[old], "web", Some(("fedcba9876543210", true)), now),
             None
         );
     }
