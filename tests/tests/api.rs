@@ -620,7 +620,7 @@ fn drain_skips_a_container_still_arriving() -> Result<()> {
     ensure!(o.code == 125, "{o:?}");
     ensure!(
         o.stderr
-            .contains("the host is not empty: 0 of 1 moves failed, 1 still arriving here"),
+            .contains("mig: the host is not empty: 1 still arriving here (drain again"),
         "{o:?}"
     );
     ensure!(moved.code == 0, "the move of darr failed: {moved:?}");

@@ -50,7 +50,7 @@ pub enum CliError {
     NoFingerprint,
     #[error("{failed} of {total} operations failed")]
     Partial { failed: usize, total: usize },
-    #[error("the host is not empty: {}{arriving} still arriving here (drain again once they have arrived)", match total { 0 => String::new(), _ => format!("{failed} of {total} moves failed, ") })]
+    #[error("the host is not empty: {}{arriving} still arriving here (drain again once they have arrived)", match failed { 0 => String::new(), _ => format!("{failed} of {total} moves failed, ") })]
     NotDrained {
         failed: usize,
         total: usize,

@@ -192,8 +192,15 @@ pub(super) async fn drain(cli: &Cli, a: &DrainArgs) -> Result<u8, CliError> {
     } else if report.left.is_empty() {
         out(&format!("drained: {} moved, host empty\n", report.moved))?;
     } else {
+        // Those arriving are named apart (QA of session 28, F5: also listed as running).
+        let running: Vec<&str> = report
+            .left
+            .iter()
+            .filter(|n| !report.arriving.contains(n))
+            .map(String::as_str)
+            .collect();
         out(&format!(
-            "{} moved, {} failed{}{}; still running here: {}\n",
+            "{} moved, {} failed{}{}{}\n",
             report.moved,
             report.failed,
             if report.gone > 0 {
@@ -210,7 +217,10 @@ pub(super) async fn drain(cli: &Cli, a: &DrainArgs) -> Result<u8, CliError> {
                     report.arriving.join(", ")
                 )
             },
-            report.left.join(", ")
+            match running.is_empty() {
+                true => String::new(),
+                false => format!("; still running here: {}", running.join(", ")),
+            }
         ))?;
     }
     if report.failed > 0 || !report.left.is_empty() {
