@@ -106,10 +106,10 @@ pub enum EventKind {
         bytes: u64,
         error: Option<String>,
     },
-    /// A move this host rolled back was committed on its destination by an operator's decision
-    /// there (or the other way around): the container runs on this host and on `peer`. One of
-    /// the copies must be removed (`mig rm -f`); `mig ps` here shows it `running (also on
-    /// PEER)` until then.
+    /// A move this host rolled back (an operator's decision here, or this source's own after
+    /// its destination could not be asked for a minute) was committed on `peer` by an
+    /// operator's decision there: the container runs on both hosts. One of the copies must be
+    /// removed (`mig rm -f`); `mig ps` here shows it `running (also on PEER)` until then.
     MigrationConflict {
         migration_id: String,
         container_id: String,

@@ -638,10 +638,11 @@ pub fn down(name: &str) -> Result<DownReport, LabError> {
     // A restart of a host under way finishes first, and one that comes after finds no lab: a
     // restart that outlived the teardown would start an agent nobody stops (review of session
     // 27, L7). Best effort: a half-built lab may have no run directory to lock in.
+    let run_dir = file.root_dir.is_dir();
     let _restarts: Vec<_> = file
         .hosts
         .iter()
-        .filter(|_| file.root_dir.is_dir())
+        .filter(|_| run_dir)
         .filter_map(|h| lock(&file.root_dir.join(format!("{}.restart.lock", h.name))).ok())
         .collect();
     let mut report = cleanup::teardown(&file, &lab_file_path(name));
