@@ -418,7 +418,7 @@ pub(crate) fn moved_away<'a>(
 ) -> Option<&'a crate::migration::journal::JournalEntry> {
     let last = journals
         .iter()
-        .filter(|j| j.container_name == key || (key.len() >= 4 && j.container_id.starts_with(key)))
+        .filter(|j| j.is_named(key))
         .max_by_key(|j| j.stamp())?;
     (last.role == Role::Source && last.state == JournalState::Committed).then_some(last)
 }

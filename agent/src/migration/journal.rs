@@ -54,6 +54,12 @@ impl JournalEntry {
         (self.updated, self.updated_ns)
     }
 
+    /// Whether `key` names this entry's container as a user may have named it after it left or
+    /// was removed: its name, or a prefix of its id of at least 4 characters.
+    pub fn is_named(&self, key: &str) -> bool {
+        self.container_name == key || (key.len() >= 4 && self.container_id.starts_with(key))
+    }
+
     /// Sets the last-written time to now.
     pub fn touch(&mut self) {
         (self.updated, self.updated_ns) = now();

@@ -437,10 +437,7 @@ fn last_settled(
         .filter(|e| journal::is_final(&e.state))
         .filter(|e| match here {
             Some((id, _)) => e.container_id == id,
-            None => {
-                e.container_name == container
-                    || (container.len() >= 4 && e.container_id.starts_with(container))
-            }
+            None => e.is_named(container),
         })
         .max_by_key(|e| e.stamp())?;
     let (way, ran) = match e.role {
