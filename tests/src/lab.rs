@@ -91,6 +91,16 @@ impl Lab {
         &self.hosts[host].state_dir
     }
 
+    /// Whether one of `host`'s migration journals records `state` (`CommitSent`, `Committed`...).
+    pub fn journaled(&self, host: usize, state: &str) -> bool {
+        let quoted = format!("\"{state}\"");
+        std::fs::read_dir(self.state_dir(host).join("migrations"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| std::fs::read_to_string(e.path()).is_ok_and(|j| j.contains(&quoted)))
+    }
+
     /// Arms (or with `None` disarms) a fault hook in one agent (docs/migration.md).
     pub fn fault(&self, host: usize, fault: Option<&str>) -> Result<()> {
         let f = self.state_dir(host).join("mig-fault");

@@ -961,17 +961,10 @@ fn move_killing_at(
     state: &str,
     kill: usize,
 ) -> Result<mig_tests::MigOutput> {
-    let quoted = format!("\"{state}\"");
     std::thread::scope(|s| -> Result<mig_tests::MigOutput> {
         let mover = s.spawn(|| lab.mig(A, &["move", name, "host-b"]));
-        let journals = lab.state_dir(watch).join("migrations");
         let reached = mig_tests::wait_until(Duration::from_secs(60), || {
-            let there = std::fs::read_dir(&journals)
-                .into_iter()
-                .flatten()
-                .flatten()
-                .any(|e| std::fs::read_to_string(e.path()).is_ok_and(|j| j.contains(&quoted)));
-            there || mover.is_finished()
+            lab.journaled(watch, state) || mover.is_finished()
         });
         if reached && !mover.is_finished() {
             lab.kill_agent(kill)?;

@@ -475,8 +475,12 @@ fn a_post_copy_whose_destination_agent_dies_never_runs_on_missing_memory() -> Re
                 &["move", "dstkill", "host-b", "--json", "--mode", "lazy"],
             )
         });
+        // Killed once host-b runs the container and has recorded the commit: killed before
+        // that, the move would end in doubt, another test's case (faults.rs).
         let resumed = wait_until(Duration::from_secs(120), || {
-            mover.is_finished() || inspect(&lab, 1, "dstkill")["state"] == "running"
+            mover.is_finished()
+                || (inspect(&lab, 1, "dstkill")["state"] == "running"
+                    && lab.journaled(1, "Committed"))
         });
         let killed = resumed && !mover.is_finished() && lab.kill_agent(1).is_ok();
         Ok((killed, mover.join()))
