@@ -17,13 +17,29 @@ pub const READABLE_FILE: u32 = 0o644;
 /// the lock of a read-modify-write of shared state (the image store, the address table, a lab
 /// file).
 pub fn lock_exclusive(path: &Path) -> io::Result<nix::fcntl::Flock<File>> {
-    let file = File::options()
+    nix::fcntl::Flock::lock(lock_file(path)?, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, errno)| io::Error::from(errno))
+}
+
+/// As [`lock_exclusive`] without waiting: `None` when another holder has the lock.
+pub fn try_lock_exclusive(path: &Path) -> io::Result<Option<nix::fcntl::Flock<File>>> {
+    match nix::fcntl::Flock::lock(
+        lock_file(path)?,
+        nix::fcntl::FlockArg::LockExclusiveNonblock,
+    ) {
+        Ok(lock) => Ok(Some(lock)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, errno)) => Err(io::Error::from(errno)),
+    }
+}
+
+/// The file a lock is taken on: created if need be, never truncated.
+fn lock_file(path: &Path) -> io::Result<File> {
+    File::options()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(path)?;
-    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, errno)| io::Error::from(errno))
+        .open(path)
 }
 
 /// Writes `data` to `path` atomically and durably with mode [`PRIVATE_FILE`] (whatever the old

@@ -689,3 +689,38 @@ fn move_between_lab_hosts() {
         assert!(cgroups_named(&cg).is_empty(), "{cg} left");
     }
 }
+
+/// `mig lab down` during a restart of a host (which may wait minutes for its agent's moves) waits
+/// for it, and says so instead of hanging without a word (review of session 28, L6).
+#[test]
+fn down_during_a_restart_waits_and_says_why() {
+    if !mig_tests::is_root("lab tests") {
+        return;
+    }
+    let cfg = config('h', 8, 1);
+    let _guard = LabGuard(cfg.name.clone());
+    let hosts = lab::up(&cfg).expect("lab up");
+    let agent = hosts[0].agent_pid.expect("agent pid");
+    // The restart lock, held here as a restart under way holds it.
+    let restart = mig_runtime::fsutil::lock_exclusive(&cfg.root_dir.join("host-a.restart.lock"))
+        .expect("restart lock");
+    let mut down = Command::new(mig_tests::bin("mig"))
+        .args(["lab", "down"])
+        .env("MIG_LAB", &cfg.name)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("mig lab down");
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let waited = down.try_wait().expect("wait").is_none();
+    drop(restart);
+    let out = down.wait_with_output().expect("mig lab down");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(waited, "down did not wait for the restart: {stderr}");
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("waiting for the restart of host-a under way"),
+        "{stderr}"
+    );
+    assert_gone(&cfg, &[agent]);
+}

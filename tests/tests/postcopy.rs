@@ -110,6 +110,12 @@ fn a_source_lost_during_post_copy_is_reported_and_the_container_killed() -> Resu
     if !reported {
         bail!("the destination did not kill and report the container: {last}");
     }
+    // One line with the cause and the log's path, not the log's lines (QA of session 28, F6).
+    let reason = last["reason"].as_str().unwrap_or_default();
+    ensure!(
+        !reason.contains(".log: ("),
+        "CRIU's log lines in the reason: {reason}"
+    );
     // `mig ps -a` says why too (QA of session 27, F4: only `exited (137)`).
     let ps = lab.mig(1, &["ps", "-a"]);
     ensure!(ps.stdout.contains("post-copy failed)"), "ps -a: {ps:?}");
@@ -475,12 +481,13 @@ fn a_post_copy_whose_destination_agent_dies_never_runs_on_missing_memory() -> Re
                 &["move", "dstkill", "host-b", "--json", "--mode", "lazy"],
             )
         });
-        // Killed once host-b runs the container and has recorded the commit: killed before
-        // that, the move would end in doubt, another test's case (faults.rs).
+        // Killed once host-b runs the container and host-a has its confirmation of the commit
+        // (host-a journals `Committed`): killed before that, the move ends in doubt on host-a,
+        // another test's case (faults.rs), and this one failed (session 28's last CI).
         let resumed = wait_until(Duration::from_secs(120), || {
             mover.is_finished()
                 || (inspect(&lab, 1, "dstkill")["state"] == "running"
-                    && lab.journaled(1, "Committed"))
+                    && lab.journaled(0, "Committed"))
         });
         let killed = resumed && !mover.is_finished() && lab.kill_agent(1).is_ok();
         Ok((killed, mover.join()))
@@ -533,6 +540,12 @@ fn a_post_copy_whose_destination_agent_dies_never_runs_on_missing_memory() -> Re
     {
         bail!("the restarted agent did not stop and report the container: {last}");
     }
+    // One line with the cause and the log's path, not the log's lines (QA of session 28, F6).
+    let reason = last["reason"].as_str().unwrap_or_default();
+    assert!(
+        !reason.contains(".log: ("),
+        "CRIU's log lines in the reason: {reason}"
+    );
     if let Some(bad) = log.lines().find(|l| l.starts_with("BAD")) {
         bail!("the container ran on missing memory before it was killed: {bad}");
     }

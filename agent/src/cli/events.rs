@@ -219,12 +219,20 @@ pub fn event_line(e: &Event) -> String {
             name,
             exit_code,
             moved_to,
+            reason,
             ..
-        } => match (moved_to, exit_code) {
-            (Some(p), _) => format!("stopped {name} ({}): moved to {p}", short(id)),
-            (None, Some(c)) => format!("stopped {name} ({}) exit code {c}", short(id)),
-            (None, None) => format!("stopped {name} ({})", short(id)),
-        },
+        } => {
+            // As `mig ps` says it: `exit code 137: oom-killed`.
+            let why = reason
+                .as_deref()
+                .map(|r| format!(": {}", super::output::short_reason(r)))
+                .unwrap_or_default();
+            match (moved_to, exit_code) {
+                (Some(p), _) => format!("stopped {name} ({}): moved to {p}", short(id)),
+                (None, Some(c)) => format!("stopped {name} ({}) exit code {c}{why}", short(id)),
+                (None, None) => format!("stopped {name} ({}){why}", short(id)),
+            }
+        }
         EventKind::ContainerOom {
             id,
             name,
@@ -319,11 +327,28 @@ mod tests {
                 exit_code: Some(0),
                 signal: None,
                 moved_to: None,
+                reason: None,
             },
         };
         assert_eq!(
             event_line(&e),
             "01:02:03.004 host-a stopped web (0123456789ab) exit code 0"
+        );
+        // QA of session 28, F6: the event said only `exit code 137` where ps said `oom-killed`.
+        let oom = Event {
+            kind: EventKind::ContainerStopped {
+                id: "0123456789abcdef".into(),
+                name: "web".into(),
+                exit_code: Some(137),
+                signal: Some(9),
+                moved_to: None,
+                reason: Some("oom-killed: the container exceeded its memory limit".into()),
+            },
+            ..e.clone()
+        };
+        assert_eq!(
+            event_line(&oom),
+            "01:02:03.004 host-a stopped web (0123456789ab) exit code 137: oom-killed"
         );
         assert!(matches_container(&e.kind, "web"));
         assert!(matches_container(&e.kind, "0123"));

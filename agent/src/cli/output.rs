@@ -133,7 +133,7 @@ fn killed_by(signal: i32) -> String {
 /// The head of a container's `reason` for the `ps` table (`post-copy failed`, `oom-killed`):
 /// up to its first colon or parenthesis; `mig inspect` gives all of it (QA of session 27, F4: a
 /// container a post-copy lost showed only `exited (137)`).
-fn short_reason(why: &str) -> &str {
+pub(crate) fn short_reason(why: &str) -> &str {
     let end = why.find([':', '(']).unwrap_or(why.len());
     why[..end].trim_end()
 }

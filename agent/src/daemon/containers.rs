@@ -296,6 +296,7 @@ impl Agent {
             // The shim died without cleaning up: do it here.
             self.cleanup_resources(id, &e.state.cgroup);
         }
+        let mut reason = None;
         self.update(id, |e| {
             let st = &mut e.state;
             match &exit {
@@ -326,6 +327,7 @@ impl Agent {
             } else {
                 ContainerState::Exited
             };
+            reason = st.reason.clone();
         });
         tracing::info!(%id, "container ended");
         if let Some(x) = &exit {
@@ -343,6 +345,7 @@ impl Agent {
             exit_code: exit.as_ref().map(|x| x.code),
             signal: exit.as_ref().and_then(|x| x.signal),
             moved_to: self.moved_to(id),
+            reason,
         });
     }
 

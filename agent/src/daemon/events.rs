@@ -54,6 +54,11 @@ pub enum EventKind {
         /// committed move (it runs on there); null otherwise.
         #[serde(default)]
         moved_to: Option<String>,
+        /// Why it ended, as `mig inspect` and `mig ps --json` give it (`oom-killed: ...`,
+        /// `post-copy failed ...`); null for a plain exit or stop. Absent from agents before it
+        /// was added.
+        #[serde(default)]
+        reason: Option<String>,
     },
     ContainerOom {
         id: String,

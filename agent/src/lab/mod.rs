@@ -638,12 +638,27 @@ pub fn down(name: &str) -> Result<DownReport, LabError> {
     // A restart of a host under way finishes first, and one that comes after finds no lab: a
     // restart that outlived the teardown would start an agent nobody stops (review of session
     // 27, L7). Best effort: a half-built lab may have no run directory to lock in.
+    // A restart may wait minutes for its agent's moves (a post-copy's last page): say why down
+    // waits (review of session 28, L6).
     let run_dir = file.root_dir.is_dir();
     let _restarts: Vec<_> = file
         .hosts
         .iter()
         .filter(|_| run_dir)
-        .filter_map(|h| lock(&file.root_dir.join(format!("{}.restart.lock", h.name))).ok())
+        .filter_map(|h| {
+            let path = file.root_dir.join(format!("{}.restart.lock", h.name));
+            match fsutil::try_lock_exclusive(&path) {
+                Ok(Some(held)) => Some(held),
+                Ok(None) => {
+                    eprintln!(
+                        "mig lab: waiting for the restart of {} under way (its agent first lets its moves end)",
+                        h.name
+                    );
+                    lock(&path).ok()
+                }
+                Err(_) => None,
+            }
+        })
         .collect();
     let mut report = cleanup::teardown(&file, &lab_file_path(name));
     report.problems.extend(unreadable);

@@ -685,6 +685,12 @@ pub(crate) fn watch_lazy_daemon(
                     None => super::chain(&e),
                 };
                 tracing::error!(id = %container_id, migration = %migration_id, error = %detail, "post-copy failed: the container lost its source of memory and is killed");
+                // The reason and the event say the cause first, without the lines of CRIU's
+                // log (QA of session 28, F6: hundreds of characters of uffd lines buried it).
+                let brief = match &proxy_err {
+                    Some(p) => format!("{p}; {}", e.brief()),
+                    None => e.brief(),
+                };
                 let cgroup = agent.cgroup_name(&container_id);
                 if let Ok(cg) = mig_runtime::cgroup::Cgroup::open(&cgroup) {
                     let _ = cg.kill();
@@ -692,10 +698,10 @@ pub(crate) fn watch_lazy_daemon(
                 }
                 if let Some(e) = agent.lock().get_mut(&container_id) {
                     e.state.reason = Some(if local {
-                        format!("restore failed after resume (the local lazy-pages daemon stopped before the last page): {detail}")
+                        format!("restore failed after resume (the local lazy-pages daemon stopped before the last page): {brief}")
                     } else {
                         format!(
-                            "post-copy failed (pages from {source} stopped before the last one): {detail}"
+                            "post-copy failed (pages from {source} stopped before the last one): {brief}"
                         )
                     });
                 }
@@ -709,7 +715,7 @@ pub(crate) fn watch_lazy_daemon(
                     total_ms: super::ms(started.elapsed()),
                     downtime_ms: None,
                     bytes: 0,
-                    error: Some(detail),
+                    error: Some(brief),
                 });
             }
         }
@@ -843,20 +849,19 @@ impl SourcePages {
         let r = lazy.wait();
         forget(migration_id);
         let err = r.err().map(|e| {
+            tracing::error!(migration = %migration_id, error = %super::chain(&e), "post-copy ended before the destination had every page");
             // The cause first when it was the link (QA of session 26: "criu dump failed" alone
-            // when the destination's link was down or its agent stopped).
+            // when the destination's link was down or its agent stopped), and CRIU's log lines
+            // only in the agent's log (QA of session 28, F6).
             let lost = self.conn.get().and_then(quinn::Connection::close_reason);
             match lost {
                 Some(why) => format!(
                     "the connection to the destination was lost ({why}) while it still needed pages: {}",
-                    super::chain(&e)
+                    e.brief()
                 ),
-                None => super::chain(&e),
+                None => e.brief(),
             }
         });
-        if let Some(e) = &err {
-            tracing::error!(migration = %migration_id, error = %e, "post-copy ended before the destination had every page");
-        }
         *self.postcopy.lock().unwrap_or_else(|p| p.into_inner()) = Some((start.elapsed(), err));
     }
 

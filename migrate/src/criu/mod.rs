@@ -106,6 +106,32 @@ pub enum CriuError {
     PipeMaxSize { current: u64, needed: u64 },
 }
 
+impl CriuError {
+    /// The error without the lines of CRIU's log it carries (`criu lazy-pages failed (signal: 9
+    /// (SIGKILL)), log PATH`): one short line for a container's `reason`, where the whole error
+    /// (in the agent's log) would bury the cause.
+    pub fn brief(&self) -> String {
+        match self {
+            CriuError::Failed {
+                op, status, log, ..
+            } => format!("criu {op} failed ({status}), log {}", log.display()),
+            CriuError::NotReady {
+                op, waited_ms, log, ..
+            } => format!(
+                "criu {op} did not become ready ({waited_ms} ms), log {}",
+                log.display()
+            ),
+            CriuError::Timeout {
+                op, waited_ms, log, ..
+            } => format!(
+                "criu {op} did not finish within {waited_ms} ms (killed), log {}",
+                log.display()
+            ),
+            e => e.to_string(),
+        }
+    }
+}
+
 /// What a restore produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RestoreOutcome {
