@@ -771,6 +771,32 @@ fn a_source_back_after_a_committed_decision_removes_its_copy() -> Result<()> {
     Ok(())
 }
 
+/// As `a_source_back_after_a_committed_decision_removes_its_copy`, but the copy that host-b's
+/// committed decision ran is removed there before host-a comes back: host-a hears from host-b's
+/// record of the move that it committed, and removes its own copy instead of running the
+/// container again. Before session 29 host-a asked only whether host-b held the container live
+/// (review of session 27, L1), heard no, and thawed its copy: the removed container ran again.
+#[test]
+fn a_source_back_after_its_container_ended_on_the_destination_does_not_run_it() -> Result<()> {
+    if !mig_tests::is_root("fault tests") {
+        return Ok(());
+    }
+    let mut lab = Lab::up("opdx", 182)?;
+    let id = lab.run_container(A, "opx", 8)?;
+    lab.fault(A, Some("source-restore:delay:8000"))?;
+    let o = move_killing_at(&lab, "opx", B, "Restored", A)?;
+    lab.fault(A, None)?;
+    ensure!(o.code != 0, "host-a was to die mid-move: {o:?}");
+    let said = lab.mig_ok(B, &["move", "--resolve", "opx", "--decide", "committed"])?;
+    ensure!(said.contains("runs on host-b"), "{said}");
+    running_on(&lab, B, "opx")?;
+    lab.mig_ok(B, &["rm", "-f", "opx"])?;
+    lab.restart_after_crash(A)?;
+    nothing_left(&lab, A, &id)?;
+    nothing_left(&lab, B, &id)?;
+    Ok(())
+}
+
 /// As `a_source_back_after_a_committed_decision_removes_its_copy`, but host-b's agent is down
 /// when host-a comes back (both hosts restarting after a power cut) and back ten seconds later:
 /// host-a keeps its copy frozen while it cannot ask host-b, asks again, hears that the container

@@ -18,6 +18,7 @@ use crate::api::{ApiError, ContainerState, Decision, ErrorKind};
 use crate::daemon::Agent;
 use mig_migrate::protocol::{JournalState, Outcome, Role, SourceMachine, Timeouts};
 use mig_migrate::transport;
+use mig_migrate::wire::Resolution;
 use mig_runtime::cgroup::Cgroup;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, OnceLock};
@@ -320,13 +321,40 @@ fn notice_path(state_dir: &std::path::Path, migration_id: &str) -> std::path::Pa
 }
 
 /// Why a rollback notice did not reach the destination.
-enum Notify {
+pub(crate) enum Notify {
     /// The peer is no longer pinned: it will never be reached.
     Unpinned,
     Failed(String),
 }
 
 async fn notify_rolled_back(agent: &Arc<Agent>, e: &JournalEntry) -> Result<(), Notify> {
+    let answer = send_notice(agent, e).await?;
+    // The machine logged it; made visible where operators and rebalancers look, while the copy
+    // here still runs (review of session 28, L2: a mark for a copy gone since would stick to
+    // the container's next arrival).
+    if answer == Resolution::Committed && agent.entry(&e.container_id).is_ok() {
+        // Only an operator's decision here (`--decide rolled-back` while the destination was
+        // away, having committed) gets this far: said loudly.
+        tracing::error!(migration = %e.migration_id, peer = %e.peer, "the destination committed this migration, which was rolled back here: the container runs on both hosts; remove one of the copies");
+        also_runs_on_peer(&e.container_id, Some(&e.peer));
+        agent.emit(crate::daemon::events::EventKind::MigrationConflict {
+            migration_id: e.migration_id.clone(),
+            container_id: e.container_id.clone(),
+            container_name: e.container_name.clone(),
+            peer: e.peer.clone(),
+        });
+        watch_conflict(agent.clone(), e.container_id.clone(), e.peer.clone());
+    }
+    Ok(())
+}
+
+/// Tells the destination of move `e` that the move was rolled back here (a Resolve with the
+/// source's view `RolledBack`): a destination in doubt removes its copy; one that settled the
+/// move says how. Its answer, or why there was none.
+pub(crate) async fn send_notice(
+    agent: &Arc<Agent>,
+    e: &JournalEntry,
+) -> Result<Resolution, Notify> {
     let net = agent
         .migration
         .net()
@@ -349,20 +377,9 @@ async fn notify_rolled_back(agent: &Arc<Agent>, e: &JournalEntry) -> Result<(), 
     let report = transport::run_source(&conn, machine, &Notifier, &super::hello(agent)).await;
     conn.close(0u32.into(), b"done");
     let report = report.map_err(|err| Notify::Failed(chain(&err)))?;
-    // The machine logged it; made visible where operators and rebalancers look, while the copy
-    // here still runs (review of session 28, L2: a mark for a copy gone since would stick to
-    // the container's next arrival).
-    if report.both_run && agent.entry(&e.container_id).is_ok() {
-        also_runs_on_peer(&e.container_id, Some(&e.peer));
-        agent.emit(crate::daemon::events::EventKind::MigrationConflict {
-            migration_id: e.migration_id.clone(),
-            container_id: e.container_id.clone(),
-            container_name: e.container_name.clone(),
-            peer: e.peer.clone(),
-        });
-        watch_conflict(agent.clone(), e.container_id.clone(), e.peer.clone());
-    }
-    Ok(())
+    report
+        .notice_answer
+        .ok_or_else(|| Notify::Failed("the destination did not answer".into()))
 }
 
 /// How often a container marked as also running on a peer is asked about there.

@@ -122,8 +122,8 @@ pub struct SourceMachine {
     dest_pid_map: Vec<PidEntry>,
     /// Rolled back: a Resolve was sent to release a destination that may be in doubt.
     notifying: bool,
-    /// Rolled back here, and the destination answered that it committed: two copies run.
-    both_run: bool,
+    /// The destination's answer to that Resolve, once it came.
+    notice_answer: Option<Resolution>,
 }
 
 impl SourceMachine {
@@ -138,7 +138,7 @@ impl SourceMachine {
             pending: None,
             dest_pid_map: Vec::new(),
             notifying: false,
-            both_run: false,
+            notice_answer: None,
         }
     }
 
@@ -155,7 +155,7 @@ impl SourceMachine {
             pending: None,
             dest_pid_map: Vec::new(),
             notifying: false,
-            both_run: false,
+            notice_answer: None,
         };
         let restart = "agent restarted during the migration".to_string();
         match last {
@@ -193,9 +193,17 @@ impl SourceMachine {
     }
 
     /// Whether the destination answered this rolled-back migration's Resolve with a commit (an
-    /// operator decided each side its own way): the container runs on both hosts.
+    /// operator decided each side its own way): the container runs on both hosts, if the copy
+    /// here was thawed (the caller knows; a source may send the notice before it thaws).
     pub fn both_run(&self) -> bool {
-        self.both_run
+        self.notice_answer == Some(Resolution::Committed)
+            && matches!(self.state, SourceState::Done(Outcome::RolledBack { .. }))
+    }
+
+    /// The destination's answer to this rolled-back migration's Resolve (`None`: none came):
+    /// how the move ended there.
+    pub fn notice_answer(&self) -> Option<Resolution> {
+        self.notice_answer
     }
 
     /// The PID map the destination reported with Restored (empty before).
@@ -372,21 +380,11 @@ impl SourceMachine {
                 self.notifying = true;
             }
             (
-                S::Done(done),
+                S::Done(_),
                 answer @ (I::Received(Message::Resolved { .. }) | I::LinkLost | I::TimedOut),
             ) if self.notifying => {
-                let committed = matches!(
-                    answer,
-                    I::Received(Message::Resolved {
-                        outcome: Resolution::Committed,
-                        ..
-                    })
-                );
-                if committed && matches!(done, Outcome::RolledBack { .. }) {
-                    // Only an operator's decision here (`--decide rolled-back` while the
-                    // destination was away, having committed) gets this far: said loudly.
-                    tracing::error!(migration = %self.id, "the destination committed this migration, which was rolled back here: the container runs on both hosts; remove one of the copies");
-                    self.both_run = true;
+                if let I::Received(Message::Resolved { outcome, .. }) = answer {
+                    self.notice_answer = Some(outcome);
                 }
                 self.notifying = false
             }

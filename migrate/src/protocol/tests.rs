@@ -460,6 +460,7 @@ fn a_rollback_answered_with_a_commit_is_reported() {
             outcome: answer,
         }));
         assert_eq!(src.both_run(), both);
+        assert_eq!(src.notice_answer(), Some(answer));
     }
 }
 

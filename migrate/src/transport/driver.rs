@@ -252,6 +252,9 @@ pub struct SourceReport {
     /// A rolled-back migration whose destination answered that it committed: the container
     /// runs on both hosts ([`SourceMachine::both_run`](crate::protocol::SourceMachine::both_run)).
     pub both_run: bool,
+    /// A rolled-back migration's Resolve: the destination's answer, `None` when none came
+    /// ([`SourceMachine::notice_answer`](crate::protocol::SourceMachine::notice_answer)).
+    pub notice_answer: Option<crate::wire::Resolution>,
 }
 
 /// What the destination driver reports.

@@ -1,7 +1,8 @@
 //! A source agent back from a restart that found a move of its own stopped before any Commit
 //! (journal `Frozen` or `Restored`): the destination may hold a restored copy, and its operator
 //! may have decided the move committed there while this agent was down (`--decide committed`).
-//! So the destination is asked first whether it holds the container beyond this move (the
+//! So the destination is asked first how the move stands there (its journal entry of the move,
+//! through the rollback notice; when it has none, whether it holds the container live: the
 //! `Locate` question of protocol 1.7) before this frozen copy is thawed.
 //!
 //! The first ask takes at most [`ASK_FIRST_LIMIT`], before the agent serves requests. A
@@ -13,13 +14,16 @@
 //! of session 26, F4: it was thawed after the first 2 s, and a destination decided `committed`
 //! then ran a second copy). `mig move --resolve` asks at once ([`Agent::resolve_waiting`]).
 
-use super::{end_committed_copy, resolved_result, roll_back_source, settle, Held};
+use super::{
+    end_committed_copy, resolved_result, roll_back_source, send_notice, settle, Held, Notify,
+};
 use crate::api::{ApiError, Decision, ErrorKind};
 use crate::daemon::Agent;
 use crate::migration::journal::{self, JournalEntry};
 use crate::migration::MoveResult;
 use mig_migrate::protocol::JournalState;
 use mig_migrate::transport::Located;
+use mig_migrate::wire::Resolution;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -83,27 +87,67 @@ pub async fn settle_sources(agent: &Arc<Agent>) {
     futures::future::join_all(asks).await;
 }
 
-/// Asks `e`'s destination whether it holds `e`'s container live, for at most `limit`.
-async fn ask(agent: &Arc<Agent>, e: &JournalEntry, limit: Duration) -> Result<Located, String> {
-    tokio::time::timeout(limit, agent.ask_peer_about(&e.peer, &e.container_id))
+/// How move `e` stands on its destination, for the copy frozen here.
+#[derive(Debug)]
+enum There {
+    /// The destination holds the container beyond this move: it committed the move (its
+    /// operator decided so), even if its copy has ended since, or it holds a live copy it has
+    /// no record of this move for (moved on, its journal gone). The copy here goes.
+    Beyond(String),
+    /// It rolled the move back (a copy in doubt there is removed by the question itself), or
+    /// it has neither a record of the move nor a copy. The copy here runs again.
+    Not(String),
+}
+
+/// Asks `e`'s destination, within `limit`, how the move stands there. First with the rollback
+/// notice (a Resolve naming this migration: the destination answers from its journal entry of
+/// it, and one in doubt removes its copy and says rolled back); only when it has no record of
+/// the move, whether it holds the container live at all (`Locate`). Before session 29 only
+/// `Locate` was asked, and its answer in words decided: a destination that had committed the
+/// move and whose copy had ended since was told apart from one that never restored it by
+/// nothing, and the copy here ran again (review of session 27, L1). `Err` says why it could not
+/// be asked, or that it is still at work on the move: asked again later.
+async fn ask(agent: &Arc<Agent>, e: &JournalEntry, limit: Duration) -> Result<There, String> {
+    let asking = async {
+        match send_notice(agent, e).await {
+            Ok(Resolution::Committed) => return Ok(There::Beyond("it committed the move".into())),
+            Ok(Resolution::RolledBack) => return Ok(There::Not("it rolled the move back".into())),
+            // No record of the move there (or its machine still busy with it).
+            Ok(Resolution::Undecided) => {}
+            Err(Notify::Unpinned) => return Err(format!("{} is not a pinned peer", e.peer)),
+            Err(Notify::Failed(why)) => return Err(why),
+        }
+        match agent.ask_peer_about(&e.peer, &e.container_id).await? {
+            // Its words name this migration while it still works on it (a decision under way).
+            Located::Held(state) if state.contains(&e.migration_id) => {
+                Err(format!("it is still at work on this move ({state})"))
+            }
+            Located::Held(state) => Ok(There::Beyond(state)),
+            Located::NotHeld => Ok(There::Not(
+                "it has no record of the move and no copy".into(),
+            )),
+            Located::CannotTell => Ok(There::Not(
+                "it has no record of the move (its protocol is older than 1.7)".into(),
+            )),
+        }
+    };
+    tokio::time::timeout(limit, asking)
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {limit:?}")))
 }
 
-/// Settles move `e` with its destination's `answer`: the copy here is removed when the
+/// Settles move `e` with how it stands on its destination: the copy here is removed when the
 /// destination holds the container beyond this move (true), else thawed (false).
-fn settle_with(agent: &Arc<Agent>, e: JournalEntry, answer: Located) -> bool {
-    match answer {
-        // Live there beyond this move (it names this migration while it arrives or is in
-        // doubt): run (decided committed), moved on, ... Only this frozen copy goes.
-        Located::Held(state) if !state.contains(&e.migration_id) => {
-            tracing::warn!(migration = %e.migration_id, peer = %e.peer, %state, "the destination holds the container beyond this move (decided committed there?): removing this copy instead of thawing it");
+fn settle_with(agent: &Arc<Agent>, e: JournalEntry, there: There) -> bool {
+    match there {
+        There::Beyond(why) => {
+            tracing::warn!(migration = %e.migration_id, peer = %e.peer, %why, "the destination holds the container beyond this move (decided committed there?): removing this copy instead of thawing it");
             settle(agent, &e, JournalState::Committed);
             end_committed_copy(agent, e);
             true
         }
-        answer => {
-            tracing::info!(migration = %e.migration_id, peer = %e.peer, ?answer, "the destination does not hold the container beyond this move: rolling back");
+        There::Not(why) => {
+            tracing::info!(migration = %e.migration_id, peer = %e.peer, %why, "the destination does not hold the container beyond this move: rolling back");
             roll_back_source(agent, &e);
             false
         }

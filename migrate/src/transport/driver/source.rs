@@ -362,6 +362,7 @@ pub async fn run_source_on<H: SourceHost>(
         timings: t,
         peer,
         both_run: machine.both_run(),
+        notice_answer: machine.notice_answer(),
     })
 }
 
