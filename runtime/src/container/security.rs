@@ -8,8 +8,8 @@ use super::channel::{At, Fail, Step};
 use super::sys;
 use std::io;
 
-/// Docker's default capabilities: the bounding, permitted, effective and inheritable sets of a
-/// container's root.
+/// Docker's default capabilities: the bounding, permitted and effective sets of a container's
+/// root (its inheritable set is empty; a non-root user's sets other than bounding are too).
 pub const DEFAULT_CAPS: &[u32] = &[
     0,  // CAP_CHOWN
     1,  // CAP_DAC_OVERRIDE
@@ -77,14 +77,13 @@ impl Confinement {
         sys::set_groups(&self.groups).at(Step::SetGroups)?;
         sys::setresgid(self.gid).at(Step::SetGid)?;
         sys::setresuid(self.uid).at(Step::SetUid)?;
-        // Root gets the default set in every set; execve then gives it back as effective. A
-        // non-root uid keeps it only in inheritable, so after execve it has none (as in Docker).
-        let (eff, perm) = if self.uid == 0 {
-            (keep, keep)
-        } else {
-            (0, keep)
-        };
-        sys::capset(eff, perm, keep).at(Step::CapSet)?;
+        // Root gets the default set as permitted and effective; execve gives it back from the
+        // bounding set. A non-root uid gets none. No process gets an inheritable set: with one,
+        // a file's inheritable capabilities gave a non-root user the default set back at execve,
+        // no_new_privs notwithstanding, as its permitted set still held them (QA of session 29,
+        // the pattern of CVE-2022-24769 that Docker and podman fixed in 2022).
+        let (eff, perm) = if self.uid == 0 { (keep, keep) } else { (0, 0) };
+        sys::capset(eff, perm, 0).at(Step::CapSet)?;
         sys::prctl(
             libc::PR_CAP_AMBIENT,
             libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
