@@ -33,6 +33,13 @@ const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
 /// shim restores such a container frozen (agent/src/shim/frozen.rs).
 pub(crate) const MARKER: &str = crate::shim::RESTORE_FROZEN_MARKER;
 
+/// Whether container `container_id` here still carries migration `migration_id`'s [`MARKER`]:
+/// that migration made it and has not resumed it yet.
+pub(crate) fn marked_by(agent: &Agent, container_id: &str, migration_id: &str) -> bool {
+    std::fs::read_to_string(agent.dirs.container(container_id).dir.join(MARKER))
+        .is_ok_and(|m| m.trim() == migration_id)
+}
+
 /// Failures of the destination's host actions.
 #[derive(Debug, thiserror::Error)]
 pub enum DestError {

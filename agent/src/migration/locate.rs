@@ -7,6 +7,7 @@ use super::chain;
 use crate::daemon::Agent;
 use mig_migrate::protocol::Role;
 use mig_migrate::transport::{self, Located};
+use mig_migrate::wire::{DestView, Resolution};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -79,6 +80,35 @@ impl Agent {
         peer: &str,
         id: &str,
     ) -> Result<Located, String> {
+        let (net, peer) = self.pinned_peer(peer)?;
+        ask(net, super::hello(self), peer, id.to_owned()).await.1
+    }
+
+    /// Asks pinned peer `peer`, as a destination, how migration `migration_id` stands there:
+    /// its view and the outcome it answers from its journal, within [`ASK_LIMIT`] (the
+    /// connection included). A question that changes nothing there.
+    pub(crate) async fn ask_peer_resolution(
+        self: &Arc<Self>,
+        peer: &str,
+        migration_id: &str,
+    ) -> Result<(DestView, Resolution), String> {
+        let (net, peer) = self.pinned_peer(peer)?;
+        let hello = super::hello(self);
+        let asking = async {
+            let conn = transport::connect(&net.endpoint, &net.identity, &peer)
+                .await
+                .map_err(|e| chain(&e))?;
+            let r = transport::ask_resolution(&conn, &hello, migration_id, ASK_LIMIT).await;
+            conn.close(0u32.into(), b"done");
+            r.map_err(|e| chain(&e))
+        };
+        tokio::time::timeout(ASK_LIMIT, asking)
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {ASK_LIMIT:?}")))
+    }
+
+    /// The migration endpoint and pinned peer `peer` (`Err` says why there is none).
+    fn pinned_peer(&self, peer: &str) -> Result<(&super::Net, transport::Peer), String> {
         let net = self
             .migration
             .net()
@@ -90,7 +120,7 @@ impl Agent {
             .get(peer)
             .cloned()
             .ok_or_else(|| format!("{peer} is not a pinned peer"))?;
-        ask(net, super::hello(self), peer, id.to_owned()).await.1
+        Ok((net, peer))
     }
 
     /// Asks every pinned peer, at once, whether it holds container `id` live.

@@ -160,8 +160,7 @@ fn commit_unfinished(agent: &Agent, e: &JournalEntry, all: &[JournalEntry]) -> b
     }
     let cd = agent.dirs.container(&e.container_id);
     match e.role {
-        Role::Dest => std::fs::read_to_string(cd.dir.join(dest::MARKER))
-            .is_ok_and(|m| m.trim() == e.migration_id),
+        Role::Dest => dest::marked_by(agent, &e.container_id, &e.migration_id),
         Role::Source => {
             cd.dir.join("migration").is_dir()
                 && !all
@@ -321,7 +320,7 @@ fn notice_path(state_dir: &std::path::Path, migration_id: &str) -> std::path::Pa
 }
 
 /// Why a rollback notice did not reach the destination.
-pub(crate) enum Notify {
+enum Notify {
     /// The peer is no longer pinned: it will never be reached.
     Unpinned,
     Failed(String),
@@ -351,10 +350,7 @@ async fn notify_rolled_back(agent: &Arc<Agent>, e: &JournalEntry) -> Result<(), 
 /// Tells the destination of move `e` that the move was rolled back here (a Resolve with the
 /// source's view `RolledBack`): a destination in doubt removes its copy; one that settled the
 /// move says how. Its answer, or why there was none.
-pub(crate) async fn send_notice(
-    agent: &Arc<Agent>,
-    e: &JournalEntry,
-) -> Result<Resolution, Notify> {
+async fn send_notice(agent: &Arc<Agent>, e: &JournalEntry) -> Result<Resolution, Notify> {
     let net = agent
         .migration
         .net()

@@ -193,8 +193,7 @@ impl SourceMachine {
     }
 
     /// Whether the destination answered this rolled-back migration's Resolve with a commit (an
-    /// operator decided each side its own way): the container runs on both hosts, if the copy
-    /// here was thawed (the caller knows; a source may send the notice before it thaws).
+    /// operator decided each side its own way): the container runs on both hosts.
     pub fn both_run(&self) -> bool {
         self.notice_answer == Some(Resolution::Committed)
             && matches!(self.state, SourceState::Done(Outcome::RolledBack { .. }))

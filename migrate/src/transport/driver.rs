@@ -29,7 +29,7 @@ mod dest;
 mod source;
 
 pub use dest::run_dest;
-pub use source::{locate, open_source, run_source, run_source_on, SourceLink};
+pub use source::{ask_resolution, locate, open_source, run_source, run_source_on, SourceLink};
 
 /// Streams in flight when sending files.
 pub const FILE_STREAMS: usize = 8;
@@ -249,9 +249,6 @@ pub struct SourceReport {
     pub timings: Timings,
     /// The destination agent's hello.
     pub peer: Hello,
-    /// A rolled-back migration whose destination answered that it committed: the container
-    /// runs on both hosts ([`SourceMachine::both_run`](crate::protocol::SourceMachine::both_run)).
-    pub both_run: bool,
     /// A rolled-back migration's Resolve: the destination's answer, `None` when none came
     /// ([`SourceMachine::notice_answer`](crate::protocol::SourceMachine::notice_answer)).
     pub notice_answer: Option<crate::wire::Resolution>,

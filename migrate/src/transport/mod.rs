@@ -25,9 +25,9 @@ pub mod probe;
 pub mod tunnel;
 
 pub use driver::{
-    locate, open_source, run_dest, run_source, run_source_on, DestHost, DestReport, DriverError,
-    Located, Progress, Refusal, SourceHost, SourceLink, SourceReport, Timings, FILE_STREAMS,
-    PROGRESS_EVERY,
+    ask_resolution, locate, open_source, run_dest, run_source, run_source_on, DestHost, DestReport,
+    DriverError, Located, Progress, Refusal, SourceHost, SourceLink, SourceReport, Timings,
+    FILE_STREAMS, PROGRESS_EVERY,
 };
 pub use files::{
     hash_file, receive_file, send_file, send_file_as, send_files, send_files_as, FileError,

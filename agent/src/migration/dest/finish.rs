@@ -17,10 +17,7 @@ pub(crate) async fn cleanup_incoming(
 ) -> Result<(), DestError> {
     super::release_memory(migration_id);
     let cd = agent.dirs.container(container_id);
-    let ours = std::fs::read_to_string(cd.dir.join(MARKER))
-        .map(|m| m.trim() == migration_id)
-        .unwrap_or(false);
-    if ours {
+    if super::marked_by(agent, container_id, migration_id) {
         let cgroup = agent.cgroup_name(container_id);
         if let Ok(cg) = Cgroup::open(&cgroup) {
             let _ = cg.kill();

@@ -188,11 +188,19 @@ impl DestHost for DestSide {
         }
         let e = journal::read(&self.agent.cfg.state_dir, migration_id)
             .filter(|e| e.role == Role::Dest)?;
-        if e.state == JournalState::Committed {
-            // Committed here but the link went before the copy was resumed (in doubt at
-            // Commit): the Resolve answers Committed, so the copy must run now (idempotent).
+        // Committed here but the link went before the copy was resumed (in doubt at Commit):
+        // the Resolve answers Committed, so the copy must run now. Only while the container
+        // still carries this migration's marker: a copy resumed since may be frozen again for
+        // another move or a checkpoint, which a late Resolve must not thaw (review of session
+        // 29, H2).
+        if e.state == JournalState::Committed
+            && super::marked_by(&self.agent, &e.container_id, migration_id)
+        {
             if let Err(err) = resume_incoming(&self.agent, migration_id, &e.container_id) {
-                tracing::error!(migration = %migration_id, error = %chain(&err), "cannot resume the arrived container");
+                // The copy never ran (gone while in doubt): not an answer of Committed, which
+                // would have the source remove the only copy left (review of session 29, M1).
+                tracing::error!(migration = %migration_id, error = %chain(&err), "cannot resume the arrived container: answering undecided");
+                return None;
             }
             crate::migration::pages::watch_lazy_daemon(
                 self.agent.clone(),

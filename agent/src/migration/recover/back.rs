@@ -1,9 +1,9 @@
 //! A source agent back from a restart that found a move of its own stopped before any Commit
 //! (journal `Frozen` or `Restored`): the destination may hold a restored copy, and its operator
 //! may have decided the move committed there while this agent was down (`--decide committed`).
-//! So the destination is asked first how the move stands there (its journal entry of the move,
-//! through the rollback notice; when it has none, whether it holds the container live: the
-//! `Locate` question of protocol 1.7) before this frozen copy is thawed.
+//! So the destination is asked first whether it holds the container beyond this move (the
+//! `Locate` question of protocol 1.7) and, when it holds no copy, whether it committed the move
+//! all the same (a Resolve that changes nothing there), before this frozen copy is thawed.
 //!
 //! The first ask takes at most [`ASK_FIRST_LIMIT`], before the agent serves requests. A
 //! destination that cannot be asked then (its agent restarting too after both hosts lost power,
@@ -14,16 +14,14 @@
 //! of session 26, F4: it was thawed after the first 2 s, and a destination decided `committed`
 //! then ran a second copy). `mig move --resolve` asks at once ([`Agent::resolve_waiting`]).
 
-use super::{
-    end_committed_copy, resolved_result, roll_back_source, send_notice, settle, Held, Notify,
-};
+use super::{end_committed_copy, resolved_result, roll_back_source, settle, Held};
 use crate::api::{ApiError, Decision, ErrorKind};
 use crate::daemon::Agent;
 use crate::migration::journal::{self, JournalEntry};
 use crate::migration::MoveResult;
 use mig_migrate::protocol::JournalState;
 use mig_migrate::transport::Located;
-use mig_migrate::wire::Resolution;
+use mig_migrate::wire::DestView;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -66,8 +64,8 @@ pub(crate) fn waiting_count() -> usize {
 
 /// Settles the moves the journal's recovery found stopped before any Commit on this (source)
 /// host: each destination is asked, all at once and for at most 2 s, whether it holds the
-/// container beyond this move (decided committed there by its operator, moved on since); if so
-/// this copy is removed, if it answers otherwise the copy is thawed and the destination told to
+/// container beyond this move (decided committed there by its operator, moved on since, or
+/// committed and ended since: [`ask`]); if so this copy is removed, if it answers otherwise the copy is thawed and the destination told to
 /// remove its own, and if it cannot be asked the copy stays frozen while it is asked again in
 /// the background, for at most a minute. Run by migd after [`crate::migration::start`] and
 /// before it serves requests.
@@ -90,45 +88,35 @@ pub async fn settle_sources(agent: &Arc<Agent>) {
 /// How move `e` stands on its destination, for the copy frozen here.
 #[derive(Debug)]
 enum There {
-    /// The destination holds the container beyond this move: it committed the move (its
-    /// operator decided so), even if its copy has ended since, or it holds a live copy it has
-    /// no record of this move for (moved on, its journal gone). The copy here goes.
+    /// The destination holds the container beyond this move (decided committed there, moved
+    /// on), or committed the move and its copy has ended since: the copy here goes.
     Beyond(String),
-    /// It rolled the move back (a copy in doubt there is removed by the question itself), or
-    /// it has neither a record of the move nor a copy. The copy here runs again.
+    /// It holds no copy and did not commit the move, or holds only this move's copy (arriving,
+    /// in doubt: it is told to remove it): the copy here runs again.
     Not(String),
 }
 
-/// Asks `e`'s destination, within `limit`, how the move stands there. First with the rollback
-/// notice (a Resolve naming this migration: the destination answers from its journal entry of
-/// it, and one in doubt removes its copy and says rolled back); only when it has no record of
-/// the move, whether it holds the container live at all (`Locate`). Before session 29 only
-/// `Locate` was asked, and its answer in words decided: a destination that had committed the
-/// move and whose copy had ended since was told apart from one that never restored it by
-/// nothing, and the copy here ran again (review of session 27, L1). `Err` says why it could not
-/// be asked, or that it is still at work on the move: asked again later.
+/// Asks `e`'s destination, within `limit`, how the move stands there: whether it holds the
+/// container live (`Locate`, protocol 1.7), and when it does not, whether it committed the move
+/// all the same (its copy has ended or been removed since: review of session 27, L1, where the
+/// copy here then ran again). That second question is a Resolve with the source's view
+/// `Unknown`, which changes nothing on the destination (a rollback notice would remove a copy
+/// in doubt there even after this source gave up waiting for the answer: review of session
+/// 29, H1). `Err` says why it could not be asked.
 async fn ask(agent: &Arc<Agent>, e: &JournalEntry, limit: Duration) -> Result<There, String> {
     let asking = async {
-        match send_notice(agent, e).await {
-            Ok(Resolution::Committed) => return Ok(There::Beyond("it committed the move".into())),
-            Ok(Resolution::RolledBack) => return Ok(There::Not("it rolled the move back".into())),
-            // No record of the move there (or its machine still busy with it).
-            Ok(Resolution::Undecided) => {}
-            Err(Notify::Unpinned) => return Err(format!("{} is not a pinned peer", e.peer)),
-            Err(Notify::Failed(why)) => return Err(why),
-        }
         match agent.ask_peer_about(&e.peer, &e.container_id).await? {
-            // Its words name this migration while it still works on it (a decision under way).
-            Located::Held(state) if state.contains(&e.migration_id) => {
-                Err(format!("it is still at work on this move ({state})"))
-            }
-            Located::Held(state) => Ok(There::Beyond(state)),
-            Located::NotHeld => Ok(There::Not(
-                "it has no record of the move and no copy".into(),
-            )),
-            Located::CannotTell => Ok(There::Not(
-                "it has no record of the move (its protocol is older than 1.7)".into(),
-            )),
+            // Live there beyond this move (it names this migration while it arrives or is in
+            // doubt): run (decided committed), moved on, ...
+            Located::Held(state) if !state.contains(&e.migration_id) => Ok(There::Beyond(state)),
+            Located::Held(state) => Ok(There::Not(state)),
+            Located::CannotTell => Ok(There::Not("its protocol is older than 1.7".into())),
+            Located::NotHeld => match agent.ask_peer_resolution(&e.peer, &e.migration_id).await? {
+                (DestView::Committed, _) => Ok(There::Beyond(
+                    "it committed the move, and its copy has ended since".into(),
+                )),
+                (view, _) => Ok(There::Not(format!("no copy there (its view: {view:?})"))),
+            },
         }
     };
     tokio::time::timeout(limit, asking)

@@ -7,7 +7,10 @@ use super::{
 };
 use crate::protocol::{Output, SourceAction, SourceInput, SourceMachine, SourceState};
 use crate::transport::files::{send_files_as, OutgoingFile, SentFile};
-use crate::wire::{read_frame, write_frame, DigestAt, Hello, Message, Phase, MAX_CONTROL_FRAME};
+use crate::wire::{
+    read_frame, write_frame, DestView, DigestAt, Hello, Message, Phase, Resolution, SourceView,
+    MAX_CONTROL_FRAME,
+};
 use std::time::{Duration, Instant};
 
 /// How long a source whose file the destination stopped waits for the destination's Abort,
@@ -69,21 +72,64 @@ pub async fn locate(
     container_id: &str,
     limit: Duration,
 ) -> Result<Located, DriverError> {
+    let q = Message::Locate {
+        container_id: container_id.to_owned(),
+    };
+    match ask_once(conn, hello, q, 7, limit).await? {
+        None => Ok(Located::CannotTell),
+        Some(Message::Located {
+            container_id: id,
+            held,
+        }) if id == container_id => Ok(held.map_or(Located::NotHeld, Located::Held)),
+        Some(other) => Err(DriverError::WrongAnswer { got: other.name() }),
+    }
+}
+
+/// Asks the destination at the other end of `conn` how migration `migration_id` stands there,
+/// within `limit`: a Resolve whose source view is [`SourceView::Unknown`], a question that
+/// changes nothing there (every 1.x destination answers it from its journal, `Undecided` for a
+/// move in doubt or one it has no record of).
+pub async fn ask_resolution(
+    conn: &quinn::Connection,
+    hello: &Hello,
+    migration_id: &str,
+    limit: Duration,
+) -> Result<(DestView, Resolution), DriverError> {
+    let q = Message::Resolve {
+        migration_id: migration_id.to_owned(),
+        source: SourceView::Unknown,
+    };
+    match ask_once(conn, hello, q, 0, limit).await? {
+        Some(Message::Resolved {
+            migration_id: id,
+            dest,
+            outcome,
+        }) if id == migration_id => Ok((dest, outcome)),
+        Some(other) => Err(DriverError::WrongAnswer { got: other.name() }),
+        None => Err(DriverError::WrongAnswer { got: "nothing" }),
+    }
+}
+
+/// Sends question `q` as the first message of a new control stream on `conn` and reads the one
+/// answer, within `limit`; `None` when the peer's protocol is older than 1.`min_minor`.
+async fn ask_once(
+    conn: &quinn::Connection,
+    hello: &Hello,
+    q: Message,
+    min_minor: u16,
+    limit: Duration,
+) -> Result<Option<Message>, DriverError> {
     let ask = async {
-        let link = open_source(conn, hello).await?;
         let SourceLink {
             mut send,
             mut recv,
             peer,
             ..
-        } = link;
-        if peer.protocol_version.minor < 7 {
+        } = open_source(conn, hello).await?;
+        if peer.protocol_version.minor < min_minor {
             linger(&mut send, true).await;
-            return Ok(Located::CannotTell);
+            return Ok(None);
         }
-        let q = Message::Locate {
-            container_id: container_id.to_owned(),
-        };
         write_frame(&mut send, &q, MAX_CONTROL_FRAME)
             .await
             .map_err(|source| DriverError::SendMessage { source })?;
@@ -91,14 +137,9 @@ pub async fn locate(
             .await
             .map_err(|source| DriverError::NoAnswer { source })?;
         let _ = send.finish();
-        match answer {
-            None => Err(DriverError::WrongAnswer { got: "nothing" }),
-            Some(Message::Located {
-                container_id: id,
-                held,
-            }) if id == container_id => Ok(held.map_or(Located::NotHeld, Located::Held)),
-            Some(other) => Err(DriverError::WrongAnswer { got: other.name() }),
-        }
+        answer
+            .map(Some)
+            .ok_or(DriverError::WrongAnswer { got: "nothing" })
     };
     tokio::time::timeout(limit, ask)
         .await
@@ -361,7 +402,6 @@ pub async fn run_source_on<H: SourceHost>(
         bytes_sent,
         timings: t,
         peer,
-        both_run: machine.both_run(),
         notice_answer: machine.notice_answer(),
     })
 }
