@@ -6,7 +6,7 @@
 //! different files can run at once: moves 1-19, faults 20-49, bench 60-69, api and rebalance
 //! 70-79, networking 80-89, operations 90-99, security 100-109.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use mig_agent::lab::{self, LabConfig, LabHost};
 use serde_json::Value;
 use std::collections::BTreeSet;
@@ -85,6 +85,30 @@ impl Lab {
 
     pub fn mig_json(&self, host: usize, args: &[&str]) -> Result<Value> {
         Ok(serde_json::from_str(&self.mig_ok(host, args)?)?)
+    }
+
+    /// Runs `mig` on the lab as a whole (`MIG_LAB` set, no agent chosen): `rebalance`, `lab`.
+    pub fn mig_lab(&self, args: &[&str]) -> crate::MigOutput {
+        Command::new(crate::bin("mig"))
+            .args(args)
+            .env("MIG_LAB", &self.name)
+            .env_remove("MIG_HOST")
+            .env_remove("MIG_SOCKET")
+            .output()
+            .expect("running mig")
+            .into()
+    }
+
+    /// [`Lab::mig_lab`] with `--json`, failing unless it exits 0: its output parsed.
+    pub fn mig_lab_json(&self, args: &[&str]) -> Result<Value> {
+        let o = self.mig_lab(args);
+        ensure!(
+            o.code == 0,
+            "mig {args:?} failed ({}): {}",
+            o.code,
+            o.stderr
+        );
+        Ok(serde_json::from_str(&o.stdout)?)
     }
 
     pub fn state_dir(&self, host: usize) -> &Path {

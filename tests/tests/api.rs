@@ -490,25 +490,20 @@ fn rebalance_three_hosts_evens_memory() -> Result<()> {
     for n in names {
         lab.run_container(0, n, 3)?;
     }
-    let dry = lab.mig_json(0, &["rebalance", "--lab", &lab.name, "--dry-run", "--json"])?;
+    let dry = lab.mig_lab_json(&["rebalance", "--dry-run", "--json"])?;
     ensure!(
         dry["plan"].as_array().is_some_and(|p| !p.is_empty()),
         "{dry}"
     );
     ensure!(dry["plan"][0]["from"] == "host-a", "{dry}");
-    let r = lab.mig_json(
-        0,
-        &[
-            "rebalance",
-            "--lab",
-            &lab.name,
-            "--max-moves",
-            "2",
-            "--max-concurrent",
-            "2",
-            "--json",
-        ],
-    )?;
+    let r = lab.mig_lab_json(&[
+        "rebalance",
+        "--max-moves",
+        "2",
+        "--max-concurrent",
+        "2",
+        "--json",
+    ])?;
     eprintln!("rebalance: {r}");
     let (before, after) = (
         r["spread_before"].as_u64().context("spread_before")?,
@@ -551,11 +546,23 @@ fn rebalance_three_hosts_evens_memory() -> Result<()> {
             lab.mig_json(on, &["inspect", "rb1", "--json"])
                 .is_ok_and(|d| d["state"] == "frozen")
         });
-        let o = frozen.then(|| lab.mig(0, &["rebalance", "--lab", &lab.name]));
+        let o = frozen.then(|| {
+            // With an agent chosen by --socket (as Lab::mig gives it): refused, not ignored
+            // (QA of session 29: it balanced the whole lab).
+            let refused = lab.mig(0, &["rebalance", "--lab", &lab.name]);
+            (refused, lab.mig_lab(&["rebalance"]))
+        });
         (o, mover.join())
     });
     lab.fault(on, None)?;
-    let o = o.context("rb1 was never seen frozen in its move")?;
+    let (refused, o) = o.context("rb1 was never seen frozen in its move")?;
+    ensure!(
+        refused.code == 125
+            && refused
+                .stderr
+                .contains("--socket does not apply to mig rebalance"),
+        "{refused:?}"
+    );
     ensure!(
         o.code == 125 && o.stderr.contains("the move of rb1") && o.stderr.contains("under way"),
         "{o:?}"

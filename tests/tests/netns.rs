@@ -12,6 +12,7 @@
 use anyhow::{bail, ensure, Context, Result};
 use mig_migrate::criu::images_external_netns;
 use mig_tests::lab::{move_and_check_with, nothing_left, ns_pids, pages_spent, running_on, Lab};
+use serde_json::Value;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -210,5 +211,54 @@ fn bridge_and_userns_containers_still_dump_their_netns() -> Result<()> {
         lab.mig_ok(1, &["rm", "-f", name])?;
         nothing_left(&lab, 1, &id)?;
     }
+    Ok(())
+}
+
+/// A container with established TCP connections shows how many (`tcp_established` in `ps
+/// --json`), and `mig rebalance` leaves it out of its plan, saying so, unless given
+/// `--tcp-established` (QA of session 29: the plan chose such a container, whose move was
+/// refused every time).
+#[test]
+fn a_rebalance_leaves_out_a_container_with_connections() -> Result<()> {
+    if !mig_tests::is_root("a_rebalance_leaves_out_a_container_with_connections") {
+        return Ok(());
+    }
+    let lab = Lab::up_on("nsreb", [10, 79, 99], 2)?;
+    lab.mig_ok(
+        0,
+        &[
+            "run", "-d", "--name", "talk", "busybox", "--", "sh", "-c", TALK,
+        ],
+    )?;
+    talking(&lab, 0, 0)?;
+    let ps = lab.mig_json(0, &["ps", "--json"])?;
+    let talk = ps
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["name"] == "talk")
+        .context("talk not listed")?;
+    ensure!(
+        talk["tcp_established"].as_u64().is_some_and(|n| n >= 1),
+        "{talk}"
+    );
+    let plan = |extra: &[&str]| -> Result<Value> {
+        let mut args = vec!["rebalance", "--dry-run", "--json"];
+        args.extend_from_slice(extra);
+        lab.mig_lab_json(&args)
+    };
+    let left = plan(&[])?;
+    ensure!(
+        left["left_out"].as_array().is_some_and(|l| l
+            .iter()
+            .any(|c| c.as_str().is_some_and(|c| c.starts_with("talk on host-a")))),
+        "{left}"
+    );
+    ensure!(!left["plan"].to_string().contains("talk"), "{left}");
+    let told = plan(&["--tcp-established"])?;
+    ensure!(
+        told["left_out"].as_array().is_some_and(|l| l.is_empty()),
+        "{told}"
+    );
     Ok(())
 }

@@ -728,6 +728,12 @@ pub struct ContainerSummary {
     /// longer holds it or the copy here is removed. `null` otherwise and from older agents.
     #[serde(default)]
     pub also_running_on: Option<String>,
+    /// Established TCP connections in the running container's network namespace: a move or
+    /// checkpoint refuses the container without `--tcp-established` when there is one (`mig
+    /// rebalance` leaves such containers out unless given it). `null` when not running, when
+    /// it cannot be read, and from older agents.
+    #[serde(default)]
+    pub tcp_established: Option<u32>,
 }
 
 /// A move of the container to this host, in progress (see [`ContainerSummary::arriving`]).
@@ -985,6 +991,7 @@ mod tests {
             arriving: None,
             reason: None,
             also_running_on: None,
+            tcp_established: None,
         };
         let r = Response::Containers(vec![c]);
         let state = |r: Response| match r {

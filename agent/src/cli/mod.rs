@@ -66,14 +66,20 @@ pub struct Cli {
 const CLIENT_OPTIONS: [&str; 5] = ["socket", "host", "remote", "fingerprint", "identity"];
 
 /// The subcommands that talk to no agent chosen by [`CLIENT_OPTIONS`], and why (for the error
-/// when one is given): `lab` works on this machine's lab, `bench` makes a lab of its own.
-const NO_AGENT: [(&str, &str); 2] = [
+/// when one is given): `lab` works on this machine's lab, `bench` makes a lab of its own,
+/// `rebalance` talks to the hosts of `--hosts` or of a lab (QA of session 29: it ignored them).
+const NO_AGENT: [(&str, &str); 3] = [
     (
         "lab",
         "it works on this machine's lab, named by MIG_LAB; a lab host's agent is reached with \
          mig --host host-a COMMAND",
     ),
     ("bench", "it makes a lab of its own (--lab)"),
+    (
+        "rebalance",
+        "it balances the hosts named by --hosts (lab host names or agent sockets), else every \
+         host of the lab named by --lab or MIG_LAB",
+    ),
 ];
 
 /// `mig`'s command line: [`Cli`]'s, with [`CLIENT_OPTIONS`] hidden from the help of
@@ -618,6 +624,11 @@ mod tests {
                 &["mig", "bench", "move", "--identity", "/x"],
                 "identity",
                 "bench",
+            ),
+            (
+                &["mig", "rebalance", "--host", "host-a", "--dry-run"],
+                "host",
+                "rebalance",
             ),
         ] {
             let bad = parse(args).1.unwrap_or_else(|| panic!("{args:?} accepted"));

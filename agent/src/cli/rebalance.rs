@@ -28,6 +28,11 @@ pub struct RebalanceArgs {
     /// At most this many moves at the same time (never two from or to one host).
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub max_concurrent: usize,
+    /// Also move containers with established TCP connections, keeping them (as `mig move
+    /// --tcp-established`, docs/networking.md); without it such containers are left out of the
+    /// plan, as their moves would be refused.
+    #[arg(long)]
+    pub tcp_established: bool,
     /// Print the plan and do nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -44,13 +49,15 @@ pub mod plan {
     #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
     pub struct HostLoad {
         pub host: String,
-        /// (container name, memory bytes)
+        /// (container name, memory bytes) of the containers that may move.
         pub containers: Vec<(String, u64)>,
+        /// Memory bytes of the running containers that stay (left out of the plan).
+        pub staying: u64,
     }
 
     impl HostLoad {
         pub fn total(&self) -> u64 {
-            self.containers.iter().map(|(_, m)| m).sum()
+            self.staying + self.containers.iter().map(|(_, m)| m).sum::<u64>()
         }
     }
 
@@ -192,6 +199,7 @@ pub mod plan {
                     .enumerate()
                     .map(|(i, m)| (format!("{name}-{i}"), *m << 20))
                     .collect(),
+                staying: 0,
             }
         }
 
@@ -240,12 +248,26 @@ pub mod plan {
         }
 
         /// Moves that would narrow a gap by less than [`MIN_GAIN`] are not worth their downtime.
+        /// Containers that stay count in their host's load; only the others move.
+        #[test]
+        fn staying_containers_weigh_but_do_not_move() {
+            let mut a = h("a", &[10]);
+            a.staying = 200 << 20;
+            let hosts = vec![a, h("b", &[100])];
+            let p = plan(&hosts, 5, 1);
+            assert_eq!(p.len(), 1, "{p:?}");
+            // a is the heavier for what stays on it: its one movable container goes.
+            assert_eq!((p[0].container.as_str(), p[0].from.as_str()), ("a-0", "a"));
+            assert_eq!(spread(&hosts), 110 << 20);
+        }
+
         #[test]
         fn tiny_moves_are_not_planned() {
             let tiny = vec![
                 HostLoad {
                     host: "a".into(),
                     containers: vec![("x".into(), 100 << 10), ("y".into(), 100 << 10)],
+                    staying: 0,
                 },
                 h("b", &[]),
             ];
@@ -270,6 +292,9 @@ struct Report {
     spread_before: u64,
     plan: Vec<plan::Move>,
     dry_run: bool,
+    /// Containers left out of the plan, and why (established TCP connections without
+    /// `--tcp-established`).
+    left_out: Vec<String>,
     /// Per move: `committed` or the error.
     outcomes: Vec<String>,
     after: BTreeMap<String, u64>,
@@ -301,13 +326,34 @@ fn resolve_targets(cli: &Cli, a: &RebalanceArgs) -> Result<Vec<PathBuf>, CliErro
         .collect()
 }
 
+/// What [`loads`] found on the hosts.
+struct Loads {
+    /// Each host's running containers that may move, and their memory.
+    hosts: Vec<plan::HostLoad>,
+    /// The moves under way, in words.
+    unsettled: Vec<String>,
+    /// Running containers that cannot move, and why, in words.
+    left_out: Vec<String>,
+}
+
 /// Each host's running containers and their memory, and the moves under way on the hosts in
 /// words (`the move of m2 from host-b to host-a`): a container being moved is running on
 /// neither host (QA of session 26: a rebalance during another move moved a container the wrong
-/// way and made the spread worse).
-async fn loads(targets: &[Target]) -> Result<(Vec<plan::HostLoad>, Vec<String>), CliError> {
+/// way and made the spread worse). Without `tcp_established`, containers with established TCP
+/// connections are left out, named: their moves would be refused (QA of session 29: the plan
+/// chose one, and the rebalance failed every time).
+async fn loads(targets: &[Target], tcp_established: bool) -> Result<Loads, CliError> {
     let mut out = Vec::new();
     let mut unsettled = Vec::new();
+    let mut left_out = Vec::new();
+    // What a move carries and what the host cannot reclaim: anonymous and shared memory, not
+    // the page cache the cgroup is also charged for.
+    let memory = |c: &crate::api::ContainerSummary| {
+        c.usage
+            .as_ref()
+            .map(|u| crate::migration::modes::checkpoint_memory(u).0)
+            .unwrap_or(0)
+    };
     for t in targets {
         let mut c = Client::connect(&t.socket).await?;
         let listed = c.list(false).await?;
@@ -329,29 +375,46 @@ async fn loads(targets: &[Target]) -> Result<(Vec<plan::HostLoad>, Vec<String>),
                 unsettled.push(format!("a change of {} on {} ({state})", s.name, t.name));
             }
         }
+        let mut staying = 0;
         let containers = listed
             .into_iter()
             .filter(|c| c.state == crate::api::ContainerState::Running)
-            // What a move carries and what the host cannot reclaim: anonymous and shared
-            // memory, not the page cache the cgroup is also charged for.
+            .filter(|c| match c.tcp_established {
+                Some(n) if n > 0 && !tcp_established => {
+                    left_out.push(format!(
+                        "{} on {} ({n} established TCP connection(s); --tcp-established moves it)",
+                        c.name, t.name
+                    ));
+                    staying += memory(c);
+                    false
+                }
+                _ => true,
+            })
             .map(|c| {
-                let memory = c
-                    .usage
-                    .map(|u| crate::migration::modes::checkpoint_memory(&u).0)
-                    .unwrap_or(0);
-                (c.name, memory)
+                let m = memory(&c);
+                (c.name, m)
             })
             .collect();
         out.push(plan::HostLoad {
             host: t.name.clone(),
             containers,
+            staying,
         });
     }
-    Ok((out, unsettled))
+    Ok(Loads {
+        hosts: out,
+        unsettled,
+        left_out,
+    })
 }
 
 /// Runs one move: on the source, to the pinned peer whose fingerprint is the destination's.
-async fn run_move(from: &Target, to: &Target, m: &plan::Move) -> Result<(), CliError> {
+async fn run_move(
+    from: &Target,
+    to: &Target,
+    m: &plan::Move,
+    tcp_established: bool,
+) -> Result<(), CliError> {
     let mut c = Client::connect(&from.socket).await?;
     let peer = match &to.fingerprint {
         Some(fp) => c
@@ -363,7 +426,9 @@ async fn run_move(from: &Target, to: &Target, m: &plan::Move) -> Result<(), CliE
             .unwrap_or_else(|| to.name.clone()),
         None => to.name.clone(),
     };
-    let id = c.move_start(&m.container, &peer).await?;
+    let id = c
+        .move_start_opts(&m.container, &peer, tcp_established, Default::default())
+        .await?;
     let s = c.move_wait(&id, Duration::from_millis(200)).await?;
     match s.error {
         None => Ok(()),
@@ -384,7 +449,11 @@ pub(super) async fn run(cli: &Cli, a: &RebalanceArgs) -> Result<u8, CliError> {
             fingerprint,
         });
     }
-    let (before, unsettled) = loads(&targets).await?;
+    let Loads {
+        hosts: before,
+        unsettled,
+        left_out,
+    } = loads(&targets, a.tcp_established).await?;
     if let Some(first) = unsettled.first() {
         let what = match unsettled.len() {
             1 => first.clone(),
@@ -406,7 +475,7 @@ pub(super) async fn run(cli: &Cli, a: &RebalanceArgs) -> Result<u8, CliError> {
                 let (from, to) = (by_name(&m.from), by_name(&m.to));
                 async move {
                     match (from, to) {
-                        (Some(f), Some(t)) => run_move(&f, &t, m).await,
+                        (Some(f), Some(t)) => run_move(&f, &t, m, a.tcp_established).await,
                         _ => Ok(()),
                     }
                 }
@@ -429,7 +498,7 @@ pub(super) async fn run(cli: &Cli, a: &RebalanceArgs) -> Result<u8, CliError> {
     let after = if a.dry_run {
         plan::apply(&before, &moves)
     } else {
-        loads(&targets).await?.0
+        loads(&targets, a.tcp_established).await?.hosts
     };
     let total = |h: &[plan::HostLoad]| -> BTreeMap<String, u64> {
         h.iter().map(|h| (h.host.clone(), h.total())).collect()
@@ -439,6 +508,7 @@ pub(super) async fn run(cli: &Cli, a: &RebalanceArgs) -> Result<u8, CliError> {
         spread_before: plan::spread(&before),
         plan: moves,
         dry_run: a.dry_run,
+        left_out,
         outcomes,
         after: total(&after),
         spread_after: plan::spread(&after),
@@ -450,6 +520,9 @@ pub(super) async fn run(cli: &Cli, a: &RebalanceArgs) -> Result<u8, CliError> {
         let mut s = String::new();
         for (h, b) in &report.before {
             s.push_str(&format!("{h}: {}\n", mib(*b)));
+        }
+        for c in &report.left_out {
+            s.push_str(&format!("left out: {c}\n"));
         }
         if a.dry_run {
             for m in &report.plan {

@@ -421,6 +421,7 @@ impl Agent {
                     .then(|| e.state.reason.clone())
                     .flatten(),
                 also_running_on: None,
+                tcp_established: None,
             })
             .collect();
         out.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));

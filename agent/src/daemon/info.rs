@@ -239,6 +239,10 @@ impl Agent {
                 c.usage = self.cgroup_usage(&c.id);
                 c.memory_arriving = crate::migration::memory_arriving(&c.id);
                 c.also_running_on = crate::migration::also_runs_on(&c.id);
+                c.tcp_established = self
+                    .init_pid_of(&c.id)
+                    .and_then(|pid| mig_runtime::net::established_tcp(pid).ok())
+                    .map(|n| n as u32);
             }
         }
         list
