@@ -345,6 +345,54 @@ fn image_oci_archive() {
     assert_eq!(store.import(&plain, "ociarch2").unwrap().id, config_digest);
 }
 
+/// Refused, not guessed (QA of session 29): an OCI archive without its `index.json` (it was
+/// imported as a root filesystem holding `blobs/`), and a layout naming two images (the first was
+/// taken); one image under two names imports.
+#[test]
+fn image_oci_layouts_that_say_no_one_image() {
+    let (tmp, store) = store();
+    let (layout, config_digest, _) = build_layout(tmp.path());
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let named = |digest: &serde_json::Value, name: &str| {
+        let mut d = index["manifests"][0].clone();
+        d["digest"] = digest.clone();
+        d["annotations"] = serde_json::json!({"org.opencontainers.image.ref.name": name});
+        d
+    };
+    let same = index["manifests"][0]["digest"].clone();
+    let write_index = |manifests: Vec<serde_json::Value>| {
+        let i = serde_json::json!({"schemaVersion": 2, "manifests": manifests});
+        fs::write(layout.join("index.json"), i.to_string()).unwrap();
+    };
+    write_index(vec![named(&same, "one"), named(&same, "latest")]);
+    assert_eq!(store.import(&layout, "twonames").unwrap().id, config_digest);
+    // A second manifest: the first one's bytes with a space more, another digest.
+    let blobs = layout.join("blobs/sha256");
+    let mut other =
+        fs::read(blobs.join(same.as_str().unwrap().trim_start_matches("sha256:"))).unwrap();
+    other.push(b' ');
+    let other_digest = sha256(&other);
+    fs::write(
+        blobs.join(other_digest.trim_start_matches("sha256:")),
+        &other,
+    )
+    .unwrap();
+    let mut second = named(&serde_json::json!(other_digest), "two");
+    second["size"] = serde_json::json!(other.len());
+    write_index(vec![named(&same, "one"), second]);
+    let err = store.import(&layout, "two").unwrap_err();
+    assert!(
+        err.to_string().contains("holds 2 images (one, two)"),
+        "{err}"
+    );
+    fs::remove_file(layout.join("index.json")).unwrap();
+    let archive = write_file(tmp.path(), "noindex.tar", &tar_dir(&layout));
+    let err = store.import(&archive, "noindex").unwrap_err();
+    assert!(err.to_string().contains("index.json"), "{err}");
+    assert!(store.get("noindex").is_err());
+}
+
 #[test]
 fn image_oci_digest_mismatch() {
     let (tmp, store) = store();

@@ -313,7 +313,8 @@ fn read_head(path: &Path, n: usize) -> Result<Vec<u8>, ImageError> {
 /// What a tar holds, from the names at its top.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum TarKind {
-    /// `oci-layout` and `index.json`: an OCI archive.
+    /// `oci-layout` (with `index.json`, or without it: an OCI archive missing it is refused as
+    /// the same layout in a directory is, not imported as a root filesystem: QA of session 29).
     Oci,
     /// A docker-archive `manifest.json` (or any `manifest.json` next to `repositories`) without
     /// `oci-layout`: `docker save` before Docker 25, `podman save`'s default format.
@@ -329,7 +330,7 @@ fn tar_kind(blob: &Path, src: &Path) -> Result<TarKind, ImageError> {
         path: src.to_owned(),
         source,
     };
-    let (mut layout, mut index) = (false, false);
+    let mut layout = false;
     let (mut manifest, mut docker_manifest, mut repositories) = (false, false, false);
     for entry in archive.entries().map_err(tar_err)? {
         let mut entry = entry.map_err(tar_err)?;
@@ -338,7 +339,6 @@ fn tar_kind(blob: &Path, src: &Path) -> Result<TarKind, ImageError> {
         };
         match p.components() {
             [c] if c == b"oci-layout" => layout = true,
-            [c] if c == b"index.json" => index = true,
             [c] if c == b"repositories" => repositories = true,
             [c] if c == b"manifest.json" => {
                 manifest = true;
@@ -351,7 +351,7 @@ fn tar_kind(blob: &Path, src: &Path) -> Result<TarKind, ImageError> {
             _ => {}
         }
     }
-    Ok(if layout && index {
+    Ok(if layout {
         TarKind::Oci
     } else if docker_manifest || (manifest && repositories) {
         TarKind::DockerLegacy

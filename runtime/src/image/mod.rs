@@ -41,6 +41,11 @@ pub use store::{Listing, UnreadableImage, RECORD_FORMAT};
 pub enum HostileReason {
     #[error("{0}")]
     Path(#[from] PathError),
+    #[error(
+        "symlink target {0:?} climbs above the layer root (a relative link may not leave the \
+         image; an absolute target, resolved inside the container, is accepted)"
+    )]
+    EscapingLink(String),
     #[error("a parent directory is a symlink")]
     ThroughSymlink,
     #[error("a parent is not a directory")]
@@ -115,7 +120,7 @@ pub enum ImageError {
     },
     #[error("{what} exceeds the limit of {limit} bytes")]
     TooLarge { what: String, limit: u64 },
-    #[error("refusing hostile archive entry {entry:?}: {reason}")]
+    #[error("refusing hostile image entry {entry:?}: {reason}")]
     Hostile {
         entry: String,
         reason: HostileReason,

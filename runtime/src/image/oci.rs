@@ -8,7 +8,7 @@ use super::store::{StagedLayer, WorkDir};
 use super::{Image, ImageConfig, ImageError, ImageStore};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read};
 use std::os::unix::fs::OpenOptionsExt;
@@ -37,6 +37,8 @@ pub enum OciError {
     LayerCount { diff_ids: usize, layers: usize },
     #[error("image indexes nest deeper than {MAX_INDEX_DEPTH}")]
     TooDeep,
+    #[error("the layout holds {} images ({}): import a layout of one image", .0.len(), .0.join(", "))]
+    SeveralImages(Vec<String>),
     #[error("{0} is a symlink or not a regular file")]
     NotAFile(String),
     #[error("{0}")]
@@ -64,7 +66,12 @@ struct Descriptor {
     digest: String,
     size: Option<u64>,
     platform: Option<Platform>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
 }
+
+/// The annotation naming an image of a layout (its tag).
+const REF_NAME: &str = "org.opencontainers.image.ref.name";
 
 #[derive(Debug, Deserialize)]
 struct Index {
@@ -264,6 +271,21 @@ impl<'a> Layout<'a> {
             None => true,
             Some(p) => p.os == "linux" && p.architecture == host_arch(),
         };
+        if depth == 0 {
+            // Several images each with its own name (`skopeo copy` of two tags into one
+            // layout): no way to choose, so none is taken (QA of session 29: the first was,
+            // without a word). One image under several names, or one per platform, is fine.
+            let mut named: BTreeMap<&str, &str> = BTreeMap::new();
+            for d in index.manifests.iter().filter(fits) {
+                if let Some(name) = d.annotations.get(REF_NAME) {
+                    named.entry(d.digest.as_str()).or_insert(name);
+                }
+            }
+            if named.len() > 1 {
+                let names = named.values().map(|n| n.to_string()).collect();
+                return Err(OciError::SeveralImages(names).into());
+            }
+        }
         for d in index.manifests.iter().filter(fits) {
             if MANIFEST_TYPES.contains(&d.media_type.as_str()) {
                 return self.json_blob(d);

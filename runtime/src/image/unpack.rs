@@ -25,7 +25,7 @@
 //! named NAME) and `.wh..wh..opq` marks its directory opaque (`trusted.overlay.opaque=y`); other
 //! `.wh..wh.*` names (AUFS bookkeeping) are skipped.
 
-use super::paths::{self, RelPath};
+use super::paths::{self, PathError, RelPath};
 use super::{HostileReason, ImageError, Limits};
 use nix::sys::stat::{Mode, SFlag};
 use nix::sys::time::TimeSpec;
@@ -339,7 +339,14 @@ impl Unpacker<'_> {
     }
 
     fn symlink(&mut self, rel: &RelPath, target: &[u8], meta: Meta) -> Result<(), ImageError> {
-        paths::symlink_target(rel, target).map_err(|e| hostile(rel, e.into()))?;
+        paths::symlink_target(rel, target).map_err(|e| match e {
+            // The target in the message (QA of session 29: only that it escaped).
+            PathError::EscapingTarget => hostile(
+                rel,
+                HostileReason::EscapingLink(String::from_utf8_lossy(target).into_owned()),
+            ),
+            e => hostile(rel, e.into()),
+        })?;
         self.prepare_slot(rel, false)?;
         let p = self.abs(rel);
         use std::os::unix::ffi::OsStrExt;
