@@ -797,6 +797,49 @@ fn a_source_back_after_its_container_ended_on_the_destination_does_not_run_it() 
     Ok(())
 }
 
+/// host-a dies after host-b restored its copy, and that copy's supervisor is killed while it
+/// waits, frozen, in doubt: it never ran. host-b's operator decides `committed`, which cannot
+/// run a dead copy: the move is rolled back on host-b instead, and host-a, back, runs its own
+/// copy. Before session 29's second review host-b's journal kept `Committed` after the failed
+/// resume, and once the dead copy was gone host-a heard "committed" and removed the only copy.
+#[test]
+fn a_committed_decision_on_a_dead_copy_rolls_the_move_back() -> Result<()> {
+    if !mig_tests::is_root("fault tests") {
+        return Ok(());
+    }
+    let mut lab = Lab::up("dcopy", 183)?;
+    let id = lab.run_container(A, "dcg", 8)?;
+    let (count, _) = log_state(&lab.mig(A, &["logs", "dcg"]).stdout);
+    lab.fault(A, Some("source-restore:delay:8000"))?;
+    let o = move_killing_at(&lab, "dcg", B, "Restored", A)?;
+    lab.fault(A, None)?;
+    ensure!(o.code != 0, "host-a was to die mid-move: {o:?}");
+    let record = lab
+        .state_dir(B)
+        .join("containers")
+        .join(&id)
+        .join("shim.json");
+    let shim = std::fs::read_to_string(&record)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["shim_pid"].as_i64())
+        .context("host-b's restored copy has no shim.json")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shim as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    let o = lab.mig(B, &["move", "--resolve", "dcg", "--decide", "committed"]);
+    ensure!(
+        o.code != 0 && o.stderr.contains("is gone") && o.stderr.contains("rolled back here"),
+        "{o:?}"
+    );
+    lab.restart_after_crash(A)?;
+    running_on(&lab, A, "dcg")?;
+    continues(&lab, A, "dcg", count)?;
+    nothing_left(&lab, B, &id)?;
+    Ok(())
+}
+
 /// As `a_source_back_after_a_committed_decision_removes_its_copy`, but host-b's agent is down
 /// when host-a comes back (both hosts restarting after a power cut) and back ten seconds later:
 /// host-a keeps its copy frozen while it cannot ask host-b, asks again, hears that the container

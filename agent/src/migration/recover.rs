@@ -75,6 +75,35 @@ fn settle(agent: &Agent, e: &JournalEntry, state: JournalState) {
     }
 }
 
+/// Resumes this (destination) host's copy of the committed move `e`, which the link or the agent
+/// left before it ran. A copy that is gone (its supervisor or init died while it waited, frozen)
+/// never ran, so the move did not commit here after all: it is rolled back here instead (what is
+/// left of the copy removed, the journal `RolledBack`), and its source runs its own copy rather
+/// than removing it too (review of session 29, M-A: the journal kept `Committed`, and once the
+/// dead copy was removed a returning source was told committed and removed the only copy left).
+/// The state the entry ends in.
+pub(crate) async fn resume_committed(
+    agent: &Arc<Agent>,
+    e: &JournalEntry,
+) -> Result<JournalState, dest::DestError> {
+    match dest::resume_incoming(agent, &e.migration_id, &e.container_id) {
+        Ok(()) => Ok(JournalState::Committed),
+        Err(dest::DestError::CopyGone) => {
+            tracing::error!(migration = %e.migration_id, container = %e.container_id, peer = %e.peer, "the committed copy here is gone and never ran: the move is rolled back here, and its source runs its own copy");
+            let state = match dest::cleanup_incoming(agent, &e.migration_id, &e.container_id).await
+            {
+                Ok(()) => JournalState::RolledBack,
+                Err(err) => JournalState::RollbackFailed {
+                    detail: chain(&err),
+                },
+            };
+            settle(agent, e, state.clone());
+            Ok(state)
+        }
+        Err(err) => Err(err),
+    }
+}
+
 /// Settles every unfinished migration found in the journal (see the module documentation).
 pub(crate) fn recover(agent: &Arc<Agent>) {
     // Before this run's rollbacks below add notices of their own.
@@ -115,9 +144,13 @@ pub(crate) fn recover(agent: &Arc<Agent>) {
             ) => roll_back_source(agent, &e),
             (Role::Source, JournalState::Committed) => end_committed_copy(agent, e),
             (Role::Dest, JournalState::Committed) => {
-                if let Err(err) = dest::resume_incoming(agent, &mig, &id) {
-                    tracing::error!(error = %chain(&err), "cannot resume the arrived container");
-                }
+                let agent = agent.clone();
+                tokio::spawn(async move {
+                    let _held = hold(&e.migration_id).await;
+                    if let Err(err) = resume_committed(&agent, &e).await {
+                        tracing::error!(error = %chain(&err), "cannot resume the arrived container");
+                    }
+                });
             }
             (Role::Dest, JournalState::Restored | JournalState::InDoubt)
             | (Role::Source, JournalState::CommitSent | JournalState::InDoubt) => {
@@ -792,8 +825,20 @@ impl Agent {
             }
             (Role::Dest, Decision::Committed) => {
                 settle(self, &e, JournalState::Committed);
-                dest::resume_incoming(self, &e.migration_id, &e.container_id)
+                let now = resume_committed(self, &e)
+                    .await
                     .map_err(|err| internal("resuming this host's copy", chain(&err)))?;
+                if now != JournalState::Committed {
+                    let settled = Err(ApiError::new(
+                        ErrorKind::Conflict,
+                        format!(
+                            "this host's copy of {} is gone (it died while in doubt, and never ran here): the move was rolled back here instead; {} runs its own copy once it is back",
+                            e.container_name, e.peer
+                        ),
+                    ));
+                    self.settle_started_move(&e.migration_id, &settled);
+                    return settled;
+                }
                 // Its memory still arriving through a local lazy-pages daemon, if it has one:
                 // watched to the last page as after a Commit (QA: the copy stayed "memory
                 // arriving" and its daemon a zombie).

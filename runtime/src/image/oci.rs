@@ -37,8 +37,8 @@ pub enum OciError {
     LayerCount { diff_ids: usize, layers: usize },
     #[error("image indexes nest deeper than {MAX_INDEX_DEPTH}")]
     TooDeep,
-    #[error("the layout holds {} images ({}): import a layout of one image", .0.len(), .0.join(", "))]
-    SeveralImages(Vec<String>),
+    #[error("the layout holds {count} images ({}): import a layout of one image", names.join(", "))]
+    SeveralImages { count: usize, names: Vec<String> },
     #[error("{0} is a symlink or not a regular file")]
     NotAFile(String),
     #[error("{0}")]
@@ -282,8 +282,13 @@ impl<'a> Layout<'a> {
                 }
             }
             if named.len() > 1 {
-                let names = named.values().map(|n| n.to_string()).collect();
-                return Err(OciError::SeveralImages(names).into());
+                let names: std::collections::BTreeSet<String> =
+                    named.values().map(|n| n.to_string()).collect();
+                return Err(OciError::SeveralImages {
+                    count: named.len(),
+                    names: names.into_iter().collect(),
+                }
+                .into());
             }
         }
         for d in index.manifests.iter().filter(fits) {

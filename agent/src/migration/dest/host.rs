@@ -196,11 +196,15 @@ impl DestHost for DestSide {
         if e.state == JournalState::Committed
             && super::marked_by(&self.agent, &e.container_id, migration_id)
         {
-            if let Err(err) = resume_incoming(&self.agent, migration_id, &e.container_id) {
-                // The copy never ran (gone while in doubt): not an answer of Committed, which
-                // would have the source remove the only copy left (review of session 29, M1).
-                tracing::error!(migration = %migration_id, error = %chain(&err), "cannot resume the arrived container: answering undecided");
-                return None;
+            // A copy gone before it ran is rolled back here, and the answer says so (review of
+            // session 29, M1: Committed had the source remove the only copy left).
+            match crate::migration::recover::resume_committed(&self.agent, &e).await {
+                Ok(JournalState::Committed) => {}
+                Ok(other) => return Some(other),
+                Err(err) => {
+                    tracing::error!(migration = %migration_id, error = %chain(&err), "cannot resume the arrived container: answering undecided");
+                    return None;
+                }
             }
             crate::migration::pages::watch_lazy_daemon(
                 self.agent.clone(),

@@ -78,7 +78,7 @@ pub async fn settle_sources(agent: &Arc<Agent>) {
                 Ok(answer) => {
                     settle_with(&agent, e, answer);
                 }
-                Err(why) => wait_for_destination(agent, e, why),
+                Err(Unanswered { why, .. }) => wait_for_destination(agent, e, why),
             }
         }
     });
@@ -96,32 +96,64 @@ enum There {
     Not(String),
 }
 
-/// Asks `e`'s destination, within `limit`, how the move stands there: whether it holds the
-/// container live (`Locate`, protocol 1.7), and when it does not, whether it committed the move
-/// all the same (its copy has ended or been removed since: review of session 27, L1, where the
-/// copy here then ran again). That second question is a Resolve with the source's view
-/// `Unknown`, which changes nothing on the destination (a rollback notice would remove a copy
-/// in doubt there even after this source gave up waiting for the answer: review of session
-/// 29, H1). `Err` says why it could not be asked.
-async fn ask(agent: &Arc<Agent>, e: &JournalEntry, limit: Duration) -> Result<There, String> {
-    let asking = async {
-        match agent.ask_peer_about(&e.peer, &e.container_id).await? {
-            // Live there beyond this move (it names this migration while it arrives or is in
-            // doubt): run (decided committed), moved on, ...
-            Located::Held(state) if !state.contains(&e.migration_id) => Ok(There::Beyond(state)),
-            Located::Held(state) => Ok(There::Not(state)),
-            Located::CannotTell => Ok(There::Not("its protocol is older than 1.7".into())),
-            Located::NotHeld => match agent.ask_peer_resolution(&e.peer, &e.migration_id).await? {
-                (DestView::Committed, _) => Ok(There::Beyond(
-                    "it committed the move, and its copy has ended since".into(),
-                )),
-                (view, _) => Ok(There::Not(format!("no copy there (its view: {view:?})"))),
-            },
-        }
+/// Why [`ask`] has no answer.
+#[derive(Debug)]
+struct Unanswered {
+    why: String,
+    /// The destination answered that it holds no copy (Locate); only whether it committed the
+    /// move is not known: deciding `committed` here could remove the only copy.
+    holds_no_copy: bool,
+}
+
+/// Asks `e`'s destination how the move stands there, both questions at once, each within
+/// `limit`: whether it holds the container live (`Locate`, protocol 1.7), and whether it
+/// committed the move (a Resolve with the source's view `Unknown`, which every 1.x destination
+/// answers from its journal and which does not settle anything there; a rollback notice would
+/// remove a copy in doubt there even after this source gave up waiting for the answer: review
+/// of session 29, H1). A destination that holds no copy, or is too old to say, but committed the
+/// move (its operator decided so, and its copy has ended or been removed since) has this copy
+/// removed (review of session 27, L1: it ran again; review of session 29, M-B: a 1.6
+/// destination's commit went unasked).
+async fn ask(agent: &Arc<Agent>, e: &JournalEntry, limit: Duration) -> Result<There, Unanswered> {
+    let (located, resolution) = tokio::join!(
+        within(
+            limit,
+            "Locate",
+            agent.ask_peer_about(&e.peer, &e.container_id)
+        ),
+        within(
+            limit,
+            "the Resolve",
+            agent.ask_peer_resolution(&e.peer, &e.migration_id)
+        ),
+    );
+    let unanswered = |why: String, holds_no_copy| Unanswered { why, holds_no_copy };
+    let committed = |resolution: Result<(DestView, _), String>, holds_no_copy| match resolution {
+        Ok((DestView::Committed, _)) => Ok(There::Beyond(
+            "it committed the move, and its copy has ended since".into(),
+        )),
+        Ok((view, _)) => Ok(There::Not(format!("no copy there (its view: {view:?})"))),
+        Err(why) => Err(unanswered(why, holds_no_copy)),
     };
-    tokio::time::timeout(limit, asking)
+    match located.map_err(|why| unanswered(why, false))? {
+        // Live there beyond this move (it names this migration while it arrives or is in
+        // doubt): run (decided committed), moved on, ...
+        Located::Held(state) if !state.contains(&e.migration_id) => Ok(There::Beyond(state)),
+        Located::Held(state) => Ok(There::Not(state)),
+        Located::NotHeld => committed(resolution, true),
+        Located::CannotTell => committed(resolution, false),
+    }
+}
+
+/// `question`'s answer, or that none came within `limit`.
+async fn within<T>(
+    limit: Duration,
+    what: &str,
+    question: impl std::future::Future<Output = Result<T, String>>,
+) -> Result<T, String> {
+    tokio::time::timeout(limit, question)
         .await
-        .unwrap_or_else(|_| Err(format!("no answer within {limit:?}")))
+        .unwrap_or_else(|_| Err(format!("no answer to {what} within {limit:?}")))
 }
 
 /// Settles move `e` with how it stands on its destination: the copy here is removed when the
@@ -170,13 +202,13 @@ fn wait_for_destination(agent: Arc<Agent>, e: JournalEntry, why: String) {
                     settle_with(&agent, e, answer);
                     return;
                 }
-                Err(why) if Instant::now() >= until => {
+                Err(Unanswered { why, .. }) if Instant::now() >= until => {
                     waiting_map().remove(&e.migration_id);
                     tracing::warn!(migration = %e.migration_id, peer = %e.peer, %why, "the destination could not be asked for {ASK_PATIENCE:?}: rolling back, the container runs here again");
                     roll_back_source(&agent, &e);
                     return;
                 }
-                Err(why) => {
+                Err(Unanswered { why, .. }) => {
                     tracing::debug!(migration = %e.migration_id, peer = %e.peer, %why, "cannot ask the destination yet")
                 }
             }
@@ -213,7 +245,21 @@ impl Agent {
                     ))
                 }
             }
-            Err(why) => match decide {
+            // It holds no copy; whether it committed the move did not come: committing here
+            // could remove the only copy (review of session 29, M-C), as `resolve_move` says.
+            Err(Unanswered {
+                holds_no_copy: true,
+                why,
+            }) if decide == Some(Decision::Committed) => {
+                return Err(ApiError::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "{} answered that it has no copy of {} it could run ({why} about the rest): committing would remove the only one; `--decide rolled-back` runs it here",
+                        e.peer, e.container_name
+                    ),
+                ))
+            }
+            Err(Unanswered { why, .. }) => match decide {
                 Some(d) => {
                     // Still waiting until the decision is in the journal: if it fails, the
                     // copy is asked about again and thawed after the patience, as before (the
