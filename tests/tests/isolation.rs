@@ -483,10 +483,11 @@ fn i386_programs_run_under_the_same_filter() -> Result<()> {
 }
 
 /// A non-root user has no capability, and gets none from a program whose file carries
-/// inheritable capabilities (`security.capability`, which an imported image keeps). Before
+/// capabilities (`security.capability`, which an imported image keeps): inheritable ones (before
 /// session 29 every process held the default set as inheritable, and a non-root one also as
 /// permitted until its execve: such a file gave uid 1000 CAP_DAC_OVERRIDE and CAP_SETUID, and
-/// `mkdir /x` in the read-only-for-it `/` succeeded (QA of session 29; CVE-2022-24769's pattern).
+/// `mkdir /made` in its read-only `/` succeeded; QA of session 29, CVE-2022-24769's pattern),
+/// nor permitted ones (no_new_privs, as Docker's no-new-privileges: docs/security.md).
 #[test]
 fn a_non_root_user_gets_no_capability_from_a_file() -> Result<()> {
     if !mig_tests::is_root("isolation tests") {
@@ -495,31 +496,35 @@ fn a_non_root_user_gets_no_capability_from_a_file() -> Result<()> {
     let agent = Agent::start("isolation_fcaps")?;
     let dir = tempfile::tempdir()?;
     let root = busybox_rootfs(dir.path())?;
-    std::fs::create_dir_all(root.join("x"))?;
-    let with_caps = root.join("x/busybox");
-    std::fs::copy(root.join("bin/busybox"), &with_caps)?;
-    // VFS_CAP_REVISION_2, effective; permitted none; inheritable CAP_DAC_OVERRIDE, CAP_SETUID.
-    let inheritable: u32 = (1 << 1) | (1 << 7);
-    let xattr: Vec<u8> = [0x0200_0001u32, 0, inheritable, 0, 0]
-        .iter()
-        .flat_map(|w| w.to_le_bytes())
-        .collect();
-    let path = std::ffi::CString::new(with_caps.as_os_str().as_encoded_bytes())?;
-    // SAFETY: both strings are NUL-terminated and the value is a live buffer of its length.
-    let r = unsafe {
-        libc::setxattr(
-            path.as_ptr(),
-            c"security.capability".as_ptr(),
-            xattr.as_ptr().cast(),
-            xattr.len(),
-            0,
-        )
-    };
-    ensure!(
-        r == 0,
-        "setxattr security.capability: {}",
-        std::io::Error::last_os_error()
-    );
+    // CAP_DAC_OVERRIDE and CAP_SETUID, as the file's inheritable or its permitted set.
+    let caps: u32 = (1 << 1) | (1 << 7);
+    for (name, permitted, inheritable) in [("inh", 0, caps), ("perm", caps, 0)] {
+        // Named busybox: busybox runs the applet its name says.
+        std::fs::create_dir_all(root.join("x").join(name))?;
+        let file = root.join("x").join(name).join("busybox");
+        std::fs::copy(root.join("bin/busybox"), &file)?;
+        // VFS_CAP_REVISION_2 with the effective bit, then the low and high words of each set.
+        let xattr: Vec<u8> = [0x0200_0001u32, permitted, inheritable, 0, 0]
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
+        let path = std::ffi::CString::new(file.as_os_str().as_encoded_bytes())?;
+        // SAFETY: both strings are NUL-terminated and the value is a live buffer of its length.
+        let r = unsafe {
+            libc::setxattr(
+                path.as_ptr(),
+                c"security.capability".as_ptr(),
+                xattr.as_ptr().cast(),
+                xattr.len(),
+                0,
+            )
+        };
+        ensure!(
+            r == 0,
+            "setxattr security.capability: {}",
+            std::io::Error::last_os_error()
+        );
+    }
     agent.mig_ok(&[
         "image",
         "import",
@@ -527,42 +532,30 @@ fn a_non_root_user_gets_no_capability_from_a_file() -> Result<()> {
         "--name",
         "fcaps",
     ])?;
-    let status = agent.mig_ok(&[
-        "run",
-        "--rm",
-        "-u",
-        "1000",
-        "fcaps",
-        "--",
-        "/x/busybox",
-        "grep",
-        "^Cap",
-        "/proc/self/status",
-    ])?;
-    for k in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
-        let line = status
-            .lines()
-            .find(|l| l.starts_with(k))
-            .with_context(|| format!("no {k} in {status}"))?;
+    for name in ["inh", "perm"] {
+        // The file itself, run as uid 1000.
+        let file = format!("/x/{name}/busybox");
+        let as_user = |args: &[&str]| {
+            let mut all = vec!["run", "--rm", "-u", "1000", "fcaps", "--", file.as_str()];
+            all.extend_from_slice(args);
+            agent.mig(&all)
+        };
+        let status = as_user(&["grep", "^Cap", "/proc/self/status"]).stdout;
+        for k in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
+            let line = status
+                .lines()
+                .find(|l| l.starts_with(k))
+                .with_context(|| format!("no {k} in {status}"))?;
+            ensure!(
+                line.ends_with("0000000000000000"),
+                "uid 1000 through {file}: {line}"
+            );
+        }
+        let made = as_user(&["mkdir", &format!("/made-{name}")]);
         ensure!(
-            line.ends_with("0000000000000000"),
-            "uid 1000 through a file with inheritable capabilities: {line}"
+            made.code != 0,
+            "uid 1000 made a directory in / through {file}'s capabilities: {made:?}"
         );
     }
-    let made = agent.mig(&[
-        "run",
-        "--rm",
-        "-u",
-        "1000",
-        "fcaps",
-        "--",
-        "/x/busybox",
-        "mkdir",
-        "/made",
-    ]);
-    ensure!(
-        made.code != 0,
-        "uid 1000 made a directory in / through the file's capabilities: {made:?}"
-    );
     Ok(())
 }
