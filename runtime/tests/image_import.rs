@@ -380,6 +380,11 @@ fn image_oci_layouts_that_say_no_one_image() {
     .unwrap();
     let mut second = named(&serde_json::json!(other_digest), "two");
     second["size"] = serde_json::json!(other.len());
+    // One name over two manifests (variants of one platform): the first that fits is taken.
+    let mut variant = second.clone();
+    variant["annotations"] = serde_json::json!({"org.opencontainers.image.ref.name": "one"});
+    write_index(vec![named(&same, "one"), variant]);
+    assert_eq!(store.import(&layout, "variants").unwrap().id, config_digest);
     write_index(vec![named(&same, "one"), second]);
     let err = store.import(&layout, "two").unwrap_err();
     assert!(

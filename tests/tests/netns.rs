@@ -249,9 +249,11 @@ fn a_rebalance_leaves_out_a_container_with_connections() -> Result<()> {
     };
     let left = plan(&[])?;
     ensure!(
-        left["left_out"].as_array().is_some_and(|l| l
-            .iter()
-            .any(|c| c.as_str().is_some_and(|c| c.starts_with("talk on host-a")))),
+        left["left_out"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|c| c["container"] == "talk"
+                && c["host"] == "host-a"
+                && c["tcp_established"].as_u64().is_some_and(|n| n >= 1))),
         "{left}"
     );
     ensure!(!left["plan"].to_string().contains("talk"), "{left}");

@@ -292,9 +292,9 @@ struct Report {
     spread_before: u64,
     plan: Vec<plan::Move>,
     dry_run: bool,
-    /// Containers left out of the plan, and why (established TCP connections without
-    /// `--tcp-established`).
-    left_out: Vec<String>,
+    /// Containers left out of the plan: those with established TCP connections, without
+    /// `--tcp-established`.
+    left_out: Vec<LeftOut>,
     /// Per move: `committed` or the error.
     outcomes: Vec<String>,
     after: BTreeMap<String, u64>,
@@ -326,14 +326,23 @@ fn resolve_targets(cli: &Cli, a: &RebalanceArgs) -> Result<Vec<PathBuf>, CliErro
         .collect()
 }
 
+/// A running container the plan leaves where it is.
+#[derive(Debug, Serialize)]
+struct LeftOut {
+    container: String,
+    host: String,
+    /// Its established TCP connections (a move needs `--tcp-established`).
+    tcp_established: u32,
+}
+
 /// What [`loads`] found on the hosts.
 struct Loads {
     /// Each host's running containers that may move, and their memory.
     hosts: Vec<plan::HostLoad>,
     /// The moves under way, in words.
     unsettled: Vec<String>,
-    /// Running containers that cannot move, and why, in words.
-    left_out: Vec<String>,
+    /// Running containers that cannot move.
+    left_out: Vec<LeftOut>,
 }
 
 /// Each host's running containers and their memory, and the moves under way on the hosts in
@@ -381,10 +390,11 @@ async fn loads(targets: &[Target], tcp_established: bool) -> Result<Loads, CliEr
             .filter(|c| c.state == crate::api::ContainerState::Running)
             .filter(|c| match c.tcp_established {
                 Some(n) if n > 0 && !tcp_established => {
-                    left_out.push(format!(
-                        "{} on {} ({n} established TCP connection(s); --tcp-established moves it)",
-                        c.name, t.name
-                    ));
+                    left_out.push(LeftOut {
+                        container: c.name.clone(),
+                        host: t.name.clone(),
+                        tcp_established: n,
+                    });
                     staying += memory(c);
                     false
                 }
@@ -522,7 +532,10 @@ pub(super) async fn run(cli: &Cli, a: &RebalanceArgs) -> Result<u8, CliError> {
             s.push_str(&format!("{h}: {}\n", mib(*b)));
         }
         for c in &report.left_out {
-            s.push_str(&format!("left out: {c}\n"));
+            s.push_str(&format!(
+                "left out: {} on {} ({} established TCP connection(s); --tcp-established moves it)\n",
+                c.container, c.host, c.tcp_established
+            ));
         }
         if a.dry_run {
             for m in &report.plan {

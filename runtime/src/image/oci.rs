@@ -8,7 +8,7 @@ use super::store::{StagedLayer, WorkDir};
 use super::{Image, ImageConfig, ImageError, ImageStore};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read};
 use std::os::unix::fs::OpenOptionsExt;
@@ -272,21 +272,26 @@ impl<'a> Layout<'a> {
             Some(p) => p.os == "linux" && p.architecture == host_arch(),
         };
         if depth == 0 {
-            // Several images each with its own name (`skopeo copy` of two tags into one
+            // Several images each under its own name (`skopeo copy` of two tags into one
             // layout): no way to choose, so none is taken (QA of session 29: the first was,
-            // without a word). One image under several names, or one per platform, is fine.
-            let mut named: BTreeMap<&str, &str> = BTreeMap::new();
-            for d in index.manifests.iter().filter(fits) {
-                if let Some(name) = d.annotations.get(REF_NAME) {
-                    named.entry(d.digest.as_str()).or_insert(name);
-                }
-            }
-            if named.len() > 1 {
-                let names: std::collections::BTreeSet<String> =
-                    named.values().map(|n| n.to_string()).collect();
+            // without a word). One image under several names, one name over variants of one
+            // platform, and descriptors that are no image (signatures) are fine.
+            let images: Vec<(&str, &str)> = index
+                .manifests
+                .iter()
+                .filter(fits)
+                .filter(|d| {
+                    MANIFEST_TYPES.contains(&d.media_type.as_str())
+                        || INDEX_TYPES.contains(&d.media_type.as_str())
+                })
+                .filter_map(|d| Some((d.digest.as_str(), d.annotations.get(REF_NAME)?.as_str())))
+                .collect();
+            let digests: BTreeSet<&str> = images.iter().map(|(d, _)| *d).collect();
+            let names: BTreeSet<&str> = images.iter().map(|(_, n)| *n).collect();
+            if digests.len() > 1 && names.len() > 1 {
                 return Err(OciError::SeveralImages {
-                    count: named.len(),
-                    names: names.into_iter().collect(),
+                    count: digests.len(),
+                    names: names.into_iter().map(str::to_owned).collect(),
                 }
                 .into());
             }
