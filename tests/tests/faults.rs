@@ -840,6 +840,40 @@ fn a_committed_decision_on_a_dead_copy_rolls_the_move_back() -> Result<()> {
     Ok(())
 }
 
+/// A post-copy whose source dies before its Commit: host-b's copy has most of its memory on
+/// host-a, so `--decide committed` there is refused, and `--resolve` says only host-a can
+/// settle it; host-a, back, runs its copy. Before (QA of session 29, HIGH 1) the decision
+/// "ran" the copy, which was killed at once for its missing pages, and host-a, back, took the
+/// move for committed and removed the only copy with the memory.
+#[test]
+fn a_post_copy_whose_source_died_is_not_committed_on_its_destination() -> Result<()> {
+    if !mig_tests::is_root("fault tests") {
+        return Ok(());
+    }
+    let mut lab = Lab::up("pcdec", 184)?;
+    let id = lab.run_container(A, "pcd", 8)?;
+    let (count, _) = log_state(&lab.mig(A, &["logs", "pcd"]).stdout);
+    lab.fault(A, Some("source-restore:kill"))?;
+    let o = lab.mig(A, &["move", "pcd", "host-b", "--mode", "lazy"]);
+    ensure!(o.code != 0, "host-a was to die mid-move: {o:?}");
+    lab.fault(A, None)?;
+    let hint = lab.mig(B, &["move", "--resolve", "pcd"]);
+    ensure!(
+        hint.code != 0 && hint.stderr.contains("by post-copy"),
+        "{hint:?}"
+    );
+    let o = lab.mig(B, &["move", "--resolve", "pcd", "--decide", "committed"]);
+    ensure!(
+        o.code != 0 && o.stderr.contains("cannot run without it"),
+        "{o:?}"
+    );
+    lab.restart_after_crash(A)?;
+    running_on(&lab, A, "pcd")?;
+    continues(&lab, A, "pcd", count)?;
+    nothing_left(&lab, B, &id)?;
+    Ok(())
+}
+
 /// As `a_source_back_after_a_committed_decision_removes_its_copy`, but host-b's agent is down
 /// when host-a comes back (both hosts restarting after a power cut) and back ten seconds later:
 /// host-a keeps its copy frozen while it cannot ask host-b, asks again, hears that the container

@@ -168,6 +168,15 @@ pub(crate) struct PostcopyMarker {
 
 const POSTCOPY_MARKER: &str = "postcopy.json";
 
+/// Whether container `id`'s copy here is a post-copy's, whose memory comes from its source (the
+/// marker of a daemon that fetches it there, not yet ended with every page): without the source
+/// it cannot run.
+pub(crate) fn fetches_from_source(agent: &Agent, id: &str) -> bool {
+    let work = agent.dirs.container(id).dir.join(super::pages::LAZY_DIR);
+    crate::layout::read_record::<PostcopyMarker>(&work.join(POSTCOPY_MARKER))
+        .is_ok_and(|m| !m.local)
+}
+
 /// Where a daemon's directory goes when the daemon was lost: its log stays for whoever
 /// investigates, and nothing takes the directory for a live daemon's any more.
 const LAZY_DIR_FAILED: &str = "lazy-pages.failed";

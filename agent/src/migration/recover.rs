@@ -634,6 +634,15 @@ impl Agent {
         };
         if e.role == Role::Dest {
             let Some(d) = decide else {
+                if super::postcopy::fetches_from_source(self, &e.container_id) {
+                    return Err(ApiError::new(
+                        ErrorKind::Conflict,
+                        format!(
+                            "migration {} arrived here from {} by post-copy: most of the container's memory is still there, so only {} can settle it (the container runs there once its agent is back); `mig move --resolve {} --decide rolled-back` removes this copy",
+                            e.migration_id, e.peer, e.peer, e.container_name
+                        ),
+                    ));
+                }
                 return Err(ApiError::new(
                     ErrorKind::Conflict,
                     format!(
@@ -822,6 +831,20 @@ impl Agent {
                     .map_err(|err| internal("removing this host's copy", chain(err.as_ref())))?;
                 settle(self, &e, JournalState::Committed);
                 Ok(resolved_result(&e))
+            }
+            // A post-copy's copy has most of its memory on the source: it cannot run without it
+            // (QA of session 29, HIGH 1: it was resumed, killed at once for its missing pages,
+            // and the source, back, took the move for committed and removed the only copy).
+            (Role::Dest, Decision::Committed)
+                if super::postcopy::fetches_from_source(self, &e.container_id) =>
+            {
+                Err(ApiError::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "{} came by post-copy: most of its memory is still on {}, and this copy cannot run without it; once {} is back its agent settles the move (the container runs there); `--decide rolled-back` removes this copy",
+                        e.container_name, e.peer, e.peer
+                    ),
+                ))
             }
             (Role::Dest, Decision::Committed) => {
                 settle(self, &e, JournalState::Committed);
