@@ -874,6 +874,42 @@ fn a_post_copy_whose_source_died_is_not_committed_on_its_destination() -> Result
     Ok(())
 }
 
+/// An operator's `--decide rolled-back` on the destination of a move that is not in doubt
+/// (held in a delay on its source, then committed as usual) is not applied, and says where the
+/// container runs: host-b. Before (QA of session 29) it said "settled as committed: the
+/// container runs on host-a", the source, and exited 0.
+#[test]
+fn a_decision_on_a_live_move_that_commits_is_not_applied() -> Result<()> {
+    if !mig_tests::is_root("fault tests") {
+        return Ok(());
+    }
+    let lab = Lab::up("livedec", 185)?;
+    lab.run_container(A, "lvd", 8)?;
+    lab.fault(A, Some("source-restore:delay:6000"))?;
+    let (moved, decided) = std::thread::scope(|s| -> Result<_> {
+        let mover = s.spawn(|| lab.mig(A, &["move", "lvd", "host-b"]));
+        let restored = mig_tests::wait_until(Duration::from_secs(60), || {
+            lab.journaled(B, "Restored") || mover.is_finished()
+        });
+        ensure!(restored, "host-b never journaled Restored");
+        let decided = lab.mig(B, &["move", "--resolve", "lvd", "--decide", "rolled-back"]);
+        let moved = mover
+            .join()
+            .map_err(|_| anyhow::anyhow!("the mover thread panicked"))?;
+        Ok((moved, decided))
+    })?;
+    lab.fault(A, None)?;
+    ensure!(moved.code == 0, "{moved:?}");
+    ensure!(
+        decided.code != 0
+            && decided.stderr.contains("runs on host-b")
+            && decided.stderr.contains("not applied"),
+        "{decided:?}"
+    );
+    running_on(&lab, B, "lvd")?;
+    Ok(())
+}
+
 /// As `a_source_back_after_a_committed_decision_removes_its_copy`, but host-b's agent is down
 /// when host-a comes back (both hosts restarting after a power cut) and back ten seconds later:
 /// host-a keeps its copy frozen while it cannot ask host-b, asks again, hears that the container

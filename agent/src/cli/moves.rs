@@ -474,7 +474,7 @@ pub(super) async fn dispatch(cli: &Cli) -> Result<Option<u8>, CliError> {
             } else if m.resolve {
                 // No move ran now: its figures were the move's, and are not known here.
                 out(&format!(
-                    "{}: the in-doubt migration {} is settled as committed: the container runs on {}\n",
+                    "{}: migration {} is settled as committed: the container runs on {}\n",
                     r.name, r.migration_id, r.peer
                 ))?;
             } else {

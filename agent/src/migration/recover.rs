@@ -793,7 +793,7 @@ impl Agent {
     ) -> Result<MoveResult, ApiError> {
         let (_held, e) = match self.hold_unsettled(e).await? {
             Held::Open(guard, e) => (guard, e),
-            Held::Settled(r) => return *r,
+            Held::Settled(r) => return not_applied(*r, decide),
         };
         let because = if why.is_empty() {
             String::new()
@@ -907,7 +907,9 @@ impl Agent {
                 )
             })?;
         Ok(match journal::read(&self.cfg.state_dir, &e.migration_id) {
-            Some(now) if journal::is_final(&now.state) => Held::Settled(Box::new(decided(&now))),
+            Some(now) if journal::is_final(&now.state) => {
+                Held::Settled(Box::new(decided(&now, &self.cfg.name)))
+            }
             Some(now) => Held::Open(guard, now),
             None => Held::Open(guard, e),
         })
@@ -963,18 +965,50 @@ fn resolved_result(e: &JournalEntry) -> MoveResult {
     }
 }
 
-/// The answer of a resolution that found the move already settled (by another resolution).
-fn decided(e: &JournalEntry) -> Result<MoveResult, ApiError> {
-    match &e.state {
-        JournalState::Committed => Ok(resolved_result(e)),
-        JournalState::RollbackFailed { detail } => Err(ApiError::new(
+/// The answer of a resolution that found the move already settled (by another resolution, or
+/// by the move itself), on host `here`: where the container runs is this host for a
+/// destination's committed move and for a source's rolled-back one (QA of session 29: a
+/// destination's said it ran on the source).
+fn decided(e: &JournalEntry, here: &str) -> Result<MoveResult, ApiError> {
+    match (&e.state, e.role) {
+        (JournalState::Committed, Role::Source) => Ok(resolved_result(e)),
+        (JournalState::Committed, Role::Dest) => Ok(MoveResult {
+            peer: here.to_owned(),
+            ..resolved_result(e)
+        }),
+        (JournalState::RollbackFailed { detail }, _) => Err(ApiError::new(
             ErrorKind::Internal,
             format!("resolved: the move was rolled back, but the rollback failed: {detail}"),
         )),
-        _ => Err(ApiError::new(
+        (_, Role::Source) => Err(ApiError::new(
             ErrorKind::Conflict,
             "resolved: the move was rolled back, the container runs here",
         )),
+        (_, Role::Dest) => Err(ApiError::new(
+            ErrorKind::Conflict,
+            format!(
+                "resolved: the move was rolled back, the container runs on {} (this host's copy is removed)",
+                e.peer
+            ),
+        )),
+    }
+}
+
+/// A decision that came after the move had settled the other way: not applied, and said so
+/// (QA of session 29: `--decide rolled-back` on a move that had just committed exited 0).
+fn not_applied(
+    settled: Result<MoveResult, ApiError>,
+    decide: Decision,
+) -> Result<MoveResult, ApiError> {
+    match (settled, decide) {
+        (Ok(r), Decision::RolledBack) => Err(ApiError::new(
+            ErrorKind::Conflict,
+            format!(
+                "migration {} had settled as committed before this decision: the container runs on {}; rolled-back was not applied",
+                r.migration_id, r.peer
+            ),
+        )),
+        (settled, _) => settled,
     }
 }
 
