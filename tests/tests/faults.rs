@@ -910,6 +910,43 @@ fn a_decision_on_a_live_move_that_commits_is_not_applied() -> Result<()> {
     Ok(())
 }
 
+/// Three hosts: host-a dies after host-b restored its copy; host-b's operator decides
+/// `committed`, host-b moves the container on to host-c and its agent goes down. host-a, back,
+/// cannot ask host-b for 60 s, and before thawing asks its other pinned peers: host-c holds the
+/// container, so host-a removes its copy. Before (QA of session 29) it thawed a second copy.
+#[test]
+fn a_source_that_cannot_ask_its_destination_finds_the_container_moved_on() -> Result<()> {
+    if !mig_tests::is_root("fault tests") {
+        return Ok(());
+    }
+    let mut lab = Lab::up_n("onward", 186, 3)?;
+    let id = lab.run_container(A, "onw", 8)?;
+    lab.fault(A, Some("source-restore:delay:8000"))?;
+    let o = move_killing_at(&lab, "onw", B, "Restored", A)?;
+    lab.fault(A, None)?;
+    ensure!(o.code != 0, "host-a was to die mid-move: {o:?}");
+    let said = lab.mig_ok(B, &["move", "--resolve", "onw", "--decide", "committed"])?;
+    ensure!(said.contains("runs on host-b"), "{said}");
+    let (count, _) = log_state(&lab.mig(B, &["logs", "onw"]).stdout);
+    lab.mig_ok(B, &["move", "onw", "host-c"])?;
+    lab.kill_agent(B)?;
+    lab.restart_after_crash(A)?;
+    // 60 s of patience, then the other peers are asked.
+    let gone = mig_tests::wait_until(Duration::from_secs(120), || {
+        !lab.mig(A, &["ps", "-a"]).stdout.contains("onw")
+    });
+    ensure!(
+        gone,
+        "host-a kept its copy: {}",
+        lab.mig(A, &["ps", "-a"]).stdout
+    );
+    nothing_left(&lab, A, &id)?;
+    running_on(&lab, 2, "onw")?;
+    continues(&lab, 2, "onw", count)?;
+    lab.restart_after_crash(B)?;
+    Ok(())
+}
+
 /// As `a_source_back_after_a_committed_decision_removes_its_copy`, but host-b's agent is down
 /// when host-a comes back (both hosts restarting after a power cut) and back ten seconds later:
 /// host-a keeps its copy frozen while it cannot ask host-b, asks again, hears that the container

@@ -426,7 +426,19 @@ fn watch_conflict(agent: Arc<Agent>, id: String, peer: String) {
             }
             // Within a few seconds, the connection included (`locate::ASK_LIMIT`).
             if let Ok(transport::Located::NotHeld) = agent.ask_peer_about(&peer, &id).await {
-                tracing::info!(container = %id, %peer, "the peer no longer runs the container: it runs here only");
+                // It may have moved it on: the mark follows it to the pinned peer that holds it
+                // now (QA of session 29: "it runs here only" while it ran on a third host).
+                let answers = agent.ask_peers_about(&id).await;
+                if let Some((other, _)) = answers.held.first() {
+                    tracing::warn!(container = %id, %peer, %other, "the peer no longer runs the container, but another one does: it runs there and here");
+                    also_runs_on_peer(&id, Some(other));
+                    watch_conflict(agent, id, other.clone());
+                    return;
+                }
+                if !answers.unasked.is_empty() {
+                    continue;
+                }
+                tracing::info!(container = %id, %peer, "no pinned peer runs the container any more: it runs here only");
                 also_runs_on_peer(&id, None);
                 return;
             }

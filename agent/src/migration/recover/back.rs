@@ -145,6 +145,17 @@ async fn ask(agent: &Arc<Agent>, e: &JournalEntry, limit: Duration) -> Result<Th
     }
 }
 
+/// A pinned peer other than `e`'s destination that holds `e`'s container live, and its state
+/// there: asked of every pinned peer at once ([`Agent::ask_peers_about`]).
+async fn held_elsewhere(agent: &Arc<Agent>, e: &JournalEntry) -> Option<(String, String)> {
+    agent
+        .ask_peers_about(&e.container_id)
+        .await
+        .held
+        .into_iter()
+        .find(|(peer, _)| *peer != e.peer)
+}
+
 /// `question`'s answer, or that none came within `limit`.
 async fn within<T>(
     limit: Duration,
@@ -204,6 +215,15 @@ fn wait_for_destination(agent: Arc<Agent>, e: JournalEntry, why: String) {
                 }
                 Err(Unanswered { why, .. }) if Instant::now() >= until => {
                     waiting_map().remove(&e.migration_id);
+                    // The destination may have run it and moved it on: a pinned peer that holds
+                    // it live keeps this copy from running beside it (QA of session 29: after
+                    // host-b moved it to host-c and went down, host-a thawed a second copy).
+                    if let Some((peer, state)) = held_elsewhere(&agent, &e).await {
+                        tracing::warn!(migration = %e.migration_id, %peer, %state, "the destination could not be asked for {ASK_PATIENCE:?}, and another peer holds the container: removing this copy instead of thawing it");
+                        settle(&agent, &e, JournalState::Committed);
+                        end_committed_copy(&agent, e);
+                        return;
+                    }
                     tracing::warn!(migration = %e.migration_id, peer = %e.peer, %why, "the destination could not be asked for {ASK_PATIENCE:?}: rolling back, the container runs here again");
                     roll_back_source(&agent, &e);
                     return;
