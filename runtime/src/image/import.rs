@@ -330,7 +330,7 @@ fn tar_kind(blob: &Path, src: &Path) -> Result<TarKind, ImageError> {
         path: src.to_owned(),
         source,
     };
-    let mut layout = false;
+    let (mut layout, mut index) = (false, false);
     let (mut manifest, mut docker_manifest, mut repositories) = (false, false, false);
     for entry in archive.entries().map_err(tar_err)? {
         let mut entry = entry.map_err(tar_err)?;
@@ -339,6 +339,7 @@ fn tar_kind(blob: &Path, src: &Path) -> Result<TarKind, ImageError> {
         };
         match p.components() {
             [c] if c == b"oci-layout" => layout = true,
+            [c] if c == b"index.json" => index = true,
             [c] if c == b"repositories" => repositories = true,
             [c] if c == b"manifest.json" => {
                 manifest = true;
@@ -350,6 +351,10 @@ fn tar_kind(blob: &Path, src: &Path) -> Result<TarKind, ImageError> {
             }
             _ => {}
         }
+    }
+    if layout && !index {
+        // Named by the user's file, not the directory it was unpacked into (QA of session 29).
+        return Err(super::oci::OciError::NoIndex(src.display().to_string()).into());
     }
     Ok(if layout {
         TarKind::Oci

@@ -25,6 +25,8 @@ pub enum OciError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("{0} is an OCI archive (it has oci-layout) without its index.json")]
+    NoIndex(String),
     #[error("unsupported oci-layout version {0:?}")]
     LayoutVersion(String),
     #[error("no image manifest for linux/{0} in the index")]

@@ -286,7 +286,14 @@ impl Agent {
                     // background ask stops once the journal is settled).
                     drop(held);
                     let why = format!("cannot ask {}: {why}", e.peer);
-                    return self.decide_here(e, d, &why).await;
+                    let (state_dir, id) = (self.cfg.state_dir.clone(), e.migration_id.clone());
+                    let decided = self.decide_here(e, d, &why).await;
+                    // Settled: no longer listed as waiting (QA of session 29: `frozen
+                    // (migration in doubt)` until the background ask's next wake, 3 s).
+                    if journal::read(&state_dir, &id).is_some_and(|j| journal::is_final(&j.state)) {
+                        waiting_map().remove(&id);
+                    }
+                    return decided;
                 }
                 None => {
                     let left = waiting_map()
