@@ -168,13 +168,16 @@ pub(crate) struct PostcopyMarker {
 
 const POSTCOPY_MARKER: &str = "postcopy.json";
 
-/// Whether container `id`'s copy here is a post-copy's, whose memory comes from its source (the
-/// marker of a daemon that fetches it there, not yet ended with every page): without the source
-/// it cannot run.
-pub(crate) fn fetches_from_source(agent: &Agent, id: &str) -> bool {
-    let work = agent.dirs.container(id).dir.join(super::pages::LAZY_DIR);
-    crate::layout::read_record::<PostcopyMarker>(&work.join(POSTCOPY_MARKER))
-        .is_ok_and(|m| !m.local)
+/// Whether container `id`'s copy here is migration `migration_id`'s post-copy, whose memory
+/// comes from its source: the marker of a daemon that fetches it there, in the daemon's
+/// directory (not ended with every page) or set aside by a restart of this agent that found
+/// the daemon gone (review 3 of session 29, H1). Without the source such a copy cannot run.
+pub(crate) fn fetches_from_source(agent: &Agent, id: &str, migration_id: &str) -> bool {
+    let dir = agent.dirs.container(id).dir;
+    [super::pages::LAZY_DIR, LAZY_DIR_FAILED].iter().any(|d| {
+        crate::layout::read_record::<PostcopyMarker>(&dir.join(d).join(POSTCOPY_MARKER))
+            .is_ok_and(|m| !m.local && m.migration_id == migration_id)
+    })
 }
 
 /// Where a daemon's directory goes when the daemon was lost: its log stays for whoever

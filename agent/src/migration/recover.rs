@@ -646,7 +646,7 @@ impl Agent {
         };
         if e.role == Role::Dest {
             let Some(d) = decide else {
-                if super::postcopy::fetches_from_source(self, &e.container_id) {
+                if super::postcopy::fetches_from_source(self, &e.container_id, &e.migration_id) {
                     return Err(ApiError::new(
                         ErrorKind::Conflict,
                         format!(
@@ -673,7 +673,12 @@ impl Agent {
         // second reads what the first decided instead of destroying or thawing again.
         let (_held, e) = match self.hold_unsettled(e).await? {
             Held::Open(guard, e) => (guard, e),
-            Held::Settled(r) => return *r,
+            Held::Settled(r) => {
+                return match decide {
+                    Some(d) => not_applied(*r, d),
+                    None => *r,
+                }
+            }
         };
         let net = self.migration.net().ok_or_else(|| {
             ApiError::new(
@@ -848,7 +853,7 @@ impl Agent {
             // (QA of session 29, HIGH 1: it was resumed, killed at once for its missing pages,
             // and the source, back, took the move for committed and removed the only copy).
             (Role::Dest, Decision::Committed)
-                if super::postcopy::fetches_from_source(self, &e.container_id) =>
+                if super::postcopy::fetches_from_source(self, &e.container_id, &e.migration_id) =>
             {
                 Err(ApiError::new(
                     ErrorKind::Conflict,
@@ -1008,7 +1013,7 @@ fn decided(e: &JournalEntry, here: &str) -> Result<MoveResult, ApiError> {
 
 /// A decision that came after the move had settled the other way: not applied, and said so
 /// (QA of session 29: `--decide rolled-back` on a move that had just committed exited 0).
-fn not_applied(
+pub(super) fn not_applied(
     settled: Result<MoveResult, ApiError>,
     decide: Decision,
 ) -> Result<MoveResult, ApiError> {

@@ -14,7 +14,7 @@
 //! of session 26, F4: it was thawed after the first 2 s, and a destination decided `committed`
 //! then ran a second copy). `mig move --resolve` asks at once ([`Agent::resolve_waiting`]).
 
-use super::{end_committed_copy, resolved_result, roll_back_source, settle, Held};
+use super::{end_committed_copy, not_applied, resolved_result, roll_back_source, settle, Held};
 use crate::api::{ApiError, Decision, ErrorKind};
 use crate::daemon::Agent;
 use crate::migration::journal::{self, JournalEntry};
@@ -148,12 +148,15 @@ async fn ask(agent: &Arc<Agent>, e: &JournalEntry, limit: Duration) -> Result<Th
 /// A pinned peer other than `e`'s destination that holds `e`'s container live, and its state
 /// there: asked of every pinned peer at once ([`Agent::ask_peers_about`]).
 async fn held_elsewhere(agent: &Arc<Agent>, e: &JournalEntry) -> Option<(String, String)> {
+    // Only a copy that runs: one frozen in a move of its own (in doubt, arriving, leaving) may
+    // yet roll back to a host that is down, and removing this copy then left none (review 3 of
+    // session 29, M2).
     agent
         .ask_peers_about(&e.container_id)
         .await
         .held
         .into_iter()
-        .find(|(peer, _)| *peer != e.peer)
+        .find(|(peer, state)| *peer != e.peer && state == "running")
 }
 
 /// `question`'s answer, or that none came within `limit`.
@@ -248,7 +251,12 @@ impl Agent {
     ) -> Result<MoveResult, ApiError> {
         let (held, e) = match self.hold_unsettled(e).await? {
             Held::Open(guard, e) => (guard, e),
-            Held::Settled(r) => return *r,
+            Held::Settled(r) => {
+                return match decide {
+                    Some(d) => not_applied(*r, d),
+                    None => *r,
+                }
+            }
         };
         let settled = match ask(self, &e, ASK_LIMIT).await {
             Ok(answer) => {
