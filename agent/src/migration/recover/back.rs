@@ -65,10 +65,10 @@ pub(crate) fn waiting_count() -> usize {
 /// Settles the moves the journal's recovery found stopped before any Commit on this (source)
 /// host: each destination is asked, all at once and for at most 2 s, whether it holds the
 /// container beyond this move (decided committed there by its operator, moved on since, or
-/// committed and ended since: [`ask`]); if so this copy is removed, if it answers otherwise the copy is thawed and the destination told to
-/// remove its own, and if it cannot be asked the copy stays frozen while it is asked again in
-/// the background, for at most a minute. Run by migd after [`crate::migration::start`] and
-/// before it serves requests.
+/// committed and ended since: [`ask`]); if so this copy is removed, if it answers otherwise
+/// the copy is thawed and the destination told to remove its own, and if it cannot be asked
+/// the copy stays frozen while it is asked again in the background, for at most a minute. Run
+/// by migd after [`crate::migration::start`] and before it serves requests.
 pub async fn settle_sources(agent: &Arc<Agent>) {
     let entries = std::mem::take(&mut *ASK_FIRST.lock().unwrap_or_else(|p| p.into_inner()));
     let asks = entries.into_iter().map(|e| {
