@@ -220,7 +220,8 @@ pub(super) async fn drain(cli: &Cli, a: &DrainArgs) -> Result<u8, CliError> {
             },
             match running.is_empty() {
                 true => String::new(),
-                false => format!("; still running here: {}", running.join(", ")),
+                // Running, or frozen in a move in doubt (QA of session 29: "running" for those).
+                false => format!("; still here: {}", running.join(", ")),
             }
         ))?;
     }
