@@ -193,22 +193,7 @@ fn run_case(lab: &mut Lab, c: &Case, name: &str, id: &str, base: &mut [Usage]) -
                     l.kill_agent(h)?;
                 }
             }
-            During::KillDestShim => {
-                let record = l.state_dir(B).join("containers").join(id).join("shim.json");
-                let mut shim = None;
-                mig_tests::wait_until(Duration::from_secs(30), || {
-                    shim = std::fs::read_to_string(&record)
-                        .ok()
-                        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-                        .and_then(|v| v["shim_pid"].as_i64());
-                    shim.is_some()
-                });
-                let pid = shim.context("the restored copy's shim.json never appeared")?;
-                nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                )?;
-            }
+            During::KillDestShim => kill_dest_shim(l, id, Duration::from_secs(30))?,
         }
         mover
             .join()
@@ -814,20 +799,7 @@ fn a_committed_decision_on_a_dead_copy_rolls_the_move_back() -> Result<()> {
     let o = move_killing_at(&lab, "dcg", B, "Restored", A)?;
     lab.fault(A, None)?;
     ensure!(o.code != 0, "host-a was to die mid-move: {o:?}");
-    let record = lab
-        .state_dir(B)
-        .join("containers")
-        .join(&id)
-        .join("shim.json");
-    let shim = std::fs::read_to_string(&record)
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| v["shim_pid"].as_i64())
-        .context("host-b's restored copy has no shim.json")?;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(shim as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )?;
+    kill_dest_shim(&lab, &id, Duration::ZERO)?;
     let o = lab.mig(B, &["move", "--resolve", "dcg", "--decide", "committed"]);
     ensure!(
         o.code != 0 && o.stderr.contains("is gone") && o.stderr.contains("rolled back here"),
@@ -1125,6 +1097,30 @@ fn a_container_frozen_without_a_journal_is_not_moved_on() -> Result<()> {
     );
     nothing_left(&lab, B, &id)?;
     move_and_check(&lab, A, B, "unx", &id)?;
+    Ok(())
+}
+
+/// Kills the shim of container `id`'s restored copy on host-b, waiting up to `within` for its
+/// `shim.json`.
+fn kill_dest_shim(lab: &Lab, id: &str, within: Duration) -> Result<()> {
+    let record = lab
+        .state_dir(B)
+        .join("containers")
+        .join(id)
+        .join("shim.json");
+    let mut shim = None;
+    mig_tests::wait_until(within, || {
+        shim = std::fs::read_to_string(&record)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["shim_pid"].as_i64());
+        shim.is_some()
+    });
+    let pid = shim.context("the restored copy's shim.json never appeared")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
     Ok(())
 }
 

@@ -94,17 +94,10 @@ impl Agent {
     ) -> Result<(DestView, Resolution), String> {
         let (net, peer) = self.pinned_peer(peer)?;
         let hello = super::hello(self);
-        let asking = async {
-            let conn = transport::connect(&net.endpoint, &net.identity, &peer)
-                .await
-                .map_err(|e| chain(&e))?;
-            let r = transport::ask_resolution(&conn, &hello, migration_id, ASK_LIMIT).await;
-            conn.close(0u32.into(), b"done");
-            r.map_err(|e| chain(&e))
-        };
-        tokio::time::timeout(ASK_LIMIT, asking)
-            .await
-            .unwrap_or_else(|_| Err(format!("no answer within {ASK_LIMIT:?}")))
+        asked(&net.endpoint, &net.identity, &peer, |conn| async move {
+            transport::ask_resolution(&conn, &hello, migration_id, ASK_LIMIT).await
+        })
+        .await
     }
 
     /// The migration endpoint and pinned peer `peer` (`Err` says why there is none).
@@ -167,17 +160,34 @@ fn ask(
 ) -> impl std::future::Future<Output = (String, Result<Located, String>)> + Send + 'static {
     let (endpoint, identity) = (net.endpoint.clone(), net.identity.clone());
     async move {
-        let asking = async {
-            let conn = transport::connect(&endpoint, &identity, &peer)
-                .await
-                .map_err(|e| chain(&e))?;
-            let r = transport::locate(&conn, &hello, &id, ASK_LIMIT).await;
-            conn.close(0u32.into(), b"done");
-            r.map_err(|e| chain(&e))
-        };
-        let r = tokio::time::timeout(ASK_LIMIT, asking)
-            .await
-            .unwrap_or_else(|_| Err(format!("no answer within {ASK_LIMIT:?}")));
+        let r = asked(&endpoint, &identity, &peer, |conn| async move {
+            transport::locate(&conn, &hello, &id, ASK_LIMIT).await
+        })
+        .await;
         (peer.name, r)
     }
+}
+
+/// Connects to `peer`, asks `question` on the connection and closes it, all within
+/// [`ASK_LIMIT`]; `Err` says why there is no answer.
+async fn asked<T, Q>(
+    endpoint: &quinn::Endpoint,
+    identity: &transport::Identity,
+    peer: &transport::Peer,
+    question: impl FnOnce(quinn::Connection) -> Q,
+) -> Result<T, String>
+where
+    Q: std::future::Future<Output = Result<T, transport::DriverError>>,
+{
+    let asking = async {
+        let conn = transport::connect(endpoint, identity, peer)
+            .await
+            .map_err(|e| chain(&e))?;
+        let r = question(conn.clone()).await;
+        conn.close(0u32.into(), b"done");
+        r.map_err(|e| chain(&e))
+    };
+    tokio::time::timeout(ASK_LIMIT, asking)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {ASK_LIMIT:?}")))
 }

@@ -647,13 +647,7 @@ impl Agent {
         if e.role == Role::Dest {
             let Some(d) = decide else {
                 if super::postcopy::fetches_from_source(self, &e.container_id, &e.migration_id) {
-                    return Err(ApiError::new(
-                        ErrorKind::Conflict,
-                        format!(
-                            "migration {} arrived here from {} by post-copy: most of the container's memory is still there, so only {} can settle it (the container runs there once its agent is back); `mig move --resolve {} --decide rolled-back` removes this copy",
-                            e.migration_id, e.peer, e.peer, e.container_name
-                        ),
-                    ));
+                    return Err(only_its_source(&e));
                 }
                 return Err(ApiError::new(
                     ErrorKind::Conflict,
@@ -855,13 +849,7 @@ impl Agent {
             (Role::Dest, Decision::Committed)
                 if super::postcopy::fetches_from_source(self, &e.container_id, &e.migration_id) =>
             {
-                Err(ApiError::new(
-                    ErrorKind::Conflict,
-                    format!(
-                        "{} came by post-copy: most of its memory is still on {}, and this copy cannot run without it; once {} is back its agent settles the move (the container runs there); `--decide rolled-back` removes this copy",
-                        e.container_name, e.peer, e.peer
-                    ),
-                ))
+                Err(only_its_source(&e))
             }
             (Role::Dest, Decision::Committed) => {
                 settle(self, &e, JournalState::Committed);
@@ -980,6 +968,18 @@ fn resolved_result(e: &JournalEntry) -> MoveResult {
         mode: String::new(),
         ..Default::default()
     }
+}
+
+/// Why only the source of post-copy `e` (a destination's entry) can settle it: the copy here
+/// has most of its memory there.
+fn only_its_source(e: &JournalEntry) -> ApiError {
+    ApiError::new(
+        ErrorKind::Conflict,
+        format!(
+            "{} came here from {} by post-copy (migration {}): most of its memory is still on {}, and this copy cannot run without it; once {} is back its agent settles the move (the container runs there); `mig move --resolve {} --decide rolled-back` removes this copy",
+            e.container_name, e.peer, e.migration_id, e.peer, e.peer, e.container_name
+        ),
+    )
 }
 
 /// The answer of a resolution that found the move already settled (by another resolution, or
