@@ -449,6 +449,22 @@ impl Lab {
     }
 }
 
+/// PIDs of `criu lazy-pages` processes working under `dir` (a lab host's state directory).
+pub fn lazy_daemons_under(dir: &std::path::Path) -> Vec<i32> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let dir = dir.as_os_str().as_encoded_bytes();
+    procs
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            args.contains(&&b"lazy-pages"[..]) && args.iter().any(|a| a.starts_with(dir))
+        })
+        .collect()
+}
+
 /// Whether `pid` is a live (not zombie) process.
 fn agent_alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {

@@ -13,8 +13,8 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use mig_tests::lab::{
-    continues, leaks, log_state, move_and_check, no_leaks, nothing_left, running_on, usage,
-    DiskLab, Events, Lab, Usage,
+    continues, lazy_daemons_under, leaks, log_state, move_and_check, no_leaks, nothing_left,
+    running_on, usage, DiskLab, Events, Lab, Usage,
 };
 use std::time::{Duration, Instant};
 
@@ -816,7 +816,10 @@ fn a_committed_decision_on_a_dead_copy_rolls_the_move_back() -> Result<()> {
 /// host-a, so `--decide committed` there is refused, and `--resolve` says only host-a can
 /// settle it; host-a, back, runs its copy. Before (QA of session 29, HIGH 1) the decision
 /// "ran" the copy, which was killed at once for its missing pages, and host-a, back, took the
-/// move for committed and removed the only copy with the memory.
+/// move for committed and removed the only copy with the memory. Then host-b's agent restarts
+/// after its guard ended the lazy-pages daemon: the copy, which never ran and cannot get its
+/// memory any more, is killed, and the decision is still refused (review 3 of session 29, H1:
+/// the restart set the daemon's marker aside, and the decision ran the copy on zero pages).
 #[test]
 fn a_post_copy_whose_source_died_is_not_committed_on_its_destination() -> Result<()> {
     if !mig_tests::is_root("fault tests") {
@@ -839,9 +842,53 @@ fn a_post_copy_whose_source_died_is_not_committed_on_its_destination() -> Result
         o.code != 0 && o.stderr.contains("cannot run without it"),
         "{o:?}"
     );
+    let ended = mig_tests::wait_until(Duration::from_secs(60), || {
+        lazy_daemons_under(lab.state_dir(B)).is_empty()
+    });
+    ensure!(ended, "host-b's guard never ended the lazy-pages daemon");
+    lab.restart(B)?;
+    let cgroup = format!("{}/{id}", lab.cgroup_parent(B));
+    let killed = mig_tests::wait_until(Duration::from_secs(30), || {
+        mig_runtime::cgroup::Cgroup::open(&cgroup)
+            .and_then(|cg| cg.procs())
+            .map_or(true, |p| p.is_empty())
+    });
+    ensure!(killed, "host-b's copy still runs after the restart");
+    let o = lab.mig(B, &["move", "--resolve", "pcd", "--decide", "committed"]);
+    ensure!(o.code != 0, "{o:?}");
     lab.restart_after_crash(A)?;
     running_on(&lab, A, "pcd")?;
     continues(&lab, A, "pcd", count)?;
+    nothing_left(&lab, B, &id)?;
+    Ok(())
+}
+
+/// A post-copy whose source dies right after journaling `CommitSent`, before its Commit reached
+/// host-b: host-b's copy waits in doubt with most of its memory on host-a, and its lazy-pages
+/// daemon is ended once host-a's pages stop. host-a, back, asks host-b to resume it (a
+/// `Resolve` saying `CommitSent`), which a copy whose memory can no longer arrive refuses:
+/// host-b rolls the move back and host-a runs its own copy, its memory intact. Before, host-b
+/// resumed the copy, which then died for its missing pages (or ran on zero pages), and host-a
+/// removed its own: the container was lost.
+#[test]
+fn a_post_copy_in_doubt_is_rolled_back_when_its_source_comes_back() -> Result<()> {
+    if !mig_tests::is_root("fault tests") {
+        return Ok(());
+    }
+    let mut lab = Lab::up("pcsent", 187)?;
+    let id = lab.run_container(A, "pcs", 8)?;
+    let (count, _) = log_state(&lab.mig(A, &["logs", "pcs"]).stdout);
+    lab.fault(A, Some("source-commit:kill"))?;
+    let o = lab.mig(A, &["move", "pcs", "host-b", "--mode", "lazy"]);
+    ensure!(o.code != 0, "host-a was to die mid-move: {o:?}");
+    lab.fault(A, None)?;
+    lab.restart_after_crash(A)?;
+    let settled = mig_tests::wait_until(Duration::from_secs(90), || {
+        lab.journaled(A, "RolledBack") || lab.journaled(A, "Committed")
+    });
+    ensure!(settled, "host-a never settled the move");
+    running_on(&lab, A, "pcs")?;
+    continues(&lab, A, "pcs", count)?;
     nothing_left(&lab, B, &id)?;
     Ok(())
 }
@@ -915,6 +962,10 @@ fn a_source_that_cannot_ask_its_destination_finds_the_container_moved_on() -> Re
     nothing_left(&lab, A, &id)?;
     running_on(&lab, 2, "onw")?;
     continues(&lab, 2, "onw", count)?;
+    // What host-a says of the move names host-c, where the container ran (review 3 of session
+    // 29, L2: it said only that it went to host-b, which was down).
+    let said = lab.mig(A, &["move", "--resolve", "onw"]);
+    ensure!(said.stderr.contains("ran on host-c"), "{said:?}");
     lab.restart_after_crash(B)?;
     Ok(())
 }

@@ -43,8 +43,10 @@ fn stream_there_and_back() -> Result<()> {
         reused > 16_000_000,
         "the dump did not reuse the presync: {r}"
     );
-    let frozen = r["page_bytes"].as_u64().unwrap_or(u64::MAX);
-    assert!(frozen < sent / 2, "the pages went again while frozen: {r}");
+    // Most presynced pages were not sent again while frozen. (Not `page_bytes` against `sent`:
+    // the pages of a subshell the workload forks for a moment, caught by the dump and never
+    // presynced, go while frozen too; a CI run under load once caught 75 MB of them.)
+    assert!(reused > sent / 2, "the pages went again while frozen: {r}");
     let dir = tempfile::tempdir()?;
     lab.restart_with(1, &migd_with(dir.path(), "MIG_MEMORY_PRESYNC", "0")?)?;
     let r = move_and_check_with(&lab, 1, 0, "streamer", &id, &["--mode", "stream"], "stream")?;

@@ -16,7 +16,7 @@
 //! Needs root. Labs on subnets 10.214.70-74.0/24, 10.214.76-78.0/24 and 10.214.96.0/24.
 
 use anyhow::{bail, ensure, Context, Result};
-use mig_tests::lab::{move_and_check_with, Events, Lab};
+use mig_tests::lab::{lazy_daemons_under, move_and_check_with, Events, Lab};
 use mig_tests::wait_until;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -443,22 +443,6 @@ fn cpu_ticks(pid: i32) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
-}
-
-/// PIDs of `criu lazy-pages` processes working under `dir` (a lab host's state directory).
-fn lazy_daemons_under(dir: &std::path::Path) -> Vec<i32> {
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let dir = dir.as_os_str().as_encoded_bytes();
-    procs
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-            args.contains(&&b"lazy-pages"[..]) && args.iter().any(|a| a.starts_with(dir))
-        })
-        .collect()
 }
 
 #[test]

@@ -597,7 +597,16 @@ impl Agent {
             }
         }?;
         let answers = self.ask_peers_about(&spec.id).await;
-        for (peer, why) in &answers.unasked {
+        let too_old = answers
+            .too_old
+            .iter()
+            .map(|p| (p, "its protocol is older than 1.7"));
+        for (peer, why) in answers
+            .unasked
+            .iter()
+            .map(|(p, w)| (p, w.as_str()))
+            .chain(too_old)
+        {
             tracing::warn!(name = %spec.name, %peer, %why, "cannot ask a peer whether it holds the container before the restore");
         }
         match answers.held.first() {

@@ -100,6 +100,10 @@ pub enum DestError {
     Thaw(#[source] mig_runtime::cgroup::CgroupError),
     #[error("the restored container's supervisor (mig-shim) or its init is gone")]
     CopyGone,
+    /// A post-copy's copy asked to resume on another connection than the one that carried
+    /// the move: its lazy-pages daemon fetched the missing memory through that one.
+    #[error("this copy came by post-copy and most of its memory is still on {peer}; the connection that carried its pages ended, so it cannot run")]
+    PostcopyCut { peer: String },
     #[error("cannot remove the restored copy: {message}")]
     Remove { message: String },
     #[error("cannot write the journal")]

@@ -22,6 +22,8 @@ pub(crate) struct PeerAnswers {
     pub held: Vec<(String, String)>,
     /// (peer, why) for each peer that could not be asked.
     pub unasked: Vec<(String, String)>,
+    /// Peers older than protocol 1.7, which cannot say (`Located::CannotTell`).
+    pub too_old: Vec<String>,
 }
 
 impl Agent {
@@ -138,14 +140,13 @@ impl Agent {
             match r {
                 Ok(Located::Held(state)) => answers.held.push((peer, state)),
                 Ok(Located::NotHeld) => {}
-                Ok(Located::CannotTell) => answers
-                    .unasked
-                    .push((peer, "its protocol is older than 1.7".into())),
+                Ok(Located::CannotTell) => answers.too_old.push(peer),
                 Err(why) => answers.unasked.push((peer, why)),
             }
         }
         answers.held.sort();
         answers.unasked.sort();
+        answers.too_old.sort();
         answers
     }
 }

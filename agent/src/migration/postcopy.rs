@@ -225,8 +225,18 @@ pub(crate) fn recover_postcopy(agent: &Arc<Agent>) {
             continue;
         };
         let Some(daemon) = daemon_of(marker.daemon_pid, &work) else {
-            tracing::warn!(id = %id, migration = %marker.migration_id, "a lazy-pages daemon ended while this agent was stopped; the container is left as it is (its log: {LAZY_DIR_FAILED}/)");
             set_aside(&d.path());
+            // A post-copy's copy that never ran (it still carries its migration's marker)
+            // and whose daemon is gone (the guard ended it when the source's pages stopped)
+            // has lost the way to its missing memory: resumed, it would run on zero pages
+            // (review 3 of session 29, H1). It is killed like one whose daemon still runs,
+            // and the move's recovery rolls the move back (its copy is gone).
+            if !marker.local && super::dest::marked_by(agent, &id, &marker.migration_id) {
+                kill_copy(agent, &id);
+                report_lost(agent, &id, &marker.migration_id);
+            } else {
+                tracing::warn!(id = %id, migration = %marker.migration_id, "a lazy-pages daemon ended while this agent was stopped; the container is left as it is (its log: {LAZY_DIR_FAILED}/)");
+            }
             continue;
         };
         if marker.local {
@@ -241,14 +251,18 @@ pub(crate) fn recover_postcopy(agent: &Arc<Agent>) {
             });
             continue;
         }
-        let cgroup = agent.cgroup_name(&id);
-        if let Ok(cg) = mig_runtime::cgroup::Cgroup::open(&cgroup) {
-            let _ = cg.kill();
-            let _ = cg.thaw();
-        }
+        kill_copy(agent, &id);
         kill_daemon(&daemon);
         set_aside(&d.path());
         report_lost(agent, &id, &marker.migration_id);
+    }
+}
+
+/// Kills container `id`'s processes (its cgroup, thawed so that they die).
+fn kill_copy(agent: &Agent, id: &str) {
+    if let Ok(cg) = mig_runtime::cgroup::Cgroup::open(&agent.cgroup_name(id)) {
+        let _ = cg.kill();
+        let _ = cg.thaw();
     }
 }
 

@@ -413,37 +413,75 @@ async fn send_notice(agent: &Arc<Agent>, e: &JournalEntry) -> Result<Resolution,
 
 /// How often a container marked as also running on a peer is asked about there.
 const CONFLICT_RECHECK: Duration = Duration::from_secs(5);
+/// The longest wait between two rounds while a pinned peer cannot be asked (down for good, or
+/// not unpinned): the waits double up to it.
+const CONFLICT_RECHECK_MAX: Duration = Duration::from_secs(300);
 
 /// Asks `peer` every [`CONFLICT_RECHECK`] whether it still holds container `id` live, and
 /// clears the mark once it does not (its copy was removed there: review of session 28, M1) or
-/// once the copy here is gone.
+/// once the copy here is gone. A copy moved on from there is followed to the pinned peer where
+/// it runs. While a peer cannot be asked (down, or older than protocol 1.7 for `peer`) the mark
+/// stays and the waits double up to [`CONFLICT_RECHECK_MAX`]; another peer older than 1.7,
+/// which cannot say, does not hold the mark (review 3 of session 29, L1).
 fn watch_conflict(agent: Arc<Agent>, id: String, peer: String) {
     tokio::spawn(async move {
+        let mut wait = CONFLICT_RECHECK;
         loop {
-            tokio::time::sleep(CONFLICT_RECHECK).await;
+            tokio::time::sleep(wait).await;
             if also_runs_on(&id).as_deref() != Some(peer.as_str()) {
                 return;
             }
             // Within a few seconds, the connection included (`locate::ASK_LIMIT`).
-            if let Ok(transport::Located::NotHeld) = agent.ask_peer_about(&peer, &id).await {
-                // It may have moved it on: the mark follows it to the pinned peer that holds it
-                // now (QA of session 29: "it runs here only" while it ran on a third host).
-                let answers = agent.ask_peers_about(&id).await;
-                if let Some((other, _)) = answers.held.first() {
-                    tracing::warn!(container = %id, %peer, %other, "the peer no longer runs the container, but another one does: it runs there and here");
-                    also_runs_on_peer(&id, Some(other));
-                    watch_conflict(agent, id, other.clone());
-                    return;
-                }
-                if !answers.unasked.is_empty() {
-                    continue;
-                }
-                tracing::info!(container = %id, %peer, "no pinned peer runs the container any more: it runs here only");
-                also_runs_on_peer(&id, None);
+            let there = agent.ask_peer_about(&peer, &id).await;
+            if !matches!(there, Ok(transport::Located::NotHeld)) {
+                wait = match there {
+                    Ok(transport::Located::Held(_)) => CONFLICT_RECHECK,
+                    _ => (wait * 2).min(CONFLICT_RECHECK_MAX),
+                };
+                continue;
+            }
+            // It may have moved it on: the mark follows it to the pinned peer that runs it
+            // now (QA of session 29: "it runs here only" while it ran on a third host).
+            let answers = agent.ask_peers_about(&id).await;
+            if let Some((other, _)) = answers.held.iter().find(|(_, s)| s == "running") {
+                tracing::warn!(container = %id, %peer, %other, "the peer no longer runs the container, but another one does: it runs there and here");
+                also_runs_on_peer(&id, Some(other));
+                watch_conflict(agent, id, other.clone());
                 return;
             }
+            if !answers.unasked.is_empty() {
+                wait = (wait * 2).min(CONFLICT_RECHECK_MAX);
+                continue;
+            }
+            tracing::info!(container = %id, %peer, too_old = ?answers.too_old, "no pinned peer runs the container any more: it runs here only");
+            also_runs_on_peer(&id, None);
+            return;
         }
     });
+}
+
+/// Moves a source settled as committed because a pinned peer other than their destination ran
+/// the container (`back::held_elsewhere`): migration id -> that peer, so that what is said of
+/// them names where the container ran, not the destination (review 3 of session 29, L2). Kept in
+/// memory: after a restart only the log line says it.
+static FOUND_ON: std::sync::Mutex<BTreeMap<String, String>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+/// Records that migration `migration_id`'s container was found running on `peer`.
+pub(crate) fn found_running_on(migration_id: &str, peer: &str) {
+    FOUND_ON
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(migration_id.to_owned(), peer.to_owned());
+}
+
+/// Where [`found_running_on`] found migration `migration_id`'s container.
+fn found_on(migration_id: &str) -> Option<String> {
+    FOUND_ON
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(migration_id)
+        .cloned()
 }
 
 /// Containers running here that also run on a peer (container id -> peer): a move rolled back
@@ -510,7 +548,13 @@ fn last_settled(
         None => "it stayed here and is no longer here",
     };
     let outcome = match (&e.state, e.role) {
-        (JournalState::Committed, Role::Source) => format!("committed: it went to {}", e.peer),
+        (JournalState::Committed, Role::Source) => match found_on(&e.migration_id) {
+            Some(other) => format!(
+                "committed: it went to {}, which could not be asked, and ran on {other} when asked",
+                e.peer
+            ),
+            None => format!("committed: it went to {}", e.peer),
+        },
         (JournalState::Committed, Role::Dest) => format!("committed: {runs_here}"),
         (JournalState::RolledBack, Role::Source) => format!("rolled back: {runs_here}"),
         (JournalState::RolledBack, Role::Dest) => {
@@ -963,7 +1007,7 @@ fn resolved_result(e: &JournalEntry) -> MoveResult {
         id: e.container_id.clone(),
         name: e.container_name.clone(),
         migration_id: e.migration_id.clone(),
-        peer: e.peer.clone(),
+        peer: found_on(&e.migration_id).unwrap_or_else(|| e.peer.clone()),
         // Not known here (the journal does not keep it); the figures are the resolution's.
         mode: String::new(),
         ..Default::default()

@@ -93,6 +93,22 @@ impl DestHost for DestSide {
     async fn resume(&self, migration_id: &str) -> Result<(), HostError> {
         fault::hit_async(&self.agent.cfg.state_dir, Point::DestCommit).await?;
         let inc = self.incoming(migration_id).map_err(boxed)?;
+        // A post-copy's copy fetches its missing memory through the tunnel of the connection
+        // that carried the move, which has ended when another connection asks for the resume
+        // (a source back from a restart, with `CommitSent`). Resumed, the copy died for its
+        // missing pages, and the source removed its own: the container was lost. Failing
+        // here rolls the move back, and the source runs its copy.
+        if self.known(migration_id).is_none()
+            && crate::migration::postcopy::fetches_from_source(
+                &self.agent,
+                &inc.container_id,
+                migration_id,
+            )
+        {
+            return Err(boxed(DestError::PostcopyCut {
+                peer: self.source.clone(),
+            }));
+        }
         resume_incoming(&self.agent, migration_id, &inc.container_id).map_err(boxed)?;
         // The container needs its lazy-pages daemon, if any, until the last page.
         crate::migration::pages::watch_lazy_daemon(

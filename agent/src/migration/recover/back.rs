@@ -139,6 +139,11 @@ async fn ask(agent: &Arc<Agent>, e: &JournalEntry, limit: Duration) -> Result<Th
         // Live there beyond this move (it names this migration while it arrives or is in
         // doubt): run (decided committed), moved on, ...
         Located::Held(state) if !state.contains(&e.migration_id) => Ok(There::Beyond(state)),
+        // In doubt there when Locate was answered, committed by the time the Resolve was (its
+        // operator decided in between): the copy there runs (review 3 of session 29, L4).
+        Located::Held(_) if matches!(resolution, Ok((DestView::Committed, _))) => Ok(
+            There::Beyond("it committed the move while it was asked".into()),
+        ),
         Located::Held(state) => Ok(There::Not(state)),
         Located::NotHeld => committed(resolution, true),
         Located::CannotTell => committed(resolution, false),
@@ -223,6 +228,7 @@ fn wait_for_destination(agent: Arc<Agent>, e: JournalEntry, why: String) {
                     // host-b moved it to host-c and went down, host-a thawed a second copy).
                     if let Some((peer, state)) = held_elsewhere(&agent, &e).await {
                         tracing::warn!(migration = %e.migration_id, %peer, %state, "the destination could not be asked for {ASK_PATIENCE:?}, and another peer holds the container: removing this copy instead of thawing it");
+                        super::found_running_on(&e.migration_id, &peer);
                         settle(&agent, &e, JournalState::Committed);
                         end_committed_copy(&agent, e);
                         return;
