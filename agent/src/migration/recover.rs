@@ -86,7 +86,17 @@ pub(crate) async fn resume_committed(
     agent: &Arc<Agent>,
     e: &JournalEntry,
 ) -> Result<JournalState, dest::DestError> {
-    match dest::resume_incoming(agent, &e.migration_id, &e.container_id) {
+    // A post-copy's copy that never ran has lost its missing memory with the agent's restart
+    // (its lazy-pages daemon, the connection its pages came through; `recover_postcopy` killed
+    // it, and its supervisor may not have noticed yet): it counts as gone. Resumed, it died, and
+    // the source, told `Committed`, removed the only copy (session 30: `dest-commit:kill` on a
+    // lazy move).
+    let resumed = if super::postcopy::fetches_from_source(agent, &e.container_id, &e.migration_id) {
+        Err(dest::DestError::CopyGone)
+    } else {
+        dest::resume_incoming(agent, &e.migration_id, &e.container_id)
+    };
+    match resumed {
         Ok(()) => Ok(JournalState::Committed),
         Err(dest::DestError::CopyGone) => {
             tracing::error!(migration = %e.migration_id, container = %e.container_id, peer = %e.peer, "the committed copy here is gone and never ran: the move is rolled back here, and its source runs its own copy");
