@@ -260,6 +260,16 @@ fn precopy_and_max_downtime_refused() -> Result<()> {
             "exceeds the limit of 1 ms",
         )?;
     }
+    // Said, not ignored (QA of session 30, F2).
+    for mode in ["cold", "lazy"] {
+        refused(
+            &lab,
+            "stayer",
+            &id,
+            &["--mode", mode, "--no-memory-presync"],
+            "is for stream mode",
+        )?;
+    }
     // A shell holding 27 MB and two forked subshells that share it copy-on-write: the cgroup
     // charges it once, CRIU dumps it once per process, and the pre-flight counts what the dump
     // holds (it counted 27 MB; QA saw a 203 MiB shell send 1.3 GiB, predicted as 203 MiB).

@@ -403,8 +403,8 @@ pub struct RunArgs {
     /// Memory limit, e.g. 256M or 1G.
     #[arg(long, value_parser = parse_memory, value_name = "SIZE")]
     pub memory: Option<u64>,
-    /// CPU limit in CPUs, e.g. 1.5.
-    #[arg(long, value_parser = parse_cpus, value_name = "CPUS")]
+    /// CPU limit in CPUs, e.g. 1.5 (at most the CPUs of the agent's host).
+    #[arg(long, value_parser = parse_cpus, value_name = "CPUS", allow_hyphen_values = true)]
     pub cpus: Option<u64>,
     /// Maximum number of processes.
     #[arg(long, value_name = "N")]

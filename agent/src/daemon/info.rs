@@ -423,6 +423,9 @@ pub(crate) fn moved_away<'a>(
     let last = journals
         .iter()
         .filter(|j| j.is_named(key))
+        // A move back here that did not commit (refused, rolled back) never brought the
+        // container back: it still is where it went (QA of session 30, F1).
+        .filter(|j| j.role == Role::Source || j.state == JournalState::Committed)
         .max_by_key(|j| j.stamp())?;
     (last.role == Role::Source && last.state == JournalState::Committed).then_some(last)
 }
@@ -573,6 +576,12 @@ mod tests {
             journal(id, "web", Role::Dest, JournalState::Committed, 20),
         ];
         assert_eq!(super::moved_away(&back, "web"), None);
+        // Moved away, then a move back refused here: it is still where it went.
+        let refused = vec![
+            away.clone(),
+            journal(id, "web", Role::Dest, JournalState::RolledBack, 20),
+        ];
+        assert_eq!(super::moved_away(&refused, "web"), Some(&away));
     }
 
     /// A committed move away is in progress only while its copy is still held or ended here:
