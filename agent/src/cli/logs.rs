@@ -75,7 +75,10 @@ pub(super) async fn follow_on(
     loop {
         // Subscribed before the log starts: a move that ends the log cannot be missed.
         let id = match events.subscribe_events().await {
-            Ok(()) => logs.inspect(container).await.ok().map(|d| d.id),
+            // Not swallowed: a follow started while the container was being made found it by
+            // the log but had no move watcher, and a move ended it as if the container had
+            // (QA of session 30, F3).
+            Ok(()) => Some(logs.inspect(container).await?.id),
             // An agent without events: follow the log only.
             Err(_) => None,
         };
