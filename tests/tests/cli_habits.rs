@@ -352,6 +352,17 @@ fn several_targets_one_line_per_failure() -> Result<()> {
         o.code == 125 && o.stderr == "mig: no such container: nosuch\n",
         "{o:?}"
     );
+    // inspect takes several too (QA of session 30, F4): a JSON array of those found.
+    a.mig_ok(&["run", "--name", "done2", "busybox", "--", "true"])?;
+    let o = a.mig(&["inspect", "--json", "done2", "nosuch", "done2"]);
+    let found: serde_json::Value = serde_json::from_str(&o.stdout)?;
+    ensure!(
+        o.code == 125
+            && found.as_array().map(Vec::len) == Some(2)
+            && found[0]["name"] == "done2"
+            && o.stderr == "mig: no such container: nosuch\n",
+        "{o:?}"
+    );
     Ok(())
 }
 

@@ -219,10 +219,12 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Show a container's details, usage and PID map.
+    /// Show a container's details, usage and PID map (several: one after the other; with
+    /// --json, an array).
     Inspect {
-        /// Container id, id prefix or name.
-        container: String,
+        /// Container ids, id prefixes or names.
+        #[arg(required = true)]
+        containers: Vec<String>,
         /// Print JSON (the API's types, docs/api.md) instead of text.
         #[arg(long)]
         json: bool,

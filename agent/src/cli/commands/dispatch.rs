@@ -101,14 +101,38 @@ pub(super) async fn dispatch(cli: Cli) -> Result<u8, CliError> {
             }
             Ok(0)
         }
-        Command::Inspect { container, json: j } => {
-            let d = c.inspect(&container).await?;
-            if j {
-                json(&d)?;
-            } else {
-                out(&output::inspect_text(&d))?;
+        Command::Inspect {
+            containers,
+            json: j,
+        } => {
+            if let [container] = containers.as_slice() {
+                let d = c.inspect(container).await?;
+                if j {
+                    json(&d)?;
+                } else {
+                    out(&output::inspect_text(&d))?;
+                }
+                return Ok(0);
             }
-            Ok(0)
+            // Several, as podman takes them (QA of session 30, F4): those found, then a line
+            // for each one that could not be inspected.
+            let (mut found, mut failed) = (Vec::new(), Vec::new());
+            for n in &containers {
+                match c.inspect(n).await {
+                    Ok(d) => found.push(d),
+                    Err(e) => failed.push(failure_line(n, &e)),
+                }
+            }
+            if j {
+                json(&found)?;
+            } else {
+                let texts: Vec<String> = found.iter().map(output::inspect_text).collect();
+                out(&texts.join("\n"))?;
+            }
+            for line in &failed {
+                eprintln!("{line}");
+            }
+            Ok(if failed.is_empty() { 0 } else { EXIT_MIG_ERROR })
         }
         // With --follow it went to logs::follow above.
         Command::Logs {
