@@ -872,24 +872,7 @@ fn a_post_copy_whose_source_died_is_not_committed_on_its_destination() -> Result
 /// removed its own: the container was lost.
 #[test]
 fn a_post_copy_in_doubt_is_rolled_back_when_its_source_comes_back() -> Result<()> {
-    if !mig_tests::is_root("fault tests") {
-        return Ok(());
-    }
-    let mut lab = Lab::up("pcsent", 187)?;
-    let id = lab.run_container(A, "pcs", 8)?;
-    let (count, _) = log_state(&lab.mig(A, &["logs", "pcs"]).stdout);
-    lab.fault(A, Some("source-commit:kill"))?;
-    let o = lab.mig(A, &["move", "pcs", "host-b", "--mode", "lazy"]);
-    ensure!(o.code != 0, "host-a was to die mid-move: {o:?}");
-    lab.fault(A, None)?;
-    lab.restart_after_crash(A)?;
-    mig_tests::wait_until(Duration::from_secs(90), || {
-        running_on(&lab, A, "pcs").is_ok()
-    });
-    running_on(&lab, A, "pcs")?;
-    continues(&lab, A, "pcs", count)?;
-    nothing_left(&lab, B, &id)?;
-    Ok(())
+    post_copy_cut_runs_on_the_source("pcsent", 187, A, "source-commit:kill")
 }
 
 /// A post-copy whose destination's agent dies right after journaling `Committed`, before it
@@ -899,24 +882,30 @@ fn a_post_copy_in_doubt_is_rolled_back_when_its_source_comes_back() -> Result<()
 /// noticed the kill and answered `Committed`, and host-a removed its copy: the container was lost.
 #[test]
 fn a_post_copy_whose_destination_died_at_commit_runs_on_its_source() -> Result<()> {
+    post_copy_cut_runs_on_the_source("pcdcom", 188, B, "dest-commit:kill")
+}
+
+/// A lazy move from host-a to host-b whose agent on `host` dies at `fault`, in the commit window:
+/// once that agent is back, the container runs on host-a, its memory intact, and nothing of it
+/// is left on host-b.
+fn post_copy_cut_runs_on_the_source(tag: &str, third: u8, host: usize, fault: &str) -> Result<()> {
     if !mig_tests::is_root("fault tests") {
         return Ok(());
     }
-    let mut lab = Lab::up("pcdcom", 188)?;
-    let id = lab.run_container(A, "pdc", 8)?;
-    let (count, _) = log_state(&lab.mig(A, &["logs", "pdc"]).stdout);
-    lab.fault(B, Some("dest-commit:kill"))?;
-    let o = lab.mig(A, &["move", "pdc", "host-b", "--mode", "lazy"]);
-    ensure!(o.code != 0, "host-b was to die mid-move: {o:?}");
-    lab.fault(B, None)?;
-    lab.restart_after_crash(B)?;
+    let mut lab = Lab::up(tag, third)?;
+    let id = lab.run_container(A, "pcut", 8)?;
+    let (count, _) = log_state(&lab.mig(A, &["logs", "pcut"]).stdout);
+    lab.fault(host, Some(fault))?;
+    let o = lab.mig(A, &["move", "pcut", "host-b", "--mode", "lazy"]);
+    ensure!(o.code != 0, "host {host} was to die mid-move: {o:?}");
+    lab.fault(host, None)?;
+    lab.restart_after_crash(host)?;
     mig_tests::wait_until(Duration::from_secs(90), || {
-        running_on(&lab, A, "pdc").is_ok()
+        running_on(&lab, A, "pcut").is_ok()
     });
-    running_on(&lab, A, "pdc")?;
-    continues(&lab, A, "pdc", count)?;
-    nothing_left(&lab, B, &id)?;
-    Ok(())
+    running_on(&lab, A, "pcut")?;
+    continues(&lab, A, "pcut", count)?;
+    nothing_left(&lab, B, &id)
 }
 
 /// An operator's `--decide rolled-back` on the destination of a move that is not in doubt

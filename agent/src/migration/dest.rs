@@ -23,7 +23,7 @@ mod host;
 mod restore;
 mod staging;
 
-pub(crate) use check::{arriving_id, arriving_named, reserving};
+pub(crate) use check::{arriving_id, arriving_named, remove_left_over_staging, reserving};
 pub(crate) use finish::{cleanup_incoming, resume_incoming};
 pub(crate) use host::spawn_acceptor;
 

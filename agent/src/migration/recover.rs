@@ -118,6 +118,7 @@ pub(crate) async fn resume_committed(
 pub(crate) fn recover(agent: &Arc<Agent>) {
     // Before this run's rollbacks below add notices of their own.
     renew_notices(agent);
+    dest::remove_left_over_staging(&agent.cfg.state_dir);
     let entries = match journal::list(&agent.cfg.state_dir) {
         Ok(e) => e,
         Err(e) => {

@@ -130,12 +130,7 @@ impl DestSide {
         }
         if let Some(max) = self.agent.cfg.max_incoming_moves {
             // Every incoming migration has a staging directory until it ends.
-            let arriving = std::fs::read_dir(journal::dir(&self.agent.cfg.state_dir))
-                .into_iter()
-                .flatten()
-                .flatten()
-                .filter(|e| e.file_name().to_string_lossy().ends_with(".in"))
-                .count();
+            let arriving = staging_dirs(&self.agent.cfg.state_dir).count();
             if arriving >= max as usize {
                 return Err(refuse(
                     RefuseReason::Busy,
@@ -316,19 +311,70 @@ static ARRIVING: Mutex<()> = Mutex::new(());
 /// line.
 const ARRIVING_FILE: &str = "ARRIVING";
 
+/// How old a staging directory without a journal must be to count as left over: a Prepare
+/// journals its migration right after it reserved the directory.
+const STALE_STAGING: Duration = Duration::from_secs(300);
+
+/// The incoming migrations' staging directories (`<id>.in`), those left over excepted
+/// ([`left_over`]).
+fn staging_dirs(state_dir: &Path) -> impl Iterator<Item = PathBuf> + '_ {
+    std::fs::read_dir(journal::dir(state_dir))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().ends_with(".in"))
+        .filter(move |p| !left_over(state_dir, p))
+}
+
+/// Whether staging directory `dir` belongs to no migration under way: its journal says the
+/// migration ended, or it has none and is older than [`STALE_STAGING`] (the agent stopped
+/// between the Prepare's check and its journal). Its `ARRIVING` then refused every later move
+/// of that container, or of one of its name, into this host (QA of session 30, L6: two were
+/// left after moves settled as committed).
+fn left_over(state_dir: &Path, dir: &Path) -> bool {
+    let Some(id) = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_suffix(".in"))
+    else {
+        return false;
+    };
+    match journal::read(state_dir, id) {
+        Some(e) => journal::is_final(&e.state),
+        // A journal that cannot be read (the start's recovery skips it and says so) keeps it.
+        None if journal::path(state_dir, id).is_ok_and(|p| p.exists()) => false,
+        None => std::fs::metadata(dir)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > STALE_STAGING)),
+    }
+}
+
+/// Removes the staging directories left over ([`left_over`]); at the agent's start.
+pub(crate) fn remove_left_over_staging(state_dir: &Path) {
+    let dirs = std::fs::read_dir(journal::dir(state_dir))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().ends_with(".in") && left_over(state_dir, p));
+    for dir in dirs {
+        tracing::info!(dir = %dir.display(), "removing the staging directory of a migration that ended");
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a left-over staging directory");
+        }
+    }
+}
+
 /// Another incoming migration's staging directory (not `mine`) whose container is of image
 /// `image`: a move that rolls back leaves such an image to it (QA of session 26: two moves of
 /// one image into one host, the one that rolled back removed the image the other had found
 /// there, and the other's restore failed).
 pub(super) fn arriving_with_image(state_dir: &Path, mine: &Path, image: &str) -> Option<PathBuf> {
-    let rd = std::fs::read_dir(journal::dir(state_dir)).ok()?;
-    rd.flatten()
-        .map(|e| e.path())
-        .filter(|p| p != mine && p.to_string_lossy().ends_with(".in"))
-        .find(|p| {
-            std::fs::read_to_string(p.join(ARRIVING_FILE))
-                .is_ok_and(|t| t.lines().nth(2) == Some(image))
-        })
+    staging_dirs(state_dir).filter(|p| p != mine).find(|p| {
+        std::fs::read_to_string(p.join(ARRIVING_FILE))
+            .is_ok_and(|t| t.lines().nth(2) == Some(image))
+    })
 }
 
 /// Takes [`ARRIVING`]: held by whatever checks a new container's name against this host's
@@ -350,18 +396,13 @@ pub(crate) fn arriving_id(state_dir: &Path, id: &str) -> bool {
 }
 
 /// The incoming migrations' staging directories with the id and name each reserved.
-fn arriving(state_dir: &Path) -> impl Iterator<Item = (PathBuf, String, String)> {
-    std::fs::read_dir(journal::dir(state_dir))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".in"))
-        .filter_map(|e| {
-            let text = std::fs::read_to_string(e.path().join(ARRIVING_FILE)).ok()?;
-            let mut lines = text.lines();
-            let (id, name) = (lines.next()?.to_owned(), lines.next()?.to_owned());
-            Some((e.path(), id, name))
-        })
+fn arriving(state_dir: &Path) -> impl Iterator<Item = (PathBuf, String, String)> + '_ {
+    staging_dirs(state_dir).filter_map(|dir| {
+        let text = std::fs::read_to_string(dir.join(ARRIVING_FILE)).ok()?;
+        let mut lines = text.lines();
+        let (id, name) = (lines.next()?.to_owned(), lines.next()?.to_owned());
+        Some((dir, id, name))
+    })
 }
 
 /// The id and name of a container another incoming migration (another staging directory than
@@ -479,6 +520,57 @@ pub(crate) fn release_memory(migration_id: &str) {
 #[cfg(test)]
 mod tests {
     use super::{unrestorable_here, version_key};
+
+    /// Staging directories of migrations that ended, or that never got a journal and are old,
+    /// are left over: removed at the start, and not taken for a container arriving (QA of
+    /// session 30, L6).
+    #[test]
+    fn staging_of_ended_migrations_is_left_over() {
+        use crate::migration::journal::{self, JournalEntry};
+        use mig_migrate::protocol::{JournalState, Role};
+        let state = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(journal::dir(state.path())).unwrap();
+        let staged = |state_now: Option<JournalState>| {
+            let id = journal::new_id();
+            let dir = journal::staging(state.path(), &id).unwrap();
+            std::fs::create_dir(&dir).unwrap();
+            std::fs::write(dir.join(super::ARRIVING_FILE), format!("{id}\nweb\nimg\n")).unwrap();
+            if let Some(st) = state_now {
+                let (updated, updated_ns) = journal::now();
+                let e = JournalEntry {
+                    migration_id: id.clone(),
+                    role: Role::Dest,
+                    state: st,
+                    container_id: id.clone(),
+                    container_name: "web".into(),
+                    peer: "host-a".into(),
+                    cgroup: String::new(),
+                    updated,
+                    updated_ns,
+                };
+                journal::write(state.path(), &e).unwrap();
+            }
+            dir
+        };
+        let committed = staged(Some(JournalState::Committed));
+        let rolled_back = staged(Some(JournalState::RolledBack));
+        let in_doubt = staged(Some(JournalState::InDoubt));
+        let fresh = staged(None);
+        let old = staged(None);
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        std::fs::File::open(&old)
+            .unwrap()
+            .set_modified(hour_ago)
+            .unwrap();
+        let arriving: Vec<_> = super::arriving(state.path()).map(|(d, _, _)| d).collect();
+        assert!(arriving.contains(&in_doubt) && arriving.contains(&fresh));
+        assert_eq!(arriving.len(), 2, "{arriving:?}");
+        super::remove_left_over_staging(state.path());
+        for gone in [&committed, &rolled_back, &old] {
+            assert!(!gone.exists(), "{gone:?}");
+        }
+        assert!(in_doubt.exists() && fresh.exists());
+    }
 
     #[test]
     fn archives_of_a_newer_criu_or_kernel_are_refused() {
