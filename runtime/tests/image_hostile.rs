@@ -126,15 +126,22 @@ fn image_hostile_hardlinks() {
     let (tmp, store) = store();
     let d = tmp.path();
     let t = RawTar::default().hardlink(b"h", b"/etc/passwd").finish();
+    // The target is named as what is refused, not the entry's own path (QA of session 30).
     refused(&store, d, &t, |r| {
-        *r == HostileReason::Path(PathError::Absolute)
+        *r == HostileReason::HardlinkTarget {
+            target: "/etc/passwd".into(),
+            why: PathError::Absolute,
+        }
     });
     let t = RawTar::default()
         .dir(b"a/")
         .hardlink(b"a/h", b"../../etc/passwd")
         .finish();
     refused(&store, d, &t, |r| {
-        *r == HostileReason::Path(PathError::DotDot)
+        *r == HostileReason::HardlinkTarget {
+            target: "../../etc/passwd".into(),
+            why: PathError::DotDot,
+        }
     });
     let t = RawTar::default().hardlink(b"h", b"missing").finish();
     refused(&store, d, &t, |r| *r == HostileReason::HardlinkMissing);

@@ -343,6 +343,29 @@ fn image_oci_archive() {
     check_layout_image(&store, tmp.path(), &img);
     let plain = write_file(tmp.path(), "oci.tar", &tar_dir(&layout));
     assert_eq!(store.import(&plain, "ociarch2").unwrap().id, config_digest);
+    // A blob the archive lacks is named in the archive, not in the store's work directory,
+    // which is gone by then (QA of session 30: "opening .../images/tmp/<pid>.<n>/layout/...").
+    let (tmp2, store2) = crate::store();
+    let (layout, _, _) = build_layout(tmp2.path());
+    let config = format!("blobs/sha256/{}", &config_digest["sha256:".len()..]);
+    fs::remove_file(layout.join(&config)).unwrap();
+    let archive = write_file(tmp2.path(), "lacking.tar", &tar_dir(&layout));
+    let err = anyhow_like(&store2.import(&archive, "lacking").unwrap_err());
+    assert!(
+        err.contains(&format!("{config} in {}", archive.display())) && !err.contains("/layout/"),
+        "{err}"
+    );
+}
+
+/// The error and its sources, as `mig` prints them.
+fn anyhow_like(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(e) = src {
+        s = format!("{s}: {e}");
+        src = e.source();
+    }
+    s
 }
 
 /// Refused, not guessed (QA of session 29): an OCI archive without its `index.json` (it was

@@ -395,13 +395,36 @@ fn import_tar_file(store: &ImageStore, path: &Path, name: &str) -> Result<Image,
             tracing::info!(path = %path.display(), nodes = stats.skipped_devices, "left out the device nodes of an image archive");
         }
         fs::remove_file(&blob).map_err(ImageError::io("removing", &blob))?;
-        return if kind == TarKind::Oci {
+        let imported = if kind == TarKind::Oci {
             super::oci::import_layout(store, &work, &layout, path, name)
         } else {
             super::docker::import_dir(store, &work, &layout, path, name)
         };
+        return imported.map_err(|e| in_archive(e, &layout, path));
     }
     single_layer_image(store, &work, blob, digest, name, path)
+}
+
+/// An error that names a file of an archive's unpacked copy (under `layout`, in the store's
+/// `tmp/`, gone once the import ends) names it in `archive` instead (QA of session 30: "opening
+/// .../images/tmp/22900.33/layout/blobs/sha256/7527...").
+fn in_archive(e: ImageError, layout: &Path, archive: &Path) -> ImageError {
+    let inside = |p: &Path| {
+        p.strip_prefix(layout)
+            .ok()
+            .map(|rel| format!("{} in {}", rel.display(), archive.display()))
+    };
+    match e {
+        ImageError::Io { op, path, source } => ImageError::Io {
+            op,
+            path: inside(&path).map_or(path, PathBuf::from),
+            source,
+        },
+        ImageError::Oci(super::oci::OciError::NotAFile(p)) => ImageError::Oci(
+            super::oci::OciError::NotAFile(inside(Path::new(&p)).unwrap_or(p)),
+        ),
+        other => other,
+    }
 }
 
 pub(crate) fn import_layer(

@@ -52,6 +52,10 @@ pub enum HostileReason {
     ThroughNonDirectory,
     #[error("hardlink target is not an earlier file of the archive")]
     HardlinkMissing,
+    /// The link's target, not the entry's own path, is refused (QA of session 30, L3: it was
+    /// reported as the entry's "absolute path").
+    #[error("hardlink target {target:?} is refused: {why}")]
+    HardlinkTarget { target: String, why: PathError },
     #[error("unsupported entry type {0:#04x}")]
     UnsupportedType(u8),
     #[error("invalid whiteout name")]

@@ -360,7 +360,15 @@ impl Unpacker<'_> {
     }
 
     fn hardlink(&mut self, rel: &RelPath, target: &[u8]) -> Result<(), ImageError> {
-        let to = paths::entry_path(target).map_err(|e| hostile(rel, e.into()))?;
+        let to = paths::entry_path(target).map_err(|why| {
+            hostile(
+                rel,
+                HostileReason::HardlinkTarget {
+                    target: String::from_utf8_lossy(target).into_owned(),
+                    why,
+                },
+            )
+        })?;
         if self.devices.contains(&to) {
             self.stats.skipped_devices += 1;
             self.devices.insert(rel.clone());
