@@ -855,7 +855,10 @@ fn a_post_copy_whose_source_died_is_not_committed_on_its_destination() -> Result
     });
     ensure!(killed, "host-b's copy still runs after the restart");
     let o = lab.mig(B, &["move", "--resolve", "pcd", "--decide", "committed"]);
-    ensure!(o.code != 0, "{o:?}");
+    ensure!(
+        o.code != 0 && o.stderr.contains("cannot run without it"),
+        "{o:?}"
+    );
     lab.restart_after_crash(A)?;
     running_on(&lab, A, "pcd")?;
     continues(&lab, A, "pcd", count)?;

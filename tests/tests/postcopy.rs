@@ -45,6 +45,45 @@ fn lazy_dump_of(agent: i32) -> Option<i32> {
         })
 }
 
+/// The source's post-copy dump dies after host-b restored its copy and before the Commit (held
+/// in a delay): host-b's copy has most of its memory on host-a and no way to get it any more, so
+/// the Commit does not resume it: host-b aborts, and host-a runs its own copy, its memory
+/// intact. Before (review of session 30, H1) host-b resumed the copy on the move's own
+/// connection, it died for its missing pages, and host-a, told `Committed`, removed its own.
+#[test]
+fn a_post_copy_whose_pages_end_before_the_commit_runs_on_its_source() -> Result<()> {
+    if !mig_tests::is_root("migration tests") {
+        return Ok(());
+    }
+    let lab = Lab::up("pccut", 189)?;
+    let id = lab.run_container(0, "pcut", 8)?;
+    let (count, _) = mig_tests::lab::log_state(&lab.mig(0, &["logs", "pcut"]).stdout);
+    let agent = lab.hosts[0].agent_pid.context("host-a has no agent")?;
+    lab.fault(0, Some("source-restore:delay:6000"))?;
+    let (moved, killed) = std::thread::scope(|s| -> Result<_> {
+        let mover = s.spawn(|| lab.mig(0, &["move", "pcut", "host-b", "--mode", "lazy"]));
+        let restored = wait_until(Duration::from_secs(60), || {
+            lab.journaled(1, "Restored") || mover.is_finished()
+        });
+        let killed = match lazy_dump_of(agent) {
+            Some(pid) if restored && !mover.is_finished() => {
+                kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok()
+            }
+            _ => false,
+        };
+        let moved = mover
+            .join()
+            .map_err(|_| anyhow::anyhow!("the move's thread panicked"))?;
+        Ok((moved, killed))
+    })?;
+    lab.fault(0, None)?;
+    ensure!(killed, "no lazy dump to kill before the commit: {moved:?}");
+    ensure!(moved.code != 0, "the move was reported done: {moved:?}");
+    mig_tests::lab::running_on(&lab, 0, "pcut")?;
+    mig_tests::lab::continues(&lab, 0, "pcut", count)?;
+    mig_tests::lab::nothing_left(&lab, 1, &id)
+}
+
 /// `mig inspect NAME --json` on `host` (null when it fails).
 fn inspect(lab: &Lab, host: usize, name: &str) -> Value {
     lab.mig_json(host, &["inspect", name, "--json"])

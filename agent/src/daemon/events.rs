@@ -274,6 +274,7 @@ impl Agent {
     pub(crate) fn move_start(self: &Arc<Self>, args: MoveStartArgs) -> Result<String, ApiError> {
         // Refuse what can be checked now (an unknown container or peer, a container already
         // moving...) instead of failing later: the same checks as a blocking `move`.
+        args.opts.check()?;
         let (cid, _) = self.check_move(&args.container, &args.peer, args.tcp_established)?;
         // A move started here a moment ago may not have claimed the container yet: one
         // `move_start` at a time per container, checked and recorded under one lock.

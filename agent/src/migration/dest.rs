@@ -102,7 +102,7 @@ pub enum DestError {
     CopyGone,
     /// A post-copy's copy asked to resume on another connection than the one that carried
     /// the move: its lazy-pages daemon fetched the missing memory through that one.
-    #[error("this copy came by post-copy and most of its memory is still on {peer}; the connection that carried its pages ended, so it cannot run")]
+    #[error("this copy came by post-copy and most of its memory is still on {peer}, whose page stream has ended: it cannot run")]
     PostcopyCut { peer: String },
     #[error("cannot remove the restored copy: {message}")]
     Remove { message: String },

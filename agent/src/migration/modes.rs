@@ -667,6 +667,27 @@ pub struct MoveOptions {
     pub no_memory_presync: bool,
 }
 
+impl MoveOptions {
+    /// Refuses options that mean nothing together, rather than ignoring them (QA of session 30,
+    /// F2): only stream mode (and auto's stream) copies memory while the container runs.
+    pub(crate) fn check(&self) -> Result<(), crate::api::ApiError> {
+        match self.mode {
+            Some(mode @ (MoveMode::Cold | MoveMode::Lazy | MoveMode::Precopy))
+                if self.no_memory_presync =>
+            {
+                Err(crate::api::ApiError::new(
+                    crate::api::ErrorKind::InvalidArgument,
+                    format!(
+                        "--no-memory-presync (no_memory_presync) is for stream mode: --mode {} has no memory presync; nothing was done",
+                        mode.as_str()
+                    ),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// The pre-flight's decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Plan {

@@ -204,6 +204,23 @@ pub(crate) fn has_lazy_daemon(migration_id: &str) -> bool {
     })
 }
 
+/// Whether the memory a post-copy's copy still lacks can reach it: its lazy-pages daemon runs
+/// and the source's pages have not ended (its guard has not fired), or the daemon has ended
+/// with every page. `false` without a daemon.
+pub(crate) fn lazy_pages_can_arrive(migration_id: &str) -> bool {
+    with_jobs(|j| {
+        let Some(job) = j.get_mut(migration_id) else {
+            return false;
+        };
+        let fired = job.guard.as_ref().is_some_and(|g| g.fired());
+        match job.lazy_daemon.as_mut().map(Background::try_exited) {
+            None => false,
+            Some(Some(every_page)) => every_page,
+            Some(None) => !fired,
+        }
+    })
+}
+
 fn is_known(migration_id: &str) -> bool {
     with_jobs(|j| j.contains_key(migration_id))
 }

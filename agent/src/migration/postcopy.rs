@@ -128,6 +128,12 @@ impl PostcopyGuard {
         }
     }
 
+    /// Whether the source's pages ended before the daemon did (the guard stopped the container
+    /// and ends the daemon, if it has not ended by itself).
+    pub(crate) fn fired(&self) -> bool {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).frozen
+    }
+
     /// The daemon ended: whether the guard froze the container.
     pub(crate) fn daemon_ended(&self) -> bool {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());

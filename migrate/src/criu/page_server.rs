@@ -126,6 +126,13 @@ impl Background {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Whether the process has exited, and if so whether it succeeded; `None` while it runs.
+    /// (The status is kept: [`Background::wait`] still reports it.)
+    pub fn try_exited(&mut self) -> Option<bool> {
+        let child = self.child.as_mut()?;
+        child.try_wait().ok().flatten().map(|s| s.success())
+    }
+
     /// Waits until the process exits and reports how.
     pub fn wait(mut self) -> Result<(), CriuError> {
         let Some(mut child) = self.child.take() else {

@@ -303,7 +303,7 @@ fn check_cpus(cpu_millis: Option<u64>) -> Result<(), ApiError> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
     match cpu_millis {
         Some(m) if m > cpus * 1000 => Err(invalid(format!(
-            "a CPU limit of {} is more than this host has: its range is 0.001 to {cpus}",
+            "a CPU limit of {} is more than the {cpus} CPUs this agent may use: its range is 0.001 to {cpus}",
             m as f64 / 1000.0
         ))),
         _ => Ok(()),

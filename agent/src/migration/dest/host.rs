@@ -95,15 +95,17 @@ impl DestHost for DestSide {
         let inc = self.incoming(migration_id).map_err(boxed)?;
         // A post-copy's copy fetches its missing memory through the tunnel of the connection
         // that carried the move, which has ended when another connection asks for the resume
-        // (a source back from a restart, with `CommitSent`). Resumed, the copy died for its
-        // missing pages, and the source removed its own: the container was lost. Failing
-        // here rolls the move back, and the source runs its copy.
-        if self.known(migration_id).is_none()
-            && crate::migration::postcopy::fetches_from_source(
-                &self.agent,
-                &inc.container_id,
-                migration_id,
-            )
+        // (a source back from a restart, with `CommitSent`); on the move's own connection the
+        // source's pages may have ended before its Commit (its lazy dump died). Resumed, the
+        // copy died for its missing pages, and the source removed its own: the container was
+        // lost. Failing here rolls the move back, and the source runs its copy (session 30 and
+        // its review, H1).
+        if crate::migration::postcopy::fetches_from_source(
+            &self.agent,
+            &inc.container_id,
+            migration_id,
+        ) && (self.known(migration_id).is_none()
+            || !crate::migration::pages::lazy_pages_can_arrive(migration_id))
         {
             return Err(boxed(DestError::PostcopyCut {
                 peer: self.source.clone(),

@@ -87,20 +87,7 @@ impl Agent {
     ) -> Result<MoveResult, ApiError> {
         let t0 = Instant::now();
         let _running = crate::daemon::heap::Running::start();
-        // Said rather than ignored (QA of session 30, F2): only stream mode (and auto's stream)
-        // copies memory while the container runs.
-        use crate::migration::modes::MoveMode;
-        if let Some(mode @ (MoveMode::Cold | MoveMode::Lazy | MoveMode::Precopy)) = opts.mode {
-            if opts.no_memory_presync {
-                return Err(api(
-                    ErrorKind::InvalidArgument,
-                    format!(
-                        "--no-memory-presync (no_memory_presync) is for stream mode: --mode {} has no memory presync; nothing was done",
-                        mode.as_str()
-                    ),
-                ));
-            }
-        }
+        opts.check()?;
         let (id, peer) = self.check_move(container, peer, tcp_established)?;
         let _slot = self
             .migration
