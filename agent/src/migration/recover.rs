@@ -460,7 +460,9 @@ fn watch_conflict(agent: Arc<Agent>, id: String, peer: String) {
                 watch_conflict(agent, id, other.clone());
                 return;
             }
-            if !answers.unasked.is_empty() {
+            // A peer that holds it live but not running (frozen in a move, restoring) may yet
+            // run it: the mark stays (review of session 30, L1).
+            if !answers.unasked.is_empty() || !answers.held.is_empty() {
                 wait = (wait * 2).min(CONFLICT_RECHECK_MAX);
                 continue;
             }
