@@ -510,10 +510,12 @@ fn rebalance_three_hosts_evens_memory() -> Result<()> {
         r["spread_after"].as_u64().context("spread_after")?,
     );
     ensure!(after < before, "not more even: {r}");
+    // One outcome per move of the plan, at its index.
     ensure!(
         r["outcomes"]
             .as_array()
-            .is_some_and(|o| o.iter().all(|x| x == "committed")),
+            .is_some_and(|o| o.iter().all(|x| x == "committed")
+                && Some(o.len()) == r["plan"].as_array().map(Vec::len)),
         "{r}"
     );
     // Every container runs exactly once in the lab.

@@ -489,12 +489,18 @@ pub(super) async fn run(cli: &Cli, a: &RebalanceArgs) -> Result<u8, CliError> {
     }
     let moves = plan::plan(&before, a.max_moves, a.max_concurrent);
     let by_name = |n: &str| targets.iter().find(|t| t.name == n).cloned();
+    // One per move of the plan, at its index.
     let mut outcomes = Vec::new();
     if !a.dry_run {
+        outcomes = vec![String::new(); moves.len()];
         let waves = moves.iter().map(|m| m.wave).max().map_or(0, |w| w + 1);
         for w in 0..waves {
-            let wave: Vec<&plan::Move> = moves.iter().filter(|m| m.wave == w).collect();
-            let runs = wave.iter().map(|m| {
+            let wave: Vec<(usize, &plan::Move)> = moves
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| m.wave == w)
+                .collect();
+            let runs = wave.iter().map(|&(_, m)| {
                 let (from, to) = (by_name(&m.from), by_name(&m.to));
                 async move {
                     match (from, to) {
@@ -503,7 +509,7 @@ pub(super) async fn run(cli: &Cli, a: &RebalanceArgs) -> Result<u8, CliError> {
                     }
                 }
             });
-            for (m, r) in wave.iter().zip(futures::future::join_all(runs).await) {
+            for (&(i, m), r) in wave.iter().zip(futures::future::join_all(runs).await) {
                 let o = match r {
                     Ok(()) => "committed".to_owned(),
                     Err(e) => format!("failed: {e}"),
@@ -514,7 +520,7 @@ pub(super) async fn run(cli: &Cli, a: &RebalanceArgs) -> Result<u8, CliError> {
                         m.container, m.from, m.to
                     ))?;
                 }
-                outcomes.push(o);
+                outcomes[i] = o;
             }
         }
     }
