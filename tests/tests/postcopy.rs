@@ -65,16 +65,7 @@ fn a_post_copy_whose_pages_end_before_the_commit_runs_on_its_source() -> Result<
         let restored = wait_until(Duration::from_secs(60), || {
             lab.journaled(1, "Restored") || mover.is_finished()
         });
-        let killed = match lazy_dump_of(agent) {
-            Some(pid) if restored && !mover.is_finished() => {
-                kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok()
-            }
-            _ => false,
-        };
-        let moved = mover
-            .join()
-            .map_err(|_| anyhow::anyhow!("the move's thread panicked"))?;
-        Ok((moved, killed))
+        kill_dump_then_join(lazy_dump_of(agent).filter(|_| restored), mover)
     })?;
     lab.fault(0, None)?;
     ensure!(killed, "no lazy dump to kill before the commit: {moved:?}");
@@ -82,6 +73,22 @@ fn a_post_copy_whose_pages_end_before_the_commit_runs_on_its_source() -> Result<
     mig_tests::lab::running_on(&lab, 0, "pcut")?;
     mig_tests::lab::continues(&lab, 0, "pcut", count)?;
     mig_tests::lab::nothing_left(&lab, 1, &id)
+}
+
+/// Kills the post-copy dump `dump` (if any) unless the move already ended, then waits for the
+/// move: its output, and whether the dump was killed.
+fn kill_dump_then_join(
+    dump: Option<i32>,
+    mover: std::thread::ScopedJoinHandle<'_, mig_tests::MigOutput>,
+) -> Result<(mig_tests::MigOutput, bool)> {
+    let killed = match dump {
+        Some(pid) if !mover.is_finished() => kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok(),
+        _ => false,
+    };
+    let moved = mover
+        .join()
+        .map_err(|_| anyhow::anyhow!("the move's thread panicked"))?;
+    Ok((moved, killed))
 }
 
 /// `mig inspect NAME --json` on `host` (null when it fails).
@@ -114,16 +121,7 @@ fn a_source_lost_during_post_copy_is_reported_and_the_container_killed() -> Resu
             && wait_until(Duration::from_secs(120), || {
                 mover.is_finished() || inspect(&lab, 1, "orphan")["state"] == "running"
             });
-        let killed = match dump {
-            Some(pid) if resumed && !mover.is_finished() => {
-                kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok()
-            }
-            _ => false,
-        };
-        let moved = mover
-            .join()
-            .map_err(|_| anyhow::anyhow!("the move's thread panicked"))?;
-        Ok((moved, killed))
+        kill_dump_then_join(dump.filter(|_| resumed), mover)
     })?;
     if !killed {
         bail!(
