@@ -888,6 +888,40 @@ fn a_post_copy_whose_destination_died_at_commit_runs_on_its_source() -> Result<(
     post_copy_cut_runs_on_the_source("pcdcom", 188, B, "dest-commit:kill")
 }
 
+/// A post-copy in doubt on its source (host-b's agent died at the commit and stays down): the
+/// operator's `--decide committed` on host-a is refused, since host-b's copy cannot run without
+/// host-a's memory; `--decide rolled-back` runs it on host-a, and host-b, back, removes its copy.
+/// Before (QA of session 30, F3) the decision exited 0, said the container ran on host-b, and
+/// removed the only copy that could run.
+#[test]
+fn a_committed_decision_on_a_post_copy_source_is_refused() -> Result<()> {
+    if !mig_tests::is_root("fault tests") {
+        return Ok(());
+    }
+    let mut lab = Lab::up("pcsdec", 190)?;
+    let id = lab.run_container(A, "psd", 8)?;
+    let (count, _) = log_state(&lab.mig(A, &["logs", "psd"]).stdout);
+    lab.fault(B, Some("dest-commit:kill"))?;
+    let o = lab.mig(A, &["move", "psd", "host-b", "--mode", "lazy"]);
+    ensure!(o.code != 0, "host-b was to die mid-move: {o:?}");
+    lab.fault(B, None)?;
+    let o = lab.mig(A, &["move", "--resolve", "psd", "--decide", "committed"]);
+    ensure!(
+        o.code != 0 && o.stderr.contains("by post-copy") && o.stderr.contains("nothing was done"),
+        "{o:?}"
+    );
+    lab.mig(A, &["move", "--resolve", "psd", "--decide", "rolled-back"]);
+    running_on(&lab, A, "psd")?;
+    continues(&lab, A, "psd", count)?;
+    lab.restart_after_crash(B)?;
+    let cleaned = mig_tests::wait_until(Duration::from_secs(60), || {
+        nothing_left(&lab, B, &id).is_ok()
+    });
+    ensure!(cleaned, "host-b kept its copy");
+    running_on(&lab, A, "psd")?;
+    Ok(())
+}
+
 /// A lazy move from host-a to host-b whose agent on `host` dies at `fault`, in the commit window:
 /// once that agent is back, the container runs on host-a, its memory intact, and nothing of it
 /// is left on host-b.

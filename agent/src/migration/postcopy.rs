@@ -186,6 +186,27 @@ pub(crate) fn fetches_from_source(agent: &Agent, id: &str, migration_id: &str) -
     })
 }
 
+/// In a source's container directory while its post-copy move is under way or in doubt: the
+/// migration's id. The copy on the destination cannot run without this host's memory, so an
+/// operator's `--decide committed` here would leave no copy that can run (QA of session 30,
+/// F3: it was accepted, exited 0, and removed the only copy that could).
+const SOURCE_MARK: &str = "postcopy-source";
+
+/// Marks container `id` as the source of post-copy `migration_id` (`None`: clears the mark).
+pub(crate) fn mark_source(agent: &Agent, id: &str, migration_id: Option<&str>) {
+    let path = agent.dirs.container(id).dir.join(SOURCE_MARK);
+    let _ = match migration_id {
+        Some(m) => std::fs::write(path, m),
+        None => std::fs::remove_file(path),
+    };
+}
+
+/// Whether container `id` here is the source of post-copy `migration_id` ([`mark_source`]).
+pub(crate) fn serves_postcopy(agent: &Agent, id: &str, migration_id: &str) -> bool {
+    std::fs::read_to_string(agent.dirs.container(id).dir.join(SOURCE_MARK))
+        .is_ok_and(|m| m.trim() == migration_id)
+}
+
 /// Where a daemon's directory goes when the daemon was lost: its log stays for whoever
 /// investigates, and nothing takes the directory for a live daemon's any more.
 const LAZY_DIR_FAILED: &str = "lazy-pages.failed";

@@ -892,6 +892,17 @@ impl Agent {
                     ),
                 ))
             }
+            (Role::Source, Decision::Committed)
+                if super::postcopy::serves_postcopy(self, &e.container_id, &e.migration_id) =>
+            {
+                return Err(ApiError::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "{} went to {} by post-copy (migration {}): the copy there cannot run without this host's memory, so `--decide committed` would leave no copy that can run; nothing was done; `--decide rolled-back` runs it here, or wait for {1} to answer",
+                        e.container_name, e.peer, e.migration_id
+                    ),
+                ));
+            }
             (Role::Source, Decision::Committed) => {
                 let side = self.decided_side(&e);
                 transport::SourceHost::destroy(&side)

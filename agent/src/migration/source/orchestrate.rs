@@ -483,6 +483,9 @@ impl Agent {
                 crate::migration::pages::resolve,
             ))
         });
+        if lazy_tunnel.is_some() {
+            crate::migration::postcopy::mark_source(self, id, Some(&migration_id));
+        }
         let machine = SourceMachine::new(prepare, Timeouts::default());
         // A `mig move --resolve` of this move waits until the move's own machine is done.
         let held = crate::migration::recover::hold(&migration_id).await;
@@ -515,6 +518,9 @@ impl Agent {
             (None, _) => side.done("rolled_back", Some(&report), None),
         }
         let _ = std::fs::remove_dir_all(&side.work);
+        if !report.in_doubt {
+            crate::migration::postcopy::mark_source(self, id, None);
+        }
         if report.in_doubt {
             crate::migration::recover::spawn_resolver(self.clone(), id.to_owned());
             return Err(api(
