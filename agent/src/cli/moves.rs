@@ -220,8 +220,14 @@ async fn lab_command(cmd: &LabCommand) -> Result<u8, CliError> {
 }
 
 fn move_text(r: &MoveResult) -> String {
+    // A failed post-copy lost the container: it did not move (QA of session 30, F6: the first
+    // line said it had).
+    let moved = match r.postcopy_error {
+        Some(_) => "was lost moving",
+        None => "moved",
+    };
     let mut s = format!(
-        "{} moved to {} in {} ms: downtime {} ms (freeze {} ms, dump {} ms, transfer {} ms, restore {} ms), {} sent in {} files\n",
+        "{} {moved} to {} in {} ms: downtime {} ms (freeze {} ms, dump {} ms, transfer {} ms, restore {} ms), {} sent in {} files\n",
         r.name,
         r.peer,
         r.total_ms,
