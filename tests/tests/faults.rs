@@ -905,6 +905,12 @@ fn a_committed_decision_on_a_post_copy_source_is_refused() -> Result<()> {
     let o = lab.mig(A, &["move", "psd", "host-b", "--mode", "lazy"]);
     ensure!(o.code != 0, "host-b was to die mid-move: {o:?}");
     lab.fault(B, None)?;
+    // host-b cannot be asked: the answer says what to do (QA of session 30, F5).
+    let o = lab.mig(A, &["move", "--resolve", "psd"]);
+    ensure!(
+        o.code != 0 && o.stderr.contains("--decide rolled-back"),
+        "{o:?}"
+    );
     let o = lab.mig(A, &["move", "--resolve", "psd", "--decide", "committed"]);
     ensure!(
         o.code != 0 && o.stderr.contains("by post-copy") && o.stderr.contains("nothing was done"),

@@ -773,7 +773,14 @@ impl Agent {
                         drop(_held);
                         self.decide_here(e, d, &why).await
                     }
-                    None => Err(ApiError::new(ErrorKind::Unavailable, why)),
+                    // What to do about it, too (QA of session 30, F5).
+                    None => Err(ApiError::new(
+                        ErrorKind::Unavailable,
+                        format!(
+                            "{why}; the container stays frozen here, in doubt, and this agent keeps asking; if {} is gone for good, `mig move --resolve {} --decide rolled-back` runs it here",
+                            peer.name, e.container_name
+                        ),
+                    )),
                 };
             }
         };
