@@ -422,6 +422,28 @@ impl Lab {
         Ok(())
     }
 
+    /// Limits what the lab's switch sends to host `host` to `rate` (tc's words, e.g. `200mbit`):
+    /// a transfer to it then lasts long enough for a test to act during it. The switch's
+    /// namespace, and the limit with it, goes with the lab.
+    pub fn throttle_to(&self, host: usize, rate: &str) -> Result<()> {
+        let sw = format!("{}-sw", self.name);
+        let o = Command::new("ip")
+            .args(["netns", "exec", &sw, "tc", "qdisc", "replace", "dev"])
+            .arg(&self.hosts[host].name)
+            .args([
+                "root", "tbf", "rate", rate, "burst", "1mbit", "latency", "200ms",
+            ])
+            .output()?;
+        if !o.status.success() {
+            bail!(
+                "tc qdisc replace dev {}: {}",
+                self.hosts[host].name,
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
     /// SIGKILLs host `host`'s agent (the PID the lab started) and waits until it is gone; its
     /// containers' shims live on. [`Lab::restart`] starts it again.
     pub fn kill_agent(&self, host: usize) -> Result<()> {

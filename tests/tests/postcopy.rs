@@ -614,6 +614,9 @@ fn a_container_still_receiving_its_memory_is_not_moved_on() -> Result<()> {
     }
     let lab = Lab::up("pcfill", 77)?;
     let id = start_filler(&lab)?;
+    // 512 MiB at 200 Mbit/s: about 20 s of post-copy, so that the tries below come while the
+    // memory arrives (at full speed it could end first under load: CI of sessions 27 and 30).
+    lab.throttle_to(1, "200mbit")?;
     // Post-copy: the pages come from host-a after the resume, as the workload touches them;
     // meanwhile, as soon as host-b lists it running, try to move it on and to checkpoint it.
     let mut refused = Vec::new();
