@@ -407,37 +407,32 @@ impl Lab {
     /// Takes host `host`'s link to the lab switch down (`up == false`) or up again: the veth end
     /// named after the host in the switch namespace (`<lab>-sw`), as `mig_agent::lab` makes it.
     pub fn link(&self, host: usize, up: bool) -> Result<()> {
-        let sw = format!("{}-sw", self.name);
         let state = if up { "up" } else { "down" };
-        let o = Command::new("ip")
-            .args(["-n", &sw, "link", "set", &self.hosts[host].name, state])
-            .output()?;
-        if !o.status.success() {
-            bail!(
-                "ip link set {} {state}: {}",
-                self.hosts[host].name,
-                String::from_utf8_lossy(&o.stderr).trim()
-            );
-        }
-        Ok(())
+        self.in_switch(&["ip", "link", "set", &self.hosts[host].name, state])
     }
 
     /// Limits what the lab's switch sends to host `host` to `rate` (tc's words, e.g. `200mbit`):
     /// a transfer to it then lasts long enough for a test to act during it. The switch's
     /// namespace, and the limit with it, goes with the lab.
     pub fn throttle_to(&self, host: usize, rate: &str) -> Result<()> {
+        let dev = &self.hosts[host].name;
+        self.in_switch(&[
+            "tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate, "burst", "1mbit",
+            "latency", "200ms",
+        ])
+    }
+
+    /// Runs `cmd` in the lab's switch namespace.
+    fn in_switch(&self, cmd: &[&str]) -> Result<()> {
         let sw = format!("{}-sw", self.name);
         let o = Command::new("ip")
-            .args(["netns", "exec", &sw, "tc", "qdisc", "replace", "dev"])
-            .arg(&self.hosts[host].name)
-            .args([
-                "root", "tbf", "rate", rate, "burst", "1mbit", "latency", "200ms",
-            ])
+            .args(["netns", "exec", &sw])
+            .args(cmd)
             .output()?;
         if !o.status.success() {
             bail!(
-                "tc qdisc replace dev {}: {}",
-                self.hosts[host].name,
+                "{}: {}",
+                cmd.join(" "),
                 String::from_utf8_lossy(&o.stderr).trim()
             );
         }
