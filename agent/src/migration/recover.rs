@@ -437,6 +437,7 @@ const CONFLICT_RECHECK_MAX: Duration = Duration::from_secs(300);
 fn watch_conflict(agent: Arc<Agent>, id: String, peer: String) {
     tokio::spawn(async move {
         let mut wait = CONFLICT_RECHECK;
+        let longer = |w: Duration| (w * 2).min(CONFLICT_RECHECK_MAX);
         loop {
             tokio::time::sleep(wait).await;
             if also_runs_on(&id).as_deref() != Some(peer.as_str()) {
@@ -447,7 +448,7 @@ fn watch_conflict(agent: Arc<Agent>, id: String, peer: String) {
             if !matches!(there, Ok(transport::Located::NotHeld)) {
                 wait = match there {
                     Ok(transport::Located::Held(_)) => CONFLICT_RECHECK,
-                    _ => (wait * 2).min(CONFLICT_RECHECK_MAX),
+                    _ => longer(wait),
                 };
                 continue;
             }
@@ -463,7 +464,7 @@ fn watch_conflict(agent: Arc<Agent>, id: String, peer: String) {
             // A peer that holds it live but not running (frozen in a move, restoring) may yet
             // run it: the mark stays (review of session 30, L1).
             if !answers.unasked.is_empty() || !answers.held.is_empty() {
-                wait = (wait * 2).min(CONFLICT_RECHECK_MAX);
+                wait = longer(wait);
                 continue;
             }
             tracing::info!(container = %id, %peer, too_old = ?answers.too_old, "no pinned peer runs the container any more: it runs here only");
