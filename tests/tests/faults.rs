@@ -888,6 +888,56 @@ fn a_post_copy_whose_destination_died_at_commit_runs_on_its_source() -> Result<(
     post_copy_cut_runs_on_the_source("pcdcom", 188, B, "dest-commit:kill")
 }
 
+/// The link goes down just after host-b journals `Committed` for a lazy move, and host-b resumes
+/// its copy 3 s later (a delay) over the dead link: host-a never hears `Committed` and is in
+/// doubt, and host-b's copy, whose memory cannot arrive, is stopped and killed once host-b finds
+/// the link gone. When the link is back, host-a asks, hears that the move rolled back, and runs
+/// its own frozen copy, its memory intact. Before (QA of session 30, F1) host-b answered
+/// `Committed` for its dead copy, and host-a removed the only one left: the container was lost.
+#[test]
+fn a_post_copy_cut_after_its_destination_resumed_runs_on_its_source() -> Result<()> {
+    if !mig_tests::is_root("fault tests") {
+        return Ok(());
+    }
+    let lab = Lab::up("pcres", 191)?;
+    let id = lab.run_container(A, "pcr", 8)?;
+    let (count, _) = log_state(&lab.mig(A, &["logs", "pcr"]).stdout);
+    lab.fault(B, Some("dest-commit:delay:3000"))?;
+    let (o, cut) = std::thread::scope(|s| {
+        let mover = s.spawn(|| lab.mig(A, &["move", "pcr", "host-b", "--mode", "lazy"]));
+        let committed = mig_tests::wait_until(Duration::from_secs(60), || {
+            lab.journaled(B, "Committed") || mover.is_finished()
+        });
+        let cut = committed && !mover.is_finished() && lab.link(B, false).is_ok();
+        (mover.join(), cut)
+    });
+    let o = o.map_err(|_| anyhow::anyhow!("the move's thread panicked"))?;
+    lab.fault(B, None)?;
+    let result = (|| -> Result<()> {
+        ensure!(cut, "the move ended before its link could be cut: {o:?}");
+        ensure!(o.code != 0 && o.stderr.contains("in doubt"), "{o:?}");
+        // host-b stops its copy by itself (its memory cannot arrive), with the link still down.
+        let stopped = mig_tests::wait_until(Duration::from_secs(60), || {
+            lab.mig_json(B, &["inspect", "pcr", "--json"])
+                .is_ok_and(|v| {
+                    v["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.contains("post-copy failed"))
+                })
+        });
+        ensure!(stopped, "host-b: {}", lab.mig(B, &["ps", "-a"]).stdout);
+        Ok(())
+    })();
+    lab.link(B, true)?;
+    result?;
+    mig_tests::wait_until(Duration::from_secs(90), || {
+        running_on(&lab, A, "pcr").is_ok()
+    });
+    running_on(&lab, A, "pcr")?;
+    continues(&lab, A, "pcr", count)?;
+    nothing_left(&lab, B, &id)
+}
+
 /// A post-copy in doubt on its source (host-b's agent died at the commit and stays down): the
 /// operator's `--decide committed` on host-a is refused, since host-b's copy cannot run without
 /// host-a's memory; `--decide rolled-back` runs it on host-a, and host-b, back, removes its copy.

@@ -415,10 +415,21 @@ pub async fn wait_for_moves(
         // the agent, and the move's answer with it, then).
         // A restarted source's copy that waits for its destination's answer is no move under
         // way: left frozen, it is asked about again at the next start.
+        // A source's copy frozen in doubt is no move under way either (docs/migration.md, "In
+        // doubt"; QA of session 30, F4: a stopping agent waited 5 minutes for a post-copy in
+        // doubt while its link was down, its API closed).
+        let in_doubt: Vec<&str> = journals
+            .iter()
+            .filter(|e| {
+                e.role == Role::Source
+                    && matches!(e.state, mig_migrate::protocol::JournalState::InDoubt)
+            })
+            .map(|e| e.container_id.as_str())
+            .collect();
         let under_way = unfinished(Role::Dest)
             + unfinished(Role::Source)
                 .saturating_sub(recover::waiting_count())
-                .max(source::moving_away())
+                .max(source::moving_away(&in_doubt))
                 .max(agent.migration.outgoing());
         if under_way == 0 {
             return;

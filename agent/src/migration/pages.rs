@@ -708,6 +708,11 @@ pub(crate) fn watch_lazy_daemon(
                     Some(p) => format!("{p}; {}", e.brief()),
                     None => e.brief(),
                 };
+                // Before the kill: a source asking from now on is told the move rolled back,
+                // and runs its whole frozen copy again (QA of session 30, F1 and F2).
+                if !local {
+                    super::postcopy::record_failed(&agent, &migration_id);
+                }
                 let cgroup = agent.cgroup_name(&container_id);
                 if let Ok(cg) = mig_runtime::cgroup::Cgroup::open(&cgroup) {
                     let _ = cg.kill();
@@ -718,7 +723,7 @@ pub(crate) fn watch_lazy_daemon(
                         format!("restore failed after resume (the local lazy-pages daemon stopped before the last page): {brief}")
                     } else {
                         format!(
-                            "post-copy failed (pages from {source} stopped before the last one): {brief}"
+                            "post-copy failed (pages from {source} stopped before the last one): {brief}; {source} runs its frozen copy again once it asks here, if it still has it"
                         )
                     });
                 }
@@ -857,10 +862,11 @@ impl SourcePages {
     }
 
     /// Post-copy, after Commit: waits until the destination has every page (the dump ends),
-    /// then records how long that took. Blocking.
-    pub fn finish_postcopy(&self, migration_id: &str) {
+    /// then records how long that took. Blocking. Whether the destination got every page
+    /// (`true` when this move served none after its resume).
+    pub fn finish_postcopy(&self, migration_id: &str) -> bool {
         let Some(lazy) = self.lazy.lock().unwrap_or_else(|p| p.into_inner()).take() else {
-            return;
+            return true;
         };
         let start = Instant::now();
         let r = lazy.wait();
@@ -879,7 +885,19 @@ impl SourcePages {
                 None => e.brief(),
             }
         });
+        let served = err.is_none();
         *self.postcopy.lock().unwrap_or_else(|p| p.into_inner()) = Some((start.elapsed(), err));
+        served
+    }
+
+    /// Whether this move's post-copy ended before the destination had every page
+    /// ([`finish_postcopy`](Self::finish_postcopy)), and why.
+    pub fn postcopy_failure(&self) -> Option<String> {
+        self.postcopy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(|(_, err)| err.clone())
     }
 
     /// A rolled-back move: stops serving pages.

@@ -207,6 +207,74 @@ pub(crate) fn serves_postcopy(agent: &Agent, id: &str, migration_id: &str) -> bo
         .is_ok_and(|m| m.trim() == migration_id)
 }
 
+/// `<journal dir>/<migration>.postcopy-failed`, on a destination: the post-copy's copy here was
+/// killed because its memory stopped arriving (the source's agent, its dump or the link went).
+/// Its source, which never removes its frozen copy before the last page was served, keeps that
+/// copy whole and frozen and asks; it is told `RolledBack` and runs it again
+/// ([`settle_failed`]). Kept beside the journal, not in the container's directory: an operator's
+/// `mig rm` of the dead copy must not turn the answer into `Committed` (QA of session 30, F1
+/// and F2: the source was told committed and removed the only copy left).
+fn failed_path(agent: &Agent, migration_id: &str) -> std::path::PathBuf {
+    super::journal::dir(&agent.cfg.state_dir).join(format!("{migration_id}.postcopy-failed"))
+}
+
+/// Records that post-copy `migration_id`'s copy here is killed for its missing memory.
+pub(crate) fn record_failed(agent: &Agent, migration_id: &str) {
+    if !super::journal::valid_id(migration_id) {
+        return;
+    }
+    let path = failed_path(agent, migration_id);
+    if let Err(e) = mig_runtime::fsutil::atomic_write(&path, migration_id.as_bytes()) {
+        tracing::error!(migration = %migration_id, path = %path.display(), error = %e, "cannot record the failed post-copy: a source asking about it is told committed");
+    }
+}
+
+/// Whether post-copy `migration_id`'s copy here was killed for its missing memory
+/// ([`record_failed`]).
+pub(crate) fn failed(agent: &Agent, migration_id: &str) -> bool {
+    super::journal::valid_id(migration_id) && failed_path(agent, migration_id).exists()
+}
+
+/// A Resolve from the source of post-copy `e` (a destination's `Committed` entry) whose copy
+/// here was killed when its memory stopped arriving ([`failed`]): the move is rolled back here
+/// (what is left of the dead copy removed, the journal `RolledBack`) and the source, which still
+/// holds its whole frozen copy, runs it again. The container goes on from the moment it was
+/// frozen there: what it did here before it was stopped is lost, which is less than all of it.
+/// A copy an operator started again here since is left running, and the answer is `Committed`.
+pub(crate) async fn settle_failed(
+    agent: &Arc<Agent>,
+    e: &super::journal::JournalEntry,
+) -> mig_migrate::protocol::JournalState {
+    use mig_migrate::protocol::JournalState;
+    let id = &e.container_id;
+    if agent.entry(id).is_ok_and(|c| c.state.state.is_live()) {
+        tracing::warn!(migration = %e.migration_id, container = %id, "the post-copy's copy here failed but was started again since: answering committed");
+        return JournalState::Committed;
+    }
+    kill_copy(agent, id);
+    let state = match agent.entry(id) {
+        Err(_) => JournalState::RolledBack,
+        Ok(_) => {
+            agent.set_busy(id, false);
+            match agent.remove(id, true).await {
+                Ok(()) => JournalState::RolledBack,
+                Err(_) if agent.entry(id).is_err() => JournalState::RolledBack,
+                Err(err) => JournalState::RollbackFailed {
+                    detail: err.message,
+                },
+            }
+        }
+    };
+    tracing::warn!(migration = %e.migration_id, container = %id, peer = %e.peer, ?state, "the post-copy's copy here died for its missing memory: the move is rolled back, and its source runs its own copy again");
+    let mut settled = e.clone();
+    settled.state = state.clone();
+    settled.touch();
+    if let Err(err) = super::journal::write(&agent.cfg.state_dir, &settled) {
+        tracing::error!(migration = %e.migration_id, error = %super::chain(&err), "cannot update the journal");
+    }
+    state
+}
+
 /// Where a daemon's directory goes when the daemon was lost: its log stays for whoever
 /// investigates, and nothing takes the directory for a live daemon's any more.
 const LAZY_DIR_FAILED: &str = "lazy-pages.failed";
@@ -259,6 +327,7 @@ pub(crate) fn recover_postcopy(agent: &Arc<Agent>) {
             // (review 3 of session 29, H1). It is killed like one whose daemon still runs,
             // and the move's recovery rolls the move back (its copy is gone).
             if !marker.local && super::dest::marked_by(agent, &id, &marker.migration_id) {
+                record_failed(agent, &marker.migration_id);
                 kill_copy(agent, &id);
                 report_lost(agent, &id, &marker.migration_id);
             } else {
@@ -278,6 +347,7 @@ pub(crate) fn recover_postcopy(agent: &Arc<Agent>) {
             });
             continue;
         }
+        record_failed(agent, &marker.migration_id);
         kill_copy(agent, &id);
         kill_daemon(&daemon);
         set_aside(&d.path());

@@ -153,6 +153,19 @@ pub(crate) fn recover(agent: &Arc<Agent>) {
                 Role::Source,
                 JournalState::Preparing | JournalState::Frozen | JournalState::Restored,
             ) => roll_back_source(agent, &e),
+            // A post-copy this agent was still serving when it stopped: the destination's copy
+            // lost the rest of its memory with this agent and is stopped there, unless it had
+            // every page. Asked like a move in doubt: this whole copy runs here again once the
+            // destination says its copy is gone (QA of session 30, F2: it was removed at once,
+            // and the container was lost).
+            (Role::Source, JournalState::Committed)
+                if super::postcopy::serves_postcopy(agent, &id, &mig) =>
+            {
+                agent.set_busy(&id, true);
+                settle(agent, &e, JournalState::InDoubt);
+                tracing::warn!(migration = %mig, container = %id, "this agent stopped while it served a post-copy: the frozen copy here is kept until its destination says whether its copy has every page");
+                spawn_resolver(agent.clone(), id.clone());
+            }
             (Role::Source, JournalState::Committed) => end_committed_copy(agent, e),
             (Role::Dest, JournalState::Committed) => {
                 let agent = agent.clone();
@@ -844,7 +857,7 @@ impl Agent {
                 return Err(ApiError::new(
                     ErrorKind::Conflict,
                     format!(
-                    "migration {} is still in doubt: {} could not decide; both copies stay frozen",
+                    "migration {} is still in doubt: {} could not decide yet; the copy here stays frozen, and this agent asks again every 5 s",
                     e.migration_id, e.peer
                 ),
                 ))

@@ -232,6 +232,27 @@ impl DestHost for DestSide {
                 self.source.clone(),
             );
         }
+        if e.state == JournalState::Committed {
+            // The copy here died when its memory stopped arriving: the source asking still
+            // holds its whole frozen copy, and runs it again (QA of session 30, F1 and F2: told
+            // `Committed`, it removed that copy, and the container was lost).
+            if crate::migration::postcopy::failed(&self.agent, migration_id) {
+                return Some(crate::migration::postcopy::settle_failed(&self.agent, &e).await);
+            }
+            // Still waiting for its memory, through the move's connection, which the source
+            // asking here on another one has left: the copy is stopped once that connection is
+            // found gone (its guard), and then the answer is `RolledBack`. Until then undecided:
+            // `Committed` would have the source remove the only whole copy.
+            if crate::migration::postcopy::fetches_from_source(
+                &self.agent,
+                &e.container_id,
+                migration_id,
+            ) && crate::migration::postcopy::memory_arriving(&e.container_id)
+            {
+                tracing::warn!(migration = %migration_id, "a Resolve found the post-copy's copy still waiting for its memory: answering undecided");
+                return None;
+            }
+        }
         Some(e.state)
     }
 }

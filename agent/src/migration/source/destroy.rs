@@ -64,12 +64,14 @@ pub(crate) fn hold_ending(id: &str) -> crate::daemon::marks::Mark {
 }
 
 /// How many containers are frozen for a move away or being ended after one (a post-copy still
-/// serving its pages counts).
-pub(crate) fn moving_away() -> usize {
+/// serving its pages counts), but for those in `settled_later` (frozen in doubt: nothing ends
+/// their move but an answer, so a stopping agent does not wait for them).
+pub(crate) fn moving_away(settled_later: &[&str]) -> usize {
     // A container is both frozen and being ended between its commit and its removal: once
     // (QA of session 26: migd's shutdown log counted one move as two).
     let mut ids = MOVE_FROZEN.distinct();
     ids.extend(ENDING.distinct());
+    ids.retain(|id| !settled_later.contains(&id.as_str()));
     ids.len()
 }
 

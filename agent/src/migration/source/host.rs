@@ -208,6 +208,7 @@ impl SourceHost for Src {
             drop(smaps);
             thawed?;
             mark_frozen(&me.id, false);
+            crate::migration::postcopy::mark_source(&me.agent, &me.id, None);
             keep_dump_log(&me.work);
             let _ = std::fs::remove_dir_all(&me.work);
             Ok(())
@@ -222,12 +223,24 @@ impl SourceHost for Src {
         let _ending = super::destroy::hold_ending(&self.id);
         // Post-copy: the destination needs this copy's pages until it has the last one.
         let me = self.clone();
-        blocking(move || {
-            me.pages.finish_postcopy(&me.migration_id);
-            Ok(())
-        })
-        .await
-        .map_err(boxed)?;
+        let served = blocking(move || Ok(me.pages.finish_postcopy(&me.migration_id)))
+            .await
+            .map_err(boxed)?;
+        if !served {
+            // The destination's copy cannot get the rest of its memory, and is killed there;
+            // this copy is whole. Kept frozen, in doubt, until the destination says its copy is
+            // gone (then it runs here again) or that it has every page after all (QA of
+            // session 30, F1 and F2: it was removed, and the container was lost).
+            let dir = &self.agent.cfg.state_dir;
+            journal::write(
+                dir,
+                &self.entry(mig_migrate::protocol::JournalState::InDoubt),
+            )
+            .map_err(|e| boxed(SourceError::Journal(e)))?;
+            tracing::error!(id = %self.id, migration = %self.migration_id, peer = %self.peer, "post-copy ended before the destination had every page: the frozen copy here is kept, in doubt, until the destination says whether its copy is gone");
+            return Ok(());
+        }
+        crate::migration::postcopy::mark_source(&self.agent, &self.id, None);
         destroy_copy(&self.agent, &self.id, &self.cgroup)
             .await
             .map_err(boxed)

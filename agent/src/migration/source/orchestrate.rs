@@ -507,6 +507,26 @@ impl Agent {
             side.done("rolled_back", None, Some(msg.clone()));
             api(ErrorKind::Unavailable, msg)
         })?;
+        // Committed, but the post-copy ended before the destination had every page: the copy
+        // here is kept frozen, in doubt ([`Src::destroy`](super::host::Src)), until the
+        // destination says whether its copy is gone.
+        let cut = match (&report.outcome, report.in_doubt) {
+            (Some(Outcome::Committed { .. }), false) => side.pages.postcopy_failure(),
+            _ => None,
+        };
+        if let Some(why) = cut {
+            side.done("in_doubt", Some(&report), Some(why.clone()));
+            let _ = std::fs::remove_dir_all(&side.work);
+            crate::migration::recover::spawn_resolver(self.clone(), id.to_owned());
+            return Err(api(
+                ErrorKind::Conflict,
+                format!(
+                    "the post-copy of {name} to {peer} ended before the last page ({why}): the copy there cannot run without it and is stopped there; the frozen copy here is whole and kept, in doubt, and runs here again once {peer} says its copy is gone (this agent asks every 5 s; `mig move --resolve {name}` asks now); {name} then goes on from the moment it was frozen, and what it did on {peer} meanwhile is lost",
+                    name = e.spec.name,
+                    peer = peer.name
+                ),
+            ));
+        }
         match (&report.outcome, report.in_doubt) {
             (_, true) => side.done("in_doubt", Some(&report), None),
             (Some(Outcome::Committed { cleanup_error }), _) => {
