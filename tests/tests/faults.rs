@@ -900,8 +900,12 @@ fn a_post_copy_cut_after_its_destination_resumed_runs_on_its_source() -> Result<
         return Ok(());
     }
     let lab = Lab::up("pcres", 191)?;
-    let id = lab.run_container(A, "pcr", 8)?;
+    // About 100 MB of random data in each of two shells, sent to host-b at 200 Mbit/s: most of
+    // it is still on host-a when the link goes (CRIU's lazy-pages daemon fetches the pages in
+    // the background from the restore on; 8 MB had all arrived by then, and the copy ran).
+    let id = lab.run_container(A, "pcr", 100)?;
     let (count, _) = log_state(&lab.mig(A, &["logs", "pcr"]).stdout);
+    lab.throttle_to(B, "200mbit")?;
     lab.fault(B, Some("dest-commit:delay:3000"))?;
     let (o, cut) = std::thread::scope(|s| {
         let mover = s.spawn(|| lab.mig(A, &["move", "pcr", "host-b", "--mode", "lazy"]));

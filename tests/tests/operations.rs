@@ -412,7 +412,7 @@ fn older_major_wire_version_is_refused_newer_minor_served() -> Result<()> {
         running_on(&lab, 0, "wv")?;
         continues(&lab, 0, "wv", count)?;
     }
-    let _newer = agent_speaking(&lab, 1, "1.7")?;
+    let _newer = agent_speaking(&lab, 1, "1.9")?;
     let (count, _) = log_state(&lab.mig(0, &["logs", "wv"]).stdout);
     lab.mig_ok(0, &["move", "wv", "host-b"])?;
     running_on(&lab, 1, "wv")?;

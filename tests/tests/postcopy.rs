@@ -14,7 +14,8 @@
 //! `/proc/PID/mem`, and puts the pages of mappings without read permission into the images
 //! instead (docs/criu.md, "Patches", 0003).
 //!
-//! Needs root. Labs on subnets 10.214.70-74.0/24, 10.214.76-78.0/24 and 10.214.96.0/24.
+//! Needs root. Labs on subnets 10.214.70-74.0/24, 10.214.76-78.0/24, 10.214.96.0/24 and
+//! 10.214.192.0/24.
 
 use anyhow::{bail, ensure, Context, Result};
 use mig_tests::lab::{lazy_daemons_under, move_and_check_with, Events, Lab};
@@ -137,12 +138,19 @@ fn a_post_copy_whose_dump_dies_runs_again_on_its_source() -> Result<()> {
             moved.stderr
         );
     }
-    // The source says the post-copy failed and that it keeps its copy.
+    // The source says the post-copy failed and that it keeps its copy, frozen: CRIU had thawed
+    // the cgroup while it held the tasks, and its death let them go (review of session 31, M1).
     ensure!(
         moved.code != 0
             && moved.stderr.contains("ended before the last page")
             && moved.stderr.contains("kept"),
         "{moved:?}"
+    );
+    let cgroup = format!("{}/{id}", lab.cgroup_parent(0));
+    let state = mig_runtime::cgroup::Cgroup::open(&cgroup).and_then(|cg| cg.freeze_state());
+    ensure!(
+        matches!(state, Ok(mig_runtime::cgroup::FreezeState::Frozen)),
+        "host-a's copy is not frozen while in doubt: {state:?}"
     );
     // The destination's one `migration_done` says the post-copy failed, with the cause in one
     // line, not CRIU's log lines (QA of session 28, F6).
@@ -467,6 +475,54 @@ fn a_post_copy_that_loses_its_source_never_runs_on_missing_memory() -> Result<()
     });
     mig_tests::lab::running_on(&lab, 0, "nozero")?;
     memload_continues(&lab, 0, "nozero", frozen_at)?;
+    mig_tests::lab::nothing_left(&lab, 1, &id)
+}
+
+/// The source's agent dies in the middle of a post-copy and is back at once, before host-b
+/// finds the move's connection gone: asked, host-b stops its copy, which cannot get its memory
+/// any more, kills it and answers `RolledBack`, and host-a runs its frozen copy again, its memory
+/// intact (review of session 31, M3: the answer was undecided until host-b's idle timeout, and
+/// meanwhile an operator's `--decide rolled-back` on host-a ran a second copy).
+#[test]
+fn a_post_copy_whose_source_agent_is_back_at_once_runs_on_its_source() -> Result<()> {
+    if !mig_tests::is_root("migration tests") {
+        return Ok(());
+    }
+    let mut lab = Lab::up("pcback", 192)?;
+    memload_image(&lab)?;
+    let id = run_memload(
+        &lab,
+        "back",
+        &["--mib", "256", "--verify-mib", "16", "--interval-ms", "50"],
+    )?;
+    memload_continues(&lab, 0, "back", 0)?;
+    // 256 MiB at 200 Mbit/s: about 10 s of post-copy.
+    lab.throttle_to(1, "200mbit")?;
+    let killed = std::thread::scope(|s| -> Result<bool> {
+        let mover = s.spawn(|| lab.mig(0, &["move", "back", "host-b", "--mode", "lazy"]));
+        let resumed = wait_until(Duration::from_secs(120), || {
+            mover.is_finished() || inspect(&lab, 1, "back")["state"] == "running"
+        });
+        let killed = resumed && !mover.is_finished() && lab.kill_agent(0).is_ok();
+        let _ = mover.join();
+        Ok(killed)
+    })?;
+    ensure!(
+        killed,
+        "the post-copy ended before the source's agent could be killed"
+    );
+    lab.restart(0)?;
+    let frozen_at = memload_count(&lab.mig(0, &["logs", "back"]).stdout);
+    let started = std::time::Instant::now();
+    wait_until(Duration::from_secs(60), || {
+        mig_tests::lab::running_on(&lab, 0, "back").is_ok()
+    });
+    mig_tests::lab::running_on(&lab, 0, "back")?;
+    eprintln!(
+        "host-a ran its copy again {} ms after its agent was back",
+        started.elapsed().as_millis()
+    );
+    memload_continues(&lab, 0, "back", frozen_at)?;
     mig_tests::lab::nothing_left(&lab, 1, &id)
 }
 

@@ -378,9 +378,11 @@ pub fn start(agent: &Arc<Agent>, listen: Option<SocketAddr>) -> Result<(), Migra
         .net
         .set(net)
         .map_err(|_| MigrationError::AlreadyStarted)?;
-    dest::spawn_acceptor(agent.clone(), endpoint);
-    // Before the journal's recovery, which may remove an incoming container's directory.
+    // Before the journal's recovery, which may remove an incoming container's directory, and
+    // before any peer is heard: a Resolve answered before a post-copy's dead copy here is
+    // recorded as such would be told `Committed` (review of session 31, M2).
     postcopy::recover_postcopy(agent);
+    dest::spawn_acceptor(agent.clone(), endpoint);
     recover::recover(agent);
     Ok(())
 }

@@ -221,6 +221,20 @@ pub(crate) fn lazy_pages_can_arrive(migration_id: &str) -> bool {
     })
 }
 
+/// The source of post-copy `migration_id` asks about it on another connection than the move's:
+/// it serves no more pages through the move's (its move ended in doubt or cut short, or its
+/// agent started again). The copy is stopped now, as when the source's page stream ends, not
+/// at the move's connection's idle timeout, which also keeps an operator's decision on the
+/// source from running a second copy meanwhile (review of session 31, M3). Blocking (the freeze,
+/// up to 2 s).
+pub(crate) fn source_left(migration_id: &str) {
+    let guard = with_jobs(|j| j.get(migration_id).and_then(|job| job.guard.clone()));
+    if let Some(g) = guard {
+        tracing::warn!(migration = %migration_id, "the post-copy's source asks on another connection: its pages cannot come any more, the copy is stopped");
+        g.source_ended();
+    }
+}
+
 fn is_known(migration_id: &str) -> bool {
     with_jobs(|j| j.contains_key(migration_id))
 }
@@ -661,6 +675,13 @@ pub(crate) fn watch_lazy_daemon(
             )
         });
         if r.is_err() {
+            // First: a source asking from now on is told the move rolled back, and runs its
+            // whole frozen copy again (QA of session 30, F1 and F2). Before the cleanup below,
+            // in which a Resolve would find neither the daemon nor the record, and answer
+            // `Committed` (review of session 31, M2).
+            if !local {
+                super::postcopy::record_failed(&agent, &migration_id);
+            }
             // Before `forget`, which lets the connection end and say how the move ended.
             POSTCOPY_FAILED
                 .lock()
@@ -708,11 +729,6 @@ pub(crate) fn watch_lazy_daemon(
                     Some(p) => format!("{p}; {}", e.brief()),
                     None => e.brief(),
                 };
-                // Before the kill: a source asking from now on is told the move rolled back,
-                // and runs its whole frozen copy again (QA of session 30, F1 and F2).
-                if !local {
-                    super::postcopy::record_failed(&agent, &migration_id);
-                }
                 let cgroup = agent.cgroup_name(&container_id);
                 if let Ok(cg) = mig_runtime::cgroup::Cgroup::open(&cgroup) {
                     let _ = cg.kill();
@@ -723,7 +739,7 @@ pub(crate) fn watch_lazy_daemon(
                         format!("restore failed after resume (the local lazy-pages daemon stopped before the last page): {brief}")
                     } else {
                         format!(
-                            "post-copy failed (pages from {source} stopped before the last one): {brief}; {source} runs its frozen copy again once it asks here, if it still has it"
+                            "post-copy failed (pages from {source} stopped before the last one): {brief}; {source}, if it still has its frozen copy, runs it again once it asks here (started here before that, this copy would have it remove its own)"
                         )
                     });
                 }

@@ -201,6 +201,18 @@ pub(crate) fn mark_source(agent: &Agent, id: &str, migration_id: Option<&str>) {
     };
 }
 
+/// Freezes the cgroup of a post-copy's source copy that must stay as it was frozen (the move is
+/// in doubt, or its post-copy was cut short). CRIU thaws the cgroup once it holds the tasks
+/// itself, and freezes it again only when its dump ends cleanly: a lazy dump that is killed, or
+/// dies, lets them run (review of session 31, M1). Blocking (up to 5 s).
+pub(crate) fn keep_source_frozen(cgroup: &str, id: &str) {
+    let frozen = mig_runtime::cgroup::Cgroup::open(cgroup)
+        .and_then(|cg| cg.freeze(std::time::Duration::from_secs(5)));
+    if let Err(e) = frozen {
+        tracing::error!(id = %id, cgroup = %cgroup, error = %e, "cannot freeze the post-copy's source copy again: it may run while its move is in doubt");
+    }
+}
+
 /// Whether container `id` here is the source of post-copy `migration_id` ([`mark_source`]).
 pub(crate) fn serves_postcopy(agent: &Agent, id: &str, migration_id: &str) -> bool {
     std::fs::read_to_string(agent.dirs.container(id).dir.join(SOURCE_MARK))
@@ -224,7 +236,9 @@ pub(crate) fn record_failed(agent: &Agent, migration_id: &str) {
         return;
     }
     let path = failed_path(agent, migration_id);
-    if let Err(e) = mig_runtime::fsutil::atomic_write(&path, migration_id.as_bytes()) {
+    // When: a copy an operator started again after it is not removed ([`settle_failed`]).
+    let now = super::journal::now().0.to_string();
+    if let Err(e) = mig_runtime::fsutil::atomic_write(&path, now.as_bytes()) {
         tracing::error!(migration = %migration_id, path = %path.display(), error = %e, "cannot record the failed post-copy: a source asking about it is told committed");
     }
 }
@@ -247,8 +261,16 @@ pub(crate) async fn settle_failed(
 ) -> mig_migrate::protocol::JournalState {
     use mig_migrate::protocol::JournalState;
     let id = &e.container_id;
-    if agent.entry(id).is_ok_and(|c| c.state.state.is_live()) {
-        tracing::warn!(migration = %e.migration_id, container = %id, "the post-copy's copy here failed but was started again since: answering committed");
+    // Started again since the failure: its init lives, and began after it. Not the container's
+    // listed state, which lags a kill by up to the shim's poll (review of session 31, H1: a
+    // copy being killed was taken for one started again, and the source removed its own).
+    let failed_at = std::fs::read_to_string(failed_path(agent, &e.migration_id))
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok());
+    let started = agent.entry(id).ok().and_then(|c| c.state.started);
+    let again = matches!((started, failed_at), (Some(s), Some(f)) if s > f);
+    if again && agent.init_pid_of(id).is_some() {
+        tracing::warn!(migration = %e.migration_id, container = %id, "the post-copy's copy here failed but an operator started it again since: answering committed");
         return JournalState::Committed;
     }
     kill_copy(agent, id);
@@ -269,8 +291,14 @@ pub(crate) async fn settle_failed(
     let mut settled = e.clone();
     settled.state = state.clone();
     settled.touch();
-    if let Err(err) = super::journal::write(&agent.cfg.state_dir, &settled) {
-        tracing::error!(migration = %e.migration_id, error = %super::chain(&err), "cannot update the journal");
+    match super::journal::write(&agent.cfg.state_dir, &settled) {
+        // The journal answers from now on.
+        Ok(()) => {
+            let _ = std::fs::remove_file(failed_path(agent, &e.migration_id));
+        }
+        Err(err) => {
+            tracing::error!(migration = %e.migration_id, error = %super::chain(&err), "cannot update the journal")
+        }
     }
     state
 }
@@ -326,7 +354,15 @@ pub(crate) fn recover_postcopy(agent: &Arc<Agent>) {
             // has lost the way to its missing memory: resumed, it would run on zero pages
             // (review 3 of session 29, H1). It is killed like one whose daemon still runs,
             // and the move's recovery rolls the move back (its copy is gone).
-            if !marker.local && super::dest::marked_by(agent, &id, &marker.migration_id) {
+            // The same for a copy that ran and is now dead (its host rebooted, or its shim
+            // died) or stopped (the guard froze it before this agent died): its memory cannot
+            // arrive either, and its source, asking, must hear that it rolled back (review of
+            // session 31, H2: it was told `Committed`, and removed the whole copy).
+            let stopped =
+                agent.init_pid_of(&id).is_none() || agent.cgroup_frozen(&agent.cgroup_name(&id));
+            if !marker.local
+                && (stopped || super::dest::marked_by(agent, &id, &marker.migration_id))
+            {
                 record_failed(agent, &marker.migration_id);
                 kill_copy(agent, &id);
                 report_lost(agent, &id, &marker.migration_id);

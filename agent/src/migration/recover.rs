@@ -134,6 +134,11 @@ pub(crate) fn recover(agent: &Arc<Agent>) {
     for e in unfinished {
         let (id, mig) = (e.container_id.clone(), e.migration_id.clone());
         tracing::warn!(migration = %mig, container = %id, role = ?e.role, state = ?e.state, "recovering an unfinished migration");
+        if e.role == Role::Source && super::postcopy::serves_postcopy(agent, &id, &mig) {
+            // Its lazy dump died with this agent, and CRIU had thawed the cgroup while it held
+            // the tasks: frozen again until settled (review of session 31, M1).
+            super::postcopy::keep_source_frozen(&e.cgroup, &id);
+        }
         match (e.role, &e.state) {
             (Role::Source, JournalState::Frozen | JournalState::Restored)
                 if agent.migration.net().is_some() =>

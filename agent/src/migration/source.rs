@@ -49,6 +49,10 @@ pub const LOG_PRESYNC_MINOR: u16 = 5;
 /// The protocol minor from which a destination takes writable-layer delta entries that append
 /// to its presync copy of a file (a file that only grew sends its new bytes).
 pub const UPPER_APPEND_MINOR: u16 = 6;
+
+/// The minor protocol version from which a destination answers a `Resolve` about a post-copy
+/// whose copy it killed for its missing memory with `RolledBack` (docs/protocol.md, 1.8).
+pub const POSTCOPY_CUT_MINOR: u16 = 8;
 /// The container's state record on the source (kind Delta): the destination keeps `created`.
 pub(crate) const STATE_FILE: &str = "source-state.json";
 /// The image set's manifest without its files, in the work directory, between the dump and

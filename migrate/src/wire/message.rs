@@ -32,7 +32,7 @@ pub const MAGIC: [u8; 4] = *b"MIGW";
 ///   (docs/protocol.md).
 /// - 1.7: [`Message::Locate`] as the first message of a connection: an agent about to restore a
 ///   `--net bridge` checkpoint asks its peers whether one of them holds the container live.
-pub const PROTOCOL_VERSION: Version = Version { major: 1, minor: 7 };
+pub const PROTOCOL_VERSION: Version = Version { major: 1, minor: 8 };
 
 /// The first frame each way on a control stream. Its first three fields (magic, major, minor) are
 /// frozen for all versions so that any two versions can tell each other apart.

@@ -240,15 +240,28 @@ impl DestHost for DestSide {
                 return Some(crate::migration::postcopy::settle_failed(&self.agent, &e).await);
             }
             // Still waiting for its memory, through the move's connection, which the source
-            // asking here on another one has left: the copy is stopped once that connection is
-            // found gone (its guard), and then the answer is `RolledBack`. Until then undecided:
-            // `Committed` would have the source remove the only whole copy.
+            // asking here on another one has left: the copy is stopped now (its guard), and
+            // killed once its daemon is ended; then the answer is `RolledBack`. Until then
+            // undecided: `Committed` would have the source remove the only whole copy.
             if crate::migration::postcopy::fetches_from_source(
                 &self.agent,
                 &e.container_id,
                 migration_id,
             ) && crate::migration::postcopy::memory_arriving(&e.container_id)
             {
+                let id = migration_id.to_owned();
+                let _ =
+                    tokio::task::spawn_blocking(move || crate::migration::pages::source_left(&id))
+                        .await;
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+                while !crate::migration::postcopy::failed(&self.agent, migration_id)
+                    && tokio::time::Instant::now() < deadline
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                if crate::migration::postcopy::failed(&self.agent, migration_id) {
+                    return Some(crate::migration::postcopy::settle_failed(&self.agent, &e).await);
+                }
                 tracing::warn!(migration = %migration_id, "a Resolve found the post-copy's copy still waiting for its memory: answering undecided");
                 return None;
             }

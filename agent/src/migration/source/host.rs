@@ -231,6 +231,11 @@ impl SourceHost for Src {
             // this copy is whole. Kept frozen, in doubt, until the destination says its copy is
             // gone (then it runs here again) or that it has every page after all (QA of
             // session 30, F1 and F2: it was removed, and the container was lost).
+            let (cgroup, id) = (self.cgroup.clone(), self.id.clone());
+            let _ = tokio::task::spawn_blocking(move || {
+                crate::migration::postcopy::keep_source_frozen(&cgroup, &id)
+            })
+            .await;
             let dir = &self.agent.cfg.state_dir;
             journal::write(
                 dir,

@@ -490,6 +490,15 @@ impl Agent {
         // A `mig move --resolve` of this move waits until the move's own machine is done.
         let held = crate::migration::recover::hold(&migration_id).await;
         let report = transport::run_source_on(&conn, link, machine, &side).await;
+        if lazy_tunnel.is_some() && report.as_ref().is_ok_and(|r| r.in_doubt) {
+            // Frozen again before the lazy dump is ended with this move's side: it would let
+            // the copy run while the move is in doubt (review of session 31, M1).
+            let (cgroup, cid) = (side.cgroup.clone(), id.to_owned());
+            let _ = tokio::task::spawn_blocking(move || {
+                crate::migration::postcopy::keep_source_frozen(&cgroup, &cid)
+            })
+            .await;
+        }
         drop(held);
         // Before this side's own close: whether the destination went away during the move.
         let lost = conn.close_reason();
@@ -516,12 +525,24 @@ impl Agent {
         };
         if let Some(why) = cut {
             side.done("in_doubt", Some(&report), Some(why.clone()));
+            // CRIU's log says why the dump ended (review of session 31, L3).
+            super::rollback::keep_dump_log(&side.work);
             let _ = std::fs::remove_dir_all(&side.work);
-            crate::migration::recover::spawn_resolver(self.clone(), id.to_owned());
+            // An older destination answers `Committed` for the copy it killed: not asked
+            // automatically, so that the operator sees first (docs/protocol.md, 1.8).
+            let asks = if side.peer_speaks(super::POSTCOPY_CUT_MINOR) {
+                crate::migration::recover::spawn_resolver(self.clone(), id.to_owned());
+                format!(
+                    "this agent asks every 5 s; `mig move --resolve {}` asks now",
+                    e.spec.name
+                )
+            } else {
+                format!("it is not asked by itself: {} speaks a protocol older than 1.8, which answers committed for a copy it killed, and this copy would then be removed; upgrade {0} before `mig move --resolve {}` settles the move", peer.name, e.spec.name)
+            };
             return Err(api(
                 ErrorKind::Conflict,
                 format!(
-                    "the post-copy of {name} to {peer} ended before the last page ({why}): the copy there cannot run without it and is stopped there; the frozen copy here is whole and kept, in doubt, and runs here again once {peer} says its copy is gone (this agent asks every 5 s; `mig move --resolve {name}` asks now); {name} then goes on from the moment it was frozen, and what it did on {peer} meanwhile is lost",
+                    "the post-copy of {name} to {peer} ended before the last page ({why}): the copy there cannot run unless it got every page after all, and {peer}'s answer says which; the frozen copy here is whole and kept, in doubt, and runs here again once {peer} says its copy is gone ({asks}); {name} then goes on from the moment it was frozen, and what it did on {peer} meanwhile is lost",
                     name = e.spec.name,
                     peer = peer.name
                 ),
