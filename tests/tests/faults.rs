@@ -970,8 +970,17 @@ fn a_committed_decision_on_a_post_copy_source_is_refused() -> Result<()> {
         o.code != 0 && o.stderr.contains("by post-copy") && o.stderr.contains("nothing was done"),
         "{o:?}"
     );
+    let events = mig_tests::lab::Events::follow(&lab, A)?;
     lab.mig(A, &["move", "--resolve", "psd", "--decide", "rolled-back"]);
     running_on(&lab, A, "psd")?;
+    // The move's second `migration_done`, as an automatic resolution's (QA of session 31, L2).
+    let settled = mig_tests::wait_until(Duration::from_secs(10), || {
+        events
+            .of_type("migration_done")
+            .iter()
+            .any(|e| e["outcome"] == "rolled_back")
+    });
+    ensure!(settled, "no rolled_back migration_done on host-a");
     continues(&lab, A, "psd", count)?;
     lab.restart_after_crash(B)?;
     let cleaned = mig_tests::wait_until(Duration::from_secs(60), || {

@@ -15,7 +15,7 @@
 //! instead (docs/criu.md, "Patches", 0003).
 //!
 //! Needs root. Labs on subnets 10.214.70-74.0/24, 10.214.76-78.0/24, 10.214.96.0/24 and
-//! 10.214.192.0/24.
+//! 10.214.192-193.0/24.
 
 use anyhow::{bail, ensure, Context, Result};
 use mig_tests::lab::{lazy_daemons_under, move_and_check_with, Events, Lab};
@@ -496,6 +496,7 @@ fn a_post_copy_whose_source_agent_is_back_at_once_runs_on_its_source() -> Result
         &["--mib", "256", "--verify-mib", "16", "--interval-ms", "50"],
     )?;
     memload_continues(&lab, 0, "back", 0)?;
+    let events = Events::follow(&lab, 1)?;
     // 256 MiB at 200 Mbit/s: about 10 s of post-copy.
     lab.throttle_to(1, "200mbit")?;
     let killed = std::thread::scope(|s| -> Result<bool> {
@@ -523,7 +524,19 @@ fn a_post_copy_whose_source_agent_is_back_at_once_runs_on_its_source() -> Result
         started.elapsed().as_millis()
     );
     memload_continues(&lab, 0, "back", frozen_at)?;
-    mig_tests::lab::nothing_left(&lab, 1, &id)
+    mig_tests::lab::nothing_left(&lab, 1, &id)?;
+    // host-b's one `migration_done` says the post-copy failed; the move's connection, ending
+    // after it, no longer adds `committed` (QA of session 31, L1).
+    let outcomes: Vec<String> = events
+        .of_type("migration_done")
+        .iter()
+        .filter_map(|e| e["outcome"].as_str().map(str::to_owned))
+        .collect();
+    ensure!(
+        outcomes == ["postcopy_failed"],
+        "host-b's migration_done events: {outcomes:?}"
+    );
+    Ok(())
 }
 
 /// User and system CPU time of process `pid` so far, in clock ticks (0 when it is gone).
@@ -799,35 +812,53 @@ fn drain_waits_for_a_container_whose_memory_is_arriving() -> Result<()> {
 /// intact; the restart takes as long as the post-copy has left.
 #[test]
 fn a_restart_of_the_source_during_a_post_copy_waits_for_its_last_page() -> Result<()> {
+    restart_during_post_copy("pcrst", 96, 0)
+}
+
+/// The same with the destination's agent: it waits for its copy's last page too. Before (QA of
+/// session 31, M1) it stopped at once, the post-copy was cut, and the agent then hung for good
+/// on the lazy-pages daemon it was watching.
+#[test]
+fn a_restart_of_the_destination_during_a_post_copy_waits_for_its_last_page() -> Result<()> {
+    restart_during_post_copy("pcrstb", 193, 1)
+}
+
+/// A lazy move of a 768 MiB memload from host-a to host-b, with host `host`'s agent restarted
+/// (SIGTERM, then started again) while the memory arrives: the move completes and the container
+/// runs on host-b with every page.
+fn restart_during_post_copy(tag: &str, third: u8, host: usize) -> Result<()> {
     if !mig_tests::is_root("migration tests") {
         return Ok(());
     }
-    let mut lab = Lab::up("pcrst", 96)?;
+    let mut lab = Lab::up(tag, third)?;
     memload_image(&lab)?;
     run_memload(&lab, "rst", &["--mib", "768"])?;
     let count = memload_continues(&lab, 0, "rst", 0)?;
+    let name = lab.hosts[host].name.clone();
     let (o, restarted) = std::thread::scope(|s| {
         let l: &Lab = &lab;
         let mover = s.spawn(move || l.mig(0, &["move", "--mode", "lazy", "rst", "host-b"]));
         let arriving = wait_until(Duration::from_secs(60), || {
             l.mig(1, &["ps"]).stdout.contains("memory arriving")
         });
-        // What `mig lab restart host-a` does (`Lab::restart` needs the lab mutably).
-        let restarted = arriving.then(|| mig_agent::lab::restart_agent(&l.name, "host-a"));
+        // What `mig lab restart` does (`Lab::restart` needs the lab mutably).
+        let restarted = arriving.then(|| mig_agent::lab::restart_agent(&l.name, &name));
         (mover.join(), restarted)
     });
     let o = o.map_err(|_| anyhow::anyhow!("the mover panicked"))?;
     match restarted {
         None => bail!("the post-copy was never seen under way (no window to test): {o:?}"),
-        Some(h) => lab.hosts[0] = h?,
+        Some(h) => lab.hosts[host] = h?,
     }
     ensure!(o.code == 0, "the lazy move failed: {o:?}");
     // The stop came while the post-copy was under way: the agent said it waited for it.
-    let log = lab.hosts[0].socket.with_file_name("host-a.log");
+    let log = lab.hosts[host]
+        .socket
+        .with_file_name(format!("{}.log", lab.hosts[host].name));
     let said = std::fs::read_to_string(&log).unwrap_or_default();
     ensure!(
         said.contains("waiting for the moves under way to end before stopping"),
-        "the post-copy ended before host-a's agent was stopped (no window to test): {}",
+        "the post-copy ended before the agent was stopped (no window to test): {}",
         log.display()
     );
     let d = inspect(&lab, 1, "rst");

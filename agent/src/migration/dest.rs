@@ -279,12 +279,14 @@ impl DestSide {
     /// Emits [`EventKind::MigrationDone`] at the end of an incoming migration.
     /// Not after a failed post-copy, whose `migration_done` (`postcopy_failed`) is already out.
     fn emit_done(&self, r: &transport::DestReport) {
-        if super::pages::take_postcopy_failed(&r.migration_id) {
-            return;
-        }
+        // Only the move's own connection: a Resolve's took the watcher's note, and the move's
+        // then said `committed` after `postcopy_failed` (QA of session 31, L1).
         let Some(inc) = self.known(&r.migration_id) else {
             return;
         };
+        if super::pages::take_postcopy_failed(&r.migration_id) {
+            return;
+        }
         let (outcome, error) = match (&r.outcome, r.in_doubt) {
             (_, true) => ("in_doubt", None),
             (Some(Outcome::Committed { cleanup_error }), _) => ("committed", cleanup_error.clone()),

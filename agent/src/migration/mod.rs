@@ -429,6 +429,7 @@ pub async fn wait_for_moves(
             .map(|e| e.container_id.as_str())
             .collect();
         let under_way = unfinished(Role::Dest)
+            + postcopy::filling_count()
             + unfinished(Role::Source)
                 .saturating_sub(recover::waiting_count())
                 .max(source::moving_away(&in_doubt))

@@ -151,6 +151,13 @@ pub(crate) fn mark_filling(id: &str, on: bool) {
     FILLING.set(id, on);
 }
 
+/// How many containers here run while their memory still arrives: a stopping agent waits for
+/// them as for moves under way (QA of session 31, M1: it stopped in the middle of a post-copy,
+/// whose copy then could not get the rest of its memory).
+pub(crate) fn filling_count() -> usize {
+    FILLING.distinct().len()
+}
+
 /// Whether container `id` runs while its memory still arrives. A checkpoint or a move then
 /// would dump the pages not there yet as missing, and its copy would run on zeros (QA, session
 /// 19: a move right after a move, and a `checkpoint --export`, lost a third of a 300 MiB

@@ -706,7 +706,29 @@ impl Agent {
                         .is_some_and(|e| e.state.state.is_live());
                     let here = id.as_deref().map(|id| (id, live));
                     let now = journal::now().0;
-                    err.message = match (last_settled(&entries, container, here, now), here) {
+                    // A post-copy cut short here: its copy died, and its source may run its own
+                    // again (QA of session 31, L3: "committed" made the container look lost).
+                    let cut = entries
+                        .iter()
+                        .filter(|e| journal::is_final(&e.state))
+                        .filter(|e| match here {
+                            Some((id, _)) => e.container_id == id,
+                            None => e.is_named(container),
+                        })
+                        .max_by_key(|e| e.stamp())
+                        .filter(|e| {
+                            e.role == Role::Dest
+                                && e.state == JournalState::Committed
+                                && super::postcopy::failed(self, &e.migration_id)
+                        });
+                    let last = match cut {
+                        Some(e) => Some(format!(
+                            "its last move here ({}, from {}) was a post-copy cut short: the copy here was killed for its missing memory, and {1}, if it still holds its frozen copy, runs it again once it asks here",
+                            e.migration_id, e.peer
+                        )),
+                        None => last_settled(&entries, container, here, now),
+                    };
+                    err.message = match (last, here) {
                         (Some(last), _) => format!("{}: {last}", err.message),
                         // QA of session 28, F4: the same words for a name nothing here knows.
                         (None, None) => format!(
@@ -848,6 +870,27 @@ impl Agent {
                     ..resolved_result(&e)
                 })
             }
+            // Rolled back, but the copy here had died meanwhile (its processes killed while
+            // frozen in doubt): nothing runs anywhere, and that is said (QA of session 31, M2:
+            // "the container runs here" while it had ended).
+            Some(Outcome::RolledBack {
+                rollback_error: Some(err),
+                ..
+            }) if self.init_pid_of(&e.container_id).is_none() => {
+                let why = format!(
+                    "lost: the move to {} was rolled back ({} has no copy that can run), but the frozen copy here had died while the move was in doubt ({err})",
+                    e.peer, e.peer
+                );
+                tracing::error!(migration = %e.migration_id, container = %e.container_id, "{why}");
+                if let Some(c) = self.lock().get_mut(&e.container_id) {
+                    c.state.reason = Some(why.clone());
+                }
+                side.0.done("rolled_back", Some(&report), Some(why.clone()));
+                Err(ApiError::new(
+                    ErrorKind::Conflict,
+                    format!("resolved: {} is {why}", e.container_name),
+                ))
+            }
             Some(Outcome::RolledBack { detail, .. }) => {
                 side.0
                     .done("rolled_back", Some(&report), Some(detail.clone()));
@@ -908,6 +951,13 @@ impl Agent {
                     .await
                     .map_err(|err| internal("thawing the container", chain(err.as_ref())))?;
                 settle(self, &e, JournalState::RolledBack);
+                // The move's second `migration_done`, as an automatic resolution's (QA of
+                // session 31, L2).
+                side.0.done(
+                    "rolled_back",
+                    None,
+                    Some(format!("decided by the operator{because}")),
+                );
                 // The destination removes its copy once it hears of this.
                 spawn_notifier(self.clone(), e.clone());
                 Err(ApiError::new(
@@ -935,6 +985,11 @@ impl Agent {
                     .await
                     .map_err(|err| internal("removing this host's copy", chain(err.as_ref())))?;
                 settle(self, &e, JournalState::Committed);
+                side.0.done(
+                    "committed",
+                    None,
+                    Some(format!("decided by the operator{because}")),
+                );
                 Ok(resolved_result(&e))
             }
             // A post-copy's copy has most of its memory on the source: it cannot run without it

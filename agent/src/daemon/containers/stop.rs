@@ -114,6 +114,11 @@ impl Agent {
         self.refresh(id);
         let e = self.entry(id)?;
         if e.busy || e.state.state.is_live() {
+            // Busy (moving, in doubt, checkpointed): why, as `stop` says it, not "running" (QA
+            // of session 31, L5: `rm` said "stop it first", and `stop` refused).
+            if !force && e.busy {
+                return Err(self.busy_error(id, &e));
+            }
             if !force {
                 return Err(ApiError::new(
                     ErrorKind::Conflict,
