@@ -7,8 +7,8 @@
 //! (compared with what they held before the case). A case that ends on host-b moves the container
 //! back (a checked move) before the leak check, so every case starts from the same place.
 //!
-//! Tables share one lab each to save time; labs use the subnets 10.214.20-41.0/24 and
-//! 10.214.175-176.0/24. Needs root.
+//! Tables share one lab each to save time; labs use subnets among 10.214.20-41.0/24 and
+//! 10.214.175-194.0/24. Needs root.
 //! The soak (`soak_back_and_forth`, ignored) moves one container back and forth and three at once.
 
 use anyhow::{bail, ensure, Context, Result};
@@ -989,6 +989,39 @@ fn a_committed_decision_on_a_post_copy_source_is_refused() -> Result<()> {
     ensure!(cleaned, "host-b kept its copy");
     running_on(&lab, A, "psd")?;
     Ok(())
+}
+
+/// A post-copy in doubt on its source (host-b's agent died at the commit), whose frozen copy on
+/// host-a is then killed: once host-b is back and answers that the move rolled back, host-a says
+/// the container is lost (its reason, the answer), lists it ended, not `frozen`, and lets it be
+/// removed. Before (QA of session 31, M2 and M3) host-a said it ran there, and kept it listed
+/// `frozen` and busy (no `stop`, no `rm -f`) until its agent restarted.
+#[test]
+fn a_post_copy_source_copy_that_dies_in_doubt_is_reported_lost() -> Result<()> {
+    if !mig_tests::is_root("fault tests") {
+        return Ok(());
+    }
+    let mut lab = Lab::up("pcgone", 194)?;
+    let id = lab.run_container(A, "pgo", 8)?;
+    lab.fault(B, Some("dest-commit:kill"))?;
+    let o = lab.mig(A, &["move", "pgo", "host-b", "--mode", "lazy"]);
+    ensure!(o.code != 0, "host-b was to die mid-move: {o:?}");
+    lab.fault(B, None)?;
+    let cgroup = format!("{}/{id}", lab.cgroup_parent(A));
+    mig_runtime::cgroup::Cgroup::open(&cgroup)?.kill()?;
+    lab.restart_after_crash(B)?;
+    let mut last = serde_json::Value::Null;
+    let said = mig_tests::wait_until(Duration::from_secs(60), || {
+        last = lab
+            .mig_json(A, &["inspect", "pgo", "--json"])
+            .unwrap_or_default();
+        last["reason"].as_str().is_some_and(|r| r.contains("lost"))
+    });
+    ensure!(said, "host-a: {last}");
+    ensure!(last["state"] == "exited", "host-a: {last}");
+    lab.mig_ok(A, &["rm", "pgo"])?;
+    nothing_left(&lab, A, &id)?;
+    nothing_left(&lab, B, &id)
 }
 
 /// A lazy move from host-a to host-b whose agent on `host` dies at `fault`, in the commit window:

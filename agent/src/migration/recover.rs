@@ -549,6 +549,22 @@ fn names(e: &JournalEntry, container: &str) -> bool {
         || (!container.is_empty() && e.container_id.starts_with(container))
 }
 
+/// The newest settled move of `container` here (of container `here`'s id when there is one).
+fn newest_settled<'a>(
+    entries: &'a [JournalEntry],
+    container: &str,
+    here: Option<(&str, bool)>,
+) -> Option<&'a JournalEntry> {
+    entries
+        .iter()
+        .filter(|e| journal::is_final(&e.state))
+        .filter(|e| match here {
+            Some((id, _)) => e.container_id == id,
+            None => e.is_named(container),
+        })
+        .max_by_key(|e| e.stamp())
+}
+
 /// How the newest settled move of `container` here ended and where the container runs since,
 /// for a `--resolve` that finds nothing left to settle (QA of session 27, F2: it said only that
 /// there was no unfinished migration, which left the operator to guess the outcome). `here`:
@@ -560,14 +576,7 @@ fn last_settled(
     here: Option<(&str, bool)>,
     now: u64,
 ) -> Option<String> {
-    let e = entries
-        .iter()
-        .filter(|e| journal::is_final(&e.state))
-        .filter(|e| match here {
-            Some((id, _)) => e.container_id == id,
-            None => e.is_named(container),
-        })
-        .max_by_key(|e| e.stamp())?;
+    let e = newest_settled(entries, container, here)?;
     let (way, ran) = match e.role {
         Role::Source => ("to", "away"),
         Role::Dest => ("from", "here"),
@@ -708,15 +717,7 @@ impl Agent {
                     let now = journal::now().0;
                     // A post-copy cut short here: its copy died, and its source may run its own
                     // again (QA of session 31, L3: "committed" made the container look lost).
-                    let cut = entries
-                        .iter()
-                        .filter(|e| journal::is_final(&e.state))
-                        .filter(|e| match here {
-                            Some((id, _)) => e.container_id == id,
-                            None => e.is_named(container),
-                        })
-                        .max_by_key(|e| e.stamp())
-                        .filter(|e| {
+                    let cut = newest_settled(&entries, container, here).filter(|e| {
                             e.role == Role::Dest
                                 && e.state == JournalState::Committed
                                 && super::postcopy::failed(self, &e.migration_id)
@@ -882,6 +883,11 @@ impl Agent {
                     e.peer, e.peer
                 );
                 tracing::error!(migration = %e.migration_id, container = %e.container_id, "{why}");
+                // Listed as it is, ended, and free for `rm` (QA of session 31, M3: it stayed
+                // `frozen` and busy until the agent restarted).
+                self.set_busy(&e.container_id, false);
+                super::source::mark_frozen(&e.container_id, false);
+                self.refresh(&e.container_id);
                 if let Some(c) = self.lock().get_mut(&e.container_id) {
                     c.state.reason = Some(why.clone());
                 }
