@@ -722,13 +722,21 @@ impl Agent {
                                 && e.state == JournalState::Committed
                                 && super::postcopy::failed(self, &e.migration_id)
                         });
-                    let last = match cut {
+                    let mut last = match cut {
                         Some(e) => Some(format!(
                             "its last move here ({}, from {}) was a post-copy cut short: the copy here was killed for its missing memory, and {1}, if it still holds its frozen copy, runs it again once it asks here",
                             e.migration_id, e.peer
                         )),
                         None => last_settled(&entries, container, here, now),
                     };
+                    // A post-copy still under way is not over yet (QA of session 31, L3).
+                    if let (Some(l), Some(id)) = (last.as_mut(), id.as_deref()) {
+                        if super::postcopy::memory_arriving(id) {
+                            l.push_str("; its memory is still arriving (post-copy)");
+                        } else if super::source::ending(id) {
+                            l.push_str("; the copy there still fetches its memory from here (post-copy)");
+                        }
+                    }
                     err.message = match (last, here) {
                         (Some(last), _) => format!("{}: {last}", err.message),
                         // QA of session 28, F4: the same words for a name nothing here knows.
