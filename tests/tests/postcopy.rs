@@ -58,7 +58,11 @@ fn a_post_copy_whose_pages_end_before_the_commit_runs_on_its_source() -> Result<
         return Ok(());
     }
     let lab = Lab::up("pccut", 189)?;
-    let id = lab.run_container(0, "pcut", 8)?;
+    // About 100 MB of random data in each of two shells, sent to host-b at 200 Mbit/s: the lazy
+    // dump still serves when it is killed (CRIU's lazy-pages daemon fetches the pages in the
+    // background from the restore on, and 8 MB were all there within the delay below).
+    let id = lab.run_container(0, "pcut", 100)?;
+    lab.throttle_to(1, "200mbit")?;
     let (count, _) = mig_tests::lab::log_state(&lab.mig(0, &["logs", "pcut"]).stdout);
     let agent = lab.hosts[0].agent_pid.context("host-a has no agent")?;
     lab.fault(0, Some("source-restore:delay:6000"))?;

@@ -145,7 +145,7 @@ fn run() -> Result<()> {
     let (agent, live) = Agent::open(cfg).context("opening the state directory")?;
     tracing::info!(adopted = live.len(), "containers loaded");
     let rt = tokio::runtime::Runtime::new().context("starting tokio")?;
-    let ran = rt.block_on(async {
+    rt.block_on(async {
         let listener = bind(&socket).await?;
         daemon::watch_adopted(&agent, live);
         daemon::heap::release_when_idle();
@@ -178,15 +178,13 @@ fn run() -> Result<()> {
             }) => {}
             _ = shutdown_signal() => tracing::warn!("stopping now, with moves under way"),
         }
+        // A post-copy still arriving here when the wait gave up (its 5 minutes, a second
+        // signal): its copy is stopped, since nothing here will stop it on missing memory once
+        // this agent is gone; the next start settles it (review 2 of session 31, M1).
+        let _ = tokio::task::spawn_blocking(mig_agent::migration::stop_arriving_postcopies).await;
         let _ = std::fs::remove_file(&socket);
         Ok(())
-    });
-    // Not waiting for blocking tasks that wait on others: a post-copy's watch waits on its
-    // lazy-pages daemon, which waits for pages that came through this agent, so dropping the
-    // runtime hung the agent for good (QA of session 31, M1). The daemon and the container
-    // wait for the next start, which settles them (`recover_postcopy`).
-    rt.shutdown_timeout(std::time::Duration::from_secs(2));
-    ran
+    })
 }
 
 fn init_logging(format: LogFormat) {

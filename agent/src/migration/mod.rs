@@ -20,6 +20,7 @@ pub mod precopy;
 pub mod probe;
 mod pstree;
 mod recover;
+pub use pages::stop_arriving_postcopies;
 pub use recover::settle_sources;
 pub(crate) use recover::waiting as waiting_for_destination;
 pub(crate) use recover::{also_runs_on, also_runs_on_peer};

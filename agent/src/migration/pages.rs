@@ -235,6 +235,21 @@ pub(crate) fn source_left(migration_id: &str) {
     }
 }
 
+/// Every post-copy still fetching its copy's memory here: stopped as when its source's pages
+/// end (this agent is about to stop, and its copies cannot get their memory without it).
+/// Blocking.
+pub fn stop_arriving_postcopies() {
+    let guards: Vec<(String, Arc<PostcopyGuard>)> = with_jobs(|j| {
+        j.iter()
+            .filter_map(|(id, job)| Some((id.clone(), job.guard.clone()?)))
+            .collect()
+    });
+    for (id, g) in guards {
+        tracing::warn!(migration = %id, "stopping with a post-copy still under way: its copy is stopped; the next start settles it");
+        g.source_ended();
+    }
+}
+
 fn is_known(migration_id: &str) -> bool {
     with_jobs(|j| j.contains_key(migration_id))
 }
@@ -657,23 +672,32 @@ pub(crate) fn watch_lazy_daemon(
     let started = Instant::now();
     tokio::spawn(async move {
         let id = migration_id.clone();
-        let (r, proxy_err, guarded) = tokio::task::spawn_blocking(move || {
+        // On a thread of its own, not the runtime's blocking pool: the daemon may wait for
+        // pages that came through this agent, and a stopping agent waits for that pool (QA of
+        // session 31, M1: migd hung for good; the next start settles the daemon).
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
             let r = daemon.wait();
             let guarded = guard.is_some_and(|g| g.daemon_ended());
             // The daemon ended (closing its end of the pair): so does the proxy.
-            (r, finish_proxy(&id, proxy), guarded)
-        })
-        .await
-        .unwrap_or_else(|e| {
+            let _ = tx.send((r, finish_proxy(&id, proxy), guarded));
+        });
+        let (r, proxy_err, guarded) = rx.await.unwrap_or_else(|_| {
             (
                 Err(mig_migrate::criu::CriuError::Spawn {
                     path: "criu".into(),
-                    source: std::io::Error::other(e.to_string()),
+                    source: std::io::Error::other("the daemon's watch ended"),
                 }),
                 None,
                 false,
             )
         });
+        let cd = agent.dirs.container(&container_id);
+        if r.is_ok() && !local {
+            // First: a restart from here on must not take the copy, still frozen by its guard
+            // until the thaw below, for one cut short (review 2 of session 31, M3).
+            let _ = std::fs::write(cd.dir.join(LAZY_DIR).join(super::postcopy::COMPLETE), b"");
+        }
         if r.is_err() {
             // First: a source asking from now on is told the move rolled back, and runs its
             // whole frozen copy again (QA of session 30, F1 and F2). Before the cleanup below,
@@ -691,8 +715,6 @@ pub(crate) fn watch_lazy_daemon(
         forget(&migration_id);
         // The last page arrived (the copy is charged for them), or the copy is killed.
         super::dest::release_memory(&migration_id);
-        let cd = agent.dirs.container(&container_id);
-        let _ = std::fs::remove_dir_all(cd.dir.join(LAZY_DIR));
         if r.is_ok() && guarded {
             // The source's stream ended just after the daemon's last page: thawed before the
             // container stops being marked as filling, so that nothing sees it frozen with no
@@ -702,6 +724,7 @@ pub(crate) fn watch_lazy_daemon(
                 let _ = cg.thaw();
             }
         }
+        let _ = std::fs::remove_dir_all(cd.dir.join(LAZY_DIR));
         // Every page is there, or the container is killed: either way nothing is arriving.
         super::postcopy::mark_filling(&container_id, false);
         match r {

@@ -181,6 +181,10 @@ pub(crate) struct PostcopyMarker {
 
 const POSTCOPY_MARKER: &str = "postcopy.json";
 
+/// In a daemon's directory once it ended with every page: the copy is whole, whatever its
+/// guard left frozen ([`recover_postcopy`] thaws it).
+pub(crate) const COMPLETE: &str = "complete";
+
 /// Whether container `id`'s copy here is migration `migration_id`'s post-copy, whose memory
 /// comes from its source: the marker of a daemon that fetches it there, in the daemon's
 /// directory (not ended with every page) or set aside by a restart of this agent that found
@@ -355,6 +359,14 @@ pub(crate) fn recover_postcopy(agent: &Arc<Agent>) {
             continue;
         };
         let Some(daemon) = daemon_of(marker.daemon_pid, &work) else {
+            if work.join(COMPLETE).exists() {
+                // Every page arrived; the agent stopped before the watch's last steps.
+                if let Ok(cg) = mig_runtime::cgroup::Cgroup::open(&agent.cgroup_name(&id)) {
+                    let _ = cg.thaw();
+                }
+                let _ = std::fs::remove_dir_all(&work);
+                continue;
+            }
             set_aside(&d.path());
             // A post-copy's copy that never ran (it still carries its migration's marker)
             // and whose daemon is gone (the guard ended it when the source's pages stopped)

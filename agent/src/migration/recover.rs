@@ -890,15 +890,7 @@ impl Agent {
                     "lost: the move to {} was rolled back ({} has no copy that can run), but the frozen copy here had died while the move was in doubt ({err})",
                     e.peer, e.peer
                 );
-                tracing::error!(migration = %e.migration_id, container = %e.container_id, "{why}");
-                // Listed as it is, ended, and free for `rm` (QA of session 31, M3: it stayed
-                // `frozen` and busy until the agent restarted).
-                self.set_busy(&e.container_id, false);
-                super::source::mark_frozen(&e.container_id, false);
-                self.refresh(&e.container_id);
-                if let Some(c) = self.lock().get_mut(&e.container_id) {
-                    c.state.reason = Some(why.clone());
-                }
+                self.release_lost(&e, &why);
                 side.0.done("rolled_back", Some(&report), Some(why.clone()));
                 Err(ApiError::new(
                     ErrorKind::Conflict,
@@ -961,9 +953,35 @@ impl Agent {
         let settled = match (e.role, decide) {
             (Role::Source, Decision::RolledBack) => {
                 let side = self.decided_side(&e);
-                transport::SourceHost::thaw(&side)
-                    .await
-                    .map_err(|err| internal("thawing the container", chain(err.as_ref())))?;
+                match transport::SourceHost::thaw(&side).await {
+                    Ok(()) => {}
+                    // The copy here died while in doubt: nothing to run, and it is said
+                    // (review 2 of session 31, M2: the decision failed for good).
+                    Err(err) if self.init_pid_of(&e.container_id).is_none() => {
+                        let why = format!(
+                            "lost: the move to {} was rolled back by the operator{because}, but the frozen copy here had died while the move was in doubt ({})",
+                            e.peer,
+                            chain(err.as_ref())
+                        );
+                        settle(
+                            self,
+                            &e,
+                            JournalState::RollbackFailed {
+                                detail: why.clone(),
+                            },
+                        );
+                        self.release_lost(&e, &why);
+                        side.0.done("rolled_back", None, Some(why.clone()));
+                        spawn_notifier(self.clone(), e.clone());
+                        let settled = Err(ApiError::new(
+                            ErrorKind::Conflict,
+                            format!("decided by the operator: {} is {why}", e.container_name),
+                        ));
+                        self.settle_started_move(&e.migration_id, &settled);
+                        return settled;
+                    }
+                    Err(err) => return Err(internal("thawing the container", chain(err.as_ref()))),
+                }
                 settle(self, &e, JournalState::RolledBack);
                 // The move's second `migration_done`, as an automatic resolution's (QA of
                 // session 31, L2).
@@ -1061,6 +1079,19 @@ impl Agent {
         };
         self.settle_started_move(&e.migration_id, &settled);
         settled
+    }
+
+    /// A source copy of move `e` that died while the move was in doubt: listed as it is (ended,
+    /// with `why` as its reason), no longer busy or marked frozen, so that `rm` takes it (QA of
+    /// session 31, M3: it stayed `frozen` and busy until the agent restarted).
+    fn release_lost(&self, e: &JournalEntry, why: &str) {
+        tracing::error!(migration = %e.migration_id, container = %e.container_id, "{why}");
+        self.set_busy(&e.container_id, false);
+        super::source::mark_frozen(&e.container_id, false);
+        self.refresh(&e.container_id);
+        if let Some(c) = self.lock().get_mut(&e.container_id) {
+            c.state.reason = Some(why.to_owned());
+        }
     }
 
     /// Holds migration `e` ([`hold_within`]) and reads its journal entry again: another
