@@ -299,17 +299,9 @@ pub(crate) async fn settle_failed(
         }
     };
     tracing::warn!(migration = %e.migration_id, container = %id, peer = %e.peer, ?state, "the post-copy's copy here died for its missing memory: the move is rolled back, and its source runs its own copy again");
-    let mut settled = e.clone();
-    settled.state = state.clone();
-    settled.touch();
-    match super::journal::write(&agent.cfg.state_dir, &settled) {
+    if super::recover::settle(agent, e, state.clone()) {
         // The journal answers from now on.
-        Ok(()) => {
-            let _ = std::fs::remove_file(failed_path(agent, &e.migration_id));
-        }
-        Err(err) => {
-            tracing::error!(migration = %e.migration_id, error = %super::chain(&err), "cannot update the journal")
-        }
+        let _ = std::fs::remove_file(failed_path(agent, &e.migration_id));
     }
     state
 }

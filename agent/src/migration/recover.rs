@@ -66,12 +66,17 @@ pub(crate) const HOLD_LIMIT: Duration = Duration::from_secs(20);
 /// again (its notifier stops at the first answer, even "undecided").
 pub(crate) const DEST_HOLD_LIMIT: Duration = Duration::from_secs(45);
 
-fn settle(agent: &Agent, e: &JournalEntry, state: JournalState) {
+/// Journals `e` as `state` now; whether that was written (a failure is logged).
+pub(crate) fn settle(agent: &Agent, e: &JournalEntry, state: JournalState) -> bool {
     let mut e = e.clone();
     e.state = state;
     e.touch();
-    if let Err(err) = journal::write(&agent.cfg.state_dir, &e) {
-        tracing::error!(migration = %e.migration_id, error = %chain(&err), "cannot update the journal");
+    match journal::write(&agent.cfg.state_dir, &e) {
+        Ok(()) => true,
+        Err(err) => {
+            tracing::error!(migration = %e.migration_id, error = %chain(&err), "cannot update the journal");
+            false
+        }
     }
 }
 
@@ -297,20 +302,17 @@ fn roll_back_source(agent: &Arc<Agent>, e: &JournalEntry) {
         // The destination may hold a restored copy, in doubt: release it.
         spawn_notifier(agent.clone(), e.clone());
     }
-    match thawed {
-        Ok(()) => settle(agent, e, JournalState::RolledBack),
+    let state = match thawed {
+        Ok(()) => JournalState::RolledBack,
         Err(err) if agent.entry(&id).is_err() => {
             tracing::warn!(error = %chain(&err), "the container is gone");
-            settle(agent, e, JournalState::RolledBack)
+            JournalState::RolledBack
         }
-        Err(err) => settle(
-            agent,
-            e,
-            JournalState::RollbackFailed {
-                detail: chain(&err),
-            },
-        ),
-    }
+        Err(err) => JournalState::RollbackFailed {
+            detail: chain(&err),
+        },
+    };
+    settle(agent, e, state);
 }
 
 /// Tells the destination of the rolled-back move `e` (the source side) that it was rolled back,
