@@ -284,19 +284,12 @@ pub(crate) async fn settle_failed(
         tracing::warn!(migration = %e.migration_id, container = %id, "the post-copy's copy here failed but an operator started it again since: answering committed");
         return JournalState::Committed;
     }
-    kill_copy(agent, id);
-    let state = match agent.entry(id) {
-        Err(_) => JournalState::RolledBack,
-        Ok(_) => {
-            agent.set_busy(id, false);
-            match agent.remove(id, true).await {
-                Ok(()) => JournalState::RolledBack,
-                Err(_) if agent.entry(id).is_err() => JournalState::RolledBack,
-                Err(err) => JournalState::RollbackFailed {
-                    detail: err.message,
-                },
-            }
-        }
+    // Killed and removed as a source removes its copy after a commit.
+    let state = match super::source::destroy_copy(agent, id, &agent.cgroup_name(id)).await {
+        Ok(()) => JournalState::RolledBack,
+        Err(err) => JournalState::RollbackFailed {
+            detail: super::chain(&err),
+        },
     };
     tracing::warn!(migration = %e.migration_id, container = %id, peer = %e.peer, ?state, "the post-copy's copy here died for its missing memory: the move is rolled back, and its source runs its own copy again");
     if super::recover::settle(agent, e, state.clone()) {
