@@ -345,8 +345,9 @@ fn image_oci_archive() {
     assert_eq!(store.import(&plain, "ociarch2").unwrap().id, config_digest);
     // A blob the archive lacks is named in the archive, not in the store's work directory,
     // which is gone by then (QA of session 30: "opening .../images/tmp/<pid>.<n>/layout/...").
+    // This layout's own digest: its layer tars carry the time they were made.
     let (tmp2, store2) = crate::store();
-    let (layout, _, _) = build_layout(tmp2.path());
+    let (layout, config_digest, _) = build_layout(tmp2.path());
     let config = format!("blobs/sha256/{}", &config_digest["sha256:".len()..]);
     fs::remove_file(layout.join(&config)).unwrap();
     let archive = write_file(tmp2.path(), "lacking.tar", &tar_dir(&layout));

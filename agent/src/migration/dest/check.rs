@@ -494,7 +494,14 @@ pub(super) fn memory_fits(
     }
     match left.into_iter().min_by_key(|(room, _)| *room) {
         Some((room, within)) if need > room => Err(DestError::NoMemory { need, room, within }),
-        _ => {
+        least => {
+            tracing::info!(
+                migration = %migration_id,
+                need_mib = need >> 20,
+                room_mib = least.as_ref().map(|(room, _)| room >> 20),
+                within = least.as_ref().map(|(_, within)| within.as_str()),
+                "the container's memory fits here; held for it until its copy is charged"
+            );
             reserved.insert(migration_id.to_owned(), (need, Instant::now()));
             Ok(())
         }
