@@ -14,8 +14,8 @@
 //! `/proc/PID/mem`, and puts the pages of mappings without read permission into the images
 //! instead (docs/criu.md, "Patches", 0003).
 //!
-//! Needs root. Labs on subnets 10.214.70-74.0/24, 10.214.76-78.0/24, 10.214.96.0/24 and
-//! 10.214.192-193.0/24.
+//! Needs root. Labs on subnets 10.214.70-74.0/24, 10.214.76-78.0/24, 10.214.96.0/24,
+//! 10.214.192-193.0/24 and 10.214.195.0/24.
 
 use anyhow::{bail, ensure, Context, Result};
 use mig_tests::lab::{lazy_daemons_under, move_and_check_with, Events, Lab};
@@ -750,6 +750,55 @@ fn a_container_still_receiving_its_memory_is_not_moved_on() -> Result<()> {
         "{} moves refused while the memory arrived, then moved back intact; host-a: {}",
         refused.len(),
         waited.unwrap_or("its old copy was gone when the move back arrived")
+    );
+    Ok(())
+}
+
+/// The destination's operator removes a container whose memory still arrives (post-copy): the
+/// move committed and nothing is lost, but the source must not say the copy got every page (QA
+/// of session 32, F3: "until the last page arrived" with 13 of 300 MiB sent), and host-b's log
+/// says the container ended during its post-copy.
+#[test]
+fn a_post_copy_whose_copy_is_removed_is_not_said_to_have_every_page() -> Result<()> {
+    if !mig_tests::is_root("migration tests") {
+        return Ok(());
+    }
+    let lab = Lab::up("pcrm", 195)?;
+    let id = start_filler(&lab)?;
+    // 512 MiB at 200 Mbit/s: about 20 s of post-copy; the removal comes in its first seconds.
+    lab.throttle_to(1, "200mbit")?;
+    let (removed, moved) = std::thread::scope(|s| {
+        let mover = s.spawn(|| lab.mig(0, &["move", "fill", "host-b", "--mode", "lazy", "--json"]));
+        let removed = wait_until(Duration::from_secs(120), || {
+            inspect(&lab, 1, "fill")["state"] == "running"
+        }) && lab.mig(1, &["rm", "-f", "fill"]).code == 0;
+        (removed, mover.join())
+    });
+    let moved = moved.map_err(|_| anyhow::anyhow!("the mover panicked"))?;
+    let _ = lab.mig(0, &["rm", "-f", &id]);
+    let _ = lab.mig(1, &["rm", "-f", &id]);
+    ensure!(
+        removed,
+        "host-b's copy was never seen running, or not removed"
+    );
+    ensure!(moved.code == 0, "{moved:?}");
+    let r: Value = serde_json::from_str(&moved.stdout).context("move --json")?;
+    ensure!(r["postcopy_error"].is_null(), "{r}");
+    let (sent, lazy) = (r["page_bytes"].as_u64(), r["lazy_bytes"].as_u64());
+    ensure!(
+        matches!((sent, lazy), (Some(s), Some(l)) if l > 256 << 20 && s < l),
+        "page_bytes {sent:?} of lazy_bytes {lazy:?}: {r}"
+    );
+    let log_b = std::fs::read_to_string(lab.hosts[1].socket.with_extension("log"))?;
+    ensure!(
+        log_b.contains("the container ended during its post-copy")
+            && !log_b.contains("every page arrived"),
+        "host-b's log: {}",
+        log_b
+            .lines()
+            .filter(|l| l.contains("page"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     Ok(())
 }

@@ -259,9 +259,20 @@ fn move_text(r: &MoveResult) -> String {
         }
     }
     if let (Some(p), None) = (r.postcopy_ms, &r.postcopy_error) {
-        s.push_str(&format!(
-            "  post-copy: the container depended on this host for its memory for {p} ms more, until the last page arrived\n"
-        ));
+        match r.lazy_bytes {
+            // The copy there stopped asking before the last page: it ended (exited, killed,
+            // removed) or freed that memory (QA of session 32, F3: "until the last page
+            // arrived" with 13 of 300 MiB sent, the copy removed by its operator).
+            Some(lazy) if r.page_bytes < lazy => s.push_str(&format!(
+                "  post-copy: the copy on {} stopped asking for memory {p} ms after the resume, with {} of the {} sent after it (it ended, was removed, or freed the rest); it no longer depends on this host\n",
+                r.peer,
+                super::output::human_size(r.page_bytes),
+                super::output::human_size(lazy)
+            )),
+            _ => s.push_str(&format!(
+                "  post-copy: the container depended on this host for its memory for {p} ms more, until the last page arrived\n"
+            )),
+        }
     }
     if let Some(e) = &r.postcopy_error {
         s.push_str(&format!(
@@ -606,5 +617,31 @@ mod tests {
         assert!(move_text(&r).contains(
             "memory presync failed (the destination ended the presync): every page went while frozen"
         ));
+    }
+
+    #[test]
+    fn a_post_copy_whose_copy_stopped_asking_is_not_said_to_have_every_page() {
+        let mut r = MoveResult {
+            name: "web".into(),
+            peer: "host-b".into(),
+            mode: "lazy".into(),
+            postcopy_ms: Some(1164),
+            page_bytes: 300 << 20,
+            lazy_bytes: Some(300 << 20),
+            ..Default::default()
+        };
+        let whole = "for its memory for 1164 ms more, until the last page arrived";
+        assert!(move_text(&r).contains(whole), "{}", move_text(&r));
+        // An older agent's result has no lazy bytes: the line stays as it was.
+        r.lazy_bytes = None;
+        assert!(move_text(&r).contains(whole));
+        r.lazy_bytes = Some(300 << 20);
+        r.page_bytes = 13 << 20;
+        let text = move_text(&r);
+        assert!(!text.contains("until the last page"), "{text}");
+        assert!(
+            text.contains("the copy on host-b stopped asking for memory 1164 ms after the resume, with 13.0 MiB of the 300.0 MiB sent after it"),
+            "{text}"
+        );
     }
 }

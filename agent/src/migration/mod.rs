@@ -204,6 +204,11 @@ pub struct MoveResult {
     /// container then, and reports it).
     #[serde(default)]
     pub postcopy_error: Option<String>,
+    /// `lazy`: the bytes of memory left to send after the resume. `page_bytes` below it with
+    /// no `postcopy_error`: the copy there stopped asking for pages before the last one (it
+    /// ended, was removed, or freed that memory), not every page arrived.
+    #[serde(default)]
+    pub lazy_bytes: Option<u64>,
     /// Inside `dump_ms`: the `criu dump` command alone.
     #[serde(default)]
     pub criu_dump_ms: Option<u64>,

@@ -654,6 +654,7 @@ impl Agent {
                     delta_bytes: side.upper_sync.delta_bytes.load(Ordering::Relaxed),
                     postcopy_ms: postcopy.as_ref().map(|p| ms(p.0)),
                     postcopy_error: postcopy.and_then(|p| p.1),
+                    lazy_bytes: side.pages.lazy_bytes.get().copied(),
                     criu_dump_ms: Some(side.pages.criu_dump_ms.load(Ordering::Relaxed)),
                     seal_ms: Some(side.pages.seal_ms.load(Ordering::Relaxed)),
                     precopy: side.precopy.report(),
