@@ -15,7 +15,7 @@
 //! instead (docs/criu.md, "Patches", 0003).
 //!
 //! Needs root. Labs on subnets 10.214.70-74.0/24, 10.214.76-78.0/24, 10.214.96.0/24,
-//! 10.214.192-193.0/24 and 10.214.195.0/24.
+//! 10.214.192-193.0/24 and 10.214.195-196.0/24.
 
 use anyhow::{bail, ensure, Context, Result};
 use mig_tests::lab::{lazy_daemons_under, move_and_check_with, Events, Lab};
@@ -799,6 +799,52 @@ fn a_post_copy_whose_copy_is_removed_is_not_said_to_have_every_page() -> Result<
             .filter(|l| l.contains("page"))
             .collect::<Vec<_>>()
             .join("\n")
+    );
+    Ok(())
+}
+
+/// `mig lab down` during a post-copy ends the destination's `criu lazy-pages` daemon too: it
+/// outlives its agent, outside the container's cgroup (QA of session 32, F9: left running,
+/// reparented to PID 1, holding the removed state directory's files).
+#[test]
+fn lab_down_during_a_post_copy_leaves_no_lazy_pages_daemon() -> Result<()> {
+    if !mig_tests::is_root("migration tests") {
+        return Ok(());
+    }
+    let lab = Lab::up("pcdown", 196)?;
+    start_filler(&lab)?;
+    lab.throttle_to(1, "200mbit")?;
+    let state_b = lab.state_dir(1).to_owned();
+    let (daemons, down) = std::thread::scope(|s| {
+        let mover = s.spawn(|| lab.mig(0, &["move", "fill", "host-b", "--mode", "lazy"]));
+        let mut daemons = Vec::new();
+        wait_until(Duration::from_secs(120), || {
+            daemons = lazy_daemons_under(&state_b);
+            !daemons.is_empty() && inspect(&lab, 1, "fill")["state"] == "running"
+        });
+        let down = lab.mig_lab(&["lab", "down"]);
+        let _ = mover.join();
+        (daemons, down)
+    });
+    let left: Vec<i32> = daemons
+        .iter()
+        .copied()
+        .filter(|&pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z"))
+        })
+        .collect();
+    // This test's own leftovers, by PID, whatever it finds.
+    for &pid in &left {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    ensure!(
+        !daemons.is_empty(),
+        "no lazy-pages daemon was seen on host-b"
+    );
+    ensure!(down.code == 0, "{down:?}");
+    ensure!(
+        left.is_empty(),
+        "lazy-pages daemons left after down: {left:?}; {down:?}"
     );
     Ok(())
 }

@@ -98,8 +98,17 @@ impl HostScope {
             }
         }
         let dir = self.state_dir.display().to_string();
-        process::cmdline(pid).iter().any(|a| a.contains(&dir))
+        process::cmdline(pid)
+            .iter()
+            .any(|a| names_path_under(a, &dir))
     }
+}
+
+/// Whether the argument `arg` holds the path `dir` or a path below it (not `<dir>x`: host-a's
+/// state directory is a prefix of host-ab's).
+fn names_path_under(arg: &str, dir: &str) -> bool {
+    arg.match_indices(dir)
+        .any(|(at, _)| matches!(arg.as_bytes().get(at + dir.len()), None | Some(b'/')))
 }
 
 pub(crate) fn teardown(file: &LabFile, lab_file: &Path) -> DownReport {
@@ -147,6 +156,11 @@ pub(crate) fn teardown(file: &LabFile, lab_file: &Path) -> DownReport {
         for cg in &all {
             victims.extend(cgroup_procs(cg));
         }
+        // And what the agents left outside the containers' cgroups: a post-copy's `criu
+        // lazy-pages` daemon outlives its agent, in the host's namespace (QA of session 32,
+        // F9: reparented to PID 1 after `down`, holding the removed state directory's files).
+        let me = std::process::id() as i32;
+        victims.extend(process::all_pids().filter(|&pid| pid != me && scope.contains_self(pid)));
         victims.sort_unstable();
         victims.dedup();
         victims.retain(|&pid| pid_alive(pid) && scope.contains(pid));
@@ -490,6 +504,25 @@ mod tests {
         collect_pids(&v, 2, &mut pids);
         pids.sort();
         assert_eq!(pids, [100, 101, 102]);
+    }
+
+    #[test]
+    fn a_command_line_names_the_state_directory_or_below_it() {
+        let dir = "/var/lib/mig-lab/l/host-a";
+        assert!(names_path_under("/var/lib/mig-lab/l/host-a", dir));
+        assert!(names_path_under(
+            "--images-dir=/var/lib/mig-lab/l/host-a/containers/x/checkpoint",
+            dir
+        ));
+        assert!(!names_path_under(
+            "/var/lib/mig-lab/l/host-ab/containers",
+            dir
+        ));
+        assert!(names_path_under(
+            "/var/lib/mig-lab/l/host-ab:/var/lib/mig-lab/l/host-a/x",
+            dir
+        ));
+        assert!(!names_path_under("/var/lib/mig-lab/l", dir));
     }
 
     #[test]

@@ -239,13 +239,16 @@ pub(crate) fn agent_alive(pid: i32, socket: &Path) -> bool {
 
 /// PIDs of running agents whose `--socket` is `socket` (finds agents whose PID was not recorded).
 pub(crate) fn find_agents(socket: &Path) -> Vec<i32> {
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    rd.flatten()
+    all_pids().filter(|&pid| agent_alive(pid, socket)).collect()
+}
+
+/// Every process of the machine (as this process's PID namespace sees them).
+pub(crate) fn all_pids() -> impl Iterator<Item = i32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
         .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
-        .filter(|&pid| agent_alive(pid, socket))
-        .collect()
 }
 
 /// How long `mig lab restart` lets an agent finish its moves after SIGTERM: migd waits up to 5
