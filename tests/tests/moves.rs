@@ -866,3 +866,62 @@ fn get_xattr(path: &std::path::Path, name: &str) -> Option<Vec<u8>> {
     buf.truncate(usize::try_from(r).ok()?);
     Some(buf)
 }
+
+/// A container with 50,000 small files in its writable layer moves to host-b and, as soon as
+/// host-b lists it running (host-a still removing its old copy), straight back: host-a answers,
+/// and takes it once its old copy is gone or refuses saying that copy is still being removed.
+/// Before (QA of session 32, F1) host-a removed the files on its runtime's threads and answered
+/// nothing meanwhile: the move back failed with "cannot reach host-a: timed out", "the link to
+/// the destination was lost", or "exited here; `mig rm` removes that record", which `mig rm`
+/// there answered with "no such container".
+#[test]
+fn a_move_straight_back_while_the_old_copy_is_removed_is_answered() -> Result<()> {
+    if !mig_tests::is_root("migration tests") {
+        return Ok(());
+    }
+    let lab = Lab::up("back", 197)?;
+    let id = lab.run_container(0, "many", 1)?;
+    // Written from the host into the writable layer (the container's shell takes minutes).
+    let upper = lab.state_dir(0).join("containers").join(&id).join("upper");
+    for d in 0..200 {
+        let dir = upper.join(format!("m/d{d}"));
+        std::fs::create_dir_all(&dir)?;
+        for f in 0..250 {
+            std::fs::write(dir.join(format!("f{f}")), format!("{d}-{f}\n"))?;
+        }
+    }
+    let state = |host| {
+        lab.mig_json(host, &["inspect", "many", "--json"])
+            .map(|v| v["state"].as_str().unwrap_or_default().to_owned())
+            .unwrap_or_default()
+    };
+    let (first, back) = std::thread::scope(|s| {
+        let mover = s.spawn(|| lab.mig(0, &["move", "many", "host-b"]));
+        let seen = mig_tests::wait_until(Duration::from_secs(180), || state(1) == "running");
+        let back = seen.then(|| lab.mig(1, &["move", "many", "host-a"]));
+        (mover.join(), back)
+    });
+    let first = first.map_err(|_| anyhow::anyhow!("the mover panicked"))?;
+    anyhow::ensure!(first.code == 0, "{first:?}");
+    let back = back.context("host-b never listed the container running")?;
+    eprintln!(
+        "move back: exit {}: {}{}",
+        back.code,
+        back.stdout.trim(),
+        back.stderr.trim()
+    );
+    let here = if back.code == 0 {
+        0
+    } else {
+        anyhow::ensure!(
+            back.stderr.contains("still being removed"),
+            "the move back failed for another reason: {back:?}"
+        );
+        1
+    };
+    running_on(&lab, here, "many")?;
+    continues(&lab, here, "many", 0)?;
+    let files = lab.mig_ok(here, &["exec", "many", "--", "ls", "/m/d199"])?;
+    anyhow::ensure!(files.lines().count() == 250, "{files}");
+    nothing_left(&lab, 1 - here, &id)
+}

@@ -92,7 +92,11 @@ impl DestSide {
             {
                 // Not running here: a record left by a checkpoint exported and restored
                 // elsewhere, say, which `mig rm` removes (QA of session 26).
-                let hint = if e.state.state.is_live() {
+                let hint = if crate::migration::source::ending(&e.spec.id) {
+                    // QA of session 32, F1: "exited here; `mig rm` removes that record", and
+                    // `mig rm` answered "no such container".
+                    " (its copy here is still being removed, after its move away committed: a writable layer of many files takes a while; try again in a few seconds)".to_owned()
+                } else if e.state.state.is_live() {
                     String::new()
                 } else {
                     format!(

@@ -35,7 +35,12 @@ pub(crate) async fn cleanup_incoming(
             if let Ok(cg) = Cgroup::open(&cgroup) {
                 let _ = cg.destroy();
             }
-            std::fs::remove_dir_all(&cd.dir).map_err(io(&cd.dir))?;
+            // Off the runtime's threads (a large writable layer takes seconds).
+            let dir = cd.dir.clone();
+            tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
+                .map_err(io(&cd.dir))?;
         }
     }
     if let Ok(staging) = journal::staging(&agent.cfg.state_dir, migration_id) {
