@@ -12,7 +12,7 @@ mod events;
 mod logs;
 pub mod man;
 mod moves;
-mod output;
+pub(crate) mod output;
 mod rebalance;
 
 pub(crate) use commands::ignored_at_start;

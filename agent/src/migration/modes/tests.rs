@@ -195,7 +195,7 @@ async fn plan_names_where_the_throughput_came_from() {
     let p = plan(
         opts(None),
         (1 << 30, 0),
-        0,
+        (0, None),
         (1, 1, 0),
         Throughput::probed(probe),
         (false, false, None),
@@ -209,7 +209,7 @@ async fn plan_names_where_the_throughput_came_from() {
     let d = plan(
         opts(None),
         (1 << 30, 0),
-        0,
+        (0, None),
         (1, 1, 0),
         known_throughput("plan-never-seen"),
         (false, false, None),
@@ -222,7 +222,7 @@ async fn plan_names_where_the_throughput_came_from() {
     let err = plan(
         opts(Some(1)),
         (1 << 30, 0),
-        0,
+        (0, None),
         (1, 1, 0),
         Throughput::probed(probe),
         (false, false, None),
@@ -241,7 +241,7 @@ async fn plan_names_where_the_throughput_came_from() {
     let err = plan(
         opts(Some(1)),
         (1 << 30, 0),
-        0,
+        (0, None),
         (1, 1, 0),
         known_throughput("plan-never-seen"),
         (false, false, None),
@@ -385,7 +385,7 @@ async fn the_plan_says_where_the_fixed_costs_came_from() {
     let p = plan(
         opts,
         (40 << 20, 0),
-        0,
+        (0, None),
         (1, 1, 0),
         link,
         (false, false, None),
@@ -399,7 +399,7 @@ async fn the_plan_says_where_the_fixed_costs_came_from() {
     let p = plan(
         opts,
         (40 << 20, 0),
-        0,
+        (0, None),
         (1, 1, 0),
         link,
         (false, false, None),
@@ -592,5 +592,54 @@ fn memory_mappings_add_to_every_mode() {
     assert_eq!(
         many.describe_tasks(),
         "1 process, 1 thread, 40000 memory mappings"
+    );
+}
+
+#[test]
+fn a_writable_layer_whose_files_do_not_change_is_not_predicted_to_cross_again() {
+    // QA of session 32, F2: 450 MiB of unchanging files and a counter appended to, on an
+    // 11 MiB/s link: predicted at 39 s (the whole layer taken as changed during its presync),
+    // measured 162 ms.
+    let mib = 1u64 << 20;
+    let layer = Preflight {
+        throughput: 11 * mib,
+        upper_bytes: 450 * mib,
+        upper_recent_bytes: Some(12 << 10),
+        ..test_preflight(mib / 8)
+    };
+    for mode in [MoveMode::Stream, MoveMode::Lazy] {
+        let p = layer.predict(mode);
+        assert!(p < 2000, "{mode:?}: {p} ms");
+        assert!(layer.choose(mode, Some(2000)).is_ok(), "{mode:?}");
+    }
+    // Files changed lately are taken to change again, with what changes at their rate while
+    // the layer's presync runs (41 s here).
+    let busy = Preflight {
+        upper_recent_bytes: Some(60 * mib),
+        ..layer
+    };
+    let (quiet_ms, busy_ms) = (
+        layer.predict(MoveMode::Stream),
+        busy.predict(MoveMode::Stream),
+    );
+    assert!(busy_ms > quiet_ms + 9_000, "{quiet_ms} {busy_ms}");
+    // Not counted (an older caller): the assumed rate, and the refusal says where the time goes.
+    let assumed = Preflight {
+        upper_recent_bytes: None,
+        ..layer
+    };
+    let e = assumed.choose(MoveMode::Stream, Some(2000)).unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains("writable layer 450.0 MiB, 450.0 MiB of it assumed to cross again while frozen (changes assumed at"),
+        "{text}"
+    );
+    let e = busy
+        .choose(MoveMode::Stream, Some(2000))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("(60.0 MiB in files changed in the last 60 s)"),
+        "{e}"
     );
 }

@@ -26,9 +26,12 @@ fn idle_running(id: &str, e: &crate::daemon::Entry) -> bool {
         && !crate::daemon::is_stopping(id)
 }
 
-/// Size in bytes of the files under `dir` (best effort).
-fn du(dir: &Path) -> u64 {
-    let mut total = 0;
+/// Size in bytes of the files under `dir`, and of those changed within `recent` (best effort).
+fn du(dir: &Path, recent: Duration) -> (u64, u64) {
+    let since = std::time::SystemTime::now()
+        .checked_sub(recent)
+        .unwrap_or(std::time::UNIX_EPOCH);
+    let (mut total, mut changed) = (0, 0);
     let mut stack = vec![dir.to_owned()];
     while let Some(d) = stack.pop() {
         let Ok(rd) = std::fs::read_dir(&d) else {
@@ -41,11 +44,15 @@ fn du(dir: &Path) -> u64 {
             } else {
                 // What the file takes on disk: a sparse file's holes are not sent or stored
                 // (QA: a 100 GiB sparse file made the move "too big" for any destination).
-                total += std::os::unix::fs::MetadataExt::blocks(&m) * 512;
+                let bytes = std::os::unix::fs::MetadataExt::blocks(&m) * 512;
+                total += bytes;
+                if m.modified().is_ok_and(|t| t >= since) {
+                    changed += bytes;
+                }
             }
         }
     }
-    total
+    (total, changed)
 }
 
 fn api(kind: ErrorKind, msg: impl Into<String>) -> ApiError {
@@ -266,14 +273,18 @@ impl Agent {
         let init = self.init_pid_of(id);
         let (upper_bytes, ghost_bytes, mapped, tmpfs) = tokio::task::spawn_blocking(move || {
             (
-                du(&upper),
+                du(
+                    &upper,
+                    Duration::from_secs(crate::migration::modes::UPPER_RECENT_SECS),
+                ),
                 mig_runtime::pidmap::deleted_open_bytes(&pids),
                 mig_runtime::pidmap::mapped_memory(&pids),
                 init.map_or(0, mig_runtime::pidmap::tmpfs_bytes),
             )
         })
         .await
-        .unwrap_or((0, 0, None, 0));
+        .unwrap_or(((0, 0), 0, None, 0));
+        let (upper_bytes, upper_recent) = upper_bytes;
         // A mode asked by name that this kernel cannot run is refused before connecting.
         crate::migration::modes::check_asked(opts)
             .await
@@ -379,7 +390,7 @@ impl Agent {
         let plan = match crate::migration::modes::plan(
             opts,
             memory,
-            upper_bytes,
+            (upper_bytes, Some(upper_recent)),
             tasks,
             basis,
             (presync, restored_plain, dirty),
@@ -440,6 +451,7 @@ impl Agent {
                     memory_bytes: memory.0,
                     shared_bytes: memory.1,
                     upper_bytes,
+                    upper_recent_bytes: Some(upper_recent),
                     processes: tasks.0,
                     threads: tasks.1,
                     mappings: tasks.2,
