@@ -925,3 +925,53 @@ fn a_move_straight_back_while_the_old_copy_is_removed_is_answered() -> Result<()
     anyhow::ensure!(files.lines().count() == 250, "{files}");
     nothing_left(&lab, 1 - here, &id)
 }
+
+/// An image recorded under two names goes to the destination under the name the container was
+/// made from, which `mig run` there then knows (QA of session 32, F4: it went as the other name,
+/// and `mig run <the name inspect showed>` there said "no such image").
+#[test]
+fn a_moved_container_brings_its_image_under_the_name_it_was_made_from() -> Result<()> {
+    if !mig_tests::is_root("migration tests") {
+        return Ok(());
+    }
+    let lab = Lab::up("imgname", 198)?;
+    let tar = lab.image_tar.display().to_string();
+    // "busybox" (from Lab::up) sorts first; the container uses the second name.
+    lab.mig_ok(0, &["image", "import", &tar, "--name", "zz-second"])?;
+    let id = lab
+        .mig_ok(
+            0,
+            &[
+                "run",
+                "-d",
+                "--name",
+                "named",
+                "zz-second",
+                "--",
+                "sleep",
+                "1000",
+            ],
+        )?
+        .trim()
+        .to_owned();
+    lab.mig_ok(0, &["move", "named", "host-b", "--mode", "cold"])?;
+    running_on(&lab, 1, "named")?;
+    let images = lab.mig_ok(1, &["image", "ls"])?;
+    anyhow::ensure!(images.contains("zz-second"), "host-b's images: {images}");
+    let other = lab.mig_ok(
+        1,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "again",
+            "zz-second",
+            "--",
+            "sleep",
+            "1000",
+        ],
+    )?;
+    let _ = lab.mig(1, &["rm", "-f", other.trim()]);
+    let _ = lab.mig(1, &["rm", "-f", &id]);
+    Ok(())
+}

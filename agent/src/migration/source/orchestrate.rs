@@ -222,16 +222,23 @@ impl Agent {
         })?;
         let e = self.entry(id)?;
         let images = self.images.clone();
-        let image_id = e.spec.image.id.clone();
-        let image = tokio::task::spawn_blocking(move || images.get(&image_id))
-            .await
-            .map_err(|e| {
-                api(
-                    ErrorKind::Internal,
-                    format!("image lookup task failed: {e}"),
-                )
-            })?
-            .map_err(|e| api(ErrorKind::NotFound, format!("the container's image: {e}")))?;
+        let (image_id, image_name) = (e.spec.image.id.clone(), e.spec.image.name.clone());
+        // The record of the name the container was made from, when it still names this image:
+        // the destination records the image under the name it is sent with (QA of session 32,
+        // F4: an image of two names went as the other one, and `mig run <the name inspect
+        // shows>` there said "no such image").
+        let image = tokio::task::spawn_blocking(move || match images.get(&image_name) {
+            Ok(named) if named.id == image_id => Ok(named),
+            _ => images.get(&image_id),
+        })
+        .await
+        .map_err(|e| {
+            api(
+                ErrorKind::Internal,
+                format!("image lookup task failed: {e}"),
+            )
+        })?
+        .map_err(|e| api(ErrorKind::NotFound, format!("the container's image: {e}")))?;
         let criu = Criu::locate().map_err(|e| api(ErrorKind::Unavailable, chain(&e)))?;
         let criu_version = criu
             .version()
