@@ -724,6 +724,66 @@ fn image_docker_archive_refusals() {
     assert_store_empty(&store);
 }
 
+/// A docker-archive without `repositories` whose `manifest.json` is cut short or of the wrong
+/// shape is refused, as a tar and as a directory, and nothing of it stays in the store: it was
+/// imported as a root filesystem holding the archive's files (QA of session 32, F7). Once with
+/// the config named `<hex>.json` as docker names it, once as `config.json`, so that the manifest
+/// alone must tell. A root filesystem with a `manifest.json` of another kind still imports.
+#[test]
+fn image_docker_archive_with_a_damaged_manifest() {
+    let (tmp, store) = store();
+    let (dir, config_digest) = docker_dir(tmp.path(), &["a:1"]);
+    let good = fs::read(dir.join("manifest.json")).unwrap();
+    let hex_config = dir.join(format!(
+        "{}.json",
+        config_digest.trim_start_matches("sha256:")
+    ));
+    for config_named_by_hex in [true, false] {
+        if !config_named_by_hex {
+            fs::rename(&hex_config, dir.join("config.json")).unwrap();
+        }
+        let cases: [(&str, &[u8], &str); 2] = [
+            ("cut short", &good[..good.len() / 2], "EOF while parsing"),
+            (
+                "of the wrong shape",
+                br#"{"Config":"x.json"}"#,
+                "invalid type: map, expected a sequence",
+            ),
+        ];
+        for (what, manifest, says) in cases {
+            fs::write(dir.join("manifest.json"), manifest).unwrap();
+            let archive = write_file(tmp.path(), "bad.tar", &tar_dir(&dir));
+            for input in [&dir, &archive] {
+                let err = anyhow_like(&store.import(input, "bad").unwrap_err());
+                assert!(
+                    err.starts_with("parsing manifest.json: ") && err.contains(says),
+                    "manifest {what}, config named by hex {config_named_by_hex}, {}: {err}",
+                    input.display()
+                );
+                assert!(store.get("bad").is_err(), "{}", input.display());
+                assert_store_empty(&store);
+            }
+        }
+    }
+
+    let rootfs = tmp.path().join("rootfs");
+    busybox_rootfs(&rootfs);
+    let app = br#"{"name":"app","start_url":"/","icons":[]}"#;
+    fs::write(rootfs.join("manifest.json"), app).unwrap();
+    let tar = write_file(tmp.path(), "rootfs.tar", &tar_dir(&rootfs));
+    for (input, name) in [(&rootfs, "dir"), (&tar, "tar")] {
+        let img = store.import(input, name).unwrap();
+        assert_eq!(img.layers.len(), 1, "{name}");
+        let layer = store.layer_dir(&img.layers[0]);
+        assert_eq!(
+            fs::read(layer.join("manifest.json")).unwrap(),
+            app,
+            "{name}"
+        );
+        check_busybox_layer(&store, &img.layers[0], name == "dir");
+    }
+}
+
 /// A tar cut short (a copy that did not finish) is named by the user's file, and the message says
 /// what an early end means. It named the agent's work file (`.../images/tmp/<pid>.<n>/layer.tar:
 /// unexpected EOF during skip`).

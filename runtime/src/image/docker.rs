@@ -23,9 +23,48 @@ struct Entry {
     layers: Vec<String>,
 }
 
-/// Whether `data` (a `manifest.json` at the top of an archive) is a docker-archive manifest.
-pub(crate) fn is_manifest(data: &[u8]) -> bool {
-    serde_json::from_slice::<Vec<Entry>>(data).is_ok_and(|e| !e.is_empty())
+/// Whether an input with a `manifest.json` at its top is a docker-archive, to import as one (and
+/// refuse if that manifest does not parse) rather than as a root filesystem. `data` is the
+/// manifest, `None` if too large to read; `marked` says whether the top also holds `repositories`
+/// or a name of the kind docker gives its files (see [`is_member_name`]).
+///
+/// A root filesystem has no `manifest.json` at its top in practice. One that is not JSON, or is
+/// JSON with docker's keys in the wrong shape, is a damaged docker-archive: taken for a root
+/// filesystem, it imported with success as an image holding the archive's files, from which
+/// nothing runs (QA of session 32, F7). Only JSON of another kind (a web app's manifest, say)
+/// leaves the input a root filesystem.
+pub(crate) fn is_archive(data: Option<&[u8]>, marked: bool) -> bool {
+    if marked {
+        return true;
+    }
+    let Some(data) = data else {
+        return false;
+    };
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(data) else {
+        return true;
+    };
+    let docker_keys = |v: &serde_json::Value| {
+        v.as_object().is_some_and(|o| {
+            ["Config", "Layers", "RepoTags"]
+                .iter()
+                .any(|k| o.contains_key(*k))
+        })
+    };
+    match &value {
+        serde_json::Value::Array(entries) => entries.iter().any(docker_keys),
+        v => docker_keys(v),
+    }
+}
+
+/// Whether `name`, at the top of an input, is named as docker-archives name their files: the
+/// config as `<64 hex>.json`, a layer as `<64 hex>/layer.tar` (`docker save` before Docker 25) or
+/// `<64 hex>.tar` (`podman save`). A root filesystem has no such name at its top.
+pub(crate) fn is_member_name(name: &[u8]) -> bool {
+    let stem = name
+        .strip_suffix(b".json")
+        .or_else(|| name.strip_suffix(b".tar"))
+        .unwrap_or(name);
+    stem.len() == 64 && stem.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// Imports the unpacked docker-archive in `dir` (`shown` in errors) under `name`, staging in
@@ -115,4 +154,55 @@ fn member(dir: &Path, rel: &str) -> Result<PathBuf, ImageError> {
         }
     }
     Ok(dir.join(rel))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEX: &str = "9c558d7b2e4e2a8bbd0c0d4b9e7cfb0c3a4a33bf4c6a17fcd5a2e1b0c6d5e4f3";
+
+    #[test]
+    fn a_manifest_json_makes_a_docker_archive_unless_it_is_json_of_another_kind() {
+        let good = br#"[{"Config":"c.json","RepoTags":["a:b"],"Layers":["l/layer.tar"]}]"#;
+        assert!(is_archive(Some(good), false));
+        // Damaged (QA of session 32, F7): cut short, not JSON, docker's keys in the wrong shape.
+        assert!(is_archive(Some(&good[..good.len() - 5]), false));
+        assert!(is_archive(Some(b"\x00\x01garbage"), false));
+        assert!(is_archive(Some(b""), false));
+        assert!(is_archive(Some(br#"{"Config":"x"}"#), false));
+        assert!(is_archive(Some(br#"[{"Layers":7}]"#), false));
+        // JSON of another kind, in a root filesystem.
+        assert!(!is_archive(
+            Some(br#"{"name":"app","start_url":"/"}"#),
+            false
+        ));
+        assert!(!is_archive(Some(br#"[{"name":"app"}]"#), false));
+        assert!(!is_archive(Some(b"[]"), false));
+        // Too large to read: only the names beside it tell.
+        assert!(!is_archive(None, false));
+        // Named beside docker's files (or `repositories`), whatever the manifest holds.
+        assert!(is_archive(Some(br#"{"name":"app"}"#), true));
+        assert!(is_archive(None, true));
+    }
+
+    #[test]
+    fn docker_names_its_files_by_64_hex_digits() {
+        for ok in [HEX.to_owned(), format!("{HEX}.json"), format!("{HEX}.tar")] {
+            assert!(is_member_name(ok.as_bytes()), "{ok}");
+        }
+        for not in [
+            "bin".to_owned(),
+            "etc".to_owned(),
+            "manifest.json".to_owned(),
+            "repositories".to_owned(),
+            HEX[1..].to_owned(),
+            format!("{HEX}0"),
+            HEX.to_uppercase(),
+            format!("{HEX}.gz"),
+            format!("{}.json", &HEX[..12]),
+        ] {
+            assert!(!is_member_name(not.as_bytes()), "{not}");
+        }
+    }
 }

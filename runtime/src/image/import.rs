@@ -8,6 +8,7 @@ use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -224,15 +225,24 @@ pub(crate) fn import(store: &ImageStore, path: &Path, name: &str) -> Result<Imag
 /// docker-archive from a root filesystem.
 const MAX_MANIFEST_PEEK: u64 = 1 << 20;
 
-/// An unpacked docker-archive: a `manifest.json` of that format at the top of the directory.
+/// An unpacked docker-archive: a `manifest.json` at the top of the directory that
+/// [`super::docker::is_archive`] takes for one, by itself or by the names beside it.
 fn is_docker_dir(dir: &Path) -> bool {
     let p = dir.join("manifest.json");
-    match fs::symlink_metadata(&p) {
-        Ok(m) if m.is_file() && m.len() <= MAX_MANIFEST_PEEK => {
-            fs::read(&p).is_ok_and(|d| super::docker::is_manifest(&d))
-        }
-        _ => false,
-    }
+    let data = match fs::symlink_metadata(&p) {
+        Ok(m) if m.is_file() => (m.len() <= MAX_MANIFEST_PEEK)
+            .then(|| fs::read(&p).ok())
+            .flatten(),
+        _ => return false,
+    };
+    // Unreadable, the directory is refused by its import as a root filesystem, with the reason.
+    let marked = fs::read_dir(dir).is_ok_and(|entries| {
+        entries.flatten().any(|e| {
+            let name = e.file_name();
+            name == "repositories" || super::docker::is_member_name(name.as_bytes())
+        })
+    });
+    super::docker::is_archive(data.as_deref(), marked)
 }
 
 fn single_layer_image(
@@ -316,7 +326,7 @@ enum TarKind {
     /// `oci-layout` (with `index.json`, or without it: an OCI archive missing it is refused as
     /// the same layout in a directory is, not imported as a root filesystem: QA of session 29).
     Oci,
-    /// A docker-archive `manifest.json` (or any `manifest.json` next to `repositories`) without
+    /// A `manifest.json` that [`super::docker::is_archive`] takes for a docker-archive's, without
     /// `oci-layout`: `docker save` before Docker 25, `podman save`'s default format.
     DockerLegacy,
     /// Anything else: a root filesystem.
@@ -331,22 +341,28 @@ fn tar_kind(blob: &Path, src: &Path) -> Result<TarKind, ImageError> {
         source,
     };
     let (mut layout, mut index) = (false, false);
-    let (mut manifest, mut docker_manifest, mut repositories) = (false, false, false);
+    // Whether the top holds `manifest.json`, its bytes if small enough to read, and whether it
+    // holds `repositories` or a name as docker gives its files.
+    let (mut manifest, mut manifest_data, mut marked) = (false, None, false);
     for entry in archive.entries().map_err(tar_err)? {
         let mut entry = entry.map_err(tar_err)?;
         let Ok(p) = super::paths::entry_path(&entry.path_bytes()) else {
             continue;
         };
+        if let Some(top) = p.components().first() {
+            marked |= super::docker::is_member_name(top);
+        }
         match p.components() {
             [c] if c == b"oci-layout" => layout = true,
             [c] if c == b"index.json" => index = true,
-            [c] if c == b"repositories" => repositories = true,
+            [c] if c == b"repositories" => marked = true,
             [c] if c == b"manifest.json" => {
                 manifest = true;
+                manifest_data = None;
                 if entry.size() <= MAX_MANIFEST_PEEK {
                     let mut data = Vec::new();
                     entry.read_to_end(&mut data).map_err(tar_err)?;
-                    docker_manifest = super::docker::is_manifest(&data);
+                    manifest_data = Some(data);
                 }
             }
             _ => {}
@@ -358,7 +374,7 @@ fn tar_kind(blob: &Path, src: &Path) -> Result<TarKind, ImageError> {
     }
     Ok(if layout {
         TarKind::Oci
-    } else if docker_manifest || (manifest && repositories) {
+    } else if manifest && super::docker::is_archive(manifest_data.as_deref(), marked) {
         TarKind::DockerLegacy
     } else {
         TarKind::Rootfs
