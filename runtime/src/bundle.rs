@@ -394,10 +394,17 @@ fn map_resources(v: &Value) -> Result<Limits, BundleError> {
         let period = positive(c.get("period"), "linux.resources.cpu.period")?.unwrap_or(100_000);
         if let Some(q) = quota {
             let millis = q.saturating_mul(1000) / period;
-            if millis == 0 {
+            // Below, the cgroup step would refuse it once the container is made (QA of session
+            // 32, F8).
+            let min = crate::cgroup::CPU_MIN_MILLIS;
+            if millis < min {
                 return Err(invalid(
                     "linux.resources.cpu.quota",
-                    "less than a thousandth of a CPU".into(),
+                    format!(
+                        "{q} per period of {period} is less than {} of a CPU, the smallest limit \
+                         the kernel can enforce (a quota of 1 ms per 100 ms period)",
+                        min as f64 / 1000.0
+                    ),
                 ));
             }
             limits.cpu_millis = Some(millis);
@@ -676,6 +683,17 @@ mod tests {
             v.as_object_mut().unwrap().remove("process");
         });
         assert_eq!(e, "process: missing");
+        // Below the kernel's smallest quota (QA of session 32, F8); the smallest it takes maps.
+        let e =
+            refused(|v| v["linux"]["resources"]["cpu"] = json!({"quota": 999, "period": 100000}));
+        assert_eq!(
+            e,
+            "linux.resources.cpu.quota: 999 per period of 100000 is less than 0.01 of a CPU, the \
+             smallest limit the kernel can enforce (a quota of 1 ms per 100 ms period)"
+        );
+        let mut v = good();
+        v["linux"]["resources"]["cpu"] = json!({"quota": 100, "period": 10000});
+        assert_eq!(Bundle::from_config(&v).unwrap().limits.cpu_millis, Some(10));
         // OCI's -1 means unlimited.
         let mut v = good();
         v["linux"]["resources"]["pids"]["limit"] = json!(-1);

@@ -193,6 +193,10 @@ impl ContainerSpec {
         if l.memory.is_some_and(|m| m < 4 << 20) {
             return Err(SpecError::Limit("memory must be at least 4 MiB"));
         }
+        // From 0.001, not from the smallest the kernel takes (`cgroup::CPU_MIN_MILLIS`, 0.01): a
+        // container recorded with less before that was checked (it failed at its start) must stay
+        // readable, to be listed and removed. Where a limit is made (the agent's run, a bundle) it
+        // is checked against the kernel's (QA of session 32, F8).
         if l.cpu_millis.is_some_and(|c| c == 0 || c > 1_000_000) {
             return Err(SpecError::Limit("cpus must be between 0.001 and 1000"));
         }

@@ -3,7 +3,7 @@
 //! directory removed. Each test's cgroup is named after the test and this process's id, and a
 //! Drop guard kills and removes everything even when an assertion fails.
 
-use mig_runtime::cgroup::{Cgroup, CgroupError, FreezeState};
+use mig_runtime::cgroup::{Cgroup, CgroupError, FreezeState, CPU_MIN_MILLIS};
 use mig_runtime::spec::Limits;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -134,13 +134,31 @@ fn limits_written_read_back_and_reset() {
     assert_eq!(read(&ctrl_file(cg, "pids", "pids.max", "pids.max")), "max");
     assert!(read(&mem) == "max" || read(&mem).parse::<u64>().unwrap() > 1 << 60);
 
+    // The smallest CPU limit that mig's checks let through is the smallest the kernel takes
+    // (QA of session 32, F8: 0.001 to 0.009 CPUs passed them and were refused here).
     assert!(matches!(
         cg.set_limits(&Limits {
-            cpu_millis: Some(1),
+            cpu_millis: Some(CPU_MIN_MILLIS - 1),
             ..Limits::default()
         }),
         Err(CgroupError::InvalidLimit { .. })
     ));
+    cg.set_limits(&Limits {
+        cpu_millis: Some(CPU_MIN_MILLIS),
+        ..Limits::default()
+    })
+    .unwrap();
+    match cg
+        .unified_dir()
+        .map(|d| d.join("cpu.max"))
+        .filter(|p| p.exists())
+    {
+        Some(p) => assert_eq!(read(&p), "1000 100000"),
+        None => {
+            let d = cg.v1_dir("cpu").expect("cpu hierarchy");
+            assert_eq!(read(&d.join("cpu.cfs_quota_us")), "1000");
+        }
+    }
 
     let opened = Cgroup::open(&cg.name).unwrap();
     assert_eq!(opened.dirs, cg.dirs);

@@ -11,6 +11,12 @@ pub const CPU_PERIOD_US: u64 = 100_000;
 /// The kernel refuses a CFS quota below 1 ms.
 const CPU_MIN_QUOTA_US: u64 = 1_000;
 
+/// The smallest CPU limit, in thousandths of a CPU, that the kernel's smallest quota (1 ms)
+/// allows in mig's CFS period (100 ms): 10, 0.01 CPUs. A smaller one is refused before a
+/// container is made (QA of session 32, F8: 0.001 passed the checks and the cgroup step refused
+/// it).
+pub const CPU_MIN_MILLIS: u64 = CPU_MIN_QUOTA_US * 1000 / CPU_PERIOD_US;
+
 pub(super) fn apply(cg: &Cgroup, limits: &Limits) -> Result<(), CgroupError> {
     memory(cg, limits.memory)?;
     cpu(cg, limits.cpu_millis)?;

@@ -23,6 +23,7 @@ pub mod mount;
 mod usage;
 
 pub use freeze::FreezeState;
+pub use limits::CPU_MIN_MILLIS;
 pub use mount::{Layout, V1Hierarchy};
 
 use crate::spec::Limits;

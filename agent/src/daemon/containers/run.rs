@@ -298,12 +298,26 @@ fn parse_user(user: &str) -> (u32, u32) {
 
 /// A CPU limit above the CPUs this agent may use is refused, as podman does (QA of session 30,
 /// F4: `--cpus 99` on a 2-CPU host was taken). Checked when a container is made here, not when
-/// one arrives: a move to a smaller host keeps its limit.
+/// one arrives: a move to a smaller host keeps its limit. One below the kernel's smallest quota
+/// is refused here too, with the same range (QA of session 32, F8: 0.001 was refused only when
+/// the cgroup was made, leaving a failed container).
 fn check_cpus(cpu_millis: Option<u64>) -> Result<(), ApiError> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+    cpus_within(cpu_millis, cpus)
+}
+
+/// [`check_cpus`] on an agent that may use `cpus` CPUs.
+fn cpus_within(cpu_millis: Option<u64>, cpus: u64) -> Result<(), ApiError> {
+    let min = mig_runtime::cgroup::CPU_MIN_MILLIS;
+    let range = format!("its range is {} to {cpus}", min as f64 / 1000.0);
     match cpu_millis {
         Some(m) if m > cpus * 1000 => Err(invalid(format!(
-            "a CPU limit of {} is more than the {cpus} CPUs this agent may use: its range is 0.001 to {cpus}",
+            "a CPU limit of {} is more than the {cpus} CPUs this agent may use: {range}",
+            m as f64 / 1000.0
+        ))),
+        Some(m) if m < min => Err(invalid(format!(
+            "a CPU limit of {} is less than the kernel can enforce (a quota of 1 ms per 100 ms \
+             period): {range}",
             m as f64 / 1000.0
         ))),
         _ => Ok(()),
@@ -321,6 +335,30 @@ mod tests {
         assert_eq!(parse_user(""), (0, 0));
         assert_eq!(parse_user("1000"), (1000, 1000));
         assert_eq!(parse_user("1000:50"), (1000, 50));
+    }
+
+    #[test]
+    fn cpu_limits_outside_the_range_are_refused_with_it() {
+        let refused = |m, cpus| cpus_within(Some(m), cpus).unwrap_err().message;
+        // QA of session 32, F8: the cgroup step refused 0.001 to 0.009 after the record was made.
+        for m in [1, 9] {
+            let msg = refused(m, 2);
+            assert_eq!(
+                msg,
+                format!(
+                    "a CPU limit of {} is less than the kernel can enforce (a quota of 1 ms per \
+                     100 ms period): its range is 0.01 to 2",
+                    m as f64 / 1000.0
+                )
+            );
+        }
+        assert_eq!(
+            refused(2001, 2),
+            "a CPU limit of 2.001 is more than the 2 CPUs this agent may use: its range is 0.01 to 2"
+        );
+        for ok in [None, Some(10), Some(1500), Some(2000)] {
+            assert!(cpus_within(ok, 2).is_ok(), "{ok:?}");
+        }
     }
 
     #[test]
