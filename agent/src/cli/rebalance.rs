@@ -459,6 +459,53 @@ async fn run_move(
     }
 }
 
+/// The text `mig rebalance` prints after its moves' lines (`moved ...`, printed as each ends):
+/// what it left out, the plan (`--dry-run`), each host's memory before and after (planned with
+/// `--dry-run`), and the spread. The memory came unlabelled after the moves, from before them,
+/// and read as their result (QA of session 32, F5).
+fn text(report: &Report) -> String {
+    let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1 << 20) as f64);
+    let planned = if report.dry_run { " (planned)" } else { "" };
+    let mut s = String::new();
+    for c in &report.left_out {
+        s.push_str(&format!(
+            "left out: {} on {} ({} established TCP connection(s); --tcp-established moves it)\n",
+            c.container, c.host, c.tcp_established
+        ));
+    }
+    if report.dry_run {
+        for m in &report.plan {
+            s.push_str(&format!(
+                "plan (wave {}): move {} {} -> {} ({})\n",
+                m.wave,
+                m.container,
+                m.from,
+                m.to,
+                mib(m.memory_bytes)
+            ));
+        }
+    }
+    s.push_str(&format!("memory per host, before -> after{planned}:\n"));
+    let mut hosts: Vec<&String> = report.before.keys().chain(report.after.keys()).collect();
+    hosts.sort();
+    hosts.dedup();
+    for h in hosts {
+        // A host read only once (none so far: every read covers every host) shows `-`.
+        let at = |m: &BTreeMap<String, u64>| m.get(h).map_or("-".to_owned(), |b| mib(*b));
+        s.push_str(&format!(
+            "  {h}: {} -> {}\n",
+            at(&report.before),
+            at(&report.after)
+        ));
+    }
+    s.push_str(&format!(
+        "spread {} -> {}{planned}\n",
+        mib(report.spread_before),
+        mib(report.spread_after),
+    ));
+    s
+}
+
 /// `mig rebalance`.
 pub(super) async fn run(cli: &Cli, a: &RebalanceArgs) -> Result<u8, CliError> {
     let mut targets = Vec::new();
@@ -545,36 +592,7 @@ pub(super) async fn run(cli: &Cli, a: &RebalanceArgs) -> Result<u8, CliError> {
     if a.json {
         json(&report)?;
     } else {
-        let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1 << 20) as f64);
-        let mut s = String::new();
-        for (h, b) in &report.before {
-            s.push_str(&format!("{h}: {}\n", mib(*b)));
-        }
-        for c in &report.left_out {
-            s.push_str(&format!(
-                "left out: {} on {} ({} established TCP connection(s); --tcp-established moves it)\n",
-                c.container, c.host, c.tcp_established
-            ));
-        }
-        if a.dry_run {
-            for m in &report.plan {
-                s.push_str(&format!(
-                    "plan (wave {}): move {} {} -> {} ({})\n",
-                    m.wave,
-                    m.container,
-                    m.from,
-                    m.to,
-                    mib(m.memory_bytes)
-                ));
-            }
-        }
-        s.push_str(&format!(
-            "spread {} -> {}{}\n",
-            mib(report.spread_before),
-            mib(report.spread_after),
-            if a.dry_run { " (planned)" } else { "" }
-        ));
-        out(&s)?;
+        out(&text(&report))?;
     }
     let failed = report.outcomes.iter().filter(|o| *o != "committed").count();
     if failed > 0 {
@@ -584,4 +602,82 @@ pub(super) async fn run(cli: &Cli, a: &RebalanceArgs) -> Result<u8, CliError> {
         });
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mib(n: u64) -> u64 {
+        n << 20
+    }
+
+    fn report(dry_run: bool) -> Report {
+        let hosts = |a, b, c| {
+            BTreeMap::from([
+                ("host-a".to_owned(), a),
+                ("host-b".to_owned(), b),
+                ("host-c".to_owned(), c),
+            ])
+        };
+        Report {
+            before: hosts(mib(257), mib(8), 0),
+            spread_before: mib(257),
+            plan: vec![plan::Move {
+                container: "m5".into(),
+                from: "host-a".into(),
+                to: "host-c".into(),
+                memory_bytes: mib(200),
+                wave: 0,
+            }],
+            dry_run,
+            left_out: vec![LeftOut {
+                container: "web".into(),
+                host: "host-b".into(),
+                tcp_established: 1,
+            }],
+            outcomes: if dry_run {
+                vec![]
+            } else {
+                vec!["committed".into()]
+            },
+            after: hosts(mib(57), mib(8), mib(200)),
+            spread_after: mib(192),
+        }
+    }
+
+    /// Each host's memory is labelled, from before and after the moves (QA of session 32, F5:
+    /// the figures from before came unlabelled after the `moved` lines).
+    #[test]
+    fn text_gives_each_hosts_memory_before_and_after() {
+        assert_eq!(
+            text(&report(false)),
+            "left out: web on host-b (1 established TCP connection(s); --tcp-established moves it)
+memory per host, before -> after:
+  host-a: 257.0 MiB -> 57.0 MiB
+  host-b: 8.0 MiB -> 8.0 MiB
+  host-c: 0.0 MiB -> 200.0 MiB
+spread 257.0 MiB -> 192.0 MiB
+"
+        );
+        assert_eq!(
+            text(&report(true)),
+            "left out: web on host-b (1 established TCP connection(s); --tcp-established moves it)
+plan (wave 0): move m5 host-a -> host-c (200.0 MiB)
+memory per host, before -> after (planned):
+  host-a: 257.0 MiB -> 57.0 MiB
+  host-b: 8.0 MiB -> 8.0 MiB
+  host-c: 0.0 MiB -> 200.0 MiB
+spread 257.0 MiB -> 192.0 MiB (planned)
+"
+        );
+        // A host in one reading only is shown with `-` on the other side, not dropped.
+        let mut r = report(false);
+        r.after.remove("host-b");
+        assert!(
+            text(&r).contains("\n  host-b: 8.0 MiB -> -\n"),
+            "{}",
+            text(&r)
+        );
+    }
 }
