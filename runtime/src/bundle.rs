@@ -2,7 +2,8 @@
 //! filesystem, as runc takes them (runtime-spec 1.x).
 //!
 //! mig maps what its containers support and refuses everything else with a message naming the
-//! JSON field, instead of silently running something weaker than the bundle asks for:
+//! JSON field (every such field in one message), instead of silently running something weaker
+//! than the bundle asks for:
 //!
 //! | field | mapping |
 //! |---|---|
@@ -48,12 +49,83 @@ pub enum BundleError {
     },
     #[error("the bundle's root filesystem {path} is not a directory")]
     NoRootfs { path: PathBuf },
-    /// A field mig cannot honour.
-    #[error("{field} is not supported: {why}")]
-    Unsupported { field: String, why: String },
+    /// The fields mig cannot honour, every one of them: `runc spec`'s default config was refused
+    /// one field per attempt, seven attempts (QA of session 32, F6).
+    #[error("{}", describe(.0))]
+    Unsupported(Vec<Refusal>),
     /// A field with a wrong type or an invalid value.
     #[error("{field}: {why}")]
     Invalid { field: String, why: String },
+}
+
+/// A field of `config.json` mig cannot honour, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub field: String,
+    pub why: String,
+}
+
+/// One refusal on one line, as before; several as a list, one per line.
+fn describe(refusals: &[Refusal]) -> String {
+    match refusals {
+        [one] => format!("{} is not supported: {}", one.field, one.why),
+        many => {
+            let mut s = format!(
+                "{} fields are not supported (change or remove each):",
+                many.len()
+            );
+            for r in many {
+                s.push_str(&format!("\n  {}: {}", r.field, r.why));
+            }
+            s
+        }
+    }
+}
+
+/// The refusals found so far: the whole config is read before any is reported, so that one
+/// attempt names them all. A field of the wrong type or with an invalid value still ends the
+/// reading at once ([`BundleError::Invalid`]): what follows it may not be readable.
+#[derive(Debug, Default)]
+struct Refusals(Vec<Refusal>);
+
+impl Refusals {
+    fn push(&mut self, field: &str, why: impl Into<String>) {
+        self.0.push(Refusal {
+            field: field.to_owned(),
+            why: why.into(),
+        });
+    }
+
+    /// Refuses the keys of `m` (the object at `at`) that are in `refused` (with its reason) or
+    /// not in `known`.
+    fn allow(
+        &mut self,
+        m: &Map<String, Value>,
+        at: &str,
+        known: &[&str],
+        refused: &[(&str, &str)],
+    ) {
+        for key in m.keys() {
+            let field = if at.is_empty() {
+                key.clone()
+            } else {
+                format!("{at}.{key}")
+            };
+            if let Some((_, why)) = refused.iter().find(|(k, _)| k == key) {
+                self.push(&field, *why);
+            } else if !known.contains(&key.as_str()) {
+                self.push(&field, "mig does not know this field");
+            }
+        }
+    }
+
+    fn finish(self) -> Result<(), BundleError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(BundleError::Unsupported(self.0))
+        }
+    }
 }
 
 /// What mig takes from a bundle.
@@ -96,8 +168,9 @@ impl Bundle {
 
     /// Maps a parsed `config.json` (`rootfs` stays as written).
     pub fn from_config(v: &Value) -> Result<Bundle, BundleError> {
+        let mut no = Refusals::default();
         let top = object(v, "config.json")?;
-        allow(
+        no.allow(
             top,
             "",
             &[
@@ -113,7 +186,7 @@ impl Bundle {
                 ("hooks", "mig runs no hooks"),
                 ("domainname", "containers have no NIS domain name in mig"),
             ],
-        )?;
+        );
         let version = string(top.get("ociVersion"), "ociVersion")?;
         if !version.starts_with("1.") {
             return Err(invalid(
@@ -122,35 +195,37 @@ impl Bundle {
             ));
         }
         let root = object(required(top, "root", "")?, "root")?;
-        allow(root, "root", &["path", "readonly"], &[])?;
+        no.allow(root, "root", &["path", "readonly"], &[]);
         let rootfs = string(root.get("path"), "root.path")?;
         if rootfs.is_empty() {
             return Err(invalid("root.path", "empty".into()));
         }
         if boolean(root.get("readonly"), "root.readonly")? == Some(true) {
-            return Err(unsupported(
+            no.push(
                 "root.readonly",
                 "a mig container always has a writable layer (it moves with the container); set it to false",
-            ));
+            );
         }
         let process = object(required(top, "process", "")?, "process")?;
-        let (args, env, cwd, uid, gid) = map_process(process)?;
+        let (args, env, cwd, uid, gid) = map_process(process, &mut no)?;
         let hostname = match top.get("hostname") {
             None => None,
             Some(h) => Some(string(Some(h), "hostname")?).filter(|h| !h.is_empty()),
         };
         if let Some(m) = top.get("mounts") {
-            check_mounts(m)?;
+            check_mounts(m, &mut no)?;
         }
         let limits = match top.get("linux") {
-            Some(l) => map_linux(l)?,
+            Some(l) => map_linux(l, &mut no)?,
             None => {
-                return Err(unsupported(
+                no.push(
                     "linux",
                     "absent: mig runs Linux containers and needs linux.namespaces",
-                ))
+                );
+                Limits::default()
             }
         };
+        no.finish()?;
         Ok(Bundle {
             rootfs: rootfs.into(),
             args,
@@ -166,8 +241,8 @@ impl Bundle {
 
 type Process = (Vec<String>, Vec<String>, String, u32, u32);
 
-fn map_process(p: &Map<String, Value>) -> Result<Process, BundleError> {
-    allow(
+fn map_process(p: &Map<String, Value>, no: &mut Refusals) -> Result<Process, BundleError> {
+    no.allow(
         p,
         "process",
         &["terminal", "user", "args", "env", "cwd", "noNewPrivileges"],
@@ -183,18 +258,18 @@ fn map_process(p: &Map<String, Value>) -> Result<Process, BundleError> {
             ("ioPriority", "mig does not set an I/O priority"),
             ("execCPUAffinity", "mig does not pin CPUs"),
         ],
-    )?;
+    );
     if boolean(p.get("terminal"), "process.terminal")? == Some(true) {
-        return Err(unsupported(
+        no.push(
             "process.terminal",
             "mig containers run detached with their output in the log (`mig logs`); set it to false",
-        ));
+        );
     }
     if boolean(p.get("noNewPrivileges"), "process.noNewPrivileges")? == Some(false) {
-        return Err(unsupported(
+        no.push(
             "process.noNewPrivileges",
             "mig always sets no_new_privs; set it to true",
-        ));
+        );
     }
     let args = strings(required(p, "args", "process")?, "process.args")?;
     if args.first().is_none_or(|a| a.is_empty()) {
@@ -219,27 +294,24 @@ fn map_process(p: &Map<String, Value>) -> Result<Process, BundleError> {
     let (mut uid, mut gid) = (0, 0);
     if let Some(u) = p.get("user") {
         let u = object(u, "process.user")?;
-        allow(
+        no.allow(
             u,
             "process.user",
             &["uid", "gid", "additionalGids", "umask"],
             &[("username", "Windows only")],
-        )?;
+        );
         uid = id(u.get("uid"), "process.user.uid")?;
         gid = id(u.get("gid"), "process.user.gid")?;
         if let Some(g) = u.get("additionalGids") {
             if !array(g, "process.user.additionalGids")?.is_empty() {
-                return Err(unsupported(
+                no.push(
                     "process.user.additionalGids",
                     "mig sets only the groups the image's /etc/group gives the user",
-                ));
+                );
             }
         }
         if u.get("umask").is_some() {
-            return Err(unsupported(
-                "process.user.umask",
-                "mig keeps the default umask",
-            ));
+            no.push("process.user.umask", "mig keeps the default umask");
         }
     }
     Ok((args, env, cwd, uid, gid))
@@ -254,11 +326,11 @@ const OWN_MOUNTS: &[(&str, &str)] = &[
     ("/sys", "sysfs"),
 ];
 
-fn check_mounts(v: &Value) -> Result<(), BundleError> {
+fn check_mounts(v: &Value, no: &mut Refusals) -> Result<(), BundleError> {
     for (i, m) in array(v, "mounts")?.iter().enumerate() {
         let field = format!("mounts[{i}]");
         let m = object(m, &field)?;
-        allow(
+        no.allow(
             m,
             &field,
             &["destination", "type", "source", "options"],
@@ -266,7 +338,7 @@ fn check_mounts(v: &Value) -> Result<(), BundleError> {
                 ("uidMappings", "mig makes no id-mapped mounts"),
                 ("gidMappings", "mig makes no id-mapped mounts"),
             ],
-        )?;
+        );
         let dest = string(m.get("destination"), &format!("{field}.destination"))?;
         let kind = match m.get("type") {
             Some(t) => string(Some(t), &format!("{field}.type"))?,
@@ -274,13 +346,13 @@ fn check_mounts(v: &Value) -> Result<(), BundleError> {
         };
         let dest = dest.trim_end_matches('/');
         if !OWN_MOUNTS.iter().any(|(d, t)| *d == dest && *t == kind) {
-            return Err(unsupported(
+            no.push(
                 &field,
                 format!(
                     "{dest} ({}): mig mounts only /proc, /dev, /dev/pts, /dev/shm and /sys (read-only) itself, and no bind mounts (they could not move with the container)",
                     if kind.is_empty() { "no type" } else { &kind }
                 ),
-            ));
+            );
         }
     }
     Ok(())
@@ -289,9 +361,9 @@ fn check_mounts(v: &Value) -> Result<(), BundleError> {
 /// The namespaces every mig container has.
 const NAMESPACES: &[&str] = &["pid", "network", "ipc", "uts", "mount"];
 
-fn map_linux(v: &Value) -> Result<Limits, BundleError> {
+fn map_linux(v: &Value, no: &mut Refusals) -> Result<Limits, BundleError> {
     let l = object(v, "linux")?;
-    allow(
+    no.allow(
         l,
         "linux",
         &["namespaces", "resources", "maskedPaths", "readonlyPaths"],
@@ -319,16 +391,16 @@ fn map_linux(v: &Value) -> Result<Limits, BundleError> {
             ("memoryPolicy", "mig does not set a memory policy"),
             ("netDevices", "mig moves no network devices"),
         ],
-    )?;
+    );
     // mig masks nothing beyond what its read-only /sys and own /proc give: an empty list is fine,
     // a non-empty one would be a promise mig does not keep.
     for key in ["maskedPaths", "readonlyPaths"] {
         if let Some(p) = l.get(key) {
             if !array(p, &format!("linux.{key}"))?.is_empty() {
-                return Err(unsupported(
+                no.push(
                     &format!("linux.{key}"),
                     "mig applies its own /proc and /sys policy; remove the list",
-                ));
+                );
             }
         }
     }
@@ -337,39 +409,39 @@ fn map_linux(v: &Value) -> Result<Limits, BundleError> {
     for (i, n) in ns.iter().enumerate() {
         let field = format!("linux.namespaces[{i}]");
         let n = object(n, &field)?;
-        allow(n, &field, &["type", "path"], &[])?;
+        no.allow(n, &field, &["type", "path"], &[]);
         let kind = string(n.get("type"), &format!("{field}.type"))?;
         if n.get("path").is_some() {
-            return Err(unsupported(
+            no.push(
                 &format!("{field}.path"),
                 "mig creates a container's namespaces; it cannot join existing ones",
-            ));
+            );
         }
         if !NAMESPACES.contains(&kind.as_str()) {
-            return Err(unsupported(
+            no.push(
                 &format!("{field}.type"),
                 format!("{kind:?}: mig gives a container exactly pid, network, ipc, uts and mount namespaces"),
-            ));
+            );
         }
         seen.push(kind);
     }
     for want in NAMESPACES {
         if !seen.iter().any(|s| s == want) {
-            return Err(unsupported(
+            no.push(
                 "linux.namespaces",
                 format!("no {want} namespace: mig always gives a container its own pid, network, ipc, uts and mount namespaces"),
-            ));
+            );
         }
     }
     match l.get("resources") {
-        Some(r) => map_resources(r),
+        Some(r) => map_resources(r, no),
         None => Ok(Limits::default()),
     }
 }
 
-fn map_resources(v: &Value) -> Result<Limits, BundleError> {
+fn map_resources(v: &Value, no: &mut Refusals) -> Result<Limits, BundleError> {
     let r = object(v, "linux.resources")?;
-    allow(
+    no.allow(
         r,
         "linux.resources",
         &["memory", "cpu", "pids", "devices"],
@@ -380,16 +452,16 @@ fn map_resources(v: &Value) -> Result<Limits, BundleError> {
             ("rdma", "mig sets no RDMA limits"),
             ("unified", "mig sets only memory, cpu and pids limits"),
         ],
-    )?;
+    );
     let mut limits = Limits::default();
     if let Some(m) = r.get("memory") {
         let m = object(m, "linux.resources.memory")?;
-        allow(m, "linux.resources.memory", &["limit"], &[])?;
+        no.allow(m, "linux.resources.memory", &["limit"], &[]);
         limits.memory = positive(m.get("limit"), "linux.resources.memory.limit")?;
     }
     if let Some(c) = r.get("cpu") {
         let c = object(c, "linux.resources.cpu")?;
-        allow(c, "linux.resources.cpu", &["quota", "period"], &[])?;
+        no.allow(c, "linux.resources.cpu", &["quota", "period"], &[]);
         let quota = positive(c.get("quota"), "linux.resources.cpu.quota")?;
         let period = positive(c.get("period"), "linux.resources.cpu.period")?.unwrap_or(100_000);
         if let Some(q) = quota {
@@ -412,7 +484,7 @@ fn map_resources(v: &Value) -> Result<Limits, BundleError> {
     }
     if let Some(p) = r.get("pids") {
         let p = object(p, "linux.resources.pids")?;
-        allow(p, "linux.resources.pids", &["limit"], &[])?;
+        no.allow(p, "linux.resources.pids", &["limit"], &[]);
         limits.pids = positive(p.get("limit"), "linux.resources.pids.limit")?;
     }
     if let Some(d) = r.get("devices") {
@@ -420,43 +492,14 @@ fn map_resources(v: &Value) -> Result<Limits, BundleError> {
             let field = format!("linux.resources.devices[{i}]");
             let rule = object(rule, &field)?;
             if rule.get("allow") != Some(&Value::Bool(false)) {
-                return Err(unsupported(
+                no.push(
                     &field,
                     "only deny rules: mig containers get no devices besides their own /dev",
-                ));
+                );
             }
         }
     }
     Ok(limits)
-}
-
-fn allow(
-    m: &Map<String, Value>,
-    at: &str,
-    known: &[&str],
-    refused: &[(&str, &str)],
-) -> Result<(), BundleError> {
-    for key in m.keys() {
-        let field = if at.is_empty() {
-            key.clone()
-        } else {
-            format!("{at}.{key}")
-        };
-        if let Some((_, why)) = refused.iter().find(|(k, _)| k == key) {
-            return Err(unsupported(&field, *why));
-        }
-        if !known.contains(&key.as_str()) {
-            return Err(unsupported(&field, "mig does not know this field"));
-        }
-    }
-    Ok(())
-}
-
-fn unsupported(field: &str, why: impl Into<String>) -> BundleError {
-    BundleError::Unsupported {
-        field: field.to_owned(),
-        why: why.into(),
-    }
 }
 
 fn invalid(field: &str, why: String) -> BundleError {
@@ -612,7 +655,11 @@ mod tests {
             "linux.seccomp is not supported: mig applies its own filter"
         );
         let e = refused(|v| v["root"]["readonly"] = json!(true));
-        assert!(e.starts_with("root.readonly is not supported"), "{e}");
+        assert_eq!(
+            e,
+            "root.readonly is not supported: a mig container always has a writable layer (it \
+             moves with the container); set it to false"
+        );
         let e = refused(|v| v["process"]["terminal"] = json!(true));
         assert!(e.starts_with("process.terminal is not supported"), "{e}");
         let e = refused(|v| v["process"]["capabilities"] = json!({}));
@@ -622,10 +669,13 @@ mod tests {
         );
         let e = refused(|v| v["hooks"] = json!({}));
         assert!(e.starts_with("hooks is not supported"), "{e}");
+        // A user namespace in the network one's place: both what is there and what is missing.
         let e = refused(|v| v["linux"]["namespaces"][1] = json!({"type": "user"}));
-        assert!(
-            e.starts_with("linux.namespaces[1].type is not supported"),
-            "{e}"
+        assert_eq!(
+            e,
+            "2 fields are not supported (change or remove each):
+  linux.namespaces[1].type: \"user\": mig gives a container exactly pid, network, ipc, uts and mount namespaces
+  linux.namespaces: no network namespace: mig always gives a container its own pid, network, ipc, uts and mount namespaces"
         );
         let e = refused(|v| v["linux"]["namespaces"][1]["path"] = json!("/proc/1/ns/net"));
         assert!(
@@ -663,6 +713,249 @@ mod tests {
             e,
             "process.frobnicate is not supported: mig does not know this field"
         );
+    }
+
+    /// What `runc spec` (runc 1.1.5) writes, as it wrote it.
+    const RUNC_SPEC: &str = r#"{
+	"ociVersion": "1.0.2-dev",
+	"process": {
+		"terminal": true,
+		"user": {
+			"uid": 0,
+			"gid": 0
+		},
+		"args": [
+			"sh"
+		],
+		"env": [
+			"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+			"TERM=xterm"
+		],
+		"cwd": "/",
+		"capabilities": {
+			"bounding": [
+				"CAP_AUDIT_WRITE",
+				"CAP_KILL",
+				"CAP_NET_BIND_SERVICE"
+			],
+			"effective": [
+				"CAP_AUDIT_WRITE",
+				"CAP_KILL",
+				"CAP_NET_BIND_SERVICE"
+			],
+			"permitted": [
+				"CAP_AUDIT_WRITE",
+				"CAP_KILL",
+				"CAP_NET_BIND_SERVICE"
+			],
+			"ambient": [
+				"CAP_AUDIT_WRITE",
+				"CAP_KILL",
+				"CAP_NET_BIND_SERVICE"
+			]
+		},
+		"rlimits": [
+			{
+				"type": "RLIMIT_NOFILE",
+				"hard": 1024,
+				"soft": 1024
+			}
+		],
+		"noNewPrivileges": true
+	},
+	"root": {
+		"path": "rootfs",
+		"readonly": true
+	},
+	"hostname": "runc",
+	"mounts": [
+		{
+			"destination": "/proc",
+			"type": "proc",
+			"source": "proc"
+		},
+		{
+			"destination": "/dev",
+			"type": "tmpfs",
+			"source": "tmpfs",
+			"options": [
+				"nosuid",
+				"strictatime",
+				"mode=755",
+				"size=65536k"
+			]
+		},
+		{
+			"destination": "/dev/pts",
+			"type": "devpts",
+			"source": "devpts",
+			"options": [
+				"nosuid",
+				"noexec",
+				"newinstance",
+				"ptmxmode=0666",
+				"mode=0620",
+				"gid=5"
+			]
+		},
+		{
+			"destination": "/dev/shm",
+			"type": "tmpfs",
+			"source": "shm",
+			"options": [
+				"nosuid",
+				"noexec",
+				"nodev",
+				"mode=1777",
+				"size=65536k"
+			]
+		},
+		{
+			"destination": "/dev/mqueue",
+			"type": "mqueue",
+			"source": "mqueue",
+			"options": [
+				"nosuid",
+				"noexec",
+				"nodev"
+			]
+		},
+		{
+			"destination": "/sys",
+			"type": "sysfs",
+			"source": "sysfs",
+			"options": [
+				"nosuid",
+				"noexec",
+				"nodev",
+				"ro"
+			]
+		},
+		{
+			"destination": "/sys/fs/cgroup",
+			"type": "cgroup",
+			"source": "cgroup",
+			"options": [
+				"nosuid",
+				"noexec",
+				"nodev",
+				"relatime",
+				"ro"
+			]
+		}
+	],
+	"linux": {
+		"resources": {
+			"devices": [
+				{
+					"allow": false,
+					"access": "rwm"
+				}
+			]
+		},
+		"namespaces": [
+			{
+				"type": "pid"
+			},
+			{
+				"type": "network"
+			},
+			{
+				"type": "ipc"
+			},
+			{
+				"type": "uts"
+			},
+			{
+				"type": "mount"
+			}
+		],
+		"maskedPaths": [
+			"/proc/acpi",
+			"/proc/asound",
+			"/proc/kcore",
+			"/proc/keys",
+			"/proc/latency_stats",
+			"/proc/timer_list",
+			"/proc/timer_stats",
+			"/proc/sched_debug",
+			"/sys/firmware",
+			"/proc/scsi"
+		],
+		"readonlyPaths": [
+			"/proc/bus",
+			"/proc/fs",
+			"/proc/irq",
+			"/proc/sys",
+			"/proc/sysrq-trigger"
+		]
+	}
+}"#;
+
+    /// `runc spec`'s default config is refused once, naming every field to change, each with its
+    /// reason: it took seven attempts, one field each (QA of session 32, F6). Changed as
+    /// docs/operations.md says, it maps.
+    #[test]
+    fn runc_specs_default_config_is_refused_with_every_field_at_once() {
+        let mut v: Value = serde_json::from_str(RUNC_SPEC).unwrap();
+        let e = Bundle::from_config(&v).unwrap_err();
+        let BundleError::Unsupported(refusals) = &e else {
+            panic!("{e}");
+        };
+        let fields: Vec<&str> = refusals.iter().map(|r| r.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "root.readonly",
+                "process.capabilities",
+                "process.rlimits",
+                "process.terminal",
+                "mounts[4]",
+                "mounts[6]",
+                "linux.maskedPaths",
+                "linux.readonlyPaths",
+            ]
+        );
+        let text = e.to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "8 fields are not supported (change or remove each):"
+        );
+        assert_eq!(
+            lines[1],
+            "  root.readonly: a mig container always has a writable layer (it moves with the \
+             container); set it to false"
+        );
+        assert_eq!(
+            lines[5],
+            "  mounts[4]: /dev/mqueue (mqueue): mig mounts only /proc, /dev, /dev/pts, /dev/shm \
+             and /sys (read-only) itself, and no bind mounts (they could not move with the \
+             container)"
+        );
+        assert!(
+            lines[6].starts_with("  mounts[6]: /sys/fs/cgroup (cgroup): "),
+            "{text}"
+        );
+        assert_eq!(lines.len(), 9, "{text}");
+
+        // The changes docs/operations.md lists.
+        v["root"]["readonly"] = json!(false);
+        v["process"]["terminal"] = json!(false);
+        let process = v["process"].as_object_mut().unwrap();
+        process.remove("capabilities");
+        process.remove("rlimits");
+        v["mounts"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|m| m["destination"] != "/dev/mqueue" && m["destination"] != "/sys/fs/cgroup");
+        let linux = v["linux"].as_object_mut().unwrap();
+        linux.remove("maskedPaths");
+        linux.remove("readonlyPaths");
+        let b = Bundle::from_config(&v).unwrap();
+        assert_eq!(b.args, ["sh"]);
+        assert_eq!(b.hostname.as_deref(), Some("runc"));
+        assert_eq!(b.limits, Limits::default());
     }
 
     #[test]
