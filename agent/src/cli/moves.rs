@@ -264,10 +264,10 @@ fn move_text(r: &MoveResult) -> String {
             // removed) or freed that memory (QA of session 32, F3: "until the last page
             // arrived" with 13 of 300 MiB sent, the copy removed by its operator).
             Some(lazy) if r.page_bytes < lazy => s.push_str(&format!(
-                "  post-copy: the copy on {} stopped asking for memory {p} ms after the resume, with {} of the {} sent after it (it ended, was removed, or freed the rest); it no longer depends on this host\n",
-                r.peer,
-                super::output::human_size(r.page_bytes),
-                super::output::human_size(lazy)
+                "  post-copy: the copy on {peer} stopped asking for memory {p} ms after the resume, before it had the {lazy} left to serve then ({sent} crossed the page tunnel; it ended, was removed, or freed the rest); it no longer depends on this host\n",
+                peer = r.peer,
+                sent = super::output::human_size(r.page_bytes),
+                lazy = super::output::human_size(lazy)
             )),
             _ => s.push_str(&format!(
                 "  post-copy: the container depended on this host for its memory for {p} ms more, until the last page arrived\n"
@@ -640,7 +640,7 @@ mod tests {
         let text = move_text(&r);
         assert!(!text.contains("until the last page"), "{text}");
         assert!(
-            text.contains("the copy on host-b stopped asking for memory 1164 ms after the resume, with 13.0 MiB of the 300.0 MiB sent after it"),
+            text.contains("the copy on host-b stopped asking for memory 1164 ms after the resume, before it had the 300.0 MiB left to serve then (13.0 MiB crossed the page tunnel;"),
             "{text}"
         );
     }

@@ -104,6 +104,33 @@ impl HostScope {
     }
 }
 
+/// The network namespace of `pid` (device and inode), if it can be read.
+fn netns_of(pid: i32) -> Option<(u64, u64)> {
+    std::fs::metadata(format!("/proc/{pid}/ns/net"))
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// Whether `ns` is the machine's network namespace (PID 1's) or this process's.
+fn machine_netns(ns: (u64, u64)) -> bool {
+    [1, std::process::id() as i32]
+        .iter()
+        .any(|&pid| netns_of(pid) == Some(ns))
+}
+
+/// This process and its ancestors, up to PID 1.
+fn ancestors() -> Vec<i32> {
+    let mut chain = vec![std::process::id() as i32];
+    while let Some(pp) = chain
+        .last()
+        .and_then(|&p| mig_runtime::pidmap::parent_pid(p))
+        .filter(|&pp| pp > 1 && !chain.contains(&pp))
+    {
+        chain.push(pp);
+    }
+    chain
+}
+
 /// Whether the argument `arg` holds the path `dir` or a path below it (not `<dir>x`: host-a's
 /// state directory is a prefix of host-ab's).
 fn names_path_under(arg: &str, dir: &str) -> bool {
@@ -157,10 +184,17 @@ pub(crate) fn teardown(file: &LabFile, lab_file: &Path) -> DownReport {
             victims.extend(cgroup_procs(cg));
         }
         // And what the agents left outside the containers' cgroups: a post-copy's `criu
-        // lazy-pages` daemon outlives its agent, in the host's namespace (QA of session 32,
-        // F9: reparented to PID 1 after `down`, holding the removed state directory's files).
-        let me = std::process::id() as i32;
-        victims.extend(process::all_pids().filter(|&pid| pid != me && scope.contains_self(pid)));
+        // lazy-pages` daemon outlives its agent, in the host's network namespace (QA of session
+        // 32, F9: reparented to PID 1 after `down`, holding the removed state directory's
+        // files). By that namespace only, never the machine's own (a lab file naming it), and
+        // never this process or its ancestors (a shell in the host's namespace running `down`).
+        if let Some(ns) = scope.netns.filter(|ns| !machine_netns(*ns)) {
+            let spared = ancestors();
+            victims.extend(
+                process::all_pids()
+                    .filter(|pid| !spared.contains(pid) && netns_of(*pid) == Some(ns)),
+            );
+        }
         victims.sort_unstable();
         victims.dedup();
         victims.retain(|&pid| pid_alive(pid) && scope.contains(pid));
@@ -523,6 +557,16 @@ mod tests {
             dir
         ));
         assert!(!names_path_under("/var/lib/mig-lab/l", dir));
+    }
+
+    #[test]
+    fn this_process_and_its_parent_are_spared() {
+        let spared = ancestors();
+        assert_eq!(spared[0], std::process::id() as i32);
+        let parent = mig_runtime::pidmap::parent_pid(spared[0]).unwrap();
+        assert!(parent == 1 || spared.contains(&parent), "{spared:?}");
+        // This process's namespace is never a lab host's to empty.
+        assert!(machine_netns(netns_of(spared[0]).unwrap()));
     }
 
     #[test]

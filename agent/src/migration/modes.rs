@@ -534,7 +534,7 @@ impl Preflight {
         let presync_ms = ms_for(self.upper_bytes, self.throughput);
         match self.upper_recent_bytes {
             Some(recent) => recent
-                .saturating_add(recent / UPPER_RECENT_SECS * presync_ms / 1000)
+                .saturating_add((recent / UPPER_RECENT_SECS).saturating_mul(presync_ms) / 1000)
                 .min(self.upper_bytes),
             None => (super::precopy::ASSUMED_DIRTY_RATE.saturating_mul(presync_ms) / 1000)
                 .min(self.upper_bytes),
@@ -617,7 +617,7 @@ impl Preflight {
             + ms_for(final_bytes, self.throughput)
             + RESTORE_FIXED_MS
             + ms_for(self.memory_bytes, RESTORE_RATE)
-            + ms_for(self.upper_bytes, self.throughput)
+            + ms_for(self.upper_changed(), self.throughput)
     }
 
     /// The dump and send times (ms) of a pre-copy round writing `bytes` while the container

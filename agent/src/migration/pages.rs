@@ -736,14 +736,18 @@ pub(crate) fn watch_lazy_daemon(
                 // exited, was killed or removed): the rest of its memory was never needed (QA
                 // of session 32, F3: "every page arrived" with 13 of 300 MiB here).
                 let cgroup = agent.cgroup_name(&container_id);
-                let runs = mig_runtime::cgroup::Cgroup::open(&cgroup)
-                    .and_then(|cg| cg.procs())
-                    .is_ok_and(|p| !p.is_empty());
+                let procs = mig_runtime::cgroup::Cgroup::open(&cgroup).and_then(|cg| cg.procs());
                 let postcopy_ms = super::ms(started.elapsed());
-                if runs {
-                    tracing::info!(id = %container_id, migration = %migration_id, postcopy_ms, "every page arrived");
-                } else {
-                    tracing::info!(id = %container_id, migration = %migration_id, postcopy_ms, "the container ended during its post-copy: the pages it had not asked for were not needed");
+                match procs {
+                    Ok(p) if !p.is_empty() => {
+                        tracing::info!(id = %container_id, migration = %migration_id, postcopy_ms, "every page arrived")
+                    }
+                    Ok(_) | Err(mig_runtime::cgroup::CgroupError::NotFound { .. }) => {
+                        tracing::info!(id = %container_id, migration = %migration_id, postcopy_ms, "the container had no process left when its post-copy ended: the pages it had not asked for were not needed")
+                    }
+                    Err(e) => {
+                        tracing::info!(id = %container_id, migration = %migration_id, postcopy_ms, error = %e, "post-copy ended (whether the container still runs is not known)")
+                    }
                 }
                 let images = cd.checkpoint();
                 let _ = tokio::task::spawn_blocking(move || {

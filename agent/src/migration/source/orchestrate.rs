@@ -28,9 +28,9 @@ fn idle_running(id: &str, e: &crate::daemon::Entry) -> bool {
 
 /// Size in bytes of the files under `dir`, and of those changed within `recent` (best effort).
 fn du(dir: &Path, recent: Duration) -> (u64, u64) {
-    let since = std::time::SystemTime::now()
-        .checked_sub(recent)
-        .unwrap_or(std::time::UNIX_EPOCH);
+    let now = std::time::SystemTime::now();
+    let since = now.checked_sub(recent).unwrap_or(std::time::UNIX_EPOCH);
+    let ahead = now + Duration::from_secs(5);
     let (mut total, mut changed) = (0, 0);
     let mut stack = vec![dir.to_owned()];
     while let Some(d) = stack.pop() {
@@ -46,7 +46,12 @@ fn du(dir: &Path, recent: Duration) -> (u64, u64) {
                 // (QA: a 100 GiB sparse file made the move "too big" for any destination).
                 let bytes = std::os::unix::fs::MetadataExt::blocks(&m) * 512;
                 total += bytes;
-                if m.modified().is_ok_and(|t| t >= since) {
+                // The inode's change time, which the container cannot set back (`tar x` and
+                // `cp -p` keep old mtimes); one ahead of the clock by more than a little is
+                // not taken as recent (review of session 32, L2).
+                let ctime = std::time::UNIX_EPOCH
+                    + Duration::from_secs(std::os::unix::fs::MetadataExt::ctime(&m).max(0) as u64);
+                if ctime >= since && ctime <= ahead {
                     changed += bytes;
                 }
             }
@@ -522,12 +527,16 @@ impl Agent {
         // Before this side's own close: whether the destination went away during the move.
         let lost = conn.close_reason();
         conn.close(0u32.into(), b"done");
+        // Whether the lazy tunnel's bytes were counted: without them the move's result does
+        // not compare them with the lazy pages (review of session 32, M2).
+        let mut tunnel_counted = false;
         if let Some(task) = lazy_tunnel {
             // The pages served after the resume (the dump served them all before destroy).
             if let Ok(Ok(bytes)) = tokio::time::timeout(Duration::from_secs(5), task).await {
                 side.pages
                     .tunnel_bytes
                     .store(bytes.get(), Ordering::Relaxed);
+                tunnel_counted = true;
             }
         }
         let report = report.map_err(|e| {
@@ -673,7 +682,12 @@ impl Agent {
                     delta_bytes: side.upper_sync.delta_bytes.load(Ordering::Relaxed),
                     postcopy_ms: postcopy.as_ref().map(|p| ms(p.0)),
                     postcopy_error: postcopy.and_then(|p| p.1),
-                    lazy_bytes: side.pages.lazy_bytes.get().copied(),
+                    lazy_bytes: side
+                        .pages
+                        .lazy_bytes
+                        .get()
+                        .copied()
+                        .filter(|_| tunnel_counted),
                     criu_dump_ms: Some(side.pages.criu_dump_ms.load(Ordering::Relaxed)),
                     seal_ms: Some(side.pages.seal_ms.load(Ordering::Relaxed)),
                     precopy: side.precopy.report(),
