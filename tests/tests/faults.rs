@@ -595,7 +595,7 @@ fn two_moves_that_fit_only_alone_do_not_both_arrive() -> Result<()> {
     if moved.len() != 1 {
         // What host-b found for each (its agent's log, beside its socket).
         let log = lab.hosts[B].socket.with_file_name("host-b.log");
-        for line in std::fs::read_to_string(log)?.lines() {
+        for line in std::fs::read_to_string(log).unwrap_or_default().lines() {
             if line.contains("memory") {
                 eprintln!("host-b: {line}");
             }

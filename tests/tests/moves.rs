@@ -914,7 +914,8 @@ fn a_move_straight_back_while_the_old_copy_is_removed_is_answered() -> Result<()
         0
     } else {
         anyhow::ensure!(
-            back.stderr.contains("still being removed"),
+            back.stderr
+                .contains("still ending after its move away committed"),
             "the move back failed for another reason: {back:?}"
         );
         1

@@ -95,7 +95,7 @@ impl DestSide {
                 let hint = if crate::migration::source::ending(&e.spec.id) {
                     // QA of session 32, F1: "exited here; `mig rm` removes that record", and
                     // `mig rm` answered "no such container".
-                    " (its copy here is still being removed, after its move away committed: a writable layer of many files takes a while; try again in a few seconds)".to_owned()
+                    " (its copy here is still ending after its move away committed: serving a post-copy's last pages, or being removed, which takes a while for a writable layer of many files; try again in a few seconds)".to_owned()
                 } else if e.state.state.is_live() {
                     String::new()
                 } else {

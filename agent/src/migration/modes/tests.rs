@@ -613,7 +613,11 @@ fn a_writable_layer_whose_files_do_not_change_is_not_predicted_to_cross_again() 
         assert!(layer.choose(mode, Some(2000)).is_ok(), "{mode:?}");
     }
     // Pre-copy's last round too (review of session 32, M4).
-    assert!(layer.precopy_final_ms(0) < 2000, "{}", layer.precopy_final_ms(0));
+    assert!(
+        layer.precopy_final_ms(0) < 2000,
+        "{}",
+        layer.precopy_final_ms(0)
+    );
     // Files changed lately are taken to change again, with what changes at their rate while
     // the layer's presync runs (41 s here).
     let busy = Preflight {
