@@ -245,6 +245,10 @@ impl std::fmt::Debug for ImageStore {
     }
 }
 
+/// How many times an import runs when a layer it found here is removed meanwhile by another
+/// import of the same name ([`ImageStore::import`]).
+const IMPORT_TRIES: u32 = 5;
+
 impl ImageStore {
     /// Opens (creating as needed) the store at `root`, and removes work areas left by processes
     /// that no longer exist.
@@ -278,7 +282,19 @@ impl ImageStore {
     /// an existing name replaces that record (or renames it, see [`ImageStore::keep_used`]).
     pub fn import(&self, path: &Path, name: &str) -> Result<Image, ImageError> {
         crate::spec::validate_name(name).map_err(ImageError::InvalidName)?;
-        import::import(self, path, name)
+        let mut tries = 1;
+        loop {
+            match import::import(self, path, name) {
+                // A layer that was here when this import began (so it was not unpacked again)
+                // was removed meanwhile as unused, by another import replacing an image of
+                // this name: import again, which unpacks it (QA of session 32, F10).
+                Err(ImageError::MissingLayer(layer)) if tries < IMPORT_TRIES => {
+                    tracing::info!(%name, %layer, "a layer of the image was removed by another import meanwhile; importing again");
+                    tries += 1;
+                }
+                r => return r,
+            }
+        }
     }
     /// Every image that can be read, sorted by name; a record that cannot (a newer format, a
     /// damaged file) is skipped with a warning and left as it is.
