@@ -325,8 +325,8 @@ pub struct Preflight {
     /// crosses while frozen.
     pub upper_bytes: u64,
     /// Of the writable layer, the bytes of the files changed within [`UPPER_RECENT_SECS`]
-    /// before the move, when counted: what its presync is assumed to leave changed, with
-    /// what changes at that rate while it runs. Without a count, [`super::precopy::
+    /// before the move, when counted: the layer is assumed to change at that rate while its
+    /// presync runs, and that much to cross again while frozen. Without a count, [`super::precopy::
     /// ASSUMED_DIRTY_RATE`] over the presync (QA of session 32, F2: a 450 MiB layer of
     /// unchanging files on an 11 MiB/s link was predicted at 39 s, all taken as changed; the
     /// move took 162 ms).
@@ -533,8 +533,10 @@ impl Preflight {
     fn upper_changed(&self) -> u64 {
         let presync_ms = ms_for(self.upper_bytes, self.throughput);
         match self.upper_recent_bytes {
-            Some(recent) => recent
-                .saturating_add((recent / UPPER_RECENT_SECS).saturating_mul(presync_ms) / 1000)
+            // The rate at which the layer's files changed lately, over the copy: a file
+            // written once a moment ago is not taken as changing again (a container that
+            // rewrites a file after the pre-flight is caught right before the freeze).
+            Some(recent) => ((recent / UPPER_RECENT_SECS).saturating_mul(presync_ms) / 1000)
                 .min(self.upper_bytes),
             None => (super::precopy::ASSUMED_DIRTY_RATE.saturating_mul(presync_ms) / 1000)
                 .min(self.upper_bytes),

@@ -618,8 +618,8 @@ fn a_writable_layer_whose_files_do_not_change_is_not_predicted_to_cross_again() 
         "{}",
         layer.precopy_final_ms(0)
     );
-    // Files changed lately are taken to change again, with what changes at their rate while
-    // the layer's presync runs (41 s here).
+    // The layer is taken to change at the rate its files changed lately while its presync
+    // runs (41 s here): 60 MiB in 60 s, 41 MiB to cross again while frozen, 3.7 s more.
     let busy = Preflight {
         upper_recent_bytes: Some(60 * mib),
         ..layer
@@ -628,7 +628,7 @@ fn a_writable_layer_whose_files_do_not_change_is_not_predicted_to_cross_again() 
         layer.predict(MoveMode::Stream),
         busy.predict(MoveMode::Stream),
     );
-    assert!(busy_ms > quiet_ms + 9_000, "{quiet_ms} {busy_ms}");
+    assert!(busy_ms > quiet_ms + 3_500, "{quiet_ms} {busy_ms}");
     // Not counted (an older caller): the assumed rate, and the refusal says where the time goes.
     let assumed = Preflight {
         upper_recent_bytes: None,
